@@ -1,0 +1,5 @@
+import sys
+
+from jllama.cli.main import main
+
+sys.exit(main())
