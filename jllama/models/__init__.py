@@ -1,1 +1,59 @@
-"""models"""
+"""Architectures: one module per ``general.architecture``, each exporting ``build(spec, w, gguf)``.
+
+``load_model`` is the one path from a GGUF file to a Flax NNX module; every front end uses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from jllama.errors import ModelError
+from jllama.gguf.reader import GGUFFile
+from jllama.models.common import Weights
+from jllama.models.spec import ModelSpec, spec_from_gguf
+from jllama.quant.qtensor import QTensor, from_gguf_bytes
+
+# general.architecture -> module under jllama.models
+ARCHITECTURES: dict[str, str] = {
+    "llama": "llama",
+}
+
+
+def known_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def arch_module(arch: str):
+    mod = ARCHITECTURES.get(arch)
+    if mod is None:
+        raise ModelError(
+            f"architecture '{arch}' is not supported; jllama knows: {', '.join(known_architectures())}"
+        )
+    return importlib.import_module(f"jllama.models.{mod}")
+
+
+def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple], tuple] | None = None
+                 ) -> Weights:
+    """Every tensor as a QTensor on the default device, still in block form.
+
+    ``transform(name, raw, qtype, shape) -> (raw, qtype)`` may requantize on load.
+    """
+    out: dict[str, QTensor] = {}
+    for name, ti in g.tensors.items():
+        raw, qtype = ti.data, ti.qtype
+        if transform is not None:
+            raw, qtype = transform(name, raw, qtype, ti.shape)
+        data, qtype = from_gguf_bytes(raw, qtype, ti.shape)
+        out[name] = QTensor(jnp.asarray(data), int(qtype), tuple(ti.shape))
+    return Weights(out, g.path)
+
+
+def build_model(g: GGUFFile, weights: Weights | None = None, spec: ModelSpec | None = None):
+    mod = arch_module(g.architecture or "?")
+    spec = spec or (mod.spec_from_gguf(g) if hasattr(mod, "spec_from_gguf") else spec_from_gguf(g))
+    weights = weights if weights is not None else load_weights(g)
+    return spec, mod.build(spec, weights, g)

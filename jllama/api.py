@@ -1,0 +1,170 @@
+"""A small llama-cpp-python-like Python API: load once, then tokenize / generate / chat / logits.
+
+>>> from jllama import api
+>>> llm = api.Llama("smollm2-135m-instruct")
+>>> llm.generate("The capital of France is", max_tokens=8, temperature=0)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jllama.engine.sampling import SamplingParams
+from jllama.errors import ContextError, JllamaError
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    prompt_s: float
+    gen_s: float
+    first_token_s: float
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        return len(self.tokens) / self.gen_s if self.gen_s else 0.0
+
+
+def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> None:
+    """Persist XLA executables across processes so the second run starts warm."""
+    import jax
+
+    from jllama.registry import cache_dir
+
+    d = Path(path) if path else cache_dir() / "xla"
+    d.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class Llama:
+    """One loaded model: tokenizer + engine. ``model`` is a path or a registry name."""
+
+    def __init__(self, model: str | os.PathLike[str], ctx_size: int = 2048, n_slots: int = 1,
+                 cache_type: str = "f32", quant: dict | None = None, compile_cache: bool = True,
+                 verbose: bool = False):
+        from jllama.engine.engine import Engine
+        from jllama.gguf.reader import read_gguf
+        from jllama.models import build_model, load_weights
+        from jllama.registry import resolve_model
+        from jllama.tokenizer import Tokenizer
+
+        if compile_cache:
+            enable_compile_cache()
+        t0 = time.perf_counter()
+        self.path = resolve_model(model)
+        self.gguf = read_gguf(self.path)
+        self.tokenizer = Tokenizer.from_gguf(self.gguf)
+        transform = None
+        if quant:
+            from jllama.quant.mixes import quantize_on_load
+
+            transform = quantize_on_load(self.gguf, quant)
+        weights = load_weights(self.gguf, transform)
+        self.spec, self.model = build_model(self.gguf, weights)
+        self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
+                             cache_type=cache_type)
+        self.load_s = time.perf_counter() - t0
+        if verbose:
+            print(f"loaded {self.path} in {self.load_s:.2f} s")
+
+    # -------------------------------------------------------------- text <-> ids
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def logits(self, tokens: list[int] | str) -> np.ndarray:
+        """Logits [T, V] for every position of ``tokens`` (a string is tokenized with BOS)."""
+        ids = self.tokenize(tokens) if isinstance(tokens, str) else list(tokens)
+        return self.engine.logits(ids)
+
+    # -------------------------------------------------------------- generation
+    def stream(self, prompt: str | list[int], max_tokens: int = 128,
+               params: SamplingParams | None = None, stop: list[str] | None = None,
+               parse_special: bool = True, on_text: Callable[[str], None] | None = None,
+               ) -> Iterator[str]:
+        """Yield text pieces as they complete (UTF-8 safe, stop strings held back)."""
+        from jllama.tokenizer import StreamDecoder
+
+        ids = prompt if isinstance(prompt, list) else self.tokenize(prompt, parse_special=parse_special)
+        if len(ids) >= self.engine.ctx_size:
+            raise ContextError(
+                f"prompt is {len(ids)} tokens, context size is {self.engine.ctx_size}"
+            )
+        stop = [s for s in (stop or []) if s]
+        eog = {i for i in range(self.tokenizer.n_vocab) if self.tokenizer.is_eog(i)} if not hasattr(
+            self, "_eog") else self._eog
+        self._eog = eog
+        dec = StreamDecoder(self.tokenizer)
+        self._last_tokens: list[int] = []
+        self.finish_reason = "length"
+        pending = ""
+        hold = max((len(s) for s in stop), default=0)
+        for tok in self.engine.generate(ids, params, max_tokens, eog):
+            self._last_tokens.append(tok)
+            pending += dec.feed(tok)
+            if stop:
+                hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+                if hit >= 0:
+                    if pending[:hit]:
+                        yield pending[:hit]
+                    self.finish_reason = "stop"
+                    return
+                if len(pending) > hold:
+                    out, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+                    yield out
+            elif pending:
+                yield pending
+                pending = ""
+        pending += dec.flush()
+        if pending:
+            yield pending
+        t = self.engine.timings
+        if t.gen_tokens < max_tokens:
+            self.finish_reason = "stop"
+
+    def complete(self, prompt: str | list[int], max_tokens: int = 128,
+                 params: SamplingParams | None = None, stop: list[str] | None = None) -> Completion:
+        text = "".join(self.stream(prompt, max_tokens, params, stop))
+        t = self.engine.timings
+        return Completion(text, list(self._last_tokens), self.finish_reason, t.prompt_tokens,
+                          t.prompt_s, t.gen_s, t.first_token_s)
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8,
+                 **sampling) -> str:
+        params = SamplingParams(temperature=temperature, **sampling)
+        return self.complete(prompt, max_tokens, params).text
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None) -> str:
+        from jllama.tokenizer.chat import render_chat
+
+        tmpl = self.tokenizer.chat_template
+        if not tmpl:
+            raise JllamaError(f"{self.path}: the model has no tokenizer.chat_template")
+        tk = self.tokenizer
+        return render_chat(tmpl, messages, add_generation_prompt=add_generation_prompt,
+                           tools=tools, bos_token=tk.piece_text(tk.bos_id) if tk.bos_id is not None else "",
+                           eos_token=tk.piece_text(tk.eos_id) if tk.eos_id is not None else "")
+
+    def chat(self, messages: list[dict], max_tokens: int = 256,
+             params: SamplingParams | None = None, stop: list[str] | None = None) -> Completion:
+        prompt = self.apply_chat_template(messages)
+        ids = self.tokenizer.encode(prompt, add_special=True, parse_special=True)
+        return self.complete(ids, max_tokens, params, stop)

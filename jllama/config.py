@@ -1,0 +1,254 @@
+"""Run configs: typed dataclasses loaded from YAML, with ``key.path=value`` overrides.
+
+Every error names the file, the key path and what was expected, because users launch sweeps of
+configs and a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jllama.errors import ConfigError
+
+
+@dataclass
+class RuntimeConfig:
+    platform: str = "cpu"  # cpu | gpu | tpu | auto
+    ctx_size: int = 2048
+    threads: int | None = None  # XLA:CPU intra-op threads (None = all cores)
+    dtype: str = "f32"  # activation dtype
+    cache_type_k: str = "f32"
+    cache_type_v: str = "f32"
+    n_slots: int = 1
+    compile_cache: bool = True
+
+
+@dataclass
+class MeshConfig:
+    data: int = 1
+    model: int = 1
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+
+
+@dataclass
+class GenerationConfig:
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    max_tokens: int = 128
+    stream: bool = True
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 4
+    api_key: str | None = None
+    max_queue: int = 64
+    timeout: float = 600.0
+    model_alias: str | None = None
+
+
+@dataclass
+class PerplexityConfig:
+    file: str | None = None
+    ctx: int = 512
+    chunks: int | None = None
+    batch: int = 4
+
+
+@dataclass
+class Config:
+    model: str = "smollm2-135m-instruct"
+    quant: dict[str, Any] | None = None  # quantize-on-load mix (see jllama.quant.mixes)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    source: str = field(default="<defaults>", repr=False)  # where it was loaded from
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp) if f.name != 'source')}"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    def bad() -> ConfigError:
+        return ConfigError(f"{src}: '{key}' must be {_describe(tp)}, got {type(value).__name__} {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, src)
+            except ConfigError as e:
+                errs.append(e)
+        raise bad()
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (et,) = typing.get_args(tp)
+        return [_coerce(v, et, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, f"{key}.{k}", src): _coerce(v, vt, f"{key}.{k}", src) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, src)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise bad()
+
+
+def _build(cls: type, data: dict, prefix: str, src: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise ConfigError(f"{src}: unknown key '{key}' (known keys here: {', '.join(sorted(fields))})")
+        kwargs[k] = _coerce(v, hints[k], key, src)
+    return cls(**kwargs)
+
+
+def _set_path(d: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{path}': '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"override '{it}' is not of the form key.path=value")
+        k, v = it.split("=", 1)
+        try:
+            val = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            val = v
+        out.append((k.strip(), val))
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML run config (or the defaults) and apply ``key.path=value`` overrides."""
+    data: dict = {}
+    src = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        src = str(p)
+        if not p.exists():
+            raise ConfigError(f"{src}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{src}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{src}: not a UTF-8 text file") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{src}: top level must be a mapping of sections, got {type(data).__name__}")
+    for k, v in parse_overrides(overrides or []):
+        _set_path(data, k, v)
+    if src != "<defaults>" and overrides:
+        src = f"{src} (with overrides)"
+    cfg = _build(Config, data, "", src)
+    cfg.source = src
+    if cfg.generation.prompt is not None and cfg.generation.messages is not None:
+        raise ConfigError(f"{src}: set either 'generation.prompt' or 'generation.messages', not both")
+    if cfg.runtime.ctx_size < 16:
+        raise ConfigError(f"{src}: 'runtime.ctx_size' must be at least 16, got {cfg.runtime.ctx_size}")
+    # relative model paths are relative to the config file
+    if path is not None and not os.path.isabs(cfg.model) and cfg.model.endswith(".gguf"):
+        cand = Path(path).parent / cfg.model
+        if cand.exists():
+            cfg.model = str(cand)
+    return cfg
+
+
+def sampling_params(s: SamplingConfig):
+    from jllama.engine.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+        repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n,
+        frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+        seed=s.seed, logit_bias=dict(s.logit_bias),
+    )

@@ -1,0 +1,113 @@
+"""Sampling as pure array functions with per-sequence parameters.
+
+Every knob is an array of shape [B], never a Python branch, so one jitted call samples a batch of
+requests with different settings (the server's slots). The chain follows llama.cpp's default
+order: logit bias → penalties → top-k → top-p → min-p → temperature → draw. Temperature <= 0 is
+greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass
+class SamplingParams:
+    """One request's sampling settings (llama.cpp's defaults)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def greedy(cls) -> SamplingParams:
+        return cls(temperature=0.0)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass
+class BatchSampling:
+    """SamplingParams of B sequences stacked into arrays (a pytree)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repeat_penalty: jax.Array
+    frequency_penalty: jax.Array
+    presence_penalty: jax.Array
+
+    def tree_flatten(self):
+        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repeat_penalty,
+                self.frequency_penalty, self.presence_penalty), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @classmethod
+    def stack(cls, ps: list[SamplingParams]) -> BatchSampling:
+        def arr(name, dt):
+            return jnp.asarray(np.array([getattr(p, name) for p in ps], dtype=dt))
+
+        return cls(arr("temperature", np.float32), arr("top_k", np.int32), arr("top_p", np.float32),
+                   arr("min_p", np.float32), arr("repeat_penalty", np.float32),
+                   arr("frequency_penalty", np.float32), arr("presence_penalty", np.float32))
+
+
+def apply_penalties(logits: jax.Array, history: jax.Array, sp: BatchSampling) -> jax.Array:
+    """llama.cpp's repetition / frequency / presence penalties over the recent tokens.
+
+    history: [B, N] token ids, -1 for empty slots (the ring buffer of the last N tokens).
+    """
+    b, v = logits.shape
+    valid = history >= 0
+    counts = jnp.zeros((b, v), jnp.float32).at[
+        jnp.arange(b)[:, None], jnp.where(valid, history, 0)
+    ].add(valid.astype(jnp.float32))
+    seen = counts > 0
+    rp = sp.repeat_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    logits = logits - counts * sp.frequency_penalty[:, None]
+    logits = logits - seen.astype(jnp.float32) * sp.presence_penalty[:, None]
+    return logits
+
+
+def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
+           history: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """Pick one token per row. logits [B, V] f32; key: one PRNG key per row [B, 2]."""
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    if history is not None:
+        logits = apply_penalties(logits, history, sp)
+    greedy_tok = jnp.argmax(logits, axis=-1)
+
+    b, v = logits.shape
+    vals, idx = jax.lax.sort_key_val(-logits, jnp.broadcast_to(jnp.arange(v), (b, v)), dimension=-1)
+    vals = -vals  # descending
+    rank = jnp.arange(v)[None, :]
+    k = jnp.where(sp.top_k[:, None] > 0, sp.top_k[:, None], v)
+    keep = rank < k
+    # top-p on the distribution of what top-k kept (llama.cpp renormalises at each step)
+    p = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
+    cum_before = jnp.cumsum(p, axis=-1) - p
+    keep = keep & ((cum_before < sp.top_p[:, None]) | (rank == 0))
+    p = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
+    keep = keep & ((p >= sp.min_p[:, None] * p[:, :1]) | (rank == 0))
+    t = jnp.maximum(sp.temperature, 1e-6)[:, None]
+    scaled = jnp.where(keep, vals / t, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(key, scaled)
+    sampled_tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(sp.temperature <= 0, greedy_tok, sampled_tok).astype(jnp.int32)

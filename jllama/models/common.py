@@ -1,0 +1,157 @@
+"""Pieces every architecture shares: quantized linear layers, norms, rope, cached attention.
+
+All functions are pure and shape-static so the whole forward pass jits once per bucket.
+Conventions: activations ``[batch, tokens, ...]``; positions ``pos0[batch]`` is where this call's
+first token sits in the sequence; ``kv_len`` (static) is how much of the cache attention reads.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jllama.errors import ModelError
+from jllama.quant.actquant import quantize_activations
+from jllama.quant.qtensor import QTensor, dequantize, qmatmul, take_rows
+
+# Round activations as llama.cpp's CPU matmuls do (see quant/actquant.py). A process-wide
+# switch read at trace time: tests flip it to compare with exact f32 numerics.
+MATCH_LLAMACPP_NUMERICS = True
+
+
+def linear(x: jax.Array, qt: QTensor) -> jax.Array:
+    if MATCH_LLAMACPP_NUMERICS and not qt.is_float:
+        x = quantize_activations(x, qt.qtype)
+    return qmatmul(x, qt)
+
+
+class Weights:
+    """Name → QTensor lookup with errors that say which tensor a file lacks."""
+
+    def __init__(self, tensors: dict[str, QTensor], path: str = "model"):
+        self.tensors = tensors
+        self.path = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> QTensor | None:
+        return self.tensors.get(name)
+
+    def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> QTensor:
+        qt = self.tensors.get(name)
+        if qt is None:
+            raise ModelError(f"{self.path}: missing tensor '{name}'")
+        if shape is not None and tuple(qt.shape) != tuple(shape):
+            raise ModelError(f"{self.path}: tensor '{name}' has shape {qt.shape}, expected {shape}")
+        return qt
+
+    def vector(self, name: str, n: int | None = None) -> jax.Array:
+        """A small 1-D tensor (norm weight, bias) as f32."""
+        qt = self(name, (n,) if n else None)
+        return dequantize(qt, jnp.float32)
+
+
+class Linear(nnx.Module):
+    def __init__(self, qt: QTensor, bias: jax.Array | None = None):
+        self.weight = nnx.Param(qt)
+        self.bias = nnx.Param(bias) if bias is not None else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = linear(x, self.weight.get_value())
+        if self.bias is not None:
+            y = y + self.bias.get_value()
+        return y
+
+
+class Embedding(nnx.Module):
+    def __init__(self, qt: QTensor):
+        self.weight = nnx.Param(qt)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return take_rows(self.weight.get_value(), ids)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: logits = x @ E.T."""
+        return linear(x, self.weight.get_value())
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, weight: jax.Array, eps: float, add_one: bool = False):
+        # Gemma's GGUF already stores (1 + w); add_one exists for formats that do not
+        self.weight = nnx.Param(weight + 1.0 if add_one else weight)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight.get_value(), self.eps)
+
+
+def rms_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y * w if w is not None else y
+
+
+def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
+         scale: float = 1.0) -> jax.Array:
+    """Rotary embedding on the first ``dim`` features of each head.
+
+    ``neox=False`` is llama.cpp's NORM mode (rotate adjacent pairs), used for the ``llama``
+    arch on GGUF weights whose Q/K rows the converter already permuted; ``neox=True`` rotates
+    the two halves (Gemma, Qwen).  x: [B, T, H, D], pos: [B, T].
+    """
+    half = dim // 2
+    inv = base ** (-jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim)
+    ang = (pos.astype(jnp.float32) * scale)[..., None] * inv  # [B, T, half]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xr, rest = x[..., :dim], x[..., dim:]
+    if neox:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(xr.shape)
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array) -> jax.Array:
+    """Put ``new`` [B, T, KVH, D] into ``cache`` [B, KVH, S, D] at positions pos0[b]..+T."""
+
+    def one(c, n, p):
+        return jax.lax.dynamic_update_slice(c, n.transpose(1, 0, 2).astype(c.dtype), (0, p, 0))
+
+    return jax.vmap(one)(cache, new, pos0)
+
+
+def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
+              kv_len: int, scale: float, window: int | None = None,
+              softcap: float | None = None) -> jax.Array:
+    """Causal GQA attention of new queries against the first ``kv_len`` cache positions.
+
+    q: [B, T, H, D]; caches [B, KVH, S, D] already hold this call's keys/values.
+    Returns [B, T, H * Dv].
+    """
+    b, t, h, d = q.shape
+    kvh = k_cache.shape[1]
+    k = k_cache[:, :, :kv_len].astype(jnp.float32)
+    v = v_cache[:, :, :kv_len].astype(jnp.float32)
+    qg = q.astype(jnp.float32).reshape(b, t, kvh, h // kvh, d)
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k) * scale
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
+    qpos = pos0[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    kpos = jnp.arange(kv_len)
+    mask = kpos[None, None, :] <= qpos[:, :, None]  # [B, T, S]
+    if window:
+        mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgts,bksd->btkgd", p, v)
+    return o.reshape(b, t, h * v.shape[-1])
+
+
+def gather_last(x: jax.Array, last_idx: jax.Array) -> jax.Array:
+    """x [B, T, E] → [B, E] at per-sequence index last_idx[b]."""
+    return jnp.take_along_axis(x, last_idx[:, None, None], axis=1)[:, 0]

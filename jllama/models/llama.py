@@ -1,0 +1,96 @@
+"""The ``llama`` architecture (Llama 1-3, SmolLM, Mistral-style dense models) as in llama.cpp.
+
+GGUF stores Q/K rows permuted by the converter so that llama.cpp's NORM rope (adjacent pairs)
+reproduces HF's rotate-half; we apply NORM rope to the weights as stored, like llama.cpp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jllama.engine.cache import KVCache
+from jllama.models.common import (
+    Embedding,
+    Linear,
+    RMSNorm,
+    Weights,
+    attention,
+    gather_last,
+    rope,
+    write_cache,
+)
+from jllama.models.spec import ModelSpec
+
+
+class Block(nnx.Module):
+    def __init__(self, spec: ModelSpec, w: Weights, i: int):
+        p = f"blk.{i}."
+        self.spec = spec
+        self.attn_norm = RMSNorm(w.vector(p + "attn_norm.weight"), spec.norm_eps)
+        self.wq = Linear(w(p + "attn_q.weight"), _bias(w, p + "attn_q.bias"))
+        self.wk = Linear(w(p + "attn_k.weight"), _bias(w, p + "attn_k.bias"))
+        self.wv = Linear(w(p + "attn_v.weight"), _bias(w, p + "attn_v.bias"))
+        self.wo = Linear(w(p + "attn_output.weight"), _bias(w, p + "attn_output.bias"))
+        self.ffn_norm = RMSNorm(w.vector(p + "ffn_norm.weight"), spec.norm_eps)
+        self.gate = Linear(w(p + "ffn_gate.weight"))
+        self.up = Linear(w(p + "ffn_up.weight"))
+        self.down = Linear(w(p + "ffn_down.weight"))
+
+    def __call__(self, x, pos, pos0, kc, vc, kv_len: int):
+        s = self.spec
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.wq(h).reshape(b, t, s.n_head, s.head_dim)
+        k = self.wk(h).reshape(b, t, s.n_head_kv, s.head_dim)
+        v = self.wv(h).reshape(b, t, s.n_head_kv, s.head_dim_v)
+        q = rope(q, pos, s.rope_base, s.rope_dim, neox=False, scale=s.rope_scale)
+        k = rope(k, pos, s.rope_base, s.rope_dim, neox=False, scale=s.rope_scale)
+        kc = write_cache(kc, k, pos0)
+        vc = write_cache(vc, v, pos0)
+        a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim))
+        x = x + self.wo(a)
+        h = self.ffn_norm(x)
+        x = x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
+        return x, kc, vc
+
+
+def _bias(w: Weights, name: str):
+    qt = w.get(name)
+    return None if qt is None else w.vector(name)
+
+
+class Llama(nnx.Module):
+    def __init__(self, spec: ModelSpec, w: Weights):
+        self.spec = spec
+        self.tok_embd = Embedding(w("token_embd.weight"))
+        self.blocks = nnx.List([Block(spec, w, i) for i in range(spec.n_layer)])
+        self.out_norm = RMSNorm(w.vector("output_norm.weight"), spec.norm_eps)
+        self.output = None if spec.tied_output else Linear(w("output.weight"))
+
+    def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
+                 last_idx: jax.Array | None = None):
+        """tokens [B, T] at positions pos0[b]..; returns (logits, cache).
+
+        With ``last_idx`` the logits are only computed at that index per sequence ([B, V]):
+        generation needs one row, and the output matmul is the largest in small models.
+        """
+        b, t = tokens.shape
+        pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        x = self.tok_embd(tokens)
+        ks, vs = list(cache.k), list(cache.v)
+        for i, blk in enumerate(self.blocks):
+            with jax.named_scope(f"blk{i}"):
+                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len)
+        if last_idx is not None:
+            x = gather_last(x, last_idx)
+        x = self.out_norm(x)
+        logits = self.tok_embd.attend(x) if self.output is None else self.output(x)
+        return logits, KVCache(tuple(ks), tuple(vs))
+
+
+def build(spec: ModelSpec, w: Weights, gguf) -> Llama:
+    return Llama(spec, w)

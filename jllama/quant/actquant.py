@@ -1,0 +1,56 @@
+"""Activation quantization as llama.cpp's CPU matmuls do it.
+
+ggml's CPU backend multiplies a quantized weight by activations that it first quantizes to the
+weight type's ``vec_dot_type``: Q8_0 blocks (32 values, f16 scale) for Q4_0/Q5_0/Q8_0/IQ4_NL,
+Q8_1 for Q4_1/Q5_1, Q8_K (256 values, f32 scale) for the K-quants and IQ4_XS. That rounding moves
+SmolLM2's logits by up to ~1.4 against an exact f32 product, enough to flip greedy choices. Doing
+the same rounding (in f32, before the dot) makes our logits track llama.cpp's closely; it is on by
+default and can be turned off for the "exact" numerics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jllama.gguf.constants import QType
+
+_Q8_0 = {QType.Q4_0, QType.Q5_0, QType.Q8_0, QType.IQ4_NL}
+_Q8_1 = {QType.Q4_1, QType.Q5_1}
+_Q8_K = {QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS}
+
+
+def vec_dot_block(qtype: int) -> tuple[int, bool] | None:
+    """(block size, f16 scale?) of the activation format ggml uses with this weight type."""
+    t = QType(qtype)
+    if t in _Q8_0 or t in _Q8_1:
+        return 32, True
+    if t in _Q8_K:
+        return 256, False
+    return None
+
+
+def quantize_activations(x: jax.Array, qtype: int) -> jax.Array:
+    """Round ``x[..., n]`` to the values ggml's vec_dot would see (returned as f32)."""
+    spec = vec_dot_block(qtype)
+    if spec is None:
+        return x
+    bs, f16_scale = spec
+    n = x.shape[-1]
+    if n % bs:
+        return x
+    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], n // bs, bs)
+    if f16_scale:
+        amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+        d = amax / 127.0
+        inv = jnp.where(d > 0, 1.0 / d, 0.0)
+        q = jnp.round(xb * inv)  # roundf: half away from zero; ties are measure-zero here
+        d = d.astype(jnp.float16).astype(jnp.float32)
+    else:
+        # Q8_K: scale from the signed value of largest magnitude, f32 scale
+        idx = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)
+        mx = jnp.take_along_axis(xb, idx, axis=-1)
+        iscale = jnp.where(mx != 0, -127.0 / mx, 0.0)
+        q = jnp.minimum(jnp.round(xb * iscale), 127.0)
+        d = jnp.where(iscale != 0, 1.0 / iscale, 0.0)
+    return (q * d).reshape(x.shape)
