@@ -2,6 +2,9 @@
 
 ``reference``: dequantize the whole weight, then an f32 dot. Always correct, used as the oracle
 for the fast paths and as the fallback for any type without one.
+``xla_cpu``: tile-at-a-time dequantize + f32 dot (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K);
+fastest on weights repacked at load by ``qtensor.prepare``.
+``pallas_qmatmul`` (GPU/TPU, when present): reads GGUF blocks directly.
 """
 
 from __future__ import annotations
@@ -21,6 +24,39 @@ def reference_qmatmul(x: jax.Array, qt) -> jax.Array:
     return jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w)
 
 
+def _tiled_or_reference(x: jax.Array, qt) -> jax.Array:
+    """The XLA tiled kernel for 2-D weights of a supported type, else the reference."""
+    from jllama.quant.kernels import xla_cpu
+
+    if qt.is_float or len(qt.shape) != 2 or not xla_cpu.supported(qt.qtype):
+        return reference_qmatmul(x, qt)
+    return xla_cpu.qmatmul(x, qt)
+
+
+def _pallas_kernel(qtype: int) -> Kernel | None:
+    try:
+        from jllama.quant.kernels import pallas_qmatmul as pq
+    except ImportError:
+        return None
+    if not pq.supported(qtype):
+        return None
+
+    def kernel(x: jax.Array, qt) -> jax.Array:
+        # Pallas reads raw GGUF blocks; a weight repacked for CPU takes the portable XLA path.
+        if qt.layout != "gguf" or len(qt.shape) != 2:
+            return reference_qmatmul(x, qt)
+        return pq.pallas_qmatmul(x, qt)
+
+    return kernel
+
+
 def select_kernel(qtype: int, backend: str) -> Kernel:
     """Pick the implementation of ``x @ W.T`` for this weight type on this backend."""
+    from jllama.quant.kernels import xla_cpu
+
+    if backend in ("gpu", "cuda", "rocm", "tpu"):
+        kernel = _pallas_kernel(qtype)
+        return kernel if kernel is not None else reference_qmatmul
+    if xla_cpu.supported(qtype):
+        return _tiled_or_reference
     return reference_qmatmul

@@ -1,0 +1,131 @@
+"""The XLA:CPU quantized matmul against gguf-py's numpy dequantize + a float64 dot.
+
+Weights are random GGUF blocks (random bytes, with the f16 scale fields replaced by finite
+values), so every code, scale and bit position is exercised, not just what a quantizer emits.
+"""
+
+from __future__ import annotations
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jllama.gguf.constants import QType, qtype_info
+from jllama.quant import qtensor
+from jllama.quant.kernels import cpu_repack, select_kernel, xla_cpu
+from jllama.quant.qtensor import QTensor, prepare, qmatmul
+
+# Byte offsets of each type's f16 fields inside one block.
+F16_FIELDS = {
+    QType.Q4_0: [0],
+    QType.Q4_1: [0, 2],
+    QType.Q5_0: [0],
+    QType.Q8_0: [0],
+    QType.Q4_K: [0, 2],
+    QType.Q5_K: [0, 2],
+    QType.Q6_K: [208],
+}
+TYPES = list(F16_FIELDS)
+
+
+def random_blocks(qtype: QType, rows: int, row_len: int, seed: int = 0) -> np.ndarray:
+    info = qtype_info(int(qtype))
+    nb = row_len // info.block_size
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, nb, info.type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
+        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, nb * info.type_size)
+
+
+def oracle(x: np.ndarray, raw: np.ndarray, qtype: QType) -> tuple[np.ndarray, np.ndarray]:
+    """(x @ W.T in float64, the same with |x| and |W| for a tolerance scale)."""
+    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+    x = x.astype(np.float64)
+    return x @ w.T, np.abs(x) @ np.abs(w).T
+
+
+def assert_close(got, want, scale) -> None:
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape
+    np.testing.assert_array_less(np.abs(got - want), 1e-5 * scale + 1e-6)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_repack_matches_gguf_dequantize(qtype):
+    row_len = 512
+    raw = random_blocks(qtype, 5, row_len, seed=1)
+    want = gguf.quants.dequantize(raw, qtype)
+    lay = cpu_repack.LAYOUTS[int(qtype)]
+    r = cpu_repack.repack(np, raw, qtype, row_len)
+    np.testing.assert_array_equal(cpu_repack.dequantize_repacked(np, r, lay.group), want)
+    rj = cpu_repack.repack(jnp, jnp.asarray(raw), qtype, row_len)
+    got = np.asarray(cpu_repack.dequantize_repacked(jnp, rj, lay.group))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("prepared", [True, False], ids=["i8", "gguf"])
+def test_qmatmul_matches_oracle(qtype, prepared):
+    # 1000 rows: not a multiple of the tile; row_len 512 has two K-quant superblocks.
+    n_out, row_len = 1000, 512
+    raw = random_blocks(qtype, n_out, row_len, seed=2)
+    qt = QTensor(jnp.asarray(raw), int(qtype), (n_out, row_len))
+    if prepared:
+        qt = prepare(qt, "cpu")
+        assert qt.layout == "i8"
+    rng = np.random.default_rng(3)
+    for lead in [(1,), (3,), (2, 5, 1), (40,)]:
+        x = rng.standard_normal((*lead, row_len)).astype(np.float32)
+        want, scale = oracle(x.reshape(-1, row_len), raw, qtype)
+        got = jax.jit(qmatmul)(jnp.asarray(x), qt)
+        assert got.shape == (*lead, n_out)
+        assert_close(np.asarray(got).reshape(-1, n_out), want, scale)
+
+
+@pytest.mark.parametrize("n_out", [8, 100, 1200])
+@pytest.mark.parametrize("m", [1, 64])
+def test_tiling_edges(monkeypatch, n_out, m):
+    """Tiny tiles force the scan + remainder paths: single tile, exact multiple, tail."""
+    monkeypatch.setattr(xla_cpu, "_MATVEC_TILE_ELEMS", 64 * 256)
+    monkeypatch.setattr(xla_cpu, "_GEMM_TILE_ELEMS", 16 * 256)
+    qtype, row_len = QType.Q4_K, 256
+    raw = random_blocks(qtype, n_out, row_len, seed=n_out)
+    qt = prepare(QTensor(jnp.asarray(raw), int(qtype), (n_out, row_len)), "cpu")
+    x = np.random.default_rng(m).standard_normal((m, row_len)).astype(np.float32)
+    want, scale = oracle(x, raw, qtype)
+    assert_close(xla_cpu.qmatmul(jnp.asarray(x), qt), want, scale)
+
+
+def test_prepared_dequantize_and_take_rows():
+    qtype, n_out, row_len = QType.Q5_K, 40, 256
+    raw = random_blocks(qtype, n_out, row_len, seed=4)
+    qt = prepare(QTensor(jnp.asarray(raw), int(qtype), (n_out, row_len)), "cpu")
+    w = gguf.quants.dequantize(raw, qtype)
+    np.testing.assert_allclose(np.asarray(qtensor.dequantize(qt)), w, rtol=1e-6, atol=1e-7)
+    ids = jnp.asarray([[3, 0], [39, 3]])
+    np.testing.assert_allclose(
+        np.asarray(qtensor.take_rows(qt, ids)), w[np.asarray(ids)], rtol=1e-6, atol=1e-7
+    )
+    assert qt.nbytes == n_out * row_len + 2 * 4 * n_out * row_len // 32
+
+
+def test_prepare_leaves_what_it_cannot_speed_up():
+    f = QTensor(jnp.zeros((4, 32), jnp.float32), int(QType.F32), (4, 32))
+    assert prepare(f, "cpu") is f
+    raw = random_blocks(QType.Q8_0, 4, 64)
+    q = QTensor(jnp.asarray(raw), int(QType.Q8_0), (4, 64))
+    assert prepare(q, "gpu") is q
+
+
+def test_select_kernel_cpu_uses_tiled_path_for_supported_types():
+    for qtype in TYPES:
+        assert select_kernel(int(qtype), "cpu") is not None
+    raw = random_blocks(QType.Q8_0, 24, 64)
+    qt = prepare(QTensor(jnp.asarray(raw), int(QType.Q8_0), (24, 64)), "cpu")
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    want, scale = oracle(x, raw, QType.Q8_0)
+    assert_close(select_kernel(int(QType.Q8_0), "cpu")(jnp.asarray(x), qt), want, scale)
