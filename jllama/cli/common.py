@@ -1,0 +1,101 @@
+"""Helpers shared by the generation commands (run, generate, chat)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jllama.config import Config
+
+
+def setup_platform(platform: str | None, threads: int | None = None) -> None:
+    """Pick the JAX backend before JAX starts (it reads these once)."""
+    if platform and platform != "auto":
+        os.environ.setdefault("JAX_PLATFORMS", platform)
+    if threads == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (llama.cpp's defaults)")
+    g.add_argument("-n", "--max-tokens", type=int, default=None, help="tokens to generate")
+    g.add_argument("--temp", type=float, default=None, help="temperature; 0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repeat-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None)
+    p.add_argument("--platform", default=None, help="cpu | gpu | tpu | auto")
+
+
+def overrides_from_args(args) -> list[str]:
+    """Turn CLI flags into config overrides so flags and YAML share one validation path."""
+    ov = []
+    pairs = {
+        "max_tokens": "generation.max_tokens", "temp": "generation.sampling.temperature",
+        "top_k": "generation.sampling.top_k", "top_p": "generation.sampling.top_p",
+        "min_p": "generation.sampling.min_p", "repeat_penalty": "generation.sampling.repeat_penalty",
+        "frequency_penalty": "generation.sampling.frequency_penalty",
+        "presence_penalty": "generation.sampling.presence_penalty",
+        "seed": "generation.sampling.seed", "ctx_size": "runtime.ctx_size",
+        "platform": "runtime.platform",
+    }
+    for attr, key in pairs.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            ov.append(f"{key}={v}")
+    return ov
+
+
+def load_llama(cfg: Config, verbose: bool = True):
+    setup_platform(cfg.runtime.platform, cfg.runtime.threads)
+    from jllama.api import Llama
+
+    if verbose:
+        print(f"jllama: loading {cfg.model} ...", file=sys.stderr)
+    llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=1,
+                cache_type=cfg.runtime.cache_type_k, quant=cfg.quant,
+                compile_cache=cfg.runtime.compile_cache)
+    if verbose:
+        import jax
+
+        print(f"jllama: {llm.spec.arch}, {llm.spec.n_layer} layers, n_embd {llm.spec.n_embd}, "
+              f"vocab {llm.spec.n_vocab}; loaded in {llm.load_s:.2f} s on "
+              f"{jax.default_backend()}", file=sys.stderr)
+    return llm
+
+
+def stream_to_stdout(llm, prompt, cfg: Config, stop: list[str] | None = None) -> str:
+    from jllama.config import sampling_params
+
+    g = cfg.generation
+    params = sampling_params(g.sampling)
+    out = []
+    for piece in llm.stream(prompt, g.max_tokens, params, stop=(stop or []) + g.sampling.stop):
+        out.append(piece)
+        if g.stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if not g.stream:
+        sys.stdout.write("".join(out))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(out)
+
+
+def print_timings(llm) -> None:
+    t = llm.engine.timings
+    print(
+        f"\njllama: prompt {t.prompt_tokens} tokens in {t.prompt_s * 1e3:.0f} ms "
+        f"({t.prompt_tps:.1f} t/s, first token incl. compile {t.first_token_s:.2f} s) | "
+        f"generation {t.gen_tokens} tokens in {t.gen_s * 1e3:.0f} ms ({t.gen_tps:.1f} t/s) | "
+        f"finish: {llm.finish_reason}",
+        file=sys.stderr,
+    )

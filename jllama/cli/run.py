@@ -1,0 +1,29 @@
+"""``jllama run CONFIG [key=value ...]``: a generation described by a YAML run config."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a YAML config (model, runtime, generation)")
+    p.add_argument("config", help="path to a YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. generation.max_tokens=32")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from jllama.cli.common import load_llama, print_timings, stream_to_stdout
+    from jllama.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    g = cfg.generation
+    llm = load_llama(cfg)
+    if g.messages:
+        prompt_text = llm.apply_chat_template([{"role": m.role, "content": m.content} for m in g.messages])
+        ids = llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True)
+        stream_to_stdout(llm, ids, cfg)
+    else:
+        stream_to_stdout(llm, g.prompt or "", cfg)
+    print_timings(llm)
+    return 0
