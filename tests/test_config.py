@@ -1,0 +1,83 @@
+"""Run configs: every error names the file, the key path and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from jllama.config import load_config
+from jllama.errors import ConfigError
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.model
+
+
+def test_values_and_overrides(tmp_path):
+    p = _write(tmp_path, """
+model: smollm2-135m-instruct
+runtime: {ctx_size: 1024}
+generation:
+  prompt: hi
+  sampling: {temperature: 0.5, stop: ["\\n"]}
+""")
+    cfg = load_config(p, ["generation.max_tokens=7", "generation.sampling.seed=3", "runtime.ctx_size=512"])
+    assert cfg.runtime.ctx_size == 512
+    assert cfg.generation.max_tokens == 7
+    assert cfg.generation.sampling.seed == 3
+    assert cfg.generation.sampling.temperature == 0.5
+    assert cfg.generation.sampling.stop == ["\n"]
+
+
+def test_unknown_key_names_file_and_path(tmp_path):
+    p = _write(tmp_path, "runtime:\n  ctx_sise: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "runtime.ctx_sise" in str(e.value) and "ctx_size" in str(e.value)
+
+
+def test_wrong_type(tmp_path):
+    p = _write(tmp_path, "generation:\n  sampling:\n    top_k: lots\n")
+    with pytest.raises(ConfigError, match=r"'generation.sampling.top_k' must be an integer, got str 'lots'"):
+        load_config(p)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = _write(tmp_path, "runtime: {ctx_size: [\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["generation.max_tokens"])
+    with pytest.raises(ConfigError, match="unknown key 'generation.max_tokenz'"):
+        load_config(None, ["generation.max_tokenz=3"])
+
+
+def test_messages_and_prompt_conflict(tmp_path):
+    p = _write(tmp_path, "generation:\n  prompt: a\n  messages: [{role: user, content: b}]\n")
+    with pytest.raises(ConfigError, match="either"):
+        load_config(p)
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path, capsys):
+    from jllama.cli.main import main
+
+    p = _write(tmp_path, "modle: x\n")
+    assert main(["run", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key 'modle'" in err and "Traceback" not in err
