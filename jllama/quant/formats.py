@@ -1,0 +1,272 @@
+"""ggml block formats: dequantizers written once for numpy and jax.numpy.
+
+Each decoder takes ``b``, uint8 ``[N, type_size]`` (one row per block), and returns float32
+``[N, block_size]``. The same code runs on numpy (the quantizers' round trips, tests, the CLI)
+and on jax.numpy (model weights, jit-able: no Python loop over blocks), so the two can never
+disagree. Arithmetic is written in the same order as ggml / gguf-py (``d * q``, ``d * q - m``,
+scale products rounded to f32 first) because results must be bit-exact with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from jllama.errors import QuantError
+from jllama.gguf.constants import QType, qtype_info
+
+QK_K = 256
+
+# Non-linear 4-bit grid shared by IQ4_NL and IQ4_XS (ggml's kvalues_iq4nl).
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+Xp = Any  # numpy or jax.numpy
+
+
+def _bitcast(xp: Xp, a, dtype):
+    if xp is np:
+        return a.view(dtype)
+    import jax
+
+    return jax.lax.bitcast_convert_type(a, dtype)
+
+
+def _f16(xp: Xp, b, off: int):
+    """Little-endian f16 at byte ``off`` of each block, as f32 ``[N, 1]``."""
+    u = b[:, off].astype(xp.uint16) | (b[:, off + 1].astype(xp.uint16) << 8)
+    return _bitcast(xp, u, xp.float16).astype(xp.float32)[:, None]
+
+
+def _f32(xp: Xp, b, off: int):
+    u = b[:, off].astype(xp.uint32)
+    for k in range(1, 4):
+        u = u | (b[:, off + k].astype(xp.uint32) << (8 * k))
+    return _bitcast(xp, u, xp.float32)[:, None]
+
+
+def _i8(xp: Xp, a):
+    """uint8 -> int32 reinterpreting as two's complement int8."""
+    a = a.astype(xp.int32)
+    return a - ((a >> 7) << 8)
+
+
+def _nibbles(xp: Xp, qs):
+    """[N, k] bytes -> [N, 2k]: all low nibbles, then all high nibbles."""
+    return xp.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _bits(xp: Xp, qh, n: int):
+    """[N, n//8] bytes -> [N, n] bits, bit j of the little-endian word at position j."""
+    sh = xp.arange(8, dtype=xp.uint8)
+    return ((qh[:, :, None] >> sh) & 1).reshape(qh.shape[0], n)
+
+
+def _crumbs_by_plane(xp: Xp, q, nb: int, width: int, group: int):
+    """K-quant bit-planes: bytes ``[N, nb*group]`` -> ``[N, nb * (8//width) * group]`` where
+    plane s of chunk c holds ``(q[c*group + l] >> (width*s)) & mask``."""
+    n = q.shape[0]
+    shifts = xp.arange(0, 8, width, dtype=xp.uint8)[:, None]
+    v = (q.reshape(n, nb, 1, group) >> shifts) & ((1 << width) - 1)
+    return v.reshape(n, -1)
+
+
+# ----------------------------------------------------------------------------- legacy 32-blocks
+
+
+def _deq_q4_0(xp: Xp, b):
+    d = _f16(xp, b, 0)
+    q = _nibbles(xp, b[:, 2:18]).astype(xp.int32) - 8
+    return d * q.astype(xp.float32)
+
+
+def _deq_q4_1(xp: Xp, b):
+    d, m = _f16(xp, b, 0), _f16(xp, b, 2)
+    q = _nibbles(xp, b[:, 4:20]).astype(xp.float32)
+    return d * q + m
+
+
+def _deq_q5_0(xp: Xp, b):
+    d = _f16(xp, b, 0)
+    q = _nibbles(xp, b[:, 6:22]) | (_bits(xp, b[:, 2:6], 32) << 4)
+    return d * (q.astype(xp.int32) - 16).astype(xp.float32)
+
+
+def _deq_q5_1(xp: Xp, b):
+    d, m = _f16(xp, b, 0), _f16(xp, b, 2)
+    q = _nibbles(xp, b[:, 8:24]) | (_bits(xp, b[:, 4:8], 32) << 4)
+    return d * q.astype(xp.float32) + m
+
+
+def _deq_q8_0(xp: Xp, b):
+    return _i8(xp, b[:, 2:34]).astype(xp.float32) * _f16(xp, b, 0)
+
+
+def _deq_iq4_nl(xp: Xp, b):
+    d = _f16(xp, b, 0)
+    q = _nibbles(xp, b[:, 2:18]).astype(xp.int32)
+    return d * xp.asarray(np.array(KVALUES_IQ4NL, np.float32))[q]
+
+
+# ----------------------------------------------------------------------------- K-quants (256)
+
+
+def k_scale_min(xp: Xp, s):
+    """Q4_K/Q5_K 12-byte packed 6-bit (scale, min) pairs -> two ``[N, 8]`` int arrays."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = xp.concatenate([d & 63, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = xp.concatenate([m & 63, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def q3_k_scales(xp: Xp, s):
+    """Q3_K 12-byte packed 6-bit scales -> ``[N, 16]`` int32 in [-32, 31]."""
+    lo = _nibbles(xp, s[:, 0:8])
+    hi = _crumbs_by_plane(xp, s[:, 8:12], 1, 2, 4)
+    return (lo | (hi << 4)).astype(xp.int32) - 32
+
+
+def _deq_q2_k(xp: Xp, b):
+    n = b.shape[0]
+    sc = b[:, 0:16]
+    d, dmin = _f16(xp, b, 80), _f16(xp, b, 82)
+    dl = (d * (sc & 0x0F).astype(xp.float32))[:, :, None]
+    ml = (dmin * (sc >> 4).astype(xp.float32))[:, :, None]
+    q = _crumbs_by_plane(xp, b[:, 16:80], 2, 2, 32).reshape(n, 16, 16).astype(xp.float32)
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _deq_q3_k(xp: Xp, b):
+    n = b.shape[0]
+    d = _f16(xp, b, 108)
+    dl = (d * q3_k_scales(xp, b[:, 96:108]).astype(xp.float32))[:, :, None]
+    ql = _crumbs_by_plane(xp, b[:, 32:96], 2, 2, 32).astype(xp.int32)
+    hm = _crumbs_by_plane(xp, b[:, 0:32], 1, 1, 32).astype(xp.int32)
+    q = (ql - ((hm ^ 1) << 2)).reshape(n, 16, 16).astype(xp.float32)
+    return (dl * q).reshape(n, QK_K)
+
+
+def _deq_q4_k(xp: Xp, b):
+    n = b.shape[0]
+    d, dmin = _f16(xp, b, 0), _f16(xp, b, 2)
+    sc, mn = k_scale_min(xp, b[:, 4:16])
+    dl = (d * sc.astype(xp.float32))[:, :, None]
+    ml = (dmin * mn.astype(xp.float32))[:, :, None]
+    q = _crumbs_by_plane(xp, b[:, 16:144], 4, 4, 32).reshape(n, 8, 32).astype(xp.float32)
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _deq_q5_k(xp: Xp, b):
+    n = b.shape[0]
+    d, dmin = _f16(xp, b, 0), _f16(xp, b, 2)
+    sc, mn = k_scale_min(xp, b[:, 4:16])
+    dl = (d * sc.astype(xp.float32))[:, :, None]
+    ml = (dmin * mn.astype(xp.float32))[:, :, None]
+    ql = _crumbs_by_plane(xp, b[:, 48:176], 4, 4, 32)
+    qh = _crumbs_by_plane(xp, b[:, 16:48], 1, 1, 32)
+    q = (ql | (qh << 4)).reshape(n, 8, 32).astype(xp.float32)
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _deq_q6_k(xp: Xp, b):
+    n = b.shape[0]
+    d = _f16(xp, b, 208)
+    dl = (d * _i8(xp, b[:, 192:208]).astype(xp.float32))[:, :, None]
+    ql = _crumbs_by_plane(xp, b[:, 0:128], 2, 4, 64)
+    qh = _crumbs_by_plane(xp, b[:, 128:192], 2, 2, 32)
+    q = (ql | (qh << 4)).astype(xp.int32) - 32
+    return (dl * q.reshape(n, 16, 16).astype(xp.float32)).reshape(n, QK_K)
+
+
+def _deq_iq4_xs(xp: Xp, b):
+    n = b.shape[0]
+    d = _f16(xp, b, 0)
+    sh = b[:, 2].astype(xp.int32) | (b[:, 3].astype(xp.int32) << 8)
+    sl = b[:, 4:8]
+    lo = xp.stack([sl & 0x0F, sl >> 4], axis=-1).reshape(n, 8).astype(xp.int32)
+    hi = (sh[:, None] >> (2 * xp.arange(8, dtype=xp.int32))) & 3
+    dl = (d * ((lo | (hi << 4)) - 32).astype(xp.float32))[:, :, None]
+    qs = b[:, 8:136].reshape(n, 8, 16)
+    q = xp.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(xp.int32)
+    vals = xp.asarray(np.array(KVALUES_IQ4NL, np.float32))[q]
+    return (dl * vals).reshape(n, QK_K)
+
+
+def _deq_q8_k(xp: Xp, b):
+    return _i8(xp, b[:, 4:260]).astype(xp.float32) * _f32(xp, b, 0)
+
+
+DEQUANTIZERS: dict[int, Callable[[Xp, Any], Any]] = {
+    int(QType.Q4_0): _deq_q4_0,
+    int(QType.Q4_1): _deq_q4_1,
+    int(QType.Q5_0): _deq_q5_0,
+    int(QType.Q5_1): _deq_q5_1,
+    int(QType.Q8_0): _deq_q8_0,
+    int(QType.IQ4_NL): _deq_iq4_nl,
+    int(QType.Q2_K): _deq_q2_k,
+    int(QType.Q3_K): _deq_q3_k,
+    int(QType.Q4_K): _deq_q4_k,
+    int(QType.Q5_K): _deq_q5_k,
+    int(QType.Q6_K): _deq_q6_k,
+    int(QType.IQ4_XS): _deq_iq4_xs,
+    int(QType.Q8_K): _deq_q8_k,
+}
+
+FLOAT_QTYPES = (int(QType.F32), int(QType.F16), int(QType.BF16))
+SUPPORTED_QTYPES = FLOAT_QTYPES + tuple(DEQUANTIZERS)
+
+
+def _float_passthrough(xp: Xp, data, qtype: int, row_len: int):
+    lead = data.shape[:-1]
+    u = data.reshape(-1, data.shape[-1])
+    if qtype == int(QType.F32):
+        w = u.reshape(-1, row_len, 4).astype(xp.uint32)
+        v = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)
+        out = _bitcast(xp, v, xp.float32)
+    else:
+        w = u.reshape(-1, row_len, 2).astype(xp.uint32)
+        v = w[..., 0] | (w[..., 1] << 8)
+        if qtype == int(QType.F16):
+            out = _bitcast(xp, v.astype(xp.uint16), xp.float16).astype(xp.float32)
+        else:  # BF16: the top half of an f32
+            out = _bitcast(xp, v << 16, xp.float32)
+    return out.reshape(*lead, row_len)
+
+
+def _dequantize(xp: Xp, data, qtype: int, row_len: int):
+    qtype = int(qtype)
+    if qtype in FLOAT_QTYPES:
+        if data.dtype != xp.uint8:
+            return data.astype(xp.float32)
+        return _float_passthrough(xp, data, qtype, row_len)
+    fn = DEQUANTIZERS.get(qtype)
+    if fn is None:
+        raise QuantError(f"dequantizing {qtype_info(qtype).name} is not supported")
+    info = qtype_info(qtype)
+    if row_len % info.block_size:
+        raise QuantError(f"row of {row_len} is not a multiple of {info.name}'s {info.block_size}")
+    row_bytes = row_len // info.block_size * info.type_size
+    if data.shape[-1] != row_bytes:
+        raise QuantError(
+            f"{info.name} row of {row_len} needs {row_bytes} bytes, got {data.shape[-1]}"
+        )
+    lead = data.shape[:-1]
+    blocks = data.reshape(-1, info.type_size)
+    return fn(xp, blocks).reshape(*lead, row_len)
+
+
+def dequantize_np(data: np.ndarray, qtype: int, row_len: int) -> np.ndarray:
+    """Raw GGUF rows uint8 ``[..., row_bytes]`` -> float32 ``[..., row_len]`` (numpy)."""
+    return _dequantize(np, np.asarray(data), qtype, row_len)
+
+
+def dequantize_jax(data, qtype: int, row_len: int):
+    """Raw GGUF rows uint8 ``[..., row_bytes]`` -> float32 ``[..., row_len]`` (jax, jit-able).
+
+    ``qtype`` and ``row_len`` must be static. Float tensors already in a float dtype are just
+    cast, so QTensor's float layout passes through.
+    """
+    import jax.numpy as jnp
+
+    return _dequantize(jnp, jnp.asarray(data), qtype, row_len)
