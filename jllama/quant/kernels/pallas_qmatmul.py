@@ -1,0 +1,369 @@
+"""Pallas quantized matmul (GPU via Triton, TPU via Mosaic): ``x @ W.T`` reading 4-8 bit blocks.
+
+Why a load-time repack (``prepare_pallas``) instead of reading raw GGUF rows: GGUF interleaves
+f16 scales and codes in 18-210 byte blocks, so one block of a row is not a rectangular tile, and
+Triton needs power-of-two tiles while Mosaic needs (sublane, lane) tiles. The repack keeps the
+same bytes (same bits per weight, scales still f16 / packed 6-bit) but splits them into planes:
+
+- every plane is k-major, ``[rows_along_n_in, n_out_padded]``: n_out is the lane (last) axis, so a
+  weight tile is ``[k_rows, bn]`` and ``x_tile @ w_tile`` is a plain (M, K) x (K, N) dot;
+- 4-bit codes are re-nibbled per 256-element chunk: byte ``r`` holds element ``r`` in its low
+  nibble and element ``128 + r`` in its high nibble, so group ``g`` of 32 is rows
+  ``32 * (g % 4)`` of the chunk, low nibble for ``g < 4``: no interleave/concat in the kernel;
+- Q4_K/Q5_K 6-bit scales, Q5_K high bits and Q6_K high bits / int8 scales stay in their ggml
+  packing and are unpacked in the kernel with integer shifts and masks;
+- n_out is padded to a multiple of 128 and n_in to a multiple of 256 (zero scales and codes).
+
+The kernel: grid over (batch-row tiles, n_out tiles); in each program a ``fori_loop`` over the
+256-element chunks of n_in, and per 32 (Q6_K: 16) element group: unpack codes to f32, apply
+that group's scale (a ``[1, bn]`` row broadcast), f32 dot with the matching slice of x,
+accumulate in f32. The whole n_in extent is one block: on Triton a block is just a pointer (only
+the slices we index are loaded), on TPU it is one DMA per tile into VMEM.
+
+Raw GGUF QTensors are accepted too (repacked in-graph on every call: correct, slower).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from jllama.errors import QuantError
+from jllama.gguf.constants import QType, qtype_info
+
+CHUNK = 256  # elements of n_in per loop step: one K-quant superblock, eight 32-blocks
+LANE = 128  # n_out padding / tile unit
+LAYOUT = "pallas"
+
+_SUPPORTED = {
+    int(QType.Q4_0),
+    int(QType.Q4_1),
+    int(QType.Q8_0),
+    int(QType.Q4_K),
+    int(QType.Q5_K),
+    int(QType.Q6_K),
+}
+
+
+def supported(qtype: int) -> bool:
+    return int(qtype) in _SUPPORTED
+
+
+# ----------------------------------------------------------------------------- load-time repack
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _f16(xp: ModuleType, b: object) -> object:
+    """Two little-endian bytes on the last axis -> float16 (numpy view, or a bitcast in XLA)."""
+    if xp is np:
+        return np.ascontiguousarray(b).view(np.float16)[..., 0]
+    u = b[..., 0].astype(jnp.uint16) | (b[..., 1].astype(jnp.uint16) << 8)
+    return jax.lax.bitcast_convert_type(u, jnp.float16)
+
+
+def _nib_natural(xp: ModuleType, qs: object, pairs_of: int) -> object:
+    """4-bit codes in natural element order from ggml nibble bytes ``[..., nb, nbytes]``.
+
+    ``pairs_of``: how many consecutive bytes share the low/high split (16 for Q4_0/Q4_1: low
+    nibbles are elements 0-15 of a 32-block; 32 for Q4_K: groups 2j/2j+1; 64 for Q6_K halves).
+    """
+    *lead, nbytes = qs.shape
+    q = qs.reshape(*lead, nbytes // pairs_of, 1, pairs_of)
+    lo, hi = q & 15, q >> 4
+    return xp.concatenate([lo, hi], axis=-2).reshape(*lead, nbytes * 2)
+
+
+def _renibble(xp: ModuleType, codes: object) -> object:
+    """Natural-order 4-bit codes ``[N, K]`` -> bytes ``[N, K // 2]``, chunk-halves paired."""
+    n, k = codes.shape
+    c = codes.reshape(n, k // CHUNK, 2, CHUNK // 2).astype(xp.uint8)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def _plane(xp: ModuleType, a: object, n_pad: int, rows_pad: int) -> object:
+    """``[N, R]`` -> k-major ``[rows_pad, n_pad]`` with zero padding."""
+    n, r = a.shape
+    a = xp.pad(a, ((0, n_pad - n), (0, rows_pad - r)))
+    return xp.ascontiguousarray(a.T) if xp is np else a.T
+
+
+def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> tuple:
+    """Raw GGUF rows ``uint8 [n_out, row_bytes]`` -> the kernel's planes (see module doc)."""
+    qtype = int(qtype)
+    if not supported(qtype):
+        raise QuantError(f"Pallas qmatmul does not support {qtype_info(qtype).name}")
+    n_out, n_in = shape
+    info = qtype_info(qtype)
+    nb = n_in // info.block_size
+    b = raw.reshape(n_out, nb, info.type_size)
+    n_pad = _round_up(n_out, LANE)
+    k_pad = _round_up(n_in, CHUNK)
+
+    def codes4(codes: object) -> object:  # natural 4-bit codes [N, n_in] -> padded plane
+        codes = xp.pad(codes.reshape(n_out, n_in), ((0, 0), (0, k_pad - n_in)))
+        return _plane(xp, _renibble(xp, codes), n_pad, k_pad // 2)
+
+    def per_block(a: object, per_chunk: int) -> object:  # [N, nb(, w)] -> [rows, n_pad]
+        a = a.reshape(n_out, -1)
+        return _plane(xp, a, n_pad, k_pad // CHUNK * per_chunk)
+
+    if qtype == QType.Q4_0:
+        return codes4(_nib_natural(xp, b[..., 2:], 16)), per_block(_f16(xp, b[..., 0:2]), 8)
+    if qtype == QType.Q4_1:
+        return (
+            codes4(_nib_natural(xp, b[..., 4:], 16)),
+            per_block(_f16(xp, b[..., 0:2]), 8),
+            per_block(_f16(xp, b[..., 2:4]), 8),
+        )
+    if qtype == QType.Q8_0:
+        qs = b[..., 2:].reshape(n_out, n_in)
+        qs = qs.view(np.int8) if xp is np else jax.lax.bitcast_convert_type(qs, jnp.int8)
+        return _plane(xp, qs, n_pad, k_pad), per_block(_f16(xp, b[..., 0:2]), 8)
+    d, dmin = per_block(_f16(xp, b[..., 0:2]), 1), None
+    if qtype in (QType.Q4_K, QType.Q5_K):
+        dmin = per_block(_f16(xp, b[..., 2:4]), 1)
+        scales = per_block(b[..., 4:16], 12)
+        if qtype == QType.Q4_K:
+            return codes4(_nib_natural(xp, b[..., 16:], 32)), d, dmin, scales
+        qh = per_block(b[..., 16:48], 32)
+        return codes4(_nib_natural(xp, b[..., 48:], 32)), d, dmin, scales, qh
+    # Q6_K: ql 128 | qh 64 | scales 16 int8 | d f16
+    sc = b[..., 192:208]
+    sc = sc.view(np.int8) if xp is np else jax.lax.bitcast_convert_type(sc, jnp.int8)
+    return (
+        codes4(_nib_natural(xp, b[..., :128], 64)),
+        per_block(b[..., 128:192], 64),
+        per_block(sc, 16),
+        per_block(_f16(xp, b[..., 208:210]), 1),
+    )
+
+
+def prepare_pallas(qt):
+    """Repack a 2-D GGUF QTensor once at load time into layout ``"pallas"`` (same bit budget,
+    plus padding of n_out to 128 and n_in to 256). Others are returned unchanged."""
+    from jllama.quant.qtensor import QTensor
+
+    if qt.layout != "gguf" or qt.is_float or len(qt.shape) != 2 or not supported(qt.qtype):
+        return qt
+    planes = repack(np, np.asarray(qt.data), qt.qtype, qt.shape)
+    return QTensor(tuple(jnp.asarray(p) for p in planes), qt.qtype, qt.shape, LAYOUT)
+
+
+def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.Array:
+    """f32 ``[n_out, n_in]`` from the planes, in plain jnp (the non-kernel path for this layout:
+    embedding rows, reference checks)."""
+    qtype = int(qtype)
+    n_out, n_in = shape
+    p0 = planes[0]
+    n_pad = p0.shape[-1]
+    k_pad = _round_up(n_in, CHUNK)
+    nch = k_pad // CHUNK
+    f32 = jnp.float32
+
+    def nibbles(qs: jax.Array) -> jax.Array:  # [k_pad/2, N] -> natural codes [nch, 256, N]
+        q = qs.astype(jnp.int32).reshape(nch, 1, CHUNK // 2, n_pad)
+        return jnp.concatenate([q & 15, q >> 4], axis=1).reshape(nch, CHUNK, n_pad)
+
+    def rep(a: jax.Array, per_chunk: int) -> jax.Array:  # [nch*per_chunk, N] -> [nch, 256, N]
+        a = a.astype(f32).reshape(nch, per_chunk, 1, n_pad)
+        return jnp.broadcast_to(a, (nch, per_chunk, CHUNK // per_chunk, n_pad)).reshape(
+            nch, CHUNK, n_pad
+        )
+
+    if qtype == QType.Q4_0:
+        w = rep(planes[1], 8) * (nibbles(p0) - 8).astype(f32)
+    elif qtype == QType.Q4_1:
+        w = rep(planes[1], 8) * nibbles(p0).astype(f32) + rep(planes[2], 8)
+    elif qtype == QType.Q8_0:
+        w = rep(planes[1], 8) * p0.astype(f32).reshape(nch, CHUNK, n_pad)
+    elif qtype in (QType.Q4_K, QType.Q5_K):
+        _, d, dmin, s = planes[:4]
+        s = s.astype(jnp.int32).reshape(nch, 12, n_pad)
+        a, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+        sc = jnp.concatenate([a & 63, (md & 15) | ((a >> 6) << 4)], axis=1)
+        mn = jnp.concatenate([m & 63, (md >> 4) | ((m >> 6) << 4)], axis=1)
+        q = nibbles(p0)
+        if qtype == QType.Q5_K:
+            qh = planes[4].astype(jnp.int32).reshape(nch, 1, 32, n_pad)
+            bits = (qh >> jnp.arange(8).reshape(1, 8, 1, 1)) & 1
+            q = q | (bits.reshape(nch, CHUNK, n_pad) << 4)
+        d = d.astype(f32).reshape(nch, 1, n_pad)
+        dmin = dmin.astype(f32).reshape(nch, 1, n_pad)
+        w = rep(sc * d, 8) * q.astype(f32) - rep(mn * dmin, 8)
+    elif qtype == QType.Q6_K:
+        _, qh, sc, d = planes
+        qh = qh.astype(jnp.int32).reshape(nch, 2, 1, 32, n_pad)
+        hi2 = (qh >> (2 * jnp.arange(4)).reshape(1, 1, 4, 1, 1)) & 3
+        q = nibbles(p0) | (hi2.reshape(nch, CHUNK, n_pad) << 4)
+        scale = sc.astype(f32).reshape(nch, 16, n_pad) * d.astype(f32).reshape(nch, 1, n_pad)
+        w = rep(scale.reshape(nch * 16, n_pad), 16) * (q - 32).astype(f32)
+    else:
+        raise QuantError(f"Pallas layout does not support {qtype_info(qtype).name}")
+    return w.reshape(k_pad, n_pad).T[:n_out, :n_in]
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def _unpack_group_fns(qtype: int):
+    """Per-type chunk body: returns ``body(refs, x_ref, c, acc) -> acc`` for chunk ``c``."""
+    f32 = jnp.float32
+    hp = jax.lax.Precision.HIGHEST
+
+    def xs(x_ref, c, start: int, size: int) -> jax.Array:
+        return x_ref[:, pl.ds(c * CHUNK + start, size)].astype(f32)
+
+    def row(ref, i) -> jax.Array:  # one row of a per-group plane as [1, bn]
+        return ref[pl.ds(i, 1), :]
+
+    def dot(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.dot(a, b, precision=hp, preferred_element_type=f32)
+
+    def nib_pair(qs_ref, c, j: int, rows: int = 32, off: int = 0):
+        """(low, high) nibbles of chunk rows ``32 j + off ..``: groups ``j`` and ``j + 4``."""
+        p = qs_ref[pl.ds(c * (CHUNK // 2) + 32 * j + off, rows), :].astype(jnp.int32)
+        return p & 15, p >> 4
+
+    if qtype in (QType.Q4_0, QType.Q4_1):
+
+        def body(refs, x_ref, c, acc):
+            qs_ref, d_ref = refs[0], refs[1]
+            for j in range(4):
+                for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
+                    d = row(d_ref, c * 8 + g).astype(f32)
+                    if qtype == QType.Q4_0:
+                        w = d * (q - 8).astype(f32)
+                    else:
+                        w = d * q.astype(f32) + row(refs[2], c * 8 + g).astype(f32)
+                    acc = acc + dot(xs(x_ref, c, 32 * g, 32), w)
+            return acc
+
+    elif qtype == QType.Q8_0:
+
+        def body(refs, x_ref, c, acc):
+            qs_ref, d_ref = refs
+            for g in range(8):
+                q = qs_ref[pl.ds(c * CHUNK + 32 * g, 32), :].astype(f32)
+                w = row(d_ref, c * 8 + g).astype(f32) * q
+                acc = acc + dot(xs(x_ref, c, 32 * g, 32), w)
+            return acc
+
+    elif qtype in (QType.Q4_K, QType.Q5_K):
+
+        def body(refs, x_ref, c, acc):
+            qs_ref, d_ref, dmin_ref, s_ref = refs[:4]
+            d = row(d_ref, c).astype(f32)
+            dmin = row(dmin_ref, c).astype(f32)
+            s = [row(s_ref, c * 12 + i).astype(jnp.int32) for i in range(12)]
+            qh = None
+            if qtype == QType.Q5_K:
+                qh = refs[4][pl.ds(c * 32, 32), :].astype(jnp.int32)
+            for j in range(4):
+                for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
+                    if g < 4:
+                        sc, mn = s[g] & 63, s[g + 4] & 63
+                    else:
+                        sc = (s[g + 4] & 15) | ((s[g - 4] >> 6) << 4)
+                        mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4)
+                    if qh is not None:
+                        q = q | (((qh >> g) & 1) << 4)
+                    w = (d * sc.astype(f32)) * q.astype(f32) - dmin * mn.astype(f32)
+                    acc = acc + dot(xs(x_ref, c, 32 * g, 32), w)
+            return acc
+
+    elif qtype == QType.Q6_K:
+
+        def body(refs, x_ref, c, acc):
+            qs_ref, qh_ref, sc_ref, d_ref = refs
+            d = row(d_ref, c).astype(f32)
+            for j in range(4):
+                for t in range(2):  # 16-element sub-groups: each has its own int8 scale
+                    lo, hi = nib_pair(qs_ref, c, j, rows=16, off=16 * t)
+                    for g, q4 in ((j, lo), (j + 4, hi)):
+                        h, i = divmod(g, 4)
+                        qh = qh_ref[pl.ds(c * 64 + 32 * h + 16 * t, 16), :].astype(jnp.int32)
+                        q = q4 | (((qh >> (2 * i)) & 3) << 4)
+                        scale = d * row(sc_ref, c * 16 + 2 * g + t).astype(f32)
+                        w = scale * (q - 32).astype(f32)
+                        acc = acc + dot(xs(x_ref, c, 32 * g + 16 * t, 16), w)
+            return acc
+
+    else:
+        raise QuantError(f"Pallas qmatmul does not support {qtype_info(qtype).name}")
+    return body
+
+
+def _row_tile(m: int) -> int:
+    """Batch rows per program: >= 16 (Triton's dot minimum), a power of two, at most 64."""
+    t = 16
+    while t < m and t < 64:
+        t *= 2
+    return t
+
+
+def _col_tile(n_pad: int, m_tile: int) -> int:
+    """n_out per program: 256 when it divides (fewer, fatter programs for decode), else 128."""
+    return 256 if n_pad % 256 == 0 and m_tile <= 32 else LANE
+
+
+def matmul_planes(
+    x: jax.Array, planes: tuple, qtype: int, shape: tuple[int, int], *, interpret: bool = False
+) -> jax.Array:
+    """``x[..., n_in] @ W.T`` with W given as the kernel's planes; returns f32 ``[..., n_out]``."""
+    n_out, n_in = shape
+    lead = x.shape[:-1]
+    if x.shape[-1] != n_in:
+        raise QuantError(f"qmatmul: x has {x.shape[-1]} features, weight expects {n_in}")
+    x2 = x.reshape(-1, n_in).astype(jnp.float32)
+    m = x2.shape[0]
+    k_pad = _round_up(n_in, CHUNK)
+    n_pad = planes[0].shape[-1]
+    bm = _row_tile(m)
+    bn = _col_tile(n_pad, bm)
+    m_pad = _round_up(max(m, 1), bm)
+    x2 = jnp.pad(x2, ((0, m_pad - m), (0, k_pad - n_in)))
+    body = _unpack_group_fns(qtype)
+    n_chunks = k_pad // CHUNK
+
+    def kernel(x_ref, *refs):
+        *w_refs, o_ref = refs
+
+        def step(c, acc):
+            return body(w_refs, x_ref, c, acc)
+
+        acc = jax.lax.fori_loop(0, n_chunks, step, jnp.zeros((bm, bn), jnp.float32))
+        o_ref[...] = acc
+
+    in_specs = [pl.BlockSpec((bm, k_pad), lambda i, j: (i, 0))]
+    in_specs += [pl.BlockSpec((p.shape[0], bn), lambda i, j: (0, j)) for p in planes]
+    y = pl.pallas_call(
+        kernel,
+        grid=(m_pad // bm, n_pad // bn),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), jnp.float32),
+        interpret=interpret,
+        name=f"qmatmul_{qtype_info(qtype).name.lower()}",
+    )(x2, *planes)
+    return y[:m, :n_out].reshape(*lead, n_out)
+
+
+def pallas_qmatmul(x: jax.Array, qt, interpret: bool = False) -> jax.Array:
+    """``x[..., n_in] @ W.T -> [..., n_out]`` (f32) for a 2-D QTensor W in layout ``"pallas"``
+    (from ``prepare_pallas``) or raw ``"gguf"`` (repacked in-graph on each call)."""
+    if len(qt.shape) != 2 or not supported(qt.qtype):
+        raise QuantError(f"Pallas qmatmul needs a 2-D {sorted(_SUPPORTED)} weight, got {qt}")
+    if qt.layout == LAYOUT:
+        planes = tuple(qt.data)
+    elif qt.layout == "gguf":
+        planes = repack(jnp, qt.data, qt.qtype, qt.shape)
+    else:
+        raise QuantError(f"Pallas qmatmul cannot read layout {qt.layout!r}")
+    return matmul_planes(x, planes, qt.qtype, qt.shape, interpret=interpret)
