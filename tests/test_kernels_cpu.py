@@ -6,6 +6,8 @@ values), so every code, scale and bit position is exercised, not just what a qua
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,8 @@ import pytest
 
 from jllama.gguf.constants import QType, qtype_info
 from jllama.quant import qtensor
-from jllama.quant.kernels import cpu_repack, select_kernel, xla_cpu
-from jllama.quant.qtensor import QTensor, prepare, qmatmul
+from jllama.quant.kernels import cpu_ffi, cpu_repack, select_kernel, xla_cpu
+from jllama.quant.qtensor import QTensor, prepare, qmatmul, repack_i8
 
 # Byte offsets of each type's f16 fields inside one block.
 F16_FIELDS = {
@@ -39,6 +41,31 @@ def random_blocks(qtype: QType, rows: int, row_len: int, seed: int = 0) -> np.nd
         f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
         raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
     return raw.reshape(rows, nb * info.type_size)
+
+
+PATHS = ["ffi", "xla-i8", "xla-gguf"]
+
+
+def require_ffi() -> None:
+    if os.environ.get("JLLAMA_NO_FFI", "") not in ("", "0"):
+        pytest.skip("JLLAMA_NO_FFI is set: the C++ kernels are off by request")
+    assert cpu_ffi.available(), "C++ CPU kernels failed to build (see the log warning)"
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch) -> str:
+    """Which CPU implementation runs: the C++ kernels, or the pure-XLA path on either layout."""
+    if request.param == "ffi":
+        require_ffi()
+    else:
+        monkeypatch.setattr(cpu_ffi, "available", lambda: False)
+    return request.param
+
+
+def weight(raw: np.ndarray, qtype: QType, path: str) -> QTensor:
+    n_in = raw.shape[1] // qtype_info(int(qtype)).type_size * qtype_info(int(qtype)).block_size
+    qt = QTensor(jnp.asarray(raw), int(qtype), (raw.shape[0], n_in))
+    return repack_i8(qt) if path == "xla-i8" else qt
 
 
 def oracle(x: np.ndarray, raw: np.ndarray, qtype: QType) -> tuple[np.ndarray, np.ndarray]:
@@ -68,42 +95,38 @@ def test_repack_matches_gguf_dequantize(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("prepared", [True, False], ids=["i8", "gguf"])
-def test_qmatmul_matches_oracle(qtype, prepared):
+def test_qmatmul_matches_oracle(qtype, path):
     # 1000 rows: not a multiple of the tile; row_len 512 has two K-quant superblocks.
     n_out, row_len = 1000, 512
     raw = random_blocks(qtype, n_out, row_len, seed=2)
-    qt = QTensor(jnp.asarray(raw), int(qtype), (n_out, row_len))
-    if prepared:
-        qt = prepare(qt, "cpu")
-        assert qt.layout == "i8"
+    qt = weight(raw, qtype, path)
     rng = np.random.default_rng(3)
-    for lead in [(1,), (3,), (2, 5, 1), (40,)]:
+    for lead in [(1,), (3,), (2, 5, 1), (40,)]:  # matvec, batched decode, GEMM
         x = rng.standard_normal((*lead, row_len)).astype(np.float32)
         want, scale = oracle(x.reshape(-1, row_len), raw, qtype)
-        got = jax.jit(qmatmul)(jnp.asarray(x), qt)
+        got = jax.jit(lambda a, w: qmatmul(a, w))(jnp.asarray(x), qt)  # fresh trace per path
         assert got.shape == (*lead, n_out)
         assert_close(np.asarray(got).reshape(-1, n_out), want, scale)
 
 
 @pytest.mark.parametrize("n_out", [8, 100, 1200])
 @pytest.mark.parametrize("m", [1, 64])
-def test_tiling_edges(monkeypatch, n_out, m):
+def test_tiling_edges(monkeypatch, path, n_out, m):
     """Tiny tiles force the scan + remainder paths: single tile, exact multiple, tail."""
     monkeypatch.setattr(xla_cpu, "_MATVEC_TILE_ELEMS", 64 * 256)
     monkeypatch.setattr(xla_cpu, "_GEMM_TILE_ELEMS", 16 * 256)
     qtype, row_len = QType.Q4_K, 256
     raw = random_blocks(qtype, n_out, row_len, seed=n_out)
-    qt = prepare(QTensor(jnp.asarray(raw), int(qtype), (n_out, row_len)), "cpu")
+    qt = weight(raw, qtype, path)
     x = np.random.default_rng(m).standard_normal((m, row_len)).astype(np.float32)
     want, scale = oracle(x, raw, qtype)
     assert_close(xla_cpu.qmatmul(jnp.asarray(x), qt), want, scale)
 
 
-def test_prepared_dequantize_and_take_rows():
+def test_i8_dequantize_and_take_rows():
     qtype, n_out, row_len = QType.Q5_K, 40, 256
     raw = random_blocks(qtype, n_out, row_len, seed=4)
-    qt = prepare(QTensor(jnp.asarray(raw), int(qtype), (n_out, row_len)), "cpu")
+    qt = repack_i8(QTensor(jnp.asarray(raw), int(qtype), (n_out, row_len)))
     w = gguf.quants.dequantize(raw, qtype)
     np.testing.assert_allclose(np.asarray(qtensor.dequantize(qt)), w, rtol=1e-6, atol=1e-7)
     ids = jnp.asarray([[3, 0], [39, 3]])
@@ -113,12 +136,21 @@ def test_prepared_dequantize_and_take_rows():
     assert qt.nbytes == n_out * row_len + 2 * 4 * n_out * row_len // 32
 
 
-def test_prepare_leaves_what_it_cannot_speed_up():
+def test_prepare_picks_the_layout_the_cpu_kernel_reads(path):
     f = QTensor(jnp.zeros((4, 32), jnp.float32), int(QType.F32), (4, 32))
     assert prepare(f, "cpu") is f
     raw = random_blocks(QType.Q8_0, 4, 64)
     q = QTensor(jnp.asarray(raw), int(QType.Q8_0), (4, 64))
     assert prepare(q, "gpu") is q
+    assert prepare(q, "cpu").layout == ("gguf" if path == "ffi" else "i8")
+
+
+def test_ffi_dequant_rows_is_exact():
+    require_ffi()
+    for qtype in TYPES:
+        raw = random_blocks(qtype, 7, 256, seed=5)
+        got = np.asarray(cpu_ffi.dequant_rows(jnp.asarray(raw), int(qtype), 256))
+        np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, qtype))
 
 
 def test_select_kernel_cpu_uses_tiled_path_for_supported_types():

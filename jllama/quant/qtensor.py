@@ -81,18 +81,27 @@ def from_gguf_bytes(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> tupl
 
 
 def prepare(qt: QTensor, backend: str | None = None) -> QTensor:
-    """Repack a weight at load time into the layout the backend's fast kernel reads.
+    """Put a weight, once at load time, in the layout the backend's fast kernel reads.
 
-    On CPU, supported 2-D quantized weights become layout ``"i8"`` (about 2x the bytes of 4-bit
-    blocks, but XLA:CPU streams int8 ~10x faster than it unpacks nibbles). Anything else, and
-    other backends (whose kernels read GGUF blocks directly), is returned unchanged.
+    On CPU with the C++ kernels available (``kernels/cpu_ffi``) GGUF blocks are already that
+    layout. Without them, supported 2-D quantized weights are repacked to layout ``"i8"`` (about
+    2x the bytes of 4-bit blocks, but XLA:CPU streams int8 ~10x faster than it unpacks nibbles).
+    Anything else, and other backends (whose kernels read GGUF blocks), is returned unchanged.
     """
-    from jllama.quant.kernels import cpu_repack
+    from jllama.quant.kernels import cpu_ffi
 
     backend = backend or jax.default_backend()
+    if backend != "cpu" or cpu_ffi.available():
+        return qt
+    return repack_i8(qt)
+
+
+def repack_i8(qt: QTensor) -> QTensor:
+    """Layout ``"i8"`` (int8 codes + f32 scales/mins) for a 2-D weight of a supported type."""
+    from jllama.quant.kernels import cpu_repack
+
     if (
-        backend != "cpu"
-        or qt.layout != "gguf"
+        qt.layout != "gguf"
         or qt.is_float
         or len(qt.shape) != 2
         or not cpu_repack.supported(qt.qtype)

@@ -1,6 +1,11 @@
-"""Quantized ``x @ W.T`` for XLA:CPU: dequantize one cache-sized row tile at a time, f32 dot.
+"""Quantized ``x @ W.T`` for XLA:CPU.
 
-Why this shape (measured on the 2-core AVX-512 machine, jax 0.10.2):
+With the C++ kernels (``cpu_ffi``, the default where a compiler exists), weights stay in GGUF
+blocks: up to 16 x rows (decode) run the fused decode+dot kernel in one pass over W; more rows
+(prefill) dequantize a cache-sized row tile with the C++ decoder and hand it to XLA's f32 GEMM.
+
+The pure-XLA path (no compiler, or ``JLLAMA_NO_FFI=1``) dequantizes one cache-sized row tile at a
+time and runs an f32 dot. Why this shape (measured on the 2-core AVX-512 machine, jax 0.10.2):
 - A dot whose weight operand is converted in the same fusion becomes a naive loop (7-20x slower
   than the f32 dot), and so does any reduce-fusion formulation (sum of code * x: 0.5-3 GB/s).
 - Dequantizing a tile of rows into an f32 buffer, fenced by ``optimization_barrier`` so XLA
@@ -17,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jllama.quant.kernels import cpu_repack
+from jllama.quant.kernels import cpu_ffi, cpu_repack
 from jllama.quant.kernels.cpu_repack import Repacked
 
 # Elements per tile: ~2 MiB of f32 for matvec (bandwidth-bound: big tiles amortise the per-step
@@ -25,6 +30,8 @@ from jllama.quant.kernels.cpu_repack import Repacked
 _MATVEC_TILE_ELEMS = 1 << 19
 _GEMM_TILE_ELEMS = 1 << 17
 _GEMM_ROWS = 16
+# Up to this many x rows the C++ kernel (one pass over W per 8 rows) beats dequantize + GEMM.
+_FFI_MATVEC_ROWS = 16
 
 
 def supported(qtype: int) -> bool:
@@ -60,11 +67,17 @@ def qmatmul(x: jax.Array, qt) -> jax.Array:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in).astype(jnp.float32)
     m = x2.shape[0]
+    use_ffi = qt.layout == "gguf" and cpu_ffi.supported(qt.qtype) and cpu_ffi.available()
+    if use_ffi and m <= _FFI_MATVEC_ROWS:
+        return cpu_ffi.qmatvec(x2, qt.data, qt.qtype).reshape(*lead, n_out)
     t = tile_rows(n_out, n_in, m)
     parts = _parts(qt)
 
     def tile(p: tuple) -> jax.Array:
-        w = jax.lax.optimization_barrier(_tile_weights(qt, p))
+        if use_ffi:  # an opaque custom call: nothing to keep XLA from fusing
+            w = cpu_ffi.dequant_rows(p[0], qt.qtype, n_in)
+        else:
+            w = jax.lax.optimization_barrier(_tile_weights(qt, p))
         return x2 @ w.T  # [m, rows]
 
     n_full = n_out // t

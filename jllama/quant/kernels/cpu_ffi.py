@@ -1,0 +1,110 @@
+"""The C++ CPU kernels (``cpu_qmatvec.cc``) behind XLA's FFI, compiled at first use.
+
+Why at first use, not at install: the package is pure Python (setuptools, no build step), and
+``-march=native`` must see the machine that runs it. The shared library is cached under
+``$JLLAMA_CACHE`` (default ``~/.cache/jllama``)/kernels, keyed by the source, the flags, the jax
+version and the CPU's feature flags, so it compiles once per machine (~5 s). If there is no
+compiler, or ``JLLAMA_NO_FFI=1`` is set, ``available()`` is False and callers use the pure-XLA
+path instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_qmatvec.cc")
+FLAGS = [
+    "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+    # Reassociation lets the compiler vectorise the dot reductions; no NaN/Inf assumptions.
+    "-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+    "-fno-trapping-math",
+]  # fmt: skip
+QTYPES = frozenset({2, 3, 6, 8, 12, 13, 14})  # Q4_0 Q4_1 Q5_0 Q8_0 Q4_K Q5_K Q6_K
+_TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_dequant": "JllamaDequant"}
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(
+            (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")),
+            "",
+        )
+    except OSError:
+        flags = ""
+    return flags + platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([src, " ".join(FLAGS).encode(), jax.__version__.encode(), _cpu_key().encode()])
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("JLLAMA_CACHE", Path.home() / ".cache" / "jllama")) / "kernels"
+    lib = cache / f"cpu_qmatvec-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Compile (once), load and register the kernels; False if that is not possible here."""
+    if os.environ.get("JLLAMA_NO_FFI", "") not in ("", "0"):
+        return False
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None or not SOURCE.exists():
+        log.warning("jllama: no C++ compiler or kernel source; CPU qmatmul uses the XLA path")
+        return False
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("jllama: C++ CPU kernels unavailable (%s %s); using the XLA path", e,
+                    detail.decode(errors="replace")[-2000:])  # fmt: skip
+        return False
+    return True
+
+
+def supported(qtype: int) -> bool:
+    return int(qtype) in QTYPES
+
+
+def qmatvec(x2: jax.Array, raw: jax.Array, qtype: int) -> jax.Array:
+    """``x2[m, k] @ W.T`` for raw GGUF rows ``raw[n, row_bytes]``: f32 ``[m, n]``."""
+    out = jax.ShapeDtypeStruct((x2.shape[0], raw.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call("jllama_qmatvec", out)(
+        x2.astype(jnp.float32), raw, qtype=np.int64(qtype)
+    )
+
+
+def dequant_rows(raw: jax.Array, qtype: int, row_len: int) -> jax.Array:
+    """f32 ``[n, row_len]`` from raw GGUF rows ``raw[n, row_bytes]``."""
+    out = jax.ShapeDtypeStruct((raw.shape[0], row_len), jnp.float32)
+    return jax.ffi.ffi_call("jllama_dequant", out)(raw, qtype=np.int64(qtype))

@@ -1,0 +1,340 @@
+// Quantized matvec / skinny matmul for XLA:CPU through the FFI: y[m, n] = sum_k x[m, k] W[n, k].
+//
+// Why C++: XLA:CPU compiles nibble unpacking and any convert fused into a dot to scalar loops,
+// so the best pure-XLA decode path reads int8-repacked weights at ~9 G elements/s with ~50 us
+// per call. Here each GGUF block is decoded into an L1-resident float buffer and FMA'd against
+// the activations while it is hot; the weight is read once, in its GGUF bytes (0.56-1.06 B per
+// element), and rows are shared between the caller thread and XLA's intra-op pool.
+//
+// Built at first use by jllama/quant/kernels/cpu_ffi.py with the host C++ compiler.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ggml type ids (gguf.GGMLQuantizationType).
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+
+inline float f16_to_f32(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#endif
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: renormalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while (!(man & 0x400));
+    bits = sign | uint32_t(112 - e) << 23 | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Each decoder writes one block's BS floats, bit-compatible with gguf-py's dequantize.
+struct Q4_0 {
+  static constexpr int BS = 32, TS = 18;
+  static void decode(const uint8_t* b, float* out) {
+    const float d = f16_to_f32(b);
+    const uint8_t* qs = b + 2;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = float(int(qs[j] & 15) - 8) * d;
+      out[j + 16] = float(int(qs[j] >> 4) - 8) * d;
+    }
+  }
+};
+
+struct Q4_1 {
+  static constexpr int BS = 32, TS = 20;
+  static void decode(const uint8_t* b, float* out) {
+    const float d = f16_to_f32(b), m = f16_to_f32(b + 2);
+    const uint8_t* qs = b + 4;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = float(qs[j] & 15) * d + m;
+      out[j + 16] = float(qs[j] >> 4) * d + m;
+    }
+  }
+};
+
+struct Q5_0 {
+  static constexpr int BS = 32, TS = 22;
+  static void decode(const uint8_t* b, float* out) {
+    const float d = f16_to_f32(b);
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const uint8_t* qs = b + 6;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (qs[j] & 15) | int((qh >> j) & 1) << 4;
+      const int hi = (qs[j] >> 4) | int((qh >> (j + 16)) & 1) << 4;
+      out[j] = float(lo - 16) * d;
+      out[j + 16] = float(hi - 16) * d;
+    }
+  }
+};
+
+struct Q8_0 {
+  static constexpr int BS = 32, TS = 34;
+  static void decode(const uint8_t* b, float* out) {
+    const float d = f16_to_f32(b);
+    const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
+    for (int j = 0; j < 32; ++j) out[j] = float(qs[j]) * d;
+  }
+};
+
+// Q4_K/Q5_K: eight 6-bit (scale, min) pairs packed in 12 bytes.
+inline void k_scale_min(const uint8_t* s, float d, float dmin, float* sc, float* mn) {
+  for (int i = 0; i < 4; ++i) {
+    sc[i] = d * float(s[i] & 63);
+    mn[i] = dmin * float(s[i + 4] & 63);
+    sc[i + 4] = d * float((s[i + 8] & 15) | ((s[i] >> 2) & 48));
+    mn[i + 4] = dmin * float((s[i + 8] >> 4) | ((s[i + 4] >> 2) & 48));
+  }
+}
+
+struct Q4_K {
+  static constexpr int BS = 256, TS = 144;
+  static void decode(const uint8_t* b, float* out) {
+    float sc[8], mn[8];
+    k_scale_min(b + 4, f16_to_f32(b), f16_to_f32(b + 2), sc, mn);
+    const uint8_t* qs = b + 16;
+    for (int c = 0; c < 4; ++c) {
+      const float s0 = sc[2 * c], m0 = mn[2 * c], s1 = sc[2 * c + 1], m1 = mn[2 * c + 1];
+      for (int l = 0; l < 32; ++l) {
+        out[64 * c + l] = s0 * float(qs[32 * c + l] & 15) - m0;
+        out[64 * c + 32 + l] = s1 * float(qs[32 * c + l] >> 4) - m1;
+      }
+    }
+  }
+};
+
+struct Q5_K {
+  static constexpr int BS = 256, TS = 176;
+  static void decode(const uint8_t* b, float* out) {
+    float sc[8], mn[8];
+    k_scale_min(b + 4, f16_to_f32(b), f16_to_f32(b + 2), sc, mn);
+    const uint8_t* qh = b + 16;
+    const uint8_t* qs = b + 48;
+    for (int c = 0; c < 4; ++c) {
+      const int g0 = 2 * c, g1 = 2 * c + 1;
+      for (int l = 0; l < 32; ++l) {
+        const int lo = (qs[32 * c + l] & 15) | (((qh[l] >> g0) & 1) << 4);
+        const int hi = (qs[32 * c + l] >> 4) | (((qh[l] >> g1) & 1) << 4);
+        out[64 * c + l] = sc[g0] * float(lo) - mn[g0];
+        out[64 * c + 32 + l] = sc[g1] * float(hi) - mn[g1];
+      }
+    }
+  }
+};
+
+struct Q6_K {
+  static constexpr int BS = 256, TS = 210;
+  static void decode(const uint8_t* b, float* out) {
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16_to_f32(b + 208);
+    for (int h = 0; h < 2; ++h) {
+      for (int s = 0; s < 4; ++s) {  // 32 elements each: element h*128 + s*32 + l
+        const float sc0 = d * float(scales[h * 8 + s * 2]), sc1 = d * float(scales[h * 8 + s * 2 + 1]);
+        const int nib = s >> 1, l64 = (s & 1) * 32;
+        for (int l = 0; l < 32; ++l) {
+          const int lo = (ql[h * 64 + l64 + l] >> (4 * nib)) & 15;
+          const int hi = (qh[h * 32 + l] >> (2 * s)) & 3;
+          out[h * 128 + s * 32 + l] = float((lo | (hi << 4)) - 32) * (l < 16 ? sc0 : sc1);
+        }
+      }
+    }
+  }
+};
+
+constexpr int kMaxRows = 8;  // x rows handled per pass over W (more: loop in passes)
+
+typedef float v16 __attribute__((vector_size(64)));  // GCC/Clang: lowered to the target's SIMD
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// y[m0 + m, n] for n in [n0, n1), m < MC: each block is decoded once and used for MC rows of x.
+template <typename T, int MC>
+void rows_mc(const float* x, int64_t k, const uint8_t* w, int64_t row_bytes, float* y,
+             int64_t n_out, int64_t m0, int64_t n0, int64_t n1) {
+  alignas(64) float buf[T::BS];
+  const int64_t nb = k / T::BS;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    v16 acc[MC] = {};
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      T::decode(row + bi * T::TS, buf);
+      for (int j = 0; j < T::BS; j += 16) {
+        const v16 wv = load16(buf + j);
+        for (int m = 0; m < MC; ++m) acc[m] += wv * load16(x + (m0 + m) * k + bi * T::BS + j);
+      }
+    }
+    for (int m = 0; m < MC; ++m) {
+      float s = 0.f;
+      for (int l = 0; l < 16; ++l) s += acc[m][l];
+      y[(m0 + m) * n_out + n] = s;
+    }
+  }
+}
+
+// All x rows against W rows [n0, n1): passes of 8, then 4, 2, 1 rows.
+template <typename T>
+void rows_kernel(const float* x, int64_t k, const uint8_t* w, int64_t row_bytes, float* y,
+                 int64_t n_out, int64_t m_total, int64_t n0, int64_t n1) {
+  int64_t m0 = 0;
+  for (; m0 + 8 <= m_total; m0 += 8) rows_mc<T, 8>(x, k, w, row_bytes, y, n_out, m0, n0, n1);
+  if (m0 + 4 <= m_total) rows_mc<T, 4>(x, k, w, row_bytes, y, n_out, m0, n0, n1), m0 += 4;
+  if (m0 + 2 <= m_total) rows_mc<T, 2>(x, k, w, row_bytes, y, n_out, m0, n0, n1), m0 += 2;
+  if (m0 < m_total) rows_mc<T, 1>(x, k, w, row_bytes, y, n_out, m0, n0, n1);
+}
+
+using RowsFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, float*, int64_t, int64_t,
+                        int64_t, int64_t);
+
+RowsFn pick(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return rows_kernel<Q4_0>;
+    case kQ4_1: return rows_kernel<Q4_1>;
+    case kQ5_0: return rows_kernel<Q5_0>;
+    case kQ8_0: return rows_kernel<Q8_0>;
+    case kQ4_K: return rows_kernel<Q4_K>;
+    case kQ5_K: return rows_kernel<Q5_K>;
+    case kQ6_K: return rows_kernel<Q6_K>;
+    default: return nullptr;
+  }
+}
+
+int block_size(int64_t qtype) { return qtype >= kQ4_K ? 256 : 32; }
+
+// Chunks of rows are claimed from a shared counter by the caller and by helpers scheduled on
+// XLA's pool. The caller waits only for chunks a helper has already claimed, so a pool that never
+// runs the helpers (busy, or no threads) cannot deadlock the call; state is shared_ptr-owned
+// because a late helper may start after the call returned.
+struct Work {
+  RowsFn fn;
+  const float* x;
+  int64_t k, row_bytes, n_out, m_total, chunk_rows, n_chunks;
+  const uint8_t* w;
+  float* y;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void run() {
+    for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
+      const int64_t n0 = c * chunk_rows, n1 = std::min(n_out, n0 + chunk_rows);
+      fn(x, k, w, row_bytes, y, n_out, m_total, n0, n1);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("need 2-D x and w");
+  const int64_t m = xd[0], k = xd[1], n = wd[0], row_bytes = wd[1];
+  RowsFn fn = pick(qtype);
+  if (fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type");
+  if (k % block_size(qtype) != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
+  auto work = std::make_shared<Work>();
+  work->fn = fn;
+  work->x = x.typed_data();
+  work->k = k;
+  work->row_bytes = row_bytes;
+  work->n_out = n;
+  work->m_total = m;
+  work->w = w.typed_data();
+  work->y = y->typed_data();
+  // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise the claim.
+  work->chunk_rows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
+  work->n_chunks = (n + work->chunk_rows - 1) / work->chunk_rows;
+  static const int64_t max_helpers = [] {
+    const char* env = std::getenv("JLLAMA_CPU_KERNEL_THREADS");  // for measurements
+    return env ? std::max(0, std::atoi(env) - 1) : 1 << 20;
+  }();
+  const int64_t helpers =
+      std::min({pool.num_threads(), work->n_chunks - 1, max_helpers});
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+template <typename T>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, int64_t n0,
+                  int64_t n1) {
+  const int64_t nb = k / T::BS;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t bi = 0; bi < nb; ++bi)
+      T::decode(w + n * row_bytes + bi * T::TS, out + n * k + bi * T::BS);
+}
+
+using DequantFn = void (*)(const uint8_t*, int64_t, int64_t, float*, int64_t, int64_t);
+
+DequantFn pick_dequant(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return dequant_rows<Q4_0>;
+    case kQ4_1: return dequant_rows<Q4_1>;
+    case kQ5_0: return dequant_rows<Q5_0>;
+    case kQ8_0: return dequant_rows<Q8_0>;
+    case kQ4_K: return dequant_rows<Q4_K>;
+    case kQ5_K: return dequant_rows<Q5_K>;
+    case kQ6_K: return dequant_rows<Q6_K>;
+    default: return nullptr;
+  }
+}
+
+// f32 rows of a weight tile, for the GEMM path (the dot itself stays with XLA's Eigen GEMM).
+// Single-threaded: it runs inside a scan next to a multi-threaded dot and is ~10x cheaper.
+ffi::Error DequantImpl(ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  const auto wd = w.dimensions(), yd = y->dimensions();
+  if (wd.size() != 2 || yd.size() != 2) return ffi::Error::InvalidArgument("need 2-D w and y");
+  DequantFn fn = pick_dequant(qtype);
+  if (fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type");
+  if (yd[1] % block_size(qtype) != 0) return ffi::Error::InvalidArgument("bad row length");
+  fn(w.typed_data(), wd[1], yd[1], y->typed_data(), 0, wd[0]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaDequant, DequantImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVec, QMatVecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
