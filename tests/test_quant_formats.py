@@ -66,3 +66,115 @@ def test_wrong_row_bytes_is_refused() -> None:
         dequantize_np(np.zeros((2, 35), np.uint8), int(QType.Q4_0), 64)
     with pytest.raises(QuantError, match="multiple"):
         dequantize_np(np.zeros((2, 18), np.uint8), int(QType.Q4_0), 33)
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+
+def _ggml_base():
+    """ggml's own C quantizers, from the oracle's shared library (llama-cpp-python)."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.quantize_row_q8_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def _ggml_quantize(x: np.ndarray, qtype: int) -> np.ndarray:
+    """What llama-quantize writes without imatrix: ``ggml_quantize_chunk(type, ..., NULL)``."""
+    lib = _ggml_base()
+    x = np.ascontiguousarray(x, np.float32)
+    info = qtype_info(qtype)
+    out = np.zeros((x.shape[0], x.shape[1] // info.block_size * info.type_size), np.uint8)
+    if info.name == "Q8_K":  # not a storage type: only its row reference exists
+        lib.quantize_row_q8_K_ref(x.ctypes.data, out.ctypes.data, x.size)
+    else:
+        lib.ggml_quantize_init(qtype)
+        lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, *x.shape, None)
+    return out
+
+
+def _hard_rows(n: int = 1024) -> np.ndarray:
+    """Rows that exercise the edge cases of the scale searches."""
+    rng = np.random.default_rng(7)
+    rows = [
+        rng.standard_normal(n) * 0.02,  # typical weight scale
+        rng.standard_normal(n) * 3.0,
+        rng.standard_t(2, n) * 0.05,  # heavy tails / outliers
+        np.abs(rng.standard_normal(n)),  # all positive (min clamps to 0)
+        -np.abs(rng.standard_normal(n)),  # all negative
+        np.zeros(n),  # all-zero blocks
+        np.full(n, 0.75),  # constant blocks
+        rng.standard_normal(n) * 1e-20,  # below GROUP_MAX_EPS
+        np.where(rng.random(n) < 0.9, 0.0, rng.standard_normal(n)),  # mostly zero
+        np.round(rng.standard_normal(n) * 4) / 4,  # exact ties for the rounding
+        rng.uniform(-1, 1, n) * np.repeat(rng.uniform(0, 10, n // 16), 16),  # block contrasts
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+QUANT_TYPES = [
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q8_K",
+]  # fmt: skip
+
+
+def _compare_with_ggml(x: np.ndarray, name: str) -> None:
+    from jllama.quant.quantizers import quantize_np
+
+    qt = int(QType[name])
+    info = qtype_info(qt)
+    ours = quantize_np(x, qt)
+    ref = _ggml_quantize(x, qt)
+    assert ours.shape == ref.shape and ours.dtype == np.uint8
+    differ = (ours.reshape(-1, info.type_size) != ref.reshape(-1, info.type_size)).any(axis=1)
+    if differ.any():
+        # Not byte-identical: then at least no worse, block by block, than ggml.
+        blocks = x.reshape(-1, info.block_size)
+        if name == "Q8_K":
+            pytest.fail(f"Q8_K differs from ggml in {differ.sum()} blocks")
+        e_ours = (dequantize_np(ours, qt, x.shape[1]).reshape(blocks.shape) - blocks) ** 2
+        e_ref = (dequantize_np(ref, qt, x.shape[1]).reshape(blocks.shape) - blocks) ** 2
+        worse = e_ours.mean(axis=1)[differ] > e_ref.mean(axis=1)[differ] * (1 + 1e-6)
+        assert not worse.any(), f"{name}: {differ.sum()} blocks differ, {worse.sum()} worse"
+        pytest.fail(f"{name}: {differ.sum()}/{differ.size} blocks differ from ggml (none worse)")
+
+
+@pytest.mark.parametrize("name", QUANT_TYPES)
+def test_quantize_bytes_equal_ggml(name: str) -> None:
+    _compare_with_ggml(_hard_rows(), name)
+
+
+def test_quantize_real_weights_equal_ggml(smollm2_path) -> None:
+    """SmolLM2's ffn_down (1536 columns, so K-quants apply) in every type."""
+    from jllama.gguf.reader import read_gguf
+
+    t = read_gguf(smollm2_path).tensors["blk.0.ffn_down.weight"]
+    x = dequantize_np(np.asarray(t.data).reshape(t.shape[0], -1), t.qtype, t.shape[-1])[:96]
+    for name in QUANT_TYPES:
+        _compare_with_ggml(x, name)
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "BF16"])
+def test_float_types_round_trip_like_gguf_py(name: str) -> None:
+    from jllama.quant.quantizers import quantize_np
+
+    x = _hard_rows(64)
+    ours = quantize_np(x, int(QType[name]))
+    ref = np.ascontiguousarray(gguf.quants.quantize(x, QType[name])).view(np.uint8)
+    np.testing.assert_array_equal(ours, ref.reshape(ours.shape))
+
+
+def test_quantize_refuses_bad_rows() -> None:
+    from jllama.quant.quantizers import quantize_np
+
+    with pytest.raises(QuantError, match="multiple of Q4_K's 256"):
+        quantize_np(np.zeros((2, 576), np.float32), int(QType.Q4_K))
+    with pytest.raises(QuantError, match="not supported"):
+        quantize_np(np.zeros((2, 256), np.float32), int(QType.IQ2_XXS))

@@ -1,0 +1,563 @@
+"""Reference quantizers (float32 -> ggml blocks), byte-for-byte those of ggml without imatrix.
+
+llama-quantize with no importance matrix calls ggml's ``quantize_row_*_ref`` (and
+``quantize_iq4_nl``/``quantize_iq4_xs`` with ``ntry = 7``). Those run one block at a time with
+float32 arithmetic whose rounding we must reproduce, so here every block is processed at once
+(numpy over a ``[blocks, elements]`` array) while each reduction that ggml accumulates element by
+element is a sequential ``cumsum`` and each product keeps ggml's operand order. ``nearest_int``
+is ggml's float trick (round half to even) reproduced bit for bit, including its wrap-around.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from jllama.errors import QuantError
+from jllama.gguf.constants import QType, qtype_info
+from jllama.quant.formats import KVALUES_IQ4NL
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+# Blocks per chunk: bounds the temporaries to a few tens of MiB whatever the tensor size.
+_CHUNK_ELEMS = 1 << 20
+
+
+def _f(v) -> np.float32:
+    return F32(v)
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: add 1.5*2^23 in f32 and read the mantissa (int32)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
+    return (s & 0x007FFFFF) - 0x00400000
+
+
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Sum along the last axis in order, in f32 (as a C ``for`` loop does)."""
+    return np.cumsum(a, axis=-1, dtype=F32)[..., -1]
+
+
+def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(v, F32).astype(np.float16)).view(np.uint8)
+
+
+def _fp16_round(v: np.ndarray) -> np.ndarray:
+    return np.asarray(v, F32).astype(np.float16).astype(F32)
+
+
+def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(amax, the signed value where |x| first reaches it) along the last axis."""
+    i = np.argmax(np.abs(x), axis=-1)
+    mx = np.take_along_axis(x, i[..., None], axis=-1)[..., 0]
+    return np.abs(mx), mx
+
+
+def _safe_inv(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+
+
+def _div(a, b) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return (np.asarray(a, F32) / np.asarray(b, F32)).astype(F32)
+
+
+def _c_trunc_int(v: np.ndarray) -> np.ndarray:
+    """C's float -> int conversion (toward zero) for in-range values."""
+    with np.errstate(invalid="ignore"):
+        return np.trunc(v).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- 32-element blocks
+
+
+def _q4_0(x: np.ndarray) -> np.ndarray:
+    _, mx = _first_absmax(x)
+    d = _div(mx, F32(-8))
+    idv = _safe_inv(d)[:, None]
+    q = np.minimum(15, _c_trunc_int(x * idv + F32(8.5))).astype(np.uint8)
+    qs = q[:, :16] | (q[:, 16:] << 4)
+    return np.concatenate([_fp16_bytes(d).reshape(-1, 2), qs], axis=1)
+
+
+def _q4_1(x: np.ndarray) -> np.ndarray:
+    mn, mx = x.min(axis=1), x.max(axis=1)
+    d = _div(mx - mn, F32(15))
+    idv = _safe_inv(d)[:, None]
+    q = np.minimum(15, _c_trunc_int((x - mn[:, None]) * idv + F32(0.5))).astype(np.uint8)
+    qs = q[:, :16] | (q[:, 16:] << 4)
+    return np.concatenate(
+        [_fp16_bytes(d).reshape(-1, 2), _fp16_bytes(mn).reshape(-1, 2), qs], axis=1
+    )
+
+
+def _pack_q5(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    hb = ((q >> 4) & 1).astype(np.uint8)  # bit j of the 32-bit qh
+    qh = np.packbits(hb, axis=1, bitorder="little")
+    return qh, qs.astype(np.uint8)
+
+
+def _q5_0(x: np.ndarray) -> np.ndarray:
+    _, mx = _first_absmax(x)
+    d = _div(mx, F32(-16))
+    idv = _safe_inv(d)[:, None]
+    q = np.minimum(31, _c_trunc_int(x * idv + F32(16.5))).astype(np.uint8)
+    qh, qs = _pack_q5(q)
+    return np.concatenate([_fp16_bytes(d).reshape(-1, 2), qh, qs], axis=1)
+
+
+def _q5_1(x: np.ndarray) -> np.ndarray:
+    mn, mx = x.min(axis=1), x.max(axis=1)
+    d = _div(mx - mn, F32(31))
+    idv = _safe_inv(d)[:, None]
+    q = (_c_trunc_int((x - mn[:, None]) * idv + F32(0.5)) & 0xFF).astype(np.uint8)
+    qh, qs = _pack_q5(q)
+    return np.concatenate(
+        [_fp16_bytes(d).reshape(-1, 2), _fp16_bytes(mn).reshape(-1, 2), qh, qs], axis=1
+    )
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C ``roundf``: half away from zero."""
+    a = np.abs(v)
+    r = np.floor(a + F32(0.5))
+    # floor(a + 0.5) is wrong when a + 0.5 rounds up in f32 (a just below x.5): fix those.
+    r = np.where(r - a > F32(0.5), r - 1, r)
+    return np.copysign(r, v)
+
+
+def _q8_0(x: np.ndarray) -> np.ndarray:
+    amax = np.abs(x).max(axis=1)
+    d = _div(amax, F32(127))
+    idv = _safe_inv(d)[:, None]
+    q = _roundf(x * idv).astype(np.int8).view(np.uint8)
+    return np.concatenate([_fp16_bytes(d).reshape(-1, 2), q], axis=1)
+
+
+# ----------------------------------------------------------------------------- K-quant helpers
+
+
+def make_qkx2_quants(
+    x: np.ndarray,
+    w: np.ndarray,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's asymmetric (scale, min) search over sub-blocks ``x [M, n]``.
+
+    Returns (scale [M], the_min [M] (= -min, >= 0), L uint8 [M, n]).
+    """
+    nmf = F32(nmax)
+    mn = np.minimum(x.min(axis=1), F32(0))
+    mx = x.max(axis=1)
+    sum_w = _seqsum(w)
+    sum_x = _seqsum(w * x)
+    flat = mx == mn
+    iscale = _div(nmf, np.where(flat, F32(1), mx - mn))
+    scale = _div(F32(1), iscale)
+    L = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+    diff = scale[:, None] * L.astype(F32) + mn[:, None] - x
+    diff = np.abs(diff) if use_mad else diff * diff
+    best = _seqsum(w * diff)
+    for step in range(nstep + 1):
+        # ggml updates ``min`` in place, so later steps search around the best fit so far.
+        rng = np.where(flat, F32(1), mx - mn)
+        isc = _div(F32(rmin) + F32(rdelta) * F32(step) + nmf, rng)
+        la = np.clip(nearest_int(isc[:, None] * (x - mn[:, None])), 0, nmax)
+        lf = la.astype(F32)
+        wl = w * lf
+        sum_l = _seqsum(wl)
+        sum_l2 = _seqsum(wl * lf)
+        sum_xl = _seqsum(wl * x)
+        with np.errstate(all="ignore"):
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, F32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            diff = this_scale[:, None] * lf + this_min[:, None] - x
+            diff = np.abs(diff) if use_mad else diff * diff
+            cur = _seqsum(w * diff)
+        take = (D > 0) & (cur < best) & ~flat
+        L = np.where(take[:, None], la, L)
+        best = np.where(take, cur, best)
+        scale = np.where(take, this_scale, scale)
+        mn = np.where(take, this_min, mn)
+    L = np.where(flat[:, None], 0, L)
+    scale = np.where(flat, F32(0), scale)
+    return scale.astype(F32), (-mn).astype(F32), L.astype(np.uint8)
+
+
+def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)``: symmetric scale search with
+    weights x^2. Returns (scale [M], L uint8 [M, n] in [0, 2*nmax))."""
+    amax, mx = _first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mxs = np.where(zero, F32(1), mx)
+    w = x * x
+    wx = w * x
+
+    def attempt(iscale):
+        li = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = li.astype(F32)
+        return li, _seqsum(wx * lf), _seqsum(w * lf * lf)
+
+    iscale = _div(F32(-nmax), mxs)
+    li, sumlx, suml2 = attempt(iscale)
+    scale = np.where(suml2 != 0, _div(sumlx, np.where(suml2 != 0, suml2, F32(1))), F32(0))
+    best = scale * sumlx
+    L = li + nmax
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        isc = _div(-(F32(nmax) + F32(0.1) * F32(step)), mxs)
+        li, sumlx, suml2 = attempt(isc)
+        with np.errstate(all="ignore"):
+            take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            new_scale = sumlx / suml2
+        L = np.where(take[:, None], li + nmax, L)
+        scale = np.where(take, new_scale, scale)
+        best = np.where(take, scale * sumlx, best)
+    L = np.where(zero[:, None], 0, L)
+    scale = np.where(zero, F32(0), scale)
+    return scale.astype(F32), L.astype(np.uint8)
+
+
+def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)``: greedy per-element refinement
+    (5 sweeps) of a symmetric scale. Returns (scale [M], L uint8 [M, n] in [0, 2*nmax))."""
+    amax, mx = _first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mxs = np.where(zero, F32(1), mx)
+    iscale = _div(F32(-nmax), mxs)
+    L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = L.astype(F32)
+    sumlx = _seqsum(wx * lf)
+    suml2 = _seqsum(w * lf * lf)
+    n = x.shape[1]
+    with np.errstate(all="ignore"):
+        for _ in range(5):  # a sweep that changes nothing leaves the state as it is
+            for i in range(n):
+                xi, wi, wxi = x[:, i], w[:, i], wx[:, i]
+                li = L[:, i].astype(F32)
+                slx = sumlx - wxi * li
+                pos = slx > 0
+                sl2 = suml2 - wi * li * li
+                new_l = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
+                nl = new_l.astype(F32)
+                changed = pos & (new_l != L[:, i])
+                slx2 = slx + wxi * nl
+                sl22 = sl2 + wi * nl * nl
+                better = changed & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                L[:, i] = np.where(better, new_l, L[:, i])
+                sumlx = np.where(better, slx2, sumlx)
+                suml2 = np.where(better, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L = np.where(zero[:, None], 0, L + nmax)
+    scale = np.where(zero, F32(0), scale)
+    return scale, L.astype(np.uint8)
+
+
+def _pack_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K: eight 6-bit (scale, min) pairs [B, 8] -> 12 bytes."""
+    out = np.zeros((ls.shape[0], 12), np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)
+    return out
+
+
+def _pack_2bit_planes(L: np.ndarray) -> np.ndarray:
+    """[B, 256] values 0..3 -> 64 bytes: byte (h*32 + l) holds L[h*128 + s*32 + l] at bits 2s."""
+    B = L.shape[0]
+    v = L.reshape(B, 2, 4, 32).astype(np.uint8)
+    return (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(B, 64)
+
+
+def _q2_k(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    xs = x.reshape(B * 16, 16)
+    scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+    scales, mins, L = scales.reshape(B, 16), mins.reshape(B, 16), L.reshape(B, 16, 16)
+    max_scale = np.maximum(scales.max(axis=1), F32(0))
+    max_min = np.maximum(mins.max(axis=1), F32(0))
+    q4 = F32(15)
+    has_s, has_m = max_scale > 0, max_min > 0
+    isc = _div(q4, np.where(has_s, max_scale, F32(1)))
+    ism = _div(q4, np.where(has_m, max_min, F32(1)))
+    sc = np.where(has_s[:, None], nearest_int(isc[:, None] * scales) & 0xFF, 0)
+    sc = sc | np.where(has_m[:, None], (nearest_int(ism[:, None] * mins) << 4) & 0xFF, 0)
+    sc = sc.astype(np.uint8)
+    d = np.where(has_s, _div(max_scale, q4), F32(0))
+    dmin = np.where(has_m, _div(max_min, q4), F32(0))
+    dl = _fp16_round(d)[:, None] * (sc & 0x0F).astype(F32)
+    ml = _fp16_round(dmin)[:, None] * (sc >> 4).astype(F32)
+    with np.errstate(all="ignore"):
+        lq = np.clip(nearest_int((x.reshape(B, 16, 16) + ml[:, :, None]) / dl[:, :, None]), 0, 3)
+    L = np.where((dl != 0)[:, :, None], lq, L).reshape(B, 256)
+    return np.concatenate(
+        [sc, _pack_2bit_planes(L), _fp16_bytes(d).reshape(B, 2), _fp16_bytes(dmin).reshape(B, 2)],
+        axis=1,
+    )
+
+
+def _q3_k(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    scales, L = make_q3_quants_rmse(x.reshape(B * 16, 16), 4)
+    scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16)
+    _, max_scale = _first_absmax(scales)
+    amax = np.abs(scales).max(axis=1)
+    has = (amax > 0) & (max_scale != 0)
+    iscale = _div(F32(-32), np.where(has, max_scale, F32(1)))
+    l8 = ((nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # (int8_t) cast
+    ls = np.where(has[:, None], np.clip(l8, -32, 31) + 32, 0).astype(np.uint8)
+    packed = np.zeros((B, 12), np.uint8)
+    packed[:, 0:8] = (ls[:, 0:8] & 0x0F) | ((ls[:, 8:16] & 0x0F) << 4)
+    hi = ls >> 4  # [B, 16], 2 bits each; scale j goes to byte 8 + j%4 at bits 2*(j//4)
+    packed[:, 8:12] = hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)
+    d = np.where(has, _div(F32(1), iscale), F32(0))
+    sc = ls.astype(np.int32) - 32
+    dl = _fp16_round(d)[:, None] * sc.astype(F32)
+    with np.errstate(all="ignore"):
+        lq = np.clip(nearest_int(x.reshape(B, 16, 16) / dl[:, :, None]), -4, 3) + 4
+    L = np.where((dl != 0)[:, :, None], lq, L).reshape(B, 256)
+    high = L > 3
+    L = np.where(high, L - 4, L)
+    # hmask: element j sets bit j//32 of byte j%32.
+    hm = (high.reshape(B, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[:, None]).sum(
+        axis=1, dtype=np.uint8
+    )
+    return np.concatenate([hm, _pack_2bit_planes(L), packed, _fp16_bytes(d).reshape(B, 2)], axis=1)
+
+
+def _q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, ...]:
+    """Shared Q4_K/Q5_K front half: returns (scales bytes [B,12], d, dmin, L [B,256])."""
+    B = x.shape[0]
+    xs = x.reshape(B * 8, 32)
+    av_x = np.sqrt(_div(_seqsum(xs * xs), F32(32)))
+    w = av_x[:, None] + np.abs(xs)
+    scales, mins, L = make_qkx2_quants(xs, w, nmax, rmin, 0.1, nstep, False)
+    scales, mins, L = scales.reshape(B, 8), mins.reshape(B, 8), L.reshape(B, 8, 32)
+    max_scale = np.maximum(scales.max(axis=1), F32(0))
+    max_min = np.maximum(mins.max(axis=1), F32(0))
+    inv_s = np.where(max_scale > 0, _div(F32(63), max_scale), F32(0))
+    inv_m = np.where(max_min > 0, _div(F32(63), max_min), F32(0))
+    ls = np.minimum(63, nearest_int(inv_s[:, None] * scales) & 0xFF).astype(np.uint8)
+    lm = np.minimum(63, nearest_int(inv_m[:, None] * mins) & 0xFF).astype(np.uint8)
+    d = _div(max_scale, F32(63))
+    dmin = _div(max_min, F32(63))
+    dl = _fp16_round(d)[:, None] * ls.astype(F32)
+    ml = _fp16_round(dmin)[:, None] * lm.astype(F32)
+    with np.errstate(all="ignore"):
+        lq = nearest_int((x.reshape(B, 8, 32) + ml[:, :, None]) / dl[:, :, None])
+    lq = np.clip(lq, 0, nmax)
+    L = np.where((dl != 0)[:, :, None], lq, L).reshape(B, 256).astype(np.uint8)
+    return _pack_k_scales(ls, lm), d, dmin, L
+
+
+def _q4_k(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    sc, d, dmin, L = _q45_k(x, 15, -1.0, 20)
+    v = L.reshape(B, 4, 2, 32)
+    qs = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(B, 128)
+    return np.concatenate(
+        [_fp16_bytes(d).reshape(B, 2), _fp16_bytes(dmin).reshape(B, 2), sc, qs], axis=1
+    )
+
+
+def _q5_k(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    sc, d, dmin, L = _q45_k(x, 31, -0.5, 15)
+    v = L.reshape(B, 4, 2, 32)
+    lo = v & 0x0F
+    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(B, 128)
+    hb = (L >> 4).reshape(B, 8, 32)  # sub-block j -> bit j of qh[l]
+    qh = (hb << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=1, dtype=np.uint8)
+    return np.concatenate(
+        [_fp16_bytes(d).reshape(B, 2), _fp16_bytes(dmin).reshape(B, 2), sc, qh, qs], axis=1
+    )
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    scales, L = make_qx_quants_rmse1(x.reshape(B * 16, 16), 32)
+    scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16).astype(np.int32)
+    max_abs, max_scale = _first_absmax(scales)
+    zero = max_abs < GROUP_MAX_EPS
+    iscale = _div(F32(-128), np.where(zero, F32(1), max_scale))
+    d = _div(F32(1), iscale)
+    sc = ((np.minimum(127, nearest_int(iscale[:, None] * scales)) + 128) & 0xFF) - 128
+    dl = _fp16_round(d)[:, None] * sc.astype(F32)
+    with np.errstate(all="ignore"):
+        lq = np.clip(nearest_int(x.reshape(B, 16, 16) / dl[:, :, None]), -32, 31) + 32
+    L = np.where((dl != 0)[:, :, None], lq, L).reshape(B, 256)
+    v = L.reshape(B, 2, 4, 32).astype(np.uint8)  # [half, quarter, l]
+    lo = v & 0x0F
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], 2)
+    hi = v >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    out = np.concatenate(
+        [
+            ql.reshape(B, 128),
+            qh.reshape(B, 64),
+            sc.astype(np.int8).view(np.uint8),
+            _fp16_bytes(d).reshape(B, 2),
+        ],
+        axis=1,
+    )
+    out[zero] = 0
+    return out
+
+
+def _q8_k(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    amax, mx = _first_absmax(x)
+    zero = amax == 0
+    iscale = _div(F32(-127), np.where(zero, F32(1), mx))
+    q = np.where(zero[:, None], 0, np.minimum(127, nearest_int(iscale[:, None] * x)))
+    bsums = q.reshape(B, 16, 16).sum(axis=2).astype(np.int16)
+    d = np.where(zero, F32(0), _div(F32(1), iscale)).astype(F32)
+    return np.concatenate(
+        [
+            d.reshape(B, 1).view(np.uint8),
+            q.astype(np.int8).view(np.uint8),
+            bsums.view(np.uint8).reshape(B, 32),
+        ],
+        axis=1,
+    )
+
+
+# ----------------------------------------------------------------------------- IQ4 (non-linear)
+
+_IQ4 = np.array(KVALUES_IQ4NL, np.int32)
+_IQ4F = _IQ4.astype(F32)
+_IQ4_MID2 = (_IQ4[:-1] + _IQ4[1:]).astype(F32)  # 2 * midpoints
+
+
+def _best_index_iq4(v: np.ndarray) -> np.ndarray:
+    """Nearest grid index (ties upwards), as ggml's ``best_index_int8``."""
+    return (np.asarray(v + v, F32)[..., None] >= _IQ4_MID2).sum(axis=-1)
+
+
+def _iq4_block_scales(x: np.ndarray, ntry: int) -> np.ndarray:
+    """Per-32 scale search of ``quantize_row_iq4_nl_impl`` (no imatrix): x [M, 32] -> d [M]."""
+    amax, mx = _first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mxs = np.where(zero, F32(1), mx)
+    w = x * x
+
+    def sums(idv):
+        q = _IQ4F[_best_index_iq4(idv[:, None] * x)]
+        wq = w * q
+        return _seqsum(wq * x), _seqsum(wq * q)
+
+    with np.errstate(all="ignore"):
+        d = _div(-mxs, F32(_IQ4[0])) if ntry > 0 else _div(mxs, F32(_IQ4[0]))
+        sumqx, sumq2 = sums(F32(1) / d)
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0)).astype(F32)
+        best = d * sumqx
+        for itry in range(-ntry, ntry + 1):
+            sumqx, sumq2 = sums(_div(F32(itry + int(_IQ4[0])), mxs))
+            take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(take, sumqx / sumq2, d).astype(F32)
+            best = np.where(take, d * sumqx, best)
+    return np.where(zero, F32(0), d).astype(F32)
+
+
+def _pack_nibbles32(L: np.ndarray) -> np.ndarray:
+    """[M, 32] -> [M, 16]: low nibble element j, high nibble element 16 + j."""
+    return (L[:, :16] | (L[:, 16:] << 4)).astype(np.uint8)
+
+
+def _iq4_nl(x: np.ndarray) -> np.ndarray:
+    d = _iq4_block_scales(x, 7)
+    idv = _safe_inv(d)
+    L = _best_index_iq4(idv[:, None] * x)
+    return np.concatenate([_fp16_bytes(d).reshape(-1, 2), _pack_nibbles32(L)], axis=1)
+
+
+def _iq4_xs(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    xs = x.reshape(B * 8, 32)
+    scales = _iq4_block_scales(xs, 7).reshape(B, 8)
+    _, max_scale = _first_absmax(scales)
+    d = _div(-max_scale, F32(32))
+    idv = _safe_inv(d)
+    lint = np.clip(nearest_int(idv[:, None] * scales), -32, 31)
+    dl = d[:, None] * lint.astype(F32)
+    idl = _safe_inv(dl)
+    L = _best_index_iq4(idl.reshape(B * 8, 1) * xs)
+    lu = (lint + 32).astype(np.uint16)
+    sl = ((lu[:, 0::2] & 0x0F) | ((lu[:, 1::2] & 0x0F) << 4)).astype(np.uint8)
+    sh = ((lu >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
+    return np.concatenate(
+        [
+            _fp16_bytes(d).reshape(B, 2),
+            sh.astype("<u2").view(np.uint8).reshape(B, 2),
+            sl,
+            _pack_nibbles32(L).reshape(B, 128),
+        ],
+        axis=1,
+    )
+
+
+QUANTIZERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    int(QType.Q4_0): _q4_0,
+    int(QType.Q4_1): _q4_1,
+    int(QType.Q5_0): _q5_0,
+    int(QType.Q5_1): _q5_1,
+    int(QType.Q8_0): _q8_0,
+    int(QType.IQ4_NL): _iq4_nl,
+    int(QType.Q2_K): _q2_k,
+    int(QType.Q3_K): _q3_k,
+    int(QType.Q4_K): _q4_k,
+    int(QType.Q5_K): _q5_k,
+    int(QType.Q6_K): _q6_k,
+    int(QType.IQ4_XS): _iq4_xs,
+    int(QType.Q8_K): _q8_k,
+}
+
+
+def _float_bytes(x: np.ndarray, qtype: int) -> np.ndarray:
+    if qtype == int(QType.F32):
+        out = x.astype("<f4")
+    elif qtype == int(QType.F16):
+        out = x.astype("<f2")
+    else:  # BF16, round to nearest even, NaN kept quiet (ggml_compute_fp32_to_bf16)
+        u = x.astype("<f4").view(np.uint32).astype(np.uint64)
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+        r = np.where(nan, (u >> 16) | 64, r)
+        out = r.astype("<u2")
+    return np.ascontiguousarray(out).view(np.uint8).reshape(*x.shape[:-1], -1)
+
+
+def quantize_np(x: np.ndarray, qtype: int) -> np.ndarray:
+    """float32 ``[..., row_len]`` -> raw GGUF rows uint8 ``[..., row_bytes]``, as ggml does it."""
+    qtype = int(qtype)
+    x = np.ascontiguousarray(x, dtype=F32)
+    if qtype in (int(QType.F32), int(QType.F16), int(QType.BF16)):
+        return _float_bytes(x, qtype)
+    fn = QUANTIZERS.get(qtype)
+    info = qtype_info(qtype)
+    if fn is None:
+        raise QuantError(f"quantizing to {info.name} is not supported")
+    row = x.shape[-1]
+    if row % info.block_size:
+        raise QuantError(f"row of {row} is not a multiple of {info.name}'s {info.block_size}")
+    blocks = x.reshape(-1, info.block_size)
+    out = np.empty((blocks.shape[0], info.type_size), np.uint8)
+    step = max(1, _CHUNK_ELEMS // info.block_size)
+    for s in range(0, blocks.shape[0], step):
+        out[s : s + step] = fn(blocks[s : s + step])
+    return out.reshape(*x.shape[:-1], row // info.block_size * info.type_size)
