@@ -63,6 +63,7 @@ class Engine:
         self.spec = spec
         self.ctx_size = int(ctx_size)
         self.n_slots = int(n_slots)
+        self._make_cache = getattr(model, "make_cache", None)
         self.graphdef, self.state = nnx.split(model)
         # room for the padded tail of the last prompt chunk
         self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + PREFILL_BUCKETS[-1]
@@ -73,30 +74,43 @@ class Engine:
         self.timings = Timings()
         gd = self.graphdef
 
-        def forward(state, tokens, pos0, cache, last_idx, kv_len):
+        def forward_slot(state, tokens, pos0, cache, slot, last_idx, kv_len):
+            # run one sequence (B=1) against its own rows of the batched cache, write them back
             model = nnx.merge(gd, state)
-            return model(tokens, pos0, cache, kv_len, last_idx)
+            rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0), cache)
+            logits, rows = model(tokens, pos0, rows, kv_len, last_idx)
+            cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, 0),
+                                 cache, rows)
+            return logits[0], cache
 
         def forward_all(state, tokens, pos0, cache, kv_len):
             model = nnx.merge(gd, state)
             return model(tokens, pos0, cache, kv_len, None)
 
-        def decode_sample(state, tokens, pos0, cache, sp, keys, steps, history, bias, kv_len):
+        def decode_sample(state, tokens, pos0, cache, sp, keys, steps, history, bias, active,
+                          kv_len):
             model = nnx.merge(gd, state)
             logits, cache = model(tokens[:, None], pos0, cache, kv_len,
                                   jnp.zeros_like(pos0))
+            # the token just fed joins the penalty window (shift left, append)
+            history = jnp.where(active[:, None],
+                                jnp.concatenate([history[:, 1:], tokens[:, None]], axis=1),
+                                history)
             nxt = _sample_rows(logits, sp, keys, steps, history, bias)
-            return nxt, logits, cache
+            return nxt, logits, cache, history
 
-        self._forward = jax.jit(forward, static_argnames="kv_len", donate_argnames="cache")
+        self._forward_slot = jax.jit(forward_slot, static_argnames="kv_len",
+                                     donate_argnames="cache")
         self._forward_all = jax.jit(forward_all, static_argnames="kv_len", donate_argnames="cache")
         self._decode_sample = jax.jit(decode_sample, static_argnames="kv_len",
-                                      donate_argnames="cache")
+                                      donate_argnames=("cache", "history"))
         self._sample = jax.jit(_sample_rows)
 
     # ------------------------------------------------------------------ cache / slots
     def _new_cache(self, batch: int) -> KVCache:
         s = self.spec
+        if self._make_cache is not None:  # architectures with their own cache layout (MLA)
+            return self._make_cache(batch, self.max_len, self.cache_type)
         return KVCache.create(s.n_layer, batch, s.n_head_kv, self.max_len, s.head_dim,
                               s.head_dim_v, self.cache_type)
 
@@ -132,22 +146,21 @@ class Engine:
             chunk = toks[i : i + PREFILL_BUCKETS[-1]]
             m = len(chunk)
             t = _bucket(m)
-            buf = np.zeros((self.n_slots, t), np.int32)
-            buf[slot, :m] = chunk
-            pos0 = self.pos.copy()
-            last = np.zeros(self.n_slots, np.int32)
-            last[slot] = m - 1
-            kv_len = self.kv_bucket(int(pos0[slot]) + t)
-            logits, self.cache = self._forward(self.state, jnp.asarray(buf), jnp.asarray(pos0),
-                                               self.cache, jnp.asarray(last), kv_len=kv_len)
+            buf = np.zeros((1, t), np.int32)
+            buf[0, :m] = chunk
+            pos0 = self.pos[slot : slot + 1].copy()
+            kv_len = self.kv_bucket(int(pos0[0]) + t)
+            logits, self.cache = self._forward_slot(
+                self.state, jnp.asarray(buf), jnp.asarray(pos0), self.cache,
+                jnp.int32(slot), jnp.asarray([m - 1], jnp.int32), kv_len=kv_len)
             self.pos[slot] += m
             i += m
         self._remember(slot, toks[-HISTORY:])
-        return logits[slot]
+        return logits
 
     def _remember(self, slot: int, toks: np.ndarray) -> None:
         h = np.full(HISTORY, -1, np.int32)
-        old = np.asarray(self.history[slot])
+        old = np.array(self.history[slot])
         merged = np.concatenate([old[old >= 0], toks])[-HISTORY:]
         h[: len(merged)] = merged
         self.history = self.history.at[slot].set(jnp.asarray(h))
@@ -187,20 +200,12 @@ class Engine:
         need = int(pos0[active].max()) + 1 if active.any() else 1
         if bias is None:
             bias = jnp.zeros((self.n_slots, self.spec.n_vocab), jnp.float32)
-        nxt, logits, self.cache = self._decode_sample(
+        nxt, logits, self.cache, self.history = self._decode_sample(
             self.state, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos0), self.cache, sp, keys,
-            jnp.asarray(steps, jnp.int32), self.history, bias, kv_len=self.kv_bucket(need))
-        nxt_np = np.asarray(nxt)
+            jnp.asarray(steps, jnp.int32), self.history, bias, jnp.asarray(active),
+            kv_len=self.kv_bucket(need))
         self.pos[active] += 1
-        # history: the token just fed is now part of the context
-        upd = np.asarray(self.history)
-        for b in np.nonzero(active)[0]:
-            row = upd[b]
-            row = np.concatenate([row[row >= 0], [tokens[b]]])[-HISTORY:]
-            upd[b] = -1
-            upd[b, : len(row)] = row
-        self.history = jnp.asarray(upd)
-        return nxt_np, logits
+        return np.asarray(nxt), logits
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: list[int], params: SamplingParams | None = None,

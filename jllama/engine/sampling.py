@@ -84,21 +84,14 @@ def apply_penalties(logits: jax.Array, history: jax.Array, sp: BatchSampling) ->
     return logits
 
 
-def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
-           history: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
-    """Pick one token per row. logits [B, V] f32; key: one PRNG key per row [B, 2]."""
-    logits = logits.astype(jnp.float32)
-    if bias is not None:
-        logits = logits + bias
-    if history is not None:
-        logits = apply_penalties(logits, history, sp)
-    greedy_tok = jnp.argmax(logits, axis=-1)
+TOPK_CAP = 256  # rows whose top_k is in 1..TOPK_CAP only need a partial sort
 
-    b, v = logits.shape
-    vals, idx = jax.lax.sort_key_val(-logits, jnp.broadcast_to(jnp.arange(v), (b, v)), dimension=-1)
-    vals = -vals  # descending
-    rank = jnp.arange(v)[None, :]
-    k = jnp.where(sp.top_k[:, None] > 0, sp.top_k[:, None], v)
+
+def _pick(vals: jax.Array, idx: jax.Array, sp: BatchSampling, key: jax.Array) -> jax.Array:
+    """Sample from candidates sorted by descending logit (vals, idx: [B, C])."""
+    b, c = vals.shape
+    rank = jnp.arange(c)[None, :]
+    k = jnp.where(sp.top_k[:, None] > 0, sp.top_k[:, None], c)
     keep = rank < k
     # top-p on the distribution of what top-k kept (llama.cpp renormalises at each step)
     p = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
@@ -109,5 +102,38 @@ def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
     t = jnp.maximum(sp.temperature, 1e-6)[:, None]
     scaled = jnp.where(keep, vals / t, -jnp.inf)
     choice = jax.vmap(jax.random.categorical)(key, scaled)
-    sampled_tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(sp.temperature <= 0, greedy_tok, sampled_tok).astype(jnp.int32)
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+
+
+def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
+           history: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """Pick one token per row. logits [B, V] f32; key: one PRNG key per row [B, 2].
+
+    A full sort of the vocabulary costs more than a small model's forward pass on CPU, so it is
+    only done when some row really needs it (top_k disabled or above ``TOPK_CAP``); an all-greedy
+    batch sorts nothing. The branches are exact, not approximations.
+    """
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    if history is not None:
+        logits = apply_penalties(logits, history, sp)
+    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    b, v = logits.shape
+    cap = min(TOPK_CAP, v)
+
+    def partial_sort():
+        vals, idx = jax.lax.top_k(logits, cap)
+        return _pick(vals, idx, sp, key).astype(jnp.int32)
+
+    def full_sort():
+        neg, idx = jax.lax.sort_key_val(-logits, jnp.broadcast_to(jnp.arange(v), (b, v)),
+                                        dimension=-1)
+        return _pick(-neg, idx, sp, key).astype(jnp.int32)
+
+    def sampled():
+        small = jnp.all((sp.top_k > 0) & (sp.top_k <= cap) | (sp.temperature <= 0))
+        return jax.lax.cond(small, partial_sort, full_sort)
+
+    drawn = jax.lax.cond(jnp.all(sp.temperature <= 0), lambda: greedy_tok, sampled)
+    return jnp.where(sp.temperature <= 0, greedy_tok, drawn)
