@@ -141,7 +141,12 @@ def test_prepare_picks_the_layout_the_cpu_kernel_reads(path):
     assert prepare(f, "cpu") is f
     raw = random_blocks(QType.Q8_0, 4, 64)
     q = QTensor(jnp.asarray(raw), int(QType.Q8_0), (4, 64))
-    assert prepare(q, "gpu") is q
+    on_gpu = prepare(q, "gpu")  # the Pallas planes; dequantize/take_rows still read them
+    assert on_gpu.layout == "pallas"
+    np.testing.assert_array_equal(
+        np.asarray(qtensor.take_rows(on_gpu, jnp.asarray([2, 0]))),
+        gguf.quants.dequantize(raw, QType.Q8_0)[[2, 0]],
+    )
     assert prepare(q, "cpu").layout == ("gguf" if path == "ffi" else "i8")
 
 

@@ -10,8 +10,10 @@ are allowed: ``data`` then has them too.
 
 ``layout`` (static) says how ``data`` is stored: ``"gguf"`` is the above; ``"i8"`` is a tuple
 ``(codes int8 [n_out, n_in], scales f32 [n_out, n_in // g][, mins f32 [n_out, n_in // g]])``, the
-load-time repacking that XLA:CPU dequantizes fast (see ``quant/kernels/cpu_repack.py``). Call
-``prepare(qt, backend)`` once at load; every function here accepts either layout.
+load-time repacking that XLA:CPU dequantizes fast without the C++ kernels (see
+``quant/kernels/cpu_repack.py``); ``"pallas"`` is the Pallas kernel's k-major planes
+(``quant/kernels/pallas_qmatmul.py``). Call ``prepare(qt, backend)`` once at load; every function
+here accepts every layout.
 """
 
 from __future__ import annotations
@@ -86,12 +88,19 @@ def prepare(qt: QTensor, backend: str | None = None) -> QTensor:
     On CPU with the C++ kernels available (``kernels/cpu_ffi``) GGUF blocks are already that
     layout. Without them, supported 2-D quantized weights are repacked to layout ``"i8"`` (about
     2x the bytes of 4-bit blocks, but XLA:CPU streams int8 ~10x faster than it unpacks nibbles).
-    Anything else, and other backends (whose kernels read GGUF blocks), is returned unchanged.
+    On GPU/TPU they become the Pallas kernel's ``"pallas"`` planes. Anything else is returned
+    unchanged.
     """
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        try:
+            from jllama.quant.kernels.pallas_qmatmul import prepare_pallas
+        except ImportError:
+            return qt
+        return prepare_pallas(qt)
     from jllama.quant.kernels import cpu_ffi
 
-    backend = backend or jax.default_backend()
-    if backend != "cpu" or cpu_ffi.available():
+    if cpu_ffi.available():
         return qt
     return repack_i8(qt)
 
@@ -125,6 +134,10 @@ def dequantize(qt: QTensor, dtype=jnp.float32) -> jax.Array:
     rows); hot matmuls go through ``qmatmul``."""
     if qt.layout == "i8":
         return _dequantize_i8(qt.data, qt.qtype).astype(dtype)
+    if qt.layout == "pallas":
+        from jllama.quant.kernels.pallas_qmatmul import dequantize_planes
+
+        return dequantize_planes(tuple(qt.data), qt.qtype, qt.shape).astype(dtype)
     if qt.is_float:
         return qt.data.astype(dtype)
     from jllama.quant.formats import dequantize_jax
@@ -137,6 +150,8 @@ def take_rows(qt: QTensor, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
     if qt.layout == "i8":
         rows = tuple(jnp.take(a, ids, axis=0) for a in qt.data)
         return _dequantize_i8(rows, qt.qtype).astype(dtype)
+    if qt.layout == "pallas":  # k-major planes: rows are columns; dequantize, then gather
+        return jnp.take(dequantize(qt, dtype), ids, axis=0)
     rows = jnp.take(qt.data, ids, axis=0)
     if qt.is_float:
         return rows.astype(dtype)

@@ -4,7 +4,7 @@
 for the fast paths and as the fallback for any type without one.
 ``xla_cpu``: tile-at-a-time dequantize + f32 dot (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K);
 fastest on weights repacked at load by ``qtensor.prepare``.
-``pallas_qmatmul`` (GPU/TPU, when present): reads GGUF blocks directly.
+``pallas_qmatmul`` (GPU/TPU, when present): reads its load-time planes (or GGUF blocks).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _pallas_kernel(qtype: int) -> Kernel | None:
         return None
 
     def kernel(x: jax.Array, qt) -> jax.Array:
-        # Pallas reads raw GGUF blocks; a weight repacked for CPU takes the portable XLA path.
-        if qt.layout != "gguf" or len(qt.shape) != 2:
+        # Pallas reads its planes or raw GGUF blocks; anything else takes the reference path.
+        if qt.layout not in ("gguf", "pallas") or len(qt.shape) != 2:
             return reference_qmatmul(x, qt)
         return pq.pallas_qmatmul(x, qt)
 
