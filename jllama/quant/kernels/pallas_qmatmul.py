@@ -14,11 +14,13 @@ same bytes (same bits per weight, scales still f16 / packed 6-bit) but splits th
   packing and are unpacked in the kernel with integer shifts and masks;
 - n_out is padded to a multiple of 128 and n_in to a multiple of 256 (zero scales and codes).
 
-The kernel: grid over (batch-row tiles, n_out tiles); in each program a ``fori_loop`` over the
-256-element chunks of n_in, and per 32 (Q6_K: 16) element group: unpack codes to f32, apply
+The kernel: grid over (batch-row tiles, n_out tiles, n_in splits); in each program a
+``fori_loop`` over its 256-element chunks of n_in, and per 32 (Q6_K: 16) element group: unpack codes to f32, apply
 that group's scale (a ``[1, bn]`` row broadcast), f32 dot with the matching slice of x,
-accumulate in f32. The whole n_in extent is one block: on Triton a block is just a pointer (only
-the slices we index are loaded), on TPU it is one DMA per tile into VMEM.
+accumulate in f32. A program's share of n_in is one block: on Triton a block is just a pointer
+(only the slices we index are loaded), on TPU it is one DMA per tile into VMEM. Small decode
+matmuls split n_in over programs (split-K) so a GPU has enough programs; partial sums are added
+outside the kernel.
 
 Raw GGUF QTensors are accepted too (repacked in-graph on every call: correct, slower).
 """
@@ -313,10 +315,35 @@ def _col_tile(n_pad: int, m_tile: int) -> int:
     return 256 if n_pad % 256 == 0 and m_tile <= 32 else LANE
 
 
+# Programs a GPU wants in flight (H100: 132 SMs, a couple of programs each). Below this, n_in is
+# split across programs (split-K) and the partial sums are added in XLA: a decode matvec of a
+# 576-wide weight is only 5 column tiles otherwise.
+_GPU_TARGET_PROGRAMS = 256
+
+
+def _chunks_per_split(n_chunks: int, programs: int, k_splits: int | None) -> int:
+    """Chunks of n_in per program: a divisor of ``n_chunks`` (so every split is a whole block)."""
+    if k_splits is None:
+        if jax.default_backend() == "tpu":
+            return n_chunks  # one sequential core: no split, each tile's DMA covers all of n_in
+        k_splits = -(-_GPU_TARGET_PROGRAMS // programs)
+    want = -(-n_chunks // max(1, min(k_splits, n_chunks)))
+    return min(c for c in range(want, n_chunks + 1) if n_chunks % c == 0)
+
+
 def matmul_planes(
-    x: jax.Array, planes: tuple, qtype: int, shape: tuple[int, int], *, interpret: bool = False
+    x: jax.Array,
+    planes: tuple,
+    qtype: int,
+    shape: tuple[int, int],
+    *,
+    interpret: bool = False,
+    k_splits: int | None = None,
 ) -> jax.Array:
-    """``x[..., n_in] @ W.T`` with W given as the kernel's planes; returns f32 ``[..., n_out]``."""
+    """``x[..., n_in] @ W.T`` with W given as the kernel's planes; returns f32 ``[..., n_out]``.
+
+    ``k_splits``: how many programs share n_in (default: enough for a GPU to be busy, 1 on TPU).
+    """
     n_out, n_in = shape
     lead = x.shape[:-1]
     if x.shape[-1] != n_in:
@@ -331,6 +358,8 @@ def matmul_planes(
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, k_pad - n_in)))
     body = _unpack_group_fns(qtype)
     n_chunks = k_pad // CHUNK
+    cps = _chunks_per_split(n_chunks, (m_pad // bm) * (n_pad // bn), k_splits)
+    splits = n_chunks // cps
 
     def kernel(x_ref, *refs):
         *w_refs, o_ref = refs
@@ -338,24 +367,27 @@ def matmul_planes(
         def step(c, acc):
             return body(w_refs, x_ref, c, acc)
 
-        acc = jax.lax.fori_loop(0, n_chunks, step, jnp.zeros((bm, bn), jnp.float32))
+        acc = jax.lax.fori_loop(0, cps, step, jnp.zeros((bm, bn), jnp.float32))
         o_ref[...] = acc
 
-    in_specs = [pl.BlockSpec((bm, k_pad), lambda i, j: (i, 0))]
-    in_specs += [pl.BlockSpec((p.shape[0], bn), lambda i, j: (0, j)) for p in planes]
+    in_specs = [pl.BlockSpec((bm, cps * CHUNK), lambda i, j, s: (i, s))]
+    in_specs += [pl.BlockSpec((p.shape[0] // splits, bn), lambda i, j, s: (s, j)) for p in planes]
     y = pl.pallas_call(
         kernel,
-        grid=(m_pad // bm, n_pad // bn),
+        grid=(m_pad // bm, n_pad // bn, splits),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), jnp.float32),
+        out_specs=pl.BlockSpec((pl.squeezed, bm, bn), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, m_pad, n_pad), jnp.float32),
         interpret=interpret,
         name=f"qmatmul_{qtype_info(qtype).name.lower()}",
     )(x2, *planes)
+    y = y[0] if splits == 1 else jnp.sum(y, axis=0)
     return y[:m, :n_out].reshape(*lead, n_out)
 
 
-def pallas_qmatmul(x: jax.Array, qt, interpret: bool = False) -> jax.Array:
+def pallas_qmatmul(
+    x: jax.Array, qt, interpret: bool = False, *, k_splits: int | None = None
+) -> jax.Array:
     """``x[..., n_in] @ W.T -> [..., n_out]`` (f32) for a 2-D QTensor W in layout ``"pallas"``
     (from ``prepare_pallas``) or raw ``"gguf"`` (repacked in-graph on each call)."""
     if len(qt.shape) != 2 or not supported(qt.qtype):
@@ -366,4 +398,4 @@ def pallas_qmatmul(x: jax.Array, qt, interpret: bool = False) -> jax.Array:
         planes = repack(jnp, qt.data, qt.qtype, qt.shape)
     else:
         raise QuantError(f"Pallas qmatmul cannot read layout {qt.layout!r}")
-    return matmul_planes(x, planes, qt.qtype, qt.shape, interpret=interpret)
+    return matmul_planes(x, planes, qt.qtype, qt.shape, interpret=interpret, k_splits=k_splits)

@@ -1,0 +1,196 @@
+"""Pallas kernels in interpret mode (CPU) against gguf-py's numpy dequantize and a numpy softmax.
+
+Weights are random GGUF blocks: random bytes with finite f16 scale fields (every code, scale and
+bit position is exercised), and, for the types gguf-py can quantize, ``gguf.quants.quantize`` of
+random floats (what real files hold). Shapes are odd on purpose: n_out not a multiple of the
+128-column tile, n_in = 576 (not a multiple of the 256-element chunk), batch 1 / 3 / 17.
+"""
+
+from __future__ import annotations
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jllama.errors import QuantError
+from jllama.gguf.constants import QType, qtype_info
+from jllama.quant.kernels import pallas_attention as pa
+from jllama.quant.kernels import pallas_qmatmul as pq
+from jllama.quant.qtensor import QTensor
+
+# Byte offsets of each type's f16 fields inside one block.
+F16_FIELDS = {
+    QType.Q4_0: [0],
+    QType.Q4_1: [0, 2],
+    QType.Q8_0: [0],
+    QType.Q4_K: [0, 2],
+    QType.Q5_K: [0, 2],
+    QType.Q6_K: [208],
+}
+TYPES = list(F16_FIELDS)
+QUANTIZABLE = [QType.Q4_0, QType.Q4_1, QType.Q8_0]  # gguf-py has quantize_blocks for these
+
+
+def random_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.ndarray:
+    info = qtype_info(int(qtype))
+    nb = row_len // info.block_size
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, nb, info.type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
+        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, nb * info.type_size)
+
+
+def quantized_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.ndarray:
+    w = np.random.default_rng(seed).standard_normal((rows, row_len)).astype(np.float32)
+    return gguf.quants.quantize(w, qtype)
+
+
+def check_matmul(x: np.ndarray, raw: np.ndarray, qtype: QType, got) -> None:
+    """|got - x @ W.T| within f32 rounding of the |x| @ |W| magnitude (W from gguf-py)."""
+    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+    x64 = x.astype(np.float64)
+    want, scale = x64 @ w.T, np.abs(x64) @ np.abs(w).T
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape
+    np.testing.assert_array_less(np.abs(got - want), 1e-5 * scale + 1e-6)
+
+
+def test_supported():
+    assert all(pq.supported(int(t)) for t in TYPES)
+    assert not pq.supported(int(QType.Q5_0))
+    assert not pq.supported(int(QType.F32))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_planes_roundtrip_gguf_dequantize(qtype):
+    """The load-time repack loses nothing: the planes dequantize to gguf-py's values exactly,
+    and the in-graph (jnp) repack builds the same planes as the numpy one."""
+    shape = (130, 768)
+    raw = random_blocks(qtype, *shape, seed=1)
+    planes = pq.repack(np, raw, qtype, shape)
+    got = pq.dequantize_planes(tuple(jnp.asarray(p) for p in planes), qtype, shape)
+    np.testing.assert_array_equal(np.asarray(got), gguf.quants.dequantize(raw, qtype))
+    jplanes = pq.repack(jnp, jnp.asarray(raw), qtype, shape)
+    assert len(jplanes) == len(planes)
+    for a, b in zip(planes, jplanes, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+# (n_out, n_in, batch rows, k_splits): odd n_out, n_in 256 / 768 / 2816 (11 superblocks),
+# split-K forced on and off.
+CASES = [(200, 256, 1, None), (130, 768, 3, 3), (72, 2816, 17, None)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-s{c[3]}")
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_qmatmul_matches_gguf_reference(qtype, case):
+    n_out, n_in, m, k_splits = case
+    raw = random_blocks(qtype, n_out, n_in, seed=n_in + m)
+    qt = pq.prepare_pallas(QTensor(jnp.asarray(raw), int(qtype), (n_out, n_in)))
+    assert qt.layout == pq.LAYOUT
+    x = np.random.default_rng(m).standard_normal((m, n_in)).astype(np.float32)
+    got = pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=True, k_splits=k_splits)
+    check_matmul(x, raw, qtype, got)
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: q.name)
+def test_qmatmul_quantized_weights_odd_n_in(qtype):
+    """gguf-py-quantized weights, n_in = 576 (SmolLM2's width: n_in padded inside a chunk),
+    raw GGUF layout (repacked in-graph) and leading batch axes on x."""
+    n_out, n_in = 100, 576
+    raw = quantized_blocks(qtype, n_out, n_in, seed=5)
+    qt = QTensor(jnp.asarray(raw), int(qtype), (n_out, n_in))
+    x = np.random.default_rng(6).standard_normal((2, 3, n_in)).astype(np.float32)
+    got = pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=True)
+    assert got.shape == (2, 3, n_out)
+    check_matmul(x.reshape(6, n_in), raw, qtype, np.asarray(got).reshape(6, n_out))
+
+
+def test_qmatmul_refuses_unsupported():
+    raw = np.zeros((4, 22), np.uint8)  # Q5_0: 22 bytes per 32
+    with pytest.raises(QuantError):
+        pq.pallas_qmatmul(jnp.zeros((1, 32)), QTensor(jnp.asarray(raw), int(QType.Q5_0), (4, 32)))
+    with pytest.raises(QuantError):
+        qt = QTensor(jnp.asarray(random_blocks(QType.Q8_0, 4, 64, 0)), int(QType.Q8_0), (4, 64))
+        pq.pallas_qmatmul(jnp.zeros((1, 32)), qt)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_reference(q, k, v, lengths, scale, window=None, softcap=None):
+    """Plain softmax attention in float64 over positions < length (and >= length - window)."""
+    b, h, d = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(b, kvh, h // kvh, d).astype(np.float64)
+    s = np.einsum("bkgd,bksd->bkgs", qg, k.astype(np.float64)) * scale
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    pos = np.arange(k.shape[2])[None, :]
+    valid = pos < lengths[:, None]
+    if window:
+        valid &= pos >= lengths[:, None] - window
+    s = np.where(valid[:, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bkgs,bksd->bkgd", p, v.astype(np.float64)).reshape(b, h, -1)
+
+
+def poison_unread_blocks(a: np.ndarray, lengths, bl: int, window: int | None) -> np.ndarray:
+    """NaN in every cache block the kernel must not read (wholly past the length, or wholly
+    before the window): reading one would turn the output into NaN (0 * NaN in p @ v)."""
+    a = a.copy()
+    for i, n in enumerate(lengths):
+        end = -(-int(n) // bl) * bl
+        a[i, :, end:] = np.nan
+        if window:
+            a[i, :, : max(int(n) - window, 0) // bl * bl] = np.nan
+    return a
+
+
+ATTN_CASES = [
+    # (batch, heads, kv heads, max_len, head_dim, window, softcap, cache dtype)
+    (3, 9, 3, 96, 64, None, None, np.float32),  # SmolLM2-like GQA group of 3
+    (2, 4, 1, 128, 32, 40, None, np.float32),  # Gemma-3-like: one kv head, sliding window
+    (2, 8, 8, 64, 16, None, 30.0, np.float32),  # MHA + softcap
+    (2, 6, 2, 200, 32, None, None, np.float16),  # max_len not a multiple of 16: padded
+]
+
+
+@pytest.mark.parametrize("variant", ["loop", "pipelined"])
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"b{c[0]}h{c[1]}kv{c[2]}L{c[3]}")
+def test_decode_attention_matches_softmax(case, variant):
+    b, h, kvh, max_len, d, window, softcap, dt = case
+    rng = np.random.default_rng(max_len + h)
+    q = rng.standard_normal((b, h, d)).astype(np.float32)
+    k = rng.standard_normal((b, kvh, max_len, d)).astype(dt)
+    v = rng.standard_normal((b, kvh, max_len, d)).astype(dt)
+    lengths = rng.integers(1, max_len + 1, b).astype(np.int32)
+    lengths[0] = max_len  # the full cache
+    want = attention_reference(q, k, v, lengths, d**-0.5, window, softcap)
+    bl = 32
+    if max_len % 16 == 0:  # (the padded case would pad NaN blocks too) the kernel must skip them
+        k = poison_unread_blocks(k, lengths, bl, window)
+        v = poison_unread_blocks(v, lengths, bl, window)
+    got = pa.pallas_decode_attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
+        scale=d**-0.5, window=window, softcap=softcap, block_l=bl, variant=variant,
+        interpret=True,
+    )  # fmt: skip
+    assert got.shape == (b, h, d) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["loop", "pipelined"])
+def test_decode_attention_empty_sequence_is_zero(variant):
+    q = jnp.ones((2, 2, 16))
+    kv = jnp.ones((2, 1, 32, 16))
+    got = pa.pallas_decode_attention(
+        q, kv, kv, jnp.array([0, 5]), scale=0.25, variant=variant, interpret=True
+    )
+    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
+    np.testing.assert_allclose(np.asarray(got[1]), 1.0, rtol=1e-6)
