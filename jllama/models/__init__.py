@@ -15,7 +15,7 @@ from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile
 from jllama.models.common import Weights
 from jllama.models.spec import ModelSpec, spec_from_gguf
-from jllama.quant.qtensor import QTensor, from_gguf_bytes
+from jllama.quant.qtensor import QTensor, from_gguf_bytes, prepare
 
 # general.architecture -> module under jllama.models
 ARCHITECTURES: dict[str, str] = {
@@ -36,11 +36,13 @@ def arch_module(arch: str):
     return importlib.import_module(f"jllama.models.{mod}")
 
 
-def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple], tuple] | None = None
-                 ) -> Weights:
-    """Every tensor as a QTensor on the default device, still in block form.
+def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple], tuple] | None = None,
+                 repack: bool = True) -> Weights:
+    """Every tensor as a QTensor on the default device, still quantized.
 
-    ``transform(name, raw, qtype, shape) -> (raw, qtype)`` may requantize on load.
+    ``transform(name, raw, qtype, shape) -> (raw, qtype)`` may requantize on load. With
+    ``repack`` each weight goes through ``qtensor.prepare`` straight from the memory-mapped
+    bytes (the backend's fast layout), so no second full copy is ever resident.
     """
     out: dict[str, QTensor] = {}
     for name, ti in g.tensors.items():
@@ -48,7 +50,12 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
         if transform is not None:
             raw, qtype = transform(name, raw, qtype, ti.shape)
         data, qtype = from_gguf_bytes(raw, qtype, ti.shape)
-        out[name] = QTensor(jnp.asarray(data), int(qtype), tuple(ti.shape))
+        qt = QTensor(data, int(qtype), tuple(ti.shape))
+        if repack:
+            qt = prepare(qt)
+        if isinstance(qt.data, np.ndarray):
+            qt = QTensor(jnp.asarray(qt.data), qt.qtype, qt.shape, qt.layout)
+        out[name] = qt
     return Weights(out, g.path)
 
 
