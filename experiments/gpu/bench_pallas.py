@@ -1,0 +1,172 @@
+"""Time the Pallas kernels against the XLA reference path on a GPU (or TPU).
+
+qmatmul: for each supported ggml type and SmolLM2-135M / Gemma-3-270M weight shape, the Pallas
+kernel on ``prepare_pallas`` planes vs ``reference_qmatmul`` (dequantize the GGUF blocks in XLA,
+then an f32 dot), for a decode matvec (1 row) and a prefill GEMM (``--rows``). Printed: best
+time, GB/s of the weight's GGUF bytes (what one pass must read; the bandwidth roofline for
+decode), GFLOP/s, and the speed-up over XLA.
+
+decode attention: Pallas flash-decoding vs the XLA masked softmax over the whole cache, at a few
+(batch, cache length, filled fraction) points; GB/s counts only the K/V bytes below the lengths.
+
+    python experiments/gpu/bench_pallas.py                  # on the GPU machine
+    python experiments/gpu/bench_pallas.py --interpret --small   # CPU smoke test (slow, tiny)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jllama.gguf.constants import QType, qtype_info
+from jllama.quant.kernels import pallas_attention as pa
+from jllama.quant.kernels import pallas_qmatmul as pq
+from jllama.quant.kernels import reference_qmatmul
+from jllama.quant.qtensor import QTensor
+
+# (label, n_out, n_in): SmolLM2-135M (dim 576, ffn 1536, vocab 49152), Gemma-3-270M (dim 640,
+# ffn 2048, 4 x 256 query heads, vocab 262144).
+SHAPES = [
+    ("smollm2.ffn_up", 1536, 576),
+    ("smollm2.ffn_down", 576, 1536),
+    ("smollm2.output", 49152, 576),
+    ("gemma3.attn_q", 1024, 640),
+    ("gemma3.ffn_up", 2048, 640),
+    ("gemma3.ffn_down", 640, 2048),
+    ("gemma3.output", 262144, 640),
+]
+SMALL_SHAPES = [("small.a", 200, 256), ("small.b", 72, 768)]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
+              "Q6_K": [208]}  # fmt: skip
+
+# (label, batch, n_heads, n_kv_heads, head_dim, max_len, filled fraction)
+ATTN = [
+    ("smollm2", 1, 9, 3, 64, 8192, 0.25),
+    ("smollm2", 16, 9, 3, 64, 4096, 0.5),
+    ("gemma3", 1, 4, 1, 256, 8192, 0.25),
+    ("gemma3", 16, 4, 1, 256, 4096, 0.5),
+]
+SMALL_ATTN = [("small", 2, 4, 2, 32, 128, 0.5)]
+
+
+def best_time(f, *args, reps: int) -> float:
+    """Median-of-best: the machine may be shared, keep the lower half's median."""
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return statistics.median(ts[: max(1, len(ts) // 2)])
+
+
+def random_weight(name: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    info = qtype_info(name)
+    nb = n_in // info.block_size
+    raw = rng.integers(0, 256, (n_out, nb, info.type_size), dtype=np.uint8)
+    for off in F16_FIELDS[name]:
+        f = rng.uniform(-0.01, 0.01, (n_out, nb)).astype(np.float16)
+        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(n_out, nb, 2)
+    return raw.reshape(n_out, nb * info.type_size)
+
+
+def bench_qmatmul(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    shapes = SMALL_SHAPES if args.small else SHAPES
+    rows = [1, args.rows] if not args.small else [1, 3]
+    print(f"{'type':5} {'shape':18} {'n_out x n_in':>14} {'m':>4} | {'pallas ms':>9} "
+          f"{'GB/s':>7} {'GFLOP/s':>8} | {'xla ms':>8} {'GB/s':>7} | {'speedup':>7}")  # fmt: skip
+    for tname in args.types.split(","):
+        qtype = int(QType[tname])
+        info = qtype_info(qtype)
+        for label, n_out, n_in in shapes:
+            if n_in % info.block_size:
+                continue  # llama.cpp never stores such a tensor in this type
+            raw = random_weight(tname, n_out, n_in, rng)
+            gguf_qt = QTensor(jnp.asarray(raw), qtype, (n_out, n_in))
+            pal_qt = pq.prepare_pallas(gguf_qt)
+            gbytes = raw.nbytes / 1e9
+            for m in rows:
+                x = jnp.asarray(rng.standard_normal((m, n_in)).astype(np.float32))
+                f_pal = jax.jit(lambda x, w: pq.pallas_qmatmul(x, w, interpret=args.interpret))
+                f_xla = jax.jit(reference_qmatmul)
+                tp = best_time(f_pal, x, pal_qt, reps=args.reps)
+                tx = best_time(f_xla, x, gguf_qt, reps=args.reps)
+                if args.check:
+                    err = float(jnp.max(jnp.abs(f_pal(x, pal_qt) - f_xla(x, gguf_qt))))
+                    scale = float(jnp.max(jnp.abs(f_xla(x, gguf_qt)))) + 1e-30
+                    assert err <= 1e-4 * scale, (tname, label, m, err, scale)
+                flops = 2.0 * m * n_out * n_in / 1e9
+                print(f"{tname:5} {label:18} {n_out:>6} x {n_in:<5} {m:>4} | {tp * 1e3:9.3f} "
+                      f"{gbytes / tp:7.1f} {flops / tp:8.1f} | {tx * 1e3:8.3f} {gbytes / tx:7.1f} "
+                      f"| {tx / tp:6.2f}x", flush=True)  # fmt: skip
+
+
+def xla_decode_attention(q, k, v, lengths, scale):
+    b, h, d = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(b, kvh, h // kvh, d)
+    s = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32)) * scale
+    mask = jnp.arange(k.shape[2])[None, :] < lengths[:, None]
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bkgs,bksd->bkgd", p, v.astype(jnp.float32)).reshape(b, h, -1)
+
+
+def bench_attention(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(1)
+    dt = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}[args.cache_dtype]
+    print(f"\n{'attn':8} {'B':>3} {'H/KV':>6} {'D':>4} {'max_len':>7} {'filled':>6} | "
+          f"{'pallas ms':>9} {'GB/s':>7} | {'xla ms':>8} {'GB/s':>7} | {'speedup':>7}")  # fmt: skip
+    for label, b, h, kvh, d, max_len, frac in SMALL_ATTN if args.small else ATTN:
+        q = jnp.asarray(rng.standard_normal((b, h, d)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((b, kvh, max_len, d)), dt)
+        v = jnp.asarray(rng.standard_normal((b, kvh, max_len, d)), dt)
+        lengths = jnp.full((b,), int(max_len * frac), jnp.int32)
+        scale = d**-0.5
+        f_pal = jax.jit(
+            lambda q, k, v, n, s=scale: pa.pallas_decode_attention(
+                q, k, v, n, scale=s, interpret=args.interpret
+            )
+        )
+        f_xla = jax.jit(lambda q, k, v, n, s=scale: xla_decode_attention(q, k, v, n, s))
+        tp = best_time(f_pal, q, k, v, lengths, reps=args.reps)
+        tx = best_time(f_xla, q, k, v, lengths, reps=args.reps)
+        if args.check:
+            err = float(jnp.max(jnp.abs(f_pal(q, k, v, lengths) - f_xla(q, k, v, lengths))))
+            assert err < 1e-3, (label, b, err)
+        used = 2 * b * kvh * int(max_len * frac) * d * jnp.dtype(dt).itemsize / 1e9
+        print(f"{label:8} {b:>3} {h:>3}/{kvh:<2} {d:>4} {max_len:>7} {frac:6.2f} | "
+              f"{tp * 1e3:9.3f} {used / tp:7.1f} | {tx * 1e3:8.3f} {used / tx:7.1f} | "
+              f"{tx / tp:6.2f}x", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--rows", type=int, default=64, help="batch rows of the GEMM case")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--cache-dtype", default="f16", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip comparing the outputs of the two paths")  # fmt: skip
+    ap.add_argument("--skip-attention", action="store_true")
+    args = ap.parse_args()
+    if args.small:
+        args.reps = min(args.reps, 2)
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+    bench_qmatmul(args)
+    if not args.skip_attention:
+        bench_attention(args)
+
+
+if __name__ == "__main__":
+    main()
