@@ -44,7 +44,7 @@ def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> None:
 
     from jllama.registry import cache_dir
 
-    d = Path(path) if path else cache_dir() / "xla"
+    d = Path(path or os.environ.get("JLLAMA_XLA_CACHE") or cache_dir() / "xla")
     d.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(d))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

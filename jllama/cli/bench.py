@@ -1,0 +1,59 @@
+"""``jllama bench -m MODEL -p 512 -n 128 -r 3``: llama-bench's table (and ``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="prompt/generation speed, llama-bench style")
+    p.add_argument("-m", "--model", default="smollm2-135m-instruct")
+    p.add_argument("-p", "--n-prompt", type=int, action="append", default=None,
+                   help="prompt lengths (default 512; repeatable; 0 skips)")
+    p.add_argument("-n", "--n-gen", type=int, action="append", default=None,
+                   help="generation lengths (default 128; repeatable; 0 skips)")
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("-t", "--threads", type=int, default=None, help="1 = single-threaded XLA")
+    p.add_argument("-c", "--ctx-size", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--platform", default="cpu")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from jllama.cli.common import setup_platform
+
+    setup_platform(args.platform, args.threads)
+    import jax
+
+    from jllama.api import Llama
+    from jllama.eval.bench import BenchResult, jllama_pp, jllama_tg, peak_rss_mib, time_reps
+
+    pps = [p for p in (args.n_prompt or [512]) if p > 0]
+    tgs = [n for n in (args.n_gen or [128]) if n > 0]
+    ctx = args.ctx_size or max([*pps, *tgs, 256]) + 16
+    llm = Llama(args.model, ctx_size=ctx)
+    size = sum(t.nbytes for t in llm.gguf.tensors.values()) / 2**20
+    params = sum(t.n_elements for t in llm.gguf.tensors.values()) / 1e6
+    name = f"{llm.spec.arch} {llm.gguf.get('general.size_label', '')} {llm.gguf.get('general.file_type', '')}"
+    results = []
+    for n in pps:
+        results.append(BenchResult(str(llm.path.name), size, params, jax.default_backend(),
+                                   f"pp{n}", n, time_reps(jllama_pp(llm, n), args.repetitions)))
+    for n in tgs:
+        results.append(BenchResult(str(llm.path.name), size, params, jax.default_backend(),
+                                   f"tg{n}", n, time_reps(jllama_tg(llm, n), args.repetitions)))
+    rss = peak_rss_mib()
+    if args.json:
+        print(json.dumps({"results": [r.as_dict() for r in results], "peak_rss_mib": rss,
+                          "load_s": llm.load_s}))
+        return 0
+    print("| model | size | params | backend | test | t/s |")
+    print("| --- | ---: | ---: | --- | ---: | ---: |")
+    for r in results:
+        print(f"| {name.strip()} | {r.size_mib:.2f} MiB | {r.params_m:.2f} M | {r.backend} | "
+              f"{r.test} | {r.tps:.2f} ± {r.tps_sd:.2f} |")
+    print(f"\npeak RSS {rss:.0f} MiB, load {llm.load_s:.2f} s", file=sys.stderr)
+    return 0
