@@ -1,0 +1,471 @@
+"""Which ggml type each tensor gets: llama.cpp's quantization mixes (``llama_tensor_get_type``).
+
+A "file type" such as Q4_K_M is not one type: llama-quantize gives attention-V and FFN-down more
+bits in some layers, keeps norms in F32, puts the output matrix in Q6_K, and falls back to a
+32-block type when a row is not a multiple of 256. This module reproduces that choice for the
+file types jllama can write (src/llama-quant.cpp at llama.cpp 0c1e570), plus the user controls
+llama-quantize has (``--token-embedding-type``, ``--output-tensor-type``, ``--pure``,
+``--tensor-type REGEX=TYPE``) and a YAML form of the same (``load_mix``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jllama.errors import QuantError
+from jllama.gguf.constants import QType, qtype_info
+
+T = QType
+
+# llama_ftype ids (llama.h) and the default tensor type of each file type we can write.
+FTYPES: dict[str, tuple[int, QType]] = {
+    "F32": (0, T.F32),
+    "F16": (1, T.F16),
+    "BF16": (32, T.BF16),
+    "Q4_0": (2, T.Q4_0),
+    "Q4_1": (3, T.Q4_1),
+    "Q5_0": (8, T.Q5_0),
+    "Q5_1": (9, T.Q5_1),
+    "Q8_0": (7, T.Q8_0),
+    "Q2_K": (10, T.Q2_K),
+    "Q3_K_S": (11, T.Q3_K),
+    "Q3_K_M": (12, T.Q3_K),
+    "Q3_K_L": (13, T.Q3_K),
+    "Q4_K_S": (14, T.Q4_K),
+    "Q4_K_M": (15, T.Q4_K),
+    "Q5_K_S": (16, T.Q5_K),
+    "Q5_K_M": (17, T.Q5_K),
+    "Q6_K": (18, T.Q6_K),
+    "IQ4_NL": (25, T.IQ4_NL),
+    "IQ4_XS": (30, T.IQ4_XS),
+}
+FTYPE_BY_ID = {v[0]: k for k, v in FTYPES.items()}
+
+# Tensor types we can produce (quantizers exist for all of them).
+WRITABLE_TYPES = (
+    T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
+    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
+)  # fmt: skip
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+# A bare K-type as a mix base means "every quantizable tensor in this type" (llama-quantize's
+# FTYPE --pure); this is the file type recorded for it.
+_PURE_BASE_FTYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M"}
+
+
+class QuantWarning(UserWarning):
+    """A mix setting that does nothing (e.g. a --tensor-type regex that matches no tensor)."""
+
+
+def parse_type(name: str | int, what: str = "type") -> QType:
+    """A writable ggml tensor type by name (case-insensitive) or id; QuantError otherwise."""
+    try:
+        t = QType(qtype_info(name).id)
+    except KeyError:
+        t = None
+    if t is None or t not in WRITABLE_TYPES:
+        known = ", ".join(x.name.lower() for x in WRITABLE_TYPES)
+        raise QuantError(f"unknown {what} '{name}'; known types: {known}")
+    return t
+
+
+def parse_ftype(name: str) -> str:
+    """A file type (mix) name, e.g. 'q4_k_m'; QuantError listing the known names otherwise."""
+    key = str(name).upper()
+    if key not in FTYPES:
+        known = ", ".join(k.lower() for k in FTYPES)
+        raise QuantError(f"unknown quantization type '{name}'; known: {known}")
+    return key
+
+
+@dataclass
+class MixSpec:
+    """Everything that decides the tensor -> type map (llama_model_quantize_params' part)."""
+
+    ftype: str = "Q8_0"
+    pure: bool = False
+    token_embedding_type: QType | None = None
+    output_tensor_type: QType | None = None
+    # (regex, type), first match wins; matched with re.search like std::regex_search.
+    overrides: list[tuple[str, QType]] = field(default_factory=list)
+
+    @property
+    def ftype_id(self) -> int:
+        return FTYPES[self.ftype][0]
+
+    @property
+    def default_type(self) -> QType:
+        return FTYPES[self.ftype][1]
+
+
+def parse_override(text: str) -> tuple[str, QType]:
+    """``REGEX=TYPE`` as given to ``--tensor-type``."""
+    pattern, sep, tname = text.rpartition("=")
+    if not sep or not pattern or not tname:
+        raise QuantError(f"--tensor-type wants REGEX=TYPE, got '{text}'")
+    return _compile(pattern), parse_type(tname, f"type in --tensor-type {text}")
+
+
+def _compile(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise QuantError(f"bad tensor regex '{pattern}': {e}") from None
+    return pattern
+
+
+def mix_from_base(base: str) -> MixSpec:
+    """A mix from a file type name, or from a bare tensor type (then applied to all, --pure)."""
+    key = str(base).upper()
+    if key in FTYPES:
+        return MixSpec(ftype=key)
+    try:
+        t = parse_type(base)
+    except QuantError:
+        known = ", ".join(k.lower() for k in FTYPES)
+        types = ", ".join(x.name.lower() for x in WRITABLE_TYPES)
+        raise QuantError(
+            f"unknown mix base '{base}'; known file types: {known}; or a type: {types}"
+        ) from None
+    return MixSpec(ftype=_PURE_BASE_FTYPE.get(t, t.name), pure=True)
+
+
+def mix_from_dict(d: Any, source: str = "mix") -> MixSpec:
+    """``{base: q4_k_m, rules: [{match: REGEX, type: TYPE}, ...], token_embedding_type: T,
+    output_tensor_type: T, pure: bool}`` -> MixSpec (rules are ordered, first match wins)."""
+    if not isinstance(d, dict):
+        raise QuantError(f"{source}: expected a mapping with 'base' and 'rules'")
+    unknown = set(d) - {"base", "rules", "token_embedding_type", "output_tensor_type", "pure"}
+    if unknown:
+        raise QuantError(f"{source}: unknown keys {sorted(unknown)}")
+    if "base" not in d:
+        raise QuantError(f"{source}: 'base' (a file type like q4_k_m, or a type) is required")
+    spec = mix_from_base(str(d["base"]))
+    if d.get("pure"):
+        spec.pure = True
+    for key in ("token_embedding_type", "output_tensor_type"):
+        if d.get(key) is not None:
+            setattr(spec, key, parse_type(d[key], f"{key} in {source}"))
+    rules = d.get("rules") or []
+    if not isinstance(rules, list):
+        raise QuantError(f"{source}: 'rules' must be a list of {{match, type}}")
+    for i, r in enumerate(rules):
+        if not isinstance(r, dict) or set(r) != {"match", "type"}:
+            raise QuantError(f"{source}: rule {i + 1} must have exactly 'match' and 'type'")
+        spec.overrides.append(
+            (_compile(str(r["match"])), parse_type(r["type"], f"type in {source} rule {i + 1}"))
+        )
+    return spec
+
+
+def load_mix(path: str | Path) -> MixSpec:
+    """Read a YAML mix file (see ``mix_from_dict``)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise QuantError(f"cannot read mix {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise QuantError(f"mix {path} is not valid YAML: {e}") from None
+    return mix_from_dict(data, str(path))
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The hyperparameters llama_tensor_get_type looks at."""
+
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_expert: int = 0
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+    @property
+    def is_70b(self) -> bool:
+        return self.arch == "llama" and self.n_layer == 80 and self.n_head != self.n_head_kv
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, Any]) -> ModelInfo:
+        arch = str(md.get("general.architecture", ""))
+
+        def first(key: str, default: int) -> int:
+            v = md.get(f"{arch}.{key}", default)
+            return int(v[0] if isinstance(v, list) else v)
+
+        n_head = first("attention.head_count", 0)
+        return cls(
+            arch=arch,
+            n_layer=first("block_count", 0),
+            n_head=n_head,
+            n_head_kv=first("attention.head_count_kv", n_head),
+            n_expert=first("expert_count", 0),
+        )
+
+
+_NOT_QUANTIZED = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+    "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
+    "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight",
+    "time_mix_w1.weight", "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight",
+    "time_mix_v2.weight", "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight",
+    "time_mix_g1.weight", "time_mix_g2.weight", "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight",
+    ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd",
+    ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+)  # fmt: skip
+
+
+def n_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims: trailing (ggml order) dimensions of size 1 do not count."""
+    dims = list(reversed(shape))
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    return max(1, len(dims))
+
+
+def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
+    """tensor_allows_quantization: 2-D+ weights that are not norms, routers, positions..."""
+    if n_dims(shape) < 2 or not name.endswith("weight"):
+        return False
+    if name in ("position_embd.weight", "token_types.weight"):
+        return False
+    return not any(s in name for s in _NOT_QUANTIZED)
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for key, cat in (
+        ("attn_qkv.weight", "attn_qkv"),
+        ("attn_kv_b.weight", "attn_kv_b"),
+        ("attn_v.weight", "attn_v"),
+        ("attn_k.weight", "attn_k"),
+        ("attn_q.weight", "attn_q"),
+        ("attn_output.weight", "attn_output"),
+        ("ffn_up", "ffn_up"),
+        ("ffn_gate", "ffn_gate"),
+        ("ffn_down", "ffn_down"),
+    ):
+        if key in name:
+            return cat
+    return "other"
+
+
+_LAYER_RE = re.compile(r"^blk\.(-?\d+)\.")
+
+
+def layer_of(name: str) -> int:
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def llama_order(names: list[str]) -> list[str]:
+    """The order llama.cpp walks (and writes) tensors: by layer (non-layer first), then name."""
+    return sorted(names, key=lambda n: (layer_of(n), n.encode()))
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+@dataclass
+class _State:
+    n_attention_wv: int = 0
+    n_ffn: int = 0
+    i_attention_wv: int = 0
+    i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
+    has_tied_embeddings: bool = True
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def _layer(st_counter: int, name: str, m: ModelInfo) -> int:
+    if max(1, m.n_expert) > 1:
+        li = layer_of(name)
+        if li < 0 or li >= m.n_layer:
+            raise QuantError(f"cannot determine the layer of tensor {name}")
+        return li
+    return st_counter
+
+
+def _mix_rule(  # noqa: C901, PLR0912
+    st: _State, m: ModelInfo, spec: MixSpec, t: QType, name: str, ncols: int, cat: str
+) -> QType:
+    """llama_tensor_get_type_impl for the file types in FTYPES (no imatrix)."""
+    ft = spec.ftype
+    falcon = m.arch == "falcon"
+    if cat == "output" or (st.has_tied_embeddings and cat == "token_embd"):
+        if spec.output_tensor_type is not None:
+            return spec.output_tensor_type
+        if falcon or ncols % qtype_info(t).block_size:
+            return T.Q8_0
+        return T.Q6_K if t != T.Q8_0 else t
+    if cat == "token_embd":
+        return spec.token_embedding_type or t
+    if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+        gqa4 = m.n_gqa >= 4
+        if ft == "Q2_K":
+            t = T.Q4_K if gqa4 else T.Q3_K
+        elif ft == "Q3_K_M":
+            t = T.Q5_K if st.i_attention_wv < 2 else T.Q4_K
+        elif ft == "Q3_K_L":
+            t = T.Q5_K
+        elif ft in ("IQ4_NL", "IQ4_XS") and gqa4:
+            t = T.Q5_K
+        elif ft in ("Q4_K_M", "Q5_K_M") and _use_more_bits(st.i_attention_wv, st.n_attention_wv):
+            t = T.Q6_K
+        elif ft == "Q4_K_S" and st.i_attention_wv < 4:
+            t = T.Q5_K
+        if m.is_70b and t in (T.Q3_K, T.Q4_K):
+            t = T.Q5_K
+        if m.n_expert == 8:
+            t = T.Q8_0
+        st.i_attention_wv += 1
+    elif cat == "attn_k":
+        if m.n_expert == 8:
+            t = T.Q8_0
+    elif cat == "ffn_down":
+        i, n = _layer(st.i_ffn_down, name, m), st.n_ffn
+        if ft == "Q2_K":
+            t = T.Q3_K
+        elif ft == "Q3_K_M":
+            if i < n // 16:
+                t = T.Q5_K
+            elif not falcon or _use_more_bits(i, n):
+                t = T.Q4_K
+            else:
+                t = T.Q3_K
+        elif ft == "Q3_K_L":
+            t = T.Q4_K if falcon else T.Q5_K
+        elif ft == "Q4_K_M":
+            if falcon:
+                t = T.Q6_K if i < n // 16 else T.Q5_K if _use_more_bits(i, n) else T.Q4_K
+            elif _use_more_bits(i, n):
+                t = T.Q6_K
+        elif i < n // 8 and ft in ("IQ4_NL", "IQ4_XS"):
+            t = T.Q5_K
+        elif ft == "Q5_K_M" and _use_more_bits(i, n):
+            t = T.Q6_K
+        elif ft == "Q4_K_S" and not falcon and i < n // 8:
+            t = T.Q5_K
+        st.i_ffn_down += 1
+    elif cat == "attn_output":
+        if not falcon:
+            if m.n_expert == 8:
+                if ft in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"):
+                    t = T.Q5_K
+            else:
+                t = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(ft, t)
+        elif ft == "Q3_K_L":
+            t = T.Q4_K
+    elif cat == "ffn_gate":
+        st.i_ffn_gate += 1
+    elif cat == "ffn_up":
+        st.i_ffn_up += 1
+    return t
+
+
+_FALLBACK = {
+    T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+    T.IQ4_XS: T.IQ4_NL,
+}  # fmt: skip
+
+
+def _fallback(st: _State, name: str, ncols: int, t: QType) -> QType:
+    if ncols % qtype_info(t).block_size == 0:
+        return t
+    st.fallbacks.append(name)
+    if t not in _FALLBACK:
+        raise QuantError(f"{name}: no fallback type for {t.name} with rows of {ncols}")
+    f = _FALLBACK[t]
+    return f if ncols % qtype_info(f).block_size == 0 else T.F16
+
+
+@dataclass
+class Plan:
+    """The chosen type per tensor, in llama.cpp's tensor order."""
+
+    types: dict[str, QType]
+    ftype: str
+    fallbacks: list[str]
+    unmatched_overrides: list[str]
+
+
+def plan_from_tensors(
+    tensors: dict[str, tuple[tuple[int, ...], int]], metadata: dict[str, Any], spec: MixSpec
+) -> Plan:
+    """name -> (shape in numpy order, current type id) -> chosen type per tensor."""
+    m = ModelInfo.from_metadata(metadata)
+    names = llama_order(list(tensors))
+    st = _State(n_ffn=m.n_layer)
+    for n in names:
+        c = _category(n)
+        st.n_attention_wv += c in ("attn_v", "attn_qkv", "attn_kv_b")
+        if c == "output":
+            st.has_tied_embeddings = False
+    default = spec.default_type
+    matched: set[str] = set()
+    out: dict[str, QType] = {}
+    for n in names:
+        shape, cur = tensors[n]
+        ncols = shape[-1] if shape else 1
+        c = _category(n)
+        if not allows_quantization(n, shape):
+            out[n] = QType(cur)
+            continue
+        if spec.token_embedding_type is not None and c == "token_embd":
+            out[n] = _check_fits(n, ncols, spec.token_embedding_type)
+            continue
+        if spec.output_tensor_type is not None and c == "output":
+            out[n] = _check_fits(n, ncols, spec.output_tensor_type)
+            continue
+        t = default
+        if t not in FLOAT_TYPES:
+            manual = False
+            for pattern, qt in spec.overrides:
+                if re.search(pattern, n):
+                    t, manual = qt, True
+                    matched.add(pattern)
+                    break
+            if not manual and not spec.pure:
+                t = _mix_rule(st, m, spec, t, n, ncols, c)
+            t = _fallback(st, n, ncols, t)
+        out[n] = t
+    unmatched = [p for p, _ in spec.overrides if p not in matched]
+    for p in unmatched:
+        warnings.warn(f"--tensor-type '{p}' matches no quantized tensor", QuantWarning, 2)
+    return Plan(out, spec.ftype, st.fallbacks, unmatched)
+
+
+def _check_fits(name: str, ncols: int, t: QType) -> QType:
+    bs = qtype_info(t).block_size
+    if ncols % bs:
+        raise QuantError(f"{name}: rows of {ncols} cannot be {t.name} (blocks of {bs})")
+    return t
+
+
+def plan_types(gguf_file: Any, spec: MixSpec | str) -> dict[str, int]:
+    """Tensor name -> ggml type id that llama-quantize would choose for ``gguf_file``
+    (a ``jllama.gguf.reader.GGUFFile``) under ``spec`` (a MixSpec or a file type name)."""
+    if isinstance(spec, str):
+        spec = mix_from_base(spec)
+    tensors = {n: (t.shape, t.qtype) for n, t in gguf_file.tensors.items()}
+    plan = plan_from_tensors(tensors, gguf_file.metadata, spec)
+    return {n: int(t) for n, t in plan.types.items()}

@@ -1,0 +1,178 @@
+"""Quantize a GGUF model file, as ``llama-quantize`` does (no importance matrix).
+
+The tensor -> type map comes from ``mixes``; each tensor is decoded to float32 and re-encoded by
+the reference quantizers in ``quantizers``, streamed into the atomic GGUF writer one tensor at a
+time, in llama.cpp's tensor order and with its metadata changes (``general.file_type``,
+``general.quantization_version``, no split keys). Tensors whose type does not change are copied
+byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jllama.errors import QuantError
+from jllama.gguf.constants import QType, ValueType, qtype_info
+from jllama.gguf.reader import read_gguf
+from jllama.gguf.writer import TensorSpec, tensor_nbytes, write_gguf
+from jllama.quant.formats import dequantize_np
+from jllama.quant.mixes import MixSpec, Plan, plan_from_tensors
+from jllama.quant.quantizers import quantize_np
+
+GGML_QNT_VERSION = 2
+_SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+_ROWS_ELEMS = 1 << 22  # elements converted per slice: bounds the float32 temporaries
+
+
+def is_quantized(qtype: int) -> bool:
+    """Block types (what llama-quantize refuses to requantize without the flag)."""
+    return qtype_info(qtype).block_size > 1
+
+
+def quantize_tensor(
+    data: np.ndarray, from_qtype: int, to_qtype: int, shape: tuple[int, ...]
+) -> np.ndarray:
+    """Re-encode one tensor: raw GGUF bytes of type ``from_qtype`` (or a float array) of logical
+    ``shape`` (numpy order) -> uint8 ``[rows, row_bytes]`` of ``to_qtype``.
+
+    Same type in and out returns the bytes unchanged (as llama-quantize copies them)."""
+    from_qtype, to_qtype = int(from_qtype), int(to_qtype)
+    row = int(shape[-1]) if shape else 1
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    data = np.asarray(data)
+    if data.dtype != np.uint8:  # a float array: its type is the array's, not from_qtype
+        x = np.ascontiguousarray(data, dtype=np.float32).reshape(rows, row)
+        return quantize_np(x, to_qtype)
+    raw = data.reshape(rows, -1)
+    expect = tensor_nbytes((rows, row), from_qtype) // max(rows, 1)
+    if raw.shape[1] != expect:
+        raise QuantError(
+            f"tensor of shape {shape} in {qtype_info(from_qtype).name} needs "
+            f"{expect} bytes per row, got {raw.shape[1]}"
+        )
+    if from_qtype == to_qtype:
+        return raw
+    out = np.empty((rows, tensor_nbytes((1, row), to_qtype)), np.uint8)
+    step = max(1, _ROWS_ELEMS // max(row, 1))
+    for s in range(0, rows, step):
+        x = dequantize_np(np.asarray(raw[s : s + step]), from_qtype, row)
+        out[s : s + step] = quantize_np(x, to_qtype)
+    return out
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]
+    from_type: str
+    to_type: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class QuantizeReport:
+    out_path: str
+    ftype: str
+    tensors: list[TensorReport]
+    n_elements: int
+    file_size: int
+    fallbacks: list[str]
+    unmatched_overrides: list[str]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(t.bytes_before for t in self.tensors)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(t.bytes_after for t in self.tensors)
+
+    @property
+    def bpw_before(self) -> float:
+        return 8.0 * self.bytes_before / max(1, self.n_elements)
+
+    @property
+    def bpw_after(self) -> float:
+        return 8.0 * self.bytes_after / max(1, self.n_elements)
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.to_type] = out.get(t.to_type, 0) + 1
+        return out
+
+
+def output_metadata(
+    metadata: dict[str, Any], types: dict[str, tuple[ValueType, ValueType | None]], ftype_id: int
+) -> tuple[dict[str, Any], dict[str, tuple[ValueType, ValueType | None]]]:
+    """llama-quantize's metadata edit: split keys dropped, version and file type (re)set last."""
+    md = {k: v for k, v in metadata.items() if k not in _SPLIT_KEYS}
+    mt = {k: v for k, v in types.items() if k in md}
+    for key, val in (
+        ("general.quantization_version", GGML_QNT_VERSION),
+        ("general.file_type", ftype_id),
+    ):
+        md.pop(key, None)
+        md[key] = val
+        mt[key] = (ValueType.UINT32, None)
+    return md, mt
+
+
+def quantize_file(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    spec: MixSpec,
+    allow_requantize: bool = False,
+    on_tensor: Callable[[TensorReport], None] | None = None,
+) -> QuantizeReport:
+    """Quantize ``in_path`` to ``out_path`` with the mix ``spec``; returns what was done."""
+    src = read_gguf(in_path)
+    if os.path.abspath(in_path) == os.path.abspath(out_path):
+        raise QuantError("output file must differ from the input file")
+    plan: Plan = plan_from_tensors(
+        {n: (t.shape, t.qtype) for n, t in src.tensors.items()}, src.metadata, spec
+    )
+    for name, new in plan.types.items():
+        t = src.tensors[name]
+        if int(new) != t.qtype and is_quantized(t.qtype) and not allow_requantize:
+            raise QuantError(
+                f"requantizing from type {t.type_name} is disabled ({name}); "
+                "pass --allow-requantize to decode and re-encode it"
+            )
+    md, mt = output_metadata(src.metadata, src.metadata_types, spec.ftype_id)
+
+    reports: dict[str, TensorReport] = {}
+    specs: list[TensorSpec] = []
+    for name, new in plan.types.items():
+        t = src.tensors[name]
+        rep = TensorReport(
+            name, t.shape, t.type_name, QType(new).name, t.nbytes, tensor_nbytes(t.shape, new)
+        )
+        reports[name] = rep
+
+        def produce(t=t, new=new) -> np.ndarray:
+            return quantize_tensor(t.data, t.qtype, int(new), t.shape)
+
+        specs.append(TensorSpec(name, t.shape, int(new), produce))
+
+    def done(ts: TensorSpec) -> None:
+        if on_tensor is not None:
+            on_tensor(reports[ts.name])
+
+    size = write_gguf(out_path, md, specs, mt, on_tensor=done)
+    n_el = sum(t.n_elements for t in src.tensors.values())
+    return QuantizeReport(
+        str(out_path),
+        spec.ftype,
+        list(reports.values()),
+        n_el,
+        size,
+        plan.fallbacks,
+        plan.unmatched_overrides,
+    )
