@@ -15,8 +15,10 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <vector>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -174,31 +176,200 @@ struct Q6_K {
 constexpr int kMaxRows = 8;  // x rows handled per pass over W (more: loop in passes)
 
 typedef float v16 __attribute__((vector_size(64)));  // GCC/Clang: lowered to the target's SIMD
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+// Unaligned views: plain vector loads (GCC turns memcpy into int8 vectors into scalar code).
+typedef float v16_u __attribute__((vector_size(64), aligned(1), may_alias));
+typedef uint8_t v16b_u __attribute__((vector_size(16), aligned(1), may_alias));
 
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16_u*>(p); }
+inline v16b load16b(const uint8_t* p) { return *reinterpret_cast<const v16b_u*>(p); }
+// Widening converts, the one place GCC's generic vectors scalarise: use AVX-512 when the build
+// machine has it (-march=native), otherwise a loop the auto-vectoriser handles.
+inline v16i u8_to_i(v16b b) {
+#if defined(__AVX512F__)
+  return (v16i)_mm512_cvtepu8_epi32((__m128i)b);
+#else
+  v16i r;
+  for (int i = 0; i < 16; ++i) r[i] = b[i];
+  return r;
+#endif
 }
+inline v16 i32_to_f(v16i i) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_cvtepi32_ps((__m512i)i);
+#else
+  return __builtin_convertvector(i, v16);
+#endif
+}
+inline v16 u8_to_f(v16b b) { return i32_to_f(u8_to_i(b)); }
+inline v16i i8_to_i(v16b b) {
+#if defined(__AVX512F__)
+  return (v16i)_mm512_cvtepi8_epi32((__m128i)b);
+#else
+  v16i r;
+  for (int i = 0; i < 16; ++i) r[i] = int8_t(b[i]);
+  return r;
+#endif
+}
+
+// Fused per-block dots: no f32 copy of the block, the scale is applied once per group.
+// acc[m] (16 lanes) collects scale * sum(code * x); sacc[m] collects min * sum(x over the group)
+// (xs: per-32-element sums of x, precomputed once per call for types with a min).
+struct FQ4_0 : Q4_0 {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+    const v16i q = u8_to_i(load16b(b + 2));
+    const v16 lo = i32_to_f((q & 15) - 8), hi = i32_to_f((q >> 4) - 8);
+    for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+struct FQ4_1 : Q4_1 {
+  static constexpr bool kNeedsXsum = true;
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const* xs, v16* acc,
+                  float* sacc) {
+    const float d = f16_to_f32(b), mn = f16_to_f32(b + 2);
+    const v16i q = u8_to_i(load16b(b + 4));
+    const v16 lo = i32_to_f(q & 15), hi = i32_to_f(q >> 4);
+    for (int m = 0; m < MC; ++m) {
+      acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+      sacc[m] += mn * xs[m][0];
+    }
+  }
+};
+
+struct FQ5_0 : Q5_0 {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const v16i q = u8_to_i(load16b(b + 6));
+    const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16i hlo = (v16i)(((qh >> lane) & 1) << 4), hhi = (v16i)(((qh >> (lane + 16)) & 1) << 4);
+    const v16 lo = i32_to_f(((q & 15) | hlo) - 16);
+    const v16 hi = i32_to_f(((q >> 4) | hhi) - 16);
+    for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+struct FQ8_0 : Q8_0 {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+    const v16 lo = i32_to_f(i8_to_i(load16b(b + 2))), hi = i32_to_f(i8_to_i(load16b(b + 18)));
+    for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+// K-quants: each 32-element group (Q6_K: 16) is decoded straight into f32 vectors and used
+// with its scale while in registers; the mins use the x group sums.
+template <typename T>
+struct FK : T {
+  static constexpr bool kNeedsXsum = T::kMin;
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const* xs, v16* acc,
+                  float* sacc) {
+    float sc[16], mn[8];
+    T::scales(b, sc, mn);
+#pragma GCC unroll 16
+    for (int g = 0; g < 256 / T::G; ++g) {
+      v16 f[T::G / 16];
+      T::group(b, g, f);
+      for (int m = 0; m < MC; ++m) {
+        v16 s = f[0] * load16(xm[m] + g * T::G);
+        for (int h = 1; h < T::G / 16; ++h) s += f[h] * load16(xm[m] + g * T::G + 16 * h);
+        acc[m] += sc[g] * s;
+        if constexpr (T::kMin) sacc[m] -= mn[g] * xs[m][g];
+      }
+    }
+  }
+};
+
+struct CQ4_K : Q4_K {
+  static constexpr int G = 32;
+  static constexpr bool kMin = true;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    k_scale_min(b + 4, f16_to_f32(b), f16_to_f32(b + 2), sc, mn);
+  }
+  static void group(const uint8_t* b, int g, v16* f) {  // group g: chunk g/2, nibble g%2
+    const uint8_t* qs = b + 16 + 32 * (g >> 1);
+    const int sh = 4 * (g & 1);
+    f[0] = i32_to_f((u8_to_i(load16b(qs)) >> sh) & 15);
+    f[1] = i32_to_f((u8_to_i(load16b(qs + 16)) >> sh) & 15);
+  }
+};
+
+struct CQ5_K : Q5_K {
+  static constexpr int G = 32;
+  static constexpr bool kMin = true;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    k_scale_min(b + 4, f16_to_f32(b), f16_to_f32(b + 2), sc, mn);
+  }
+  static void group(const uint8_t* b, int g, v16* f) {  // high bit g of qh[l]
+    const uint8_t* qh = b + 16;
+    const uint8_t* qs = b + 48 + 32 * (g >> 1);
+    const int sh = 4 * (g & 1);
+    for (int h = 0; h < 2; ++h) {
+      const v16i lo = (u8_to_i(load16b(qs + 16 * h)) >> sh) & 15;
+      const v16i hi = (u8_to_i(load16b(qh + 16 * h)) >> g) & 1;
+      f[h] = i32_to_f(lo | (hi << 4));
+    }
+  }
+};
+
+struct CQ6_K : Q6_K {
+  static constexpr int G = 16;
+  static constexpr bool kMin = false;
+  static void scales(const uint8_t* b, float* sc, float*) {
+    const v16 v = f16_to_f32(b + 208) * i32_to_f(i8_to_i(load16b(b + 192)));
+    std::memcpy(sc, &v, sizeof v);
+  }
+  // Group g covers elements 16g..16g+15 = h*128 + s*32 + l with l in [16*(g%2), +16).
+  static void group(const uint8_t* b, int g, v16* f) {
+    const int h = g >> 3, s = (g >> 1) & 3, l0 = 16 * (g & 1);
+    const v16i lo = (u8_to_i(load16b(b + h * 64 + (s & 1) * 32 + l0)) >> (4 * (s >> 1))) & 15;
+    const v16i hi = (u8_to_i(load16b(b + 128 + h * 32 + l0)) >> (2 * s)) & 3;
+    f[0] = i32_to_f((lo | (hi << 4)) - 32);
+  }
+};
+
+template <typename T, typename = void>
+struct NeedsXsum {
+  static constexpr bool value = false;
+};
+template <typename T>
+struct NeedsXsum<T, std::void_t<decltype(T::kNeedsXsum)>> {
+  static constexpr bool value = T::kNeedsXsum;
+};
 
 // y[m0 + m, n] for n in [n0, n1), m < MC: each block is decoded once and used for MC rows of x.
 template <typename T, int MC>
-void rows_mc(const float* x, int64_t k, const uint8_t* w, int64_t row_bytes, float* y,
-             int64_t n_out, int64_t m0, int64_t n0, int64_t n1) {
-  alignas(64) float buf[T::BS];
-  const int64_t nb = k / T::BS;
+void rows_mc(const float* x, const float* xsum, int64_t k, const uint8_t* w, int64_t row_bytes,
+             float* y, int64_t n_out, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = k / T::BS, gpb = T::BS / 32;  // 32-element x sums per block
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     v16 acc[MC] = {};
+    float sacc[MC] = {};
     for (int64_t bi = 0; bi < nb; ++bi) {
-      T::decode(row + bi * T::TS, buf);
-      for (int j = 0; j < T::BS; j += 16) {
-        const v16 wv = load16(buf + j);
-        for (int m = 0; m < MC; ++m) acc[m] += wv * load16(x + (m0 + m) * k + bi * T::BS + j);
+      const float* xm[MC];
+      const float* xs[MC];
+      for (int m = 0; m < MC; ++m) {
+        xm[m] = x + (m0 + m) * k + bi * T::BS;
+        xs[m] = xsum + (m0 + m) * (k / 32) + bi * gpb;
       }
+      T::template dot<MC>(row + bi * T::TS, xm, xs, acc, sacc);
     }
     for (int m = 0; m < MC; ++m) {
-      float s = 0.f;
+      float s = sacc[m];
       for (int l = 0; l < 16; ++l) s += acc[m][l];
       y[(m0 + m) * n_out + n] = s;
     }
@@ -207,28 +378,38 @@ void rows_mc(const float* x, int64_t k, const uint8_t* w, int64_t row_bytes, flo
 
 // All x rows against W rows [n0, n1): passes of 8, then 4, 2, 1 rows.
 template <typename T>
-void rows_kernel(const float* x, int64_t k, const uint8_t* w, int64_t row_bytes, float* y,
-                 int64_t n_out, int64_t m_total, int64_t n0, int64_t n1) {
+void rows_kernel(const float* x, const float* xs, int64_t k, const uint8_t* w, int64_t rb,
+                 float* y, int64_t n_out, int64_t m_total, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
-  for (; m0 + 8 <= m_total; m0 += 8) rows_mc<T, 8>(x, k, w, row_bytes, y, n_out, m0, n0, n1);
-  if (m0 + 4 <= m_total) rows_mc<T, 4>(x, k, w, row_bytes, y, n_out, m0, n0, n1), m0 += 4;
-  if (m0 + 2 <= m_total) rows_mc<T, 2>(x, k, w, row_bytes, y, n_out, m0, n0, n1), m0 += 2;
-  if (m0 < m_total) rows_mc<T, 1>(x, k, w, row_bytes, y, n_out, m0, n0, n1);
+  for (; m0 + 8 <= m_total; m0 += 8) rows_mc<T, 8>(x, xs, k, w, rb, y, n_out, m0, n0, n1);
+  if (m0 + 4 <= m_total) rows_mc<T, 4>(x, xs, k, w, rb, y, n_out, m0, n0, n1), m0 += 4;
+  if (m0 + 2 <= m_total) rows_mc<T, 2>(x, xs, k, w, rb, y, n_out, m0, n0, n1), m0 += 2;
+  if (m0 < m_total) rows_mc<T, 1>(x, xs, k, w, rb, y, n_out, m0, n0, n1);
 }
 
-using RowsFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, float*, int64_t, int64_t,
-                        int64_t, int64_t);
+using RowsFn = void (*)(const float*, const float*, int64_t, const uint8_t*, int64_t, float*,
+                        int64_t, int64_t, int64_t, int64_t);
 
-RowsFn pick(int64_t qtype) {
+struct Kernel {
+  RowsFn fn;
+  bool needs_xsum;
+};
+
+template <typename T>
+constexpr Kernel make() {
+  return {rows_kernel<T>, NeedsXsum<T>::value};
+}
+
+Kernel pick(int64_t qtype) {
   switch (qtype) {
-    case kQ4_0: return rows_kernel<Q4_0>;
-    case kQ4_1: return rows_kernel<Q4_1>;
-    case kQ5_0: return rows_kernel<Q5_0>;
-    case kQ8_0: return rows_kernel<Q8_0>;
-    case kQ4_K: return rows_kernel<Q4_K>;
-    case kQ5_K: return rows_kernel<Q5_K>;
-    case kQ6_K: return rows_kernel<Q6_K>;
-    default: return nullptr;
+    case kQ4_0: return make<FQ4_0>();
+    case kQ4_1: return make<FQ4_1>();
+    case kQ5_0: return make<FQ5_0>();
+    case kQ8_0: return make<FQ8_0>();
+    case kQ4_K: return make<FK<CQ4_K>>();
+    case kQ5_K: return make<FK<CQ5_K>>();
+    case kQ6_K: return make<FK<CQ6_K>>();
+    default: return {nullptr, false};
   }
 }
 
@@ -241,15 +422,17 @@ int block_size(int64_t qtype) { return qtype >= kQ4_K ? 256 : 32; }
 struct Work {
   RowsFn fn;
   const float* x;
+  const float* xsum;
   int64_t k, row_bytes, n_out, m_total, chunk_rows, n_chunks;
   const uint8_t* w;
   float* y;
+  std::vector<float> xsum_store;
   std::atomic<int64_t> next{0}, done{0};
 
   void run() {
     for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
       const int64_t n0 = c * chunk_rows, n1 = std::min(n_out, n0 + chunk_rows);
-      fn(x, k, w, row_bytes, y, n_out, m_total, n0, n1);
+      fn(x, xsum, k, w, row_bytes, y, n_out, m_total, n0, n1);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -260,12 +443,22 @@ ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("need 2-D x and w");
   const int64_t m = xd[0], k = xd[1], n = wd[0], row_bytes = wd[1];
-  RowsFn fn = pick(qtype);
-  if (fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type");
+  const Kernel kern = pick(qtype);
+  if (kern.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type");
   if (k % block_size(qtype) != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
   auto work = std::make_shared<Work>();
-  work->fn = fn;
+  work->fn = kern.fn;
   work->x = x.typed_data();
+  // Sums of x over each 32 elements, for the min terms (kept in the shared state).
+  if (kern.needs_xsum) {
+    work->xsum_store.assign(size_t(m) * size_t(k / 32), 0.f);
+    for (int64_t i = 0; i < m * (k / 32); ++i) {
+      float s = 0.f;
+      for (int j = 0; j < 32; ++j) s += work->x[i * 32 + j];
+      work->xsum_store[size_t(i)] = s;
+    }
+  }
+  work->xsum = work->xsum_store.data();
   work->k = k;
   work->row_bytes = row_bytes;
   work->n_out = n;
