@@ -9,6 +9,7 @@ random floats (what real files hold). Shapes are odd on purpose: n_out not a mul
 from __future__ import annotations
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -194,3 +195,42 @@ def test_decode_attention_empty_sequence_is_zero(variant):
     )
     np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
     np.testing.assert_allclose(np.asarray(got[1]), 1.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- lowering
+# No GPU/TPU here: lower the real (non-interpret) kernels for those platforms from the CPU host.
+# This runs the Pallas -> Triton and Pallas -> Mosaic TPU lowerings (tile shape rules, supported
+# primitives, power-of-two Triton tensors), not the device compilers that come after them.
+
+
+def lower_for(platform: str, f, *avals) -> str:
+    return jax.jit(f).trace(*avals).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_qmatmul_lowers_for_device(qtype, platform):
+    shape = (200, 768)
+    planes = tuple(
+        jnp.asarray(p) for p in pq.repack(np, random_blocks(qtype, *shape, 0), qtype, shape)
+    )
+    for m, k_splits in [(1, None), (3, 3), (40, 1)]:
+
+        def f(x, planes, k_splits=k_splits):
+            return pq.matmul_planes(x, planes, qtype, shape, k_splits=k_splits, backend=platform)
+
+        text = lower_for(platform, f, jax.ShapeDtypeStruct((m, shape[1]), jnp.float32), planes)
+        assert ("triton" if platform == "cuda" else "tpu_custom_call") in text
+
+
+@pytest.mark.parametrize("platform,variant", [("cuda", "loop"), ("tpu", "pipelined")])
+def test_decode_attention_lowers_for_device(platform, variant):
+    def f(q, k, v, n):
+        return pa.pallas_decode_attention(
+            q, k, v, n, scale=0.125, window=64, softcap=30.0, variant=variant, backend=platform
+        )
+
+    cache = jax.ShapeDtypeStruct((2, 3, 256, 64), jnp.float16)
+    q = jax.ShapeDtypeStruct((2, 9, 64), jnp.float32)
+    text = lower_for(platform, f, q, cache, cache, jax.ShapeDtypeStruct((2,), jnp.int32))
+    assert ("triton" if platform == "cuda" else "tpu_custom_call") in text

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jllama.quant.kernels.pallas_qmatmul import compiler_params
+
 _SQ = pl.squeezed
 _MIN_ROWS = 16  # Triton dot: M, N, K >= 16
 
@@ -49,8 +51,10 @@ def _block_len(max_len: int, block_l: int) -> int:
 
 def _block_range(length, bl: int, window: int | None):
     """[first, end) block indices holding the positions this query may attend to."""
-    end = (length + bl - 1) // bl
-    first = 0 if window is None else jnp.maximum(length - window, 0) // bl
+    # lax.div, not //: lengths are >= 0, and jnp's floor division lowers to a sign op that
+    # Mosaic only handles on a known TPU generation.
+    end = jax.lax.div(length + (bl - 1), bl)
+    first = 0 if window is None else jax.lax.div(jnp.maximum(length - window, 0), bl)
     return first, end
 
 
@@ -85,7 +89,7 @@ def _finish(l, acc):
     return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
 
 
-def _loop_call(q, k, v, lengths, *, scale, bl, window, softcap, interpret):
+def _loop_call(q, k, v, lengths, *, scale, bl, window, softcap, interpret, backend):
     b, kvh, g, d = q.shape
     max_len, dv = k.shape[2], v.shape[3]
 
@@ -121,11 +125,12 @@ def _loop_call(q, k, v, lengths, *, scale, bl, window, softcap, interpret):
         out_specs=pl.BlockSpec((_SQ, _SQ, g, dv), lambda i, h: (i, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kvh, g, dv), q.dtype),
         interpret=interpret,
+        compiler_params=compiler_params(backend, interpret, ("parallel", "parallel")),
         name="decode_attention",
     )(lengths, q, k, v)
 
 
-def _pipelined_call(q, k, v, lengths, *, scale, bl, window, softcap, interpret):
+def _pipelined_call(q, k, v, lengths, *, scale, bl, window, softcap, interpret, backend):
     from jax.experimental.pallas import tpu as pltpu
 
     b, kvh, g, d = q.shape
@@ -181,13 +186,14 @@ def _pipelined_call(q, k, v, lengths, *, scale, bl, window, softcap, interpret):
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, kvh, g, dv), q.dtype),
         interpret=interpret,
+        compiler_params=compiler_params(backend, interpret, ("parallel", "parallel", "arbitrary")),
         name="decode_attention_pipelined",
     )(lengths, q, k, v)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "window", "softcap", "block_l", "variant", "interpret"),
+    static_argnames=("scale", "window", "softcap", "block_l", "variant", "interpret", "backend"),
 )
 def pallas_decode_attention(
     q: jax.Array,
@@ -201,20 +207,22 @@ def pallas_decode_attention(
     block_l: int = 128,
     variant: str | None = None,
     interpret: bool = False,
+    backend: str | None = None,
 ) -> jax.Array:
     """Attention of one query token per sequence over its first ``lengths[b]`` cache positions.
 
     q ``[B, H, D]``; caches ``[B, KVH, max_len, D]`` / ``[B, KVH, max_len, Dv]`` (H a multiple of
     KVH) already holding the new token's key/value; lengths ``int [B]`` (0 gives zeros).
     Returns ``[B, H, Dv]`` in q's dtype. ``variant``: ``"loop"`` or ``"pipelined"``; default
-    ``"pipelined"`` on TPU, else ``"loop"``.
+    ``"pipelined"`` on TPU, else ``"loop"``. ``backend``: the platform to lower for (default:
+    JAX's default backend).
     """
     b, h, d = q.shape
     _, kvh, max_len, _ = k_cache.shape
     if h % kvh:
         raise ValueError(f"{h} query heads is not a multiple of {kvh} kv heads")
     if variant is None:
-        variant = "pipelined" if jax.default_backend() == "tpu" and not interpret else "loop"
+        variant = "pipelined" if (backend or jax.default_backend()) == "tpu" else "loop"
     lengths = jnp.minimum(lengths.astype(jnp.int32), max_len)
     bl = _block_len(max_len, block_l)
     if bl == 0:  # odd cache length: pad (a copy per call; caches are normally bucketed)
@@ -231,6 +239,6 @@ def pallas_decode_attention(
     call = {"loop": _loop_call, "pipelined": _pipelined_call}[variant]
     out = call(
         qg, k_cache, v_cache, lengths,
-        scale=scale, bl=bl, window=window, softcap=softcap, interpret=interpret,
+        scale=scale, bl=bl, window=window, softcap=softcap, interpret=interpret, backend=backend,
     )  # fmt: skip
     return out[:, :, :g].reshape(b, h, -1)

@@ -321,14 +321,35 @@ def _col_tile(n_pad: int, m_tile: int) -> int:
 _GPU_TARGET_PROGRAMS = 256
 
 
-def _chunks_per_split(n_chunks: int, programs: int, k_splits: int | None) -> int:
+def _chunks_per_split(
+    n_chunks: int, programs: int, k_splits: int | None, backend: str | None
+) -> int:
     """Chunks of n_in per program: a divisor of ``n_chunks`` (so every split is a whole block)."""
+    if (backend or jax.default_backend()) == "tpu":
+        # One sequential core: no split (each tile's DMA covers all of n_in), which also keeps
+        # the per-superblock planes' blocks whole arrays along n_in, as Mosaic's tiling needs.
+        return n_chunks
     if k_splits is None:
-        if jax.default_backend() == "tpu":
-            return n_chunks  # one sequential core: no split, each tile's DMA covers all of n_in
         k_splits = -(-_GPU_TARGET_PROGRAMS // programs)
     want = -(-n_chunks // max(1, min(k_splits, n_chunks)))
     return min(c for c in range(want, n_chunks + 1) if n_chunks % c == 0)
+
+
+def compiler_params(backend: str | None, interpret: bool, semantics: tuple[str, ...]):
+    """Per-backend Pallas compiler params. On GPU this picks the Triton lowering explicitly (jax
+    0.10 defaults ``pallas_call`` to Mosaic GPU, which wants warpgroup-shaped kernels)."""
+    if interpret:
+        return None
+    backend = backend or jax.default_backend()
+    if backend in ("gpu", "cuda", "rocm"):
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=4, num_stages=2)
+    if backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    return None
 
 
 def matmul_planes(
@@ -339,10 +360,14 @@ def matmul_planes(
     *,
     interpret: bool = False,
     k_splits: int | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
     """``x[..., n_in] @ W.T`` with W given as the kernel's planes; returns f32 ``[..., n_out]``.
 
-    ``k_splits``: how many programs share n_in (default: enough for a GPU to be busy, 1 on TPU).
+    ``k_splits``: how many programs share n_in (default: enough for a GPU to be busy; always 1
+    on TPU).
+    ``backend``: the platform to lower for (default: JAX's default backend), e.g. to export a
+    GPU kernel from a CPU host.
     """
     n_out, n_in = shape
     lead = x.shape[:-1]
@@ -358,7 +383,7 @@ def matmul_planes(
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, k_pad - n_in)))
     body = _unpack_group_fns(qtype)
     n_chunks = k_pad // CHUNK
-    cps = _chunks_per_split(n_chunks, (m_pad // bm) * (n_pad // bn), k_splits)
+    cps = _chunks_per_split(n_chunks, (m_pad // bm) * (n_pad // bn), k_splits, backend)
     splits = n_chunks // cps
 
     def kernel(x_ref, *refs):
@@ -379,6 +404,7 @@ def matmul_planes(
         out_specs=pl.BlockSpec((pl.squeezed, bm, bn), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, m_pad, n_pad), jnp.float32),
         interpret=interpret,
+        compiler_params=compiler_params(backend, interpret, ("parallel",) * 3),
         name=f"qmatmul_{qtype_info(qtype).name.lower()}",
     )(x2, *planes)
     y = y[0] if splits == 1 else jnp.sum(y, axis=0)
@@ -386,7 +412,12 @@ def matmul_planes(
 
 
 def pallas_qmatmul(
-    x: jax.Array, qt, interpret: bool = False, *, k_splits: int | None = None
+    x: jax.Array,
+    qt,
+    interpret: bool = False,
+    *,
+    k_splits: int | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
     """``x[..., n_in] @ W.T -> [..., n_out]`` (f32) for a 2-D QTensor W in layout ``"pallas"``
     (from ``prepare_pallas``) or raw ``"gguf"`` (repacked in-graph on each call)."""
@@ -398,4 +429,6 @@ def pallas_qmatmul(
         planes = repack(jnp, qt.data, qt.qtype, qt.shape)
     else:
         raise QuantError(f"Pallas qmatmul cannot read layout {qt.layout!r}")
-    return matmul_planes(x, planes, qt.qtype, qt.shape, interpret=interpret, k_splits=k_splits)
+    return matmul_planes(
+        x, planes, qt.qtype, qt.shape, interpret=interpret, k_splits=k_splits, backend=backend
+    )
