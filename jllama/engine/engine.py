@@ -23,6 +23,7 @@ from flax import nnx
 from jllama.engine.cache import KVCache
 from jllama.engine.sampling import BatchSampling, SamplingParams, sample
 from jllama.errors import ContextError
+from jllama.models.common import rope
 from jllama.models.spec import ModelSpec
 
 PREFILL_BUCKETS = (16, 64, 128, 256, 512)
@@ -64,12 +65,16 @@ class Engine:
         self.ctx_size = int(ctx_size)
         self.n_slots = int(n_slots)
         self._make_cache = getattr(model, "make_cache", None)
+        # per-layer (rope base, dims, neox, scale) of cached keys, for context shift
+        self._kv_rope = ([model.kv_rope(i) for i in range(spec.n_layer)]
+                         if hasattr(model, "kv_rope") else None)
         self.graphdef, self.state = nnx.split(model)
         # room for the padded tail of the last prompt chunk
         self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + PREFILL_BUCKETS[-1]
         self.cache_type = cache_type
         self.cache = self._new_cache(self.n_slots)
         self.pos = np.zeros(self.n_slots, np.int32)  # tokens held per slot
+        self.tokens: list[list[int]] = [[] for _ in range(self.n_slots)]  # ...and which ones
         self.history = jnp.full((self.n_slots, HISTORY), -1, jnp.int32)
         self.timings = Timings()
         gd = self.graphdef
@@ -105,6 +110,7 @@ class Engine:
         self._decode_sample = jax.jit(decode_sample, static_argnames="kv_len",
                                       donate_argnames=("cache", "history"))
         self._sample = jax.jit(_sample_rows)
+        self._shift = self._build_shift() if self._kv_rope is not None else None
 
     # ------------------------------------------------------------------ cache / slots
     def _new_cache(self, batch: int) -> KVCache:
@@ -121,16 +127,46 @@ class Engine:
         return min(b, self.max_len)
 
     def reset(self, slot: int | None = None) -> None:
-        if slot is None:
-            self.pos[:] = 0
-            self.history = jnp.full((self.n_slots, HISTORY), -1, jnp.int32)
-        else:
-            self.pos[slot] = 0
-            self.history = self.history.at[slot].set(-1)
+        for sl in range(self.n_slots) if slot is None else [slot]:
+            self.rewind(sl, 0)
+
+    def rewind(self, slot: int, n_keep: int) -> None:
+        """Forget all but the first ``n_keep`` tokens of a slot. Cache entries past that are
+        left in place: attention never reads past a query's position, and the next tokens
+        overwrite them."""
+        n_keep = max(0, min(int(n_keep), int(self.pos[slot])))
+        self.pos[slot] = n_keep
+        del self.tokens[slot][n_keep:]
+        h = np.full(HISTORY, -1, np.int32)
+        tail = self.tokens[slot][-HISTORY:]
+        if tail:
+            h[-len(tail):] = tail
+        self.history = self.history.at[slot].set(jnp.asarray(h))
+
+    def common_prefix(self, tokens: list[int] | np.ndarray, slot: int) -> int:
+        held = self.tokens[slot]
+        n = 0
+        for a, b in zip(held, tokens):
+            if a != int(b):
+                break
+            n += 1
+        return n
+
+    def prefill_cached(self, tokens: list[int] | np.ndarray, slot: int = 0) -> tuple[jax.Array, int]:
+        """Prefill reusing the longest prefix the slot already holds (prompt cache).
+
+        Returns (logits after the last token, number of prompt tokens reused). At least the last
+        token is always evaluated, since its logits are needed."""
+        toks = [int(t) for t in tokens]
+        keep = min(self.common_prefix(toks, slot), len(toks) - 1)
+        self.rewind(slot, keep)
+        return self.prefill(toks[keep:], slot), keep
 
     # ------------------------------------------------------------------ forward passes
-    def prefill(self, tokens: list[int] | np.ndarray, slot: int = 0) -> jax.Array:
-        """Append ``tokens`` to a slot's sequence; return logits [V] after the last one."""
+    def prefill(self, tokens: list[int] | np.ndarray, slot: int = 0,
+                all_logits: bool = False) -> jax.Array:
+        """Append ``tokens`` to a slot's sequence; return logits [V] after the last one, or
+        with ``all_logits`` [n, V] after each (speculative verification)."""
         toks = np.asarray(tokens, np.int32)
         n = len(toks)
         if n == 0:
@@ -141,6 +177,7 @@ class Engine:
                 f"context size {self.ctx_size} (raise runtime.ctx_size / --ctx-size)"
             )
         logits = None
+        outs = []
         i = 0
         while i < n:
             chunk = toks[i : i + PREFILL_BUCKETS[-1]]
@@ -150,20 +187,17 @@ class Engine:
             buf[0, :m] = chunk
             pos0 = self.pos[slot : slot + 1].copy()
             kv_len = self.kv_bucket(int(pos0[0]) + t)
+            last = None if all_logits else jnp.asarray([m - 1], jnp.int32)
             logits, self.cache = self._forward_slot(
                 self.state, jnp.asarray(buf), jnp.asarray(pos0), self.cache,
-                jnp.int32(slot), jnp.asarray([m - 1], jnp.int32), kv_len=kv_len)
+                jnp.int32(slot), last, kv_len=kv_len)
+            if all_logits:
+                outs.append(logits[:m])
             self.pos[slot] += m
             i += m
-        self._remember(slot, toks[-HISTORY:])
-        return logits
-
-    def _remember(self, slot: int, toks: np.ndarray) -> None:
-        h = np.full(HISTORY, -1, np.int32)
-        old = np.array(self.history[slot])
-        merged = np.concatenate([old[old >= 0], toks])[-HISTORY:]
-        h[: len(merged)] = merged
-        self.history = self.history.at[slot].set(jnp.asarray(h))
+        self.tokens[slot].extend(int(t) for t in toks)
+        self.rewind(slot, int(self.pos[slot]))  # refresh the penalty window
+        return jnp.concatenate(outs, axis=0) if all_logits else logits
 
     def logits(self, tokens: list[int] | np.ndarray) -> np.ndarray:
         """Logits at every position of one sequence, from an empty cache: [T, V] float32."""
@@ -205,22 +239,71 @@ class Engine:
             jnp.asarray(steps, jnp.int32), self.history, bias, jnp.asarray(active),
             kv_len=self.kv_bucket(need))
         self.pos[active] += 1
+        for b in np.nonzero(active)[0]:
+            self.tokens[b].append(int(tokens[b]))
         return np.asarray(nxt), logits
+
+    # ------------------------------------------------------------------ context shift
+    def can_shift(self) -> bool:
+        return self._kv_rope is not None
+
+    def shift_context(self, slot: int, n_keep: int) -> int:
+        """llama.cpp's context shift: keep the first ``n_keep`` tokens, drop half of the rest,
+        slide the remainder down and re-rotate its keys by the distance moved. Returns the number
+        of tokens dropped."""
+        if self._kv_rope is None:
+            raise ContextError(f"context shift is not supported for the {self.spec.arch} cache")
+        n_keep = max(0, min(int(n_keep), int(self.pos[slot]) - 2))
+        n_discard = (int(self.pos[slot]) - n_keep) // 2
+        if n_discard <= 0:
+            raise ContextError("context is full and nothing can be discarded")
+        self.cache = self._shift(self.cache, jnp.int32(slot), jnp.int32(n_keep),
+                                 jnp.int32(n_discard))
+        toks = self.tokens[slot]
+        self.tokens[slot] = toks[:n_keep] + toks[n_keep + n_discard :]
+        self.pos[slot] -= n_discard
+        return n_discard
+
+    def _build_shift(self):
+        ropes = self._kv_rope
+        max_len = self.max_len
+
+        def shift(cache, slot, n_keep, n_discard):
+            p = jnp.arange(max_len)
+            src = jnp.where(p < n_keep, p, jnp.minimum(p + n_discard, max_len - 1))
+            moved = (p >= n_keep)[:, None, None]
+            ks, vs = [], []
+            for i, (kl, vl) in enumerate(zip(cache.k, cache.v)):
+                base, dim, neox, scale = ropes[i]
+                krow = kl[slot][:, src]  # [KVH, S, D]
+                x = krow.astype(jnp.float32).transpose(1, 0, 2)[None]  # [1, S, KVH, D]
+                rot = rope(x, jnp.full((1, max_len), -n_discard), base, dim, neox, scale)[0]
+                krow = jnp.where(moved, rot, krow.transpose(1, 0, 2)).transpose(1, 0, 2)
+                ks.append(kl.at[slot].set(krow.astype(kl.dtype)))
+                vs.append(vl.at[slot].set(vl[slot][:, src]))
+            return type(cache)(tuple(ks), tuple(vs))
+
+        return jax.jit(shift, donate_argnums=0)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
                  max_tokens: int = 128, stop_ids: set[int] | frozenset[int] = frozenset(),
-                 slot: int = 0) -> Iterator[int]:
-        """Yield generated token ids for one sequence (stops on a stop id, which is not yielded,
-        on ``max_tokens``, or at the context size)."""
+                 slot: int = 0, on_full: str = "stop", n_keep: int = 0) -> Iterator[int]:
+        """Yield generated token ids for one sequence.
+
+        Stops on a stop id (not yielded) or ``max_tokens``. When the context fills up,
+        ``on_full="stop"`` ends generation and ``"shift"`` applies a context shift keeping the
+        first ``n_keep`` tokens. A prompt sharing a prefix with what the slot holds reuses it
+        (``timings.extra["cached_tokens"]``).
+        """
         params = params or SamplingParams()
-        self.reset(slot)
         t0 = time.perf_counter()
         tm = self.timings = Timings(prompt_tokens=len(prompt))
-        logits = self.prefill(prompt, slot)
+        logits, cached = self.prefill_cached(prompt, slot)
+        tm.extra["cached_tokens"] = cached
         sp = BatchSampling.stack([params] * self.n_slots)
         seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(4), "little")
-        keys = jnp.broadcast_to(jax.random.key_data(jax.random.PRNGKey(seed)), (self.n_slots, 2))
+        keys = jnp.broadcast_to(jax.random.PRNGKey(seed), (self.n_slots, 2))
         bias = _bias_array(params.logit_bias, self.spec.n_vocab, self.n_slots)
         all_logits = jnp.zeros((self.n_slots, logits.shape[-1]), jnp.float32).at[slot].set(logits)
         tok = int(self._sample(all_logits, sp, keys, jnp.zeros(self.n_slots, jnp.int32),
@@ -231,6 +314,7 @@ class Engine:
         active = np.zeros(self.n_slots, bool)
         active[slot] = True
         n = 0
+        tm.extra["shifts"] = 0
         while True:
             if tok in stop_ids:
                 break
@@ -238,8 +322,14 @@ class Engine:
             n += 1
             tm.gen_tokens = n
             tm.gen_s = time.perf_counter() - t1
-            if n >= max_tokens or self.pos[slot] + 1 > self.ctx_size:
+            if n >= max_tokens:
                 break
+            if self.pos[slot] + 1 > self.ctx_size:
+                if on_full != "shift":
+                    tm.extra["context_full"] = True
+                    break
+                self.shift_context(slot, n_keep)
+                tm.extra["shifts"] += 1
             toks = np.zeros(self.n_slots, np.int32)
             toks[slot] = tok
             steps = np.full(self.n_slots, n, np.int32)
