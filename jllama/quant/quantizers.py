@@ -141,6 +141,24 @@ def _q8_0(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- K-quant helpers
 
 
+def _colsum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 in order, in f32 (a C loop over the block's elements), for ``[n, M]``."""
+    s = a[0].copy()
+    for i in range(1, a.shape[0]):
+        s += a[i]
+    return s
+
+
+def _first_absmax0(xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    i = np.argmax(np.abs(xt), axis=0)
+    mx = np.take_along_axis(xt, i[None, :], axis=0)[0]
+    return np.abs(mx), mx
+
+
+# The searches below work on transposed sub-blocks ``[n, M]`` (element index first) so that each
+# of ggml's per-element accumulations is one contiguous vector add over all M sub-blocks.
+
+
 def make_qkx2_quants(
     x: np.ndarray,
     w: np.ndarray,
@@ -154,28 +172,30 @@ def make_qkx2_quants(
 
     Returns (scale [M], the_min [M] (= -min, >= 0), L uint8 [M, n]).
     """
+    x = np.ascontiguousarray(x.T)
+    w = np.ascontiguousarray(w.T)
     nmf = F32(nmax)
-    mn = np.minimum(x.min(axis=1), F32(0))
-    mx = x.max(axis=1)
-    sum_w = _seqsum(w)
-    sum_x = _seqsum(w * x)
+    mn = np.minimum(x.min(axis=0), F32(0))
+    mx = x.max(axis=0)
+    sum_w = _colsum(w)
+    sum_x = _colsum(w * x)
     flat = mx == mn
     iscale = _div(nmf, np.where(flat, F32(1), mx - mn))
     scale = _div(F32(1), iscale)
-    L = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
-    diff = scale[:, None] * L.astype(F32) + mn[:, None] - x
+    L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
+    diff = scale * L.astype(F32) + mn - x
     diff = np.abs(diff) if use_mad else diff * diff
-    best = _seqsum(w * diff)
+    best = _colsum(w * diff)
     for step in range(nstep + 1):
         # ggml updates ``min`` in place, so later steps search around the best fit so far.
         rng = np.where(flat, F32(1), mx - mn)
         isc = _div(F32(rmin) + F32(rdelta) * F32(step) + nmf, rng)
-        la = np.clip(nearest_int(isc[:, None] * (x - mn[:, None])), 0, nmax)
+        la = np.clip(nearest_int(isc * (x - mn)), 0, nmax)
         lf = la.astype(F32)
         wl = w * lf
-        sum_l = _seqsum(wl)
-        sum_l2 = _seqsum(wl * lf)
-        sum_xl = _seqsum(wl * x)
+        sum_l = _colsum(wl)
+        sum_l2 = _colsum(wl * lf)
+        sum_xl = _colsum(wl * x)
         with np.errstate(all="ignore"):
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -183,32 +203,33 @@ def make_qkx2_quants(
             pos = this_min > 0
             this_min = np.where(pos, F32(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale[:, None] * lf + this_min[:, None] - x
+            diff = this_scale * lf + this_min - x
             diff = np.abs(diff) if use_mad else diff * diff
-            cur = _seqsum(w * diff)
+            cur = _colsum(w * diff)
         take = (D > 0) & (cur < best) & ~flat
-        L = np.where(take[:, None], la, L)
+        L = np.where(take, la, L)
         best = np.where(take, cur, best)
         scale = np.where(take, this_scale, scale)
         mn = np.where(take, this_min, mn)
-    L = np.where(flat[:, None], 0, L)
+    L = np.where(flat, 0, L)
     scale = np.where(flat, F32(0), scale)
-    return scale.astype(F32), (-mn).astype(F32), L.astype(np.uint8)
+    return scale.astype(F32), (-mn).astype(F32), np.ascontiguousarray(L.T.astype(np.uint8))
 
 
 def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)``: symmetric scale search with
     weights x^2. Returns (scale [M], L uint8 [M, n] in [0, 2*nmax))."""
-    amax, mx = _first_absmax(x)
+    x = np.ascontiguousarray(x.T)
+    amax, mx = _first_absmax0(x)
     zero = amax < GROUP_MAX_EPS
     mxs = np.where(zero, F32(1), mx)
     w = x * x
     wx = w * x
 
     def attempt(iscale):
-        li = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        li = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
         lf = li.astype(F32)
-        return li, _seqsum(wx * lf), _seqsum(w * lf * lf)
+        return li, _colsum(wx * lf), _colsum(w * lf * lf)
 
     iscale = _div(F32(-nmax), mxs)
     li, sumlx, suml2 = attempt(iscale)
@@ -223,49 +244,50 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
         with np.errstate(all="ignore"):
             take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             new_scale = sumlx / suml2
-        L = np.where(take[:, None], li + nmax, L)
+        L = np.where(take, li + nmax, L)
         scale = np.where(take, new_scale, scale)
         best = np.where(take, scale * sumlx, best)
-    L = np.where(zero[:, None], 0, L)
+    L = np.where(zero, 0, L)
     scale = np.where(zero, F32(0), scale)
-    return scale.astype(F32), L.astype(np.uint8)
+    return scale.astype(F32), np.ascontiguousarray(L.T.astype(np.uint8))
 
 
 def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)``: greedy per-element refinement
     (5 sweeps) of a symmetric scale. Returns (scale [M], L uint8 [M, n] in [0, 2*nmax))."""
-    amax, mx = _first_absmax(x)
+    x = np.ascontiguousarray(x.T)
+    amax, mx = _first_absmax0(x)
     zero = amax < GROUP_MAX_EPS
     mxs = np.where(zero, F32(1), mx)
     iscale = _div(F32(-nmax), mxs)
-    L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    L = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
     w = x * x
     wx = w * x
     lf = L.astype(F32)
-    sumlx = _seqsum(wx * lf)
-    suml2 = _seqsum(w * lf * lf)
-    n = x.shape[1]
+    sumlx = _colsum(wx * lf)
+    suml2 = _colsum(w * lf * lf)
+    n = x.shape[0]
     with np.errstate(all="ignore"):
         for _ in range(5):  # a sweep that changes nothing leaves the state as it is
             for i in range(n):
-                xi, wi, wxi = x[:, i], w[:, i], wx[:, i]
-                li = L[:, i].astype(F32)
+                xi, wi, wxi = x[i], w[i], wx[i]
+                li = L[i].astype(F32)
                 slx = sumlx - wxi * li
                 pos = slx > 0
                 sl2 = suml2 - wi * li * li
                 new_l = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
                 nl = new_l.astype(F32)
-                changed = pos & (new_l != L[:, i])
+                changed = pos & (new_l != L[i])
                 slx2 = slx + wxi * nl
                 sl22 = sl2 + wi * nl * nl
                 better = changed & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[:, i] = np.where(better, new_l, L[:, i])
+                L[i] = np.where(better, new_l, L[i])
                 sumlx = np.where(better, slx2, sumlx)
                 suml2 = np.where(better, sl22, suml2)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
-    L = np.where(zero[:, None], 0, L + nmax)
+    L = np.where(zero, 0, L + nmax)
     scale = np.where(zero, F32(0), scale)
-    return scale, L.astype(np.uint8)
+    return scale, np.ascontiguousarray(L.T.astype(np.uint8))
 
 
 def _pack_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -446,20 +468,21 @@ _IQ4_MID2 = (_IQ4[:-1] + _IQ4[1:]).astype(F32)  # 2 * midpoints
 
 def _best_index_iq4(v: np.ndarray) -> np.ndarray:
     """Nearest grid index (ties upwards), as ggml's ``best_index_int8``."""
-    return (np.asarray(v + v, F32)[..., None] >= _IQ4_MID2).sum(axis=-1)
+    return np.searchsorted(_IQ4_MID2, np.asarray(v + v, F32), side="right")
 
 
 def _iq4_block_scales(x: np.ndarray, ntry: int) -> np.ndarray:
     """Per-32 scale search of ``quantize_row_iq4_nl_impl`` (no imatrix): x [M, 32] -> d [M]."""
-    amax, mx = _first_absmax(x)
+    x = np.ascontiguousarray(x.T)
+    amax, mx = _first_absmax0(x)
     zero = amax < GROUP_MAX_EPS
     mxs = np.where(zero, F32(1), mx)
     w = x * x
 
     def sums(idv):
-        q = _IQ4F[_best_index_iq4(idv[:, None] * x)]
+        q = _IQ4F[_best_index_iq4(idv * x)]
         wq = w * q
-        return _seqsum(wq * x), _seqsum(wq * q)
+        return _colsum(wq * x), _colsum(wq * q)
 
     with np.errstate(all="ignore"):
         d = _div(-mxs, F32(_IQ4[0])) if ntry > 0 else _div(mxs, F32(_IQ4[0]))

@@ -1,0 +1,146 @@
+"""A tiny random llama GGUF that llama.cpp loads: the test bed for quantization mixes and
+kernels at sizes where every K-quant applies (rows of 256) and the per-layer rules differ."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from jllama.gguf.constants import QType, ValueType
+from jllama.gguf.writer import TensorSpec, write_gguf
+
+
+def _spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """A valid SentencePiece-style vocabulary: unk/bos/eos, the 256 byte tokens, then words."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    i = 0
+    while len(tokens) < n_vocab:
+        a, b = divmod(i, len(letters))
+        word = "\u2581" + (letters[a % 26] if a else "") + letters[b]
+        tokens.append(word)
+        types.append(1)
+        i += 1
+    scores = [0.0] * 3 + [0.0] * 256 + [-float(k) for k in range(len(tokens) - 259)]
+    return tokens, scores, types
+
+
+def tiny_llama(
+    path: str | os.PathLike[str],
+    n_embd: int = 256,
+    n_layer: int = 8,
+    n_head: int = 4,
+    n_head_kv: int = 1,
+    n_ff: int = 512,
+    n_vocab: int = 320,
+    tied: bool = False,
+    seed: int = 0,
+) -> int:
+    """Write a random F32 llama model to ``path``; returns the file size."""
+    rng = np.random.default_rng(seed)
+    hd = n_embd // n_head
+    tokens, scores, ttypes = _spm_vocab(n_vocab)
+    md: dict[str, Any] = {
+        "general.architecture": "llama",
+        "general.name": "jllama tiny random llama",
+        "general.file_type": 0,
+        "llama.block_count": n_layer,
+        "llama.context_length": 256,
+        "llama.embedding_length": n_embd,
+        "llama.feed_forward_length": n_ff,
+        "llama.attention.head_count": n_head,
+        "llama.attention.head_count_kv": n_head_kv,
+        "llama.rope.dimension_count": hd,
+        "llama.rope.freq_base": 10000.0,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.vocab_size": n_vocab,
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": ttypes,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+    types = {
+        "tokenizer.ggml.scores": (ValueType.ARRAY, ValueType.FLOAT32),
+        "tokenizer.ggml.token_type": (ValueType.ARRAY, ValueType.INT32),
+        "llama.attention.layer_norm_rms_epsilon": (ValueType.FLOAT32, None),
+        "llama.rope.freq_base": (ValueType.FLOAT32, None),
+        "tokenizer.ggml.add_bos_token": (ValueType.BOOL, None),
+    }
+
+    def mat(rows: int, cols: int, scale: float) -> np.ndarray:
+        # a few outlier columns, like real weights, so the scale searches have work to do
+        w = rng.standard_normal((rows, cols)).astype(np.float32) * scale
+        w[:, rng.integers(0, cols, 2)] *= 8
+        return w
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    arrays: list[tuple[str, np.ndarray]] = [("token_embd.weight", mat(n_vocab, n_embd, 0.5))]
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        arrays += [
+            (p + "attn_norm.weight", norm(n_embd)),
+            (p + "attn_q.weight", mat(n_embd, n_embd, n_embd**-0.5)),
+            (p + "attn_k.weight", mat(n_head_kv * hd, n_embd, n_embd**-0.5)),
+            (p + "attn_v.weight", mat(n_head_kv * hd, n_embd, n_embd**-0.5)),
+            (p + "attn_output.weight", mat(n_embd, n_embd, n_embd**-0.5)),
+            (p + "ffn_norm.weight", norm(n_embd)),
+            (p + "ffn_gate.weight", mat(n_ff, n_embd, n_embd**-0.5)),
+            (p + "ffn_up.weight", mat(n_ff, n_embd, n_embd**-0.5)),
+            (p + "ffn_down.weight", mat(n_embd, n_ff, n_ff**-0.5)),
+        ]
+    arrays.append(("output_norm.weight", norm(n_embd)))
+    if not tied:
+        arrays.append(("output.weight", mat(n_vocab, n_embd, n_embd**-0.5)))
+    specs = [
+        TensorSpec(n, a.shape, int(QType.F32), lambda a=a: a.view(np.uint8)) for n, a in arrays
+    ]
+    return write_gguf(path, md, specs, types)
+
+
+def llama_cpp_quantize(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    ftype: str,
+    allow_requantize: bool = True,
+    pure: bool = False,
+    token_embedding_type: QType | None = None,
+    output_tensor_type: QType | None = None,
+    overrides: list[tuple[str, QType]] | None = None,
+) -> None:
+    """The oracle: llama.cpp's own ``llama_model_quantize`` (llama-cpp-python), same knobs."""
+    import ctypes
+
+    import llama_cpp
+
+    from jllama.quant.mixes import FTYPES
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = FTYPES[ftype.upper()][0]
+    p.allow_requantize = allow_requantize
+    p.pure = pure
+    p.nthread = 1
+    if token_embedding_type is not None:
+        p.token_embedding_type = int(token_embedding_type)
+    if output_tensor_type is not None:
+        p.output_tensor_type = int(output_tensor_type)
+    keep = None
+    if overrides:
+        arr_t = llama_cpp.llama_model_tensor_override * (len(overrides) + 1)
+        keep = arr_t(
+            *[llama_cpp.llama_model_tensor_override(pat.encode(), int(t)) for pat, t in overrides],
+            llama_cpp.llama_model_tensor_override(None, 0),
+        )
+        p.tt_overrides = ctypes.cast(keep, type(p.tt_overrides))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    del keep
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype}) failed with {rc}")
