@@ -473,7 +473,7 @@ ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     return env ? std::max(0, std::atoi(env) - 1) : 1 << 20;
   }();
   const int64_t helpers =
-      std::min({pool.num_threads(), work->n_chunks - 1, max_helpers});
+      std::min({pool.num_threads() - 1, work->n_chunks - 1, max_helpers});
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
   work->run();
   while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
