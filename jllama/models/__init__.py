@@ -20,6 +20,7 @@ from jllama.quant.qtensor import QTensor, from_gguf_bytes, prepare
 # general.architecture -> module under jllama.models
 ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
+    "qwen3moe": "qwen3moe",
 }
 
 

@@ -1,0 +1,180 @@
+"""Mixture-of-experts feed-forward as llama.cpp's ``build_moe_ffn`` computes it.
+
+GGUF stores the experts stacked: ``ffn_{gate,up}_exps`` ``[n_expert, n_ff, n_embd]`` and
+``ffn_down_exps`` ``[n_expert, n_embd, n_ff]`` (numpy order), plus the router ``ffn_gate_inp``
+``[n_expert, n_embd]``. Routing: router logits → gating (softmax / sigmoid / raw) → top-k on the
+gating probabilities (plus the V3 selection bias ``exp_probs_b``, which picks experts but does not
+weight them) → optional renormalisation of the k weights → optional constant scale.
+
+Two expert formulations, picked at trace time from the static token count:
+
+* gather (decode, few tokens): for every (token, slot) pair gather the chosen expert's rows
+  (``jnp.take`` on the raw blocks) and dequantize only those, so a decode step reads k experts,
+  never all of them;
+* dense-masked (prefill, when tokens × k ≥ n_expert): ``lax.scan`` over experts, each expert runs
+  on all tokens and its output is multiplied by that token's routing weight (0 when not chosen).
+  Every expert's weights are read once and only one expert is dequantized at a time; the wasted
+  FLOPs are bounded by n_expert / k, which is cheaper than gathering a weight copy per token.
+
+Activations are rounded to the weight type's ``vec_dot_type`` first, as ggml's ``mul_mat_id``
+does, so quantized experts track llama.cpp closely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jllama.errors import ModelError
+from jllama.models.common import MATCH_LLAMACPP_NUMERICS, Linear, Weights
+from jllama.quant.actquant import quantize_activations
+from jllama.quant.qtensor import QTensor, dequantize
+
+# llama.cpp's llama_expert_gating_func_type
+GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    n_expert: int
+    n_used: int
+    gating: int = GATING_SOFTMAX
+    norm_weights: bool = False
+    scale: float = 0.0  # 0 = no scaling (llama.cpp applies it only when set)
+
+
+def _round(x: jax.Array, qt: QTensor) -> jax.Array:
+    if MATCH_LLAMACPP_NUMERICS and not qt.is_float:
+        return quantize_activations(x, qt.qtype)
+    return x
+
+
+def _take_experts(qt: QTensor, idx: jax.Array) -> jax.Array:
+    """Dequantized weights of experts ``idx`` (any shape): ``[*idx.shape, rows, cols]``."""
+    if qt.layout != "gguf":
+        raise ModelError(f"stacked expert tensor in layout '{qt.layout}' is not supported")
+    rows = jnp.take(qt.data, idx, axis=0)
+    return dequantize(QTensor(rows, qt.qtype, (*idx.shape, *qt.shape[1:])), jnp.float32)
+
+
+def _one_expert(qt: QTensor, e: jax.Array) -> jax.Array:
+    return _take_experts(qt, e[None])[0]
+
+
+def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None
+          ) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] → (expert ids [N, k], weights [N, k])."""
+    if cfg.gating == GATING_SIGMOID:
+        probs = jax.nn.sigmoid(logits)
+    elif cfg.gating == GATING_SOFTMAX_WEIGHT:
+        probs = logits
+    else:  # softmax (and "none", which llama.cpp maps to softmax)
+        probs = jax.nn.softmax(logits, axis=-1)
+    sel = probs + bias if bias is not None else probs
+    _, ids = jax.lax.top_k(sel, cfg.n_used)
+    w = jnp.take_along_axis(probs, ids, axis=-1)
+    if cfg.gating == GATING_SOFTMAX_WEIGHT:
+        w = jax.nn.softmax(w, axis=-1)
+    if cfg.norm_weights:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    if cfg.scale:
+        w = w * cfg.scale
+    return ids, w
+
+
+class MoE(nnx.Module):
+    """Routed experts (SwiGLU), optionally plus an always-on shared expert."""
+
+    def __init__(self, w: Weights, prefix: str, cfg: MoEConfig, shared: bool = False):
+        self.cfg = cfg
+        self.router = nnx.Param(w(prefix + "ffn_gate_inp.weight"))
+        self.gate = nnx.Param(w(prefix + "ffn_gate_exps.weight"))
+        self.up = nnx.Param(w(prefix + "ffn_up_exps.weight"))
+        self.down = nnx.Param(w(prefix + "ffn_down_exps.weight"))
+        for name, p in (("ffn_gate_exps", self.gate), ("ffn_up_exps", self.up),
+                        ("ffn_down_exps", self.down)):
+            shp = p.get_value().shape
+            if len(shp) != 3 or shp[0] != cfg.n_expert:
+                raise ModelError(f"{w.path}: {prefix}{name} has shape {shp}, expected "
+                                 f"[{cfg.n_expert}, rows, cols]")
+        bias = prefix + "exp_probs_b.bias"
+        self.bias = nnx.Param(w.vector(bias)) if bias in w else nnx.data(None)
+        if shared and prefix + "ffn_gate_shexp.weight" in w:
+            self.shared = nnx.List([Linear(w(prefix + "ffn_gate_shexp.weight")),
+                                    Linear(w(prefix + "ffn_up_shexp.weight")),
+                                    Linear(w(prefix + "ffn_down_shexp.weight"))])
+        else:
+            self.shared = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1]).astype(jnp.float32)
+        router = self.router.get_value()
+        logits = jnp.einsum("nd,ed->ne", _round(xf, router), dequantize(router, jnp.float32))
+        bias = self.bias.get_value() if self.bias is not None else None
+        ids, wts = route(logits, self.cfg, bias)
+        n = xf.shape[0]
+        if n * self.cfg.n_used < self.cfg.n_expert:
+            out = self._gathered(xf, ids, wts)
+        else:
+            out = self._dense_masked(xf, ids, wts)
+        if self.shared is not None:
+            g, u, d = self.shared
+            out = out + d(jax.nn.silu(g(xf)) * u(xf))
+        return out.reshape(shape[:-1] + (out.shape[-1],)).astype(x.dtype)
+
+    def _gathered(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
+        gate, up, down = (p.get_value() for p in (self.gate, self.up, self.down))
+        wg = _take_experts(gate, ids)  # [N, k, F, D]
+        wu = _take_experts(up, ids)
+        wd = _take_experts(down, ids)  # [N, k, D, F]
+        hg = jnp.einsum("nd,nkfd->nkf", _round(x, gate), wg)
+        hu = jnp.einsum("nd,nkfd->nkf", _round(x, up), wu)
+        h = jax.nn.silu(hg) * hu
+        y = jnp.einsum("nkf,nkdf->nkd", _round(h, down), wd)
+        return _sum_slots(y * wts[..., None])
+
+    def _dense_masked(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
+        gate, up, down = (p.get_value() for p in (self.gate, self.up, self.down))
+        n_expert = self.cfg.n_expert
+        xg, xu = _round(x, gate), _round(x, up)
+        # per-token weight of each expert (0 when not chosen) [E, N]
+        mask = jnp.sum(jnp.where(ids[None] == jnp.arange(n_expert)[:, None, None],
+                                 wts[None], 0.0), axis=-1)
+
+        def body(acc, e):
+            h = jax.nn.silu(xg @ _one_expert(gate, e).T) * (xu @ _one_expert(up, e).T)
+            y = _round(h, down) @ _one_expert(down, e).T
+            return acc + y * mask[e][:, None], None
+
+        acc = jnp.zeros((x.shape[0], down.shape[1]), jnp.float32)
+        acc, _ = jax.lax.scan(body, acc, jnp.arange(n_expert))
+        return acc
+
+
+def _sum_slots(y: jax.Array) -> jax.Array:
+    """Sum over the k slots in slot order, as llama.cpp adds the expert views one by one."""
+    out = y[:, 0]
+    for i in range(1, y.shape[1]):
+        out = out + y[:, i]
+    return out
+
+
+def moe_config(g_meta: dict, arch: str, *, norm: bool | None = None, scale: float | None = None,
+               gating: int | None = None) -> MoEConfig:
+    """Read ``{arch}.expert_*`` keys; explicit arguments override (archs that hard-code them)."""
+    n_expert = int(g_meta.get(f"{arch}.expert_count", 0))
+    n_used = int(g_meta.get(f"{arch}.expert_used_count", 0))
+    if n_expert <= 0 or not 0 < n_used <= n_expert:
+        raise ModelError(f"{arch}: bad expert counts (expert_count={n_expert}, "
+                         f"expert_used_count={n_used})")
+    if gating is None:
+        gating = int(g_meta.get(f"{arch}.expert_gating_func", GATING_NONE)) or GATING_SOFTMAX
+    if norm is None:
+        norm = bool(g_meta.get(f"{arch}.expert_weights_norm", False))
+    if scale is None:
+        scale = float(g_meta.get(f"{arch}.expert_weights_scale", 0.0))
+    return MoEConfig(n_expert, n_used, gating, norm, scale)

@@ -1,0 +1,225 @@
+"""Tiny random GGUF models for the MoE / MLA architectures, written with gguf-py's GGUFWriter.
+
+They carry a valid gpt2-style byte-level tokenizer (256 byte tokens, a few merges, BOS/EOS) so
+llama.cpp loads them, and well-scaled random weights (std 1/sqrt(fan_in), norms near 1, a
+sharper output head) so logits are neither flat nor saturated and greedy decoding is stable.
+``quant`` (a gguf.GGMLQuantizationType) quantizes every matmul weight except the router and the
+norms, experts included (3-D blocks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+
+MERGES = ["Ġ t", "h e", "i n", "Ġ a", "e r", "o n", "Ġt he", "e s", "Ġ s", "a n"]
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's bytes_to_unicode order: token id b is the printable stand-in for byte b."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + \
+        list(range(0xAE, 0xFF + 1))
+    extra = 0
+    out = []
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def _tokenizer(wr: gguf.GGUFWriter) -> int:
+    toks = _byte_tokens() + [m.replace(" ", "") for m in MERGES] + ["<s>", "</s>"]
+    types = [1] * (len(toks) - 2) + [3, 3]
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("default")
+    wr.add_token_list(toks)
+    wr.add_token_types(types)
+    wr.add_token_merges(MERGES)
+    wr.add_bos_token_id(len(toks) - 2)
+    wr.add_eos_token_id(len(toks) - 1)
+    wr.add_add_bos_token(True)
+    return len(toks)
+
+
+class _Tensors:
+    def __init__(self, wr: gguf.GGUFWriter, rng: np.random.Generator, quant: Q | None):
+        self.wr, self.rng, self.quant = wr, rng, quant
+
+    def mat(self, name: str, shape: tuple[int, ...], gain: float = 1.0, quantize: bool = True):
+        a = (self.rng.standard_normal(shape) * gain / np.sqrt(shape[-1])).astype(np.float32)
+        self.put(name, a, quantize)
+
+    def norm(self, name: str, n: int):
+        self.put(name, (1.0 + 0.1 * self.rng.standard_normal(n)).astype(np.float32), False)
+
+    def vec(self, name: str, n: int, std: float):
+        self.put(name, (std * self.rng.standard_normal(n)).astype(np.float32), False)
+
+    def put(self, name: str, a: np.ndarray, quantize: bool):
+        if quantize and self.quant is not None and a.ndim >= 2:
+            self.wr.add_tensor(name, gguf.quants.quantize(a, self.quant), raw_dtype=self.quant)
+        else:
+            self.wr.add_tensor(name, a)
+
+
+def _common(wr, arch, *, n_layer, n_embd, n_head, n_head_kv, n_ff, ctx=512, base=10000.0):
+    wr.add_context_length(ctx)
+    wr.add_embedding_length(n_embd)
+    wr.add_block_count(n_layer)
+    wr.add_feed_forward_length(n_ff)
+    wr.add_head_count(n_head)
+    wr.add_head_count_kv(n_head_kv)
+    wr.add_layer_norm_rms_eps(1e-5)
+    wr.add_rope_freq_base(base)
+    wr.add_file_type(0)
+
+
+def _experts(t: _Tensors, p: str, n_expert: int, n_embd: int, n_ff: int):
+    t.mat(p + "ffn_gate_inp.weight", (n_expert, n_embd), gain=2.0, quantize=False)
+    t.mat(p + "ffn_gate_exps.weight", (n_expert, n_ff, n_embd))
+    t.mat(p + "ffn_up_exps.weight", (n_expert, n_ff, n_embd))
+    t.mat(p + "ffn_down_exps.weight", (n_expert, n_embd, n_ff))
+
+
+def _head(t: _Tensors, n_vocab: int, n_embd: int):
+    t.put("token_embd.weight", t.rng.standard_normal((n_vocab, n_embd)).astype(np.float32),
+          True)
+    t.norm("output_norm.weight", n_embd)
+    t.mat("output.weight", (n_vocab, n_embd), gain=4.0)
+
+
+def write_llama_moe(path: Path, quant: Q | None = None, seed: int = 0) -> Path:
+    """Mixtral-style llama: 2 layers, 4 experts, top-2, GQA 4/2 heads of 16."""
+    n_layer, n_embd, n_head, n_kv, n_ff, n_exp = 2, 64, 4, 2, 96, 4
+    wr = gguf.GGUFWriter(str(path), "llama")
+    _common(wr, "llama", n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_kv,
+            n_ff=n_ff)
+    wr.add_rope_dimension_count(n_embd // n_head)
+    wr.add_expert_count(n_exp)
+    wr.add_expert_used_count(2)
+    n_vocab = _tokenizer(wr)
+    t = _Tensors(wr, np.random.default_rng(seed), quant)
+    _head(t, n_vocab, n_embd)
+    hd = n_embd // n_head
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t.norm(p + "attn_norm.weight", n_embd)
+        t.mat(p + "attn_q.weight", (n_head * hd, n_embd))
+        t.mat(p + "attn_k.weight", (n_kv * hd, n_embd))
+        t.mat(p + "attn_v.weight", (n_kv * hd, n_embd))
+        t.mat(p + "attn_output.weight", (n_embd, n_head * hd))
+        t.norm(p + "ffn_norm.weight", n_embd)
+        _experts(t, p, n_exp, n_embd, n_ff)
+    return _finish(wr, path)
+
+
+def write_qwen3moe(path: Path, quant: Q | None = None, seed: int = 1) -> Path:
+    """qwen3moe: 2 layers, 8 experts, top-3, head_dim 32 != n_embd / n_head, Q/K norms."""
+    n_layer, n_embd, n_head, n_kv, hd, n_ff, n_exp = 2, 64, 4, 2, 32, 64, 8
+    wr = gguf.GGUFWriter(str(path), "qwen3moe")
+    _common(wr, "qwen3moe", n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_kv,
+            n_ff=n_ff * 3, base=1000000.0)
+    wr.add_key_length(hd)
+    wr.add_value_length(hd)
+    wr.add_expert_count(n_exp)
+    wr.add_expert_used_count(3)
+    wr.add_expert_feed_forward_length(n_ff)
+    n_vocab = _tokenizer(wr)
+    t = _Tensors(wr, np.random.default_rng(seed), quant)
+    _head(t, n_vocab, n_embd)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t.norm(p + "attn_norm.weight", n_embd)
+        t.mat(p + "attn_q.weight", (n_head * hd, n_embd))
+        t.mat(p + "attn_k.weight", (n_kv * hd, n_embd))
+        t.mat(p + "attn_v.weight", (n_kv * hd, n_embd))
+        t.norm(p + "attn_q_norm.weight", hd)
+        t.norm(p + "attn_k_norm.weight", hd)
+        t.mat(p + "attn_output.weight", (n_embd, n_head * hd))
+        t.norm(p + "ffn_norm.weight", n_embd)
+        _experts(t, p, n_exp, n_embd, n_ff)
+    return _finish(wr, path)
+
+
+def _finish(wr: gguf.GGUFWriter, path: Path) -> Path:
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
+
+
+# ---------------------------------------------------------------- oracle comparison helpers
+def prompt_ids(n_vocab: int, n: int = 40, seed: int = 5) -> list[int]:
+    """BOS then random byte tokens (ids straight into both engines: no tokenizer involved)."""
+    rng = np.random.default_rng(seed)
+    return [n_vocab - 2] + rng.integers(0, 256, n).tolist()
+
+
+def oracle(path: Path, n_ctx: int = 256):
+    import pytest
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="install the oracle: pip install -e .[oracle]")
+    # f32 KV cache on both sides: the comparison is about the model, not cache rounding
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                           n_threads=2, seed=0, type_k=0, type_v=0)
+
+
+def oracle_logits(ref, ids: list[int]) -> np.ndarray:
+    ref.reset()
+    ref.eval(ids)
+    return np.array(ref.scores[: len(ids)], np.float32)
+
+
+def oracle_greedy(ref, ids: list[int], n: int) -> list[int]:
+    ref.reset()
+    out = []
+    for tok in ref.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out
+
+
+def jllama_engine(path: Path, build=None, ctx: int = 256):
+    """Engine over a GGUF; ``build(spec, weights, gguf)`` overrides the arch dispatch."""
+    from jllama.engine.engine import Engine
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model, load_weights
+    from jllama.models.spec import spec_from_gguf
+
+    g = read_gguf(path)
+    if build is None:
+        spec, model = build_model(g)
+    else:
+        spec = spec_from_gguf(g)
+        model = build(spec, load_weights(g), g)
+    return Engine(spec, model, ctx_size=ctx)
+
+
+def compare(path: Path, build=None, tol: float = 1e-3, n_greedy: int = 32) -> dict:
+    """Logits on a 41-token sequence and 32 greedy tokens, jllama vs llama.cpp."""
+    from jllama.engine.sampling import SamplingParams
+
+    ref = oracle(path)
+    eng = jllama_engine(path, build)
+    ids = prompt_ids(eng.spec.n_vocab)
+    r = oracle_logits(ref, ids)
+    o = eng.logits(ids)
+    diff = float(np.abs(o - r).max())
+    top1 = float((o.argmax(-1) == r.argmax(-1)).mean())
+    want = oracle_greedy(ref, ids[:8], n_greedy)
+    got = list(eng.generate(ids[:8], SamplingParams.greedy(), max_tokens=n_greedy))
+    print(f"\n{path.name}: max|Δlogit| = {diff:.2e} (logit range {np.abs(r).max():.1f}), "
+          f"top-1 agreement {top1:.3f}, greedy {n_greedy} identical: {want == got}")
+    assert diff < tol
+    assert top1 >= (1.0 if tol < 0.01 else 0.95)
+    assert got == want
+    return {"diff": diff, "top1": top1}
