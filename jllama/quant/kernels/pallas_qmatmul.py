@@ -27,6 +27,7 @@ Raw GGUF QTensors are accepted too (repacked in-graph on every call: correct, sl
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import jax
@@ -215,18 +216,13 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
 
 
 def _unpack_group_fns(qtype: int):
-    """Per-type chunk body: returns ``body(refs, x_ref, c, acc) -> acc`` for chunk ``c``."""
+    """Per-type chunk body ``body(refs, c, acc, fold) -> acc`` for chunk ``c``: it dequantizes
+    each group to an f32 ``[size, bn]`` tile ``w`` and folds it into the accumulator with
+    ``fold(acc, c, start, size, w)`` (a dot, or the multiply-reduce of the matvec path)."""
     f32 = jnp.float32
-    hp = jax.lax.Precision.HIGHEST
-
-    def xs(x_ref, c, start: int, size: int) -> jax.Array:
-        return x_ref[:, pl.ds(c * CHUNK + start, size)].astype(f32)
 
     def row(ref, i) -> jax.Array:  # one row of a per-group plane as [1, bn]
         return ref[pl.ds(i, 1), :]
-
-    def dot(a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.dot(a, b, precision=hp, preferred_element_type=f32)
 
     def nib_pair(qs_ref, c, j: int, rows: int = 32, off: int = 0):
         """(low, high) nibbles of chunk rows ``32 j + off ..``: groups ``j`` and ``j + 4``."""
@@ -235,7 +231,7 @@ def _unpack_group_fns(qtype: int):
 
     if qtype in (QType.Q4_0, QType.Q4_1):
 
-        def body(refs, x_ref, c, acc):
+        def body(refs, c, acc, fold):
             qs_ref, d_ref = refs[0], refs[1]
             for j in range(4):
                 for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
@@ -244,22 +240,22 @@ def _unpack_group_fns(qtype: int):
                         w = d * (q - 8).astype(f32)
                     else:
                         w = d * q.astype(f32) + row(refs[2], c * 8 + g).astype(f32)
-                    acc = acc + dot(xs(x_ref, c, 32 * g, 32), w)
+                    acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
     elif qtype == QType.Q8_0:
 
-        def body(refs, x_ref, c, acc):
+        def body(refs, c, acc, fold):
             qs_ref, d_ref = refs
             for g in range(8):
                 q = qs_ref[pl.ds(c * CHUNK + 32 * g, 32), :].astype(f32)
                 w = row(d_ref, c * 8 + g).astype(f32) * q
-                acc = acc + dot(xs(x_ref, c, 32 * g, 32), w)
+                acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
     elif qtype in (QType.Q4_K, QType.Q5_K):
 
-        def body(refs, x_ref, c, acc):
+        def body(refs, c, acc, fold):
             qs_ref, d_ref, dmin_ref, s_ref = refs[:4]
             d = row(d_ref, c).astype(f32)
             dmin = row(dmin_ref, c).astype(f32)
@@ -277,12 +273,12 @@ def _unpack_group_fns(qtype: int):
                     if qh is not None:
                         q = q | (((qh >> g) & 1) << 4)
                     w = (d * sc.astype(f32)) * q.astype(f32) - dmin * mn.astype(f32)
-                    acc = acc + dot(xs(x_ref, c, 32 * g, 32), w)
+                    acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
     elif qtype == QType.Q6_K:
 
-        def body(refs, x_ref, c, acc):
+        def body(refs, c, acc, fold):
             qs_ref, qh_ref, sc_ref, d_ref = refs
             d = row(d_ref, c).astype(f32)
             for j in range(4):
@@ -294,12 +290,25 @@ def _unpack_group_fns(qtype: int):
                         q = q4 | (((qh >> (2 * i)) & 3) << 4)
                         scale = d * row(sc_ref, c * 16 + 2 * g + t).astype(f32)
                         w = scale * (q - 32).astype(f32)
-                        acc = acc + dot(xs(x_ref, c, 32 * g + 16 * t, 16), w)
+                        acc = fold(acc, c, 32 * g + 16 * t, 16, w)
             return acc
 
     else:
         raise QuantError(f"Pallas qmatmul does not support {qtype_info(qtype).name}")
     return body
+
+
+# Up to this many batch rows (decode), a program multiplies and reduces instead of calling dot:
+# the dot would pad the rows to 16 (Triton's minimum) and, with f32 operands (no tensor cores),
+# turn a bandwidth-bound matvec into a compute-bound one.
+_VECTOR_ROWS = 4
+
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
 
 
 def _row_tile(m: int) -> int:
@@ -377,7 +386,8 @@ def matmul_planes(
     m = x2.shape[0]
     k_pad = _round_up(n_in, CHUNK)
     n_pad = planes[0].shape[-1]
-    bm = _row_tile(m)
+    vector = m <= _VECTOR_ROWS
+    bm = _next_pow2(m) if vector else _row_tile(m)
     bn = _col_tile(n_pad, bm)
     m_pad = _round_up(max(m, 1), bm)
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, k_pad - n_in)))
@@ -385,17 +395,46 @@ def matmul_planes(
     n_chunks = k_pad // CHUNK
     cps = _chunks_per_split(n_chunks, (m_pad // bm) * (n_pad // bn), k_splits, backend)
     splits = n_chunks // cps
+    hp = jax.lax.Precision.HIGHEST
+
+    if vector:
+        # x is passed transposed ([n_in, m]): a group's x values are a column that broadcasts
+        # over the tile's bn lanes; each batch row keeps its own [1, bn] accumulator.
+        def fold(x_ref, acc, c, start, size, w):
+            cols = (x_ref[pl.ds(c * CHUNK + start, size), pl.ds(r, 1)] for r in range(bm))
+            return tuple(a + jnp.sum(xc * w, axis=0, keepdims=True) for a, xc in zip(acc, cols))
+
+        def init():
+            return tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(bm))
+
+        x_in = x2.T
+        x_spec = pl.BlockSpec((cps * CHUNK, bm), lambda i, j, s: (s, i))
+    else:
+
+        def fold(x_ref, acc, c, start, size, w):
+            xs = x_ref[:, pl.ds(c * CHUNK + start, size)]
+            return acc + jnp.dot(xs, w, precision=hp, preferred_element_type=jnp.float32)
+
+        def init():
+            return jnp.zeros((bm, bn), jnp.float32)
+
+        x_in = x2
+        x_spec = pl.BlockSpec((bm, cps * CHUNK), lambda i, j, s: (i, s))
 
     def kernel(x_ref, *refs):
         *w_refs, o_ref = refs
 
         def step(c, acc):
-            return body(w_refs, x_ref, c, acc)
+            return body(w_refs, c, acc, functools.partial(fold, x_ref))
 
-        acc = jax.lax.fori_loop(0, cps, step, jnp.zeros((bm, bn), jnp.float32))
-        o_ref[...] = acc
+        acc = jax.lax.fori_loop(0, cps, step, init())
+        if vector:
+            for r, a in enumerate(acc):
+                o_ref[pl.ds(r, 1), :] = a
+        else:
+            o_ref[...] = acc
 
-    in_specs = [pl.BlockSpec((bm, cps * CHUNK), lambda i, j, s: (i, s))]
+    in_specs = [x_spec]
     in_specs += [pl.BlockSpec((p.shape[0] // splits, bn), lambda i, j, s: (s, j)) for p in planes]
     y = pl.pallas_call(
         kernel,
@@ -406,7 +445,7 @@ def matmul_planes(
         interpret=interpret,
         compiler_params=compiler_params(backend, interpret, ("parallel",) * 3),
         name=f"qmatmul_{qtype_info(qtype).name.lower()}",
-    )(x2, *planes)
+    )(x_in, *planes)
     y = y[0] if splits == 1 else jnp.sum(y, axis=0)
     return y[:m, :n_out].reshape(*lead, n_out)
 
