@@ -81,6 +81,16 @@ def test_planes_roundtrip_gguf_dequantize(qtype):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_take_rows_planes_matches_gguf_rows():
+    shape = (300, 512)
+    raw = random_blocks(QType.Q6_K, *shape, seed=4)
+    planes = tuple(jnp.asarray(p) for p in pq.repack(np, raw, QType.Q6_K, shape))
+    ids = np.array([[0, 299], [137, 137]])
+    got = pq.take_rows_planes(planes, QType.Q6_K, shape, jnp.asarray(ids))
+    want = gguf.quants.dequantize(raw[ids.reshape(-1)], QType.Q6_K).reshape(2, 2, 512)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 # (n_out, n_in, batch rows, k_splits): odd n_out, n_in 256 / 768 / 2816 (11 superblocks),
 # split-K forced on and off.
 CASES = [(200, 256, 1, None), (130, 768, 3, 3), (72, 2816, 17, None)]
@@ -159,6 +169,7 @@ ATTN_CASES = [
     (2, 4, 1, 128, 32, 40, None, np.float32),  # Gemma-3-like: one kv head, sliding window
     (2, 8, 8, 64, 16, None, 30.0, np.float32),  # MHA + softcap
     (2, 6, 2, 200, 32, None, None, np.float16),  # max_len not a multiple of 16: padded
+    (1, 4, 2, 64, 40, None, None, np.float32),  # head_dim not a power of two: padded
 ]
 
 

@@ -231,6 +231,13 @@ def pallas_decode_attention(
         k_cache, v_cache = jnp.pad(k_cache, widths), jnp.pad(v_cache, widths)
         max_len += pad
         bl = _block_len(max_len, block_l)
+    dv = v_cache.shape[-1]
+    dp, dvp = _next_pow2(d), _next_pow2(dv)
+    if (dp, dvp) != (d, dv):  # Triton tensors are powers of two; zero features change nothing
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, dp - d)))
+        k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+        v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, 0), (0, dvp - dv)))
+        d = dp
     g = h // kvh
     gp = max(_MIN_ROWS, _next_pow2(g))
     qg = q.reshape(b, kvh, g, d)
@@ -241,4 +248,4 @@ def pallas_decode_attention(
         qg, k_cache, v_cache, lengths,
         scale=scale, bl=bl, window=window, softcap=softcap, interpret=interpret, backend=backend,
     )  # fmt: skip
-    return out[:, :, :g].reshape(b, h, -1)
+    return out[:, :, :g, :dv].reshape(b, h, dv)

@@ -212,6 +212,17 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
     return w.reshape(k_pad, n_pad).T[:n_out, :n_in]
 
 
+def take_rows_planes(
+    planes: tuple, qtype: int, shape: tuple[int, int], ids: jax.Array
+) -> jax.Array:
+    """Rows ``ids`` of W (an embedding lookup) in f32 ``[*ids.shape, n_in]``: rows of W are
+    columns of the k-major planes, so gather those first and dequantize only them."""
+    flat = ids.reshape(-1)
+    cols = tuple(jnp.take(p, flat, axis=1) for p in planes)
+    rows = dequantize_planes(cols, qtype, (flat.shape[0], shape[1]))
+    return rows.reshape(*ids.shape, shape[1])
+
+
 # ----------------------------------------------------------------------------- the kernel
 
 
