@@ -245,3 +245,26 @@ def test_decode_attention_lowers_for_device(platform, variant):
     q = jax.ShapeDtypeStruct((2, 9, 64), jnp.float32)
     text = lower_for(platform, f, q, cache, cache, jax.ShapeDtypeStruct((2,), jnp.int32))
     assert ("triton" if platform == "cuda" else "tpu_custom_call") in text
+
+
+@pytest.mark.parametrize(
+    "model,tensor",
+    [
+        ("smollm2_path", "blk.0.ffn_down.weight"),  # Q4_1
+        ("smollm2_path", "token_embd.weight"),  # Q8_0 (tied output)
+        ("gemma3_path", "blk.0.attn_output.weight"),  # Q4_K
+        ("gemma3_path", "blk.0.ffn_down.weight"),  # Q6_K
+    ],
+)
+def test_qmatmul_real_model_weights(model, tensor, request):
+    """Blocks as llama.cpp's quantizer wrote them (first 96 rows of a real tensor)."""
+    from jllama.gguf.reader import read_gguf
+
+    info = read_gguf(request.getfixturevalue(model)).tensors[tensor]
+    qtype = QType(info.qtype)
+    assert pq.supported(int(qtype))
+    raw = np.asarray(info.data).reshape(info.shape[0], -1)[:96].copy()
+    shape = (96, info.shape[1])
+    qt = pq.prepare_pallas(QTensor(jnp.asarray(raw), int(qtype), shape))
+    x = np.random.default_rng(7).standard_normal((2, shape[1])).astype(np.float32)
+    check_matmul(x, raw, qtype, pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=True))
