@@ -56,7 +56,7 @@ class Llama:
 
     def __init__(self, model: str | os.PathLike[str], ctx_size: int = 2048, n_slots: int = 1,
                  cache_type: str = "f32", quant: dict | None = None, compile_cache: bool = True,
-                 verbose: bool = False):
+                 verbose: bool = False, cache_type_v: str | None = None):
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, load_weights
@@ -77,7 +77,7 @@ class Llama:
         weights = load_weights(self.gguf, transform)
         self.spec, self.model = build_model(self.gguf, weights)
         self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
-                             cache_type=cache_type)
+                             cache_type=cache_type, cache_type_v=cache_type_v)
         self.load_s = time.perf_counter() - t0
         if verbose:
             print(f"loaded {self.path} in {self.load_s:.2f} s")

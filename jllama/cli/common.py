@@ -61,7 +61,8 @@ def load_llama(cfg: Config, verbose: bool = True):
     if verbose:
         print(f"jllama: loading {cfg.model} ...", file=sys.stderr)
     llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=1,
-                cache_type=cfg.runtime.cache_type_k, quant=cfg.quant,
+                cache_type=cfg.runtime.cache_type_k, cache_type_v=cfg.runtime.cache_type_v,
+                quant=cfg.quant,
                 compile_cache=cfg.runtime.compile_cache)
     if verbose:
         import jax

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-CACHE_DTYPES = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}
+from jllama.engine.kvquant import check_kv_type, row_shape
 
 
 @jax.tree_util.register_pytree_node_class
@@ -21,13 +21,18 @@ CACHE_DTYPES = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}
 class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    k_type: str = "f32"  # static: f32 | f16 | bf16 | q8_0 | q4_0 (see kvquant.py)
+    v_type: str = "f32"
 
     def tree_flatten(self):
-        return (self.k, self.v), None
+        return (self.k, self.v), (self.k_type, self.v_type)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children)
+        return cls(*children, *aux)
+
+    def replace(self, k, v) -> KVCache:
+        return KVCache(tuple(k), tuple(v), self.k_type, self.v_type)
 
     @property
     def batch(self) -> int:
@@ -43,9 +48,14 @@ class KVCache:
 
     @classmethod
     def create(cls, n_layer: int, batch: int, n_kv_heads: int, max_len: int, head_dim_k: int,
-               head_dim_v: int | None = None, dtype: str = "f32") -> KVCache:
-        dt = CACHE_DTYPES[dtype]
+               head_dim_v: int | None = None, dtype: str = "f32",
+               dtype_v: str | None = None) -> KVCache:
+        dtype_v = dtype_v or dtype
         hv = head_dim_v or head_dim_k
-        k = tuple(jnp.zeros((batch, n_kv_heads, max_len, head_dim_k), dt) for _ in range(n_layer))
-        v = tuple(jnp.zeros((batch, n_kv_heads, max_len, hv), dt) for _ in range(n_layer))
-        return cls(k, v)
+        check_kv_type(dtype, head_dim_k)
+        check_kv_type(dtype_v, hv)
+        nk, dk = row_shape(dtype, head_dim_k)
+        nv, dv = row_shape(dtype_v, hv)
+        k = tuple(jnp.zeros((batch, n_kv_heads, max_len, nk), dk) for _ in range(n_layer))
+        v = tuple(jnp.zeros((batch, n_kv_heads, max_len, nv), dv) for _ in range(n_layer))
+        return cls(k, v, dtype, dtype_v)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jllama.engine import kvquant
 from jllama.engine.cache import KVCache
 from jllama.engine.sampling import BatchSampling, SamplingParams, sample
 from jllama.errors import ContextError
@@ -60,7 +61,7 @@ class Timings:
 
 class Engine:
     def __init__(self, spec: ModelSpec, model: nnx.Module, ctx_size: int = 2048, n_slots: int = 1,
-                 cache_type: str = "f32"):
+                 cache_type: str = "f32", cache_type_v: str | None = None):
         self.spec = spec
         self.ctx_size = int(ctx_size)
         self.n_slots = int(n_slots)
@@ -72,6 +73,7 @@ class Engine:
         # room for the padded tail of the last prompt chunk
         self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + PREFILL_BUCKETS[-1]
         self.cache_type = cache_type
+        self.cache_type_v = cache_type_v or cache_type
         self.cache = self._new_cache(self.n_slots)
         self.pos = np.zeros(self.n_slots, np.int32)  # tokens held per slot
         self.tokens: list[list[int]] = [[] for _ in range(self.n_slots)]  # ...and which ones
@@ -118,7 +120,7 @@ class Engine:
         if self._make_cache is not None:  # architectures with their own cache layout (MLA)
             return self._make_cache(batch, self.max_len, self.cache_type)
         return KVCache.create(s.n_layer, batch, s.n_head_kv, self.max_len, s.head_dim,
-                              s.head_dim_v, self.cache_type)
+                              s.head_dim_v, self.cache_type, self.cache_type_v)
 
     def kv_bucket(self, n: int) -> int:
         b = KV_MIN_BUCKET
@@ -267,6 +269,7 @@ class Engine:
     def _build_shift(self):
         ropes = self._kv_rope
         max_len = self.max_len
+        head_dim = self.spec.head_dim
 
         def shift(cache, slot, n_keep, n_discard):
             p = jnp.arange(max_len)
@@ -275,13 +278,13 @@ class Engine:
             ks, vs = [], []
             for i, (kl, vl) in enumerate(zip(cache.k, cache.v)):
                 base, dim, neox, scale = ropes[i]
-                krow = kl[slot][:, src]  # [KVH, S, D]
-                x = krow.astype(jnp.float32).transpose(1, 0, 2)[None]  # [1, S, KVH, D]
+                krow = kvquant.dequantize(kl[slot][:, src], cache.k_type, head_dim)  # [KVH,S,D]
+                x = krow.transpose(1, 0, 2)[None]  # [1, S, KVH, D]
                 rot = rope(x, jnp.full((1, max_len), -n_discard), base, dim, neox, scale)[0]
-                krow = jnp.where(moved, rot, krow.transpose(1, 0, 2)).transpose(1, 0, 2)
-                ks.append(kl.at[slot].set(krow.astype(kl.dtype)))
+                krow = jnp.where(moved, rot, x[0]).transpose(1, 0, 2)
+                ks.append(kl.at[slot].set(kvquant.quantize(krow, cache.k_type).astype(kl.dtype)))
                 vs.append(vl.at[slot].set(vl[slot][:, src]))
-            return type(cache)(tuple(ks), tuple(vs))
+            return cache.replace(ks, vs)
 
         return jax.jit(shift, donate_argnums=0)
 

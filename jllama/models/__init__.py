@@ -20,7 +20,10 @@ from jllama.quant.qtensor import QTensor, from_gguf_bytes, prepare
 # general.architecture -> module under jllama.models
 ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
     "qwen3moe": "qwen3moe",
+    "deepseek2": "deepseek2",
 }
 
 

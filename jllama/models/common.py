@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jllama.engine import kvquant
 from jllama.errors import ModelError
 from jllama.quant.actquant import quantize_activations
 from jllama.quant.qtensor import QTensor, dequantize, qmatmul, take_rows
@@ -116,8 +117,10 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
-def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array) -> jax.Array:
-    """Put ``new`` [B, T, KVH, D] into ``cache`` [B, KVH, S, D] at positions pos0[b]..+T."""
+def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array, kind: str = "f32") -> jax.Array:
+    """Put ``new`` [B, T, KVH, D] into ``cache`` [B, KVH, S, row] at positions pos0[b]..+T,
+    stored as ``kind`` (a float type or a ggml block type, see engine/kvquant.py)."""
+    new = kvquant.quantize(new, kind)
 
     def one(c, n, p):
         return jax.lax.dynamic_update_slice(c, n.transpose(1, 0, 2).astype(c.dtype), (0, p, 0))
@@ -127,7 +130,8 @@ def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array) -> jax.Array:
 
 def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
               kv_len: int, scale: float, window: int | None = None,
-              softcap: float | None = None) -> jax.Array:
+              softcap: float | None = None, k_type: str = "f32", v_type: str = "f32",
+              head_dim_v: int | None = None) -> jax.Array:
     """Causal GQA attention of new queries against the first ``kv_len`` cache positions.
 
     q: [B, T, H, D]; caches [B, KVH, S, D] already hold this call's keys/values.
@@ -135,8 +139,8 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     """
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
-    k = k_cache[:, :, :kv_len].astype(jnp.float32)
-    v = v_cache[:, :, :kv_len].astype(jnp.float32)
+    k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
+    v = kvquant.dequantize(v_cache[:, :, :kv_len], v_type, head_dim_v or d)
     qg = q.astype(jnp.float32).reshape(b, t, kvh, h // kvh, d)
     s = jnp.einsum("btkgd,bksd->bkgts", qg, k) * scale
     if softcap:

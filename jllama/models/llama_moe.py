@@ -64,7 +64,7 @@ class Block(nnx.Module):
             self.dense = nnx.List([Linear(w(p + "ffn_gate.weight")), Linear(w(p + "ffn_up.weight")),
                                    Linear(w(p + "ffn_down.weight"))])
 
-    def __call__(self, x, pos, pos0, kc, vc, kv_len: int):
+    def __call__(self, x, pos, pos0, kc, vc, kv_len: int, kv_types: tuple[str, str]):
         s = self.spec
         b, t, _ = x.shape
         h = self.attn_norm(x)
@@ -75,9 +75,10 @@ class Block(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, pos, s.rope_base, s.rope_dim, neox=self.neox, scale=s.rope_scale)
         k = rope(k, pos, s.rope_base, s.rope_dim, neox=self.neox, scale=s.rope_scale)
-        kc = write_cache(kc, k, pos0)
-        vc = write_cache(vc, v, pos0)
-        a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim))
+        kc = write_cache(kc, k, pos0, kv_types[0])
+        vc = write_cache(vc, v, pos0, kv_types[1])
+        a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim),
+                      k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
         x = x + self.wo(a)
         h = self.ffn_norm(x)
         if self.moe is not None:
@@ -95,6 +96,12 @@ class MoEDecoder(nnx.Module):
         self.blocks = nnx.List([Block(spec, w, i, moe, var) for i in range(spec.n_layer)])
         self.out_norm = RMSNorm(w.vector("output_norm.weight"), spec.norm_eps)
         self.output = None if spec.tied_output else Linear(w("output.weight"))
+        self.neox = var.neox
+
+    def kv_rope(self, layer: int) -> tuple[float, int, bool, float]:
+        """How layer ``layer``'s cached keys were rotated (for the Engine's context shift)."""
+        s = self.spec
+        return (s.rope_base, s.rope_dim, self.neox, s.rope_scale)
 
     def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
                  last_idx: jax.Array | None = None):
@@ -104,12 +111,13 @@ class MoEDecoder(nnx.Module):
         ks, vs = list(cache.k), list(cache.v)
         for i, blk in enumerate(self.blocks):
             with jax.named_scope(f"blk{i}"):
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len)
+                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len,
+                                      (cache.k_type, cache.v_type))
         if last_idx is not None:
             x = gather_last(x, last_idx)
         x = self.out_norm(x)
         logits = self.tok_embd.attend(x) if self.output is None else self.output(x)
-        return logits, KVCache(tuple(ks), tuple(vs))
+        return logits, cache.replace(ks, vs)
 
 
 def build(spec: ModelSpec, w: Weights, gguf) -> MoEDecoder:

@@ -44,6 +44,8 @@ class MoEConfig:
     gating: int = GATING_SOFTMAX
     norm_weights: bool = False
     scale: float = 0.0  # 0 = no scaling (llama.cpp applies it only when set)
+    n_group: int = 1  # DeepSeek-V3 group-limited routing: experts in n_group groups,
+    n_group_used: int = 1  # only the best n_group_used groups (by their top-2 sum) compete
 
 
 def _round(x: jax.Array, qt: QTensor) -> jax.Array:
@@ -74,6 +76,13 @@ def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None
     else:  # softmax (and "none", which llama.cpp maps to softmax)
         probs = jax.nn.softmax(logits, axis=-1)
     sel = probs + bias if bias is not None else probs
+    if cfg.n_group > 1:
+        n, e = sel.shape
+        grouped = sel.reshape(n, cfg.n_group, e // cfg.n_group)
+        score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [N, G]
+        _, gids = jax.lax.top_k(score, cfg.n_group_used)
+        keep = jnp.any(gids[:, None, :] == jnp.arange(cfg.n_group)[None, :, None], axis=-1)
+        sel = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, e)
     _, ids = jax.lax.top_k(sel, cfg.n_used)
     w = jnp.take_along_axis(probs, ids, axis=-1)
     if cfg.gating == GATING_SOFTMAX_WEIGHT:
@@ -177,4 +186,10 @@ def moe_config(g_meta: dict, arch: str, *, norm: bool | None = None, scale: floa
         norm = bool(g_meta.get(f"{arch}.expert_weights_norm", False))
     if scale is None:
         scale = float(g_meta.get(f"{arch}.expert_weights_scale", 0.0))
-    return MoEConfig(n_expert, n_used, gating, norm, scale)
+    n_group = int(g_meta.get(f"{arch}.expert_group_count", 0) or 1)
+    n_group_used = int(g_meta.get(f"{arch}.expert_group_used_count", 0) or n_group)
+    if n_group > 1 and (n_expert % n_group or n_expert // n_group < 2
+                        or not 0 < n_group_used <= n_group):
+        raise ModelError(f"{arch}: bad expert groups ({n_group} groups, {n_group_used} used, "
+                         f"{n_expert} experts)")
+    return MoEConfig(n_expert, n_used, gating, norm, scale, n_group, n_group_used)

@@ -88,14 +88,14 @@ def tiny_llama(
         p = f"blk.{i}."
         arrays += [
             (p + "attn_norm.weight", norm(n_embd)),
-            (p + "attn_q.weight", mat(n_embd, n_embd, n_embd**-0.5)),
-            (p + "attn_k.weight", mat(n_head_kv * hd, n_embd, n_embd**-0.5)),
-            (p + "attn_v.weight", mat(n_head_kv * hd, n_embd, n_embd**-0.5)),
-            (p + "attn_output.weight", mat(n_embd, n_embd, n_embd**-0.5)),
+            (p + "attn_q.weight", mat(n_embd, n_embd, 0.5 * n_embd**-0.5)),
+            (p + "attn_k.weight", mat(n_head_kv * hd, n_embd, 0.5 * n_embd**-0.5)),
+            (p + "attn_v.weight", mat(n_head_kv * hd, n_embd, 0.5 * n_embd**-0.5)),
+            (p + "attn_output.weight", mat(n_embd, n_embd, 0.5 * n_embd**-0.5)),
             (p + "ffn_norm.weight", norm(n_embd)),
-            (p + "ffn_gate.weight", mat(n_ff, n_embd, n_embd**-0.5)),
-            (p + "ffn_up.weight", mat(n_ff, n_embd, n_embd**-0.5)),
-            (p + "ffn_down.weight", mat(n_embd, n_ff, n_ff**-0.5)),
+            (p + "ffn_gate.weight", mat(n_ff, n_embd, 0.5 * n_embd**-0.5)),
+            (p + "ffn_up.weight", mat(n_ff, n_embd, 0.5 * n_embd**-0.5)),
+            (p + "ffn_down.weight", mat(n_embd, n_ff, 0.5 * n_ff**-0.5)),
         ]
     arrays.append(("output_norm.weight", norm(n_embd)))
     if not tied:

@@ -1,0 +1,81 @@
+"""``jllama serve [CONFIG] [-m MODEL] [--port N] [--parallel N] ...``: the OpenAI-compatible server.
+
+Flags override the config file's ``server``/``runtime`` sections, through the same validation
+path as the YAML (``key.path=value`` overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/serve-*.yaml)")
+    p.add_argument("-m", "--model", default=None, help="GGUF path or registry name")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("-np", "--parallel", type=int, default=None,
+                   help="slots: requests decoded together in one batch")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size per slot")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests allowed to wait for a slot before answering 503")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a request may take in all (queue + generation) before 504")
+    p.add_argument("--alias", default=None, help="model id reported by /v1/models")
+    p.add_argument("--platform", default=None, help="cpu | gpu | tpu | auto")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
+    p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
+    p.set_defaults(func=run)
+
+
+def _overrides(args) -> list[str]:
+    ov = list(args.overrides)
+    pairs = {"model": "model", "host": "server.host", "port": "server.port",
+             "parallel": "server.parallel", "ctx_size": "runtime.ctx_size",
+             "max_queue": "server.max_queue", "timeout": "server.timeout",
+             "alias": "server.model_alias", "platform": "runtime.platform"}
+    for attr, key in pairs.items():
+        v = getattr(args, attr)
+        if v is not None:
+            ov.append(f"{key}={v}")
+    return ov
+
+
+def run(args) -> int:
+    import sys
+
+    from jllama.config import load_config
+    from jllama.errors import ConfigError
+
+    cfg = load_config(args.config, _overrides(args))
+    if args.api_key is not None:  # not through YAML parsing: keys may look like numbers
+        cfg.server.api_key = args.api_key
+    s = cfg.server
+    if s.parallel < 1:
+        raise ConfigError(f"{cfg.source}: 'server.parallel' must be at least 1, got {s.parallel}")
+    if s.max_queue < 0 or s.timeout <= 0:
+        raise ConfigError(f"{cfg.source}: 'server.max_queue' must be >= 0 and 'server.timeout' "
+                          "> 0")
+    from jllama.cli.common import setup_platform
+
+    setup_platform(cfg.runtime.platform, cfg.runtime.threads)
+    import uvicorn
+
+    from jllama.api import Llama
+    from jllama.server.app import ServerSettings, ServerState, create_app
+
+    print(f"jllama serve: loading {cfg.model} ({s.parallel} slots x {cfg.runtime.ctx_size} "
+          "tokens) ...", file=sys.stderr)
+    llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=s.parallel,
+                cache_type=cfg.runtime.cache_type_k, quant=cfg.quant,
+                compile_cache=cfg.runtime.compile_cache)
+    alias = s.model_alias or llm.path.stem
+    state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,
+                                            max_queue=s.max_queue, timeout=s.timeout))
+    print(f"jllama serve: http://{s.host}:{s.port}/v1 (model '{alias}', "
+          f"auth {'on' if s.api_key else 'off'})", file=sys.stderr)
+    uvicorn.run(create_app(state, warmup=not args.no_warmup), host=s.host, port=s.port,
+                log_level="info", http="h11", loop="asyncio", timeout_graceful_shutdown=5)
+    return 0

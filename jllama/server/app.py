@@ -1,0 +1,531 @@
+"""The HTTP side: OpenAI-compatible routes on Starlette, served by uvicorn.
+
+Handlers never touch the engine. A generation request is validated, rendered to token ids,
+queued on the ``Scheduler`` and then fed by the events it sends back. For streams the HTTP
+status is only committed once the first event arrives, so queue timeouts and prompt errors still
+get a proper status code; after that, problems are reported as an SSE ``error`` event as OpenAI
+does. Whatever way a handler exits (done, timeout, client gone) it cancels its request, which
+frees the slot at the scheduler's next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jllama.engine.sampling import SamplingParams
+from jllama.server import openai_schema as oa
+from jllama.server import tools as tl
+from jllama.server.grammar import JsonConstraint
+from jllama.server.metrics import Metrics
+from jllama.server.openai_schema import ApiError
+from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler
+
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class ServerSettings:
+    model_alias: str
+    api_key: str | None = None
+    max_queue: int = 64
+    timeout: float = 600.0
+
+
+class ServerState:
+    """The loaded model, its scheduler and the counters, shared by all handlers."""
+
+    def __init__(self, llm, settings: ServerSettings):
+        self.llm = llm
+        self.settings = settings
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(llm, max_queue=settings.max_queue, metrics=self.metrics)
+        self.created = oa.now()
+        self.ctx_size = llm.engine.ctx_size
+
+    def warmup(self) -> None:
+        """Compile prefill, first-token sampling and the batched step before the first request
+        (seconds of XLA compilation would otherwise land on a client's latency)."""
+        sch = self.scheduler
+        done = threading.Event()
+        req = GenRequest(self.llm.tokenize("Hello", add_special=True), max_tokens=2,
+                         params=SamplingParams(temperature=0.0), cache_prompt=False,
+                         sink=lambda ev: done.set() if ev.kind != "text" else None)
+        sch.submit(req)
+        done.wait(600)
+
+
+# ---------------------------------------------------------------------------- helpers
+def error_response(e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") \
+            from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def check_auth(state: ServerState, request: Request) -> None:
+    key = state.settings.api_key
+    if not key:
+        return
+    got = request.headers.get("authorization", "")
+    if not got.lower().startswith("bearer ") or got[7:].strip() != key:
+        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                       code="invalid_api_key")
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def next_event(request: Request, req: GenRequest, q: asyncio.Queue, deadline: float,
+                     watch_disconnect: bool) -> Event:
+    """The next scheduler event; raises ApiError(504) past the deadline and ClientGone when
+    the client hung up while we were waiting (non-streaming requests have no other way to
+    notice)."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            req.cancel()
+            raise ApiError(504, "the request timed out (server --timeout); try a smaller "
+                           "max_tokens or retry later", code="timeout")
+        try:
+            return await asyncio.wait_for(q.get(), min(left, DISCONNECT_POLL_S))
+        except asyncio.TimeoutError:
+            if watch_disconnect and await request.is_disconnected():
+                req.cancel()
+                raise ClientGone() from None
+
+
+def tokenize_prompt(state: ServerState, text: str) -> list[int]:
+    tk = state.llm.tokenizer
+    add = True
+    if tk.add_bos and tk.bos_id is not None and text.startswith(tk.piece_text(tk.bos_id)):
+        add = False  # the template already wrote BOS
+    return tk.encode(text, add_special=add, parse_special=True)
+
+
+def check_prompt(state: ServerState, ids: list[int]) -> None:
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+    if len(ids) >= state.ctx_size:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens but the context size is "
+                       f"{state.ctx_size} tokens per slot (--ctx-size); at most "
+                       f"{state.ctx_size - 1} prompt tokens leave room for one generated token",
+                       param="messages", code="context_length_exceeded")
+
+
+# ---------------------------------------------------------------------------- generation
+@dataclass
+class Job:
+    """One generation request in flight, seen from the HTTP side."""
+
+    req: GenRequest
+    queue: asyncio.Queue
+    t0: float
+    deadline: float
+    stream: bool
+    include_usage: bool
+    rid: str
+    created: int
+    model: str
+    t_first: float = 0.0
+
+
+def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) -> Job:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+
+    def sink(ev: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
+    req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
+                     opts.cache_prompt)
+    try:
+        state.scheduler.submit(req)
+    except QueueFull as e:
+        raise ApiError(503, f"server busy: {e}; retry later", code="queue_full",
+                       type_="server_overloaded") from None
+    t0 = time.monotonic()
+    return Job(req, q, t0, t0 + state.settings.timeout, opts.stream, opts.include_usage, "", 0,
+               state.settings.model_alias)
+
+
+async def first_event(request: Request, job: Job) -> Event:
+    ev = await next_event(request, job.req, job.queue, job.deadline, True)
+    job.t_first = time.monotonic()
+    if ev.kind == "error":
+        raise ApiError(ev.status, ev.message)
+    return ev
+
+
+async def collect(request: Request, job: Job, first: Event) -> tuple[str, Event]:
+    parts = []
+    ev = first
+    while ev.kind == "text":
+        parts.append(ev.text)
+        ev = await next_event(request, job.req, job.queue, job.deadline, True)
+    if ev.kind == "error":
+        raise ApiError(ev.status, ev.message)
+    return "".join(parts), ev
+
+
+def usage_of(ev: Event) -> dict:
+    return oa.usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
+
+
+def make_constraint(state: ServerState, opts: oa.GenOptions, forced: bool) -> JsonConstraint | None:
+    if not forced and opts.response_format is None:
+        return None
+    sch = state.scheduler
+    return JsonConstraint(sch.token_bytes(), sch.eog, root="object")
+
+
+class Handlers:
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    # ------------------------------------------------------------------ plumbing
+    async def _run(self, request: Request, endpoint: str, fn, auth: bool = True) -> Response:
+        try:
+            if auth:
+                check_auth(self.state, request)
+            resp = await fn(request)
+        except ApiError as e:
+            resp = error_response(e)
+        except ClientGone:
+            resp = Response(status_code=499)
+        self.state.metrics.observe_request(endpoint, resp.status_code)
+        return resp
+
+    async def chat(self, request: Request) -> Response:
+        return await self._run(request, "/v1/chat/completions", self._chat)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._run(request, "/v1/completions", self._completions)
+
+    async def models(self, request: Request) -> Response:
+        return await self._run(request, "/v1/models", self._models)
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._run(request, "/tokenize", self._tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._run(request, "/detokenize", self._detokenize)
+
+    async def health(self, request: Request) -> Response:
+        sch = self.state.scheduler
+        busy = sch.busy_slots()
+        body = {"status": "ok", "slots_idle": sch.n_slots - busy, "slots_processing": busy,
+                "requests_queued": len(sch.queue)}
+        return JSONResponse(body)
+
+    async def metrics(self, request: Request) -> Response:
+        return PlainTextResponse(self.state.metrics.render(),
+                                 media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------ endpoints
+    async def _models(self, request: Request) -> Response:
+        st = self.state
+        m = {"id": st.settings.model_alias, "object": "model", "created": st.created,
+             "owned_by": "jllama",
+             "meta": {"n_ctx": st.ctx_size, "n_vocab": st.llm.spec.n_vocab,
+                      "n_slots": st.scheduler.n_slots, "arch": st.llm.spec.arch}}
+        return JSONResponse({"object": "list", "data": [m]})
+
+    async def _tokenize(self, request: Request) -> Response:
+        body = await json_body(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise oa.bad("content", "'content' must be a string", "invalid_type")
+        add = body.get("add_special", False)
+        parse = body.get("parse_special", True)
+        if not isinstance(add, bool) or not isinstance(parse, bool):
+            raise oa.bad("add_special", "'add_special' and 'parse_special' must be booleans")
+        tk = self.state.llm.tokenizer
+        ids = tk.encode(content, add_special=add, parse_special=parse)
+        if body.get("with_pieces"):
+            toks = [{"id": i, "piece": tk.token_to_piece(i).decode("utf-8", "replace")}
+                    for i in ids]
+            return JSONResponse({"tokens": toks})
+        return JSONResponse({"tokens": ids})
+
+    async def _detokenize(self, request: Request) -> Response:
+        body = await json_body(request)
+        toks = body.get("tokens")
+        n = self.state.llm.tokenizer.n_vocab
+        if not isinstance(toks, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n for t in toks):
+            raise oa.bad("tokens", f"'tokens' must be a list of token ids in 0..{n - 1}")
+        return JSONResponse({"content": self.state.llm.tokenizer.decode(toks)})
+
+    async def _completions(self, request: Request) -> Response:
+        st = self.state
+        body = await json_body(request)
+        opts = oa.parse_common(body, st.llm.spec.n_vocab)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = st.llm.tokenizer.encode(prompt, add_special=True, parse_special=True)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                              for t in prompt):
+            if any(not 0 <= t < st.llm.spec.n_vocab for t in prompt):
+                raise oa.bad("prompt", "token ids in 'prompt' must be inside the vocabulary")
+            ids = list(prompt)
+        else:
+            raise oa.bad("prompt", "'prompt' must be a string, a list of token ids, or a list "
+                          "holding one of those (batches of prompts are not supported)",
+                          "invalid_type")
+        for name in ("suffix", "best_of"):
+            if body.get(name) not in (None, 1):
+                raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
+        echo = bool(body.get("echo", False))
+        check_prompt(st, ids)
+        job = submit(st, ids, opts, make_constraint(st, opts, False))
+        job.rid, job.created = oa.new_id("cmpl"), oa.now()
+        prefix = st.llm.tokenizer.decode(ids) if echo else ""
+        try:
+            first = await first_event(request, job)
+        except BaseException:
+            job.req.cancel()
+            raise
+        if not opts.stream:
+            try:
+                text, done = await collect(request, job, first)
+            finally:
+                job.req.cancel()
+            self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
+            return JSONResponse(oa.completion_response(job.rid, job.model, job.created,
+                                                       prefix + text, done.finish,
+                                                       usage_of(done)))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if prefix:
+                    yield sse(oa.completion_response(job.rid, job.model, job.created, prefix,
+                                                     None, None))
+                async for ev in self._stream_events(request, job, first):
+                    if ev.kind == "text":
+                        yield sse(oa.completion_response(job.rid, job.model, job.created,
+                                                         ev.text, None, None))
+                    elif ev.kind == "done":
+                        yield sse(oa.completion_response(job.rid, job.model, job.created, "",
+                                                         ev.finish, None))
+                        if job.include_usage:
+                            d = oa.completion_response(job.rid, job.model, job.created, "",
+                                                       None, usage_of(ev))
+                            d["choices"] = []
+                            yield sse(d)
+                    else:
+                        yield sse(ApiError(ev.status, ev.message).body())
+                yield "data: [DONE]\n\n"
+            finally:
+                job.req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _chat(self, request: Request) -> Response:
+        st = self.state
+        body = await json_body(request)
+        opts = oa.parse_common(body, st.llm.spec.n_vocab)
+        messages = oa.parse_messages(body)
+        tools, choice = oa.parse_tools(body)
+        template = st.llm.tokenizer.chat_template or ""
+        msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
+        try:
+            text = st.llm.apply_chat_template(msgs, tools=tmpl_tools)
+        except Exception as e:  # jinja raise_exception(...) or a template bug
+            raise ApiError(400, f"the chat template rejected the messages: {e}",
+                           param="messages", code="invalid_messages") from None
+        prefix, forced = tl.forced_prefix(choice, tools)
+        ids = tokenize_prompt(st, text + prefix)
+        check_prompt(st, ids)
+        job = submit(st, ids, opts, make_constraint(st, opts, forced is not None))
+        job.rid, job.created = oa.new_id("chatcmpl"), oa.now()
+        try:
+            first = await first_event(request, job)
+        except BaseException:
+            job.req.cancel()
+            raise
+        if not opts.stream:
+            try:
+                text, done = await collect(request, job, first)
+            finally:
+                job.req.cancel()
+            self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
+            content, calls, finish = text, None, done.finish
+            if forced is not None:
+                content, calls = None, [tl.make_call(forced, text)]
+            elif tools:
+                content, calls = tl.parse_tool_calls(text, tools)
+            if calls:
+                finish = "tool_calls" if finish == "stop" else finish
+            return JSONResponse(oa.chat_response(job.rid, job.model, job.created, content,
+                                                 calls or None, finish, usage_of(done)))
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return sse(oa.chat_chunk(job.rid, job.model, job.created, delta, finish))
+
+        async def events() -> AsyncIterator[str]:
+            ts = tl.ToolStream(tools) if tools and forced is None else None
+            try:
+                yield chunk({"role": "assistant", "content": "" if forced is None else None})
+                if forced is not None:
+                    call = tl.make_call(forced, "")
+                    yield chunk({"tool_calls": [{"index": 0, **call}]})
+                async for ev in self._stream_events(request, job, first):
+                    if ev.kind == "text":
+                        if forced is not None:
+                            yield chunk({"tool_calls": [{"index": 0, "function":
+                                                         {"arguments": ev.text}}]})
+                        else:
+                            out = ts.feed(ev.text) if ts else ev.text
+                            if out:
+                                yield chunk({"content": out})
+                    elif ev.kind == "done":
+                        finish = ev.finish
+                        if forced is not None and finish == "stop":
+                            finish = "tool_calls"
+                        if ts is not None:
+                            rest, calls = ts.finish()
+                            if rest:
+                                yield chunk({"content": rest})
+                            if calls:
+                                yield chunk({"tool_calls": [{"index": i, **c}
+                                                            for i, c in enumerate(calls)]})
+                                finish = "tool_calls" if finish == "stop" else finish
+                        yield chunk({}, finish)
+                        if job.include_usage:
+                            yield sse(oa.chat_chunk(job.rid, job.model, job.created, {},
+                                                    usage_=usage_of(ev), choices=False))
+                    else:
+                        yield sse(ApiError(ev.status, ev.message).body())
+                yield "data: [DONE]\n\n"
+            finally:
+                job.req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _stream_events(self, request: Request, job: Job,
+                             first: Event) -> AsyncIterator[Event]:
+        """Events up to and including the last one; a timeout becomes an error event."""
+        ev = first
+        while True:
+            yield ev
+            if ev.kind != "text":
+                break
+            try:
+                # the response task notices a hang-up itself (Starlette cancels it)
+                ev = await next_event(request, job.req, job.queue, job.deadline, False)
+            except ApiError as e:
+                yield Event("error", status=e.status, message=e.message)
+                break
+        self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
+
+
+# ---------------------------------------------------------------------------- app
+def create_app(state: ServerState, warmup: bool = True) -> Starlette:
+    h = Handlers(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.scheduler.start()
+        if warmup:
+            await asyncio.get_running_loop().run_in_executor(None, state.warmup)
+        yield
+        state.scheduler.stop()
+
+    routes = []
+    for path, fn, methods in (
+        ("/v1/chat/completions", h.chat, ["POST"]), ("/chat/completions", h.chat, ["POST"]),
+        ("/v1/completions", h.completions, ["POST"]), ("/completions", h.completions, ["POST"]),
+        ("/v1/models", h.models, ["GET"]), ("/models", h.models, ["GET"]),
+        ("/tokenize", h.tokenize, ["POST"]), ("/detokenize", h.detokenize, ["POST"]),
+        ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),
+        ("/metrics", h.metrics, ["GET"]),
+    ):
+        routes.append(Route(path, fn, methods=methods))
+
+    async def not_found(request: Request, exc) -> Response:
+        status = getattr(exc, "status_code", 404)
+        msg = (f"no route {request.method} {request.url.path}" if status == 404
+               else f"method {request.method} not allowed on {request.url.path}")
+        return error_response(ApiError(status, msg, code="not_found" if status == 404
+                                       else "method_not_allowed"))
+
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={404: not_found, 405: not_found})
+
+
+class ServerThread:
+    """uvicorn in a background thread (tests, notebooks): ``with ServerThread(...) as s:``."""
+
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0,
+                 warmup: bool = True):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.state = state
+        cfg = uvicorn.Config(create_app(state, warmup), log_level="warning", http="h11",
+                             loop="asyncio", lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="jllama-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 600.0) -> ServerThread:
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError("the server did not start in time")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,188 @@
+"""JSON-constrained decoding: a byte-level JSON recognizer and a lazily masked token pick.
+
+``response_format: json_object`` must yield parseable JSON even from a 135M model. A full logit
+mask would check all ~50k vocabulary entries at every step in Python; instead the token the
+engine already sampled is checked first (almost always valid once the model is on track), and
+only when it is not are the best candidates scanned in logit order until valid ones are found.
+Accepting a valid draw and otherwise drawing from the valid candidates is exactly sampling from
+the masked distribution (rejection sampling), so nothing is approximated except that the
+fallback draw ignores the repetition penalties and looks at the top ``TOP_CANDIDATES`` first.
+
+The recognizer works on bytes, not characters: JSON's structure is ASCII and any byte >= 0x80 is
+legal inside a string, so tokens holding half of a UTF-8 character need no special case.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TOP_CANDIDATES = 256
+MAX_WS = 8  # consecutive whitespace bytes allowed between tokens (stops endless newlines)
+MAX_DEPTH = 24
+
+# modes
+VALUE, OBJ_FIRST, OBJ_KEY, COLON, ARR_FIRST, AFTER, STR_VAL, STR_KEY, NUM, LIT, DONE = range(11)
+_WS = frozenset(b" \t\n\r")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESC = frozenset(b'"\\/bfnrt')
+_NUM_END_OK = frozenset((1, 2, 4, 7))
+
+# state: (stack, mode, aux, ws) — stack is a str of 'o'/'a'; aux is the string escape state,
+# the number sub-state or the literal's remaining bytes
+State = tuple
+
+
+def initial(root: str = "object") -> State:
+    return ("", VALUE, "root-object" if root == "object" else None, 0)
+
+
+def _close_value(stack: str) -> State:
+    return (stack, DONE if not stack else AFTER, None, 0)
+
+
+def _start_value(stack: str, b: int, root_object: bool) -> State | None:
+    if root_object and b != 0x7B:
+        return None
+    if b == 0x7B:  # {
+        return None if len(stack) >= MAX_DEPTH else (stack + "o", OBJ_FIRST, None, 0)
+    if b == 0x5B:  # [
+        return None if len(stack) >= MAX_DEPTH else (stack + "a", ARR_FIRST, None, 0)
+    if b == 0x22:
+        return (stack, STR_VAL, 0, 0)
+    if b == 0x2D:
+        return (stack, NUM, 0, 0)
+    if b == 0x30:
+        return (stack, NUM, 1, 0)
+    if b in _DIGITS:
+        return (stack, NUM, 2, 0)
+    for lit in (b"true", b"false", b"null"):
+        if b == lit[0]:
+            return (stack, LIT, lit[1:], 0)
+    return None
+
+
+def step(s: State, b: int) -> State | None:
+    """Advance by one byte; None when the byte cannot continue valid JSON."""
+    stack, mode, aux, ws = s
+    if mode in (STR_VAL, STR_KEY):
+        if aux == 0:
+            if b == 0x22:
+                return (stack, COLON, None, 0) if mode == STR_KEY else _close_value(stack)
+            if b == 0x5C:
+                return (stack, mode, 1, 0)
+            return None if b < 0x20 else s
+        if aux == 1:
+            if b == 0x75:  # \u
+                return (stack, mode, 5, 0)
+            return (stack, mode, 0, 0) if b in _ESC else None
+        if b not in _HEX:
+            return None
+        return (stack, mode, 0 if aux == 2 else aux - 1, 0)
+    if mode == NUM:
+        if b in _DIGITS:
+            if aux == 1:
+                return None  # no leading zeros
+            return (stack, NUM, {0: 2, 2: 2, 3: 4, 4: 4, 5: 7, 6: 7, 7: 7}[aux], 0)
+        if b == 0x2E and aux in (1, 2):
+            return (stack, NUM, 3, 0)
+        if b in (0x65, 0x45) and aux in (1, 2, 4):
+            return (stack, NUM, 5, 0)
+        if b in (0x2B, 0x2D) and aux == 5:
+            return (stack, NUM, 6, 0)
+        if aux in _NUM_END_OK:
+            nxt = _close_value(stack)
+            return step(nxt, b)
+        return None
+    if mode == LIT:
+        if b != aux[0]:
+            return None
+        return _close_value(stack) if len(aux) == 1 else (stack, LIT, aux[1:], 0)
+    if b in _WS:
+        return None if ws >= MAX_WS else (stack, mode, aux, ws + 1)
+    if mode == VALUE:
+        return _start_value(stack, b, aux == "root-object")
+    if mode == ARR_FIRST:
+        if b == 0x5D:
+            return _close_value(stack[:-1])
+        return _start_value(stack, b, False)
+    if mode == OBJ_FIRST:
+        if b == 0x7D:
+            return _close_value(stack[:-1])
+        return (stack, STR_KEY, 0, 0) if b == 0x22 else None
+    if mode == OBJ_KEY:
+        return (stack, STR_KEY, 0, 0) if b == 0x22 else None
+    if mode == COLON:
+        return (stack, VALUE, None, 0) if b == 0x3A else None
+    if mode == AFTER:
+        top = stack[-1]
+        if b == 0x2C:
+            return (stack, OBJ_KEY if top == "o" else VALUE, None, 0)
+        if (b == 0x7D and top == "o") or (b == 0x5D and top == "a"):
+            return _close_value(stack[:-1])
+        return None
+    return None  # DONE: only whitespace (handled above) may follow
+
+
+def feed(s: State, data: bytes) -> State | None:
+    for b in data:
+        s = step(s, b)
+        if s is None:
+            return None
+    return s
+
+
+def is_done(s: State) -> bool:
+    return s[1] == DONE
+
+
+class JsonConstraint:
+    """Per-request JSON state plus the shared token byte table."""
+
+    def __init__(self, token_bytes: list[bytes], eog: frozenset[int], root: str = "object"):
+        self.tokens = token_bytes
+        self.eog = eog
+        self.state = initial(root)
+
+    def accepts(self, tok: int) -> State | None:
+        if tok in self.eog:
+            return self.state if is_done(self.state) else None
+        piece = self.tokens[tok] if tok < len(self.tokens) else b""
+        if not piece:
+            return None
+        return feed(self.state, piece)
+
+    def advance(self, tok: int) -> None:
+        nxt = self.accepts(tok)
+        if nxt is None:
+            raise ValueError(f"token {tok} violates the JSON constraint")
+        self.state = nxt
+
+    @property
+    def done(self) -> bool:
+        return is_done(self.state)
+
+    def pick(self, drawn: int, logits: np.ndarray, temperature: float, top_p: float,
+             rng: np.random.Generator) -> int:
+        """``drawn`` if it keeps the output valid, else a draw among the valid candidates."""
+        if self.accepts(drawn) is not None:
+            return drawn
+        logits = np.asarray(logits, np.float32)[: len(self.tokens)]
+        k = min(TOP_CANDIDATES, logits.shape[0])
+        top = np.argpartition(-logits, k - 1)[:k]
+        top = top[np.argsort(-logits[top], kind="stable")]
+        valid = [int(t) for t in top if self.accepts(int(t)) is not None]
+        if not valid:  # the model strays far: scan the whole vocabulary in logit order
+            for t in np.argsort(-logits, kind="stable"):
+                if self.accepts(int(t)) is not None:
+                    return int(t)
+            raise ValueError("no token can continue the JSON output")
+        if temperature <= 0 or len(valid) == 1:
+            return valid[0]
+        z = logits[valid] / temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        keep = (np.cumsum(p) - p) < top_p
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+        return valid[int(rng.choice(len(valid), p=p))]

@@ -1,0 +1,119 @@
+"""Server counters rendered in Prometheus' text exposition format (no client library needed).
+
+Counters are bumped by the scheduler thread and read by the HTTP side; plain attribute updates
+are atomic under the GIL, and the only multi-field update (histograms) takes a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TPS_WINDOW = 10.0  # seconds over which the tokens/s gauge is averaged
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        for i, le in enumerate(self.buckets):
+            if v <= le:
+                self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.prompt_tokens = 0
+        self.prompt_seconds = 0.0
+        self.generated_tokens = 0
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
+        self.active = 0
+        self.queued = 0
+        self.slots_total = 0
+        self.cancelled = 0
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.ttft = Histogram(LATENCY_BUCKETS)
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per decode step
+
+    def observe_step(self, n_tokens: int, seconds: float) -> None:
+        now = time.monotonic()
+        self.decode_steps += 1
+        self.decode_seconds += seconds
+        with self.lock:
+            self._recent.append((now, n_tokens))
+            while self._recent and self._recent[0][0] < now - TPS_WINDOW:
+                self._recent.popleft()
+
+    def observe_request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            key = (endpoint, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe_latency(self, seconds: float, ttft: float) -> None:
+        """A generation that completed: total latency and time to its first event."""
+        with self.lock:
+            self.latency.observe(seconds)
+            self.ttft.observe(ttft)
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        with self.lock:
+            recent = [(t, n) for t, n in self._recent if t >= now - TPS_WINDOW]
+        if not recent:
+            return 0.0
+        span = max(now - recent[0][0], 1e-3)
+        return sum(n for _, n in recent) / span
+
+    def render(self) -> str:
+        p = "jllama_"
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, value: float | None = None) -> None:
+            lines.append(f"# HELP {p}{name} {help_}")
+            lines.append(f"# TYPE {p}{name} {kind}")
+            if value is not None:
+                lines.append(f"{p}{name} {value:g}" if isinstance(value, float)
+                             else f"{p}{name} {value}")
+
+        metric("prompt_tokens_total", "counter", "Prompt tokens evaluated (cached prefixes "
+               "excluded).", self.prompt_tokens)
+        metric("prompt_seconds_total", "counter", "Seconds spent evaluating prompts.",
+               float(self.prompt_seconds))
+        metric("tokens_generated_total", "counter", "Tokens generated.", self.generated_tokens)
+        metric("decode_steps_total", "counter", "Batched decode steps run.", self.decode_steps)
+        metric("decode_seconds_total", "counter", "Seconds spent in batched decode steps.",
+               float(self.decode_seconds))
+        metric("tokens_per_second", "gauge", f"Generated tokens per second over the last "
+               f"{TPS_WINDOW:g} s, all slots together.", float(self.tokens_per_second()))
+        metric("requests_processing", "gauge", "Requests holding a slot.", self.active)
+        metric("requests_queued", "gauge", "Requests waiting for a slot.", self.queued)
+        metric("slots_total", "gauge", "Slots (parallel sequences).", self.slots_total)
+        metric("requests_cancelled_total", "counter", "Requests dropped because the client "
+               "went away or timed out.", self.cancelled)
+        metric("requests_total", "counter", "HTTP requests answered, by endpoint and status.")
+        with self.lock:
+            for (ep, st), n in sorted(self.requests.items()):
+                lines.append(f'{p}requests_total{{endpoint="{ep}",status="{st}"}} {n}')
+            for name, h, help_ in (("request_duration_seconds", self.latency,
+                                    "Generation request latency, arrival to last byte."),
+                                   ("time_to_first_token_seconds", self.ttft,
+                                    "Arrival to first generated text.")):
+                metric(name, "histogram", help_)
+                for le, c in zip(h.buckets, h.counts):
+                    lines.append(f'{p}{name}_bucket{{le="{le:g}"}} {c}')
+                lines.append(f'{p}{name}_bucket{{le="+Inf"}} {h.count}')
+                lines.append(f"{p}{name}_sum {h.sum:g}")
+                lines.append(f"{p}{name}_count {h.count}")
+        return "\n".join(lines) + "\n"

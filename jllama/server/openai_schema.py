@@ -1,0 +1,312 @@
+"""OpenAI request validation and response shapes.
+
+Requests are checked by hand rather than through a model library: the server must answer every
+malformed field with OpenAI's error envelope naming the offending ``param``, and the rules are
+few. Responses are plain dicts shaped after OpenAI's spec (the tests validate them against
+``openapi.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from jllama.engine.sampling import SamplingParams
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _default_type(status)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def _default_type(status: int) -> str:
+    return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            408: "timeout_error", 503: "server_overloaded", 504: "timeout_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------- field checks
+def _num(body: dict, name: str, default: float | None, lo: float | None = None,
+         hi: float | None = None) -> float | None:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise bad(name, f"'{name}' must be a number, got {type(v).__name__}", "invalid_type")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise bad(name, f"'{name}' must be between {lo} and {hi}, got {v}")
+    return float(v)
+
+
+def _int(body: dict, name: str, default: int | None, lo: int | None = None,
+         hi: int | None = None) -> int | None:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(name, f"'{name}' must be an integer, got {type(v).__name__}", "invalid_type")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise bad(name, f"'{name}' must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(name, f"'{name}' must be true or false, got {type(v).__name__}", "invalid_type")
+    return v
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v] if v else []
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        if len(v) > 16:
+            raise bad("stop", "'stop' may hold at most 16 strings")
+        return [s for s in v if s]
+    raise bad("stop", "'stop' must be a string or a list of strings", "invalid_type")
+
+
+def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad("logit_bias", "'logit_bias' must map token ids to numbers", "invalid_type")
+    out = {}
+    for k, b in v.items():
+        try:
+            tok = int(k)
+        except (TypeError, ValueError):
+            raise bad("logit_bias", f"'logit_bias' key {k!r} is not a token id") from None
+        if not 0 <= tok < n_vocab:
+            raise bad("logit_bias", f"'logit_bias' token id {tok} is outside the vocabulary "
+                      f"(0..{n_vocab - 1})")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise bad("logit_bias", f"'logit_bias' value for {tok} must be a number in -100..100")
+        # OpenAI: -100 bans a token, 100 forces it; map to effectively infinite biases
+        out[tok] = float(b) if abs(b) < 100 else (1e9 if b > 0 else -1e9)
+    return out
+
+
+@dataclass
+class GenOptions:
+    """What both endpoints share: sampling, limits, stops, output constraints."""
+
+    max_tokens: int | None
+    params: SamplingParams
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    response_format: dict | None = None
+    cache_prompt: bool = True
+    n: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens") -> GenOptions:
+    # llama-server's defaults, not OpenAI's: the reference behaviour is llama.cpp's
+    temperature = _num(body, "temperature", 0.8, 0.0, 2.0)
+    top_p = _num(body, "top_p", 0.95, 0.0, 1.0)
+    top_k = _int(body, "top_k", 40, 0, None)  # llama.cpp extension; 0 = off
+    min_p = _num(body, "min_p", 0.05, 0.0, 1.0)
+    fp = _num(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    pp = _num(body, "presence_penalty", 0.0, -2.0, 2.0)
+    rp = _num(body, "repeat_penalty", 1.0, 0.0, None)
+    seed = _int(body, "seed", None)
+    mt = body.get("max_completion_tokens", None) if max_tokens_name == "max_tokens" else None
+    max_tokens = _int(body, max_tokens_name, None, 1, None)
+    if mt is not None:
+        max_tokens = _int(body, "max_completion_tokens", None, 1, None)
+    n = _int(body, "n", 1, 1, 1)
+    stream = _bool(body, "stream", False)
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise bad("stream_options", "'stream_options' must be an object", "invalid_type")
+    if so and not stream:
+        raise bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
+    include_usage = bool(so and so.get("include_usage"))
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        raise bad("logprobs", "'logprobs' is not supported by this server", "unsupported_parameter")
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise bad("response_format", "'response_format.type' must be 'text', 'json_object' "
+                      "or 'json_schema'")
+        if rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("name", ""), str):
+                raise bad("response_format", "'response_format.json_schema' must be an object "
+                          "with 'name' and 'schema'")
+        if rf["type"] == "text":
+            rf = None
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=rp,
+        frequency_penalty=fp, presence_penalty=pp, seed=seed,
+        logit_bias=_logit_bias(body, n_vocab))
+    return GenOptions(max_tokens=max_tokens, params=params, stop=_stop(body), stream=stream,
+                      include_usage=include_usage, response_format=rf,
+                      cache_prompt=_bool(body, "cache_prompt", True), n=n)
+
+
+def message_text(content: Any, param: str) -> str:
+    """Flatten OpenAI content (a string or a list of text parts) to one string."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, p in enumerate(content):
+            if not isinstance(p, dict) or p.get("type") not in ("text", "input_text"):
+                raise bad(f"{param}[{i}]", "only text content parts are supported",
+                          "unsupported_content")
+            if not isinstance(p.get("text"), str):
+                raise bad(f"{param}[{i}].text", "a text part needs a string 'text'")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise bad(param, "message content must be a string or a list of text parts", "invalid_type")
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def parse_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("messages", "'messages' must be a non-empty list", "invalid_type")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}]", "each message must be an object", "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"messages[{i}].role", f"'role' must be one of {', '.join(ROLES)}, "
+                      f"got {role!r}")
+        msg = {"role": "system" if role == "developer" else role,
+               "content": message_text(m.get("content"), f"messages[{i}].content")}
+        if role == "assistant" and m.get("tool_calls"):
+            tcs = m["tool_calls"]
+            if not isinstance(tcs, list):
+                raise bad(f"messages[{i}].tool_calls", "'tool_calls' must be a list")
+            calls = []
+            for j, tc in enumerate(tcs):
+                fn = tc.get("function") if isinstance(tc, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise bad(f"messages[{i}].tool_calls[{j}]", "a tool call needs "
+                              "'function.name' and 'function.arguments'")
+                args = fn.get("arguments", "{}")
+                try:
+                    args_obj = json.loads(args) if isinstance(args, str) else args
+                except json.JSONDecodeError:
+                    args_obj = args
+                calls.append({"id": tc.get("id", ""), "type": "function",
+                              "function": {"name": fn["name"], "arguments": args_obj}})
+            msg["tool_calls"] = calls
+        if role == "tool":
+            msg["tool_call_id"] = m.get("tool_call_id", "")
+            if m.get("name"):
+                msg["name"] = m["name"]
+        out.append(msg)
+    return out
+
+
+def parse_tools(body: dict) -> tuple[list[dict] | None, Any]:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise bad("tool_choice", "'tool_choice' needs 'tools'")
+        return None, None
+    if not isinstance(tools, list):
+        raise bad("tools", "'tools' must be a list", "invalid_type")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str):
+            raise bad(f"tools[{i}]", "each tool must be {'type': 'function', 'function': "
+                      "{'name': ..., 'parameters': ...}}")
+    names = {t["function"]["name"] for t in tools}
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or name not in names:
+            raise bad("tool_choice", f"'tool_choice' names an unknown function {name!r}")
+    elif choice not in ("none", "auto", "required"):
+        raise bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
+                  "{'type': 'function', 'function': {'name': ...}}")
+    if choice == "none" or not tools:
+        return None, "none"
+    return tools, choice
+
+
+# ---------------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def chat_response(rid: str, model: str, created: int, content: str | None,
+                  tool_calls: list[dict] | None, finish: str, use: dict) -> dict:
+    msg: dict = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": "jllama",
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}],
+            "usage": use}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
+               usage_: dict | None = None, choices: bool = True) -> dict:
+    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+         "system_fingerprint": "jllama",
+         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+         if choices else []}
+    if usage_ is not None:
+        d["usage"] = usage_
+    return d
+
+
+def completion_response(rid: str, model: str, created: int, text: str, finish: str | None,
+                        use: dict | None) -> dict:
+    d = {"id": rid, "object": "text_completion", "created": created, "model": model,
+         "system_fingerprint": "jllama",
+         "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    if use is not None:
+        d["usage"] = use
+    return d

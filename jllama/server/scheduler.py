@@ -1,0 +1,362 @@
+"""Continuous batching: one thread owns the Engine and interleaves every request's tokens.
+
+Each loop iteration (1) drops cancelled requests, (2) admits queued requests into free slots,
+(3) spends a bounded prefill budget on admitted prompts (so a long prompt delays running streams
+by one chunk, not by its whole length) and (4) runs ONE batched ``engine.step`` for every slot
+that is decoding. A request that finishes frees its slot at once; a new one joins at the next
+step. The asyncio side never touches the engine: it submits a ``GenRequest`` and reads
+``Event``s that the thread hands over through the event loop (``call_soon_threadsafe``).
+
+Per-request sampling lives in per-slot rows of ``BatchSampling``/bias/keys; a request's PRNG
+key comes from its seed and is folded with its own step count inside the engine, so a seeded
+request gives the same tokens whoever shares the batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jllama.engine.sampling import BatchSampling, SamplingParams, sample
+from jllama.server.metrics import Metrics
+
+PREFILL_BUDGET_IDLE = 512  # prompt tokens per iteration when nothing is decoding
+PREFILL_BUDGET_BUSY = 128  # ... and while other requests are streaming
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Event:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    status: int = 500
+    message: str = ""
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int | None
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    sink: Callable[[Event], None] = lambda ev: None
+    constraint: object | None = None  # grammar.JsonConstraint: masks tokens, ends when done
+    cache_prompt: bool = True
+    cancelled: bool = False
+    # filled by the scheduler
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish: str | None = None
+
+    def cancel(self) -> None:
+        """Thread-safe: the scheduler drops the request (queued or running) at its next turn."""
+        self.cancelled = True
+
+
+class _Active:
+    """A request holding a slot."""
+
+    def __init__(self, req: GenRequest, decoder, todo: list[int]):
+        self.req = req
+        self.decoder = decoder
+        self.todo = todo  # prompt tokens still to prefill
+        self.last = -1  # last sampled token, fed at the next step
+        self.pending = ""  # decoded text held back (possible stop-string start)
+        self.hold = max((len(s) for s in req.stop), default=0)
+        seed = req.params.seed
+        if seed is None:
+            seed = int.from_bytes(np.random.bytes(4), "little")
+        self.seed = int(seed) % (2**32)
+        self.rng = np.random.default_rng(self.seed)  # host-side constrained draws
+
+
+class Scheduler:
+    def __init__(self, llm, max_queue: int = 64, metrics: Metrics | None = None):
+        self.llm = llm
+        self.engine = llm.engine
+        self.tok = llm.tokenizer
+        self.n_slots = self.engine.n_slots
+        self.n_vocab = self.llm.spec.n_vocab
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self.metrics.slots_total = self.n_slots
+        self.queue: deque[GenRequest] = deque()
+        self.slots: list[_Active | None] = [None] * self.n_slots
+        self.cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.eog = frozenset(i for i in range(self.tok.n_vocab) if self.tok.is_eog(i))
+        self._greedy = SamplingParams.greedy()
+        self._dirty = True
+        self._sp: BatchSampling | None = None
+        self._keys = np.zeros((self.n_slots, 2), np.uint32)
+        self._bias_np = np.zeros((self.n_slots, self.n_vocab), np.float32)
+        self._bias: jax.Array | None = None
+        self._first = jax.jit(_first_token)
+        self._token_bytes: list[bytes] | None = None
+        self.steps_run = 0
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ public (any thread)
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="jllama-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.cv:
+            self._stop = True
+            self.cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, req: GenRequest) -> None:
+        with self.cv:
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests already waiting "
+                                f"(max_queue {self.max_queue})")
+            self.queue.append(req)
+            self.metrics.queued = len(self.queue)
+            self.cv.notify()
+
+    def wake(self) -> None:
+        with self.cv:
+            self.cv.notify()
+
+    def busy_slots(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def token_bytes(self) -> list[bytes]:
+        """Every token's bytes as it appears in text (control tokens: empty), built once."""
+        if self._token_bytes is None:
+            out = []
+            for i in range(self.tok.n_vocab):
+                try:
+                    b = self.tok.token_to_piece(i)
+                except Exception:
+                    b = b""
+                out.append(b"" if i in self.eog else bytes(b))
+            self._token_bytes = out
+        return self._token_bytes
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self._stop and not self.queue and not any(self.slots):
+                    self.cv.wait(timeout=1.0)
+                if self._stop:
+                    break
+            try:
+                self._iteration()
+            except BaseException as e:  # keep serving: fail what was running, report
+                self.error = e
+                for b, a in enumerate(self.slots):
+                    if a is not None:
+                        self._fail(b, 500, f"internal error: {type(e).__name__}: {e}")
+        for b, a in enumerate(self.slots):
+            if a is not None:
+                self._fail(b, 503, "server shutting down")
+        with self.cv:
+            while self.queue:
+                self.queue.popleft().sink(Event("error", status=503, message="server shutting down"))
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self.cv:
+            if any(r.cancelled for r in self.queue):
+                self.queue = deque(r for r in self.queue if not r.cancelled)
+                self.metrics.queued = len(self.queue)
+        for b, a in enumerate(self.slots):
+            if a is not None and a.req.cancelled:
+                self._free(b)
+                self.metrics.cancelled += 1
+
+    def _admit(self) -> None:
+        free = [b for b, a in enumerate(self.slots) if a is None]
+        while free:
+            with self.cv:
+                if not self.queue:
+                    return
+                req = self.queue.popleft()
+                self.metrics.queued = len(self.queue)
+            if req.cancelled:
+                continue
+            ids = req.prompt_ids
+            # prompt cache: the free slot sharing the longest prefix with this prompt
+            best, keep = free[0], 0
+            if req.cache_prompt:
+                for b in free:
+                    n = self.engine.common_prefix(ids, b)
+                    if n > keep:
+                        best, keep = b, n
+            keep = min(keep, len(ids) - 1)
+            free.remove(best)
+            self.engine.rewind(best, keep)
+            req.cached_tokens = keep
+            from jllama.tokenizer import StreamDecoder
+
+            self.slots[best] = _Active(req, StreamDecoder(self.tok), list(ids[keep:]))
+            self._set_row(best, req)
+            self.metrics.active = self.busy_slots()
+
+    def _prefill(self) -> None:
+        decoding = any(a is not None and not a.todo for a in self.slots)
+        budget = PREFILL_BUDGET_BUSY if decoding else PREFILL_BUDGET_IDLE
+        for b, a in enumerate(self.slots):
+            if a is None or not a.todo or budget <= 0:
+                continue
+            chunk, a.todo = a.todo[:budget], a.todo[budget:]
+            budget -= len(chunk)
+            t0 = time.perf_counter()
+            try:
+                logits = self.engine.prefill(chunk, b)
+            except Exception as e:  # e.g. ContextError
+                self._fail(b, 400, str(e))
+                continue
+            self.metrics.prompt_tokens += len(chunk)
+            self.metrics.prompt_seconds += time.perf_counter() - t0
+            if a.todo:
+                continue
+            self._ensure_batch()
+            sp1 = BatchSampling.stack([a.req.params])
+            key = jnp.asarray(self._keys[b : b + 1])
+            bias = jnp.asarray(self._bias_np[b : b + 1])
+            hist = self.engine.history[b : b + 1]
+            tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
+                                  bias)[0])
+            if a.req.constraint is not None:
+                tok = a.req.constraint.pick(tok, np.asarray(logits), a.req.params.temperature,
+                                            a.req.params.top_p, a.rng)
+            self._accept(b, tok)
+
+    def _decode(self) -> None:
+        active = np.array([a is not None and not a.todo for a in self.slots])
+        if not active.any():
+            return
+        # a slot whose context is full ends before it would overflow
+        for b in np.nonzero(active)[0]:
+            if self.engine.pos[b] + 1 > self.engine.ctx_size:
+                self._finish(b, "length")
+                active[b] = False
+        if not active.any():
+            return
+        self._ensure_batch()
+        toks = np.array([a.last if (a is not None and not a.todo) else 0 for a in self.slots],
+                        np.int32)
+        steps = np.array([a.req.completion_tokens if a is not None else 0 for a in self.slots],
+                         np.int32)
+        t0 = time.perf_counter()
+        nxt, logits = self.engine.step(toks, active, self._sp, jnp.asarray(self._keys), steps,
+                                       self._bias)
+        self.steps_run += 1
+        for b in np.nonzero(active)[0]:
+            a = self.slots[b]
+            tok = int(nxt[b])
+            if a.req.constraint is not None:
+                tok = a.req.constraint.pick(tok, np.asarray(logits[b]), a.req.params.temperature,
+                                            a.req.params.top_p, a.rng)
+            self._accept(b, tok)
+        self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ per-token handling
+    def _accept(self, b: int, tok: int) -> None:
+        a = self.slots[b]
+        req = a.req
+        if tok in self.eog:
+            self._finish(b, "stop")
+            return
+        req.completion_tokens += 1
+        self.metrics.generated_tokens += 1
+        a.last = tok
+        if req.constraint is not None:
+            req.constraint.advance(tok)
+        a.pending += a.decoder.feed(tok)
+        if req.stop:
+            hits = [i for i in (a.pending.find(s) for s in req.stop) if i >= 0]
+            if hits:
+                a.pending = a.pending[: min(hits)]
+                self._finish(b, "stop", flush=False)
+                return
+            if len(a.pending) > a.hold:
+                cut = len(a.pending) - a.hold
+                self._emit(req, a.pending[:cut])
+                a.pending = a.pending[cut:]
+        elif a.pending:
+            self._emit(req, a.pending)
+            a.pending = ""
+        if req.constraint is not None and req.constraint.done:
+            self._finish(b, "stop")
+        elif req.max_tokens is not None and req.completion_tokens >= req.max_tokens:
+            self._finish(b, "length")
+
+    def _emit(self, req: GenRequest, text: str) -> None:
+        if text:
+            req.sink(Event("text", text=text))
+
+    def _finish(self, b: int, reason: str, flush: bool = True) -> None:
+        a = self.slots[b]
+        req = a.req
+        text = a.pending + (a.decoder.flush() if flush else "")
+        if flush and req.stop:
+            hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
+            if hits:
+                text, reason = text[: min(hits)], "stop"
+        self._emit(req, text)
+        req.finish = reason
+        req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
+                       completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens))
+        self._free(b)
+
+    def _fail(self, b: int, status: int, message: str) -> None:
+        a = self.slots[b]
+        a.req.sink(Event("error", status=status, message=message))
+        self._free(b)
+
+    def _free(self, b: int) -> None:
+        self.slots[b] = None
+        self._set_row(b, None)
+        self.metrics.active = self.busy_slots()
+
+    # ------------------------------------------------------------------ batch rows
+    def _set_row(self, b: int, req: GenRequest | None) -> None:
+        self._dirty = True
+        self._bias_np[b] = 0.0
+        if req is None:
+            return
+        for t, v in req.params.logit_bias.items():
+            self._bias_np[b, t] = v
+        self._keys[b] = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.slots[b].seed)))
+
+    def _ensure_batch(self) -> None:
+        if not self._dirty:
+            return
+        ps = [a.req.params if a is not None else self._greedy for a in self.slots]
+        self._sp = BatchSampling.stack(ps)
+        self._bias = jnp.asarray(self._bias_np)
+        self._dirty = False
+
+
+def _first_token(logits, sp, keys, steps, history, bias):
+    """The engine's per-row sampling for the token after a prompt (step 0 of the request)."""
+    raw = jax.vmap(lambda k, s: jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
+    return sample(logits[..., : bias.shape[-1]], sp, raw, history, bias)

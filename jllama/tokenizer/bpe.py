@@ -1,0 +1,62 @@
+"""Byte-level BPE (llama.cpp's llm_tokenizer_bpe_session) with a per-word cache.
+
+llama.cpp merges the lowest-rank adjacent pair, leftmost first on ties, one merge at a time;
+the simple rescan loop below makes the same choices. Words repeat a lot in real text, so the
+result per pre-tokenized word is cached.
+"""
+
+from __future__ import annotations
+
+from jllama.tokenizer.pretokenize import PRE_REGEXES, split
+from jllama.tokenizer.vocab import Vocab, byte_encoder
+
+
+class BPE:
+    def __init__(self, vocab: Vocab):
+        self.vocab = vocab
+        self.exprs = PRE_REGEXES[vocab.pre]
+        enc = byte_encoder()
+        self._byte_map = [enc[b] for b in range(256)]
+        self._cache: dict[str, list[int]] = {}
+
+    def _word_ids(self, word: str) -> list[int]:
+        """Token ids for one byte-encoded word."""
+        t2i = self.vocab.token_to_id
+        if self.vocab.ignore_merges and word in t2i:
+            return [t2i[word]]
+        ranks = self.vocab.bpe_ranks
+        syms = list(word)
+        while len(syms) > 1:
+            best = None
+            bi = -1
+            for i in range(len(syms) - 1):
+                r = ranks.get((syms[i], syms[i + 1]))
+                if r is not None and (best is None or r < best):
+                    best, bi = r, i
+            if best is None:
+                break
+            syms[bi:bi + 2] = [syms[bi] + syms[bi + 1]]
+        out: list[int] = []
+        for s in syms:
+            tid = t2i.get(s)
+            if tid is not None:
+                out.append(tid)
+                continue
+            # llama.cpp falls back to single-byte tokens of the symbol's UTF-8 bytes
+            for b in s.encode("utf-8"):
+                one = t2i.get(chr(b)) if b < 0x80 else None
+                if one is not None:
+                    out.append(one)
+        return out
+
+    def encode(self, text: str, out: list[int]) -> None:
+        cache = self._cache
+        bm = self._byte_map
+        for piece in split(text, self.exprs):
+            ids = cache.get(piece)
+            if ids is None:
+                word = "".join([bm[b] for b in piece.encode("utf-8", "surrogatepass")])
+                ids = self._word_ids(word)
+                if len(cache) < 1_000_000:
+                    cache[piece] = ids
+            out.extend(ids)
