@@ -1,1 +1,239 @@
-"""tokenizer"""
+"""Tokenizer built from GGUF metadata that reproduces llama.cpp's token ids and text.
+
+``Tokenizer.encode`` follows ``llama_vocab::impl::tokenize``: special/user-defined tokens are
+split out first (user-defined ones always, control ones only with ``parse_special``), then each
+text fragment goes through SentencePiece bigram merging (``tokenizer.ggml.model == "llama"``)
+or byte-level BPE with the pre-tokenizer chosen by ``tokenizer.ggml.pre``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from jllama.tokenizer.vocab import (
+    ATTR_CONTROL,
+    ATTR_LSTRIP,
+    ATTR_RSTRIP,
+    ATTR_UNKNOWN,
+    Vocab,
+    load_vocab,
+)
+
+if TYPE_CHECKING:
+    from jllama.gguf.reader import GGUFFile
+
+__all__ = ["Tokenizer", "StreamDecoder"]
+
+_C_SPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale
+
+
+class Tokenizer:
+    """llama.cpp-compatible tokenizer (SPM and byte-level BPE vocabularies)."""
+
+    def __init__(self, vocab: Vocab, chat_template: str | None = None):
+        self.vocab = vocab
+        self.chat_template = chat_template
+        self.n_vocab = len(vocab.tokens)
+        self.bos_id = vocab.bos_id
+        self.eos_id = vocab.eos_id
+        self.eot_id = vocab.eot_id
+        self.add_bos = vocab.add_bos
+        self.add_eos = vocab.add_eos
+        self.special_ids = frozenset(vocab.special_cache)
+        if vocab.kind == "spm":
+            from jllama.tokenizer.spm import SPM
+
+            self._impl: object = SPM(vocab)
+        else:
+            from jllama.tokenizer.bpe import BPE
+
+            self._impl = BPE(vocab)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_gguf(cls, gguf_file: GGUFFile) -> Tokenizer:
+        meta = gguf_file.metadata
+        return cls(load_vocab(meta), meta.get("tokenizer.chat_template"))
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        from jllama.gguf.reader import read_gguf
+
+        return cls.from_gguf(read_gguf(path))
+
+    # ------------------------------------------------------------------ queries
+    def is_eog(self, token_id: int) -> bool:
+        return token_id in self.vocab.eog_ids
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        return frozenset(self.vocab.eog_ids)
+
+    def piece_text(self, token_id: int) -> str:
+        """The token's vocabulary text (what chat templates call ``bos_token`` etc.)."""
+        return self.vocab.tokens[token_id]
+
+    # ------------------------------------------------------------------ encode
+    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
+        """Split out special tokens, longest first, like tokenizer_st_partition."""
+        v = self.vocab
+        frags: list[str | int] = [text]
+        for tid in v.special_cache:
+            attr = v.attrs[tid]
+            if not parse_special and attr & (ATTR_CONTROL | ATTR_UNKNOWN):
+                continue
+            tok = v.tokens[tid]
+            if not any(isinstance(f, str) and tok in f for f in frags):
+                continue
+            new: list[str | int] = []
+            for f in frags:
+                if isinstance(f, int) or tok not in f:
+                    new.append(f)
+                    continue
+                pos = 0
+                while True:
+                    m = f.find(tok, pos)
+                    if m < 0:
+                        break
+                    left = f[pos:m]
+                    if attr & ATTR_LSTRIP:
+                        left = left.rstrip(_C_SPACE)
+                    if left:
+                        new.append(left)
+                    new.append(tid)
+                    pos = m + len(tok)
+                    if attr & ATTR_RSTRIP:
+                        while pos < len(f) and f[pos] in _C_SPACE:
+                            pos += 1
+                if pos < len(f):
+                    new.append(f[pos:])
+            frags = new
+        return frags
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        v = self.vocab
+        frags = self._partition(text, parse_special) if text else []
+        out: list[int] = []
+        if add_special and v.add_bos and v.bos_id is not None:
+            out.append(v.bos_id)
+        impl = self._impl
+        if v.kind == "spm":
+            prev_special = True  # llama.cpp prefixes the first fragment too
+            for f in frags:
+                if isinstance(f, int):
+                    out.append(f)
+                    prev_special = True
+                    continue
+                if v.add_space_prefix and prev_special:
+                    f = " " + f
+                impl.encode(f.replace(" ", "\u2581"), out)  # type: ignore[attr-defined]
+                prev_special = False
+        else:
+            for f in frags:
+                if isinstance(f, int):
+                    out.append(f)
+                else:
+                    impl.encode(f, out)  # type: ignore[attr-defined]
+        if add_special and v.add_eos and v.eos_id is not None:
+            out.append(v.eos_id)
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def token_to_piece(self, token_id: int, special: bool = True, lstrip: int = 0) -> bytes:
+        """llama.cpp's token_to_piece: raw bytes (possibly partial UTF-8)."""
+        v = self.vocab
+        if not special and v.attrs[token_id] & (ATTR_UNKNOWN | ATTR_CONTROL):
+            return b""
+        piece = v.pieces[token_id]
+        while lstrip > 0 and piece.startswith(b" "):
+            piece = piece[1:]
+            lstrip -= 1
+        return piece
+
+    def detokenize(self, ids: Iterable[int], remove_special: bool = False,
+                   unparse_special: bool = True) -> bytes:
+        """llama_detokenize: bytes of the text for ``ids``."""
+        v = self.vocab
+        ids = list(ids)
+        remove_space = v.add_space_prefix
+        if remove_special and v.add_bos and ids and ids[0] == v.bos_id:
+            remove_space = False
+            ids = ids[1:]
+        if remove_special and v.add_eos and ids and ids[-1] == v.eos_id:
+            ids = ids[:-1]
+        parts = []
+        for i in ids:
+            parts.append(self.token_to_piece(i, unparse_special, 1 if remove_space else 0))
+            remove_space = False
+        text = b"".join(parts)
+        if v.clean_spaces:
+            text = _clean_spaces(text)
+        return text
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.detokenize(ids, remove_special=skip_special,
+                               unparse_special=not skip_special).decode("utf-8", "replace")
+
+
+def _clean_spaces(text: bytes) -> bytes:
+    """llama.cpp's clean_up_tokenization_spaces passes (in-place algorithm, same indexing)."""
+    t = bytearray(text)
+    n = len(t)
+    # pass 1: " ?", " !", " .", " ,"
+    total = 1 if n else 0
+    for i in range(1, n):
+        x = t[i]
+        if t[i - 1] == 0x20 and x in b"?!.,":
+            total -= 1
+        t[total] = x
+        total += 1
+    # pass 2: " ' " -> "'"
+    n2 = total
+    total = 1 if n2 else 0
+    i = 1
+    while i < n2:
+        x = t[i]
+        if x == 0x27 and i + 1 < n2 and t[i - 1] == 0x20 and t[i + 1] == 0x20:
+            total -= 1
+            i += 1
+            t[i] = 0
+        t[total] = x
+        total += 1
+        i += 1
+    # pass 3: contractions " 's", " 'm", " 'll", " 're", " 've"
+    n3 = total
+    total = 1 if n3 else 0
+    for i in range(1, n3):
+        x = t[i]
+        if t[i - 1] == 0x20 and x == 0x27 and i + 1 < n3:
+            x1 = t[i + 1]
+            if x1 in b"td":
+                pass
+            elif x1 in b"sm":
+                total -= 1
+            elif i + 2 < n3:
+                x2 = t[i + 2]
+                if (x1, x2) in ((0x6C, 0x6C), (0x72, 0x65), (0x76, 0x65)):
+                    total -= 1
+        t[total] = x
+        total += 1
+    return bytes(t[:total])
+
+
+class StreamDecoder:
+    """Feed token ids one at a time; get back only text whose UTF-8 is complete."""
+
+    def __init__(self, tokenizer: Tokenizer, special: bool = False):
+        self.tokenizer = tokenizer
+        self.special = special
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._dec.decode(self.tokenizer.token_to_piece(token_id, self.special))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
