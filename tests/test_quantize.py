@@ -1,0 +1,162 @@
+"""`quantize_file` writes what llama-quantize writes (compared byte for byte with the oracle's
+``llama_model_quantize`` on the same input), and llama.cpp loads and runs the result."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+
+import numpy as np
+import pytest
+
+from jllama.errors import JllamaError, QuantError
+from jllama.gguf.constants import QType
+from jllama.gguf.reader import read_gguf
+from jllama.quant.mixes import FTYPES, mix_from_base
+from jllama.quant.quantize import quantize_file, quantize_tensor
+from jllama.quant.testing import llama_cpp_quantize, tiny_llama
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    p = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    tiny_llama(p)
+    return p
+
+
+def _assert_same_file(ours, ref) -> None:
+    a, b = read_gguf(ours), read_gguf(ref)
+    assert abs(a.file_size - b.file_size) <= 0.001 * b.file_size
+    assert {n: t.type_name for n, t in a.tensors.items()} == {
+        n: t.type_name for n, t in b.tensors.items()
+    }
+    assert a.metadata == b.metadata
+    differ = [n for n in b.tensors if not np.array_equal(a.tensors[n].data, b.tensors[n].data)]
+    assert differ == []
+    assert filecmp.cmp(ours, ref, shallow=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4_k_m(smollm2_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "smollm2-q4_k_m.gguf"
+    rep = quantize_file(smollm2_path, out, mix_from_base("q4_k_m"), allow_requantize=True)
+    assert rep.file_size == os.path.getsize(out)
+    return out
+
+
+def test_smollm2_q4_k_m_file_identical_to_llama_cpp(smollm2_path, smollm2_q4_k_m, tmp_path):
+    ref = tmp_path / "ref.gguf"
+    llama_cpp_quantize(smollm2_path, ref, "Q4_K_M")
+    _assert_same_file(smollm2_q4_k_m, ref)
+    # the figures measured with llama-quantize (shared/reference/llama-cpp-cpu.md)
+    assert os.path.getsize(smollm2_q4_k_m) == 105_454_144
+
+
+@pytest.mark.parametrize(
+    "ftype",
+    [
+        "Q2_K",
+        "Q6_K",
+        pytest.param("Q8_0", marks=pytest.mark.slow),
+        pytest.param("Q4_0", marks=pytest.mark.slow),
+    ],
+)
+def test_smollm2_requantized_file_identical_to_llama_cpp(smollm2_path, tmp_path, ftype) -> None:
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    rep = quantize_file(smollm2_path, ours, mix_from_base(ftype), allow_requantize=True)
+    llama_cpp_quantize(smollm2_path, ref, ftype)
+    _assert_same_file(ours, ref)
+    assert rep.file_size == os.path.getsize(ref)
+    assert rep.ftype == ftype and read_gguf(ours).metadata["general.file_type"] == FTYPES[ftype][0]
+
+
+@pytest.mark.parametrize("ftype", sorted(set(FTYPES) - {"F32"}))
+def test_tiny_model_file_identical_to_llama_cpp(tiny, tmp_path, ftype) -> None:
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_file(tiny, ours, mix_from_base(ftype))
+    llama_cpp_quantize(tiny, ref, ftype, allow_requantize=False)
+    _assert_same_file(ours, ref)
+
+
+def _llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_runs_our_files(tiny, tmp_path) -> None:
+    """llama.cpp loads and runs what we wrote (the bytes are llama.cpp's own, tested above);
+    the logits drift from the F32 model's in order of bits."""
+    tokens = [1, 300, 301, 17, 302, 303, 42, 304]
+    f32 = _llama_cpp_logits(tiny, tokens)
+    rel = {}
+    for ftype in ("Q8_0", "Q4_K_M", "IQ4_XS", "Q2_K"):
+        ours = tmp_path / f"ours-{ftype}.gguf"
+        quantize_file(tiny, ours, mix_from_base(ftype))
+        got = _llama_cpp_logits(ours, tokens)
+        assert np.isfinite(got).all()
+        rel[ftype] = float(np.linalg.norm(got - f32) / np.linalg.norm(f32))
+    assert rel["Q8_0"] < 0.05 and rel["Q8_0"] < rel["Q4_K_M"] < rel["Q2_K"] < 1.0, rel
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_requantized_smollm2(smollm2_path, smollm2_q4_k_m) -> None:
+    out = smollm2_q4_k_m
+    tokens = [1, 504, 3458, 314, 260, 1345, 28]
+    src = _llama_cpp_logits(smollm2_path, tokens)
+    got = _llama_cpp_logits(out, tokens)
+    assert np.isfinite(got).all()
+    # same next-token choice on most positions as the Q4_1 original
+    assert (got.argmax(-1) == src.argmax(-1)).mean() >= 0.7
+
+
+def test_requantize_is_refused_like_llama_cpp(smollm2_path, tmp_path) -> None:
+    out = tmp_path / "x.gguf"
+    with pytest.raises(QuantError, match="requantizing from type Q4_1 is disabled"):
+        quantize_file(smollm2_path, out, mix_from_base("q4_k_m"))
+    with pytest.raises(RuntimeError):  # the oracle refuses too
+        llama_cpp_quantize(smollm2_path, tmp_path / "ref.gguf", "Q4_K_M", allow_requantize=False)
+    assert not out.exists()
+
+
+def test_read_only_output_directory_leaves_no_file(tiny, tmp_path, monkeypatch) -> None:
+    import errno
+    import stat
+    import tempfile
+
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.geteuid() == 0:  # root ignores permission bits: fail the create as the kernel would
+
+        def denied(*a, **k):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    try:
+        with pytest.raises(JllamaError, match="Permission denied"):
+            quantize_file(tiny, d / "out.gguf", mix_from_base("q4_0"))
+        assert list(d.iterdir()) == []
+    finally:
+        d.chmod(stat.S_IRWXU)
+
+
+def test_quantize_tensor_api(smollm2_path) -> None:
+    t = read_gguf(smollm2_path).tensors["blk.0.ffn_down.weight"]
+    same = quantize_tensor(t.data, t.qtype, t.qtype, t.shape)
+    assert np.array_equal(same.reshape(-1), np.asarray(t.data).reshape(-1))
+    q = quantize_tensor(t.data, t.qtype, QType.Q4_K, t.shape)
+    assert q.shape == (576, 1536 // 256 * 144) and q.dtype == np.uint8
+    from jllama.quant.formats import dequantize_np
+    from jllama.quant.quantizers import quantize_np
+
+    x = dequantize_np(np.asarray(t.data).reshape(576, -1), t.qtype, 1536)
+    assert np.array_equal(quantize_tensor(x, QType.F32, QType.Q4_K, t.shape), q)
+    with pytest.raises(QuantError, match="bytes per row"):
+        quantize_tensor(np.zeros((576, 10), np.uint8), t.qtype, QType.Q8_0, t.shape)
+    assert np.array_equal(quantize_np(x, QType.Q4_K), q)
