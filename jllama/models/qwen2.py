@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jllama.engine import kvquant
 from jllama.engine.cache import KVCache
 from jllama.models import common
 from jllama.models.common import (
@@ -25,30 +26,34 @@ from jllama.models.common import (
 )
 from jllama.models.spec import ModelSpec
 
+_HALF = {"f16": jnp.float16, "bf16": jnp.bfloat16}
 
-def _f16(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.float16).astype(jnp.float32)
+
+def _round(x: jax.Array, kind: str) -> jax.Array:
+    return x.astype(_HALF[kind]).astype(jnp.float32)
 
 
 def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
               kv_len: int, scale: float, window: int | None = None,
-              softcap: float | None = None) -> jax.Array:
-    """``common.attention`` with llama.cpp's CPU rounding (when MATCH_LLAMACPP_NUMERICS is on).
+              softcap: float | None = None, k_type: str = "f32", v_type: str = "f32",
+              head_dim_v: int | None = None) -> jax.Array:
+    """``common.attention`` plus llama.cpp's CPU rounding for a half-precision KV cache.
 
-    llama.cpp (no flash attention) keeps K/V in an f16 cache and multiplies with f16 vec_dots:
-    Q is rounded to f16 for K·Q and the softmax weights are rounded to f16 for V·P. Tiny as they
-    are, these roundings decide which activations later land on the other side of a Q8 rounding
-    step, so without them quantized models differ from llama.cpp by ~0.05 logits at every
-    position; with them most positions agree exactly. (Shared by qwen2/qwen3/gemma3: belongs in
-    common.py.)
+    llama.cpp (no flash attention) multiplies an f16/bf16 cache with half-precision vec_dots:
+    Q is rounded to the K type for K·Q, and the softmax weights to the V type for V·P. Tiny as
+    they are, these roundings decide which activations later land on the other side of a Q8
+    rounding step: without them a Q8_0 model differs from llama.cpp by ~0.05 logits at every
+    position, with them most positions agree exactly. Applied when MATCH_LLAMACPP_NUMERICS is
+    on. (Shared by qwen2/qwen3/gemma3: belongs in common.py.)
     """
-    if not common.MATCH_LLAMACPP_NUMERICS:
-        return common.attention(q, k_cache, v_cache, pos0, kv_len, scale, window, softcap)
+    if not common.MATCH_LLAMACPP_NUMERICS or k_type not in _HALF or v_type not in _HALF:
+        return common.attention(q, k_cache, v_cache, pos0, kv_len, scale, window, softcap,
+                                k_type, v_type, head_dim_v)
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
-    k = _f16(k_cache[:, :, :kv_len])
-    v = _f16(v_cache[:, :, :kv_len])
-    qg = _f16(q).reshape(b, t, kvh, h // kvh, d)
+    k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
+    v = kvquant.dequantize(v_cache[:, :, :kv_len], v_type, head_dim_v or d)
+    qg = _round(q, k_type).reshape(b, t, kvh, h // kvh, d)
     s = jnp.einsum("btkgd,bksd->bkgts", qg, k) * scale
     if softcap:
         s = softcap * jnp.tanh(s / softcap)
@@ -58,7 +63,7 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     if window:
         mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    p = _f16(jax.nn.softmax(s, axis=-1))
+    p = _round(jax.nn.softmax(s, axis=-1), v_type)
     o = jnp.einsum("bkgts,bksd->btkgd", p, v)
     return o.reshape(b, t, h * v.shape[-1])
 
@@ -82,7 +87,7 @@ class Block(nnx.Module):
         self.up = Linear(w(p + "ffn_up.weight"))
         self.down = Linear(w(p + "ffn_down.weight"))
 
-    def __call__(self, x, pos, pos0, kc, vc, kv_len: int):
+    def __call__(self, x, pos, pos0, kc, vc, kv_len: int, kv_types: tuple[str, str]):
         s = self.spec
         b, t, _ = x.shape
         h = self.attn_norm(x)
@@ -91,9 +96,10 @@ class Block(nnx.Module):
         v = self.wv(h).reshape(b, t, s.n_head_kv, s.head_dim_v)
         q = rope(q, pos, s.rope_base, s.rope_dim, neox=True, scale=s.rope_scale)
         k = rope(k, pos, s.rope_base, s.rope_dim, neox=True, scale=s.rope_scale)
-        kc = write_cache(kc, k, pos0)
-        vc = write_cache(vc, v, pos0)
-        a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim))
+        kc = write_cache(kc, k, pos0, kv_types[0])
+        vc = write_cache(vc, v, pos0, kv_types[1])
+        a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim),
+                      k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
         x = x + self.wo(a)
         h = self.ffn_norm(x)
         x = x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
@@ -118,12 +124,13 @@ class Qwen2(nnx.Module):
         ks, vs = list(cache.k), list(cache.v)
         for i, blk in enumerate(self.blocks):
             with jax.named_scope(f"blk{i}"):
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len)
+                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len,
+                                      (cache.k_type, cache.v_type))
         if last_idx is not None:
             x = gather_last(x, last_idx)
         x = self.out_norm(x)
         logits = self.tok_embd.attend(x) if self.output is None else self.output(x)
-        return logits, KVCache(tuple(ks), tuple(vs))
+        return logits, cache.replace(ks, vs)
 
 
 def build(spec: ModelSpec, w: Weights, gguf) -> Qwen2:

@@ -44,7 +44,7 @@ class Block(nnx.Module):
         self.up = Linear(w(p + "ffn_up.weight"))
         self.down = Linear(w(p + "ffn_down.weight"))
 
-    def __call__(self, x, pos, pos0, kc, vc, kv_len: int):
+    def __call__(self, x, pos, pos0, kc, vc, kv_len: int, kv_types: tuple[str, str]):
         s = self.spec
         b, t, _ = x.shape
         h = self.attn_norm(x)
@@ -53,9 +53,10 @@ class Block(nnx.Module):
         v = self.wv(h).reshape(b, t, s.n_head_kv, s.head_dim_v)
         q = rope(q, pos, s.rope_base, s.rope_dim, neox=True, scale=s.rope_scale)
         k = rope(k, pos, s.rope_base, s.rope_dim, neox=True, scale=s.rope_scale)
-        kc = write_cache(kc, k, pos0)
-        vc = write_cache(vc, v, pos0)
-        a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim))
+        kc = write_cache(kc, k, pos0, kv_types[0])
+        vc = write_cache(vc, v, pos0, kv_types[1])
+        a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim),
+                      k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
         x = x + self.wo(a)
         h = self.ffn_norm(x)
         x = x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
@@ -79,12 +80,13 @@ class Qwen3(nnx.Module):
         ks, vs = list(cache.k), list(cache.v)
         for i, blk in enumerate(self.blocks):
             with jax.named_scope(f"blk{i}"):
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len)
+                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len,
+                                      (cache.k_type, cache.v_type))
         if last_idx is not None:
             x = gather_last(x, last_idx)
         x = self.out_norm(x)
         logits = self.tok_embd.attend(x) if self.output is None else self.output(x)
-        return logits, KVCache(tuple(ks), tuple(vs))
+        return logits, cache.replace(ks, vs)
 
 
 def build(spec: ModelSpec, w: Weights, gguf) -> Qwen3:
