@@ -1,4 +1,4 @@
-"""Pallas kernels in interpret mode (CPU) against gguf-py's numpy dequantize and a numpy softmax.
+"""Pallas kernels (interpret mode on CPU, compiled on a GPU/TPU) against gguf-py's numpy dequantize and a numpy softmax.
 
 Weights are random GGUF blocks: random bytes with finite f16 scale fields (every code, scale and
 bit position is exercised), and, for the types gguf-py can quantize, ``gguf.quants.quantize`` of
@@ -31,6 +31,15 @@ F16_FIELDS = {
 }
 TYPES = list(F16_FIELDS)
 QUANTIZABLE = [QType.Q4_0, QType.Q4_1, QType.Q8_0]  # gguf-py has quantize_blocks for these
+
+# Where a device exists, the same tests run the compiled kernels.
+BACKEND = jax.default_backend()
+INTERPRET = BACKEND == "cpu"
+
+
+def attn_interpret(variant: str) -> bool:
+    """The "pipelined" attention is the TPU variant, "loop" the GPU one: else interpret."""
+    return INTERPRET or (variant == "pipelined") != (BACKEND == "tpu")
 
 
 def random_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.ndarray:
@@ -104,7 +113,7 @@ def test_qmatmul_matches_gguf_reference(qtype, case):
     qt = pq.prepare_pallas(QTensor(jnp.asarray(raw), int(qtype), (n_out, n_in)))
     assert qt.layout == pq.LAYOUT
     x = np.random.default_rng(m).standard_normal((m, n_in)).astype(np.float32)
-    got = pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=True, k_splits=k_splits)
+    got = pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=INTERPRET, k_splits=k_splits)
     check_matmul(x, raw, qtype, got)
 
 
@@ -116,7 +125,7 @@ def test_qmatmul_quantized_weights_odd_n_in(qtype):
     raw = quantized_blocks(qtype, n_out, n_in, seed=5)
     qt = QTensor(jnp.asarray(raw), int(qtype), (n_out, n_in))
     x = np.random.default_rng(6).standard_normal((2, 3, n_in)).astype(np.float32)
-    got = pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=True)
+    got = pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=INTERPRET)
     assert got.shape == (2, 3, n_out)
     check_matmul(x.reshape(6, n_in), raw, qtype, np.asarray(got).reshape(6, n_out))
 
@@ -191,7 +200,7 @@ def test_decode_attention_matches_softmax(case, variant):
     got = pa.pallas_decode_attention(
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
         scale=d**-0.5, window=window, softcap=softcap, block_l=bl, variant=variant,
-        interpret=True,
+        interpret=attn_interpret(variant),
     )  # fmt: skip
     assert got.shape == (b, h, d) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
@@ -202,7 +211,7 @@ def test_decode_attention_empty_sequence_is_zero(variant):
     q = jnp.ones((2, 2, 16))
     kv = jnp.ones((2, 1, 32, 16))
     got = pa.pallas_decode_attention(
-        q, kv, kv, jnp.array([0, 5]), scale=0.25, variant=variant, interpret=True
+        q, kv, kv, jnp.array([0, 5]), scale=0.25, variant=variant, interpret=attn_interpret(variant)
     )
     np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
     np.testing.assert_allclose(np.asarray(got[1]), 1.0, rtol=1e-6)
@@ -267,4 +276,4 @@ def test_qmatmul_real_model_weights(model, tensor, request):
     shape = (96, info.shape[1])
     qt = pq.prepare_pallas(QTensor(jnp.asarray(raw), int(qtype), shape))
     x = np.random.default_rng(7).standard_normal((2, shape[1])).astype(np.float32)
-    check_matmul(x, raw, qtype, pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=True))
+    check_matmul(x, raw, qtype, pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=INTERPRET))
