@@ -4,6 +4,7 @@ user controls (overrides, pure, embedding/output types, YAML mixes) behave as ll
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,21 @@ def test_embedding_type_that_does_not_fit_is_refused(smollm2_path) -> None:
     spec = MixSpec(ftype="Q4_0", token_embedding_type=QType.Q4_K)
     with pytest.raises(QuantError, match="rows of 576 cannot be Q4_K"):
         plan_types(read_gguf(smollm2_path), spec)
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).parents[1] / "configs" / "quant").glob("*.yaml")), ids=str
+)
+def test_example_mixes_match_llama_cpp(tiny, tmp_path, config) -> None:
+    spec = load_mix(config)
+    ours = plan_types(read_gguf(tiny), spec)
+    want = _oracle_types(
+        tiny,
+        tmp_path,
+        spec.ftype,
+        pure=spec.pure,
+        token_embedding_type=spec.token_embedding_type,
+        output_tensor_type=spec.output_tensor_type,
+        overrides=spec.overrides,
+    )
+    assert _names(ours) == _names(want)
