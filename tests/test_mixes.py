@@ -172,7 +172,9 @@ def test_embedding_type_that_does_not_fit_is_refused(smollm2_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "config", sorted((Path(__file__).parents[1] / "configs" / "quant").glob("*.yaml")), ids=str
+    "config",
+    sorted((Path(__file__).parents[1] / "configs" / "quant").glob("*.yaml")),
+    ids=lambda p: p.name,
 )
 def test_example_mixes_match_llama_cpp(tiny, tmp_path, config) -> None:
     spec = load_mix(config)
