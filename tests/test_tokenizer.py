@@ -1,0 +1,229 @@
+"""Tokenizer vs llama.cpp: the llama.cpp vocab test cases, and llama-cpp-python as oracle.
+
+The ``.inp``/``.out`` pairs in ``shared/data/vocab`` are llama.cpp's own tokenizer tests
+(ids for add_special=False, parse_special=False). Decoding, special-token parsing, EOG sets
+and whole-file tokenization are compared with llama-cpp-python (llama.cpp 0c1e570).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import pytest
+
+from jllama.tokenizer import StreamDecoder, Tokenizer
+
+VOCABS = ["deepseek-llm", "falcon", "gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2",
+          "starcoder"]
+SEP = "\n__ggml_vocab_test__\n"
+
+
+def _cases(path: Path) -> list[tuple[str, list[int]]]:
+    inp = path.with_name(path.name + ".inp").read_bytes().decode("utf-8").split(SEP)
+    if inp and inp[-1] == "":
+        inp = inp[:-1]
+    out = path.with_name(path.name + ".out").read_bytes().decode("utf-8").split("\n")
+    if out and out[-1] == "":
+        out = out[:-1]
+    assert len(inp) == len(out), f"{path}: {len(inp)} inputs, {len(out)} outputs"
+    return [(text, [int(x) for x in line.split()]) for text, line in zip(inp, out)]
+
+
+@functools.cache
+def _tokenizer(path: str) -> Tokenizer:
+    return Tokenizer.from_path(path)
+
+
+class Oracle:
+    """llama-cpp-python's vocabulary functions (vocab-only model)."""
+
+    def __init__(self, path: Path):
+        llama_cpp = pytest.importorskip("llama_cpp")
+        self.lc = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        raw = text.encode("utf-8")
+        n_max = len(raw) + 8
+        buf = (self.lc.llama_token * n_max)()
+        n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_special,
+                                   parse_special)
+        assert n >= 0
+        return list(buf[:n])
+
+    def detokenize(self, ids: list[int], remove_special: bool, unparse_special: bool) -> bytes:
+        arr = (self.lc.llama_token * max(len(ids), 1))(*ids)
+        size = 64 + 64 * len(ids)
+        buf = ctypes.create_string_buffer(size)
+        n = self.lc.llama_detokenize(self.vocab, arr, len(ids), buf, size, remove_special,
+                                     unparse_special)
+        assert n >= 0
+        return buf.raw[:n]
+
+    def piece(self, tok: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self.lc.llama_token_to_piece(self.vocab, tok, buf, 256, 0, special)
+        assert n >= 0
+        return buf.raw[:n]
+
+    def n_vocab(self) -> int:
+        return self.lc.llama_vocab_n_tokens(self.vocab)
+
+    def is_eog(self, tok: int) -> bool:
+        return bool(self.lc.llama_vocab_is_eog(self.vocab, tok))
+
+    def bos(self) -> int:
+        return self.lc.llama_vocab_bos(self.vocab)
+
+    def eos(self) -> int:
+        return self.lc.llama_vocab_eos(self.vocab)
+
+    def add_bos(self) -> bool:
+        return bool(self.lc.llama_vocab_get_add_bos(self.vocab))
+
+    def add_eos(self) -> bool:
+        return bool(self.lc.llama_vocab_get_add_eos(self.vocab))
+
+
+_ORACLES: dict[str, Oracle] = {}
+
+
+def _oracle(path: str) -> Oracle:
+    if path not in _ORACLES:
+        _ORACLES[path] = Oracle(Path(path))
+    return _ORACLES[path]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_oracles():
+    """Free llama.cpp objects before interpreter shutdown (their __del__ fails late)."""
+    yield
+    for ora in _ORACLES.values():
+        ora.llm.close()
+    _ORACLES.clear()
+
+
+def _vocab_path(shared_data: Path, name: str) -> Path:
+    return shared_data / "vocab" / f"ggml-vocab-{name}.gguf"
+
+
+# ---------------------------------------------------------------------------- llama.cpp cases
+@pytest.mark.parametrize("name", VOCABS)
+def test_vocab_cases(shared_data: Path, name: str) -> None:
+    path = _vocab_path(shared_data, name)
+    tk = _tokenizer(str(path))
+    cases = _cases(path)
+    assert len(cases) > 10
+    bad = [(text, want, got) for text, want in cases
+           if (got := tk.encode(text, add_special=False, parse_special=False)) != want]
+    assert not bad, f"{len(bad)} of {len(cases)} differ, first: {bad[0]!r}"
+
+
+# ---------------------------------------------------------------------------- oracle
+SPECIAL_TEXTS = [
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "<s>[INST] hello [/INST] answer</s>  <s> again",
+    "<|user|>\nHello <|end|>\n<|assistant|>   x<|endoftext|>",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhey<|eot_id|>",
+    "<｜begin▁of▁sentence｜>x ø ü y<｜end▁of▁sentence｜>",
+    ">>TITLE<< a >>ABSTRACT<<b<|endoftext|>",
+    "<fim_prefix>def f():<fim_suffix>\n<fim_middle>",
+    "plain text, no specials",
+    "",
+]
+
+
+def _check_vs_oracle(path: Path, cases: list[tuple[str, list[int]]]) -> None:
+    tk = _tokenizer(str(path))
+    ora = _oracle(str(path))
+    n = ora.n_vocab()
+    assert tk.n_vocab == n
+    assert (tk.bos_id, tk.eos_id) == (ora.bos(), ora.eos())
+    assert (tk.add_bos, tk.add_eos) == (ora.add_bos(), ora.add_eos())
+    assert {i for i in range(n) if tk.is_eog(i)} == {i for i in range(n) if ora.is_eog(i)}
+    for special in (True, False):
+        bad = [i for i in range(n) if tk.token_to_piece(i, special) != ora.piece(i, special)]
+        assert not bad, f"token_to_piece(special={special}) differs for ids {bad[:10]}"
+    for text in SPECIAL_TEXTS:
+        for add_special in (True, False):
+            for parse_special in (True, False):
+                assert tk.encode(text, add_special, parse_special) == ora.tokenize(
+                    text, add_special, parse_special), (text, add_special, parse_special)
+    for text, ids in cases:
+        ids_bos = tk.encode(text, add_special=True)
+        for seq in (ids, ids_bos):
+            for remove, unparse in ((False, True), (True, False), (False, False)):
+                assert tk.detokenize(seq, remove, unparse) == ora.detokenize(seq, remove, unparse), (
+                    text, remove, unparse)
+        assert tk.decode(ids, skip_special=True) == ora.detokenize(ids, True, False).decode(
+            "utf-8", "replace")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", VOCABS)
+def test_vs_oracle(shared_data: Path, name: str) -> None:
+    path = _vocab_path(shared_data, name)
+    _check_vs_oracle(path, _cases(path))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("model", ["smollm2_path", "gemma3_path"])
+def test_models_vs_oracle(shared_data: Path, model: str, request: pytest.FixtureRequest) -> None:
+    """Real models: the llama.cpp test inputs (ids from the oracle), specials, pieces, EOG."""
+    path = request.getfixturevalue(model)
+    ora = _oracle(str(path))
+    texts = [t for t, _ in _cases(_vocab_path(shared_data, "llama-spm"))]
+    cases = [(t, ora.tokenize(t, False, False)) for t in texts]
+    tk = _tokenizer(str(path))
+    for text, want in cases:
+        assert tk.encode(text, add_special=False) == want, text
+    _check_vs_oracle(path, cases)
+
+
+def test_stream_decoder_utf8(shared_data: Path) -> None:
+    """Byte tokens of a multi-byte character only produce text once it is complete."""
+    tk = _tokenizer(str(_vocab_path(shared_data, "llama-spm")))
+    byte_ids = [tk.vocab.token_to_id[f"<0x{b:02X}>"] for b in "€".encode()]
+    dec = StreamDecoder(tk)
+    assert [dec.feed(i) for i in byte_ids] == ["", "", "€"]
+    dec2 = StreamDecoder(tk)
+    assert dec2.feed(byte_ids[0]) == ""
+    assert dec2.flush() == "\ufffd"
+    ids = tk.encode("Hello wörld, 你好!", add_special=True)
+    dec3 = StreamDecoder(tk)
+    text = "".join(dec3.feed(i) for i in ids) + dec3.flush()
+    assert text == tk.decode(ids, skip_special=True)
+
+
+def test_special_ids_and_eog(smollm2_path: Path) -> None:
+    tk = _tokenizer(str(smollm2_path))
+    im_end = tk.vocab.token_to_id["<|im_end|>"]
+    assert tk.is_eog(im_end) and tk.is_eog(tk.eos_id)
+    assert im_end in tk.special_ids
+    assert tk.encode("<|im_start|>", add_special=False, parse_special=True) == [
+        tk.vocab.token_to_id["<|im_start|>"]]
+    assert tk.chat_template and "im_start" in tk.chat_template
+
+
+# ---------------------------------------------------------------------------- whole file
+def _wiki(shared_data: Path) -> str:
+    return (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(("model", "n_expected"), [("smollm2_path", 303_415),
+                                                    ("gemma3_path", 295_216)])
+def test_wiki_matches_llama_cpp(shared_data: Path, model: str, n_expected: int,
+                                request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(model)
+    text = _wiki(shared_data)
+    ids = _tokenizer(str(path)).encode(text, add_special=True)
+    ref = _oracle(str(path)).llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    assert len(ref) == n_expected
+    if ids != ref:
+        k = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
+        pytest.fail(f"{len(ids)} vs {len(ref)} tokens; first difference at {k}: "
+                    f"{ids[k - 2:k + 4]} vs {ref[k - 2:k + 4]}")
