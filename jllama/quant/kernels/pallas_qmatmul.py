@@ -226,6 +226,11 @@ def take_rows_planes(
 # ----------------------------------------------------------------------------- the kernel
 
 
+def _at(c, rows_per_chunk: int):
+    """Start row of chunk ``c`` in a plane, marked aligned (Mosaic needs it for tiled loads)."""
+    return pl.multiple_of(c * rows_per_chunk, rows_per_chunk)
+
+
 def _unpack_group_fns(qtype: int):
     """Per-type chunk body ``body(refs, c, acc, fold) -> acc`` for chunk ``c``: it dequantizes
     each group to an f32 ``[size, bn]`` tile ``w`` and folds it into the accumulator with
@@ -237,7 +242,7 @@ def _unpack_group_fns(qtype: int):
 
     def nib_pair(qs_ref, c, j: int, rows: int = 32, off: int = 0):
         """(low, high) nibbles of chunk rows ``32 j + off ..``: groups ``j`` and ``j + 4``."""
-        p = qs_ref[pl.ds(c * (CHUNK // 2) + 32 * j + off, rows), :].astype(jnp.int32)
+        p = qs_ref[pl.ds(_at(c, CHUNK // 2) + 32 * j + off, rows), :].astype(jnp.int32)
         return p & 15, p >> 4
 
     if qtype in (QType.Q4_0, QType.Q4_1):
@@ -259,7 +264,7 @@ def _unpack_group_fns(qtype: int):
         def body(refs, c, acc, fold):
             qs_ref, d_ref = refs
             for g in range(8):
-                q = qs_ref[pl.ds(c * CHUNK + 32 * g, 32), :].astype(f32)
+                q = qs_ref[pl.ds(_at(c, CHUNK) + 32 * g, 32), :].astype(f32)
                 w = row(d_ref, c * 8 + g).astype(f32) * q
                 acc = fold(acc, c, 32 * g, 32, w)
             return acc
@@ -273,7 +278,7 @@ def _unpack_group_fns(qtype: int):
             s = [row(s_ref, c * 12 + i).astype(jnp.int32) for i in range(12)]
             qh = None
             if qtype == QType.Q5_K:
-                qh = refs[4][pl.ds(c * 32, 32), :].astype(jnp.int32)
+                qh = refs[4][pl.ds(_at(c, 32), 32), :].astype(jnp.int32)
             for j in range(4):
                 for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
                     if g < 4:
@@ -297,7 +302,7 @@ def _unpack_group_fns(qtype: int):
                     lo, hi = nib_pair(qs_ref, c, j, rows=16, off=16 * t)
                     for g, q4 in ((j, lo), (j + 4, hi)):
                         h, i = divmod(g, 4)
-                        qh = qh_ref[pl.ds(c * 64 + 32 * h + 16 * t, 16), :].astype(jnp.int32)
+                        qh = qh_ref[pl.ds(_at(c, 64) + 32 * h + 16 * t, 16), :].astype(jnp.int32)
                         q = q4 | (((qh >> (2 * i)) & 3) << 4)
                         scale = d * row(sc_ref, c * 16 + 2 * g + t).astype(f32)
                         w = scale * (q - 32).astype(f32)
@@ -412,7 +417,7 @@ def matmul_planes(
         # x is passed transposed ([n_in, m]): a group's x values are a column that broadcasts
         # over the tile's bn lanes; each batch row keeps its own [1, bn] accumulator.
         def fold(x_ref, acc, c, start, size, w):
-            cols = (x_ref[pl.ds(c * CHUNK + start, size), pl.ds(r, 1)] for r in range(bm))
+            cols = (x_ref[pl.ds(_at(c, CHUNK) + start, size), pl.ds(r, 1)] for r in range(bm))
             return tuple(a + jnp.sum(xc * w, axis=0, keepdims=True) for a, xc in zip(acc, cols))
 
         def init():
@@ -423,7 +428,7 @@ def matmul_planes(
     else:
 
         def fold(x_ref, acc, c, start, size, w):
-            xs = x_ref[:, pl.ds(c * CHUNK + start, size)]
+            xs = x_ref[:, pl.ds(_at(c, CHUNK) + start, size)]
             return acc + jnp.dot(xs, w, precision=hp, preferred_element_type=jnp.float32)
 
         def init():
