@@ -148,6 +148,93 @@ def write_qwen3moe(path: Path, quant: Q | None = None, seed: int = 1) -> Path:
     return _finish(wr, path)
 
 
+
+def write_deepseek2(path: Path, quant: Q | None = None, seed: int = 2, *, q_lora: bool = True,
+                    v3: bool = True, yarn: bool = True, split_kv_b: bool = True,
+                    n_layer: int = 3) -> Path:
+    """deepseek2 with MLA: 3 layers (1 leading dense), 8 experts top-2 + 1 shared expert.
+
+    ``v3``: sigmoid gating + selection bias ``exp_probs_b``, 4 expert groups of which 2 are used,
+    normalised and scaled (2.5) weights; otherwise V2-style softmax, unnormalised, scale 1.
+    ``q_lora=False`` writes a plain ``attn_q`` (the Lite layout); ``split_kv_b=False`` writes the
+    older unsplit ``attn_kv_b`` without the ``*_mla`` key lengths (llama.cpp then runs MHA).
+    llama.cpp 0c1e570 decides "Lite" (no q LoRA) from the layer count: 27 layers.
+    """
+    n_embd, n_head, n_ff, n_ff_exp, n_exp = 64, 4, 96, 32, 8
+    q_rank, kv_rank, nope, rope_dim, v_dim = 32, 64, 32, 16, 32
+    arch = "deepseek2"
+    wr = gguf.GGUFWriter(str(path), arch)
+    _common(wr, arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=1 if split_kv_b
+            else n_head, n_ff=n_ff)
+    wr.add_leading_dense_block_count(1)
+    if q_lora:
+        wr.add_q_lora_rank(q_rank)
+    wr.add_kv_lora_rank(kv_rank)
+    if split_kv_b:  # MLA layout: the cache holds the latent + rope key, V is the latent
+        wr.add_key_length(kv_rank + rope_dim)
+        wr.add_value_length(kv_rank)
+        wr.add_uint32(f"{arch}.attention.key_length_mla", nope + rope_dim)
+        wr.add_uint32(f"{arch}.attention.value_length_mla", v_dim)
+    else:
+        wr.add_key_length(nope + rope_dim)
+        wr.add_value_length(v_dim)
+    wr.add_rope_dimension_count(rope_dim)
+    wr.add_expert_count(n_exp)
+    wr.add_expert_used_count(2)
+    wr.add_expert_feed_forward_length(n_ff_exp)
+    wr.add_expert_shared_count(1)
+    if v3:
+        wr.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        wr.add_expert_weights_norm(True)
+        wr.add_expert_weights_scale(2.5)
+        wr.add_expert_group_count(4)
+        wr.add_expert_group_used_count(2)
+    else:
+        wr.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        wr.add_expert_weights_scale(1.0)
+    if yarn:
+        wr.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        wr.add_rope_scaling_factor(4.0)
+        wr.add_rope_scaling_orig_ctx_len(64)
+        wr.add_rope_scaling_yarn_log_mul(0.1 * 0.707)
+    n_vocab = _tokenizer(wr)
+    t = _Tensors(wr, np.random.default_rng(seed), quant)
+    _head(t, n_vocab, n_embd)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t.norm(p + "attn_norm.weight", n_embd)
+        if q_lora:
+            t.mat(p + "attn_q_a.weight", (q_rank, n_embd))
+            t.norm(p + "attn_q_a_norm.weight", q_rank)
+            t.mat(p + "attn_q_b.weight", (n_head * (nope + rope_dim), q_rank))
+        else:
+            t.mat(p + "attn_q.weight", (n_head * (nope + rope_dim), n_embd))
+        t.mat(p + "attn_kv_a_mqa.weight", (kv_rank + rope_dim, n_embd))
+        t.norm(p + "attn_kv_a_norm.weight", kv_rank)
+        kv_b = (t.rng.standard_normal((n_head, nope + v_dim, kv_rank)) / np.sqrt(kv_rank))
+        kv_b = kv_b.astype(np.float32)
+        if split_kv_b:
+            t.put(p + "attn_k_b.weight", np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)),
+                  True)
+            t.put(p + "attn_v_b.weight", np.ascontiguousarray(kv_b[:, nope:]), True)
+        else:
+            t.put(p + "attn_kv_b.weight", kv_b.reshape(n_head * (nope + v_dim), kv_rank), True)
+        t.mat(p + "attn_output.weight", (n_embd, n_head * v_dim))
+        t.norm(p + "ffn_norm.weight", n_embd)
+        if i < 1:
+            t.mat(p + "ffn_gate.weight", (n_ff, n_embd))
+            t.mat(p + "ffn_up.weight", (n_ff, n_embd))
+            t.mat(p + "ffn_down.weight", (n_embd, n_ff))
+            continue
+        _experts(t, p, n_exp, n_embd, n_ff_exp)
+        if v3:
+            t.vec(p + "exp_probs_b.bias", n_exp, 0.3)
+        t.mat(p + "ffn_gate_shexp.weight", (n_ff_exp, n_embd))
+        t.mat(p + "ffn_up_shexp.weight", (n_ff_exp, n_embd))
+        t.mat(p + "ffn_down_shexp.weight", (n_embd, n_ff_exp))
+    return _finish(wr, path)
+
+
 def _finish(wr: gguf.GGUFWriter, path: Path) -> Path:
     wr.write_header_to_file()
     wr.write_kv_data_to_file()

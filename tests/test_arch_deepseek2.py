@@ -1,0 +1,61 @@
+"""deepseek2 (MLA + MoE) against llama.cpp on tiny random GGUF models: all-position logits on a
+41-token sequence and 32 greedy tokens, plus the size of the compressed (latent) KV cache.
+
+Variants: V3-style (q LoRA, split attn_k_b/attn_v_b, YaRN with yarn_log_multiplier, sigmoid
+gating + selection bias, 4 expert groups of which 2 are used, normalised and scaled weights, a
+shared expert, one leading dense layer) in F32 and Q8_0; V2-style with the older unsplit
+attn_kv_b and softmax gating; and the Lite layout (plain attn_q, which llama.cpp only accepts
+on a 27-layer model).
+"""
+
+from __future__ import annotations
+
+import pytest
+import tinymodels_moe as tm
+
+pytestmark = pytest.mark.oracle
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("deepseek2")
+    return {
+        "v3_f32": tm.write_deepseek2(d / "ds_v3_f32.gguf"),
+        "v3_q8_0": tm.write_deepseek2(d / "ds_v3_q8_0.gguf", quant=tm.Q.Q8_0),
+        "v2_kv_b_f32": tm.write_deepseek2(d / "ds_v2_kv_b_f32.gguf", v3=False, yarn=False,
+                                          split_kv_b=False),
+    }
+
+
+@pytest.mark.parametrize("name,tol", [("v3_f32", 1e-3), ("v3_q8_0", 0.5), ("v2_kv_b_f32", 1e-3)])
+def test_deepseek2_matches_llamacpp(models, name, tol):
+    tm.compare(models[name], None, tol=tol)
+
+
+@pytest.mark.slow
+def test_deepseek2_lite_matches_llamacpp(tmp_path):
+    path = tm.write_deepseek2(tmp_path / "ds_lite_f32.gguf", q_lora=False, v3=False,
+                              n_layer=27)
+    tm.compare(path, None, tol=1e-3, n_greedy=16)
+
+
+@pytest.mark.parametrize("cache_type,bytes_per", [("f32", 4), ("f16", 2)])
+def test_cache_holds_the_latent_only(models, cache_type, bytes_per):
+    """Per token and layer the cache holds kv_lora_rank + rope_dim values, not 2 * H * d."""
+    from jllama.engine.engine import Engine
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model
+
+    g = read_gguf(models["v3_f32"])
+    spec, model = build_model(g)
+    eng = Engine(spec, model, ctx_size=256, n_slots=2, cache_type=cache_type)
+    meta = g.metadata
+    kv_rank = meta["deepseek2.attention.kv_lora_rank"]
+    rope_dim = meta["deepseek2.rope.dimension_count"]
+    n_layer = meta["deepseek2.block_count"]
+    want = n_layer * 2 * eng.max_len * (kv_rank + rope_dim) * bytes_per
+    assert eng.cache.nbytes == want
+    full = n_layer * 2 * eng.max_len * spec.n_head * (
+        meta["deepseek2.attention.key_length_mla"] + meta["deepseek2.attention.value_length_mla"]
+    ) * bytes_per
+    assert eng.cache.nbytes < full
