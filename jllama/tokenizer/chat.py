@@ -1,0 +1,78 @@
+"""Chat templates rendered the way Hugging Face transformers (and llama-cpp-python) do.
+
+Templates in GGUF (``tokenizer.chat_template``) are written for transformers' Jinja setup:
+a sandboxed immutable environment with trim_blocks/lstrip_blocks, ``raise_exception``,
+``strftime_now`` and a ``tojson`` filter that keeps non-ASCII characters. Matching that setup
+is what makes the rendered prompt, and so the token ids, the same as other runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from jllama.errors import JllamaError
+
+# Used only when a caller explicitly asks for a fallback (a model without a template).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class ChatTemplateError(JllamaError):
+    """A chat template is missing, does not compile, or fails while rendering."""
+
+
+def _raise_exception(message: str) -> None:
+    import jinja2
+
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> Any:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"chat template does not compile: {e}") from None
+
+
+def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list | None = None, bos_token: str = "", eos_token: str = "",
+                **extra: Any) -> str:
+    """Render ``messages`` with a model's chat template into the prompt string.
+
+    Raises ``ChatTemplateError`` (a ``JllamaError``) when there is no template or it fails;
+    pass ``CHATML_TEMPLATE`` explicitly to fall back to ChatML.
+    """
+    if not template:
+        raise ChatTemplateError("the model has no chat template (tokenizer.chat_template)")
+    compiled = _compile(template)
+    try:
+        return compiled.render(messages=messages, tools=tools, bos_token=bos_token,
+                               eos_token=eos_token, add_generation_prompt=add_generation_prompt,
+                               **extra)
+    except Exception as e:  # template bugs and raise_exception() are user-facing errors
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
