@@ -12,7 +12,7 @@ import pytest
 from jllama.errors import JllamaError, QuantError
 from jllama.gguf.constants import QType
 from jllama.gguf.reader import read_gguf
-from jllama.quant.mixes import FTYPES, mix_from_base
+from jllama.quant.mixes import FTYPES, mix_from_base, mix_from_dict
 from jllama.quant.quantize import quantize_file, quantize_tensor
 from jllama.quant.testing import llama_cpp_quantize, tiny_llama
 
@@ -160,3 +160,29 @@ def test_quantize_tensor_api(smollm2_path) -> None:
     with pytest.raises(QuantError, match="bytes per row"):
         quantize_tensor(np.zeros((576, 10), np.uint8), t.qtype, QType.Q8_0, t.shape)
     assert np.array_equal(quantize_np(x, QType.Q4_K), q)
+
+
+def test_quantize_on_load_gives_the_file_bytes(tiny, tmp_path) -> None:
+    from jllama.quant.mixes import quantize_on_load
+
+    out = tmp_path / "q.gguf"
+    mix = {"base": "q4_k_m", "rules": [{"match": "attn_v", "type": "q8_0"}]}
+    quantize_file(tiny, out, mix_from_dict(dict(mix)))
+    q = read_gguf(out)
+    transform = quantize_on_load(read_gguf(tiny), mix)
+    for name, t in read_gguf(tiny).tensors.items():
+        raw, qtype = transform(name, t.data, t.qtype, t.shape)
+        assert qtype == q.tensors[name].qtype, name
+        assert np.array_equal(np.asarray(raw).reshape(-1), np.asarray(q.tensors[name].data)), name
+
+
+def test_quantize_on_load_requantize_switch(smollm2_path) -> None:
+    from jllama.quant.mixes import quantize_on_load
+
+    g = read_gguf(smollm2_path)
+    with pytest.raises(QuantError, match="allow_requantize"):
+        quantize_on_load(g, {"base": "q8_0", "allow_requantize": False})
+    transform = quantize_on_load(g, "q8_0")  # asking for a mix on load allows it
+    t = g.tensors["blk.3.attn_q.weight"]
+    raw, qtype = transform(t.name, t.data, t.qtype, t.shape)
+    assert QType(qtype) == QType.Q8_0 and raw.shape == (576, 576 // 32 * 34)
