@@ -251,10 +251,17 @@ struct FQ5_0 : Q5_0 {
     uint32_t qh;
     std::memcpy(&qh, b + 2, 4);
     const v16i q = u8_to_i(load16b(b + 6));
+#if defined(__AVX512F__)  // the high bits are exactly a lane mask: add 16 where set
+    const __m512i k16 = _mm512_set1_epi32(16);
+    const v16i l = (v16i)_mm512_mask_add_epi32((__m512i)(q & 15), __mmask16(qh), (__m512i)(q & 15), k16);
+    const v16i h = (v16i)_mm512_mask_add_epi32((__m512i)(q >> 4), __mmask16(qh >> 16), (__m512i)(q >> 4), k16);
+    const v16 lo = i32_to_f(l - 16), hi = i32_to_f(h - 16);
+#else
     const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const v16i hlo = (v16i)(((qh >> lane) & 1) << 4), hhi = (v16i)(((qh >> (lane + 16)) & 1) << 4);
     const v16 lo = i32_to_f(((q & 15) | hlo) - 16);
     const v16 hi = i32_to_f(((q >> 4) | hhi) - 16);
+#endif
     for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
   }
 };
