@@ -4,6 +4,7 @@ Prints, per ggml type and weight shape (n_out x n_in), the best-of-N time of a m
 x row) and a GEMM (prefill, --gemm-rows rows), as GB/s of the weight's GGUF bytes (what llama.cpp
 reads per token), GB/s of the bytes actually stored (after ``prepare``), and GFLOP/s, next to the
 plain f32 dot on the same shape. The machine is shared: we repeat and keep the best.
+``JLLAMA_NO_FFI=1`` measures the pure-XLA path instead of the C++ kernels.
 
     python experiments/bench_qmatmul.py [--types Q4_1,Q8_0] [--reps 20] [--gemm-rows 512]
 """
@@ -56,7 +57,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mm = jax.jit(qmatmul)
     dot = jax.jit(lambda x, w: x @ w.T)
-    print(f"backend {jax.default_backend()}, best of {args.reps}")
+    from jllama.quant.kernels import cpu_ffi
+
+    path = "C++ FFI kernels" if cpu_ffi.available() else "pure XLA (JLLAMA_NO_FFI or no compiler)"
+    print(f"backend {jax.default_backend()}, CPU path: {path}, best of {args.reps}")
     print(f"{'type':6} {'shape':>11} {'rows':>4} {'us':>9} {'GB/s gguf':>9} {'GB/s held':>9} "
           f"{'GFLOP/s':>8} | {'f32 us':>8} {'f32 GB/s':>8} {'f32 GF/s':>8}")  # fmt: skip
     f32_cache: dict[tuple[int, int, int], float] = {}

@@ -174,3 +174,12 @@ def test_select_kernel_cpu_uses_tiled_path_for_supported_types():
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     want, scale = oracle(x, raw, QType.Q8_0)
     assert_close(select_kernel(int(QType.Q8_0), "cpu")(jnp.asarray(x), qt), want, scale)
+
+
+def test_vmap_over_activations(path):
+    raw = random_blocks(QType.Q4_1, 50, 64, seed=6)
+    qt = weight(raw, QType.Q4_1, path)
+    x = np.random.default_rng(6).standard_normal((3, 2, 64)).astype(np.float32)
+    got = jax.vmap(lambda a: qmatmul(a, qt))(jnp.asarray(x))
+    want, scale = oracle(x.reshape(-1, 64), raw, QType.Q4_1)
+    assert_close(np.asarray(got).reshape(-1, 50), want, scale)

@@ -99,7 +99,8 @@ def supported(qtype: int) -> bool:
 def qmatvec(x2: jax.Array, raw: jax.Array, qtype: int) -> jax.Array:
     """``x2[m, k] @ W.T`` for raw GGUF rows ``raw[n, row_bytes]``: f32 ``[m, n]``."""
     out = jax.ShapeDtypeStruct((x2.shape[0], raw.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call("jllama_qmatvec", out)(
+    # Under vmap (rare: qmatmul already folds leading axes into rows) fall back to a loop.
+    return jax.ffi.ffi_call("jllama_qmatvec", out, vmap_method="sequential")(
         x2.astype(jnp.float32), raw, qtype=np.int64(qtype)
     )
 
@@ -107,4 +108,6 @@ def qmatvec(x2: jax.Array, raw: jax.Array, qtype: int) -> jax.Array:
 def dequant_rows(raw: jax.Array, qtype: int, row_len: int) -> jax.Array:
     """f32 ``[n, row_len]`` from raw GGUF rows ``raw[n, row_bytes]``."""
     out = jax.ShapeDtypeStruct((raw.shape[0], row_len), jnp.float32)
-    return jax.ffi.ffi_call("jllama_dequant", out)(raw, qtype=np.int64(qtype))
+    return jax.ffi.ffi_call("jllama_dequant", out, vmap_method="sequential")(
+        raw, qtype=np.int64(qtype)
+    )
