@@ -223,6 +223,9 @@ def test_wiki_matches_llama_cpp(shared_data: Path, model: str, n_expected: int,
     ids = _tokenizer(str(path)).encode(text, add_special=True)
     ref = _oracle(str(path)).llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
     assert len(ref) == n_expected
+    head = text[:200_000]  # parse_special over real text too (wiki has "<unk>" markers)
+    assert _tokenizer(str(path)).encode(head, parse_special=True) == _oracle(
+        str(path)).llm.tokenize(head.encode("utf-8"), add_bos=True, special=True)
     if ids != ref:
         k = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
         pytest.fail(f"{len(ids)} vs {len(ref)} tokens; first difference at {k}: "

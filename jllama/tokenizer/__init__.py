@@ -43,6 +43,7 @@ class Tokenizer:
         self.add_bos = vocab.add_bos
         self.add_eos = vocab.add_eos
         self.special_ids = frozenset(vocab.special_cache)
+        self._group_cache: dict[bool, dict[str, tuple[list[int], dict[str, int]]]] = {}
         if vocab.kind == "spm":
             from jllama.tokenizer.spm import SPM
 
@@ -80,14 +81,13 @@ class Tokenizer:
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Split out special tokens, longest first, like tokenizer_st_partition."""
         v = self.vocab
+        present = self._present_specials(text, parse_special)
         frags: list[str | int] = [text]
         for tid in v.special_cache:
+            if tid not in present:
+                continue
             attr = v.attrs[tid]
-            if not parse_special and attr & (ATTR_CONTROL | ATTR_UNKNOWN):
-                continue
             tok = v.tokens[tid]
-            if not any(isinstance(f, str) and tok in f for f in frags):
-                continue
             new: list[str | int] = []
             for f in frags:
                 if isinstance(f, int) or tok not in f:
@@ -112,6 +112,48 @@ class Tokenizer:
                     new.append(f[pos:])
             frags = new
         return frags
+
+    def _groups(self, parse_special: bool) -> dict[str, tuple[list[int], dict[str, int]]]:
+        """Active special tokens grouped by first character: (lengths, text -> id)."""
+        cached = self._group_cache.get(parse_special)
+        if cached is not None:
+            return cached
+        v = self.vocab
+        groups: dict[str, tuple[list[int], dict[str, int]]] = {}
+        for tid in v.special_cache:
+            if not parse_special and v.attrs[tid] & (ATTR_CONTROL | ATTR_UNKNOWN):
+                continue
+            tok = v.tokens[tid]
+            lengths, texts = groups.setdefault(tok[0], ([], {}))
+            texts[tok] = tid
+            if len(tok) not in lengths:
+                lengths.append(len(tok))
+        self._group_cache[parse_special] = groups
+        return groups
+
+    def _present_specials(self, text: str, parse_special: bool) -> set[int]:
+        """Ids of active special tokens occurring in ``text``.
+
+        Scanning the text once per special token costs seconds for Gemma's 6k control tokens
+        on a long text, so tokens sharing a rare first character are looked up at that
+        character's positions instead.
+        """
+        present: set[int] = set()
+        for first, (lengths, texts) in self._groups(parse_special).items():
+            count = text.count(first)
+            if not count:
+                continue
+            if count * len(lengths) < len(texts) * (len(text) // 64 + 1):
+                pos = text.find(first)
+                while pos >= 0:
+                    for n in lengths:
+                        tid = texts.get(text[pos:pos + n])
+                        if tid is not None:
+                            present.add(tid)
+                    pos = text.find(first, pos + 1)
+            else:
+                present.update(tid for tok, tid in texts.items() if tok in text)
+        return present
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         v = self.vocab
