@@ -117,11 +117,12 @@ def test_qmatmul_matches_gguf_reference(qtype, case):
     check_matmul(x, raw, qtype, got)
 
 
+@pytest.mark.parametrize("n_in", [576, 96])
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: q.name)
-def test_qmatmul_quantized_weights_odd_n_in(qtype):
-    """gguf-py-quantized weights, n_in = 576 (SmolLM2's width: n_in padded inside a chunk),
-    raw GGUF layout (repacked in-graph) and leading batch axes on x."""
-    n_out, n_in = 100, 576
+def test_qmatmul_quantized_weights_odd_n_in(qtype, n_in):
+    """gguf-py-quantized weights, n_in = 576 (SmolLM2's width: 9 chunks of 64) and 96 (padded
+    to 128), raw GGUF layout (repacked in-graph) and leading batch axes on x."""
+    n_out = 100
     raw = quantized_blocks(qtype, n_out, n_in, seed=5)
     qt = QTensor(jnp.asarray(raw), int(qtype), (n_out, n_in))
     x = np.random.default_rng(6).standard_normal((2, 3, n_in)).astype(np.float32)

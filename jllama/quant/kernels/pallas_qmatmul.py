@@ -7,15 +7,17 @@ same bytes (same bits per weight, scales still f16 / packed 6-bit) but splits th
 
 - every plane is k-major, ``[rows_along_n_in, n_out_padded]``: n_out is the lane (last) axis, so a
   weight tile is ``[k_rows, bn]`` and ``x_tile @ w_tile`` is a plain (M, K) x (K, N) dot;
-- 4-bit codes are re-nibbled per 256-element chunk: byte ``r`` holds element ``r`` in its low
-  nibble and element ``128 + r`` in its high nibble, so group ``g`` of 32 is rows
-  ``32 * (g % 4)`` of the chunk, low nibble for ``g < 4``: no interleave/concat in the kernel;
+- n_in is walked in chunks (256 elements for K-quants, 64 for Q4_0/Q4_1/Q8_0); 4-bit codes are
+  re-nibbled per chunk: byte ``r`` holds element ``r`` in its low nibble and element
+  ``chunk / 2 + r`` in its high nibble, so each 32-group is 32 whole rows of one nibble half:
+  no interleave/concat in the kernel;
 - Q4_K/Q5_K 6-bit scales, Q5_K high bits and Q6_K high bits / int8 scales stay in their ggml
   packing and are unpacked in the kernel with integer shifts and masks;
-- n_out is padded to a multiple of 128 and n_in to a multiple of 256 (zero scales and codes).
+- n_out is padded to a multiple of 128 and n_in to a multiple of the chunk (zero scales and
+  codes).
 
 The kernel: grid over (batch-row tiles, n_out tiles, n_in splits); in each program a
-``fori_loop`` over its 256-element chunks of n_in, and per 32 (Q6_K: 16) element group: unpack
+``fori_loop`` over its chunks of n_in, and per 32 (Q6_K: 16) element group: unpack
 codes to f32, apply that group's scale (a ``[1, bn]`` row broadcast), then fold the tile into an
 f32 accumulator: an f32 dot with the matching slice of x, or, for <= 4 batch rows (decode), a
 multiply by the x column and a sum over rows (no 16-row dot padding). A program's share of n_in
@@ -39,10 +41,14 @@ from jax.experimental import pallas as pl
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
 
-CHUNK = 256  # elements of n_in per loop step: one K-quant superblock, eight 32-blocks
+K_CHUNK = 256  # K-quants: elements of n_in per loop step, one superblock (eight 32-groups)
+# Q4_0/Q4_1/Q8_0: two 32-blocks per step, so n_in pads to 64, not 256 (576 -> 576, not 768:
+# a third more bytes read for SmolLM2's 576-wide rows otherwise).
+LEGACY_CHUNK = 64
 LANE = 128  # n_out padding / tile unit
 LAYOUT = "pallas"
 
+_LEGACY = {int(QType.Q4_0), int(QType.Q4_1), int(QType.Q8_0)}
 _SUPPORTED = {
     int(QType.Q4_0),
     int(QType.Q4_1),
@@ -55,6 +61,11 @@ _SUPPORTED = {
 
 def supported(qtype: int) -> bool:
     return int(qtype) in _SUPPORTED
+
+
+def chunk_of(qtype: int) -> int:
+    """Elements of n_in per loop step (and the unit n_in is padded to)."""
+    return LEGACY_CHUNK if int(qtype) in _LEGACY else K_CHUNK
 
 
 # ----------------------------------------------------------------------------- load-time repack
@@ -84,10 +95,10 @@ def _nib_natural(xp: ModuleType, qs: object, pairs_of: int) -> object:
     return xp.concatenate([lo, hi], axis=-2).reshape(*lead, nbytes * 2)
 
 
-def _renibble(xp: ModuleType, codes: object) -> object:
+def _renibble(xp: ModuleType, codes: object, chunk: int) -> object:
     """Natural-order 4-bit codes ``[N, K]`` -> bytes ``[N, K // 2]``, chunk-halves paired."""
     n, k = codes.shape
-    c = codes.reshape(n, k // CHUNK, 2, CHUNK // 2).astype(xp.uint8)
+    c = codes.reshape(n, k // chunk, 2, chunk // 2).astype(xp.uint8)
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)
 
 
@@ -108,28 +119,30 @@ def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> t
     nb = n_in // info.block_size
     b = raw.reshape(n_out, nb, info.type_size)
     n_pad = _round_up(n_out, LANE)
-    k_pad = _round_up(n_in, CHUNK)
+    chunk = chunk_of(qtype)
+    k_pad = _round_up(n_in, chunk)
+    gpc = chunk // 32  # 32-blocks per chunk (legacy types)
 
     def codes4(codes: object) -> object:  # natural 4-bit codes [N, n_in] -> padded plane
         codes = xp.pad(codes.reshape(n_out, n_in), ((0, 0), (0, k_pad - n_in)))
-        return _plane(xp, _renibble(xp, codes), n_pad, k_pad // 2)
+        return _plane(xp, _renibble(xp, codes, chunk), n_pad, k_pad // 2)
 
     def per_block(a: object, per_chunk: int) -> object:  # [N, nb(, w)] -> [rows, n_pad]
         a = a.reshape(n_out, -1)
-        return _plane(xp, a, n_pad, k_pad // CHUNK * per_chunk)
+        return _plane(xp, a, n_pad, k_pad // chunk * per_chunk)
 
     if qtype == QType.Q4_0:
-        return codes4(_nib_natural(xp, b[..., 2:], 16)), per_block(_f16(xp, b[..., 0:2]), 8)
+        return codes4(_nib_natural(xp, b[..., 2:], 16)), per_block(_f16(xp, b[..., 0:2]), gpc)
     if qtype == QType.Q4_1:
         return (
             codes4(_nib_natural(xp, b[..., 4:], 16)),
-            per_block(_f16(xp, b[..., 0:2]), 8),
-            per_block(_f16(xp, b[..., 2:4]), 8),
+            per_block(_f16(xp, b[..., 0:2]), gpc),
+            per_block(_f16(xp, b[..., 2:4]), gpc),
         )
     if qtype == QType.Q8_0:
         qs = b[..., 2:].reshape(n_out, n_in)
         qs = qs.view(np.int8) if xp is np else jax.lax.bitcast_convert_type(qs, jnp.int8)
-        return _plane(xp, qs, n_pad, k_pad), per_block(_f16(xp, b[..., 0:2]), 8)
+        return _plane(xp, qs, n_pad, k_pad), per_block(_f16(xp, b[..., 0:2]), gpc)
     d, dmin = per_block(_f16(xp, b[..., 0:2]), 1), None
     if qtype in (QType.Q4_K, QType.Q5_K):
         dmin = per_block(_f16(xp, b[..., 2:4]), 1)
@@ -167,26 +180,28 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
     n_out, n_in = shape
     p0 = planes[0]
     n_pad = p0.shape[-1]
-    k_pad = _round_up(n_in, CHUNK)
-    nch = k_pad // CHUNK
+    chunk = chunk_of(qtype)
+    k_pad = _round_up(n_in, chunk)
+    nch = k_pad // chunk
+    gpc = chunk // 32
     f32 = jnp.float32
 
     def nibbles(qs: jax.Array) -> jax.Array:  # [k_pad/2, N] -> natural codes [nch, 256, N]
-        q = qs.astype(jnp.int32).reshape(nch, 1, CHUNK // 2, n_pad)
-        return jnp.concatenate([q & 15, q >> 4], axis=1).reshape(nch, CHUNK, n_pad)
+        q = qs.astype(jnp.int32).reshape(nch, 1, chunk // 2, n_pad)
+        return jnp.concatenate([q & 15, q >> 4], axis=1).reshape(nch, chunk, n_pad)
 
     def rep(a: jax.Array, per_chunk: int) -> jax.Array:  # [nch*per_chunk, N] -> [nch, 256, N]
         a = a.astype(f32).reshape(nch, per_chunk, 1, n_pad)
-        return jnp.broadcast_to(a, (nch, per_chunk, CHUNK // per_chunk, n_pad)).reshape(
-            nch, CHUNK, n_pad
+        return jnp.broadcast_to(a, (nch, per_chunk, chunk // per_chunk, n_pad)).reshape(
+            nch, chunk, n_pad
         )
 
     if qtype == QType.Q4_0:
-        w = rep(planes[1], 8) * (nibbles(p0) - 8).astype(f32)
+        w = rep(planes[1], gpc) * (nibbles(p0) - 8).astype(f32)
     elif qtype == QType.Q4_1:
-        w = rep(planes[1], 8) * nibbles(p0).astype(f32) + rep(planes[2], 8)
+        w = rep(planes[1], gpc) * nibbles(p0).astype(f32) + rep(planes[2], gpc)
     elif qtype == QType.Q8_0:
-        w = rep(planes[1], 8) * p0.astype(f32).reshape(nch, CHUNK, n_pad)
+        w = rep(planes[1], gpc) * p0.astype(f32).reshape(nch, chunk, n_pad)
     elif qtype in (QType.Q4_K, QType.Q5_K):
         _, d, dmin, s = planes[:4]
         s = s.astype(jnp.int32).reshape(nch, 12, n_pad)
@@ -197,7 +212,7 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
         if qtype == QType.Q5_K:
             qh = planes[4].astype(jnp.int32).reshape(nch, 1, 32, n_pad)
             bits = (qh >> jnp.arange(8).reshape(1, 8, 1, 1)) & 1
-            q = q | (bits.reshape(nch, CHUNK, n_pad) << 4)
+            q = q | (bits.reshape(nch, chunk, n_pad) << 4)
         d = d.astype(f32).reshape(nch, 1, n_pad)
         dmin = dmin.astype(f32).reshape(nch, 1, n_pad)
         w = rep(sc * d, 8) * q.astype(f32) - rep(mn * dmin, 8)
@@ -205,7 +220,7 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
         _, qh, sc, d = planes
         qh = qh.astype(jnp.int32).reshape(nch, 2, 1, 32, n_pad)
         hi2 = (qh >> (2 * jnp.arange(4)).reshape(1, 1, 4, 1, 1)) & 3
-        q = nibbles(p0) | (hi2.reshape(nch, CHUNK, n_pad) << 4)
+        q = nibbles(p0) | (hi2.reshape(nch, chunk, n_pad) << 4)
         scale = sc.astype(f32).reshape(nch, 16, n_pad) * d.astype(f32).reshape(nch, 1, n_pad)
         w = rep(scale.reshape(nch * 16, n_pad), 16) * (q - 32).astype(f32)
     else:
@@ -237,26 +252,29 @@ def _unpack_group_fns(qtype: int):
     each group to an f32 ``[size, bn]`` tile ``w`` and folds it into the accumulator with
     ``fold(acc, c, start, size, w)`` (a dot, or the multiply-reduce of the matvec path)."""
     f32 = jnp.float32
+    chunk = chunk_of(qtype)
+    gpc = chunk // 32  # 32-groups per chunk
+    half = gpc // 2  # groups in each nibble half
 
     def row(ref, i) -> jax.Array:  # one row of a per-group plane as [1, bn]
         return ref[pl.ds(i, 1), :]
 
     def nib_pair(qs_ref, c, j: int, rows: int = 32, off: int = 0):
-        """(low, high) nibbles of chunk rows ``32 j + off ..``: groups ``j`` and ``j + 4``."""
-        p = qs_ref[pl.ds(_at(c, CHUNK // 2) + 32 * j + off, rows), :].astype(jnp.int32)
+        """(low, high) nibbles of chunk rows ``32 j + off ..``: groups ``j`` and ``j + half``."""
+        p = qs_ref[pl.ds(_at(c, chunk // 2) + 32 * j + off, rows), :].astype(jnp.int32)
         return p & 15, p >> 4
 
     if qtype in (QType.Q4_0, QType.Q4_1):
 
         def body(refs, c, acc, fold):
             qs_ref, d_ref = refs[0], refs[1]
-            for j in range(4):
-                for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
-                    d = row(d_ref, c * 8 + g).astype(f32)
+            for j in range(half):
+                for g, q in zip((j, j + half), nib_pair(qs_ref, c, j), strict=True):
+                    d = row(d_ref, c * gpc + g).astype(f32)
                     if qtype == QType.Q4_0:
                         w = d * (q - 8).astype(f32)
                     else:
-                        w = d * q.astype(f32) + row(refs[2], c * 8 + g).astype(f32)
+                        w = d * q.astype(f32) + row(refs[2], c * gpc + g).astype(f32)
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -264,9 +282,9 @@ def _unpack_group_fns(qtype: int):
 
         def body(refs, c, acc, fold):
             qs_ref, d_ref = refs
-            for g in range(8):
-                q = qs_ref[pl.ds(_at(c, CHUNK) + 32 * g, 32), :].astype(f32)
-                w = row(d_ref, c * 8 + g).astype(f32) * q
+            for g in range(gpc):
+                q = qs_ref[pl.ds(_at(c, chunk) + 32 * g, 32), :].astype(f32)
+                w = row(d_ref, c * gpc + g).astype(f32) * q
                 acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -401,7 +419,8 @@ def matmul_planes(
         raise QuantError(f"qmatmul: x has {x.shape[-1]} features, weight expects {n_in}")
     x2 = x.reshape(-1, n_in).astype(jnp.float32)
     m = x2.shape[0]
-    k_pad = _round_up(n_in, CHUNK)
+    chunk = chunk_of(qtype)
+    k_pad = _round_up(n_in, chunk)
     n_pad = planes[0].shape[-1]
     vector = m <= _VECTOR_ROWS
     bm = _next_pow2(m) if vector else _row_tile(m)
@@ -409,7 +428,7 @@ def matmul_planes(
     m_pad = _round_up(max(m, 1), bm)
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, k_pad - n_in)))
     body = _unpack_group_fns(qtype)
-    n_chunks = k_pad // CHUNK
+    n_chunks = k_pad // chunk
     cps = _chunks_per_split(n_chunks, (m_pad // bm) * (n_pad // bn), k_splits, backend)
     splits = n_chunks // cps
     hp = jax.lax.Precision.HIGHEST
@@ -418,25 +437,25 @@ def matmul_planes(
         # x is passed transposed ([n_in, m]): a group's x values are a column that broadcasts
         # over the tile's bn lanes; each batch row keeps its own [1, bn] accumulator.
         def fold(x_ref, acc, c, start, size, w):
-            cols = (x_ref[pl.ds(_at(c, CHUNK) + start, size), pl.ds(r, 1)] for r in range(bm))
+            cols = (x_ref[pl.ds(_at(c, chunk) + start, size), pl.ds(r, 1)] for r in range(bm))
             return tuple(a + jnp.sum(xc * w, axis=0, keepdims=True) for a, xc in zip(acc, cols))
 
         def init():
             return tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(bm))
 
         x_in = x2.T
-        x_spec = pl.BlockSpec((cps * CHUNK, bm), lambda i, j, s: (s, i))
+        x_spec = pl.BlockSpec((cps * chunk, bm), lambda i, j, s: (s, i))
     else:
 
         def fold(x_ref, acc, c, start, size, w):
-            xs = x_ref[:, pl.ds(_at(c, CHUNK) + start, size)]
+            xs = x_ref[:, pl.ds(_at(c, chunk) + start, size)]
             return acc + jnp.dot(xs, w, precision=hp, preferred_element_type=jnp.float32)
 
         def init():
             return jnp.zeros((bm, bn), jnp.float32)
 
         x_in = x2
-        x_spec = pl.BlockSpec((bm, cps * CHUNK), lambda i, j, s: (i, s))
+        x_spec = pl.BlockSpec((bm, cps * chunk), lambda i, j, s: (i, s))
 
     def kernel(x_ref, *refs):
         *w_refs, o_ref = refs
