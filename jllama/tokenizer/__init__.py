@@ -189,7 +189,7 @@ class Tokenizer:
         v = self.vocab
         if not special and v.attrs[token_id] & (ATTR_UNKNOWN | ATTR_CONTROL):
             return b""
-        piece = v.pieces[token_id]
+        piece = v.piece(token_id)
         while lstrip > 0 and piece.startswith(b" "):
             piece = piece[1:]
             lstrip -= 1

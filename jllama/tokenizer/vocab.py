@@ -77,6 +77,9 @@ _reg(["stablelm2"], "qwen2")
 _reg(["poro-chat", "viking"], "poro", clean=False)
 _reg(["bloom", "gpt3-finnish"], "poro")
 _reg(["chatglm-bpe", "glm4"], "llama3")
+_reg(["kormo", "f2llmv2", "hunyuan", "solar-open"], "qwen2", clean=False)
+_reg(["trillion", "granite-docling"], "gpt2", clean=False)
+_reg(["mellum2"], "starcoder")
 
 
 @dataclass
@@ -103,7 +106,14 @@ class Vocab:
     ignore_merges: bool = False
     eog_ids: set[int] = field(default_factory=set)
     special_cache: list[int] = field(default_factory=list)
-    pieces: list[bytes] = field(default_factory=list)  # token_to_piece(special=True)
+    pieces: list[bytes | None] = field(default_factory=list)  # lazy token_to_piece(special)
+
+    def piece(self, i: int) -> bytes:
+        """token_to_piece(special=True), computed on first use (llama.cpp caches all upfront)."""
+        p = self.pieces[i]
+        if p is None:
+            p = self.pieces[i] = _piece_for_cache(self, i)
+        return p
 
 
 def _attrs_from(meta: dict[str, Any], n: int) -> list[int]:
@@ -179,7 +189,7 @@ def load_vocab(meta: dict[str, Any]) -> Vocab:
         (i for i in range(n) if attrs[i] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)),
         key=lambda i: -len(tokens[i].encode("utf-8", "surrogateescape")),
     )
-    v.pieces = [_piece_for_cache(v, i) for i in range(n)]
+    v.pieces = [None] * n
     name = str(meta.get("general.name", "")).lower()
     if "phi-3" in name or "phi3" in name:
         # llama.cpp strips spaces after Phi-3's special tokens (model-name hack in load)
