@@ -230,3 +230,19 @@ def test_wiki_matches_llama_cpp(shared_data: Path, model: str, n_expected: int,
         k = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
         pytest.fail(f"{len(ids)} vs {len(ref)} tokens; first difference at {k}: "
                     f"{ids[k - 2:k + 4]} vs {ref[k - 2:k + 4]}")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("model", ["smollm2_path", "gemma3_path"])
+def test_long_words_vs_oracle(model: str, request: pytest.FixtureRequest) -> None:
+    """Long unsplittable runs take the heap-ordered merge path; ids must not change."""
+    import random
+
+    path = request.getfixturevalue(model)
+    rng = random.Random(0)
+    texts = ["a" * 3000, "ab" * 1500 + "c", "".join(rng.choice("abcdefgh") for _ in range(8000)),
+             " " * 2000 + "x", "日本語" * 700, "\n" * 500 + "end"]
+    tk = _tokenizer(str(path))
+    ora = _oracle(str(path))
+    for text in texts:
+        assert tk.encode(text) == ora.tokenize(text, True, False), text[:20]

@@ -7,6 +7,8 @@ result per pre-tokenized word is cached.
 
 from __future__ import annotations
 
+import heapq
+
 from jllama.tokenizer.pretokenize import PRE_REGEXES, split
 from jllama.tokenizer.vocab import Vocab, byte_encoder
 
@@ -25,7 +27,7 @@ class BPE:
         if self.vocab.ignore_merges and word in t2i:
             return [t2i[word]]
         ranks = self.vocab.bpe_ranks
-        syms = list(word)
+        syms = list(word) if len(word) <= 48 else self._merge_long(word)
         while len(syms) > 1:
             best = None
             bi = -1
@@ -47,6 +49,47 @@ class BPE:
                 one = t2i.get(chr(b)) if b < 0x80 else None
                 if one is not None:
                     out.append(one)
+        return out
+
+    def _merge_long(self, word: str) -> list[str]:
+        """Heap-ordered merges for long words (the rescan loop is quadratic), as llama.cpp.
+
+        Bigrams pop by (rank, left index); a bigram is stale once either side has changed,
+        which the recorded combined length detects because symbols only grow rightwards.
+        """
+        ranks = self.vocab.bpe_ranks
+        n = len(word)
+        ln = [1] * n
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prev = list(range(-1, n - 1))
+        heap: list[tuple[int, int, int, int]] = []
+
+        def add(left: int, right: int) -> None:
+            if left < 0 or right < 0:
+                return
+            r = ranks.get((word[left:left + ln[left]], word[right:right + ln[right]]))
+            if r is not None:
+                heapq.heappush(heap, (r, left, right, ln[left] + ln[right]))
+
+        for i in range(1, n):
+            add(i - 1, i)
+        while heap:
+            _, left, right, size = heapq.heappop(heap)
+            if ln[left] == 0 or ln[right] == 0 or ln[left] + ln[right] != size:
+                continue
+            ln[left] = size
+            ln[right] = 0
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prev[nxt[right]] = left
+            add(prev[left], left)
+            add(left, nxt[left])
+        out: list[str] = []
+        i = 0
+        while i != -1:
+            out.append(word[i:i + ln[i]])
+            i = nxt[i]
         return out
 
     def encode(self, text: str, out: list[int]) -> None:
