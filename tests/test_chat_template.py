@@ -149,3 +149,13 @@ def test_helpers_and_chatml_fallback() -> None:
     assert out == '[{"name": "café"}]|4|x'
     chatml = render_chat(CHATML_TEMPLATE, CONVERSATIONS[0])
     assert chatml == "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tokenizer_apply_chat_template(smollm2: Tokenizer, gemma3: Tokenizer) -> None:
+    msgs = CONVERSATIONS[0]
+    assert smollm2.apply_chat_template(msgs) == render_chat(
+        smollm2.chat_template, msgs, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    with pytest.raises(JllamaError):
+        gemma3.apply_chat_template(msgs)
+    assert gemma3.apply_chat_template(msgs, fallback_chatml=True) == render_chat(
+        CHATML_TEMPLATE, msgs)

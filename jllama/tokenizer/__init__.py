@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jllama.tokenizer.vocab import (
     ATTR_CONTROL,
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 __all__ = ["Tokenizer", "StreamDecoder"]
 
 _C_SPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale
+
+
+class _FragmentEncoder(Protocol):
+    def encode(self, text: str, out: list[int]) -> None: ...
 
 
 class Tokenizer:
@@ -47,7 +51,7 @@ class Tokenizer:
         if vocab.kind == "spm":
             from jllama.tokenizer.spm import SPM
 
-            self._impl: object = SPM(vocab)
+            self._impl: _FragmentEncoder = SPM(vocab)
         else:
             from jllama.tokenizer.bpe import BPE
 
@@ -76,6 +80,21 @@ class Tokenizer:
     def piece_text(self, token_id: int) -> str:
         """The token's vocabulary text (what chat templates call ``bos_token`` etc.)."""
         return self.vocab.tokens[token_id]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None, fallback_chatml: bool = False,
+                            **extra: Any) -> str:
+        """Render ``messages`` with the model's template (bos/eos texts filled in).
+
+        Without a template this raises, unless ``fallback_chatml`` (llama-server's default).
+        """
+        from jllama.tokenizer.chat import CHATML_TEMPLATE, render_chat
+
+        tmpl = self.chat_template or (CHATML_TEMPLATE if fallback_chatml else None)
+        return render_chat(
+            tmpl, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            bos_token=self.piece_text(self.bos_id) if self.bos_id is not None else "",
+            eos_token=self.piece_text(self.eos_id) if self.eos_id is not None else "", **extra)
 
     # ------------------------------------------------------------------ encode
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
@@ -171,14 +190,14 @@ class Tokenizer:
                     continue
                 if v.add_space_prefix and prev_special:
                     f = " " + f
-                impl.encode(f.replace(" ", "\u2581"), out)  # type: ignore[attr-defined]
+                impl.encode(f.replace(" ", "\u2581"), out)
                 prev_special = False
         else:
             for f in frags:
                 if isinstance(f, int):
                     out.append(f)
                 else:
-                    impl.encode(f, out)  # type: ignore[attr-defined]
+                    impl.encode(f, out)
         if add_special and v.add_eos and v.eos_id is not None:
             out.append(v.eos_id)
         return out
