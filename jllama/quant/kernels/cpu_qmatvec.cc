@@ -11,7 +11,7 @@
 // The decoders (Q4_0 ... Q6_K structs) also serve ``JllamaDequant``: f32 rows of a tile for the
 // GEMM (prefill) path, where XLA's own GEMM does the multiply.
 //
-// Built at first use by jllama/quant/kernels/cpu_ffi.py with the host C++ compiler. A 2-int8
+// Built at first use by jllama/quant/kernels/cpu_ffi.py with the host C++ compiler. An int8
 // (VNNI) activation-quantized variant, as llama.cpp does, measured only 1.4x faster on one core
 // for Q4_1 and changes the numerics, so it is not used.
 
