@@ -183,3 +183,21 @@ def test_vmap_over_activations(path):
     got = jax.vmap(lambda a: qmatmul(a, qt))(jnp.asarray(x))
     want, scale = oracle(x.reshape(-1, 64), raw, QType.Q4_1)
     assert_close(np.asarray(got).reshape(-1, 50), want, scale)
+
+
+def test_gpu_backends_route_to_pallas(monkeypatch):
+    """select_kernel's wiring only (no GPU here): Pallas gets its own layouts, others fall back."""
+    from jllama.quant.kernels import pallas_qmatmul as pq
+
+    calls = []
+    monkeypatch.setattr(pq, "pallas_qmatmul", lambda x, qt: calls.append(qt.layout) or x[..., :1])
+    raw = random_blocks(QType.Q8_0, 4, 64)
+    q = QTensor(jnp.asarray(raw), int(QType.Q8_0), (4, 64))
+    kernel = select_kernel(int(QType.Q8_0), "gpu")
+    x = jnp.ones((2, 64), jnp.float32)
+    kernel(x, prepare(q, "gpu"))
+    kernel(x, q)
+    assert calls == ["pallas", "gguf"]
+    want, scale = oracle(np.ones((2, 64), np.float32), raw, QType.Q8_0)
+    assert_close(kernel(x, repack_i8(q)), want, scale)  # a CPU layout: reference path
+    assert calls == ["pallas", "gguf"]
