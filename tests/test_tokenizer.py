@@ -246,3 +246,35 @@ def test_long_words_vs_oracle(model: str, request: pytest.FixtureRequest) -> Non
     ora = _oracle(str(path))
     for text in texts:
         assert tk.encode(text) == ora.tokenize(text, True, False), text[:20]
+
+
+_FUZZ_POOLS = [
+    " \t\n\r\x0b\x0c\x85\xa0\u2000\u3000", "abcXYZ'sdtmlrve", "0123456789",
+    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", "éüßøµÀÖ", "αβγΩώ", "日本語中文한국어", "😀👍🏽",
+    "\u0301\u0308", "١٢٣४५", "←→∑∞", "\u200b\u200d\ufeff", "ǅǈ", "\x01\x1f\x7f", "ⅫⅣ", "𝔘𝔫",
+    "ｶﾀｶﾅ", "ก่", "<|im_end|><unk><s></s><start_of_turn><|endoftext|>",
+]
+
+
+def _fuzz_texts(n: int) -> list[str]:
+    import random
+
+    rng = random.Random(1234)
+    return ["".join(rng.choice(rng.choice(_FUZZ_POOLS)) for _ in range(rng.randint(1, 40)))
+            for _ in range(n)]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", VOCABS + ["smollm2_path", "gemma3_path"])
+def test_fuzz_vs_oracle(shared_data: Path, name: str, request: pytest.FixtureRequest) -> None:
+    """Random mixes of scripts, categories, whitespace kinds and specials (encode + decode)."""
+    path = request.getfixturevalue(name) if name.endswith("_path") else _vocab_path(shared_data,
+                                                                                     name)
+    tk = _tokenizer(str(path))
+    ora = _oracle(str(path))
+    for text in _fuzz_texts(150):
+        for parse_special in (False, True):
+            ref = ora.tokenize(text, True, parse_special)
+            assert tk.encode(text, True, parse_special) == ref, (text, parse_special)
+            assert tk.detokenize(ref, False, parse_special) == ora.detokenize(
+                ref, False, parse_special), (text, parse_special)
