@@ -41,7 +41,8 @@ def test_deepseek2_lite_matches_llamacpp(tmp_path):
 
 @pytest.mark.parametrize("cache_type,bytes_per", [("f32", 4), ("f16", 2)])
 def test_cache_holds_the_latent_only(models, cache_type, bytes_per):
-    """Per token and layer the cache holds kv_lora_rank + rope_dim values, not 2 * H * d."""
+    """Per token and layer the cache holds kv_lora_rank + rope_dim values, not 2 * H * d; with
+    two slots, a sequence decoded in slot 1 (batched steps) still matches llama.cpp."""
     from jllama.engine.engine import Engine
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model
@@ -59,3 +60,9 @@ def test_cache_holds_the_latent_only(models, cache_type, bytes_per):
         meta["deepseek2.attention.key_length_mla"] + meta["deepseek2.attention.value_length_mla"]
     ) * bytes_per
     assert eng.cache.nbytes < full
+    if cache_type == "f32":
+        from jllama.engine.sampling import SamplingParams
+
+        ids = tm.prompt_ids(spec.n_vocab)[:8]
+        want = tm.oracle_greedy(tm.oracle(models["v3_f32"]), ids, 16)
+        assert list(eng.generate(ids, SamplingParams.greedy(), max_tokens=16, slot=1)) == want
