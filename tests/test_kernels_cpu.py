@@ -24,6 +24,7 @@ F16_FIELDS = {
     QType.Q4_0: [0],
     QType.Q4_1: [0, 2],
     QType.Q5_0: [0],
+    QType.Q5_1: [0, 2],
     QType.Q8_0: [0],
     QType.Q4_K: [0, 2],
     QType.Q5_K: [0, 2],

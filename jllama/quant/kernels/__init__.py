@@ -2,8 +2,9 @@
 
 ``reference``: dequantize the whole weight, then an f32 dot. Always correct, used as the oracle
 for the fast paths and as the fallback for any type without one.
-``xla_cpu``: tile-at-a-time dequantize + f32 dot (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K);
-fastest on weights repacked at load by ``qtensor.prepare``.
+``xla_cpu`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): C++ decode+dot kernels through the
+FFI on GGUF blocks, or without a compiler a pure-XLA tile-at-a-time dequantize + f32 dot on weights
+repacked at load by ``qtensor.prepare``.
 ``pallas_qmatmul`` (GPU/TPU, when present): reads its load-time planes (or GGUF blocks).
 """
 

@@ -36,7 +36,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 // ggml type ids (gguf.GGMLQuantizationType).
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 
 inline float f16_to_f32(const uint8_t* p) {
   uint16_t h;
@@ -101,6 +101,22 @@ struct Q5_0 {
       const int hi = (qs[j] >> 4) | int((qh >> (j + 16)) & 1) << 4;
       out[j] = float(lo - 16) * d;
       out[j + 16] = float(hi - 16) * d;
+    }
+  }
+};
+
+struct Q5_1 {
+  static constexpr int BS = 32, TS = 24;
+  static void decode(const uint8_t* b, float* out) {
+    const float d = f16_to_f32(b), m = f16_to_f32(b + 2);
+    uint32_t qh;
+    std::memcpy(&qh, b + 4, 4);
+    const uint8_t* qs = b + 8;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (qs[j] & 15) | int((qh >> j) & 1) << 4;
+      const int hi = (qs[j] >> 4) | int((qh >> (j + 16)) & 1) << 4;
+      out[j] = float(lo) * d + m;
+      out[j + 16] = float(hi) * d + m;
     }
   }
 };
@@ -250,6 +266,23 @@ struct FQ4_1 : Q4_1 {
   }
 };
 
+// The 5-bit codes of a Q5_0/Q5_1 block (0..31) as two f32 vectors (elements 0-15, 16-31), minus
+// ``offset``.
+inline void q5_codes(uint32_t qh, const uint8_t* qs, int offset, v16* lo, v16* hi) {
+  const v16i q = u8_to_i(load16b(qs));
+#if defined(__AVX512F__)  // the high bits are exactly a lane mask: add 16 where set
+  const __m512i k16 = _mm512_set1_epi32(16);
+  const __m512i l = (__m512i)(q & 15), h = (__m512i)(q >> 4);
+  *lo = i32_to_f((v16i)_mm512_mask_add_epi32(l, __mmask16(qh), l, k16) - offset);
+  *hi = i32_to_f((v16i)_mm512_mask_add_epi32(h, __mmask16(qh >> 16), h, k16) - offset);
+#else
+  const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const v16i hlo = (v16i)(((qh >> lane) & 1) << 4), hhi = (v16i)(((qh >> (lane + 16)) & 1) << 4);
+  *lo = i32_to_f(((q & 15) | hlo) - offset);
+  *hi = i32_to_f(((q >> 4) | hhi) - offset);
+#endif
+}
+
 struct FQ5_0 : Q5_0 {
   template <int MC>
   static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
@@ -257,19 +290,26 @@ struct FQ5_0 : Q5_0 {
     const float d = f16_to_f32(b);
     uint32_t qh;
     std::memcpy(&qh, b + 2, 4);
-    const v16i q = u8_to_i(load16b(b + 6));
-#if defined(__AVX512F__)  // the high bits are exactly a lane mask: add 16 where set
-    const __m512i k16 = _mm512_set1_epi32(16);
-    const v16i l = (v16i)_mm512_mask_add_epi32((__m512i)(q & 15), __mmask16(qh), (__m512i)(q & 15), k16);
-    const v16i h = (v16i)_mm512_mask_add_epi32((__m512i)(q >> 4), __mmask16(qh >> 16), (__m512i)(q >> 4), k16);
-    const v16 lo = i32_to_f(l - 16), hi = i32_to_f(h - 16);
-#else
-    const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const v16i hlo = (v16i)(((qh >> lane) & 1) << 4), hhi = (v16i)(((qh >> (lane + 16)) & 1) << 4);
-    const v16 lo = i32_to_f(((q & 15) | hlo) - 16);
-    const v16 hi = i32_to_f(((q >> 4) | hhi) - 16);
-#endif
+    v16 lo, hi;
+    q5_codes(qh, b + 6, 16, &lo, &hi);
     for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+struct FQ5_1 : Q5_1 {
+  static constexpr bool kNeedsXsum = true;
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const* xs, v16* acc,
+                  float* sacc) {
+    const float d = f16_to_f32(b), mn = f16_to_f32(b + 2);
+    uint32_t qh;
+    std::memcpy(&qh, b + 4, 4);
+    v16 lo, hi;
+    q5_codes(qh, b + 8, 0, &lo, &hi);
+    for (int m = 0; m < MC; ++m) {
+      acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+      sacc[m] += mn * xs[m][0];
+    }
   }
 };
 
@@ -419,6 +459,7 @@ Kernel pick(int64_t qtype) {
     case kQ4_0: return make<FQ4_0>();
     case kQ4_1: return make<FQ4_1>();
     case kQ5_0: return make<FQ5_0>();
+    case kQ5_1: return make<FQ5_1>();
     case kQ8_0: return make<FQ8_0>();
     case kQ4_K: return make<FK<CQ4_K>>();
     case kQ5_K: return make<FK<CQ5_K>>();
@@ -510,6 +551,7 @@ DequantFn pick_dequant(int64_t qtype) {
     case kQ4_0: return dequant_rows<Q4_0>;
     case kQ4_1: return dequant_rows<Q4_1>;
     case kQ5_0: return dequant_rows<Q5_0>;
+    case kQ5_1: return dequant_rows<Q5_1>;
     case kQ8_0: return dequant_rows<Q8_0>;
     case kQ4_K: return dequant_rows<Q4_K>;
     case kQ5_K: return dequant_rows<Q5_K>;

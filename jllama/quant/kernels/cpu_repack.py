@@ -82,6 +82,13 @@ def _q5_0(xp, b):
     return q, d[..., None], None
 
 
+def _q5_1(xp, b):
+    d, m = _f16(xp, b[..., 0:2]), _f16(xp, b[..., 2:4])
+    hi = _bits(xp, b[..., 4:8], 32)
+    q = (_nibbles(xp, b[..., 8:24]) | (hi << 4)).astype(xp.int8)
+    return q, d[..., None], m[..., None]
+
+
 def _q8_0(xp, b):
     d = _f16(xp, b[..., 0:2])
     if xp is np:
@@ -137,6 +144,7 @@ LAYOUTS: dict[int, TypeLayout] = {
     int(QType.Q4_0): TypeLayout(32, False, _q4_0),
     int(QType.Q4_1): TypeLayout(32, True, _q4_1),
     int(QType.Q5_0): TypeLayout(32, False, _q5_0),
+    int(QType.Q5_1): TypeLayout(32, True, _q5_1),
     int(QType.Q8_0): TypeLayout(32, False, _q8_0),
     int(QType.Q4_K): TypeLayout(32, True, _q4_k),
     int(QType.Q5_K): TypeLayout(32, True, _q5_k),
