@@ -128,6 +128,26 @@ def tokenize_prompt(state: ServerState, text: str) -> list[int]:
     return tk.encode(text, add_special=add, parse_special=True)
 
 
+def render_prompt(llm, messages: list[dict], tools: list[dict] | None) -> str:
+    try:
+        import jllama.tokenizer.chat  # noqa: F401
+    except ModuleNotFoundError:  # until the shared renderer lands: a plain sandboxed render
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        tk = llm.tokenizer
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        return env.from_string(tk.chat_template).render(
+            messages=messages, tools=tools, add_generation_prompt=True,
+            bos_token=tk.piece_text(tk.bos_id) if tk.bos_id is not None else "",
+            eos_token=tk.piece_text(tk.eos_id) if tk.eos_id is not None else "")
+    return llm.apply_chat_template(messages, tools=tools)
+
+
+def _raise(msg: str):
+    raise ValueError(msg)
+
+
 def check_prompt(state: ServerState, ids: list[int]) -> None:
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
@@ -359,7 +379,7 @@ class Handlers:
         template = st.llm.tokenizer.chat_template or ""
         msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
         try:
-            text = st.llm.apply_chat_template(msgs, tools=tmpl_tools)
+            text = render_prompt(st.llm, msgs, tmpl_tools)
         except Exception as e:  # jinja raise_exception(...) or a template bug
             raise ApiError(400, f"the chat template rejected the messages: {e}",
                            param="messages", code="invalid_messages") from None

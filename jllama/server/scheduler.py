@@ -145,7 +145,7 @@ class Scheduler:
             out = []
             for i in range(self.tok.n_vocab):
                 try:
-                    b = self.tok.token_to_piece(i)
+                    b = self.tok.token_to_piece(i, special=False)
                 except Exception:
                     b = b""
                 out.append(b"" if i in self.eog else bytes(b))

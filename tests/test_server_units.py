@@ -1,0 +1,354 @@
+"""Server pieces that need no model: JSON constraint, tool-call parsing, request validation,
+metrics, and the scheduler's slot bookkeeping driven by a fake engine.
+
+Expected values come from independent references: ``json.loads`` for the JSON recognizer,
+hand-written OpenAI payloads for the parsers, and the fake engine's own token rule for the
+scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+from jllama.server import grammar as g
+from jllama.server import openai_schema as oa
+from jllama.server import tools as tl
+from jllama.server.metrics import Metrics
+
+# ---------------------------------------------------------------------------- JSON recognizer
+VALID = ['{}', '{"a": 1}', '{ "k" : "v" , "n":-12.0E+5}', '{"é": "ü", "e": "\\u00e9\\n"}',
+         '{"a": [1, 2.5e-3, -0, true, false, null, "x"], "b": {"c": {}, "d": []}}']
+INVALID = ['[]', '"x"', '{"a" 1}', '{"a": 01}', '{"a": tru}', '{a: 1}', '{"a": 1,}',
+           '{"a": "\x01"}', '{"a": 1}}', '{"a": .5}', '{"a": 1.}', '{"a": "\\x"}']
+
+
+@pytest.mark.parametrize("doc", VALID)
+def test_json_recognizer_accepts_every_prefix_of_valid_json(doc):
+    assert isinstance(json.loads(doc), dict)
+    s = g.initial()
+    for i, b in enumerate(doc.encode()):
+        assert not g.is_done(s) or doc[i:].strip() == ""
+        s = g.step(s, b)
+        assert s is not None, f"rejected at byte {i} of {doc!r}"
+    assert g.is_done(s)
+
+
+@pytest.mark.parametrize("doc", INVALID)
+def test_json_recognizer_rejects_invalid_json(doc):
+    s = g.feed(g.initial(), doc.encode())
+    assert s is None or not g.is_done(s)
+
+
+def test_json_recognizer_done_implies_json_loads():
+    """Random walks over JSON's alphabet: whenever the recognizer says 'complete', json.loads
+    must parse the bytes into an object."""
+    rng = random.Random(0)
+    alphabet = list(b'{}[]",:0123456789.-+eEtrufalsn \\')
+    done = 0
+    for _ in range(30000):
+        s, buf = g.initial(), bytearray()
+        for _ in range(rng.randint(1, 12)):
+            c = rng.choice(alphabet)
+            nxt = g.step(s, c)
+            if nxt is None:
+                break
+            s = nxt
+            buf.append(c)
+        if g.is_done(s):
+            done += 1
+            assert isinstance(json.loads(buf.decode()), dict), buf
+    assert done > 10
+
+
+def test_constraint_pick_masks_invalid_tokens():
+    vocab = [b"", b"{", b'"a"', b":", b" 1", b"}", b"hello", b"{}", b"\n"]
+    c = g.JsonConstraint(vocab, eog=frozenset({0}))
+    logits = np.array([5.0, 1.0, 0, 0, 0, 0, 9.0, 2.0, 0])
+    rng = np.random.default_rng(0)
+    assert c.pick(6, logits, 0.0, 1.0, rng) == 7  # "hello" is invalid, best valid is "{}"
+    assert c.pick(1, logits, 0.0, 1.0, rng) == 1  # a valid draw is kept
+    c.advance(7)
+    assert c.done
+    assert c.pick(6, logits, 0.0, 1.0, rng) == 0  # complete: only end-of-generation remains
+    with pytest.raises(ValueError):
+        g.JsonConstraint(vocab, frozenset({0})).advance(6)
+
+
+# ---------------------------------------------------------------------------- tool calls
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+
+
+def test_parse_hermes_tool_calls():
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+            '\n</tool_call>\n<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')
+    content, calls = tl.parse_tool_calls(text, TOOLS)
+    assert content == "Let me check."
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "add"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+    '```json\n{"name": "get_weather", "parameters": {"city": "Oslo"}}\n```',
+    '[{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}]',
+    '{"tool_calls": [{"type": "function", "function": {"name": "get_weather", '
+    '"arguments": {"city": "Oslo"}}}]}',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}',  # unclosed at the end
+])
+def test_parse_json_fallback_tool_calls(text):
+    content, calls = tl.parse_tool_calls(text, TOOLS)
+    assert content is None
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+
+
+@pytest.mark.parametrize("text", ["The weather is nice.", '{"name": "unknown", "arguments": {}}',
+                                  '{"city": "Oslo"}', "<tool_call>{broken</tool_call>"])
+def test_parse_plain_text_is_not_a_tool_call(text):
+    assert tl.parse_tool_calls(text, TOOLS) == (text, [])
+
+
+def _stream(pieces):
+    ts = tl.ToolStream(TOOLS)
+    shown = "".join(ts.feed(p) for p in pieces)
+    rest, calls = ts.finish()
+    return shown + rest, calls
+
+
+def test_tool_stream_holds_back_calls_and_releases_text():
+    shown, calls = _stream(["Sure", ", one moment. <tool", "_call>{\"name\": \"add\", ",
+                            "\"arguments\": {\"a\": 2}}</tool_call>"])
+    assert shown.strip() == "Sure, one moment."
+    assert calls[0]["function"]["name"] == "add"
+    shown, calls = _stream(["Plain ", "answer with <tool", " in it"])
+    assert (shown, calls) == ("Plain answer with <tool in it", [])
+    shown, calls = _stream(["{\"not\": ", "\"a call\"}"])
+    assert (shown, calls) == ('{"not": "a call"}', [])
+
+
+def test_prepare_messages_without_template_tool_support():
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+    out, tools = tl.prepare_messages(msgs, TOOLS, "auto", "{{ messages }}")
+    assert tools is None
+    assert out[0]["role"] == "system" and "get_weather" in out[0]["content"]
+    assert '"city": "Rome"' in out[2]["content"] and "<tool_call>" in out[2]["content"]
+    assert "sunny" in out[3]["content"]
+    same, tools = tl.prepare_messages(msgs, TOOLS, "auto", "{% for t in tools %}{% endfor %}")
+    assert same is msgs and tools is TOOLS
+    prefix, name = tl.forced_prefix({"type": "function", "function": {"name": "add"}}, TOOLS)
+    assert name == "add" and prefix.endswith('"arguments": ')
+
+
+# ---------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("body,param", [
+    ({"temperature": "hot"}, "temperature"), ({"temperature": 3}, "temperature"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": 5}, "stop"), ({"n": 2}, "n"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"), ({"logit_bias": {"5": 200}}, "logit_bias"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"response_format": {"type": "xml"}}, "response_format"), ({"seed": 1.5}, "seed"),
+])
+def test_invalid_fields_name_the_param(body, param):
+    with pytest.raises(oa.ApiError) as ei:
+        oa.parse_common(body, n_vocab=1000)
+    assert ei.value.status == 400 and ei.value.param == param
+    err = ei.value.body()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_valid_fields_map_to_sampling_params():
+    o = oa.parse_common({"temperature": 0, "top_p": 0.5, "seed": 7, "max_tokens": 9,
+                         "stop": "x", "logit_bias": {"5": -100, "6": 3}, "stream": True,
+                         "stream_options": {"include_usage": True}}, n_vocab=1000)
+    assert o.params.temperature == 0 and o.params.top_p == 0.5 and o.params.seed == 7
+    assert o.max_tokens == 9 and o.stop == ["x"] and o.include_usage
+    assert o.params.logit_bias[5] < -1e8 and o.params.logit_bias[6] == 3
+
+
+def test_messages_and_tools_validation():
+    with pytest.raises(oa.ApiError):
+        oa.parse_messages({"messages": []})
+    with pytest.raises(oa.ApiError):
+        oa.parse_messages({"messages": [{"role": "robot", "content": "x"}]})
+    msgs = oa.parse_messages({"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "a"},
+                                          {"type": "text", "text": "b"}]}]})
+    assert msgs == [{"role": "system", "content": "ab"}]
+    with pytest.raises(oa.ApiError):
+        oa.parse_tools({"tools": TOOLS, "tool_choice": {"type": "function",
+                                                        "function": {"name": "nope"}}})
+    assert oa.parse_tools({"tools": TOOLS, "tool_choice": "none"}) == (None, "none")
+
+
+def test_metrics_render_is_prometheus_text():
+    m = Metrics()
+    m.generated_tokens = 5
+    m.observe_step(4, 0.01)
+    m.observe_request("/v1/completions", 200)
+    m.observe_latency(0.3, 0.1)
+    text = m.render()
+    assert "jllama_tokens_generated_total 5" in text
+    assert 'jllama_requests_total{endpoint="/v1/completions",status="200"} 1' in text
+    assert 'jllama_request_duration_seconds_bucket{le="0.5"} 1' in text
+    assert 'jllama_request_duration_seconds_bucket{le="0.25"} 0' in text
+    for line in text.splitlines():
+        assert line.startswith("#") or len(line.split(" ")) == 2, line
+
+
+# ---------------------------------------------------------------------------- scheduler
+V = 64
+
+
+class FakeEngine:
+    """Deterministic stand-in: a slot's next token depends only on its own last token, its
+    PRNG key and step, so batch neighbours must not change a request's output."""
+
+    def __init__(self, n_slots: int, ctx_size: int = 64):
+        import jax.numpy as jnp
+
+        self.n_slots, self.ctx_size = n_slots, ctx_size
+        self.pos = np.zeros(n_slots, np.int32)
+        self.tokens = [[] for _ in range(n_slots)]
+        self.history = jnp.full((n_slots, 8), -1, jnp.int32)
+        self.batch_sizes: list[int] = []
+
+    def common_prefix(self, ids, slot):
+        n = 0
+        for a, b in zip(self.tokens[slot], ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def rewind(self, slot, n):
+        self.pos[slot] = n
+        del self.tokens[slot][n:]
+
+    def prefill(self, toks, slot):
+        import jax.numpy as jnp
+
+        self.tokens[slot] += list(toks)
+        self.pos[slot] += len(toks)
+        logits = np.full(V, -10.0, np.float32)
+        logits[3 + sum(self.tokens[slot]) % (V - 3)] = 10.0
+        return jnp.asarray(logits)
+
+    def step(self, tokens, active, sp, keys, steps, bias=None):
+        self.batch_sizes.append(int(active.sum()))
+        keys = np.asarray(keys)
+        nxt = (tokens * 7 + steps + keys[:, 1].astype(np.int64)) % (V - 3) + 3
+        for b in np.nonzero(active)[0]:
+            self.tokens[b].append(int(tokens[b]))
+        self.pos[active] += 1
+        time.sleep(0.002)
+        return nxt.astype(np.int32), np.zeros((self.n_slots, V), np.float32)
+
+
+class FakeTok:
+    n_vocab = V
+
+    def is_eog(self, i):
+        return i == 2
+
+    def token_to_piece(self, i, special=True):
+        return f"<{i}>".encode()
+
+
+class FakeDecoder:
+    def __init__(self, tok):
+        pass
+
+    def feed(self, i):
+        return f"<{i}>"
+
+    def flush(self):
+        return ""
+
+
+@pytest.fixture
+def fake_scheduler(monkeypatch):
+    import jllama.tokenizer as jt
+    from jllama.server.scheduler import Scheduler
+
+    monkeypatch.setattr(jt, "StreamDecoder", FakeDecoder, raising=False)
+    llm = types.SimpleNamespace(engine=FakeEngine(4), tokenizer=FakeTok(),
+                                spec=types.SimpleNamespace(n_vocab=V))
+    sch = Scheduler(llm, max_queue=4)
+    sch.start()
+    yield sch
+    sch.stop()
+
+
+def _run(sch, prompt, n, seed, stop=(), cancel_after=None):
+    from jllama.engine.sampling import SamplingParams
+    from jllama.server.scheduler import GenRequest
+
+    out, done = [], threading.Event()
+    box = {}
+
+    def sink(ev):
+        if ev.kind == "text":
+            out.append(ev.text)
+            if cancel_after is not None and len(out) >= cancel_after:
+                req.cancel()
+        else:
+            box["ev"] = ev
+            done.set()
+
+    req = GenRequest(list(prompt), n, SamplingParams(temperature=1.0, seed=seed), list(stop),
+                     sink)
+    sch.submit(req)
+    return req, out, done, box
+
+
+def test_scheduler_batches_and_isolates_requests(fake_scheduler):
+    sch = fake_scheduler
+    _, alone, done, box = _run(sch, [5, 6, 7], 12, seed=3)
+    assert done.wait(30) and box["ev"].finish == "length" and len(alone) == 12
+    runs = [_run(sch, [5, 6, 7] if i == 0 else [9, i], 12 + 5 * i, seed=3 + i) for i in range(4)]
+    for run in runs:
+        assert run[2].wait(30)
+    assert runs[0][1] == alone  # same seed and prompt, different neighbours: same tokens
+    assert max(sch.engine.batch_sizes) == 4  # the four were decoded together
+    assert [len(r[1]) for r in runs] == [12, 17, 22, 27]
+    assert runs[0][3]["ev"].cached_tokens == 2  # prompt prefix reused from the first run
+    time.sleep(0.05)
+    assert sch.busy_slots() == 0
+
+
+def test_scheduler_stop_strings_cancel_and_queue_limit(fake_scheduler):
+    sch = fake_scheduler
+    _, out, done, box = _run(sch, [5, 6, 7], 20, seed=3)
+    assert done.wait(30)
+    full = "".join(out)
+    stop = full[10:16]
+    _, out, done, box = _run(sch, [5, 6, 7], 20, seed=3, stop=[stop])
+    assert done.wait(30) and box["ev"].finish == "stop"
+    assert "".join(out) == full[: full.find(stop)]
+    # a cancelled request frees its slot without a final event
+    req, out, done, _ = _run(sch, [1, 2], 10_000, seed=1, cancel_after=3)
+    t0 = time.monotonic()
+    while (sch.metrics.cancelled == 0 or sch.busy_slots()) and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert sch.busy_slots() == 0 and not done.is_set() and sch.metrics.cancelled == 1
+    # the queue holds at most max_queue waiting requests
+    from jllama.server.scheduler import QueueFull
+
+    with sch.cv:  # freeze the loop so nothing is admitted meanwhile
+        for _ in range(4):
+            _run(sch, [1], 1, seed=0)
+        with pytest.raises(QueueFull):
+            _run(sch, [1], 1, seed=0)
