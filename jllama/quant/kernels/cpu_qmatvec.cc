@@ -36,7 +36,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 // ggml type ids (gguf.GGMLQuantizationType).
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10, kQ3_K = 11,
+                  kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 
 inline float f16_to_f32(const uint8_t* p) {
   uint16_t h;
@@ -127,6 +128,43 @@ struct Q8_0 {
     const float d = f16_to_f32(b);
     const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
     for (int j = 0; j < 32; ++j) out[j] = float(qs[j]) * d;
+  }
+};
+
+// Q2_K/Q3_K: element e = h*128 + s*32 + l takes bits 2s..2s+1 of qs[h*32 + l]; 16-element groups.
+struct Q2_K {
+  static constexpr int BS = 256, TS = 84;
+  static void decode(const uint8_t* b, float* out) {
+    const uint8_t* sc = b;
+    const uint8_t* qs = b + 16;
+    const float d = f16_to_f32(b + 80), dmin = f16_to_f32(b + 82);
+    for (int g = 0; g < 16; ++g) {
+      const float dl = d * float(sc[g] & 15), ml = dmin * float(sc[g] >> 4);
+      for (int i = 0; i < 16; ++i) {
+        const int e = g * 16 + i, h = e >> 7, s = (e >> 5) & 3, l = e & 31;
+        out[e] = dl * float((qs[h * 32 + l] >> (2 * s)) & 3) - ml;
+      }
+    }
+  }
+};
+
+struct Q3_K {
+  static constexpr int BS = 256, TS = 110;
+  static void decode(const uint8_t* b, float* out) {
+    const uint8_t* hmask = b;
+    const uint8_t* qs = b + 32;
+    const uint8_t* sc = b + 96;
+    const float d = f16_to_f32(b + 108);
+    for (int g = 0; g < 16; ++g) {
+      const int lo = (g < 8 ? sc[g] : sc[g - 8] >> 4) & 15;
+      const int hi = (sc[8 + (g & 3)] >> (2 * (g >> 2))) & 3;
+      const float dl = d * float((lo | (hi << 4)) - 32);
+      for (int i = 0; i < 16; ++i) {
+        const int e = g * 16 + i, h = e >> 7, s = (e >> 5) & 3, l = e & 31;
+        const int q = ((qs[h * 32 + l] >> (2 * s)) & 3) - (((hmask[l] >> (e >> 5)) & 1) ? 0 : 4);
+        out[e] = dl * float(q);
+      }
+    }
   }
 };
 
@@ -395,6 +433,21 @@ struct CQ6_K : Q6_K {
   }
 };
 
+// Types without a hand-vectorised dot: decode the block to an L1 buffer, then vector FMAs.
+template <typename T>
+struct FBuf : T {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    alignas(64) float buf[T::BS];
+    T::decode(b, buf);
+    for (int j = 0; j < T::BS; j += 16) {
+      const v16 wv = load16(buf + j);
+      for (int m = 0; m < MC; ++m) acc[m] += wv * load16(xm[m] + j);
+    }
+  }
+};
+
 template <typename T, typename = void>
 struct NeedsXsum {
   static constexpr bool value = false;
@@ -461,6 +514,8 @@ Kernel pick(int64_t qtype) {
     case kQ5_0: return make<FQ5_0>();
     case kQ5_1: return make<FQ5_1>();
     case kQ8_0: return make<FQ8_0>();
+    case kQ2_K: return make<FBuf<Q2_K>>();
+    case kQ3_K: return make<FBuf<Q3_K>>();
     case kQ4_K: return make<FK<CQ4_K>>();
     case kQ5_K: return make<FK<CQ5_K>>();
     case kQ6_K: return make<FK<CQ6_K>>();
@@ -468,7 +523,7 @@ Kernel pick(int64_t qtype) {
   }
 }
 
-int block_size(int64_t qtype) { return qtype >= kQ4_K ? 256 : 32; }
+int block_size(int64_t qtype) { return qtype >= kQ2_K ? 256 : 32; }
 
 // Chunks of rows are claimed from a shared counter by the caller and by helpers scheduled on
 // XLA's pool. The caller waits only for chunks a helper has already claimed, so a pool that never
@@ -553,6 +608,8 @@ DequantFn pick_dequant(int64_t qtype) {
     case kQ5_0: return dequant_rows<Q5_0>;
     case kQ5_1: return dequant_rows<Q5_1>;
     case kQ8_0: return dequant_rows<Q8_0>;
+    case kQ2_K: return dequant_rows<Q2_K>;
+    case kQ3_K: return dequant_rows<Q3_K>;
     case kQ4_K: return dequant_rows<Q4_K>;
     case kQ5_K: return dequant_rows<Q5_K>;
     case kQ6_K: return dequant_rows<Q6_K>;

@@ -35,7 +35,9 @@ _FFI_MATVEC_ROWS = 16
 
 
 def supported(qtype: int) -> bool:
-    return cpu_repack.supported(qtype)
+    """Types this module speeds up here: the XLA repack types, plus the C++-only ones when the
+    C++ kernels are available."""
+    return cpu_repack.supported(qtype) or (cpu_ffi.supported(qtype) and cpu_ffi.available())
 
 
 def tile_rows(n_out: int, n_in: int, m: int) -> int:
