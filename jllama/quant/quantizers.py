@@ -30,9 +30,17 @@ def _f(v) -> np.float32:
 
 def nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int``: add 1.5*2^23 in f32 and read the mantissa (int32)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        s = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
-    return (s & 0x007FFFFF) - 0x00400000
+    i = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
+    i &= 0x007FFFFF
+    i -= 0x00400000
+    return i
+
+
+def _rint_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``clip(nearest_int(v), lo, hi)`` as f32, in place. Equal to ggml's for |v| < 2^22, which
+    the scale searches guarantee (their products are bounded by about nmax + 2)."""
+    np.rint(v, out=v)
+    return np.clip(v, F32(lo), F32(hi), out=v)
 
 
 def _seqsum(a: np.ndarray) -> np.ndarray:
@@ -182,20 +190,24 @@ def make_qkx2_quants(
     flat = mx == mn
     iscale = _div(nmf, np.where(flat, F32(1), mx - mn))
     scale = _div(F32(1), iscale)
-    L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
-    diff = scale * L.astype(F32) + mn - x
+    L = _rint_clip(iscale * (x - mn), 0, nmax)
+    diff = scale * L + mn - x
     diff = np.abs(diff) if use_mad else diff * diff
     best = _colsum(w * diff)
     for step in range(nstep + 1):
         # ggml updates ``min`` in place, so later steps search around the best fit so far.
         rng = np.where(flat, F32(1), mx - mn)
         isc = _div(F32(rmin) + F32(rdelta) * F32(step) + nmf, rng)
-        la = np.clip(nearest_int(isc * (x - mn)), 0, nmax)
-        lf = la.astype(F32)
+        lf = x - mn
+        lf *= isc
+        lf = _rint_clip(lf, 0, nmax)
         wl = w * lf
         sum_l = _colsum(wl)
-        sum_l2 = _colsum(wl * lf)
-        sum_xl = _colsum(wl * x)
+        wl *= lf
+        sum_l2 = _colsum(wl)
+        wl = w * lf
+        wl *= x
+        sum_xl = _colsum(wl)
         with np.errstate(all="ignore"):
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -203,11 +215,17 @@ def make_qkx2_quants(
             pos = this_min > 0
             this_min = np.where(pos, F32(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale * lf + this_min - x
-            diff = np.abs(diff) if use_mad else diff * diff
-            cur = _colsum(w * diff)
+            diff = lf * this_scale
+            diff += this_min
+            diff -= x
+            if use_mad:
+                np.abs(diff, out=diff)
+            else:
+                diff *= diff
+            diff *= w
+            cur = _colsum(diff)
         take = (D > 0) & (cur < best) & ~flat
-        L = np.where(take, la, L)
+        L = np.where(take, lf, L)
         best = np.where(take, cur, best)
         scale = np.where(take, this_scale, scale)
         mn = np.where(take, this_min, mn)
@@ -227,9 +245,10 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     wx = w * x
 
     def attempt(iscale):
-        li = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = li.astype(F32)
-        return li, _colsum(wx * lf), _colsum(w * lf * lf)
+        li = _rint_clip(iscale * x, -nmax, nmax - 1)
+        t = w * li
+        t *= li
+        return li, _colsum(wx * li), _colsum(t)
 
     iscale = _div(F32(-nmax), mxs)
     li, sumlx, suml2 = attempt(iscale)
