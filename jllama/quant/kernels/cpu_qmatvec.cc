@@ -6,7 +6,7 @@
 // the activations (the group scale applied once per 16-32 elements, mins through precomputed
 // sums of x); the weight is read once, in its GGUF bytes (0.56-1.06 B per element), and row
 // chunks are shared between the caller thread and XLA's intra-op pool. One core: Q4_0/Q4_1
-// ~16, Q5_0 ~13, Q8_0 ~17-20, Q4_K ~13, Q5_K/Q6_K ~8 G elements/s (Zen 4, AVX-512).
+// ~16, Q5_0 ~13, Q8_0 ~17-20, Q4_K ~13, Q5_K/Q6_K ~8, Q2_K ~5, Q3_K ~3 G elements/s (Zen 4).
 //
 // The decoders (Q4_0 ... Q6_K structs) also serve ``JllamaDequant``: f32 rows of a tile for the
 // GEMM (prefill) path, where XLA's own GEMM does the multiply.
@@ -131,20 +131,23 @@ struct Q8_0 {
   }
 };
 
-// Q2_K/Q3_K: element e = h*128 + s*32 + l takes bits 2s..2s+1 of qs[h*32 + l]; 16-element groups.
+// Q2_K/Q3_K: element e = h*128 + s*32 + l takes bits 2s..2s+1 of qs[h*32 + l]; group g = e / 16
+// (so group g = h*8 + s*2 + l/16). Loops run over 16 contiguous l so they vectorise.
 struct Q2_K {
   static constexpr int BS = 256, TS = 84;
   static void decode(const uint8_t* b, float* out) {
     const uint8_t* sc = b;
     const uint8_t* qs = b + 16;
     const float d = f16_to_f32(b + 80), dmin = f16_to_f32(b + 82);
-    for (int g = 0; g < 16; ++g) {
-      const float dl = d * float(sc[g] & 15), ml = dmin * float(sc[g] >> 4);
-      for (int i = 0; i < 16; ++i) {
-        const int e = g * 16 + i, h = e >> 7, s = (e >> 5) & 3, l = e & 31;
-        out[e] = dl * float((qs[h * 32 + l] >> (2 * s)) & 3) - ml;
-      }
-    }
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 4; ++s)
+        for (int half = 0; half < 2; ++half) {
+          const int g = h * 8 + s * 2 + half;
+          const float dl = d * float(sc[g] & 15), ml = dmin * float(sc[g] >> 4);
+          const uint8_t* q = qs + h * 32 + half * 16;
+          float* o = out + g * 16;
+          for (int i = 0; i < 16; ++i) o[i] = dl * float((q[i] >> (2 * s)) & 3) - ml;
+        }
   }
 };
 
@@ -155,16 +158,19 @@ struct Q3_K {
     const uint8_t* qs = b + 32;
     const uint8_t* sc = b + 96;
     const float d = f16_to_f32(b + 108);
-    for (int g = 0; g < 16; ++g) {
-      const int lo = (g < 8 ? sc[g] : sc[g - 8] >> 4) & 15;
-      const int hi = (sc[8 + (g & 3)] >> (2 * (g >> 2))) & 3;
-      const float dl = d * float((lo | (hi << 4)) - 32);
-      for (int i = 0; i < 16; ++i) {
-        const int e = g * 16 + i, h = e >> 7, s = (e >> 5) & 3, l = e & 31;
-        const int q = ((qs[h * 32 + l] >> (2 * s)) & 3) - (((hmask[l] >> (e >> 5)) & 1) ? 0 : 4);
-        out[e] = dl * float(q);
-      }
-    }
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 4; ++s)
+        for (int half = 0; half < 2; ++half) {
+          const int g = h * 8 + s * 2 + half, hb = h * 4 + s;  // hb: the hmask bit, e / 32
+          const int lo = (g < 8 ? sc[g] : sc[g - 8] >> 4) & 15;
+          const int hi = (sc[8 + (g & 3)] >> (2 * (g >> 2))) & 3;
+          const float dl = d * float((lo | (hi << 4)) - 32);
+          const uint8_t* q = qs + h * 32 + half * 16;
+          const uint8_t* m = hmask + half * 16;
+          float* o = out + g * 16;
+          for (int i = 0; i < 16; ++i)
+            o[i] = dl * float(int((q[i] >> (2 * s)) & 3) - 4 + 4 * int((m[i] >> hb) & 1));
+        }
   }
 };
 
