@@ -72,7 +72,18 @@ def test_smollm2_requantized_file_identical_to_llama_cpp(smollm2_path, tmp_path,
     assert rep.ftype == ftype and read_gguf(ours).metadata["general.file_type"] == FTYPES[ftype][0]
 
 
-@pytest.mark.parametrize("ftype", sorted(set(FTYPES) - {"F32"}))
+# Every file type's map and every type's bytes are tested in test_mixes / test_quant_formats;
+# whole files for a representative set by default, the rest marked slow.
+_FILE_DEFAULT = {"Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0", "IQ4_XS"}
+
+
+@pytest.mark.parametrize(
+    "ftype",
+    [
+        f if f in _FILE_DEFAULT else pytest.param(f, marks=pytest.mark.slow)
+        for f in sorted(set(FTYPES) - {"F32"})
+    ],
+)
 def test_tiny_model_file_identical_to_llama_cpp(tiny, tmp_path, ftype) -> None:
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
     quantize_file(tiny, ours, mix_from_base(ftype))
@@ -218,3 +229,18 @@ def test_jllama_logits_match_llama_cpp_per_type(tiny, tmp_path, qtype) -> None:
     rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
     assert rel < (0.005 if qtype in ("F16", "BF16") else 0.05), rel
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
+def test_run_config_quant_on_load_matches_llama_cpp(tiny, tmp_path) -> None:
+    """``Llama(path, quant=...)`` (the run config's ``quant:`` section) quantizes on load to the
+    bytes llama.cpp writes, so its logits track llama.cpp's on llama.cpp's own file."""
+    from jllama.api import Llama
+
+    ref_file = tmp_path / "ref.gguf"
+    llama_cpp_quantize(tiny, ref_file, "Q4_K_M", overrides=[("ffn_down", QType.Q8_0)])
+    tokens = [1, 305, 306, 307, 18, 308]
+    ref = _llama_cpp_logits(ref_file, tokens)
+    mix = {"base": "q4_k_m", "rules": [{"match": "ffn_down", "type": "q8_0"}]}
+    ours = np.asarray(Llama(tiny, ctx_size=64, quant=mix).logits(tokens), dtype=np.float32)
+    rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+    assert rel < 0.05, rel
