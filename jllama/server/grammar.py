@@ -14,6 +14,8 @@ legal inside a string, so tokens holding half of a UTF-8 character need no speci
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 TOP_CANDIDATES = 256
@@ -162,11 +164,15 @@ class JsonConstraint:
     def done(self) -> bool:
         return is_done(self.state)
 
-    def pick(self, drawn: int, logits: np.ndarray, temperature: float, top_p: float,
-             rng: np.random.Generator) -> int:
-        """``drawn`` if it keeps the output valid, else a draw among the valid candidates."""
+    def pick(self, drawn: int, logits: Callable[[], np.ndarray] | np.ndarray, temperature: float,
+             top_p: float, rng: np.random.Generator) -> int:
+        """``drawn`` if it keeps the output valid, else a draw among the valid candidates.
+        ``logits`` may be a callable: fetching them from the device is skipped when the draw
+        is valid."""
         if self.accepts(drawn) is not None:
             return drawn
+        if callable(logits):
+            logits = logits()
         logits = np.asarray(logits, np.float32)[: len(self.tokens)]
         k = min(TOP_CANDIDATES, logits.shape[0])
         top = np.argpartition(-logits, k - 1)[:k]

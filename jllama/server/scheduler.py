@@ -27,8 +27,9 @@ import numpy as np
 from jllama.engine.sampling import BatchSampling, SamplingParams, sample
 from jllama.server.metrics import Metrics
 
-PREFILL_BUDGET_IDLE = 512  # prompt tokens per iteration when nothing is decoding
-PREFILL_BUDGET_BUSY = 128  # ... and while other requests are streaming
+# prompt tokens evaluated per loop iteration: running streams wait at most one chunk for a new
+# prompt, and a fixed chunk keeps prefill to the engine's small shape buckets (fewer compiles)
+PREFILL_BUDGET = 128
 
 
 class QueueFull(Exception):
@@ -219,8 +220,7 @@ class Scheduler:
             self.metrics.active = self.busy_slots()
 
     def _prefill(self) -> None:
-        decoding = any(a is not None and not a.todo for a in self.slots)
-        budget = PREFILL_BUDGET_BUSY if decoding else PREFILL_BUDGET_IDLE
+        budget = PREFILL_BUDGET
         for b, a in enumerate(self.slots):
             if a is None or not a.todo or budget <= 0:
                 continue
@@ -244,8 +244,9 @@ class Scheduler:
             tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
                                   bias)[0])
             if a.req.constraint is not None:
-                tok = a.req.constraint.pick(tok, np.asarray(logits), a.req.params.temperature,
-                                            a.req.params.top_p, a.rng)
+                tok = a.req.constraint.pick(tok, lambda lg=logits, b=b: np.asarray(lg)
+                                            + self._bias_np[b],
+                                            a.req.params.temperature, a.req.params.top_p, a.rng)
             self._accept(b, tok)
 
     def _decode(self) -> None:
@@ -272,8 +273,9 @@ class Scheduler:
             a = self.slots[b]
             tok = int(nxt[b])
             if a.req.constraint is not None:
-                tok = a.req.constraint.pick(tok, np.asarray(logits[b]), a.req.params.temperature,
-                                            a.req.params.top_p, a.rng)
+                tok = a.req.constraint.pick(tok, lambda b=b: np.asarray(logits)[b]
+                                            + self._bias_np[b],
+                                            a.req.params.temperature, a.req.params.top_p, a.rng)
             self._accept(b, tok)
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
 
