@@ -178,3 +178,34 @@ def test_quantize_refuses_bad_rows() -> None:
         quantize_np(np.zeros((2, 576), np.float32), int(QType.Q4_K))
     with pytest.raises(QuantError, match="not supported"):
         quantize_np(np.zeros((2, 256), np.float32), int(QType.IQ2_XXS))
+
+
+def test_rounding_ties_equal_ggml() -> None:
+    """Values that scale to (just off) k + 1/2: roundf and nearest_int must break ties as C."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for k in range(64):
+        amax = np.float32(rng.uniform(0.01, 2))
+        inv = np.float32(1) / (amax / np.float32(127))
+        xs = ((rng.integers(-126, 126, 255) + 0.5).astype(np.float32) / inv).astype(np.float32)
+        if k % 2:
+            xs = np.nextafter(xs, np.float32(9 * rng.choice([-1, 1])), dtype=np.float32)
+        rows.append(np.concatenate([[amax], xs]))
+    x = np.stack(rows).astype(np.float32)
+    for name in ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"):
+        _compare_with_ggml(x, name)
+
+
+def test_quantize_dequantized_k_quants_equal_ggml(gemma3_path) -> None:
+    """Requantizing (Gemma 3's Q4_K/Q6_K weights decoded to f32), the case llama-quantize
+    --allow-requantize runs: decoded values sit on a grid, which makes rounding ties common."""
+    from jllama.gguf.reader import read_gguf
+
+    g = read_gguf(gemma3_path)
+    for tname in ("blk.5.ffn_down.weight", "blk.11.attn_output.weight"):
+        t = g.tensors[tname]
+        raw = np.asarray(t.data).reshape(t.shape[0], -1)
+        x = dequantize_np(raw, t.qtype, t.shape[-1])
+        for name in ("Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q6_K"):
+            if t.shape[-1] % qtype_info(name).block_size == 0:
+                _compare_with_ggml(x, name)

@@ -130,12 +130,11 @@ def _q5_1(x: np.ndarray) -> np.ndarray:
 
 
 def _roundf(v: np.ndarray) -> np.ndarray:
-    """C ``roundf``: half away from zero."""
+    """C ``roundf``: half away from zero. ``a - floor(a)`` and its double are exact in f32, so
+    the half test is too (``floor(a + 0.5)`` is not: the sum rounds)."""
     a = np.abs(v)
-    r = np.floor(a + F32(0.5))
-    # floor(a + 0.5) is wrong when a + 0.5 rounds up in f32 (a just below x.5): fix those.
-    r = np.where(r - a > F32(0.5), r - 1, r)
-    return np.copysign(r, v)
+    fl = np.floor(a)
+    return np.copysign(fl + np.floor(F32(2) * (a - fl)), v)
 
 
 def _q8_0(x: np.ndarray) -> np.ndarray:
