@@ -22,9 +22,23 @@ from jllama.gguf.constants import QType, qtype_info
 from jllama.quant.qtensor import QTensor, prepare, qmatmul
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]
-TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = [
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ4_NL",
+    "IQ4_XS",
+]
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
-              "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108]}  # fmt: skip
+              "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108],
+              "IQ4_NL": [0], "IQ4_XS": [0]}  # fmt: skip
 
 
 def best_time(f, *args, reps: int) -> float:

@@ -31,6 +31,8 @@ F16_FIELDS = {
     QType.Q6_K: [208],
     QType.Q2_K: [80, 82],  # C++ kernels only (the XLA paths use the reference for these)
     QType.Q3_K: [108],
+    QType.IQ4_NL: [0],
+    QType.IQ4_XS: [0],
 }
 TYPES = list(F16_FIELDS)
 XLA_TYPES = [q for q in TYPES if cpu_repack.supported(q)]

@@ -34,8 +34,8 @@ FLAGS = [
     "-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
     "-fno-trapping-math",
 ]  # fmt: skip
-# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K
-QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14})
+# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS
+QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23})
 _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_dequant": "JllamaDequant"}
 
 

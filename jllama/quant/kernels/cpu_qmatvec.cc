@@ -37,7 +37,11 @@ namespace {
 
 // ggml type ids (gguf.GGMLQuantizationType).
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10, kQ3_K = 11,
-                  kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+                  kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23;
+
+// The IQ4 non-linear code book (ggml's kvalues_iq4nl).
+alignas(64) constexpr float kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                              1,    13,   25,  38,  53,  69,  89,  113};
 
 inline float f16_to_f32(const uint8_t* p) {
   uint16_t h;
@@ -171,6 +175,39 @@ struct Q3_K {
           for (int i = 0; i < 16; ++i)
             o[i] = dl * float(int((q[i] >> (2 * s)) & 3) - 4 + 4 * int((m[i] >> hb) & 1));
         }
+  }
+};
+
+struct IQ4_NL {
+  static constexpr int BS = 32, TS = 18;
+  static void decode(const uint8_t* b, float* out) {
+    const float d = f16_to_f32(b);
+    const uint8_t* qs = b + 2;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = d * kIQ4Values[qs[j] & 15];
+      out[j + 16] = d * kIQ4Values[qs[j] >> 4];
+    }
+  }
+};
+
+// IQ4_XS: eight 32-groups, 6-bit signed scales split into scales_l nibbles and scales_h pairs.
+struct IQ4_XS {
+  static constexpr int BS = 256, TS = 136;
+  static float group_scale(const uint8_t* b, float d, int g) {
+    const uint16_t sh = uint16_t(b[2] | (b[3] << 8));
+    const int lo = (b[4 + g / 2] >> (4 * (g & 1))) & 15, hi = (sh >> (2 * g)) & 3;
+    return d * float((lo | (hi << 4)) - 32);
+  }
+  static void decode(const uint8_t* b, float* out) {
+    const float d = f16_to_f32(b);
+    for (int g = 0; g < 8; ++g) {
+      const float dl = group_scale(b, d, g);
+      const uint8_t* qs = b + 8 + 16 * g;
+      for (int j = 0; j < 16; ++j) {
+        out[32 * g + j] = dl * kIQ4Values[qs[j] & 15];
+        out[32 * g + 16 + j] = dl * kIQ4Values[qs[j] >> 4];
+      }
+    }
   }
 };
 
@@ -439,6 +476,44 @@ struct CQ6_K : Q6_K {
   }
 };
 
+// IQ4 code book lookup of 16 indices (0..15).
+inline v16 iq4_lookup(v16i idx) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_permutexvar_ps((__m512i)idx, _mm512_load_ps(kIQ4Values));
+#else
+  v16 r;
+  for (int i = 0; i < 16; ++i) r[i] = kIQ4Values[idx[i]];
+  return r;
+#endif
+}
+
+struct FIQ4_NL : IQ4_NL {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+    const v16i q = u8_to_i(load16b(b + 2));
+    const v16 lo = iq4_lookup(q & 15), hi = iq4_lookup(q >> 4);
+    for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+struct FIQ4_XS : IQ4_XS {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      const float dl = group_scale(b, d, g);
+      const v16i q = u8_to_i(load16b(b + 8 + 16 * g));
+      const v16 lo = iq4_lookup(q & 15), hi = iq4_lookup(q >> 4);
+      for (int m = 0; m < MC; ++m)
+        acc[m] += dl * (lo * load16(xm[m] + 32 * g) + hi * load16(xm[m] + 32 * g + 16));
+    }
+  }
+};
+
 // Types without a hand-vectorised dot: decode the block to an L1 buffer, then vector FMAs.
 template <typename T>
 struct FBuf : T {
@@ -520,6 +595,8 @@ Kernel pick(int64_t qtype) {
     case kQ5_0: return make<FQ5_0>();
     case kQ5_1: return make<FQ5_1>();
     case kQ8_0: return make<FQ8_0>();
+    case kIQ4_NL: return make<FIQ4_NL>();
+    case kIQ4_XS: return make<FIQ4_XS>();
     case kQ2_K: return make<FBuf<Q2_K>>();
     case kQ3_K: return make<FBuf<Q3_K>>();
     case kQ4_K: return make<FK<CQ4_K>>();
@@ -529,7 +606,7 @@ Kernel pick(int64_t qtype) {
   }
 }
 
-int block_size(int64_t qtype) { return qtype >= kQ2_K ? 256 : 32; }
+int block_size(int64_t qtype) { return qtype == kIQ4_NL ? 32 : qtype >= kQ2_K ? 256 : 32; }
 
 // Chunks of rows are claimed from a shared counter by the caller and by helpers scheduled on
 // XLA's pool. The caller waits only for chunks a helper has already claimed, so a pool that never
@@ -614,6 +691,8 @@ DequantFn pick_dequant(int64_t qtype) {
     case kQ5_0: return dequant_rows<Q5_0>;
     case kQ5_1: return dequant_rows<Q5_1>;
     case kQ8_0: return dequant_rows<Q8_0>;
+    case kIQ4_NL: return dequant_rows<IQ4_NL>;
+    case kIQ4_XS: return dequant_rows<IQ4_XS>;
     case kQ2_K: return dequant_rows<Q2_K>;
     case kQ3_K: return dequant_rows<Q3_K>;
     case kQ4_K: return dequant_rows<Q4_K>;
