@@ -244,3 +244,12 @@ def test_run_config_quant_on_load_matches_llama_cpp(tiny, tmp_path) -> None:
     ours = np.asarray(Llama(tiny, ctx_size=64, quant=mix).logits(tokens), dtype=np.float32)
     rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
     assert rel < 0.05, rel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M", "Q2_K"])
+def test_gemma3_requantized_file_identical_to_llama_cpp(gemma3_path, tmp_path, ftype) -> None:
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_file(gemma3_path, ours, mix_from_base(ftype), allow_requantize=True)
+    llama_cpp_quantize(gemma3_path, ref, ftype)
+    _assert_same_file(ours, ref)
