@@ -85,7 +85,7 @@ def available() -> bool:
         lib = ctypes.CDLL(str(_build(compiler)))
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
-    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+    except Exception as e:  # any failure here means "use the XLA path", never a crash
         detail = getattr(e, "stderr", b"") or b""
         log.warning("jllama: C++ CPU kernels unavailable (%s %s); using the XLA path", e,
                     detail.decode(errors="replace")[-2000:])  # fmt: skip
