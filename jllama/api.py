@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jllama.engine.sampling import SamplingParams
-from jllama.errors import ContextError, JllamaError
+from jllama.errors import ContextError
 
 
 @dataclass
@@ -153,15 +153,9 @@ class Llama:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list | None = None) -> str:
-        from jllama.tokenizer.chat import render_chat
-
-        tmpl = self.tokenizer.chat_template
-        if not tmpl:
-            raise JllamaError(f"{self.path}: the model has no tokenizer.chat_template")
-        tk = self.tokenizer
-        return render_chat(tmpl, messages, add_generation_prompt=add_generation_prompt,
-                           tools=tools, bos_token=tk.piece_text(tk.bos_id) if tk.bos_id is not None else "",
-                           eos_token=tk.piece_text(tk.eos_id) if tk.eos_id is not None else "")
+        """The model's chat template; ChatML when the GGUF has none (as llama-server does)."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt, tools,
+                                                  fallback_chatml=True)
 
     def chat(self, messages: list[dict], max_tokens: int = 256,
              params: SamplingParams | None = None, stop: list[str] | None = None) -> Completion:
