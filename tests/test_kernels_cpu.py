@@ -207,3 +207,13 @@ def test_gpu_backends_route_to_pallas(monkeypatch):
     want, scale = oracle(np.ones((2, 64), np.float32), raw, QType.Q8_0)
     assert_close(kernel(x, repack_i8(q)), want, scale)  # a CPU layout: reference path
     assert calls == ["pallas", "gguf"]
+
+
+def test_ffi_build_failure_means_xla_path(monkeypatch, tmp_path):
+    """No working compiler: ``available()`` says False (with a warning) instead of raising."""
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("JLLAMA_CACHE", str(tmp_path))
+    monkeypatch.delenv("JLLAMA_NO_FFI", raising=False)
+    assert cpu_ffi.available.__wrapped__() is False
+    monkeypatch.setenv("JLLAMA_NO_FFI", "1")
+    assert cpu_ffi.available.__wrapped__() is False
