@@ -61,10 +61,12 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     ap.add_argument("--quant", default=None, help="e.g. Q8_0 (default: F32 weights)")
+    ap.add_argument("--width", type=int, default=1,
+                    help="size multiplier of the random model (8: ~25M parameters)")
     args = ap.parse_args()
     quant = getattr(tm.Q, args.quant) if args.quant else None
     with tempfile.TemporaryDirectory() as d:
-        path = tm.write_deepseek2(Path(d) / "ds_bench.gguf", quant=quant)
+        path = tm.write_deepseek2(Path(d) / "ds_bench.gguf", quant=quant, width=args.width)
         run = runners(path, tm.prompt_ids(268, n=16), args.tokens, args.threads)
         for f in run.values():  # warm-up (jllama compiles here)
             f()
@@ -73,7 +75,7 @@ def main() -> int:
             for k, f in run.items():
                 best[k] = max(best[k], f())
     ref, ours = best["llama-cpp-python"], best["jllama"]
-    print(f"tiny deepseek2 ({args.quant or 'F32'}), {args.tokens}-token greedy decode, best of "
+    print(f"random deepseek2 x{args.width} ({args.quant or 'F32'}), {args.tokens}-token greedy decode, best of "
           f"{args.reps} (llama.cpp threads={args.threads}):")
     print(f"  llama-cpp-python: {ref:8.1f} t/s")
     print(f"  jllama          : {ours:8.1f} t/s  ({ours / ref:.2f}x)")

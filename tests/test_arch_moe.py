@@ -2,8 +2,8 @@
 tiny random GGUF models: all-position logits on a 41-token sequence and 32 greedy tokens.
 
 F32 models must agree to float rounding; quantized ones (experts quantized as 3-D blocks) within
-the spread of llama.cpp's own activation rounding. The 41-token prefill runs the dense-masked
-expert path, decode steps the gathered (k experts per token) path.
+the spread of llama.cpp's own activation rounding. The 41-token prefill runs the grouped
+(sorted, tiled) expert path, decode steps the gathered (k experts per token) path.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ def test_qwen3moe_matches_llamacpp(models, name, tol):
     tm.compare(models[name], None, tol=tol)
 
 
-def test_gathered_equals_dense_masked():
-    """The decode (gather k experts) and prefill (scan over all experts) formulations agree,
-    with softmax-weight and sigmoid gating, selection bias and scaling."""
+@pytest.mark.parametrize("n_tok", [5, 37])
+def test_gathered_and_grouped_match_brute_force(n_tok):
+    """The decode (gather k experts) and prefill (sorted tiles) formulations agree with a
+    per-token loop, with softmax / sigmoid / softmax-weight gating, selection bias, scaling."""
     import jax
     import jax.numpy as jnp
 
@@ -66,16 +67,16 @@ def test_gathered_equals_dense_masked():
         "ffn_down_exps.weight": qt(rng.standard_normal((e, d, f)) / 8),
         "exp_probs_b.bias": qt(rng.standard_normal(e)),
     })
-    x = jnp.asarray(rng.standard_normal((5, d)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((n_tok, d)), jnp.float32)
     for gating in (moe.GATING_SOFTMAX, moe.GATING_SIGMOID, moe.GATING_SOFTMAX_WEIGHT):
         m = moe.MoE(w, "", moe.MoEConfig(e, 2, gating, norm_weights=True, scale=2.5))
         logits = x @ w("ffn_gate_inp.weight").data.T
         ids, wts = moe.route(logits, m.cfg, w("exp_probs_b.bias").data)
         a = m._gathered(x, ids, wts)
-        b = m._dense_masked(x, ids, wts)
+        b = m._grouped(x, ids, wts)
         # brute force: every expert densely, weights scattered
-        ref = np.zeros((5, d), np.float32)
-        for n in range(5):
+        ref = np.zeros((n_tok, d), np.float32)
+        for n in range(n_tok):
             for j in range(2):
                 k = int(ids[n, j])
                 g = np.asarray(w("ffn_gate_exps.weight").data[k]) @ np.asarray(x[n])

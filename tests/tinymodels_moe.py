@@ -151,7 +151,7 @@ def write_qwen3moe(path: Path, quant: Q | None = None, seed: int = 1) -> Path:
 
 def write_deepseek2(path: Path, quant: Q | None = None, seed: int = 2, *, q_lora: bool = True,
                     v3: bool = True, yarn: bool = True, split_kv_b: bool = True,
-                    n_layer: int = 3) -> Path:
+                    n_layer: int = 3, width: int = 1) -> Path:
     """deepseek2 with MLA: 3 layers (1 leading dense), 8 experts top-2 + 1 shared expert.
 
     ``v3``: sigmoid gating + selection bias ``exp_probs_b``, 4 expert groups of which 2 are used,
@@ -159,9 +159,11 @@ def write_deepseek2(path: Path, quant: Q | None = None, seed: int = 2, *, q_lora
     ``q_lora=False`` writes a plain ``attn_q`` (the Lite layout); ``split_kv_b=False`` writes the
     older unsplit ``attn_kv_b`` without the ``*_mla`` key lengths (llama.cpp then runs MHA).
     llama.cpp 0c1e570 decides "Lite" (no q LoRA) from the layer count: 27 layers.
+    ``width`` multiplies every size but the head count, expert count and rope width (for
+    benchmarks: ``width=8`` is a ~25M-parameter model).
     """
-    n_embd, n_head, n_ff, n_ff_exp, n_exp = 64, 4, 96, 32, 8
-    q_rank, kv_rank, nope, rope_dim, v_dim = 32, 64, 32, 16, 32
+    n_embd, n_head, n_ff, n_ff_exp, n_exp = 64 * width, 4, 96 * width, 32 * width, 8
+    q_rank, kv_rank, nope, rope_dim, v_dim = 32 * width, 64 * width, 32 * width, 16, 32 * width
     arch = "deepseek2"
     wr = gguf.GGUFWriter(str(path), arch)
     _common(wr, arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=1 if split_kv_b

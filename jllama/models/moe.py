@@ -11,10 +11,12 @@ Two expert formulations, picked at trace time from the static token count:
 * gather (decode, few tokens): for every (token, slot) pair gather the chosen expert's rows
   (``jnp.take`` on the raw blocks) and dequantize only those, so a decode step reads k experts,
   never all of them;
-* dense-masked (prefill, when tokens × k ≥ n_expert): ``lax.scan`` over experts, each expert runs
-  on all tokens and its output is multiplied by that token's routing weight (0 when not chosen).
-  Every expert's weights are read once and only one expert is dequantized at a time; the wasted
-  FLOPs are bounded by n_expert / k, which is cheaper than gathering a weight copy per token.
+* grouped (prefill, when tokens × k ≥ n_expert): the (token, slot) pairs are sorted by expert and
+  each expert's run is padded to a multiple of a tile of C rows, so every tile belongs to one
+  expert; a ``lax.scan`` over the tiles dequantizes that tile's expert and runs its C rows. The
+  tile count is static (``ceil(pairs / C) + n_expert`` bounds it), so this jits once per shape;
+  rows computed are at most pairs + n_expert × C instead of tokens × n_expert for a dense-masked
+  formulation, and only one expert is dequantized at a time.
 
 Activations are rounded to the weight type's ``vec_dot_type`` first, as ggml's ``mul_mat_id``
 does, so quantized experts track llama.cpp closely.
@@ -129,7 +131,7 @@ class MoE(nnx.Module):
         if n * self.cfg.n_used < self.cfg.n_expert:
             out = self._gathered(xf, ids, wts)
         else:
-            out = self._dense_masked(xf, ids, wts)
+            out = self._grouped(xf, ids, wts)
         if self.shared is not None:
             g, u, d = self.shared
             out = out + d(jax.nn.silu(g(xf)) * u(xf))
@@ -146,22 +148,38 @@ class MoE(nnx.Module):
         y = jnp.einsum("nkf,nkdf->nkd", _round(h, down), wd)
         return _sum_slots(y * wts[..., None])
 
-    def _dense_masked(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
+    def _grouped(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
         gate, up, down = (p.get_value() for p in (self.gate, self.up, self.down))
         n_expert = self.cfg.n_expert
+        n, k = ids.shape
+        pairs = n * k
+        tile = int(min(128, max(8, 1 << max(0, (pairs // n_expert - 1).bit_length()))))
+        n_tiles = -(-pairs // tile) + n_expert
+        flat_e = ids.reshape(-1)
+        order = jnp.argsort(flat_e, stable=True)
+        e_sorted = flat_e[order]
+        counts = jnp.bincount(flat_e, length=n_expert)
+        padded = (counts + tile - 1) // tile * tile
+        pad_end = jnp.cumsum(padded)
+        start = jnp.cumsum(counts) - counts
+        dest = (pad_end - padded)[e_sorted] + jnp.arange(pairs) - start[e_sorted]
+        slots = n_tiles * tile
+        tok = jnp.zeros(slots, jnp.int32).at[dest].set((order // k).astype(jnp.int32))
+        wt = jnp.zeros(slots, jnp.float32).at[dest].set(wts.reshape(-1)[order])
+        tile_e = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(n_tiles) * tile, side="right"),
+                             n_expert - 1)
         xg, xu = _round(x, gate), _round(x, up)
-        # per-token weight of each expert (0 when not chosen) [E, N]
-        mask = jnp.sum(jnp.where(ids[None] == jnp.arange(n_expert)[:, None, None],
-                                 wts[None], 0.0), axis=-1)
 
-        def body(acc, e):
-            h = jax.nn.silu(xg @ _one_expert(gate, e).T) * (xu @ _one_expert(up, e).T)
-            y = _round(h, down) @ _one_expert(down, e).T
-            return acc + y * mask[e][:, None], None
+        def body(_, i):
+            rows = jax.lax.dynamic_slice_in_dim(tok, i * tile, tile)
+            e = tile_e[i]
+            h = (jax.nn.silu(xg[rows] @ _one_expert(gate, e).T)
+                 * (xu[rows] @ _one_expert(up, e).T))
+            return None, _round(h, down) @ _one_expert(down, e).T
 
-        acc = jnp.zeros((x.shape[0], down.shape[1]), jnp.float32)
-        acc, _ = jax.lax.scan(body, acc, jnp.arange(n_expert))
-        return acc
+        _, ys = jax.lax.scan(body, None, jnp.arange(n_tiles))
+        ys = ys.reshape(slots, -1) * wt[:, None]  # padding rows carry weight 0
+        return jnp.zeros((n, ys.shape[-1]), jnp.float32).at[tok].add(ys)
 
 
 def _sum_slots(y: jax.Array) -> jax.Array:
