@@ -484,9 +484,19 @@ _IQ4F = _IQ4.astype(F32)
 _IQ4_MID2 = (_IQ4[:-1] + _IQ4[1:]).astype(F32)  # 2 * midpoints
 
 
+# The doubled midpoints are integers, so "2x >= m" is "floor(2x) >= m": a table over floor(2x).
+_MID_LO, _MID_HI = int(_IQ4_MID2[0]) - 1, int(_IQ4_MID2[-1])
+_IQ4_LUT = np.searchsorted(_IQ4_MID2, np.arange(_MID_LO, _MID_HI + 1, dtype=F32), side="right")
+
+
 def _best_index_iq4(v: np.ndarray) -> np.ndarray:
     """Nearest grid index (ties upwards), as ggml's ``best_index_int8``."""
-    return np.searchsorted(_IQ4_MID2, np.asarray(v + v, F32), side="right")
+    t = np.asarray(v + v, F32)
+    np.floor(t, out=t)
+    np.clip(t, F32(_MID_LO), F32(_MID_HI), out=t)
+    t -= F32(_MID_LO)
+    np.nan_to_num(t, copy=False, nan=0.0)  # NaN compares false everywhere: index 0, as ggml
+    return _IQ4_LUT[t.astype(np.intp)]
 
 
 def _iq4_block_scales(x: np.ndarray, ntry: int) -> np.ndarray:
