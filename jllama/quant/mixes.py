@@ -103,11 +103,12 @@ class MixSpec:
 
 
 def parse_override(text: str) -> tuple[str, QType]:
-    """``REGEX=TYPE`` as given to ``--tensor-type``."""
-    pattern, sep, tname = text.rpartition("=")
+    """``REGEX=TYPE`` as given to ``--tensor-type``: split at the first '=' and the regex
+    lower-cased, as llama-quantize parses it (tensor names are lower case)."""
+    pattern, sep, tname = text.partition("=")
     if not sep or not pattern or not tname:
         raise QuantError(f"--tensor-type wants REGEX=TYPE, got '{text}'")
-    return _compile(pattern), parse_type(tname, f"type in --tensor-type {text}")
+    return _compile(pattern.lower()), parse_type(tname, f"type in --tensor-type {text}")
 
 
 def _compile(pattern: str) -> str:
