@@ -92,3 +92,19 @@ def test_regex_matching_nothing_warns(tiny, tmp_path, capsys) -> None:
     rc = main(["quantize", str(tiny), str(out), "q4_0", "--quiet", "--tensor-type", "nope=q8_0"])
     assert rc == 0
     assert "warning: --tensor-type 'nope' matches no quantized tensor" in capsys.readouterr().err
+
+
+def test_size_summary_equals_llama_quantize_log(tiny, tmp_path, capfd) -> None:
+    """'model size' / 'quant size' lines: the same MiB and BPW llama.cpp prints."""
+    import re
+
+    pytest.importorskip("llama_cpp")
+    capfd.readouterr()
+    llama_cpp_quantize(tiny, tmp_path / "ref.gguf", "Q3_K_M")
+    log = capfd.readouterr().err
+    assert main(["quantize", str(tiny), str(tmp_path / "o.gguf"), "q3_k_m", "--quiet"]) == 0
+    ours = capfd.readouterr().out
+    for what in ("model size", "quant size"):
+        ref = re.search(what + r"\s*=\s*([\d.]+) MiB \(([\d.]+) BPW\)", log)
+        got = re.search(what + r":\s*([\d.]+) MiB \(([\d.]+) BPW\)", ours)
+        assert ref and got and ref.groups() == got.groups(), (what, log[-500:], ours)
