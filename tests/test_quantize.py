@@ -253,3 +253,16 @@ def test_gemma3_requantized_file_identical_to_llama_cpp(gemma3_path, tmp_path, f
     quantize_file(gemma3_path, ours, mix_from_base(ftype), allow_requantize=True)
     llama_cpp_quantize(gemma3_path, ref, ftype)
     _assert_same_file(ours, ref)
+
+
+@pytest.mark.parametrize("arch", ["llama_moe", "qwen3moe", "deepseek2"])
+def test_moe_files_identical_to_llama_cpp(tmp_path, arch) -> None:
+    """3-D expert tensors, routers kept F32, MLA's attn_kv_b (tiny models of test_arch_*)."""
+    import tinymodels_moe as tm
+
+    src = getattr(tm, f"write_{arch}")(tmp_path / "src.gguf")
+    for ftype in ("Q4_K_M", "Q2_K"):
+        ours, ref = tmp_path / f"ours-{ftype}.gguf", tmp_path / f"ref-{ftype}.gguf"
+        quantize_file(src, ours, mix_from_base(ftype))
+        llama_cpp_quantize(src, ref, ftype)
+        _assert_same_file(ours, ref)
