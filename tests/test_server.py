@@ -26,7 +26,7 @@ KEY = "test-key-123"
 CTX = 512
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "List three colors.", "Say hello in Spanish."]
-REF_TOKENS = 24
+REF_TOKENS = 16
 
 
 def _msgs(p: str) -> list[dict]:
@@ -170,7 +170,7 @@ def test_chat_stream_equals_non_stream(server, client, validate):
     p = PROMPTS[1]
     # a reused prefix is evaluated in other chunks than a full prompt, which may flip a
     # near-tie; both sides here evaluate the whole prompt (the cache is checked below)
-    kw = dict(model="smollm2", messages=_msgs(p), temperature=0, max_tokens=20,
+    kw = dict(model="smollm2", messages=_msgs(p), temperature=0, max_tokens=REF_TOKENS,
               extra_body={"cache_prompt": False})
     full = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(
@@ -187,7 +187,7 @@ def test_chat_stream_equals_non_stream(server, client, validate):
         full.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
     assert len({c.id for c in chunks}) == 1
-    assert full.choices[0].message.content == _ref_text(server, p, 20)
+    assert full.choices[0].message.content == _ref_text(server, p)
     # with the prompt cache on, a repeated prompt is found in a slot
     again = client.chat.completions.create(**{**kw, "extra_body": {}})
     assert again.usage.prompt_tokens_details.cached_tokens == full.usage.prompt_tokens - 1
@@ -277,7 +277,8 @@ def test_tool_call_round_trip(client, validate):
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls"
     assert call.function.name == "get_weather"
-    assert isinstance(json.loads(call.function.arguments), dict)
+    # arguments were generated under the tool's parameter schema
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     # the same call streamed: deltas assemble to the same arguments
     chunks = list(client.chat.completions.create(
         model="smollm2", messages=msgs, tools=[WEATHER], tool_choice=choice, temperature=0,
@@ -297,13 +298,22 @@ def test_tool_call_round_trip(client, validate):
     assert final.usage.prompt_tokens > r.usage.prompt_tokens
 
 
-def test_json_object_response_format(client):
-    r = client.chat.completions.create(
-        model="smollm2", temperature=0, max_tokens=80, response_format={"type": "json_object"},
-        messages=[{"role": "user", "content": 'Give a JSON object with keys "name" and "age" '
-                   "for Bob, who is 30."}])
+def test_json_response_formats(client):
+    msgs = [{"role": "user", "content": 'Give a JSON object with keys "name" and "age" for '
+             "Bob, who is 30."}]
+    r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=60,
+                                       response_format={"type": "json_object"}, messages=msgs)
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content), dict)
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    r = client.chat.completions.create(
+        model="smollm2", temperature=0.7, seed=5, max_tokens=40, messages=msgs,
+        response_format={"type": "json_schema", "json_schema": {"name": "person",
+                                                                "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -349,7 +359,7 @@ def test_errors(server, client, http):
 # ---------------------------------------------------------------------------- load
 def test_sixteen_concurrent_streams_are_correct(server, http):
     """16 streaming clients, 4 slots: each output equals its single-sequence reference."""
-    jobs = [(PROMPTS[i % 4], 4 + (i * 5) % (REF_TOKENS - 3)) for i in range(16)]
+    jobs = [(PROMPTS[i % 4], 2 + (i * 5) % (REF_TOKENS - 1)) for i in range(16)]
     out: dict[int, tuple[str, str | None]] = {}
 
     def run(i, prompt, n):

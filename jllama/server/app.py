@@ -218,11 +218,21 @@ def usage_of(ev: Event) -> dict:
     return oa.usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
 
 
-def make_constraint(state: ServerState, opts: oa.GenOptions, forced: bool) -> JsonConstraint | None:
-    if not forced and opts.response_format is None:
+def make_constraint(state: ServerState, opts: oa.GenOptions,
+                    tool: dict | None = None) -> JsonConstraint | None:
+    """JSON output for ``response_format`` (guided by its schema, if any) or for the arguments of
+    a forced tool call (guided by the tool's parameter schema)."""
+    rf = opts.response_format
+    if tool is None and rf is None:
         return None
+    if tool is not None:
+        schema = tool["function"].get("parameters") or {"type": "object"}
+    elif rf["type"] == "json_schema":
+        schema = rf["json_schema"].get("schema") or {"type": "object"}
+    else:
+        schema = None
     sch = state.scheduler
-    return JsonConstraint(sch.token_bytes(), sch.eog, root="object")
+    return JsonConstraint(sch.token_bytes(), sch.eog, root="object", schema=schema)
 
 
 class Handlers:
@@ -326,7 +336,7 @@ class Handlers:
                 raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
         echo = bool(body.get("echo", False))
         check_prompt(st, ids)
-        job = submit(st, ids, opts, make_constraint(st, opts, False))
+        job = submit(st, ids, opts, make_constraint(st, opts))
         job.rid, job.created = oa.new_id("cmpl"), oa.now()
         prefix = st.llm.tokenizer.decode(ids) if echo else ""
         try:
@@ -386,7 +396,8 @@ class Handlers:
         prefix, forced = tl.forced_prefix(choice, tools)
         ids = tokenize_prompt(st, text + prefix)
         check_prompt(st, ids)
-        job = submit(st, ids, opts, make_constraint(st, opts, forced is not None))
+        tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
+        job = submit(st, ids, opts, make_constraint(st, opts, tool))
         job.rid, job.created = oa.new_id("chatcmpl"), oa.now()
         try:
             first = await first_event(request, job)

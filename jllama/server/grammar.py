@@ -14,6 +14,7 @@ legal inside a string, so tokens holding half of a UTF-8 character need no speci
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -85,6 +86,8 @@ def step(s: State, b: int) -> State | None:
         if b in _DIGITS:
             if aux == 1:
                 return None  # no leading zeros
+            if aux == 0 and b == 0x30:
+                return (stack, NUM, 1, 0)
             return (stack, NUM, {0: 2, 2: 2, 3: 4, 4: 4, 5: 7, 6: 7, 7: 7}[aux], 0)
         if b == 0x2E and aux in (1, 2):
             return (stack, NUM, 3, 0)
@@ -139,20 +142,28 @@ def is_done(s: State) -> bool:
 
 
 class JsonConstraint:
-    """Per-request JSON state plus the shared token byte table."""
+    """Per-request JSON state (generic, or guided by a JSON schema) plus the shared token byte
+    table."""
 
-    def __init__(self, token_bytes: list[bytes], eog: frozenset[int], root: str = "object"):
+    def __init__(self, token_bytes: list[bytes], eog: frozenset[int], root: str = "object",
+                 schema: dict | None = None):
         self.tokens = token_bytes
         self.eog = eog
-        self.state = initial(root)
+        node = compile_schema(schema) if schema is not None else None
+        if node is None or node == ANY or node == ("anyobj",):
+            self.state = initial(root)
+            self._feed, self._done = feed, is_done
+        else:
+            self.state = schema_initial(node)
+            self._feed, self._done = schema_feed, _stack_done
 
-    def accepts(self, tok: int) -> State | None:
+    def accepts(self, tok: int):
         if tok in self.eog:
-            return self.state if is_done(self.state) else None
+            return self.state if self._done(self.state) else None
         piece = self.tokens[tok] if tok < len(self.tokens) else b""
         if not piece:
             return None
-        return feed(self.state, piece)
+        return self._feed(self.state, piece)
 
     def advance(self, tok: int) -> None:
         nxt = self.accepts(tok)
@@ -162,7 +173,7 @@ class JsonConstraint:
 
     @property
     def done(self) -> bool:
-        return is_done(self.state)
+        return self._done(self.state)
 
     def pick(self, drawn: int, logits: Callable[[], np.ndarray] | np.ndarray, temperature: float,
              top_p: float, rng: np.random.Generator) -> int:
@@ -192,3 +203,184 @@ class JsonConstraint:
         p = np.where(keep, p, 0.0)
         p /= p.sum()
         return valid[int(rng.choice(len(valid), p=p))]
+
+
+def _stack_done(stack: tuple) -> bool:
+    return not stack
+
+
+# ---------------------------------------------------------------------------- JSON schemas
+# A schema compiles to a tree of nodes; the constrained output is the schema's canonical
+# layout (``json.dumps`` spacing, properties in schema order, only the required ones when the
+# schema lists them). Covered: object with properties, array (items), string, number, integer,
+# boolean, null, enum, const; anything else (anyOf, $ref, free objects) falls back to generic
+# JSON for that value.
+ANY = ("any",)
+Node = tuple
+
+
+def compile_schema(s, depth: int = 0) -> Node:
+    if not isinstance(s, dict) or depth > 12:
+        return ANY
+    if "const" in s:
+        return ("lit", json.dumps(s["const"], ensure_ascii=False).encode())
+    if isinstance(s.get("enum"), list) and s["enum"]:
+        return ("enum", tuple(json.dumps(v, ensure_ascii=False).encode() for v in s["enum"]))
+    t = s.get("type")
+    if isinstance(t, list):
+        t = t[0] if len(t) == 1 else None
+    if t == "object" or (t is None and isinstance(s.get("properties"), dict)):
+        props = s.get("properties")
+        if not isinstance(props, dict) or not props:
+            return ("anyobj",)
+        req = s.get("required")
+        keys = [k for k in props if not isinstance(req, list) or k in req] or list(props)
+        parts: list[Node] = []
+        for i, k in enumerate(keys):
+            key = ("{" if i == 0 else ", ") + json.dumps(k, ensure_ascii=False) + ": "
+            parts += [("lit", key.encode()), compile_schema(props[k], depth + 1)]
+        parts.append(("lit", b"}"))
+        merged: list[Node] = []
+        for p in parts:
+            if merged and p[0] == "lit" and merged[-1][0] == "lit":
+                merged[-1] = ("lit", merged[-1][1] + p[1])
+            else:
+                merged.append(p)
+        return ("seq", tuple(merged))
+    if t == "array":
+        return ("arr", compile_schema(s.get("items"), depth + 1))
+    if t == "string":
+        return ("str",)
+    if t in ("number", "integer"):
+        return ("num", t == "integer")
+    if t == "boolean":
+        return ("enum", (b"true", b"false"))
+    if t == "null":
+        return ("lit", b"null")
+    return ANY
+
+
+def _start(node: Node) -> tuple:
+    k = node[0]
+    if k == "seq":
+        return ("seq", node[1], 0)
+    if k == "lit":
+        return ("lit", node[1], 0)
+    if k == "enum":
+        return ("enum", node[1], b"")
+    if k == "str":
+        return ("str", -1)
+    if k == "num":
+        return ("num", node[1], -1)
+    if k == "arr":
+        return ("arr", node[1], 0)
+    if k == "anyobj":
+        return ("any", initial("object"))
+    return ("any", initial("any"))
+
+
+def schema_initial(node: Node) -> tuple:
+    return (_start(node),)
+
+
+def schema_step(stack: tuple, b: int) -> tuple | None:
+    """Advance a stack of schema frames by one byte (None: the byte is not allowed)."""
+    while stack:
+        top, rest = stack[-1], stack[:-1]
+        k = top[0]
+        if k == "seq":
+            kids, i = top[1], top[2]
+            if i == len(kids):
+                stack = rest
+                continue
+            stack = rest + (("seq", kids, i + 1), _start(kids[i]))
+            continue
+        if k == "lit":
+            lit, i = top[1], top[2]
+            if lit[i] != b:
+                return None
+            return _pop_done(rest if i + 1 == len(lit) else rest + (("lit", lit, i + 1),))
+        if k == "enum":
+            pre = top[2] + bytes((b,))
+            alts = [a for a in top[1] if a.startswith(pre)]
+            if not alts:
+                return None
+            return _pop_done(rest if pre in alts else rest + (("enum", top[1], pre),))
+        if k == "str":
+            sub = top[1]
+            if sub == -1:
+                return rest + (("str", 0),) if b == 0x22 else None
+            if sub == 0:
+                if b == 0x22:
+                    return _pop_done(rest)
+                if b == 0x5C:
+                    return rest + (("str", 1),)
+                return None if b < 0x20 else stack
+            if sub == 1:
+                if b == 0x75:
+                    return rest + (("str", 5),)
+                return rest + (("str", 0),) if b in _ESC else None
+            if b not in _HEX:
+                return None
+            return rest + (("str", 0 if sub == 2 else sub - 1),)
+        if k == "num":
+            is_int, sub = top[1], top[2]
+            if sub == -1:
+                if b == 0x2D:
+                    return rest + (("num", is_int, 0),)
+                if b == 0x30:
+                    return rest + (("num", is_int, 1),)
+                return rest + (("num", is_int, 2),) if b in _DIGITS else None
+            if b == 0x30 and sub == 0:
+                return rest + (("num", is_int, 1),)
+            if b in _DIGITS and sub != 1:
+                return rest + (("num", is_int, {0: 2, 2: 2, 3: 4, 4: 4, 5: 7, 6: 7, 7: 7}[sub]),)
+            if not is_int:
+                if b == 0x2E and sub in (1, 2):
+                    return rest + (("num", is_int, 3),)
+                if b in (0x65, 0x45) and sub in (1, 2, 4):
+                    return rest + (("num", is_int, 5),)
+                if b in (0x2B, 0x2D) and sub == 5:
+                    return rest + (("num", is_int, 6),)
+            if sub in _NUM_END_OK:  # the number ended: the byte belongs to the parent
+                stack = rest
+                continue
+            return None
+        if k == "arr":
+            item, ph = top[1], top[2]
+            if ph == 0:
+                return rest + (("arr", item, 1),) if b == 0x5B else None
+            if ph in (1, 2) and b == 0x5D:
+                return _pop_done(rest)
+            if ph == 2:
+                return rest + (("arr", item, 3),) if b == 0x2C else None
+            if ph == 3 and b == 0x20:
+                return rest + (("arr", item, 4),)
+            stack = rest + (("arr", item, 2), _start(item))
+            continue
+        if k == "any":
+            g = top[1]
+            nxt = step(g, b)
+            if nxt is not None:
+                return _pop_done(rest) if is_done(nxt) and nxt[1] != NUM else rest + (("any", nxt),)
+            if g[1] == NUM and not g[0] and g[2] in _NUM_END_OK:
+                stack = rest
+                continue
+            return None
+        return None
+    return None
+
+
+def _pop_done(stack: tuple) -> tuple:
+    """Drop finished sequences so that an empty stack means 'complete'."""
+    while stack and stack[-1][0] == "seq" and stack[-1][2] == len(stack[-1][1]):
+        stack = stack[:-1]
+    return stack
+
+
+def schema_feed(stack: tuple, data: bytes) -> tuple | None:
+    for b in data:
+        stack = schema_step(stack, b)
+        if stack is None:
+            return None
+    return stack
