@@ -96,12 +96,20 @@ def test_regex_matching_nothing_warns(tiny, tmp_path, capsys) -> None:
 
 def test_size_summary_equals_llama_quantize_log(tiny, tmp_path, capfd) -> None:
     """'model size' / 'quant size' lines: the same MiB and BPW llama.cpp prints."""
+    import logging
     import re
 
     pytest.importorskip("llama_cpp")
-    capfd.readouterr()
-    llama_cpp_quantize(tiny, tmp_path / "ref.gguf", "Q3_K_M")
-    log = capfd.readouterr().err
+    # llama-cpp-python drops llama.cpp's log once any Llama(verbose=False) ran: re-enable it
+    lg = logging.getLogger("llama-cpp-python")
+    level = lg.level
+    lg.setLevel(logging.DEBUG)
+    try:
+        capfd.readouterr()
+        llama_cpp_quantize(tiny, tmp_path / "ref.gguf", "Q3_K_M")
+        log = capfd.readouterr().err
+    finally:
+        lg.setLevel(level)
     assert main(["quantize", str(tiny), str(tmp_path / "o.gguf"), "q3_k_m", "--quiet"]) == 0
     ours = capfd.readouterr().out
     for what in ("model size", "quant size"):
