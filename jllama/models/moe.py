@@ -8,15 +8,15 @@ weight them) → optional renormalisation of the k weights → optional constant
 
 Two expert formulations, picked at trace time from the static token count:
 
-* gather (decode, few tokens): for every (token, slot) pair gather the chosen expert's rows
-  (``jnp.take`` on the raw blocks) and dequantize only those, so a decode step reads k experts,
-  never all of them;
+* gathered (decode, few tokens): a scan over the (token, slot) pairs; each step slices the chosen
+  expert's blocks out of the stacked tensor and runs the ordinary 2-D quantized matmul kernels on
+  them (the fused C++ decode+dot on CPU), so a decode step reads k experts, never all of them;
 * grouped (prefill, when tokens × k ≥ n_expert): the (token, slot) pairs are sorted by expert and
   each expert's run is padded to a multiple of a tile of C rows, so every tile belongs to one
   expert; a ``lax.scan`` over the tiles dequantizes that tile's expert and runs its C rows. The
   tile count is static (``ceil(pairs / C) + n_expert`` bounds it), so this jits once per shape;
   rows computed are at most pairs + n_expert × C instead of tokens × n_expert for a dense-masked
-  formulation, and only one expert is dequantized at a time.
+  formulation, and each tile's matmuls are the ordinary 2-D kernels on one expert's blocks.
 
 Activations are rounded to the weight type's ``vec_dot_type`` first, as ggml's ``mul_mat_id``
 does, so quantized experts track llama.cpp closely.
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jllama.errors import ModelError
-from jllama.models.common import MATCH_LLAMACPP_NUMERICS, Linear, Weights
+from jllama.models.common import MATCH_LLAMACPP_NUMERICS, Linear, Weights, linear
 from jllama.quant.actquant import quantize_activations
 from jllama.quant.qtensor import QTensor, dequantize
 
@@ -56,16 +56,13 @@ def _round(x: jax.Array, qt: QTensor) -> jax.Array:
     return x
 
 
-def _take_experts(qt: QTensor, idx: jax.Array) -> jax.Array:
-    """Dequantized weights of experts ``idx`` (any shape): ``[*idx.shape, rows, cols]``."""
+def _expert(qt: QTensor, e: jax.Array) -> QTensor:
+    """Expert ``e`` (traced index) of a stacked tensor as a 2-D QTensor, still in GGUF blocks:
+    only its rows are copied, and the 2-D quantized matmul kernels then read it directly."""
     if qt.layout != "gguf":
         raise ModelError(f"stacked expert tensor in layout '{qt.layout}' is not supported")
-    rows = jnp.take(qt.data, idx, axis=0)
-    return dequantize(QTensor(rows, qt.qtype, (*idx.shape, *qt.shape[1:])), jnp.float32)
-
-
-def _one_expert(qt: QTensor, e: jax.Array) -> jax.Array:
-    return _take_experts(qt, e[None])[0]
+    return QTensor(jax.lax.dynamic_index_in_dim(qt.data, e, 0, keepdims=False), qt.qtype,
+                   tuple(qt.shape[1:]))
 
 
 def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None
@@ -137,19 +134,28 @@ class MoE(nnx.Module):
             out = out + d(jax.nn.silu(g(xf)) * u(xf))
         return out.reshape(shape[:-1] + (out.shape[-1],)).astype(x.dtype)
 
-    def _gathered(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
+    def _ffn(self, x: jax.Array, e: jax.Array) -> jax.Array:
+        """SwiGLU of expert ``e`` on rows ``x``, activations rounded per weight type as ggml's
+        ``mul_mat_id`` does."""
         gate, up, down = (p.get_value() for p in (self.gate, self.up, self.down))
-        wg = _take_experts(gate, ids)  # [N, k, F, D]
-        wu = _take_experts(up, ids)
-        wd = _take_experts(down, ids)  # [N, k, D, F]
-        hg = jnp.einsum("nd,nkfd->nkf", _round(x, gate), wg)
-        hu = jnp.einsum("nd,nkfd->nkf", _round(x, up), wu)
-        h = jax.nn.silu(hg) * hu
-        y = jnp.einsum("nkf,nkdf->nkd", _round(h, down), wd)
-        return _sum_slots(y * wts[..., None])
+        h = jax.nn.silu(linear(x, _expert(gate, e))) * linear(x, _expert(up, e))
+        return linear(h, _expert(down, e))
+
+    def _gathered(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
+        """One (token, slot) pair per scan step, in slot order per token (llama.cpp's sum
+        order): a decode step touches exactly the k chosen experts' blocks."""
+        n, k = ids.shape
+
+        def body(out, p):
+            t = p // k
+            y = self._ffn(jax.lax.dynamic_index_in_dim(x, t, 0), ids[t, p % k])
+            return out.at[t].add(wts[t, p % k] * y[0]), None
+
+        out0 = jnp.zeros((n, self.down.get_value().shape[1]), jnp.float32)
+        out, _ = jax.lax.scan(body, out0, jnp.arange(n * k))
+        return out
 
     def _grouped(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
-        gate, up, down = (p.get_value() for p in (self.gate, self.up, self.down))
         n_expert = self.cfg.n_expert
         n, k = ids.shape
         pairs = n * k
@@ -168,26 +174,14 @@ class MoE(nnx.Module):
         wt = jnp.zeros(slots, jnp.float32).at[dest].set(wts.reshape(-1)[order])
         tile_e = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(n_tiles) * tile, side="right"),
                              n_expert - 1)
-        xg, xu = _round(x, gate), _round(x, up)
 
         def body(_, i):
             rows = jax.lax.dynamic_slice_in_dim(tok, i * tile, tile)
-            e = tile_e[i]
-            h = (jax.nn.silu(xg[rows] @ _one_expert(gate, e).T)
-                 * (xu[rows] @ _one_expert(up, e).T))
-            return None, _round(h, down) @ _one_expert(down, e).T
+            return None, self._ffn(x[rows], tile_e[i])
 
         _, ys = jax.lax.scan(body, None, jnp.arange(n_tiles))
         ys = ys.reshape(slots, -1) * wt[:, None]  # padding rows carry weight 0
         return jnp.zeros((n, ys.shape[-1]), jnp.float32).at[tok].add(ys)
-
-
-def _sum_slots(y: jax.Array) -> jax.Array:
-    """Sum over the k slots in slot order, as llama.cpp adds the expert views one by one."""
-    out = y[:, 0]
-    for i in range(1, y.shape[1]):
-        out = out + y[:, i]
-    return out
 
 
 def moe_config(g_meta: dict, arch: str, *, norm: bool | None = None, scale: float | None = None,
