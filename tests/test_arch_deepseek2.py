@@ -42,7 +42,8 @@ def test_deepseek2_lite_matches_llamacpp(tmp_path):
 @pytest.mark.parametrize("cache_type,bytes_per", [("f32", 4), ("f16", 2)])
 def test_cache_holds_the_latent_only(models, cache_type, bytes_per):
     """Per token and layer the cache holds kv_lora_rank + rope_dim values, not 2 * H * d; with
-    two slots, a sequence decoded in slot 1 (batched steps) still matches llama.cpp."""
+    two slots, a sequence decoded in slot 1 (batched steps) still matches llama.cpp; an f16
+    cache matches llama.cpp's f16 cache."""
     from jllama.engine.engine import Engine
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model
@@ -60,6 +61,12 @@ def test_cache_holds_the_latent_only(models, cache_type, bytes_per):
         meta["deepseek2.attention.key_length_mla"] + meta["deepseek2.attention.value_length_mla"]
     ) * bytes_per
     assert eng.cache.nbytes < full
+    if cache_type == "f16":  # ggml rounds q and the softmax to f16 against an f16 cache
+        ids = tm.prompt_ids(spec.n_vocab)
+        ref = tm.oracle_logits(tm.oracle(models["v3_f32"], kv_type=1), ids)
+        diff = float(abs(eng.logits(ids) - ref).max())
+        print(f"\nf16 latent cache vs llama.cpp f16 cache: max|Δlogit| = {diff:.2e}")
+        assert diff < 4e-3
     if cache_type == "f32":
         from jllama.engine.sampling import SamplingParams
 

@@ -252,13 +252,13 @@ def prompt_ids(n_vocab: int, n: int = 40, seed: int = 5) -> list[int]:
     return [n_vocab - 2] + rng.integers(0, 256, n).tolist()
 
 
-def oracle(path: Path, n_ctx: int = 256):
+def oracle(path: Path, n_ctx: int = 256, kv_type: int = 0):
     import pytest
 
     llama_cpp = pytest.importorskip("llama_cpp", reason="install the oracle: pip install -e .[oracle]")
-    # f32 KV cache on both sides: the comparison is about the model, not cache rounding
+    # f32 KV cache (ggml type 0) on both sides unless a test is about cache rounding
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                           n_threads=2, seed=0, type_k=0, type_v=0)
+                           n_threads=2, seed=0, type_k=kv_type, type_v=kv_type)
 
 
 def oracle_logits(ref, ids: list[int]) -> np.ndarray:

@@ -161,6 +161,12 @@ def _qdot(x: jax.Array, qt: QTensor, eq: str) -> jax.Array:
     return jnp.einsum(eq, x, dequantize(qt, jnp.float32))
 
 
+def _half_round(x: jax.Array, cache_type: str) -> jax.Array:
+    if MATCH_LLAMACPP_NUMERICS and cache_type in ("f16", "bf16"):
+        return x.astype(kvquant.FLOAT_KV[cache_type]).astype(jnp.float32)
+    return x
+
+
 class MLABlock(nnx.Module):
     def __init__(self, spec: ModelSpec, c: MLAConfig, w: Weights, i: int, moe: MoEConfig):
         p = f"blk.{i}."
@@ -224,12 +230,14 @@ class MLABlock(nnx.Module):
         q_abs = _qdot(q_nope, self.k_b.get_value(), "bthn,hrn->bthr")
         lat_all = kvquant.dequantize(lat_c[:, 0, :kv_len], kv_types[0], c.kv_lora_rank)  # [B,S,R]
         pe_all = kvquant.dequantize(pe_c[:, 0, :kv_len], kv_types[1], c.rope_dim)
+        # ggml's CPU matmul against a half-precision cache converts the other operand to it
+        q_abs, q_pe = _half_round(q_abs, kv_types[0]), _half_round(q_pe, kv_types[1])
         s = (jnp.einsum("bthr,bsr->bhts", q_abs, lat_all)
              + jnp.einsum("bthd,bsd->bhts", q_pe, pe_all)) * c.kq_scale
         qpos = pos0[:, None] + jnp.arange(t)[None, :]
         mask = jnp.arange(kv_len)[None, None, :] <= qpos[:, :, None]  # [B, T, S]
         s = jnp.where(mask[:, None], s, -jnp.inf)
-        p = jax.nn.softmax(s, axis=-1)
+        p = _half_round(jax.nn.softmax(s, axis=-1), kv_types[0])
         o_lat = jnp.einsum("bhts,bsr->bthr", p, lat_all)
         o = _qdot(o_lat, self.v_b.get_value(), "bthr,hvr->bthv")
         x = x + self.wo(o.reshape(b, t, c.n_head * c.v_dim))
