@@ -22,6 +22,7 @@ ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "gemma3": "gemma3",
     "qwen3moe": "qwen3moe",
     "deepseek2": "deepseek2",
 }

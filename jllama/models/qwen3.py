@@ -71,6 +71,11 @@ class Qwen3(nnx.Module):
         self.out_norm = RMSNorm(w.vector("output_norm.weight"), spec.norm_eps)
         self.output = None if spec.tied_output else Linear(w("output.weight"))
 
+    def kv_rope(self, layer: int) -> tuple[float, int, bool, float]:
+        """How layer ``layer``'s cached keys were rotated (for context shift): NEOX."""
+        s = self.spec
+        return (s.rope_base, s.rope_dim, True, s.rope_scale)
+
     def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
                  last_idx: jax.Array | None = None):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache) as ``llama.Llama``."""

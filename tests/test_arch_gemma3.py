@@ -1,0 +1,169 @@
+"""The gemma3 architecture against llama.cpp (llama-cpp-python 0.3.36).
+
+Real model: Gemma 3 270M Q4_K_M (Q5_0/Q4_K/Q6_K/Q8_0/F32): last-position logits agree on three
+prompts (top-1 identical, max abs diff reported) and 64 greedy tokens are identical up to steps
+llama.cpp itself cannot decide (see TIE). Prompt ids come from the oracle's tokenizer so this
+test does not depend on ours.
+
+Tiny random models cover what the 270M model cannot show on short prompts: the sliding window
+(window 8 on 40-token sequences, 7 layers so both local and global layers run), the
+no-window configuration, and final-logit soft-capping when the file sets it.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from tinymodels import dense_hparams, dense_tensors, write_gguf
+
+pytestmark = pytest.mark.oracle
+
+PROMPTS = [
+    "The capital of France is",
+    "<start_of_turn>user\nWrite a short poem about the sea.<end_of_turn>\n<start_of_turn>model\n",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+]
+
+
+def _oracle(path, n_ctx: int):
+    llama_cpp = pytest.importorskip("llama_cpp",
+                                    reason="install the oracle: pip install -e .[oracle]")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                           n_threads=2, seed=0)
+
+
+def _engine(path, ctx: int):
+    from jllama.engine.engine import Engine
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model
+
+    spec, model = build_model(read_gguf(path))
+    assert spec.arch == "gemma3"
+    # llama.cpp's default KV cache is f16; the model then rounds inside attention as it does
+    return Engine(spec, model, ctx_size=ctx, cache_type="f16")
+
+
+def _oracle_logits(oracle, ids) -> np.ndarray:
+    oracle.reset()
+    oracle.eval(ids)
+    return np.array(oracle.scores[: len(ids)], np.float32)
+
+
+# ----------------------------------------------------------------------------- real model
+@pytest.fixture(scope="module")
+def real(gemma3_path):
+    return _oracle(gemma3_path, 512), _engine(gemma3_path, 512)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_real_last_logits_match(real, prompt):
+    oracle, engine = real
+    ids = oracle.tokenize(prompt.encode(), add_bos=True, special=True)
+    ref = _oracle_logits(oracle, ids)[-1]
+    ours = engine.logits(ids)[-1]
+    diff = float(np.abs(ours - ref).max())
+    overlap = len(set(np.argsort(-ref)[:10].tolist()) & set(np.argsort(-ours)[:10].tolist()))
+    print(f"\ngemma3-270m {prompt[:24]!r}: max|Δlogit| = {diff:.4f} "
+          f"(logit std {ref.std():.2f}), top-10 overlap {overlap}/10")
+    assert int(np.argmax(ours)) == int(np.argmax(ref))
+    assert overlap >= 7  # ranks 8-10 sit within the ~1-logit rounding noise
+    assert diff < 3.0  # activation rounding at Q8 boundaries amplifies f32 ulps over 18 layers
+
+
+# llama.cpp's own logits for one sequence differ by 0.3-2 between its batched (prompt) and
+# one-token (decode) code paths on this model (Q8 activation rounding amplifies f32 ulps); its
+# two paths even pick different greedy tokens where the top-2 gap is ~0.25. A step whose gap is
+# below TIE is decided by rounding noise, not by the model.
+TIE = 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_real_greedy_64_tokens(real, prompt):
+    """64 greedy tokens identical to llama.cpp's, except at a step the oracle itself calls a tie.
+
+    Free-running generation is compared up to the first difference, which must be a near-tie
+    (our token's oracle logit within TIE of the oracle's best). Every one of the 64 steps is then
+    checked teacher-forced on the oracle's sequence: our argmax equals the oracle's choice or
+    is tied with it.
+    """
+    from jllama.engine.sampling import SamplingParams
+
+    oracle, engine = real
+    ids = oracle.tokenize(prompt.encode(), add_bos=True, special=True)
+    eos = oracle.token_eos()
+    oracle.reset()
+    ref = []
+    for tok in oracle.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        if tok == eos:
+            break
+        ref.append(tok)
+        if len(ref) == 64:
+            break
+    # the decode-path logits that chose each ref token
+    dec = np.array(oracle.scores[len(ids) - 1: len(ids) - 1 + len(ref)], np.float32)
+    assert (dec.argmax(-1) == np.array(ref)).all()
+    engine.reset()
+    ours = list(engine.generate(ids, SamplingParams.greedy(), max_tokens=64, stop_ids={eos}))
+    first = next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), None)
+    if first is None:
+        assert ours == ref
+    else:
+        shortfall = float(dec[first].max() - dec[first][ours[first]])
+        print(f"\n{prompt[:24]!r}: identical for {first} tokens; step {first} is a near-tie "
+              f"(our token {shortfall:.3f} below the oracle's best)")
+        assert shortfall < TIE
+    mine = engine.logits(ids + ref)[len(ids) - 1: len(ids) - 1 + len(ref)]
+    picks = mine.argmax(-1)
+    short = dec.max(-1) - dec[np.arange(len(ref)), picks]
+    print(f"teacher-forced: {int((picks == np.array(ref)).sum())}/{len(ref)} argmax identical, "
+          f"worst shortfall {short.max():.3f}")
+    assert (short < TIE).all()
+
+
+# ----------------------------------------------------------------------------- tiny models
+SHAPE = dict(n_layer=7, n_embd=128, n_ff=256, n_head=4, n_head_kv=1, head_dim=64)
+TINY = {
+    # name: (extra hparams, qtype, tolerance)
+    "swa8-f32": ({"attention.sliding_window": 8}, None, 0.01),
+    "swa8-q8_0": ({"attention.sliding_window": 8}, gguf.GGMLQuantizationType.Q8_0, 0.3),
+    "global-softcap-f32": ({"final_logit_softcapping": 1.5}, None, 0.01),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny(request, tmp_path_factory):
+    extra, qtype, tol = TINY[request.param]
+    tensors = dense_tensors(3, n_vocab=320, qk_norm=True, post_norms=True, tied=True,
+                            embd_std=0.05, **SHAPE)
+    hp = dense_hparams(**SHAPE, **{"rope.freq_base": 1e6}, **extra)
+    path = write_gguf(tmp_path_factory.mktemp(request.param) / "tiny.gguf", "gemma3", hp,
+                      tensors, qtype=qtype)
+    return request.param, tol, _oracle(path, 256), _engine(path, 256)
+
+
+def test_tiny_logits_match(tiny):
+    name, tol, oracle, engine = tiny
+    ids = np.random.default_rng(0).integers(0, 300, 40).tolist()
+    ref = _oracle_logits(oracle, ids)
+    ours = engine.logits(ids)
+    diff = float(np.abs(ours - ref).max())
+    print(f"\ngemma3 tiny {name}: max|Δlogit| = {diff:.5f} (logit std {ref.std():.2f})")
+    assert diff < tol
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+
+
+def test_tiny_greedy_32_tokens_identical(tiny):
+    from jllama.engine.sampling import SamplingParams
+
+    _, _, oracle, engine = tiny
+    prompt = [11, 200, 37, 5, 90]
+    oracle.reset()
+    ref = []
+    for tok in oracle.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+        ref.append(tok)
+        if len(ref) == 32:
+            break
+    engine.reset()
+    assert list(engine.generate(prompt, SamplingParams.greedy(), max_tokens=32)) == ref
