@@ -210,15 +210,17 @@ def test_stop_strings_are_held_back(server, client):
 
 
 def test_seeded_sampling_reproducible_whatever_the_neighbours(client):
+    # the prompt cache is off: a reused prefix is evaluated in other chunks, which can move
+    # logits by rounding and so a draw; what is tested here is independence from neighbours
     kw = dict(model="smollm2", messages=_msgs("Tell me a story."), temperature=1.0,
-              max_tokens=16, seed=1234, extra_body={"top_k": 0, "top_p": 1.0, "min_p": 0.0})
+              max_tokens=12, seed=1234, extra_body={"cache_prompt": False})
     alone = client.chat.completions.create(**kw).choices[0].message.content
     other = client.chat.completions.create(**{**kw, "seed": 99}).choices[0].message.content
     assert other != alone  # the seed matters
     out = {}
 
     def run(i):
-        k = kw if i == 0 else {**kw, "seed": i, "max_tokens": 8 + 4 * i}
+        k = kw if i == 0 else {**kw, "seed": i, "max_tokens": 6 + 3 * i}
         out[i] = client.chat.completions.create(**k).choices[0].message.content
 
     ts = [threading.Thread(target=run, args=(i,)) for i in range(4)]
@@ -272,7 +274,7 @@ def test_tool_call_round_trip(client, validate):
     msgs = [{"role": "user", "content": "What is the weather like in Paris?"}]
     choice = {"type": "function", "function": {"name": "get_weather"}}
     r = client.chat.completions.create(model="smollm2", messages=msgs, tools=[WEATHER],
-                                       tool_choice=choice, temperature=0, max_tokens=40)
+                                       tool_choice=choice, temperature=0, max_tokens=24)
     validate(r.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls"
@@ -282,7 +284,7 @@ def test_tool_call_round_trip(client, validate):
     # the same call streamed: deltas assemble to the same arguments
     chunks = list(client.chat.completions.create(
         model="smollm2", messages=msgs, tools=[WEATHER], tool_choice=choice, temperature=0,
-        max_tokens=40, stream=True))
+        max_tokens=24, stream=True))
     for c in chunks:
         validate(c.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
@@ -293,7 +295,7 @@ def test_tool_call_round_trip(client, validate):
     msgs += [r.choices[0].message.model_dump(exclude_none=True),
              {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21, "sky": "clear"}'}]
     final = client.chat.completions.create(model="smollm2", messages=msgs, tools=[WEATHER],
-                                           temperature=0, max_tokens=24)
+                                           temperature=0, max_tokens=12)
     assert final.choices[0].message.content
     assert final.usage.prompt_tokens > r.usage.prompt_tokens
 

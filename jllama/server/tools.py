@@ -28,18 +28,14 @@ def template_knows_tools(template: str) -> bool:
 
 
 def tools_system_text(tools: list[dict], choice) -> str:
-    fns = [t["function"] for t in tools]
-    lines = ["You can call functions. The available functions, as JSON schemas:", "<tools>"]
-    lines += [json.dumps(f, ensure_ascii=False) for f in fns]
-    lines += ["</tools>",
-              "To call a function, reply with only a JSON object with the function name and its "
-              "arguments inside <tool_call></tool_call> tags:",
-              '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
-              "\n</tool_call>"]
+    lines = ["You may call these functions:", "<tools>"]
+    lines += [json.dumps(t["function"], ensure_ascii=False) for t in tools]
+    lines += ["</tools>", "To call one, reply only with:",
+              '<tool_call>\n{"name": <name>, "arguments": <arguments object>}\n</tool_call>']
     if choice == "required":
-        lines.append("You must call one of the functions.")
+        lines.append("You must call a function.")
     elif isinstance(choice, dict):
-        lines.append(f"You must call the function {choice['function']['name']}.")
+        lines.append(f"You must call {choice['function']['name']}.")
     return "\n".join(lines)
 
 
