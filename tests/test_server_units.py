@@ -13,6 +13,7 @@ import random
 import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from jllama.server import grammar as g
 from jllama.server import openai_schema as oa
 from jllama.server import tools as tl
 from jllama.server.metrics import Metrics
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------- JSON recognizer
 VALID = ['{}', '{"a": 1}', '{ "k" : "v" , "n":-12.0E+5}', '{"é": "ü", "e": "\\u00e9\\n"}',
@@ -403,3 +406,27 @@ def test_scheduler_stop_strings_cancel_and_queue_limit(fake_scheduler):
             _run(sch, [1], 1, seed=0)
         with pytest.raises(QueueFull):
             _run(sch, [1], 1, seed=0)
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_serve_cli_flags_become_config(tmp_path):
+    from jllama.cli.main import build_parser
+    from jllama.cli.serve import _overrides
+    from jllama.config import load_config
+
+    cfg_file = tmp_path / "serve.yaml"
+    cfg_file.write_text("model: smollm2-135m-instruct\nserver: {port: 9000, parallel: 2}\n")
+    args = build_parser().parse_args(["serve", str(cfg_file), "--parallel", "4", "-c", "1024",
+                                      "--api-key", "k", "--max-queue", "3", "--timeout", "9"])
+    cfg = load_config(args.config, _overrides(args))
+    assert (cfg.server.port, cfg.server.parallel, cfg.server.max_queue) == (9000, 4, 3)
+    assert cfg.server.timeout == 9.0 and cfg.runtime.ctx_size == 1024
+    assert args.api_key == "k"
+    shipped = load_config(REPO / "configs" / "serve-smollm2.yaml")
+    assert shipped.server.parallel == 4
+
+
+def test_serve_cli_rejects_bad_values(tmp_path):
+    from jllama.cli.main import main
+
+    assert main(["serve", "-m", "smollm2-135m-instruct", "--parallel", "0"]) == 1

@@ -129,23 +129,8 @@ def tokenize_prompt(state: ServerState, text: str) -> list[int]:
 
 
 def render_prompt(llm, messages: list[dict], tools: list[dict] | None) -> str:
-    try:
-        import jllama.tokenizer.chat  # noqa: F401
-    except ModuleNotFoundError:  # until the shared renderer lands: a plain sandboxed render
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        tk = llm.tokenizer
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        return env.from_string(tk.chat_template).render(
-            messages=messages, tools=tools, add_generation_prompt=True,
-            bos_token=tk.piece_text(tk.bos_id) if tk.bos_id is not None else "",
-            eos_token=tk.piece_text(tk.eos_id) if tk.eos_id is not None else "")
+    """The GGUF's chat template applied to the conversation (with the generation prompt)."""
     return llm.apply_chat_template(messages, tools=tools)
-
-
-def _raise(msg: str):
-    raise ValueError(msg)
 
 
 def check_prompt(state: ServerState, ids: list[int]) -> None:
