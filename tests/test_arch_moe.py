@@ -1,5 +1,6 @@
-"""Mixture-of-experts architectures (Mixtral-style ``llama``, ``qwen3moe``) against llama.cpp on
-tiny random GGUF models: all-position logits on a 41-token sequence and 32 greedy tokens.
+"""Mixture-of-experts architectures (Mixtral-style ``llama``, ``qwen3moe``, ``qwen2moe``) against
+llama.cpp on tiny random GGUF models: all-position logits on a 41-token sequence and 32 greedy
+tokens.
 
 F32 models must agree to float rounding; quantized ones (experts quantized as 3-D blocks) within
 the spread of llama.cpp's own activation rounding. The 41-token prefill runs the grouped
@@ -23,6 +24,8 @@ def models(tmp_path_factory):
         "llama_q8_0": tm.write_llama_moe(d / "llama_moe_q8_0.gguf", quant=tm.Q.Q8_0),
         "qwen3moe_f32": tm.write_qwen3moe(d / "qwen3moe_f32.gguf"),
         "qwen3moe_q4_0": tm.write_qwen3moe(d / "qwen3moe_q4_0.gguf", quant=tm.Q.Q4_0),
+        "qwen2moe_f32": tm.write_qwen2moe(d / "qwen2moe_f32.gguf"),
+        "qwen2moe_q8_0": tm.write_qwen2moe(d / "qwen2moe_q8_0.gguf", quant=tm.Q.Q8_0),
     }
 
 
@@ -40,6 +43,11 @@ def test_llama_moe_matches_llamacpp(models, name, tol):
 
 @pytest.mark.parametrize("name,tol", [("qwen3moe_f32", 1e-3), ("qwen3moe_q4_0", 0.5)])
 def test_qwen3moe_matches_llamacpp(models, name, tol):
+    tm.compare(models[name], None, tol=tol)
+
+
+@pytest.mark.parametrize("name,tol", [("qwen2moe_f32", 1e-3), ("qwen2moe_q8_0", 0.5)])
+def test_qwen2moe_matches_llamacpp(models, name, tol):
     tm.compare(models[name], None, tol=tol)
 
 

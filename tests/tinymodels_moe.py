@@ -237,6 +237,36 @@ def write_deepseek2(path: Path, quant: Q | None = None, seed: int = 2, *, q_lora
     return _finish(wr, path)
 
 
+def write_qwen2moe(path: Path, quant: Q | None = None, seed: int = 3) -> Path:
+    """qwen2moe: 2 layers, QKV biases, 6 experts top-2 (unnormalised), gated shared expert."""
+    n_layer, n_embd, n_head, n_kv, n_ff, n_sh, n_exp = 2, 64, 4, 2, 32, 64, 6
+    hd = n_embd // n_head
+    wr = gguf.GGUFWriter(str(path), "qwen2moe")
+    _common(wr, "qwen2moe", n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_kv,
+            n_ff=n_ff * 4, base=1000000.0)
+    wr.add_expert_count(n_exp)
+    wr.add_expert_used_count(2)
+    wr.add_expert_feed_forward_length(n_ff)
+    wr.add_expert_shared_feed_forward_length(n_sh)
+    n_vocab = _tokenizer(wr)
+    t = _Tensors(wr, np.random.default_rng(seed), quant)
+    _head(t, n_vocab, n_embd)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t.norm(p + "attn_norm.weight", n_embd)
+        for name, rows in (("q", n_head * hd), ("k", n_kv * hd), ("v", n_kv * hd)):
+            t.mat(p + f"attn_{name}.weight", (rows, n_embd))
+            t.vec(p + f"attn_{name}.bias", rows, 0.3)
+        t.mat(p + "attn_output.weight", (n_embd, n_head * hd))
+        t.norm(p + "ffn_norm.weight", n_embd)
+        _experts(t, p, n_exp, n_embd, n_ff)
+        t.vec(p + "ffn_gate_inp_shexp.weight", n_embd, 0.3)
+        t.mat(p + "ffn_gate_shexp.weight", (n_sh, n_embd))
+        t.mat(p + "ffn_up_shexp.weight", (n_sh, n_embd))
+        t.mat(p + "ffn_down_shexp.weight", (n_embd, n_sh))
+    return _finish(wr, path)
+
+
 def _finish(wr: gguf.GGUFWriter, path: Path) -> Path:
     wr.write_header_to_file()
     wr.write_kv_data_to_file()

@@ -24,6 +24,7 @@ ARCHITECTURES: dict[str, str] = {
     "qwen3": "qwen3",
     "gemma3": "gemma3",
     "qwen3moe": "qwen3moe",
+    "qwen2moe": "qwen2moe",
     "deepseek2": "deepseek2",
 }
 

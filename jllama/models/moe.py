@@ -116,6 +116,9 @@ class MoE(nnx.Module):
                                     Linear(w(prefix + "ffn_down_shexp.weight"))])
         else:
             self.shared = nnx.data(None)
+        # qwen2moe: the shared expert's output is scaled by sigmoid(x · ffn_gate_inp_shexp)
+        sg = prefix + "ffn_gate_inp_shexp.weight"
+        self.shared_gate = nnx.Param(w(sg)) if shared and sg in w else nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
@@ -131,7 +134,12 @@ class MoE(nnx.Module):
             out = self._grouped(xf, ids, wts)
         if self.shared is not None:
             g, u, d = self.shared
-            out = out + d(jax.nn.silu(g(xf)) * u(xf))
+            sh = d(jax.nn.silu(g(xf)) * u(xf))
+            if self.shared_gate is not None:
+                sg = self.shared_gate.get_value()
+                gw = dequantize(sg, jnp.float32).reshape(-1, xf.shape[-1])  # [1, n_embd]
+                sh = sh * jax.nn.sigmoid(_round(xf, sg) @ gw.T)
+            out = out + sh
         return out.reshape(shape[:-1] + (out.shape[-1],)).astype(x.dtype)
 
     def _ffn(self, x: jax.Array, e: jax.Array) -> jax.Array:
