@@ -6,8 +6,9 @@ llama.cpp itself cannot decide (see TIE). Prompt ids come from the oracle's toke
 test does not depend on ours.
 
 Tiny random models cover what the 270M model cannot show on short prompts: the sliding window
-(window 8 on 40-token sequences, 7 layers so both local and global layers run), the
-no-window configuration, and final-logit soft-capping when the file sets it.
+(window 8 on 40-token sequences, 7 layers so both local and global layers run), linear rope
+scaling on the global layers, the no-window configuration, and final-logit soft-capping when
+the file sets it.
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ def test_real_greedy_64_tokens(real, prompt):
 SHAPE = dict(n_layer=7, n_embd=128, n_ff=256, n_head=4, n_head_kv=1, head_dim=64)
 TINY = {
     # name: (extra hparams, qtype, tolerance)
-    "swa8-f32": ({"attention.sliding_window": 8}, None, 0.01),
+    # linear rope scaling applies to the global layers only (Gemma 3 4B and larger)
+    "swa8-linrope-f32": ({"attention.sliding_window": 8, "rope.scaling.type": "linear",
+                          "rope.scaling.factor": 4.0}, None, 0.01),
     "swa8-q8_0": ({"attention.sliding_window": 8}, gguf.GGMLQuantizationType.Q8_0, 0.3),
     "global-softcap-f32": ({"final_logit_softcapping": 1.5}, None, 0.01),
 }
