@@ -11,6 +11,7 @@ vocabulary so that llama.cpp's vocab loader accepts the file.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -83,13 +84,16 @@ def _add_hparam(w: gguf.GGUFWriter, key: str, v) -> None:
 
 
 def write_gguf(path: str | Path, arch: str, hparams: dict, tensors: dict[str, np.ndarray],
-               tokenizer: str = "gpt2", qtype: Q | None = None, pre: str = "qwen2") -> Path:
+               tokenizer: str = "gpt2",
+               qtype: Q | Callable[[str, np.ndarray], Q | None] | None = None,
+               pre: str = "qwen2") -> Path:
     """Write a GGUF llama.cpp can load.
 
     ``hparams`` keys are relative to the arch prefix (``"block_count"`` → ``"{arch}.block_count"``);
     keys containing a ``.`` at the start (``".general.name"``) are written without the prefix.
-    ``tensors`` are float arrays in numpy order; with ``qtype`` every 2-D tensor whose rows fit
-    the block size is stored quantized (norms and biases stay F32, as converters do).
+    ``tensors`` are float arrays in numpy order; with ``qtype`` every tensor of 2+ dimensions
+    whose rows fit the block size is stored quantized (norms and biases stay F32, as converters
+    do). ``qtype`` may instead be a function ``(name, array) -> qtype or None`` (None: F32).
     ``tokenizer``: ``"gpt2"`` (byte-level BPE, ``tokenizer.ggml.pre = pre``).
     """
     path = Path(path)
@@ -115,9 +119,13 @@ def write_gguf(path: str | Path, arch: str, hparams: dict, tensors: dict[str, np
     w.add_add_bos_token(False)
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr, np.float32)
-        bs = gguf.GGML_QUANT_SIZES[qtype][0] if qtype is not None else 1
-        if qtype is not None and arr.ndim == 2 and arr.shape[-1] % bs == 0:
-            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        if callable(qtype):
+            qt = qtype(name, arr)
+        else:
+            bs = gguf.GGML_QUANT_SIZES[qtype][0] if qtype is not None else 1
+            qt = qtype if arr.ndim >= 2 and arr.shape[-1] % bs == 0 else None
+        if qt is not None and qt not in (Q.F32,):
+            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
         else:
             w.add_tensor(name, arr)
     w.write_header_to_file()
