@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -306,7 +307,9 @@ class Handlers:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = st.llm.tokenizer.encode(prompt, add_special=True, parse_special=True)
+            # tokenizing is pure Python: off the event loop, so streams keep flowing
+            ids = await run_in_threadpool(st.llm.tokenizer.encode, prompt, add_special=True,
+                                          parse_special=True)
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                               for t in prompt):
             if any(not 0 <= t < st.llm.spec.n_vocab for t in prompt):
@@ -374,12 +377,12 @@ class Handlers:
         template = st.llm.tokenizer.chat_template or ""
         msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
         try:
-            text = render_prompt(st.llm, msgs, tmpl_tools)
+            text = await run_in_threadpool(render_prompt, st.llm, msgs, tmpl_tools)
         except Exception as e:  # jinja raise_exception(...) or a template bug
             raise ApiError(400, f"the chat template rejected the messages: {e}",
                            param="messages", code="invalid_messages") from None
         prefix, forced = tl.forced_prefix(choice, tools)
-        ids = tokenize_prompt(st, text + prefix)
+        ids = await run_in_threadpool(tokenize_prompt, st, text + prefix)
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         job = submit(st, ids, opts, make_constraint(st, opts, tool))
