@@ -141,6 +141,9 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     kvh = k_cache.shape[1]
     k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
     v = kvquant.dequantize(v_cache[:, :, :kv_len], v_type, head_dim_v or d)
+    if MATCH_LLAMACPP_NUMERICS and k_type == "f16":
+        # ggml multiplies an f16 K by q converted to f16 (F16's vec_dot_type)
+        q = q.astype(jnp.float16)
     qg = q.astype(jnp.float32).reshape(b, t, kvh, h // kvh, d)
     s = jnp.einsum("btkgd,bksd->bkgts", qg, k) * scale
     if softcap:
@@ -152,6 +155,8 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
         mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
+    if MATCH_LLAMACPP_NUMERICS and v_type == "f16":
+        p = p.astype(jnp.float16).astype(jnp.float32)  # likewise for softmax(KQ) times f16 V
     o = jnp.einsum("bkgts,bksd->btkgd", p, v)
     return o.reshape(b, t, h * v.shape[-1])
 

@@ -54,3 +54,4 @@ def quantize_activations(x: jax.Array, qtype: int) -> jax.Array:
         q = jnp.minimum(jnp.round(xb * iscale), 127.0)
         d = jnp.where(iscale != 0, 1.0 / iscale, 0.0)
     return (q * d).reshape(x.shape)
+
