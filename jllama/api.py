@@ -55,7 +55,7 @@ class Llama:
     """One loaded model: tokenizer + engine. ``model`` is a path or a registry name."""
 
     def __init__(self, model: str | os.PathLike[str], ctx_size: int = 2048, n_slots: int = 1,
-                 cache_type: str = "f32", quant: dict | None = None, compile_cache: bool = True,
+                 cache_type: str = "f16", quant: dict | None = None, compile_cache: bool = True,
                  verbose: bool = False, cache_type_v: str | None = None):
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf

@@ -25,8 +25,8 @@ class RuntimeConfig:
     ctx_size: int = 2048
     threads: int | None = None  # XLA:CPU intra-op threads (None = all cores)
     dtype: str = "f32"  # activation dtype
-    cache_type_k: str = "f32"
-    cache_type_v: str = "f32"
+    cache_type_k: str = "f16"  # llama.cpp's default
+    cache_type_v: str = "f16"
     n_slots: int = 1
     compile_cache: bool = True
 

@@ -29,16 +29,17 @@ def models(tmp_path_factory):
     }
 
 
-def _llama_moe_build(spec, w, g):
-    from jllama.models import llama_moe
-
-    assert llama_moe.has_experts(g)
-    return llama_moe.build(spec, w, g)
-
-
 @pytest.mark.parametrize("name,tol", [("llama_f32", 1e-3), ("llama_q8_0", 0.5)])
 def test_llama_moe_matches_llamacpp(models, name, tol):
-    tm.compare(models[name], _llama_moe_build, tol=tol)
+    tm.compare(models[name], None, tol=tol)  # through build_model's llama -> llama_moe dispatch
+
+
+def test_llama_with_experts_dispatches_to_moe(models):
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model
+
+    _, m = build_model(read_gguf(models["llama_f32"]))
+    assert type(m).__module__ == "jllama.models.llama_moe"
 
 
 @pytest.mark.parametrize("name,tol", [("qwen3moe_f32", 1e-3), ("qwen3moe_q4_0", 0.5)])

@@ -104,7 +104,7 @@ def test_kv_cache_types(model, kind, max_kld):
 
     spec, _ = model
     ids = _text_ids(model, 60)
-    ref = _engine(model, ctx_size=128).logits(ids)
+    ref = _engine(model, ctx_size=128, cache_type="f32").logits(ids)
     eng = _engine(model, ctx_size=128, cache_type=kind)
     lg = eng.logits(ids)
     lp_ref = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)

@@ -320,7 +320,7 @@ def jllama_engine(path: Path, build=None, ctx: int = 256):
     else:
         spec = spec_from_gguf(g)
         model = build(spec, load_weights(g), g)
-    return Engine(spec, model, ctx_size=ctx)
+    return Engine(spec, model, ctx_size=ctx, cache_type="f32")  # as the oracle (type_k=0)
 
 
 def compare(path: Path, build=None, tol: float = 1e-3, n_greedy: int = 32) -> dict:

@@ -61,7 +61,7 @@ class Timings:
 
 class Engine:
     def __init__(self, spec: ModelSpec, model: nnx.Module, ctx_size: int = 2048, n_slots: int = 1,
-                 cache_type: str = "f32", cache_type_v: str | None = None):
+                 cache_type: str = "f16", cache_type_v: str | None = None):
         self.spec = spec
         self.ctx_size = int(ctx_size)
         self.n_slots = int(n_slots)

@@ -67,6 +67,11 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
 
 def build_model(g: GGUFFile, weights: Weights | None = None, spec: ModelSpec | None = None):
     mod = arch_module(g.architecture or "?")
+    if g.architecture == "llama":
+        from jllama.models import llama_moe
+
+        if llama_moe.has_experts(g):  # Mixtral-style: llama with stacked experts
+            mod = llama_moe
     spec = spec or (mod.spec_from_gguf(g) if hasattr(mod, "spec_from_gguf") else spec_from_gguf(g))
     weights = weights if weights is not None else load_weights(g)
     return spec, mod.build(spec, weights, g)

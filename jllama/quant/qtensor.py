@@ -150,8 +150,10 @@ def take_rows(qt: QTensor, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
     if qt.layout == "i8":
         rows = tuple(jnp.take(a, ids, axis=0) for a in qt.data)
         return _dequantize_i8(rows, qt.qtype).astype(dtype)
-    if qt.layout == "pallas":  # k-major planes: rows are columns; dequantize, then gather
-        return jnp.take(dequantize(qt, dtype), ids, axis=0)
+    if qt.layout == "pallas":  # k-major planes: gather the columns holding those rows
+        from jllama.quant.kernels.pallas_qmatmul import take_rows_planes
+
+        return take_rows_planes(tuple(qt.data), qt.qtype, qt.shape, ids).astype(dtype)
     rows = jnp.take(qt.data, ids, axis=0)
     if qt.is_float:
         return rows.astype(dtype)
