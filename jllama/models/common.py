@@ -117,6 +117,9 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
+_HALF = {"f16": jnp.float16, "bf16": jnp.bfloat16}
+
+
 def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array, kind: str = "f32") -> jax.Array:
     """Put ``new`` [B, T, KVH, D] into ``cache`` [B, KVH, S, row] at positions pos0[b]..+T,
     stored as ``kind`` (a float type or a ggml block type, see engine/kvquant.py)."""
@@ -141,9 +144,10 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     kvh = k_cache.shape[1]
     k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
     v = kvquant.dequantize(v_cache[:, :, :kv_len], v_type, head_dim_v or d)
-    if MATCH_LLAMACPP_NUMERICS and k_type == "f16":
-        # ggml multiplies an f16 K by q converted to f16 (F16's vec_dot_type)
-        q = q.astype(jnp.float16)
+    if MATCH_LLAMACPP_NUMERICS and k_type in _HALF:
+        # ggml (no flash attention) multiplies a half-precision K by q rounded to that type;
+        # tiny as it is, this decides which activations later cross a Q8 rounding step
+        q = q.astype(_HALF[k_type])
     qg = q.astype(jnp.float32).reshape(b, t, kvh, h // kvh, d)
     s = jnp.einsum("btkgd,bksd->bkgts", qg, k) * scale
     if softcap:
@@ -155,8 +159,8 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
         mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
-    if MATCH_LLAMACPP_NUMERICS and v_type == "f16":
-        p = p.astype(jnp.float16).astype(jnp.float32)  # likewise for softmax(KQ) times f16 V
+    if MATCH_LLAMACPP_NUMERICS and v_type in _HALF:
+        p = p.astype(_HALF[v_type]).astype(jnp.float32)  # likewise softmax(KQ) times V
     o = jnp.einsum("bkgts,bksd->btkgd", p, v)
     return o.reshape(b, t, h * v.shape[-1])
 
@@ -164,3 +168,26 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
 def gather_last(x: jax.Array, last_idx: jax.Array) -> jax.Array:
     """x [B, T, E] → [B, E] at per-sequence index last_idx[b]."""
     return jnp.take_along_axis(x, last_idx[:, None, None], axis=1)[:, 0]
+
+
+def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
+                    kv_len: int, last_idx: jax.Array | None):
+    """The part every decoder-only architecture shares after its embedding: the blocks over
+    the per-layer caches, then final norm and output projection (tied or not).
+
+    ``model`` has ``blocks`` (each called as ``blk(x, pos, pos0, k, v, kv_len, kv_types)``),
+    ``out_norm``, ``output`` (None when tied) and ``tok_embd``. With ``last_idx`` logits are
+    computed only at that index per sequence ([B, V]): generation needs one row, and the output
+    matmul is the largest in small models.
+    """
+    t = x.shape[1]
+    pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    ks, vs = list(cache.k), list(cache.v)
+    for i, blk in enumerate(model.blocks):
+        with jax.named_scope(f"blk{i}"):
+            x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, (cache.k_type, cache.v_type))
+    if last_idx is not None:
+        x = gather_last(x, last_idx)
+    x = model.out_norm(x)
+    logits = model.tok_embd.attend(x) if model.output is None else model.output(x)
+    return logits, cache.replace(ks, vs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jllama.engine.cache import KVCache
@@ -19,7 +18,7 @@ from jllama.models.common import (
     RMSNorm,
     Weights,
     attention,
-    gather_last,
+    decoder_forward,
     rope,
     write_cache,
 )
@@ -84,19 +83,9 @@ class Llama(nnx.Module):
         With ``last_idx`` the logits are only computed at that index per sequence ([B, V]):
         generation needs one row, and the output matmul is the largest in small models.
         """
-        b, t = tokens.shape
-        pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         x = self.tok_embd(tokens)
-        ks, vs = list(cache.k), list(cache.v)
-        for i, blk in enumerate(self.blocks):
-            with jax.named_scope(f"blk{i}"):
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len,
-                                      (cache.k_type, cache.v_type))
-        if last_idx is not None:
-            x = gather_last(x, last_idx)
-        x = self.out_norm(x)
-        logits = self.tok_embd.attend(x) if self.output is None else self.output(x)
-        return logits, cache.replace(ks, vs)
+        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx)
+        return logits, cache
 
 
 def build(spec: ModelSpec, w: Weights, gguf) -> Llama:

@@ -9,63 +9,20 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jllama.engine import kvquant
 from jllama.engine.cache import KVCache
-from jllama.models import common
 from jllama.models.common import (
     Embedding,
     Linear,
     RMSNorm,
     Weights,
-    gather_last,
+    attention,
+    decoder_forward,
     rope,
     write_cache,
 )
 from jllama.models.spec import ModelSpec
-
-_HALF = {"f16": jnp.float16, "bf16": jnp.bfloat16}
-
-
-def _round(x: jax.Array, kind: str) -> jax.Array:
-    return x.astype(_HALF[kind]).astype(jnp.float32)
-
-
-def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
-              kv_len: int, scale: float, window: int | None = None,
-              softcap: float | None = None, k_type: str = "f32", v_type: str = "f32",
-              head_dim_v: int | None = None) -> jax.Array:
-    """``common.attention`` plus llama.cpp's CPU rounding for a half-precision KV cache.
-
-    llama.cpp (no flash attention) multiplies an f16/bf16 cache with half-precision vec_dots:
-    Q is rounded to the K type for K·Q, and the softmax weights to the V type for V·P. Tiny as
-    they are, these roundings decide which activations later land on the other side of a Q8
-    rounding step: without them a Q8_0 model differs from llama.cpp by ~0.05 logits at every
-    position, with them most positions agree exactly. Applied when MATCH_LLAMACPP_NUMERICS is
-    on. (Shared by qwen2/qwen3/gemma3: belongs in common.py.)
-    """
-    if not common.MATCH_LLAMACPP_NUMERICS or k_type not in _HALF or v_type not in _HALF:
-        return common.attention(q, k_cache, v_cache, pos0, kv_len, scale, window, softcap,
-                                k_type, v_type, head_dim_v)
-    b, t, h, d = q.shape
-    kvh = k_cache.shape[1]
-    k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
-    v = kvquant.dequantize(v_cache[:, :, :kv_len], v_type, head_dim_v or d)
-    qg = _round(q, k_type).reshape(b, t, kvh, h // kvh, d)
-    s = jnp.einsum("btkgd,bksd->bkgts", qg, k) * scale
-    if softcap:
-        s = softcap * jnp.tanh(s / softcap)
-    qpos = pos0[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    kpos = jnp.arange(kv_len)
-    mask = kpos[None, None, :] <= qpos[:, :, None]  # [B, T, S]
-    if window:
-        mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    p = _round(jax.nn.softmax(s, axis=-1), v_type)
-    o = jnp.einsum("bkgts,bksd->btkgd", p, v)
-    return o.reshape(b, t, h * v.shape[-1])
 
 
 def _optional(w: Weights, name: str) -> jax.Array | None:
@@ -123,19 +80,9 @@ class Qwen2(nnx.Module):
     def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
                  last_idx: jax.Array | None = None):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache) as ``llama.Llama``."""
-        b, t = tokens.shape
-        pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         x = self.tok_embd(tokens)
-        ks, vs = list(cache.k), list(cache.v)
-        for i, blk in enumerate(self.blocks):
-            with jax.named_scope(f"blk{i}"):
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len,
-                                      (cache.k_type, cache.v_type))
-        if last_idx is not None:
-            x = gather_last(x, last_idx)
-        x = self.out_norm(x)
-        logits = self.tok_embd.attend(x) if self.output is None else self.output(x)
-        return logits, cache.replace(ks, vs)
+        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx)
+        return logits, cache
 
 
 def build(spec: ModelSpec, w: Weights, gguf) -> Qwen2:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jllama.engine.cache import KVCache
@@ -19,11 +18,11 @@ from jllama.models.common import (
     Linear,
     RMSNorm,
     Weights,
-    gather_last,
+    attention,
+    decoder_forward,
     rope,
     write_cache,
 )
-from jllama.models.qwen2 import attention  # llama.cpp's f16 rounding inside attention
 from jllama.models.spec import ModelSpec
 
 
@@ -79,19 +78,9 @@ class Qwen3(nnx.Module):
     def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
                  last_idx: jax.Array | None = None):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache) as ``llama.Llama``."""
-        b, t = tokens.shape
-        pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         x = self.tok_embd(tokens)
-        ks, vs = list(cache.k), list(cache.v)
-        for i, blk in enumerate(self.blocks):
-            with jax.named_scope(f"blk{i}"):
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len,
-                                      (cache.k_type, cache.v_type))
-        if last_idx is not None:
-            x = gather_last(x, last_idx)
-        x = self.out_norm(x)
-        logits = self.tok_embd.attend(x) if self.output is None else self.output(x)
-        return logits, cache.replace(ks, vs)
+        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx)
+        return logits, cache
 
 
 def build(spec: ModelSpec, w: Weights, gguf) -> Qwen3:
