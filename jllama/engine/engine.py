@@ -108,7 +108,18 @@ class Engine:
 
         self._forward_slot = jax.jit(forward_slot, static_argnames="kv_len",
                                      donate_argnames="cache")
+        def forward_logprobs(state, tokens, targets, pos0, cache, kv_len):
+            # log-probabilities of the given next tokens, reduced in-graph: the [B, T, V]
+            # logits of a perplexity batch never leave the device (or get materialised twice)
+            model = nnx.merge(gd, state)
+            logits, cache = model(tokens, pos0, cache, kv_len, None)
+            lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+            tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+            return tgt - lse, jnp.argmax(logits, axis=-1), cache
+
         self._forward_all = jax.jit(forward_all, static_argnames="kv_len", donate_argnames="cache")
+        self._forward_logprobs = jax.jit(forward_logprobs, static_argnames="kv_len",
+                                         donate_argnames="cache")
         self._decode_sample = jax.jit(decode_sample, static_argnames="kv_len",
                                       donate_argnames=("cache", "history"))
         self._sample = jax.jit(_sample_rows)
@@ -227,6 +238,32 @@ class Engine:
                                               cache, kv_len=self.kv_bucket(i + tb))
             out.append(np.asarray(logits[:, :m], np.float32))
         return np.concatenate(out, axis=1)
+
+    def token_logprobs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For sequences [B, T] from empty caches: log p(tokens[:, t+1] | tokens[:, :t+1]) and
+        the argmax token at each position t < T-1, both [B, T-1]. Used by perplexity."""
+        tokens = np.asarray(tokens, np.int32)
+        b, t = tokens.shape
+        if t > self.ctx_size:
+            raise ContextError(f"{t} tokens exceed the context size {self.ctx_size}")
+        targets = np.full((b, t), -1, np.int32)
+        targets[:, :-1] = tokens[:, 1:]
+        cache = self._new_cache(b)
+        lps, tops = [], []
+        step = PREFILL_BUCKETS[-1]
+        for i in range(0, t, step):
+            m = min(step, t - i)
+            tb = _bucket(m)
+            buf = np.zeros((b, tb), np.int32)
+            buf[:, :m] = tokens[:, i : i + m]
+            tg = np.full((b, tb), -1, np.int32)
+            tg[:, :m] = targets[:, i : i + m]
+            lp, top, cache = self._forward_logprobs(
+                self.state, jnp.asarray(buf), jnp.asarray(tg), jnp.full(b, i, jnp.int32), cache,
+                kv_len=self.kv_bucket(i + tb))
+            lps.append(np.asarray(lp[:, :m]))
+            tops.append(np.asarray(top[:, :m]))
+        return np.concatenate(lps, 1)[:, :-1], np.concatenate(tops, 1)[:, :-1]
 
     def step(self, tokens: np.ndarray, active: np.ndarray, sp: BatchSampling, keys: jax.Array,
              steps: np.ndarray, bias: jax.Array | None = None) -> tuple[np.ndarray, jax.Array]:

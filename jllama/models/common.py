@@ -13,7 +13,7 @@ from flax import nnx
 
 from jllama.engine import kvquant
 from jllama.errors import ModelError
-from jllama.quant.actquant import quantize_activations
+from jllama.quant.actquant import q8_1_correction, quantize_activations_ex
 from jllama.quant.qtensor import QTensor, dequantize, qmatmul, take_rows
 
 # Round activations as llama.cpp's CPU matmuls do (see quant/actquant.py). A process-wide
@@ -23,7 +23,10 @@ MATCH_LLAMACPP_NUMERICS = True
 
 def linear(x: jax.Array, qt: QTensor) -> jax.Array:
     if MATCH_LLAMACPP_NUMERICS and not qt.is_float:
-        x = quantize_activations(x, qt.qtype)
+        x, s_err = quantize_activations_ex(x, qt.qtype)
+        fix = q8_1_correction(s_err, qt) if s_err is not None else None
+        if fix is not None:
+            return qmatmul(x, qt) + fix
     return qmatmul(x, qt)
 
 
