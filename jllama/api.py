@@ -56,7 +56,11 @@ class Llama:
 
     def __init__(self, model: str | os.PathLike[str], ctx_size: int = 2048, n_slots: int = 1,
                  cache_type: str = "f16", quant: dict | None = None, compile_cache: bool = True,
-                 verbose: bool = False, cache_type_v: str | None = None):
+                 verbose: bool = False, cache_type_v: str | None = None,
+                 mesh: object | None = None, draft: object | None = None):
+        """``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and cache over
+        (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative decoding
+        (jllama.engine.speculative)."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, load_weights
@@ -78,6 +82,15 @@ class Llama:
         self.spec, self.model = build_model(self.gguf, weights)
         self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
                              cache_type=cache_type, cache_type_v=cache_type_v)
+        if mesh is not None:
+            from jllama.parallel import apply_mesh
+
+            apply_mesh(self.engine, mesh)
+        self.speculative = None
+        if draft is not None:
+            from jllama.engine.speculative import Speculative
+
+            self.speculative = Speculative.from_config(self, draft)
         self.load_s = time.perf_counter() - t0
         if verbose:
             print(f"loaded {self.path} in {self.load_s:.2f} s")
@@ -116,7 +129,8 @@ class Llama:
         self.finish_reason = "length"
         pending = ""
         hold = max((len(s) for s in stop), default=0)
-        for tok in self.engine.generate(ids, params, max_tokens, eog):
+        gen = self.speculative.generate if self.speculative is not None else self.engine.generate
+        for tok in gen(ids, params, max_tokens, eog):
             self._last_tokens.append(tok)
             pending += dec.feed(tok)
             if stop:

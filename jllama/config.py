@@ -38,6 +38,30 @@ class MeshConfig:
 
 
 @dataclass
+class DraftConfig:
+    """Speculative decoding (llama.cpp's --model-draft / --draft-max / --draft-min / --draft-p-min).
+
+    ``kind``: "model" (a small draft model, ``model`` set), "ngram" (prompt lookup: proposals
+    copied from earlier text, no second model), or null (off)."""
+
+    kind: str | None = None
+    model: str | None = None
+    n: int = 16  # max tokens drafted per step (--draft-n / --draft-max)
+    n_min: int = 0  # fewer drafted tokens than this: plain decode (--draft-min)
+    p_min: float = 0.75  # stop drafting when the draft's top probability falls below (--draft-min-p)
+    ngram: int = 3  # n-gram size matched for prompt lookup
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process runs through ``jax.distributed`` (one process per host)."""
+
+    coordinator: str | None = None  # HOST:PORT of process 0
+    num_processes: int = 1
+    process_id: int = 0
+
+
+@dataclass
 class SamplingConfig:
     temperature: float = 0.8
     top_k: int = 40
@@ -92,6 +116,8 @@ class Config:
     quant: dict[str, Any] | None = None  # quantize-on-load mix (see jllama.quant.mixes)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
@@ -235,6 +261,23 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         raise ConfigError(f"{src}: set either 'generation.prompt' or 'generation.messages', not both")
     if cfg.runtime.ctx_size < 16:
         raise ConfigError(f"{src}: 'runtime.ctx_size' must be at least 16, got {cfg.runtime.ctx_size}")
+    d = cfg.draft
+    if d.kind not in (None, "model", "ngram"):
+        raise ConfigError(f"{src}: 'draft.kind' must be model, ngram or null, got {d.kind!r}")
+    if d.kind is None and d.model:
+        d.kind = "model"
+    if d.kind == "model" and not d.model:
+        raise ConfigError(f"{src}: 'draft.kind' is model but 'draft.model' is not set")
+    if d.n < 1 or d.n_min < 0 or not 0.0 <= d.p_min <= 1.0 or d.ngram < 1:
+        raise ConfigError(f"{src}: draft settings out of range (n >= 1, n_min >= 0, "
+                          f"0 <= p_min <= 1, ngram >= 1): {d}")
+    di = cfg.distributed
+    if di.num_processes < 1 or not 0 <= di.process_id < di.num_processes:
+        raise ConfigError(f"{src}: 'distributed.process_id' must be in [0, num_processes), "
+                          f"got {di.process_id} of {di.num_processes}")
+    if di.num_processes > 1 and not di.coordinator:
+        raise ConfigError(f"{src}: 'distributed.coordinator' (HOST:PORT) is needed for "
+                          f"num_processes={di.num_processes}")
     # relative model paths are relative to the config file
     if path is not None and not os.path.isabs(cfg.model) and cfg.model.endswith(".gguf"):
         cand = Path(path).parent / cfg.model

@@ -33,6 +33,27 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     p.add_argument("--platform", default=None, help="cpu | gpu | tpu | auto")
+    add_draft_args(p)
+    add_distributed_args(p)
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--model-draft", "-md", default=None, help="draft model (same vocabulary)")
+    g.add_argument("--draft-ngram", action="store_true",
+                   help="draft by prompt lookup (n-gram match), no second model")
+    g.add_argument("--draft-n", "--draft-max", dest="draft_n", type=int, default=None,
+                   help="max tokens drafted per step (default 16)")
+    g.add_argument("--draft-min", type=int, default=None)
+    g.add_argument("--draft-min-p", "--draft-p-min", dest="draft_min_p", type=float, default=None)
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("many devices")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (jax.distributed)")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--mesh", default=None, help="DATAxMODEL, e.g. 1x4 (mesh.data x mesh.model)")
 
 
 def overrides_from_args(args) -> list[str]:
@@ -45,17 +66,35 @@ def overrides_from_args(args) -> list[str]:
         "frequency_penalty": "generation.sampling.frequency_penalty",
         "presence_penalty": "generation.sampling.presence_penalty",
         "seed": "generation.sampling.seed", "ctx_size": "runtime.ctx_size",
-        "platform": "runtime.platform",
+        "platform": "runtime.platform", "model_draft": "draft.model", "draft_n": "draft.n",
+        "draft_min": "draft.n_min", "draft_min_p": "draft.p_min",
+        "coordinator": "distributed.coordinator", "num_processes": "distributed.num_processes",
+        "process_id": "distributed.process_id",
     }
     for attr, key in pairs.items():
         v = getattr(args, attr, None)
         if v is not None:
             ov.append(f"{key}={v}")
+    if getattr(args, "draft_ngram", False):
+        ov.append("draft.kind=ngram")
+    mesh = getattr(args, "mesh", None)
+    if mesh:
+        try:
+            d, m = (int(x) for x in mesh.lower().split("x"))
+        except ValueError:
+            from jllama.errors import ConfigError
+
+            raise ConfigError(f"--mesh {mesh!r}: expected DATAxMODEL, e.g. 1x4") from None
+        ov += [f"mesh.data={d}", f"mesh.model={m}"]
     return ov
 
 
 def load_llama(cfg: Config, verbose: bool = True):
     setup_platform(cfg.runtime.platform, cfg.runtime.threads)
+    if cfg.distributed.num_processes > 1:
+        from jllama.parallel.distributed import initialize
+
+        initialize(cfg.distributed)
     from jllama.api import Llama
 
     if verbose:
@@ -63,7 +102,9 @@ def load_llama(cfg: Config, verbose: bool = True):
     llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=1,
                 cache_type=cfg.runtime.cache_type_k, cache_type_v=cfg.runtime.cache_type_v,
                 quant=cfg.quant,
-                compile_cache=cfg.runtime.compile_cache)
+                compile_cache=cfg.runtime.compile_cache,
+                mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
+                draft=cfg.draft if cfg.draft.kind else None)
     if verbose:
         import jax
 

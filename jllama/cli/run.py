@@ -9,14 +9,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a YAML config (model, runtime, generation)")
     p.add_argument("config", help="path to a YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. generation.max_tokens=32")
+    from jllama.cli.common import add_distributed_args, add_draft_args
+
+    add_draft_args(p)
+    add_distributed_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from jllama.cli.common import load_llama, print_timings, stream_to_stdout
+    from jllama.cli.common import load_llama, overrides_from_args, print_timings, stream_to_stdout
     from jllama.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *overrides_from_args(args)])
     g = cfg.generation
     llm = load_llama(cfg)
     if g.messages:
