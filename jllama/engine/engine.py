@@ -117,6 +117,16 @@ class Engine:
             tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
             return tgt - lse, jnp.argmax(logits, axis=-1), cache
 
+        def forward_reduce(state, tokens, pos0, cache, args, kv_len, lo, n, fn):
+            # a caller's reduction (KL-divergence) of the logits at positions lo..lo+n-1, run
+            # in-graph: whole [B, n, V] distributions then never travel to the host as f32
+            model = nnx.merge(gd, state)
+            logits, cache = model(tokens, pos0, cache, kv_len, None)
+            sel = jax.lax.slice_in_dim(logits, lo, lo + n, axis=1).astype(jnp.float32)
+            return fn(sel, *args), cache
+
+        self._forward_reduce = jax.jit(forward_reduce, static_argnames=("kv_len", "lo", "n", "fn"),
+                                       donate_argnames="cache")
         self._forward_all = jax.jit(forward_all, static_argnames="kv_len", donate_argnames="cache")
         self._forward_logprobs = jax.jit(forward_logprobs, static_argnames="kv_len",
                                          donate_argnames="cache")
@@ -264,6 +274,40 @@ class Engine:
             lps.append(np.asarray(lp[:, :m]))
             tops.append(np.asarray(top[:, :m]))
         return np.concatenate(lps, 1)[:, :-1], np.concatenate(tops, 1)[:, :-1]
+
+    def reduce_scored(self, tokens: np.ndarray, first: int, fn, *args: np.ndarray):
+        """Run sequences [B, T] from empty caches and return ``fn(logits, *args)`` evaluated
+        in-graph on the f32 logits [B, n, V] at positions ``first .. T-2`` (n = T-1-first: the
+        positions predicting tokens first+1 .. T-1, llama-perplexity's scored half).
+
+        ``args`` are arrays [B, n, ...] aligned with those positions (sliced per compiled piece);
+        ``fn`` (a module-level function: it keys the compile cache) returns a pytree of arrays
+        [B, m, ...], which come back to the host concatenated along axis 1."""
+        tokens = np.asarray(tokens, np.int32)
+        b, t = tokens.shape
+        if t > self.ctx_size:
+            raise ContextError(f"{t} tokens exceed the context size {self.ctx_size}")
+        if not 0 <= first < t - 1:
+            raise ContextError(f"no positions to score: first={first}, {t} tokens")
+        cache = self._new_cache(b)
+        outs = []
+        step = PREFILL_BUCKETS[-1]
+        for i in range(0, t - 1, step):
+            m = min(step, t - i)
+            tb = _bucket(m)
+            buf = np.zeros((b, tb), np.int32)
+            buf[:, :m] = tokens[:, i : i + m]
+            pos0, kv_len = jnp.full(b, i, jnp.int32), self.kv_bucket(i + tb)
+            lo, hi = max(first, i), min(t - 1, i + m)
+            if hi <= lo:  # nothing scored in this piece: it only fills the cache
+                _, cache = self._forward_all(self.state, jnp.asarray(buf), pos0, cache,
+                                             kv_len=kv_len)
+                continue
+            piece = tuple(jnp.asarray(a[:, lo - first : hi - first]) for a in args)
+            out, cache = self._forward_reduce(self.state, jnp.asarray(buf), pos0, cache, piece,
+                                              kv_len=kv_len, lo=lo - i, n=hi - lo, fn=fn)
+            outs.append(jax.tree.map(np.asarray, out))
+        return jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *outs)
 
     def step(self, tokens: np.ndarray, active: np.ndarray, sp: BatchSampling, keys: jax.Array,
              steps: np.ndarray, bias: jax.Array | None = None) -> tuple[np.ndarray, jax.Array]:

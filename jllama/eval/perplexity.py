@@ -109,9 +109,11 @@ def perplexity(engine, tokens: list[int], n_ctx: int = 512, n_chunks: int | None
 
 
 def run_cli(llm, text_path: str, n_ctx: int, n_chunks: int | None, batch: int,
-            out=sys.stdout) -> PerplexityResult:
+            out=sys.stdout, scorer: Callable[..., PerplexityResult] | None = None
+            ) -> PerplexityResult:
     """Tokenize, score, and print like llama-perplexity (running ``[i]ppl`` values and the
-    final estimate), with a progress bar on stderr."""
+    final estimate), with a progress bar on stderr. ``scorer(llm, tokens, n_ctx, n_chunks,
+    batch, on_chunk, source)`` replaces the plain scoring (the KL-divergence base run)."""
     from tqdm import tqdm
 
     text = read_text(text_path)
@@ -129,8 +131,11 @@ def run_cli(llm, text_path: str, n_ctx: int, n_chunks: int | None, batch: int,
         line.append(f"[{i}]{ppl:.4f},")
         print(line[-1], end="", file=out, flush=True)
 
-    res = perplexity(llm.engine, tokens, n_ctx, n_chunks, batch, tk.bos_id, tk.add_bos,
-                     on_chunk, source=text_path)
+    if scorer is not None:
+        res = scorer(llm, tokens, n_ctx, n_chunks, batch, on_chunk, text_path)
+    else:
+        res = perplexity(llm.engine, tokens, n_ctx, n_chunks, batch, tk.bos_id, tk.add_bos,
+                         on_chunk, source=text_path)
     bar.close()
     print(file=out)
     print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.ppl_err:.5f}", file=out)
