@@ -16,7 +16,7 @@ import pytest
 
 from jllama.gguf.constants import QType, qtype_info
 from jllama.quant import qtensor
-from jllama.quant.kernels import cpu_ffi, cpu_repack, select_kernel, xla_cpu
+from jllama.quant.kernels import PALLAS_MAX_ROWS, cpu_ffi, cpu_repack, select_kernel, xla_cpu
 from jllama.quant.qtensor import QTensor, prepare, qmatmul, repack_i8
 
 # Byte offsets of each type's f16 fields inside one block.
@@ -206,6 +206,11 @@ def test_gpu_backends_route_to_pallas(monkeypatch):
     assert calls == ["pallas", "gguf"]
     want, scale = oracle(np.ones((2, 64), np.float32), raw, QType.Q8_0)
     assert_close(kernel(x, repack_i8(q)), want, scale)  # a CPU layout: reference path
+    assert calls == ["pallas", "gguf"]
+    # a prefill-sized batch dequantizes and uses the vendor GEMM (measured faster on a GPU)
+    xs = np.ones((PALLAS_MAX_ROWS + 1, 64), np.float32)
+    want, scale = oracle(xs, raw, QType.Q8_0)
+    assert_close(kernel(jnp.asarray(xs), prepare(q, "gpu")), want, scale)
     assert calls == ["pallas", "gguf"]
 
 

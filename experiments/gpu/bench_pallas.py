@@ -102,7 +102,9 @@ def bench_qmatmul(args: argparse.Namespace) -> None:
                 if args.check:
                     err = float(jnp.max(jnp.abs(f_pal(x, pal_qt) - f_xla(x, gguf_qt))))
                     scale = float(jnp.max(jnp.abs(f_xla(x, gguf_qt)))) + 1e-30
-                    assert err <= 1e-4 * scale, (tname, label, m, err, scale)
+                    # XLA:GPU's f32 dot defaults to TF32 inputs (10-bit mantissa): ~1e-3 relative
+                    tol = 1e-4 if jax.default_backend() == "cpu" else 2e-3
+                    assert err <= tol * scale, (tname, label, m, err, scale)
                 flops = 2.0 * m * n_out * n_in / 1e9
                 print(f"{tname:5} {label:18} {n_out:>6} x {n_in:<5} {m:>4} | {tp * 1e3:9.3f} "
                       f"{gbytes / tp:7.1f} {flops / tp:8.1f} | {tx * 1e3:8.3f} {gbytes / tx:7.1f} "

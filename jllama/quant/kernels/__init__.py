@@ -17,6 +17,9 @@ import jax.numpy as jnp
 
 Kernel = Callable[[jax.Array, "object"], jax.Array]
 
+# Activation rows above which a GPU matmul dequantizes and calls the vendor GEMM instead of Pallas.
+PALLAS_MAX_ROWS = 16
+
 
 def reference_qmatmul(x: jax.Array, qt) -> jax.Array:
     from jllama.quant.qtensor import dequantize
@@ -45,6 +48,14 @@ def _pallas_kernel(qtype: int) -> Kernel | None:
     def kernel(x: jax.Array, qt) -> jax.Array:
         # Pallas reads its planes or raw GGUF blocks; anything else takes the reference path.
         if qt.layout not in ("gguf", "pallas") or len(qt.shape) != 2:
+            return reference_qmatmul(x, qt)
+        rows = 1
+        for n in x.shape[:-1]:
+            rows *= n
+        if rows > PALLAS_MAX_ROWS and jax.default_backend() != "tpu":
+            # measured on an H200 (experiments/results/gpu.md): for a prefill GEMM, dequantizing
+            # the weight once and letting cuBLAS multiply is 15x faster than our Triton kernel;
+            # for decode (a few rows) the kernel that reads only the packed blocks wins
             return reference_qmatmul(x, qt)
         return pq.pallas_qmatmul(x, qt)
 
