@@ -129,6 +129,29 @@ class _Cursor:
             # llama.cpp keeps invalid UTF-8 (some vocab pieces are raw bytes); so do we.
             return raw.decode("utf-8", errors="surrogateescape")
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """A string array without per-element bookkeeping: vocabularies hold 50k-260k entries
+        and the generic path cost half a second of every start-up. Bounds are still checked."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        unpack, append = struct.Struct("<Q").unpack_from, out.append
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of {what}[{i}]")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > size:
+                self.pos = pos
+                self.need(n, f"{what}[{i}]")
+            raw = bytes(buf[pos : pos + n])
+            pos += n
+            try:
+                append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                append(raw.decode("utf-8", errors="surrogateescape"))
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, what: str) -> tuple[Any, ValueType, ValueType | None]:
         try:
             vt = ValueType(vtype)
@@ -146,7 +169,7 @@ class _Cursor:
             if et == ValueType.STRING:
                 # each string takes at least its 8-byte length
                 self.need(count * 8, f"{count} strings of {what}")
-                return [self.string(f"{what}[{i}]") for i in range(count)], vt, et
+                return self.strings(count, what), vt, et
             if et == ValueType.ARRAY:
                 # nested arrays are legal in the spec but used by nobody; read them generically
                 out = []
