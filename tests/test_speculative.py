@@ -280,3 +280,62 @@ def test_stop_ids_and_context_full(tiny_pair, kind):
         assert eng.tokens[0] == held
         fulls.append(full)
     assert fulls == [True, False, False] and len(out) == 7
+
+
+# ------------------------------------------------------------------------------ front ends
+def test_cli_generate_draft_ngram_same_text(exact_llms, smollm2_path, capsys, monkeypatch):
+    """``jllama generate --draft-ngram --temp 0`` prints what plain greedy generation prints, and
+    really goes through the speculative generator."""
+    from jllama.cli.main import main
+    from jllama.engine import speculative
+
+    calls = []
+    real = speculative.Speculative.generate
+
+    def spy(self, *a, **k):
+        calls.append(self.proposer.kind)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(speculative.Speculative, "generate", spy)
+    base = ["generate", "-m", str(smollm2_path), "-p", PROMPTS[2], "--temp", "0", "-n", "16",
+            "-c", str(CTX)]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert calls == []
+    assert main(base + ["--draft-ngram", "--draft-n", "8"]) == 0
+    assert capsys.readouterr().out == plain
+    assert calls == ["ngram"]
+
+
+def test_single_slot_server_with_ngram_draft(exact_llms, smollm2_path):
+    httpx = pytest.importorskip("httpx")
+    from jllama.api import Llama
+    from jllama.server.app import ServerSettings, ServerState, ServerThread
+
+    llm = Llama(smollm2_path, ctx_size=CTX, n_slots=1, draft={"kind": "ngram", "n": 8})
+    ids = llm.tokenize(PROMPTS[2])
+    eog = llm.tokenizer.eog_ids
+    ref = llm.detokenize(list(llm.engine.generate(ids, SamplingParams.greedy(), 16, eog)))
+    llm.engine.reset()
+    state = ServerState(llm, ServerSettings("smollm2", max_queue=4, timeout=120))
+    assert state.scheduler.speculative is llm.speculative
+    with ServerThread(state, warmup=False) as s:
+        r = httpx.post(s.url + "/v1/completions", timeout=120,
+                       json={"prompt": ids, "max_tokens": 16, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == ref
+    ex = llm.engine.timings.extra
+    assert ex["draft_kind"] == "ngram" and ex["draft_accepted"] > 0
+
+
+def test_multi_slot_server_turns_speculative_off(tiny_pair, caplog):
+    from types import SimpleNamespace
+
+    from jllama.server.scheduler import Scheduler
+
+    target = tiny_pair[0]
+    llm = SimpleNamespace(engine=SimpleNamespace(n_slots=2), tokenizer=target.tokenizer,
+                          spec=target.spec, speculative=object())
+    with caplog.at_level("WARNING", logger="jllama.server"):
+        sch = Scheduler(llm)
+    assert sch.speculative is None and "single-slot" in caplog.text

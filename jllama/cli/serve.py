@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", default=None, help="model id reported by /v1/models")
     p.add_argument("--platform", default=None, help="cpu | gpu | tpu | auto")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
+    from jllama.cli.common import add_draft_args
+
+    add_draft_args(p)  # speculative decoding: single-slot servers (--parallel 1)
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
 
@@ -40,7 +43,9 @@ def _overrides(args) -> list[str]:
         v = getattr(args, attr)
         if v is not None:
             ov.append(f"{key}={v}")
-    return ov
+    from jllama.cli.common import overrides_from_args
+
+    return ov + [o for o in overrides_from_args(args) if o.startswith("draft.")]
 
 
 def run(args) -> int:
@@ -70,7 +75,8 @@ def run(args) -> int:
           "tokens) ...", file=sys.stderr)
     llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=s.parallel,
                 cache_type=cfg.runtime.cache_type_k, quant=cfg.quant,
-                compile_cache=cfg.runtime.compile_cache)
+                compile_cache=cfg.runtime.compile_cache,
+                draft=cfg.draft if cfg.draft.kind else None)
     alias = s.model_alias or llm.path.stem
     state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,
                                             max_queue=s.max_queue, timeout=s.timeout))

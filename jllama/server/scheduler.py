@@ -14,6 +14,7 @@ request gives the same tokens whoever shares the batch.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -26,6 +27,8 @@ import numpy as np
 
 from jllama.engine.sampling import BatchSampling, SamplingParams, sample
 from jllama.server.metrics import Metrics
+
+log = logging.getLogger("jllama.server")
 
 # prompt tokens evaluated per loop iteration: running streams wait at most one chunk for a new
 # prompt, and a fixed chunk keeps prefill to the engine's small shape buckets (fewer compiles)
@@ -75,6 +78,7 @@ class _Active:
         self.req = req
         self.decoder = decoder
         self.todo = todo  # prompt tokens still to prefill
+        self.gen = None  # speculative generator (single-slot servers), run instead of the steps
         self.last = -1  # last sampled token, fed at the next step
         self.pending = ""  # decoded text held back (possible stop-string start)
         self.hold = max((len(s) for s in req.stop), default=0)
@@ -111,6 +115,11 @@ class Scheduler:
         self._token_bytes: list[bytes] | None = None
         self.steps_run = 0
         self.error: BaseException | None = None
+        # speculative decoding drives one sequence at a time: single-slot servers only
+        self.speculative = getattr(llm, "speculative", None)
+        if self.speculative is not None and self.n_slots > 1:
+            log.warning("speculative decoding is off: it needs a single-slot server (parallel: 1)")
+            self.speculative = None
 
     # ------------------------------------------------------------------ public (any thread)
     def start(self) -> None:
@@ -178,8 +187,39 @@ class Scheduler:
     def _iteration(self) -> None:
         self._drop_cancelled()
         self._admit()
+        if self._speculate():
+            return
         self._prefill()
         self._decode()
+
+    def _speculate(self) -> bool:
+        """Next token of a speculative request (it holds the only slot); False if there is none.
+        Grammar-constrained requests take the usual path (they mask each step's logits)."""
+        a = self.slots[0] if self.speculative is not None else None
+        if a is None or a.req.constraint is not None:
+            return False
+        eng = self.engine
+        if a.gen is None:
+            req = a.req
+            a.todo = []  # the generator prefills, reusing the prefix _admit kept
+            a.gen = self.speculative.generate(req.prompt_ids, req.params,
+                                              req.max_tokens or eng.ctx_size, self.eog)
+        t0 = time.perf_counter()
+        try:
+            tok = next(a.gen, None)
+        except Exception as e:  # e.g. ContextError
+            self._fail(0, 400, str(e))
+            return True
+        tm = eng.timings
+        if a.req.completion_tokens == 0:  # the first token: the prompt was evaluated
+            self.metrics.prompt_tokens += tm.prompt_tokens - tm.extra.get("cached_tokens", 0)
+            self.metrics.prompt_seconds += tm.prompt_s
+        if tok is None:
+            self._finish(0, "length" if tm.extra.get("context_full") else "stop")
+        else:
+            self._accept(0, tok)
+            self.metrics.observe_step(1, time.perf_counter() - t0)
+        return True
 
     def _drop_cancelled(self) -> None:
         with self.cv:
@@ -334,6 +374,9 @@ class Scheduler:
         self._free(b)
 
     def _free(self, b: int) -> None:
+        a = self.slots[b]
+        if a is not None and a.gen is not None:
+            a.gen.close()  # leaves the slot's cache as plain decoding would
         self.slots[b] = None
         self._set_row(b, None)
         self.metrics.active = self.busy_slots()
