@@ -58,9 +58,10 @@ class Llama:
                  cache_type: str = "f16", quant: dict | None = None, compile_cache: bool = True,
                  verbose: bool = False, cache_type_v: str | None = None,
                  mesh: object | None = None, draft: object | None = None):
-        """``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and cache over
-        (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative decoding
-        (jllama.engine.speculative)."""
+        """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
+        directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
+        cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
+        decoding (jllama.engine.speculative)."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, load_weights
@@ -69,17 +70,29 @@ class Llama:
 
         if compile_cache:
             enable_compile_cache()
-        t0 = time.perf_counter()
-        self.path = resolve_model(model)
-        self.gguf = read_gguf(self.path)
-        self.tokenizer = Tokenizer.from_gguf(self.gguf)
-        transform = None
-        if quant:
-            from jllama.quant.mixes import quantize_on_load
+        from jllama import checkpoint
 
-            transform = quantize_on_load(self.gguf, quant)
-        weights = load_weights(self.gguf, transform)
-        self.spec, self.model = build_model(self.gguf, weights)
+        t0 = time.perf_counter()
+        self.quant = quant
+        if Path(model).is_dir():  # an Orbax checkpoint (``jllama convert``)
+            if quant:
+                raise checkpoint.CheckpointError(
+                    f"{model}: a checkpoint is already quantized; pass quant to "
+                    "`jllama convert --quant` instead")
+            ck = checkpoint.restore(model, mesh)
+            self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
+            self.quant = ck.meta.get("quant")
+        else:
+            self.path = resolve_model(model)
+            self.gguf = read_gguf(self.path)
+            transform = None
+            if quant:
+                from jllama.quant.mixes import quantize_on_load
+
+                transform = quantize_on_load(self.gguf, quant)
+            weights = load_weights(self.gguf, transform)
+            self.spec, self.model = build_model(self.gguf, weights)
+        self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
                              cache_type=cache_type, cache_type_v=cache_type_v)
         if mesh is not None:

@@ -50,7 +50,10 @@ def make_mesh(cfg: MeshLike, devices: list | None = None) -> Mesh:
 
 def place(x: Any, sharding: NamedSharding) -> jax.Array:
     """``device_put`` that also works when the mesh spans several processes: every process
-    holds the same full value and contributes the shards on its own devices."""
+    holds the same full value and contributes the shards on its own devices. Arrays already
+    placed so (restored from a checkpoint straight into their shards) are kept as they are."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
     if sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)
