@@ -89,12 +89,18 @@ def overrides_from_args(args) -> list[str]:
     return ov
 
 
+def is_main_process(cfg: Config) -> bool:
+    """Only process 0 of a multi-process run prints; the others run the same steps quietly."""
+    return cfg.distributed.num_processes <= 1 or cfg.distributed.process_id == 0
+
+
 def load_llama(cfg: Config, verbose: bool = True):
     setup_platform(cfg.runtime.platform, cfg.runtime.threads)
     if cfg.distributed.num_processes > 1:
         from jllama.parallel.distributed import initialize
 
         initialize(cfg.distributed)
+    verbose = verbose and is_main_process(cfg)
     from jllama.api import Llama
 
     if verbose:
@@ -119,20 +125,30 @@ def stream_to_stdout(llm, prompt, cfg: Config, stop: list[str] | None = None) ->
 
     g = cfg.generation
     params = sampling_params(g.sampling)
+    if cfg.distributed.num_processes > 1 and params.seed is None:
+        import dataclasses
+
+        from jllama.parallel.distributed import shared_seed
+
+        params = dataclasses.replace(params, seed=shared_seed())  # same draws on every process
+    show = is_main_process(cfg)
     out = []
     for piece in llm.stream(prompt, g.max_tokens, params, stop=(stop or []) + g.sampling.stop):
         out.append(piece)
-        if g.stream:
+        if g.stream and show:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    if not g.stream:
-        sys.stdout.write("".join(out))
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if show:
+        if not g.stream:
+            sys.stdout.write("".join(out))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return "".join(out)
 
 
-def print_timings(llm) -> None:
+def print_timings(llm, cfg: Config | None = None) -> None:
+    if cfg is not None and not is_main_process(cfg):
+        return
     t = llm.engine.timings
     print(
         f"\njllama: prompt {t.prompt_tokens} tokens in {t.prompt_s * 1e3:.0f} ms "

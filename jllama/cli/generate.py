@@ -27,5 +27,5 @@ def run(args) -> int:
         text = llm.apply_chat_template([{"role": "user", "content": prompt}])
         prompt = llm.tokenizer.encode(text, add_special=True, parse_special=True)
     stream_to_stdout(llm, prompt, cfg, stop=args.stop)
-    print_timings(llm)
+    print_timings(llm, cfg)
     return 0

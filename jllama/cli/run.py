@@ -29,5 +29,5 @@ def run(args) -> int:
         stream_to_stdout(llm, ids, cfg)
     else:
         stream_to_stdout(llm, g.prompt or "", cfg)
-    print_timings(llm)
+    print_timings(llm, cfg)
     return 0
