@@ -219,3 +219,65 @@ def test_reduce_scored_spans_compiled_pieces(tmp_path):
     assert lg.shape == (1, 1030 - 1 - first, 320) and (tg == toks[:, first + 1 :]).all()
     ref = tiny.engine.logits(toks[0])[first:-1]
     np.testing.assert_allclose(lg[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def _llamacpp(path, n_ctx: int):
+    """llama-cpp-python with ggml's extra buffer types off: its AMX matmul faults on this VM's
+    Intel hosts (ldtilecfg), the stock kernels compute the same thing."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as lc
+
+    orig = lc.llama_model_default_params
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
+                               logits_all=True, verbose=False)
+    finally:
+        lc.llama_model_default_params = orig
+
+
+@pytest.mark.oracle
+def test_llamacpp_logits_against_our_base_file(tmp_path):
+    """The oracle's distributions, compared in float64 numpy with the base file jllama wrote
+    (dequantized as the format says): KLD ~0 for the same F32 model; and llama.cpp's own Q4_0
+    quantization scores the same mean KLD as jllama's Q4_0 quantize-on-load."""
+    from jllama.api import Llama
+    from jllama.eval.kld import read_header
+    from jllama.quant.testing import llama_cpp_quantize, tiny_llama
+
+    n_ctx = 64
+    src, q40 = tmp_path / "tiny.gguf", tmp_path / "tiny-q4_0.gguf"
+    tiny_llama(src, n_embd=256, n_layer=2, n_head=2, n_head_kv=1, n_ff=256)
+    llama_cpp_quantize(src, q40, "q4_0")
+    base = Llama(src, ctx_size=n_ctx)
+    toks = base.tokenize("the quick brown fox jumps over the lazy dog. " * 40)
+    save_base(base, toks, tmp_path / "b.kld", n_ctx, 2)
+    hdr, off = read_header(tmp_path / "b.kld")
+    windows = np.fromfile(tmp_path / "b.kld", "<i4", 2 * n_ctx, offset=off).reshape(2, n_ctx)
+    rows = np.fromfile(tmp_path / "b.kld", "<u2", offset=off + 8 * n_ctx)
+    rows = rows.reshape(2, hdr.n_scored, hdr.row_u16)
+    sm = np.ascontiguousarray(rows[..., :4]).view("<f4").astype(np.float64)
+    lpb = sm[..., 0:1] * rows[..., 4 : 4 + hdr.n_vocab] + sm[..., 1:2]
+
+    def oracle_kld(path) -> np.ndarray:
+        ref = _llamacpp(path, n_ctx)
+        out = []
+        for w, lb in zip(windows, lpb):
+            ref.reset()
+            ref.eval(w.tolist())
+            lq = _log_softmax64(np.asarray(ref.scores[n_ctx // 2 : n_ctx - 1]))
+            out.append(np.where(lb > -16, np.exp(lb) * (lb - lq), 0.0).sum(-1))
+        return np.concatenate(out)
+
+    same = oracle_kld(src)
+    assert np.abs(same).max() < 5e-4 and abs(same.mean()) < 5e-5
+    theirs = oracle_kld(q40).mean()
+    ours = kl_divergence(Llama(src, ctx_size=n_ctx, quant={"base": "q4_0"}), toks,
+                         tmp_path / "b.kld", n_ctx).kld.mean()
+    assert theirs > 1e-3 and ours == pytest.approx(theirs, rel=0.05)
