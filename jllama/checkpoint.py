@@ -24,6 +24,7 @@ multi-process run each process reads only the shards its devices hold.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -161,9 +162,9 @@ def save(obj: Any, directory: str | os.PathLike[str], gguf: Any = None,
     if jax.process_index() == 0:
         d.mkdir(parents=True, exist_ok=True)
         (d / MARKER).unlink(missing_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(d / STATE_DIR, arrays, force=True)
-        ckptr.wait_until_finished()
+    # uncompressed: ggml blocks hardly compress, and zstd would cost every load its CPU time
+    with ocp.PyTreeCheckpointer(use_compression=False) as ckptr:
+        ckptr.save(d / STATE_DIR, args=ocp.args.PyTreeSave(arrays), force=True)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -280,8 +281,10 @@ def _dtype(name: str) -> Any:
 
 
 def _check_stored(d: Path, md: Any, target: dict[str, Any]) -> None:
-    """Every array Orbax holds has the shape and dtype the metadata promises (checked up front:
-    a mismatch found mid-restore leaves Orbax's reads dangling)."""
+    """After a failed restore: name the array whose stored shape / dtype differs from what the
+    metadata promises (Orbax's own message is a page of TensorStore spec)."""
+    if md is None:
+        return
     stored = getattr(md, "item_metadata", md)
     try:
         keys = set(stored.keys())
@@ -311,10 +314,12 @@ def restore(directory: str | os.PathLike[str], mesh: Any = None, devices: list |
     import warnings
 
     import jax
+    import jax.tree_util as jtu
     import orbax.checkpoint as ocp
     from flax import nnx
     from jax.sharding import NamedSharding, SingleDeviceSharding
 
+    from jllama.parallel.rules import path_names
     from jllama.quant.qtensor import QTensor
 
     d = Path(directory).expanduser().absolute()
@@ -330,11 +335,7 @@ def restore(directory: str | os.PathLike[str], mesh: Any = None, devices: list |
     if meta.get("backend") != jax.default_backend():
         warnings.warn(f"{d}: weights were laid out for {meta.get('backend')}, running on "
                       f"{jax.default_backend()}; re-convert for the fastest kernels", stacklevel=2)
-    import jax.tree_util as jtu
-
     items, treedef = jtu.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, QTensor))
-    from jllama.parallel.rules import path_names
-
     paths = [".".join(path_names(p)) for p, _ in items]
     stored = meta["params"]
     missing = [p for p in paths if p not in stored]
@@ -373,9 +374,12 @@ def restore(directory: str | os.PathLike[str], mesh: Any = None, devices: list |
             target[k] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            _check_stored(d, ckptr.metadata(d / STATE_DIR), target)
             arrays = ckptr.restore(d / STATE_DIR, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
+        md = None
+        with contextlib.suppress(Exception), ocp.StandardCheckpointer() as ckptr:
+            md = ckptr.metadata(d / STATE_DIR)
+        _check_stored(d, md, target)  # raises naming the array, if it can
         raise CheckpointError(f"{d}: checkpoint arrays do not match its metadata: "
                               f"{str(e).splitlines()[0][:300]}") from None
     out = []

@@ -34,7 +34,7 @@ def run(args) -> int:
     from jllama.checkpoint import save
 
     t0 = time.perf_counter()
-    quant = {"ftype": args.quant} if args.quant else None
+    quant = {"base": args.quant} if args.quant else None
     llm = Llama(args.model, ctx_size=256, n_slots=1, quant=quant, compile_cache=False)
     t1 = time.perf_counter()
     out = save(llm, args.to_orbax, overwrite=args.overwrite)
