@@ -8,6 +8,7 @@ tiny random llama with F16 weights (8 heads / 4 KV heads): float weights keep ac
 unquantized, so a partitioned matmul's different summation order cannot flip a ggml rounding
 step, and its well-spread logits keep greedy choices far from ties.
 
+The same run is repeated from an Orbax checkpoint (each process restoring only its shards).
 Every subprocess has a timeout, so a hang fails the test instead of stalling the suite.
 """
 
@@ -64,16 +65,20 @@ def _text(stdout: str) -> str:
     return "\n".join(ln for ln in stdout.splitlines() if not ln.startswith("[Gloo]"))
 
 
-def test_two_processes_match_single_process(tiny_f16):
+@pytest.fixture(scope="module")
+def reference_text(tiny_f16) -> str:
     ref = subprocess.run(_generate_cmd(tiny_f16), capture_output=True, text=True, timeout=120,
                          env=_env(1))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    ref_text = _text(ref.stdout)
-    assert ref_text.strip(), "single-process run generated nothing"
+    assert _text(ref.stdout).strip(), "single-process run generated nothing"
+    return _text(ref.stdout)
 
+
+def _two_processes(model: Path) -> list[tuple[str, str]]:
+    """(stdout, stderr) of processes 0 and 1 generating over one 1x4 mesh."""
     addr = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen(
-        _generate_cmd(tiny_f16, "--coordinator", addr, "--num-processes", "2",
+        _generate_cmd(model, "--coordinator", addr, "--num-processes", "2",
                       "--process-id", str(i), "--mesh", "1x4"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(2, 60))
         for i in range(2)]
@@ -88,9 +93,26 @@ def test_two_processes_match_single_process(tiny_f16):
                 p.communicate()
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert _text(outs[0][0]) == ref_text
+    return outs
+
+
+def test_two_processes_match_single_process(tiny_f16, reference_text):
+    outs = _two_processes(tiny_f16)
+    assert _text(outs[0][0]) == reference_text
     assert _text(outs[1][0]).strip() == ""  # only process 0 prints the completion
     assert "generation" in outs[0][1] and "generation" not in outs[1][1]  # ... and timings
+
+
+def test_two_processes_from_checkpoint(tiny_f16, reference_text, tmp_path):
+    """The same run started from an Orbax checkpoint: each process restores only its shards
+    of the 1x4 mesh (jllama.checkpoint), and the text is still the single-process one."""
+    from jllama.cli.main import main
+
+    ck = tmp_path / "tiny-orbax"
+    assert main(["convert", str(tiny_f16), "--to-orbax", str(ck)]) == 0
+    outs = _two_processes(ck)
+    assert _text(outs[0][0]) == reference_text
+    assert _text(outs[1][0]).strip() == ""
 
 
 def test_missing_peer_fails_clearly(tiny_f16):
