@@ -16,6 +16,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from llamacpp_oracle import llama_cpp_module
 from tinymodels import dense_hparams, dense_tensors, write_gguf
 
 pytestmark = pytest.mark.oracle
@@ -28,8 +29,7 @@ PROMPTS = [
 
 
 def _oracle(path, n_ctx: int):
-    llama_cpp = pytest.importorskip("llama_cpp",
-                                    reason="install the oracle: pip install -e .[oracle]")
+    llama_cpp = llama_cpp_module()
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
                            n_threads=2, seed=0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from llamacpp_oracle import llama_cpp_module
 
 pytestmark = pytest.mark.oracle
 
@@ -20,7 +21,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def oracle(smollm2_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="install the oracle: pip install -e .[oracle]")
+    llama_cpp = llama_cpp_module()
     return llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, logits_all=True,
                            verbose=False, n_threads=2, seed=0)
 
@@ -50,7 +51,7 @@ def test_last_logits_match(oracle, llm, prompt):
     print(f"\n{prompt[:30]!r}: max|Δlogit| = {diff:.4f}, top-10 overlap {overlap}/10")
     assert int(np.argmax(ours)) == int(np.argmax(ref))
     assert overlap >= 8
-    assert diff < 2.0  # llama.cpp's own Q8 activation rounding moves logits by O(1)
+    assert diff < 1.5  # measured 0.62-0.74: Q8 rounding flips amplify f32 ulps (see numerics.md)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

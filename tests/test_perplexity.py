@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from llamacpp_oracle import llama_cpp_module
 
 from jllama.errors import JllamaError
 from jllama.eval.perplexity import chunk_tokens, perplexity, read_text
@@ -24,16 +25,20 @@ def wiki_tokens(shared_data, llm):
 
 @pytest.mark.oracle
 def test_first_two_chunks_track_llamacpp(llm, wiki_tokens, smollm2_path):
-    """llama.cpp's running values for this file are [1]13.0665 [2]21.4582 (reference table);
-    we recompute them with the oracle on the same windows to check the method, then compare.
+    """llama.cpp's running values for this file are [1]13.0665 [2]21.4582 (reference table, an
+    AMD EPYC); the oracle recomputes them on the same windows with flash attention, as
+    llama-perplexity runs by default, and we compare with that.
 
-    Our values sit within ~1 % of llama.cpp's, not 0.1 %: ggml rounds activations to 8 bits, and
-    that rounding turns every small numeric difference into a chaotic per-token change (turning
-    the emulation off moves the first chunk by ~1 %). The per-token NLLs agree on average.
+    Two chunks (510 scored tokens) cannot pin perplexity to 0.1 %: ggml rounds activations to
+    8 bits, so f32 ulps turn into per-token log-prob changes with a std of ~0.09 (llama.cpp with
+    and without flash attention, or on another CPU, differ that much), i.e. ~0.4 % on two
+    chunks. (llama-cpp-python with flash attention reproduces the reference to 4 decimals on an
+    Intel Xeon too: ggml's kernels are deterministic.) What must hold: the per-token NLLs agree
+    on average and the running values sit within that noise.
     """
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = llama_cpp_module()
     ref = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_batch=512, logits_all=True,
-                          verbose=False, n_threads=2)
+                          verbose=False, n_threads=2, flash_attn=True)
     chunks = chunk_tokens(wiki_tokens, 512, 2, llm.tokenizer.bos_id, llm.tokenizer.add_bos)
     ref_nll = []
     for ch in chunks:
@@ -43,7 +48,6 @@ def test_first_two_chunks_track_llamacpp(llm, wiki_tokens, smollm2_path):
         lse = np.logaddexp.reduce(sc[256:511], axis=-1)
         ref_nll.append(lse - sc[np.arange(256, 511), ch[257:512]])
     ref_running = [float(np.exp(np.concatenate(ref_nll[: i + 1]).mean())) for i in range(2)]
-    # (llama-perplexity uses flash attention; this path does not: they agree to 0.05 %)
     assert abs(ref_running[0] / 13.0665 - 1) < 5e-4 and abs(ref_running[1] / 21.4582 - 1) < 5e-4
 
     res = perplexity(llm.engine, wiki_tokens, 512, 2, batch=2)

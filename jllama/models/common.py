@@ -7,8 +7,11 @@ first token sits in the sequence; ``kv_len`` (static) is how much of the cache a
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jllama.engine import kvquant
@@ -19,6 +22,23 @@ from jllama.quant.qtensor import QTensor, dequantize, qmatmul, take_rows
 # Round activations as llama.cpp's CPU matmuls do (see quant/actquant.py). A process-wide
 # switch read at trace time: tests flip it to compare with exact f32 numerics.
 MATCH_LLAMACPP_NUMERICS = True
+
+# Debug taps for experiments/numerics_vs_llamacpp.py: when a dict is set here before the model is
+# traced, ``tap`` copies intermediates into it under llama.cpp's tensor names ("attn_norm-0").
+TAPS: dict | None = None
+
+
+def _store(name: str, value) -> None:
+    import numpy as np
+
+    if TAPS is not None:
+        TAPS[name] = np.asarray(value)
+
+
+def tap(name: str, x: jax.Array) -> jax.Array:
+    if TAPS is not None:
+        jax.debug.callback(partial(_store, name), x)
+    return x
 
 
 def linear(x: jax.Array, qt: QTensor) -> jax.Array:
@@ -93,8 +113,44 @@ class RMSNorm(nnx.Module):
 
 def rms_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
     x = x.astype(jnp.float32)
-    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    if MATCH_LLAMACPP_NUMERICS:
+        # ggml: mean = (float)(double sum of f32 squares / n); scale = 1.0f / sqrtf(mean + eps)
+        scale = 1.0 / jnp.sqrt(_mean_f32_of_exact_sum(x * x) + jnp.float32(eps))
+        y = x * scale
+    else:
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
     return y * w if w is not None else y
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _mean_f32_of_exact_sum(sq: jax.Array) -> jax.Array:
+    """``(float)(sum / n)`` over the last axis with the sum as exact as ggml's double one.
+
+    ggml sums the f32 squares in double and rounds the mean to f32 once; an f32 sum is off by
+    an ulp or so, and one ulp in the norm scale is enough to move an activation across a Q8
+    rounding boundary. The sum here is a pairwise tree of error-free two-sums (hi + lo), the
+    division is corrected with the exact remainder (Dekker: q split into 12-bit halves)."""
+    n = sq.shape[-1]
+    m = 1 << (n - 1).bit_length()
+    hi = jnp.pad(sq, [(0, 0)] * (sq.ndim - 1) + [(0, m - n)]) if m != n else sq
+    lo = jnp.zeros_like(hi)
+    while hi.shape[-1] > 1:
+        h = hi.shape[-1] // 2
+        s, e = _two_sum(hi[..., :h], hi[..., h:])
+        hi, lo = s, lo[..., :h] + lo[..., h:] + e
+    hi, lo = _two_sum(hi, lo)
+    nf = jnp.float32(n)
+    q = hi / nf
+    q_h = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(q, jnp.uint32) & jnp.uint32(0xFFFFF000), jnp.float32)
+    q_l = q - q_h
+    r = ((hi - q_h * nf) - q_l * nf) + lo  # exact while n has <= 12 significant bits
+    return q + r / nf
 
 
 def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
@@ -106,8 +162,11 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     the two halves (Gemma, Qwen).  x: [B, T, H, D], pos: [B, T].
     """
     half = dim // 2
-    inv = base ** (-jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim)
-    ang = (pos.astype(jnp.float32) * scale)[..., None] * inv  # [B, T, half]
+    if MATCH_LLAMACPP_NUMERICS:
+        ang = _ggml_rope_angles(pos, base, dim, scale)
+    else:
+        inv = base ** (-jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim)
+        ang = (pos.astype(jnp.float32) * scale)[..., None] * inv  # [B, T, half]
     cos = jnp.cos(ang)[:, :, None, :]
     sin = jnp.sin(ang)[:, :, None, :]
     xr, rest = x[..., :dim], x[..., dim:]
@@ -119,6 +178,28 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
         out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(xr.shape)
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, ggml's fused SwiGLU (ggml_vec_swiglu_f32)."""
+    return jax.nn.silu(gate) * up
+
+
+def _ggml_rope_angles(pos: jax.Array, base: float, dim: int, scale: float) -> jax.Array:
+    """Rotation angles [B, T, dim/2] rounded as ggml's rope cache makes them: theta starts at the
+    position and is multiplied by ``powf(base, -2/dim)`` once per pair, in f32. Against
+    ``pos * base**(-2i/dim)`` the angles drift by a few f32 ulps (~1e-4 rad at position 500),
+    which moved Q/K by ~1e-4 relative, the largest difference in layer 0."""
+    theta_scale = jnp.float32(np.float32(float(base) ** (-2.0 / dim)))
+    th = pos.astype(jnp.float32)
+    cols = []
+    for _ in range(dim // 2):
+        cols.append(th)
+        th = th * theta_scale
+    ang = jnp.stack(cols, axis=-1)
+    return ang * jnp.float32(scale) if scale != 1.0 else ang
+
+
+FA_TILE_Q = 64
 
 _HALF = {"f16": jnp.float16, "bf16": jnp.bfloat16}
 
@@ -147,7 +228,8 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     kvh = k_cache.shape[1]
     k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
     v = kvquant.dequantize(v_cache[:, :, :kv_len], v_type, head_dim_v or d)
-    if MATCH_LLAMACPP_NUMERICS and k_type in _HALF:
+    fa_tiled = t >= FA_TILE_Q
+    if MATCH_LLAMACPP_NUMERICS and k_type in _HALF and not fa_tiled:
         # ggml (no flash attention) multiplies a half-precision K by q rounded to that type;
         # tiny as it is, this decides which activations later cross a Q8 rounding step
         q = q.astype(_HALF[k_type])
@@ -161,8 +243,13 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     if window:
         mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    if MATCH_LLAMACPP_NUMERICS and v_type in _HALF:
+    if MATCH_LLAMACPP_NUMERICS:
+        # ggml: exp(s - max), then a multiply by 1/sum (not a divide)
+        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        p = e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+    else:
+        p = jax.nn.softmax(s, axis=-1)
+    if MATCH_LLAMACPP_NUMERICS and v_type in _HALF and not fa_tiled:
         p = p.astype(_HALF[v_type]).astype(jnp.float32)  # likewise softmax(KQ) times V
     o = jnp.einsum("bkgts,bksd->btkgd", p, v)
     return o.reshape(b, t, h * v.shape[-1])
@@ -191,6 +278,6 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
             x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, (cache.k_type, cache.v_type))
     if last_idx is not None:
         x = gather_last(x, last_idx)
-    x = model.out_norm(x)
+    x = tap("result_norm", model.out_norm(x))
     logits = model.tok_embd.attend(x) if model.output is None else model.output(x)
     return logits, cache.replace(ks, vs)

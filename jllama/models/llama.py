@@ -20,6 +20,8 @@ from jllama.models.common import (
     attention,
     decoder_forward,
     rope,
+    swiglu,
+    tap,
     write_cache,
 )
 from jllama.models.spec import ModelSpec
@@ -29,6 +31,7 @@ class Block(nnx.Module):
     def __init__(self, spec: ModelSpec, w: Weights, i: int):
         p = f"blk.{i}."
         self.spec = spec
+        self.il = i
         self.attn_norm = RMSNorm(w.vector(p + "attn_norm.weight"), spec.norm_eps)
         self.wq = Linear(w(p + "attn_q.weight"), _bias(w, p + "attn_q.bias"))
         self.wk = Linear(w(p + "attn_k.weight"), _bias(w, p + "attn_k.bias"))
@@ -41,20 +44,24 @@ class Block(nnx.Module):
 
     def __call__(self, x, pos, pos0, kc, vc, kv_len: int, kv_types: tuple[str, str]):
         s = self.spec
+        il = self.il
         b, t, _ = x.shape
-        h = self.attn_norm(x)
+        h = tap(f"attn_norm-{il}", self.attn_norm(x))
         q = self.wq(h).reshape(b, t, s.n_head, s.head_dim)
         k = self.wk(h).reshape(b, t, s.n_head_kv, s.head_dim)
-        v = self.wv(h).reshape(b, t, s.n_head_kv, s.head_dim_v)
-        q = rope(q, pos, s.rope_base, s.rope_dim, neox=False, scale=s.rope_scale)
-        k = rope(k, pos, s.rope_base, s.rope_dim, neox=False, scale=s.rope_scale)
+        v = tap(f"Vcur-{il}", self.wv(h).reshape(b, t, s.n_head_kv, s.head_dim_v))
+        q = tap(f"Qcur-{il}", rope(q, pos, s.rope_base, s.rope_dim, neox=False,
+                                   scale=s.rope_scale))
+        k = tap(f"Kcur-{il}", rope(k, pos, s.rope_base, s.rope_dim, neox=False,
+                                   scale=s.rope_scale))
         kc = write_cache(kc, k, pos0, kv_types[0])
         vc = write_cache(vc, v, pos0, kv_types[1])
         a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim),
                       k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
-        x = x + self.wo(a)
-        h = self.ffn_norm(x)
-        x = x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
+        x = tap(f"ffn_inp-{il}", x + tap(f"attn_out-{il}", self.wo(tap(f"kqv_out-{il}", a))))
+        h = tap(f"ffn_norm-{il}", self.ffn_norm(x))
+        g = tap(f"ffn_swiglu-{il}", swiglu(self.gate(h), self.up(h)))
+        x = tap(f"l_out-{il}", x + self.down(g))
         return x, kc, vc
 
 
