@@ -164,16 +164,17 @@ def test_greedy_identical_to_plain(exact_llms, kind):
     spec = Speculative(target, DraftConfig(kind=kind, n=8, p_min=0.5),
                        draft if kind == "model" else None)
     eog = target.tokenizer.eog_ids
+    n_tok = N_TOK if kind == "ngram" else 16  # the draft model's steps cost as much as the target's
     accepted = 0
     for p in PROMPTS:
         ids = target.tokenize(p)
         target.engine.reset()
         t0 = time.perf_counter()
-        ref = list(target.engine.generate(ids, SamplingParams.greedy(), N_TOK, eog))
+        ref = list(target.engine.generate(ids, SamplingParams.greedy(), n_tok, eog))
         t1 = time.perf_counter()
         held = list(target.engine.tokens[0])
         target.engine.reset()
-        out = list(spec.generate(ids, SamplingParams.greedy(), N_TOK, eog))
+        out = list(spec.generate(ids, SamplingParams.greedy(), n_tok, eog))
         ex = target.engine.timings.extra
         print(f"\n{kind} {p[:20]!r}: plain {t1 - t0:.2f} s, speculative "
               f"{time.perf_counter() - t1:.2f} s, {ex['draft_accepted']}/{ex['draft_proposed']} "
@@ -183,7 +184,7 @@ def test_greedy_identical_to_plain(exact_llms, kind):
         accepted += ex["draft_accepted"]
         # the slot ends as plain generation leaves it (the prompt cache of the next request)
         assert target.engine.tokens[0] == held
-    assert accepted > N_TOK  # drafts really were used, not just plain steps
+    assert accepted > n_tok  # drafts really were used, not just plain steps
 
 
 # ------------------------------------------------------------------------------ tiny models
@@ -235,7 +236,7 @@ def test_sampling_matches_target_distribution(tiny_pair):
     v = len(p1)
     c2, c3 = np.zeros(v, np.int64), np.zeros(v, np.int64)
     rounds = accepted = 0
-    for s in range(400):
+    for s in range(300):
         params = SamplingParams(temperature=temp, top_k=top_k, top_p=1.0, min_p=0.0, seed=s)
         out = list(spec.generate(prompt, params, 4))
         ex = target.engine.timings.extra
@@ -243,7 +244,7 @@ def test_sampling_matches_target_distribution(tiny_pair):
         accepted += ex["draft_accepted"]
         c2[out[1]] += 1
         c3[out[2]] += 1
-    assert rounds >= 400 and 0.2 < accepted / (2 * rounds) < 0.98  # both outcomes exercised
+    assert rounds >= 300 and 0.2 < accepted / (2 * rounds) < 0.98  # both outcomes exercised
     assert _chi2_pvalue(c2, m2) > 1e-3 and _chi2_pvalue(c3, m3) > 1e-3
 
 
