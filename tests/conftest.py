@@ -12,6 +12,21 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_configure(config) -> None:
+    """Every test that loads the llama.cpp oracle gets its stock CPU kernels (see
+    llamacpp_oracle.py: the AMX extra buffer crashes on Intel Xeons)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llamacpp_oracle import llama_cpp_module
+
+    llama_cpp_module()
+
 REPO = Path(__file__).resolve().parents[1]
 
 
