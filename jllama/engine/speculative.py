@@ -31,10 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllama.config import DraftConfig
-from jllama.engine.engine import HISTORY, Engine, Timings, _bucket
+from jllama.engine.engine import HISTORY, PREFILL_BUCKETS, Engine, Timings, _bucket
 from jllama.engine.sampling import TOPK_CAP, BatchSampling, SamplingParams
 from jllama.errors import ConfigError, JllamaError
 
+# Verify forwards are padded to these lengths. The engine's smallest prefill chunk (16) costs
+# about 3 decode steps on a 2-core CPU, while 2 / 4 / 8 rows cost 1.1 / 1.5 / 2.1 steps
+# (experiments/results/speculative.md), so short drafts get their own small shapes.
+VERIFY_BUCKETS = (2, 4, 8) + PREFILL_BUCKETS
 # up to this many new tokens are fed to the draft by decode steps rather than a prefill chunk
 # (on CPU a 16-row forward costs about four one-row steps)
 FEED_STEPS = 3
@@ -207,6 +211,24 @@ class _Decoder:
         return logits
 
 
+def verify_forward(eng: Engine, slot: int, tokens: list[int]) -> np.ndarray:
+    """``eng.prefill(tokens, slot, all_logits=True)`` for a short block, padded to a
+    ``VERIFY_BUCKETS`` length instead of a whole prefill chunk: logits [n, V] on the host."""
+    n = len(tokens)
+    if n > PREFILL_BUCKETS[0] or eng.pos[slot] + n > eng.ctx_size:
+        return np.asarray(eng.prefill(tokens, slot, all_logits=True), np.float32)
+    t = _bucket(n, VERIFY_BUCKETS)
+    buf = np.zeros((1, t), np.int32)
+    buf[0, :n] = tokens
+    pos0 = eng.pos[slot : slot + 1].copy()
+    logits, eng.cache = eng._forward_slot(
+        eng.state, jnp.asarray(buf), jnp.asarray(pos0), eng.cache, jnp.int32(slot), None,
+        kv_len=eng.kv_bucket(int(pos0[0]) + t))
+    eng.pos[slot] += n
+    eng.tokens[slot].extend(int(x) for x in tokens)
+    return np.asarray(logits[:n], np.float32)
+
+
 class NgramDraft:
     kind = "ngram"
 
@@ -297,7 +319,8 @@ class Speculative:
         else:
             raise ConfigError(f"'draft.kind' must be model or ngram, got {cfg.kind!r}")
         # [last + drafts] one past a prefill bucket would double the verify forward: trim one
-        self.n_max = cfg.n - 1 if _bucket(cfg.n + 1) > _bucket(cfg.n) else cfg.n
+        vb = VERIFY_BUCKETS
+        self.n_max = cfg.n - 1 if _bucket(cfg.n + 1, vb) > _bucket(cfg.n, vb) else cfg.n
         self.n_max = max(1, self.n_max)
         self.dec = _Decoder(self.engine)
 
@@ -399,7 +422,7 @@ class Speculative:
                     continue
                 tv = time.perf_counter()
                 pos0 = int(eng.pos[slot])
-                lg = np.asarray(eng.prefill([last] + drafts, slot, all_logits=True), np.float32)
+                lg = verify_forward(eng, slot, [last] + drafts)
                 if greedy:
                     pending = []
                     for i, x in enumerate(drafts + [None]):
