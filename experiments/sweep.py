@@ -61,6 +61,7 @@ class Sweep:
     points: list[Point] = field(default_factory=list)
     llamacpp: list[Point] = field(default_factory=list)  # quant: {base: FTYPE} or None
     llamacpp_chunks: int = 0  # 0: same as chunks
+    notes: str = ""  # appended to the markdown report
 
     @property
     def base_point(self) -> Point:
@@ -68,7 +69,7 @@ class Sweep:
 
 
 _KEYS = {"name", "model", "text", "n_ctx", "chunks", "batch", "speed", "base", "points",
-         "llamacpp", "llamacpp_chunks"}
+         "llamacpp", "llamacpp_chunks", "notes"}
 
 
 def _points(raw: Any, where: str, source: str) -> list[Point]:
@@ -130,7 +131,8 @@ def load_sweep(path: str | Path) -> Sweep:
                reps=int(speed.get("reps", 1)),
                points=_points(d["points"], "points", str(path)),
                llamacpp=_points(d.get("llamacpp") or [], "llamacpp", str(path)),
-               llamacpp_chunks=int(d.get("llamacpp_chunks", 0)))
+               llamacpp_chunks=int(d.get("llamacpp_chunks", 0)),
+               notes=str(d.get("notes") or "").strip())
     if not sw.points:
         raise ConfigError(f"{path}: no points")
     sw.base = str(d.get("base") or sw.points[0].name)
@@ -337,6 +339,8 @@ def write_markdown(sw: Sweep, rows: list[dict[str, str]], out_dir: Path) -> Path
             f"| {_f(str(100 * float(r['rms_dp'])), '.2f')} % "
             f"| {_f(str(100 * float(r['same_top'])), '.2f')} % "
             f"| {_f(r['pp_tps'], '.1f')} | {_f(r['tg_tps'], '.1f')} |")
+    if sw.notes:
+        lines += ["", sw.notes]
     path = out_dir / f"sweep_{sw.name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -353,8 +357,14 @@ def write_plot(sw: Sweep, rows: list[dict[str, str]], out_dir: Path) -> Path | N
               file=sys.stderr)
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    # the base point (KLD 0 by definition, often 16/32 bits) is a reference line, not a dot
+    is_base = [r["engine"] == "jllama" and r["point"] == sw.base for r in rows]
+    for r, b in zip(rows, is_base):
+        if b:
+            a2.axhline(float(r["ppl"]), ls="--", c="gray", lw=1,
+                       label=f"{sw.base} (base, {float(r['bpw']):.1f} bpw)")
     for engine, marker in (("jllama", "o"), ("llama.cpp", "x")):
-        rs = [r for r in rows if r["engine"] == engine]
+        rs = [r for r, b in zip(rows, is_base) if r["engine"] == engine and not b]
         if not rs:
             continue
         bpw = [float(r["bpw"]) for r in rs]
