@@ -222,24 +222,10 @@ def test_reduce_scored_spans_compiled_pieces(tmp_path):
 
 
 def _llamacpp(path, n_ctx: int):
-    """llama-cpp-python with ggml's extra buffer types off: its AMX matmul faults on this VM's
-    Intel hosts (ldtilecfg), the stock kernels compute the same thing."""
+    """The oracle (conftest gives it ggml's stock CPU kernels: AMX buffers crash here)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    import llama_cpp.llama_cpp as lc
-
-    orig = lc.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lc.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
-                               logits_all=True, verbose=False)
-    finally:
-        lc.llama_model_default_params = orig
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
+                           logits_all=True, verbose=False)
 
 
 @pytest.mark.oracle
