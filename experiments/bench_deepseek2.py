@@ -37,7 +37,9 @@ def _rate(gen: Iterator[int], n: int) -> float:
 
 
 def runners(path: Path, ids: list[int], n: int, threads: int) -> dict[str, Callable[[], float]]:
-    import llama_cpp
+    from jllama.eval.llamacpp import llama_cpp_stock
+
+    llama_cpp = llama_cpp_stock()
 
     from jllama.engine.sampling import SamplingParams
 

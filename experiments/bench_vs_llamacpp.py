@@ -51,7 +51,9 @@ def main() -> int:
     ap.add_argument("--ttft", action="store_true")
     args = ap.parse_args()
 
-    import llama_cpp
+    from jllama.eval.llamacpp import llama_cpp_stock
+
+    llama_cpp = llama_cpp_stock()
 
     from jllama.api import Llama
     from jllama.eval.bench import (
