@@ -91,6 +91,19 @@ def test_tiny_llama_full_tensor_parallel(tiny_result):
 
 
 @pytest.mark.slow
+def test_tiny_moe_expert_parallel(tmp_path):
+    """Mixtral-style, 4 experts: the stacked expert weights split along the expert axis over
+    ``model`` (1, 2 or 4 experts per device); logits and greedy tokens equal single-device."""
+    res = _run_worker("moe", str(tmp_path / "tiny-moe.gguf"))
+    _check_logits(res)
+    for key in ("1x2", "1x4", "2x4"):
+        specs = res["meshes"][key]["expert_specs"]
+        assert len(specs) == 2 * 3, specs  # 2 layers x (gate, up, down)
+        assert all(sp.startswith(("PartitionSpec('model'", "P('model'")) for sp in specs), (key, specs)
+    assert all("'model'" not in sp for sp in res["meshes"]["1x1"]["expert_specs"])
+
+
+@pytest.mark.slow
 def test_smollm2_sharded_logits(smollm2_result):
     """9 heads: attention replicated (reported), FFN/vocab split; logits, greedy decode and
     data-parallel perplexity scoring equal the single-device engine."""
@@ -142,6 +155,7 @@ def _worker_compare(path: str, name: str) -> dict:
     g = read_gguf(path)
     rng = np.random.default_rng(0)
     spec0 = build_model(g)[0]
+    n_exp = int(g.metadata.get(f"{g.architecture}.expert_count", 0) or 0)
     ids = rng.integers(3, min(spec0.n_vocab, 3000), 40).astype(np.int32)
     batch = rng.integers(3, min(spec0.n_vocab, 3000), (4, 24)).astype(np.int32)
     greedy = SamplingParams(temperature=0.0)
@@ -183,6 +197,11 @@ def _worker_compare(path: str, name: str) -> dict:
         wq = jax.tree_util.tree_leaves(wq)[0]
         rows = wq.addressable_shards[0].data.shape[0]
         cache_spec = list(getattr(e.cache.k[0].sharding, "spec", ())) + [None] * 4
+        # stacked expert weights [n_expert, ...]: the "experts" axis of the rules table
+        experts = [str(getattr(leaf.sharding, "spec", ())) for p_, leaf in
+                   jax.tree_util.tree_flatten_with_path(e.state)[0]
+                   if any(k in jax.tree_util.keystr(p_) for k in ("'gate'", "'up'", "'down'"))
+                   and leaf.ndim >= 2 and leaf.shape[0] == n_exp]
         out["meshes"][f"{d}x{m}"] = {
             "max_abs_diff": float(np.abs(got - ref).max()),
             "greedy_equal": toks == ref_tokens,
@@ -195,6 +214,7 @@ def _worker_compare(path: str, name: str) -> dict:
             "bad_shard_fraction": bad,
             "cache_spec": [str(x) if x else None for x in cache_spec[:4]],
             "wq_param_rows": rows if f"[{rows}," in hlo else -1,
+            "expert_specs": experts,
         }
         print(f"{name} {d}x{m}: diff {out['meshes'][f'{d}x{m}']['max_abs_diff']:.2e} "
               f"notes {plan.notes}", file=sys.stderr)
@@ -243,6 +263,12 @@ def _main() -> None:
     mode = sys.argv[1]
     if mode == "tiny":
         res = _worker_compare(_tiny_gguf(sys.argv[2]), "tiny-llama")
+    elif mode == "moe":
+        import gguf
+        from tinymodels_moe import write_llama_moe
+
+        res = _worker_compare(str(write_llama_moe(Path(sys.argv[2]),
+                                                  gguf.GGMLQuantizationType.Q8_0)), "tiny-moe")
     elif mode == "gguf":
         res = _worker_compare(sys.argv[2], Path(sys.argv[2]).stem)
     else:
