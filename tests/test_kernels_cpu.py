@@ -222,3 +222,24 @@ def test_ffi_build_failure_means_xla_path(monkeypatch, tmp_path):
     assert cpu_ffi.available.__wrapped__() is False
     monkeypatch.setenv("JLLAMA_NO_FFI", "1")
     assert cpu_ffi.available.__wrapped__() is False
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q5_1], ids=lambda q: q.name)
+def test_matvec_with_given_block_sums(qtype):
+    """The C++ matvec fed explicit per-32 sums for the min term: equal to the float64 product
+    of the dequantized weights with x plus ``m_w * (s - sum(x))`` per block (what ggml's Q8_1
+    dot computes when its stored block sum ``s`` differs from the values' sum)."""
+    require_ffi()
+    rows, n_in = 37, 576
+    raw = random_blocks(qtype, rows, n_in, seed=4)
+    qt = weight(raw, qtype, "ffi")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, n_in)).astype(np.float32)
+    delta = rng.uniform(-0.05, 0.05, (3, n_in // 32)).astype(np.float32)
+    xs = x.reshape(3, -1, 32).sum(-1) + delta
+    got = xla_cpu.ffi_matvec_xs(jnp.asarray(x), qt, jnp.asarray(xs))
+    want, scale = oracle(x, raw, qtype)
+    mins = raw.reshape(rows, n_in // 32, -1)[:, :, 2:4].copy().view(np.float16)[..., 0]
+    want = want + delta.astype(np.float64) @ mins.astype(np.float64).T
+    assert_close(got, want, scale)
+    assert xla_cpu.ffi_matvec_ok(jnp.asarray(x), qt)

@@ -44,6 +44,15 @@ def tap(name: str, x: jax.Array) -> jax.Array:
 def linear(x: jax.Array, qt: QTensor) -> jax.Array:
     if MATCH_LLAMACPP_NUMERICS and not qt.is_float:
         x, s_err = quantize_activations_ex(x, qt.qtype)
+        if s_err is not None and jax.default_backend() == "cpu":
+            from jllama.quant.kernels import xla_cpu
+
+            if xla_cpu.ffi_matvec_ok(x, qt):
+                # decode: the kernel takes ggml's Q8_1 block sums for the min term directly,
+                # instead of a second (strided) pass over the weight's mins in XLA
+                nb = x.shape[-1] // 32
+                xs = x.reshape(*x.shape[:-1], nb, 32).sum(-1) + s_err
+                return xla_cpu.ffi_matvec_xs(x, qt, xs)
         fix = q8_1_correction(s_err, qt) if s_err is not None else None
         if fix is not None:
             return qmatmul(x, qt) + fix

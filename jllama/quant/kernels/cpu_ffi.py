@@ -36,7 +36,8 @@ FLAGS = [
 ]  # fmt: skip
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS
 QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23})
-_TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_dequant": "JllamaDequant"}
+_TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatVecXs",
+            "jllama_dequant": "JllamaDequant"}
 
 
 def _cpu_key() -> str:
@@ -103,6 +104,15 @@ def qmatvec(x2: jax.Array, raw: jax.Array, qtype: int) -> jax.Array:
     # Under vmap (rare: qmatmul already folds leading axes into rows) fall back to a loop.
     return jax.ffi.ffi_call("jllama_qmatvec", out, vmap_method="sequential")(
         x2.astype(jnp.float32), raw, qtype=np.int64(qtype)
+    )
+
+
+def qmatvec_xs(x2: jax.Array, xs: jax.Array, raw: jax.Array, qtype: int) -> jax.Array:
+    """``qmatvec`` with the caller's per-32 sums of x for the weight mins (Q4_1/Q5_1: ggml's
+    Q8_1 block sums), so the llama.cpp-exact min term needs no second pass over W in XLA."""
+    out = jax.ShapeDtypeStruct((x2.shape[0], raw.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call("jllama_qmatvec_xs", out, vmap_method="sequential")(
+        x2.astype(jnp.float32), xs.astype(jnp.float32), raw, qtype=np.int64(qtype)
     )
 
 

@@ -647,8 +647,10 @@ struct Work {
   }
 };
 
-ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+// ``xs_in``: the caller's per-32-element sums of x for the min terms (ggml's Q8_1 block sums
+// ``s = fp16(d * sum(q))``, which differ from the sums of the rounded x); null: computed here.
+ffi::Error QMatVecRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, const float* xs_in,
+                      ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("need 2-D x and w");
   const int64_t m = xd[0], k = xd[1], n = wd[0], row_bytes = wd[1];
@@ -659,7 +661,9 @@ ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   work->fn = kern.fn;
   work->x = x.typed_data();
   // Sums of x over each 32 elements, for the min terms (kept in the shared state).
-  if (kern.needs_xsum) {
+  if (kern.needs_xsum && xs_in != nullptr) {
+    work->xsum_store.assign(xs_in, xs_in + size_t(m) * size_t(k / 32));
+  } else if (kern.needs_xsum) {
     work->xsum_store.assign(size_t(m) * size_t(k / 32), 0.f);
     for (int64_t i = 0; i < m * (k / 32); ++i) {
       float s = 0.f;
@@ -687,6 +691,19 @@ ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   work->run();
   while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
   return ffi::Error::Success();
+}
+
+ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  return QMatVecRun(pool, x, nullptr, w, y, qtype);
+}
+
+ffi::Error QMatVecXsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> xs,
+                         ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  const auto xd = x.dimensions(), sd = xs.dimensions();
+  if (xd.size() != 2 || sd.size() != 2 || sd[0] != xd[0] || sd[1] * 32 != xd[1])
+    return ffi::Error::InvalidArgument("xs must be [m, k / 32]");
+  return QMatVecRun(pool, x, xs.typed_data(), w, y, qtype);
 }
 
 template <typename T>
@@ -741,6 +758,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaDequant, DequantImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVec, QMatVecImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecXs, QMatVecXsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

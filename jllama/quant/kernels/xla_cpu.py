@@ -63,6 +63,23 @@ def _tile_weights(qt, parts: tuple) -> jax.Array:
     return cpu_repack.dequantize_repacked(jnp, r, lay.group)
 
 
+def ffi_matvec_ok(x: jax.Array, qt) -> bool:
+    """Whether ``qmatmul(x, qt)`` would take the C++ matvec (few rows, GGUF blocks)."""
+    m = 1
+    for n in x.shape[:-1]:
+        m *= n
+    return (qt.layout == "gguf" and len(qt.shape) == 2 and m <= _FFI_MATVEC_ROWS
+            and cpu_ffi.supported(qt.qtype) and cpu_ffi.available())
+
+
+def ffi_matvec_xs(x: jax.Array, qt, xs: jax.Array) -> jax.Array:
+    """The C++ matvec given per-32 block sums ``xs[..., n_in / 32]`` for the weight mins."""
+    n_out, n_in = qt.shape
+    lead = x.shape[:-1]
+    y = cpu_ffi.qmatvec_xs(x.reshape(-1, n_in), xs.reshape(-1, n_in // 32), qt.data, qt.qtype)
+    return y.reshape(*lead, n_out)
+
+
 def qmatmul(x: jax.Array, qt) -> jax.Array:
     """``x[..., n_in] @ W.T -> [..., n_out]`` in f32, W a 2-D quantized QTensor."""
     n_out, n_in = qt.shape
