@@ -15,7 +15,9 @@ spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 stamp=".venv/.jllama-installed-${extras:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "jllama: installing $spec into .venv (first time: the llama.cpp oracle compiles, ~10 min)" >&2
+  note=""
+  case ",$extras," in *,oracle,*) note=" (first time: the llama.cpp oracle compiles, ~10 min)";; esac
+  echo "jllama: installing $spec into .venv$note" >&2
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" python -m pip install -q -e "$spec"
   touch "$stamp"
 fi
