@@ -52,22 +52,10 @@ def open_llamacpp(path: str, n_ctx: int, threads: int, logits_all: bool = True):
     """llama-cpp-python's Llama with ggml's extra buffer types (AMX, repacked weights) off: on
     Intel hosts with AMX under this VM, ggml's AMX matmul dies at ``ldtilecfg`` (general
     protection fault); the stock vec_dot kernels are what the reference AMD machine ran."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as lc
+    from jllama.eval.llamacpp import llama_cpp_stock
 
-    orig = lc.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lc.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                               logits_all=logits_all, verbose=False)
-    finally:
-        lc.llama_model_default_params = orig
+    return llama_cpp_stock().Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512,
+                                   n_threads=threads, logits_all=logits_all, verbose=False)
 
 
 def ppl_err(nll: np.ndarray) -> tuple[float, float]:

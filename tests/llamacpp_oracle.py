@@ -14,22 +14,9 @@ import pytest
 
 
 def llama_cpp_module():
-    """``llama_cpp`` with model loading patched to ``use_extra_bufts = False`` (or a skip)."""
-    if os.environ.get("CI"):
-        import llama_cpp  # in CI a missing oracle is a failure, not a skip
-    else:
-        llama_cpp = pytest.importorskip("llama_cpp",
-                                        reason="install the oracle: pip install -e .[oracle]")
-    import llama_cpp.llama_cpp as low
+    """``llama_cpp`` with models loaded with ``use_extra_bufts = False`` (or a skip off CI)."""
+    if not os.environ.get("CI"):  # in CI a missing oracle is a failure, not a skip
+        pytest.importorskip("llama_cpp", reason="install the oracle: pip install -e .[oracle]")
+    from jllama.eval.llamacpp import llama_cpp_stock
 
-    if not getattr(low.llama_model_default_params, "_jllama_no_extra_bufts", False):
-        orig = low.llama_model_default_params
-
-        def params():
-            p = orig()
-            p.use_extra_bufts = False
-            return p
-
-        params._jllama_no_extra_bufts = True
-        low.llama_model_default_params = params
-    return llama_cpp
+    return llama_cpp_stock()
