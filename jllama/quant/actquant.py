@@ -35,36 +35,61 @@ def quantize_activations(x: jax.Array, qtype: int) -> jax.Array:
     return quantize_activations_ex(x, qtype)[0]
 
 
-def quantize_activations_ex(x: jax.Array, qtype: int) -> tuple[jax.Array, jax.Array | None]:
-    """(rounded x, s_err): for Q8_1 (Q4_1/Q5_1 weights) ``s_err[..., n_blocks]`` is how much
-    ggml's stored block sum ``s = fp16(d * sum(q))`` differs from ``sum(x_hat)``; the dot adds
-    ``m_w * s`` per block, so the product needs ``m_w * s_err`` added (``q8_1_correction``)."""
+def _q8_parts(x: jax.Array, qtype: int):
+    """ggml's quantize_row_q8_{0,1,K} in f32: (codes as f32 [..., nb, bs], d32 (the unrounded
+    scale) or None, d (the stored scale, as f32) [..., nb, 1]), or None where ggml keeps f32."""
     spec = vec_dot_block(qtype)
     if spec is None:
-        return x, None
+        return None
     bs, f16_scale = spec
     n = x.shape[-1]
     if n % bs:
-        return x, None
+        return None
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], n // bs, bs)
-    s_err = None
     if f16_scale:
         amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
         d32 = amax / 127.0
         inv = jnp.where(amax > 0, 127.0 / amax, 0.0)  # as ggml's AVX quantize_row_q8_x
         q = jnp.round(xb * inv)  # nearest-even, as _mm256_round_ps(_MM_ROUND_NEAREST)
-        d = d32.astype(jnp.float16).astype(jnp.float32)
-        if QType(qtype) in _Q8_1:
-            sq = jnp.sum(q, axis=-1)
-            s_err = (d32[..., 0] * sq).astype(jnp.float16).astype(jnp.float32) - d[..., 0] * sq
-    else:
-        # Q8_K: scale from the signed value of largest magnitude, f32 scale
-        idx = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)
-        mx = jnp.take_along_axis(xb, idx, axis=-1)
-        iscale = jnp.where(mx != 0, -127.0 / mx, 0.0)
-        q = jnp.minimum(jnp.round(xb * iscale), 127.0)
-        d = jnp.where(iscale != 0, 1.0 / iscale, 0.0)
+        return q, d32, d32.astype(jnp.float16).astype(jnp.float32)
+    # Q8_K: scale from the signed value of largest magnitude, f32 scale
+    idx = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)
+    mx = jnp.take_along_axis(xb, idx, axis=-1)
+    iscale = jnp.where(mx != 0, -127.0 / mx, 0.0)
+    q = jnp.minimum(jnp.round(xb * iscale), 127.0)
+    return q, None, jnp.where(iscale != 0, 1.0 / iscale, 0.0)
+
+
+def quantize_activations_ex(x: jax.Array, qtype: int) -> tuple[jax.Array, jax.Array | None]:
+    """(rounded x, s_err): for Q8_1 (Q4_1/Q5_1 weights) ``s_err[..., n_blocks]`` is how much
+    ggml's stored block sum ``s = fp16(d * sum(q))`` differs from ``sum(x_hat)``; the dot adds
+    ``m_w * s`` per block, so the product needs ``m_w * s_err`` added (``q8_1_correction``)."""
+    parts = _q8_parts(x, qtype)
+    if parts is None:
+        return x, None
+    q, d32, d = parts
+    s_err = None
+    if QType(qtype) in _Q8_1:
+        sq = jnp.sum(q, axis=-1)
+        s_err = (d32[..., 0] * sq).astype(jnp.float16).astype(jnp.float32) - d[..., 0] * sq
     return (q * d).reshape(x.shape), s_err
+
+
+def quantize_activations_q8(
+    x: jax.Array, qtype: int
+) -> tuple[jax.Array, jax.Array, jax.Array | None] | None:
+    """x as ggml stores it for the int8 dot: (codes int8 ``[..., n]``, block scales f32
+    ``[..., n / block]`` (Q8_0/Q8_1: the f16 value), Q8_1 block sums ``s = fp16(d * sum(q))``
+    f32 ``[..., n / 32]`` or None). The same rounding as ``quantize_activations_ex``: codes
+    times scales are its rounded x. None where ggml multiplies in f32."""
+    parts = _q8_parts(x, qtype)
+    if parts is None:
+        return None
+    q, d32, d = parts
+    s = None
+    if QType(qtype) in _Q8_1:
+        s = (d32[..., 0] * jnp.sum(q, axis=-1)).astype(jnp.float16).astype(jnp.float32)
+    return q.astype(jnp.int8).reshape(x.shape), d[..., 0], s
 
 
 def q8_1_correction(s_err: jax.Array, qt) -> jax.Array | None:

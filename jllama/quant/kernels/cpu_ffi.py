@@ -38,6 +38,12 @@ FLAGS = [
 QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23})
 _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatVecXs",
             "jllama_dequant": "JllamaDequant"}
+# The int8-activation kernels (ggml's vec_dot, bit-exact) exist only where the build machine
+# has AVX2 + FMA + F16C + VNNI (AVX512-VNNI or AVX-VNNI).
+# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
+Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
+_Q8_TARGET = ("jllama_qmatvec_q8", "JllamaQMatVecQ8")
+_q8_registered = False
 
 
 def _cpu_key() -> str:
@@ -86,6 +92,12 @@ def available() -> bool:
         lib = ctypes.CDLL(str(_build(compiler)))
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
+        if hasattr(lib, _Q8_TARGET[1]):
+            global _q8_registered
+            jax.ffi.register_ffi_target(
+                _Q8_TARGET[0], jax.ffi.pycapsule(getattr(lib, _Q8_TARGET[1])), "cpu"
+            )
+            _q8_registered = True
     except Exception as e:  # any failure here means "use the XLA path", never a crash
         detail = getattr(e, "stderr", b"") or b""
         log.warning("jllama: C++ CPU kernels unavailable (%s %s); using the XLA path", e,
@@ -96,6 +108,13 @@ def available() -> bool:
 
 def supported(qtype: int) -> bool:
     return int(qtype) in QTYPES
+
+
+def q8_supported(qtype: int) -> bool:
+    """Whether ``qmatvec_q8`` (int8 activations, ggml's vec_dot) exists for this type here."""
+    if os.environ.get("JLLAMA_NO_Q8", "") not in ("", "0"):  # for A/B measurements
+        return False
+    return int(qtype) in Q8_QTYPES and available() and _q8_registered
 
 
 def qmatvec(x2: jax.Array, raw: jax.Array, qtype: int) -> jax.Array:
@@ -113,6 +132,24 @@ def qmatvec_xs(x2: jax.Array, xs: jax.Array, raw: jax.Array, qtype: int) -> jax.
     out = jax.ShapeDtypeStruct((x2.shape[0], raw.shape[0]), jnp.float32)
     return jax.ffi.ffi_call("jllama_qmatvec_xs", out, vmap_method="sequential")(
         x2.astype(jnp.float32), xs.astype(jnp.float32), raw, qtype=np.int64(qtype)
+    )
+
+
+def qmatvec_q8(
+    q: jax.Array, d: jax.Array, s: jax.Array | None, raw: jax.Array, qtype: int
+) -> jax.Array:
+    """``x @ W.T`` with x given as ggml's quantized activations: int8 codes ``q[m, k]``, block
+    scales ``d[m, k / block]`` (f32), Q8_1 block sums ``s[m, k / 32]`` (Q4_1/Q5_1 only), against
+    raw GGUF rows ``raw[n, row_bytes]``: f32 ``[m, n]``, bit-identical to ggml's CPU mul_mat."""
+    if not q8_supported(qtype):
+        raise ValueError(f"no int8 CPU kernel for ggml type {qtype} on this machine")
+    m = q.shape[0]
+    if s is None:
+        s = jnp.zeros((m, 0), jnp.float32)
+    out = jax.ShapeDtypeStruct((m, raw.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call("jllama_qmatvec_q8", out, vmap_method="sequential")(
+        q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), raw,
+        qtype=np.int64(qtype),
     )
 
 

@@ -11,9 +11,15 @@
 // The decoders (Q4_0 ... Q6_K structs) also serve ``JllamaDequant``: f32 rows of a tile for the
 // GEMM (prefill) path, where XLA's own GEMM does the multiply.
 //
-// Built at first use by jllama/quant/kernels/cpu_ffi.py with the host C++ compiler. An int8
-// (VNNI) activation-quantized variant, as llama.cpp does, measured only 1.4x faster on one core
-// for Q4_1 and changes the numerics, so it is not used.
+// ``JllamaQMatVecQ8`` (end of file) is the int8 variant that llama.cpp itself runs: x arrives
+// already quantized to ggml's Q8_0/Q8_1/Q8_K blocks (jllama/quant/actquant.py), each block is an
+// exact VNNI integer dot, and the f32 accumulation follows ggml's x86 vec_dot step by step, so
+// the product is bit-identical to llama.cpp's CPU mul_mat (tests/test_cpu_q8_kernel.py drives
+// ggml's own). It reads ~1 byte less per element of work than the f32 decoders (no f32 x) and is
+// what decode uses in the default llama.cpp-matching numerics, for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/
+// Q4_K/Q5_K/Q6_K; the f32 decoders serve the exact-f32 mode, the other types and the GEMM path.
+//
+// Built at first use by jllama/quant/kernels/cpu_ffi.py with the host C++ compiler.
 
 #include <algorithm>
 #include <atomic>
@@ -747,6 +753,406 @@ ffi::Error DequantImpl(ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, in
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Int8-activation kernels, bit-exact with ggml's x86 vec_dot (the AVX2 branches of
+// ggml-cpu/arch/x86/quants.c, with VNNI dot products, and llamafile's tinyBLAS_Q0_AVX, which
+// accumulates the same way). The caller passes x already quantized to ggml's vec_dot type
+// (int8 codes + per-block scales: Q8_0/Q8_1 f16 values as f32, Q8_K f32; Q8_1 block sums s).
+// Every output element is built in ggml's order: per weight block an exact int32 dot in 8 lanes
+// (lane l: elements 4l..4l+3 of each 32-group), converted to f32, ``acc = fma(d_w * d_x, lane,
+// acc)`` over blocks, ggml's hsum_float_8, then the type's min term. The integer parts may be
+// computed any exact way (bias trick for signed weights below); only the f32 steps must match.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && \
+    ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#define JLLAMA_Q8 1
+
+// No reassociation or contraction of the f32 steps below: their order is the point.
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math", "fp-contract=off")
+
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {  // acc + sum of 4 u8*s8 per lane
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+
+inline float hsum8(__m256 x) {  // ggml's hsum_float_8
+  __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+inline float f16f(const uint8_t* p) {  // always-inline intrinsic: no call across the pragma
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+// 16 bytes of nibbles -> 32 bytes (low nibbles first), as ggml's bytes_from_nibbles_32.
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128((const __m128i*)p);
+  const __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+  return _mm256_and_si256(b, _mm256_set1_epi8(15));
+}
+
+// Bit i of 32 bits -> 0x10 in byte i (the fifth bit of a Q5 code).
+inline __m256i fifth_bits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return _mm256_maskz_mov_epi8(__mmask32(bits), _mm256_set1_epi8(16));
+#else
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                         0x0101010101010101, 0x0000000000000000);
+  __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), shuf);
+  b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(16));
+#endif
+}
+
+// One x row as the kernels see it. aux: Q4_0/Q5_0/Q8_0: -offset * (sum of each 4 codes), the
+// dpbusd start value that turns unsigned weight codes into signed ones; K-quants: the 16-element
+// code sums (ggml's Q8_K bsums), as int32.
+struct Q8Row {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+  const int32_t* aux;
+};
+
+struct Q8Acc {
+  __m256 acc;
+  __m128 accm;
+  float summs;
+};
+
+// Q4_0/Q5_0/Q8_0 (Q8_0 activations): weight codes as u8 = code + OFF, the bias undoes OFF.
+template <typename D>
+struct Q8Signed {
+  static constexpr int BS = 32, XB = 32;
+  static constexpr bool kBias = true, kBsums = false;
+  template <int MC>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16f(b);
+    const __m256i qw = D::codes(b);
+    for (int m = 0; m < MC; ++m) {
+      const __m256i p = dpbusd(load256(x[m].aux + bi * 8), qw, load256(x[m].q + bi * 32));
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
+                                  st[m].acc);
+    }
+  }
+  static float finish(const Q8Acc& a) { return hsum8(a.acc); }
+};
+
+struct Q8W4_0 : Q8Signed<Q8W4_0> {
+  static constexpr int TS = 18, OFF = 8;
+  static __m256i codes(const uint8_t* b) { return nibbles32(b + 2); }
+};
+struct Q8W5_0 : Q8Signed<Q8W5_0> {
+  static constexpr int TS = 22, OFF = 16;
+  static __m256i codes(const uint8_t* b) {
+    return _mm256_or_si256(nibbles32(b + 6), fifth_bits(b + 2));
+  }
+};
+struct Q8W8_0 : Q8Signed<Q8W8_0> {
+  static constexpr int TS = 34, OFF = 128;
+  static __m256i codes(const uint8_t* b) {
+    return _mm256_xor_si256(load256(b + 2), _mm256_set1_epi8(char(0x80)));
+  }
+};
+
+// Q4_1/Q5_1 (Q8_1 activations): unsigned codes; summs = fma(m_w, s_x, summs) per block (ggml's
+// binary contracts it), added after the hsum.
+template <typename D>
+struct Q8Min {
+  static constexpr int BS = 32, XB = 32;
+  static constexpr bool kBias = false, kBsums = false;
+  static constexpr int OFF = 0;
+  template <int MC>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16f(b), mw = f16f(b + 2);
+    const __m256i qw = D::codes(b);
+    for (int m = 0; m < MC; ++m) {
+      const __m256i p = dpbusd(_mm256_setzero_si256(), qw, load256(x[m].q + bi * 32));
+      st[m].summs = __builtin_fmaf(mw, x[m].s[bi], st[m].summs);
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
+                                  st[m].acc);
+    }
+  }
+  static float finish(const Q8Acc& a) { return hsum8(a.acc) + a.summs; }
+};
+
+struct Q8W4_1 : Q8Min<Q8W4_1> {
+  static constexpr int TS = 20;
+  static __m256i codes(const uint8_t* b) { return nibbles32(b + 4); }
+};
+struct Q8W5_1 : Q8Min<Q8W5_1> {
+  static constexpr int TS = 24;
+  static __m256i codes(const uint8_t* b) {
+    return _mm256_or_si256(nibbles32(b + 8), fifth_bits(b + 4));
+  }
+};
+
+// The 6-bit scales and mins of a Q4_K/Q5_K block as ints.
+inline void k_scale_min_int(const uint8_t* s, int* sc, int* mn) {
+  for (int i = 0; i < 4; ++i) {
+    sc[i] = s[i] & 63;
+    mn[i] = s[i + 4] & 63;
+    sc[i + 4] = (s[i + 8] & 15) | ((s[i] >> 2) & 48);
+    mn[i + 4] = (s[i + 8] >> 4) | ((s[i + 4] >> 2) & 48);
+  }
+}
+
+// Q4_K/Q5_K (Q8_K activations): per block sumi = sum_g sc[g] * dot(group g) in 8 lanes,
+// acc = fma(d_x * d_w, sumi, acc). Mins: Q4_K keeps 4 f32 lanes of (mn[2i] bs[2i] + mn[2i+1]
+// bs[2i+1]) * dmin; Q5_K one scalar summs += dmin * sum_g mn[g] bs[g] (contracted, as built).
+template <typename D>
+struct Q8KMin {
+  static constexpr int BS = 256, XB = 256;
+  static constexpr bool kBias = false, kBsums = true;
+  static constexpr int OFF = 0;
+  template <int MC>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    int sc[8], mn[8];
+    k_scale_min_int(b + 4, sc, mn);
+    const float dw = f16f(b), dminw = f16f(b + 2);
+    __m256i sumi[MC];
+    for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      const __m256i qw = D::group(b, g);
+      const __m256i scv = _mm256_set1_epi32(sc[g]);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i qy = load256(x[m].q + bi * 256 + g * 32);
+        const __m256i p = dpbusd(_mm256_setzero_si256(), qw, qy);
+        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
+      }
+    }
+    for (int m = 0; m < MC; ++m) {
+      const float dx = x[m].d[bi];
+      const int32_t* bs = x[m].aux + bi * 16;
+      int pm[4];
+      for (int i = 0; i < 4; ++i)
+        pm[i] = mn[2 * i] * (bs[4 * i] + bs[4 * i + 1]) +
+                mn[2 * i + 1] * (bs[4 * i + 2] + bs[4 * i + 3]);
+      const float dmin = -dx * dminw;
+      if constexpr (D::kScalarMins) {
+        st[m].summs = __builtin_fmaf(dmin, float(pm[0] + pm[1] + pm[2] + pm[3]), st[m].summs);
+      } else {
+        const __m128 pmf = _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)pm));
+        st[m].accm = _mm_fmadd_ps(_mm_set1_ps(dmin), pmf, st[m].accm);
+      }
+      st[m].acc =
+          _mm256_fmadd_ps(_mm256_set1_ps(dx * dw), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
+    }
+  }
+  static float finish(const Q8Acc& a) {
+    if constexpr (D::kScalarMins) return hsum8(a.acc) + a.summs;
+    __m128 m = _mm_add_ps(a.accm, _mm_movehl_ps(a.accm, a.accm));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    return hsum8(a.acc) + _mm_cvtss_f32(m);
+  }
+};
+
+struct Q8W4_K : Q8KMin<Q8W4_K> {
+  static constexpr int TS = 144;
+  static constexpr bool kScalarMins = false;
+  static __m256i group(const uint8_t* b, int g) {  // group g: chunk g/2, nibble g%2
+    const __m256i q = load256(b + 16 + 32 * (g >> 1));
+    return _mm256_and_si256(_mm256_srli_epi16(q, 4 * (g & 1)), _mm256_set1_epi8(15));
+  }
+};
+
+struct Q8W5_K : Q8KMin<Q8W5_K> {
+  static constexpr int TS = 176;
+  static constexpr bool kScalarMins = true;
+  static __m256i group(const uint8_t* b, int g) {  // plus bit g of qh[l] as 16
+    const __m256i q = load256(b + 48 + 32 * (g >> 1));
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (g & 1)), _mm256_set1_epi8(15));
+    const __m256i h = _mm256_and_si256(load256(b + 16), _mm256_set1_epi8(char(1 << g)));
+    const __m256i hi = _mm256_slli_epi16(_mm256_srli_epi16(h, g), 4);
+    return _mm256_or_si256(lo, hi);
+  }
+};
+
+// Q6_K: sumi = sum over 32-chunks of {sc[2c] x4 lanes, sc[2c+1] x4} * dot(unsigned codes),
+// minus 32 * (bs[2l] sc[2l] + bs[2l+1] sc[2l+1]) in lane l, as ggml's q8sclsub.
+struct Q8W6_K {
+  static constexpr int BS = 256, XB = 256, TS = 210, OFF = 0;
+  static constexpr bool kBias = false, kBsums = true;
+  template <int MC>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const float dw = f16f(b + 208);
+    __m256i sumi[MC];
+    for (int m = 0; m < MC; ++m) {
+      // lane l: bs[2l] sc[2l] + bs[2l+1] sc[2l+1]
+      const int32_t* bs = x[m].aux + bi * 16;
+      alignas(32) int32_t t[8];
+      for (int l = 0; l < 8; ++l)
+        t[l] = bs[2 * l] * int(scales[2 * l]) + bs[2 * l + 1] * int(scales[2 * l + 1]);
+      sumi[m] = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_slli_epi32(_mm256_load_si256((const __m256i*)t), 5));
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const int h = c >> 2, i = c & 3;
+      const __m256i ql = load256(b + 64 * h + 32 * (i & 1));
+      const __m256i qh = load256(b + 128 + 32 * h);
+      const __m256i lo =
+          _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (i >> 1)), _mm256_set1_epi8(15));
+      const __m256i hi = _mm256_slli_epi16(
+          _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
+      const __m256i qw = _mm256_or_si256(lo, hi);
+      const __m256i scv = _mm256_setr_epi32(scales[2 * c], scales[2 * c], scales[2 * c],
+                                            scales[2 * c], scales[2 * c + 1], scales[2 * c + 1],
+                                            scales[2 * c + 1], scales[2 * c + 1]);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
+        const __m256i p = dpbusd(_mm256_setzero_si256(), qw, qy);
+        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
+      }
+    }
+    for (int m = 0; m < MC; ++m)
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw), _mm256_cvtepi32_ps(sumi[m]),
+                                  st[m].acc);
+  }
+  static float finish(const Q8Acc& a) { return hsum8(a.acc); }
+};
+
+struct Q8Call {
+  int64_t k, n_out, m_total, row_bytes;
+  const uint8_t* w;
+  float* y;
+  std::vector<Q8Row> rows;
+};
+
+template <typename T, int MC>
+void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = c.k / T::BS, pf = prefetch_rows();
+  const Q8Row* x = c.rows.data() + m0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = c.w + n * c.row_bytes;
+    if (pf > 0 && n + pf < n1) {
+      const uint8_t* ahead = row + pf * c.row_bytes;
+      for (int64_t off = 0; off < c.row_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 0);
+    }
+    Q8Acc st[MC];
+    for (int m = 0; m < MC; ++m) st[m] = {_mm256_setzero_ps(), _mm_setzero_ps(), 0.f};
+    for (int64_t bi = 0; bi < nb; ++bi) T::template dot<MC>(row + bi * T::TS, bi, x, st);
+    for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::finish(st[m]);
+  }
+}
+
+template <typename T>
+void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= c.m_total; m0 += 4) q8_rows_mc<T, 4>(c, m0, n0, n1);
+  if (m0 + 2 <= c.m_total) q8_rows_mc<T, 2>(c, m0, n0, n1), m0 += 2;
+  if (m0 < c.m_total) q8_rows_mc<T, 1>(c, m0, n0, n1);
+}
+
+#pragma GCC pop_options
+
+struct Q8Kernel {
+  void (*fn)(const Q8Call&, int64_t, int64_t);
+  int bs, xb, off;
+  bool bias, bsums, q8_1;
+};
+
+template <typename T>
+constexpr Q8Kernel make_q8(bool q8_1 = false) {
+  return {q8_rows<T>, T::BS, T::XB, T::OFF, T::kBias, T::kBsums, q8_1};
+}
+
+Q8Kernel pick_q8(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return make_q8<Q8W4_0>();
+    case kQ4_1: return make_q8<Q8W4_1>(true);
+    case kQ5_0: return make_q8<Q8W5_0>();
+    case kQ5_1: return make_q8<Q8W5_1>(true);
+    case kQ8_0: return make_q8<Q8W8_0>();
+    case kQ4_K: return make_q8<Q8W4_K>();
+    case kQ5_K: return make_q8<Q8W5_K>();
+    case kQ6_K: return make_q8<Q8W6_K>();
+    default: return {nullptr, 0, 0, 0, false, false, false};
+  }
+}
+
+// Shared state of one q8 call (see Work for the threading scheme).
+struct Q8Work {
+  Q8Call call;
+  Q8Kernel kern;
+  std::vector<int32_t> aux;
+  int64_t chunk_rows, n_chunks;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void run() {
+    for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
+      const int64_t n0 = c * chunk_rows, n1 = std::min(call.n_out, n0 + chunk_rows);
+      kern.fn(call, n0, n1);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error QMatVecQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
+                         ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::U8> w,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  const auto qd = q.dimensions(), dd = d.dimensions(), sd = s.dimensions(), wd = w.dimensions();
+  if (qd.size() != 2 || dd.size() != 2 || sd.size() != 2 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("need 2-D q, d, s and w");
+  const Q8Kernel kern = pick_q8(qtype);
+  if (kern.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type for q8");
+  const int64_t m = qd[0], k = qd[1], n = wd[0];
+  if (k % kern.bs != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
+  const int64_t nxb = k / kern.xb;
+  if (dd[0] != m || dd[1] != nxb) return ffi::Error::InvalidArgument("d must be [m, k / block]");
+  if (kern.q8_1 && (sd[0] != m || sd[1] != nxb))
+    return ffi::Error::InvalidArgument("s must be [m, k / 32] for Q8_1");
+  auto work = std::make_shared<Q8Work>();
+  work->kern = kern;
+  Q8Call& c = work->call;
+  c.k = k;
+  c.n_out = n;
+  c.m_total = m;
+  c.row_bytes = wd[1];
+  c.w = w.typed_data();
+  c.y = y->typed_data();
+  const int8_t* qp = q.typed_data();
+  // Per-row integer side data: bias (-OFF * sum of 4 codes) or 16-element sums.
+  const int64_t per = kern.bias ? k / 4 : kern.bsums ? k / 16 : 0, grp = kern.bias ? 4 : 16;
+  work->aux.assign(size_t(m * per), 0);
+  for (int64_t i = 0; i < m * per; ++i) {
+    int32_t t = 0;
+    for (int j = 0; j < grp; ++j) t += qp[i * grp + j];
+    work->aux[size_t(i)] = kern.bias ? -kern.off * t : t;
+  }
+  c.rows.resize(size_t(m));
+  for (int64_t r = 0; r < m; ++r)
+    c.rows[size_t(r)] = {qp + r * k, d.typed_data() + r * nxb,
+                         kern.q8_1 ? s.typed_data() + r * nxb : nullptr,
+                         work->aux.data() + r * per};
+  work->chunk_rows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes));
+  work->n_chunks = (n + work->chunk_rows - 1) / work->chunk_rows;
+  static const int64_t max_helpers = [] {
+    const char* env = std::getenv("JLLAMA_CPU_KERNEL_THREADS");
+    return env ? std::max(0, std::atoi(env) - 1) : 1 << 20;
+  }();
+  const int64_t helpers = std::min({pool.num_threads() - 1, work->n_chunks - 1, max_helpers});
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+#endif  // JLLAMA_Q8
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaDequant, DequantImpl,
@@ -771,3 +1177,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecXs, QMatVecXsImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("qtype"));
+
+#if defined(JLLAMA_Q8)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8, QMatVecQ8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
+#endif

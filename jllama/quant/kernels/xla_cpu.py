@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jllama.quant.actquant import quantize_activations_q8
 from jllama.quant.kernels import cpu_ffi, cpu_repack
 from jllama.quant.kernels.cpu_repack import Repacked
 
@@ -77,6 +78,24 @@ def ffi_matvec_xs(x: jax.Array, qt, xs: jax.Array) -> jax.Array:
     n_out, n_in = qt.shape
     lead = x.shape[:-1]
     y = cpu_ffi.qmatvec_xs(x.reshape(-1, n_in), xs.reshape(-1, n_in // 32), qt.data, qt.qtype)
+    return y.reshape(*lead, n_out)
+
+
+def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
+    """The int8 C++ matvec on x quantized to ggml's vec_dot type, bit-identical to llama.cpp's
+    CPU product (see cpu_qmatvec.cc); None where this type or machine has no such kernel."""
+    if not cpu_ffi.q8_supported(qt.qtype):
+        return None
+    parts = quantize_activations_q8(x, qt.qtype)
+    if parts is None:
+        return None
+    q, d, s = parts
+    n_out, n_in = qt.shape
+    lead = x.shape[:-1]
+    y = cpu_ffi.qmatvec_q8(
+        q.reshape(-1, n_in), d.reshape(-1, d.shape[-1]),
+        None if s is None else s.reshape(-1, s.shape[-1]), qt.data, qt.qtype,
+    )
     return y.reshape(*lead, n_out)
 
 

@@ -1,0 +1,169 @@
+"""The int8-activation C++ matvec (``jllama_qmatvec_q8``) against ggml's own ``ggml_mul_mat``.
+
+The oracle is the llama.cpp build the tests already use (llama-cpp-python's libggml-base/-cpu),
+driven through ctypes on a plain ggml context (no backend buffers, so no AMX/repack extra
+buffer types): an f32 activation tensor times a quantized weight tensor holding our GGUF bytes.
+ggml quantizes the activations to the weight's vec_dot type and runs its vec_dot (one row) or
+llamafile's tinyBLAS (2+ rows, Q4_0/Q5_0/Q8_0); our kernel gets the activations quantized by
+``quantize_activations_q8``. The products must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jllama.gguf.constants import QType, qtype_info
+from jllama.quant.actquant import quantize_activations_ex, quantize_activations_q8
+from jllama.quant.kernels import cpu_ffi
+
+# Byte offsets of each type's f16 fields inside one block (random bytes elsewhere).
+F16_FIELDS = {
+    QType.Q4_0: [0],
+    QType.Q4_1: [0, 2],
+    QType.Q5_0: [0],
+    QType.Q5_1: [0, 2],
+    QType.Q8_0: [0],
+    QType.Q4_K: [0, 2],
+    QType.Q5_K: [0, 2],
+    QType.Q6_K: [208],
+}
+TYPES = list(F16_FIELDS)
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
+                ("no_alloc", ctypes.c_bool)]  # fmt: skip
+
+
+def _ggml():
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="install the oracle: pip install -e .[oracle]"
+    )
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    base = ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+    p = ctypes.c_void_p
+    base.ggml_init.argtypes, base.ggml_init.restype = [_InitParams], p
+    base.ggml_new_tensor_2d.argtypes = [p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    base.ggml_new_tensor_2d.restype = p
+    base.ggml_mul_mat.argtypes, base.ggml_mul_mat.restype = [p, p, p], p
+    base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [p], p
+    base.ggml_build_forward_expand.argtypes, base.ggml_build_forward_expand.restype = [p, p], None
+    base.ggml_get_data.argtypes, base.ggml_get_data.restype = [p], p
+    base.ggml_nbytes.argtypes, base.ggml_nbytes.restype = [p], ctypes.c_size_t
+    base.ggml_free.argtypes, base.ggml_free.restype = [p], None
+    cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
+    cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
+    cpu.ggml_cpu_init.argtypes, cpu.ggml_cpu_init.restype = [], None
+    cpu.ggml_cpu_init()
+    return base, cpu
+
+
+def ggml_mul_mat(raw: np.ndarray, qtype: int, x: np.ndarray, n_threads: int) -> np.ndarray:
+    """ggml's CPU ``x[m, k] @ W.T`` for W given as raw GGUF rows ``raw[n, row_bytes]``."""
+    base, cpu = _ggml()
+    n, m, k = raw.shape[0], x.shape[0], x.shape[1]
+    ctx = base.ggml_init(_InitParams(256 << 20, None, False))
+    assert ctx
+    try:
+        w = base.ggml_new_tensor_2d(ctx, int(qtype), k, n)
+        assert base.ggml_nbytes(w) == raw.nbytes
+        ctypes.memmove(base.ggml_get_data(w), np.ascontiguousarray(raw).ctypes.data, raw.nbytes)
+        a = base.ggml_new_tensor_2d(ctx, 0, k, m)  # GGML_TYPE_F32
+        xa = np.ascontiguousarray(x, np.float32)
+        ctypes.memmove(base.ggml_get_data(a), xa.ctypes.data, xa.nbytes)
+        y = base.ggml_mul_mat(ctx, w, a)  # ne = [n, m]
+        graph = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(graph, y)
+        assert cpu.ggml_graph_compute_with_ctx(ctx, graph, n_threads) == 0
+        out = np.empty((m, n), np.float32)
+        ctypes.memmove(out.ctypes.data, base.ggml_get_data(y), out.nbytes)
+        return out
+    finally:
+        base.ggml_free(ctx)
+
+
+def random_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.ndarray:
+    """Random GGUF blocks: every code, scale and bit pattern, with finite f16 scale fields."""
+    info = qtype_info(int(qtype))
+    nb = row_len // info.block_size
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, nb, info.type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
+        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, nb * info.type_size)
+
+
+def activations(m: int, k: int, seed: int) -> np.ndarray:
+    """Normal values with a few large outliers per row, as in a transformer's hidden state."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, rng.integers(0, k, 4)] *= 30.0
+    x[0, :32] = 0.0  # an all-zero block: ggml's d = 0 path
+    return x
+
+
+def require_q8() -> None:
+    if os.environ.get("JLLAMA_NO_FFI", "") not in ("", "0"):
+        pytest.skip("JLLAMA_NO_FFI is set: the C++ kernels are off by request")
+    assert cpu_ffi.available(), "C++ CPU kernels failed to build (see the log warning)"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512_vnni" not in flags and "avx_vnni" not in flags:
+        pytest.skip("no VNNI on this CPU: the int8 kernels are not built here")
+    assert cpu_ffi.q8_supported(int(QType.Q8_0)), "int8 kernels missing from the build"
+
+
+def ours(raw: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
+    q, d, s = quantize_activations_q8(jnp.asarray(x), qtype)
+    return np.asarray(cpu_ffi.qmatvec_q8(q, d, s, jnp.asarray(raw), qtype))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_q8_kernel_bit_exact_vs_ggml(qtype: QType) -> None:
+    require_q8()
+    k, n = 768, 96  # three 256-blocks; n spans several threading chunks for the K-quants
+    raw = random_blocks(qtype, n, k, seed=int(qtype))
+    for m in (1, 2, 3, 5):
+        x = activations(m, k, seed=m)
+        ref = ggml_mul_mat(raw, qtype, x, n_threads=2 if m == 2 else 1)
+        got = ours(raw, qtype, x)
+        bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
+        assert bad.size == 0, (
+            f"{qtype.name} m={m}: {bad.size} of {ref.size} differ, e.g. "
+            f"{got.flat[bad[0]]!r} vs ggml {ref.flat[bad[0]]!r}"
+        )
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0, QType.Q4_K], ids=lambda t: t.name)
+def test_q8_codes_times_scales_are_the_rounded_activations(qtype: QType) -> None:
+    """The parts the kernel gets describe the same x that the f32 paths round to."""
+    x = jnp.asarray(activations(2, 512, seed=7))
+    q, d, _ = quantize_activations_q8(x, qtype)
+    bs = 512 // d.shape[-1]
+    rebuilt = (q.astype(jnp.float32).reshape(2, -1, bs) * d[..., None]).reshape(2, 512)
+    ref = quantize_activations_ex(x, qtype)[0]
+    np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(ref))
+    assert q.dtype == jnp.int8 and int(jnp.max(jnp.abs(q.astype(jnp.int32)))) <= 127
+
+
+def test_q8_kernel_under_jit_and_vmap_free_shapes() -> None:
+    """Through ``linear``'s wrapper: leading axes fold into rows, jit traces once."""
+    require_q8()
+    from jllama.quant.kernels import xla_cpu
+    from jllama.quant.qtensor import QTensor
+
+    qtype, k, n = QType.Q4_1, 256, 40
+    raw = random_blocks(qtype, n, k, seed=3)
+    qt = QTensor(data=jnp.asarray(raw), qtype=int(qtype), shape=(n, k), layout="gguf")
+    x = activations(3, k, seed=5)
+    y = jax.jit(lambda v: xla_cpu.ffi_matvec_q8(v, qt))(jnp.asarray(x).reshape(1, 3, k))
+    ref = ggml_mul_mat(raw, qtype, x, n_threads=1)
+    np.testing.assert_array_equal(np.asarray(y).reshape(3, n), ref)
