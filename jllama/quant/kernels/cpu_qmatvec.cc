@@ -15,9 +15,10 @@
 // already quantized to ggml's Q8_0/Q8_1/Q8_K blocks (jllama/quant/actquant.py), each block is an
 // exact VNNI integer dot, and the f32 accumulation follows ggml's x86 vec_dot step by step, so
 // the product is bit-identical to llama.cpp's CPU mul_mat (tests/test_cpu_q8_kernel.py drives
-// ggml's own). It reads ~1 byte less per element of work than the f32 decoders (no f32 x) and is
-// what decode uses in the default llama.cpp-matching numerics, for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/
-// Q4_K/Q5_K/Q6_K; the f32 decoders serve the exact-f32 mode, the other types and the GEMM path.
+// ggml's own). Decode uses it in the default llama.cpp-matching numerics for Q4_0/Q4_1/Q5_0/
+// Q5_1/Q8_0/Q4_K/Q5_K/Q6_K (one core, L3-resident weights, 2-vCPU Xeon: Q4_1 ~11, Q8_0 ~19,
+// Q4_K ~12 GB/s against ~8, ~16, ~6 for the f32 decoders); the f32 decoders serve the exact-f32
+// mode, the other types and the GEMM path.
 //
 // Built at first use by jllama/quant/kernels/cpu_ffi.py with the host C++ compiler.
 
@@ -546,14 +547,29 @@ struct NeedsXsum<T, std::void_t<decltype(T::kNeedsXsum)>> {
 
 // y[m0 + m, n] for n in [n0, n1), m < MC: each block is decoded once and used for MC rows of x.
 // Rows of W prefetched ahead of the one being read (0: off). Decode streams ~100 MB of weights
-// per token from DRAM; the hardware prefetcher alone left the kernel latency-bound on a 2-vCPU
-// Xeon VM (env JLLAMA_CPU_PREFETCH_ROWS, for measurements).
+// per token; the hardware prefetcher alone left the kernel latency-bound on a 2-vCPU Xeon VM
+// (env JLLAMA_CPU_PREFETCH_ROWS, for measurements). The hint is T0, not NTA: a non-temporal
+// prefetch evicts the lines from the (large, shared) L3, so weights that would have stayed
+// there between tokens came from DRAM every time: 2-3x slower matvecs on an L3-resident
+// matrix (experiments/bench_q8_kernel.py --cpu-time; env JLLAMA_CPU_PREFETCH_NTA=1 restores it).
 inline int64_t prefetch_rows() {
   static const int64_t v = [] {
     const char* env = std::getenv("JLLAMA_CPU_PREFETCH_ROWS");
     return env ? std::max(0, std::atoi(env)) : 8;
   }();
   return v;
+}
+
+inline void prefetch_row(const uint8_t* p, int64_t bytes) {
+  static const bool nta = [] {
+    const char* env = std::getenv("JLLAMA_CPU_PREFETCH_NTA");
+    return env != nullptr && std::atoi(env) != 0;
+  }();
+  if (nta) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+  } else {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+  }
 }
 
 template <typename T, int MC>
@@ -564,8 +580,7 @@ void rows_mc(const float* x, const float* xsum, int64_t k, const uint8_t* w, int
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     if (pf > 0 && n + pf < n1) {
-      const uint8_t* ahead = row + pf * row_bytes;
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 0);
+      prefetch_row(row + pf * row_bytes, row_bytes);
     }
     v16 acc[MC] = {};
     float sacc[MC] = {};
@@ -1039,8 +1054,7 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = c.w + n * c.row_bytes;
     if (pf > 0 && n + pf < n1) {
-      const uint8_t* ahead = row + pf * c.row_bytes;
-      for (int64_t off = 0; off < c.row_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 0);
+      prefetch_row(row + pf * c.row_bytes, c.row_bytes);
     }
     Q8Acc st[MC];
     for (int m = 0; m < MC; ++m) st[m] = {_mm256_setzero_ps(), _mm_setzero_ps(), 0.f};
