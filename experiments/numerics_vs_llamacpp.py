@@ -79,11 +79,12 @@ _QUIET = None
 
 
 def llamacpp_tensors(path: str, ids: list[int], flash_attn: bool, n_ubatch: int,
-                     n_ctx: int = 512, threads: int = 2, extra_bufts: bool = False
-                     ) -> dict[str, np.ndarray]:
+                     n_ctx: int = 512, threads: int = 2, extra_bufts: bool = False,
+                     keep=None) -> dict[str, np.ndarray]:
     """Every named f32/f16 tensor llama.cpp computes while decoding ``ids`` in one batch
     (split into ubatches of ``n_ubatch``; later ubatches overwrite earlier ones' names, so
-    the values are those of the last ubatch)."""
+    the values are those of the last ubatch). ``keep(name)`` picks which to copy (a full
+    window of every tensor of every layer is gigabytes)."""
     import llama_cpp as lc
 
     global _QUIET
@@ -94,9 +95,9 @@ def llamacpp_tensors(path: str, ids: list[int], flash_attn: bool, n_ubatch: int,
         t = ctypes.cast(tp, ctypes.POINTER(GGMLTensor)).contents
         if ask:
             return True
-        a = _read_tensor(t)
+        name = t.name.decode(errors="replace")
+        a = _read_tensor(t) if keep is None or keep(name) else None
         if a is not None:
-            name = t.name.decode(errors="replace")
             if name in out:  # a name reused along the graph (Qcur before and after rope)
                 n = 1
                 while f"{name}#{n}" in out:
