@@ -560,7 +560,7 @@ inline int64_t prefetch_rows() {
   return v;
 }
 
-inline void prefetch_row(const uint8_t* p, int64_t bytes) {
+__attribute__((always_inline)) inline void prefetch_row(const uint8_t* p, int64_t bytes) {
   static const bool nta = [] {
     const char* env = std::getenv("JLLAMA_CPU_PREFETCH_NTA");
     return env != nullptr && std::atoi(env) != 0;
