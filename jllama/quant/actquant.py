@@ -52,9 +52,14 @@ def _q8_parts(x: jax.Array, qtype: int):
         inv = jnp.where(amax > 0, 127.0 / amax, 0.0)  # as ggml's AVX quantize_row_q8_x
         q = jnp.round(xb * inv)  # nearest-even, as _mm256_round_ps(_MM_ROUND_NEAREST)
         return q, d32, d32.astype(jnp.float16).astype(jnp.float32)
-    # Q8_K: scale from the signed value of largest magnitude, f32 scale
-    idx = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)
-    mx = jnp.take_along_axis(xb, idx, axis=-1)
+    # Q8_K: scale from the signed value of largest magnitude (the first one, as ggml's strict
+    # ``ax > amax`` scan), f32 scale. Two min-reductions instead of argmax + gather: ~2x faster
+    # on XLA:CPU, same choice on ties of +amax and -amax.
+    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    iota = jnp.arange(bs, dtype=jnp.int32)
+    first_pos = jnp.min(jnp.where(xb == amax, iota, bs), axis=-1, keepdims=True)
+    first_neg = jnp.min(jnp.where(xb == -amax, iota, bs), axis=-1, keepdims=True)
+    mx = jnp.where(first_pos <= first_neg, amax, -amax)
     iscale = jnp.where(mx != 0, -127.0 / mx, 0.0)
     q = jnp.minimum(jnp.round(xb * iscale), 127.0)
     return q, None, jnp.where(iscale != 0, 1.0 / iscale, 0.0)
