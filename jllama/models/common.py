@@ -35,6 +35,16 @@ def _store(name: str, value) -> None:
         TAPS[name] = np.asarray(value)
 
 
+def tap_layer() -> int:
+    """The index of the block ``decoder_forward`` is running, for per-layer tap names. Blocks
+    read it instead of storing their index: a static index would make every block's graphdef
+    distinct, and equal graphdefs are what lets identical blocks share one trace."""
+    return _TAP_LAYER
+
+
+_TAP_LAYER = 0
+
+
 def tap(name: str, x: jax.Array) -> jax.Array:
     if TAPS is not None:
         jax.debug.callback(partial(_store, name), x)
@@ -282,11 +292,38 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     t = x.shape[1]
     pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     ks, vs = list(cache.k), list(cache.v)
+    kv_types = (cache.k_type, cache.v_type)
+    global _TAP_LAYER
+    run = _shared_block_runner() if SHARE_BLOCK_TRACES and TAPS is None else None
     for i, blk in enumerate(model.blocks):
         with jax.named_scope(f"blk{i}"):
-            x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, (cache.k_type, cache.v_type))
+            if run is None:
+                _TAP_LAYER = i
+                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, kv_types)
+            else:
+                gd, st = nnx.split(blk)
+                x, ks[i], vs[i] = run(gd, st, x, pos, pos0, ks[i], vs[i], kv_len, kv_types)
     if last_idx is not None:
         x = gather_last(x, last_idx)
     x = tap("result_norm", model.out_norm(x))
     logits = model.tok_embd.attend(x) if model.output is None else model.output(x)
     return logits, cache.replace(ks, vs)
+
+
+# Trace each distinct decoder block once per forward pass instead of once per layer: blocks
+# with equal graphdefs (same static attributes, same weight types) go through one nested jit, so
+# SmolLM2's 30 layers are traced and lowered as one function called 30 times (XLA inlines the
+# calls before optimising, so the compiled program and its numerics are those of the unrolled
+# loop). Off while numerics taps are recording (they name tensors per layer).
+SHARE_BLOCK_TRACES = True
+
+
+def _shared_block_runner():
+    """A fresh nested jit per outer trace: its trace cache then lives exactly as long as that
+    trace, so trace-time switches (MATCH_LLAMACPP_NUMERICS, kernel availability) never leak
+    from one model or setting into another."""
+
+    def run(gd, st, x, pos, pos0, kc, vc, kv_len, kv_types):
+        return nnx.merge(gd, st)(x, pos, pos0, kc, vc, kv_len, kv_types)
+
+    return jax.jit(run, static_argnums=(0, 7, 8))

@@ -22,6 +22,7 @@ from jllama.models.common import (
     rope,
     swiglu,
     tap,
+    tap_layer,
     write_cache,
 )
 from jllama.models.spec import ModelSpec
@@ -31,7 +32,6 @@ class Block(nnx.Module):
     def __init__(self, spec: ModelSpec, w: Weights, i: int):
         p = f"blk.{i}."
         self.spec = spec
-        self.il = i
         self.attn_norm = RMSNorm(w.vector(p + "attn_norm.weight"), spec.norm_eps)
         self.wq = Linear(w(p + "attn_q.weight"), _bias(w, p + "attn_q.bias"))
         self.wk = Linear(w(p + "attn_k.weight"), _bias(w, p + "attn_k.bias"))
@@ -44,7 +44,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, pos, pos0, kc, vc, kv_len: int, kv_types: tuple[str, str]):
         s = self.spec
-        il = self.il
+        il = tap_layer()
         b, t, _ = x.shape
         h = tap(f"attn_norm-{il}", self.attn_norm(x))
         q = self.wq(h).reshape(b, t, s.n_head, s.head_dim)
