@@ -77,7 +77,7 @@ class Engine:
         self.cache = self._new_cache(self.n_slots)
         self.pos = np.zeros(self.n_slots, np.int32)  # tokens held per slot
         self.tokens: list[list[int]] = [[] for _ in range(self.n_slots)]  # ...and which ones
-        self.history = jnp.full((self.n_slots, HISTORY), -1, jnp.int32)
+        self.history = jax.device_put(np.full((self.n_slots, HISTORY), -1, np.int32))
         self.timings = Timings()
         gd = self.graphdef
 
@@ -133,6 +133,16 @@ class Engine:
         self._decode_sample = jax.jit(decode_sample, static_argnames="kv_len",
                                       donate_argnames=("cache", "history"))
         self._sample = jax.jit(_sample_rows)
+        n_slots = self.n_slots
+
+        def first_sample(logits, slot, sp, keys, history, bias):
+            # the first token of a generation: the prefill's row placed among the slots and
+            # sampled in one executable (as eager ops, the placement compiled 4 small programs
+            # in every process, on the time-to-first-token path)
+            rows = jnp.zeros((n_slots, logits.shape[-1]), jnp.float32).at[slot].set(logits)
+            return _sample_rows(rows, sp, keys, jnp.zeros(n_slots, jnp.int32), history, bias)
+
+        self._first_sample = jax.jit(first_sample)
         self._shift = self._build_shift() if self._kv_rope is not None else None
 
     # ------------------------------------------------------------------ cache / slots
@@ -164,7 +174,14 @@ class Engine:
         tail = self.tokens[slot][-HISTORY:]
         if tail:
             h[-len(tail):] = tail
-        self.history = self.history.at[slot].set(jnp.asarray(h))
+        if len(self.history.sharding.device_set) > 1:  # placed over a mesh: update it there
+            self.history = self.history.at[slot].set(jnp.asarray(h))
+            return
+        # one device: on the host, since an eager ``.at[].set`` compiles a scatter (and three
+        # helpers) in every process, which time to first token pays for
+        hist = np.array(self.history)
+        hist[slot] = h
+        self.history = jax.device_put(hist, may_alias=False)
 
     def common_prefix(self, tokens: list[int] | np.ndarray, slot: int) -> int:
         held = self.tokens[slot]
@@ -210,10 +227,10 @@ class Engine:
             buf[0, :m] = chunk
             pos0 = self.pos[slot : slot + 1].copy()
             kv_len = self.kv_bucket(int(pos0[0]) + t)
-            last = None if all_logits else jnp.asarray([m - 1], jnp.int32)
+            # numpy arguments: jit transfers them itself, where jnp.asarray compiles a copy
+            last = None if all_logits else np.asarray([m - 1], np.int32)
             logits, self.cache = self._forward_slot(
-                self.state, jnp.asarray(buf), jnp.asarray(pos0), self.cache,
-                jnp.int32(slot), last, kv_len=kv_len)
+                self.state, buf, pos0, self.cache, np.int32(slot), last, kv_len=kv_len)
             if all_logits:
                 outs.append(logits[:m])
             self.pos[slot] += m
@@ -316,10 +333,10 @@ class Engine:
         pos0 = self.pos.copy()
         need = int(pos0[active].max()) + 1 if active.any() else 1
         if bias is None:
-            bias = jnp.zeros((self.n_slots, self.spec.n_vocab), jnp.float32)
+            bias = np.zeros((self.n_slots, self.spec.n_vocab), np.float32)
         nxt, logits, self.cache, self.history = self._decode_sample(
-            self.state, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos0), self.cache, sp, keys,
-            jnp.asarray(steps, jnp.int32), self.history, bias, jnp.asarray(active),
+            self.state, np.asarray(tokens, np.int32), pos0, self.cache, sp, keys,
+            np.asarray(steps, np.int32), self.history, bias, np.asarray(active),
             kv_len=self.kv_bucket(need))
         self.pos[active] += 1
         for b in np.nonzero(active)[0]:
@@ -387,11 +404,10 @@ class Engine:
         tm.extra["cached_tokens"] = cached
         sp = BatchSampling.stack([params] * self.n_slots)
         seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(4), "little")
-        keys = jnp.broadcast_to(jax.random.PRNGKey(seed), (self.n_slots, 2))
+        keys = np.broadcast_to(np.asarray(jax.random.PRNGKey(seed)), (self.n_slots, 2))
         bias = _bias_array(params.logit_bias, self.spec.n_vocab, self.n_slots)
-        all_logits = jnp.zeros((self.n_slots, logits.shape[-1]), jnp.float32).at[slot].set(logits)
-        tok = int(self._sample(all_logits, sp, keys, jnp.zeros(self.n_slots, jnp.int32),
-                               self.history, bias)[slot])
+        tok = int(np.asarray(self._first_sample(logits, np.int32(slot), sp, keys, self.history,
+                                                bias))[slot])
         t1 = time.perf_counter()
         tm.prompt_s = t1 - t0
         tm.first_token_s = t1 - t0
@@ -427,7 +443,7 @@ def _bias_array(logit_bias: dict[int, float], n_vocab: int, n_slots: int) -> jax
     for k, v in (logit_bias or {}).items():
         if 0 <= int(k) < n_vocab:
             b[:, int(k)] = v
-    return jnp.asarray(b)
+    return jax.device_put(b)  # not jnp.asarray: that compiles a copy program per process
 
 
 def _sample_rows(logits, sp, keys, steps, history, bias):

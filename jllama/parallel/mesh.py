@@ -109,6 +109,7 @@ ENGINE_JITS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...] |
     "_forward_logprobs": (("kv_len",), ("cache",), (0, 1)),
     "_decode_sample": (("kv_len",), ("cache", "history"), (0, 1, 3)),
     "_sample": ((), (), None),  # None: the single output
+    "_first_sample": ((), (), None),
 }
 
 
