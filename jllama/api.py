@@ -92,6 +92,8 @@ class Llama:
                 transform = quantize_on_load(self.gguf, quant)
             weights = load_weights(self.gguf, transform)
             self.spec, self.model = build_model(self.gguf, weights)
+            # the weights are in device buffers now: the file's pages need not stay resident
+            self.gguf.release_pages()
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
                              cache_type=cache_type, cache_type_v=cache_type_v)

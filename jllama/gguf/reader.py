@@ -10,6 +10,7 @@ of ``ne = [n_in, n_out]`` becomes ``shape = (n_out, n_in)``.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -79,6 +80,18 @@ class GGUFFile:
     alignment: int
     data_offset: int
     file_size: int
+    # the file mapping the tensor views share (None for headers rebuilt from a checkpoint)
+    mapping: np.memmap | None = field(default=None, repr=False, compare=False)
+
+    def release_pages(self) -> None:
+        """Drop this process's resident copy of the mapped file (``MADV_DONTNEED``).
+
+        Call once the weights are copied into device buffers: the mapped pages otherwise stay in
+        the process's RSS (the whole file, next to the copy). The views stay valid; touching a
+        tensor again faults its pages back in from the file."""
+        mm = getattr(self.mapping, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -290,4 +303,5 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         alignment=alignment,
         data_offset=data_offset,
         file_size=file_size,
+        mapping=mm,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from jllama.errors import ModelError
@@ -48,7 +48,9 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
 
     ``transform(name, raw, qtype, shape) -> (raw, qtype)`` may requantize on load. With
     ``repack`` each weight goes through ``qtensor.prepare`` straight from the memory-mapped
-    bytes (the backend's fast layout), so no second full copy is ever resident.
+    bytes (the backend's fast layout), so no second full copy is ever resident. Tensors left in
+    GGUF layout are device buffers over the mapping itself on CPU (the file must not change
+    while the model is loaded, as with llama.cpp's default mmap).
     """
     out: dict[str, QTensor] = {}
     for name, ti in g.tensors.items():
@@ -60,7 +62,11 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
         if repack:
             qt = prepare(qt)
         if isinstance(qt.data, np.ndarray):
-            qt = QTensor(jnp.asarray(qt.data), qt.qtype, qt.shape, qt.layout)
+            # zero-copy where the host layout allows: weights still in GGUF blocks stay in the
+            # file mapping (read-only, as llama.cpp's mmap: no second resident copy, clean pages
+            # the kernel can drop), repacked arrays are adopted rather than copied. jnp.asarray
+            # would copy, through a compiled copy program per dtype.
+            qt = QTensor(jax.device_put(qt.data), qt.qtype, qt.shape, qt.layout)
         out[name] = qt
     return Weights(out, g.path)
 
