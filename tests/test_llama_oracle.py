@@ -77,6 +77,9 @@ def test_greedy_64_tokens(oracle, llm, prompt):
                                     stop_ids={oracle.token_eos()}))
     ref = [t for t in ref if t != oracle.token_eos()]
     split = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    if split is None and len(ours) < len(ref):  # we stopped (EOS) where llama.cpp went on
+        split = len(ours)
+        ours = ours + [oracle.token_eos()]
     if split is None:
         print(f"\n{prompt[:30]!r}: {len(ours)} greedy tokens identical")
         assert ours == ref

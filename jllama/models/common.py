@@ -53,10 +53,18 @@ def tap(name: str, x: jax.Array) -> jax.Array:
 
 def linear(x: jax.Array, qt: QTensor) -> jax.Array:
     if MATCH_LLAMACPP_NUMERICS and not qt.is_float:
-        x, s_err = quantize_activations_ex(x, qt.qtype)
-        if s_err is not None and jax.default_backend() == "cpu":
+        on_cpu = jax.default_backend() == "cpu"
+        if on_cpu:
             from jllama.quant.kernels import xla_cpu
 
+            if xla_cpu.ffi_matvec_ok(x, qt):
+                # decode: ggml's own int8 dot on ggml's Q8 activations, bit-identical to
+                # llama.cpp's CPU product (None: no int8 kernel for this type or machine)
+                y = xla_cpu.ffi_matvec_q8(x, qt)
+                if y is not None:
+                    return y
+        x, s_err = quantize_activations_ex(x, qt.qtype)
+        if s_err is not None and on_cpu:
             if xla_cpu.ffi_matvec_ok(x, qt):
                 # decode: the kernel takes ggml's Q8_1 block sums for the min term directly,
                 # instead of a second (strided) pass over the weight's mins in XLA
