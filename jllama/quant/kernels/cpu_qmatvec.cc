@@ -24,10 +24,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -645,11 +648,112 @@ Kernel pick(int64_t qtype) {
 
 int block_size(int64_t qtype) { return qtype == kIQ4_NL ? 32 : qtype >= kQ2_K ? 256 : 32; }
 
-// Chunks of rows are claimed from a shared counter by the caller and by helpers scheduled on
-// XLA's pool. The caller waits only for chunks a helper has already claimed, so a pool that never
-// runs the helpers (busy, or no threads) cannot deadlock the call; state is shared_ptr-owned
-// because a late helper may start after the call returned.
-struct Work {
+inline int64_t helpers_cap() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("JLLAMA_CPU_KERNEL_THREADS");  // for measurements
+    return env ? std::max(0, std::atoi(env) - 1) : int64_t(1) << 20;
+  }();
+  return v;
+}
+
+// Chunks of rows are claimed from a shared counter by the caller and by helpers. The caller
+// waits only for chunks a helper has already claimed, so helpers that never run (busy pool, no
+// threads) cannot deadlock a call; state is shared_ptr-owned because a late helper may start
+// after the call returned.
+struct Job {
+  virtual void run() = 0;
+  virtual ~Job() = default;
+};
+
+// Helpers for decode matvecs: a decode step makes ~200 kernel calls of 10-100 us each with small
+// XLA ops in between, and waking one of XLA's pool threads per call (futex wake, work stealing)
+// cost ~15 % of the step's CPU time. Like llama.cpp's threadpool, these threads spin for a
+// while after each call (JLLAMA_CPU_SPIN_US, default 300 us; 0 = use XLA's pool) and then sleep,
+// so the next call of the same step finds them awake. One call at a time: a second concurrent
+// caller (several host devices) falls back to XLA's pool.
+class SpinPool {
+ public:
+  SpinPool(int64_t n, int64_t spin_us) : spin_(spin_us) {
+    for (int64_t i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
+  }
+
+  // Null when disabled; created at the first call with the caller's helper count.
+  static SpinPool* get(int64_t helpers) {
+    static const int64_t spin_us = [] {
+      const char* env = std::getenv("JLLAMA_CPU_SPIN_US");
+      return env ? std::max(0, std::atoi(env)) : 300;
+    }();
+    if (spin_us == 0 || helpers <= 0) return nullptr;
+    static SpinPool* pool = new SpinPool(helpers, spin_us);  // never destroyed: threads detached
+    return pool;
+  }
+
+  bool try_begin(std::shared_ptr<Job> job) {
+    bool expected = false;
+    if (!busy_.compare_exchange_strong(expected, true, std::memory_order_acquire)) return false;
+    std::lock_guard<std::mutex> lk(mu_);
+    job_ = std::move(job);
+    gen_.fetch_add(1, std::memory_order_release);
+    if (sleepers_ > 0) cv_.notify_all();
+    return true;
+  }
+  void end() { busy_.store(false, std::memory_order_release); }
+
+ private:
+  void loop() {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      uint64_t g;
+      auto t0 = std::chrono::steady_clock::now();
+      for (int it = 1; (g = gen_.load(std::memory_order_acquire)) == seen; ++it) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+        if ((it & 255) == 0 && std::chrono::steady_clock::now() - t0 > spin_) {
+          std::unique_lock<std::mutex> lk(mu_);
+          ++sleepers_;
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+          --sleepers_;
+        }
+      }
+      seen = g;
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        job = job_;
+      }
+      if (job) job->run();
+    }
+  }
+
+  std::chrono::microseconds spin_;
+  std::atomic<bool> busy_{false};
+  std::atomic<uint64_t> gen_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int64_t sleepers_ = 0;
+  std::shared_ptr<Job> job_;
+};
+
+// Runs ``work`` on the caller plus up to ``helpers`` threads; returns when every chunk is done.
+template <typename W>
+void run_chunks(ffi::ThreadPool& pool, const std::shared_ptr<W>& work, int64_t helpers) {
+  SpinPool* sp = SpinPool::get(std::min<int64_t>(pool.num_threads() - 1, helpers_cap()));
+  const bool spun = helpers > 0 && sp != nullptr && sp->try_begin(work);
+  if (!spun)
+    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < work->n_chunks) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  if (spun) sp->end();
+}
+
+struct Work : Job {
   RowsFn fn;
   const float* x;
   const float* xsum;
@@ -659,7 +763,7 @@ struct Work {
   std::vector<float> xsum_store;
   std::atomic<int64_t> next{0}, done{0};
 
-  void run() {
+  void run() override {
     for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
       const int64_t n0 = c * chunk_rows, n1 = std::min(n_out, n0 + chunk_rows);
       fn(x, xsum, k, w, row_bytes, y, n_out, m_total, n0, n1);
@@ -702,15 +806,7 @@ ffi::Error QMatVecRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, const float
   // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise the claim.
   work->chunk_rows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
   work->n_chunks = (n + work->chunk_rows - 1) / work->chunk_rows;
-  static const int64_t max_helpers = [] {
-    const char* env = std::getenv("JLLAMA_CPU_KERNEL_THREADS");  // for measurements
-    return env ? std::max(0, std::atoi(env) - 1) : 1 << 20;
-  }();
-  const int64_t helpers =
-      std::min({pool.num_threads() - 1, work->n_chunks - 1, max_helpers});
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+  run_chunks(pool, work, std::min({pool.num_threads() - 1, work->n_chunks - 1, helpers_cap()}));
   return ffi::Error::Success();
 }
 
@@ -1099,14 +1195,14 @@ Q8Kernel pick_q8(int64_t qtype) {
 }
 
 // Shared state of one q8 call (see Work for the threading scheme).
-struct Q8Work {
+struct Q8Work : Job {
   Q8Call call;
   Q8Kernel kern;
   std::vector<int32_t> aux;
   int64_t chunk_rows, n_chunks;
   std::atomic<int64_t> next{0}, done{0};
 
-  void run() {
+  void run() override {
     for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
       const int64_t n0 = c * chunk_rows, n1 = std::min(call.n_out, n0 + chunk_rows);
       kern.fn(call, n0, n1);
@@ -1154,14 +1250,7 @@ ffi::Error QMatVecQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buff
                          work->aux.data() + r * per};
   work->chunk_rows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes));
   work->n_chunks = (n + work->chunk_rows - 1) / work->chunk_rows;
-  static const int64_t max_helpers = [] {
-    const char* env = std::getenv("JLLAMA_CPU_KERNEL_THREADS");
-    return env ? std::max(0, std::atoi(env) - 1) : 1 << 20;
-  }();
-  const int64_t helpers = std::min({pool.num_threads() - 1, work->n_chunks - 1, max_helpers});
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+  run_chunks(pool, work, std::min({pool.num_threads() - 1, work->n_chunks - 1, helpers_cap()}));
   return ffi::Error::Success();
 }
 
