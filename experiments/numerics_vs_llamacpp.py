@@ -139,6 +139,10 @@ def llamacpp_tensors(path: str, ids: list[int], flash_attn: bool, n_ubatch: int,
     lc.llama_free(ctx)
     lc.llama_model_free(model)
     del cb_c
+    # hand llama.cpp's log back to llama-cpp-python's handler (our quiet one is process-wide)
+    from llama_cpp._logger import llama_log_callback
+
+    lc.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
     return out
 
 
