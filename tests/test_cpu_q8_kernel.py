@@ -142,6 +142,29 @@ def test_q8_kernel_bit_exact_vs_ggml(qtype: QType) -> None:
         )
 
 
+@pytest.mark.parametrize("qtypes", [(QType.Q4_1, QType.Q4_1, QType.Q4_1),
+                                    (QType.Q5_0, QType.Q5_0, QType.Q8_0),
+                                    (QType.Q4_K, QType.Q6_K)],
+                         ids=lambda ts: "-".join(t.name for t in ts))
+def test_q8_multi_weight_call_bit_exact_vs_ggml(qtypes) -> None:
+    """One kernel call over q/k/v (or gate/up) weights: each output is ggml's own product."""
+    require_q8()
+    from jllama.quant.kernels import xla_cpu
+    from jllama.quant.qtensor import QTensor
+
+    k, rows = 512, (96, 33, 64)
+    raws = [random_blocks(t, n, k, seed=10 + i) for i, (t, n) in enumerate(zip(qtypes, rows))]
+    qts = [QTensor(data=jnp.asarray(r), qtype=int(t), shape=(r.shape[0], k), layout="gguf")
+           for r, t in zip(raws, qtypes)]
+    for m in (1, 3):
+        x = activations(m, k, seed=20 + m)
+        got = xla_cpu.ffi_matvec_q8_multi(jnp.asarray(x), qts)
+        assert got is not None, "multi-weight kernel missing"
+        for g, raw, t in zip(got, raws, qtypes):
+            ref = ggml_mul_mat(raw, t, x, n_threads=1)
+            np.testing.assert_array_equal(np.asarray(g).view(np.uint32), ref.view(np.uint32))
+
+
 @pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0, QType.Q4_K], ids=lambda t: t.name)
 def test_q8_codes_times_scales_are_the_rounded_activations(qtype: QType) -> None:
     """The parts the kernel gets describe the same x that the f32 paths round to."""

@@ -117,9 +117,10 @@ class Block(nnx.Module):
         s = self.spec
         b, t, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_norm(self.wq(h).reshape(b, t, s.n_head, s.head_dim))
-        k = self.k_norm(self.wk(h).reshape(b, t, s.n_head_kv, s.head_dim))
-        v = self.wv(h).reshape(b, t, s.n_head_kv, s.head_dim_v)
+        q, k, v = common.linear_group(h, [self.wq, self.wk, self.wv])
+        q = self.q_norm(q.reshape(b, t, s.n_head, s.head_dim))
+        k = self.k_norm(k.reshape(b, t, s.n_head_kv, s.head_dim))
+        v = v.reshape(b, t, s.n_head_kv, s.head_dim_v)
         q = rope(q, pos, self.rope_base, s.rope_dim, neox=True, scale=self.rope_scale)
         k = rope(k, pos, self.rope_base, s.rope_dim, neox=True, scale=self.rope_scale)
         # llama.cpp scales Q itself and calls attention with scale 1 (same rounding order)
@@ -130,7 +131,8 @@ class Block(nnx.Module):
                       k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
         x = x + self.post_attn_norm(self.wo(a))
         h = self.ffn_norm(x)
-        h = self.down(gelu(self.gate(h)) * self.up(h))
+        g, u = common.linear_group(h, [self.gate, self.up])
+        h = self.down(gelu(g) * u)
         return x + self.post_ffn_norm(h), kc, vc
 
 

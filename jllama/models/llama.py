@@ -19,6 +19,7 @@ from jllama.models.common import (
     Weights,
     attention,
     decoder_forward,
+    linear_group,
     rope,
     swiglu,
     tap,
@@ -47,9 +48,10 @@ class Block(nnx.Module):
         il = tap_layer()
         b, t, _ = x.shape
         h = tap(f"attn_norm-{il}", self.attn_norm(x))
-        q = self.wq(h).reshape(b, t, s.n_head, s.head_dim)
-        k = self.wk(h).reshape(b, t, s.n_head_kv, s.head_dim)
-        v = tap(f"Vcur-{il}", self.wv(h).reshape(b, t, s.n_head_kv, s.head_dim_v))
+        q, k, v = linear_group(h, [self.wq, self.wk, self.wv])
+        q = q.reshape(b, t, s.n_head, s.head_dim)
+        k = k.reshape(b, t, s.n_head_kv, s.head_dim)
+        v = tap(f"Vcur-{il}", v.reshape(b, t, s.n_head_kv, s.head_dim_v))
         q = tap(f"Qcur-{il}", rope(q, pos, s.rope_base, s.rope_dim, neox=False,
                                    scale=s.rope_scale))
         k = tap(f"Kcur-{il}", rope(k, pos, s.rope_base, s.rope_dim, neox=False,
@@ -60,7 +62,7 @@ class Block(nnx.Module):
                       k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
         x = tap(f"ffn_inp-{il}", x + tap(f"attn_out-{il}", self.wo(tap(f"kqv_out-{il}", a))))
         h = tap(f"ffn_norm-{il}", self.ffn_norm(x))
-        g = tap(f"ffn_swiglu-{il}", swiglu(self.gate(h), self.up(h)))
+        g = tap(f"ffn_swiglu-{il}", swiglu(*linear_group(h, [self.gate, self.up])))
         x = tap(f"l_out-{il}", x + self.down(g))
         return x, kc, vc
 

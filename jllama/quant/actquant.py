@@ -30,6 +30,13 @@ def vec_dot_block(qtype: int) -> tuple[int, bool] | None:
     return None
 
 
+def act_format(qtype: int) -> str | None:
+    """ggml's vec_dot activation type for this weight type ("q8_0", "q8_1", "q8_K"), or None
+    where ggml multiplies in f32: weights with the same format can share one quantized x."""
+    t = QType(qtype)
+    return "q8_0" if t in _Q8_0 else "q8_1" if t in _Q8_1 else "q8_K" if t in _Q8_K else None
+
+
 def quantize_activations(x: jax.Array, qtype: int) -> jax.Array:
     """Round ``x[..., n]`` to the values ggml's vec_dot would see (returned as f32)."""
     return quantize_activations_ex(x, qtype)[0]

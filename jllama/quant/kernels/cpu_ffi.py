@@ -43,6 +43,10 @@ _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatV
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
 Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
 _Q8_TARGET = ("jllama_qmatvec_q8", "JllamaQMatVecQ8")
+# One call over 2 or 3 weights that share the activations (q/k/v, gate/up).
+_Q8_MULTI_TARGETS = {2: ("jllama_qmatvec_q8x2", "JllamaQMatVecQ8x2"),
+                     3: ("jllama_qmatvec_q8x3", "JllamaQMatVecQ8x3")}
+_q8_multi: set[int] = set()
 _q8_registered = False
 
 
@@ -98,6 +102,11 @@ def available() -> bool:
                 _Q8_TARGET[0], jax.ffi.pycapsule(getattr(lib, _Q8_TARGET[1])), "cpu"
             )
             _q8_registered = True
+            for n, (target, symbol) in _Q8_MULTI_TARGETS.items():
+                if hasattr(lib, symbol):
+                    jax.ffi.register_ffi_target(
+                        target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
+                    _q8_multi.add(n)
     except Exception as e:  # any failure here means "use the XLA path", never a crash
         detail = getattr(e, "stderr", b"") or b""
         log.warning("jllama: C++ CPU kernels unavailable (%s %s); using the XLA path", e,
@@ -151,6 +160,22 @@ def qmatvec_q8(
         q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), raw,
         qtype=np.int64(qtype),
     )
+
+
+def qmatvec_q8_multi(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list,
+                     qtypes: list[int]) -> list[jax.Array] | None:
+    """``qmatvec_q8`` for 2-3 weights on the same activations in one kernel call (one thread
+    hand-off instead of one per weight); None where the multi-weight kernel is missing."""
+    if len(raws) not in _q8_multi or not all(q8_supported(t) for t in qtypes):
+        return None
+    m = q.shape[0]
+    if s is None:
+        s = jnp.zeros((m, 0), jnp.float32)
+    outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
+    attrs = {f"qtype{i}": np.int64(t) for i, t in enumerate(qtypes)}
+    ys = jax.ffi.ffi_call(_Q8_MULTI_TARGETS[len(raws)][0], outs, vmap_method="sequential")(
+        q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), *raws, **attrs)
+    return list(ys)
 
 
 def dequant_rows(raw: jax.Array, qtype: int, row_len: int) -> jax.Array:

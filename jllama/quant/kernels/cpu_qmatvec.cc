@@ -23,6 +23,7 @@
 // Built at first use by jllama/quant/kernels/cpu_ffi.py with the host C++ compiler.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -1194,64 +1195,117 @@ Q8Kernel pick_q8(int64_t qtype) {
   }
 }
 
-// Shared state of one q8 call (see Work for the threading scheme).
-struct Q8Work : Job {
+// Shared state of one q8 call over one or more weights that share the activations (q/k/v,
+// gate/up): their row chunks form one work list, so a decode step makes one kernel call (one
+// thread hand-off) per group instead of one per weight. Threading as in Work.
+struct Q8Sub {
   Q8Call call;
   Q8Kernel kern;
   std::vector<int32_t> aux;
-  int64_t chunk_rows, n_chunks;
+};
+
+struct Q8Work : Job {
+  std::vector<Q8Sub> subs;
+  std::vector<std::array<int64_t, 3>> chunks;  // (sub, n0, n1)
+  int64_t n_chunks = 0;
   std::atomic<int64_t> next{0}, done{0};
 
   void run() override {
     for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
-      const int64_t n0 = c * chunk_rows, n1 = std::min(call.n_out, n0 + chunk_rows);
-      kern.fn(call, n0, n1);
+      const auto& [i, n0, n1] = chunks[size_t(c)];
+      const Q8Sub& sub = subs[size_t(i)];
+      sub.kern.fn(sub.call, n0, n1);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
-ffi::Error QMatVecQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
-                         ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::U8> w,
-                         ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+// Validates one weight against the activations and fills its sub-call; "" when fine.
+const char* q8_prepare(Q8Sub& sub, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& d,
+                       ffi::Buffer<ffi::F32>& s, ffi::Buffer<ffi::U8>& w, float* y,
+                       int64_t qtype) {
   const auto qd = q.dimensions(), dd = d.dimensions(), sd = s.dimensions(), wd = w.dimensions();
   if (qd.size() != 2 || dd.size() != 2 || sd.size() != 2 || wd.size() != 2)
-    return ffi::Error::InvalidArgument("need 2-D q, d, s and w");
+    return "need 2-D q, d, s and w";
   const Q8Kernel kern = pick_q8(qtype);
-  if (kern.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type for q8");
+  if (kern.fn == nullptr) return "unsupported ggml type for q8";
   const int64_t m = qd[0], k = qd[1], n = wd[0];
-  if (k % kern.bs != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
+  if (k % kern.bs != 0) return "n_in not a block multiple";
   const int64_t nxb = k / kern.xb;
-  if (dd[0] != m || dd[1] != nxb) return ffi::Error::InvalidArgument("d must be [m, k / block]");
-  if (kern.q8_1 && (sd[0] != m || sd[1] != nxb))
-    return ffi::Error::InvalidArgument("s must be [m, k / 32] for Q8_1");
-  auto work = std::make_shared<Q8Work>();
-  work->kern = kern;
-  Q8Call& c = work->call;
+  if (dd[0] != m || dd[1] != nxb) return "d must be [m, k / block]";
+  if (kern.q8_1 && (sd[0] != m || sd[1] != nxb)) return "s must be [m, k / 32] for Q8_1";
+  sub.kern = kern;
+  Q8Call& c = sub.call;
   c.k = k;
   c.n_out = n;
   c.m_total = m;
   c.row_bytes = wd[1];
   c.w = w.typed_data();
-  c.y = y->typed_data();
+  c.y = y;
   const int8_t* qp = q.typed_data();
   // Per-row integer side data: bias (-OFF * sum of 4 codes) or 16-element sums.
   const int64_t per = kern.bias ? k / 4 : kern.bsums ? k / 16 : 0, grp = kern.bias ? 4 : 16;
-  work->aux.assign(size_t(m * per), 0);
+  sub.aux.assign(size_t(m * per), 0);
   for (int64_t i = 0; i < m * per; ++i) {
     int32_t t = 0;
     for (int j = 0; j < grp; ++j) t += qp[i * grp + j];
-    work->aux[size_t(i)] = kern.bias ? -kern.off * t : t;
+    sub.aux[size_t(i)] = kern.bias ? -kern.off * t : t;
   }
   c.rows.resize(size_t(m));
   for (int64_t r = 0; r < m; ++r)
     c.rows[size_t(r)] = {qp + r * k, d.typed_data() + r * nxb,
                          kern.q8_1 ? s.typed_data() + r * nxb : nullptr,
-                         work->aux.data() + r * per};
-  work->chunk_rows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes));
-  work->n_chunks = (n + work->chunk_rows - 1) / work->chunk_rows;
+                         sub.aux.data() + r * per};
+  return "";
+}
+
+ffi::Error q8_run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& d,
+                  ffi::Buffer<ffi::F32>& s, ffi::Buffer<ffi::U8>* const* ws,
+                  float* const* ys, const int64_t* qtypes, int nw) {
+  auto work = std::make_shared<Q8Work>();
+  work->subs.resize(size_t(nw));
+  for (int i = 0; i < nw; ++i) {
+    const char* err = q8_prepare(work->subs[size_t(i)], q, d, s, *ws[i], ys[i], qtypes[i]);
+    if (*err) return ffi::Error::InvalidArgument(err);
+    const Q8Call& c = work->subs[size_t(i)].call;
+    // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise a claim.
+    const int64_t rows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes));
+    for (int64_t n0 = 0; n0 < c.n_out; n0 += rows)
+      work->chunks.push_back({i, n0, std::min(c.n_out, n0 + rows)});
+  }
+  work->n_chunks = int64_t(work->chunks.size());
   run_chunks(pool, work, std::min({pool.num_threads() - 1, work->n_chunks - 1, helpers_cap()}));
   return ffi::Error::Success();
+}
+
+ffi::Error QMatVecQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
+                         ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::U8> w,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  ffi::Buffer<ffi::U8>* ws[1] = {&w};
+  float* ys[1] = {y->typed_data()};
+  return q8_run(pool, q, d, s, ws, ys, &qtype, 1);
+}
+
+ffi::Error QMatVecQ8x2Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
+                           ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::U8> w0,
+                           ffi::Buffer<ffi::U8> w1, ffi::ResultBuffer<ffi::F32> y0,
+                           ffi::ResultBuffer<ffi::F32> y1, int64_t qtype0, int64_t qtype1) {
+  ffi::Buffer<ffi::U8>* ws[2] = {&w0, &w1};
+  float* ys[2] = {y0->typed_data(), y1->typed_data()};
+  const int64_t qt[2] = {qtype0, qtype1};
+  return q8_run(pool, q, d, s, ws, ys, qt, 2);
+}
+
+ffi::Error QMatVecQ8x3Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
+                           ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::U8> w0,
+                           ffi::Buffer<ffi::U8> w1, ffi::Buffer<ffi::U8> w2,
+                           ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
+                           ffi::ResultBuffer<ffi::F32> y2, int64_t qtype0, int64_t qtype1,
+                           int64_t qtype2) {
+  ffi::Buffer<ffi::U8>* ws[3] = {&w0, &w1, &w2};
+  float* ys[3] = {y0->typed_data(), y1->typed_data(), y2->typed_data()};
+  const int64_t qt[3] = {qtype0, qtype1, qtype2};
+  return q8_run(pool, q, d, s, ws, ys, qt, 3);
 }
 
 #endif  // JLLAMA_Q8
@@ -1291,4 +1345,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8, QMatVecQ8Impl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8x2, QMatVecQ8x2Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype0")
+                                  .Attr<int64_t>("qtype1"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8x3, QMatVecQ8x3Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype0")
+                                  .Attr<int64_t>("qtype1")
+                                  .Attr<int64_t>("qtype2"));
 #endif

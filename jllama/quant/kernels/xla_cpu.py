@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jllama.quant.actquant import quantize_activations_q8
+from jllama.quant.actquant import act_format, quantize_activations_q8
 from jllama.quant.kernels import cpu_ffi, cpu_repack
 from jllama.quant.kernels.cpu_repack import Repacked
 
@@ -97,6 +97,29 @@ def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
         None if s is None else s.reshape(-1, s.shape[-1]), qt.data, qt.qtype,
     )
     return y.reshape(*lead, n_out)
+
+
+def ffi_matvec_q8_multi(x: jax.Array, qts: list) -> list[jax.Array] | None:
+    """``ffi_matvec_q8`` for 2-3 weights whose types take the same activation format, in one
+    kernel call; None when they do not, or without the kernel."""
+    if len({act_format(qt.qtype) for qt in qts}) != 1 or len({qt.shape[1] for qt in qts}) != 1:
+        return None
+    if not all(cpu_ffi.q8_supported(qt.qtype) for qt in qts):
+        return None
+    parts = quantize_activations_q8(x, qts[0].qtype)
+    if parts is None:
+        return None
+    q, d, s = parts
+    n_in = qts[0].shape[1]
+    lead = x.shape[:-1]
+    ys = cpu_ffi.qmatvec_q8_multi(
+        q.reshape(-1, n_in), d.reshape(-1, d.shape[-1]),
+        None if s is None else s.reshape(-1, s.shape[-1]), [qt.data for qt in qts],
+        [qt.qtype for qt in qts],
+    )
+    if ys is None:
+        return None
+    return [y.reshape(*lead, qt.shape[0]) for y, qt in zip(ys, qts)]
 
 
 def qmatmul(x: jax.Array, qt) -> jax.Array:
