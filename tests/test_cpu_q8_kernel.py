@@ -19,22 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jllama.gguf.constants import QType, qtype_info
+from jllama.gguf.constants import QType
 from jllama.quant.actquant import quantize_activations_ex, quantize_activations_q8
 from jllama.quant.kernels import cpu_ffi
+from jllama.quant.testing import random_blocks
 
-# Byte offsets of each type's f16 fields inside one block (random bytes elsewhere).
-F16_FIELDS = {
-    QType.Q4_0: [0],
-    QType.Q4_1: [0, 2],
-    QType.Q5_0: [0],
-    QType.Q5_1: [0, 2],
-    QType.Q8_0: [0],
-    QType.Q4_K: [0, 2],
-    QType.Q5_K: [0, 2],
-    QType.Q6_K: [208],
-}
-TYPES = list(F16_FIELDS)
+TYPES = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K,
+         QType.Q6_K]
 
 
 class _InitParams(ctypes.Structure):
@@ -88,18 +79,6 @@ def ggml_mul_mat(raw: np.ndarray, qtype: int, x: np.ndarray, n_threads: int) -> 
         return out
     finally:
         base.ggml_free(ctx)
-
-
-def random_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.ndarray:
-    """Random GGUF blocks: every code, scale and bit pattern, with finite f16 scale fields."""
-    info = qtype_info(int(qtype))
-    nb = row_len // info.block_size
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, nb, info.type_size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
-        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
-    return raw.reshape(rows, nb * info.type_size)
 
 
 def activations(m: int, k: int, seed: int) -> np.ndarray:

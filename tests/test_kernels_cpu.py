@@ -18,35 +18,10 @@ from jllama.gguf.constants import QType, qtype_info
 from jllama.quant import qtensor
 from jllama.quant.kernels import PALLAS_MAX_ROWS, cpu_ffi, cpu_repack, select_kernel, xla_cpu
 from jllama.quant.qtensor import QTensor, prepare, qmatmul, repack_i8
+from jllama.quant.testing import F16_FIELDS, random_blocks
 
-# Byte offsets of each type's f16 fields inside one block.
-F16_FIELDS = {
-    QType.Q4_0: [0],
-    QType.Q4_1: [0, 2],
-    QType.Q5_0: [0],
-    QType.Q5_1: [0, 2],
-    QType.Q8_0: [0],
-    QType.Q4_K: [0, 2],
-    QType.Q5_K: [0, 2],
-    QType.Q6_K: [208],
-    QType.Q2_K: [80, 82],  # C++ kernels only (the XLA paths use the reference for these)
-    QType.Q3_K: [108],
-    QType.IQ4_NL: [0],
-    QType.IQ4_XS: [0],
-}
 TYPES = list(F16_FIELDS)
 XLA_TYPES = [q for q in TYPES if cpu_repack.supported(q)]
-
-
-def random_blocks(qtype: QType, rows: int, row_len: int, seed: int = 0) -> np.ndarray:
-    info = qtype_info(int(qtype))
-    nb = row_len // info.block_size
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, nb, info.type_size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
-        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
-    return raw.reshape(rows, nb * info.type_size)
 
 
 PATHS = ["ffi", "xla-i8", "xla-gguf"]

@@ -15,21 +15,13 @@ import numpy as np
 import pytest
 
 from jllama.errors import QuantError
-from jllama.gguf.constants import QType, qtype_info
+from jllama.gguf.constants import QType
 from jllama.quant.kernels import pallas_attention as pa
 from jllama.quant.kernels import pallas_qmatmul as pq
 from jllama.quant.qtensor import QTensor
+from jllama.quant.testing import random_blocks
 
-# Byte offsets of each type's f16 fields inside one block.
-F16_FIELDS = {
-    QType.Q4_0: [0],
-    QType.Q4_1: [0, 2],
-    QType.Q8_0: [0],
-    QType.Q4_K: [0, 2],
-    QType.Q5_K: [0, 2],
-    QType.Q6_K: [208],
-}
-TYPES = list(F16_FIELDS)
+TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 QUANTIZABLE = [QType.Q4_0, QType.Q4_1, QType.Q8_0]  # gguf-py has quantize_blocks for these
 
 # Where a device exists, the same tests run the compiled kernels.
@@ -40,17 +32,6 @@ INTERPRET = BACKEND == "cpu"
 def attn_interpret(variant: str) -> bool:
     """The "pipelined" attention is the TPU variant, "loop" the GPU one: else interpret."""
     return INTERPRET or (variant == "pipelined") != (BACKEND == "tpu")
-
-
-def random_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.ndarray:
-    info = qtype_info(int(qtype))
-    nb = row_len // info.block_size
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, nb, info.type_size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
-        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
-    return raw.reshape(rows, nb * info.type_size)
 
 
 def quantized_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.ndarray:

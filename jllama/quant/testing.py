@@ -1,5 +1,5 @@
-"""A tiny random llama GGUF that llama.cpp loads: the test bed for quantization mixes and
-kernels at sizes where every K-quant applies (rows of 256) and the per-layer rules differ."""
+"""Test beds for quantization mixes and kernels: a tiny random llama GGUF that llama.cpp loads
+(rows of 256, so every K-quant applies and the per-layer rules differ), and random GGUF blocks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,37 @@ from typing import Any
 
 import numpy as np
 
-from jllama.gguf.constants import QType, ValueType
+from jllama.gguf.constants import QType, ValueType, qtype_info
 from jllama.gguf.writer import TensorSpec, write_gguf
+
+# Byte offsets of each type's f16 fields inside one block: random bytes elsewhere are valid codes,
+# random bytes there could be inf/NaN scales.
+F16_FIELDS = {
+    QType.Q4_0: [0],
+    QType.Q4_1: [0, 2],
+    QType.Q5_0: [0],
+    QType.Q5_1: [0, 2],
+    QType.Q8_0: [0],
+    QType.Q4_K: [0, 2],
+    QType.Q5_K: [0, 2],
+    QType.Q6_K: [208],
+    QType.Q2_K: [80, 82],
+    QType.Q3_K: [108],
+    QType.IQ4_NL: [0],
+    QType.IQ4_XS: [0],
+}
+
+
+def random_blocks(qtype: QType, rows: int, row_len: int, seed: int = 0) -> np.ndarray:
+    """Random GGUF blocks ``[rows, row bytes]``: every code and bit pattern, finite f16 scales."""
+    info = qtype_info(int(qtype))
+    nb = row_len // info.block_size
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, nb, info.type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
+        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, nb * info.type_size)
 
 
 def _spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
