@@ -79,6 +79,7 @@ class Engine:
         self.tokens: list[list[int]] = [[] for _ in range(self.n_slots)]  # ...and which ones
         self.history = jax.device_put(np.full((self.n_slots, HISTORY), -1, np.int32))
         self.timings = Timings()
+        self._zero_bias: jax.Array | None = None
         gd = self.graphdef
 
         def forward_slot(state, tokens, pos0, cache, slot, last_idx, kv_len):
@@ -333,7 +334,10 @@ class Engine:
         pos0 = self.pos.copy()
         need = int(pos0[active].max()) + 1 if active.any() else 1
         if bias is None:
-            bias = np.zeros((self.n_slots, self.spec.n_vocab), np.float32)
+            if self._zero_bias is None:  # once: not a [slots, vocab] host copy every step
+                self._zero_bias = jax.device_put(
+                    np.zeros((self.n_slots, self.spec.n_vocab), np.float32))
+            bias = self._zero_bias
         nxt, logits, self.cache, self.history = self._decode_sample(
             self.state, np.asarray(tokens, np.int32), pos0, self.cache, sp, keys,
             np.asarray(steps, np.int32), self.history, bias, np.asarray(active),
