@@ -278,6 +278,7 @@ class FakeEngine:
         self.tokens = [[] for _ in range(n_slots)]
         self.history = jnp.full((n_slots, 8), -1, jnp.int32)
         self.batch_sizes: list[int] = []
+        self.cuts: list[list[int]] = [[] for _ in range(n_slots)]  # prefill lengths per slot
 
     def common_prefix(self, ids, slot):
         n = 0
@@ -294,6 +295,7 @@ class FakeEngine:
     def prefill(self, toks, slot):
         import jax.numpy as jnp
 
+        self.cuts[slot].append(len(toks))
         self.tokens[slot] += list(toks)
         self.pos[slot] += len(toks)
         logits = np.full(V, -10.0, np.float32)
@@ -381,6 +383,42 @@ def test_scheduler_batches_and_isolates_requests(fake_scheduler):
     assert runs[0][3]["ev"].cached_tokens == 2  # prompt prefix reused from the first run
     time.sleep(0.05)
     assert sch.busy_slots() == 0
+
+
+def test_scheduler_cuts_prompts_where_the_engine_does(monkeypatch):
+    """Busy or idle, a prompt is prefilled in the chunks ``Engine.prefill`` cuts for a lone
+    request (a GEMM rounds differently per chunk shape, so other cuts can flip a near-tie and
+    change a greedy answer under load), at most one chunk per loop iteration."""
+    import jllama.tokenizer as jt
+    from jllama.engine.engine import PREFILL_CHUNK
+    from jllama.server.scheduler import Scheduler
+
+    monkeypatch.setattr(jt, "StreamDecoder", FakeDecoder, raising=False)
+    eng = FakeEngine(4, ctx_size=8 * PREFILL_CHUNK)
+    llm = types.SimpleNamespace(engine=eng, tokenizer=FakeTok(), spec=types.SimpleNamespace(n_vocab=V))
+    sch = Scheduler(llm, max_queue=8)
+    sizes = [2 * PREFILL_CHUNK + 276, PREFILL_CHUNK + 188, 37, 38]
+    per_iter = []
+    orig = sch._prefill
+
+    def counted():
+        before = sum(map(sum, eng.cuts))
+        orig()
+        per_iter.append(sum(map(sum, eng.cuts)) - before)
+
+    sch._prefill = counted
+    sch.start()
+    try:
+        with sch.cv:  # all four arrive together
+            runs = [_run(sch, [3 + (i + j) % 50 for j in range(n)], 3, seed=i)
+                    for i, n in enumerate(sizes)]
+        for run in runs:
+            assert run[2].wait(30)
+    finally:
+        sch.stop()
+    want = [[PREFILL_CHUNK] * (n // PREFILL_CHUNK) + [n % PREFILL_CHUNK] for n in sizes]
+    assert sorted(c for c in eng.cuts if c) == sorted(want)
+    assert max(per_iter) <= PREFILL_CHUNK
 
 
 def test_scheduler_stop_strings_cancel_and_queue_limit(fake_scheduler):

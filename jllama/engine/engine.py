@@ -28,6 +28,9 @@ from jllama.models.common import rope
 from jllama.models.spec import ModelSpec
 
 PREFILL_BUCKETS = (16, 64, 128, 256, 512)
+# A prompt is evaluated in chunks of this many tokens. The server cuts prompts at the same
+# places: a GEMM's rounding depends on its shape, so other cuts could change a near-tie.
+PREFILL_CHUNK = PREFILL_BUCKETS[-1]
 KV_MIN_BUCKET = 256
 HISTORY = 64  # penalty window (llama.cpp's default repeat_last_n)
 
@@ -71,7 +74,7 @@ class Engine:
                          if hasattr(model, "kv_rope") else None)
         self.graphdef, self.state = nnx.split(model)
         # room for the padded tail of the last prompt chunk
-        self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + PREFILL_BUCKETS[-1]
+        self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + PREFILL_CHUNK
         self.cache_type = cache_type
         self.cache_type_v = cache_type_v or cache_type
         self.cache = self._new_cache(self.n_slots)
@@ -221,7 +224,7 @@ class Engine:
         outs = []
         i = 0
         while i < n:
-            chunk = toks[i : i + PREFILL_BUCKETS[-1]]
+            chunk = toks[i : i + PREFILL_CHUNK]
             m = len(chunk)
             t = _bucket(m)
             buf = np.zeros((1, t), np.int32)
@@ -255,8 +258,8 @@ class Engine:
             raise ContextError(f"{t} tokens exceed the context size {self.ctx_size}")
         cache = self._new_cache(b)
         out = []
-        for i in range(0, t, PREFILL_BUCKETS[-1]):
-            chunk = tokens[:, i : i + PREFILL_BUCKETS[-1]]
+        for i in range(0, t, PREFILL_CHUNK):
+            chunk = tokens[:, i : i + PREFILL_CHUNK]
             m = chunk.shape[1]
             tb = _bucket(m)
             buf = np.zeros((b, tb), np.int32)
@@ -278,7 +281,7 @@ class Engine:
         targets[:, :-1] = tokens[:, 1:]
         cache = self._new_cache(b)
         lps, tops = [], []
-        step = PREFILL_BUCKETS[-1]
+        step = PREFILL_CHUNK
         for i in range(0, t, step):
             m = min(step, t - i)
             tb = _bucket(m)
@@ -309,7 +312,7 @@ class Engine:
             raise ContextError(f"no positions to score: first={first}, {t} tokens")
         cache = self._new_cache(b)
         outs = []
-        step = PREFILL_BUCKETS[-1]
+        step = PREFILL_CHUNK
         for i in range(0, t - 1, step):
             m = min(step, t - i)
             tb = _bucket(m)

@@ -25,14 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllama.engine.engine import PREFILL_CHUNK
 from jllama.engine.sampling import BatchSampling, SamplingParams, sample
 from jllama.server.metrics import Metrics
 
 log = logging.getLogger("jllama.server")
 
-# prompt tokens evaluated per loop iteration: running streams wait at most one chunk for a new
-# prompt, and a fixed chunk keeps prefill to the engine's small shape buckets (fewer compiles)
-PREFILL_BUDGET = 128
 
 
 class QueueFull(Exception):
@@ -101,6 +99,7 @@ class Scheduler:
         self.metrics.slots_total = self.n_slots
         self.queue: deque[GenRequest] = deque()
         self.slots: list[_Active | None] = [None] * self.n_slots
+        self._prefill_turn = 0  # the slot whose prompt goes first in the next _prefill
         self.cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -260,12 +259,23 @@ class Scheduler:
             self.metrics.active = self.busy_slots()
 
     def _prefill(self) -> None:
-        budget = PREFILL_BUDGET
-        for b, a in enumerate(self.slots):
-            if a is None or not a.todo or budget <= 0:
+        """At most one engine chunk of prompt tokens per iteration (running streams wait for no
+        more), cut where ``Engine.prefill`` cuts a lone request's prompt: a request then gets
+        the same logits, and the same greedy answer, however busy the server is (the GEMMs
+        round differently per chunk shape). Slots take turns, so one long prompt does not
+        starve the others."""
+        n = len(self.slots)
+        done = 0
+        for b in [(self._prefill_turn + i) % n for i in range(n)]:
+            a = self.slots[b]
+            if a is None or not a.todo:
                 continue
-            chunk, a.todo = a.todo[:budget], a.todo[budget:]
-            budget -= len(chunk)
+            chunk = a.todo[:PREFILL_CHUNK]
+            if done and done + len(chunk) > PREFILL_CHUNK:
+                break
+            a.todo = a.todo[len(chunk):]
+            done += len(chunk)
+            self._prefill_turn = (b + 1) % n
             t0 = time.perf_counter()
             try:
                 logits = self.engine.prefill(chunk, b)
