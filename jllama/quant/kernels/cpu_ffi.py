@@ -61,20 +61,23 @@ def _cpu_key() -> str:
     return flags + platform.machine()
 
 
-def _build(compiler: str) -> Path:
-    src = SOURCE.read_bytes()
+def _build(compiler: str, source: Path = SOURCE, flags: list[str] | None = None) -> Path:
+    """Compile ``source`` (default: the qmatvec kernels) with ``flags`` (default ``FLAGS``) into
+    a cached shared library; other kernel files (cpu_attention.cc) pass their own flags."""
+    flags = FLAGS if flags is None else flags
+    src = source.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([src, " ".join(FLAGS).encode(), jax.__version__.encode(), _cpu_key().encode()])
+        b"\0".join([src, " ".join(flags).encode(), jax.__version__.encode(), _cpu_key().encode()])
     ).hexdigest()[:16]
     cache = Path(os.environ.get("JLLAMA_CACHE", Path.home() / ".cache" / "jllama")) / "kernels"
-    lib = cache / f"cpu_qmatvec-{key}.so"
+    lib = cache / f"{source.stem}-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        cmd = [compiler, *flags, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
     finally:

@@ -1,0 +1,457 @@
+// Flash attention for XLA:CPU through the FFI, bit-identical to ggml's CPU
+// ``ggml_flash_attn_ext`` (f32 Q, f16 K/V, causal / sliding-window mask, optional softcap).
+//
+// Why: llama-perplexity and llama-cli run with flash attention on, and a 1-ulp difference in
+// any activation crosses a Q8 rounding step somewhere downstream and grows into 0.1-0.5 %
+// perplexity noise. So this file redoes ggml's arithmetic step by step, in ggml's order, with
+// the same intrinsics (same compiler family, same -march=native, AVX-512 branches):
+//
+// * one_chunk (fewer than 64 query rows: decode, short prompts): Q rounded to f16, the score
+//   is ggml_vec_dot_f16 (four 16-lane f32 FMA accumulators over 64-element steps, folded 0+2,
+//   1+3, 0+1, then _mm512_reduce_add_ps), online softmax per key with libm expf, and the output
+//   accumulated *in f16*: ggml_vec_scale_f16 / ggml_vec_mad_f16, which with AVX512-FP16 are
+//   native half multiplies/FMAs on 128-element steps and a scalar f32 tail (all of D = 64).
+// * tiled (64 or more query rows): K tile to f32, scores as a plain FMA chain over d (what
+//   simd_gemm does per element), times scale, per-row tile max, expf(Mold - Mnew) rescale,
+//   the tile's softmax sum from ggml_v_expf on 16 lanes summed as doubles, then VKQ += P V as
+//   an FMA chain over the tile's keys, finally VKQ * (1 / S).
+// * split-KV (one query row, 512+ keys): one_chunk over n_threads key chunks, then ggml's
+//   partial merge. Its result depends on llama.cpp's thread count, hence the attribute.
+//
+// Per-row results do not depend on how rows are grouped into tiles or threads (ggml's tiles
+// only share work, not arithmetic), so work units are (batch, head, row block) claimed by the
+// caller and XLA pool helpers. Built with -ffp-contract=off: every FMA below is explicit,
+// where GCC contracts ggml's source (found by testing against libggml-cpu.so).
+//
+// Built at first use by jllama/quant/kernels/cpu_attention.py.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include <immintrin.h>
+#include <math.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__F16C__) && defined(__FMA__)
+#define JLLAMA_FA 1
+#endif
+
+#if defined(JLLAMA_FA)
+
+namespace {
+
+constexpr int kTileQ = 64;   // GGML_FA_TILE_Q: ggml's tiled path needs this many query rows
+constexpr int kTileKV = 64;  // GGML_FA_TILE_KV
+constexpr int64_t kSplitKV = 512;  // ggml splits the keys of a lone query row from this many
+
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+inline uint16_t f2h(float f) { return _cvtss_sh(f, 0); }  // round to nearest even
+
+// ggml_v_expf (vec.h, AVX-512): ARM's optimized-routines expf, ~1.5 ulp.
+inline __m512 v_expf(__m512 x) {
+  const __m512 r = _mm512_set1_ps(0x1.8p23f);
+  const __m512 z = _mm512_fmadd_ps(x, _mm512_set1_ps(0x1.715476p+0f), r);
+  const __m512 n = _mm512_sub_ps(z, r);
+  const __m512 b = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.7f7d1cp-20f),
+                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e4p-1f), x));
+  const __mmask16 d = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(192), _CMP_GT_OQ);
+  const __m512 u = _mm512_mul_ps(b, b);
+  const __m512 j = _mm512_fmadd_ps(
+      _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(0x1.0e4020p-7f), b,
+                                      _mm512_set1_ps(0x1.573e2ep-5f)),
+                      u,
+                      _mm512_fmadd_ps(_mm512_set1_ps(0x1.555e66p-3f), b,
+                                      _mm512_set1_ps(0x1.fffdb6p-2f))),
+      u, _mm512_fmadd_ps(_mm512_set1_ps(0x1.ffffecp-1f), b, _mm512_set1_ps(1.0f)));
+  const __m512 res = _mm512_scalef_ps(j, n);
+  if (_mm512_kortestz(d, d)) return res;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 alt = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, zero, _CMP_LE_OQ),
+                                          _mm512_set1_ps(INFINITY), zero);
+  return _mm512_mask_blend_ps(d, res, alt);
+}
+
+// ggml_vec_soft_max_f32: y = exp(x - max), returns the sum as ggml_float (double), 16 lanes
+// at a time reduced in f32 by _mm512_reduce_add_ps, scalar libm expf on the tail.
+double soft_max(int n, float* y, const float* x, float max) {
+  int i = 0;
+  double sum = 0.0;
+  for (; i + 15 < n; i += 16) {
+    const __m512 val = v_expf(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(max)));
+    _mm512_storeu_ps(y + i, val);
+    sum += (double)_mm512_reduce_add_ps(val);
+  }
+  for (; i < n; ++i) {
+    const float val = expf(x[i] - max);
+    sum += (double)val;
+    y[i] = val;
+  }
+  return sum;
+}
+
+// ggml_vec_dot_f16 (x = K row, y = Q in f16).
+float dot_f16(int n, const uint16_t* x, const uint16_t* y) {
+  const int np = n & ~63;
+  __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  for (int i = 0; i < np; i += 64) {
+    for (int j = 0; j < 4; ++j) {
+      const __m512 ax = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + i + 16 * j)));
+      const __m512 ay = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(y + i + 16 * j)));
+      sum[j] = _mm512_fmadd_ps(ax, ay, sum[j]);
+    }
+  }
+  sum[0] = _mm512_add_ps(sum[0], sum[2]);
+  sum[1] = _mm512_add_ps(sum[1], sum[3]);
+  sum[0] = _mm512_add_ps(sum[0], sum[1]);
+  double sumf = (double)_mm512_reduce_add_ps(sum[0]);
+  for (int i = np; i < n; ++i) sumf += (double)(h2f(x[i]) * h2f(y[i]));
+  return (float)sumf;
+}
+
+// ggml_vec_scale_f16 / ggml_vec_mad_f16. With AVX512-FP16 ggml computes in half precision on
+// 128-element steps (v rounded to half first); otherwise in f32 lanes stored back as half on
+// 64-element steps. The scalar tail is f32 arithmetic rounded to half once.
+#if defined(__AVX512FP16__)
+constexpr int kF16Step = 128;
+#else
+constexpr int kF16Step = 64;
+#endif
+
+void scale_f16(int n, uint16_t* y, float v) {
+  const int np = n & ~(kF16Step - 1);
+#if defined(__AVX512FP16__)
+  const __m512h vx = _mm512_set1_ph((_Float16)v);
+  for (int i = 0; i < np; i += 32) {
+    const __m512h ay = _mm512_mul_ph(_mm512_loadu_ph(y + i), vx);
+    _mm512_storeu_ph(y + i, ay);
+  }
+#else
+  const __m512 vx = _mm512_set1_ps(v);
+  for (int i = 0; i < np; i += 16) {
+    __m512 ay = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(y + i)));
+    ay = _mm512_mul_ps(ay, vx);
+    _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(ay, 0));
+  }
+#endif
+  for (int i = np; i < n; ++i) y[i] = f2h(h2f(y[i]) * v);
+}
+
+void mad_f16(int n, uint16_t* y, const uint16_t* x, float v) {
+  const int np = n & ~(kF16Step - 1);
+#if defined(__AVX512FP16__)
+  const __m512h vx = _mm512_set1_ph((_Float16)v);
+  for (int i = 0; i < np; i += 32) {
+    const __m512h ay = _mm512_fmadd_ph(_mm512_loadu_ph(x + i), vx, _mm512_loadu_ph(y + i));
+    _mm512_storeu_ph(y + i, ay);
+  }
+#else
+  const __m512 vx = _mm512_set1_ps(v);
+  for (int i = 0; i < np; i += 16) {
+    const __m512 ax = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + i)));
+    __m512 ay = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(y + i)));
+    ay = _mm512_fmadd_ps(ax, vx, ay);
+    _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(ay, 0));
+  }
+#endif
+  // GCC contracts ggml's ``y + x*v`` here into one FMA.
+  for (int i = np; i < n; ++i) y[i] = f2h(std::fmaf(h2f(x[i]), v, h2f(y[i])));
+}
+
+// ggml_vec_scale_f32: an elementwise multiply however it is vectorised.
+inline void scale_f32(int n, float* y, float v) {
+  for (int i = 0; i < n; ++i) y[i] *= v;
+}
+
+struct Problem {
+  const float* q;      // [B, T, H, DK]
+  const uint16_t* k;   // [B, KVH, S, DK]
+  const uint16_t* v;   // [B, KVH, S, DV]
+  const int32_t* pos0; // [B]
+  float* out;          // [B, T, H, DV]
+  int64_t B, T, H, KVH, S, DK, DV, kv_len;
+  float scale, softcap;
+  int64_t window, n_split;
+  bool tiled;
+
+  const uint16_t* krow(int64_t b, int64_t h, int64_t j) const {
+    return k + ((b * KVH + h / (H / KVH)) * S + j) * DK;
+  }
+  const uint16_t* vrow(int64_t b, int64_t h, int64_t j) const {
+    return v + ((b * KVH + h / (H / KVH)) * S + j) * DV;
+  }
+  const float* qrow(int64_t b, int64_t t, int64_t h) const { return q + ((b * T + t) * H + h) * DK; }
+  float* orow(int64_t b, int64_t t, int64_t h) const { return out + ((b * T + t) * H + h) * DV; }
+  // ggml's mask: 0 where visible, -INF elsewhere (llama.cpp's causal + is_masked_swa).
+  bool visible(int64_t b, int64_t t, int64_t j) const {
+    const int64_t p = pos0[b] + t;
+    return j <= p && (window <= 0 || p - j < window);
+  }
+  // ggml divides scale by the softcap up front, then multiplies tanh by the softcap.
+  float kq_scale() const { return softcap != 0.0f ? scale / softcap : scale; }
+};
+
+// ggml_compute_forward_flash_attn_ext_f16_one_chunk for one query row over keys [c0, c1).
+// Writes M, S and the unnormalised VKQ (f32) when ``partial`` is set, else the output row.
+void one_chunk_row(const Problem& P, int64_t b, int64_t t, int64_t h, int64_t c0, int64_t c1,
+                   float* partial, std::vector<uint16_t>& buf) {
+  const int DK = (int)P.DK, DV = (int)P.DV;
+  buf.resize(DK + DV);
+  uint16_t* qh = buf.data();
+  uint16_t* vkq = buf.data() + DK;
+  const float* pq = P.qrow(b, t, h);
+  for (int d = 0; d < DK; ++d) qh[d] = f2h(pq[d]);
+  std::memset(vkq, 0, DV * sizeof(uint16_t));
+  const float sc = P.kq_scale();
+  float S = 0.0f, M = -INFINITY;
+  for (int64_t j = c0; j < c1; ++j) {
+    if (!P.visible(b, t, j)) continue;
+    float s = dot_f16(DK, P.krow(b, h, j), qh);
+    s = s * sc;
+    if (P.softcap != 0.0f) s = P.softcap * tanhf(s);
+    float ms = 1.0f, vs = 1.0f;
+    if (s > M) {
+      const float mold = M;
+      M = s;
+      ms = expf(mold - M);
+      scale_f16(DV, vkq, ms);
+    } else {
+      vs = expf(s - M);
+    }
+    mad_f16(DV, vkq, P.vrow(b, h, j), vs);
+    S = std::fmaf(S, ms, vs);  // ggml's ``S = S*ms + vs``, contracted by GCC
+  }
+  if (partial != nullptr) {
+    partial[0] = M;
+    partial[1] = S;
+    for (int d = 0; d < DV; ++d) partial[2 + d] = h2f(vkq[d]);
+    return;
+  }
+  const float sinv = S == 0.0f ? 0.0f : 1.0f / S;
+  float* o = P.orow(b, t, h);
+  for (int d = 0; d < DV; ++d) o[d] = h2f(vkq[d]) * sinv;
+}
+
+// ggml_flash_attn_ext_reduce_partials for one head: chunks merged in order.
+void reduce_partials(const Problem& P, int64_t b, int64_t h, const float* parts) {
+  const int DV = (int)P.DV;
+  const int64_t chunk = (P.kv_len + P.n_split - 1) / P.n_split;
+  float* o = P.orow(b, 0, h);
+  std::fill(o, o + DV, 0.0f);
+  float M = -INFINITY, S = 0.0f;
+  for (int64_t c = 0; c < P.n_split; ++c) {
+    if (c * chunk >= P.kv_len) continue;
+    const float* part = parts + c * (2 + DV);
+    const float mc = part[0], sc = part[1];
+    if (sc == 0.0f) continue;
+    const float mnew = fmaxf(M, mc);
+    const float so = expf(M - mnew);
+    const float sn = expf(mc - mnew);
+    for (int d = 0; d < DV; ++d) o[d] = std::fmaf(o[d], so, part[2 + d] * sn);
+    S = std::fmaf(S, so, sc * sn);
+    M = mnew;
+  }
+  if (S != 0.0f) scale_f32(DV, o, 1.0f / S);
+}
+
+// ggml_compute_forward_flash_attn_ext_tiled for rows [t0, t1) (at most kTileQ) of one head.
+struct TileBuf {
+  std::vector<float> kq, kt, vt, vkq, m, s;
+};
+
+void tiled_rows(const Problem& P, int64_t b, int64_t h, int64_t t0, int64_t t1, TileBuf& w) {
+  const int DK = (int)P.DK, DV = (int)P.DV;
+  const int rows = (int)(t1 - t0);
+  w.kq.resize(kTileQ * kTileKV);
+  w.kt.resize((size_t)DK * kTileKV);
+  w.vt.resize((size_t)kTileKV * DV);
+  w.vkq.assign((size_t)kTileQ * DV, 0.0f);
+  w.m.assign(kTileQ, -INFINITY);
+  w.s.assign(kTileQ, 0.0f);
+  float* kq = w.kq.data();
+  float* kt = w.kt.data();
+  float* vt = w.vt.data();
+  const float sc = P.kq_scale();
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t ic = 0; ic < P.kv_len; ic += kTileKV) {
+    const int n = (int)std::min<int64_t>(kTileKV, P.kv_len - ic);
+    bool any = false;
+    for (int r = 0; r < rows && !any; ++r)
+      for (int j = 0; j < n && !any; ++j) any = P.visible(b, t0 + r, ic + j);
+    if (!any) continue;  // ggml skips a tile that is masked for all its rows
+    // K tile transposed to f32 [DK][kTileKV] (zero padded) so the keys are the SIMD lanes.
+    std::fill(kt, kt + (size_t)DK * kTileKV, 0.0f);
+    for (int j = 0; j < n; ++j) {
+      const uint16_t* kr = P.krow(b, h, ic + j);
+      for (int d = 0; d < DK; ++d) kt[d * kTileKV + j] = h2f(kr[d]);
+    }
+    for (int j = 0; j < n; ++j) {
+      const uint16_t* vr = P.vrow(b, h, ic + j);
+      for (int d = 0; d < DV; ++d) vt[(size_t)j * DV + d] = h2f(vr[d]);
+    }
+    for (int r = 0; r < rows; ++r) {
+      float* kr = kq + r * kTileKV;
+      const float* pq = P.qrow(b, t0 + r, h);
+      // simd_gemm: each score is an FMA chain over d in order, from zero.
+      __m512 acc[kTileKV / 16] = {zero, zero, zero, zero};
+      for (int d = 0; d < DK; ++d) {
+        const __m512 a = _mm512_set1_ps(pq[d]);
+        for (int c = 0; c < kTileKV / 16; ++c)
+          acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(kt + d * kTileKV + 16 * c), a, acc[c]);
+      }
+      for (int c = 0; c < kTileKV / 16; ++c)
+        _mm512_storeu_ps(kr + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(sc)));
+      if (P.softcap != 0.0f)
+        for (int j = 0; j < kTileKV; ++j) kr[j] = tanhf(kr[j]) * P.softcap;
+      for (int j = 0; j < kTileKV; ++j)
+        if (j >= n || !P.visible(b, t0 + r, ic + j)) kr[j] = -INFINITY;
+      float tmax = -INFINITY;
+      for (int j = 0; j < kTileKV; ++j) tmax = kr[j] > tmax ? kr[j] : tmax;
+      if (tmax == -INFINITY) continue;  // this row sees nothing here: adds exact zeros in ggml
+      const float mold = w.m[r];
+      const float mnew = fmaxf(mold, tmax);
+      float* vkq = w.vkq.data() + (size_t)r * DV;
+      if (mnew > mold) {
+        const float ms = expf(mold - mnew);
+        scale_f32(DV, vkq, ms);
+        w.s[r] *= ms;
+      }
+      w.m[r] = mnew;
+      w.s[r] += soft_max(kTileKV, kr, kr, mnew);
+      // simd_gemm again: VKQ += P V, an FMA chain over the tile's keys per element.
+      for (int j = 0; j < n; ++j) {
+        const float p = kr[j];
+        if (p == 0.0f) continue;  // fma(0, v, acc) == acc
+        const __m512 pv = _mm512_set1_ps(p);
+        const float* vr = vt + (size_t)j * DV;
+        int d = 0;
+        for (; d + 16 <= DV; d += 16)
+          _mm512_storeu_ps(vkq + d, _mm512_fmadd_ps(_mm512_loadu_ps(vr + d), pv,
+                                                    _mm512_loadu_ps(vkq + d)));
+        for (; d < DV; ++d) vkq[d] = std::fmaf(vr[d], p, vkq[d]);
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float sinv = w.s[r] == 0.0f ? 0.0f : 1.0f / w.s[r];
+    const float* vkq = w.vkq.data() + (size_t)r * DV;
+    float* o = P.orow(b, t0 + r, h);
+    for (int d = 0; d < DV; ++d) o[d] = vkq[d] * sinv;
+  }
+}
+
+// Work units claimed from a shared counter by the caller and by XLA pool helpers; the caller
+// waits only for units a helper has claimed, so helpers that never start cannot block it.
+struct Work {
+  Problem P;
+  int64_t n_units = 0, rows_per_unit = 1, units_per_head = 1;
+  std::vector<float> parts;  // split-KV partials [B, H, n_split, 2 + DV]
+  std::atomic<int64_t> next{0}, done{0};
+
+  void unit(int64_t u, TileBuf& tb, std::vector<uint16_t>& hb) {
+    const int64_t bh = u / units_per_head, k = u % units_per_head;
+    const int64_t b = bh / P.H, h = bh % P.H;
+    if (P.n_split > 0) {  // split-KV: unit = one key chunk of one head
+      const int64_t chunk = (P.kv_len + P.n_split - 1) / P.n_split;
+      const int64_t c0 = k * chunk, c1 = std::min(c0 + chunk, P.kv_len);
+      float* part = parts.data() + (bh * P.n_split + k) * (2 + P.DV);
+      if (c0 < P.kv_len) one_chunk_row(P, b, 0, h, c0, c1, part, hb);
+      return;
+    }
+    const int64_t t0 = k * rows_per_unit, t1 = std::min(P.T, t0 + rows_per_unit);
+    if (P.tiled) {
+      tiled_rows(P, b, h, t0, t1, tb);
+    } else {
+      for (int64_t t = t0; t < t1; ++t) one_chunk_row(P, b, t, h, 0, P.kv_len, nullptr, hb);
+    }
+  }
+  void run() {
+    TileBuf tb;
+    std::vector<uint16_t> hb;
+    for (int64_t u; (u = next.fetch_add(1)) < n_units;) {
+      unit(u, tb, hb);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                         ffi::Buffer<ffi::F16> k, ffi::Buffer<ffi::F16> v,
+                         ffi::Buffer<ffi::S32> pos0, ffi::ResultBuffer<ffi::F32> out,
+                         int64_t kv_len, float scale, int64_t window, float softcap,
+                         int64_t n_threads, int64_t neq1, int64_t workers) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("q, k, v must be 4-D");
+  auto w = std::make_shared<Work>();
+  Problem& P = w->P;
+  P.B = qd[0], P.T = qd[1], P.H = qd[2], P.DK = qd[3];
+  P.KVH = kd[1], P.S = kd[2], P.DV = vd[3];
+  if (kd[0] != P.B || vd[0] != P.B || vd[1] != P.KVH || vd[2] != P.S || kd[3] != P.DK)
+    return ffi::Error::InvalidArgument("k/v shapes do not match q");
+  if (P.KVH <= 0 || P.H % P.KVH != 0) return ffi::Error::InvalidArgument("H % KVH != 0");
+  if (kv_len < 0 || kv_len > P.S) return ffi::Error::InvalidArgument("kv_len out of range");
+  if (pos0.element_count() != P.B) return ffi::Error::InvalidArgument("pos0 must be [B]");
+  P.q = q.typed_data();
+  P.k = k.typed_data();
+  P.v = v.typed_data();
+  P.pos0 = pos0.typed_data();
+  P.out = out->typed_data();
+  P.kv_len = kv_len;
+  P.scale = scale;
+  P.softcap = softcap;
+  P.window = window;
+  const int64_t rows = neq1 > 0 ? neq1 : P.T;  // ggml's neq1 picks the path
+  P.tiled = rows >= kTileQ;
+  P.n_split = (rows == 1 && P.T == 1 && kv_len >= kSplitKV) ? std::max<int64_t>(1, n_threads) : 0;
+  if (P.B * P.T * P.H == 0) return ffi::Error::Success();
+  if (P.n_split > 0) {
+    w->units_per_head = P.n_split;
+    w->parts.assign((size_t)(P.B * P.H * P.n_split * (2 + P.DV)), 0.0f);
+  } else {
+    // Tiles of 64 rows for the tiled path; for one_chunk, small row blocks balance threads.
+    w->rows_per_unit = P.tiled ? kTileQ : std::max<int64_t>(1, std::min<int64_t>(16, P.T / 2));
+    w->units_per_head = (P.T + w->rows_per_unit - 1) / w->rows_per_unit;
+  }
+  w->n_units = P.B * P.H * w->units_per_head;
+  const int64_t want = workers > 0 ? workers : pool.num_threads() + 1;
+  const int64_t helpers = std::min<int64_t>({want - 1, (int64_t)pool.num_threads(),
+                                             w->n_units - 1});
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([w] { w->run(); });
+  w->run();
+  while (w->done.load(std::memory_order_acquire) < w->n_units) _mm_pause();
+  if (P.n_split > 0) {
+    for (int64_t bh = 0; bh < P.B * P.H; ++bh)
+      reduce_partials(P, bh / P.H, bh % P.H,
+                      w->parts.data() + bh * P.n_split * (2 + P.DV));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttn, FlashAttnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kv_len")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("n_threads")
+                                  .Attr<int64_t>("neq1")
+                                  .Attr<int64_t>("workers"));
+
+#endif  // JLLAMA_FA

@@ -1,0 +1,93 @@
+"""ggml's CPU flash attention (``cpu_attention.cc``) behind XLA's FFI, bit-identical to
+``ggml_flash_attn_ext`` as llama.cpp runs it (f32 Q, f16 K/V cache, causal + sliding-window
+mask), compiled at first use like the qmatvec kernels (cpu_ffi.py).
+
+Why a separate library: these kernels must not be compiled with the reassociating flags the
+qmatvec kernels use; every rounding step is ggml's, so the flags are strict and each FMA in
+the source is explicit (``-ffp-contract=off``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jllama.quant.kernels import cpu_ffi
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-ffp-contract=off"]
+_TARGET = ("jllama_flash_attn", "JllamaFlashAttn")
+FA_TILE_Q = 64  # ggml's GGML_FA_TILE_Q: this many query rows or more take the tiled path
+SPLIT_KV_MIN = 512  # one query row over this many keys: ggml splits the keys across threads
+
+
+@functools.cache
+def available() -> bool:
+    """Compile (once), load and register the kernel; False where that is not possible (no
+    compiler, no AVX-512, ``JLLAMA_NO_FFI=1``)."""
+    if os.environ.get("JLLAMA_NO_FFI", "") not in ("", "0"):
+        return False
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None or not SOURCE.exists():
+        return False
+    try:
+        lib = ctypes.CDLL(str(cpu_ffi._build(compiler, SOURCE, FLAGS)))
+        if not hasattr(lib, _TARGET[1]):  # built without AVX-512: ggml's x86 path differs
+            return False
+        jax.ffi.register_ffi_target(_TARGET[0], jax.ffi.pycapsule(getattr(lib, _TARGET[1])),
+                                    "cpu")
+    except Exception as e:  # any failure means "use the XLA attention", never a crash
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("jllama: C++ flash attention unavailable (%s %s)", e,
+                    detail.decode(errors="replace")[-2000:])
+        return False
+    return True
+
+
+def default_threads() -> int:
+    """llama.cpp's default thread count stand-in (only the split-KV decode path depends on it);
+    pass the ``-t`` llama.cpp ran with where it matters."""
+    return os.cpu_count() or 1
+
+
+def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
+                    kv_len: int, scale: float, window: int | None = None,
+                    softcap: float | None = None, n_threads: int | None = None,
+                    neq1: int | None = None, workers: int = 0) -> jax.Array:
+    """ggml's ``flash_attn_ext`` (CPU) with jllama's layouts.
+
+    q: [B, T, H, D] f32, the T new queries at absolute positions ``pos0[b] .. pos0[b] + T - 1``;
+    k_cache / v_cache: [B, KVH, S, D] / [B, KVH, S, Dv] float16 already holding this call's keys
+    (positions ``>= kv_len`` are never read; ``kv_len`` is static). Query head h reads kv head
+    ``h // (H // KVH)``. Key j is visible to a query at position p iff ``j <= p`` and, with a
+    window, ``p - j < window`` (llama.cpp's ``is_masked_swa``, standard type). Returns
+    [B, T, H * Dv] f32.
+
+    ``neq1``: the query rows of the ggml ubatch (default T), which picks ggml's path: tiled from
+    64 rows, split-KV for a lone row over ``kv_len >= 512`` keys (then ``n_threads``, llama.cpp's
+    thread count, sets the key chunks: ``kv_len`` should be llama.cpp's n_kv there), one_chunk
+    otherwise. ``workers``: threads used here (0 = XLA's pool); results do not depend on it.
+    """
+    if not available():
+        raise RuntimeError("the C++ flash attention kernel is not available on this machine")
+    b, t, h, d = q.shape
+    dv = v_cache.shape[-1]
+    out = jax.ShapeDtypeStruct((b, t, h * dv), jnp.float32)
+    return jax.ffi.ffi_call(_TARGET[0], out, vmap_method="sequential")(
+        q.astype(jnp.float32), k_cache.astype(jnp.float16), v_cache.astype(jnp.float16),
+        jnp.asarray(pos0, jnp.int32).reshape(b),
+        kv_len=np.int64(kv_len), scale=np.float32(scale), window=np.int64(window or 0),
+        softcap=np.float32(softcap or 0.0),
+        n_threads=np.int64(n_threads if n_threads else default_threads()),
+        neq1=np.int64(neq1 or t), workers=np.int64(workers),
+    )
