@@ -142,7 +142,14 @@ void scale_f16(int n, uint16_t* y, float v) {
     _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(ay, 0));
   }
 #endif
-  for (int i = np; i < n; ++i) y[i] = f2h(h2f(y[i]) * v);
+  // The tail, 16 lanes at a time: per element still f32(y) * v rounded to half once.
+  int i = np;
+  const __m512 vf = _mm512_set1_ps(v);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 ay = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(y + i)));
+    _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(_mm512_mul_ps(ay, vf), 0));
+  }
+  for (; i < n; ++i) y[i] = f2h(h2f(y[i]) * v);
 }
 
 void mad_f16(int n, uint16_t* y, const uint16_t* x, float v) {
@@ -162,8 +169,16 @@ void mad_f16(int n, uint16_t* y, const uint16_t* x, float v) {
     _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(ay, 0));
   }
 #endif
-  // GCC contracts ggml's ``y + x*v`` here into one FMA.
-  for (int i = np; i < n; ++i) y[i] = f2h(std::fmaf(h2f(x[i]), v, h2f(y[i])));
+  // The tail: ggml's scalar ``y + x*v`` in f32, which GCC contracts into one FMA, rounded to
+  // half; 16 lanes at a time here, the same per element.
+  int i = np;
+  const __m512 vf = _mm512_set1_ps(v);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 ax = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + i)));
+    const __m512 ay = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(y + i)));
+    _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(_mm512_fmadd_ps(ax, vf, ay), 0));
+  }
+  for (; i < n; ++i) y[i] = f2h(std::fmaf(h2f(x[i]), v, h2f(y[i])));
 }
 
 // ggml_vec_scale_f32: an elementwise multiply however it is vectorised.
@@ -262,6 +277,64 @@ void reduce_partials(const Problem& P, int64_t b, int64_t h, const float* parts)
   if (S != 0.0f) scale_f32(DV, o, 1.0f / S);
 }
 
+// simd_gemm for the scores of R query rows against the transposed K tile: each score is an FMA
+// chain over d in order, from zero, then times the scale (ggml_vec_scale_f32).
+template <int R>
+inline void kq_block(const Problem& P, int64_t b, int64_t h, int64_t t, const float* kt,
+                     float sc, float* out) {
+  constexpr int C = kTileKV / 16;
+  const float* pq[R];
+  __m512 acc[R][C];
+  for (int i = 0; i < R; ++i) {
+    pq[i] = P.qrow(b, t + i, h);
+    for (int c = 0; c < C; ++c) acc[i][c] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < P.DK; ++d) {
+    for (int c = 0; c < C; ++c) {
+      const __m512 kv = _mm512_loadu_ps(kt + d * kTileKV + 16 * c);
+      for (int i = 0; i < R; ++i) acc[i][c] = _mm512_fmadd_ps(kv, _mm512_set1_ps(pq[i][d]), acc[i][c]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(sc);
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + i * kTileKV + 16 * c, _mm512_mul_ps(acc[i][c], vs));
+}
+
+// simd_gemm for VKQ += P V of one row: per element an FMA chain over the tile's keys in order.
+// Keys with p == 0 (masked, padding) are left out: fma(0, v, acc) == acc.
+inline void pv_accumulate(const float* p, int n, const float* vt, int64_t DV, float* vkq) {
+  int idx[kTileKV];
+  int m = 0;
+  for (int j = 0; j < n; ++j)
+    if (p[j] != 0.0f) idx[m++] = j;
+  int64_t d = 0;
+  for (; d + 64 <= DV; d += 64) {
+    __m512 a0 = _mm512_loadu_ps(vkq + d), a1 = _mm512_loadu_ps(vkq + d + 16);
+    __m512 a2 = _mm512_loadu_ps(vkq + d + 32), a3 = _mm512_loadu_ps(vkq + d + 48);
+    for (int i = 0; i < m; ++i) {
+      const __m512 pv = _mm512_set1_ps(p[idx[i]]);
+      const float* vr = vt + idx[i] * DV + d;
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vr), pv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(vr + 16), pv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(vr + 32), pv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(vr + 48), pv, a3);
+    }
+    _mm512_storeu_ps(vkq + d, a0);
+    _mm512_storeu_ps(vkq + d + 16, a1);
+    _mm512_storeu_ps(vkq + d + 32, a2);
+    _mm512_storeu_ps(vkq + d + 48, a3);
+  }
+  for (; d + 16 <= DV; d += 16) {
+    __m512 a = _mm512_loadu_ps(vkq + d);
+    for (int i = 0; i < m; ++i)
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(vt + idx[i] * DV + d), _mm512_set1_ps(p[idx[i]]), a);
+    _mm512_storeu_ps(vkq + d, a);
+  }
+  for (; d < DV; ++d)
+    for (int i = 0; i < m; ++i) vkq[d] = std::fmaf(vt[idx[i] * DV + d], p[idx[i]], vkq[d]);
+}
+
+
 // ggml_compute_forward_flash_attn_ext_tiled for rows [t0, t1) (at most kTileQ) of one head.
 struct TileBuf {
   std::vector<float> kq, kt, vt, vkq, m, s;
@@ -280,7 +353,6 @@ void tiled_rows(const Problem& P, int64_t b, int64_t h, int64_t t0, int64_t t1, 
   float* kt = w.kt.data();
   float* vt = w.vt.data();
   const float sc = P.kq_scale();
-  const __m512 zero = _mm512_setzero_ps();
   for (int64_t ic = 0; ic < P.kv_len; ic += kTileKV) {
     const int n = (int)std::min<int64_t>(kTileKV, P.kv_len - ic);
     bool any = false;
@@ -297,18 +369,11 @@ void tiled_rows(const Problem& P, int64_t b, int64_t h, int64_t t0, int64_t t1, 
       const uint16_t* vr = P.vrow(b, h, ic + j);
       for (int d = 0; d < DV; ++d) vt[(size_t)j * DV + d] = h2f(vr[d]);
     }
-    for (int r = 0; r < rows; ++r) {
+    int r = 0;
+    for (; r + 2 <= rows; r += 2) kq_block<2>(P, b, h, t0 + r, kt, sc, kq + r * kTileKV);
+    for (; r < rows; ++r) kq_block<1>(P, b, h, t0 + r, kt, sc, kq + r * kTileKV);
+    for (r = 0; r < rows; ++r) {
       float* kr = kq + r * kTileKV;
-      const float* pq = P.qrow(b, t0 + r, h);
-      // simd_gemm: each score is an FMA chain over d in order, from zero.
-      __m512 acc[kTileKV / 16] = {zero, zero, zero, zero};
-      for (int d = 0; d < DK; ++d) {
-        const __m512 a = _mm512_set1_ps(pq[d]);
-        for (int c = 0; c < kTileKV / 16; ++c)
-          acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(kt + d * kTileKV + 16 * c), a, acc[c]);
-      }
-      for (int c = 0; c < kTileKV / 16; ++c)
-        _mm512_storeu_ps(kr + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(sc)));
       if (P.softcap != 0.0f)
         for (int j = 0; j < kTileKV; ++j) kr[j] = tanhf(kr[j]) * P.softcap;
       for (int j = 0; j < kTileKV; ++j)
@@ -326,18 +391,7 @@ void tiled_rows(const Problem& P, int64_t b, int64_t h, int64_t t0, int64_t t1, 
       }
       w.m[r] = mnew;
       w.s[r] += soft_max(kTileKV, kr, kr, mnew);
-      // simd_gemm again: VKQ += P V, an FMA chain over the tile's keys per element.
-      for (int j = 0; j < n; ++j) {
-        const float p = kr[j];
-        if (p == 0.0f) continue;  // fma(0, v, acc) == acc
-        const __m512 pv = _mm512_set1_ps(p);
-        const float* vr = vt + (size_t)j * DV;
-        int d = 0;
-        for (; d + 16 <= DV; d += 16)
-          _mm512_storeu_ps(vkq + d, _mm512_fmadd_ps(_mm512_loadu_ps(vr + d), pv,
-                                                    _mm512_loadu_ps(vkq + d)));
-        for (; d < DV; ++d) vkq[d] = std::fmaf(vr[d], p, vkq[d]);
-      }
+      pv_accumulate(kr, n, vt, DV, vkq);
     }
   }
   for (int r = 0; r < rows; ++r) {
