@@ -75,8 +75,11 @@ def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: 
 
     ``neq1``: the query rows of the ggml ubatch (default T), which picks ggml's path: tiled from
     64 rows, split-KV for a lone row over ``kv_len >= 512`` keys (then ``n_threads``, llama.cpp's
-    thread count, sets the key chunks: ``kv_len`` should be llama.cpp's n_kv there), one_chunk
-    otherwise. ``workers``: threads used here (0 = XLA's pool); results do not depend on it.
+    thread count, sets the key chunks), one_chunk otherwise. Masked keys are never read, so
+    ``kv_len`` may exceed the filled positions; for split-KV it must be llama.cpp's n_kv,
+    ``min(cells, max(256, ceil(used / 256) * 256))``, for the chunk boundaries to agree.
+    Slot j of the cache is taken to hold position j (key order is ggml's summation order).
+    ``workers``: threads used here (0 = XLA's pool); results do not depend on it.
     """
     if not available():
         raise RuntimeError("the C++ flash attention kernel is not available on this machine")
