@@ -216,3 +216,13 @@ def test_under_jit() -> None:
                        jnp.asarray([7], jnp.int32)))
     ref = ggml_fa(q[0], k[0], v[0], 7, 12, 0.125, None, None, 1)
     np.testing.assert_array_equal(got[0].view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("t", [3, 70])
+def test_large_scores_underflow_bit_exact(t) -> None:
+    """Scores hundreds apart: exp underflows to 0 (ggml_v_expf's out-of-range lanes, libm expf)."""
+    require_kernel()
+    q, k, v = inputs(1, t, 9, 3, 64, 90 + t, seed=11)
+    q *= 40.0
+    check(q, k, v, np.array([90]), 90 + t, 0.125)
+    check(q, k, v, np.array([90]), 90 + t, 0.125, softcap=50.0)
