@@ -300,58 +300,91 @@ inline void kq_block(const Problem& P, int64_t b, int64_t h, int64_t t, const fl
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + i * kTileKV + 16 * c, _mm512_mul_ps(acc[i][c], vs));
 }
 
-// simd_gemm for VKQ += P V of one row: per element an FMA chain over the tile's keys in order.
-// Keys with p == 0 (masked, padding) are left out: fma(0, v, acc) == acc.
-inline void pv_accumulate(const float* p, int n, const float* vt, int64_t DV, float* vkq) {
-  int idx[kTileKV];
-  int m = 0;
-  for (int j = 0; j < n; ++j)
-    if (p[j] != 0.0f) idx[m++] = j;
+// simd_gemm for VKQ += P V of R rows: per element an FMA chain over the tile's keys in order,
+// every key below n included as in ggml (masked ones with p = 0); the padding keys, p = 0 times
+// stale or zero V in ggml, are left out.
+template <int R>
+inline void pv_block(const float* p, int n, const float* vt, int64_t DV, float* vkq) {
   int64_t d = 0;
   for (; d + 64 <= DV; d += 64) {
-    __m512 a0 = _mm512_loadu_ps(vkq + d), a1 = _mm512_loadu_ps(vkq + d + 16);
-    __m512 a2 = _mm512_loadu_ps(vkq + d + 32), a3 = _mm512_loadu_ps(vkq + d + 48);
-    for (int i = 0; i < m; ++i) {
-      const __m512 pv = _mm512_set1_ps(p[idx[i]]);
-      const float* vr = vt + idx[i] * DV + d;
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vr), pv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(vr + 16), pv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(vr + 32), pv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(vr + 48), pv, a3);
+    __m512 acc[R][4];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_loadu_ps(vkq + i * DV + d + 16 * c);
+    for (int j = 0; j < n; ++j) {
+      const float* vr = vt + j * DV + d;
+      const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
+      const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
+      for (int i = 0; i < R; ++i) {
+        const __m512 pv = _mm512_set1_ps(p[i * kTileKV + j]);
+        acc[i][0] = _mm512_fmadd_ps(v0, pv, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(v1, pv, acc[i][1]);
+        acc[i][2] = _mm512_fmadd_ps(v2, pv, acc[i][2]);
+        acc[i][3] = _mm512_fmadd_ps(v3, pv, acc[i][3]);
+      }
     }
-    _mm512_storeu_ps(vkq + d, a0);
-    _mm512_storeu_ps(vkq + d + 16, a1);
-    _mm512_storeu_ps(vkq + d + 32, a2);
-    _mm512_storeu_ps(vkq + d + 48, a3);
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(vkq + i * DV + d + 16 * c, acc[i][c]);
   }
   for (; d + 16 <= DV; d += 16) {
-    __m512 a = _mm512_loadu_ps(vkq + d);
-    for (int i = 0; i < m; ++i)
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(vt + idx[i] * DV + d), _mm512_set1_ps(p[idx[i]]), a);
-    _mm512_storeu_ps(vkq + d, a);
+    for (int i = 0; i < R; ++i) {
+      __m512 a = _mm512_loadu_ps(vkq + i * DV + d);
+      for (int j = 0; j < n; ++j)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(vt + j * DV + d), _mm512_set1_ps(p[i * kTileKV + j]),
+                            a);
+      _mm512_storeu_ps(vkq + i * DV + d, a);
+    }
   }
   for (; d < DV; ++d)
-    for (int i = 0; i < m; ++i) vkq[d] = std::fmaf(vt[idx[i] * DV + d], p[idx[i]], vkq[d]);
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < n; ++j)
+        vkq[i * DV + d] = std::fmaf(vt[j * DV + d], p[i * kTileKV + j], vkq[i * DV + d]);
 }
 
 
-// ggml_compute_forward_flash_attn_ext_tiled for rows [t0, t1) (at most kTileQ) of one head.
-struct TileBuf {
-  std::vector<float> kq, kt, vt, vkq, m, s;
+// The K and V tiles in f32 as ggml's tiled path packs them, converted once per kv head (not
+// once per query tile): K transposed [DK][kTileKV] so the keys are the SIMD lanes, V [kTileKV][DV],
+// both zero padded. Layout [B, KVH, n_tiles, tile].
+struct KVTiles {
+  std::vector<float> k, v;
+  int64_t n_tiles = 0;
+  const float* kt(const Problem& P, int64_t b, int64_t h, int64_t tile) const {
+    return k.data() + (((b * P.KVH + h / (P.H / P.KVH)) * n_tiles) + tile) * P.DK * kTileKV;
+  }
+  const float* vt(const Problem& P, int64_t b, int64_t h, int64_t tile) const {
+    return v.data() + (((b * P.KVH + h / (P.H / P.KVH)) * n_tiles) + tile) * kTileKV * P.DV;
+  }
+  void pack(const Problem& P, int64_t u) {  // u = (b * KVH + g) * n_tiles + tile
+    const int64_t tile = u % n_tiles, bg = u / n_tiles;
+    const int64_t b = bg / P.KVH, h = (bg % P.KVH) * (P.H / P.KVH);
+    float* kt = k.data() + u * P.DK * kTileKV;
+    float* vt = v.data() + u * kTileKV * P.DV;
+    const int64_t ic = tile * kTileKV;
+    const int n = (int)std::max<int64_t>(0, std::min<int64_t>(kTileKV, P.kv_len - ic));
+    std::fill(kt, kt + P.DK * kTileKV, 0.0f);
+    std::fill(vt, vt + kTileKV * P.DV, 0.0f);
+    for (int j = 0; j < n; ++j) {
+      const uint16_t* kr = P.krow(b, h, ic + j);
+      for (int64_t d = 0; d < P.DK; ++d) kt[d * kTileKV + j] = h2f(kr[d]);
+      const uint16_t* vr = P.vrow(b, h, ic + j);
+      for (int64_t d = 0; d < P.DV; ++d) vt[j * P.DV + d] = h2f(vr[d]);
+    }
+  }
 };
 
-void tiled_rows(const Problem& P, int64_t b, int64_t h, int64_t t0, int64_t t1, TileBuf& w) {
-  const int DK = (int)P.DK, DV = (int)P.DV;
+// ggml_compute_forward_flash_attn_ext_tiled for rows [t0, t1) (at most kTileQ) of one head.
+struct TileBuf {
+  std::vector<float> kq, vkq, m, s;
+};
+
+void tiled_rows(const Problem& P, const KVTiles& kv, int64_t b, int64_t h, int64_t t0,
+                int64_t t1, TileBuf& w) {
+  const int DV = (int)P.DV;
   const int rows = (int)(t1 - t0);
   w.kq.resize(kTileQ * kTileKV);
-  w.kt.resize((size_t)DK * kTileKV);
-  w.vt.resize((size_t)kTileKV * DV);
   w.vkq.assign((size_t)kTileQ * DV, 0.0f);
   w.m.assign(kTileQ, -INFINITY);
   w.s.assign(kTileQ, 0.0f);
   float* kq = w.kq.data();
-  float* kt = w.kt.data();
-  float* vt = w.vt.data();
   const float sc = P.kq_scale();
   for (int64_t ic = 0; ic < P.kv_len; ic += kTileKV) {
     const int n = (int)std::min<int64_t>(kTileKV, P.kv_len - ic);
@@ -359,28 +392,29 @@ void tiled_rows(const Problem& P, int64_t b, int64_t h, int64_t t0, int64_t t1, 
     for (int r = 0; r < rows && !any; ++r)
       for (int j = 0; j < n && !any; ++j) any = P.visible(b, t0 + r, ic + j);
     if (!any) continue;  // ggml skips a tile that is masked for all its rows
-    // K tile transposed to f32 [DK][kTileKV] (zero padded) so the keys are the SIMD lanes.
-    std::fill(kt, kt + (size_t)DK * kTileKV, 0.0f);
-    for (int j = 0; j < n; ++j) {
-      const uint16_t* kr = P.krow(b, h, ic + j);
-      for (int d = 0; d < DK; ++d) kt[d * kTileKV + j] = h2f(kr[d]);
-    }
-    for (int j = 0; j < n; ++j) {
-      const uint16_t* vr = P.vrow(b, h, ic + j);
-      for (int d = 0; d < DV; ++d) vt[(size_t)j * DV + d] = h2f(vr[d]);
-    }
+    const float* kt = kv.kt(P, b, h, ic / kTileKV);
+    const float* vt = kv.vt(P, b, h, ic / kTileKV);
     int r = 0;
-    for (; r + 2 <= rows; r += 2) kq_block<2>(P, b, h, t0 + r, kt, sc, kq + r * kTileKV);
+    for (; r + 4 <= rows; r += 4) kq_block<4>(P, b, h, t0 + r, kt, sc, kq + r * kTileKV);
     for (; r < rows; ++r) kq_block<1>(P, b, h, t0 + r, kt, sc, kq + r * kTileKV);
     for (r = 0; r < rows; ++r) {
       float* kr = kq + r * kTileKV;
       if (P.softcap != 0.0f)
         for (int j = 0; j < kTileKV; ++j) kr[j] = tanhf(kr[j]) * P.softcap;
+      // The mask: keys [lo, pos] are visible (causal, sliding window), padding is not.
+      const int64_t pos = P.pos0[b] + t0 + r;
+      const int64_t lo = P.window > 0 ? pos - P.window + 1 : 0;
+      const int64_t jlo = std::max<int64_t>(0, lo - ic), jhi = std::min<int64_t>(n, pos - ic + 1);
       for (int j = 0; j < kTileKV; ++j)
-        if (j >= n || !P.visible(b, t0 + r, ic + j)) kr[j] = -INFINITY;
-      float tmax = -INFINITY;
-      for (int j = 0; j < kTileKV; ++j) tmax = kr[j] > tmax ? kr[j] : tmax;
-      if (tmax == -INFINITY) continue;  // this row sees nothing here: adds exact zeros in ggml
+        if (j < jlo || j >= jhi) kr[j] = -INFINITY;
+      // ggml_vec_max_f32: an exact max (a -0/+0 tie changes nothing downstream).
+      __m512 mx = _mm512_loadu_ps(kr);
+      for (int c = 1; c < kTileKV / 16; ++c) mx = _mm512_max_ps(mx, _mm512_loadu_ps(kr + 16 * c));
+      const float tmax = _mm512_reduce_max_ps(mx);
+      if (tmax == -INFINITY) {  // ggml zeroes the row: its V products add exact zeros
+        std::fill(kr, kr + kTileKV, 0.0f);
+        continue;
+      }
       const float mold = w.m[r];
       const float mnew = fmaxf(mold, tmax);
       float* vkq = w.vkq.data() + (size_t)r * DV;
@@ -391,8 +425,10 @@ void tiled_rows(const Problem& P, int64_t b, int64_t h, int64_t t0, int64_t t1, 
       }
       w.m[r] = mnew;
       w.s[r] += soft_max(kTileKV, kr, kr, mnew);
-      pv_accumulate(kr, n, vt, DV, vkq);
     }
+    for (r = 0; r + 2 <= rows; r += 2)
+      pv_block<2>(kq + r * kTileKV, n, vt, DV, w.vkq.data() + (size_t)r * DV);
+    for (; r < rows; ++r) pv_block<1>(kq + r * kTileKV, n, vt, DV, w.vkq.data() + (size_t)r * DV);
   }
   for (int r = 0; r < rows; ++r) {
     const float sinv = w.s[r] == 0.0f ? 0.0f : 1.0f / w.s[r];
@@ -408,9 +444,19 @@ struct Work {
   Problem P;
   int64_t n_units = 0, rows_per_unit = 1, units_per_head = 1;
   std::vector<float> parts;  // split-KV partials [B, H, n_split, 2 + DV]
-  std::atomic<int64_t> next{0}, done{0};
+  KVTiles kv;                // tiled path: packed K/V tiles, filled by the first n_prep units
+  int64_t n_prep = 0;
+  std::atomic<int64_t> next{0}, done{0}, prepped{0};
 
   void unit(int64_t u, TileBuf& tb, std::vector<uint16_t>& hb) {
+    if (u < n_prep) {
+      kv.pack(P, u);
+      prepped.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    // Every packing unit was claimed before this one, by a thread that is running it.
+    while (prepped.load(std::memory_order_acquire) < n_prep) _mm_pause();
+    u -= n_prep;
     const int64_t bh = u / units_per_head, k = u % units_per_head;
     const int64_t b = bh / P.H, h = bh % P.H;
     if (P.n_split > 0) {  // split-KV: unit = one key chunk of one head
@@ -422,7 +468,7 @@ struct Work {
     }
     const int64_t t0 = k * rows_per_unit, t1 = std::min(P.T, t0 + rows_per_unit);
     if (P.tiled) {
-      tiled_rows(P, b, h, t0, t1, tb);
+      tiled_rows(P, kv, b, h, t0, t1, tb);
     } else {
       for (int64_t t = t0; t < t1; ++t) one_chunk_row(P, b, t, h, 0, P.kv_len, nullptr, hb);
     }
@@ -430,7 +476,7 @@ struct Work {
   void run() {
     TileBuf tb;
     std::vector<uint16_t> hb;
-    for (int64_t u; (u = next.fetch_add(1)) < n_units;) {
+    for (int64_t u; (u = next.fetch_add(1)) < n_prep + n_units;) {
       unit(u, tb, hb);
       done.fetch_add(1, std::memory_order_release);
     }
@@ -453,7 +499,7 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     return ffi::Error::InvalidArgument("k/v shapes do not match q");
   if (P.KVH <= 0 || P.H % P.KVH != 0) return ffi::Error::InvalidArgument("H % KVH != 0");
   if (kv_len < 0 || kv_len > P.S) return ffi::Error::InvalidArgument("kv_len out of range");
-  if (pos0.element_count() != P.B) return ffi::Error::InvalidArgument("pos0 must be [B]");
+  if ((int64_t)pos0.element_count() != P.B) return ffi::Error::InvalidArgument("pos0 must be [B]");
   P.q = q.typed_data();
   P.k = k.typed_data();
   P.v = v.typed_data();
@@ -476,12 +522,21 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     w->units_per_head = (P.T + w->rows_per_unit - 1) / w->rows_per_unit;
   }
   w->n_units = P.B * P.H * w->units_per_head;
+  if (P.tiled) {  // only the tiles some query can see: keys up to the last query position
+    int64_t need = 0;
+    for (int64_t b = 0; b < P.B; ++b) need = std::max<int64_t>(need, (int64_t)P.pos0[b] + P.T);
+    need = std::min(need, kv_len);
+    w->kv.n_tiles = (need + kTileKV - 1) / kTileKV;
+    w->n_prep = P.B * P.KVH * w->kv.n_tiles;
+    w->kv.k.resize((size_t)(w->n_prep * P.DK * kTileKV));
+    w->kv.v.resize((size_t)(w->n_prep * kTileKV * P.DV));
+  }
   const int64_t want = workers > 0 ? workers : pool.num_threads() + 1;
   const int64_t helpers = std::min<int64_t>({want - 1, (int64_t)pool.num_threads(),
-                                             w->n_units - 1});
+                                             w->n_prep + w->n_units - 1});
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([w] { w->run(); });
   w->run();
-  while (w->done.load(std::memory_order_acquire) < w->n_units) _mm_pause();
+  while (w->done.load(std::memory_order_acquire) < w->n_prep + w->n_units) _mm_pause();
   if (P.n_split > 0) {
     for (int64_t bh = 0; bh < P.B * P.H; ++bh)
       reduce_partials(P, bh / P.H, bh % P.H,
