@@ -226,3 +226,21 @@ def test_large_scores_underflow_bit_exact(t) -> None:
     q *= 40.0
     check(q, k, v, np.array([90]), 90 + t, 0.125)
     check(q, k, v, np.array([90]), 90 + t, 0.125, softcap=50.0)
+
+
+@pytest.mark.parametrize("t", [4, 80])
+def test_same_layout_as_jllama_attention(t) -> None:
+    """Same semantics as ``jllama.models.common.attention`` (GQA head map, window, output
+    layout), up to ggml's f16 accumulation: a layout slip would be O(1) off, not 1e-3."""
+    require_kernel()
+    from jllama.models.common import attention
+
+    q, k, v = inputs(2, t, 4, 2, 64, 100 + t, seed=12)
+    pos0 = np.array([90, 3])
+    kv_len = 90 + t
+    for window in (None, 20):
+        got = ours(q, k, v, pos0, kv_len, 0.125, window=window)
+        ref = np.asarray(attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                   jnp.asarray(pos0, jnp.int32), kv_len, 0.125, window=window,
+                                   k_type="f16", v_type="f16"))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-2)
