@@ -11,7 +11,7 @@
 //   1+3, 0+1, then _mm512_reduce_add_ps), online softmax per key with libm expf, and the output
 //   accumulated *in f16*: ggml_vec_scale_f16 / ggml_vec_mad_f16, which with AVX512-FP16 are
 //   native half multiplies/FMAs on 128-element steps and a scalar f32 tail (all of D = 64).
-// * tiled (64 or more query rows): K tile to f32, scores as a plain FMA chain over d (what
+// * tiled (64 or more query rows): K tile to f32 (packed once per kv head here), scores as a plain FMA chain over d (what
 //   simd_gemm does per element), times scale, per-row tile max, expf(Mold - Mnew) rescale,
 //   the tile's softmax sum from ggml_v_expf on 16 lanes summed as doubles, then VKQ += P V as
 //   an FMA chain over the tile's keys, finally VKQ * (1 / S).
@@ -525,7 +525,7 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (P.tiled) {  // only the tiles some query can see: keys up to the last query position
     int64_t need = 0;
     for (int64_t b = 0; b < P.B; ++b) need = std::max<int64_t>(need, (int64_t)P.pos0[b] + P.T);
-    need = std::min(need, kv_len);
+    need = std::max<int64_t>(0, std::min(need, kv_len));
     w->kv.n_tiles = (need + kTileKV - 1) / kTileKV;
     w->n_prep = P.B * P.KVH * w->kv.n_tiles;
     w->kv.k.resize((size_t)(w->n_prep * P.DK * kTileKV));
