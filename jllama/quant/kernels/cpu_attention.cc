@@ -11,8 +11,9 @@
 //   1+3, 0+1, then _mm512_reduce_add_ps), online softmax per key with libm expf, and the output
 //   accumulated *in f16*: ggml_vec_scale_f16 / ggml_vec_mad_f16, which with AVX512-FP16 are
 //   native half multiplies/FMAs on 128-element steps and a scalar f32 tail (all of D = 64).
-// * tiled (64 or more query rows): K tile to f32 (packed once per kv head here), scores as a plain FMA chain over d (what
-//   simd_gemm does per element), times scale, per-row tile max, expf(Mold - Mnew) rescale,
+// * tiled (64 or more query rows): K tile to f32 (packed once per kv head here), scores as a
+//   plain FMA chain over d (what simd_gemm does per element), times scale, per-row tile max,
+//   expf(Mold - Mnew) rescale,
 //   the tile's softmax sum from ggml_v_expf on 16 lanes summed as doubles, then VKQ += P V as
 //   an FMA chain over the tile's keys, finally VKQ * (1 / S).
 // * split-KV (one query row, 512+ keys): one_chunk over n_threads key chunks, then ggml's
