@@ -204,7 +204,9 @@ struct Problem {
   const uint16_t* vrow(int64_t b, int64_t h, int64_t j) const {
     return v + ((b * KVH + h / (H / KVH)) * S + j) * DV;
   }
-  const float* qrow(int64_t b, int64_t t, int64_t h) const { return q + ((b * T + t) * H + h) * DK; }
+  const float* qrow(int64_t b, int64_t t, int64_t h) const {
+    return q + ((b * T + t) * H + h) * DK;
+  }
   float* orow(int64_t b, int64_t t, int64_t h) const { return out + ((b * T + t) * H + h) * DV; }
   // ggml's mask: 0 where visible, -INF elsewhere (llama.cpp's causal + is_masked_swa).
   bool visible(int64_t b, int64_t t, int64_t j) const {
@@ -293,12 +295,14 @@ inline void kq_block(const Problem& P, int64_t b, int64_t h, int64_t t, const fl
   for (int64_t d = 0; d < P.DK; ++d) {
     for (int c = 0; c < C; ++c) {
       const __m512 kv = _mm512_loadu_ps(kt + d * kTileKV + 16 * c);
-      for (int i = 0; i < R; ++i) acc[i][c] = _mm512_fmadd_ps(kv, _mm512_set1_ps(pq[i][d]), acc[i][c]);
+      for (int i = 0; i < R; ++i)
+        acc[i][c] = _mm512_fmadd_ps(kv, _mm512_set1_ps(pq[i][d]), acc[i][c]);
     }
   }
   const __m512 vs = _mm512_set1_ps(sc);
   for (int i = 0; i < R; ++i)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + i * kTileKV + 16 * c, _mm512_mul_ps(acc[i][c], vs));
+    for (int c = 0; c < C; ++c)
+      _mm512_storeu_ps(out + i * kTileKV + 16 * c, _mm512_mul_ps(acc[i][c], vs));
 }
 
 // simd_gemm for VKQ += P V of R rows: per element an FMA chain over the tile's keys in order,
