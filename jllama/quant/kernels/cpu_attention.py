@@ -54,10 +54,14 @@ def available() -> bool:
     return True
 
 
+@functools.cache
 def default_threads() -> int:
-    """llama.cpp's default thread count stand-in (only the split-KV decode path depends on it);
-    pass the ``-t`` llama.cpp ran with where it matters."""
-    return os.cpu_count() or 1
+    """llama.cpp's default thread count (common's ``cpu_get_num_math``: the physical cores, i.e.
+    distinct sets of hyperthread siblings); only the split-KV decode path depends on it. Pass
+    the ``-t`` llama.cpp ran with where that differs (hybrid CPUs: llama.cpp counts P-cores)."""
+    sib = {p.read_text().strip() for p in
+           Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings")}
+    return len(sib) or os.cpu_count() or 1
 
 
 def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
