@@ -7,6 +7,7 @@ first token sits in the sequence; ``kv_len`` (static) is how much of the cache a
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import jax
@@ -57,9 +58,9 @@ def linear(x: jax.Array, qt: QTensor) -> jax.Array:
         if on_cpu:
             from jllama.quant.kernels import xla_cpu
 
-            if xla_cpu.ffi_matvec_ok(x, qt):
-                # decode: ggml's own int8 dot on ggml's Q8 activations, bit-identical to
-                # llama.cpp's CPU product (None: no int8 kernel for this type or machine)
+            if xla_cpu.q8_ok(x, qt):
+                # ggml's own int8 dot on ggml's Q8 activations, bit-identical to llama.cpp's
+                # CPU product (None: no int8 kernel for this type or machine)
                 y = xla_cpu.ffi_matvec_q8(x, qt)
                 if y is not None:
                     return y
@@ -87,7 +88,7 @@ def linear_group(x: jax.Array, mods: list[Linear]) -> list[jax.Array]:
         from jllama.quant.kernels import xla_cpu
 
         qts = [m.weight.get_value() for m in mods]
-        if all(not qt.is_float and xla_cpu.ffi_matvec_ok(x, qt) for qt in qts):
+        if all(not qt.is_float and xla_cpu.q8_ok(x, qt) for qt in qts):
             ys = xla_cpu.ffi_matvec_q8_multi(x, qts)
     if ys is None:
         return [m(x) for m in mods]
@@ -158,12 +159,23 @@ class RMSNorm(nnx.Module):
 def rms_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
     x = x.astype(jnp.float32)
     if MATCH_LLAMACPP_NUMERICS:
-        # ggml: mean = (float)(double sum of f32 squares / n); scale = 1.0f / sqrtf(mean + eps)
-        scale = 1.0 / jnp.sqrt(_mean_f32_of_exact_sum(x * x) + jnp.float32(eps))
+        # ggml: mean = (float)(double sum of f32 squares / n); scale = 1.0f / sqrtf(mean + eps).
+        # The barrier keeps XLA from turning 1/sqrt into its rsqrt, which rounds differently.
+        root = jnp.sqrt(_mean_f32_of_exact_sum(x * x) + jnp.float32(eps))
+        scale = 1.0 / _opaque(root)
         y = x * scale
-    else:
-        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+        # opaque: a following residual add must not fuse with the weight multiply into an FMA
+        # (XLA:CPU contracts a*b + c), where ggml rounds the product first
+        return _opaque(y * w) if w is not None else y
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
     return y * w if w is not None else y
+
+
+def _opaque(x: jax.Array) -> jax.Array:
+    """x as a value XLA cannot see into: no ``a / c -> a * (1 / c)``, no ``1 / sqrt -> rsqrt``,
+    no folding of ``(a * c) * c`` into ``a * (c * c)``; rewrites that round differently from
+    the C code whose rounding we reproduce."""
+    return jax.lax.optimization_barrier(x)
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -183,7 +195,7 @@ def _mean_f32_of_exact_sum(sq: jax.Array) -> jax.Array:
     if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
         with jax.enable_x64(True):
             s = jnp.sum(sq.astype(jnp.float64), axis=-1, keepdims=True)
-            return (s / sq.shape[-1]).astype(jnp.float32)
+            return (s / _opaque(jnp.float64(sq.shape[-1]))).astype(jnp.float32)
     return _mean_f32_two_sum_tree(sq)
 
 
@@ -217,26 +229,136 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     the two halves (Gemma, Qwen).  x: [B, T, H, D], pos: [B, T].
     """
     half = dim // 2
+    exact = MATCH_LLAMACPP_NUMERICS and _libm_cos_sin_ok()
     if MATCH_LLAMACPP_NUMERICS:
         ang = _ggml_rope_angles(pos, base, dim, scale)
     else:
         inv = base ** (-jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim)
         ang = (pos.astype(jnp.float32) * scale)[..., None] * inv  # [B, T, half]
-    cos = jnp.cos(ang)[:, :, None, :]
-    sin = jnp.sin(ang)[:, :, None, :]
+    if exact:
+        from jllama.quant.kernels import cpu_ffi
+
+        cos, sin = cpu_ffi.cos_sin(ang)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    else:
+        cos = jnp.cos(ang)[:, :, None, :]
+        sin = jnp.sin(ang)[:, :, None, :]
     xr, rest = x[..., :dim], x[..., dim:]
     if neox:
         x1, x2 = xr[..., :half], xr[..., half:]
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     else:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(xr.shape)
+    if exact:
+        # ggml's rotate_pairs as GCC compiles it: x0*c - x1*s with the first product fused into
+        # the add and the second rounded (found by testing against ggml; the other forms differ)
+        y1 = _fma32(x1, cos, -(x2 * sin))
+        y2 = _fma32(x1, sin, x2 * cos)
+    else:
+        y1, y2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+    if neox:
+        out = jnp.concatenate([y1, y2], axis=-1)
+    else:
+        out = jnp.stack([y1, y2], axis=-1).reshape(xr.shape)
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def _libm_cos_sin_ok() -> bool:
+    """Whether rope can take its cos/sin from the C library (ggml's), i.e. the C++ kernels."""
+    if jax.default_backend() != "cpu":
+        return False
+    from jllama.quant.kernels import cpu_ffi
+
+    return cpu_ffi.available()
+
+
+def _fma32(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """f32 ``a * b + c`` rounded once, as an FMA instruction does: the product is exact in f64
+    and the sum rounds to f64 first, which differs from one rounding only when that lands
+    exactly on an f32 tie (~2^-29 of cases)."""
+    with jax.enable_x64(True):
+        f = jnp.float64
+        return (a.astype(f) * b.astype(f) + c.astype(f)).astype(jnp.float32)
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """silu(gate) * up, ggml's fused SwiGLU (ggml_vec_swiglu_f32)."""
+    if MATCH_LLAMACPP_NUMERICS and jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
+        return _ggml_silu(gate.astype(jnp.float32)) * up
     return jax.nn.silu(gate) * up
+
+
+# ggml_v_expf's constants (ggml-cpu/vec.h, after ARM's optimized-routines expf)
+_EXPF_C = tuple(float.fromhex(c) for c in (
+    "0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3", "0x1.fffdb6p-2", "0x1.ffffecp-1"))
+_HEX = {k: float.fromhex(v) for k, v in dict(
+    shift="0x1.8p23", log2e="0x1.715476p+0", ln2_lo="0x1.7f7d1cp-20", ln2_hi="0x1.62e4p-1").items()}
+
+
+def _ggml_expf(x: jax.Array) -> jax.Array:
+    """ggml's SIMD expf, step by step with its fused multiply-adds (1.5 ulp from exp; XLA's exp
+    differs from it in the last bit often enough to move Q8 roundings downstream)."""
+    f32 = jnp.float32
+    r = f32(_HEX["shift"])
+    z = _fma32(x, f32(_HEX["log2e"]), r)
+    n = z - r
+    b = _fma32(-n, f32(_HEX["ln2_lo"]), _fma32(-n, f32(_HEX["ln2_hi"]), x))
+    u = b * b
+    c0, c1, c2, c3, c4 = (f32(c) for c in _EXPF_C)
+    j = _fma32(_fma32(_fma32(c0, b, c1), u, _fma32(c2, b, c3)), u, _fma32(c4, b, f32(1.0)))
+    with jax.enable_x64(True):  # scalef: j * 2^n, rounded once (also into subnormals)
+        res = (j.astype(jnp.float64) * jnp.exp2(n.astype(jnp.float64))).astype(f32)
+    big = jnp.abs(n) > 192
+    return jnp.where(big, jnp.where(n <= 0, f32(0.0), f32(jnp.inf)), res)
+
+
+def _ggml_silu(x: jax.Array) -> jax.Array:
+    """ggml_vec_silu/swiglu on f32 rows: 16-wide chunks through ggml_v_silu (x / (1 + expf(-x))
+    with the SIMD expf), the ``n % 16`` tail through libm's expf (here exp in f64, rounded)."""
+    y = x / (jnp.float32(1.0) + _ggml_expf(jnp.float32(0.0) - x))
+    n = x.shape[-1]
+    tail = n % 16
+    if tail:
+        with jax.enable_x64(True):
+            e = jnp.exp(-x[..., n - tail :].astype(jnp.float64)).astype(jnp.float32)
+        y = y.at[..., n - tail :].set(x[..., n - tail :] / (jnp.float32(1.0) + e))
+    return y
+
+
+@functools.cache
+def ggml_gelu_table() -> np.ndarray:
+    """ggml's GELU lookup table (``ggml_table_gelu_f16``): f16 GELU of every f16 value, computed
+    as ggml's C does, ``0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f + GELU_COEF_A*x*x)))`` with
+    GCC contracting ``GELU_COEF_A*x*x + 1`` into one FMA, and the C library's tanhf (not
+    correctly rounded: a higher-precision tanh changes entries). Tested equal to ggml's table."""
+    f32 = np.float32
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
+    with np.errstate(all="ignore"):
+        ax = f32(0.044715) * x
+        t = (ax.astype(np.float64) * x + 1.0).astype(f32)  # one rounding, as the FMA
+        inner = f32(0.79788456080286535587989211986876) * x * t
+        th = _libm_tanhf(inner)
+        y = f32(0.5) * x * (f32(1.0) + th)
+    return y.astype(np.float16)
+
+
+def _libm_tanhf(x: np.ndarray) -> np.ndarray:
+    """The C library's tanhf elementwise (ctypes, ~65k calls once per process); where there is
+    none, tanh in f64 rounded to f32, which agrees with glibc's on all but a few values."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("m")
+    try:
+        libm = ctypes.CDLL(name) if name else None
+        fn = libm.tanhf if libm is not None else None
+    except (OSError, AttributeError):
+        fn = None
+    if fn is None:
+        return np.tanh(x.astype(np.float64)).astype(np.float32)
+    fn.argtypes, fn.restype = [ctypes.c_float], ctypes.c_float
+    flat = x.ravel()
+    out = np.fromiter((fn(float(v)) for v in flat), np.float32, count=flat.size)
+    return out.reshape(x.shape)
 
 
 def _ggml_rope_angles(pos: jax.Array, base: float, dim: int, scale: float) -> jax.Array:
@@ -244,7 +366,7 @@ def _ggml_rope_angles(pos: jax.Array, base: float, dim: int, scale: float) -> ja
     position and is multiplied by ``powf(base, -2/dim)`` once per pair, in f32. Against
     ``pos * base**(-2i/dim)`` the angles drift by a few f32 ulps (~1e-4 rad at position 500),
     which moved Q/K by ~1e-4 relative, the largest difference in layer 0."""
-    theta_scale = jnp.float32(np.float32(float(base) ** (-2.0 / dim)))
+    theta_scale = _opaque(jnp.float32(np.float32(float(base) ** (-2.0 / dim))))
     th = pos.astype(jnp.float32)
     cols = []
     for _ in range(dim // 2):
@@ -270,6 +392,13 @@ def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array, kind: str = "
     return jax.vmap(one)(cache, new, pos0)
 
 
+# llama.cpp's flash attention (``-fa``; on by default for CPU in llama-cli/-perplexity/-server):
+# with llama.cpp numerics on the CPU and an f16 cache, attention is ggml's FA kernel bit for bit
+# (quant/kernels/cpu_attention.cc); off, the XLA attention rounds as ggml's non-FA graph does
+# (llama-cpp-python's default). A process-wide switch read at trace time (runtime.flash_attn).
+FLASH_ATTN = True
+
+
 def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
               kv_len: int, scale: float, window: int | None = None,
               softcap: float | None = None, k_type: str = "f32", v_type: str = "f32",
@@ -279,6 +408,13 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     q: [B, T, H, D]; caches [B, KVH, S, D] already hold this call's keys/values.
     Returns [B, T, H * Dv].
     """
+    if MATCH_LLAMACPP_NUMERICS and FLASH_ATTN and k_type == "f16" and v_type == "f16":
+        from jllama.quant.kernels import cpu_attention
+
+        if jax.default_backend() == "cpu" and cpu_attention.available():
+            # ggml's own flash attention, bit for bit; kv_pad: llama.cpp's n_kv rule (256)
+            return cpu_attention.ggml_flash_attn(q, k_cache, v_cache, pos0, kv_len, scale,
+                                                 window, softcap, kv_pad=256)
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
     k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)

@@ -79,12 +79,14 @@ def gelu(x: jax.Array) -> jax.Array:
     """GELU (tanh form) as ggml's CPU op computes it when matching llama.cpp.
 
     ggml looks GELU up in an f16 table: the input is rounded to f16, the result stored as f16,
-    and inputs beyond ±10 bypass the table (0 or x).
+    and inputs beyond ±10 bypass the table (0 or x). The table is ggml's own, bit for bit
+    (``common.ggml_gelu_table``); XLA's gelu rounds 368 of its entries the other way.
     """
     if not common.MATCH_LLAMACPP_NUMERICS:
         return jax.nn.gelu(x, approximate=True)
-    xh = x.astype(jnp.float16).astype(jnp.float32)
-    y = jax.nn.gelu(xh, approximate=True).astype(jnp.float16).astype(jnp.float32)
+    table = jnp.asarray(common.ggml_gelu_table())
+    idx = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
+    y = jnp.take(table, idx).astype(jnp.float32)
     return jnp.where(x <= -10.0, 0.0, jnp.where(x >= 10.0, x, y))
 
 

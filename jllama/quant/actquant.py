@@ -42,6 +42,11 @@ def quantize_activations(x: jax.Array, qtype: int) -> jax.Array:
     return quantize_activations_ex(x, qtype)[0]
 
 
+def _opaque(x: jax.Array) -> jax.Array:
+    """A value XLA's algebraic simplifier cannot see into (see ``_q8_parts``)."""
+    return jax.lax.optimization_barrier(x)
+
+
 def _q8_parts(x: jax.Array, qtype: int):
     """ggml's quantize_row_q8_{0,1,K} in f32: (codes as f32 [..., nb, bs], d32 (the unrounded
     scale) or None, d (the stored scale, as f32) [..., nb, 1]), or None where ggml keeps f32."""
@@ -55,8 +60,11 @@ def _q8_parts(x: jax.Array, qtype: int):
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], n // bs, bs)
     if f16_scale:
         amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-        d32 = amax / 127.0
-        inv = jnp.where(amax > 0, 127.0 / amax, 0.0)  # as ggml's AVX quantize_row_q8_x
+        # Each value rounded where ggml's C rounds it: left visible, XLA rewrites ``x / 127``
+        # as ``x * (1 / 127)`` and ``(a / b) * c`` as ``(a * c) / b``, which round differently
+        # (and then so, now and then, does the f16 of the Q8_1 block sum s = d * sum(q)).
+        d32 = _opaque(amax / _opaque(jnp.float32(127.0)))
+        inv = _opaque(jnp.where(amax > 0, 127.0 / amax, 0.0))  # as ggml's AVX quantize_row_q8_x
         q = jnp.round(xb * inv)  # nearest-even, as _mm256_round_ps(_MM_ROUND_NEAREST)
         return q, d32, d32.astype(jnp.float16).astype(jnp.float32)
     # Q8_K: scale from the signed value of largest magnitude (the first one, as ggml's strict

@@ -492,7 +492,7 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                          ffi::Buffer<ffi::F16> k, ffi::Buffer<ffi::F16> v,
                          ffi::Buffer<ffi::S32> pos0, ffi::ResultBuffer<ffi::F32> out,
                          int64_t kv_len, float scale, int64_t window, float softcap,
-                         int64_t n_threads, int64_t neq1, int64_t workers) {
+                         int64_t n_threads, int64_t neq1, int64_t workers, int64_t kv_pad) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("q, k, v must be 4-D");
@@ -516,6 +516,15 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   P.window = window;
   const int64_t rows = neq1 > 0 ? neq1 : P.T;  // ggml's neq1 picks the path
   P.tiled = rows >= kTileQ;
+  if (kv_pad > 0 && P.B == 1) {
+    // llama.cpp's n_kv for this call: the cells in use rounded up to its padding (256), which
+    // sets where split-KV decode cuts the keys. Keys past the last position are masked (never
+    // read), so this may exceed the static kv_len, though not the cache.
+    const int64_t used = (int64_t)P.pos0[0] + P.T;
+    const int64_t padded = (used + kv_pad - 1) / kv_pad * kv_pad;
+    P.kv_len = std::min<int64_t>(P.S, std::max<int64_t>(kv_pad, padded));
+    kv_len = P.kv_len;
+  }
   P.n_split = (rows == 1 && P.T == 1 && kv_len >= kSplitKV) ? std::max<int64_t>(1, n_threads) : 0;
   if (P.B * P.T * P.H == 0) return ffi::Error::Success();
   if (P.n_split > 0) {
@@ -566,6 +575,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttn, FlashAttnImpl,
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("n_threads")
                                   .Attr<int64_t>("neq1")
-                                  .Attr<int64_t>("workers"));
+                                  .Attr<int64_t>("workers")
+                                  .Attr<int64_t>("kv_pad"));
 
 #endif  // JLLAMA_FA

@@ -37,7 +37,7 @@ FLAGS = [
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS
 QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23})
 _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatVecXs",
-            "jllama_dequant": "JllamaDequant"}
+            "jllama_dequant": "JllamaDequant", "jllama_cos_sin": "JllamaCosSin"}
 # The int8-activation kernels (ggml's vec_dot, bit-exact) exist only where the build machine
 # has AVX2 + FMA + F16C + VNNI (AVX512-VNNI or AVX-VNNI).
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
@@ -105,6 +105,8 @@ def available() -> bool:
                 _Q8_TARGET[0], jax.ffi.pycapsule(getattr(lib, _Q8_TARGET[1])), "cpu"
             )
             _q8_registered = True
+            jax.ffi.register_ffi_target(
+                "jllama_quantize_q8", jax.ffi.pycapsule(lib.JllamaQuantizeQ8), "cpu")
             for n, (target, symbol) in _Q8_MULTI_TARGETS.items():
                 if hasattr(lib, symbol):
                     jax.ffi.register_ffi_target(
@@ -165,6 +167,23 @@ def qmatvec_q8(
     )
 
 
+_ACT_FMT = {"q8_0": 0, "q8_1": 1, "q8_K": 2}
+
+
+def quantize_q8(x2: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """ggml's quantize_row_q8_{0,1,K} on the rows of ``x2[m, k]`` (C, not XLA: see
+    cpu_qmatvec.cc): int8 codes [m, k], block scales [m, k / bs] (the stored f16 value for
+    Q8_0/Q8_1, f32 for Q8_K), Q8_1 block sums [m, k / 32] (else None), as f32."""
+    m, k = x2.shape
+    f = _ACT_FMT[fmt]
+    nb = k // (256 if f == 2 else 32)
+    outs = (jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m, nb), jnp.float32),
+            jax.ShapeDtypeStruct((m, k // 32 if f == 1 else 0), jnp.float32))
+    q, d, s = jax.ffi.ffi_call("jllama_quantize_q8", outs, vmap_method="sequential")(
+        x2.astype(jnp.float32), fmt=np.int64(f))
+    return q, d, (s if f == 1 else None)
+
+
 def qmatvec_q8_multi(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list,
                      qtypes: list[int]) -> list[jax.Array] | None:
     """``qmatvec_q8`` for 2-3 weights on the same activations in one kernel call (one thread
@@ -179,6 +198,14 @@ def qmatvec_q8_multi(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list
     ys = jax.ffi.ffi_call(_Q8_MULTI_TARGETS[len(raws)][0], outs, vmap_method="sequential")(
         q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), *raws, **attrs)
     return list(ys)
+
+
+def cos_sin(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cosf(x), sinf(x)) from the C library, elementwise on f32: what ggml's rope cache uses.
+    The caller checks ``available()``."""
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    return jax.ffi.ffi_call("jllama_cos_sin", (out, out), vmap_method="sequential")(
+        x.astype(jnp.float32))
 
 
 def dequant_rows(raw: jax.Array, qtype: int, row_len: int) -> jax.Array:

@@ -26,6 +26,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -865,6 +866,24 @@ ffi::Error DequantImpl(ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, in
   return ffi::Error::Success();
 }
 
+// cos and sin of f32 angles through the C library's cosf/sinf: ggml's rope cache calls them, and
+// they are not correctly rounded (~1 % of rope angles differ from round(cos(double))), so an
+// exact rope needs the same functions, not XLA's or a higher-precision substitute.
+ffi::Error CosSinImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> c,
+                      ffi::ResultBuffer<ffi::F32> s) {
+  const size_t n = x.element_count();
+  if (c->element_count() != n || s->element_count() != n)
+    return ffi::Error::InvalidArgument("cos/sin outputs must match the input");
+  const float* xp = x.typed_data();
+  float* cp = c->typed_data();
+  float* sp = s->typed_data();
+  for (size_t i = 0; i < n; ++i) {
+    cp[i] = ::cosf(xp[i]);
+    sp[i] = ::sinf(xp[i]);
+  }
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Int8-activation kernels, bit-exact with ggml's x86 vec_dot (the AVX2 branches of
 // ggml-cpu/arch/x86/quants.c, with VNNI dot products, and llamafile's tinyBLAS_Q0_AVX, which
@@ -1308,6 +1327,76 @@ ffi::Error QMatVecQ8x3Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Bu
   return q8_run(pool, q, d, s, ws, ys, qt, 3);
 }
 
+// ggml's activation quantization for the int8 dot, row by row as ggml-cpu does it: Q8_0/Q8_1 as
+// the x86 quantize_row_q8_{0,1} (d = amax / 127, codes = round-half-even(x * (127 / amax)), d and
+// the Q8_1 block sum s = d * sum(codes) stored as f16), Q8_K as quantize_row_q8_K_ref (scale from
+// the signed value of largest magnitude, -127 / max, codes capped at 127, d = 1 / iscale in f32).
+// In C rather than XLA because XLA's simplifier rewrites x / 127 into x * (1 / 127) and
+// d * sum(q) into sum(q * d), each a rounding step ggml does not take (~1 block in 10^4 then
+// stores another f16 s, and the product moves by a quantum).
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math", "fp-contract=off")
+float f16_round(float x) { return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)); }
+
+void quantize_row_q8(const float* x, int64_t k, int fmt, int8_t* q, float* d, float* s) {
+  if (fmt == 2) {  // Q8_K
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const float* xb = x + b * 256;
+      float amax = 0.0f, mx = 0.0f;
+      for (int j = 0; j < 256; ++j) {
+        const float ax = std::fabs(xb[j]);
+        if (ax > amax) amax = ax, mx = xb[j];
+      }
+      int8_t* qb = q + b * 256;
+      if (amax == 0.0f) {
+        std::memset(qb, 0, 256);
+        d[b] = 0.0f;
+        continue;
+      }
+      const float iscale = -127.0f / mx;
+      for (int j = 0; j < 256; ++j) {
+        const float v = std::nearbyint(iscale * xb[j]);
+        qb[j] = (int8_t)std::min(127.0f, v);
+      }
+      d[b] = 1.0f / iscale;
+    }
+    return;
+  }
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float dd = amax / 127.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int8_t* qb = q + b * 32;
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int v = (int)std::nearbyint(xb[j] * id);
+      qb[j] = (int8_t)v;
+      sum += v;
+    }
+    d[b] = f16_round(dd);
+    if (fmt == 1) s[b] = f16_round(dd * (float)sum);
+  }
+}
+#pragma GCC pop_options
+
+ffi::Error QuantizeQ8Impl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S8> q,
+                          ffi::ResultBuffer<ffi::F32> d, ffi::ResultBuffer<ffi::F32> s,
+                          int64_t fmt) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
+  const int64_t m = xd[0], k = xd[1], bs = fmt == 2 ? 256 : 32;
+  if (fmt < 0 || fmt > 2 || k % bs != 0) return ffi::Error::InvalidArgument("bad format or k");
+  const int64_t nb = k / bs, ns = fmt == 1 ? k / 32 : 0;
+  if ((int64_t)d->element_count() != m * nb || (int64_t)s->element_count() != m * ns)
+    return ffi::Error::InvalidArgument("bad output sizes");
+  for (int64_t r = 0; r < m; ++r)
+    quantize_row_q8(x.typed_data() + r * k, k, (int)fmt, q->typed_data() + r * k,
+                    d->typed_data() + r * nb, s->typed_data() + r * ns);
+  return ffi::Error::Success();
+}
+
 #endif  // JLLAMA_Q8
 
 }  // namespace
@@ -1317,6 +1406,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaDequant, DequantImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaCosSin, CosSinImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVec, QMatVecImpl,
                               ffi::Ffi::Bind()
@@ -1336,6 +1431,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecXs, QMatVecXsImpl,
                                   .Attr<int64_t>("qtype"));
 
 #if defined(JLLAMA_Q8)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQuantizeQ8, QuantizeQ8Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("fmt"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8, QMatVecQ8Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

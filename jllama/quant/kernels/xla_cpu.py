@@ -64,6 +64,25 @@ def _tile_weights(qt, parts: tuple) -> jax.Array:
     return cpu_repack.dequantize_repacked(jnp, r, lay.group)
 
 
+# The int8 kernel (ggml's own arithmetic) for every row count, prompts included, not only for
+# decode-sized calls: then every product is bit-identical to llama.cpp's whatever the chunking,
+# and so are prompt logits and perplexity (see q8_ok). A process-wide switch read at trace time.
+Q8_ALL_ROWS = True
+
+
+def q8_ok(x: jax.Array, qt) -> bool:
+    """Whether ``linear`` takes the int8 kernel for x (GGUF blocks of a q8 type here)."""
+    return (qt.layout == "gguf" and len(qt.shape) == 2 and cpu_ffi.q8_supported(qt.qtype)
+            and (Q8_ALL_ROWS or ffi_rows(x) <= _FFI_MATVEC_ROWS))
+
+
+def ffi_rows(x: jax.Array) -> int:
+    m = 1
+    for n in x.shape[:-1]:
+        m *= n
+    return m
+
+
 def ffi_matvec_ok(x: jax.Array, qt) -> bool:
     """Whether ``qmatmul(x, qt)`` would take the C++ matvec (few rows, GGUF blocks)."""
     m = 1
@@ -81,12 +100,22 @@ def ffi_matvec_xs(x: jax.Array, qt, xs: jax.Array) -> jax.Array:
     return y.reshape(*lead, n_out)
 
 
+def _quantize_q8(x: jax.Array, qtype: int):
+    """x's rows in ggml's vec_dot activation format: the C quantizer (exactly ggml's rounding),
+    or the XLA one where the format is unknown to it."""
+    fmt = act_format(qtype)
+    n_in = x.shape[-1]
+    if fmt is None or n_in % (256 if fmt == "q8_K" else 32):
+        return quantize_activations_q8(x, qtype)
+    return cpu_ffi.quantize_q8(x.reshape(-1, n_in), fmt)
+
+
 def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
     """The int8 C++ matvec on x quantized to ggml's vec_dot type, bit-identical to llama.cpp's
     CPU product (see cpu_qmatvec.cc); None where this type or machine has no such kernel."""
     if not cpu_ffi.q8_supported(qt.qtype):
         return None
-    parts = quantize_activations_q8(x, qt.qtype)
+    parts = _quantize_q8(x, qt.qtype)
     if parts is None:
         return None
     q, d, s = parts
@@ -106,7 +135,7 @@ def ffi_matvec_q8_multi(x: jax.Array, qts: list) -> list[jax.Array] | None:
         return None
     if not all(cpu_ffi.q8_supported(qt.qtype) for qt in qts):
         return None
-    parts = quantize_activations_q8(x, qts[0].qtype)
+    parts = _quantize_q8(x, qts[0].qtype)
     if parts is None:
         return None
     q, d, s = parts
