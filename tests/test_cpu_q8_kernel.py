@@ -3,8 +3,9 @@
 The oracle is the llama.cpp build the tests already use (llama-cpp-python's libggml-base/-cpu),
 driven through ctypes on a plain ggml context (no backend buffers, so no AMX/repack extra
 buffer types): an f32 activation tensor times a quantized weight tensor holding our GGUF bytes.
-ggml quantizes the activations to the weight's vec_dot type and runs its vec_dot (one row) or
-llamafile's tinyBLAS (2+ rows, Q4_0/Q5_0/Q8_0); our kernel gets the activations quantized by
+ggml quantizes the activations to the weight's vec_dot type and runs its vec_dot (one row),
+llamafile's tinyBLAS (2+ rows, Q4_0/Q5_0/Q8_0) or its tiled K-quant GEMM (8+ rows, Q4_K/Q5_K/
+Q6_K, ggml-cpu/tiled/); our kernel gets the activations quantized by
 ``quantize_activations_q8``. The products must be bit-identical.
 """
 
@@ -120,10 +121,17 @@ def test_q8_kernel_bit_exact_vs_ggml(qtype: QType) -> None:
     # 1-5 rows: decode; 300: a prompt chunk (its ~7000 Q8_1 block sums include ties of the
     # f16 rounding of s = d * sum(q), where an XLA-rewritten d once rounded the other way).
     # From 8 rows on ggml multiplies K-quants with its "tiled" kernel (ggml-cpu/tiled/), which
-    # sums in another order: those are compared up to 5 rows only.
-    for m in (1, 2, 3, 5) + (() if qtype in K_TILED else (300,)):
+    # sums in another order: 7 is the last vec_dot row count; 8 and 9 its first tiles (one
+    # ragged 16-row microtile, the narrow K-chunked path), 64 and 300 full and ragged 256-row
+    # windows split over 1 or 2 threads.
+    ms = (1, 2, 3, 5) + ((7, 8, 9, 64, 300) if qtype in K_TILED else (300,))
+    for m in ms:
         x = activations(m, k, seed=m)
-        ref = ggml_mul_mat(raw, qtype, x, n_threads=2 if m == 2 else 1)
+        threads = (2,) if m == 2 else (1, 2) if m >= 8 and qtype in K_TILED else (1,)
+        refs = [ggml_mul_mat(raw, qtype, x, n_threads=t) for t in threads]
+        for r in refs[1:]:  # the thread count must not matter to ggml either
+            np.testing.assert_array_equal(r.view(np.uint32), refs[0].view(np.uint32))
+        ref = refs[0]
         got = ours(raw, qtype, x)
         bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
         assert bad.size == 0, (
@@ -146,7 +154,7 @@ def test_q8_multi_weight_call_bit_exact_vs_ggml(qtypes) -> None:
     raws = [random_blocks(t, n, k, seed=10 + i) for i, (t, n) in enumerate(zip(qtypes, rows))]
     qts = [QTensor(data=jnp.asarray(r), qtype=int(t), shape=(r.shape[0], k), layout="gguf")
            for r, t in zip(raws, qtypes)]
-    for m in (1, 3):
+    for m in (1, 3, 8, 40):  # 8 and 40: ggml's tiled GEMM for the K-quants
         x = activations(m, k, seed=20 + m)
         got = xla_cpu.ffi_matvec_q8_multi(jnp.asarray(x), qts)
         assert got is not None, "multi-weight kernel missing"

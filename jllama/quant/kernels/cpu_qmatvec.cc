@@ -893,6 +893,15 @@ ffi::Error CosSinImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> c,
 // (lane l: elements 4l..4l+3 of each 32-group), converted to f32, ``acc = fma(d_w * d_x, lane,
 // acc)`` over blocks, ggml's hsum_float_8, then the type's min term. The integer parts may be
 // computed any exact way (bias trick for signed weights below); only the f32 steps must match.
+//
+// From 8 x rows on, ggml-cpu multiplies K-quant weights with its tiled GEMM instead
+// (ggml-cpu/tiled/, ``ggml_tiled_min_batch``), whose f32 steps differ: per 256-block one exact
+// int32 s1 = sum_g sc[g] dot_g and (Q4_K/Q5_K) s2 = sum_g mn[g] bsum_g, then
+// ``r = fma(-dmin_w, s2, s1 * d_w)`` (Q6_K: ``r = s1 * d_w``) and ``acc = fma(r, d_x, acc)``
+// over blocks, no lane split and no hsum (its AVX-512 VNNI microkernel as the oracle build
+// compiles it, vfnmadd + vfmadd over memory). Tile shapes, K chunking and threads only regroup
+// whole output elements, so they do not enter: the ``kTiled`` kernels below follow that order
+// whenever the call has >= 8 rows (``kTiledMinRows``), ggml's src1->ne[1].
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && \
     ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
 #define JLLAMA_Q8 1
@@ -959,15 +968,37 @@ struct Q8Row {
 struct Q8Acc {
   __m256 acc;
   __m128 accm;
-  float summs;
+  float summs;  // also the tiled order's scalar accumulator
 };
+
+constexpr int64_t kTiledMinRows = 8;  // ggml_tiled_min_batch
+
+inline int32_t hsum_i32(__m256i v) {  // any exact order: integers
+  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
+  return _mm_cvtsi128_si32(r);
+}
+
+// Lane sums of MC int32x8 vectors into out[MC] (4 at a time through hadd).
+template <int MC>
+inline void hsum_i32_rows(const __m256i* v, int32_t* out) {
+  int m = 0;
+  for (; m + 4 <= MC; m += 4) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[m], v[m + 1]),
+                                        _mm256_hadd_epi32(v[m + 2], v[m + 3]));
+    const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_si128((__m128i*)(out + m), s);
+  }
+  for (; m < MC; ++m) out[m] = hsum_i32(v[m]);
+}
 
 // Q4_0/Q5_0/Q8_0 (Q8_0 activations): weight codes as u8 = code + OFF, the bias undoes OFF.
 template <typename D>
 struct Q8Signed {
   static constexpr int BS = 32, XB = 32;
-  static constexpr bool kBias = true, kBsums = false;
-  template <int MC>
+  static constexpr bool kBias = true, kBsums = false, kTiled = false;
+  template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const float dw = f16f(b);
     const __m256i qw = D::codes(b);
@@ -977,6 +1008,7 @@ struct Q8Signed {
                                   st[m].acc);
     }
   }
+  template <bool TILED = false>
   static float finish(const Q8Acc& a) { return hsum8(a.acc); }
 };
 
@@ -1002,9 +1034,9 @@ struct Q8W8_0 : Q8Signed<Q8W8_0> {
 template <typename D>
 struct Q8Min {
   static constexpr int BS = 32, XB = 32;
-  static constexpr bool kBias = false, kBsums = false;
+  static constexpr bool kBias = false, kBsums = false, kTiled = false;
   static constexpr int OFF = 0;
-  template <int MC>
+  template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const float dw = f16f(b), mw = f16f(b + 2);
     const __m256i qw = D::codes(b);
@@ -1015,6 +1047,7 @@ struct Q8Min {
                                   st[m].acc);
     }
   }
+  template <bool TILED = false>
   static float finish(const Q8Acc& a) { return hsum8(a.acc) + a.summs; }
 };
 
@@ -1042,12 +1075,13 @@ inline void k_scale_min_int(const uint8_t* s, int* sc, int* mn) {
 // Q4_K/Q5_K (Q8_K activations): per block sumi = sum_g sc[g] * dot(group g) in 8 lanes,
 // acc = fma(d_x * d_w, sumi, acc). Mins: Q4_K keeps 4 f32 lanes of (mn[2i] bs[2i] + mn[2i+1]
 // bs[2i+1]) * dmin; Q5_K one scalar summs += dmin * sum_g mn[g] bs[g] (contracted, as built).
+// TILED (ggml's tiled GEMM): summs = fma(fma(-dmin_w, s2, s1 * d_w), d_x, summs).
 template <typename D>
 struct Q8KMin {
   static constexpr int BS = 256, XB = 256;
-  static constexpr bool kBias = false, kBsums = true;
+  static constexpr bool kBias = false, kBsums = true, kTiled = true;
   static constexpr int OFF = 0;
-  template <int MC>
+  template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     int sc[8], mn[8];
     k_scale_min_int(b + 4, sc, mn);
@@ -1063,6 +1097,18 @@ struct Q8KMin {
         const __m256i p = dpbusd(_mm256_setzero_si256(), qw, qy);
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
       }
+    }
+    if constexpr (TILED) {
+      int32_t s1[MC];
+      hsum_i32_rows<MC>(sumi, s1);
+      for (int m = 0; m < MC; ++m) {
+        const int32_t* bs = x[m].aux + bi * 16;
+        int32_t s2 = 0;
+        for (int g = 0; g < 8; ++g) s2 += mn[g] * (bs[2 * g] + bs[2 * g + 1]);
+        const float r = __builtin_fmaf(-dminw, float(s2), float(s1[m]) * dw);
+        st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
+      }
+      return;
     }
     for (int m = 0; m < MC; ++m) {
       const float dx = x[m].d[bi];
@@ -1082,7 +1128,9 @@ struct Q8KMin {
           _mm256_fmadd_ps(_mm256_set1_ps(dx * dw), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
     }
   }
+  template <bool TILED = false>
   static float finish(const Q8Acc& a) {
+    if constexpr (TILED) return a.summs;
     if constexpr (D::kScalarMins) return hsum8(a.acc) + a.summs;
     __m128 m = _mm_add_ps(a.accm, _mm_movehl_ps(a.accm, a.accm));
     m = _mm_add_ss(m, _mm_movehdup_ps(m));
@@ -1113,10 +1161,11 @@ struct Q8W5_K : Q8KMin<Q8W5_K> {
 
 // Q6_K: sumi = sum over 32-chunks of {sc[2c] x4 lanes, sc[2c+1] x4} * dot(unsigned codes),
 // minus 32 * (bs[2l] sc[2l] + bs[2l+1] sc[2l+1]) in lane l, as ggml's q8sclsub.
+// TILED (ggml's tiled GEMM): s1 = the sum of all lanes, summs = fma(s1 * d_w, d_x, summs).
 struct Q8W6_K {
   static constexpr int BS = 256, XB = 256, TS = 210, OFF = 0;
-  static constexpr bool kBias = false, kBsums = true;
-  template <int MC>
+  static constexpr bool kBias = false, kBsums = true, kTiled = true;
+  template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
     const float dw = f16f(b + 208);
@@ -1149,11 +1198,22 @@ struct Q8W6_K {
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
       }
     }
+    if constexpr (TILED) {
+      int32_t s1[MC];
+      hsum_i32_rows<MC>(sumi, s1);
+      for (int m = 0; m < MC; ++m)
+        st[m].summs = __builtin_fmaf(float(s1[m]) * dw, x[m].d[bi], st[m].summs);
+      return;
+    }
     for (int m = 0; m < MC; ++m)
       st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw), _mm256_cvtepi32_ps(sumi[m]),
                                   st[m].acc);
   }
-  static float finish(const Q8Acc& a) { return hsum8(a.acc); }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) {
+    if constexpr (TILED) return a.summs;
+    return hsum8(a.acc);
+  }
 };
 
 struct Q8Call {
@@ -1163,7 +1223,7 @@ struct Q8Call {
   std::vector<Q8Row> rows;
 };
 
-template <typename T, int MC>
+template <typename T, int MC, bool TILED>
 void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t nb = c.k / T::BS, pf = prefetch_rows();
   const Q8Row* x = c.rows.data() + m0;
@@ -1174,17 +1234,25 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
     }
     Q8Acc st[MC];
     for (int m = 0; m < MC; ++m) st[m] = {_mm256_setzero_ps(), _mm_setzero_ps(), 0.f};
-    for (int64_t bi = 0; bi < nb; ++bi) T::template dot<MC>(row + bi * T::TS, bi, x, st);
-    for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::finish(st[m]);
+    for (int64_t bi = 0; bi < nb; ++bi) T::template dot<MC, TILED>(row + bi * T::TS, bi, x, st);
+    for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<TILED>(st[m]);
   }
+}
+
+template <typename T, bool TILED>
+void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= c.m_total; m0 += 4) q8_rows_mc<T, 4, TILED>(c, m0, n0, n1);
+  if (m0 + 2 <= c.m_total) q8_rows_mc<T, 2, TILED>(c, m0, n0, n1), m0 += 2;
+  if (m0 < c.m_total) q8_rows_mc<T, 1, TILED>(c, m0, n0, n1);
 }
 
 template <typename T>
 void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= c.m_total; m0 += 4) q8_rows_mc<T, 4>(c, m0, n0, n1);
-  if (m0 + 2 <= c.m_total) q8_rows_mc<T, 2>(c, m0, n0, n1), m0 += 2;
-  if (m0 < c.m_total) q8_rows_mc<T, 1>(c, m0, n0, n1);
+  if constexpr (T::kTiled) {
+    if (c.m_total >= kTiledMinRows) return q8_rows_t<T, true>(c, n0, n1);
+  }
+  q8_rows_t<T, false>(c, n0, n1);
 }
 
 #pragma GCC pop_options
