@@ -57,17 +57,20 @@ class Llama:
     def __init__(self, model: str | os.PathLike[str], ctx_size: int = 2048, n_slots: int = 1,
                  cache_type: str = "f16", quant: dict | None = None, compile_cache: bool = True,
                  verbose: bool = False, cache_type_v: str | None = None,
-                 mesh: object | None = None, draft: object | None = None):
+                 mesh: object | None = None, draft: object | None = None,
+                 flash_attn: bool = True):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
-        decoding (jllama.engine.speculative)."""
+        decoding (jllama.engine.speculative). ``flash_attn``: llama.cpp's ``-fa`` (see
+        RuntimeConfig.flash_attn); a process-wide setting, read when the model is traced."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
-        from jllama.models import build_model, load_weights
+        from jllama.models import build_model, common, load_weights
         from jllama.registry import resolve_model
         from jllama.tokenizer import Tokenizer
 
+        common.FLASH_ATTN = bool(flash_attn)
         if compile_cache:
             enable_compile_cache()
         from jllama import checkpoint

@@ -29,6 +29,9 @@ class RuntimeConfig:
     cache_type_v: str = "f16"
     n_slots: int = 1
     compile_cache: bool = True
+    # llama.cpp's -fa: on (its CPU default) = its flash-attention kernel's rounding, bit for bit
+    # on CPU with an f16 cache; off = the rounding of its non-FA graph (llama-cpp-python's default)
+    flash_attn: bool = True
 
 
 @dataclass

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from jllama.cli.common import add_flash_attn_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="prompt/generation speed, llama-bench style")
@@ -19,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--platform", default="cpu")
+    add_flash_attn_arg(p)
     p.set_defaults(func=run)
 
 
@@ -34,7 +37,7 @@ def run(args) -> int:
     pps = [p for p in (args.n_prompt or [512]) if p > 0]
     tgs = [n for n in (args.n_gen or [128]) if n > 0]
     ctx = args.ctx_size or max([*pps, *tgs, 256]) + 16
-    llm = Llama(args.model, ctx_size=ctx)
+    llm = Llama(args.model, ctx_size=ctx, flash_attn=args.flash_attn == "on")
     size = sum(t.nbytes for t in llm.gguf.tensors.values()) / 2**20
     params = sum(t.n_elements for t in llm.gguf.tensors.values()) / 1e6
     name = f"{llm.spec.arch} {llm.gguf.get('general.size_label', '')} {llm.gguf.get('general.file_type', '')}"

@@ -32,9 +32,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("-c", "--ctx-size", type=int, default=None)
+    add_flash_attn_arg(p, None)
     p.add_argument("--platform", default=None, help="cpu | gpu | tpu | auto")
     add_draft_args(p)
     add_distributed_args(p)
+
+
+def add_flash_attn_arg(p: argparse.ArgumentParser, default: str | None = "on") -> None:
+    p.add_argument("-fa", "--flash-attn", choices=("on", "off"), default=default,
+                   help="llama.cpp's flash attention numerics (default on, as llama.cpp on CPU)")
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +81,8 @@ def overrides_from_args(args) -> list[str]:
         v = getattr(args, attr, None)
         if v is not None:
             ov.append(f"{key}={v}")
+    if getattr(args, "flash_attn", None) is not None:
+        ov.append(f"runtime.flash_attn={'true' if args.flash_attn == 'on' else 'false'}")
     if getattr(args, "draft_ngram", False):
         ov.append("draft.kind=ngram")
     mesh = getattr(args, "mesh", None)
@@ -108,7 +116,7 @@ def load_llama(cfg: Config, verbose: bool = True):
     llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=1,
                 cache_type=cfg.runtime.cache_type_k, cache_type_v=cfg.runtime.cache_type_v,
                 quant=cfg.quant,
-                compile_cache=cfg.runtime.compile_cache,
+                compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None)
     if verbose:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from jllama.cli.common import add_flash_attn_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a text file, as llama-perplexity")
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", metavar="FTYPE", default=None,
                    help="requantize the model at load (e.g. q4_0, q4_k_m) before scoring")
     p.add_argument("--platform", default=None)
+    add_flash_attn_arg(p)
     p.set_defaults(func=run)
 
 
@@ -48,7 +51,8 @@ def run(args) -> int:
         from jllama.quant.mixes import parse_ftype
 
         quant = {"base": parse_ftype(args.quant)}
-    llm = Llama(args.model, ctx_size=args.ctx_size, cache_type=args.cache_type, quant=quant)
+    llm = Llama(args.model, ctx_size=args.ctx_size, cache_type=args.cache_type, quant=quant,
+                flash_attn=args.flash_attn == "on")
     if args.kl_divergence_base:
         from jllama.eval.kld import run_cli as kld_cli
 

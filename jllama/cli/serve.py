@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from jllama.cli.common import add_flash_attn_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
@@ -18,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-np", "--parallel", type=int, default=None,
                    help="slots: requests decoded together in one batch")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size per slot")
+    add_flash_attn_arg(p, None)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait for a slot before answering 503")
@@ -75,7 +78,7 @@ def run(args) -> int:
           "tokens) ...", file=sys.stderr)
     llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=s.parallel,
                 cache_type=cfg.runtime.cache_type_k, quant=cfg.quant,
-                compile_cache=cfg.runtime.compile_cache,
+                compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
                 draft=cfg.draft if cfg.draft.kind else None)
     alias = s.model_alias or llm.path.stem
     state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,

@@ -27,7 +27,9 @@ from jllama.errors import ContextError
 from jllama.models.common import rope
 from jllama.models.spec import ModelSpec
 
-PREFILL_BUCKETS = (16, 64, 128, 256, 512)
+# 63, not 64: ggml's CPU flash attention takes its tiled path (another summation order) from
+# 64 query rows, so a prompt shorter than that must not be padded into it (runtime.flash_attn)
+PREFILL_BUCKETS = (16, 63, 128, 256, 512)
 # A prompt is evaluated in chunks of this many tokens. The server cuts prompts at the same
 # places: a GEMM's rounding depends on its shape, so other cuts could change a near-tie.
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]

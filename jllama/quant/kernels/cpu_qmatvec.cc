@@ -901,7 +901,8 @@ ffi::Error CosSinImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> c,
 // over blocks, no lane split and no hsum (its AVX-512 VNNI microkernel as the oracle build
 // compiles it, vfnmadd + vfmadd over memory). Tile shapes, K chunking and threads only regroup
 // whole output elements, so they do not enter: the ``kTiled`` kernels below follow that order
-// whenever the call has >= 8 rows (``kTiledMinRows``), ggml's src1->ne[1].
+// whenever the call has >= 8 rows (``kTiledMinRows``), ggml's src1->ne[1], unless
+// GGML_CPU_TILED_MM=0 turns it off, as in ggml.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && \
     ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
 #define JLLAMA_Q8 1
@@ -972,6 +973,16 @@ struct Q8Acc {
 };
 
 constexpr int64_t kTiledMinRows = 8;  // ggml_tiled_min_batch
+
+// ggml's own switch, GGML_CPU_TILED_MM=0 (read once, as ggml does): a llama.cpp run with the
+// tiled GEMM off is matched by a jllama run with the same environment.
+inline bool tiled_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("GGML_CPU_TILED_MM");
+    return env == nullptr || std::atoi(env) != 0;
+  }();
+  return on;
+}
 
 inline int32_t hsum_i32(__m256i v) {  // any exact order: integers
   __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -1062,6 +1073,13 @@ struct Q8W5_1 : Q8Min<Q8W5_1> {
   }
 };
 
+// Lane l: sc * (dot of bytes 4l..4l+3), u8 weights (< 64) times s8 codes (|q| <= 127): the
+// same int32 lanes as dpbusd followed by mullo by sc, in two uops instead of three (maddubs
+// pairs reach 2 * 63 * 127 < 2^15, no saturation).
+inline __m256i scaled_dot4(__m256i qw, __m256i qy, __m256i sc16) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qy), sc16);
+}
+
 // The 6-bit scales and mins of a Q4_K/Q5_K block as ints.
 inline void k_scale_min_int(const uint8_t* s, int* sc, int* mn) {
   for (int i = 0; i < 4; ++i) {
@@ -1091,11 +1109,10 @@ struct Q8KMin {
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g) {
       const __m256i qw = D::group(b, g);
-      const __m256i scv = _mm256_set1_epi32(sc[g]);
+      const __m256i scv = _mm256_set1_epi16(int16_t(sc[g]));
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = load256(x[m].q + bi * 256 + g * 32);
-        const __m256i p = dpbusd(_mm256_setzero_si256(), qw, qy);
-        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
       }
     }
     if constexpr (TILED) {
@@ -1189,13 +1206,12 @@ struct Q8W6_K {
       const __m256i hi = _mm256_slli_epi16(
           _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
       const __m256i qw = _mm256_or_si256(lo, hi);
-      const __m256i scv = _mm256_setr_epi32(scales[2 * c], scales[2 * c], scales[2 * c],
-                                            scales[2 * c], scales[2 * c + 1], scales[2 * c + 1],
-                                            scales[2 * c + 1], scales[2 * c + 1]);
+      const __m256i scv = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_set1_epi16(scales[2 * c])), _mm_set1_epi16(scales[2 * c + 1]),
+          1);
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
-        const __m256i p = dpbusd(_mm256_setzero_si256(), qw, qy);
-        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
       }
     }
     if constexpr (TILED) {
@@ -1242,6 +1258,9 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
 template <typename T, bool TILED>
 void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
+  if constexpr (TILED) {  // no f32 vectors per row to hold: 8 rows per weight-block decode
+    for (; m0 + 8 <= c.m_total; m0 += 8) q8_rows_mc<T, 8, TILED>(c, m0, n0, n1);
+  }
   for (; m0 + 4 <= c.m_total; m0 += 4) q8_rows_mc<T, 4, TILED>(c, m0, n0, n1);
   if (m0 + 2 <= c.m_total) q8_rows_mc<T, 2, TILED>(c, m0, n0, n1), m0 += 2;
   if (m0 < c.m_total) q8_rows_mc<T, 1, TILED>(c, m0, n0, n1);
@@ -1250,7 +1269,7 @@ void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
 template <typename T>
 void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
   if constexpr (T::kTiled) {
-    if (c.m_total >= kTiledMinRows) return q8_rows_t<T, true>(c, n0, n1);
+    if (c.m_total >= kTiledMinRows && tiled_enabled()) return q8_rows_t<T, true>(c, n0, n1);
   }
   q8_rows_t<T, false>(c, n0, n1);
 }
