@@ -1258,9 +1258,6 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
 template <typename T, bool TILED>
 void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
-  if constexpr (TILED) {  // no f32 vectors per row to hold: 8 rows per weight-block decode
-    for (; m0 + 8 <= c.m_total; m0 += 8) q8_rows_mc<T, 8, TILED>(c, m0, n0, n1);
-  }
   for (; m0 + 4 <= c.m_total; m0 += 4) q8_rows_mc<T, 4, TILED>(c, m0, n0, n1);
   if (m0 + 2 <= c.m_total) q8_rows_mc<T, 2, TILED>(c, m0, n0, n1), m0 += 2;
   if (m0 < c.m_total) q8_rows_mc<T, 1, TILED>(c, m0, n0, n1);
