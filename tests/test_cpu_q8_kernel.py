@@ -222,3 +222,33 @@ def test_activation_quantizer_is_ggmls(fmt: str) -> None:
         if fmt == "q8_1":
             gs = b[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
             np.testing.assert_array_equal(s[r], gs, err_msg=f"block sums, row {r}")
+
+
+_TILED_OFF_CHILD = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_cpu_q8_kernel import activations, ggml_mul_mat, ours
+from jllama.gguf.constants import QType
+from jllama.quant.testing import random_blocks
+qtype, k, n, m = QType.Q4_K, 512, 48, 40
+raw = random_blocks(qtype, n, k, seed=5)
+x = activations(m, k, seed=6)
+ref, got = ggml_mul_mat(raw, qtype, x, n_threads=2), ours(raw, qtype, x)
+print(int(np.count_nonzero(got.view(np.uint32) != ref.view(np.uint32))))
+"""
+
+
+def test_q8_kernel_follows_ggml_tiled_switch() -> None:
+    """GGML_CPU_TILED_MM=0 turns ggml's tiled GEMM off (vec_dot order at every row count); our
+    kernel reads the same variable, so that configuration stays bit-identical too. Both read it
+    once per process: a child process runs with it set."""
+    require_q8()
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GGML_CPU_TILED_MM="0")
+    out = subprocess.run([sys.executable, "-c", _TILED_OFF_CHILD, str(Path(__file__).parent)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "0", out.stdout
