@@ -225,18 +225,21 @@ def test_activation_quantizer_is_ggmls(fmt: str) -> None:
 
 
 _TILED_OFF_CHILD = """
+import hashlib
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from test_cpu_q8_kernel import activations, ggml_mul_mat, ours
-from jllama.gguf.constants import QType
-from jllama.quant.testing import random_blocks
-qtype, k, n, m = QType.Q4_K, 512, 48, 40
-raw = random_blocks(qtype, n, k, seed=5)
-x = activations(m, k, seed=6)
+from test_cpu_q8_kernel import _tiled_switch_case, ggml_mul_mat, ours
+raw, qtype, x = _tiled_switch_case()
 ref, got = ggml_mul_mat(raw, qtype, x, n_threads=2), ours(raw, qtype, x)
-print(int(np.count_nonzero(got.view(np.uint32) != ref.view(np.uint32))))
+print(int(np.count_nonzero(got.view(np.uint32) != ref.view(np.uint32))),
+      hashlib.sha256(ref.tobytes()).hexdigest())
 """
+
+
+def _tiled_switch_case():
+    qtype, k, n, m = QType.Q4_K, 512, 48, 40
+    return random_blocks(qtype, n, k, seed=5), qtype, activations(m, k, seed=6)
 
 
 def test_q8_kernel_follows_ggml_tiled_switch() -> None:
@@ -244,6 +247,7 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
     kernel reads the same variable, so that configuration stays bit-identical too. Both read it
     once per process: a child process runs with it set."""
     require_q8()
+    import hashlib
     import subprocess
     import sys
 
@@ -251,4 +255,9 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
     out = subprocess.run([sys.executable, "-c", _TILED_OFF_CHILD, str(Path(__file__).parent)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "0", out.stdout
+    n_bad, ref_hash = out.stdout.strip().splitlines()[-1].split()
+    assert n_bad == "0", out.stdout
+    if os.environ.get("GGML_CPU_TILED_MM", "1").strip() not in ("0", ""):  # on here
+        raw, qtype, x = _tiled_switch_case()
+        tiled = ggml_mul_mat(raw, qtype, x, n_threads=2)
+        assert hashlib.sha256(tiled.tobytes()).hexdigest() != ref_hash, "switch had no effect"
