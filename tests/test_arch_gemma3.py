@@ -31,7 +31,7 @@ PROMPTS = [
 def _oracle(path, n_ctx: int):
     llama_cpp = llama_cpp_module()
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                           n_threads=2, seed=0)
+                           n_threads=2, seed=0, flash_attn=True)
 
 
 def _engine(path, ctx: int):
@@ -67,28 +67,14 @@ def test_real_last_logits_match(real, prompt):
     overlap = len(set(np.argsort(-ref)[:10].tolist()) & set(np.argsort(-ours)[:10].tolist()))
     print(f"\ngemma3-270m {prompt[:24]!r}: max|Δlogit| = {diff:.4f} "
           f"(logit std {ref.std():.2f}), top-10 overlap {overlap}/10")
-    assert int(np.argmax(ours)) == int(np.argmax(ref))
-    assert overlap >= 7  # ranks 8-10 sit within the ~1-logit rounding noise
-    assert diff < 3.0  # activation rounding at Q8 boundaries amplifies f32 ulps over 18 layers
-
-
-# llama.cpp's own logits for one sequence differ by 0.3-2 between its batched (prompt) and
-# one-token (decode) code paths on this model (Q8 activation rounding amplifies f32 ulps); its
-# two paths even pick different greedy tokens where the top-2 gap is ~0.25. A step whose gap is
-# below TIE is decided by rounding noise, not by the model.
-TIE = 0.6
+    assert diff == 0.0  # every op rounds as ggml's, flash attention on as llama.cpp's default
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_real_greedy_64_tokens(real, prompt):
-    """64 greedy tokens identical to llama.cpp's, except at a step the oracle itself calls a tie.
-
-    Free-running generation is compared up to the first difference, which must be a near-tie
-    (our token's oracle logit within TIE of the oracle's best). Every one of the 64 steps is then
-    checked teacher-forced on the oracle's sequence: our argmax equals the oracle's choice or
-    is tied with it.
-    """
+    """64 greedy tokens identical to llama.cpp's (flash attention on): the prompt and every
+    decode step give llama.cpp's logits bit for bit, so no near-tie can part the texts."""
     from jllama.engine.sampling import SamplingParams
 
     oracle, engine = real
@@ -102,25 +88,10 @@ def test_real_greedy_64_tokens(real, prompt):
         ref.append(tok)
         if len(ref) == 64:
             break
-    # the decode-path logits that chose each ref token
-    dec = np.array(oracle.scores[len(ids) - 1: len(ids) - 1 + len(ref)], np.float32)
-    assert (dec.argmax(-1) == np.array(ref)).all()
     engine.reset()
     ours = list(engine.generate(ids, SamplingParams.greedy(), max_tokens=64, stop_ids={eos}))
-    first = next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), None)
-    if first is None:
-        assert ours == ref
-    else:
-        shortfall = float(dec[first].max() - dec[first][ours[first]])
-        print(f"\n{prompt[:24]!r}: identical for {first} tokens; step {first} is a near-tie "
-              f"(our token {shortfall:.3f} below the oracle's best)")
-        assert shortfall < TIE
-    mine = engine.logits(ids + ref)[len(ids) - 1: len(ids) - 1 + len(ref)]
-    picks = mine.argmax(-1)
-    short = dec.max(-1) - dec[np.arange(len(ref)), picks]
-    print(f"teacher-forced: {int((picks == np.array(ref)).sum())}/{len(ref)} argmax identical, "
-          f"worst shortfall {short.max():.3f}")
-    assert (short < TIE).all()
+    print(f"\n{prompt[:24]!r}: {len(ours)} greedy tokens, llama.cpp {len(ref)}")
+    assert ours == ref
 
 
 # ----------------------------------------------------------------------------- tiny models

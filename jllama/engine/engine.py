@@ -27,9 +27,10 @@ from jllama.errors import ContextError
 from jllama.models.common import rope
 from jllama.models.spec import ModelSpec
 
-# 63, not 64: ggml's CPU flash attention takes its tiled path (another summation order) from
-# 64 query rows, so a prompt shorter than that must not be padded into it (runtime.flash_attn)
-PREFILL_BUCKETS = (16, 63, 128, 256, 512)
+# 7 and 63, not 8 and 64: from 8 rows ggml multiplies K-quants with its tiled GEMM and from 64
+# query rows its flash attention takes its tiled path, each another summation order, so a
+# prompt shorter than that must not be padded into it (numerics as llama.cpp's)
+PREFILL_BUCKETS = (7, 16, 63, 128, 256, 512)
 # A prompt is evaluated in chunks of this many tokens. The server cuts prompts at the same
 # places: a GEMM's rounding depends on its shape, so other cuts could change a near-tie.
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]

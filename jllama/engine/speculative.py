@@ -38,7 +38,7 @@ from jllama.errors import ConfigError, JllamaError
 # Verify forwards are padded to these lengths. The engine's smallest prefill chunk (16) costs
 # about 3 decode steps on a 2-core CPU, while 2 / 4 / 8 rows cost 1.1 / 1.5 / 2.1 steps
 # (experiments/results/speculative.md), so short drafts get their own small shapes.
-VERIFY_BUCKETS = (2, 4, 8) + PREFILL_BUCKETS
+VERIFY_BUCKETS = tuple(sorted({2, 4, 8, *PREFILL_BUCKETS}))
 # up to this many new tokens are fed to the draft by decode steps rather than a prefill chunk
 # (on CPU a 16-row forward costs about four one-row steps)
 FEED_STEPS = 3
@@ -215,7 +215,7 @@ def verify_forward(eng: Engine, slot: int, tokens: list[int]) -> np.ndarray:
     """``eng.prefill(tokens, slot, all_logits=True)`` for a short block, padded to a
     ``VERIFY_BUCKETS`` length instead of a whole prefill chunk: logits [n, V] on the host."""
     n = len(tokens)
-    if n > PREFILL_BUCKETS[0] or eng.pos[slot] + n > eng.ctx_size:
+    if n > 16 or eng.pos[slot] + n > eng.ctx_size:  # longer: a whole prefill chunk is as cheap
         return np.asarray(eng.prefill(tokens, slot, all_logits=True), np.float32)
     t = _bucket(n, VERIFY_BUCKETS)
     buf = np.zeros((1, t), np.int32)

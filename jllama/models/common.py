@@ -173,9 +173,15 @@ def rms_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
 
 def _opaque(x: jax.Array) -> jax.Array:
     """x as a value XLA cannot see into: no ``a / c -> a * (1 / c)``, no ``1 / sqrt -> rsqrt``,
-    no folding of ``(a * c) * c`` into ``a * (c * c)``; rewrites that round differently from
-    the C code whose rounding we reproduce."""
-    return jax.lax.optimization_barrier(x)
+    no folding of ``(a * c) * c`` into ``a * (c * c)``, and no ``a * b + c`` fused into one FMA
+    by XLA:CPU's code generator; rewrites that round differently from the C code whose rounding
+    we reproduce. The barrier stops the algebraic rewrites, but XLA:CPU drops it before fusing;
+    the select (an identity: NaN stays NaN) stands between a multiply and an add in the fused
+    loop, so LLVM cannot contract them."""
+    x = jax.lax.optimization_barrier(x)
+    if jnp.ndim(x) == 0:
+        return x
+    return jnp.where(jnp.isnan(x), jnp.array(jnp.nan, x.dtype), x)
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:

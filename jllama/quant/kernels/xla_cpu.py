@@ -19,6 +19,8 @@ time and runs an f32 dot. Why this shape (measured on the 2-core AVX-512 machine
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -66,8 +68,9 @@ def _tile_weights(qt, parts: tuple) -> jax.Array:
 
 # The int8 kernel (ggml's own arithmetic) for every row count, prompts included, not only for
 # decode-sized calls: then every product is bit-identical to llama.cpp's whatever the chunking,
-# and so are prompt logits and perplexity (see q8_ok). A process-wide switch read at trace time.
-Q8_ALL_ROWS = True
+# and so are prompt logits and perplexity (see q8_ok). A process-wide switch read at trace time;
+# JLLAMA_Q8_ALL_ROWS=0 restores the f32 GEMM for prompts (A/B measurements).
+Q8_ALL_ROWS = os.environ.get("JLLAMA_Q8_ALL_ROWS", "1") not in ("0", "")
 
 
 def q8_ok(x: jax.Array, qt) -> bool:
