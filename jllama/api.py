@@ -51,6 +51,16 @@ def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def set_prompt_matmul(kind: str) -> None:
+    """The CPU matmul for prompt-sized activations (see RuntimeConfig.prompt_matmul)."""
+    from jllama.errors import ConfigError
+    from jllama.quant.kernels import xla_cpu
+
+    if kind not in ("int8", "f32"):
+        raise ConfigError(f"prompt_matmul {kind!r}: expected 'int8' or 'f32'")
+    xla_cpu.Q8_ALL_ROWS = kind == "int8"
+
+
 class Llama:
     """One loaded model: tokenizer + engine. ``model`` is a path or a registry name."""
 
@@ -58,12 +68,14 @@ class Llama:
                  cache_type: str = "f16", quant: dict | None = None, compile_cache: bool = True,
                  verbose: bool = False, cache_type_v: str | None = None,
                  mesh: object | None = None, draft: object | None = None,
-                 flash_attn: bool = True):
+                 flash_attn: bool = True, prompt_matmul: str = "int8"):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
         decoding (jllama.engine.speculative). ``flash_attn``: llama.cpp's ``-fa`` (see
-        RuntimeConfig.flash_attn); a process-wide setting, read when the model is traced."""
+        RuntimeConfig.flash_attn); ``prompt_matmul``: "int8" (bit-identical to llama.cpp) or
+        "f32" (faster prompts, see RuntimeConfig.prompt_matmul). Both are process-wide settings,
+        read when the model is traced."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, common, load_weights
@@ -71,6 +83,7 @@ class Llama:
         from jllama.tokenizer import Tokenizer
 
         common.FLASH_ATTN = bool(flash_attn)
+        set_prompt_matmul(prompt_matmul)
         if compile_cache:
             enable_compile_cache()
         from jllama import checkpoint

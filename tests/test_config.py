@@ -81,3 +81,24 @@ def test_cli_reports_config_error_without_traceback(tmp_path, capsys):
     assert main(["run", str(p)]) == 1
     err = capsys.readouterr().err
     assert "unknown key 'modle'" in err and "Traceback" not in err
+
+
+def test_numerics_switches(tmp_path):
+    """runtime.flash_attn / runtime.prompt_matmul: overrides and CLI flags reach the config;
+    a wrong prompt_matmul names the key and the file."""
+    import argparse
+
+    from jllama.cli.common import add_flash_attn_arg, overrides_from_args
+    from jllama.config import load_config
+    from jllama.errors import ConfigError
+
+    p = argparse.ArgumentParser()
+    add_flash_attn_arg(p, None)
+    args = p.parse_args(["-fa", "off", "--prompt-matmul", "f32"])
+    cfg = load_config(None, overrides_from_args(args))
+    assert cfg.runtime.flash_attn is False and cfg.runtime.prompt_matmul == "f32"
+    assert load_config(None, []).runtime.prompt_matmul == "int8"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runtime: {prompt_matmul: fp8}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*prompt_matmul"):
+        load_config(bad)

@@ -39,8 +39,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_flash_attn_arg(p: argparse.ArgumentParser, default: str | None = "on") -> None:
+    """llama.cpp's -fa, and the prompt matmul choice: the two numerics switches."""
     p.add_argument("-fa", "--flash-attn", choices=("on", "off"), default=default,
                    help="llama.cpp's flash attention numerics (default on, as llama.cpp on CPU)")
+    p.add_argument("--prompt-matmul", choices=("int8", "f32"), default=None if default is None
+                   else "int8", help="int8: bit-identical to llama.cpp (default); f32: faster "
+                   "prompts, perplexity within rounding noise")
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +87,8 @@ def overrides_from_args(args) -> list[str]:
             ov.append(f"{key}={v}")
     if getattr(args, "flash_attn", None) is not None:
         ov.append(f"runtime.flash_attn={'true' if args.flash_attn == 'on' else 'false'}")
+    if getattr(args, "prompt_matmul", None) is not None:
+        ov.append(f"runtime.prompt_matmul={args.prompt_matmul}")
     if getattr(args, "draft_ngram", False):
         ov.append("draft.kind=ngram")
     mesh = getattr(args, "mesh", None)
@@ -117,6 +123,7 @@ def load_llama(cfg: Config, verbose: bool = True):
                 cache_type=cfg.runtime.cache_type_k, cache_type_v=cfg.runtime.cache_type_v,
                 quant=cfg.quant,
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
+                prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None)
     if verbose:

@@ -52,7 +52,7 @@ def run(args) -> int:
 
         quant = {"base": parse_ftype(args.quant)}
     llm = Llama(args.model, ctx_size=args.ctx_size, cache_type=args.cache_type, quant=quant,
-                flash_attn=args.flash_attn == "on")
+                flash_attn=args.flash_attn == "on", prompt_matmul=args.prompt_matmul)
     if args.kl_divergence_base:
         from jllama.eval.kld import run_cli as kld_cli
 

@@ -79,6 +79,7 @@ def run(args) -> int:
     llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=s.parallel,
                 cache_type=cfg.runtime.cache_type_k, quant=cfg.quant,
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
+                prompt_matmul=cfg.runtime.prompt_matmul,
                 draft=cfg.draft if cfg.draft.kind else None)
     alias = s.model_alias or llm.path.stem
     state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,
