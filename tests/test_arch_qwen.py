@@ -46,8 +46,9 @@ def pair(request, tmp_path_factory):
     hp = dense_hparams(**shp, **{"rope.freq_base": 1e6})
     path = write_gguf(tmp_path_factory.mktemp(request.param) / "tiny.gguf", arch, hp, tensors,
                       qtype=qtype)
+    # flash attention on, as llama.cpp's CPU default and ours (runtime.flash_attn)
     oracle = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False,
-                             n_threads=2, seed=0)
+                             n_threads=2, seed=0, flash_attn=True)
     spec, model = build_model(read_gguf(path))
     assert spec.arch == arch
     return request.param, qtype, oracle, Engine(spec, model, ctx_size=256, cache_type="f16")
