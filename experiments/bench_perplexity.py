@@ -51,11 +51,13 @@ def llamacpp_perplexity(ref, chunks: np.ndarray) -> tuple[list[np.ndarray], floa
 def open_llamacpp(path: str, n_ctx: int, threads: int, logits_all: bool = True):
     """llama-cpp-python's Llama with ggml's extra buffer types (AMX, repacked weights) off: on
     Intel hosts with AMX under this VM, ggml's AMX matmul dies at ``ldtilecfg`` (general
-    protection fault); the stock vec_dot kernels are what the reference AMD machine ran."""
+    protection fault); the stock vec_dot kernels are what the reference AMD machine ran. Flash
+    attention on, as llama-perplexity runs (and jllama by default)."""
     from jllama.eval.llamacpp import llama_cpp_stock
 
     return llama_cpp_stock().Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512,
-                                   n_threads=threads, logits_all=logits_all, verbose=False)
+                                   n_threads=threads, logits_all=logits_all, verbose=False,
+                                   flash_attn=True)
 
 
 def ppl_err(nll: np.ndarray) -> tuple[float, float]:

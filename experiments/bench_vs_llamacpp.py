@@ -74,8 +74,9 @@ def main() -> int:
         j_tg = time_reps(jllama_tg(llm, args.n), args.reps)
         rss_j = peak_rss_mib()
         del llm
+        # flash attention on: llama.cpp's CPU default, and the computation jllama does by default
         ref = llama_cpp.Llama(model_path=str(path), n_ctx=max(args.p, args.n) + 64, n_batch=512,
-                              n_threads=args.threads, verbose=False)
+                              n_threads=args.threads, verbose=False, flash_attn=True)
         l_pp = time_reps(llamacpp_pp(ref, args.p), args.reps)
         l_tg = time_reps(llamacpp_tg(ref, args.n), args.reps)
         del ref
