@@ -8,7 +8,10 @@ also what the reference figures (an AMD EPYC without AMX) were measured with.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +23,56 @@ def llama_cpp_module():
     from jllama.eval.llamacpp import llama_cpp_stock
 
     return llama_cpp_stock()
+
+
+# ------------------------------------------------------------------ ggml itself, through ctypes
+# Single-op oracles (a matmul, flash attention, a quantizer, a lookup table) run ggml's own CPU
+# code from the oracle's libggml-base/-cpu on a plain ggml context: no backend buffers, so no
+# AMX/repack extra buffer types either.
+class GgmlInitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
+                ("no_alloc", ctypes.c_bool)]  # fmt: skip
+
+
+_P, _I64, _SZ, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t, ctypes.c_int
+_BASE_FNS = {
+    "ggml_init": ([GgmlInitParams], _P),
+    "ggml_new_tensor_2d": ([_P, _INT, _I64, _I64], _P),
+    "ggml_new_tensor_3d": ([_P, _INT, _I64, _I64, _I64], _P),
+    "ggml_view_3d": ([_P, _P, _I64, _I64, _I64, _SZ, _SZ, _SZ], _P),
+    "ggml_permute": ([_P, _P, _INT, _INT, _INT, _INT], _P),
+    "ggml_mul_mat": ([_P, _P, _P], _P),
+    "ggml_flash_attn_ext": ([_P, _P, _P, _P, _P, ctypes.c_float, ctypes.c_float,
+                             ctypes.c_float], _P),
+    "ggml_prec_set_acc": ([_P, _INT], ctypes.c_bool),
+    "ggml_new_graph": ([_P], _P),
+    "ggml_build_forward_expand": ([_P, _P], None),
+    "ggml_get_data": ([_P], _P),
+    "ggml_nbytes": ([_P], _SZ),
+    "ggml_free": ([_P], None),
+}  # fmt: skip
+
+
+@functools.cache
+def ggml_libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """(libggml-base, libggml-cpu) of the oracle, prototypes set, ``ggml_cpu_init`` done (it
+    fills ggml's f16 tables)."""
+    libdir = Path(llama_cpp_module().__file__).parent / "lib"
+    base = ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+    for name, (args, res) in _BASE_FNS.items():
+        getattr(base, name).argtypes, getattr(base, name).restype = args, res
+    cpu.ggml_graph_compute_with_ctx.argtypes = [_P, _P, _INT]
+    cpu.ggml_graph_compute_with_ctx.restype = _INT
+    cpu.ggml_cpu_init.argtypes, cpu.ggml_cpu_init.restype = [], None
+    cpu.ggml_cpu_init()
+    return base, cpu
+
+
+def ggml_fill(base: ctypes.CDLL, tensor, arr) -> None:
+    """Copy a numpy array into a ggml tensor of exactly its size."""
+    import numpy as np
+
+    a = np.ascontiguousarray(arr)
+    assert base.ggml_nbytes(tensor) == a.nbytes
+    ctypes.memmove(base.ggml_get_data(tensor), a.ctypes.data, a.nbytes)

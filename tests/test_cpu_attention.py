@@ -19,54 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from llamacpp_oracle import GgmlInitParams, ggml_fill, ggml_libs
 
 from jllama.quant.kernels import cpu_attention
 
 F32, F16 = 0, 1  # ggml types
 PREC_F32 = 10
-
-
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
-                ("no_alloc", ctypes.c_bool)]  # fmt: skip
-
-
-def _ggml():
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="install the oracle: pip install -e .[oracle]"
-    )
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    base = ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
-    p, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
-    fns = {
-        "ggml_init": ([_InitParams], p),
-        "ggml_new_tensor_2d": ([p, ctypes.c_int, i64, i64], p),
-        "ggml_new_tensor_3d": ([p, ctypes.c_int, i64, i64, i64], p),
-        "ggml_view_3d": ([p, p, i64, i64, i64, sz, sz, sz], p),
-        "ggml_permute": ([p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int], p),
-        "ggml_flash_attn_ext": ([p, p, p, p, p, ctypes.c_float, ctypes.c_float,
-                                 ctypes.c_float], p),
-        "ggml_prec_set_acc": ([p, ctypes.c_int], ctypes.c_bool),
-        "ggml_new_graph": ([p], p),
-        "ggml_build_forward_expand": ([p, p], None),
-        "ggml_get_data": ([p], p),
-        "ggml_nbytes": ([p], sz),
-        "ggml_free": ([p], None),
-    }  # fmt: skip
-    for name, (args, res) in fns.items():
-        getattr(base, name).argtypes, getattr(base, name).restype = args, res
-    cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
-    cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
-    cpu.ggml_cpu_init.argtypes, cpu.ggml_cpu_init.restype = [], None
-    cpu.ggml_cpu_init()
-    return base, cpu
-
-
-def _fill(base, t, arr: np.ndarray) -> None:
-    a = np.ascontiguousarray(arr)
-    assert base.ggml_nbytes(t) == a.nbytes
-    ctypes.memmove(base.ggml_get_data(t), a.ctypes.data, a.nbytes)
 
 
 def mask_rows(pos0: int, t: int, n_kv: int, window: int | None) -> np.ndarray:
@@ -84,22 +42,22 @@ def ggml_fa(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, n_kv: int, s
             window: int | None, softcap: float | None, n_threads: int) -> np.ndarray:
     """ggml's CPU flash attention for one sequence: q [T, H, D] f32, caches k/v [KVH, S, D] f16
     (jllama's layout, rewritten to llama.cpp's [cells, KVH, D]); returns [T, H * Dv] f32."""
-    base, cpu = _ggml()
+    base, cpu = ggml_libs()
     t, h, d = q.shape
     kvh, _, dv = v.shape
-    ctx = base.ggml_init(_InitParams(512 << 20, None, False))
+    ctx = base.ggml_init(GgmlInitParams(512 << 20, None, False))
     assert ctx
     try:
         qt = base.ggml_new_tensor_3d(ctx, F32, d, h, t)
-        _fill(base, qt, q.astype(np.float32))
+        ggml_fill(base, qt, q.astype(np.float32))
         kc = base.ggml_new_tensor_3d(ctx, F16, d, kvh, n_kv)  # the cache: one row per cell
-        _fill(base, kc, k[:, :n_kv].transpose(1, 0, 2).astype(np.float16))
+        ggml_fill(base, kc, k[:, :n_kv].transpose(1, 0, 2).astype(np.float16))
         vc = base.ggml_new_tensor_3d(ctx, F16, dv, kvh, n_kv)
-        _fill(base, vc, v[:, :n_kv].transpose(1, 0, 2).astype(np.float16))
+        ggml_fill(base, vc, v[:, :n_kv].transpose(1, 0, 2).astype(np.float16))
         kview = base.ggml_view_3d(ctx, kc, d, kvh, n_kv, d * 2, d * kvh * 2, 0)
         vview = base.ggml_view_3d(ctx, vc, dv, kvh, n_kv, dv * 2, dv * kvh * 2, 0)
         mask = base.ggml_new_tensor_2d(ctx, F16, n_kv, t)
-        _fill(base, mask, mask_rows(pos0, t, n_kv, window))
+        ggml_fill(base, mask, mask_rows(pos0, t, n_kv, window))
         qp = base.ggml_permute(ctx, qt, 0, 2, 1, 3)
         kp = base.ggml_permute(ctx, kview, 0, 2, 1, 3)
         vp = base.ggml_permute(ctx, vview, 0, 2, 1, 3)

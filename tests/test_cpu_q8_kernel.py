@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from llamacpp_oracle import GgmlInitParams, ggml_fill, ggml_libs
 
 from jllama.gguf.constants import QType
 from jllama.quant.actquant import quantize_activations_ex, quantize_activations_q8
@@ -30,48 +31,17 @@ TYPES = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K,
 K_TILED = {QType.Q4_K, QType.Q5_K, QType.Q6_K}  # ggml's tiled K-quant GEMM from 8 rows
 
 
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
-                ("no_alloc", ctypes.c_bool)]  # fmt: skip
-
-
-def _ggml():
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="install the oracle: pip install -e .[oracle]"
-    )
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    base = ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
-    p = ctypes.c_void_p
-    base.ggml_init.argtypes, base.ggml_init.restype = [_InitParams], p
-    base.ggml_new_tensor_2d.argtypes = [p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    base.ggml_new_tensor_2d.restype = p
-    base.ggml_mul_mat.argtypes, base.ggml_mul_mat.restype = [p, p, p], p
-    base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [p], p
-    base.ggml_build_forward_expand.argtypes, base.ggml_build_forward_expand.restype = [p, p], None
-    base.ggml_get_data.argtypes, base.ggml_get_data.restype = [p], p
-    base.ggml_nbytes.argtypes, base.ggml_nbytes.restype = [p], ctypes.c_size_t
-    base.ggml_free.argtypes, base.ggml_free.restype = [p], None
-    cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
-    cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
-    cpu.ggml_cpu_init.argtypes, cpu.ggml_cpu_init.restype = [], None
-    cpu.ggml_cpu_init()
-    return base, cpu
-
-
 def ggml_mul_mat(raw: np.ndarray, qtype: int, x: np.ndarray, n_threads: int) -> np.ndarray:
     """ggml's CPU ``x[m, k] @ W.T`` for W given as raw GGUF rows ``raw[n, row_bytes]``."""
-    base, cpu = _ggml()
+    base, cpu = ggml_libs()
     n, m, k = raw.shape[0], x.shape[0], x.shape[1]
-    ctx = base.ggml_init(_InitParams(256 << 20, None, False))
+    ctx = base.ggml_init(GgmlInitParams(256 << 20, None, False))
     assert ctx
     try:
         w = base.ggml_new_tensor_2d(ctx, int(qtype), k, n)
-        assert base.ggml_nbytes(w) == raw.nbytes
-        ctypes.memmove(base.ggml_get_data(w), np.ascontiguousarray(raw).ctypes.data, raw.nbytes)
+        ggml_fill(base, w, raw)
         a = base.ggml_new_tensor_2d(ctx, 0, k, m)  # GGML_TYPE_F32
-        xa = np.ascontiguousarray(x, np.float32)
-        ctypes.memmove(base.ggml_get_data(a), xa.ctypes.data, xa.nbytes)
+        ggml_fill(base, a, np.asarray(x, np.float32))
         y = base.ggml_mul_mat(ctx, w, a)  # ne = [n, m]
         graph = base.ggml_new_graph(ctx)
         base.ggml_build_forward_expand(graph, y)
@@ -196,7 +166,7 @@ def test_activation_quantizer_is_ggmls(fmt: str) -> None:
     every block: codes, stored scale and (Q8_1) the f16 block sum. Its XLA predecessor stored
     another s for ~1 block in 10^4 under jit (XLA rewrote d * sum(q) and x / 127)."""
     require_q8()
-    _, cpu = _ggml()
+    _, cpu = ggml_libs()
     rng = np.random.default_rng({"q8_0": 1, "q8_1": 2, "q8_K": 3}[fmt])
     m, k = 400, 768
     x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 30, (m, 1))).astype(np.float32)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from llamacpp_oracle import llama_cpp_module
+from llamacpp_oracle import ggml_libs, llama_cpp_module
 from tinymodels import dense_hparams, dense_tensors, write_gguf
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
@@ -91,11 +91,7 @@ def test_gelu_table_is_ggmls():
 
     from jllama.models.common import ggml_gelu_table
 
-    llama_cpp = llama_cpp_module()
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
-    cpu.ggml_cpu_init()
+    _, cpu = ggml_libs()
     ref = np.frombuffer((ctypes.c_uint16 * 65536).in_dll(cpu, "ggml_table_gelu_f16"), np.uint16)
     ours = ggml_gelu_table().view(np.uint16)
     finite = np.isfinite(np.arange(1 << 16, dtype=np.uint16).view(np.float16))
