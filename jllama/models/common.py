@@ -17,7 +17,7 @@ from flax import nnx
 
 from jllama.engine import kvquant
 from jllama.errors import ModelError
-from jllama.quant.actquant import q8_1_correction, quantize_activations_ex
+from jllama.quant.actquant import opaque, q8_1_correction, quantize_activations_ex
 from jllama.quant.qtensor import QTensor, dequantize, qmatmul, take_rows
 
 # Round activations as llama.cpp's CPU matmuls do (see quant/actquant.py). A process-wide
@@ -162,26 +162,13 @@ def rms_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
         # ggml: mean = (float)(double sum of f32 squares / n); scale = 1.0f / sqrtf(mean + eps).
         # The barrier keeps XLA from turning 1/sqrt into its rsqrt, which rounds differently.
         root = jnp.sqrt(_mean_f32_of_exact_sum(x * x) + jnp.float32(eps))
-        scale = 1.0 / _opaque(root)
+        scale = 1.0 / opaque(root)
         y = x * scale
         # opaque: a following residual add must not fuse with the weight multiply into an FMA
         # (XLA:CPU contracts a*b + c), where ggml rounds the product first
-        return _opaque(y * w) if w is not None else y
+        return opaque(y * w) if w is not None else y
     y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
     return y * w if w is not None else y
-
-
-def _opaque(x: jax.Array) -> jax.Array:
-    """x as a value XLA cannot see into: no ``a / c -> a * (1 / c)``, no ``1 / sqrt -> rsqrt``,
-    no folding of ``(a * c) * c`` into ``a * (c * c)``, and no ``a * b + c`` fused into one FMA
-    by XLA:CPU's code generator; rewrites that round differently from the C code whose rounding
-    we reproduce. The barrier stops the algebraic rewrites, but XLA:CPU drops it before fusing;
-    the select (an identity: NaN stays NaN) stands between a multiply and an add in the fused
-    loop, so LLVM cannot contract them."""
-    x = jax.lax.optimization_barrier(x)
-    if jnp.ndim(x) == 0:
-        return x
-    return jnp.where(jnp.isnan(x), jnp.array(jnp.nan, x.dtype), x)
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -201,7 +188,7 @@ def _mean_f32_of_exact_sum(sq: jax.Array) -> jax.Array:
     if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
         with jax.enable_x64(True):
             s = jnp.sum(sq.astype(jnp.float64), axis=-1, keepdims=True)
-            return (s / _opaque(jnp.float64(sq.shape[-1]))).astype(jnp.float32)
+            return (s / opaque(jnp.float64(sq.shape[-1]))).astype(jnp.float32)
     return _mean_f32_two_sum_tree(sq)
 
 
@@ -372,7 +359,7 @@ def _ggml_rope_angles(pos: jax.Array, base: float, dim: int, scale: float) -> ja
     position and is multiplied by ``powf(base, -2/dim)`` once per pair, in f32. Against
     ``pos * base**(-2i/dim)`` the angles drift by a few f32 ulps (~1e-4 rad at position 500),
     which moved Q/K by ~1e-4 relative, the largest difference in layer 0."""
-    theta_scale = _opaque(jnp.float32(np.float32(float(base) ** (-2.0 / dim))))
+    theta_scale = opaque(jnp.float32(np.float32(float(base) ** (-2.0 / dim))))
     th = pos.astype(jnp.float32)
     cols = []
     for _ in range(dim // 2):

@@ -38,6 +38,7 @@ from jllama.models.common import (
 )
 from jllama.models.spec import ModelSpec
 from jllama.models.spec import spec_from_gguf as base_spec
+from jllama.quant.actquant import opaque
 
 
 def spec_from_gguf(g: GGUFFile) -> ModelSpec:
@@ -158,7 +159,7 @@ class Gemma3(nnx.Module):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache) as ``llama.Llama``."""
         x = self.tok_embd(tokens).astype(jnp.float32) * jnp.float32(self.embd_scale)
         if common.MATCH_LLAMACPP_NUMERICS:  # rounded here, as ggml_scale does: not fused onward
-            x = common._opaque(x)
+            x = opaque(x)
         logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx)
         if self.final_softcap:
             logits = jnp.tanh(logits / self.final_softcap) * self.final_softcap

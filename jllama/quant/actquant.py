@@ -42,9 +42,17 @@ def quantize_activations(x: jax.Array, qtype: int) -> jax.Array:
     return quantize_activations_ex(x, qtype)[0]
 
 
-def _opaque(x: jax.Array) -> jax.Array:
-    """A value XLA's algebraic simplifier cannot see into (see ``_q8_parts``)."""
-    return jax.lax.optimization_barrier(x)
+def opaque(x: jax.Array) -> jax.Array:
+    """x as a value XLA cannot see into: no ``a / c -> a * (1 / c)``, no ``1 / sqrt -> rsqrt``,
+    no folding of ``(a * c) * c`` into ``a * (c * c)``, and no ``a * b + c`` fused into one FMA
+    by XLA:CPU's code generator; rewrites that round differently from the C code whose rounding
+    we reproduce (here and in models.common). The barrier stops the algebraic rewrites, but
+    XLA:CPU drops it before fusing; the select (an identity: NaN stays NaN) stands between a
+    multiply and an add in the fused loop, so LLVM cannot contract them."""
+    x = jax.lax.optimization_barrier(x)
+    if jnp.ndim(x) == 0:
+        return x
+    return jnp.where(jnp.isnan(x), jnp.array(jnp.nan, x.dtype), x)
 
 
 def _q8_parts(x: jax.Array, qtype: int):
@@ -63,8 +71,8 @@ def _q8_parts(x: jax.Array, qtype: int):
         # Each value rounded where ggml's C rounds it: left visible, XLA rewrites ``x / 127``
         # as ``x * (1 / 127)`` and ``(a / b) * c`` as ``(a * c) / b``, which round differently
         # (and then so, now and then, does the f16 of the Q8_1 block sum s = d * sum(q)).
-        d32 = _opaque(amax / _opaque(jnp.float32(127.0)))
-        inv = _opaque(jnp.where(amax > 0, 127.0 / amax, 0.0))  # as ggml's AVX quantize_row_q8_x
+        d32 = opaque(amax / opaque(jnp.float32(127.0)))
+        inv = opaque(jnp.where(amax > 0, 127.0 / amax, 0.0))  # as ggml's AVX quantize_row_q8_x
         q = jnp.round(xb * inv)  # nearest-even, as _mm256_round_ps(_MM_ROUND_NEAREST)
         return q, d32, d32.astype(jnp.float16).astype(jnp.float32)
     # Q8_K: scale from the signed value of largest magnitude (the first one, as ggml's strict

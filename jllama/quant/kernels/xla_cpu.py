@@ -76,10 +76,11 @@ Q8_ALL_ROWS = os.environ.get("JLLAMA_Q8_ALL_ROWS", "1") not in ("0", "")
 def q8_ok(x: jax.Array, qt) -> bool:
     """Whether ``linear`` takes the int8 kernel for x (GGUF blocks of a q8 type here)."""
     return (qt.layout == "gguf" and len(qt.shape) == 2 and cpu_ffi.q8_supported(qt.qtype)
-            and (Q8_ALL_ROWS or ffi_rows(x) <= _FFI_MATVEC_ROWS))
+            and (Q8_ALL_ROWS or _rows(x) <= _FFI_MATVEC_ROWS))
 
 
-def ffi_rows(x: jax.Array) -> int:
+def _rows(x: jax.Array) -> int:
+    """Rows of x once its leading axes are folded together."""
     m = 1
     for n in x.shape[:-1]:
         m *= n
@@ -88,10 +89,7 @@ def ffi_rows(x: jax.Array) -> int:
 
 def ffi_matvec_ok(x: jax.Array, qt) -> bool:
     """Whether ``qmatmul(x, qt)`` would take the C++ matvec (few rows, GGUF blocks)."""
-    m = 1
-    for n in x.shape[:-1]:
-        m *= n
-    return (qt.layout == "gguf" and len(qt.shape) == 2 and m <= _FFI_MATVEC_ROWS
+    return (qt.layout == "gguf" and len(qt.shape) == 2 and _rows(x) <= _FFI_MATVEC_ROWS
             and cpu_ffi.supported(qt.qtype) and cpu_ffi.available())
 
 
