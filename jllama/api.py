@@ -51,14 +51,18 @@ def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def set_prompt_matmul(kind: str) -> None:
-    """The CPU matmul for prompt-sized activations (see RuntimeConfig.prompt_matmul)."""
+def set_numerics(flash_attn: bool, prompt_matmul: str) -> None:
+    """The process-wide numerics switches read at trace time (RuntimeConfig.flash_attn and
+    .prompt_matmul): llama.cpp's flash attention or its non-FA graph, and the CPU matmul for
+    prompt-sized activations."""
     from jllama.errors import ConfigError
+    from jllama.models import common
     from jllama.quant.kernels import xla_cpu
 
-    if kind not in ("int8", "f32"):
-        raise ConfigError(f"prompt_matmul {kind!r}: expected 'int8' or 'f32'")
-    xla_cpu.Q8_ALL_ROWS = kind == "int8"
+    if prompt_matmul not in ("int8", "f32"):
+        raise ConfigError(f"prompt_matmul {prompt_matmul!r}: expected 'int8' or 'f32'")
+    common.FLASH_ATTN = bool(flash_attn)
+    xla_cpu.Q8_ALL_ROWS = prompt_matmul == "int8"
 
 
 class Llama:
@@ -78,12 +82,11 @@ class Llama:
         read when the model is traced."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
-        from jllama.models import build_model, common, load_weights
+        from jllama.models import build_model, load_weights
         from jllama.registry import resolve_model
         from jllama.tokenizer import Tokenizer
 
-        common.FLASH_ATTN = bool(flash_attn)
-        set_prompt_matmul(prompt_matmul)
+        set_numerics(flash_attn, prompt_matmul)
         if compile_cache:
             enable_compile_cache()
         from jllama import checkpoint

@@ -88,12 +88,12 @@ def test_numerics_switches(tmp_path):
     a wrong prompt_matmul names the key and the file."""
     import argparse
 
-    from jllama.cli.common import add_flash_attn_arg, overrides_from_args
+    from jllama.cli.common import add_numerics_args, overrides_from_args
     from jllama.config import load_config
     from jllama.errors import ConfigError
 
     p = argparse.ArgumentParser()
-    add_flash_attn_arg(p, None)
+    add_numerics_args(p, via_config=True)
     args = p.parse_args(["-fa", "off", "--prompt-matmul", "f32"])
     cfg = load_config(None, overrides_from_args(args))
     assert cfg.runtime.flash_attn is False and cfg.runtime.prompt_matmul == "f32"

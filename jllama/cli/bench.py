@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jllama.cli.common import add_flash_attn_arg
+from jllama.cli.common import add_numerics_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--platform", default="cpu")
-    add_flash_attn_arg(p)
+    add_numerics_args(p)
     p.set_defaults(func=run)
 
 

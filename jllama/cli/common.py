@@ -32,19 +32,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("-c", "--ctx-size", type=int, default=None)
-    add_flash_attn_arg(p, None)
+    add_numerics_args(p, via_config=True)
     p.add_argument("--platform", default=None, help="cpu | gpu | tpu | auto")
     add_draft_args(p)
     add_distributed_args(p)
 
 
-def add_flash_attn_arg(p: argparse.ArgumentParser, default: str | None = "on") -> None:
-    """llama.cpp's -fa, and the prompt matmul choice: the two numerics switches."""
-    p.add_argument("-fa", "--flash-attn", choices=("on", "off"), default=default,
+def add_numerics_args(p: argparse.ArgumentParser, via_config: bool = False) -> None:
+    """The two numerics switches: llama.cpp's -fa and the prompt matmul. ``via_config``: the
+    command reads a run config, so unset flags stay None and the config's values apply."""
+    p.add_argument("-fa", "--flash-attn", choices=("on", "off"),
+                   default=None if via_config else "on",
                    help="llama.cpp's flash attention numerics (default on, as llama.cpp on CPU)")
-    p.add_argument("--prompt-matmul", choices=("int8", "f32"), default=None if default is None
-                   else "int8", help="int8: bit-identical to llama.cpp (default); f32: faster "
-                   "prompts, perplexity within rounding noise")
+    p.add_argument("--prompt-matmul", choices=("int8", "f32"),
+                   default=None if via_config else "int8",
+                   help="int8: bit-identical to llama.cpp (default); f32: faster prompts, "
+                   "perplexity within rounding noise")
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:

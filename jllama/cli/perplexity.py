@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from jllama.cli.common import add_flash_attn_arg
+from jllama.cli.common import add_numerics_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", metavar="FTYPE", default=None,
                    help="requantize the model at load (e.g. q4_0, q4_k_m) before scoring")
     p.add_argument("--platform", default=None)
-    add_flash_attn_arg(p)
+    add_numerics_args(p)
     p.set_defaults(func=run)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from jllama.cli.common import add_flash_attn_arg
+from jllama.cli.common import add_numerics_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-np", "--parallel", type=int, default=None,
                    help="slots: requests decoded together in one batch")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size per slot")
-    add_flash_attn_arg(p, None)
+    add_numerics_args(p, via_config=True)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait for a slot before answering 503")
