@@ -38,7 +38,6 @@ def llama_steps(path: str, ids: list[int], threads: int, n_ctx: int) -> list[dic
     ``ids[:-1]`` (one ubatch) and then the decode of ``ids[-1]``."""
     import llama_cpp as lc
 
-    nv._QUIET = nv._QUIET or nv._make_quiet()
     cur: dict[str, np.ndarray] = {}
 
     def cb(tp, ask, _ud):
@@ -53,32 +52,17 @@ def llama_steps(path: str, ids: list[int], threads: int, n_ctx: int) -> list[dic
         return True
 
     cb_c = lc.ggml_backend_sched_eval_callback(cb)
-    lc.llama_log_set(nv._QUIET, None)
-    lc.llama_backend_init()
-    mp = lc.llama_model_default_params()
-    mp.use_extra_bufts = False
-    model = lc.llama_model_load_from_file(path.encode(), mp)
-    cp = lc.llama_context_default_params()
-    cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
-    cp.n_threads = cp.n_threads_batch = threads
-    cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    cp.cb_eval = cb_c
-    cp.cb_eval_user_data = None
-    ctx = lc.llama_init_from_model(model, cp)
+    model, ctx = nv.open_llamacpp(path, cb_c, n_ctx, n_ctx, n_ctx, threads)
     steps = []
     for chunk, p0 in ((ids[:-1], 0), (ids[-1:], len(ids) - 1)):
         cur.clear()
         batch = lc.llama_batch_init(len(chunk), 0, 1)
-        for i, tok in enumerate(chunk):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, p0 + i, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, True
-        batch.n_tokens = len(chunk)
+        nv.fill_batch(batch, chunk, p0)
         if lc.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
         steps.append(dict(cur))
         lc.llama_batch_free(batch)
-    lc.llama_free(ctx)
-    lc.llama_model_free(model)
+    nv.close_llamacpp(model, ctx)
     del cb_c
     return steps
 

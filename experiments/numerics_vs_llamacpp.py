@@ -78,6 +78,50 @@ def _make_quiet():
 _QUIET = None
 
 
+def open_llamacpp(path: str, cb_c, n_ctx: int, n_batch: int, n_ubatch: int, threads: int,
+                  flash_attn: bool = True, extra_bufts: bool = False):
+    """(model, context) of llama.cpp through its C API with the eval callback ``cb_c`` (a
+    ``ggml_backend_sched_eval_callback``). Weights in extra buffers (AMX on Intel Xeons,
+    repacked Q4_0/Q4_K) are not readable by the callback and crash on this CPU; without them
+    ggml runs its stock kernels. The caller frees both (``close_llamacpp``)."""
+    import llama_cpp as lc
+
+    global _QUIET
+    _QUIET = _QUIET or _make_quiet()
+    lc.llama_log_set(_QUIET, None)
+    lc.llama_backend_init()
+    mp = lc.llama_model_default_params()
+    mp.use_extra_bufts = extra_bufts
+    model = lc.llama_model_load_from_file(path.encode(), mp)
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_ubatch
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                          else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    cp.cb_eval = cb_c
+    cp.cb_eval_user_data = None
+    return model, lc.llama_init_from_model(model, cp)
+
+
+def fill_batch(batch, tokens, pos0: int = 0) -> None:
+    """One sequence's tokens at positions pos0.., logits for every row."""
+    for i, tok in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos0 + i, 1
+        batch.seq_id[i][0], batch.logits[i] = 0, True
+    batch.n_tokens = len(tokens)
+
+
+def close_llamacpp(model, ctx) -> None:
+    """Free both and hand llama.cpp's log back to llama-cpp-python's handler (ours is
+    process-wide)."""
+    import llama_cpp as lc
+    from llama_cpp._logger import llama_log_callback
+
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    lc.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+
+
 def llamacpp_tensors(path: str, ids: list[int], flash_attn: bool, n_ubatch: int,
                      n_ctx: int = 512, threads: int = 2, extra_bufts: bool = False,
                      keep=None) -> dict[str, np.ndarray]:
@@ -87,8 +131,6 @@ def llamacpp_tensors(path: str, ids: list[int], flash_attn: bool, n_ubatch: int,
     window of every tensor of every layer is gigabytes)."""
     import llama_cpp as lc
 
-    global _QUIET
-    _QUIET = _QUIET or _make_quiet()
     out: dict[str, np.ndarray] = {}
 
     def cb(tp, ask, _ud):
@@ -107,42 +149,18 @@ def llamacpp_tensors(path: str, ids: list[int], flash_attn: bool, n_ubatch: int,
         return True
 
     cb_c = lc.ggml_backend_sched_eval_callback(cb)
-    lc.llama_log_set(_QUIET, None)
-    lc.llama_backend_init()
-    mp = lc.llama_model_default_params()
-    # weights in extra buffers (AMX on Intel Xeons, repacked Q4_0/Q4_K) are not readable by the
-    # eval callback; without them ggml runs its stock vec_dot kernels
-    mp.use_extra_bufts = extra_bufts
-    model = lc.llama_model_load_from_file(path.encode(), mp)
-    cp = lc.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, max(n_ctx, len(ids)), n_ubatch
-    cp.n_threads = cp.n_threads_batch = threads
-    cp.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                          else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-    cp.cb_eval = cb_c
-    cp.cb_eval_user_data = None
-    ctx = lc.llama_init_from_model(model, cp)
+    model, ctx = open_llamacpp(path, cb_c, n_ctx, max(n_ctx, len(ids)), n_ubatch, threads,
+                               flash_attn, extra_bufts)
     batch = lc.llama_batch_init(len(ids), 0, 1)
-    for i, tok in enumerate(ids):
-        batch.token[i] = tok
-        batch.pos[i] = i
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = True
-    batch.n_tokens = len(ids)
+    fill_batch(batch, ids)
     if lc.llama_decode(ctx, batch) != 0:
         raise RuntimeError("llama_decode failed")
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
     logits = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(len(ids) * n_vocab,))
     out["logits"] = logits.reshape(len(ids), n_vocab).copy()
     lc.llama_batch_free(batch)
-    lc.llama_free(ctx)
-    lc.llama_model_free(model)
+    close_llamacpp(model, ctx)
     del cb_c
-    # hand llama.cpp's log back to llama-cpp-python's handler (our quiet one is process-wide)
-    from llama_cpp._logger import llama_log_callback
-
-    lc.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
     return out
 
 

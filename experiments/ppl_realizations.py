@@ -31,7 +31,7 @@ def llamacpp_nll(path: str, chunks: np.ndarray, factor: float, embd_name: str = 
                  threads: int = 2) -> np.ndarray:
     """Per-token NLL of the scored halves, llama.cpp with FA (n_ctx = n_batch = n_ubatch =
     window), ``embd`` scaled by ``factor`` in place."""
-    from numerics_vs_llamacpp import GGMLTensor, _make_quiet
+    from numerics_vs_llamacpp import GGMLTensor, close_llamacpp, fill_batch, open_llamacpp
 
     from jllama.eval.llamacpp import llama_cpp_stock
 
@@ -52,31 +52,13 @@ def llamacpp_nll(path: str, chunks: np.ndarray, factor: float, embd_name: str = 
         return True
 
     cb_c = lc.ggml_backend_sched_eval_callback(cb)
-    quiet = _make_quiet()
-    lc.llama_log_set(quiet, None)
-    lc.llama_backend_init()
-    mp = lc.llama_model_default_params()
-    mp.use_extra_bufts = False  # AMX extra buffers crash on Intel Xeons
-    model = lc.llama_model_load_from_file(path.encode(), mp)
-    cp = lc.llama_context_default_params()
-    cp.n_ctx = cp.n_batch = cp.n_ubatch = n
-    cp.n_threads = cp.n_threads_batch = threads
-    cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    cp.cb_eval = cb_c
-    cp.cb_eval_user_data = None
-    ctx = lc.llama_init_from_model(model, cp)
+    model, ctx = open_llamacpp(path, cb_c, n, n, n, threads)
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
     batch = lc.llama_batch_init(n, 0, 1)
     out = []
     for ch in chunks:
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-        for i, tok in enumerate(ch.tolist()):
-            batch.token[i] = tok
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = True
-        batch.n_tokens = n
+        fill_batch(batch, ch.tolist())
         if lc.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
         sc = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n * n_vocab,))
@@ -84,8 +66,7 @@ def llamacpp_nll(path: str, chunks: np.ndarray, factor: float, embd_name: str = 
         lse = np.logaddexp.reduce(sc, axis=-1)
         out.append(lse - sc[np.arange(n - 1 - first), ch[first + 1 : n]])
     lc.llama_batch_free(batch)
-    lc.llama_free(ctx)
-    lc.llama_model_free(model)
+    close_llamacpp(model, ctx)
     del cb_c
     return np.stack(out)
 
