@@ -964,6 +964,7 @@ struct Q8Row {
   const float* d;
   const float* s;
   const int32_t* aux;
+  const int16_t* pairs;  // GEMM, K-quants: group code sums (32: Q4_K/Q5_K, 16: Q6_K) as int16
 };
 
 struct Q8Acc {
@@ -1272,31 +1273,292 @@ void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
   q8_rows_t<T, false>(c, n0, n1);
 }
 
-#pragma GCC pop_options
 
-struct Q8Kernel {
-  void (*fn)(const Q8Call&, int64_t, int64_t);
-  int bs, xb, off;
-  bool bias, bsums, q8_1;
+// ---------------------------------------------------------------------------------------------
+// Prompt GEMM (many x rows), same f32 steps as above, on AVX-512 VNNI with the weight transposed
+// into lanes: a tile of 16 weight rows is decoded once into codes[k / 4][16][4] (u8), so one
+// 512-bit dpbusd against 4 broadcast x codes gives, for 16 outputs at once, the 4-element int32
+// lane that ggml's 256-bit dot forms in its lane l = (k / 4) % 8. Each ggml lane of each output
+// then keeps its own f32 register lane, and every fma / cvt / hsum step is ggml's, per output,
+// in ggml's order, only 16 outputs wide instead of 8 lanes of one output. The row loop over the
+// x rows reuses the decoded tile (L1/L2), where the row-major kernels above decode each weight
+// block again for every 4 x rows and pay a horizontal sum per block. K-quants (ggml's tiled
+// order from 8 rows): per group an int32 dot times the group's scale (vpmulld), mins through
+// int16 pairs (vpdpwssd), then ggml's two fmas per block. ~3x ggml's tinyBLAS / ~1x its tiled
+// K-quant kernel per core on this Xeon (experiments/bench_gemm_vs_ggml.py).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define JLLAMA_Q8_GEMM 1
+
+constexpr int kNR = 16;  // weight rows per tile (one zmm lane each)
+
+inline int64_t gemm_min_rows() {  // for measurements: JLLAMA_Q8_GEMM_MIN_ROWS (0: off)
+  static const int64_t v = [] {
+    const char* env = std::getenv("JLLAMA_Q8_GEMM_MIN_ROWS");
+    return env ? int64_t(std::atoi(env)) : int64_t(8);
+  }();
+  return v;
+}
+
+// One tile's weights, decoded (thread-local, reused across calls).
+struct GemmTile {
+  std::vector<uint32_t> codes;  // [k / 4][16]: 4 u8 codes of one weight row per lane
+  std::vector<float> d, m;      // [blocks][16]: d_w; m_w (Q4_1/Q5_1) or dmin_w (Q4_K/Q5_K)
+  std::vector<int32_t> sc, pr;  // K-quants: [blocks][groups][16] scales, [blocks][pairs][16]
+  std::vector<uint8_t> row;     // one decoded row, [k]
+};
+
+inline uint32_t pack16(int a, int b) { return uint32_t(uint16_t(int16_t(a))) | uint32_t(b) << 16; }
+
+// Per type: decode(b, codes, tile, bi, r) writes block bi of weight row r.
+template <typename T>
+struct GLane {  // Q4_0/Q5_0/Q8_0 (bias) and Q4_1/Q5_1 (mins): 32-blocks
+  static constexpr int BS = 32, G = 0, P = 0;
+  static void decode(const uint8_t* b, uint8_t* codes, GemmTile& t, int64_t bi, int r) {
+    _mm256_storeu_si256((__m256i*)codes, T::codes(b));
+    t.d[bi * kNR + r] = f16f(b);
+    if constexpr (!T::kBias) t.m[bi * kNR + r] = f16f(b + 2);
+  }
 };
 
 template <typename T>
-constexpr Q8Kernel make_q8(bool q8_1 = false) {
-  return {q8_rows<T>, T::BS, T::XB, T::OFF, T::kBias, T::kBsums, q8_1};
+struct GKMin {  // Q4_K/Q5_K: 8 groups of 32, (scale, min) pairs
+  static constexpr int BS = 256, G = 8, P = 4;
+  static void decode(const uint8_t* b, uint8_t* codes, GemmTile& t, int64_t bi, int r) {
+    int sc[8], mn[8];
+    k_scale_min_int(b + 4, sc, mn);
+    t.d[bi * kNR + r] = f16f(b);
+    t.m[bi * kNR + r] = f16f(b + 2);
+    for (int g = 0; g < 8; ++g) {
+      _mm256_storeu_si256((__m256i*)(codes + 32 * g), T::group(b, g));
+      t.sc[(bi * G + g) * kNR + r] = sc[g];
+    }
+    for (int p = 0; p < 4; ++p) t.pr[(bi * P + p) * kNR + r] = int32_t(pack16(mn[2 * p], mn[2 * p + 1]));
+  }
+};
+
+struct GQ6K {  // Q6_K: 16 groups of 16, signed 8-bit scales, codes 0..63 (minus 32 via bsums)
+  static constexpr int BS = 256, G = 16, P = 8;
+  static void decode(const uint8_t* b, uint8_t* codes, GemmTile& t, int64_t bi, int r) {
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    t.d[bi * kNR + r] = f16f(b + 208);
+    for (int c = 0; c < 8; ++c) {
+      const int h = c >> 2, i = c & 3;
+      const __m256i ql = load256(b + 64 * h + 32 * (i & 1));
+      const __m256i qh = load256(b + 128 + 32 * h);
+      const __m256i lo =
+          _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (i >> 1)), _mm256_set1_epi8(15));
+      const __m256i hi = _mm256_slli_epi16(
+          _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
+      _mm256_storeu_si256((__m256i*)(codes + 32 * c), _mm256_or_si256(lo, hi));
+    }
+    for (int g = 0; g < 16; ++g) t.sc[(bi * G + g) * kNR + r] = scales[g];
+    for (int p = 0; p < 8; ++p)
+      t.pr[(bi * P + p) * kNR + r] = int32_t(pack16(scales[2 * p], scales[2 * p + 1]));
+  }
+};
+
+// Decodes weight rows [n0, n0 + nr) (nr <= 16) into the tile; missing lanes are zero.
+template <typename G>
+void gemm_decode(const Q8Call& c, int64_t n0, int nr, GemmTile& t) {
+  const int64_t k = c.k, nb = k / G::BS, ts = c.row_bytes / nb;
+  if (nr < kNR) {  // lanes past the last row: zero codes and scales
+    t.codes.assign(size_t(k / 4 * kNR), 0);
+    t.d.assign(size_t(nb * kNR), 0.f);
+    t.m.assign(size_t(nb * kNR), 0.f);
+    t.sc.assign(size_t(nb * G::G * kNR), 0);
+    t.pr.assign(size_t(nb * G::P * kNR), 0);
+  } else {
+    t.codes.resize(size_t(k / 4 * kNR));
+    t.d.resize(size_t(nb * kNR));
+    t.m.resize(size_t(nb * kNR));
+    t.sc.resize(size_t(nb * G::G * kNR));
+    t.pr.resize(size_t(nb * G::P * kNR));
+  }
+  t.row.resize(size_t(k));
+  for (int r = 0; r < nr; ++r) {
+    const uint8_t* w = c.w + (n0 + r) * c.row_bytes;
+    for (int64_t bi = 0; bi < nb; ++bi) G::decode(w + bi * ts, t.row.data() + bi * G::BS, t, bi, r);
+    const uint8_t* src = t.row.data();
+    for (int64_t q = 0; q < k / 4; ++q) std::memcpy(&t.codes[size_t(q * kNR + r)], src + 4 * q, 4);
+  }
 }
+
+inline __m512i bcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Lane-order types: acc[m][l] over 32-blocks, ggml's hsum_float_8 over l at the end.
+template <typename T, int MR>
+void gemm_lane_rows(const Q8Call& c, const GemmTile& t, int64_t m0, float* out) {
+  const int64_t nb = c.k / 32;
+  const Q8Row* x = c.rows.data() + m0;
+  __m512 acc[MR][8], summ[MR];
+  for (int m = 0; m < MR; ++m) {
+    summ[m] = _mm512_setzero_ps();
+    for (int l = 0; l < 8; ++l) acc[m][l] = _mm512_setzero_ps();
+  }
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const __m512 dw = _mm512_loadu_ps(&t.d[size_t(bi * kNR)]);
+    __m512 sc[MR];
+    for (int m = 0; m < MR; ++m) {
+      sc[m] = _mm512_mul_ps(dw, _mm512_set1_ps(x[m].d[bi]));
+      if constexpr (!T::kBias)
+        summ[m] = _mm512_fmadd_ps(_mm512_loadu_ps(&t.m[size_t(bi * kNR)]),
+                                  _mm512_set1_ps(x[m].s[bi]), summ[m]);
+    }
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; ++l) {
+      const int64_t qi = bi * 8 + l;
+      const __m512i w = _mm512_loadu_si512(&t.codes[size_t(qi * kNR)]);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i init = T::kBias ? _mm512_set1_epi32(x[m].aux[qi]) : _mm512_setzero_si512();
+        const __m512i p = _mm512_dpbusd_epi32(init, w, bcast32(x[m].q + 4 * qi));
+        acc[m][l] = _mm512_fmadd_ps(sc[m], _mm512_cvtepi32_ps(p), acc[m][l]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {  // ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), as hsum_float_8
+    const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m][4], acc[m][0]),
+                                   _mm512_add_ps(acc[m][6], acc[m][2]));
+    const __m512 b = _mm512_add_ps(_mm512_add_ps(acc[m][5], acc[m][1]),
+                                   _mm512_add_ps(acc[m][7], acc[m][3]));
+    __m512 r = _mm512_add_ps(a, b);
+    if constexpr (!T::kBias) r = _mm512_add_ps(r, summ[m]);
+    _mm512_storeu_ps(out + m * kNR, r);
+  }
+}
+
+// K-quants in ggml's tiled order: per 256-block exact s1 (and s2), then
+// r = fma(-dmin_w, s2, s1 * d_w) (Q6_K: s1 * d_w), acc = fma(r, d_x, acc).
+template <typename G, int MR>
+void gemm_k_rows(const Q8Call& c, const GemmTile& t, int64_t m0, float* out) {
+  constexpr bool kMins = G::G == 8;
+  constexpr int GS = 256 / G::G;  // group size: 32 or 16
+  const int64_t nb = c.k / 256;
+  const Q8Row* x = c.rows.data() + m0;
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    __m512i s1[MR], s2[MR];
+    for (int m = 0; m < MR; ++m) s1[m] = s2[m] = _mm512_setzero_si512();
+    for (int g = 0; g < G::G; ++g) {
+      __m512i dot[MR];
+      for (int m = 0; m < MR; ++m) dot[m] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int j = 0; j < GS / 4; ++j) {
+        const int64_t qi = (bi * 256 + g * GS) / 4 + j;
+        const __m512i w = _mm512_loadu_si512(&t.codes[size_t(qi * kNR)]);
+        for (int m = 0; m < MR; ++m)
+          dot[m] = _mm512_dpbusd_epi32(dot[m], w, bcast32(x[m].q + 4 * qi));
+      }
+      const __m512i sc = _mm512_loadu_si512(&t.sc[size_t((bi * G::G + g) * kNR)]);
+      for (int m = 0; m < MR; ++m) s1[m] = _mm512_add_epi32(s1[m], _mm512_mullo_epi32(dot[m], sc));
+    }
+    for (int p = 0; p < G::P; ++p) {  // mins (Q4_K/Q5_K) or 32-offsets (Q6_K) per pair of groups
+      const __m512i pr = _mm512_loadu_si512(&t.pr[size_t((bi * G::P + p) * kNR)]);
+      for (int m = 0; m < MR; ++m)
+        s2[m] = _mm512_dpwssd_epi32(s2[m], pr, bcast32(x[m].pairs + bi * 2 * G::P + 2 * p));
+    }
+    const __m512 dw = _mm512_loadu_ps(&t.d[size_t(bi * kNR)]);
+    for (int m = 0; m < MR; ++m) {
+      __m512 r;
+      if constexpr (kMins) {
+        const __m512 ndmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(&t.m[size_t(bi * kNR)]));
+        r = _mm512_fmadd_ps(ndmin, _mm512_cvtepi32_ps(s2[m]),
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(s1[m]), dw));
+      } else {
+        const __m512i s = _mm512_sub_epi32(s1[m], _mm512_slli_epi32(s2[m], 5));
+        r = _mm512_mul_ps(_mm512_cvtepi32_ps(s), dw);
+      }
+      acc[m] = _mm512_fmadd_ps(r, _mm512_set1_ps(x[m].d[bi]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * kNR, acc[m]);
+}
+
+template <typename G, typename T, int MR>
+void gemm_rows(const Q8Call& c, const GemmTile& t, int64_t m0, float* out) {
+  if constexpr (G::G == 0) gemm_lane_rows<T, MR>(c, t, m0, out);
+  else gemm_k_rows<G, MR>(c, t, m0, out);
+}
+
+// All x rows against weight rows [n0, n1), tile by tile.
+template <typename G, typename T>
+void q8_gemm(const Q8Call& c, int64_t n0, int64_t n1) {
+  constexpr int MR = G::G == 0 ? 2 : 4;
+  static thread_local GemmTile tile;
+  alignas(64) float out[MR * kNR];
+  for (int64_t t0 = n0; t0 < n1; t0 += kNR) {
+    const int nr = int(std::min<int64_t>(kNR, n1 - t0));
+    gemm_decode<G>(c, t0, nr, tile);
+    const __mmask16 mask = __mmask16((1u << nr) - 1);
+    auto store = [&](int64_t m0, int rows) {
+      for (int m = 0; m < rows; ++m)
+        _mm512_mask_storeu_ps(c.y + (m0 + m) * c.n_out + t0, mask, _mm512_loadu_ps(out + m * kNR));
+    };
+    int64_t m0 = 0;
+    for (; m0 + MR <= c.m_total; m0 += MR) gemm_rows<G, T, MR>(c, tile, m0, out), store(m0, MR);
+    for (; m0 < c.m_total; ++m0) gemm_rows<G, T, 1>(c, tile, m0, out), store(m0, 1);
+  }
+}
+#endif  // AVX-512 VNNI
+#pragma GCC pop_options
+
+using Q8Fn = void (*)(const Q8Call&, int64_t, int64_t);
+
+struct Q8Kernel {
+  Q8Fn fn, gemm;  // row-major kernel; transposed-tile GEMM (null: none on this CPU)
+  int bs, xb, off, pair_group;  // pair_group: the GEMM's x code sums per int16 (K-quants)
+  bool bias, bsums, q8_1, tiled;
+};
+
+template <typename T, typename G>
+constexpr Q8Kernel make_q8(bool q8_1 = false) {
+#if defined(JLLAMA_Q8_GEMM)
+  constexpr Q8Fn gemm = q8_gemm<G, T>;
+  constexpr int pg = G::G == 0 ? 0 : 256 / G::G;
+#else
+  constexpr Q8Fn gemm = nullptr;
+  constexpr int pg = 0;
+#endif
+  return {q8_rows<T>, gemm, T::BS, T::XB, T::OFF, pg, T::kBias, T::kBsums, q8_1, T::kTiled};
+}
+
+#if !defined(JLLAMA_Q8_GEMM)
+template <typename T> struct GLane {};
+template <typename T> struct GKMin {};
+struct GQ6K {};
+#endif
 
 Q8Kernel pick_q8(int64_t qtype) {
   switch (qtype) {
-    case kQ4_0: return make_q8<Q8W4_0>();
-    case kQ4_1: return make_q8<Q8W4_1>(true);
-    case kQ5_0: return make_q8<Q8W5_0>();
-    case kQ5_1: return make_q8<Q8W5_1>(true);
-    case kQ8_0: return make_q8<Q8W8_0>();
-    case kQ4_K: return make_q8<Q8W4_K>();
-    case kQ5_K: return make_q8<Q8W5_K>();
-    case kQ6_K: return make_q8<Q8W6_K>();
-    default: return {nullptr, 0, 0, 0, false, false, false};
+    case kQ4_0: return make_q8<Q8W4_0, GLane<Q8W4_0>>();
+    case kQ4_1: return make_q8<Q8W4_1, GLane<Q8W4_1>>(true);
+    case kQ5_0: return make_q8<Q8W5_0, GLane<Q8W5_0>>();
+    case kQ5_1: return make_q8<Q8W5_1, GLane<Q8W5_1>>(true);
+    case kQ8_0: return make_q8<Q8W8_0, GLane<Q8W8_0>>();
+    case kQ4_K: return make_q8<Q8W4_K, GKMin<Q8W4_K>>();
+    case kQ5_K: return make_q8<Q8W5_K, GKMin<Q8W5_K>>();
+    case kQ6_K: return make_q8<Q8W6_K, GQ6K>();
+    default: return {nullptr, nullptr, 0, 0, 0, 0, false, false, false, false};
   }
+}
+
+constexpr int kGemmChunk = 16;  // weight rows per GEMM work item: one tile
+
+// Whether a call of m x rows takes the GEMM: from gemm_min_rows() rows, and for K-quants only
+// where ggml takes its tiled order (the GEMM has no vec_dot order for them).
+bool use_gemm(const Q8Kernel& kern, int64_t m) {
+#if defined(JLLAMA_Q8_GEMM)
+  const int64_t lo = gemm_min_rows();
+  if (kern.gemm == nullptr || lo <= 0 || m < lo) return false;
+  return !kern.tiled || (m >= kTiledMinRows && tiled_enabled());
+#else
+  (void)kern, (void)m;
+  return false;
+#endif
 }
 
 // Shared state of one q8 call over one or more weights that share the activations (q/k/v,
@@ -1305,7 +1567,9 @@ Q8Kernel pick_q8(int64_t qtype) {
 struct Q8Sub {
   Q8Call call;
   Q8Kernel kern;
+  bool gemm = false;
   std::vector<int32_t> aux;
+  std::vector<int16_t> pairs;
 };
 
 struct Q8Work : Job {
@@ -1318,7 +1582,7 @@ struct Q8Work : Job {
     for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
       const auto& [i, n0, n1] = chunks[size_t(c)];
       const Q8Sub& sub = subs[size_t(i)];
-      sub.kern.fn(sub.call, n0, n1);
+      (sub.gemm ? sub.kern.gemm : sub.kern.fn)(sub.call, n0, n1);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -1355,11 +1619,19 @@ const char* q8_prepare(Q8Sub& sub, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32
     for (int j = 0; j < grp; ++j) t += qp[i * grp + j];
     sub.aux[size_t(i)] = kern.bias ? -kern.off * t : t;
   }
+  sub.gemm = use_gemm(kern, m);
+  const int64_t np = sub.gemm && kern.pair_group ? k / kern.pair_group : 0;
+  sub.pairs.assign(size_t(m * np), 0);
+  for (int64_t i = 0; i < m * np; ++i) {  // |sum| <= 32 * 127: an int16
+    int32_t t = 0;
+    for (int j = 0; j < kern.pair_group; ++j) t += qp[i * kern.pair_group + j];
+    sub.pairs[size_t(i)] = int16_t(t);
+  }
   c.rows.resize(size_t(m));
   for (int64_t r = 0; r < m; ++r)
     c.rows[size_t(r)] = {qp + r * k, d.typed_data() + r * nxb,
                          kern.q8_1 ? s.typed_data() + r * nxb : nullptr,
-                         sub.aux.data() + r * per};
+                         sub.aux.data() + r * per, sub.pairs.data() + r * np};
   return "";
 }
 
@@ -1372,8 +1644,11 @@ ffi::Error q8_run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ff
     const char* err = q8_prepare(work->subs[size_t(i)], q, d, s, *ws[i], ys[i], qtypes[i]);
     if (*err) return ffi::Error::InvalidArgument(err);
     const Q8Call& c = work->subs[size_t(i)].call;
-    // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise a claim.
-    const int64_t rows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes));
+    // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise a claim;
+    // the GEMM: one tile of weight rows (times all x rows: plenty of work per claim).
+    const int64_t rows = work->subs[size_t(i)].gemm
+                             ? int64_t(kGemmChunk)
+                             : std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes));
     for (int64_t n0 = 0; n0 < c.n_out; n0 += rows)
       work->chunks.push_back({i, n0, std::min(c.n_out, n0 + rows)});
   }

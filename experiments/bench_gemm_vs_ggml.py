@@ -1,0 +1,122 @@
+"""Prompt-sized int8 GEMMs, jllama's C++ kernel against ggml's own ``mul_mat``, side by side.
+
+    python experiments/bench_gemm_vs_ggml.py [--rows 512] [--threads 2] [--reps 5]
+        [--model gemma3|smollm2|all]
+
+Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
+activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
+(its activation quantization included); jllama's is the jitted ``quantize_activations_q8`` +
+``qmatvec_q8``, the pair the model runs. Both produce the same bits (tests/test_cpu_q8_kernel.py);
+the ratio is ggml's time over ours (> 1: jllama faster). The totals weight each shape by how
+often the model runs it per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+# (type, n_out, n_in, uses per layer): the prompt-path weights of the two registry models.
+MODELS = {
+    "gemma3": [("Q5_0", 1024, 640, 1), ("Q5_0", 256, 640, 1.5), ("Q8_0", 256, 640, 0.5),
+               ("Q4_K", 640, 1024, 1), ("Q5_0", 2048, 640, 2), ("Q6_K", 640, 2048, 0.5),
+               ("Q4_K", 640, 2048, 0.5)],
+    "smollm2": [("Q4_1", 576, 576, 2), ("Q4_1", 192, 576, 2), ("Q4_1", 1536, 576, 2),
+                ("Q4_1", 576, 1536, 1)],
+}  # fmt: skip
+
+
+def best_of(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def ggml_timer(raw: np.ndarray, qtype: int, x: np.ndarray, threads: int):
+    from llamacpp_oracle import GgmlInitParams, ggml_fill, ggml_libs
+
+    base, cpu = ggml_libs()
+    n, (m, k) = raw.shape[0], x.shape
+    ctx = base.ggml_init(GgmlInitParams(raw.nbytes + x.nbytes + m * n * 4 + (64 << 20), None,
+                                        False))
+    w = base.ggml_new_tensor_2d(ctx, qtype, k, n)
+    ggml_fill(base, w, raw)
+    a = base.ggml_new_tensor_2d(ctx, 0, k, m)
+    ggml_fill(base, a, x)
+    y = base.ggml_mul_mat(ctx, w, a)
+    graph = base.ggml_new_graph(ctx)
+    base.ggml_build_forward_expand(graph, y)
+
+    def run():
+        assert cpu.ggml_graph_compute_with_ctx(ctx, graph, threads) == 0
+
+    def result() -> np.ndarray:
+        out = np.empty((m, n), np.float32)
+        ctypes.memmove(out.ctypes.data, base.ggml_get_data(y), out.nbytes)
+        return out
+
+    return run, result, lambda: base.ggml_free(ctx)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--model", default="all", choices=["all", *MODELS])
+    a = ap.parse_args()
+    os.environ.setdefault("JLLAMA_CPU_KERNEL_THREADS", str(a.threads))
+
+    import jax
+    import jax.numpy as jnp
+
+    from jllama.gguf.constants import QType
+    from jllama.quant.actquant import quantize_activations_q8
+    from jllama.quant.kernels import cpu_ffi
+    from jllama.quant.testing import random_blocks
+
+    assert cpu_ffi.available(), "C++ kernels not built"
+    rng = np.random.default_rng(0)
+    for name in MODELS if a.model == "all" else [a.model]:
+        tot_g = tot_j = 0.0
+        print(f"{name}: {a.rows} rows, {a.threads} threads")
+        for tname, n, k, uses in MODELS[name]:
+            qt = int(QType[tname])
+            raw = random_blocks(QType[tname], n, k, seed=1)
+            x = rng.standard_normal((a.rows, k)).astype(np.float32)
+
+            @jax.jit
+            def ours(xa, r, qt=qt):
+                q, d, s = quantize_activations_q8(xa, qt)
+                return cpu_ffi.qmatvec_q8(q, d, s, r, qt)
+
+            xj, rj = jnp.asarray(x), jnp.asarray(raw)
+            t_j = best_of(lambda: ours(xj, rj).block_until_ready(), a.reps)
+            run, result, free = ggml_timer(raw, qt, x, a.threads)
+            t_g = best_of(run, a.reps)
+            same = np.array_equal(result(), np.asarray(ours(xj, rj)))
+            free()
+            tot_g, tot_j = tot_g + uses * t_g, tot_j + uses * t_j
+            gmac = a.rows * n * k / 1e9
+            print(f"  {tname:5s} {n:5d}x{k:<5d} ggml {t_g * 1e3:7.2f} ms ({gmac / t_g:5.1f} GMAC/s)"
+                  f"  jllama {t_j * 1e3:7.2f} ms ({gmac / t_j:5.1f})  ratio {t_g / t_j:4.2f}"
+                  f"{'' if same else '  RESULTS DIFFER'}")
+        print(f"  per layer: ggml {tot_g * 1e3:.1f} ms, jllama {tot_j * 1e3:.1f} ms, "
+              f"ratio {tot_g / tot_j:.2f}")
+
+
+if __name__ == "__main__":
+    main()
