@@ -5,8 +5,8 @@
 
 Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
 activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
-(its activation quantization included); jllama's is the jitted ``quantize_activations_q8`` +
-``qmatvec_q8``, the pair the model runs. Both produce the same bits (tests/test_cpu_q8_kernel.py);
+(its activation quantization included); jllama's is the jitted activation quantization +
+``qmatvec_q8`` as the model runs them (``xla_cpu.ffi_matvec_q8``: the C quantizer). Both produce the same bits (tests/test_cpu_q8_kernel.py);
 the ratio is ggml's time over ours (> 1: jllama faster). The totals weight each shape by how
 often the model runs it per layer.
 """
@@ -84,8 +84,8 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jllama.gguf.constants import QType
-    from jllama.quant.actquant import quantize_activations_q8
-    from jllama.quant.kernels import cpu_ffi
+    from jllama.quant.kernels import cpu_ffi, xla_cpu
+    from jllama.quant.qtensor import QTensor
     from jllama.quant.testing import random_blocks
 
     assert cpu_ffi.available(), "C++ kernels not built"
@@ -99,9 +99,8 @@ def main() -> None:
             x = rng.standard_normal((a.rows, k)).astype(np.float32)
 
             @jax.jit
-            def ours(xa, r, qt=qt):
-                q, d, s = quantize_activations_q8(xa, qt)
-                return cpu_ffi.qmatvec_q8(q, d, s, r, qt)
+            def ours(xa, r, qt=qt, n=n, k=k):
+                return xla_cpu.ffi_matvec_q8(xa, QTensor(r, qt, (n, k)))
 
             xj, rj = jnp.asarray(x), jnp.asarray(raw)
             t_j = best_of(lambda: ours(xj, rj).block_until_ready(), a.reps)
