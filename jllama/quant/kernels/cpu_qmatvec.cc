@@ -669,10 +669,13 @@ struct Job {
 
 // Helpers for decode matvecs: a decode step makes ~200 kernel calls of 10-100 us each with small
 // XLA ops in between, and waking one of XLA's pool threads per call (futex wake, work stealing)
-// cost ~15 % of the step's CPU time. Like llama.cpp's threadpool, these threads spin for a
-// while after each call (JLLAMA_CPU_SPIN_US, default 300 us; 0 = use XLA's pool) and then sleep,
-// so the next call of the same step finds them awake. One call at a time: a second concurrent
-// caller (several host devices) falls back to XLA's pool.
+// costs CPU time. Like llama.cpp's threadpool, these threads can spin for a while after each
+// call (JLLAMA_CPU_SPIN_US) and then sleep, so the next call of the same step finds them awake.
+// Off by default (0 = XLA's pool): on 2 cores a spinning helper competes with XLA's and
+// Python's own threads between calls and steps; interleaved runs on the 2-vCPU Xeon, medians of
+// 8 / 4 processes of tg64: SmolLM2 85 / 85 / 76 t/s and Gemma 3 45 / 43 / 40 t/s at 0 / 50 /
+// 300 us. One call at a time: a second concurrent caller (several host devices) falls back
+// to XLA's pool.
 class SpinPool {
  public:
   SpinPool(int64_t n, int64_t spin_us) : spin_(spin_us) {
@@ -683,7 +686,7 @@ class SpinPool {
   static SpinPool* get(int64_t helpers) {
     static const int64_t spin_us = [] {
       const char* env = std::getenv("JLLAMA_CPU_SPIN_US");
-      return env ? std::max(0, std::atoi(env)) : 300;
+      return env ? std::max(0, std::atoi(env)) : 0;
     }();
     if (spin_us == 0 || helpers <= 0) return nullptr;
     static SpinPool* pool = new SpinPool(helpers, spin_us);  // never destroyed: threads detached
