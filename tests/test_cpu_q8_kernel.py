@@ -133,6 +133,34 @@ def test_q8_multi_weight_call_bit_exact_vs_ggml(qtypes) -> None:
             np.testing.assert_array_equal(np.asarray(g).view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_model_path_bit_exact_vs_ggml(qtype: QType) -> None:
+    """The model's entry point under jit: up to ``FUSED_QUANT_ROWS`` rows the activations are
+    quantized inside the kernel call, above that by the separate threaded quantizer (and from
+    8 rows the GEMM runs); every row count must still give ggml's bits."""
+    require_q8()
+    from jllama.quant.kernels import xla_cpu
+    from jllama.quant.qtensor import QTensor
+
+    k, n = 512, 50
+    raw = random_blocks(qtype, n, k, seed=30 + int(qtype))
+    qt = QTensor(data=jnp.asarray(raw), qtype=int(qtype), shape=(n, k), layout="gguf")
+    f = jax.jit(lambda xa, q: xla_cpu.ffi_matvec_q8(xa, q))
+    for m in (1, 5, xla_cpu.FUSED_QUANT_ROWS, xla_cpu.FUSED_QUANT_ROWS + 1):
+        x = activations(m, k, seed=40 + m)
+        ref = ggml_mul_mat(raw, qtype, x, n_threads=1)
+        got = np.asarray(f(jnp.asarray(x), qt))
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32), f"m={m}")
+
+
+def test_fused_call_rejects_mixed_activation_formats() -> None:
+    require_q8()
+    raws = [jnp.asarray(random_blocks(t, 8, 256, seed=1)) for t in (QType.Q4_1, QType.Q8_0)]
+    with pytest.raises(Exception, match="activation format"):
+        jax.block_until_ready(cpu_ffi.qmatvec_q8_fused(
+            jnp.ones((1, 256), jnp.float32), raws, [int(QType.Q4_1), int(QType.Q8_0)]))
+
+
 @pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0, QType.Q4_K], ids=lambda t: t.name)
 def test_q8_codes_times_scales_are_the_rounded_activations(qtype: QType) -> None:
     """The parts the kernel gets describe the same x that the f32 paths round to."""

@@ -1577,6 +1577,8 @@ struct Q8Sub {
 
 struct Q8Work : Job {
   std::vector<Q8Sub> subs;
+  std::vector<int8_t> xq;  // activations quantized by the fused call (q8f), else unused
+  std::vector<float> xd, xs;
   std::vector<std::array<int64_t, 3>> chunks;  // (sub, n0, n1)
   int64_t n_chunks = 0;
   std::atomic<int64_t> next{0}, done{0};
@@ -1591,20 +1593,33 @@ struct Q8Work : Job {
   }
 };
 
+// The activations in ggml's vec_dot format: codes [m, k], scales [m, d_cols], Q8_1 sums.
+struct Q8In {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+  int64_t m, k, d_rows, d_cols, s_rows, s_cols;
+};
+
+Q8In q8_in(ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& d, ffi::Buffer<ffi::F32>& s) {
+  const auto qd = q.dimensions(), dd = d.dimensions(), sd = s.dimensions();
+  if (qd.size() != 2 || dd.size() != 2 || sd.size() != 2) return {nullptr, nullptr, nullptr};
+  return {q.typed_data(), d.typed_data(), s.typed_data(), qd[0], qd[1], dd[0], dd[1], sd[0],
+          sd[1]};
+}
+
 // Validates one weight against the activations and fills its sub-call; "" when fine.
-const char* q8_prepare(Q8Sub& sub, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& d,
-                       ffi::Buffer<ffi::F32>& s, ffi::Buffer<ffi::U8>& w, float* y,
+const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float* y,
                        int64_t qtype) {
-  const auto qd = q.dimensions(), dd = d.dimensions(), sd = s.dimensions(), wd = w.dimensions();
-  if (qd.size() != 2 || dd.size() != 2 || sd.size() != 2 || wd.size() != 2)
-    return "need 2-D q, d, s and w";
+  const auto wd = w.dimensions();
+  if (x.q == nullptr || wd.size() != 2) return "need 2-D q, d, s and w";
   const Q8Kernel kern = pick_q8(qtype);
   if (kern.fn == nullptr) return "unsupported ggml type for q8";
-  const int64_t m = qd[0], k = qd[1], n = wd[0];
+  const int64_t m = x.m, k = x.k, n = wd[0];
   if (k % kern.bs != 0) return "n_in not a block multiple";
   const int64_t nxb = k / kern.xb;
-  if (dd[0] != m || dd[1] != nxb) return "d must be [m, k / block]";
-  if (kern.q8_1 && (sd[0] != m || sd[1] != nxb)) return "s must be [m, k / 32] for Q8_1";
+  if (x.d_rows != m || x.d_cols != nxb) return "d must be [m, k / block]";
+  if (kern.q8_1 && (x.s_rows != m || x.s_cols != nxb)) return "s must be [m, k / 32] for Q8_1";
   sub.kern = kern;
   Q8Call& c = sub.call;
   c.k = k;
@@ -1613,7 +1628,7 @@ const char* q8_prepare(Q8Sub& sub, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32
   c.row_bytes = wd[1];
   c.w = w.typed_data();
   c.y = y;
-  const int8_t* qp = q.typed_data();
+  const int8_t* qp = x.q;
   // Per-row integer side data: bias (-OFF * sum of 4 codes) or 16-element sums.
   const int64_t per = kern.bias ? k / 4 : kern.bsums ? k / 16 : 0, grp = kern.bias ? 4 : 16;
   sub.aux.assign(size_t(m * per), 0);
@@ -1632,19 +1647,17 @@ const char* q8_prepare(Q8Sub& sub, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32
   }
   c.rows.resize(size_t(m));
   for (int64_t r = 0; r < m; ++r)
-    c.rows[size_t(r)] = {qp + r * k, d.typed_data() + r * nxb,
-                         kern.q8_1 ? s.typed_data() + r * nxb : nullptr,
+    c.rows[size_t(r)] = {qp + r * k, x.d + r * nxb, kern.q8_1 ? x.s + r * nxb : nullptr,
                          sub.aux.data() + r * per, sub.pairs.data() + r * np};
   return "";
 }
 
-ffi::Error q8_run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& d,
-                  ffi::Buffer<ffi::F32>& s, ffi::Buffer<ffi::U8>* const* ws,
-                  float* const* ys, const int64_t* qtypes, int nw) {
-  auto work = std::make_shared<Q8Work>();
+ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work, const Q8In& x,
+                     ffi::Buffer<ffi::U8>* const* ws, float* const* ys, const int64_t* qtypes,
+                     int nw) {
   work->subs.resize(size_t(nw));
   for (int i = 0; i < nw; ++i) {
-    const char* err = q8_prepare(work->subs[size_t(i)], q, d, s, *ws[i], ys[i], qtypes[i]);
+    const char* err = q8_prepare(work->subs[size_t(i)], x, *ws[i], ys[i], qtypes[i]);
     if (*err) return ffi::Error::InvalidArgument(err);
     const Q8Call& c = work->subs[size_t(i)].call;
     // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise a claim;
@@ -1658,6 +1671,12 @@ ffi::Error q8_run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ff
   work->n_chunks = int64_t(work->chunks.size());
   run_chunks(pool, work, std::min({pool.num_threads() - 1, work->n_chunks - 1, helpers_cap()}));
   return ffi::Error::Success();
+}
+
+ffi::Error q8_run(ffi::ThreadPool& pool, ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& d,
+                  ffi::Buffer<ffi::F32>& s, ffi::Buffer<ffi::U8>* const* ws,
+                  float* const* ys, const int64_t* qtypes, int nw) {
+  return q8_launch(pool, std::make_shared<Q8Work>(), q8_in(q, d, s), ws, ys, qtypes, nw);
 }
 
 ffi::Error QMatVecQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
@@ -1847,6 +1866,61 @@ ffi::Error QuantizeQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Decode: quantization and product in one call (f32 x in), one thunk and one set of XLA
+// buffers fewer per weight group; the same quantize_row_q8, so the same bits.
+ffi::Error q8f_run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::U8>* const* ws,
+                   float* const* ys, const int64_t* qtypes, int nw) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
+  const Q8Kernel k0 = pick_q8(qtypes[0]);
+  if (k0.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type for q8");
+  const int fmt = k0.q8_1 ? 1 : k0.xb == 256 ? 2 : 0;
+  for (int i = 1; i < nw; ++i) {
+    const Q8Kernel ki = pick_q8(qtypes[i]);
+    if (ki.fn == nullptr || ki.q8_1 != k0.q8_1 || ki.xb != k0.xb)
+      return ffi::Error::InvalidArgument("weights of one call must share the activation format");
+  }
+  const int64_t m = xd[0], k = xd[1], bs = fmt == 2 ? 256 : 32;
+  if (k % bs != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
+  const int64_t nb = k / bs, ns = fmt == 1 ? k / 32 : 0;
+  auto work = std::make_shared<Q8Work>();
+  work->xq.resize(size_t(m * k));
+  work->xd.resize(size_t(m * nb));
+  work->xs.resize(size_t(m * ns));
+  for (int64_t r = 0; r < m; ++r)
+    quantize_row_q8(x.typed_data() + r * k, k, fmt, work->xq.data() + r * k,
+                    work->xd.data() + r * nb, work->xs.data() + r * ns);
+  const Q8In in{work->xq.data(), work->xd.data(), work->xs.data(), m, k, m, nb, m, ns};
+  return q8_launch(pool, work, in, ws, ys, qtypes, nw);
+}
+
+ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  ffi::Buffer<ffi::U8>* ws[1] = {&w};
+  float* ys[1] = {y->typed_data()};
+  return q8f_run(pool, x, ws, ys, &qtype, 1);
+}
+
+ffi::Error QMatVecQ8Fx2Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w0,
+                            ffi::Buffer<ffi::U8> w1, ffi::ResultBuffer<ffi::F32> y0,
+                            ffi::ResultBuffer<ffi::F32> y1, int64_t qtype0, int64_t qtype1) {
+  ffi::Buffer<ffi::U8>* ws[2] = {&w0, &w1};
+  float* ys[2] = {y0->typed_data(), y1->typed_data()};
+  const int64_t qt[2] = {qtype0, qtype1};
+  return q8f_run(pool, x, ws, ys, qt, 2);
+}
+
+ffi::Error QMatVecQ8Fx3Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w0,
+                            ffi::Buffer<ffi::U8> w1, ffi::Buffer<ffi::U8> w2,
+                            ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
+                            ffi::ResultBuffer<ffi::F32> y2, int64_t qtype0, int64_t qtype1,
+                            int64_t qtype2) {
+  ffi::Buffer<ffi::U8>* ws[3] = {&w0, &w1, &w2};
+  float* ys[3] = {y0->typed_data(), y1->typed_data(), y2->typed_data()};
+  const int64_t qt[3] = {qtype0, qtype1, qtype2};
+  return q8f_run(pool, x, ws, ys, qt, 3);
+}
+
 #endif  // JLLAMA_Q8
 
 }  // namespace
@@ -1917,6 +1991,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8x3, QMatVecQ8x3Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype0")
+                                  .Attr<int64_t>("qtype1")
+                                  .Attr<int64_t>("qtype2"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8F, QMatVecQ8FImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8Fx2, QMatVecQ8Fx2Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype0")
+                                  .Attr<int64_t>("qtype1"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8Fx3, QMatVecQ8Fx3Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()

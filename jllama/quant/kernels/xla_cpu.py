@@ -111,11 +111,32 @@ def _quantize_q8(x: jax.Array, qtype: int):
     return cpu_ffi.quantize_q8(x.reshape(-1, n_in), fmt)
 
 
+# Up to this many rows x is quantized inside the matvec call (decode, drafts).
+FUSED_QUANT_ROWS = int(os.environ.get("JLLAMA_FUSED_QUANT_ROWS", "16"))
+
+
+def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
+    """Quantization and product in one kernel call for a few rows: a decode step has ~120
+    separate quantize calls otherwise. Prompts keep the separate, multi-threaded quantizer."""
+    n_in = x.shape[-1]
+    m = x.size // n_in
+    fmt = act_format(qts[0].qtype)
+    if m > FUSED_QUANT_ROWS or fmt is None or n_in % (256 if fmt == "q8_K" else 32):
+        return None
+    lead = x.shape[:-1]
+    ys = cpu_ffi.qmatvec_q8_fused(x.reshape(-1, n_in), [qt.data for qt in qts],
+                                  [qt.qtype for qt in qts])
+    return None if ys is None else [y.reshape(*lead, qt.shape[0]) for y, qt in zip(ys, qts)]
+
+
 def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
     """The int8 C++ matvec on x quantized to ggml's vec_dot type, bit-identical to llama.cpp's
     CPU product (see cpu_qmatvec.cc); None where this type or machine has no such kernel."""
     if not cpu_ffi.q8_supported(qt.qtype):
         return None
+    fused = _fused(x, [qt])
+    if fused is not None:
+        return fused[0]
     parts = _quantize_q8(x, qt.qtype)
     if parts is None:
         return None
@@ -136,6 +157,9 @@ def ffi_matvec_q8_multi(x: jax.Array, qts: list) -> list[jax.Array] | None:
         return None
     if not all(cpu_ffi.q8_supported(qt.qtype) for qt in qts):
         return None
+    fused = _fused(x, qts)
+    if fused is not None:
+        return fused
     parts = _quantize_q8(x, qts[0].qtype)
     if parts is None:
         return None
