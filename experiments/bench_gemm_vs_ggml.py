@@ -103,7 +103,7 @@ def main() -> None:
                 return xla_cpu.ffi_matvec_q8(xa, QTensor(r, qt, (n, k)))
 
             xj, rj = jnp.asarray(x), jnp.asarray(raw)
-            t_j = best_of(lambda: ours(xj, rj).block_until_ready(), a.reps)
+            t_j = best_of(lambda xj=xj, rj=rj: ours(xj, rj).block_until_ready(), a.reps)
             run, result, free = ggml_timer(raw, qt, x, a.threads)
             t_g = best_of(run, a.reps)
             same = np.array_equal(result(), np.asarray(ours(xj, rj)))
