@@ -33,8 +33,8 @@ class RuntimeConfig:
     # on CPU with an f16 cache; off = the rounding of its non-FA graph (llama-cpp-python's default)
     flash_attn: bool = True
     # prompt matmuls on CPU: "int8" = ggml's own arithmetic (bit-identical logits/perplexity);
-    # "f32" = dequantized tiles + XLA's f32 GEMM: faster prompts (Gemma 3 ~1.4x), llama.cpp's
-    # activation rounding kept, perplexity within its rounding noise (~0.1-0.2 %), not exact
+    # "f32" = dequantized tiles + XLA's f32 GEMM (the path for CPUs without the int8 GEMM):
+    # llama.cpp's activation rounding kept, perplexity within its rounding noise, not exact
     prompt_matmul: str = "int8"
 
 
