@@ -51,8 +51,8 @@ namespace {
 
 constexpr int kTileQ = 64;   // GGML_FA_TILE_Q: ggml's tiled path needs this many query rows
 constexpr int kTileKV = 64;  // GGML_FA_TILE_KV
-constexpr int64_t kSplitKV = 512;
-constexpr int64_t kMinThreadedWork = int64_t(1) << 19;  // multiply-adds: below, one thread  // ggml splits the keys of a lone query row from this many
+constexpr int64_t kSplitKV = 512;  // ggml splits the keys of a lone query row from this many
+constexpr int64_t kMinThreadedWork = int64_t(1) << 19;  // multiply-adds: below, one thread
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 inline uint16_t f2h(float f) { return _cvtss_sh(f, 0); }  // round to nearest even

@@ -1186,6 +1186,16 @@ struct Q8W5_K : Q8KMin<Q8W5_K> {
 struct Q8W6_K {
   static constexpr int BS = 256, XB = 256, TS = 210, OFF = 0;
   static constexpr bool kBias = false, kBsums = true, kTiled = true;
+  // The 6-bit codes (0..63) of 32-element chunk c: low nibbles from ql, 2 high bits from qh.
+  static __m256i chunk(const uint8_t* b, int c) {
+    const int h = c >> 2, i = c & 3;
+    const __m256i ql = load256(b + 64 * h + 32 * (i & 1));
+    const __m256i qh = load256(b + 128 + 32 * h);
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (i >> 1)), _mm256_set1_epi8(15));
+    const __m256i hi = _mm256_slli_epi16(
+        _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
+    return _mm256_or_si256(lo, hi);
+  }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
@@ -1202,14 +1212,7 @@ struct Q8W6_K {
     }
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
-      const int h = c >> 2, i = c & 3;
-      const __m256i ql = load256(b + 64 * h + 32 * (i & 1));
-      const __m256i qh = load256(b + 128 + 32 * h);
-      const __m256i lo =
-          _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (i >> 1)), _mm256_set1_epi8(15));
-      const __m256i hi = _mm256_slli_epi16(
-          _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
-      const __m256i qw = _mm256_or_si256(lo, hi);
+      const __m256i qw = chunk(b, c);
       const __m256i scv = _mm256_setr_epi32(scales[2 * c], scales[2 * c], scales[2 * c],
                                             scales[2 * c], scales[2 * c + 1], scales[2 * c + 1],
                                             scales[2 * c + 1], scales[2 * c + 1]);
@@ -1335,7 +1338,8 @@ struct GKMin {  // Q4_K/Q5_K: 8 groups of 32, (scale, min) pairs
       _mm256_storeu_si256((__m256i*)(codes + 32 * g), T::group(b, g));
       t.sc[(bi * G + g) * kNR + r] = sc[g];
     }
-    for (int p = 0; p < 4; ++p) t.pr[(bi * P + p) * kNR + r] = int32_t(pack16(mn[2 * p], mn[2 * p + 1]));
+    for (int p = 0; p < 4; ++p)
+      t.pr[(bi * P + p) * kNR + r] = int32_t(pack16(mn[2 * p], mn[2 * p + 1]));
   }
 };
 
@@ -1344,16 +1348,8 @@ struct GQ6K {  // Q6_K: 16 groups of 16, signed 8-bit scales, codes 0..63 (minus
   static void decode(const uint8_t* b, uint8_t* codes, GemmTile& t, int64_t bi, int r) {
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
     t.d[bi * kNR + r] = f16f(b + 208);
-    for (int c = 0; c < 8; ++c) {
-      const int h = c >> 2, i = c & 3;
-      const __m256i ql = load256(b + 64 * h + 32 * (i & 1));
-      const __m256i qh = load256(b + 128 + 32 * h);
-      const __m256i lo =
-          _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (i >> 1)), _mm256_set1_epi8(15));
-      const __m256i hi = _mm256_slli_epi16(
-          _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
-      _mm256_storeu_si256((__m256i*)(codes + 32 * c), _mm256_or_si256(lo, hi));
-    }
+    for (int c = 0; c < 8; ++c)
+      _mm256_storeu_si256((__m256i*)(codes + 32 * c), Q8W6_K::chunk(b, c));
     for (int g = 0; g < 16; ++g) t.sc[(bi * G + g) * kNR + r] = scales[g];
     for (int p = 0; p < 8; ++p)
       t.pr[(bi * P + p) * kNR + r] = int32_t(pack16(scales[2 * p], scales[2 * p + 1]));
@@ -1468,7 +1464,8 @@ void gemm_k_rows(const Q8Call& c, const GemmTile& t, int64_t m0, float* out) {
     for (int m = 0; m < MR; ++m) {
       __m512 r;
       if constexpr (kMins) {
-        const __m512 ndmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(&t.m[size_t(bi * kNR)]));
+        const __m512 ndmin =
+            _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(&t.m[size_t(bi * kNR)]));
         r = _mm512_fmadd_ps(ndmin, _mm512_cvtepi32_ps(s2[m]),
                             _mm512_mul_ps(_mm512_cvtepi32_ps(s1[m]), dw));
       } else {
@@ -1734,7 +1731,8 @@ void quantize_row_q8(const float* x, int64_t k, int fmt, int8_t* q, float* d, fl
     for (int64_t b = 0; b < k / 256; ++b) {
       const float* xb = x + b * 256;
       __m512 vmax = _mm512_setzero_ps();
-      for (int j = 0; j < 256; j += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xb + j)));
+      for (int j = 0; j < 256; j += 16)
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xb + j)));
       const float amax = _mm512_reduce_max_ps(vmax);
       int8_t* qb = q + b * 256;
       if (amax == 0.0f) {
