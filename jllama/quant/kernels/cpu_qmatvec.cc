@@ -1290,19 +1290,24 @@ void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
 // x rows reuses the decoded tile (L1/L2), where the row-major kernels above decode each weight
 // block again for every 4 x rows and pay a horizontal sum per block. K-quants (ggml's tiled
 // order from 8 rows): per group an int32 dot times the group's scale (vpmulld), mins through
-// int16 pairs (vpdpwssd), then ggml's two fmas per block. ~3x ggml's tinyBLAS / ~1x its tiled
-// K-quant kernel per core on this Xeon (experiments/bench_gemm_vs_ggml.py).
+// int16 pairs (vpdpwssd), then ggml's two fmas per block. At 512 rows, 2 threads, against ggml's
+// own mul_mat (experiments/bench_gemm_vs_ggml.py): Q5_0 1.3-2.0x its tinyBLAS, Q8_0 1.4x, Q4_1
+// 3-4.5x its vec_dot, Q4_K/Q6_K 1.4-1.6x its tiled K-quant GEMM.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define JLLAMA_Q8_GEMM 1
 
 constexpr int kNR = 16;  // weight rows per tile (one zmm lane each)
 
-inline int64_t gemm_min_rows() {  // for measurements: JLLAMA_Q8_GEMM_MIN_ROWS (0: off)
-  static const int64_t v = [] {
+// From how many x rows the GEMM beats the row kernels (bench_q8_kernel.py --rows, 2 threads):
+// K-quants from 8 (where ggml's tiled order starts), the 32-block types from 16 (at 8 rows
+// decoding the tile cost more than it saved: Q4_1 1536x576 249 vs 138 us; at 16: 220 vs 261).
+// JLLAMA_Q8_GEMM_MIN_ROWS=N overrides both (0: off), for measurements.
+inline int64_t gemm_min_rows(bool k_quant) {
+  static const int64_t env_v = [] {
     const char* env = std::getenv("JLLAMA_Q8_GEMM_MIN_ROWS");
-    return env ? int64_t(std::atoi(env)) : int64_t(8);
+    return env ? int64_t(std::atoi(env)) : int64_t(-1);
   }();
-  return v;
+  return env_v >= 0 ? env_v : k_quant ? 8 : 16;
 }
 
 // One tile's weights, decoded (thread-local, reused across calls).
@@ -1310,7 +1315,7 @@ struct GemmTile {
   std::vector<uint32_t> codes;  // [k / 4][16]: 4 u8 codes of one weight row per lane
   std::vector<float> d, m;      // [blocks][16]: d_w; m_w (Q4_1/Q5_1) or dmin_w (Q4_K/Q5_K)
   std::vector<int32_t> sc, pr;  // K-quants: [blocks][groups][16] scales, [blocks][pairs][16]
-  std::vector<uint8_t> row;     // one decoded row, [k]
+  std::vector<uint8_t> row;     // the tile's rows decoded row-major, [16][k]
 };
 
 inline uint32_t pack16(int a, int b) { return uint32_t(uint16_t(int16_t(a))) | uint32_t(b) << 16; }
@@ -1356,30 +1361,37 @@ struct GQ6K {  // Q6_K: 16 groups of 16, signed 8-bit scales, codes 0..63 (minus
   }
 };
 
-// Decodes weight rows [n0, n0 + nr) (nr <= 16) into the tile; missing lanes are zero.
+// Decodes weight rows [n0, n0 + nr) (nr <= 16) into the tile; missing lanes are zero. Rows are
+// decoded row-major first, then one 32-bit gather per 4 codes of 16 rows builds the transpose
+// (a per-element copy made the tile cost ~0.3 us per weight row, a tenth of a 512-row GEMM).
 template <typename G>
 void gemm_decode(const Q8Call& c, int64_t n0, int nr, GemmTile& t) {
   const int64_t k = c.k, nb = k / G::BS, ts = c.row_bytes / nb;
   if (nr < kNR) {  // lanes past the last row: zero codes and scales
-    t.codes.assign(size_t(k / 4 * kNR), 0);
+    t.row.assign(size_t(k * kNR), 0);
     t.d.assign(size_t(nb * kNR), 0.f);
     t.m.assign(size_t(nb * kNR), 0.f);
     t.sc.assign(size_t(nb * G::G * kNR), 0);
     t.pr.assign(size_t(nb * G::P * kNR), 0);
   } else {
-    t.codes.resize(size_t(k / 4 * kNR));
+    t.row.resize(size_t(k * kNR));
     t.d.resize(size_t(nb * kNR));
     t.m.resize(size_t(nb * kNR));
     t.sc.resize(size_t(nb * G::G * kNR));
     t.pr.resize(size_t(nb * G::P * kNR));
   }
-  t.row.resize(size_t(k));
+  t.codes.resize(size_t(k / 4 * kNR));
   for (int r = 0; r < nr; ++r) {
     const uint8_t* w = c.w + (n0 + r) * c.row_bytes;
-    for (int64_t bi = 0; bi < nb; ++bi) G::decode(w + bi * ts, t.row.data() + bi * G::BS, t, bi, r);
-    const uint8_t* src = t.row.data();
-    for (int64_t q = 0; q < k / 4; ++q) std::memcpy(&t.codes[size_t(q * kNR + r)], src + 4 * q, 4);
+    uint8_t* dst = t.row.data() + r * k;
+    for (int64_t bi = 0; bi < nb; ++bi) G::decode(w + bi * ts, dst + bi * G::BS, t, bi, r);
   }
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                           12, 13, 14, 15),
+                                         _mm512_set1_epi32(int32_t(k)));
+  const uint8_t* src = t.row.data();
+  for (int64_t q = 0; q < k / 4; ++q)
+    _mm512_storeu_si512(&t.codes[size_t(q * kNR)], _mm512_i32gather_epi32(idx, src + 4 * q, 1));
 }
 
 inline __m512i bcast32(const void* p) {
@@ -1548,11 +1560,11 @@ Q8Kernel pick_q8(int64_t qtype) {
 
 constexpr int kGemmChunk = 16;  // weight rows per GEMM work item: one tile
 
-// Whether a call of m x rows takes the GEMM: from gemm_min_rows() rows, and for K-quants only
+// Whether a call of m x rows takes the GEMM: from gemm_min_rows rows, and for K-quants only
 // where ggml takes its tiled order (the GEMM has no vec_dot order for them).
 bool use_gemm(const Q8Kernel& kern, int64_t m) {
 #if defined(JLLAMA_Q8_GEMM)
-  const int64_t lo = gemm_min_rows();
+  const int64_t lo = gemm_min_rows(kern.tiled);
   if (kern.gemm == nullptr || lo <= 0 || m < lo) return false;
   return !kern.tiled || (m >= kTiledMinRows && tiled_enabled());
 #else
