@@ -5,8 +5,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jllama.engine.sampling import BatchSampling, SamplingParams, apply_penalties, sample
+from jllama.engine.sampling import (
+    BatchSampling,
+    SamplingParams,
+    apply_penalties,
+    first_argmax,
+    sample,
+)
 
 
 def _keys(n, seed=0):
@@ -82,3 +89,19 @@ def test_seed_reproducible():
     a = [int(sample(logits, sp, _keys(1, s))[0]) for s in range(20)]
     b = [int(sample(logits, sp, _keys(1, s))[0]) for s in range(20)]
     assert a == b and len(set(a)) > 3
+
+
+@pytest.mark.parametrize("rows", [1, 3, 65])  # 65: above the two-pass form's row limit
+def test_first_argmax_is_numpys_argmax(rows: int) -> None:
+    """Ties go to the first maximum, a NaN wins (the first one), an all -inf row gives 0: the
+    definition numpy's argmax (and llama.cpp's greedy sampler, first maximum) follows."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 1000)).astype(np.float32)
+    x[0, [17, 400]] = x[0].max() + 1.0  # a tie
+    if rows > 1:
+        x[1, :] = -np.inf
+    if rows > 2:
+        x[2, [50, 900]] = np.nan
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32
