@@ -47,11 +47,9 @@ _Q8_TARGET = ("jllama_qmatvec_q8", "JllamaQMatVecQ8")
 _Q8_MULTI_TARGETS = {2: ("jllama_qmatvec_q8x2", "JllamaQMatVecQ8x2"),
                      3: ("jllama_qmatvec_q8x3", "JllamaQMatVecQ8x3")}
 _q8_multi: set[int] = set()
-# Quantization fused in (f32 x in), for 1-3 weights: decode's calls.
-_Q8F_TARGETS = {1: ("jllama_qmatvec_q8f", "JllamaQMatVecQ8F"),
-                2: ("jllama_qmatvec_q8fx2", "JllamaQMatVecQ8Fx2"),
-                3: ("jllama_qmatvec_q8fx3", "JllamaQMatVecQ8Fx3")}
-_q8f: set[int] = set()
+# Quantization fused in (f32 x in), any number of weights: decode's calls.
+_Q8F_TARGET = ("jllama_qmatvec_q8f", "JllamaQMatVecQ8F")
+_q8f = False
 _q8_registered = False
 
 
@@ -105,7 +103,7 @@ def available() -> bool:
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
         if hasattr(lib, _Q8_TARGET[1]):
-            global _q8_registered
+            global _q8_registered, _q8f
             jax.ffi.register_ffi_target(
                 _Q8_TARGET[0], jax.ffi.pycapsule(getattr(lib, _Q8_TARGET[1])), "cpu"
             )
@@ -117,11 +115,10 @@ def available() -> bool:
                     jax.ffi.register_ffi_target(
                         target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
                     _q8_multi.add(n)
-            for n, (target, symbol) in _Q8F_TARGETS.items():
-                if hasattr(lib, symbol):
-                    jax.ffi.register_ffi_target(
-                        target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
-                    _q8f.add(n)
+            if hasattr(lib, _Q8F_TARGET[1]):
+                jax.ffi.register_ffi_target(
+                    _Q8F_TARGET[0], jax.ffi.pycapsule(getattr(lib, _Q8F_TARGET[1])), "cpu")
+                _q8f = True
     except Exception as e:  # any failure here means "use the XLA path", never a crash
         detail = getattr(e, "stderr", b"") or b""
         log.warning("jllama: C++ CPU kernels unavailable (%s %s); using the XLA path", e,
@@ -211,16 +208,14 @@ def qmatvec_q8_multi(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list
 
 
 def qmatvec_q8_fused(x2: jax.Array, raws: list, qtypes: list[int]) -> list[jax.Array] | None:
-    """``x2[m, k] @ W.T`` for 1-3 weights whose types share an activation format, x quantized
+    """``x2[m, k] @ W.T`` for weights whose types share an activation format, x quantized
     inside the call (``quantize_q8``'s code, so the same bits); None where it is missing."""
-    if len(raws) not in _q8f or not all(q8_supported(t) for t in qtypes):
+    if not _q8f or not all(q8_supported(t) for t in qtypes):
         return None
     m = x2.shape[0]
     outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
-    attrs = ({"qtype": np.int64(qtypes[0])} if len(raws) == 1 else
-             {f"qtype{i}": np.int64(t) for i, t in enumerate(qtypes)})
-    ys = jax.ffi.ffi_call(_Q8F_TARGETS[len(raws)][0], outs, vmap_method="sequential")(
-        x2.astype(jnp.float32), *raws, **attrs)
+    ys = jax.ffi.ffi_call(_Q8F_TARGET[0], outs, vmap_method="sequential")(
+        x2.astype(jnp.float32), *raws, qtypes=np.asarray(qtypes, np.int64))
     return list(ys)
 
 

@@ -1617,9 +1617,11 @@ Q8In q8_in(ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& d, ffi::Buffer<ffi::F
           sd[1]};
 }
 
-// Validates one weight against the activations and fills its sub-call; "" when fine.
+// Validates one weight against the activations and fills its sub-call; "" when fine. The
+// per-row integer side data depends on x and the kernel's kind only, so a weight that follows
+// one of the same kind (q/k/v, gate/up) shares its predecessor's instead of summing x again.
 const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float* y,
-                       int64_t qtype) {
+                       int64_t qtype, const Q8Sub* prev) {
   const auto wd = w.dimensions();
   if (x.q == nullptr || wd.size() != 2) return "need 2-D q, d, s and w";
   const Q8Kernel kern = pick_q8(qtype);
@@ -1630,6 +1632,7 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float
   if (x.d_rows != m || x.d_cols != nxb) return "d must be [m, k / block]";
   if (kern.q8_1 && (x.s_rows != m || x.s_cols != nxb)) return "s must be [m, k / 32] for Q8_1";
   sub.kern = kern;
+  sub.gemm = use_gemm(kern, m);
   Q8Call& c = sub.call;
   c.k = k;
   c.n_out = n;
@@ -1638,23 +1641,32 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float
   c.w = w.typed_data();
   c.y = y;
   const int8_t* qp = x.q;
-  // Per-row integer side data: bias (-OFF * sum of 4 codes) or 16-element sums.
-  const int64_t per = kern.bias ? k / 4 : kern.bsums ? k / 16 : 0, grp = kern.bias ? 4 : 16;
+  c.rows.resize(size_t(m));
+  if (prev != nullptr && prev->gemm == sub.gemm && prev->kern.bias == kern.bias &&
+      prev->kern.off == kern.off && prev->kern.bsums == kern.bsums &&
+      prev->kern.pair_group == kern.pair_group && prev->kern.q8_1 == kern.q8_1 &&
+      prev->kern.xb == kern.xb) {
+    c.rows = prev->call.rows;  // the same x pointers and side data
+    return "";
+  }
+  // Per-row integer side data: bias (-OFF * sum of 4 codes) or 16-element sums (the row
+  // kernels' K-quant mins), and for the K-quant GEMM the group sums as int16 instead.
+  const bool k_gemm = sub.gemm && kern.pair_group != 0;
+  const int64_t per = kern.bias ? k / 4 : kern.bsums && !k_gemm ? k / 16 : 0;
+  const int64_t grp = kern.bias ? 4 : 16;
   sub.aux.assign(size_t(m * per), 0);
   for (int64_t i = 0; i < m * per; ++i) {
     int32_t t = 0;
     for (int j = 0; j < grp; ++j) t += qp[i * grp + j];
     sub.aux[size_t(i)] = kern.bias ? -kern.off * t : t;
   }
-  sub.gemm = use_gemm(kern, m);
-  const int64_t np = sub.gemm && kern.pair_group ? k / kern.pair_group : 0;
+  const int64_t np = k_gemm ? k / kern.pair_group : 0;
   sub.pairs.assign(size_t(m * np), 0);
   for (int64_t i = 0; i < m * np; ++i) {  // |sum| <= 32 * 127: an int16
     int32_t t = 0;
     for (int j = 0; j < kern.pair_group; ++j) t += qp[i * kern.pair_group + j];
     sub.pairs[size_t(i)] = int16_t(t);
   }
-  c.rows.resize(size_t(m));
   for (int64_t r = 0; r < m; ++r)
     c.rows[size_t(r)] = {qp + r * k, x.d + r * nxb, kern.q8_1 ? x.s + r * nxb : nullptr,
                          sub.aux.data() + r * per, sub.pairs.data() + r * np};
@@ -1666,7 +1678,8 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
                      int nw) {
   work->subs.resize(size_t(nw));
   for (int i = 0; i < nw; ++i) {
-    const char* err = q8_prepare(work->subs[size_t(i)], x, *ws[i], ys[i], qtypes[i]);
+    const char* err = q8_prepare(work->subs[size_t(i)], x, *ws[i], ys[i], qtypes[i],
+                                 i > 0 ? &work->subs[size_t(i - 1)] : nullptr);
     if (*err) return ffi::Error::InvalidArgument(err);
     const Q8Call& c = work->subs[size_t(i)].call;
     // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise a claim;
@@ -1904,31 +1917,24 @@ ffi::Error q8f_run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
   return q8_launch(pool, work, in, ws, ys, qtypes, nw);
 }
 
-ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
-  ffi::Buffer<ffi::U8>* ws[1] = {&w};
-  float* ys[1] = {y->typed_data()};
-  return q8f_run(pool, x, ws, ys, &qtype, 1);
-}
-
-ffi::Error QMatVecQ8Fx2Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w0,
-                            ffi::Buffer<ffi::U8> w1, ffi::ResultBuffer<ffi::F32> y0,
-                            ffi::ResultBuffer<ffi::F32> y1, int64_t qtype0, int64_t qtype1) {
-  ffi::Buffer<ffi::U8>* ws[2] = {&w0, &w1};
-  float* ys[2] = {y0->typed_data(), y1->typed_data()};
-  const int64_t qt[2] = {qtype0, qtype1};
-  return q8f_run(pool, x, ws, ys, qt, 2);
-}
-
-ffi::Error QMatVecQ8Fx3Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w0,
-                            ffi::Buffer<ffi::U8> w1, ffi::Buffer<ffi::U8> w2,
-                            ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
-                            ffi::ResultBuffer<ffi::F32> y2, int64_t qtype0, int64_t qtype1,
-                            int64_t qtype2) {
-  ffi::Buffer<ffi::U8>* ws[3] = {&w0, &w1, &w2};
-  float* ys[3] = {y0->typed_data(), y1->typed_data(), y2->typed_data()};
-  const int64_t qt[3] = {qtype0, qtype1, qtype2};
-  return q8f_run(pool, x, ws, ys, qt, 3);
+// x f32 [m, k], then any number of weights sharing its activation format and as many outputs.
+ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                          ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes) {
+  const size_t nw = args.size();
+  if (nw == 0 || rets.size() != nw || qtypes.size() != nw)
+    return ffi::Error::InvalidArgument("need one output and one qtype per weight");
+  std::vector<ffi::Buffer<ffi::U8>> wb;
+  std::vector<ffi::Buffer<ffi::U8>*> ws;
+  std::vector<float*> ys;
+  for (size_t i = 0; i < nw; ++i) {
+    auto w = args.get<ffi::Buffer<ffi::U8>>(i);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("bad weight or output");
+    wb.push_back(*w);
+    ys.push_back((*y)->typed_data());
+  }
+  for (auto& w : wb) ws.push_back(&w);
+  return q8f_run(pool, x, ws.data(), ys.data(), qtypes.begin(), int(nw));
 }
 
 #endif  // JLLAMA_Q8
@@ -2016,30 +2022,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8F, QMatVecQ8FImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("qtype"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8Fx2, QMatVecQ8Fx2Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("qtype0")
-                                  .Attr<int64_t>("qtype1"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8Fx3, QMatVecQ8Fx3Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("qtype0")
-                                  .Attr<int64_t>("qtype1")
-                                  .Attr<int64_t>("qtype2"));
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("qtypes"));
 #endif
