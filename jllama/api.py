@@ -78,7 +78,7 @@ class Llama:
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
         decoding (jllama.engine.speculative). ``flash_attn``: llama.cpp's ``-fa`` (see
         RuntimeConfig.flash_attn); ``prompt_matmul``: "int8" (bit-identical to llama.cpp) or
-        "f32" (faster prompts, see RuntimeConfig.prompt_matmul). Both are process-wide settings,
+        "f32" (XLA's f32 GEMM for prompts, not exact; see RuntimeConfig.prompt_matmul). Both are process-wide settings,
         read when the model is traced."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf

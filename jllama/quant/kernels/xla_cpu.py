@@ -119,9 +119,8 @@ def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
     """Quantization and product in one kernel call for a few rows: a decode step has ~120
     separate quantize calls otherwise. Prompts keep the separate, multi-threaded quantizer."""
     n_in = x.shape[-1]
-    m = x.size // n_in
     fmt = act_format(qts[0].qtype)
-    if m > FUSED_QUANT_ROWS or fmt is None or n_in % (256 if fmt == "q8_K" else 32):
+    if _rows(x) > FUSED_QUANT_ROWS or fmt is None or n_in % (256 if fmt == "q8_K" else 32):
         return None
     lead = x.shape[:-1]
     ys = cpu_ffi.qmatvec_q8_fused(x.reshape(-1, n_in), [qt.data for qt in qts],
