@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllama.kernels import cpu_attention
 from jllama.models.common import attention
-from jllama.quant.kernels import cpu_attention
 
 SHAPES = {"smollm2": dict(h=9, kvh=3, d=64, window=None),
           "gemma3": dict(h=4, kvh=1, d=256, window=512)}  # fmt: skip

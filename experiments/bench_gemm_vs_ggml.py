@@ -84,7 +84,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jllama.gguf.constants import QType
-    from jllama.quant.kernels import cpu_ffi, xla_cpu
+    from jllama.kernels import cpu_ffi, xla_cpu
     from jllama.quant.qtensor import QTensor
     from jllama.quant.testing import random_blocks
 

@@ -29,8 +29,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from jllama.api import Llama
-    from jllama.engine.kvquant import bytes_per_token
     from jllama.engine.sampling import SamplingParams
+    from jllama.models.kvquant import bytes_per_token
 
     data = Path(os.environ.get("JLLAMA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     text = (data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:20000]

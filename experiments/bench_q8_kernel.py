@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllama.gguf.constants import QType, qtype_info
+from jllama.kernels import cpu_ffi
 from jllama.quant.actquant import quantize_activations_ex, quantize_activations_q8
-from jllama.quant.kernels import cpu_ffi
 
 # (type, n_out, n_in): SmolLM2 ffn (Q4_1), its tied output (Q8_0), Gemma 3's layers and output.
 SHAPES = [

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllama.gguf.constants import QType, qtype_info
-from jllama.quant.qtensor import QTensor, prepare, qmatmul
+from jllama.kernels.dispatch import prepare, qmatmul
+from jllama.quant.qtensor import QTensor
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]
 TYPES = [
@@ -71,7 +72,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mm = jax.jit(qmatmul)
     dot = jax.jit(lambda x, w: x @ w.T)
-    from jllama.quant.kernels import cpu_ffi
+    from jllama.kernels import cpu_ffi
 
     path = "C++ FFI kernels" if cpu_ffi.available() else "pure XLA (JLLAMA_NO_FFI or no compiler)"
     print(f"backend {jax.default_backend()}, CPU path: {path}, best of {args.reps}")

@@ -69,7 +69,7 @@ def llama_steps(path: str, ids: list[int], threads: int, n_ctx: int) -> list[dic
 
 def main() -> int:
     from jllama.api import Llama
-    from jllama.quant.kernels import cpu_attention
+    from jllama.kernels import cpu_attention
     from jllama.registry import fetch
 
     ap = argparse.ArgumentParser()

@@ -5,7 +5,7 @@
 
 llama.cpp side: ``cb_eval`` (the scheduler's eval callback) copies every named graph tensor
 ("attn_norm-0", "Qcur-0", "kqv_out-0", "ffn_out-0", "l_out-0", "result_output", ...) as it is
-computed. jllama side: ``models.common.TAPS`` collects the same quantities under the same names
+computed. jllama side: ``Numerics(taps=True)`` sends to ``models.common.TAP_SINK`` the same quantities under the same names
 from inside the jitted forward pass (``jax.debug.callback``). The report prints, per layer and
 per tensor, the largest absolute and relative difference, so the first op where the two
 diverge stands out; ``--fa`` runs llama.cpp with flash attention (what llama-perplexity and
@@ -171,18 +171,15 @@ def jllama_tensors(path: str, ids: list[int], exact: bool, n_ctx: int = 512
     from jllama.engine.engine import Engine
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model, common
+    from jllama.numerics import Numerics
 
-    common.MATCH_LLAMACPP_NUMERICS = not exact
-    taps: dict[str, np.ndarray] = {}
-    common.TAPS = taps
-    try:
-        spec, model = build_model(read_gguf(path))
-        eng = Engine(spec, model, ctx_size=n_ctx, cache_type="f16")
-        logits = eng.prefill(ids, all_logits=True)
-    finally:
-        common.TAPS = None
+    num = Numerics(match_llamacpp=not exact, taps=True)
+    common.TAP_SINK.clear()
+    spec, model = build_model(read_gguf(path), numerics=num)
+    eng = Engine(spec, model, ctx_size=n_ctx)
+    logits = eng.prefill(ids, all_logits=True)
     out = {k: v[0, : len(ids)] if v.ndim >= 2 and v.shape[0] == 1 else v
-           for k, v in taps.items()}
+           for k, v in common.TAP_SINK.items()}
     out["logits"] = np.asarray(logits, np.float32)[: len(ids)]
     return out
 

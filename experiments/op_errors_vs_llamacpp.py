@@ -5,7 +5,7 @@
 A whole 512-token window of WikiText-2 (llama-perplexity's chunk ``--chunk``, BOS first) goes
 through llama.cpp with flash attention (n_ubatch 512, as llama-perplexity); its eval callback
 dumps the inputs and outputs of every op of the chosen layers. Each op is then recomputed from
-llama.cpp's inputs three ways: jllama's function (f32, ``MATCH_LLAMACPP_NUMERICS`` on), and
+llama.cpp's inputs three ways: jllama's function (f32, default ``Numerics``: llama.cpp's roundings), and
 exactly in float64 with the inputs as given (``exact``, no activation rounding). Printed per op:
 
 - ``rms(lc-ex)``, ``rms(jl-ex)``: the rms error of each against exact, relative to rms(exact);
@@ -83,10 +83,9 @@ def analyse(path: str, ids: list[int], layers: list[int], n_ctx: int) -> list[di
     from numerics_vs_llamacpp import llamacpp_tensors
 
     from jllama.gguf.reader import read_gguf
+    from jllama.kernels.dispatch import dequantize
     from jllama.models import build_model, common
-    from jllama.quant.qtensor import dequantize
 
-    common.MATCH_LLAMACPP_NUMERICS = True
     spec, model = build_model(read_gguf(path))
     STATS.clear()
     last = spec.n_layer - 1

@@ -58,12 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from jllama.api import Llama
     from jllama.eval.perplexity import chunk_tokens, perplexity
-    from jllama.models import common
+    from jllama.numerics import Numerics
     from jllama.registry import fetch
 
-    common.MATCH_LLAMACPP_NUMERICS = not args.exact
     path = str(fetch(args.model)) if not os.path.exists(args.model) else args.model
-    llm = Llama(path, ctx_size=args.ctx)
+    llm = Llama(path, ctx_size=args.ctx, numerics=Numerics(match_llamacpp=not args.exact))
     toks = llm.tokenize(Path(args.file).read_text(encoding="utf-8"), add_special=True)
     tk = llm.tokenizer
     chunks = chunk_tokens(toks, args.ctx, args.chunks, tk.bos_id, tk.add_bos)

@@ -17,6 +17,7 @@ import numpy as np
 
 from jllama.engine.sampling import SamplingParams
 from jllama.errors import ContextError
+from jllama.numerics import Numerics
 
 
 @dataclass
@@ -51,42 +52,41 @@ def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def set_numerics(flash_attn: bool, prompt_matmul: str) -> None:
-    """The process-wide numerics switches read at trace time (RuntimeConfig.flash_attn and
-    .prompt_matmul): llama.cpp's flash attention or its non-FA graph, and the CPU matmul for
-    prompt-sized activations."""
-    from jllama.errors import ConfigError
-    from jllama.models import common
-    from jllama.quant.kernels import xla_cpu
+def _mesh_config(mesh: object):
+    """A MeshConfig from a MeshConfig or a ``{"data": d, "model": m}`` mapping."""
+    from jllama.config import MeshConfig
 
-    if prompt_matmul not in ("int8", "f32"):
-        raise ConfigError(f"prompt_matmul {prompt_matmul!r}: expected 'int8' or 'f32'")
-    common.FLASH_ATTN = bool(flash_attn)
-    xla_cpu.Q8_ALL_ROWS = prompt_matmul == "int8"
+    return MeshConfig(**mesh) if isinstance(mesh, dict) else mesh
 
 
 class Llama:
     """One loaded model: tokenizer + engine. ``model`` is a path or a registry name."""
 
     def __init__(self, model: str | os.PathLike[str], ctx_size: int = 2048, n_slots: int = 1,
-                 cache_type: str = "f16", quant: dict | None = None, compile_cache: bool = True,
-                 verbose: bool = False, cache_type_v: str | None = None,
-                 mesh: object | None = None, draft: object | None = None,
-                 flash_attn: bool = True, prompt_matmul: str = "int8"):
+                 cache_type: str | None = None, quant: dict | None = None,
+                 compile_cache: bool = True, verbose: bool = False,
+                 cache_type_v: str | None = None, mesh: object | None = None,
+                 draft: object | None = None, flash_attn: bool | None = None,
+                 prompt_matmul: str | None = None, numerics: Numerics | None = None):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
         decoding (jllama.engine.speculative). ``flash_attn``: llama.cpp's ``-fa`` (see
         RuntimeConfig.flash_attn); ``prompt_matmul``: "int8" (bit-identical to llama.cpp) or
-        "f32" (XLA's f32 GEMM for prompts, not exact; see RuntimeConfig.prompt_matmul). Both are process-wide settings,
-        read when the model is traced."""
+        "f32" (XLA's f32 GEMM for prompts, not exact); ``cache_type``/``cache_type_v``: the KV
+        cache types (f16 by default, as llama.cpp). These set fields of ``numerics`` (default
+        ``Numerics.from_env()``, see jllama/numerics.py), which this model and its programs
+        carry; nothing here changes another loaded model."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, load_weights
         from jllama.registry import resolve_model
         from jllama.tokenizer import Tokenizer
 
-        set_numerics(flash_attn, prompt_matmul)
+        base = numerics if numerics is not None else Numerics.from_env()
+        given = dict(flash_attn=flash_attn, prompt_matmul=prompt_matmul, cache_type_k=cache_type,
+                     cache_type_v=cache_type_v or cache_type)
+        self.numerics = base.replace(**{k: v for k, v in given.items() if v is not None})
         if compile_cache:
             enable_compile_cache()
         from jllama import checkpoint
@@ -98,7 +98,7 @@ class Llama:
                 raise checkpoint.CheckpointError(
                     f"{model}: a checkpoint is already quantized; pass quant to "
                     "`jllama convert --quant` instead")
-            ck = checkpoint.restore(model, mesh)
+            ck = checkpoint.restore(model, mesh, numerics=self.numerics)
             self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
             self.quant = ck.meta.get("quant")
         else:
@@ -106,25 +106,31 @@ class Llama:
             self.gguf = read_gguf(self.path)
             transform = None
             if quant:
-                from jllama.quant.mixes import quantize_on_load
+                from jllama.quant.quantize import quantize_on_load
 
                 transform = quantize_on_load(self.gguf, quant)
-            weights = load_weights(self.gguf, transform)
-            self.spec, self.model = build_model(self.gguf, weights)
+            weights = load_weights(self.gguf, transform, numerics=self.numerics)
+            self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics)
             # the weights are in device buffers now: the file's pages need not stay resident
             self.gguf.release_pages()
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
-        self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
-                             cache_type=cache_type, cache_type_v=cache_type_v)
+        plan = None
         if mesh is not None:
-            from jllama.parallel import apply_mesh
+            from jllama.parallel import plan_engine
 
-            apply_mesh(self.engine, mesh)
+            plan = plan_engine(self.spec, n_slots, _mesh_config(mesh))
+        self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
+                             plan=plan)
         self.speculative = None
         if draft is not None:
             from jllama.engine.speculative import Speculative
 
-            self.speculative = Speculative.from_config(self, draft)
+            cfg = Speculative.parse_config(draft)
+            draft_llm = None
+            if cfg.kind == "model":
+                draft_llm = Llama(cfg.model, ctx_size=ctx_size, n_slots=1, numerics=self.numerics,
+                                  compile_cache=False)
+            self.speculative = Speculative(self, cfg, draft_llm)
         self.load_s = time.perf_counter() - t0
         if verbose:
             print(f"loaded {self.path} in {self.load_s:.2f} s")

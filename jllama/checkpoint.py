@@ -237,17 +237,18 @@ def _abstract_weights(g: Any) -> dict:
     return out
 
 
-def _abstract_model(g: Any) -> tuple[Any, Any, Any]:
+def _abstract_model(g: Any, numerics: Any = None) -> tuple[Any, Any, Any]:
     """(spec, graphdef, abstract state) of the architecture built on abstract weights."""
     from flax import nnx
 
     from jllama.models import build_model
     from jllama.models.common import Weights
+    from jllama.numerics import DEFAULT
 
     specs = []
 
     def build(tensors):
-        spec, model = build_model(g, Weights(tensors, g.path))
+        spec, model = build_model(g, Weights(tensors, g.path), numerics=numerics or DEFAULT)
         specs.append(spec)
         return model
 
@@ -304,12 +305,13 @@ def _check_stored(d: Path, md: Any, target: dict[str, Any]) -> None:
 
 
 def restore(directory: str | os.PathLike[str], mesh: Any = None, devices: list | None = None,
-            strict: bool = False) -> Restored:
+            strict: bool = False, numerics: Any = None) -> Restored:
     """Rebuild the model of a checkpoint with every array read straight into its placement.
 
     ``mesh``: a MeshConfig / ``{"data": d, "model": m}``; arrays then land in the shardings
-    ``jllama.parallel.rules`` plans for it (``apply_mesh`` on the resulting Engine finds them
-    in place). Without a mesh everything goes to the first local device.
+    ``jllama.parallel.rules`` plans for it (an Engine built with that plan finds them
+    in place). Without a mesh everything goes to the first local device. ``numerics``: what
+    the rebuilt model carries (default ``Numerics()``).
     """
     import warnings
 
@@ -328,7 +330,7 @@ def restore(directory: str | os.PathLike[str], mesh: Any = None, devices: list |
         g = _gguf_from_header(meta["gguf"], str(d))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / MARKER}: corrupt GGUF header copy ({e!r})") from None
-    spec, graphdef, abstract = _abstract_model(g)
+    spec, graphdef, abstract = _abstract_model(g, numerics)
     if json.loads(json.dumps(dataclasses.asdict(spec), default=_json_default)) != meta["spec"]:
         raise CheckpointError(f"{d}: the model spec rebuilt from the stored header differs from "
                               "the saved one (checkpoint written by another jllama version?)")

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from jllama.engine.speculative import DraftConfig
 from jllama.errors import ConfigError
 
 
@@ -42,21 +43,6 @@ class RuntimeConfig:
 class MeshConfig:
     data: int = 1
     model: int = 1
-
-
-@dataclass
-class DraftConfig:
-    """Speculative decoding (llama.cpp's --model-draft / --draft-max / --draft-min / --draft-p-min).
-
-    ``kind``: "model" (a small draft model, ``model`` set), "ngram" (prompt lookup: proposals
-    copied from earlier text, no second model), or null (off)."""
-
-    kind: str | None = None
-    model: str | None = None
-    n: int = 16  # max tokens drafted per step (--draft-n / --draft-max)
-    n_min: int = 0  # fewer drafted tokens than this: plain decode (--draft-min)
-    p_min: float = 0.75  # stop drafting when the draft's top probability falls below (--draft-min-p)
-    ngram: int = 3  # n-gram size matched for prompt lookup
 
 
 @dataclass

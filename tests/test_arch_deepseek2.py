@@ -47,10 +47,11 @@ def test_cache_holds_the_latent_only(models, cache_type, bytes_per):
     from jllama.engine.engine import Engine
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model
+    from jllama.numerics import Numerics
 
     g = read_gguf(models["v3_f32"])
     spec, model = build_model(g)
-    eng = Engine(spec, model, ctx_size=256, n_slots=2, cache_type=cache_type)
+    eng = Engine(spec, model, ctx_size=256, n_slots=2, numerics=Numerics(cache_type_k=cache_type, cache_type_v=cache_type))
     meta = g.metadata
     kv_rank = meta["deepseek2.attention.kv_lora_rank"]
     rope_dim = meta["deepseek2.rope.dimension_count"]

@@ -38,11 +38,12 @@ def _engine(path, ctx: int):
     from jllama.engine.engine import Engine
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model
+    from jllama.numerics import Numerics
 
     spec, model = build_model(read_gguf(path))
     assert spec.arch == "gemma3"
     # llama.cpp's default KV cache is f16; the model then rounds inside attention as it does
-    return Engine(spec, model, ctx_size=ctx, cache_type="f16")
+    return Engine(spec, model, ctx_size=ctx, numerics=Numerics(cache_type_k="f16", cache_type_v="f16"))
 
 
 def _oracle_logits(oracle, ids) -> np.ndarray:

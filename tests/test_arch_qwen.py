@@ -39,6 +39,7 @@ def pair(request, tmp_path_factory):
     from jllama.engine.engine import Engine
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model
+    from jllama.numerics import Numerics
 
     arch, qtype, shp = CASES[request.param]
     tensors = dense_tensors(7, n_vocab=N_VOCAB, qkv_bias=arch == "qwen2",
@@ -51,7 +52,7 @@ def pair(request, tmp_path_factory):
                              n_threads=2, seed=0, flash_attn=True)
     spec, model = build_model(read_gguf(path))
     assert spec.arch == arch
-    return request.param, qtype, oracle, Engine(spec, model, ctx_size=256, cache_type="f16")
+    return request.param, qtype, oracle, Engine(spec, model, ctx_size=256, numerics=Numerics(cache_type_k="f16", cache_type_v="f16"))
 
 
 def _sequences() -> list[list[int]]:

@@ -76,19 +76,20 @@ def test_roundtrip_tiny_engine_i8_layout(tmp_path):
     from jllama.checkpoint import restore, save
     from jllama.engine.engine import Engine
     from jllama.gguf.reader import read_gguf
+    from jllama.kernels.dispatch import repack_i8
     from jllama.models import build_model, load_weights
     from jllama.models.common import Weights
-    from jllama.quant.qtensor import repack_i8
+    from jllama.numerics import Numerics
 
     g = read_gguf(_tiny_gguf(tmp_path / "tiny.gguf", "Q4_1"))
     w = load_weights(g)
     # the i8 repack is what a CPU without the C++ kernels runs on: force it for the FFN
     w = Weights({n: repack_i8(q) if "ffn" in n else q for n, q in w.tensors.items()}, g.path)
     spec, model = build_model(g, w)
-    ref = Engine(spec, model, ctx_size=128, cache_type="f32")
+    ref = Engine(spec, model, ctx_size=128, numerics=Numerics(cache_type_k="f32", cache_type_v="f32"))
     save(ref, tmp_path / "ck", gguf=g)
     ck = restore(tmp_path / "ck")
-    got = Engine(ck.spec, ck.model, ctx_size=128, cache_type="f32")
+    got = Engine(ck.spec, ck.model, ctx_size=128, numerics=Numerics(cache_type_k="f32", cache_type_v="f32"))
     assert ck.model.blocks[0].down.weight.get_value().layout == "i8"
     _assert_same_leaves(ref.state, got.state)
     ids = [5, 17, 99, 3, 250, 42, 7, 300]
@@ -173,15 +174,16 @@ def _run_worker(*args: str, timeout: int = 300) -> dict:
 def _worker_mesh(gguf_path: str, ck_dir: str) -> dict:
     import jax
 
-    import jllama.models.common as mc
     from jllama.api import Llama
     from jllama.checkpoint import restore, save
     from jllama.config import MeshConfig
     from jllama.engine.sampling import SamplingParams
+    from jllama.numerics import Numerics
     from jllama.quant.qtensor import QTensor
 
-    mc.MATCH_LLAMACPP_NUMERICS = False  # exact f32 activations, as test_sharding.py explains
-    ref_llm = Llama(gguf_path, ctx_size=128, n_slots=2, cache_type="f32", compile_cache=False)
+    num = Numerics(match_llamacpp=False)  # exact f32 activations, as test_sharding.py explains
+    ref_llm = Llama(gguf_path, ctx_size=128, n_slots=2, cache_type="f32", compile_cache=False,
+                    numerics=num)
     save(ref_llm, ck_dir)
     ids = list(range(3, 43))
     ref = ref_llm.logits(ids)
@@ -192,8 +194,8 @@ def _worker_mesh(gguf_path: str, ck_dir: str) -> dict:
     for d, m in MESHES:
         cfg = MeshConfig(d, m)
         planned = Llama(gguf_path, ctx_size=128, n_slots=2, cache_type="f32",
-                        compile_cache=False, mesh=cfg).engine.state
-        ck = restore(ck_dir, cfg)  # before any apply_mesh: where Orbax put the arrays
+                        compile_cache=False, mesh=cfg, numerics=num).engine.state
+        ck = restore(ck_dir, cfg)  # before any Engine: where Orbax put the arrays
         got_items = jax.tree_util.tree_flatten_with_path(nnx_state(ck.model), is_leaf=is_q)[0]
         want_items = jax.tree_util.tree_flatten_with_path(planned, is_leaf=is_q)[0]
         mismatch, sharded = [], 0
@@ -205,12 +207,12 @@ def _worker_mesh(gguf_path: str, ck_dir: str) -> dict:
                                      str(y.sharding)))
                 sharded += any(s is not None for s in getattr(x.sharding, "spec", ()))
         llm = Llama(ck_dir, ctx_size=128, n_slots=2, cache_type="f32", compile_cache=False,
-                    mesh=cfg)
+                    mesh=cfg, numerics=num)
         got = llm.logits(ids)
         toks = list(llm.engine.generate(ids, greedy, max_tokens=8))
         out["meshes"][f"{d}x{m}"] = {
             "restored_as_planned": not mismatch, "mismatch": mismatch, "sharded_leaves": sharded,
-            "attention_sharded": llm.engine.sharding_plan.attention_sharded,
+            "attention_sharded": llm.engine.plan.attention_sharded,
             "max_abs_diff": float(np.abs(got - ref).max()), "greedy_equal": toks == ref_toks,
         }
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from llamacpp_oracle import GgmlInitParams, ggml_fill, ggml_libs
 
-from jllama.quant.kernels import cpu_attention
+from jllama.kernels import cpu_attention
 
 F32, F16 = 0, 1  # ggml types
 PREC_F32 = 10

@@ -22,8 +22,8 @@ import pytest
 from llamacpp_oracle import GgmlInitParams, ggml_fill, ggml_libs
 
 from jllama.gguf.constants import QType
+from jllama.kernels import cpu_ffi
 from jllama.quant.actquant import quantize_activations_ex, quantize_activations_q8
-from jllama.quant.kernels import cpu_ffi
 from jllama.quant.testing import random_blocks
 
 TYPES = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K,
@@ -117,7 +117,7 @@ def test_q8_kernel_bit_exact_vs_ggml(qtype: QType) -> None:
 def test_q8_multi_weight_call_bit_exact_vs_ggml(qtypes) -> None:
     """One kernel call over q/k/v (or gate/up) weights: each output is ggml's own product."""
     require_q8()
-    from jllama.quant.kernels import xla_cpu
+    from jllama.kernels import xla_cpu
     from jllama.quant.qtensor import QTensor
 
     k, rows = 512, (96, 33, 64)
@@ -135,18 +135,20 @@ def test_q8_multi_weight_call_bit_exact_vs_ggml(qtypes) -> None:
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_model_path_bit_exact_vs_ggml(qtype: QType) -> None:
-    """The model's entry point under jit: up to ``FUSED_QUANT_ROWS`` rows the activations are
+    """The model's entry point under jit: up to ``Numerics.fused_quant_rows`` rows the activations are
     quantized inside the kernel call, above that by the separate threaded quantizer (and from
     8 rows the GEMM runs); every row count must still give ggml's bits."""
     require_q8()
-    from jllama.quant.kernels import xla_cpu
+    from jllama.kernels import xla_cpu
+    from jllama.numerics import Numerics
     from jllama.quant.qtensor import QTensor
 
     k, n = 512, 50
     raw = random_blocks(qtype, n, k, seed=30 + int(qtype))
     qt = QTensor(data=jnp.asarray(raw), qtype=int(qtype), shape=(n, k), layout="gguf")
     f = jax.jit(lambda xa, q: xla_cpu.ffi_matvec_q8(xa, q))
-    for m in (1, 5, xla_cpu.FUSED_QUANT_ROWS, xla_cpu.FUSED_QUANT_ROWS + 1):
+    fused = Numerics().fused_quant_rows
+    for m in (1, 5, fused, fused + 1):
         x = activations(m, k, seed=40 + m)
         ref = ggml_mul_mat(raw, qtype, x, n_threads=1)
         got = np.asarray(f(jnp.asarray(x), qt))
@@ -176,7 +178,7 @@ def test_q8_codes_times_scales_are_the_rounded_activations(qtype: QType) -> None
 def test_q8_kernel_under_jit_and_vmap_free_shapes() -> None:
     """Through ``linear``'s wrapper: leading axes fold into rows, jit traces once."""
     require_q8()
-    from jllama.quant.kernels import xla_cpu
+    from jllama.kernels import xla_cpu
     from jllama.quant.qtensor import QTensor
 
     qtype, k, n = QType.Q4_1, 256, 40

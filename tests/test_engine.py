@@ -20,11 +20,13 @@ def model(smollm2_path):
     return build_model(read_gguf(smollm2_path))
 
 
-def _engine(model, **kw):
+def _engine(model, cache_type: str = "f16", match_llamacpp: bool = True, **kw):
     from jllama.engine.engine import Engine
+    from jllama.numerics import Numerics
 
     spec, m = model
-    return Engine(spec, m, **kw)
+    num = Numerics(match_llamacpp=match_llamacpp, cache_type_k=cache_type, cache_type_v=cache_type)
+    return Engine(spec, m, numerics=num, **kw)
 
 
 def _text_ids(model, n, seed=0):
@@ -35,18 +37,11 @@ def _text_ids(model, n, seed=0):
     return [1, 504, 3458, 282, 4649, 314] + out
 
 
-@pytest.fixture
-def exact_numerics(monkeypatch):
-    """Turn off llama.cpp-style activation rounding: its round() amplifies the harmless
-    summation-order differences between chunkings into O(0.5) logit changes, which would hide
-    whether the cache logic itself is exact."""
-    import jllama.models.common as common
-
-    monkeypatch.setattr(common, "MATCH_LLAMACPP_NUMERICS", False)
-
-
-def test_prompt_cache_reuses_prefix_and_matches_fresh(model, exact_numerics):
-    eng = _engine(model, ctx_size=256, cache_type="f32")  # f16 rounding would amplify too
+def test_prompt_cache_reuses_prefix_and_matches_fresh(model):
+    # match_llamacpp=False: llama.cpp-style activation rounding's round() amplifies the harmless
+    # summation-order differences between chunkings into O(0.5) logit changes, which would hide
+    # whether the cache logic itself is exact; an f16 cache would amplify them too
+    eng = _engine(model, ctx_size=256, cache_type="f32", match_llamacpp=False)
     rng = np.random.default_rng(0)
     shared = rng.integers(100, 40000, 120).tolist()
     a = shared + [11, 12]
@@ -54,7 +49,7 @@ def test_prompt_cache_reuses_prefix_and_matches_fresh(model, exact_numerics):
     eng.prefill_cached(a, 0)
     lg_cached, reused = eng.prefill_cached(b, 0)
     assert reused == len(shared)
-    fresh = _engine(model, ctx_size=256, cache_type="f32").prefill(b, 0)
+    fresh = _engine(model, ctx_size=256, cache_type="f32", match_llamacpp=False).prefill(b, 0)
     assert np.abs(np.asarray(lg_cached) - np.asarray(fresh)).max() < 1e-3
     # identical prompt: everything but the last token is reused
     _, reused = eng.prefill_cached(b, 0)
@@ -100,7 +95,7 @@ def test_stop_when_full_by_default(model):
 
 @pytest.mark.parametrize("kind,max_kld", [("f16", 0.01), ("q8_0", 0.02), ("q4_0", 0.5)])
 def test_kv_cache_types(model, kind, max_kld):
-    from jllama.engine.kvquant import bytes_per_token
+    from jllama.models.kvquant import bytes_per_token
 
     spec, _ = model
     ids = _text_ids(model, 60)

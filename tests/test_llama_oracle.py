@@ -108,7 +108,6 @@ def test_flash_attn_setting_matches_llamacpps(smollm2_path, fa):
     path) equal llama.cpp's bit for bit. Off: an XLA attention with the roundings of ggml's
     non-FA graph (f16 Q and softmax before the f16 products) but XLA's exp and summation
     order, so llama.cpp without FA is matched up to that noise only."""
-    import jllama.models.common as common
     from jllama.api import Llama
 
     llama_cpp = llama_cpp_module()
@@ -118,10 +117,7 @@ def test_flash_attn_setting_matches_llamacpps(smollm2_path, fa):
                        add_bos=True, special=True)
     ref.eval(ids)
     theirs = np.array(ref.scores[: len(ids)], np.float32)
-    try:
-        ours = Llama(smollm2_path, ctx_size=256, flash_attn=fa).engine.logits(ids)
-    finally:
-        common.FLASH_ATTN = True  # process-wide: back to the default for the other tests
+    ours = Llama(smollm2_path, ctx_size=256, flash_attn=fa).engine.logits(ids)
     if fa:
         rows = np.flatnonzero((ours != theirs).any(-1))
         assert rows.size == 0, (f"positions {rows[:5]} differ, "

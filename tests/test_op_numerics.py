@@ -108,7 +108,7 @@ def test_rope_cos_sin_are_the_c_librarys():
     import jax
     import numpy as np
 
-    from jllama.quant.kernels import cpu_ffi
+    from jllama.kernels import cpu_ffi
 
     assert cpu_ffi.available()
     libm = ctypes.CDLL(ctypes.util.find_library("m"))

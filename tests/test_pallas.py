@@ -16,8 +16,8 @@ import pytest
 
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType
-from jllama.quant.kernels import pallas_attention as pa
-from jllama.quant.kernels import pallas_qmatmul as pq
+from jllama.kernels import pallas_attention as pa
+from jllama.kernels import pallas_qmatmul as pq
 from jllama.quant.qtensor import QTensor
 from jllama.quant.testing import random_blocks
 

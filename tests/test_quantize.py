@@ -174,7 +174,7 @@ def test_quantize_tensor_api(smollm2_path) -> None:
 
 
 def test_quantize_on_load_gives_the_file_bytes(tiny, tmp_path) -> None:
-    from jllama.quant.mixes import quantize_on_load
+    from jllama.quant.quantize import quantize_on_load
 
     out = tmp_path / "q.gguf"
     mix = {"base": "q4_k_m", "rules": [{"match": "attn_v", "type": "q8_0"}]}
@@ -188,7 +188,7 @@ def test_quantize_on_load_gives_the_file_bytes(tiny, tmp_path) -> None:
 
 
 def test_quantize_on_load_requantize_switch(smollm2_path) -> None:
-    from jllama.quant.mixes import quantize_on_load
+    from jllama.quant.quantize import quantize_on_load
 
     g = read_gguf(smollm2_path)
     with pytest.raises(QuantError, match="allow_requantize"):

@@ -4,7 +4,7 @@ JAX fixes its device count at start-up, so each check runs in a fresh Python pro
 with ``--xla_force_host_platform_device_count=8`` (this file is also that worker). The worker
 computes everything single-device first, then for each mesh shape re-loads, shards and
 recomputes, and prints one JSON line; the tests assert on it. Numerics use exact f32
-activations (``MATCH_LLAMACPP_NUMERICS = False``): llama.cpp's activation rounding turns
+activations (``Numerics(match_llamacpp=False)``): llama.cpp's activation rounding turns
 summation-order differences of a partitioned matmul into whole quantization steps.
 
 Models: SmolLM2-135M (9 heads / 3 KV heads: attention cannot split 2 or 4 ways, so only FFN and
@@ -142,16 +142,16 @@ def _worker_compare(path: str, name: str) -> dict:
     import jax
     import numpy as np
 
-    import jllama.models.common as mc
     from jllama.config import MeshConfig
     from jllama.engine.engine import Engine
     from jllama.engine.sampling import SamplingParams
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model
-    from jllama.parallel import apply_mesh
+    from jllama.numerics import Numerics
+    from jllama.parallel import plan_engine
     from jllama.parallel.mesh import bytes_per_device
 
-    mc.MATCH_LLAMACPP_NUMERICS = False
+    num = Numerics(match_llamacpp=False, cache_type_k="f32", cache_type_v="f32")
     g = read_gguf(path)
     rng = np.random.default_rng(0)
     spec0 = build_model(g)[0]
@@ -161,10 +161,9 @@ def _worker_compare(path: str, name: str) -> dict:
     greedy = SamplingParams(temperature=0.0)
 
     def make(d: int, m: int, n_slots: int = 2):
-        spec, model = build_model(g)
-        e = Engine(spec, model, ctx_size=128, n_slots=n_slots, cache_type="f32")
-        plan = apply_mesh(e, MeshConfig(d, m), devices=jax.devices()[: d * m])
-        return e, plan
+        spec, model = build_model(g, numerics=num)
+        plan = plan_engine(spec, n_slots, MeshConfig(d, m), devices=jax.devices()[: d * m])
+        return Engine(spec, model, ctx_size=128, n_slots=n_slots, plan=plan), plan
 
     def nll(logits, toks):  # mean negative log-likelihood of the next tokens
         mx = logits.max(-1, keepdims=True)
@@ -239,16 +238,16 @@ def _worker_errors(path: str) -> dict:
     from jllama.errors import ConfigError
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model
-    from jllama.parallel import apply_mesh
+    from jllama.parallel import plan_engine
 
     g = read_gguf(path)
     out = {}
 
     def err(d, m, n_slots=1, strict=False, devices=None):
         spec, model = build_model(g)
-        e = Engine(spec, model, ctx_size=64, n_slots=n_slots)
         try:
-            apply_mesh(e, MeshConfig(d, m), devices=devices, strict=strict)
+            plan = plan_engine(spec, n_slots, MeshConfig(d, m), devices=devices, strict=strict)
+            Engine(spec, model, ctx_size=64, n_slots=n_slots, plan=plan)
         except ConfigError as ex:
             return str(ex)
         return "no error"

@@ -139,23 +139,14 @@ def exact_llms(smollm2_path):
     decode paths disagree the same way), so a near-tie may go either way; exact numerics isolate
     the speculative logic (rewinds, cache sync, acceptance), which must then change no token.
     """
-    import jllama.models.common as common
     from jllama.api import Llama
+    from jllama.numerics import Numerics
 
-    old = common.MATCH_LLAMACPP_NUMERICS
-    common.MATCH_LLAMACPP_NUMERICS = False
-    try:
-        target = Llama(smollm2_path, ctx_size=CTX, cache_type="f32")
-        draft = Llama(smollm2_path, ctx_size=CTX, cache_type="f32", quant={"base": "q4_0"})
-        # jit traces happen at first call: warm every shape used below while the switch is off
-        eog = target.tokenizer.eog_ids
-        ids = target.tokenize(PROMPTS[2])
-        list(target.engine.generate(ids, SamplingParams.greedy(), 4, eog))
-        spec = Speculative(target, DraftConfig(kind="model", n=8), draft)
-        list(spec.generate(ids, SamplingParams.greedy(), 8, eog))
-        yield target, draft
-    finally:
-        common.MATCH_LLAMACPP_NUMERICS = old
+    plain = Numerics(match_llamacpp=False)
+    target = Llama(smollm2_path, ctx_size=CTX, cache_type="f32", numerics=plain)
+    draft = Llama(smollm2_path, ctx_size=CTX, cache_type="f32", quant={"base": "q4_0"},
+                  numerics=plain)
+    return target, draft
 
 
 @pytest.mark.parametrize("kind", ["model", "ngram"])
@@ -249,11 +240,13 @@ def test_sampling_matches_target_distribution(tiny_pair):
 
 
 def test_vocab_mismatch_names_both_models(tiny_pair):
+    from jllama.api import Llama
     from jllama.errors import JllamaError
 
     target, _, other = tiny_pair
     with pytest.raises(JllamaError, match=r"other\.gguf.*target\.gguf.*vocabulary size 320 vs 352"):
-        Speculative.from_config(target, DraftConfig(kind="model", model=str(other)))
+        Llama(target.path, ctx_size=64, compile_cache=False,
+              draft={"kind": "model", "model": str(other)})
 
 
 @pytest.mark.parametrize("kind", ["model", "ngram"])

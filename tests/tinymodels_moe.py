@@ -313,6 +313,7 @@ def jllama_engine(path: Path, build=None, ctx: int = 256):
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model, load_weights
     from jllama.models.spec import spec_from_gguf
+    from jllama.numerics import Numerics
 
     g = read_gguf(path)
     if build is None:
@@ -320,7 +321,7 @@ def jllama_engine(path: Path, build=None, ctx: int = 256):
     else:
         spec = spec_from_gguf(g)
         model = build(spec, load_weights(g), g)
-    return Engine(spec, model, ctx_size=ctx, cache_type="f32")  # as the oracle (type_k=0)
+    return Engine(spec, model, ctx_size=ctx, numerics=Numerics(cache_type_k="f32", cache_type_v="f32"))  # as the oracle (type_k=0)
 
 
 def compare(path: Path, build=None, tol: float = 1e-3, n_greedy: int = 32) -> dict:

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllama.gguf.constants import QType, qtype_info
-from jllama.quant.kernels import pallas_attention as pa
-from jllama.quant.kernels import pallas_qmatmul as pq
-from jllama.quant.kernels import reference_qmatmul
+from jllama.kernels import pallas_attention as pa
+from jllama.kernels import pallas_qmatmul as pq
+from jllama.kernels.dispatch import reference_qmatmul
 from jllama.quant.qtensor import QTensor
 
 # (label, n_out, n_in): SmolLM2-135M (dim 576, ffn 1536, vocab 49152), Gemma-3-270M (dim 640,

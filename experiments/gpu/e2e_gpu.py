@@ -118,7 +118,7 @@ def main() -> None:
 
     import jax
 
-    import jllama.quant.kernels as kernels
+    import jllama.kernels as kernels
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()}")
     print(f"| type | path | pp{args.p} t/s | tg{args.n} t/s | load s |")

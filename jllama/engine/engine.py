@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jllama.engine import kvquant
-from jllama.engine.cache import KVCache
 from jllama.engine.sampling import BatchSampling, SamplingParams, sample
-from jllama.errors import ContextError
+from jllama.errors import ConfigError, ContextError
+from jllama.models import kvquant
+from jllama.models.cache import KVCache
 from jllama.models.common import rope
 from jllama.models.spec import ModelSpec
+from jllama.numerics import DEFAULT, Numerics
+from jllama.numerics import use as use_numerics
 
 # 7 and 63, not 8 and 64: from 8 rows ggml multiplies K-quants with its tiled GEMM and from 64
 # query rows its flash attention takes its tiled path, each another summation order, so a
@@ -36,6 +38,12 @@ PREFILL_BUCKETS = (7, 16, 63, 128, 256, 512)
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]
 KV_MIN_BUCKET = 256
 HISTORY = 64  # penalty window (llama.cpp's default repeat_last_n)
+
+
+def _jit(fn, static: tuple[str, ...], donate: tuple[str, ...], host=None):
+    """jax.jit with these static and donated argument names (``host`` matters to a sharding
+    plan's ``jit`` only)."""
+    return jax.jit(fn, static_argnames=static or None, donate_argnames=donate or None)
 
 
 def _bucket(n: int, buckets=PREFILL_BUCKETS) -> int:
@@ -67,45 +75,59 @@ class Timings:
 
 class Engine:
     def __init__(self, spec: ModelSpec, model: nnx.Module, ctx_size: int = 2048, n_slots: int = 1,
-                 cache_type: str = "f16", cache_type_v: str | None = None):
+                 numerics: Numerics | None = None, plan=None):
+        """``numerics``: how the model computes, default the one it was loaded with (a load-time
+        field, ``cpu_kernels``, must match: it decided the weights' layout). It is static data
+        of every program this Engine compiles. ``plan``: a sharding plan (``jllama.parallel``)
+        that places weights and caches and constrains the outputs read on the host; None runs
+        on the default device."""
         self.spec = spec
         self.ctx_size = int(ctx_size)
         self.n_slots = int(n_slots)
+        loaded = getattr(model, "numerics", DEFAULT)
+        num = loaded if numerics is None else numerics
+        if num.cpu_kernels != loaded.cpu_kernels:
+            raise ConfigError("numerics.cpu_kernels differs from the one the model was loaded "
+                              "with (it decides the weights' layout): load the model again")
+        self.numerics = num
+        self.plan = plan
         self._make_cache = getattr(model, "make_cache", None)
         # per-layer (rope base, dims, neox, scale) of cached keys, for context shift
         self._kv_rope = ([model.kv_rope(i) for i in range(spec.n_layer)]
                          if hasattr(model, "kv_rope") else None)
         self.graphdef, self.state = nnx.split(model)
+        if plan is not None:
+            self.state = plan.shard_state(self.state)
         # room for the padded tail of the last prompt chunk
         self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + PREFILL_CHUNK
-        self.cache_type = cache_type
-        self.cache_type_v = cache_type_v or cache_type
         self.cache = self._new_cache(self.n_slots)
         self.pos = np.zeros(self.n_slots, np.int32)  # tokens held per slot
         self.tokens: list[list[int]] = [[] for _ in range(self.n_slots)]  # ...and which ones
-        self.history = jax.device_put(np.full((self.n_slots, HISTORY), -1, np.int32))
+        hist = np.full((self.n_slots, HISTORY), -1, np.int32)
+        self.history = plan.replicate(hist) if plan is not None else jax.device_put(hist)
         self.timings = Timings()
         self._zero_bias: jax.Array | None = None
         gd = self.graphdef
 
+        def run(state, *args):
+            # the model as traced by this Engine: its numerics are the current ones
+            with use_numerics(num):
+                return nnx.merge(gd, state)(*args)
+
         def forward_slot(state, tokens, pos0, cache, slot, last_idx, kv_len):
             # run one sequence (B=1) against its own rows of the batched cache, write them back
-            model = nnx.merge(gd, state)
             rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0), cache)
-            logits, rows = model(tokens, pos0, rows, kv_len, last_idx)
+            logits, rows = run(state, tokens, pos0, rows, kv_len, last_idx)
             cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, 0),
                                  cache, rows)
             return logits[0], cache
 
         def forward_all(state, tokens, pos0, cache, kv_len):
-            model = nnx.merge(gd, state)
-            return model(tokens, pos0, cache, kv_len, None)
+            return run(state, tokens, pos0, cache, kv_len, None)
 
         def decode_sample(state, tokens, pos0, cache, sp, keys, steps, history, bias, active,
                           kv_len):
-            model = nnx.merge(gd, state)
-            logits, cache = model(tokens[:, None], pos0, cache, kv_len,
-                                  jnp.zeros_like(pos0))
+            logits, cache = run(state, tokens[:, None], pos0, cache, kv_len, jnp.zeros_like(pos0))
             # the token just fed joins the penalty window (shift left, append)
             history = jnp.where(active[:, None],
                                 jnp.concatenate([history[:, 1:], tokens[:, None]], axis=1),
@@ -113,13 +135,10 @@ class Engine:
             nxt = _sample_rows(logits, sp, keys, steps, history, bias)
             return nxt, logits, cache, history
 
-        self._forward_slot = jax.jit(forward_slot, static_argnames="kv_len",
-                                     donate_argnames="cache")
         def forward_logprobs(state, tokens, targets, pos0, cache, kv_len):
             # log-probabilities of the given next tokens, reduced in-graph: the [B, T, V]
             # logits of a perplexity batch never leave the device (or get materialised twice)
-            model = nnx.merge(gd, state)
-            logits, cache = model(tokens, pos0, cache, kv_len, None)
+            logits, cache = run(state, tokens, pos0, cache, kv_len, None)
             lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
             tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
             return tgt - lse, jnp.argmax(logits, axis=-1), cache
@@ -127,19 +146,10 @@ class Engine:
         def forward_reduce(state, tokens, pos0, cache, args, kv_len, lo, n, fn):
             # a caller's reduction (KL-divergence) of the logits at positions lo..lo+n-1, run
             # in-graph: whole [B, n, V] distributions then never travel to the host as f32
-            model = nnx.merge(gd, state)
-            logits, cache = model(tokens, pos0, cache, kv_len, None)
+            logits, cache = run(state, tokens, pos0, cache, kv_len, None)
             sel = jax.lax.slice_in_dim(logits, lo, lo + n, axis=1).astype(jnp.float32)
             return fn(sel, *args), cache
 
-        self._forward_reduce = jax.jit(forward_reduce, static_argnames=("kv_len", "lo", "n", "fn"),
-                                       donate_argnames="cache")
-        self._forward_all = jax.jit(forward_all, static_argnames="kv_len", donate_argnames="cache")
-        self._forward_logprobs = jax.jit(forward_logprobs, static_argnames="kv_len",
-                                         donate_argnames="cache")
-        self._decode_sample = jax.jit(decode_sample, static_argnames="kv_len",
-                                      donate_argnames=("cache", "history"))
-        self._sample = jax.jit(_sample_rows)
         n_slots = self.n_slots
 
         def first_sample(logits, slot, sp, keys, history, bias):
@@ -149,16 +159,28 @@ class Engine:
             rows = jnp.zeros((n_slots, logits.shape[-1]), jnp.float32).at[slot].set(logits)
             return _sample_rows(rows, sp, keys, jnp.zeros(n_slots, jnp.int32), history, bias)
 
-        self._first_sample = jax.jit(first_sample)
+        # host: which outputs the host reads (a plan keeps those replicated); None: the only one
+        jit = plan.jit if plan is not None else _jit
+        kv = ("kv_len",)
+        self._forward_slot = jit(forward_slot, kv, ("cache",), host=(0,))
+        self._forward_all = jit(forward_all, kv, ("cache",), host=(0,))
+        self._forward_logprobs = jit(forward_logprobs, kv, ("cache",), host=(0, 1))
+        self._forward_reduce = jit(forward_reduce, ("kv_len", "lo", "n", "fn"), ("cache",),
+                                   host=(0,))
+        self._decode_sample = jit(decode_sample, kv, ("cache", "history"), host=(0, 1, 3))
+        self._sample = jit(_sample_rows, (), (), host=None)
+        self._first_sample = jit(first_sample, (), (), host=None)
         self._shift = self._build_shift() if self._kv_rope is not None else None
 
     # ------------------------------------------------------------------ cache / slots
     def _new_cache(self, batch: int) -> KVCache:
-        s = self.spec
+        s, num = self.spec, self.numerics
         if self._make_cache is not None:  # architectures with their own cache layout (MLA)
-            return self._make_cache(batch, self.max_len, self.cache_type)
-        return KVCache.create(s.n_layer, batch, s.n_head_kv, self.max_len, s.head_dim,
-                              s.head_dim_v, self.cache_type, self.cache_type_v)
+            cache = self._make_cache(batch, self.max_len, num.cache_type_k)
+        else:
+            cache = KVCache.create(s.n_layer, batch, s.n_head_kv, self.max_len, s.head_dim,
+                                   s.head_dim_v, num.cache_type_k, num.cache_type_v)
+        return cache if self.plan is None else self.plan.shard_cache(cache)
 
     def kv_bucket(self, n: int) -> int:
         b = KV_MIN_BUCKET
@@ -181,7 +203,7 @@ class Engine:
         tail = self.tokens[slot][-HISTORY:]
         if tail:
             h[-len(tail):] = tail
-        if len(self.history.sharding.device_set) > 1:  # placed over a mesh: update it there
+        if self.plan is not None and self.plan.mesh.size > 1:  # over a mesh: update it there
             self.history = self.history.at[slot].set(jnp.asarray(h))
             return
         # one device: on the host, since an eager ``.at[].set`` compiles a scatter (and three
@@ -378,8 +400,13 @@ class Engine:
         ropes = self._kv_rope
         max_len = self.max_len
         head_dim = self.spec.head_dim
+        num = self.numerics
 
         def shift(cache, slot, n_keep, n_discard):
+            with use_numerics(num):
+                return _shift(cache, slot, n_keep, n_discard)
+
+        def _shift(cache, slot, n_keep, n_discard):
             p = jnp.arange(max_len)
             src = jnp.where(p < n_keep, p, jnp.minimum(p + n_discard, max_len - 1))
             moved = (p >= n_keep)[:, None, None]

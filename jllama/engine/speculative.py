@@ -30,7 +30,6 @@ from collections.abc import Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jllama.config import DraftConfig
 from jllama.engine.engine import HISTORY, PREFILL_BUCKETS, Engine, Timings, _bucket
 from jllama.engine.sampling import TOPK_CAP, BatchSampling, SamplingParams
 from jllama.errors import ConfigError, JllamaError
@@ -43,6 +42,21 @@ VERIFY_BUCKETS = tuple(sorted({2, 4, 8, *PREFILL_BUCKETS}))
 # (on CPU a 16-row forward costs about four one-row steps)
 FEED_STEPS = 3
 DRAFT_TOPK = 10  # llama.cpp's draft sampler: p_min is tested on the top-10 renormalised
+
+
+@dataclasses.dataclass
+class DraftConfig:
+    """Speculative decoding (llama.cpp's --model-draft / --draft-max / --draft-min / --draft-p-min).
+
+    ``kind``: "model" (a small draft model, ``model`` set), "ngram" (prompt lookup: proposals
+    copied from earlier text, no second model), or null (off)."""
+
+    kind: str | None = None
+    model: str | None = None
+    n: int = 16  # max tokens drafted per step (--draft-n / --draft-max)
+    n_min: int = 0  # fewer drafted tokens than this: plain decode (--draft-min)
+    p_min: float = 0.75  # stop drafting when the draft's top probability falls below (--draft-min-p)
+    ngram: int = 3  # n-gram size matched for prompt lookup
 
 
 # ---------------------------------------------------------------------------- distributions
@@ -329,8 +343,10 @@ class Speculative:
         """The draft ``Llama`` (None for prompt lookup)."""
         return getattr(self.proposer, "llm", None)
 
-    @classmethod
-    def from_config(cls, llm, draft: DraftConfig | dict) -> Speculative:
+    @staticmethod
+    def parse_config(draft: DraftConfig | dict) -> DraftConfig:
+        """A DraftConfig from a config section or dict (names unknown keys); the caller loads
+        the draft model when ``kind`` is "model" and passes it to the constructor."""
         if isinstance(draft, dict):
             names = {f.name for f in dataclasses.fields(DraftConfig)}
             bad = sorted(set(draft) - names)
@@ -339,17 +355,9 @@ class Speculative:
             draft = DraftConfig(**draft)
         if draft.kind is None and draft.model:
             draft = dataclasses.replace(draft, kind="model")
-        draft_llm = None
-        if draft.kind == "model":
-            if not draft.model:
-                raise ConfigError("'draft.kind' is model but 'draft.model' is not set")
-            from jllama.api import Llama
-
-            eng = llm.engine
-            draft_llm = Llama(draft.model, ctx_size=eng.ctx_size, n_slots=1,
-                              cache_type=eng.cache_type, cache_type_v=eng.cache_type_v,
-                              compile_cache=False)
-        return cls(llm, draft, draft_llm)
+        if draft.kind == "model" and not draft.model:
+            raise ConfigError("'draft.kind' is model but 'draft.model' is not set")
+        return draft
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
                  max_tokens: int = 128, stop_ids: set[int] | frozenset[int] = frozenset(),

@@ -13,9 +13,12 @@ import numpy as np
 
 from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile
+from jllama.kernels.dispatch import prepare
 from jllama.models.common import Weights
 from jllama.models.spec import ModelSpec, spec_from_gguf
-from jllama.quant.qtensor import QTensor, from_gguf_bytes, prepare
+from jllama.numerics import DEFAULT, Numerics
+from jllama.numerics import use as use_numerics
+from jllama.quant.qtensor import QTensor, from_gguf_bytes
 
 # general.architecture -> module under jllama.models
 ARCHITECTURES: dict[str, str] = {
@@ -43,11 +46,12 @@ def arch_module(arch: str):
 
 
 def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple], tuple] | None = None,
-                 repack: bool = True) -> Weights:
+                 repack: bool = True, numerics: Numerics = DEFAULT) -> Weights:
     """Every tensor as a QTensor on the default device, still quantized.
 
     ``transform(name, raw, qtype, shape) -> (raw, qtype)`` may requantize on load. With
-    ``repack`` each weight goes through ``qtensor.prepare`` straight from the memory-mapped
+    ``repack`` each weight goes through ``kernels.dispatch.prepare`` (under ``numerics``, whose
+    ``cpu_kernels`` decides the CPU layout) straight from the memory-mapped
     bytes (the backend's fast layout), so no second full copy is ever resident. Tensors left in
     GGUF layout are device buffers over the mapping itself on CPU (the file must not change
     while the model is loaded, as with llama.cpp's default mmap).
@@ -60,7 +64,8 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
         data, qtype = from_gguf_bytes(raw, qtype, ti.shape)
         qt = QTensor(data, int(qtype), tuple(ti.shape))
         if repack:
-            qt = prepare(qt)
+            with use_numerics(numerics):
+                qt = prepare(qt)
         if isinstance(qt.data, np.ndarray):
             # zero-copy where the host layout allows: weights still in GGUF blocks stay in the
             # file mapping (read-only, as llama.cpp's mmap: no second resident copy, clean pages
@@ -71,7 +76,10 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
     return Weights(out, g.path)
 
 
-def build_model(g: GGUFFile, weights: Weights | None = None, spec: ModelSpec | None = None):
+def build_model(g: GGUFFile, weights: Weights | None = None, spec: ModelSpec | None = None,
+                numerics: Numerics = DEFAULT):
+    """(spec, model) for a GGUF file; the model carries ``numerics`` as static data (an Engine
+    built on it compiles with them unless given others)."""
     mod = arch_module(g.architecture or "?")
     if g.architecture == "llama":
         from jllama.models import llama_moe
@@ -79,5 +87,7 @@ def build_model(g: GGUFFile, weights: Weights | None = None, spec: ModelSpec | N
         if llama_moe.has_experts(g):  # Mixtral-style: llama with stacked experts
             mod = llama_moe
     spec = spec or (mod.spec_from_gguf(g) if hasattr(mod, "spec_from_gguf") else spec_from_gguf(g))
-    weights = weights if weights is not None else load_weights(g)
-    return spec, mod.build(spec, weights, g)
+    weights = weights if weights is not None else load_weights(g, numerics=numerics)
+    model = mod.build(spec, weights, g)
+    model.numerics = numerics
+    return spec, model

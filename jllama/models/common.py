@@ -15,25 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jllama.engine import kvquant
+import jllama.models.kvquant as kvquant
+from jllama import numerics
 from jllama.errors import ModelError
+from jllama.kernels import cpu_attention, cpu_ffi, xla_cpu
+from jllama.kernels.dispatch import dequantize, qmatmul, take_rows
 from jllama.quant.actquant import opaque, q8_1_correction, quantize_activations_ex
-from jllama.quant.qtensor import QTensor, dequantize, qmatmul, take_rows
+from jllama.quant.qtensor import QTensor
 
-# Round activations as llama.cpp's CPU matmuls do (see quant/actquant.py). A process-wide
-# switch read at trace time: tests flip it to compare with exact f32 numerics.
-MATCH_LLAMACPP_NUMERICS = True
-
-# Debug taps for experiments/numerics_vs_llamacpp.py: when a dict is set here before the model is
-# traced, ``tap`` copies intermediates into it under llama.cpp's tensor names ("attn_norm-0").
-TAPS: dict | None = None
+# Where taps land (experiments/numerics_vs_llamacpp.py): with ``Numerics.taps`` on, ``tap``
+# copies intermediates here under llama.cpp's tensor names ("attn_norm-0"). A sink only: what
+# is computed never depends on it.
+TAP_SINK: dict[str, np.ndarray] = {}
 
 
 def _store(name: str, value) -> None:
-    import numpy as np
-
-    if TAPS is not None:
-        TAPS[name] = np.asarray(value)
+    TAP_SINK[name] = np.asarray(value)
 
 
 def tap_layer() -> int:
@@ -47,17 +44,15 @@ _TAP_LAYER = 0
 
 
 def tap(name: str, x: jax.Array) -> jax.Array:
-    if TAPS is not None:
+    if numerics.current().taps:
         jax.debug.callback(partial(_store, name), x)
     return x
 
 
 def linear(x: jax.Array, qt: QTensor) -> jax.Array:
-    if MATCH_LLAMACPP_NUMERICS and not qt.is_float:
+    if numerics.current().match_llamacpp and not qt.is_float:
         on_cpu = jax.default_backend() == "cpu"
         if on_cpu:
-            from jllama.quant.kernels import xla_cpu
-
             if xla_cpu.q8_ok(x, qt):
                 # ggml's own int8 dot on ggml's Q8 activations, bit-identical to llama.cpp's
                 # CPU product (None: no int8 kernel for this type or machine)
@@ -84,9 +79,7 @@ def linear_group(x: jax.Array, mods: list[Linear]) -> list[jax.Array]:
     per weight (each of ~200 calls per step costs a few microseconds of hand-off). Otherwise,
     or when the weights' types take different activation formats, each layer on its own."""
     ys = None
-    if MATCH_LLAMACPP_NUMERICS and jax.default_backend() == "cpu" and len(mods) in (2, 3):
-        from jllama.quant.kernels import xla_cpu
-
+    if numerics.current().match_llamacpp and jax.default_backend() == "cpu" and len(mods) in (2, 3):
         qts = [m.weight.get_value() for m in mods]
         if all(not qt.is_float and xla_cpu.q8_ok(x, qt) for qt in qts):
             ys = xla_cpu.ffi_matvec_q8_multi(x, qts)
@@ -158,7 +151,7 @@ class RMSNorm(nnx.Module):
 
 def rms_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
     x = x.astype(jnp.float32)
-    if MATCH_LLAMACPP_NUMERICS:
+    if numerics.current().match_llamacpp:
         # ggml: mean = (float)(double sum of f32 squares / n); scale = 1.0f / sqrtf(mean + eps).
         # The barrier keeps XLA from turning 1/sqrt into its rsqrt, which rounds differently.
         root = jnp.sqrt(_mean_f32_of_exact_sum(x * x) + jnp.float32(eps))
@@ -222,15 +215,14 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     the two halves (Gemma, Qwen).  x: [B, T, H, D], pos: [B, T].
     """
     half = dim // 2
-    exact = MATCH_LLAMACPP_NUMERICS and _libm_cos_sin_ok()
-    if MATCH_LLAMACPP_NUMERICS:
+    ggml = numerics.current().match_llamacpp
+    exact = ggml and _libm_cos_sin_ok()
+    if ggml:
         ang = _ggml_rope_angles(pos, base, dim, scale)
     else:
         inv = base ** (-jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim)
         ang = (pos.astype(jnp.float32) * scale)[..., None] * inv  # [B, T, half]
     if exact:
-        from jllama.quant.kernels import cpu_ffi
-
         cos, sin = cpu_ffi.cos_sin(ang)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     else:
@@ -257,11 +249,7 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
 
 def _libm_cos_sin_ok() -> bool:
     """Whether rope can take its cos/sin from the C library (ggml's), i.e. the C++ kernels."""
-    if jax.default_backend() != "cpu":
-        return False
-    from jllama.quant.kernels import cpu_ffi
-
-    return cpu_ffi.available()
+    return jax.default_backend() == "cpu" and xla_cpu.ffi_on()
 
 
 def _fma32(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
@@ -275,7 +263,7 @@ def _fma32(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """silu(gate) * up, ggml's fused SwiGLU (ggml_vec_swiglu_f32)."""
-    if MATCH_LLAMACPP_NUMERICS and jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
+    if numerics.current().match_llamacpp and jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
         return _ggml_silu(gate.astype(jnp.float32)) * up
     return jax.nn.silu(gate) * up
 
@@ -376,20 +364,13 @@ _HALF = {"f16": jnp.float16, "bf16": jnp.bfloat16}
 
 def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array, kind: str = "f32") -> jax.Array:
     """Put ``new`` [B, T, KVH, D] into ``cache`` [B, KVH, S, row] at positions pos0[b]..+T,
-    stored as ``kind`` (a float type or a ggml block type, see engine/kvquant.py)."""
+    stored as ``kind`` (a float type or a ggml block type, see models/kvquant.py)."""
     new = kvquant.quantize(new, kind)
 
     def one(c, n, p):
         return jax.lax.dynamic_update_slice(c, n.transpose(1, 0, 2).astype(c.dtype), (0, p, 0))
 
     return jax.vmap(one)(cache, new, pos0)
-
-
-# llama.cpp's flash attention (``-fa``; on by default for CPU in llama-cli/-perplexity/-server):
-# with llama.cpp numerics on the CPU and an f16 cache, attention is ggml's FA kernel bit for bit
-# (quant/kernels/cpu_attention.cc); off, the XLA attention rounds as ggml's non-FA graph does
-# (llama-cpp-python's default). A process-wide switch read at trace time (runtime.flash_attn).
-FLASH_ATTN = True
 
 
 def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
@@ -401,10 +382,13 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     q: [B, T, H, D]; caches [B, KVH, S, D] already hold this call's keys/values.
     Returns [B, T, H * Dv].
     """
-    if MATCH_LLAMACPP_NUMERICS and FLASH_ATTN and k_type == "f16" and v_type == "f16":
-        from jllama.quant.kernels import cpu_attention
-
-        if jax.default_backend() == "cpu" and cpu_attention.available():
+    num = numerics.current()
+    exact = num.match_llamacpp
+    if exact and num.flash_attn and k_type == "f16" and v_type == "f16":
+        # llama.cpp's flash attention (-fa, its CPU default): ggml's FA kernel bit for bit
+        # (kernels/cpu_attention.cc); without it the XLA attention below rounds as ggml's
+        # non-FA graph does (llama-cpp-python's default)
+        if jax.default_backend() == "cpu" and num.cpu_kernels and cpu_attention.available():
             # ggml's own flash attention, bit for bit; kv_pad: llama.cpp's n_kv rule (256)
             return cpu_attention.ggml_flash_attn(q, k_cache, v_cache, pos0, kv_len, scale,
                                                  window, softcap, kv_pad=256)
@@ -413,7 +397,7 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
     v = kvquant.dequantize(v_cache[:, :, :kv_len], v_type, head_dim_v or d)
     fa_tiled = t >= FA_TILE_Q
-    if MATCH_LLAMACPP_NUMERICS and k_type in _HALF and not fa_tiled:
+    if exact and k_type in _HALF and not fa_tiled:
         # ggml (no flash attention) multiplies a half-precision K by q rounded to that type;
         # tiny as it is, this decides which activations later cross a Q8 rounding step
         q = q.astype(_HALF[k_type])
@@ -427,13 +411,13 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     if window:
         mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    if MATCH_LLAMACPP_NUMERICS:
+    if exact:
         # ggml: exp(s - max), then a multiply by 1/sum (not a divide)
         e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
         p = e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
     else:
         p = jax.nn.softmax(s, axis=-1)
-    if MATCH_LLAMACPP_NUMERICS and v_type in _HALF and not fa_tiled:
+    if exact and v_type in _HALF and not fa_tiled:
         p = p.astype(_HALF[v_type]).astype(jnp.float32)  # likewise softmax(KQ) times V
     o = jnp.einsum("bkgts,bksd->btkgd", p, v)
     return o.reshape(b, t, h * v.shape[-1])
@@ -459,7 +443,8 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     ks, vs = list(cache.k), list(cache.v)
     kv_types = (cache.k_type, cache.v_type)
     global _TAP_LAYER
-    run = _shared_block_runner() if SHARE_BLOCK_TRACES and TAPS is None else None
+    num = numerics.current()
+    run = _shared_block_runner() if num.share_block_traces and not num.taps else None
     for i, blk in enumerate(model.blocks):
         with jax.named_scope(f"blk{i}"):
             if run is None:
@@ -475,18 +460,15 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     return logits, cache.replace(ks, vs)
 
 
-# Trace each distinct decoder block once per forward pass instead of once per layer: blocks
-# with equal graphdefs (same static attributes, same weight types) go through one nested jit, so
-# SmolLM2's 30 layers are traced and lowered as one function called 30 times (XLA inlines the
-# calls before optimising, so the compiled program and its numerics are those of the unrolled
-# loop). Off while numerics taps are recording (they name tensors per layer).
-SHARE_BLOCK_TRACES = True
-
-
 def _shared_block_runner():
-    """A fresh nested jit per outer trace: its trace cache then lives exactly as long as that
-    trace, so trace-time switches (MATCH_LLAMACPP_NUMERICS, kernel availability) never leak
-    from one model or setting into another."""
+    """Trace each distinct decoder block once per forward pass instead of once per layer:
+    blocks with equal graphdefs (same static attributes, same weight types) go through one
+    nested jit, so SmolLM2's 30 layers are traced and lowered as one function called 30 times
+    (XLA inlines the calls before optimising, so the compiled program and its numerics are
+    those of the unrolled loop). Off while numerics taps record (they name tensors per layer).
+
+    A fresh nested jit per outer trace: its trace cache lives exactly as long as that trace,
+    so it always sees the numerics of the model being traced."""
 
     def run(gd, st, x, pos, pos0, kc, vc, kv_len, kv_types):
         return nnx.merge(gd, st)(x, pos, pos0, kc, vc, kv_len, kv_types)

@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jllama.engine import kvquant
-from jllama.engine.cache import KVCache
+import jllama.models.kvquant as kvquant
+from jllama import numerics
 from jllama.errors import ModelError
+from jllama.kernels.dispatch import dequantize
+from jllama.models.cache import KVCache
 from jllama.models.common import (
-    MATCH_LLAMACPP_NUMERICS,
     Embedding,
     Linear,
     RMSNorm,
@@ -42,7 +43,7 @@ from jllama.models.common import (
 from jllama.models.moe import MoE, MoEConfig, moe_config
 from jllama.models.spec import ModelSpec
 from jllama.quant.actquant import quantize_activations
-from jllama.quant.qtensor import QTensor, dequantize
+from jllama.quant.qtensor import QTensor
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,13 @@ def rope_yarn(x: jax.Array, pos: jax.Array, c: MLAConfig) -> jax.Array:
 
 def _qdot(x: jax.Array, qt: QTensor, eq: str) -> jax.Array:
     """einsum with a (possibly quantized) per-head weight, activations rounded like ggml's."""
-    if MATCH_LLAMACPP_NUMERICS and not qt.is_float:
+    if numerics.current().match_llamacpp and not qt.is_float:
         x = quantize_activations(x, qt.qtype)
     return jnp.einsum(eq, x, dequantize(qt, jnp.float32))
 
 
 def _half_round(x: jax.Array, cache_type: str) -> jax.Array:
-    if MATCH_LLAMACPP_NUMERICS and cache_type in ("f16", "bf16"):
+    if numerics.current().match_llamacpp and cache_type in ("f16", "bf16"):
         return x.astype(kvquant.FLOAT_KV[cache_type]).astype(jnp.float32)
     return x
 

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jllama.engine.cache import KVCache
+import jllama.models.common as common
+from jllama import numerics
 from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile
-from jllama.models import common
+from jllama.models.cache import KVCache
 from jllama.models.common import (
     Embedding,
     Linear,
@@ -83,7 +84,7 @@ def gelu(x: jax.Array) -> jax.Array:
     and inputs beyond ±10 bypass the table (0 or x). The table is ggml's own, bit for bit
     (``common.ggml_gelu_table``); XLA's gelu rounds 368 of its entries the other way.
     """
-    if not common.MATCH_LLAMACPP_NUMERICS:
+    if not numerics.current().match_llamacpp:
         return jax.nn.gelu(x, approximate=True)
     table = jnp.asarray(common.ggml_gelu_table())
     idx = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
@@ -158,7 +159,7 @@ class Gemma3(nnx.Module):
                  last_idx: jax.Array | None = None):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache) as ``llama.Llama``."""
         x = self.tok_embd(tokens).astype(jnp.float32) * jnp.float32(self.embd_scale)
-        if common.MATCH_LLAMACPP_NUMERICS:  # rounded here, as ggml_scale does: not fused onward
+        if numerics.current().match_llamacpp:  # rounded here, as ggml_scale does: not fused onward
             x = opaque(x)
         logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx)
         if self.final_softcap:

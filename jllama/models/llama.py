@@ -11,7 +11,7 @@ import math
 import jax
 from flax import nnx
 
-from jllama.engine.cache import KVCache
+from jllama.models.cache import KVCache
 from jllama.models.common import (
     Embedding,
     Linear,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 from flax import nnx
 
-from jllama.engine.cache import KVCache
+from jllama.models.cache import KVCache
 from jllama.models.common import (
     Embedding,
     Linear,

@@ -30,10 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jllama import numerics
 from jllama.errors import ModelError
-from jllama.models.common import MATCH_LLAMACPP_NUMERICS, Linear, Weights, linear
+from jllama.kernels.dispatch import dequantize
+from jllama.models.common import Linear, Weights, linear
 from jllama.quant.actquant import quantize_activations
-from jllama.quant.qtensor import QTensor, dequantize
+from jllama.quant.qtensor import QTensor
 
 # llama.cpp's llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
@@ -51,7 +53,7 @@ class MoEConfig:
 
 
 def _round(x: jax.Array, qt: QTensor) -> jax.Array:
-    if MATCH_LLAMACPP_NUMERICS and not qt.is_float:
+    if numerics.current().match_llamacpp and not qt.is_float:
         return quantize_activations(x, qt.qtype)
     return x
 

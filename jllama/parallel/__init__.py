@@ -1,6 +1,6 @@
 """Many devices: mesh sharding of an Engine, multi-process runs, Orbax checkpoints.
 
-Import-light on purpose: ``apply_mesh`` pulls in JAX only when called.
+Import-light on purpose: ``plan_engine`` pulls in JAX only when called.
 """
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def apply_mesh(engine: Any, mesh_cfg: Any, devices: list | None = None, strict: bool = False):
-    """Shard an Engine's weights and KV cache over a ("data", "model") mesh (see ``mesh.py``)."""
-    from jllama.parallel.mesh import apply_mesh as _apply
+def plan_engine(spec: Any, n_slots: int, mesh_cfg: Any, devices: list | None = None,
+                strict: bool = False):
+    """The sharding plan an Engine is built with (see ``mesh.plan_engine``)."""
+    from jllama.parallel.mesh import plan_engine as _plan
 
-    return _apply(engine, mesh_cfg, devices=devices, strict=strict)
+    return _plan(spec, n_slots, mesh_cfg, devices=devices, strict=strict)
 
 
-__all__ = ["apply_mesh"]
+__all__ = ["plan_engine"]

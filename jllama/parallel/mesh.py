@@ -1,17 +1,15 @@
 """Put an Engine's weights and KV cache on a ("data", "model") device mesh.
 
-The engine's jitted steps close over nothing device-specific: parameters and cache are
-arguments. Re-placing ``engine.state`` and ``engine.cache`` with ``NamedSharding``s (chosen in
-``rules.py``) is therefore all XLA's SPMD partitioner needs; each step recompiles once for the
-new input shardings. Two small adjustments are made on the engine instance (no engine code
-changes): caches it creates later (``score_batch``'s) are placed the same way, and the host-read
-outputs (logits, sampled tokens) are constrained to be replicated, which a multi-process run
-needs (a process can only read arrays it holds whole) and which costs one small all-gather.
+``plan_engine`` makes an ``EnginePlan``, which the Engine receives when it is built: the
+parameters and caches are placed with ``NamedSharding``s chosen in ``rules.py`` (all XLA's SPMD
+partitioner needs), caches made later (``score_batch``'s) are placed the same way, and the
+outputs read on the host (logits, sampled tokens) are constrained to be replicated.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
@@ -19,8 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jllama.engine.cache import KVCache
 from jllama.errors import ConfigError
+from jllama.models.cache import KVCache
 from jllama.parallel import rules
 from jllama.quant.qtensor import QTensor
 
@@ -102,17 +100,6 @@ def shard_cache(cache: Any, plan: rules.Plan) -> Any:
         lambda a: place(a, NamedSharding(plan.mesh, rules.cache_spec(plan, a.shape, kv))), cache)
 
 
-# engine attribute -> (static argnames, donated argnames, indices of outputs read on the host)
-ENGINE_JITS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...] | None]] = {
-    "_forward_slot": (("kv_len",), ("cache",), (0,)),
-    "_forward_all": (("kv_len",), ("cache",), (0,)),
-    "_forward_logprobs": (("kv_len",), ("cache",), (0, 1)),
-    "_decode_sample": (("kv_len",), ("cache", "history"), (0, 1, 3)),
-    "_sample": ((), (), None),  # None: the single output
-    "_first_sample": ((), (), None),
-}
-
-
 def _host_safe(x: Any) -> Any:
     """Arrays committed to one device become numpy (jit replicates those), so inputs the engine
     builds with ``jnp.asarray`` are valid next to arrays spanning several processes."""
@@ -121,67 +108,72 @@ def _host_safe(x: Any) -> Any:
     return x
 
 
-def _replicated_outputs(fn, mesh: Mesh, static: tuple[str, ...], donate: tuple[str, ...],
-                        idx: tuple[int, ...] | None, multiprocess: bool):
-    inner = getattr(fn, "__wrapped__", None)
-    if inner is None:
-        return fn
-    rep = NamedSharding(mesh, P())
+@dataclass
+class EnginePlan(rules.Plan):
+    """The shardings of one Engine (``rules.Plan``) and how it places its weights and caches and
+    jits its steps; the Engine receives it when it is built (``Engine(..., plan=...)``)."""
 
-    @functools.wraps(inner)
-    def constrained(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        if idx is None:
-            return jax.lax.with_sharding_constraint(out, rep)
-        out = list(out)
-        for i in idx:
-            out[i] = jax.tree_util.tree_map(
-                lambda a: jax.lax.with_sharding_constraint(a, rep), out[i])
-        return tuple(out)
+    strict: bool = False
 
-    jitted = jax.jit(constrained, static_argnames=static or None, donate_argnames=donate or None)
-    if not multiprocess:
-        return jitted
+    @property
+    def multiprocess(self) -> bool:
+        return jax.process_count() > 1
 
-    def call(*args, **kwargs):
-        args = jax.tree_util.tree_map(_host_safe, args)
-        kwargs = {k: v if k in static else jax.tree_util.tree_map(_host_safe, v)
-                  for k, v in kwargs.items()}
-        return jitted(*args, **kwargs)
+    def shard_state(self, state: Any) -> Any:
+        return shard_state(state, self, self.strict)
 
-    return call
+    def shard_cache(self, cache: Any) -> Any:
+        return shard_cache(cache, self)
+
+    def replicate(self, host: np.ndarray) -> jax.Array:
+        """A small host array (the penalty history) on every device of the mesh."""
+        return place(host, NamedSharding(self.mesh, P()))
+
+    def jit(self, fn, static: tuple[str, ...], donate: tuple[str, ...],
+            host: tuple[int, ...] | None):
+        """jax.jit of an Engine step whose host-read outputs (``host``: their indices, None for
+        a single output) are constrained to be replicated: a process can only read arrays it
+        holds whole, and it costs one small all-gather. In a multi-process run, arrays on one
+        local device are handed in as numpy."""
+        rep = NamedSharding(self.mesh, P())
+
+        @functools.wraps(fn)
+        def constrained(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if host is None:
+                return jax.lax.with_sharding_constraint(out, rep)
+            out = list(out)
+            for i in host:
+                out[i] = jax.tree_util.tree_map(
+                    lambda a: jax.lax.with_sharding_constraint(a, rep), out[i])
+            return tuple(out)
+
+        jitted = jax.jit(constrained, static_argnames=static or None,
+                         donate_argnames=donate or None)
+        if not self.multiprocess:
+            return jitted
+
+        def call(*args, **kwargs):
+            args = jax.tree_util.tree_map(_host_safe, args)
+            kwargs = {k: v if k in static else jax.tree_util.tree_map(_host_safe, v)
+                      for k, v in kwargs.items()}
+            return jitted(*args, **kwargs)
+
+        return call
 
 
-def apply_mesh(engine: Any, mesh_cfg: MeshLike, devices: list | None = None,
-               strict: bool = False) -> rules.Plan:
-    """Shard ``engine``'s weights and cache over a ("data", "model") mesh; returns the plan.
-
-    A 1x1 mesh is a no-op. ``strict=True`` raises ``ConfigError`` for anything the rules would
-    otherwise replicate (e.g. 9 heads on a 2-way model axis).
-    """
+def plan_engine(spec: Any, n_slots: int, mesh_cfg: MeshLike, devices: list | None = None,
+                strict: bool = False) -> EnginePlan:
+    """The plan for an Engine of this model and slot count on a ("data", "model") mesh.
+    ``strict=True`` raises ``ConfigError`` for anything the rules would otherwise replicate
+    (e.g. 9 heads on a 2-way model axis)."""
     mesh = make_mesh(mesh_cfg, devices)
-    spec = engine.spec
-    plan = rules.Plan(mesh, attention_sharded=False)
-    if mesh.size == 1:
-        return plan
-    if engine.n_slots % mesh.shape["data"]:
+    if n_slots % mesh.shape["data"]:
         raise ConfigError(
             f"mesh axis 'data' of size {mesh.shape['data']} does not divide "
-            f"runtime.n_slots={engine.n_slots} (the KV cache's batch axis)")
+            f"runtime.n_slots={n_slots} (the KV cache's batch axis)")
+    plan = EnginePlan(mesh, attention_sharded=False, strict=strict)
     plan.attention_sharded = rules.check_attention(plan, spec.n_head, spec.n_head_kv, strict)
-    engine.state = shard_state(engine.state, plan, strict)
-    engine.cache = shard_cache(engine.cache, plan)
-    multiprocess = jax.process_count() > 1
-    if multiprocess:
-        engine.history = place(np.asarray(engine.history), NamedSharding(mesh, P()))
-    new_cache = engine._new_cache
-    engine._new_cache = lambda batch: shard_cache(new_cache(batch), plan)
-    for attr, (static, donate, idx) in ENGINE_JITS.items():
-        if hasattr(engine, attr):
-            setattr(engine, attr, _replicated_outputs(getattr(engine, attr), mesh, static,
-                                                      donate, idx, multiprocess))
-    engine.mesh = mesh
-    engine.sharding_plan = plan
     return plan
 
 

@@ -271,9 +271,3 @@ def dequantize_jax(data, qtype: int, row_len: int):
 
     return _dequantize(jnp, jnp.asarray(data), qtype, row_len)
 
-
-def quantize_np(x: np.ndarray, qtype: int) -> np.ndarray:
-    """float32 ``[..., row_len]`` -> raw GGUF rows (see ``jllama.quant.quantizers``)."""
-    from jllama.quant.quantizers import quantize_np as _quantize
-
-    return _quantize(x, qtype)

@@ -21,7 +21,14 @@ from jllama.gguf.constants import QType, ValueType, qtype_info
 from jllama.gguf.reader import read_gguf
 from jllama.gguf.writer import TensorSpec, tensor_nbytes, write_gguf
 from jllama.quant.formats import dequantize_np
-from jllama.quant.mixes import MixSpec, Plan, plan_from_tensors
+from jllama.quant.mixes import (
+    MixSpec,
+    Plan,
+    mix_from_base,
+    mix_from_dict,
+    plan_from_tensors,
+    plan_types,
+)
 from jllama.quant.quantizers import quantize_np
 
 GGML_QNT_VERSION = 2
@@ -176,3 +183,40 @@ def quantize_file(
         plan.fallbacks,
         plan.unmatched_overrides,
     )
+
+
+def quantize_on_load(gguf_file: Any, quant: MixSpec | str | dict[str, Any]):
+    """A ``load_weights`` transform that re-encodes tensors to the mix ``quant`` while loading.
+
+    ``quant`` is a MixSpec, a base name ('q4_k_m', 'q8_0', 'q5_k'), or the YAML mapping of
+    ``mix_from_dict`` with one extra key, ``allow_requantize`` (default true here: asking for a
+    mix on load is asking to re-encode already-quantized weights). Returns
+    ``transform(name, raw, qtype, shape) -> (raw, qtype)``; the bytes are what
+    ``jllama quantize`` (and llama-quantize) would write.
+    """
+    allow = True
+    if isinstance(quant, MixSpec):
+        spec = quant
+    elif isinstance(quant, str):
+        spec = mix_from_base(quant)
+    else:
+        d = dict(quant)
+        allow = bool(d.pop("allow_requantize", True))
+        spec = mix_from_dict(d, "quant")
+    types = plan_types(gguf_file, spec)
+    if not allow:
+        for name, new in types.items():
+            cur = gguf_file.tensors[name].qtype
+            if new != cur and is_quantized(cur):
+                raise QuantError(
+                    f"quant: requantizing from type {qtype_info(cur).name} is disabled ({name}); "
+                    "set allow_requantize: true"
+                )
+
+    def transform(name: str, raw: Any, qtype: int, shape: tuple[int, ...]) -> tuple[Any, int]:
+        new = types.get(name, int(qtype))
+        if new == int(qtype):
+            return raw, qtype
+        return quantize_tensor(raw, qtype, new, shape), new
+
+    return transform

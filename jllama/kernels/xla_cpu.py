@@ -19,14 +19,13 @@ time and runs an f32 dot. Why this shape (measured on the 2-core AVX-512 machine
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
+from jllama import numerics
+from jllama.kernels import cpu_ffi, cpu_repack
+from jllama.kernels.cpu_repack import Repacked
 from jllama.quant.actquant import act_format, quantize_activations_q8
-from jllama.quant.kernels import cpu_ffi, cpu_repack
-from jllama.quant.kernels.cpu_repack import Repacked
 
 # Elements per tile: ~2 MiB of f32 for matvec (bandwidth-bound: big tiles amortise the per-step
 # cost), ~0.5 MiB for GEMM (compute-bound: the tile must stay in L2 while all x rows stream).
@@ -37,10 +36,21 @@ _GEMM_ROWS = 16
 _FFI_MATVEC_ROWS = 16
 
 
+def ffi_on() -> bool:
+    """Whether the C++ kernels are in use: wanted by the current numerics and built here."""
+    return numerics.current().cpu_kernels and cpu_ffi.available()
+
+
+def q8_on(qtype: int) -> bool:
+    """Whether the int8-activation kernel (ggml's vec_dot) is in use for this weight type."""
+    num = numerics.current()
+    return num.cpu_kernels and num.q8_kernels and cpu_ffi.q8_supported(qtype)
+
+
 def supported(qtype: int) -> bool:
     """Types this module speeds up here: the XLA repack types, plus the C++-only ones when the
-    C++ kernels are available."""
-    return cpu_repack.supported(qtype) or (cpu_ffi.supported(qtype) and cpu_ffi.available())
+    C++ kernels are in use."""
+    return cpu_repack.supported(qtype) or (cpu_ffi.supported(qtype) and ffi_on())
 
 
 def tile_rows(n_out: int, n_in: int, m: int) -> int:
@@ -66,20 +76,16 @@ def _tile_weights(qt, parts: tuple) -> jax.Array:
     return cpu_repack.dequantize_repacked(jnp, r, lay.group)
 
 
-# The int8 kernel (ggml's own arithmetic) for every row count, prompts included, not only for
-# decode-sized calls: then every product is bit-identical to llama.cpp's whatever the chunking,
-# and so are prompt logits and perplexity (see q8_ok). A process-wide switch read at trace time;
-# JLLAMA_Q8_ALL_ROWS=0 restores the f32 GEMM for prompts (A/B measurements).
-Q8_ALL_ROWS = os.environ.get("JLLAMA_Q8_ALL_ROWS", "1") not in ("0", "")
-
-
 def q8_ok(x: jax.Array, qt) -> bool:
     """Whether ``linear`` takes the int8 kernel for x (GGUF blocks of a q8 type here)."""
-    return (qt.layout == "gguf" and len(qt.shape) == 2 and cpu_ffi.q8_supported(qt.qtype)
-            and (Q8_ALL_ROWS or _rows(x) <= _FFI_MATVEC_ROWS))
+    # prompt_matmul "int8": ggml's own arithmetic for every row count, prompts included, so
+    # every product is bit-identical to llama.cpp's whatever the chunking; "f32": decode-sized
+    # calls only, prompts through dequantized tiles and XLA's f32 GEMM
+    return (qt.layout == "gguf" and len(qt.shape) == 2 and q8_on(qt.qtype)
+            and (numerics.current().prompt_matmul == "int8" or rows(x) <= _FFI_MATVEC_ROWS))
 
 
-def _rows(x: jax.Array) -> int:
+def rows(x: jax.Array) -> int:
     """Rows of x once its leading axes are folded together."""
     m = 1
     for n in x.shape[:-1]:
@@ -89,8 +95,8 @@ def _rows(x: jax.Array) -> int:
 
 def ffi_matvec_ok(x: jax.Array, qt) -> bool:
     """Whether ``qmatmul(x, qt)`` would take the C++ matvec (few rows, GGUF blocks)."""
-    return (qt.layout == "gguf" and len(qt.shape) == 2 and _rows(x) <= _FFI_MATVEC_ROWS
-            and cpu_ffi.supported(qt.qtype) and cpu_ffi.available())
+    return (qt.layout == "gguf" and len(qt.shape) == 2 and rows(x) <= _FFI_MATVEC_ROWS
+            and cpu_ffi.supported(qt.qtype) and ffi_on())
 
 
 def ffi_matvec_xs(x: jax.Array, qt, xs: jax.Array) -> jax.Array:
@@ -111,16 +117,12 @@ def _quantize_q8(x: jax.Array, qtype: int):
     return cpu_ffi.quantize_q8(x.reshape(-1, n_in), fmt)
 
 
-# Up to this many rows x is quantized inside the matvec call (decode, drafts).
-FUSED_QUANT_ROWS = int(os.environ.get("JLLAMA_FUSED_QUANT_ROWS", "16"))
-
-
 def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
     """Quantization and product in one kernel call for a few rows: a decode step has ~120
     separate quantize calls otherwise. Prompts keep the separate, multi-threaded quantizer."""
     n_in = x.shape[-1]
     fmt = act_format(qts[0].qtype)
-    if _rows(x) > FUSED_QUANT_ROWS or fmt is None or n_in % (256 if fmt == "q8_K" else 32):
+    if rows(x) > numerics.current().fused_quant_rows or fmt is None or n_in % (256 if fmt == "q8_K" else 32):
         return None
     lead = x.shape[:-1]
     ys = cpu_ffi.qmatvec_q8_fused(x.reshape(-1, n_in), [qt.data for qt in qts],
@@ -131,7 +133,7 @@ def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
 def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
     """The int8 C++ matvec on x quantized to ggml's vec_dot type, bit-identical to llama.cpp's
     CPU product (see cpu_qmatvec.cc); None where this type or machine has no such kernel."""
-    if not cpu_ffi.q8_supported(qt.qtype):
+    if not q8_on(qt.qtype):
         return None
     fused = _fused(x, [qt])
     if fused is not None:
@@ -154,7 +156,7 @@ def ffi_matvec_q8_multi(x: jax.Array, qts: list) -> list[jax.Array] | None:
     kernel call; None when they do not, or without the kernel."""
     if len({act_format(qt.qtype) for qt in qts}) != 1 or len({qt.shape[1] for qt in qts}) != 1:
         return None
-    if not all(cpu_ffi.q8_supported(qt.qtype) for qt in qts):
+    if not all(q8_on(qt.qtype) for qt in qts):
         return None
     fused = _fused(x, qts)
     if fused is not None:
@@ -181,7 +183,7 @@ def qmatmul(x: jax.Array, qt) -> jax.Array:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in).astype(jnp.float32)
     m = x2.shape[0]
-    use_ffi = qt.layout == "gguf" and cpu_ffi.supported(qt.qtype) and cpu_ffi.available()
+    use_ffi = qt.layout == "gguf" and cpu_ffi.supported(qt.qtype) and ffi_on()
     if use_ffi and m <= _FFI_MATVEC_ROWS:
         return cpu_ffi.qmatvec(x2, qt.data, qt.qtype).reshape(*lead, n_out)
     t = tile_rows(n_out, n_in, m)

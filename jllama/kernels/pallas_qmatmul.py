@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
+from jllama.quant.qtensor import QTensor
 
 K_CHUNK = 256  # K-quants: elements of n_in per loop step, one superblock (eight 32-groups)
 # Q4_0/Q4_1/Q8_0: two 32-blocks per step, so n_in pads to 64, not 256 (576 -> 576, not 768:
@@ -162,11 +163,9 @@ def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> t
     )
 
 
-def prepare_pallas(qt):
+def prepare_pallas(qt: QTensor) -> QTensor:
     """Repack a 2-D GGUF QTensor once at load time into layout ``"pallas"`` (same bit budget,
     plus padding of n_out to 128 and n_in to 256). Others are returned unchanged."""
-    from jllama.quant.qtensor import QTensor
-
     if qt.layout != "gguf" or qt.is_float or len(qt.shape) != 2 or not supported(qt.qtype):
         return qt
     planes = repack(np, np.asarray(qt.data), qt.qtype, qt.shape)

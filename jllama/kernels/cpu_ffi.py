@@ -92,8 +92,6 @@ def _build(compiler: str, source: Path = SOURCE, flags: list[str] | None = None)
 @functools.cache
 def available() -> bool:
     """Compile (once), load and register the kernels; False if that is not possible here."""
-    if os.environ.get("JLLAMA_NO_FFI", "") not in ("", "0"):
-        return False
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None or not SOURCE.exists():
         log.warning("jllama: no C++ compiler or kernel source; CPU qmatmul uses the XLA path")
@@ -133,8 +131,6 @@ def supported(qtype: int) -> bool:
 
 def q8_supported(qtype: int) -> bool:
     """Whether ``qmatvec_q8`` (int8 activations, ggml's vec_dot) exists for this type here."""
-    if os.environ.get("JLLAMA_NO_Q8", "") not in ("", "0"):  # for A/B measurements
-        return False
     return int(qtype) in Q8_QTYPES and available() and _q8_registered
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jllama.quant.kernels.pallas_qmatmul import compiler_params
+from jllama.kernels.pallas_qmatmul import compiler_params
 
 _SQ = pl.squeezed
 _MIN_ROWS = 16  # Triton dot: M, N, K >= 16

@@ -20,7 +20,7 @@
 // Q4_K ~12 GB/s against ~8, ~16, ~6 for the f32 decoders); the f32 decoders serve the exact-f32
 // mode, the other types and the GEMM path.
 //
-// Built at first use by jllama/quant/kernels/cpu_ffi.py with the host C++ compiler.
+// Built at first use by jllama/kernels/cpu_ffi.py with the host C++ compiler.
 
 #include <algorithm>
 #include <array>

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jllama.quant.kernels import cpu_ffi
+from jllama.kernels import cpu_ffi
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,7 @@ SPLIT_KV_MIN = 512  # one query row over this many keys: ggml splits the keys ac
 @functools.cache
 def available() -> bool:
     """Compile (once), load and register the kernel; False where that is not possible (no
-    compiler, no AVX-512, ``JLLAMA_NO_FFI=1``)."""
-    if os.environ.get("JLLAMA_NO_FFI", "") not in ("", "0"):
-        return False
+    compiler, no AVX-512; ``Numerics.cpu_kernels`` is the caller's to check)."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None or not SOURCE.exists():
         return False

@@ -24,7 +24,7 @@
 // caller and XLA pool helpers. Built with -ffp-contract=off: every FMA below is explicit,
 // where GCC contracts ggml's source (found by testing against libggml-cpu.so).
 //
-// Built at first use by jllama/quant/kernels/cpu_attention.py.
+// Built at first use by jllama/kernels/cpu_attention.py.
 
 #include <algorithm>
 #include <atomic>

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jllama.engine.kvquant import check_kv_type, row_shape
+from jllama.models.kvquant import check_kv_type, row_shape
 
 
 @jax.tree_util.register_pytree_node_class
