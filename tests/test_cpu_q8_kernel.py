@@ -229,9 +229,12 @@ import hashlib
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
+from jllama import numerics
 from test_cpu_q8_kernel import _tiled_switch_case, ggml_mul_mat, ours
 raw, qtype, x = _tiled_switch_case()
-ref, got = ggml_mul_mat(raw, qtype, x, n_threads=2), ours(raw, qtype, x)
+ref = ggml_mul_mat(raw, qtype, x, n_threads=2)
+with numerics.use(numerics.Numerics.from_env()):  # GGML_CPU_TILED_MM=0: ggml_tiled_mm=False
+    got = ours(raw, qtype, x)
 print(int(np.count_nonzero(got.view(np.uint32) != ref.view(np.uint32))),
       hashlib.sha256(ref.tobytes()).hexdigest())
 """
@@ -244,12 +247,16 @@ def _tiled_switch_case():
 
 def test_q8_kernel_follows_ggml_tiled_switch() -> None:
     """GGML_CPU_TILED_MM=0 turns ggml's tiled GEMM off (vec_dot order at every row count); our
-    kernel reads the same variable, so that configuration stays bit-identical too. Both read it
-    once per process: a child process runs with it set."""
+    kernels take the same switch as ``Numerics.ggml_tiled_mm`` (static jit data, passed to the
+    C++ as an attribute), which ``Numerics.from_env`` reads from that variable, so that
+    configuration stays bit-identical too. ggml reads it once per process: a child process runs
+    with it set. Here, without the variable, the numerics field alone gives the child's bits."""
     require_q8()
     import hashlib
     import subprocess
     import sys
+
+    from jllama import numerics
 
     env = dict(os.environ, GGML_CPU_TILED_MM="0")
     out = subprocess.run([sys.executable, "-c", _TILED_OFF_CHILD, str(Path(__file__).parent)],
@@ -257,7 +264,11 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     n_bad, ref_hash = out.stdout.strip().splitlines()[-1].split()
     assert n_bad == "0", out.stdout
+    raw, qtype, x = _tiled_switch_case()
+    with numerics.use(numerics.Numerics(ggml_tiled_mm=False)):
+        untiled = ours(raw, qtype, x)
+    assert hashlib.sha256(untiled.tobytes()).hexdigest() == ref_hash
     if os.environ.get("GGML_CPU_TILED_MM", "1").strip() not in ("0", ""):  # on here
-        raw, qtype, x = _tiled_switch_case()
         tiled = ggml_mul_mat(raw, qtype, x, n_threads=2)
         assert hashlib.sha256(tiled.tobytes()).hexdigest() != ref_hash, "switch had no effect"
+        np.testing.assert_array_equal(ours(raw, qtype, x).view(np.uint32), tiled.view(np.uint32))

@@ -1,19 +1,17 @@
-"""ggml's CPU flash attention (``cpu_attention.cc``) behind XLA's FFI, bit-identical to
+"""ggml's CPU flash attention (``cpu/attention.cc``) behind XLA's FFI, bit-identical to
 ``ggml_flash_attn_ext`` as llama.cpp runs it (f32 Q, f16 K/V cache, causal + sliding-window
-mask), compiled at first use like the qmatvec kernels (cpu_ffi.py).
+mask), compiled at first use into the one kernel library (cpu_ffi.py).
 
-Why a separate library: these kernels must not be compiled with the reassociating flags the
-qmatvec kernels use; every rounding step is ggml's, so the flags are strict and each FMA in
-the source is explicit (``-ffp-contract=off``).
+Its translation unit is compiled with its own flags (``cpu_ffi.ATTENTION_FLAGS``), not the
+reassociating ones of the matvec kernels: every rounding step is ggml's, so the flags are
+strict and each FMA in the source is explicit (``-ffp-contract=off``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -24,8 +22,6 @@ from jllama.kernels import cpu_ffi
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_attention.cc")
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-ffp-contract=off"]
 _TARGET = ("jllama_flash_attn", "JllamaFlashAttn")
 FA_TILE_Q = 64  # ggml's GGML_FA_TILE_Q: this many query rows or more take the tiled path
 SPLIT_KV_MIN = 512  # one query row over this many keys: ggml splits the keys across threads
@@ -33,21 +29,17 @@ SPLIT_KV_MIN = 512  # one query row over this many keys: ggml splits the keys ac
 
 @functools.cache
 def available() -> bool:
-    """Compile (once), load and register the kernel; False where that is not possible (no
-    compiler, no AVX-512; ``Numerics.cpu_kernels`` is the caller's to check)."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None or not SOURCE.exists():
+    """Load the kernel library (cpu_ffi builds it once) and register the kernel; False where
+    that is not possible (no compiler, no AVX-512; ``Numerics.cpu_kernels`` is the caller's to
+    check)."""
+    lib = cpu_ffi.library()
+    if lib is None or not hasattr(lib, _TARGET[1]):  # no AVX-512: ggml's x86 path differs
         return False
     try:
-        lib = ctypes.CDLL(str(cpu_ffi._build(compiler, SOURCE, FLAGS)))
-        if not hasattr(lib, _TARGET[1]):  # built without AVX-512: ggml's x86 path differs
-            return False
         jax.ffi.register_ffi_target(_TARGET[0], jax.ffi.pycapsule(getattr(lib, _TARGET[1])),
                                     "cpu")
     except Exception as e:  # any failure means "use the XLA attention", never a crash
-        detail = getattr(e, "stderr", b"") or b""
-        log.warning("jllama: C++ flash attention unavailable (%s %s)", e,
-                    detail.decode(errors="replace")[-2000:])
+        log.warning("jllama: C++ flash attention unavailable (%s)", e)
         return False
     return True
 

@@ -1,15 +1,20 @@
-"""The C++ CPU kernels (``cpu_qmatvec.cc``) behind XLA's FFI, compiled at first use.
+"""The C++ CPU kernels (``cpu/``) behind XLA's FFI, compiled at first use.
 
 Why at first use, not at install: the package is pure Python (setuptools, no build step), and
-``-march=native`` must see the machine that runs it. The shared library is cached under
-``$JLLAMA_CACHE`` (default ``~/.cache/jllama``)/kernels, keyed by the source, the flags, the jax
-version and the CPU's feature flags, so it compiles once per machine (~5 s). If there is no
-compiler, or ``JLLAMA_NO_FFI=1`` is set, ``available()`` is False and callers use the pure-XLA
-path instead.
+``-march=native`` must see the machine that runs it. All of ``cpu/*.cc`` are compiled, each
+with its own flags (``UNITS``), and linked into one shared library, cached under
+``$JLLAMA_CACHE`` (default ``~/.cache/jllama``)/kernels and keyed by every source and header in
+``cpu/``, the flags, the jax version and the CPU's feature flags, so it compiles once per
+machine. If there is no compiler, or the build fails, ``available()`` is False and callers use
+the pure-XLA path instead (``Numerics.cpu_kernels`` is the callers' to check).
+
+The library holds the matvec kernels (registered here) and ggml's flash attention (registered
+by ``cpu_attention``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -25,15 +30,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllama import numerics
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_qmatvec.cc")
-FLAGS = [
+CPU_DIR = Path(__file__).with_name("cpu")
+# The matvec kernels' flags. Reassociation lets the compiler vectorise the f32 dot reductions
+# (no NaN/Inf assumptions); the int8 kernels and the activation quantizer, whose f32 steps must
+# be ggml's, turn it and contraction off again with ``#pragma GCC optimize``.
+MATVEC_FLAGS = [
     "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-    # Reassociation lets the compiler vectorise the dot reductions; no NaN/Inf assumptions.
     "-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
     "-fno-trapping-math",
 ]  # fmt: skip
+# Flash attention: every rounding step is ggml's, so no reassociation and no contraction at
+# all (each FMA in the source is explicit).
+ATTENTION_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+                   "-ffp-contract=off"]
+# Each translation unit with its flags: these flags are part of the numerics, per file.
+UNITS = {
+    "threadpool.cc": MATVEC_FLAGS,  # no float arithmetic: either set would do
+    "vec_dot.cc": MATVEC_FLAGS,
+    "gemm.cc": MATVEC_FLAGS,
+    "actquant.cc": MATVEC_FLAGS,
+    "ffi_qmatvec.cc": MATVEC_FLAGS,
+    "attention.cc": ATTENTION_FLAGS,
+}
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS
 QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23})
 _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatVecXs",
@@ -42,15 +64,13 @@ _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatV
 # has AVX2 + FMA + F16C + VNNI (AVX512-VNNI or AVX-VNNI).
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
 Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
-_Q8_TARGET = ("jllama_qmatvec_q8", "JllamaQMatVecQ8")
-# One call over 2 or 3 weights that share the activations (q/k/v, gate/up).
-_Q8_MULTI_TARGETS = {2: ("jllama_qmatvec_q8x2", "JllamaQMatVecQ8x2"),
-                     3: ("jllama_qmatvec_q8x3", "JllamaQMatVecQ8x3")}
-_q8_multi: set[int] = set()
-# Quantization fused in (f32 x in), any number of weights: decode's calls.
-_Q8F_TARGET = ("jllama_qmatvec_q8f", "JllamaQMatVecQ8F")
-_q8f = False
+# q8: quantized x (q, d, s), any number of weights sharing it (q/k/v, gate/up: one call);
+# q8f: f32 x, quantized inside the call (decode); quantize_q8: the activation quantizer.
+_Q8_TARGETS = {"jllama_qmatvec_q8": "JllamaQMatVecQ8",
+               "jllama_qmatvec_q8f": "JllamaQMatVecQ8F",
+               "jllama_quantize_q8": "JllamaQuantizeQ8"}
 _q8_registered = False
+_lib: ctypes.CDLL | None = None
 
 
 def _cpu_key() -> str:
@@ -64,65 +84,73 @@ def _cpu_key() -> str:
     return flags + platform.machine()
 
 
-def _build(compiler: str, source: Path = SOURCE, flags: list[str] | None = None) -> Path:
-    """Compile ``source`` (default: the qmatvec kernels) with ``flags`` (default ``FLAGS``) into
-    a cached shared library; other kernel files (cpu_attention.cc) pass their own flags."""
-    flags = FLAGS if flags is None else flags
-    src = source.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([src, " ".join(flags).encode(), jax.__version__.encode(), _cpu_key().encode()])
-    ).hexdigest()[:16]
+def _key() -> str:
+    """The cache key: every source and header of ``cpu/`` (name and bytes), each unit's flags,
+    the jax version (its FFI headers) and the CPU."""
+    h = hashlib.sha256()
+    for p in sorted(CPU_DIR.iterdir()):
+        if p.suffix in (".cc", ".h"):
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    for unit, flags in UNITS.items():
+        h.update(unit.encode() + b"\0" + " ".join(flags).encode() + b"\0")
+    h.update(jax.__version__.encode() + b"\0" + _cpu_key().encode())
+    return h.hexdigest()[:16]
+
+
+def _build(compiler: str) -> Path:
+    """Compile every unit with its flags (in parallel) and link them into the cached library."""
     cache = Path(os.environ.get("JLLAMA_CACHE", Path.home() / ".cache" / "jllama")) / "kernels"
-    lib = cache / f"{source.stem}-{key}.so"
+    lib = cache / f"jllama_cpu-{_key()}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        cmd = [compiler, *flags, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+
+        def compile_unit(unit: str) -> str:
+            obj = str(Path(tmp) / (Path(unit).stem + ".o"))
+            cmd = [compiler, *UNITS[unit], "-c", "-I", jax.ffi.include_dir(),
+                   str(CPU_DIR / unit), "-o", obj]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+            return obj
+
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            objs = list(pool.map(compile_unit, UNITS))
+        out = str(Path(tmp) / "lib.so")
+        subprocess.run([compiler, "-shared", "-fPIC", *objs, "-o", out], check=True,
+                       capture_output=True, timeout=300)
+        os.replace(out, lib)  # atomic: concurrent builders race harmlessly
     return lib
 
 
 @functools.cache
 def available() -> bool:
     """Compile (once), load and register the kernels; False if that is not possible here."""
+    global _lib, _q8_registered
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None or not SOURCE.exists():
+    if compiler is None or not CPU_DIR.is_dir():
         log.warning("jllama: no C++ compiler or kernel source; CPU qmatmul uses the XLA path")
         return False
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
-        if hasattr(lib, _Q8_TARGET[1]):
-            global _q8_registered, _q8f
-            jax.ffi.register_ffi_target(
-                _Q8_TARGET[0], jax.ffi.pycapsule(getattr(lib, _Q8_TARGET[1])), "cpu"
-            )
+        if hasattr(lib, _Q8_TARGETS["jllama_qmatvec_q8"]):
+            for target, symbol in _Q8_TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
             _q8_registered = True
-            jax.ffi.register_ffi_target(
-                "jllama_quantize_q8", jax.ffi.pycapsule(lib.JllamaQuantizeQ8), "cpu")
-            for n, (target, symbol) in _Q8_MULTI_TARGETS.items():
-                if hasattr(lib, symbol):
-                    jax.ffi.register_ffi_target(
-                        target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
-                    _q8_multi.add(n)
-            if hasattr(lib, _Q8F_TARGET[1]):
-                jax.ffi.register_ffi_target(
-                    _Q8F_TARGET[0], jax.ffi.pycapsule(getattr(lib, _Q8F_TARGET[1])), "cpu")
-                _q8f = True
+        _lib = lib
     except Exception as e:  # any failure here means "use the XLA path", never a crash
         detail = getattr(e, "stderr", b"") or b""
         log.warning("jllama: C++ CPU kernels unavailable (%s %s); using the XLA path", e,
                     detail.decode(errors="replace")[-2000:])  # fmt: skip
         return False
     return True
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (built at the first call), or None where ``available()`` is
+    False; other kernel modules (cpu_attention) register their targets from it."""
+    return _lib if available() else None
 
 
 def supported(qtype: int) -> bool:
@@ -152,22 +180,35 @@ def qmatvec_xs(x2: jax.Array, xs: jax.Array, raw: jax.Array, qtype: int) -> jax.
     )
 
 
-def qmatvec_q8(
-    q: jax.Array, d: jax.Array, s: jax.Array | None, raw: jax.Array, qtype: int
-) -> jax.Array:
-    """``x @ W.T`` with x given as ggml's quantized activations: int8 codes ``q[m, k]``, block
-    scales ``d[m, k / block]`` (f32), Q8_1 block sums ``s[m, k / 32]`` (Q4_1/Q5_1 only), against
-    raw GGUF rows ``raw[n, row_bytes]``: f32 ``[m, n]``, bit-identical to ggml's CPU mul_mat."""
-    if not q8_supported(qtype):
-        raise ValueError(f"no int8 CPU kernel for ggml type {qtype} on this machine")
+def _tiled(tiled: bool | None) -> bool:
+    """ggml's GGML_CPU_TILED_MM switch for an int8 call: given, or the current numerics'."""
+    return numerics.current().ggml_tiled_mm if tiled is None else bool(tiled)
+
+
+def _q8_call(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list, qtypes: list[int],
+             tiled: bool | None) -> list[jax.Array]:
     m = q.shape[0]
     if s is None:
         s = jnp.zeros((m, 0), jnp.float32)
-    out = jax.ShapeDtypeStruct((m, raw.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call("jllama_qmatvec_q8", out, vmap_method="sequential")(
-        q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), raw,
-        qtype=np.int64(qtype),
-    )
+    outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
+    ys = jax.ffi.ffi_call("jllama_qmatvec_q8", outs, vmap_method="sequential")(
+        q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), *raws,
+        qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled))
+    return list(ys)
+
+
+def qmatvec_q8(
+    q: jax.Array, d: jax.Array, s: jax.Array | None, raw: jax.Array, qtype: int,
+    tiled: bool | None = None,
+) -> jax.Array:
+    """``x @ W.T`` with x given as ggml's quantized activations: int8 codes ``q[m, k]``, block
+    scales ``d[m, k / block]`` (f32), Q8_1 block sums ``s[m, k / 32]`` (Q4_1/Q5_1 only), against
+    raw GGUF rows ``raw[n, row_bytes]``: f32 ``[m, n]``, bit-identical to ggml's CPU mul_mat.
+    ``tiled``: ggml's tiled K-quant order from 8 rows (GGML_CPU_TILED_MM); None takes
+    ``numerics.current().ggml_tiled_mm``."""
+    if not q8_supported(qtype):
+        raise ValueError(f"no int8 CPU kernel for ggml type {qtype} on this machine")
+    return _q8_call(q, d, s, [raw], [qtype], tiled)[0]
 
 
 _ACT_FMT = {"q8_0": 0, "q8_1": 1, "q8_K": 2}
@@ -175,7 +216,7 @@ _ACT_FMT = {"q8_0": 0, "q8_1": 1, "q8_K": 2}
 
 def quantize_q8(x2: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """ggml's quantize_row_q8_{0,1,K} on the rows of ``x2[m, k]`` (C, not XLA: see
-    cpu_qmatvec.cc): int8 codes [m, k], block scales [m, k / bs] (the stored f16 value for
+    cpu/actquant.cc): int8 codes [m, k], block scales [m, k / bs] (the stored f16 value for
     Q8_0/Q8_1, f32 for Q8_K), Q8_1 block sums [m, k / 32] (else None), as f32."""
     m, k = x2.shape
     f = _ACT_FMT[fmt]
@@ -188,30 +229,25 @@ def quantize_q8(x2: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array, jax.Arra
 
 
 def qmatvec_q8_multi(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list,
-                     qtypes: list[int]) -> list[jax.Array] | None:
-    """``qmatvec_q8`` for 2-3 weights on the same activations in one kernel call (one thread
-    hand-off instead of one per weight); None where the multi-weight kernel is missing."""
-    if len(raws) not in _q8_multi or not all(q8_supported(t) for t in qtypes):
+                     qtypes: list[int], tiled: bool | None = None) -> list[jax.Array] | None:
+    """``qmatvec_q8`` for any number of weights on the same activations in one kernel call (one
+    thread hand-off instead of one per weight); None where the int8 kernels are missing."""
+    if not all(q8_supported(t) for t in qtypes):
         return None
-    m = q.shape[0]
-    if s is None:
-        s = jnp.zeros((m, 0), jnp.float32)
-    outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
-    attrs = {f"qtype{i}": np.int64(t) for i, t in enumerate(qtypes)}
-    ys = jax.ffi.ffi_call(_Q8_MULTI_TARGETS[len(raws)][0], outs, vmap_method="sequential")(
-        q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), *raws, **attrs)
-    return list(ys)
+    return _q8_call(q, d, s, raws, qtypes, tiled)
 
 
-def qmatvec_q8_fused(x2: jax.Array, raws: list, qtypes: list[int]) -> list[jax.Array] | None:
+def qmatvec_q8_fused(x2: jax.Array, raws: list, qtypes: list[int],
+                     tiled: bool | None = None) -> list[jax.Array] | None:
     """``x2[m, k] @ W.T`` for weights whose types share an activation format, x quantized
-    inside the call (``quantize_q8``'s code, so the same bits); None where it is missing."""
-    if not _q8f or not all(q8_supported(t) for t in qtypes):
+    inside the call (``quantize_q8``'s code, so the same bits); None where it is missing.
+    ``tiled`` as in ``qmatvec_q8``."""
+    if not all(q8_supported(t) for t in qtypes):
         return None
     m = x2.shape[0]
     outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
-    ys = jax.ffi.ffi_call(_Q8F_TARGET[0], outs, vmap_method="sequential")(
-        x2.astype(jnp.float32), *raws, qtypes=np.asarray(qtypes, np.int64))
+    ys = jax.ffi.ffi_call("jllama_qmatvec_q8f", outs, vmap_method="sequential")(
+        x2.astype(jnp.float32), *raws, qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled))
     return list(ys)
 
 

@@ -132,7 +132,7 @@ def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
 
 def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
     """The int8 C++ matvec on x quantized to ggml's vec_dot type, bit-identical to llama.cpp's
-    CPU product (see cpu_qmatvec.cc); None where this type or machine has no such kernel."""
+    CPU product (see cpu/q8.h); None where this type or machine has no such kernel."""
     if not q8_on(qt.qtype):
         return None
     fused = _fused(x, [qt])
@@ -152,7 +152,7 @@ def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
 
 
 def ffi_matvec_q8_multi(x: jax.Array, qts: list) -> list[jax.Array] | None:
-    """``ffi_matvec_q8`` for 2-3 weights whose types take the same activation format, in one
+    """``ffi_matvec_q8`` for several weights whose types take the same activation format, in one
     kernel call; None when they do not, or without the kernel."""
     if len({act_format(qt.qtype) for qt in qts}) != 1 or len({qt.shape[1] for qt in qts}) != 1:
         return None

@@ -2,9 +2,10 @@
 // ``ggml_flash_attn_ext`` (f32 Q, f16 K/V, causal / sliding-window mask, optional softcap).
 //
 // Why: llama-perplexity and llama-cli run with flash attention on, and a 1-ulp difference in
-// any activation crosses a Q8 rounding step somewhere downstream and grows into 0.1-0.5 %
-// perplexity noise. So this file redoes ggml's arithmetic step by step, in ggml's order, with
-// the same intrinsics (same compiler family, same -march=native, AVX-512 branches):
+// any activation crosses a Q8 rounding step somewhere downstream and grows into perplexity
+// noise (experiments/results/cpu_kernels.md). So this file redoes ggml's arithmetic step by
+// step, in ggml's order, with the same intrinsics (same compiler family, same -march=native,
+// AVX-512 branches):
 //
 // * one_chunk (fewer than 64 query rows: decode, short prompts): Q rounded to f16, the score
 //   is ggml_vec_dot_f16 (four 16-lane f32 FMA accumulators over 64-element steps, folded 0+2,
@@ -21,10 +22,12 @@
 //
 // Per-row results do not depend on how rows are grouped into tiles or threads (ggml's tiles
 // only share work, not arithmetic), so work units are (batch, head, row block) claimed by the
-// caller and XLA pool helpers. Built with -ffp-contract=off: every FMA below is explicit,
-// where GCC contracts ggml's source (found by testing against libggml-cpu.so).
+// caller and XLA pool helpers (threadpool.h). Built with -ffp-contract=off, unlike the matvec
+// files: every FMA below is explicit, where GCC contracts ggml's source (found by testing
+// against libggml-cpu.so). The f16 conversions are f16.h's, shared with the matvec kernels.
 //
-// Built at first use by jllama/kernels/cpu_attention.py.
+// Built at first use by jllama/kernels/cpu_ffi.py (with the matvec kernels, into one library);
+// jllama/kernels/cpu_attention.py calls it.
 
 #include <algorithm>
 #include <atomic>
@@ -39,6 +42,9 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "f16.h"
+#include "threadpool.h"
+
 namespace ffi = xla::ffi;
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__F16C__) && defined(__FMA__)
@@ -47,15 +53,13 @@ namespace ffi = xla::ffi;
 
 #if defined(JLLAMA_FA)
 
+namespace jllama {
 namespace {
 
 constexpr int kTileQ = 64;   // GGML_FA_TILE_Q: ggml's tiled path needs this many query rows
 constexpr int kTileKV = 64;  // GGML_FA_TILE_KV
 constexpr int64_t kSplitKV = 512;  // ggml splits the keys of a lone query row from this many
 constexpr int64_t kMinThreadedWork = int64_t(1) << 19;  // multiply-adds: below, one thread
-
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-inline uint16_t f2h(float f) { return _cvtss_sh(f, 0); }  // round to nearest even
 
 // ggml_v_expf (vec.h, AVX-512): ARM's optimized-routines expf, ~1.5 ulp.
 inline __m512 v_expf(__m512 x) {
@@ -115,7 +119,7 @@ float dot_f16(int n, const uint16_t* x, const uint16_t* y) {
   sum[1] = _mm512_add_ps(sum[1], sum[3]);
   sum[0] = _mm512_add_ps(sum[0], sum[1]);
   double sumf = (double)_mm512_reduce_add_ps(sum[0]);
-  for (int i = np; i < n; ++i) sumf += (double)(h2f(x[i]) * h2f(y[i]));
+  for (int i = np; i < n; ++i) sumf += (double)(fp16_to_f32(x[i]) * fp16_to_f32(y[i]));
   return (float)sumf;
 }
 
@@ -151,7 +155,7 @@ void scale_f16(int n, uint16_t* y, float v) {
     const __m512 ay = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(y + i)));
     _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(_mm512_mul_ps(ay, vf), 0));
   }
-  for (; i < n; ++i) y[i] = f2h(h2f(y[i]) * v);
+  for (; i < n; ++i) y[i] = f32_to_fp16(fp16_to_f32(y[i]) * v);
 }
 
 void mad_f16(int n, uint16_t* y, const uint16_t* x, float v) {
@@ -180,7 +184,7 @@ void mad_f16(int n, uint16_t* y, const uint16_t* x, float v) {
     const __m512 ay = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(y + i)));
     _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(_mm512_fmadd_ps(ax, vf, ay), 0));
   }
-  for (; i < n; ++i) y[i] = f2h(std::fmaf(h2f(x[i]), v, h2f(y[i])));
+  for (; i < n; ++i) y[i] = f32_to_fp16(std::fmaf(fp16_to_f32(x[i]), v, fp16_to_f32(y[i])));
 }
 
 // ggml_vec_scale_f32: an elementwise multiply however it is vectorised.
@@ -227,7 +231,7 @@ void one_chunk_row(const Problem& P, int64_t b, int64_t t, int64_t h, int64_t c0
   uint16_t* qh = buf.data();
   uint16_t* vkq = buf.data() + DK;
   const float* pq = P.qrow(b, t, h);
-  for (int d = 0; d < DK; ++d) qh[d] = f2h(pq[d]);
+  for (int d = 0; d < DK; ++d) qh[d] = f32_to_fp16(pq[d]);
   std::memset(vkq, 0, DV * sizeof(uint16_t));
   const float sc = P.kq_scale();
   float S = 0.0f, M = -INFINITY;
@@ -251,12 +255,12 @@ void one_chunk_row(const Problem& P, int64_t b, int64_t t, int64_t h, int64_t c0
   if (partial != nullptr) {
     partial[0] = M;
     partial[1] = S;
-    for (int d = 0; d < DV; ++d) partial[2 + d] = h2f(vkq[d]);
+    for (int d = 0; d < DV; ++d) partial[2 + d] = fp16_to_f32(vkq[d]);
     return;
   }
   const float sinv = S == 0.0f ? 0.0f : 1.0f / S;
   float* o = P.orow(b, t, h);
-  for (int d = 0; d < DV; ++d) o[d] = h2f(vkq[d]) * sinv;
+  for (int d = 0; d < DV; ++d) o[d] = fp16_to_f32(vkq[d]) * sinv;
 }
 
 // ggml_flash_attn_ext_reduce_partials for one head: chunks merged in order.
@@ -370,9 +374,9 @@ struct KVTiles {
     std::fill(vt, vt + kTileKV * P.DV, 0.0f);
     for (int j = 0; j < n; ++j) {
       const uint16_t* kr = P.krow(b, h, ic + j);
-      for (int64_t d = 0; d < P.DK; ++d) kt[d * kTileKV + j] = h2f(kr[d]);
+      for (int64_t d = 0; d < P.DK; ++d) kt[d * kTileKV + j] = fp16_to_f32(kr[d]);
       const uint16_t* vr = P.vrow(b, h, ic + j);
-      for (int64_t d = 0; d < P.DV; ++d) vt[j * P.DV + d] = h2f(vr[d]);
+      for (int64_t d = 0; d < P.DV; ++d) vt[j * P.DV + d] = fp16_to_f32(vr[d]);
     }
   }
 };
@@ -444,15 +448,15 @@ void tiled_rows(const Problem& P, const KVTiles& kv, int64_t b, int64_t h, int64
   }
 }
 
-// Work units claimed from a shared counter by the caller and by XLA pool helpers; the caller
-// waits only for units a helper has claimed, so helpers that never start cannot block it.
-struct Work {
+// Work units (the chunks of threadpool.h's ChunkJob): first the K/V tile packing, then the
+// (batch, head, row block) units.
+struct Work final : ChunkJob {
   Problem P;
   int64_t n_units = 0, rows_per_unit = 1, units_per_head = 1;
   std::vector<float> parts;  // split-KV partials [B, H, n_split, 2 + DV]
   KVTiles kv;                // tiled path: packed K/V tiles, filled by the first n_prep units
   int64_t n_prep = 0;
-  std::atomic<int64_t> next{0}, done{0}, prepped{0};
+  std::atomic<int64_t> prepped{0};
 
   void unit(int64_t u, TileBuf& tb, std::vector<uint16_t>& hb) {
     if (u < n_prep) {
@@ -479,10 +483,10 @@ struct Work {
       for (int64_t t = t0; t < t1; ++t) one_chunk_row(P, b, t, h, 0, P.kv_len, nullptr, hb);
     }
   }
-  void run() {
+  void run() override {
     TileBuf tb;
     std::vector<uint16_t> hb;
-    for (int64_t u; (u = next.fetch_add(1)) < n_prep + n_units;) {
+    for (int64_t u; (u = next.fetch_add(1)) < n_prep + n_units;) {  // n_chunks
       unit(u, tb, hb);
       done.fetch_add(1, std::memory_order_release);
     }
@@ -546,19 +550,18 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     w->kv.k.resize((size_t)(w->n_prep * P.DK * kTileKV));
     w->kv.v.resize((size_t)(w->n_prep * kTileKV * P.DV));
   }
-  // A decode step's attention over a short context is ~10 us of work: handing half of it to a
+  // A decode step's attention over a short context is little work: handing half of it to a
   // pool thread (futex wake, then the caller waits for its claimed units) cost more than it
-  // saved (SmolLM2 tg: 58 vs 13 us per call). Threads do not change the result.
+  // saved (experiments/results/cpu_kernels.md). Threads do not change the result.
   int64_t visible = 0;
   for (int64_t b = 0; b < P.B; ++b)
     visible = std::max<int64_t>(visible, std::min<int64_t>(kv_len, (int64_t)P.pos0[b] + P.T));
   const bool small = P.B * P.T * P.H * visible * (P.DK + P.DV) < kMinThreadedWork;
   const int64_t want = workers > 0 ? workers : small ? 1 : pool.num_threads() + 1;
+  w->n_chunks = w->n_prep + w->n_units;
   const int64_t helpers = std::min<int64_t>({want - 1, (int64_t)pool.num_threads(),
-                                             w->n_prep + w->n_units - 1});
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([w] { w->run(); });
-  w->run();
-  while (w->done.load(std::memory_order_acquire) < w->n_prep + w->n_units) _mm_pause();
+                                             w->n_chunks - 1});
+  run_chunks(pool, w, helpers, /*spin=*/false);  // exactly ``helpers`` of XLA's threads
   if (P.n_split > 0) {
     for (int64_t bh = 0; bh < P.B * P.H; ++bh)
       reduce_partials(P, bh / P.H, bh % P.H,
@@ -568,8 +571,9 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 }
 
 }  // namespace
+}  // namespace jllama
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttn, FlashAttnImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttn, jllama::FlashAttnImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -1,0 +1,400 @@
+// The matvec kernels' XLA FFI handlers: argument checks, work lists, threads.
+//
+//   JllamaQMatVec / JllamaQMatVecXs  f32 x against GGUF rows (vec_dot.cc); Xs: with the
+//                                    caller's per-32 sums of x for the weight mins
+//   JllamaDequant                    f32 rows of a weight tile (blocks.h)
+//   JllamaCosSin                     the C library's cosf/sinf (ggml's rope cache)
+//   JllamaQuantizeQ8                 ggml's activation quantizer (actquant.cc)
+//   JllamaQMatVecQ8                  quantized x (q, d, s) against any number of weights
+//   JllamaQMatVecQ8F                 f32 x quantized inside the call, any number of weights
+//
+// The int8 handlers (q8.h) exist only where the build machine has AVX2 + FMA + F16C + VNNI.
+// They take ``tiled`` (ggml's GGML_CPU_TILED_MM, Numerics.ggml_tiled_mm) as an attribute,
+// since it changes results. Built at first use by jllama/kernels/cpu_ffi.py.
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#include "actquant.h"
+#include "blocks.h"
+#include "q8.h"
+#include "threadpool.h"
+#include "vec_dot.h"
+
+namespace ffi = xla::ffi;
+
+namespace jllama {
+namespace {
+
+struct Work : ChunkJob {
+  RowsFn fn;
+  const float* x;
+  const float* xsum;
+  int64_t k, row_bytes, n_out, m_total, chunk_rows;
+  const uint8_t* w;
+  float* y;
+  std::vector<float> xsum_store;
+
+  void run() override {
+    for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
+      const int64_t n0 = c * chunk_rows, n1 = std::min(n_out, n0 + chunk_rows);
+      fn(x, xsum, k, w, row_bytes, y, n_out, m_total, n0, n1);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// ``xs_in``: the caller's per-32-element sums of x for the min terms (ggml's Q8_1 block sums
+// ``s = fp16(d * sum(q))``, which differ from the sums of the rounded x); null: computed here.
+ffi::Error QMatVecRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, const float* xs_in,
+                      ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("need 2-D x and w");
+  const int64_t m = xd[0], k = xd[1], n = wd[0], row_bytes = wd[1];
+  const Kernel kern = pick(qtype);
+  if (kern.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type");
+  if (k % block_size(qtype) != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
+  auto work = std::make_shared<Work>();
+  work->fn = kern.fn;
+  work->x = x.typed_data();
+  // Sums of x over each 32 elements, for the min terms (kept in the shared state).
+  if (kern.needs_xsum && xs_in != nullptr) {
+    work->xsum_store.assign(xs_in, xs_in + size_t(m) * size_t(k / 32));
+  } else if (kern.needs_xsum) {
+    work->xsum_store.assign(size_t(m) * size_t(k / 32), 0.f);
+    for (int64_t i = 0; i < m * (k / 32); ++i) {
+      float s = 0.f;
+      for (int j = 0; j < 32; ++j) s += work->x[i * 32 + j];
+      work->xsum_store[size_t(i)] = s;
+    }
+  }
+  work->xsum = work->xsum_store.data();
+  work->k = k;
+  work->row_bytes = row_bytes;
+  work->n_out = n;
+  work->m_total = m;
+  work->w = w.typed_data();
+  work->y = y->typed_data();
+  // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise the claim.
+  work->chunk_rows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
+  work->n_chunks = (n + work->chunk_rows - 1) / work->chunk_rows;
+  run_chunks(pool, work, helpers_for(pool, work->n_chunks));
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatVecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  return QMatVecRun(pool, x, nullptr, w, y, qtype);
+}
+
+ffi::Error QMatVecXsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> xs,
+                         ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  const auto xd = x.dimensions(), sd = xs.dimensions();
+  if (xd.size() != 2 || sd.size() != 2 || sd[0] != xd[0] || sd[1] * 32 != xd[1])
+    return ffi::Error::InvalidArgument("xs must be [m, k / 32]");
+  return QMatVecRun(pool, x, xs.typed_data(), w, y, qtype);
+}
+
+// f32 rows of a weight tile, for the GEMM path (the dot itself stays with XLA's Eigen GEMM).
+// Single-threaded: it runs inside a scan next to a multi-threaded dot, which costs far more.
+ffi::Error DequantImpl(ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  const auto wd = w.dimensions(), yd = y->dimensions();
+  if (wd.size() != 2 || yd.size() != 2) return ffi::Error::InvalidArgument("need 2-D w and y");
+  DequantFn fn = pick_dequant(qtype);
+  if (fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type");
+  if (yd[1] % block_size(qtype) != 0) return ffi::Error::InvalidArgument("bad row length");
+  fn(w.typed_data(), wd[1], yd[1], y->typed_data(), 0, wd[0]);
+  return ffi::Error::Success();
+}
+
+// cos and sin of f32 angles through the C library's cosf/sinf: ggml's rope cache calls them, and
+// they are not correctly rounded (~1 % of rope angles differ from round(cos(double))), so an
+// exact rope needs the same functions, not XLA's or a higher-precision substitute.
+ffi::Error CosSinImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> c,
+                      ffi::ResultBuffer<ffi::F32> s) {
+  const size_t n = x.element_count();
+  if (c->element_count() != n || s->element_count() != n)
+    return ffi::Error::InvalidArgument("cos/sin outputs must match the input");
+  const float* xp = x.typed_data();
+  float* cp = c->typed_data();
+  float* sp = s->typed_data();
+  for (size_t i = 0; i < n; ++i) {
+    cp[i] = ::cosf(xp[i]);
+    sp[i] = ::sinf(xp[i]);
+  }
+  return ffi::Error::Success();
+}
+
+#if defined(JLLAMA_Q8)
+// Shared state of one q8 call over one or more weights that share the activations (q/k/v,
+// gate/up): their row chunks form one work list, so a decode step makes one kernel call (one
+// thread hand-off) per group instead of one per weight. Threading as in Work (threadpool.h).
+struct Q8Sub {
+  Q8Call call;
+  Q8Kernel kern;
+  bool gemm = false;
+  std::vector<int32_t> aux;
+  std::vector<int16_t> pairs;
+};
+
+struct Q8Work : ChunkJob {
+  std::vector<Q8Sub> subs;
+  std::vector<int8_t> xq;  // activations quantized by the fused call (q8f), else unused
+  std::vector<float> xd, xs;
+  std::vector<std::array<int64_t, 3>> chunks;  // (sub, n0, n1)
+
+  void run() override {
+    for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
+      const auto& [i, n0, n1] = chunks[size_t(c)];
+      const Q8Sub& sub = subs[size_t(i)];
+      (sub.gemm ? sub.kern.gemm : sub.kern.fn)(sub.call, n0, n1);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// The activations in ggml's vec_dot format: codes [m, k], scales [m, d_cols], Q8_1 sums.
+struct Q8In {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+  int64_t m, k, d_rows, d_cols, s_rows, s_cols;
+};
+
+Q8In q8_in(ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& d, ffi::Buffer<ffi::F32>& s) {
+  const auto qd = q.dimensions(), dd = d.dimensions(), sd = s.dimensions();
+  if (qd.size() != 2 || dd.size() != 2 || sd.size() != 2) return {nullptr, nullptr, nullptr};
+  return {q.typed_data(), d.typed_data(), s.typed_data(), qd[0], qd[1], dd[0], dd[1], sd[0],
+          sd[1]};
+}
+
+// Validates one weight against the activations and fills its sub-call; "" when fine. The
+// per-row integer side data depends on x and the kernel's kind only, so a weight that follows
+// one of the same kind (q/k/v, gate/up) shares its predecessor's instead of summing x again.
+const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float* y,
+                       int64_t qtype, bool tiled, const Q8Sub* prev) {
+  const auto wd = w.dimensions();
+  if (x.q == nullptr || wd.size() != 2) return "need 2-D q, d, s and w";
+  const Q8Kernel kern = pick_q8(qtype);
+  if (kern.fn == nullptr) return "unsupported ggml type for q8";
+  const int64_t m = x.m, k = x.k, n = wd[0];
+  if (k % kern.bs != 0) return "n_in not a block multiple";
+  const int64_t nxb = k / kern.xb;
+  if (x.d_rows != m || x.d_cols != nxb) return "d must be [m, k / block]";
+  if (kern.q8_1 && (x.s_rows != m || x.s_cols != nxb)) return "s must be [m, k / 32] for Q8_1";
+  sub.kern = kern;
+  sub.gemm = use_gemm(kern, m, tiled);
+  Q8Call& c = sub.call;
+  c.k = k;
+  c.n_out = n;
+  c.m_total = m;
+  c.row_bytes = wd[1];
+  c.w = w.typed_data();
+  c.y = y;
+  c.tiled = tiled;
+  const int8_t* qp = x.q;
+  c.rows.resize(size_t(m));
+  if (prev != nullptr && prev->gemm == sub.gemm && prev->kern.bias == kern.bias &&
+      prev->kern.off == kern.off && prev->kern.bsums == kern.bsums &&
+      prev->kern.pair_group == kern.pair_group && prev->kern.q8_1 == kern.q8_1 &&
+      prev->kern.xb == kern.xb) {
+    c.rows = prev->call.rows;  // the same x pointers and side data
+    return "";
+  }
+  // Per-row integer side data: bias (-OFF * sum of 4 codes) or 16-element sums (the row
+  // kernels' K-quant mins), and for the K-quant GEMM the group sums as int16 instead.
+  const bool k_gemm = sub.gemm && kern.pair_group != 0;
+  const int64_t per = kern.bias ? k / 4 : kern.bsums && !k_gemm ? k / 16 : 0;
+  const int64_t grp = kern.bias ? 4 : 16;
+  sub.aux.assign(size_t(m * per), 0);
+  for (int64_t i = 0; i < m * per; ++i) {
+    int32_t t = 0;
+    for (int j = 0; j < grp; ++j) t += qp[i * grp + j];
+    sub.aux[size_t(i)] = kern.bias ? -kern.off * t : t;
+  }
+  const int64_t np = k_gemm ? k / kern.pair_group : 0;
+  sub.pairs.assign(size_t(m * np), 0);
+  for (int64_t i = 0; i < m * np; ++i) {  // |sum| <= 32 * 127: an int16
+    int32_t t = 0;
+    for (int j = 0; j < kern.pair_group; ++j) t += qp[i * kern.pair_group + j];
+    sub.pairs[size_t(i)] = int16_t(t);
+  }
+  for (int64_t r = 0; r < m; ++r)
+    c.rows[size_t(r)] = {qp + r * k, x.d + r * nxb, kern.q8_1 ? x.s + r * nxb : nullptr,
+                         sub.aux.data() + r * per, sub.pairs.data() + r * np};
+  return "";
+}
+
+ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work, const Q8In& x,
+                     ffi::Buffer<ffi::U8>* const* ws, float* const* ys, const int64_t* qtypes,
+                     int nw, bool tiled) {
+  work->subs.resize(size_t(nw));
+  for (int i = 0; i < nw; ++i) {
+    const char* err = q8_prepare(work->subs[size_t(i)], x, *ws[i], ys[i], qtypes[i], tiled,
+                                 i > 0 ? &work->subs[size_t(i - 1)] : nullptr);
+    if (*err) return ffi::Error::InvalidArgument(err);
+    const Q8Call& c = work->subs[size_t(i)].call;
+    // ~64 KiB of weights per chunk: small enough to balance, large enough to amortise a claim;
+    // the GEMM: one tile of weight rows (times all x rows: plenty of work per claim).
+    const int64_t rows = work->subs[size_t(i)].gemm
+                             ? int64_t(kGemmChunk)
+                             : std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes));
+    for (int64_t n0 = 0; n0 < c.n_out; n0 += rows)
+      work->chunks.push_back({i, n0, std::min(c.n_out, n0 + rows)});
+  }
+  work->n_chunks = int64_t(work->chunks.size());
+  run_chunks(pool, work, helpers_for(pool, work->n_chunks));
+  return ffi::Error::Success();
+}
+
+// The weights (RemainingArgs, u8 GGUF rows) and outputs (RemainingRets, f32) of a variadic
+// call, one qtype each.
+struct Weights {
+  std::vector<ffi::Buffer<ffi::U8>> wb;
+  std::vector<ffi::Buffer<ffi::U8>*> ws;
+  std::vector<float*> ys;
+};
+
+ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t n_qtypes,
+                   Weights& out) {
+  const size_t nw = args.size();
+  if (nw == 0 || rets.size() != nw || n_qtypes != nw)
+    return ffi::Error::InvalidArgument("need one output and one qtype per weight");
+  for (size_t i = 0; i < nw; ++i) {
+    auto w = args.get<ffi::Buffer<ffi::U8>>(i);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("bad weight or output");
+    out.wb.push_back(*w);
+    out.ys.push_back((*y)->typed_data());
+  }
+  for (auto& w : out.wb) out.ws.push_back(&w);
+  return ffi::Error::Success();
+}
+
+// x as int8 codes q [m, k], scales d [m, k / block], Q8_1 sums s [m, k / 32] (else [m, 0]),
+// then any number of weights sharing that activation format and as many outputs.
+ffi::Error QMatVecQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
+                         ffi::Buffer<ffi::F32> s, ffi::RemainingArgs args,
+                         ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes, bool tiled) {
+  Weights wts;
+  if (ffi::Error err = weights(args, rets, qtypes.size(), wts); err.failure()) return err;
+  return q8_launch(pool, std::make_shared<Q8Work>(), q8_in(q, d, s), wts.ws.data(),
+                   wts.ys.data(), qtypes.begin(), int(wts.ws.size()), tiled);
+}
+
+ffi::Error QuantizeQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::ResultBuffer<ffi::S8> q, ffi::ResultBuffer<ffi::F32> d,
+                          ffi::ResultBuffer<ffi::F32> s, int64_t fmt) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
+  const int64_t m = xd[0], k = xd[1], bs = fmt == kFmtQ8_K ? 256 : 32;
+  if (fmt < 0 || fmt > 2 || k % bs != 0) return ffi::Error::InvalidArgument("bad format or k");
+  const int64_t nb = k / bs, ns = fmt == kFmtQ8_1 ? k / 32 : 0;
+  if ((int64_t)d->element_count() != m * nb || (int64_t)s->element_count() != m * ns)
+    return ffi::Error::InvalidArgument("bad output sizes");
+  quantize_rows_q8(pool, x.typed_data(), m, k, int(fmt), q->typed_data(), d->typed_data(),
+                   s->typed_data());
+  return ffi::Error::Success();
+}
+
+// Decode: quantization and product in one call (f32 x in), one thunk and one set of XLA
+// buffers fewer per weight group; the same quantize_row_q8, so the same bits.
+ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                          ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes, bool tiled) {
+  Weights wts;
+  if (ffi::Error err = weights(args, rets, qtypes.size(), wts); err.failure()) return err;
+  const int nw = int(wts.ws.size());
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
+  const Q8Kernel k0 = pick_q8(qtypes[0]);
+  if (k0.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type for q8");
+  const int fmt = k0.q8_1 ? kFmtQ8_1 : k0.xb == 256 ? kFmtQ8_K : kFmtQ8_0;
+  for (int i = 1; i < nw; ++i) {
+    const Q8Kernel ki = pick_q8(qtypes[i]);
+    if (ki.fn == nullptr || ki.q8_1 != k0.q8_1 || ki.xb != k0.xb)
+      return ffi::Error::InvalidArgument("weights of one call must share the activation format");
+  }
+  const int64_t m = xd[0], k = xd[1], bs = fmt == kFmtQ8_K ? 256 : 32;
+  if (k % bs != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
+  const int64_t nb = k / bs, ns = fmt == kFmtQ8_1 ? k / 32 : 0;
+  auto work = std::make_shared<Q8Work>();
+  work->xq.resize(size_t(m * k));
+  work->xd.resize(size_t(m * nb));
+  work->xs.resize(size_t(m * ns));
+  for (int64_t r = 0; r < m; ++r)
+    quantize_row_q8(x.typed_data() + r * k, k, fmt, work->xq.data() + r * k,
+                    work->xd.data() + r * nb, work->xs.data() + r * ns);
+  const Q8In in{work->xq.data(), work->xd.data(), work->xs.data(), m, k, m, nb, m, ns};
+  return q8_launch(pool, work, in, wts.ws.data(), wts.ys.data(), qtypes.begin(), nw, tiled);
+}
+#endif  // JLLAMA_Q8
+
+}  // namespace
+}  // namespace jllama
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaDequant, jllama::DequantImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaCosSin, jllama::CosSinImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVec, jllama::QMatVecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecXs, jllama::QMatVecXsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
+
+#if defined(JLLAMA_Q8)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQuantizeQ8, jllama::QuantizeQ8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("fmt"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8, jllama::QMatVecQ8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("qtypes")
+                                  .Attr<bool>("tiled"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8F, jllama::QMatVecQ8FImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("qtypes")
+                                  .Attr<bool>("tiled"));
+#endif

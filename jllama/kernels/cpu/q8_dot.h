@@ -1,0 +1,326 @@
+// The int8 kernels' per-block arithmetic (q8.h says what it reproduces): for each weight type
+// its codes as unsigned bytes and one block's dot against MC x rows, in ggml's f32 order
+// (vec_dot's 8 lanes, or the tiled order when TILED). Shared by the row kernels (vec_dot.cc)
+// and the GEMM's tile decoder (gemm.cc).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "f16.h"
+#include "q8.h"
+
+#if defined(JLLAMA_Q8)
+
+// No reassociation or contraction of the f32 steps below: their order is the point.
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math", "fp-contract=off")
+
+// Free functions are static (internal linkage), as in every header here: see f16.h.
+namespace jllama {
+
+// acc + sum of 4 u8*s8 per lane
+static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+
+static inline float hsum8(__m256 x) {  // ggml's hsum_float_8
+  __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+static inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+// 16 bytes of nibbles -> 32 bytes (low nibbles first), as ggml's bytes_from_nibbles_32.
+static inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128((const __m128i*)p);
+  const __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+  return _mm256_and_si256(b, _mm256_set1_epi8(15));
+}
+
+// Bit i of 32 bits -> 0x10 in byte i (the fifth bit of a Q5 code).
+static inline __m256i fifth_bits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return _mm256_maskz_mov_epi8(__mmask32(bits), _mm256_set1_epi8(16));
+#else
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                         0x0101010101010101, 0x0000000000000000);
+  __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), shuf);
+  b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(16));
+#endif
+}
+
+struct Q8Acc {
+  __m256 acc;
+  __m128 accm;
+  float summs;  // also the tiled order's scalar accumulator
+};
+
+static inline int32_t hsum_i32(__m256i v) {  // any exact order: integers
+  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
+  return _mm_cvtsi128_si32(r);
+}
+
+// Lane sums of MC int32x8 vectors into out[MC] (4 at a time through hadd).
+template <int MC>
+static inline void hsum_i32_rows(const __m256i* v, int32_t* out) {
+  int m = 0;
+  for (; m + 4 <= MC; m += 4) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[m], v[m + 1]),
+                                        _mm256_hadd_epi32(v[m + 2], v[m + 3]));
+    const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_si128((__m128i*)(out + m), s);
+  }
+  for (; m < MC; ++m) out[m] = hsum_i32(v[m]);
+}
+
+// Q4_0/Q5_0/Q8_0 (Q8_0 activations): weight codes as u8 = code + OFF, the bias undoes OFF.
+template <typename D>
+struct Q8Signed {
+  static constexpr int BS = 32, XB = 32;
+  static constexpr bool kBias = true, kBsums = false, kTiled = false;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16_to_f32(b);
+    const __m256i qw = D::codes(b);
+    for (int m = 0; m < MC; ++m) {
+      const __m256i p = dpbusd(load256(x[m].aux + bi * 8), qw, load256(x[m].q + bi * 32));
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
+                                  st[m].acc);
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) { return hsum8(a.acc); }
+};
+
+struct Q8W4_0 : Q8Signed<Q8W4_0> {
+  static constexpr int TS = 18, OFF = 8;
+  static __m256i codes(const uint8_t* b) { return nibbles32(b + 2); }
+};
+struct Q8W5_0 : Q8Signed<Q8W5_0> {
+  static constexpr int TS = 22, OFF = 16;
+  static __m256i codes(const uint8_t* b) {
+    return _mm256_or_si256(nibbles32(b + 6), fifth_bits(b + 2));
+  }
+};
+struct Q8W8_0 : Q8Signed<Q8W8_0> {
+  static constexpr int TS = 34, OFF = 128;
+  static __m256i codes(const uint8_t* b) {
+    return _mm256_xor_si256(load256(b + 2), _mm256_set1_epi8(char(0x80)));
+  }
+};
+
+// Q4_1/Q5_1 (Q8_1 activations): unsigned codes; summs = fma(m_w, s_x, summs) per block (ggml's
+// binary contracts it), added after the hsum.
+template <typename D>
+struct Q8Min {
+  static constexpr int BS = 32, XB = 32;
+  static constexpr bool kBias = false, kBsums = false, kTiled = false;
+  static constexpr int OFF = 0;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16_to_f32(b), mw = f16_to_f32(b + 2);
+    const __m256i qw = D::codes(b);
+    for (int m = 0; m < MC; ++m) {
+      const __m256i p = dpbusd(_mm256_setzero_si256(), qw, load256(x[m].q + bi * 32));
+      st[m].summs = __builtin_fmaf(mw, x[m].s[bi], st[m].summs);
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
+                                  st[m].acc);
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) { return hsum8(a.acc) + a.summs; }
+};
+
+struct Q8W4_1 : Q8Min<Q8W4_1> {
+  static constexpr int TS = 20;
+  static __m256i codes(const uint8_t* b) { return nibbles32(b + 4); }
+};
+struct Q8W5_1 : Q8Min<Q8W5_1> {
+  static constexpr int TS = 24;
+  static __m256i codes(const uint8_t* b) {
+    return _mm256_or_si256(nibbles32(b + 8), fifth_bits(b + 4));
+  }
+};
+
+// Lane l: sc * (dot of bytes 4l..4l+3), u8 weights (< 32) times s8 codes (|q| <= 127): the
+// same int32 lanes as dpbusd followed by mullo by sc, in two uops instead of three (maddubs
+// pairs reach 2 * 31 * 127 < 2^15, no saturation). Q4_K/Q5_K only: for Q6_K it was no faster
+// than dpbusd + mullo (experiments/results/cpu_kernels.md), which Q6_K keeps.
+static inline __m256i scaled_dot4(__m256i qw, __m256i qy, __m256i sc16) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qy), sc16);
+}
+
+// The 6-bit scales and mins of a Q4_K/Q5_K block as ints.
+static inline void k_scale_min_int(const uint8_t* s, int* sc, int* mn) {
+  for (int i = 0; i < 4; ++i) {
+    sc[i] = s[i] & 63;
+    mn[i] = s[i + 4] & 63;
+    sc[i + 4] = (s[i + 8] & 15) | ((s[i] >> 2) & 48);
+    mn[i + 4] = (s[i + 8] >> 4) | ((s[i + 4] >> 2) & 48);
+  }
+}
+
+// Q4_K/Q5_K (Q8_K activations): per block sumi = sum_g sc[g] * dot(group g) in 8 lanes,
+// acc = fma(d_x * d_w, sumi, acc). Mins: Q4_K keeps 4 f32 lanes of (mn[2i] bs[2i] + mn[2i+1]
+// bs[2i+1]) * dmin; Q5_K one scalar summs += dmin * sum_g mn[g] bs[g] (contracted, as built).
+// TILED (ggml's tiled GEMM): summs = fma(fma(-dmin_w, s2, s1 * d_w), d_x, summs).
+template <typename D>
+struct Q8KMin {
+  static constexpr int BS = 256, XB = 256;
+  static constexpr bool kBias = false, kBsums = true, kTiled = true;
+  static constexpr int OFF = 0;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    int sc[8], mn[8];
+    k_scale_min_int(b + 4, sc, mn);
+    const float dw = f16_to_f32(b), dminw = f16_to_f32(b + 2);
+    __m256i sumi[MC];
+    for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      const __m256i qw = D::group(b, g);
+      const __m256i scv = _mm256_set1_epi16(int16_t(sc[g]));
+      for (int m = 0; m < MC; ++m) {
+        const __m256i qy = load256(x[m].q + bi * 256 + g * 32);
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
+      }
+    }
+    if constexpr (TILED) {
+      int32_t s1[MC];
+      hsum_i32_rows<MC>(sumi, s1);
+      for (int m = 0; m < MC; ++m) {
+        const int32_t* bs = x[m].aux + bi * 16;
+        int32_t s2 = 0;
+        for (int g = 0; g < 8; ++g) s2 += mn[g] * (bs[2 * g] + bs[2 * g + 1]);
+        const float r = __builtin_fmaf(-dminw, float(s2), float(s1[m]) * dw);
+        st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
+      }
+      return;
+    }
+    for (int m = 0; m < MC; ++m) {
+      const float dx = x[m].d[bi];
+      const int32_t* bs = x[m].aux + bi * 16;
+      int pm[4];
+      for (int i = 0; i < 4; ++i)
+        pm[i] = mn[2 * i] * (bs[4 * i] + bs[4 * i + 1]) +
+                mn[2 * i + 1] * (bs[4 * i + 2] + bs[4 * i + 3]);
+      const float dmin = -dx * dminw;
+      if constexpr (D::kScalarMins) {
+        st[m].summs = __builtin_fmaf(dmin, float(pm[0] + pm[1] + pm[2] + pm[3]), st[m].summs);
+      } else {
+        const __m128 pmf = _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)pm));
+        st[m].accm = _mm_fmadd_ps(_mm_set1_ps(dmin), pmf, st[m].accm);
+      }
+      st[m].acc =
+          _mm256_fmadd_ps(_mm256_set1_ps(dx * dw), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) {
+    if constexpr (TILED) return a.summs;
+    if constexpr (D::kScalarMins) return hsum8(a.acc) + a.summs;
+    __m128 m = _mm_add_ps(a.accm, _mm_movehl_ps(a.accm, a.accm));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    return hsum8(a.acc) + _mm_cvtss_f32(m);
+  }
+};
+
+struct Q8W4_K : Q8KMin<Q8W4_K> {
+  static constexpr int TS = 144;
+  static constexpr bool kScalarMins = false;
+  static __m256i group(const uint8_t* b, int g) {  // group g: chunk g/2, nibble g%2
+    const __m256i q = load256(b + 16 + 32 * (g >> 1));
+    return _mm256_and_si256(_mm256_srli_epi16(q, 4 * (g & 1)), _mm256_set1_epi8(15));
+  }
+};
+
+struct Q8W5_K : Q8KMin<Q8W5_K> {
+  static constexpr int TS = 176;
+  static constexpr bool kScalarMins = true;
+  static __m256i group(const uint8_t* b, int g) {  // plus bit g of qh[l] as 16
+    const __m256i q = load256(b + 48 + 32 * (g >> 1));
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (g & 1)), _mm256_set1_epi8(15));
+    const __m256i h = _mm256_and_si256(load256(b + 16), _mm256_set1_epi8(char(1 << g)));
+    const __m256i hi = _mm256_slli_epi16(_mm256_srli_epi16(h, g), 4);
+    return _mm256_or_si256(lo, hi);
+  }
+};
+
+// Q6_K: sumi = sum over 32-chunks of {sc[2c] x4 lanes, sc[2c+1] x4} * dot(unsigned codes),
+// minus 32 * (bs[2l] sc[2l] + bs[2l+1] sc[2l+1]) in lane l, as ggml's q8sclsub.
+// TILED (ggml's tiled GEMM): s1 = the sum of all lanes, summs = fma(s1 * d_w, d_x, summs).
+struct Q8W6_K {
+  static constexpr int BS = 256, XB = 256, TS = 210, OFF = 0;
+  static constexpr bool kBias = false, kBsums = true, kTiled = true;
+  // The 6-bit codes (0..63) of 32-element chunk c: low nibbles from ql, 2 high bits from qh.
+  static __m256i chunk(const uint8_t* b, int c) {
+    const int h = c >> 2, i = c & 3;
+    const __m256i ql = load256(b + 64 * h + 32 * (i & 1));
+    const __m256i qh = load256(b + 128 + 32 * h);
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (i >> 1)), _mm256_set1_epi8(15));
+    const __m256i hi = _mm256_slli_epi16(
+        _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
+    return _mm256_or_si256(lo, hi);
+  }
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const float dw = f16_to_f32(b + 208);
+    __m256i sumi[MC];
+    for (int m = 0; m < MC; ++m) {
+      // lane l: bs[2l] sc[2l] + bs[2l+1] sc[2l+1]
+      const int32_t* bs = x[m].aux + bi * 16;
+      alignas(32) int32_t t[8];
+      for (int l = 0; l < 8; ++l)
+        t[l] = bs[2 * l] * int(scales[2 * l]) + bs[2 * l + 1] * int(scales[2 * l + 1]);
+      sumi[m] = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_slli_epi32(_mm256_load_si256((const __m256i*)t), 5));
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m256i qw = chunk(b, c);
+      const __m256i scv = _mm256_setr_epi32(scales[2 * c], scales[2 * c], scales[2 * c],
+                                            scales[2 * c], scales[2 * c + 1], scales[2 * c + 1],
+                                            scales[2 * c + 1], scales[2 * c + 1]);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
+        const __m256i p = dpbusd(_mm256_setzero_si256(), qw, qy);
+        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
+      }
+    }
+    if constexpr (TILED) {
+      int32_t s1[MC];
+      hsum_i32_rows<MC>(sumi, s1);
+      for (int m = 0; m < MC; ++m)
+        st[m].summs = __builtin_fmaf(float(s1[m]) * dw, x[m].d[bi], st[m].summs);
+      return;
+    }
+    for (int m = 0; m < MC; ++m)
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw), _mm256_cvtepi32_ps(sumi[m]),
+                                  st[m].acc);
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) {
+    if constexpr (TILED) return a.summs;
+    return hsum8(a.acc);
+  }
+};
+
+}  // namespace jllama
+
+#pragma GCC pop_options
+#endif  // JLLAMA_Q8

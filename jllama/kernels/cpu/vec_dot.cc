@@ -1,0 +1,477 @@
+// Row kernels: y[m, n] = sum_k x[m, k] W[n, k] for a range of weight rows n, every x row, W in
+// its GGUF bytes.
+//
+// f32 activations (``JllamaQMatVec``): XLA:CPU compiles nibble unpacking and any convert fused
+// into a dot to scalar loops, so the best pure-XLA decode path is far slower than reading the
+// weight once here. Each GGUF block is decoded straight into f32 vector registers and FMA'd
+// against the activations (the group scale applied once per 16-32 elements, mins through
+// precomputed sums of x); the weight is read once, in its GGUF bytes (0.56-1.06 B per element).
+// Single-core rates per type are in experiments/results/cpu_kernels.md. These kernels serve
+// the exact-f32 mode, the types without an int8 kernel and the f32 GEMM path's tiles.
+//
+// int8 activations (``JllamaQMatVecQ8``, q8.h): what llama.cpp itself runs, bit-identical to
+// its CPU mul_mat; the per-block arithmetic is in q8_dot.h. Decode uses them in the default
+// llama.cpp-matching numerics for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, where they also
+// read the weights faster than the f32 decoders.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "blocks.h"
+#include "q8.h"
+#include "q8_dot.h"
+#include "vec_dot.h"
+
+namespace jllama {
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));  // GCC/Clang: lowered to the target's SIMD
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+// Unaligned views: plain vector loads (GCC turns memcpy into int8 vectors into scalar code).
+typedef float v16_u __attribute__((vector_size(64), aligned(1), may_alias));
+typedef uint8_t v16b_u __attribute__((vector_size(16), aligned(1), may_alias));
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16_u*>(p); }
+inline v16b load16b(const uint8_t* p) { return *reinterpret_cast<const v16b_u*>(p); }
+// Widening converts, the one place GCC's generic vectors scalarise: use AVX-512 when the build
+// machine has it (-march=native), otherwise a loop the auto-vectoriser handles.
+inline v16i u8_to_i(v16b b) {
+#if defined(__AVX512F__)
+  return (v16i)_mm512_cvtepu8_epi32((__m128i)b);
+#else
+  v16i r;
+  for (int i = 0; i < 16; ++i) r[i] = b[i];
+  return r;
+#endif
+}
+inline v16 i32_to_f(v16i i) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_cvtepi32_ps((__m512i)i);
+#else
+  return __builtin_convertvector(i, v16);
+#endif
+}
+inline v16 u8_to_f(v16b b) { return i32_to_f(u8_to_i(b)); }
+inline v16i i8_to_i(v16b b) {
+#if defined(__AVX512F__)
+  return (v16i)_mm512_cvtepi8_epi32((__m128i)b);
+#else
+  v16i r;
+  for (int i = 0; i < 16; ++i) r[i] = int8_t(b[i]);
+  return r;
+#endif
+}
+
+// Fused per-block dots: no f32 copy of the block, the scale is applied once per group.
+// acc[m] (16 lanes) collects scale * sum(code * x); sacc[m] collects min * sum(x over the group)
+// (xs: per-32-element sums of x, precomputed once per call for types with a min).
+struct FQ4_0 : Q4_0 {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+    const v16i q = u8_to_i(load16b(b + 2));
+    const v16 lo = i32_to_f((q & 15) - 8), hi = i32_to_f((q >> 4) - 8);
+    for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+struct FQ4_1 : Q4_1 {
+  static constexpr bool kNeedsXsum = true;
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const* xs, v16* acc,
+                  float* sacc) {
+    const float d = f16_to_f32(b), mn = f16_to_f32(b + 2);
+    const v16i q = u8_to_i(load16b(b + 4));
+    const v16 lo = i32_to_f(q & 15), hi = i32_to_f(q >> 4);
+    for (int m = 0; m < MC; ++m) {
+      acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+      sacc[m] += mn * xs[m][0];
+    }
+  }
+};
+
+// The 5-bit codes of a Q5_0/Q5_1 block (0..31) as two f32 vectors (elements 0-15, 16-31), minus
+// ``offset``.
+inline void q5_codes(uint32_t qh, const uint8_t* qs, int offset, v16* lo, v16* hi) {
+  const v16i q = u8_to_i(load16b(qs));
+#if defined(__AVX512F__)  // the high bits are exactly a lane mask: add 16 where set
+  const __m512i k16 = _mm512_set1_epi32(16);
+  const __m512i l = (__m512i)(q & 15), h = (__m512i)(q >> 4);
+  *lo = i32_to_f((v16i)_mm512_mask_add_epi32(l, __mmask16(qh), l, k16) - offset);
+  *hi = i32_to_f((v16i)_mm512_mask_add_epi32(h, __mmask16(qh >> 16), h, k16) - offset);
+#else
+  const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const v16i hlo = (v16i)(((qh >> lane) & 1) << 4), hhi = (v16i)(((qh >> (lane + 16)) & 1) << 4);
+  *lo = i32_to_f(((q & 15) | hlo) - offset);
+  *hi = i32_to_f(((q >> 4) | hhi) - offset);
+#endif
+}
+
+struct FQ5_0 : Q5_0 {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    v16 lo, hi;
+    q5_codes(qh, b + 6, 16, &lo, &hi);
+    for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+struct FQ5_1 : Q5_1 {
+  static constexpr bool kNeedsXsum = true;
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const* xs, v16* acc,
+                  float* sacc) {
+    const float d = f16_to_f32(b), mn = f16_to_f32(b + 2);
+    uint32_t qh;
+    std::memcpy(&qh, b + 4, 4);
+    v16 lo, hi;
+    q5_codes(qh, b + 8, 0, &lo, &hi);
+    for (int m = 0; m < MC; ++m) {
+      acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+      sacc[m] += mn * xs[m][0];
+    }
+  }
+};
+
+struct FQ8_0 : Q8_0 {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+    const v16 lo = i32_to_f(i8_to_i(load16b(b + 2))), hi = i32_to_f(i8_to_i(load16b(b + 18)));
+    for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+// K-quants: each 32-element group (Q6_K: 16) is decoded straight into f32 vectors and used
+// with its scale while in registers; the mins use the x group sums.
+template <typename T>
+struct FK : T {
+  static constexpr bool kNeedsXsum = T::kMin;
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const* xs, v16* acc,
+                  float* sacc) {
+    float sc[16], mn[8];
+    T::scales(b, sc, mn);
+#pragma GCC unroll 16
+    for (int g = 0; g < 256 / T::G; ++g) {
+      v16 f[T::G / 16];
+      T::group(b, g, f);
+      for (int m = 0; m < MC; ++m) {
+        v16 s = f[0] * load16(xm[m] + g * T::G);
+        for (int h = 1; h < T::G / 16; ++h) s += f[h] * load16(xm[m] + g * T::G + 16 * h);
+        acc[m] += sc[g] * s;
+        if constexpr (T::kMin) sacc[m] -= mn[g] * xs[m][g];
+      }
+    }
+  }
+};
+
+struct CQ4_K : Q4_K {
+  static constexpr int G = 32;
+  static constexpr bool kMin = true;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    k_scale_min(b + 4, f16_to_f32(b), f16_to_f32(b + 2), sc, mn);
+  }
+  static void group(const uint8_t* b, int g, v16* f) {  // group g: chunk g/2, nibble g%2
+    const uint8_t* qs = b + 16 + 32 * (g >> 1);
+    const int sh = 4 * (g & 1);
+    f[0] = i32_to_f((u8_to_i(load16b(qs)) >> sh) & 15);
+    f[1] = i32_to_f((u8_to_i(load16b(qs + 16)) >> sh) & 15);
+  }
+};
+
+struct CQ5_K : Q5_K {
+  static constexpr int G = 32;
+  static constexpr bool kMin = true;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    k_scale_min(b + 4, f16_to_f32(b), f16_to_f32(b + 2), sc, mn);
+  }
+  static void group(const uint8_t* b, int g, v16* f) {  // high bit g of qh[l]
+    const uint8_t* qh = b + 16;
+    const uint8_t* qs = b + 48 + 32 * (g >> 1);
+    const int sh = 4 * (g & 1);
+    for (int h = 0; h < 2; ++h) {
+      const v16i lo = (u8_to_i(load16b(qs + 16 * h)) >> sh) & 15;
+      const v16i hi = (u8_to_i(load16b(qh + 16 * h)) >> g) & 1;
+      f[h] = i32_to_f(lo | (hi << 4));
+    }
+  }
+};
+
+struct CQ6_K : Q6_K {
+  static constexpr int G = 16;
+  static constexpr bool kMin = false;
+  static void scales(const uint8_t* b, float* sc, float*) {
+    const v16 v = f16_to_f32(b + 208) * i32_to_f(i8_to_i(load16b(b + 192)));
+    std::memcpy(sc, &v, sizeof v);
+  }
+  // Group g covers elements 16g..16g+15 = h*128 + s*32 + l with l in [16*(g%2), +16).
+  static void group(const uint8_t* b, int g, v16* f) {
+    const int h = g >> 3, s = (g >> 1) & 3, l0 = 16 * (g & 1);
+    const v16i lo = (u8_to_i(load16b(b + h * 64 + (s & 1) * 32 + l0)) >> (4 * (s >> 1))) & 15;
+    const v16i hi = (u8_to_i(load16b(b + 128 + h * 32 + l0)) >> (2 * s)) & 3;
+    f[0] = i32_to_f((lo | (hi << 4)) - 32);
+  }
+};
+
+// IQ4 code book lookup of 16 indices (0..15).
+inline v16 iq4_lookup(v16i idx) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_permutexvar_ps((__m512i)idx, _mm512_load_ps(kIQ4Values));
+#else
+  v16 r;
+  for (int i = 0; i < 16; ++i) r[i] = kIQ4Values[idx[i]];
+  return r;
+#endif
+}
+
+struct FIQ4_NL : IQ4_NL {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+    const v16i q = u8_to_i(load16b(b + 2));
+    const v16 lo = iq4_lookup(q & 15), hi = iq4_lookup(q >> 4);
+    for (int m = 0; m < MC; ++m) acc[m] += d * (lo * load16(xm[m]) + hi * load16(xm[m] + 16));
+  }
+};
+
+struct FIQ4_XS : IQ4_XS {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    const float d = f16_to_f32(b);
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      const float dl = group_scale(b, d, g);
+      const v16i q = u8_to_i(load16b(b + 8 + 16 * g));
+      const v16 lo = iq4_lookup(q & 15), hi = iq4_lookup(q >> 4);
+      for (int m = 0; m < MC; ++m)
+        acc[m] += dl * (lo * load16(xm[m] + 32 * g) + hi * load16(xm[m] + 32 * g + 16));
+    }
+  }
+};
+
+// Types without a hand-vectorised dot: decode the block to an L1 buffer, then vector FMAs.
+template <typename T>
+struct FBuf : T {
+  template <int MC>
+  static void dot(const uint8_t* b, const float* const* xm, const float* const*, v16* acc,
+                  float*) {
+    alignas(64) float buf[T::BS];
+    T::decode(b, buf);
+    for (int j = 0; j < T::BS; j += 16) {
+      const v16 wv = load16(buf + j);
+      for (int m = 0; m < MC; ++m) acc[m] += wv * load16(xm[m] + j);
+    }
+  }
+};
+
+template <typename T, typename = void>
+struct NeedsXsum {
+  static constexpr bool value = false;
+};
+template <typename T>
+struct NeedsXsum<T, std::void_t<decltype(T::kNeedsXsum)>> {
+  static constexpr bool value = T::kNeedsXsum;
+};
+
+// Rows of W prefetched ahead of the one being read (0: off). Decode streams the whole model's
+// weights per token, and the hardware prefetcher alone left the kernel latency-bound on the
+// 2-vCPU Xeon VM (env JLLAMA_CPU_PREFETCH_ROWS, for measurements). The hint is T0, not NTA: a
+// non-temporal prefetch evicts the lines from the (large, shared) L3, so weights that would
+// have stayed there between tokens came from DRAM every time, which made matvecs on an
+// L3-resident matrix several times slower (experiments/results/cpu_kernels.md; env
+// JLLAMA_CPU_PREFETCH_NTA=1 restores it).
+inline int64_t prefetch_rows() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("JLLAMA_CPU_PREFETCH_ROWS");
+    return env ? std::max(0, std::atoi(env)) : 8;
+  }();
+  return v;
+}
+
+__attribute__((always_inline)) inline void prefetch_row(const uint8_t* p, int64_t bytes) {
+  static const bool nta = [] {
+    const char* env = std::getenv("JLLAMA_CPU_PREFETCH_NTA");
+    return env != nullptr && std::atoi(env) != 0;
+  }();
+  if (nta) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+  } else {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+  }
+}
+
+// y[m0 + m, n] for n in [n0, n1), m < MC: each block is decoded once and used for MC rows of x.
+template <typename T, int MC>
+void rows_mc(const float* x, const float* xsum, int64_t k, const uint8_t* w, int64_t row_bytes,
+             float* y, int64_t n_out, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = k / T::BS, gpb = T::BS / 32;  // 32-element x sums per block
+  const int64_t pf = prefetch_rows();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    if (pf > 0 && n + pf < n1) {
+      prefetch_row(row + pf * row_bytes, row_bytes);
+    }
+    v16 acc[MC] = {};
+    float sacc[MC] = {};
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      const float* xm[MC];
+      const float* xs[MC];
+      for (int m = 0; m < MC; ++m) {
+        xm[m] = x + (m0 + m) * k + bi * T::BS;
+        xs[m] = xsum + (m0 + m) * (k / 32) + bi * gpb;
+      }
+      T::template dot<MC>(row + bi * T::TS, xm, xs, acc, sacc);
+    }
+    for (int m = 0; m < MC; ++m) {
+      float s = sacc[m];
+      for (int l = 0; l < 16; ++l) s += acc[m][l];
+      y[(m0 + m) * n_out + n] = s;
+    }
+  }
+}
+
+// All x rows against W rows [n0, n1): passes of 8, then 4, 2, 1 rows.
+template <typename T>
+void rows_kernel(const float* x, const float* xs, int64_t k, const uint8_t* w, int64_t rb,
+                 float* y, int64_t n_out, int64_t m_total, int64_t n0, int64_t n1) {
+  int64_t m0 = 0;
+  for (; m0 + 8 <= m_total; m0 += 8) rows_mc<T, 8>(x, xs, k, w, rb, y, n_out, m0, n0, n1);
+  if (m0 + 4 <= m_total) rows_mc<T, 4>(x, xs, k, w, rb, y, n_out, m0, n0, n1), m0 += 4;
+  if (m0 + 2 <= m_total) rows_mc<T, 2>(x, xs, k, w, rb, y, n_out, m0, n0, n1), m0 += 2;
+  if (m0 < m_total) rows_mc<T, 1>(x, xs, k, w, rb, y, n_out, m0, n0, n1);
+}
+
+template <typename T>
+constexpr Kernel make() {
+  return {rows_kernel<T>, NeedsXsum<T>::value};
+}
+
+// f32 rows [n0, n1) of a weight, block by block.
+template <typename T>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, int64_t n0,
+                  int64_t n1) {
+  const int64_t nb = k / T::BS;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t bi = 0; bi < nb; ++bi)
+      T::decode(w + n * row_bytes + bi * T::TS, out + n * k + bi * T::BS);
+}
+
+#if defined(JLLAMA_Q8)
+// The int8 row kernels: MC x rows per pass over a weight row, each block's dot in ggml's order.
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math", "fp-contract=off")
+
+template <typename T, int MC, bool TILED>
+void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = c.k / T::BS, pf = prefetch_rows();
+  const Q8Row* x = c.rows.data() + m0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = c.w + n * c.row_bytes;
+    if (pf > 0 && n + pf < n1) {
+      prefetch_row(row + pf * c.row_bytes, c.row_bytes);
+    }
+    Q8Acc st[MC];
+    for (int m = 0; m < MC; ++m) st[m] = {_mm256_setzero_ps(), _mm_setzero_ps(), 0.f};
+    for (int64_t bi = 0; bi < nb; ++bi) T::template dot<MC, TILED>(row + bi * T::TS, bi, x, st);
+    for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<TILED>(st[m]);
+  }
+}
+
+template <typename T, bool TILED>
+void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= c.m_total; m0 += 4) q8_rows_mc<T, 4, TILED>(c, m0, n0, n1);
+  if (m0 + 2 <= c.m_total) q8_rows_mc<T, 2, TILED>(c, m0, n0, n1), m0 += 2;
+  if (m0 < c.m_total) q8_rows_mc<T, 1, TILED>(c, m0, n0, n1);
+}
+
+template <typename T>
+void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
+  if constexpr (T::kTiled) {
+    if (c.m_total >= kTiledMinRows && c.tiled) return q8_rows_t<T, true>(c, n0, n1);
+  }
+  q8_rows_t<T, false>(c, n0, n1);
+}
+#pragma GCC pop_options
+
+template <typename T>
+Q8Kernel make_q8(int64_t qtype, bool q8_1 = false) {
+  const Q8Gemm g = q8_gemm_for(qtype);
+  return {q8_rows<T>, g.fn, T::BS, T::XB, T::OFF, g.pair_group, T::kBias, T::kBsums, q8_1,
+          T::kTiled};
+}
+#endif  // JLLAMA_Q8
+
+}  // namespace
+
+Kernel pick(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return make<FQ4_0>();
+    case kQ4_1: return make<FQ4_1>();
+    case kQ5_0: return make<FQ5_0>();
+    case kQ5_1: return make<FQ5_1>();
+    case kQ8_0: return make<FQ8_0>();
+    case kIQ4_NL: return make<FIQ4_NL>();
+    case kIQ4_XS: return make<FIQ4_XS>();
+    case kQ2_K: return make<FBuf<Q2_K>>();
+    case kQ3_K: return make<FBuf<Q3_K>>();
+    case kQ4_K: return make<FK<CQ4_K>>();
+    case kQ5_K: return make<FK<CQ5_K>>();
+    case kQ6_K: return make<FK<CQ6_K>>();
+    default: return {nullptr, false};
+  }
+}
+
+DequantFn pick_dequant(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return dequant_rows<Q4_0>;
+    case kQ4_1: return dequant_rows<Q4_1>;
+    case kQ5_0: return dequant_rows<Q5_0>;
+    case kQ5_1: return dequant_rows<Q5_1>;
+    case kQ8_0: return dequant_rows<Q8_0>;
+    case kIQ4_NL: return dequant_rows<IQ4_NL>;
+    case kIQ4_XS: return dequant_rows<IQ4_XS>;
+    case kQ2_K: return dequant_rows<Q2_K>;
+    case kQ3_K: return dequant_rows<Q3_K>;
+    case kQ4_K: return dequant_rows<Q4_K>;
+    case kQ5_K: return dequant_rows<Q5_K>;
+    case kQ6_K: return dequant_rows<Q6_K>;
+    default: return nullptr;
+  }
+}
+
+#if defined(JLLAMA_Q8)
+Q8Kernel pick_q8(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return make_q8<Q8W4_0>(qtype);
+    case kQ4_1: return make_q8<Q8W4_1>(qtype, true);
+    case kQ5_0: return make_q8<Q8W5_0>(qtype);
+    case kQ5_1: return make_q8<Q8W5_1>(qtype, true);
+    case kQ8_0: return make_q8<Q8W8_0>(qtype);
+    case kQ4_K: return make_q8<Q8W4_K>(qtype);
+    case kQ5_K: return make_q8<Q8W5_K>(qtype);
+    case kQ6_K: return make_q8<Q8W6_K>(qtype);
+    default: return {nullptr, nullptr, 0, 0, 0, 0, false, false, false, false};
+  }
+}
+#endif
+
+}  // namespace jllama
