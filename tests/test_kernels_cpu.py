@@ -198,6 +198,24 @@ def test_ffi_build_failure_means_xla_path(monkeypatch, tmp_path):
     assert cpu_ffi.available.__wrapped__() is False
 
 
+def test_ffi_build_covers_every_source(monkeypatch, tmp_path):
+    """Every ``cpu/*.cc`` is a unit of the build (with its flags), and the library's cache key
+    changes with any source or header."""
+    import shutil
+
+    assert set(cpu_ffi.UNITS) == {p.name for p in cpu_ffi.CPU_DIR.glob("*.cc")}
+    assert cpu_ffi.UNITS["attention.cc"] == cpu_ffi.ATTENTION_FLAGS  # strict FP flags
+    copy = tmp_path / "cpu"
+    shutil.copytree(cpu_ffi.CPU_DIR, copy)
+    monkeypatch.setattr(cpu_ffi, "CPU_DIR", copy)
+    keys = {cpu_ffi._key()}
+    for name in ("f16.h", "threadpool.h", "gemm.cc"):
+        with open(copy / name, "a") as f:
+            f.write("\n")
+        keys.add(cpu_ffi._key())
+    assert len(keys) == 4
+
+
 @pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q5_1], ids=lambda q: q.name)
 def test_matvec_with_given_block_sums(qtype):
     """The C++ matvec fed explicit per-32 sums for the min term: equal to the float64 product
