@@ -386,7 +386,7 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     exact = num.match_llamacpp
     if exact and num.flash_attn and k_type == "f16" and v_type == "f16":
         # llama.cpp's flash attention (-fa, its CPU default): ggml's FA kernel bit for bit
-        # (kernels/cpu_attention.cc); without it the XLA attention below rounds as ggml's
+        # (kernels/cpu/attention.cc); without it the XLA attention below rounds as ggml's
         # non-FA graph does (llama-cpp-python's default)
         if jax.default_backend() == "cpu" and num.cpu_kernels and cpu_attention.available():
             # ggml's own flash attention, bit for bit; kv_pad: llama.cpp's n_kv rule (256)
