@@ -34,12 +34,12 @@ from jllama.engine.engine import HISTORY, PREFILL_BUCKETS, Engine, Timings, _buc
 from jllama.engine.sampling import TOPK_CAP, BatchSampling, SamplingParams
 from jllama.errors import ConfigError, JllamaError
 
-# Verify forwards are padded to these lengths. The engine's smallest prefill chunk (16) costs
-# about 3 decode steps on a 2-core CPU, while 2 / 4 / 8 rows cost 1.1 / 1.5 / 2.1 steps
-# (experiments/results/speculative.md), so short drafts get their own small shapes.
+# Verify forwards are padded to these lengths. A forward's cost grows with its rows, so a short
+# draft padded to the engine's smallest prefill chunk (16) would waste most of its gain; short
+# drafts get their own small shapes (experiments/results/speculative.md has the costs).
 VERIFY_BUCKETS = tuple(sorted({2, 4, 8, *PREFILL_BUCKETS}))
 # up to this many new tokens are fed to the draft by decode steps rather than a prefill chunk
-# (on CPU a 16-row forward costs about four one-row steps)
+# (a 16-row forward costs more than a few one-row steps on CPU)
 FEED_STEPS = 3
 DRAFT_TOPK = 10  # llama.cpp's draft sampler: p_min is tested on the top-10 renormalised
 

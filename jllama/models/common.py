@@ -177,7 +177,7 @@ def _mean_f32_of_exact_sum(sq: jax.Array) -> jax.Array:
     an ulp or so, and one ulp in the norm scale is enough to move an activation across a Q8
     rounding boundary. Where f64 is native (CPU, GPU) the sum is done in f64 like ggml's: one
     fused reduction per norm. TPUs have no f64; there the sum is a pairwise tree of error-free
-    two-sums (hi + lo), ~6 fusions per norm, which cost ~5 % of SmolLM2's decode step on CPU."""
+    two-sums (hi + lo), several fusions per norm instead of one."""
     if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
         with jax.enable_x64(True):
             s = jnp.sum(sq.astype(jnp.float64), axis=-1, keepdims=True)
