@@ -123,9 +123,10 @@ class Llama:
                              plan=plan)
         self.speculative = None
         if draft is not None:
+            from jllama.engine.draft import parse_draft
             from jllama.engine.speculative import Speculative
 
-            cfg = Speculative.parse_config(draft)
+            cfg = parse_draft(draft)
             draft_llm = None
             if cfg.kind == "model":
                 draft_llm = Llama(cfg.model, ctx_size=ctx_size, n_slots=1, numerics=self.numerics,

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from jllama.engine.speculative import DraftConfig
+from jllama.engine.draft import DraftConfig
 from jllama.errors import ConfigError
 
 
