@@ -15,11 +15,10 @@ import random
 import threading
 import time
 
+import httpx
+import jsonschema
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-jsonschema = pytest.importorskip("jsonschema")
 
 pytestmark = pytest.mark.slow
 
