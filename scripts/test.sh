@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set up (with the llama.cpp oracle and server extras),
+# The whole test suite on a fresh machine: set up (with the test and llama.cpp oracle extras),
 # lint, then pytest. Test data comes from JLLAMA_SHARED_DATA (../shared/data) where it exists, else
 # from tests/data (vendored) and PyPI (llama.cpp's vocab files, cached): see tests/testdata.py.
 set -euo pipefail
