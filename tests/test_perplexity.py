@@ -18,8 +18,8 @@ def llm(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def wiki_tokens(shared_data, llm):
-    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+def wiki_tokens(wiki_test_path, llm):
+    text = wiki_test_path.read_text(encoding="utf-8")
     return llm.tokenize(text)
 
 
