@@ -38,8 +38,8 @@ FLAGS = [
 QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23})
 _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatVecXs",
             "jllama_dequant": "JllamaDequant", "jllama_cos_sin": "JllamaCosSin"}
-# The int8-activation kernels (ggml's vec_dot, bit-exact) exist only where the build machine
-# has AVX2 + FMA + F16C + VNNI (AVX512-VNNI or AVX-VNNI).
+# The int8-activation kernels (ggml's vec_dot, bit-exact) exist where the build machine has
+# AVX2 + FMA + F16C (VNNI, where present, only speeds up their integer dots).
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
 Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
 _Q8_TARGET = ("jllama_qmatvec_q8", "JllamaQMatVecQ8")
