@@ -64,6 +64,20 @@ def _cpu_key() -> str:
     return flags + platform.machine()
 
 
+@functools.cache
+def ggml_simd() -> str:
+    """The x86 SIMD branch of ggml-cpu that a ``-march=native`` build on this machine compiles,
+    where ggml's float arithmetic depends on it (vector width, expf/silu, flash attention's dots
+    and sums): ``"avx512"`` (AVX-512F + DQ), ``"avx2"`` (AVX2 + FMA), ``""`` otherwise (neither
+    is reproduced; callers keep the AVX-512 forms)."""
+    flags = set(_cpu_key().split())
+    if {"avx512f", "avx512dq"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return ""
+
+
 def _build(compiler: str, source: Path = SOURCE, flags: list[str] | None = None) -> Path:
     """Compile ``source`` (default: the qmatvec kernels) with ``flags`` (default ``FLAGS``) into
     a cached shared library; other kernel files (cpu_attention.cc) pass their own flags."""
