@@ -34,13 +34,14 @@ SPLIT_KV_MIN = 512  # one query row over this many keys: ggml splits the keys ac
 @functools.cache
 def available() -> bool:
     """Compile (once), load and register the kernel; False where that is not possible (no
-    compiler, no AVX-512; ``Numerics.cpu_kernels`` is the caller's to check)."""
+    compiler, neither AVX-512 nor AVX2 + FMA + F16C; ``Numerics.cpu_kernels`` is the caller's
+    to check)."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None or not SOURCE.exists():
         return False
     try:
         lib = ctypes.CDLL(str(cpu_ffi._build(compiler, SOURCE, FLAGS)))
-        if not hasattr(lib, _TARGET[1]):  # built without AVX-512: ggml's x86 path differs
+        if not hasattr(lib, _TARGET[1]):  # no AVX-512 / AVX2 branch of ggml's to follow
             return False
         jax.ffi.register_ffi_target(_TARGET[0], jax.ffi.pycapsule(getattr(lib, _TARGET[1])),
                                     "cpu")

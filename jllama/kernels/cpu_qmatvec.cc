@@ -889,8 +889,9 @@ ffi::Error CosSinImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> c,
 
 // ---------------------------------------------------------------------------------------------
 // Int8-activation kernels, bit-exact with ggml's x86 vec_dot (the AVX2 branches of
-// ggml-cpu/arch/x86/quants.c, with VNNI dot products, and llamafile's tinyBLAS_Q0_AVX, which
-// accumulates the same way). The caller passes x already quantized to ggml's vec_dot type
+// ggml-cpu/arch/x86/quants.c, and llamafile's tinyBLAS_Q0_AVX, which accumulates the same way),
+// on any AVX2 + FMA + F16C CPU: the integer dots are VNNI's dpbusd where the CPU has it, an
+// exact AVX2 emulation otherwise (the same int32 lanes, so the same f32 steps after them). The caller passes x already quantized to ggml's vec_dot type
 // (int8 codes + per-block scales: Q8_0/Q8_1 f16 values as f32, Q8_K f32; Q8_1 block sums s).
 // Every output element is built in ggml's order: per weight block an exact int32 dot in 8 lanes
 // (lane l: elements 4l..4l+3 of each 32-group), converted to f32, ``acc = fma(d_w * d_x, lane,
@@ -906,19 +907,30 @@ ffi::Error CosSinImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> c,
 // whole output elements, so they do not enter: the ``kTiled`` kernels below follow that order
 // whenever the call has >= 8 rows (``kTiledMinRows``), ggml's src1->ne[1], unless
 // GGML_CPU_TILED_MM=0 turns it off, as in ggml.
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && \
-    ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define JLLAMA_Q8 1
 
 // No reassociation or contraction of the f32 steps below: their order is the point.
 #pragma GCC push_options
 #pragma GCC optimize("no-associative-math", "fp-contract=off")
 
-inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {  // acc + sum of 4 u8*s8 per lane
+// acc + the sum of 4 u8*s8 products per int32 lane (lane l: bytes 4l..4l+3). U7: every u is
+// below 128, which lets the AVX2 form take one maddubs (its int16 pair sums reach 2 * 127 * 128
+// < 2^15, no saturation); otherwise u is split into u & 0x7f and u & 0x80, each of whose
+// maddubs pair sums fits int16 (-32768 at worst, for 0x80 * -128 twice). Exact either way.
+template <bool U7 = false>
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(acc, u, s);
-#else
+#elif defined(__AVXVNNI__)
   return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (U7) return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
+  const __m256i lo = _mm256_and_si256(u, _mm256_set1_epi8(0x7f));
+  const __m256i hi = _mm256_and_si256(u, _mm256_set1_epi8(char(0x80)));
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, s), ones));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, s), ones));
 #endif
 }
 
@@ -1018,7 +1030,8 @@ struct Q8Signed {
     const float dw = f16f(b);
     const __m256i qw = D::codes(b);
     for (int m = 0; m < MC; ++m) {
-      const __m256i p = dpbusd(load256(x[m].aux + bi * 8), qw, load256(x[m].q + bi * 32));
+      const __m256i p = dpbusd<(D::OFF < 128)>(load256(x[m].aux + bi * 8), qw,
+                                             load256(x[m].q + bi * 32));
       st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
                                   st[m].acc);
     }
@@ -1056,7 +1069,7 @@ struct Q8Min {
     const float dw = f16f(b), mw = f16f(b + 2);
     const __m256i qw = D::codes(b);
     for (int m = 0; m < MC; ++m) {
-      const __m256i p = dpbusd(_mm256_setzero_si256(), qw, load256(x[m].q + bi * 32));
+      const __m256i p = dpbusd<true>(_mm256_setzero_si256(), qw, load256(x[m].q + bi * 32));
       st[m].summs = __builtin_fmaf(mw, x[m].s[bi], st[m].summs);
       st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
                                   st[m].acc);
@@ -1218,7 +1231,7 @@ struct Q8W6_K {
                                             scales[2 * c + 1], scales[2 * c + 1]);
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
-        const __m256i p = dpbusd(_mm256_setzero_si256(), qw, qy);
+        const __m256i p = dpbusd<true>(_mm256_setzero_si256(), qw, qy);  // codes < 64
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
       }
     }
