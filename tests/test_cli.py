@@ -1,0 +1,130 @@
+"""The command line's contract with a new user.
+
+* a generation that fills the context ends with finish reason "length" (Python API, CLI, server);
+
+The model is a tiny random llama (tests/tinymodels.py) whose end-of-generation rows are zero, so
+greedy decoding never picks them and a long enough generation always reaches the context's end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jllama.cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHP = dict(n_layer=1, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, head_dim=16)
+N_VOCAB = 320
+TEXT = ("the quick brown fox jumps over the lazy dog. the cat sat on the mat and the dog sat on "
+        "the log. in the beginning there was the word, and the word was with the model. ") * 6
+
+
+def _write_tiny(path: Path, **hparams) -> Path:
+    import gguf
+    from tinymodels import dense_hparams, dense_tensors, gpt2_tokenizer, write_gguf
+
+    t = dense_tensors(11, n_vocab=N_VOCAB, **SHP)
+    n_normal = len(gpt2_tokenizer()[0]) - 3  # the three specials, then padding: all control
+    t["token_embd.weight"][n_normal:] = 0.0  # tied output: their logits are 0, never the max
+    hp = dense_hparams(**SHP)
+    hp.update(hparams)
+    return write_gguf(path, "llama", hp, t, qtype=gguf.GGMLQuantizationType.F16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    # a misleading size label: bench must not print it
+    return _write_tiny(tmp_path_factory.mktemp("cli") / "tiny.gguf",
+                       **{".general.size_label": "7B", ".general.file_type": 1})
+
+
+def _cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``jllama ARGS`` in a fresh process (JAX reads its platform once per process)."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for k in ("JAX_PLATFORMS", "JLLAMA_DEBUG", "NPROC", "JLLAMA_CPU_KERNEL_THREADS"):
+        e.pop(k, None)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "jllama.cli.main", *args], cwd=REPO, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    errors = [ln for ln in lines if ln.startswith(f"jllama {command}: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------- 4. finish reason
+def _no_eog(llm) -> dict[int, float]:
+    return {i: -100.0 for i in range(llm.tokenizer.n_vocab) if llm.tokenizer.is_eog(i)}
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny):
+    from jllama.api import Llama
+
+    return Llama(tiny, ctx_size=32, n_slots=1, compile_cache=False)
+
+
+def test_full_context_finishes_with_length(tiny_llm):
+    from jllama.engine.sampling import SamplingParams
+
+    llm = tiny_llm
+    params = SamplingParams(temperature=0.0, logit_bias=_no_eog(llm))
+    ids = llm.tokenize("the cat sat")
+    c = llm.complete(ids, 100, params)
+    assert c.finish_reason == "length" and 0 < len(c.tokens) < 100
+    assert len(ids) + len(c.tokens) > llm.engine.ctx_size  # it ran to the context's end
+    c = llm.chat([{"role": "user", "content": "hi"}], max_tokens=100, params=params)
+    assert c.finish_reason == "length" and len(c.tokens) < 100
+    # the other two endings keep their reasons
+    assert llm.complete(ids, 3, params).finish_reason == "length"
+    eog = min(_no_eog(llm))
+    forced = SamplingParams(temperature=0.0, logit_bias={eog: 100.0})
+    c = llm.complete(ids, 100, forced)
+    assert c.finish_reason == "stop" and c.tokens == []
+
+
+def test_cli_full_context_prints_length(tiny, capsys):
+    assert main(["generate", "-m", str(tiny), "-p", "the cat", "-c", "32", "-n", "100",
+                 "--temp", "0", "--platform", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "finish: length" in err
+
+
+def test_server_full_context_is_length(tiny_llm):
+    httpx = pytest.importorskip("httpx")
+    from jllama.api import Llama
+    from jllama.server.app import ServerSettings, ServerState, ServerThread
+
+    llm = Llama(tiny_llm.path, ctx_size=32, n_slots=2, compile_cache=False)
+    bias = {str(k): v for k, v in _no_eog(llm).items()}
+    state = ServerState(llm, ServerSettings("tiny", max_queue=4, timeout=120))
+    with ServerThread(state, warmup=False) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        for stream in (False, True):
+            for path, body in (("/v1/completions", {"prompt": "the cat sat"}),
+                               ("/v1/chat/completions",
+                                {"messages": [{"role": "user", "content": "hi"}]})):
+                for extra in ({}, {"max_tokens": 500}):
+                    req = {**body, **extra, "temperature": 0, "logit_bias": bias,
+                           "stream": stream}
+                    r = c.post(path, json=req)
+                    assert r.status_code == 200, r.text
+                    if stream:
+                        events = [json.loads(ln[6:]) for ln in r.text.splitlines()
+                                  if ln.startswith("data: {")]
+                        reasons = [ch["finish_reason"] for e in events for ch in e["choices"]
+                                   if ch.get("finish_reason")]
+                    else:
+                        reasons = [ch["finish_reason"] for ch in r.json()["choices"]]
+                    assert reasons == ["length"], (path, extra, stream, reasons)
