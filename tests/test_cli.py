@@ -1,6 +1,7 @@
 """The command line's contract with a new user.
 
 * a generation that fills the context ends with finish reason "length" (Python API, CLI, server);
+* ``jllama bench`` names the model by its counted parameters, not by general.size_label.
 
 The model is a tiny random llama (tests/tinymodels.py) whose end-of-generation rows are zero, so
 greedy decoding never picks them and a long enough generation always reaches the context's end.
@@ -128,3 +129,40 @@ def test_server_full_context_is_length(tiny_llm):
                     else:
                         reasons = [ch["finish_reason"] for ch in r.json()["choices"]]
                     assert reasons == ["length"], (path, extra, stream, reasons)
+
+
+# ---------------------------------------------------------------------------- 5. bench's label
+def test_size_label_matches_gguf_py():
+    from gguf.utility import model_weight_count_rounded_notation as ref
+
+    from jllama.eval.bench import size_label
+
+    rng = np.random.default_rng(0)
+    counts = [999, 1000, 1001, 134_515_008, 268_098_176, 999_999, 6_738_415_616,
+              1_000_000_001, 70_553_706_496, 1_234_567_890_123]
+    counts += [int(x) for x in 10 ** rng.uniform(3, 13, 200)]
+    for n in counts:
+        assert size_label(n) == ref(n), n
+
+
+def test_bench_names_model_by_counted_parameters(tiny):
+    from gguf.utility import model_weight_count_rounded_notation
+
+    from jllama.eval.bench import ftype_desc, model_type
+    from jllama.gguf.reader import read_gguf
+
+    g = read_gguf(tiny)
+    n = sum(int(np.prod(t.shape)) for t in g.tensors.values())
+    want = f"llama {model_weight_count_rounded_notation(n)} F16"
+    assert g.metadata["general.size_label"] == "7B"
+    assert model_type(g, "llama") == want
+    r = _cli("bench", "-m", str(tiny), "-p", "8", "-n", "2", "-r", "1", "--platform", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| llama")]
+    assert len(rows) == 2 and all(ln.startswith(f"| {want} | ") for ln in rows)
+    assert f"| {n / 1e6:.2f} M |" in rows[0] and "7B" not in r.stdout
+    # llama.cpp's names for file types, and its guess when general.file_type is missing
+    g.metadata["general.file_type"] = 15
+    assert ftype_desc(g) == "Q4_K - Medium"
+    del g.metadata["general.file_type"]
+    assert ftype_desc(g) == "F16 (guessed)"

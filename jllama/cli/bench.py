@@ -32,7 +32,15 @@ def run(args) -> int:
     import jax
 
     from jllama.api import Llama
-    from jllama.eval.bench import BenchResult, jllama_pp, jllama_tg, peak_rss_mib, time_reps
+    from jllama.eval.bench import (
+        BenchResult,
+        count_params,
+        jllama_pp,
+        jllama_tg,
+        model_type,
+        peak_rss_mib,
+        time_reps,
+    )
 
     pps = [p for p in (args.n_prompt or [512]) if p > 0]
     tgs = [n for n in (args.n_gen or [128]) if n > 0]
@@ -40,8 +48,8 @@ def run(args) -> int:
     llm = Llama(args.model, ctx_size=ctx, flash_attn=args.flash_attn == "on",
                 prompt_matmul=args.prompt_matmul)
     size = sum(t.nbytes for t in llm.gguf.tensors.values()) / 2**20
-    params = sum(t.n_elements for t in llm.gguf.tensors.values()) / 1e6
-    name = f"{llm.spec.arch} {llm.gguf.get('general.size_label', '')} {llm.gguf.get('general.file_type', '')}"
+    params = count_params(llm.gguf) / 1e6
+    name = model_type(llm.gguf, llm.spec.arch)
     results = []
     for n in pps:
         results.append(BenchResult(str(llm.path.name), size, params, jax.default_backend(),
@@ -51,13 +59,13 @@ def run(args) -> int:
                                    f"tg{n}", n, time_reps(jllama_tg(llm, n), args.repetitions)))
     rss = peak_rss_mib()
     if args.json:
-        print(json.dumps({"results": [r.as_dict() for r in results], "peak_rss_mib": rss,
-                          "load_s": llm.load_s}))
+        print(json.dumps({"model_type": name, "results": [r.as_dict() for r in results],
+                          "peak_rss_mib": rss, "load_s": llm.load_s}))
         return 0
     print("| model | size | params | backend | test | t/s |")
     print("| --- | ---: | ---: | --- | ---: | ---: |")
     for r in results:
-        print(f"| {name.strip()} | {r.size_mib:.2f} MiB | {r.params_m:.2f} M | {r.backend} | "
+        print(f"| {name} | {r.size_mib:.2f} MiB | {r.params_m:.2f} M | {r.backend} | "
               f"{r.test} | {r.tps:.2f} ± {r.tps_sd:.2f} |")
     print(f"\npeak RSS {rss:.0f} MiB, load {llm.load_s:.2f} s", file=sys.stderr)
     return 0
