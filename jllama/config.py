@@ -234,14 +234,20 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         src = str(p)
         if not p.exists():
             raise ConfigError(f"{src}: config file not found")
+        if p.is_dir():
+            raise ConfigError(f"{src}: is a directory, expected a YAML run config")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{src}: cannot read the config file: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{src}: not a UTF-8 text file") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{src}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{src}: not a UTF-8 text file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{src}: top level must be a mapping of sections, got {type(data).__name__}")
     for k, v in parse_overrides(overrides or []):

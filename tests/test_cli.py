@@ -1,5 +1,9 @@
 """The command line's contract with a new user.
 
+* every failure is one line on stderr and exit code 1 (Ctrl-C: 130), no traceback, whatever
+  raised it: a user mistake, the OS (a directory where a file was expected, no permission), a
+  GGUF with impossible sizes, or a bug (whose traceback
+  JLLAMA_DEBUG=1 shows);
 * a generation that fills the context ends with finish reason "length" (Python API, CLI, server);
 * ``jllama bench`` names the model by its counted parameters, not by general.size_label.
 
@@ -63,6 +67,94 @@ def _one_error_line(err: str, command: str) -> str:
     errors = [ln for ln in lines if ln.startswith(f"jllama {command}: error: ")]
     assert len(errors) == 1, err
     return errors[0]
+
+
+# ---------------------------------------------------------------------------- 1. one-line errors
+def test_directory_as_config_is_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "run")
+    assert str(tmp_path) in line and "directory" in line
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads files whatever their mode")
+def test_unreadable_model_is_one_line(tiny, tmp_path, capsys):
+    p = tmp_path / "locked.gguf"
+    p.write_bytes(tiny.read_bytes())
+    p.chmod(0)
+    assert main(["inspect", str(p)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "inspect")
+    assert str(p) in line and "ermission" in line
+
+
+def test_os_errors_are_one_line(monkeypatch, tmp_path, capsys):
+    """An OSError from anywhere below a command (here: opening the GGUF) is its file and the
+    system's reason, as `cat` would say it."""
+    import errno
+
+    import jllama.gguf.reader as reader
+
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF")
+
+    def denied(path, *a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(reader, "read_gguf", denied)
+    assert main(["inspect", str(p)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "inspect")
+    assert line == f"jllama inspect: error: {p}: {os.strerror(errno.EACCES)}"
+
+
+def test_zero_head_count_names_file_and_key(tiny, tmp_path, capsys):
+    from jllama.errors import ModelError
+    from jllama.gguf.reader import read_gguf
+    from jllama.models.spec import spec_from_gguf
+
+    bad = _write_tiny(tmp_path / "heads0.gguf", **{"attention.head_count": 0})
+    with pytest.raises(ModelError, match=r"heads0\.gguf.*'llama\.attention\.head_count' = 0"):
+        spec_from_gguf(read_gguf(bad))
+    assert main(["generate", "-m", str(bad), "-p", "hi", "-n", "1"]) == 1
+    line = _one_error_line(capsys.readouterr().err, "generate")
+    assert str(bad) in line and "llama.attention.head_count" in line
+    for key in ("block_count", "embedding_length", "attention.head_count_kv"):
+        f = _write_tiny(tmp_path / f"{key}.gguf", **{key: 0})
+        with pytest.raises(ModelError, match=rf"'llama\.{key}' = 0"):
+            spec_from_gguf(read_gguf(f))
+
+
+def test_bug_is_one_line_unless_debug(monkeypatch, capsys):
+    import jllama.cli.inspect as cmd
+
+    def bug(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(cmd, "run", bug)
+    assert main(["inspect", "x.gguf"]) == 1
+    line = _one_error_line(capsys.readouterr().err, "inspect")
+    assert "TypeError: unsupported operand" in line and "JLLAMA_DEBUG=1" in line
+    monkeypatch.setenv("JLLAMA_DEBUG", "1")
+    with pytest.raises(TypeError):
+        main(["inspect", "x.gguf"])
+
+
+def test_ctrl_c_exits_130_quietly(monkeypatch, capsys):
+    import jllama.cli.inspect as cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmd, "run", interrupted)
+    assert main(["inspect", "x.gguf"]) == 130
+    assert capsys.readouterr().err.strip() == ""
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate"])  # -p is required
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "-p/--prompt" in err
 
 
 # ---------------------------------------------------------------------------- 4. finish reason

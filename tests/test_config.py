@@ -102,3 +102,8 @@ def test_numerics_switches(tmp_path):
     bad.write_text("runtime: {prompt_matmul: fp8}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*prompt_matmul"):
         load_config(bad)
+
+
+def test_config_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
