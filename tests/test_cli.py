@@ -2,8 +2,11 @@
 
 * every failure is one line on stderr and exit code 1 (Ctrl-C: 130), no traceback, whatever
   raised it: a user mistake, the OS (a directory where a file was expected, no permission), a
-  GGUF with impossible sizes, or a bug (whose traceback
+  GGUF with impossible sizes, JAX unable to start the asked platform, or a bug (whose traceback
   JLLAMA_DEBUG=1 shows);
+* every config key does what it says: ``perplexity:`` runs ``jllama perplexity --config`` and
+  ``jllama run``; ``runtime.threads`` sizes XLA's CPU pool and the kernels' threads;
+* a platform the config (or ``--platform``) names beats an inherited JAX_PLATFORMS;
 * a generation that fills the context ends with finish reason "length" (Python API, CLI, server);
 * ``jllama bench`` names the model by its counted parameters, not by general.size_label.
 
@@ -123,6 +126,26 @@ def test_zero_head_count_names_file_and_key(tiny, tmp_path, capsys):
             spec_from_gguf(read_gguf(f))
 
 
+def test_unknown_platform_is_one_line(tiny):
+    """JAX cannot start the platform asked for (by --platform, or by JAX_PLATFORMS when the
+    command does not name one): one line naming it, before the model loads."""
+    r = _cli("generate", "-m", str(tiny), "-p", "hi", "-n", "1", "--platform", "nosuchchip")
+    assert r.returncode == 1
+    assert "'nosuchchip'" in _one_error_line(r.stderr, "generate")
+    r = _cli("bench", "-m", str(tiny), "-p", "8", "-n", "0", "-r", "1",
+             env={"JAX_PLATFORMS": "nosuchchip"})
+    assert r.returncode == 1
+    assert "'nosuchchip'" in _one_error_line(r.stderr, "bench")
+
+
+@pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="this machine has an NVIDIA GPU")
+def test_cuda_without_a_gpu_is_one_line(tiny):
+    # JAX skips CUDA when no GPU is visible and then fails a bare assert: no message of its own
+    r = _cli("generate", "-m", str(tiny), "-p", "hi", "-n", "1", "--platform", "cuda")
+    assert r.returncode == 1
+    assert "'cuda'" in _one_error_line(r.stderr, "generate")
+
+
 def test_bug_is_one_line_unless_debug(monkeypatch, capsys):
     import jllama.cli.inspect as cmd
 
@@ -155,6 +178,98 @@ def test_usage_errors_are_one_line(capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "-p/--prompt" in err
+
+
+# ---------------------------------------------------------------------------- 2. config keys
+def _ppl_line(out: str) -> str:
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("Final estimate")]
+    return line
+
+
+def test_perplexity_section_runs_the_job(tiny, tmp_path, capsys):
+    """perplexity.{file, ctx, chunks, batch} from a config (file relative to the config) give
+    what the same flags give, through `jllama perplexity --config` and `jllama run`."""
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    cfg = tmp_path / "ppl.yaml"
+    cfg.write_text(f"model: {tiny}\nruntime: {{platform: cpu}}\n"
+                   "perplexity: {file: text.txt, ctx: 32, chunks: 2, batch: 1}\n")
+    assert main(["perplexity", "-m", str(tiny), "-f", str(tmp_path / "text.txt"), "-c", "32",
+                 "--chunks", "2", "-b", "1"]) == 0
+    ref = capsys.readouterr().out
+    assert "[1]" in ref and "[2]" in ref and "[3]" not in ref  # two chunks were scored
+    assert main(["perplexity", "--config", str(cfg)]) == 0
+    assert _ppl_line(capsys.readouterr().out) == _ppl_line(ref)
+    assert main(["run", str(cfg)]) == 0
+    assert _ppl_line(capsys.readouterr().out) == _ppl_line(ref)
+    # a flag wins over the config; a job is a generation or a perplexity run, not both
+    assert main(["perplexity", "--config", str(cfg), "--chunks", "1"]) == 0
+    assert "[2]" not in capsys.readouterr().out
+    assert main(["run", str(cfg), "generation.prompt=hi"]) == 1
+    assert "not both" in _one_error_line(capsys.readouterr().err, "run")
+    assert main(["perplexity", "-m", str(tiny)]) == 1
+    assert "-f FILE" in _one_error_line(capsys.readouterr().err, "perplexity")
+
+
+def test_threads_reach_setup_platform(monkeypatch, tiny, tmp_path, capsys):
+    """runtime.threads (and -t) reach the place that sizes the thread pools, for every command
+    that reads a run config."""
+    import jllama.cli.common as common
+    from jllama.errors import JllamaError
+
+    seen = []
+
+    def record(platform, threads=None, where=""):
+        seen.append((platform, threads))
+        raise JllamaError("stop here")
+
+    monkeypatch.setattr(common, "setup_platform", record)
+    (tmp_path / "t.txt").write_text(TEXT)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny}\nruntime: {{platform: cpu, threads: 3}}\n"
+                   "generation: {prompt: hi}\n")
+    ppl = tmp_path / "ppl.yaml"
+    ppl.write_text(f"model: {tiny}\nruntime: {{threads: 2}}\nperplexity: {{file: t.txt}}\n")
+    for argv in (["run", str(cfg)], ["generate", "-m", str(tiny), "-p", "x", "-t", "5"],
+                 ["serve", str(cfg)], ["perplexity", "--config", str(ppl)],
+                 ["run", str(ppl)], ["perplexity", "-f", str(tmp_path / "t.txt"), "-t", "4"]):
+        assert main(argv) == 1
+    assert "stop here" in capsys.readouterr().err
+    assert seen == [("cpu", 3), (None, 5), ("cpu", 3), (None, 2), (None, 2), (None, 4)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_threads_size_xla_cpu_pool():
+    """setup_platform(threads=N) before JAX starts: XLA's intra-op pool has N threads (named
+    tf_XLAEigen) and the C++ kernels are told N."""
+    code = (
+        "import os, sys\n"
+        "from jllama.cli.common import setup_platform\n"
+        "setup_platform('cpu', int(sys.argv[1]))\n"
+        "import jax.numpy as jnp\n"
+        "jnp.ones((256, 256)).sum().block_until_ready()\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip()\n"
+        "         for t in os.listdir('/proc/self/task')]\n"
+        "print(names.count('tf_XLAEigen'), os.environ['JLLAMA_CPU_KERNEL_THREADS'])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("NPROC", None)
+    for n in (1, 3):
+        r = subprocess.run([sys.executable, "-c", code, str(n)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split() == [str(n), str(n)]
+
+
+# ---------------------------------------------------------------------------- 3. config vs env
+def test_config_platform_beats_jax_platforms(tiny, tmp_path):
+    cfg = tmp_path / "cpu.yaml"
+    cfg.write_text(f"model: {tiny}\nruntime: {{platform: cpu, ctx_size: 32}}\n"
+                   "generation: {prompt: hi, max_tokens: 2, sampling: {temperature: 0}}\n")
+    r = _cli("run", str(cfg), env={"JAX_PLATFORMS": "nosuchchip"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    notes = [ln for ln in r.stderr.splitlines() if "JAX_PLATFORMS" in ln]
+    assert len(notes) == 1 and "'cpu'" in notes[0] and "nosuchchip" in notes[0]
+    assert str(cfg) in notes[0] and "on cpu" in r.stderr
 
 
 # ---------------------------------------------------------------------------- 4. finish reason

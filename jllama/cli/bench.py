@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jllama.cli.common import add_numerics_args
+from jllama.cli.common import add_numerics_args, add_platform_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,18 +17,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--n-gen", type=int, action="append", default=None,
                    help="generation lengths (default 128; repeatable; 0 skips)")
     p.add_argument("-r", "--repetitions", type=int, default=3)
-    p.add_argument("-t", "--threads", type=int, default=None, help="1 = single-threaded XLA")
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--platform", default="cpu")
+    add_platform_args(p)
     add_numerics_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from jllama.cli.common import setup_platform
+    from jllama.cli.common import setup_platform, start_backend
 
-    setup_platform(args.platform, args.threads)
+    setup_platform(args.platform, args.threads, "--platform")
+    start_backend()
     import jax
 
     from jllama.api import Llama
