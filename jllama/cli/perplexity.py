@@ -13,6 +13,7 @@ the base model's log-probs to FILE; adding ``--kl-divergence`` compares the mode
 from __future__ import annotations
 
 import argparse
+import sys
 
 from jllama.cli.common import add_numerics_args, add_platform_args
 
@@ -101,5 +102,6 @@ def run_job(cfg, kl_base: str | None = None, kl_compare: bool = False) -> int:
 
         kld_cli(llm, pp.file, kl_base, kl_compare, pp.ctx, pp.chunks, pp.batch)
     else:
-        run_cli(llm, pp.file, pp.ctx, pp.chunks, pp.batch)
+        # today's stdout: run_cli's default was bound when its module was imported
+        run_cli(llm, pp.file, pp.ctx, pp.chunks, pp.batch, out=sys.stdout)
     return 0
