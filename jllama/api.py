@@ -191,8 +191,8 @@ class Llama:
         if pending:
             yield pending
         t = self.engine.timings
-        if t.gen_tokens < max_tokens:
-            self.finish_reason = "stop"
+        if t.gen_tokens < max_tokens and not t.extra.get("context_full"):
+            self.finish_reason = "stop"  # an end-of-generation token; a full context is "length"
 
     def complete(self, prompt: str | list[int], max_tokens: int = 128,
                  params: SamplingParams | None = None, stop: list[str] | None = None) -> Completion:

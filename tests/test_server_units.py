@@ -422,6 +422,30 @@ def test_scheduler_cuts_prompts_where_the_engine_does(monkeypatch):
     assert max(per_iter) <= PREFILL_CHUNK
 
 
+def test_scheduler_full_context_is_length(monkeypatch):
+    """A request that fills its slot's context ends with "length" (not "stop"), with or without
+    max_tokens, and the slot is free again."""
+    import jllama.tokenizer as jt
+    from jllama.server.scheduler import Scheduler
+
+    monkeypatch.setattr(jt, "StreamDecoder", FakeDecoder, raising=False)
+    eng = FakeEngine(2, ctx_size=16)
+    llm = types.SimpleNamespace(engine=eng, tokenizer=FakeTok(), spec=types.SimpleNamespace(n_vocab=V))
+    sch = Scheduler(llm, max_queue=4)
+    sch.start()
+    try:
+        for max_tokens in (None, 1000):
+            _, out, done, box = _run(sch, [5, 6, 7], max_tokens, seed=3)
+            assert done.wait(30) and box["ev"].finish == "length"
+            assert box["ev"].completion_tokens == len(out) == 16 - 3 + 1
+        t0 = time.monotonic()
+        while sch.busy_slots() and time.monotonic() - t0 < 10:  # freed right after "done"
+            time.sleep(0.01)
+        assert sch.busy_slots() == 0
+    finally:
+        sch.stop()
+
+
 def test_scheduler_stop_strings_cancel_and_queue_limit(fake_scheduler):
     sch = fake_scheduler
     _, out, done, box = _run(sch, [5, 6, 7], 20, seed=3)
