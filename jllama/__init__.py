@@ -6,10 +6,10 @@ __version__ = "0.1.0"
 
 
 def _default_xla_flags() -> None:
-    """XLA:CPU's concurrency-optimized scheduler keeps every layer's temporaries alive at once
-    (measured: SmolLM2's 512-token prefill needed 404 MiB of XLA temp buffers with it, 34 MiB
-    without, at the same speed on 2 cores). Set before JAX creates its CPU client; a value the
-    user already put in XLA_FLAGS wins."""
+    """XLA:CPU's concurrency-optimized scheduler keeps every layer's temporaries alive at once,
+    so peak memory grows with depth for no speed gain on a few cores
+    (experiments/results/design_measurements.md). Set before JAX creates its CPU client; a
+    value the user already put in XLA_FLAGS wins."""
     flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
     flags = _os.environ.get("XLA_FLAGS", "")
     if flag not in flags:

@@ -123,9 +123,10 @@ class Llama:
                              plan=plan)
         self.speculative = None
         if draft is not None:
+            from jllama.engine.draft import parse_draft
             from jllama.engine.speculative import Speculative
 
-            cfg = Speculative.parse_config(draft)
+            cfg = parse_draft(draft)
             draft_llm = None
             if cfg.kind == "model":
                 draft_llm = Llama(cfg.model, ctx_size=ctx_size, n_slots=1, numerics=self.numerics,
@@ -190,8 +191,8 @@ class Llama:
         if pending:
             yield pending
         t = self.engine.timings
-        if t.gen_tokens < max_tokens:
-            self.finish_reason = "stop"
+        if t.gen_tokens < max_tokens and not t.extra.get("context_full"):
+            self.finish_reason = "stop"  # an end-of-generation token; a full context is "length"
 
     def complete(self, prompt: str | list[int], max_tokens: int = 128,
                  params: SamplingParams | None = None, stop: list[str] | None = None) -> Completion:

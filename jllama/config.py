@@ -16,19 +16,21 @@ from typing import Any
 
 import yaml
 
-from jllama.engine.speculative import DraftConfig
+from jllama.engine.draft import DraftConfig
 from jllama.errors import ConfigError
 
 
 @dataclass
 class RuntimeConfig:
-    platform: str = "cpu"  # cpu | gpu | tpu | auto
+    # JAX backend: cpu | gpu | tpu | auto (JAX's own choice). Unset (null): JAX_PLATFORMS when
+    # the environment sets it, else cpu; a value set here (or --platform) wins over JAX_PLATFORMS
+    platform: str | None = None
     ctx_size: int = 2048
-    threads: int | None = None  # XLA:CPU intra-op threads (None = all cores)
-    dtype: str = "f32"  # activation dtype
+    # llama.cpp's -t: XLA:CPU's intra-op thread pool and the C++ kernels' helper threads
+    # (None = every core the process may use); 1 also turns off XLA's multi-threaded Eigen ops
+    threads: int | None = None
     cache_type_k: str = "f16"  # llama.cpp's default
     cache_type_v: str = "f16"
-    n_slots: int = 1
     compile_cache: bool = True
     # llama.cpp's -fa: on (its CPU default) = its flash-attention kernel's rounding, bit for bit
     # on CPU with an f16 cache; off = the rounding of its non-FA graph (llama-cpp-python's default)
@@ -97,10 +99,14 @@ class ServerConfig:
 
 @dataclass
 class PerplexityConfig:
-    file: str | None = None
+    """A perplexity job (``jllama perplexity --config`` or ``jllama run`` when ``file`` is set):
+    llama-perplexity's ``-f``, ``-c`` (the window, also the model's context for this job),
+    ``--chunks`` and the chunks evaluated per compiled batch."""
+
+    file: str | None = None  # relative paths: relative to the config file when it is there
     ctx: int = 512
     chunks: int | None = None
-    batch: int = 4
+    batch: int = 2
 
 
 @dataclass
@@ -186,12 +192,23 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
     raise bad()
 
 
+# keys older configs may still carry: each is an error that says what to write instead
+_REMOVED = {
+    "runtime.dtype": "activations are always f32, as llama.cpp's CPU backend computes them; "
+                     "the KV cache's types are runtime.cache_type_k / cache_type_v",
+    "runtime.n_slots": "the slot count is server.parallel (jllama serve --parallel); "
+                       "run/generate/chat decode one sequence",
+}
+
+
 def _build(cls: type, data: dict, prefix: str, src: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if key in _REMOVED:
+            raise ConfigError(f"{src}: '{key}' is no longer a setting: {_REMOVED[key]}")
         if k not in fields:
             raise ConfigError(f"{src}: unknown key '{key}' (known keys here: {', '.join(sorted(fields))})")
         kwargs[k] = _coerce(v, hints[k], key, src)
@@ -234,14 +251,20 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         src = str(p)
         if not p.exists():
             raise ConfigError(f"{src}: config file not found")
+        if p.is_dir():
+            raise ConfigError(f"{src}: is a directory, expected a YAML run config")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{src}: cannot read the config file: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{src}: not a UTF-8 text file") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{src}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{src}: not a UTF-8 text file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{src}: top level must be a mapping of sections, got {type(data).__name__}")
     for k, v in parse_overrides(overrides or []):
@@ -254,6 +277,21 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         raise ConfigError(f"{src}: set either 'generation.prompt' or 'generation.messages', not both")
     if cfg.runtime.ctx_size < 16:
         raise ConfigError(f"{src}: 'runtime.ctx_size' must be at least 16, got {cfg.runtime.ctx_size}")
+    if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
+        raise ConfigError(f"{src}: 'runtime.threads' must be at least 1 (or null: all cores), "
+                          f"got {cfg.runtime.threads}")
+    if cfg.runtime.platform is not None and not cfg.runtime.platform.strip():
+        raise ConfigError(f"{src}: 'runtime.platform' must be cpu, gpu, tpu or auto (or null), "
+                          "got an empty string")
+    pp = cfg.perplexity
+    if pp.ctx < 16 or pp.batch < 1 or (pp.chunks is not None and pp.chunks < 1):
+        raise ConfigError(f"{src}: perplexity settings out of range (ctx >= 16, batch >= 1, "
+                          f"chunks >= 1 or null): {pp}")
+    if pp.file is not None and (cfg.generation.prompt is not None
+                                or cfg.generation.messages is not None):
+        raise ConfigError(f"{src}: a job is either a generation ('generation.prompt' / "
+                          "'generation.messages') or a perplexity run ('perplexity.file'), "
+                          "not both")
     if cfg.runtime.prompt_matmul not in ("int8", "f32"):
         raise ConfigError(f"{src}: 'runtime.prompt_matmul' must be int8 or f32, "
                           f"got {cfg.runtime.prompt_matmul!r}")
@@ -274,11 +312,15 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if di.num_processes > 1 and not di.coordinator:
         raise ConfigError(f"{src}: 'distributed.coordinator' (HOST:PORT) is needed for "
                           f"num_processes={di.num_processes}")
-    # relative model paths are relative to the config file
+    # relative model and text paths are relative to the config file (when the file is there)
     if path is not None and not os.path.isabs(cfg.model) and cfg.model.endswith(".gguf"):
         cand = Path(path).parent / cfg.model
         if cand.exists():
             cfg.model = str(cand)
+    if path is not None and pp.file is not None and not os.path.isabs(pp.file):
+        cand = Path(path).parent / pp.file
+        if cand.exists():
+            pp.file = str(cand)
     return cfg
 
 

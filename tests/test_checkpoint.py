@@ -3,7 +3,7 @@
 The reference is the GGUF-loaded engine itself: a checkpoint must give back every parameter
 leaf bit for bit (same tree, dtypes, layouts) and therefore identical logits. Restoring into a
 mesh runs in a subprocess with 4 simulated CPU devices (this file is also that worker, as in
-test_sharding.py): the arrays must arrive in the shardings ``apply_mesh`` plans for a
+test_sharding.py): the arrays must arrive in the shardings ``plan_engine`` plans for a
 GGUF-loaded engine, and logits match the single-device ones within test_sharding's tolerance.
 """
 

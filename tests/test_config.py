@@ -102,3 +102,39 @@ def test_numerics_switches(tmp_path):
     bad.write_text("runtime: {prompt_matmul: fp8}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*prompt_matmul"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("key, value, hint", [("dtype", "bf16", "always f32"),
+                                              ("n_slots", 4, "server.parallel")])
+def test_removed_runtime_keys_name_file_and_key(tmp_path, key, value, hint):
+    """runtime.dtype and runtime.n_slots were accepted and never read: now an error that names
+    the file, the key and what to use instead."""
+    p = _write(tmp_path, f"runtime:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and f"'runtime.{key}'" in msg and hint in msg
+    with pytest.raises(ConfigError, match=f"'runtime.{key}'"):
+        load_config(None, [f"runtime.{key}={value}"])
+
+
+def test_runtime_and_perplexity_ranges(tmp_path):
+    assert load_config(None, []).runtime.platform is None  # JAX_PLATFORMS, else cpu
+    assert load_config(None, ["runtime.threads=2"]).runtime.threads == 2
+    with pytest.raises(ConfigError, match="'runtime.threads' must be at least 1"):
+        load_config(None, ["runtime.threads=0"])
+    for bad in ("perplexity.ctx=8", "perplexity.batch=0", "perplexity.chunks=0"):
+        with pytest.raises(ConfigError, match="perplexity settings out of range"):
+            load_config(None, [bad])
+    (tmp_path / "wiki.txt").write_text("text")
+    p = _write(tmp_path, "perplexity: {file: wiki.txt, chunks: 3}\n")
+    cfg = load_config(p)
+    assert cfg.perplexity.file == str(tmp_path / "wiki.txt")  # relative to the config file
+    assert (cfg.perplexity.ctx, cfg.perplexity.chunks, cfg.perplexity.batch) == (512, 3, 2)
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(p, ["generation.prompt=hi"])
+
+
+def test_config_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)

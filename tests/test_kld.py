@@ -14,8 +14,8 @@ N_CTX, N_CHUNKS = 128, 2
 
 
 @pytest.fixture(scope="module")
-def text(shared_data) -> str:
-    raw = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+def text(wiki_test_path) -> str:
+    raw = wiki_test_path.read_text(encoding="utf-8")
     return raw[:6000]  # ~1400 tokens: enough for a few 128-token windows
 
 

@@ -76,7 +76,7 @@ def test_greedy_64_tokens(oracle, llm, prompt):
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_perplexity_window_logits_bit_identical(model, request, shared_data):
+def test_perplexity_window_logits_bit_identical(model, request, wiki_test_path):
     """A whole 512-token perplexity window (WikiText-2's first, BOS first): the logits at every
     position are llama.cpp's bit for bit, with flash attention as llama-perplexity runs it (one
     batch: tiled FA and the int8 kernels on 512 rows). The first position where they differ is
@@ -88,7 +88,7 @@ def test_perplexity_window_logits_bit_identical(model, request, shared_data):
     llama_cpp = llama_cpp_module()
     path = request.getfixturevalue(f"{model}_path")  # Gemma 3: K-quants, sliding window, GELU
     ours_llm = Llama(path, ctx_size=512)
-    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    text = wiki_test_path.read_text(encoding="utf-8")
     toks = ours_llm.tokenize(text[:20000])
     ids = chunk_tokens(toks, 512, 1, ours_llm.tokenizer.bos_id, ours_llm.tokenizer.add_bos)[0]
     ref = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512,

@@ -117,7 +117,8 @@ def test_schema_constraint_rejects_violations(text):
 def test_schema_constraint_completions_validate(si):
     """Random walks through allowed bytes: every completed output is JSON that the schema
     accepts (checked by the jsonschema package)."""
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     node, rng, done = g.compile_schema(SCHEMAS[si]), random.Random(si), 0
     alphabet = list(b'{}[]",:0123456789.-+eEtrufalsn \\abcdiyxok')
     for _ in range(500):
@@ -419,6 +420,30 @@ def test_scheduler_cuts_prompts_where_the_engine_does(monkeypatch):
     want = [[PREFILL_CHUNK] * (n // PREFILL_CHUNK) + [n % PREFILL_CHUNK] for n in sizes]
     assert sorted(c for c in eng.cuts if c) == sorted(want)
     assert max(per_iter) <= PREFILL_CHUNK
+
+
+def test_scheduler_full_context_is_length(monkeypatch):
+    """A request that fills its slot's context ends with "length" (not "stop"), with or without
+    max_tokens, and the slot is free again."""
+    import jllama.tokenizer as jt
+    from jllama.server.scheduler import Scheduler
+
+    monkeypatch.setattr(jt, "StreamDecoder", FakeDecoder, raising=False)
+    eng = FakeEngine(2, ctx_size=16)
+    llm = types.SimpleNamespace(engine=eng, tokenizer=FakeTok(), spec=types.SimpleNamespace(n_vocab=V))
+    sch = Scheduler(llm, max_queue=4)
+    sch.start()
+    try:
+        for max_tokens in (None, 1000):
+            _, out, done, box = _run(sch, [5, 6, 7], max_tokens, seed=3)
+            assert done.wait(30) and box["ev"].finish == "length"
+            assert box["ev"].completion_tokens == len(out) == 16 - 3 + 1
+        t0 = time.monotonic()
+        while sch.busy_slots() and time.monotonic() - t0 < 10:  # freed right after "done"
+            time.sleep(0.01)
+        assert sch.busy_slots() == 0
+    finally:
+        sch.stop()
 
 
 def test_scheduler_stop_strings_cancel_and_queue_limit(fake_scheduler):

@@ -122,7 +122,7 @@ def test_mesh_config_errors():
     res = _run_worker("errors")
     assert "data=3 x model=1 = 3 devices, but 8" in res["devices"]
     assert "n_head=9" in res["strict"] and "model" in res["strict"]
-    assert "'data' of size 2 does not divide runtime.n_slots=1" in res["slots"]
+    assert "'data' of size 2 does not divide the slot count 1" in res["slots"]
 
 
 # ---------------------------------------------------------------------------------- worker

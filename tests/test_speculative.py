@@ -302,7 +302,8 @@ def test_cli_generate_draft_ngram_same_text(exact_llms, smollm2_path, capsys, mo
 
 
 def test_single_slot_server_with_ngram_draft(exact_llms, smollm2_path):
-    httpx = pytest.importorskip("httpx")
+    import httpx
+
     from jllama.api import Llama
     from jllama.server.app import ServerSettings, ServerState, ServerThread
 

@@ -1,7 +1,9 @@
 """Tokenizer vs llama.cpp: the llama.cpp vocab test cases, and llama-cpp-python as oracle.
 
-The ``.inp``/``.out`` pairs in ``shared/data/vocab`` are llama.cpp's own tokenizer tests
-(ids for add_special=False, parse_special=False). Decoding, special-token parsing, EOG sets
+The ``.inp``/``.out`` pairs beside llama.cpp's ``ggml-vocab-*.gguf`` files (fixture
+``vocab_dir``: ``shared/data/vocab``, or fetched from the oracle's source package; see
+testdata.py) are llama.cpp's own tokenizer tests (ids for add_special=False,
+parse_special=False). Decoding, special-token parsing, EOG sets
 and whole-file tokenization are compared with llama-cpp-python (llama.cpp 0c1e570).
 """
 
@@ -12,11 +14,10 @@ import functools
 from pathlib import Path
 
 import pytest
+from testdata import VOCABS
 
 from jllama.tokenizer import StreamDecoder, Tokenizer
 
-VOCABS = ["deepseek-llm", "falcon", "gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2",
-          "starcoder"]
 SEP = "\n__ggml_vocab_test__\n"
 
 
@@ -106,14 +107,14 @@ def _close_oracles():
     _ORACLES.clear()
 
 
-def _vocab_path(shared_data: Path, name: str) -> Path:
-    return shared_data / "vocab" / f"ggml-vocab-{name}.gguf"
+def _vocab_path(vocab_dir: Path, name: str) -> Path:
+    return vocab_dir / f"ggml-vocab-{name}.gguf"
 
 
 # ---------------------------------------------------------------------------- llama.cpp cases
 @pytest.mark.parametrize("name", VOCABS)
-def test_vocab_cases(shared_data: Path, name: str) -> None:
-    path = _vocab_path(shared_data, name)
+def test_vocab_cases(vocab_dir: Path, name: str) -> None:
+    path = _vocab_path(vocab_dir, name)
     tk = _tokenizer(str(path))
     cases = _cases(path)
     assert len(cases) > 10
@@ -164,18 +165,18 @@ def _check_vs_oracle(path: Path, cases: list[tuple[str, list[int]]]) -> None:
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("name", VOCABS)
-def test_vs_oracle(shared_data: Path, name: str) -> None:
-    path = _vocab_path(shared_data, name)
+def test_vs_oracle(vocab_dir: Path, name: str) -> None:
+    path = _vocab_path(vocab_dir, name)
     _check_vs_oracle(path, _cases(path))
 
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("model", ["smollm2_path", "gemma3_path"])
-def test_models_vs_oracle(shared_data: Path, model: str, request: pytest.FixtureRequest) -> None:
+def test_models_vs_oracle(vocab_dir: Path, model: str, request: pytest.FixtureRequest) -> None:
     """Real models: the llama.cpp test inputs (ids from the oracle), specials, pieces, EOG."""
     path = request.getfixturevalue(model)
     ora = _oracle(str(path))
-    texts = [t for t, _ in _cases(_vocab_path(shared_data, "llama-spm"))]
+    texts = [t for t, _ in _cases(_vocab_path(vocab_dir, "llama-spm"))]
     cases = [(t, ora.tokenize(t, False, False)) for t in texts]
     tk = _tokenizer(str(path))
     for text, want in cases:
@@ -183,9 +184,9 @@ def test_models_vs_oracle(shared_data: Path, model: str, request: pytest.Fixture
     _check_vs_oracle(path, cases)
 
 
-def test_stream_decoder_utf8(shared_data: Path) -> None:
+def test_stream_decoder_utf8(vocab_dir: Path) -> None:
     """Byte tokens of a multi-byte character only produce text once it is complete."""
-    tk = _tokenizer(str(_vocab_path(shared_data, "llama-spm")))
+    tk = _tokenizer(str(_vocab_path(vocab_dir, "llama-spm")))
     byte_ids = [tk.vocab.token_to_id[f"<0x{b:02X}>"] for b in "€".encode()]
     dec = StreamDecoder(tk)
     assert [dec.feed(i) for i in byte_ids] == ["", "", "€"]
@@ -209,17 +210,17 @@ def test_special_ids_and_eog(smollm2_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- whole file
-def _wiki(shared_data: Path) -> str:
-    return (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+def _wiki(wiki_test_path: Path) -> str:
+    return wiki_test_path.read_text(encoding="utf-8")
 
 
 @pytest.mark.oracle
 @pytest.mark.parametrize(("model", "n_expected"), [("smollm2_path", 303_415),
                                                     ("gemma3_path", 295_216)])
-def test_wiki_matches_llama_cpp(shared_data: Path, model: str, n_expected: int,
+def test_wiki_matches_llama_cpp(wiki_test_path: Path, model: str, n_expected: int,
                                 request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(model)
-    text = _wiki(shared_data)
+    text = _wiki(wiki_test_path)
     ids = _tokenizer(str(path)).encode(text, add_special=True)
     ref = _oracle(str(path)).llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
     assert len(ref) == n_expected
@@ -266,9 +267,9 @@ def _fuzz_texts(n: int) -> list[str]:
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("name", VOCABS + ["smollm2_path", "gemma3_path"])
-def test_fuzz_vs_oracle(shared_data: Path, name: str, request: pytest.FixtureRequest) -> None:
+def test_fuzz_vs_oracle(vocab_dir: Path, name: str, request: pytest.FixtureRequest) -> None:
     """Random mixes of scripts, categories, whitespace kinds and specials (encode + decode)."""
-    path = request.getfixturevalue(name) if name.endswith("_path") else _vocab_path(shared_data,
+    path = request.getfixturevalue(name) if name.endswith("_path") else _vocab_path(vocab_dir,
                                                                                      name)
     tk = _tokenizer(str(path))
     ora = _oracle(str(path))

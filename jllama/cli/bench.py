@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jllama.cli.common import add_numerics_args
+from jllama.cli.common import add_numerics_args, add_platform_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,22 +17,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--n-gen", type=int, action="append", default=None,
                    help="generation lengths (default 128; repeatable; 0 skips)")
     p.add_argument("-r", "--repetitions", type=int, default=3)
-    p.add_argument("-t", "--threads", type=int, default=None, help="1 = single-threaded XLA")
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--platform", default="cpu")
+    add_platform_args(p)
     add_numerics_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from jllama.cli.common import setup_platform
+    from jllama.cli.common import setup_platform, start_backend
 
-    setup_platform(args.platform, args.threads)
+    setup_platform(args.platform, args.threads, "--platform")
+    start_backend()
     import jax
 
     from jllama.api import Llama
-    from jllama.eval.bench import BenchResult, jllama_pp, jllama_tg, peak_rss_mib, time_reps
+    from jllama.eval.bench import (
+        BenchResult,
+        count_params,
+        jllama_pp,
+        jllama_tg,
+        model_type,
+        peak_rss_mib,
+        time_reps,
+    )
 
     pps = [p for p in (args.n_prompt or [512]) if p > 0]
     tgs = [n for n in (args.n_gen or [128]) if n > 0]
@@ -40,8 +48,8 @@ def run(args) -> int:
     llm = Llama(args.model, ctx_size=ctx, flash_attn=args.flash_attn == "on",
                 prompt_matmul=args.prompt_matmul)
     size = sum(t.nbytes for t in llm.gguf.tensors.values()) / 2**20
-    params = sum(t.n_elements for t in llm.gguf.tensors.values()) / 1e6
-    name = f"{llm.spec.arch} {llm.gguf.get('general.size_label', '')} {llm.gguf.get('general.file_type', '')}"
+    params = count_params(llm.gguf) / 1e6
+    name = model_type(llm.gguf, llm.spec.arch)
     results = []
     for n in pps:
         results.append(BenchResult(str(llm.path.name), size, params, jax.default_backend(),
@@ -51,13 +59,13 @@ def run(args) -> int:
                                    f"tg{n}", n, time_reps(jllama_tg(llm, n), args.repetitions)))
     rss = peak_rss_mib()
     if args.json:
-        print(json.dumps({"results": [r.as_dict() for r in results], "peak_rss_mib": rss,
-                          "load_s": llm.load_s}))
+        print(json.dumps({"model_type": name, "results": [r.as_dict() for r in results],
+                          "peak_rss_mib": rss, "load_s": llm.load_s}))
         return 0
     print("| model | size | params | backend | test | t/s |")
     print("| --- | ---: | ---: | --- | ---: | ---: |")
     for r in results:
-        print(f"| {name.strip()} | {r.size_mib:.2f} MiB | {r.params_m:.2f} M | {r.backend} | "
+        print(f"| {name} | {r.size_mib:.2f} MiB | {r.params_m:.2f} M | {r.backend} | "
               f"{r.test} | {r.tps:.2f} ± {r.tps_sd:.2f} |")
     print(f"\npeak RSS {rss:.0f} MiB, load {llm.load_s:.2f} s", file=sys.stderr)
     return 0

@@ -5,18 +5,91 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from jllama.config import Config
+from jllama.errors import ConfigError, JllamaError
+
+if TYPE_CHECKING:  # jllama.config imports JAX; the parser is built without it
+    from jllama.config import Config
+
+_GPU = {"gpu", "cuda", "rocm"}  # JAX's aliases: a "gpu" backend answers to all three
 
 
-def setup_platform(platform: str | None, threads: int | None = None) -> None:
-    """Pick the JAX backend before JAX starts (it reads these once)."""
-    if platform and platform != "auto":
-        os.environ.setdefault("JAX_PLATFORMS", platform)
+def setup_platform(platform: str | None, threads: int | None = None,
+                   where: str = "runtime.platform") -> None:
+    """Choose the JAX backend and the CPU thread counts before JAX starts its backends (JAX
+    reads JAX_PLATFORMS when it is imported, so the choice also goes to ``jax.config``).
+
+    ``platform``: a value from the config or ``--platform`` (named by ``where``) wins over an
+    inherited JAX_PLATFORMS, with a note on stderr when the two differ; None keeps
+    JAX_PLATFORMS when it is set, else cpu; "auto" leaves the choice to JAX (JAX_PLATFORMS
+    when set, else its own order: TPU, GPU, CPU). ``threads`` (llama.cpp's ``-t``): XLA:CPU's
+    intra-op pool size (its ``NPROC`` setting) and the C++ kernels' helper threads
+    (``JLLAMA_CPU_KERNEL_THREADS``); 1 also turns off XLA's multi-threaded Eigen ops."""
+    env = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platform is None:
+        want = env or "cpu"
+    elif platform.strip().lower() == "auto":
+        want = env
+    else:
+        want = platform.strip().lower()
+        if env and env != want:
+            print(f"jllama: using platform '{want}' ({where}) instead of JAX_PLATFORMS={env}",
+                  file=sys.stderr)
+    thread_env = {}
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {threads}")
+        thread_env = {"NPROC": str(threads), "JLLAMA_CPU_KERNEL_THREADS": str(threads)}
+    if _backends_started():
+        # a second command in one process (tests, a Python caller): JAX keeps its backends
+        import jax
+
+        have = jax.default_backend()
+        first = want.split(",")[0]
+        if first and not (first == have or (first in _GPU and have in _GPU)):
+            raise ConfigError(f"JAX already runs on '{have}' in this process; {where} asks "
+                              f"for '{first}'")
+        if any(os.environ.get(k) != v for k, v in thread_env.items()):
+            raise ConfigError(f"JAX's backends already started in this process; "
+                              f"runtime.threads={threads} cannot apply any more")
+        return
+    if want:
+        os.environ["JAX_PLATFORMS"] = want
+    else:
+        os.environ.pop("JAX_PLATFORMS", None)
+    if "jax" in sys.modules:
+        import jax
+
+        jax.config.update("jax_platforms", want or None)
+    os.environ.update(thread_env)
     if threads == 1:
         flags = os.environ.get("XLA_FLAGS", "")
         if "multi_thread_eigen" not in flags:
             os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+
+
+def _backends_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def start_backend() -> str:
+    """Start JAX's backend now, so that a platform JAX cannot open is one line naming it (JAX
+    says RuntimeError, or a bare AssertionError for CUDA without a GPU). Returns its name."""
+    import jax
+
+    try:
+        return jax.default_backend()
+    except Exception as e:  # noqa: BLE001 - whatever the plugin raises
+        asked = os.environ.get("JAX_PLATFORMS") or "auto"
+        msg = str(e).split(" (set JAX_PLATFORMS")[0].split(" (you may need")[0].strip()
+        msg = msg.splitlines()[0] if msg else f"no '{asked}' device found"
+        raise JllamaError(f"JAX cannot start platform '{asked}': {msg} (set runtime.platform "
+                          "/ --platform to one this machine has, e.g. cpu)") from None
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -33,9 +106,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     add_numerics_args(p, via_config=True)
-    p.add_argument("--platform", default=None, help="cpu | gpu | tpu | auto")
+    add_platform_args(p)
     add_draft_args(p)
     add_distributed_args(p)
+
+
+def add_platform_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--platform", default=None,
+                   help="cpu | gpu | tpu | auto (default: JAX_PLATFORMS if set, else cpu; "
+                   "given here it wins over JAX_PLATFORMS)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads, as llama.cpp's -t (default: all cores)")
 
 
 def add_numerics_args(p: argparse.ArgumentParser, via_config: bool = False) -> None:
@@ -79,7 +160,8 @@ def overrides_from_args(args) -> list[str]:
         "frequency_penalty": "generation.sampling.frequency_penalty",
         "presence_penalty": "generation.sampling.presence_penalty",
         "seed": "generation.sampling.seed", "ctx_size": "runtime.ctx_size",
-        "platform": "runtime.platform", "model_draft": "draft.model", "draft_n": "draft.n",
+        "platform": "runtime.platform", "threads": "runtime.threads",
+        "model_draft": "draft.model", "draft_n": "draft.n",
         "draft_min": "draft.n_min", "draft_min_p": "draft.p_min",
         "coordinator": "distributed.coordinator", "num_processes": "distributed.num_processes",
         "process_id": "distributed.process_id",
@@ -99,11 +181,16 @@ def overrides_from_args(args) -> list[str]:
         try:
             d, m = (int(x) for x in mesh.lower().split("x"))
         except ValueError:
-            from jllama.errors import ConfigError
-
             raise ConfigError(f"--mesh {mesh!r}: expected DATAxMODEL, e.g. 1x4") from None
         ov += [f"mesh.data={d}", f"mesh.model={m}"]
     return ov
+
+
+def platform_origin(cfg: Config) -> str:
+    """Where a run's platform was chosen, for setup_platform's note."""
+    if cfg.source == "<defaults>":
+        return "--platform"
+    return f"runtime.platform in {cfg.source.removesuffix(' (with overrides)')}"
 
 
 def is_main_process(cfg: Config) -> bool:
@@ -112,11 +199,12 @@ def is_main_process(cfg: Config) -> bool:
 
 
 def load_llama(cfg: Config, verbose: bool = True):
-    setup_platform(cfg.runtime.platform, cfg.runtime.threads)
+    setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
     if cfg.distributed.num_processes > 1:
         from jllama.parallel.distributed import initialize
 
         initialize(cfg.distributed)
+    start_backend()
     verbose = verbose and is_main_process(cfg)
     from jllama.api import Llama
 

@@ -25,9 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from jllama.cli.common import setup_platform
+    from jllama.cli.common import setup_platform, start_backend
 
-    setup_platform(args.platform)
+    setup_platform(args.platform, None, "--platform")
+    start_backend()
     import time
 
     from jllama.api import Llama

@@ -1,4 +1,6 @@
-"""``jllama run CONFIG [key=value ...]``: a generation described by a YAML run config."""
+"""``jllama run CONFIG [key=value ...]``: the job a YAML run config describes: a generation
+(``generation.prompt`` / ``generation.messages``), or a perplexity run when the config sets
+``perplexity.file`` (what ``jllama perplexity --config CONFIG`` runs)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a YAML config (model, runtime, generation)")
+    p = sub.add_parser("run", help="run a YAML config (model, runtime, generation or perplexity)")
     p.add_argument("config", help="path to a YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. generation.max_tokens=32")
     from jllama.cli.common import add_distributed_args, add_draft_args
@@ -21,6 +23,10 @@ def run(args) -> int:
     from jllama.config import load_config
 
     cfg = load_config(args.config, [*args.overrides, *overrides_from_args(args)])
+    if cfg.perplexity.file is not None:
+        from jllama.cli.perplexity import run_job
+
+        return run_job(cfg)
     g = cfg.generation
     llm = load_llama(cfg)
     if g.messages:

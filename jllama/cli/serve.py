@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds a request may take in all (queue + generation) before 504")
     p.add_argument("--alias", default=None, help="model id reported by /v1/models")
-    p.add_argument("--platform", default=None, help="cpu | gpu | tpu | auto")
+    from jllama.cli.common import add_platform_args
+
+    add_platform_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
     from jllama.cli.common import add_draft_args
 
@@ -41,14 +43,16 @@ def _overrides(args) -> list[str]:
     pairs = {"model": "model", "host": "server.host", "port": "server.port",
              "parallel": "server.parallel", "ctx_size": "runtime.ctx_size",
              "max_queue": "server.max_queue", "timeout": "server.timeout",
-             "alias": "server.model_alias", "platform": "runtime.platform"}
+             "alias": "server.model_alias", "platform": "runtime.platform",
+             "threads": "runtime.threads"}
     for attr, key in pairs.items():
         v = getattr(args, attr)
         if v is not None:
             ov.append(f"{key}={v}")
     from jllama.cli.common import overrides_from_args
 
-    return ov + [o for o in overrides_from_args(args) if o.startswith("draft.")]
+    return ov + [o for o in overrides_from_args(args)
+                 if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul"))]
 
 
 def run(args) -> int:
@@ -66,9 +70,13 @@ def run(args) -> int:
     if s.max_queue < 0 or s.timeout <= 0:
         raise ConfigError(f"{cfg.source}: 'server.max_queue' must be >= 0 and 'server.timeout' "
                           "> 0")
-    from jllama.cli.common import setup_platform
+    if cfg.distributed.num_processes > 1:
+        raise ConfigError(f"{cfg.source}: jllama serve runs in one process; 'distributed' is "
+                          "for run/generate (a mesh over this host's devices: 'mesh')")
+    from jllama.cli.common import platform_origin, setup_platform, start_backend
 
-    setup_platform(cfg.runtime.platform, cfg.runtime.threads)
+    setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
+    start_backend()
     import uvicorn
 
     from jllama.api import Llama
@@ -77,9 +85,11 @@ def run(args) -> int:
     print(f"jllama serve: loading {cfg.model} ({s.parallel} slots x {cfg.runtime.ctx_size} "
           "tokens) ...", file=sys.stderr)
     llm = Llama(cfg.model, ctx_size=cfg.runtime.ctx_size, n_slots=s.parallel,
-                cache_type=cfg.runtime.cache_type_k, quant=cfg.quant,
+                cache_type=cfg.runtime.cache_type_k, cache_type_v=cfg.runtime.cache_type_v,
+                quant=cfg.quant,
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
                 prompt_matmul=cfg.runtime.prompt_matmul,
+                mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None)
     alias = s.model_alias or llm.path.stem
     state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,

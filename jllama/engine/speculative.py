@@ -23,40 +23,25 @@ seeded sampling (the distribution does not).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from jllama.engine.draft import DraftConfig
 from jllama.engine.engine import HISTORY, PREFILL_BUCKETS, Engine, Timings, _bucket
 from jllama.engine.sampling import TOPK_CAP, BatchSampling, SamplingParams
 from jllama.errors import ConfigError, JllamaError
 
-# Verify forwards are padded to these lengths. The engine's smallest prefill chunk (16) costs
-# about 3 decode steps on a 2-core CPU, while 2 / 4 / 8 rows cost 1.1 / 1.5 / 2.1 steps
-# (experiments/results/speculative.md), so short drafts get their own small shapes.
+# Verify forwards are padded to these lengths. A forward's cost grows with its rows, so a short
+# draft padded to the engine's smallest prefill chunk (16) would waste most of its gain; short
+# drafts get their own small shapes (experiments/results/speculative.md has the costs).
 VERIFY_BUCKETS = tuple(sorted({2, 4, 8, *PREFILL_BUCKETS}))
 # up to this many new tokens are fed to the draft by decode steps rather than a prefill chunk
-# (on CPU a 16-row forward costs about four one-row steps)
+# (a 16-row forward costs more than a few one-row steps on CPU)
 FEED_STEPS = 3
 DRAFT_TOPK = 10  # llama.cpp's draft sampler: p_min is tested on the top-10 renormalised
-
-
-@dataclasses.dataclass
-class DraftConfig:
-    """Speculative decoding (llama.cpp's --model-draft / --draft-max / --draft-min / --draft-p-min).
-
-    ``kind``: "model" (a small draft model, ``model`` set), "ngram" (prompt lookup: proposals
-    copied from earlier text, no second model), or null (off)."""
-
-    kind: str | None = None
-    model: str | None = None
-    n: int = 16  # max tokens drafted per step (--draft-n / --draft-max)
-    n_min: int = 0  # fewer drafted tokens than this: plain decode (--draft-min)
-    p_min: float = 0.75  # stop drafting when the draft's top probability falls below (--draft-min-p)
-    ngram: int = 3  # n-gram size matched for prompt lookup
 
 
 # ---------------------------------------------------------------------------- distributions
@@ -342,22 +327,6 @@ class Speculative:
     def draft(self):
         """The draft ``Llama`` (None for prompt lookup)."""
         return getattr(self.proposer, "llm", None)
-
-    @staticmethod
-    def parse_config(draft: DraftConfig | dict) -> DraftConfig:
-        """A DraftConfig from a config section or dict (names unknown keys); the caller loads
-        the draft model when ``kind`` is "model" and passes it to the constructor."""
-        if isinstance(draft, dict):
-            names = {f.name for f in dataclasses.fields(DraftConfig)}
-            bad = sorted(set(draft) - names)
-            if bad:
-                raise ConfigError(f"unknown draft settings {bad}; known: {sorted(names)}")
-            draft = DraftConfig(**draft)
-        if draft.kind is None and draft.model:
-            draft = dataclasses.replace(draft, kind="model")
-        if draft.kind == "model" and not draft.model:
-            raise ConfigError("'draft.kind' is model but 'draft.model' is not set")
-        return draft
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
                  max_tokens: int = 128, stop_ids: set[int] | frozenset[int] = frozenset(),

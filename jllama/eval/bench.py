@@ -7,6 +7,7 @@ llama.cpp with the same procedure.
 
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import time
@@ -39,6 +40,58 @@ class BenchResult:
         d = asdict(self)
         d.update(tps=self.tps, tps_sd=self.tps_sd)
         return d
+
+
+# llama.cpp's llama_model_ftype_name for general.file_type ids (jllama.quant.mixes.FTYPES'
+# names); other names print as they are
+_FTYPE_DESC = {
+    "F32": "all F32", "Q2_K": "Q2_K - Medium", "Q3_K_S": "Q3_K - Small",
+    "Q3_K_M": "Q3_K - Medium", "Q3_K_L": "Q3_K - Large", "Q4_K_S": "Q4_K - Small",
+    "Q4_K_M": "Q4_K - Medium", "Q5_K_S": "Q5_K - Small", "Q5_K_M": "Q5_K - Medium",
+    "IQ4_NL": "IQ4_NL - 4.5 bpw", "IQ4_XS": "IQ4_XS - 4.25 bpw",
+}
+# the file type llama.cpp guesses from the most frequent tensor type when the key is missing
+_GUESS = {"F32": "F32", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+
+def count_params(gguf) -> int:
+    """Parameters counted from the tensors' shapes (llama_model_n_params), not from metadata."""
+    return sum(math.prod(t.shape) for t in gguf.tensors.values())
+
+
+def size_label(n_params: int, min_digits: int = 2) -> str:
+    """"135M" for 134,515,008: the rounding gguf-py's ``size_label`` applies to a count."""
+    scale, suffix = next(((s, u) for s, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"))
+                          if n_params > s), (1e3, "K"))
+    x = n_params * (1.0 / scale)  # gguf-py multiplies by 1e-6 etc.: the same last bits
+    fix = max(min_digits - len(str(round(x)).lstrip("0")), 0)
+    return f"{x:.{fix}f}{suffix}"
+
+
+def ftype_desc(gguf) -> str:
+    """llama.cpp's file-type name ("Q4_K - Medium"); guessed, as llama.cpp does, from the most
+    frequent tensor type when general.file_type is missing."""
+    from collections import Counter
+
+    from jllama.quant.mixes import FTYPE_BY_ID
+
+    ft = gguf.metadata.get("general.file_type")
+    if ft is not None:
+        name = FTYPE_BY_ID.get(int(ft))
+        return _FTYPE_DESC.get(name, name) if name else f"file type {ft}"
+    types = Counter(t.type_name.upper() for t in gguf.tensors.values())
+    if not types:
+        return "unknown"
+    name = types.most_common(1)[0][0]
+    name = _GUESS.get(name, name)
+    return f"{_FTYPE_DESC.get(name, name)} (guessed)"
+
+
+def model_type(gguf, arch: str) -> str:
+    """llama-bench's model column ("llama 135M Q4_1"), the size from the counted parameters:
+    general.size_label is whatever the converter wrote, and llama.cpp's own size names come
+    from a table by layer count (it calls SmolLM2-135M "256M")."""
+    return f"{arch} {size_label(count_params(gguf))} {ftype_desc(gguf)}"
 
 
 def peak_rss_mib() -> float:

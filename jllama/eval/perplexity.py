@@ -109,11 +109,12 @@ def perplexity(engine, tokens: list[int], n_ctx: int = 512, n_chunks: int | None
 
 
 def run_cli(llm, text_path: str, n_ctx: int, n_chunks: int | None, batch: int,
-            out=sys.stdout, scorer: Callable[..., PerplexityResult] | None = None
+            out=None, scorer: Callable[..., PerplexityResult] | None = None
             ) -> PerplexityResult:
     """Tokenize, score, and print like llama-perplexity (running ``[i]ppl`` values and the
     final estimate), with a progress bar on stderr. ``scorer(llm, tokens, n_ctx, n_chunks,
     batch, on_chunk, source)`` replaces the plain scoring (the KL-divergence base run)."""
+    out = sys.stdout if out is None else out  # the stream at call time, not import time
     from tqdm import tqdm
 
     text = read_text(text_path)

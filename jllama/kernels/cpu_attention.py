@@ -30,10 +30,10 @@ SPLIT_KV_MIN = 512  # one query row over this many keys: ggml splits the keys ac
 @functools.cache
 def available() -> bool:
     """Load the kernel library (cpu_ffi builds it once) and register the kernel; False where
-    that is not possible (no compiler, no AVX-512; ``Numerics.cpu_kernels`` is the caller's to
-    check)."""
+    that is not possible (no compiler, neither AVX-512 nor AVX2 + FMA + F16C;
+    ``Numerics.cpu_kernels`` is the caller's to check)."""
     lib = cpu_ffi.library()
-    if lib is None or not hasattr(lib, _TARGET[1]):  # no AVX-512: ggml's x86 path differs
+    if lib is None or not hasattr(lib, _TARGET[1]):  # no AVX-512 / AVX2 branch of ggml's to follow
         return False
     try:
         jax.ffi.register_ffi_target(_TARGET[0], jax.ffi.pycapsule(getattr(lib, _TARGET[1])),

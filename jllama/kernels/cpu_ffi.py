@@ -60,8 +60,8 @@ UNITS = {
 QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23})
 _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatVecXs",
             "jllama_dequant": "JllamaDequant", "jllama_cos_sin": "JllamaCosSin"}
-# The int8-activation kernels (ggml's vec_dot, bit-exact) exist only where the build machine
-# has AVX2 + FMA + F16C + VNNI (AVX512-VNNI or AVX-VNNI).
+# The int8-activation kernels (ggml's vec_dot, bit-exact) exist where the build machine has
+# AVX2 + FMA + F16C (VNNI, where present, only speeds up their integer dots).
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
 Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
 # q8: quantized x (q, d, s), any number of weights sharing it (q/k/v, gate/up: one call);
@@ -82,6 +82,20 @@ def _cpu_key() -> str:
     except OSError:
         flags = ""
     return flags + platform.machine()
+
+
+@functools.cache
+def ggml_simd() -> str:
+    """The x86 SIMD branch of ggml-cpu that a ``-march=native`` build on this machine compiles,
+    where ggml's float arithmetic depends on it (vector width, expf/silu, flash attention's dots
+    and sums): ``"avx512"`` (AVX-512F + DQ), ``"avx2"`` (AVX2 + FMA), ``""`` otherwise (neither
+    is reproduced; callers keep the AVX-512 forms)."""
+    flags = set(_cpu_key().split())
+    if {"avx512f", "avx512dq"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return ""
 
 
 def _key() -> str:

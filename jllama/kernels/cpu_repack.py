@@ -1,7 +1,7 @@
 """Repack raw GGUF blocks into "int8 codes + per-group f32 scale (+ f32 min)".
 
-Why: XLA:CPU cannot unpack nibbles fast (bitwise ops on u8 compile to scalar loops, ~1 GB/s), but
-converting int8 to f32 inside a cache-sized tile is vectorised (~19 GB/s of int8). Every supported
+Why: XLA:CPU cannot unpack nibbles fast (bitwise ops on u8 compile to scalar loops), but
+converting int8 to f32 inside a cache-sized tile is vectorised. Every supported
 ggml type is the same affine form once unpacked: ``w = code * scale[group] + min[group]`` with a
 small integer code, so one dequantize-a-tile kernel serves all of them.
 

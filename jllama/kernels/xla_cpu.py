@@ -5,16 +5,16 @@ blocks: up to 16 x rows (decode) run the fused decode+dot kernel in one pass ove
 (prefill) dequantize a cache-sized row tile with the C++ decoder and hand it to XLA's f32 GEMM.
 
 The pure-XLA path (no compiler, or ``JLLAMA_NO_FFI=1``) dequantizes one cache-sized row tile at a
-time and runs an f32 dot. Why this shape (measured on the 2-core AVX-512 machine, jax 0.10.2):
-- A dot whose weight operand is converted in the same fusion becomes a naive loop (7-20x slower
-  than the f32 dot), and so does any reduce-fusion formulation (sum of code * x: 0.5-3 GB/s).
+time and runs an f32 dot. Why this shape (figures in experiments/results/design_measurements.md):
+- A dot whose weight operand is converted in the same fusion becomes a naive loop, far slower
+  than the f32 dot, and so does any reduce-fusion formulation (sum of code * x).
 - Dequantizing a tile of rows into an f32 buffer, fenced by ``optimization_barrier`` so XLA
   cannot fuse the convert into the dot, then running the f32 dot (Eigen) on it inside a
-  ``lax.scan``, reads int8 codes at ~19 GB/s for matvec and keeps ~90 % of f32 GEMM speed for
-  512-row prompts. Unpacking nibbles in the tile costs far more (~1 GB/s), hence weights are
+  ``lax.scan``, reads int8 codes near memory speed for matvec and keeps most of the f32 GEMM's
+  speed for prompts. Unpacking nibbles in the tile costs far more, hence weights are
   repacked once at load to int8 codes (``cpu_repack``). Unprepared (raw GGUF) weights still work:
   each tile is repacked in-graph, correct but slower.
-- The f32 copy of the weight is never materialised: only one tile (~2 MiB) lives at a time.
+- The f32 copy of the weight is never materialised: only one tile lives at a time.
 """
 
 from __future__ import annotations

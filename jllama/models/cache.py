@@ -57,8 +57,9 @@ class KVCache:
         check_kv_type(dtype_v, hv)
         nk, dk = row_shape(dtype, head_dim_k)
         nv, dv = row_shape(dtype_v, hv)
-        # Host zeros moved in, not jnp.zeros: ~60 eager device programs cost ~0.25 s of a
-        # warm start (time to first token); the buffers are still XLA's own (donation works).
+        # Host zeros moved in, not jnp.zeros: one eager device program per layer and cache
+        # half would be compiled on every warm start, on the time-to-first-token path; the
+        # buffers are still XLA's own (donation works).
         def zeros(n: int, dt) -> jax.Array:
             return jax.device_put(np.zeros((batch, n_kv_heads, max_len, n), jnp.dtype(dt)))
 

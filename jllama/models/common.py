@@ -177,7 +177,7 @@ def _mean_f32_of_exact_sum(sq: jax.Array) -> jax.Array:
     an ulp or so, and one ulp in the norm scale is enough to move an activation across a Q8
     rounding boundary. Where f64 is native (CPU, GPU) the sum is done in f64 like ggml's: one
     fused reduction per norm. TPUs have no f64; there the sum is a pairwise tree of error-free
-    two-sums (hi + lo), ~6 fusions per norm, which cost ~5 % of SmolLM2's decode step on CPU."""
+    two-sums (hi + lo), several fusions per norm instead of one."""
     if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
         with jax.enable_x64(True):
             s = jnp.sum(sq.astype(jnp.float64), axis=-1, keepdims=True)
@@ -277,7 +277,10 @@ _HEX = {k: float.fromhex(v) for k, v in dict(
 
 def _ggml_expf(x: jax.Array) -> jax.Array:
     """ggml's SIMD expf, step by step with its fused multiply-adds (1.5 ulp from exp; XLA's exp
-    differs from it in the last bit often enough to move Q8 roundings downstream)."""
+    differs from it in the last bit often enough to move Q8 roundings downstream), in the form
+    of the x86 branch the host's ggml build compiles (AVX-512 and AVX2 round differently)."""
+    if cpu_ffi.ggml_simd() == "avx2":
+        return _ggml_expf_avx2(x)
     f32 = jnp.float32
     r = f32(_HEX["shift"])
     z = _fma32(x, f32(_HEX["log2e"]), r)
@@ -292,12 +295,36 @@ def _ggml_expf(x: jax.Array) -> jax.Array:
     return jnp.where(big, jnp.where(n <= 0, f32(0.0), f32(jnp.inf)), res)
 
 
+def _ggml_expf_avx2(x: jax.Array) -> jax.Array:
+    """ggml_v_expf's AVX2 + FMA form: the same reduction and polynomial, but the constant term
+    is left out of ``j`` and the result is ``k + k * j`` with ``k = 2^n`` built from the bits of
+    ``z`` (no scalef); for ``126 < |n| <= 192`` the scale is split in two factors, beyond that
+    the result is ``s1 * s1`` (0 or inf)."""
+    f32, u32 = jnp.float32, jnp.uint32
+    r = f32(_HEX["shift"])
+    z = _fma32(x, f32(_HEX["log2e"]), r)
+    n = z - r
+    b = _fma32(-n, f32(_HEX["ln2_lo"]), _fma32(-n, f32(_HEX["ln2_hi"]), x))
+    e = jax.lax.bitcast_convert_type(z, u32) << u32(23)
+    k = jax.lax.bitcast_convert_type(e + u32(0x3F800000), f32)
+    u = b * b
+    c0, c1, c2, c3, c4 = (f32(c) for c in _EXPF_C)
+    j = _fma32(_fma32(_fma32(c0, b, c1), u, _fma32(c2, b, c3)), u, opaque(c4 * b))
+    g = jnp.where(n <= 0, u32(0x82000000), u32(0))
+    s1 = jax.lax.bitcast_convert_type(g + u32(0x7F000000), f32)
+    s2 = jax.lax.bitcast_convert_type(e - g, f32)
+    an = jnp.abs(n)
+    return jnp.where(an > 192, s1 * s1,
+                     jnp.where(an > 126, _fma32(s2, j, s2) * s1, _fma32(k, j, k)))
+
+
 def _ggml_silu(x: jax.Array) -> jax.Array:
-    """ggml_vec_silu/swiglu on f32 rows: 16-wide chunks through ggml_v_silu (x / (1 + expf(-x))
-    with the SIMD expf), the ``n % 16`` tail through libm's expf (here exp in f64, rounded)."""
+    """ggml_vec_silu/swiglu on f32 rows: SIMD-wide chunks (16 lanes with AVX-512, 8 with AVX2)
+    through ggml_v_silu (x / (1 + expf(-x)) with the SIMD expf), the tail through libm's expf
+    (here exp in f64, rounded)."""
     y = x / (jnp.float32(1.0) + _ggml_expf(jnp.float32(0.0) - x))
     n = x.shape[-1]
-    tail = n % 16
+    tail = n % (8 if cpu_ffi.ggml_simd() == "avx2" else 16)
     if tail:
         with jax.enable_x64(True):
             e = jnp.exp(-x[..., n - tail :].astype(jnp.float64)).astype(jnp.float32)

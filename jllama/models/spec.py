@@ -48,16 +48,31 @@ def _get(g: GGUFFile, key: str, default: Any = ..., cast=None):
     return cast(v) if cast and v is not None else v
 
 
+def _positive(g: GGUFFile, key: str, default: Any = ...) -> int:
+    """A size that must be at least 1 (a zero head count would divide by zero further on)."""
+    v = _get(g, key, default, cast=int)
+    if v < 1:
+        raise ModelError(f"{g.path}: metadata '{key}' = {v}; it must be at least 1")
+    return v
+
+
+def _nonnegative(g: GGUFFile, key: str, default: Any = ...) -> int:
+    v = _get(g, key, default, cast=int)
+    if v < 0:
+        raise ModelError(f"{g.path}: metadata '{key}' = {v}; it must not be negative")
+    return v
+
+
 def spec_from_gguf(g: GGUFFile) -> ModelSpec:
     arch = g.architecture
     if not arch:
         raise ModelError(f"{g.path}: metadata has no general.architecture")
     a = arch
-    n_embd = _get(g, f"{a}.embedding_length", cast=int)
-    n_head = _get(g, f"{a}.attention.head_count", cast=int)
-    n_head_kv = _get(g, f"{a}.attention.head_count_kv", n_head, cast=int)
-    head_dim = _get(g, f"{a}.attention.key_length", n_embd // n_head, cast=int)
-    head_dim_v = _get(g, f"{a}.attention.value_length", head_dim, cast=int)
+    n_embd = _positive(g, f"{a}.embedding_length")
+    n_head = _positive(g, f"{a}.attention.head_count")
+    n_head_kv = _positive(g, f"{a}.attention.head_count_kv", n_head)
+    head_dim = _positive(g, f"{a}.attention.key_length", n_embd // n_head)
+    head_dim_v = _positive(g, f"{a}.attention.value_length", head_dim)
     tok = g.tensors.get("token_embd.weight")
     n_vocab = _get(g, f"{a}.vocab_size", None)
     if n_vocab is None:
@@ -65,6 +80,8 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
         n_vocab = len(toks) if toks else (tok.shape[0] if tok else None)
     if n_vocab is None:
         raise ModelError(f"{g.path}: cannot determine the vocabulary size")
+    if int(n_vocab) < 1:
+        raise ModelError(f"{g.path}: metadata '{a}.vocab_size' = {n_vocab}; it must be at least 1")
     scale_type = g.metadata.get(f"{a}.rope.scaling.type", "none")
     factor = float(g.metadata.get(f"{a}.rope.scaling.factor", 0.0) or 0.0)
     rope_scale = 1.0 / factor if (scale_type == "linear" and factor > 0) else 1.0
@@ -72,17 +89,17 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
         raise ModelError(f"{g.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
     return ModelSpec(
         arch=arch,
-        n_layer=_get(g, f"{a}.block_count", cast=int),
+        n_layer=_positive(g, f"{a}.block_count"),
         n_embd=n_embd,
-        n_ff=_get(g, f"{a}.feed_forward_length", 0, cast=int),
+        n_ff=_nonnegative(g, f"{a}.feed_forward_length", 0),
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         head_dim_v=head_dim_v,
         n_vocab=int(n_vocab),
-        n_ctx_train=_get(g, f"{a}.context_length", 2048, cast=int),
+        n_ctx_train=_positive(g, f"{a}.context_length", 2048),
         rope_base=float(_get(g, f"{a}.rope.freq_base", 10000.0)),
-        rope_dim=_get(g, f"{a}.rope.dimension_count", head_dim, cast=int),
+        rope_dim=_nonnegative(g, f"{a}.rope.dimension_count", head_dim),
         rope_scale=rope_scale,
         norm_eps=float(_get(g, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
         tied_output="output.weight" not in g.tensors,

@@ -2,7 +2,7 @@
 
 ``initialize`` must run before anything touches JAX's backends (``jax.devices()`` would freeze a
 single-process view). Afterwards ``jax.devices()`` lists every process's devices, so
-``apply_mesh`` builds the mesh over all of them; each process holds the shards on its own
+``plan_engine`` builds the mesh over all of them; each process holds the shards on its own
 devices, the host-read outputs are replicated (``mesh._replicated_outputs``), and so every
 process samples the same tokens. Only process 0 prints.
 

@@ -171,7 +171,7 @@ def plan_engine(spec: Any, n_slots: int, mesh_cfg: MeshLike, devices: list | Non
     if n_slots % mesh.shape["data"]:
         raise ConfigError(
             f"mesh axis 'data' of size {mesh.shape['data']} does not divide "
-            f"runtime.n_slots={n_slots} (the KV cache's batch axis)")
+            f"the slot count {n_slots} (server.parallel; the KV cache's batch axis)")
     plan = EnginePlan(mesh, attention_sharded=False, strict=strict)
     plan.attention_sharded = rules.check_attention(plan, spec.n_head, spec.n_head_kv, strict)
     return plan

@@ -76,8 +76,8 @@ def _q8_parts(x: jax.Array, qtype: int):
         q = jnp.round(xb * inv)  # nearest-even, as _mm256_round_ps(_MM_ROUND_NEAREST)
         return q, d32, d32.astype(jnp.float16).astype(jnp.float32)
     # Q8_K: scale from the signed value of largest magnitude (the first one, as ggml's strict
-    # ``ax > amax`` scan), f32 scale. Two min-reductions instead of argmax + gather: ~2x faster
-    # on XLA:CPU, same choice on ties of +amax and -amax.
+    # ``ax > amax`` scan), f32 scale. Two min-reductions instead of argmax + gather (XLA:CPU's
+    # argmax is a scalar loop), same choice on ties of +amax and -amax.
     amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
     iota = jnp.arange(bs, dtype=jnp.int32)
     first_pos = jnp.min(jnp.where(xb == amax, iota, bs), axis=-1, keepdims=True)

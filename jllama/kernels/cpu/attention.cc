@@ -4,18 +4,21 @@
 // Why: llama-perplexity and llama-cli run with flash attention on, and a 1-ulp difference in
 // any activation crosses a Q8 rounding step somewhere downstream and grows into perplexity
 // noise (experiments/results/cpu_kernels.md). So this file redoes ggml's arithmetic step by
-// step, in ggml's order, with the same intrinsics (same compiler family, same -march=native,
-// AVX-512 branches):
+// step, in ggml's order, with the same intrinsics (same compiler family, same -march=native;
+// ggml's AVX-512 branches, or its AVX2 ones on CPUs without AVX-512, whose differences are
+// noted where they arise):
 //
 // * one_chunk (fewer than 64 query rows: decode, short prompts): Q rounded to f16, the score
 //   is ggml_vec_dot_f16 (four 16-lane f32 FMA accumulators over 64-element steps, folded 0+2,
-//   1+3, 0+1, then _mm512_reduce_add_ps), online softmax per key with libm expf, and the output
+//   1+3, 0+1, then _mm512_reduce_add_ps; AVX2: 8 lanes, 32-element steps, ggml's
+//   GGML_F32x8_REDUCE), online softmax per key with libm expf, and the output
 //   accumulated *in f16*: ggml_vec_scale_f16 / ggml_vec_mad_f16, which with AVX512-FP16 are
 //   native half multiplies/FMAs on 128-element steps and a scalar f32 tail (all of D = 64).
 // * tiled (64 or more query rows): K tile to f32 (packed once per kv head here), scores as a
 //   plain FMA chain over d (what simd_gemm does per element), times scale, per-row tile max,
 //   expf(Mold - Mnew) rescale,
-//   the tile's softmax sum from ggml_v_expf on 16 lanes summed as doubles, then VKQ += P V as
+//   the tile's softmax sum from ggml_v_expf on 16 lanes (AVX2: 8, and its own expf form)
+//   summed as doubles, then VKQ += P V as
 //   an FMA chain over the tile's keys, finally VKQ * (1 / S).
 // * split-KV (one query row, 512+ keys): one_chunk over n_threads key chunks, then ggml's
 //   partial merge. Its result depends on llama.cpp's thread count, hence the attribute.
@@ -47,7 +50,11 @@
 
 namespace ffi = xla::ffi;
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__F16C__) && defined(__FMA__)
+// ggml's x86 flash attention differs by SIMD branch (vector width, expf, the f16 dot's
+// reduction), so each branch a -march=native build can take is redone: AVX-512 (F + DQ) and
+// AVX2; both with F16C and FMA. Other CPUs get no kernel (the XLA attention serves them).
+#if defined(__F16C__) && defined(__FMA__) && \
+    ((defined(__AVX512F__) && defined(__AVX512DQ__)) || defined(__AVX2__))
 #define JLLAMA_FA 1
 #endif
 
@@ -60,6 +67,20 @@ constexpr int kTileQ = 64;   // GGML_FA_TILE_Q: ggml's tiled path needs this man
 constexpr int kTileKV = 64;  // GGML_FA_TILE_KV
 constexpr int64_t kSplitKV = 512;  // ggml splits the keys of a lone query row from this many
 constexpr int64_t kMinThreadedWork = int64_t(1) << 19;  // multiply-adds: below, one thread
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// ----------------------------------------------------------------- ggml's AVX-512 branch
+
+// f32 vectors for the width-independent parts (simd_gemm, whose per-element FMA chains are the
+// same at any width).
+using VF = __m512;
+constexpr int kW = 16;
+inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF vset1(float v) { return _mm512_set1_ps(v); }
+inline VF vzero() { return _mm512_setzero_ps(); }
+inline VF vfmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 
 // ggml_v_expf (vec.h, AVX-512): ARM's optimized-routines expf, ~1.5 ulp.
 inline __m512 v_expf(__m512 x) {
@@ -187,6 +208,120 @@ void mad_f16(int n, uint16_t* y, const uint16_t* x, float v) {
   for (; i < n; ++i) y[i] = f32_to_fp16(std::fmaf(fp16_to_f32(x[i]), v, fp16_to_f32(y[i])));
 }
 
+#else
+// ----------------------------------------------------------------- ggml's AVX2 branch
+// (AVX2 + FMA + F16C: GGML_F32/F16 with 8 lanes, GGML_F16_STEP 32, no AVX512-FP16)
+
+using VF = __m256;
+constexpr int kW = 8;
+inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF vset1(float v) { return _mm256_set1_ps(v); }
+inline VF vzero() { return _mm256_setzero_ps(); }
+inline VF vfmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+
+inline VF load8h(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline void store8h(uint16_t* p, VF v) { _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, 0)); }
+
+// ggml_v_expf (vec.h, AVX2 + FMA): the AVX-512 form's reduction and polynomial, but the
+// polynomial's constant term is left out (c4 * b, not fma(c4, b, 1)) and the result is
+// k + k * j with k = 2^n made from z's bits; for 126 < |n| <= 192 the scale is split into two
+// factors (s2 + s2 * j) * s1, beyond that s1 * s1 (0 or inf).
+inline __m256 v_expf(__m256 x) {
+  const __m256 r = _mm256_set1_ps(0x1.8p23f);
+  const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+  const __m256 n = _mm256_sub_ps(z, r);
+  const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                                    _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
+  const __m256 k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_set1_epi32(0x3f800000)));
+  const __m256 an = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), n);
+  const __m256 c = _mm256_cmp_ps(an, _mm256_set1_ps(126), _CMP_GT_OQ);
+  const __m256 u = _mm256_mul_ps(b, b);
+  const __m256 j = _mm256_fmadd_ps(
+      _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b,
+                                      _mm256_set1_ps(0x1.573e2ep-5f)),
+                      u,
+                      _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b,
+                                      _mm256_set1_ps(0x1.fffdb6p-2f))),
+      u, _mm256_mul_ps(_mm256_set1_ps(0x1.ffffecp-1f), b));
+  const __m256 res = _mm256_fmadd_ps(j, k, k);
+  if (!_mm256_movemask_ps(c)) return res;
+  const __m256i g = _mm256_and_si256(
+      _mm256_castps_si256(_mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ)),
+      _mm256_set1_epi32(int(0x82000000u)));
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f000000)));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+  const __m256 d = _mm256_cmp_ps(an, _mm256_set1_ps(192), _CMP_GT_OQ);
+  const __m256 mid = _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1);
+  return _mm256_blendv_ps(_mm256_blendv_ps(res, mid, c), _mm256_mul_ps(s1, s1), d);
+}
+
+// f32 sum of 8 lanes as ggml's AVX2 code forms it: (high + low half), movehl, movehdup.
+inline float hsum8(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+// ggml_vec_soft_max_f32: y = exp(x - max), the sum as ggml_float (double) of 8-lane f32 sums,
+// scalar libm expf on the tail.
+double soft_max(int n, float* y, const float* x, float max) {
+  int i = 0;
+  double sum = 0.0;
+  for (; i + 7 < n; i += 8) {
+    const __m256 val = v_expf(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(max)));
+    _mm256_storeu_ps(y + i, val);
+    sum += (double)hsum8(val);
+  }
+  for (; i < n; ++i) {
+    const float val = expf(x[i] - max);
+    sum += (double)val;
+    y[i] = val;
+  }
+  return sum;
+}
+
+// ggml_vec_dot_f16 (x = K row, y = Q in f16): four 8-lane accumulators over 32-element steps,
+// GGML_F32x8_REDUCE (0+2, 1+3, 0+1, then low + high half and two hadds), the n % 32 leftovers
+// as f32 products added in double.
+float dot_f16(int n, const uint16_t* x, const uint16_t* y) {
+  const int np = n & ~31;
+  __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  for (int i = 0; i < np; i += 32)
+    for (int j = 0; j < 4; ++j)
+      sum[j] = _mm256_fmadd_ps(load8h(x + i + 8 * j), load8h(y + i + 8 * j), sum[j]);
+  sum[0] = _mm256_add_ps(sum[0], sum[2]);
+  sum[1] = _mm256_add_ps(sum[1], sum[3]);
+  sum[0] = _mm256_add_ps(sum[0], sum[1]);
+  const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(sum[0]), _mm256_extractf128_ps(sum[0], 1));
+  const __m128 t1 = _mm_hadd_ps(t0, t0);
+  double sumf = (double)_mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+  for (int i = np; i < n; ++i) sumf += (double)(fp16_to_f32(x[i]) * fp16_to_f32(y[i]));
+  return (float)sumf;
+}
+
+// ggml_vec_scale_f16 / ggml_vec_mad_f16: f32 lanes stored back as half (32-element steps, a
+// scalar tail with the same per-element arithmetic: y * v, and y + x * v contracted by GCC into
+// one FMA), so 8 lanes over every whole group of 8, then scalar.
+void scale_f16(int n, uint16_t* y, float v) {
+  const __m256 vx = _mm256_set1_ps(v);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) store8h(y + i, _mm256_mul_ps(load8h(y + i), vx));
+  for (; i < n; ++i) y[i] = f32_to_fp16(fp16_to_f32(y[i]) * v);
+}
+
+void mad_f16(int n, uint16_t* y, const uint16_t* x, float v) {
+  const __m256 vx = _mm256_set1_ps(v);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) store8h(y + i, _mm256_fmadd_ps(load8h(x + i), vx, load8h(y + i)));
+  for (; i < n; ++i) y[i] = f32_to_fp16(std::fmaf(fp16_to_f32(x[i]), v, fp16_to_f32(y[i])));
+}
+#endif  // SIMD branch
+
 // ggml_vec_scale_f32: an elementwise multiply however it is vectorised.
 inline void scale_f32(int n, float* y, float v) {
   for (int i = 0; i < n; ++i) y[i] *= v;
@@ -290,25 +425,25 @@ void reduce_partials(const Problem& P, int64_t b, int64_t h, const float* parts)
 template <int R>
 inline void kq_block(const Problem& P, int64_t b, int64_t h, int64_t t, const float* kt,
                      float sc, float* out) {
-  constexpr int C = kTileKV / 16;
+  constexpr int C = kTileKV / kW;
   const float* pq[R];
-  __m512 acc[R][C];
+  VF acc[R][C];
   for (int i = 0; i < R; ++i) {
     pq[i] = P.qrow(b, t + i, h);
-    for (int c = 0; c < C; ++c) acc[i][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[i][c] = vzero();
   }
   for (int64_t d = 0; d < P.DK; ++d) {
     for (int c = 0; c < C; ++c) {
-      const __m512 kv = _mm512_loadu_ps(kt + d * kTileKV + 16 * c);
-      for (int i = 0; i < R; ++i)
-        acc[i][c] = _mm512_fmadd_ps(kv, _mm512_set1_ps(pq[i][d]), acc[i][c]);
+      const VF kv = vload(kt + d * kTileKV + kW * c);
+      for (int i = 0; i < R; ++i) acc[i][c] = vfmadd(kv, vset1(pq[i][d]), acc[i][c]);
     }
   }
-  const __m512 vs = _mm512_set1_ps(sc);
+  const VF vs = vset1(sc);
   for (int i = 0; i < R; ++i)
-    for (int c = 0; c < C; ++c)
-      _mm512_storeu_ps(out + i * kTileKV + 16 * c, _mm512_mul_ps(acc[i][c], vs));
+    for (int c = 0; c < C; ++c) vstore(out + i * kTileKV + kW * c, vmul(acc[i][c], vs));
 }
+// Query rows per kq_block: R * kTileKV / kW accumulators stay in registers.
+constexpr int kKqRows = kW == 16 ? 4 : 1;
 
 // simd_gemm for VKQ += P V of R rows: per element an FMA chain over the tile's keys in order,
 // every key below n included as in ggml (masked ones with p = 0); the padding keys, p = 0 times
@@ -316,32 +451,29 @@ inline void kq_block(const Problem& P, int64_t b, int64_t h, int64_t t, const fl
 template <int R>
 inline void pv_block(const float* p, int n, const float* vt, int64_t DV, float* vkq) {
   int64_t d = 0;
-  for (; d + 64 <= DV; d += 64) {
-    __m512 acc[R][4];
+  for (; d + 4 * kW <= DV; d += 4 * kW) {
+    VF acc[R][4];
     for (int i = 0; i < R; ++i)
-      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_loadu_ps(vkq + i * DV + d + 16 * c);
+      for (int c = 0; c < 4; ++c) acc[i][c] = vload(vkq + i * DV + d + kW * c);
     for (int j = 0; j < n; ++j) {
       const float* vr = vt + j * DV + d;
-      const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
-      const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
+      const VF v0 = vload(vr), v1 = vload(vr + kW), v2 = vload(vr + 2 * kW), v3 = vload(vr + 3 * kW);
       for (int i = 0; i < R; ++i) {
-        const __m512 pv = _mm512_set1_ps(p[i * kTileKV + j]);
-        acc[i][0] = _mm512_fmadd_ps(v0, pv, acc[i][0]);
-        acc[i][1] = _mm512_fmadd_ps(v1, pv, acc[i][1]);
-        acc[i][2] = _mm512_fmadd_ps(v2, pv, acc[i][2]);
-        acc[i][3] = _mm512_fmadd_ps(v3, pv, acc[i][3]);
+        const VF pv = vset1(p[i * kTileKV + j]);
+        acc[i][0] = vfmadd(v0, pv, acc[i][0]);
+        acc[i][1] = vfmadd(v1, pv, acc[i][1]);
+        acc[i][2] = vfmadd(v2, pv, acc[i][2]);
+        acc[i][3] = vfmadd(v3, pv, acc[i][3]);
       }
     }
     for (int i = 0; i < R; ++i)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(vkq + i * DV + d + 16 * c, acc[i][c]);
+      for (int c = 0; c < 4; ++c) vstore(vkq + i * DV + d + kW * c, acc[i][c]);
   }
-  for (; d + 16 <= DV; d += 16) {
+  for (; d + kW <= DV; d += kW) {
     for (int i = 0; i < R; ++i) {
-      __m512 a = _mm512_loadu_ps(vkq + i * DV + d);
-      for (int j = 0; j < n; ++j)
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(vt + j * DV + d), _mm512_set1_ps(p[i * kTileKV + j]),
-                            a);
-      _mm512_storeu_ps(vkq + i * DV + d, a);
+      VF a = vload(vkq + i * DV + d);
+      for (int j = 0; j < n; ++j) a = vfmadd(vload(vt + j * DV + d), vset1(p[i * kTileKV + j]), a);
+      vstore(vkq + i * DV + d, a);
     }
   }
   for (; d < DV; ++d)
@@ -405,7 +537,8 @@ void tiled_rows(const Problem& P, const KVTiles& kv, int64_t b, int64_t h, int64
     const float* kt = kv.kt(P, b, h, ic / kTileKV);
     const float* vt = kv.vt(P, b, h, ic / kTileKV);
     int r = 0;
-    for (; r + 4 <= rows; r += 4) kq_block<4>(P, b, h, t0 + r, kt, sc, kq + r * kTileKV);
+    for (; r + kKqRows <= rows; r += kKqRows)
+      kq_block<kKqRows>(P, b, h, t0 + r, kt, sc, kq + r * kTileKV);
     for (; r < rows; ++r) kq_block<1>(P, b, h, t0 + r, kt, sc, kq + r * kTileKV);
     for (r = 0; r < rows; ++r) {
       float* kr = kq + r * kTileKV;
@@ -418,9 +551,8 @@ void tiled_rows(const Problem& P, const KVTiles& kv, int64_t b, int64_t h, int64
       for (int j = 0; j < kTileKV; ++j)
         if (j < jlo || j >= jhi) kr[j] = -INFINITY;
       // ggml_vec_max_f32: an exact max (a -0/+0 tie changes nothing downstream).
-      __m512 mx = _mm512_loadu_ps(kr);
-      for (int c = 1; c < kTileKV / 16; ++c) mx = _mm512_max_ps(mx, _mm512_loadu_ps(kr + 16 * c));
-      const float tmax = _mm512_reduce_max_ps(mx);
+      float tmax = -INFINITY;
+      for (int j = 0; j < kTileKV; ++j) tmax = tmax > kr[j] ? tmax : kr[j];
       if (tmax == -INFINITY) {  // ggml zeroes the row: its V products add exact zeros
         std::fill(kr, kr + kTileKV, 0.0f);
         continue;

@@ -8,7 +8,7 @@
 //   JllamaQMatVecQ8                  quantized x (q, d, s) against any number of weights
 //   JllamaQMatVecQ8F                 f32 x quantized inside the call, any number of weights
 //
-// The int8 handlers (q8.h) exist only where the build machine has AVX2 + FMA + F16C + VNNI.
+// The int8 handlers (q8.h) exist where the build machine has AVX2 + FMA + F16C.
 // They take ``tiled`` (ggml's GGML_CPU_TILED_MM, Numerics.ggml_tiled_mm) as an attribute,
 // since it changes results. Built at first use by jllama/kernels/cpu_ffi.py.
 

@@ -1,6 +1,8 @@
 // Int8-activation kernels, bit-exact with ggml's x86 vec_dot (the AVX2 branches of
-// ggml-cpu/arch/x86/quants.c, with VNNI dot products, and llamafile's tinyBLAS_Q0_AVX, which
-// accumulates the same way). The caller passes x already quantized to ggml's vec_dot type
+// ggml-cpu/arch/x86/quants.c, and llamafile's tinyBLAS_Q0_AVX, which accumulates the same way),
+// on any AVX2 + FMA + F16C CPU: the integer dots are VNNI's dpbusd where the CPU has it, an
+// exact AVX2 emulation otherwise (the same int32 lanes, so the same f32 steps after them).
+// The caller passes x already quantized to ggml's vec_dot type
 // (int8 codes + per-block scales: Q8_0/Q8_1 f16 values as f32, Q8_K f32; Q8_1 block sums s).
 // Every output element is built in ggml's order: per weight block an exact int32 dot in 8 lanes
 // (lane l: elements 4l..4l+3 of each 32-group), converted to f32, ``acc = fma(d_w * d_x, lane,
@@ -28,8 +30,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && \
-    ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define JLLAMA_Q8 1
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define JLLAMA_Q8_GEMM 1  // the prompt GEMM (gemm.cc)

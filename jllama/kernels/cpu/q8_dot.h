@@ -21,12 +21,24 @@
 // Free functions are static (internal linkage), as in every header here: see f16.h.
 namespace jllama {
 
-// acc + sum of 4 u8*s8 per lane
+// acc + the sum of 4 u8*s8 products per int32 lane (lane l: bytes 4l..4l+3). U7: every u is
+// below 128, which lets the AVX2 form take one maddubs (its int16 pair sums reach 2 * 127 * 128
+// < 2^15, no saturation); otherwise u is split into u & 0x7f and u & 0x80, each of whose
+// maddubs pair sums fits int16 (-32768 at worst, for 0x80 * -128 twice). Exact either way.
+template <bool U7 = false>
 static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(acc, u, s);
-#else
+#elif defined(__AVXVNNI__)
   return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (U7)
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
+  const __m256i lo = _mm256_and_si256(u, _mm256_set1_epi8(0x7f));
+  const __m256i hi = _mm256_and_si256(u, _mm256_set1_epi8(char(0x80)));
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, s), ones));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, s), ones));
 #endif
 }
 
@@ -97,7 +109,8 @@ struct Q8Signed {
     const float dw = f16_to_f32(b);
     const __m256i qw = D::codes(b);
     for (int m = 0; m < MC; ++m) {
-      const __m256i p = dpbusd(load256(x[m].aux + bi * 8), qw, load256(x[m].q + bi * 32));
+      const __m256i p = dpbusd<(D::OFF < 128)>(load256(x[m].aux + bi * 8), qw,
+                                             load256(x[m].q + bi * 32));
       st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
                                   st[m].acc);
     }
@@ -135,7 +148,7 @@ struct Q8Min {
     const float dw = f16_to_f32(b), mw = f16_to_f32(b + 2);
     const __m256i qw = D::codes(b);
     for (int m = 0; m < MC; ++m) {
-      const __m256i p = dpbusd(_mm256_setzero_si256(), qw, load256(x[m].q + bi * 32));
+      const __m256i p = dpbusd<true>(_mm256_setzero_si256(), qw, load256(x[m].q + bi * 32));
       st[m].summs = __builtin_fmaf(mw, x[m].s[bi], st[m].summs);
       st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
                                   st[m].acc);
@@ -298,7 +311,7 @@ struct Q8W6_K {
                                             scales[2 * c + 1], scales[2 * c + 1]);
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
-        const __m256i p = dpbusd(_mm256_setzero_si256(), qw, qy);
+        const __m256i p = dpbusd<true>(_mm256_setzero_si256(), qw, qy);  // codes < 64
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
       }
     }

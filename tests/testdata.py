@@ -1,0 +1,161 @@
+"""The one place that decides where each test data file comes from.
+
+1. ``$JLLAMA_SHARED_DATA`` (default ``../shared/data`` beside the checkout), when the file is
+   there: what CI and developers with the shared folder use.
+2. Otherwise a copy that travels with the repository or is fetched like the named models:
+
+   - WikiText-2's test split and OpenAI's OpenAPI spec are vendored gzipped under
+     ``tests/data`` (sources and licences in ``tests/data/README.md``) and unpacked on first
+     use into ``$JLLAMA_CACHE/testdata`` (default ``~/.cache/jllama/testdata``);
+   - llama.cpp's tokenizer test vocabularies (``ggml-vocab-*.gguf`` with their ``.inp``/``.out``
+     cases) are read out of the oracle's source package on PyPI (``llama-cpp-python==0.3.36``,
+     which vendors llama.cpp 0c1e570: ``vendor/llama.cpp/models``) with ``pip download``, and
+     cached in ``$JLLAMA_CACHE/testdata/vocab``.
+
+Every file is sha256-checked whichever way it came; a missing or wrong file, or a failed fetch,
+fails the tests that need it with one message (never a skip).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENDORED = Path(__file__).resolve().parent / "data"
+
+WIKI_TEST = "wikitext-2-raw/wiki.test.raw"
+OPENAI_SPEC = "openai/openapi.yaml"
+SHA256 = {
+    WIKI_TEST: "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+    OPENAI_SPEC: "db5d7478feae10b4d331834c60d9765a8aa042e38419f9b1694288c11aa8ebc8",
+}
+
+VOCAB_PACKAGE = "llama-cpp-python==0.3.36"  # the oracle: its sdist vendors llama.cpp 0c1e570
+VOCAB_IN_PACKAGE = "vendor/llama.cpp/models"
+VOCABS = ["deepseek-llm", "falcon", "gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2",
+          "starcoder"]
+VOCAB_SHA256 = {
+    "ggml-vocab-deepseek-llm.gguf": "867f77537b54565f0d81d508c04edc41aa1d4ffc1a92745f225b4c1b02755f76",
+    "ggml-vocab-deepseek-llm.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-deepseek-llm.gguf.out": "87cfc1a8a9a7ef25d04d28c26a67b6a620af7be938c9bd0feeb4d319b9302832",
+    "ggml-vocab-falcon.gguf": "9f0bf8b0733680398b72e652e90f260f43782f326e75545fc0e49611a5ba35ad",
+    "ggml-vocab-falcon.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-falcon.gguf.out": "f8c80a0483582ef195c2129b69bb2e4e421b0f31ed7b35d84b63511d7ebae7cd",
+    "ggml-vocab-gpt-2.gguf": "cedc56ca6e2e89f63e781696d1fd76b4b1d49e6720dee86463e915f6e90016ac",
+    "ggml-vocab-gpt-2.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-gpt-2.gguf.out": "48e8c4cb3ad5c37915b225f872222567c1c4dd4d66951aa53460c8d152ff6d60",
+    "ggml-vocab-llama-bpe.gguf": "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",
+    "ggml-vocab-llama-bpe.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-llama-bpe.gguf.out": "118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b",
+    "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
+    "ggml-vocab-llama-spm.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-llama-spm.gguf.out": "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",
+    "ggml-vocab-phi-3.gguf": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",
+    "ggml-vocab-phi-3.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-phi-3.gguf.out": "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",
+    "ggml-vocab-qwen2.gguf": "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c",
+    "ggml-vocab-qwen2.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-qwen2.gguf.out": "de785bb305cc6fa9d43908ed5da337f853c0b79e971348fcfb9f0915a39c5363",
+    "ggml-vocab-starcoder.gguf": "fedb892b4e1bd3c1f2fcdae356440b14fb458f4264d586e5c987ed93df4e174d",
+    "ggml-vocab-starcoder.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-starcoder.gguf.out": "3ef12183c57ad076f9defd8e5eb454f509f5f0865cad35646abb4c4b2d2c5764",
+}  # fmt: skip
+
+
+class DataError(Exception):
+    """A test data file could not be found, fetched or verified."""
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("JLLAMA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def cache_dir() -> Path:
+    from jllama.registry import cache_dir as jllama_cache
+
+    return jllama_cache() / "testdata"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(path: Path, sha256: str, where: str) -> Path:
+    digest = _sha256(path)
+    if digest != sha256:
+        raise DataError(f"test data {path} ({where}) has sha256 {digest}, expected {sha256}: "
+                        "a different version of the file; remove it (cache) or fix the folder")
+    return path
+
+
+def _vendored(rel: str) -> Path:
+    """The shared copy of a vendored item, else the gzipped copy in tests/data, unpacked into
+    the cache once."""
+    shared = shared_dir() / rel
+    if shared.is_file():
+        return _verified(shared, SHA256[rel], "JLLAMA_SHARED_DATA")
+    dest = cache_dir() / rel
+    if dest.is_file() and _sha256(dest) == SHA256[rel]:
+        return dest
+    src = VENDORED / (rel + ".gz")
+    if not src.is_file():
+        raise DataError(f"test data {rel}: neither {shared} nor the vendored {src} exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    with gzip.open(src, "rb") as fi, open(tmp, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 22)
+    try:
+        _verified(tmp, SHA256[rel], f"unpacked from {src}")
+    except DataError:
+        tmp.unlink()
+        raise
+    os.replace(tmp, dest)
+    return dest
+
+
+@functools.cache
+def wiki_test() -> Path:
+    """WikiText-2 raw, test split (``wiki.test.raw``, 1,290,590 bytes)."""
+    return _vendored(WIKI_TEST)
+
+
+@functools.cache
+def openai_spec() -> Path:
+    """OpenAI's OpenAPI 3.1 spec (``openapi.yaml``, version 2.3.0)."""
+    return _vendored(OPENAI_SPEC)
+
+
+@functools.cache
+def vocab_dir() -> Path:
+    """A folder holding all of ``VOCAB_SHA256`` (``ggml-vocab-NAME.gguf`` + ``.inp``/``.out``)."""
+    shared = shared_dir() / "vocab"
+    if all((shared / f).is_file() for f in VOCAB_SHA256):
+        for f, h in VOCAB_SHA256.items():
+            _verified(shared / f, h, "JLLAMA_SHARED_DATA")
+        return shared
+    from jllama.errors import JllamaError
+    from jllama.registry import fetch_files
+
+    dest = cache_dir() / "vocab"
+    try:
+        fetch_files(VOCAB_PACKAGE, {f"{VOCAB_IN_PACKAGE}/{f}": h for f, h in VOCAB_SHA256.items()},
+                    dest, sdist=True)
+    except JllamaError as e:
+        raise DataError(
+            f"llama.cpp's tokenizer test files: not in {shared}, and fetching them from the "
+            f"source package {VOCAB_PACKAGE} on PyPI failed: {e}") from e
+    return dest
+
+
+def vocab(name: str) -> Path:
+    """``ggml-vocab-NAME.gguf``; its ``.inp``/``.out`` cases lie beside it."""
+    return vocab_dir() / f"ggml-vocab-{name}.gguf"
