@@ -92,11 +92,19 @@ def float_matmul(x: jax.Array, qt: QTensor, sgemm: bool = True) -> jax.Array:
     return linear(x, qt)
 
 
-def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None
-          ) -> tuple[jax.Array, jax.Array]:
-    """Router logits [N, E] → (expert ids [N, k], weights [N, k]), slot 0 the most probable."""
+def _tap(name: str, v: jax.Array, lead: tuple[int, ...] | None) -> jax.Array:
+    """``tap`` of a per-token tensor [N, ...] as [B, T, ...] (``lead``), like the block's taps."""
+    if lead is None or not numerics.current().taps:
+        return tap(f"{name}-{tap_layer()}", v)
+    tap(f"{name}-{tap_layer()}", v.reshape(lead + v.shape[1:]))
+    return v
+
+
+def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None,
+          lead: tuple[int, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] → (expert ids [N, k], weights [N, k]), slot 0 the most probable.
+    ``lead``: the [B, T] the N rows come from (for the taps)."""
     exact = _ggml()
-    il = tap_layer()
     if cfg.gating == GATING_SIGMOID:
         probs = ggml_f32.sigmoid(logits) if exact else jax.nn.sigmoid(logits)
     elif cfg.gating == GATING_SOFTMAX_WEIGHT:
@@ -104,7 +112,7 @@ def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None
     else:  # softmax (and "none", which llama.cpp maps to softmax)
         probs = ggml_f32.soft_max(logits) if exact else jax.nn.softmax(logits, axis=-1)
     # opaque: each ggml op rounds on its own; XLA must not merge it into the next (a / b / c)
-    probs = tap(f"ffn_moe_probs-{il}", opaque(probs))
+    probs = _tap("ffn_moe_probs", opaque(probs), lead)
     sel = probs + bias if bias is not None else probs
     if cfg.n_group > 1:
         n, e = sel.shape
@@ -115,16 +123,16 @@ def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None
         keep = jnp.any(gids[:, None, :] == jnp.arange(cfg.n_group)[None, :, None], axis=-1)
         sel = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, e)
     _, ids = jax.lax.top_k(sel, cfg.n_used)
-    w = tap(f"ffn_moe_weights-{il}", jnp.take_along_axis(probs, ids, axis=-1))
+    w = _tap("ffn_moe_weights", jnp.take_along_axis(probs, ids, axis=-1), lead)
     if cfg.gating == GATING_SOFTMAX_WEIGHT:
         w = opaque(ggml_f32.soft_max(w) if exact else jax.nn.softmax(w, axis=-1))
     if cfg.norm_weights:
         s = ggml_f32.sum_rows(w) if exact else jnp.sum(w, axis=-1)
-        s = tap(f"ffn_moe_weights_sum-{il}", opaque(s[:, None]))
+        s = _tap("ffn_moe_weights_sum", opaque(s[:, None]), lead)
         s = jnp.maximum(s, jnp.float32(_MIN_WEIGHT_SUM))
         # a true division, as ggml_div: XLA turns a divide by a broadcast value into a multiply
         # by its reciprocal unless the broadcast is hidden from it
-        w = tap(f"ffn_moe_weights_norm-{il}", opaque(w / opaque(jnp.broadcast_to(s, w.shape))))
+        w = _tap("ffn_moe_weights_norm", opaque(w / opaque(jnp.broadcast_to(s, w.shape))), lead)
     if cfg.scale and cfg.scale != 1.0:
         w = w * jnp.float32(cfg.scale)
     return ids, w
@@ -166,30 +174,30 @@ class MoE(nnx.Module):
         self.shared_gate = nnx.Param(w(sg)) if shared and sg in w else nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        il = tap_layer()
         shape = x.shape
+        lead = shape[:-1]
         xf = x.reshape(-1, shape[-1]).astype(jnp.float32)
-        logits = tap(f"ffn_moe_logits-{il}", float_matmul(xf, self.router.get_value()))
+        logits = _tap("ffn_moe_logits", float_matmul(xf, self.router.get_value()), lead)
         bias = self.bias.get_value() if self.bias is not None else None
-        ids, wts = route(logits, self.cfg, bias)
+        ids, wts = route(logits, self.cfg, bias, lead)
         n = xf.shape[0]
         if n * self.cfg.n_used < self.cfg.n_expert:
             ys = self._gathered(xf, ids)
         else:
             ys = self._grouped(xf, ids)
-        out = tap(f"ffn_moe_out-{il}", combine(ys, wts))
+        out = _tap("ffn_moe_out", combine(ys, wts), lead)
         if self.shared is not None:
-            sh = tap(f"ffn_shexp-{il}", self.shared(xf))
+            sh = _tap("ffn_shexp", self.shared(xf), lead)
             if self.shared_gate is not None:
-                gi = tap(f"ffn_shexp_gate_inp-{il}",
-                         float_matmul(xf, self.shared_gate.get_value()))  # [N, 1]
+                gi = _tap("ffn_shexp_gate_inp", float_matmul(xf, self.shared_gate.get_value()),
+                          lead)  # [N, 1]
                 if _ggml():  # llama.cpp's sigmoid here: silu(x) / x
                     gate = opaque(ggml_f32.silu(gi)) / gi
                 else:
                     gate = jax.nn.sigmoid(gi)
-                sh = opaque(sh * tap(f"ffn_shexp_gate-{il}", gate))
+                sh = opaque(sh * _tap("ffn_shexp_gate", gate, lead))
             out = out + sh
-        return out.reshape(shape[:-1] + (out.shape[-1],)).astype(x.dtype)
+        return out.reshape(lead + (out.shape[-1],)).astype(x.dtype)
 
     def _ffn(self, x: jax.Array, e: jax.Array) -> jax.Array:
         """SwiGLU of expert ``e`` on rows ``x``: gate and up in one int8 kernel call, each row
