@@ -68,14 +68,18 @@ MATMULS = [(1, 8, 64), (2, 8, 64), (41, 4, 64), (5, 6, 64), (3, 1, 64), (1, 1, 6
            (7, 128, 256), (1, 60, 256), (9, 60, 256), (1, 40, 72), (3, 4, 72), (3, 6, 100)]
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpp", "xla"])
 @pytest.mark.parametrize("n,m,k", MATMULS)
-def test_f32_mul_mat_is_ggmls(n, m, k):
+def test_f32_mul_mat_is_ggmls(n, m, k, kernels):
+    """Both implementations: the C++ kernel (kernels/cpu_ggml_f32.cc) and the XLA steps."""
     from jllama.models import ggml_f32
+    from jllama.numerics import Numerics, use
 
     rng = np.random.default_rng(n * 1000 + m + k)
     x = rng.standard_normal((n, k)).astype(np.float32)
     w = (rng.standard_normal((m, k)) / 8).astype(np.float32)
-    ours = np.asarray(ggml_f32.mul_mat(jnp.asarray(x), jnp.asarray(w)))
+    with use(Numerics(cpu_kernels=kernels)):
+        ours = np.asarray(ggml_f32.mul_mat(jnp.asarray(x), jnp.asarray(w)))
     np.testing.assert_array_equal(ours, _mul_mat(w, x))
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jllama import numerics
-from jllama.kernels import cpu_libm
+from jllama.kernels import cpu_ggml_f32
 from jllama.quant.actquant import opaque
 
 
@@ -91,13 +91,18 @@ def expf_simd(x: jax.Array, lanes: int | None = None) -> jax.Array:
     return jnp.where(big, jnp.where(n <= 0, f32(0.0), f32(jnp.inf)), res)
 
 
+def _kernels() -> bool:
+    """Whether the C++ steps (kernels/cpu_ggml_f32.cc) are in use here."""
+    return (jax.default_backend() == "cpu" and numerics.current().cpu_kernels
+            and cpu_ggml_f32.available())
+
+
 def expf_libm(x: jax.Array) -> jax.Array:
-    """The C library's expf (kernels/cpu_libm.cc) on the CPU with the C++ kernels; elsewhere
+    """The C library's expf (kernels/cpu_ggml_f32.cc) on the CPU with the C++ kernels; elsewhere
     exp in f64 rounded to f32 (glibc's expf differs from that on ~1 in 2000 floats)."""
     x = x.astype(jnp.float32)
-    num = numerics.current()
-    if jax.default_backend() == "cpu" and num.cpu_kernels and cpu_libm.available():
-        return cpu_libm.expf(x)
+    if _kernels():
+        return cpu_ggml_f32.expf(x)
     with jax.enable_x64(True):
         return jnp.exp(x.astype(jnp.float64)).astype(jnp.float32)
 
@@ -217,6 +222,8 @@ def mul_mat(x: jax.Array, w: jax.Array, sgemm: bool = True) -> jax.Array:
     n, k = x.shape
     m = w.shape[0]
     lanes = simd_lanes()
+    if _kernels():
+        return cpu_ggml_f32.mul_mat(x, w, lanes, sgemm)
     if sgemm and n >= 2 and m % 4 == 0 and k % lanes == 0:
         acc = _fma_chain(x.reshape(n, k // lanes, lanes), w.reshape(m, k // lanes, lanes))
         return _hsum_tree(acc)
