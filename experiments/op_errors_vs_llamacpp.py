@@ -170,7 +170,7 @@ def analyse(path: str, ids: list[int], layers: list[int], n_ctx: int) -> list[di
         print(_row(f"ffn_norm-{il}", ref[f"ffn_norm-{il}"],
                    np.asarray(blk.ffn_norm(jnp.asarray(fi))), ex))
         h = ref[f"ffn_norm-{il}"].reshape(t, -1)
-        for nm, lin in (("gate", blk.gate), ("up", blk.up)):
+        for nm, lin in (("gate", blk.ffn.gate), ("up", blk.ffn.up)):
             print(_row(f"{nm}-{il}", ref[f"ffn_{nm}-{il}"], run_lin(lin, h),
                        f64(h) @ wmat(lin).T))
         gt, up = ref[f"ffn_gate-{il}"].reshape(t, -1), ref[f"ffn_up-{il}"].reshape(t, -1)
@@ -179,8 +179,8 @@ def analyse(path: str, ids: list[int], layers: list[int], n_ctx: int) -> list[di
                    np.asarray(common.swiglu(jnp.asarray(gt), jnp.asarray(up))),
                    g64 / (1 + np.exp(-g64)) * f64(up)))
         sw = ref[f"ffn_swiglu-{il}"].reshape(t, -1)
-        print(_row(f"down-{il}", ref[f"ffn_out-{il}"], run_lin(blk.down, sw),
-                   f64(sw) @ wmat(blk.down).T))
+        print(_row(f"down-{il}", ref[f"ffn_out-{il}"], run_lin(blk.ffn.down, sw),
+                   f64(sw) @ wmat(blk.ffn.down).T))
     rn = ref["result_norm"].reshape(t, -1)
     emb = model.tok_embd
     e64 = np.asarray(dequantize(emb.weight.get_value(), jnp.float32), np.float64)
@@ -252,7 +252,7 @@ def _gemma3(spec, model, ref, layers, t, pos, run_lin, wmat, f64) -> None:
         print(_row(f"attn-{il}", ref[f"kqv_out-{il}"], jl[0],
                    _attn64(q[0], kc[0], vc[0], t, blk.window)))
         h = ref[f"ffn_norm-{il}"].reshape(t, -1)
-        for nm, lin in (("gate", blk.gate), ("up", blk.up)):
+        for nm, lin in (("gate", blk.ffn.gate), ("up", blk.ffn.up)):
             print(_row(f"{nm}-{il} {lin.weight.get_value().type_name}", ref[f"ffn_{nm}-{il}"],
                        run_lin(lin, h), f64(h) @ wmat(lin).T))
         gt, up = ref[f"ffn_gate-{il}"].reshape(t, -1), ref[f"ffn_up-{il}"].reshape(t, -1)

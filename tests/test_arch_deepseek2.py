@@ -64,7 +64,7 @@ def test_cache_holds_the_latent_only(models, cache_type, bytes_per):
     assert eng.cache.nbytes < full
     if cache_type == "f16":  # ggml rounds q and the softmax to f16 against an f16 cache
         ids = tm.prompt_ids(spec.n_vocab)
-        ref = tm.oracle_logits(tm.oracle(models["v3_f32"], kv_type=1), ids)
+        ref = tm.oracle_logits(tm.oracle(models["v3_f32"], cache=cache_type), ids)
         diff = float(abs(eng.logits(ids) - ref).max())
         print(f"\nf16 latent cache vs llama.cpp f16 cache: max|Δlogit| = {diff:.2e}")
         assert diff < 4e-3

@@ -90,7 +90,7 @@ def test_roundtrip_tiny_engine_i8_layout(tmp_path):
     save(ref, tmp_path / "ck", gguf=g)
     ck = restore(tmp_path / "ck")
     got = Engine(ck.spec, ck.model, ctx_size=128, numerics=Numerics(cache_type_k="f32", cache_type_v="f32"))
-    assert ck.model.blocks[0].down.weight.get_value().layout == "i8"
+    assert ck.model.blocks[0].ffn.down.weight.get_value().layout == "i8"
     _assert_same_leaves(ref.state, got.state)
     ids = [5, 17, 99, 3, 250, 42, 7, 300]
     assert np.array_equal(ref.logits(ids), got.logits(ids))

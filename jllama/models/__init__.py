@@ -1,4 +1,8 @@
-"""Architectures: one module per ``general.architecture``, each exporting ``build(spec, w, gguf)``.
+"""Architectures: ``general.architecture`` -> the module that builds it (``build(spec, w, gguf)``).
+
+The GQA decoders (llama and Mixtral-style llama, qwen2, qwen3, qwen2moe, qwen3moe) are one
+module, ``decoder``, whose per-architecture differences are a table (``decoder.VARIANTS``);
+gemma3 and deepseek2 have their own.
 
 ``load_model`` is the one path from a GGUF file to a Flax NNX module; every front end uses it.
 """
@@ -22,12 +26,12 @@ from jllama.quant.qtensor import QTensor, from_gguf_bytes
 
 # general.architecture -> module under jllama.models
 ARCHITECTURES: dict[str, str] = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
+    "llama": "decoder",
+    "qwen2": "decoder",
+    "qwen3": "decoder",
+    "qwen2moe": "decoder",
+    "qwen3moe": "decoder",
     "gemma3": "gemma3",
-    "qwen3moe": "qwen3moe",
-    "qwen2moe": "qwen2moe",
     "deepseek2": "deepseek2",
 }
 
@@ -81,11 +85,6 @@ def build_model(g: GGUFFile, weights: Weights | None = None, spec: ModelSpec | N
     """(spec, model) for a GGUF file; the model carries ``numerics`` as static data (an Engine
     built on it compiles with them unless given others)."""
     mod = arch_module(g.architecture or "?")
-    if g.architecture == "llama":
-        from jllama.models import llama_moe
-
-        if llama_moe.has_experts(g):  # Mixtral-style: llama with stacked experts
-            mod = llama_moe
     spec = spec or (mod.spec_from_gguf(g) if hasattr(mod, "spec_from_gguf") else spec_from_gguf(g))
     weights = weights if weights is not None else load_weights(g, numerics=numerics)
     model = mod.build(spec, weights, g)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jllama.models.ggml_f32 as ggml_f32
 import jllama.models.kvquant as kvquant
 from jllama import numerics
 from jllama.errors import ModelError
@@ -78,14 +79,18 @@ def linear_group(x: jax.Array, mods: list[Linear]) -> list[jax.Array]:
     as one int8 kernel call: one thread hand-off and one activation quantization instead of one
     per weight (each of ~200 calls per step costs a few microseconds of hand-off). Otherwise,
     or when the weights' types take different activation formats, each layer on its own."""
-    ys = None
-    if numerics.current().match_llamacpp and jax.default_backend() == "cpu" and len(mods) in (2, 3):
-        qts = [m.weight.get_value() for m in mods]
+    ys = linear_many(x, [m.weight.get_value() for m in mods])
+    return [y if m.bias is None else y + m.bias.get_value() for y, m in zip(ys, mods)]
+
+
+def linear_many(x: jax.Array, qts: list[QTensor]) -> list[jax.Array]:
+    """``linear(x, qt)`` for each weight, as one int8 kernel call where they allow it."""
+    if numerics.current().match_llamacpp and jax.default_backend() == "cpu" and len(qts) in (2, 3):
         if all(not qt.is_float and xla_cpu.q8_ok(x, qt) for qt in qts):
             ys = xla_cpu.ffi_matvec_q8_multi(x, qts)
-    if ys is None:
-        return [m(x) for m in mods]
-    return [y if m.bias is None else y + m.bias.get_value() for y, m in zip(ys, mods)]
+            if ys is not None:
+                return ys
+    return [linear(x, qt) for qt in qts]
 
 
 class Weights:
@@ -125,6 +130,29 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias.get_value()
         return y
+
+
+def optional_bias(w: Weights, name: str) -> jax.Array | None:
+    """A bias vector the file may or may not have."""
+    return w.vector(name) if name in w else None
+
+
+class SwiGLU(nnx.Module):
+    """llama.cpp's gated SiLU feed-forward (``build_ffn`` with LLM_FFN_SILU, LLM_FFN_PAR):
+    ``down(silu(gate(h)) * up(h))``, gate and up in one int8 kernel call, ggml's SiLU. Biases
+    are used where the file has them (llama's optional MLP biases). ``kind`` names the tensors:
+    ``""`` for a dense layer's ``ffn_gate``, ``"_shexp"`` for a shared expert."""
+
+    def __init__(self, w: Weights, prefix: str, kind: str = ""):
+        def lin(part: str) -> Linear:
+            name = f"{prefix}ffn_{part}{kind}"
+            return Linear(w(name + ".weight"), optional_bias(w, name + ".bias"))
+
+        self.gate, self.up, self.down = lin("gate"), lin("up"), lin("down")
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        g = tap(f"ffn_swiglu-{tap_layer()}", swiglu(*linear_group(h, [self.gate, self.up])))
+        return self.down(g)
 
 
 class Embedding(nnx.Module):
@@ -177,7 +205,7 @@ def _mean_f32_of_exact_sum(sq: jax.Array) -> jax.Array:
     an ulp or so, and one ulp in the norm scale is enough to move an activation across a Q8
     rounding boundary. Where f64 is native (CPU, GPU) the sum is done in f64 like ggml's: one
     fused reduction per norm. TPUs have no f64; there the sum is a pairwise tree of error-free
-    two-sums (hi + lo), several fusions per norm instead of one."""
+    two-sums (hi + lo), ~6 fusions per norm, which cost ~5 % of SmolLM2's decode step on CPU."""
     if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
         with jax.enable_x64(True):
             s = jnp.sum(sq.astype(jnp.float64), axis=-1, keepdims=True)
@@ -236,8 +264,8 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     if exact:
         # ggml's rotate_pairs as GCC compiles it: x0*c - x1*s with the first product fused into
         # the add and the second rounded (found by testing against ggml; the other forms differ)
-        y1 = _fma32(x1, cos, -(x2 * sin))
-        y2 = _fma32(x1, sin, x2 * cos)
+        y1 = ggml_f32.fma32(x1, cos, -(x2 * sin))
+        y2 = ggml_f32.fma32(x1, sin, x2 * cos)
     else:
         y1, y2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
     if neox:
@@ -252,84 +280,14 @@ def _libm_cos_sin_ok() -> bool:
     return jax.default_backend() == "cpu" and xla_cpu.ffi_on()
 
 
-def _fma32(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
-    """f32 ``a * b + c`` rounded once, as an FMA instruction does: the product is exact in f64
-    and the sum rounds to f64 first, which differs from one rounding only when that lands
-    exactly on an f32 tie (~2^-29 of cases)."""
-    with jax.enable_x64(True):
-        f = jnp.float64
-        return (a.astype(f) * b.astype(f) + c.astype(f)).astype(jnp.float32)
+_F64_BACKENDS = ("cpu", "gpu", "cuda", "rocm")
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up, ggml's fused SwiGLU (ggml_vec_swiglu_f32)."""
-    if numerics.current().match_llamacpp and jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"):
-        return _ggml_silu(gate.astype(jnp.float32)) * up
+    """silu(gate) * up, ggml's fused SwiGLU (ggml_vec_swiglu_f32, with its SIMD expf)."""
+    if numerics.current().match_llamacpp and jax.default_backend() in _F64_BACKENDS:
+        return ggml_f32.silu(gate) * up
     return jax.nn.silu(gate) * up
-
-
-# ggml_v_expf's constants (ggml-cpu/vec.h, after ARM's optimized-routines expf)
-_EXPF_C = tuple(float.fromhex(c) for c in (
-    "0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3", "0x1.fffdb6p-2", "0x1.ffffecp-1"))
-_HEX = {k: float.fromhex(v) for k, v in dict(
-    shift="0x1.8p23", log2e="0x1.715476p+0", ln2_lo="0x1.7f7d1cp-20", ln2_hi="0x1.62e4p-1").items()}
-
-
-def _ggml_expf(x: jax.Array) -> jax.Array:
-    """ggml's SIMD expf, step by step with its fused multiply-adds (1.5 ulp from exp; XLA's exp
-    differs from it in the last bit often enough to move Q8 roundings downstream), in the form
-    of the x86 branch the host's ggml build compiles (AVX-512 and AVX2 round differently)."""
-    if cpu_ffi.ggml_simd() == "avx2":
-        return _ggml_expf_avx2(x)
-    f32 = jnp.float32
-    r = f32(_HEX["shift"])
-    z = _fma32(x, f32(_HEX["log2e"]), r)
-    n = z - r
-    b = _fma32(-n, f32(_HEX["ln2_lo"]), _fma32(-n, f32(_HEX["ln2_hi"]), x))
-    u = b * b
-    c0, c1, c2, c3, c4 = (f32(c) for c in _EXPF_C)
-    j = _fma32(_fma32(_fma32(c0, b, c1), u, _fma32(c2, b, c3)), u, _fma32(c4, b, f32(1.0)))
-    with jax.enable_x64(True):  # scalef: j * 2^n, rounded once (also into subnormals)
-        res = (j.astype(jnp.float64) * jnp.exp2(n.astype(jnp.float64))).astype(f32)
-    big = jnp.abs(n) > 192
-    return jnp.where(big, jnp.where(n <= 0, f32(0.0), f32(jnp.inf)), res)
-
-
-def _ggml_expf_avx2(x: jax.Array) -> jax.Array:
-    """ggml_v_expf's AVX2 + FMA form: the same reduction and polynomial, but the constant term
-    is left out of ``j`` and the result is ``k + k * j`` with ``k = 2^n`` built from the bits of
-    ``z`` (no scalef); for ``126 < |n| <= 192`` the scale is split in two factors, beyond that
-    the result is ``s1 * s1`` (0 or inf)."""
-    f32, u32 = jnp.float32, jnp.uint32
-    r = f32(_HEX["shift"])
-    z = _fma32(x, f32(_HEX["log2e"]), r)
-    n = z - r
-    b = _fma32(-n, f32(_HEX["ln2_lo"]), _fma32(-n, f32(_HEX["ln2_hi"]), x))
-    e = jax.lax.bitcast_convert_type(z, u32) << u32(23)
-    k = jax.lax.bitcast_convert_type(e + u32(0x3F800000), f32)
-    u = b * b
-    c0, c1, c2, c3, c4 = (f32(c) for c in _EXPF_C)
-    j = _fma32(_fma32(_fma32(c0, b, c1), u, _fma32(c2, b, c3)), u, opaque(c4 * b))
-    g = jnp.where(n <= 0, u32(0x82000000), u32(0))
-    s1 = jax.lax.bitcast_convert_type(g + u32(0x7F000000), f32)
-    s2 = jax.lax.bitcast_convert_type(e - g, f32)
-    an = jnp.abs(n)
-    return jnp.where(an > 192, s1 * s1,
-                     jnp.where(an > 126, _fma32(s2, j, s2) * s1, _fma32(k, j, k)))
-
-
-def _ggml_silu(x: jax.Array) -> jax.Array:
-    """ggml_vec_silu/swiglu on f32 rows: SIMD-wide chunks (16 lanes with AVX-512, 8 with AVX2)
-    through ggml_v_silu (x / (1 + expf(-x)) with the SIMD expf), the tail through libm's expf
-    (here exp in f64, rounded)."""
-    y = x / (jnp.float32(1.0) + _ggml_expf(jnp.float32(0.0) - x))
-    n = x.shape[-1]
-    tail = n % (8 if cpu_ffi.ggml_simd() == "avx2" else 16)
-    if tail:
-        with jax.enable_x64(True):
-            e = jnp.exp(-x[..., n - tail :].astype(jnp.float64)).astype(jnp.float32)
-        y = y.at[..., n - tail :].set(x[..., n - tail :] / (jnp.float32(1.0) + e))
-    return y
 
 
 @functools.cache
@@ -413,7 +371,7 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     exact = num.match_llamacpp
     if exact and num.flash_attn and k_type == "f16" and v_type == "f16":
         # llama.cpp's flash attention (-fa, its CPU default): ggml's FA kernel bit for bit
-        # (kernels/cpu/attention.cc); without it the XLA attention below rounds as ggml's
+        # (kernels/cpu_attention.cc); without it the XLA attention below rounds as ggml's
         # non-FA graph does (llama-cpp-python's default)
         if jax.default_backend() == "cpu" and num.cpu_kernels and cpu_attention.available():
             # ggml's own flash attention, bit for bit; kv_pad: llama.cpp's n_kv rule (256)

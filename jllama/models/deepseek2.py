@@ -36,6 +36,7 @@ from jllama.models.common import (
     Embedding,
     Linear,
     RMSNorm,
+    SwiGLU,
     Weights,
     decoder_forward,
     write_cache,
@@ -201,14 +202,7 @@ class MLABlock(nnx.Module):
         self.v_b = nnx.Param(v_b)  # [H, v, kv_lora]
         self.wo = Linear(w(p + "attn_output.weight", (spec.n_embd, h * c.v_dim)))
         self.ffn_norm = RMSNorm(w.vector(p + "ffn_norm.weight"), eps)
-        if i < c.n_dense_lead:
-            self.moe = nnx.data(None)
-            self.dense = nnx.List([Linear(w(p + "ffn_gate.weight")),
-                                   Linear(w(p + "ffn_up.weight")),
-                                   Linear(w(p + "ffn_down.weight"))])
-        else:
-            self.moe = MoE(w, p, moe, shared=True)
-            self.dense = nnx.data(None)
+        self.ffn = SwiGLU(w, p) if i < c.n_dense_lead else MoE(w, p, moe, shared=True)
 
     def __call__(self, x, pos, pos0, lat_c, pe_c, kv_len: int, kv_types: tuple[str, str]):
         c = self.c
@@ -243,12 +237,7 @@ class MLABlock(nnx.Module):
         o = _qdot(o_lat, self.v_b.get_value(), "bthr,hvr->bthv")
         x = x + self.wo(o.reshape(b, t, c.n_head * c.v_dim))
 
-        h = self.ffn_norm(x)
-        if self.moe is not None:
-            x = x + self.moe(h)
-        else:
-            g, u, d = self.dense
-            x = x + d(jax.nn.silu(g(h)) * u(h))
+        x = x + self.ffn(self.ffn_norm(x))
         return x, lat_c, pe_c
 
 

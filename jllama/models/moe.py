@@ -4,22 +4,28 @@ GGUF stores the experts stacked: ``ffn_{gate,up}_exps`` ``[n_expert, n_ff, n_emb
 ``ffn_down_exps`` ``[n_expert, n_embd, n_ff]`` (numpy order), plus the router ``ffn_gate_inp``
 ``[n_expert, n_embd]``. Routing: router logits → gating (softmax / sigmoid / raw) → top-k on the
 gating probabilities (plus the V3 selection bias ``exp_probs_b``, which picks experts but does not
-weight them) → optional renormalisation of the k weights → optional constant scale.
+weight them) → optional renormalisation of the k weights → optional constant scale. The output
+is the sum of the k weighted expert outputs in slot order (slot 0 is the most probable expert).
 
-Two expert formulations, picked at trace time from the static token count:
+With ``Numerics.match_llamacpp`` every step rounds as ggml's CPU code does: the f32 router product
+as ggml's f32 ``mul_mat`` (llamafile's tinyBLAS or ggml_vec_dot_f32, models/ggml_f32.py), soft_max
+with ggml's SIMD expf and f64 sum, the weight sum in f64, each expert's products through the
+ordinary quantized ``linear`` (on CPU the int8 kernels: ggml's ``mul_mat_id`` quantizes each
+activation row to the weight's vec_dot type and uses the same vec_dot as ``mul_mat``), ggml's
+SwiGLU, then the weighting multiply and the adds in slot order (no FMA contraction).
+
+Two expert formulations, picked at trace time from the static token count; both give every
+(token, slot) pair the same per-row products, so they agree bit for bit:
 
 * gathered (decode, few tokens): a scan over the (token, slot) pairs; each step slices the chosen
-  expert's blocks out of the stacked tensor and runs the ordinary 2-D quantized matmul kernels on
-  them (the fused C++ decode+dot on CPU), so a decode step reads k experts, never all of them;
+  expert's blocks out of the stacked tensor and runs the 2-D quantized matmul kernels on them, so
+  a decode step reads k experts, never all of them;
 * grouped (prefill, when tokens × k ≥ n_expert): the (token, slot) pairs are sorted by expert and
   each expert's run is padded to a multiple of a tile of C rows, so every tile belongs to one
-  expert; a ``lax.scan`` over the tiles dequantizes that tile's expert and runs its C rows. The
-  tile count is static (``ceil(pairs / C) + n_expert`` bounds it), so this jits once per shape;
-  rows computed are at most pairs + n_expert × C instead of tokens × n_expert for a dense-masked
-  formulation, and each tile's matmuls are the ordinary 2-D kernels on one expert's blocks.
-
-Activations are rounded to the weight type's ``vec_dot_type`` first, as ggml's ``mul_mat_id``
-does, so quantized experts track llama.cpp closely.
+  expert; a ``lax.scan`` over the tiles runs that tile's C rows through the expert. The tile count
+  is static (``ceil(pairs / C) + n_expert`` bounds it), so this jits once per shape. K-quant
+  experts take tiles of at most 7 rows: from 8 rows the int8 kernel (like ggml's ``mul_mat``)
+  switches to the tiled GEMM's summation order, while ggml's ``mul_mat_id`` always uses vec_dot.
 """
 
 from __future__ import annotations
@@ -30,15 +36,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import jllama.models.ggml_f32 as ggml_f32
 from jllama import numerics
 from jllama.errors import ModelError
 from jllama.kernels.dispatch import dequantize
-from jllama.models.common import Linear, Weights, linear
-from jllama.quant.actquant import quantize_activations
+from jllama.models.common import SwiGLU, Weights, linear, linear_many, swiglu, tap, tap_layer
+from jllama.quant.actquant import opaque
 from jllama.quant.qtensor import QTensor
 
 # llama.cpp's llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
+# ggml types whose int8 kernel takes the tiled GEMM order from 8 rows (Q4_K, Q5_K, Q6_K)
+_TILED_TYPES = frozenset({12, 13, 14})
+_ROW_ORDER_TILE = 7
+# ggml_clamp of the weight sum before the renormalising divide: the smallest f16 normal
+_MIN_WEIGHT_SUM = 6.103515625e-5
 
 
 @dataclass(frozen=True)
@@ -52,10 +64,10 @@ class MoEConfig:
     n_group_used: int = 1  # only the best n_group_used groups (by their top-2 sum) compete
 
 
-def _round(x: jax.Array, qt: QTensor) -> jax.Array:
-    if numerics.current().match_llamacpp and not qt.is_float:
-        return quantize_activations(x, qt.qtype)
-    return x
+def _ggml() -> bool:
+    """Whether to round as ggml's CPU ops (the f64 steps need a backend with f64)."""
+    return (numerics.current().match_llamacpp
+            and jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"))
 
 
 def _expert(qt: QTensor, e: jax.Array) -> QTensor:
@@ -67,36 +79,78 @@ def _expert(qt: QTensor, e: jax.Array) -> QTensor:
                    tuple(qt.shape[1:]))
 
 
-def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None
-          ) -> tuple[jax.Array, jax.Array]:
-    """Router logits [N, E] → (expert ids [N, k], weights [N, k])."""
+def float_matmul(x: jax.Array, qt: QTensor, sgemm: bool = True) -> jax.Array:
+    """``x [N, K] @ W.T`` for a weight kept in floats (a router, a shared-expert gate vector, an
+    f32 expert): ggml's f32 ``mul_mat`` step by step for F32 (``sgemm=False``: ``mul_mat_id``,
+    which never takes llamafile's tinyBLAS), else the ordinary ``linear``."""
+    k = x.shape[-1]
+    if qt.is_float and int(qt.qtype) == 0 and _ggml():
+        w = dequantize(qt, jnp.float32).reshape(-1, k)
+        return ggml_f32.mul_mat(x, w, sgemm=sgemm)
+    if len(qt.shape) == 1:
+        return x @ dequantize(qt, jnp.float32).reshape(-1, k).T
+    return linear(x, qt)
+
+
+def _tap(name: str, v: jax.Array, lead: tuple[int, ...] | None) -> jax.Array:
+    """``tap`` of a per-token tensor [N, ...] as [B, T, ...] (``lead``), like the block's taps."""
+    if lead is None or not numerics.current().taps:
+        return tap(f"{name}-{tap_layer()}", v)
+    tap(f"{name}-{tap_layer()}", v.reshape(lead + v.shape[1:]))
+    return v
+
+
+def route(logits: jax.Array, cfg: MoEConfig, bias: jax.Array | None,
+          lead: tuple[int, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] → (expert ids [N, k], weights [N, k]), slot 0 the most probable.
+    ``lead``: the [B, T] the N rows come from (for the taps)."""
+    exact = _ggml()
     if cfg.gating == GATING_SIGMOID:
-        probs = jax.nn.sigmoid(logits)
+        probs = ggml_f32.sigmoid(logits) if exact else jax.nn.sigmoid(logits)
     elif cfg.gating == GATING_SOFTMAX_WEIGHT:
         probs = logits
     else:  # softmax (and "none", which llama.cpp maps to softmax)
-        probs = jax.nn.softmax(logits, axis=-1)
+        probs = ggml_f32.soft_max(logits) if exact else jax.nn.softmax(logits, axis=-1)
+    # opaque: each ggml op rounds on its own; XLA must not merge it into the next (a / b / c)
+    probs = _tap("ffn_moe_probs", opaque(probs), lead)
     sel = probs + bias if bias is not None else probs
     if cfg.n_group > 1:
         n, e = sel.shape
         grouped = sel.reshape(n, cfg.n_group, e // cfg.n_group)
-        score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [N, G]
+        top2 = jax.lax.top_k(grouped, 2)[0]
+        score = ggml_f32.sum_rows(top2) if exact else jnp.sum(top2, axis=-1)  # [N, G]
         _, gids = jax.lax.top_k(score, cfg.n_group_used)
         keep = jnp.any(gids[:, None, :] == jnp.arange(cfg.n_group)[None, :, None], axis=-1)
         sel = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, e)
     _, ids = jax.lax.top_k(sel, cfg.n_used)
-    w = jnp.take_along_axis(probs, ids, axis=-1)
+    w = _tap("ffn_moe_weights", jnp.take_along_axis(probs, ids, axis=-1), lead)
     if cfg.gating == GATING_SOFTMAX_WEIGHT:
-        w = jax.nn.softmax(w, axis=-1)
+        w = opaque(ggml_f32.soft_max(w) if exact else jax.nn.softmax(w, axis=-1))
     if cfg.norm_weights:
-        w = w / jnp.sum(w, axis=-1, keepdims=True)
-    if cfg.scale:
-        w = w * cfg.scale
+        s = ggml_f32.sum_rows(w) if exact else jnp.sum(w, axis=-1)
+        s = _tap("ffn_moe_weights_sum", opaque(s[:, None]), lead)
+        s = jnp.maximum(s, jnp.float32(_MIN_WEIGHT_SUM))
+        # a true division, as ggml_div: XLA turns a divide by a broadcast value into a multiply
+        # by its reciprocal unless the broadcast is hidden from it
+        w = _tap("ffn_moe_weights_norm", opaque(w / opaque(jnp.broadcast_to(s, w.shape))), lead)
+    if cfg.scale and cfg.scale != 1.0:
+        w = w * jnp.float32(cfg.scale)
     return ids, w
 
 
+def combine(ys: jax.Array, wts: jax.Array) -> jax.Array:
+    """Σ_j wts[:, j] * ys[:, j] over the slots, in slot order: ggml_mul, then ggml_add of one
+    slot's view after another (each product rounded before its add)."""
+    weighted = opaque(ys * wts[..., None])
+    out = weighted[:, 0]
+    for j in range(1, ys.shape[1]):
+        out = out + weighted[:, j]
+    return out
+
+
 class MoE(nnx.Module):
-    """Routed experts (SwiGLU), optionally plus an always-on shared expert."""
+    """Routed experts (SwiGLU), optionally plus an always-on shared expert (``shared``), which
+    qwen2moe scales by ``sigmoid(x · ffn_gate_inp_shexp)`` where the file has that vector."""
 
     def __init__(self, w: Weights, prefix: str, cfg: MoEConfig, shared: bool = False):
         self.cfg = cfg
@@ -113,75 +167,84 @@ class MoE(nnx.Module):
         bias = prefix + "exp_probs_b.bias"
         self.bias = nnx.Param(w.vector(bias)) if bias in w else nnx.data(None)
         if shared and prefix + "ffn_gate_shexp.weight" in w:
-            self.shared = nnx.List([Linear(w(prefix + "ffn_gate_shexp.weight")),
-                                    Linear(w(prefix + "ffn_up_shexp.weight")),
-                                    Linear(w(prefix + "ffn_down_shexp.weight"))])
+            self.shared = SwiGLU(w, prefix, "_shexp")
         else:
             self.shared = nnx.data(None)
-        # qwen2moe: the shared expert's output is scaled by sigmoid(x · ffn_gate_inp_shexp)
         sg = prefix + "ffn_gate_inp_shexp.weight"
         self.shared_gate = nnx.Param(w(sg)) if shared and sg in w else nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
+        lead = shape[:-1]
         xf = x.reshape(-1, shape[-1]).astype(jnp.float32)
-        router = self.router.get_value()
-        logits = jnp.einsum("nd,ed->ne", _round(xf, router), dequantize(router, jnp.float32))
+        logits = _tap("ffn_moe_logits", float_matmul(xf, self.router.get_value()), lead)
         bias = self.bias.get_value() if self.bias is not None else None
-        ids, wts = route(logits, self.cfg, bias)
+        ids, wts = route(logits, self.cfg, bias, lead)
         n = xf.shape[0]
         if n * self.cfg.n_used < self.cfg.n_expert:
-            out = self._gathered(xf, ids, wts)
+            ys = self._gathered(xf, ids)
         else:
-            out = self._grouped(xf, ids, wts)
+            ys = self._grouped(xf, ids)
+        out = _tap("ffn_moe_out", combine(ys, wts), lead)
         if self.shared is not None:
-            g, u, d = self.shared
-            sh = d(jax.nn.silu(g(xf)) * u(xf))
+            sh = _tap("ffn_shexp", self.shared(xf), lead)
             if self.shared_gate is not None:
-                sg = self.shared_gate.get_value()
-                gw = dequantize(sg, jnp.float32).reshape(-1, xf.shape[-1])  # [1, n_embd]
-                sh = sh * jax.nn.sigmoid(_round(xf, sg) @ gw.T)
+                gi = _tap("ffn_shexp_gate_inp", float_matmul(xf, self.shared_gate.get_value()),
+                          lead)  # [N, 1]
+                if _ggml():  # llama.cpp's sigmoid here: silu(x) / x
+                    gate = opaque(ggml_f32.silu(gi)) / gi
+                else:
+                    gate = jax.nn.sigmoid(gi)
+                sh = opaque(sh * _tap("ffn_shexp_gate", gate, lead))
             out = out + sh
-        return out.reshape(shape[:-1] + (out.shape[-1],)).astype(x.dtype)
+        return out.reshape(lead + (out.shape[-1],)).astype(x.dtype)
 
     def _ffn(self, x: jax.Array, e: jax.Array) -> jax.Array:
-        """SwiGLU of expert ``e`` on rows ``x``, activations rounded per weight type as ggml's
-        ``mul_mat_id`` does."""
-        gate, up, down = (p.get_value() for p in (self.gate, self.up, self.down))
-        h = jax.nn.silu(linear(x, _expert(gate, e))) * linear(x, _expert(up, e))
-        return linear(h, _expert(down, e))
+        """SwiGLU of expert ``e`` on rows ``x``: gate and up in one int8 kernel call, each row
+        quantized to the weight's vec_dot type as ggml's ``mul_mat_id`` does."""
+        gate, up, down = (_expert(p.get_value(), e) for p in (self.gate, self.up, self.down))
+        if gate.is_float:
+            g, u = (float_matmul(x, qt, sgemm=False) for qt in (gate, up))
+            return float_matmul(swiglu(g, u), down, sgemm=False)
+        return linear(swiglu(*linear_many(x, [gate, up])), down)
 
-    def _gathered(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
-        """One (token, slot) pair per scan step, in slot order per token (llama.cpp's sum
-        order): a decode step touches exactly the k chosen experts' blocks."""
+    def _gathered(self, x: jax.Array, ids: jax.Array) -> jax.Array:
+        """One (token, slot) pair per scan step: a decode step touches exactly the k chosen
+        experts' blocks. Returns the unweighted outputs [N, k, n_embd]."""
         n, k = ids.shape
 
-        def body(out, p):
+        def body(_, p):
             t = p // k
-            y = self._ffn(jax.lax.dynamic_index_in_dim(x, t, 0), ids[t, p % k])
-            return out.at[t].add(wts[t, p % k] * y[0]), None
+            return None, self._ffn(jax.lax.dynamic_index_in_dim(x, t, 0), ids[t, p % k])[0]
 
-        out0 = jnp.zeros((n, self.down.get_value().shape[1]), jnp.float32)
-        out, _ = jax.lax.scan(body, out0, jnp.arange(n * k))
-        return out
+        _, ys = jax.lax.scan(body, None, jnp.arange(n * k))
+        return ys.reshape(n, k, -1)
 
-    def _grouped(self, x: jax.Array, ids: jax.Array, wts: jax.Array) -> jax.Array:
+    def _tile(self, pairs: int) -> int:
+        tile = int(min(128, max(8, 1 << max(0, (pairs // self.cfg.n_expert - 1).bit_length()))))
+        types = {int(p.get_value().qtype) for p in (self.gate, self.up, self.down)}
+        if numerics.current().match_llamacpp and types & _TILED_TYPES:
+            tile = min(tile, _ROW_ORDER_TILE)
+        return tile
+
+    def _grouped(self, x: jax.Array, ids: jax.Array) -> jax.Array:
+        """The (token, slot) pairs sorted by expert, in tiles of one expert each; returns the
+        unweighted outputs [N, k, n_embd] in pair order."""
         n_expert = self.cfg.n_expert
         n, k = ids.shape
         pairs = n * k
-        tile = int(min(128, max(8, 1 << max(0, (pairs // n_expert - 1).bit_length()))))
+        tile = self._tile(pairs)
         n_tiles = -(-pairs // tile) + n_expert
         flat_e = ids.reshape(-1)
-        order = jnp.argsort(flat_e, stable=True)
+        order = jnp.argsort(flat_e, stable=True)  # sorted position -> pair
         e_sorted = flat_e[order]
         counts = jnp.bincount(flat_e, length=n_expert)
         padded = (counts + tile - 1) // tile * tile
         pad_end = jnp.cumsum(padded)
         start = jnp.cumsum(counts) - counts
-        dest = (pad_end - padded)[e_sorted] + jnp.arange(pairs) - start[e_sorted]
+        dest = (pad_end - padded)[e_sorted] + jnp.arange(pairs) - start[e_sorted]  # -> slot
         slots = n_tiles * tile
         tok = jnp.zeros(slots, jnp.int32).at[dest].set((order // k).astype(jnp.int32))
-        wt = jnp.zeros(slots, jnp.float32).at[dest].set(wts.reshape(-1)[order])
         tile_e = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(n_tiles) * tile, side="right"),
                              n_expert - 1)
 
@@ -190,8 +253,9 @@ class MoE(nnx.Module):
             return None, self._ffn(x[rows], tile_e[i])
 
         _, ys = jax.lax.scan(body, None, jnp.arange(n_tiles))
-        ys = ys.reshape(slots, -1) * wt[:, None]  # padding rows carry weight 0
-        return jnp.zeros((n, ys.shape[-1]), jnp.float32).at[tok].add(ys)
+        ys = ys.reshape(slots, -1)
+        slot_of_pair = jnp.zeros(pairs, jnp.int32).at[order].set(dest.astype(jnp.int32))
+        return ys[slot_of_pair].reshape(n, k, -1)
 
 
 def moe_config(g_meta: dict, arch: str, *, norm: bool | None = None, scale: float | None = None,

@@ -50,8 +50,6 @@ PARAM_AXES: dict[str, tuple[str | None, str | None]] = {
     "tok_embd": ("vocab", None),
     "output": ("vocab", None),
 }
-# FFN lists holding (gate, up, down) Linears by index (MoE dense layers, shared experts)
-FFN_LISTS = ("dense", "shared")
 ATTENTION_AXES = ("heads", "kv_heads")
 EXPERT_PARAMS = ("gate", "up", "down")
 
@@ -83,16 +81,9 @@ def path_names(path) -> list[str]:
 
 def param_axes(names: list[str], ndim: int) -> tuple[str | None, ...]:
     """Logical axes of a parameter (from its module path), one per logical dimension."""
-    role = None
-    for i, n in enumerate(names):
-        if n in FFN_LISTS and i + 1 < len(names) and names[i + 1] in ("0", "1", "2"):
-            role = ("gate", "up", "down")[int(names[i + 1])]
-            break
-    if role is None:
-        # the module owning the tensor: wq/weight -> wq; moe/gate (a bare Param) -> gate
-        owner = names[-2] if names and names[-1] in ("weight", "bias") else names[-1] if names \
-            else ""
-        role = owner
+    # the module owning the tensor: wq/weight -> wq; ffn/gate/weight (a SwiGLU's Linear) ->
+    # gate; ffn/gate (an MoE's stacked experts, a bare Param) -> gate
+    role = names[-2] if names and names[-1] in ("weight", "bias") else names[-1] if names else ""
     if ndim == 3 and role in EXPERT_PARAMS:
         return ("experts", None, None)
     axes = PARAM_AXES.get(role)
