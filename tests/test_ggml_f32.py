@@ -71,7 +71,7 @@ MATMULS = [(1, 8, 64), (2, 8, 64), (41, 4, 64), (5, 6, 64), (3, 1, 64), (1, 1, 6
 @pytest.mark.parametrize("kernels", [True, False], ids=["cpp", "xla"])
 @pytest.mark.parametrize("n,m,k", MATMULS)
 def test_f32_mul_mat_is_ggmls(n, m, k, kernels):
-    """Both implementations: the C++ kernel (kernels/cpu_ggml_f32.cc) and the XLA steps."""
+    """Both implementations: the C++ kernel (kernels/cpu/ggml_f32.cc) and the XLA steps."""
     from jllama.models import ggml_f32
     from jllama.numerics import Numerics, use
 

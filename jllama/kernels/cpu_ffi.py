@@ -55,6 +55,7 @@ UNITS = {
     "actquant.cc": MATVEC_FLAGS,
     "ffi_qmatvec.cc": MATVEC_FLAGS,
     "attention.cc": ATTENTION_FLAGS,
+    "ggml_f32.cc": ATTENTION_FLAGS,  # explicit fmaf only: every other product rounded first
 }
 # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS
 QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23})

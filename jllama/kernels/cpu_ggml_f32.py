@@ -1,17 +1,13 @@
-"""ggml's CPU f32 steps XLA cannot express cheaply (``cpu_ggml_f32.cc``) behind XLA's FFI,
-compiled at first use like the other CPU kernels (cpu_ffi.py): the C library's ``expf`` (ggml
+"""ggml's CPU f32 steps XLA cannot express cheaply (``cpu/ggml_f32.cc``) behind XLA's FFI,
+built into the kernel library with the other CPU kernels (cpu_ffi.py): the C library's ``expf`` (ggml
 calls it for the elements a SIMD register does not cover, and it is not correctly rounded) and
 ggml's f32 ``mul_mat`` (serial FMA chains; models/ggml_f32.py has the same steps in XLA).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import os
-import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,27 +17,21 @@ from jllama.kernels import cpu_ffi
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ggml_f32.cc")
-# strict: every FMA in the source is explicit, no reassociation
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-ffp-contract=off",
-         "-fno-fast-math"]
 _TARGETS = {"jllama_expf": "JllamaExpf", "jllama_f32_mul_mat": "JllamaF32MulMat"}
 
 
 @functools.cache
 def available() -> bool:
-    """Compile (once), load and register the kernels; False where that is not possible."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None or not SOURCE.exists():
+    """Load the kernel library (cpu_ffi builds it once, ``cpu/ggml_f32.cc`` among its units)
+    and register these kernels; False where that is not possible."""
+    lib = cpu_ffi.library()
+    if lib is None:
         return False
     try:
-        lib = ctypes.CDLL(str(cpu_ffi._build(compiler, SOURCE, FLAGS)))
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
     except Exception as e:  # any failure means "use the XLA steps", never a crash
-        detail = getattr(e, "stderr", b"") or b""
-        log.warning("jllama: C++ f32 kernels unavailable (%s %s)", e,
-                    detail.decode(errors="replace")[-2000:])
+        log.warning("jllama: C++ f32 kernels unavailable (%s)", e)
         return False
     return True
 

@@ -82,13 +82,13 @@ def expf_simd(x: jax.Array, lanes: int | None = None) -> jax.Array:
 
 
 def _kernels() -> bool:
-    """Whether the C++ steps (kernels/cpu_ggml_f32.cc) are in use here."""
+    """Whether the C++ steps (kernels/cpu/ggml_f32.cc) are in use here."""
     return (jax.default_backend() == "cpu" and numerics.current().cpu_kernels
             and cpu_ggml_f32.available())
 
 
 def expf_libm(x: jax.Array) -> jax.Array:
-    """The C library's expf (kernels/cpu_ggml_f32.cc) on the CPU with the C++ kernels; elsewhere
+    """The C library's expf (kernels/cpu/ggml_f32.cc) on the CPU with the C++ kernels; elsewhere
     exp in f64 rounded to f32 (glibc's expf differs from that on ~1 in 2000 floats)."""
     x = x.astype(jnp.float32)
     if _kernels():

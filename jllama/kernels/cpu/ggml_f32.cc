@@ -12,8 +12,9 @@
 //   0+1, the horizontal sum of the ISA, then the leftover products added one by one). The
 //   FMA chains are serial per output; in XLA they cost an f64 emulation per step.
 //
-// Built at first use by jllama/kernels/cpu_ggml_f32.py with -ffp-contract=off: every FMA is an
-// explicit fmaf (one rounding), every other product is rounded before its add.
+// Part of the kernel library cpu_ffi.py builds, with -ffp-contract=off: every FMA is an
+// explicit fmaf (one rounding), every other product is rounded before its add. Registered by
+// jllama/kernels/cpu_ggml_f32.py.
 
 #include <cmath>
 #include <cstddef>
