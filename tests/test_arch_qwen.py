@@ -26,10 +26,11 @@ CASES = {
     "qwen3-q8_0": ("qwen3", gguf.GGMLQuantizationType.Q8_0,
                    dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=64)),
 }
-# Both sides use an f16 KV cache (llama.cpp's default). F32 weights differ only by float
-# summation order; with Q8_0 an activation sitting on a Q8 rounding boundary occasionally flips
-# one step (from such tiny differences), hence the looser bound.
-TOL = {None: 0.02, gguf.GGMLQuantizationType.Q8_0: 0.3}
+# Both sides use an f16 KV cache (llama.cpp's default) and flash attention. Q8_0 weights go
+# through the int8 kernels (ggml's vec_dot / tiled GEMM order) and every other op rounds as
+# ggml's: bit for bit. F32 weight matrices go through XLA's f32 GEMM, whose summation order is
+# not ggml's, so those models agree to float noise only.
+TOL = {None: 0.02, gguf.GGMLQuantizationType.Q8_0: 0.0}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -69,7 +70,7 @@ def test_logits_match(pair):
         ours = engine.logits(ids)
         diff = float(np.abs(ours - ref).max())
         print(f"\n{name} T={len(ids)}: max|Δlogit| = {diff:.5f} (logit std {ref.std():.2f})")
-        assert diff < TOL[qtype]
+        assert diff <= TOL[qtype]
         assert int(np.argmax(ours[-1])) == int(np.argmax(ref[-1]))
 
 
