@@ -37,10 +37,11 @@ def _exact_kernels_missing(path) -> str | None:
     from jllama.kernels import cpu_attention, cpu_ffi
 
     if not cpu_attention.available():
-        return "no C++ flash attention here (it needs AVX-512)"
+        return "no C++ flash attention on this CPU (it needs AVX-512, or AVX2 with FMA and F16C)"
     types = {int(t.qtype) for t in read_gguf(path).tensors.values() if len(t.shape) >= 2}
     missing = sorted(t for t in types if t != 0 and not cpu_ffi.q8_supported(t))
-    return f"no int8 kernel here for ggml types {missing} (needs VNNI)" if missing else None
+    return (f"no int8 kernel on this CPU for ggml types {missing} (needs AVX2, FMA and F16C)"
+            if missing else None)
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
