@@ -593,19 +593,38 @@ def _float_bytes(x: np.ndarray, qtype: int) -> np.ndarray:
     return np.ascontiguousarray(out).view(np.uint8).reshape(*x.shape[:-1], -1)
 
 
-def quantize_np(x: np.ndarray, qtype: int) -> np.ndarray:
-    """float32 ``[..., row_len]`` -> raw GGUF rows uint8 ``[..., row_bytes]``, as ggml does it."""
+# With an importance matrix ggml's quantizers look at whole rows (some weigh each value by the
+# row's mean square as well as by the imatrix), so these take float32 rows ``[R, n_per_row]`` and
+# the imatrix column weights ``[n_per_row]`` and return uint8 ``[R, row_bytes]``, as
+# ``ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix)`` does.
+WEIGHTED_QUANTIZERS: dict[int, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
+
+
+def quantize_np(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``[..., row_len]`` -> raw GGUF rows uint8 ``[..., row_bytes]``, as ggml does it.
+
+    ``imatrix``: float32 ``[row_len]`` importance weights (llama-imatrix's per-column mean of
+    squared activations), or None for ggml's unweighted path (``quant_weights == NULL``)."""
     qtype = int(qtype)
     x = np.ascontiguousarray(x, dtype=F32)
     if qtype in (int(QType.F32), int(QType.F16), int(QType.BF16)):
         return _float_bytes(x, qtype)
-    fn = QUANTIZERS.get(qtype)
     info = qtype_info(qtype)
-    if fn is None:
-        raise QuantError(f"quantizing to {info.name} is not supported")
     row = x.shape[-1]
     if row % info.block_size:
         raise QuantError(f"row of {row} is not a multiple of {info.name}'s {info.block_size}")
+    if imatrix is not None:
+        wfn = WEIGHTED_QUANTIZERS.get(qtype)
+        if wfn is None:
+            raise QuantError(f"quantizing to {info.name} with an importance matrix is not supported")
+        qw = np.ascontiguousarray(imatrix, dtype=F32).reshape(-1)
+        if qw.shape[0] != row:
+            raise QuantError(f"importance matrix has {qw.shape[0]} values for rows of {row}")
+        rows = x.reshape(-1, row)
+        return wfn(rows, qw).reshape(*x.shape[:-1], row // info.block_size * info.type_size)
+    fn = QUANTIZERS.get(qtype)
+    if fn is None:
+        raise QuantError(f"quantizing to {info.name} is not supported")
     blocks = x.reshape(-1, info.block_size)
     out = np.empty((blocks.shape[0], info.type_size), np.uint8)
     step = max(1, _CHUNK_ELEMS // info.block_size)
