@@ -15,6 +15,7 @@ from jllama.quant.formats import dequantize_jax, dequantize_np
 GGUF_PY_TYPES = [
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
+    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
 ]  # fmt: skip
 
 
@@ -44,6 +45,27 @@ def test_dequantize_bit_exact_vs_gguf_py(name: str) -> None:
     got_jax = np.asarray(jax.jit(dequantize_jax, static_argnums=(1, 2))(data, qt, row))
     assert got_np.shape == got_jax.shape == (3, 4, row)
     assert got_np.dtype == got_jax.dtype == np.float32
+    _assert_bit_equal(got_np, ref)
+    _assert_bit_equal(got_jax, ref)
+
+
+@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"])
+def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
+    """ggml's own ``dequantize_row_*`` (the CPU backend's to_float) on random blocks."""
+    import ctypes
+
+    from llamacpp_oracle import ggml_libs
+
+    base, _ = ggml_libs()
+    qt, row = int(QType[name]), 1024
+    data = _random_rows(qt, (6,), row, seed=5)
+    ref = np.zeros((6, row), np.float32)
+    fn = getattr(base, f"dequantize_row_{name.lower()}")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    fn(data.ctypes.data, ref.ctypes.data, ref.size)
+    with np.errstate(all="ignore"):
+        got_np = dequantize_np(data, qt, row)
+    got_jax = np.asarray(jax.jit(dequantize_jax, static_argnums=(1, 2))(data, qt, row))
     _assert_bit_equal(got_np, ref)
     _assert_bit_equal(got_jax, ref)
 

@@ -213,6 +213,121 @@ DEQUANTIZERS: dict[int, Callable[[Xp, Any], Any]] = {
     int(QType.Q8_K): _deq_q8_k,
 }
 
+
+# ----------------------------------------------------------------------------- IQ2 / IQ1 (256)
+# Lattice codebooks (8 values per index, iqgrids.py) with 7 stored sign bits (+ parity) or a
+# +-1/8 shift. ggml computes ``db * grid[j]`` then applies the sign, so a product is rounded
+# once and negated exactly; the scale products below keep its operand order.
+
+
+def _words(xp: Xp, b, lo: int, hi: int, width: int):
+    """Little-endian ``width``-byte words of bytes ``[lo, hi)`` of each block, as uint32."""
+    n = b.shape[0]
+    v = b[:, lo:hi].reshape(n, -1, width).astype(xp.uint32)
+    out = v[..., 0]
+    for k in range(1, width):
+        out = out | (v[..., k] << (8 * k))
+    return out
+
+
+def _iq_table(xp: Xp, name: str):
+    from jllama.quant.iqgrids import grid
+
+    return xp.asarray(grid(name).astype(np.float32))
+
+
+def _sign_bits(xp: Xp, s):
+    """Sign bytes ``[...]`` -> ``[..., 8]`` factors +-1 (bit j set: element j negative)."""
+    bits = (s[..., None] >> xp.arange(8, dtype=s.dtype)) & 1
+    return (1 - 2 * bits.astype(xp.int32)).astype(xp.float32)
+
+
+def _ksigns(xp: Xp, idx):
+    from jllama.quant.iqgrids import ksigns
+
+    return _sign_bits(xp, xp.asarray(ksigns())[idx])
+
+
+def _deq_iq2_xxs(xp: Xp, b):
+    n = b.shape[0]
+    d = _f16(xp, b, 0)
+    w = _words(xp, b, 2, 66, 4).reshape(n, 8, 2)
+    db = (d * (0.5 + (w[..., 1] >> 28).astype(xp.float32))) * 0.25  # [n, 8]
+    idx = b[:, 2:66].reshape(n, 8, 8)[:, :, 0:4].astype(xp.int32)  # [n, 8, 4]
+    sidx = (w[..., 1][..., None] >> (7 * xp.arange(4, dtype=xp.uint32))) & 127
+    g = _iq_table(xp, "IQ2_XXS")[idx]  # [n, 8, 4, 8]
+    return ((db[..., None, None] * g) * _ksigns(xp, sidx.astype(xp.int32))).reshape(n, QK_K)
+
+
+def _scale_pairs(xp: Xp, d, sc):
+    """IQ2_XS/IQ2_S: two 4-bit scales per 32 -> ``[n, 8, 4]`` (one per group of 8)."""
+    lo = (d * (0.5 + (sc & 0x0F).astype(xp.float32))) * 0.25
+    hi = (d * (0.5 + (sc >> 4).astype(xp.float32))) * 0.25
+    return xp.stack([lo, lo, hi, hi], axis=-1)
+
+
+def _deq_iq2_xs(xp: Xp, b):
+    n = b.shape[0]
+    q = _words(xp, b, 2, 66, 2).reshape(n, 8, 4)
+    db = _scale_pairs(xp, _f16(xp, b, 0), b[:, 66:74])
+    g = _iq_table(xp, "IQ2_XS")[(q & 511).astype(xp.int32)]
+    s = _ksigns(xp, (q >> 9).astype(xp.int32))
+    return ((db[..., None] * g) * s).reshape(n, QK_K)
+
+
+def _deq_iq2_s(xp: Xp, b):
+    n = b.shape[0]
+    qs = b[:, 2:34].reshape(n, 8, 4).astype(xp.int32)
+    qh = b[:, 66:74].astype(xp.int32)
+    idx = qs | ((qh[:, :, None] << (8 - 2 * xp.arange(4, dtype=xp.int32))) & 0x300)
+    db = _scale_pairs(xp, _f16(xp, b, 0), b[:, 74:82])
+    g = _iq_table(xp, "IQ2_S")[idx]
+    s = _sign_bits(xp, b[:, 34:66].reshape(n, 8, 4))
+    return ((db[..., None] * g) * s).reshape(n, QK_K)
+
+
+IQ1_DELTA = 0.125  # ggml's IQ1S_DELTA (= IQ1M_DELTA)
+
+
+def _deq_iq1_s(xp: Xp, b):
+    n = b.shape[0]
+    qs = b[:, 2:34].reshape(n, 8, 4).astype(xp.int32)
+    qh = _words(xp, b, 34, 50, 2).astype(xp.int32)  # [n, 8]
+    dl = _f16(xp, b, 0) * (2 * ((qh >> 12) & 7) + 1).astype(xp.float32)
+    delta = xp.where((qh & 0x8000) != 0, -IQ1_DELTA, IQ1_DELTA).astype(xp.float32)
+    idx = qs | (((qh[:, :, None] >> (3 * xp.arange(4, dtype=xp.int32))) & 7) << 8)
+    g = _iq_table(xp, "IQ1_S")[idx] + delta[:, :, None, None]
+    return (dl[:, :, None, None] * g).reshape(n, QK_K)
+
+
+def _deq_iq1_m(xp: Xp, b):
+    n = b.shape[0]
+    sc = _words(xp, b, 48, 56, 2).astype(xp.int32)  # [n, 4]
+    u = (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00)
+    u = u | (sc[:, 3] & 0xF000)
+    d = _bitcast(xp, u.astype(xp.uint16), xp.float16).astype(xp.float32)[:, None]
+    # two 3-bit scales per 32 (one per 16), sc[ib/2] >> 6*(ib%2) and +3
+    sh = xp.asarray(np.array([0, 3, 6, 9], np.int32))
+    s3 = ((sc[:, :, None] >> sh) & 7).reshape(n, 16)
+    dl = d * (2 * s3 + 1).astype(xp.float32)  # [n, 16]: one per 16 values
+    qs = b[:, 0:32].reshape(n, 16, 2).astype(xp.int32)
+    qh = b[:, 32:48].astype(xp.int32)  # one byte per two groups of 8
+    hi = xp.stack([(qh << 8) & 0x700, (qh << 4) & 0x700], axis=-1)
+    idx = qs | hi
+    dm = xp.stack([qh & 0x08, qh & 0x80], axis=-1)
+    delta = xp.where(dm != 0, -IQ1_DELTA, IQ1_DELTA).astype(xp.float32)
+    g = _iq_table(xp, "IQ1_M")[idx] + delta[..., None]  # [n, 16, 2, 8]
+    return (dl[:, :, None, None] * g).reshape(n, QK_K)
+
+
+DEQUANTIZERS.update({
+    int(QType.IQ2_XXS): _deq_iq2_xxs,
+    int(QType.IQ2_XS): _deq_iq2_xs,
+    int(QType.IQ2_S): _deq_iq2_s,
+    int(QType.IQ1_S): _deq_iq1_s,
+    int(QType.IQ1_M): _deq_iq1_m,
+})  # fmt: skip
+
 FLOAT_QTYPES = (int(QType.F32), int(QType.F16), int(QType.BF16))
 SUPPORTED_QTYPES = FLOAT_QTYPES + tuple(DEQUANTIZERS)
 
