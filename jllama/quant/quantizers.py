@@ -17,6 +17,7 @@ import numpy as np
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
 from jllama.quant.formats import KVALUES_IQ4NL
+from jllama.quant.iq2 import quantize_iq2_xs, quantize_iq2_xxs
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -598,6 +599,13 @@ def _float_bytes(x: np.ndarray, qtype: int) -> np.ndarray:
 # the imatrix column weights ``[n_per_row]`` and return uint8 ``[R, row_bytes]``, as
 # ``ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix)`` does.
 WEIGHTED_QUANTIZERS: dict[int, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
+
+# The lattice i-quants (iq2.py). IQ2_XXS/IQ2_XS/IQ1_S have no unweighted form: ggml refuses them
+# without an imatrix (ggml_quantize_requires_imatrix).
+WEIGHTED_QUANTIZERS.update({
+    int(QType.IQ2_XXS): quantize_iq2_xxs,
+    int(QType.IQ2_XS): quantize_iq2_xs,
+})  # fmt: skip
 
 
 def quantize_np(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,363 @@
+"""IQ2_XXS / IQ2_XS / IQ2_S / IQ1_S / IQ1_M quantizers, byte-identical with ggml's.
+
+ggml snaps each group of 8 values to a point of an E8-style lattice codebook: it rounds every
+value to a level, and when the rounded point is not in the codebook it searches that point's
+precomputed neighbours (``iq2xs_init_impl``: the codebook points at the ``nwant`` smallest
+squared distances) for the one with the least weighted error. Here the neighbour lists are built
+once per type and padded to a rectangle, so every group of every block is searched at once; the
+weighted sums keep ggml's element order (sequential f32 adds, ``(w * x) * q`` products) because
+a different rounding would pick a different point. ggml's ``nearest_int`` is round-half-even,
+equal to ``np.rint`` for the small magnitudes these searches produce.
+
+All of these take whole rows and the importance matrix, as ``ggml_quantize_chunk`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from jllama.quant.iqgrids import grid
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+QK_K = 256
+
+
+# ----------------------------------------------------------------------------- search tables
+
+
+@functools.cache
+def tables(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(points, kmap, nb_row, neighbours)`` of ``iq2xs_init_impl`` for ggml type ``name``.
+
+    points: ``[n, 8]`` f32 lattice coordinates ``2*l + 1`` of each codebook entry.
+    kmap: ``[65536]`` codebook index of the packed levels ``sum(l_i << 2i)``, or -1.
+    nb_row: ``[65536]`` row of ``neighbours`` for an off-codebook packed point (-1 if none).
+    neighbours: ``[rows, K]`` codebook indices sorted by (distance, index), padded with -1.
+    """
+    g = grid(name).astype(np.int32)
+    if name in ("IQ1_S", "IQ1_M"):
+        lv, nwant = g + 1, 3  # -1/0/1 -> levels 0/1/2
+    else:
+        lv = (g == 0x19) + 2 * (g == 0x2B)  # 0x08/0x19/0x2b -> levels 0/1/2
+        nwant = 1 if name == "IQ2_S" else 2
+    lv = lv.astype(np.int32)
+    packed = (lv << (2 * np.arange(8))).sum(axis=1)
+    kmap = np.full(1 << 16, -1, np.int32)
+    kmap[packed] = np.arange(len(g), dtype=np.int32)
+    # Only levels 0..2 are ever looked up (the searches clamp to kMaxQ - 1 = 2).
+    allp = np.array(np.meshgrid(*[np.arange(3)] * 8, indexing="ij")).reshape(8, -1).T[:, ::-1]
+    allp = np.ascontiguousarray(allp).astype(np.int32)
+    codes = (allp << (2 * np.arange(8))).sum(axis=1)
+    off = kmap[codes] < 0
+    allp, codes = allp[off], codes[off]
+    pos = 2 * lv + 1
+    lists = []
+    for s in range(0, len(codes), 512):
+        p = 2 * allp[s : s + 512] + 1
+        d2 = ((pos[None, :, :] - p[:, None, :]) ** 2).sum(axis=2)
+        order = np.argsort(d2, axis=1, kind="stable")  # ties by index, as qsort on (d2, j)
+        ds = np.take_along_axis(d2, order, axis=1)
+        for r in range(len(p)):
+            distinct = np.flatnonzero(np.diff(ds[r])) + 1  # where a new distance starts
+            end = distinct[nwant - 1] if len(distinct) >= nwant else len(ds[r])
+            lists.append(order[r, :end])
+    width = max(len(x) for x in lists)
+    neighbours = np.full((len(lists), width), -1, np.int32)
+    for r, x in enumerate(lists):
+        neighbours[r, : len(x)] = x
+    nb_row = np.full(1 << 16, -1, np.int32)
+    nb_row[codes] = np.arange(len(codes), dtype=np.int32)
+    points = pos.astype(F32)
+    for a in (points, kmap, nb_row, neighbours):
+        a.setflags(write=False)
+    return points, kmap, nb_row, neighbours
+
+
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    return np.cumsum(a, axis=-1, dtype=F32)[..., -1]
+
+
+def _rint(v) -> np.ndarray:
+    return np.rint(np.asarray(v, F32)).astype(np.int32)
+
+
+def _pack_levels(lv: np.ndarray) -> np.ndarray:
+    """``[..., 8]`` levels 0..3 -> packed ``sum(l_i << 2i)``."""
+    return (lv.astype(np.int32) << (2 * np.arange(8, dtype=np.int32))).sum(axis=-1)
+
+
+@functools.cache
+def _neighbour_levels(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per neighbour-list row: its length, and the levels ``[rows, 8, K]`` of each entry."""
+    points, _, _, neighbours = tables(name)
+    lev = ((points[np.maximum(neighbours, 0)] - 1) / 2).astype(np.int8)
+    n = (neighbours >= 0).sum(axis=1)
+    return n, np.ascontiguousarray(lev.transpose(0, 2, 1))
+
+
+def _best_neighbour(name, u, xval, waux, scale) -> np.ndarray:
+    """iq2_find_best_neighbour for groups of 8 whose packed point ``u`` is off the codebook:
+    the neighbour with the least ``sum w*(scale*q - x)^2`` (first one on ties)."""
+    _, _, nb_row, neighbours = tables(name)
+    lens, lev = _neighbour_levels(name)
+    rows = nb_row[u]
+    # The error of each coordinate at each of the three levels, f32 as ggml rounds it.
+    q = np.array([1, 3, 5], F32)
+    diff = scale[:, None, None] * q - xval[:, :, None]  # [M, 8, 3]
+    term = (waux[:, :, None] * diff) * diff
+    out = np.empty(len(u), np.int32)
+    n = lens[rows]
+    lo = 0
+    for hi in (8, 16, 32, 64, 128, 1 << 30):  # lists of similar length together: less padding
+        sel = np.flatnonzero((n > lo) & (n <= hi))
+        lo = hi
+        if not len(sel):
+            continue
+        r = rows[sel]
+        k = min(hi, neighbours.shape[1])
+        lv = lev[r, :, :k]  # [S, 8, k]
+        t = term[sel]  # [S, 8, 3]
+        d2 = np.zeros((len(sel), k), F32)
+        for i in range(8):
+            li = lv[:, i]
+            d2 = d2 + np.where(li == 0, t[:, i, 0:1], np.where(li == 1, t[:, i, 1:2], t[:, i, 2:3]))
+        cand = neighbours[r, :k]
+        d2[cand < 0] = np.inf
+        out[sel] = np.take_along_axis(cand, np.argmin(d2, axis=1)[:, None], axis=1)[:, 0]
+    return out
+
+
+def _snap(name, lv, xval, waux, scale) -> tuple[np.ndarray, np.ndarray]:
+    """Levels ``[M, 8]`` -> (codebook index, on-codebook?) with the neighbour search applied
+    where needed (``scale`` per group of 8)."""
+    _, kmap, _, _ = tables(name)
+    u = _pack_levels(lv)
+    gi = kmap[u]
+    off = gi < 0
+    if off.any():
+        gi = gi.copy()
+        gi[off] = _best_neighbour(name, u[off], xval[off], waux[off], scale[off])
+    return gi, ~off
+
+
+def _levels_of(name, gi) -> np.ndarray:
+    points = tables(name)[0]
+    return ((points[gi] - 1) / 2).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- common steps
+
+
+def _weights_and_signs(x: np.ndarray, qw: np.ndarray, gs: int):
+    """Per block of 256: ``weight = qw * sqrt(sigma2 + x^2)``, ``|x|`` with an even number of
+    sign flips per 8 (the least important value keeps the wrong sign), and the 7 stored signs.
+    x, qw: ``[B, 256]``; returns weight, waux, xval ``[G, gs]`` and signs ``[G, gs//8]``."""
+    b = x.shape[0]
+    sigma2 = _seqsum(x * x) / F32(QK_K)
+    weight = qw * np.sqrt(sigma2[:, None] + x * x)
+    waux = np.sqrt(weight)
+    neg = ~(x >= 0)
+    xval = np.where(neg, -x, x)
+    w8 = ((weight * x) * x).reshape(b, -1, 8)
+    neg8 = neg.reshape(b, -1, 8)
+    odd = neg8.sum(axis=-1) % 2 == 1
+    imin = np.argmin(w8, axis=-1)  # first minimum, as the strict '<' scan
+    flip = odd[..., None] & (np.arange(8) == imin[..., None])
+    xval = np.where(flip.reshape(b, QK_K), -xval, xval)
+    s = neg8 ^ flip
+    signs = (s.astype(np.int32) << np.arange(8)).sum(axis=-1) & 127
+    n = b * QK_K // gs
+    return (
+        weight.reshape(n, gs),
+        waux.reshape(n, gs),
+        xval.reshape(n, gs),
+        signs.reshape(n, gs // 8),
+    )
+
+
+def _sums(weight, xval, lv) -> tuple[np.ndarray, np.ndarray]:
+    q = (2 * lv + 1).astype(F32)
+    return _seqsum((weight * xval) * q), _seqsum((weight * q) * q)
+
+
+def _trial_levels(name, xval, waux, id_, this_scale):
+    """One scale trial: levels ``nearest((id*x - 1)/2)`` clamped to 0..2, snapped to the
+    codebook. Returns levels ``[G, gs]`` and per-8 on-codebook flags ``[G, gs//8]``."""
+    n, gs = xval.shape
+    lv = np.clip(_rint(F32(0.5) * (id_[:, None] * xval - F32(1))), 0, 2)
+    lv8 = lv.reshape(-1, 8)
+    rep = np.repeat(this_scale, gs // 8)
+    gi, on = _snap(name, lv8, xval.reshape(-1, 8), waux.reshape(-1, 8), rep)
+    return _levels_of(name, gi).reshape(n, gs), on.reshape(n, gs // 8)
+
+
+def make_qp_quants(nmax: int, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """ggml's make_qp_quants over rows ``[G, n]``: the scale only. Its levels live in a uint8
+    array, so a negative level (x may hold one negated value per 8) reads back wrapped; that
+    is reproduced because it changes the search."""
+    g, n = x.shape
+    mx = np.maximum.accumulate(np.maximum(x, F32(0)), axis=1)[:, -1]
+    zero = mx < GROUP_MAX_EPS
+    mxs = np.where(zero, F32(1), mx)
+    nm = F32(nmax)
+    iscale = nm / mxs
+    L = _rint(iscale[:, None] * x) & 255
+    scale = F32(1) / iscale
+    diff = x - scale[:, None] * L.astype(F32)
+    best = _seqsum((w * diff) * diff)
+    for is_ in (-4, -3, -2, -1, 1, 2, 3, 4):
+        isc = (F32(0.1) * F32(is_) + nm) / mxs
+        sc = F32(1) / isc
+        lv = np.minimum(nmax, _rint(isc[:, None] * x)).astype(F32)
+        diff = x - sc[:, None] * lv
+        mse = _seqsum((w * diff) * diff)
+        better = mse < best
+        best = np.where(better, mse, best)
+        iscale = np.where(better, isc, iscale)
+    lint = np.minimum(nmax, _rint(iscale[:, None] * x))
+    lf = lint.astype(F32)
+    sumlx = _seqsum((w * x) * lf)
+    suml2 = _seqsum((w * lf) * lf)
+    L = lint & 255
+    active = np.ones(g, bool)
+    for _ in range(5):
+        changed = np.zeros(g, bool)
+        for i in range(n):
+            wi, xi, li = w[:, i], x[:, i], L[:, i].astype(F32)
+            slx = sumlx - (wi * xi) * li
+            sl2 = suml2 - (wi * li) * li
+            ok = active & (slx > 0) & (sl2 > 0)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                q = np.where(ok, (xi * sl2) / np.where(ok, slx, F32(1)), F32(0))
+            nl = np.minimum(nmax, _rint(q))
+            ok &= nl != L[:, i]
+            nlf = nl.astype(F32)
+            slx2 = slx + (wi * xi) * nlf
+            sl22 = sl2 + (wi * nlf) * nlf
+            ok &= (slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22
+            L[:, i] = np.where(ok, nl & 255, L[:, i])
+            sumlx = np.where(ok, slx2, sumlx)
+            suml2 = np.where(ok, sl22, suml2)
+            changed |= ok
+        active &= changed
+        if not active.any():
+            break
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    return np.where(zero, F32(0), out)
+
+
+def _block_scales(scales: np.ndarray, nsub: int):
+    """Sub-block scales ``[B, nsub]`` -> (f16 d bytes ``[B, 2]``, 4-bit codes ``[B, nsub]``,
+    all-zero blocks)."""
+    max_scale = np.maximum.accumulate(scales, axis=1)[:, -1]
+    zero = ~(max_scale != 0)
+    d = max_scale / F32(31)
+    with np.errstate(divide="ignore"):
+        id_ = np.where(zero, F32(0), F32(1) / np.where(zero, F32(1), d))
+    codes = np.clip(_rint(F32(0.5) * (id_[:, None] * scales - F32(1))), 0, 15)
+    d16 = np.where(zero, F32(0), d).astype(np.float16)
+    return np.ascontiguousarray(d16).view(np.uint8).reshape(-1, 2), codes, zero
+
+
+# ----------------------------------------------------------------------------- IQ2_XXS, IQ2_XS
+
+
+def _iq2_x(name: str, x: np.ndarray, qw: np.ndarray):
+    """quantize_row_iq2_xxs_impl (gs=32) / quantize_row_iq2_xs_impl (gs=16) over blocks."""
+    xxs = name == "IQ2_XXS"
+    gs = 32 if xxs else 16
+    kmaxq = 3
+    weight, waux, xval, signs = _weights_and_signs(x, qw, gs)
+    n = xval.shape[0]
+    mx = np.maximum.accumulate(xval, axis=1)[:, -1]
+    live = ~(mx < GROUP_MAX_EPS)
+    if xxs:
+        scale = make_qp_quants(kmaxq + 1, xval, weight)
+        eff_max = scale * F32(kmaxq)
+        live &= ~(eff_max <= 0)
+        denom, trials = eff_max, range(-6, 7)
+    else:
+        scale = mx / F32(2 * kmaxq - 1)
+        denom, trials = mx, range(-9, 10)
+    denom = np.where(live, denom, F32(1))
+    best = np.zeros(n, F32)
+    L = np.zeros((n, gs), np.int32)
+    on_grid = np.ones((n, gs // 8), bool)
+    for is_ in trials:
+        id_ = (F32(2 * kmaxq - 1) + F32(is_) * F32(0.1)) / denom
+        this_scale = F32(1) / id_
+        la, on = _trial_levels(name, xval, waux, id_, this_scale)
+        sumqx, sumq2 = _sums(weight, xval, la)
+        take = live & (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = sumqx / sumq2
+        scale = np.where(take, sc, scale)
+        best = np.where(take, sc * sumqx, best)
+        L = np.where(take[:, None], la, L)
+        on_grid = np.where(take[:, None], on, on_grid)
+    # Requantize at the chosen scale (IQ2_XS: only the groups of 8 that were off the codebook).
+    redo = live & (scale > 0)
+    if not xxs:
+        redo &= ~on_grid.all(axis=1)
+    if redo.any():
+        s = scale[redo]
+        xv, wa = xval[redo], waux[redo]
+        lv = np.clip(_rint(F32(0.5) * ((F32(1) / s)[:, None] * xv - F32(1))), 0, 2)
+        gi, _ = _snap(name, lv.reshape(-1, 8), xv.reshape(-1, 8), wa.reshape(-1, 8),
+                      np.repeat(s, gs // 8))  # fmt: skip
+        new = _levels_of(name, gi).reshape(-1, gs)
+        if not xxs:  # groups already on the codebook keep their trial levels
+            keep = np.repeat(on_grid[redo], 8, axis=1)
+            new = np.where(keep, L[redo], new)
+        L[redo] = new
+        sumqx, sumq2 = _sums(weight[redo], xv, new)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale[redo] = np.where(sumq2 > 0, sumqx / sumq2, s)
+    negs = scale < 0
+    scale = np.where(negs, -scale, scale)
+    signs = np.where(negs[:, None], (~signs) & 127, signs)
+    scale = np.where(live, scale, F32(0))
+    gi = tables(name)[1][_pack_levels(L.reshape(-1, 8))].reshape(n, gs // 8)
+    if (gi[live] < 0).any():
+        raise AssertionError(f"{name}: a level pattern fell off the codebook")
+    gi = np.where(live[:, None], gi, 0)
+    signs = np.where(live[:, None], signs, 0)
+    return scale, gi, signs
+
+
+def quantize_iq2_xxs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """ggml's quantize_iq2_xxs: rows ``[R, n]`` and column weights ``[n]`` -> ``[R, n/256*66]``."""
+    r, ncol = rows.shape
+    x = rows.reshape(-1, QK_K)
+    b = x.shape[0]
+    w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(b, QK_K)
+    scale, gi, signs = _iq2_x("IQ2_XXS", x, w)
+    d, codes, zero = _block_scales(scale.reshape(b, 8), 8)
+    lo = gi.reshape(b, 8, 4).astype(np.uint32)
+    words0 = lo[..., 0] | (lo[..., 1] << 8) | (lo[..., 2] << 16) | (lo[..., 3] << 24)
+    sg = signs.reshape(b, 8, 4).astype(np.uint32)
+    words1 = sg[..., 0] | (sg[..., 1] << 7) | (sg[..., 2] << 14) | (sg[..., 3] << 21)
+    words1 = words1 | (codes.astype(np.uint32) << 28)
+    words1 = np.where(zero[:, None], 0, words1)
+    words0 = np.where(zero[:, None], 0, words0)
+    qs = np.stack([words0, words1], axis=-1).astype("<u4").view(np.uint8).reshape(b, 64)
+    return np.concatenate([d, qs], axis=1).reshape(r, -1)
+
+
+def quantize_iq2_xs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """ggml's quantize_iq2_xs: rows ``[R, n]`` and column weights ``[n]`` -> ``[R, n/256*74]``."""
+    r, ncol = rows.shape
+    x = rows.reshape(-1, QK_K)
+    b = x.shape[0]
+    w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(b, QK_K)
+    scale, gi, signs = _iq2_x("IQ2_XS", x, w)
+    d, codes, zero = _block_scales(scale.reshape(b, 16), 16)
+    q2 = (gi | (signs << 9)).reshape(b, 32).astype("<u2")
+    q2 = np.where(zero[:, None], 0, q2).astype("<u2")
+    sc = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    sc = np.where(zero[:, None], 0, sc).astype(np.uint8)
+    return np.concatenate([d, q2.view(np.uint8).reshape(b, 64), sc], axis=1).reshape(r, -1)
