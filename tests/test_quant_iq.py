@@ -14,7 +14,7 @@ from jllama.gguf.constants import QType, qtype_info
 from jllama.quant.formats import dequantize_np
 from jllama.quant.quantizers import quantize_np
 
-IQ_TYPES = ["IQ2_XXS", "IQ2_XS"]
+IQ_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]
 
 
 def _ggml_quantize(x: np.ndarray, qtype: int, imatrix: np.ndarray | None) -> np.ndarray:
@@ -93,3 +93,11 @@ def test_types_that_need_an_imatrix_refuse_without(name: str) -> None:
     assert base.ggml_quantize_requires_imatrix(int(QType[name]))
     with pytest.raises(QuantError, match="not supported"):
         quantize_np(np.zeros((1, 256), np.float32), int(QType[name]))
+
+
+@pytest.mark.parametrize("name", ["IQ2_S"])
+def test_quantize_without_imatrix_equals_ggml(name: str) -> None:
+    """IQ2_S also has ggml's unweighted path (weights sigma2/4 + x^2)."""
+    x = _rows()
+    ours = quantize_np(x, int(QType[name]))
+    np.testing.assert_array_equal(ours, _ggml_quantize(x, int(QType[name]), None))

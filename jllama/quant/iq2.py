@@ -151,24 +151,36 @@ def _levels_of(name, gi) -> np.ndarray:
 # ----------------------------------------------------------------------------- common steps
 
 
-def _weights_and_signs(x: np.ndarray, qw: np.ndarray, gs: int):
-    """Per block of 256: ``weight = qw * sqrt(sigma2 + x^2)``, ``|x|`` with an even number of
-    sign flips per 8 (the least important value keeps the wrong sign), and the 7 stored signs.
+def _weights_and_signs(x: np.ndarray, qw: np.ndarray | None, gs: int, name: str):
+    """Per block of 256: the importance of each value, ``|x|`` and the stored signs.
+
+    IQ2_XXS/IQ2_XS: ``weight = qw * sqrt(sigma2 + x^2)``, an even number of sign flips per 8
+    (the least important value keeps the wrong sign) and 7 stored sign bits. IQ2_S: sigma2
+    doubled, all 8 signs stored, and without an imatrix ``weight = sigma2/4 + x^2``.
     x, qw: ``[B, 256]``; returns weight, waux, xval ``[G, gs]`` and signs ``[G, gs//8]``."""
     b = x.shape[0]
-    sigma2 = _seqsum(x * x) / F32(QK_K)
-    weight = qw * np.sqrt(sigma2[:, None] + x * x)
+    sumx2 = _seqsum(x * x)
+    if name == "IQ2_S":
+        sigma2 = (F32(2) * sumx2) / F32(QK_K)
+    else:
+        sigma2 = sumx2 / F32(QK_K)
+    if qw is None:
+        weight = F32(0.25) * sigma2[:, None] + x * x
+    else:
+        weight = qw * np.sqrt(sigma2[:, None] + x * x)
     waux = np.sqrt(weight)
     neg = ~(x >= 0)
     xval = np.where(neg, -x, x)
-    w8 = ((weight * x) * x).reshape(b, -1, 8)
     neg8 = neg.reshape(b, -1, 8)
-    odd = neg8.sum(axis=-1) % 2 == 1
-    imin = np.argmin(w8, axis=-1)  # first minimum, as the strict '<' scan
-    flip = odd[..., None] & (np.arange(8) == imin[..., None])
-    xval = np.where(flip.reshape(b, QK_K), -xval, xval)
-    s = neg8 ^ flip
-    signs = (s.astype(np.int32) << np.arange(8)).sum(axis=-1) & 127
+    if name == "IQ2_S":
+        signs = (neg8.astype(np.int32) << np.arange(8)).sum(axis=-1)
+    else:
+        w8 = ((weight * x) * x).reshape(b, -1, 8)
+        odd = neg8.sum(axis=-1) % 2 == 1
+        imin = np.argmin(w8, axis=-1)  # first minimum, as the strict '<' scan
+        flip = odd[..., None] & (np.arange(8) == imin[..., None])
+        xval = np.where(flip.reshape(b, QK_K), -xval, xval)
+        signs = ((neg8 ^ flip).astype(np.int32) << np.arange(8)).sum(axis=-1) & 127
     n = b * QK_K // gs
     return (
         weight.reshape(n, gs),
@@ -250,31 +262,31 @@ def make_qp_quants(nmax: int, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.where(zero, F32(0), out)
 
 
-def _block_scales(scales: np.ndarray, nsub: int):
+def _block_scales(scales: np.ndarray, shrink: float = 1.0):
     """Sub-block scales ``[B, nsub]`` -> (f16 d bytes ``[B, 2]``, 4-bit codes ``[B, nsub]``,
-    all-zero blocks)."""
+    all-zero blocks). IQ2_S stores ``d * 0.9875`` but codes the scales against ``d``."""
     max_scale = np.maximum.accumulate(scales, axis=1)[:, -1]
     zero = ~(max_scale != 0)
     d = max_scale / F32(31)
     with np.errstate(divide="ignore"):
         id_ = np.where(zero, F32(0), F32(1) / np.where(zero, F32(1), d))
     codes = np.clip(_rint(F32(0.5) * (id_[:, None] * scales - F32(1))), 0, 15)
-    d16 = np.where(zero, F32(0), d).astype(np.float16)
+    d16 = np.where(zero, F32(0), d * F32(shrink) if shrink != 1.0 else d).astype(np.float16)
     return np.ascontiguousarray(d16).view(np.uint8).reshape(-1, 2), codes, zero
 
 
 # ----------------------------------------------------------------------------- IQ2_XXS, IQ2_XS
 
 
-def _iq2_x(name: str, x: np.ndarray, qw: np.ndarray):
-    """quantize_row_iq2_xxs_impl (gs=32) / quantize_row_iq2_xs_impl (gs=16) over blocks."""
+def _iq2_x(name: str, x: np.ndarray, qw: np.ndarray | None):
+    """quantize_row_iq2_{xxs (gs=32), xs, s (gs=16)}_impl over blocks ``[B, 256]``."""
     xxs = name == "IQ2_XXS"
     gs = 32 if xxs else 16
     kmaxq = 3
-    weight, waux, xval, signs = _weights_and_signs(x, qw, gs)
+    weight, waux, xval, signs = _weights_and_signs(x, qw, gs, name)
     n = xval.shape[0]
     mx = np.maximum.accumulate(xval, axis=1)[:, -1]
-    live = ~(mx < GROUP_MAX_EPS)
+    live = ~(mx < (F32(1e-8) if name == "IQ2_S" else GROUP_MAX_EPS))
     if xxs:
         scale = make_qp_quants(kmaxq + 1, xval, weight)
         eff_max = scale * F32(kmaxq)
@@ -319,7 +331,7 @@ def _iq2_x(name: str, x: np.ndarray, qw: np.ndarray):
             scale[redo] = np.where(sumq2 > 0, sumqx / sumq2, s)
     negs = scale < 0
     scale = np.where(negs, -scale, scale)
-    signs = np.where(negs[:, None], (~signs) & 127, signs)
+    signs = np.where(negs[:, None], (~signs) & (255 if name == "IQ2_S" else 127), signs)
     scale = np.where(live, scale, F32(0))
     gi = tables(name)[1][_pack_levels(L.reshape(-1, 8))].reshape(n, gs // 8)
     if (gi[live] < 0).any():
@@ -336,7 +348,7 @@ def quantize_iq2_xxs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
     b = x.shape[0]
     w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(b, QK_K)
     scale, gi, signs = _iq2_x("IQ2_XXS", x, w)
-    d, codes, zero = _block_scales(scale.reshape(b, 8), 8)
+    d, codes, zero = _block_scales(scale.reshape(b, 8))
     lo = gi.reshape(b, 8, 4).astype(np.uint32)
     words0 = lo[..., 0] | (lo[..., 1] << 8) | (lo[..., 2] << 16) | (lo[..., 3] << 24)
     sg = signs.reshape(b, 8, 4).astype(np.uint32)
@@ -355,9 +367,34 @@ def quantize_iq2_xs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
     b = x.shape[0]
     w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(b, QK_K)
     scale, gi, signs = _iq2_x("IQ2_XS", x, w)
-    d, codes, zero = _block_scales(scale.reshape(b, 16), 16)
+    d, codes, zero = _block_scales(scale.reshape(b, 16))
     q2 = (gi | (signs << 9)).reshape(b, 32).astype("<u2")
     q2 = np.where(zero[:, None], 0, q2).astype("<u2")
     sc = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
     sc = np.where(zero[:, None], 0, sc).astype(np.uint8)
     return np.concatenate([d, q2.view(np.uint8).reshape(b, 64), sc], axis=1).reshape(r, -1)
+
+
+def quantize_iq2_s(rows: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """ggml's quantize_iq2_s (imatrix optional): ``[R, n]`` -> ``[R, n/256*82]``."""
+    r, ncol = rows.shape
+    x = rows.reshape(-1, QK_K)
+    b = x.shape[0]
+    w = None
+    if qw is not None:
+        w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(b, QK_K)
+    scale, gi, signs = _iq2_x("IQ2_S", x, w)
+    d, codes, zero = _block_scales(scale.reshape(b, 16), 0.9875)
+    gi = gi.reshape(b, 32)
+    qs = (gi & 255).astype(np.uint8)
+    hi = (gi >> 8).reshape(b, 8, 4) << (2 * np.arange(4))
+    qh = hi.sum(axis=-1).astype(np.uint8)
+    sg = signs.reshape(b, 32).astype(np.uint8)
+    sc = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    sc = np.where(zero[:, None], 0, sc).astype(np.uint8)
+    return np.concatenate([d, qs, sg, qh, sc], axis=1).reshape(r, -1)
+
+
+def quantize_iq2_s_rows(blocks: np.ndarray) -> np.ndarray:
+    """Unweighted IQ2_S over blocks ``[B, 256]`` (the QUANTIZERS form: quantize_row_iq2_s_ref)."""
+    return quantize_iq2_s(blocks)

@@ -16,8 +16,8 @@ import numpy as np
 
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
+from jllama.quant import iq2
 from jllama.quant.formats import KVALUES_IQ4NL
-from jllama.quant.iq2 import quantize_iq2_xs, quantize_iq2_xxs
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -603,8 +603,12 @@ WEIGHTED_QUANTIZERS: dict[int, Callable[[np.ndarray, np.ndarray], np.ndarray]] =
 # The lattice i-quants (iq2.py). IQ2_XXS/IQ2_XS/IQ1_S have no unweighted form: ggml refuses them
 # without an imatrix (ggml_quantize_requires_imatrix).
 WEIGHTED_QUANTIZERS.update({
-    int(QType.IQ2_XXS): quantize_iq2_xxs,
-    int(QType.IQ2_XS): quantize_iq2_xs,
+    int(QType.IQ2_XXS): iq2.quantize_iq2_xxs,
+    int(QType.IQ2_XS): iq2.quantize_iq2_xs,
+    int(QType.IQ2_S): iq2.quantize_iq2_s,
+})  # fmt: skip
+QUANTIZERS.update({
+    int(QType.IQ2_S): iq2.quantize_iq2_s_rows,
 })  # fmt: skip
 
 
