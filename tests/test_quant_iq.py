@@ -14,7 +14,7 @@ from jllama.gguf.constants import QType, qtype_info
 from jllama.quant.formats import dequantize_np
 from jllama.quant.quantizers import quantize_np
 
-IQ_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]
+IQ_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 
 
 def _ggml_quantize(x: np.ndarray, qtype: int, imatrix: np.ndarray | None) -> np.ndarray:
@@ -85,7 +85,7 @@ def test_quantize_real_weights_equal_ggml(name: str, smollm2_path) -> None:
     _assert_equal_ggml(x, name, _imatrix(x.shape[1], seed=1))
 
 
-@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS"])
+@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS", "IQ1_S"])
 def test_types_that_need_an_imatrix_refuse_without(name: str) -> None:
     base, _ = ggml_libs()
     base.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
@@ -95,9 +95,9 @@ def test_types_that_need_an_imatrix_refuse_without(name: str) -> None:
         quantize_np(np.zeros((1, 256), np.float32), int(QType[name]))
 
 
-@pytest.mark.parametrize("name", ["IQ2_S"])
+@pytest.mark.parametrize("name", ["IQ2_S", "IQ1_M"])
 def test_quantize_without_imatrix_equals_ggml(name: str) -> None:
-    """IQ2_S also has ggml's unweighted path (weights sigma2/4 + x^2)."""
+    """IQ2_S and IQ1_M also have ggml's unweighted path (weights sigma2/4 + x^2, x^2)."""
     x = _rows()
     ours = quantize_np(x, int(QType[name]))
     np.testing.assert_array_equal(ours, _ggml_quantize(x, int(QType[name]), None))

@@ -98,14 +98,15 @@ def _neighbour_levels(name: str) -> tuple[np.ndarray, np.ndarray]:
     return n, np.ascontiguousarray(lev.transpose(0, 2, 1))
 
 
-def _best_neighbour(name, u, xval, waux, scale) -> np.ndarray:
-    """iq2_find_best_neighbour for groups of 8 whose packed point ``u`` is off the codebook:
-    the neighbour with the least ``sum w*(scale*q - x)^2`` (first one on ties)."""
+def _best_neighbour(name, u, xval, waux, scale, qv=None) -> np.ndarray:
+    """iq2_find_best_neighbour (iq1_find_best_neighbour2) for groups of 8 whose packed point
+    ``u`` is off the codebook: the neighbour with the least ``sum w*(scale*q - x)^2`` (first
+    one on ties), ``q`` the value of each level: 1, 3, 5 or, for IQ1, ``qv`` ``[M, 3]``."""
     _, _, nb_row, neighbours = tables(name)
     lens, lev = _neighbour_levels(name)
     rows = nb_row[u]
     # The error of each coordinate at each of the three levels, f32 as ggml rounds it.
-    q = np.array([1, 3, 5], F32)
+    q = np.array([1, 3, 5], F32) if qv is None else qv[:, None, :]
     diff = scale[:, None, None] * q - xval[:, :, None]  # [M, 8, 3]
     term = (waux[:, :, None] * diff) * diff
     out = np.empty(len(u), np.int32)
@@ -398,3 +399,269 @@ def quantize_iq2_s(rows: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray
 def quantize_iq2_s_rows(blocks: np.ndarray) -> np.ndarray:
     """Unweighted IQ2_S over blocks ``[B, 256]`` (the QUANTIZERS form: quantize_row_iq2_s_ref)."""
     return quantize_iq2_s(blocks)
+
+
+# ----------------------------------------------------------------------------- IQ1_S, IQ1_M
+
+_X_P = np.array([-1 + 0.125, 0.125, 1 + 0.125], F32)  # levels shifted by +IQ1S_DELTA
+_X_M = np.array([-1 - 0.125, -0.125, 1 - 0.125], F32)  # ... and by -IQ1S_DELTA
+
+
+def _sequential_best(sqx: np.ndarray, sq2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's scan ``if (sq2 > 0 && sqx*sqx > best*sq2) {scale = sqx/sq2; best = scale*sqx}``
+    over candidates ``[G, C]`` in order -> (winner or -1, its scale).
+
+    Only candidates whose score sqx^2/sq2 is within 1e-3 of the group's maximum can be the
+    last one taken, and the first of those is taken whatever came before (best is then far
+    below), so the scan runs over those alone: the same winner, without a 1000-step loop."""
+    g = sqx.shape[0]
+    with np.errstate(all="ignore"):
+        key = np.where(sq2 > 0, (sqx * sqx) / sq2, -np.inf)
+    top = key.max(axis=1, keepdims=True)
+    near = (sq2 > 0) & (key >= top - np.abs(top) * F32(1e-3))
+    cnt = near.sum(axis=1)
+    k = int(cnt.max()) if g else 0
+    order = np.argsort(~near, axis=1, kind="stable")[:, :k]
+    best = np.full(g, -np.finfo(F32).max, F32)
+    scale = np.zeros(g, F32)
+    win = np.full(g, -1, np.int64)
+    rows = np.arange(g)
+    for j in range(k):
+        c = order[:, j]
+        qx, q2 = sqx[rows, c], sq2[rows, c]
+        with np.errstate(all="ignore"):
+            take = (j < cnt) & (q2 > 0) & (qx * qx > best * q2)
+            sc = qx / q2
+            scale = np.where(take, sc, scale)
+            best = np.where(take, sc * qx, best)
+        win = np.where(take, c, win)
+    return win, scale
+
+
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    i1, i2 = np.triu_indices(n + 1)  # row-major: for i1, for i2 >= i1, as ggml's loops
+    return i1, i2
+
+
+def _split_levels(order: np.ndarray, i1: np.ndarray, i2: np.ndarray) -> np.ndarray:
+    """Levels 0/1/2 of each value from its rank in ascending order and the two split points."""
+    g, n = order.shape
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(n)[None, :], axis=1)
+    return (rank >= i1[:, None]).astype(np.int32) + (rank >= i2[:, None])
+
+
+def _snap_iq1(lv, x, w, scale, xx):
+    """Levels ``[G, n]`` -> codebook indices ``[G, n/8]`` and any-off-codebook per group,
+    searching neighbours with level values ``xx`` ``[G, n//8, 3]`` (x_p or x_m)."""
+    g, n = lv.shape
+    _, kmap, _, _ = tables("IQ1_S")
+    u = _pack_levels(lv.reshape(-1, 8))
+    gi = kmap[u]
+    off = gi < 0
+    if off.any():
+        sc = np.repeat(scale, n // 8)[off]
+        gi = gi.copy()
+        gi[off] = _best_neighbour(
+            "IQ1_S", u[off], x.reshape(-1, 8)[off], w.reshape(-1, 8)[off], sc,
+            xx.reshape(-1, 3)[off],
+        )  # fmt: skip
+    return gi.reshape(g, n // 8), off.reshape(g, n // 8).any(axis=1)
+
+
+def _refit(gi, x, w, xx, scale, redo):
+    """After a neighbour search: ``scale = sum(w q x) / sum(w q q)`` when both are positive."""
+    if not redo.any():
+        return scale
+    g, n = x.shape
+    points = tables("IQ1_S")[0]
+    lv = ((points[gi[redo]] - 1) / 2).astype(np.int32).reshape(-1, n // 8, 8)
+    q = np.take_along_axis(xx[redo], lv, axis=2).reshape(-1, n)
+    wr = w[redo]
+    sqx = _seqsum((wr * q) * x[redo])
+    sq2 = _seqsum((wr * q) * q)
+    ok = (sqx > 0) & (sq2 > 0)
+    with np.errstate(all="ignore"):
+        scale = scale.copy()
+        scale[redo] = np.where(ok, sqx / sq2, scale[redo])
+    return scale
+
+
+def _iq1_weights(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    sigma2 = (F32(2) * _seqsum(x * x)) / F32(QK_K)
+    if qw is None:  # IQ1_M only (IQ1_S requires an imatrix)
+        return x * x
+    return qw * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _iq1_s_blocks(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """quantize_row_iq1_s_impl over blocks ``[B, 256]``."""
+    b, bs = x.shape[0], 32
+    w = _iq1_weights(x, qw).reshape(-1, bs)
+    xg = x.reshape(-1, bs)
+    g = xg.shape[0]
+    live = ~(np.maximum.accumulate(np.abs(xg), axis=1)[:, -1] < F32(1e-12))
+    order = np.argsort(xg, axis=1, kind="stable")  # glibc's qsort here is a stable merge sort
+    ws = np.take_along_axis(w, order, axis=1)
+    xs = np.take_along_axis(xg, order, axis=1)
+    z = np.zeros((g, 1), F32)
+    sumx = np.concatenate([z, np.cumsum(ws * xs, axis=1, dtype=F32)], axis=1)
+    sumw = np.concatenate([z, np.cumsum(ws, axis=1, dtype=F32)], axis=1)
+    i1, i2 = _pairs(bs)
+    a, bb, c = sumx[:, i1], sumx[:, i2] - sumx[:, i1], sumx[:, bs : bs + 1] - sumx[:, i2]
+    wa, wb, wc = sumw[:, i1], sumw[:, i2] - sumw[:, i1], sumw[:, bs : bs + 1] - sumw[:, i2]
+    cands = []
+    for v in (_X_P, _X_M):
+        sqx = (a * v[0] + bb * v[1]) + c * v[2]
+        sq2 = ((wa * v[0]) * v[0] + (wb * v[1]) * v[1]) + (wc * v[2]) * v[2]
+        cands.append((sqx, sq2))
+    sqx = np.stack([cands[0][0], cands[1][0]], axis=2).reshape(g, -1)  # pair-major, + then -
+    sq2 = np.stack([cands[0][1], cands[1][1]], axis=2).reshape(g, -1)
+    win, scale = _sequential_best(sqx, sq2)
+    live &= win >= 0
+    p = np.maximum(win, 0) // 2
+    shift = np.where(win % 2 == 0, 1, -1)
+    lv = _split_levels(order, i1[p], i2[p])
+    neg = scale < 0
+    lv = np.where(neg[:, None], 2 - lv, lv)
+    scale = np.where(neg, -scale, scale)
+    shift = np.where(neg, -shift, shift)
+    xx = np.where((shift == 1)[:, None, None], _X_P, _X_M)
+    xx = np.broadcast_to(xx, (g, bs // 8, 3))
+    gi, redo = _snap_iq1(lv, xg, w, scale, xx)
+    scale = _refit(gi, xg, w, xx, scale, redo & live)
+    scale = np.where(live, scale, F32(0))
+    shift = np.where(live, shift, 1)
+    gi = np.where(live[:, None], gi, 0)
+    # block scale: d = max/15, stored as d * 1.125; 3-bit sub-scales + the shift sign bit
+    scale, shift, gi = scale.reshape(b, 8), shift.reshape(b, 8), gi.reshape(b, 8, 4)
+    max_scale = np.maximum.accumulate(scale, axis=1)[:, -1]
+    zero = ~(max_scale != 0)
+    d = max_scale / F32(15)
+    with np.errstate(divide="ignore"):
+        id_ = np.where(zero, F32(0), F32(1) / np.where(zero, F32(1), d))
+    lsc = np.clip(_rint(F32(0.5) * (id_[:, None] * scale - F32(1))), 0, 7)
+    lsc = np.where(shift == -1, lsc | 8, lsc)
+    qh = ((gi >> 8) << (3 * np.arange(4))).sum(axis=-1)
+    qh = np.where(zero[:, None], qh, qh | (lsc << 12)).astype("<u2")
+    d16 = np.where(zero, F32(0), d * F32(1.125)).astype(np.float16)
+    return np.concatenate(
+        [
+            np.ascontiguousarray(d16).view(np.uint8).reshape(b, 2),
+            (gi & 255).astype(np.uint8).reshape(b, 32),
+            qh.view(np.uint8).reshape(b, 16),
+        ],
+        axis=1,
+    )
+
+
+def _iq1_m_blocks(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """quantize_row_iq1_m_impl over blocks ``[B, 256]``."""
+    b, bs = x.shape[0], 16
+    w = _iq1_weights(x, qw).reshape(-1, bs)
+    xg = x.reshape(-1, bs)
+    g = xg.shape[0]
+    live = ~(np.maximum.accumulate(np.abs(xg), axis=1)[:, -1] < F32(1e-7))
+    order = np.argsort(xg, axis=1, kind="stable")
+    ws = np.take_along_axis(w, order, axis=1)
+    xs = np.take_along_axis(xg, order, axis=1)
+    half = order >= bs // 2
+    z = np.zeros((g, 1), F32)
+    px, pw = [], []
+    for h in (False, True):  # prefix sums per half: each half of 8 has its own shift sign
+        m = half == h
+        px.append(np.concatenate([z, np.cumsum(np.where(m, ws * xs, 0), 1, dtype=F32)], 1))
+        pw.append(np.concatenate([z, np.cumsum(np.where(m, ws, 0), 1, dtype=F32)], 1))
+    i1, i2 = _pairs(bs)
+    p2, m2 = _X_P[2], _X_M[2]
+    cp1, cp2 = _X_P[0] * _X_P[0] - _X_P[1] * _X_P[1], _X_P[1] * _X_P[1] - _X_P[2] * _X_P[2]
+    cm1, cm2 = _X_M[0] * _X_M[0] - _X_M[1] * _X_M[1], _X_M[1] * _X_M[1] - _X_M[2] * _X_M[2]
+    qxp, qxm, q2p, q2m = [], [], [], []
+    for h in range(2):
+        txs, tws = px[h][:, bs : bs + 1], pw[h][:, bs : bs + 1]
+        sx = px[h][:, i1] + px[h][:, i2]
+        qxp.append(txs * p2 - sx)
+        qxm.append(txs * m2 - sx)
+        q2p.append(((tws * p2) * p2 + pw[h][:, i1] * cp1) + pw[h][:, i2] * cp2)
+        q2m.append(((tws * m2) * m2 + pw[h][:, i1] * cm1) + pw[h][:, i2] * cm2)
+    sqx = np.stack([qxp[0] + qxp[1], qxp[0] + qxm[1], qxm[0] + qxp[1], qxm[0] + qxm[1]], 2)
+    sq2 = np.stack([q2p[0] + q2p[1], q2p[0] + q2m[1], q2m[0] + q2p[1], q2m[0] + q2m[1]], 2)
+    win, scale = _sequential_best(sqx.reshape(g, -1), sq2.reshape(g, -1))
+    live &= win >= 0
+    p = np.maximum(win, 0) // 4
+    kk = np.maximum(win, 0) % 4
+    lv = _split_levels(order, i1[p], i2[p])
+    neg = scale < 0
+    lv = np.where(neg[:, None], 2 - lv, lv)
+    scale = np.where(neg, -scale, scale)
+    kk = np.where(neg, 3 - kk, kk)
+    kk = np.where(live, kk, 0)
+    first_p, second_p = kk < 2, kk % 2 == 0
+    xx = np.stack(
+        [np.where(first_p[:, None], _X_P, _X_M), np.where(second_p[:, None], _X_P, _X_M)], 1
+    )  # [G, 2, 3]
+    gi, redo = _snap_iq1(lv, xg, w, scale, xx)
+    scale = _refit(gi, xg, w, xx, scale, redo & live)
+    scale = np.where(live, scale, F32(0))
+    gi = np.where(live[:, None], gi, 0)
+    # block: 3-bit sub-scales against max/15, then d refit over the whole block
+    scale, kk, gi = scale.reshape(b, 16), kk.reshape(b, 16), gi.reshape(b, 16, 2)
+    max_scale = np.maximum.accumulate(scale, axis=1)[:, -1]
+    zero = ~(max_scale != 0)
+    d = max_scale / F32(15)
+    with np.errstate(divide="ignore"):
+        id_ = np.where(zero, F32(0), F32(1) / np.where(zero, F32(1), d))
+    lsc = np.clip(_rint(F32(0.5) * (id_[:, None] * scale - F32(1))), 0, 7)
+    points = tables("IQ1_S")[0]
+    lvl = ((points[gi] - 1) / 2).astype(np.int32)  # [b, 16, 2, 8]
+    q = np.take_along_axis(xx.reshape(b, 16, 2, 3), lvl, axis=3)
+    q = q * (2 * lsc + 1).astype(F32)[:, :, None, None]
+    wb, xb = w.reshape(b, 16, 2, 8), x.reshape(b, 16, 2, 8)
+    sqx = _seqsum(((wb * q) * xb).reshape(b, QK_K))
+    sq2 = _seqsum(((wb * q) * q).reshape(b, QK_K))
+    with np.errstate(all="ignore"):
+        d = np.where(sq2 > 0, sqx / sq2, d).astype(F32)
+    dbits = np.ascontiguousarray((d * F32(1.1125)).astype(np.float16)).view(np.uint16)
+    dbits = dbits.astype(np.int32)
+    sc = (lsc.reshape(b, 4, 4) << (3 * np.arange(4))).sum(axis=-1)
+    sc = sc | (((dbits[:, None] >> (4 * np.arange(4))) & 0xF) << 12)
+    sc = np.where(zero[:, None], 0, sc).astype("<u2")
+    masks = np.array([0x00, 0x80, 0x08, 0x88], np.int32)
+    qh = (gi[..., 0] >> 8) | ((gi[..., 1] >> 8) << 4)
+    qh = np.where(zero[:, None], qh, qh | masks[kk])
+    return np.concatenate(
+        [
+            (gi & 255).astype(np.uint8).reshape(b, 32),
+            qh.astype(np.uint8),
+            sc.view(np.uint8).reshape(b, 8),
+        ],
+        axis=1,
+    )
+
+
+def _per_row(blocks_fn, rows: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    r, ncol = rows.shape
+    x = rows.reshape(-1, QK_K)
+    w = None
+    if qw is not None:
+        w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(-1, QK_K)
+    out = [
+        blocks_fn(x[s : s + 2048], None if w is None else w[s : s + 2048])
+        for s in range(0, x.shape[0], 2048)
+    ]
+    return np.concatenate(out).reshape(r, -1)
+
+
+def quantize_iq1_s(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """ggml's quantize_iq1_s (imatrix required): ``[R, n]`` -> ``[R, n/256*50]``."""
+    return _per_row(_iq1_s_blocks, rows, qw)
+
+
+def quantize_iq1_m(rows: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """ggml's quantize_iq1_m (imatrix optional): ``[R, n]`` -> ``[R, n/256*56]``."""
+    return _per_row(_iq1_m_blocks, rows, qw)
+
+
+def quantize_iq1_m_rows(blocks: np.ndarray) -> np.ndarray:
+    """Unweighted IQ1_M over blocks ``[B, 256]`` (the QUANTIZERS form)."""
+    return _iq1_m_blocks(blocks, None)

@@ -606,9 +606,12 @@ WEIGHTED_QUANTIZERS.update({
     int(QType.IQ2_XXS): iq2.quantize_iq2_xxs,
     int(QType.IQ2_XS): iq2.quantize_iq2_xs,
     int(QType.IQ2_S): iq2.quantize_iq2_s,
+    int(QType.IQ1_S): iq2.quantize_iq1_s,
+    int(QType.IQ1_M): iq2.quantize_iq1_m,
 })  # fmt: skip
 QUANTIZERS.update({
     int(QType.IQ2_S): iq2.quantize_iq2_s_rows,
+    int(QType.IQ1_M): iq2.quantize_iq1_m_rows,
 })  # fmt: skip
 
 
