@@ -91,9 +91,11 @@ def _pack_levels(lv: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _neighbour_levels(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per neighbour-list row: its length, and the levels ``[rows, 8, K]`` of each entry."""
+    """Per neighbour-list row: its length, and ``3*i + level`` of coordinate i of each entry
+    ``[rows, 8, K]`` (an offset into a group's ``[8, 3]`` table of per-level errors)."""
     points, _, _, neighbours = tables(name)
-    lev = ((points[np.maximum(neighbours, 0)] - 1) / 2).astype(np.int8)
+    lev = ((points[np.maximum(neighbours, 0)] - 1) / 2).astype(np.int32)
+    lev = lev + 3 * np.arange(8, dtype=np.int32)
     n = (neighbours >= 0).sum(axis=1)
     return n, np.ascontiguousarray(lev.transpose(0, 2, 1))
 
@@ -120,11 +122,11 @@ def _best_neighbour(name, u, xval, waux, scale, qv=None) -> np.ndarray:
         r = rows[sel]
         k = min(hi, neighbours.shape[1])
         lv = lev[r, :, :k]  # [S, 8, k]
-        t = term[sel]  # [S, 8, 3]
-        d2 = np.zeros((len(sel), k), F32)
-        for i in range(8):
-            li = lv[:, i]
-            d2 = d2 + np.where(li == 0, t[:, i, 0:1], np.where(li == 1, t[:, i, 1:2], t[:, i, 2:3]))
+        t = term[sel].reshape(-1)  # [S * 24]
+        base = (np.arange(len(sel), dtype=np.int32) * 24)[:, None]
+        d2 = t.take(base + lv[:, 0])
+        for i in range(1, 8):  # in order, f32, as ggml's loop (0 + a == a exactly)
+            d2 += t.take(base + lv[:, i])
         cand = neighbours[r, :k]
         d2[cand < 0] = np.inf
         out[sel] = np.take_along_axis(cand, np.argmin(d2, axis=1)[:, None], axis=1)[:, 0]
@@ -342,12 +344,8 @@ def _iq2_x(name: str, x: np.ndarray, qw: np.ndarray | None):
     return scale, gi, signs
 
 
-def quantize_iq2_xxs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    """ggml's quantize_iq2_xxs: rows ``[R, n]`` and column weights ``[n]`` -> ``[R, n/256*66]``."""
-    r, ncol = rows.shape
-    x = rows.reshape(-1, QK_K)
+def _iq2_xxs_blocks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     b = x.shape[0]
-    w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(b, QK_K)
     scale, gi, signs = _iq2_x("IQ2_XXS", x, w)
     d, codes, zero = _block_scales(scale.reshape(b, 8))
     lo = gi.reshape(b, 8, 4).astype(np.uint32)
@@ -358,32 +356,22 @@ def quantize_iq2_xxs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
     words1 = np.where(zero[:, None], 0, words1)
     words0 = np.where(zero[:, None], 0, words0)
     qs = np.stack([words0, words1], axis=-1).astype("<u4").view(np.uint8).reshape(b, 64)
-    return np.concatenate([d, qs], axis=1).reshape(r, -1)
+    return np.concatenate([d, qs], axis=1)
 
 
-def quantize_iq2_xs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    """ggml's quantize_iq2_xs: rows ``[R, n]`` and column weights ``[n]`` -> ``[R, n/256*74]``."""
-    r, ncol = rows.shape
-    x = rows.reshape(-1, QK_K)
+def _iq2_xs_blocks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     b = x.shape[0]
-    w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(b, QK_K)
     scale, gi, signs = _iq2_x("IQ2_XS", x, w)
     d, codes, zero = _block_scales(scale.reshape(b, 16))
     q2 = (gi | (signs << 9)).reshape(b, 32).astype("<u2")
     q2 = np.where(zero[:, None], 0, q2).astype("<u2")
     sc = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
     sc = np.where(zero[:, None], 0, sc).astype(np.uint8)
-    return np.concatenate([d, q2.view(np.uint8).reshape(b, 64), sc], axis=1).reshape(r, -1)
+    return np.concatenate([d, q2.view(np.uint8).reshape(b, 64), sc], axis=1)
 
 
-def quantize_iq2_s(rows: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
-    """ggml's quantize_iq2_s (imatrix optional): ``[R, n]`` -> ``[R, n/256*82]``."""
-    r, ncol = rows.shape
-    x = rows.reshape(-1, QK_K)
+def _iq2_s_blocks(x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
     b = x.shape[0]
-    w = None
-    if qw is not None:
-        w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(b, QK_K)
     scale, gi, signs = _iq2_x("IQ2_S", x, w)
     d, codes, zero = _block_scales(scale.reshape(b, 16), 0.9875)
     gi = gi.reshape(b, 32)
@@ -393,12 +381,7 @@ def quantize_iq2_s(rows: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray
     sg = signs.reshape(b, 32).astype(np.uint8)
     sc = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
     sc = np.where(zero[:, None], 0, sc).astype(np.uint8)
-    return np.concatenate([d, qs, sg, qh, sc], axis=1).reshape(r, -1)
-
-
-def quantize_iq2_s_rows(blocks: np.ndarray) -> np.ndarray:
-    """Unweighted IQ2_S over blocks ``[B, 256]`` (the QUANTIZERS form: quantize_row_iq2_s_ref)."""
-    return quantize_iq2_s(blocks)
+    return np.concatenate([d, qs, sg, qh, sc], axis=1)
 
 
 # ----------------------------------------------------------------------------- IQ1_S, IQ1_M
@@ -640,16 +623,38 @@ def _iq1_m_blocks(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 
 
 def _per_row(blocks_fn, rows: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """Rows ``[R, n]`` and column weights ``[n]`` -> blocks of 256 with their weights, run in
+    chunks that keep the search's temporaries small (a few MiB)."""
     r, ncol = rows.shape
     x = rows.reshape(-1, QK_K)
     w = None
     if qw is not None:
         w = np.broadcast_to(qw.reshape(1, -1, QK_K), (r, ncol // QK_K, QK_K)).reshape(-1, QK_K)
     out = [
-        blocks_fn(x[s : s + 2048], None if w is None else w[s : s + 2048])
-        for s in range(0, x.shape[0], 2048)
+        blocks_fn(x[s : s + 256], None if w is None else w[s : s + 256])
+        for s in range(0, x.shape[0], 256)
     ]
     return np.concatenate(out).reshape(r, -1)
+
+
+def quantize_iq2_xxs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """ggml's quantize_iq2_xxs (imatrix required): ``[R, n]`` -> ``[R, n/256*66]``."""
+    return _per_row(_iq2_xxs_blocks, rows, qw)
+
+
+def quantize_iq2_xs(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """ggml's quantize_iq2_xs (imatrix required): ``[R, n]`` -> ``[R, n/256*74]``."""
+    return _per_row(_iq2_xs_blocks, rows, qw)
+
+
+def quantize_iq2_s(rows: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """ggml's quantize_iq2_s (imatrix optional): ``[R, n]`` -> ``[R, n/256*82]``."""
+    return _per_row(_iq2_s_blocks, rows, qw)
+
+
+def quantize_iq2_s_rows(blocks: np.ndarray) -> np.ndarray:
+    """Unweighted IQ2_S over blocks ``[B, 256]`` (the QUANTIZERS form: quantize_row_iq2_s_ref)."""
+    return _iq2_s_blocks(blocks, None)
 
 
 def quantize_iq1_s(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
