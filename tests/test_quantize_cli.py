@@ -116,3 +116,17 @@ def test_size_summary_equals_llama_quantize_log(tiny, tmp_path, capfd) -> None:
         ref = re.search(what + r"\s*=\s*([\d.]+) MiB \(([\d.]+) BPW\)", log)
         got = re.search(what + r":\s*([\d.]+) MiB \(([\d.]+) BPW\)", ours)
         assert ref and got and ref.groups() == got.groups(), (what, log[-500:], ours)
+
+
+@pytest.mark.parametrize("ftype", ["iq2_xxs", "iq1_s", "iq2_m", "iq3_xxs"])
+def test_low_bit_types_without_imatrix_are_refused_like_llama_quantize(
+    tiny, tmp_path, capsys, ftype
+) -> None:
+    out = tmp_path / "x.gguf"
+    assert main(["quantize", str(tiny), str(out), ftype, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "requires an importance matrix" in err
+    assert "blk.0.attn_k.weight" in err  # the first offending tensor, as llama.cpp names it
+    assert not out.exists()
+    with pytest.raises(RuntimeError):  # llama.cpp refuses the same request
+        llama_cpp_quantize(tiny, tmp_path / "ref.gguf", ftype)

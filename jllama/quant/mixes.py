@@ -42,6 +42,19 @@ FTYPES: dict[str, tuple[int, QType]] = {
     "Q6_K": (18, T.Q6_K),
     "IQ4_NL": (25, T.IQ4_NL),
     "IQ4_XS": (30, T.IQ4_XS),
+    "IQ2_XXS": (19, T.IQ2_XXS),
+    "IQ2_XS": (20, T.IQ2_XS),
+    "IQ3_XS": (22, T.IQ3_S),
+    "IQ3_XXS": (23, T.IQ3_XXS),
+    "IQ1_S": (24, T.IQ1_S),
+    "IQ3_S": (26, T.IQ3_S),
+    "IQ3_M": (27, T.IQ3_S),
+    "IQ2_S": (28, T.IQ2_XS),  # sic: llama.cpp's IQ2_S file type defaults to IQ2_XS tensors
+    "IQ2_M": (29, T.IQ2_S),
+    "IQ1_M": (31, T.IQ1_M),
+    "TQ1_0": (36, T.TQ1_0),
+    "TQ2_0": (37, T.TQ2_0),
+    "MXFP4_MOE": (38, T.MXFP4),
 }
 FTYPE_BY_ID = {v[0]: k for k, v in FTYPES.items()}
 
@@ -49,12 +62,14 @@ FTYPE_BY_ID = {v[0]: k for k, v in FTYPES.items()}
 WRITABLE_TYPES = (
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
     T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
+    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M, T.IQ3_XXS, T.IQ3_S,
+    T.TQ1_0, T.TQ2_0, T.MXFP4,
 )  # fmt: skip
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
 # A bare K-type as a mix base means "every quantizable tensor in this type" (llama-quantize's
 # FTYPE --pure); this is the file type recorded for it.
-_PURE_BASE_FTYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M"}
+_PURE_BASE_FTYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.MXFP4: "MXFP4_MOE"}
 
 
 class QuantWarning(UserWarning):
@@ -92,6 +107,8 @@ class MixSpec:
     output_tensor_type: QType | None = None
     # (regex, type), first match wins; matched with re.search like std::regex_search.
     overrides: list[tuple[str, QType]] = field(default_factory=list)
+    # An importance matrix is given: llama.cpp's rules differ with one (qs.has_imatrix).
+    has_imatrix: bool = False
 
     @property
     def ftype_id(self) -> int:
@@ -306,24 +323,76 @@ def _layer(st_counter: int, name: str, m: ModelInfo) -> int:
     return st_counter
 
 
-def _mix_rule(  # noqa: C901, PLR0912
-    st: _State, m: ModelInfo, spec: MixSpec, t: QType, name: str, ncols: int, cat: str
+_IQ_LOW = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")  # the 1-2 bit file types
+
+
+def _mix_rule(  # noqa: C901, PLR0912, PLR0915
+    st: _State, m: ModelInfo, spec: MixSpec, t: QType, name: str, shape: tuple[int, ...], cat: str
 ) -> QType:
-    """llama_tensor_get_type_impl for the file types in FTYPES (no imatrix)."""
+    """llama_tensor_get_type_impl, branch for branch (src/llama-quant.cpp at 0c1e570)."""
     ft = spec.ftype
+    ncols = shape[-1] if shape else 1
     falcon = m.arch == "falcon"
+    imat = spec.has_imatrix
+    gqa4 = m.n_gqa >= 4
+    attn_v = cat in ("attn_v", "attn_qkv", "attn_kv_b")
     if cat == "output" or (st.has_tied_embeddings and cat == "token_embd"):
         if spec.output_tensor_type is not None:
             return spec.output_tensor_type
+        if ft == "MXFP4_MOE":
+            return T.Q8_0
         if falcon or ncols % qtype_info(t).block_size:
             return T.Q8_0
+        if ft in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
+            return T.Q5_K
         return T.Q6_K if t != T.Q8_0 else t
+    if ft == "MXFP4_MOE":
+        # expert tensors (3-D) in MXFP4, everything else Q8_0
+        expert = len(shape) >= 3 and shape[-3] > 1  # ggml ne[2]
+        if m.arch == "bailingmoe3" and cat not in ("ffn_up", "ffn_gate", "ffn_down"):
+            expert = False
+        return T.MXFP4 if expert else T.Q8_0
     if cat == "token_embd":
-        return spec.token_embedding_type or t
-    if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
-        gqa4 = m.n_gqa >= 4
+        if spec.token_embedding_type is not None:
+            return spec.token_embedding_type
+        if ft in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return T.Q2_K
+        if ft in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+            return T.IQ3_S
+        if ft in ("TQ1_0", "TQ2_0"):
+            return T.Q4_K
+        return t
+    if ft in _IQ_LOW:
+        s_m = ft in ("IQ2_S", "IQ2_M")
+        if attn_v:
+            if gqa4 or m.n_expert >= 4:
+                t = T.Q4_K
+            else:
+                t = T.IQ3_S if s_m else T.Q2_K
+            st.i_attention_wv += 1
+        elif m.n_expert == 8 and cat == "attn_k":
+            t = T.Q4_K
+        elif cat == "ffn_down":
+            if st.i_ffn_down < st.n_ffn // 8:  # the counter, not the layer, in this branch
+                t = T.IQ3_S if s_m else T.Q2_K
+            st.i_ffn_down += 1
+        elif cat == "attn_output":
+            if m.n_expert == 8:
+                t = T.Q5_K
+            elif ft in ("IQ1_S", "IQ1_M"):
+                t = T.IQ2_XXS
+            elif s_m:
+                t = T.IQ3_S
+        return t
+    if attn_v:
         if ft == "Q2_K":
             t = T.Q4_K if gqa4 else T.Q3_K
+        elif ft == "IQ3_XXS":
+            t = T.Q4_K if gqa4 else (T.IQ3_XXS if imat else T.IQ3_S)
+        elif ft in ("IQ3_XS", "IQ3_S") and gqa4:
+            t = T.Q4_K
+        elif ft == "IQ3_M":
+            t = T.Q4_K
         elif ft == "Q3_K_M":
             t = T.Q5_K if st.i_attention_wv < 2 else T.Q4_K
         elif ft == "Q3_K_L":
@@ -342,10 +411,21 @@ def _mix_rule(  # noqa: C901, PLR0912
     elif cat == "attn_k":
         if m.n_expert == 8:
             t = T.Q8_0
+        elif ft == "IQ3_XS":
+            t = T.IQ3_XXS
+        elif ft == "IQ3_XXS":
+            t = T.IQ2_S
+    elif cat == "attn_q":
+        if ft == "IQ3_XS":
+            t = T.IQ3_XXS
+        elif ft == "IQ3_XXS":
+            t = T.IQ2_S
     elif cat == "ffn_down":
         i, n = _layer(st.i_ffn_down, name, m), st.n_ffn
         if ft == "Q2_K":
             t = T.Q3_K
+        elif ft == "IQ3_XXS" and not imat:
+            t = T.Q4_K if i < n // 8 else T.Q3_K
         elif ft == "Q3_K_M":
             if i < n // 16:
                 t = T.Q5_K
@@ -353,6 +433,8 @@ def _mix_rule(  # noqa: C901, PLR0912
                 t = T.Q4_K
             else:
                 t = T.Q3_K
+        elif ft == "IQ3_M" and (i < n // 8 or (m.n_expert == 8 and _use_more_bits(i, n))):
+            t = T.Q4_K
         elif ft == "Q3_K_L":
             t = T.Q4_K if falcon else T.Q5_K
         elif ft == "Q4_K_M":
@@ -360,43 +442,83 @@ def _mix_rule(  # noqa: C901, PLR0912
                 t = T.Q6_K if i < n // 16 else T.Q5_K if _use_more_bits(i, n) else T.Q4_K
             elif _use_more_bits(i, n):
                 t = T.Q6_K
-        elif i < n // 8 and ft in ("IQ4_NL", "IQ4_XS"):
+        elif i < n // 8 and ft in ("IQ4_NL", "IQ4_XS") and not imat:
             t = T.Q5_K
         elif ft == "Q5_K_M" and _use_more_bits(i, n):
             t = T.Q6_K
         elif ft == "Q4_K_S" and not falcon and i < n // 8:
             t = T.Q5_K
+        elif ft in ("Q4_0", "Q5_0") and imat and i < n // 8:
+            t = T.Q4_1 if ft == "Q4_0" else T.Q5_1
         st.i_ffn_down += 1
     elif cat == "attn_output":
         if not falcon:
             if m.n_expert == 8:
-                if ft in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"):
+                if ft in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S",
+                          "Q4_K_M", "IQ3_S", "IQ3_M", "IQ4_XS"):  # fmt: skip
                     t = T.Q5_K
             else:
-                t = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(ft, t)
+                t = {
+                    "Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K,
+                    "IQ3_M": T.Q4_K,
+                }.get(ft, t)  # fmt: skip
         elif ft == "Q3_K_L":
             t = T.Q4_K
     elif cat == "ffn_gate":
+        i, n = _layer(st.i_ffn_gate, name, m), st.n_ffn
+        if ft == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+            t = T.IQ3_XXS
         st.i_ffn_gate += 1
     elif cat == "ffn_up":
+        i, n = _layer(st.i_ffn_up, name, m), st.n_ffn
+        if ft == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+            t = T.IQ3_XXS
         st.i_ffn_up += 1
     return t
 
 
 _FALLBACK = {
     T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-    T.IQ4_XS: T.IQ4_NL,
+    T.IQ4_XS: T.IQ4_NL, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL,
+    T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL,
+    T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
 }  # fmt: skip
 
 
 def _fallback(st: _State, name: str, ncols: int, t: QType) -> QType:
-    if ncols % qtype_info(t).block_size == 0:
+    """tensor_type_fallback: a type whose blocks fit the row, else F16."""
+    bs = qtype_info(t).block_size
+    if ncols % bs == 0:
         return t
     st.fallbacks.append(name)
-    if t not in _FALLBACK:
+    if t in _FALLBACK:
+        f = _FALLBACK[t]
+    elif bs <= 32:  # already a 32-block type: no smaller block to demote to
+        f = t
+    else:
         raise QuantError(f"{name}: no fallback type for {t.name} with rows of {ncols}")
-    f = _FALLBACK[t]
     return f if ncols % qtype_info(f).block_size == 0 else T.F16
+
+
+def requires_imatrix(name: str, t: QType, ftype: str) -> bool:
+    """tensor_requires_imatrix: the 1-3 bit lattice types make garbage without one."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    if t in (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S):
+        return True
+    return t == T.Q2_K and ftype == "Q2_K_S"
+
+
+def check_imatrix(plan: Plan, spec: MixSpec) -> None:
+    """llama-quantize's refusal: a tensor whose type needs an importance matrix, and none."""
+    if spec.has_imatrix:
+        return
+    for n, t in plan.types.items():
+        if plan.quantized.get(n) and requires_imatrix(n, t, spec.ftype):
+            raise QuantError(
+                f"this quantization requires an importance matrix! (offending tensor: {n}, "
+                f"target type: {t.name.lower()}); give one with --imatrix"
+            )
 
 
 @dataclass
@@ -407,6 +529,8 @@ class Plan:
     ftype: str
     fallbacks: list[str]
     unmatched_overrides: list[str]
+    # name -> whether llama.cpp quantizes it at all (tensor_allows_quantization)
+    quantized: dict[str, bool] = field(default_factory=dict)
 
 
 def plan_from_tensors(
@@ -424,11 +548,13 @@ def plan_from_tensors(
     default = spec.default_type
     matched: set[str] = set()
     out: dict[str, QType] = {}
+    allowed: dict[str, bool] = {}
     for n in names:
         shape, cur = tensors[n]
         ncols = shape[-1] if shape else 1
         c = _category(n)
-        if not allows_quantization(n, shape):
+        allowed[n] = allows_quantization(n, shape)
+        if not allowed[n]:
             out[n] = QType(cur)
             continue
         if spec.token_embedding_type is not None and c == "token_embd":
@@ -446,13 +572,13 @@ def plan_from_tensors(
                     matched.add(pattern)
                     break
             if not manual and not spec.pure:
-                t = _mix_rule(st, m, spec, t, n, ncols, c)
+                t = _mix_rule(st, m, spec, t, n, tuple(shape), c)
             t = _fallback(st, n, ncols, t)
         out[n] = t
     unmatched = [p for p, _ in spec.overrides if p not in matched]
     for p in unmatched:
         warnings.warn(f"--tensor-type '{p}' matches no quantized tensor", QuantWarning, 2)
-    return Plan(out, spec.ftype, st.fallbacks, unmatched)
+    return Plan(out, spec.ftype, st.fallbacks, unmatched, allowed)
 
 
 def _check_fits(name: str, ncols: int, t: QType) -> QType:

@@ -24,6 +24,7 @@ from jllama.quant.formats import dequantize_np
 from jllama.quant.mixes import (
     MixSpec,
     Plan,
+    check_imatrix,
     mix_from_base,
     mix_from_dict,
     plan_from_tensors,
@@ -145,6 +146,7 @@ def quantize_file(
     plan: Plan = plan_from_tensors(
         {n: (t.shape, t.qtype) for n, t in src.tensors.items()}, src.metadata, spec
     )
+    check_imatrix(plan, spec)  # llama-quantize refuses before it reads any data
     for name, new in plan.types.items():
         t = src.tensors[name]
         if int(new) != t.qtype and is_quantized(t.qtype) and not allow_requantize:

@@ -144,8 +144,10 @@ def llama_cpp_quantize(
     token_embedding_type: QType | None = None,
     output_tensor_type: QType | None = None,
     overrides: list[tuple[str, QType]] | None = None,
+    imatrix: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """The oracle: llama.cpp's own ``llama_model_quantize`` (llama-cpp-python), same knobs."""
+    """The oracle: llama.cpp's own ``llama_model_quantize`` (llama-cpp-python), same knobs.
+    ``imatrix``: tensor name -> per-column importance (llama-quantize --imatrix's data)."""
     import ctypes
 
     import llama_cpp
@@ -169,7 +171,21 @@ def llama_cpp_quantize(
             llama_cpp.llama_model_tensor_override(None, 0),
         )
         p.tt_overrides = ctypes.cast(keep, type(p.tt_overrides))
+    keep_im = None
+    if imatrix:
+        vals = {n: np.ascontiguousarray(v, np.float32) for n, v in imatrix.items()}
+        arr_i = llama_cpp.llama_model_imatrix_data * (len(vals) + 1)
+        keep_im = (vals, arr_i(
+            *[
+                llama_cpp.llama_model_imatrix_data(
+                    n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+                )
+                for n, v in vals.items()
+            ],
+            llama_cpp.llama_model_imatrix_data(None, None, 0),
+        ))  # fmt: skip
+        p.imatrix = ctypes.cast(keep_im[1], type(p.imatrix))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
-    del keep
+    del keep, keep_im
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({ftype}) failed with {rc}")
