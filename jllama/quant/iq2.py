@@ -114,7 +114,20 @@ def _best_neighbour(name, u, xval, waux, scale, qv=None) -> np.ndarray:
     out = np.empty(len(u), np.int32)
     n = lens[rows]
     lo = 0
-    for hi in (8, 16, 32, 64, 128, 1 << 30):  # lists of similar length together: less padding
+    for hi in (
+        4,
+        8,
+        12,
+        16,
+        24,
+        32,
+        48,
+        64,
+        96,
+        128,
+        192,
+        1 << 30,
+    ):  # similar lengths: less padding
         sel = np.flatnonzero((n > lo) & (n <= hi))
         lo = hi
         if not len(sel):
