@@ -55,7 +55,7 @@ def tiny_tied(tmp_path_factory):
 
 
 # The 1-3 bit file types need an imatrix in llama.cpp: test_mixes_iq.py compares their maps.
-_LOW_BIT = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S",
+_LOW_BIT = {"Q2_K_S", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S",
             "IQ3_M", "TQ1_0", "TQ2_0", "MXFP4_MOE"}  # fmt: skip
 
 

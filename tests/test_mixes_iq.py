@@ -17,13 +17,13 @@ import pytest
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType
 from jllama.gguf.reader import read_gguf
-from jllama.quant.mixes import mix_from_base, plan_from_tensors, plan_types
+from jllama.quant.mixes import FTYPES, mix_from_base, plan_from_tensors, plan_types
 from jllama.quant.testing import tiny_llama
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
 NEW_FTYPES = [
-    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S",
+    "Q2_K_S", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S",
     "IQ3_M", "TQ1_0", "TQ2_0", "MXFP4_MOE",
 ]  # fmt: skip
 _LINE = re.compile(r"\]\s+(\S+)\s+- \[.*?\], type =\s+(\w+), size =.*?(?:\((\w+)\))?\s*$")
@@ -41,8 +41,6 @@ def _random_imatrix(g) -> dict[str, np.ndarray]:
 
 def _oracle_plan(src: Path, ftype: str, imatrix: dict[str, np.ndarray] | None) -> dict[str, str]:
     """llama.cpp's chosen type per tensor: a dry run, its per-tensor log lines parsed."""
-    from jllama.quant.mixes import FTYPES
-
     text: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -128,7 +126,14 @@ def test_moe_maps_match_llama_cpp(tmp_path, ftype: str) -> None:
 
 @pytest.mark.parametrize(
     "ftype,needs",
-    [("IQ2_XXS", True), ("IQ1_M", True), ("IQ3_XS", True), ("IQ3_S", False), ("TQ1_0", False)],
+    [
+        ("IQ2_XXS", True),
+        ("IQ1_M", True),
+        ("IQ3_XS", True),
+        ("Q2_K_S", True),
+        ("IQ3_S", False),
+        ("TQ1_0", False),
+    ],  # fmt: skip
 )
 def test_imatrix_requirement_like_llama_quantize(model, ftype: str, needs: bool) -> None:
     """llama.cpp refuses exactly when a tensor's type needs an imatrix (tensor_requires_imatrix)."""
@@ -148,3 +153,11 @@ def test_imatrix_requirement_like_llama_quantize(model, ftype: str, needs: bool)
     if needs_here:
         with pytest.raises(RuntimeError):
             llama_cpp_quantize(model, model.with_suffix(".q"), ftype)
+
+
+@pytest.mark.parametrize("ftype", sorted(set(FTYPES) - set(NEW_FTYPES) - {"F32"}))
+def test_older_ftypes_with_imatrix_match_llama_cpp(model, ftype: str) -> None:
+    """With an imatrix llama.cpp's rules change for some older file types too (Q4_0/Q5_0
+    ffn_down, IQ4_NL/IQ4_XS ffn_down)."""
+    g = read_gguf(model)
+    assert _ours(g, ftype, True) == _oracle_plan(model, ftype, _random_imatrix(g))

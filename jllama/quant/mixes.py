@@ -42,6 +42,7 @@ FTYPES: dict[str, tuple[int, QType]] = {
     "Q6_K": (18, T.Q6_K),
     "IQ4_NL": (25, T.IQ4_NL),
     "IQ4_XS": (30, T.IQ4_XS),
+    "Q2_K_S": (21, T.Q2_K),
     "IQ2_XXS": (19, T.IQ2_XXS),
     "IQ2_XS": (20, T.IQ2_XS),
     "IQ3_XS": (22, T.IQ3_S),
@@ -336,6 +337,9 @@ def _mix_rule(  # noqa: C901, PLR0912, PLR0915
     imat = spec.has_imatrix
     gqa4 = m.n_gqa >= 4
     attn_v = cat in ("attn_v", "attn_qkv", "attn_kv_b")
+    if m.arch == "glm5-next" and any(k in name for k in ("attn_q_a", "attn_q_b", "nextn.eh_proj")):
+        if t not in FLOAT_TYPES:  # never below Q8_0 there
+            return T.Q8_0
     if cat == "output" or (st.has_tied_embeddings and cat == "token_embd"):
         if spec.output_tensor_type is not None:
             return spec.output_tensor_type
@@ -387,6 +391,8 @@ def _mix_rule(  # noqa: C901, PLR0912, PLR0915
     if attn_v:
         if ft == "Q2_K":
             t = T.Q4_K if gqa4 else T.Q3_K
+        elif ft == "Q2_K_S" and gqa4:
+            t = T.Q4_K
         elif ft == "IQ3_XXS":
             t = T.Q4_K if gqa4 else (T.IQ3_XXS if imat else T.IQ3_S)
         elif ft in ("IQ3_XS", "IQ3_S") and gqa4:
@@ -424,6 +430,9 @@ def _mix_rule(  # noqa: C901, PLR0912, PLR0915
         i, n = _layer(st.i_ffn_down, name, m), st.n_ffn
         if ft == "Q2_K":
             t = T.Q3_K
+        elif ft == "Q2_K_S":
+            if i < n // 8:
+                t = T.Q4_K
         elif ft == "IQ3_XXS" and not imat:
             t = T.Q4_K if i < n // 8 else T.Q3_K
         elif ft == "Q3_K_M":
