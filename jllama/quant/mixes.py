@@ -92,6 +92,8 @@ class MixSpec:
     output_tensor_type: QType | None = None
     # (regex, type), first match wins; matched with re.search like std::regex_search.
     overrides: list[tuple[str, QType]] = field(default_factory=list)
+    # an importance matrix is given (llama-quantize's qs.has_imatrix: a few rules depend on it)
+    has_imatrix: bool = False
 
     @property
     def ftype_id(self) -> int:
@@ -309,7 +311,7 @@ def _layer(st_counter: int, name: str, m: ModelInfo) -> int:
 def _mix_rule(  # noqa: C901, PLR0912
     st: _State, m: ModelInfo, spec: MixSpec, t: QType, name: str, ncols: int, cat: str
 ) -> QType:
-    """llama_tensor_get_type_impl for the file types in FTYPES (no imatrix)."""
+    """llama_tensor_get_type_impl for the file types in FTYPES."""
     ft = spec.ftype
     falcon = m.arch == "falcon"
     if cat == "output" or (st.has_tied_embeddings and cat == "token_embd"):
@@ -360,12 +362,15 @@ def _mix_rule(  # noqa: C901, PLR0912
                 t = T.Q6_K if i < n // 16 else T.Q5_K if _use_more_bits(i, n) else T.Q4_K
             elif _use_more_bits(i, n):
                 t = T.Q6_K
-        elif i < n // 8 and ft in ("IQ4_NL", "IQ4_XS"):
+        elif i < n // 8 and ft in ("IQ4_NL", "IQ4_XS") and not spec.has_imatrix:
             t = T.Q5_K
         elif ft == "Q5_K_M" and _use_more_bits(i, n):
             t = T.Q6_K
         elif ft == "Q4_K_S" and not falcon and i < n // 8:
             t = T.Q5_K
+        elif ft in ("Q4_0", "Q5_0") and spec.has_imatrix and i < n // 8:
+            # llama.cpp guards the first ffn_down layers of Q4_0/Q5_0, only with an imatrix
+            t = T.Q4_1 if ft == "Q4_0" else T.Q5_1
         st.i_ffn_down += 1
     elif cat == "attn_output":
         if not falcon:
@@ -470,4 +475,3 @@ def plan_types(gguf_file: Any, spec: MixSpec | str) -> dict[str, int]:
     tensors = {n: (t.shape, t.qtype) for n, t in gguf_file.tensors.items()}
     plan = plan_from_tensors(tensors, gguf_file.metadata, spec)
     return {n: int(t) for n, t in plan.types.items()}
-
