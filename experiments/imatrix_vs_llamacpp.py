@@ -90,8 +90,10 @@ def compare(ours, ref) -> tuple[float, dict[str, float]]:
     """(max relative difference, per weight kind) between two name -> (sums, count) maps."""
     worst, kinds = 0.0, {}
     if set(ours) != set(ref):
-        raise SystemExit(f"entries differ: only ours {sorted(set(ours) - set(ref))[:5]}, "
-                         f"only llama.cpp {sorted(set(ref) - set(ours))[:5]}")
+        raise SystemExit(
+            f"entries differ: only ours {sorted(set(ours) - set(ref))[:5]}, "
+            f"only llama.cpp {sorted(set(ref) - set(ours))[:5]}"
+        )
     for name, (s_ref, c_ref) in ref.items():
         s, c = ours[name]
         if int(c) != int(c_ref):

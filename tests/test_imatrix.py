@@ -185,3 +185,68 @@ def test_include_weights_and_bad_files(tiny, tmp_path, capsys) -> None:
     assert "imatrix size 7 is different from tensor size 256 for blk.0.attn_q.weight" in err
     with pytest.raises(QuantError, match="missing imatrix metadata"):
         quantize_weights(Imatrix(has_metadata=False))
+
+
+# ----------------------------------------------------------------------------- jllama imatrix
+
+
+def test_collect_equals_llama_cpp(tmp_path) -> None:
+    """``jllama imatrix`` on a tiny model: every weight's sums and counts against what llama.cpp's
+    graph feeds its matmuls (read through cb_eval, summed as llama-imatrix does), then the CLI
+    writes the same thing and merges it with --in-file."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
+    from imatrix_vs_llamacpp import compare, llamacpp_imatrix
+
+    from jllama.api import Llama
+    from jllama.eval.imatrix import compute_imatrix
+    from jllama.eval.perplexity import chunk_tokens
+    from jllama.numerics import Numerics
+    from jllama.quant.mixes import mix_from_base
+    from jllama.quant.quantize import quantize_file
+
+    tiny_llama(tmp_path / "f32.gguf", n_layer=2)
+    model = tmp_path / "tiny.gguf"  # quantized: jllama's matmuls are then ggml's, bit for bit
+    quantize_file(tmp_path / "f32.gguf", model, mix_from_base("q8_0"))
+    tokens = [1] + np.random.default_rng(5).integers(3, 320, 99).tolist()
+    n_ctx = 32
+    chunks = chunk_tokens(tokens, n_ctx, None, 1, True)
+    ref = llamacpp_imatrix(str(model), chunks)
+    llm = Llama(str(model), ctx_size=n_ctx, numerics=Numerics.from_env(taps=True))
+    col = ImatrixCollector(n_ctx)
+    shapes = {n: t.shape for n, t in llm.gguf.tensors.items()}
+    compute_imatrix(llm.engine, tokens, shapes, col, n_ctx, None, 1, True)
+    ours = {n: (e.sums, int(e.counts[0])) for n, e in col.im.entries.items()}
+    worst, kinds = compare(ours, ref)
+    assert worst < 1e-6, kinds  # float round-off at most (0 where jllama is ggml bit for bit)
+    assert len(ref) == 2 * 7 and col.im.chunk_count == 3
+
+
+def test_imatrix_cli(tmp_path, capsys) -> None:
+    """-f/-o/-c/--chunks, then --in-file merging into the legacy format."""
+    model = tmp_path / "tiny.gguf"
+    tiny_llama(model, n_layer=2)
+    rng = np.random.default_rng(2)
+    words = ["".join(rng.choice(list("abcdefgh"), 2)) for _ in range(400)]
+    (tmp_path / "t.txt").write_text(" ".join(words))
+    out = tmp_path / "im.gguf"
+    args = ["imatrix", "-m", str(model), "-f", str(tmp_path / "t.txt"), "-o", str(out)]
+    assert main(args + ["-c", "32", "--chunks", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "[1]" in text and "[3]" in text and "Final estimate: PPL = " in text
+    im = read_imatrix(out)
+    assert len(im.entries) == 14 and im.chunk_count == 3 and im.chunk_size == 32
+    assert im.datasets == [str(tmp_path / "t.txt")]
+    assert all(e.counts.tolist() == [96] for e in im.entries.values())
+    dat = tmp_path / "m.dat"
+    merge = ["imatrix", "--in-file", str(out), "--in-file", str(out), "-c", "32"]
+    assert main(merge + ["-o", str(dat), "--output-format", "dat"]) == 0
+    back = read_imatrix(dat)
+    assert back.chunk_count == 6 and back.datasets == [str(tmp_path / "t.txt")]
+    e, b = im.entries["blk.1.ffn_down.weight"], back.entries["blk.1.ffn_down.weight"]
+    assert b.counts.tolist() == [6]  # ncall = ceil(192 / 32)
+    np.testing.assert_allclose(b.sums, e.sums * 2 / 192 * 6, rtol=1e-6)
+    assert main(["imatrix", "-m", str(model), "-o", str(dat)]) == 1
+    assert "no text (-f)" in capsys.readouterr().err
