@@ -250,3 +250,31 @@ def test_imatrix_cli(tmp_path, capsys) -> None:
     np.testing.assert_allclose(b.sums, e.sums * 2 / 192 * 6, rtol=1e-6)
     assert main(["imatrix", "-m", str(model), "-o", str(dat)]) == 1
     assert "no text (-f)" in capsys.readouterr().err
+
+
+def test_moe_quantize_with_imatrix_equals_llama_cpp(tmp_path) -> None:
+    """Expert tensors [n_expert, rows, cols]: one imatrix slice per expert (an expert that saw no
+    token gets 1s), the whole file byte for byte llama.cpp's."""
+    from tinymodels_moe import write_llama_moe
+
+    model = write_llama_moe(tmp_path / "moe.gguf")
+    rng = np.random.default_rng(4)
+    im = Imatrix(datasets=["d"], chunk_count=1, chunk_size=64)
+    for n, t in read_gguf(model).tensors.items():
+        if not n.startswith("blk.") or "norm" in n:
+            continue
+        n_mat = t.shape[0] if len(t.shape) == 3 else 1
+        counts = rng.integers(0, 50, n_mat) if n_mat > 1 else np.array([64])
+        counts[0] = 0 if n_mat > 1 else counts[0]
+        sums = (rng.gamma(0.5, 1, n_mat * t.shape[-1]) * 64).astype(np.float32)
+        im.entries[n] = ImatrixEntry(sums, counts.astype(np.int64))
+    f = str(tmp_path / "im.gguf")
+    write_imatrix_gguf(f, im)
+    out, ref = tmp_path / "out.gguf", tmp_path / "ref.gguf"
+    assert main(["quantize", str(model), str(out), "q4_0", "--imatrix", f, "--quiet"]) == 0
+    qi = load_for_quantize(f)
+    kv = [("quantize.imatrix.file", f), ("quantize.imatrix.dataset", "d"),
+          ("quantize.imatrix.entries_count", len(qi.weights)),
+          ("quantize.imatrix.chunks_count", 1)]  # fmt: skip
+    llama_cpp_quantize(model, ref, "Q4_0", imatrix=qi.weights, kv_overrides=kv)
+    assert filecmp.cmp(out, ref, shallow=False)

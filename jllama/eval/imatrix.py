@@ -25,8 +25,10 @@ from jllama.quant.imatrix import ImatrixCollector
 WEIGHT_INPUTS: dict[str, tuple[str, ...]] = {
     "attn_norm": ("attn_q", "attn_k", "attn_v", "attn_qkv"),
     "kqv_out": ("attn_output",),
-    "ffn_norm": ("ffn_gate", "ffn_up", "ffn_gate_inp"),
-    "ffn_swiglu": ("ffn_down",),
+    # a MoE layer's router and shared expert read the block's ffn input too; its routed experts
+    # (3-D ffn_*_exps) are not collected from the taps
+    "ffn_norm": ("ffn_gate", "ffn_up", "ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp"),
+    "ffn_swiglu": ("ffn_down", "ffn_down_shexp"),
 }
 _TAP = re.compile(r"^(\w+?)-(\d+)$")
 
