@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from numerics_vs_llamacpp import GGMLTensor, close_llamacpp, fill_batch, open_llamacpp  # noqa: E402
 
-GGML_OP_MUL_MAT = 29  # enum ggml_op at 0c1e570 (GGML_OP_NONE = 0)
+GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID = 29, 30  # enum ggml_op at 0c1e570 (GGML_OP_NONE = 0)
 GGML_TYPE_F32 = 0
 
 
@@ -33,16 +33,20 @@ def _src(t: GGMLTensor, i: int) -> GGMLTensor:
     return ctypes.cast(t.src[i], ctypes.POINTER(GGMLTensor)).contents
 
 
-def _rows(t: GGMLTensor) -> np.ndarray:
-    """An F32 host tensor as [rows, ne0] (any strides)."""
+def _array(t: GGMLTensor, dt=np.float32) -> np.ndarray:
+    """A host tensor (4-byte elements, any strides) in numpy order [ne3, ne2, ne1, ne0]."""
     ne = [int(t.ne[i]) for i in range(4)]
     nb = [int(t.nb[i]) for i in range(4)]
     span = sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + 4
     buf = (ctypes.c_char * span).from_address(t.data)
-    a = np.lib.stride_tricks.as_strided(
-        np.frombuffer(buf, dtype=np.float32), shape=ne[::-1], strides=nb[::-1]
-    )
-    return np.ascontiguousarray(a).reshape(-1, ne[0])
+    a = np.lib.stride_tricks.as_strided(np.frombuffer(buf, dtype=dt), shape=ne[::-1],
+                                        strides=nb[::-1])
+    return np.ascontiguousarray(a)
+
+
+def _rows(t: GGMLTensor) -> np.ndarray:
+    """An F32 host tensor as [rows, ne0]."""
+    return _array(t).reshape(-1, int(t.ne[0]))
 
 
 def llamacpp_imatrix(path: str, chunks: np.ndarray, threads: int = 2) -> dict:
@@ -53,6 +57,10 @@ def llamacpp_imatrix(path: str, chunks: np.ndarray, threads: int = 2) -> dict:
 
     def cb(tp, ask, _ud):
         t = ctypes.cast(tp, ctypes.POINTER(GGMLTensor)).contents
+        if t.op == GGML_OP_MUL_MAT_ID:
+            if not ask:
+                _collect_id(t)
+            return True
         if t.op != GGML_OP_MUL_MAT:
             return False if ask else True
         s0, s1 = _src(t, 0), _src(t, 1)
@@ -69,6 +77,22 @@ def llamacpp_imatrix(path: str, chunks: np.ndarray, threads: int = 2) -> dict:
         e[1] += x.shape[0]
         return True
 
+    def _collect_id(t: GGMLTensor) -> None:
+        """mul_mat_id: src1 [n_tokens, n_used or 1, ne0], ids [n_tokens, n_used]; per expert,
+        slot after slot and token after token, as collect_imatrix walks them."""
+        s0, s1, s2 = _src(t, 0), _src(t, 1), _src(t, 2)
+        name = s0.name.decode(errors="replace")
+        n_as, ne0 = int(s0.ne[2]), int(s1.ne[0])
+        x = _array(s1)[0]  # [n_tokens, ne1, ne0]
+        ids = _array(s2, np.int32)[0, 0]  # [n_tokens, n_used]
+        e = stats.setdefault(name, [np.zeros((n_as, ne0), np.float32), np.zeros(n_as, np.int64)])
+        for idx in range(ids.shape[1]):
+            for row in range(ids.shape[0]):
+                ex = int(ids[row, idx])
+                r = x[row, idx % x.shape[1]]
+                e[0][ex] += r * r
+                e[1][ex] += 1
+
     cb_c = lc.ggml_backend_sched_eval_callback(cb)
     n_ctx = chunks.shape[1]
     model, ctx = open_llamacpp(path, cb_c, n_ctx, n_ctx, n_ctx, threads)
@@ -83,7 +107,7 @@ def llamacpp_imatrix(path: str, chunks: np.ndarray, threads: int = 2) -> dict:
         lc.llama_batch_free(batch)
         close_llamacpp(model, ctx)
     del cb_c
-    return {k: (v[0], v[1]) for k, v in stats.items()}
+    return {k: (np.asarray(v[0]).reshape(-1), v[1]) for k, v in stats.items()}
 
 
 def compare(ours, ref) -> tuple[float, dict[str, float]]:
@@ -96,7 +120,7 @@ def compare(ours, ref) -> tuple[float, dict[str, float]]:
         )
     for name, (s_ref, c_ref) in ref.items():
         s, c = ours[name]
-        if int(c) != int(c_ref):
+        if not np.array_equal(np.atleast_1d(c), np.atleast_1d(c_ref)):
             raise SystemExit(f"{name}: count {c} vs llama.cpp {c_ref}")
         d = float(np.abs(s - s_ref).max() / max(float(np.abs(s_ref).max()), 1e-30))
         kind = name.split(".")[2]
@@ -109,7 +133,7 @@ def from_file(path: str) -> dict:
     from jllama.quant.imatrix import read_imatrix
 
     im = read_imatrix(path)
-    return {n: (e.sums, int(e.counts.max())) for n, e in im.entries.items()}
+    return {n: (e.sums, e.counts if e.n_mat > 1 else int(e.counts[0])) for n, e in im.entries.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

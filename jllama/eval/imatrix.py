@@ -25,11 +25,13 @@ from jllama.quant.imatrix import ImatrixCollector
 WEIGHT_INPUTS: dict[str, tuple[str, ...]] = {
     "attn_norm": ("attn_q", "attn_k", "attn_v", "attn_qkv"),
     "kqv_out": ("attn_output",),
-    # a MoE layer's router and shared expert read the block's ffn input too; its routed experts
-    # (3-D ffn_*_exps) are not collected from the taps
+    # a MoE layer's router and shared expert read the block's ffn input too (its routed
+    # experts: _MOE_TAPS)
     "ffn_norm": ("ffn_gate", "ffn_up", "ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp"),
     "ffn_swiglu": ("ffn_down", "ffn_down_shexp"),
 }
+# MoE layers: the chosen experts per token, and what enters ffn_down_exps per (token, slot)
+_MOE_TAPS = ("ffn_moe_topk", "ffn_moe_down_in")
 _TAP = re.compile(r"^(\w+?)-(\d+)$")
 
 
@@ -43,26 +45,46 @@ def matmul_weights(shapes: dict[str, tuple[int, ...]]) -> list[str]:
 
 
 class _TapReader:
-    """Turns the taps of one forward pass over ``[B, T]`` tokens into collector updates."""
+    """Keeps the taps of one forward pass over ``[1, T]`` tokens; ``flush`` turns them into
+    collector updates (callbacks may land in any order)."""
 
     def __init__(self, collector: ImatrixCollector, shapes: dict[str, tuple[int, ...]]):
         self.c = collector
         self.shapes = shapes
         self.n_tokens = 0
+        self.pending: dict[tuple[str, int], np.ndarray] = {}
 
     def __call__(self, name: str, value: np.ndarray) -> None:
         m = _TAP.match(name)
-        if m is None or m.group(1) not in WEIGHT_INPUTS:
-            return
-        layer = int(m.group(2))
-        v = np.asarray(value, np.float32)
-        v = v[:, : self.n_tokens] if v.ndim >= 3 else v[: self.n_tokens]
-        for w in WEIGHT_INPUTS[m.group(1)]:
-            wname = f"blk.{layer}.{w}.weight"
-            shape = self.shapes.get(wname)
-            if shape is None or len(shape) != 2:
-                continue  # not in this model (or expert tensors: not read from the taps)
-            self.c.add_dense(wname, v.reshape(-1, shape[-1]))
+        if m is not None and (m.group(1) in WEIGHT_INPUTS or m.group(1) in _MOE_TAPS):
+            self.pending[(m.group(1), int(m.group(2)))] = np.asarray(value)
+
+    def flush(self) -> None:
+        p, self.pending = self.pending, {}
+        for (tap_name, layer), v in sorted(p.items()):
+            for w in WEIGHT_INPUTS.get(tap_name, ()):
+                wname = f"blk.{layer}.{w}.weight"
+                shape = self.shapes.get(wname)
+                if shape is not None and len(shape) == 2:
+                    x = np.asarray(v, np.float32).reshape(-1, shape[-1])[: self.n_tokens]
+                    self.c.add_dense(wname, x)
+        for (tap_name, layer), ids in sorted(p.items()):
+            if tap_name != "ffn_moe_topk":
+                continue
+            k = ids.shape[-1]
+            ids = np.asarray(ids).reshape(-1, k)[: self.n_tokens]
+            pre = f"blk.{layer}."
+            x = p.get(("ffn_norm", layer))
+            for part in ("gate", "up"):
+                shape = self.shapes.get(f"{pre}ffn_{part}_exps.weight")
+                if shape is not None and x is not None:
+                    rows = np.asarray(x, np.float32).reshape(-1, shape[-1])[: self.n_tokens]
+                    self.c.add_experts(f"{pre}ffn_{part}_exps.weight", rows[:, None], ids, shape[0])
+            h = p.get(("ffn_moe_down_in", layer))
+            shape = self.shapes.get(f"{pre}ffn_down_exps.weight")
+            if shape is not None and h is not None:
+                rows = np.asarray(h, np.float32).reshape(-1, k, shape[-1])[: self.n_tokens]
+                self.c.add_experts(f"{pre}ffn_down_exps.weight", rows, ids, shape[0])
 
 
 def compute_imatrix(
@@ -95,6 +117,7 @@ def compute_imatrix(
             reader.n_tokens = n_ctx
             lp, _ = engine.token_logprobs(chunk[None])
             jax.effects_barrier()  # every tap of this chunk has landed
+            reader.flush()
             nll.append(-lp[0, first : n_ctx - 1].astype(np.float64))
             if on_chunk:
                 on_chunk(i + 1, math.exp(float(np.concatenate(nll).mean())))
