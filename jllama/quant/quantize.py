@@ -1,4 +1,5 @@
-"""Quantize a GGUF model file, as ``llama-quantize`` does (no importance matrix).
+"""Quantize a GGUF model file, as ``llama-quantize`` does (optionally with an importance matrix,
+whose column weights go to ggml's weighted quantizers: quant/imatrix.py).
 
 The tensor -> type map comes from ``mixes``; each tensor is decoded to float32 and re-encoded by
 the reference quantizers in ``quantizers``, streamed into the atomic GGUF writer one tensor at a
