@@ -50,6 +50,8 @@ _BASE_FNS = {
     "ggml_get_data": ([_P], _P),
     "ggml_nbytes": ([_P], _SZ),
     "ggml_free": ([_P], None),
+    "ggml_quantize_init": ([_INT], None),
+    "ggml_quantize_chunk": ([_INT, _P, _P, _I64, _I64, _I64, _P], _SZ),
 }  # fmt: skip
 
 
@@ -76,3 +78,23 @@ def ggml_fill(base: ctypes.CDLL, tensor, arr) -> None:
     a = np.ascontiguousarray(arr)
     assert base.ggml_nbytes(tensor) == a.nbytes
     ctypes.memmove(base.ggml_get_data(tensor), a.ctypes.data, a.nbytes)
+
+
+def ggml_quantize(x, qtype: int, imatrix=None):
+    """``ggml_quantize_chunk(type, x, ..., imatrix)``: what llama-quantize writes for rows ``x``
+    ``[R, n]`` (float32), with the importance weights ``imatrix [n]`` or without (None)."""
+    import numpy as np
+
+    from jllama.gguf.constants import qtype_info
+
+    base, _ = ggml_libs()
+    x = np.ascontiguousarray(x, np.float32)
+    info = qtype_info(int(qtype))
+    out = np.zeros((x.shape[0], x.shape[1] // info.block_size * info.type_size), np.uint8)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
+    base.ggml_quantize_init(int(qtype))
+    base.ggml_quantize_chunk(
+        int(qtype), x.ctypes.data, out.ctypes.data, 0, *x.shape,
+        None if qw is None else qw.ctypes.data,
+    )  # fmt: skip
+    return out

@@ -29,6 +29,7 @@ COMMANDS = [
     "chat",
     "inspect",
     "quantize",
+    "imatrix",
     "perplexity",
     "bench",
     "serve",

@@ -1,7 +1,8 @@
-"""``jllama quantize IN OUT TYPE``: llama-quantize's job (no importance matrix).
+"""``jllama quantize IN OUT TYPE``: llama-quantize's job.
 
 TYPE is a file type (q4_k_m, q8_0, ...); ``--config MIX.yaml`` gives a mix instead (its ``base``
-plays TYPE's role, which may then be omitted). Flags mirror llama-quantize's.
+plays TYPE's role, which may then be omitted). ``--imatrix F`` weighs the quantizers with an
+importance matrix (``jllama imatrix`` or llama-imatrix output). Flags mirror llama-quantize's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
-        help="quantize a GGUF model (llama-quantize's mixes, no imatrix)",
+        help="quantize a GGUF model (llama-quantize's mixes, optional imatrix)",
         description="Quantize a GGUF model like llama-quantize. TYPE: f32, f16, bf16, q4_0, "
         "q4_1, q5_0, q5_1, q8_0, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, "
         "q5_k_m, q6_k, iq4_nl, iq4_xs, iq2_xxs, iq2_xs, iq2_s, iq2_m, iq1_s, iq1_m, iq3_xxs, "
@@ -43,6 +44,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="type for tensors whose name matches REGEX (repeatable, first match wins)",
     )
     p.add_argument("--config", metavar="MIX.yaml", help="YAML mix: {base, rules: [{match, type}]}")
+    p.add_argument(
+        "--imatrix", metavar="F", help="importance matrix (GGUF or legacy .dat) for the quantizers"
+    )
+    p.add_argument(
+        "--include-weights",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="use the imatrix only for tensors whose name contains NAME (repeatable)",
+    )
+    p.add_argument(
+        "--exclude-weights",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="do not use the imatrix for tensors whose name contains NAME (repeatable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or tensor table")
     p.set_defaults(func=run)
 
@@ -71,6 +89,29 @@ def build_spec(args):
     return spec
 
 
+def load_imatrix_arg(args):
+    """--imatrix / --include-weights / --exclude-weights, with llama-quantize's messages."""
+    from jllama.errors import QuantError
+    from jllama.quant.imatrix import load_for_quantize
+
+    if args.include_weights and args.exclude_weights:
+        raise QuantError("--include-weights and --exclude-weights cannot be used together")
+    if not args.imatrix:
+        if args.include_weights or args.exclude_weights:
+            raise QuantError("--include-weights/--exclude-weights need --imatrix")
+        return None
+    qi = load_for_quantize(args.imatrix, args.include_weights, args.exclude_weights)
+    if qi.datasets:
+        print("load_imatrix: imatrix datasets=[" + ", ".join(f"'{d}'" for d in qi.datasets) + "]")
+    print(
+        f"load_imatrix: loaded {qi.n_loaded} importance matrix entries from {qi.file} "
+        f"computed on {qi.chunk_count} chunks"
+    )
+    if qi.weights:
+        print(f"prepare_imatrix: have {len(qi.weights)} importance matrix entries")
+    return qi
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:8.2f} MiB"
 
@@ -82,6 +123,7 @@ def run(args) -> int:
 
     spec = build_spec(args)
     src = resolve_model(args.input)
+    imatrix = load_imatrix_arg(args)
 
     bar = None
     if not args.quiet:
@@ -99,12 +141,14 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", QuantWarning)
         try:
-            rep = quantize_file(src, args.output, spec, args.allow_requantize, progress)
+            rep = quantize_file(src, args.output, spec, args.allow_requantize, progress, imatrix)
         finally:
             if bar is not None:
                 bar.close()
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    for name in rep.imatrix_missing:
+        print(f"====== llama_model_quantize_impl: did not find weights for {name}")
 
     if not args.quiet:
         w = max(len(t.name) for t in rep.tensors)

@@ -28,10 +28,15 @@ from jllama.quant.qtensor import QTensor
 # copies intermediates here under llama.cpp's tensor names ("attn_norm-0"). A sink only: what
 # is computed never depends on it.
 TAP_SINK: dict[str, np.ndarray] = {}
+# Callables (name, value) also given every tap as it lands (jllama imatrix sums them): sinks too.
+TAP_LISTENERS: list = []
 
 
 def _store(name: str, value) -> None:
-    TAP_SINK[name] = np.asarray(value)
+    v = np.asarray(value)
+    TAP_SINK[name] = v
+    for f in TAP_LISTENERS:
+        f(name, v)
 
 
 def tap_layer() -> int:

@@ -180,6 +180,7 @@ class MoE(nnx.Module):
         logits = _tap("ffn_moe_logits", float_matmul(xf, self.router.get_value()), lead)
         bias = self.bias.get_value() if self.bias is not None else None
         ids, wts = route(logits, self.cfg, bias, lead)
+        self._tap_expert_inputs(xf, ids, lead)
         n = xf.shape[0]
         if n * self.cfg.n_used < self.cfg.n_expert:
             ys = self._gathered(xf, ids)
@@ -199,14 +200,34 @@ class MoE(nnx.Module):
             out = out + sh
         return out.reshape(lead + (out.shape[-1],)).astype(x.dtype)
 
-    def _ffn(self, x: jax.Array, e: jax.Array) -> jax.Array:
+    def _ffn(self, x: jax.Array, e: jax.Array, down_input: bool = False) -> jax.Array:
         """SwiGLU of expert ``e`` on rows ``x``: gate and up in one int8 kernel call, each row
-        quantized to the weight's vec_dot type as ggml's ``mul_mat_id`` does."""
+        quantized to the weight's vec_dot type as ggml's ``mul_mat_id`` does. ``down_input``:
+        stop before ``down`` (what enters it, for the imatrix taps)."""
         gate, up, down = (_expert(p.get_value(), e) for p in (self.gate, self.up, self.down))
         if gate.is_float:
             g, u = (float_matmul(x, qt, sgemm=False) for qt in (gate, up))
-            return float_matmul(swiglu(g, u), down, sgemm=False)
-        return linear(swiglu(*linear_many(x, [gate, up])), down)
+            h = swiglu(g, u)
+            return h if down_input else float_matmul(h, down, sgemm=False)
+        h = swiglu(*linear_many(x, [gate, up]))
+        return h if down_input else linear(h, down)
+
+    def _tap_expert_inputs(self, x: jax.Array, ids: jax.Array, lead) -> None:
+        """Taps for ``jllama imatrix``: the experts chosen per token (``ffn_moe_topk``, as
+        llama.cpp names them) and what enters ``ffn_down_exps`` per (token, slot)
+        (``ffn_moe_down_in``), computed again pair by pair; only while taps record."""
+        if not numerics.current().taps:
+            return
+        n, k = ids.shape
+
+        def body(_, p):
+            t = p // k
+            row = jax.lax.dynamic_index_in_dim(x, t, 0)
+            return None, self._ffn(row, ids[t, p % k], down_input=True)[0]
+
+        _, hs = jax.lax.scan(body, None, jnp.arange(n * k))
+        _tap("ffn_moe_topk", ids, lead)
+        _tap("ffn_moe_down_in", hs.reshape(n, k, -1), lead)
 
     def _gathered(self, x: jax.Array, ids: jax.Array) -> jax.Array:
         """One (token, slot) pair per scan step: a decode step touches exactly the k chosen

@@ -1,4 +1,5 @@
-"""Quantize a GGUF model file, as ``llama-quantize`` does (no importance matrix).
+"""Quantize a GGUF model file, as ``llama-quantize`` does (optionally with an importance matrix,
+whose column weights go to ggml's weighted quantizers: quant/imatrix.py).
 
 The tensor -> type map comes from ``mixes``; each tensor is decoded to float32 and re-encoded by
 the reference quantizers in ``quantizers``, streamed into the atomic GGUF writer one tensor at a
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from jllama.gguf.constants import QType, ValueType, qtype_info
 from jllama.gguf.reader import read_gguf
 from jllama.gguf.writer import TensorSpec, tensor_nbytes, write_gguf
 from jllama.quant.formats import dequantize_np
+from jllama.quant.imatrix import QuantImatrix, quantize_metadata
 from jllama.quant.mixes import (
     MixSpec,
     Plan,
@@ -43,19 +45,45 @@ def is_quantized(qtype: int) -> bool:
 
 
 def quantize_tensor(
-    data: np.ndarray, from_qtype: int, to_qtype: int, shape: tuple[int, ...]
+    data: np.ndarray,
+    from_qtype: int,
+    to_qtype: int,
+    shape: tuple[int, ...],
+    imatrix: np.ndarray | None = None,
 ) -> np.ndarray:
     """Re-encode one tensor: raw GGUF bytes of type ``from_qtype`` (or a float array) of logical
     ``shape`` (numpy order) -> uint8 ``[rows, row_bytes]`` of ``to_qtype``.
 
+    ``imatrix``: the column weights, ``shape[-1]`` of them per matrix (for a 3-D expert tensor
+    ``[n_expert, rows, cols]``, one slice per expert, as llama-quantize hands them out).
     Same type in and out returns the bytes unchanged (as llama-quantize copies them)."""
     from_qtype, to_qtype = int(from_qtype), int(to_qtype)
     row = int(shape[-1]) if shape else 1
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    rows_per_mat = int(shape[-2]) if len(shape) > 1 else 1
+    if imatrix is not None:
+        imatrix = np.asarray(imatrix, np.float32).reshape(-1, row)
+        if imatrix.shape[0] * rows_per_mat != rows:
+            raise QuantError(
+                f"imatrix of {imatrix.size} values does not fit a tensor of shape {shape}"
+            )
+
+    def encode(x: np.ndarray, first_row: int) -> np.ndarray:
+        if imatrix is None:
+            return quantize_np(x, to_qtype)
+        out = np.empty((x.shape[0], tensor_nbytes((1, row), to_qtype)), np.uint8)
+        r = 0
+        while r < x.shape[0]:  # a slice may straddle experts: each gets its own weights
+            mat = (first_row + r) // rows_per_mat
+            n = min(x.shape[0] - r, (mat + 1) * rows_per_mat - first_row - r)
+            out[r : r + n] = quantize_np(x[r : r + n], to_qtype, imatrix[mat])
+            r += n
+        return out
+
     data = np.asarray(data)
     if data.dtype != np.uint8:  # a float array: its type is the array's, not from_qtype
         x = np.ascontiguousarray(data, dtype=np.float32).reshape(rows, row)
-        return quantize_np(x, to_qtype)
+        return encode(x, 0)
     raw = data.reshape(rows, -1)
     expect = tensor_nbytes((rows, row), from_qtype) // max(rows, 1)
     if raw.shape[1] != expect:
@@ -69,7 +97,7 @@ def quantize_tensor(
     step = max(1, _ROWS_ELEMS // max(row, 1))
     for s in range(0, rows, step):
         x = dequantize_np(np.asarray(raw[s : s + step]), from_qtype, row)
-        out[s : s + step] = quantize_np(x, to_qtype)
+        out[s : s + step] = encode(x, s)
     return out
 
 
@@ -92,6 +120,8 @@ class QuantizeReport:
     file_size: int
     fallbacks: list[str]
     unmatched_overrides: list[str]
+    # tensors quantized without importance weights although an imatrix was given
+    imatrix_missing: list[str] = field(default_factory=list)
 
     @property
     def bytes_before(self) -> int:
@@ -138,11 +168,22 @@ def quantize_file(
     spec: MixSpec,
     allow_requantize: bool = False,
     on_tensor: Callable[[TensorReport], None] | None = None,
+    imatrix: QuantImatrix | None = None,
 ) -> QuantizeReport:
-    """Quantize ``in_path`` to ``out_path`` with the mix ``spec``; returns what was done."""
+    """Quantize ``in_path`` to ``out_path`` with the mix ``spec``; returns what was done.
+
+    ``imatrix``: importance weights (``jllama.quant.imatrix.load_for_quantize``); as in
+    llama-quantize, one left empty by --include/--exclude-weights counts as none."""
     src = read_gguf(in_path)
     if os.path.abspath(in_path) == os.path.abspath(out_path):
         raise QuantError("output file must differ from the input file")
+    if imatrix is not None and not imatrix.weights:
+        imatrix = None
+    if imatrix is not None:
+        for name, w in imatrix.weights.items():
+            if not np.isfinite(w).all():
+                raise QuantError(f"imatrix contains non-finite values ({name})")
+        spec = replace(spec, has_imatrix=True)
     plan: Plan = plan_from_tensors(
         {n: (t.shape, t.qtype) for n, t in src.tensors.items()}, src.metadata, spec
     )
@@ -155,18 +196,36 @@ def quantize_file(
                 "pass --allow-requantize to decode and re-encode it"
             )
     md, mt = output_metadata(src.metadata, src.metadata_types, spec.ftype_id)
+    if imatrix is not None:
+        for key, val, vt in quantize_metadata(imatrix):
+            md.pop(key, None)  # gguf_set_val_*: the key moves to the end
+            md[key] = val
+            mt[key] = (vt, None)
 
     reports: dict[str, TensorReport] = {}
     specs: list[TensorSpec] = []
+    missing: list[str] = []
     for name, new in plan.types.items():
         t = src.tensors[name]
         rep = TensorReport(
             name, t.shape, t.type_name, QType(new).name, t.nbytes, tensor_nbytes(t.shape, new)
         )
         reports[name] = rep
+        qw = None
+        if imatrix is not None and int(new) != t.qtype:
+            qw = imatrix.weights.get(name)
+            n_want = t.shape[-1] * (t.shape[-3] if len(t.shape) >= 3 else 1)
+            if qw is None:
+                missing.append(name)
+            elif qw.size != n_want:
+                if name not in ("token_embd.weight", "per_layer_token_embd.weight"):
+                    raise QuantError(
+                        f"imatrix size {qw.size} is different from tensor size {n_want} for {name}"
+                    )
+                qw = None
 
-        def produce(t=t, new=new) -> np.ndarray:
-            return quantize_tensor(t.data, t.qtype, int(new), t.shape)
+        def produce(t=t, new=new, qw=qw) -> np.ndarray:
+            return quantize_tensor(t.data, t.qtype, int(new), t.shape, qw)
 
         specs.append(TensorSpec(name, t.shape, int(new), produce))
 
@@ -184,6 +243,7 @@ def quantize_file(
         size,
         plan.fallbacks,
         plan.unmatched_overrides,
+        missing,
     )
 
 

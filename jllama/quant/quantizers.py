@@ -234,14 +234,16 @@ def make_qkx2_quants(
     return scale.astype(F32), (-mn).astype(F32), np.ascontiguousarray(L.T.astype(np.uint8))
 
 
-def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)``: symmetric scale search with
-    weights x^2. Returns (scale [M], L uint8 [M, n] in [0, 2*nmax))."""
+def make_qx_quants_rmse1(
+    x: np.ndarray, nmax: int, qw: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: symmetric scale search with
+    weights ``qw [M, n]`` (x^2 when None). Returns (scale [M], L uint8 [M, n] in [0, 2*nmax))."""
     x = np.ascontiguousarray(x.T)
     amax, mx = _first_absmax0(x)
     zero = amax < GROUP_MAX_EPS
     mxs = np.where(zero, F32(1), mx)
-    w = x * x
+    w = x * x if qw is None else np.ascontiguousarray(qw.T, dtype=F32)
     wx = w * x
 
     def attempt(iscale):
@@ -362,11 +364,18 @@ def _q3_k(x: np.ndarray) -> np.ndarray:
     iscale = _div(F32(-32), np.where(has, max_scale, F32(1)))
     l8 = ((nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # (int8_t) cast
     ls = np.where(has[:, None], np.clip(l8, -32, 31) + 32, 0).astype(np.uint8)
+    d = np.where(has, _div(F32(1), iscale), F32(0))
+    return _q3_k_encode(x, L, ls, d)
+
+
+def _q3_k_encode(x: np.ndarray, L: np.ndarray, ls: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q3_K's second half: 6-bit scales ``ls [B, 16]`` (offset 32) and super-scale ``d`` given,
+    requantize where the sub-block scale is nonzero (else keep ``L [B, 16, 16]``) and pack."""
+    B = x.shape[0]
     packed = np.zeros((B, 12), np.uint8)
     packed[:, 0:8] = (ls[:, 0:8] & 0x0F) | ((ls[:, 8:16] & 0x0F) << 4)
     hi = ls >> 4  # [B, 16], 2 bits each; scale j goes to byte 8 + j%4 at bits 2*(j//4)
     packed[:, 8:12] = hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)
-    d = np.where(has, _div(F32(1), iscale), F32(0))
     sc = ls.astype(np.int32) - 32
     dl = _fp16_round(d)[:, None] * sc.astype(F32)
     with np.errstate(all="ignore"):
@@ -397,6 +406,13 @@ def _q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarra
     lm = np.minimum(63, nearest_int(inv_m[:, None] * mins) & 0xFF).astype(np.uint8)
     d = _div(max_scale, F32(63))
     dmin = _div(max_min, F32(63))
+    return _q45_k_requant(x, L, ls, lm, d, dmin, nmax)
+
+
+def _q45_k_requant(x, L, ls, lm, d, dmin, nmax) -> tuple[np.ndarray, ...]:
+    """Q4_K/Q5_K: with the 6-bit (scale, min) pairs and super-scales fixed, requantize where the
+    sub-block scale is nonzero (else keep ``L [B, 8, 32]``)."""
+    B = x.shape[0]
     dl = _fp16_round(d)[:, None] * ls.astype(F32)
     ml = _fp16_round(dmin)[:, None] * lm.astype(F32)
     with np.errstate(all="ignore"):
@@ -407,8 +423,11 @@ def _q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarra
 
 
 def _q4_k(x: np.ndarray) -> np.ndarray:
-    B = x.shape[0]
-    sc, d, dmin, L = _q45_k(x, 15, -1.0, 20)
+    return _q4_k_pack(*_q45_k(x, 15, -1.0, 20))
+
+
+def _q4_k_pack(sc, d, dmin, L) -> np.ndarray:
+    B = L.shape[0]
     v = L.reshape(B, 4, 2, 32)
     qs = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(B, 128)
     return np.concatenate(
@@ -417,8 +436,11 @@ def _q4_k(x: np.ndarray) -> np.ndarray:
 
 
 def _q5_k(x: np.ndarray) -> np.ndarray:
-    B = x.shape[0]
-    sc, d, dmin, L = _q45_k(x, 31, -0.5, 15)
+    return _q5_k_pack(*_q45_k(x, 31, -0.5, 15))
+
+
+def _q5_k_pack(sc, d, dmin, L) -> np.ndarray:
+    B = L.shape[0]
     v = L.reshape(B, 4, 2, 32)
     lo = v & 0x0F
     qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(B, 128)
@@ -429,9 +451,11 @@ def _q5_k(x: np.ndarray) -> np.ndarray:
     )
 
 
-def _q6_k(x: np.ndarray) -> np.ndarray:
+def _q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """``qw [B, 256]``: the imatrix weights (quantize_row_q6_K_impl), used as they are."""
     B = x.shape[0]
-    scales, L = make_qx_quants_rmse1(x.reshape(B * 16, 16), 32)
+    qw16 = None if qw is None else qw.reshape(B * 16, 16)
+    scales, L = make_qx_quants_rmse1(x.reshape(B * 16, 16), 32, qw16)
     scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16).astype(np.int32)
     max_abs, max_scale = _first_absmax(scales)
     zero = max_abs < GROUP_MAX_EPS
@@ -500,13 +524,14 @@ def _best_index_iq4(v: np.ndarray) -> np.ndarray:
     return _IQ4_LUT[t.astype(np.intp)]
 
 
-def _iq4_block_scales(x: np.ndarray, ntry: int) -> np.ndarray:
-    """Per-32 scale search of ``quantize_row_iq4_nl_impl`` (no imatrix): x [M, 32] -> d [M]."""
+def _iq4_block_scales(x: np.ndarray, ntry: int, w: np.ndarray | None = None) -> np.ndarray:
+    """Per-32 scale search of ``quantize_row_iq4_nl_impl``: x [M, 32] -> d [M]; ``w [M, 32]``
+    the weights (x^2 without imatrix)."""
     x = np.ascontiguousarray(x.T)
     amax, mx = _first_absmax0(x)
     zero = amax < GROUP_MAX_EPS
     mxs = np.where(zero, F32(1), mx)
-    w = x * x
+    w = x * x if w is None else np.ascontiguousarray(w.T, dtype=F32)
 
     def sums(idv):
         q = _IQ4F[_best_index_iq4(idv * x)]
@@ -531,17 +556,18 @@ def _pack_nibbles32(L: np.ndarray) -> np.ndarray:
     return (L[:, :16] | (L[:, 16:] << 4)).astype(np.uint8)
 
 
-def _iq4_nl(x: np.ndarray) -> np.ndarray:
-    d = _iq4_block_scales(x, 7)
+def _iq4_nl(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    d = _iq4_block_scales(x, 7, w)
     idv = _safe_inv(d)
     L = _best_index_iq4(idv[:, None] * x)
     return np.concatenate([_fp16_bytes(d).reshape(-1, 2), _pack_nibbles32(L)], axis=1)
 
 
-def _iq4_xs(x: np.ndarray) -> np.ndarray:
+def _iq4_xs(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     B = x.shape[0]
     xs = x.reshape(B * 8, 32)
-    scales = _iq4_block_scales(xs, 7).reshape(B, 8)
+    ws = None if w is None else w.reshape(B * 8, 32)
+    scales = _iq4_block_scales(xs, 7, ws).reshape(B, 8)
     _, max_scale = _first_absmax(scales)
     d = _div(-max_scale, F32(32))
     idv = _safe_inv(d)
@@ -594,11 +620,214 @@ def _float_bytes(x: np.ndarray, qtype: int) -> np.ndarray:
     return np.ascontiguousarray(out).view(np.uint8).reshape(*x.shape[:-1], -1)
 
 
+# ----------------------------------------------------------------------------- with an imatrix
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``make_qp_quants``: a positive scale for ``x [M, n]`` (>= 0: the sub-block scales
+    or mins of a K-quant), weighted by ``qw [M, n]``, then 5 greedy sweeps. Returns
+    (scale [M], L uint8 [M, n] in [0, nmax])."""
+    x = np.ascontiguousarray(x.T)
+    w = np.ascontiguousarray(qw.T, dtype=F32)
+    mx = np.maximum(x.max(axis=0), F32(0))
+    zero = mx < GROUP_MAX_EPS
+    mxs = np.where(zero, F32(1), mx)
+    wx = w * x
+    with np.errstate(all="ignore"):
+        iscale = _div(F32(nmax), mxs)
+        l0 = (nearest_int(iscale * x) & 0xFF).astype(F32)  # stored in uint8 L unclamped
+        diff = x - _div(F32(1), iscale) * l0
+        best = _colsum(w * diff * diff)
+        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+            isc = _div(F32(0.1) * F32(step) + F32(nmax), mxs)
+            li = np.minimum(nmax, nearest_int(isc * x)).astype(F32)
+            diff = x - _div(F32(1), isc) * li
+            mse = _colsum(w * diff * diff)
+            take = mse < best
+            best = np.where(take, mse, best)
+            iscale = np.where(take, isc, iscale)
+        li = np.minimum(nmax, nearest_int(iscale * x))
+        lf = li.astype(F32)
+        sumlx = _colsum(wx * lf)
+        suml2 = _colsum(w * lf * lf)
+        L = li & 0xFF
+        for _ in range(5):  # a sweep that changes nothing leaves the state as it is
+            for i in range(x.shape[0]):
+                xi, wi, wxi = x[i], w[i], wx[i]
+                lc = L[i].astype(F32)
+                slx = sumlx - wxi * lc
+                sl2 = suml2 - wi * lc * lc
+                new_l = np.minimum(nmax, nearest_int(xi * sl2 / slx))
+                nl = new_l.astype(F32)
+                slx2 = slx + wxi * nl
+                sl22 = sl2 + wi * nl * nl
+                better = (slx > 0) & (sl2 > 0) & (new_l != L[i])
+                better &= slx2 * slx2 * suml2 > sumlx * sumlx * sl22
+                L[i] = np.where(better, new_l & 0xFF, L[i])
+                sumlx = np.where(better, slx2, sumlx)
+                suml2 = np.where(better, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L = np.where(zero, 0, L)
+    scale = np.where(zero, F32(0), scale)
+    return scale, np.ascontiguousarray(L.T.astype(np.uint8))
+
+
+def _imatrix_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """ggml's ``qw[j] * sqrtf(sigma2 + x[j]*x[j])`` for blocks ``x [B, k]``, ``qw [B, k]``."""
+    return qw * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _per_block(rows: np.ndarray, qw: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """rows [R, n] -> blocks [R*n/bs, bs] and the matching imatrix slices."""
+    R, n = rows.shape
+    return rows.reshape(-1, bs), np.broadcast_to(qw.reshape(1, n), (R, n)).reshape(-1, bs)
+
+
+def _row_sigma2(rows: np.ndarray, bs: int) -> np.ndarray:
+    """The 32-element types weigh by the whole row's mean square, repeated for each block."""
+    s = _div(_seqsum(rows * rows), F32(rows.shape[1]))
+    return np.repeat(s, rows.shape[1] // bs)
+
+
+def _wq4_0(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    x, q = _per_block(rows, qw, 32)
+    d, L = make_qx_quants_rmse1(x, 8, _imatrix_weights(x, q, _row_sigma2(rows, 32)))
+    return np.concatenate([_fp16_bytes(d).reshape(-1, 2), _pack_nibbles32(L)], axis=1)
+
+
+def _wq5_0(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    x, q = _per_block(rows, qw, 32)
+    d, L = make_qx_quants_rmse1(x, 16, _imatrix_weights(x, q, _row_sigma2(rows, 32)))
+    qh, qs = _pack_q5(L)
+    return np.concatenate([_fp16_bytes(d).reshape(-1, 2), qh, qs], axis=1)
+
+
+def _wq_1(rows: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, ...]:
+    x, q = _per_block(rows, qw, 32)
+    w = _imatrix_weights(x, q, _row_sigma2(rows, 32))
+    d, the_min, L = make_qkx2_quants(x, w, nmax, -0.9, 0.05, 36, False)  # = make_qkx3_quants
+    return _fp16_bytes(d).reshape(-1, 2), _fp16_bytes(-the_min).reshape(-1, 2), L
+
+
+def _wq4_1(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    d, m, L = _wq_1(rows, qw, 15)
+    return np.concatenate([d, m, _pack_nibbles32(L)], axis=1)
+
+
+def _wq5_1(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    d, m, L = _wq_1(rows, qw, 31)
+    qh, qs = _pack_q5(L)
+    return np.concatenate([d, m, qh, qs], axis=1)
+
+
+def _wq8_0(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    return _q8_0(rows.reshape(-1, 32))  # ggml's quantize_q8_0 ignores the imatrix
+
+
+def _k_blocks(rows: np.ndarray, qw: np.ndarray, sigma_mul: float):
+    """256-blocks, their imatrix slices, and sigma2 = sigma_mul * (sum x^2) / 256 per block."""
+    x, q = _per_block(rows, qw, 256)
+    s = _seqsum(x * x)
+    if sigma_mul != 1:
+        s = F32(sigma_mul) * s
+    return x, q, _div(s, F32(256))
+
+
+def _wq2_k(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    x, q, sigma2 = _k_blocks(rows, qw, 1)
+    B = x.shape[0]
+    w = _imatrix_weights(x, q, sigma2).reshape(B * 16, 16)
+    sw = _seqsum(w).reshape(B, 16)
+    scales, mins, L = make_qkx2_quants(x.reshape(B * 16, 16), w, 3, -0.9, 0.05, 36, False)
+    dm, ls = make_qp_quants(scales.reshape(B, 16), 15, sw)
+    mm, lm = make_qp_quants(mins.reshape(B, 16), 15, sw)
+    sc = (ls | (lm << 4)).astype(np.uint8)
+    dl = _fp16_round(dm)[:, None] * (sc & 0x0F).astype(F32)
+    ml = _fp16_round(mm)[:, None] * (sc >> 4).astype(F32)
+    with np.errstate(all="ignore"):
+        lq = np.clip(nearest_int((x.reshape(B, 16, 16) + ml[:, :, None]) / dl[:, :, None]), 0, 3)
+    L = np.where((dl != 0)[:, :, None], lq, L.reshape(B, 16, 16)).reshape(B, 256)
+    return np.concatenate(
+        [sc, _pack_2bit_planes(L), _fp16_bytes(dm).reshape(B, 2), _fp16_bytes(mm).reshape(B, 2)],
+        axis=1,
+    )
+
+
+def _wq3_k(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    x, q, sigma2 = _k_blocks(rows, qw, 2)
+    B = x.shape[0]
+    w = _imatrix_weights(x, q, sigma2).reshape(B * 16, 16)
+    sw = _seqsum(w).reshape(B, 16)
+    scales, L = make_qx_quants_rmse1(x.reshape(B * 16, 16), 4, w)
+    d, ls = make_qx_quants_rmse1(scales.reshape(B, 16), 32, sw)
+    return _q3_k_encode(x, L.reshape(B, 16, 16).astype(np.int32), ls, d)
+
+
+def _wq45_k(rows: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, ...]:
+    x, q, sigma2 = _k_blocks(rows, qw, 2)
+    B = x.shape[0]
+    w = _imatrix_weights(x, q, sigma2).reshape(B * 8, 32)
+    sw = _seqsum(w).reshape(B, 8)
+    scales, mins, L = make_qkx2_quants(x.reshape(B * 8, 32), w, nmax, -0.9, 0.05, 36, False)
+    d, ls = make_qp_quants(scales.reshape(B, 8), 63, sw)
+    dmin, lm = make_qp_quants(mins.reshape(B, 8), 63, sw)
+    if nmax == 31:  # only quantize_row_q5_K_impl clamps (the searches keep both <= 63 anyway)
+        ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+    return _q45_k_requant(x, L.reshape(B, 8, 32), ls, lm, d, dmin, nmax)
+
+
+def _wq4_k(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    return _q4_k_pack(*_wq45_k(rows, qw, 15))
+
+
+def _wq5_k(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    return _q5_k_pack(*_wq45_k(rows, qw, 31))
+
+
+def _wq6_k(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    x, q = _per_block(rows, qw, 256)
+    return _q6_k(x, q)
+
+
+def _wiq4(rows: np.ndarray, qw: np.ndarray, sbs: int) -> np.ndarray:
+    x, q = _per_block(rows, qw, sbs)
+    sigma2 = _seqsum(x * x) * F32(2.0 / sbs)
+    w = _imatrix_weights(x, q, sigma2)
+    return (_iq4_nl if sbs == 32 else _iq4_xs)(x, w)
+
+
+def _by_rows(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    """Run a weighted quantizer over slices of whole rows (bounded temporaries)."""
+
+    def run(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+        R, n = rows.shape
+        step = max(1, _CHUNK_ELEMS // max(n, 1))
+        parts = [
+            fn(rows[s : s + step], qw).reshape(min(step, R - s), -1) for s in range(0, R, step)
+        ]
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.uint8)
+
+    return run
+
+
 # With an importance matrix ggml's quantizers look at whole rows (some weigh each value by the
 # row's mean square as well as by the imatrix), so these take float32 rows ``[R, n_per_row]`` and
 # the imatrix column weights ``[n_per_row]`` and return uint8 ``[R, row_bytes]``, as
 # ``ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix)`` does.
-WEIGHTED_QUANTIZERS: dict[int, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
+WEIGHTED_QUANTIZERS: dict[int, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    int(QType.Q4_0): _by_rows(_wq4_0),
+    int(QType.Q4_1): _by_rows(_wq4_1),
+    int(QType.Q5_0): _by_rows(_wq5_0),
+    int(QType.Q5_1): _by_rows(_wq5_1),
+    int(QType.Q8_0): _by_rows(_wq8_0),
+    int(QType.Q2_K): _by_rows(_wq2_k),
+    int(QType.Q3_K): _by_rows(_wq3_k),
+    int(QType.Q4_K): _by_rows(_wq4_k),
+    int(QType.Q5_K): _by_rows(_wq5_k),
+    int(QType.Q6_K): _by_rows(_wq6_k),
+    int(QType.IQ4_NL): _by_rows(lambda r, q: _wiq4(r, q, 32)),
+    int(QType.IQ4_XS): _by_rows(lambda r, q: _wiq4(r, q, 256)),
+}
 
 # The lattice i-quants (iq2.py). IQ2_XXS/IQ2_XS/IQ1_S have no unweighted form: ggml refuses them
 # without an imatrix (ggml_quantize_requires_imatrix).

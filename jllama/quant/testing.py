@@ -145,9 +145,12 @@ def llama_cpp_quantize(
     output_tensor_type: QType | None = None,
     overrides: list[tuple[str, QType]] | None = None,
     imatrix: dict[str, np.ndarray] | None = None,
+    kv_overrides: list[tuple[str, Any]] | None = None,
 ) -> None:
     """The oracle: llama.cpp's own ``llama_model_quantize`` (llama-cpp-python), same knobs.
-    ``imatrix``: tensor name -> per-column importance (llama-quantize --imatrix's data)."""
+
+    ``imatrix``: name -> column weights (what llama-quantize's load_imatrix hands over);
+    ``kv_overrides``: (key, str or int) pairs, as llama-quantize adds ``quantize.imatrix.*``."""
     import ctypes
 
     import llama_cpp
@@ -171,21 +174,36 @@ def llama_cpp_quantize(
             llama_cpp.llama_model_tensor_override(None, 0),
         )
         p.tt_overrides = ctypes.cast(keep, type(p.tt_overrides))
-    keep_im = None
+    keep_im = keep_kv = None
     if imatrix:
-        vals = {n: np.ascontiguousarray(v, np.float32) for n, v in imatrix.items()}
-        arr_i = llama_cpp.llama_model_imatrix_data * (len(vals) + 1)
-        keep_im = (vals, arr_i(
-            *[
-                llama_cpp.llama_model_imatrix_data(
-                    n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
-                )
-                for n, v in vals.items()
-            ],
-            llama_cpp.llama_model_imatrix_data(None, None, 0),
-        ))  # fmt: skip
-        p.imatrix = ctypes.cast(keep_im[1], type(p.imatrix))
+        arrs = [np.ascontiguousarray(v, np.float32) for v in imatrix.values()]
+        im_t = llama_cpp.llama_model_imatrix_data * (len(arrs) + 1)
+        keep_im = (
+            im_t(
+                *[
+                    llama_cpp.llama_model_imatrix_data(
+                        k.encode(), a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size
+                    )
+                    for k, a in zip(imatrix, arrs, strict=True)
+                ],
+                llama_cpp.llama_model_imatrix_data(None, None, 0),
+            ),
+            arrs,
+        )
+        p.imatrix = ctypes.cast(keep_im[0], type(p.imatrix))
+    if kv_overrides:
+        kv_t = llama_cpp.llama_model_kv_override * (len(kv_overrides) + 1)
+        keep_kv = kv_t()
+        for o, (key, val) in zip(keep_kv, kv_overrides, strict=False):
+            o.key = key.encode()
+            if isinstance(val, str):
+                o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+                o.value.val_str = val.encode()[:127]
+            else:
+                o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+                o.value.val_i64 = int(val)
+        p.kv_overrides = ctypes.cast(keep_kv, type(p.kv_overrides))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
-    del keep, keep_im
+    del keep, keep_im, keep_kv
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({ftype}) failed with {rc}")
