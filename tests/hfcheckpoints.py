@@ -243,3 +243,42 @@ def llama_config(tokenizer: str = "llama3", **kw) -> dict:
            "torch_dtype": "bfloat16", "hidden_act": "silu"}
     cfg.update(kw)
     return cfg
+
+
+def qwen2_config(**kw) -> dict:
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+           "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936,
+           "bos_token_id": 151643, "eos_token_id": 151645, "tie_word_embeddings": True,
+           "torch_dtype": "bfloat16", "hidden_act": "silu", "use_sliding_window": False}
+    cfg.update(kw)
+    return cfg
+
+
+def qwen3_config(**kw) -> dict:
+    cfg = qwen2_config(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32)
+    cfg.update(kw)
+    return cfg
+
+
+def qwen_moe_config(kind: str, **kw) -> dict:
+    if kind == "qwen2moe":
+        cfg = qwen2_config(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=64, decoder_sparse_step=1,
+                           tie_word_embeddings=False)
+    else:
+        cfg = qwen3_config(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)
+    cfg.update(kw)
+    return cfg
+
+
+def mixtral_config(**kw) -> dict:
+    cfg = llama_config("spm", architectures=["MixtralForCausalLM"], model_type="mixtral",
+                       num_local_experts=4, num_experts_per_tok=2, bos_token_id=1,
+                       eos_token_id=2, rope_theta=1000000.0)
+    cfg.update(kw)
+    return cfg
