@@ -282,3 +282,28 @@ def mixtral_config(**kw) -> dict:
                        eos_token_id=2, rope_theta=1000000.0)
     cfg.update(kw)
     return cfg
+
+
+def gemma3_config(**kw) -> dict:
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32,
+           "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+           "rope_local_base_freq": 10000.0, "sliding_window": 64, "sliding_window_pattern": 6,
+           "query_pre_attn_scalar": 32, "vocab_size": 32000, "bos_token_id": 1,
+           "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": True,
+           "torch_dtype": "bfloat16", "hidden_activation": "gelu_pytorch_tanh"}
+    cfg.update(kw)
+    return cfg
+
+
+def gemma3_tensors(cfg: dict, rng: np.random.Generator) -> dict:
+    t = dense_tensors(cfg, rng, qk_norm=True, tied=True)
+    h = cfg["hidden_size"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t[p + "pre_feedforward_layernorm.weight"] = (rng.standard_normal(h) * 0.1).astype(
+            np.float32)
+        t[p + "post_feedforward_layernorm.weight"] = (rng.standard_normal(h) * 0.1).astype(
+            np.float32)
+    return t

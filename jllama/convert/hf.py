@@ -663,7 +663,49 @@ class Qwen3MoeConverter(Qwen2MoeConverter):
     gguf_arch = "QWEN3MOE"
 
 
+class Gemma3Converter(Converter):
+    gguf_arch = "GEMMA3"
+
+    def set_vocab(self) -> None:
+        if (self.dir / "tokenizer.model").is_file():
+            self.vocab_sentencepiece()
+            self.kv.add_add_space_prefix(False)
+        else:
+            self.vocab_gpt2()
+
+    def set_gguf_parameters(self) -> None:
+        super().set_gguf_parameters()
+        hp, kv = self.hparams, self.kv
+        kv.add_context_length(hp.get("max_position_embeddings", 131072))
+        kv.add_head_count(hp.get("num_attention_heads", 8))
+        kv.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
+        kv.add_key_length(hp.get("head_dim", 256))
+        kv.add_value_length(hp.get("head_dim", 256))
+        kv.add_rope_freq_base(self.rope.get("full_attention", self.rope).get("rope_theta",
+                                                                             1_000_000.0))
+        if hp.get("attn_logit_softcapping") is not None:
+            raise ConvertError("Gemma 3 has no attn_logit_softcapping; config.json sets one")
+        if cap := hp.get("final_logit_softcapping"):
+            kv.add_final_logit_softcapping(cap)
+        if hp.get("sliding_window_pattern") != 1:
+            kv.add_sliding_window(hp["sliding_window"])
+        kv.add_head_count_kv(hp.get("num_key_value_heads", 4))
+
+    def modify(self, data, name, bid):
+        if "embed_tokens.weight" in name:  # rows past the tokenizer's vocabulary are dropped
+            if (self.dir / "tokenizer.model").is_file():
+                n_real = len(spm_vocab(self.dir, self.hparams)[0])
+            else:
+                tj = json.loads((self.dir / "tokenizer.json").read_text(encoding="utf-8"))
+                n_real = len(tj["model"]["vocab"]) + len(tj["added_tokens"])
+            data = data[:n_real]
+        if name.endswith("norm.weight"):  # Gemma3RMSNorm scales by (1 + weight)
+            data = data + data.dtype.type(1.0)
+        yield from super().modify(data, name, bid)
+
+
 ARCHS: dict[str, type[Converter]] = {
+    "Gemma3ForCausalLM": Gemma3Converter,
     "LlamaForCausalLM": LlamaConverter, "LLaMAForCausalLM": LlamaConverter,
     "MistralForCausalLM": LlamaConverter, "MixtralForCausalLM": LlamaConverter,
     "LlamaModel": LlamaConverter,
