@@ -307,3 +307,62 @@ def gemma3_tensors(cfg: dict, rng: np.random.Generator) -> dict:
         t[p + "post_feedforward_layernorm.weight"] = (rng.standard_normal(h) * 0.1).astype(
             np.float32)
     return t
+
+
+def deepseek2_config(**kw) -> dict:
+    """DeepSeek-V2-Lite's shape in miniature: no q LoRA, MLA, first layer dense."""
+    cfg = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+           "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+           "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+           "first_k_dense_replace": 1, "moe_layer_freq": 1, "kv_lora_rank": 32,
+           "q_lora_rank": None, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32,
+           "v_head_dim": 32, "routed_scaling_factor": 1.0, "topk_method": "greedy",
+           "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "scoring_func": "softmax",
+           "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+           "vocab_size": TOKENIZERS["llama3"][1], "bos_token_id": 128000,
+           "eos_token_id": 128009, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+           "hidden_act": "silu"}
+    cfg.update(kw)
+    return cfg
+
+
+def deepseek2_tensors(cfg: dict, rng: np.random.Generator) -> dict:
+    h, nv, nh = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]
+    nope, rope, vd = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    kvl, ff, mff = cfg["kv_lora_rank"], cfg["intermediate_size"], cfg["moe_intermediate_size"]
+
+    def w(*shape, scale=0.05):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + rng.standard_normal(n) * 0.1).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(nv, h, scale=0.5)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = norm(h)
+        t[p + "post_attention_layernorm.weight"] = norm(h)
+        t[p + "self_attn.q_proj.weight"] = w(nh * (nope + rope), h)
+        t[p + "self_attn.kv_a_proj_with_mqa.weight"] = w(kvl + rope, h)
+        t[p + "self_attn.kv_a_layernorm.weight"] = norm(kvl)
+        t[p + "self_attn.kv_b_proj.weight"] = w(nh * (nope + vd), kvl)
+        t[p + "self_attn.o_proj.weight"] = w(h, nh * vd)
+        if i < cfg["first_k_dense_replace"]:
+            t[p + "mlp.gate_proj.weight"] = w(ff, h)
+            t[p + "mlp.up_proj.weight"] = w(ff, h)
+            t[p + "mlp.down_proj.weight"] = w(h, ff)
+            continue
+        t[p + "mlp.gate.weight"] = w(cfg["n_routed_experts"], h)
+        for e in range(cfg["n_routed_experts"]):
+            q = p + f"mlp.experts.{e}."
+            t[q + "gate_proj.weight"] = w(mff, h)
+            t[q + "up_proj.weight"] = w(mff, h)
+            t[q + "down_proj.weight"] = w(h, mff)
+        sff = mff * cfg["n_shared_experts"]
+        t[p + "mlp.shared_experts.gate_proj.weight"] = w(sff, h)
+        t[p + "mlp.shared_experts.up_proj.weight"] = w(sff, h)
+        t[p + "mlp.shared_experts.down_proj.weight"] = w(h, sff)
+    t["model.norm.weight"] = norm(h)
+    t["lm_head.weight"] = w(nv, h)
+    return t

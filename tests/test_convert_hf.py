@@ -11,27 +11,20 @@ The converted Q8_0 file then runs in jllama with logits bit-equal to llama-cpp-p
 from __future__ import annotations
 
 import json
-import os
 
 import hfcheckpoints as H
 import numpy as np
 import pytest
-from convert_reference import run_reference
+from convert_reference import needs_reference_deps, run_reference, same_file
 
 pytestmark = [pytest.mark.oracle, pytest.mark.data]
 
 OUTTYPES_SPM = ("f32", "f16", "bf16", "q8_0")
 
 
-def _needs_reference_deps():
-    if not os.environ.get("CI"):  # in CI a missing oracle is a failure, not a skip
-        for m in ("torch", "transformers", "safetensors", "sentencepiece"):
-            pytest.importorskip(m, reason="pip install -e .[test]")
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    _needs_reference_deps()
+    needs_reference_deps()
     root = tmp_path_factory.mktemp("convert_hf")
     rng = np.random.default_rng
     cfg = H.llama_config()
@@ -53,28 +46,10 @@ def _ours(src, out, outtype):
     return out
 
 
-def _same_file(ours, ref):
-    a, b = ours.read_bytes(), ref.read_bytes()
-    if a != b:
-        from jllama.gguf import read_gguf
-
-        ga, gb = read_gguf(ours), read_gguf(ref)
-        assert list(ga.metadata) == list(gb.metadata)
-        for k in ga.metadata:
-            assert np.array_equal(np.asarray(ga.metadata[k], dtype=object),
-                                  np.asarray(gb.metadata[k], dtype=object)), k
-        assert [(t.name, t.shape, t.qtype) for t in ga.tensors.values()] == \
-            [(t.name, t.shape, t.qtype) for t in gb.tensors.values()]
-        first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) \
-            else min(len(a), len(b))
-        pytest.fail(f"{ours.name} differs from {ref.name} from byte {first} "
-                    f"({len(a)} vs {len(b)} bytes)")
-
-
 def test_llama3_bpe_sharded_bf16_auto(converted, tmp_path):
     root, bpe, _ = converted
     ours = _ours(bpe, tmp_path / "ours.gguf", "auto")
-    _same_file(ours, root / "ref-bpe-auto.gguf")
+    same_file(ours, root / "ref-bpe-auto.gguf")
     from jllama.gguf import read_gguf
 
     g = read_gguf(ours)
@@ -85,7 +60,7 @@ def test_llama3_bpe_sharded_bf16_auto(converted, tmp_path):
 @pytest.mark.parametrize("outtype", OUTTYPES_SPM)
 def test_llama_spm_outtypes(converted, tmp_path, outtype):
     root, _, spm = converted
-    _same_file(_ours(spm, tmp_path / "ours.gguf", outtype), root / f"ref-spm-{outtype}.gguf")
+    same_file(_ours(spm, tmp_path / "ours.gguf", outtype), root / f"ref-spm-{outtype}.gguf")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -151,7 +126,7 @@ def test_cli_writes_the_reference_file(converted, tmp_path, capsys):
     root, _, spm = converted
     rc, _ = _cli(spm, "--outfile", tmp_path / "o.gguf", "--outtype", "q8_0", capsys=capsys)
     assert rc == 0
-    _same_file(tmp_path / "o.gguf", root / "ref-spm-q8_0.gguf")
+    same_file(tmp_path / "o.gguf", root / "ref-spm-q8_0.gguf")
 
 
 # ----------------------------------------------------------------------------- it runs

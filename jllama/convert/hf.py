@@ -402,13 +402,11 @@ class Converter:
             kv.add_expert_group_used_count(x)
         if (sf := fh(["score_function", "scoring_func", "score_func", "moe_router_activation",
                       "moe_router_activation_func", "expert_selection_fn"], True)) is not None:
-            G = gguf.ExpertGatingFuncType
-            funcs = {"sigmoid": G.SIGMOID, "softmax": G.SOFTMAX}
-            if hasattr(G, "SQRTSOFTPLUS"):
-                funcs["sqrtsoftplus"] = G.SQRTSOFTPLUS
+            # llama_expert_gating_func_type (SQRTSOFTPLUS is newer than the gguf package)
+            funcs = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
             if sf not in funcs:
                 raise ConvertError(f"unsupported expert gating function '{sf}'")
-            kv.add_expert_gating_func(funcs[sf])
+            kv.add_uint32(f"{kv.arch}.expert_gating_func", funcs[sf])
         if (hd := self.hparams.get("head_dim")) is not None:
             kv.add_key_length(hd)
             kv.add_value_length(hd)
@@ -465,7 +463,8 @@ class Converter:
         if (cp := self.hparams.get("classifier_pooling")) is not None:
             if cp not in ("cls", "mean"):
                 raise ConvertError(f"unsupported classifier_pooling '{cp}'")
-            self.kv.add_classifier_pooling_type(modes[cp])
+            # (a key the released gguf package does not know yet)
+            self.kv.add_uint32(f"{self.kv.arch}.classifier.pooling_type", modes[cp].value)
 
     # -- the whole file --------------------------------------------------------------------
     def write(self, out: Path) -> int:
@@ -704,7 +703,96 @@ class Gemma3Converter(Converter):
         yield from super().modify(data, name, bid)
 
 
+class DeepseekV2Converter(Converter):
+    """DeepSeek-V2/V3 (MLA attention, routed + shared experts)."""
+
+    gguf_arch = "DEEPSEEK2"
+    _experts: list[dict[str, np.ndarray]] | None = None
+
+    def filter_name(self, name: str) -> str | None:
+        if "sam_model" in name or "qwen2_model" in name:
+            return None
+        return super().filter_name(name)
+
+    def set_vocab(self) -> None:
+        self.vocab_gpt2()
+
+    def set_gguf_parameters(self) -> None:
+        # MLA is stored as MQA (one KV group) with bigger heads, decompressed at run time
+        self.hparams["num_key_value_heads"] = 1
+        self.hparams["rms_norm_eps"] = self.hparams.get("rms_norm_eps", 1e-6)
+        super().set_gguf_parameters()
+        hp, kv = self.hparams, self.kv
+        has_moe = hp.get("n_routed_experts") is not None
+        first_dense = hp.get("first_k_dense_replace")
+        if first_dense is None:
+            first_dense = 0 if has_moe else hp["num_hidden_layers"]
+        kv.add_leading_dense_block_count(first_dense)
+        kv_lora = hp.get("kv_lora_rank", 512)
+        kv.add_vocab_size(hp["vocab_size"])
+        if hp.get("q_lora_rank") is not None:
+            kv.add_q_lora_rank(hp["q_lora_rank"])
+        kv.add_kv_lora_rank(kv_lora)
+        kv.add_key_length(kv_lora + hp["qk_rope_head_dim"])
+        kv.add_value_length(kv_lora)
+        kv.add_key_length_mla(hp["qk_nope_head_dim"] + hp["qk_rope_head_dim"])
+        kv.add_value_length_mla(hp["v_head_dim"])
+        kv.add_expert_feed_forward_length(self.find_hparam(["moe_intermediate_size",
+                                                            "intermediate_size"]))
+        if (x := hp.get("n_routed_experts")) is not None:
+            kv.add_expert_count(x)
+        kv.add_expert_shared_count(hp.get("n_shared_experts", 0))
+        if (x := hp.get("routed_scaling_factor")) is not None:
+            kv.add_expert_weights_scale(x)
+        if hp.get("norm_topk_prob"):
+            kv.add_expert_weights_norm(hp["norm_topk_prob"])
+        kv.add_rope_dimension_count(hp["qk_rope_head_dim"])
+        if (m := self.rope.get("mscale_all_dim")) is not None:
+            kv.add_rope_scaling_yarn_log_mul(0.1 * m)
+
+    def modify(self, data, name, bid):
+        import re
+
+        if self.hparams.get("tie_word_embeddings", False) and \
+                name in ("lm_head.weight", "model.lm_head.weight"):
+            return
+        m = re.match(r"model.layers.(\d+)", name)
+        if m and int(m.group(1)) >= self.hparams["num_hidden_layers"]:
+            return  # multi-token-prediction layers
+        if "mlp.experts" in name:
+            n_exp = self.hparams["n_routed_experts"]
+            if self._experts is None:
+                self._experts = [{} for _ in range(self.block_count)]
+            self._experts[bid][name] = data
+            if len(self._experts[bid]) >= n_exp * 3:
+                for w in ("down_proj", "gate_proj", "up_proj"):
+                    datas = [self._experts[bid].pop(f"model.layers.{bid}.mlp.experts.{x}.{w}.weight")
+                             for x in range(n_exp)]
+                    yield from super().modify(np.stack(datas),
+                                              f"model.layers.{bid}.mlp.experts.{w}.weight", bid)
+            return
+        if name.endswith("kv_b_proj.weight"):
+            nkv, vd = self.hparams["num_key_value_heads"], self.hparams["v_head_dim"]
+            nope = self.hparams["qk_nope_head_dim"]
+            if data.shape[0] != nkv * (vd + nope):
+                raise ConvertError(f"tensor '{name}' has {data.shape[0]} rows, config.json "
+                                   f"implies {nkv * (vd + nope)}")
+            kv_b = data.reshape(nkv, vd + nope, data.shape[-1])
+            k_b = np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1))
+            v_b = np.ascontiguousarray(kv_b[:, nope:])
+            yield from super().modify(k_b, name.replace("kv_b_proj", "k_b_proj"), bid)
+            yield from super().modify(v_b, name.replace("kv_b_proj", "v_b_proj"), bid)
+            return
+        yield from super().modify(data, name, bid)
+
+    def finish_tensors(self) -> None:
+        if self._experts and any(self._experts):
+            left = [k for d in self._experts for k in d]
+            raise ConvertError(f"incomplete experts: {left[:4]}")
+
+
 ARCHS: dict[str, type[Converter]] = {
+    "DeepseekV2ForCausalLM": DeepseekV2Converter, "DeepseekV3ForCausalLM": DeepseekV2Converter,
     "Gemma3ForCausalLM": Gemma3Converter,
     "LlamaForCausalLM": LlamaConverter, "LLaMAForCausalLM": LlamaConverter,
     "MistralForCausalLM": LlamaConverter, "MixtralForCausalLM": LlamaConverter,
