@@ -75,8 +75,9 @@ def convert_cases(root: Path, cases: dict) -> tuple[Path, dict[str, Path]]:
     needs_reference_deps()
     jobs, dirs = [], {}
     for name, (cfg, tensors, tok, dtype, shards, outtype) in cases.items():
+        # a Hub-style folder name exercises general.name/basename/size_label/finetune parsing
         dirs[name] = H.write_checkpoint(root / name, cfg, tensors(), tok, dtype=dtype,
-                                        shards=shards)
+                                        shards=shards, card=name.startswith("Qwen2.5"))
         jobs.append((dirs[name], root / f"ref-{name}.gguf", outtype))
     run_reference(jobs)
     return root, dirs

@@ -225,9 +225,31 @@ def dense_tensors(cfg: dict, rng: np.random.Generator, *, qkv_bias: bool = False
     return t
 
 
+# A model card and sampling defaults, as real checkpoints ship them: general.* (license, tags,
+# languages, base model) and general.sampling.* come from these.
+MODEL_CARD = """---
+license: apache-2.0
+language:
+- en
+- zh
+tags:
+- chat
+base_model: Qwen/Qwen2.5-0.5B
+pipeline_tag: text-generation
+---
+
+# Tiny random Qwen2.5
+"""
+GENERATION_CONFIG = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                     "repetition_penalty": 1.1, "temperature": 0.7, "top_k": 20, "top_p": 0.8}
+
+
 def write_checkpoint(d: Path, cfg: dict, tensors: dict, tokenizer: str, *,
-                     dtype: str = "bfloat16", shards: int = 1) -> Path:
+                     dtype: str = "bfloat16", shards: int = 1, card: bool = False) -> Path:
     d.mkdir(parents=True, exist_ok=True)
+    if card:
+        (d / "README.md").write_text(MODEL_CARD)
+        (d / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
     TOKENIZERS[tokenizer][0](d)
     write_weights(d, tensors, dtype, shards)

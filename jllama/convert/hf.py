@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -110,6 +112,11 @@ class _Kv:
             meta[key] = val
             types[key] = (vt, sub)
         return meta, types
+
+
+def _read_back(f: IO[bytes], offset: int, n: int) -> np.ndarray:
+    f.seek(offset)
+    return np.frombuffer(f.read(n), np.uint8)
 
 
 def _str(x: Any) -> str:
@@ -292,7 +299,10 @@ class Converter:
         return {F.ALL_F32: int(QType.F32), F.MOSTLY_F16: int(QType.F16),
                 F.MOSTLY_BF16: int(QType.BF16), F.MOSTLY_Q8_0: int(QType.Q8_0)}[self.ftype]
 
-    def prepare_tensors(self) -> list[TensorSpec]:
+    def prepare_tensors(self, spill: IO[bytes]) -> list[TensorSpec]:
+        """Convert every tensor, in the reference's order. The converted bytes go to ``spill``
+        (a temporary file) as they are made, so memory holds one tensor (or one layer's
+        experts) at a time, not the model; the specs read them back while the GGUF is written."""
         from jllama.quant.quantizers import quantize_np
 
         specs: list[TensorSpec] = []
@@ -323,7 +333,10 @@ class Converter:
                                 shape[-1])
                     qtype = int(QType.F16)
                 raw = quantize_np(np.ascontiguousarray(arr, dtype=np.float32), qtype)
-                specs.append(TensorSpec(new_name, shape, qtype, lambda r=raw: r))
+                off = spill.seek(0, os.SEEK_END)
+                spill.write(memoryview(np.ascontiguousarray(raw).reshape(-1)))
+                specs.append(TensorSpec(new_name, shape, qtype,
+                                        lambda o=off, n=raw.nbytes: _read_back(spill, o, n)))
         self.finish_tensors()
         return specs
 
@@ -468,10 +481,24 @@ class Converter:
 
     # -- the whole file --------------------------------------------------------------------
     def write(self, out: Path) -> int:
+        directory = out.parent if str(out.parent) else Path(".")
+        try:
+            spill = tempfile.TemporaryFile(prefix=f".{out.name}.", dir=directory)
+        except OSError as e:
+            raise ConvertError(f"cannot write in {directory}: {e.strerror or e}") from None
+        with spill:
+            return self._write(out, spill)
+
+    def _write(self, out: Path, spill: IO[bytes]) -> int:
         gguf = gguf_py()
-        specs = self.prepare_tensors()
+        specs = self.prepare_tensors(spill)
         total, shared, expert, ecount = self.parameter_counts(specs)
         md = gguf.Metadata.load(None, self.dir, self.model_name, total)
+        gen = self.dir / "generation_config.json"
+        if md.sampling_penalty_repeat is None and gen.is_file():
+            # llama.cpp 0c1e570 also takes HF's name for it (the gguf package does not yet)
+            md.sampling_penalty_repeat = json.loads(gen.read_text(encoding="utf-8")).get(
+                "repetition_penalty")
         if md.name is None:
             md.name = self.dir.name
         if md.size_label is None and total > 0:
