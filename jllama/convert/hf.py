@@ -531,8 +531,12 @@ class LlamaConverter(Converter):
             self.vocab_sentencepiece()
         else:
             self.vocab_gpt2()
-        if self.hparams.get("vocab_size", 32000) == 32016:
-            raise ConvertError("CodeLlama's 32016-token vocabulary is not supported by convert-hf")
+        if self.hparams.get("vocab_size", 32000) == 32016:  # CodeLlama's infill tokens
+            sv = SpecialVocab(self.dir, types=("prefix", "suffix", "middle", "eot"))
+            for typ, tid in (("prefix", 32007), ("suffix", 32008), ("middle", 32009),
+                             ("eot", 32010)):
+                sv.set_special(typ, tid)
+            sv.add_to_gguf(self.kv.w)
         if self.hparams.get("vocab_size", 32000) == 49152:
             self.kv.add_add_bos_token(False)
 

@@ -72,7 +72,8 @@ class SpecialVocab:
             kv.add_bool("tokenizer.ggml.normalizer.strip_accents", self.strip_accents)
 
     # -- reading ---------------------------------------------------------------------------
-    def _set(self, typ: str, tid: Any) -> None:
+    def set_special(self, typ: str, tid: Any) -> None:
+        """Set a type's id unless one is set already (or it is past the vocabulary)."""
         if not isinstance(tid, int):
             return
         if tid < 0:
@@ -160,7 +161,8 @@ class SpecialVocab:
                 entry = entry.get("content")
             if not isinstance(entry, str):
                 continue
-            self._set(typ, next((a.get("id") for a in added if a.get("content") == entry), None))
+            tid = next((a.get("id") for a in added if a.get("content") == entry), None)
+            self.set_special(typ, tid)
 
     def _post_processor(self, tokenizer: dict, cfg: dict | None) -> None:
         c = cfg or {}
@@ -238,4 +240,4 @@ class SpecialVocab:
             tid = config.get(f"{typ}_token_id")
             if tid is None and "text_config" in config:
                 tid = config["text_config"].get(f"{typ}_token_id")
-            self._set(typ, tid)
+            self.set_special(typ, tid)
