@@ -5,7 +5,8 @@ Two tiny random llama checkpoints with real tokenizers (tests/hfcheckpoints.py):
 ``tokenizer.model`` with f32 weights and tied embeddings. Each is converted by the reference
 (run once, all outtypes in one process) and by jllama; the files must be identical. Bad input
 (missing files, unknown architecture, a tensor of the wrong shape) is one line and exit 1.
-The converted Q8_0 file then runs in jllama with logits bit-equal to llama-cpp-python's.
+The converted Q8_0 file then runs in jllama (jllama.api.Llama) with the same tokens and logits
+bit-equal to llama-cpp-python's.
 """
 
 from __future__ import annotations
@@ -136,22 +137,39 @@ def test_converted_q8_0_runs_bit_exact_with_llamacpp(converted):
     from llamacpp_oracle import llama_cpp_module
 
     llama_cpp = llama_cpp_module()
-    from jllama.engine.engine import Engine
-    from jllama.gguf.reader import read_gguf
-    from jllama.models import build_model
-    from jllama.numerics import Numerics
+    from jllama.api import Llama
 
-    root = converted[0]
-    path = root / "ref-spm-q8_0.gguf"  # the same bytes as ours (test above)
+    path = converted[0] / "ref-spm-q8_0.gguf"  # the same bytes as ours (tests above)
     oracle = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False,
                              n_threads=2, seed=0, flash_attn=True)
-    spec, model = build_model(read_gguf(path))
-    engine = Engine(spec, model, ctx_size=128,
-                    numerics=Numerics(cache_type_k="f16", cache_type_v="f16"))
-    ids = np.random.default_rng(0).integers(3, 32000, 24).tolist()
+    llm = Llama(path, ctx_size=128, compile_cache=False)
+    text = "The converted tokenizer splits this sentence, numbers 12345 and émigré alike."
+    ids = llm.tokenize(text)
+    assert ids == oracle.tokenize(text.encode())
+    ids += np.random.default_rng(0).integers(3, 32000, 8).tolist()
     oracle.reset()
     oracle.eval(ids)
     ref = np.array(oracle.scores[: len(ids)], np.float32)
-    ours = np.asarray(engine.logits(ids), np.float32)
+    ours = np.asarray(llm.logits(ids), np.float32)
     print(f"\nconverted llama q8_0: max|Δlogit| = {float(np.abs(ours - ref).max()):.6f}")
     assert np.array_equal(ours, ref)
+
+
+def test_unknown_bpe_pre_tokenizer(converted, tmp_path, capsys):
+    d = _copy(converted[1], tmp_path / "m")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "\\s+|\\S+"
+    (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    rc, err = _cli(d, tmp_path / "o.gguf", capsys=capsys)
+    assert rc == 1 and len(err) == 1 and "pre-tokenizer" in err[0]
+
+
+def test_expert_of_wrong_shape(tmp_path, capsys):
+    cfg = H.mixtral_config()
+    t = H.dense_tensors(cfg, np.random.default_rng(6), moe="mixtral")
+    bad = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    t[bad] = t[bad][:64]
+    d = H.write_checkpoint(tmp_path / "m", cfg, t, "spm")
+    rc, err = _cli(d, tmp_path / "o.gguf", capsys=capsys)
+    assert rc == 1 and len(err) == 1
+    assert bad in err[0] and "[64, 64]" in err[0] and "[128, 64]" in err[0]

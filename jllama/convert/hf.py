@@ -114,6 +114,19 @@ class _Kv:
         return meta, types
 
 
+def _stack_experts(buffer: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """One layer's experts as one [n_expert, ...] array (taken out of ``buffer``)."""
+    missing = [n for n in names if n not in buffer]
+    if missing:
+        raise ConvertError(f"expert tensor '{missing[0]}' is missing")
+    datas = [buffer.pop(n) for n in names]
+    for n, d in zip(names, datas):
+        if d.shape != datas[0].shape:
+            raise ConvertError(f"tensor '{n}' has shape {list(d.shape)}, the layer's other "
+                               f"experts {list(datas[0].shape)}")
+    return np.stack(datas)
+
+
 def _read_back(f: IO[bytes], offset: int, n: int) -> np.ndarray:
     f.seek(offset)
     return np.frombuffer(f.read(n), np.uint8)
@@ -322,7 +335,7 @@ class Converter:
             if data.dtype not in (np.float16, np.float32):
                 data = data.astype(np.float32)
             bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
-            for new_name, arr in self.modify(data, name, bid):
+            for new_name, arr in self._modified(data, name, bid):
                 if new_name in seen:
                     raise ConvertError(f"two tensors map to '{new_name}'")
                 seen.add(new_name)
@@ -339,6 +352,20 @@ class Converter:
                                         lambda o=off, n=raw.nbytes: _read_back(spill, o, n)))
         self.finish_tensors()
         return specs
+
+    def _modified(self, data: np.ndarray, name: str, bid: int | None):
+        """``modify``, with a shape that breaks a reshape or an expert stack (a tensor the
+        config does not describe) reported as one line naming the tensor."""
+        it = iter(self.modify(data, name, bid))
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            except (ValueError, IndexError, KeyError) as e:
+                raise ConvertError(f"tensor '{name}' of shape {list(data.shape)} does not fit "
+                                   f"{self.hf_arch}'s layout in config.json: {e}") from None
+            yield item
 
     # -- metadata --------------------------------------------------------------------------
     def parameter_counts(self, specs: list[TensorSpec]) -> tuple[int, int, int, int]:
@@ -568,10 +595,10 @@ class LlamaConverter(Converter):
             self._experts[bid][name] = data
             if len(self._experts[bid]) >= n_exp * 3:
                 for wid in ("w1", "w2", "w3"):
-                    datas = [self._experts[bid].pop(
-                        f"model.layers.{bid}.block_sparse_moe.experts.{x}.{wid}.weight")
-                        for x in range(n_exp)]
-                    yield from super().modify(np.stack(datas),
+                    datas = _stack_experts(self._experts[bid], [
+                        f"model.layers.{bid}.block_sparse_moe.experts.{x}.{wid}.weight"
+                        for x in range(n_exp)])
+                    yield from super().modify(datas,
                                               f"layers.{bid}.feed_forward.experts.{wid}.weight",
                                               bid)
             return
@@ -676,9 +703,9 @@ class Qwen2MoeConverter(Converter):
             self._experts[bid][name] = data
             if len(self._experts[bid]) >= n_exp * 3:
                 for w in ("down_proj", "gate_proj", "up_proj"):
-                    datas = [self._experts[bid].pop(f"model.layers.{bid}.mlp.experts.{x}.{w}.weight")
-                             for x in range(n_exp)]
-                    yield from super().modify(np.stack(datas),
+                    datas = _stack_experts(self._experts[bid], [
+                        f"model.layers.{bid}.mlp.experts.{x}.{w}.weight" for x in range(n_exp)])
+                    yield from super().modify(datas,
                                               f"model.layers.{bid}.mlp.experts.{w}.weight", bid)
             return
         yield from super().modify(data, name, bid)
@@ -797,9 +824,9 @@ class DeepseekV2Converter(Converter):
             self._experts[bid][name] = data
             if len(self._experts[bid]) >= n_exp * 3:
                 for w in ("down_proj", "gate_proj", "up_proj"):
-                    datas = [self._experts[bid].pop(f"model.layers.{bid}.mlp.experts.{x}.{w}.weight")
-                             for x in range(n_exp)]
-                    yield from super().modify(np.stack(datas),
+                    datas = _stack_experts(self._experts[bid], [
+                        f"model.layers.{bid}.mlp.experts.{x}.{w}.weight" for x in range(n_exp)])
+                    yield from super().modify(datas,
                                               f"model.layers.{bid}.mlp.experts.{w}.weight", bid)
             return
         if name.endswith("kv_b_proj.weight"):
