@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, int]] = [
     ("jllama.gguf", 1), ("jllama.registry", 1),
     ("jllama.quant", 2),
     ("jllama.kernels", 3),
-    ("jllama.models", 4), ("jllama.tokenizer", 4),
+    ("jllama.models", 4), ("jllama.tokenizer", 4), ("jllama.convert", 4),
     ("jllama.engine", 5),
     ("jllama.eval", 6), ("jllama.server", 6), ("jllama.parallel", 6), ("jllama.checkpoint", 6),
     ("jllama.api", 7), ("jllama.config", 7),

