@@ -4,8 +4,8 @@ The oracle is the llama.cpp build the tests already use (llama-cpp-python's libg
 driven through ctypes on a plain ggml context (no backend buffers, so no AMX/repack extra
 buffer types): an f32 activation tensor times a quantized weight tensor holding our GGUF bytes.
 ggml quantizes the activations to the weight's vec_dot type and runs its vec_dot (one row),
-llamafile's tinyBLAS (2+ rows, Q4_0/Q5_0/Q8_0) or its tiled K-quant GEMM (8+ rows, Q4_K/Q5_K/
-Q6_K, ggml-cpu/tiled/); our kernel gets the activations quantized by
+llamafile's tinyBLAS (2+ rows, Q4_0/Q5_0/Q8_0) or its tiled K-quant GEMM (8+ rows, Q2_K-Q6_K,
+ggml-cpu/tiled/); our kernel gets the activations quantized by
 ``quantize_activations_q8``. The products must be bit-identical.
 """
 
@@ -26,9 +26,10 @@ from jllama.kernels import cpu_ffi
 from jllama.quant.actquant import quantize_activations_ex, quantize_activations_q8
 from jllama.quant.testing import random_blocks
 
-TYPES = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K,
-         QType.Q6_K]
-K_TILED = {QType.Q4_K, QType.Q5_K, QType.Q6_K}  # ggml's tiled K-quant GEMM from 8 rows
+TYPES = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q2_K, QType.Q3_K,
+         QType.Q4_K, QType.Q5_K, QType.Q6_K]
+# ggml's tiled K-quant GEMM from 8 rows
+K_TILED = {QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K}
 
 
 def ggml_mul_mat(raw: np.ndarray, qtype: int, x: np.ndarray, n_threads: int) -> np.ndarray:
@@ -112,7 +113,8 @@ def test_q8_kernel_bit_exact_vs_ggml(qtype: QType) -> None:
 
 @pytest.mark.parametrize("qtypes", [(QType.Q4_1, QType.Q4_1, QType.Q4_1),
                                     (QType.Q5_0, QType.Q5_0, QType.Q8_0),
-                                    (QType.Q4_K, QType.Q6_K)],
+                                    (QType.Q4_K, QType.Q6_K),
+                                    (QType.Q3_K, QType.Q2_K, QType.Q3_K)],
                          ids=lambda ts: "-".join(t.name for t in ts))
 def test_q8_multi_weight_call_bit_exact_vs_ggml(qtypes) -> None:
     """One kernel call over q/k/v (or gate/up) weights: each output is ggml's own product."""

@@ -107,6 +107,12 @@ struct Q2_K {
 
 struct Q3_K {
   static constexpr int BS = 256, TS = 110;
+  // The signed 6-bit scale of 16-group g (-32..31) from the 12 scale bytes ``sc``.
+  static int scale(const uint8_t* sc, int g) {
+    const int lo = (g < 8 ? sc[g] : sc[g - 8] >> 4) & 15;
+    const int hi = (sc[8 + (g & 3)] >> (2 * (g >> 2))) & 3;
+    return (lo | (hi << 4)) - 32;
+  }
   static void decode(const uint8_t* b, float* out) {
     const uint8_t* hmask = b;
     const uint8_t* qs = b + 32;
@@ -116,9 +122,7 @@ struct Q3_K {
       for (int s = 0; s < 4; ++s)
         for (int half = 0; half < 2; ++half) {
           const int g = h * 8 + s * 2 + half, hb = h * 4 + s;  // hb: the hmask bit, e / 32
-          const int lo = (g < 8 ? sc[g] : sc[g - 8] >> 4) & 15;
-          const int hi = (sc[8 + (g & 3)] >> (2 * (g >> 2))) & 3;
-          const float dl = d * float((lo | (hi << 4)) - 32);
+          const float dl = d * float(scale(sc, g));
           const uint8_t* q = qs + h * 32 + half * 16;
           const uint8_t* m = hmask + half * 16;
           float* o = out + g * 16;
