@@ -439,7 +439,7 @@ struct Q8W3_K : Q8K16<Q8W3_K> {
   static constexpr bool kSigned = true, kBsums = false;
   static __m256i scales16(const uint8_t* b) {
     alignas(16) int8_t sc[16];
-    for (int g = 0; g < 16; ++g) sc[g] = int8_t(Q3_K::scale(b + 96, g));
+    Q3_K::scales(b + 96, sc);
     return _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)sc));
   }
   // Codes w = low2 - 4 (1 - hbit), -4..3, as |w| (unsigned) and w, whose sign moves onto the
