@@ -339,7 +339,8 @@ struct Q8W6_K {
 // 2c and 2c+1, so lane l of the block's int32 sumi is sum_c sc[2c + l/4] * (dot of bytes
 // 4l..4l+3 of chunk c), its pairs from maddubs, scaled by madd (get_scale_shuffle_q3k).
 // Q2_K: acc = fma(-d_x * dmin_w, mins lane l = mn[2l] bs[2l] + mn[2l+1] bs[2l+1], acc), then
-// acc = fma(d_x * d_w, sumi, acc); Q3_K: the second step only (its codes are signed, -4..3).
+// acc = fma(d_x * d_w, sumi, acc); Q3_K: the second step only (its codes low2 - qh are signed,
+// -4..3: both parts through maddubs, their int16 pair sums subtracted, as ggml does).
 // TILED (ggml's tiled GEMM, tiled-kernel.cpp, SUBBLK 16): s1 = the sum of all lanes, Q2_K
 // r = fma(-dmin_w, s2 = sum_g mn[g] bs[g], s1 * d_w), Q3_K r = s1 * d_w; summs = fma(r, d_x, summs).
 //
@@ -371,13 +372,13 @@ struct Q8K16 {
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
       const __m256i scv = k16_pair_scales(all, c);
-      __m256i qw, sg;
-      D::chunk(b, c, qw, sg);
+      __m256i qw, qh;
+      D::chunk(b, c, qw, qh);
       for (int m = 0; m < MC; ++m) {
-        __m256i qy = load256(x[m].q + bi * 256 + c * 32);
-        if constexpr (D::kSigned) qy = _mm256_sign_epi8(qy, sg);
-        sumi[m] = _mm256_add_epi32(sumi[m],
-                                   _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qy), scv));
+        const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
+        __m256i p = _mm256_maddubs_epi16(qw, qy);  // pairs: |sum| <= 2 * 3 * 128, no saturation
+        if constexpr (D::kHigh) p = _mm256_sub_epi16(p, _mm256_maddubs_epi16(qh, qy));
+        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(p, scv));
       }
     }
     D::template finish_block<MC, TILED>(b, bi, x, st, sumi);
@@ -391,7 +392,7 @@ struct Q8K16 {
 
 struct Q8W2_K : Q8K16<Q8W2_K> {
   static constexpr int TS = 84;
-  static constexpr bool kSigned = false, kBsums = true;
+  static constexpr bool kHigh = false, kBsums = true;
   static __m256i scales16(const uint8_t* b) {
     const __m128i sc = _mm_and_si128(_mm_loadu_si128((const __m128i*)b), _mm_set1_epi8(15));
     return _mm256_cvtepu8_epi16(sc);
@@ -400,7 +401,7 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
     const __m128i v = _mm_loadu_si128((const __m128i*)b);
     return _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)));
   }
-  // Codes 0..3 as unsigned bytes (no sign: maddubs takes them as they are).
+  // Codes 0..3, unsigned: no high part.
   static void chunk(const uint8_t* b, int c, __m256i& qw, __m256i&) { qw = k16_low2(b + 16, c); }
   template <int MC, bool TILED>
   static void finish_block(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st,
@@ -436,19 +437,18 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
 
 struct Q8W3_K : Q8K16<Q8W3_K> {
   static constexpr int TS = 110;
-  static constexpr bool kSigned = true, kBsums = false;
+  static constexpr bool kHigh = true, kBsums = false;
   static __m256i scales16(const uint8_t* b) {
-    alignas(16) int8_t sc[16];
-    Q3_K::scales(b + 96, sc);
-    return _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)sc));
+    uint32_t w[4];
+    Q3_K::scale_words(b + 96, w);
+    const __m128i v = _mm_set_epi32(int(w[3]), int(w[2]), int(w[1]), int(w[0]));
+    return _mm256_cvtepi8_epi16(_mm_sub_epi8(v, _mm_set1_epi8(32)));
   }
-  // Codes w = low2 - 4 (1 - hbit), -4..3, as |w| (unsigned) and w, whose sign moves onto the
-  // activations: |w| * sign(q, w) = w * q since Q8_K codes are never -128 (quantize_row_q8_K).
-  static void chunk(const uint8_t* b, int c, __m256i& qw, __m256i& sg) {
-    const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(load256(b), c), _mm256_set1_epi8(1));
-    sg = _mm256_sub_epi8(_mm256_or_si256(k16_low2(b + 32, c), _mm256_slli_epi16(hb, 2)),
-                         _mm256_set1_epi8(4));
-    qw = _mm256_sign_epi8(sg, sg);
+  // Codes low2 - qh, -4..3: qh = 4 where bit c of hmask[l] is clear, as ggml's q3h.
+  static void chunk(const uint8_t* b, int c, __m256i& qw, __m256i& qh) {
+    const __m256i hb = _mm256_and_si256(load256(b), _mm256_set1_epi8(char(1 << c)));
+    qh = _mm256_and_si256(_mm256_cmpeq_epi8(hb, _mm256_setzero_si256()), _mm256_set1_epi8(4));
+    qw = k16_low2(b + 32, c);
   }
   template <int MC, bool TILED>
   static void finish_block(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st,
