@@ -1,7 +1,7 @@
 """Prompt-sized int8 GEMMs, jllama's C++ kernel against ggml's own ``mul_mat``, side by side.
 
     python experiments/bench_gemm_vs_ggml.py [--rows 512] [--threads 2] [--reps 5]
-        [--model gemma3|smollm2|all]
+        [--model gemma3|smollm2|q2q3|all]
 
 Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
 activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
@@ -32,6 +32,10 @@ MODELS = {
                ("Q4_K", 640, 2048, 0.5)],
     "smollm2": [("Q4_1", 576, 576, 2), ("Q4_1", 192, 576, 2), ("Q4_1", 1536, 576, 2),
                 ("Q4_1", 576, 1536, 1)],
+    # a 1B llama (2048 wide, 8192 ffn) in llama.cpp's Q2_K / Q3_K_M mixes, Q4_K for comparison
+    "q2q3": [("Q2_K", 2048, 2048, 2), ("Q3_K", 512, 2048, 1), ("Q2_K", 8192, 2048, 2),
+             ("Q3_K", 2048, 8192, 1), ("Q3_K", 2048, 2048, 2), ("Q3_K", 8192, 2048, 2),
+             ("Q4_K", 8192, 2048, 2)],
 }  # fmt: skip
 
 
@@ -110,8 +114,10 @@ def main() -> None:
             free()
             tot_g, tot_j = tot_g + uses * t_g, tot_j + uses * t_j
             gmac = a.rows * n * k / 1e9
-            print(f"  {tname:5s} {n:5d}x{k:<5d} ggml {t_g * 1e3:7.2f} ms ({gmac / t_g:5.1f} GMAC/s)"
-                  f"  jllama {t_j * 1e3:7.2f} ms ({gmac / t_j:5.1f})  ratio {t_g / t_j:4.2f}"
+            gb = raw.nbytes / 1e9  # weight bytes: what bounds a decode-sized call
+            print(f"  {tname:5s} {n:5d}x{k:<5d} ggml {t_g * 1e3:7.2f} ms ({gmac / t_g:5.1f} GMAC/s,"
+                  f" {gb / t_g:5.2f} GB/s)  jllama {t_j * 1e3:7.2f} ms ({gmac / t_j:5.1f},"
+                  f" {gb / t_j:5.2f} GB/s)  ratio {t_g / t_j:4.2f}"
                   f"{'' if same else '  RESULTS DIFFER'}")
         print(f"  per layer: ggml {tot_g * 1e3:.1f} ms, jllama {tot_j * 1e3:.1f} ms, "
               f"ratio {tot_g / tot_j:.2f}")

@@ -24,6 +24,7 @@ SHAPES = [
     (QType.Q4_1, 1536, 576), (QType.Q8_0, 49152, 576), (QType.Q5_0, 2048, 640),
     (QType.Q8_0, 262144, 640), (QType.Q4_K, 640, 2048), (QType.Q6_K, 640, 2048),
     (QType.Q4_0, 2048, 2048), (QType.Q5_1, 2048, 2048), (QType.Q5_K, 2048, 2048),
+    (QType.Q2_K, 2048, 2048), (QType.Q3_K, 2048, 2048),
 ]  # fmt: skip
 
 
@@ -31,8 +32,8 @@ def weights(qtype: QType, n: int, k: int) -> np.ndarray:
     info = qtype_info(int(qtype))
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, (n, k // info.block_size, info.type_size), dtype=np.uint8)
-    off = {QType.Q6_K: [208]}.get(qtype, [0, 2] if qtype in (QType.Q4_1, QType.Q5_1,
-                                                              QType.Q4_K, QType.Q5_K) else [0])
+    off = {QType.Q6_K: [208], QType.Q2_K: [80, 82], QType.Q3_K: [108]}.get(
+        qtype, [0, 2] if qtype in (QType.Q4_1, QType.Q5_1, QType.Q4_K, QType.Q5_K) else [0])
     for o in off:
         f = rng.uniform(-0.05, 0.05, raw.shape[:2]).astype(np.float16)
         raw[..., o : o + 2] = f[..., None].view(np.uint8)

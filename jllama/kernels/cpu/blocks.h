@@ -107,18 +107,30 @@ struct Q2_K {
 
 struct Q3_K {
   static constexpr int BS = 256, TS = 110;
+  // The 6-bit scales of the 16 groups (stored + 32: the scale is the byte - 32), four per
+  // 32-bit word (group 4i + j in byte j of r[i]) from the 12 scale bytes ``sc``: low nibbles of
+  // bytes 0-7 for groups 0-7, their high nibbles for 8-15; group g's two high bits at bit
+  // 2 (g / 4) of byte 8 + g % 4.
+  static void scale_words(const uint8_t* sc, uint32_t* r) {
+    uint32_t a[3];
+    std::memcpy(a, sc, 12);
+    for (int i = 0; i < 4; ++i)
+      r[i] = ((a[i & 1] >> (4 * (i >> 1))) & 0x0f0f0f0f) | ((a[2] >> (2 * i)) & 0x03030303) << 4;
+  }
   static void decode(const uint8_t* b, float* out) {
     const uint8_t* hmask = b;
     const uint8_t* qs = b + 32;
     const uint8_t* sc = b + 96;
     const float d = f16_to_f32(b + 108);
+    uint32_t sw[4];
+    scale_words(sc, sw);
+    uint8_t scs[16];
+    std::memcpy(scs, sw, 16);
     for (int h = 0; h < 2; ++h)
       for (int s = 0; s < 4; ++s)
         for (int half = 0; half < 2; ++half) {
           const int g = h * 8 + s * 2 + half, hb = h * 4 + s;  // hb: the hmask bit, e / 32
-          const int lo = (g < 8 ? sc[g] : sc[g - 8] >> 4) & 15;
-          const int hi = (sc[8 + (g & 3)] >> (2 * (g >> 2))) & 3;
-          const float dl = d * float((lo | (hi << 4)) - 32);
+          const float dl = d * float(int(scs[g]) - 32);
           const uint8_t* q = qs + h * 32 + half * 16;
           const uint8_t* m = hmask + half * 16;
           float* o = out + g * 16;

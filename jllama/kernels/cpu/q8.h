@@ -12,10 +12,10 @@
 //
 // From 8 x rows on, ggml-cpu multiplies K-quant weights with its tiled GEMM instead
 // (ggml-cpu/tiled/, ``ggml_tiled_min_batch``), whose f32 steps differ: per 256-block one exact
-// int32 s1 = sum_g sc[g] dot_g and (Q4_K/Q5_K) s2 = sum_g mn[g] bsum_g, then
-// ``r = fma(-dmin_w, s2, s1 * d_w)`` (Q6_K: ``r = s1 * d_w``) and ``acc = fma(r, d_x, acc)``
-// over blocks, no lane split and no hsum (its AVX-512 VNNI microkernel as the oracle build
-// compiles it, vfnmadd + vfmadd over memory). Tile shapes, K chunking and threads only regroup
+// int32 s1 = sum_g sc[g] dot_g and (Q2_K/Q4_K/Q5_K) s2 = sum_g mn[g] bsum_g, then
+// ``r = fma(-dmin_w, s2, s1 * d_w)`` (Q3_K/Q6_K: ``r = s1 * d_w``) and ``acc = fma(r, d_x,
+// acc)`` over blocks, no lane split and no hsum (its AVX-512 VNNI microkernel as the oracle
+// build compiles it, vfnmadd + vfmadd over memory; its AVX2 one, explicit FMAs). Tile shapes, K chunking and threads only regroup
 // whole output elements, so they do not enter: the ``kTiled`` kernels follow that order
 // whenever the call has >= 8 rows (``kTiledMinRows``), ggml's src1->ne[1], and ``Q8Call::tiled``
 // is set. That flag is ggml's own switch (GGML_CPU_TILED_MM=0 turns the tiled GEMM off), which

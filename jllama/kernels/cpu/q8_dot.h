@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "blocks.h"
 #include "f16.h"
 #include "q8.h"
 
@@ -330,6 +331,139 @@ struct Q8W6_K {
   static float finish(const Q8Acc& a) {
     if constexpr (TILED) return a.summs;
     return hsum8(a.acc);
+  }
+};
+
+
+// Q2_K/Q3_K (Q8_K activations), as ggml's AVX2 vec_dot: 32-element chunk c (0..7) holds 16-groups
+// 2c and 2c+1, so lane l of the block's int32 sumi is sum_c sc[2c + l/4] * (dot of bytes
+// 4l..4l+3 of chunk c), its pairs from maddubs, scaled by madd (get_scale_shuffle_q3k).
+// Q2_K: acc = fma(-d_x * dmin_w, mins lane l = mn[2l] bs[2l] + mn[2l+1] bs[2l+1], acc), then
+// acc = fma(d_x * d_w, sumi, acc); Q3_K: the second step only (its codes low2 - qh are signed,
+// -4..3: both parts through maddubs, their int16 pair sums subtracted, as ggml does).
+// TILED (ggml's tiled GEMM, tiled-kernel.cpp, SUBBLK 16): s1 = the sum of all lanes, Q2_K
+// r = fma(-dmin_w, s2 = sum_g mn[g] bs[g], s1 * d_w), Q3_K r = s1 * d_w; summs = fma(r, d_x, summs).
+//
+// The scale (and Q2_K min) of the chunk's two groups as int16: group 2c in the low 128 bits,
+// 2c+1 in the high, picked from the block's 16 int16 values ``all`` (group g in element g).
+static inline __m256i k16_pair_scales(__m256i all, int c) {
+  const __m128i half = c < 4 ? _mm256_castsi256_si128(all) : _mm256_extracti128_si256(all, 1);
+  const int s = c & 3;
+  const __m256i shuf = _mm256_set_m128i(_mm_set1_epi16(int16_t(((4 * s + 3) << 8) | (4 * s + 2))),
+                                        _mm_set1_epi16(int16_t(((4 * s + 1) << 8) | (4 * s))));
+  return _mm256_shuffle_epi8(_mm256_set_m128i(half, half), shuf);
+}
+
+// The 2-bit codes of chunk c: bits 2(c%4).. of qs[32 (c/4) + l].
+static inline __m256i k16_low2(const uint8_t* qs, int c) {
+  const __m256i q = load256(qs + 32 * (c >> 2));
+  return _mm256_and_si256(_mm256_srli_epi16(q, 2 * (c & 3)), _mm256_set1_epi8(3));
+}
+
+template <typename D>
+struct Q8K16 {
+  static constexpr int BS = 256, XB = 256, OFF = 0;
+  static constexpr bool kBias = false, kTiled = true;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const __m256i all = D::scales16(b);
+    __m256i sumi[MC];
+    for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m256i scv = k16_pair_scales(all, c);
+      __m256i qw, qh;
+      D::chunk(b, c, qw, qh);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
+        __m256i p = _mm256_maddubs_epi16(qw, qy);  // pairs: |sum| <= 2 * 3 * 128, no saturation
+        if constexpr (D::kHigh) p = _mm256_sub_epi16(p, _mm256_maddubs_epi16(qh, qy));
+        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(p, scv));
+      }
+    }
+    D::template finish_block<MC, TILED>(b, bi, x, st, sumi);
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) {
+    if constexpr (TILED) return a.summs;
+    return hsum8(a.acc);
+  }
+};
+
+struct Q8W2_K : Q8K16<Q8W2_K> {
+  static constexpr int TS = 84;
+  static constexpr bool kHigh = false, kBsums = true;
+  static __m256i scales16(const uint8_t* b) {
+    const __m128i sc = _mm_and_si128(_mm_loadu_si128((const __m128i*)b), _mm_set1_epi8(15));
+    return _mm256_cvtepu8_epi16(sc);
+  }
+  static __m256i mins16(const uint8_t* b) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)b);
+    return _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)));
+  }
+  // Codes 0..3, unsigned: no high part.
+  static void chunk(const uint8_t* b, int c, __m256i& qw, __m256i&) { qw = k16_low2(b + 16, c); }
+  template <int MC, bool TILED>
+  static void finish_block(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st,
+                           const __m256i* sumi) {
+    const float dw = f16_to_f32(b + 80), dminw = f16_to_f32(b + 82);
+    const __m256i mn = mins16(b);
+    __m256i prod[MC];  // lane l: mn[2l] bs[2l] + mn[2l+1] bs[2l+1]
+    for (int m = 0; m < MC; ++m) {
+      const int32_t* bs = x[m].aux + bi * 16;
+      const __m256i b16 = _mm256_permute4x64_epi64(
+          _mm256_packs_epi32(load256(bs), load256(bs + 8)), 0xD8);  // |bsum| <= 16 * 127
+      prod[m] = _mm256_madd_epi16(mn, b16);
+    }
+    if constexpr (TILED) {
+      int32_t s1[MC], s2[MC];
+      hsum_i32_rows<MC>(sumi, s1);
+      hsum_i32_rows<MC>(prod, s2);
+      for (int m = 0; m < MC; ++m) {
+        const float r = __builtin_fmaf(-dminw, float(s2[m]), float(s1[m]) * dw);
+        st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
+      }
+      return;
+    }
+    for (int m = 0; m < MC; ++m) {
+      const float dx = x[m].d[bi];
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(-dx * dminw), _mm256_cvtepi32_ps(prod[m]),
+                                  st[m].acc);
+      st[m].acc =
+          _mm256_fmadd_ps(_mm256_set1_ps(dx * dw), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
+    }
+  }
+};
+
+struct Q8W3_K : Q8K16<Q8W3_K> {
+  static constexpr int TS = 110;
+  static constexpr bool kHigh = true, kBsums = false;
+  static __m256i scales16(const uint8_t* b) {
+    uint32_t w[4];
+    Q3_K::scale_words(b + 96, w);
+    const __m128i v = _mm_set_epi32(int(w[3]), int(w[2]), int(w[1]), int(w[0]));
+    return _mm256_cvtepi8_epi16(_mm_sub_epi8(v, _mm_set1_epi8(32)));
+  }
+  // Codes low2 - qh, -4..3: qh = 4 where bit c of hmask[l] is clear, as ggml's q3h.
+  static void chunk(const uint8_t* b, int c, __m256i& qw, __m256i& qh) {
+    const __m256i hb = _mm256_and_si256(load256(b), _mm256_set1_epi8(char(1 << c)));
+    qh = _mm256_and_si256(_mm256_cmpeq_epi8(hb, _mm256_setzero_si256()), _mm256_set1_epi8(4));
+    qw = k16_low2(b + 32, c);
+  }
+  template <int MC, bool TILED>
+  static void finish_block(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st,
+                           const __m256i* sumi) {
+    const float dw = f16_to_f32(b + 108);
+    if constexpr (TILED) {
+      int32_t s1[MC];
+      hsum_i32_rows<MC>(sumi, s1);
+      for (int m = 0; m < MC; ++m)
+        st[m].summs = __builtin_fmaf(float(s1[m]) * dw, x[m].d[bi], st[m].summs);
+      return;
+    }
+    for (int m = 0; m < MC; ++m)
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw), _mm256_cvtepi32_ps(sumi[m]),
+                                  st[m].acc);
   }
 };
 

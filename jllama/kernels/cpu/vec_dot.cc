@@ -11,7 +11,7 @@
 //
 // int8 activations (``JllamaQMatVecQ8``, q8.h): what llama.cpp itself runs, bit-identical to
 // its CPU mul_mat; the per-block arithmetic is in q8_dot.h. Decode uses them in the default
-// llama.cpp-matching numerics for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, where they also
+// llama.cpp-matching numerics for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K, where they also
 // read the weights faster than the f32 decoders.
 
 #include <algorithm>
@@ -469,6 +469,8 @@ Q8Kernel pick_q8(int64_t qtype) {
     case kQ4_K: return make_q8<Q8W4_K>(qtype);
     case kQ5_K: return make_q8<Q8W5_K>(qtype);
     case kQ6_K: return make_q8<Q8W6_K>(qtype);
+    case kQ2_K: return make_q8<Q8W2_K>(qtype);
+    case kQ3_K: return make_q8<Q8W3_K>(qtype);
     default: return {nullptr, nullptr, 0, 0, 0, 0, false, false, false, false};
   }
 }
