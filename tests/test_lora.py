@@ -1,0 +1,200 @@
+"""LoRA adapters (models/lora.py) against llama.cpp on a tiny random llama.
+
+The base is Q8_0 (the int8 kernels: bit-identical to llama.cpp without adapters); the adapters
+are random, written by tests/tinymodels.py in convert_lora_to_gguf.py's layout, and loaded by
+both programs (llama-cpp-python: ``lora_path``/``lora_scale``, or llama_adapter_lora_init +
+llama_set_adapters_lora for several).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import gguf
+import numpy as np
+import pytest
+from tinymodels import dense_hparams, dense_tensors, write_gguf, write_lora
+
+Q = gguf.GGMLQuantizationType
+N_VOCAB = 320
+SHP = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+ALL = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight",
+       "blk.0.attn_output.weight", "blk.1.attn_q.weight", "blk.1.attn_v.weight",
+       "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.1.ffn_down.weight",
+       "output.weight", "token_embd.weight"]
+IDS = [[int(t) for t in np.random.default_rng(0).integers(0, N_VOCAB, 40)], [5, 17, 300, 42]]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora")
+    base = dense_tensors(11, n_vocab=N_VOCAB, tied=False, **SHP)
+    model = write_gguf(d / "base.gguf", "llama", dense_hparams(**SHP), base, qtype=Q.Q8_0)
+    return dict(
+        base=base, model=model, dir=d,
+        a=write_lora(d / "a.gguf", "llama", base, ALL, rank=8, alpha=16.0, seed=1),
+        b=write_lora(d / "b.gguf", "llama", base, ALL[:4] + ["blk.1.ffn_up.weight"], rank=16,
+                     alpha=0.0, seed=2, std=0.05),
+        h=write_lora(d / "h.gguf", "llama", base, ALL, rank=32, alpha=32.0, seed=3,
+                     qtype=Q.F16),
+    )
+
+
+def _oracle(files, adapters):
+    """llama-cpp-python on the base with these (file key, scale) adapters set on its context."""
+    from llamacpp_oracle import llama_cpp_module
+
+    llama_cpp = llama_cpp_module()
+    import llama_cpp.llama_cpp as low
+
+    kw = dict(n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0, flash_attn=True)
+    if len(adapters) == 1:  # the high-level API's own way
+        (k, s), = adapters
+        return llama_cpp.Llama(model_path=str(files["model"]), lora_path=str(files[k]),
+                               lora_scale=s, **kw)
+    o = llama_cpp.Llama(model_path=str(files["model"]), **kw)
+    ads = [low.llama_adapter_lora_init(o._model.model, str(files[k]).encode())
+           for k, _ in adapters]
+    assert all(ads)
+    arr = (low.llama_adapter_lora_p_ctypes * len(ads))(*ads)
+    sc = (ctypes.c_float * len(ads))(*[s for _, s in adapters])
+    assert low.llama_set_adapters_lora(o._ctx.ctx, arr, len(ads), sc) == 0
+    o._jllama_adapters = ads  # freed with the model
+    return o
+
+
+def _ours(files, adapters):
+    from jllama.engine.engine import Engine
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model, load_weights, lora
+
+    g = read_gguf(files["model"])
+    w = load_weights(g)
+    spec, m = build_model(g, w)
+    ls = lora.attach(m, w, g, [(lora.read_lora(files[k]), s) for k, s in adapters])
+    return Engine(spec, m, ctx_size=256), m, ls
+
+
+def _oracle_logits(o, ids):
+    o.reset()
+    o.eval(ids)
+    return np.array(o.scores[: len(ids)], np.float32)
+
+
+# F32 adapters (ggml's f32 mul_mat step by step), an F16 one (activations rounded to f16 first),
+# one without alpha (scale used as is), several at once (llama.cpp's order: last given first)
+CASES = {"one": [("a", 0.7)], "three": [("a", 1.0), ("b", -1.3), ("h", 0.5)]}
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_equal_llamacpps(files, case):
+    """Every logit at every position bit-identical to llama.cpp's with the same adapters."""
+    eng, _, _ = _ours(files, CASES[case])
+    o = _oracle(files, CASES[case])
+    for ids in IDS:
+        ref = _oracle_logits(o, ids)
+        ours = eng.logits(ids)
+        rows = np.flatnonzero((ours != ref).any(-1))
+        assert rows.size == 0, f"{rows.size} rows differ, max|Δ| {np.abs(ours - ref).max():.3g}"
+    # the adapters do change the model (else this test could not fail)
+    base = _oracle(files, [])
+    assert np.abs(_oracle_logits(base, IDS[1]) - _oracle_logits(o, IDS[1])).max() > 0.1
+
+
+@pytest.mark.oracle
+def test_greedy_and_scale_change_without_recompiling(files):
+    """16 greedy tokens equal llama.cpp's (decode steps: one row through the adapters); then a
+    new scale is new state for the same compiled programs, and the logits follow llama.cpp's
+    with that scale."""
+    from jllama.engine.sampling import SamplingParams
+    from jllama.models import lora
+
+    eng, m, ls = _ours(files, [("a", 0.7), ("b", -1.3)])
+    o = _oracle(files, [("a", 0.7), ("b", -1.3)])
+    o.reset()
+    ref = []
+    for t in o.generate(IDS[1], top_k=1, temp=0.0, repeat_penalty=1.0):
+        ref.append(t)
+        if len(ref) == 16:
+            break
+    assert list(eng.generate(IDS[1], SamplingParams.greedy(), max_tokens=16)) == ref
+    eng.logits(IDS[0])
+    sizes = (eng._forward_slot._cache_size(), eng._decode_sample._cache_size())
+    lora.set_scales(ls, [0.25, 2.0])
+    eng.update_params(m)
+    ours = eng.logits(IDS[0])
+    assert (eng._forward_slot._cache_size(), eng._decode_sample._cache_size()) == sizes
+    np.testing.assert_array_equal(ours, _oracle_logits(_oracle(files, [("a", 0.25), ("b", 2.0)]),
+                                                       IDS[0]))
+
+
+def test_without_adapters_the_model_is_unchanged(files):
+    """No adapter: no LoRA terms in the program (the layers' lora slot stays None)."""
+    from flax import nnx
+
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model
+    from jllama.models.common import Embedding, Linear
+
+    _, m = build_model(read_gguf(files["model"]))
+    mods = [x for _, x in nnx.iter_graph(m) if isinstance(x, Linear | Embedding)]
+    assert len(mods) == 2 * 7 + 2 and all(x.lora is None for x in mods)
+
+
+def test_reads_the_converters_layout(files):
+    from jllama.models import lora
+
+    lf = lora.read_lora(files["a"])
+    assert (lf.arch, lf.alpha, sorted(lf.pairs)) == ("llama", 16.0, sorted(ALL))
+    a, b = lf.pairs["blk.0.attn_k.weight"]
+    assert (a.shape, b.shape) == ((8, 128), (64, 8))
+    a, b = lf.pairs["token_embd.weight"]
+    assert (a.shape, b.shape) == ((N_VOCAB, 8), (128, 8))  # lora_a transposed for the rows
+    # llama_adapter_lora_weight::get_scale in f32: 0.7 * 16 / 8; no alpha: the scale itself
+    assert lf.scale_for("blk.0.attn_k.weight", 0.7) == np.float32(np.float32(0.7 * 16) / 8)
+    assert lora.read_lora(files["b"]).scale_for("blk.0.attn_q.weight", -1.3) == np.float32(-1.3)
+
+
+def _bad_lora(tmp_path, meta: dict, tensors: dict[str, np.ndarray]):
+    from jllama.gguf.writer import TensorSpec, write_gguf as jl_write
+
+    specs = [TensorSpec(n, a.shape, 0, lambda a=a: np.ascontiguousarray(a, np.float32)
+                        .view(np.uint8)) for n, a in tensors.items()]
+    p = tmp_path / "bad.gguf"
+    jl_write(p, {"general.architecture": "llama", "general.type": "adapter",
+                 "adapter.type": "lora", "adapter.lora.alpha": 8.0, **meta}, specs)
+    return p
+
+
+def test_bad_adapters_are_refused_with_their_reason(files, tmp_path):
+    from jllama.errors import ModelError
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model, load_weights, lora
+
+    g = read_gguf(files["model"])
+    w = load_weights(g)
+    _, m = build_model(g, w)
+    z = np.zeros
+    with pytest.raises(ModelError, match="not a LoRA adapter"):
+        lora.read_lora(files["model"])
+    with pytest.raises(ModelError, match="adapter.type is 'ia3'"):
+        lora.read_lora(_bad_lora(tmp_path, {"adapter.type": "ia3"},
+                                 {"blk.0.attn_q.weight.lora_a": z((8, 128))}))
+    with pytest.raises(ModelError, match="missing one component"):
+        lora.read_lora(_bad_lora(tmp_path, {}, {"blk.0.attn_q.weight.lora_a": z((8, 128))}))
+    with pytest.raises(ModelError, match="neither .lora_a nor .lora_b"):
+        lora.read_lora(_bad_lora(tmp_path, {}, {"blk.0.attn_q.weight": z((8, 128))}))
+    cases = [
+        ({}, {"blk.0.attn_k.weight.lora_a": z((8, 128)), "blk.0.attn_k.weight.lora_b": z((128, 8))},
+         r"'blk.0.attn_k.weight' has lora_a \[8, 128\], lora_b \[128, 8\]; the base tensor "
+         r"\[64, 128\] needs"),
+        ({}, {"blk.9.attn_q.weight.lora_a": z((8, 128)), "blk.9.attn_q.weight.lora_b": z((128, 8))},
+         "does not exist in the base model"),
+        ({"general.architecture": "qwen2"}, {"blk.0.attn_q.weight.lora_a": z((8, 128)),
+                                             "blk.0.attn_q.weight.lora_b": z((128, 8))},
+         "architecture 'qwen2'"),
+    ]
+    for meta, t, msg in cases:
+        with pytest.raises(ModelError, match=msg):
+            lora.attach(m, w, g, [(lora.read_lora(_bad_lora(tmp_path, meta, t)), 1.0)])
