@@ -198,3 +198,65 @@ def test_bad_adapters_are_refused_with_their_reason(files, tmp_path):
     for meta, t, msg in cases:
         with pytest.raises(ModelError, match=msg):
             lora.attach(m, w, g, [(lora.read_lora(_bad_lora(tmp_path, meta, t)), 1.0)])
+
+
+# ------------------------------------------------------------------------------ user surface
+def _one_error_line(err: str, command: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    errors = [ln for ln in lines if ln.startswith(f"jllama {command}: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.oracle
+def test_cli_generate_with_adapters_is_llamacpps_completion(files, capsys):
+    """``jllama generate --lora F --lora-scaled F:S``: the greedy completion llama.cpp gives with
+    the same adapters (its --lora entries come before --lora-scaled ones here too)."""
+    from jllama.cli.main import main
+
+    prompt = "the quick brown fox"
+    o = _oracle(files, [("a", 1.0), ("b", -1.3)])
+    o.reset()
+    toks = []
+    for t in o.generate(o.tokenize(prompt.encode(), add_bos=False, special=True), top_k=1,
+                        temp=0.0, repeat_penalty=1.0):
+        toks.append(t)
+        if len(toks) == 12:
+            break
+    # a random model's byte tokens are not all valid UTF-8: ours prints U+FFFD for those
+    ref = o.detokenize(toks).decode("utf-8", errors="replace")
+    assert main(["generate", "-m", str(files["model"]), "-p", prompt, "-n", "12", "--temp", "0",
+                 "--lora", str(files["a"]), "--lora-scaled", f"{files['b']}:-1.3",
+                 "-c", "256"]) == 0
+    out = capsys.readouterr().out
+    assert out == ref + "\n"
+
+
+def test_cli_bad_adapters_are_one_line(files, capsys, tmp_path):
+    from jllama.cli.main import main
+    from tinymodels import write_lora
+
+    other = dense_tensors(1, n_vocab=N_VOCAB, tied=False, **{**SHP, "n_embd": 64})
+    wrong = write_lora(tmp_path / "wrong.gguf", "llama", other, ["blk.0.attn_q.weight"])
+    for extra, msg in ((["--lora", str(files["model"])], "not a LoRA adapter"),
+                       (["--lora", str(wrong)], "wrong base model?"),
+                       (["--lora-scaled", str(files["a"])], "expected FNAME:SCALE"),
+                       (["--lora", str(tmp_path / "none.gguf")], "none.gguf")):
+        assert main(["generate", "-m", str(files["model"]), "-p", "x", "-n", "1", *extra]) == 1
+        assert msg in _one_error_line(capsys.readouterr().err, "generate")
+
+
+def test_config_lora_section(tmp_path):
+    from jllama.config import load_config
+    from jllama.errors import ConfigError
+
+    (tmp_path / "a.gguf").write_bytes(b"")
+    p = tmp_path / "run.yaml"
+    p.write_text("model: m.gguf\nlora:\n  - path: a.gguf\n  - {path: /x/b.gguf, scale: 0.5}\n")
+    cfg = load_config(p)
+    assert [(lo.path, lo.scale) for lo in cfg.lora] == [(str(tmp_path / "a.gguf"), 1.0),
+                                                        ("/x/b.gguf", 0.5)]
+    p.write_text("lora:\n  - scale: 0.5\n")
+    with pytest.raises(ConfigError, match=r"'lora\[0\].path' is empty"):
+        load_config(p)
