@@ -33,6 +33,7 @@ COMMANDS = [
     "bench",
     "serve",
     "convert",
+    "export_lora",
 ]
 
 

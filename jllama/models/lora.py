@@ -31,12 +31,15 @@ from flax import nnx
 
 import jllama.models.ggml_f32 as ggml_f32
 from jllama.errors import JllamaError, ModelError
+from jllama.gguf.constants import ValueType
 from jllama.gguf.reader import GGUFFile, TensorInfo, read_gguf
+from jllama.gguf.writer import TensorSpec, write_gguf
 from jllama.kernels.dispatch import dequantize, take_rows
 from jllama.models.common import Embedding, Linear, Weights, linear
 from jllama.models import load_weights
 from jllama.quant.actquant import opaque
-from jllama.quant.qtensor import QTensor
+from jllama.quant.formats import dequantize_np
+from jllama.quant.qtensor import FLOAT_TYPES, QTensor, from_gguf_bytes
 
 TOKEN_EMBD = "token_embd.weight"
 _F32, _F16 = 0, 1
@@ -245,3 +248,86 @@ def set_scales(loras: LoraSet, scales: list[float]) -> None:
         for name, p in mine:
             p.scale.set_value(jnp.asarray(lf.scale_for(name, s), jnp.float32))
     loras.scales = [float(s) for s in scales]
+
+
+# ------------------------------------------------------------------------ merging (export-lora)
+_FTYPE_MOSTLY_F16 = 1
+
+
+def merge_tensor(base: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, np.float32]],
+                 embed: bool) -> np.ndarray:
+    """``W + s B A`` for each adapter in order, in f32, as llama-export-lora's graph computes it:
+    delta = mul_mat(cont(transpose(A)), B) (token_embd: mul_mat(B, A)), ggml_scale, then
+    ``delta + cur``. ``base`` is the dequantized f32 tensor; A/B as float arrays."""
+    cur = jnp.asarray(base, jnp.float32)
+    for a, b, s in parts:
+        a = jnp.asarray(a, jnp.float32)
+        b = jnp.asarray(b, jnp.float32)
+        if embed:  # A [n_vocab, r] as the activations, B [n_embd, r] as the weight
+            delta = ggml_f32.mul_mat(a, b)
+        else:  # B [n_out, r] as the activations, A^T [n_in, r] as the weight
+            delta = ggml_f32.mul_mat(b, a.T)
+        cur = opaque(delta * jnp.float32(s)) + cur
+    return np.asarray(cur)
+
+
+def _as_f32(ti: TensorInfo) -> np.ndarray:
+    if ti.qtype in FLOAT_TYPES:
+        return np.asarray(from_gguf_bytes(ti.data, ti.qtype, ti.shape)[0], np.float32)
+    return dequantize_np(ti.data.reshape(*ti.shape[:-1], -1), ti.qtype, ti.shape[-1])
+
+
+def export_merged(base_path: str | os.PathLike[str], adapters: list[tuple[str, float]],
+                  out_path: str | os.PathLike[str], log=None) -> int:
+    """llama-export-lora: a new GGUF whose adapted tensors are ``W + sum s B A``. As that tool:
+    the base's metadata with general.file_type = MOSTLY_F16; merged tensors F32 where the base
+    tensor is F32, else F16 (a quantized base tensor is dequantized, merged and written F16,
+    not requantized); other tensors copied as they are; tensors in name order (its std::map);
+    quantized adapters refused; several adapters must adapt the same tensors. Returns the
+    output's size in bytes."""
+    base = read_gguf(base_path)
+    if "split.count" in base.metadata:
+        raise ModelError(f"{base.path}: split models are not supported")
+    files = [(read_lora(p), float(s)) for p, s in adapters]
+    if not files:
+        raise ModelError("export-lora needs at least one adapter (--lora / --lora-scaled)")
+    for lf, _ in files:
+        if lf.arch != base.architecture:
+            raise ModelError(f"{lf.path}: adapter is for architecture '{lf.arch}', the model "
+                             f"{base.path} is '{base.architecture}'")
+        check_against(lf, base)
+        for name, (a, b) in lf.pairs.items():
+            if a.qtype not in (_F32, _F16) or b.qtype not in (_F32, _F16):
+                raise ModelError(f"{lf.path}: '{name}': quantized LoRA adapters cannot be merged "
+                                 "(llama-export-lora neither); convert them as f16 or f32")
+    first = set(files[0][0].gguf.tensors)
+    if any(set(lf.gguf.tensors) != first for lf, _ in files[1:]):
+        raise ModelError("the adapters do not adapt the same tensors; merge them one by one "
+                         "(llama-export-lora has the same limit)")
+
+    def merged(name: str, ti: TensorInfo, out_type: int):
+        def data() -> np.ndarray:
+            parts = []
+            for lf, s in files:
+                a, b = lf.pairs[name]
+                parts.append((_as_f32(a), _as_f32(b), lf.scale_for(name, s)))
+            w = merge_tensor(_as_f32(ti), parts, embed=name == TOKEN_EMBD)
+            w = w.astype(np.float32 if out_type == _F32 else np.float16)
+            if log is not None:
+                log(f"merged {name} {list(ti.shape)} -> {'F32' if out_type == _F32 else 'F16'}")
+            return w.view(np.uint8)
+        return data
+
+    specs = []
+    for name in sorted(base.tensors, key=lambda n: n.encode()):
+        ti = base.tensors[name]
+        if name in files[0][0].pairs:
+            out_type = _F32 if ti.qtype == _F32 else _F16
+            specs.append(TensorSpec(name, ti.shape, out_type, merged(name, ti, out_type)))
+        else:
+            specs.append(TensorSpec(name, ti.shape, ti.qtype, lambda ti=ti: ti.data))
+    meta = dict(base.metadata)
+    types = dict(base.metadata_types)
+    meta["general.file_type"] = _FTYPE_MOSTLY_F16
+    types["general.file_type"] = (ValueType.UINT32, None)
+    return write_gguf(out_path, meta, specs, metadata_types=types)
