@@ -356,3 +356,63 @@ def test_export_lora_merges_as_llama_export_lora(files, capsys):
     # XLA's f32 GEMM, not ggml's f16 order); logit std 1.13
     assert same_file < 0.06
     assert diff < 0.2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+# ------------------------------------------------------------------------------------ server
+def _oracle_text(files, adapters, prompt: str, n: int) -> str:
+    o = _oracle(files, adapters)
+    toks = []
+    for t in o.generate(o.tokenize(prompt.encode(), add_bos=False, special=True), top_k=1,
+                        temp=0.0, repeat_penalty=1.0):
+        toks.append(t)
+        if len(toks) == n:
+            break
+    return o.detokenize(toks).decode("utf-8", errors="replace")
+
+
+@pytest.mark.oracle
+def test_server_lora_adapters_and_per_request_scales(files):
+    """llama-server's LoRA surface: GET/POST /lora-adapters (default scales; ids left out: 0)
+    and a request's own ``lora`` list; every greedy completion equals llama.cpp's with those
+    scales, also for two requests with different scales sent together (they are not batched
+    together: the second waits for the first)."""
+    import concurrent.futures
+
+    import httpx
+
+    from jllama.api import Llama
+    from jllama.server.app import ServerSettings, ServerState, ServerThread
+
+    llm = Llama(files["model"], ctx_size=256, n_slots=2, compile_cache=False,
+                lora=[str(files["a"]), (str(files["b"]), -1.3)])
+    prompt, n = "the quick brown fox", 8
+    state = ServerState(llm, ServerSettings("tiny", timeout=120))
+    with ServerThread(state) as s, httpx.Client(base_url=s.url, timeout=120) as http:
+        def complete(lora=None) -> str:
+            body = {"prompt": prompt, "max_tokens": n, "temperature": 0.0, "top_k": 1,
+                    "cache_prompt": False}
+            if lora is not None:
+                body["lora"] = lora
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        got = http.get("/lora-adapters").json()
+        assert [(e["id"], e["path"], e["scale"]) for e in got] == [
+            (0, str(files["a"]), 1.0), (1, str(files["b"]), -1.3)]
+        assert complete() == _oracle_text(files, [("a", 1.0), ("b", -1.3)], prompt, n)
+        assert complete([{"id": 0, "scale": 0.5}]) == _oracle_text(files, [("a", 0.5)], prompt,
+                                                                    n)
+        assert http.post("/lora-adapters", json=[{"id": 1, "scale": 2.0}]).json() == {
+            "success": True}
+        assert [e["scale"] for e in http.get("/lora-adapters").json()] == [0.0, 2.0]
+        want_b = _oracle_text(files, [("b", 2.0)], prompt, n)
+        want_a = _oracle_text(files, [("a", 0.3)], prompt, n)
+        assert want_a != want_b
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            fb = ex.submit(complete)
+            fa = ex.submit(complete, [{"id": 0, "scale": 0.3}])
+            assert (fb.result(), fa.result()) == (want_b, want_a)
+        r = http.post("/v1/completions", json={"prompt": "x", "lora": [{"scale": 1}]})
+        assert r.status_code == 400 and "lora" in r.text
+        assert http.post("/lora-adapters", json={"id": 0}).status_code == 400

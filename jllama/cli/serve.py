@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from jllama.cli.common import add_lora_args
 
     add_lora_args(p)
+    p.add_argument("--lora-init-without-apply", action="store_true",
+                   help="load the LoRA adapters with scale 0 (set them later: POST /lora-adapters)")
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
 
@@ -94,6 +96,8 @@ def run(args) -> int:
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora)
+    if args.lora_init_without_apply and llm.lora is not None:
+        llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem
     state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,
                                             max_queue=s.max_queue, timeout=s.timeout))
