@@ -416,3 +416,35 @@ def test_server_lora_adapters_and_per_request_scales(files):
         r = http.post("/v1/completions", json={"prompt": "x", "lora": [{"scale": 1}]})
         assert r.status_code == 400 and "lora" in r.text
         assert http.post("/lora-adapters", json={"id": 0}).status_code == 400
+
+
+# ------------------------------------------------------------------------------ real models
+@pytest.mark.oracle
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_real_model_with_adapter_is_bit_identical(model, request, tmp_path):
+    """A random rank-16 adapter on every attention and feed-forward matrix of SmolLM2 (Q4_1)
+    and Gemma 3 270M (K-quants, its embedding scale and post-norms): all logits equal
+    llama.cpp's with the same adapter."""
+    from llamacpp_oracle import llama_cpp_module
+
+    from jllama.api import Llama
+    from jllama.gguf.reader import read_gguf
+
+    path = request.getfixturevalue(f"{model}_path")
+    g = read_gguf(path)
+    shapes = {n: np.zeros(t.shape, np.float32) for n, t in g.tensors.items()
+              if len(t.shape) == 2}
+    keys = ("attn_q.", "attn_k.", "attn_v.", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    targets = [n for n in shapes if any(k in n for k in keys)]
+    ad = write_lora(tmp_path / "lora.gguf", g.architecture, shapes, targets, rank=16,
+                    alpha=32.0, seed=5, std=0.02)
+    o = llama_cpp_module().Llama(model_path=str(path), n_ctx=512, logits_all=True,
+                                 verbose=False, n_threads=2, flash_attn=True, lora_path=str(ad),
+                                 lora_scale=0.8)
+    ids = o.tokenize(b"The capital of France is Paris, and the capital of Germany is",
+                     add_bos=True, special=True)
+    ref = _oracle_logits(o, ids)
+    ours = Llama(path, ctx_size=512, lora=[(str(ad), 0.8)]).engine.logits(ids)
+    rows = np.flatnonzero((ours != ref).any(-1))
+    assert rows.size == 0, f"{rows.size} rows differ, max|Δ| {np.abs(ours - ref).max():.3g}"
