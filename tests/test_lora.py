@@ -497,3 +497,38 @@ def test_real_model_with_adapter_is_bit_identical(model, request, tmp_path):
     ours = Llama(path, ctx_size=512, lora=[(str(ad), 0.8)]).engine.logits(ids)
     rows = np.flatnonzero((ours != ref).any(-1))
     assert rows.size == 0, f"{rows.size} rows differ, max|Δ| {np.abs(ours - ref).max():.3g}"
+
+
+def test_which_tensors_take_adapters_in_moe_and_mla_models(tmp_path, caplog):
+    """deepseek2: llama.cpp multiplies its MLA projections and output by a plain ggml_mul_mat
+    (src/models/deepseek2.cpp), so adapters there are ignored (with a warning) as there, while
+    attn_output and the shared expert take theirs; a stacked-experts or router adapter is
+    refused by name."""
+    import tinymodels_moe as tm
+
+    from jllama.errors import ModelError
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model, load_weights, lora
+
+    def load(path):
+        g = read_gguf(path)
+        w = load_weights(g)
+        return g, w, build_model(g, w)[1]
+
+    g, w, m = load(tm.write_deepseek2(tmp_path / "ds.gguf"))
+    shapes = {n: np.zeros(t.shape, np.float32) for n, t in g.tensors.items()
+              if len(t.shape) == 2}
+    names = ["blk.0.attn_q_a.weight", "blk.1.attn_kv_a_mqa.weight", "blk.1.attn_output.weight",
+             "blk.1.ffn_up_shexp.weight"]
+    ad = write_lora(tmp_path / "ds-lora.gguf", "deepseek2", shapes, names)
+    with caplog.at_level("WARNING", logger="jllama"):
+        ls = lora.attach(m, w, g, [(lora.read_lora(ad), 1.0)])
+    assert sorted(n for n, _ in ls.pairs[0]) == names[2:]
+    assert "2 adapted tensors" in caplog.text and m.blocks[0].wq_a.lora is None
+    assert m.blocks[1].wo.lora is not None
+    g, w, m = load(tm.write_qwen2moe(tmp_path / "q2.gguf"))
+    shapes = {n: np.zeros(t.shape, np.float32) for n, t in g.tensors.items()
+              if len(t.shape) == 2}
+    ad = write_lora(tmp_path / "q2-lora.gguf", "qwen2moe", shapes, ["blk.0.ffn_gate_inp.weight"])
+    with pytest.raises(ModelError, match="'blk.0.ffn_gate_inp.weight' are not supported"):
+        lora.attach(m, w, g, [(lora.read_lora(ad), 1.0)])

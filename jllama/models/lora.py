@@ -16,11 +16,15 @@ right, as the C expression rounds) when alpha is set, else ``scale``; r is B's i
 effective ``s`` is data in the model's state (``LoraScale``), so a new scale is a new value for the
 same compiled program. Any weight a model holds as a ``Linear`` (attention q/k/v/o, dense and
 shared-expert feed-forward, a separate output) and the token embedding can carry adapters; stacked
-expert tensors and weights used otherwise cannot, and an adapter for them is refused by name.
+expert tensors, MoE routers and weights used otherwise cannot, and an adapter for them is refused
+by name. A model class may list tensors llama.cpp's graph multiplies without its adapters
+(``LORA_PLAIN``, deepseek2's MLA projections): adapters there are ignored, with a warning, as
+llama.cpp ignores them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -40,6 +44,8 @@ from jllama.models import load_weights
 from jllama.quant.actquant import opaque
 from jllama.quant.formats import dequantize_np
 from jllama.quant.qtensor import FLOAT_TYPES, QTensor, from_gguf_bytes
+
+log = logging.getLogger("jllama")
 
 TOKEN_EMBD = "token_embd.weight"
 _F32, _F16 = 0, 1
@@ -204,13 +210,17 @@ def attach(model: nnx.Module, weights: Weights, base: GGUFFile,
             if name is not None and (name not in mods or isinstance(m, Linear)):
                 mods[name] = m
     tied = getattr(model, "output", 0) is None
+    plain = set(getattr(type(model), "LORA_PLAIN", ()))
     out, staged = LoraSet([], [], []), []
     kw = {} if numerics is None else {"numerics": numerics}
     for lf, scale in adapters:
         check_against(lf, base)
         w = load_weights(lf.gguf, **kw)
-        mine = []
+        mine, skipped = [], []
         for name in lf.pairs:
+            if (name.split(".", 2)[-1] if name.startswith("blk.") else name) in plain:
+                skipped.append(name)
+                continue
             m = mods.get(name)
             if m is None:
                 raise ModelError(f"{lf.path}: adapters on '{name}' are not supported by jllama's "
@@ -223,6 +233,10 @@ def attach(model: nnx.Module, weights: Weights, base: GGUFFile,
             p = LoraPair(w(name + ".lora_a"), w(name + ".lora_b"), lf.scale_for(name, scale),
                          embed=isinstance(m, Embedding))
             mine.append((name, p, m))
+        if skipped:
+            log.warning("%s: %d adapted tensors (%s, ...) are not adapted by llama.cpp's %s "
+                        "graph either; ignored", lf.path, len(skipped), skipped[0],
+                        base.architecture)
         out.files.append(lf)
         out.scales.append(float(scale))
         out.pairs.append([(name, p) for name, p, _ in mine])
