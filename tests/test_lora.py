@@ -200,7 +200,8 @@ def test_reads_the_converters_layout(files):
 
 
 def _bad_lora(tmp_path, meta: dict, tensors: dict[str, np.ndarray]):
-    from jllama.gguf.writer import TensorSpec, write_gguf as jl_write
+    from jllama.gguf.writer import TensorSpec
+    from jllama.gguf.writer import write_gguf as jl_write
 
     specs = [TensorSpec(n, a.shape, 0, lambda a=a: np.ascontiguousarray(a, np.float32)
                         .view(np.uint8)) for n, a in tensors.items()]
@@ -279,8 +280,9 @@ def test_cli_generate_with_adapters_is_llamacpps_completion(files, capsys):
 def test_cli_bad_adapters_are_one_line(files, capsys, tmp_path):
     """A file that is no adapter, one for another base, a malformed flag, a missing file, a
     quantized adapter given to export-lora: one error line each, exit code 1."""
-    from jllama.cli.main import main
     from tinymodels import write_lora
+
+    from jllama.cli.main import main
 
     other = dense_tensors(1, n_vocab=N_VOCAB, tied=False, **{**SHP, "n_embd": 64})
     wrong = write_lora(tmp_path / "wrong.gguf", "llama", other, ["blk.0.attn_q.weight"])

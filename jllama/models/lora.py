@@ -39,8 +39,8 @@ from jllama.gguf.constants import ValueType
 from jllama.gguf.reader import GGUFFile, TensorInfo, read_gguf
 from jllama.gguf.writer import TensorSpec, write_gguf
 from jllama.kernels.dispatch import dequantize, take_rows
-from jllama.models.common import Embedding, Linear, Weights, linear
 from jllama.models import load_weights
+from jllama.models.common import Embedding, Linear, Weights, linear
 from jllama.quant.actquant import opaque
 from jllama.quant.formats import dequantize_np
 from jllama.quant.qtensor import FLOAT_TYPES, QTensor, from_gguf_bytes
