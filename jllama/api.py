@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jllama.engine.sampling import SamplingParams
-from jllama.errors import ContextError
+from jllama.errors import ConfigError, ContextError
 from jllama.numerics import Numerics
 
 
@@ -59,6 +59,24 @@ def _mesh_config(mesh: object):
     return MeshConfig(**mesh) if isinstance(mesh, dict) else mesh
 
 
+def _lora_entries(lora: list) -> list[tuple[str, float]]:
+    """(path, scale) for each way ``Llama(lora=...)`` takes an adapter."""
+    out = []
+    for e in lora:
+        if isinstance(e, str | os.PathLike):
+            out.append((os.fspath(e), 1.0))
+        elif isinstance(e, dict) and "path" in e and set(e) <= {"path", "scale"}:
+            out.append((os.fspath(e["path"]), float(e.get("scale", 1.0))))
+        elif isinstance(e, tuple | list) and len(e) == 2:
+            out.append((os.fspath(e[0]), float(e[1])))
+        elif hasattr(e, "path") and hasattr(e, "scale"):
+            out.append((os.fspath(e.path), float(e.scale)))
+        else:
+            raise ConfigError(f"lora entry {e!r}: expected a path, (path, scale) or "
+                              "{'path': ..., 'scale': ...}")
+    return out
+
+
 class Llama:
     """One loaded model: tokenizer + engine. ``model`` is a path or a registry name."""
 
@@ -67,7 +85,8 @@ class Llama:
                  compile_cache: bool = True, verbose: bool = False,
                  cache_type_v: str | None = None, mesh: object | None = None,
                  draft: object | None = None, flash_attn: bool | None = None,
-                 prompt_matmul: str | None = None, numerics: Numerics | None = None):
+                 prompt_matmul: str | None = None, numerics: Numerics | None = None,
+                 lora: list | None = None):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
@@ -76,7 +95,10 @@ class Llama:
         "f32" (XLA's f32 GEMM for prompts, not exact); ``cache_type``/``cache_type_v``: the KV
         cache types (f16 by default, as llama.cpp). These set fields of ``numerics`` (default
         ``Numerics.from_env()``, see jllama/numerics.py), which this model and its programs
-        carry; nothing here changes another loaded model."""
+        carry; nothing here changes another loaded model. ``lora``: LoRA adapter GGUFs applied
+        unmerged, in order: each a path (scale 1), a ``(path, scale)`` pair, a
+        ``{"path", "scale"}`` mapping or a LoraConfig; ``set_lora_scales`` changes the scales
+        later without recompiling."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, load_weights
@@ -93,11 +115,15 @@ class Llama:
 
         t0 = time.perf_counter()
         self.quant = quant
+        self.lora = None  # models.lora.LoraSet when adapters are attached
         if Path(model).is_dir():  # an Orbax checkpoint (``jllama convert``)
             if quant:
                 raise checkpoint.CheckpointError(
                     f"{model}: a checkpoint is already quantized; pass quant to "
                     "`jllama convert --quant` instead")
+            if lora:
+                raise ConfigError(f"{model}: LoRA adapters apply to a GGUF model, not to a "
+                                  "checkpoint directory")
             ck = checkpoint.restore(model, mesh, numerics=self.numerics)
             self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
             self.quant = ck.meta.get("quant")
@@ -111,6 +137,13 @@ class Llama:
                 transform = quantize_on_load(self.gguf, quant)
             weights = load_weights(self.gguf, transform, numerics=self.numerics)
             self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics)
+            if lora:
+                from jllama.models import lora as lora_mod
+
+                self.lora = lora_mod.attach(
+                    self.model, weights, self.gguf,
+                    [(lora_mod.read_lora(p), s) for p, s in _lora_entries(lora)],
+                    numerics=self.numerics)
             # the weights are in device buffers now: the file's pages need not stay resident
             self.gguf.release_pages()
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
@@ -135,6 +168,16 @@ class Llama:
         self.load_s = time.perf_counter() - t0
         if verbose:
             print(f"loaded {self.path} in {self.load_s:.2f} s")
+
+    def set_lora_scales(self, scales: list[float]) -> None:
+        """New user scales for the attached LoRA adapters (one per adapter, in order; 0 turns
+        one off): new state for the same compiled programs. Cached prompts are dropped."""
+        if self.lora is None:
+            raise ConfigError("this model was loaded without LoRA adapters")
+        from jllama.models import lora as lora_mod
+
+        lora_mod.set_scales(self.lora, scales)
+        self.engine.update_params(self.model)
 
     # -------------------------------------------------------------- text <-> ids
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:

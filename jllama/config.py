@@ -110,9 +110,19 @@ class PerplexityConfig:
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA adapter GGUF applied unmerged (llama.cpp's --lora / --lora-scaled FNAME:SCALE)."""
+
+    path: str = ""  # required (checked in load_config)
+    scale: float = 1.0
+
+
+@dataclass
 class Config:
     model: str = "smollm2-135m-instruct"
     quant: dict[str, Any] | None = None  # quantize-on-load mix (see jllama.quant.mixes)
+    # adapters in the order given (a relative path is relative to the config file when there)
+    lora: list[LoraConfig] = field(default_factory=list)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -317,6 +327,13 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         cand = Path(path).parent / cfg.model
         if cand.exists():
             cfg.model = str(cand)
+    for i, lo in enumerate(cfg.lora):
+        if not lo.path:
+            raise ConfigError(f"{src}: 'lora[{i}].path' is empty")
+        if path is not None and not os.path.isabs(lo.path):
+            cand = Path(path).parent / lo.path
+            if cand.exists():
+                lo.path = str(cand)
     if path is not None and pp.file is not None and not os.path.isabs(pp.file):
         cand = Path(path).parent / pp.file
         if cand.exists():

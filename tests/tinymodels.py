@@ -197,3 +197,44 @@ def dense_hparams(n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: 
     }
     h.update(extra)
     return h
+
+
+def write_lora(path: str | Path, arch: str, base: dict[str, np.ndarray], targets: list[str],
+               rank: int = 8, alpha: float = 16.0, seed: int = 0, std: float = 0.1,
+               qtype: Q = Q.F32) -> Path:
+    """A random LoRA adapter GGUF for the base tensors ``base`` (name -> array, numpy order), in
+    the layout convert_lora_to_gguf.py writes, written with jllama's own GGUF writer.
+
+    For each name N in ``targets``: ``N.lora_a`` [rank, n_in] and ``N.lora_b`` [n_out, rank]
+    (PEFT's A and B), except ``token_embd.weight``, whose lora_a the converter transposes to
+    [n_vocab, rank]. Metadata as the converter's LoraModel: general.type = adapter,
+    adapter.type = lora, adapter.lora.alpha (f32), the base architecture. F32, F16 or Q8_0 data
+    (the converter's f32 / f16 / q8_0 outtypes; Q8_0 needs rank and rows in 32s)."""
+    from jllama.gguf.constants import ValueType
+    from jllama.gguf.writer import TensorSpec
+    from jllama.gguf.writer import write_gguf as jl_write
+
+    rng = np.random.default_rng(seed)
+    dt = {Q.F32: np.float32, Q.F16: np.float16}.get(qtype)
+    specs = []
+    for name in targets:
+        n_out, n_in = base[name].shape
+        if name == "token_embd.weight":  # PEFT's embedding A is [rank, n_vocab], B [n_embd, rank]
+            n_out, n_in = n_in, n_out
+        a = rng.standard_normal((rank, n_in)) * std
+        b = rng.standard_normal((n_out, rank)) * std
+        if name == "token_embd.weight":
+            a = a.T  # [n_vocab, rank]: rows gathered by token id (llm_build_inp_embd)
+        for suffix, arr in ((".lora_a", a), (".lora_b", b)):
+            arr = np.ascontiguousarray(arr, np.float32)
+            raw = arr.astype(dt) if dt is not None else gguf.quants.quantize(arr, qtype)
+            specs.append(TensorSpec(name + suffix, arr.shape, int(qtype),
+                                    lambda r=raw: r.view(np.uint8)))
+    meta = {"general.architecture": arch, "general.type": "adapter",
+            "general.name": f"tiny-{arch}-lora", "adapter.type": "lora",
+            "adapter.lora.alpha": float(alpha),
+            "general.file_type": {Q.F32: 0, Q.F16: 1, Q.Q8_0: 7}[qtype],
+            "general.quantization_version": 2}
+    types = {"adapter.lora.alpha": (ValueType.FLOAT32, None)}
+    jl_write(path, meta, specs, metadata_types=types)
+    return Path(path)

@@ -109,6 +109,35 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     add_platform_args(p)
     add_draft_args(p)
     add_distributed_args(p)
+    add_lora_args(p)
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's adapter flags (common/arg.cpp), applied unmerged in the order given."""
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--lora", metavar="FNAME", action="append", default=None,
+                   help="LoRA adapter GGUF, scale 1 (repeatable; comma-separated values too)")
+    g.add_argument("--lora-scaled", metavar="FNAME:SCALE", action="append", default=None,
+                   help="LoRA adapter with a user scale (repeatable; FNAME:SCALE,... too)")
+
+
+def lora_from_args(args) -> list[dict]:
+    """``--lora`` then ``--lora-scaled`` entries as config ``lora`` items (llama.cpp parses the
+    two flags into one list in that order per flag occurrence; argparse keeps them apart, so
+    plain adapters come first)."""
+    out = []
+    for v in getattr(args, "lora", None) or []:
+        out += [{"path": f, "scale": 1.0} for f in v.split(",") if f]
+    for v in getattr(args, "lora_scaled", None) or []:
+        for item in (x for x in v.split(",") if x):
+            f, sep, s = item.rpartition(":")
+            try:
+                if not sep or not f:
+                    raise ValueError
+                out.append({"path": f, "scale": float(s)})
+            except ValueError:
+                raise ConfigError(f"--lora-scaled {item!r}: expected FNAME:SCALE") from None
+    return out
 
 
 def add_platform_args(p: argparse.ArgumentParser) -> None:
@@ -174,6 +203,11 @@ def overrides_from_args(args) -> list[str]:
         ov.append(f"runtime.flash_attn={'true' if args.flash_attn == 'on' else 'false'}")
     if getattr(args, "prompt_matmul", None) is not None:
         ov.append(f"runtime.prompt_matmul={args.prompt_matmul}")
+    lora = lora_from_args(args)
+    if lora:  # JSON is YAML: paths with any characters survive the override parser
+        import json
+
+        ov.append(f"lora={json.dumps(lora)}")
     if getattr(args, "draft_ngram", False):
         ov.append("draft.kind=ngram")
     mesh = getattr(args, "mesh", None)
@@ -216,7 +250,7 @@ def load_llama(cfg: Config, verbose: bool = True):
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
-                draft=cfg.draft if cfg.draft.kind else None)
+                draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora)
     if verbose:
         import jax
 

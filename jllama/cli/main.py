@@ -35,6 +35,7 @@ COMMANDS = [
     "serve",
     "convert",
     "convert-hf",
+    "export-lora",
 ]
 
 

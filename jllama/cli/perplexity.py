@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jllama.cli.common import add_numerics_args, add_platform_args
+from jllama.cli.common import add_lora_args, add_numerics_args, add_platform_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="requantize the model at load (e.g. q4_0, q4_k_m) before scoring")
     add_platform_args(p)
     add_numerics_args(p, via_config=True)
+    add_lora_args(p)
     p.add_argument("overrides", nargs="*", default=[],
                    help="key.path=value config overrides, e.g. perplexity.chunks=10")
     p.set_defaults(func=run)
@@ -57,7 +58,7 @@ def _overrides(args) -> list[str]:
         v = getattr(args, attr)
         if v is not None:
             ov += [f"{k}={v}" for k in ((keys,) if isinstance(keys, str) else keys)]
-    return ov + [o for o in overrides_from_args(args) if o.startswith("runtime.")]
+    return ov + [o for o in overrides_from_args(args) if o.startswith(("runtime.", "lora="))]
 
 
 def run(args) -> int:
@@ -96,7 +97,7 @@ def run_job(cfg, kl_base: str | None = None, kl_compare: bool = False) -> int:
     llm = Llama(cfg.model, ctx_size=pp.ctx, cache_type=cfg.runtime.cache_type_k,
                 cache_type_v=cfg.runtime.cache_type_v, quant=cfg.quant,
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
-                prompt_matmul=cfg.runtime.prompt_matmul)
+                prompt_matmul=cfg.runtime.prompt_matmul, lora=cfg.lora)
     if kl_base:
         from jllama.eval.kld import run_cli as kld_cli
 

@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     from jllama.cli.common import add_draft_args
 
     add_draft_args(p)  # speculative decoding: single-slot servers (--parallel 1)
+    from jllama.cli.common import add_lora_args
+
+    add_lora_args(p)
+    p.add_argument("--lora-init-without-apply", action="store_true",
+                   help="load the LoRA adapters with scale 0 (set them later: POST /lora-adapters)")
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
 
@@ -52,7 +57,7 @@ def _overrides(args) -> list[str]:
     from jllama.cli.common import overrides_from_args
 
     return ov + [o for o in overrides_from_args(args)
-                 if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul"))]
+                 if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul", "lora="))]
 
 
 def run(args) -> int:
@@ -90,7 +95,9 @@ def run(args) -> int:
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
-                draft=cfg.draft if cfg.draft.kind else None)
+                draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora)
+    if args.lora_init_without_apply and llm.lora is not None:
+        llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem
     state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,
                                             max_queue=s.max_queue, timeout=s.timeout))

@@ -173,6 +173,16 @@ class Engine:
         self._shift = self._build_shift() if self._kv_rope is not None else None
 
     # ------------------------------------------------------------------ cache / slots
+    def update_params(self, model: nnx.Module) -> None:
+        """Take the model's current parameter values (new LoRA scales, say). The structure must
+        be the one this Engine compiled for, so the programs are reused as they are; a cached
+        prefix computed with the old values is dropped."""
+        gd, state = nnx.split(model)
+        if gd != self.graphdef:
+            raise ValueError("update_params: the model's structure changed; build a new Engine")
+        self.state = self.plan.shard_state(state) if self.plan is not None else state
+        self.reset()
+
     def _new_cache(self, batch: int) -> KVCache:
         s, num = self.spec, self.numerics
         if self._make_cache is not None:  # architectures with their own cache layout (MLA)

@@ -85,7 +85,7 @@ def linear_group(x: jax.Array, mods: list[Linear]) -> list[jax.Array]:
     per weight (each of ~200 calls per step costs a few microseconds of hand-off). Otherwise,
     or when the weights' types take different activation formats, each layer on its own."""
     ys = linear_many(x, [m.weight.get_value() for m in mods])
-    return [y if m.bias is None else y + m.bias.get_value() for y, m in zip(ys, mods)]
+    return [m.finish(x, y) for y, m in zip(ys, mods)]
 
 
 def linear_many(x: jax.Array, qts: list[QTensor]) -> list[jax.Array]:
@@ -126,12 +126,22 @@ class Weights:
 
 
 class Linear(nnx.Module):
+    """``x @ W.T (+ bias)``; ``lora``: LoRA adapters on W (models/lora.py attaches them), added
+    between the product and the bias as llama.cpp's build_lora_mm does."""
+
     def __init__(self, qt: QTensor, bias: jax.Array | None = None):
         self.weight = nnx.Param(qt)
         self.bias = nnx.Param(bias) if bias is not None else None
+        self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = linear(x, self.weight.get_value())
+        return self.finish(x, linear(x, self.weight.get_value()))
+
+    def finish(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """The adapters' terms and the bias, on this layer's product y of x."""
+        if self.lora is not None:
+            for p in self.lora:
+                y = p.add_to(y, x)
         if self.bias is not None:
             y = y + self.bias.get_value()
         return y
@@ -163,9 +173,14 @@ class SwiGLU(nnx.Module):
 class Embedding(nnx.Module):
     def __init__(self, qt: QTensor):
         self.weight = nnx.Param(qt)
+        self.lora = nnx.data(None)  # LoRA adapters on the embedding (models/lora.py)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return take_rows(self.weight.get_value(), ids)
+        x = take_rows(self.weight.get_value(), ids)
+        if self.lora is not None:
+            for p in self.lora:
+                x = p.add_to(x, ids)
+        return x
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: logits = x @ E.T."""

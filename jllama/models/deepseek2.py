@@ -242,6 +242,11 @@ class MLABlock(nnx.Module):
 
 
 class DeepSeek2(nnx.Module):
+    # llama.cpp's deepseek2 graph multiplies these by a plain ggml_mul_mat, not build_lora_mm:
+    # LoRA adapters on them load there and are never applied (models/lora.py does the same)
+    LORA_PLAIN = ("attn_q_a.weight", "attn_q_b.weight", "attn_q.weight", "attn_kv_a_mqa.weight",
+                  "attn_kv_b.weight", "output.weight")
+
     def __init__(self, spec: ModelSpec, c: MLAConfig, w: Weights, moe: MoEConfig):
         self.spec = spec
         self.c = c

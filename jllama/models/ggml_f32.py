@@ -23,6 +23,12 @@ from jllama.kernels import cpu_ffi, cpu_ggml_f32
 from jllama.quant.actquant import opaque
 
 
+def rounding_on() -> bool:
+    """Whether to round as ggml's CPU ops (the f64 steps need a backend with f64)."""
+    return (numerics.current().match_llamacpp
+            and jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"))
+
+
 def simd_lanes() -> int:
     """ggml's f32 vector width on this CPU: 8 for its AVX2 branch, else 16 (AVX-512, and the
     AVX-512 forms where neither branch is reproduced); see ``cpu_ffi.ggml_simd``."""

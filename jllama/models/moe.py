@@ -64,10 +64,7 @@ class MoEConfig:
     n_group_used: int = 1  # only the best n_group_used groups (by their top-2 sum) compete
 
 
-def _ggml() -> bool:
-    """Whether to round as ggml's CPU ops (the f64 steps need a backend with f64)."""
-    return (numerics.current().match_llamacpp
-            and jax.default_backend() in ("cpu", "gpu", "cuda", "rocm"))
+_ggml = ggml_f32.rounding_on
 
 
 def _expert(qt: QTensor, e: jax.Array) -> QTensor:

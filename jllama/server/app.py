@@ -170,7 +170,7 @@ def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) 
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
     req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
-                     opts.cache_prompt)
+                     opts.cache_prompt, lora=opts.lora)
     try:
         state.scheduler.submit(req)
     except QueueFull as e:
@@ -260,6 +260,9 @@ class Handlers:
                 "requests_queued": len(sch.queue)}
         return JSONResponse(body)
 
+    async def lora_adapters(self, request: Request) -> Response:
+        return await self._run(request, "/lora-adapters", self._lora_adapters)
+
     async def metrics(self, request: Request) -> Response:
         return PlainTextResponse(self.state.metrics.render(),
                                  media_type="text/plain; version=0.0.4")
@@ -272,6 +275,27 @@ class Handlers:
              "meta": {"n_ctx": st.ctx_size, "n_vocab": st.llm.spec.n_vocab,
                       "n_slots": st.scheduler.n_slots, "arch": st.llm.spec.arch}}
         return JSONResponse({"object": "list", "data": [m]})
+
+    async def _lora_adapters(self, request: Request) -> Response:
+        """llama-server's GET (the adapters and their default scales) and POST (new default
+        scales; adapters left out get 0) /lora-adapters."""
+        sch = self.state.scheduler
+        if request.method == "POST":
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the request body is not valid JSON: {e}",
+                               code="invalid_json") from None
+            if not isinstance(body, list):
+                raise ApiError(400, "Request body must be an array", code="invalid_request")
+            sch.set_lora_default(oa.lora_scales(body, "body"))
+            return JSONResponse({"success": True})
+        lora = getattr(self.state.llm, "lora", None)
+        files = lora.files if lora is not None else []
+        return JSONResponse([{"id": i, "path": lf.path, "scale": s, "task_name": lf.task_name,
+                              "prompt_prefix": lf.prompt_prefix}
+                             for i, (lf, s) in enumerate(zip(files, sch.lora_default,
+                                                             strict=True))])
 
     async def _tokenize(self, request: Request) -> Response:
         body = await json_body(request)
@@ -489,6 +513,7 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
         ("/tokenize", h.tokenize, ["POST"]), ("/detokenize", h.detokenize, ["POST"]),
         ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),
         ("/metrics", h.metrics, ["GET"]),
+        ("/lora-adapters", h.lora_adapters, ["GET", "POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
 

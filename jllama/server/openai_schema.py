@@ -126,6 +126,22 @@ class GenOptions:
     cache_prompt: bool = True
     n: int = 1
     extra: dict = field(default_factory=dict)
+    lora: dict[int, float] | None = None  # llama-server's per-request adapter scales by id
+
+
+def lora_scales(value: Any, param: str = "lora") -> dict[int, float]:
+    """llama-server's ``[{"id": i, "scale": s}, ...]`` (parse_lora_request) as {id: scale}."""
+    if not isinstance(value, list):
+        raise bad(param, f"'{param}' must be a list of {{\"id\": int, \"scale\": number}}")
+    out = {}
+    for e in value:
+        i, s = (e.get("id"), e.get("scale", 0.0)) if isinstance(e, dict) else (None, None)
+        if (not isinstance(i, int) or isinstance(i, bool)
+                or not isinstance(s, int | float) or isinstance(s, bool)):
+            raise bad(param, f"'{param}' entries must be {{\"id\": int, \"scale\": number}}, "
+                      f"got {e!r}")
+        out[i] = float(s)
+    return out
 
 
 def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens") -> GenOptions:
@@ -170,7 +186,8 @@ def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens") 
         logit_bias=_logit_bias(body, n_vocab))
     return GenOptions(max_tokens=max_tokens, params=params, stop=_stop(body), stream=stream,
                       include_usage=include_usage, response_format=rf,
-                      cache_prompt=_bool(body, "cache_prompt", True), n=n)
+                      cache_prompt=_bool(body, "cache_prompt", True), n=n,
+                      lora=lora_scales(body["lora"]) if body.get("lora") else None)
 
 
 def message_text(content: Any, param: str) -> str:

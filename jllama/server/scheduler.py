@@ -58,6 +58,9 @@ class GenRequest:
     sink: Callable[[Event], None] = lambda ev: None
     constraint: object | None = None  # grammar.JsonConstraint: masks tokens, ends when done
     cache_prompt: bool = True
+    # per-request LoRA scales by adapter id (llama-server's "lora"; ids not named: 0); None:
+    # the server's current scales (GET/POST /lora-adapters)
+    lora: dict[int, float] | None = None
     cancelled: bool = False
     # filled by the scheduler
     completion_tokens: int = 0
@@ -115,6 +118,12 @@ class Scheduler:
         self.steps_run = 0
         self.error: BaseException | None = None
         # speculative decoding drives one sequence at a time: single-slot servers only
+        # LoRA: the scales the server applies by default (POST /lora-adapters sets them) and
+        # those the engine holds now; requests with other scales wait until no slot is busy,
+        # as llama-server never batches requests with different adapter scales together
+        lora = getattr(llm, "lora", None)
+        self.lora_default: tuple[float, ...] = tuple(lora.scales) if lora is not None else ()
+        self._lora_now = self.lora_default
         self.speculative = getattr(llm, "speculative", None)
         if self.speculative is not None and self.n_slots > 1:
             log.warning("speculative decoding is off: it needs a single-slot server (parallel: 1)")
@@ -140,6 +149,18 @@ class Scheduler:
             self.queue.append(req)
             self.metrics.queued = len(self.queue)
             self.cv.notify()
+
+    def lora_scales_for(self, req: GenRequest) -> tuple[float, ...]:
+        """llama-server's construct_lora_list: the request's scales by id, 0 for adapters it
+        does not name; the defaults when it names none."""
+        if not req.lora:
+            return self.lora_default
+        return tuple(req.lora.get(i, 0.0) for i in range(len(self.lora_default)))
+
+    def set_lora_default(self, scales: dict[int, float]) -> None:
+        """POST /lora-adapters: new default scales (adapters not named: 0)."""
+        with self.cv:
+            self.lora_default = tuple(scales.get(i, 0.0) for i in range(len(self.lora_default)))
 
     def wake(self) -> None:
         with self.cv:
@@ -236,7 +257,13 @@ class Scheduler:
             with self.cv:
                 if not self.queue:
                     return
-                req = self.queue.popleft()
+                req = self.queue[0]
+                want = self.lora_scales_for(req)
+                if want != self._lora_now and not req.cancelled:
+                    if self.busy_slots():
+                        return  # first in, first served: it waits for the batch to drain
+                    self._switch_lora(want)
+                self.queue.popleft()
                 self.metrics.queued = len(self.queue)
             if req.cancelled:
                 continue
@@ -257,6 +284,12 @@ class Scheduler:
             self.slots[best] = _Active(req, StreamDecoder(self.tok), list(ids[keep:]))
             self._set_row(best, req)
             self.metrics.active = self.busy_slots()
+
+    def _switch_lora(self, scales: tuple[float, ...]) -> None:
+        """New adapter scales in the engine's state (no slot is busy): same programs, and the
+        cached prompts, computed with the old scales, are forgotten."""
+        self.llm.set_lora_scales(list(scales))
+        self._lora_now = scales
 
     def _prefill(self) -> None:
         """At most one engine chunk of prompt tokens per iteration (running streams wait for no
