@@ -15,6 +15,7 @@ from jllama.quant.formats import dequantize_jax, dequantize_np
 GGUF_PY_TYPES = [
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
+    "TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S",
 ]  # fmt: skip
 
 
@@ -44,6 +45,48 @@ def test_dequantize_bit_exact_vs_gguf_py(name: str) -> None:
     got_jax = np.asarray(jax.jit(dequantize_jax, static_argnums=(1, 2))(data, qt, row))
     assert got_np.shape == got_jax.shape == (3, 4, row)
     assert got_np.dtype == got_jax.dtype == np.float32
+    _assert_bit_equal(got_np, ref)
+    _assert_bit_equal(got_jax, ref)
+
+
+def _ggml_to_float(raw: np.ndarray, qtype: int, row: int) -> np.ndarray:
+    """ggml's own ``type_traits[type].to_float`` (dequantize_row_*) on raw rows."""
+    import ctypes
+
+    from tests.llamacpp_oracle import ggml_libs
+
+    base, _ = ggml_libs()
+
+    class Traits(ctypes.Structure):
+        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                    ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                    ("from_float_ref", ctypes.c_void_p)]  # fmt: skip
+
+    base.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    base.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    tr = base.ggml_get_type_traits(qtype).contents
+    assert tr.type_name.decode().upper() == qtype_info(qtype).name
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(tr.to_float)
+    raw = np.ascontiguousarray(raw)
+    out = np.zeros((*raw.shape[:-1], row), np.float32)
+    to_float(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
+@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S"])
+def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
+    """Random blocks (every code, finite scales) decoded by ggml's C ``dequantize_row_*``."""
+    from jllama.quant.testing import random_blocks
+
+    qt = int(QType[name])
+    row = 1024
+    data = random_blocks(QType[name], 6, row, seed=3)
+    if name == "MXFP4":  # exponents whose scale is an f32 denormal, or whose products overflow
+        data[0, 0 : 17 * 6 : 17] = [0, 1, 2, 3, 254, 255]
+    ref = _ggml_to_float(data, qt, row)
+    got_np = dequantize_np(data, qt, row)
+    got_jax = np.asarray(jax.jit(dequantize_jax, static_argnums=(1, 2))(data, qt, row))
     _assert_bit_equal(got_np, ref)
     _assert_bit_equal(got_jax, ref)
 

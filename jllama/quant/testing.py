@@ -26,6 +26,11 @@ F16_FIELDS = {
     QType.Q3_K: [108],
     QType.IQ4_NL: [0],
     QType.IQ4_XS: [0],
+    QType.TQ1_0: [52],
+    QType.TQ2_0: [64],
+    QType.MXFP4: [],  # an E8M0 exponent byte: every value is a finite power of two but 255
+    QType.IQ3_XXS: [0],
+    QType.IQ3_S: [0],
 }
 
 
