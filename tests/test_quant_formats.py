@@ -129,8 +129,8 @@ def _ggml_base():
     return lib
 
 
-def _ggml_quantize(x: np.ndarray, qtype: int) -> np.ndarray:
-    """What llama-quantize writes without imatrix: ``ggml_quantize_chunk(type, ..., NULL)``."""
+def _ggml_quantize(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """What llama-quantize writes: ``ggml_quantize_chunk(type, ..., imatrix or NULL)``."""
     lib = _ggml_base()
     x = np.ascontiguousarray(x, np.float32)
     info = qtype_info(qtype)
@@ -139,7 +139,9 @@ def _ggml_quantize(x: np.ndarray, qtype: int) -> np.ndarray:
         lib.quantize_row_q8_K_ref(x.ctypes.data, out.ctypes.data, x.size)
     else:
         lib.ggml_quantize_init(qtype)
-        lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, *x.shape, None)
+        qw = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
+        qwp = None if qw is None else qw.ctypes.data
+        lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, *x.shape, qwp)
     return out
 
 
@@ -165,16 +167,17 @@ def _hard_rows(n: int = 1024) -> np.ndarray:
 QUANT_TYPES = [
     "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q8_K",
+    "TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S",
 ]  # fmt: skip
 
 
-def _compare_with_ggml(x: np.ndarray, name: str) -> None:
+def _compare_with_ggml(x: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> None:
     from jllama.quant.quantizers import quantize_np
 
     qt = int(QType[name])
     info = qtype_info(qt)
-    ours = quantize_np(x, qt)
-    ref = _ggml_quantize(x, qt)
+    ours = quantize_np(x, qt, imatrix)
+    ref = _ggml_quantize(x, qt, imatrix)
     assert ours.shape == ref.shape and ours.dtype == np.uint8
     differ = (ours.reshape(-1, info.type_size) != ref.reshape(-1, info.type_size)).any(axis=1)
     if differ.any():
@@ -192,6 +195,15 @@ def _compare_with_ggml(x: np.ndarray, name: str) -> None:
 @pytest.mark.parametrize("name", QUANT_TYPES)
 def test_quantize_bytes_equal_ggml(name: str) -> None:
     _compare_with_ggml(_hard_rows(), name)
+
+
+@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S"])
+def test_quantize_with_imatrix_bytes_equal_ggml(name: str) -> None:
+    """With an importance matrix (IQ3 weighs by it; TQ/MXFP4 ignore it, as ggml does)."""
+    rng = np.random.default_rng(11)
+    x = _hard_rows()
+    imatrix = (rng.gamma(0.5, 2.0, x.shape[1]) * np.repeat([1.0, 0.0, 50.0, 1e-3], 256))
+    _compare_with_ggml(x, name, imatrix.astype(np.float32))
 
 
 def test_quantize_real_weights_equal_ggml(smollm2_path) -> None:
