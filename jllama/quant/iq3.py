@@ -29,9 +29,11 @@ class _Tables:
     pos: np.ndarray  # [n_grid, 4] f32: the grid points as ggml's quantizer sees them, 2l + 1
     codes: np.ndarray  # [n_grid, 4] int8: l in 0..7
     kmap: np.ndarray  # [4096] int32: 12-bit code -> grid index, -1 off the grid
-    nb_start: np.ndarray  # [4096] int64: where the code's neighbour list starts in nb_list
-    nb_count: np.ndarray  # [4096] int64
-    nb_list: np.ndarray  # grid indices, each list by (distance, index) as ggml's qsort leaves it
+    nb_count: np.ndarray  # [4096] int32: neighbours of an off-grid code (0 on the grid)
+    # [max count, 4096] grid indices, each list by (distance, index) as ggml's qsort leaves it,
+    # padded by repeating its last entry (a repeat never wins: argmin takes the first minimum)
+    nb: np.ndarray
+    nb_pos: np.ndarray  # [4, max count, 4096] f32: pos of those, coordinate first
 
 
 # The dequantization grids' values per 3-bit code (gguf-py's grid_map of each type).
@@ -57,42 +59,51 @@ def tables(name: str) -> _Tables:
     kmap[u] = np.arange(n, dtype=np.int32)
     allc = (np.arange(4096)[:, None] >> _SHIFT3) & 7
     d2 = (((allc[:, None, :] - codes[None]) * 2) ** 2).sum(axis=-1)  # [4096, n]
-    starts = np.zeros(4096, np.int64)
-    counts = np.zeros(4096, np.int64)
-    lists = []
-    total = 0
+    counts = np.zeros(4096, np.int32)
+    lists = {}
     for i in np.nonzero(kmap < 0)[0]:
         order = np.lexsort((np.arange(n), d2[i]))
         dist = np.unique(d2[i])
-        keep = order[d2[i][order] <= dist[min(nwant, dist.size) - 1]]
-        starts[i], counts[i] = total, keep.size
-        lists.append(keep)
-        total += keep.size
-    return _Tables(
-        pos=(2 * codes + 1).astype(F32),
-        codes=codes.astype(np.int8),
-        kmap=kmap,
-        nb_start=starts,
-        nb_count=counts,
-        nb_list=np.concatenate(lists).astype(np.int32),
-    )
+        lists[i] = order[d2[i][order] <= dist[min(nwant, dist.size) - 1]]
+        counts[i] = lists[i].size
+    nb = np.zeros((4096, counts.max()), np.int32)
+    for i, keep in lists.items():
+        nb[i, : keep.size] = keep
+        nb[i, keep.size :] = keep[-1]
+    pos = (2 * codes + 1).astype(F32)
+    nb_pos = np.ascontiguousarray(pos[nb].transpose(2, 1, 0))
+    return _Tables(pos, codes.astype(np.int8), kmap, counts, np.ascontiguousarray(nb.T), nb_pos)
+
+
+# Off-grid groups are searched in buckets of similar neighbour counts, each padded to its bound.
+_BUCKETS = (2, 4, 6, 8, 12, 16, 24, 64)
 
 
 def _best_neighbours(t: _Tables, u, xv, wa, sc):
-    """``iq3_find_best_neighbour`` for G off-grid groups: codes u [G], magnitudes xv [G, 4],
-    weights wa [G, 4], scales sc [G] -> grid index [G] (the first of the smallest errors)."""
+    """``iq3_find_best_neighbour`` for G off-grid groups: codes u [G], magnitudes xv [4, G],
+    weights wa [4, G], scales sc [G] -> grid index [G] (the first of the smallest errors)."""
     cnt = t.nb_count[u]
-    first = np.cumsum(cnt) - cnt
-    seg = np.repeat(np.arange(u.size), cnt)
-    k = np.arange(seg.size) - first[seg]
-    nb = t.nb_list[t.nb_start[u][seg] + k]
-    diff = sc[seg, None] * t.pos[nb] - xv[seg]
-    e = wa[seg] * diff
-    e *= diff
-    d2 = ((e[:, 0] + e[:, 1]) + e[:, 2]) + e[:, 3]
-    dmin = np.minimum.reduceat(d2, first)
-    pick = np.where(d2 == dmin[seg], np.arange(seg.size), seg.size)
-    return nb[np.minimum.reduceat(pick, first)]
+    out = np.empty(u.size, np.int32)
+    lo = 0
+    for hi in _BUCKETS:
+        sel = np.nonzero((cnt > lo) & (cnt <= hi))[0]
+        lo = hi
+        if sel.size == 0:
+            continue
+        k = min(hi, t.nb.shape[0])
+        ub, s = u[sel], sc[sel]
+        d2 = None
+        for i in range(4):  # [k, g]: neighbours down, groups along (contiguous) rows
+            diff = np.take(t.nb_pos[i, :k], ub, axis=1)
+            diff *= s
+            diff -= xv[i, sel]
+            e = wa[i, sel] * diff
+            e *= diff
+            d2 = e if d2 is None else d2 + e
+        out[sel] = np.take_along_axis(
+            np.take(t.nb[:k], ub, axis=1), np.argmin(d2, axis=0)[None], 0
+        )[0]
+    return out
 
 
 def _project(t: _Tables, xval, waux, id_, scale, groups=None):
@@ -109,8 +120,8 @@ def _project(t: _Tables, xval, waux, id_, scale, groups=None):
     fix = ~on if groups is None else (~on & groups)
     r, g = np.nonzero(fix)
     if r.size:
-        xv = xval.reshape(m, 8, 4)[r, g]
-        wa = waux.reshape(m, 8, 4)[r, g]
+        xv = xval.reshape(m, 8, 4)[r, g].T
+        wa = waux.reshape(m, 8, 4)[r, g].T
         gi = _best_neighbours(t, u[r, g], xv, wa, scale[r])
         L.reshape(m, 8, 4)[r, g] = t.codes[gi]
     return L, on

@@ -606,8 +606,11 @@ def _mxfp4(x: np.ndarray) -> np.ndarray:
     # (uint8)(float) of ggml: a C conversion through int (wraps below 2^-125)
     e = np.where(amax > 0, (_c_trunc_int(lg - F32(2) + F32(127)) & 0xFF), 0).astype(np.uint8)
     d = e8m0_to_f32_half(np, e)
-    err = np.abs(_MXFP4F * d[:, None, None] - x[:, :, None])
-    q = np.argmin(err, axis=-1).astype(np.uint8)  # the first of equal errors, as ggml
+    # Only the 8 values of x's sign can be nearest (and +0 at index 0 wins the tie with the
+    # zero at 8): the errors of those equal ggml's exactly, negation being exact.
+    err = np.abs(_MXFP4F[:8] * d[:, None, None] - np.abs(x)[:, :, None])
+    j = np.argmin(err, axis=-1)  # the first of equal errors, as ggml
+    q = np.where((x < 0) & (j > 0), j + 8, j).astype(np.uint8)
     return np.concatenate([e[:, None], _pack_nibbles32(q)], axis=1)
 
 
