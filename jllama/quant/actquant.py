@@ -131,3 +131,5 @@ def q8_1_correction(s_err: jax.Array, qt) -> jax.Array | None:
     m16 = blocks[:, :, 2].astype(jnp.uint16) | (blocks[:, :, 3].astype(jnp.uint16) << 8)
     m = jax.lax.bitcast_convert_type(m16, jnp.float16).astype(jnp.float32)
     return jnp.einsum("...b,nb->...n", s_err, m)
+
+

@@ -470,3 +470,4 @@ def plan_types(gguf_file: Any, spec: MixSpec | str) -> dict[str, int]:
     tensors = {n: (t.shape, t.qtype) for n, t in gguf_file.tensors.items()}
     plan = plan_from_tensors(tensors, gguf_file.metadata, spec)
     return {n: int(t) for n, t in plan.types.items()}
+
