@@ -50,6 +50,8 @@ WRITABLE_TYPES = (
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
     T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
 )  # fmt: skip
+# as tensor types (--tensor-type, mix rules, --pure bases); their llama.cpp file types are not here
+WRITABLE_TYPES += (T.TQ1_0, T.TQ2_0, T.MXFP4, T.IQ3_XXS, T.IQ3_S)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
 # A bare K-type as a mix base means "every quantizable tensor in this type" (llama-quantize's
