@@ -4,11 +4,11 @@ One tiny random llama, its tensors spread over the five types (IQ3_XXS only on o
 llama-quantize wants an importance matrix for it anywhere else): our ``quantize_file`` writes
 the same file as llama.cpp's ``llama_model_quantize``, and jllama runs it against llama.cpp.
 
-These types have no int8 kernel here yet, so their matmuls dequantize the weight and take an f32
-dot, while llama.cpp quantizes the activations (q8_K for the 256-blocks, q8_0 for MXFP4) and
-takes an integer dot: the logits agree only to that rounding (measured on this model: relative
-L2 error 2.0e-2, max |diff| 0.148 over 12 positions; the argmax at every position and 16 greedy
-tokens equal), not bit for bit.
+With the int8 kernels (ggml's AVX2 vec_dot and, from 8 rows, its tiled GEMM for IQ3; built
+where the CPU has AVX2 + FMA + F16C) every logit is bit-identical to llama.cpp's and so are the
+greedy tokens. Without them (``Numerics.q8_kernels`` off, or no such CPU) the weights are
+dequantized and multiplied in f32 by activations rounded as ggml's q8 would round them: close
+(relative L2 error about 1e-2 on this chaotic random model) but not bit for bit.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def test_file_identical_to_llama_cpp(model) -> None:
 def test_logits_and_greedy_tokens_vs_llama_cpp(model) -> None:
     from jllama.api import Llama
     from jllama.engine.sampling import SamplingParams
+    from jllama.kernels import xla_cpu
 
     path = model[0]
     llama_cpp = llama_cpp_module()
@@ -91,11 +92,12 @@ def test_logits_and_greedy_tokens_vs_llama_cpp(model) -> None:
         oracle.close()
     llm = Llama(path, ctx_size=64)
     got = llm.engine.logits(TOKENS)
-    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-    diff = float(np.abs(got - ref).max())
-    print(f"\nrel L2 {rel:.2e}, max|diff| {diff:.3f}")
-    # f32 dot on dequantized weights vs ggml's q8 activations (module docstring)
-    assert rel < 0.04 and diff < 0.3
-    np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
     ours = list(llm.engine.generate(TOKENS, SamplingParams.greedy(), max_tokens=16))
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    print(f"\nrel L2 {rel:.2e}, max|diff| {float(np.abs(got - ref).max()):.3g}")
+    if not all(xla_cpu.q8_on(int(QType[t])) for _, t in RULES):
+        # the f32 fallback (module docstring): close, not exact
+        assert rel < 0.05
+        return
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
     assert ours == ref_greedy
