@@ -28,6 +28,7 @@ _SHIFT3 = np.array([0, 3, 6, 9], np.int32)
 class _Tables:
     pos: np.ndarray  # [n_grid, 4] f32: the grid points as ggml's quantizer sees them, 2l + 1
     codes: np.ndarray  # [n_grid, 4] int8: l in 0..7
+    codes_f: np.ndarray  # the same as f32
     kmap: np.ndarray  # [4096] int32: 12-bit code -> grid index, -1 off the grid
     nb_count: np.ndarray  # [4096] int32: neighbours of an off-grid code (0 on the grid)
     # [max count, 4096] grid indices, each list by (distance, index) as ggml's qsort leaves it,
@@ -72,7 +73,15 @@ def tables(name: str) -> _Tables:
         nb[i, keep.size :] = keep[-1]
     pos = (2 * codes + 1).astype(F32)
     nb_pos = np.ascontiguousarray(pos[nb].transpose(2, 1, 0))
-    return _Tables(pos, codes.astype(np.int8), kmap, counts, np.ascontiguousarray(nb.T), nb_pos)
+    return _Tables(
+        pos,
+        codes.astype(np.int8),
+        codes.astype(F32),
+        kmap,
+        counts,
+        np.ascontiguousarray(nb.T),
+        nb_pos,
+    )
 
 
 # Off-grid groups are searched in buckets of similar neighbour counts, each padded to its bound.
@@ -106,16 +115,29 @@ def _best_neighbours(t: _Tables, u, xv, wa, sc):
     return out
 
 
+def _codes_u(Lf: np.ndarray) -> np.ndarray:
+    """Codes (integral f32) [m, 32] -> the 12-bit code of each group of 4 [m, 8] (exact)."""
+    L4 = Lf.reshape(Lf.shape[0], 8, 4)
+    u = L4[..., 3] * F32(8)
+    u += L4[..., 2]
+    u *= F32(8)
+    u += L4[..., 1]
+    u *= F32(8)
+    u += L4[..., 0]
+    return u.astype(np.int32)
+
+
 def _project(t: _Tables, xval, waux, id_, scale, groups=None):
     """Round magnitudes [m, 32] to codes with ``id_`` [m] and snap each group of 4 to the grid
-    (nearest neighbour at ``scale`` [m] where off it). Returns (L int32 [m, 32], on [m, 8]).
-    ``groups`` [m, 8] limits the work to those groups (others come back as codes, unsnapped)."""
+    (nearest neighbour at ``scale`` [m] where off it). Returns (L [m, 32] codes as f32,
+    on [m, 8]). ``groups`` [m, 8] limits the snapping to those groups."""
     m = xval.shape[0]
-    v = id_[:, None] * xval
-    v -= F32(1)
-    v *= F32(0.5)
-    L = np.clip(np.rint(v), 0, 7).astype(np.int32)
-    u = (L.reshape(m, 8, 4) << _SHIFT3).sum(axis=-1)
+    L = id_[:, None] * xval
+    L -= F32(1)
+    L *= F32(0.5)
+    np.rint(L, out=L)
+    np.clip(L, F32(0), F32(7), out=L)
+    u = _codes_u(L)
     on = t.kmap[u] >= 0
     fix = ~on if groups is None else (~on & groups)
     r, g = np.nonzero(fix)
@@ -123,17 +145,18 @@ def _project(t: _Tables, xval, waux, id_, scale, groups=None):
         xv = xval.reshape(m, 8, 4)[r, g].T
         wa = waux.reshape(m, 8, 4)[r, g].T
         gi = _best_neighbours(t, u[r, g], xv, wa, scale[r])
-        L.reshape(m, 8, 4)[r, g] = t.codes[gi]
+        L.reshape(m, 8, 4)[r, g] = t.codes_f[gi]
     return L, on
 
 
 def _sums(w, xval, L):
-    q = (2 * L + 1).astype(F32)
+    q = L * F32(2)
+    q += F32(1)
     a = w * xval
     a *= q
-    b = w * q
-    b *= q
-    return np.cumsum(a, axis=1, dtype=F32)[:, -1], np.cumsum(b, axis=1, dtype=F32)[:, -1]
+    q *= w
+    q *= L * F32(2) + F32(1)
+    return np.cumsum(a, axis=1, dtype=F32)[:, -1], np.cumsum(q, axis=1, dtype=F32)[:, -1]
 
 
 def _subblocks(name: str, xs: np.ndarray, weight: np.ndarray):
@@ -167,7 +190,7 @@ def _subblocks(name: str, xs: np.ndarray, weight: np.ndarray):
     m = sel.size
     best = np.zeros(m, F32)
     scale = mxs / F32(15)
-    L = np.zeros((m, 32), np.int32)
+    L = np.zeros((m, 32), F32)
     on = np.full((m, 8), xxs)
     ntry = 15 if xxs else 9
     with np.errstate(all="ignore"):
@@ -179,8 +202,8 @@ def _subblocks(name: str, xs: np.ndarray, weight: np.ndarray):
             take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
             scale = np.where(take, sumqx / sumq2, scale).astype(F32)
             best = np.where(take, scale * sumqx, best).astype(F32)
-            L = np.where(take[:, None], Laux, L)
-            on = np.where(take[:, None], on_aux, on)
+            L[take] = Laux[take]
+            on[take] = on_aux[take]
         # Groups left off the grid: snap again at the chosen scale, then refit the scale.
         redo = (~on).any(axis=1) & (scale > 0)
         r = np.nonzero(redo)[0]
@@ -195,8 +218,7 @@ def _subblocks(name: str, xs: np.ndarray, weight: np.ndarray):
     scale = np.abs(scale)
     if negs.any():
         signs[sel[negs]] = ~signs[sel[negs]] & (127 if xxs else 255)
-    u = (L.reshape(m, 8, 4) << _SHIFT3).sum(axis=-1)
-    gidx[sel] = t.kmap[u]
+    gidx[sel] = t.kmap[_codes_u(L)]
     scale_out[sel] = scale
     return scale_out, gidx, signs, nz
 
