@@ -1,7 +1,9 @@
 """Quantizer throughput against ggml's own (``ggml_quantize_chunk``, one thread), with and
 without an importance matrix, on rows shaped like Llama-3-8B's ffn_down (14336 columns).
 
-MB/s counts f32 input bytes. The last column says whether the bytes are ggml's.
+MB/s counts f32 input bytes per CPU second (process time: the machines these run on are
+shared, and wall time there says more about the neighbours than about the code). The last
+column says whether the bytes are ggml's.
 Run: PYTHONPATH=. python experiments/bench_quantize_types.py [TYPE ...]
 """
 
@@ -29,14 +31,15 @@ def main(names: list[str]) -> None:
     print("| type | imatrix | ours MB/s | ggml MB/s | bytes equal |\n|---|---|---|---|---|")
     for name in names:
         qt = int(QType[name])
-        quantize_np(x[:1], qt)  # grid tables built outside the timing
+        quantize_np(x[:1], qt)  # grid tables (and ggml's, and the library) outside the timing
+        _ggml_quantize(x[:1], qt)
         for w in (None, imx):
-            t = time.perf_counter()
+            t = time.process_time()
             a = quantize_np(x, qt, w)
-            t1 = time.perf_counter() - t
-            t = time.perf_counter()
+            t1 = time.process_time() - t
+            t = time.process_time()
             b = _ggml_quantize(x, qt, w)
-            t2 = time.perf_counter() - t
+            t2 = time.process_time() - t
             print(f"| {name} | {'yes' if w is not None else 'no'} | {x.nbytes / t1 / 1e6:.1f} "
                   f"| {x.nbytes / t2 / 1e6:.1f} | {'yes' if np.array_equal(a, b) else 'NO'} |")
 
