@@ -101,3 +101,11 @@ def test_logits_and_greedy_tokens_vs_llama_cpp(model) -> None:
         return
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
     assert ours == ref_greedy
+
+
+def test_bare_type_without_file_type_is_refused() -> None:
+    from jllama.errors import QuantError
+    from jllama.quant.mixes import mix_from_base
+
+    with pytest.raises(QuantError, match="tensor type only"):
+        mix_from_base("tq2_0")

@@ -134,7 +134,13 @@ def mix_from_base(base: str) -> MixSpec:
         raise QuantError(
             f"unknown mix base '{base}'; known file types: {known}; or a type: {types}"
         ) from None
-    return MixSpec(ftype=_PURE_BASE_FTYPE.get(t, t.name), pure=True)
+    ftype = _PURE_BASE_FTYPE.get(t, t.name)
+    if ftype not in FTYPES:  # a tensor type whose llama.cpp file type (its mix) is not here
+        raise QuantError(
+            f"'{base}' is a tensor type only here: use it in --tensor-type or mix rules over a "
+            "file type base (e.g. q8_0 with --pure)"
+        )
+    return MixSpec(ftype=ftype, pure=True)
 
 
 def mix_from_dict(d: Any, source: str = "mix") -> MixSpec:
