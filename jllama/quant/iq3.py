@@ -5,7 +5,8 @@ Each 32-value sub-block gets a scale from a search over 31 (IQ3_XXS) or 19 (IQ3_
 at each trial every group of 4 magnitudes is rounded to 3-bit codes and, when that point is not
 on the type's grid, replaced by the best of its precomputed grid neighbours (ggml's
 ``iq3xs_init_impl`` tables, rebuilt here from gguf-py's grid). Here all sub-blocks run at once:
-the trials are a Python loop, the off-grid groups of a trial one ragged numpy batch. ggml-base is
+the trials are a Python loop, the off-grid groups of a trial a few numpy batches (bucketed by
+neighbour count, coordinate-major, which measured ~2x over one ragged batch). ggml-base is
 built without FMA, so plain f32 numpy operations in ggml's order reproduce its rounding; sums
 that C accumulates element by element are sequential ``cumsum``s. ``nearest_int`` is ``np.rint``
 here: every rounded value is small (|v| < 2^22), where the two agree.
@@ -27,8 +28,7 @@ _SHIFT3 = np.array([0, 3, 6, 9], np.int32)
 @dataclass(frozen=True)
 class _Tables:
     pos: np.ndarray  # [n_grid, 4] f32: the grid points as ggml's quantizer sees them, 2l + 1
-    codes: np.ndarray  # [n_grid, 4] int8: l in 0..7
-    codes_f: np.ndarray  # the same as f32
+    codes_f: np.ndarray  # [n_grid, 4] f32: l in 0..7
     kmap: np.ndarray  # [4096] int32: 12-bit code -> grid index, -1 off the grid
     nb_count: np.ndarray  # [4096] int32: neighbours of an off-grid code (0 on the grid)
     # [max count, 4096] grid indices, each list by (distance, index) as ggml's qsort leaves it,
@@ -37,19 +37,14 @@ class _Tables:
     nb_pos: np.ndarray  # [4, max count, 4096] f32: pos of those, coordinate first
 
 
-# The dequantization grids' values per 3-bit code (gguf-py's grid_map of each type).
-_GRID_MAPS = {
-    "IQ3_XXS": (0x04, 0x0C, 0x14, 0x1C, 0x24, 0x2C, 0x34, 0x3E),
-    "IQ3_S": (0x01, 0x03, 0x05, 0x07, 0x09, 0x0B, 0x0D, 0x0F),
-}
-
-
 @functools.cache
 def tables(name: str) -> _Tables:
     """ggml's ``iq3xs_init_impl(grid_size)`` tables for IQ3_XXS (256 points, neighbours at the
     2 nearest distances) or IQ3_S (512 points, 3 distances)."""
+    import gguf.quants
+
     grid = iq_grid(name)
-    gm = np.array(_GRID_MAPS[name], np.float32)
+    gm = np.array(getattr(gguf.quants, name).grid_map, np.float32)  # value of each 3-bit code
     codes = np.searchsorted(gm, grid).astype(np.int32)
     if not np.array_equal(gm[codes], grid):
         raise AssertionError(f"{name} grid values outside its map")
@@ -75,7 +70,6 @@ def tables(name: str) -> _Tables:
     nb_pos = np.ascontiguousarray(pos[nb].transpose(2, 1, 0))
     return _Tables(
         pos,
-        codes.astype(np.int8),
         codes.astype(F32),
         kmap,
         counts,
