@@ -418,6 +418,24 @@ Q8Kernel make_q8(int64_t qtype, bool q8_1 = false) {
   return {q8_rows<T>, g.fn, T::BS, T::XB, T::OFF, g.pair_group, T::kBias, T::kBsums, q8_1,
           T::kTiled};
 }
+
+// XLA:CPU's threads run with flush-to-zero and denormals-are-zero; ggml's do not. Only MXFP4's
+// E8M0 scales reach f32 denormals (e < 2, or a product d_x * d_w below 2^-126), so its kernel
+// clears both for its run and restores the caller's MXCSR.
+template <typename T>
+void q8_rows_denormals(const Q8Call& c, int64_t n0, int64_t n1) {
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr & ~0x8040u);  // FTZ (bit 15), DAZ (bit 6)
+  q8_rows<T>(c, n0, n1);
+  _mm_setcsr(csr);
+}
+
+template <typename T>
+Q8Kernel make_q8_denormals(int64_t qtype) {
+  Q8Kernel k = make_q8<T>(qtype);
+  k.fn = q8_rows_denormals<T>;
+  return k;
+}
 #endif  // JLLAMA_Q8
 
 }  // namespace
@@ -471,7 +489,7 @@ Q8Kernel pick_q8(int64_t qtype) {
     case kQ6_K: return make_q8<Q8W6_K>(qtype);
     case kTQ1_0: return make_q8<Q8WTQ1_0>(qtype);
     case kTQ2_0: return make_q8<Q8WTQ2_0>(qtype);
-    case kMXFP4: return make_q8<Q8WMXFP4>(qtype);
+    case kMXFP4: return make_q8_denormals<Q8WMXFP4>(qtype);
     case kIQ3_XXS: return make_q8<Q8WIQ3_XXS>(qtype);
     case kIQ3_S: return make_q8<Q8WIQ3_S>(qtype);
     default: return {nullptr, nullptr, 0, 0, 0, 0, false, false, false, false};
