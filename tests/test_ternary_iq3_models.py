@@ -70,37 +70,56 @@ def test_file_identical_to_llama_cpp(model) -> None:
     assert filecmp.cmp(ours, ref, shallow=False)
 
 
-def test_logits_and_greedy_tokens_vs_llama_cpp(model) -> None:
-    from jllama.api import Llama
-    from jllama.engine.sampling import SamplingParams
-    from jllama.kernels import xla_cpu
-
-    path = model[0]
+@pytest.fixture(scope="module")
+def oracle_run(model):
+    """llama.cpp's logits at every position of TOKENS, and its 16 greedy tokens after them."""
     llama_cpp = llama_cpp_module()
-    oracle = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                             seed=0, flash_attn=True)  # fmt: skip
+    oracle = llama_cpp.Llama(str(model[0]), n_ctx=64, logits_all=True, verbose=False,
+                             n_threads=2, seed=0, flash_attn=True)  # fmt: skip
     try:
         oracle.eval(TOKENS)
         ref = np.array(oracle.scores[: len(TOKENS)], np.float32)
         oracle.reset()
-        ref_greedy = []
+        greedy = []
         for tok in oracle.generate(TOKENS, top_k=1, temp=0.0, repeat_penalty=1.0):
-            ref_greedy.append(tok)
-            if len(ref_greedy) == 16:
+            greedy.append(tok)
+            if len(greedy) == 16:
                 break
     finally:
         oracle.close()
-    llm = Llama(path, ctx_size=64)
+    return ref, greedy
+
+
+def test_logits_and_greedy_tokens_vs_llama_cpp(model, oracle_run) -> None:
+    from jllama.api import Llama
+    from jllama.engine.sampling import SamplingParams
+    from jllama.kernels import xla_cpu
+
+    ref, ref_greedy = oracle_run
+    llm = Llama(model[0], ctx_size=64)
     got = llm.engine.logits(TOKENS)
     ours = list(llm.engine.generate(TOKENS, SamplingParams.greedy(), max_tokens=16))
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     print(f"\nrel L2 {rel:.2e}, max|diff| {float(np.abs(got - ref).max()):.3g}")
     if not all(xla_cpu.q8_on(int(QType[t])) for _, t in RULES):
-        # the f32 fallback (module docstring): close, not exact
-        assert rel < 0.05
-        return
+        pytest.skip("no int8 kernels on this CPU (AVX2 + FMA + F16C): the f32 test below runs")
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
     assert ours == ref_greedy
+
+
+def test_f32_fallback_close_to_llama_cpp(model, oracle_run) -> None:
+    """Without the int8 kernels (``JLLAMA_NO_Q8``, GPUs, other CPUs) the weights go through the
+    dequantizers and an f32 dot on activations rounded as ggml's q8 rounds them."""
+    from jllama.api import Llama
+    from jllama.numerics import Numerics
+
+    ref, _ = oracle_run
+    llm = Llama(model[0], ctx_size=64, numerics=Numerics().replace(q8_kernels=False))
+    got = llm.engine.logits(TOKENS)
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    print(f"\nf32 path: rel L2 {rel:.2e}, max|diff| {float(np.abs(got - ref).max()):.3g}")
+    assert rel < 0.03  # measured 1.0e-2 (module docstring)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
 
 
 def test_bare_type_without_file_type_is_refused() -> None:
