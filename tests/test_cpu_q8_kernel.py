@@ -274,3 +274,24 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
         tiled = ggml_mul_mat(raw, qtype, x, n_threads=2)
         assert hashlib.sha256(tiled.tobytes()).hexdigest() != ref_hash, "switch had no effect"
         np.testing.assert_array_equal(ours(raw, qtype, x).view(np.uint32), tiled.view(np.uint32))
+
+
+NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.IQ3_XXS, QType.IQ3_S]
+
+
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
+def test_q8_kernel_ternary_mxfp4_iq3_bit_exact_vs_ggml(qtype: QType) -> None:
+    """ggml's AVX2 vec_dot for TQ1_0/TQ2_0/IQ3 (Q8_K) and MXFP4 (Q8_0, an odd block count: its
+    scalar tail), and from 8 rows its tiled GEMM for IQ3_XXS/IQ3_S."""
+    require_q8()
+    k = 544 if qtype == QType.MXFP4 else 768
+    n = 37
+    raw = random_blocks(qtype, n, k, seed=int(qtype))  # MXFP4: exponents of real weights
+    if qtype == QType.MXFP4:  # and some tiny ones: f32 denormal scales, which ggml keeps
+        raw[:5].reshape(5, k // 32, 17)[:, :, 0] = np.array([0, 1, 2, 5, 9])[:, None]
+    for m in (1, 2, 3, 7, 8, 17, 64):
+        x = activations(m, k, seed=m)
+        ref = ggml_mul_mat(raw, qtype, x, n_threads=1)
+        got = ours(raw, qtype, x)
+        bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
+        assert bad.size == 0, f"{qtype.name} m={m}: {bad.size} of {ref.size} differ"

@@ -16,6 +16,7 @@ GGUF_PY_TYPES = [
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
     "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
+    "TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S",
 ]  # fmt: skip
 
 
@@ -49,20 +50,47 @@ def test_dequantize_bit_exact_vs_gguf_py(name: str) -> None:
     _assert_bit_equal(got_jax, ref)
 
 
-@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"])
-def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
-    """ggml's own ``dequantize_row_*`` (the CPU backend's to_float) on random blocks."""
+def _ggml_to_float(raw: np.ndarray, qtype: int, row: int) -> np.ndarray:
+    """ggml's own ``type_traits[type].to_float`` (dequantize_row_*) on raw rows."""
     import ctypes
 
-    from llamacpp_oracle import ggml_libs
+    from tests.llamacpp_oracle import ggml_libs
 
     base, _ = ggml_libs()
-    qt, row = int(QType[name]), 1024
-    data = _random_rows(qt, (6,), row, seed=5)
-    ref = np.zeros((6, row), np.float32)
-    fn = getattr(base, f"dequantize_row_{name.lower()}")
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
-    fn(data.ctypes.data, ref.ctypes.data, ref.size)
+
+    class Traits(ctypes.Structure):
+        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                    ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                    ("from_float_ref", ctypes.c_void_p)]  # fmt: skip
+
+    base.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    base.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    tr = base.ggml_get_type_traits(qtype).contents
+    assert tr.type_name.decode().upper() == qtype_info(qtype).name
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(tr.to_float)
+    raw = np.ascontiguousarray(raw)
+    out = np.zeros((*raw.shape[:-1], row), np.float32)
+    to_float(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name", ["TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
+)
+def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
+    """Random blocks (every code, finite scales) decoded by ggml's C ``dequantize_row_*``."""
+    from jllama.quant.testing import random_blocks
+
+    qt = int(QType[name])
+    row = 1024
+    if name.startswith("IQ1") or name.startswith("IQ2"):
+        data = _random_rows(qt, (6,), row, seed=5)
+    else:
+        data = random_blocks(QType[name], 6, row, seed=3)
+    if name == "MXFP4":  # exponents whose scale is an f32 denormal, or whose products overflow
+        data[0, 0 : 17 * 6 : 17] = [0, 1, 2, 3, 254, 255]
+    ref = _ggml_to_float(data, qt, row)
     with np.errstate(all="ignore"):
         got_np = dequantize_np(data, qt, row)
     got_jax = np.asarray(jax.jit(dequantize_jax, static_argnums=(1, 2))(data, qt, row))
@@ -108,8 +136,8 @@ def _ggml_base():
     return lib
 
 
-def _ggml_quantize(x: np.ndarray, qtype: int) -> np.ndarray:
-    """What llama-quantize writes without imatrix: ``ggml_quantize_chunk(type, ..., NULL)``."""
+def _ggml_quantize(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """What llama-quantize writes: ``ggml_quantize_chunk(type, ..., imatrix or NULL)``."""
     lib = _ggml_base()
     x = np.ascontiguousarray(x, np.float32)
     info = qtype_info(qtype)
@@ -118,7 +146,9 @@ def _ggml_quantize(x: np.ndarray, qtype: int) -> np.ndarray:
         lib.quantize_row_q8_K_ref(x.ctypes.data, out.ctypes.data, x.size)
     else:
         lib.ggml_quantize_init(qtype)
-        lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, *x.shape, None)
+        qw = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
+        qwp = None if qw is None else qw.ctypes.data
+        lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, *x.shape, qwp)
     return out
 
 
@@ -144,16 +174,17 @@ def _hard_rows(n: int = 1024) -> np.ndarray:
 QUANT_TYPES = [
     "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q8_K",
+    "TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S",
 ]  # fmt: skip
 
 
-def _compare_with_ggml(x: np.ndarray, name: str) -> None:
+def _compare_with_ggml(x: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> None:
     from jllama.quant.quantizers import quantize_np
 
     qt = int(QType[name])
     info = qtype_info(qt)
-    ours = quantize_np(x, qt)
-    ref = _ggml_quantize(x, qt)
+    ours = quantize_np(x, qt, imatrix)
+    ref = _ggml_quantize(x, qt, imatrix)
     assert ours.shape == ref.shape and ours.dtype == np.uint8
     differ = (ours.reshape(-1, info.type_size) != ref.reshape(-1, info.type_size)).any(axis=1)
     if differ.any():
@@ -171,6 +202,15 @@ def _compare_with_ggml(x: np.ndarray, name: str) -> None:
 @pytest.mark.parametrize("name", QUANT_TYPES)
 def test_quantize_bytes_equal_ggml(name: str) -> None:
     _compare_with_ggml(_hard_rows(), name)
+
+
+@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S"])
+def test_quantize_with_imatrix_bytes_equal_ggml(name: str) -> None:
+    """With an importance matrix (IQ3 weighs by it; TQ/MXFP4 ignore it, as ggml does)."""
+    rng = np.random.default_rng(11)
+    x = _hard_rows()
+    imatrix = (rng.gamma(0.5, 2.0, x.shape[1]) * np.repeat([1.0, 0.0, 50.0, 1e-3], 256))
+    _compare_with_ggml(x, name, imatrix.astype(np.float32))
 
 
 def test_quantize_real_weights_equal_ggml(smollm2_path) -> None:

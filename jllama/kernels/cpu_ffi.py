@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllama import numerics
+from jllama.quant.formats import iq_grid
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatV
             "jllama_dequant": "JllamaDequant", "jllama_cos_sin": "JllamaCosSin"}
 # The int8-activation kernels (ggml's vec_dot, bit-exact) exist where the build machine has
 # AVX2 + FMA + F16C (VNNI, where present, only speeds up their integer dots).
-# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K
-Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14})
+# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K, IQ3_XXS IQ3_S TQ1_0 TQ2_0 MXFP4
+Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 18, 21, 34, 35, 39})
 # q8: quantized x (q, d, s), any number of weights sharing it (q/k/v, gate/up: one call);
 # q8f: f32 x, quantized inside the call (decode); quantize_q8: the activation quantizer.
 _Q8_TARGETS = {"jllama_qmatvec_q8": "JllamaQMatVecQ8",
@@ -137,6 +138,15 @@ def _build(compiler: str) -> Path:
     return lib
 
 
+def _set_iq3_grids(lib: ctypes.CDLL) -> None:
+    """Hand the int8 IQ3 kernels ggml's grids (4 bytes a point), from gguf-py's tables."""
+    grids = [np.ascontiguousarray(iq_grid(n).astype(np.uint8)).view("<u4").reshape(-1)
+             for n in ("IQ3_XXS", "IQ3_S")]  # fmt: skip
+    lib.JllamaSetIQ3Grids.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.JllamaSetIQ3Grids.restype = None
+    lib.JllamaSetIQ3Grids(grids[0].ctypes.data, grids[1].ctypes.data)
+
+
 @functools.cache
 def available() -> bool:
     """Compile (once), load and register the kernels; False if that is not possible here."""
@@ -150,6 +160,7 @@ def available() -> bool:
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
         if hasattr(lib, _Q8_TARGETS["jllama_qmatvec_q8"]):
+            _set_iq3_grids(lib)
             for target, symbol in _Q8_TARGETS.items():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
             _q8_registered = True

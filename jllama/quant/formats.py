@@ -197,6 +197,120 @@ def _deq_q8_k(xp: Xp, b):
     return _i8(xp, b[:, 4:260]).astype(xp.float32) * _f32(xp, b, 0)
 
 
+# ----------------------------------------------------------------------------- ternary, MXFP4, IQ3
+
+
+def _deq_tq1_0(xp: Xp, b):
+    # 48 bytes of five trits each (32 bytes then 16), 4 bytes of four trits, f16 d. Trit n of a
+    # byte is the top "digit" of byte * 3^n (mod 256): ((uint8)(q * 3^n) * 3) >> 8.
+    n = b.shape[0]
+    d = _f16(xp, b, 52)
+    pow3 = xp.asarray(np.array([1, 3, 9, 27, 81], np.uint8))
+
+    def trits(q, k):  # [N, m] -> [N, k*m], trit-major
+        t = (q[:, None, :].astype(xp.uint16) * pow3[:k, None]) & 0xFF
+        return ((t * 3) >> 8).reshape(n, -1)
+
+    q = xp.concatenate([trits(b[:, 0:32], 5), trits(b[:, 32:48], 5), trits(b[:, 48:52], 4)], -1)
+    return (q.astype(xp.int32) - 1).astype(xp.float32) * d
+
+
+def _deq_tq2_0(xp: Xp, b):
+    d = _f16(xp, b, 64)
+    q = _crumbs_by_plane(xp, b[:, 0:64], 2, 2, 32).astype(xp.int32)
+    return (q - 1).astype(xp.float32) * d
+
+
+# e2m1 values, doubled (ggml's kvalues_mxfp4): the block's E8M0 exponent is read as half its value.
+KVALUES_MXFP4 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def e8m0_to_f32_half(xp: Xp, e):
+    """ggml_e8m0_to_fp32_half: 2^(e-128) as f32 bits (denormal for e < 2)."""
+    e = e.astype(xp.uint32)
+    bits = xp.where(e < 2, xp.uint32(0x00200000) << e, (e - 1) << 23)
+    return _bitcast(xp, bits.astype(xp.uint32), xp.float32)
+
+
+def _deq_mxfp4(xp: Xp, b):
+    # kvalue * 2^(e-128) is exact, but e < 2 makes ggml's scale an f32 denormal, and XLA:CPU
+    # flushes denormals (inputs and results). So the product is built on the bits: kvalue's
+    # exponent moved by e-128, shifted into a denormal below 2^-126, infinity above the range.
+    kv = np.array(KVALUES_MXFP4, np.float32)
+    kbits = kv.view(np.uint32)
+    kexp = ((kbits >> 23) & 0xFF).astype(np.int32)
+    kmant = np.where(kv != 0, (kbits & 0x7FFFFF) | 0x800000, 0).astype(np.int32)
+    q = _nibbles(xp, b[:, 1:17]).astype(xp.int32)
+    e = b[:, 0].astype(xp.int32)[:, None]
+    ex = xp.asarray(kexp)[q] + e - 128
+    mant = xp.asarray(kmant)[q]
+    sign = xp.asarray((kbits & 0x80000000).astype(np.uint32))[q]
+    sub = mant >> xp.clip(1 - ex, 0, 31)  # exact: at most 2 significant bits
+    mag = xp.where(ex >= 1, (ex << 23) | (mant & 0x7FFFFF), sub)
+    mag = xp.where(ex >= 255, 0x7F800000, xp.where(mant == 0, 0, mag))
+    return _bitcast(xp, sign | mag.astype(xp.uint32), xp.float32)
+
+
+def iq_grid(name: str) -> np.ndarray:
+    """An IQ type's grid (``[n_points, points]`` f32 small integers), from gguf-py's tables."""
+    return _IQ_GRIDS[name]()
+
+
+def _gguf_grid(name: str) -> Callable[[], np.ndarray]:
+    import functools
+
+    @functools.cache
+    def grid() -> np.ndarray:
+        import gguf.quants
+
+        cls = getattr(gguf.quants, name)
+        cls.init_grid()
+        g = np.asarray(cls.grid, np.float32)
+        return g.reshape(cls.grid_shape)
+
+    return grid
+
+
+_IQ_GRIDS = {n: _gguf_grid(n) for n in ("IQ3_XXS", "IQ3_S")}
+
+
+def _sign_bits7(xp: Xp, s7):
+    """ggml's ksigns_iq2xs: 7 sign bits [..] -> [.., 8] bits, the 8th making the parity even."""
+    bits = (s7[..., None] >> xp.arange(7, dtype=s7.dtype)) & 1
+    par = bits.sum(axis=-1, keepdims=True) & 1
+    return xp.concatenate([bits, par], axis=-1)
+
+
+def _signed(xp: Xp, v, neg):
+    return xp.where(neg != 0, -v, v)
+
+
+def _deq_iq3_xxs(xp: Xp, b):
+    n = b.shape[0]
+    d = _f16(xp, b, 0)
+    grid = xp.asarray(iq_grid("IQ3_XXS"))
+    g = grid[b[:, 2:66].astype(xp.int32)].reshape(n, 8, 32)  # 8 sub-blocks of 32
+    a = b[:, 66:98].reshape(n, 8, 4).astype(xp.uint32)
+    aux = a[..., 0] | (a[..., 1] << 8) | (a[..., 2] << 16) | (a[..., 3] << 24)
+    db = d * ((aux >> 28).astype(xp.float32) + xp.float32(0.5)) * xp.float32(0.5)
+    s7 = (aux[..., None] >> (7 * xp.arange(4, dtype=xp.uint32))) & 127  # [n, 8, 4]
+    neg = _sign_bits7(xp, s7).reshape(n, 8, 32)
+    return _signed(xp, db[..., None] * g, neg).reshape(n, QK_K)
+
+
+def _deq_iq3_s(xp: Xp, b):
+    n = b.shape[0]
+    d = _f16(xp, b, 0)
+    qh = _bits(xp, b[:, 66:74], 64).astype(xp.int32)  # bit k of qh[ib] tops grid index 8*ib + k
+    idx = b[:, 2:66].astype(xp.int32) | (qh << 8)
+    g = xp.asarray(iq_grid("IQ3_S"))[idx].reshape(n, 8, 32)
+    neg = _bits(xp, b[:, 74:106], 256).reshape(n, 8, 32)
+    sc = _nibbles(xp, b[:, 106:110])  # low nibbles scale even sub-blocks, high nibbles odd ones
+    sc = xp.stack([sc[:, :4], sc[:, 4:]], axis=-1).reshape(n, 8).astype(xp.int32)
+    db = d * (1 + 2 * sc).astype(xp.float32)
+    return _signed(xp, db[:, :, None] * g, neg).reshape(n, QK_K)
+
+
 DEQUANTIZERS: dict[int, Callable[[Xp, Any], Any]] = {
     int(QType.Q4_0): _deq_q4_0,
     int(QType.Q4_1): _deq_q4_1,
@@ -211,6 +325,11 @@ DEQUANTIZERS: dict[int, Callable[[Xp, Any], Any]] = {
     int(QType.Q6_K): _deq_q6_k,
     int(QType.IQ4_XS): _deq_iq4_xs,
     int(QType.Q8_K): _deq_q8_k,
+    int(QType.TQ1_0): _deq_tq1_0,
+    int(QType.TQ2_0): _deq_tq2_0,
+    int(QType.MXFP4): _deq_mxfp4,
+    int(QType.IQ3_XXS): _deq_iq3_xxs,
+    int(QType.IQ3_S): _deq_iq3_s,
 }
 
 
@@ -385,4 +504,3 @@ def dequantize_jax(data, qtype: int, row_len: int):
     import jax.numpy as jnp
 
     return _dequantize(jnp, jnp.asarray(data), qtype, row_len)
-

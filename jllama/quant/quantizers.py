@@ -17,7 +17,8 @@ import numpy as np
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
 from jllama.quant import iq2
-from jllama.quant.formats import KVALUES_IQ4NL
+from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, e8m0_to_f32_half
+from jllama.quant.iq3 import quantize_iq3_s, quantize_iq3_xxs
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -589,6 +590,85 @@ def _iq4_xs(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     )
 
 
+# ----------------------------------------------------------------------------- ternary, MXFP4
+
+
+def _ternary(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TQ1_0/TQ2_0's shared front: (f16 d bytes [B, 2], trits 0..2 [B, 256]): d = amax and
+    each value lroundf(x / amax) + 1."""
+    amax = np.abs(x).max(axis=1)
+    idv = _safe_inv(amax)
+    return _fp16_bytes(amax).reshape(-1, 2), (_roundf(x * idv[:, None]) + 1).astype(np.int32)
+
+
+def _pack_trits(t: np.ndarray, nvals: int) -> np.ndarray:
+    """[B, nvals, m] trits -> [B, m] bytes: base-3 digits, the first value most significant,
+    scaled by 256/243 rounding up so a byte's top digit is ``(byte * 3) >> 8``."""
+    w = 3 ** np.arange(4, 4 - nvals, -1)
+    q = (t * w[:, None]).sum(axis=1)
+    return ((q * 256 + 242) // 243).astype(np.uint8)
+
+
+def _tq1_0(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    d, t = _ternary(x)
+    qs0 = _pack_trits(t[:, :160].reshape(B, 5, 32), 5)
+    qs1 = _pack_trits(t[:, 160:240].reshape(B, 5, 16), 5)
+    qh = _pack_trits(t[:, 240:].reshape(B, 4, 4), 4)
+    return np.concatenate([qs0, qs1, qh, d], axis=1)
+
+
+def _tq2_0(x: np.ndarray) -> np.ndarray:
+    d, t = _ternary(x)
+    return np.concatenate([_pack_2bit_planes(t & 3), d], axis=1)
+
+
+_MXFP4F = np.array(KVALUES_MXFP4, F32)
+
+
+def _mxfp4(x: np.ndarray) -> np.ndarray:
+    amax = np.abs(x).max(axis=1)
+    with np.errstate(divide="ignore"):
+        lg = np.floor(np.log2(np.where(amax > 0, amax, F32(1)))).astype(F32)
+    # (uint8)(float) of ggml: a C conversion through int (wraps below 2^-125)
+    e = np.where(amax > 0, (_c_trunc_int(lg - F32(2) + F32(127)) & 0xFF), 0).astype(np.uint8)
+    d = e8m0_to_f32_half(np, e)
+    # Only the 8 values of x's sign can be nearest (and +0 at index 0 wins the tie with the
+    # zero at 8): the errors of those equal ggml's exactly, negation being exact.
+    err = np.abs(_MXFP4F[:8] * d[:, None, None] - np.abs(x)[:, :, None])
+    j = np.argmin(err, axis=-1)  # the first of equal errors, as ggml
+    q = np.where((x < 0) & (j > 0), j + 8, j).astype(np.uint8)
+    return np.concatenate([e[:, None], _pack_nibbles32(q)], axis=1)
+
+
+def _row_chunks(rows: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """fn over chunks of whole rows (bounded temporaries), concatenated."""
+    step = max(1, _CHUNK_ELEMS // rows.shape[1])
+    return np.concatenate([fn(rows[s : s + step]) for s in range(0, rows.shape[0], step)])
+
+
+def _blockwise(fn: Callable[[np.ndarray], np.ndarray], block: int):
+    """The weighted entry of a type whose ggml quantizer ignores the importance matrix."""
+
+    def wfn(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+        return _row_chunks(rows, lambda r: fn(r.reshape(-1, block)).reshape(r.shape[0], -1))
+
+    return wfn
+
+
+def _iq3_weighted(fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray]):
+    """IQ3 with an imatrix: each 256-block weighs its values by the imatrix columns it covers."""
+
+    def wfn(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+        def chunk(r: np.ndarray) -> np.ndarray:
+            w = np.broadcast_to(qw.reshape(1, -1), r.shape).reshape(-1, 256)
+            return fn(r.reshape(-1, 256), w).reshape(r.shape[0], -1)
+
+        return _row_chunks(rows, chunk)
+
+    return wfn
+
+
 QUANTIZERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     int(QType.Q4_0): _q4_0,
     int(QType.Q4_1): _q4_1,
@@ -603,6 +683,11 @@ QUANTIZERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     int(QType.Q6_K): _q6_k,
     int(QType.IQ4_XS): _iq4_xs,
     int(QType.Q8_K): _q8_k,
+    int(QType.TQ1_0): _tq1_0,
+    int(QType.TQ2_0): _tq2_0,
+    int(QType.MXFP4): _mxfp4,
+    int(QType.IQ3_XXS): quantize_iq3_xxs,
+    int(QType.IQ3_S): quantize_iq3_s,
 }
 
 
@@ -842,6 +927,12 @@ QUANTIZERS.update({
     int(QType.IQ2_S): iq2.quantize_iq2_s_rows,
     int(QType.IQ1_M): iq2.quantize_iq1_m_rows,
 })  # fmt: skip
+# ggml ignores the weights for the ternary types and MXFP4; IQ3 has its own weighted search.
+WEIGHTED_QUANTIZERS[int(QType.TQ1_0)] = _blockwise(_tq1_0, 256)
+WEIGHTED_QUANTIZERS[int(QType.TQ2_0)] = _blockwise(_tq2_0, 256)
+WEIGHTED_QUANTIZERS[int(QType.MXFP4)] = _blockwise(_mxfp4, 32)
+WEIGHTED_QUANTIZERS[int(QType.IQ3_XXS)] = _iq3_weighted(quantize_iq3_xxs)
+WEIGHTED_QUANTIZERS[int(QType.IQ3_S)] = _iq3_weighted(quantize_iq3_s)
 
 
 def quantize_np(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -860,7 +951,9 @@ def quantize_np(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) ->
     if imatrix is not None:
         wfn = WEIGHTED_QUANTIZERS.get(qtype)
         if wfn is None:
-            raise QuantError(f"quantizing to {info.name} with an importance matrix is not supported")
+            raise QuantError(
+                f"quantizing to {info.name} with an importance matrix is not supported"
+            )
         qw = np.ascontiguousarray(imatrix, dtype=F32).reshape(-1)
         if qw.shape[0] != row:
             raise QuantError(f"importance matrix has {qw.shape[0]} values for rows of {row}")

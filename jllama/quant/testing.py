@@ -26,11 +26,23 @@ F16_FIELDS = {
     QType.Q3_K: [108],
     QType.IQ4_NL: [0],
     QType.IQ4_XS: [0],
+    QType.TQ1_0: [52],
+    QType.TQ2_0: [64],
+    QType.MXFP4: [],  # its scale is an E8M0 exponent: see E8M0_FIELDS
+    QType.IQ3_XXS: [0],
+    QType.IQ3_S: [0],
 }
 
 
+# Byte offsets of E8M0 exponents (scale 2^(e-128)): random ones would overflow (e near 255) or
+# give f32 denormal scales and products (e < 2; XLA's f32 ops flush those); real weights' sit
+# around 2^-18..2^6.
+E8M0_FIELDS = {QType.MXFP4: [0]}
+
+
 def random_blocks(qtype: QType, rows: int, row_len: int, seed: int = 0) -> np.ndarray:
-    """Random GGUF blocks ``[rows, row bytes]``: every code and bit pattern, finite f16 scales."""
+    """Random GGUF blocks ``[rows, row bytes]``: every code and bit pattern, finite f16 scales
+    (and E8M0 exponents of real weights' range)."""
     info = qtype_info(int(qtype))
     nb = row_len // info.block_size
     rng = np.random.default_rng(seed)
@@ -38,6 +50,8 @@ def random_blocks(qtype: QType, rows: int, row_len: int, seed: int = 0) -> np.nd
     for off in F16_FIELDS[qtype]:
         f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16)
         raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
+    for off in E8M0_FIELDS.get(qtype, []):
+        raw[..., off] = rng.integers(110, 135, (rows, nb), dtype=np.uint8)
     return raw.reshape(rows, nb * info.type_size)
 
 

@@ -78,6 +78,12 @@ struct Q8Acc {
   __m256 acc;
   __m128 accm;
   float summs;  // also the tiled order's scalar accumulator
+  // MXFP4: ggml's second accumulator (odd blocks), and an even block held back until its odd
+  // partner comes (ggml adds a last unpaired block in scalar code after the hsum)
+  __m256 acc2;
+  __m256i pend;
+  float pend_d;
+  bool has_pend;
 };
 
 static inline int32_t hsum_i32(__m256i v) {  // any exact order: integers
@@ -331,6 +337,211 @@ struct Q8W6_K {
   static float finish(const Q8Acc& a) {
     if constexpr (TILED) return a.summs;
     return hsum8(a.acc);
+  }
+};
+
+
+// ------------------------------------------------------------------ TQ1_0, TQ2_0, IQ3, MXFP4
+// ggml has no tiled GEMM and no llamafile path for these: every row count takes vec_dot. Their
+// AVX2 vec_dots as the oracle build compiles them (mul + add contracted to one FMA).
+
+// The IQ3 grids (ggml's iq3xxs_grid / iq3s_grid: 4 bytes per point), uploaded once from
+// gguf-py's tables by cpu_ffi (JllamaSetIQ3Grids) before any IQ3 kernel runs.
+extern uint32_t g_iq3xxs_grid[256];
+extern uint32_t g_iq3s_grid[512];
+
+// 32 bits -> 32 bytes, 0xFF where the bit is set (byte i from bit i).
+static inline __m256i bit_mask32(uint32_t bits) {
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                         0x0101010101010101, 0x0000000000000000);
+  const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), shuf), sel);
+  return _mm256_cmpeq_epi8(b, sel);
+}
+
+// q negated where mask is 0xFF ((q ^ m) - m, as ggml's sign steps; q8 codes are never -128).
+static inline __m256i negate_where(__m256i q, __m256i mask) {
+  return _mm256_sub_epi8(_mm256_xor_si256(q, mask), mask);
+}
+
+// Ternary: codes 0..2 (the trit + 1). Lane l = sum over the 8 chunks of 32 of dot(codes, q8)
+// minus bs[2l] + bs[2l+1] (ggml subtracts the bsums in the int16 lanes that pair into lane l),
+// acc = fma(lane, d_x * d_w, acc).
+template <typename D>
+struct Q8Ternary {
+  static constexpr int BS = 256, XB = 256, OFF = 0;
+  static constexpr bool kBias = false, kBsums = true, kTiled = false;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    __m256i qw[8];
+    D::codes(b, qw);
+    const float dw = f16_to_f32(b + D::TS - 2);
+    for (int m = 0; m < MC; ++m) {
+      const int32_t* bs = x[m].aux + bi * 16;
+      alignas(32) int32_t t[8];
+      for (int l = 0; l < 8; ++l) t[l] = -(bs[2 * l] + bs[2 * l + 1]);
+      __m256i sumi = _mm256_load_si256((const __m256i*)t);
+      for (int c = 0; c < 8; ++c)
+        sumi = dpbusd<true>(sumi, qw[c], load256(x[m].q + bi * 256 + 32 * c));
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw), _mm256_cvtepi32_ps(sumi),
+                                  st[m].acc);
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) { return hsum8(a.acc); }
+};
+
+struct Q8WTQ2_0 : Q8Ternary<Q8WTQ2_0> {
+  static constexpr int TS = 66;
+  static void codes(const uint8_t* b, __m256i* qw) {  // chunk 4j + s: bits 2s of bytes 32j..
+    for (int c = 0; c < 8; ++c)
+      qw[c] = _mm256_and_si256(_mm256_srli_epi16(load256(b + 32 * (c >> 2)), 2 * (c & 3)),
+                               _mm256_set1_epi8(3));
+  }
+};
+
+struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
+  static constexpr int TS = 54;
+  // Trit n of byte q: ((uint8)(q * 3^n) * 3) >> 8 (ggml's AVX2 avg steps give the same).
+  static inline uint8_t trit(uint8_t q, int n) {
+    static constexpr uint8_t pow3[5] = {1, 3, 9, 27, 81};
+    return uint8_t((unsigned(uint8_t(q * pow3[n])) * 3) >> 8);
+  }
+  static void codes(const uint8_t* b, __m256i* qw) {
+    alignas(32) uint8_t c[256];
+    for (int n = 0; n < 5; ++n)
+      for (int j = 0; j < 32; ++j) c[32 * n + j] = trit(b[j], n);
+    for (int n = 0; n < 5; ++n)
+      for (int j = 0; j < 16; ++j) c[160 + 16 * n + j] = trit(b[32 + j], n);
+    for (int n = 0; n < 4; ++n)
+      for (int j = 0; j < 4; ++j) c[240 + 4 * n + j] = trit(b[48 + j], n);
+    for (int k = 0; k < 8; ++k) qw[k] = _mm256_load_si256((const __m256i*)(c + 32 * k));
+  }
+};
+
+// IQ3: per 32 values 8 grid points (unsigned, < 64) against the sign-applied q8; lane l of
+// sub-block j times its odd scale 2 s_j + 1, summed over j; acc = fma(d_w * d_x, lane, acc).
+// IQ3_XXS's scales are half steps: ggml multiplies the final hsum by 0.25.
+// TILED (ggml's tiled GEMM, which takes IQ3 too): s1 = the block's exact sum, d0 = d_w (times
+// 0.25 for IQ3_XXS), summs = fma(d0 * s1, d_x, summs).
+template <typename D>
+struct Q8IQ3 {
+  static constexpr int BS = 256, XB = 256, OFF = 0;
+  static constexpr bool kBias = false, kBsums = false, kTiled = true;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    __m256i g[8], sg[8], sc[8];
+    D::unpack(b, g, sg, sc);
+    const float dw = f16_to_f32(b);
+    for (int m = 0; m < MC; ++m) {
+      __m256i sumi = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        const __m256i qy = negate_where(load256(x[m].q + bi * 256 + 32 * j), sg[j]);
+        const __m256i p = dpbusd<true>(_mm256_setzero_si256(), g[j], qy);
+        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, sc[j]));
+      }
+      if constexpr (TILED) {
+        const float r = float(hsum_i32(sumi)) * (dw * D::kFinal);
+        st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
+      } else {
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(sumi),
+                                    st[m].acc);
+      }
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) {
+    if constexpr (TILED) return a.summs;
+    return D::kFinal * hsum8(a.acc);
+  }
+};
+
+struct Q8WIQ3_XXS : Q8IQ3<Q8WIQ3_XXS> {
+  static constexpr int TS = 98;
+  static constexpr float kFinal = 0.25f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    const uint8_t* qs = b + 2;
+    for (int j = 0; j < 8; ++j) {
+      uint32_t aux;
+      std::memcpy(&aux, b + 66 + 4 * j, 4);
+      const uint8_t* q = qs + 8 * j;
+      g[j] = _mm256_setr_epi32(int(g_iq3xxs_grid[q[0]]), int(g_iq3xxs_grid[q[1]]),
+                               int(g_iq3xxs_grid[q[2]]), int(g_iq3xxs_grid[q[3]]),
+                               int(g_iq3xxs_grid[q[4]]), int(g_iq3xxs_grid[q[5]]),
+                               int(g_iq3xxs_grid[q[6]]), int(g_iq3xxs_grid[q[7]]));
+      uint32_t bits = 0;  // 7 sign bits per 8 values, the 8th making their parity even
+      for (int l = 0; l < 4; ++l) {
+        const uint32_t s7 = (aux >> (7 * l)) & 127;
+        bits |= (s7 | (uint32_t(__builtin_popcount(s7) & 1) << 7)) << (8 * l);
+      }
+      sg[j] = bit_mask32(bits);
+      sc[j] = _mm256_set1_epi32(int(2 * (aux >> 28) + 1));
+    }
+  }
+};
+
+struct Q8WIQ3_S : Q8IQ3<Q8WIQ3_S> {
+  static constexpr int TS = 110;
+  static constexpr float kFinal = 1.0f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 74, *scales = b + 106;
+    for (int j = 0; j < 8; ++j) {
+      int idx[8];
+      for (int k = 0; k < 8; ++k) idx[k] = qs[8 * j + k] | (((qh[j] >> k) & 1) << 8);
+      g[j] = _mm256_setr_epi32(int(g_iq3s_grid[idx[0]]), int(g_iq3s_grid[idx[1]]),
+                               int(g_iq3s_grid[idx[2]]), int(g_iq3s_grid[idx[3]]),
+                               int(g_iq3s_grid[idx[4]]), int(g_iq3s_grid[idx[5]]),
+                               int(g_iq3s_grid[idx[6]]), int(g_iq3s_grid[idx[7]]));
+      uint32_t bits;
+      std::memcpy(&bits, signs + 4 * j, 4);
+      sg[j] = bit_mask32(bits);
+      sc[j] = _mm256_set1_epi32(int(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
+    }
+  }
+};
+
+// MXFP4 (Q8_0 activations): codes are e2m1 values (doubled) as int8; ggml multiplies |code| by
+// the q8 code with the code's sign, per block p (8 lanes) and scale d_x * e8m0/2, into two
+// accumulators (even and odd blocks) added before the hsum; an unpaired last block is added
+// after it as float(sum) * d.
+struct Q8WMXFP4 {
+  static constexpr int BS = 32, XB = 32, TS = 17, OFF = 0;
+  static constexpr bool kBias = false, kBsums = false, kTiled = false;
+  static inline float e8m0_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? 0x00200000u << e : uint32_t(e - 1) << 23;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8,
+                                           -12, 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6,
+                                           -8, -12);
+    const __m256i kv = _mm256_shuffle_epi8(table, nibbles32(b + 1));
+    const __m256i ak = _mm256_sign_epi8(kv, kv);
+    const float dw = e8m0_half(b[0]);
+    for (int m = 0; m < MC; ++m) {
+      const __m256i p = dpbusd<true>(_mm256_setzero_si256(), ak,
+                                     _mm256_sign_epi8(load256(x[m].q + bi * 32), kv));
+      const float d = x[m].d[bi] * dw;
+      if ((bi & 1) == 0) {
+        st[m].pend = p;
+        st[m].pend_d = d;
+        st[m].has_pend = true;
+      } else {
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(st[m].pend_d), _mm256_cvtepi32_ps(st[m].pend),
+                                    st[m].acc);
+        st[m].acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), st[m].acc2);
+        st[m].has_pend = false;
+      }
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) {
+    float s = hsum8(_mm256_add_ps(a.acc, a.acc2));
+    if (a.has_pend) s = s + float(hsum_i32(a.pend)) * a.pend_d;
+    return s;
   }
 };
 

@@ -389,7 +389,7 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
       prefetch_row(row + pf * c.row_bytes, c.row_bytes);
     }
     Q8Acc st[MC];
-    for (int m = 0; m < MC; ++m) st[m] = {_mm256_setzero_ps(), _mm_setzero_ps(), 0.f};
+    for (int m = 0; m < MC; ++m) st[m] = Q8Acc();  // all zero
     for (int64_t bi = 0; bi < nb; ++bi) T::template dot<MC, TILED>(row + bi * T::TS, bi, x, st);
     for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<TILED>(st[m]);
   }
@@ -417,6 +417,24 @@ Q8Kernel make_q8(int64_t qtype, bool q8_1 = false) {
   const Q8Gemm g = q8_gemm_for(qtype);
   return {q8_rows<T>, g.fn, T::BS, T::XB, T::OFF, g.pair_group, T::kBias, T::kBsums, q8_1,
           T::kTiled};
+}
+
+// XLA:CPU's threads run with flush-to-zero and denormals-are-zero; ggml's do not. Only MXFP4's
+// E8M0 scales reach f32 denormals (e < 2, or a product d_x * d_w below 2^-126), so its kernel
+// clears both for its run and restores the caller's MXCSR.
+template <typename T>
+void q8_rows_denormals(const Q8Call& c, int64_t n0, int64_t n1) {
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr & ~0x8040u);  // FTZ (bit 15), DAZ (bit 6)
+  q8_rows<T>(c, n0, n1);
+  _mm_setcsr(csr);
+}
+
+template <typename T>
+Q8Kernel make_q8_denormals(int64_t qtype) {
+  Q8Kernel k = make_q8<T>(qtype);
+  k.fn = q8_rows_denormals<T>;
+  return k;
 }
 #endif  // JLLAMA_Q8
 
@@ -471,9 +489,28 @@ Q8Kernel pick_q8(int64_t qtype) {
     case kQ6_K: return make_q8<Q8W6_K>(qtype);
     case kQ2_K: return make_q8<Q8W2_K>(qtype);
     case kQ3_K: return make_q8<Q8W3_K>(qtype);
+    case kTQ1_0: return make_q8<Q8WTQ1_0>(qtype);
+    case kTQ2_0: return make_q8<Q8WTQ2_0>(qtype);
+    case kMXFP4: return make_q8_denormals<Q8WMXFP4>(qtype);
+    case kIQ3_XXS: return make_q8<Q8WIQ3_XXS>(qtype);
+    case kIQ3_S: return make_q8<Q8WIQ3_S>(qtype);
     default: return {nullptr, nullptr, 0, 0, 0, 0, false, false, false, false};
   }
 }
 #endif
 
 }  // namespace jllama
+
+#if defined(JLLAMA_Q8)
+namespace jllama {
+uint32_t g_iq3xxs_grid[256];
+uint32_t g_iq3s_grid[512];
+}  // namespace jllama
+
+// The IQ3 grids for the int8 kernels, from gguf-py's tables (cpu_ffi calls this at load).
+extern "C" __attribute__((visibility("default"))) void JllamaSetIQ3Grids(const uint32_t* xxs,
+                                                                          const uint32_t* s) {
+  std::memcpy(jllama::g_iq3xxs_grid, xxs, sizeof(jllama::g_iq3xxs_grid));
+  std::memcpy(jllama::g_iq3s_grid, s, sizeof(jllama::g_iq3s_grid));
+}
+#endif
