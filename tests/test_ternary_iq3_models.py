@@ -121,10 +121,3 @@ def test_f32_fallback_close_to_llama_cpp(model, oracle_run) -> None:
     assert rel < 0.03  # measured 1.0e-2 (module docstring)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
 
-
-def test_bare_type_without_file_type_is_refused() -> None:
-    from jllama.errors import QuantError
-    from jllama.quant.mixes import mix_from_base
-
-    with pytest.raises(QuantError, match="tensor type only"):
-        mix_from_base("tq2_0")

@@ -66,8 +66,6 @@ WRITABLE_TYPES = (
     T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M, T.IQ3_XXS, T.IQ3_S,
     T.TQ1_0, T.TQ2_0, T.MXFP4,
 )  # fmt: skip
-# as tensor types (--tensor-type, mix rules, --pure bases); their llama.cpp file types are not here
-WRITABLE_TYPES += (T.TQ1_0, T.TQ2_0, T.MXFP4, T.IQ3_XXS, T.IQ3_S)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
 # A bare K-type as a mix base means "every quantizable tensor in this type" (llama-quantize's
@@ -153,11 +151,6 @@ def mix_from_base(base: str) -> MixSpec:
             f"unknown mix base '{base}'; known file types: {known}; or a type: {types}"
         ) from None
     ftype = _PURE_BASE_FTYPE.get(t, t.name)
-    if ftype not in FTYPES:  # a tensor type whose llama.cpp file type (its mix) is not here
-        raise QuantError(
-            f"'{base}' is a tensor type only here: use it in --tensor-type or mix rules over a "
-            "file type base (e.g. q8_0 with --pure)"
-        )
     return MixSpec(ftype=ftype, pure=True)
 
 
