@@ -13,7 +13,6 @@ from jllama.tokenizer.pretokenize import PRE_REGEXES, split
 from jllama.tokenizer.ucd import is_whitespace, tolower
 from jllama.tokenizer.vocab import Vocab, byte_encoder
 
-
 _RAW_TEXT_PRE = ("gemma4", "sarvam_moe", "whitespace")
 
 

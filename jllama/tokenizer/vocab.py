@@ -39,6 +39,12 @@ _EOT_TEXTS = {
     "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
 }
 _EOM_TEXTS = {"<|eom_id|>"}
+_FIM_PRE_TEXTS = {"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
+                  "▁<PRE>", "<|code_prefix|>", "<|prefix|>"}
+_FIM_SUF_TEXTS = {"<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
+                  "▁<SUF>", "<|code_suffix|>", "<|suffix|>"}
+_FIM_MID_TEXTS = {"<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
+                  "▁<MID>", "<|code_middle|>", "<|middle|>"}
 _FIM_PAD_TEXTS = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"}
 _FIM_REP_TEXTS = {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"}
 _FIM_SEP_TEXTS = {"<|file_sep|>"}
@@ -257,8 +263,11 @@ def load_vocab(meta: dict[str, Any]) -> Vocab:
     eom = meta.get("tokenizer.ggml.eom_token_id")
     v.eom_id = int(eom) if eom is not None and 0 <= int(eom) < n else None
     fim: dict[str, int | None] = {}
-    for k in ("pad", "rep", "sep"):
+    for k, old in (("pre", "prefix"), ("suf", "suffix"), ("mid", "middle"), ("pad", ""),
+                   ("rep", ""), ("sep", "")):
         val = meta.get(f"tokenizer.ggml.fim_{k}_token_id")
+        if val is None and old:
+            val = meta.get(f"tokenizer.ggml.{old}_token_id")  # deprecated keys
         fim[k] = int(val) if val is not None and 0 <= int(val) < n else None
     if "tokenizer.ggml.add_bos_token" in meta:
         v.add_bos = bool(meta["tokenizer.ggml.add_bos_token"])
@@ -306,14 +315,16 @@ def _detect_specials(v: Vocab, fim: dict[str, int | None]) -> None:
         if v.eom_id is None and t in _EOM_TEXTS:
             v.eom_id = i
             mark(i)
-        for k, texts in (("pad", _FIM_PAD_TEXTS), ("rep", _FIM_REP_TEXTS), ("sep", _FIM_SEP_TEXTS)):
+        for k, texts in (("pre", _FIM_PRE_TEXTS), ("suf", _FIM_SUF_TEXTS),
+                         ("mid", _FIM_MID_TEXTS), ("pad", _FIM_PAD_TEXTS),
+                         ("rep", _FIM_REP_TEXTS), ("sep", _FIM_SEP_TEXTS)):
             if fim[k] is None and t in texts:
                 fim[k] = i
                 mark(i)
     for t, i in v.token_to_id.items():
         if attrs[i] & ATTR_CONTROL and not attrs[i] & ATTR_UNUSED and "unused" in t:
             attrs[i] |= ATTR_UNUSED
-    eog = {i for i in fim.values() if i is not None}
+    eog = {fim[k] for k in ("pad", "rep", "sep") if fim[k] is not None}
     for t, i in v.token_to_id.items():
         if t in _EOG_TEXTS:
             eog.add(i)
