@@ -110,3 +110,30 @@ def test_pre_type(vocab_dir: Path, tmp_path: Path, pre: str) -> None:
 def test_whitespace_model(vocab_dir: Path, tmp_path: Path) -> None:
     path = _swapped(vocab_dir, tmp_path, "whitespace", "whitespace")
     _compare(path, CORPUS)
+
+
+def test_rwkv_world(vocab_dir: Path, tmp_path: Path) -> None:
+    """An RWKV-world vocabulary written as convert_hf_to_gguf does (repr-escaped bytes), from
+    gpt-2's first 8000 tokens (all 256 single bytes among them)."""
+    from jllama.gguf.constants import ValueType
+    from jllama.tokenizer.vocab import byte_decoder
+
+    src = read_gguf(vocab_dir / "ggml-vocab-gpt-2.gguf")
+    dec = byte_decoder()
+    tokens = ["<s>"]
+    seen: set[bytes] = set()
+    for t in src.metadata["tokenizer.ggml.tokens"][:8000]:
+        b = bytes(dec[c] for c in t)
+        if b not in seen:
+            seen.add(b)
+            tokens.append(repr(b)[2:-1])
+    assert len(seen) >= 256 and all(bytes([i]) in seen for i in range(256))
+    meta = {"general.architecture": "rwkv7", "tokenizer.ggml.model": "rwkv",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3] + [1] * (len(tokens) - 1)}
+    path = tmp_path / "rwkv.gguf"
+    write_gguf(path, meta, [], {"tokenizer.ggml.token_type": (ValueType.ARRAY, ValueType.INT32)})
+    tk = _tokenizer(str(path))
+    assert tk.vocab.kind == "rwkv"
+    _check_vs_oracle(path, [(t, _oracle(str(path)).tokenize(t, False, False)) for t in CORPUS])
+    _compare(path, _texts())

@@ -378,8 +378,6 @@ def _piece_for_cache(v: Vocab, i: int) -> bytes:
     attr = v.attrs[i]
     text = v.tokens[i]
     if v.kind == "rwkv":
-        from jllama.tokenizer.wordlevel import unescape_rwkv
-
         return unescape_rwkv(text)
     if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
         return _raw(text)
@@ -398,4 +396,38 @@ def _piece_for_cache(v: Vocab, i: int) -> bytes:
             out += b"[UNK_BYTE_0x" + u.hex().encode() + _raw(text) + b"]"
         else:
             out.append(b)
+    return bytes(out)
+
+
+def unescape_rwkv(text: str) -> bytes:
+    """llama_unescape_rwkv_token: RWKV vocab entries are Python-escaped byte strings."""
+    out = bytearray()
+    esc = False
+    hex_left = 0
+    acc = 0
+    for c in _raw(text):
+        if hex_left:
+            acc = ((acc << 4) + (c - 0x61 + 10 if c >= 0x61 else c - 0x30)) & 0xFF
+            hex_left -= 1
+            if hex_left == 0:
+                out.append(acc)
+                acc = 0
+            continue
+        if esc:
+            esc = False
+            if c == 0x74:
+                out.append(9)
+            elif c == 0x6E:
+                out.append(10)
+            elif c == 0x72:
+                out.append(13)
+            elif c == 0x78:
+                hex_left = 2
+            else:
+                out.append(c)
+            continue
+        if c == 0x5C:
+            esc = True
+            continue
+        out.append(c)
     return bytes(out)

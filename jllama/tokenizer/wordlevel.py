@@ -12,7 +12,13 @@ import unicodedata
 import numpy as np
 
 from jllama.tokenizer.ucd import category, is_whitespace, nfd_first, tolower
-from jllama.tokenizer.vocab import ATTR_NORMAL, ATTR_UNUSED, ATTR_USER_DEFINED, Vocab
+from jllama.tokenizer.vocab import (
+    ATTR_NORMAL,
+    ATTR_UNUSED,
+    ATTR_USER_DEFINED,
+    Vocab,
+    unescape_rwkv,
+)
 
 _ESCAPED_SPACE = "\u2581".encode()
 
@@ -234,40 +240,6 @@ class UGM:
 
 def _utf8_len(b: int) -> int:
     return (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4)[b >> 4]
-
-
-def unescape_rwkv(text: str) -> bytes:
-    """llama_unescape_rwkv_token: RWKV vocab entries are Python-escaped byte strings."""
-    out = bytearray()
-    esc = False
-    hex_left = 0
-    acc = 0
-    for c in _raw(text):
-        if hex_left:
-            acc = ((acc << 4) + (c - 0x61 + 10 if c >= 0x61 else c - 0x30)) & 0xFF
-            hex_left -= 1
-            if hex_left == 0:
-                out.append(acc)
-                acc = 0
-            continue
-        if esc:
-            esc = False
-            if c == 0x74:
-                out.append(9)
-            elif c == 0x6E:
-                out.append(10)
-            elif c == 0x72:
-                out.append(13)
-            elif c == 0x78:
-                hex_left = 2
-            else:
-                out.append(c)
-            continue
-        if c == 0x5C:
-            esc = True
-            continue
-        out.append(c)
-    return bytes(out)
 
 
 class RWKV:
