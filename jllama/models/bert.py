@@ -1,0 +1,143 @@
+"""BERT-family encoders (``bert``) for embeddings and reranking, as llama.cpp's llm_build_bert.
+
+Not a decoder: no KV cache, no causal mask, one pass over a whole sequence. The graph follows
+llama.cpp 0c1e570 (src/models/bert.cpp): token + token-type row 0 (llama.cpp hard-codes type 0,
+"sentence A") + learned position embeddings, LayerNorm, then per layer self-attention with the
+residual and LayerNorm *after* it (post-norm), GELU feed-forward, residual, LayerNorm. Pooling
+(llm_graph_context::build_pooling) is chosen by ``{arch}.pooling_type``: none, mean, cls, last,
+or rank (cls row -> ``cls`` dense + tanh -> ``cls.output``: a reranker's score).
+
+Matmuls go through ``common.linear`` (the quantized kernels); norms and softmax in f32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jllama.errors import ModelError
+from jllama.gguf.reader import GGUFFile
+from jllama.kernels.dispatch import take_rows
+from jllama.models.common import Weights, linear
+from jllama.models.gemma3 import gelu
+from jllama.quant.qtensor import QTensor
+
+# llama_pooling_type
+POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_ff: int
+    eps: float
+    pooling: str
+    n_ctx_train: int
+
+
+def spec_from_gguf(g: GGUFFile) -> EncoderSpec:
+    arch = g.architecture or "?"
+    m = g.metadata
+
+    def need(key: str):
+        v = m.get(f"{arch}.{key}")
+        if v is None:
+            raise ModelError(f"{g.path}: missing {arch}.{key}")
+        return v
+
+    pooling = int(m.get(f"{arch}.pooling_type", 0))
+    if pooling not in POOLING:
+        raise ModelError(f"{g.path}: unknown pooling type {pooling}")
+    return EncoderSpec(arch, int(need("block_count")), int(need("embedding_length")),
+                       int(need("attention.head_count")), int(need("feed_forward_length")),
+                       float(need("attention.layer_norm_epsilon")), POOLING[pooling],
+                       int(need("context_length")))
+
+
+def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array | None, eps: float) -> jax.Array:
+    """ggml_norm (mean, then variance of the centred values) times w plus b."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mean
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    y = xc * jax.lax.rsqrt(var + eps) * w
+    return y + b if b is not None else y
+
+
+def _dense(x: jax.Array, w: Weights, name: str) -> jax.Array:
+    y = linear(x, w(f"{name}.weight"))
+    if f"{name}.bias" in w:
+        y = y + w.vector(f"{name}.bias")
+    return y
+
+
+def _rows(qt: QTensor, ids: np.ndarray) -> jax.Array:
+    return take_rows(qt, jnp.asarray(ids, jnp.int32)).astype(jnp.float32)
+
+
+def hidden_states(spec: EncoderSpec, w: Weights, ids: np.ndarray) -> jax.Array:
+    """Last layer's output for one sequence of token ids: [n_tokens, n_embd] f32."""
+    n = len(ids)
+    if n > spec.n_ctx_train:
+        raise ModelError(f"{n} tokens, but the encoder's context is {spec.n_ctx_train}")
+    x = _rows(w("token_embd.weight"), ids)
+    if "token_types.weight" in w:
+        x = x + _rows(w("token_types.weight"), np.zeros(1, np.int64))
+    x = x + _rows(w("position_embd.weight"), np.arange(n))
+    x = layer_norm(x, w.vector("token_embd_norm.weight"), w.vector("token_embd_norm.bias"),
+                   spec.eps)
+    hd = spec.n_embd // spec.n_head
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        if f"{p}attn_qkv.weight" in w:
+            qkv = _dense(x, w, p + "attn_qkv")
+            q, k, v = jnp.split(qkv, 3, axis=-1)
+        else:
+            q, k, v = (_dense(x, w, p + t) for t in ("attn_q", "attn_k", "attn_v"))
+        q, k, v = (t.reshape(n, spec.n_head, hd) for t in (q, k, v))
+        s = jnp.einsum("qhd,khd->hqk", q, k) * (1.0 / math.sqrt(hd))
+        a = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(s, axis=-1), v).reshape(n, spec.n_embd)
+        h = _dense(a, w, p + "attn_output") + x
+        h = layer_norm(h, w.vector(p + "attn_output_norm.weight"),
+                       w.vector(p + "attn_output_norm.bias"), spec.eps)
+        f = _dense(gelu(_dense(h, w, p + "ffn_up")), w, p + "ffn_down") + h
+        x = layer_norm(f, w.vector(p + "layer_output_norm.weight"),
+                       w.vector(p + "layer_output_norm.bias"), spec.eps)
+    return x
+
+
+def pool(spec: EncoderSpec, w: Weights, h: jax.Array, pooling: str | None = None) -> jax.Array:
+    """llama.cpp's build_pooling for one sequence: [n_tokens, n_embd] (none), [n_embd]
+    (mean/cls/last) or [n_cls_out] (rank)."""
+    kind = pooling or spec.pooling
+    if kind == "none":
+        return h
+    if kind == "mean":
+        return jnp.mean(h, axis=0)
+    if kind == "cls":
+        return h[0]
+    if kind == "last":
+        return h[-1]
+    if kind == "rank":
+        cur = h[0]
+        if "cls.weight" in w:
+            cur = jnp.tanh(_dense(cur, w, "cls"))
+        if "cls.output.weight" in w:
+            cur = _dense(cur, w, "cls.output")
+        return cur
+    raise ModelError(f"unknown pooling '{kind}'")
+
+
+def embed(spec: EncoderSpec, w: Weights, ids: np.ndarray, pooling: str | None = None,
+          normalize: bool = False) -> np.ndarray:
+    """What llama-cpp-python's ``Llama.embed`` returns for one tokenized input."""
+    out = np.asarray(pool(spec, w, hidden_states(spec, w, ids), pooling), np.float32)
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return out

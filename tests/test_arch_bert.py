@@ -1,0 +1,115 @@
+"""BERT encoder (embeddings, every pooling type, reranker head) vs llama-cpp-python.
+
+A tiny random ``bert`` GGUF in llama.cpp's tensor layout with a small WordPiece vocabulary is
+run by both; llama-cpp-python's ``Llama.embed`` (embedding=True) gives the expected vectors.
+llama.cpp's CPU graph is not reproduced op for op here (attention, norms in plain f32 XLA), so
+vectors are compared to 2e-5 (measured: under 1e-6; the outputs are of order 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from jllama.gguf.reader import read_gguf
+from jllama.models import bert, load_weights
+from jllama.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.oracle
+
+N_EMBD, N_HEAD, N_FF, N_LAYER, N_CTX = 64, 4, 128, 2, 64
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "embedding", "rank"]
+TEXTS = ["the quick brown fox jumps over the lazy dog", "Embedding, rank: DOG?", "a"]
+
+
+def _vocab() -> tuple[list[str], list[int]]:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    types = [3, 2, 3, 3, 3]
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?':":
+        tokens += ["\u2581" + c, c]
+        types += [1, 1]
+    for wd in WORDS:
+        tokens.append("\u2581" + wd)
+        types.append(1)
+    return tokens, types
+
+
+def _write(path: Path, pooling: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    tokens, types = _vocab()
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_name("tiny-bert")
+    w.add_uint32("bert.context_length", N_CTX)
+    w.add_uint32("bert.embedding_length", N_EMBD)
+    w.add_uint32("bert.feed_forward_length", N_FF)
+    w.add_uint32("bert.block_count", N_LAYER)
+    w.add_uint32("bert.attention.head_count", N_HEAD)
+    w.add_float32("bert.attention.layer_norm_epsilon", 1e-12)
+    w.add_bool("bert.attention.causal", False)
+    w.add_uint32("bert.pooling_type", pooling)
+    w.add_tokenizer_model("bert")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_uint32("tokenizer.ggml.token_type_count", 2)
+    for key, tid in (("bos", 2), ("seperator", 3), ("unknown", 1), ("padding", 0), ("mask", 4)):
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", tid)
+
+    def t(name: str, *shape: int, s: float = 0.3) -> None:
+        w.add_tensor(name, (rng.standard_normal(shape) * s).astype(np.float32))
+
+    def norm(name: str) -> None:
+        w.add_tensor(name + ".weight", (1 + 0.1 * rng.standard_normal(N_EMBD)).astype(np.float32))
+        w.add_tensor(name + ".bias", (0.1 * rng.standard_normal(N_EMBD)).astype(np.float32))
+
+    t("token_embd.weight", len(tokens), N_EMBD)
+    t("token_types.weight", 2, N_EMBD)
+    t("position_embd.weight", N_CTX, N_EMBD)
+    norm("token_embd_norm")
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            t(p + n + ".weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
+            t(p + n + ".bias", N_EMBD, s=0.05)
+        norm(p + "attn_output_norm")
+        t(p + "ffn_up.weight", N_FF, N_EMBD, s=N_EMBD ** -0.5)
+        t(p + "ffn_up.bias", N_FF, s=0.05)
+        t(p + "ffn_down.weight", N_EMBD, N_FF, s=N_FF ** -0.5)
+        t(p + "ffn_down.bias", N_EMBD, s=0.05)
+        norm(p + "layer_output_norm")
+    t("cls.weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
+    t("cls.bias", N_EMBD, s=0.05)
+    t("cls.output.weight", 1, N_EMBD, s=N_EMBD ** -0.5)
+    t("cls.output.bias", 1, s=0.05)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("pooling", [0, 1, 2, 3, 4])
+def test_bert_embeddings_vs_oracle(tmp_path: Path, pooling: int) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = _write(tmp_path / f"bert-{pooling}.gguf", pooling)
+    g = read_gguf(path)
+    spec = bert.spec_from_gguf(g)
+    assert spec.pooling == bert.POOLING[pooling]
+    w = load_weights(g)
+    tk = Tokenizer.from_gguf(g)
+    llm = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=N_CTX, n_batch=N_CTX,
+                          n_ubatch=N_CTX, verbose=False)
+    try:
+        for text in TEXTS:
+            ids = tk.encode(text, add_special=True)
+            assert ids == llm.tokenize(text.encode(), add_bos=True, special=False)
+            want = np.asarray(llm.embed(text), np.float32)
+            got = bert.embed(spec, w, np.asarray(ids))
+            if pooling == 4:
+                want = want[:1]  # llama-cpp-python reads n_embd floats; the score is the first
+            assert got.shape == want.shape, (got.shape, want.shape)
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=text)
+    finally:
+        llm.close()
