@@ -1,4 +1,4 @@
-"""BERT encoder (embeddings, every pooling type, reranker head) vs llama-cpp-python.
+"""BERT and nomic-bert encoders (embeddings, every pooling type, reranker head) vs llama-cpp-python.
 
 A tiny random ``bert`` GGUF in llama.cpp's tensor layout with a small WordPiece vocabulary is
 run by both; llama-cpp-python's ``Llama.embed`` (embedding=True) gives the expected vectors.
@@ -37,19 +37,22 @@ def _vocab() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _write(path: Path, pooling: int, seed: int = 0) -> Path:
+def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     tokens, types = _vocab()
-    w = gguf.GGUFWriter(str(path), "bert")
-    w.add_name("tiny-bert")
-    w.add_uint32("bert.context_length", N_CTX)
-    w.add_uint32("bert.embedding_length", N_EMBD)
-    w.add_uint32("bert.feed_forward_length", N_FF)
-    w.add_uint32("bert.block_count", N_LAYER)
-    w.add_uint32("bert.attention.head_count", N_HEAD)
-    w.add_float32("bert.attention.layer_norm_epsilon", 1e-12)
-    w.add_bool("bert.attention.causal", False)
-    w.add_uint32("bert.pooling_type", pooling)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_uint32(f"{arch}.context_length", N_CTX)
+    w.add_uint32(f"{arch}.embedding_length", N_EMBD)
+    w.add_uint32(f"{arch}.feed_forward_length", N_FF)
+    w.add_uint32(f"{arch}.block_count", N_LAYER)
+    w.add_uint32(f"{arch}.attention.head_count", N_HEAD)
+    w.add_float32(f"{arch}.attention.layer_norm_epsilon", 1e-12)
+    w.add_bool(f"{arch}.attention.causal", False)
+    nomic = arch == "nomic-bert"
+    if nomic:
+        w.add_float32(f"{arch}.rope.freq_base", 1000.0)
+    w.add_uint32(f"{arch}.pooling_type", pooling)
     w.add_tokenizer_model("bert")
     w.add_token_list(tokens)
     w.add_token_types(types)
@@ -66,23 +69,32 @@ def _write(path: Path, pooling: int, seed: int = 0) -> Path:
 
     t("token_embd.weight", len(tokens), N_EMBD)
     t("token_types.weight", 2, N_EMBD)
-    t("position_embd.weight", N_CTX, N_EMBD)
+    if not nomic:
+        t("position_embd.weight", N_CTX, N_EMBD)
     norm("token_embd_norm")
     for i in range(N_LAYER):
         p = f"blk.{i}."
-        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            t(p + n + ".weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
-            t(p + n + ".bias", N_EMBD, s=0.05)
+        if nomic:  # fused QKV, no biases, SiLU-gated FFN (as nomic-embed-text)
+            t(p + "attn_qkv.weight", 3 * N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
+            t(p + "attn_output.weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
+        else:
+            for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                t(p + n + ".weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
+                t(p + n + ".bias", N_EMBD, s=0.05)
         norm(p + "attn_output_norm")
+        if nomic:
+            t(p + "ffn_gate.weight", N_FF, N_EMBD, s=N_EMBD ** -0.5)
         t(p + "ffn_up.weight", N_FF, N_EMBD, s=N_EMBD ** -0.5)
-        t(p + "ffn_up.bias", N_FF, s=0.05)
         t(p + "ffn_down.weight", N_EMBD, N_FF, s=N_FF ** -0.5)
-        t(p + "ffn_down.bias", N_EMBD, s=0.05)
+        if not nomic:
+            t(p + "ffn_up.bias", N_FF, s=0.05)
+            t(p + "ffn_down.bias", N_EMBD, s=0.05)
         norm(p + "layer_output_norm")
-    t("cls.weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
-    t("cls.bias", N_EMBD, s=0.05)
-    t("cls.output.weight", 1, N_EMBD, s=N_EMBD ** -0.5)
-    t("cls.output.bias", 1, s=0.05)
+    if not nomic:  # llama.cpp loads a classifier head for bert only
+        t("cls.weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
+        t("cls.bias", N_EMBD, s=0.05)
+        t("cls.output.weight", 1, N_EMBD, s=N_EMBD ** -0.5)
+        t("cls.output.bias", 1, s=0.05)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -90,10 +102,12 @@ def _write(path: Path, pooling: int, seed: int = 0) -> Path:
     return path
 
 
-@pytest.mark.parametrize("pooling", [0, 1, 2, 3, 4])
-def test_bert_embeddings_vs_oracle(tmp_path: Path, pooling: int) -> None:
+@pytest.mark.parametrize(("arch", "pooling"), [("bert", 0), ("bert", 1), ("bert", 2),
+                                               ("bert", 3), ("bert", 4), ("nomic-bert", 0),
+                                               ("nomic-bert", 1)])
+def test_encoder_embeddings_vs_oracle(tmp_path: Path, arch: str, pooling: int) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
-    path = _write(tmp_path / f"bert-{pooling}.gguf", pooling)
+    path = _write(tmp_path / f"{arch}-{pooling}.gguf", pooling, arch)
     g = read_gguf(path)
     spec = bert.spec_from_gguf(g)
     assert spec.pooling == bert.POOLING[pooling]

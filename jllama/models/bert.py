@@ -1,11 +1,12 @@
-"""BERT-family encoders (``bert``) for embeddings and reranking, as llama.cpp's llm_build_bert.
+"""BERT-family encoders (``bert``, ``nomic-bert``) for embeddings and reranking, as llama.cpp's llm_build_bert.
 
 Not a decoder: no KV cache, no causal mask, one pass over a whole sequence. The graph follows
 llama.cpp 0c1e570 (src/models/bert.cpp): token + token-type row 0 (llama.cpp hard-codes type 0,
 "sentence A") + learned position embeddings, LayerNorm, then per layer self-attention with the
 residual and LayerNorm *after* it (post-norm), GELU feed-forward, residual, LayerNorm. Pooling
 (llm_graph_context::build_pooling) is chosen by ``{arch}.pooling_type``: none, mean, cls, last,
-or rank (cls row -> ``cls`` dense + tanh -> ``cls.output``: a reranker's score).
+or rank (cls row -> ``cls`` dense + tanh -> ``cls.output``: a reranker's score). nomic-bert
+drops the learned positions for NEOX RoPE on Q/K and uses a SiLU-gated feed-forward.
 
 Matmuls go through ``common.linear`` (the quantized kernels); norms and softmax in f32.
 """
@@ -22,9 +23,11 @@ import numpy as np
 from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile
 from jllama.kernels.dispatch import take_rows
-from jllama.models.common import Weights, linear
+from jllama.models.common import Weights, linear, rope, swiglu
 from jllama.models.gemma3 import gelu
 from jllama.quant.qtensor import QTensor
+
+ENCODERS = ("bert", "nomic-bert")
 
 # llama_pooling_type
 POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
@@ -40,6 +43,13 @@ class EncoderSpec:
     eps: float
     pooling: str
     n_ctx_train: int
+    rope_base: float = 10000.0
+    n_rot: int = 0
+
+    @property
+    def rope(self) -> bool:
+        """nomic-bert rotates Q/K (NEOX pairs) instead of adding learned positions."""
+        return self.arch == "nomic-bert"
 
 
 def spec_from_gguf(g: GGUFFile) -> EncoderSpec:
@@ -55,10 +65,15 @@ def spec_from_gguf(g: GGUFFile) -> EncoderSpec:
     pooling = int(m.get(f"{arch}.pooling_type", 0))
     if pooling not in POOLING:
         raise ModelError(f"{g.path}: unknown pooling type {pooling}")
-    return EncoderSpec(arch, int(need("block_count")), int(need("embedding_length")),
-                       int(need("attention.head_count")), int(need("feed_forward_length")),
+    if arch not in ENCODERS:
+        raise ModelError(f"{g.path}: '{arch}' is not an encoder jllama runs ({', '.join(ENCODERS)})")
+    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    return EncoderSpec(arch, int(need("block_count")), n_embd, n_head,
+                       int(need("feed_forward_length")),
                        float(need("attention.layer_norm_epsilon")), POOLING[pooling],
-                       int(need("context_length")))
+                       int(need("context_length")),
+                       float(m.get(f"{arch}.rope.freq_base", 10000.0)),
+                       int(m.get(f"{arch}.rope.dimension_count", n_embd // n_head)))
 
 
 def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array | None, eps: float) -> jax.Array:
@@ -89,7 +104,8 @@ def hidden_states(spec: EncoderSpec, w: Weights, ids: np.ndarray) -> jax.Array:
     x = _rows(w("token_embd.weight"), ids)
     if "token_types.weight" in w:
         x = x + _rows(w("token_types.weight"), np.zeros(1, np.int64))
-    x = x + _rows(w("position_embd.weight"), np.arange(n))
+    if not spec.rope:
+        x = x + _rows(w("position_embd.weight"), np.arange(n))
     x = layer_norm(x, w.vector("token_embd_norm.weight"), w.vector("token_embd_norm.bias"),
                    spec.eps)
     hd = spec.n_embd // spec.n_head
@@ -101,12 +117,20 @@ def hidden_states(spec: EncoderSpec, w: Weights, ids: np.ndarray) -> jax.Array:
         else:
             q, k, v = (_dense(x, w, p + t) for t in ("attn_q", "attn_k", "attn_v"))
         q, k, v = (t.reshape(n, spec.n_head, hd) for t in (q, k, v))
+        if spec.rope:
+            pos = jnp.arange(n, dtype=jnp.int32)[None]
+            q = rope(q[None], pos, spec.rope_base, spec.n_rot, neox=True)[0]
+            k = rope(k[None], pos, spec.rope_base, spec.n_rot, neox=True)[0]
         s = jnp.einsum("qhd,khd->hqk", q, k) * (1.0 / math.sqrt(hd))
         a = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(s, axis=-1), v).reshape(n, spec.n_embd)
         h = _dense(a, w, p + "attn_output") + x
         h = layer_norm(h, w.vector(p + "attn_output_norm.weight"),
                        w.vector(p + "attn_output_norm.bias"), spec.eps)
-        f = _dense(gelu(_dense(h, w, p + "ffn_up")), w, p + "ffn_down") + h
+        if spec.arch == "bert":
+            f = _dense(gelu(_dense(h, w, p + "ffn_up")), w, p + "ffn_down") + h
+        else:  # nomic-bert: SiLU-gated, parallel gate/up
+            g_, u_ = _dense(h, w, p + "ffn_gate"), _dense(h, w, p + "ffn_up")
+            f = _dense(swiglu(g_, u_), w, p + "ffn_down") + h
         x = layer_norm(f, w.vector(p + "layer_output_norm.weight"),
                        w.vector(p + "layer_output_norm.bias"), spec.eps)
     return x
