@@ -3,21 +3,26 @@
 - llama.cpp's own test vocabularies beyond the eight in test_tokenizer.py (BERT WordPiece,
   gemma4's raw-text BPE, qwen35, ...) and nomic-bert-moe's UGM (T5-style unigram with a
   precompiled charsmap): its cases, a varied corpus, pieces and detokenization.
-- Every ``tokenizer.ggml.pre`` string llama-vocab.cpp maps: one real byte-level BPE vocabulary
-  (``gpt-2``) written again with only the pre string swapped, so each regex set runs on the same
-  tokens and merges; expected ids come from the oracle loading that same file.
-- RWKV and the whitespace model, whose vocabularies llama.cpp ships no test file for: small
-  vocabularies written here from a tokenizer trained on WikiText-2 (the ``tokenizers`` package).
+- Every ``tokenizer.ggml.pre`` string llama-vocab.cpp maps, on a byte-level BPE trained here
+  (``tokenizers``) on the test texts without pre-splitting, written with each pre string: its merges
+  cross every boundary, so a regex set cutting anywhere else changes the ids (checked by swapping
+  sets); expected ids come from the oracle loading that same file.
+- RWKV and the whitespace model, which llama.cpp ships no test vocabulary for: an RWKV-world
+  vocabulary written as convert_hf_to_gguf does (from gpt-2's tokens as bytes), and the BPE
+  above under ``tokenizer.ggml.model = whitespace``.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import pytest
 from test_tokenizer import _cases, _check_vs_oracle, _fuzz_texts, _oracle, _tokenizer
 from testdata import EXTRA_VOCABS
 
+from jllama.gguf.constants import ValueType
 from jllama.gguf.reader import read_gguf
 from jllama.gguf.writer import write_gguf
 from jllama.tokenizer.vocab import BPE_PRE
@@ -79,13 +84,40 @@ def test_ugm_nomic_bert_moe(extra_vocab_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- pre-types
+@functools.cache
+def _boundary_bpe() -> tuple[list[str], list[str]]:
+    """(tokens, merges) of a byte-level BPE trained with the ``tokenizers`` package on the test
+    texts themselves *without* pre-splitting: its merges cross every word, space, digit and
+    script boundary, so a pre-tokenizer that cuts one place differently changes the ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=20000, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    hf.train_from_iterator(_texts() * 2, trainer=trainer)
+    model = json.loads(hf.to_str())["model"]
+    vocab = model["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, merges
+
+
 def _swapped(vocab_dir: Path, tmp: Path, model: str, pre: str) -> Path:
-    src = read_gguf(vocab_dir / "ggml-vocab-gpt-2.gguf")
-    meta = dict(src.metadata)
-    meta["tokenizer.ggml.model"] = model
-    meta["tokenizer.ggml.pre"] = pre
+    """The boundary-crossing BPE written with ``tokenizer.ggml.pre = pre``."""
+    tokens, merges = _boundary_bpe()
+    eot = tokens.index("<|endoftext|>")
+    meta = {"general.architecture": "gpt2", "tokenizer.ggml.model": model,
+            "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3 if i == eot else 1 for i in range(len(tokens))],
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": eot,
+            "tokenizer.ggml.eos_token_id": eot}
     path = tmp / f"pre-{pre}.gguf"
-    write_gguf(path, meta, [], dict(src.metadata_types))
+    write_gguf(path, meta, [], {"tokenizer.ggml.token_type": (ValueType.ARRAY, ValueType.INT32),
+                                "tokenizer.ggml.bos_token_id": (ValueType.UINT32, None),
+                                "tokenizer.ggml.eos_token_id": (ValueType.UINT32, None)})
     return path
 
 
@@ -100,7 +132,7 @@ def test_pre_type(vocab_dir: Path, tmp_path: Path, pre: str) -> None:
     tk = _tokenizer(str(path))
     ora = _oracle(str(path))
     assert (tk.bos_id, tk.eos_id, tk.add_bos) == (ora.bos(), ora.eos(), ora.add_bos())
-    for text in CORPUS:
+    for text in _texts():
         for add_special in (True, False):
             want = ora.tokenize(text, add_special, False)
             assert tk.encode(text, add_special) == want, (text, add_special)
@@ -115,7 +147,6 @@ def test_whitespace_model(vocab_dir: Path, tmp_path: Path) -> None:
 def test_rwkv_world(vocab_dir: Path, tmp_path: Path) -> None:
     """An RWKV-world vocabulary written as convert_hf_to_gguf does (repr-escaped bytes), from
     gpt-2's first 8000 tokens (all 256 single bytes among them)."""
-    from jllama.gguf.constants import ValueType
     from jllama.tokenizer.vocab import byte_decoder
 
     src = read_gguf(vocab_dir / "ggml-vocab-gpt-2.gguf")

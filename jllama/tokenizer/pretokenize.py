@@ -389,10 +389,20 @@ def _split_kimi_k2(text: str, s: int, e: int) -> list[int]:
 
 
 def _split_digit_groups(text: str, s: int, e: int) -> list[int]:
-    """llama.cpp's unicode_regex_split_custom_afmoe: digit runs cut in threes from the right."""
+    """llama.cpp's unicode_regex_split_custom_afmoe: digit runs cut in threes from the right.
+
+    As there, text before a digit run is not a piece of its own: it joins the run's first group
+    (later regexes then see e.g. "x1" as one piece)."""
     out: list[int] = []
     prev = s
     pos = s
+
+    def add(end: int) -> None:
+        nonlocal prev
+        if end > prev:
+            out.append(end - prev)
+        prev = end
+
     while pos < e:
         if category(ord(text[pos])) != "N":
             pos += 1
@@ -400,19 +410,15 @@ def _split_digit_groups(text: str, s: int, e: int) -> list[int]:
         start = pos
         while pos < e and category(ord(text[pos])) == "N":
             pos += 1
-        if start > prev:
-            out.append(start - prev)
         cur = start
         rem = (pos - start) % 3
         if rem:
-            out.append(rem)
             cur += rem
+            add(cur)
         while cur < pos:
-            out.append(3)
             cur += 3
-        prev = pos
-    if prev < e:
-        out.append(e - prev)
+            add(cur)
+    add(e)
     return out
 
 
