@@ -37,9 +37,16 @@ def _vocab() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0) -> Path:
+def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
+           xlmr: Path | None = None) -> Path:
+    """A tiny encoder; with ``xlmr`` (an XLM-R style UGM vocabulary file) its first 4000 tokens,
+    scores and charsmap stand in for the WordPiece vocabulary, as in XLM-RoBERTa rerankers."""
     rng = np.random.default_rng(seed)
     tokens, types = _vocab()
+    if xlmr is not None:
+        src = read_gguf(xlmr).metadata
+        tokens = src["tokenizer.ggml.tokens"][:4000]
+        types = [int(x) for x in src["tokenizer.ggml.token_type"][:4000]]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
     w.add_uint32(f"{arch}.context_length", N_CTX)
@@ -53,11 +60,23 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0) -> Path:
     if nomic:
         w.add_float32(f"{arch}.rope.freq_base", 1000.0)
     w.add_uint32(f"{arch}.pooling_type", pooling)
-    w.add_tokenizer_model("bert")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_uint32("tokenizer.ggml.token_type_count", 2)
-    for key, tid in (("bos", 2), ("seperator", 3), ("unknown", 1), ("padding", 0), ("mask", 4)):
+    if xlmr is None:
+        w.add_tokenizer_model("bert")
+        w.add_uint32("tokenizer.ggml.token_type_count", 2)
+        ids = (("bos", 2), ("seperator", 3), ("unknown", 1), ("padding", 0), ("mask", 4))
+    else:
+        w.add_tokenizer_model("t5")
+        w.add_token_scores([float(x) for x in src["tokenizer.ggml.scores"][:4000]])
+        w.add_precompiled_charsmap(bytes(src["tokenizer.ggml.precompiled_charsmap"]))
+        w.add_add_space_prefix(True)
+        w.add_remove_extra_whitespaces(True)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(True)
+        w.add_uint32("tokenizer.ggml.token_type_count", 1)
+        ids = (("bos", 0), ("eos", 2), ("seperator", 2), ("unknown", 3), ("padding", 1))
+    for key, tid in ids:
         w.add_uint32(f"tokenizer.ggml.{key}_token_id", tid)
 
     def t(name: str, *shape: int, s: float = 0.3) -> None:
@@ -68,7 +87,7 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0) -> Path:
         w.add_tensor(name + ".bias", (0.1 * rng.standard_normal(N_EMBD)).astype(np.float32))
 
     t("token_embd.weight", len(tokens), N_EMBD)
-    t("token_types.weight", 2, N_EMBD)
+    t("token_types.weight", 2 if xlmr is None else 1, N_EMBD)
     if not nomic:
         t("position_embd.weight", N_CTX, N_EMBD)
     norm("token_embd_norm")
@@ -124,6 +143,30 @@ def test_encoder_embeddings_vs_oracle(tmp_path: Path, arch: str, pooling: int) -
             if pooling == 4:
                 want = want[:1]  # llama-cpp-python reads n_embd floats; the score is the first
             assert got.shape == want.shape, (got.shape, want.shape)
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=text)
+    finally:
+        llm.close()
+
+
+def test_xlmr_reranker_vs_oracle(tmp_path: Path, extra_vocab_dir: Path) -> None:
+    """An XLM-RoBERTa-style reranker: ``bert`` graph, T5/UGM vocabulary, rank pooling through
+    the classifier head; the query/document pair joined as llama-server's /rerank does."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = _write(tmp_path / "xlmr-rank.gguf", 4, xlmr=extra_vocab_dir /
+                  "ggml-vocab-nomic-bert-moe.gguf")
+    g = read_gguf(path)
+    spec = bert.spec_from_gguf(g)
+    w = load_weights(g)
+    tk = Tokenizer.from_gguf(g)
+    assert tk.vocab.kind == "ugm"
+    llm = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=N_CTX, n_batch=N_CTX,
+                          n_ubatch=N_CTX, verbose=False)
+    try:
+        for text in ["what is a fox?</s></s>The quick brown fox.", "Ça va ? 東京 ok", "x"]:
+            ids = tk.encode(text, add_special=True)
+            assert ids == llm.tokenize(text.encode(), add_bos=True, special=False)
+            want = np.asarray(llm.embed(text), np.float32)[:1]
+            got = bert.embed(spec, w, np.asarray(ids))
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=text)
     finally:
         llm.close()
