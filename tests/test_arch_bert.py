@@ -1,4 +1,4 @@
-"""BERT and nomic-bert encoders (embeddings, every pooling type, reranker head) vs llama-cpp-python.
+"""BERT, nomic-bert and jina-bert-v2 encoders (embeddings, every pooling type, reranker head) vs llama-cpp-python.
 
 A tiny random ``bert`` GGUF in llama.cpp's tensor layout with a small WordPiece vocabulary is
 run by both; llama-cpp-python's ``Llama.embed`` (embedding=True) gives the expected vectors.
@@ -57,6 +57,7 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
     w.add_float32(f"{arch}.attention.layer_norm_epsilon", 1e-12)
     w.add_bool(f"{arch}.attention.causal", False)
     nomic = arch == "nomic-bert"
+    jina = arch == "jina-bert-v2"
     if nomic:
         w.add_float32(f"{arch}.rope.freq_base", 1000.0)
     w.add_uint32(f"{arch}.pooling_type", pooling)
@@ -88,7 +89,7 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
 
     t("token_embd.weight", len(tokens), N_EMBD)
     t("token_types.weight", 2 if xlmr is None else 1, N_EMBD)
-    if not nomic:
+    if arch == "bert":
         t("position_embd.weight", N_CTX, N_EMBD)
     norm("token_embd_norm")
     for i in range(N_LAYER):
@@ -101,15 +102,20 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
                 t(p + n + ".weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
                 t(p + n + ".bias", N_EMBD, s=0.05)
         norm(p + "attn_output_norm")
+        if jina:  # Q/K LayerNorms, a second post-attention norm, GEGLU with the gate in up
+            norm(p + "attn_q_norm")
+            norm(p + "attn_k_norm")
+            norm(p + "attn_norm_2")
         if nomic:
             t(p + "ffn_gate.weight", N_FF, N_EMBD, s=N_EMBD ** -0.5)
-        t(p + "ffn_up.weight", N_FF, N_EMBD, s=N_EMBD ** -0.5)
+        n_up = 2 * N_FF if jina else N_FF
+        t(p + "ffn_up.weight", n_up, N_EMBD, s=N_EMBD ** -0.5)
         t(p + "ffn_down.weight", N_EMBD, N_FF, s=N_FF ** -0.5)
         if not nomic:
-            t(p + "ffn_up.bias", N_FF, s=0.05)
+            t(p + "ffn_up.bias", n_up, s=0.05)
             t(p + "ffn_down.bias", N_EMBD, s=0.05)
         norm(p + "layer_output_norm")
-    if not nomic:  # llama.cpp loads a classifier head for bert only
+    if arch == "bert":  # the classifier head (jina-bert-v2's is a different shape)
         t("cls.weight", N_EMBD, N_EMBD, s=N_EMBD ** -0.5)
         t("cls.bias", N_EMBD, s=0.05)
         t("cls.output.weight", 1, N_EMBD, s=N_EMBD ** -0.5)
@@ -123,7 +129,8 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
 
 @pytest.mark.parametrize(("arch", "pooling"), [("bert", 0), ("bert", 1), ("bert", 2),
                                                ("bert", 3), ("bert", 4), ("nomic-bert", 0),
-                                               ("nomic-bert", 1)])
+                                               ("nomic-bert", 1), ("jina-bert-v2", 1),
+                                               ("jina-bert-v2", 2)])
 def test_encoder_embeddings_vs_oracle(tmp_path: Path, arch: str, pooling: int) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     path = _write(tmp_path / f"{arch}-{pooling}.gguf", pooling, arch)

@@ -6,7 +6,9 @@ llama.cpp 0c1e570 (src/models/bert.cpp): token + token-type row 0 (llama.cpp har
 residual and LayerNorm *after* it (post-norm), GELU feed-forward, residual, LayerNorm. Pooling
 (llm_graph_context::build_pooling) is chosen by ``{arch}.pooling_type``: none, mean, cls, last,
 or rank (cls row -> ``cls`` dense + tanh -> ``cls.output``: a reranker's score). nomic-bert
-drops the learned positions for NEOX RoPE on Q/K and uses a SiLU-gated feed-forward.
+drops the learned positions for NEOX RoPE on Q/K and uses a SiLU-gated feed-forward;
+jina-bert-v2 uses ALiBi instead of positions, optional Q/K LayerNorms, a second post-attention
+norm, and a GELU-gated (GEGLU) feed-forward.
 
 Matmuls go through ``common.linear`` (the quantized kernels); norms and softmax in f32.
 """
@@ -27,7 +29,9 @@ from jllama.models.common import Weights, linear, rope, swiglu
 from jllama.models.gemma3 import gelu
 from jllama.quant.qtensor import QTensor
 
-ENCODERS = ("bert", "nomic-bert")
+ENCODERS = ("bert", "nomic-bert", "jina-bert-v2")
+# jina-bert-v2: llama.cpp fixes the ALiBi maximum bias at 8
+_JINA_MAX_ALIBI_BIAS = 8.0
 
 # llama_pooling_type
 POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
@@ -104,7 +108,7 @@ def hidden_states(spec: EncoderSpec, w: Weights, ids: np.ndarray) -> jax.Array:
     x = _rows(w("token_embd.weight"), ids)
     if "token_types.weight" in w:
         x = x + _rows(w("token_types.weight"), np.zeros(1, np.int64))
-    if not spec.rope:
+    if spec.arch == "bert":
         x = x + _rows(w("position_embd.weight"), np.arange(n))
     x = layer_norm(x, w.vector("token_embd_norm.weight"), w.vector("token_embd_norm.bias"),
                    spec.eps)
@@ -116,24 +120,58 @@ def hidden_states(spec: EncoderSpec, w: Weights, ids: np.ndarray) -> jax.Array:
             q, k, v = jnp.split(qkv, 3, axis=-1)
         else:
             q, k, v = (_dense(x, w, p + t) for t in ("attn_q", "attn_k", "attn_v"))
+        if f"{p}attn_q_norm.weight" in w:
+            q = layer_norm(q, w.vector(p + "attn_q_norm.weight"),
+                           w.vector(p + "attn_q_norm.bias"), spec.eps)
+        if f"{p}attn_k_norm.weight" in w:
+            k = layer_norm(k, w.vector(p + "attn_k_norm.weight"),
+                           w.vector(p + "attn_k_norm.bias"), spec.eps)
         q, k, v = (t.reshape(n, spec.n_head, hd) for t in (q, k, v))
         if spec.rope:
             pos = jnp.arange(n, dtype=jnp.int32)[None]
             q = rope(q[None], pos, spec.rope_base, spec.n_rot, neox=True)[0]
             k = rope(k[None], pos, spec.rope_base, spec.n_rot, neox=True)[0]
         s = jnp.einsum("qhd,khd->hqk", q, k) * (1.0 / math.sqrt(hd))
+        if spec.arch == "jina-bert-v2":
+            s = s + _alibi(spec.n_head, n)
         a = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(s, axis=-1), v).reshape(n, spec.n_embd)
         h = _dense(a, w, p + "attn_output") + x
         h = layer_norm(h, w.vector(p + "attn_output_norm.weight"),
                        w.vector(p + "attn_output_norm.bias"), spec.eps)
-        if spec.arch == "bert":
-            f = _dense(gelu(_dense(h, w, p + "ffn_up")), w, p + "ffn_down") + h
-        else:  # nomic-bert: SiLU-gated, parallel gate/up
-            g_, u_ = _dense(h, w, p + "ffn_gate"), _dense(h, w, p + "ffn_up")
-            f = _dense(swiglu(g_, u_), w, p + "ffn_down") + h
+        if f"{p}attn_norm_2.weight" in w:  # jina-bert-v2's second post-attention norm
+            h = layer_norm(h + x, w.vector(p + "attn_norm_2.weight"),
+                           w.vector(p + "attn_norm_2.bias"), spec.eps)
+        f = _dense(_ffn(spec, w, p, h), w, p + "ffn_down") + h
         x = layer_norm(f, w.vector(p + "layer_output_norm.weight"),
                        w.vector(p + "layer_output_norm.bias"), spec.eps)
     return x
+
+
+def _ffn(spec: EncoderSpec, w: Weights, p: str, h: jax.Array) -> jax.Array:
+    """The feed-forward up to (not including) ffn_down, per llama.cpp's build_ffn choice."""
+    if spec.arch == "bert":
+        return gelu(_dense(h, w, p + "ffn_up"))
+    if spec.arch == "nomic-bert":  # SiLU-gated, gate and up in parallel
+        return swiglu(_dense(h, w, p + "ffn_gate"), _dense(h, w, p + "ffn_up"))
+    up = _dense(h, w, p + "ffn_up")
+    if f"{p}ffn_gate.weight" in w:  # jina-bert-v2, separate gate: GELU-gated
+        return gelu(_dense(h, w, p + "ffn_gate")) * up
+    if up.shape[-1] == 2 * spec.n_ff:  # gate fused into up (first half): GEGLU
+        return gelu(up[..., :spec.n_ff]) * up[..., spec.n_ff:]
+    return gelu(up)
+
+
+def _alibi(n_head: int, n: int) -> jax.Array:
+    """ALiBi bias for non-causal attention: slope_h * -|i - j| (ggml_soft_max_ext's slopes with
+    llama.cpp's mask values)."""
+    n_log2 = 1 << int(math.floor(math.log2(n_head)))
+    m0 = np.float32(2.0) ** np.float32(-_JINA_MAX_ALIBI_BIAS / n_log2)
+    m1 = np.float32(2.0) ** np.float32(-(_JINA_MAX_ALIBI_BIAS / 2.0) / n_log2)
+    slopes = np.array([m0 ** (h + 1) if h < n_log2 else m1 ** (2 * (h - n_log2) + 1)
+                       for h in range(n_head)], np.float32)
+    i = np.arange(n)
+    dist = -np.abs(i[:, None] - i[None, :]).astype(np.float32)
+    return jnp.asarray(slopes[:, None, None] * dist[None])
 
 
 def pool(spec: EncoderSpec, w: Weights, h: jax.Array, pooling: str | None = None) -> jax.Array:
