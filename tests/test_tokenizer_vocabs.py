@@ -168,3 +168,38 @@ def test_rwkv_world(vocab_dir: Path, tmp_path: Path) -> None:
     assert tk.vocab.kind == "rwkv"
     _check_vs_oracle(path, [(t, _oracle(str(path)).tokenize(t, False, False)) for t in CORPUS])
     _compare(path, _texts())
+
+
+def test_hybriddna_model(tmp_path: Path) -> None:
+    """hybriddna: BPE text around <dna>...</dna> spans of marker-suffixed 6-mer tokens."""
+    import itertools
+
+    from jllama.tokenizer.vocab import DNA_KMER_MARKER
+
+    tokens, merges = _boundary_bpe()
+    tags = ["<dna>", "</dna>", "<oov>"]
+    kmers = ["".join(p) + DNA_KMER_MARKER for p in itertools.product("ACGT", repeat=6)]
+    all_tokens = tokens + tags + kmers
+    types = [1] * len(tokens) + [3] * len(tags) + [1] * len(kmers)
+    meta = {"general.architecture": "gpt2", "tokenizer.ggml.model": "hybriddna",
+            "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": all_tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+    path = tmp_path / "hybriddna.gguf"
+    write_gguf(path, meta, [], {"tokenizer.ggml.token_type": (ValueType.ARRAY, ValueType.INT32)})
+    texts = ["gene <dna>acgtacGTTTCAnnA</dna> end", "<dna>ACG", "x</dna>y<dna></dna>",
+             "<dna>AC\u00e9GT\u00e9\u00e9ACGTAC</dna>"] + CORPUS[:4]
+    _compare(path, texts)
+    ids = _tokenizer(str(path)).encode(texts[0], add_special=False)
+    first_kmer = len(tokens) + len(tags)
+    assert sum(i >= first_kmer for i in ids) == 2 and len(tokens) + 2 in ids  # ACGTAC GTTTCA, oov
+    assert _tokenizer(str(path)).detokenize(ids) == b"gene <dna>ACGTACGTTTCA<oov></dna> end"
+
+
+def test_test_model(vocab_dir: Path, tmp_path: Path) -> None:
+    """llama.cpp's TEST vocabulary type (hash of 5-byte chunks; pieces are hex ids)."""
+    tokens, _ = _boundary_bpe()
+    meta = {"general.architecture": "gpt2", "tokenizer.ggml.model": "test",
+            "tokenizer.ggml.tokens": tokens}
+    path = tmp_path / "test.gguf"
+    write_gguf(path, meta, [])
+    _compare(path, _texts())

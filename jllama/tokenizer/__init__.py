@@ -58,9 +58,10 @@ class Tokenizer:
 
             self._impl = BPE(vocab)
         else:
-            from jllama.tokenizer.wordlevel import RWKV, UGM, WPM
+            from jllama.tokenizer.wordlevel import RWKV, UGM, WPM, TestVocab
 
-            self._impl = {"wpm": WPM, "ugm": UGM, "rwkv": RWKV}[vocab.kind](vocab)
+            impls = {"wpm": WPM, "ugm": UGM, "rwkv": RWKV, "test": TestVocab}
+            self._impl = impls[vocab.kind](vocab)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -195,8 +196,8 @@ class Tokenizer:
             if add_special and v.sep_id is not None:
                 out.append(v.sep_id)
             return out
-        if v.kind == "rwkv":
-            add_special = False  # llama.cpp adds no BOS/EOS for RWKV
+        if v.kind in ("rwkv", "test"):
+            add_special = False  # llama.cpp adds no BOS/EOS for these
         if add_special and v.add_bos and v.bos_id is not None:
             out.append(v.bos_id)
         impl = self._impl

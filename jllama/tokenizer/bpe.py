@@ -11,7 +11,7 @@ import heapq
 
 from jllama.tokenizer.pretokenize import PRE_REGEXES, split
 from jllama.tokenizer.ucd import is_whitespace, tolower
-from jllama.tokenizer.vocab import Vocab, byte_encoder
+from jllama.tokenizer.vocab import DNA_KMER_MARKER, Vocab, byte_encoder
 
 _RAW_TEXT_PRE = ("gemma4", "sarvam_moe", "whitespace")
 
@@ -103,6 +103,9 @@ class BPE:
         return out
 
     def encode(self, text: str, out: list[int]) -> None:
+        if self.vocab.model == "hybriddna":
+            self._encode_dna(text, out)
+            return
         if self.vocab.model == "whitespace":
             # llama.cpp's whitespace session: drop White_Space, BPE each run in between
             low = self.vocab.lowercase
@@ -116,6 +119,35 @@ class BPE:
                     seg.append(chr(tolower(ord(ch))) if low else ch)
             return
         self._encode(text, out)
+
+    def _encode_dna(self, text: str, out: list[int]) -> None:
+        """llama.cpp's hybriddna session: <dna>...</dna> spans become 6-mer tokens."""
+        t2i = self.vocab.token_to_id
+        begin, end, oov = t2i.get("<dna>"), t2i.get("</dna>"), t2i.get("<oov>")
+        if begin is None or end is None or oov is None:
+            self._encode(text, out)
+            return
+        pos = 0
+        while pos < len(text):
+            start = text.find("<dna>", pos)
+            if start < 0:
+                self._encode(text[pos:], out)
+                break
+            if start > pos:
+                self._encode(text[pos:start], out)
+            out.append(begin)
+            c0 = start + len("<dna>")
+            stop = text.find("</dna>", c0)
+            seq = text[c0:] if stop < 0 else text[c0:stop]
+            raw = bytes(b - 32 if 0x61 <= b <= 0x7A else b
+                        for b in seq.encode("utf-8", "surrogatepass"))
+            for i in range(0, len(raw), 6):  # k-mers of bytes, as llama.cpp
+                kmer = raw[i:i + 6].ljust(6, b"A").decode("utf-8", "surrogateescape")
+                out.append(t2i.get(kmer + DNA_KMER_MARKER, oov))
+            if stop < 0:
+                break
+            out.append(end)
+            pos = stop + len("</dna>")
 
     def _encode(self, text: str, out: list[int]) -> None:
         if self.vocab.escape_whitespaces:

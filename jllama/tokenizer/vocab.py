@@ -56,6 +56,9 @@ _EOG_TEXTS = {
 }
 _ALWAYS_RENDER = {"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"}
 
+DNA_KMER_MARKER = "\ue000"  # hybriddna k-mer suffix (llama.cpp's dna_kmer_marker)
+
+
 @dataclass(frozen=True)
 class PreType:
     """What one ``tokenizer.ggml.pre`` string sets in llama_vocab::impl::load."""
@@ -129,7 +132,7 @@ _reg("exaone-moe", "exaone_moe", clean_spaces=False)
 class Vocab:
     """Everything the tokenizer needs, with llama.cpp's derived defaults applied."""
 
-    kind: str  # "spm" | "bpe" | "wpm" | "ugm" | "rwkv"
+    kind: str  # "spm" | "bpe" | "wpm" | "ugm" | "rwkv" | "test"
     pre: str  # BPE: key of pretokenize.PRE_REGEXES
     tokens: list[str]
     scores: list[float]
@@ -209,7 +212,7 @@ def load_vocab(meta: dict[str, Any]) -> Vocab:
         v = Vocab("wpm", "default", tokens, scores, attrs, token_to_id, bos_id=101, unk_id=100,
                   sep_id=102, pad_id=0, mask_id=103, add_bos=True, add_sep=True,
                   clean_spaces=True)
-    elif model in ("gpt2", "whitespace", "gemma4"):
+    elif model in ("gpt2", "whitespace", "gemma4", "hybriddna"):
         if model == "gemma4":
             pre_name = "gemma4"  # llama.cpp forces it for this tokenizer model
         if pre_name == "":
@@ -243,9 +246,18 @@ def load_vocab(meta: dict[str, Any]) -> Vocab:
                 raise ModelError("index out of array bounds in precompiled charsmap")
     elif model == "rwkv":
         v = Vocab("rwkv", "default", tokens, scores, attrs, token_to_id, escape_whitespaces=True)
+    elif model == "test":
+        v = Vocab("test", "default", tokens, scores, attrs, token_to_id)
     else:
         raise ModelError(f"unsupported tokenizer model: {model!r}")
     v.model = model
+    if model == "hybriddna" and "<oov>" in token_to_id:
+        # k-mer tokens (the block after <oov>) carry a marker that keeps them distinct from
+        # text tokens in token_to_id; their text (what they detokenize to) drops it
+        for i in range(token_to_id["<oov>"] + 1, n):
+            t = tokens[i]
+            if len(t) > 1 and t.endswith(DNA_KMER_MARKER):
+                tokens[i] = t[:-1]
 
     v.add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", v.add_space_prefix))
     v.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces",
@@ -379,6 +391,8 @@ def _piece_for_cache(v: Vocab, i: int) -> bytes:
     text = v.tokens[i]
     if v.kind == "rwkv":
         return unescape_rwkv(text)
+    if v.kind == "test":
+        return f"{i:x}".encode()  # llama.cpp's TEST vocabulary: the id in hex
     if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
         return _raw(text)
     if attr & ATTR_BYTE and v.kind in ("spm", "ugm", "bpe"):

@@ -271,3 +271,18 @@ class RWKV:
             else:
                 out.append(tid)
                 pos = end
+
+
+class TestVocab:
+    """llama.cpp's TEST vocabulary type: each 5-byte chunk hashes (h = h*31 + byte) to an id."""
+
+    def __init__(self, vocab: Vocab):
+        self.n = len(vocab.tokens)
+
+    def encode(self, text: str, out: list[int]) -> None:
+        s = _raw(text)
+        for i in range(0, len(s), 5):
+            h = 0
+            for b in s[i:i + 5]:
+                h = (h * 31 + b) & 0xFFFFFFFFFFFFFFFF
+            out.append(h % self.n)
