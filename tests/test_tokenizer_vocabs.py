@@ -51,9 +51,21 @@ def _texts() -> list[str]:
     return CORPUS + _fuzz_texts(40)
 
 
+def _check_sep(tk, ora) -> None:
+    """SEP/PAD ids and add_sep: what a rerank prompt is built from."""
+    lc, v = ora.lc, ora.vocab
+
+    def tid(t: int) -> int | None:
+        return t if t >= 0 else None
+
+    assert (tk.sep_id, tk.pad_id, tk.add_sep) == (
+        tid(lc.llama_vocab_sep(v)), tid(lc.llama_vocab_pad(v)), bool(lc.llama_vocab_get_add_sep(v)))
+
+
 def _compare(path: Path, texts: list[str]) -> None:
     tk = _tokenizer(str(path))
     ora = _oracle(str(path))
+    _check_sep(tk, ora)
     for text in texts:
         for add_special in (True, False):
             want = ora.tokenize(text, add_special, False)
@@ -132,6 +144,7 @@ def test_pre_type(vocab_dir: Path, tmp_path: Path, pre: str) -> None:
     tk = _tokenizer(str(path))
     ora = _oracle(str(path))
     assert (tk.bos_id, tk.eos_id, tk.add_bos) == (ora.bos(), ora.eos(), ora.add_bos())
+    _check_sep(tk, ora)
     for text in _texts():
         for add_special in (True, False):
             want = ora.tokenize(text, add_special, False)

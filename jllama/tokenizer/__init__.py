@@ -46,6 +46,10 @@ class Tokenizer:
         self.eot_id = vocab.eot_id
         self.add_bos = vocab.add_bos
         self.add_eos = vocab.add_eos
+        # what llama-server's rerank prompt needs: BOS q EOS SEP d EOS (SEP when add_sep)
+        self.sep_id = vocab.sep_id
+        self.add_sep = vocab.add_sep
+        self.pad_id = vocab.pad_id
         self.special_ids = frozenset(vocab.special_cache)
         self._group_cache: dict[bool, dict[str, tuple[list[int], dict[str, int]]]] = {}
         self._impl: _FragmentEncoder
