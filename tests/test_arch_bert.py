@@ -38,7 +38,7 @@ def _vocab() -> tuple[list[str], list[int]]:
 
 
 def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
-           xlmr: Path | None = None) -> Path:
+           xlmr: Path | None = None, qtype: gguf.GGMLQuantizationType | None = None) -> Path:
     """A tiny encoder; with ``xlmr`` (an XLM-R style UGM vocabulary file) its first 4000 tokens,
     scores and charsmap stand in for the WordPiece vocabulary, as in XLM-RoBERTa rerankers."""
     rng = np.random.default_rng(seed)
@@ -81,7 +81,11 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
         w.add_uint32(f"tokenizer.ggml.{key}_token_id", tid)
 
     def t(name: str, *shape: int, s: float = 0.3) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * s).astype(np.float32))
+        arr = (rng.standard_normal(shape) * s).astype(np.float32)
+        if qtype is not None and name.startswith("blk.") and name.endswith(".weight"):
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, arr)
 
     def norm(name: str) -> None:
         w.add_tensor(name + ".weight", (1 + 0.1 * rng.standard_normal(N_EMBD)).astype(np.float32))
@@ -174,6 +178,28 @@ def test_xlmr_reranker_vs_oracle(tmp_path: Path, extra_vocab_dir: Path) -> None:
             assert ids == llm.tokenize(text.encode(), add_bos=True, special=False)
             want = np.asarray(llm.embed(text), np.float32)[:1]
             got = bert.embed(spec, w, np.asarray(ids))
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=text)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_0", "Q5_1"])
+def test_bert_quantized_vs_oracle(tmp_path: Path, qname: str) -> None:
+    """Quantized layer weights go through the quantized kernels (common.linear)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    qtype = gguf.GGMLQuantizationType[qname]
+    path = _write(tmp_path / f"bert-{qname}.gguf", 1, qtype=qtype)
+    g = read_gguf(path)
+    spec = bert.spec_from_gguf(g)
+    w = load_weights(g)
+    tk = Tokenizer.from_gguf(g)
+    assert w("blk.0.ffn_up.weight").qtype == int(qtype)
+    llm = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=N_CTX, n_batch=N_CTX,
+                          n_ubatch=N_CTX, verbose=False)
+    try:
+        for text in TEXTS:
+            want = np.asarray(llm.embed(text), np.float32)
+            got = bert.embed(spec, w, np.asarray(tk.encode(text)))
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=text)
     finally:
         llm.close()
