@@ -25,8 +25,7 @@ import numpy as np
 from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile
 from jllama.kernels.dispatch import take_rows
-from jllama.models.common import Weights, linear, rope, swiglu
-from jllama.models.gemma3 import gelu
+from jllama.models.common import Weights, gelu, linear, rope, swiglu
 from jllama.quant.qtensor import QTensor
 
 ENCODERS = ("bert", "nomic-bert", "jina-bert-v2")
