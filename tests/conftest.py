@@ -33,7 +33,7 @@ def pytest_configure(config) -> None:
     llama_cpp_module()
 
 
-DATA_FIXTURES = ("wiki_test_path", "vocab_dir", "openai_spec_path")
+DATA_FIXTURES = ("wiki_test_path", "vocab_dir", "extra_vocab_dir", "openai_spec_path")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -62,6 +62,12 @@ def wiki_test_path() -> Path:
 def vocab_dir() -> Path:
     """llama.cpp's ``ggml-vocab-*.gguf`` files with their ``.inp``/``.out`` cases."""
     return _data(lambda td: td.vocab_dir())
+
+
+@pytest.fixture(scope="session")
+def extra_vocab_dir() -> Path:
+    """More of llama.cpp's test vocabularies (WPM, UGM, gemma4, qwen35, ...)."""
+    return _data(lambda td: td.extra_vocab_dir())
 
 
 @pytest.fixture(scope="session")

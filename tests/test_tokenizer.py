@@ -57,7 +57,7 @@ class Oracle:
 
     def detokenize(self, ids: list[int], remove_special: bool, unparse_special: bool) -> bytes:
         arr = (self.lc.llama_token * max(len(ids), 1))(*ids)
-        size = 64 + 64 * len(ids)
+        size = 64 + 256 * len(ids)  # some vocabularies hold long whitespace-run tokens
         buf = ctypes.create_string_buffer(size)
         n = self.lc.llama_detokenize(self.vocab, arr, len(ids), buf, size, remove_special,
                                      unparse_special)
@@ -65,8 +65,8 @@ class Oracle:
         return buf.raw[:n]
 
     def piece(self, tok: int, special: bool) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = self.lc.llama_token_to_piece(self.vocab, tok, buf, 256, 0, special)
+        buf = ctypes.create_string_buffer(4096)  # MPT has a 512-space token
+        n = self.lc.llama_token_to_piece(self.vocab, tok, buf, 4096, 0, special)
         assert n >= 0
         return buf.raw[:n]
 
@@ -76,11 +76,13 @@ class Oracle:
     def is_eog(self, tok: int) -> bool:
         return bool(self.lc.llama_vocab_is_eog(self.vocab, tok))
 
-    def bos(self) -> int:
-        return self.lc.llama_vocab_bos(self.vocab)
+    def bos(self) -> int | None:
+        t = self.lc.llama_vocab_bos(self.vocab)
+        return t if t >= 0 else None  # LLAMA_TOKEN_NULL
 
-    def eos(self) -> int:
-        return self.lc.llama_vocab_eos(self.vocab)
+    def eos(self) -> int | None:
+        t = self.lc.llama_vocab_eos(self.vocab)
+        return t if t >= 0 else None
 
     def add_bos(self) -> bool:
         return bool(self.lc.llama_vocab_get_add_bos(self.vocab))

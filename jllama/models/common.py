@@ -327,6 +327,21 @@ def ggml_gelu_table() -> np.ndarray:
     return y.astype(np.float16)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU (tanh form) as ggml's CPU op computes it when matching llama.cpp.
+
+    ggml looks GELU up in an f16 table: the input is rounded to f16, the result stored as f16,
+    and inputs beyond ±10 bypass the table (0 or x). The table is ggml's own, bit for bit
+    (``ggml_gelu_table``); XLA's gelu rounds 368 of its entries the other way.
+    """
+    if not numerics.current().match_llamacpp:
+        return jax.nn.gelu(x, approximate=True)
+    table = jnp.asarray(ggml_gelu_table())
+    idx = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
+    y = jnp.take(table, idx).astype(jnp.float32)
+    return jnp.where(x <= -10.0, 0.0, jnp.where(x >= 10.0, x, y))
+
+
 def _libm_tanhf(x: np.ndarray) -> np.ndarray:
     """The C library's tanhf elementwise (ctypes, ~65k calls once per process); where there is
     none, tanh in f64 rounded to f32, which agrees with glibc's on all but a few values."""

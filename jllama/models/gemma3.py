@@ -34,6 +34,7 @@ from jllama.models.common import (
     Weights,
     attention,
     decoder_forward,
+    gelu,
     rope,
     write_cache,
 )
@@ -75,21 +76,6 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
         final_softcap=float(softcap) if softcap else None,
     )
     return dataclasses.replace(s, extra=extra)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """GELU (tanh form) as ggml's CPU op computes it when matching llama.cpp.
-
-    ggml looks GELU up in an f16 table: the input is rounded to f16, the result stored as f16,
-    and inputs beyond ±10 bypass the table (0 or x). The table is ggml's own, bit for bit
-    (``common.ggml_gelu_table``); XLA's gelu rounds 368 of its entries the other way.
-    """
-    if not numerics.current().match_llamacpp:
-        return jax.nn.gelu(x, approximate=True)
-    table = jnp.asarray(common.ggml_gelu_table())
-    idx = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
-    y = jnp.take(table, idx).astype(jnp.float32)
-    return jnp.where(x <= -10.0, 0.0, jnp.where(x >= 10.0, x, y))
 
 
 class Block(nnx.Module):

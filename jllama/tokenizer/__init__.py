@@ -35,7 +35,7 @@ class _FragmentEncoder(Protocol):
 
 
 class Tokenizer:
-    """llama.cpp-compatible tokenizer (SPM and byte-level BPE vocabularies)."""
+    """llama.cpp-compatible tokenizer (SPM, BPE, WPM, UGM and RWKV vocabularies)."""
 
     def __init__(self, vocab: Vocab, chat_template: str | None = None):
         self.vocab = vocab
@@ -46,16 +46,26 @@ class Tokenizer:
         self.eot_id = vocab.eot_id
         self.add_bos = vocab.add_bos
         self.add_eos = vocab.add_eos
+        # what llama-server's rerank prompt needs: BOS q EOS SEP d EOS (SEP when add_sep)
+        self.sep_id = vocab.sep_id
+        self.add_sep = vocab.add_sep
+        self.pad_id = vocab.pad_id
         self.special_ids = frozenset(vocab.special_cache)
         self._group_cache: dict[bool, dict[str, tuple[list[int], dict[str, int]]]] = {}
+        self._impl: _FragmentEncoder
         if vocab.kind == "spm":
             from jllama.tokenizer.spm import SPM
 
-            self._impl: _FragmentEncoder = SPM(vocab)
-        else:
+            self._impl = SPM(vocab)
+        elif vocab.kind == "bpe":
             from jllama.tokenizer.bpe import BPE
 
             self._impl = BPE(vocab)
+        else:
+            from jllama.tokenizer.wordlevel import RWKV, UGM, WPM, TestVocab
+
+            impls = {"wpm": WPM, "ugm": UGM, "rwkv": RWKV, "test": TestVocab}
+            self._impl = impls[vocab.kind](vocab)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -178,6 +188,20 @@ class Tokenizer:
         v = self.vocab
         frags = self._partition(text, parse_special) if text else []
         out: list[int] = []
+        if v.kind == "wpm":
+            # llama.cpp's WPM path adds [CLS] ... [SEP] whenever add_special, whatever add_bos
+            if add_special and v.bos_id is not None:
+                out.append(v.bos_id)
+            for f in frags:
+                if isinstance(f, int):
+                    out.append(f)
+                else:
+                    self._impl.encode(f, out)
+            if add_special and v.sep_id is not None:
+                out.append(v.sep_id)
+            return out
+        if v.kind in ("rwkv", "test"):
+            add_special = False  # llama.cpp adds no BOS/EOS for these
         if add_special and v.add_bos and v.bos_id is not None:
             out.append(v.bos_id)
         impl = self._impl

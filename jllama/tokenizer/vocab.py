@@ -39,6 +39,12 @@ _EOT_TEXTS = {
     "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
 }
 _EOM_TEXTS = {"<|eom_id|>"}
+_FIM_PRE_TEXTS = {"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
+                  "▁<PRE>", "<|code_prefix|>", "<|prefix|>"}
+_FIM_SUF_TEXTS = {"<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
+                  "▁<SUF>", "<|code_suffix|>", "<|suffix|>"}
+_FIM_MID_TEXTS = {"<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
+                  "▁<MID>", "<|code_middle|>", "<|middle|>"}
 _FIM_PAD_TEXTS = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"}
 _FIM_REP_TEXTS = {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"}
 _FIM_SEP_TEXTS = {"<|file_sep|>"}
@@ -50,44 +56,84 @@ _EOG_TEXTS = {
 }
 _ALWAYS_RENDER = {"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"}
 
-# tokenizer.ggml.pre -> (pre-tokenizer name, clean_spaces, ignore_merges, add_bos default)
-_BPE_PRE: dict[str, tuple[str, bool, bool, bool]] = {}
+DNA_KMER_MARKER = "\ue000"  # hybriddna k-mer suffix (llama.cpp's dna_kmer_marker)
 
 
-def _reg(names: list[str], pre: str, clean: bool = True, ignore: bool = False,
-         bos: bool = False) -> None:
-    for n in names:
-        _BPE_PRE[n] = (pre, clean, ignore, bos)
+@dataclass(frozen=True)
+class PreType:
+    """What one ``tokenizer.ggml.pre`` string sets in llama_vocab::impl::load."""
+
+    regexes: str  # key of pretokenize.PRE_REGEXES (LLAMA_VOCAB_PRE_TYPE_*, lowercase)
+    clean_spaces: bool = True
+    ignore_merges: bool = False
+    add_bos: bool = False
+    escape_whitespaces: bool = False  # SPM-style BPE: " " -> "\u2581" before merging
+    no_bos: bool = False  # the default BOS id (11) is dropped
+    add_sep: bool = False
 
 
-_reg(["", "default"], "default")
-_reg(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"],
-     "llama3", ignore=True, bos=True)
-_reg(["dbrx", "smaug-bpe"], "llama3")
-_reg(["deepseek-llm"], "deepseek-llm", clean=False)
-_reg(["deepseek-coder"], "deepseek-coder", clean=False)
-_reg(["falcon"], "falcon")
-_reg(["mpt", "olmo", "jais", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es",
-      "jina-v2-de", "a.x-4.0", "mellum", "exaone4", "jina-v1-en", "jina-v2-code",
-      "roberta-bpe"], "gpt2")
-_reg(["starcoder", "refact", "codeshell", "exaone", "minerva-7b"], "starcoder")
-_reg(["command-r", "smollm"], "starcoder", clean=False)
-_reg(["qwen2", "deepseek-r1-qwen", "megrez"], "qwen2", clean=False)
-_reg(["stablelm2"], "qwen2")
-_reg(["poro-chat", "viking"], "poro", clean=False)
-_reg(["bloom", "gpt3-finnish"], "poro")
-_reg(["chatglm-bpe", "glm4"], "llama3")
-_reg(["kormo", "f2llmv2", "hunyuan", "solar-open"], "qwen2", clean=False)
-_reg(["trillion", "granite-docling"], "gpt2", clean=False)
-_reg(["mellum2"], "starcoder")
+# tokenizer.ggml.pre -> PreType, as llama.cpp 0c1e570 maps them (an unknown string is refused)
+BPE_PRE: dict[str, PreType] = {}
+
+
+def _reg(names: str, regexes: str, **kw: bool) -> None:
+    for n in names.split():
+        BPE_PRE[n] = PreType(regexes, **kw)
+
+
+_reg("default", "default")
+_reg("minicpm5", "minicpm5", ignore_merges=True)
+_reg("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano", "llama3",
+     ignore_merges=True, add_bos=True)
+_reg("deepseek-llm", "deepseek_llm", clean_spaces=False)
+_reg("deepseek-coder", "deepseek_coder", clean_spaces=False)
+_reg("deepseek-v3", "deepseek3_llm", clean_spaces=False)
+_reg("spark2_5", "spark2_5", clean_spaces=False)
+_reg("youtu", "youtu", clean_spaces=False, ignore_merges=True)
+_reg("falcon", "falcon")
+_reg("mpt", "gpt2")
+_reg("starcoder refact mellum2 codeshell exaone minerva-7b", "starcoder")
+_reg("gpt-2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum modern-bert "
+     "exaone4 olmo jais", "gpt2")
+_reg("jais-2", "jais2")
+_reg("gemma4 granite-embed-multi-311m", "gemma4", escape_whitespaces=True)
+_reg("sarvam-moe", "sarvam_moe", escape_whitespaces=True, clean_spaces=False)
+_reg("jina-v1-en jina-v2-code roberta-bpe", "gpt2", add_sep=True)
+_reg("whitespace", "whitespace")
+_reg("command-r smollm", "starcoder", clean_spaces=False)
+_reg("qwen2 deepseek-r1-qwen kormo f2llmv2 hunyuan solar-open", "qwen2", clean_spaces=False)
+_reg("qwen35", "qwen35", clean_spaces=False)
+_reg("stablelm2 megrez", "qwen2")
+_reg("dbrx smaug-bpe", "dbrx")
+_reg("poro-chat", "poro", clean_spaces=False)
+_reg("bloom gpt3-finnish", "poro")
+_reg("chatglm-bpe", "chatglm4", no_bos=True)
+_reg("glm4 glm5", "chatglm4", no_bos=True, ignore_merges=True)
+_reg("viking", "viking", clean_spaces=False)
+_reg("tekken", "tekken", clean_spaces=False, ignore_merges=True, add_bos=True)
+_reg("chameleon", "chameleon", add_bos=True, clean_spaces=False)
+_reg("gpt-4o llama4 kanana2 talkie minimax-m2", "gpt4o", clean_spaces=False)
+_reg("granite-embed-multi-97m", "granite_emb_multi", clean_spaces=False, ignore_merges=True)
+_reg("tiny_aya cohere2moe", "tiny_aya", clean_spaces=False)
+_reg("superbpe", "superbpe", clean_spaces=False)
+_reg("trillion granite-docling", "gpt2", clean_spaces=False)
+_reg("bailingmoe bailingmoe2 llada-moe", "bailingmoe", clean_spaces=False)
+_reg("seed-coder", "seed_coder", clean_spaces=False)
+_reg("hunyuan-dense hy_v4 joyai-llm", "deepseek3_llm", clean_spaces=False)
+_reg("kimi-k2", "kimi_k2", clean_spaces=False)
+_reg("ufakzeka", "ufakzeka", clean_spaces=False)
+_reg("grok-2", "grok_2", clean_spaces=False)
+_reg("afmoe", "afmoe", clean_spaces=False)
+_reg("laguna", "laguna", clean_spaces=False)
+_reg("exaone-moe", "exaone_moe", clean_spaces=False)
 
 
 @dataclass
 class Vocab:
     """Everything the tokenizer needs, with llama.cpp's derived defaults applied."""
 
-    kind: str  # "spm" | "bpe"
-    pre: str
+    kind: str  # "spm" | "bpe" | "wpm" | "ugm" | "rwkv" | "test"
+    pre: str  # BPE: key of pretokenize.PRE_REGEXES
     tokens: list[str]
     scores: list[float]
     attrs: list[int]
@@ -99,6 +145,15 @@ class Vocab:
     eom_id: int | None = None
     unk_id: int | None = None
     pad_id: int | None = None
+    sep_id: int | None = None
+    mask_id: int | None = None
+    model: str = ""  # tokenizer.ggml.model
+    add_sep: bool = False
+    escape_whitespaces: bool = True
+    remove_extra_whitespaces: bool = False
+    lowercase: bool = True  # BERT normalizer
+    strip_accents: bool = True
+    charsmap: bytes = b""  # UGM: tokenizer.ggml.precompiled_charsmap
     add_bos: bool = False
     add_eos: bool = False
     add_space_prefix: bool = False
@@ -139,32 +194,76 @@ def load_vocab(meta: dict[str, Any]) -> Vocab:
             raise ModelError(f"duplicate token in vocabulary: {t!r} has ids {token_to_id[t]} and {i}")
         token_to_id[t] = i
 
+    def merges() -> dict[tuple[str, str], int]:
+        m = meta.get("tokenizer.ggml.merges")
+        if m is None:
+            raise ModelError("cannot find tokenizer merges in model file")
+        ranks: dict[tuple[str, str], int] = {}
+        for i, w in enumerate(m):
+            pos = w.find(" ", 1)
+            pair = (w[:pos], w[pos + 1:]) if pos >= 0 else ("", "")
+            ranks.setdefault(pair, i)
+        return ranks
+
     if model == "llama":
         v = Vocab("spm", "default", tokens, scores, attrs, token_to_id, bos_id=1, eos_id=2,
                   unk_id=0, add_bos=True, add_space_prefix=True)
-    elif model == "gpt2":
-        if pre_name not in _BPE_PRE:
-            raise ModelError(f"unsupported pre-tokenizer type: {pre_name!r}")
-        pre, clean, ignore, bos = _BPE_PRE[pre_name]
-        v = Vocab("bpe", pre, tokens, scores, attrs, token_to_id, bos_id=11, eos_id=11,
-                  add_bos=bos, clean_spaces=clean, ignore_merges=ignore)
-        if pre_name in ("chatglm-bpe", "glm4"):
+    elif model == "bert":
+        v = Vocab("wpm", "default", tokens, scores, attrs, token_to_id, bos_id=101, unk_id=100,
+                  sep_id=102, pad_id=0, mask_id=103, add_bos=True, add_sep=True,
+                  clean_spaces=True)
+    elif model in ("gpt2", "whitespace", "gemma4", "hybriddna"):
+        if model == "gemma4":
+            pre_name = "gemma4"  # llama.cpp forces it for this tokenizer model
+        if pre_name == "":
+            pre_name = "default"  # llama.cpp warns and uses the default regexes
+        if pre_name not in BPE_PRE:
+            raise ModelError(f"unknown pre-tokenizer type: {pre_name!r}")
+        pt = BPE_PRE[pre_name]
+        v = Vocab("bpe", pt.regexes, tokens, scores, attrs, token_to_id,
+                  bos_id=None if model == "gemma4" else 11,
+                  eos_id=None if model == "gemma4" else 11,
+                  add_bos=pt.add_bos, clean_spaces=pt.clean_spaces,
+                  ignore_merges=pt.ignore_merges, escape_whitespaces=pt.escape_whitespaces,
+                  add_sep=pt.add_sep)
+        if pt.no_bos:
             v.bos_id = None
-        merges = meta.get("tokenizer.ggml.merges")
-        if merges is None:
-            raise ModelError("cannot find tokenizer merges in model file")
-        ranks: dict[tuple[str, str], int] = {}
-        for i, m in enumerate(merges):
-            pos = m.find(" ", 1)
-            pair = (m[:pos], m[pos + 1:]) if pos >= 0 else ("", "")
-            ranks.setdefault(pair, i)
-        v.bpe_ranks = ranks
+        if pre_name == "whitespace":
+            v.lowercase = False
+        if model == "gpt2" and pre_name == "kimi-k2" and "tokenizer.ggml.merges" not in meta:
+            v.bpe_ranks = {}  # Kimi-K2 ships without merges
+        else:
+            v.bpe_ranks = merges()
+    elif model == "t5":
+        v = Vocab("ugm", "default", tokens, scores, attrs, token_to_id, eos_id=1, unk_id=2,
+                  pad_id=0, add_eos=True)
+        cm = meta.get("tokenizer.ggml.precompiled_charsmap")
+        if cm is not None:
+            v.charsmap = bytes(int(x) & 0xFF for x in cm)
+            if len(v.charsmap) < 4:
+                raise ModelError("precompiled_charsmap too small for xcda_blob_size header")
+            if int.from_bytes(v.charsmap[:4], "little") + 4 >= len(v.charsmap):
+                raise ModelError("index out of array bounds in precompiled charsmap")
+    elif model == "rwkv":
+        v = Vocab("rwkv", "default", tokens, scores, attrs, token_to_id, escape_whitespaces=True)
+    elif model == "test":
+        v = Vocab("test", "default", tokens, scores, attrs, token_to_id)
     else:
-        raise ModelError(f"unsupported tokenizer model: {model!r} (only 'llama' SPM and 'gpt2' BPE)")
+        raise ModelError(f"unsupported tokenizer model: {model!r}")
+    v.model = model
+    if model == "hybriddna" and "<oov>" in token_to_id:
+        # k-mer tokens (the block after <oov>) carry a marker that keeps them distinct from
+        # text tokens in token_to_id; their text (what they detokenize to) drops it
+        for i in range(token_to_id["<oov>"] + 1, n):
+            t = tokens[i]
+            if len(t) > 1 and t.endswith(DNA_KMER_MARKER):
+                tokens[i] = t[:-1]
 
     v.add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", v.add_space_prefix))
+    v.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces",
+                                               v.remove_extra_whitespaces))
     for attr_name, key in (("bos_id", "bos"), ("eos_id", "eos"), ("unk_id", "unknown"),
-                           ("pad_id", "padding")):
+                           ("pad_id", "padding"), ("sep_id", "seperator"), ("mask_id", "mask")):
         cur = getattr(v, attr_name)
         if cur is not None and cur >= n:
             setattr(v, attr_name, None)
@@ -176,13 +275,25 @@ def load_vocab(meta: dict[str, Any]) -> Vocab:
     eom = meta.get("tokenizer.ggml.eom_token_id")
     v.eom_id = int(eom) if eom is not None and 0 <= int(eom) < n else None
     fim: dict[str, int | None] = {}
-    for k in ("pad", "rep", "sep"):
+    for k, old in (("pre", "prefix"), ("suf", "suffix"), ("mid", "middle"), ("pad", ""),
+                   ("rep", ""), ("sep", "")):
         val = meta.get(f"tokenizer.ggml.fim_{k}_token_id")
+        if val is None and old:
+            val = meta.get(f"tokenizer.ggml.{old}_token_id")  # deprecated keys
         fim[k] = int(val) if val is not None and 0 <= int(val) < n else None
     if "tokenizer.ggml.add_bos_token" in meta:
         v.add_bos = bool(meta["tokenizer.ggml.add_bos_token"])
     if "tokenizer.ggml.add_eos_token" in meta:
         v.add_eos = bool(meta["tokenizer.ggml.add_eos_token"])
+    if "tokenizer.ggml.add_sep_token" in meta:
+        v.add_sep = bool(meta["tokenizer.ggml.add_sep_token"])
+    if v.kind == "bpe" and v.pre == "gemma4":
+        v.add_bos = True  # llama.cpp overrides it for Gemma 4 (its PR #21500)
+    if "tokenizer.ggml.normalizer.lowercase" in meta:
+        v.lowercase = bool(meta["tokenizer.ggml.normalizer.lowercase"])
+    v.strip_accents = v.lowercase
+    if "tokenizer.ggml.normalizer.strip_accents" in meta:
+        v.strip_accents = bool(meta["tokenizer.ggml.normalizer.strip_accents"])
 
     _detect_specials(v, fim)
     v.special_cache = sorted(
@@ -216,14 +327,16 @@ def _detect_specials(v: Vocab, fim: dict[str, int | None]) -> None:
         if v.eom_id is None and t in _EOM_TEXTS:
             v.eom_id = i
             mark(i)
-        for k, texts in (("pad", _FIM_PAD_TEXTS), ("rep", _FIM_REP_TEXTS), ("sep", _FIM_SEP_TEXTS)):
+        for k, texts in (("pre", _FIM_PRE_TEXTS), ("suf", _FIM_SUF_TEXTS),
+                         ("mid", _FIM_MID_TEXTS), ("pad", _FIM_PAD_TEXTS),
+                         ("rep", _FIM_REP_TEXTS), ("sep", _FIM_SEP_TEXTS)):
             if fim[k] is None and t in texts:
                 fim[k] = i
                 mark(i)
     for t, i in v.token_to_id.items():
         if attrs[i] & ATTR_CONTROL and not attrs[i] & ATTR_UNUSED and "unused" in t:
             attrs[i] |= ATTR_UNUSED
-    eog = {i for i in fim.values() if i is not None}
+    eog = {fim[k] for k in ("pad", "rep", "sep") if fim[k] is not None}
     for t, i in v.token_to_id.items():
         if t in _EOG_TEXTS:
             eog.add(i)
@@ -276,23 +389,59 @@ def _piece_for_cache(v: Vocab, i: int) -> bytes:
     """llama.cpp's token_to_piece(special=True) for one token."""
     attr = v.attrs[i]
     text = v.tokens[i]
+    if v.kind == "rwkv":
+        return unescape_rwkv(text)
+    if v.kind == "test":
+        return f"{i:x}".encode()  # llama.cpp's TEST vocabulary: the id in hex
     if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
         return _raw(text)
-    if v.kind == "spm":
-        if attr & ATTR_NORMAL:
-            return _raw(text.replace("\u2581", " "))
-        if attr & ATTR_BYTE:
-            return bytes([int(text[3:5], 16)])
+    if attr & ATTR_BYTE and v.kind in ("spm", "ugm", "bpe"):
+        return bytes([int(text[3:5], 16)])
+    if not attr & ATTR_NORMAL:
         return b""
-    if attr & ATTR_NORMAL:
-        dec = byte_decoder()
-        out = bytearray()
-        for ch in text:
-            b = dec.get(ch)
-            if b is None:
-                u = _raw(ch)
-                out += b"[UNK_BYTE_0x" + u.hex().encode() + _raw(text) + b"]"
+    if v.kind != "bpe" or v.escape_whitespaces:
+        return _raw(text.replace("\u2581", " "))
+    dec = byte_decoder()
+    out = bytearray()
+    for ch in text:
+        b = dec.get(ch)
+        if b is None:
+            u = _raw(ch)
+            out += b"[UNK_BYTE_0x" + u.hex().encode() + _raw(text) + b"]"
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def unescape_rwkv(text: str) -> bytes:
+    """llama_unescape_rwkv_token: RWKV vocab entries are Python-escaped byte strings."""
+    out = bytearray()
+    esc = False
+    hex_left = 0
+    acc = 0
+    for c in _raw(text):
+        if hex_left:
+            acc = ((acc << 4) + (c - 0x61 + 10 if c >= 0x61 else c - 0x30)) & 0xFF
+            hex_left -= 1
+            if hex_left == 0:
+                out.append(acc)
+                acc = 0
+            continue
+        if esc:
+            esc = False
+            if c == 0x74:
+                out.append(9)
+            elif c == 0x6E:
+                out.append(10)
+            elif c == 0x72:
+                out.append(13)
+            elif c == 0x78:
+                hex_left = 2
             else:
-                out.append(b)
-        return bytes(out)
-    return b""
+                out.append(c)
+            continue
+        if c == 0x5C:
+            esc = True
+            continue
+        out.append(c)
+    return bytes(out)
