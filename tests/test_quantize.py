@@ -74,6 +74,7 @@ def test_smollm2_requantized_file_identical_to_llama_cpp(smollm2_path, tmp_path,
 
 # Every file type's map and every type's bytes are tested in test_mixes / test_quant_formats;
 # whole files for a representative set by default, the rest marked slow.
+_NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XS", "IQ3_XXS", "Q2_K_S"}
 _FILE_DEFAULT = {"Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0", "IQ4_XS"}
 
 
@@ -85,9 +86,23 @@ _FILE_DEFAULT = {"Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0", "
     ],
 )
 def test_tiny_model_file_identical_to_llama_cpp(tiny, tmp_path, ftype) -> None:
+    from jllama.quant.imatrix import QuantImatrix, quantize_metadata
+
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
-    quantize_file(tiny, ours, mix_from_base(ftype))
-    llama_cpp_quantize(tiny, ref, ftype, allow_requantize=False)
+    qi = kv = None
+    if ftype in _NEEDS_IMATRIX:  # llama-quantize refuses these without one: a random one here
+        rng = np.random.default_rng(7)
+        weights = {
+            n: rng.lognormal(0.0, 1.0, t.shape[-1]).astype(np.float32)
+            for n, t in read_gguf(tiny).tensors.items()
+            if len(t.shape) >= 2
+        }
+        qi = QuantImatrix(weights, "im.gguf", ["random"], 1, len(weights))
+        kv = [(k, v) for k, v, _ in quantize_metadata(qi)]
+    quantize_file(tiny, ours, mix_from_base(ftype), imatrix=qi)
+    llama_cpp_quantize(
+        tiny, ref, ftype, allow_requantize=False, imatrix=qi and qi.weights, kv_overrides=kv
+    )
     _assert_same_file(ours, ref)
 
 
