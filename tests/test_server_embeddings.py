@@ -37,13 +37,13 @@ def _llama_server_normalize(v, mode: int) -> np.ndarray:
 
 
 class _Served:
-    def __init__(self, tmp: Path, pooling: int, name: str):
+    def __init__(self, tmp: Path, pooling: int, name: str, **write_kw):
         import llama_cpp
 
         from jllama.server.app import ServerSettings, ServerState, ServerThread
         from jllama.server.embeddings import EncoderRunner
 
-        self.path = _write(tmp / f"{name}.gguf", pooling)
+        self.path = _write(tmp / f"{name}.gguf", pooling, **write_kw)
         self.llm = llama_cpp.Llama(model_path=str(self.path), embedding=True, n_ctx=N_CTX,
                                    n_batch=N_CTX, n_ubatch=N_CTX, verbose=False)
         state = ServerState(None, ServerSettings(model_alias=name), encoder=EncoderRunner(self.path))
@@ -162,11 +162,8 @@ def _oracle_score(llm, ids: list[int]) -> float:
         del llm.tokenize
 
 
-def test_rerank_matches_oracle(rank_server) -> None:
-    query = "what does the fox jump over?"
-    docs = ["the lazy dog", "a quick brown fox", "rank embedding", "dog?"]
+def _check_rerank(rank_server, prompts: list[list[int]], query: str, docs: list[str]) -> None:
     llm = rank_server.llm
-    prompts = [_oracle_rerank_ids(llm, query, d) for d in docs]
     want = [_oracle_score(llm, p) for p in prompts]
     order = sorted(range(len(docs)), key=lambda i: -want[i])
     for route in ("/rerank", "/v1/rerank", "/reranking", "/v1/reranking"):
@@ -179,9 +176,50 @@ def test_rerank_matches_oracle(rank_server) -> None:
                                    [want[i] for i in order[:3]], **TOL)
         n = sum(len(p) for p in prompts)
         assert body["usage"] == {"prompt_tokens": n, "total_tokens": n}
-    r = rank_server.post("/rerank", {"query": query, "documents": []})
+
+
+QUERY = "what does the fox jump over?"
+DOCS = ["the lazy dog", "a quick brown fox", "rank embedding", "dog?"]
+
+
+def test_rerank_matches_oracle(rank_server) -> None:
+    prompts = [_oracle_rerank_ids(rank_server.llm, QUERY, d) for d in DOCS]
+    _check_rerank(rank_server, prompts, QUERY, DOCS)
+    r = rank_server.post("/rerank", {"query": QUERY, "documents": []})
     assert r.status_code == 400
     assert r.json()["error"]["message"] == '"documents" must be a non-empty string array'
+    r = rank_server.post("/rerank", {"query": QUERY, "texts": DOCS, "return_text": True})
+    tei = r.json()  # TEI's shape: a bare list with "score" (and the text when asked)
+    assert isinstance(tei, list) and {"index", "score", "text"} <= set(tei[0])
+    assert tei[0]["text"] == DOCS[tei[0]["index"]]
+
+
+def test_rerank_xlmr_vocabulary(tmp_path: Path, extra_vocab_dir: Path) -> None:
+    """An XLM-R style reranker (UGM vocabulary with BOS/EOS added): <s> q </s> d </s>."""
+    pytest.importorskip("llama_cpp")
+    s = _Served(tmp_path, 4, "xlmr-rank",
+                xlmr=extra_vocab_dir / "ggml-vocab-nomic-bert-moe.gguf")
+    try:
+        prompts = [_oracle_rerank_ids(s.llm, QUERY, d) for d in DOCS]
+        _check_rerank(s, prompts, QUERY, DOCS)
+    finally:
+        s.close()
+
+
+def test_rerank_gguf_template(tmp_path: Path) -> None:
+    """A GGUF ``rerank`` chat template replaces the BOS/EOS/SEP joining."""
+    import llama_cpp
+
+    tmpl = "[CLS]query: {query}[SEP]doc: {document}[SEP]"
+    s = _Served(tmp_path, 4, "tmpl-rank", rerank_template=tmpl)
+    try:
+        got = llama_cpp.llama_model_chat_template(s.llm._model.model, b"rerank")
+        assert got == tmpl.encode()  # llama.cpp reads the template we wrote
+        prompts = [s.llm.tokenize(tmpl.replace("{query}", QUERY).replace("{document}", d)
+                                  .encode(), add_bos=False, special=True) for d in DOCS]
+        _check_rerank(s, prompts, QUERY, DOCS)
+    finally:
+        s.close()
 
 
 def _err(r: httpx.Response, status: int, type_: str, message: str) -> dict:
@@ -241,3 +279,20 @@ def test_pooling_none_per_token(none_server) -> None:
     got = np.asarray(r.json()[0]["embedding"], np.float32)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_serve_embedding_flags_refuse_a_decoder(tmp_path: Path, capsys) -> None:
+    """--embedding/--reranking on a decoder: one error line, exit 1 (before any backend work)."""
+    from tinymodels import dense_hparams, dense_tensors, write_gguf
+
+    from jllama.cli.main import main
+
+    shp = dict(n_layer=1, n_embd=32, n_ff=48, n_head=2, n_head_kv=2, head_dim=16)
+    dec = write_gguf(tmp_path / "dec.gguf", "llama", dense_hparams(**shp),
+                     dense_tensors(0, n_vocab=300, **shp))
+    for flag in ("--embedding", "--reranking"):
+        assert main(["serve", "-m", str(dec), flag, "--no-warmup"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        lines = [ln for ln in err.splitlines() if ln.startswith("jllama serve: error: ")]
+        assert len(lines) == 1 and "encoder models" in lines[0], err

@@ -87,12 +87,18 @@ def run(args) -> int:
                           "for run/generate (a mesh over this host's devices: 'mesh')")
     from jllama.cli.common import platform_origin, setup_platform, start_backend
 
+    enc_path = _encoder_path(cfg, args)
     setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
     start_backend()
     import uvicorn
 
-    encoder = _encoder(cfg, args)
-    if encoder is not None:
+    if enc_path is not None:
+        from jllama.server.embeddings import EncoderRunner
+
+        print(f"jllama serve: loading encoder {enc_path} ...", file=sys.stderr)
+        # llama-server's context defaults to the model's training context (-c 0)
+        encoder = EncoderRunner(enc_path, pooling="rank" if args.reranking else args.pooling,
+                                ctx_size=args.ctx_size)
         from jllama.server.app import ServerSettings, ServerState, create_app
 
         alias = s.model_alias or encoder.path.stem
@@ -130,34 +136,27 @@ def run(args) -> int:
     return 0
 
 
-def _encoder(cfg, args):
-    """An EncoderRunner when the model is a BERT-family encoder (embeddings/rerank server), None
-    for a decoder; --embedding/--pooling/--reranking on a decoder are refused (jllama computes
-    embeddings with encoders only)."""
+
+def _encoder_path(cfg, args):
+    """The GGUF path when the model is a BERT-family encoder (an embeddings/rerank server), None
+    for a decoder. --embedding/--pooling/--reranking on a decoder are refused: jllama computes
+    embeddings with encoders only. Reads metadata only (before the backend starts)."""
     from pathlib import Path
 
     from jllama.errors import ConfigError
     from jllama.models.bert import ENCODERS
 
-    pooling = "rank" if args.reranking else args.pooling
     wants = args.embedding or args.reranking or args.pooling is not None
-    if Path(str(cfg.model)).is_dir():
-        arch = None
-    else:
+    arch = None
+    if not Path(str(cfg.model)).is_dir():
         from jllama.gguf.reader import read_gguf
         from jllama.registry import resolve_model
 
         path = resolve_model(cfg.model)
         arch = read_gguf(path).architecture
         if arch in ENCODERS:
-            import sys
-
-            from jllama.server.embeddings import EncoderRunner
-
-            print(f"jllama serve: loading encoder {path} ...", file=sys.stderr)
-            # llama-server's context defaults to the model's training context (-c 0)
-            return EncoderRunner(path, pooling=pooling, ctx_size=args.ctx_size)
+            return path
     if wants:
         raise ConfigError(f"{cfg.model}: --embedding/--pooling/--reranking serve encoder models "
-                          f"({', '.join(ENCODERS)}); this is '{arch}'")
+                          f"({', '.join(ENCODERS)}); this is '{arch or 'a checkpoint'}'")
     return None
