@@ -67,14 +67,40 @@ class EncoderRunner:
         self.n_ctx = min(ctx_size or self.spec.n_ctx_train, self.spec.n_ctx_train)
         self.n_vocab = self.tokenizer.n_vocab
         self._lock = threading.Lock()
+        self._jits: dict[int, object] = {}  # padded length -> compiled forward
+
+    def bucket(self, n: int) -> int:
+        """The padded length a sequence of n tokens runs at: powers of two from 16, at most the
+        training context (learned positions end there)."""
+        return min(max(16, 1 << (n - 1).bit_length()), self.spec.n_ctx_train)
+
+    def _compiled(self, length: int):
+        f = self._jits.get(length)
+        if f is None:
+            import jax
+
+            from jllama.models import bert
+            from jllama.models.common import Weights
+
+            spec, pooling, name = self.spec, self.pooling, str(self.path)
+
+            def forward(tensors, ids, n):
+                w = Weights(tensors, name)
+                return bert.pool(spec, w, bert.hidden_states(spec, w, ids, n), pooling, n)
+
+            f = self._jits[length] = jax.jit(forward)
+        return f
 
     def run(self, ids: list[int]) -> np.ndarray:
         """The pooled output of one sequence ([n_embd], rank: [n_cls_out]; none: [n, n_embd])."""
-        from jllama.models import bert
-
+        n = len(ids)
+        length = self.bucket(n)
+        padded = np.zeros(length, np.int32)
+        padded[:n] = ids
         with self._lock:  # one sequence at a time: the CPU/accelerator is shared anyway
-            h = bert.hidden_states(self.spec, self.weights, np.asarray(ids, np.int64))
-            return np.asarray(bert.pool(self.spec, self.weights, h, self.pooling), np.float32)
+            out = self._compiled(length)(self.weights.tensors, padded, np.int32(n))
+            out = np.asarray(out, np.float32)
+        return out[:n] if self.pooling == "none" else out
 
     # ------------------------------------------------------------------ prompts
     def tokenize_entry(self, p) -> list[int]:
