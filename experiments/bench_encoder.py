@@ -35,10 +35,10 @@ def main() -> None:
             text = " ".join(words[i % len(words)] for i in range(n - 2))
             ids = enc.tokenizer.encode(text, add_special=True)
 
-            def ours():
+            def ours(ids=ids):
                 return enc.run(ids)
 
-            def theirs():
+            def theirs(text=text):
                 return np.asarray(llm.embed(text), np.float32)
 
             row = []
