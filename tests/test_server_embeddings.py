@@ -296,3 +296,27 @@ def test_serve_embedding_flags_refuse_a_decoder(tmp_path: Path, capsys) -> None:
         assert "Traceback" not in err
         lines = [ln for ln in err.splitlines() if ln.startswith("jllama serve: error: ")]
         assert len(lines) == 1 and "encoder models" in lines[0], err
+
+
+@pytest.mark.parametrize(("pooling", "code"), [("last", 3), ("cls", 2)])
+def test_pooling_override(tmp_path: Path, pooling: str, code: int) -> None:
+    """--pooling over the GGUF's own (mean) pooling, as llama.cpp's pooling_type parameter."""
+    import llama_cpp
+
+    from jllama.server.app import ServerSettings, ServerState, ServerThread
+    from jllama.server.embeddings import EncoderRunner
+
+    path = _write(tmp_path / "mean.gguf", 1)
+    llm = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=N_CTX, n_batch=N_CTX,
+                          n_ubatch=N_CTX, pooling_type=code, verbose=False)
+    state = ServerState(None, ServerSettings(model_alias="m"),
+                        encoder=EncoderRunner(path, pooling=pooling))
+    try:
+        with ServerThread(state, warmup=False) as srv:
+            r = httpx.post(srv.url + "/v1/embeddings", json={"input": TEXTS}, timeout=120)
+        assert r.status_code == 200, r.text
+        for d, text in zip(r.json()["data"], TEXTS, strict=True):
+            np.testing.assert_allclose(d["embedding"], _llama_server_normalize(llm.embed(text), 2),
+                                       **TOL)
+    finally:
+        llm.close()
