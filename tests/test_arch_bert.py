@@ -38,9 +38,11 @@ def _vocab() -> tuple[list[str], list[int]]:
 
 
 def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
-           xlmr: Path | None = None, qtype: gguf.GGMLQuantizationType | None = None) -> Path:
+           xlmr: Path | None = None, qtype: gguf.GGMLQuantizationType | None = None,
+           rerank_template: str | None = None) -> Path:
     """A tiny encoder; with ``xlmr`` (an XLM-R style UGM vocabulary file) its first 4000 tokens,
-    scores and charsmap stand in for the WordPiece vocabulary, as in XLM-RoBERTa rerankers."""
+    scores and charsmap stand in for the WordPiece vocabulary, as in XLM-RoBERTa rerankers.
+    ``rerank_template``: the GGUF's ``rerank`` chat template (llama-server's /rerank prompt)."""
     rng = np.random.default_rng(seed)
     tokens, types = _vocab()
     if xlmr is not None:
@@ -79,6 +81,8 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
         ids = (("bos", 0), ("eos", 2), ("seperator", 2), ("unknown", 3), ("padding", 1))
     for key, tid in ids:
         w.add_uint32(f"tokenizer.ggml.{key}_token_id", tid)
+    if rerank_template is not None:
+        w.add_string("tokenizer.chat_template.rerank", rerank_template)
 
     def t(name: str, *shape: int, s: float = 0.3) -> None:
         arr = (rng.standard_normal(shape) * s).astype(np.float32)

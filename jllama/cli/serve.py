@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_lora_args(p)
     p.add_argument("--lora-init-without-apply", action="store_true",
                    help="load the LoRA adapters with scale 0 (set them later: POST /lora-adapters)")
+    p.add_argument("--embedding", "--embeddings", action="store_true",
+                   help="serve /v1/embeddings, /embeddings (encoder GGUFs: bert, nomic-bert, "
+                   "jina-bert-v2; implied for them); no completions")
+    p.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"], default=None,
+                   help="pooling of the encoder's output (default: the GGUF's pooling_type)")
+    p.add_argument("--reranking", "--rerank", action="store_true",
+                   help="serve /rerank (sets --embedding --pooling rank)")
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
 
@@ -80,9 +87,30 @@ def run(args) -> int:
                           "for run/generate (a mesh over this host's devices: 'mesh')")
     from jllama.cli.common import platform_origin, setup_platform, start_backend
 
+    enc_path = _encoder_path(cfg, args)
     setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
     start_backend()
     import uvicorn
+
+    if enc_path is not None:
+        from jllama.server.embeddings import EncoderRunner
+
+        print(f"jllama serve: loading encoder {enc_path} ...", file=sys.stderr)
+        # llama-server's context defaults to the model's training context (-c 0)
+        encoder = EncoderRunner(enc_path, pooling="rank" if args.reranking else args.pooling,
+                                ctx_size=args.ctx_size)
+        from jllama.server.app import ServerSettings, ServerState, create_app
+
+        alias = s.model_alias or encoder.path.stem
+        state = ServerState(None, ServerSettings(model_alias=alias, api_key=s.api_key,
+                                                 max_queue=s.max_queue, timeout=s.timeout),
+                            encoder=encoder)
+        print(f"jllama serve: http://{s.host}:{s.port}/v1 (encoder '{alias}', pooling "
+              f"{encoder.pooling}, context {encoder.n_ctx}: embeddings"
+              f"{' and rerank' if encoder.pooling == 'rank' else ''})", file=sys.stderr)
+        uvicorn.run(create_app(state, warmup=not args.no_warmup), host=s.host, port=s.port,
+                    log_level="info", http="h11", loop="asyncio", timeout_graceful_shutdown=5)
+        return 0
 
     from jllama.api import Llama
     from jllama.server.app import ServerSettings, ServerState, create_app
@@ -106,3 +134,29 @@ def run(args) -> int:
     uvicorn.run(create_app(state, warmup=not args.no_warmup), host=s.host, port=s.port,
                 log_level="info", http="h11", loop="asyncio", timeout_graceful_shutdown=5)
     return 0
+
+
+
+def _encoder_path(cfg, args):
+    """The GGUF path when the model is a BERT-family encoder (an embeddings/rerank server), None
+    for a decoder. --embedding/--pooling/--reranking on a decoder are refused: jllama computes
+    embeddings with encoders only. Reads metadata only (before the backend starts)."""
+    from pathlib import Path
+
+    from jllama.errors import ConfigError
+    from jllama.models.bert import ENCODERS
+
+    wants = args.embedding or args.reranking or args.pooling is not None
+    arch = None
+    if not Path(str(cfg.model)).is_dir():
+        from jllama.gguf.reader import read_gguf
+        from jllama.registry import resolve_model
+
+        path = resolve_model(cfg.model)
+        arch = read_gguf(path).architecture
+        if arch in ENCODERS:
+            return path
+    if wants:
+        raise ConfigError(f"{cfg.model}: --embedding/--pooling/--reranking serve encoder models "
+                          f"({', '.join(ENCODERS)}); this is '{arch or 'a checkpoint'}'")
+    return None

@@ -99,8 +99,11 @@ def _rows(qt: QTensor, ids: np.ndarray) -> jax.Array:
     return take_rows(qt, jnp.asarray(ids, jnp.int32)).astype(jnp.float32)
 
 
-def hidden_states(spec: EncoderSpec, w: Weights, ids: np.ndarray) -> jax.Array:
-    """Last layer's output for one sequence of token ids: [n_tokens, n_embd] f32."""
+def hidden_states(spec: EncoderSpec, w: Weights, ids, n_valid=None) -> jax.Array:
+    """Last layer's output for one sequence of token ids: [n_tokens, n_embd] f32.
+
+    ``n_valid`` (may be traced): only the first n_valid ids are the sequence, the rest padding
+    that no real token attends to (one compiled shape serves a bucket of lengths)."""
     n = len(ids)
     if n > spec.n_ctx_train:
         raise ModelError(f"{n} tokens, but the encoder's context is {spec.n_ctx_train}")
@@ -133,6 +136,8 @@ def hidden_states(spec: EncoderSpec, w: Weights, ids: np.ndarray) -> jax.Array:
         s = jnp.einsum("qhd,khd->hqk", q, k) * (1.0 / math.sqrt(hd))
         if spec.arch == "jina-bert-v2":
             s = s + _alibi(spec.n_head, n)
+        if n_valid is not None:
+            s = jnp.where((jnp.arange(n) < n_valid)[None, None, :], s, -jnp.inf)
         a = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(s, axis=-1), v).reshape(n, spec.n_embd)
         h = _dense(a, w, p + "attn_output") + x
         h = layer_norm(h, w.vector(p + "attn_output_norm.weight"),
@@ -173,18 +178,24 @@ def _alibi(n_head: int, n: int) -> jax.Array:
     return jnp.asarray(slopes[:, None, None] * dist[None])
 
 
-def pool(spec: EncoderSpec, w: Weights, h: jax.Array, pooling: str | None = None) -> jax.Array:
+def pool(spec: EncoderSpec, w: Weights, h: jax.Array, pooling: str | None = None,
+         n_valid=None) -> jax.Array:
     """llama.cpp's build_pooling for one sequence: [n_tokens, n_embd] (none), [n_embd]
-    (mean/cls/last) or [n_cls_out] (rank)."""
+    (mean/cls/last) or [n_cls_out] (rank). ``n_valid``: rows past it are padding
+    (``hidden_states``); none then still returns every row."""
     kind = pooling or spec.pooling
     if kind == "none":
         return h
     if kind == "mean":
-        return jnp.mean(h, axis=0)
+        if n_valid is None:
+            return jnp.mean(h, axis=0)
+        keep = (jnp.arange(h.shape[0]) < n_valid)[:, None]
+        return jnp.sum(jnp.where(keep, h, 0.0), axis=0) / n_valid
     if kind == "cls":
         return h[0]
     if kind == "last":
-        return h[-1]
+        return h[-1] if n_valid is None else jax.lax.dynamic_index_in_dim(h, n_valid - 1, 0,
+                                                                           keepdims=False)
     if kind == "rank":
         cur = h[0]
         if "cls.weight" in w:

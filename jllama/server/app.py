@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
+from jllama.server import embeddings as emb
 from jllama.server import openai_schema as oa
 from jllama.server import tools as tl
 from jllama.server.grammar import JsonConstraint
@@ -44,19 +45,29 @@ class ServerSettings:
 
 
 class ServerState:
-    """The loaded model, its scheduler and the counters, shared by all handlers."""
+    """The loaded model, its scheduler and the counters, shared by all handlers.
 
-    def __init__(self, llm, settings: ServerSettings):
+    ``llm`` is a decoder (``api.Llama``) served by the scheduler, or None when the server runs
+    an ``encoder`` (``embeddings.EncoderRunner``: /embeddings and /rerank only, as llama-server
+    started with --embeddings)."""
+
+    def __init__(self, llm, settings: ServerSettings, encoder=None):
         self.llm = llm
+        self.encoder = encoder
         self.settings = settings
         self.metrics = Metrics()
-        self.scheduler = Scheduler(llm, max_queue=settings.max_queue, metrics=self.metrics)
+        self.scheduler = (Scheduler(llm, max_queue=settings.max_queue, metrics=self.metrics)
+                          if llm is not None else None)
         self.created = oa.now()
-        self.ctx_size = llm.engine.ctx_size
+        self.ctx_size = llm.engine.ctx_size if llm is not None else encoder.n_ctx
+        self.tokenizer = llm.tokenizer if llm is not None else encoder.tokenizer
 
     def warmup(self) -> None:
         """Compile prefill, first-token sampling and the batched step before the first request
         (seconds of XLA compilation would otherwise land on a client's latency)."""
+        if self.llm is None:
+            self.encoder.run(self.tokenizer.encode("Hello", add_special=True))
+            return
         sch = self.scheduler
         done = threading.Event()
         req = GenRequest(self.llm.tokenize("Hello", add_special=True), max_tokens=2,
@@ -239,10 +250,28 @@ class Handlers:
         return resp
 
     async def chat(self, request: Request) -> Response:
-        return await self._run(request, "/v1/chat/completions", self._chat)
+        return await self._run(request, "/v1/chat/completions", self._generating(self._chat))
 
     async def completions(self, request: Request) -> Response:
-        return await self._run(request, "/v1/completions", self._completions)
+        return await self._run(request, "/v1/completions", self._generating(self._completions))
+
+    def _generating(self, fn):
+        if self.state.llm is not None:
+            return fn
+
+        async def refuse(request: Request) -> Response:
+            raise emb.server_error((501, "not_supported_error"), "This server does not support "
+                                   "completions. Start it without `--embeddings`")
+        return refuse
+
+    async def embeddings_oai(self, request: Request) -> Response:
+        return await self._run(request, "/v1/embeddings", self._embeddings_oai)
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._run(request, "/embeddings", self._embeddings)
+
+    async def rerank(self, request: Request) -> Response:
+        return await self._run(request, "/rerank", self._rerank)
 
     async def models(self, request: Request) -> Response:
         return await self._run(request, "/v1/models", self._models)
@@ -255,6 +284,8 @@ class Handlers:
 
     async def health(self, request: Request) -> Response:
         sch = self.state.scheduler
+        if sch is None:
+            return JSONResponse({"status": "ok"})
         busy = sch.busy_slots()
         body = {"status": "ok", "slots_idle": sch.n_slots - busy, "slots_processing": busy,
                 "requests_queued": len(sch.queue)}
@@ -270,16 +301,23 @@ class Handlers:
     # ------------------------------------------------------------------ endpoints
     async def _models(self, request: Request) -> Response:
         st = self.state
+        if st.llm is None:
+            meta = {"n_ctx": st.ctx_size, "n_vocab": st.tokenizer.n_vocab, "n_slots": 1,
+                    "arch": st.encoder.spec.arch, "pooling": st.encoder.pooling}
+        else:
+            meta = {"n_ctx": st.ctx_size, "n_vocab": st.llm.spec.n_vocab,
+                    "n_slots": st.scheduler.n_slots, "arch": st.llm.spec.arch}
         m = {"id": st.settings.model_alias, "object": "model", "created": st.created,
-             "owned_by": "jllama",
-             "meta": {"n_ctx": st.ctx_size, "n_vocab": st.llm.spec.n_vocab,
-                      "n_slots": st.scheduler.n_slots, "arch": st.llm.spec.arch}}
+             "owned_by": "jllama", "meta": meta}
         return JSONResponse({"object": "list", "data": [m]})
 
     async def _lora_adapters(self, request: Request) -> Response:
         """llama-server's GET (the adapters and their default scales) and POST (new default
         scales; adapters left out get 0) /lora-adapters."""
         sch = self.state.scheduler
+        if sch is None:
+            raise emb.server_error((501, "not_supported_error"), "an encoder server has no LoRA "
+                                   "adapters")
         if request.method == "POST":
             try:
                 body = json.loads(await request.body())
@@ -306,7 +344,7 @@ class Handlers:
         parse = body.get("parse_special", True)
         if not isinstance(add, bool) or not isinstance(parse, bool):
             raise oa.bad("add_special", "'add_special' and 'parse_special' must be booleans")
-        tk = self.state.llm.tokenizer
+        tk = self.state.tokenizer
         ids = tk.encode(content, add_special=add, parse_special=parse)
         if body.get("with_pieces"):
             toks = [{"id": i, "piece": tk.token_to_piece(i).decode("utf-8", "replace")}
@@ -317,11 +355,42 @@ class Handlers:
     async def _detokenize(self, request: Request) -> Response:
         body = await json_body(request)
         toks = body.get("tokens")
-        n = self.state.llm.tokenizer.n_vocab
+        n = self.state.tokenizer.n_vocab
         if not isinstance(toks, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n for t in toks):
             raise oa.bad("tokens", f"'tokens' must be a list of token ids in 0..{n - 1}")
-        return JSONResponse({"content": self.state.llm.tokenizer.decode(toks)})
+        return JSONResponse({"content": self.state.tokenizer.decode(toks)})
+
+    async def _embeddings_oai(self, request: Request) -> Response:
+        return await self._embed(request, oai=True)
+
+    async def _embeddings(self, request: Request) -> Response:
+        return await self._embed(request, oai=False)
+
+    def _encoder(self):
+        enc = self.state.encoder
+        if enc is None:
+            raise emb.server_error((501, "not_supported_error"), "This server does not support "
+                                   "embeddings. Start it with `--embeddings`")
+        return enc
+
+    async def _embed(self, request: Request, oai: bool) -> Response:
+        """llama-server's handle_embeddings_impl: OAI (/v1/embeddings) or its own shape."""
+        enc = self._encoder()
+        body = await json_body(request)
+        seqs, oai, b64, norm = await run_in_threadpool(emb.parse_embeddings, enc, body, oai)
+        outs = [await run_in_threadpool(enc.run, ids) for ids in seqs]
+        return JSONResponse(emb.embeddings_response(enc, body, self.state.settings.model_alias,
+                                                    seqs, outs, oai, b64, norm))
+
+    async def _rerank(self, request: Request) -> Response:
+        enc = self._encoder()
+        body = await json_body(request)
+        prompts, docs, top_n, tei = await run_in_threadpool(emb.parse_rerank, enc, body,
+                                                            enc.pooling == "rank")
+        scores = [float((await run_in_threadpool(enc.run, ids))[0]) for ids in prompts]
+        return JSONResponse(emb.rerank_response(body, self.state.settings.model_alias, prompts,
+                                                docs, scores, top_n, tei))
 
     async def _completions(self, request: Request) -> Response:
         st = self.state
@@ -499,11 +568,13 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.scheduler.start()
+        if state.scheduler is not None:
+            state.scheduler.start()
         if warmup:
             await asyncio.get_running_loop().run_in_executor(None, state.warmup)
         yield
-        state.scheduler.stop()
+        if state.scheduler is not None:
+            state.scheduler.stop()
 
     routes = []
     for path, fn, methods in (
@@ -514,6 +585,11 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
         ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),
         ("/metrics", h.metrics, ["GET"]),
         ("/lora-adapters", h.lora_adapters, ["GET", "POST"]),
+        ("/v1/embeddings", h.embeddings_oai, ["POST"]),
+        # llama-server's own (non-OAI) shape on these two, as its server.cpp routes them
+        ("/embeddings", h.embeddings, ["POST"]), ("/embedding", h.embeddings, ["POST"]),
+        ("/rerank", h.rerank, ["POST"]), ("/reranking", h.rerank, ["POST"]),
+        ("/v1/rerank", h.rerank, ["POST"]), ("/v1/reranking", h.rerank, ["POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
 

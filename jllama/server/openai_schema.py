@@ -28,10 +28,11 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type_ or _default_type(status)
+        self.extra: dict = {}  # more fields for the error object (llama-server's n_ctx, ...)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+                          "code": self.code, **self.extra}}
 
 
 def _default_type(status: int) -> str:

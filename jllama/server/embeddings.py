@@ -1,0 +1,249 @@
+"""llama-server's embedding and reranking endpoints for the encoder models (``models.bert``).
+
+An encoder has no KV cache and no decode loop, so it runs outside the decoder ``Scheduler``: one
+``EncoderRunner`` holds the weights and runs whole sequences, one at a time under a lock, in the
+HTTP server's thread pool. The request/response shapes and error messages follow llama.cpp
+0c1e570's tools/server (handle_embeddings_impl, post_rerank, format_prompt_rerank,
+format_embeddings_response_oaicompat, format_response_rerank, common_embd_normalize); errors
+answer llama-server's ``{"error": {"code", "message", "type"}}`` (plus ``param``).
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from jllama.server.openai_schema import ApiError
+
+# llama-server's error_type -> (HTTP status, type string)
+_INVALID = (400, "invalid_request_error")
+_NOT_SUPPORTED = (501, "not_supported_error")
+_EXCEED = (400, "exceed_context_size_error")
+
+
+def server_error(kind: tuple[int, str], message: str) -> ApiError:
+    status, type_ = kind
+    return ApiError(status, message, code=status, type_=type_)  # type: ignore[arg-type]
+
+
+def normalize(v: np.ndarray, mode: int) -> np.ndarray:
+    """common_embd_normalize: -1 none, 0 max-abs scaled to int16 range, 2 euclidean, else p-norm
+    (1 taxicab); sums in double as llama.cpp does."""
+    x = np.asarray(v, np.float32)
+    d = x.astype(np.float64)
+    if mode == -1:
+        s = 1.0
+    elif mode == 0:
+        s = float(np.max(np.abs(d), initial=0.0)) / 32760.0
+    elif mode == 2:
+        s = float(np.sqrt(np.sum(d * d)))
+    else:
+        s = float(np.sum(np.abs(d) ** mode) ** (1.0 / mode))
+    scale = np.float32(1.0 / s) if s > 0.0 else np.float32(0.0)
+    return x * scale
+
+
+class EncoderRunner:
+    """A loaded encoder GGUF: tokenizer, weights, pooling, the context limit."""
+
+    def __init__(self, path, pooling: str | None = None, ctx_size: int | None = None):
+        from jllama.gguf.reader import read_gguf
+        from jllama.models import bert, load_weights
+        from jllama.tokenizer import Tokenizer
+
+        g = read_gguf(path)
+        self.path = Path(path)
+        self.spec = bert.spec_from_gguf(g)
+        self.pooling = pooling or self.spec.pooling
+        if self.pooling not in bert.POOLING.values():
+            raise ValueError(f"unknown pooling '{self.pooling}'")
+        self.weights = load_weights(g)
+        self.tokenizer = Tokenizer.from_gguf(g)
+        self.rerank_template = g.metadata.get("tokenizer.chat_template.rerank")
+        # llama-server's slot context; learned positions cap it at the training context
+        self.n_ctx = min(ctx_size or self.spec.n_ctx_train, self.spec.n_ctx_train)
+        self.n_vocab = self.tokenizer.n_vocab
+        self._lock = threading.Lock()
+        self._jits: dict[int, object] = {}  # padded length -> compiled forward
+
+    def bucket(self, n: int) -> int:
+        """The padded length a sequence of n tokens runs at: powers of two from 16, at most the
+        training context (learned positions end there)."""
+        return min(max(16, 1 << (n - 1).bit_length()), self.spec.n_ctx_train)
+
+    def _compiled(self, length: int):
+        f = self._jits.get(length)
+        if f is None:
+            import jax
+
+            from jllama.models import bert
+            from jllama.models.common import Weights
+
+            spec, pooling, name = self.spec, self.pooling, str(self.path)
+
+            def forward(tensors, ids, n):
+                w = Weights(tensors, name)
+                return bert.pool(spec, w, bert.hidden_states(spec, w, ids, n), pooling, n)
+
+            f = self._jits[length] = jax.jit(forward)
+        return f
+
+    def run(self, ids: list[int]) -> np.ndarray:
+        """The pooled output of one sequence ([n_embd], rank: [n_cls_out]; none: [n, n_embd])."""
+        n = len(ids)
+        length = self.bucket(n)
+        padded = np.zeros(length, np.int32)
+        padded[:n] = ids
+        with self._lock:  # one sequence at a time: the CPU/accelerator is shared anyway
+            out = self._compiled(length)(self.weights.tensors, padded, np.int32(n))
+            out = np.asarray(out, np.float32)
+        return out[:n] if self.pooling == "none" else out
+
+    # ------------------------------------------------------------------ prompts
+    def tokenize_entry(self, p) -> list[int]:
+        """tokenize_input_subprompt: a string (special tokens added and parsed) or token ids."""
+        if isinstance(p, str):
+            return self.tokenizer.encode(p, add_special=True, parse_special=True)
+        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if any(not 0 <= t < self.n_vocab for t in p):
+                raise server_error(_INVALID, f"token ids must be in 0..{self.n_vocab - 1}")
+            return list(p)
+        raise server_error(_INVALID, "each input must be a string or a list of token ids")
+
+    def rerank_prompt(self, query: str, doc: str) -> list[int]:
+        """format_prompt_rerank: the GGUF's ``rerank`` template with {query}/{document}, else
+        [BOS] query [EOS, or SEP without one] [SEP] document [EOS] per the vocabulary's add_*."""
+        tk = self.tokenizer
+        if self.rerank_template is not None:
+            text = self.rerank_template.replace("{query}", query).replace("{document}", doc)
+            return tk.encode(text, add_special=False, parse_special=True)
+        q = tk.encode(query, add_special=False, parse_special=False)
+        d = tk.encode(doc, add_special=False, parse_special=False)
+        eos = tk.eos_id if tk.eos_id is not None else tk.sep_id
+        out = [tk.bos_id] if tk.add_bos and tk.bos_id is not None else []
+        out += q
+        if tk.add_eos and eos is not None:
+            out.append(eos)
+        if tk.add_sep and tk.sep_id is not None:
+            out.append(tk.sep_id)
+        out += d
+        if tk.add_eos and eos is not None:
+            out.append(eos)
+        return out
+
+    def check_length(self, ids: list[int]) -> None:
+        if len(ids) > self.n_ctx:
+            e = server_error(_EXCEED, f"input ({len(ids)} tokens) is larger than the max "
+                             f"context size ({self.n_ctx} tokens). skipping")
+            e.extra = {"n_prompt_tokens": len(ids), "n_ctx": self.n_ctx}
+            raise e
+
+
+# ---------------------------------------------------------------------------- requests
+def parse_embeddings(enc: EncoderRunner, body: dict, oai: bool, embedding_on: bool = True):
+    """(list of token-id lists, response is OAI?, base64?, embd_normalize) for a request, or
+    llama-server's error for it."""
+    if not embedding_on:
+        raise server_error(_NOT_SUPPORTED, "This server does not support embeddings. Start it "
+                           "with `--embeddings`")
+    if oai and enc.pooling == "none":
+        raise server_error(_INVALID, "Pooling type 'none' is not OAI compatible. Please use a "
+                           "different pooling type")
+    if "input" in body:
+        prompt = body["input"]
+    elif "content" in body:
+        oai = False  # "content" is not OAI compatible
+        prompt = body["content"]
+    else:
+        raise server_error(_INVALID, '"input" or "content" must be provided')
+    use_b64 = False
+    if "encoding_format" in body:
+        fmt = body["encoding_format"]
+        if fmt == "base64":
+            use_b64 = True
+        elif fmt != "float":
+            raise server_error(_INVALID, "The format to return the embeddings in. Can be either "
+                               "float or base64")
+    if isinstance(prompt, list) and not (prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        seqs = [enc.tokenize_entry(p) for p in prompt]
+    else:
+        seqs = [enc.tokenize_entry(prompt)]
+    if not seqs:
+        raise server_error(_INVALID, '"input" must not be empty')
+    for ids in seqs:
+        if not ids:
+            raise server_error(_INVALID, "Input content cannot be empty")
+        enc.check_length(ids)
+    norm = body.get("embd_normalize", 2)
+    if not isinstance(norm, int) or isinstance(norm, bool):
+        raise server_error(_INVALID, '"embd_normalize" must be an integer')
+    return seqs, oai, use_b64, norm
+
+
+def embeddings_response(enc: EncoderRunner, body: dict, model: str, seqs: list[list[int]],
+                        outs: list[np.ndarray], oai: bool, use_b64: bool, norm: int):
+    if enc.pooling == "none":  # per-token vectors, never normalized
+        results = [{"index": i, "embedding": o.tolist()} for i, o in enumerate(outs)]
+    else:
+        results = [{"index": i, "embedding": [normalize(o, norm).tolist()]}
+                   for i, o in enumerate(outs)]
+    if not oai:
+        return results
+    data = []
+    for i, r in enumerate(results):
+        vec = r["embedding"][0]
+        if use_b64:
+            raw = np.asarray(vec, "<f4").tobytes()
+            data.append({"embedding": base64.b64encode(raw).decode("ascii"), "index": i,
+                         "object": "embedding", "encoding_format": "base64"})
+        else:
+            data.append({"embedding": vec, "index": i, "object": "embedding"})
+    n = sum(len(s) for s in seqs)
+    return {"model": body.get("model", model), "object": "list",
+            "usage": {"prompt_tokens": n, "total_tokens": n}, "data": data}
+
+
+def parse_rerank(enc: EncoderRunner, body: dict, rerank_on: bool):
+    """(prompts, documents, top_n, TEI format?) for a /rerank request."""
+    if not rerank_on:
+        raise server_error(_NOT_SUPPORTED, "This server does not support reranking. Start it "
+                           "with `--reranking`")
+    tei = "texts" in body
+    if "query" not in body:
+        raise server_error(_INVALID, '"query" must be provided')
+    query = body["query"]
+    if not isinstance(query, str):
+        raise server_error(_INVALID, '"query" must be a string')
+    docs = body.get("documents", body.get("texts", []))
+    if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs) or not docs:
+        raise server_error(_INVALID, '"documents" must be a non-empty string array')
+    top_n = body.get("top_n", len(docs))
+    if not isinstance(top_n, int) or isinstance(top_n, bool):
+        raise server_error(_INVALID, '"top_n" must be an integer')
+    prompts = [enc.rerank_prompt(query, d) for d in docs]
+    for ids in prompts:
+        enc.check_length(ids)
+    return prompts, docs, max(top_n, 0), tei
+
+
+def rerank_response(body: dict, model: str, prompts: list[list[int]], docs: list[str],
+                    scores: list[float], top_n: int, tei: bool):
+    label = "score" if tei else "relevance_score"
+    ret_text = tei and bool(body.get("return_text", False))
+    elems = []
+    for i, s in enumerate(scores):
+        e = {"index": i, label: s}
+        if ret_text:
+            e["text"] = docs[i]
+        elems.append(e)
+    elems.sort(key=lambda e: -e[label])  # highest score first, as llama-server sorts
+    elems = elems[:top_n]
+    if tei:
+        return elems
+    n = sum(len(p) for p in prompts)
+    return {"model": body.get("model", model), "object": "list",
+            "usage": {"prompt_tokens": n, "total_tokens": n}, "results": elems}
