@@ -114,6 +114,11 @@ class _Kv:
         return meta, types
 
 
+# Qwen MoE / DeepSeek checkpoints: one tensor per expert and part
+_MLP_EXPERTS = ("model.layers.{bid}.mlp.experts.{x}.{w}.weight",
+                "model.layers.{bid}.mlp.experts.{w}.weight", ("down_proj", "gate_proj", "up_proj"))
+
+
 def _stack_experts(buffer: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
     """One layer's experts as one [n_expert, ...] array (taken out of ``buffer``)."""
     missing = [n for n in names if n not in buffer]
@@ -293,7 +298,28 @@ class Converter:
         return iter(())
 
     def finish_tensors(self) -> None:
-        """Called after the last tensor (leftover buffered experts are an error)."""
+        """Called after the last tensor: leftover buffered experts are an error."""
+        if self._experts and any(self._experts):
+            left = [k for d in self._experts for k in d]
+            raise ConvertError(f"incomplete experts: {left[:4]}")
+
+    _experts: list[dict[str, np.ndarray]] | None = None  # per layer: name -> buffered expert
+
+    def buffer_expert(
+        self, data: np.ndarray, name: str, bid: int, n_exp: int, src: str, dst: str,
+        parts: tuple[str, ...],
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """Per-expert checkpoint tensors, buffered until a layer has all ``n_exp * len(parts)``,
+        then stacked as the reference does: ``src``/``dst`` are name patterns with ``{bid}``,
+        ``{x}`` (expert) and ``{w}`` (part)."""
+        if self._experts is None:
+            self._experts = [{} for _ in range(self.block_count)]
+        self._experts[bid][name] = data
+        if len(self._experts[bid]) >= n_exp * len(parts):
+            for w in parts:
+                datas = _stack_experts(self._experts[bid], [
+                    src.format(bid=bid, x=x, w=w) for x in range(n_exp)])
+                yield from Converter.modify(self, datas, dst.format(bid=bid, w=w), bid)
 
     def tensor_qtype(self, new_name: str, bid: int | None, n_dims: int) -> int:
         gguf = gguf_py()
@@ -546,7 +572,6 @@ class Converter:
 class LlamaConverter(Converter):
     gguf_arch = "LLAMA"
     undo_permute = True
-    _experts: list[dict[str, np.ndarray]] | None = None
 
     def set_vocab(self) -> None:
         tc = self.dir / "tokenizer_config.json"
@@ -589,25 +614,12 @@ class LlamaConverter(Converter):
             if name.endswith(("k_proj.weight", "k_proj.bias")):
                 data = permute_qk(data, nh, nkv)
         if "block_sparse_moe.experts" in name:
-            n_exp = self.hparams["num_local_experts"]
-            if self._experts is None:
-                self._experts = [{} for _ in range(self.block_count)]
-            self._experts[bid][name] = data
-            if len(self._experts[bid]) >= n_exp * 3:
-                for wid in ("w1", "w2", "w3"):
-                    datas = _stack_experts(self._experts[bid], [
-                        f"model.layers.{bid}.block_sparse_moe.experts.{x}.{wid}.weight"
-                        for x in range(n_exp)])
-                    yield from super().modify(datas,
-                                              f"layers.{bid}.feed_forward.experts.{wid}.weight",
-                                              bid)
+            yield from self.buffer_expert(
+                data, name, bid, self.hparams["num_local_experts"],
+                "model.layers.{bid}.block_sparse_moe.experts.{x}.{w}.weight",
+                "layers.{bid}.feed_forward.experts.{w}.weight", ("w1", "w2", "w3"))
             return
         yield from super().modify(data, name, bid)
-
-    def finish_tensors(self) -> None:
-        if self._experts and any(self._experts):
-            left = [k for d in self._experts for k in d]
-            raise ConvertError(f"incomplete experts: {left[:4]}")
 
     def extra_tensors(self):
         rp = self.rope.get("full_attention", self.rope)
@@ -672,7 +684,6 @@ class Qwen3Converter(Qwen2Converter):
 
 class Qwen2MoeConverter(Converter):
     gguf_arch = "QWEN2MOE"
-    _experts: list[dict[str, np.ndarray]] | None = None
 
     def set_gguf_parameters(self) -> None:
         super().set_gguf_parameters()
@@ -697,23 +708,11 @@ class Qwen2MoeConverter(Converter):
                                       f"{base}.up_proj.weight", bid)
             return
         if "experts" in name:
-            n_exp = self.find_hparam(["num_local_experts", "num_experts"])
-            if self._experts is None:
-                self._experts = [{} for _ in range(self.block_count)]
-            self._experts[bid][name] = data
-            if len(self._experts[bid]) >= n_exp * 3:
-                for w in ("down_proj", "gate_proj", "up_proj"):
-                    datas = _stack_experts(self._experts[bid], [
-                        f"model.layers.{bid}.mlp.experts.{x}.{w}.weight" for x in range(n_exp)])
-                    yield from super().modify(datas,
-                                              f"model.layers.{bid}.mlp.experts.{w}.weight", bid)
+            yield from self.buffer_expert(
+                data, name, bid, self.find_hparam(["num_local_experts", "num_experts"]),
+                *_MLP_EXPERTS)
             return
         yield from super().modify(data, name, bid)
-
-    def finish_tensors(self) -> None:
-        if self._experts and any(self._experts):
-            left = [k for d in self._experts for k in d]
-            raise ConvertError(f"incomplete experts: {left[:4]}")
 
 
 class Qwen3MoeConverter(Qwen2MoeConverter):
@@ -765,7 +764,6 @@ class DeepseekV2Converter(Converter):
     """DeepSeek-V2/V3 (MLA attention, routed + shared experts)."""
 
     gguf_arch = "DEEPSEEK2"
-    _experts: list[dict[str, np.ndarray]] | None = None
 
     def filter_name(self, name: str) -> str | None:
         if "sam_model" in name or "qwen2_model" in name:
@@ -818,16 +816,8 @@ class DeepseekV2Converter(Converter):
         if m and int(m.group(1)) >= self.hparams["num_hidden_layers"]:
             return  # multi-token-prediction layers
         if "mlp.experts" in name:
-            n_exp = self.hparams["n_routed_experts"]
-            if self._experts is None:
-                self._experts = [{} for _ in range(self.block_count)]
-            self._experts[bid][name] = data
-            if len(self._experts[bid]) >= n_exp * 3:
-                for w in ("down_proj", "gate_proj", "up_proj"):
-                    datas = _stack_experts(self._experts[bid], [
-                        f"model.layers.{bid}.mlp.experts.{x}.{w}.weight" for x in range(n_exp)])
-                    yield from super().modify(datas,
-                                              f"model.layers.{bid}.mlp.experts.{w}.weight", bid)
+            yield from self.buffer_expert(
+                data, name, bid, self.hparams["n_routed_experts"], *_MLP_EXPERTS)
             return
         if name.endswith("kv_b_proj.weight"):
             nkv, vd = self.hparams["num_key_value_heads"], self.hparams["v_head_dim"]
@@ -842,11 +832,6 @@ class DeepseekV2Converter(Converter):
             yield from super().modify(v_b, name.replace("kv_b_proj", "v_b_proj"), bid)
             return
         yield from super().modify(data, name, bid)
-
-    def finish_tensors(self) -> None:
-        if self._experts and any(self._experts):
-            left = [k for d in self._experts for k in d]
-            raise ConvertError(f"incomplete experts: {left[:4]}")
 
 
 ARCHS: dict[str, type[Converter]] = {
