@@ -170,6 +170,8 @@ def _encoder_path(cfg, args):
         if arch in ENCODERS:
             return path
     if wants:
+        if not (args.reranking or args.pooling == "rank"):
+            raise ConfigError(f"{cfg.model}: --pooling on a decoder needs --embedding")
         raise ConfigError(f"{cfg.model}: --reranking/--pooling rank serve encoder models "
                           f"({', '.join(ENCODERS)}); this is '{arch or 'a checkpoint'}' (a "
                           "decoder takes --embedding with --pooling none/mean/cls/last)")
