@@ -188,6 +188,17 @@ class DecoderRunner(_Runner):
         self.numerics = numerics if numerics is not None else getattr(model, "numerics", None)
         self._init_run()
 
+    def bucket(self, n: int) -> int:
+        """The Engine's prompt buckets (7, 16, 63, ...: padding must not carry a short prompt
+        into ggml's tiled GEMM or tiled flash-attention shapes, or the rows round differently
+        from llama.cpp's), then powers of two up to the context: one whole sequence per call."""
+        from jllama.engine.engine import PREFILL_BUCKETS
+
+        for b in PREFILL_BUCKETS:
+            if n <= b:
+                return min(b, self.n_ctx)
+        return min(1 << (n - 1).bit_length(), self.n_ctx)
+
     def _forward(self, length: int):
         import jax
         import jax.numpy as jnp
