@@ -109,3 +109,42 @@ def test_bad_request_beside_good(served) -> None:
     r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2,
                                                    "temperature": 0}, timeout=120)
     assert r.status_code == 200, r.text
+
+
+def test_gemma3_sliding_window_softcap(tmp_path: Path) -> None:
+    """gemma3 (sliding-window layers, a final logit softcap that embeddings must skip): pooled
+    last over /v1/embeddings and per-token vectors (none), bit-exact with llama.cpp."""
+    import gguf
+    from tinymodels import dense_hparams, dense_tensors, write_gguf
+
+    from jllama.api import Llama
+    from jllama.server.app import ServerSettings, ServerState, ServerThread
+    from jllama.server.embeddings import DecoderRunner
+
+    shp = dict(n_layer=2, n_embd=64, n_ff=128, n_head=2, n_head_kv=1, head_dim=32)
+    t = dense_tensors(3, n_vocab=320, qk_norm=True, post_norms=True, tied=True, embd_std=0.05,
+                      **shp)
+    hp = dense_hparams(**shp, **{"rope.freq_base": 1e6, "attention.sliding_window": 8,
+                                 "final_logit_softcapping": 1.5})
+    path = write_gguf(tmp_path / "g3.gguf", "gemma3", hp, t, qtype=gguf.GGMLQuantizationType.Q8_0)
+    llm = Llama(str(path), ctx_size=N_CTX)
+    last = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf.metadata, N_CTX, path,
+                         "last", llm.numerics)
+    none = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf.metadata, N_CTX, path)
+    assert none.pooling == "none"
+    o_last, o_none = _oracle(path, 3), _oracle(path, 0)
+    try:
+        st = ServerState(llm, ServerSettings(model_alias="g3"), encoder=last)
+        with ServerThread(st, warmup=False) as srv:
+            r = httpx.post(srv.url + "/v1/embeddings", json={"input": TEXTS}, timeout=120)
+        assert r.status_code == 200, r.text
+        for d, text in zip(r.json()["data"], TEXTS, strict=True):
+            np.testing.assert_array_equal(d["embedding"],
+                                          _llama_server_normalize(o_last.embed(text), 2))
+        for text in TEXTS:
+            ids = o_none.tokenize(text.encode(), add_bos=True, special=True)
+            np.testing.assert_array_equal(none.run(ids), np.asarray(o_none.embed(text),
+                                                                    np.float32))
+    finally:
+        o_last.close()
+        o_none.close()
