@@ -148,3 +148,31 @@ def test_gemma3_sliding_window_softcap(tmp_path: Path) -> None:
     finally:
         o_last.close()
         o_none.close()
+
+
+def test_cli_serve_embedding_on_a_decoder(served, monkeypatch) -> None:
+    """`jllama serve -m dec.gguf --embedding --pooling last`: completions and a DecoderRunner
+    (uvicorn replaced: the state the app would serve is inspected)."""
+    import uvicorn
+
+    import jllama.server.app as app_mod
+    from jllama.cli.main import main
+    from jllama.server.embeddings import DecoderRunner
+
+    seen = {}
+    real = app_mod.create_app
+
+    def capture(state, **kw):
+        seen["state"] = state
+        return real(state, **kw)
+
+    monkeypatch.setattr(app_mod, "create_app", capture)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    path = served[0]
+    assert main(["serve", "-m", str(path), "--embedding", "--pooling", "last", "-c", "128",
+                 "--no-warmup"]) == 0
+    st = seen["state"]
+    assert st.llm is not None and isinstance(st.encoder, DecoderRunner)
+    assert st.encoder.pooling == "last" and st.encoder.n_ctx == 128
+    assert main(["serve", "-m", str(path), "--no-warmup"]) == 0
+    assert seen["state"].encoder is None  # no --embedding: completions only
