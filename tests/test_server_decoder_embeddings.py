@@ -43,7 +43,7 @@ def served(tmp_path_factory):
     llm = Llama(str(path), ctx_size=N_CTX)
     servers = {}
     for pooling in ("mean", "last", None):  # None: the GGUF has no pooling_type -> none
-        run = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf.metadata, N_CTX, path,
+        run = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf, N_CTX, path,
                             pooling, llm.numerics)
         st = ServerState(llm, ServerSettings(model_alias="dec"), encoder=run)
         servers[pooling] = ServerThread(st, warmup=False).start()
@@ -128,9 +128,9 @@ def test_gemma3_sliding_window_softcap(tmp_path: Path) -> None:
                                  "final_logit_softcapping": 1.5})
     path = write_gguf(tmp_path / "g3.gguf", "gemma3", hp, t, qtype=gguf.GGMLQuantizationType.Q8_0)
     llm = Llama(str(path), ctx_size=N_CTX)
-    last = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf.metadata, N_CTX, path,
+    last = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf, N_CTX, path,
                          "last", llm.numerics)
-    none = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf.metadata, N_CTX, path)
+    none = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf, N_CTX, path)
     assert none.pooling == "none"
     o_last, o_none = _oracle(path, 3), _oracle(path, 0)
     try:
@@ -176,3 +176,46 @@ def test_cli_serve_embedding_on_a_decoder(served, monkeypatch) -> None:
     assert st.encoder.pooling == "last" and st.encoder.n_ctx == 128
     assert main(["serve", "-m", str(path), "--no-warmup"]) == 0
     assert seen["state"].encoder is None  # no --embedding: completions only
+
+
+def test_qwen3_reranker_rank_pooling(tmp_path: Path) -> None:
+    """A Qwen3-reranker-shaped GGUF (cls.output.weight over two labels, a rerank template):
+    /rerank scores = llama.cpp's rank pooling (last token, cls.output, softmax) label 0."""
+    import gguf
+    from tinymodels import dense_hparams, dense_tensors, write_gguf
+
+    from jllama.api import Llama
+    from jllama.server.app import ServerSettings, ServerState, ServerThread
+    from jllama.server.embeddings import DecoderRunner
+
+    shp = dict(n_layer=2, n_embd=64, n_ff=96, n_head=2, n_head_kv=1, head_dim=32)
+    t = dense_tensors(5, n_vocab=300, qk_norm=True, tied=True, **shp)
+    t["cls.output.weight"] = np.random.default_rng(1).normal(0, 0.3, (2, 64)).astype(np.float32)
+    hp = dense_hparams(**shp, **{"classifier.output_labels": ["yes", "no"],
+                                 ".tokenizer.chat_template.rerank": "{query}\n{document}"})
+    path = write_gguf(tmp_path / "rr.gguf", "qwen3", hp, t, qtype=lambda name, a: (
+        None if name == "cls.output.weight" or a.ndim < 2 else gguf.GGMLQuantizationType.Q8_0))
+    llm = Llama(str(path), ctx_size=N_CTX)
+    run = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf, N_CTX, path, "rank",
+                        llm.numerics)
+    query, docs = "what is a fox", ["the quick brown fox", "a lazy dog", "hello"]
+    o = _oracle(path, 4)
+    try:
+        st = ServerState(llm, ServerSettings(model_alias="rr"), encoder=run)
+        with ServerThread(st, warmup=False) as srv:
+            r = httpx.post(srv.url + "/rerank", json={"query": query, "documents": docs},
+                           timeout=120)
+            bad = httpx.post(srv.url + "/rerank", json={"query": query, "documents": []},
+                             timeout=120)
+        assert r.status_code == 200, r.text
+        assert bad.status_code == 400
+        got = {e["index"]: e["relevance_score"] for e in r.json()["results"]}
+        assert len(set(got.values())) == len(docs)  # the documents are told apart
+        for i, d in enumerate(docs):
+            # llama-cpp-python reads n_embd floats of the sequence output; the rank head's are
+            # the first n_cls_out (2): label probabilities, summing to 1
+            want = np.asarray(o.embed(f"{query}\n{d}"), np.float32)[:2]
+            assert abs(float(want.sum()) - 1.0) < 1e-6
+            np.testing.assert_allclose(got[i], want[0], rtol=0, atol=1e-6)
+    finally:
+        o.close()

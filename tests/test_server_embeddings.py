@@ -282,8 +282,9 @@ def test_pooling_none_per_token(none_server) -> None:
 
 
 def test_serve_embedding_flags_refuse_a_decoder(tmp_path: Path, capsys) -> None:
-    """--reranking / --pooling rank on a decoder: one error line, exit 1 (before any backend
-    work); --embedding is served (tests/test_server_decoder_embeddings.py)."""
+    """On a decoder: --pooling without --embedding, and --reranking without a rerank head
+    (cls.output.weight): one error line, exit 1. --embedding itself is served
+    (tests/test_server_decoder_embeddings.py)."""
     from tinymodels import dense_hparams, dense_tensors, write_gguf
 
     from jllama.cli.main import main
@@ -291,13 +292,13 @@ def test_serve_embedding_flags_refuse_a_decoder(tmp_path: Path, capsys) -> None:
     shp = dict(n_layer=1, n_embd=32, n_ff=48, n_head=2, n_head_kv=2, head_dim=16)
     dec = write_gguf(tmp_path / "dec.gguf", "llama", dense_hparams(**shp),
                      dense_tensors(0, n_vocab=300, **shp))
-    for flags in (["--reranking"], ["--embedding", "--pooling", "rank"], ["--pooling", "mean"]):
+    for flags, want in ((["--pooling", "mean"], "needs --embedding"),
+                        (["--reranking"], "cls.output.weight"),
+                        (["--embedding", "--pooling", "rank"], "cls.output.weight")):
         assert main(["serve", "-m", str(dec), *flags, "--no-warmup"]) == 1
         err = capsys.readouterr().err
         assert "Traceback" not in err
         lines = [ln for ln in err.splitlines() if ln.startswith("jllama serve: error: ")]
-        want = "needs --embedding" if "--embedding" not in flags and "--reranking" not in flags \
-            else "serve encoder models"
         assert len(lines) == 1 and want in lines[0], err
 
 

@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pooling of the encoder's or (with --embedding) decoder's output (default: "
                         "the GGUF's pooling_type; none for a decoder without one)")
     p.add_argument("--reranking", "--rerank", action="store_true",
-                   help="serve /rerank (sets --embedding --pooling rank)")
+                   help="serve /rerank (sets --embedding --pooling rank; encoder rerankers, or a decoder "
+                        "with a cls.output.weight head)")
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
 
@@ -129,12 +130,13 @@ def run(args) -> int:
         llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem
     embedder = None
-    if args.embedding:  # llama-server --embedding on a decoder: completions and embeddings
+    if args.embedding or args.reranking:  # llama-server: completions and embeddings/rerank
         from jllama.server.embeddings import DecoderRunner
 
         try:
-            embedder = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf.metadata,
-                                     llm.engine.ctx_size, llm.path, args.pooling, llm.numerics)
+            embedder = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf,
+                                     llm.engine.ctx_size, llm.path,
+                                     "rank" if args.reranking else args.pooling, llm.numerics)
         except ValueError as e:
             raise ConfigError(f"{cfg.model}: {e}") from None
     state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,
@@ -150,16 +152,15 @@ def run(args) -> int:
 
 def _encoder_path(cfg, args):
     """The GGUF path when the model is a BERT-family encoder (an embeddings/rerank server), None
-    for a decoder. A decoder takes --embedding (with --pooling none/mean/cls/last); --reranking,
-    or --pooling without --embedding, is refused. Reads metadata only (before the backend
-    starts)."""
+    for a decoder. A decoder takes --embedding (--pooling none/mean/cls/last/rank) and
+    --reranking (a reranker GGUF: cls.output.weight); --pooling without either is refused.
+    Reads metadata only (before the backend starts)."""
     from pathlib import Path
 
     from jllama.errors import ConfigError
     from jllama.models.bert import ENCODERS
 
-    wants = args.reranking or args.pooling == "rank" or (args.pooling is not None
-                                                         and not args.embedding)
+    wants = args.pooling is not None and not (args.embedding or args.reranking)
     arch = None
     if not Path(str(cfg.model)).is_dir():
         from jllama.gguf.reader import read_gguf
@@ -170,9 +171,6 @@ def _encoder_path(cfg, args):
         if arch in ENCODERS:
             return path
     if wants:
-        if not (args.reranking or args.pooling == "rank"):
-            raise ConfigError(f"{cfg.model}: --pooling on a decoder needs --embedding")
-        raise ConfigError(f"{cfg.model}: --reranking/--pooling rank serve encoder models "
-                          f"({', '.join(ENCODERS)}); this is '{arch or 'a checkpoint'}' (a "
-                          "decoder takes --embedding with --pooling none/mean/cls/last)")
+        raise ConfigError(f"{cfg.model}: --pooling on a decoder ('{arch or 'a checkpoint'}') "
+                          "needs --embedding")
     return None

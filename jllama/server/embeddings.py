@@ -160,20 +160,25 @@ class EncoderRunner(_Runner):
         return lambda ids, n: f(tensors, ids, n)
 
 
-# decoders: llama.cpp reads the last token for these (causal attention: padding after the
-# sequence cannot change its rows); rank (a causal reranker's cls_out/output head) is not done
-DECODER_POOLING = ("none", "mean", "cls", "last")
+# decoders (causal attention: padding after the sequence cannot change its rows); rank: the
+# last token's row through the GGUF's cls.output head (Qwen3-reranker style)
+DECODER_POOLING = ("none", "mean", "cls", "last", "rank")
+# llama.cpp's build_pooling ends a rank head with a softmax over the labels for these
+_RANK_SOFTMAX = ("qwen3", "qwen3vl")
 
 
 class DecoderRunner(_Runner):
     """A decoder's embeddings, as llama-server --embedding computes them: the final norm's
     output (t_embd, before the output matmul) for each token of a fresh sequence, pooled as the
     GGUF's ``<arch>.pooling_type`` says (none without one: llama_context's default) or as
-    ``pooling`` overrides. Shares the weights of the decoder the server already holds."""
+    ``pooling`` overrides. Shares the weights of the decoder the server already holds; ``g``
+    is its GGUFFile (metadata; rank pooling's ``cls.output.weight``)."""
 
-    def __init__(self, model, spec, tokenizer, metadata: dict, n_ctx: int, path,
+    def __init__(self, model, spec, tokenizer, g, n_ctx: int, path,
                  pooling: str | None = None, numerics=None):
         from jllama.models.bert import POOLING
+
+        metadata = g.metadata
 
         self.model, self.spec, self.tokenizer = model, spec, tokenizer
         self.arch = spec.arch
@@ -186,6 +191,21 @@ class DecoderRunner(_Runner):
         self.n_ctx = n_ctx
         self.n_vocab = tokenizer.n_vocab
         self.numerics = numerics if numerics is not None else getattr(model, "numerics", None)
+        self.rerank_template = metadata.get("tokenizer.chat_template.rerank")
+        self.cls_out = None
+        if self.pooling == "rank":
+            if "cls.output.weight" not in g.tensors:
+                raise ValueError("pooling 'rank' on a decoder needs a reranker GGUF (a "
+                                 "cls.output.weight head); this one has none")
+            import dataclasses
+
+            from jllama.models import load_weights
+            from jllama.numerics import DEFAULT
+
+            head = dataclasses.replace(g, tensors={"cls.output.weight":
+                                                   g.tensors["cls.output.weight"]})
+            self.cls_out = load_weights(head, numerics=self.numerics or DEFAULT)(
+                "cls.output.weight")
         self._init_run()
 
     def bucket(self, n: int) -> int:
@@ -206,27 +226,35 @@ class DecoderRunner(_Runner):
 
         from jllama.models.bert import pool
         from jllama.models.cache import KVCache
+        from jllama.models.common import linear
         from jllama.numerics import DEFAULT
         from jllama.numerics import use as use_numerics
 
         gd, state = nnx.split(self.model)
         num, spec, pooling = self.numerics or DEFAULT, self.spec, self.pooling
         make = getattr(self.model, "make_cache", None)
+        softmax = spec.arch in _RANK_SOFTMAX
 
-        def forward(state, cache, ids, n):
+        def forward(state, cache, cls_out, ids, n):
             with use_numerics(num):
                 h, _ = nnx.merge(gd, state)(ids[None], jnp.zeros(1, jnp.int32), cache, length,
                                             None, hidden=True)
-                return pool(spec, None, h[0], pooling, n)  # rows past n: padding
+                if pooling != "rank":
+                    return pool(spec, None, h[0], pooling, n)  # rows past n: padding
+                # causal rank: the last token (llama.cpp's inp_cls for a causal context)
+                last = jax.lax.dynamic_slice_in_dim(h[0], n - 1, 1, 0)
+                y = linear(last, cls_out)[0]
+                return jax.nn.softmax(y) if softmax else y
 
         f = jax.jit(forward)
+        cls_out = self.cls_out
 
         def run(ids, n):
             # a fresh cache per sequence (llama-server clears the slot for each embedding task)
             cache = (make(1, length, num.cache_type_k) if make is not None else
                      KVCache.create(spec.n_layer, 1, spec.n_head_kv, length, spec.head_dim,
                                     spec.head_dim_v, num.cache_type_k, num.cache_type_v))
-            return f(state, cache, ids, n)
+            return f(state, cache, cls_out, ids, n)
 
         return run
 
