@@ -282,7 +282,9 @@ def test_pooling_none_per_token(none_server) -> None:
 
 
 def test_serve_embedding_flags_refuse_a_decoder(tmp_path: Path, capsys) -> None:
-    """--embedding/--reranking on a decoder: one error line, exit 1 (before any backend work)."""
+    """On a decoder: --pooling without --embedding, and --reranking without a rerank head
+    (cls.output.weight): one error line, exit 1. --embedding itself is served
+    (tests/test_server_decoder_embeddings.py)."""
     from tinymodels import dense_hparams, dense_tensors, write_gguf
 
     from jllama.cli.main import main
@@ -290,12 +292,14 @@ def test_serve_embedding_flags_refuse_a_decoder(tmp_path: Path, capsys) -> None:
     shp = dict(n_layer=1, n_embd=32, n_ff=48, n_head=2, n_head_kv=2, head_dim=16)
     dec = write_gguf(tmp_path / "dec.gguf", "llama", dense_hparams(**shp),
                      dense_tensors(0, n_vocab=300, **shp))
-    for flag in ("--embedding", "--reranking"):
-        assert main(["serve", "-m", str(dec), flag, "--no-warmup"]) == 1
+    for flags, want in ((["--pooling", "mean"], "needs --embedding"),
+                        (["--reranking"], "cls.output.weight"),
+                        (["--embedding", "--pooling", "rank"], "cls.output.weight")):
+        assert main(["serve", "-m", str(dec), *flags, "--no-warmup"]) == 1
         err = capsys.readouterr().err
         assert "Traceback" not in err
         lines = [ln for ln in err.splitlines() if ln.startswith("jllama serve: error: ")]
-        assert len(lines) == 1 and "encoder models" in lines[0], err
+        assert len(lines) == 1 and want in lines[0], err
 
 
 @pytest.mark.parametrize(("pooling", "code"), [("last", 3), ("cls", 2)])

@@ -41,11 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="load the LoRA adapters with scale 0 (set them later: POST /lora-adapters)")
     p.add_argument("--embedding", "--embeddings", action="store_true",
                    help="serve /v1/embeddings, /embeddings (encoder GGUFs: bert, nomic-bert, "
-                   "jina-bert-v2; implied for them); no completions")
+                   "jina-bert-v2; implied for them: no completions; a decoder serves both)")
     p.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"], default=None,
-                   help="pooling of the encoder's output (default: the GGUF's pooling_type)")
+                   help="pooling of the encoder's or (with --embedding) decoder's output (default: "
+                        "the GGUF's pooling_type; none for a decoder without one)")
     p.add_argument("--reranking", "--rerank", action="store_true",
-                   help="serve /rerank (sets --embedding --pooling rank)")
+                   help="serve /rerank (sets --embedding --pooling rank; encoder rerankers, or a decoder "
+                        "with a cls.output.weight head)")
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
 
@@ -127,8 +129,19 @@ def run(args) -> int:
     if args.lora_init_without_apply and llm.lora is not None:
         llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem
+    embedder = None
+    if args.embedding or args.reranking:  # llama-server: completions and embeddings/rerank
+        from jllama.server.embeddings import DecoderRunner
+
+        try:
+            embedder = DecoderRunner(llm.model, llm.spec, llm.tokenizer, llm.gguf,
+                                     llm.engine.ctx_size, llm.path,
+                                     "rank" if args.reranking else args.pooling, llm.numerics)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.model}: {e}") from None
     state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,
-                                            max_queue=s.max_queue, timeout=s.timeout))
+                                            max_queue=s.max_queue, timeout=s.timeout),
+                        encoder=embedder)
     print(f"jllama serve: http://{s.host}:{s.port}/v1 (model '{alias}', "
           f"auth {'on' if s.api_key else 'off'})", file=sys.stderr)
     uvicorn.run(create_app(state, warmup=not args.no_warmup), host=s.host, port=s.port,
@@ -139,14 +152,15 @@ def run(args) -> int:
 
 def _encoder_path(cfg, args):
     """The GGUF path when the model is a BERT-family encoder (an embeddings/rerank server), None
-    for a decoder. --embedding/--pooling/--reranking on a decoder are refused: jllama computes
-    embeddings with encoders only. Reads metadata only (before the backend starts)."""
+    for a decoder. A decoder takes --embedding (--pooling none/mean/cls/last/rank) and
+    --reranking (a reranker GGUF: cls.output.weight); --pooling without either is refused.
+    Reads metadata only (before the backend starts)."""
     from pathlib import Path
 
     from jllama.errors import ConfigError
     from jllama.models.bert import ENCODERS
 
-    wants = args.embedding or args.reranking or args.pooling is not None
+    wants = args.pooling is not None and not (args.embedding or args.reranking)
     arch = None
     if not Path(str(cfg.model)).is_dir():
         from jllama.gguf.reader import read_gguf
@@ -157,6 +171,6 @@ def _encoder_path(cfg, args):
         if arch in ENCODERS:
             return path
     if wants:
-        raise ConfigError(f"{cfg.model}: --embedding/--pooling/--reranking serve encoder models "
-                          f"({', '.join(ENCODERS)}); this is '{arch or 'a checkpoint'}'")
+        raise ConfigError(f"{cfg.model}: --pooling on a decoder ('{arch or 'a checkpoint'}') "
+                          "needs --embedding")
     return None

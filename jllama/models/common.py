@@ -449,14 +449,15 @@ def gather_last(x: jax.Array, last_idx: jax.Array) -> jax.Array:
 
 
 def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
-                    kv_len: int, last_idx: jax.Array | None):
+                    kv_len: int, last_idx: jax.Array | None, hidden: bool = False):
     """The part every decoder-only architecture shares after its embedding: the blocks over
     the per-layer caches, then final norm and output projection (tied or not).
 
     ``model`` has ``blocks`` (each called as ``blk(x, pos, pos0, k, v, kv_len, kv_types)``),
     ``out_norm``, ``output`` (None when tied) and ``tok_embd``. With ``last_idx`` logits are
     computed only at that index per sequence ([B, V]): generation needs one row, and the output
-    matmul is the largest in small models.
+    matmul is the largest in small models. With ``hidden`` (static) the result is the final
+    norm's output instead ([B, T, E] or [B, E]): llama.cpp's embeddings of a decoder (t_embd).
     """
     t = x.shape[1]
     pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -476,6 +477,8 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     if last_idx is not None:
         x = gather_last(x, last_idx)
     x = tap("result_norm", model.out_norm(x))
+    if hidden:
+        return x, cache.replace(ks, vs)
     logits = model.tok_embd.attend(x) if model.output is None else model.output(x)
     return logits, cache.replace(ks, vs)
 

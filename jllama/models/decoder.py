@@ -168,14 +168,14 @@ class Decoder(nnx.Module):
         return (s.rope_base, s.rope_dim, self.variant.neox, s.rope_scale)
 
     def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
-                 last_idx: jax.Array | None = None):
+                 last_idx: jax.Array | None = None, hidden: bool = False):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache).
 
         With ``last_idx`` the logits are only computed at that index per sequence ([B, V]):
         generation needs one row, and the output matmul is the largest in small models.
         """
         x = self.tok_embd(tokens)
-        return decoder_forward(self, x, pos0, cache, kv_len, last_idx)
+        return decoder_forward(self, x, pos0, cache, kv_len, last_idx, hidden)
 
 
 def _has_experts(var: Variant, w: Weights, i: int, moe: MoEConfig | None) -> bool:

@@ -273,9 +273,9 @@ class DeepSeek2(nnx.Module):
         )
 
     def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
-                 last_idx: jax.Array | None = None):
+                 last_idx: jax.Array | None = None, hidden: bool = False):
         x = self.tok_embd(tokens)
-        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx)
+        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx, hidden)
         return logits, cache
 
 

@@ -142,13 +142,13 @@ class Gemma3(nnx.Module):
         return (blk.rope_base, self.spec.rope_dim, True, blk.rope_scale)
 
     def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
-                 last_idx: jax.Array | None = None):
+                 last_idx: jax.Array | None = None, hidden: bool = False):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache) as ``llama.Llama``."""
         x = self.tok_embd(tokens).astype(jnp.float32) * jnp.float32(self.embd_scale)
         if numerics.current().match_llamacpp:  # rounded here, as ggml_scale does: not fused onward
             x = opaque(x)
-        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx)
-        if self.final_softcap:
+        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx, hidden)
+        if self.final_softcap and not hidden:  # the softcap is on logits only
             logits = jnp.tanh(logits / self.final_softcap) * self.final_softcap
         return logits, cache
 

@@ -49,7 +49,8 @@ class ServerState:
 
     ``llm`` is a decoder (``api.Llama``) served by the scheduler, or None when the server runs
     an ``encoder`` (``embeddings.EncoderRunner``: /embeddings and /rerank only, as llama-server
-    started with --embeddings)."""
+    started with --embeddings). A decoder with ``encoder`` (``embeddings.DecoderRunner``) serves
+    both: llama-server --embedding on a decoder still answers completions."""
 
     def __init__(self, llm, settings: ServerSettings, encoder=None):
         self.llm = llm
@@ -65,8 +66,9 @@ class ServerState:
     def warmup(self) -> None:
         """Compile prefill, first-token sampling and the batched step before the first request
         (seconds of XLA compilation would otherwise land on a client's latency)."""
-        if self.llm is None:
+        if self.encoder is not None:
             self.encoder.run(self.tokenizer.encode("Hello", add_special=True))
+        if self.llm is None:
             return
         sch = self.scheduler
         done = threading.Event()
@@ -303,7 +305,7 @@ class Handlers:
         st = self.state
         if st.llm is None:
             meta = {"n_ctx": st.ctx_size, "n_vocab": st.tokenizer.n_vocab, "n_slots": 1,
-                    "arch": st.encoder.spec.arch, "pooling": st.encoder.pooling}
+                    "arch": st.encoder.arch, "pooling": st.encoder.pooling}
         else:
             meta = {"n_ctx": st.ctx_size, "n_vocab": st.llm.spec.n_vocab,
                     "n_slots": st.scheduler.n_slots, "arch": st.llm.spec.arch}

@@ -1,8 +1,10 @@
-"""llama-server's embedding and reranking endpoints for the encoder models (``models.bert``).
+"""llama-server's embedding and reranking endpoints: encoder models (``models.bert``) and, with
+--embedding, decoders (their final norm's output, pooled).
 
 An encoder has no KV cache and no decode loop, so it runs outside the decoder ``Scheduler``: one
 ``EncoderRunner`` holds the weights and runs whole sequences, one at a time under a lock, in the
-HTTP server's thread pool. The request/response shapes and error messages follow llama.cpp
+HTTP server's thread pool. A ``DecoderRunner`` does the same with a decoder's weights and a fresh
+KV cache per sequence, beside the Scheduler that still serves completions. The request/response shapes and error messages follow llama.cpp
 0c1e570's tools/server (handle_embeddings_impl, post_rerank, format_prompt_rerank,
 format_embeddings_response_oaicompat, format_response_rerank, common_embd_normalize); errors
 answer llama-server's ``{"error": {"code", "message", "type"}}`` (plus ``param``).
@@ -46,50 +48,25 @@ def normalize(v: np.ndarray, mode: int) -> np.ndarray:
     return x * scale
 
 
-class EncoderRunner:
-    """A loaded encoder GGUF: tokenizer, weights, pooling, the context limit."""
+class _Runner:
+    """What the endpoints need of a model: ``tokenizer``, ``pooling``, ``n_ctx``, ``n_vocab``,
+    ``run(ids)``; subclasses set those and ``_forward(length)`` (a compiled function of
+    (padded ids, n))."""
 
-    def __init__(self, path, pooling: str | None = None, ctx_size: int | None = None):
-        from jllama.gguf.reader import read_gguf
-        from jllama.models import bert, load_weights
-        from jllama.tokenizer import Tokenizer
+    tokenizer: object
+    pooling: str
+    n_ctx: int
+    n_vocab: int
+    rerank_template: str | None = None
 
-        g = read_gguf(path)
-        self.path = Path(path)
-        self.spec = bert.spec_from_gguf(g)
-        self.pooling = pooling or self.spec.pooling
-        if self.pooling not in bert.POOLING.values():
-            raise ValueError(f"unknown pooling '{self.pooling}'")
-        self.weights = load_weights(g)
-        self.tokenizer = Tokenizer.from_gguf(g)
-        self.rerank_template = g.metadata.get("tokenizer.chat_template.rerank")
-        # llama-server's slot context; learned positions cap it at the training context
-        self.n_ctx = min(ctx_size or self.spec.n_ctx_train, self.spec.n_ctx_train)
-        self.n_vocab = self.tokenizer.n_vocab
+    def _init_run(self) -> None:
         self._lock = threading.Lock()
         self._jits: dict[int, object] = {}  # padded length -> compiled forward
 
     def bucket(self, n: int) -> int:
         """The padded length a sequence of n tokens runs at: powers of two from 16, at most the
-        training context (learned positions end there)."""
-        return min(max(16, 1 << (n - 1).bit_length()), self.spec.n_ctx_train)
-
-    def _compiled(self, length: int):
-        f = self._jits.get(length)
-        if f is None:
-            import jax
-
-            from jllama.models import bert
-            from jllama.models.common import Weights
-
-            spec, pooling, name = self.spec, self.pooling, str(self.path)
-
-            def forward(tensors, ids, n):
-                w = Weights(tensors, name)
-                return bert.pool(spec, w, bert.hidden_states(spec, w, ids, n), pooling, n)
-
-            f = self._jits[length] = jax.jit(forward)
-        return f
+        context."""
+        return min(max(16, 1 << (n - 1).bit_length()), self.n_ctx)
 
     def run(self, ids: list[int]) -> np.ndarray:
         """The pooled output of one sequence ([n_embd], rank: [n_cls_out]; none: [n, n_embd])."""
@@ -98,8 +75,10 @@ class EncoderRunner:
         padded = np.zeros(length, np.int32)
         padded[:n] = ids
         with self._lock:  # one sequence at a time: the CPU/accelerator is shared anyway
-            out = self._compiled(length)(self.weights.tensors, padded, np.int32(n))
-            out = np.asarray(out, np.float32)
+            f = self._jits.get(length)
+            if f is None:
+                f = self._jits[length] = self._forward(length)
+            out = np.asarray(f(padded, np.int32(n)), np.float32)
         return out[:n] if self.pooling == "none" else out
 
     # ------------------------------------------------------------------ prompts
@@ -140,6 +119,144 @@ class EncoderRunner:
                              f"context size ({self.n_ctx} tokens). skipping")
             e.extra = {"n_prompt_tokens": len(ids), "n_ctx": self.n_ctx}
             raise e
+
+
+class EncoderRunner(_Runner):
+    """A loaded encoder GGUF: tokenizer, weights, pooling, the context limit."""
+
+    def __init__(self, path, pooling: str | None = None, ctx_size: int | None = None):
+        from jllama.gguf.reader import read_gguf
+        from jllama.models import bert, load_weights
+        from jllama.tokenizer import Tokenizer
+
+        g = read_gguf(path)
+        self.path = Path(path)
+        self.spec = bert.spec_from_gguf(g)
+        self.arch = self.spec.arch
+        self.pooling = pooling or self.spec.pooling
+        if self.pooling not in bert.POOLING.values():
+            raise ValueError(f"unknown pooling '{self.pooling}'")
+        self.weights = load_weights(g)
+        self.tokenizer = Tokenizer.from_gguf(g)
+        self.rerank_template = g.metadata.get("tokenizer.chat_template.rerank")
+        # llama-server's slot context; learned positions cap it at the training context
+        self.n_ctx = min(ctx_size or self.spec.n_ctx_train, self.spec.n_ctx_train)
+        self.n_vocab = self.tokenizer.n_vocab
+        self._init_run()
+
+    def _forward(self, length: int):
+        import jax
+
+        from jllama.models import bert
+        from jllama.models.common import Weights
+
+        spec, pooling, name, tensors = self.spec, self.pooling, str(self.path), self.weights.tensors
+
+        def forward(tensors, ids, n):
+            w = Weights(tensors, name)
+            return bert.pool(spec, w, bert.hidden_states(spec, w, ids, n), pooling, n)
+
+        f = jax.jit(forward)
+        return lambda ids, n: f(tensors, ids, n)
+
+
+# decoders (causal attention: padding after the sequence cannot change its rows); rank: the
+# last token's row through the GGUF's cls.output head (Qwen3-reranker style)
+DECODER_POOLING = ("none", "mean", "cls", "last", "rank")
+# llama.cpp's build_pooling ends a rank head with a softmax over the labels for these
+_RANK_SOFTMAX = ("qwen3", "qwen3vl")
+
+
+class DecoderRunner(_Runner):
+    """A decoder's embeddings, as llama-server --embedding computes them: the final norm's
+    output (t_embd, before the output matmul) for each token of a fresh sequence, pooled as the
+    GGUF's ``<arch>.pooling_type`` says (none without one: llama_context's default) or as
+    ``pooling`` overrides. Shares the weights of the decoder the server already holds; ``g``
+    is its GGUFFile (metadata; rank pooling's ``cls.output.weight``)."""
+
+    def __init__(self, model, spec, tokenizer, g, n_ctx: int, path,
+                 pooling: str | None = None, numerics=None):
+        from jllama.models.bert import POOLING
+
+        metadata = g.metadata
+
+        self.model, self.spec, self.tokenizer = model, spec, tokenizer
+        self.arch = spec.arch
+        self.path = Path(path)
+        code = metadata.get(f"{spec.arch}.pooling_type")
+        self.pooling = pooling or (POOLING.get(int(code), "?") if code is not None else "none")
+        if self.pooling not in DECODER_POOLING:
+            raise ValueError(f"pooling '{self.pooling}' is not one jllama computes for a decoder "
+                             f"({', '.join(DECODER_POOLING)})")
+        self.n_ctx = n_ctx
+        self.n_vocab = tokenizer.n_vocab
+        self.numerics = numerics if numerics is not None else getattr(model, "numerics", None)
+        self.rerank_template = metadata.get("tokenizer.chat_template.rerank")
+        self.cls_out = None
+        if self.pooling == "rank":
+            if "cls.output.weight" not in g.tensors:
+                raise ValueError("pooling 'rank' on a decoder needs a reranker GGUF (a "
+                                 "cls.output.weight head); this one has none")
+            import dataclasses
+
+            from jllama.models import load_weights
+            from jllama.numerics import DEFAULT
+
+            head = dataclasses.replace(g, tensors={"cls.output.weight":
+                                                   g.tensors["cls.output.weight"]})
+            self.cls_out = load_weights(head, numerics=self.numerics or DEFAULT)(
+                "cls.output.weight")
+        self._init_run()
+
+    def bucket(self, n: int) -> int:
+        """The Engine's prompt buckets (7, 16, 63, ...: padding must not carry a short prompt
+        into ggml's tiled GEMM or tiled flash-attention shapes, or the rows round differently
+        from llama.cpp's), then powers of two up to the context: one whole sequence per call."""
+        from jllama.engine.engine import PREFILL_BUCKETS
+
+        for b in PREFILL_BUCKETS:
+            if n <= b:
+                return min(b, self.n_ctx)
+        return min(1 << (n - 1).bit_length(), self.n_ctx)
+
+    def _forward(self, length: int):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from jllama.models.bert import pool
+        from jllama.models.cache import KVCache
+        from jllama.models.common import linear
+        from jllama.numerics import DEFAULT
+        from jllama.numerics import use as use_numerics
+
+        gd, state = nnx.split(self.model)
+        num, spec, pooling = self.numerics or DEFAULT, self.spec, self.pooling
+        make = getattr(self.model, "make_cache", None)
+        softmax = spec.arch in _RANK_SOFTMAX
+
+        def forward(state, cache, cls_out, ids, n):
+            with use_numerics(num):
+                h, _ = nnx.merge(gd, state)(ids[None], jnp.zeros(1, jnp.int32), cache, length,
+                                            None, hidden=True)
+                if pooling != "rank":
+                    return pool(spec, None, h[0], pooling, n)  # rows past n: padding
+                # causal rank: the last token (llama.cpp's inp_cls for a causal context)
+                last = jax.lax.dynamic_slice_in_dim(h[0], n - 1, 1, 0)
+                y = linear(last, cls_out)[0]
+                return jax.nn.softmax(y) if softmax else y
+
+        f = jax.jit(forward)
+        cls_out = self.cls_out
+
+        def run(ids, n):
+            # a fresh cache per sequence (llama-server clears the slot for each embedding task)
+            cache = (make(1, length, num.cache_type_k) if make is not None else
+                     KVCache.create(spec.n_layer, 1, spec.n_head_kv, length, spec.head_dim,
+                                    spec.head_dim_v, num.cache_type_k, num.cache_type_v))
+            return f(state, cache, cls_out, ids, n)
+
+        return run
 
 
 # ---------------------------------------------------------------------------- requests
