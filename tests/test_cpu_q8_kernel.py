@@ -276,7 +276,8 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
         np.testing.assert_array_equal(ours(raw, qtype, x).view(np.uint32), tiled.view(np.uint32))
 
 
-NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.IQ3_XXS, QType.IQ3_S]
+NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS,
+             QType.IQ2_XS, QType.IQ2_S]
 
 
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)

@@ -31,6 +31,10 @@ F16_FIELDS = {
     QType.MXFP4: [],  # its scale is an E8M0 exponent: see E8M0_FIELDS
     QType.IQ3_XXS: [0],
     QType.IQ3_S: [0],
+    QType.IQ2_XXS: [0],
+    QType.IQ2_XS: [0],
+    QType.IQ2_S: [0],
+    QType.IQ1_S: [0],
 }
 
 

@@ -345,10 +345,19 @@ struct Q8W6_K {
 // ggml has no tiled GEMM and no llamafile path for these: every row count takes vec_dot. Their
 // AVX2 vec_dots as the oracle build compiles them (mul + add contracted to one FMA).
 
-// The IQ3 grids (ggml's iq3xxs_grid / iq3s_grid: 4 bytes per point), uploaded once from
-// gguf-py's tables by cpu_ffi (JllamaSetIQ3Grids) before any IQ3 kernel runs.
+// The IQ3 grids (ggml's iq3xxs_grid / iq3s_grid: 4 bytes per point) and the IQ2/IQ1 grids
+// (8 bytes per point; IQ1's bytes are int8 -1/0/1), uploaded once from gguf-py's tables by
+// cpu_ffi (JllamaSetIQ3Grids, JllamaSetIQ2Grids) before any of these kernels runs.
 extern uint32_t g_iq3xxs_grid[256];
 extern uint32_t g_iq3s_grid[512];
+extern uint64_t g_iq2xxs_grid[256];
+extern uint64_t g_iq2xs_grid[512];
+extern uint64_t g_iq2s_grid[1024];
+extern uint64_t g_iq1s_grid[2048];
+
+static inline uint32_t parity_sign8(uint32_t s7) {
+  return s7 | (uint32_t(__builtin_popcount(s7) & 1) << 7);
+}
 
 // 32 bits -> 32 bytes, 0xFF where the bit is set (byte i from bit i).
 static inline __m256i bit_mask32(uint32_t bits) {
@@ -362,6 +371,13 @@ static inline __m256i bit_mask32(uint32_t bits) {
 // q negated where mask is 0xFF ((q ^ m) - m, as ggml's sign steps; q8 codes are never -128).
 static inline __m256i negate_where(__m256i q, __m256i mask) {
   return _mm256_sub_epi8(_mm256_xor_si256(q, mask), mask);
+}
+
+// 4 x 7 sign bits (bits 0..27) -> 32 bits: each 7 get an 8th making their parity even.
+static inline uint32_t parity_signs(uint32_t aux) {
+  uint32_t bits = 0;
+  for (int l = 0; l < 4; ++l) bits |= parity_sign8((aux >> (7 * l)) & 127) << (8 * l);
+  return bits;
 }
 
 // Ternary: codes 0..2 (the trit + 1). Lane l = sum over the 8 chunks of 32 of dot(codes, q8)
@@ -419,13 +435,14 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
   }
 };
 
-// IQ3: per 32 values 8 grid points (unsigned, < 64) against the sign-applied q8; lane l of
-// sub-block j times its odd scale 2 s_j + 1, summed over j; acc = fma(d_w * d_x, lane, acc).
-// IQ3_XXS's scales are half steps: ggml multiplies the final hsum by 0.25.
-// TILED (ggml's tiled GEMM, which takes IQ3 too): s1 = the block's exact sum, d0 = d_w (times
-// 0.25 for IQ3_XXS), summs = fma(d0 * s1, d_x, summs).
+// IQ2, IQ3: per 32 values 8 grid points (unsigned, < 64) against the sign-applied q8; lane l
+// of sub-block j times its odd scale (per lane: IQ2_XS/IQ2_S scale each 16 values, lanes 0-3
+// and 4-7), summed over j; acc = fma(d_w * d_x, lane, acc). The final hsum is times kFinal
+// (IQ3_XXS's half steps 0.25, IQ2's eighths 0.125).
+// TILED (ggml's tiled GEMM, which takes IQ2 and IQ3 too): s1 = the block's exact sum, d0 = d_w
+// * kFinal, summs = fma(d0 * s1, d_x, summs).
 template <typename D>
-struct Q8IQ3 {
+struct Q8Grid {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = true;
   template <int MC, bool TILED = false>
@@ -456,7 +473,7 @@ struct Q8IQ3 {
   }
 };
 
-struct Q8WIQ3_XXS : Q8IQ3<Q8WIQ3_XXS> {
+struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
   static constexpr int TS = 98;
   static constexpr float kFinal = 0.25f;
   static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
@@ -469,18 +486,13 @@ struct Q8WIQ3_XXS : Q8IQ3<Q8WIQ3_XXS> {
                                int(g_iq3xxs_grid[q[2]]), int(g_iq3xxs_grid[q[3]]),
                                int(g_iq3xxs_grid[q[4]]), int(g_iq3xxs_grid[q[5]]),
                                int(g_iq3xxs_grid[q[6]]), int(g_iq3xxs_grid[q[7]]));
-      uint32_t bits = 0;  // 7 sign bits per 8 values, the 8th making their parity even
-      for (int l = 0; l < 4; ++l) {
-        const uint32_t s7 = (aux >> (7 * l)) & 127;
-        bits |= (s7 | (uint32_t(__builtin_popcount(s7) & 1) << 7)) << (8 * l);
-      }
-      sg[j] = bit_mask32(bits);
+      sg[j] = bit_mask32(parity_signs(aux));
       sc[j] = _mm256_set1_epi32(int(2 * (aux >> 28) + 1));
     }
   }
 };
 
-struct Q8WIQ3_S : Q8IQ3<Q8WIQ3_S> {
+struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
   static constexpr int TS = 110;
   static constexpr float kFinal = 1.0f;
   static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
@@ -496,6 +508,67 @@ struct Q8WIQ3_S : Q8IQ3<Q8WIQ3_S> {
       std::memcpy(&bits, signs + 4 * j, 4);
       sg[j] = bit_mask32(bits);
       sc[j] = _mm256_set1_epi32(int(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
+    }
+  }
+};
+
+static inline __m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3) {
+  return _mm256_setr_epi64x(int64_t(grid[i0]), int64_t(grid[i1]), int64_t(grid[i2]),
+                            int64_t(grid[i3]));
+}
+
+// Lanes 0-3 (values 0..15 of a sub-block) scale a, lanes 4-7 scale b; each odd: 2 s + 1.
+static inline __m256i half_scales(int a, int b) {
+  return _mm256_setr_epi32(2 * a + 1, 2 * a + 1, 2 * a + 1, 2 * a + 1, 2 * b + 1, 2 * b + 1,
+                           2 * b + 1, 2 * b + 1);
+}
+
+struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
+  static constexpr int TS = 66;
+  static constexpr float kFinal = 0.125f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* q = b + 2 + 8 * j;  // 4 grid indices, then signs and scale
+      uint32_t aux;
+      std::memcpy(&aux, q + 4, 4);
+      g[j] = grid4(g_iq2xxs_grid, q[0], q[1], q[2], q[3]);
+      sg[j] = bit_mask32(parity_signs(aux));
+      sc[j] = _mm256_set1_epi32(int(2 * (aux >> 28) + 1));
+    }
+  }
+};
+
+struct Q8WIQ2_XS : Q8Grid<Q8WIQ2_XS> {
+  static constexpr int TS = 74;
+  static constexpr float kFinal = 0.125f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    const uint8_t* scales = b + 66;
+    for (int j = 0; j < 8; ++j) {
+      uint16_t q[4];  // 9 bits grid index, 7 sign bits
+      std::memcpy(q, b + 2 + 8 * j, 8);
+      g[j] = grid4(g_iq2xs_grid, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
+      uint32_t bits = 0;
+      for (int l = 0; l < 4; ++l) bits |= parity_sign8(q[l] >> 9) << (8 * l);
+      sg[j] = bit_mask32(bits);
+      sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
+    }
+  }
+};
+
+struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
+  static constexpr int TS = 82;
+  static constexpr float kFinal = 0.125f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    const uint8_t *qs = b + 2, *signs = b + 34, *qh = b + 66, *scales = b + 74;
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* q = qs + 4 * j;
+      const int h = qh[j];
+      g[j] = grid4(g_iq2s_grid, q[0] | ((h << 8) & 0x300), q[1] | ((h << 6) & 0x300),
+                   q[2] | ((h << 4) & 0x300), q[3] | ((h << 2) & 0x300));
+      uint32_t bits;
+      std::memcpy(&bits, signs + 4 * j, 4);
+      sg[j] = bit_mask32(bits);
+      sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
     }
   }
 };
