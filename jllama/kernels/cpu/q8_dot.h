@@ -341,9 +341,10 @@ struct Q8W6_K {
 };
 
 
-// ------------------------------------------------------------------ TQ1_0, TQ2_0, IQ3, MXFP4
-// ggml has no tiled GEMM and no llamafile path for these: every row count takes vec_dot. Their
-// AVX2 vec_dots as the oracle build compiles them (mul + add contracted to one FMA).
+// ------------------------------------------------------- TQ1_0, TQ2_0, IQ1, IQ2, IQ3, MXFP4
+// No llamafile path for these, and no tiled GEMM for TQ1_0/TQ2_0/MXFP4: every row count takes
+// vec_dot there (IQ1/IQ2/IQ3 take the tiled GEMM from 8 rows). Their AVX2 vec_dots as the
+// oracle build compiles them (mul + add contracted to one FMA).
 
 // The IQ3 grids (ggml's iq3xxs_grid / iq3s_grid: 4 bytes per point) and the IQ2/IQ1 grids
 // (8 bytes per point; IQ1's bytes are int8 -1/0/1), uploaded once from gguf-py's tables by
@@ -569,6 +570,116 @@ struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
       std::memcpy(&bits, signs + 4 * j, 4);
       sg[j] = bit_mask32(bits);
       sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
+    }
+  }
+};
+
+// IQ1: grid points in {-1, 0, 1} (as |g| against q8 negated where g < 0), plus a +-1/8 delta
+// per 32 (IQ1_S) or per 8 values (IQ1_M); lane l of sub-block j times its odd scale, summed
+// over j, acc = fma(d_w * d_x, lane, acc). IQ1_S's delta goes through the bsums: summs =
+// fma(d, sum over j of delta_j * scale_j * (bsums of j), summs), final hsum(acc) + summs / 8;
+// IQ1_M's per lane as the grid's: acc2 = fma(d, delta lanes, acc2), final hsum(acc) +
+// hsum(acc2) / 8. TILED: s1 = 8 * (grid sum) + (delta sum), exact; d0 = d_w / 8, summs =
+// fma(d0 * s1, d_x, summs).
+template <typename D>
+struct Q8IQ1 {
+  static constexpr int BS = 256, XB = 256, OFF = 0;
+  static constexpr bool kBias = false, kBsums = D::kDeltaBsums, kTiled = true;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    __m256i g[8], sg[8], sc[8], dm[8];
+    int32_t dl[8];
+    D::unpack(b, g, sg, sc, dm, dl);
+    const float dw = D::scale(b);
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int m = 0; m < MC; ++m) {
+      const int8_t* q8 = x[m].q + bi * 256;
+      __m256i sumi = _mm256_setzero_si256(), sumd = _mm256_setzero_si256();
+      int32_t sumi1 = 0;
+      for (int j = 0; j < 8; ++j) {
+        const __m256i q = load256(q8 + 32 * j);
+        const __m256i p = dpbusd<true>(_mm256_setzero_si256(), g[j], negate_where(q, sg[j]));
+        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, sc[j]));
+        if constexpr (D::kDeltaBsums) {
+          const int32_t* bs = x[m].aux + bi * 16 + 2 * j;
+          sumi1 += (bs[0] + bs[1]) * dl[j];
+        } else {
+          const __m256i pd = dpbusd<true>(_mm256_setzero_si256(), ones, negate_where(q, dm[j]));
+          sumd = _mm256_add_epi32(sumd, _mm256_mullo_epi32(pd, sc[j]));
+        }
+      }
+      if constexpr (!D::kDeltaBsums) sumi1 = hsum_i32(sumd);
+      if constexpr (TILED) {
+        const float r = float(8 * hsum_i32(sumi) + sumi1) * (dw * 0.125f);
+        st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
+      } else {
+        const float d = x[m].d[bi] * dw;
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), st[m].acc);
+        if constexpr (D::kDeltaBsums)
+          st[m].summs = __builtin_fmaf(d, float(sumi1), st[m].summs);
+        else
+          st[m].acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumd), st[m].acc2);
+      }
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) {
+    if constexpr (TILED) return a.summs;
+    if constexpr (D::kDeltaBsums) return hsum8(a.acc) + 0.125f * a.summs;
+    return hsum8(a.acc) + 0.125f * hsum8(a.acc2);
+  }
+};
+
+// |g| bytes of a grid point and 0xFF where g < 0.
+static inline void iq1_split(__m256i pts, __m256i* g, __m256i* sg) {
+  *g = _mm256_abs_epi8(pts);
+  *sg = _mm256_cmpgt_epi8(_mm256_setzero_si256(), pts);
+}
+
+struct Q8WIQ1_S : Q8IQ1<Q8WIQ1_S> {
+  static constexpr int TS = 50;
+  static constexpr bool kDeltaBsums = true;
+  static float scale(const uint8_t* b) { return f16_to_f32(b); }
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc, __m256i*,
+                     int32_t* dl) {
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* q = b + 2 + 4 * j;
+      uint16_t h;
+      std::memcpy(&h, b + 34 + 2 * j, 2);
+      iq1_split(grid4(g_iq1s_grid, q[0] | ((h << 8) & 0x700), q[1] | ((h << 5) & 0x700),
+                      q[2] | ((h << 2) & 0x700), q[3] | ((h >> 1) & 0x700)),
+                &g[j], &sg[j]);
+      const int ls = 2 * ((h >> 12) & 7) + 1;
+      sc[j] = _mm256_set1_epi32(ls);
+      dl[j] = (h & 0x8000 ? -1 : 1) * ls;
+    }
+  }
+};
+
+struct Q8WIQ1_M : Q8IQ1<Q8WIQ1_M> {
+  static constexpr int TS = 56;
+  static constexpr bool kDeltaBsums = false;
+  static float scale(const uint8_t* b) {  // an f16 in the top nibbles of the 4 scale words
+    uint16_t sc[4];
+    std::memcpy(sc, b + 48, 8);
+    const uint16_t h = uint16_t((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) |
+                                ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+    return f16_to_f32(reinterpret_cast<const uint8_t*>(&h));
+  }
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc, __m256i* dm,
+                     int32_t*) {
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t *q = b + 4 * j, *h = b + 32 + 2 * j;
+      iq1_split(grid4(g_iq1s_grid, q[0] | ((h[0] << 8) & 0x700), q[1] | ((h[0] << 4) & 0x700),
+                      q[2] | ((h[1] << 8) & 0x700), q[3] | ((h[1] << 4) & 0x700)),
+                &g[j], &sg[j]);
+      uint16_t w;
+      std::memcpy(&w, b + 48 + 2 * (j >> 1), 2);
+      const int sh = 6 * (j & 1);
+      sc[j] = half_scales((w >> sh) & 7, (w >> (sh + 3)) & 7);
+      const uint32_t bits = (h[0] & 0x08 ? 0xffu : 0) | (h[0] & 0x80 ? 0xff00u : 0) |
+                            (h[1] & 0x08 ? 0xff0000u : 0) | (h[1] & 0x80 ? 0xff000000u : 0);
+      dm[j] = bit_mask32(bits);
     }
   }
 };

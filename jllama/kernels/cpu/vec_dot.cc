@@ -497,6 +497,8 @@ Q8Kernel pick_q8(int64_t qtype) {
     case kIQ2_XXS: return make_q8<Q8WIQ2_XXS>(qtype);
     case kIQ2_XS: return make_q8<Q8WIQ2_XS>(qtype);
     case kIQ2_S: return make_q8<Q8WIQ2_S>(qtype);
+    case kIQ1_S: return make_q8<Q8WIQ1_S>(qtype);
+    case kIQ1_M: return make_q8<Q8WIQ1_M>(qtype);
     default: return {nullptr, nullptr, 0, 0, 0, 0, false, false, false, false};
   }
 }
