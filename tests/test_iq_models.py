@@ -1,4 +1,4 @@
-"""A tiny llama whose weights are all IQ2_XXS / IQ1_S (written with our quantizers and an
+"""A tiny llama whose weights are all IQ2_XXS / IQ2_XS / IQ2_S / IQ1_S / IQ1_M (written with our quantizers and an
 importance matrix) runs end to end in jllama and in llama.cpp with bit-identical logits and
 greedy tokens (the int8 kernels), and the file is byte-identical to the one llama.cpp's
 ``llama_model_quantize`` writes from the same imatrix."""
@@ -80,12 +80,18 @@ def test_iq2_xxs_file_identical_to_llama_cpp(tiny, tmp_path) -> None:
     assert ours.read_bytes() == ref.read_bytes()
 
 
-@pytest.fixture(scope="module", params=["IQ2_XXS", "IQ1_S"])
+# weight type -> the file type whose --pure weights are all of it (llama.cpp's IQ2_S file type
+# is IQ2_XS-based; IQ2_M's is IQ2_S)
+FTYPES = {"IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M", "IQ1_S": "IQ1_S",
+          "IQ1_M": "IQ1_M"}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(FTYPES))
 def iq_model(tiny, tmp_path_factory, request):
-    """(ftype, file, llama.cpp's logits at every position of TOKENS, its 16 greedy tokens)."""
+    """(type, file, llama.cpp's logits at every position of TOKENS, its 16 greedy tokens)."""
     ftype = request.param
     path = tmp_path_factory.mktemp("iq") / f"tiny-{ftype}.gguf"
-    _write_pure(tiny, path, ftype, _imatrix(read_gguf(tiny)))
+    _write_pure(tiny, path, FTYPES[ftype], _imatrix(read_gguf(tiny)))
     assert {t.type_name for t in read_gguf(path).tensors.values()} == {ftype, "F32"}
     llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
                           seed=0, flash_attn=True)  # fmt: skip
@@ -138,5 +144,5 @@ def test_f32_fallback_close_to_llama_cpp(iq_model) -> None:
     got = np.asarray(llm.engine.logits(TOKENS), dtype=np.float32)
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     print(f"\n{ftype} f32 path: rel L2 {rel:.2e}, max|diff| {float(np.abs(got - ref).max()):.3g}")
-    assert rel < 0.03, rel  # measured 2.6e-7 (IQ2_XXS), 7.6e-3 (IQ1_S)
+    assert rel < 0.03, rel  # measured 2.6e-7 (IQ2_XXS) .. 7.6e-3 (IQ1_S)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
