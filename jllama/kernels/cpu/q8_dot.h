@@ -176,10 +176,11 @@ struct Q8W5_1 : Q8Min<Q8W5_1> {
   }
 };
 
-// Lane l: sc * (dot of bytes 4l..4l+3), u8 weights (< 32) times s8 codes (|q| <= 127): the
+// Lane l: sc * (dot of bytes 4l..4l+3), u8 weights (< 128) times s8 codes (|q| <= 127): the
 // same int32 lanes as dpbusd followed by mullo by sc, in two uops instead of three (maddubs
-// pairs reach 2 * 31 * 127 < 2^15, no saturation). Q4_K/Q5_K only: for Q6_K it was no faster
-// than dpbusd + mullo (experiments/results/cpu_kernels.md), which Q6_K keeps.
+// pairs reach 2 * 127 * 127 < 2^15, no saturation); sc16 holds lane l's scale in both int16
+// halves. Q4_K/Q5_K and the IQ1/IQ2/IQ3 grids: for Q6_K it was no faster than dpbusd + mullo
+// (experiments/results/cpu_kernels.md), which Q6_K keeps.
 static inline __m256i scaled_dot4(__m256i qw, __m256i qy, __m256i sc16) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qy), sc16);
 }
@@ -437,8 +438,8 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
 };
 
 // IQ2, IQ3: per 32 values 8 grid points (unsigned, < 64) against the sign-applied q8; lane l
-// of sub-block j times its odd scale (per lane: IQ2_XS/IQ2_S scale each 16 values, lanes 0-3
-// and 4-7), summed over j; acc = fma(d_w * d_x, lane, acc). The final hsum is times kFinal
+// of sub-block j times its odd scale (int16 per lane: IQ2_XS/IQ2_S scale each 16 values, lanes
+// 0-3 and 4-7), summed over j; acc = fma(d_w * d_x, lane, acc). The final hsum is times kFinal
 // (IQ3_XXS's half steps 0.25, IQ2's eighths 0.125).
 // TILED (ggml's tiled GEMM, which takes IQ2 and IQ3 too): s1 = the block's exact sum, d0 = d_w
 // * kFinal, summs = fma(d0 * s1, d_x, summs).
@@ -455,8 +456,7 @@ struct Q8Grid {
       __m256i sumi = _mm256_setzero_si256();
       for (int j = 0; j < 8; ++j) {
         const __m256i qy = negate_where(load256(x[m].q + bi * 256 + 32 * j), sg[j]);
-        const __m256i p = dpbusd<true>(_mm256_setzero_si256(), g[j], qy);
-        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, sc[j]));
+        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], qy, sc[j]));
       }
       if constexpr (TILED) {
         const float r = float(hsum_i32(sumi)) * (dw * D::kFinal);
@@ -488,7 +488,7 @@ struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
                                int(g_iq3xxs_grid[q[4]]), int(g_iq3xxs_grid[q[5]]),
                                int(g_iq3xxs_grid[q[6]]), int(g_iq3xxs_grid[q[7]]));
       sg[j] = bit_mask32(parity_signs(aux));
-      sc[j] = _mm256_set1_epi32(int(2 * (aux >> 28) + 1));
+      sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
     }
   }
 };
@@ -508,7 +508,7 @@ struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
       uint32_t bits;
       std::memcpy(&bits, signs + 4 * j, 4);
       sg[j] = bit_mask32(bits);
-      sc[j] = _mm256_set1_epi32(int(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
+      sc[j] = _mm256_set1_epi16(int16_t(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
     }
   }
 };
@@ -520,8 +520,8 @@ static inline __m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3
 
 // Lanes 0-3 (values 0..15 of a sub-block) scale a, lanes 4-7 scale b; each odd: 2 s + 1.
 static inline __m256i half_scales(int a, int b) {
-  return _mm256_setr_epi32(2 * a + 1, 2 * a + 1, 2 * a + 1, 2 * a + 1, 2 * b + 1, 2 * b + 1,
-                           2 * b + 1, 2 * b + 1);
+  return _mm256_inserti128_si256(_mm256_set1_epi16(int16_t(2 * a + 1)),
+                                 _mm_set1_epi16(int16_t(2 * b + 1)), 1);
 }
 
 struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
@@ -534,7 +534,7 @@ struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
       std::memcpy(&aux, q + 4, 4);
       g[j] = grid4(g_iq2xxs_grid, q[0], q[1], q[2], q[3]);
       sg[j] = bit_mask32(parity_signs(aux));
-      sc[j] = _mm256_set1_epi32(int(2 * (aux >> 28) + 1));
+      sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
     }
   }
 };
@@ -598,14 +598,12 @@ struct Q8IQ1 {
       int32_t sumi1 = 0;
       for (int j = 0; j < 8; ++j) {
         const __m256i q = load256(q8 + 32 * j);
-        const __m256i p = dpbusd<true>(_mm256_setzero_si256(), g[j], negate_where(q, sg[j]));
-        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, sc[j]));
+        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], negate_where(q, sg[j]), sc[j]));
         if constexpr (D::kDeltaBsums) {
           const int32_t* bs = x[m].aux + bi * 16 + 2 * j;
           sumi1 += (bs[0] + bs[1]) * dl[j];
         } else {
-          const __m256i pd = dpbusd<true>(_mm256_setzero_si256(), ones, negate_where(q, dm[j]));
-          sumd = _mm256_add_epi32(sumd, _mm256_mullo_epi32(pd, sc[j]));
+          sumd = _mm256_add_epi32(sumd, scaled_dot4(ones, negate_where(q, dm[j]), sc[j]));
         }
       }
       if constexpr (!D::kDeltaBsums) sumi1 = hsum_i32(sumd);
@@ -650,7 +648,7 @@ struct Q8WIQ1_S : Q8IQ1<Q8WIQ1_S> {
                       q[2] | ((h << 2) & 0x700), q[3] | ((h >> 1) & 0x700)),
                 &g[j], &sg[j]);
       const int ls = 2 * ((h >> 12) & 7) + 1;
-      sc[j] = _mm256_set1_epi32(ls);
+      sc[j] = _mm256_set1_epi16(int16_t(ls));
       dl[j] = (h & 0x8000 ? -1 : 1) * ls;
     }
   }
