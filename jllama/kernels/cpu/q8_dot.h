@@ -357,10 +357,6 @@ extern uint64_t g_iq2xs_grid[512];
 extern uint64_t g_iq2s_grid[1024];
 extern uint64_t g_iq1s_grid[2048];
 
-static inline uint32_t parity_sign8(uint32_t s7) {
-  return s7 | (uint32_t(__builtin_popcount(s7) & 1) << 7);
-}
-
 // 32 bits -> 32 bytes, 0xFF where the bit is set (byte i from bit i).
 static inline __m256i bit_mask32(uint32_t bits) {
   const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
@@ -375,11 +371,28 @@ static inline __m256i negate_where(__m256i q, __m256i mask) {
   return _mm256_sub_epi8(_mm256_xor_si256(q, mask), mask);
 }
 
-// 4 x 7 sign bits (bits 0..27) -> 32 bits: each 7 get an 8th making their parity even.
-static inline uint32_t parity_signs(uint32_t aux) {
-  uint32_t bits = 0;
-  for (int l = 0; l < 4; ++l) bits |= parity_sign8((aux >> (7 * l)) & 127) << (8 * l);
-  return bits;
+// 7 sign bits (+ the even-parity 8th) -> 8 bytes, 0xFF where set (ggml's keven_signs_q2xs as
+// masks), built at compile time.
+struct EvenSignMasks {
+  uint64_t m[128];
+  constexpr EvenSignMasks() : m() {
+    for (int s = 0; s < 128; ++s) {
+      int p = 0;
+      for (int k = 0; k < 7; ++k) p ^= (s >> k) & 1;
+      const int bits = s | (p << 7);
+      uint64_t v = 0;
+      for (int k = 0; k < 8; ++k)
+        if ((bits >> k) & 1) v |= uint64_t(0xff) << (8 * k);
+      m[s] = v;
+    }
+  }
+};
+inline constexpr EvenSignMasks kEvenSignMasks{};
+
+// The sign masks of 32 values from four 7-bit sign fields.
+static inline __m256i even_sign_mask32(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t s3) {
+  return _mm256_setr_epi64x(int64_t(kEvenSignMasks.m[s0]), int64_t(kEvenSignMasks.m[s1]),
+                            int64_t(kEvenSignMasks.m[s2]), int64_t(kEvenSignMasks.m[s3]));
 }
 
 // Ternary: codes 0..2 (the trit + 1). Lane l = sum over the 8 chunks of 32 of dot(codes, q8)
@@ -487,7 +500,7 @@ struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
                                int(g_iq3xxs_grid[q[2]]), int(g_iq3xxs_grid[q[3]]),
                                int(g_iq3xxs_grid[q[4]]), int(g_iq3xxs_grid[q[5]]),
                                int(g_iq3xxs_grid[q[6]]), int(g_iq3xxs_grid[q[7]]));
-      sg[j] = bit_mask32(parity_signs(aux));
+      sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
       sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
     }
   }
@@ -533,7 +546,7 @@ struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
       uint32_t aux;
       std::memcpy(&aux, q + 4, 4);
       g[j] = grid4(g_iq2xxs_grid, q[0], q[1], q[2], q[3]);
-      sg[j] = bit_mask32(parity_signs(aux));
+      sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
       sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
     }
   }
@@ -548,9 +561,7 @@ struct Q8WIQ2_XS : Q8Grid<Q8WIQ2_XS> {
       uint16_t q[4];  // 9 bits grid index, 7 sign bits
       std::memcpy(q, b + 2 + 8 * j, 8);
       g[j] = grid4(g_iq2xs_grid, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
-      uint32_t bits = 0;
-      for (int l = 0; l < 4; ++l) bits |= parity_sign8(q[l] >> 9) << (8 * l);
-      sg[j] = bit_mask32(bits);
+      sg[j] = even_sign_mask32(q[0] >> 9, q[1] >> 9, q[2] >> 9, q[3] >> 9);
       sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
     }
   }
