@@ -585,7 +585,7 @@ struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
   }
 };
 
-// IQ1: grid points in {-1, 0, 1} (as |g| against q8 negated where g < 0), plus a +-1/8 delta
+// IQ1: grid points in {-1, 0, 1} (as |g| against q8 times sign(g)), plus a +-1/8 delta
 // per 32 (IQ1_S) or per 8 values (IQ1_M); lane l of sub-block j times its odd scale, summed
 // over j, acc = fma(d_w * d_x, lane, acc). IQ1_S's delta goes through the bsums: summs =
 // fma(d, sum over j of delta_j * scale_j * (bsums of j), summs), final hsum(acc) + summs / 8;
@@ -609,7 +609,7 @@ struct Q8IQ1 {
       int32_t sumi1 = 0;
       for (int j = 0; j < 8; ++j) {
         const __m256i q = load256(q8 + 32 * j);
-        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], negate_where(q, sg[j]), sc[j]));
+        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], _mm256_sign_epi8(q, sg[j]), sc[j]));
         if constexpr (D::kDeltaBsums) {
           const int32_t* bs = x[m].aux + bi * 16 + 2 * j;
           sumi1 += (bs[0] + bs[1]) * dl[j];
@@ -639,10 +639,11 @@ struct Q8IQ1 {
   }
 };
 
-// |g| bytes of a grid point and 0xFF where g < 0.
+// |g| bytes of grid points, and the points themselves (q8 times their sign: ggml's
+// mul_add_epi8).
 static inline void iq1_split(__m256i pts, __m256i* g, __m256i* sg) {
   *g = _mm256_abs_epi8(pts);
-  *sg = _mm256_cmpgt_epi8(_mm256_setzero_si256(), pts);
+  *sg = pts;
 }
 
 struct Q8WIQ1_S : Q8IQ1<Q8WIQ1_S> {
