@@ -1,7 +1,7 @@
 """Prompt-sized int8 GEMMs, jllama's C++ kernel against ggml's own ``mul_mat``, side by side.
 
     python experiments/bench_gemm_vs_ggml.py [--rows 512] [--threads 2] [--reps 5]
-        [--model gemma3|smollm2|q2q3|all]
+        [--model gemma3|smollm2|q2q3|iq12|all]
 
 Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
 activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
@@ -36,6 +36,9 @@ MODELS = {
     "q2q3": [("Q2_K", 2048, 2048, 2), ("Q3_K", 512, 2048, 1), ("Q2_K", 8192, 2048, 2),
              ("Q3_K", 2048, 8192, 1), ("Q3_K", 2048, 2048, 2), ("Q3_K", 8192, 2048, 2),
              ("Q4_K", 8192, 2048, 2)],
+    # the same 1B shapes in the IQ2 / IQ1 types (llama-quantize's IQ2_*/IQ1_* file types)
+    "iq12": [("IQ2_XXS", 8192, 2048, 2), ("IQ2_XS", 8192, 2048, 2), ("IQ2_S", 8192, 2048, 2),
+             ("IQ1_S", 8192, 2048, 2), ("IQ1_M", 8192, 2048, 2)],
 }  # fmt: skip
 
 

@@ -276,13 +276,14 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
         np.testing.assert_array_equal(ours(raw, qtype, x).view(np.uint32), tiled.view(np.uint32))
 
 
-NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.IQ3_XXS, QType.IQ3_S]
+NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS,
+             QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M]
 
 
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
 def test_q8_kernel_ternary_mxfp4_iq3_bit_exact_vs_ggml(qtype: QType) -> None:
-    """ggml's AVX2 vec_dot for TQ1_0/TQ2_0/IQ3 (Q8_K) and MXFP4 (Q8_0, an odd block count: its
-    scalar tail), and from 8 rows its tiled GEMM for IQ3_XXS/IQ3_S."""
+    """ggml's AVX2 vec_dot for TQ1_0/TQ2_0/IQ1/IQ2/IQ3 (Q8_K) and MXFP4 (Q8_0, an odd block
+    count: its scalar tail), and from 8 rows its tiled GEMM for the IQ1/IQ2/IQ3 types."""
     require_q8()
     k = 544 if qtype == QType.MXFP4 else 768
     n = 37

@@ -1,6 +1,7 @@
-"""A tiny llama whose weights are all IQ2_XXS / IQ1_S (written with our quantizers and an
-importance matrix) runs end to end in jllama and in llama.cpp, and the file is byte-identical
-to the one llama.cpp's ``llama_model_quantize`` writes from the same imatrix."""
+"""A tiny llama whose weights are all IQ2_XXS / IQ2_XS / IQ2_S / IQ1_S / IQ1_M (written with our quantizers and an
+importance matrix) runs end to end in jllama and in llama.cpp with bit-identical logits and
+greedy tokens (the int8 kernels), and the file is byte-identical to the one llama.cpp's
+``llama_model_quantize`` writes from the same imatrix."""
 
 from __future__ import annotations
 
@@ -79,21 +80,69 @@ def test_iq2_xxs_file_identical_to_llama_cpp(tiny, tmp_path) -> None:
     assert ours.read_bytes() == ref.read_bytes()
 
 
-@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ1_S"])
-def test_jllama_logits_match_llama_cpp(tiny, tmp_path, ftype: str) -> None:
-    """Same file in both. Not bit-exact: llama.cpp's IQ dot products quantize the activations
-    to Q8_K first; jllama dequantizes the weights and multiplies in f32."""
-    from jllama.api import Llama
+# weight type -> the file type whose --pure weights are all of it (llama.cpp's IQ2_S file type
+# is IQ2_XS-based; IQ2_M's is IQ2_S)
+FTYPES = {"IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M", "IQ1_S": "IQ1_S",
+          "IQ1_M": "IQ1_M"}  # fmt: skip
 
-    path = tmp_path / f"tiny-{ftype}.gguf"
-    _write_pure(tiny, path, ftype, _imatrix(read_gguf(tiny)))
-    types = {t.type_name for t in read_gguf(path).tensors.values()}
-    assert types == {ftype, "F32"}
-    tokens = [1, 300, 301, 17, 302, 303, 42, 304]
-    ref = _llama_cpp_logits(path, tokens)
-    ours = np.asarray(Llama(path, ctx_size=64).logits(tokens), dtype=np.float32)
-    assert ours.shape == ref.shape
-    rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-    print(f"{ftype}: relative L2 logit difference {rel:.4f}")
-    assert rel < 0.05, rel
-    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+@pytest.fixture(scope="module", params=list(FTYPES))
+def iq_model(tiny, tmp_path_factory, request):
+    """(type, file, llama.cpp's logits at every position of TOKENS, its 16 greedy tokens)."""
+    ftype = request.param
+    path = tmp_path_factory.mktemp("iq") / f"tiny-{ftype}.gguf"
+    _write_pure(tiny, path, FTYPES[ftype], _imatrix(read_gguf(tiny)))
+    assert {t.type_name for t in read_gguf(path).tensors.values()} == {ftype, "F32"}
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
+                          seed=0, flash_attn=True)  # fmt: skip
+    try:
+        llm.eval(TOKENS)
+        ref = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+        llm.reset()
+        greedy = []
+        for tok in llm.generate(TOKENS, top_k=1, temp=0.0, repeat_penalty=1.0):
+            greedy.append(tok)
+            if len(greedy) == 16:
+                break
+    finally:
+        llm.close()
+    return ftype, path, ref, greedy
+
+
+TOKENS = [1, 300, 301, 17, 302, 303, 42, 304]
+
+
+def test_jllama_logits_and_greedy_tokens_match_llama_cpp(iq_model) -> None:
+    """Same file in both. With the int8 kernels (ggml's AVX2 vec_dot and, from 8 rows, its
+    tiled GEMM for IQ1/IQ2; AVX2 + FMA + F16C CPUs) every logit is bit-identical, and so are
+    the greedy tokens."""
+    from jllama.api import Llama
+    from jllama.engine.sampling import SamplingParams
+    from jllama.kernels import xla_cpu
+
+    ftype, path, ref, ref_greedy = iq_model
+    llm = Llama(path, ctx_size=64)
+    got = np.asarray(llm.engine.logits(TOKENS), dtype=np.float32)
+    ours = list(llm.engine.generate(TOKENS, SamplingParams.greedy(), max_tokens=16))
+    assert got.shape == ref.shape
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    print(f"\n{ftype}: rel L2 {rel:.2e}, max|diff| {float(np.abs(got - ref).max()):.3g}")
+    if not xla_cpu.q8_on(int(QType[ftype])):
+        pytest.skip("no int8 kernels on this CPU (AVX2 + FMA + F16C): the f32 test below runs")
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    assert ours == ref_greedy
+
+
+def test_f32_fallback_close_to_llama_cpp(iq_model) -> None:
+    """Without the int8 kernels the weights are dequantized and multiplied in f32 by
+    activations rounded as ggml's q8_K rounds them: close, not bit for bit."""
+    from jllama.api import Llama
+    from jllama.numerics import Numerics
+
+    ftype, path, ref, _ = iq_model
+    llm = Llama(path, ctx_size=64, numerics=Numerics().replace(q8_kernels=False))
+    got = np.asarray(llm.engine.logits(TOKENS), dtype=np.float32)
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    print(f"\n{ftype} f32 path: rel L2 {rel:.2e}, max|diff| {float(np.abs(got - ref).max()):.3g}")
+    assert rel < 0.03, rel  # measured 2.6e-7 (IQ2_XXS) .. 7.6e-3 (IQ1_S)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75

@@ -32,6 +32,7 @@ import numpy as np
 
 from jllama import numerics
 from jllama.quant.formats import iq_grid
+from jllama.quant.iqgrids import grid as iq8_grid
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatV
             "jllama_dequant": "JllamaDequant", "jllama_cos_sin": "JllamaCosSin"}
 # The int8-activation kernels (ggml's vec_dot, bit-exact) exist where the build machine has
 # AVX2 + FMA + F16C (VNNI, where present, only speeds up their integer dots).
-# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K, IQ3_XXS IQ3_S TQ1_0 TQ2_0 MXFP4
-Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 18, 21, 34, 35, 39})
+# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K, IQ3_XXS IQ3_S TQ1_0 TQ2_0 MXFP4,
+# IQ2_XXS IQ2_XS IQ2_S IQ1_S IQ1_M
+Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 18, 21, 34, 35, 39, 16, 17, 22, 19, 29})
 # q8: quantized x (q, d, s), any number of weights sharing it (q/k/v, gate/up: one call);
 # q8f: f32 x, quantized inside the call (decode); quantize_q8: the activation quantizer.
 _Q8_TARGETS = {"jllama_qmatvec_q8": "JllamaQMatVecQ8",
@@ -139,12 +141,18 @@ def _build(compiler: str) -> Path:
 
 
 def _set_iq3_grids(lib: ctypes.CDLL) -> None:
-    """Hand the int8 IQ3 kernels ggml's grids (4 bytes a point), from gguf-py's tables."""
+    """Hand the int8 IQ3/IQ2/IQ1 kernels ggml's grids, from gguf-py's tables."""
     grids = [np.ascontiguousarray(iq_grid(n).astype(np.uint8)).view("<u4").reshape(-1)
              for n in ("IQ3_XXS", "IQ3_S")]  # fmt: skip
     lib.JllamaSetIQ3Grids.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.JllamaSetIQ3Grids.restype = None
     lib.JllamaSetIQ3Grids(grids[0].ctypes.data, grids[1].ctypes.data)
+    # IQ2/IQ1 (8 bytes a point; IQ1's as int8 -1/0/1)
+    grids8 = [np.ascontiguousarray(iq8_grid(n)).view(np.uint8).view("<u8").reshape(-1)
+              for n in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S")]  # fmt: skip
+    lib.JllamaSetIQ2Grids.argtypes = [ctypes.c_void_p] * 4
+    lib.JllamaSetIQ2Grids.restype = None
+    lib.JllamaSetIQ2Grids(*(g.ctypes.data for g in grids8))
 
 
 @functools.cache

@@ -47,8 +47,9 @@ from jllama.quant.qtensor import QTensor
 # llama.cpp's llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
 # ggml types whose int8 kernel takes the tiled GEMM order from 8 rows (Q2_K ... Q6_K,
-# IQ3_XXS, IQ3_S)
-_TILED_TYPES = frozenset({10, 11, 12, 13, 14, 18, 21})
+# IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M: ggml-cpu's tiled/tiled.cpp
+# ggml_tiled_supported)
+_TILED_TYPES = frozenset({10, 11, 12, 13, 14, 18, 21, 16, 17, 22, 19, 29})
 _ROW_ORDER_TILE = 7
 # ggml_clamp of the weight sum before the renormalising divide: the smallest f16 normal
 _MIN_WEIGHT_SUM = 6.103515625e-5

@@ -21,6 +21,7 @@ _Q8_K = {QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_X
 # ggml-cpu's type_traits_cpu[...].vec_dot_type of the ternary, MXFP4 and IQ3 types
 _Q8_0 |= {QType.MXFP4}
 _Q8_K |= {QType.TQ1_0, QType.TQ2_0, QType.IQ3_XXS, QType.IQ3_S}
+_Q8_K |= {QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M}
 
 
 def vec_dot_block(qtype: int) -> tuple[int, bool] | None:

@@ -31,6 +31,11 @@ F16_FIELDS = {
     QType.MXFP4: [],  # its scale is an E8M0 exponent: see E8M0_FIELDS
     QType.IQ3_XXS: [0],
     QType.IQ3_S: [0],
+    QType.IQ2_XXS: [0],
+    QType.IQ2_XS: [0],
+    QType.IQ2_S: [0],
+    QType.IQ1_S: [0],
+    QType.IQ1_M: [],  # its f16 scale is split into nibbles: see random_blocks
 }
 
 
@@ -52,6 +57,11 @@ def random_blocks(qtype: QType, rows: int, row_len: int, seed: int = 0) -> np.nd
         raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(rows, nb, 2)
     for off in E8M0_FIELDS.get(qtype, []):
         raw[..., off] = rng.integers(110, 135, (rows, nb), dtype=np.uint8)
+    if qtype == QType.IQ1_M:  # its f16 scale lies in the top nibbles of bytes 49, 51, 53, 55
+        f = rng.uniform(-0.05, 0.05, (rows, nb)).astype(np.float16).view(np.uint16)
+        for k in range(4):
+            nib = ((f >> (4 * k)) & 15).astype(np.uint8)
+            raw[..., 49 + 2 * k] = (raw[..., 49 + 2 * k] & 15) | (nib << 4)
     return raw.reshape(rows, nb * info.type_size)
 
 

@@ -10,7 +10,7 @@
 // computed any exact way (bias trick for signed weights, q8_dot.h); only the f32 steps must
 // match.
 //
-// From 8 x rows on, ggml-cpu multiplies K-quant (and IQ3) weights with its tiled GEMM instead
+// From 8 x rows on, ggml-cpu multiplies K-quant (and IQ1/IQ2/IQ3) weights with its tiled GEMM instead
 // (ggml-cpu/tiled/, ``ggml_tiled_min_batch``), whose f32 steps differ: per 256-block one exact
 // int32 s1 = sum_g sc[g] dot_g and (Q2_K/Q4_K/Q5_K) s2 = sum_g mn[g] bsum_g, then
 // ``r = fma(-dmin_w, s2, s1 * d_w)`` (Q3_K/Q6_K: ``r = s1 * d_w``) and ``acc = fma(r, d_x,

@@ -176,10 +176,11 @@ struct Q8W5_1 : Q8Min<Q8W5_1> {
   }
 };
 
-// Lane l: sc * (dot of bytes 4l..4l+3), u8 weights (< 32) times s8 codes (|q| <= 127): the
+// Lane l: sc * (dot of bytes 4l..4l+3), u8 weights (< 128) times s8 codes (|q| <= 127): the
 // same int32 lanes as dpbusd followed by mullo by sc, in two uops instead of three (maddubs
-// pairs reach 2 * 31 * 127 < 2^15, no saturation). Q4_K/Q5_K only: for Q6_K it was no faster
-// than dpbusd + mullo (experiments/results/cpu_kernels.md), which Q6_K keeps.
+// pairs reach 2 * 127 * 127 < 2^15, no saturation); sc16 holds lane l's scale in both int16
+// halves. Q4_K/Q5_K and the IQ1/IQ2/IQ3 grids: for Q6_K it was no faster than dpbusd + mullo
+// (experiments/results/cpu_kernels.md), which Q6_K keeps.
 static inline __m256i scaled_dot4(__m256i qw, __m256i qy, __m256i sc16) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qy), sc16);
 }
@@ -341,14 +342,20 @@ struct Q8W6_K {
 };
 
 
-// ------------------------------------------------------------------ TQ1_0, TQ2_0, IQ3, MXFP4
-// ggml has no tiled GEMM and no llamafile path for these: every row count takes vec_dot. Their
-// AVX2 vec_dots as the oracle build compiles them (mul + add contracted to one FMA).
+// ------------------------------------------------------- TQ1_0, TQ2_0, IQ1, IQ2, IQ3, MXFP4
+// No llamafile path for these, and no tiled GEMM for TQ1_0/TQ2_0/MXFP4: every row count takes
+// vec_dot there (IQ1/IQ2/IQ3 take the tiled GEMM from 8 rows). Their AVX2 vec_dots as the
+// oracle build compiles them (mul + add contracted to one FMA).
 
-// The IQ3 grids (ggml's iq3xxs_grid / iq3s_grid: 4 bytes per point), uploaded once from
-// gguf-py's tables by cpu_ffi (JllamaSetIQ3Grids) before any IQ3 kernel runs.
+// The IQ3 grids (ggml's iq3xxs_grid / iq3s_grid: 4 bytes per point) and the IQ2/IQ1 grids
+// (8 bytes per point; IQ1's bytes are int8 -1/0/1), uploaded once from gguf-py's tables by
+// cpu_ffi (JllamaSetIQ3Grids, JllamaSetIQ2Grids) before any of these kernels runs.
 extern uint32_t g_iq3xxs_grid[256];
 extern uint32_t g_iq3s_grid[512];
+extern uint64_t g_iq2xxs_grid[256];
+extern uint64_t g_iq2xs_grid[512];
+extern uint64_t g_iq2s_grid[1024];
+extern uint64_t g_iq1s_grid[2048];
 
 // 32 bits -> 32 bytes, 0xFF where the bit is set (byte i from bit i).
 static inline __m256i bit_mask32(uint32_t bits) {
@@ -362,6 +369,30 @@ static inline __m256i bit_mask32(uint32_t bits) {
 // q negated where mask is 0xFF ((q ^ m) - m, as ggml's sign steps; q8 codes are never -128).
 static inline __m256i negate_where(__m256i q, __m256i mask) {
   return _mm256_sub_epi8(_mm256_xor_si256(q, mask), mask);
+}
+
+// 7 sign bits (+ the even-parity 8th) -> 8 bytes, 0xFF where set (ggml's keven_signs_q2xs as
+// masks), built at compile time.
+struct EvenSignMasks {
+  uint64_t m[128];
+  constexpr EvenSignMasks() : m() {
+    for (int s = 0; s < 128; ++s) {
+      int p = 0;
+      for (int k = 0; k < 7; ++k) p ^= (s >> k) & 1;
+      const int bits = s | (p << 7);
+      uint64_t v = 0;
+      for (int k = 0; k < 8; ++k)
+        if ((bits >> k) & 1) v |= uint64_t(0xff) << (8 * k);
+      m[s] = v;
+    }
+  }
+};
+inline constexpr EvenSignMasks kEvenSignMasks{};
+
+// The sign masks of 32 values from four 7-bit sign fields.
+static inline __m256i even_sign_mask32(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t s3) {
+  return _mm256_setr_epi64x(int64_t(kEvenSignMasks.m[s0]), int64_t(kEvenSignMasks.m[s1]),
+                            int64_t(kEvenSignMasks.m[s2]), int64_t(kEvenSignMasks.m[s3]));
 }
 
 // Ternary: codes 0..2 (the trit + 1). Lane l = sum over the 8 chunks of 32 of dot(codes, q8)
@@ -419,13 +450,14 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
   }
 };
 
-// IQ3: per 32 values 8 grid points (unsigned, < 64) against the sign-applied q8; lane l of
-// sub-block j times its odd scale 2 s_j + 1, summed over j; acc = fma(d_w * d_x, lane, acc).
-// IQ3_XXS's scales are half steps: ggml multiplies the final hsum by 0.25.
-// TILED (ggml's tiled GEMM, which takes IQ3 too): s1 = the block's exact sum, d0 = d_w (times
-// 0.25 for IQ3_XXS), summs = fma(d0 * s1, d_x, summs).
+// IQ2, IQ3: per 32 values 8 grid points (unsigned, < 64) against the sign-applied q8; lane l
+// of sub-block j times its odd scale (int16 per lane: IQ2_XS/IQ2_S scale each 16 values, lanes
+// 0-3 and 4-7), summed over j; acc = fma(d_w * d_x, lane, acc). The final hsum is times kFinal
+// (IQ3_XXS's half steps 0.25, IQ2's eighths 0.125).
+// TILED (ggml's tiled GEMM, which takes IQ2 and IQ3 too): s1 = the block's exact sum, d0 = d_w
+// * kFinal, summs = fma(d0 * s1, d_x, summs).
 template <typename D>
-struct Q8IQ3 {
+struct Q8Grid {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = true;
   template <int MC, bool TILED = false>
@@ -437,8 +469,7 @@ struct Q8IQ3 {
       __m256i sumi = _mm256_setzero_si256();
       for (int j = 0; j < 8; ++j) {
         const __m256i qy = negate_where(load256(x[m].q + bi * 256 + 32 * j), sg[j]);
-        const __m256i p = dpbusd<true>(_mm256_setzero_si256(), g[j], qy);
-        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, sc[j]));
+        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], qy, sc[j]));
       }
       if constexpr (TILED) {
         const float r = float(hsum_i32(sumi)) * (dw * D::kFinal);
@@ -456,7 +487,7 @@ struct Q8IQ3 {
   }
 };
 
-struct Q8WIQ3_XXS : Q8IQ3<Q8WIQ3_XXS> {
+struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
   static constexpr int TS = 98;
   static constexpr float kFinal = 0.25f;
   static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
@@ -469,18 +500,13 @@ struct Q8WIQ3_XXS : Q8IQ3<Q8WIQ3_XXS> {
                                int(g_iq3xxs_grid[q[2]]), int(g_iq3xxs_grid[q[3]]),
                                int(g_iq3xxs_grid[q[4]]), int(g_iq3xxs_grid[q[5]]),
                                int(g_iq3xxs_grid[q[6]]), int(g_iq3xxs_grid[q[7]]));
-      uint32_t bits = 0;  // 7 sign bits per 8 values, the 8th making their parity even
-      for (int l = 0; l < 4; ++l) {
-        const uint32_t s7 = (aux >> (7 * l)) & 127;
-        bits |= (s7 | (uint32_t(__builtin_popcount(s7) & 1) << 7)) << (8 * l);
-      }
-      sg[j] = bit_mask32(bits);
-      sc[j] = _mm256_set1_epi32(int(2 * (aux >> 28) + 1));
+      sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
+      sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
     }
   }
 };
 
-struct Q8WIQ3_S : Q8IQ3<Q8WIQ3_S> {
+struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
   static constexpr int TS = 110;
   static constexpr float kFinal = 1.0f;
   static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
@@ -495,7 +521,175 @@ struct Q8WIQ3_S : Q8IQ3<Q8WIQ3_S> {
       uint32_t bits;
       std::memcpy(&bits, signs + 4 * j, 4);
       sg[j] = bit_mask32(bits);
-      sc[j] = _mm256_set1_epi32(int(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
+      sc[j] = _mm256_set1_epi16(int16_t(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
+    }
+  }
+};
+
+static inline __m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3) {
+  return _mm256_setr_epi64x(int64_t(grid[i0]), int64_t(grid[i1]), int64_t(grid[i2]),
+                            int64_t(grid[i3]));
+}
+
+// Lanes 0-3 (values 0..15 of a sub-block) scale a, lanes 4-7 scale b; each odd: 2 s + 1.
+static inline __m256i half_scales(int a, int b) {
+  return _mm256_inserti128_si256(_mm256_set1_epi16(int16_t(2 * a + 1)),
+                                 _mm_set1_epi16(int16_t(2 * b + 1)), 1);
+}
+
+struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
+  static constexpr int TS = 66;
+  static constexpr float kFinal = 0.125f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* q = b + 2 + 8 * j;  // 4 grid indices, then signs and scale
+      uint32_t aux;
+      std::memcpy(&aux, q + 4, 4);
+      g[j] = grid4(g_iq2xxs_grid, q[0], q[1], q[2], q[3]);
+      sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
+      sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
+    }
+  }
+};
+
+struct Q8WIQ2_XS : Q8Grid<Q8WIQ2_XS> {
+  static constexpr int TS = 74;
+  static constexpr float kFinal = 0.125f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    const uint8_t* scales = b + 66;
+    for (int j = 0; j < 8; ++j) {
+      uint16_t q[4];  // 9 bits grid index, 7 sign bits
+      std::memcpy(q, b + 2 + 8 * j, 8);
+      g[j] = grid4(g_iq2xs_grid, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
+      sg[j] = even_sign_mask32(q[0] >> 9, q[1] >> 9, q[2] >> 9, q[3] >> 9);
+      sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
+    }
+  }
+};
+
+struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
+  static constexpr int TS = 82;
+  static constexpr float kFinal = 0.125f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    const uint8_t *qs = b + 2, *signs = b + 34, *qh = b + 66, *scales = b + 74;
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* q = qs + 4 * j;
+      const int h = qh[j];
+      g[j] = grid4(g_iq2s_grid, q[0] | ((h << 8) & 0x300), q[1] | ((h << 6) & 0x300),
+                   q[2] | ((h << 4) & 0x300), q[3] | ((h << 2) & 0x300));
+      uint32_t bits;
+      std::memcpy(&bits, signs + 4 * j, 4);
+      sg[j] = bit_mask32(bits);
+      sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
+    }
+  }
+};
+
+// IQ1: grid points in {-1, 0, 1} (as |g| against q8 times sign(g)), plus a +-1/8 delta
+// per 32 (IQ1_S) or per 8 values (IQ1_M); lane l of sub-block j times its odd scale, summed
+// over j, acc = fma(d_w * d_x, lane, acc). IQ1_S's delta goes through the bsums: summs =
+// fma(d, sum over j of delta_j * scale_j * (bsums of j), summs), final hsum(acc) + summs / 8;
+// IQ1_M's per lane as the grid's: acc2 = fma(d, delta lanes, acc2), final hsum(acc) +
+// hsum(acc2) / 8. TILED: s1 = 8 * (grid sum) + (delta sum), exact; d0 = d_w / 8, summs =
+// fma(d0 * s1, d_x, summs).
+template <typename D>
+struct Q8IQ1 {
+  static constexpr int BS = 256, XB = 256, OFF = 0;
+  static constexpr bool kBias = false, kBsums = D::kDeltaBsums, kTiled = true;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    __m256i g[8], sg[8], sc[8], dm[8];
+    int32_t dl[8];
+    D::unpack(b, g, sg, sc, dm, dl);
+    const float dw = D::scale(b);
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int m = 0; m < MC; ++m) {
+      const int8_t* q8 = x[m].q + bi * 256;
+      __m256i sumi = _mm256_setzero_si256(), sumd = _mm256_setzero_si256();
+      int32_t sumi1 = 0;
+      for (int j = 0; j < 8; ++j) {
+        const __m256i q = load256(q8 + 32 * j);
+        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], _mm256_sign_epi8(q, sg[j]), sc[j]));
+        if constexpr (D::kDeltaBsums) {
+          const int32_t* bs = x[m].aux + bi * 16 + 2 * j;
+          sumi1 += (bs[0] + bs[1]) * dl[j];
+        } else {
+          sumd = _mm256_add_epi32(sumd, scaled_dot4(ones, negate_where(q, dm[j]), sc[j]));
+        }
+      }
+      if constexpr (!D::kDeltaBsums) sumi1 = hsum_i32(sumd);
+      if constexpr (TILED) {
+        const float r = float(8 * hsum_i32(sumi) + sumi1) * (dw * 0.125f);
+        st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
+      } else {
+        const float d = x[m].d[bi] * dw;
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), st[m].acc);
+        if constexpr (D::kDeltaBsums)
+          st[m].summs = __builtin_fmaf(d, float(sumi1), st[m].summs);
+        else
+          st[m].acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumd), st[m].acc2);
+      }
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) {
+    if constexpr (TILED) return a.summs;
+    if constexpr (D::kDeltaBsums) return hsum8(a.acc) + 0.125f * a.summs;
+    return hsum8(a.acc) + 0.125f * hsum8(a.acc2);
+  }
+};
+
+// |g| bytes of grid points, and the points themselves (q8 times their sign: ggml's
+// mul_add_epi8).
+static inline void iq1_split(__m256i pts, __m256i* g, __m256i* sg) {
+  *g = _mm256_abs_epi8(pts);
+  *sg = pts;
+}
+
+struct Q8WIQ1_S : Q8IQ1<Q8WIQ1_S> {
+  static constexpr int TS = 50;
+  static constexpr bool kDeltaBsums = true;
+  static float scale(const uint8_t* b) { return f16_to_f32(b); }
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc, __m256i*,
+                     int32_t* dl) {
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* q = b + 2 + 4 * j;
+      uint16_t h;
+      std::memcpy(&h, b + 34 + 2 * j, 2);
+      iq1_split(grid4(g_iq1s_grid, q[0] | ((h << 8) & 0x700), q[1] | ((h << 5) & 0x700),
+                      q[2] | ((h << 2) & 0x700), q[3] | ((h >> 1) & 0x700)),
+                &g[j], &sg[j]);
+      const int ls = 2 * ((h >> 12) & 7) + 1;
+      sc[j] = _mm256_set1_epi16(int16_t(ls));
+      dl[j] = (h & 0x8000 ? -1 : 1) * ls;
+    }
+  }
+};
+
+struct Q8WIQ1_M : Q8IQ1<Q8WIQ1_M> {
+  static constexpr int TS = 56;
+  static constexpr bool kDeltaBsums = false;
+  static float scale(const uint8_t* b) {  // an f16 in the top nibbles of the 4 scale words
+    uint16_t sc[4];
+    std::memcpy(sc, b + 48, 8);
+    const uint16_t h = uint16_t((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) |
+                                ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+    return f16_to_f32(reinterpret_cast<const uint8_t*>(&h));
+  }
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc, __m256i* dm,
+                     int32_t*) {
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t *q = b + 4 * j, *h = b + 32 + 2 * j;
+      iq1_split(grid4(g_iq1s_grid, q[0] | ((h[0] << 8) & 0x700), q[1] | ((h[0] << 4) & 0x700),
+                      q[2] | ((h[1] << 8) & 0x700), q[3] | ((h[1] << 4) & 0x700)),
+                &g[j], &sg[j]);
+      uint16_t w;
+      std::memcpy(&w, b + 48 + 2 * (j >> 1), 2);
+      const int sh = 6 * (j & 1);
+      sc[j] = half_scales((w >> sh) & 7, (w >> (sh + 3)) & 7);
+      const uint32_t bits = (h[0] & 0x08 ? 0xffu : 0) | (h[0] & 0x80 ? 0xff00u : 0) |
+                            (h[1] & 0x08 ? 0xff0000u : 0) | (h[1] & 0x80 ? 0xff000000u : 0);
+      dm[j] = bit_mask32(bits);
     }
   }
 };

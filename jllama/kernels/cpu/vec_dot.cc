@@ -494,6 +494,11 @@ Q8Kernel pick_q8(int64_t qtype) {
     case kMXFP4: return make_q8_denormals<Q8WMXFP4>(qtype);
     case kIQ3_XXS: return make_q8<Q8WIQ3_XXS>(qtype);
     case kIQ3_S: return make_q8<Q8WIQ3_S>(qtype);
+    case kIQ2_XXS: return make_q8<Q8WIQ2_XXS>(qtype);
+    case kIQ2_XS: return make_q8<Q8WIQ2_XS>(qtype);
+    case kIQ2_S: return make_q8<Q8WIQ2_S>(qtype);
+    case kIQ1_S: return make_q8<Q8WIQ1_S>(qtype);
+    case kIQ1_M: return make_q8<Q8WIQ1_M>(qtype);
     default: return {nullptr, nullptr, 0, 0, 0, 0, false, false, false, false};
   }
 }
@@ -505,6 +510,10 @@ Q8Kernel pick_q8(int64_t qtype) {
 namespace jllama {
 uint32_t g_iq3xxs_grid[256];
 uint32_t g_iq3s_grid[512];
+uint64_t g_iq2xxs_grid[256];
+uint64_t g_iq2xs_grid[512];
+uint64_t g_iq2s_grid[1024];
+uint64_t g_iq1s_grid[2048];
 }  // namespace jllama
 
 // The IQ3 grids for the int8 kernels, from gguf-py's tables (cpu_ffi calls this at load).
@@ -512,5 +521,16 @@ extern "C" __attribute__((visibility("default"))) void JllamaSetIQ3Grids(const u
                                                                           const uint32_t* s) {
   std::memcpy(jllama::g_iq3xxs_grid, xxs, sizeof(jllama::g_iq3xxs_grid));
   std::memcpy(jllama::g_iq3s_grid, s, sizeof(jllama::g_iq3s_grid));
+}
+
+// The IQ2 and IQ1 grids (8 bytes a point), likewise.
+extern "C" __attribute__((visibility("default"))) void JllamaSetIQ2Grids(const uint64_t* xxs,
+                                                                          const uint64_t* xs,
+                                                                          const uint64_t* s,
+                                                                          const uint64_t* iq1s) {
+  std::memcpy(jllama::g_iq2xxs_grid, xxs, sizeof(jllama::g_iq2xxs_grid));
+  std::memcpy(jllama::g_iq2xs_grid, xs, sizeof(jllama::g_iq2xs_grid));
+  std::memcpy(jllama::g_iq2s_grid, s, sizeof(jllama::g_iq2s_grid));
+  std::memcpy(jllama::g_iq1s_grid, iq1s, sizeof(jllama::g_iq1s_grid));
 }
 #endif
