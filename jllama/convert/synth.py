@@ -308,3 +308,25 @@ def write(shape: Shape, path: str | os.PathLike[str], vocab: str | os.PathLike[s
     specs = [TensorSpec(t.name, t.shape, int(t.qtype), _tensor_data(t, shape, seed))
              for t in plan(shape)]
     return write_gguf(path, md, specs, types, on_tensor=on_tensor)
+
+
+def find_vocab(shape: Shape, vocab: str | os.PathLike[str] | None = None) -> str:
+    """The tokenizer GGUF for ``shape``: ``vocab`` if given (a file, or a folder holding
+    ``ggml-vocab-NAME.gguf``); else the registry model it names, or llama.cpp's test vocabulary
+    from ``$JLLAMA_SHARED_DATA/vocab`` or jllama's test-data cache."""
+    from jllama import registry
+
+    fname = f"ggml-vocab-{shape.vocab}.gguf"
+    if vocab is not None:
+        p = os.fspath(vocab)
+        return os.path.join(p, fname) if os.path.isdir(p) else p
+    if shape.vocab.startswith("registry:"):
+        return str(registry.fetch(shape.vocab.split(":", 1)[1]))
+    dirs = [os.path.join(os.environ["JLLAMA_SHARED_DATA"], "vocab")] \
+        if os.environ.get("JLLAMA_SHARED_DATA") else []
+    dirs.append(str(registry.cache_dir() / "testdata" / "vocab"))
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, fname)):
+            return os.path.join(d, fname)
+    raise JllamaError(f"no {fname} in {' or '.join(dirs)}: pass --vocab (llama.cpp's "
+                      "models/ folder holds it)")
