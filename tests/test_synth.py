@@ -119,3 +119,19 @@ def test_tiny_model_runs_in_llama_cpp_and_jllama(tiny, name):
     assert llm.tokenize("The capital of France is") == ids  # the real tokenizer, both sides
     got = llm.complete(ids, 6, SamplingParams.greedy()).tokens
     assert got == want
+
+
+@pytest.mark.parametrize("name,ftype", [("llama-3.2-1b", "q4_k_m"), ("llama-3.2-1b", "q4_0"),
+                                        ("llama-3.2-1b", "q8_0"), ("qwen3-30b-a3b", "q4_k_m")])
+def test_quantize_is_byte_identical_to_llama_cpp(tiny, tmp_path, name, ftype):
+    from llamacpp_oracle import llama_cpp_module
+
+    from jllama.quant.mixes import mix_from_base
+    from jllama.quant.quantize import quantize_file
+    from jllama.quant.testing import llama_cpp_quantize
+
+    llama_cpp_module()  # the oracle, or a skip off CI / a failure in CI
+    src = tiny(name)
+    quantize_file(src, tmp_path / "ours.gguf", mix_from_base(ftype))
+    llama_cpp_quantize(src, tmp_path / "ref.gguf", ftype)
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
