@@ -9,7 +9,6 @@ llama.cpp's llama_model_quantize.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import testdata
 
@@ -100,7 +99,10 @@ def tiny(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", list(ARCHS))
+# llama runs in the quick set; each other architecture compiles its own programs (10-40 s here)
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", [n if n == "llama-3.2-1b" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ARCHS])
 def test_tiny_model_runs_in_llama_cpp_and_jllama(tiny, name):
     from llamacpp_oracle import llama_cpp_module
 
@@ -121,8 +123,11 @@ def test_tiny_model_runs_in_llama_cpp_and_jllama(tiny, name):
     assert got == want
 
 
-@pytest.mark.parametrize("name,ftype", [("llama-3.2-1b", "q4_k_m"), ("llama-3.2-1b", "q4_0"),
-                                        ("llama-3.2-1b", "q8_0"), ("qwen3-30b-a3b", "q4_k_m")])
+@pytest.mark.oracle
+@pytest.mark.parametrize("name,ftype", [
+    ("llama-3.2-1b", "q4_k_m"), ("llama-3.2-1b", "q4_0"), ("llama-3.2-1b", "q8_0"),
+    pytest.param("qwen3-30b-a3b", "q4_k_m", marks=pytest.mark.slow),  # 3-D expert tensors
+])
 def test_quantize_is_byte_identical_to_llama_cpp(tiny, tmp_path, name, ftype):
     from llamacpp_oracle import llama_cpp_module
 
