@@ -291,8 +291,15 @@ def _tensor_data(t: PlannedTensor, s: Shape, seed: int) -> Callable[[], np.ndarr
         elif t.kind == "bias":
             a = 0.02 * rng.standard_normal(t.shape, dtype=np.float32)
         else:
-            a = rng.standard_normal(t.shape, dtype=np.float32)
-            a *= 0.02
+            # drawn in slices of ~16M values straight into the F16 array: peak memory is the
+            # tensor's F16 bytes plus one slice, not an F32 copy of an 8B model's embedding
+            out = np.empty(t.shape, np.float16)
+            flat = out.reshape(t.shape[0], -1)
+            step = max(1, (1 << 24) // flat.shape[1])
+            for r in range(0, flat.shape[0], step):
+                n = min(step, flat.shape[0] - r)
+                flat[r:r + n] = rng.standard_normal((n, flat.shape[1]), dtype=np.float32) * 0.02
+            return out.view(np.uint8)
         return a.astype(np.float16 if t.qtype == QType.F16 else np.float32).view(np.uint8)
 
     return make
