@@ -140,3 +140,24 @@ def test_quantize_is_byte_identical_to_llama_cpp(tiny, tmp_path, name, ftype):
     quantize_file(src, tmp_path / "ours.gguf", mix_from_base(ftype))
     llama_cpp_quantize(src, tmp_path / "ref.gguf", ftype)
     assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+
+
+def test_cli(tmp_path, capsys):
+    from jllama.cli.main import main
+
+    assert main(["synth", "list"]) == 0
+    assert "deepseek-v2-lite" in capsys.readouterr().out
+    assert main(["synth", "llama-9b", str(tmp_path / "x.gguf")]) == 1
+    assert "unknown model shape" in capsys.readouterr().err
+    assert main(["synth", "deepseek-v2-lite", str(tmp_path / "x.gguf"), "--layers", "2"]) == 1
+    out = tmp_path / "q.gguf"
+    vocab = testdata.vocab("llama-bpe").parent
+    assert main(["synth", "llama-3.2-1b", str(out), "--tiny", "--layers", "1", "--type", "q8_0",
+                 "--vocab", str(vocab)]) == 0
+    from jllama.gguf.reader import read_gguf
+
+    g = read_gguf(out)
+    assert g.metadata["general.file_type"] == 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
+    assert g.tensors["blk.0.ffn_up.weight"].type_name == "Q8_0"
+    assert len(g.metadata["tokenizer.ggml.tokens"]) == 128256
+    assert [p.name for p in tmp_path.iterdir()] == ["q.gguf"]  # the F16 intermediate is gone
