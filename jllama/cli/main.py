@@ -36,6 +36,7 @@ COMMANDS = [
     "convert",
     "convert-hf",
     "export-lora",
+    "synth",
 ]
 
 

@@ -1,0 +1,163 @@
+"""jllama synth: published shapes, files llama.cpp loads, quantization byte-identical to
+llama.cpp's.
+
+Expected numbers come from the models' published config.json files and model cards (parameter
+counts: Meta's, Qwen's, Google's and DeepSeek's), never from the generator; file validity from
+llama.cpp itself (llama-cpp-python loads and runs each architecture), quantized bytes from
+llama.cpp's llama_model_quantize.
+"""
+
+from __future__ import annotations
+
+import pytest
+import testdata
+
+from jllama.convert import synth
+
+# name: (published parameter count, {tensor: shape in numpy order} from config.json)
+PUBLISHED = {
+    "llama-3.2-1b": (1.24e9, {"token_embd.weight": (128256, 2048),
+                              "blk.15.attn_k.weight": (512, 2048),
+                              "blk.0.ffn_down.weight": (2048, 8192),
+                              "rope_freqs.weight": (32,)}),
+    "llama-3.2-3b": (3.21e9, {"blk.27.attn_q.weight": (3072, 3072),
+                              "blk.0.attn_v.weight": (1024, 3072)}),
+    "llama-3.1-8b": (8.03e9, {"output.weight": (128256, 4096),
+                              "blk.31.ffn_up.weight": (14336, 4096)}),
+    "qwen2.5-1.5b": (1.54e9, {"blk.27.attn_k.bias": (256,), "blk.0.attn_q.bias": (1536,),
+                              "blk.0.ffn_gate.weight": (8960, 1536)}),
+    "qwen2.5-7b": (7.62e9, {"token_embd.weight": (152064, 3584),
+                            "blk.0.attn_k.weight": (512, 3584)}),
+    "qwen3-4b": (4.02e9, {"blk.35.attn_q_norm.weight": (128,),
+                          "blk.0.attn_q.weight": (4096, 2560)}),
+    "gemma-3-1b": (1.0e9, {"token_embd.weight": (262144, 1152),
+                           "blk.25.attn_q.weight": (1024, 1152),
+                           "blk.0.post_ffw_norm.weight": (1152,)}),
+    "gemma-3-4b": (3.88e9, {"token_embd.weight": (262208, 2560),
+                            "blk.33.attn_k.weight": (1024, 2560)}),
+    "qwen3-30b-a3b": (30.5e9, {"blk.47.ffn_gate_exps.weight": (128, 768, 2048),
+                               "blk.0.ffn_gate_inp.weight": (128, 2048),
+                               "blk.0.attn_k.weight": (512, 2048)}),
+    "deepseek-v2-lite": (15.7e9, {"blk.0.ffn_gate.weight": (10944, 2048),
+                                  "blk.26.ffn_up_exps.weight": (64, 1408, 2048),
+                                  "blk.1.ffn_up_shexp.weight": (2816, 2048),
+                                  "blk.0.attn_q.weight": (3072, 2048),
+                                  "blk.0.attn_kv_a_mqa.weight": (576, 2048),
+                                  "blk.0.attn_k_b.weight": (16, 512, 128),
+                                  "blk.0.attn_v_b.weight": (16, 128, 512)}),
+}
+
+
+def test_every_shape_is_checked():
+    assert set(PUBLISHED) == set(synth.SHAPES)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_full_size_plan(name):
+    want_params, shapes = PUBLISHED[name]
+    s = synth.SHAPES[name]
+    got = synth.n_params(s)
+    assert abs(got / want_params - 1) < 0.01, f"{name}: {got / 1e9:.3f}B"
+    tensors = {t.name: t for t in synth.plan(s)}
+    for tname, shape in shapes.items():
+        assert tensors[tname].shape == shape, tname
+    md, _ = synth.hparams(s)
+    assert md[f"{s.arch}.block_count"] == s.n_layer
+    # F16 matrices, F32 vectors: what convert_hf_to_gguf.py --outtype f16 writes
+    assert {t.qtype.name for t in tensors.values() if len(t.shape) == 1} == {"F32"}
+    assert {t.qtype.name for t in tensors.values() if len(t.shape) > 1} == {"F16"}
+
+
+def test_deepseek_lite_needs_its_layer_count():
+    with pytest.raises(synth.JllamaError, match="26 or 27"):
+        synth.scaled(synth.SHAPES["deepseek-v2-lite"], layers=2)
+
+
+def _vocab(shape):
+    if shape.vocab.startswith("registry:"):
+        return synth.find_vocab(shape)
+    return testdata.vocab(shape.vocab)
+
+
+# one per architecture; V2-Lite only loads with its 27 layers
+ARCHS = {"llama-3.2-1b": 2, "qwen2.5-1.5b": 1, "qwen3-4b": 1, "gemma-3-1b": 2,
+         "qwen3-30b-a3b": 1, "deepseek-v2-lite": None}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = {}
+
+    def get(name):
+        if name not in out:
+            s = synth.scaled(synth.SHAPES[name], ARCHS[name], tiny=True)
+            p = tmp_path_factory.mktemp("synth") / f"{name}.gguf"
+            synth.write(s, p, _vocab(s), seed=1)
+            out[name] = p
+        return out[name]
+
+    return get
+
+
+# llama runs in the quick set; each other architecture compiles its own programs (10-40 s here)
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", [n if n == "llama-3.2-1b" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ARCHS])
+def test_tiny_model_runs_in_llama_cpp_and_jllama(tiny, name):
+    from llamacpp_oracle import llama_cpp_module
+
+    from jllama.api import Llama
+    from jllama.engine.sampling import SamplingParams
+
+    path = tiny(name)
+    ref = llama_cpp_module().Llama(model_path=str(path), n_ctx=64, verbose=False, n_threads=2)
+    ids = ref.tokenize(b"The capital of France is")
+    want = []
+    for tok in ref.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        want.append(tok)
+        if len(want) == 6:
+            break
+    llm = Llama(str(path), ctx_size=64)
+    assert llm.tokenize("The capital of France is") == ids  # the real tokenizer, both sides
+    got = llm.complete(ids, 6, SamplingParams.greedy()).tokens
+    assert got == want
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name,ftype", [
+    ("llama-3.2-1b", "q4_k_m"), ("llama-3.2-1b", "q4_0"), ("llama-3.2-1b", "q8_0"),
+    pytest.param("qwen3-30b-a3b", "q4_k_m", marks=pytest.mark.slow),  # 3-D expert tensors
+])
+def test_quantize_is_byte_identical_to_llama_cpp(tiny, tmp_path, name, ftype):
+    from llamacpp_oracle import llama_cpp_module
+
+    from jllama.quant.mixes import mix_from_base
+    from jllama.quant.quantize import quantize_file
+    from jllama.quant.testing import llama_cpp_quantize
+
+    llama_cpp_module()  # the oracle, or a skip off CI / a failure in CI
+    src = tiny(name)
+    quantize_file(src, tmp_path / "ours.gguf", mix_from_base(ftype))
+    llama_cpp_quantize(src, tmp_path / "ref.gguf", ftype)
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+
+
+def test_cli(tmp_path, capsys):
+    from jllama.cli.main import main
+
+    assert main(["synth", "list"]) == 0
+    assert "deepseek-v2-lite" in capsys.readouterr().out
+    assert main(["synth", "llama-9b", str(tmp_path / "x.gguf")]) == 1
+    assert "unknown model shape" in capsys.readouterr().err
+    assert main(["synth", "deepseek-v2-lite", str(tmp_path / "x.gguf"), "--layers", "2"]) == 1
+    out = tmp_path / "q.gguf"
+    vocab = testdata.vocab("llama-bpe").parent
+    assert main(["synth", "llama-3.2-1b", str(out), "--tiny", "--layers", "1", "--type", "q8_0",
+                 "--vocab", str(vocab)]) == 0
+    from jllama.gguf.reader import read_gguf
+
+    g = read_gguf(out)
+    assert g.metadata["general.file_type"] == 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
+    assert g.tensors["blk.0.ffn_up.weight"].type_name == "Q8_0"
+    assert len(g.metadata["tokenizer.ggml.tokens"]) == 128256
+    assert [p.name for p in tmp_path.iterdir()] == ["q.gguf"]  # the F16 intermediate is gone
