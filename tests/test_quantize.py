@@ -75,6 +75,10 @@ def test_smollm2_requantized_file_identical_to_llama_cpp(smollm2_path, tmp_path,
 # Every file type's map and every type's bytes are tested in test_mixes / test_quant_formats;
 # whole files for a representative set by default, the rest marked slow.
 _NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XS", "IQ3_XXS", "Q2_K_S"}
+# The lattice file types cost 10-20 s each here (ggml builds its grids' tables, our searches are
+# numpy): two whole files stand for them (IQ2_M mixes IQ2_S/IQ3_S/IQ4_XS..., IQ1_S), the others'
+# tensor maps are llama.cpp's in test_mixes_iq and every type's bytes ggml's in test_quant_iq.
+_LATTICE_MAPS_ONLY = {"IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"}
 _FILE_DEFAULT = {"Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0", "IQ4_XS"}
 
 
@@ -82,7 +86,7 @@ _FILE_DEFAULT = {"Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0", "
     "ftype",
     [
         f if f in _FILE_DEFAULT else pytest.param(f, marks=pytest.mark.slow)
-        for f in sorted(set(FTYPES) - {"F32"})
+        for f in sorted(set(FTYPES) - {"F32"} - _LATTICE_MAPS_ONLY)
     ],
 )
 def test_tiny_model_file_identical_to_llama_cpp(tiny, tmp_path, ftype) -> None:
