@@ -25,6 +25,20 @@ def llama_cpp_module():
     return llama_cpp_stock()
 
 
+def llama_cpp_logits(path, tokens: list[int]):
+    """llama.cpp's logits (float32 ``[len(tokens), n_vocab]``) for one prompt, one thread."""
+    import numpy as np
+
+    llm = llama_cpp_module().Llama(
+        str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1
+    )
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
 # ------------------------------------------------------------------ ggml itself, through ctypes
 # Single-op oracles (a matmul, flash attention, a quantizer, a lookup table) run ggml's own CPU
 # code from the oracle's libggml-base/-cpu on a plain ggml context: no backend buffers, so no

@@ -57,15 +57,6 @@ def _write_pure(src, dst, ftype: str, imatrix: dict[str, np.ndarray]) -> None:
     write_gguf(dst, md, specs, mt)
 
 
-def _llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    finally:
-        llm.close()
-
-
 def test_iq2_xxs_file_identical_to_llama_cpp(tiny, tmp_path) -> None:
     im = _imatrix(read_gguf(tiny))
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from llamacpp_oracle import llama_cpp_logits
 
 from jllama.errors import JllamaError, QuantError
 from jllama.gguf.constants import QType
@@ -110,25 +111,16 @@ def test_tiny_model_file_identical_to_llama_cpp(tiny, tmp_path, ftype) -> None:
     _assert_same_file(ours, ref)
 
 
-def _llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    finally:
-        llm.close()
-
-
 def test_llama_cpp_runs_our_files(tiny, tmp_path) -> None:
     """llama.cpp loads and runs what we wrote (the bytes are llama.cpp's own, tested above);
     the logits drift from the F32 model's in order of bits."""
     tokens = [1, 300, 301, 17, 302, 303, 42, 304]
-    f32 = _llama_cpp_logits(tiny, tokens)
+    f32 = llama_cpp_logits(tiny, tokens)
     rel = {}
     for ftype in ("Q8_0", "Q4_K_M", "IQ4_XS", "Q2_K"):
         ours = tmp_path / f"ours-{ftype}.gguf"
         quantize_file(tiny, ours, mix_from_base(ftype))
-        got = _llama_cpp_logits(ours, tokens)
+        got = llama_cpp_logits(ours, tokens)
         assert np.isfinite(got).all()
         rel[ftype] = float(np.linalg.norm(got - f32) / np.linalg.norm(f32))
     assert rel["Q8_0"] < 0.05 and rel["Q8_0"] < rel["Q4_K_M"] < rel["Q2_K"] < 1.0, rel
@@ -138,8 +130,8 @@ def test_llama_cpp_runs_our_files(tiny, tmp_path) -> None:
 def test_llama_cpp_runs_requantized_smollm2(smollm2_path, smollm2_q4_k_m) -> None:
     out = smollm2_q4_k_m
     tokens = [1, 504, 3458, 314, 260, 1345, 28]
-    src = _llama_cpp_logits(smollm2_path, tokens)
-    got = _llama_cpp_logits(out, tokens)
+    src = llama_cpp_logits(smollm2_path, tokens)
+    got = llama_cpp_logits(out, tokens)
     assert np.isfinite(got).all()
     # same next-token choice on most positions as the Q4_1 original
     assert (got.argmax(-1) == src.argmax(-1)).mean() >= 0.7
@@ -242,7 +234,7 @@ def test_jllama_logits_match_llama_cpp_per_type(tiny, tmp_path, qtype) -> None:
     types = {t.type_name for t in read_gguf(path).tensors.values()}
     assert types == {qtype, "F32"}
     tokens = [1, 300, 301, 17, 302, 303, 42, 304]
-    ref = _llama_cpp_logits(path, tokens)
+    ref = llama_cpp_logits(path, tokens)
     ours = np.asarray(Llama(path, ctx_size=64).logits(tokens), dtype=np.float32)
     assert ours.shape == ref.shape
     rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
@@ -258,7 +250,7 @@ def test_run_config_quant_on_load_matches_llama_cpp(tiny, tmp_path) -> None:
     ref_file = tmp_path / "ref.gguf"
     llama_cpp_quantize(tiny, ref_file, "Q4_K_M", overrides=[("ffn_down", QType.Q8_0)])
     tokens = [1, 305, 306, 307, 18, 308]
-    ref = _llama_cpp_logits(ref_file, tokens)
+    ref = llama_cpp_logits(ref_file, tokens)
     mix = {"base": "q4_k_m", "rules": [{"match": "ffn_down", "type": "q8_0"}]}
     ours = np.asarray(Llama(tiny, ctx_size=64, quant=mix).logits(tokens), dtype=np.float32)
     rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
