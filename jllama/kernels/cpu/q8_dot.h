@@ -487,6 +487,13 @@ struct Q8Grid {
   }
 };
 
+// Eight 4-byte grid points, picked by 8 indices (uint8 or int), as one vector.
+template <typename I>
+static inline __m256i grid8(const uint32_t* grid, const I* i) {
+  return _mm256_setr_epi32(int(grid[i[0]]), int(grid[i[1]]), int(grid[i[2]]), int(grid[i[3]]),
+                           int(grid[i[4]]), int(grid[i[5]]), int(grid[i[6]]), int(grid[i[7]]));
+}
+
 struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
   static constexpr int TS = 98;
   static constexpr float kFinal = 0.25f;
@@ -496,10 +503,7 @@ struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
       uint32_t aux;
       std::memcpy(&aux, b + 66 + 4 * j, 4);
       const uint8_t* q = qs + 8 * j;
-      g[j] = _mm256_setr_epi32(int(g_iq3xxs_grid[q[0]]), int(g_iq3xxs_grid[q[1]]),
-                               int(g_iq3xxs_grid[q[2]]), int(g_iq3xxs_grid[q[3]]),
-                               int(g_iq3xxs_grid[q[4]]), int(g_iq3xxs_grid[q[5]]),
-                               int(g_iq3xxs_grid[q[6]]), int(g_iq3xxs_grid[q[7]]));
+      g[j] = grid8(g_iq3xxs_grid, q);
       sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
       sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
     }
@@ -514,10 +518,7 @@ struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
     for (int j = 0; j < 8; ++j) {
       int idx[8];
       for (int k = 0; k < 8; ++k) idx[k] = qs[8 * j + k] | (((qh[j] >> k) & 1) << 8);
-      g[j] = _mm256_setr_epi32(int(g_iq3s_grid[idx[0]]), int(g_iq3s_grid[idx[1]]),
-                               int(g_iq3s_grid[idx[2]]), int(g_iq3s_grid[idx[3]]),
-                               int(g_iq3s_grid[idx[4]]), int(g_iq3s_grid[idx[5]]),
-                               int(g_iq3s_grid[idx[6]]), int(g_iq3s_grid[idx[7]]));
+      g[j] = grid8(g_iq3s_grid, idx);
       uint32_t bits;
       std::memcpy(&bits, signs + 4 * j, 4);
       sg[j] = bit_mask32(bits);
