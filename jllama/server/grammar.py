@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jllama.server.gbnf import Grammar, Matcher
+
 TOP_CANDIDATES = 256
 MAX_WS = 8  # consecutive whitespace bytes allowed between tokens (stops endless newlines)
 MAX_DEPTH = 24
@@ -384,3 +386,43 @@ def schema_feed(stack: tuple, data: bytes) -> tuple | None:
         if stack is None:
             return None
     return stack
+
+
+# ---------------------------------------------------------------------------- GBNF grammars
+class GrammarConstraint(JsonConstraint):
+    """llama.cpp's ``grammar`` request field (GBNF; also what JSON schemas compile to): the
+    same lazily masked pick as the JSON recognizer, with llama.cpp's grammar semantics: end of
+    generation is allowed where a parse is complete, and the request ends by itself when
+    nothing more can follow."""
+
+    def __init__(self, token_bytes: list[bytes], eog: frozenset[int], grammar):
+        self.tokens = token_bytes
+        self.eog = eog
+        self.m = Matcher(grammar)
+        self.state = self.m.initial()
+
+    def accepts(self, tok: int):
+        if tok in self.eog:
+            return self.state if self.m.can_end(self.state) else None
+        piece = self.tokens[tok] if tok < len(self.tokens) else b""
+        return self.m.feed_token(self.state, tok, piece)
+
+    @property
+    def done(self) -> bool:
+        return self.m.must_end(self.state)
+
+
+_GRAMMARS: dict[tuple[str, str], object] = {}
+
+
+def compile_grammar(text: str, root: str = "root", token_id=None):
+    """A parsed grammar, shared by requests sending the same text (its transition cache with
+    it); raises gbnf.GrammarError."""
+    key = (text, root)
+    g = _GRAMMARS.get(key)
+    if g is None:
+        g = Grammar(text, root, token_id)
+        if len(_GRAMMARS) >= 16:
+            _GRAMMARS.pop(next(iter(_GRAMMARS)))
+        _GRAMMARS[key] = g
+    return g

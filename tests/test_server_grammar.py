@@ -1,0 +1,161 @@
+"""GBNF grammars (``grammar`` request field) and the grammar-constrained pick, against
+llama.cpp's own grammar engine (tests/llamacpp_grammar.py): for every grammar and string, how
+many bytes llama.cpp lets through and whether it allows the end there must be what ours says;
+grammars llama.cpp refuses we refuse.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from jllama.server import gbnf
+from jllama.server.grammar import GrammarConstraint, compile_grammar
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    from llamacpp_grammar import GrammarOracle
+
+    o = GrammarOracle(tmp_path_factory.mktemp("grammar"))
+    yield o
+    o.close()
+
+
+def ours(grammar: str, data: bytes) -> tuple[int, bool]:
+    m = gbnf.Matcher(gbnf.Grammar(grammar))
+    st = m.initial()
+    for i, b in enumerate(data):
+        nxt = m.feed_bytes(st, bytes([b]))
+        if nxt is None:
+            return i, False
+        st = nxt
+    return len(data), m.can_end(st)
+
+
+JSON_GBNF = r'''
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+'''
+
+CASES = [
+    ('root ::= "a"{5,5}', ["aaaaa", "aaaa", "aaaaaa", "b"]),
+    ('root ::= "ab"{2,4} "c"?', ["abab", "ababc", "ababababab", "ababab", "abc", "ababababc"]),
+    ('root ::= [a-c]{2,} [^a-c]*', ["ab", "abcz", "a", "abzz", "abza", "cccccc1"]),
+    ('root ::= ("x" | "yz")* "!"', ["!", "xyz!", "xy!", "yzyzx!", "x"]),
+    ('root ::= [^\\x00-\\x40] .+', ["AB", "@B", "a\u00e9", "\u00e9\u4e2d", "\U0001F600x", "z"]),
+    ('root ::= "\\u00e9" [\\u4e00-\\u9fff]+ "\\x41"', ["\u00e9\u4e2dA", "\u00e9A", "eA",
+                                                     "\u00e9\u4e2d\u4e8cA"]),
+    ('root ::= [\u00e0-\u00ff] | [\U0001F600-\U0001F64F]', ["\u00e9", "\U0001F601", "\U0001F650",
+                                                          "a"]),
+    ('# a comment\nroot ::= item ("," item){0,2} # trailing\nitem ::= [0-9]+\n',
+     ["1", "1,2", "1,2,3", "1,2,3,4", "12,,3", ""]),
+    ('root ::= (\n  "a"\n  | "b"\n)+ "."', ["a.", "ab.", "abba.", ".", "c."]),
+    ('root ::= [\\]\\-\\\\]+', ["]-\\", "]", "a"]),
+    ('root ::= "" | "q"', ["", "q", "qq"]),
+    ('root ::= a b\na ::= "x"?\nb ::= "y"*', ["", "x", "xy", "xyyy", "yx", "y"]),
+    ('root ::= [a-]+', ["a-a", "b"]),
+    ('root ::= [^\\n]* "\\n"', ["abc\n", "\n", "a\nb\n"]),
+    (JSON_GBNF, ['{"a": [1, 2.5e3, true, null, "x\\u00e9"]}', '{}', '[]', '{"a" 1}',
+                 '{"b": {"c": -0.5}}\n  ', '{"e": "\u00fc\u4e2d"}']),
+]
+
+
+@pytest.mark.parametrize("grammar,texts", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_grammar_matches_llamacpp(oracle, grammar, texts):
+    rng = random.Random(0)
+    alphabet = sorted({c for t in texts for c in t} | {"a", " "})
+    extra = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(40)]
+    for t in texts + extra:
+        data = t.encode()
+        assert ours(grammar, data) == oracle.run(grammar, data), (grammar, t)
+
+
+BAD = [
+    "root ::= this is (not valid GBNF",
+    'root ::= "a',
+    "root ::= [a-z",
+    "root ::= foo",
+    'rot ::= "a"',
+    'root ::= "a" {2',
+    'root ::= "a"{,2}',
+    'root ::= *"a"',
+    'root ::= "\\q"',
+    "root ::= root \"a\" | \"b\"",
+    'root ::= x\nx ::= "" | root "a"',
+    'root ::= "a"{3001}',
+    "# only a comment",
+    'root ::= "a" ) "b"',
+    'root ::= "\\x4"',
+    'root : "a"',
+]
+
+
+@pytest.mark.parametrize("grammar", BAD)
+def test_bad_grammars_are_refused_like_llamacpp(oracle, grammar):
+    assert not oracle.parses(grammar)
+    with pytest.raises(gbnf.GrammarError):
+        gbnf.Grammar(grammar)
+
+
+def test_good_grammars_parse_in_both(oracle):
+    for g, _ in CASES:
+        assert oracle.parses(g)
+        gbnf.Grammar(g)
+
+
+def test_multibyte_tokens_and_token_ids(oracle):
+    """Tokens of several bytes (split UTF-8 included) advance as llama.cpp's accept_token does;
+    <[id]> terminals match by token id."""
+    g = compile_grammar('root ::= "h\u00e9llo" <[7]> [0-9]')
+    vocab = [b"h", b"\xc3", b"\xa9ll", b"o", b"x", b"h\xc3\xa9", b"llo", b"zz", b"5", b"\xa9"]
+    c = GrammarConstraint(vocab, frozenset({9}), g)
+    for tok in (5, 6, 7, 8):
+        assert c.accepts(tok) is not None, tok
+        assert c.accepts(4) is None
+        c.advance(tok)
+    assert c.done
+    c = GrammarConstraint(vocab, frozenset(), g)
+    for tok in (0, 1, 2, 3):
+        c.advance(tok)
+    assert c.accepts(4) is None and c.accepts(7) is not None and not c.done
+
+
+def test_pick_takes_the_best_valid_token():
+    g = compile_grammar('root ::= [0-9]+ ("." [0-9])?')
+    vocab = [b"a", b"1", b"22", b".", b".5", b"b"]
+    eog = frozenset({6})
+    c = GrammarConstraint(vocab + [b""], eog, g)
+    logits = np.array([9.0, 1.0, 2.0, 8.0, 7.0, 3.0, 10.0], np.float32)
+    rng = np.random.default_rng(0)
+    assert c.pick(0, logits, 0.0, 1.0, rng) == 2  # 'a' and EOG are invalid at the start
+    c.advance(2)
+    assert c.pick(0, logits, 0.0, 1.0, rng) == 6  # EOG is allowed now and is the best
+    assert c.pick(3, logits, 0.0, 1.0, rng) == 3  # a valid draw stands
+    c.advance(4)
+    assert c.done  # nothing can follow ".5"
