@@ -16,7 +16,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -28,7 +28,9 @@ from jllama.engine.sampling import SamplingParams
 from jllama.server import embeddings as emb
 from jllama.server import openai_schema as oa
 from jllama.server import tools as tl
-from jllama.server.grammar import JsonConstraint
+from jllama.server.gbnf import GrammarError
+from jllama.server.grammar import GrammarConstraint, JsonConstraint, compile_grammar
+from jllama.server.json_schema import SchemaError, schema_to_grammar
 from jllama.server.metrics import Metrics
 from jllama.server.openai_schema import ApiError
 from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler
@@ -172,6 +174,7 @@ class Job:
     created: int
     model: str
     t_first: float = 0.0
+    probs: list = field(default_factory=list)  # token probabilities collected so far
 
 
 def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) -> Job:
@@ -183,7 +186,8 @@ def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) 
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
     req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
-                     opts.cache_prompt, lora=opts.lora)
+                     opts.cache_prompt, lora=opts.lora, n_probs=opts.n_probs,
+                     ignore_eos=opts.ignore_eos)
     try:
         state.scheduler.submit(req)
     except QueueFull as e:
@@ -207,6 +211,7 @@ async def collect(request: Request, job: Job, first: Event) -> tuple[str, Event]
     ev = first
     while ev.kind == "text":
         parts.append(ev.text)
+        job.probs += ev.probs or []
         ev = await next_event(request, job.req, job.queue, job.deadline, True)
     if ev.kind == "error":
         raise ApiError(ev.status, ev.message)
@@ -219,19 +224,35 @@ def usage_of(ev: Event) -> dict:
 
 def make_constraint(state: ServerState, opts: oa.GenOptions,
                     tool: dict | None = None) -> JsonConstraint | None:
-    """JSON output for ``response_format`` (guided by its schema, if any) or for the arguments of
-    a forced tool call (guided by the tool's parameter schema)."""
-    rf = opts.response_format
-    if tool is None and rf is None:
-        return None
+    """The arguments of a forced tool call (JSON guided by the tool's parameter schema), or
+    llama-server's grammar: ``grammar`` (GBNF) or a JSON schema (``json_schema``,
+    ``response_format``) turned into one with llama.cpp's rules. A grammar or schema llama.cpp
+    would refuse fails this request alone, with llama-server's 400."""
+    sch = state.scheduler
     if tool is not None:
         schema = tool["function"].get("parameters") or {"type": "object"}
-    elif rf["type"] == "json_schema":
-        schema = rf["json_schema"].get("schema") or {"type": "object"}
-    else:
-        schema = None
-    sch = state.scheduler
-    return JsonConstraint(sch.token_bytes(), sch.eog, root="object", schema=schema)
+        return JsonConstraint(sch.token_bytes(), sch.eog, root="object", schema=schema)
+    text = opts.grammar
+    if opts.json_schema is not None:
+        try:
+            text = schema_to_grammar(opts.json_schema)
+        except SchemaError as e:
+            raise emb.server_error((400, "invalid_request_error"), f'"json_schema": {e}') \
+                from None
+    if not text:
+        return None
+    tk = state.llm.tokenizer
+
+    def token_id(piece: str) -> int | None:  # <token> terminals: exactly one token
+        ids = tk.encode(piece, add_special=False, parse_special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    try:
+        g = compile_grammar(text, token_id=token_id)
+    except GrammarError as e:
+        raise emb.server_error((400, "invalid_request_error"), "Failed to initialize samplers: "
+                               f"failed to parse grammar ({e})") from None
+    return GrammarConstraint(sch.token_bytes(), sch.eog, g)
 
 
 class Handlers:
@@ -419,9 +440,12 @@ class Handlers:
                 raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
         echo = bool(body.get("echo", False))
         check_prompt(st, ids)
+        prefix = st.llm.tokenizer.decode(ids) if echo else ""
+        if opts.n > 1:
+            return await self._many(request, ids, opts, lambda: make_constraint(st, opts),
+                                    prefix=prefix)
         job = submit(st, ids, opts, make_constraint(st, opts))
         job.rid, job.created = oa.new_id("cmpl"), oa.now()
-        prefix = st.llm.tokenizer.decode(ids) if echo else ""
         try:
             first = await first_event(request, job)
         except BaseException:
@@ -435,7 +459,7 @@ class Handlers:
             self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
             return JSONResponse(oa.completion_response(job.rid, job.model, job.created,
                                                        prefix + text, done.finish,
-                                                       usage_of(done)))
+                                                       usage_of(done), oa.logprobs_of(job.probs)))
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -445,7 +469,8 @@ class Handlers:
                 async for ev in self._stream_events(request, job, first):
                     if ev.kind == "text":
                         yield sse(oa.completion_response(job.rid, job.model, job.created,
-                                                         ev.text, None, None))
+                                                         ev.text, None, None,
+                                                         oa.logprobs_of(ev.probs)))
                     elif ev.kind == "done":
                         yield sse(oa.completion_response(job.rid, job.model, job.created, "",
                                                          ev.finish, None))
@@ -466,7 +491,7 @@ class Handlers:
     async def _chat(self, request: Request) -> Response:
         st = self.state
         body = await json_body(request)
-        opts = oa.parse_common(body, st.llm.spec.n_vocab)
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True)
         messages = oa.parse_messages(body)
         tools, choice = oa.parse_tools(body)
         template = st.llm.tokenizer.chat_template or ""
@@ -480,6 +505,9 @@ class Handlers:
         ids = await run_in_threadpool(tokenize_prompt, st, text + prefix)
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
+        if opts.n > 1:
+            return await self._many(request, ids, opts, lambda: make_constraint(st, opts, tool),
+                                    chat=True, forced=forced, tools=tools)
         job = submit(st, ids, opts, make_constraint(st, opts, tool))
         job.rid, job.created = oa.new_id("chatcmpl"), oa.now()
         try:
@@ -501,10 +529,12 @@ class Handlers:
             if calls:
                 finish = "tool_calls" if finish == "stop" else finish
             return JSONResponse(oa.chat_response(job.rid, job.model, job.created, content,
-                                                 calls or None, finish, usage_of(done)))
+                                                 calls or None, finish, usage_of(done),
+                                                 oa.logprobs_of(job.probs)))
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            return sse(oa.chat_chunk(job.rid, job.model, job.created, delta, finish))
+        def chunk(delta: dict, finish: str | None = None, probs: list | None = None) -> str:
+            return sse(oa.chat_chunk(job.rid, job.model, job.created, delta, finish,
+                                     logprobs=oa.logprobs_of(probs)))
 
         async def events() -> AsyncIterator[str]:
             ts = tl.ToolStream(tools) if tools and forced is None else None
@@ -517,11 +547,12 @@ class Handlers:
                     if ev.kind == "text":
                         if forced is not None:
                             yield chunk({"tool_calls": [{"index": 0, "function":
-                                                         {"arguments": ev.text}}]})
+                                                         {"arguments": ev.text}}]},
+                                        probs=ev.probs)
                         else:
                             out = ts.feed(ev.text) if ts else ev.text
-                            if out:
-                                yield chunk({"content": out})
+                            if out or ev.probs:
+                                yield chunk({"content": out}, probs=ev.probs)
                     elif ev.kind == "done":
                         finish = ev.finish
                         if forced is not None and finish == "stop":
@@ -543,6 +574,136 @@ class Handlers:
                 yield "data: [DONE]\n\n"
             finally:
                 job.req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _many(self, request: Request, ids: list[int], opts: oa.GenOptions, make,
+                    chat: bool = False, forced: str | None = None, tools: list | None = None,
+                    prefix: str = "") -> Response:
+        """``n`` > 1: n requests on the same prompt (llama-server's n_cmpl child tasks, which
+        copy the parent's parameters), answered as one response whose choices are indexed
+        0..n-1; streamed chunks of the choices interleave as they are generated."""
+        st = self.state
+        sch = st.scheduler
+        if opts.n > sch.n_slots:
+            raise oa.bad("n", f"'n' must be between 1 and {sch.n_slots} (the server's slots)")
+        constraints = [make() for _ in range(opts.n)]  # a bad grammar fails before any runs
+        jobs: list[Job] = []
+        try:
+            for c in constraints:
+                jobs.append(submit(st, ids, opts, c))
+        except BaseException:
+            for j in jobs:
+                j.req.cancel()
+            raise
+        rid, created, model = oa.new_id("chatcmpl" if chat else "cmpl"), oa.now(), \
+            st.settings.model_alias
+        t0 = jobs[0].t0
+
+        def finish_of(text: str, finish: str) -> tuple:
+            content, calls = text, None
+            if forced is not None:
+                content, calls = None, [tl.make_call(forced, text)]
+            elif tools:
+                content, calls = tl.parse_tool_calls(text, tools)
+            if calls and finish == "stop":
+                finish = "tool_calls"
+            return content, calls or None, finish
+
+        if not opts.stream:
+            results = []
+            try:
+                for j in jobs:
+                    text, done = await collect(request, j, await first_event(request, j))
+                    results.append((text, done, j.probs))
+            finally:
+                for j in jobs:
+                    j.req.cancel()
+            st.metrics.observe_latency(time.monotonic() - t0, jobs[0].t_first - t0)
+            use = oa.usage(len(ids), sum(d.completion_tokens for _, d, _ in results),
+                           results[0][1].cached_tokens)
+            choices = []
+            for i, (text, done, probs) in enumerate(results):
+                if chat:
+                    d = oa.chat_response(rid, model, created, *finish_of(text, done.finish), use,
+                                         oa.logprobs_of(probs))
+                else:
+                    d = oa.completion_response(rid, model, created, prefix + text, done.finish,
+                                               use, oa.logprobs_of(probs), index=i)
+                d["choices"][0]["index"] = i
+                choices.append(d["choices"][0])
+            d["choices"] = choices
+            return JSONResponse(d)
+
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, j: Job) -> None:
+            try:
+                async for ev in self._stream_events(request, j, await first_event(request, j)):
+                    await merged.put((i, ev))
+            except ApiError as e:
+                await merged.put((i, Event("error", status=e.status, message=e.message)))
+            except ClientGone:
+                await merged.put((i, Event("error", status=499, message="client gone")))
+
+        tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
+
+        def piece(i: int, text: str | None, finish: str | None, probs=None, delta=None) -> str:
+            lp = oa.logprobs_of(probs)
+            if chat:
+                return sse(oa.chat_chunk(rid, model, created, delta if delta is not None else
+                                         ({"content": text} if text is not None else {}),
+                                         finish, logprobs=lp, index=i))
+            return sse(oa.completion_response(rid, model, created, text or "", finish, None, lp,
+                                              index=i))
+
+        async def events() -> AsyncIterator[str]:
+            texts = [""] * len(jobs)
+            n_out = 0
+            try:
+                for i in range(len(jobs)):
+                    if chat:
+                        yield piece(i, None, None, delta={"role": "assistant", "content": ""})
+                    elif prefix:
+                        yield piece(i, prefix, None)
+                left = len(jobs)
+                while left:
+                    i, ev = await merged.get()
+                    if ev.kind == "text":
+                        texts[i] += ev.text
+                        if not (chat and (forced is not None or tools)):
+                            yield piece(i, ev.text, None, ev.probs)
+                    elif ev.kind == "done":
+                        left -= 1
+                        n_out += ev.completion_tokens
+                        finish = ev.finish
+                        if chat and (forced is not None or tools):
+                            content, calls, finish = finish_of(texts[i], finish)
+                            delta = {"content": content} if content else {}
+                            if calls:
+                                delta["tool_calls"] = [{"index": k, **c}
+                                                       for k, c in enumerate(calls)]
+                            yield piece(i, None, None, delta=delta)
+                        yield piece(i, None, finish)
+                    else:
+                        left -= 1
+                        yield sse(ApiError(ev.status, ev.message).body())
+                if opts.include_usage:
+                    use = oa.usage(len(ids), n_out, 0)
+                    if chat:
+                        yield sse(oa.chat_chunk(rid, model, created, {}, usage_=use,
+                                                choices=False))
+                    else:
+                        d = oa.completion_response(rid, model, created, "", None, use)
+                        d["choices"] = []
+                        yield sse(d)
+                yield "data: [DONE]\n\n"
+            finally:
+                for j in jobs:
+                    j.req.cancel()
+                for t in tasks:
+                    t.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

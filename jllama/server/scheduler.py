@@ -47,6 +47,8 @@ class Event:
     cached_tokens: int = 0
     status: int = 500
     message: str = ""
+    # llama-server's per-token probabilities of the text in this event (requests with n_probs)
+    probs: list[dict] | None = None
 
 
 @dataclass
@@ -61,6 +63,8 @@ class GenRequest:
     # per-request LoRA scales by adapter id (llama-server's "lora"; ids not named: 0); None:
     # the server's current scales (GET/POST /lora-adapters)
     lora: dict[int, float] | None = None
+    n_probs: int = 0  # llama-server's n_probs / top_logprobs: top candidates per token
+    ignore_eos: bool = False  # end-of-generation tokens get a -inf bias (llama-server's rule)
     cancelled: bool = False
     # filled by the scheduler
     completion_tokens: int = 0
@@ -83,6 +87,7 @@ class _Active:
         self.last = -1  # last sampled token, fed at the next step
         self.pending = ""  # decoded text held back (possible stop-string start)
         self.hold = max((len(s) for s in req.stop), default=0)
+        self.probs: list[dict] = []  # token probabilities not yet sent with text
         seed = req.params.seed
         if seed is None:
             seed = int.from_bytes(np.random.bytes(4), "little")
@@ -330,6 +335,8 @@ class Scheduler:
                 tok = a.req.constraint.pick(tok, lambda lg=logits, b=b: np.asarray(lg)
                                             + self._bias_np[b],
                                             a.req.params.temperature, a.req.params.top_p, a.rng)
+            if a.req.n_probs > 0:
+                self._probs(a, np.asarray(logits), tok)
             self._accept(b, tok)
 
     def _decode(self) -> None:
@@ -352,6 +359,7 @@ class Scheduler:
         nxt, logits = self.engine.step(toks, active, self._sp, jnp.asarray(self._keys), steps,
                                        self._bias)
         self.steps_run += 1
+        host = None  # the step's logits on the host, fetched once if a request needs them
         for b in np.nonzero(active)[0]:
             a = self.slots[b]
             tok = int(nxt[b])
@@ -359,6 +367,10 @@ class Scheduler:
                 tok = a.req.constraint.pick(tok, lambda b=b: np.asarray(logits)[b]
                                             + self._bias_np[b],
                                             a.req.params.temperature, a.req.params.top_p, a.rng)
+            if a.req.n_probs > 0:
+                if host is None:
+                    host = np.asarray(logits)
+                self._probs(a, host[b], tok)
             self._accept(b, tok)
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
 
@@ -383,19 +395,33 @@ class Scheduler:
                 return
             if len(a.pending) > a.hold:
                 cut = len(a.pending) - a.hold
-                self._emit(req, a.pending[:cut])
+                self._emit(a, a.pending[:cut])
                 a.pending = a.pending[cut:]
         elif a.pending:
-            self._emit(req, a.pending)
+            self._emit(a, a.pending)
             a.pending = ""
         if req.constraint is not None and req.constraint.done:
             self._finish(b, "stop")
         elif req.max_tokens is not None and req.completion_tokens >= req.max_tokens:
             self._finish(b, "length")
 
-    def _emit(self, req: GenRequest, text: str) -> None:
-        if text:
-            req.sink(Event("text", text=text))
+    def _probs(self, a: _Active, row: np.ndarray, tok: int) -> None:
+        """llama-server's pre-sampling probabilities for a generated token (end of generation
+        is not reported: it ends the text)."""
+        if tok not in self.eog:
+            a.probs.append(token_probs(row[: self.n_vocab], tok, a.req.n_probs,
+                                       self.token_piece))
+
+    def token_piece(self, tok: int) -> bytes:
+        return self.token_bytes()[tok] if tok < self.tok.n_vocab else b""
+
+    def _emit(self, a: _Active, text: str, force: bool = False) -> None:
+        """Text (with the probabilities of the tokens behind it) to the client; tokens whose
+        text is still held back (a possible stop string, a partial character) keep their
+        probabilities for the next event, unless this is the last one."""
+        if text or (force and a.probs):
+            probs, a.probs = a.probs or None, []
+            a.req.sink(Event("text", text=text, probs=probs))
 
     def _finish(self, b: int, reason: str, flush: bool = True) -> None:
         a = self.slots[b]
@@ -405,7 +431,7 @@ class Scheduler:
             hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
             if hits:
                 text, reason = text[: min(hits)], "stop"
-        self._emit(req, text)
+        self._emit(a, text, force=True)
         req.finish = reason
         req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
                        completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens))
@@ -432,6 +458,10 @@ class Scheduler:
             return
         for t, v in req.params.logit_bias.items():
             self._bias_np[b, t] = v
+        if req.ignore_eos:
+            for t in self.eog:
+                if t < self.n_vocab:
+                    self._bias_np[b, t] = -np.inf
         self._keys[b] = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.slots[b].seed)))
 
     def _ensure_batch(self) -> None:
@@ -448,3 +478,37 @@ def _first_token(logits, sp, keys, steps, history, bias):
     raw = jax.vmap(lambda k, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
     return sample(logits[..., : bias.shape[-1]], sp, raw, history, bias)
+
+
+def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:
+    """One token's entry in llama-server's probability output (get_token_probabilities: a
+    softmax over the raw logits; logprob as completion_token_output::logarithm writes it)."""
+    row = np.asarray(row, np.float32)
+    e = np.exp(row - row.max())
+    p = e / e.sum(dtype=np.float32)
+    n = min(n, row.shape[0])
+    top = np.argpartition(-row, n - 1)[:n]
+    top = top[np.lexsort((top, -row[top]))]
+
+    def entry(t: int) -> dict:
+        raw = piece(t)
+        return {"id": t, "token": _valid_utf8_prefix(raw), "bytes": list(raw),
+                "logprob": _log(float(p[t]))}
+
+    out = entry(tok)
+    out["top_logprobs"] = [entry(int(t)) for t in top]
+    return out
+
+
+def _log(x: float) -> float:
+    return float(np.log(np.float32(x))) if x > 0 else float(np.finfo(np.float32).min)
+
+
+def _valid_utf8_prefix(b: bytes) -> str:
+    """llama-server's validate_utf8: the text up to an incomplete trailing UTF-8 sequence."""
+    for cut in range(len(b), max(len(b) - 4, -1), -1):
+        try:
+            return b[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return b.decode("utf-8", "replace")
