@@ -301,3 +301,23 @@ def test_n_choices_and_ignore_eos(srv, theirs):
     assert got["usage"]["completion_tokens"] == 7 and got["choices"][0]["finish_reason"] == "length"
     r = srv.http.post("/v1/completions", json={"prompt": PROMPT, "n": 99})
     assert r.status_code == 400
+
+
+def test_redraw_follows_llamacpps_chain_order():
+    """A rejected draw is redrawn among valid tokens with top-k / top-p / min-p applied before
+    the temperature (llama.cpp's default sampler order)."""
+    g = compile_grammar('root ::= [0-9]')
+    vocab = [b"x", b"1", b"2", b"3"]
+    logits = np.array([5.0, 2.0, 1.9, 0.0], np.float32)
+    rng = np.random.default_rng(1)
+
+    def draws(**kw) -> set[int]:
+        return {GrammarConstraint(vocab, frozenset(), g).pick(0, logits, 1.5, 1.0, rng, **kw)
+                for _ in range(200)}
+
+    assert draws() == {1, 2, 3}
+    assert draws(top_k=2) == {1, 2}
+    assert draws(top_k=1) == {1}
+    # min-p 0.5 against the untempered probabilities: exp(-2) < 0.5 drops token 3, even though
+    # at temperature 1.5 its share would pass
+    assert draws(min_p=0.5) == {1, 2}

@@ -494,6 +494,9 @@ class Handlers:
         opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True)
         messages = oa.parse_messages(body)
         tools, choice = oa.parse_tools(body)
+        if tools and opts.grammar:
+            raise emb.server_error((400, "invalid_request_error"),
+                                   "Cannot use custom grammar constraints with tools.")
         template = st.llm.tokenizer.chat_template or ""
         msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
         try:

@@ -178,10 +178,12 @@ class JsonConstraint:
         return self._done(self.state)
 
     def pick(self, drawn: int, logits: Callable[[], np.ndarray] | np.ndarray, temperature: float,
-             top_p: float, rng: np.random.Generator) -> int:
+             top_p: float, rng: np.random.Generator, top_k: int = 0, min_p: float = 0.0) -> int:
         """``drawn`` if it keeps the output valid, else a draw among the valid candidates.
         ``logits`` may be a callable: fetching them from the device is skipped when the draw
-        is valid."""
+        is valid. The redraw runs llama.cpp's chain on the masked candidates, in its order
+        (common_sampler_sample resamples that way): top-k, top-p and min-p on the untempered
+        distribution, then temperature."""
         if self.accepts(drawn) is not None:
             return drawn
         if callable(logits):
@@ -198,11 +200,15 @@ class JsonConstraint:
             raise ValueError("no token can continue the JSON output")
         if temperature <= 0 or len(valid) == 1:
             return valid[0]
-        z = logits[valid] / temperature
+        if top_k > 0:
+            valid = valid[:top_k]
+        z = logits[valid].astype(np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
-        keep = (np.cumsum(p) - p) < top_p
-        p = np.where(keep, p, 0.0)
+        keep = ((np.cumsum(p) - p) < top_p) & (p >= min_p * p[0])
+        keep[0] = True
+        z = np.where(keep, z / temperature, -np.inf)
+        p = np.exp(z - z.max())
         p /= p.sum()
         return valid[int(rng.choice(len(valid), p=p))]
 

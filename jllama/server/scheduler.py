@@ -334,7 +334,8 @@ class Scheduler:
             if a.req.constraint is not None:
                 tok = a.req.constraint.pick(tok, lambda lg=logits, b=b: np.asarray(lg)
                                             + self._bias_np[b],
-                                            a.req.params.temperature, a.req.params.top_p, a.rng)
+                                            a.req.params.temperature, a.req.params.top_p, a.rng,
+                                            a.req.params.top_k, a.req.params.min_p)
             if a.req.n_probs > 0:
                 self._probs(a, np.asarray(logits), tok)
             self._accept(b, tok)
@@ -366,7 +367,8 @@ class Scheduler:
             if a.req.constraint is not None:
                 tok = a.req.constraint.pick(tok, lambda b=b: np.asarray(logits)[b]
                                             + self._bias_np[b],
-                                            a.req.params.temperature, a.req.params.top_p, a.rng)
+                                            a.req.params.temperature, a.req.params.top_p, a.rng,
+                                            a.req.params.top_k, a.req.params.min_p)
             if a.req.n_probs > 0:
                 if host is None:
                     host = np.asarray(logits)
