@@ -321,3 +321,40 @@ def test_redraw_follows_llamacpps_chain_order():
     # min-p 0.5 against the untempered probabilities: exp(-2) < 0.5 drops token 3, even though
     # at temperature 1.5 its share would pass
     assert draws(min_p=0.5) == {1, 2}
+
+
+def test_native_completion_endpoint(srv, theirs):
+    """llama-server's /completion: its response fields, completion_probabilities for n_probs,
+    stop_type, and ignore_eos's -inf biases (null in JSON) in generation_settings, as
+    llama.cpp's tools/server/tests (test_completion.py, test_ignore_eos.py) read them."""
+    import json
+
+    _, llm = theirs
+    want = llm.create_completion(PROMPT, max_tokens=5, temperature=0.0, repeat_penalty=1.0)
+    r = srv.http.post("/completion", json={"prompt": PROMPT, "n_predict": 5, "temperature": 0,
+                                           "n_probs": 2})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["content"] == want["choices"][0]["text"]
+    assert d["tokens_predicted"] == 5 and d["tokens_evaluated"] == len(PROMPT)
+    assert d["stop_type"] == "limit" and d["stop"] is True
+    assert d["generation_settings"]["logit_bias"] == []
+    probs = d["completion_probabilities"]
+    assert len(probs) == 5 and all(len(p["top_logprobs"]) == 2 for p in probs)
+    assert "".join(p["token"] for p in probs) == d["content"]
+    word = d["content"][2:4]
+    d = srv.http.post("/completion", json={"prompt": PROMPT, "n_predict": 5, "temperature": 0,
+                                           "stop": [word]}).json()
+    assert d["stop_type"] == "word" and d["stopping_word"] == word
+    eos = llm.token_eos()
+    d = srv.http.post("/completion", json={"prompt": PROMPT, "n_predict": 4, "ignore_eos": True,
+                                           "logit_bias": {str(eos): 100}}).json()
+    assert d["tokens_predicted"] == 4
+    assert d["generation_settings"]["logit_bias"] and all(
+        e["bias"] is None for e in d["generation_settings"]["logit_bias"])
+    with srv.http.stream("POST", "/completion", json={"prompt": PROMPT, "n_predict": 5,
+                                                      "temperature": 0, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(line[6:]) for line in lines]
+    assert chunks[-1]["stop"] is True and not any(c["stop"] for c in chunks[:-1])
+    assert "".join(c["content"] for c in chunks) == want["choices"][0]["text"]

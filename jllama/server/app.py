@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
 from jllama.server import embeddings as emb
+from jllama.server import native as nat
 from jllama.server import openai_schema as oa
 from jllama.server import tools as tl
 from jllama.server.gbnf import GrammarError
@@ -277,6 +278,9 @@ class Handlers:
 
     async def completions(self, request: Request) -> Response:
         return await self._run(request, "/v1/completions", self._generating(self._completions))
+
+    async def completion_native(self, request: Request) -> Response:
+        return await self._run(request, "/completion", self._generating(self._completion_native))
 
     def _generating(self, fn):
         if self.state.llm is not None:
@@ -581,6 +585,71 @@ class Handlers:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    async def _completion_native(self, request: Request) -> Response:
+        """llama-server's own /completion: ``prompt`` (text or token ids), ``n_predict``
+        (-1: no limit), its response shape, ``completion_probabilities`` for ``n_probs``, and
+        streams of partial results without a [DONE]."""
+        st = self.state
+        body = nat.body_for_parse(await json_body(request))
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, max_tokens_name="n_predict")
+        if opts.n > 1:
+            raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
+                         "/v1/chat/completions", "unsupported_parameter")
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            ids = await run_in_threadpool(st.llm.tokenizer.encode, prompt, add_special=True,
+                                          parse_special=True)
+        elif isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if any(not 0 <= t < st.llm.spec.n_vocab for t in prompt):
+                raise oa.bad("prompt", "token ids in 'prompt' must be inside the vocabulary")
+            ids = list(prompt)
+        else:
+            raise oa.bad("prompt", "'prompt' must be a string or a list of token ids",
+                         "invalid_type")
+        check_prompt(st, ids)
+        settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
+        job = submit(st, ids, opts, make_constraint(st, opts))
+        try:
+            first = await first_event(request, job)
+        except BaseException:
+            job.req.cancel()
+            raise
+        prompt_text = st.llm.tokenizer.decode(ids)
+
+        def final(content: str, done: Event, stream: bool) -> dict:
+            now = time.monotonic()
+            tm = nat.timings(len(ids) - done.cached_tokens, job.t_first - job.t0,
+                             done.completion_tokens, now - job.t_first)
+            return nat.final(content, model=job.model, prompt=prompt_text, n_prompt=len(ids),
+                             n_gen=done.completion_tokens, cached=done.cached_tokens,
+                             finish=done.finish, stop_word=job.req.stop_word,
+                             settings=settings, probs=job.probs, timing=tm, stream=stream)
+
+        if not opts.stream:
+            try:
+                text, done = await collect(request, job, first)
+            finally:
+                job.req.cancel()
+            st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
+            return JSONResponse(final(text, done, False))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for ev in self._stream_events(request, job, first):
+                    if ev.kind == "text":
+                        yield sse(nat.partial(ev.text, len(ids), ev.completion_tokens,
+                                              ev.probs))
+                    elif ev.kind == "done":
+                        yield sse(final("", ev, True))
+                    else:
+                        yield sse(ApiError(ev.status, ev.message).body())
+            finally:
+                job.req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
     async def _many(self, request: Request, ids: list[int], opts: oa.GenOptions, make,
                     chat: bool = False, forced: str | None = None, tools: list | None = None,
                     prefix: str = "") -> Response:
@@ -746,6 +815,7 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
     for path, fn, methods in (
         ("/v1/chat/completions", h.chat, ["POST"]), ("/chat/completions", h.chat, ["POST"]),
         ("/v1/completions", h.completions, ["POST"]), ("/completions", h.completions, ["POST"]),
+        ("/completion", h.completion_native, ["POST"]),
         ("/v1/models", h.models, ["GET"]), ("/models", h.models, ["GET"]),
         ("/tokenize", h.tokenize, ["POST"]), ("/detokenize", h.detokenize, ["POST"]),
         ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),

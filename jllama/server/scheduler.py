@@ -67,6 +67,7 @@ class GenRequest:
     ignore_eos: bool = False  # end-of-generation tokens get a -inf bias (llama-server's rule)
     cancelled: bool = False
     # filled by the scheduler
+    stop_word: str | None = None  # the stop string that ended the text, if one did
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish: str | None = None
@@ -392,6 +393,7 @@ class Scheduler:
         if req.stop:
             hits = [i for i in (a.pending.find(s) for s in req.stop) if i >= 0]
             if hits:
+                req.stop_word = _first_stop(a.pending, req.stop)
                 a.pending = a.pending[: min(hits)]
                 self._finish(b, "stop", flush=False)
                 return
@@ -423,7 +425,8 @@ class Scheduler:
         probabilities for the next event, unless this is the last one."""
         if text or (force and a.probs):
             probs, a.probs = a.probs or None, []
-            a.req.sink(Event("text", text=text, probs=probs))
+            a.req.sink(Event("text", text=text, probs=probs,
+                             completion_tokens=a.req.completion_tokens))
 
     def _finish(self, b: int, reason: str, flush: bool = True) -> None:
         a = self.slots[b]
@@ -432,6 +435,7 @@ class Scheduler:
         if flush and req.stop:
             hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
             if hits:
+                req.stop_word = _first_stop(text, req.stop)
                 text, reason = text[: min(hits)], "stop"
         self._emit(a, text, force=True)
         req.finish = reason
@@ -514,3 +518,8 @@ def _valid_utf8_prefix(b: bytes) -> str:
         except UnicodeDecodeError:
             continue
     return b.decode("utf-8", "replace")
+
+
+def _first_stop(text: str, stops: list[str]) -> str:
+    """The stop string found earliest in ``text`` (the first listed on a tie)."""
+    return min((s for s in stops if s in text), key=lambda s: (text.find(s), stops.index(s)))
