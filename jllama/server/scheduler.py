@@ -220,9 +220,11 @@ class Scheduler:
 
     def _speculate(self) -> bool:
         """Next token of a speculative request (it holds the only slot); False if there is none.
-        Grammar-constrained requests take the usual path (they mask each step's logits)."""
+        Grammar-constrained requests take the usual path (they mask each step's logits), as do
+        those asking for token probabilities or ignoring end of generation (per-step logits and
+        biases the speculative generator does not expose)."""
         a = self.slots[0] if self.speculative is not None else None
-        if a is None or a.req.constraint is not None:
+        if a is None or a.req.constraint is not None or a.req.n_probs > 0 or a.req.ignore_eos:
             return False
         eng = self.engine
         if a.gen is None:
