@@ -19,6 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 MAX_REPETITION = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
+MAX_INTERNED = 200_000  # states remembered per grammar (memo keys)
+MAX_MEMO = 300_000  # memoized token answers per grammar
+MAX_CACHE = 200_000  # memoized code point transitions per grammar
 MAX_CP = 0x10FFFF
 
 # element kinds: a character class, a rule reference, a token terminal
@@ -351,10 +354,25 @@ class Grammar:
                                f"'{self.names[bad]}'")
         self.root = p.ids[root]
         self._cache: dict[tuple, Stacks] = {}
+        self._ids: dict[tuple, int] = {}
+        self._n_ids = 0
+        self.memo: dict[tuple, object] = {}  # for GrammarConstraint: (state id, token) answers
         out: list[Stack] = []
         for a in range(len(self.rules[self.root])):
             self._expand(((self.root, a, 0),) if self.rules[self.root][a] else (), out)
         self.start: Stacks = tuple(out)
+
+    def intern(self, state: tuple) -> int:
+        """A small id for a matcher state (cheap memo keys). Past MAX_INTERNED states a new
+        state gets a fresh id that is not remembered, so memory stays bounded on a long-lived
+        server and ids stay unique."""
+        i = self._ids.get(state)
+        if i is None:
+            i = self._n_ids
+            self._n_ids += 1
+            if len(self._ids) < MAX_INTERNED:
+                self._ids[state] = i
+        return i
 
     def element(self, pos: tuple) -> tuple:
         r, a, i = pos
@@ -402,7 +420,7 @@ class Grammar:
             if el[0] == CHR and _match(el, cp):
                 self._expand(self._next(st), out)
         res = tuple(out)
-        if len(self._cache) < 200_000:
+        if len(self._cache) < MAX_CACHE:
             self._cache[key] = res
         return res
 

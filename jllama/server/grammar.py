@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jllama.server.gbnf import Grammar, Matcher
+from jllama.server.gbnf import MAX_MEMO, Grammar, Matcher
 
 TOP_CANDIDATES = 256
 MAX_WS = 8  # consecutive whitespace bytes allowed between tokens (stops endless newlines)
@@ -401,17 +401,35 @@ class GrammarConstraint(JsonConstraint):
     generation is allowed where a parse is complete, and the request ends by itself when
     nothing more can follow."""
 
-    def __init__(self, token_bytes: list[bytes], eog: frozenset[int], grammar):
+    def __init__(self, token_bytes: list[bytes], eog: frozenset[int], grammar: Grammar):
         self.tokens = token_bytes
         self.eog = eog
+        self.g = grammar
         self.m = Matcher(grammar)
         self.state = self.m.initial()
+        self._sid = grammar.intern(self.state)
 
     def accepts(self, tok: int):
-        if tok in self.eog:
-            return self.state if self.m.can_end(self.state) else None
+        # a candidate scan asks about many tokens from one state, and requests sharing the
+        # grammar revisit the same states: answers are memoized per (state, token, bytes)
+        eog = tok in self.eog
         piece = self.tokens[tok] if tok < len(self.tokens) else b""
-        return self.m.feed_token(self.state, tok, piece)
+        key = (self._sid, tok, piece, eog)
+        memo = self.g.memo
+        hit = memo.get(key, memo)
+        if hit is not memo:
+            return hit
+        if eog:
+            res = self.state if self.m.can_end(self.state) else None
+        else:
+            res = self.m.feed_token(self.state, tok, piece)
+        if len(memo) < MAX_MEMO:
+            memo[key] = res
+        return res
+
+    def advance(self, tok: int) -> None:
+        super().advance(tok)
+        self._sid = self.g.intern(self.state)
 
     @property
     def done(self) -> bool:
