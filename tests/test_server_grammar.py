@@ -358,3 +358,40 @@ def test_native_completion_endpoint(srv, theirs):
     chunks = [json.loads(line[6:]) for line in lines]
     assert chunks[-1]["stop"] is True and not any(c["stop"] for c in chunks[:-1])
     assert "".join(c["content"] for c in chunks) == want["choices"][0]["text"]
+
+
+def test_unsatisfiable_grammar_fails_only_its_request(srv):
+    """A grammar no token can continue (a token terminal outside the vocabulary) ends its own
+    request with an error while a stream beside it runs to the end."""
+    import json
+
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stream": True}
+    with srv.http.stream("POST", "/v1/completions", json=body) as r:
+        it = r.iter_lines()
+        first = next(line for line in it if line.startswith("data: {"))
+        bad = srv.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4,
+                                                     "grammar": "root ::= <[99999]>"})
+        rest = [line for line in it if line.startswith("data: ")]
+    assert bad.status_code == 500 and "sampling failed" in bad.json()["error"]["message"]
+    chunks = [json.loads(x[6:]) for x in [first] + rest if x != "data: [DONE]"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert srv.state.scheduler.error is None
+    assert _complete(srv, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_n_streamed_choices_interleave(srv):
+    import json
+
+    one = _complete(srv, max_tokens=6)["choices"][0]["text"]
+    with srv.http.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 6,
+                                                          "temperature": 0, "n": 3,
+                                                          "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    texts = ["", "", ""]
+    finishes = [None] * 3
+    for line in lines[:-1]:
+        ch = json.loads(line[6:])["choices"][0]
+        texts[ch["index"]] += ch["text"]
+        finishes[ch["index"]] = ch["finish_reason"] or finishes[ch["index"]]
+    assert texts == [one] * 3 and finishes == ["length"] * 3

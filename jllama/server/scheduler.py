@@ -334,14 +334,7 @@ class Scheduler:
             hist = self.engine.history[b : b + 1]
             tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
                                   bias)[0])
-            if a.req.constraint is not None:
-                tok = a.req.constraint.pick(tok, lambda lg=logits, b=b: np.asarray(lg)
-                                            + self._bias_np[b],
-                                            a.req.params.temperature, a.req.params.top_p, a.rng,
-                                            a.req.params.top_k, a.req.params.min_p)
-            if a.req.n_probs > 0:
-                self._probs(a, np.asarray(logits), tok)
-            self._accept(b, tok)
+            self._take(b, tok, lambda lg=logits: np.asarray(lg))
 
     def _decode(self) -> None:
         active = np.array([a is not None and not a.todo for a in self.slots])
@@ -363,23 +356,36 @@ class Scheduler:
         nxt, logits = self.engine.step(toks, active, self._sp, jnp.asarray(self._keys), steps,
                                        self._bias)
         self.steps_run += 1
-        host = None  # the step's logits on the host, fetched once if a request needs them
+        host: list = []  # the step's logits on the host, fetched once if a request needs them
+
+        def row(b: int) -> np.ndarray:
+            if not host:
+                host.append(np.asarray(logits))
+            return host[0][b]
+
         for b in np.nonzero(active)[0]:
-            a = self.slots[b]
-            tok = int(nxt[b])
-            if a.req.constraint is not None:
-                tok = a.req.constraint.pick(tok, lambda b=b: np.asarray(logits)[b]
-                                            + self._bias_np[b],
-                                            a.req.params.temperature, a.req.params.top_p, a.rng,
-                                            a.req.params.top_k, a.req.params.min_p)
-            if a.req.n_probs > 0:
-                if host is None:
-                    host = np.asarray(logits)
-                self._probs(a, host[b], tok)
-            self._accept(b, tok)
+            self._take(int(b), int(nxt[b]), lambda b=b: row(b))
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ per-token handling
+    def _take(self, b: int, tok: int, row: Callable[[], np.ndarray]) -> None:
+        """The engine's draw for slot ``b`` through the request's grammar (a redraw if it
+        breaks it) and probability report, then accepted. A failure here (a grammar no token
+        can continue) ends this request alone."""
+        a = self.slots[b]
+        p = a.req.params
+        try:
+            if a.req.constraint is not None:
+                tok = a.req.constraint.pick(tok, lambda: row() + self._bias_np[b],
+                                            p.temperature, p.top_p, a.rng, p.top_k, p.min_p)
+            if a.req.n_probs > 0:
+                self._probs(a, row(), tok)
+            self._accept(b, tok)
+        except Exception as e:
+            log.warning("request failed while sampling: %s: %s", type(e).__name__, e)
+            if self.slots[b] is a:
+                self._fail(b, 500, f"sampling failed: {e}")
+
     def _accept(self, b: int, tok: int) -> None:
         a = self.slots[b]
         req = a.req
