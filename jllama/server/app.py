@@ -253,7 +253,7 @@ def make_constraint(state: ServerState, opts: oa.GenOptions,
     except GrammarError as e:
         raise emb.server_error((400, "invalid_request_error"), "Failed to initialize samplers: "
                                f"failed to parse grammar ({e})") from None
-    return GrammarConstraint(sch.token_bytes(), sch.eog, g)
+    return GrammarConstraint(sch.grammar_token_bytes(), sch.eog, g)
 
 
 class Handlers:

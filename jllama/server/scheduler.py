@@ -121,6 +121,7 @@ class Scheduler:
         self._bias: jax.Array | None = None
         self._first = jax.jit(_first_token)
         self._token_bytes: list[bytes] | None = None
+        self._grammar_bytes: list[bytes] | None = None
         self.steps_run = 0
         self.error: BaseException | None = None
         # speculative decoding drives one sequence at a time: single-slot servers only
@@ -187,6 +188,21 @@ class Scheduler:
                 out.append(b"" if i in self.eog else bytes(b))
             self._token_bytes = out
         return self._token_bytes
+
+    def grammar_token_bytes(self) -> list[bytes]:
+        """Every token's bytes as llama.cpp's grammar sees them: its piece cache is rendered
+        with special=true, so control tokens match their text (end of generation is decided
+        apart: empty here)."""
+        if self._grammar_bytes is None:
+            out = []
+            for i in range(self.tok.n_vocab):
+                try:
+                    b = self.tok.token_to_piece(i, special=True)
+                except Exception:
+                    b = b""
+                out.append(b"" if i in self.eog else bytes(b))
+            self._grammar_bytes = out
+        return self._grammar_bytes
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
