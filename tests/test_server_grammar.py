@@ -398,3 +398,49 @@ def test_n_streamed_choices_interleave(srv):
         texts[ch["index"]] += ch["text"]
         finishes[ch["index"]] = ch["finish_reason"] or finishes[ch["index"]]
     assert texts == [one] * 3 and finishes == ["length"] * 3
+
+
+# ---------------------------------------------------------------------------- llama.cpp's cases
+# test_grammar / test_schema of llama.cpp 0c1e570's tests/test-grammar-integration.cpp (extracted
+# by tests/data/extract_llamacpp_grammar_cases.py): strings its grammar engine must match and
+# must not, run as its match_string does (text one code point at a time as token 0, token(id)
+# markers as that token with the piece "<[id]>").
+def _load_integration():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "llamacpp_grammar_integration.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+INTEGRATION = _load_integration()
+
+
+def _match_string(m: gbnf.Matcher, parts: list) -> bool:
+    st = m.initial()
+    for kind, v in parts:
+        if kind == "t":
+            pieces = [(v, f"<[{v}]>".encode())]
+        else:
+            text = bytes.fromhex(v).decode("utf-8", "replace")
+            pieces = [(0, c.encode()) for c in text]
+        for tok, piece in pieces:
+            st = m.feed_token(st, tok, piece)
+            if st is None:
+                return False
+    return m.can_end(st)
+
+
+@pytest.mark.parametrize("case", INTEGRATION,
+                         ids=[f"{i}-{c['name']}" for i, c in enumerate(INTEGRATION)])
+def test_llamacpp_grammar_integration_cases(case):
+    import json
+
+    from jllama.server.json_schema import schema_to_grammar
+
+    text = case["text"] if case["kind"] == "grammar" else schema_to_grammar(json.loads(case["text"]))
+    m = gbnf.Matcher(gbnf.Grammar(text))
+    for parts in case["pass"]:
+        assert _match_string(m, parts), parts
+    for parts in case["fail"]:
+        assert not _match_string(m, parts), parts
