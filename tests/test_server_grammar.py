@@ -444,3 +444,50 @@ def test_llamacpp_grammar_integration_cases(case):
         assert _match_string(m, parts), parts
     for parts in case["fail"]:
         assert not _match_string(m, parts), parts
+
+
+def _parser_cases():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "llamacpp_grammar_parser.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+PARSER_CASES = _parser_cases()
+
+
+def _flat(g: gbnf.Grammar) -> list[list]:
+    """Our rules as llama.cpp's flat element arrays (llama_grammar_element types/values)."""
+    out = []
+    for alts in g.rules:
+        for k, alt in enumerate(alts):
+            if k:
+                out.append(["ALT", 0])
+            for el in alt:
+                if el[0] == gbnf.REF:
+                    out.append(["RULE_REF", el[1]])
+                elif el[0] == gbnf.TOK:
+                    out.append(["TOKEN_NOT" if el[1] else "TOKEN", el[2]])
+                elif el[2] == ((0, 0xFFFFFFFF),) and not el[1]:
+                    out.append(["CHAR_ANY", 0])
+                else:
+                    for j, (lo, hi) in enumerate(el[2]):
+                        out.append(["CHAR_ALT" if j else ("CHAR_NOT" if el[1] else "CHAR"), lo])
+                        if hi != lo:
+                            out.append(["CHAR_RNG_UPPER", hi])
+        out.append(["END", 0])
+    return out
+
+
+@pytest.mark.parametrize("case", PARSER_CASES, ids=[str(i) for i in range(len(PARSER_CASES))])
+def test_llamacpp_grammar_parser_cases(case):
+    """llama.cpp's test-grammar-parser: the same symbol ids and rule elements (the rewrite of
+    repetitions into helper rules included), and the same refusals."""
+    if not case["ok"]:
+        with pytest.raises(gbnf.GrammarError):
+            gbnf.Grammar(case["grammar"])
+        return
+    g = gbnf.Grammar(case["grammar"])
+    assert {v: k for k, v in g.names.items()} == case["symbols"]
+    assert _flat(g) == case["elements"]
