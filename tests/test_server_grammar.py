@@ -491,3 +491,37 @@ def test_llamacpp_grammar_parser_cases(case):
     g = gbnf.Grammar(case["grammar"])
     assert {v: k for k, v in g.names.items()} == case["symbols"]
     assert _flat(g) == case["elements"]
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p,temp", [(40, 0.95, 0.05, 0.8), (0, 0.5, 0.0, 1.0),
+                                                    (5, 1.0, 0.2, 1.5), (40, 0.95, 0.05, 0.0)])
+def test_post_sampling_probs_are_llamacpps_chain(top_k, top_p, min_p, temp):
+    """post_sampling_probs lists what llama.cpp's sampler chain (top-k, top-p, min-p,
+    temperature, dist) leaves and the probabilities it draws with, on the same logits."""
+    import ctypes
+
+    from llamacpp_oracle import llama_cpp_module
+
+    from jllama.engine.sampling import SamplingParams
+    from jllama.server.scheduler import post_sampling_probs
+
+    low = llama_cpp_module().llama_cpp
+    logits = np.random.default_rng(3).normal(0, 2, 300).astype(np.float32)
+    chain = low.llama_sampler_chain_init(low.llama_sampler_chain_default_params())
+    for s in (low.llama_sampler_init_top_k(top_k), low.llama_sampler_init_top_p(top_p, 1),
+              low.llama_sampler_init_min_p(min_p, 1), low.llama_sampler_init_temp(temp),
+              low.llama_sampler_init_dist(1234)):
+        low.llama_sampler_chain_add(chain, s)
+    arr = (low.llama_token_data * len(logits))(
+        *[low.llama_token_data(i, float(v), 0.0) for i, v in enumerate(logits)])
+    ta = low.llama_token_data_array(arr, len(logits), -1, False)
+    low.llama_sampler_apply(chain, ctypes.byref(ta))
+    want = [(arr[i].id, arr[i].p) for i in range(ta.size) if arr[i].p > 0]
+    chosen = arr[ta.selected].id
+    low.llama_sampler_free(chain)
+    p = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p)
+    got = post_sampling_probs(logits, p, chosen, 1000, lambda t: b"x")
+    assert [e["id"] for e in got["top_probs"]] == [i for i, _ in want]
+    assert [e["prob"] for e in got["top_probs"]] == pytest.approx([q for _, q in want],
+                                                                  abs=1e-6)
+    assert got["prob"] == pytest.approx(dict(want)[chosen], abs=1e-6)

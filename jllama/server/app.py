@@ -188,7 +188,7 @@ def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) 
 
     req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
                      opts.cache_prompt, lora=opts.lora, n_probs=opts.n_probs,
-                     ignore_eos=opts.ignore_eos)
+                     ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs)
     try:
         state.scheduler.submit(req)
     except QueueFull as e:
@@ -546,7 +546,8 @@ class Handlers:
         async def events() -> AsyncIterator[str]:
             ts = tl.ToolStream(tools) if tools and forced is None else None
             try:
-                yield chunk({"role": "assistant", "content": "" if forced is None else None})
+                # llama-server's first chunk: the role, content null
+                yield chunk({"role": "assistant", "content": None})
                 if forced is not None:
                     call = tl.make_call(forced, "")
                     yield chunk({"tool_calls": [{"index": 0, **call}]})
@@ -736,7 +737,7 @@ class Handlers:
             try:
                 for i in range(len(jobs)):
                     if chat:
-                        yield piece(i, None, None, delta={"role": "assistant", "content": ""})
+                        yield piece(i, None, None, delta={"role": "assistant", "content": None})
                     elif prefix:
                         yield piece(i, prefix, None)
                 left = len(jobs)

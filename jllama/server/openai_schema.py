@@ -131,6 +131,7 @@ class GenOptions:
     grammar: str | None = None  # llama.cpp's GBNF ``grammar`` field
     json_schema: dict | None = None  # from ``json_schema`` or ``response_format``
     n_probs: int = 0  # top candidates reported per token (n_probs / logprobs / top_logprobs)
+    post_sampling_probs: bool = False  # llama-server: probabilities after the sampling chain
     ignore_eos: bool = False
 
 
@@ -237,7 +238,8 @@ def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens",
                       cache_prompt=_bool(body, "cache_prompt", True), n=n,
                       lora=lora_scales(body["lora"]) if body.get("lora") else None,
                       grammar=grammar, json_schema=schema, n_probs=n_probs,
-                      ignore_eos=_bool(body, "ignore_eos", False))
+                      ignore_eos=_bool(body, "ignore_eos", False),
+                      post_sampling_probs=_bool(body, "post_sampling_probs", False))
 
 
 def message_text(content: Any, param: str) -> str:

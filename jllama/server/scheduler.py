@@ -64,6 +64,7 @@ class GenRequest:
     # the server's current scales (GET/POST /lora-adapters)
     lora: dict[int, float] | None = None
     n_probs: int = 0  # llama-server's n_probs / top_logprobs: top candidates per token
+    post_sampling: bool = False  # probabilities after the sampling chain (post_sampling_probs)
     ignore_eos: bool = False  # end-of-generation tokens get a -inf bias (llama-server's rule)
     cancelled: bool = False
     # filled by the scheduler
@@ -436,9 +437,15 @@ class Scheduler:
     def _probs(self, a: _Active, row: np.ndarray, tok: int) -> None:
         """llama-server's pre-sampling probabilities for a generated token (end of generation
         is not reported: it ends the text)."""
-        if tok not in self.eog:
-            a.probs.append(token_probs(row[: self.n_vocab], tok, a.req.n_probs,
-                                       self.token_piece))
+        if tok in self.eog:
+            return
+        row = row[: self.n_vocab]
+        if a.req.post_sampling:
+            b = self.slots.index(a)
+            a.probs.append(post_sampling_probs(row + self._bias_np[b], a.req.params, tok,
+                                               a.req.n_probs, self.token_piece))
+        else:
+            a.probs.append(token_probs(row, tok, a.req.n_probs, self.token_piece))
 
     def token_piece(self, tok: int) -> bytes:
         return self.token_bytes()[tok] if tok < self.tok.n_vocab else b""
@@ -527,6 +534,37 @@ def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:
 
     out = entry(tok)
     out["top_logprobs"] = [entry(int(t)) for t in top]
+    return out
+
+
+def post_sampling_probs(row: np.ndarray, p, tok: int, n: int, piece) -> dict:
+    """llama-server's post_sampling_probs entry: the candidates left after the sampling chain
+    (logit bias, top-k, top-p, min-p, temperature; the penalties are not replayed here) with
+    the probabilities the final draw used; zero-probability tokens are not listed."""
+    row = np.asarray(row, np.float32)
+    order = np.argsort(-row, kind="stable")
+    if p.top_k > 0:
+        order = order[: p.top_k]
+    z = row[order].astype(np.float64)
+    q = np.exp(z - z[0])
+    q /= q.sum()
+    keep = ((np.cumsum(q) - q) < p.top_p) & (q >= p.min_p * q[0])
+    keep[0] = True
+    order, z = order[keep], z[keep]
+    if p.temperature <= 0:
+        order, probs = order[:1], np.ones(1)
+    else:
+        probs = np.exp((z - z[0]) / p.temperature)
+        probs /= probs.sum()
+
+    def entry(t: int, pr: float) -> dict:
+        raw = piece(t)
+        return {"id": t, "token": _valid_utf8_prefix(raw), "bytes": list(raw), "prob": pr}
+
+    hit = np.nonzero(order == tok)[0]
+    out = entry(tok, float(probs[hit[0]]) if hit.size else 0.0)
+    out["top_probs"] = [entry(int(t), float(pr)) for t, pr in zip(order[:n], probs[:n],
+                                                                  strict=True) if pr > 0]
     return out
 
 
