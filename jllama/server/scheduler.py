@@ -435,10 +435,8 @@ class Scheduler:
             self._finish(b, "length")
 
     def _probs(self, a: _Active, row: np.ndarray, tok: int) -> None:
-        """llama-server's pre-sampling probabilities for a generated token (end of generation
-        is not reported: it ends the text)."""
-        if tok in self.eog:
-            return
+        """llama-server's probabilities for a generated token; an end-of-generation token is
+        reported too (with empty text), as llama-server adds every sampled token."""
         row = row[: self.n_vocab]
         if a.req.post_sampling:
             b = self.slots.index(a)
