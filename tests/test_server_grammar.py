@@ -525,3 +525,4 @@ def test_post_sampling_probs_are_llamacpps_chain(top_k, top_p, min_p, temp):
     assert [e["prob"] for e in got["top_probs"]] == pytest.approx([q for _, q in want],
                                                                   abs=1e-6)
     assert got["prob"] == pytest.approx(dict(want)[chosen], abs=1e-6)
+

@@ -210,9 +210,17 @@ async def first_event(request: Request, job: Job) -> Event:
 async def collect(request: Request, job: Job, first: Event) -> tuple[str, Event]:
     parts = []
     ev = first
+    checked = time.monotonic()
     while ev.kind == "text":
         parts.append(ev.text)
         job.probs += ev.probs or []
+        # tokens keep arriving, so next_event never idles long enough to look for a hang-up:
+        # look every DISCONNECT_POLL_S here, or a gone client's request runs to its end
+        if time.monotonic() - checked > DISCONNECT_POLL_S:
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                job.req.cancel()
+                raise ClientGone()
         ev = await next_event(request, job.req, job.queue, job.deadline, True)
     if ev.kind == "error":
         raise ApiError(ev.status, ev.message)
