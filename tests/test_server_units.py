@@ -211,7 +211,7 @@ def test_prepare_messages_without_template_tool_support():
 # ---------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("body,param", [
     ({"temperature": "hot"}, "temperature"), ({"temperature": 3}, "temperature"),
-    ({"max_tokens": 0}, "max_tokens"), ({"stop": 5}, "stop"), ({"n": 2}, "n"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": 5}, "stop"), ({"n": 0}, "n"),
     ({"logit_bias": {"99999": 1}}, "logit_bias"), ({"logit_bias": {"5": 200}}, "logit_bias"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"response_format": {"type": "xml"}}, "response_format"), ({"seed": 1.5}, "seed"),

@@ -16,7 +16,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -26,9 +26,12 @@ from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
 from jllama.server import embeddings as emb
+from jllama.server import native as nat
 from jllama.server import openai_schema as oa
 from jllama.server import tools as tl
-from jllama.server.grammar import JsonConstraint
+from jllama.server.gbnf import GrammarError
+from jllama.server.grammar import GrammarConstraint, JsonConstraint, compile_grammar
+from jllama.server.json_schema import SchemaError, schema_to_grammar
 from jllama.server.metrics import Metrics
 from jllama.server.openai_schema import ApiError
 from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler
@@ -172,6 +175,7 @@ class Job:
     created: int
     model: str
     t_first: float = 0.0
+    probs: list = field(default_factory=list)  # token probabilities collected so far
 
 
 def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) -> Job:
@@ -183,7 +187,8 @@ def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) 
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
     req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
-                     opts.cache_prompt, lora=opts.lora)
+                     opts.cache_prompt, lora=opts.lora, n_probs=opts.n_probs,
+                     ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs)
     try:
         state.scheduler.submit(req)
     except QueueFull as e:
@@ -205,8 +210,17 @@ async def first_event(request: Request, job: Job) -> Event:
 async def collect(request: Request, job: Job, first: Event) -> tuple[str, Event]:
     parts = []
     ev = first
+    checked = time.monotonic()
     while ev.kind == "text":
         parts.append(ev.text)
+        job.probs += ev.probs or []
+        # tokens keep arriving, so next_event never idles long enough to look for a hang-up:
+        # look every DISCONNECT_POLL_S here, or a gone client's request runs to its end
+        if time.monotonic() - checked > DISCONNECT_POLL_S:
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                job.req.cancel()
+                raise ClientGone()
         ev = await next_event(request, job.req, job.queue, job.deadline, True)
     if ev.kind == "error":
         raise ApiError(ev.status, ev.message)
@@ -219,19 +233,35 @@ def usage_of(ev: Event) -> dict:
 
 def make_constraint(state: ServerState, opts: oa.GenOptions,
                     tool: dict | None = None) -> JsonConstraint | None:
-    """JSON output for ``response_format`` (guided by its schema, if any) or for the arguments of
-    a forced tool call (guided by the tool's parameter schema)."""
-    rf = opts.response_format
-    if tool is None and rf is None:
-        return None
+    """The arguments of a forced tool call (JSON guided by the tool's parameter schema), or
+    llama-server's grammar: ``grammar`` (GBNF) or a JSON schema (``json_schema``,
+    ``response_format``) turned into one with llama.cpp's rules. A grammar or schema llama.cpp
+    would refuse fails this request alone, with llama-server's 400."""
+    sch = state.scheduler
     if tool is not None:
         schema = tool["function"].get("parameters") or {"type": "object"}
-    elif rf["type"] == "json_schema":
-        schema = rf["json_schema"].get("schema") or {"type": "object"}
-    else:
-        schema = None
-    sch = state.scheduler
-    return JsonConstraint(sch.token_bytes(), sch.eog, root="object", schema=schema)
+        return JsonConstraint(sch.token_bytes(), sch.eog, root="object", schema=schema)
+    text = opts.grammar
+    if opts.json_schema is not None:
+        try:
+            text = schema_to_grammar(opts.json_schema)
+        except SchemaError as e:
+            raise emb.server_error((400, "invalid_request_error"), f'"json_schema": {e}') \
+                from None
+    if not text:
+        return None
+    tk = state.llm.tokenizer
+
+    def token_id(piece: str) -> int | None:  # <token> terminals: exactly one token
+        ids = tk.encode(piece, add_special=False, parse_special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    try:
+        g = compile_grammar(text, token_id=token_id)
+    except GrammarError as e:
+        raise emb.server_error((400, "invalid_request_error"), "Failed to initialize samplers: "
+                               f"failed to parse grammar ({e})") from None
+    return GrammarConstraint(sch.grammar_token_bytes(), sch.eog, g)
 
 
 class Handlers:
@@ -256,6 +286,9 @@ class Handlers:
 
     async def completions(self, request: Request) -> Response:
         return await self._run(request, "/v1/completions", self._generating(self._completions))
+
+    async def completion_native(self, request: Request) -> Response:
+        return await self._run(request, "/completion", self._generating(self._completion_native))
 
     def _generating(self, fn):
         if self.state.llm is not None:
@@ -419,9 +452,12 @@ class Handlers:
                 raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
         echo = bool(body.get("echo", False))
         check_prompt(st, ids)
+        prefix = st.llm.tokenizer.decode(ids) if echo else ""
+        if opts.n > 1:
+            return await self._many(request, ids, opts, lambda: make_constraint(st, opts),
+                                    prefix=prefix)
         job = submit(st, ids, opts, make_constraint(st, opts))
         job.rid, job.created = oa.new_id("cmpl"), oa.now()
-        prefix = st.llm.tokenizer.decode(ids) if echo else ""
         try:
             first = await first_event(request, job)
         except BaseException:
@@ -435,7 +471,7 @@ class Handlers:
             self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
             return JSONResponse(oa.completion_response(job.rid, job.model, job.created,
                                                        prefix + text, done.finish,
-                                                       usage_of(done)))
+                                                       usage_of(done), oa.logprobs_of(job.probs)))
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -445,7 +481,8 @@ class Handlers:
                 async for ev in self._stream_events(request, job, first):
                     if ev.kind == "text":
                         yield sse(oa.completion_response(job.rid, job.model, job.created,
-                                                         ev.text, None, None))
+                                                         ev.text, None, None,
+                                                         oa.logprobs_of(ev.probs)))
                     elif ev.kind == "done":
                         yield sse(oa.completion_response(job.rid, job.model, job.created, "",
                                                          ev.finish, None))
@@ -466,9 +503,12 @@ class Handlers:
     async def _chat(self, request: Request) -> Response:
         st = self.state
         body = await json_body(request)
-        opts = oa.parse_common(body, st.llm.spec.n_vocab)
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True)
         messages = oa.parse_messages(body)
         tools, choice = oa.parse_tools(body)
+        if tools and opts.grammar:
+            raise emb.server_error((400, "invalid_request_error"),
+                                   "Cannot use custom grammar constraints with tools.")
         template = st.llm.tokenizer.chat_template or ""
         msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
         try:
@@ -480,6 +520,9 @@ class Handlers:
         ids = await run_in_threadpool(tokenize_prompt, st, text + prefix)
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
+        if opts.n > 1:
+            return await self._many(request, ids, opts, lambda: make_constraint(st, opts, tool),
+                                    chat=True, forced=forced, tools=tools)
         job = submit(st, ids, opts, make_constraint(st, opts, tool))
         job.rid, job.created = oa.new_id("chatcmpl"), oa.now()
         try:
@@ -501,15 +544,18 @@ class Handlers:
             if calls:
                 finish = "tool_calls" if finish == "stop" else finish
             return JSONResponse(oa.chat_response(job.rid, job.model, job.created, content,
-                                                 calls or None, finish, usage_of(done)))
+                                                 calls or None, finish, usage_of(done),
+                                                 oa.logprobs_of(job.probs)))
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            return sse(oa.chat_chunk(job.rid, job.model, job.created, delta, finish))
+        def chunk(delta: dict, finish: str | None = None, probs: list | None = None) -> str:
+            return sse(oa.chat_chunk(job.rid, job.model, job.created, delta, finish,
+                                     logprobs=oa.logprobs_of(probs)))
 
         async def events() -> AsyncIterator[str]:
             ts = tl.ToolStream(tools) if tools and forced is None else None
             try:
-                yield chunk({"role": "assistant", "content": "" if forced is None else None})
+                # llama-server's first chunk: the role, content null
+                yield chunk({"role": "assistant", "content": None})
                 if forced is not None:
                     call = tl.make_call(forced, "")
                     yield chunk({"tool_calls": [{"index": 0, **call}]})
@@ -517,11 +563,12 @@ class Handlers:
                     if ev.kind == "text":
                         if forced is not None:
                             yield chunk({"tool_calls": [{"index": 0, "function":
-                                                         {"arguments": ev.text}}]})
+                                                         {"arguments": ev.text}}]},
+                                        probs=ev.probs)
                         else:
                             out = ts.feed(ev.text) if ts else ev.text
-                            if out:
-                                yield chunk({"content": out})
+                            if out or ev.probs:
+                                yield chunk({"content": out}, probs=ev.probs)
                     elif ev.kind == "done":
                         finish = ev.finish
                         if forced is not None and finish == "stop":
@@ -543,6 +590,201 @@ class Handlers:
                 yield "data: [DONE]\n\n"
             finally:
                 job.req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _completion_native(self, request: Request) -> Response:
+        """llama-server's own /completion: ``prompt`` (text or token ids), ``n_predict``
+        (-1: no limit), its response shape, ``completion_probabilities`` for ``n_probs``, and
+        streams of partial results without a [DONE]."""
+        st = self.state
+        body = nat.body_for_parse(await json_body(request))
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, max_tokens_name="n_predict")
+        if opts.n > 1:
+            raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
+                         "/v1/chat/completions", "unsupported_parameter")
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            ids = await run_in_threadpool(st.llm.tokenizer.encode, prompt, add_special=True,
+                                          parse_special=True)
+        elif isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if any(not 0 <= t < st.llm.spec.n_vocab for t in prompt):
+                raise oa.bad("prompt", "token ids in 'prompt' must be inside the vocabulary")
+            ids = list(prompt)
+        else:
+            raise oa.bad("prompt", "'prompt' must be a string or a list of token ids",
+                         "invalid_type")
+        check_prompt(st, ids)
+        settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
+        job = submit(st, ids, opts, make_constraint(st, opts))
+        try:
+            first = await first_event(request, job)
+        except BaseException:
+            job.req.cancel()
+            raise
+        prompt_text = st.llm.tokenizer.decode(ids)
+
+        def final(content: str, done: Event, stream: bool) -> dict:
+            now = time.monotonic()
+            tm = nat.timings(len(ids) - done.cached_tokens, job.t_first - job.t0,
+                             done.completion_tokens, now - job.t_first)
+            return nat.final(content, model=job.model, prompt=prompt_text, n_prompt=len(ids),
+                             n_gen=done.completion_tokens, cached=done.cached_tokens,
+                             finish=done.finish, stop_word=job.req.stop_word,
+                             settings=settings, probs=job.probs, timing=tm, stream=stream)
+
+        if not opts.stream:
+            try:
+                text, done = await collect(request, job, first)
+            finally:
+                job.req.cancel()
+            st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
+            return JSONResponse(final(text, done, False))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for ev in self._stream_events(request, job, first):
+                    if ev.kind == "text":
+                        yield sse(nat.partial(ev.text, len(ids), ev.completion_tokens,
+                                              ev.probs))
+                    elif ev.kind == "done":
+                        yield sse(final("", ev, True))
+                    else:
+                        yield sse(ApiError(ev.status, ev.message).body())
+            finally:
+                job.req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _many(self, request: Request, ids: list[int], opts: oa.GenOptions, make,
+                    chat: bool = False, forced: str | None = None, tools: list | None = None,
+                    prefix: str = "") -> Response:
+        """``n`` > 1: n requests on the same prompt (llama-server's n_cmpl child tasks, which
+        copy the parent's parameters), answered as one response whose choices are indexed
+        0..n-1; streamed chunks of the choices interleave as they are generated."""
+        st = self.state
+        sch = st.scheduler
+        if opts.n > sch.n_slots:
+            raise oa.bad("n", f"'n' must be between 1 and {sch.n_slots} (the server's slots)")
+        constraints = [make() for _ in range(opts.n)]  # a bad grammar fails before any runs
+        jobs: list[Job] = []
+        try:
+            for c in constraints:
+                jobs.append(submit(st, ids, opts, c))
+        except BaseException:
+            for j in jobs:
+                j.req.cancel()
+            raise
+        rid, created, model = oa.new_id("chatcmpl" if chat else "cmpl"), oa.now(), \
+            st.settings.model_alias
+        t0 = jobs[0].t0
+
+        def finish_of(text: str, finish: str) -> tuple:
+            content, calls = text, None
+            if forced is not None:
+                content, calls = None, [tl.make_call(forced, text)]
+            elif tools:
+                content, calls = tl.parse_tool_calls(text, tools)
+            if calls and finish == "stop":
+                finish = "tool_calls"
+            return content, calls or None, finish
+
+        if not opts.stream:
+            results = []
+            try:
+                for j in jobs:
+                    text, done = await collect(request, j, await first_event(request, j))
+                    results.append((text, done, j.probs))
+            finally:
+                for j in jobs:
+                    j.req.cancel()
+            st.metrics.observe_latency(time.monotonic() - t0, jobs[0].t_first - t0)
+            use = oa.usage(len(ids), sum(d.completion_tokens for _, d, _ in results),
+                           results[0][1].cached_tokens)
+            choices = []
+            for i, (text, done, probs) in enumerate(results):
+                if chat:
+                    d = oa.chat_response(rid, model, created, *finish_of(text, done.finish), use,
+                                         oa.logprobs_of(probs))
+                else:
+                    d = oa.completion_response(rid, model, created, prefix + text, done.finish,
+                                               use, oa.logprobs_of(probs), index=i)
+                d["choices"][0]["index"] = i
+                choices.append(d["choices"][0])
+            d["choices"] = choices
+            return JSONResponse(d)
+
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, j: Job) -> None:
+            try:
+                async for ev in self._stream_events(request, j, await first_event(request, j)):
+                    await merged.put((i, ev))
+            except ApiError as e:
+                await merged.put((i, Event("error", status=e.status, message=e.message)))
+            except ClientGone:
+                await merged.put((i, Event("error", status=499, message="client gone")))
+
+        tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
+
+        def piece(i: int, text: str | None, finish: str | None, probs=None, delta=None) -> str:
+            lp = oa.logprobs_of(probs)
+            if chat:
+                return sse(oa.chat_chunk(rid, model, created, delta if delta is not None else
+                                         ({"content": text} if text is not None else {}),
+                                         finish, logprobs=lp, index=i))
+            return sse(oa.completion_response(rid, model, created, text or "", finish, None, lp,
+                                              index=i))
+
+        async def events() -> AsyncIterator[str]:
+            texts = [""] * len(jobs)
+            n_out = 0
+            try:
+                for i in range(len(jobs)):
+                    if chat:
+                        yield piece(i, None, None, delta={"role": "assistant", "content": None})
+                    elif prefix:
+                        yield piece(i, prefix, None)
+                left = len(jobs)
+                while left:
+                    i, ev = await merged.get()
+                    if ev.kind == "text":
+                        texts[i] += ev.text
+                        if not (chat and (forced is not None or tools)):
+                            yield piece(i, ev.text, None, ev.probs)
+                    elif ev.kind == "done":
+                        left -= 1
+                        n_out += ev.completion_tokens
+                        finish = ev.finish
+                        if chat and (forced is not None or tools):
+                            content, calls, finish = finish_of(texts[i], finish)
+                            delta = {"content": content} if content else {}
+                            if calls:
+                                delta["tool_calls"] = [{"index": k, **c}
+                                                       for k, c in enumerate(calls)]
+                            yield piece(i, None, None, delta=delta)
+                        yield piece(i, None, finish)
+                    else:
+                        left -= 1
+                        yield sse(ApiError(ev.status, ev.message).body())
+                if opts.include_usage:
+                    use = oa.usage(len(ids), n_out, 0)
+                    if chat:
+                        yield sse(oa.chat_chunk(rid, model, created, {}, usage_=use,
+                                                choices=False))
+                    else:
+                        d = oa.completion_response(rid, model, created, "", None, use)
+                        d["choices"] = []
+                        yield sse(d)
+                yield "data: [DONE]\n\n"
+            finally:
+                for j in jobs:
+                    j.req.cancel()
+                for t in tasks:
+                    t.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -582,6 +824,7 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
     for path, fn, methods in (
         ("/v1/chat/completions", h.chat, ["POST"]), ("/chat/completions", h.chat, ["POST"]),
         ("/v1/completions", h.completions, ["POST"]), ("/completions", h.completions, ["POST"]),
+        ("/completion", h.completion_native, ["POST"]),
         ("/v1/models", h.models, ["GET"]), ("/models", h.models, ["GET"]),
         ("/tokenize", h.tokenize, ["POST"]), ("/detokenize", h.detokenize, ["POST"]),
         ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),

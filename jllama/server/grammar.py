@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jllama.server.gbnf import MAX_MEMO, Grammar, Matcher
+
 TOP_CANDIDATES = 256
 MAX_WS = 8  # consecutive whitespace bytes allowed between tokens (stops endless newlines)
 MAX_DEPTH = 24
@@ -176,10 +178,12 @@ class JsonConstraint:
         return self._done(self.state)
 
     def pick(self, drawn: int, logits: Callable[[], np.ndarray] | np.ndarray, temperature: float,
-             top_p: float, rng: np.random.Generator) -> int:
+             top_p: float, rng: np.random.Generator, top_k: int = 0, min_p: float = 0.0) -> int:
         """``drawn`` if it keeps the output valid, else a draw among the valid candidates.
         ``logits`` may be a callable: fetching them from the device is skipped when the draw
-        is valid."""
+        is valid. The redraw runs llama.cpp's chain on the masked candidates, in its order
+        (common_sampler_sample resamples that way): top-k, top-p and min-p on the untempered
+        distribution, then temperature."""
         if self.accepts(drawn) is not None:
             return drawn
         if callable(logits):
@@ -196,11 +200,15 @@ class JsonConstraint:
             raise ValueError("no token can continue the JSON output")
         if temperature <= 0 or len(valid) == 1:
             return valid[0]
-        z = logits[valid] / temperature
+        if top_k > 0:
+            valid = valid[:top_k]
+        z = logits[valid].astype(np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
-        keep = (np.cumsum(p) - p) < top_p
-        p = np.where(keep, p, 0.0)
+        keep = ((np.cumsum(p) - p) < top_p) & (p >= min_p * p[0])
+        keep[0] = True
+        z = np.where(keep, z / temperature, -np.inf)
+        p = np.exp(z - z.max())
         p /= p.sum()
         return valid[int(rng.choice(len(valid), p=p))]
 
@@ -384,3 +392,61 @@ def schema_feed(stack: tuple, data: bytes) -> tuple | None:
         if stack is None:
             return None
     return stack
+
+
+# ---------------------------------------------------------------------------- GBNF grammars
+class GrammarConstraint(JsonConstraint):
+    """llama.cpp's ``grammar`` request field (GBNF; also what JSON schemas compile to): the
+    same lazily masked pick as the JSON recognizer, with llama.cpp's grammar semantics: end of
+    generation is allowed where a parse is complete, and the request ends by itself when
+    nothing more can follow."""
+
+    def __init__(self, token_bytes: list[bytes], eog: frozenset[int], grammar: Grammar):
+        self.tokens = token_bytes
+        self.eog = eog
+        self.g = grammar
+        self.m = Matcher(grammar)
+        self.state = self.m.initial()
+        self._sid = grammar.intern(self.state)
+
+    def accepts(self, tok: int):
+        # a candidate scan asks about many tokens from one state, and requests sharing the
+        # grammar revisit the same states: answers are memoized per (state, token, bytes)
+        eog = tok in self.eog
+        piece = self.tokens[tok] if tok < len(self.tokens) else b""
+        key = (self._sid, tok, piece, eog)
+        memo = self.g.memo
+        hit = memo.get(key, memo)
+        if hit is not memo:
+            return hit
+        if eog:
+            res = self.state if self.m.can_end(self.state) else None
+        else:
+            res = self.m.feed_token(self.state, tok, piece)
+        if len(memo) < MAX_MEMO:
+            memo[key] = res
+        return res
+
+    def advance(self, tok: int) -> None:
+        super().advance(tok)
+        self._sid = self.g.intern(self.state)
+
+    @property
+    def done(self) -> bool:
+        return self.m.must_end(self.state)
+
+
+_GRAMMARS: dict[tuple[str, str], object] = {}
+
+
+def compile_grammar(text: str, root: str = "root", token_id=None):
+    """A parsed grammar, shared by requests sending the same text (its transition cache with
+    it); raises gbnf.GrammarError."""
+    key = (text, root)
+    g = _GRAMMARS.get(key)
+    if g is None:
+        g = Grammar(text, root, token_id)
+        if len(_GRAMMARS) >= 16:
+            _GRAMMARS.pop(next(iter(_GRAMMARS)))
+        _GRAMMARS[key] = g
+    return g

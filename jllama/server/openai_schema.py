@@ -128,6 +128,11 @@ class GenOptions:
     n: int = 1
     extra: dict = field(default_factory=dict)
     lora: dict[int, float] | None = None  # llama-server's per-request adapter scales by id
+    grammar: str | None = None  # llama.cpp's GBNF ``grammar`` field
+    json_schema: dict | None = None  # from ``json_schema`` or ``response_format``
+    n_probs: int = 0  # top candidates reported per token (n_probs / logprobs / top_logprobs)
+    post_sampling_probs: bool = False  # llama-server: probabilities after the sampling chain
+    ignore_eos: bool = False
 
 
 def lora_scales(value: Any, param: str = "lora") -> dict[int, float]:
@@ -145,7 +150,50 @@ def lora_scales(value: Any, param: str = "lora") -> dict[int, float]:
     return out
 
 
-def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens") -> GenOptions:
+def _probs_count(body: dict, chat: bool) -> int:
+    """llama-server: chat asks with ``logprobs: true`` (+ ``top_logprobs``, default 20); the
+    completion endpoints with ``n_probs`` or its alias ``logprobs`` (a count)."""
+    if chat:
+        lp = body.get("logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise bad("logprobs", "'logprobs' must be true or false", "invalid_type")
+        if lp:
+            return _int(body, "top_logprobs", 20, 0, 20)
+        if body.get("top_logprobs") is not None:
+            raise bad("top_logprobs", "top_logprobs requires logprobs to be set to true")
+        return 0
+    name = "n_probs" if body.get("n_probs") is not None else "logprobs"
+    v = body.get(name)
+    if isinstance(v, bool):  # OpenAI clients may send logprobs: false
+        return 0
+    return _int(body, name, 0, 0, 100)
+
+
+def _constraint_fields(body: dict, rf: dict | None) -> tuple[str | None, dict | None]:
+    """llama-server's grammar sources: ``grammar`` (GBNF), ``json_schema``, and
+    ``response_format`` (json_object: its optional ``schema``; json_schema: ``json_schema.
+    schema``); an empty schema means any object."""
+    grammar = body.get("grammar")
+    if grammar is not None and not isinstance(grammar, str):
+        raise bad("grammar", "'grammar' must be a string (GBNF)", "invalid_type")
+    schema = body.get("json_schema")
+    if rf is not None:
+        if rf["type"] == "json_object":
+            if "schema" in rf or schema is None:
+                schema = rf.get("schema", {})
+        else:
+            schema = rf["json_schema"].get("schema", {})
+    if schema is not None and not isinstance(schema, dict):
+        raise bad("json_schema", "the JSON schema must be an object", "invalid_type")
+    if schema is not None and grammar:
+        raise bad("grammar", "Cannot use both json_schema and grammar")
+    if schema is not None and not schema:
+        schema = {"type": "object"}
+    return grammar or None, schema
+
+
+def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens",
+                 chat: bool = False) -> GenOptions:
     # llama-server's defaults, not OpenAI's: the reference behaviour is llama.cpp's
     temperature = _num(body, "temperature", 0.8, 0.0, 2.0)
     top_p = _num(body, "top_p", 0.95, 0.0, 1.0)
@@ -159,7 +207,7 @@ def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens") 
     max_tokens = _int(body, max_tokens_name, None, 1, None)
     if mt is not None:
         max_tokens = _int(body, "max_completion_tokens", None, 1, None)
-    n = _int(body, "n", 1, 1, 1)
+    n = _int(body, "n", 1, 1, None)
     stream = _bool(body, "stream", False)
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
@@ -167,8 +215,7 @@ def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens") 
     if so and not stream:
         raise bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
     include_usage = bool(so and so.get("include_usage"))
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-        raise bad("logprobs", "'logprobs' is not supported by this server", "unsupported_parameter")
+    n_probs = _probs_count(body, chat)
     rf = body.get("response_format")
     if rf is not None:
         if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
@@ -181,6 +228,7 @@ def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens") 
                           "with 'name' and 'schema'")
         if rf["type"] == "text":
             rf = None
+    grammar, schema = _constraint_fields(body, rf)
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=rp,
         frequency_penalty=fp, presence_penalty=pp, seed=seed,
@@ -188,7 +236,10 @@ def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens") 
     return GenOptions(max_tokens=max_tokens, params=params, stop=_stop(body), stream=stream,
                       include_usage=include_usage, response_format=rf,
                       cache_prompt=_bool(body, "cache_prompt", True), n=n,
-                      lora=lora_scales(body["lora"]) if body.get("lora") else None)
+                      lora=lora_scales(body["lora"]) if body.get("lora") else None,
+                      grammar=grammar, json_schema=schema, n_probs=n_probs,
+                      ignore_eos=_bool(body, "ignore_eos", False),
+                      post_sampling_probs=_bool(body, "post_sampling_probs", False))
 
 
 def message_text(content: Any, param: str) -> str:
@@ -298,22 +349,31 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def logprobs_of(probs: list[dict] | None) -> dict | None:
+    """llama-server's ``logprobs`` of a choice or chunk (null when none were asked for)."""
+    return {"content": probs} if probs else None
+
+
 def chat_response(rid: str, model: str, created: int, content: str | None,
-                  tool_calls: list[dict] | None, finish: str, use: dict) -> dict:
+                  tool_calls: list[dict] | None, finish: str, use: dict,
+                  logprobs: dict | None = None) -> dict:
     msg: dict = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
         msg["tool_calls"] = tool_calls
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "system_fingerprint": "jllama",
-            "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish,
+                         "logprobs": logprobs}],
             "usage": use}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
-               usage_: dict | None = None, choices: bool = True) -> dict:
+               usage_: dict | None = None, choices: bool = True, logprobs: dict | None = None,
+               index: int = 0) -> dict:
     d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
          "system_fingerprint": "jllama",
-         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+         "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                      "logprobs": logprobs}]
          if choices else []}
     if usage_ is not None:
         d["usage"] = usage_
@@ -321,10 +381,11 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | No
 
 
 def completion_response(rid: str, model: str, created: int, text: str, finish: str | None,
-                        use: dict | None) -> dict:
+                        use: dict | None, logprobs: dict | None = None, index: int = 0) -> dict:
     d = {"id": rid, "object": "text_completion", "created": created, "model": model,
          "system_fingerprint": "jllama",
-         "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+         "choices": [{"index": index, "text": text, "finish_reason": finish,
+                      "logprobs": logprobs}]}
     if use is not None:
         d["usage"] = use
     return d

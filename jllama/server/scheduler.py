@@ -47,6 +47,8 @@ class Event:
     cached_tokens: int = 0
     status: int = 500
     message: str = ""
+    # llama-server's per-token probabilities of the text in this event (requests with n_probs)
+    probs: list[dict] | None = None
 
 
 @dataclass
@@ -61,8 +63,12 @@ class GenRequest:
     # per-request LoRA scales by adapter id (llama-server's "lora"; ids not named: 0); None:
     # the server's current scales (GET/POST /lora-adapters)
     lora: dict[int, float] | None = None
+    n_probs: int = 0  # llama-server's n_probs / top_logprobs: top candidates per token
+    post_sampling: bool = False  # probabilities after the sampling chain (post_sampling_probs)
+    ignore_eos: bool = False  # end-of-generation tokens get a -inf bias (llama-server's rule)
     cancelled: bool = False
     # filled by the scheduler
+    stop_word: str | None = None  # the stop string that ended the text, if one did
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish: str | None = None
@@ -83,6 +89,7 @@ class _Active:
         self.last = -1  # last sampled token, fed at the next step
         self.pending = ""  # decoded text held back (possible stop-string start)
         self.hold = max((len(s) for s in req.stop), default=0)
+        self.probs: list[dict] = []  # token probabilities not yet sent with text
         seed = req.params.seed
         if seed is None:
             seed = int.from_bytes(np.random.bytes(4), "little")
@@ -115,6 +122,7 @@ class Scheduler:
         self._bias: jax.Array | None = None
         self._first = jax.jit(_first_token)
         self._token_bytes: list[bytes] | None = None
+        self._grammar_bytes: list[bytes] | None = None
         self.steps_run = 0
         self.error: BaseException | None = None
         # speculative decoding drives one sequence at a time: single-slot servers only
@@ -182,6 +190,21 @@ class Scheduler:
             self._token_bytes = out
         return self._token_bytes
 
+    def grammar_token_bytes(self) -> list[bytes]:
+        """Every token's bytes as llama.cpp's grammar sees them: its piece cache is rendered
+        with special=true, so control tokens match their text (end of generation is decided
+        apart: empty here)."""
+        if self._grammar_bytes is None:
+            out = []
+            for i in range(self.tok.n_vocab):
+                try:
+                    b = self.tok.token_to_piece(i, special=True)
+                except Exception:
+                    b = b""
+                out.append(b"" if i in self.eog else bytes(b))
+            self._grammar_bytes = out
+        return self._grammar_bytes
+
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while True:
@@ -214,9 +237,11 @@ class Scheduler:
 
     def _speculate(self) -> bool:
         """Next token of a speculative request (it holds the only slot); False if there is none.
-        Grammar-constrained requests take the usual path (they mask each step's logits)."""
+        Grammar-constrained requests take the usual path (they mask each step's logits), as do
+        those asking for token probabilities or ignoring end of generation (per-step logits and
+        biases the speculative generator does not expose)."""
         a = self.slots[0] if self.speculative is not None else None
-        if a is None or a.req.constraint is not None:
+        if a is None or a.req.constraint is not None or a.req.n_probs > 0 or a.req.ignore_eos:
             return False
         eng = self.engine
         if a.gen is None:
@@ -326,11 +351,7 @@ class Scheduler:
             hist = self.engine.history[b : b + 1]
             tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
                                   bias)[0])
-            if a.req.constraint is not None:
-                tok = a.req.constraint.pick(tok, lambda lg=logits, b=b: np.asarray(lg)
-                                            + self._bias_np[b],
-                                            a.req.params.temperature, a.req.params.top_p, a.rng)
-            self._accept(b, tok)
+            self._take(b, tok, lambda lg=logits: np.asarray(lg))
 
     def _decode(self) -> None:
         active = np.array([a is not None and not a.todo for a in self.slots])
@@ -352,17 +373,36 @@ class Scheduler:
         nxt, logits = self.engine.step(toks, active, self._sp, jnp.asarray(self._keys), steps,
                                        self._bias)
         self.steps_run += 1
+        host: list = []  # the step's logits on the host, fetched once if a request needs them
+
+        def row(b: int) -> np.ndarray:
+            if not host:
+                host.append(np.asarray(logits))
+            return host[0][b]
+
         for b in np.nonzero(active)[0]:
-            a = self.slots[b]
-            tok = int(nxt[b])
-            if a.req.constraint is not None:
-                tok = a.req.constraint.pick(tok, lambda b=b: np.asarray(logits)[b]
-                                            + self._bias_np[b],
-                                            a.req.params.temperature, a.req.params.top_p, a.rng)
-            self._accept(b, tok)
+            self._take(int(b), int(nxt[b]), lambda b=b: row(b))
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ per-token handling
+    def _take(self, b: int, tok: int, row: Callable[[], np.ndarray]) -> None:
+        """The engine's draw for slot ``b`` through the request's grammar (a redraw if it
+        breaks it) and probability report, then accepted. A failure here (a grammar no token
+        can continue) ends this request alone."""
+        a = self.slots[b]
+        p = a.req.params
+        try:
+            if a.req.constraint is not None:
+                tok = a.req.constraint.pick(tok, lambda: row() + self._bias_np[b],
+                                            p.temperature, p.top_p, a.rng, p.top_k, p.min_p)
+            if a.req.n_probs > 0:
+                self._probs(a, row(), tok)
+            self._accept(b, tok)
+        except Exception as e:
+            log.warning("request failed while sampling: %s: %s", type(e).__name__, e)
+            if self.slots[b] is a:
+                self._fail(b, 500, f"sampling failed: {e}")
+
     def _accept(self, b: int, tok: int) -> None:
         a = self.slots[b]
         req = a.req
@@ -378,24 +418,44 @@ class Scheduler:
         if req.stop:
             hits = [i for i in (a.pending.find(s) for s in req.stop) if i >= 0]
             if hits:
+                req.stop_word = _first_stop(a.pending, req.stop)
                 a.pending = a.pending[: min(hits)]
                 self._finish(b, "stop", flush=False)
                 return
             if len(a.pending) > a.hold:
                 cut = len(a.pending) - a.hold
-                self._emit(req, a.pending[:cut])
+                self._emit(a, a.pending[:cut])
                 a.pending = a.pending[cut:]
         elif a.pending:
-            self._emit(req, a.pending)
+            self._emit(a, a.pending)
             a.pending = ""
         if req.constraint is not None and req.constraint.done:
             self._finish(b, "stop")
         elif req.max_tokens is not None and req.completion_tokens >= req.max_tokens:
             self._finish(b, "length")
 
-    def _emit(self, req: GenRequest, text: str) -> None:
-        if text:
-            req.sink(Event("text", text=text))
+    def _probs(self, a: _Active, row: np.ndarray, tok: int) -> None:
+        """llama-server's probabilities for a generated token; an end-of-generation token is
+        reported too (with empty text), as llama-server adds every sampled token."""
+        row = row[: self.n_vocab]
+        if a.req.post_sampling:
+            b = self.slots.index(a)
+            a.probs.append(post_sampling_probs(row + self._bias_np[b], a.req.params, tok,
+                                               a.req.n_probs, self.token_piece))
+        else:
+            a.probs.append(token_probs(row, tok, a.req.n_probs, self.token_piece))
+
+    def token_piece(self, tok: int) -> bytes:
+        return self.token_bytes()[tok] if tok < self.tok.n_vocab else b""
+
+    def _emit(self, a: _Active, text: str, force: bool = False) -> None:
+        """Text (with the probabilities of the tokens behind it) to the client; tokens whose
+        text is still held back (a possible stop string, a partial character) keep their
+        probabilities for the next event, unless this is the last one."""
+        if text or (force and a.probs):
+            probs, a.probs = a.probs or None, []
+            a.req.sink(Event("text", text=text, probs=probs,
+                             completion_tokens=a.req.completion_tokens))
 
     def _finish(self, b: int, reason: str, flush: bool = True) -> None:
         a = self.slots[b]
@@ -404,8 +464,9 @@ class Scheduler:
         if flush and req.stop:
             hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
             if hits:
+                req.stop_word = _first_stop(text, req.stop)
                 text, reason = text[: min(hits)], "stop"
-        self._emit(req, text)
+        self._emit(a, text, force=True)
         req.finish = reason
         req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
                        completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens))
@@ -432,6 +493,10 @@ class Scheduler:
             return
         for t, v in req.params.logit_bias.items():
             self._bias_np[b, t] = v
+        if req.ignore_eos:
+            for t in self.eog:
+                if t < self.n_vocab:
+                    self._bias_np[b, t] = -np.inf
         self._keys[b] = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.slots[b].seed)))
 
     def _ensure_batch(self) -> None:
@@ -448,3 +513,73 @@ def _first_token(logits, sp, keys, steps, history, bias):
     raw = jax.vmap(lambda k, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
     return sample(logits[..., : bias.shape[-1]], sp, raw, history, bias)
+
+
+def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:
+    """One token's entry in llama-server's probability output (get_token_probabilities: a
+    softmax over the raw logits; logprob as completion_token_output::logarithm writes it)."""
+    row = np.asarray(row, np.float32)
+    e = np.exp(row - row.max())
+    p = e / e.sum(dtype=np.float32)
+    n = min(n, row.shape[0])
+    top = np.argpartition(-row, n - 1)[:n]
+    top = top[np.lexsort((top, -row[top]))]
+
+    def entry(t: int) -> dict:
+        raw = piece(t)
+        return {"id": t, "token": _valid_utf8_prefix(raw), "bytes": list(raw),
+                "logprob": _log(float(p[t]))}
+
+    out = entry(tok)
+    out["top_logprobs"] = [entry(int(t)) for t in top]
+    return out
+
+
+def post_sampling_probs(row: np.ndarray, p, tok: int, n: int, piece) -> dict:
+    """llama-server's post_sampling_probs entry: the candidates left after the sampling chain
+    (logit bias, top-k, top-p, min-p, temperature; the penalties are not replayed here) with
+    the probabilities the final draw used; zero-probability tokens are not listed."""
+    row = np.asarray(row, np.float32)
+    order = np.argsort(-row, kind="stable")
+    if p.top_k > 0:
+        order = order[: p.top_k]
+    z = row[order].astype(np.float64)
+    q = np.exp(z - z[0])
+    q /= q.sum()
+    keep = ((np.cumsum(q) - q) < p.top_p) & (q >= p.min_p * q[0])
+    keep[0] = True
+    order, z = order[keep], z[keep]
+    if p.temperature <= 0:
+        order, probs = order[:1], np.ones(1)
+    else:
+        probs = np.exp((z - z[0]) / p.temperature)
+        probs /= probs.sum()
+
+    def entry(t: int, pr: float) -> dict:
+        raw = piece(t)
+        return {"id": t, "token": _valid_utf8_prefix(raw), "bytes": list(raw), "prob": pr}
+
+    hit = np.nonzero(order == tok)[0]
+    out = entry(tok, float(probs[hit[0]]) if hit.size else 0.0)
+    out["top_probs"] = [entry(int(t), float(pr)) for t, pr in zip(order[:n], probs[:n],
+                                                                  strict=True) if pr > 0]
+    return out
+
+
+def _log(x: float) -> float:
+    return float(np.log(np.float32(x))) if x > 0 else float(np.finfo(np.float32).min)
+
+
+def _valid_utf8_prefix(b: bytes) -> str:
+    """llama-server's validate_utf8: the text up to an incomplete trailing UTF-8 sequence."""
+    for cut in range(len(b), max(len(b) - 4, -1), -1):
+        try:
+            return b[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return b.decode("utf-8", "replace")
+
+
+def _first_stop(text: str, stops: list[str]) -> str:
+    """The stop string found earliest in ``text`` (the first listed on a tie)."""
+    return min((s for s in stops if s in text), key=lambda s: (text.find(s), stops.index(s)))
