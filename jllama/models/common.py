@@ -396,8 +396,9 @@ def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array, kind: str = "
 def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
               kv_len: int, scale: float, window: int | None = None,
               softcap: float | None = None, k_type: str = "f32", v_type: str = "f32",
-              head_dim_v: int | None = None) -> jax.Array:
-    """Causal GQA attention of new queries against the first ``kv_len`` cache positions.
+              head_dim_v: int | None = None, bidir: bool = False) -> jax.Array:
+    """Causal GQA attention of new queries against the first ``kv_len`` cache positions
+    (``bidir``: every new query also sees the other new keys, llama.cpp's causal_attn off).
 
     q: [B, T, H, D]; caches [B, KVH, S, D] already hold this call's keys/values.
     Returns [B, T, H * Dv].
@@ -411,7 +412,7 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
         if jax.default_backend() == "cpu" and num.cpu_kernels and cpu_attention.available():
             # ggml's own flash attention, bit for bit; kv_pad: llama.cpp's n_kv rule (256)
             return cpu_attention.ggml_flash_attn(q, k_cache, v_cache, pos0, kv_len, scale,
-                                                 window, softcap, kv_pad=256)
+                                                 window, softcap, kv_pad=256, bidir=bidir)
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
     k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
@@ -427,7 +428,8 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
         s = softcap * jnp.tanh(s / softcap)
     qpos = pos0[:, None] + jnp.arange(t)[None, :]  # [B, T]
     kpos = jnp.arange(kv_len)
-    mask = kpos[None, None, :] <= qpos[:, :, None]  # [B, T, S]
+    last = (pos0[:, None] + t - 1) if bidir else qpos
+    mask = kpos[None, None, :] <= jnp.broadcast_to(last, qpos.shape)[:, :, None]  # [B, T, S]
     if window:
         mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
@@ -449,7 +451,8 @@ def gather_last(x: jax.Array, last_idx: jax.Array) -> jax.Array:
 
 
 def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
-                    kv_len: int, last_idx: jax.Array | None, hidden: bool = False):
+                    kv_len: int, last_idx: jax.Array | None, hidden: bool = False,
+                    bidir: bool = False):
     """The part every decoder-only architecture shares after its embedding: the blocks over
     the per-layer caches, then final norm and output projection (tied or not).
 
@@ -458,6 +461,7 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     computed only at that index per sequence ([B, V]): generation needs one row, and the output
     matmul is the largest in small models. With ``hidden`` (static) the result is the final
     norm's output instead ([B, T, E] or [B, E]): llama.cpp's embeddings of a decoder (t_embd).
+    ``bidir`` (static): non-causal attention within the batch, passed to blocks that take it.
     """
     t = x.shape[1]
     pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -465,12 +469,14 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     kv_types = (cache.k_type, cache.v_type)
     global _TAP_LAYER
     num = numerics.current()
-    run = _shared_block_runner() if num.share_block_traces and not num.taps else None
+    run = (_shared_block_runner() if num.share_block_traces and not num.taps and not bidir
+           else None)
+    extra = {"bidir": True} if bidir else {}
     for i, blk in enumerate(model.blocks):
         with jax.named_scope(f"blk{i}"):
             if run is None:
                 _TAP_LAYER = i
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, kv_types)
+                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, kv_types, **extra)
             else:
                 gd, st = nnx.split(blk)
                 x, ks[i], vs[i] = run(gd, st, x, pos, pos0, ks[i], vs[i], kv_len, kv_types)
