@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from jllama.errors import ModelError
+from jllama.errors import ImageError, ModelError
 
 PRECISION_BITS = 32 - 8 - 2
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
@@ -109,3 +109,52 @@ def normalize(img: np.ndarray, mean, std) -> np.ndarray:
     """``clip_image_f32::from_u8`` then ``normalize``: f32 [H, W, 3]."""
     x = img.astype(np.float32) / np.float32(255.0)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+MAX_PIXELS = 1 << 26  # refuse decompression bombs before decoding (64 Mpixel)
+
+
+def decode_image(data: bytes, source: str = "image") -> np.ndarray:
+    """An encoded image (PNG, JPEG, BMP, GIF, TGA, PNM, ...) -> uint8 RGB [H, W, 3].
+
+    libmtmd decodes with stb_image, asking for 3 channels: grey is replicated, alpha dropped
+    (not composited). Pillow's ``convert("RGB")`` does the same, and lossless formats decode
+    to the same pixels; baseline JPEG may differ by a level in some pixels (stb_image's IDCT
+    is its own)."""
+    import io
+
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - pillow is a dependency of the vision extra
+        raise ImageError("reading images needs Pillow: pip install 'jllama[vision]'") from e
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{source}: image of {w}x{h} pixels is too large "
+                                 f"(at most {MAX_PIXELS} pixels)")
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                # stb_image keeps the high byte of 16-bit samples; Pillow would clip them
+                raise ImageError(f"{source}: 16-bit and float images are not supported")
+            rgb = im.convert("RGB")
+            return np.asarray(rgb, np.uint8).copy()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{source}: image is too large ({e})") from None
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{source}: not an image jllama can read (unsupported or corrupt "
+                         f"format: {e.__class__.__name__})") from None
+
+
+def load_image(path) -> np.ndarray:
+    """An image file -> uint8 RGB [H, W, 3]; ImageError when missing or unreadable."""
+    import os
+
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageError(f"{p}: cannot read image ({e.strerror or e})") from None
+    return decode_image(data, p)
