@@ -2,14 +2,13 @@
 --image PATH`` against libmtmd, and one clear error for each kind of bad input.
 
 The tiny models are tests/visionmodels.py's; the mmproj is written directly in llama.cpp's
-layout here (the converter's output for that checkpoint: test_vision_gemma3.py runs the
-converter), so this file needs no torch. Images are PNG (lossless: Pillow and libmtmd's
+layout (``write_mmproj``; test_vision_gemma3.py runs the converter), so this file needs no
+torch. Images are PNG (lossless: Pillow and libmtmd's
 stb_image decode the same pixels, which the first test checks through libmtmd's own file
 loader)."""
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 
@@ -18,59 +17,6 @@ from jllama.cli.main import main
 pytestmark = pytest.mark.oracle
 
 PROMPT = "Describe <__media__> briefly."
-
-
-def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 64,
-                 patch: int = 8, d: int = 64, n_layer: int = 2) -> None:
-    """A gemma3 mmproj as convert_hf_to_gguf.py --mmproj writes it (f16 matrices, f32 norms,
-    biases and embeddings, f16 input projection)."""
-    rng = np.random.default_rng(seed)
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
-
-    def f16(a):
-        return a.astype(np.float16)
-
-    g = gguf.GGUFWriter(str(path), "clip")
-    g.add_type("mmproj")
-    g.add_bool("clip.has_vision_encoder", True)
-    g.add_uint32("clip.vision.projection_dim", n_embd_out)
-    g.add_uint32("clip.vision.image_size", image_size)
-    g.add_uint32("clip.vision.patch_size", patch)
-    g.add_uint32("clip.vision.embedding_length", d)
-    g.add_uint32("clip.vision.feed_forward_length", 2 * d)
-    g.add_uint32("clip.vision.block_count", n_layer)
-    g.add_uint32("clip.vision.attention.head_count", 4)
-    g.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    g.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    g.add_string("clip.projector_type", "gemma3")
-    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    g.add_bool("clip.use_gelu", True)
-    g.add_uint32("clip.vision.projector.scale_factor", 4)
-    g.add_tensor("mm.input_projection.weight", f16(w(d, n_embd_out, s=0.2)))
-    g.add_tensor("mm.soft_emb_norm.weight", 1.0 + w(d, s=0.1))
-    g.add_tensor("v.patch_embd.bias", w(d, s=0.1))
-    g.add_tensor("v.patch_embd.weight", w(d, 3, patch, patch, s=0.1))
-    g.add_tensor("v.position_embd.weight", w((image_size // patch) ** 2, d, s=0.2))
-    for i in range(n_layer):
-        b = f"v.blk.{i}."
-        for ln in ("ln1", "ln2"):
-            g.add_tensor(b + ln + ".bias", w(d, s=0.1))
-            g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
-        g.add_tensor(b + "ffn_up.bias", w(2 * d))
-        g.add_tensor(b + "ffn_up.weight", f16(w(2 * d, d, s=0.15)))
-        g.add_tensor(b + "ffn_down.bias", w(d))
-        g.add_tensor(b + "ffn_down.weight", f16(w(d, 2 * d, s=0.15)))
-        for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
-            g.add_tensor(b + t + ".bias", w(d))
-            g.add_tensor(b + t + ".weight", f16(w(d, d, s=0.15)))
-    g.add_tensor("v.post_ln.bias", w(d, s=0.1))
-    g.add_tensor("v.post_ln.weight", 1.0 + w(d, s=0.1))
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
 
 
 def _png(path, shape=(48, 80), seed=4):
@@ -90,8 +36,8 @@ def files(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("vision-cli")
     V.write_text_model(d / "text.gguf")
-    write_mmproj(d / "mmproj.gguf")
-    write_mmproj(d / "mmproj-256.gguf", n_embd_out=256)
+    V.write_mmproj(d / "mmproj.gguf")
+    V.write_mmproj(d / "mmproj-256.gguf", n_embd_out=256)
     _png(d / "img.png")
     return d
 
@@ -151,6 +97,29 @@ def test_cli_generate_with_image(files, oracle, capsys):
                "--image", str(png), "-p", PROMPT, "-n", "6", "--temp", "0", "-c", "128"])
     assert rc == 0
     assert capsys.readouterr().out.strip() == want.strip()
+
+
+def test_odd_shapes_embeddings_bit_exact(files, tmp_path):
+    """Widths that are no multiple of ggml's SIMD steps: patch 14 (an f16 im2col row of 588,
+    ggml_vec_dot_f16 with f64 leftovers), width 100 (LayerNorm and f16 matmuls with
+    leftover lanes), head size 25."""
+    import visionmodels as V
+    from mtmd_oracle import Mtmd
+
+    from jllama.models.clip import load_vision
+
+    mm = tmp_path / "odd.gguf"
+    V.write_mmproj(mm, image_size=112, patch=14, d=100, n_layer=2, n_head=4, seed=7)
+    o = Mtmd(files / "text.gguf", mm)
+    try:
+        vision = load_vision(mm)
+        for shape in [(112, 112), (90, 131)]:
+            img = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+            chunk = [c for c in o.tokenize("<__media__>", [img]) if isinstance(c, tuple)][0]
+            ref, _ = o.encode(chunk)
+            assert np.array_equal(vision.encode(img), ref), shape
+    finally:
+        o.close()
 
 
 def _one_error(capsys, args) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 from tinymodels import dense_hparams, dense_tensors, write_gguf
 
@@ -87,3 +88,57 @@ def write_text_model(path: Path, seed: int = 3, **extra) -> Path:
                             embd_std=0.05, **TEXT)
     hp = dense_hparams(**TEXT, **{"rope.freq_base": 1e6}, **extra)
     return write_gguf(path, "gemma3", hp, tensors, specials=SPECIALS)
+
+
+def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 64,
+                 patch: int = 8, d: int = 64, n_layer: int = 2, n_head: int = 4,
+                 n_merge: int = 4) -> None:
+    """A gemma3 mmproj as convert_hf_to_gguf.py --mmproj writes it (f16 matrices, f32 norms,
+    biases and embeddings, f16 input projection)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def f16(a):
+        return a.astype(np.float16)
+
+    g = gguf.GGUFWriter(str(path), "clip")
+    g.add_type("mmproj")
+    g.add_bool("clip.has_vision_encoder", True)
+    g.add_uint32("clip.vision.projection_dim", n_embd_out)
+    g.add_uint32("clip.vision.image_size", image_size)
+    g.add_uint32("clip.vision.patch_size", patch)
+    g.add_uint32("clip.vision.embedding_length", d)
+    g.add_uint32("clip.vision.feed_forward_length", 2 * d)
+    g.add_uint32("clip.vision.block_count", n_layer)
+    g.add_uint32("clip.vision.attention.head_count", n_head)
+    g.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    g.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    g.add_string("clip.projector_type", "gemma3")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    g.add_bool("clip.use_gelu", True)
+    g.add_uint32("clip.vision.projector.scale_factor", n_merge)
+    g.add_tensor("mm.input_projection.weight", f16(w(d, n_embd_out, s=0.2)))
+    g.add_tensor("mm.soft_emb_norm.weight", 1.0 + w(d, s=0.1))
+    g.add_tensor("v.patch_embd.bias", w(d, s=0.1))
+    g.add_tensor("v.patch_embd.weight", w(d, 3, patch, patch, s=0.1))
+    g.add_tensor("v.position_embd.weight", w((image_size // patch) ** 2, d, s=0.2))
+    for i in range(n_layer):
+        b = f"v.blk.{i}."
+        for ln in ("ln1", "ln2"):
+            g.add_tensor(b + ln + ".bias", w(d, s=0.1))
+            g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
+        g.add_tensor(b + "ffn_up.bias", w(2 * d))
+        g.add_tensor(b + "ffn_up.weight", f16(w(2 * d, d, s=0.15)))
+        g.add_tensor(b + "ffn_down.bias", w(d))
+        g.add_tensor(b + "ffn_down.weight", f16(w(d, 2 * d, s=0.15)))
+        for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
+            g.add_tensor(b + t + ".bias", w(d))
+            g.add_tensor(b + t + ".weight", f16(w(d, d, s=0.15)))
+    g.add_tensor("v.post_ln.bias", w(d, s=0.1))
+    g.add_tensor("v.post_ln.weight", 1.0 + w(d, s=0.1))
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()

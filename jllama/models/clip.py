@@ -116,11 +116,42 @@ def _mul_mat(x: jax.Array, qt: QTensor) -> jax.Array:
     if not qt.is_float:
         return linear(x, qt)  # the text model's quantized kernels, ggml's Q8 activations
     w = dequantize(qt, jnp.float32)
-    if qt.qtype == _F16:
-        x = x.astype(jnp.float16).astype(jnp.float32)  # ggml's vec_dot_type for f16 weights
-    elif qt.qtype != _F32:
+    if qt.qtype == _F16:  # ggml converts the activations to the f16 vec_dot type
+        return mul_mat_f16(x.astype(jnp.float16).astype(jnp.float32), w)
+    if qt.qtype != _F32:
         raise ModelError(f"mmproj weight type {qt.type_name} is not supported")
     return ggml_f32.mul_mat(x, w)
+
+
+def mul_mat_f16(x: jax.Array, w: jax.Array) -> jax.Array:
+    """ggml's CPU mul_mat of f16 values (given as f32 arrays holding f16 values): x [N, K],
+    w [M, K] -> [N, M]. llamafile's tinyBLAS takes it where ggml_f32.mul_mat's f32 product
+    does (K a multiple of the lane count), with the same FMA chains; otherwise
+    ggml_vec_dot_f16, whose main part is vec_dot_f32's but whose sum is an f64: the K % 32
+    leftover products (each rounded to f32) are added to it in f64, then rounded once."""
+    n, k = x.shape
+    m = w.shape[0]
+    lanes = ggml_f32.simd_lanes()
+    if (n >= 2 and m % 4 == 0 and k % lanes == 0) or not ggml_f32.rounding_on():
+        return ggml_f32.mul_mat(x, w)
+    step = 4 * lanes
+    kk = k - k % step
+    main = (ggml_f32.mul_mat(x[:, :kk], w[:, :kk], sgemm=False) if kk
+            else jnp.zeros((n, m), jnp.float32))
+    if kk == k:
+        return main
+    with jax.enable_x64(True):
+        acc = main.astype(jnp.float64)
+        for i in range(kk, k):
+            acc = acc + opaque(x[:, i][:, None] * w[:, i][None, :]).astype(jnp.float64)
+        return acc.astype(jnp.float32)
+
+
+def _div_f32(a: jax.Array, b) -> jax.Array:
+    """An f32 division rounded correctly, as C's: done in f64 and rounded once (exact for
+    f32 operands), since XLA:CPU may divide through a reciprocal."""
+    with jax.enable_x64(True):
+        return (a.astype(jnp.float64) / opaque(jnp.asarray(b, jnp.float64))).astype(jnp.float32)
 
 
 def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
@@ -132,7 +163,7 @@ def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Arr
         var = jnp.mean(xc * xc, axis=-1, keepdims=True)
         return xc * jax.lax.rsqrt(var + eps) * w + b
     n = x.shape[-1]
-    mean = ggml_f32.sum_rows(x)[..., None] / jnp.float32(n)
+    mean = _div_f32(ggml_f32.sum_rows(x)[..., None], n)
     xc = opaque(x - mean)
     sq = opaque(xc * xc)
     lanes = ggml_f32.simd_lanes()
@@ -152,8 +183,8 @@ def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Arr
         acc = jnp.zeros(sq.shape[:-1], jnp.float64)
         for p in parts:
             acc = acc + p.astype(jnp.float64)
-        var = (acc / n).astype(jnp.float32)
-    scale = 1.0 / opaque(jnp.sqrt(var + jnp.float32(eps)))
+        var = (acc / opaque(jnp.float64(n))).astype(jnp.float32)
+    scale = _div_f32(jnp.ones_like(var), opaque(jnp.sqrt(var + jnp.float32(eps))))
     y = opaque(xc * scale[..., None])
     return opaque(y * w) + b
 
@@ -202,7 +233,7 @@ class VisionEncoder(nnx.Module):
         if numerics.current().match_llamacpp:
             def f16(a):
                 return a.astype(jnp.float16).astype(jnp.float32)
-            x = ggml_f32.mul_mat(f16(kw), f16(cols)).T
+            x = mul_mat_f16(f16(kw), f16(cols)).T
         else:
             x = cols @ kw.T
         x = x + self._vec("v.patch_embd.bias")
@@ -233,14 +264,16 @@ class VisionEncoder(nnx.Module):
         for ky in range(m):
             for kx in range(m):
                 acc = opaque(acc + g[:, ky, :, kx])
-        x = (acc / jnp.float32(m * m)).reshape(o * o, s.n_embd)
+        x = _div_f32(acc, m * m).reshape(o * o, s.n_embd)
         x = rms_norm(x, self._vec("mm.soft_emb_norm.weight"), s.eps)
         # the projection is mul_mat(cont(transpose(W)), x): W [n_embd, n_out] as rows of n_out
         wt = self.w["mm.input_projection.weight"]
         wf = dequantize(wt, jnp.float32).T
-        if wt.qtype == _F16 and numerics.current().match_llamacpp:
-            x = x.astype(jnp.float16).astype(jnp.float32)
-        return ggml_f32.mul_mat(x, wf) if numerics.current().match_llamacpp else x @ wf.T
+        if not numerics.current().match_llamacpp:
+            return x @ wf.T
+        if wt.qtype == _F16:  # cont(transpose) keeps the weight's type: an f16 product
+            return mul_mat_f16(x.astype(jnp.float16).astype(jnp.float32), wf)
+        return ggml_f32.mul_mat(x, wf)
 
 
 @dataclasses.dataclass
