@@ -153,3 +153,42 @@ def test_bad_input_errors(files, tmp_path, capsys):
     assert "context size is 16" in _one_error(
         capsys, ["generate", "-m", m, "-p", "word " * 12, "-n", "2", "-c", "16",
                  "--mmproj", mm, "--image", img])
+
+
+def test_server_image_url(files, oracle):
+    """/v1/chat/completions with an image_url part (base64 data URL): the greedy answer is
+    libmtmd's on the rendered prompt; remote URLs and bad data are refused with a 400."""
+    import base64
+
+    import httpx
+
+    from jllama.api import Llama
+    from jllama.gguf.reader import read_gguf
+    from jllama.server.app import ServerSettings, ServerState, ServerThread, render_prompt
+    from jllama.tokenizer import Tokenizer
+
+    png = files / "img.png"
+    url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    llm = Llama(str(files / "text.gguf"), ctx_size=128, n_slots=2,
+                mmproj=str(files / "mmproj.gguf"))
+    text = render_prompt(llm, [{"role": "user", "content": "Look: <__media__> What?"}], None)
+    ref = oracle.greedy(text, [_stb_image(oracle, png)], 8)
+    want = Tokenizer.from_gguf(read_gguf(files / "text.gguf")).decode(ref)
+    state = ServerState(llm, ServerSettings("tiny", max_queue=4, timeout=120))
+
+    def msg(part):
+        return {"model": "tiny", "temperature": 0, "max_tokens": 8, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Look: "}, part,
+                                         {"type": "text", "text": " What?"}]}]}
+
+    with ServerThread(state, warmup=False) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        r = c.post("/v1/chat/completions", json=msg({"type": "image_url",
+                                                     "image_url": {"url": url}}))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+        for bad, what in [("https://example.com/a.png", "not fetched"),
+                          ("data:image/png;base64,@@@", "not valid base64"),
+                          ("data:image/png;base64,aGVsbG8=", "not an image")]:
+            r = c.post("/v1/chat/completions", json=msg({"type": "image_url",
+                                                         "image_url": {"url": bad}}))
+            assert r.status_code == 400 and what in r.text, r.text

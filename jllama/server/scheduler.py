@@ -61,6 +61,9 @@ class GenRequest:
     # per-request LoRA scales by adapter id (llama-server's "lora"; ids not named: 0); None:
     # the server's current scales (GET/POST /lora-adapters)
     lora: dict[int, float] | None = None
+    # a prompt with images: token ids and engine.multimodal.ImageChunks in order (then
+    # prompt_ids is unused and no cached prefix is reused)
+    prompt_items: list | None = None
     cancelled: bool = False
     # filled by the scheduler
     completion_tokens: int = 0
@@ -216,7 +219,7 @@ class Scheduler:
         """Next token of a speculative request (it holds the only slot); False if there is none.
         Grammar-constrained requests take the usual path (they mask each step's logits)."""
         a = self.slots[0] if self.speculative is not None else None
-        if a is None or a.req.constraint is not None:
+        if a is None or a.req.constraint is not None or a.req.prompt_items is not None:
             return False
         eng = self.engine
         if a.gen is None:
@@ -270,6 +273,15 @@ class Scheduler:
             ids = req.prompt_ids
             # prompt cache: the free slot sharing the longest prefix with this prompt
             best, keep = free[0], 0
+            if req.prompt_items is not None:
+                free.remove(best)
+                self.engine.rewind(best, 0)
+                from jllama.tokenizer import StreamDecoder
+
+                self.slots[best] = _Active(req, StreamDecoder(self.tok), list(req.prompt_items))
+                self._set_row(best, req)
+                self.metrics.active = self.busy_slots()
+                continue
             if req.cache_prompt:
                 for b in free:
                     n = self.engine.common_prefix(ids, b)
@@ -303,19 +315,28 @@ class Scheduler:
             a = self.slots[b]
             if a is None or not a.todo:
                 continue
-            chunk = a.todo[:PREFILL_CHUNK]
-            if done and done + len(chunk) > PREFILL_CHUNK:
+            image = a.todo[0] if not isinstance(a.todo[0], int) else None
+            if image is not None:  # an image's embeddings: one batch of their own
+                chunk = a.todo[:1]
+                size = image.embd.shape[0]
+            else:
+                chunk = a.todo[:PREFILL_CHUNK]
+                cut = next((i for i, t in enumerate(chunk) if not isinstance(t, int)), None)
+                chunk = chunk[:cut] if cut is not None else chunk
+                size = len(chunk)
+            if done and done + size > PREFILL_CHUNK:
                 break
             a.todo = a.todo[len(chunk):]
-            done += len(chunk)
+            done += size
             self._prefill_turn = (b + 1) % n
             t0 = time.perf_counter()
             try:
-                logits = self.engine.prefill(chunk, b)
+                logits = (self.engine.prefill_embeddings(image.embd, b, bidir=image.bidir)
+                          if image is not None else self.engine.prefill(chunk, b))
             except Exception as e:  # e.g. ContextError
                 self._fail(b, 400, str(e))
                 continue
-            self.metrics.prompt_tokens += len(chunk)
+            self.metrics.prompt_tokens += size
             self.metrics.prompt_seconds += time.perf_counter() - t0
             if a.todo:
                 continue
