@@ -142,3 +142,66 @@ def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 6
     g.write_kv_data_to_file()
     g.write_tensors_to_file()
     g.close()
+
+
+def write_llava_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 56,
+                       patch: int = 14, d: int = 64, n_layer: int = 3, n_head: int = 4) -> None:
+    """A LLaVA-1.5 mmproj (``clip.projector_type = mlp``) as convert_hf_to_gguf.py --mmproj
+    writes one for LlavaForConditionalGeneration: CLIP with a class embedding and a
+    pre-LayerNorm, quick-GELU, no post-LayerNorm, the two-layer MLP projector; f16 matrices."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def f16(a):
+        return a.astype(np.float16)
+
+    g = gguf.GGUFWriter(str(path), "clip")
+    g.add_type("mmproj")
+    g.add_bool("clip.has_vision_encoder", True)
+    g.add_uint32("clip.vision.projection_dim", n_embd_out)
+    g.add_uint32("clip.vision.image_size", image_size)
+    g.add_uint32("clip.vision.patch_size", patch)
+    g.add_uint32("clip.vision.embedding_length", d)
+    g.add_uint32("clip.vision.feed_forward_length", 2 * d)
+    g.add_uint32("clip.vision.block_count", n_layer)
+    g.add_uint32("clip.vision.attention.head_count", n_head)
+    g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    g.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    g.add_string("clip.projector_type", "mlp")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    g.add_bool("clip.use_gelu", False)
+    n_pos = (image_size // patch) ** 2 + 1
+    g.add_tensor("mm.0.weight", f16(w(n_embd_out, d, s=0.15)))
+    g.add_tensor("mm.0.bias", w(n_embd_out))
+    g.add_tensor("mm.2.weight", f16(w(n_embd_out, n_embd_out, s=0.15)))
+    g.add_tensor("mm.2.bias", w(n_embd_out))
+    g.add_tensor("v.class_embd", w(d, s=0.3))
+    g.add_tensor("v.patch_embd.weight", f16(w(d, 3, patch, patch, s=0.1)))
+    g.add_tensor("v.position_embd.weight", f16(w(n_pos, d, s=0.2)))
+    g.add_tensor("v.pre_ln.weight", 1.0 + w(d, s=0.1))
+    g.add_tensor("v.pre_ln.bias", w(d, s=0.1))
+    for i in range(n_layer):
+        b = f"v.blk.{i}."
+        for ln in ("ln1", "ln2"):
+            g.add_tensor(b + ln + ".bias", w(d, s=0.1))
+            g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
+        g.add_tensor(b + "ffn_up.bias", w(2 * d))
+        g.add_tensor(b + "ffn_up.weight", f16(w(2 * d, d, s=0.15)))
+        g.add_tensor(b + "ffn_down.bias", w(d))
+        g.add_tensor(b + "ffn_down.weight", f16(w(d, 2 * d, s=0.15)))
+        for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
+            g.add_tensor(b + t + ".bias", w(d))
+            g.add_tensor(b + t + ".weight", f16(w(d, d, s=0.15)))
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
+
+
+def write_llama_text_model(path: Path, seed: int = 5) -> Path:
+    """A tiny llama text model of width 128 (LLaVA-1.5's text side)."""
+    shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+    tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)
+    return write_gguf(path, "llama", dense_hparams(**shape), tensors)

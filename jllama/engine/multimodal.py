@@ -22,7 +22,7 @@ from jllama.models.clip import Vision
 
 MEDIA_MARKER = "<__media__>"
 # projector -> (begin text, end text, non-causal image batch)
-_WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>", True)}
+_WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>", True), "mlp": ("", "", False)}
 
 
 @dataclass

@@ -1,5 +1,10 @@
 """Vision encoders of llama.cpp's ``mmproj`` GGUF files (``general.architecture = clip``), as
-libmtmd runs them (tools/mtmd/clip.cpp, models/siglip.cpp).
+libmtmd runs them (tools/mtmd/clip.cpp, models/siglip.cpp, models/llava.cpp).
+
+Also LLaVA-1.5 (``clip.projector_type = mlp`` without image_grid_pinpoints): CLIP with a class
+embedding (appended after the patches, as clip.cpp does), a pre-LayerNorm, all layers but the
+last, then the MLP projector (mm.0, GELU, mm.2) over the patch rows; images padded to a square
+with llava's grey (122, 116, 104) and resized bicubically.
 
 Supported: the SigLIP ViT with the Gemma 3 projector (``clip.projector_type = gemma3``):
 patch embedding (a stride-``patch_size`` convolution, ggml's im2col + mul_mat), learned
@@ -33,11 +38,11 @@ from jllama.gguf.reader import GGUFFile, read_gguf
 from jllama.kernels import cpu_attention
 from jllama.kernels.dispatch import dequantize
 from jllama.models import clip_image
-from jllama.models.common import Weights, gelu, linear, rms_norm
+from jllama.models.common import Weights, gelu, gelu_quick, linear, rms_norm
 from jllama.quant.actquant import opaque
 from jllama.quant.qtensor import QTensor, from_gguf_bytes
 
-PROJECTORS = ("gemma3",)
+PROJECTORS = ("gemma3", "mlp")
 _F16, _F32 = 1, 0
 
 
@@ -57,6 +62,9 @@ class VisionSpec:
     std: tuple[float, float, float]
     resize_algo: str
     resize_pad: str
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+    ffn_op: str = "gelu"  # gelu | gelu_quick | silu (clip.use_gelu / clip.use_silu)
+    n_layer_run: int = 0  # layers evaluated (llava: all but the last, its feature layer)
 
     @property
     def n_patches_side(self) -> int:
@@ -64,6 +72,8 @@ class VisionSpec:
 
     @property
     def n_image_tokens(self) -> int:
+        if self.projector == "mlp":
+            return self.n_patches_side ** 2
         return (self.n_patches_side // self.n_merge) ** 2
 
 
@@ -86,23 +96,44 @@ def spec_from_gguf(g: GGUFFile) -> VisionSpec:
         return v
 
     image_size, patch = int(need("image_size")), int(need("patch_size"))
-    n_merge = int(md.get("clip.vision.projector.scale_factor", 4))  # clip.cpp's gemma3 default
     side = image_size // patch
-    if side * patch != image_size or side % n_merge:
-        raise ModelError(f"{g.path}: image_size {image_size} / patch_size {patch} does not pool "
-                         f"by {n_merge}")
-    proj_w = g.tensors.get("mm.input_projection.weight")
+    if side * patch != image_size:
+        raise ModelError(f"{g.path}: image_size {image_size} is not a multiple of patch_size "
+                         f"{patch}")
+    n_layer = int(need("block_count"))
+    if md.get("clip.use_gelu", False) and md.get("clip.use_silu", False):
+        raise ModelError(f"{g.path}: both clip.use_gelu and clip.use_silu are set")
+    ffn_op = ("gelu" if md.get("clip.use_gelu", False)
+              else "silu" if md.get("clip.use_silu", False) else "gelu_quick")
+    if proj == "gemma3":
+        n_merge = int(md.get("clip.vision.projector.scale_factor", 4))  # clip.cpp's default
+        if side % n_merge:
+            raise ModelError(f"{g.path}: {side} patches per side do not pool by {n_merge}")
+        out_w, out_axis = "mm.input_projection.weight", -1
+        extra = dict(resize_algo="bilinear", resize_pad="ceil", n_layer_run=n_layer)
+    else:  # mlp: LLaVA-1.5 (without image_grid_pinpoints: llava-1.6's tiling is not run)
+        if md.get("clip.vision.image_grid_pinpoints"):
+            raise ModelError(f"{g.path}: LLaVA-1.6 image tiling (image_grid_pinpoints) is not "
+                             "supported yet")
+        if md.get("clip.vision.feature_layer"):
+            raise ModelError(f"{g.path}: explicit vision feature layers are not supported yet")
+        n_merge = 1
+        out_w, out_axis = ("mm.2.weight" if "mm.2.weight" in g.tensors else "mm.0.weight"), 0
+        # clip.cpp: llava's pad colour; the second-to-last layer is the feature layer
+        extra = dict(resize_algo="bicubic", resize_pad="ceil", pad_color=(122, 116, 104),
+                     n_layer_run=n_layer - 1)
+    proj_w = g.tensors.get(out_w)
     if proj_w is None:
-        raise ModelError(f"{g.path}: missing tensor 'mm.input_projection.weight'")
+        raise ModelError(f"{g.path}: missing tensor '{out_w}'")
     return VisionSpec(
         projector=proj, image_size=image_size, patch_size=patch,
         n_embd=int(need("embedding_length")), n_ff=int(need("feed_forward_length")),
-        n_layer=int(need("block_count")), n_head=int(need("attention.head_count")),
+        n_layer=n_layer, n_head=int(need("attention.head_count")),
         eps=float(md.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
-        n_embd_out=int(proj_w.shape[-1]), n_merge=n_merge,
+        n_embd_out=int(proj_w.shape[out_axis]), n_merge=n_merge,
         mean=tuple(float(v) for v in need("image_mean")),
         std=tuple(float(v) for v in need("image_std")),
-        resize_algo="bilinear", resize_pad="ceil",  # clip.cpp's gemma3 settings
+        ffn_op=ffn_op, **extra,
     )
 
 
@@ -236,11 +267,17 @@ class VisionEncoder(nnx.Module):
             x = mul_mat_f16(f16(kw), f16(cols)).T
         else:
             x = cols @ kw.T
-        x = x + self._vec("v.patch_embd.bias")
-        x = x + dequantize(self.w["v.position_embd.weight"], jnp.float32)
+        if "v.patch_embd.bias" in self.w:
+            x = x + self._vec("v.patch_embd.bias")
+        if "v.class_embd" in self.w:  # clip.cpp concatenates it after the patches
+            x = jnp.concatenate([x, self._vec("v.class_embd").reshape(1, -1)], axis=0)
+        x = x + dequantize(self.w["v.position_embd.weight"], jnp.float32)[: x.shape[0]]
+        if "v.pre_ln.weight" in self.w:
+            x = _layer_norm(x, self._vec("v.pre_ln.weight"), self._vec("v.pre_ln.bias"), s.eps)
         n, hd = x.shape[0], s.n_embd // s.n_head
         scale = 1.0 / math.sqrt(hd)
-        for i in range(s.n_layer):
+        act = {"gelu": gelu, "gelu_quick": gelu_quick, "silu": ggml_f32.silu}[s.ffn_op]
+        for i in range(s.n_layer_run):
             b = f"v.blk.{i}."
             h = _layer_norm(x, self._vec(b + "ln1.weight"), self._vec(b + "ln1.bias"), s.eps)
             q = self._dense(h, b + "attn_q").reshape(n, s.n_head, hd)
@@ -249,10 +286,27 @@ class VisionEncoder(nnx.Module):
             a = self._dense(_attention(q, k, v, scale), b + "attn_out")
             x = a + x
             h = _layer_norm(x, self._vec(b + "ln2.weight"), self._vec(b + "ln2.bias"), s.eps)
-            h = self._dense(gelu(self._dense(h, b + "ffn_up")), b + "ffn_down")
+            h = self._dense(act(self._dense(h, b + "ffn_up")), b + "ffn_down")
             x = x + h
-        x = _layer_norm(x, self._vec("v.post_ln.weight"), self._vec("v.post_ln.bias"), s.eps)
+        if "v.post_ln.weight" in self.w:
+            x = _layer_norm(x, self._vec("v.post_ln.weight"), self._vec("v.post_ln.bias"),
+                            s.eps)
+        if s.projector == "mlp":
+            return self._mlp_projector(x)
         return self._gemma3_projector(x)
+
+    def _mlp_projector(self, x: jax.Array) -> jax.Array:
+        """LLaVA's: rows 1..n_patches (clip.cpp skips row 0 when there is a class embedding,
+        which it appended last), then mm.0, GELU, mm.2 (each with its bias)."""
+        n = self.spec.n_patches_side ** 2
+        off = 1 if "v.class_embd" in self.w else 0
+        x = x[off:off + n]
+        x = self._dense(x, "mm.0")
+        if "mm.2.weight" in self.w:
+            x = self._dense(gelu(x), "mm.2")
+        else:
+            x = gelu(x)
+        return x
 
     def _gemma3_projector(self, x: jax.Array) -> jax.Array:
         s = self.spec
@@ -287,7 +341,8 @@ class Vision:
         """uint8 [H, W, 3] -> normalised f32 [image_size, image_size, 3] (libmtmd's fixed-size
         preprocessor)."""
         s = self.spec
-        img = clip_image.resize(image, s.image_size, s.image_size, s.resize_algo, s.resize_pad)
+        img = clip_image.resize(image, s.image_size, s.image_size, s.resize_algo, s.resize_pad,
+                                s.pad_color)
         return clip_image.normalize(img, s.mean, s.std)
 
     def encode(self, image: np.ndarray) -> np.ndarray:

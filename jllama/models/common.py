@@ -342,20 +342,48 @@ def gelu(x: jax.Array) -> jax.Array:
     return jnp.where(x <= -10.0, 0.0, jnp.where(x >= 10.0, x, y))
 
 
+@functools.cache
+def ggml_gelu_quick_table() -> np.ndarray:
+    """ggml's quick-GELU table (``ggml_table_gelu_quick_f16``): f16 of
+    ``x*(1.0f/(1.0f+expf(-1.702f*x)))`` for every f16 x, with the C library's expf."""
+    f32 = np.float32
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
+    with np.errstate(all="ignore"):
+        e = _libm_unary("expf", np.exp, f32(-1.702) * x)
+        y = x * (f32(1.0) / (f32(1.0) + e))
+    return y.astype(np.float16)
+
+
+def gelu_quick(x: jax.Array) -> jax.Array:
+    """ggml_gelu_quick as its CPU op computes it: through its f16 table (the input rounded to
+    f16, the result an f16), CLIP's activation."""
+    if not numerics.current().match_llamacpp:
+        return x * jax.nn.sigmoid(1.702 * x)
+    table = jnp.asarray(ggml_gelu_quick_table())
+    idx = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
+    return jnp.take(table, idx).astype(jnp.float32)
+
+
 def _libm_tanhf(x: np.ndarray) -> np.ndarray:
     """The C library's tanhf elementwise (ctypes, ~65k calls once per process); where there is
     none, tanh in f64 rounded to f32, which agrees with glibc's on all but a few values."""
+    return _libm_unary("tanhf", np.tanh, x)
+
+
+def _libm_unary(fname: str, fallback, x: np.ndarray) -> np.ndarray:
+    """A float function of the C library elementwise (ctypes); ``fallback`` in f64 where
+    there is none."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("m")
     try:
         libm = ctypes.CDLL(name) if name else None
-        fn = libm.tanhf if libm is not None else None
+        fn = getattr(libm, fname) if libm is not None else None
     except (OSError, AttributeError):
         fn = None
     if fn is None:
-        return np.tanh(x.astype(np.float64)).astype(np.float32)
+        return fallback(x.astype(np.float64)).astype(np.float32)
     fn.argtypes, fn.restype = [ctypes.c_float], ctypes.c_float
     flat = x.ravel()
     out = np.fromiter((fn(float(v)) for v in flat), np.float32, count=flat.size)
