@@ -122,6 +122,28 @@ def test_odd_shapes_embeddings_bit_exact(files, tmp_path):
         o.close()
 
 
+def test_quantized_mmproj_bit_exact(files, tmp_path):
+    """An mmproj whose encoder matrices are Q8_0 / Q4_0: they go through the text model's
+    int8 kernels (ggml's Q8 activations), equal to libmtmd's."""
+    import gguf
+    import visionmodels as V
+    from mtmd_oracle import Mtmd
+
+    from jllama.models.clip import load_vision
+
+    img = np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    for qt in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+        mm = tmp_path / f"{qt.name}.gguf"
+        V.write_mmproj(mm, block_type=qt, seed=11)
+        o = Mtmd(files / "text.gguf", mm)
+        try:
+            chunk = [c for c in o.tokenize("<__media__>", [img]) if isinstance(c, tuple)][0]
+            ref, _ = o.encode(chunk)
+        finally:
+            o.close()
+        assert np.array_equal(load_vision(mm).encode(img), ref), qt.name
+
+
 def _one_error(capsys, args) -> str:
     assert main(args) == 1
     err = capsys.readouterr().err

@@ -92,7 +92,7 @@ def write_text_model(path: Path, seed: int = 3, **extra) -> Path:
 
 def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 64,
                  patch: int = 8, d: int = 64, n_layer: int = 2, n_head: int = 4,
-                 n_merge: int = 4) -> None:
+                 n_merge: int = 4, block_type: gguf.GGMLQuantizationType | None = None) -> None:
     """A gemma3 mmproj as convert_hf_to_gguf.py --mmproj writes it (f16 matrices, f32 norms,
     biases and embeddings, f16 input projection)."""
     rng = np.random.default_rng(seed)
@@ -102,6 +102,12 @@ def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 6
 
     def f16(a):
         return a.astype(np.float16)
+
+    def mat(name, a):  # the encoder's matrices: f16, or ``block_type`` (llama-quantize'd)
+        if block_type is None:
+            g.add_tensor(name, f16(a))
+        else:
+            g.add_tensor(name, gguf.quants.quantize(a, block_type), raw_dtype=block_type)
 
     g = gguf.GGUFWriter(str(path), "clip")
     g.add_type("mmproj")
@@ -130,12 +136,12 @@ def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 6
             g.add_tensor(b + ln + ".bias", w(d, s=0.1))
             g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
         g.add_tensor(b + "ffn_up.bias", w(2 * d))
-        g.add_tensor(b + "ffn_up.weight", f16(w(2 * d, d, s=0.15)))
+        mat(b + "ffn_up.weight", w(2 * d, d, s=0.15))
         g.add_tensor(b + "ffn_down.bias", w(d))
-        g.add_tensor(b + "ffn_down.weight", f16(w(d, 2 * d, s=0.15)))
+        mat(b + "ffn_down.weight", w(d, 2 * d, s=0.15))
         for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
             g.add_tensor(b + t + ".bias", w(d))
-            g.add_tensor(b + t + ".weight", f16(w(d, d, s=0.15)))
+            mat(b + t + ".weight", w(d, d, s=0.15))
     g.add_tensor("v.post_ln.bias", w(d, s=0.1))
     g.add_tensor("v.post_ln.weight", 1.0 + w(d, s=0.1))
     g.write_header_to_file()
