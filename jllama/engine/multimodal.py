@@ -10,6 +10,7 @@ in one batch, non-causally for the projectors libmtmd decodes so (Gemma 3).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -84,9 +85,25 @@ def generate(engine: Engine, chs: list, params: SamplingParams | None = None,
         raise ContextError(f"the prompt with its images takes {total} tokens; the context "
                            f"size is {engine.ctx_size} (raise --ctx-size)")
     engine.reset(slot)
+    t0 = time.perf_counter()
     for c in chs[:-1]:
         if isinstance(c, list):
             engine.prefill(c, slot)
         else:
             engine.prefill_embeddings(c.embd, slot, bidir=c.bidir)
-    yield from engine.generate(chs[-1], params, max_tokens, stop_ids, slot, append=True)
+    before = time.perf_counter() - t0
+    first = True
+    for tok in engine.generate(chs[-1], params, max_tokens, stop_ids, slot, append=True):
+        if first:  # the timings count the whole prompt, images included
+            _whole_prompt(engine, total, before)
+            first = False
+        yield tok
+    if first:
+        _whole_prompt(engine, total, before)
+
+
+def _whole_prompt(engine: Engine, total: int, before: float) -> None:
+    tm = engine.timings
+    tm.prompt_tokens = total
+    tm.prompt_s += before
+    tm.first_token_s += before
