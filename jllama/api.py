@@ -86,7 +86,7 @@ class Llama:
                  cache_type_v: str | None = None, mesh: object | None = None,
                  draft: object | None = None, flash_attn: bool | None = None,
                  prompt_matmul: str | None = None, numerics: Numerics | None = None,
-                 lora: list | None = None):
+                 lora: list | None = None, mmproj: str | os.PathLike[str] | None = None):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
@@ -98,7 +98,8 @@ class Llama:
         carry; nothing here changes another loaded model. ``lora``: LoRA adapter GGUFs applied
         unmerged, in order: each a path (scale 1), a ``(path, scale)`` pair, a
         ``{"path", "scale"}`` mapping or a LoraConfig; ``set_lora_scales`` changes the scales
-        later without recompiling."""
+        later without recompiling. ``mmproj``: the model's vision projector GGUF (llama.cpp's
+        ``--mmproj``); prompts then take ``images`` (see ``stream``)."""
         from jllama.engine.engine import Engine
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, load_weights
@@ -154,6 +155,16 @@ class Llama:
             plan = plan_engine(self.spec, n_slots, _mesh_config(mesh))
         self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
                              plan=plan)
+        self.vision = None
+        if mmproj is not None:
+            from jllama.engine import multimodal
+            from jllama.errors import ImageError
+            from jllama.models.clip import load_vision
+
+            if not Path(mmproj).is_file():
+                raise ImageError(f"{mmproj}: mmproj file not found")
+            self.vision = load_vision(mmproj)
+            multimodal.check_pair(self.vision, self.spec.n_embd, self.spec.arch)
         self.speculative = None
         if draft is not None:
             from jllama.engine.draft import parse_draft
@@ -191,18 +202,72 @@ class Llama:
         ids = self.tokenize(tokens) if isinstance(tokens, str) else list(tokens)
         return self.engine.logits(ids)
 
+    # -------------------------------------------------------------- images
+    @staticmethod
+    def with_media_markers(prompt: str, n_images: int) -> str:
+        """The prompt with one media marker per image in front when it has none (as
+        llama-mtmd-cli does)."""
+        from jllama.engine.multimodal import MEDIA_MARKER
+
+        if n_images and MEDIA_MARKER not in prompt:
+            return MEDIA_MARKER * n_images + prompt
+        return prompt
+
+    def _image_chunks(self, prompt: str | list[int], images: list, parse_special: bool) -> list:
+        from jllama.engine import multimodal
+        from jllama.errors import ImageError
+        from jllama.models.clip_image import decode_image, load_image
+
+        if self.vision is None:
+            raise ImageError("images need a vision projector: load the model with mmproj= "
+                             "(--mmproj)")
+        if not isinstance(prompt, str):
+            raise ImageError("a prompt with images must be text (its <__media__> markers "
+                             "place them), not token ids")
+        arrays = []
+        for im in images:
+            if isinstance(im, np.ndarray):
+                if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+                    raise ImageError(f"an image array must be uint8 [height, width, 3], got "
+                                     f"{im.dtype} {im.shape}")
+                arrays.append(im)
+            elif isinstance(im, bytes | bytearray):
+                arrays.append(decode_image(bytes(im)))
+            else:
+                arrays.append(load_image(im))
+        prompt = self.with_media_markers(prompt, len(arrays))
+        t0 = time.perf_counter()
+        chs = multimodal.chunks(self.tokenizer, self.vision, prompt, arrays,
+                                parse_special=parse_special)
+        self.image_encode_s = time.perf_counter() - t0
+        return chs
+
     # -------------------------------------------------------------- generation
     def stream(self, prompt: str | list[int], max_tokens: int = 128,
                params: SamplingParams | None = None, stop: list[str] | None = None,
                parse_special: bool = True, on_text: Callable[[str], None] | None = None,
-               ) -> Iterator[str]:
-        """Yield text pieces as they complete (UTF-8 safe, stop strings held back)."""
+               images: list | None = None) -> Iterator[str]:
+        """Yield text pieces as they complete (UTF-8 safe, stop strings held back).
+
+        ``images`` (with ``mmproj``): paths, encoded bytes or uint8 [H, W, 3] arrays, placed at
+        the prompt's ``<__media__>`` markers (one per image in front when it has none)."""
         from jllama.tokenizer import StreamDecoder
 
-        ids = prompt if isinstance(prompt, list) else self.tokenize(prompt, parse_special=parse_special)
-        if len(ids) >= self.engine.ctx_size:
+        chs = None
+        if images:
+            from jllama.engine import multimodal
+
+            chs = self._image_chunks(prompt, list(images), parse_special)
+            n_prompt = multimodal.n_tokens(chs)
+        else:
+            ids = prompt if isinstance(prompt, list) else self.tokenize(
+                prompt, parse_special=parse_special)
+            n_prompt = len(ids)
+        if n_prompt >= self.engine.ctx_size:
             raise ContextError(
-                f"prompt is {len(ids)} tokens, context size is {self.engine.ctx_size}"
+                f"prompt is {n_prompt} tokens"
+                + (" with its images" if chs is not None else "")
+                + f", context size is {self.engine.ctx_size}"
             )
         stop = [s for s in (stop or []) if s]
         eog = {i for i in range(self.tokenizer.n_vocab) if self.tokenizer.is_eog(i)} if not hasattr(
@@ -213,8 +278,15 @@ class Llama:
         self.finish_reason = "length"
         pending = ""
         hold = max((len(s) for s in stop), default=0)
-        gen = self.speculative.generate if self.speculative is not None else self.engine.generate
-        for tok in gen(ids, params, max_tokens, eog):
+        if chs is not None:
+            from jllama.engine import multimodal
+
+            toks = multimodal.generate(self.engine, chs, params, max_tokens, eog)
+        else:
+            gen = (self.speculative.generate if self.speculative is not None
+                   else self.engine.generate)
+            toks = gen(ids, params, max_tokens, eog)
+        for tok in toks:
             self._last_tokens.append(tok)
             pending += dec.feed(tok)
             if stop:
@@ -238,16 +310,17 @@ class Llama:
             self.finish_reason = "stop"  # an end-of-generation token; a full context is "length"
 
     def complete(self, prompt: str | list[int], max_tokens: int = 128,
-                 params: SamplingParams | None = None, stop: list[str] | None = None) -> Completion:
-        text = "".join(self.stream(prompt, max_tokens, params, stop))
+                 params: SamplingParams | None = None, stop: list[str] | None = None,
+                 images: list | None = None) -> Completion:
+        text = "".join(self.stream(prompt, max_tokens, params, stop, images=images))
         t = self.engine.timings
         return Completion(text, list(self._last_tokens), self.finish_reason, t.prompt_tokens,
                           t.prompt_s, t.gen_s, t.first_token_s)
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8,
-                 **sampling) -> str:
+                 images: list | None = None, **sampling) -> str:
         params = SamplingParams(temperature=temperature, **sampling)
-        return self.complete(prompt, max_tokens, params).text
+        return self.complete(prompt, max_tokens, params, images=images).text
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list | None = None) -> str:

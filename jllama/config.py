@@ -118,6 +118,17 @@ class LoraConfig:
 
 
 @dataclass
+class VisionConfig:
+    """Images in (llama-mtmd-cli's --mmproj / --image): the vision projector GGUF of the model
+    and the images of a generation job (relative paths: relative to the config file when
+    there). The prompt's ``<__media__>`` markers place them; without markers one per image
+    goes first, as llama-mtmd-cli does."""
+
+    mmproj: str | None = None
+    images: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     model: str = "smollm2-135m-instruct"
     quant: dict[str, Any] | None = None  # quantize-on-load mix (see jllama.quant.mixes)
@@ -130,6 +141,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     source: str = field(default="<defaults>", repr=False)  # where it was loaded from
 
 
@@ -334,6 +346,16 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             cand = Path(path).parent / lo.path
             if cand.exists():
                 lo.path = str(cand)
+    vi = cfg.vision
+    if vi.images and not vi.mmproj:
+        raise ConfigError(f"{src}: 'vision.images' needs 'vision.mmproj' (the model's vision "
+                          "projector GGUF)")
+    if path is not None:
+        if vi.mmproj and not os.path.isabs(vi.mmproj) and (Path(path).parent / vi.mmproj).exists():
+            vi.mmproj = str(Path(path).parent / vi.mmproj)
+        vi.images = [str(Path(path).parent / im)
+                     if not os.path.isabs(im) and (Path(path).parent / im).exists() else im
+                     for im in vi.images]
     if path is not None and pp.file is not None and not os.path.isabs(pp.file):
         cand = Path(path).parent / pp.file
         if cand.exists():

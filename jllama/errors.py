@@ -30,3 +30,7 @@ class QuantError(JllamaError):
 
 class ContextError(JllamaError):
     """A prompt or generation does not fit the context window."""
+
+
+class ImageError(JllamaError):
+    """An image cannot be read (missing, unsupported format, too large) or does not fit."""

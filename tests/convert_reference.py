@@ -20,19 +20,20 @@ _DRIVER = """
 import json, runpy, sys
 conv, jobs = sys.argv[1], json.loads(sys.argv[2])
 sys.path.insert(0, conv)
-for model, out, outtype in jobs:
-    sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype]
+for model, out, outtype, *extra in jobs:
+    sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype, *extra]
     runpy.run_path(conv + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
 
-def run_reference(jobs: list[tuple[Path, Path, str]]) -> None:
+def run_reference(jobs: list[tuple]) -> None:
+    """``jobs``: ``(model_dir, out_file, outtype, *extra_args)`` (e.g. ``"--mmproj"``)."""
     conv = testdata.reference_converter()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(conv / "gguf-py"), env.get("PYTHONPATH", "")])
     r = subprocess.run(
         [sys.executable, "-c", _DRIVER, str(conv),
-         json.dumps([[str(m), str(o), t] for m, o, t in jobs])],
+         json.dumps([[str(a) for a in job] for job in jobs])],
         env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}")

@@ -86,7 +86,7 @@ def _add_hparam(w: gguf.GGUFWriter, key: str, v) -> None:
 def write_gguf(path: str | Path, arch: str, hparams: dict, tensors: dict[str, np.ndarray],
                tokenizer: str = "gpt2",
                qtype: Q | Callable[[str, np.ndarray], Q | None] | None = None,
-               pre: str = "qwen2") -> Path:
+               pre: str = "qwen2", specials: tuple[str, ...] | None = None) -> Path:
     """Write a GGUF llama.cpp can load.
 
     ``hparams`` keys are relative to the arch prefix (``"block_count"`` → ``"{arch}.block_count"``);
@@ -94,7 +94,8 @@ def write_gguf(path: str | Path, arch: str, hparams: dict, tensors: dict[str, np
     ``tensors`` are float arrays in numpy order; with ``qtype`` every tensor of 2+ dimensions
     whose rows fit the block size is stored quantized (norms and biases stay F32, as converters
     do). ``qtype`` may instead be a function ``(name, array) -> qtype or None`` (None: F32).
-    ``tokenizer``: ``"gpt2"`` (byte-level BPE, ``tokenizer.ggml.pre = pre``).
+    ``tokenizer``: ``"gpt2"`` (byte-level BPE, ``tokenizer.ggml.pre = pre``); ``specials``:
+    its control tokens (the first is EOS), default ``gpt2_tokenizer``'s.
     """
     path = Path(path)
     w = gguf.GGUFWriter(str(path), arch)
@@ -103,7 +104,8 @@ def write_gguf(path: str | Path, arch: str, hparams: dict, tensors: dict[str, np
         _add_hparam(w, k[1:] if k.startswith(".") else f"{arch}.{k}", v)
     if tokenizer != "gpt2":
         raise ValueError(f"tokenizer '{tokenizer}' is not supported (only 'gpt2')")
-    toks, types, merges, bos, eos = gpt2_tokenizer()
+    toks, types, merges, bos, eos = (gpt2_tokenizer() if specials is None
+                                     else gpt2_tokenizer(specials=specials))
     n_vocab = tensors["token_embd.weight"].shape[0]
     if n_vocab < len(toks):
         raise ValueError(f"token_embd has {n_vocab} rows; the tokenizer needs {len(toks)}")

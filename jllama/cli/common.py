@@ -208,6 +208,14 @@ def overrides_from_args(args) -> list[str]:
         import json
 
         ov.append(f"lora={json.dumps(lora)}")
+    if getattr(args, "mmproj", None):
+        import json
+
+        ov.append(f"vision.mmproj={json.dumps(args.mmproj)}")
+    if getattr(args, "image", None):
+        import json
+
+        ov.append(f"vision.images={json.dumps(args.image)}")
     if getattr(args, "draft_ngram", False):
         ov.append("draft.kind=ngram")
     mesh = getattr(args, "mesh", None)
@@ -250,7 +258,8 @@ def load_llama(cfg: Config, verbose: bool = True):
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
-                draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora)
+                draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
+                mmproj=cfg.vision.mmproj)
     if verbose:
         import jax
 
@@ -258,6 +267,15 @@ def load_llama(cfg: Config, verbose: bool = True):
               f"vocab {llm.spec.n_vocab}; loaded in {llm.load_s:.2f} s on "
               f"{jax.default_backend()}", file=sys.stderr)
     return llm
+
+
+def add_vision_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("vision (llama-mtmd-cli's flags)")
+    g.add_argument("--mmproj", metavar="FNAME", default=None,
+                   help="the model's vision projector GGUF (vision.mmproj)")
+    g.add_argument("--image", metavar="FNAME", action="append", default=None,
+                   help="an image for the prompt (repeatable; placed at the prompt's "
+                        "<__media__> markers, else first)")
 
 
 def stream_to_stdout(llm, prompt, cfg: Config, stop: list[str] | None = None) -> str:
@@ -273,7 +291,8 @@ def stream_to_stdout(llm, prompt, cfg: Config, stop: list[str] | None = None) ->
         params = dataclasses.replace(params, seed=shared_seed())  # same draws on every process
     show = is_main_process(cfg)
     out = []
-    for piece in llm.stream(prompt, g.max_tokens, params, stop=(stop or []) + g.sampling.stop):
+    for piece in llm.stream(prompt, g.max_tokens, params, stop=(stop or []) + g.sampling.stop,
+                            images=cfg.vision.images or None):
         out.append(piece)
         if g.stream and show:
             sys.stdout.write(piece)

@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reranking", "--rerank", action="store_true",
                    help="serve /rerank (sets --embedding --pooling rank; encoder rerankers, or a decoder "
                         "with a cls.output.weight head)")
+    p.add_argument("--mmproj", metavar="FNAME", default=None,
+                   help="the model's vision projector GGUF: chat messages may then carry "
+                        "image_url parts (base64 data URLs)")
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
 
@@ -66,7 +69,8 @@ def _overrides(args) -> list[str]:
     from jllama.cli.common import overrides_from_args
 
     return ov + [o for o in overrides_from_args(args)
-                 if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul", "lora="))]
+                 if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul", "lora=",
+                                  "vision.mmproj="))]
 
 
 def run(args) -> int:
@@ -125,7 +129,8 @@ def run(args) -> int:
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
-                draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora)
+                draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
+                mmproj=cfg.vision.mmproj)
     if args.lora_init_without_apply and llm.lora is not None:
         llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem

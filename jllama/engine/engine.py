@@ -122,6 +122,16 @@ class Engine:
                                  cache, rows)
             return logits[0], cache
 
+        def forward_embd(state, embd, pos0, cache, slot, last_idx, kv_len, bidir):
+            # input embeddings (an image's) instead of tokens, for one slot
+            rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0), cache)
+            with use_numerics(num):
+                logits, rows = nnx.merge(gd, state)(None, pos0, rows, kv_len, last_idx,
+                                                    embd=embd, bidir=bidir)
+            cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, 0),
+                                 cache, rows)
+            return logits[0], cache
+
         def forward_all(state, tokens, pos0, cache, kv_len):
             return run(state, tokens, pos0, cache, kv_len, None)
 
@@ -164,6 +174,7 @@ class Engine:
         kv = ("kv_len",)
         self._forward_slot = jit(forward_slot, kv, ("cache",), host=(0,))
         self._forward_all = jit(forward_all, kv, ("cache",), host=(0,))
+        self._forward_embd = jit(forward_embd, ("kv_len", "bidir"), ("cache",), host=(0,))
         self._forward_logprobs = jit(forward_logprobs, kv, ("cache",), host=(0, 1))
         self._forward_reduce = jit(forward_reduce, ("kv_len", "lo", "n", "fn"), ("cache",),
                                    host=(0,))
@@ -277,6 +288,31 @@ class Engine:
         self.tokens[slot].extend(int(t) for t in toks)
         self.rewind(slot, int(self.pos[slot]))  # refresh the penalty window
         return jnp.concatenate(outs, axis=0) if all_logits else logits
+
+    def prefill_embeddings(self, embd: np.ndarray, slot: int = 0, bidir: bool = False,
+                           placeholder: int = -1) -> jax.Array:
+        """Append input embeddings [n, n_embd] (an image's, from the mmproj) to a slot's
+        sequence in one batch (``bidir``: attending to each other non-causally, which needs
+        the whole image in one batch, as llama.cpp's); returns the logits [V] after the last.
+        The slot's token list records ``placeholder`` for each, so no cached prompt prefix
+        extends past an image."""
+        embd = np.asarray(embd, np.float32)
+        n = embd.shape[0]
+        if embd.ndim != 2 or embd.shape[1] != self.spec.n_embd:
+            raise ContextError(f"image embeddings of shape {embd.shape} do not fit the model's "
+                               f"width {self.spec.n_embd}")
+        if self.pos[slot] + n > self.ctx_size:
+            raise ContextError(
+                f"an image of {n} tokens does not fit: {self.pos[slot]} already in context, "
+                f"context size {self.ctx_size} (raise runtime.ctx_size / --ctx-size)")
+        pos0 = self.pos[slot : slot + 1].copy()
+        kv_len = self.kv_bucket(int(pos0[0]) + n)
+        logits, self.cache = self._forward_embd(
+            self.state, embd[None], pos0, self.cache, np.int32(slot),
+            np.asarray([n - 1], np.int32), kv_len=kv_len, bidir=bool(bidir))
+        self.pos[slot] += n
+        self.tokens[slot].extend([placeholder] * n)
+        return logits
 
     def logits(self, tokens: list[int] | np.ndarray) -> np.ndarray:
         """Logits at every position of one sequence, from an empty cache: [T, V] float32."""
@@ -436,18 +472,23 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
                  max_tokens: int = 128, stop_ids: set[int] | frozenset[int] = frozenset(),
-                 slot: int = 0, on_full: str = "stop", n_keep: int = 0) -> Iterator[int]:
+                 slot: int = 0, on_full: str = "stop", n_keep: int = 0,
+                 append: bool = False) -> Iterator[int]:
         """Yield generated token ids for one sequence.
 
         Stops on a stop id (not yielded) or ``max_tokens``. When the context fills up,
         ``on_full="stop"`` ends generation and ``"shift"`` applies a context shift keeping the
         first ``n_keep`` tokens. A prompt sharing a prefix with what the slot holds reuses it
-        (``timings.extra["cached_tokens"]``).
+        (``timings.extra["cached_tokens"]``). ``append``: the prompt continues what the slot
+        holds (after an image's embeddings) instead of replacing it.
         """
         params = params or SamplingParams()
         t0 = time.perf_counter()
         tm = self.timings = Timings(prompt_tokens=len(prompt))
-        logits, cached = self.prefill_cached(prompt, slot)
+        if append:
+            logits, cached = self.prefill(prompt, slot), 0
+        else:
+            logits, cached = self.prefill_cached(prompt, slot)
         tm.extra["cached_tokens"] = cached
         sp = BatchSampling.stack([params] * self.n_slots)
         seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(4), "little")

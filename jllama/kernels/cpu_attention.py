@@ -57,7 +57,8 @@ def default_threads() -> int:
 def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
                     kv_len: int, scale: float, window: int | None = None,
                     softcap: float | None = None, n_threads: int | None = None,
-                    neq1: int | None = None, workers: int = 0, kv_pad: int = 0) -> jax.Array:
+                    neq1: int | None = None, workers: int = 0, kv_pad: int = 0,
+                    bidir: bool = False) -> jax.Array:
     """ggml's ``flash_attn_ext`` (CPU) with jllama's layouts.
 
     q: [B, T, H, D] f32, the T new queries at absolute positions ``pos0[b] .. pos0[b] + T - 1``;
@@ -77,6 +78,9 @@ def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: 
     ``kv_pad``: when > 0 (and B == 1), n_kv is taken as llama.cpp computes it from the
     position, ``max(kv_pad, ceil((pos0 + T) / kv_pad) * kv_pad)`` (llama.cpp pads by 256),
     instead of ``kv_len``: the engine's static kv buckets need not be llama.cpp's n_kv.
+    ``bidir``: llama.cpp's ``causal_attn`` off (an image's tokens in Gemma 3, a vision
+    encoder): every query sees the keys up to the last query's position (the window, if any,
+    still counts back from its own position).
     """
     if not available():
         raise RuntimeError("the C++ flash attention kernel is not available on this machine")
@@ -90,4 +94,5 @@ def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: 
         softcap=np.float32(softcap or 0.0),
         n_threads=np.int64(n_threads if n_threads else default_threads()),
         neq1=np.int64(neq1 or t), workers=np.int64(workers), kv_pad=np.int64(kv_pad),
+        bidir=np.int64(bool(bidir)),
     )

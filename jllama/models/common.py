@@ -342,20 +342,48 @@ def gelu(x: jax.Array) -> jax.Array:
     return jnp.where(x <= -10.0, 0.0, jnp.where(x >= 10.0, x, y))
 
 
+@functools.cache
+def ggml_gelu_quick_table() -> np.ndarray:
+    """ggml's quick-GELU table (``ggml_table_gelu_quick_f16``): f16 of
+    ``x*(1.0f/(1.0f+expf(-1.702f*x)))`` for every f16 x, with the C library's expf."""
+    f32 = np.float32
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
+    with np.errstate(all="ignore"):
+        e = _libm_unary("expf", np.exp, f32(-1.702) * x)
+        y = x * (f32(1.0) / (f32(1.0) + e))
+    return y.astype(np.float16)
+
+
+def gelu_quick(x: jax.Array) -> jax.Array:
+    """ggml_gelu_quick as its CPU op computes it: through its f16 table (the input rounded to
+    f16, the result an f16), CLIP's activation."""
+    if not numerics.current().match_llamacpp:
+        return x * jax.nn.sigmoid(1.702 * x)
+    table = jnp.asarray(ggml_gelu_quick_table())
+    idx = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
+    return jnp.take(table, idx).astype(jnp.float32)
+
+
 def _libm_tanhf(x: np.ndarray) -> np.ndarray:
     """The C library's tanhf elementwise (ctypes, ~65k calls once per process); where there is
     none, tanh in f64 rounded to f32, which agrees with glibc's on all but a few values."""
+    return _libm_unary("tanhf", np.tanh, x)
+
+
+def _libm_unary(fname: str, fallback, x: np.ndarray) -> np.ndarray:
+    """A float function of the C library elementwise (ctypes); ``fallback`` in f64 where
+    there is none."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("m")
     try:
         libm = ctypes.CDLL(name) if name else None
-        fn = libm.tanhf if libm is not None else None
+        fn = getattr(libm, fname) if libm is not None else None
     except (OSError, AttributeError):
         fn = None
     if fn is None:
-        return np.tanh(x.astype(np.float64)).astype(np.float32)
+        return fallback(x.astype(np.float64)).astype(np.float32)
     fn.argtypes, fn.restype = [ctypes.c_float], ctypes.c_float
     flat = x.ravel()
     out = np.fromiter((fn(float(v)) for v in flat), np.float32, count=flat.size)
@@ -396,8 +424,9 @@ def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array, kind: str = "
 def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
               kv_len: int, scale: float, window: int | None = None,
               softcap: float | None = None, k_type: str = "f32", v_type: str = "f32",
-              head_dim_v: int | None = None) -> jax.Array:
-    """Causal GQA attention of new queries against the first ``kv_len`` cache positions.
+              head_dim_v: int | None = None, bidir: bool = False) -> jax.Array:
+    """Causal GQA attention of new queries against the first ``kv_len`` cache positions
+    (``bidir``: every new query also sees the other new keys, llama.cpp's causal_attn off).
 
     q: [B, T, H, D]; caches [B, KVH, S, D] already hold this call's keys/values.
     Returns [B, T, H * Dv].
@@ -411,7 +440,7 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
         if jax.default_backend() == "cpu" and num.cpu_kernels and cpu_attention.available():
             # ggml's own flash attention, bit for bit; kv_pad: llama.cpp's n_kv rule (256)
             return cpu_attention.ggml_flash_attn(q, k_cache, v_cache, pos0, kv_len, scale,
-                                                 window, softcap, kv_pad=256)
+                                                 window, softcap, kv_pad=256, bidir=bidir)
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
     k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
@@ -427,7 +456,8 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
         s = softcap * jnp.tanh(s / softcap)
     qpos = pos0[:, None] + jnp.arange(t)[None, :]  # [B, T]
     kpos = jnp.arange(kv_len)
-    mask = kpos[None, None, :] <= qpos[:, :, None]  # [B, T, S]
+    last = (pos0[:, None] + t - 1) if bidir else qpos
+    mask = kpos[None, None, :] <= jnp.broadcast_to(last, qpos.shape)[:, :, None]  # [B, T, S]
     if window:
         mask = mask & (kpos[None, None, :] > qpos[:, :, None] - window)
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
@@ -449,7 +479,8 @@ def gather_last(x: jax.Array, last_idx: jax.Array) -> jax.Array:
 
 
 def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
-                    kv_len: int, last_idx: jax.Array | None, hidden: bool = False):
+                    kv_len: int, last_idx: jax.Array | None, hidden: bool = False,
+                    bidir: bool = False):
     """The part every decoder-only architecture shares after its embedding: the blocks over
     the per-layer caches, then final norm and output projection (tied or not).
 
@@ -458,6 +489,7 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     computed only at that index per sequence ([B, V]): generation needs one row, and the output
     matmul is the largest in small models. With ``hidden`` (static) the result is the final
     norm's output instead ([B, T, E] or [B, E]): llama.cpp's embeddings of a decoder (t_embd).
+    ``bidir`` (static): non-causal attention within the batch, passed to blocks that take it.
     """
     t = x.shape[1]
     pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -465,12 +497,14 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     kv_types = (cache.k_type, cache.v_type)
     global _TAP_LAYER
     num = numerics.current()
-    run = _shared_block_runner() if num.share_block_traces and not num.taps else None
+    run = (_shared_block_runner() if num.share_block_traces and not num.taps and not bidir
+           else None)
+    extra = {"bidir": True} if bidir else {}
     for i, blk in enumerate(model.blocks):
         with jax.named_scope(f"blk{i}"):
             if run is None:
                 _TAP_LAYER = i
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, kv_types)
+                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, kv_types, **extra)
             else:
                 gd, st = nnx.split(blk)
                 x, ks[i], vs[i] = run(gd, st, x, pos, pos0, ks[i], vs[i], kv_len, kv_types)

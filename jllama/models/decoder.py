@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jllama.errors import ModelError
@@ -167,14 +168,18 @@ class Decoder(nnx.Module):
         s = self.spec
         return (s.rope_base, s.rope_dim, self.variant.neox, s.rope_scale)
 
-    def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
-                 last_idx: jax.Array | None = None, hidden: bool = False):
+    def __call__(self, tokens: jax.Array | None, pos0: jax.Array, cache: KVCache, kv_len: int,
+                 last_idx: jax.Array | None = None, hidden: bool = False,
+                 embd: jax.Array | None = None, bidir: bool = False):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache).
 
         With ``last_idx`` the logits are only computed at that index per sequence ([B, V]):
         generation needs one row, and the output matmul is the largest in small models.
+        ``embd`` [B, T, n_embd]: input embeddings (an image's) instead of tokens.
         """
-        x = self.tok_embd(tokens)
+        if bidir:
+            raise ValueError("non-causal batches are a gemma3 feature")
+        x = self.tok_embd(tokens) if embd is None else embd.astype(jnp.float32)
         return decoder_forward(self, x, pos0, cache, kv_len, last_idx, hidden)
 
 

@@ -103,7 +103,8 @@ class Block(nnx.Module):
         self.down = Linear(w(p + "ffn_down.weight"))
         self.post_ffn_norm = RMSNorm(w.vector(p + "post_ffw_norm.weight"), eps)
 
-    def __call__(self, x, pos, pos0, kc, vc, kv_len: int, kv_types: tuple[str, str]):
+    def __call__(self, x, pos, pos0, kc, vc, kv_len: int, kv_types: tuple[str, str],
+                 bidir: bool = False):
         s = self.spec
         b, t, _ = x.shape
         h = self.attn_norm(x)
@@ -118,7 +119,8 @@ class Block(nnx.Module):
         kc = write_cache(kc, k, pos0, kv_types[0])
         vc = write_cache(vc, v, pos0, kv_types[1])
         a = attention(q, kc, vc, pos0, kv_len, 1.0, window=self.window,
-                      k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
+                      k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v,
+                      bidir=bidir)
         x = x + self.post_attn_norm(self.wo(a))
         h = self.ffn_norm(x)
         g, u = common.linear_group(h, [self.gate, self.up])
@@ -141,13 +143,22 @@ class Gemma3(nnx.Module):
         blk = self.blocks[layer]
         return (blk.rope_base, self.spec.rope_dim, True, blk.rope_scale)
 
-    def __call__(self, tokens: jax.Array, pos0: jax.Array, cache: KVCache, kv_len: int,
-                 last_idx: jax.Array | None = None, hidden: bool = False):
-        """tokens [B, T] at positions pos0[b]..; returns (logits, cache) as ``llama.Llama``."""
-        x = self.tok_embd(tokens).astype(jnp.float32) * jnp.float32(self.embd_scale)
-        if numerics.current().match_llamacpp:  # rounded here, as ggml_scale does: not fused onward
-            x = opaque(x)
-        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx, hidden)
+    def __call__(self, tokens: jax.Array | None, pos0: jax.Array, cache: KVCache, kv_len: int,
+                 last_idx: jax.Array | None = None, hidden: bool = False,
+                 embd: jax.Array | None = None, bidir: bool = False):
+        """tokens [B, T] at positions pos0[b]..; returns (logits, cache) as ``llama.Llama``.
+
+        ``embd`` [B, T, n_embd] instead of tokens: input embeddings (an image's, from the
+        mmproj), used as they are (llama.cpp scales token embeddings only); ``bidir``: the
+        batch attends to itself non-causally (libmtmd decodes Gemma 3 image tokens so)."""
+        if embd is not None:
+            x = embd.astype(jnp.float32)
+        else:
+            x = self.tok_embd(tokens).astype(jnp.float32) * jnp.float32(self.embd_scale)
+            if numerics.current().match_llamacpp:  # rounded here, as ggml_scale does
+                x = opaque(x)
+        logits, cache = decoder_forward(self, x, pos0, cache, kv_len, last_idx, hidden,
+                                        bidir=bidir)
         if self.final_softcap and not hidden:  # the softcap is on logits only
             logits = jnp.tanh(logits / self.final_softcap) * self.final_softcap
         return logits, cache

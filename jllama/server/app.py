@@ -150,11 +150,49 @@ def render_prompt(llm, messages: list[dict], tools: list[dict] | None) -> str:
     return llm.apply_chat_template(messages, tools=tools)
 
 
+def image_prompt(state: ServerState, text: str, images: list[tuple[str, str]]) -> list:
+    """The chat prompt with its images (image_url parts) as scheduler items: token ids and
+    ImageChunks (the images decoded and encoded here, off the event loop)."""
+    from jllama.engine import multimodal
+    from jllama.errors import ImageError, JllamaError
+    from jllama.models.clip_image import decode_image
+
+    llm = state.llm
+    if llm.vision is None:
+        raise ApiError(400, "this model has no vision projector: start the server with "
+                       "--mmproj to send images", param=images[0][0],
+                       code="unsupported_content")
+    arrays = []
+    for param, url in images:
+        try:
+            arrays.append(decode_image(oa.image_bytes(param, url), param))
+        except ImageError as e:
+            raise ApiError(400, str(e), param=param, code="invalid_image") from None
+    tk = llm.tokenizer
+    add = not (tk.add_bos and tk.bos_id is not None and text.startswith(tk.piece_text(tk.bos_id)))
+    try:
+        chs = multimodal.chunks(tk, llm.vision, text, arrays, add_special=add)
+    except JllamaError as e:
+        raise ApiError(400, str(e), param="messages", code="invalid_image") from None
+    items: list = []
+    for c in chs:
+        if isinstance(c, list):
+            items.extend(c)
+        else:
+            items.append(c)
+    return items
+
+
+def prompt_length(items: list) -> int:
+    return sum(1 if isinstance(t, int) else t.embd.shape[0] for t in items)
+
+
 def check_prompt(state: ServerState, ids: list[int]) -> None:
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
-    if len(ids) >= state.ctx_size:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens but the context size is "
+    n = prompt_length(ids)
+    if n >= state.ctx_size:
+        raise ApiError(400, f"the prompt is {n} tokens but the context size is "
                        f"{state.ctx_size} tokens per slot (--ctx-size); at most "
                        f"{state.ctx_size - 1} prompt tokens leave room for one generated token",
                        param="messages", code="context_length_exceeded")
@@ -178,7 +216,7 @@ class Job:
     probs: list = field(default_factory=list)  # token probabilities collected so far
 
 
-def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) -> Job:
+def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint) -> Job:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
@@ -186,9 +224,13 @@ def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) 
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
+    items = None
+    if not all(isinstance(t, int) for t in ids):  # a prompt with images
+        items, ids = ids, [t for t in ids if isinstance(t, int)]
     req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
                      opts.cache_prompt, lora=opts.lora, n_probs=opts.n_probs,
-                     ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs)
+                     ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs,
+                     prompt_items=items)
     try:
         state.scheduler.submit(req)
     except QueueFull as e:
@@ -504,7 +546,8 @@ class Handlers:
         st = self.state
         body = await json_body(request)
         opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True)
-        messages = oa.parse_messages(body)
+        images: list[tuple[str, str]] = []
+        messages = oa.parse_messages(body, images)
         tools, choice = oa.parse_tools(body)
         if tools and opts.grammar:
             raise emb.server_error((400, "invalid_request_error"),
@@ -517,7 +560,10 @@ class Handlers:
             raise ApiError(400, f"the chat template rejected the messages: {e}",
                            param="messages", code="invalid_messages") from None
         prefix, forced = tl.forced_prefix(choice, tools)
-        ids = await run_in_threadpool(tokenize_prompt, st, text + prefix)
+        if images:
+            ids = await run_in_threadpool(image_prompt, st, text + prefix, images)
+        else:
+            ids = await run_in_threadpool(tokenize_prompt, st, text + prefix)
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         if opts.n > 1:

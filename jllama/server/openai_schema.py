@@ -242,8 +242,10 @@ def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens",
                       post_sampling_probs=_bool(body, "post_sampling_probs", False))
 
 
-def message_text(content: Any, param: str) -> str:
-    """Flatten OpenAI content (a string or a list of text parts) to one string."""
+def message_text(content: Any, param: str, images: list | None = None) -> str:
+    """Flatten OpenAI content (a string or a list of text parts) to one string. With
+    ``images`` (a list to fill), ``image_url`` parts are accepted too: each adds its URL to
+    ``images`` and a media marker where it stood (llama-server's multimodal chat)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -251,8 +253,21 @@ def message_text(content: Any, param: str) -> str:
     if isinstance(content, list):
         parts = []
         for i, p in enumerate(content):
-            if not isinstance(p, dict) or p.get("type") not in ("text", "input_text"):
-                raise bad(f"{param}[{i}]", "only text content parts are supported",
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind == "image_url" and images is not None:
+                iu = p.get("image_url")
+                url = iu.get("url") if isinstance(iu, dict) else iu
+                if not isinstance(url, str):
+                    raise bad(f"{param}[{i}].image_url", "an image part needs "
+                              "'image_url': {'url': ...}")
+                from jllama.engine.multimodal import MEDIA_MARKER
+
+                images.append((f"{param}[{i}].image_url", url))
+                parts.append(MEDIA_MARKER)
+                continue
+            if kind not in ("text", "input_text"):
+                raise bad(f"{param}[{i}]", "only text content parts are supported"
+                          + (" (and image_url with --mmproj)" if images is None else ""),
                           "unsupported_content")
             if not isinstance(p.get("text"), str):
                 raise bad(f"{param}[{i}].text", "a text part needs a string 'text'")
@@ -261,10 +276,29 @@ def message_text(content: Any, param: str) -> str:
     raise bad(param, "message content must be a string or a list of text parts", "invalid_type")
 
 
+def image_bytes(param: str, url: str) -> bytes:
+    """The bytes of an ``image_url``: base64 data URLs only (remote URLs are never fetched)."""
+    import base64
+    import binascii
+
+    if not url.startswith("data:"):
+        raise bad(param, "only base64 data URLs (data:image/...;base64,...) are accepted; "
+                  "remote and file URLs are not fetched", "unsupported_content")
+    head, sep, data = url.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise bad(param, "a data URL must be base64-encoded (data:<type>;base64,<data>)")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(param, "the data URL is not valid base64") from None
+
+
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-def parse_messages(body: dict) -> list[dict]:
+def parse_messages(body: dict, images: list | None = None) -> list[dict]:
+    """The conversation; with ``images`` (a list to fill), image_url parts are collected
+    there in order and leave media markers in their message's text."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages", "'messages' must be a non-empty list", "invalid_type")
@@ -277,7 +311,7 @@ def parse_messages(body: dict) -> list[dict]:
             raise bad(f"messages[{i}].role", f"'role' must be one of {', '.join(ROLES)}, "
                       f"got {role!r}")
         msg = {"role": "system" if role == "developer" else role,
-               "content": message_text(m.get("content"), f"messages[{i}].content")}
+               "content": message_text(m.get("content"), f"messages[{i}].content", images)}
         if role == "assistant" and m.get("tool_calls"):
             tcs = m["tool_calls"]
             if not isinstance(tcs, list):

@@ -66,6 +66,9 @@ class GenRequest:
     n_probs: int = 0  # llama-server's n_probs / top_logprobs: top candidates per token
     post_sampling: bool = False  # probabilities after the sampling chain (post_sampling_probs)
     ignore_eos: bool = False  # end-of-generation tokens get a -inf bias (llama-server's rule)
+    # a prompt with images: token ids and engine.multimodal.ImageChunks in order (then
+    # prompt_ids is unused and no cached prefix is reused)
+    prompt_items: list | None = None
     cancelled: bool = False
     # filled by the scheduler
     stop_word: str | None = None  # the stop string that ended the text, if one did
@@ -241,7 +244,8 @@ class Scheduler:
         those asking for token probabilities or ignoring end of generation (per-step logits and
         biases the speculative generator does not expose)."""
         a = self.slots[0] if self.speculative is not None else None
-        if a is None or a.req.constraint is not None or a.req.n_probs > 0 or a.req.ignore_eos:
+        if (a is None or a.req.constraint is not None or a.req.n_probs > 0 or a.req.ignore_eos
+                or a.req.prompt_items is not None):
             return False
         eng = self.engine
         if a.gen is None:
@@ -295,6 +299,15 @@ class Scheduler:
             ids = req.prompt_ids
             # prompt cache: the free slot sharing the longest prefix with this prompt
             best, keep = free[0], 0
+            if req.prompt_items is not None:
+                free.remove(best)
+                self.engine.rewind(best, 0)
+                from jllama.tokenizer import StreamDecoder
+
+                self.slots[best] = _Active(req, StreamDecoder(self.tok), list(req.prompt_items))
+                self._set_row(best, req)
+                self.metrics.active = self.busy_slots()
+                continue
             if req.cache_prompt:
                 for b in free:
                     n = self.engine.common_prefix(ids, b)
@@ -328,19 +341,28 @@ class Scheduler:
             a = self.slots[b]
             if a is None or not a.todo:
                 continue
-            chunk = a.todo[:PREFILL_CHUNK]
-            if done and done + len(chunk) > PREFILL_CHUNK:
+            image = a.todo[0] if not isinstance(a.todo[0], int) else None
+            if image is not None:  # an image's embeddings: one batch of their own
+                chunk = a.todo[:1]
+                size = image.embd.shape[0]
+            else:
+                chunk = a.todo[:PREFILL_CHUNK]
+                cut = next((i for i, t in enumerate(chunk) if not isinstance(t, int)), None)
+                chunk = chunk[:cut] if cut is not None else chunk
+                size = len(chunk)
+            if done and done + size > PREFILL_CHUNK:
                 break
             a.todo = a.todo[len(chunk):]
-            done += len(chunk)
+            done += size
             self._prefill_turn = (b + 1) % n
             t0 = time.perf_counter()
             try:
-                logits = self.engine.prefill(chunk, b)
+                logits = (self.engine.prefill_embeddings(image.embd, b, bidir=image.bidir)
+                          if image is not None else self.engine.prefill(chunk, b))
             except Exception as e:  # e.g. ContextError
                 self._fail(b, 400, str(e))
                 continue
-            self.metrics.prompt_tokens += len(chunk)
+            self.metrics.prompt_tokens += size
             self.metrics.prompt_seconds += time.perf_counter() - t0
             if a.todo:
                 continue

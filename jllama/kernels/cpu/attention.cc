@@ -85,6 +85,7 @@ struct Problem {
   float scale, softcap;
   int64_t window, n_split;
   bool tiled;
+  bool bidir;  // llama.cpp with causal_attn off: every query sees the keys up to the last one
 
   const uint16_t* krow(int64_t b, int64_t h, int64_t j) const {
     return k + ((b * KVH + h / (H / KVH)) * S + j) * DK;
@@ -99,7 +100,8 @@ struct Problem {
   // ggml's mask: 0 where visible, -INF elsewhere (llama.cpp's causal + is_masked_swa).
   bool visible(int64_t b, int64_t t, int64_t j) const {
     const int64_t p = pos0[b] + t;
-    return j <= p && (window <= 0 || p - j < window);
+    const int64_t last = bidir ? pos0[b] + T - 1 : p;
+    return j <= last && (window <= 0 || p - j < window);
   }
   // ggml divides scale by the softcap up front, then multiplies tanh by the softcap.
   float kq_scale() const { return softcap != 0.0f ? scale / softcap : scale; }
@@ -295,7 +297,8 @@ void tiled_rows(const Problem& P, const KVTiles& kv, int64_t b, int64_t h, int64
       // The mask: keys [lo, pos] are visible (causal, sliding window), padding is not.
       const int64_t pos = P.pos0[b] + t0 + r;
       const int64_t lo = P.window > 0 ? pos - P.window + 1 : 0;
-      const int64_t jlo = std::max<int64_t>(0, lo - ic), jhi = std::min<int64_t>(n, pos - ic + 1);
+      const int64_t hi = P.bidir ? P.pos0[b] + P.T - 1 : pos;
+      const int64_t jlo = std::max<int64_t>(0, lo - ic), jhi = std::min<int64_t>(n, hi - ic + 1);
       for (int j = 0; j < kTileKV; ++j)
         if (j < jlo || j >= jhi) kr[j] = -INFINITY;
       // ggml_vec_max_f32: an exact max (a -0/+0 tie changes nothing downstream).
@@ -377,7 +380,8 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                          ffi::Buffer<ffi::F16> k, ffi::Buffer<ffi::F16> v,
                          ffi::Buffer<ffi::S32> pos0, ffi::ResultBuffer<ffi::F32> out,
                          int64_t kv_len, float scale, int64_t window, float softcap,
-                         int64_t n_threads, int64_t neq1, int64_t workers, int64_t kv_pad) {
+                         int64_t n_threads, int64_t neq1, int64_t workers, int64_t kv_pad,
+                         int64_t bidir) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("q, k, v must be 4-D");
@@ -399,6 +403,7 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   P.scale = scale;
   P.softcap = softcap;
   P.window = window;
+  P.bidir = bidir != 0;
   const int64_t rows = neq1 > 0 ? neq1 : P.T;  // ggml's neq1 picks the path
   P.tiled = rows >= kTileQ;
   if (kv_pad > 0 && P.B == 1) {
@@ -468,6 +473,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttn, jllama::FlashAttnImpl,
                                   .Attr<int64_t>("n_threads")
                                   .Attr<int64_t>("neq1")
                                   .Attr<int64_t>("workers")
-                                  .Attr<int64_t>("kv_pad"));
+                                  .Attr<int64_t>("kv_pad")
+                                  .Attr<int64_t>("bidir"));
 
 #endif  // JLLAMA_FA

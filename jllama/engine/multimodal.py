@@ -1,0 +1,109 @@
+"""Images in a prompt, as libmtmd handles them (tools/mtmd/mtmd.cpp, mtmd-helper.cpp).
+
+A prompt holds one media marker (``<__media__>``) per image. It is cut at the markers; each
+text part is tokenized on its own (no BOS), each image becomes the projector's begin text
+(Gemma 3: ``<start_of_image>``), the image's embeddings, then its end text
+(``<end_of_image>``), and BOS goes first when the vocabulary adds one. Evaluation follows
+``mtmd_helper_eval_chunks``: text chunks as ordinary prompt batches, each image's embeddings
+in one batch, non-causally for the projectors libmtmd decodes so (Gemma 3).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from jllama.engine.engine import Engine
+from jllama.engine.sampling import SamplingParams
+from jllama.errors import ContextError, ModelError
+from jllama.models.clip import Vision
+
+MEDIA_MARKER = "<__media__>"
+# projector -> (begin text, end text, non-causal image batch)
+_WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>", True), "mlp": ("", "", False)}
+
+
+@dataclass
+class ImageChunk:
+    embd: np.ndarray  # [n_tokens, n_embd]
+    bidir: bool
+
+
+def check_pair(vision: Vision, n_embd_text: int, arch: str) -> None:
+    """libmtmd's check that the projector feeds this text model."""
+    if vision.spec.n_embd_out != n_embd_text:
+        raise ModelError(f"{vision.path}: the mmproj projects to {vision.spec.n_embd_out} "
+                         f"dimensions but the text model's width is {n_embd_text}: "
+                         "mismatched mmproj")
+    if vision.spec.projector == "gemma3" and arch != "gemma3":
+        raise ModelError(f"{vision.path}: a gemma3 mmproj needs a gemma3 text model, "
+                         f"not '{arch}'")
+
+
+def chunks(tokenizer, vision: Vision, prompt: str, images: list[np.ndarray],
+           add_special: bool = True, parse_special: bool = True) -> list:
+    """The prompt as a list of token lists and ImageChunks (images encoded here)."""
+    parts = prompt.split(MEDIA_MARKER)
+    if len(parts) - 1 != len(images):
+        raise ContextError(f"the prompt has {len(parts) - 1} media markers ({MEDIA_MARKER}) "
+                           f"for {len(images)} images")
+    beg, end, bidir = _WRAP[vision.spec.projector]
+    out: list = [[]]
+
+    def text(s: str, special: bool) -> None:
+        if s:
+            out[-1].extend(tokenizer.encode(s, add_special=False, parse_special=special))
+
+    for i, part in enumerate(parts):
+        text(part, parse_special)
+        if i < len(images):
+            text(beg, True)
+            out.append(ImageChunk(vision.encode(images[i]), bidir))
+            out.append([])
+            text(end, True)
+    v = tokenizer.vocab
+    if add_special and v.add_bos and v.bos_id is not None:
+        out[0].insert(0, v.bos_id)
+    return [c for c in out if not (isinstance(c, list) and not c)]
+
+
+def n_tokens(chs: list) -> int:
+    return sum(len(c) if isinstance(c, list) else c.embd.shape[0] for c in chs)
+
+
+def generate(engine: Engine, chs: list, params: SamplingParams | None = None,
+             max_tokens: int = 128, stop_ids: frozenset[int] | set[int] = frozenset(),
+             slot: int = 0) -> Iterator[int]:
+    """Evaluate the chunks into an empty slot, then generate as ``Engine.generate``."""
+    if not chs or not isinstance(chs[-1], list):
+        raise ContextError("a prompt must end with text after its last image")
+    total = n_tokens(chs)
+    if total >= engine.ctx_size:
+        raise ContextError(f"the prompt with its images takes {total} tokens; the context "
+                           f"size is {engine.ctx_size} (raise --ctx-size)")
+    engine.reset(slot)
+    t0 = time.perf_counter()
+    for c in chs[:-1]:
+        if isinstance(c, list):
+            engine.prefill(c, slot)
+        else:
+            engine.prefill_embeddings(c.embd, slot, bidir=c.bidir)
+    before = time.perf_counter() - t0
+    first = True
+    for tok in engine.generate(chs[-1], params, max_tokens, stop_ids, slot, append=True):
+        if first:  # the timings count the whole prompt, images included
+            _whole_prompt(engine, total, before)
+            first = False
+        yield tok
+    if first:
+        _whole_prompt(engine, total, before)
+
+
+def _whole_prompt(engine: Engine, total: int, before: float) -> None:
+    tm = engine.timings
+    tm.prompt_tokens = total
+    tm.prompt_s += before
+    tm.first_token_s += before

@@ -1,0 +1,366 @@
+"""Vision encoders of llama.cpp's ``mmproj`` GGUF files (``general.architecture = clip``), as
+libmtmd runs them (tools/mtmd/clip.cpp, models/siglip.cpp, models/llava.cpp).
+
+Also LLaVA-1.5 (``clip.projector_type = mlp`` without image_grid_pinpoints): CLIP with a class
+embedding (appended after the patches, as clip.cpp does), a pre-LayerNorm, all layers but the
+last, then the MLP projector (mm.0, GELU, mm.2) over the patch rows; images padded to a square
+with llava's grey (122, 116, 104) and resized bicubically.
+
+Supported: the SigLIP ViT with the Gemma 3 projector (``clip.projector_type = gemma3``):
+patch embedding (a stride-``patch_size`` convolution, ggml's im2col + mul_mat), learned
+position embeddings, pre-norm blocks (LayerNorm, attention with biases, LayerNorm, GELU MLP),
+the post LayerNorm, then the projector: average pooling of the patch grid by ``n_merge``
+(default 4, ``clip.vision.projector.scale_factor``), RMSNorm times ``mm.soft_emb_norm`` and
+the ``mm.input_projection`` matmul to the text model's width.
+
+When matching llama.cpp (``Numerics.match_llamacpp``) every op rounds as ggml's CPU backend:
+matmuls through ``ggml_f32.mul_mat`` (an f16 weight first rounds the activations to f16, as
+ggml converts them to the weight's vec_dot type), LayerNorm as ``ggml_norm`` (f64 sums),
+GELU through ggml's f16 table, and attention through ggml's flash-attention kernel (libmtmd
+enables flash attention on the CPU) with no mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jllama.models.ggml_f32 as ggml_f32
+from jllama import numerics
+from jllama.errors import ModelError
+from jllama.gguf.reader import GGUFFile, read_gguf
+from jllama.kernels import cpu_attention
+from jllama.kernels.dispatch import dequantize
+from jllama.models import clip_image
+from jllama.models.common import Weights, gelu, gelu_quick, linear, rms_norm
+from jllama.quant.actquant import opaque
+from jllama.quant.qtensor import QTensor, from_gguf_bytes
+
+PROJECTORS = ("gemma3", "mlp")
+_F16, _F32 = 1, 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionSpec:
+    projector: str
+    image_size: int
+    patch_size: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    eps: float
+    n_embd_out: int  # the text model's width the projector maps to
+    n_merge: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_algo: str
+    resize_pad: str
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+    ffn_op: str = "gelu"  # gelu | gelu_quick | silu (clip.use_gelu / clip.use_silu)
+    n_layer_run: int = 0  # layers evaluated (llava: all but the last, its feature layer)
+
+    @property
+    def n_patches_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_image_tokens(self) -> int:
+        if self.projector == "mlp":
+            return self.n_patches_side ** 2
+        return (self.n_patches_side // self.n_merge) ** 2
+
+
+def spec_from_gguf(g: GGUFFile) -> VisionSpec:
+    md = g.metadata
+    if md.get("general.architecture") != "clip":
+        raise ModelError(f"{g.path}: not an mmproj file (general.architecture is "
+                         f"'{md.get('general.architecture')}', expected 'clip')")
+    if not md.get("clip.has_vision_encoder", False):
+        raise ModelError(f"{g.path}: this mmproj has no vision encoder")
+    proj = md.get("clip.vision.projector_type", md.get("clip.projector_type"))
+    if proj not in PROJECTORS:
+        raise ModelError(f"{g.path}: projector type '{proj}' is not supported "
+                         f"(jllama runs: {', '.join(PROJECTORS)})")
+
+    def need(key: str):
+        v = md.get(f"clip.vision.{key}")
+        if v is None:
+            raise ModelError(f"{g.path}: missing clip.vision.{key}")
+        return v
+
+    image_size, patch = int(need("image_size")), int(need("patch_size"))
+    side = image_size // patch
+    if side * patch != image_size:
+        raise ModelError(f"{g.path}: image_size {image_size} is not a multiple of patch_size "
+                         f"{patch}")
+    n_layer = int(need("block_count"))
+    if md.get("clip.use_gelu", False) and md.get("clip.use_silu", False):
+        raise ModelError(f"{g.path}: both clip.use_gelu and clip.use_silu are set")
+    ffn_op = ("gelu" if md.get("clip.use_gelu", False)
+              else "silu" if md.get("clip.use_silu", False) else "gelu_quick")
+    if proj == "gemma3":
+        n_merge = int(md.get("clip.vision.projector.scale_factor", 4))  # clip.cpp's default
+        if side % n_merge:
+            raise ModelError(f"{g.path}: {side} patches per side do not pool by {n_merge}")
+        out_w, out_axis = "mm.input_projection.weight", -1
+        extra = dict(resize_algo="bilinear", resize_pad="ceil", n_layer_run=n_layer)
+    else:  # mlp: LLaVA-1.5 (without image_grid_pinpoints: llava-1.6's tiling is not run)
+        if md.get("clip.vision.image_grid_pinpoints"):
+            raise ModelError(f"{g.path}: LLaVA-1.6 image tiling (image_grid_pinpoints) is not "
+                             "supported yet")
+        if md.get("clip.vision.feature_layer"):
+            raise ModelError(f"{g.path}: explicit vision feature layers are not supported yet")
+        n_merge = 1
+        out_w, out_axis = ("mm.2.weight" if "mm.2.weight" in g.tensors else "mm.0.weight"), 0
+        # clip.cpp: llava's pad colour; the second-to-last layer is the feature layer
+        extra = dict(resize_algo="bicubic", resize_pad="ceil", pad_color=(122, 116, 104),
+                     n_layer_run=n_layer - 1)
+    proj_w = g.tensors.get(out_w)
+    if proj_w is None:
+        raise ModelError(f"{g.path}: missing tensor '{out_w}'")
+    return VisionSpec(
+        projector=proj, image_size=image_size, patch_size=patch,
+        n_embd=int(need("embedding_length")), n_ff=int(need("feed_forward_length")),
+        n_layer=n_layer, n_head=int(need("attention.head_count")),
+        eps=float(md.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
+        n_embd_out=int(proj_w.shape[out_axis]), n_merge=n_merge,
+        mean=tuple(float(v) for v in need("image_mean")),
+        std=tuple(float(v) for v in need("image_std")),
+        ffn_op=ffn_op, **extra,
+    )
+
+
+# ----------------------------------------------------------------------------- ggml's ops
+def _mul_mat(x: jax.Array, qt: QTensor) -> jax.Array:
+    """ggml_mul_mat(w, x): [N, K] x [M, K] -> [N, M]."""
+    if not numerics.current().match_llamacpp:
+        if qt.is_float:
+            return x @ dequantize(qt, jnp.float32).T
+        return linear(x, qt)
+    if not qt.is_float:
+        return linear(x, qt)  # the text model's quantized kernels, ggml's Q8 activations
+    w = dequantize(qt, jnp.float32)
+    if qt.qtype == _F16:  # ggml converts the activations to the f16 vec_dot type
+        return mul_mat_f16(x.astype(jnp.float16).astype(jnp.float32), w)
+    if qt.qtype != _F32:
+        raise ModelError(f"mmproj weight type {qt.type_name} is not supported")
+    return ggml_f32.mul_mat(x, w)
+
+
+def mul_mat_f16(x: jax.Array, w: jax.Array) -> jax.Array:
+    """ggml's CPU mul_mat of f16 values (given as f32 arrays holding f16 values): x [N, K],
+    w [M, K] -> [N, M]. llamafile's tinyBLAS takes it where ggml_f32.mul_mat's f32 product
+    does (K a multiple of the lane count), with the same FMA chains; otherwise
+    ggml_vec_dot_f16, whose main part is vec_dot_f32's but whose sum is an f64: the K % 32
+    leftover products (each rounded to f32) are added to it in f64, then rounded once."""
+    n, k = x.shape
+    m = w.shape[0]
+    lanes = ggml_f32.simd_lanes()
+    if (n >= 2 and m % 4 == 0 and k % lanes == 0) or not ggml_f32.rounding_on():
+        return ggml_f32.mul_mat(x, w)
+    step = 4 * lanes
+    kk = k - k % step
+    main = (ggml_f32.mul_mat(x[:, :kk], w[:, :kk], sgemm=False) if kk
+            else jnp.zeros((n, m), jnp.float32))
+    if kk == k:
+        return main
+    with jax.enable_x64(True):
+        acc = main.astype(jnp.float64)
+        for i in range(kk, k):
+            acc = acc + opaque(x[:, i][:, None] * w[:, i][None, :]).astype(jnp.float64)
+        return acc.astype(jnp.float32)
+
+
+def _div_f32(a: jax.Array, b) -> jax.Array:
+    """An f32 division rounded correctly, as C's: done in f64 and rounded once (exact for
+    f32 operands), since XLA:CPU may divide through a reciprocal."""
+    with jax.enable_x64(True):
+        return (a.astype(jnp.float64) / opaque(jnp.asarray(b, jnp.float64))).astype(jnp.float32)
+
+
+def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
+    """ggml_norm (mean from an f64 sum, variance of the centred values from f64 sums of
+    8-lane partial sums on AVX2) times w plus b."""
+    if not (numerics.current().match_llamacpp and ggml_f32.rounding_on()):
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        xc = x - mean
+        var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+        return xc * jax.lax.rsqrt(var + eps) * w + b
+    n = x.shape[-1]
+    mean = _div_f32(ggml_f32.sum_rows(x)[..., None], n)
+    xc = opaque(x - mean)
+    sq = opaque(xc * xc)
+    lanes = ggml_f32.simd_lanes()
+    nb = n - n % lanes
+    with jax.enable_x64(True):
+        parts = []
+        if nb:
+            blocks = sq[..., :nb].reshape(*sq.shape[:-1], nb // lanes, lanes)
+            if lanes == 8:  # _mm256 upper + lower half, then movehl, then movehdup (f32)
+                v = opaque(blocks[..., 4:] + blocks[..., :4])
+                v2 = opaque(v[..., :2] + v[..., 2:])
+                s = opaque(v2[..., 0] + v2[..., 1])
+            else:
+                s = opaque(ggml_f32._hsum_tree(blocks))
+            parts += [s[..., i] for i in range(s.shape[-1])]
+        parts += [sq[..., i] for i in range(nb, n)]
+        acc = jnp.zeros(sq.shape[:-1], jnp.float64)
+        for p in parts:
+            acc = acc + p.astype(jnp.float64)
+        var = (acc / opaque(jnp.float64(n))).astype(jnp.float32)
+    scale = _div_f32(jnp.ones_like(var), opaque(jnp.sqrt(var + jnp.float32(eps))))
+    y = opaque(xc * scale[..., None])
+    return opaque(y * w) + b
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Unmasked multi-head attention, q/k/v [N, H, D] -> [N, H * D]."""
+    num = numerics.current()
+    n, h, d = q.shape
+    if (num.match_llamacpp and jax.default_backend() == "cpu" and num.cpu_kernels
+            and cpu_attention.available()):
+        # libmtmd's flash attention: f16 K/V, f32 Q; every key visible
+        kc = k.transpose(1, 0, 2)[None].astype(jnp.float16)
+        vc = v.transpose(1, 0, 2)[None].astype(jnp.float16)
+        return cpu_attention.ggml_flash_attn(q[None], kc, vc, jnp.zeros(1, jnp.int32), n, scale,
+                                             bidir=True)[0]
+    s = jnp.einsum("qhd,khd->hqk", q, k) * scale
+    return jnp.einsum("hqk,khd->qhd", jax.nn.softmax(s, axis=-1), v).reshape(n, h * d)
+
+
+# ----------------------------------------------------------------------------- the model
+class VisionEncoder(nnx.Module):
+    """The mmproj's encoder and projector: ``__call__(pixels f32 [H, W, 3]) -> [n_tokens,
+    n_embd_out]``."""
+
+    def __init__(self, spec: VisionSpec, w: Weights):
+        self.spec = spec
+        self.w = nnx.data({k: v for k, v in w.tensors.items()})
+
+    def _vec(self, name: str) -> jax.Array:
+        return dequantize(self.w[name], jnp.float32)
+
+    def _dense(self, x: jax.Array, name: str) -> jax.Array:
+        y = _mul_mat(x, self.w[name + ".weight"])
+        return y + self._vec(name + ".bias") if name + ".bias" in self.w else y
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        s = self.spec
+        p, side = s.patch_size, s.n_patches_side
+        # im2col rows [n_patches, C*p*p] in (c, ky, kx) order, patches in (py, px) order
+        img = pixels.transpose(2, 0, 1)  # planar, as clip.cpp feeds inp_raw
+        cols = img.reshape(3, side, p, side, p).transpose(1, 3, 0, 2, 4).reshape(side * side, -1)
+        kw = dequantize(self.w["v.patch_embd.weight"], jnp.float32).reshape(s.n_embd, -1)
+        # ggml_conv_2d: mul_mat(im2col, kernel) with im2col made in f16 (whatever the kernel's
+        # type), so the kernel is rounded to f16 too (the f16 vec_dot type); the result
+        # transposed to [n_patches, n_embd]
+        if numerics.current().match_llamacpp:
+            def f16(a):
+                return a.astype(jnp.float16).astype(jnp.float32)
+            x = mul_mat_f16(f16(kw), f16(cols)).T
+        else:
+            x = cols @ kw.T
+        if "v.patch_embd.bias" in self.w:
+            x = x + self._vec("v.patch_embd.bias")
+        if "v.class_embd" in self.w:  # clip.cpp concatenates it after the patches
+            x = jnp.concatenate([x, self._vec("v.class_embd").reshape(1, -1)], axis=0)
+        x = x + dequantize(self.w["v.position_embd.weight"], jnp.float32)[: x.shape[0]]
+        if "v.pre_ln.weight" in self.w:
+            x = _layer_norm(x, self._vec("v.pre_ln.weight"), self._vec("v.pre_ln.bias"), s.eps)
+        n, hd = x.shape[0], s.n_embd // s.n_head
+        scale = 1.0 / math.sqrt(hd)
+        act = {"gelu": gelu, "gelu_quick": gelu_quick, "silu": ggml_f32.silu}[s.ffn_op]
+        for i in range(s.n_layer_run):
+            b = f"v.blk.{i}."
+            h = _layer_norm(x, self._vec(b + "ln1.weight"), self._vec(b + "ln1.bias"), s.eps)
+            q = self._dense(h, b + "attn_q").reshape(n, s.n_head, hd)
+            k = self._dense(h, b + "attn_k").reshape(n, s.n_head, hd)
+            v = self._dense(h, b + "attn_v").reshape(n, s.n_head, hd)
+            a = self._dense(_attention(q, k, v, scale), b + "attn_out")
+            x = a + x
+            h = _layer_norm(x, self._vec(b + "ln2.weight"), self._vec(b + "ln2.bias"), s.eps)
+            h = self._dense(act(self._dense(h, b + "ffn_up")), b + "ffn_down")
+            x = x + h
+        if "v.post_ln.weight" in self.w:
+            x = _layer_norm(x, self._vec("v.post_ln.weight"), self._vec("v.post_ln.bias"),
+                            s.eps)
+        if s.projector == "mlp":
+            return self._mlp_projector(x)
+        return self._gemma3_projector(x)
+
+    def _mlp_projector(self, x: jax.Array) -> jax.Array:
+        """LLaVA's: rows 1..n_patches (clip.cpp skips row 0 when there is a class embedding,
+        which it appended last), then mm.0, GELU, mm.2 (each with its bias)."""
+        n = self.spec.n_patches_side ** 2
+        off = 1 if "v.class_embd" in self.w else 0
+        x = x[off:off + n]
+        x = self._dense(x, "mm.0")
+        if "mm.2.weight" in self.w:
+            x = self._dense(gelu(x), "mm.2")
+        else:
+            x = gelu(x)
+        return x
+
+    def _gemma3_projector(self, x: jax.Array) -> jax.Array:
+        s = self.spec
+        side, m = s.n_patches_side, s.n_merge
+        o = side // m
+        # ggml_pool_2d (avg): an f32 sum over the window, rows (ky) outer, then / (m * m)
+        g = x.reshape(o, m, o, m, s.n_embd)
+        acc = jnp.zeros((o, o, s.n_embd), jnp.float32)
+        for ky in range(m):
+            for kx in range(m):
+                acc = opaque(acc + g[:, ky, :, kx])
+        x = _div_f32(acc, m * m).reshape(o * o, s.n_embd)
+        x = rms_norm(x, self._vec("mm.soft_emb_norm.weight"), s.eps)
+        # the projection is mul_mat(cont(transpose(W)), x): W [n_embd, n_out] as rows of n_out
+        wt = self.w["mm.input_projection.weight"]
+        wf = dequantize(wt, jnp.float32).T
+        if not numerics.current().match_llamacpp:
+            return x @ wf.T
+        if wt.qtype == _F16:  # cont(transpose) keeps the weight's type: an f16 product
+            return mul_mat_f16(x.astype(jnp.float16).astype(jnp.float32), wf)
+        return ggml_f32.mul_mat(x, wf)
+
+
+@dataclasses.dataclass
+class Vision:
+    """A loaded mmproj: its spec, encoder and the compiled encode."""
+    spec: VisionSpec
+    encoder: VisionEncoder
+    path: str
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> normalised f32 [image_size, image_size, 3] (libmtmd's fixed-size
+        preprocessor)."""
+        s = self.spec
+        img = clip_image.resize(image, s.image_size, s.image_size, s.resize_algo, s.resize_pad,
+                                s.pad_color)
+        return clip_image.normalize(img, s.mean, s.std)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """uint8 RGB [H, W, 3] -> image embeddings f32 [n_image_tokens, n_embd_out]."""
+        return np.asarray(_encode(self.encoder, jnp.asarray(self.preprocess(image))))
+
+
+@nnx.jit
+def _encode(encoder: VisionEncoder, pixels: jax.Array) -> jax.Array:
+    return encoder(pixels)
+
+
+def load_vision(path: str | os.PathLike) -> Vision:
+    """Read an mmproj GGUF; raises ModelError for files that are not one jllama runs."""
+    g = read_gguf(path)
+    spec = spec_from_gguf(g)
+    tensors = {}
+    for name, ti in g.tensors.items():
+        data, qtype = from_gguf_bytes(ti.data, ti.qtype, ti.shape)
+        tensors[name] = QTensor(jax.device_put(np.asarray(data)), int(qtype), tuple(ti.shape))
+    return Vision(spec, VisionEncoder(spec, Weights(tensors, str(path))), str(path))

@@ -1,0 +1,216 @@
+"""Images through the front ends: ``Llama(..., mmproj=...)`` and ``jllama generate --mmproj F
+--image PATH`` against libmtmd, and one clear error for each kind of bad input.
+
+The tiny models are tests/visionmodels.py's; the mmproj is written directly in llama.cpp's
+layout (``write_mmproj``; test_vision_gemma3.py runs the converter), so this file needs no
+torch. Images are PNG (lossless: Pillow and libmtmd's
+stb_image decode the same pixels, which the first test checks through libmtmd's own file
+loader)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jllama.cli.main import main
+
+pytestmark = pytest.mark.oracle
+
+PROMPT = "Describe <__media__> briefly."
+
+
+def _png(path, shape=(48, 80), seed=4):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.clip(np.stack([x * 3, y * 5, x + y], -1) + rng.normal(0, 25, (h, w, 3)), 0, 255)
+    Image.fromarray(img.astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    import visionmodels as V
+
+    d = tmp_path_factory.mktemp("vision-cli")
+    V.write_text_model(d / "text.gguf")
+    V.write_mmproj(d / "mmproj.gguf")
+    V.write_mmproj(d / "mmproj-256.gguf", n_embd_out=256)
+    _png(d / "img.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def oracle(files):
+    from mtmd_oracle import Mtmd
+
+    o = Mtmd(files / "text.gguf", files / "mmproj.gguf")
+    yield o
+    o.close()
+
+
+def _stb_image(oracle, path) -> np.ndarray:
+    """The image as libmtmd's own loader decodes it (stb_image)."""
+    import ctypes
+
+    M = oracle.M
+    bmp = M.mtmd_helper_bitmap_init_from_file(oracle.ctx, str(path).encode(), False)
+    nx, ny = M.mtmd_bitmap_get_nx(bmp), M.mtmd_bitmap_get_ny(bmp)
+    data = M.mtmd_bitmap_get_data(bmp)
+    img = np.ctypeslib.as_array(ctypes.cast(data, ctypes.POINTER(ctypes.c_ubyte)),
+                                shape=(ny * nx * 3,)).reshape(ny, nx, 3).copy()
+    M.mtmd_bitmap_free(bmp)
+    return img
+
+
+def test_api_images_match_libmtmd(files, oracle):
+    from jllama.api import Llama
+    from jllama.engine.sampling import SamplingParams
+    from jllama.models.clip_image import load_image
+
+    png = files / "img.png"
+    img = _stb_image(oracle, png)
+    assert np.array_equal(load_image(png), img)  # Pillow == stb_image on PNG
+    ref = oracle.greedy(PROMPT, [img], 12)
+    llm = Llama(str(files / "text.gguf"), ctx_size=128, mmproj=str(files / "mmproj.gguf"))
+    out = llm.complete(PROMPT, 12, SamplingParams.greedy(), images=[str(png)])
+    assert len(ref) >= 4
+    assert out.tokens == ref
+    # no marker: one goes first, as llama-mtmd-cli does (encoded bytes in)
+    chs = llm._image_chunks("Describe briefly.", [png.read_bytes()], True)
+    want = oracle.tokenize("<__media__>Describe briefly.", [img])
+    assert [c if isinstance(c, list) else c.embd.shape[0] for c in chs] == \
+        [c if isinstance(c, list) else c[0] for c in want]
+
+
+def test_cli_generate_with_image(files, oracle, capsys):
+    png = files / "img.png"
+    ref = oracle.greedy(PROMPT, [_stb_image(oracle, png)], 6)
+    from jllama.gguf.reader import read_gguf
+    from jllama.tokenizer import Tokenizer
+
+    # libmtmd's tokens as text (random tokens need not be valid UTF-8 on their own)
+    want = Tokenizer.from_gguf(read_gguf(files / "text.gguf")).decode(ref)
+    rc = main(["generate", "-m", str(files / "text.gguf"), "--mmproj", str(files / "mmproj.gguf"),
+               "--image", str(png), "-p", PROMPT, "-n", "6", "--temp", "0", "-c", "128"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+
+
+def test_odd_shapes_embeddings_bit_exact(files, tmp_path):
+    """Widths that are no multiple of ggml's SIMD steps: patch 14 (an f16 im2col row of 588,
+    ggml_vec_dot_f16 with f64 leftovers), width 100 (LayerNorm and f16 matmuls with
+    leftover lanes), head size 25."""
+    import visionmodels as V
+    from mtmd_oracle import Mtmd
+
+    from jllama.models.clip import load_vision
+
+    mm = tmp_path / "odd.gguf"
+    V.write_mmproj(mm, image_size=112, patch=14, d=100, n_layer=2, n_head=4, seed=7)
+    o = Mtmd(files / "text.gguf", mm)
+    try:
+        vision = load_vision(mm)
+        for shape in [(112, 112), (90, 131)]:
+            img = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+            chunk = [c for c in o.tokenize("<__media__>", [img]) if isinstance(c, tuple)][0]
+            ref, _ = o.encode(chunk)
+            assert np.array_equal(vision.encode(img), ref), shape
+    finally:
+        o.close()
+
+
+def test_quantized_mmproj_bit_exact(files, tmp_path):
+    """An mmproj whose encoder matrices are Q8_0 / Q4_0: they go through the text model's
+    int8 kernels (ggml's Q8 activations), equal to libmtmd's."""
+    import gguf
+    import visionmodels as V
+    from mtmd_oracle import Mtmd
+
+    from jllama.models.clip import load_vision
+
+    img = np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    for qt in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+        mm = tmp_path / f"{qt.name}.gguf"
+        V.write_mmproj(mm, block_type=qt, seed=11)
+        o = Mtmd(files / "text.gguf", mm)
+        try:
+            chunk = [c for c in o.tokenize("<__media__>", [img]) if isinstance(c, tuple)][0]
+            ref, _ = o.encode(chunk)
+        finally:
+            o.close()
+        assert np.array_equal(load_vision(mm).encode(img), ref), qt.name
+
+
+def _one_error(capsys, args) -> str:
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("jllama generate: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_input_errors(files, tmp_path, capsys):
+    m, mm, img = str(files / "text.gguf"), str(files / "mmproj.gguf"), str(files / "img.png")
+    base = ["generate", "-m", m, "-p", PROMPT, "-n", "2", "-c", "128"]
+    assert "mmproj file not found" in _one_error(
+        capsys, base + ["--mmproj", str(tmp_path / "none.gguf"), "--image", img])
+    assert "mismatched mmproj" in _one_error(
+        capsys, base + ["--mmproj", str(files / "mmproj-256.gguf"), "--image", img])
+    assert "not an mmproj" in _one_error(capsys, base + ["--mmproj", m, "--image", img])
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    assert "not an image jllama can read" in _one_error(
+        capsys, base + ["--mmproj", mm, "--image", str(tmp_path / "bad.png")])
+    assert "cannot read image" in _one_error(
+        capsys, base + ["--mmproj", mm, "--image", str(tmp_path / "missing.png")])
+    assert "needs 'vision.mmproj'" in _one_error(capsys, base + ["--image", img])
+    # two markers, one image
+    assert "2 media markers" in _one_error(
+        capsys, ["generate", "-m", m, "-p", "<__media__><__media__>", "-n", "2",
+                 "--mmproj", mm, "--image", img])
+    # the prompt and its image do not fit the context
+    assert "context size is 16" in _one_error(
+        capsys, ["generate", "-m", m, "-p", "word " * 12, "-n", "2", "-c", "16",
+                 "--mmproj", mm, "--image", img])
+
+
+def test_server_image_url(files, oracle):
+    """/v1/chat/completions with an image_url part (base64 data URL): the greedy answer is
+    libmtmd's on the rendered prompt; remote URLs and bad data are refused with a 400."""
+    import base64
+
+    import httpx
+
+    from jllama.api import Llama
+    from jllama.gguf.reader import read_gguf
+    from jllama.server.app import ServerSettings, ServerState, ServerThread, render_prompt
+    from jllama.tokenizer import Tokenizer
+
+    png = files / "img.png"
+    url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    llm = Llama(str(files / "text.gguf"), ctx_size=128, n_slots=2,
+                mmproj=str(files / "mmproj.gguf"))
+    text = render_prompt(llm, [{"role": "user", "content": "Look: <__media__> What?"}], None)
+    ref = oracle.greedy(text, [_stb_image(oracle, png)], 8)
+    want = Tokenizer.from_gguf(read_gguf(files / "text.gguf")).decode(ref)
+    state = ServerState(llm, ServerSettings("tiny", max_queue=4, timeout=120))
+
+    def msg(part):
+        return {"model": "tiny", "temperature": 0, "max_tokens": 8, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Look: "}, part,
+                                         {"type": "text", "text": " What?"}]}]}
+
+    with ServerThread(state, warmup=False) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        r = c.post("/v1/chat/completions", json=msg({"type": "image_url",
+                                                     "image_url": {"url": url}}))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+        for bad, what in [("https://example.com/a.png", "not fetched"),
+                          ("data:image/png;base64,@@@", "not valid base64"),
+                          ("data:image/png;base64,aGVsbG8=", "not an image")]:
+            r = c.post("/v1/chat/completions", json=msg({"type": "image_url",
+                                                         "image_url": {"url": bad}}))
+            assert r.status_code == 400 and what in r.text, r.text

@@ -1,0 +1,213 @@
+"""Tiny random vision-language models for the mmproj tests.
+
+The vision half is a Hugging Face ``Gemma3ForConditionalGeneration`` checkpoint (the SigLIP
+tower and the Gemma 3 projector, random, in the layout convert_hf_to_gguf.py reads) converted
+by llama.cpp's own ``convert_hf_to_gguf.py --mmproj``; the text half is a tiny ``gemma3`` GGUF
+(tests/tinymodels.py) whose tokenizer has Gemma's image markers as control tokens, with the
+projector's output width.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tinymodels import dense_hparams, dense_tensors, write_gguf
+
+TEXT = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=1, head_dim=64)
+SPECIALS = ("<end_of_turn>", "<start_of_turn>", "<start_of_image>", "<end_of_image>")
+
+
+def vision_config(image_size: int = 64, patch_size: int = 8, n_embd: int = 64,
+                  n_layer: int = 2, n_head: int = 4, tokens_per_image: int = 4) -> dict:
+    return {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "mm_tokens_per_image": tokens_per_image, "image_token_index": 300,
+        "boi_token_index": 301, "eoi_token_index": 302,
+        "text_config": {"model_type": "gemma3_text", "hidden_size": TEXT["n_embd"],
+                        "intermediate_size": TEXT["n_ff"], "num_hidden_layers": TEXT["n_layer"],
+                        "num_attention_heads": TEXT["n_head"],
+                        "num_key_value_heads": TEXT["n_head_kv"], "head_dim": TEXT["head_dim"],
+                        "vocab_size": 320, "rms_norm_eps": 1e-6},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": n_embd,
+                          "intermediate_size": 2 * n_embd, "num_hidden_layers": n_layer,
+                          "num_attention_heads": n_head, "image_size": image_size,
+                          "patch_size": patch_size, "layer_norm_eps": 1e-6,
+                          "hidden_act": "gelu_pytorch_tanh", "num_channels": 3},
+    }
+
+
+def vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    v = cfg["vision_config"]
+    d, ff, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    n_pos = (v["image_size"] // p) ** 2
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    pre = "vision_tower.vision_model."
+    t = {pre + "embeddings.patch_embedding.weight": w(d, 3, p, p, s=0.1),
+         pre + "embeddings.patch_embedding.bias": w(d, s=0.1),
+         pre + "embeddings.position_embedding.weight": w(n_pos, d, s=0.2)}
+    for i in range(v["num_hidden_layers"]):
+        q = f"{pre}encoder.layers.{i}."
+        for ln in ("layer_norm1", "layer_norm2"):
+            t[q + ln + ".weight"], t[q + ln + ".bias"] = norm(d), w(d, s=0.1)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            t[q + f"self_attn.{proj}.weight"], t[q + f"self_attn.{proj}.bias"] = w(d, d, s=0.15), w(d)
+        t[q + "mlp.fc1.weight"], t[q + "mlp.fc1.bias"] = w(ff, d, s=0.15), w(ff)
+        t[q + "mlp.fc2.weight"], t[q + "mlp.fc2.bias"] = w(d, ff, s=0.15), w(d)
+    t[pre + "post_layernorm.weight"], t[pre + "post_layernorm.bias"] = norm(d), w(d, s=0.1)
+    t["multi_modal_projector.mm_input_projection_weight"] = w(d, cfg["text_config"]["hidden_size"],
+                                                              s=0.2)
+    t["multi_modal_projector.mm_soft_emb_norm.weight"] = (0.1 * rng.standard_normal(d)).astype(
+        np.float32)
+    return t
+
+
+def write_vision_checkpoint(d: Path, cfg: dict, seed: int = 0) -> Path:
+    from safetensors.numpy import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_seq_length": cfg["mm_tokens_per_image"], "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5], "image_processor_type": "Gemma3ImageProcessor"}))
+    save_file(vision_tensors(cfg, seed), str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def write_text_model(path: Path, seed: int = 3, **extra) -> Path:
+    tensors = dense_tensors(seed, n_vocab=320, qk_norm=True, post_norms=True, tied=True,
+                            embd_std=0.05, **TEXT)
+    hp = dense_hparams(**TEXT, **{"rope.freq_base": 1e6}, **extra)
+    return write_gguf(path, "gemma3", hp, tensors, specials=SPECIALS)
+
+
+def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 64,
+                 patch: int = 8, d: int = 64, n_layer: int = 2, n_head: int = 4,
+                 n_merge: int = 4, block_type: gguf.GGMLQuantizationType | None = None) -> None:
+    """A gemma3 mmproj as convert_hf_to_gguf.py --mmproj writes it (f16 matrices, f32 norms,
+    biases and embeddings, f16 input projection)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def f16(a):
+        return a.astype(np.float16)
+
+    def mat(name, a):  # the encoder's matrices: f16, or ``block_type`` (llama-quantize'd)
+        if block_type is None:
+            g.add_tensor(name, f16(a))
+        else:
+            g.add_tensor(name, gguf.quants.quantize(a, block_type), raw_dtype=block_type)
+
+    g = gguf.GGUFWriter(str(path), "clip")
+    g.add_type("mmproj")
+    g.add_bool("clip.has_vision_encoder", True)
+    g.add_uint32("clip.vision.projection_dim", n_embd_out)
+    g.add_uint32("clip.vision.image_size", image_size)
+    g.add_uint32("clip.vision.patch_size", patch)
+    g.add_uint32("clip.vision.embedding_length", d)
+    g.add_uint32("clip.vision.feed_forward_length", 2 * d)
+    g.add_uint32("clip.vision.block_count", n_layer)
+    g.add_uint32("clip.vision.attention.head_count", n_head)
+    g.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    g.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    g.add_string("clip.projector_type", "gemma3")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    g.add_bool("clip.use_gelu", True)
+    g.add_uint32("clip.vision.projector.scale_factor", n_merge)
+    g.add_tensor("mm.input_projection.weight", f16(w(d, n_embd_out, s=0.2)))
+    g.add_tensor("mm.soft_emb_norm.weight", 1.0 + w(d, s=0.1))
+    g.add_tensor("v.patch_embd.bias", w(d, s=0.1))
+    g.add_tensor("v.patch_embd.weight", w(d, 3, patch, patch, s=0.1))
+    g.add_tensor("v.position_embd.weight", w((image_size // patch) ** 2, d, s=0.2))
+    for i in range(n_layer):
+        b = f"v.blk.{i}."
+        for ln in ("ln1", "ln2"):
+            g.add_tensor(b + ln + ".bias", w(d, s=0.1))
+            g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
+        g.add_tensor(b + "ffn_up.bias", w(2 * d))
+        mat(b + "ffn_up.weight", w(2 * d, d, s=0.15))
+        g.add_tensor(b + "ffn_down.bias", w(d))
+        mat(b + "ffn_down.weight", w(d, 2 * d, s=0.15))
+        for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
+            g.add_tensor(b + t + ".bias", w(d))
+            mat(b + t + ".weight", w(d, d, s=0.15))
+    g.add_tensor("v.post_ln.bias", w(d, s=0.1))
+    g.add_tensor("v.post_ln.weight", 1.0 + w(d, s=0.1))
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
+
+
+def write_llava_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 56,
+                       patch: int = 14, d: int = 64, n_layer: int = 3, n_head: int = 4) -> None:
+    """A LLaVA-1.5 mmproj (``clip.projector_type = mlp``) as convert_hf_to_gguf.py --mmproj
+    writes one for LlavaForConditionalGeneration: CLIP with a class embedding and a
+    pre-LayerNorm, quick-GELU, no post-LayerNorm, the two-layer MLP projector; f16 matrices."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def f16(a):
+        return a.astype(np.float16)
+
+    g = gguf.GGUFWriter(str(path), "clip")
+    g.add_type("mmproj")
+    g.add_bool("clip.has_vision_encoder", True)
+    g.add_uint32("clip.vision.projection_dim", n_embd_out)
+    g.add_uint32("clip.vision.image_size", image_size)
+    g.add_uint32("clip.vision.patch_size", patch)
+    g.add_uint32("clip.vision.embedding_length", d)
+    g.add_uint32("clip.vision.feed_forward_length", 2 * d)
+    g.add_uint32("clip.vision.block_count", n_layer)
+    g.add_uint32("clip.vision.attention.head_count", n_head)
+    g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    g.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    g.add_string("clip.projector_type", "mlp")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    g.add_bool("clip.use_gelu", False)
+    n_pos = (image_size // patch) ** 2 + 1
+    g.add_tensor("mm.0.weight", f16(w(n_embd_out, d, s=0.15)))
+    g.add_tensor("mm.0.bias", w(n_embd_out))
+    g.add_tensor("mm.2.weight", f16(w(n_embd_out, n_embd_out, s=0.15)))
+    g.add_tensor("mm.2.bias", w(n_embd_out))
+    g.add_tensor("v.class_embd", w(d, s=0.3))
+    g.add_tensor("v.patch_embd.weight", f16(w(d, 3, patch, patch, s=0.1)))
+    g.add_tensor("v.position_embd.weight", f16(w(n_pos, d, s=0.2)))
+    g.add_tensor("v.pre_ln.weight", 1.0 + w(d, s=0.1))
+    g.add_tensor("v.pre_ln.bias", w(d, s=0.1))
+    for i in range(n_layer):
+        b = f"v.blk.{i}."
+        for ln in ("ln1", "ln2"):
+            g.add_tensor(b + ln + ".bias", w(d, s=0.1))
+            g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
+        g.add_tensor(b + "ffn_up.bias", w(2 * d))
+        g.add_tensor(b + "ffn_up.weight", f16(w(2 * d, d, s=0.15)))
+        g.add_tensor(b + "ffn_down.bias", w(d))
+        g.add_tensor(b + "ffn_down.weight", f16(w(d, 2 * d, s=0.15)))
+        for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
+            g.add_tensor(b + t + ".bias", w(d))
+            g.add_tensor(b + t + ".weight", f16(w(d, d, s=0.15)))
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
+
+
+def write_llama_text_model(path: Path, seed: int = 5) -> Path:
+    """A tiny llama text model of width 128 (LLaVA-1.5's text side)."""
+    shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+    tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)
+    return write_gguf(path, "llama", dense_hparams(**shape), tensors)
