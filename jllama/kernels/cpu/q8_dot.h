@@ -59,6 +59,13 @@ static inline __m256i nibbles32(const uint8_t* p) {
   return _mm256_and_si256(b, _mm256_set1_epi8(15));
 }
 
+// ggml's kvalues_iq4nl, in both 128-bit halves (IQ4_NL and IQ4_XS).
+static inline __m256i iq4nl_table() {
+  return _mm256_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
+                          113, -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
+                          89, 113);
+}
+
 // Bit i of 32 bits -> 0x10 in byte i (the fifth bit of a Q5 code).
 static inline __m256i fifth_bits(const uint8_t* p) {
   uint32_t bits;
@@ -586,6 +593,27 @@ struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
   }
 };
 
+// IQ4_XS: per 32 values the kvalues_iq4nl values as |value| against the q8 codes negated where
+// the value is negative (ggml's mul_add_epi8), times the 6-bit scale - 32 (signed int16 lanes:
+// exact, |pair sum| <= 2 * 127 * 127); no final factor. The tiled GEMM (ggml's tiled.cpp, no
+// min) takes it from 8 rows like the IQ2/IQ3 types.
+struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
+  static constexpr int TS = 136;
+  static constexpr float kFinal = 1.0f;
+  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+    uint16_t sh;
+    std::memcpy(&sh, b + 2, 2);
+    const uint8_t *sl = b + 4, *qs = b + 8;
+    for (int j = 0; j < 8; ++j) {
+      const __m256i kv = _mm256_shuffle_epi8(iq4nl_table(), nibbles32(qs + 16 * j));
+      g[j] = _mm256_sign_epi8(kv, kv);
+      sg[j] = _mm256_cmpgt_epi8(_mm256_setzero_si256(), kv);
+      const int ls = ((sl[j >> 1] >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4);
+      sc[j] = _mm256_set1_epi16(int16_t(ls - 32));
+    }
+  }
+};
+
 // IQ1: grid points in {-1, 0, 1} (as |g| against q8 times sign(g)), plus a +-1/8 delta
 // per 32 (IQ1_S) or per 8 values (IQ1_M); lane l of sub-block j times its odd scale, summed
 // over j, acc = fma(d_w * d_x, lane, acc). IQ1_S's delta goes through the bsums: summs =
@@ -695,32 +723,28 @@ struct Q8WIQ1_M : Q8IQ1<Q8WIQ1_M> {
   }
 };
 
-// MXFP4 (Q8_0 activations): codes are e2m1 values (doubled) as int8; ggml multiplies |code| by
-// the q8 code with the code's sign, per block p (8 lanes) and scale d_x * e8m0/2, into two
-// accumulators (even and odd blocks) added before the hsum; an unpaired last block is added
-// after it as float(sum) * d.
-struct Q8WMXFP4 {
-  static constexpr int BS = 32, XB = 32, TS = 17, OFF = 0;
+// MXFP4 and IQ4_NL (Q8_0 activations): 4-bit indices into a table of int8 values (MXFP4: e2m1
+// values doubled; IQ4_NL: ggml's kvalues_iq4nl), per block p (8 lanes) = |value| times the q8
+// code with the value's sign (exact: |value| <= 127), scale d = d_x * d_w. PAIRS (ggml's AVX2
+// vec_dot for these types): two accumulators (even and odd blocks) added before the hsum; an
+// unpaired last block is added after it as float(sum) * d. Without PAIRS (llamafile's
+// tinyBLAS_Q0_AVX, which ggml runs for IQ4_NL from 2 x rows): acc = fma(d, p, acc), hsum.
+template <typename D, bool PAIRS>
+struct Q8Lut0 {
+  static constexpr int BS = 32, XB = 32, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = false;
-  static inline float e8m0_half(uint8_t e) {
-    const uint32_t bits = e < 2 ? 0x00200000u << e : uint32_t(e - 1) << 23;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8,
-                                           -12, 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6,
-                                           -8, -12);
-    const __m256i kv = _mm256_shuffle_epi8(table, nibbles32(b + 1));
+    const __m256i kv = _mm256_shuffle_epi8(D::table(), nibbles32(b + D::QS));
     const __m256i ak = _mm256_sign_epi8(kv, kv);
-    const float dw = e8m0_half(b[0]);
+    const float dw = D::scale(b);
     for (int m = 0; m < MC; ++m) {
       const __m256i p = dpbusd<true>(_mm256_setzero_si256(), ak,
                                      _mm256_sign_epi8(load256(x[m].q + bi * 32), kv));
       const float d = x[m].d[bi] * dw;
-      if ((bi & 1) == 0) {
+      if constexpr (!PAIRS) {
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), st[m].acc);
+      } else if ((bi & 1) == 0) {
         st[m].pend = p;
         st[m].pend_d = d;
         st[m].has_pend = true;
@@ -734,10 +758,46 @@ struct Q8WMXFP4 {
   }
   template <bool TILED = false>
   static float finish(const Q8Acc& a) {
+    if constexpr (!PAIRS) return hsum8(a.acc);
     float s = hsum8(_mm256_add_ps(a.acc, a.acc2));
     if (a.has_pend) s = s + float(hsum_i32(a.pend)) * a.pend_d;
     return s;
   }
+};
+
+struct MXFP4Codes {
+  static constexpr int TS = 17, QS = 1;
+  static __m256i table() {
+    return _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3,
+                            4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  }
+  static float scale(const uint8_t* b) {  // e8m0 / 2
+    const uint8_t e = b[0];
+    const uint32_t bits = e < 2 ? 0x00200000u << e : uint32_t(e - 1) << 23;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+struct IQ4NLCodes {
+  static constexpr int TS = 18, QS = 2;
+  static __m256i table() { return iq4nl_table(); }
+  static float scale(const uint8_t* b) { return f16_to_f32(b); }
+};
+
+struct Q8WMXFP4 : Q8Lut0<MXFP4Codes, true> {
+  static constexpr int TS = MXFP4Codes::TS;
+};
+
+// IQ4_NL: llamafile's order from 2 x rows; ``OneRow``, ggml's vec_dot for a single x row (the
+// row kernels pick it by the call's row count, vec_dot.cc).
+struct Q8WIQ4_NL1 : Q8Lut0<IQ4NLCodes, true> {
+  static constexpr int TS = IQ4NLCodes::TS;
+};
+struct Q8WIQ4_NL : Q8Lut0<IQ4NLCodes, false> {
+  static constexpr int TS = IQ4NLCodes::TS;
+  using OneRow = Q8WIQ4_NL1;
 };
 
 
