@@ -364,22 +364,18 @@ extern uint64_t g_iq2xs_grid[512];
 extern uint64_t g_iq2s_grid[1024];
 extern uint64_t g_iq1s_grid[2048];
 
-// 32 bits -> 32 bytes, 0xFF where the bit is set (byte i from bit i).
-static inline __m256i bit_mask32(uint32_t bits) {
+// 32 bits -> 32 sign bytes (byte i from bit i): -1 where the bit is set, else 1, for
+// _mm256_sign_epi8 (q8 codes are never -128, so sign() is exact negation).
+static inline __m256i bit_signs32(uint32_t bits) {
   const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
                                          0x0101010101010101, 0x0000000000000000);
   const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201));
   const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), shuf), sel);
-  return _mm256_cmpeq_epi8(b, sel);
+  return _mm256_or_si256(_mm256_cmpeq_epi8(b, sel), _mm256_set1_epi8(1));
 }
 
-// q negated where mask is 0xFF ((q ^ m) - m, as ggml's sign steps; q8 codes are never -128).
-static inline __m256i negate_where(__m256i q, __m256i mask) {
-  return _mm256_sub_epi8(_mm256_xor_si256(q, mask), mask);
-}
-
-// 7 sign bits (+ the even-parity 8th) -> 8 bytes, 0xFF where set (ggml's keven_signs_q2xs as
-// masks), built at compile time.
+// 7 sign bits (+ the even-parity 8th) -> 8 sign bytes, -1 where set, else 1 (ggml's
+// keven_signs_q2xs), built at compile time.
 struct EvenSignMasks {
   uint64_t m[128];
   constexpr EvenSignMasks() : m() {
@@ -388,16 +384,15 @@ struct EvenSignMasks {
       for (int k = 0; k < 7; ++k) p ^= (s >> k) & 1;
       const int bits = s | (p << 7);
       uint64_t v = 0;
-      for (int k = 0; k < 8; ++k)
-        if ((bits >> k) & 1) v |= uint64_t(0xff) << (8 * k);
+      for (int k = 0; k < 8; ++k) v |= uint64_t((bits >> k) & 1 ? 0xff : 0x01) << (8 * k);
       m[s] = v;
     }
   }
 };
 inline constexpr EvenSignMasks kEvenSignMasks{};
 
-// The sign masks of 32 values from four 7-bit sign fields.
-static inline __m256i even_sign_mask32(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t s3) {
+// The sign bytes of 32 values from four 7-bit sign fields.
+static inline __m256i even_signs32(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t s3) {
   return _mm256_setr_epi64x(int64_t(kEvenSignMasks.m[s0]), int64_t(kEvenSignMasks.m[s1]),
                             int64_t(kEvenSignMasks.m[s2]), int64_t(kEvenSignMasks.m[s3]));
 }
@@ -463,27 +458,33 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
 // (IQ3_XXS's half steps 0.25, IQ2's eighths 0.125).
 // TILED (ggml's tiled GEMM, which takes IQ2 and IQ3 too): s1 = the block's exact sum, d0 = d_w
 // * kFinal, summs = fma(d0 * s1, d_x, summs).
+// D::unpack(b, j, g, sg, sc): sub-block j's |points| (u8), sign bytes (+-1, for sign_epi8) and
+// int16 scales; one sub-block at a time, so the decoded block never leaves the registers.
 template <typename D>
 struct Q8Grid {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = true;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    __m256i g[8], sg[8], sc[8];
-    D::unpack(b, g, sg, sc);
     const float dw = f16_to_f32(b);
-    for (int m = 0; m < MC; ++m) {
-      __m256i sumi = _mm256_setzero_si256();
-      for (int j = 0; j < 8; ++j) {
-        const __m256i qy = negate_where(load256(x[m].q + bi * 256 + 32 * j), sg[j]);
-        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], qy, sc[j]));
+    __m256i sumi[MC];
+    for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m256i g, sg, sc;
+      D::unpack(b, j, g, sg, sc);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i qy = _mm256_sign_epi8(load256(x[m].q + bi * 256 + 32 * j), sg);
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, qy, sc));
       }
+    }
+    for (int m = 0; m < MC; ++m) {
       if constexpr (TILED) {
-        const float r = float(hsum_i32(sumi)) * (dw * D::kFinal);
+        const float r = float(hsum_i32(sumi[m])) * (dw * D::kFinal);
         st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
       } else {
-        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(sumi),
-                                    st[m].acc);
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]),
+                                    _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
       }
     }
   }
@@ -504,33 +505,27 @@ static inline __m256i grid8(const uint32_t* grid, const I* i) {
 struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
   static constexpr int TS = 98;
   static constexpr float kFinal = 0.25f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
-    const uint8_t* qs = b + 2;
-    for (int j = 0; j < 8; ++j) {
-      uint32_t aux;
-      std::memcpy(&aux, b + 66 + 4 * j, 4);
-      const uint8_t* q = qs + 8 * j;
-      g[j] = grid8(g_iq3xxs_grid, q);
-      sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
-      sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
-    }
+  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
+    uint32_t aux;
+    std::memcpy(&aux, b + 66 + 4 * j, 4);
+    g = grid8(g_iq3xxs_grid, b + 2 + 8 * j);
+    sg = even_signs32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
+    sc = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
   }
 };
 
 struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
   static constexpr int TS = 110;
   static constexpr float kFinal = 1.0f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
     const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 74, *scales = b + 106;
-    for (int j = 0; j < 8; ++j) {
-      int idx[8];
-      for (int k = 0; k < 8; ++k) idx[k] = qs[8 * j + k] | (((qh[j] >> k) & 1) << 8);
-      g[j] = grid8(g_iq3s_grid, idx);
-      uint32_t bits;
-      std::memcpy(&bits, signs + 4 * j, 4);
-      sg[j] = bit_mask32(bits);
-      sc[j] = _mm256_set1_epi16(int16_t(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
-    }
+    int idx[8];
+    for (int k = 0; k < 8; ++k) idx[k] = qs[8 * j + k] | (((qh[j] >> k) & 1) << 8);
+    g = grid8(g_iq3s_grid, idx);
+    uint32_t bits;
+    std::memcpy(&bits, signs + 4 * j, 4);
+    sg = bit_signs32(bits);
+    sc = _mm256_set1_epi16(int16_t(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
   }
 };
 
@@ -548,69 +543,59 @@ static inline __m256i half_scales(int a, int b) {
 struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
   static constexpr int TS = 66;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t* q = b + 2 + 8 * j;  // 4 grid indices, then signs and scale
-      uint32_t aux;
-      std::memcpy(&aux, q + 4, 4);
-      g[j] = grid4(g_iq2xxs_grid, q[0], q[1], q[2], q[3]);
-      sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
-      sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
-    }
+  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
+    const uint8_t* q = b + 2 + 8 * j;  // 4 grid indices, then signs and scale
+    uint32_t aux;
+    std::memcpy(&aux, q + 4, 4);
+    g = grid4(g_iq2xxs_grid, q[0], q[1], q[2], q[3]);
+    sg = even_signs32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
+    sc = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
   }
 };
 
 struct Q8WIQ2_XS : Q8Grid<Q8WIQ2_XS> {
   static constexpr int TS = 74;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
     const uint8_t* scales = b + 66;
-    for (int j = 0; j < 8; ++j) {
-      uint16_t q[4];  // 9 bits grid index, 7 sign bits
-      std::memcpy(q, b + 2 + 8 * j, 8);
-      g[j] = grid4(g_iq2xs_grid, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
-      sg[j] = even_sign_mask32(q[0] >> 9, q[1] >> 9, q[2] >> 9, q[3] >> 9);
-      sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
-    }
+    uint16_t q[4];  // 9 bits grid index, 7 sign bits
+    std::memcpy(q, b + 2 + 8 * j, 8);
+    g = grid4(g_iq2xs_grid, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
+    sg = even_signs32(q[0] >> 9, q[1] >> 9, q[2] >> 9, q[3] >> 9);
+    sc = half_scales(scales[j] & 15, scales[j] >> 4);
   }
 };
 
 struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
   static constexpr int TS = 82;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
-    const uint8_t *qs = b + 2, *signs = b + 34, *qh = b + 66, *scales = b + 74;
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t* q = qs + 4 * j;
-      const int h = qh[j];
-      g[j] = grid4(g_iq2s_grid, q[0] | ((h << 8) & 0x300), q[1] | ((h << 6) & 0x300),
-                   q[2] | ((h << 4) & 0x300), q[3] | ((h << 2) & 0x300));
-      uint32_t bits;
-      std::memcpy(&bits, signs + 4 * j, 4);
-      sg[j] = bit_mask32(bits);
-      sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
-    }
+  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
+    const uint8_t *q = b + 2 + 4 * j, *signs = b + 34, *scales = b + 74;
+    const int h = b[66 + j];
+    g = grid4(g_iq2s_grid, q[0] | ((h << 8) & 0x300), q[1] | ((h << 6) & 0x300),
+              q[2] | ((h << 4) & 0x300), q[3] | ((h << 2) & 0x300));
+    uint32_t bits;
+    std::memcpy(&bits, signs + 4 * j, 4);
+    sg = bit_signs32(bits);
+    sc = half_scales(scales[j] & 15, scales[j] >> 4);
   }
 };
 
-// IQ4_XS: per 32 values the kvalues_iq4nl values as |value| against the q8 codes negated where
-// the value is negative (ggml's mul_add_epi8), times the 6-bit scale - 32 (signed int16 lanes:
+// IQ4_XS: per 32 values the kvalues_iq4nl values as |value| against the q8 codes with the
+// value's sign (ggml's mul_add_epi8), times the 6-bit scale - 32 (signed int16 lanes:
 // exact, |pair sum| <= 2 * 127 * 127); no final factor. The tiled GEMM (ggml's tiled.cpp, no
 // min) takes it from 8 rows like the IQ2/IQ3 types.
 struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
   static constexpr int TS = 136;
   static constexpr float kFinal = 1.0f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
     uint16_t sh;
     std::memcpy(&sh, b + 2, 2);
-    const uint8_t *sl = b + 4, *qs = b + 8;
-    for (int j = 0; j < 8; ++j) {
-      const __m256i kv = _mm256_shuffle_epi8(iq4nl_table(), nibbles32(qs + 16 * j));
-      g[j] = _mm256_sign_epi8(kv, kv);
-      sg[j] = _mm256_cmpgt_epi8(_mm256_setzero_si256(), kv);
-      const int ls = ((sl[j >> 1] >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4);
-      sc[j] = _mm256_set1_epi16(int16_t(ls - 32));
-    }
+    const __m256i kv = _mm256_shuffle_epi8(iq4nl_table(), nibbles32(b + 8 + 16 * j));
+    g = _mm256_sign_epi8(kv, kv);
+    sg = kv;  // never 0
+    const int ls = ((b[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4);
+    sc = _mm256_set1_epi16(int16_t(ls - 32));
   }
 };
 
@@ -621,42 +606,53 @@ struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
 // IQ1_M's per lane as the grid's: acc2 = fma(d, delta lanes, acc2), final hsum(acc) +
 // hsum(acc2) / 8. TILED: s1 = 8 * (grid sum) + (delta sum), exact; d0 = d_w / 8, summs =
 // fma(d0 * s1, d_x, summs).
+// D::unpack(b, j, pts, sc, dsg, dl): sub-block j's grid points (int8 -1/0/1), int16 scales and
+// its delta: IQ1_M as sign bytes (+-1 per 8 values), IQ1_S as the signed scale dl.
 template <typename D>
 struct Q8IQ1 {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = D::kDeltaBsums, kTiled = true;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    __m256i g[8], sg[8], sc[8], dm[8];
-    int32_t dl[8];
-    D::unpack(b, g, sg, sc, dm, dl);
     const float dw = D::scale(b);
     const __m256i ones = _mm256_set1_epi8(1);
+    __m256i sumi[MC], sumd[MC];
+    int32_t sumi1[MC];
     for (int m = 0; m < MC; ++m) {
-      const int8_t* q8 = x[m].q + bi * 256;
-      __m256i sumi = _mm256_setzero_si256(), sumd = _mm256_setzero_si256();
-      int32_t sumi1 = 0;
-      for (int j = 0; j < 8; ++j) {
-        const __m256i q = load256(q8 + 32 * j);
-        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], _mm256_sign_epi8(q, sg[j]), sc[j]));
+      sumi[m] = sumd[m] = _mm256_setzero_si256();
+      sumi1[m] = 0;
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m256i pts, sc, dsg;
+      int32_t dl;
+      D::unpack(b, j, pts, sc, dsg, dl);
+      const __m256i g = _mm256_sign_epi8(pts, pts);  // |point|
+      for (int m = 0; m < MC; ++m) {
+        const __m256i q = load256(x[m].q + bi * 256 + 32 * j);
+        // q8 times the point's sign (0 where the point is 0: its |g| is 0 too)
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, _mm256_sign_epi8(q, pts), sc));
         if constexpr (D::kDeltaBsums) {
           const int32_t* bs = x[m].aux + bi * 16 + 2 * j;
-          sumi1 += (bs[0] + bs[1]) * dl[j];
+          sumi1[m] += (bs[0] + bs[1]) * dl;
         } else {
-          sumd = _mm256_add_epi32(sumd, scaled_dot4(ones, negate_where(q, dm[j]), sc[j]));
+          sumd[m] = _mm256_add_epi32(sumd[m], scaled_dot4(ones, _mm256_sign_epi8(q, dsg), sc));
         }
       }
-      if constexpr (!D::kDeltaBsums) sumi1 = hsum_i32(sumd);
+    }
+    for (int m = 0; m < MC; ++m) {
+      if constexpr (!D::kDeltaBsums) sumi1[m] = hsum_i32(sumd[m]);
       if constexpr (TILED) {
-        const float r = float(8 * hsum_i32(sumi) + sumi1) * (dw * 0.125f);
+        const float r = float(8 * hsum_i32(sumi[m]) + sumi1[m]) * (dw * 0.125f);
         st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
       } else {
         const float d = x[m].d[bi] * dw;
-        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), st[m].acc);
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
         if constexpr (D::kDeltaBsums)
-          st[m].summs = __builtin_fmaf(d, float(sumi1), st[m].summs);
+          st[m].summs = __builtin_fmaf(d, float(sumi1[m]), st[m].summs);
         else
-          st[m].acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumd), st[m].acc2);
+          st[m].acc2 =
+              _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumd[m]), st[m].acc2);
       }
     }
   }
@@ -668,30 +664,20 @@ struct Q8IQ1 {
   }
 };
 
-// |g| bytes of grid points, and the points themselves (q8 times their sign: ggml's
-// mul_add_epi8).
-static inline void iq1_split(__m256i pts, __m256i* g, __m256i* sg) {
-  *g = _mm256_abs_epi8(pts);
-  *sg = pts;
-}
-
 struct Q8WIQ1_S : Q8IQ1<Q8WIQ1_S> {
   static constexpr int TS = 50;
   static constexpr bool kDeltaBsums = true;
   static float scale(const uint8_t* b) { return f16_to_f32(b); }
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc, __m256i*,
-                     int32_t* dl) {
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t* q = b + 2 + 4 * j;
-      uint16_t h;
-      std::memcpy(&h, b + 34 + 2 * j, 2);
-      iq1_split(grid4(g_iq1s_grid, q[0] | ((h << 8) & 0x700), q[1] | ((h << 5) & 0x700),
-                      q[2] | ((h << 2) & 0x700), q[3] | ((h >> 1) & 0x700)),
-                &g[j], &sg[j]);
-      const int ls = 2 * ((h >> 12) & 7) + 1;
-      sc[j] = _mm256_set1_epi16(int16_t(ls));
-      dl[j] = (h & 0x8000 ? -1 : 1) * ls;
-    }
+  static void unpack(const uint8_t* b, int j, __m256i& pts, __m256i& sc, __m256i&,
+                     int32_t& dl) {
+    const uint8_t* q = b + 2 + 4 * j;
+    uint16_t h;
+    std::memcpy(&h, b + 34 + 2 * j, 2);
+    pts = grid4(g_iq1s_grid, q[0] | ((h << 8) & 0x700), q[1] | ((h << 5) & 0x700),
+                q[2] | ((h << 2) & 0x700), q[3] | ((h >> 1) & 0x700));
+    const int ls = 2 * ((h >> 12) & 7) + 1;
+    sc = _mm256_set1_epi16(int16_t(ls));
+    dl = (h & 0x8000 ? -1 : 1) * ls;
   }
 };
 
@@ -705,21 +691,21 @@ struct Q8WIQ1_M : Q8IQ1<Q8WIQ1_M> {
                                 ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
     return f16_to_f32(reinterpret_cast<const uint8_t*>(&h));
   }
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc, __m256i* dm,
-                     int32_t*) {
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t *q = b + 4 * j, *h = b + 32 + 2 * j;
-      iq1_split(grid4(g_iq1s_grid, q[0] | ((h[0] << 8) & 0x700), q[1] | ((h[0] << 4) & 0x700),
-                      q[2] | ((h[1] << 8) & 0x700), q[3] | ((h[1] << 4) & 0x700)),
-                &g[j], &sg[j]);
-      uint16_t w;
-      std::memcpy(&w, b + 48 + 2 * (j >> 1), 2);
-      const int sh = 6 * (j & 1);
-      sc[j] = half_scales((w >> sh) & 7, (w >> (sh + 3)) & 7);
-      const uint32_t bits = (h[0] & 0x08 ? 0xffu : 0) | (h[0] & 0x80 ? 0xff00u : 0) |
-                            (h[1] & 0x08 ? 0xff0000u : 0) | (h[1] & 0x80 ? 0xff000000u : 0);
-      dm[j] = bit_mask32(bits);
-    }
+  static void unpack(const uint8_t* b, int j, __m256i& pts, __m256i& sc, __m256i& dsg,
+                     int32_t&) {
+    const uint8_t *q = b + 4 * j, *h = b + 32 + 2 * j;
+    pts = grid4(g_iq1s_grid, q[0] | ((h[0] << 8) & 0x700), q[1] | ((h[0] << 4) & 0x700),
+                q[2] | ((h[1] << 8) & 0x700), q[3] | ((h[1] << 4) & 0x700));
+    uint16_t w;
+    std::memcpy(&w, b + 48 + 2 * (j >> 1), 2);
+    const int sh = 6 * (j & 1);
+    sc = half_scales((w >> sh) & 7, (w >> (sh + 3)) & 7);
+    // the delta signs of the 4 groups of 8: bits 3 and 7 of h[0], h[1], one per 64-bit lane
+    uint16_t hh;
+    std::memcpy(&hh, h, 2);
+    const __m256i sel = _mm256_setr_epi64x(0x08, 0x80, 0x800, 0x8000);
+    const __m256i neg = _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(hh), sel), sel);
+    dsg = _mm256_or_si256(neg, _mm256_set1_epi8(1));
   }
 };
 
