@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--model", default="all", choices=["all", *MODELS])
+    ap.add_argument("--types", default="", help="comma-separated weight types to keep (all)")
     a = ap.parse_args()
     os.environ.setdefault("JLLAMA_CPU_KERNEL_THREADS", str(a.threads))
 
@@ -109,6 +110,8 @@ def main() -> None:
         tot_g = tot_j = 0.0
         print(f"{name}: {a.rows} rows, {a.threads} threads")
         for tname, n, k, uses in MODELS[name]:
+            if a.types and tname not in a.types.split(","):
+                continue
             qt = int(QType[tname])
             raw = random_blocks(QType[tname], n, k, seed=1)
             x = rng.standard_normal((a.rows, k)).astype(np.float32)

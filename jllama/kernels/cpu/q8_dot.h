@@ -458,8 +458,9 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
 // (IQ3_XXS's half steps 0.25, IQ2's eighths 0.125).
 // TILED (ggml's tiled GEMM, which takes IQ2 and IQ3 too): s1 = the block's exact sum, d0 = d_w
 // * kFinal, summs = fma(d0 * s1, d_x, summs).
-// D::unpack(b, j, g, sg, sc): sub-block j's |points| (u8), sign bytes (+-1, for sign_epi8) and
-// int16 scales; one sub-block at a time, so the decoded block never leaves the registers.
+// D::unpack(b, j, pre, g, sg, sc): sub-block j's |points| (u8), sign bytes (+-1, for sign_epi8)
+// and int16 scales; one sub-block at a time, so the decoded block never leaves the registers.
+// pre = D::prep(b): what the type decodes once per block (its scales, where packed).
 template <typename D>
 struct Q8Grid {
   static constexpr int BS = 256, XB = 256, OFF = 0;
@@ -469,10 +470,11 @@ struct Q8Grid {
     const float dw = f16_to_f32(b);
     __m256i sumi[MC];
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
+    const __m256i pre = D::prep(b);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m256i g, sg, sc;
-      D::unpack(b, j, g, sg, sc);
+      D::unpack(b, j, pre, g, sg, sc);
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = _mm256_sign_epi8(load256(x[m].q + bi * 256 + 32 * j), sg);
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, qy, sc));
@@ -505,7 +507,8 @@ static inline __m256i grid8(const uint32_t* grid, const I* i) {
 struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
   static constexpr int TS = 98;
   static constexpr float kFinal = 0.25f;
-  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
+  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
+  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
     uint32_t aux;
     std::memcpy(&aux, b + 66 + 4 * j, 4);
     g = grid8(g_iq3xxs_grid, b + 2 + 8 * j);
@@ -517,7 +520,8 @@ struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
 struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
   static constexpr int TS = 110;
   static constexpr float kFinal = 1.0f;
-  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
+  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
+  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
     const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 74, *scales = b + 106;
     int idx[8];
     for (int k = 0; k < 8; ++k) idx[k] = qs[8 * j + k] | (((qh[j] >> k) & 1) << 8);
@@ -534,16 +538,30 @@ static inline __m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3
                             int64_t(grid[i3]));
 }
 
-// Lanes 0-3 (values 0..15 of a sub-block) scale a, lanes 4-7 scale b; each odd: 2 s + 1.
-static inline __m256i half_scales(int a, int b) {
-  return _mm256_inserti128_si256(_mm256_set1_epi16(int16_t(2 * a + 1)),
-                                 _mm_set1_epi16(int16_t(2 * b + 1)), 1);
+// Types with a scale per 16 values: the block's 16 odd scales 2 s + 1 as int16, those of the
+// sub-blocks' first 16 values in the low 128 bits, of their last 16 in the high 128 bits;
+// half_scales picks element e of each half (lanes 0-3: the first 16 values, 4-7: the last).
+static inline __m256i odd_scales16(__m128i s8) {  // bytes: the low half's 8, the high half's 8
+  const __m256i s = _mm256_cvtepu8_epi16(s8);
+  return _mm256_add_epi16(_mm256_add_epi16(s, s), _mm256_set1_epi16(1));
+}
+static inline __m256i half_scales(__m256i all, int e) {
+  return _mm256_shuffle_epi8(all, _mm256_set1_epi16(int16_t(((2 * e + 1) << 8) | (2 * e))));
+}
+// IQ2_XS / IQ2_S: 8 bytes, the low nibble of byte j scaling sub-block j's first 16 values, the
+// high its last 16 (element j of each half).
+static inline __m256i nibble_scales16(const uint8_t* p) {
+  const __m128i b8 = _mm_loadl_epi64((const __m128i*)p);
+  const __m128i m4 = _mm_set1_epi8(15);
+  return odd_scales16(_mm_unpacklo_epi64(_mm_and_si128(b8, m4),
+                                         _mm_and_si128(_mm_srli_epi16(b8, 4), m4)));
 }
 
 struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
   static constexpr int TS = 66;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
+  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
+  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
     const uint8_t* q = b + 2 + 8 * j;  // 4 grid indices, then signs and scale
     uint32_t aux;
     std::memcpy(&aux, q + 4, 4);
@@ -556,28 +574,29 @@ struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
 struct Q8WIQ2_XS : Q8Grid<Q8WIQ2_XS> {
   static constexpr int TS = 74;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
-    const uint8_t* scales = b + 66;
+  static __m256i prep(const uint8_t* b) { return nibble_scales16(b + 66); }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& g, __m256i& sg, __m256i& sc) {
     uint16_t q[4];  // 9 bits grid index, 7 sign bits
     std::memcpy(q, b + 2 + 8 * j, 8);
     g = grid4(g_iq2xs_grid, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
     sg = even_signs32(q[0] >> 9, q[1] >> 9, q[2] >> 9, q[3] >> 9);
-    sc = half_scales(scales[j] & 15, scales[j] >> 4);
+    sc = half_scales(pre, j);
   }
 };
 
 struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
   static constexpr int TS = 82;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
-    const uint8_t *q = b + 2 + 4 * j, *signs = b + 34, *scales = b + 74;
+  static __m256i prep(const uint8_t* b) { return nibble_scales16(b + 74); }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& g, __m256i& sg, __m256i& sc) {
+    const uint8_t *q = b + 2 + 4 * j, *signs = b + 34;
     const int h = b[66 + j];
     g = grid4(g_iq2s_grid, q[0] | ((h << 8) & 0x300), q[1] | ((h << 6) & 0x300),
               q[2] | ((h << 4) & 0x300), q[3] | ((h << 2) & 0x300));
     uint32_t bits;
     std::memcpy(&bits, signs + 4 * j, 4);
     sg = bit_signs32(bits);
-    sc = half_scales(scales[j] & 15, scales[j] >> 4);
+    sc = half_scales(pre, j);
   }
 };
 
@@ -588,7 +607,8 @@ struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
 struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
   static constexpr int TS = 136;
   static constexpr float kFinal = 1.0f;
-  static void unpack(const uint8_t* b, int j, __m256i& g, __m256i& sg, __m256i& sc) {
+  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
+  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
     uint16_t sh;
     std::memcpy(&sh, b + 2, 2);
     const __m256i kv = _mm256_shuffle_epi8(iq4nl_table(), nibbles32(b + 8 + 16 * j));
@@ -606,8 +626,9 @@ struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
 // IQ1_M's per lane as the grid's: acc2 = fma(d, delta lanes, acc2), final hsum(acc) +
 // hsum(acc2) / 8. TILED: s1 = 8 * (grid sum) + (delta sum), exact; d0 = d_w / 8, summs =
 // fma(d0 * s1, d_x, summs).
-// D::unpack(b, j, pts, sc, dsg, dl): sub-block j's grid points (int8 -1/0/1), int16 scales and
-// its delta: IQ1_M as sign bytes (+-1 per 8 values), IQ1_S as the signed scale dl.
+// D::unpack(b, j, pre, pts, sc, dsg, dl): sub-block j's grid points (int8 -1/0/1), int16 scales
+// and its delta: IQ1_M as sign bytes (+-1 per 8 values), IQ1_S as the signed scale dl; pre =
+// D::prep(b), the block's scales decoded once.
 template <typename D>
 struct Q8IQ1 {
   static constexpr int BS = 256, XB = 256, OFF = 0;
@@ -622,11 +643,12 @@ struct Q8IQ1 {
       sumi[m] = sumd[m] = _mm256_setzero_si256();
       sumi1[m] = 0;
     }
+    const __m256i pre = D::prep(b);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m256i pts, sc, dsg;
       int32_t dl;
-      D::unpack(b, j, pts, sc, dsg, dl);
+      D::unpack(b, j, pre, pts, sc, dsg, dl);
       const __m256i g = _mm256_sign_epi8(pts, pts);  // |point|
       for (int m = 0; m < MC; ++m) {
         const __m256i q = load256(x[m].q + bi * 256 + 32 * j);
@@ -664,20 +686,50 @@ struct Q8IQ1 {
   }
 };
 
+// Four IQ1 grid points: index k = q[k] | (3 high bits << 8), the high bits given as ``hi`` (at
+// bits 8-10 of 16-bit field k); BMI2's pdep spreads the 4 low bytes into the fields.
+static inline __m256i iq1_grid4(const uint8_t* q, uint64_t hi) {
+#if defined(__BMI2__)
+  uint32_t lo;
+  std::memcpy(&lo, q, 4);
+  const uint64_t idx = _pdep_u64(lo, 0x00ff00ff00ff00ffULL) | hi;
+#else
+  const uint64_t idx = (uint64_t(q[0]) | uint64_t(q[1]) << 16 | uint64_t(q[2]) << 32 |
+                        uint64_t(q[3]) << 48) | hi;
+#endif
+  return grid4(g_iq1s_grid, int(idx & 0xffff), int((idx >> 16) & 0xffff),
+               int((idx >> 32) & 0xffff), int(idx >> 48));
+}
+
+// 12 bits, 3 per field, to bits 8-10 of four 16-bit fields (``mask``: where they go).
+static inline uint64_t spread_bits(uint64_t bits, uint64_t mask) {
+#if defined(__BMI2__)
+  return _pdep_u64(bits, mask);
+#else
+  uint64_t r = 0;
+  for (uint64_t m = mask; m; m &= m - 1, bits >>= 1) r |= (bits & 1) ? (m & -m) : 0;
+  return r;
+#endif
+}
+
 struct Q8WIQ1_S : Q8IQ1<Q8WIQ1_S> {
   static constexpr int TS = 50;
   static constexpr bool kDeltaBsums = true;
   static float scale(const uint8_t* b) { return f16_to_f32(b); }
-  static void unpack(const uint8_t* b, int j, __m256i& pts, __m256i& sc, __m256i&,
+  static __m256i prep(const uint8_t* b) {  // the 8 odd scales (bits 12-14 of the qh words)
+    const __m128i v = _mm_loadu_si128((const __m128i*)(b + 34));
+    const __m128i s = _mm_and_si128(_mm_srli_epi16(v, 12), _mm_set1_epi16(7));
+    return _mm256_broadcastsi128_si256(_mm_add_epi16(_mm_add_epi16(s, s), _mm_set1_epi16(1)));
+  }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& pts, __m256i& sc, __m256i&,
                      int32_t& dl) {
     const uint8_t* q = b + 2 + 4 * j;
     uint16_t h;
     std::memcpy(&h, b + 34 + 2 * j, 2);
-    pts = grid4(g_iq1s_grid, q[0] | ((h << 8) & 0x700), q[1] | ((h << 5) & 0x700),
-                q[2] | ((h << 2) & 0x700), q[3] | ((h >> 1) & 0x700));
+    pts = iq1_grid4(q, spread_bits(h, 0x0700070007000700ULL));  // bits 3k..3k+2 of h
+    sc = half_scales(pre, j);
     const int ls = 2 * ((h >> 12) & 7) + 1;
-    sc = _mm256_set1_epi16(int16_t(ls));
-    dl = (h & 0x8000 ? -1 : 1) * ls;
+    dl = h & 0x8000 ? -ls : ls;
   }
 };
 
@@ -691,18 +743,25 @@ struct Q8WIQ1_M : Q8IQ1<Q8WIQ1_M> {
                                 ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
     return f16_to_f32(reinterpret_cast<const uint8_t*>(&h));
   }
-  static void unpack(const uint8_t* b, int j, __m256i& pts, __m256i& sc, __m256i& dsg,
-                     int32_t&) {
+  // 16 3-bit scales, 4 per scale word (bits 0-11; the top nibbles hold the f16 d): word w's
+  // fields at bits 0, 6 (first 16 values of sub-blocks 2w, 2w+1) and 3, 9 (their last 16).
+  // Shifted per 64-bit lane by 0, 6 | 3, 9: element 4 o + w of each half is sub-block 2w + o's.
+  static __m256i prep(const uint8_t* b) {
+    uint64_t w;
+    std::memcpy(&w, b + 48, 8);
+    const __m256i f =
+        _mm256_srlv_epi64(_mm256_set1_epi64x(int64_t(w)), _mm256_setr_epi64x(0, 6, 3, 9));
+    const __m256i s = _mm256_and_si256(f, _mm256_set1_epi16(7));
+    return _mm256_add_epi16(_mm256_add_epi16(s, s), _mm256_set1_epi16(1));
+  }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& pts, __m256i& sc,
+                     __m256i& dsg, int32_t&) {
     const uint8_t *q = b + 4 * j, *h = b + 32 + 2 * j;
-    pts = grid4(g_iq1s_grid, q[0] | ((h[0] << 8) & 0x700), q[1] | ((h[0] << 4) & 0x700),
-                q[2] | ((h[1] << 8) & 0x700), q[3] | ((h[1] << 4) & 0x700));
-    uint16_t w;
-    std::memcpy(&w, b + 48 + 2 * (j >> 1), 2);
-    const int sh = 6 * (j & 1);
-    sc = half_scales((w >> sh) & 7, (w >> (sh + 3)) & 7);
-    // the delta signs of the 4 groups of 8: bits 3 and 7 of h[0], h[1], one per 64-bit lane
     uint16_t hh;
     std::memcpy(&hh, h, 2);
+    pts = iq1_grid4(q, spread_bits(hh & 0x7777u, 0x0f000f000f000f00ULL));  // nibble k, 3 bits
+    sc = half_scales(pre, 4 * (j & 1) + (j >> 1));
+    // the delta signs of the 4 groups of 8: bits 3 and 7 of h[0], h[1], one per 64-bit lane
     const __m256i sel = _mm256_setr_epi64x(0x08, 0x80, 0x800, 0x8000);
     const __m256i neg = _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(hh), sel), sel);
     dsg = _mm256_or_si256(neg, _mm256_set1_epi8(1));
