@@ -309,14 +309,11 @@ struct Q8W6_K {
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
     const float dw = f16_to_f32(b + 208);
     __m256i sumi[MC];
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)scales));
     for (int m = 0; m < MC; ++m) {
-      // lane l: bs[2l] sc[2l] + bs[2l+1] sc[2l+1]
-      const int32_t* bs = x[m].aux + bi * 16;
-      alignas(32) int32_t t[8];
-      for (int l = 0; l < 8; ++l)
-        t[l] = bs[2 * l] * int(scales[2 * l]) + bs[2 * l + 1] * int(scales[2 * l + 1]);
-      sumi[m] = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                 _mm256_slli_epi32(_mm256_load_si256((const __m256i*)t), 5));
+      // lane l: bs[2l] sc[2l] + bs[2l+1] sc[2l+1] (int16 bsums)
+      const __m256i t = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), sc16);
+      sumi[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(t, 5));
     }
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
@@ -409,11 +406,8 @@ struct Q8Ternary {
     __m256i qw[8];
     D::codes(b, qw);
     const float dw = f16_to_f32(b + D::TS - 2);
-    for (int m = 0; m < MC; ++m) {
-      const int32_t* bs = x[m].aux + bi * 16;
-      alignas(32) int32_t t[8];
-      for (int l = 0; l < 8; ++l) t[l] = -(bs[2 * l] + bs[2 * l + 1]);
-      __m256i sumi = _mm256_load_si256((const __m256i*)t);
+    for (int m = 0; m < MC; ++m) {  // lane l: -(bs[2l] + bs[2l+1]) (int16 bsums)
+      __m256i sumi = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), _mm256_set1_epi16(-1));
       for (int c = 0; c < 8; ++c)
         sumi = dpbusd<true>(sumi, qw[c], load256(x[m].q + bi * 256 + 32 * c));
       st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw), _mm256_cvtepi32_ps(sumi),
@@ -920,12 +914,7 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
     const float dw = f16_to_f32(b + 80), dminw = f16_to_f32(b + 82);
     const __m256i mn = mins16(b);
     __m256i prod[MC];  // lane l: mn[2l] bs[2l] + mn[2l+1] bs[2l+1]
-    for (int m = 0; m < MC; ++m) {
-      const int32_t* bs = x[m].aux + bi * 16;
-      const __m256i b16 = _mm256_permute4x64_epi64(
-          _mm256_packs_epi32(load256(bs), load256(bs + 8)), 0xD8);  // |bsum| <= 16 * 127
-      prod[m] = _mm256_madd_epi16(mn, b16);
-    }
+    for (int m = 0; m < MC; ++m) prod[m] = _mm256_madd_epi16(mn, load256(x[m].pairs + bi * 16));
     if constexpr (TILED) {
       int32_t s1[MC], s2[MC];
       hsum_i32_rows<MC>(sumi, s1);
