@@ -66,6 +66,16 @@ static inline __m256i iq4nl_table() {
                           89, 113);
 }
 
+// Types with a scale per 16 values: the block's 16 odd scales 2 s + 1 as int16, those of the
+// sub-blocks' first 16 values in the low 128 bits, of their last 16 in the high 128 bits;
+// half_scales picks element e of each half (lanes 0-3: the first 16 values, 4-7: the last).
+static inline __m256i odd_scales16(__m128i s8) {  // bytes: the low half's 8, the high half's 8
+  const __m256i s = _mm256_cvtepu8_epi16(s8);
+  return _mm256_add_epi16(_mm256_add_epi16(s, s), _mm256_set1_epi16(1));
+}
+static inline __m256i half_scales(__m256i all, int e) {
+  return _mm256_shuffle_epi8(all, _mm256_set1_epi16(int16_t(((2 * e + 1) << 8) | (2 * e))));
+}
 // Bit i of 32 bits -> 0x10 in byte i (the fifth bit of a Q5 code).
 static inline __m256i fifth_bits(const uint8_t* p) {
   uint32_t bits;
@@ -95,6 +105,12 @@ struct Q8Acc {
 
 static inline int32_t hsum_i32(__m256i v) {  // any exact order: integers
   __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
+  return _mm_cvtsi128_si32(r);
+}
+
+static inline int32_t hsum_i32_4(__m128i r) {  // any exact order: integers
   r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
   r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
   return _mm_cvtsi128_si32(r);
@@ -202,6 +218,18 @@ static inline void k_scale_min_int(const uint8_t* s, int* sc, int* mn) {
   }
 }
 
+// The same 8 scales (bytes 0-7) and 8 mins (bytes 8-15) in one vector, from three 32-bit
+// loads (ggml's utmp shuffle).
+static inline __m128i k_scales_mins(const uint8_t* s) {
+  uint32_t u0, u1, u2;
+  std::memcpy(&u0, s, 4);
+  std::memcpy(&u1, s + 4, 4);
+  std::memcpy(&u2, s + 8, 4);
+  const uint32_t k6 = 0x3f3f3f3f, k4 = 0x0f0f0f0f, k2 = 0x03030303;
+  return _mm_setr_epi32(int(u0 & k6), int((u2 & k4) | (((u0 >> 6) & k2) << 4)), int(u1 & k6),
+                        int(((u2 >> 4) & k4) | (((u1 >> 6) & k2) << 4)));
+}
+
 // Q4_K/Q5_K (Q8_K activations): per block sumi = sum_g sc[g] * dot(group g) in 8 lanes,
 // acc = fma(d_x * d_w, sumi, acc). Mins: Q4_K keeps 4 f32 lanes of (mn[2i] bs[2i] + mn[2i+1]
 // bs[2i+1]) * dmin; Q5_K one scalar summs += dmin * sum_g mn[g] bs[g] (contracted, as built).
@@ -213,27 +241,32 @@ struct Q8KMin {
   static constexpr int OFF = 0;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    int sc[8], mn[8];
-    k_scale_min_int(b + 4, sc, mn);
+    const __m128i sm = k_scales_mins(b + 4);
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
     const float dw = f16_to_f32(b), dminw = f16_to_f32(b + 2);
     __m256i sumi[MC];
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g) {
       const __m256i qw = D::group(b, g);
-      const __m256i scv = _mm256_set1_epi16(int16_t(sc[g]));
+      const __m256i scv = half_scales(sc16, g);  // sc[g] in every lane
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = load256(x[m].q + bi * 256 + g * 32);
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
       }
     }
+    __m128i pm[MC];  // lane i: mn[2i] (bs[4i] + bs[4i+1]) + mn[2i+1] (bs[4i+2] + bs[4i+3])
+    for (int m = 0; m < MC; ++m) {
+      const __m256i bs = load256(x[m].pairs + bi * 16);  // int16 16-sums; their pair sums fit
+      const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+      pm[m] = _mm_madd_epi16(mn16, b32);
+    }
     if constexpr (TILED) {
       int32_t s1[MC];
       hsum_i32_rows<MC>(sumi, s1);
       for (int m = 0; m < MC; ++m) {
-        const int32_t* bs = x[m].aux + bi * 16;
-        int32_t s2 = 0;
-        for (int g = 0; g < 8; ++g) s2 += mn[g] * (bs[2 * g] + bs[2 * g + 1]);
+        const int32_t s2 = hsum_i32_4(pm[m]);
         const float r = __builtin_fmaf(-dminw, float(s2), float(s1[m]) * dw);
         st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
       }
@@ -241,17 +274,11 @@ struct Q8KMin {
     }
     for (int m = 0; m < MC; ++m) {
       const float dx = x[m].d[bi];
-      const int32_t* bs = x[m].aux + bi * 16;
-      int pm[4];
-      for (int i = 0; i < 4; ++i)
-        pm[i] = mn[2 * i] * (bs[4 * i] + bs[4 * i + 1]) +
-                mn[2 * i + 1] * (bs[4 * i + 2] + bs[4 * i + 3]);
       const float dmin = -dx * dminw;
       if constexpr (D::kScalarMins) {
-        st[m].summs = __builtin_fmaf(dmin, float(pm[0] + pm[1] + pm[2] + pm[3]), st[m].summs);
+        st[m].summs = __builtin_fmaf(dmin, float(hsum_i32_4(pm[m])), st[m].summs);
       } else {
-        const __m128 pmf = _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)pm));
-        st[m].accm = _mm_fmadd_ps(_mm_set1_ps(dmin), pmf, st[m].accm);
+        st[m].accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm[m]), st[m].accm);
       }
       st[m].acc =
           _mm256_fmadd_ps(_mm256_set1_ps(dx * dw), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
@@ -532,16 +559,6 @@ static inline __m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3
                             int64_t(grid[i3]));
 }
 
-// Types with a scale per 16 values: the block's 16 odd scales 2 s + 1 as int16, those of the
-// sub-blocks' first 16 values in the low 128 bits, of their last 16 in the high 128 bits;
-// half_scales picks element e of each half (lanes 0-3: the first 16 values, 4-7: the last).
-static inline __m256i odd_scales16(__m128i s8) {  // bytes: the low half's 8, the high half's 8
-  const __m256i s = _mm256_cvtepu8_epi16(s8);
-  return _mm256_add_epi16(_mm256_add_epi16(s, s), _mm256_set1_epi16(1));
-}
-static inline __m256i half_scales(__m256i all, int e) {
-  return _mm256_shuffle_epi8(all, _mm256_set1_epi16(int16_t(((2 * e + 1) << 8) | (2 * e))));
-}
 // IQ2_XS / IQ2_S: 8 bytes, the low nibble of byte j scaling sub-block j's first 16 values, the
 // high its last 16 (element j of each half).
 static inline __m256i nibble_scales16(const uint8_t* p) {
