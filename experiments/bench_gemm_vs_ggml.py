@@ -1,7 +1,7 @@
 """Prompt-sized int8 GEMMs, jllama's C++ kernel against ggml's own ``mul_mat``, side by side.
 
     python experiments/bench_gemm_vs_ggml.py [--rows 512] [--threads 2] [--reps 5]
-        [--model gemma3|smollm2|q2q3|iq12|all]
+        [--model gemma3|smollm2|q2q3|iq12|decode|all]
 
 Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
 activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
@@ -39,16 +39,24 @@ MODELS = {
     # the same 1B shapes in the IQ2 / IQ1 types (llama-quantize's IQ2_*/IQ1_* file types)
     "iq12": [("IQ2_XXS", 8192, 2048, 2), ("IQ2_XS", 8192, 2048, 2), ("IQ2_S", 8192, 2048, 2),
              ("IQ1_S", 8192, 2048, 2), ("IQ1_M", 8192, 2048, 2)],
+    # every low-bit int8 kernel on one 1B ffn shape (run with --rows 1: decode, per byte)
+    "decode": [(t, 8192, 2048, 1) for t in ("Q2_K", "Q3_K", "Q4_K", "IQ1_S", "IQ1_M", "IQ2_XXS",
+                                             "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL",
+                                             "IQ4_XS")],
 }  # fmt: skip
 
 
-def best_of(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
+def best_of(fns, reps: int) -> list[float]:
+    """The best time of each function, their runs interleaved (the machine's load then weighs
+    on both alike)."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t)
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -84,6 +92,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--model", default="all", choices=["all", *MODELS])
+    ap.add_argument("--types", default="", help="comma-separated weight types to keep (all)")
     a = ap.parse_args()
     os.environ.setdefault("JLLAMA_CPU_KERNEL_THREADS", str(a.threads))
 
@@ -101,6 +110,8 @@ def main() -> None:
         tot_g = tot_j = 0.0
         print(f"{name}: {a.rows} rows, {a.threads} threads")
         for tname, n, k, uses in MODELS[name]:
+            if a.types and tname not in a.types.split(","):
+                continue
             qt = int(QType[tname])
             raw = random_blocks(QType[tname], n, k, seed=1)
             x = rng.standard_normal((a.rows, k)).astype(np.float32)
@@ -110,9 +121,9 @@ def main() -> None:
                 return xla_cpu.ffi_matvec_q8(xa, QTensor(r, qt, (n, k)))
 
             xj, rj = jnp.asarray(x), jnp.asarray(raw)
-            t_j = best_of(lambda xj=xj, rj=rj: ours(xj, rj).block_until_ready(), a.reps)
             run, result, free = ggml_timer(raw, qt, x, a.threads)
-            t_g = best_of(run, a.reps)
+            t_j, t_g = best_of([lambda xj=xj, rj=rj: ours(xj, rj).block_until_ready(), run],
+                               a.reps)
             same = np.array_equal(result(), np.asarray(ours(xj, rj)))
             free()
             tot_g, tot_j = tot_g + uses * t_g, tot_j + uses * t_j

@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
 
 pytestmark = pytest.mark.oracle
 
-QUANTIZED = ["llama_q8_0", "qwen3moe_q4_0", "qwen2moe_q8_0"]
+# qwen3moe_iq4_nl: ggml's mul_mat_id sums IQ4_NL in vec_dot's order for every row count, its
+# mul_mat in llamafile's from 2 rows (the experts then run one row at a time, moe.py)
+QUANTIZED = ["llama_q8_0", "qwen3moe_q4_0", "qwen2moe_q8_0", "qwen3moe_iq4_nl"]
 
 
 def _exact_kernels_missing(path) -> str | None:
@@ -120,6 +122,7 @@ def models(tmp_path_factory):
         "llama_q8_0": tm.write_llama_moe(d / "llama_moe_q8_0.gguf", quant=tm.Q.Q8_0),
         "qwen3moe_f32": tm.write_qwen3moe(d / "qwen3moe_f32.gguf"),
         "qwen3moe_q4_0": tm.write_qwen3moe(d / "qwen3moe_q4_0.gguf", quant=tm.Q.Q4_0),
+        "qwen3moe_iq4_nl": tm.write_qwen3moe(d / "qwen3moe_iq4_nl.gguf", quant=tm.Q.IQ4_NL),
         "qwen2moe_f32": tm.write_qwen2moe(d / "qwen2moe_f32.gguf"),
         "qwen2moe_q8_0": tm.write_qwen2moe(d / "qwen2moe_q8_0.gguf", quant=tm.Q.Q8_0),
     }

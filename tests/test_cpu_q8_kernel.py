@@ -277,15 +277,16 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
 
 
 NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS,
-             QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M]
+             QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M, QType.IQ4_NL, QType.IQ4_XS]
 
 
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
 def test_q8_kernel_ternary_mxfp4_iq3_bit_exact_vs_ggml(qtype: QType) -> None:
-    """ggml's AVX2 vec_dot for TQ1_0/TQ2_0/IQ1/IQ2/IQ3 (Q8_K) and MXFP4 (Q8_0, an odd block
-    count: its scalar tail), and from 8 rows its tiled GEMM for the IQ1/IQ2/IQ3 types."""
+    """ggml's AVX2 vec_dot for TQ1_0/TQ2_0/IQ1/IQ2/IQ3/IQ4_XS (Q8_K) and MXFP4/IQ4_NL (Q8_0, an
+    odd block count: their scalar tail), from 8 rows its tiled GEMM for the IQ1/IQ2/IQ3/IQ4_XS
+    types, and from 2 rows llamafile's tinyBLAS for IQ4_NL (one accumulator, not vec_dot's two)."""
     require_q8()
-    k = 544 if qtype == QType.MXFP4 else 768
+    k = 544 if qtype in (QType.MXFP4, QType.IQ4_NL) else 768
     n = 37
     raw = random_blocks(qtype, n, k, seed=int(qtype))  # MXFP4: exponents of real weights
     if qtype == QType.MXFP4:  # and some tiny ones: f32 denormal scales, which ggml keeps

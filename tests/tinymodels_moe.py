@@ -64,9 +64,19 @@ class _Tensors:
 
     def put(self, name: str, a: np.ndarray, quantize: bool):
         if quantize and self.quant is not None and a.ndim >= 2:
-            self.wr.add_tensor(name, gguf.quants.quantize(a, self.quant), raw_dtype=self.quant)
+            self.wr.add_tensor(name, _quantize(a, self.quant), raw_dtype=self.quant)
         else:
             self.wr.add_tensor(name, a)
+
+
+def _quantize(a: np.ndarray, quant: Q) -> np.ndarray:
+    """Raw GGUF rows of ``a``: gguf-py's quantizer, or jllama's where gguf-py has none (IQ4_NL;
+    byte-identical to ggml's, tests/test_quant_iq.py). Both engines read the same file."""
+    if quant == Q.IQ4_NL:
+        from jllama.quant.quantizers import quantize_np
+
+        return quantize_np(np.ascontiguousarray(a, np.float32), int(quant))
+    return gguf.quants.quantize(a, quant)
 
 
 def _common(wr, arch, *, n_layer, n_embd, n_head, n_head_kv, n_ff, ctx=512, base=10000.0):

@@ -47,10 +47,13 @@ from jllama.quant.qtensor import QTensor
 # llama.cpp's llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
 # ggml types whose int8 kernel takes the tiled GEMM order from 8 rows (Q2_K ... Q6_K,
-# IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M: ggml-cpu's tiled/tiled.cpp
+# IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, IQ4_XS: ggml-cpu's tiled/tiled.cpp
 # ggml_tiled_supported)
-_TILED_TYPES = frozenset({10, 11, 12, 13, 14, 18, 21, 16, 17, 22, 19, 29})
+_TILED_TYPES = frozenset({10, 11, 12, 13, 14, 18, 21, 16, 17, 22, 19, 29, 23})
 _ROW_ORDER_TILE = 7
+# IQ4_NL: ggml's mul_mat sums in llamafile's order from 2 rows (and so does its int8 kernel),
+# mul_mat_id in vec_dot's for any row count, which the kernel gives for one row only
+_ONE_ROW_TYPES = frozenset({20})
 # ggml_clamp of the weight sum before the renormalising divide: the smallest f16 normal
 _MIN_WEIGHT_SUM = 6.103515625e-5
 
@@ -245,6 +248,8 @@ class MoE(nnx.Module):
         types = {int(p.get_value().qtype) for p in (self.gate, self.up, self.down)}
         if numerics.current().match_llamacpp and types & _TILED_TYPES:
             tile = min(tile, _ROW_ORDER_TILE)
+        if numerics.current().match_llamacpp and types & _ONE_ROW_TYPES:
+            tile = 1
         return tile
 
     def _grouped(self, x: jax.Array, ids: jax.Array) -> jax.Array:

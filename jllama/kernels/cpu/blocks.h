@@ -114,8 +114,8 @@ struct Q3_K {
   // bytes 0-7 for groups 0-7, their high nibbles for 8-15; group g's two high bits at bit
   // 2 (g / 4) of byte 8 + g % 4.
   static void scale_words(const uint8_t* sc, uint32_t* r) {
-    uint32_t a[3];
-    std::memcpy(a, sc, 12);
+    uint32_t a[3];  // three loads (one 12-byte copy went through the stack)
+    for (int i = 0; i < 3; ++i) std::memcpy(&a[i], sc + 4 * i, 4);
     for (int i = 0; i < 4; ++i)
       r[i] = ((a[i & 1] >> (4 * (i >> 1))) & 0x0f0f0f0f) | ((a[2] >> (2 * i)) & 0x03030303) << 4;
   }

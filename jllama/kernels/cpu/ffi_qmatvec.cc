@@ -219,11 +219,13 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float
     for (int j = 0; j < grp; ++j) t += qp[i * grp + j];
     sub.aux[size_t(i)] = kern.bias ? -kern.off * t : t;
   }
-  const int64_t np = k_gemm ? k / kern.pair_group : 0;
+  // The row kernels with bsums get them as int16 too (Q2_K/Q6_K/ternary madd them directly).
+  const int pg = k_gemm ? kern.pair_group : kern.bsums && !sub.gemm ? 16 : 0;
+  const int64_t np = pg ? k / pg : 0;
   sub.pairs.assign(size_t(m * np), 0);
   for (int64_t i = 0; i < m * np; ++i) {  // |sum| <= 32 * 127: an int16
     int32_t t = 0;
-    for (int j = 0; j < kern.pair_group; ++j) t += qp[i * kern.pair_group + j];
+    for (int j = 0; j < pg; ++j) t += qp[i * pg + j];
     sub.pairs[size_t(i)] = int16_t(t);
   }
   for (int64_t r = 0; r < m; ++r)

@@ -52,7 +52,9 @@ struct Q8Row {
   const float* d;
   const float* s;
   const int32_t* aux;
-  const int16_t* pairs;  // GEMM, K-quants: group code sums (32: Q4_K/Q5_K, 16: Q6_K) as int16
+  // GEMM, K-quants: group code sums (32: Q4_K/Q5_K, 16: Q6_K) as int16; row kernels with
+  // bsums: the 16-element sums as int16
+  const int16_t* pairs;
 };
 
 constexpr int64_t kTiledMinRows = 8;  // ggml_tiled_min_batch

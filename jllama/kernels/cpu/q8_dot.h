@@ -59,6 +59,23 @@ static inline __m256i nibbles32(const uint8_t* p) {
   return _mm256_and_si256(b, _mm256_set1_epi8(15));
 }
 
+// ggml's kvalues_iq4nl, in both 128-bit halves (IQ4_NL and IQ4_XS).
+static inline __m256i iq4nl_table() {
+  return _mm256_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
+                          113, -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
+                          89, 113);
+}
+
+// Types with a scale per 16 values: the block's 16 odd scales 2 s + 1 as int16, those of the
+// sub-blocks' first 16 values in the low 128 bits, of their last 16 in the high 128 bits;
+// half_scales picks element e of each half (lanes 0-3: the first 16 values, 4-7: the last).
+static inline __m256i odd_scales16(__m128i s8) {  // bytes: the low half's 8, the high half's 8
+  const __m256i s = _mm256_cvtepu8_epi16(s8);
+  return _mm256_add_epi16(_mm256_add_epi16(s, s), _mm256_set1_epi16(1));
+}
+static inline __m256i half_scales(__m256i all, int e) {
+  return _mm256_shuffle_epi8(all, _mm256_set1_epi16(int16_t(((2 * e + 1) << 8) | (2 * e))));
+}
 // Bit i of 32 bits -> 0x10 in byte i (the fifth bit of a Q5 code).
 static inline __m256i fifth_bits(const uint8_t* p) {
   uint32_t bits;
@@ -88,6 +105,12 @@ struct Q8Acc {
 
 static inline int32_t hsum_i32(__m256i v) {  // any exact order: integers
   __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
+  return _mm_cvtsi128_si32(r);
+}
+
+static inline int32_t hsum_i32_4(__m128i r) {  // any exact order: integers
   r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
   r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
   return _mm_cvtsi128_si32(r);
@@ -195,6 +218,18 @@ static inline void k_scale_min_int(const uint8_t* s, int* sc, int* mn) {
   }
 }
 
+// The same 8 scales (bytes 0-7) and 8 mins (bytes 8-15) in one vector, from three 32-bit
+// loads (ggml's utmp shuffle).
+static inline __m128i k_scales_mins(const uint8_t* s) {
+  uint32_t u0, u1, u2;
+  std::memcpy(&u0, s, 4);
+  std::memcpy(&u1, s + 4, 4);
+  std::memcpy(&u2, s + 8, 4);
+  const uint32_t k6 = 0x3f3f3f3f, k4 = 0x0f0f0f0f, k2 = 0x03030303;
+  return _mm_setr_epi32(int(u0 & k6), int((u2 & k4) | (((u0 >> 6) & k2) << 4)), int(u1 & k6),
+                        int(((u2 >> 4) & k4) | (((u1 >> 6) & k2) << 4)));
+}
+
 // Q4_K/Q5_K (Q8_K activations): per block sumi = sum_g sc[g] * dot(group g) in 8 lanes,
 // acc = fma(d_x * d_w, sumi, acc). Mins: Q4_K keeps 4 f32 lanes of (mn[2i] bs[2i] + mn[2i+1]
 // bs[2i+1]) * dmin; Q5_K one scalar summs += dmin * sum_g mn[g] bs[g] (contracted, as built).
@@ -206,27 +241,32 @@ struct Q8KMin {
   static constexpr int OFF = 0;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    int sc[8], mn[8];
-    k_scale_min_int(b + 4, sc, mn);
+    const __m128i sm = k_scales_mins(b + 4);
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
     const float dw = f16_to_f32(b), dminw = f16_to_f32(b + 2);
     __m256i sumi[MC];
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g) {
       const __m256i qw = D::group(b, g);
-      const __m256i scv = _mm256_set1_epi16(int16_t(sc[g]));
+      const __m256i scv = half_scales(sc16, g);  // sc[g] in every lane
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = load256(x[m].q + bi * 256 + g * 32);
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
       }
     }
+    __m128i pm[MC];  // lane i: mn[2i] (bs[4i] + bs[4i+1]) + mn[2i+1] (bs[4i+2] + bs[4i+3])
+    for (int m = 0; m < MC; ++m) {
+      const __m256i bs = load256(x[m].pairs + bi * 16);  // int16 16-sums; their pair sums fit
+      const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+      pm[m] = _mm_madd_epi16(mn16, b32);
+    }
     if constexpr (TILED) {
       int32_t s1[MC];
       hsum_i32_rows<MC>(sumi, s1);
       for (int m = 0; m < MC; ++m) {
-        const int32_t* bs = x[m].aux + bi * 16;
-        int32_t s2 = 0;
-        for (int g = 0; g < 8; ++g) s2 += mn[g] * (bs[2 * g] + bs[2 * g + 1]);
+        const int32_t s2 = hsum_i32_4(pm[m]);
         const float r = __builtin_fmaf(-dminw, float(s2), float(s1[m]) * dw);
         st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
       }
@@ -234,17 +274,11 @@ struct Q8KMin {
     }
     for (int m = 0; m < MC; ++m) {
       const float dx = x[m].d[bi];
-      const int32_t* bs = x[m].aux + bi * 16;
-      int pm[4];
-      for (int i = 0; i < 4; ++i)
-        pm[i] = mn[2 * i] * (bs[4 * i] + bs[4 * i + 1]) +
-                mn[2 * i + 1] * (bs[4 * i + 2] + bs[4 * i + 3]);
       const float dmin = -dx * dminw;
       if constexpr (D::kScalarMins) {
-        st[m].summs = __builtin_fmaf(dmin, float(pm[0] + pm[1] + pm[2] + pm[3]), st[m].summs);
+        st[m].summs = __builtin_fmaf(dmin, float(hsum_i32_4(pm[m])), st[m].summs);
       } else {
-        const __m128 pmf = _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)pm));
-        st[m].accm = _mm_fmadd_ps(_mm_set1_ps(dmin), pmf, st[m].accm);
+        st[m].accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm[m]), st[m].accm);
       }
       st[m].acc =
           _mm256_fmadd_ps(_mm256_set1_ps(dx * dw), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
@@ -302,14 +336,11 @@ struct Q8W6_K {
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
     const float dw = f16_to_f32(b + 208);
     __m256i sumi[MC];
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)scales));
     for (int m = 0; m < MC; ++m) {
-      // lane l: bs[2l] sc[2l] + bs[2l+1] sc[2l+1]
-      const int32_t* bs = x[m].aux + bi * 16;
-      alignas(32) int32_t t[8];
-      for (int l = 0; l < 8; ++l)
-        t[l] = bs[2 * l] * int(scales[2 * l]) + bs[2 * l + 1] * int(scales[2 * l + 1]);
-      sumi[m] = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                 _mm256_slli_epi32(_mm256_load_si256((const __m256i*)t), 5));
+      // lane l: bs[2l] sc[2l] + bs[2l+1] sc[2l+1] (int16 bsums)
+      const __m256i t = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), sc16);
+      sumi[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(t, 5));
     }
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
@@ -357,22 +388,18 @@ extern uint64_t g_iq2xs_grid[512];
 extern uint64_t g_iq2s_grid[1024];
 extern uint64_t g_iq1s_grid[2048];
 
-// 32 bits -> 32 bytes, 0xFF where the bit is set (byte i from bit i).
-static inline __m256i bit_mask32(uint32_t bits) {
+// 32 bits -> 32 sign bytes (byte i from bit i): -1 where the bit is set, else 1, for
+// _mm256_sign_epi8 (q8 codes are never -128, so sign() is exact negation).
+static inline __m256i bit_signs32(uint32_t bits) {
   const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
                                          0x0101010101010101, 0x0000000000000000);
   const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201));
   const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), shuf), sel);
-  return _mm256_cmpeq_epi8(b, sel);
+  return _mm256_or_si256(_mm256_cmpeq_epi8(b, sel), _mm256_set1_epi8(1));
 }
 
-// q negated where mask is 0xFF ((q ^ m) - m, as ggml's sign steps; q8 codes are never -128).
-static inline __m256i negate_where(__m256i q, __m256i mask) {
-  return _mm256_sub_epi8(_mm256_xor_si256(q, mask), mask);
-}
-
-// 7 sign bits (+ the even-parity 8th) -> 8 bytes, 0xFF where set (ggml's keven_signs_q2xs as
-// masks), built at compile time.
+// 7 sign bits (+ the even-parity 8th) -> 8 sign bytes, -1 where set, else 1 (ggml's
+// keven_signs_q2xs), built at compile time.
 struct EvenSignMasks {
   uint64_t m[128];
   constexpr EvenSignMasks() : m() {
@@ -381,16 +408,15 @@ struct EvenSignMasks {
       for (int k = 0; k < 7; ++k) p ^= (s >> k) & 1;
       const int bits = s | (p << 7);
       uint64_t v = 0;
-      for (int k = 0; k < 8; ++k)
-        if ((bits >> k) & 1) v |= uint64_t(0xff) << (8 * k);
+      for (int k = 0; k < 8; ++k) v |= uint64_t((bits >> k) & 1 ? 0xff : 0x01) << (8 * k);
       m[s] = v;
     }
   }
 };
 inline constexpr EvenSignMasks kEvenSignMasks{};
 
-// The sign masks of 32 values from four 7-bit sign fields.
-static inline __m256i even_sign_mask32(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t s3) {
+// The sign bytes of 32 values from four 7-bit sign fields.
+static inline __m256i even_signs32(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t s3) {
   return _mm256_setr_epi64x(int64_t(kEvenSignMasks.m[s0]), int64_t(kEvenSignMasks.m[s1]),
                             int64_t(kEvenSignMasks.m[s2]), int64_t(kEvenSignMasks.m[s3]));
 }
@@ -407,11 +433,8 @@ struct Q8Ternary {
     __m256i qw[8];
     D::codes(b, qw);
     const float dw = f16_to_f32(b + D::TS - 2);
-    for (int m = 0; m < MC; ++m) {
-      const int32_t* bs = x[m].aux + bi * 16;
-      alignas(32) int32_t t[8];
-      for (int l = 0; l < 8; ++l) t[l] = -(bs[2 * l] + bs[2 * l + 1]);
-      __m256i sumi = _mm256_load_si256((const __m256i*)t);
+    for (int m = 0; m < MC; ++m) {  // lane l: -(bs[2l] + bs[2l+1]) (int16 bsums)
+      __m256i sumi = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), _mm256_set1_epi16(-1));
       for (int c = 0; c < 8; ++c)
         sumi = dpbusd<true>(sumi, qw[c], load256(x[m].q + bi * 256 + 32 * c));
       st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw), _mm256_cvtepi32_ps(sumi),
@@ -456,27 +479,35 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
 // (IQ3_XXS's half steps 0.25, IQ2's eighths 0.125).
 // TILED (ggml's tiled GEMM, which takes IQ2 and IQ3 too): s1 = the block's exact sum, d0 = d_w
 // * kFinal, summs = fma(d0 * s1, d_x, summs).
+// D::unpack(b, j, pre, g, sg, sc): sub-block j's |points| (u8), sign bytes (+-1, for sign_epi8)
+// and int16 scales; one sub-block at a time, so the decoded block never leaves the registers.
+// pre = D::prep(b): what the type decodes once per block (its scales, where packed).
 template <typename D>
 struct Q8Grid {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = true;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    __m256i g[8], sg[8], sc[8];
-    D::unpack(b, g, sg, sc);
     const float dw = f16_to_f32(b);
-    for (int m = 0; m < MC; ++m) {
-      __m256i sumi = _mm256_setzero_si256();
-      for (int j = 0; j < 8; ++j) {
-        const __m256i qy = negate_where(load256(x[m].q + bi * 256 + 32 * j), sg[j]);
-        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], qy, sc[j]));
+    __m256i sumi[MC];
+    for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
+    const __m256i pre = D::prep(b);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m256i g, sg, sc;
+      D::unpack(b, j, pre, g, sg, sc);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i qy = _mm256_sign_epi8(load256(x[m].q + bi * 256 + 32 * j), sg);
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, qy, sc));
       }
+    }
+    for (int m = 0; m < MC; ++m) {
       if constexpr (TILED) {
-        const float r = float(hsum_i32(sumi)) * (dw * D::kFinal);
+        const float r = float(hsum_i32(sumi[m])) * (dw * D::kFinal);
         st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
       } else {
-        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(sumi),
-                                    st[m].acc);
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]),
+                                    _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
       }
     }
   }
@@ -497,33 +528,29 @@ static inline __m256i grid8(const uint32_t* grid, const I* i) {
 struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
   static constexpr int TS = 98;
   static constexpr float kFinal = 0.25f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
-    const uint8_t* qs = b + 2;
-    for (int j = 0; j < 8; ++j) {
-      uint32_t aux;
-      std::memcpy(&aux, b + 66 + 4 * j, 4);
-      const uint8_t* q = qs + 8 * j;
-      g[j] = grid8(g_iq3xxs_grid, q);
-      sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
-      sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
-    }
+  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
+  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
+    uint32_t aux;
+    std::memcpy(&aux, b + 66 + 4 * j, 4);
+    g = grid8(g_iq3xxs_grid, b + 2 + 8 * j);
+    sg = even_signs32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
+    sc = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
   }
 };
 
 struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
   static constexpr int TS = 110;
   static constexpr float kFinal = 1.0f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
+  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
+  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
     const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 74, *scales = b + 106;
-    for (int j = 0; j < 8; ++j) {
-      int idx[8];
-      for (int k = 0; k < 8; ++k) idx[k] = qs[8 * j + k] | (((qh[j] >> k) & 1) << 8);
-      g[j] = grid8(g_iq3s_grid, idx);
-      uint32_t bits;
-      std::memcpy(&bits, signs + 4 * j, 4);
-      sg[j] = bit_mask32(bits);
-      sc[j] = _mm256_set1_epi16(int16_t(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
-    }
+    int idx[8];
+    for (int k = 0; k < 8; ++k) idx[k] = qs[8 * j + k] | (((qh[j] >> k) & 1) << 8);
+    g = grid8(g_iq3s_grid, idx);
+    uint32_t bits;
+    std::memcpy(&bits, signs + 4 * j, 4);
+    sg = bit_signs32(bits);
+    sc = _mm256_set1_epi16(int16_t(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
   }
 };
 
@@ -532,57 +559,74 @@ static inline __m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3
                             int64_t(grid[i3]));
 }
 
-// Lanes 0-3 (values 0..15 of a sub-block) scale a, lanes 4-7 scale b; each odd: 2 s + 1.
-static inline __m256i half_scales(int a, int b) {
-  return _mm256_inserti128_si256(_mm256_set1_epi16(int16_t(2 * a + 1)),
-                                 _mm_set1_epi16(int16_t(2 * b + 1)), 1);
+// IQ2_XS / IQ2_S: 8 bytes, the low nibble of byte j scaling sub-block j's first 16 values, the
+// high its last 16 (element j of each half).
+static inline __m256i nibble_scales16(const uint8_t* p) {
+  const __m128i b8 = _mm_loadl_epi64((const __m128i*)p);
+  const __m128i m4 = _mm_set1_epi8(15);
+  return odd_scales16(_mm_unpacklo_epi64(_mm_and_si128(b8, m4),
+                                         _mm_and_si128(_mm_srli_epi16(b8, 4), m4)));
 }
 
 struct Q8WIQ2_XXS : Q8Grid<Q8WIQ2_XXS> {
   static constexpr int TS = 66;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t* q = b + 2 + 8 * j;  // 4 grid indices, then signs and scale
-      uint32_t aux;
-      std::memcpy(&aux, q + 4, 4);
-      g[j] = grid4(g_iq2xxs_grid, q[0], q[1], q[2], q[3]);
-      sg[j] = even_sign_mask32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
-      sc[j] = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
-    }
+  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
+  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
+    const uint8_t* q = b + 2 + 8 * j;  // 4 grid indices, then signs and scale
+    uint32_t aux;
+    std::memcpy(&aux, q + 4, 4);
+    g = grid4(g_iq2xxs_grid, q[0], q[1], q[2], q[3]);
+    sg = even_signs32(aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127);
+    sc = _mm256_set1_epi16(int16_t(2 * (aux >> 28) + 1));
   }
 };
 
 struct Q8WIQ2_XS : Q8Grid<Q8WIQ2_XS> {
   static constexpr int TS = 74;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
-    const uint8_t* scales = b + 66;
-    for (int j = 0; j < 8; ++j) {
-      uint16_t q[4];  // 9 bits grid index, 7 sign bits
-      std::memcpy(q, b + 2 + 8 * j, 8);
-      g[j] = grid4(g_iq2xs_grid, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
-      sg[j] = even_sign_mask32(q[0] >> 9, q[1] >> 9, q[2] >> 9, q[3] >> 9);
-      sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
-    }
+  static __m256i prep(const uint8_t* b) { return nibble_scales16(b + 66); }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& g, __m256i& sg, __m256i& sc) {
+    uint16_t q[4];  // 9 bits grid index, 7 sign bits
+    std::memcpy(q, b + 2 + 8 * j, 8);
+    g = grid4(g_iq2xs_grid, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
+    sg = even_signs32(q[0] >> 9, q[1] >> 9, q[2] >> 9, q[3] >> 9);
+    sc = half_scales(pre, j);
   }
 };
 
 struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
   static constexpr int TS = 82;
   static constexpr float kFinal = 0.125f;
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc) {
-    const uint8_t *qs = b + 2, *signs = b + 34, *qh = b + 66, *scales = b + 74;
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t* q = qs + 4 * j;
-      const int h = qh[j];
-      g[j] = grid4(g_iq2s_grid, q[0] | ((h << 8) & 0x300), q[1] | ((h << 6) & 0x300),
-                   q[2] | ((h << 4) & 0x300), q[3] | ((h << 2) & 0x300));
-      uint32_t bits;
-      std::memcpy(&bits, signs + 4 * j, 4);
-      sg[j] = bit_mask32(bits);
-      sc[j] = half_scales(scales[j] & 15, scales[j] >> 4);
-    }
+  static __m256i prep(const uint8_t* b) { return nibble_scales16(b + 74); }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& g, __m256i& sg, __m256i& sc) {
+    const uint8_t *q = b + 2 + 4 * j, *signs = b + 34;
+    const int h = b[66 + j];
+    g = grid4(g_iq2s_grid, q[0] | ((h << 8) & 0x300), q[1] | ((h << 6) & 0x300),
+              q[2] | ((h << 4) & 0x300), q[3] | ((h << 2) & 0x300));
+    uint32_t bits;
+    std::memcpy(&bits, signs + 4 * j, 4);
+    sg = bit_signs32(bits);
+    sc = half_scales(pre, j);
+  }
+};
+
+// IQ4_XS: per 32 values the kvalues_iq4nl values as |value| against the q8 codes with the
+// value's sign (ggml's mul_add_epi8), times the 6-bit scale - 32 (signed int16 lanes:
+// exact, |pair sum| <= 2 * 127 * 127); no final factor. The tiled GEMM (ggml's tiled.cpp, no
+// min) takes it from 8 rows like the IQ2/IQ3 types.
+struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
+  static constexpr int TS = 136;
+  static constexpr float kFinal = 1.0f;
+  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
+  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
+    uint16_t sh;
+    std::memcpy(&sh, b + 2, 2);
+    const __m256i kv = _mm256_shuffle_epi8(iq4nl_table(), nibbles32(b + 8 + 16 * j));
+    g = _mm256_sign_epi8(kv, kv);
+    sg = kv;  // never 0
+    const int ls = ((b[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4);
+    sc = _mm256_set1_epi16(int16_t(ls - 32));
   }
 };
 
@@ -593,42 +637,55 @@ struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
 // IQ1_M's per lane as the grid's: acc2 = fma(d, delta lanes, acc2), final hsum(acc) +
 // hsum(acc2) / 8. TILED: s1 = 8 * (grid sum) + (delta sum), exact; d0 = d_w / 8, summs =
 // fma(d0 * s1, d_x, summs).
+// D::unpack(b, j, pre, pts, sc, dsg, dl): sub-block j's grid points (int8 -1/0/1), int16 scales
+// and its delta: IQ1_M as sign bytes (+-1 per 8 values), IQ1_S as the signed scale dl; pre =
+// D::prep(b), the block's scales decoded once.
 template <typename D>
 struct Q8IQ1 {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = D::kDeltaBsums, kTiled = true;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    __m256i g[8], sg[8], sc[8], dm[8];
-    int32_t dl[8];
-    D::unpack(b, g, sg, sc, dm, dl);
     const float dw = D::scale(b);
     const __m256i ones = _mm256_set1_epi8(1);
+    __m256i sumi[MC], sumd[MC];
+    int32_t sumi1[MC];
     for (int m = 0; m < MC; ++m) {
-      const int8_t* q8 = x[m].q + bi * 256;
-      __m256i sumi = _mm256_setzero_si256(), sumd = _mm256_setzero_si256();
-      int32_t sumi1 = 0;
-      for (int j = 0; j < 8; ++j) {
-        const __m256i q = load256(q8 + 32 * j);
-        sumi = _mm256_add_epi32(sumi, scaled_dot4(g[j], _mm256_sign_epi8(q, sg[j]), sc[j]));
+      sumi[m] = sumd[m] = _mm256_setzero_si256();
+      sumi1[m] = 0;
+    }
+    const __m256i pre = D::prep(b);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m256i pts, sc, dsg;
+      int32_t dl;
+      D::unpack(b, j, pre, pts, sc, dsg, dl);
+      const __m256i g = _mm256_sign_epi8(pts, pts);  // |point|
+      for (int m = 0; m < MC; ++m) {
+        const __m256i q = load256(x[m].q + bi * 256 + 32 * j);
+        // q8 times the point's sign (0 where the point is 0: its |g| is 0 too)
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, _mm256_sign_epi8(q, pts), sc));
         if constexpr (D::kDeltaBsums) {
           const int32_t* bs = x[m].aux + bi * 16 + 2 * j;
-          sumi1 += (bs[0] + bs[1]) * dl[j];
+          sumi1[m] += (bs[0] + bs[1]) * dl;
         } else {
-          sumd = _mm256_add_epi32(sumd, scaled_dot4(ones, negate_where(q, dm[j]), sc[j]));
+          sumd[m] = _mm256_add_epi32(sumd[m], scaled_dot4(ones, _mm256_sign_epi8(q, dsg), sc));
         }
       }
-      if constexpr (!D::kDeltaBsums) sumi1 = hsum_i32(sumd);
+    }
+    for (int m = 0; m < MC; ++m) {
+      if constexpr (!D::kDeltaBsums) sumi1[m] = hsum_i32(sumd[m]);
       if constexpr (TILED) {
-        const float r = float(8 * hsum_i32(sumi) + sumi1) * (dw * 0.125f);
+        const float r = float(8 * hsum_i32(sumi[m]) + sumi1[m]) * (dw * 0.125f);
         st[m].summs = __builtin_fmaf(r, x[m].d[bi], st[m].summs);
       } else {
         const float d = x[m].d[bi] * dw;
-        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), st[m].acc);
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
         if constexpr (D::kDeltaBsums)
-          st[m].summs = __builtin_fmaf(d, float(sumi1), st[m].summs);
+          st[m].summs = __builtin_fmaf(d, float(sumi1[m]), st[m].summs);
         else
-          st[m].acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumd), st[m].acc2);
+          st[m].acc2 =
+              _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumd[m]), st[m].acc2);
       }
     }
   }
@@ -640,30 +697,50 @@ struct Q8IQ1 {
   }
 };
 
-// |g| bytes of grid points, and the points themselves (q8 times their sign: ggml's
-// mul_add_epi8).
-static inline void iq1_split(__m256i pts, __m256i* g, __m256i* sg) {
-  *g = _mm256_abs_epi8(pts);
-  *sg = pts;
+// Four IQ1 grid points: index k = q[k] | (3 high bits << 8), the high bits given as ``hi`` (at
+// bits 8-10 of 16-bit field k); BMI2's pdep spreads the 4 low bytes into the fields.
+static inline __m256i iq1_grid4(const uint8_t* q, uint64_t hi) {
+#if defined(__BMI2__)
+  uint32_t lo;
+  std::memcpy(&lo, q, 4);
+  const uint64_t idx = _pdep_u64(lo, 0x00ff00ff00ff00ffULL) | hi;
+#else
+  const uint64_t idx = (uint64_t(q[0]) | uint64_t(q[1]) << 16 | uint64_t(q[2]) << 32 |
+                        uint64_t(q[3]) << 48) | hi;
+#endif
+  return grid4(g_iq1s_grid, int(idx & 0xffff), int((idx >> 16) & 0xffff),
+               int((idx >> 32) & 0xffff), int(idx >> 48));
+}
+
+// 12 bits, 3 per field, to bits 8-10 of four 16-bit fields (``mask``: where they go).
+static inline uint64_t spread_bits(uint64_t bits, uint64_t mask) {
+#if defined(__BMI2__)
+  return _pdep_u64(bits, mask);
+#else
+  uint64_t r = 0;
+  for (uint64_t m = mask; m; m &= m - 1, bits >>= 1) r |= (bits & 1) ? (m & -m) : 0;
+  return r;
+#endif
 }
 
 struct Q8WIQ1_S : Q8IQ1<Q8WIQ1_S> {
   static constexpr int TS = 50;
   static constexpr bool kDeltaBsums = true;
   static float scale(const uint8_t* b) { return f16_to_f32(b); }
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc, __m256i*,
-                     int32_t* dl) {
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t* q = b + 2 + 4 * j;
-      uint16_t h;
-      std::memcpy(&h, b + 34 + 2 * j, 2);
-      iq1_split(grid4(g_iq1s_grid, q[0] | ((h << 8) & 0x700), q[1] | ((h << 5) & 0x700),
-                      q[2] | ((h << 2) & 0x700), q[3] | ((h >> 1) & 0x700)),
-                &g[j], &sg[j]);
-      const int ls = 2 * ((h >> 12) & 7) + 1;
-      sc[j] = _mm256_set1_epi16(int16_t(ls));
-      dl[j] = (h & 0x8000 ? -1 : 1) * ls;
-    }
+  static __m256i prep(const uint8_t* b) {  // the 8 odd scales (bits 12-14 of the qh words)
+    const __m128i v = _mm_loadu_si128((const __m128i*)(b + 34));
+    const __m128i s = _mm_and_si128(_mm_srli_epi16(v, 12), _mm_set1_epi16(7));
+    return _mm256_broadcastsi128_si256(_mm_add_epi16(_mm_add_epi16(s, s), _mm_set1_epi16(1)));
+  }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& pts, __m256i& sc, __m256i&,
+                     int32_t& dl) {
+    const uint8_t* q = b + 2 + 4 * j;
+    uint16_t h;
+    std::memcpy(&h, b + 34 + 2 * j, 2);
+    pts = iq1_grid4(q, spread_bits(h, 0x0700070007000700ULL));  // bits 3k..3k+2 of h
+    sc = half_scales(pre, j);
+    const int ls = 2 * ((h >> 12) & 7) + 1;
+    dl = h & 0x8000 ? -ls : ls;
   }
 };
 
@@ -677,50 +754,53 @@ struct Q8WIQ1_M : Q8IQ1<Q8WIQ1_M> {
                                 ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
     return f16_to_f32(reinterpret_cast<const uint8_t*>(&h));
   }
-  static void unpack(const uint8_t* b, __m256i* g, __m256i* sg, __m256i* sc, __m256i* dm,
-                     int32_t*) {
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t *q = b + 4 * j, *h = b + 32 + 2 * j;
-      iq1_split(grid4(g_iq1s_grid, q[0] | ((h[0] << 8) & 0x700), q[1] | ((h[0] << 4) & 0x700),
-                      q[2] | ((h[1] << 8) & 0x700), q[3] | ((h[1] << 4) & 0x700)),
-                &g[j], &sg[j]);
-      uint16_t w;
-      std::memcpy(&w, b + 48 + 2 * (j >> 1), 2);
-      const int sh = 6 * (j & 1);
-      sc[j] = half_scales((w >> sh) & 7, (w >> (sh + 3)) & 7);
-      const uint32_t bits = (h[0] & 0x08 ? 0xffu : 0) | (h[0] & 0x80 ? 0xff00u : 0) |
-                            (h[1] & 0x08 ? 0xff0000u : 0) | (h[1] & 0x80 ? 0xff000000u : 0);
-      dm[j] = bit_mask32(bits);
-    }
+  // 16 3-bit scales, 4 per scale word (bits 0-11; the top nibbles hold the f16 d): word w's
+  // fields at bits 0, 6 (first 16 values of sub-blocks 2w, 2w+1) and 3, 9 (their last 16).
+  // Shifted per 64-bit lane by 0, 6 | 3, 9: element 4 o + w of each half is sub-block 2w + o's.
+  static __m256i prep(const uint8_t* b) {
+    uint64_t w;
+    std::memcpy(&w, b + 48, 8);
+    const __m256i f =
+        _mm256_srlv_epi64(_mm256_set1_epi64x(int64_t(w)), _mm256_setr_epi64x(0, 6, 3, 9));
+    const __m256i s = _mm256_and_si256(f, _mm256_set1_epi16(7));
+    return _mm256_add_epi16(_mm256_add_epi16(s, s), _mm256_set1_epi16(1));
+  }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& pts, __m256i& sc,
+                     __m256i& dsg, int32_t&) {
+    const uint8_t *q = b + 4 * j, *h = b + 32 + 2 * j;
+    uint16_t hh;
+    std::memcpy(&hh, h, 2);
+    pts = iq1_grid4(q, spread_bits(hh & 0x7777u, 0x0f000f000f000f00ULL));  // nibble k, 3 bits
+    sc = half_scales(pre, 4 * (j & 1) + (j >> 1));
+    // the delta signs of the 4 groups of 8: bits 3 and 7 of h[0], h[1], one per 64-bit lane
+    const __m256i sel = _mm256_setr_epi64x(0x08, 0x80, 0x800, 0x8000);
+    const __m256i neg = _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(hh), sel), sel);
+    dsg = _mm256_or_si256(neg, _mm256_set1_epi8(1));
   }
 };
 
-// MXFP4 (Q8_0 activations): codes are e2m1 values (doubled) as int8; ggml multiplies |code| by
-// the q8 code with the code's sign, per block p (8 lanes) and scale d_x * e8m0/2, into two
-// accumulators (even and odd blocks) added before the hsum; an unpaired last block is added
-// after it as float(sum) * d.
-struct Q8WMXFP4 {
-  static constexpr int BS = 32, XB = 32, TS = 17, OFF = 0;
+// MXFP4 and IQ4_NL (Q8_0 activations): 4-bit indices into a table of int8 values (MXFP4: e2m1
+// values doubled; IQ4_NL: ggml's kvalues_iq4nl), per block p (8 lanes) = |value| times the q8
+// code with the value's sign (exact: |value| <= 127), scale d = d_x * d_w. PAIRS (ggml's AVX2
+// vec_dot for these types): two accumulators (even and odd blocks) added before the hsum; an
+// unpaired last block is added after it as float(sum) * d. Without PAIRS (llamafile's
+// tinyBLAS_Q0_AVX, which ggml runs for IQ4_NL from 2 x rows): acc = fma(d, p, acc), hsum.
+template <typename D, bool PAIRS>
+struct Q8Lut0 {
+  static constexpr int BS = 32, XB = 32, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = false;
-  static inline float e8m0_half(uint8_t e) {
-    const uint32_t bits = e < 2 ? 0x00200000u << e : uint32_t(e - 1) << 23;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8,
-                                           -12, 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6,
-                                           -8, -12);
-    const __m256i kv = _mm256_shuffle_epi8(table, nibbles32(b + 1));
+    const __m256i kv = _mm256_shuffle_epi8(D::table(), nibbles32(b + D::QS));
     const __m256i ak = _mm256_sign_epi8(kv, kv);
-    const float dw = e8m0_half(b[0]);
+    const float dw = D::scale(b);
     for (int m = 0; m < MC; ++m) {
       const __m256i p = dpbusd<true>(_mm256_setzero_si256(), ak,
                                      _mm256_sign_epi8(load256(x[m].q + bi * 32), kv));
       const float d = x[m].d[bi] * dw;
-      if ((bi & 1) == 0) {
+      if constexpr (!PAIRS) {
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), st[m].acc);
+      } else if ((bi & 1) == 0) {
         st[m].pend = p;
         st[m].pend_d = d;
         st[m].has_pend = true;
@@ -734,10 +814,46 @@ struct Q8WMXFP4 {
   }
   template <bool TILED = false>
   static float finish(const Q8Acc& a) {
+    if constexpr (!PAIRS) return hsum8(a.acc);
     float s = hsum8(_mm256_add_ps(a.acc, a.acc2));
     if (a.has_pend) s = s + float(hsum_i32(a.pend)) * a.pend_d;
     return s;
   }
+};
+
+struct MXFP4Codes {
+  static constexpr int TS = 17, QS = 1;
+  static __m256i table() {
+    return _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3,
+                            4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  }
+  static float scale(const uint8_t* b) {  // e8m0 / 2
+    const uint8_t e = b[0];
+    const uint32_t bits = e < 2 ? 0x00200000u << e : uint32_t(e - 1) << 23;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+struct IQ4NLCodes {
+  static constexpr int TS = 18, QS = 2;
+  static __m256i table() { return iq4nl_table(); }
+  static float scale(const uint8_t* b) { return f16_to_f32(b); }
+};
+
+struct Q8WMXFP4 : Q8Lut0<MXFP4Codes, true> {
+  static constexpr int TS = MXFP4Codes::TS;
+};
+
+// IQ4_NL: llamafile's order from 2 x rows; ``OneRow``, ggml's vec_dot for a single x row (the
+// row kernels pick it by the call's row count, vec_dot.cc).
+struct Q8WIQ4_NL1 : Q8Lut0<IQ4NLCodes, true> {
+  static constexpr int TS = IQ4NLCodes::TS;
+};
+struct Q8WIQ4_NL : Q8Lut0<IQ4NLCodes, false> {
+  static constexpr int TS = IQ4NLCodes::TS;
+  using OneRow = Q8WIQ4_NL1;
 };
 
 
@@ -815,12 +931,7 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
     const float dw = f16_to_f32(b + 80), dminw = f16_to_f32(b + 82);
     const __m256i mn = mins16(b);
     __m256i prod[MC];  // lane l: mn[2l] bs[2l] + mn[2l+1] bs[2l+1]
-    for (int m = 0; m < MC; ++m) {
-      const int32_t* bs = x[m].aux + bi * 16;
-      const __m256i b16 = _mm256_permute4x64_epi64(
-          _mm256_packs_epi32(load256(bs), load256(bs + 8)), 0xD8);  // |bsum| <= 16 * 127
-      prod[m] = _mm256_madd_epi16(mn, b16);
-    }
+    for (int m = 0; m < MC; ++m) prod[m] = _mm256_madd_epi16(mn, load256(x[m].pairs + bi * 16));
     if constexpr (TILED) {
       int32_t s1[MC], s2[MC];
       hsum_i32_rows<MC>(sumi, s1);

@@ -11,8 +11,8 @@
 //
 // int8 activations (``JllamaQMatVecQ8``, q8.h): what llama.cpp itself runs, bit-identical to
 // its CPU mul_mat; the per-block arithmetic is in q8_dot.h. Decode uses them in the default
-// llama.cpp-matching numerics for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K, where they also
-// read the weights faster than the f32 decoders.
+// llama.cpp-matching numerics for every type pick_q8 lists, where they also read the weights
+// faster than the f32 decoders.
 
 #include <algorithm>
 #include <cstdint>
@@ -403,8 +403,23 @@ void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
   if (m0 < c.m_total) q8_rows_mc<T, 1, TILED>(c, m0, n0, n1);
 }
 
+// A type whose single-row order differs from its multi-row one (IQ4_NL: ggml's vec_dot for
+// one x row, llamafile's tinyBLAS from two) names the single-row kernel ``T::OneRow``.
+template <typename T, typename = void>
+struct OneRowOf {
+  using type = T;
+};
+template <typename T>
+struct OneRowOf<T, std::void_t<typename T::OneRow>> {
+  using type = typename T::OneRow;
+};
+
 template <typename T>
 void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
+  using One = typename OneRowOf<T>::type;
+  if constexpr (!std::is_same_v<One, T>) {
+    if (c.m_total == 1) return q8_rows_t<One, false>(c, n0, n1);
+  }
   if constexpr (T::kTiled) {
     if (c.m_total >= kTiledMinRows && c.tiled) return q8_rows_t<T, true>(c, n0, n1);
   }
@@ -499,6 +514,8 @@ Q8Kernel pick_q8(int64_t qtype) {
     case kIQ2_S: return make_q8<Q8WIQ2_S>(qtype);
     case kIQ1_S: return make_q8<Q8WIQ1_S>(qtype);
     case kIQ1_M: return make_q8<Q8WIQ1_M>(qtype);
+    case kIQ4_NL: return make_q8<Q8WIQ4_NL>(qtype);
+    case kIQ4_XS: return make_q8<Q8WIQ4_XS>(qtype);
     default: return {nullptr, nullptr, 0, 0, 0, 0, false, false, false, false};
   }
 }

@@ -1,0 +1,120 @@
+"""A model whose weights are IQ4_NL and IQ4_XS runs end to end, bit-identical to llama.cpp.
+
+One tiny random llama, its tensors spread over the two types (q/k/v of block 0 all IQ4_NL: one
+grouped int8 call; block 1 mixed, so each weight takes its own activation format): our
+``quantize_file`` writes the same file as llama.cpp's ``llama_model_quantize``, and jllama runs
+it against llama.cpp with stock kernels (no repacked IQ4_NL layouts, see llamacpp_oracle).
+
+The prompt exercises ggml's multi-row paths (IQ4_NL: llamafile's tinyBLAS from 2 rows; IQ4_XS:
+the tiled GEMM from 8 rows), the greedy tokens its one-row vec_dot (IQ4_NL's two accumulators).
+With the int8 kernels (AVX2 + FMA + F16C) every logit and token is identical; without them the
+f32 path is only close.
+"""
+
+from __future__ import annotations
+
+import filecmp
+
+import numpy as np
+import pytest
+from llamacpp_oracle import llama_cpp_module
+
+from jllama.gguf.constants import QType
+from jllama.gguf.reader import read_gguf
+from jllama.quant.mixes import mix_from_dict
+from jllama.quant.quantize import quantize_file
+from jllama.quant.testing import llama_cpp_quantize, tiny_llama
+
+pytestmark = pytest.mark.oracle
+
+# first match wins, in llama.cpp's --tensor-type as in our mixes
+RULES = [
+    ("^token_embd", "IQ4_XS"),  # the row lookup
+    ("^output", "IQ4_NL"),
+    ("blk\\.0\\.attn_(q|k|v)", "IQ4_NL"),
+    ("blk\\.0\\.attn_output", "IQ4_XS"),
+    ("blk\\.0\\.ffn_gate", "IQ4_XS"),
+    ("blk\\.0\\.ffn_up", "IQ4_XS"),
+    ("blk\\.0\\.ffn_down", "IQ4_NL"),
+    ("blk\\.1\\.attn_q", "IQ4_XS"),
+    ("blk\\.1\\.attn_k", "IQ4_NL"),
+    ("blk\\.1\\.attn_v", "IQ4_XS"),
+    ("blk\\.1\\.attn_output", "IQ4_NL"),
+    ("blk\\.1\\.ffn_gate", "IQ4_NL"),
+    ("blk\\.1\\.ffn_up", "IQ4_NL"),
+    ("blk\\.1\\.ffn_down", "IQ4_XS"),
+]
+TOKENS = [1, 300, 301, 17, 302, 303, 42, 304, 305, 306, 20, 307]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """(our file, llama.cpp's file) of the tiny llama."""
+    d = tmp_path_factory.mktemp("iq4")
+    src = d / "f32.gguf"
+    tiny_llama(src, n_layer=2, n_ff=256)
+    ours, ref = d / "ours.gguf", d / "ref.gguf"
+    rules = [{"match": m, "type": t} for m, t in RULES]
+    quantize_file(src, ours, mix_from_dict({"base": "q8_0", "pure": True, "rules": rules}))
+    llama_cpp_module()
+    llama_cpp_quantize(src, ref, "Q8_0", pure=True, overrides=[(m, QType[t]) for m, t in RULES])
+    return ours, ref
+
+
+def test_file_identical_to_llama_cpp(model) -> None:
+    ours, ref = model
+    types = {t.type_name for t in read_gguf(ours).tensors.values()}
+    assert types == {"F32", "IQ4_NL", "IQ4_XS"}
+    assert filecmp.cmp(ours, ref, shallow=False)
+
+
+@pytest.fixture(scope="module")
+def oracle_run(model):
+    """llama.cpp's logits at every position of TOKENS, and its 16 greedy tokens after them."""
+    llama_cpp = llama_cpp_module()
+    oracle = llama_cpp.Llama(str(model[0]), n_ctx=64, logits_all=True, verbose=False,
+                             n_threads=2, seed=0, flash_attn=True)  # fmt: skip
+    try:
+        oracle.eval(TOKENS)
+        ref = np.array(oracle.scores[: len(TOKENS)], np.float32)
+        oracle.reset()
+        greedy = []
+        for tok in oracle.generate(TOKENS, top_k=1, temp=0.0, repeat_penalty=1.0):
+            greedy.append(tok)
+            if len(greedy) == 16:
+                break
+    finally:
+        oracle.close()
+    return ref, greedy
+
+
+def test_logits_and_greedy_tokens_vs_llama_cpp(model, oracle_run) -> None:
+    from jllama.api import Llama
+    from jllama.engine.sampling import SamplingParams
+    from jllama.kernels import xla_cpu
+
+    ref, ref_greedy = oracle_run
+    llm = Llama(model[0], ctx_size=64)
+    got = llm.engine.logits(TOKENS)
+    ours = list(llm.engine.generate(TOKENS, SamplingParams.greedy(), max_tokens=16))
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    print(f"\nrel L2 {rel:.2e}, max|diff| {float(np.abs(got - ref).max()):.3g}")
+    if not all(xla_cpu.q8_on(int(QType[t])) for _, t in RULES):
+        pytest.skip("no int8 kernels on this CPU (AVX2 + FMA + F16C): the f32 test below runs")
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    assert ours == ref_greedy
+
+
+def test_f32_fallback_close_to_llama_cpp(model, oracle_run) -> None:
+    """Without the int8 kernels the weights go through the f32 kernels on activations rounded
+    as ggml's q8 rounds them."""
+    from jllama.api import Llama
+    from jllama.numerics import Numerics
+
+    ref, _ = oracle_run
+    llm = Llama(model[0], ctx_size=64, numerics=Numerics().replace(q8_kernels=False))
+    got = llm.engine.logits(TOKENS)
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    print(f"\nf32 path: rel L2 {rel:.2e}, max|diff| {float(np.abs(got - ref).max()):.3g}")
+    assert rel < 0.03
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
