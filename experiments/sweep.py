@@ -2,6 +2,7 @@
 
     python experiments/sweep.py experiments/sweeps/smollm2.yaml [--chunks N] [--no-speed]
                                 [--no-llamacpp] [--score-identical] [--keep-files]
+                                [--report-only]
                                 [--out experiments/results]
 
 The YAML names a model, a text and the points; each point is a quantize-on-load mix in the form
@@ -45,7 +46,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 FIELDS = ["engine", "point", "quant", "n_ctx", "chunks", "bytes", "bpw", "ppl", "ppl_err",
           "kld", "kld_err", "kld_p99", "kld_max", "rms_dp", "same_top", "pp_tps", "tg_tps",
-          "seconds", "ftype", "imatrix", "sha256", "identical"]
+          "seconds", "ftype", "imatrix", "sha256", "identical", "qcpu_jllama", "qcpu_llamacpp"]
 # default place of llama.cpp 0c1e570's own tools (shared/tools/build-llamacpp.sh builds them)
 LLAMACPP_BIN = Path(os.environ.get("LLAMACPP_BIN", Path.home() / ".cache/llamacpp-0c1e570/bin"))
 
@@ -234,6 +235,15 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
 
 def _append_row(csv_path: Path, row: dict[str, Any]) -> None:
     new = not csv_path.is_file()
+    if not new:
+        with open(csv_path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:  # written by an older sweep.py: rewrite with today's columns
+            old = read_rows(csv_path)
+            with open(csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, FIELDS)
+                w.writeheader()
+                w.writerows({k: r.get(k, "") for k in FIELDS} for r in old)
     with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, FIELDS)
         if new:
@@ -363,6 +373,13 @@ def ensure_imatrix(sw: Sweep, work: Path, log: Callable[[str], None]) -> Path:
     return path
 
 
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def llama_quantize(src: str, dst: Path, ftype: str, imatrix: Path | None) -> None:
     """llama.cpp's llama-quantize binary, requantizing (--allow-requantize), one thread; where
     the binary is not built, the same library call through llama-cpp-python
@@ -404,17 +421,19 @@ def run_ftype_point(sw: Sweep, p: Point, tokens: list[int], chunks: np.ndarray,
     jpath = work / f"{Path(src).stem}.jllama-{tag}.gguf"
     lpath = work / f"{Path(src).stem}.llamacpp-{tag}.gguf"
     im = imatrix if p.imatrix else None
-    t0 = time.perf_counter()
+    # CPU seconds, not wall: the machine is shared, and both quantizers run on one thread
+    t0, c0 = time.perf_counter(), time.process_time()
     quantize_file(src, jpath, mix_from_base(p.ftype), allow_requantize=True,
                   imatrix=load_for_quantize(str(im)) if im is not None else None)
-    t_j = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_j, c_j = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), _children_cpu()
     llama_quantize(src, lpath, p.ftype, im)
-    t_l = time.perf_counter() - t0
+    t_l, c_l = time.perf_counter() - t0, _children_cpu() - c0
     sj, sl = sha256(jpath), sha256(lpath)
     same = sj == sl
     base = {"point": p.name, "quant": json.dumps({"base": p.ftype.lower()}), "n_ctx": sw.n_ctx,
-            "ftype": p.ftype, "imatrix": int(p.imatrix), "identical": int(same)}
+            "ftype": p.ftype, "imatrix": int(p.imatrix), "identical": int(same),
+            "qcpu_jllama": c_j, "qcpu_llamacpp": c_l}
     out = []
     t0 = time.perf_counter()
     nbytes, elems = weight_bytes(read_gguf(jpath), None)
@@ -424,7 +443,7 @@ def run_ftype_point(sw: Sweep, p: Point, tokens: list[int], chunks: np.ndarray,
     out.append({**base, "engine": "jllama", "chunks": sw.chunks, "bytes": nbytes,
                 "bpw": 8.0 * nbytes / elems, **_kld_fields(r.stats()), "sha256": sj,
                 "seconds": time.perf_counter() - t0 + t_j})
-    log(f"jllama {p.name}: quantize {t_j:.1f} s (llama-quantize {t_l:.1f} s), "
+    log(f"jllama {p.name}: quantize {c_j:.1f} CPU s (llama-quantize {c_l:.1f} CPU s), "
         f"{'identical' if same else 'DIFFERENT'} files, {out[0]['bpw']:.3f} bpw, "
         f"PPL {out[0]['ppl']:.4f}, KLD {out[0]['kld']:.5f}")
     if not same or score_identical:
@@ -614,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                          "byte-identical to jllama's")
     ap.add_argument("--keep-files", action="store_true",
                     help="keep the quantized files of the file-type points in --work")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite the markdown and the plot from the CSV")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default=None,
                     help="folder for the base log-probs and llama.cpp's files "
@@ -628,8 +649,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.chunks:
             sw.chunks = args.chunks
         work = Path(args.work) if args.work else cache_dir() / "sweeps"
-        rows = run_sweep(sw, Path(args.out), work, not args.no_speed, not args.no_llamacpp,
-                         score_identical=args.score_identical, keep_files=args.keep_files)
+        if args.report_only:
+            rows = read_rows(Path(args.out) / f"sweep_{sw.name}.csv")
+        else:
+            rows = run_sweep(sw, Path(args.out), work, not args.no_speed, not args.no_llamacpp,
+                             score_identical=args.score_identical, keep_files=args.keep_files)
     except JllamaError as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 1
