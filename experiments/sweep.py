@@ -586,7 +586,8 @@ def write_plot(sw: Sweep, rows: list[dict[str, str]], out_dir: Path) -> Path | N
         if b:
             a2.axhline(float(r["ppl"]), ls="--", c="gray", lw=1,
                        label=f"{sw.base} (base, {float(r['bpw']):.1f} bpw)")
-    series = (("jllama", "0", "o", "jllama"), ("jllama", "1", "s", "jllama, imatrix"),
+    series = (("jllama", "0", "o", "no imatrix (jllama)"),
+              ("jllama", "1", "s", "imatrix (jllama)"),
               ("llama.cpp", "0", "x", "llama.cpp (file differs)"),
               ("llama.cpp", "1", "+", "llama.cpp, imatrix (file differs)"))
     for engine, imx, marker, label in series:
