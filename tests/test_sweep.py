@@ -8,6 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jllama.errors import JllamaError
@@ -114,3 +115,76 @@ def test_run_and_resume(sweep_mod, tiny_sweep, tmp_path):
 
     md = sweep_mod.write_markdown(sw, rows, out)
     assert "| jllama | Q4_0 mix |" in md.read_text()
+
+
+def test_ftype_points_parsing(sweep_mod, tiny_sweep, tmp_path):
+    (tmp_path / "f.yaml").write_text(
+        f"model: {tiny_sweep / 'tiny.gguf'}\ntext: t\npoints: [{{name: F32, quant: null}}]\n"
+        "imatrix: {text: t, n_ctx: 64, chunks: 2}\nftypes: [q4_0, Q4_K_M imatrix]\n")
+    sw = sweep_mod.load_sweep(tmp_path / "f.yaml")
+    assert [(p.name, p.ftype, p.imatrix) for p in sw.ftypes] == [
+        ("Q4_0", "Q4_0", False), ("Q4_K_M imatrix", "Q4_K_M", True)]
+    assert sw.imatrix.n_ctx == 64 and sw.imatrix.chunks == 2
+    for body, message in [("ftypes: [Q4_K_M imatrix]\n", "needs an 'imatrix' block"),
+                          ("ftypes: [q9_9]\n", "unknown quantization type"),
+                          ("ftypes: [Q4_0 imx]\n", "not FTYPE or 'FTYPE imatrix'"),
+                          ("ftypes: [Q4_0, q4_0]\n", "duplicate file types")]:
+        (tmp_path / "b.yaml").write_text(
+            "model: m\ntext: t\npoints: [{name: F32, quant: null}]\n" + body)
+        with pytest.raises(JllamaError, match=message):
+            sweep_mod.load_sweep(tmp_path / "b.yaml")
+
+
+def test_ftype_points_with_imatrix(sweep_mod, tiny_sweep, tmp_path):
+    """A file-type point with the sweep's imatrix: the file jllama writes is llama.cpp's own
+    (sha256 of llama_model_quantize's output, made here by the oracle with the same imatrix),
+    and its scores by jllama agree with llama-cpp-python's on the same file."""
+    from jllama.gguf.reader import read_gguf
+    from jllama.quant.imatrix import Imatrix, ImatrixEntry, load_for_quantize, quantize_metadata
+    from jllama.quant.imatrix import write_imatrix_gguf
+    from jllama.quant.testing import llama_cpp_quantize
+
+    (tmp_path / "s.yaml").write_text(
+        (tiny_sweep / "s.yaml").read_text().replace("name: tiny", "name: tinyft")
+        .replace("model: tiny.gguf", f"model: {tiny_sweep / 'tiny.gguf'}")
+        .replace("text: text.txt", f"text: {tiny_sweep / 'text.txt'}")
+        .split("  - {name: Q4_0 mix")[0]
+        + f"imatrix: {{text: {tiny_sweep / 'text.txt'}, n_ctx: 64, chunks: 2}}\n"
+        "ftypes: [Q4_K_M imatrix]\n")
+    sw = sweep_mod.load_sweep(tmp_path / "s.yaml")
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    # the imatrix the sweep would make with llama-imatrix, placed where it looks for it (its
+    # values are only input here: random positive column weights)
+    g = read_gguf(tiny_sweep / "tiny.gguf")
+    rng = np.random.default_rng(3)
+    im = Imatrix({n: ImatrixEntry(rng.lognormal(0, 1, t.shape[-1]).astype(np.float32) * 5,
+                                  np.array([5], np.int64))
+                  for n, t in g.tensors.items() if n.startswith("blk.") and "norm" not in n},
+                 ["text.txt"], 2, 64)
+    im_path = work / "tinyft.imatrix-c64-n2.gguf"
+    write_imatrix_gguf(im_path, im)
+
+    rows = sweep_mod.run_sweep(sw, out, work, speed=False, llamacpp=False, log=lambda s: None,
+                               score_identical=True)
+    assert [(r["engine"], r["point"]) for r in rows] == [
+        ("jllama", "F32"), ("jllama", "Q4_K_M imatrix"), ("llama.cpp", "Q4_K_M imatrix")]
+    _, j, lc = rows
+
+    ref = tmp_path / "ref.gguf"
+    qi = load_for_quantize(str(im_path))
+    llama_cpp_quantize(tiny_sweep / "tiny.gguf", ref, "Q4_K_M", imatrix=qi.weights,
+                       kv_overrides=[(k, v) for k, v, _ in quantize_metadata(qi)])
+    assert j["identical"] == lc["identical"] == "1"
+    assert j["sha256"] == lc["sha256"] == sweep_mod.sha256(ref)
+    assert j["imatrix"] == "1" and j["ftype"] == "Q4_K_M"
+    nbytes, elems = sweep_mod.weight_bytes(read_gguf(ref), None)
+    assert int(j["bytes"]) == int(lc["bytes"]) == nbytes
+    # same file, two engines: PPL and KLD against the same base agree to runtime rounding
+    assert float(j["kld"]) > 0
+    assert float(j["ppl"]) == pytest.approx(float(lc["ppl"]), rel=1e-3)
+    assert float(j["kld"]) == pytest.approx(float(lc["kld"]), rel=0.05)
+    assert not list(work.glob("*.jllama-*.gguf"))  # quantized files are not kept
+
+    md = sweep_mod.write_markdown(sw, rows, out).read_text()
+    assert "| jllama | Q4_K_M imatrix |" in md and f"identical ({j['sha256'][:12]})" in md
