@@ -69,6 +69,10 @@ class Numerics:
     ggml_tiled_mm: bool = True
     # trace identical decoder blocks once (a nested jit); compile time only, never results
     share_block_traces: bool = True
+    # runs of alike decoder layers as one lax.scan (a loop in the program, the KV cache stacked
+    # [B, L, ...]): compile time, program size and cache load independent of depth; never
+    # results. False: the unrolled program (per-layer caches)
+    scan_layers: bool = True
     # copy intermediates to numerics taps (experiments/numerics_vs_llamacpp.py); forces
     # per-layer traces, since taps are named per layer
     taps: bool = False
