@@ -20,23 +20,30 @@ pytestmark = pytest.mark.oracle
 
 N_VOCAB = 300
 SHP = dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, head_dim=64)
-# (arch, mix, layers): K-quant mixes need n_embd a multiple of 256
+# (arch, mix, layers, the scanned runs): K-quant mixes need n_embd a multiple of 256
 CASES = {
-    "llama-q4_k_m": ("llama", "q4_k_m", 5),  # layers 0, 3, 4: Q6_K attn_v and ffn_down
-    "qwen2-q8_0": ("qwen2", "q8_0", 2),  # q/k/v biases, NEOX rope
+    # layers 0, 3, 4 have Q6_K attn_v and ffn_down: one run all the same
+    "llama-q4_k_m": ("llama", "q4_k_m", 5, [(0, 5)]),
+    # q/k/v biases, NEOX rope
+    "qwen2-q8_0": ("qwen2", "q8_0", 2, [(0, 2)]),
+    # layer 1's Q5_0 ffn_down takes Q8_0 activations, the others' Q4_K Q8_K: three runs, the
+    # last starting at layer 2 (its weights' index is not the cache's)
+    "llama-split": ("llama", {"base": "q4_k_s", "pure": True,
+                              "rules": [{"match": r"blk\.1\.ffn_down", "type": "q5_0"}]},
+                    4, [(0, 1), (1, 2), (2, 4)]),
 }
 
 
-def _model(tmp_path, arch: str, mix: str, n_layer: int):
-    from jllama.quant.mixes import mix_from_base
+def _model(tmp_path, arch: str, mix, n_layer: int):
+    from jllama.quant.mixes import mix_from_base, mix_from_dict
     from jllama.quant.quantize import quantize_file
 
     shp = dict(SHP, n_layer=n_layer)
     t = dense_tensors(11, n_vocab=N_VOCAB, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
                       **shp)
     f32 = write_gguf(tmp_path / "f32.gguf", arch, dense_hparams(**shp), t)
-    out = tmp_path / f"{mix}.gguf"
-    quantize_file(f32, out, mix_from_base(mix))
+    out = tmp_path / "q.gguf"
+    quantize_file(f32, out, mix_from_base(mix) if isinstance(mix, str) else mix_from_dict(mix))
     return out
 
 
@@ -55,7 +62,7 @@ def _engine(path, scan: bool, ctx: int = 128):
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    arch, mix, n = CASES[request.param]
+    arch, mix, n, _ = CASES[request.param]
     path = _model(tmp_path_factory.mktemp(request.param), arch, mix, n)
     oracle = llama_cpp_module().Llama(model_path=str(path), n_ctx=128, logits_all=True,
                                       verbose=False, n_threads=2, seed=0, flash_attn=True)
@@ -75,9 +82,9 @@ def test_one_scan_over_all_layers_even_with_mixed_types(case):
         f"{g.architecture}.block_count"])}
     if name == "llama-q4_k_m":
         assert types == {"Q4_K", "Q6_K"}  # the mix's more-bits layers
-    spec, m = build_model(g)
+    _, m = build_model(g)
     with use(m.numerics):
-        assert layer_runs(list(m.blocks)) == [(0, spec.n_layer)]
+        assert layer_runs(list(m.blocks)) == CASES[name][3]
 
 
 def test_scanned_equals_unrolled_and_llamacpp(case):

@@ -598,11 +598,11 @@ def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Ar
         qcols = {j: c for j, c in enumerate(cols) if isinstance(c[0], QTensor)}
         small = [jnp.stack(c) for j, c in enumerate(cols) if j not in qcols]
 
-        def body(carry, xs, gd=gd, tdef=tdef, qcols=qcols, n=len(cols)):
+        def body(carry, xs, gd=gd, tdef=tdef, qcols=qcols, n=len(cols), a=a):
             x, kf, vf = carry
-            il, sm = xs
+            il, sm = xs  # il: the layer in the cache; il - a: in this run's weights
             it = iter(sm)
-            leaves = [LayerStack(tuple(qcols[j]), il) if j in qcols else next(it)
+            leaves = [LayerStack(tuple(qcols[j]), il - a) if j in qcols else next(it)
                       for j in range(n)]
             blk = nnx.merge(gd, jax.tree.unflatten(tdef, leaves))
             x, kc, vc = blk(x, pos, pos0, LayerCache(kf, il), LayerCache(vf, il), kv_len,
