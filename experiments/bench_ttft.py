@@ -63,8 +63,8 @@ print(json.dumps(dict(total=t3 - t0, import_jax=t_import, load=t2 - t1, first=t3
 """
 
 
-def run_once(model: str, cache_dir: str) -> dict:
-    env = dict(os.environ, JLLAMA_XLA_CACHE=cache_dir)
+def run_once(model: str, cache_dir: str, scan: bool = True) -> dict:
+    env = dict(os.environ, JLLAMA_XLA_CACHE=cache_dir, JLLAMA_NO_SCAN="0" if scan else "1")
     out = subprocess.run([sys.executable, "-c", CHILD, model], capture_output=True, text=True,
                          env=env)
     if out.returncode != 0:
@@ -76,29 +76,38 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", action="append", default=None)
     ap.add_argument("-r", "--warm-runs", type=int, default=2)
+    ap.add_argument("--both", action="store_true",
+                    help="scanned and unrolled decoder (JLLAMA_NO_SCAN=1), interleaved")
     args = ap.parse_args()
     from jllama.registry import resolve_model
 
     lines = [f"### {datetime.datetime.now():%Y-%m-%d %H:%M} load "
              f"{os.getloadavg()[0]:.1f} (1-min average, 2 vCPUs)", "",
-             "| model | run | total s | import s | load s | first token s | compile s (n) "
-             "| cache read s (hits) | lower s | peak RSS MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| model | program | run | total s | import s | load s | first token s "
+             "| compile s (n) | cache read s (hits) | lower s | cache MiB | peak RSS MiB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
     for model in args.model or ["smollm2-135m-instruct"]:
         path = resolve_model(model)
-        with tempfile.TemporaryDirectory() as d:
-            for i in range(1 + args.warm_runs):
-                r = run_once(str(path), d)
+        dirs = {s: tempfile.TemporaryDirectory() for s in ((True, False) if args.both
+                                                             else (True,))}
+        for i in range(1 + args.warm_runs):
+            for scan, d in dirs.items():  # interleaved: the machine's load hits both alike
+                r = run_once(str(path), d.name, scan)
                 p = r["first_parts"]
                 c, n_c = p.get("compile", [0.0, 0])
                 cr, n_cr = p.get("cache_read", [0.0, 0])
                 lo = p.get("lower", [0.0, 0])[0]
-                row = (f"| {path.name} | {'cold' if i == 0 else 'warm'} | {r['total']:.2f} | "
+                mib = sum(f.stat().st_size for f in Path(d.name).rglob("*") if f.is_file())
+                row = (f"| {path.name} | {'scan' if scan else 'unrolled'} | "
+                       f"{'cold' if i == 0 else 'warm'} | {r['total']:.2f} | "
                        f"{r['import_jax']:.2f} | {r['load']:.2f} | {r['first']:.2f} | "
-                       f"{c:.2f} ({n_c}) | {cr:.2f} ({n_cr}) | {lo:.2f} | "
+                       f"{c:.2f} ({n_c}) | {cr:.2f} ({n_cr}) | {lo:.2f} | {mib / 2**20:.1f} | "
                        f"{r['peak_rss_mib']:.0f} |")
                 print(row, flush=True)
                 lines.append(row)
+        for d in dirs.values():
+            d.cleanup()
     out = HERE / "results" / "ttft.md"
     out.parent.mkdir(exist_ok=True)
     with open(out, "a") as f:

@@ -24,6 +24,8 @@ variable                       field                 meaning
                                                      matvec call (0: never)
 ``GGML_CPU_TILED_MM=0``        ``ggml_tiled_mm``     ggml's own switch: K-quant products in
                                                      vec_dot order instead of the tiled GEMM's
+``JLLAMA_NO_SCAN=1``           ``scan_layers``       the unrolled program (one copy of the block
+                                                     per layer; same results, slower start-up)
 =============================  ====================  ===============================================
 
 Switches that change speed only and never a bit of a result stay environment variables of the
@@ -69,6 +71,10 @@ class Numerics:
     ggml_tiled_mm: bool = True
     # trace identical decoder blocks once (a nested jit); compile time only, never results
     share_block_traces: bool = True
+    # runs of alike decoder layers as one lax.scan (a loop in the program, the KV cache stacked
+    # [B, L, ...]): compile time, program size and cache load independent of depth; never
+    # results. False: the unrolled program (per-layer caches)
+    scan_layers: bool = True
     # copy intermediates to numerics taps (experiments/numerics_vs_llamacpp.py); forces
     # per-layer traces, since taps are named per layer
     taps: bool = False
@@ -103,6 +109,8 @@ class Numerics:
                                   f"{env['JLLAMA_FUSED_QUANT_ROWS']!r}") from None
         if not on("GGML_CPU_TILED_MM", "1"):
             base["ggml_tiled_mm"] = False
+        if on("JLLAMA_NO_SCAN"):
+            base["scan_layers"] = False
         base.update({k: v for k, v in fields.items() if v is not None})
         return cls(**base)
 

@@ -140,8 +140,13 @@ def test_ftype_points_with_imatrix(sweep_mod, tiny_sweep, tmp_path):
     (sha256 of llama_model_quantize's output, made here by the oracle with the same imatrix),
     and its scores by jllama agree with llama-cpp-python's on the same file."""
     from jllama.gguf.reader import read_gguf
-    from jllama.quant.imatrix import Imatrix, ImatrixEntry, load_for_quantize, quantize_metadata
-    from jllama.quant.imatrix import write_imatrix_gguf
+    from jllama.quant.imatrix import (
+        Imatrix,
+        ImatrixEntry,
+        load_for_quantize,
+        quantize_metadata,
+        write_imatrix_gguf,
+    )
     from jllama.quant.testing import llama_cpp_quantize
 
     (tmp_path / "s.yaml").write_text(

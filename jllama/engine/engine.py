@@ -92,6 +92,7 @@ class Engine:
         self.numerics = num
         self.plan = plan
         self._make_cache = getattr(model, "make_cache", None)
+        self._model_type = type(model)
         # per-layer (rope base, dims, neox, scale) of cached keys, for context shift
         self._kv_rope = ([model.kv_rope(i) for i in range(spec.n_layer)]
                          if hasattr(model, "kv_rope") else None)
@@ -199,8 +200,13 @@ class Engine:
         if self._make_cache is not None:  # architectures with their own cache layout (MLA)
             cache = self._make_cache(batch, self.max_len, num.cache_type_k)
         else:
+            # stacked (one array per half) where the model scans its layers: a loop cannot
+            # index a tuple of per-layer buffers
+            stacked = (num.scan_layers and self.plan is None
+                       and getattr(self._model_type, "scans_layers", False))
             cache = KVCache.create(s.n_layer, batch, s.n_head_kv, self.max_len, s.head_dim,
-                                   s.head_dim_v, num.cache_type_k, num.cache_type_v)
+                                   s.head_dim_v, num.cache_type_k, num.cache_type_v,
+                                   stacked=stacked)
         return cache if self.plan is None else self.plan.shard_cache(cache)
 
     def kv_bucket(self, n: int) -> int:
@@ -457,7 +463,7 @@ class Engine:
             src = jnp.where(p < n_keep, p, jnp.minimum(p + n_discard, max_len - 1))
             moved = (p >= n_keep)[:, None, None]
             ks, vs = [], []
-            for i, (kl, vl) in enumerate(zip(cache.k, cache.v)):
+            for i, (kl, vl) in enumerate(zip(*cache.layers())):
                 base, dim, neox, scale = ropes[i]
                 krow = kvquant.dequantize(kl[slot][:, src], cache.k_type, head_dim)  # [KVH,S,D]
                 x = krow.transpose(1, 0, 2)[None]  # [1, S, KVH, D]
@@ -465,6 +471,8 @@ class Engine:
                 krow = jnp.where(moved, rot, x[0]).transpose(1, 0, 2)
                 ks.append(kl.at[slot].set(kvquant.quantize(krow, cache.k_type).astype(kl.dtype)))
                 vs.append(vl.at[slot].set(vl[slot][:, src]))
+            if cache.stacked:
+                return cache.replace((jnp.stack(ks, 1),), (jnp.stack(vs, 1),))
             return cache.replace(ks, vs)
 
         return jax.jit(shift, donate_argnums=0)

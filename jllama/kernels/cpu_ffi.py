@@ -33,6 +33,7 @@ import numpy as np
 from jllama import numerics
 from jllama.quant.formats import iq_grid
 from jllama.quant.iqgrids import grid as iq8_grid
+from jllama.quant.qtensor import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +221,30 @@ def _tiled(tiled: bool | None) -> bool:
     return numerics.current().ggml_tiled_mm if tiled is None else bool(tiled)
 
 
+def _weight_operands(raws: list, qtypes: list[int]) -> tuple[list, list[int], int]:
+    """(operands, qtypes, layers) of an int8 call: the raw rows as they are, or for weights
+    given as ``LayerStack``s (all of them, then) the layer index followed by every layer's
+    rows, weight by weight; the kernel reads the indexed layer's in place."""
+    if not any(isinstance(r, LayerStack) for r in raws):
+        return list(raws), list(qtypes), 1
+    n = len(raws[0].parts)
+    if not all(isinstance(r, LayerStack) and len(r.parts) == n for r in raws):
+        raise ValueError("an int8 call's weights are all LayerStacks of one length, or none")
+    ops = [jnp.asarray(raws[0].index, jnp.int32).reshape(())]
+    ops += [p.data for r in raws for p in r.parts]
+    return ops, [t for r in raws for t in r.qtypes], n
+
+
 def _q8_call(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list, qtypes: list[int],
              tiled: bool | None) -> list[jax.Array]:
     m = q.shape[0]
     if s is None:
         s = jnp.zeros((m, 0), jnp.float32)
     outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
+    ops, qtypes, layers = _weight_operands(raws, qtypes)
     ys = jax.ffi.ffi_call("jllama_qmatvec_q8", outs, vmap_method="sequential")(
-        q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), *raws,
-        qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled))
+        q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), *ops,
+        qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled), layers=np.int64(layers))
     return list(ys)
 
 
@@ -281,8 +297,10 @@ def qmatvec_q8_fused(x2: jax.Array, raws: list, qtypes: list[int],
         return None
     m = x2.shape[0]
     outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
+    ops, qtypes, layers = _weight_operands(raws, qtypes)
     ys = jax.ffi.ffi_call("jllama_qmatvec_q8f", outs, vmap_method="sequential")(
-        x2.astype(jnp.float32), *raws, qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled))
+        x2.astype(jnp.float32), *ops, qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled),
+        layers=np.int64(layers))
     return list(ys)
 
 

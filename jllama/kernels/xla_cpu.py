@@ -26,6 +26,7 @@ from jllama import numerics
 from jllama.kernels import cpu_ffi, cpu_repack
 from jllama.kernels.cpu_repack import Repacked
 from jllama.quant.actquant import act_format, quantize_activations_q8
+from jllama.quant.qtensor import LayerStack
 
 # Elements per tile: ~2 MiB of f32 for matvec (bandwidth-bound: big tiles amortise the per-step
 # cost), ~0.5 MiB for GEMM (compute-bound: the tile must stay in L2 while all x rows stream).
@@ -117,6 +118,12 @@ def _quantize_q8(x: jax.Array, qtype: int):
     return cpu_ffi.quantize_q8(x.reshape(-1, n_in), fmt)
 
 
+def _rows(qt):
+    """What the int8 calls take for a weight: its GGUF rows, or a ``LayerStack`` as it is (the
+    kernel picks the layer)."""
+    return qt if isinstance(qt, LayerStack) else qt.data
+
+
 def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
     """Quantization and product in one kernel call for a few rows: a decode step has ~120
     separate quantize calls otherwise. Prompts keep the separate, multi-threaded quantizer."""
@@ -125,7 +132,7 @@ def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
     if rows(x) > numerics.current().fused_quant_rows or fmt is None or n_in % (256 if fmt == "q8_K" else 32):
         return None
     lead = x.shape[:-1]
-    ys = cpu_ffi.qmatvec_q8_fused(x.reshape(-1, n_in), [qt.data for qt in qts],
+    ys = cpu_ffi.qmatvec_q8_fused(x.reshape(-1, n_in), [_rows(qt) for qt in qts],
                                   [qt.qtype for qt in qts])
     return None if ys is None else [y.reshape(*lead, qt.shape[0]) for y, qt in zip(ys, qts)]
 
@@ -146,7 +153,7 @@ def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
     lead = x.shape[:-1]
     y = cpu_ffi.qmatvec_q8(
         q.reshape(-1, n_in), d.reshape(-1, d.shape[-1]),
-        None if s is None else s.reshape(-1, s.shape[-1]), qt.data, qt.qtype,
+        None if s is None else s.reshape(-1, s.shape[-1]), _rows(qt), qt.qtype,
     )
     return y.reshape(*lead, n_out)
 
@@ -169,7 +176,7 @@ def ffi_matvec_q8_multi(x: jax.Array, qts: list) -> list[jax.Array] | None:
     lead = x.shape[:-1]
     ys = cpu_ffi.qmatvec_q8_multi(
         q.reshape(-1, n_in), d.reshape(-1, d.shape[-1]),
-        None if s is None else s.reshape(-1, s.shape[-1]), [qt.data for qt in qts],
+        None if s is None else s.reshape(-1, s.shape[-1]), [_rows(qt) for qt in qts],
         [qt.qtype for qt in qts],
     )
     if ys is None:

@@ -1,9 +1,12 @@
 """The KV cache: a pytree passed into the jitted step and returned updated (donated).
 
-One array per layer (``[batch, n_kv_heads, max_len, head_dim]``) rather than one stacked array:
-layers of one model may differ (sliding-window vs global, head sizes), and per-layer buffers
-let XLA update each in place under donation. Sequence lengths live on the host (the Engine
-owns them); the cache itself is only storage.
+One array per layer (``[batch, n_kv_heads, max_len, head_dim]``), where layers of one model may
+differ (sliding-window vs global, head sizes); or, for a decoder whose layers run as a
+``lax.scan`` (``stacked``), one array ``[batch, n_layer, n_kv_heads, max_len, head_dim]`` each
+for k and v, which the loop updates in place under donation (a loop cannot index a tuple) and
+the kernels read at a traced layer (``LayerCache``). Batch stays the leading axis either way
+(the Engine's slot rows). Sequence lengths live on the host (the Engine owns them); the cache
+itself is only storage.
 """
 
 from __future__ import annotations
@@ -41,7 +44,19 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[-2]
+
+    @property
+    def stacked(self) -> bool:
+        """One [B, L, KVH, S, row] array per half instead of one per layer."""
+        return self.k[0].ndim == 5
+
+    def layers(self) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Per-layer [B, KVH, S, row] arrays (slices of a stacked cache)."""
+        if not self.stacked:
+            return list(self.k), list(self.v)
+        n = self.k[0].shape[1]
+        return ([self.k[0][:, i] for i in range(n)], [self.v[0][:, i] for i in range(n)])
 
     @property
     def nbytes(self) -> int:
@@ -50,7 +65,7 @@ class KVCache:
     @classmethod
     def create(cls, n_layer: int, batch: int, n_kv_heads: int, max_len: int, head_dim_k: int,
                head_dim_v: int | None = None, dtype: str = "f32",
-               dtype_v: str | None = None) -> KVCache:
+               dtype_v: str | None = None, stacked: bool = False) -> KVCache:
         dtype_v = dtype_v or dtype
         hv = head_dim_v or head_dim_k
         check_kv_type(dtype, head_dim_k)
@@ -60,9 +75,34 @@ class KVCache:
         # Host zeros moved in, not jnp.zeros: one eager device program per layer and cache
         # half would be compiled on every warm start, on the time-to-first-token path; the
         # buffers are still XLA's own (donation works).
-        def zeros(n: int, dt) -> jax.Array:
-            return jax.device_put(np.zeros((batch, n_kv_heads, max_len, n), jnp.dtype(dt)))
+        def zeros(n: int, dt, lead: tuple[int, ...] = ()) -> jax.Array:
+            return jax.device_put(np.zeros((batch, *lead, n_kv_heads, max_len, n),
+                                           jnp.dtype(dt)))
 
+        if stacked:
+            return cls((zeros(nk, dk, (n_layer,)),), (zeros(nv, dv, (n_layer,)),), dtype, dtype_v)
         k = tuple(zeros(nk, dk) for _ in range(n_layer))
         v = tuple(zeros(nv, dv) for _ in range(n_layer))
         return cls(k, v, dtype, dtype_v)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass
+class LayerCache:
+    """Layer ``index`` (traced in a scan, else static) of a stacked cache half ``full``
+    [B, L, KVH, S, row]: what a decoder block gets instead of its own array. Writes update
+    ``full`` in place; the flash-attention kernel reads the layer where it lies."""
+
+    full: jax.Array
+    index: jax.Array | int
+
+    def tree_flatten(self):
+        return (self.full, self.index), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def get(self) -> jax.Array:
+        """The layer as a [B, KVH, S, row] array (a copy: for the XLA attention path)."""
+        return jax.lax.dynamic_index_in_dim(self.full, self.index, axis=1, keepdims=False)

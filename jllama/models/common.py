@@ -21,8 +21,9 @@ from jllama import numerics
 from jllama.errors import ModelError
 from jllama.kernels import cpu_attention, cpu_ffi, xla_cpu
 from jllama.kernels.dispatch import dequantize, qmatmul, take_rows
-from jllama.quant.actquant import opaque, q8_1_correction, quantize_activations_ex
-from jllama.quant.qtensor import QTensor
+from jllama.models.cache import LayerCache
+from jllama.quant.actquant import act_format, opaque, q8_1_correction, quantize_activations_ex
+from jllama.quant.qtensor import LayerStack, QTensor
 
 # Where taps land (experiments/numerics_vs_llamacpp.py): with ``Numerics.taps`` on, ``tap``
 # copies intermediates here under llama.cpp's tensor names ("attn_norm-0"). A sink only: what
@@ -410,10 +411,17 @@ FA_TILE_Q = 64
 _HALF = {"f16": jnp.float16, "bf16": jnp.bfloat16}
 
 
-def write_cache(cache: jax.Array, new: jax.Array, pos0: jax.Array, kind: str = "f32") -> jax.Array:
-    """Put ``new`` [B, T, KVH, D] into ``cache`` [B, KVH, S, row] at positions pos0[b]..+T,
-    stored as ``kind`` (a float type or a ggml block type, see models/kvquant.py)."""
+def write_cache(cache, new: jax.Array, pos0: jax.Array, kind: str = "f32"):
+    """Put ``new`` [B, T, KVH, D] into ``cache`` [B, KVH, S, row] (or a ``LayerCache``, the
+    layer of a stacked cache, returned as one) at positions pos0[b]..+T, stored as ``kind`` (a
+    float type or a ggml block type, see models/kvquant.py)."""
     new = kvquant.quantize(new, kind)
+    if isinstance(cache, LayerCache):
+        def one_layer(c, n, p):
+            n = n.transpose(1, 0, 2).astype(c.dtype)[None]
+            return jax.lax.dynamic_update_slice(c, n, (cache.index, 0, p, 0))
+
+        return LayerCache(jax.vmap(one_layer)(cache.full, new, pos0), cache.index)
 
     def one(c, n, p):
         return jax.lax.dynamic_update_slice(c, n.transpose(1, 0, 2).astype(c.dtype), (0, p, 0))
@@ -439,8 +447,14 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
         # non-FA graph does (llama-cpp-python's default)
         if jax.default_backend() == "cpu" and num.cpu_kernels and cpu_attention.available():
             # ggml's own flash attention, bit for bit; kv_pad: llama.cpp's n_kv rule (256)
+            if isinstance(k_cache, LayerCache):  # the stacked cache, read in place
+                return cpu_attention.ggml_flash_attn(
+                    q, k_cache.full, v_cache.full, pos0, kv_len, scale, window, softcap,
+                    kv_pad=256, bidir=bidir, layer=k_cache.index)
             return cpu_attention.ggml_flash_attn(q, k_cache, v_cache, pos0, kv_len, scale,
                                                  window, softcap, kv_pad=256, bidir=bidir)
+    if isinstance(k_cache, LayerCache):
+        k_cache, v_cache = k_cache.get(), v_cache.get()
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
     k = kvquant.dequantize(k_cache[:, :, :kv_len], k_type, d)
@@ -490,31 +504,153 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     matmul is the largest in small models. With ``hidden`` (static) the result is the final
     norm's output instead ([B, T, E] or [B, E]): llama.cpp's embeddings of a decoder (t_embd).
     ``bidir`` (static): non-causal attention within the batch, passed to blocks that take it.
+
+    A stacked cache (``KVCache.stacked``) runs the blocks as ``scan_blocks`` does; per-layer
+    caches run them one after the other (the unrolled program).
     """
     t = x.shape[1]
     pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    ks, vs = list(cache.k), list(cache.v)
     kv_types = (cache.k_type, cache.v_type)
-    global _TAP_LAYER
-    num = numerics.current()
-    run = (_shared_block_runner() if num.share_block_traces and not num.taps and not bidir
-           else None)
-    extra = {"bidir": True} if bidir else {}
-    for i, blk in enumerate(model.blocks):
-        with jax.named_scope(f"blk{i}"):
-            if run is None:
-                _TAP_LAYER = i
-                x, ks[i], vs[i] = blk(x, pos, pos0, ks[i], vs[i], kv_len, kv_types, **extra)
-            else:
-                gd, st = nnx.split(blk)
-                x, ks[i], vs[i] = run(gd, st, x, pos, pos0, ks[i], vs[i], kv_len, kv_types)
+    extra = {"bidir": True} if bidir else {}  # only blocks that take it get it
+    if cache.stacked:
+        x, kf, vf = scan_blocks(list(model.blocks), x, pos, pos0, cache.k[0], cache.v[0],
+                                kv_len, kv_types, extra)
+        new_cache = cache.replace((kf,), (vf,))
+    else:
+        ks, vs = list(cache.k), list(cache.v)
+        run = _block_runner(bidir)
+        for i, blk in enumerate(model.blocks):
+            x, ks[i], vs[i] = _run_block(run, blk, i, x, pos, pos0, ks[i], vs[i], kv_len,
+                                         kv_types, extra)
+        new_cache = cache.replace(ks, vs)
     if last_idx is not None:
         x = gather_last(x, last_idx)
     x = tap("result_norm", model.out_norm(x))
     if hidden:
-        return x, cache.replace(ks, vs)
+        return x, new_cache
     logits = model.tok_embd.attend(x) if model.output is None else model.output(x)
-    return logits, cache.replace(ks, vs)
+    return logits, new_cache
+
+
+def _block_runner(bidir: bool = False):
+    """``_run_block``'s runner for one forward pass: the shared trace, or None (taps, or the
+    rare non-causal pass, which calls the blocks directly with ``bidir``)."""
+    num = numerics.current()
+    return (_shared_block_runner() if num.share_block_traces and not num.taps and not bidir
+            else None)
+
+
+def _run_block(run, blk, i: int, x, pos, pos0, kc, vc, kv_len: int, kv_types,
+               extra: dict | None = None):
+    """Block i on its own, through the shared trace ``run`` unless None (``extra``: keyword
+    arguments only the direct call passes, e.g. ``bidir``)."""
+    global _TAP_LAYER
+    with jax.named_scope(f"blk{i}"):
+        if run is None:
+            _TAP_LAYER = i
+            return blk(x, pos, pos0, kc, vc, kv_len, kv_types, **(extra or {}))
+        gd, st = nnx.split(blk)
+        return run(gd, st, x, pos, pos0, kc, vc, kv_len, kv_types)
+
+
+def _is_qt(v) -> bool:
+    return isinstance(v, QTensor)
+
+
+def _scan_signature(blk) -> tuple | None:
+    """What must agree between layers for them to share one loop body: the graphdef, the
+    state's structure, and per leaf its shape (dtype for arrays; layout and activation format
+    for quantized weights, whose ggml types may differ). None where the block cannot be
+    scanned: a weight the int8 CPU kernels do not take (they read a traced layer's weight in
+    place; anything else would copy it every step)."""
+    gd, st = nnx.split(blk)
+    leaves, tdef = jax.tree.flatten(st, is_leaf=_is_qt)
+    sig = []
+    for v in leaves:
+        if isinstance(v, QTensor):
+            if not _in_place_ok(v):
+                return None
+            sig.append(("q", v.shape, v.layout, act_format(v.qtype)))
+        else:
+            sig.append(("a", tuple(v.shape), str(v.dtype)))
+    return gd, tdef, tuple(sig)
+
+
+def _in_place_ok(qt: QTensor) -> bool:
+    """Whether every product with ``qt`` goes through the int8 kernels, which take a
+    ``LayerStack``: ggml's arithmetic for all row counts (prompt_matmul "int8")."""
+    num = numerics.current()
+    return (num.match_llamacpp and num.prompt_matmul == "int8" and jax.default_backend() == "cpu"
+            and not qt.is_float and qt.layout == "gguf" and len(qt.shape) == 2
+            and xla_cpu.q8_on(qt.qtype) and act_format(qt.qtype) is not None)
+
+
+def layer_runs(blocks: list) -> list[tuple[int, int]]:
+    """Consecutive layers [a, b) that one loop body runs: equal scan signatures, and no LoRA
+    adapters (per-layer Python objects). Unscannable layers are runs of one."""
+    sigs = [_scan_signature(b) for b in blocks]
+    runs: list[tuple[int, int]] = []
+    for i, sig in enumerate(sigs):
+        if runs and sig is not None and sigs[runs[-1][0]] == sig:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _has_lora(blk) -> bool:
+    return any(getattr(m, "lora", None) is not None for _, m in nnx.iter_graph(blk)
+               if isinstance(m, nnx.Module))
+
+
+def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Array,
+                kv_len: int, kv_types, extra: dict | None = None):
+    """The blocks over a stacked cache (k and v [B, L, KVH, S, row]): each run of alike layers
+    (``layer_runs``) as one ``lax.scan``, so the program holds one copy of the block per run,
+    not per layer (compile time, executable size and its load do not grow with depth). In the
+    loop body quantized weights are ``LayerStack``s (every layer's buffers, read in place by
+    the int8 kernels at the traced index), small per-layer arrays (norms, biases) are sliced
+    from their stack, and the cache is a ``LayerCache`` written in place. The block code is the
+    same as unrolled and computes the same bits. With numerics taps (named per layer) or LoRA
+    adapters every layer runs on its own."""
+    num = numerics.current()
+    if num.scan_layers and not num.taps and not any(_has_lora(b) for b in blocks):
+        runs = layer_runs(blocks)
+    else:
+        runs = [(i, i + 1) for i in range(len(blocks))]
+    extra = extra or {}
+    run = _block_runner(bool(extra))
+    for a, b in runs:
+        if b - a == 1:
+            x, kc, vc = _run_block(run, blocks[a], a, x, pos, pos0, LayerCache(kf, a),
+                                   LayerCache(vf, a), kv_len, kv_types, extra)
+            kf, vf = kc.full, vc.full
+            continue
+        gd, tdef = None, None
+        per_layer = []
+        for blk in blocks[a:b]:
+            gd, st = nnx.split(blk)
+            leaves, tdef = jax.tree.flatten(st, is_leaf=_is_qt)
+            per_layer.append(leaves)
+        cols = list(zip(*per_layer))  # per leaf: its value in each layer
+        qcols = {j: c for j, c in enumerate(cols) if isinstance(c[0], QTensor)}
+        small = [jnp.stack(c) for j, c in enumerate(cols) if j not in qcols]
+
+        def body(carry, xs, gd=gd, tdef=tdef, qcols=qcols, n=len(cols), a=a):
+            x, kf, vf = carry
+            il, sm = xs  # il: the layer in the cache; il - a: in this run's weights
+            it = iter(sm)
+            leaves = [LayerStack(tuple(qcols[j]), il - a) if j in qcols else next(it)
+                      for j in range(n)]
+            blk = nnx.merge(gd, jax.tree.unflatten(tdef, leaves))
+            x, kc, vc = blk(x, pos, pos0, LayerCache(kf, il), LayerCache(vf, il), kv_len,
+                            kv_types, **extra)
+            return (x, kc.full, vc.full), None
+
+        with jax.named_scope(f"blk{a}-{b - 1}"):
+            (x, kf, vf), _ = jax.lax.scan(body, (x, kf, vf),
+                                          (jnp.arange(a, b, dtype=jnp.int32), small))
+    return x, kf, vf
 
 
 def _shared_block_runner():

@@ -152,6 +152,10 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
+    # runs its blocks as a scan over a stacked KV cache (common.scan_blocks) when the Engine's
+    # numerics ask for it (Numerics.scan_layers)
+    scans_layers = True
+
     def __init__(self, spec: ModelSpec, var: Variant, w: Weights, moe: MoEConfig | None = None):
         self.spec = spec
         self.variant = var

@@ -129,6 +129,10 @@ class Block(nnx.Module):
 
 
 class Gemma3(nnx.Module):
+    # runs of alike blocks as one scan over a stacked cache (common.scan_blocks): the sliding-
+    # window layers between two global ones are one run, each global layer its own
+    scans_layers = True
+
     def __init__(self, spec: ModelSpec, w: Weights):
         self.spec = spec
         self.tok_embd = Embedding(w("token_embd.weight"))

@@ -80,3 +80,47 @@ def from_gguf_bytes(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> tupl
     info = qtype_info(qtype)
     row = shape[-1]
     return raw.reshape(*shape[:-1], row // info.block_size * info.type_size), qtype
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True)
+class LayerStack:
+    """One weight of a run of decoder layers as a ``lax.scan`` body sees it: every layer's
+    QTensor, buffers untouched, and the (traced) index of the layer being run. The int8 CPU
+    kernels take all of them and read the indexed one in place; stacking the layers into one
+    array and slicing it in the loop would copy the layer's weights every step (XLA:CPU
+    materialises a dynamic slice that feeds a custom call).
+
+    Layers may differ in ggml type (Q4_K_M gives some layers Q6_K) but not in logical shape,
+    layout or activation format; ``qtype`` is the first layer's, for decisions that are the
+    same for all (callers check that when they build one)."""
+
+    parts: tuple[QTensor, ...]
+    index: Any  # int32 scalar
+
+    def tree_flatten(self):
+        return (self.parts, self.index), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(tuple(children[0]), children[1])
+
+    @property
+    def qtype(self) -> int:
+        return self.parts[0].qtype
+
+    @property
+    def qtypes(self) -> list[int]:
+        return [p.qtype for p in self.parts]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.parts[0].shape
+
+    @property
+    def layout(self) -> str:
+        return self.parts[0].layout
+
+    @property
+    def is_float(self) -> bool:
+        return self.parts[0].is_float

@@ -77,21 +77,22 @@ inline void scale_f32(int n, float* y, float v) {
 
 struct Problem {
   const float* q;      // [B, T, H, DK]
-  const uint16_t* k;   // [B, KVH, S, DK]
-  const uint16_t* v;   // [B, KVH, S, DV]
+  const uint16_t* k;   // [B, KVH, S, DK], or one layer of [B, L, KVH, S, DK]
+  const uint16_t* v;   // [B, KVH, S, DV], likewise
   const int32_t* pos0; // [B]
   float* out;          // [B, T, H, DV]
   int64_t B, T, H, KVH, S, DK, DV, kv_len;
+  int64_t KVHB;  // heads from one batch row to the next: KVH, or L * KVH in a stacked cache
   float scale, softcap;
   int64_t window, n_split;
   bool tiled;
   bool bidir;  // llama.cpp with causal_attn off: every query sees the keys up to the last one
 
   const uint16_t* krow(int64_t b, int64_t h, int64_t j) const {
-    return k + ((b * KVH + h / (H / KVH)) * S + j) * DK;
+    return k + ((b * KVHB + h / (H / KVH)) * S + j) * DK;
   }
   const uint16_t* vrow(int64_t b, int64_t h, int64_t j) const {
-    return v + ((b * KVH + h / (H / KVH)) * S + j) * DV;
+    return v + ((b * KVHB + h / (H / KVH)) * S + j) * DV;
   }
   const float* qrow(int64_t b, int64_t t, int64_t h) const {
     return q + ((b * T + t) * H + h) * DK;
@@ -378,25 +379,36 @@ struct Work final : ChunkJob {
 
 ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                          ffi::Buffer<ffi::F16> k, ffi::Buffer<ffi::F16> v,
-                         ffi::Buffer<ffi::S32> pos0, ffi::ResultBuffer<ffi::F32> out,
+                         ffi::Buffer<ffi::S32> pos0, ffi::Buffer<ffi::S32> layer,
+                         ffi::ResultBuffer<ffi::F32> out,
                          int64_t kv_len, float scale, int64_t window, float softcap,
                          int64_t n_threads, int64_t neq1, int64_t workers, int64_t kv_pad,
                          int64_t bidir) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
-    return ffi::Error::InvalidArgument("q, k, v must be 4-D");
+  // A stacked cache [B, L, KVH, S, D] (every layer of a scanned decoder in one buffer) is read
+  // in place at layer ``layer``: slicing it in XLA would copy the layer's cache every step.
+  const bool stacked = kd.size() == 5;
+  if (qd.size() != 4 || kd.size() != vd.size() || (kd.size() != 4 && !stacked))
+    return ffi::Error::InvalidArgument("q must be 4-D, k and v both 4-D or both 5-D");
+  const int64_t L = stacked ? kd[1] : 1;
+  const int64_t il = stacked ? (int64_t)layer.typed_data()[0] : 0;
+  if (stacked && (vd[1] != L || il < 0 || il >= L))
+    return ffi::Error::InvalidArgument("layer out of range");
+  const size_t o = stacked ? 1 : 0;
   auto w = std::make_shared<Work>();
   Problem& P = w->P;
   P.B = qd[0], P.T = qd[1], P.H = qd[2], P.DK = qd[3];
-  P.KVH = kd[1], P.S = kd[2], P.DV = vd[3];
-  if (kd[0] != P.B || vd[0] != P.B || vd[1] != P.KVH || vd[2] != P.S || kd[3] != P.DK)
+  P.KVH = kd[1 + o], P.S = kd[2 + o], P.DV = vd[3 + o];
+  P.KVHB = L * P.KVH;
+  if (kd[0] != P.B || vd[0] != P.B || vd[1 + o] != P.KVH || vd[2 + o] != P.S ||
+      kd[3 + o] != P.DK)
     return ffi::Error::InvalidArgument("k/v shapes do not match q");
   if (P.KVH <= 0 || P.H % P.KVH != 0) return ffi::Error::InvalidArgument("H % KVH != 0");
   if (kv_len < 0 || kv_len > P.S) return ffi::Error::InvalidArgument("kv_len out of range");
   if ((int64_t)pos0.element_count() != P.B) return ffi::Error::InvalidArgument("pos0 must be [B]");
   P.q = q.typed_data();
-  P.k = k.typed_data();
-  P.v = v.typed_data();
+  P.k = reinterpret_cast<const uint16_t*>(k.typed_data()) + il * P.KVH * P.S * P.DK;
+  P.v = reinterpret_cast<const uint16_t*>(v.typed_data()) + il * P.KVH * P.S * P.DV;
   P.pos0 = pos0.typed_data();
   P.out = out->typed_data();
   P.kv_len = kv_len;
@@ -464,6 +476,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttn, jllama::FlashAttnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("kv_len")

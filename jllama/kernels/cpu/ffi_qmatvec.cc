@@ -257,24 +257,40 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
 }
 
 // The weights (RemainingArgs, u8 GGUF rows) and outputs (RemainingRets, f32) of a variadic
-// call, one qtype each.
+// call, one qtype each. With ``layers`` > 1 (a scanned decoder's loop body) the arguments are
+// the layer index (s32 scalar) and then, per weight, that weight in each of the ``layers``
+// layers with a qtype each: the call reads the index's one in place (a dynamic slice of
+// stacked weights in XLA would copy it every step).
 struct Weights {
   std::vector<ffi::Buffer<ffi::U8>> wb;
   std::vector<ffi::Buffer<ffi::U8>*> ws;
   std::vector<float*> ys;
+  std::vector<int64_t> qt;
 };
 
-ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t n_qtypes,
-                   Weights& out) {
-  const size_t nw = args.size();
-  if (nw == 0 || rets.size() != nw || n_qtypes != nw)
-    return ffi::Error::InvalidArgument("need one output and one qtype per weight");
+ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
+                   ffi::Span<const int64_t> qtypes, int64_t layers, Weights& out) {
+  const size_t nw = rets.size();
+  const size_t nl = size_t(std::max<int64_t>(1, layers));
+  const size_t first = nl > 1 ? 1 : 0;
+  if (nw == 0 || args.size() != first + nw * nl || qtypes.size() != nw * nl)
+    return ffi::Error::InvalidArgument("need one output per weight, one qtype per weight/layer");
+  size_t il = 0;
+  if (nl > 1) {
+    auto idx = args.get<ffi::Buffer<ffi::S32>>(0);
+    if (idx.has_error() || idx->element_count() != 1)
+      return ffi::Error::InvalidArgument("bad layer index");
+    const int32_t v = idx->typed_data()[0];
+    if (v < 0 || size_t(v) >= nl) return ffi::Error::InvalidArgument("layer out of range");
+    il = size_t(v);
+  }
   for (size_t i = 0; i < nw; ++i) {
-    auto w = args.get<ffi::Buffer<ffi::U8>>(i);
+    auto w = args.get<ffi::Buffer<ffi::U8>>(first + i * nl + il);
     auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
     if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("bad weight or output");
     out.wb.push_back(*w);
     out.ys.push_back((*y)->typed_data());
+    out.qt.push_back(qtypes[i * nl + il]);
   }
   for (auto& w : out.wb) out.ws.push_back(&w);
   return ffi::Error::Success();
@@ -284,11 +300,12 @@ ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t n_
 // then any number of weights sharing that activation format and as many outputs.
 ffi::Error QMatVecQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
                          ffi::Buffer<ffi::F32> s, ffi::RemainingArgs args,
-                         ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes, bool tiled) {
+                         ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes, bool tiled,
+                         int64_t layers) {
   Weights wts;
-  if (ffi::Error err = weights(args, rets, qtypes.size(), wts); err.failure()) return err;
+  if (ffi::Error err = weights(args, rets, qtypes, layers, wts); err.failure()) return err;
   return q8_launch(pool, std::make_shared<Q8Work>(), q8_in(q, d, s), wts.ws.data(),
-                   wts.ys.data(), qtypes.begin(), int(wts.ws.size()), tiled);
+                   wts.ys.data(), wts.qt.data(), int(wts.ws.size()), tiled);
 }
 
 ffi::Error QuantizeQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -309,9 +326,11 @@ ffi::Error QuantizeQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Decode: quantization and product in one call (f32 x in), one thunk and one set of XLA
 // buffers fewer per weight group; the same quantize_row_q8, so the same bits.
 ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
-                          ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes, bool tiled) {
+                          ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes_all, bool tiled,
+                          int64_t layers) {
   Weights wts;
-  if (ffi::Error err = weights(args, rets, qtypes.size(), wts); err.failure()) return err;
+  if (ffi::Error err = weights(args, rets, qtypes_all, layers, wts); err.failure()) return err;
+  const int64_t* qtypes = wts.qt.data();
   const int nw = int(wts.ws.size());
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
@@ -334,7 +353,7 @@ ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
     quantize_row_q8(x.typed_data() + r * k, k, fmt, work->xq.data() + r * k,
                     work->xd.data() + r * nb, work->xs.data() + r * ns);
   const Q8In in{work->xq.data(), work->xd.data(), work->xs.data(), m, k, m, nb, m, ns};
-  return q8_launch(pool, work, in, wts.ws.data(), wts.ys.data(), qtypes.begin(), nw, tiled);
+  return q8_launch(pool, work, in, wts.ws.data(), wts.ys.data(), qtypes, nw, tiled);
 }
 #endif  // JLLAMA_Q8
 
@@ -389,7 +408,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8, jllama::QMatVecQ8Impl,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("qtypes")
-                                  .Attr<bool>("tiled"));
+                                  .Attr<bool>("tiled")
+                                  .Attr<int64_t>("layers"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8F, jllama::QMatVecQ8FImpl,
                               ffi::Ffi::Bind()
@@ -398,5 +418,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8F, jllama::QMatVecQ8FImpl,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("qtypes")
-                                  .Attr<bool>("tiled"));
+                                  .Attr<bool>("tiled")
+                                  .Attr<int64_t>("layers"));
 #endif
