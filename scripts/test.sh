@@ -8,4 +8,8 @@ bash scripts/setup.sh test,oracle
 . .venv/bin/activate
 export JLLAMA_SHARED_DATA="${JLLAMA_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
 ruff check .
-exec python -m pytest -q "$@"
+# One pytest worker per core, at most 4 (each holds a JAX runtime and the oracle: ~5 GB at
+# peak); whole files per worker, so module fixtures (tiny models, servers) are built once.
+# Arguments after ours win (e.g. `-n 0` for one process).
+n=$(nproc 2>/dev/null || echo 1); [ "$n" -gt 4 ] && n=4
+exec python -m pytest -q -n "$n" --dist loadfile "$@"
