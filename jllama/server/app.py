@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -31,7 +33,7 @@ from jllama.server import tools as tl
 from jllama.server.grammar import JsonConstraint
 from jllama.server.metrics import Metrics
 from jllama.server.openai_schema import ApiError
-from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler
+from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler, SchedulerDead
 
 DISCONNECT_POLL_S = 0.5
 
@@ -42,6 +44,21 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 64
     timeout: float = 600.0
+    # llama-server's switches (jllama serve's flags of the same names; config 'server')
+    api_keys: list[str] = field(default_factory=list)  # any of them works (plus api_key)
+    metrics: bool = True  # /metrics (llama-server: off unless --metrics; the CLI follows it)
+    slots: bool = True  # GET /slots
+    props: bool = False  # POST /props
+    cors_origins: str = "*"
+    n_predict: int = -1  # default max tokens of a request (-1: no limit but the context)
+    defaults: dict = field(default_factory=dict)  # request fields a request may leave out
+    aliases: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    cache_prompt: bool = True
+    max_body: int = 16 * 1024 * 1024  # bytes; larger request bodies get 413
+
+    def keys(self) -> list[str]:
+        return [k for k in [self.api_key, *self.api_keys] if k]
 
 
 class ServerState:
@@ -85,8 +102,17 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def json_body(request: Request) -> dict:
-    raw = await request.body()
+async def json_body(request: Request, limit: int | None = None) -> dict:
+    if limit is None:
+        limit = getattr(request.app.state, "max_body", 16 * 1024 * 1024)
+    chunks, n = [], 0
+    async for chunk in request.stream():  # counted as it arrives: chunked bodies too
+        n += len(chunk)
+        if n > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes",
+                           code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -98,12 +124,23 @@ async def json_body(request: Request) -> dict:
 
 
 def check_auth(state: ServerState, request: Request) -> None:
-    key = state.settings.api_key
-    if not key:
+    """llama-server's rule: 'Authorization: Bearer KEY', else Anthropic's 'X-Api-Key: KEY'.
+    Every key is compared in constant time (hmac.compare_digest) so the answer's timing does
+    not tell how much of a guess was right."""
+    keys = state.settings.keys()
+    if not keys:
         return
     got = request.headers.get("authorization", "")
-    if not got.lower().startswith("bearer ") or got[7:].strip() != key:
-        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+    if not got:
+        got = request.headers.get("x-api-key", "")
+    if got[:7].lower() == "bearer ":
+        got = got[7:].strip()
+    given = got.encode("utf-8", "surrogateescape")
+    ok = False
+    for k in keys:  # no early exit: the time does not depend on which key matched
+        ok |= hmac.compare_digest(given, k.encode("utf-8"))
+    if not ok:
+        raise ApiError(401, "Invalid API Key (send 'Authorization: Bearer <key>')",
                        code="invalid_api_key")
 
 
@@ -186,6 +223,8 @@ def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) 
                      opts.cache_prompt, lora=opts.lora)
     try:
         state.scheduler.submit(req)
+    except SchedulerDead as e:
+        raise ApiError(503, str(e), code="unavailable", type_="unavailable_error") from None
     except QueueFull as e:
         raise ApiError(503, f"server busy: {e}; retry later", code="queue_full",
                        type_="server_overloaded") from None
@@ -234,6 +273,41 @@ def make_constraint(state: ServerState, opts: oa.GenOptions,
     return JsonConstraint(sch.token_bytes(), sch.eog, root="object", schema=schema)
 
 
+def _params_json(p: SamplingParams, n_predict: int | None, seed: int | None = None) -> dict:
+    """llama-server's task_params.to_json(only_metrics) for the fields jllama has."""
+    n = -1 if n_predict is None else n_predict
+    return {"seed": p.seed if p.seed is not None else (-1 if seed is None else seed),
+            "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+            "min_p": p.min_p, "repeat_last_n": p.repeat_last_n,
+            "repeat_penalty": p.repeat_penalty, "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty, "max_tokens": n, "n_predict": n}
+
+
+def native_completion(job: Job, text: str, done: Event, ids: list[int]) -> dict:
+    """llama-server's /completion answer (its completion result to_json, non-OAI): the text,
+    stop type, token counts and timings. The first generated token comes from the prompt's
+    logits, so the generation rate is over the tokens after it, as llama-server counts."""
+    end = time.monotonic()
+    t_first = job.t_first or end
+    prompt_n = max(done.prompt_tokens - done.cached_tokens, 0)
+    pred_n = done.completion_tokens
+    prompt_ms = max((t_first - job.t0) * 1e3, 1e-3)
+    pred_ms = max((end - t_first) * 1e3, 0.0)
+    steps = max(pred_n - 1, 0)
+    timings = {"cache_n": done.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+               "prompt_per_token_ms": prompt_ms / max(prompt_n, 1),
+               "prompt_per_second": 1e3 * prompt_n / prompt_ms,
+               "predicted_n": pred_n, "predicted_ms": pred_ms,
+               "predicted_per_token_ms": pred_ms / steps if steps and pred_ms > 0 else 0.0,
+               "predicted_per_second": 1e3 / pred_ms * steps if steps and pred_ms > 0 else 0.0}
+    stop_type = {"stop": "eos", "length": "limit"}.get(done.finish or "", "none")
+    return {"index": 0, "content": text, "tokens": [], "id_slot": -1, "stop": True,
+            "model": job.model, "tokens_predicted": pred_n,
+            "tokens_evaluated": done.prompt_tokens, "prompt": "", "has_new_line": "\n" in text,
+            "truncated": False, "stop_type": stop_type, "stopping_word": "",
+            "tokens_cached": done.prompt_tokens + pred_n, "timings": timings}
+
+
 class Handlers:
     def __init__(self, state: ServerState):
         self.state = state
@@ -278,6 +352,21 @@ class Handlers:
     async def models(self, request: Request) -> Response:
         return await self._run(request, "/v1/models", self._models)
 
+    def with_defaults(self, body: dict) -> dict:
+        """The server's defaults (llama-server's --temp, --seed, -n, ...) for the fields a
+        request leaves out; llama-server's n_predict is max_tokens under its own name."""
+        st = self.state.settings
+        out = {**{k: v for k, v in st.defaults.items() if body.get(k) is None}, **body}
+        if out.get("max_tokens") is None and out.get("max_completion_tokens") is None:
+            n = out.get("n_predict")
+            if n is None or (isinstance(n, int) and n < 0):
+                n = st.n_predict
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                out["max_tokens"] = n
+        if "cache_prompt" not in body and not st.cache_prompt:
+            out["cache_prompt"] = False
+        return out
+
     async def tokenize(self, request: Request) -> Response:
         return await self._run(request, "/tokenize", self._tokenize)
 
@@ -288,6 +377,9 @@ class Handlers:
         sch = self.state.scheduler
         if sch is None:
             return JSONResponse({"status": "ok"})
+        if sch.dead is not None:  # the scheduler thread cannot go on: no request will be served
+            return error_response(ApiError(503, f"the scheduler stopped: {sch.dead}",
+                                           code="unavailable", type_="unavailable_error"))
         busy = sch.busy_slots()
         body = {"status": "ok", "slots_idle": sch.n_slots - busy, "slots_processing": busy,
                 "requests_queued": len(sch.queue)}
@@ -297,8 +389,83 @@ class Handlers:
         return await self._run(request, "/lora-adapters", self._lora_adapters)
 
     async def metrics(self, request: Request) -> Response:
+        return await self._run(request, "/metrics", self._metrics)
+
+    async def _metrics(self, request: Request) -> Response:
+        if not self.state.settings.metrics:
+            raise emb.server_error((501, "not_supported_error"), "This server does not support "
+                                   "metrics endpoint. Start it with `--metrics`")
         return PlainTextResponse(self.state.metrics.render(),
                                  media_type="text/plain; version=0.0.4")
+
+    async def slots(self, request: Request) -> Response:
+        return await self._run(request, "/slots", self._slots)
+
+    async def _slots(self, request: Request) -> Response:
+        """llama-server's GET /slots (its slot to_json with only_metrics)."""
+        st = self.state
+        if not st.settings.slots:
+            raise emb.server_error((501, "not_supported_error"), "This server does not support "
+                                   "slots endpoint. Start it with `--slots`")
+        if request.method == "POST":
+            raise emb.server_error((501, "not_supported_error"), "This server does not support "
+                                   "slots action. Start it with `--slot-save-path`")
+        sch = st.scheduler
+        out = []
+        for b in range(sch.n_slots if sch is not None else 1):
+            a = sch.slots[b] if sch is not None else None
+            d = {"id": b, "n_ctx": st.ctx_size,
+                 "speculative": bool(sch is not None and sch.speculative is not None),
+                 "is_processing": a is not None}
+            if a is not None:
+                d["n_prompt_tokens"] = len(a.req.prompt_ids)
+                d["n_prompt_tokens_cache"] = a.req.cached_tokens
+                d["params"] = _params_json(a.req.params, a.req.max_tokens)
+                d["next_token"] = [{"has_next_token": True, "n_decoded":
+                                    a.req.completion_tokens}]
+            out.append(d)
+        if request.query_params.get("fail_on_no_slot") and all(d["is_processing"] for d in out):
+            raise emb.server_error((503, "unavailable_error"), "no slot available")
+        return JSONResponse(out)
+
+    async def props(self, request: Request) -> Response:
+        return await self._run(request, "/props", self._props)
+
+    async def _props(self, request: Request) -> Response:
+        """llama-server's GET /props (POST: its --props switch; nothing is settable yet)."""
+        st = self.state
+        if request.method == "POST":
+            if not st.settings.props:
+                raise emb.server_error((501, "not_supported_error"), "This server does not "
+                                       "support changing global properties. Start it with "
+                                       "`--props`")
+            raise emb.server_error((501, "not_supported_error"), "changing global properties "
+                                   "is not built in jllama yet")
+        from jllama.engine.sampling import SamplingParams
+
+        d = st.settings.defaults
+        sp = SamplingParams(**{k: d[k] for k in ("temperature", "top_k", "top_p", "min_p",
+                                                  "repeat_penalty", "frequency_penalty",
+                                                  "presence_penalty", "seed") if k in d})
+        tk = st.tokenizer
+        path = st.llm.path if st.llm is not None else st.encoder.path
+
+        def piece(i):
+            return tk.token_to_piece(i).decode("utf-8", "replace") if i is not None else ""
+
+        return JSONResponse({
+            "default_generation_settings": {
+                "params": _params_json(sp, st.settings.n_predict, d.get("seed", -1)),
+                "n_ctx": st.ctx_size},
+            "total_slots": st.scheduler.n_slots if st.scheduler is not None else 1,
+            "model_alias": st.settings.model_alias, "model_path": str(path),
+            "modalities": {"vision": False, "video": False, "audio": False},
+            "endpoint_slots": st.settings.slots, "endpoint_props": st.settings.props,
+            "endpoint_metrics": st.settings.metrics, "ui": False,
+            "chat_template": getattr(tk, "chat_template", None) or "",
+            "bos_token": piece(getattr(tk, "bos_id", None)),
+            "eos_token": piece(getattr(tk, "eos_id", None)),
+            "build_info": "jllama", "is_sleeping": False})
 
     # ------------------------------------------------------------------ endpoints
     async def _models(self, request: Request) -> Response:
@@ -309,8 +476,9 @@ class Handlers:
         else:
             meta = {"n_ctx": st.ctx_size, "n_vocab": st.llm.spec.n_vocab,
                     "n_slots": st.scheduler.n_slots, "arch": st.llm.spec.arch}
-        m = {"id": st.settings.model_alias, "object": "model", "created": st.created,
-             "owned_by": "jllama", "meta": meta}
+        m = {"id": st.settings.model_alias, "aliases": st.settings.aliases or
+             [st.settings.model_alias], "tags": st.settings.tags, "object": "model",
+             "created": st.created, "owned_by": "llamacpp", "meta": meta}
         return JSONResponse({"object": "list", "data": [m]})
 
     async def _lora_adapters(self, request: Request) -> Response:
@@ -394,9 +562,29 @@ class Handlers:
         return JSONResponse(emb.rerank_response(body, self.state.settings.model_alias, prompts,
                                                 docs, scores, top_n, tei))
 
+    async def _native_events(self, request: Request, job: Job, first: Event, prefix: str,
+                             ids: list[int]) -> AsyncIterator[str]:
+        """llama-server's own stream: {"content", "stop": false} per piece, then the last
+        object with "stop": true, the counts and the timings."""
+        try:
+            if prefix:
+                yield sse({"content": prefix, "stop": False, "index": 0, "id_slot": -1})
+            async for ev in self._stream_events(request, job, first):
+                if ev.kind == "text":
+                    yield sse({"content": ev.text, "stop": False, "index": 0, "id_slot": -1,
+                               "tokens": []})
+                elif ev.kind == "done":
+                    yield sse(native_completion(job, "", ev, ids))
+                else:
+                    yield sse(ApiError(ev.status, ev.message).body())
+        finally:
+            job.req.cancel()
+
     async def _completions(self, request: Request) -> Response:
         st = self.state
-        body = await json_body(request)
+        # llama-server: /completion and /completions answer in its own shape, /v1/... in OAI's
+        native = request.url.path in ("/completion", "/completions")
+        body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -433,9 +621,15 @@ class Handlers:
             finally:
                 job.req.cancel()
             self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
+            if native:
+                return JSONResponse(native_completion(job, prefix + text, done, ids))
             return JSONResponse(oa.completion_response(job.rid, job.model, job.created,
                                                        prefix + text, done.finish,
                                                        usage_of(done)))
+        if native:
+            return StreamingResponse(self._native_events(request, job, first, prefix, ids),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -465,7 +659,7 @@ class Handlers:
 
     async def _chat(self, request: Request) -> Response:
         st = self.state
-        body = await json_body(request)
+        body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab)
         messages = oa.parse_messages(body)
         tools, choice = oa.parse_tools(body)
@@ -565,7 +759,7 @@ class Handlers:
 
 
 # ---------------------------------------------------------------------------- app
-def create_app(state: ServerState, warmup: bool = True) -> Starlette:
+def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
     h = Handlers(state)
 
     @contextlib.asynccontextmanager
@@ -582,6 +776,9 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
     for path, fn, methods in (
         ("/v1/chat/completions", h.chat, ["POST"]), ("/chat/completions", h.chat, ["POST"]),
         ("/v1/completions", h.completions, ["POST"]), ("/completions", h.completions, ["POST"]),
+        ("/completion", h.completions, ["POST"]),
+        ("/props", h.props, ["GET", "POST"]), ("/slots", h.slots, ["GET"]),
+        ("/slots/{id_slot}", h.slots, ["POST"]),
         ("/v1/models", h.models, ["GET"]), ("/models", h.models, ["GET"]),
         ("/tokenize", h.tokenize, ["POST"]), ("/detokenize", h.detokenize, ["POST"]),
         ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),
@@ -602,8 +799,69 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
         return error_response(ApiError(status, msg, code="not_found" if status == 404
                                        else "method_not_allowed"))
 
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: not_found, 405: not_found})
+    app.state.max_body = state.settings.max_body
+    return HttpRules(app, state.settings)
+
+
+def origin_is_localhost(origin: str) -> bool:
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    return host in ("localhost", "127.0.0.1", "::1")
+
+
+class HttpRules:
+    """What llama-server does before routing (server-http.cpp's pre-routing handler): CORS
+    headers on every answer (--cors-origins: '*' echoes the Origin, 'localhost' echoes loopback
+    origins only, anything else is sent as is), OPTIONS answered at once without a key, and a
+    body larger than the limit refused from its Content-Length before it is read."""
+
+    METHODS = "GET, POST, DELETE, OPTIONS"
+
+    def __init__(self, app, settings: ServerSettings):
+        self.app = app
+        self.settings = settings
+        self.state = app.state  # ServerThread and tests reach the Starlette app's state
+
+    def _allow_origin(self, origin: str | None) -> str | None:
+        rule = self.settings.cors_origins
+        if rule == "*":
+            return origin or "*"
+        if rule == "localhost":
+            return origin if origin and origin_is_localhost(origin) else None
+        return rule
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        allow = self._allow_origin(headers.get("origin"))
+        extra = [(b"access-control-allow-origin", allow.encode("latin-1"))] if allow else []
+        if scope["method"] == "OPTIONS":
+            hdrs = extra + [(b"access-control-allow-credentials", b"true"),
+                            (b"access-control-allow-methods", self.METHODS.encode()),
+                            (b"access-control-allow-headers", b"*"),
+                            (b"content-type", b"text/html"), (b"content-length", b"0")]
+            await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.settings.max_body:
+            resp = error_response(ApiError(413, "the request body is larger than "
+                                           f"{self.settings.max_body} bytes",
+                                           code="body_too_large"))
+            return await resp(scope, receive, send)
+
+        async def send_cors(msg):
+            if msg["type"] == "http.response.start" and extra:
+                msg = {**msg, "headers": list(msg.get("headers", [])) + extra}
+            await send(msg)
+
+        await self.app(scope, receive, send_cors)
 
 
 class ServerThread:

@@ -37,6 +37,15 @@ class QueueFull(Exception):
     pass
 
 
+class SchedulerDead(Exception):
+    """The scheduler thread stopped for good: nothing submitted would ever be served."""
+
+
+# loop turns in a row that raise before the scheduler gives up (/health then answers 503): one
+# bad turn fails the requests it was running; a run of them means the engine itself is broken
+MAX_FAILED_TURNS = 3
+
+
 @dataclass
 class Event:
     kind: str  # "text" | "done" | "error"
@@ -116,7 +125,8 @@ class Scheduler:
         self._first = jax.jit(_first_token)
         self._token_bytes: list[bytes] | None = None
         self.steps_run = 0
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last error (a request's or the loop's)
+        self.dead: BaseException | None = None  # set when the loop can no longer go on
         # speculative decoding drives one sequence at a time: single-slot servers only
         # LoRA: the scales the server applies by default (POST /lora-adapters sets them) and
         # those the engine holds now; requests with other scales wait until no slot is busy,
@@ -142,6 +152,9 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, req: GenRequest) -> None:
+        if self.dead is not None:
+            raise SchedulerDead(f"the scheduler stopped: {type(self.dead).__name__}: "
+                                f"{self.dead}")
         with self.cv:
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests already waiting "
@@ -184,25 +197,38 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        while True:
-            with self.cv:
-                while not self._stop and not self.queue and not any(self.slots):
-                    self.cv.wait(timeout=1.0)
-                if self._stop:
-                    break
-            try:
-                self._iteration()
-            except BaseException as e:  # keep serving: fail what was running, report
-                self.error = e
-                for b, a in enumerate(self.slots):
-                    if a is not None:
-                        self._fail(b, 500, f"internal error: {type(e).__name__}: {e}")
+        failed = 0
+        try:
+            while True:
+                with self.cv:
+                    while not self._stop and not self.queue and not any(self.slots):
+                        self.cv.wait(timeout=1.0)
+                    if self._stop:
+                        break
+                try:
+                    self._iteration()
+                    failed = 0
+                except Exception as e:  # the batch itself broke: fail what it was running
+                    log.exception("scheduler turn failed")
+                    self.error = e
+                    failed += 1
+                    for b, a in enumerate(self.slots):
+                        if a is not None:
+                            self._fail(b, 500, f"internal error: {type(e).__name__}: {e}")
+                    if failed >= MAX_FAILED_TURNS:
+                        self.dead = e
+                        break
+        except BaseException as e:  # noqa: BLE001 - e.g. MemoryError: nothing can go on
+            self.dead = e
+            self.error = e
+        reason = "server shutting down" if self.dead is None else \
+            f"the scheduler stopped: {type(self.dead).__name__}: {self.dead}"
         for b, a in enumerate(self.slots):
             if a is not None:
-                self._fail(b, 503, "server shutting down")
+                self._fail(b, 503, reason)
         with self.cv:
             while self.queue:
-                self.queue.popleft().sink(Event("error", status=503, message="server shutting down"))
+                self.queue.popleft().sink(Event("error", status=503, message=reason))
 
     def _iteration(self) -> None:
         self._drop_cancelled()
@@ -279,6 +305,7 @@ class Scheduler:
             free.remove(best)
             self.engine.rewind(best, keep)
             req.cached_tokens = keep
+            self.metrics.prompt_tokens_cached += keep
             from jllama.tokenizer import StreamDecoder
 
             self.slots[best] = _Active(req, StreamDecoder(self.tok), list(ids[keep:]))
@@ -319,18 +346,22 @@ class Scheduler:
             self.metrics.prompt_seconds += time.perf_counter() - t0
             if a.todo:
                 continue
-            self._ensure_batch()
-            sp1 = BatchSampling.stack([a.req.params])
-            key = jnp.asarray(self._keys[b : b + 1])
-            bias = jnp.asarray(self._bias_np[b : b + 1])
-            hist = self.engine.history[b : b + 1]
-            tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
-                                  bias)[0])
-            if a.req.constraint is not None:
-                tok = a.req.constraint.pick(tok, lambda lg=logits, b=b: np.asarray(lg)
-                                            + self._bias_np[b],
-                                            a.req.params.temperature, a.req.params.top_p, a.rng)
-            self._accept(b, tok)
+            self.metrics.n_decode += 1
+            try:
+                self._ensure_batch()
+                sp1 = BatchSampling.stack([a.req.params])
+                key = jnp.asarray(self._keys[b : b + 1])
+                bias = jnp.asarray(self._bias_np[b : b + 1])
+                hist = self.engine.history[b : b + 1]
+                tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
+                                      bias)[0])
+                if a.req.constraint is not None:
+                    tok = a.req.constraint.pick(tok, lambda lg=logits, b=b: np.asarray(lg)
+                                                + self._bias_np[b], a.req.params.temperature,
+                                                a.req.params.top_p, a.rng)
+                self._accept(b, tok)
+            except Exception as e:  # this request's sampling broke: it alone ends
+                self._fail_request(b, a, e)
 
     def _decode(self) -> None:
         active = np.array([a is not None and not a.todo for a in self.slots])
@@ -354,13 +385,18 @@ class Scheduler:
         self.steps_run += 1
         for b in np.nonzero(active)[0]:
             a = self.slots[b]
-            tok = int(nxt[b])
-            if a.req.constraint is not None:
-                tok = a.req.constraint.pick(tok, lambda b=b: np.asarray(logits)[b]
-                                            + self._bias_np[b],
-                                            a.req.params.temperature, a.req.params.top_p, a.rng)
-            self._accept(b, tok)
+            try:
+                tok = int(nxt[b])
+                if a.req.constraint is not None:
+                    tok = a.req.constraint.pick(tok, lambda b=b: np.asarray(logits)[b]
+                                                + self._bias_np[b], a.req.params.temperature,
+                                                a.req.params.top_p, a.rng)
+                self._accept(b, tok)
+            except Exception as e:  # this request's sampling broke: it alone ends
+                self._fail_request(b, a, e)
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
+        self.metrics.n_decode += 1
+        self.metrics.n_busy_slots += int(active.sum())
 
     # ------------------------------------------------------------------ per-token handling
     def _accept(self, b: int, tok: int) -> None:
@@ -407,9 +443,19 @@ class Scheduler:
                 text, reason = text[: min(hits)], "stop"
         self._emit(req, text)
         req.finish = reason
+        self.metrics.n_tokens_max = max(self.metrics.n_tokens_max,
+                                        len(req.prompt_ids) + req.completion_tokens)
         req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
                        completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens))
         self._free(b)
+
+    def _fail_request(self, b: int, a: _Active, e: Exception) -> None:
+        """An exception while handling one request's token: that request gets a 500, the
+        others in the batch go on."""
+        log.exception("request failed while sampling")
+        self.error = e
+        if self.slots[b] is a:
+            self._fail(b, 500, f"internal error in this request: {type(e).__name__}: {e}")
 
     def _fail(self, b: int, status: int, message: str) -> None:
         a = self.slots[b]
