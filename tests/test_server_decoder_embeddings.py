@@ -169,7 +169,7 @@ def test_cli_serve_embedding_on_a_decoder(served, monkeypatch) -> None:
     monkeypatch.setattr(app_mod, "create_app", capture)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     path = served[0]
-    assert main(["serve", "-m", str(path), "--embedding", "--pooling", "last", "-c", "128",
+    assert main(["serve", "-m", str(path), "--embedding", "--pooling", "last", "-c", "128", "-np", "1",
                  "--no-warmup"]) == 0
     st = seen["state"]
     assert st.llm is not None and isinstance(st.encoder, DecoderRunner)

@@ -474,7 +474,7 @@ def test_scheduler_stop_strings_cancel_and_queue_limit(fake_scheduler):
 # ---------------------------------------------------------------------------- CLI
 def test_serve_cli_flags_become_config(tmp_path):
     from jllama.cli.main import build_parser
-    from jllama.cli.serve import _overrides
+    from jllama.cli.serve import _overrides, _slot_ctx
     from jllama.config import load_config
 
     cfg_file = tmp_path / "serve.yaml"
@@ -482,8 +482,10 @@ def test_serve_cli_flags_become_config(tmp_path):
     args = build_parser().parse_args(["serve", str(cfg_file), "--parallel", "4", "-c", "1024",
                                       "--api-key", "k", "--max-queue", "3", "--timeout", "9"])
     cfg = load_config(args.config, _overrides(args))
+    _slot_ctx(cfg, args)
     assert (cfg.server.port, cfg.server.parallel, cfg.server.max_queue) == (9000, 4, 3)
-    assert cfg.server.timeout == 9.0 and cfg.runtime.ctx_size == 1024
+    # llama-server's -c: the context of all slots together
+    assert cfg.server.timeout == 9.0 and cfg.runtime.ctx_size == 1024 // 4
     assert args.api_key == "k"
     shipped = load_config(REPO / "configs" / "serve-smollm2.yaml")
     assert shipped.server.parallel == 4
