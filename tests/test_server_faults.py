@@ -202,3 +202,27 @@ def test_serve_refuses_unbuilt_llama_server_flags(flag, capsys):
     assert main(["serve", "-m", "smollm2-135m-instruct", *flag]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag[0] in err and "Traceback" not in err
+
+
+def test_native_completion_shape_and_progress(fake_llm):
+    """llama-server's /completion: its own fields, n_predict, and (stream + return_progress)
+    a prompt_progress chunk before the prompt and after each chunk of it (tools/server
+    README: 'return_progress')."""
+    import json
+
+    _, client = _client(fake_llm, metrics=True)
+    with client:
+        r = client.post("/completion", json={"prompt": [5, 6, 7], "n_predict": 4})
+        b = r.json()
+        assert r.status_code == 200 and b["stop"] is True and b["stop_type"] == "limit"
+        assert b["tokens_predicted"] == 4 and b["timings"]["predicted_n"] == 4
+        assert b["timings"]["prompt_n"] + b["timings"]["cache_n"] == 3
+        with client.stream("POST", "/completion", json={
+                "prompt": [5, 6, 7, 8], "n_predict": 2, "stream": True,
+                "return_progress": True}) as resp:
+            chunks = [json.loads(ln[6:]) for ln in resp.iter_lines() if ln.startswith("data: ")]
+        prog = [c for c in chunks if "prompt_progress" in c]
+        assert len(prog) >= 2 and prog[0]["timings"]["prompt_n"] == 0
+        assert prog[-1]["prompt_progress"]["processed"] == 4 and chunks[-1]["stop"] is True
+        text = client.get("/metrics")
+        assert "Process-Start-Time-Unix" in text.headers

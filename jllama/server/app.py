@@ -211,7 +211,8 @@ class Job:
     t_first: float = 0.0
 
 
-def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) -> Job:
+def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint,
+           progress: bool = False) -> Job:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
@@ -220,7 +221,7 @@ def submit(state: ServerState, ids: list[int], opts: oa.GenOptions, constraint) 
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
     req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
-                     opts.cache_prompt, lora=opts.lora)
+                     opts.cache_prompt, lora=opts.lora, return_progress=progress)
     try:
         state.scheduler.submit(req)
     except SchedulerDead as e:
@@ -281,6 +282,21 @@ def _params_json(p: SamplingParams, n_predict: int | None, seed: int | None = No
             "min_p": p.min_p, "repeat_last_n": p.repeat_last_n,
             "repeat_penalty": p.repeat_penalty, "presence_penalty": p.presence_penalty,
             "frequency_penalty": p.frequency_penalty, "max_tokens": n, "n_predict": n}
+
+
+def native_progress(ev: Event) -> dict:
+    """llama-server's prompt_progress chunk (return_progress): counts and prompt timings so far
+    (the first one before any prompt token is evaluated)."""
+    n = max(ev.processed - ev.cached_tokens, 0)
+    ms = ev.seconds * 1e3
+    return {"index": 0, "content": "", "tokens": [], "stop": False, "id_slot": -1,
+            "prompt_progress": {"total": ev.prompt_tokens, "cache": ev.cached_tokens,
+                                "processed": ev.processed, "time_ms": ms},
+            "timings": {"cache_n": ev.cached_tokens, "prompt_n": n, "prompt_ms": ms,
+                        "prompt_per_token_ms": ms / n if n else 0.0,
+                        "prompt_per_second": 1e3 * n / ms if n and ms > 0 else 0.0,
+                        "predicted_n": 0, "predicted_ms": 0.0, "predicted_per_token_ms": 0.0,
+                        "predicted_per_second": 0.0}}
 
 
 def native_completion(job: Job, text: str, done: Event, ids: list[int]) -> dict:
@@ -396,7 +412,9 @@ class Handlers:
             raise emb.server_error((501, "not_supported_error"), "This server does not support "
                                    "metrics endpoint. Start it with `--metrics`")
         return PlainTextResponse(self.state.metrics.render(),
-                                 media_type="text/plain; version=0.0.4")
+                                 media_type="text/plain; version=0.0.4",
+                                 headers={"Process-Start-Time-Unix":
+                                          str(int(self.state.metrics.started))})
 
     async def slots(self, request: Request) -> Response:
         return await self._run(request, "/slots", self._slots)
@@ -573,6 +591,9 @@ class Handlers:
                 if ev.kind == "text":
                     yield sse({"content": ev.text, "stop": False, "index": 0, "id_slot": -1,
                                "tokens": []})
+                elif ev.kind == "progress":
+                    yield sse(native_progress(ev))
+                    job.t_first = time.monotonic()  # prompt timings end at the last chunk
                 elif ev.kind == "done":
                     yield sse(native_completion(job, "", ev, ids))
                 else:
@@ -607,7 +628,8 @@ class Handlers:
                 raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
         echo = bool(body.get("echo", False))
         check_prompt(st, ids)
-        job = submit(st, ids, opts, make_constraint(st, opts))
+        job = submit(st, ids, opts, make_constraint(st, opts),
+                     progress=native and opts.stream and body.get("return_progress") is True)
         job.rid, job.created = oa.new_id("cmpl"), oa.now()
         prefix = st.llm.tokenizer.decode(ids) if echo else ""
         try:
@@ -747,7 +769,7 @@ class Handlers:
         ev = first
         while True:
             yield ev
-            if ev.kind != "text":
+            if ev.kind not in ("text", "progress"):
                 break
             try:
                 # the response task notices a hang-up itself (Starlette cancels it)

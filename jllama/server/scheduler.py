@@ -48,7 +48,7 @@ MAX_FAILED_TURNS = 3
 
 @dataclass
 class Event:
-    kind: str  # "text" | "done" | "error"
+    kind: str  # "text" | "done" | "error" | "progress" (prompt chunks, when asked for)
     text: str = ""
     finish: str | None = None
     prompt_tokens: int = 0
@@ -56,6 +56,8 @@ class Event:
     cached_tokens: int = 0
     status: int = 500
     message: str = ""
+    processed: int = 0  # "progress": prompt tokens evaluated so far (cached ones included)
+    seconds: float = 0.0  # "progress": time spent on the prompt so far
 
 
 @dataclass
@@ -70,6 +72,7 @@ class GenRequest:
     # per-request LoRA scales by adapter id (llama-server's "lora"; ids not named: 0); None:
     # the server's current scales (GET/POST /lora-adapters)
     lora: dict[int, float] | None = None
+    return_progress: bool = False  # llama-server's return_progress: an event per prompt chunk
     cancelled: bool = False
     # filled by the scheduler
     completion_tokens: int = 0
@@ -97,6 +100,7 @@ class _Active:
             seed = int.from_bytes(np.random.bytes(4), "little")
         self.seed = int(seed) % (2**32)
         self.rng = np.random.default_rng(self.seed)  # host-side constrained draws
+        self.t_prompt: float | None = None  # when its prompt's first chunk began (progress)
 
 
 class Scheduler:
@@ -333,6 +337,9 @@ class Scheduler:
             chunk = a.todo[:PREFILL_CHUNK]
             if done and done + len(chunk) > PREFILL_CHUNK:
                 break
+            if a.req.return_progress and a.t_prompt is None:
+                a.t_prompt = time.perf_counter()
+                self._progress(a, 0)
             a.todo = a.todo[len(chunk):]
             done += len(chunk)
             self._prefill_turn = (b + 1) % n
@@ -344,6 +351,8 @@ class Scheduler:
                 continue
             self.metrics.prompt_tokens += len(chunk)
             self.metrics.prompt_seconds += time.perf_counter() - t0
+            if a.req.return_progress:
+                self._progress(a, len(a.req.prompt_ids) - len(a.todo))
             if a.todo:
                 continue
             self.metrics.n_decode += 1
@@ -448,6 +457,13 @@ class Scheduler:
         req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
                        completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens))
         self._free(b)
+
+    def _progress(self, a: _Active, processed: int) -> None:
+        req = a.req
+        req.sink(Event("progress", prompt_tokens=len(req.prompt_ids),
+                       cached_tokens=req.cached_tokens, processed=max(processed,
+                                                                      req.cached_tokens),
+                       seconds=time.perf_counter() - a.t_prompt if processed else 0.0))
 
     def _fail_request(self, b: int, a: _Active, e: Exception) -> None:
         """An exception while handling one request's token: that request gets a 500, the
