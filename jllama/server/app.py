@@ -94,6 +94,7 @@ class ServerState:
                          sink=lambda ev: done.set() if ev.kind != "text" else None)
         sch.submit(req)
         done.wait(600)
+        self.metrics.forget_work()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -827,6 +828,13 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
     return HttpRules(app, state.settings)
 
 
+def _title(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Header names as llama-server writes them ('Access-Control-Allow-Origin'): Starlette
+    lowercases them, and clients that copy headers into a plain dict (llama.cpp's own test
+    suite does) look them up by llama-server's casing. h11 sends names as given."""
+    return [(k.decode("latin-1").title().encode("latin-1"), v) for k, v in headers]
+
+
 def origin_is_localhost(origin: str) -> bool:
     try:
         host = urlsplit(origin).hostname
@@ -868,7 +876,7 @@ class HttpRules:
                             (b"access-control-allow-methods", self.METHODS.encode()),
                             (b"access-control-allow-headers", b"*"),
                             (b"content-type", b"text/html"), (b"content-length", b"0")]
-            await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+            await send({"type": "http.response.start", "status": 200, "headers": _title(hdrs)})
             await send({"type": "http.response.body", "body": b""})
             return
         length = headers.get("content-length", "")
@@ -879,8 +887,8 @@ class HttpRules:
             return await resp(scope, receive, send)
 
         async def send_cors(msg):
-            if msg["type"] == "http.response.start" and extra:
-                msg = {**msg, "headers": list(msg.get("headers", [])) + extra}
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": _title(list(msg.get("headers", [])) + extra)}
             await send(msg)
 
         await self.app(scope, receive, send_cors)

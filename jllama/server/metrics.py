@@ -52,6 +52,15 @@ class Metrics:
         self.ttft = Histogram(LATENCY_BUCKETS)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per decode step
 
+    def forget_work(self) -> None:
+        """Zero what the warmup request counted: llama-server's counters start after it."""
+        with self.lock:
+            self.prompt_tokens = self.generated_tokens = self.decode_steps = 0
+            self.prompt_seconds = self.decode_seconds = 0.0
+            self.prompt_tokens_cached = self.n_decode = self.n_busy_slots = 0
+            self.n_tokens_max = 0
+            self._recent.clear()
+
     def observe_step(self, n_tokens: int, seconds: float) -> None:
         now = time.monotonic()
         self.decode_steps += 1
