@@ -495,3 +495,35 @@ def test_serve_cli_rejects_bad_values(tmp_path):
     from jllama.cli.main import main
 
     assert main(["serve", "-m", "smollm2-135m-instruct", "--parallel", "0"]) == 1
+
+
+def test_serve_takes_llama_server_flags():
+    """The argv llama.cpp's server test suite builds for its tinyllama2 preset (utils.py), read
+    with llama-server's meanings (test_basic's asserts): -c is all slots together, -n/--temp/
+    --seed are request defaults, --no-slots turns GET /slots off, an alias list's id is its
+    alphabetically first name."""
+    from jllama.cli.main import build_parser
+    from jllama.cli.serve import _overrides, _slot_ctx, settings_from_config
+    from jllama.config import load_config
+
+    argv = ["serve", "--port", "8080", "--temp", "0.8", "--seed", "42", "--host", "127.0.0.1",
+            "--model", "m.gguf", "--batch-size", "32", "--no-slots", "--alias",
+            "tinyllama-2,fim,code", "--tags", "chat,fim", "--ctx-size", "512", "--parallel",
+            "2", "--n-predict", "64", "--no-jinja", "-cb", "--metrics", "-fa", "auto", "-ngl",
+            "0", "-ctk", "q8_0", "-ctv", "q8_0", "--api-key", "a,b"]
+    args = build_parser().parse_args(argv)
+    cfg = load_config(None, _overrides(args))
+    _slot_ctx(cfg, args)
+    assert getattr(args, "_refused", None) is None
+    assert (cfg.server.parallel, cfg.runtime.ctx_size, cfg.server.n_predict) == (2, 256, 64)
+    assert cfg.runtime.flash_attn and cfg.runtime.cache_type_k == cfg.runtime.cache_type_v \
+        == "q8_0"
+    st = settings_from_config(cfg, args.alias, ["a", "b"], args.tags.split(","))
+    assert st.model_alias == "code" and set(st.aliases) == {"tinyllama-2", "fim", "code"}
+    assert st.metrics and not st.slots and st.n_predict == 64 and st.keys() == ["a", "b"]
+    assert st.defaults["temperature"] == 0.8 and st.defaults["seed"] == 42
+    args = build_parser().parse_args(["serve", "-m", "m.gguf", "-c", "512", "--kv-unified",
+                                      "-np", "4", "-s", "-1"])
+    cfg = load_config(None, _overrides(args))
+    _slot_ctx(cfg, args)
+    assert cfg.runtime.ctx_size == 512 and cfg.generation.sampling.seed is None

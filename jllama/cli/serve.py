@@ -297,7 +297,7 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
         defaults["seed"] = sp.seed
     names = [a for a in alias.split(",") if a]
     return ServerSettings(model_alias=names[0] if len(names) == 1 else sorted(names)[0],
-                          api_key=api_keys[0] if api_keys else None, api_keys=api_keys,
+                          api_keys=list(api_keys),
                           max_queue=s.max_queue, timeout=s.timeout, metrics=s.metrics,
                           slots=s.slots, props=s.props, cors_origins=s.cors_origins, n_predict=s.n_predict,
                           defaults=defaults, aliases=names, tags=tags or [],
