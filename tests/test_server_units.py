@@ -527,3 +527,29 @@ def test_serve_takes_llama_server_flags():
     cfg = load_config(None, _overrides(args))
     _slot_ctx(cfg, args)
     assert cfg.runtime.ctx_size == 512 and cfg.generation.sampling.seed is None
+
+
+def test_completion_prompt_forms():
+    """llama-server's prompt forms (server-common.cpp tokenize_input_prompts/tokenize_mixed):
+    BOS only when the first element is a string; {"prompt_string"}; multimodal data refused."""
+    from jllama.server.app import prompt_ids
+    from jllama.server.openai_schema import ApiError
+
+    class Tok:
+        def encode(self, text, add_special=False, parse_special=False):
+            return ([1] if add_special else []) + [100 + ord(c) % 50 for c in text]
+
+    st = types.SimpleNamespace(llm=types.SimpleNamespace(tokenizer=Tok(),
+                                                         spec=types.SimpleNamespace(n_vocab=200)))
+    ab = [100 + ord("a") % 50, 100 + ord("b") % 50]
+    assert prompt_ids(st, "ab") == [1, *ab]
+    assert prompt_ids(st, ["ab"]) == [1, *ab]
+    assert prompt_ids(st, [5, 6]) == [5, 6] and prompt_ids(st, [[5, 6]]) == [5, 6]
+    assert prompt_ids(st, ["ab", 7, "ab"]) == [1, *ab, 7, *ab]
+    assert prompt_ids(st, [7, "ab"]) == [7, *ab]
+    assert prompt_ids(st, {"prompt_string": "ab"}) == [1, *ab]
+    for bad in ({"prompt_string": "ab", "multimodal_data": ["x"]}, [5, 999], [], None, 3.5,
+                [[1], [2]]):
+        with pytest.raises(ApiError) as e:
+            prompt_ids(st, bad)
+        assert e.value.status == 400 and e.value.param == "prompt"

@@ -185,6 +185,41 @@ def render_prompt(llm, messages: list[dict], tools: list[dict] | None) -> str:
     return llm.apply_chat_template(messages, tools=tools)
 
 
+def prompt_ids(state: ServerState, prompt) -> list[int]:
+    """A completion prompt in llama-server's forms (tokenize_input_prompts): a string, token
+    ids, a list mixing ids and strings (only a string that comes first gets BOS), or
+    {"prompt_string": ...} (with "multimodal_data": refused, no projector is loaded); a list
+    holding one prompt counts as that prompt. Runs off the event loop (pure Python)."""
+    tk = state.llm.tokenizer
+    n_vocab = state.llm.spec.n_vocab
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list, dict)):
+        prompt = prompt[0]
+    if isinstance(prompt, dict):
+        if "multimodal_data" in prompt:
+            raise oa.bad("prompt", "Multimodal data provided, but model does not support "
+                         "multimodal requests.")
+        prompt = prompt.get("prompt_string")
+        if not isinstance(prompt, str):
+            raise oa.bad("prompt", "'prompt.prompt_string' must be a string", "invalid_type")
+    if isinstance(prompt, str):
+        return tk.encode(prompt, add_special=True, parse_special=True)
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(t, str) or (isinstance(t, int) and not isinstance(t, bool))
+            for t in prompt):
+        ids: list[int] = []
+        for i, t in enumerate(prompt):
+            if isinstance(t, str):
+                ids += tk.encode(t, add_special=i == 0, parse_special=True)
+            elif not 0 <= t < n_vocab:
+                raise oa.bad("prompt", "token ids in 'prompt' must be inside the vocabulary")
+            else:
+                ids.append(t)
+        return ids
+    raise oa.bad("prompt", "'prompt' must be a string, a list of token ids (strings may be "
+                 "mixed in), {\"prompt_string\": ...}, or a list holding one of those "
+                 "(batches of prompts are not supported)", "invalid_type")
+
+
 def check_prompt(state: ServerState, ids: list[int]) -> None:
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
@@ -608,22 +643,7 @@ class Handlers:
         native = request.url.path in ("/completion", "/completions")
         body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            # tokenizing is pure Python: off the event loop, so streams keep flowing
-            ids = await run_in_threadpool(st.llm.tokenizer.encode, prompt, add_special=True,
-                                          parse_special=True)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                              for t in prompt):
-            if any(not 0 <= t < st.llm.spec.n_vocab for t in prompt):
-                raise oa.bad("prompt", "token ids in 'prompt' must be inside the vocabulary")
-            ids = list(prompt)
-        else:
-            raise oa.bad("prompt", "'prompt' must be a string, a list of token ids, or a list "
-                          "holding one of those (batches of prompts are not supported)",
-                          "invalid_type")
+        ids = await run_in_threadpool(prompt_ids, st, body.get("prompt"))
         for name in ("suffix", "best_of"):
             if body.get(name) not in (None, 1):
                 raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
