@@ -14,7 +14,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from jllama import __version__
 from jllama.engine.sampling import SamplingParams
+
+# llama-server's form, b<build>-<commit> (clients check the leading "b"): jllama's version here
+FINGERPRINT = f"b{__version__}-jllama"
 
 
 class ApiError(Exception):
@@ -304,7 +308,7 @@ def chat_response(rid: str, model: str, created: int, content: str | None,
     if tool_calls:
         msg["tool_calls"] = tool_calls
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": "jllama",
+            "system_fingerprint": FINGERPRINT,
             "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}],
             "usage": use}
 
@@ -312,7 +316,7 @@ def chat_response(rid: str, model: str, created: int, content: str | None,
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
                usage_: dict | None = None, choices: bool = True) -> dict:
     d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "system_fingerprint": "jllama",
+         "system_fingerprint": FINGERPRINT,
          "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
          if choices else []}
     if usage_ is not None:
@@ -323,7 +327,7 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | No
 def completion_response(rid: str, model: str, created: int, text: str, finish: str | None,
                         use: dict | None) -> dict:
     d = {"id": rid, "object": "text_completion", "created": created, "model": model,
-         "system_fingerprint": "jllama",
+         "system_fingerprint": FINGERPRINT,
          "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
     if use is not None:
         d["usage"] = use
