@@ -94,7 +94,16 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 64
     timeout: float = 600.0
-    model_alias: str | None = None
+    model_alias: str | None = None  # names for the API, comma-separated (llama-server's -a)
+    # llama-server's switches (its defaults): /metrics, GET /slots, POST /props
+    metrics: bool = False
+    slots: bool = True
+    props: bool = False
+    cors_origins: str = "*"  # comma-separated; "localhost": loopback origins only
+    n_predict: int = -1  # default tokens per request (-1: until the context is full)
+    kv_unified: bool = False  # every slot gets the whole ctx (-c) instead of ctx / parallel
+    cache_prompt: bool = True  # requests reuse a slot's cached prefix unless they say not
+    max_body: int = 16 * 1024 * 1024  # request bodies larger than this get 413
 
 
 @dataclass

@@ -134,7 +134,10 @@ def test_models_health_metrics(client, http, validate):
     assert [m.id for m in client.models.list().data] == ["smollm2"]
     h = http.get("/health").json()
     assert h["status"] == "ok" and h["slots_idle"] + h["slots_processing"] == 4
-    text = httpx.get(http.base_url.join("/metrics")).text  # public, no key needed
+    # llama-server asks for the key on /metrics too (only /health is public)
+    assert httpx.get(http.base_url.join("/metrics")).status_code == 401
+    text = http.get("/metrics").text
+    assert "llamacpp:prompt_tokens_total" in text and "llamacpp:n_decode_total" in text
     for name in ("prompt_tokens_total", "tokens_generated_total", "request_duration_seconds_bucket",
                  "requests_processing", "requests_queued", "tokens_per_second"):
         assert f"jllama_{name}" in text

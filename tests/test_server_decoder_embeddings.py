@@ -152,9 +152,8 @@ def test_gemma3_sliding_window_softcap(tmp_path: Path) -> None:
 
 def test_cli_serve_embedding_on_a_decoder(served, monkeypatch) -> None:
     """`jllama serve -m dec.gguf --embedding --pooling last`: completions and a DecoderRunner
-    (uvicorn replaced: the state the app would serve is inspected)."""
-    import uvicorn
-
+    (the listening replaced: the state the app would serve is inspected)."""
+    import jllama.cli.serve as serve_mod
     import jllama.server.app as app_mod
     from jllama.cli.main import main
     from jllama.server.embeddings import DecoderRunner
@@ -167,9 +166,9 @@ def test_cli_serve_embedding_on_a_decoder(served, monkeypatch) -> None:
         return real(state, **kw)
 
     monkeypatch.setattr(app_mod, "create_app", capture)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(serve_mod, "_serve", lambda *a, **k: None)
     path = served[0]
-    assert main(["serve", "-m", str(path), "--embedding", "--pooling", "last", "-c", "128",
+    assert main(["serve", "-m", str(path), "--embedding", "--pooling", "last", "-c", "128", "-np", "1",
                  "--no-warmup"]) == 0
     st = seen["state"]
     assert st.llm is not None and isinstance(st.encoder, DecoderRunner)

@@ -323,6 +323,9 @@ class FakeTok:
     def token_to_piece(self, i, special=True):
         return f"<{i}>".encode()
 
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
 
 class FakeDecoder:
     def __init__(self, tok):
@@ -474,7 +477,7 @@ def test_scheduler_stop_strings_cancel_and_queue_limit(fake_scheduler):
 # ---------------------------------------------------------------------------- CLI
 def test_serve_cli_flags_become_config(tmp_path):
     from jllama.cli.main import build_parser
-    from jllama.cli.serve import _overrides
+    from jllama.cli.serve import _overrides, _slot_ctx
     from jllama.config import load_config
 
     cfg_file = tmp_path / "serve.yaml"
@@ -482,8 +485,10 @@ def test_serve_cli_flags_become_config(tmp_path):
     args = build_parser().parse_args(["serve", str(cfg_file), "--parallel", "4", "-c", "1024",
                                       "--api-key", "k", "--max-queue", "3", "--timeout", "9"])
     cfg = load_config(args.config, _overrides(args))
+    _slot_ctx(cfg, args)
     assert (cfg.server.port, cfg.server.parallel, cfg.server.max_queue) == (9000, 4, 3)
-    assert cfg.server.timeout == 9.0 and cfg.runtime.ctx_size == 1024
+    # llama-server's -c: the context of all slots together
+    assert cfg.server.timeout == 9.0 and cfg.runtime.ctx_size == 1024 // 4
     assert args.api_key == "k"
     shipped = load_config(REPO / "configs" / "serve-smollm2.yaml")
     assert shipped.server.parallel == 4
@@ -493,3 +498,61 @@ def test_serve_cli_rejects_bad_values(tmp_path):
     from jllama.cli.main import main
 
     assert main(["serve", "-m", "smollm2-135m-instruct", "--parallel", "0"]) == 1
+
+
+def test_serve_takes_llama_server_flags():
+    """The argv llama.cpp's server test suite builds for its tinyllama2 preset (utils.py), read
+    with llama-server's meanings (test_basic's asserts): -c is all slots together, -n/--temp/
+    --seed are request defaults, --no-slots turns GET /slots off, an alias list's id is its
+    alphabetically first name."""
+    from jllama.cli.main import build_parser
+    from jllama.cli.serve import _overrides, _slot_ctx, settings_from_config
+    from jllama.config import load_config
+
+    argv = ["serve", "--port", "8080", "--temp", "0.8", "--seed", "42", "--host", "127.0.0.1",
+            "--model", "m.gguf", "--batch-size", "32", "--no-slots", "--alias",
+            "tinyllama-2,fim,code", "--tags", "chat,fim", "--ctx-size", "512", "--parallel",
+            "2", "--n-predict", "64", "--no-jinja", "-cb", "--metrics", "-fa", "auto", "-ngl",
+            "0", "-ctk", "q8_0", "-ctv", "q8_0", "--api-key", "a,b"]
+    args = build_parser().parse_args(argv)
+    cfg = load_config(None, _overrides(args))
+    _slot_ctx(cfg, args)
+    assert getattr(args, "_refused", None) is None
+    assert (cfg.server.parallel, cfg.runtime.ctx_size, cfg.server.n_predict) == (2, 256, 64)
+    assert cfg.runtime.flash_attn and cfg.runtime.cache_type_k == cfg.runtime.cache_type_v \
+        == "q8_0"
+    st = settings_from_config(cfg, args.alias, ["a", "b"], args.tags.split(","))
+    assert st.model_alias == "code" and set(st.aliases) == {"tinyllama-2", "fim", "code"}
+    assert st.metrics and not st.slots and st.n_predict == 64 and st.keys() == ["a", "b"]
+    assert st.defaults["temperature"] == 0.8 and st.defaults["seed"] == 42
+    args = build_parser().parse_args(["serve", "-m", "m.gguf", "-c", "512", "--kv-unified",
+                                      "-np", "4", "-s", "-1"])
+    cfg = load_config(None, _overrides(args))
+    _slot_ctx(cfg, args)
+    assert cfg.runtime.ctx_size == 512 and cfg.generation.sampling.seed is None
+
+
+def test_completion_prompt_forms():
+    """llama-server's prompt forms (server-common.cpp tokenize_input_prompts/tokenize_mixed):
+    BOS only when the first element is a string; {"prompt_string"}; multimodal data refused."""
+    from jllama.server.app import prompt_ids
+    from jllama.server.openai_schema import ApiError
+
+    class Tok:
+        def encode(self, text, add_special=False, parse_special=False):
+            return ([1] if add_special else []) + [100 + ord(c) % 50 for c in text]
+
+    st = types.SimpleNamespace(llm=types.SimpleNamespace(tokenizer=Tok(),
+                                                         spec=types.SimpleNamespace(n_vocab=200)))
+    ab = [100 + ord("a") % 50, 100 + ord("b") % 50]
+    assert prompt_ids(st, "ab") == [1, *ab]
+    assert prompt_ids(st, ["ab"]) == [1, *ab]
+    assert prompt_ids(st, [5, 6]) == [5, 6] and prompt_ids(st, [[5, 6]]) == [5, 6]
+    assert prompt_ids(st, ["ab", 7, "ab"]) == [1, *ab, 7, *ab]
+    assert prompt_ids(st, [7, "ab"]) == [7, *ab]
+    assert prompt_ids(st, {"prompt_string": "ab"}) == [1, *ab]
+    for bad in ({"prompt_string": "ab", "multimodal_data": ["x"]}, [5, 999], [], None, 3.5,
+                [[1], [2]]):
+        with pytest.raises(ApiError) as e:
+            prompt_ids(st, bad)
+        assert e.value.status == 400 and e.value.param == "prompt"

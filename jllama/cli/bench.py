@@ -45,7 +45,7 @@ def run(args) -> int:
     pps = [p for p in (args.n_prompt or [512]) if p > 0]
     tgs = [n for n in (args.n_gen or [128]) if n > 0]
     ctx = args.ctx_size or max([*pps, *tgs, 256]) + 16
-    llm = Llama(args.model, ctx_size=ctx, flash_attn=args.flash_attn == "on",
+    llm = Llama(args.model, ctx_size=ctx, flash_attn=args.flash_attn != "off",
                 prompt_matmul=args.prompt_matmul)
     size = sum(t.nbytes for t in llm.gguf.tensors.values()) / 2**20
     params = count_params(llm.gguf) / 1e6

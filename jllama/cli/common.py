@@ -151,9 +151,10 @@ def add_platform_args(p: argparse.ArgumentParser) -> None:
 def add_numerics_args(p: argparse.ArgumentParser, via_config: bool = False) -> None:
     """The two numerics switches: llama.cpp's -fa and the prompt matmul. ``via_config``: the
     command reads a run config, so unset flags stay None and the config's values apply."""
-    p.add_argument("-fa", "--flash-attn", choices=("on", "off"),
+    p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"),
                    default=None if via_config else "on",
-                   help="llama.cpp's flash attention numerics (default on, as llama.cpp on CPU)")
+                   help="llama.cpp's flash attention numerics (default on; auto = on, as "
+                   "llama.cpp's auto picks on its CPU backend)")
     p.add_argument("--prompt-matmul", choices=("int8", "f32"),
                    default=None if via_config else "int8",
                    help="int8: bit-identical to llama.cpp (default; also the faster on "
@@ -200,7 +201,7 @@ def overrides_from_args(args) -> list[str]:
         if v is not None:
             ov.append(f"{key}={v}")
     if getattr(args, "flash_attn", None) is not None:
-        ov.append(f"runtime.flash_attn={'true' if args.flash_attn == 'on' else 'false'}")
+        ov.append(f"runtime.flash_attn={'false' if args.flash_attn == 'off' else 'true'}")
     if getattr(args, "prompt_matmul", None) is not None:
         ov.append(f"runtime.prompt_matmul={args.prompt_matmul}")
     lora = lora_from_args(args)

@@ -64,7 +64,7 @@ def _collect(args, im) -> None:
 
     num = Numerics.from_env(taps=True)
     llm = Llama(args.model, ctx_size=args.ctx_size, numerics=num,
-                flash_attn=args.flash_attn == "on", prompt_matmul=args.prompt_matmul)
+                flash_attn=args.flash_attn != "off", prompt_matmul=args.prompt_matmul)
     tokens = llm.tokenize(read_text(args.file), add_special=True)
     tk = llm.tokenizer
     shapes = {n: t.shape for n, t in llm.gguf.tensors.items()}

@@ -7,33 +7,48 @@ path as the YAML (``key.path=value`` overrides).
 from __future__ import annotations
 
 import argparse
+import json
 
 from jllama.cli.common import add_numerics_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching "
+                       "(takes llama-server's flags)")
     p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/serve-*.yaml)")
     p.add_argument("-m", "--model", default=None, help="GGUF path or registry name")
-    p.add_argument("--host", default=None)
+    p.add_argument("--host", default=None, help="address(es) to listen on, comma-separated")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("-np", "--parallel", type=int, default=None,
-                   help="slots: requests decoded together in one batch")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size per slot")
+                   help="slots: requests decoded together in one batch (-1: the default, 4)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context of all slots together, as llama-server's -c: each slot gets "
+                   "ctx-size / parallel (all of it with --kv-unified); 0 = the model's training "
+                   "context per slot")
     add_numerics_args(p, via_config=True)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (or X-Api-Key); several keys: "
+                   "comma-separated")
+    p.add_argument("--api-key-file", default=None, help="file of API keys, one per line")
     p.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait for a slot before answering 503")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", "-to", type=float, default=None,
                    help="seconds a request may take in all (queue + generation) before 504")
-    p.add_argument("--alias", default=None, help="model id reported by /v1/models")
+    p.add_argument("-a", "--alias", default=None,
+                   help="model name(s) for the API, comma-separated (/v1/models)")
+    p.add_argument("--tags", default=None, help="model tags, comma-separated (informational)")
     from jllama.cli.common import add_platform_args
 
     add_platform_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
+    p.add_argument("--warmup", dest="no_warmup", action="store_false")
     from jllama.cli.common import add_draft_args
 
     add_draft_args(p)  # speculative decoding: single-slot servers (--parallel 1)
+    p.add_argument("--spec-draft-n-max", dest="draft_n", type=int, default=None)
+    p.add_argument("--spec-draft-n-min", dest="draft_min", type=int, default=None)
+    p.add_argument("--spec-draft-p-min", dest="draft_min_p", type=float, default=None)
+    p.add_argument("--spec-draft-model", dest="model_draft", default=None)
     from jllama.cli.common import add_lora_args
 
     add_lora_args(p)
@@ -48,29 +63,275 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reranking", "--rerank", action="store_true",
                    help="serve /rerank (sets --embedding --pooling rank; encoder rerankers, or a decoder "
                         "with a cls.output.weight head)")
-    p.add_argument("--mmproj", metavar="FNAME", default=None,
+    p.add_argument("-mm", "--mmproj", metavar="FNAME", default=None,
                    help="the model's vision projector GGUF: chat messages may then carry "
                         "image_url parts (base64 data URLs)")
+    _add_llama_server_args(p)
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
+
+
+class _Refuse(argparse.Action):
+    """A llama-server flag jllama cannot honour yet: remembered, then refused in one line by
+    ``run`` (argparse's own errors would print the whole usage)."""
+
+    def __init__(self, option_strings, dest, reason: str = "", **kw):
+        self.reason = reason
+        super().__init__(option_strings, dest="_refused", default=None, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "_refused", None) is None:
+            namespace._refused = []
+        namespace._refused.append(f"{option_string}: {self.reason}")
+
+
+# llama-server flags that jllama takes without a setting of its own: what the flag asks for is
+# what jllama does anyway (or it only tunes llama.cpp's own machinery), so nothing is lost
+_ACCEPTED = [
+    (("-cb", "--cont-batching"), 0),  # jllama always batches continuously
+    (("-b", "--batch-size", "-ub", "--ubatch-size"), 1),  # prompts go in jllama's own chunks
+    (("-ngl", "--gpu-layers", "--n-gpu-layers"), 1),  # JAX places the whole model on its device
+    (("--offline",), 0), (("-v", "--verbose", "--log-verbose"), 0),
+    (("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"), "?"),
+    (("--no-ui", "--no-webui"), 0),  # jllama serves no web UI
+    (("--no-mmproj", "--no-mmproj-auto"), 0),  # jllama loads a projector only with --mmproj
+    (("--threads-http",), 1), (("--no-perf", "--perf"), 0),
+    (("-tb", "--threads-batch"), 1),  # one thread pool for prompts and decoding (-t)
+    (("--no-context-shift",), 0),  # jllama's default: a full context ends with "length"
+    (("-no-kvu", "--no-kv-unified"), 0),  # llama-server's default: ctx-size / parallel per slot
+    (("--repack", "--no-repack", "-nr", "--mmap", "--no-mmap", "--mlock"), 0),
+]
+
+_REFUSED = [
+    (("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-dr",
+      "--docker-repo"), 1, "jllama serve does not download models; pass -m FILE.gguf or a "
+     "registry name"),
+    (("-nocb", "--no-cont-batching"), 0, "jllama always batches continuously"),
+    (("--context-shift",), 0, "context shift is not built yet (a full context ends the request "
+     "with finish_reason 'length')"),
+    (("--models-dir", "--models-preset", "--models-max"), 1, "router mode (several models) "
+     "is not built yet: serve one model with -m"),
+    (("--models-autoload", "--no-models-autoload"), 0, "router mode is not built yet"),
+    (("--spec-type",), 1, "only draft-model (-md) and n-gram (--draft-ngram) drafting are built"),
+    (("--grp-attn-n", "-gan", "--grp-attn-w", "-gaw"), 1, "group attention (self-extend) is not "
+     "built"),
+    (("--chat-template", "--chat-template-file"), 1, "the chat template comes from the GGUF; "
+     "overriding it is not built yet"),
+    (("--chat-template-kwargs",), 1, "chat template kwargs are not built yet"),
+    (("-mmu", "--mmproj-url", "--media-path"), 1, "jllama serve does not download projectors "
+     "or read media paths; pass --mmproj FILE.gguf and send images as data URLs"),
+    (("--sleep-idle-seconds",), 1, "sleeping when idle is not built"),
+    (("-cram", "--cache-ram"), 1, "the host-memory prompt cache is not built"),
+    (("--no-cache-idle-slots", "--cache-idle-slots"), 0, "the host-memory prompt cache is not "
+     "built"),
+    (("--cache-reuse",), 1, "KV-shift cache reuse is not built"),
+    (("--tools", "--tools-runtime", "--mcp-servers-config", "--mcp-servers-json"), 1,
+     "built-in tools and MCP servers are not built"),
+    (("--ui-mcp-proxy", "--webui-mcp-proxy", "-ag", "--agent"), 0, "the web UI's proxy is not "
+     "built"),
+    (("--slot-save-path",), 1, "slot save/restore is not built yet"),
+    (("--swa-full",), 0, "a full-size SWA cache is not built"),
+    (("--ignore-eos",), 0, "a server-wide ignore_eos is not built (send it per request)"),
+    (("--grammar", "--grammar-file", "-j", "--json-schema", "-jf", "--json-schema-file"), 1,
+     "a server-wide grammar is not built (send 'grammar'/'json_schema' per request)"),
+    (("-rea", "--reasoning", "--reasoning-budget", "--reasoning-effort"), 1,
+     "reasoning control is not built yet"),
+    (("--ssl-key-file", "--ssl-cert-file"), 1, "TLS is not built (put a proxy in front)"),
+    (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
+    (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
+      "--override-kv", "--control-vector", "--keep", "--embd-normalize", "-sps",
+      "--slot-prompt-similarity", "--mirostat", "--dynatemp-range", "--xtc-probability",
+      "--dry-multiplier", "--typical", "--top-nsigma"), 1, "not built yet"),
+    (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
+      "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
+    (("--backend_sampling", "-bs", "--backend-sampling"), 0, "sampling always runs on the "
+     "device in jllama"),
+]
+
+
+def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
+    """llama-server's flags under their names (tools/server/README.md, common/arg.cpp)."""
+    g = p.add_argument_group("llama-server's flags")
+    g.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=int, default=None,
+                   help="default tokens to generate per request (-1: until the context is full)")
+    g.add_argument("--temp", "--temperature", dest="temp", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repeat-penalty", type=float, default=None)
+    g.add_argument("--repeat-last-n", type=int, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("-s", "--seed", type=int, default=None, help="default seed (-1: random)")
+    g.add_argument("-ctk", "--cache-type-k", default=None, help="KV cache type for K")
+    g.add_argument("-ctv", "--cache-type-v", default=None, help="KV cache type for V")
+    g.add_argument("-kvu", "--kv-unified", action="store_true",
+                   help="every slot gets the whole --ctx-size")
+    g.add_argument("--metrics", action="store_true", help="serve /metrics (Prometheus)")
+    g.add_argument("--slots", dest="slots", action="store_true", default=True,
+                   help="serve GET /slots (default)")
+    g.add_argument("--no-slots", dest="slots", action="store_false")
+    g.add_argument("--props", action="store_true", help="allow POST /props")
+    g.add_argument("--jinja", dest="jinja", action="store_true", default=True,
+                   help="the GGUF's chat template through a Jinja renderer (always)")
+    g.add_argument("--no-jinja", dest="jinja", action="store_false",
+                   help="accepted: llama.cpp's built-in templates render the same known "
+                   "templates that jllama renders with Jinja")
+    g.add_argument("--reasoning-format", default=None,
+                   help="none or auto (no reasoning parsing is built yet)")
+    g.add_argument("--cors-origins", default=None,
+                   help="allowed CORS origins, comma-separated (default *; 'localhost': "
+                   "loopback origins only)")
+    g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true", default=None)
+    g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
+    for flags, nargs in _ACCEPTED:
+        kw = {"nargs": nargs} if nargs != 0 else {"action": "store_true"}
+        g.add_argument(*flags, dest=f"_accepted_{flags[0].lstrip('-')}", default=None,
+                       help=argparse.SUPPRESS, **kw)
+    for flags, nargs, reason in _REFUSED:
+        g.add_argument(*flags, action=_Refuse, reason=reason, nargs=nargs,
+                       help=argparse.SUPPRESS)
 
 
 def _overrides(args) -> list[str]:
     ov = list(args.overrides)
     pairs = {"model": "model", "host": "server.host", "port": "server.port",
-             "parallel": "server.parallel", "ctx_size": "runtime.ctx_size",
              "max_queue": "server.max_queue", "timeout": "server.timeout",
-             "alias": "server.model_alias", "platform": "runtime.platform",
-             "threads": "runtime.threads"}
+             "platform": "runtime.platform", "threads": "runtime.threads",
+             "cache_type_k": "runtime.cache_type_k", "cache_type_v": "runtime.cache_type_v",
+             "n_predict": "server.n_predict",
+             "cors_origins": "server.cors_origins",
+             "temp": "generation.sampling.temperature", "top_k": "generation.sampling.top_k",
+             "top_p": "generation.sampling.top_p", "min_p": "generation.sampling.min_p",
+             "repeat_penalty": "generation.sampling.repeat_penalty",
+             "repeat_last_n": "generation.sampling.repeat_last_n",
+             "presence_penalty": "generation.sampling.presence_penalty",
+             "frequency_penalty": "generation.sampling.frequency_penalty"}
     for attr, key in pairs.items():
-        v = getattr(args, attr)
+        v = getattr(args, attr, None)
         if v is not None:
-            ov.append(f"{key}={v}")
+            ov.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
+    if args.parallel is not None and args.parallel != -1:  # -1: llama-server's "auto"
+        ov.append(f"server.parallel={args.parallel}")
+    if args.seed is not None:  # llama-server's -1: a random seed per request
+        ov.append(f"generation.sampling.seed={'null' if args.seed == -1 else args.seed}")
+    for flag in ("metrics", "props", "kv_unified"):
+        if getattr(args, flag, False):
+            ov.append(f"server.{flag}=true")
+    if args.slots is False:
+        ov.append("server.slots=false")
+    if args.cache_prompt is not None:
+        ov.append(f"server.cache_prompt={'true' if args.cache_prompt else 'false'}")
     from jllama.cli.common import overrides_from_args
 
     return ov + [o for o in overrides_from_args(args)
                  if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul", "lora=",
                                   "vision.mmproj="))]
+
+
+def _check_llama_server_args(args) -> None:
+    from jllama.errors import ConfigError
+
+    refused = getattr(args, "_refused", None)
+    if refused:
+        raise ConfigError(f"jllama serve {refused[0]}")
+    if args.reasoning_format not in (None, "none", "auto"):
+        raise ConfigError(f"jllama serve --reasoning-format {args.reasoning_format}: reasoning "
+                          "parsing is not built yet (none and auto leave thoughts in the content)")
+    if args.ctx_size is not None and args.ctx_size < 0:
+        raise ConfigError(f"jllama serve -c {args.ctx_size}: must be >= 0")
+
+
+def _api_keys(args, cfg) -> list[str]:
+    """llama-server's --api-key (comma-separated) and --api-key-file (one per line, '#'
+    comments), or the config's server.api_key."""
+    from jllama.errors import ConfigError
+
+    keys = []
+    if args.api_key is not None:  # not through YAML parsing: keys may look like numbers
+        keys += [k for k in args.api_key.split(",") if k]
+    if args.api_key_file is not None:
+        try:
+            lines = open(args.api_key_file, encoding="utf-8").read().splitlines()
+        except OSError as e:
+            raise ConfigError(f"--api-key-file {args.api_key_file}: {e.strerror or e}") from None
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not keys and cfg.server.api_key:
+        keys = [cfg.server.api_key]
+    return keys
+
+
+def _slot_ctx(cfg, args) -> None:
+    """llama-server's -c is the context of all slots together: each gets ctx / parallel (the
+    whole of it with --kv-unified); 0 = the model's training context."""
+    if args.ctx_size is None:
+        return
+    from jllama.errors import ConfigError
+
+    total = args.ctx_size
+    if total == 0:
+        from pathlib import Path
+
+        if Path(str(cfg.model)).is_dir():
+            raise ConfigError("-c 0 (the model's training context) needs a GGUF model")
+        from jllama.gguf.reader import read_gguf
+        from jllama.registry import resolve_model
+
+        g = read_gguf(resolve_model(cfg.model))
+        cfg.runtime.ctx_size = int(g.get(f"{g.architecture}.context_length", 2048))
+        return
+    per = total if cfg.server.kv_unified else total // cfg.server.parallel
+    if per < 16:
+        raise ConfigError(f"-c {total} over {cfg.server.parallel} slots leaves {per} tokens per "
+                          "slot; at least 16 are needed")
+    cfg.runtime.ctx_size = per
+
+
+def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] | None = None):
+    """ServerSettings out of a loaded Config (the one place serve turns config into settings)."""
+    from jllama.server.app import ServerSettings
+
+    s = cfg.server
+    sp = cfg.generation.sampling
+    defaults = {"temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
+                "min_p": sp.min_p, "repeat_penalty": sp.repeat_penalty,
+                "frequency_penalty": sp.frequency_penalty,
+                "presence_penalty": sp.presence_penalty}
+    if sp.seed is not None:
+        defaults["seed"] = sp.seed
+    names = [a for a in alias.split(",") if a]
+    return ServerSettings(model_alias=names[0] if len(names) == 1 else sorted(names)[0],
+                          api_keys=list(api_keys),
+                          max_queue=s.max_queue, timeout=s.timeout, metrics=s.metrics,
+                          slots=s.slots, props=s.props, cors_origins=s.cors_origins, n_predict=s.n_predict,
+                          defaults=defaults, aliases=names, tags=tags or [],
+                          cache_prompt=s.cache_prompt, max_body=s.max_body)
+
+
+def _serve(app, hosts: str, port: int) -> None:
+    """uvicorn on every address of llama-server's comma-separated --host."""
+    import socket
+
+    import uvicorn
+
+    socks = []
+    for h in [h.strip() for h in hosts.split(",") if h.strip()]:
+        fam = socket.AF_INET6 if ":" in h else socket.AF_INET
+        sk = socket.socket(fam, socket.SOCK_STREAM)
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            sk.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sk.bind((h, port))
+        except OSError as e:
+            from jllama.errors import ConfigError
+
+            raise ConfigError(f"--host {h} --port {port}: cannot listen there: "
+                              f"{e.strerror or e}") from None
+        socks.append(sk)
+    cfg = uvicorn.Config(app, log_level="info", http="h11", loop="asyncio",
+                         timeout_graceful_shutdown=5)
+    uvicorn.Server(cfg).run(sockets=socks)
 
 
 def run(args) -> int:
@@ -79,10 +340,12 @@ def run(args) -> int:
     from jllama.config import load_config
     from jllama.errors import ConfigError
 
+    _check_llama_server_args(args)
     cfg = load_config(args.config, _overrides(args))
-    if args.api_key is not None:  # not through YAML parsing: keys may look like numbers
-        cfg.server.api_key = args.api_key
     s = cfg.server
+    if args.alias is not None:  # not through YAML parsing: names may look like numbers
+        s.model_alias = args.alias
+    keys = _api_keys(args, cfg)
     if s.parallel < 1:
         raise ConfigError(f"{cfg.source}: 'server.parallel' must be at least 1, got {s.parallel}")
     if s.max_queue < 0 or s.timeout <= 0:
@@ -91,12 +354,13 @@ def run(args) -> int:
     if cfg.distributed.num_processes > 1:
         raise ConfigError(f"{cfg.source}: jllama serve runs in one process; 'distributed' is "
                           "for run/generate (a mesh over this host's devices: 'mesh')")
+    _slot_ctx(cfg, args)
+    tags = [t for t in (args.tags or "").split(",") if t]
     from jllama.cli.common import platform_origin, setup_platform, start_backend
 
     enc_path = _encoder_path(cfg, args)
     setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
     start_backend()
-    import uvicorn
 
     if enc_path is not None:
         from jllama.server.embeddings import EncoderRunner
@@ -104,22 +368,19 @@ def run(args) -> int:
         print(f"jllama serve: loading encoder {enc_path} ...", file=sys.stderr)
         # llama-server's context defaults to the model's training context (-c 0)
         encoder = EncoderRunner(enc_path, pooling="rank" if args.reranking else args.pooling,
-                                ctx_size=args.ctx_size)
-        from jllama.server.app import ServerSettings, ServerState, create_app
+                                ctx_size=args.ctx_size or None)
+        from jllama.server.app import ServerState, create_app
 
         alias = s.model_alias or encoder.path.stem
-        state = ServerState(None, ServerSettings(model_alias=alias, api_key=s.api_key,
-                                                 max_queue=s.max_queue, timeout=s.timeout),
-                            encoder=encoder)
+        state = ServerState(None, settings_from_config(cfg, alias, keys, tags), encoder=encoder)
         print(f"jllama serve: http://{s.host}:{s.port}/v1 (encoder '{alias}', pooling "
               f"{encoder.pooling}, context {encoder.n_ctx}: embeddings"
               f"{' and rerank' if encoder.pooling == 'rank' else ''})", file=sys.stderr)
-        uvicorn.run(create_app(state, warmup=not args.no_warmup), host=s.host, port=s.port,
-                    log_level="info", http="h11", loop="asyncio", timeout_graceful_shutdown=5)
+        _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port)
         return 0
 
     from jllama.api import Llama
-    from jllama.server.app import ServerSettings, ServerState, create_app
+    from jllama.server.app import ServerState, create_app
 
     print(f"jllama serve: loading {cfg.model} ({s.parallel} slots x {cfg.runtime.ctx_size} "
           "tokens) ...", file=sys.stderr)
@@ -144,15 +405,11 @@ def run(args) -> int:
                                      "rank" if args.reranking else args.pooling, llm.numerics)
         except ValueError as e:
             raise ConfigError(f"{cfg.model}: {e}") from None
-    state = ServerState(llm, ServerSettings(model_alias=alias, api_key=s.api_key,
-                                            max_queue=s.max_queue, timeout=s.timeout),
-                        encoder=embedder)
+    state = ServerState(llm, settings_from_config(cfg, alias, keys, tags), encoder=embedder)
     print(f"jllama serve: http://{s.host}:{s.port}/v1 (model '{alias}', "
-          f"auth {'on' if s.api_key else 'off'})", file=sys.stderr)
-    uvicorn.run(create_app(state, warmup=not args.no_warmup), host=s.host, port=s.port,
-                log_level="info", http="h11", loop="asyncio", timeout_graceful_shutdown=5)
+          f"auth {'on' if keys else 'off'})", file=sys.stderr)
+    _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port)
     return 0
-
 
 
 def _encoder_path(cfg, args):

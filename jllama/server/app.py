@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -34,7 +36,7 @@ from jllama.server.grammar import GrammarConstraint, JsonConstraint, compile_gra
 from jllama.server.json_schema import SchemaError, schema_to_grammar
 from jllama.server.metrics import Metrics
 from jllama.server.openai_schema import ApiError
-from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler
+from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler, SchedulerDead
 
 DISCONNECT_POLL_S = 0.5
 
@@ -45,6 +47,21 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 64
     timeout: float = 600.0
+    # llama-server's switches (jllama serve's flags of the same names; config 'server')
+    api_keys: list[str] = field(default_factory=list)  # any of them works (plus api_key)
+    metrics: bool = True  # /metrics (llama-server: off unless --metrics; the CLI follows it)
+    slots: bool = True  # GET /slots
+    props: bool = False  # POST /props
+    cors_origins: str = "*"
+    n_predict: int = -1  # default max tokens of a request (-1: no limit but the context)
+    defaults: dict = field(default_factory=dict)  # request fields a request may leave out
+    aliases: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    cache_prompt: bool = True
+    max_body: int = 16 * 1024 * 1024  # bytes; larger request bodies get 413
+
+    def keys(self) -> list[str]:
+        return [k for k in [self.api_key, *self.api_keys] if k]
 
 
 class ServerState:
@@ -80,6 +97,7 @@ class ServerState:
                          sink=lambda ev: done.set() if ev.kind != "text" else None)
         sch.submit(req)
         done.wait(600)
+        self.metrics.forget_work()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -88,8 +106,17 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def json_body(request: Request) -> dict:
-    raw = await request.body()
+async def json_body(request: Request, limit: int | None = None) -> dict:
+    if limit is None:
+        limit = getattr(request.app.state, "max_body", 16 * 1024 * 1024)
+    chunks, n = [], 0
+    async for chunk in request.stream():  # counted as it arrives: chunked bodies too
+        n += len(chunk)
+        if n > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes",
+                           code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -101,12 +128,23 @@ async def json_body(request: Request) -> dict:
 
 
 def check_auth(state: ServerState, request: Request) -> None:
-    key = state.settings.api_key
-    if not key:
+    """llama-server's rule: 'Authorization: Bearer KEY', else Anthropic's 'X-Api-Key: KEY'.
+    Every key is compared in constant time (hmac.compare_digest) so the answer's timing does
+    not tell how much of a guess was right."""
+    keys = state.settings.keys()
+    if not keys:
         return
     got = request.headers.get("authorization", "")
-    if not got.lower().startswith("bearer ") or got[7:].strip() != key:
-        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+    if not got:
+        got = request.headers.get("x-api-key", "")
+    if got[:7].lower() == "bearer ":
+        got = got[7:].strip()
+    given = got.encode("utf-8", "surrogateescape")
+    ok = False
+    for k in keys:  # no early exit: the time does not depend on which key matched
+        ok |= hmac.compare_digest(given, k.encode("utf-8"))
+    if not ok:
+        raise ApiError(401, "Invalid API Key (send 'Authorization: Bearer <key>')",
                        code="invalid_api_key")
 
 
@@ -187,6 +225,45 @@ def prompt_length(items: list) -> int:
     return sum(1 if isinstance(t, int) else t.embd.shape[0] for t in items)
 
 
+def prompt_ids(state: ServerState, prompt) -> list[int]:
+    """A completion prompt in llama-server's forms (tokenize_input_prompts): a string, token
+    ids, a list mixing ids and strings (only a string that comes first gets BOS), or
+    {"prompt_string": ...} ("multimodal_data" is refused: images come through chat); a list
+    holding one prompt counts as that prompt. Runs off the event loop (pure Python)."""
+    tk = state.llm.tokenizer
+    n_vocab = state.llm.spec.n_vocab
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list, dict)):
+        prompt = prompt[0]
+    if isinstance(prompt, dict):
+        if "multimodal_data" in prompt:
+            if getattr(state.llm, "vision", None) is None:
+                raise oa.bad("prompt", "Multimodal data provided, but model does not support "
+                             "multimodal requests.")
+            raise oa.bad("prompt", "multimodal_data in completion prompts is not built yet: "
+                         "send images as image_url parts of chat messages",
+                         "unsupported_parameter")
+        prompt = prompt.get("prompt_string")
+        if not isinstance(prompt, str):
+            raise oa.bad("prompt", "'prompt.prompt_string' must be a string", "invalid_type")
+    if isinstance(prompt, str):
+        return tk.encode(prompt, add_special=True, parse_special=True)
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(t, str) or (isinstance(t, int) and not isinstance(t, bool))
+            for t in prompt):
+        ids: list[int] = []
+        for i, t in enumerate(prompt):
+            if isinstance(t, str):
+                ids += tk.encode(t, add_special=i == 0, parse_special=True)
+            elif not 0 <= t < n_vocab:
+                raise oa.bad("prompt", "token ids in 'prompt' must be inside the vocabulary")
+            else:
+                ids.append(t)
+        return ids
+    raise oa.bad("prompt", "'prompt' must be a string, a list of token ids (strings may be "
+                 "mixed in), {\"prompt_string\": ...}, or a list holding one of those "
+                 "(batches of prompts are not supported)", "invalid_type")
+
+
 def check_prompt(state: ServerState, ids: list[int]) -> None:
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
@@ -216,7 +293,8 @@ class Job:
     probs: list = field(default_factory=list)  # token probabilities collected so far
 
 
-def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint) -> Job:
+def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint,
+           progress: bool = False) -> Job:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
@@ -230,9 +308,11 @@ def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint) -> Jo
     req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
                      opts.cache_prompt, lora=opts.lora, n_probs=opts.n_probs,
                      ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs,
-                     prompt_items=items)
+                     prompt_items=items, return_progress=progress)
     try:
         state.scheduler.submit(req)
+    except SchedulerDead as e:
+        raise ApiError(503, str(e), code="unavailable", type_="unavailable_error") from None
     except QueueFull as e:
         raise ApiError(503, f"server busy: {e}; retry later", code="queue_full",
                        type_="server_overloaded") from None
@@ -353,6 +433,21 @@ class Handlers:
     async def models(self, request: Request) -> Response:
         return await self._run(request, "/v1/models", self._models)
 
+    def with_defaults(self, body: dict) -> dict:
+        """The server's defaults (llama-server's --temp, --seed, -n, ...) for the fields a
+        request leaves out; llama-server's n_predict is max_tokens under its own name."""
+        st = self.state.settings
+        out = {**{k: v for k, v in st.defaults.items() if body.get(k) is None}, **body}
+        if out.get("max_tokens") is None and out.get("max_completion_tokens") is None:
+            n = out.get("n_predict")
+            if n is None or (isinstance(n, int) and n < 0):
+                n = st.n_predict
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                out["max_tokens"] = n
+        if "cache_prompt" not in body and not st.cache_prompt:
+            out["cache_prompt"] = False
+        return out
+
     async def tokenize(self, request: Request) -> Response:
         return await self._run(request, "/tokenize", self._tokenize)
 
@@ -363,6 +458,9 @@ class Handlers:
         sch = self.state.scheduler
         if sch is None:
             return JSONResponse({"status": "ok"})
+        if sch.dead is not None:  # the scheduler thread cannot go on: no request will be served
+            return error_response(ApiError(503, f"the scheduler stopped: {sch.dead}",
+                                           code="unavailable", type_="unavailable_error"))
         busy = sch.busy_slots()
         body = {"status": "ok", "slots_idle": sch.n_slots - busy, "slots_processing": busy,
                 "requests_queued": len(sch.queue)}
@@ -372,8 +470,86 @@ class Handlers:
         return await self._run(request, "/lora-adapters", self._lora_adapters)
 
     async def metrics(self, request: Request) -> Response:
+        return await self._run(request, "/metrics", self._metrics)
+
+    async def _metrics(self, request: Request) -> Response:
+        if not self.state.settings.metrics:
+            raise emb.server_error((501, "not_supported_error"), "This server does not support "
+                                   "metrics endpoint. Start it with `--metrics`")
         return PlainTextResponse(self.state.metrics.render(),
-                                 media_type="text/plain; version=0.0.4")
+                                 media_type="text/plain; version=0.0.4",
+                                 headers={"Process-Start-Time-Unix":
+                                          str(int(self.state.metrics.started))})
+
+    async def slots(self, request: Request) -> Response:
+        return await self._run(request, "/slots", self._slots)
+
+    async def _slots(self, request: Request) -> Response:
+        """llama-server's GET /slots (its slot to_json with only_metrics)."""
+        st = self.state
+        if not st.settings.slots:
+            raise emb.server_error((501, "not_supported_error"), "This server does not support "
+                                   "slots endpoint. Start it with `--slots`")
+        if request.method == "POST":
+            raise emb.server_error((501, "not_supported_error"), "This server does not support "
+                                   "slots action. Start it with `--slot-save-path`")
+        sch = st.scheduler
+        out = []
+        for b in range(sch.n_slots if sch is not None else 1):
+            a = sch.slots[b] if sch is not None else None
+            d = {"id": b, "n_ctx": st.ctx_size,
+                 "speculative": bool(sch is not None and sch.speculative is not None),
+                 "is_processing": a is not None}
+            if a is not None:
+                d["n_prompt_tokens"] = len(a.req.prompt_ids)
+                d["n_prompt_tokens_cache"] = a.req.cached_tokens
+                d["params"] = nat.params_json(a.req.params, a.req.max_tokens)
+                d["next_token"] = [{"has_next_token": True, "n_decoded":
+                                    a.req.completion_tokens}]
+            out.append(d)
+        if request.query_params.get("fail_on_no_slot") and all(d["is_processing"] for d in out):
+            raise emb.server_error((503, "unavailable_error"), "no slot available")
+        return JSONResponse(out)
+
+    async def props(self, request: Request) -> Response:
+        return await self._run(request, "/props", self._props)
+
+    async def _props(self, request: Request) -> Response:
+        """llama-server's GET /props (POST: its --props switch; nothing is settable yet)."""
+        st = self.state
+        if request.method == "POST":
+            if not st.settings.props:
+                raise emb.server_error((501, "not_supported_error"), "This server does not "
+                                       "support changing global properties. Start it with "
+                                       "`--props`")
+            raise emb.server_error((501, "not_supported_error"), "changing global properties "
+                                   "is not built in jllama yet")
+        from jllama.engine.sampling import SamplingParams
+
+        d = st.settings.defaults
+        sp = SamplingParams(**{k: d[k] for k in ("temperature", "top_k", "top_p", "min_p",
+                                                  "repeat_penalty", "frequency_penalty",
+                                                  "presence_penalty", "seed") if k in d})
+        tk = st.tokenizer
+        path = st.llm.path if st.llm is not None else st.encoder.path
+
+        def piece(i):
+            return tk.token_to_piece(i).decode("utf-8", "replace") if i is not None else ""
+
+        return JSONResponse({
+            "default_generation_settings": {
+                "params": nat.params_json(sp, st.settings.n_predict, d.get("seed")),
+                "n_ctx": st.ctx_size},
+            "total_slots": st.scheduler.n_slots if st.scheduler is not None else 1,
+            "model_alias": st.settings.model_alias, "model_path": str(path),
+            "modalities": {"vision": getattr(st.llm, "vision", None) is not None,
+                           "video": False, "audio": False},
+            "endpoint_slots": st.settings.slots, "endpoint_props": st.settings.props,
+            "endpoint_metrics": st.settings.metrics, "ui": False,
+            "chat_template": getattr(tk, "chat_template", None) or "",
+            "bos_token": piece(getattr(tk, "bos_id", None)),
+            "eos_token": piece(getattr(tk, "eos_id", None)),
+            "build_info": "jllama", "is_sleeping": False})
 
     # ------------------------------------------------------------------ endpoints
     async def _models(self, request: Request) -> Response:
@@ -384,8 +560,9 @@ class Handlers:
         else:
             meta = {"n_ctx": st.ctx_size, "n_vocab": st.llm.spec.n_vocab,
                     "n_slots": st.scheduler.n_slots, "arch": st.llm.spec.arch}
-        m = {"id": st.settings.model_alias, "object": "model", "created": st.created,
-             "owned_by": "jllama", "meta": meta}
+        m = {"id": st.settings.model_alias, "aliases": st.settings.aliases or
+             [st.settings.model_alias], "tags": st.settings.tags, "object": "model",
+             "created": st.created, "owned_by": "llamacpp", "meta": meta}
         return JSONResponse({"object": "list", "data": [m]})
 
     async def _lora_adapters(self, request: Request) -> Response:
@@ -470,25 +647,12 @@ class Handlers:
                                                 docs, scores, top_n, tei))
 
     async def _completions(self, request: Request) -> Response:
+        """OpenAI's /v1/completions (llama-server's /completion and /completions answer in its
+        own shape: ``_completion_native``)."""
         st = self.state
-        body = await json_body(request)
+        body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            # tokenizing is pure Python: off the event loop, so streams keep flowing
-            ids = await run_in_threadpool(st.llm.tokenizer.encode, prompt, add_special=True,
-                                          parse_special=True)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                              for t in prompt):
-            if any(not 0 <= t < st.llm.spec.n_vocab for t in prompt):
-                raise oa.bad("prompt", "token ids in 'prompt' must be inside the vocabulary")
-            ids = list(prompt)
-        else:
-            raise oa.bad("prompt", "'prompt' must be a string, a list of token ids, or a list "
-                          "holding one of those (batches of prompts are not supported)",
-                          "invalid_type")
+        ids = await run_in_threadpool(prompt_ids, st, body.get("prompt"))
         for name in ("suffix", "best_of"):
             if body.get(name) not in (None, 1):
                 raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
@@ -544,7 +708,7 @@ class Handlers:
 
     async def _chat(self, request: Request) -> Response:
         st = self.state
-        body = await json_body(request)
+        body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True)
         images: list[tuple[str, str]] = []
         messages = oa.parse_messages(body, images)
@@ -641,30 +805,22 @@ class Handlers:
                                  headers={"Cache-Control": "no-cache"})
 
     async def _completion_native(self, request: Request) -> Response:
-        """llama-server's own /completion: ``prompt`` (text or token ids), ``n_predict``
-        (-1: no limit), its response shape, ``completion_probabilities`` for ``n_probs``, and
-        streams of partial results without a [DONE]."""
+        """llama-server's own /completion and /completions (its non-OAI handler): ``prompt`` in
+        its forms, ``n_predict`` (< 0: the server's -n), its response shape with ``timings``,
+        ``stop_type``/``stopping_word`` and ``generation_settings``,
+        ``completion_probabilities`` for ``n_probs``, and streams of partial results (with
+        ``return_progress``: prompt_progress chunks first) without a [DONE]."""
         st = self.state
-        body = nat.body_for_parse(await json_body(request))
-        opts = oa.parse_common(body, st.llm.spec.n_vocab, max_tokens_name="n_predict")
+        body = self.with_defaults(await json_body(request))
+        opts = oa.parse_common(body, st.llm.spec.n_vocab)
         if opts.n > 1:
             raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
                          "/v1/chat/completions", "unsupported_parameter")
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            ids = await run_in_threadpool(st.llm.tokenizer.encode, prompt, add_special=True,
-                                          parse_special=True)
-        elif isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            if any(not 0 <= t < st.llm.spec.n_vocab for t in prompt):
-                raise oa.bad("prompt", "token ids in 'prompt' must be inside the vocabulary")
-            ids = list(prompt)
-        else:
-            raise oa.bad("prompt", "'prompt' must be a string or a list of token ids",
-                         "invalid_type")
+        ids = await run_in_threadpool(prompt_ids, st, body.get("prompt"))
         check_prompt(st, ids)
         settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
-        job = submit(st, ids, opts, make_constraint(st, opts))
+        job = submit(st, ids, opts, make_constraint(st, opts),
+                     progress=opts.stream and body.get("return_progress") is True)
         try:
             first = await first_event(request, job)
         except BaseException:
@@ -674,10 +830,11 @@ class Handlers:
 
         def final(content: str, done: Event, stream: bool) -> dict:
             now = time.monotonic()
-            tm = nat.timings(len(ids) - done.cached_tokens, job.t_first - job.t0,
-                             done.completion_tokens, now - job.t_first)
-            return nat.final(content, model=job.model, prompt=prompt_text, n_prompt=len(ids),
-                             n_gen=done.completion_tokens, cached=done.cached_tokens,
+            t_first = job.t_first or now
+            tm = nat.timings(done.cached_tokens, max(done.prompt_tokens - done.cached_tokens, 0),
+                             t_first - job.t0, done.completion_tokens, now - t_first)
+            return nat.final(content, model=job.model, prompt=prompt_text,
+                             n_prompt=done.prompt_tokens, n_gen=done.completion_tokens,
                              finish=done.finish, stop_word=job.req.stop_word,
                              settings=settings, probs=job.probs, timing=tm, stream=stream)
 
@@ -695,6 +852,10 @@ class Handlers:
                     if ev.kind == "text":
                         yield sse(nat.partial(ev.text, len(ids), ev.completion_tokens,
                                               ev.probs))
+                    elif ev.kind == "progress":
+                        yield sse(nat.progress(ev.prompt_tokens, ev.cached_tokens,
+                                               ev.processed, ev.seconds))
+                        job.t_first = time.monotonic()  # prompt timings end at the last chunk
                     elif ev.kind == "done":
                         yield sse(final("", ev, True))
                     else:
@@ -841,7 +1002,7 @@ class Handlers:
         ev = first
         while True:
             yield ev
-            if ev.kind != "text":
+            if ev.kind not in ("text", "progress"):
                 break
             try:
                 # the response task notices a hang-up itself (Starlette cancels it)
@@ -853,7 +1014,7 @@ class Handlers:
 
 
 # ---------------------------------------------------------------------------- app
-def create_app(state: ServerState, warmup: bool = True) -> Starlette:
+def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
     h = Handlers(state)
 
     @contextlib.asynccontextmanager
@@ -869,8 +1030,12 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
     routes = []
     for path, fn, methods in (
         ("/v1/chat/completions", h.chat, ["POST"]), ("/chat/completions", h.chat, ["POST"]),
-        ("/v1/completions", h.completions, ["POST"]), ("/completions", h.completions, ["POST"]),
+        # llama-server: /completion and /completions are its own (non-OAI) handler
+        ("/v1/completions", h.completions, ["POST"]),
         ("/completion", h.completion_native, ["POST"]),
+        ("/completions", h.completion_native, ["POST"]),
+        ("/props", h.props, ["GET", "POST"]), ("/slots", h.slots, ["GET"]),
+        ("/slots/{id_slot}", h.slots, ["POST"]),
         ("/v1/models", h.models, ["GET"]), ("/models", h.models, ["GET"]),
         ("/tokenize", h.tokenize, ["POST"]), ("/detokenize", h.detokenize, ["POST"]),
         ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),
@@ -891,8 +1056,76 @@ def create_app(state: ServerState, warmup: bool = True) -> Starlette:
         return error_response(ApiError(status, msg, code="not_found" if status == 404
                                        else "method_not_allowed"))
 
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: not_found, 405: not_found})
+    app.state.max_body = state.settings.max_body
+    return HttpRules(app, state.settings)
+
+
+def _title(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Header names as llama-server writes them ('Access-Control-Allow-Origin'): Starlette
+    lowercases them, and clients that copy headers into a plain dict (llama.cpp's own test
+    suite does) look them up by llama-server's casing. h11 sends names as given."""
+    return [(k.decode("latin-1").title().encode("latin-1"), v) for k, v in headers]
+
+
+def origin_is_localhost(origin: str) -> bool:
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    return host in ("localhost", "127.0.0.1", "::1")
+
+
+class HttpRules:
+    """What llama-server does before routing (server-http.cpp's pre-routing handler): CORS
+    headers on every answer (--cors-origins: '*' echoes the Origin, 'localhost' echoes loopback
+    origins only, anything else is sent as is), OPTIONS answered at once without a key, and a
+    body larger than the limit refused from its Content-Length before it is read."""
+
+    METHODS = "GET, POST, DELETE, OPTIONS"
+
+    def __init__(self, app, settings: ServerSettings):
+        self.app = app
+        self.settings = settings
+        self.state = app.state  # ServerThread and tests reach the Starlette app's state
+
+    def _allow_origin(self, origin: str | None) -> str | None:
+        rule = self.settings.cors_origins
+        if rule == "*":
+            return origin or "*"
+        if rule == "localhost":
+            return origin if origin and origin_is_localhost(origin) else None
+        return rule
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        allow = self._allow_origin(headers.get("origin"))
+        extra = [(b"access-control-allow-origin", allow.encode("latin-1"))] if allow else []
+        if scope["method"] == "OPTIONS":
+            hdrs = extra + [(b"access-control-allow-credentials", b"true"),
+                            (b"access-control-allow-methods", self.METHODS.encode()),
+                            (b"access-control-allow-headers", b"*"),
+                            (b"content-type", b"text/html"), (b"content-length", b"0")]
+            await send({"type": "http.response.start", "status": 200, "headers": _title(hdrs)})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.settings.max_body:
+            resp = error_response(ApiError(413, "the request body is larger than "
+                                           f"{self.settings.max_body} bytes",
+                                           code="body_too_large"))
+            return await resp(scope, receive, send)
+
+        async def send_cors(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": _title(list(msg.get("headers", [])) + extra)}
+            await send(msg)
+
+        await self.app(scope, receive, send_cors)
 
 
 class ServerThread:

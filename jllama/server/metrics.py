@@ -42,10 +42,24 @@ class Metrics:
         self.queued = 0
         self.slots_total = 0
         self.cancelled = 0
+        # llama-server's counters (llamacpp:* names)
+        self.prompt_tokens_cached = 0
+        self.n_decode = 0  # engine calls: prompt chunks and batched steps
+        self.n_busy_slots = 0  # summed over batched steps
+        self.n_tokens_max = 0
         self.requests: dict[tuple[str, int], int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per decode step
+
+    def forget_work(self) -> None:
+        """Zero what the warmup request counted: llama-server's counters start after it."""
+        with self.lock:
+            self.prompt_tokens = self.generated_tokens = self.decode_steps = 0
+            self.prompt_seconds = self.decode_seconds = 0.0
+            self.prompt_tokens_cached = self.n_decode = self.n_busy_slots = 0
+            self.n_tokens_max = 0
+            self._recent.clear()
 
     def observe_step(self, n_tokens: int, seconds: float) -> None:
         now = time.monotonic()
@@ -116,4 +130,47 @@ class Metrics:
                 lines.append(f'{p}{name}_bucket{{le="+Inf"}} {h.count}')
                 lines.append(f"{p}{name}_sum {h.sum:g}")
                 lines.append(f"{p}{name}_count {h.count}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + self.render_llamacpp()) + "\n"
+
+    def render_llamacpp(self) -> list[str]:
+        """llama-server's own metrics under its names (server-task.cpp to_metrics), so its
+        dashboards read jllama unchanged. The rates are over the whole run, as its are."""
+        counters = [
+            ("prompt_tokens_total", "Number of prompt tokens processed, excluding cached "
+             "tokens", self.prompt_tokens),
+            ("prompt_tokens_cached_total", "Number of prompt tokens reused from the cache",
+             self.prompt_tokens_cached),
+            ("prompt_seconds_total", "Total time spent processing prompts",
+             self.prompt_seconds),
+            ("tokens_predicted_total", "Number of generation tokens processed",
+             self.generated_tokens),
+            ("tokens_predicted_seconds_total", "Total time spent generating tokens",
+             self.decode_seconds),
+            ("n_decode_total", "Total number of engine calls (prompt chunks and batched "
+             "steps)", self.n_decode),
+            ("n_tokens_max", "Largest observed sequence length (prompt + generation)",
+             self.n_tokens_max),
+            ("spec_decode_num_draft_tokens_total", "Speculative: Total draft tokens generated",
+             0),
+            ("spec_decode_num_accepted_tokens_total", "Speculative: Total draft tokens "
+             "accepted by the target model", 0),
+            ("spec_decode_num_drafts_total", "Speculative: Total speculative decoding "
+             "verification steps", 0),
+        ]
+        gauges = [
+            ("prompt_tokens_seconds", "Average prompt throughput in tokens/s",
+             self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0),
+            ("predicted_tokens_seconds", "Average generation throughput in tokens/s",
+             self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0),
+            ("requests_processing", "Number of requests processing", self.active),
+            ("requests_deferred", "Number of requests deferred", self.queued),
+            ("n_busy_slots_per_decode", "Average number of busy slots per decode step",
+             self.n_busy_slots / max(self.decode_steps, 1)),
+        ]
+        out = []
+        for kind, items in (("counter", counters), ("gauge", gauges)):
+            for name, help_, v in items:
+                out += [f"# HELP llamacpp:{name} {help_}", f"# TYPE llamacpp:{name} {kind}",
+                        f"llamacpp:{name} {v!r}" if isinstance(v, float)
+                        else f"llamacpp:{name} {v}"]
+        return out

@@ -1,33 +1,35 @@
 """llama-server's own (non-OpenAI) ``/completion`` response shapes (server-task.cpp:
-``to_json_non_oaicompat`` of the final and partial results, ``task_params::to_json``)."""
+``to_json_non_oaicompat`` of the final, partial and progress results, ``task_params::to_json``,
+server-common's ``result_timings``)."""
 
 from __future__ import annotations
 
 import math
 
+from jllama.engine.sampling import SamplingParams
 from jllama.server import openai_schema as oa
 
+DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: what a seed left unset reports
 
-def body_for_parse(body: dict) -> dict:
-    """``n_predict`` < 0 means no limit in llama-server; drop it before the common checks."""
-    v = body.get("n_predict")
-    if isinstance(v, int) and not isinstance(v, bool) and v < 0:
-        body = {k: x for k, x in body.items() if k != "n_predict"}
-    return body
+
+def params_json(p: SamplingParams, n_predict: int | None, seed: int | None = None) -> dict:
+    """``task_params::to_json(only_metrics)`` for the fields jllama has (``/props``, ``/slots``
+    and the start of ``generation_settings``); ``seed`` stands in for an unset ``p.seed``."""
+    n = -1 if n_predict is None else n_predict
+    s = p.seed if p.seed is not None else seed
+    return {"seed": DEFAULT_SEED if s is None or s < 0 else s,
+            "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+            "min_p": p.min_p, "repeat_last_n": p.repeat_last_n,
+            "repeat_penalty": p.repeat_penalty, "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty, "max_tokens": n, "n_predict": n}
 
 
 def generation_settings(opts: oa.GenOptions, eog: frozenset[int], model: str) -> dict:
-    p = opts.params
-    bias = dict(p.logit_bias)
+    bias = dict(opts.params.logit_bias)
     if opts.ignore_eos:  # llama-server adds these (JSON has no -inf: null)
         bias.update({t: -math.inf for t in sorted(eog)})
-    n_predict = opts.max_tokens if opts.max_tokens is not None else -1
     return {
-        "seed": p.seed if p.seed is not None else 0xFFFFFFFF, "temperature": p.temperature,
-        "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
-        "repeat_last_n": p.repeat_last_n, "repeat_penalty": p.repeat_penalty,
-        "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
-        "max_tokens": n_predict, "n_predict": n_predict, "ignore_eos": opts.ignore_eos,
+        **params_json(opts.params, opts.max_tokens), "ignore_eos": opts.ignore_eos,
         "stream": opts.stream, "n_probs": opts.n_probs, "model": model,
         "stop": opts.stop, "grammar": opts.grammar or "",
         "logit_bias": [{"bias": None if math.isinf(v) else v,
@@ -41,17 +43,21 @@ def stop_type(finish: str | None, stop_word: str | None) -> str:
     return {"stop": "eos", "length": "limit"}.get(finish or "", "none")
 
 
-def timings(n_prompt: int, prompt_s: float, n_gen: int, gen_s: float) -> dict:
+def timings(cached: int, n_prompt: int, prompt_s: float, n_gen: int, gen_s: float) -> dict:
+    """``result_timings``: ``n_prompt`` tokens evaluated (``cached`` reused) in ``prompt_s``,
+    ``n_gen`` generated in ``gen_s``. The first generated token comes from the prompt's logits,
+    so the generation rate is over the ``n_gen - 1`` decode steps after it (n_gen_steps)."""
     pm, gm = prompt_s * 1e3, gen_s * 1e3
-    return {"prompt_n": n_prompt, "prompt_ms": pm,
+    steps = max(n_gen - 1, 0)
+    return {"cache_n": cached, "prompt_n": n_prompt, "prompt_ms": pm,
             "prompt_per_token_ms": pm / n_prompt if n_prompt else 0.0,
-            "prompt_per_second": n_prompt / prompt_s if prompt_s > 0 else 0.0,
+            "prompt_per_second": 1e3 * n_prompt / pm if n_prompt and pm > 0 else 0.0,
             "predicted_n": n_gen, "predicted_ms": gm,
-            "predicted_per_token_ms": gm / n_gen if n_gen else 0.0,
-            "predicted_per_second": n_gen / gen_s if gen_s > 0 else 0.0}
+            "predicted_per_token_ms": gm / steps if steps and gm > 0 else 0.0,
+            "predicted_per_second": 1e3 * steps / gm if steps and gm > 0 else 0.0}
 
 
-def final(content: str, *, model: str, prompt: str, n_prompt: int, n_gen: int, cached: int,
+def final(content: str, *, model: str, prompt: str, n_prompt: int, n_gen: int,
           finish: str | None, stop_word: str | None, settings: dict, probs: list | None,
           timing: dict, stream: bool) -> dict:
     d = {"index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": True,
@@ -71,3 +77,13 @@ def partial(content: str, n_prompt: int, n_gen: int, probs: list | None) -> dict
     if probs:
         d["completion_probabilities"] = probs
     return d
+
+
+def progress(total: int, cached: int, processed: int, seconds: float) -> dict:
+    """The prompt_progress chunk of ``return_progress``: counts and prompt timings so far (the
+    first one before any prompt token is evaluated)."""
+    n = max(processed - cached, 0)
+    return {"index": 0, "content": "", "tokens": [], "stop": False, "id_slot": -1,
+            "prompt_progress": {"total": total, "cache": cached, "processed": processed,
+                                "time_ms": seconds * 1e3},
+            "timings": timings(cached, n, seconds, 0, 0.0)}

@@ -14,7 +14,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from jllama import __version__
 from jllama.engine.sampling import SamplingParams
+
+# llama-server's form, b<build>-<commit> (clients check the leading "b"): jllama's version here
+FINGERPRINT = f"b{__version__}-jllama"
 
 
 class ApiError(Exception):
@@ -192,8 +196,7 @@ def _constraint_fields(body: dict, rf: dict | None) -> tuple[str | None, dict | 
     return grammar or None, schema
 
 
-def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens",
-                 chat: bool = False) -> GenOptions:
+def parse_common(body: dict, n_vocab: int, chat: bool = False) -> GenOptions:
     # llama-server's defaults, not OpenAI's: the reference behaviour is llama.cpp's
     temperature = _num(body, "temperature", 0.8, 0.0, 2.0)
     top_p = _num(body, "top_p", 0.95, 0.0, 1.0)
@@ -203,8 +206,8 @@ def parse_common(body: dict, n_vocab: int, max_tokens_name: str = "max_tokens",
     pp = _num(body, "presence_penalty", 0.0, -2.0, 2.0)
     rp = _num(body, "repeat_penalty", 1.0, 0.0, None)
     seed = _int(body, "seed", None)
-    mt = body.get("max_completion_tokens", None) if max_tokens_name == "max_tokens" else None
-    max_tokens = _int(body, max_tokens_name, None, 1, None)
+    mt = body.get("max_completion_tokens", None)
+    max_tokens = _int(body, "max_tokens", None, 1, None)
     if mt is not None:
         max_tokens = _int(body, "max_completion_tokens", None, 1, None)
     n = _int(body, "n", 1, 1, None)
@@ -395,7 +398,7 @@ def chat_response(rid: str, model: str, created: int, content: str | None,
     if tool_calls:
         msg["tool_calls"] = tool_calls
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": "jllama",
+            "system_fingerprint": FINGERPRINT,
             "choices": [{"index": 0, "message": msg, "finish_reason": finish,
                          "logprobs": logprobs}],
             "usage": use}
@@ -405,7 +408,7 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | No
                usage_: dict | None = None, choices: bool = True, logprobs: dict | None = None,
                index: int = 0) -> dict:
     d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "system_fingerprint": "jllama",
+         "system_fingerprint": FINGERPRINT,
          "choices": [{"index": index, "delta": delta, "finish_reason": finish,
                       "logprobs": logprobs}]
          if choices else []}
@@ -417,7 +420,7 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | No
 def completion_response(rid: str, model: str, created: int, text: str, finish: str | None,
                         use: dict | None, logprobs: dict | None = None, index: int = 0) -> dict:
     d = {"id": rid, "object": "text_completion", "created": created, "model": model,
-         "system_fingerprint": "jllama",
+         "system_fingerprint": FINGERPRINT,
          "choices": [{"index": index, "text": text, "finish_reason": finish,
                       "logprobs": logprobs}]}
     if use is not None:

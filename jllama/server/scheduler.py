@@ -37,9 +37,18 @@ class QueueFull(Exception):
     pass
 
 
+class SchedulerDead(Exception):
+    """The scheduler thread stopped for good: nothing submitted would ever be served."""
+
+
+# loop turns in a row that raise before the scheduler gives up (/health then answers 503): one
+# bad turn fails the requests it was running; a run of them means the engine itself is broken
+MAX_FAILED_TURNS = 3
+
+
 @dataclass
 class Event:
-    kind: str  # "text" | "done" | "error"
+    kind: str  # "text" | "done" | "error" | "progress" (prompt chunks, when asked for)
     text: str = ""
     finish: str | None = None
     prompt_tokens: int = 0
@@ -49,6 +58,8 @@ class Event:
     message: str = ""
     # llama-server's per-token probabilities of the text in this event (requests with n_probs)
     probs: list[dict] | None = None
+    processed: int = 0  # "progress": prompt tokens evaluated so far (cached ones included)
+    seconds: float = 0.0  # "progress": time spent on the prompt so far
 
 
 @dataclass
@@ -69,6 +80,7 @@ class GenRequest:
     # a prompt with images: token ids and engine.multimodal.ImageChunks in order (then
     # prompt_ids is unused and no cached prefix is reused)
     prompt_items: list | None = None
+    return_progress: bool = False  # llama-server's return_progress: an event per prompt chunk
     cancelled: bool = False
     # filled by the scheduler
     stop_word: str | None = None  # the stop string that ended the text, if one did
@@ -98,6 +110,7 @@ class _Active:
             seed = int.from_bytes(np.random.bytes(4), "little")
         self.seed = int(seed) % (2**32)
         self.rng = np.random.default_rng(self.seed)  # host-side constrained draws
+        self.t_prompt: float | None = None  # when its prompt's first chunk began (progress)
 
 
 class Scheduler:
@@ -127,7 +140,8 @@ class Scheduler:
         self._token_bytes: list[bytes] | None = None
         self._grammar_bytes: list[bytes] | None = None
         self.steps_run = 0
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last error (a request's or the loop's)
+        self.dead: BaseException | None = None  # set when the loop can no longer go on
         # speculative decoding drives one sequence at a time: single-slot servers only
         # LoRA: the scales the server applies by default (POST /lora-adapters sets them) and
         # those the engine holds now; requests with other scales wait until no slot is busy,
@@ -153,6 +167,9 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, req: GenRequest) -> None:
+        if self.dead is not None:
+            raise SchedulerDead(f"the scheduler stopped: {type(self.dead).__name__}: "
+                                f"{self.dead}")
         with self.cv:
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests already waiting "
@@ -210,25 +227,38 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        while True:
-            with self.cv:
-                while not self._stop and not self.queue and not any(self.slots):
-                    self.cv.wait(timeout=1.0)
-                if self._stop:
-                    break
-            try:
-                self._iteration()
-            except BaseException as e:  # keep serving: fail what was running, report
-                self.error = e
-                for b, a in enumerate(self.slots):
-                    if a is not None:
-                        self._fail(b, 500, f"internal error: {type(e).__name__}: {e}")
+        failed = 0
+        try:
+            while True:
+                with self.cv:
+                    while not self._stop and not self.queue and not any(self.slots):
+                        self.cv.wait(timeout=1.0)
+                    if self._stop:
+                        break
+                try:
+                    self._iteration()
+                    failed = 0
+                except Exception as e:  # the batch itself broke: fail what it was running
+                    log.exception("scheduler turn failed")
+                    self.error = e
+                    failed += 1
+                    for b, a in enumerate(self.slots):
+                        if a is not None:
+                            self._fail(b, 500, f"internal error: {type(e).__name__}: {e}")
+                    if failed >= MAX_FAILED_TURNS:
+                        self.dead = e
+                        break
+        except BaseException as e:  # noqa: BLE001 - e.g. MemoryError: nothing can go on
+            self.dead = e
+            self.error = e
+        reason = "server shutting down" if self.dead is None else \
+            f"the scheduler stopped: {type(self.dead).__name__}: {self.dead}"
         for b, a in enumerate(self.slots):
             if a is not None:
-                self._fail(b, 503, "server shutting down")
+                self._fail(b, 503, reason)
         with self.cv:
             while self.queue:
-                self.queue.popleft().sink(Event("error", status=503, message="server shutting down"))
+                self.queue.popleft().sink(Event("error", status=503, message=reason))
 
     def _iteration(self) -> None:
         self._drop_cancelled()
@@ -317,6 +347,7 @@ class Scheduler:
             free.remove(best)
             self.engine.rewind(best, keep)
             req.cached_tokens = keep
+            self.metrics.prompt_tokens_cached += keep
             from jllama.tokenizer import StreamDecoder
 
             self.slots[best] = _Active(req, StreamDecoder(self.tok), list(ids[keep:]))
@@ -352,6 +383,9 @@ class Scheduler:
                 size = len(chunk)
             if done and done + size > PREFILL_CHUNK:
                 break
+            if a.req.return_progress and a.t_prompt is None:
+                a.t_prompt = time.perf_counter()
+                self._progress(a, 0)
             a.todo = a.todo[len(chunk):]
             done += size
             self._prefill_turn = (b + 1) % n
@@ -364,15 +398,22 @@ class Scheduler:
                 continue
             self.metrics.prompt_tokens += size
             self.metrics.prompt_seconds += time.perf_counter() - t0
+            if a.req.return_progress:
+                self._progress(a, len(a.req.prompt_ids) - len(a.todo))
             if a.todo:
                 continue
-            self._ensure_batch()
-            sp1 = BatchSampling.stack([a.req.params])
-            key = jnp.asarray(self._keys[b : b + 1])
-            bias = jnp.asarray(self._bias_np[b : b + 1])
-            hist = self.engine.history[b : b + 1]
-            tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
-                                  bias)[0])
+            self.metrics.n_decode += 1
+            try:
+                self._ensure_batch()
+                sp1 = BatchSampling.stack([a.req.params])
+                key = jnp.asarray(self._keys[b : b + 1])
+                bias = jnp.asarray(self._bias_np[b : b + 1])
+                hist = self.engine.history[b : b + 1]
+                tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
+                                      bias)[0])
+            except Exception as e:  # this request's first draw broke: it alone ends
+                self._fail_request(b, a, e)
+                continue
             self._take(b, tok, lambda lg=logits: np.asarray(lg))
 
     def _decode(self) -> None:
@@ -405,6 +446,8 @@ class Scheduler:
         for b in np.nonzero(active)[0]:
             self._take(int(b), int(nxt[b]), lambda b=b: row(b))
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
+        self.metrics.n_decode += 1
+        self.metrics.n_busy_slots += int(active.sum())
 
     # ------------------------------------------------------------------ per-token handling
     def _take(self, b: int, tok: int, row: Callable[[], np.ndarray]) -> None:
@@ -421,9 +464,7 @@ class Scheduler:
                 self._probs(a, row(), tok)
             self._accept(b, tok)
         except Exception as e:
-            log.warning("request failed while sampling: %s: %s", type(e).__name__, e)
-            if self.slots[b] is a:
-                self._fail(b, 500, f"sampling failed: {e}")
+            self._fail_request(b, a, e)
 
     def _accept(self, b: int, tok: int) -> None:
         a = self.slots[b]
@@ -490,9 +531,30 @@ class Scheduler:
                 text, reason = text[: min(hits)], "stop"
         self._emit(a, text, force=True)
         req.finish = reason
+        self.metrics.n_tokens_max = max(self.metrics.n_tokens_max,
+                                        len(req.prompt_ids) + req.completion_tokens)
         req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
                        completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens))
         self._free(b)
+
+    def _progress(self, a: _Active, processed: int) -> None:
+        req = a.req
+        req.sink(Event("progress", prompt_tokens=len(req.prompt_ids),
+                       cached_tokens=req.cached_tokens, processed=max(processed,
+                                                                      req.cached_tokens),
+                       seconds=time.perf_counter() - a.t_prompt if processed else 0.0))
+
+    def _fail_request(self, b: int, a: _Active, e: Exception) -> None:
+        """An exception while handling one request's token: that request gets a 500, the
+        others in the batch go on. A ValueError is the request's own grammar or schema that no
+        token can continue (its input, not a server fault: ``error`` stays as it was)."""
+        if isinstance(e, ValueError):
+            log.warning("request failed while sampling: %s: %s", type(e).__name__, e)
+        else:
+            log.exception("request failed while sampling")
+            self.error = e
+        if self.slots[b] is a:
+            self._fail(b, 500, f"sampling failed: {type(e).__name__}: {e}")
 
     def _fail(self, b: int, status: int, message: str) -> None:
         a = self.slots[b]
