@@ -90,6 +90,46 @@ def write_text_model(path: Path, seed: int = 3, **extra) -> Path:
     return write_gguf(path, "gemma3", hp, tensors, specials=SPECIALS)
 
 
+def _clip_writer(path, n_embd_out: int, image_size: int, patch: int, d: int, n_layer: int,
+                 n_head: int) -> gguf.GGUFWriter:
+    """An mmproj GGUF's writer with the vision keys every projector type has."""
+    g = gguf.GGUFWriter(str(path), "clip")
+    g.add_type("mmproj")
+    g.add_bool("clip.has_vision_encoder", True)
+    g.add_uint32("clip.vision.projection_dim", n_embd_out)
+    g.add_uint32("clip.vision.image_size", image_size)
+    g.add_uint32("clip.vision.patch_size", patch)
+    g.add_uint32("clip.vision.embedding_length", d)
+    g.add_uint32("clip.vision.feed_forward_length", 2 * d)
+    g.add_uint32("clip.vision.block_count", n_layer)
+    g.add_uint32("clip.vision.attention.head_count", n_head)
+    return g
+
+
+def _encoder_blocks(g, w, mat, d: int, n_layer: int) -> None:
+    """The ViT blocks (pre-norm, biased attention and GELU MLP) as the converter names them;
+    ``mat`` writes a matrix (f16 or quantized), ``w`` draws random f32 values."""
+    for i in range(n_layer):
+        b = f"v.blk.{i}."
+        for ln in ("ln1", "ln2"):
+            g.add_tensor(b + ln + ".bias", w(d, s=0.1))
+            g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
+        g.add_tensor(b + "ffn_up.bias", w(2 * d))
+        mat(b + "ffn_up.weight", w(2 * d, d, s=0.15))
+        g.add_tensor(b + "ffn_down.bias", w(d))
+        mat(b + "ffn_down.weight", w(d, 2 * d, s=0.15))
+        for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
+            g.add_tensor(b + t + ".bias", w(d))
+            mat(b + t + ".weight", w(d, d, s=0.15))
+
+
+def _finish(g) -> None:
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
+
+
 def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 64,
                  patch: int = 8, d: int = 64, n_layer: int = 2, n_head: int = 4,
                  n_merge: int = 4, block_type: gguf.GGMLQuantizationType | None = None) -> None:
@@ -109,16 +149,7 @@ def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 6
         else:
             g.add_tensor(name, gguf.quants.quantize(a, block_type), raw_dtype=block_type)
 
-    g = gguf.GGUFWriter(str(path), "clip")
-    g.add_type("mmproj")
-    g.add_bool("clip.has_vision_encoder", True)
-    g.add_uint32("clip.vision.projection_dim", n_embd_out)
-    g.add_uint32("clip.vision.image_size", image_size)
-    g.add_uint32("clip.vision.patch_size", patch)
-    g.add_uint32("clip.vision.embedding_length", d)
-    g.add_uint32("clip.vision.feed_forward_length", 2 * d)
-    g.add_uint32("clip.vision.block_count", n_layer)
-    g.add_uint32("clip.vision.attention.head_count", n_head)
+    g = _clip_writer(path, n_embd_out, image_size, patch, d, n_layer, n_head)
     g.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     g.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     g.add_string("clip.projector_type", "gemma3")
@@ -130,24 +161,10 @@ def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 6
     g.add_tensor("v.patch_embd.bias", w(d, s=0.1))
     g.add_tensor("v.patch_embd.weight", w(d, 3, patch, patch, s=0.1))
     g.add_tensor("v.position_embd.weight", w((image_size // patch) ** 2, d, s=0.2))
-    for i in range(n_layer):
-        b = f"v.blk.{i}."
-        for ln in ("ln1", "ln2"):
-            g.add_tensor(b + ln + ".bias", w(d, s=0.1))
-            g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
-        g.add_tensor(b + "ffn_up.bias", w(2 * d))
-        mat(b + "ffn_up.weight", w(2 * d, d, s=0.15))
-        g.add_tensor(b + "ffn_down.bias", w(d))
-        mat(b + "ffn_down.weight", w(d, 2 * d, s=0.15))
-        for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
-            g.add_tensor(b + t + ".bias", w(d))
-            mat(b + t + ".weight", w(d, d, s=0.15))
+    _encoder_blocks(g, w, mat, d, n_layer)
     g.add_tensor("v.post_ln.bias", w(d, s=0.1))
     g.add_tensor("v.post_ln.weight", 1.0 + w(d, s=0.1))
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
+    _finish(g)
 
 
 def write_llava_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 56,
@@ -163,16 +180,7 @@ def write_llava_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: i
     def f16(a):
         return a.astype(np.float16)
 
-    g = gguf.GGUFWriter(str(path), "clip")
-    g.add_type("mmproj")
-    g.add_bool("clip.has_vision_encoder", True)
-    g.add_uint32("clip.vision.projection_dim", n_embd_out)
-    g.add_uint32("clip.vision.image_size", image_size)
-    g.add_uint32("clip.vision.patch_size", patch)
-    g.add_uint32("clip.vision.embedding_length", d)
-    g.add_uint32("clip.vision.feed_forward_length", 2 * d)
-    g.add_uint32("clip.vision.block_count", n_layer)
-    g.add_uint32("clip.vision.attention.head_count", n_head)
+    g = _clip_writer(path, n_embd_out, image_size, patch, d, n_layer, n_head)
     g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
     g.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
     g.add_string("clip.projector_type", "mlp")
@@ -188,22 +196,8 @@ def write_llava_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: i
     g.add_tensor("v.position_embd.weight", f16(w(n_pos, d, s=0.2)))
     g.add_tensor("v.pre_ln.weight", 1.0 + w(d, s=0.1))
     g.add_tensor("v.pre_ln.bias", w(d, s=0.1))
-    for i in range(n_layer):
-        b = f"v.blk.{i}."
-        for ln in ("ln1", "ln2"):
-            g.add_tensor(b + ln + ".bias", w(d, s=0.1))
-            g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
-        g.add_tensor(b + "ffn_up.bias", w(2 * d))
-        g.add_tensor(b + "ffn_up.weight", f16(w(2 * d, d, s=0.15)))
-        g.add_tensor(b + "ffn_down.bias", w(d))
-        g.add_tensor(b + "ffn_down.weight", f16(w(d, 2 * d, s=0.15)))
-        for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
-            g.add_tensor(b + t + ".bias", w(d))
-            g.add_tensor(b + t + ".weight", f16(w(d, d, s=0.15)))
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
+    _encoder_blocks(g, w, lambda name, a: g.add_tensor(name, f16(a)), d, n_layer)
+    _finish(g)
 
 
 def write_llama_text_model(path: Path, seed: int = 5) -> Path:

@@ -200,14 +200,7 @@ class Scheduler:
     def token_bytes(self) -> list[bytes]:
         """Every token's bytes as it appears in text (control tokens: empty), built once."""
         if self._token_bytes is None:
-            out = []
-            for i in range(self.tok.n_vocab):
-                try:
-                    b = self.tok.token_to_piece(i, special=False)
-                except Exception:
-                    b = b""
-                out.append(b"" if i in self.eog else bytes(b))
-            self._token_bytes = out
+            self._token_bytes = self._piece_bytes(special=False)
         return self._token_bytes
 
     def grammar_token_bytes(self) -> list[bytes]:
@@ -215,15 +208,18 @@ class Scheduler:
         with special=true, so control tokens match their text (end of generation is decided
         apart: empty here)."""
         if self._grammar_bytes is None:
-            out = []
-            for i in range(self.tok.n_vocab):
-                try:
-                    b = self.tok.token_to_piece(i, special=True)
-                except Exception:
-                    b = b""
-                out.append(b"" if i in self.eog else bytes(b))
-            self._grammar_bytes = out
+            self._grammar_bytes = self._piece_bytes(special=True)
         return self._grammar_bytes
+
+    def _piece_bytes(self, special: bool) -> list[bytes]:
+        out = []
+        for i in range(self.tok.n_vocab):
+            try:
+                b = self.tok.token_to_piece(i, special=special)
+            except Exception:  # a token the vocabulary cannot render: no text
+                b = b""
+            out.append(b"" if i in self.eog else bytes(b))
+        return out
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
