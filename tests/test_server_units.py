@@ -212,7 +212,8 @@ def test_prepare_messages_without_template_tool_support():
 @pytest.mark.parametrize("body,param", [
     ({"temperature": "hot"}, "temperature"), ({"temperature": 3}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"), ({"stop": 5}, "stop"), ({"n": 0}, "n"),
-    ({"logit_bias": {"99999": 1}}, "logit_bias"), ({"logit_bias": {"5": 200}}, "logit_bias"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"), ({"logit_bias": {"5": "big"}}, "logit_bias"),
+    ({"logit_bias": [[5, 1, 2]]}, "logit_bias"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"response_format": {"type": "xml"}}, "response_format"), ({"seed": 1.5}, "seed"),
 ])
@@ -231,6 +232,38 @@ def test_valid_fields_map_to_sampling_params():
     assert o.params.temperature == 0 and o.params.top_p == 0.5 and o.params.seed == 7
     assert o.max_tokens == 9 and o.stop == ["x"] and o.include_usage
     assert o.params.logit_bias[5] < -1e8 and o.params.logit_bias[6] == 3
+
+
+def test_logit_bias_in_llama_servers_forms():
+    """llama-server's logit_bias (server-schema.cpp): an object or a list of [key, bias]
+    pairs; a key is a token id or a text standing for each of its tokens (tokenized without
+    BOS); false bans the token."""
+    def tokenize(text):
+        return {"hello": [7, 8]}[text]
+
+    for lb in ({"5": 2.5, "hello": -1, "9": False}, [[5, 2.5], ["hello", -1], [9, False]]):
+        o = oa.parse_common({"logit_bias": lb}, n_vocab=1000, tokenize=tokenize)
+        assert o.params.logit_bias == {5: 2.5, 7: -1.0, 8: -1.0, 9: float("-inf")}
+
+
+def test_n_predict_wins_over_max_tokens():
+    """llama-server reads n_predict first and max_tokens / max_completion_tokens as its
+    aliases; -1 (unlimited) falls back to the server's -n."""
+    from jllama.server.app import Handlers
+
+    def h(n_predict):
+        state = types.SimpleNamespace(settings=types.SimpleNamespace(
+            defaults={}, n_predict=n_predict, cache_prompt=True))
+        return Handlers(state)
+
+    assert h(None).with_defaults({"max_tokens": 5, "n_predict": 9})["max_tokens"] == 9
+    assert h(None).with_defaults({"max_completion_tokens": 5})["max_completion_tokens"] == 5
+    assert h(12).with_defaults({"max_tokens": 5, "n_predict": -1})["max_tokens"] == 12
+    assert "max_tokens" not in h(-1).with_defaults({"max_tokens": 5, "n_predict": -1})
+    assert h(12).with_defaults({})["max_tokens"] == 12
+    with pytest.raises(oa.ApiError) as ei:
+        h(None).with_defaults({"n_predict": "ten"})
+    assert ei.value.param == "n_predict"
 
 
 def test_messages_and_tools_validation():

@@ -433,17 +433,26 @@ class Handlers:
     async def models(self, request: Request) -> Response:
         return await self._run(request, "/v1/models", self._models)
 
+    def bias_tokens(self, text: str) -> list[int]:
+        """A logit_bias string's tokens, as llama-server's common_tokenize(vocab, text, false)."""
+        return self.state.llm.tokenizer.encode(text, add_special=False, parse_special=False)
+
     def with_defaults(self, body: dict) -> dict:
         """The server's defaults (llama-server's --temp, --seed, -n, ...) for the fields a
         request leaves out; llama-server's n_predict is max_tokens under its own name."""
         st = self.state.settings
         out = {**{k: v for k, v in st.defaults.items() if body.get(k) is None}, **body}
-        if out.get("max_tokens") is None and out.get("max_completion_tokens") is None:
-            n = out.get("n_predict")
-            if n is None or (isinstance(n, int) and n < 0):
-                n = st.n_predict
-            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-                out["max_tokens"] = n
+        n = out.get("n_predict")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < -1):
+            raise oa.bad("n_predict", "'n_predict' must be an integer >= -1", "invalid_type")
+        if n is not None and n != -1:  # llama-server: n_predict, when given, wins over max_tokens
+            out.pop("max_completion_tokens", None)
+            out["max_tokens"] = n
+        elif out.get("max_tokens") is None and out.get("max_completion_tokens") is None or n == -1:
+            out.pop("max_tokens", None)
+            out.pop("max_completion_tokens", None)
+            if st.n_predict is not None and st.n_predict > 0:
+                out["max_tokens"] = st.n_predict
         if "cache_prompt" not in body and not st.cache_prompt:
             out["cache_prompt"] = False
         return out
@@ -651,7 +660,7 @@ class Handlers:
         own shape: ``_completion_native``)."""
         st = self.state
         body = self.with_defaults(await json_body(request))
-        opts = oa.parse_common(body, st.llm.spec.n_vocab)
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, tokenize=self.bias_tokens)
         ids = await run_in_threadpool(prompt_ids, st, body.get("prompt"))
         for name in ("suffix", "best_of"):
             if body.get(name) not in (None, 1):
@@ -709,7 +718,8 @@ class Handlers:
     async def _chat(self, request: Request) -> Response:
         st = self.state
         body = self.with_defaults(await json_body(request))
-        opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True)
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True,
+                               tokenize=self.bias_tokens)
         images: list[tuple[str, str]] = []
         messages = oa.parse_messages(body, images)
         tools, choice = oa.parse_tools(body)
@@ -812,7 +822,7 @@ class Handlers:
         ``return_progress``: prompt_progress chunks first) without a [DONE]."""
         st = self.state
         body = self.with_defaults(await json_body(request))
-        opts = oa.parse_common(body, st.llm.spec.n_vocab)
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, tokenize=self.bias_tokens)
         if opts.n > 1:
             raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
                          "/v1/chat/completions", "unsupported_parameter")

@@ -96,25 +96,41 @@ def _stop(body: dict) -> list[str]:
     raise bad("stop", "'stop' must be a string or a list of strings", "invalid_type")
 
 
-def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
+def _logit_bias(body: dict, n_vocab: int, tokenize=None) -> dict[int, float]:
+    """llama-server's logit_bias: an object {token id or text: bias} or a list of [token id or
+    text, bias] pairs; a text stands for each of its tokens; a bias is a number, or false to
+    ban the token. OpenAI's +-100 (force / ban) become effectively infinite biases."""
     v = body.get("logit_bias")
     if v is None:
         return {}
-    if not isinstance(v, dict):
-        raise bad("logit_bias", "'logit_bias' must map token ids to numbers", "invalid_type")
+    if isinstance(v, dict):
+        pairs = list(v.items())
+    elif isinstance(v, list) and all(isinstance(e, list) and len(e) == 2 for e in v):
+        pairs = [(e[0], e[1]) for e in v]
+    else:
+        raise bad("logit_bias", "'logit_bias' must map token ids (or texts) to numbers, or be a "
+                  "list of [token id or text, number] pairs", "invalid_type")
     out = {}
-    for k, b in v.items():
-        try:
-            tok = int(k)
-        except (TypeError, ValueError):
-            raise bad("logit_bias", f"'logit_bias' key {k!r} is not a token id") from None
-        if not 0 <= tok < n_vocab:
-            raise bad("logit_bias", f"'logit_bias' token id {tok} is outside the vocabulary "
-                      f"(0..{n_vocab - 1})")
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
-            raise bad("logit_bias", f"'logit_bias' value for {tok} must be a number in -100..100")
-        # OpenAI: -100 bans a token, 100 forces it; map to effectively infinite biases
-        out[tok] = float(b) if abs(b) < 100 else (1e9 if b > 0 else -1e9)
+    for k, b in pairs:
+        if b is False:
+            bias = float("-inf")
+        elif isinstance(b, bool) or not isinstance(b, (int, float)) or b != b:
+            raise bad("logit_bias", f"'logit_bias' value for {k!r} must be a number or false")
+        else:
+            bias = float(b) if abs(b) < 100 else (1e9 if b > 0 else -1e9)
+        if isinstance(k, int) and not isinstance(k, bool):
+            toks = [k]
+        elif isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            toks = [int(k)]
+        elif isinstance(k, str) and tokenize is not None:
+            toks = tokenize(k)
+        else:
+            raise bad("logit_bias", f"'logit_bias' key {k!r} is not a token id")
+        for tok in toks:
+            if not 0 <= tok < n_vocab:
+                raise bad("logit_bias", f"'logit_bias' token id {tok} is outside the vocabulary "
+                          f"(0..{n_vocab - 1})")
+            out[tok] = bias
     return out
 
 
@@ -196,7 +212,9 @@ def _constraint_fields(body: dict, rf: dict | None) -> tuple[str | None, dict | 
     return grammar or None, schema
 
 
-def parse_common(body: dict, n_vocab: int, chat: bool = False) -> GenOptions:
+def parse_common(body: dict, n_vocab: int, chat: bool = False,
+                 tokenize=None) -> GenOptions:
+    """``tokenize``: text -> token ids, for logit_bias keys given as text."""
     # llama-server's defaults, not OpenAI's: the reference behaviour is llama.cpp's
     temperature = _num(body, "temperature", 0.8, 0.0, 2.0)
     top_p = _num(body, "top_p", 0.95, 0.0, 1.0)
@@ -235,7 +253,7 @@ def parse_common(body: dict, n_vocab: int, chat: bool = False) -> GenOptions:
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=rp,
         frequency_penalty=fp, presence_penalty=pp, seed=seed,
-        logit_bias=_logit_bias(body, n_vocab))
+        logit_bias=_logit_bias(body, n_vocab, tokenize))
     return GenOptions(max_tokens=max_tokens, params=params, stop=_stop(body), stream=stream,
                       include_usage=include_usage, response_format=rf,
                       cache_prompt=_bool(body, "cache_prompt", True), n=n,
