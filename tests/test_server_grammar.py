@@ -363,6 +363,23 @@ def test_native_completion_endpoint(srv, theirs):
     assert "".join(c["content"] for c in chunks) == want["choices"][0]["text"]
 
 
+def test_native_completion_batch_of_prompts(srv, theirs):
+    """A list of prompts (no token ids at its top level) is llama-server's batch: a list of
+    results in prompt order, each llama.cpp's greedy completion of its prompt."""
+    _, llm = theirs
+    prompts = [PROMPT, PROMPT[:-3]]
+    want = [llm.create_completion(p, max_tokens=4, temperature=0.0, repeat_penalty=1.0)
+            ["choices"][0]["text"] for p in prompts]
+    r = srv.http.post("/completion", json={"prompt": prompts, "n_predict": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert isinstance(d, list) and [x["index"] for x in d] == [0, 1]
+    assert [x["content"] for x in d] == want
+    assert [x["tokens_evaluated"] for x in d] == [len(p) for p in prompts]
+    r = srv.http.post("/completion", json={"prompt": prompts, "n_predict": 4, "stream": True})
+    assert r.status_code == 400 and "batch" in r.text
+
+
 def test_unsatisfiable_grammar_fails_only_its_request(srv):
     """A grammar no token can continue (a token terminal outside the vocabulary) ends its own
     request with an error while a stream beside it runs to the end."""

@@ -261,7 +261,7 @@ def prompt_ids(state: ServerState, prompt) -> list[int]:
         return ids
     raise oa.bad("prompt", "'prompt' must be a string, a list of token ids (strings may be "
                  "mixed in), {\"prompt_string\": ...}, or a list holding one of those "
-                 "(batches of prompts are not supported)", "invalid_type")
+                 "(or, on /completion, a list of such prompts)", "invalid_type")
 
 
 def check_prompt(state: ServerState, ids: list[int]) -> None:
@@ -814,6 +814,44 @@ class Handlers:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    @staticmethod
+    def _native_final(job: Job, prompt_text: str, settings: dict, content: str, done: Event,
+                      stream: bool) -> dict:
+        now = time.monotonic()
+        t_first = job.t_first or now
+        tm = nat.timings(done.cached_tokens, max(done.prompt_tokens - done.cached_tokens, 0),
+                         t_first - job.t0, done.completion_tokens, now - t_first)
+        return nat.final(content, model=job.model, prompt=prompt_text,
+                         n_prompt=done.prompt_tokens, n_gen=done.completion_tokens,
+                         finish=done.finish, stop_word=job.req.stop_word,
+                         settings=settings, probs=job.probs, timing=tm, stream=stream)
+
+    async def _native_batch(self, request: Request, opts: oa.GenOptions, prompts: list,
+                            settings: dict) -> Response:
+        """Several prompts in one /completion request: one job each (they share the slots
+        like separate requests), answered as llama-server does, a list of results in prompt
+        order, each with its ``index``."""
+        st = self.state
+        all_ids = [await run_in_threadpool(prompt_ids, st, p) for p in prompts]
+        for ids in all_ids:
+            check_prompt(st, ids)
+        jobs = []
+        try:
+            for ids in all_ids:
+                jobs.append(submit(st, ids, opts, make_constraint(st, opts)))
+            out = []
+            for i, (job, ids) in enumerate(zip(jobs, all_ids)):
+                first = await first_event(request, job)
+                text, done = await collect(request, job, first)
+                st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
+                res = self._native_final(job, st.llm.tokenizer.decode(ids), settings, text,
+                                         done, False)
+                out.append({**res, "index": i})
+        finally:
+            for job in jobs:
+                job.req.cancel()
+        return JSONResponse(out)
+
     async def _completion_native(self, request: Request) -> Response:
         """llama-server's own /completion and /completions (its non-OAI handler): ``prompt`` in
         its forms, ``n_predict`` (< 0: the server's -n), its response shape with ``timings``,
@@ -826,9 +864,18 @@ class Handlers:
         if opts.n > 1:
             raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
                          "/v1/chat/completions", "unsupported_parameter")
-        ids = await run_in_threadpool(prompt_ids, st, body.get("prompt"))
-        check_prompt(st, ids)
         settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
+        prompt = body.get("prompt")
+        if (isinstance(prompt, list) and len(prompt) > 1
+                and not any(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            # llama-server's tokenize_input_prompts: a list without token ids at its top level
+            # is a batch of prompts, answered with a list of results
+            if opts.stream:
+                raise oa.bad("prompt", "a batch of prompts cannot be streamed (send them as "
+                             "separate requests)", "unsupported_parameter")
+            return await self._native_batch(request, opts, prompt, settings)
+        ids = await run_in_threadpool(prompt_ids, st, prompt)
+        check_prompt(st, ids)
         job = submit(st, ids, opts, make_constraint(st, opts),
                      progress=opts.stream and body.get("return_progress") is True)
         try:
@@ -839,14 +886,7 @@ class Handlers:
         prompt_text = st.llm.tokenizer.decode(ids)
 
         def final(content: str, done: Event, stream: bool) -> dict:
-            now = time.monotonic()
-            t_first = job.t_first or now
-            tm = nat.timings(done.cached_tokens, max(done.prompt_tokens - done.cached_tokens, 0),
-                             t_first - job.t0, done.completion_tokens, now - t_first)
-            return nat.final(content, model=job.model, prompt=prompt_text,
-                             n_prompt=done.prompt_tokens, n_gen=done.completion_tokens,
-                             finish=done.finish, stop_word=job.req.stop_word,
-                             settings=settings, probs=job.probs, timing=tm, stream=stream)
+            return self._native_final(job, prompt_text, settings, content, done, stream)
 
         if not opts.stream:
             try:
