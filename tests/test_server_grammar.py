@@ -376,6 +376,10 @@ def test_native_completion_batch_of_prompts(srv, theirs):
     assert isinstance(d, list) and [x["index"] for x in d] == [0, 1]
     assert [x["content"] for x in d] == want
     assert [x["tokens_evaluated"] for x in d] == [len(p) for p in prompts]
+    d = srv.http.post("/completion", json={
+        "prompt": PROMPT, "n_predict": 4, "temperature": 0,
+        "response_fields": ["content", "generation_settings/n_predict", "nope/x"]}).json()
+    assert d == {"content": want[0], "generation_settings/n_predict": 4}
     r = srv.http.post("/completion", json={"prompt": prompts, "n_predict": 4, "stream": True})
     assert r.status_code == 400 and "batch" in r.text
 

@@ -827,7 +827,7 @@ class Handlers:
                          settings=settings, probs=job.probs, timing=tm, stream=stream)
 
     async def _native_batch(self, request: Request, opts: oa.GenOptions, prompts: list,
-                            settings: dict) -> Response:
+                            settings: dict, pick) -> Response:
         """Several prompts in one /completion request: one job each (they share the slots
         like separate requests), answered as llama-server does, a list of results in prompt
         order, each with its ``index``."""
@@ -846,7 +846,7 @@ class Handlers:
                 st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
                 res = self._native_final(job, st.llm.tokenizer.decode(ids), settings, text,
                                          done, False)
-                out.append({**res, "index": i})
+                out.append(pick({**res, "index": i}))
         finally:
             for job in jobs:
                 job.req.cancel()
@@ -865,6 +865,12 @@ class Handlers:
             raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
                          "/v1/chat/completions", "unsupported_parameter")
         settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
+        fields = body.get("response_fields")
+        if fields is not None and not (isinstance(fields, list)
+                                       and all(isinstance(f, str) for f in fields)):
+            raise oa.bad("response_fields", "'response_fields' must be a list of strings",
+                         "invalid_type")
+        pick = (lambda d: nat.nested_values(fields, d)) if fields else (lambda d: d)
         prompt = body.get("prompt")
         if (isinstance(prompt, list) and len(prompt) > 1
                 and not any(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
@@ -873,7 +879,7 @@ class Handlers:
             if opts.stream:
                 raise oa.bad("prompt", "a batch of prompts cannot be streamed (send them as "
                              "separate requests)", "unsupported_parameter")
-            return await self._native_batch(request, opts, prompt, settings)
+            return await self._native_batch(request, opts, prompt, settings, pick)
         ids = await run_in_threadpool(prompt_ids, st, prompt)
         check_prompt(st, ids)
         job = submit(st, ids, opts, make_constraint(st, opts),
@@ -886,7 +892,7 @@ class Handlers:
         prompt_text = st.llm.tokenizer.decode(ids)
 
         def final(content: str, done: Event, stream: bool) -> dict:
-            return self._native_final(job, prompt_text, settings, content, done, stream)
+            return pick(self._native_final(job, prompt_text, settings, content, done, stream))
 
         if not opts.stream:
             try:

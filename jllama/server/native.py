@@ -87,3 +87,21 @@ def progress(total: int, cached: int, processed: int, seconds: float) -> dict:
             "prompt_progress": {"total": total, "cache": cached, "processed": processed,
                                 "time_ms": seconds * 1e3},
             "timings": timings(cached, n, seconds, 0, 0.0)}
+
+
+def nested_values(paths: list[str], d: dict) -> dict:
+    """llama-server's response_fields (json_get_nested_values): only the named fields, each
+    keyed by its path ("generation_settings/n_predict" walks into objects); missing paths are
+    left out."""
+    out = {}
+    for path in paths:
+        cur, ok = d, True
+        for k in path.split("/"):
+            if isinstance(cur, dict) and k in cur:
+                cur = cur[k]
+            else:
+                ok = False
+                break
+        if ok:
+            out[path] = cur
+    return out
