@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import subprocess
@@ -347,14 +346,6 @@ def run_llamacpp_point(sw: Sweep, p: Point, chunks: np.ndarray, base_file: Path,
     return row
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 22), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
 def ensure_imatrix(sw: Sweep, work: Path, log: Callable[[str], None]) -> Path:
     """The sweep's importance matrix, made once by llama.cpp's own llama-imatrix (jllama's
     `jllama imatrix` matches it to f32 summation order, experiments/results/imatrix.md; one
@@ -429,7 +420,9 @@ def run_ftype_point(sw: Sweep, p: Point, tokens: list[int], chunks: np.ndarray,
     t0, c0 = time.perf_counter(), _children_cpu()
     llama_quantize(src, lpath, p.ftype, im)
     t_l, c_l = time.perf_counter() - t0, _children_cpu() - c0
-    sj, sl = sha256(jpath), sha256(lpath)
+    from jllama.registry import sha256_of
+
+    sj, sl = sha256_of(jpath), sha256_of(lpath)
     same = sj == sl
     base = {"point": p.name, "quant": json.dumps({"base": p.ftype.lower()}), "n_ctx": sw.n_ctx,
             "ftype": p.ftype, "imatrix": int(p.imatrix), "identical": int(same),

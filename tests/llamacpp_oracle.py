@@ -74,6 +74,27 @@ _BASE_FNS = {
 }  # fmt: skip
 
 
+def llama_cpp_logits_and_greedy(path, tokens: list[int], n_greedy: int = 16):
+    """llama.cpp's logits at every position of ``tokens`` (flash attention on, two threads, as
+    the tiny-model tests run jllama) and its ``n_greedy`` greedy tokens after them."""
+    import numpy as np
+
+    llm = llama_cpp_module().Llama(str(path), n_ctx=64, logits_all=True, verbose=False,
+                                   n_threads=2, seed=0, flash_attn=True)
+    try:
+        llm.eval(tokens)
+        ref = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+        llm.reset()
+        greedy = []
+        for tok in llm.generate(tokens, top_k=1, temp=0.0, repeat_penalty=1.0):
+            greedy.append(tok)
+            if len(greedy) == n_greedy:
+                break
+    finally:
+        llm.close()
+    return ref, greedy
+
+
 @functools.cache
 def ggml_libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     """(libggml-base, libggml-cpu) of the oracle, prototypes set, ``ggml_cpu_init`` done (it

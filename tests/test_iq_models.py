@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from llamacpp_oracle import llama_cpp_logits_and_greedy
 
 from jllama.gguf.constants import QType
 from jllama.gguf.reader import read_gguf
@@ -84,19 +85,7 @@ def iq_model(tiny, tmp_path_factory, request):
     path = tmp_path_factory.mktemp("iq") / f"tiny-{ftype}.gguf"
     _write_pure(tiny, path, FTYPES[ftype], _imatrix(read_gguf(tiny)))
     assert {t.type_name for t in read_gguf(path).tensors.values()} == {ftype, "F32"}
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                          seed=0, flash_attn=True)  # fmt: skip
-    try:
-        llm.eval(TOKENS)
-        ref = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
-        llm.reset()
-        greedy = []
-        for tok in llm.generate(TOKENS, top_k=1, temp=0.0, repeat_penalty=1.0):
-            greedy.append(tok)
-            if len(greedy) == 16:
-                break
-    finally:
-        llm.close()
+    ref, greedy = llama_cpp_logits_and_greedy(path, TOKENS)
     return ftype, path, ref, greedy
 
 

@@ -24,7 +24,7 @@ import filecmp
 
 import numpy as np
 import pytest
-from llamacpp_oracle import llama_cpp_module
+from llamacpp_oracle import llama_cpp_logits_and_greedy, llama_cpp_module
 
 from jllama.gguf.constants import QType
 from jllama.gguf.reader import read_gguf
@@ -98,21 +98,7 @@ def test_file_identical_to_llama_cpp(model) -> None:
 @pytest.fixture(scope="module")
 def oracle_run(model):
     """llama.cpp's logits at every position of TOKENS, and its 16 greedy tokens after them."""
-    llama_cpp = llama_cpp_module()
-    oracle = llama_cpp.Llama(str(model[0]), n_ctx=64, logits_all=True, verbose=False,
-                             n_threads=2, seed=0, flash_attn=True)  # fmt: skip
-    try:
-        oracle.eval(TOKENS)
-        ref = np.array(oracle.scores[: len(TOKENS)], np.float32)
-        oracle.reset()
-        greedy = []
-        for tok in oracle.generate(TOKENS, top_k=1, temp=0.0, repeat_penalty=1.0):
-            greedy.append(tok)
-            if len(greedy) == 16:
-                break
-    finally:
-        oracle.close()
-    return ref, greedy
+    return llama_cpp_logits_and_greedy(model[0], TOKENS)
 
 
 def test_logits_and_greedy_tokens_vs_llama_cpp(model, oracle_run) -> None:

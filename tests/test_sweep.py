@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jllama.errors import JllamaError
+from jllama.registry import sha256_of
 
 HERE = Path(__file__).resolve().parent
 
@@ -181,7 +182,7 @@ def test_ftype_points_with_imatrix(sweep_mod, tiny_sweep, tmp_path):
     llama_cpp_quantize(tiny_sweep / "tiny.gguf", ref, "Q4_K_M", imatrix=qi.weights,
                        kv_overrides=[(k, v) for k, v, _ in quantize_metadata(qi)])
     assert j["identical"] == lc["identical"] == "1"
-    assert j["sha256"] == lc["sha256"] == sweep_mod.sha256(ref)
+    assert j["sha256"] == lc["sha256"] == sha256_of(ref)
     assert j["imatrix"] == "1" and j["ftype"] == "Q4_K_M"
     nbytes, elems = sweep_mod.weight_bytes(read_gguf(ref), None)
     assert int(j["bytes"]) == int(lc["bytes"]) == nbytes
