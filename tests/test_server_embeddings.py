@@ -58,28 +58,26 @@ class _Served:
         self.llm.close()
 
 
-@pytest.fixture(scope="module")
-def mean_server(tmp_path_factory):
+def _served(tmp_path_factory, pooling: int, name: str):
     pytest.importorskip("llama_cpp")
-    s = _Served(tmp_path_factory.mktemp("emb"), 1, "tiny-mean")
+    s = _Served(tmp_path_factory.mktemp(name), pooling, name)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def mean_server(tmp_path_factory):
+    yield from _served(tmp_path_factory, 1, "tiny-mean")
 
 
 @pytest.fixture(scope="module")
 def rank_server(tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    s = _Served(tmp_path_factory.mktemp("rank"), 4, "tiny-rank")
-    yield s
-    s.close()
+    yield from _served(tmp_path_factory, 4, "tiny-rank")
 
 
 @pytest.fixture(scope="module")
 def none_server(tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    s = _Served(tmp_path_factory.mktemp("none"), 0, "tiny-none")
-    yield s
-    s.close()
+    yield from _served(tmp_path_factory, 0, "tiny-none")
 
 
 def test_v1_embeddings_batch_matches_oracle(mean_server) -> None:

@@ -448,7 +448,7 @@ class Handlers:
         if n is not None and n != -1:  # llama-server: n_predict, when given, wins over max_tokens
             out.pop("max_completion_tokens", None)
             out["max_tokens"] = n
-        elif out.get("max_tokens") is None and out.get("max_completion_tokens") is None or n == -1:
+        elif n == -1 or (out.get("max_tokens") is None and out.get("max_completion_tokens") is None):
             out.pop("max_tokens", None)
             out.pop("max_completion_tokens", None)
             if st.n_predict is not None and st.n_predict > 0:
