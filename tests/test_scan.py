@@ -165,3 +165,83 @@ def test_context_shift_on_the_stacked_cache(tmp_path):
                                    n_keep=4))
     assert len(got[True]) == 40
     assert got[True] == got[False]
+
+
+GEMMA_SHAPE = dict(n_embd=128, n_ff=256, n_head=4, n_head_kv=1, head_dim=64)
+
+
+def _gemma3(tmp_path, n_layer: int):
+    """A tiny Q8_0 gemma3 with a sliding window of 8: layers 5, 11, ... global (pattern 6)."""
+    import gguf
+
+    shp = dict(GEMMA_SHAPE, n_layer=n_layer)
+    t = dense_tensors(3, n_vocab=320, qk_norm=True, post_norms=True, tied=True, embd_std=0.05,
+                      **shp)
+    hp = dense_hparams(**shp, **{"rope.freq_base": 1e6, "attention.sliding_window": 8})
+    return write_gguf(tmp_path / f"g{n_layer}.gguf", "gemma3", hp, t,
+                      qtype=gguf.GGMLQuantizationType.Q8_0)
+
+
+def _decode_step_hlo(path) -> str:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model
+    from jllama.models.cache import KVCache
+    from jllama.numerics import Numerics, use
+
+    num = Numerics(scan_layers=True)
+    spec, m = build_model(read_gguf(path), numerics=num)
+    gd, st = nnx.split(m)
+    cache = KVCache.create(spec.n_layer, 1, spec.n_head_kv, 128, spec.head_dim,
+                           spec.head_dim_v, "f16", "f16", stacked=True)
+
+    def step(st, tok, pos0, cache):
+        with use(num):
+            return nnx.merge(gd, st)(tok, pos0, cache, 64, jnp.zeros_like(pos0))
+
+    return jax.jit(step, donate_argnums=3).lower(
+        st, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32), cache
+    ).compile().as_text()
+
+
+def test_gemma3_layer_pattern_is_one_loop_whatever_the_depth(tmp_path):
+    """Gemma 3's five sliding-window layers and one global layer repeat: the scan runs over
+    the repeats with the pattern as its body (an inner loop for the five), so the decode step
+    of a 13- and a 25-layer model holds the same instructions: two loops (pattern, then its
+    run of local layers), the lone last layer, no copy of a weight or of the cache."""
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model
+    from jllama.models.common import layer_plan
+    from jllama.numerics import Numerics, use
+
+    counts = []
+    for n, plan in ((13, [(0, 6, 2), (12, 1, 1)]), (25, [(0, 6, 4), (24, 1, 1)])):
+        path = _gemma3(tmp_path, n)
+        num = Numerics(scan_layers=True)
+        _, m = build_model(read_gguf(path), numerics=num)
+        with use(num):
+            assert layer_plan(list(m.blocks)) == plan
+        txt = _decode_step_hlo(path)
+        assert txt.count(" while(") == 2
+        assert [ln for ln in txt.splitlines()
+                if " copy(" in ln and ("s8[" in ln or "u8[" in ln or "f16[" in ln)] == []
+        counts.append((txt.count("custom-call("), txt.count(" fusion(")))
+    assert counts[0] == counts[1]
+
+
+def test_gemma3_pattern_scan_equals_unrolled(tmp_path):
+    """The nested loop computes the unrolled program's bits: logits at 40 positions (window 8,
+    so local and global layers differ) and 16 greedy tokens on a 13-layer gemma3."""
+    from jllama.engine.sampling import SamplingParams
+
+    path = _gemma3(tmp_path, 13)
+    ids = np.random.default_rng(0).integers(0, 300, 40).tolist()
+    out = {}
+    for s in (True, False):
+        eng = _engine(path, s)
+        out[s] = (eng.logits(ids), list(eng.generate(ids[:5], SamplingParams.greedy(), 16)))
+    assert np.array_equal(out[True][0], out[False][0])
+    assert out[True][1] == out[False][1]

@@ -588,7 +588,10 @@ def _in_place_ok(qt: QTensor) -> bool:
 def layer_runs(blocks: list) -> list[tuple[int, int]]:
     """Consecutive layers [a, b) that one loop body runs: equal scan signatures, and no LoRA
     adapters (per-layer Python objects). Unscannable layers are runs of one."""
-    sigs = [_scan_signature(b) for b in blocks]
+    return _runs([_scan_signature(b) for b in blocks])
+
+
+def _runs(sigs: list) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     for i, sig in enumerate(sigs):
         if runs and sig is not None and sigs[runs[-1][0]] == sig:
@@ -598,6 +601,37 @@ def layer_runs(blocks: list) -> list[tuple[int, int]]:
     return runs
 
 
+# the longest repeating pattern of layer kinds looked for: Gemma 2 alternates local and global
+# layers (2), Gemma 3 has five local then one global (6), some hybrids repeat every 4 or 8
+MAX_PERIOD = 8
+
+
+def layer_plan(blocks: list) -> list[tuple[int, int, int]]:
+    """How ``scan_blocks`` loops over the layers: groups (a, p, k), layers [a, a + p*k) being a
+    pattern of p layers repeated k times (layer a + r*p + j alike layer a + j). The loop runs
+    over the k repeats; inside it the pattern's runs of alike layers (``layer_runs`` of the
+    first repeat) each run as one block or an inner loop. So a model whose layer kinds repeat
+    (Gemma 3: five sliding-window layers, one global) holds one copy of each kind's block
+    whatever its depth, and a uniform stack is (0, 1, n). Unscannable layers are (i, 1, 1)."""
+    sigs = [_scan_signature(b) for b in blocks]
+    n = len(sigs)
+    plan: list[tuple[int, int, int]] = []
+    i = 0
+    while i < n:
+        best = (1, 1)  # (p, k): covers p * k layers
+        for p in range(1, min(MAX_PERIOD, n - i) + 1):
+            if any(s is None for s in sigs[i:i + p]):
+                break
+            k = 1
+            while i + (k + 1) * p <= n and sigs[i + k * p:i + (k + 1) * p] == sigs[i:i + p]:
+                k += 1
+            if (k > 1 or p == 1) and p * k > best[0] * best[1]:
+                best = (p, k)
+        plan.append((i, *best))
+        i += best[0] * best[1]
+    return plan
+
+
 def _has_lora(blk) -> bool:
     return any(getattr(m, "lora", None) is not None for _, m in nnx.iter_graph(blk)
                if isinstance(m, nnx.Module))
@@ -605,52 +639,89 @@ def _has_lora(blk) -> bool:
 
 def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Array,
                 kv_len: int, kv_types, extra: dict | None = None):
-    """The blocks over a stacked cache (k and v [B, L, KVH, S, row]): each run of alike layers
-    (``layer_runs``) as one ``lax.scan``, so the program holds one copy of the block per run,
-    not per layer (compile time, executable size and its load do not grow with depth). In the
-    loop body quantized weights are ``LayerStack``s (every layer's buffers, read in place by
-    the int8 kernels at the traced index), small per-layer arrays (norms, biases) are sliced
+    """The blocks over a stacked cache (k and v [B, L, KVH, S, row]): each group of
+    ``layer_plan`` as one ``lax.scan`` over its repeats (an inner scan for a run of alike
+    layers inside the repeated pattern), so the program holds one copy of each kind of block,
+    not one per layer (compile time, executable size and its load do not grow with depth). In
+    the loop body quantized weights are ``LayerStack``s (every layer's buffers, read in place
+    by the int8 kernels at the traced index), small per-layer arrays (norms, biases) are sliced
     from their stack, and the cache is a ``LayerCache`` written in place. The block code is the
     same as unrolled and computes the same bits. With numerics taps (named per layer) or LoRA
     adapters every layer runs on its own."""
     num = numerics.current()
     if num.scan_layers and not num.taps and not any(_has_lora(b) for b in blocks):
-        runs = layer_runs(blocks)
+        plan = layer_plan(blocks)
     else:
-        runs = [(i, i + 1) for i in range(len(blocks))]
+        plan = [(i, 1, 1) for i in range(len(blocks))]
     extra = extra or {}
     run = _block_runner(bool(extra))
-    for a, b in runs:
-        if b - a == 1:
+    for a, p, k in plan:
+        if p == 1 and k == 1:
             x, kc, vc = _run_block(run, blocks[a], a, x, pos, pos0, LayerCache(kf, a),
                                    LayerCache(vf, a), kv_len, kv_types, extra)
             kf, vf = kc.full, vc.full
             continue
-        gd, tdef = None, None
-        per_layer = []
-        for blk in blocks[a:b]:
-            gd, st = nnx.split(blk)
-            leaves, tdef = jax.tree.flatten(st, is_leaf=_is_qt)
-            per_layer.append(leaves)
-        cols = list(zip(*per_layer))  # per leaf: its value in each layer
-        qcols = {j: c for j, c in enumerate(cols) if isinstance(c[0], QTensor)}
-        small = [jnp.stack(c) for j, c in enumerate(cols) if j not in qcols]
+        # the pattern's runs [j0, j1): alike layers inside one repeat (one inner loop body)
+        inner = _runs([_scan_signature(b) for b in blocks[a:a + p]])
+        parts, small = [], []
+        for j0, j1 in inner:
+            m = j1 - j0
+            # weights in repeat-major order: layer a + r*p + j0 + jj is entry r*m + jj
+            layers = [blocks[a + r * p + j] for r in range(k) for j in range(j0, j1)]
+            gd, tdef, qcols, sm = _stack_layers(layers)
+            parts.append((j0, m, gd, tdef, qcols, len(sm) + len(qcols)))
+            small.append([s.reshape(k, m, *s.shape[1:]) for s in sm])
 
-        def body(carry, xs, gd=gd, tdef=tdef, qcols=qcols, n=len(cols), a=a):
+        def body(carry, xs, a=a, p=p, parts=parts):
             x, kf, vf = carry
-            il, sm = xs  # il: the layer in the cache; il - a: in this run's weights
-            it = iter(sm)
-            leaves = [LayerStack(tuple(qcols[j]), il - a) if j in qcols else next(it)
-                      for j in range(n)]
-            blk = nnx.merge(gd, jax.tree.unflatten(tdef, leaves))
-            x, kc, vc = blk(x, pos, pos0, LayerCache(kf, il), LayerCache(vf, il), kv_len,
-                            kv_types, **extra)
-            return (x, kc.full, vc.full), None
+            r, sm_r = xs  # r: this repeat; sm_r[part]: its small arrays [m, ...]
+            for (j0, m, gd, tdef, qcols, n), sm in zip(parts, sm_r):
+                if m == 1:
+                    x, kf, vf = _scanned_block(gd, tdef, qcols, n, r, [s[0] for s in sm],
+                                               a + r * p + j0, x, kf, vf, pos, pos0, kv_len,
+                                               kv_types, extra)
+                    continue
 
-        with jax.named_scope(f"blk{a}-{b - 1}"):
+                def inner_body(c, ys, gd=gd, tdef=tdef, qcols=qcols, n=n, m=m, j0=j0):
+                    jj, sm_j = ys
+                    return _scanned_block(gd, tdef, qcols, n, r * m + jj, sm_j,
+                                          a + r * p + j0 + jj, *c, pos, pos0, kv_len,
+                                          kv_types, extra), None
+
+                (x, kf, vf), _ = jax.lax.scan(inner_body, (x, kf, vf),
+                                              (jnp.arange(m, dtype=jnp.int32), sm))
+            return (x, kf, vf), None
+
+        with jax.named_scope(f"blk{a}-{a + p * k - 1}"):
             (x, kf, vf), _ = jax.lax.scan(body, (x, kf, vf),
-                                          (jnp.arange(a, b, dtype=jnp.int32), small))
+                                          (jnp.arange(k, dtype=jnp.int32), small))
     return x, kf, vf
+
+
+def _stack_layers(layers: list):
+    """Alike blocks' state as loop inputs: per quantized leaf the tuple of every layer's
+    QTensor (a ``LayerStack`` reads it in place), the other leaves stacked along a new axis."""
+    gd, tdef, per_layer = None, None, []
+    for blk in layers:
+        gd, st = nnx.split(blk)
+        leaves, tdef = jax.tree.flatten(st, is_leaf=_is_qt)
+        per_layer.append(leaves)
+    cols = list(zip(*per_layer))  # per leaf: its value in each layer
+    qcols = {j: c for j, c in enumerate(cols) if isinstance(c[0], QTensor)}
+    small = [jnp.stack(c) for j, c in enumerate(cols) if j not in qcols]
+    return gd, tdef, qcols, small
+
+
+def _scanned_block(gd, tdef, qcols: dict, n: int, iw, sm, il, x, kf, vf, pos, pos0,
+                   kv_len: int, kv_types, extra: dict):
+    """One block inside a loop: its quantized weights entry ``iw`` of their stacks, small
+    leaves ``sm`` (already sliced), its cache layer ``il`` (both traced)."""
+    it = iter(sm)
+    leaves = [LayerStack(tuple(qcols[j]), iw) if j in qcols else next(it) for j in range(n)]
+    blk = nnx.merge(gd, jax.tree.unflatten(tdef, leaves))
+    x, kc, vc = blk(x, pos, pos0, LayerCache(kf, il), LayerCache(vf, il), kv_len, kv_types,
+                    **extra)
+    return x, kc.full, vc.full
 
 
 def _shared_block_runner():

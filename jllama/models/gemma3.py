@@ -129,8 +129,8 @@ class Block(nnx.Module):
 
 
 class Gemma3(nnx.Module):
-    # runs of alike blocks as one scan over a stacked cache (common.scan_blocks): the sliding-
-    # window layers between two global ones are one run, each global layer its own
+    # one scan over a stacked cache (common.scan_blocks) whose body is the repeating pattern of
+    # five sliding-window layers (an inner scan) and one global layer
     scans_layers = True
 
     def __init__(self, spec: ModelSpec, w: Weights):
