@@ -132,6 +132,28 @@ def test_llava16_greedy_tokens(setup16, text_engine):
     assert [c if isinstance(c, list) else c[0] for c in ref_chunks][1:-1] == [16] * 5
 
 
+def test_llava16_stacked_feature_layers(tmp_path, setup16):
+    """Several feature layers (layer 0's input, layer 2's, the last output): stacked along
+    the features before the projector, as clip.cpp's llava graph does."""
+    import visionmodels as V
+    from mtmd_oracle import Mtmd
+
+    from jllama.models.clip import load_vision
+
+    d = setup16[0]
+    V.write_llava16_mmproj(tmp_path / "mmproj.gguf", feature_layers=[0, 2, 3])
+    o = Mtmd(d / "text.gguf", tmp_path / "mmproj.gguf")
+    try:
+        img = np.random.default_rng(3).integers(0, 256, (90, 40, 3), dtype=np.uint8)
+        refs = [o.encode(c)[0] for c in o.tokenize("<__media__>", [img])
+                if isinstance(c, tuple)]
+    finally:
+        o.close()
+    ours = load_vision(tmp_path / "mmproj.gguf").encode_chunks(img)
+    assert len(ours) == len(refs) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(ours, refs))
+
+
 def test_llava16_pinpoints_not_tile_multiples_refused(tmp_path):
     import visionmodels as V
 

@@ -207,12 +207,14 @@ LLAVA16_PINPOINTS = ((56, 112), (112, 56), (112, 112), (168, 56), (56, 168))  # 
 
 def write_llava16_mmproj(path, n_embd_out: int = 128, seed: int = 1, image_size: int = 56,
                          patch: int = 14, d: int = 64, n_hf_layer: int = 4, n_head: int = 4,
-                         pinpoints=LLAVA16_PINPOINTS) -> None:
+                         pinpoints=LLAVA16_PINPOINTS, feature_layers=None) -> None:
     """A LLaVA-1.6 mmproj as llama.cpp's legacy/convert_image_encoder_to_gguf.py writes one
     (llava_surgery_v2.py's projector and image_newline, then CLIP): mlp projector, the grid
     pinpoints flattened, anyres / spatial_unpad keys, ``feature_layer`` from the checkpoint's
     select layer -2 (so ``block_count`` = the deepest feature layer, the layers above dropped),
-    fc1/fc2 named ffn_down/ffn_up, the newline as ``model.image_newline`` (f32)."""
+    fc1/fc2 named ffn_down/ffn_up, the newline as ``model.image_newline`` (f32).
+    ``feature_layers``: several (as granite's vision_feature_layer list): stacked features,
+    mm.0 as wide as all of them."""
     rng = np.random.default_rng(seed)
 
     def w(*shape, s=0.05):
@@ -221,7 +223,8 @@ def write_llava16_mmproj(path, n_embd_out: int = 128, seed: int = 1, image_size:
     def f16(a):
         return a.astype(np.float16)
 
-    feature_layer = n_hf_layer - 2 + 1  # to_non_negative(-2)
+    layers = list(feature_layers or [n_hf_layer - 2 + 1])  # to_non_negative(-2)
+    feature_layer = max(layers)
     g = _clip_writer(path, n_embd_out, image_size, patch, d, feature_layer, n_head)
     g.add_bool("clip.has_text_encoder", False)
     g.add_bool("clip.has_llava_projector", True)
@@ -233,12 +236,12 @@ def write_llava16_mmproj(path, n_embd_out: int = 128, seed: int = 1, image_size:
     g.add_string("clip.vision.image_aspect_ratio", "anyres")
     g.add_uint32("clip.vision.image_split_resolution", image_size)
     g.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
-    g.add_array("clip.vision.feature_layer", [feature_layer])
+    g.add_array("clip.vision.feature_layer", layers)
     g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
     g.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
     g.add_bool("clip.use_gelu", False)
     g.add_tensor("model.image_newline", w(n_embd_out, s=0.3))
-    g.add_tensor("mm.0.weight", f16(w(n_embd_out, d, s=0.15)))
+    g.add_tensor("mm.0.weight", f16(w(n_embd_out, d * len(layers), s=0.15)))
     g.add_tensor("mm.0.bias", w(n_embd_out))
     g.add_tensor("mm.2.weight", f16(w(n_embd_out, n_embd_out, s=0.15)))
     g.add_tensor("mm.2.bias", w(n_embd_out))
