@@ -288,6 +288,17 @@ def test_cli_chat_images(llava16, monkeypatch, capsys):
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == \
         [f"error: {bad}: cannot read image (No such file or directory)"]
     assert out == text1 + "\n" + text2 + "\n"
+    # the vision section of a run config: `jllama chat --config` (images with the first
+    # message) and `jllama run` on chat messages (markers in front of the first user message)
+    cfg = d / "chat.yaml"
+    cfg.write_text(f"model: {m}\nruntime: {{ctx_size: 256}}\n"
+                   "generation:\n  max_tokens: 8\n  sampling: {temperature: 0.0}\n"
+                   "  messages: [{role: user, content: Describe briefly.}]\n"
+                   f"vision: {{mmproj: {mm}, images: [{png}]}}\n")
+    rc, out, err = _chat(monkeypatch, capsys, ["--config", str(cfg)], "Describe briefly.\n")
+    assert rc == 0 and out == text1 + "\n", err
+    assert main(["run", str(cfg)]) == 0
+    assert capsys.readouterr().out == text1 + "\n"
 
 
 def test_cli_chat_image_errors(files, monkeypatch, capsys, tmp_path):

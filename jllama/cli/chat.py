@@ -3,7 +3,8 @@
 With ``--mmproj`` it takes images as llama-mtmd-cli's chat mode does: ``/image PATH`` attaches
 an image to the next message (its media marker goes where the command was typed, before the
 next line's text; a file that cannot be read is one error line and the chat goes on), and
-``--image PATH`` attaches images to the first message the same way. ``/clear`` forgets the
+``--image PATH`` (or a run config's ``vision.images``) attaches images to the first message
+the same way. ``/clear`` forgets the
 conversation (the system message and images not sent yet stay), ``/exit`` or ``/quit`` ends
 it. Each turn the whole conversation is evaluated again, its images re-encoded."""
 
@@ -17,10 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     from jllama.cli.common import add_sampling_args, add_vision_args
 
     p = sub.add_parser("chat", help="interactive chat (the model's chat template)")
-    p.add_argument("-m", "--model", default="smollm2-135m-instruct")
+    p.add_argument("--config", metavar="RUN.yaml", default=None,
+                   help="a run config: model, runtime, generation.sampling / max_tokens, "
+                        "vision (mmproj; images go with the first message)")
+    p.add_argument("-m", "--model", default=None,
+                   help="a .gguf path or a named model (default smollm2-135m-instruct)")
     p.add_argument("-s", "--system", default=None, help="system message")
     add_sampling_args(p)
     add_vision_args(p)
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="key.path=value config overrides, e.g. vision.mmproj=F")
     p.set_defaults(func=run)
 
 
@@ -31,8 +38,11 @@ def run(args) -> int:
     from jllama.errors import ImageError
     from jllama.models.clip_image import load_image
 
-    cfg = load_config(None, [f"model={args.model}", *overrides_from_args(args)])
-    if args.max_tokens is None:
+    ov = [*args.overrides, *overrides_from_args(args)]
+    if args.model is not None or args.config is None:
+        ov.insert(0, f"model={args.model or 'smollm2-135m-instruct'}")
+    cfg = load_config(args.config, ov)
+    if args.max_tokens is None and args.config is None:
         cfg.generation.max_tokens = 512
     llm = load_llama(cfg)
     # images of the whole conversation, in the order of their markers in the messages
@@ -44,6 +54,7 @@ def run(args) -> int:
     messages = list(system)
     interactive = sys.stdin.isatty()
     params = sampling_params(cfg.generation.sampling)
+    stop = (args.stop or []) + cfg.generation.sampling.stop
     if interactive and llm.vision is not None:
         print("jllama: /image PATH attaches an image to the next message; /clear, /exit",
               file=sys.stderr)
@@ -75,7 +86,7 @@ def run(args) -> int:
         prompt = text if images else llm.tokenizer.encode(text, add_special=True,
                                                           parse_special=True)
         reply = []
-        for piece in llm.stream(prompt, cfg.generation.max_tokens, params, stop=args.stop,
+        for piece in llm.stream(prompt, cfg.generation.max_tokens, params, stop=stop,
                                 images=list(images) or None):
             reply.append(piece)
             sys.stdout.write(piece)
