@@ -271,9 +271,18 @@ def test_cli_chat_images(llava16, monkeypatch, capsys):
     text2 = _streamed(llm.tokenizer, oracle.greedy(llm.apply_chat_template(turn2), [img, img2],
                                                    8))
 
-    rc, out, _ = _chat(monkeypatch, capsys, base + ["--image", str(png)],
-                       "Describe briefly.\n")
-    assert rc == 0 and out == text1 + "\n"
+    # --image with a run config's model and vision.mmproj; `jllama run` on the config's chat
+    # messages with vision.images (markers in front of the first user message); generate
+    cfg = d / "chat.yaml"
+    cfg.write_text(f"model: {m}\nruntime: {{ctx_size: 256}}\n"
+                   "generation:\n  max_tokens: 8\n  sampling: {temperature: 0.0}\n"
+                   "  messages: [{role: user, content: Describe briefly.}]\n"
+                   f"vision: {{mmproj: {mm}}}\n")
+    rc, out, err = _chat(monkeypatch, capsys, ["--config", str(cfg), "--image", str(png)],
+                         "Describe briefly.\n")
+    assert rc == 0 and out == text1 + "\n", err
+    assert main(["run", str(cfg), f'vision.images=["{png}"]']) == 0
+    assert capsys.readouterr().out == text1 + "\n"
     assert main(["generate", *base, "--image", str(png), "--chat",
                  "-p", "Describe briefly."]) == 0
     assert capsys.readouterr().out == text1 + "\n"
@@ -288,17 +297,6 @@ def test_cli_chat_images(llava16, monkeypatch, capsys):
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == \
         [f"error: {bad}: cannot read image (No such file or directory)"]
     assert out == text1 + "\n" + text2 + "\n"
-    # the vision section of a run config: `jllama chat --config` (images with the first
-    # message) and `jllama run` on chat messages (markers in front of the first user message)
-    cfg = d / "chat.yaml"
-    cfg.write_text(f"model: {m}\nruntime: {{ctx_size: 256}}\n"
-                   "generation:\n  max_tokens: 8\n  sampling: {temperature: 0.0}\n"
-                   "  messages: [{role: user, content: Describe briefly.}]\n"
-                   f"vision: {{mmproj: {mm}, images: [{png}]}}\n")
-    rc, out, err = _chat(monkeypatch, capsys, ["--config", str(cfg)], "Describe briefly.\n")
-    assert rc == 0 and out == text1 + "\n", err
-    assert main(["run", str(cfg)]) == 0
-    assert capsys.readouterr().out == text1 + "\n"
 
 
 def test_cli_chat_image_errors(files, monkeypatch, capsys, tmp_path):
