@@ -154,6 +154,22 @@ def test_llava16_stacked_feature_layers(tmp_path, setup16):
     assert all(np.array_equal(a, b) for a, b in zip(ours, refs))
 
 
+def test_vision_keeps_recent_images(setup16):
+    """The same pixels again (a chat's earlier image) reuse the kept embeddings; one changed
+    pixel is a new image; the oldest leave first."""
+    _, _, vision = setup16
+    img = np.random.default_rng(5).integers(0, 256, (90, 40, 3), dtype=np.uint8)
+    a = vision.encode_chunks(img)
+    assert all(x is y for x, y in zip(a, vision.encode_chunks(img.copy())))
+    other = img.copy()
+    other[0, 0, 0] ^= 1
+    b = vision.encode_chunks(other)
+    assert not any(x is y for x, y in zip(a, b))
+    for seed in range(vision.cache_images):
+        vision.encode_chunks(np.full((8, 8, 3), seed, np.uint8))
+    assert not any(x is y for x, y in zip(a, vision.encode_chunks(img)))
+
+
 def test_llava16_pinpoints_not_tile_multiples_refused(tmp_path):
     import visionmodels as V
 

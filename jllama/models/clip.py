@@ -26,9 +26,12 @@ enables flash attention on the CPU) with no mask.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import math
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -382,10 +385,17 @@ class VisionEncoder(nnx.Module):
 
 @dataclasses.dataclass
 class Vision:
-    """A loaded mmproj: its spec, encoder and the compiled encode."""
+    """A loaded mmproj: its spec, encoder and the compiled encode.
+
+    The embeddings of the last few images are kept: a chat (jllama chat, the server's
+    /v1/chat/completions) sends its earlier images again every turn."""
     spec: VisionSpec
     encoder: VisionEncoder
     path: str
+    cache_images: int = 4
+    _cache: collections.OrderedDict = dataclasses.field(
+        default_factory=collections.OrderedDict, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> normalised f32 [image_size, image_size, 3] (libmtmd's fixed-size
@@ -403,8 +413,24 @@ class Vision:
     def encode_chunks(self, image: np.ndarray) -> list[np.ndarray]:
         """The image's embeddings as libmtmd's image chunks: one for a fixed-size projector;
         LLaVA-1.6's tiles (row-major) then its overview, each its own chunk."""
-        return [np.asarray(_encode(self.encoder, jnp.asarray(p)))
-                for p in self.preprocess_chunks(image)]
+        img = np.ascontiguousarray(image)
+        key = (img.shape, str(img.dtype), numerics.current(),
+               hashlib.blake2b(img.tobytes(), digest_size=16).digest())
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return list(hit)
+        out = []
+        for p in self.preprocess_chunks(img):
+            e = np.array(_encode(self.encoder, jnp.asarray(p)))
+            e.setflags(write=False)  # shared by the cache's later hits
+            out.append(e)
+        with self._lock:
+            self._cache[key] = out
+            while len(self._cache) > self.cache_images:
+                self._cache.popitem(last=False)
+        return list(out)
 
     def preprocess_chunks(self, image: np.ndarray) -> list[np.ndarray]:
         s = self.spec
