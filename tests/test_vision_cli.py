@@ -214,3 +214,106 @@ def test_server_image_url(files, oracle):
             r = c.post("/v1/chat/completions", json=msg({"type": "image_url",
                                                          "image_url": {"url": bad}}))
             assert r.status_code == 400 and what in r.text, r.text
+
+
+# ----------------------------------------------------------------------------- jllama chat
+def _chat(monkeypatch, capsys, args, stdin: str) -> tuple[int, str, str]:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    rc = main(["chat", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def llava16(tmp_path_factory):
+    """The tiny llama with a LLaVA-1.6 mmproj (tests/visionmodels.py) and its libmtmd."""
+    import visionmodels as V
+    from mtmd_oracle import Mtmd
+
+    d = tmp_path_factory.mktemp("chat-llava16")
+    V.write_llama_text_model(d / "text.gguf")
+    V.write_llava16_mmproj(d / "mmproj.gguf")
+    o = Mtmd(d / "text.gguf", d / "mmproj.gguf")
+    yield d, o
+    o.close()
+
+
+def _streamed(tok, ids) -> str:
+    """libmtmd's tokens as the CLI prints them (control tokens not rendered)."""
+    from jllama.tokenizer import StreamDecoder
+
+    dec = StreamDecoder(tok)
+    return "".join(dec.feed(i) for i in ids) + dec.flush()
+
+
+def test_cli_chat_images(llava16, monkeypatch, capsys):
+    """``jllama chat --mmproj`` (LLaVA-1.6: an image of tiles and overview): ``--image`` and
+    ``/image PATH`` attach images to the next message (llama-mtmd-cli's chat mode); each
+    answer is libmtmd's greedy answer to the conversation so far, its images at their
+    markers, and the first equals ``generate --chat --image``'s."""
+    from jllama.api import Llama
+
+    d, oracle = llava16
+    m, mm = str(d / "text.gguf"), str(d / "mmproj.gguf")
+    png, png2 = _png(d / "a.png", (48, 80), seed=4), _png(d / "c.png", (120, 90), seed=9)
+    base = ["-m", m, "--mmproj", mm, "-n", "8", "--temp", "0", "-c", "256"]
+    llm = Llama(m, ctx_size=256)
+    img, img2 = _stb_image(oracle, png), _stb_image(oracle, png2)
+    turn1 = [{"role": "user", "content": "<__media__>Describe briefly."}]
+    ref1 = oracle.greedy(llm.apply_chat_template(turn1), [img], 8)
+    # the answer depends on the image (else this test could not tell images apart)
+    assert ref1 != oracle.greedy(llm.apply_chat_template(turn1), [img2], 8)
+    text1 = _streamed(llm.tokenizer, ref1)
+    turn2 = turn1 + [{"role": "assistant", "content": text1},
+                     {"role": "user", "content": "<__media__>What is it?"}]
+    text2 = _streamed(llm.tokenizer, oracle.greedy(llm.apply_chat_template(turn2), [img, img2],
+                                                   8))
+
+    # --image with a run config's model and vision.mmproj; `jllama run` on the config's chat
+    # messages with vision.images (markers in front of the first user message); generate
+    cfg = d / "chat.yaml"
+    cfg.write_text(f"model: {m}\nruntime: {{ctx_size: 256}}\n"
+                   "generation:\n  max_tokens: 8\n  sampling: {temperature: 0.0}\n"
+                   "  messages: [{role: user, content: Describe briefly.}]\n"
+                   f"vision: {{mmproj: {mm}}}\n")
+    rc, out, err = _chat(monkeypatch, capsys, ["--config", str(cfg), "--image", str(png)],
+                         "Describe briefly.\n")
+    assert rc == 0 and out == text1 + "\n", err
+    assert main(["run", str(cfg), f'vision.images=["{png}"]']) == 0
+    assert capsys.readouterr().out == text1 + "\n"
+    assert main(["generate", *base, "--image", str(png), "--chat",
+                 "-p", "Describe briefly."]) == 0
+    assert capsys.readouterr().out == text1 + "\n"
+    # the same by /image, then a second image in the second turn; a bad path is one error
+    # line and the chat goes on
+    bad = d / "nope.png"
+    rc, out, err = _chat(monkeypatch, capsys, base,
+                         f"/image {png}\nDescribe briefly.\n/image {bad}\n"
+                         f"/image {png2}\nWhat is it?\n")
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == \
+        [f"error: {bad}: cannot read image (No such file or directory)"]
+    assert out == text1 + "\n" + text2 + "\n"
+
+
+def test_cli_chat_image_errors(files, monkeypatch, capsys, tmp_path):
+    m, mm = str(files / "text.gguf"), str(files / "mmproj.gguf")
+    # /image without --mmproj: one line, the chat goes on (and answers the text)
+    rc, out, err = _chat(monkeypatch, capsys, ["-m", m, "-n", "2", "-c", "128", "--temp", "0"],
+                         f"/image {files / 'img.png'}\nhi\n")
+    assert rc == 0 and out.endswith("\n")  # "hi" was answered (maybe by blanks)
+    assert [ln for ln in err.splitlines() if "error" in ln] == \
+        ["error: /image needs a vision projector: start the chat with --mmproj"]
+    for args, want in [(["--image", str(files / "img.png")], "needs 'vision.mmproj'"),
+                       (["--mmproj", mm, "--image", str(tmp_path / "x.png")],
+                        "cannot read image"),
+                       (["--mmproj", str(files / "mmproj-256.gguf")], "mismatched mmproj")]:
+        rc, out, err = _chat(monkeypatch, capsys, ["-m", m, "-n", "2", "-c", "128", *args],
+                             "hi\n")
+        assert rc == 1, err
+        assert "Traceback" not in err
+        lines = [ln for ln in err.splitlines() if ln.startswith("jllama chat: error: ")]
+        assert len(lines) == 1 and want in lines[0], err

@@ -106,18 +106,20 @@ def _clip_writer(path, n_embd_out: int, image_size: int, patch: int, d: int, n_l
     return g
 
 
-def _encoder_blocks(g, w, mat, d: int, n_layer: int) -> None:
+def _encoder_blocks(g, w, mat, d: int, n_layer: int, legacy_ffn: bool = False) -> None:
     """The ViT blocks (pre-norm, biased attention and GELU MLP) as the converter names them;
-    ``mat`` writes a matrix (f16 or quantized), ``w`` draws random f32 values."""
+    ``mat`` writes a matrix (f16 or quantized), ``w`` draws random f32 values. ``legacy_ffn``:
+    legacy/convert_image_encoder_to_gguf.py's names, fc1 as ffn_down and fc2 as ffn_up."""
+    up, down = ("ffn_down", "ffn_up") if legacy_ffn else ("ffn_up", "ffn_down")
     for i in range(n_layer):
         b = f"v.blk.{i}."
         for ln in ("ln1", "ln2"):
             g.add_tensor(b + ln + ".bias", w(d, s=0.1))
             g.add_tensor(b + ln + ".weight", 1.0 + w(d, s=0.1))
-        g.add_tensor(b + "ffn_up.bias", w(2 * d))
-        mat(b + "ffn_up.weight", w(2 * d, d, s=0.15))
-        g.add_tensor(b + "ffn_down.bias", w(d))
-        mat(b + "ffn_down.weight", w(d, 2 * d, s=0.15))
+        g.add_tensor(b + up + ".bias", w(2 * d))
+        mat(b + up + ".weight", w(2 * d, d, s=0.15))
+        g.add_tensor(b + down + ".bias", w(d))
+        mat(b + down + ".weight", w(d, 2 * d, s=0.15))
         for t in ("attn_k", "attn_out", "attn_q", "attn_v"):
             g.add_tensor(b + t + ".bias", w(d))
             mat(b + t + ".weight", w(d, d, s=0.15))
@@ -197,6 +199,59 @@ def write_llava_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: i
     g.add_tensor("v.pre_ln.weight", 1.0 + w(d, s=0.1))
     g.add_tensor("v.pre_ln.bias", w(d, s=0.1))
     _encoder_blocks(g, w, lambda name, a: g.add_tensor(name, f16(a)), d, n_layer)
+    _finish(g)
+
+
+LLAVA16_PINPOINTS = ((56, 112), (112, 56), (112, 112), (168, 56), (56, 168))  # (w, h)
+
+
+def write_llava16_mmproj(path, n_embd_out: int = 128, seed: int = 1, image_size: int = 56,
+                         patch: int = 14, d: int = 64, n_hf_layer: int = 4, n_head: int = 4,
+                         pinpoints=LLAVA16_PINPOINTS, feature_layers=None) -> None:
+    """A LLaVA-1.6 mmproj as llama.cpp's legacy/convert_image_encoder_to_gguf.py writes one
+    (llava_surgery_v2.py's projector and image_newline, then CLIP): mlp projector, the grid
+    pinpoints flattened, anyres / spatial_unpad keys, ``feature_layer`` from the checkpoint's
+    select layer -2 (so ``block_count`` = the deepest feature layer, the layers above dropped),
+    fc1/fc2 named ffn_down/ffn_up, the newline as ``model.image_newline`` (f32).
+    ``feature_layers``: several (as granite's vision_feature_layer list): stacked features,
+    mm.0 as wide as all of them."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def f16(a):
+        return a.astype(np.float16)
+
+    layers = list(feature_layers or [n_hf_layer - 2 + 1])  # to_non_negative(-2)
+    feature_layer = max(layers)
+    g = _clip_writer(path, n_embd_out, image_size, patch, d, feature_layer, n_head)
+    g.add_bool("clip.has_text_encoder", False)
+    g.add_bool("clip.has_llava_projector", True)
+    g.add_uint32("general.file_type", 1)
+    g.add_string("clip.projector_type", "mlp")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    g.add_array("clip.vision.image_grid_pinpoints", [v for p in pinpoints for v in p])
+    g.add_uint32("clip.vision.image_crop_resolution", image_size)
+    g.add_string("clip.vision.image_aspect_ratio", "anyres")
+    g.add_uint32("clip.vision.image_split_resolution", image_size)
+    g.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
+    g.add_array("clip.vision.feature_layer", layers)
+    g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    g.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    g.add_bool("clip.use_gelu", False)
+    g.add_tensor("model.image_newline", w(n_embd_out, s=0.3))
+    g.add_tensor("mm.0.weight", f16(w(n_embd_out, d * len(layers), s=0.15)))
+    g.add_tensor("mm.0.bias", w(n_embd_out))
+    g.add_tensor("mm.2.weight", f16(w(n_embd_out, n_embd_out, s=0.15)))
+    g.add_tensor("mm.2.bias", w(n_embd_out))
+    g.add_tensor("v.class_embd", w(d, s=0.3))
+    g.add_tensor("v.patch_embd.weight", f16(w(d, 3, patch, patch, s=0.1)))
+    g.add_tensor("v.position_embd.weight", f16(w((image_size // patch) ** 2 + 1, d, s=0.2)))
+    g.add_tensor("v.pre_ln.weight", 1.0 + w(d, s=0.1))
+    g.add_tensor("v.pre_ln.bias", w(d, s=0.1))
+    _encoder_blocks(g, w, lambda name, a: g.add_tensor(name, f16(a)), d, feature_layer,
+                    legacy_ffn=True)
     _finish(g)
 
 

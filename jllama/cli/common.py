@@ -279,6 +279,22 @@ def add_vision_args(p: argparse.ArgumentParser) -> None:
                         "<__media__> markers, else first)")
 
 
+def messages_with_images(messages: list[dict], n_images: int) -> list[dict]:
+    """Chat messages for ``n_images`` images: when no message has a media marker, one per
+    image goes in front of the first user message (llama-mtmd-cli puts them in front of its
+    prompt, the user message)."""
+    from jllama.engine.multimodal import MEDIA_MARKER
+
+    if not n_images or any(MEDIA_MARKER in str(m.get("content", "")) for m in messages):
+        return messages
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m.get("role") == "user":
+            m["content"] = MEDIA_MARKER * n_images + str(m.get("content", ""))
+            return out
+    raise ConfigError("images need a user message to go in")
+
+
 def stream_to_stdout(llm, prompt, cfg: Config, stop: list[str] | None = None) -> str:
     from jllama.config import sampling_params
 

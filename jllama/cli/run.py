@@ -20,7 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from jllama.cli.common import load_llama, overrides_from_args, print_timings, stream_to_stdout
+    from jllama.cli.common import (
+        load_llama,
+        messages_with_images,
+        overrides_from_args,
+        print_timings,
+        stream_to_stdout,
+    )
     from jllama.config import load_config
 
     cfg = load_config(args.config, [*args.overrides, *overrides_from_args(args)])
@@ -31,9 +37,12 @@ def run(args) -> int:
     g = cfg.generation
     llm = load_llama(cfg)
     if g.messages:
-        prompt_text = llm.apply_chat_template([{"role": m.role, "content": m.content} for m in g.messages])
-        ids = llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True)
-        stream_to_stdout(llm, ids, cfg)
+        n_img = len(cfg.vision.images)
+        prompt_text = llm.apply_chat_template(messages_with_images(
+            [{"role": m.role, "content": m.content} for m in g.messages], n_img))
+        # with images the text is cut at its media markers before tokenizing (libmtmd)
+        stream_to_stdout(llm, prompt_text if n_img else llm.tokenizer.encode(
+            prompt_text, add_special=True, parse_special=True), cfg)
     else:
         stream_to_stdout(llm, g.prompt or "", cfg)
     print_timings(llm, cfg)

@@ -3,7 +3,8 @@
 A prompt holds one media marker (``<__media__>``) per image. It is cut at the markers; each
 text part is tokenized on its own (no BOS), each image becomes the projector's begin text
 (Gemma 3: ``<start_of_image>``), the image's embeddings, then its end text
-(``<end_of_image>``), and BOS goes first when the vocabulary adds one. Evaluation follows
+(``<end_of_image>``), and BOS goes first when the vocabulary adds one. A LLaVA-1.6 image is
+several image chunks back to back (its tiles, then its overview), each decoded on its own. Evaluation follows
 ``mtmd_helper_eval_chunks``: text chunks as ordinary prompt batches, each image's embeddings
 in one batch, non-causally for the projectors libmtmd decodes so (Gemma 3).
 """
@@ -61,8 +62,9 @@ def chunks(tokenizer, vision: Vision, prompt: str, images: list[np.ndarray],
         text(part, parse_special)
         if i < len(images):
             text(beg, True)
-            out.append(ImageChunk(vision.encode(images[i]), bidir))
-            out.append([])
+            for embd in vision.encode_chunks(images[i]):  # LLaVA-1.6: tiles, then overview
+                out.append(ImageChunk(embd, bidir))
+                out.append([])
             text(end, True)
     v = tokenizer.vocab
     if add_special and v.add_bos and v.bos_id is not None:

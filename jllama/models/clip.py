@@ -3,8 +3,12 @@ libmtmd runs them (tools/mtmd/clip.cpp, models/siglip.cpp, models/llava.cpp).
 
 Also LLaVA-1.5 (``clip.projector_type = mlp`` without image_grid_pinpoints): CLIP with a class
 embedding (appended after the patches, as clip.cpp does), a pre-LayerNorm, all layers but the
-last, then the MLP projector (mm.0, GELU, mm.2) over the patch rows; images padded to a square
-with llava's grey (122, 116, 104) and resized bicubically.
+last (or up to the deepest ``clip.vision.feature_layer``), then the MLP projector (mm.0, GELU,
+mm.2) over the patch rows; images padded to a square with llava's grey (122, 116, 104) and
+resized bicubically. LLaVA-1.6 (the same with ``clip.vision.image_grid_pinpoints``) runs as
+libmtmd 0c1e570 runs it: its llava-uhd preprocessor (clip_image.llava_next_tiles) gives square
+tiles plus an overview, each encoded on its own into its own image chunk (no unpadding, no
+``image_newline``: clip.cpp loads that tensor for mlp but never uses it).
 
 Supported: the SigLIP ViT with the Gemma 3 projector (``clip.projector_type = gemma3``):
 patch embedding (a stride-``patch_size`` convolution, ggml's im2col + mul_mat), learned
@@ -22,9 +26,12 @@ enables flash attention on the CPU) with no mask.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import math
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +72,11 @@ class VisionSpec:
     pad_color: tuple[int, int, int] = (0, 0, 0)
     ffn_op: str = "gelu"  # gelu | gelu_quick | silu (clip.use_gelu / clip.use_silu)
     n_layer_run: int = 0  # layers evaluated (llava: all but the last, its feature layer)
+    # llava: explicit feature layers (clip.vision.feature_layer; the input of each listed layer,
+    # the last one after the post-norm), concatenated along the features
+    feature_layers: tuple[int, ...] = ()
+    # LLaVA-1.6: candidate (width, height) resolutions (clip.vision.image_grid_pinpoints)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     @property
     def n_patches_side(self) -> int:
@@ -111,17 +123,13 @@ def spec_from_gguf(g: GGUFFile) -> VisionSpec:
             raise ModelError(f"{g.path}: {side} patches per side do not pool by {n_merge}")
         out_w, out_axis = "mm.input_projection.weight", -1
         extra = dict(resize_algo="bilinear", resize_pad="ceil", n_layer_run=n_layer)
-    else:  # mlp: LLaVA-1.5 (without image_grid_pinpoints: llava-1.6's tiling is not run)
-        if md.get("clip.vision.image_grid_pinpoints"):
-            raise ModelError(f"{g.path}: LLaVA-1.6 image tiling (image_grid_pinpoints) is not "
-                             "supported yet")
-        if md.get("clip.vision.feature_layer"):
-            raise ModelError(f"{g.path}: explicit vision feature layers are not supported yet")
+    else:  # mlp: LLaVA-1.5, or LLaVA-1.6 with image_grid_pinpoints
         n_merge = 1
         out_w, out_axis = ("mm.2.weight" if "mm.2.weight" in g.tensors else "mm.0.weight"), 0
         # clip.cpp: llava's pad colour; the second-to-last layer is the feature layer
         extra = dict(resize_algo="bicubic", resize_pad="ceil", pad_color=(122, 116, 104),
                      n_layer_run=n_layer - 1)
+        extra.update(_llava_next_keys(g, image_size, n_layer))
     proj_w = g.tensors.get(out_w)
     if proj_w is None:
         raise ModelError(f"{g.path}: missing tensor '{out_w}'")
@@ -135,6 +143,33 @@ def spec_from_gguf(g: GGUFFile) -> VisionSpec:
         std=tuple(float(v) for v in need("image_std")),
         ffn_op=ffn_op, **extra,
     )
+
+
+def _llava_next_keys(g: GGUFFile, image_size: int, n_layer: int) -> dict:
+    """LLaVA-1.6's keys (legacy/convert_image_encoder_to_gguf.py writes them): the pinpoint
+    resolutions and the feature layers. libmtmd builds square tiles of image_size only (its
+    llava graph asserts square inputs), so pinpoints that are not multiples are refused here."""
+    md, out = g.metadata, {}
+    pins = [int(v) for v in md.get("clip.vision.image_grid_pinpoints") or ()]
+    if len(pins) % 2:
+        raise ModelError(f"{g.path}: image_grid_pinpoints must have an even number of "
+                         f"elements, got {len(pins)}")
+    if pins:
+        pairs = tuple(zip(pins[::2], pins[1::2]))
+        for w, h in pairs:
+            if w <= 0 or h <= 0 or w % image_size or h % image_size:
+                raise ModelError(f"{g.path}: image_grid_pinpoints {w}x{h} is not a multiple "
+                                 f"of image_size {image_size}")
+        out["grid_pinpoints"] = pairs
+    layers = tuple(int(v) for v in md.get("clip.vision.feature_layer") or ())
+    if layers:
+        for v in layers:
+            if v > n_layer or v < 0:
+                raise ModelError(f"{g.path}: feature layer index {v} is out of range "
+                                 f"(n_layer: {n_layer})")
+        out["feature_layers"] = layers
+        out["n_layer_run"] = max(layers)
+    return out
 
 
 # ----------------------------------------------------------------------------- ggml's ops
@@ -251,6 +286,16 @@ class VisionEncoder(nnx.Module):
         y = _mul_mat(x, self.w[name + ".weight"])
         return y + self._vec(name + ".bias") if name + ".bias" in self.w else y
 
+    def _ffn_names(self, b: str) -> tuple[str, str]:
+        """(up, down) of a block. Older converters (legacy/convert_image_encoder_to_gguf.py)
+        named fc1 ffn_down and fc2 ffn_up; clip.cpp swaps them back whenever ffn_down's
+        input width is n_embd (so also when n_ff == n_embd), and so do we."""
+        up, down = b + "ffn_up", b + "ffn_down"
+        if (up + ".weight" in self.w and down + ".weight" in self.w
+                and self.w[down + ".weight"].shape[-1] == self.spec.n_embd):
+            return down, up
+        return up, down
+
     def __call__(self, pixels: jax.Array) -> jax.Array:
         s = self.spec
         p, side = s.patch_size, s.n_patches_side
@@ -277,8 +322,11 @@ class VisionEncoder(nnx.Module):
         n, hd = x.shape[0], s.n_embd // s.n_head
         scale = 1.0 / math.sqrt(hd)
         act = {"gelu": gelu, "gelu_quick": gelu_quick, "silu": ggml_f32.silu}[s.ffn_op]
+        feats = []
         for i in range(s.n_layer_run):
             b = f"v.blk.{i}."
+            if i in s.feature_layers:
+                feats.append(x)
             h = _layer_norm(x, self._vec(b + "ln1.weight"), self._vec(b + "ln1.bias"), s.eps)
             q = self._dense(h, b + "attn_q").reshape(n, s.n_head, hd)
             k = self._dense(h, b + "attn_k").reshape(n, s.n_head, hd)
@@ -286,11 +334,16 @@ class VisionEncoder(nnx.Module):
             a = self._dense(_attention(q, k, v, scale), b + "attn_out")
             x = a + x
             h = _layer_norm(x, self._vec(b + "ln2.weight"), self._vec(b + "ln2.bias"), s.eps)
-            h = self._dense(act(self._dense(h, b + "ffn_up")), b + "ffn_down")
+            up, down = self._ffn_names(b)
+            h = self._dense(act(self._dense(h, up)), down)
             x = x + h
         if "v.post_ln.weight" in self.w:
             x = _layer_norm(x, self._vec("v.post_ln.weight"), self._vec("v.post_ln.bias"),
                             s.eps)
+        if s.feature_layers:
+            if s.n_layer_run in s.feature_layers:
+                feats.append(x)
+            x = jnp.concatenate(feats, axis=-1)  # ggml_concat along the features
         if s.projector == "mlp":
             return self._mlp_projector(x)
         return self._gemma3_projector(x)
@@ -332,10 +385,17 @@ class VisionEncoder(nnx.Module):
 
 @dataclasses.dataclass
 class Vision:
-    """A loaded mmproj: its spec, encoder and the compiled encode."""
+    """A loaded mmproj: its spec, encoder and the compiled encode.
+
+    The embeddings of the last few images are kept: a chat (jllama chat, the server's
+    /v1/chat/completions) sends its earlier images again every turn."""
     spec: VisionSpec
     encoder: VisionEncoder
     path: str
+    cache_images: int = 4
+    _cache: collections.OrderedDict = dataclasses.field(
+        default_factory=collections.OrderedDict, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> normalised f32 [image_size, image_size, 3] (libmtmd's fixed-size
@@ -346,8 +406,38 @@ class Vision:
         return clip_image.normalize(img, s.mean, s.std)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
-        """uint8 RGB [H, W, 3] -> image embeddings f32 [n_image_tokens, n_embd_out]."""
-        return np.asarray(_encode(self.encoder, jnp.asarray(self.preprocess(image))))
+        """uint8 RGB [H, W, 3] -> image embeddings f32 [n_tokens, n_embd_out] (all of the
+        image's chunks, in prompt order)."""
+        return np.concatenate(self.encode_chunks(image), axis=0)
+
+    def encode_chunks(self, image: np.ndarray) -> list[np.ndarray]:
+        """The image's embeddings as libmtmd's image chunks: one for a fixed-size projector;
+        LLaVA-1.6's tiles (row-major) then its overview, each its own chunk."""
+        img = np.ascontiguousarray(image)
+        key = (img.shape, str(img.dtype), numerics.current(),
+               hashlib.blake2b(img.tobytes(), digest_size=16).digest())
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return list(hit)
+        out = []
+        for p in self.preprocess_chunks(img):
+            e = np.array(_encode(self.encoder, jnp.asarray(p)))
+            e.setflags(write=False)  # shared by the cache's later hits
+            out.append(e)
+        with self._lock:
+            self._cache[key] = out
+            while len(self._cache) > self.cache_images:
+                self._cache.popitem(last=False)
+        return list(out)
+
+    def preprocess_chunks(self, image: np.ndarray) -> list[np.ndarray]:
+        s = self.spec
+        if not s.grid_pinpoints:
+            return [self.preprocess(image)]
+        return [clip_image.normalize(t, s.mean, s.std)
+                for t in clip_image.llava_next_tiles(image, s.image_size, s.grid_pinpoints)]
 
 
 @nnx.jit

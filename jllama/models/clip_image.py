@@ -111,6 +111,41 @@ def normalize(img: np.ndarray, mean, std) -> np.ndarray:
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+# ----------------------------------------------------------------------------- LLaVA-1.6
+def llava_next_best_resolution(width: int, height: int,
+                               candidates) -> tuple[int, int]:
+    """``select_best_resolution`` (mtmd-image.cpp): the (width, height) candidate keeping the
+    most of the image's pixels once the image is fitted into it (f32 scale, truncated sizes),
+    ties going to the least wasted area, then to the first listed."""
+    best, max_eff, min_wasted = (0, 0), 0, np.iinfo(np.int32).max
+    for cw, ch in candidates:
+        scale = min(np.float32(cw) / np.float32(width), np.float32(ch) / np.float32(height))
+        tw, th = int(np.float32(width) * scale), int(np.float32(height) * scale)
+        eff = min(tw * th, width * height)
+        wasted = cw * ch - eff
+        if eff > max_eff or (eff == max_eff and wasted < min_wasted):
+            best, max_eff, min_wasted = (cw, ch), eff, wasted
+    return best
+
+
+def llava_next_tiles(img: np.ndarray, size: int, candidates) -> list[np.ndarray]:
+    """libmtmd 0c1e570's llava-uhd preprocessor with grid pinpoints (LLaVA-1.6): an image
+    larger than ``size`` on either side is resized into the best pinpoint resolution
+    (bicubic, aspect kept, padded black: clip.cpp sets llava's grey pad colour for the
+    refined image only when there are no pinpoints) and cut into ``size``-square tiles,
+    row-major; the overview is the whole image stretched to ``size`` x ``size`` (bicubic, no
+    padding). Returns the tiles, then the overview (libmtmd's chunk order for mlp)."""
+    h, w = img.shape[:2]
+    overview = resize(img, size, size, "bicubic", "none")
+    if w <= size and h <= size:
+        return [overview]
+    cw, ch = llava_next_best_resolution(w, h, candidates)
+    refined = resize(img, cw, ch, "bicubic", "ceil", (0, 0, 0))
+    tiles = [refined[y:y + size, x:x + size].copy()
+             for y in range(0, ch, size) for x in range(0, cw, size)]
+    return tiles + [overview]
+
+
 MAX_PIXELS = 1 << 26  # refuse decompression bombs before decoding (64 Mpixel)
 
 
