@@ -205,3 +205,51 @@ def write_llama_text_model(path: Path, seed: int = 5) -> Path:
     shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
     tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)
     return write_gguf(path, "llama", dense_hparams(**shape), tensors)
+
+
+def write_idefics3_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 32,
+                          patch: int = 8, d: int = 64, n_layer: int = 2, n_head: int = 4,
+                          scale_factor: int = 2, longest_edge: int = 64) -> None:
+    """A SmolVLM / Idefics3 mmproj (``clip.projector_type = idefics3``) as convert_hf_to_gguf.py
+    --mmproj writes one (conversion/smolvlm.py): SigLIP with patch bias and post-LayerNorm,
+    GELU, eps 1e-5, the embeddings forced to f32, f16 matrices, ``mm.model.fc`` (no bias) of
+    width ``scale_factor``² x d, and the preprocessor's longest edge."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def f16(a):
+        return a.astype(np.float16)
+
+    g = _clip_writer(path, n_embd_out, image_size, patch, d, n_layer, n_head)
+    g.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    g.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    g.add_string("clip.projector_type", "idefics3")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    g.add_uint32("clip.vision.projector.scale_factor", scale_factor)
+    g.add_bool("clip.use_gelu", True)
+    g.add_uint32("clip.vision.preproc_image_size", longest_edge)
+    g.add_tensor("mm.model.fc.weight", f16(w(n_embd_out, scale_factor ** 2 * d, s=0.1)))
+    g.add_tensor("v.patch_embd.bias", w(d, s=0.1))
+    g.add_tensor("v.patch_embd.weight", w(d, 3, patch, patch, s=0.1))
+    g.add_tensor("v.position_embd.weight", w((image_size // patch) ** 2, d, s=0.2))
+    _encoder_blocks(g, w, lambda name, a: g.add_tensor(name, f16(a)), d, n_layer)
+    g.add_tensor("v.post_ln.bias", w(d, s=0.1))
+    g.add_tensor("v.post_ln.weight", 1.0 + w(d, s=0.1))
+    _finish(g)
+
+
+# SmolVLM's image markers are added tokens of its (SmolLM2, byte-level BPE) vocabulary;
+# "\n\n" is an ordinary merged token there
+SMOLVLM_SPECIALS = ("<end_of_utterance>", "<|im_start|>", "<fake_token_around_image>",
+                    "<global-img>", "<image>") + tuple(
+    f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4))
+
+
+def write_smolvlm_text_model(path: Path, seed: int = 7) -> Path:
+    """A tiny llama text model of width 128 with SmolVLM's image marker tokens."""
+    shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+    tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)
+    return write_gguf(path, "llama", dense_hparams(**shape), tensors, pre="smollm",
+                      specials=SMOLVLM_SPECIALS, extra_merges=("Ċ Ċ",))

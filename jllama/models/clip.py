@@ -42,7 +42,7 @@ from jllama.models.common import Weights, gelu, gelu_quick, linear, rms_norm
 from jllama.quant.actquant import opaque
 from jllama.quant.qtensor import QTensor, from_gguf_bytes
 
-PROJECTORS = ("gemma3", "mlp")
+PROJECTORS = ("gemma3", "mlp", "idefics3")
 _F16, _F32 = 1, 0
 
 
@@ -65,6 +65,7 @@ class VisionSpec:
     pad_color: tuple[int, int, int] = (0, 0, 0)
     ffn_op: str = "gelu"  # gelu | gelu_quick | silu (clip.use_gelu / clip.use_silu)
     n_layer_run: int = 0  # layers evaluated (llava: all but the last, its feature layer)
+    longest_edge: int = 0  # idefics3: the preprocessor's longest side before tiling
 
     @property
     def n_patches_side(self) -> int:
@@ -74,6 +75,8 @@ class VisionSpec:
     def n_image_tokens(self) -> int:
         if self.projector == "mlp":
             return self.n_patches_side ** 2
+        if self.projector == "idefics3":  # per tile; the pixel shuffle pads the grid up
+            return (-(-self.n_patches_side // self.n_merge)) ** 2
         return (self.n_patches_side // self.n_merge) ** 2
 
 
@@ -111,6 +114,8 @@ def spec_from_gguf(g: GGUFFile) -> VisionSpec:
             raise ModelError(f"{g.path}: {side} patches per side do not pool by {n_merge}")
         out_w, out_axis = "mm.input_projection.weight", -1
         extra = dict(resize_algo="bilinear", resize_pad="ceil", n_layer_run=n_layer)
+    elif proj == "idefics3":
+        n_merge, out_w, out_axis, extra = _idefics3_spec(g)
     else:  # mlp: LLaVA-1.5 (without image_grid_pinpoints: llava-1.6's tiling is not run)
         if md.get("clip.vision.image_grid_pinpoints"):
             raise ModelError(f"{g.path}: LLaVA-1.6 image tiling (image_grid_pinpoints) is not "
@@ -135,6 +140,25 @@ def spec_from_gguf(g: GGUFFile) -> VisionSpec:
         std=tuple(float(v) for v in need("image_std")),
         ffn_op=ffn_op, **extra,
     )
+
+
+def _idefics3_spec(g: GGUFFile) -> tuple[int, str, int, dict]:
+    """SmolVLM / Idefics3 (clip.cpp's PROJECTOR_TYPE_IDEFICS3): SigLIP, the pixel shuffle by
+    ``clip.vision.projector.scale_factor`` and ``mm.model.fc``; Lanczos resizing into tiles
+    after a resize to ``clip.vision.preproc_image_size`` on the longer side."""
+    md = g.metadata
+    n_merge = md.get("clip.vision.projector.scale_factor")
+    if n_merge is None or int(n_merge) < 2:
+        raise ModelError(f"{g.path}: an idefics3 mmproj needs clip.vision.projector.scale_factor "
+                         "of 2 or more")
+    edge = int(md.get("clip.vision.preproc_image_size", 0))
+    if edge <= 0:
+        # libmtmd then falls back to llava-uhd style slicing, which jllama does not run
+        raise ModelError(f"{g.path}: an idefics3 mmproj without clip.vision.preproc_image_size "
+                         "(an old conversion) is not supported: convert it again")
+    return int(n_merge), "mm.model.fc.weight", 0, dict(resize_algo="lanczos", resize_pad="none",
+                                                        n_layer_run=int(md["clip.vision.block_count"]),
+                                                        longest_edge=edge)
 
 
 # ----------------------------------------------------------------------------- ggml's ops
@@ -293,6 +317,8 @@ class VisionEncoder(nnx.Module):
                             s.eps)
         if s.projector == "mlp":
             return self._mlp_projector(x)
+        if s.projector == "idefics3":
+            return self._idefics3_projector(x)
         return self._gemma3_projector(x)
 
     def _mlp_projector(self, x: jax.Array) -> jax.Array:
@@ -307,6 +333,19 @@ class VisionEncoder(nnx.Module):
         else:
             x = gelu(x)
         return x
+
+    def _idefics3_projector(self, x: jax.Array) -> jax.Array:
+        """clip.cpp's build_patch_merge_permute (the pixel shuffle: each n_merge x n_merge
+        block of patches, grid zero-padded up to whole blocks, becomes one row of its
+        patches' features in (row, column) order), then ``mm.model.fc`` without bias."""
+        s = self.spec
+        side, m = s.n_patches_side, s.n_merge
+        o = -(-side // m)
+        g = x.reshape(side, side, s.n_embd)
+        if o * m != side:
+            g = jnp.pad(g, ((0, o * m - side), (0, o * m - side), (0, 0)))
+        g = g.reshape(o, m, o, m, s.n_embd).transpose(0, 2, 1, 3, 4)
+        return _mul_mat(g.reshape(o * o, m * m * s.n_embd), self.w["mm.model.fc.weight"])
 
     def _gemma3_projector(self, x: jax.Array) -> jax.Array:
         s = self.spec
@@ -348,6 +387,19 @@ class Vision:
     def encode(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB [H, W, 3] -> image embeddings f32 [n_image_tokens, n_embd_out]."""
         return np.asarray(_encode(self.encoder, jnp.asarray(self.preprocess(image))))
+
+    def encode_idefics3(self, image: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, int, int]:
+        """idefics3's tiling: (tile embeddings row by row, the global image's, grid_x,
+        grid_y); every tile and the global image is one image_size square."""
+        s = self.spec
+        overview, tiles, gx, gy = clip_image.idefics3_tiles(image, s.image_size, s.longest_edge,
+                                                            s.resize_algo)
+
+        def enc(img):
+            px = clip_image.normalize(img, s.mean, s.std)
+            return np.asarray(_encode(self.encoder, jnp.asarray(px)))
+
+        return [enc(t) for t in tiles], enc(overview), gx, gy
 
 
 @nnx.jit
