@@ -247,7 +247,7 @@ SMOLVLM_SPECIALS = ("<end_of_utterance>", "<|im_start|>", "<fake_token_around_im
     f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4))
 
 
-def write_smolvlm_text_model(path: Path, seed: int = 7) -> Path:
+def write_smolvlm_text_model(path: Path, seed: int = 10) -> Path:
     """A tiny llama text model of width 128 with SmolVLM's image marker tokens."""
     shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
     tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)

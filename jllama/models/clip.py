@@ -75,8 +75,6 @@ class VisionSpec:
     def n_image_tokens(self) -> int:
         if self.projector == "mlp":
             return self.n_patches_side ** 2
-        if self.projector == "idefics3":  # per tile; the pixel shuffle pads the grid up
-            return (-(-self.n_patches_side // self.n_merge)) ** 2
         return (self.n_patches_side // self.n_merge) ** 2
 
 
@@ -151,6 +149,10 @@ def _idefics3_spec(g: GGUFFile) -> tuple[int, str, int, dict]:
     if n_merge is None or int(n_merge) < 2:
         raise ModelError(f"{g.path}: an idefics3 mmproj needs clip.vision.projector.scale_factor "
                          "of 2 or more")
+    side = int(md["clip.vision.image_size"]) // int(md["clip.vision.patch_size"])
+    if side % int(n_merge):
+        # clip.cpp's graph would pad the grid but its token count truncates: libmtmd aborts
+        raise ModelError(f"{g.path}: {side} patches per side do not merge by {n_merge}")
     edge = int(md.get("clip.vision.preproc_image_size", 0))
     if edge <= 0:
         # libmtmd then falls back to llava-uhd style slicing, which jllama does not run
@@ -336,15 +338,12 @@ class VisionEncoder(nnx.Module):
 
     def _idefics3_projector(self, x: jax.Array) -> jax.Array:
         """clip.cpp's build_patch_merge_permute (the pixel shuffle: each n_merge x n_merge
-        block of patches, grid zero-padded up to whole blocks, becomes one row of its
-        patches' features in (row, column) order), then ``mm.model.fc`` without bias."""
+        block of patches becomes one row of its patches' features in (row, column) order),
+        then ``mm.model.fc`` without bias."""
         s = self.spec
         side, m = s.n_patches_side, s.n_merge
-        o = -(-side // m)
-        g = x.reshape(side, side, s.n_embd)
-        if o * m != side:
-            g = jnp.pad(g, ((0, o * m - side), (0, o * m - side), (0, 0)))
-        g = g.reshape(o, m, o, m, s.n_embd).transpose(0, 2, 1, 3, 4)
+        o = side // m
+        g = x.reshape(o, m, o, m, s.n_embd).transpose(0, 2, 1, 3, 4)
         return _mul_mat(g.reshape(o * o, m * m * s.n_embd), self.w["mm.model.fc.weight"])
 
     def _gemma3_projector(self, x: jax.Array) -> jax.Array:
