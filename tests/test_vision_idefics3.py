@@ -140,6 +140,34 @@ def test_cli_generate_with_image(files, setup, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == want.decode(errors="replace").strip()
 
 
+def test_converted_smolvlm_mmproj_bit_exact(files, setup, tmp_path_factory):
+    """A tiny random SmolVLM checkpoint converted by llama.cpp's own convert_hf_to_gguf.py
+    --mmproj (its default f16): the same metadata keys, tensor names and types as the file
+    written here, libmtmd's chunks and embeddings exactly."""
+    import convert_reference as R
+    import visionmodels as V
+    from mtmd_oracle import Mtmd
+
+    from jllama.gguf.reader import read_gguf
+    from jllama.models.clip import load_vision
+
+    R.needs_reference_deps()
+    d = tmp_path_factory.mktemp("smolvlm-hf")
+    V.write_idefics3_checkpoint(d / "hf", V.idefics3_config())
+    R.run_reference([(d / "hf", d / "mm.gguf", "f16", "--mmproj")])
+    ours, ref = read_gguf(files / "mmproj.gguf"), read_gguf(d / "mm.gguf")
+    assert {n: t.qtype for n, t in ref.tensors.items()} == \
+        {n: t.qtype for n, t in ours.tensors.items()}
+    assert {k for k in ours.metadata if k.startswith("clip.")} <= set(ref.metadata)
+    _, _, tok = setup
+    o = Mtmd(files / "text.gguf", d / "mm.gguf")
+    try:
+        assert _same_chunks(o, load_vision(d / "mm.gguf"), tok, PROMPT,
+                            _image((50, 70), seed=21)) == 5
+    finally:
+        o.close()
+
+
 def test_refusals(files, tmp_path, capsys):
     """An old idefics3 mmproj without the preprocessor's longest edge, one whose patch grid
     does not merge evenly (libmtmd aborts on it), and a text model without SmolVLM's marker
