@@ -13,6 +13,11 @@ the post LayerNorm, then the projector: average pooling of the patch grid by ``n
 (default 4, ``clip.vision.projector.scale_factor``), RMSNorm times ``mm.soft_emb_norm`` and
 the ``mm.input_projection`` matmul to the text model's width.
 
+SmolVLM / Idefics3 (``clip.projector_type = idefics3``): the same SigLIP tower (eps 1e-5),
+then the pixel shuffle (each ``scale_factor``-square block of patches concatenated into one
+row) and ``mm.model.fc``; an image is Lanczos-resized to ``clip.vision.preproc_image_size`` on
+its longer side, cut into ``image_size`` tiles, plus a global image (``encode_idefics3``).
+
 When matching llama.cpp (``Numerics.match_llamacpp``) every op rounds as ggml's CPU backend:
 matmuls through ``ggml_f32.mul_mat`` (an f16 weight first rounds the activations to f16, as
 ggml converts them to the weight's vec_dot type), LayerNorm as ``ggml_norm`` (f64 sums),
@@ -385,6 +390,8 @@ class Vision:
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB [H, W, 3] -> image embeddings f32 [n_image_tokens, n_embd_out]."""
+        if self.spec.projector == "idefics3":  # tiles: several chunks per image
+            raise ModelError("an idefics3 image is encoded by tiles: use encode_idefics3")
         return np.asarray(_encode(self.encoder, jnp.asarray(self.preprocess(image))))
 
     def encode_idefics3(self, image: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, int, int]:
