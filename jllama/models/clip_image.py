@@ -68,15 +68,20 @@ def _weights(in_size: int, out_size: int, algo: str) -> tuple[np.ndarray, np.nda
 def _pass(src: np.ndarray, out_size: int, algo: str, axis: int) -> np.ndarray:
     """One resampling pass along ``axis`` (1: horizontal, 0: vertical) of uint8 [H, W, 3]."""
     bounds, k, ksize = _weights(src.shape[axis], out_size, algo)
-    s = np.moveaxis(src.astype(np.int64), axis, 0)  # [in, other, 3]
-    out = np.empty((out_size,) + s.shape[1:], np.int64)
-    for o in range(out_size):
-        lo, cnt = bounds[o]
-        acc = np.full(s.shape[1:], 1 << (PRECISION_BITS - 1), np.int64)
-        acc = acc + np.tensordot(k[o, :cnt], s[lo:lo + cnt], axes=(0, 0))
-        out[o] = acc
-    # int32 accumulators in C: the sums stay far inside int32 for uint8 inputs
-    out = np.clip(out >> PRECISION_BITS, 0, 255).astype(np.uint8)
+    # int32 as the C accumulators: any partial sum stays under 255 * sum|w| * 2**22 < 2**31
+    s = np.moveaxis(src, axis, 0).astype(np.int32)  # [in, other, 3]
+    # kernel tap by kernel tap over all outputs (integer sums: the order does not matter);
+    # taps past an output's count have weight 0
+    out = np.full((out_size,) + s.shape[1:], 1 << (PRECISION_BITS - 1), np.int32)
+    last = s.shape[0] - 1
+    for j in range(ksize):
+        wj = np.where(j < bounds[:, 1], k[:, j], 0).astype(np.int32)
+        if wj.any():
+            t = s[np.minimum(bounds[:, 0] + j, last)]
+            t *= wj[:, None, None]
+            out += t
+    out >>= PRECISION_BITS
+    out = np.clip(out, 0, 255).astype(np.uint8)
     return np.moveaxis(out, 0, axis)
 
 
