@@ -61,11 +61,12 @@ def setup(files):
 
 def _same_chunks(oracle, vision, tok, prompt, img) -> int:
     """Chunk layout and token ids equal to libmtmd's, each image chunk's embeddings bit-exact;
-    returns the number of image chunks."""
+    returns the number of image chunks. ``img``: one image or a list."""
     from jllama.engine import multimodal
 
-    ref = oracle.tokenize(prompt, [img])
-    ours = multimodal.chunks(tok, vision, prompt, [img])
+    imgs = img if isinstance(img, list) else [img]
+    ref = oracle.tokenize(prompt, imgs)
+    ours = multimodal.chunks(tok, vision, prompt, imgs)
     assert [c if isinstance(c, list) else c.embd.shape[0] for c in ours] == \
         [c if isinstance(c, list) else c[0] for c in ref]
     n = 0
@@ -84,6 +85,13 @@ def test_tiles_chunks_and_embeddings_bit_exact(setup, shape):
     n = _same_chunks(oracle, vision, tok, PROMPT, _image(shape, seed=shape[1]))
     tiles = {(50, 70): 4, (30, 100): 2, (90, 40): 2, (20, 20): 4}[shape]
     assert n == tiles + 1  # and the global image
+
+
+def test_two_images_in_one_prompt(setup):
+    oracle, vision, tok = setup
+    prompt = "<|im_start|>User:<__media__> and <__media__>?<end_of_utterance>\nAssistant:"
+    assert _same_chunks(oracle, vision, tok, prompt,
+                        [_image((30, 100), seed=3), _image((90, 40), seed=4)]) == 6
 
 
 def test_merge_by_4_three_by_three_tiles(files, setup):
