@@ -94,13 +94,13 @@ def lookup_tokens(tokenizer, pieces: tuple[str, ...]) -> list[int]:
 
 
 def _idefics3_image(tokenizer, vision: Vision, image: np.ndarray, out: list, text) -> None:
-    """libmtmd's MTMD_SLICE_TMPL_IDEFICS3 layout (transformers' processing_idefics3): each tile
+    r"""libmtmd's MTMD_SLICE_TMPL_IDEFICS3 layout (transformers' processing_idefics3): each tile
     as ``<fake_token_around_image><row_R_col_C>`` + its embeddings, a ``\n`` token after every
     row but the last, then ``\n\n <fake_token_around_image> <global-img>``, the global image,
     ``<fake_token_around_image>``; all decoded causally."""
-    tiles, overview, gx, gy = vision.encode_idefics3(image)
     fake, glob, nl, nl2 = lookup_tokens(tokenizer, ("<fake_token_around_image>", "<global-img>",
                                                     "\n", "\n\n"))
+    tiles, overview, gx, gy = vision.encode_idefics3(image)
 
     def embd(e: np.ndarray) -> None:
         out.append(ImageChunk(e, False))

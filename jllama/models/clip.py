@@ -163,9 +163,9 @@ def _idefics3_spec(g: GGUFFile) -> tuple[int, str, int, dict]:
         # libmtmd then falls back to llava-uhd style slicing, which jllama does not run
         raise ModelError(f"{g.path}: an idefics3 mmproj without clip.vision.preproc_image_size "
                          "(an old conversion) is not supported: convert it again")
-    return int(n_merge), "mm.model.fc.weight", 0, dict(resize_algo="lanczos", resize_pad="none",
-                                                        n_layer_run=int(md["clip.vision.block_count"]),
-                                                        longest_edge=edge)
+    extra = dict(resize_algo="lanczos", resize_pad="none", longest_edge=edge,
+                 n_layer_run=int(md["clip.vision.block_count"]))
+    return int(n_merge), "mm.model.fc.weight", 0, extra
 
 
 # ----------------------------------------------------------------------------- ggml's ops
