@@ -86,7 +86,8 @@ def _add_hparam(w: gguf.GGUFWriter, key: str, v) -> None:
 def write_gguf(path: str | Path, arch: str, hparams: dict, tensors: dict[str, np.ndarray],
                tokenizer: str = "gpt2",
                qtype: Q | Callable[[str, np.ndarray], Q | None] | None = None,
-               pre: str = "qwen2", specials: tuple[str, ...] | None = None) -> Path:
+               pre: str = "qwen2", specials: tuple[str, ...] | None = None,
+               extra_merges: tuple[str, ...] = ()) -> Path:
     """Write a GGUF llama.cpp can load.
 
     ``hparams`` keys are relative to the arch prefix (``"block_count"`` → ``"{arch}.block_count"``);
@@ -95,7 +96,8 @@ def write_gguf(path: str | Path, arch: str, hparams: dict, tensors: dict[str, np
     whose rows fit the block size is stored quantized (norms and biases stay F32, as converters
     do). ``qtype`` may instead be a function ``(name, array) -> qtype or None`` (None: F32).
     ``tokenizer``: ``"gpt2"`` (byte-level BPE, ``tokenizer.ggml.pre = pre``); ``specials``:
-    its control tokens (the first is EOS), default ``gpt2_tokenizer``'s.
+    its control tokens (the first is EOS), default ``gpt2_tokenizer``'s; ``extra_merges``:
+    merges (``"a b"``, byte-level text) added after the learned ones, each with its token.
     """
     path = Path(path)
     w = gguf.GGUFWriter(str(path), arch)
@@ -106,6 +108,10 @@ def write_gguf(path: str | Path, arch: str, hparams: dict, tensors: dict[str, np
         raise ValueError(f"tokenizer '{tokenizer}' is not supported (only 'gpt2')")
     toks, types, merges, bos, eos = (gpt2_tokenizer() if specials is None
                                      else gpt2_tokenizer(specials=specials))
+    for m in extra_merges:
+        merges = merges + [m]
+        toks = toks + [m.replace(" ", "")]
+        types = types + [int(gguf.TokenType.NORMAL)]
     n_vocab = tensors["token_embd.weight"].shape[0]
     if n_vocab < len(toks):
         raise ValueError(f"token_embd has {n_vocab} rows; the tokenizer needs {len(toks)}")

@@ -260,3 +260,105 @@ def write_llama_text_model(path: Path, seed: int = 5) -> Path:
     shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
     tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)
     return write_gguf(path, "llama", dense_hparams(**shape), tensors)
+
+
+def write_idefics3_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 32,
+                          patch: int = 8, d: int = 64, n_layer: int = 2, n_head: int = 4,
+                          scale_factor: int = 2, longest_edge: int = 64) -> None:
+    """A SmolVLM / Idefics3 mmproj (``clip.projector_type = idefics3``) as convert_hf_to_gguf.py
+    --mmproj writes one (conversion/smolvlm.py): SigLIP with patch bias and post-LayerNorm,
+    GELU, eps 1e-5, the embeddings forced to f32, f16 matrices, ``mm.model.fc`` (no bias) of
+    width ``scale_factor``² x d, and the preprocessor's longest edge."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def f16(a):
+        return a.astype(np.float16)
+
+    g = _clip_writer(path, n_embd_out, image_size, patch, d, n_layer, n_head)
+    g.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    g.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    g.add_string("clip.projector_type", "idefics3")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    g.add_uint32("clip.vision.projector.scale_factor", scale_factor)
+    g.add_bool("clip.use_gelu", True)
+    g.add_uint32("clip.vision.preproc_image_size", longest_edge)
+    g.add_tensor("mm.model.fc.weight", f16(w(n_embd_out, scale_factor ** 2 * d, s=0.1)))
+    g.add_tensor("v.patch_embd.bias", w(d, s=0.1))
+    g.add_tensor("v.patch_embd.weight", w(d, 3, patch, patch, s=0.1))
+    g.add_tensor("v.position_embd.weight", w((image_size // patch) ** 2, d, s=0.2))
+    _encoder_blocks(g, w, lambda name, a: g.add_tensor(name, f16(a)), d, n_layer)
+    g.add_tensor("v.post_ln.bias", w(d, s=0.1))
+    g.add_tensor("v.post_ln.weight", 1.0 + w(d, s=0.1))
+    _finish(g)
+
+
+# SmolVLM's image markers are added tokens of its (SmolLM2, byte-level BPE) vocabulary;
+# "\n\n" is an ordinary merged token there
+SMOLVLM_SPECIALS = ("<end_of_utterance>", "<|im_start|>", "<fake_token_around_image>",
+                    "<global-img>", "<image>") + tuple(
+    f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4))
+
+
+def write_smolvlm_text_model(path: Path, seed: int = 10) -> Path:
+    """A tiny llama text model of width 128 with SmolVLM's image marker tokens."""
+    shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+    tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)
+    return write_gguf(path, "llama", dense_hparams(**shape), tensors, pre="smollm",
+                      specials=SMOLVLM_SPECIALS, extra_merges=("Ċ Ċ",))
+
+
+def idefics3_config(image_size: int = 32, patch_size: int = 8, n_embd: int = 64,
+                    n_layer: int = 2, n_head: int = 4, scale_factor: int = 2) -> dict:
+    """A tiny ``Idefics3ForConditionalGeneration`` config.json (SmolVLM's layout), text width
+    128 (write_smolvlm_text_model's)."""
+    return {
+        "architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3",
+        "scale_factor": scale_factor, "image_token_id": 302,
+        "text_config": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+                        "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "vocab_size": 320, "rms_norm_eps": 1e-5},
+        "vision_config": {"model_type": "idefics3_vision", "hidden_size": n_embd,
+                          "intermediate_size": 2 * n_embd, "num_hidden_layers": n_layer,
+                          "num_attention_heads": n_head, "image_size": image_size,
+                          "patch_size": patch_size, "layer_norm_eps": 1e-5,
+                          "hidden_act": "gelu_pytorch_tanh", "num_channels": 3},
+    }
+
+
+def write_idefics3_checkpoint(d: Path, cfg: dict, longest_edge: int = 64, seed: int = 0) -> Path:
+    """The vision tower and connector of a random SmolVLM checkpoint (HF tensor names), with
+    the preprocessor's longest edge, for convert_hf_to_gguf.py --mmproj."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    v = cfg["vision_config"]
+    dd, ff, p, sf = v["hidden_size"], v["intermediate_size"], v["patch_size"], cfg["scale_factor"]
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    pre = "model.vision_model."
+    t = {pre + "embeddings.patch_embedding.weight": w(dd, 3, p, p, s=0.1),
+         pre + "embeddings.patch_embedding.bias": w(dd, s=0.1),
+         pre + "embeddings.position_embedding.weight": w((v["image_size"] // p) ** 2, dd, s=0.2)}
+    for i in range(v["num_hidden_layers"]):
+        q = f"{pre}encoder.layers.{i}."
+        for ln in ("layer_norm1", "layer_norm2"):
+            t[q + ln + ".weight"], t[q + ln + ".bias"] = 1.0 + w(dd, s=0.1), w(dd, s=0.1)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            t[q + f"self_attn.{proj}.weight"], t[q + f"self_attn.{proj}.bias"] = w(dd, dd, s=0.15), w(dd)
+        t[q + "mlp.fc1.weight"], t[q + "mlp.fc1.bias"] = w(ff, dd, s=0.15), w(ff)
+        t[q + "mlp.fc2.weight"], t[q + "mlp.fc2.bias"] = w(dd, ff, s=0.15), w(dd)
+    t[pre + "post_layernorm.weight"], t[pre + "post_layernorm.bias"] = 1.0 + w(dd, s=0.1), w(dd, s=0.1)
+    t["model.connector.modality_projection.proj.weight"] = w(128, sf * sf * dd, s=0.1)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Idefics3ImageProcessor", "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5], "size": {"longest_edge": longest_edge},
+        "max_image_size": {"longest_edge": v["image_size"]}, "do_image_splitting": True}))
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d

@@ -6,7 +6,8 @@ text part is tokenized on its own (no BOS), each image becomes the projector's b
 (``<end_of_image>``), and BOS goes first when the vocabulary adds one. A LLaVA-1.6 image is
 several image chunks back to back (its tiles, then its overview), each decoded on its own. Evaluation follows
 ``mtmd_helper_eval_chunks``: text chunks as ordinary prompt batches, each image's embeddings
-in one batch, non-causally for the projectors libmtmd decodes so (Gemma 3).
+in one batch, non-causally for the projectors libmtmd decodes so (Gemma 3). SmolVLM /
+Idefics3 images become several chunks (tiles and a global image between text markers).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from jllama.models.clip import Vision
 
 MEDIA_MARKER = "<__media__>"
 # projector -> (begin text, end text, non-causal image batch)
-_WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>", True), "mlp": ("", "", False)}
+_WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>", True), "mlp": ("", "", False),
+         "idefics3": ("", "", False)}  # idefics3 wraps each tile itself: _idefics3_image
 
 
 @dataclass
@@ -60,7 +62,9 @@ def chunks(tokenizer, vision: Vision, prompt: str, images: list[np.ndarray],
 
     for i, part in enumerate(parts):
         text(part, parse_special)
-        if i < len(images):
+        if i < len(images) and vision.spec.projector == "idefics3":
+            _idefics3_image(tokenizer, vision, images[i], out, text)
+        elif i < len(images):
             text(beg, True)
             for embd in vision.encode_chunks(images[i]):  # LLaVA-1.6: tiles, then overview
                 out.append(ImageChunk(embd, bidir))
@@ -70,6 +74,49 @@ def chunks(tokenizer, vision: Vision, prompt: str, images: list[np.ndarray],
     if add_special and v.add_bos and v.bos_id is not None:
         out[0].insert(0, v.bos_id)
     return [c for c in out if not (isinstance(c, list) and not c)]
+
+
+def lookup_tokens(tokenizer, pieces: tuple[str, ...]) -> list[int]:
+    """libmtmd's lookup_token for each piece: the first id whose piece (specials rendered) is
+    it; one pass over the vocabulary."""
+    want = {p.encode(): None for p in pieces}
+    left = len(want)
+    for i in range(len(tokenizer.vocab.tokens)):
+        p = tokenizer.token_to_piece(i, special=True)
+        if p in want and want[p] is None:
+            want[p] = i
+            left -= 1
+            if not left:
+                break
+    for p, i in want.items():
+        if i is None:
+            raise ModelError(f"the text model's vocabulary has no token {p.decode()!r} that "
+                             "the mmproj's image layout needs: mismatched mmproj")
+    return [want[p.encode()] for p in pieces]
+
+
+def _idefics3_image(tokenizer, vision: Vision, image: np.ndarray, out: list, text) -> None:
+    r"""libmtmd's MTMD_SLICE_TMPL_IDEFICS3 layout (transformers' processing_idefics3): each tile
+    as ``<fake_token_around_image><row_R_col_C>`` + its embeddings, a ``\n`` token after every
+    row but the last, then ``\n\n <fake_token_around_image> <global-img>``, the global image,
+    ``<fake_token_around_image>``; all decoded causally."""
+    fake, glob, nl, nl2 = lookup_tokens(tokenizer, ("<fake_token_around_image>", "<global-img>",
+                                                    "\n", "\n\n"))
+    tiles, overview, gx, gy = vision.encode_idefics3(image)
+
+    def embd(e: np.ndarray) -> None:
+        out.append(ImageChunk(e, False))
+        out.append([])
+
+    for y in range(gy):
+        for x in range(gx):
+            text(f"<fake_token_around_image><row_{y + 1}_col_{x + 1}>", True)
+            embd(tiles[y * gx + x])
+        if y != gy - 1:
+            out[-1].append(nl)
+    out[-1].extend([nl2, fake, glob])
+    embd(overview)
+    out[-1].append(fake)
 
 
 def n_tokens(chs: list) -> int:

@@ -17,6 +17,11 @@ the post LayerNorm, then the projector: average pooling of the patch grid by ``n
 (default 4, ``clip.vision.projector.scale_factor``), RMSNorm times ``mm.soft_emb_norm`` and
 the ``mm.input_projection`` matmul to the text model's width.
 
+SmolVLM / Idefics3 (``clip.projector_type = idefics3``): the same SigLIP tower (eps 1e-5),
+then the pixel shuffle (each ``scale_factor``-square block of patches concatenated into one
+row) and ``mm.model.fc``; an image is Lanczos-resized to ``clip.vision.preproc_image_size`` on
+its longer side, cut into ``image_size`` tiles, plus a global image (``encode_idefics3``).
+
 When matching llama.cpp (``Numerics.match_llamacpp``) every op rounds as ggml's CPU backend:
 matmuls through ``ggml_f32.mul_mat`` (an f16 weight first rounds the activations to f16, as
 ggml converts them to the weight's vec_dot type), LayerNorm as ``ggml_norm`` (f64 sums),
@@ -49,7 +54,7 @@ from jllama.models.common import Weights, gelu, gelu_quick, linear, rms_norm
 from jllama.quant.actquant import opaque
 from jllama.quant.qtensor import QTensor, from_gguf_bytes
 
-PROJECTORS = ("gemma3", "mlp")
+PROJECTORS = ("gemma3", "mlp", "idefics3")
 _F16, _F32 = 1, 0
 
 
@@ -77,6 +82,7 @@ class VisionSpec:
     feature_layers: tuple[int, ...] = ()
     # LLaVA-1.6: candidate (width, height) resolutions (clip.vision.image_grid_pinpoints)
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    longest_edge: int = 0  # idefics3: the preprocessor's longest side before tiling
 
     @property
     def n_patches_side(self) -> int:
@@ -123,6 +129,8 @@ def spec_from_gguf(g: GGUFFile) -> VisionSpec:
             raise ModelError(f"{g.path}: {side} patches per side do not pool by {n_merge}")
         out_w, out_axis = "mm.input_projection.weight", -1
         extra = dict(resize_algo="bilinear", resize_pad="ceil", n_layer_run=n_layer)
+    elif proj == "idefics3":
+        n_merge, out_w, out_axis, extra = _idefics3_spec(g)
     else:  # mlp: LLaVA-1.5, or LLaVA-1.6 with image_grid_pinpoints
         n_merge = 1
         out_w, out_axis = ("mm.2.weight" if "mm.2.weight" in g.tensors else "mm.0.weight"), 0
@@ -170,6 +178,29 @@ def _llava_next_keys(g: GGUFFile, image_size: int, n_layer: int) -> dict:
         out["feature_layers"] = layers
         out["n_layer_run"] = max(layers)
     return out
+
+
+def _idefics3_spec(g: GGUFFile) -> tuple[int, str, int, dict]:
+    """SmolVLM / Idefics3 (clip.cpp's PROJECTOR_TYPE_IDEFICS3): SigLIP, the pixel shuffle by
+    ``clip.vision.projector.scale_factor`` and ``mm.model.fc``; Lanczos resizing into tiles
+    after a resize to ``clip.vision.preproc_image_size`` on the longer side."""
+    md = g.metadata
+    n_merge = md.get("clip.vision.projector.scale_factor")
+    if n_merge is None or int(n_merge) < 2:
+        raise ModelError(f"{g.path}: an idefics3 mmproj needs clip.vision.projector.scale_factor "
+                         "of 2 or more")
+    side = int(md["clip.vision.image_size"]) // int(md["clip.vision.patch_size"])
+    if side % int(n_merge):
+        # clip.cpp's graph would pad the grid but its token count truncates: libmtmd aborts
+        raise ModelError(f"{g.path}: {side} patches per side do not merge by {n_merge}")
+    edge = int(md.get("clip.vision.preproc_image_size", 0))
+    if edge <= 0:
+        # libmtmd then falls back to llava-uhd style slicing, which jllama does not run
+        raise ModelError(f"{g.path}: an idefics3 mmproj without clip.vision.preproc_image_size "
+                         "(an old conversion) is not supported: convert it again")
+    extra = dict(resize_algo="lanczos", resize_pad="none", longest_edge=edge,
+                 n_layer_run=int(md["clip.vision.block_count"]))
+    return int(n_merge), "mm.model.fc.weight", 0, extra
 
 
 # ----------------------------------------------------------------------------- ggml's ops
@@ -346,6 +377,8 @@ class VisionEncoder(nnx.Module):
             x = jnp.concatenate(feats, axis=-1)  # ggml_concat along the features
         if s.projector == "mlp":
             return self._mlp_projector(x)
+        if s.projector == "idefics3":
+            return self._idefics3_projector(x)
         return self._gemma3_projector(x)
 
     def _mlp_projector(self, x: jax.Array) -> jax.Array:
@@ -360,6 +393,16 @@ class VisionEncoder(nnx.Module):
         else:
             x = gelu(x)
         return x
+
+    def _idefics3_projector(self, x: jax.Array) -> jax.Array:
+        """clip.cpp's build_patch_merge_permute (the pixel shuffle: each n_merge x n_merge
+        block of patches becomes one row of its patches' features in (row, column) order),
+        then ``mm.model.fc`` without bias."""
+        s = self.spec
+        side, m = s.n_patches_side, s.n_merge
+        o = side // m
+        g = x.reshape(o, m, o, m, s.n_embd).transpose(0, 2, 1, 3, 4)
+        return _mul_mat(g.reshape(o * o, m * m * s.n_embd), self.w["mm.model.fc.weight"])
 
     def _gemma3_projector(self, x: jax.Array) -> jax.Array:
         s = self.spec
@@ -413,6 +456,8 @@ class Vision:
     def encode_chunks(self, image: np.ndarray) -> list[np.ndarray]:
         """The image's embeddings as libmtmd's image chunks: one for a fixed-size projector;
         LLaVA-1.6's tiles (row-major) then its overview, each its own chunk."""
+        if self.spec.projector == "idefics3":  # tiles wrapped in text markers
+            raise ModelError("an idefics3 image is encoded by tiles: use encode_idefics3")
         img = np.ascontiguousarray(image)
         key = (img.shape, str(img.dtype), numerics.current(),
                hashlib.blake2b(img.tobytes(), digest_size=16).digest())
@@ -438,6 +483,19 @@ class Vision:
             return [self.preprocess(image)]
         return [clip_image.normalize(t, s.mean, s.std)
                 for t in clip_image.llava_next_tiles(image, s.image_size, s.grid_pinpoints)]
+
+    def encode_idefics3(self, image: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, int, int]:
+        """idefics3's tiling: (tile embeddings row by row, the global image's, grid_x,
+        grid_y); every tile and the global image is one image_size square."""
+        s = self.spec
+        overview, tiles, gx, gy = clip_image.idefics3_tiles(image, s.image_size, s.longest_edge,
+                                                            s.resize_algo)
+
+        def enc(img):
+            px = clip_image.normalize(img, s.mean, s.std)
+            return np.asarray(_encode(self.encoder, jnp.asarray(px)))
+
+        return [enc(t) for t in tiles], enc(overview), gx, gy
 
 
 @nnx.jit

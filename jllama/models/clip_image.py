@@ -16,10 +16,20 @@ import numpy as np
 from jllama.errors import ImageError, ModelError
 
 PRECISION_BITS = 32 - 8 - 2
-_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}
+
+
+def _sinc(v: float) -> float:
+    if v == 0.0:
+        return 1.0
+    pv = v * 3.141592653589793
+    return math.sin(pv) / pv  # libm's sin, as the C code calls (numpy's may be a SIMD one)
 
 
 def _filter(algo: str, x: np.ndarray) -> np.ndarray:
+    if algo == "lanczos":  # a = 3, on [-3, 3) as the C code tests it (not symmetric at 3)
+        return np.array([_sinc(float(v)) * _sinc(float(v) / 3.0) if -3.0 <= v < 3.0 else 0.0
+                         for v in x], np.float64)
     x = np.abs(x)
     if algo == "bilinear":
         return np.where(x < 1.0, 1.0 - x, 0.0)
@@ -58,15 +68,20 @@ def _weights(in_size: int, out_size: int, algo: str) -> tuple[np.ndarray, np.nda
 def _pass(src: np.ndarray, out_size: int, algo: str, axis: int) -> np.ndarray:
     """One resampling pass along ``axis`` (1: horizontal, 0: vertical) of uint8 [H, W, 3]."""
     bounds, k, ksize = _weights(src.shape[axis], out_size, algo)
-    s = np.moveaxis(src.astype(np.int64), axis, 0)  # [in, other, 3]
-    out = np.empty((out_size,) + s.shape[1:], np.int64)
-    for o in range(out_size):
-        lo, cnt = bounds[o]
-        acc = np.full(s.shape[1:], 1 << (PRECISION_BITS - 1), np.int64)
-        acc = acc + np.tensordot(k[o, :cnt], s[lo:lo + cnt], axes=(0, 0))
-        out[o] = acc
-    # int32 accumulators in C: the sums stay far inside int32 for uint8 inputs
-    out = np.clip(out >> PRECISION_BITS, 0, 255).astype(np.uint8)
+    # int32 as the C accumulators: any partial sum stays under 255 * sum|w| * 2**22 < 2**31
+    s = np.moveaxis(src, axis, 0).astype(np.int32)  # [in, other, 3]
+    # kernel tap by kernel tap over all outputs (integer sums: the order does not matter);
+    # taps past an output's count have weight 0
+    out = np.full((out_size,) + s.shape[1:], 1 << (PRECISION_BITS - 1), np.int32)
+    last = s.shape[0] - 1
+    for j in range(ksize):
+        wj = np.where(j < bounds[:, 1], k[:, j], 0).astype(np.int32)
+        if wj.any():
+            t = s[np.minimum(bounds[:, 0] + j, last)]
+            t *= wj[:, None, None]
+            out += t
+    out >>= PRECISION_BITS
+    out = np.clip(out, 0, 255).astype(np.uint8)
     return np.moveaxis(out, 0, axis)
 
 
@@ -103,6 +118,32 @@ def resize(img: np.ndarray, width: int, height: int, algo: str, pad: str = "ceil
         ox, oy = (width - nw) // 2, (height - nh) // 2
     out[oy:oy + nh, ox:ox + nw] = small
     return out
+
+
+def idefics3_tiles(img: np.ndarray, tile: int, longest_edge: int, algo: str = "lanczos"
+                   ) -> tuple[np.ndarray, list[np.ndarray], int, int]:
+    """``mtmd_image_preprocessor_idefics3`` (with a preprocessor longest edge): resize so the
+    longer side is ``longest_edge`` (the other side truncated, then made even), resize again
+    up to whole tiles, cut ``tile``-square tiles row by row, and shrink the refined image to
+    one tile for the global view. Returns (overview, tiles, grid_x, grid_y), uint8."""
+    h0, w0 = img.shape[:2]
+    aspect = w0 / h0  # a C double
+    if w0 >= h0:
+        rw, rh = longest_edge, int(longest_edge / aspect)
+        rh += rh % 2
+    else:
+        rw, rh = int(longest_edge * aspect), longest_edge
+        rw += rw % 2
+    if rw <= 0 or rh <= 0:
+        raise ImageError(f"image of {w0}x{h0} pixels is too narrow to resize to a longest "
+                         f"side of {longest_edge}")
+    gx, gy = -(-rw // tile), -(-rh // tile)
+    resized = resize(img, rw, rh, algo, pad="none")
+    refined = resize(resized, gx * tile, gy * tile, algo, pad="none")
+    overview = resize(refined, tile, tile, algo, pad="none")
+    tiles = [refined[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile].copy()
+             for y in range(gy) for x in range(gx)]
+    return overview, tiles, gx, gy
 
 
 def normalize(img: np.ndarray, mean, std) -> np.ndarray:
