@@ -297,23 +297,6 @@ def message_text(content: Any, param: str, images: list | None = None) -> str:
     raise bad(param, "message content must be a string or a list of text parts", "invalid_type")
 
 
-def image_bytes(param: str, url: str) -> bytes:
-    """The bytes of an ``image_url``: base64 data URLs only (remote URLs are never fetched)."""
-    import base64
-    import binascii
-
-    if not url.startswith("data:"):
-        raise bad(param, "only base64 data URLs (data:image/...;base64,...) are accepted; "
-                  "remote and file URLs are not fetched", "unsupported_content")
-    head, sep, data = url.partition(",")
-    if not sep or not head.endswith(";base64"):
-        raise bad(param, "a data URL must be base64-encoded (data:<type>;base64,<data>)")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad(param, "the data URL is not valid base64") from None
-
-
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
