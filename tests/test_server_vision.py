@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import http.server
-import struct
 import threading
-import zlib
 
 import numpy as np
 import pytest
@@ -29,16 +27,6 @@ def _png(path, shape=(40, 56), seed=5):
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, shape + (3,), dtype=np.uint8)).save(path)
     return path
-
-
-def _png_header_only(w: int, h: int) -> bytes:
-    """A PNG whose IHDR claims w x h pixels, with no pixel data (a decompression bomb's
-    header: refused before any decoding)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +170,8 @@ def test_remote_urls_only_when_allowed(server, web, files):
 
 
 def test_bad_images_fail_alone(files, server, tmp_path):
+    import visionmodels as V
+
     c, _, _ = server
     png = (files / "media" / "sub" / "img.png").read_bytes()
     gif = tmp_path / "a.gif"
@@ -195,7 +185,7 @@ def test_bad_images_fail_alone(files, server, tmp_path):
     cases = [
         (uri(b"just some text, no image"), "not an image jllama can read"),
         (uri(png[: len(png) // 2]), "not an image jllama can read"),  # truncated PNG
-        (uri(_png_header_only(9000, 9000)), "too large"),
+        (uri(V.png_header_only(9000, 9000)), "too large"),
         ("data:text/html;base64,aGVsbG8=", "invalid uri format"),
         ("data:image/png;base64,@@@", "not valid base64"),
         ("malformed", "not valid base64"),

@@ -10,6 +10,8 @@ projector's output width.
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import gguf
@@ -205,3 +207,13 @@ def write_llama_text_model(path: Path, seed: int = 5) -> Path:
     shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
     tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)
     return write_gguf(path, "llama", dense_hparams(**shape), tensors)
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose IHDR claims w x h pixels, with no pixel data (a decompression bomb's
+    header: refused before any decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
