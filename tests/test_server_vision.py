@@ -81,8 +81,9 @@ def server(files):
 
     llm = Llama(str(files / "text.gguf"), ctx_size=128, n_slots=2,
                 mmproj=str(files / "mmproj.gguf"))
+    # the suite's LLAMA_MEDIA_MARKER: /completion prompts below write <__media__>
     settings = ServerSettings("tiny", max_queue=8, timeout=120,
-                              media_path=str(files / "media") + "/")
+                              media_path=str(files / "media") + "/", media_marker="<__media__>")
     state = ServerState(llm, settings)
     with ServerThread(state, warmup=False) as s, httpx.Client(base_url=s.url, timeout=120) as c:
         yield c, settings, llm
@@ -133,6 +134,37 @@ def test_models_say_multimodal(server):
     for path in ("/models", "/v1/models"):
         m = c.get(path).json()["models"][0]
         assert m["capabilities"] == ["completion", "multimodal"]
+
+
+def test_random_media_marker(files, server, monkeypatch):
+    """llama-server's marker is random per process unless LLAMA_MEDIA_MARKER is set: text
+    that says <__media__> is then only text, and /props tells /completion clients the marker."""
+    from jllama.server import media
+
+    c, settings, _ = server
+    monkeypatch.delenv("LLAMA_MEDIA_MARKER", raising=False)
+    marker = media.media_marker()
+    assert marker.startswith("<__media_") and len(marker) == len("<__media___>") + 32
+    assert marker != media.media_marker()
+    monkeypatch.setenv("LLAMA_MEDIA_MARKER", "<img>")
+    assert media.media_marker() == "<img>"
+    data = base64.b64encode((files / "media" / "sub" / "img.png").read_bytes()).decode()
+    saved, settings.media_marker = settings.media_marker, marker
+    try:
+        assert c.get("/props").json()["media_marker"] == marker
+        r = c.post("/v1/chat/completions", json={"max_tokens": 1, "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "a literal <__media__> "},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}}]}]})
+        assert r.status_code == 200, r.text
+        r = c.post("/completion", json={"n_predict": 1, "prompt": {
+            "prompt_string": f"What is {marker}?", "multimodal_data": [data]}})
+        assert r.status_code == 200, r.text
+        r = c.post("/completion", json={"n_predict": 1, "prompt": {
+            "prompt_string": PROMPT, "multimodal_data": [data]}})
+        assert r.status_code == 400 and "0 media markers" in r.text, r.text
+    finally:
+        settings.media_marker = saved
 
 
 def test_file_urls_under_media_path_only(server):

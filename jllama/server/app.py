@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
 from jllama.server import embeddings as emb
+from jllama.server import media
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
 from jllama.server import tools as tl
@@ -61,6 +62,7 @@ class ServerSettings:
     max_body: int = 16 * 1024 * 1024  # bytes; larger request bodies get 413
     media_path: str | None = None  # llama-server's --media-path: file:// images read under it
     allow_remote_media: bool = False  # jllama's --allow-remote-media: fetch http(s) images
+    media_marker: str = field(default_factory=media.media_marker)  # places images in prompts
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -193,11 +195,9 @@ def render_prompt(llm, messages: list[dict], tools: list[dict] | None) -> str:
 def image_prompt(state: ServerState, text: str, images: list[tuple[str, str]]) -> list:
     """The chat prompt with its images (image_url parts) as scheduler items: token ids and
     ImageChunks (the images read, decoded and encoded here, off the event loop)."""
-    from jllama.server.media import media_bytes
-
     need_vision(state, images[0][0])
     st = state.settings
-    files = [(param, media_bytes(param, url, st.media_path, st.allow_remote_media))
+    files = [(param, media.media_bytes(param, url, st.media_path, st.allow_remote_media))
              for param, url in images]
     tk = state.llm.tokenizer
     add = not (tk.add_bos and tk.bos_id is not None and text.startswith(tk.piece_text(tk.bos_id)))
@@ -228,7 +228,7 @@ def media_items(state: ServerState, text: str, files: list[tuple[str, bytes]], a
             raise ApiError(400, str(e), param=p, code="invalid_image") from None
     try:
         chs = multimodal.chunks(state.llm.tokenizer, state.llm.vision, text, arrays,
-                                add_special=add)
+                                add_special=add, marker=state.settings.media_marker)
     except JllamaError as e:
         raise ApiError(400, str(e), param=param, code="invalid_image") from None
     items: list = []
@@ -265,9 +265,7 @@ def prompt_ids(state: ServerState, prompt) -> list[int]:
             if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
                 raise oa.bad("prompt.multimodal_data", "'multimodal_data' must be a list of "
                              "base64 strings", "invalid_type")
-            from jllama.server.media import b64
-
-            files = [(f"prompt.multimodal_data[{i}]", b64(f"prompt.multimodal_data[{i}]", d))
+            files = [(f"prompt.multimodal_data[{i}]", media.b64(f"prompt.multimodal_data[{i}]", d))
                      for i, d in enumerate(data)]
             return media_items(state, text, files, True, "prompt")
         prompt = text
@@ -579,6 +577,7 @@ class Handlers:
             "model_alias": st.settings.model_alias, "model_path": str(path),
             "modalities": {"vision": getattr(st.llm, "vision", None) is not None,
                            "video": False, "audio": False},
+            "media_marker": st.settings.media_marker,
             "endpoint_slots": st.settings.slots, "endpoint_props": st.settings.props,
             "endpoint_metrics": st.settings.metrics, "ui": False,
             "chat_template": getattr(tk, "chat_template", None) or "",
@@ -755,7 +754,7 @@ class Handlers:
         image_url parts) and the tool a tool_choice forces (or None)."""
         st = self.state
         images: list[tuple[str, str]] = []
-        messages = oa.parse_messages(body, images)
+        messages = oa.parse_messages(body, images, st.settings.media_marker)
         template = st.llm.tokenizer.chat_template or ""
         msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
         try:

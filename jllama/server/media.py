@@ -23,6 +23,21 @@ REMOTE_TIMEOUT_S = 10.0
 _RESERVED = set(':*?"<>|') | {"\uff0e", "\u2215", "\u2216", "\ufffd", "\ufeff"}
 
 
+def media_marker() -> str:
+    """llama-server's get_media_marker: ``LLAMA_MEDIA_MARKER`` when set, else
+    ``<__media_`` + 32 random letters and digits + ``__>``, fixed for the process. A random
+    marker keeps text that happens to contain ``<__media__>`` from taking an image's place;
+    clients of /completion read it from /props (``media_marker``)."""
+    env = os.environ.get("LLAMA_MEDIA_MARKER")
+    if env:
+        return env
+    import secrets
+    import string
+
+    abc = string.digits + string.ascii_uppercase + string.ascii_lowercase
+    return "<__media_" + "".join(secrets.choice(abc) for _ in range(32)) + "__>"
+
+
 def valid_relative_path(p: str) -> bool:
     """llama-server's fs_validate_filename with subdirectories allowed."""
     if not p or len(p.encode("utf-8", "surrogatepass")) > 255:
