@@ -268,3 +268,23 @@ def test_serve_bad_projector_one_line(files, tmp_path, capsys):
         err = capsys.readouterr().err
         lines = [ln for ln in err.splitlines() if ln.startswith("jllama serve: error: ")]
         assert len(lines) == 1 and what in lines[0] and "Traceback" not in err, err
+
+
+def test_images_in_batches_and_echo(files, server):
+    """A /completion batch of prompts with images (one result each, in order) and
+    /v1/completions with an image prompt and echo (the prompt's text parts echoed)."""
+    c, _, _ = server
+    data = base64.b64encode((files / "media" / "sub" / "img.png").read_bytes()).decode()
+    one = {"prompt_string": PROMPT, "multimodal_data": [data]}
+    single = c.post("/completion", json={"temperature": 0, "n_predict": 3, "prompt": one})
+    assert single.status_code == 200, single.text
+    r = c.post("/completion", json={"temperature": 0, "n_predict": 3,
+                                    "prompt": [one, "plain text"]})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert [x["index"] for x in res] == [0, 1]
+    assert res[0]["content"] == single.json()["content"]
+    r = c.post("/v1/completions", json={"temperature": 0, "max_tokens": 3, "echo": True,
+                                        "prompt": one})
+    assert r.status_code == 200, r.text
+    assert "What is this:" in r.json()["choices"][0]["text"]

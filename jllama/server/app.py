@@ -240,6 +240,12 @@ def media_items(state: ServerState, text: str, files: list[tuple[str, bytes]], a
     return items
 
 
+def prompt_text(state: ServerState, items: list) -> str:
+    """The prompt's text for echo and the native ``prompt`` field: its token ids decoded (an
+    image's embeddings have no text)."""
+    return state.llm.tokenizer.decode([t for t in items if isinstance(t, int)])
+
+
 def prompt_length(items: list) -> int:
     return sum(1 if isinstance(t, int) else t.embd.shape[0] for t in items)
 
@@ -701,7 +707,7 @@ class Handlers:
                 raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
         echo = bool(body.get("echo", False))
         check_prompt(st, ids)
-        prefix = st.llm.tokenizer.decode(ids) if echo else ""
+        prefix = prompt_text(st, ids) if echo else ""
         if opts.n > 1:
             return await self._many(request, ids, opts, lambda: make_constraint(st, opts),
                                     prefix=prefix)
@@ -897,7 +903,7 @@ class Handlers:
                 first = await first_event(request, job)
                 text, done = await collect(request, job, first)
                 st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
-                res = self._native_final(job, st.llm.tokenizer.decode(ids), settings, text,
+                res = self._native_final(job, prompt_text(st, ids), settings, text,
                                          done, False)
                 out.append(pick({**res, "index": i}))
         finally:
@@ -942,10 +948,10 @@ class Handlers:
         except BaseException:
             job.req.cancel()
             raise
-        prompt_text = st.llm.tokenizer.decode([t for t in ids if isinstance(t, int)])
+        text0 = prompt_text(st, ids)
 
         def final(content: str, done: Event, stream: bool) -> dict:
-            return pick(self._native_final(job, prompt_text, settings, content, done, stream))
+            return pick(self._native_final(job, text0, settings, content, done, stream))
 
         if not opts.stream:
             try:
