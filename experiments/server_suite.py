@@ -40,29 +40,72 @@ REPO = Path(__file__).resolve().parents[1]
 LLAMACPP = Path(os.environ.get("LLAMACPP_BIN", Path.home() / ".cache" / "llamacpp-0c1e570"))
 SUITE = LLAMACPP / "server-tests"
 LLAMA_SERVER = LLAMACPP / "bin" / "llama-server"
+LLAMACPP_SRC = Path("/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
 
 DEFAULT_FILES = ["test_basic", "test_tokenize", "test_slot_save", "test_ctx_shift",
                  "test_infill", "test_metrics", "test_security", "test_completion"]
 
 
-def model_map() -> dict[str, str]:
-    """HF repo[/file] the suite asks for -> local GGUF (the same for both servers). The tiny
-    'stories' llamas become SmolLM2-135M Q4_1 (tests that expect their exact text fail on both
-    servers alike); tinygemma3 becomes Gemma 3 270M."""
+def model_map(root: Path) -> dict:
+    """HF repo[/file] the suite asks for -> local GGUF (the same for both servers), or
+    {"model": GGUF, "mmproj": GGUF} for a vision preset. The tiny 'stories' llamas become
+    SmolLM2-135M Q4_1 (tests that expect their exact text fail on both servers alike);
+    tinygemma3 (a tiny Gemma 3 + SigLIP trained on CIFAR-10) becomes a tiny RANDOM gemma3
+    text model + gemma3 mmproj from tests/visionmodels.py: every request path works, but
+    tests that expect the real model's words ("cat", "frog") fail on both servers."""
     from jllama.registry import fetch
 
     smol = str(fetch("smollm2-135m-instruct", quiet=True))
-    out = {
+    out: dict = {
         "ggml-org/test-model-stories260K": smol,
         "ggml-org/test-model-stories260K-infill": smol,  # SmolLM2's vocab has FIM tokens
         "ggml-org/stories15M_MOE/stories15M_MOE-F16.gguf": smol,
         "ggml-org/models/tinyllamas/stories260K.gguf": smol,
     }
-    try:
-        out["ggml-org/tinygemma3-GGUF:Q8_0"] = str(fetch("gemma3-270m", quiet=True))
-    except Exception:  # noqa: BLE001 - optional: vision tests are not run yet
-        pass
+    sys.path.insert(0, str(REPO / "tests"))
+    import visionmodels
+
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    text, mmproj = models / "tinygemma3-text.gguf", models / "tinygemma3-mmproj.gguf"
+    visionmodels.write_text_model(text)
+    visionmodels.write_mmproj(mmproj)
+    out["ggml-org/tinygemma3-GGUF:Q8_0"] = {"model": str(text), "mmproj": str(mmproj)}
     return out
+
+
+# the suite's remote images (test_vision_api.py, test_slot_save.py) and its two "bad URL"
+# cases, served from a loopback http server the harness starts: nothing leaves the machine
+HF_TEST_IMAGES = "https://huggingface.co/ggml-org/tinygemma3-GGUF/resolve/main/test/"
+URL_REWRITES = {HF_TEST_IMAGES: "{base}/test/", "https://google.com/404": "{base}/404",
+                '"https://ggml.ai"': '"{base}/ggml.html"'}
+
+
+def media_server(root: Path, port: int):
+    """Serve root/media (the suite's two CIFAR-10 test images as locally drawn 32x32 PNGs,
+    and an HTML page) on 127.0.0.1:port from a daemon thread."""
+    import functools
+    import http.server
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    d = root / "media" / "test"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in ("11_truck.png", "91_cat.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / name)
+    (root / "media" / "ggml.html").write_text("<html><body>not an image</body></html>")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", port), functools.partial(Quiet, directory=str(root / "media")))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{port}"
 
 
 WRAPPER = r'''#!{python}
@@ -70,6 +113,7 @@ WRAPPER = r'''#!{python}
 import os, sys
 MAP = {mapping}
 TARGET = {target}
+REMOTE = {remote}
 args, repo, file, i = [], None, None, 1
 argv = sys.argv
 while i < len(argv):
@@ -86,16 +130,34 @@ if repo is not None:
     if key not in MAP:
         print(f"server_suite wrapper: no local model mapped for {{key!r}}", file=sys.stderr)
         sys.exit(1)
-    args = ["--model", MAP[key]] + args
+    m = MAP[key]
+    if isinstance(m, dict):  # a vision preset: its projector too, unless the test says not
+        pre = ["--model", m["model"]]
+        if "--no-mmproj" not in args:
+            pre += ["--mmproj", m["mmproj"]] + REMOTE
+        args = pre + args
+    else:
+        args = ["--model", m] + args
 os.execv(TARGET[0], TARGET + args)
 '''
 
 
-def make_workdir(root: Path, server: str, mapping: dict[str, str]) -> tuple[Path, Path]:
-    work = root / server
-    if work.exists():
-        shutil.rmtree(work)
+def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Path, Path]:
+    # the suite sits at tools/server/tests as in llama.cpp's tree: test_security's
+    # --media-path ../../../tools then finds tools/mtmd/test-1.jpeg (llama.cpp's own file)
+    top = root / server
+    if top.exists():
+        shutil.rmtree(top)
+    work = top / "tools" / "server" / "tests"
     shutil.copytree(SUITE, work)
+    (top / "tools" / "mtmd").mkdir(parents=True)
+    shutil.copy(LLAMACPP_SRC / "tools" / "mtmd" / "test-1.jpeg", top / "tools" / "mtmd")
+    for f in (work / "unit").glob("test_*.py"):
+        text = f.read_text()
+        if HF_TEST_IMAGES in text:
+            for a, b in URL_REWRITES.items():
+                text = text.replace(a, b.format(base=media))
+            f.write_text(text)
     conf = work / "conftest.py"
     text = conf.read_text()
     assert "ServerPreset.load_all()" in text, "the suite's conftest changed: update the harness"
@@ -109,12 +171,14 @@ def make_workdir(root: Path, server: str, mapping: dict[str, str]) -> tuple[Path
     (work / "wget.py").write_text("def download(*a, **k):\n"
                                   "    raise RuntimeError('server_suite: no downloads here')\n")
     if server == "llama-server":
-        target = [str(LLAMA_SERVER)]
+        target, remote = [str(LLAMA_SERVER)], []  # llama-server always fetches http(s) images
     else:
-        target = [sys.executable, "-m", "jllama", "serve"]
+        # jllama fetches http(s) image URLs only when told to (they point at the harness's
+        # loopback server here)
+        target, remote = [sys.executable, "-m", "jllama", "serve"], ["--allow-remote-media"]
     wrapper = work / f"bin-{server}"
     wrapper.write_text(WRAPPER.format(python=sys.executable, mapping=json.dumps(mapping),
-                                      target=json.dumps(target)))
+                                      target=json.dumps(target), remote=json.dumps(remote)))
     wrapper.chmod(0o755)
     return work, wrapper
 
@@ -190,7 +254,11 @@ def write_table(path: Path, files: list[str], results: dict[str, dict[str, tuple
         "",
         "Model mapping (both servers): every 'stories' llama the suite asks for -> "
         "SmolLM2-135M-Instruct Q4_1 (registry `smollm2-135m-instruct`); tests that compare "
-        "against the stories models' exact text fail on both servers for that reason alone.",
+        "against the stories models' exact text fail on both servers for that reason alone. "
+        "tinygemma3 -> a tiny random gemma3 text model + gemma3 mmproj (tests/visionmodels.py): "
+        "tests that expect the real model's words ('cat', 'frog') fail on both servers. The "
+        "suite's Hugging Face image URLs (and its two bad URLs) point at a loopback http server "
+        "the harness runs; jllama gets --allow-remote-media (llama-server fetches unasked).",
         "",
         "| server | passed | failed | error | skipped | wall s |",
         "|---|---|---|---|---|---|",
@@ -224,12 +292,13 @@ def main() -> int:
             print(f"server_suite: {need} not found (../shared/tools/build-llamacpp.sh builds "
                   "it)", file=sys.stderr)
             return 1
-    mapping = model_map()
     root = Path(a.work)
     root.mkdir(parents=True, exist_ok=True)
+    mapping = model_map(root)
+    media = media_server(root, a.port + 100)
     results: dict[str, dict[str, tuple[str, str]]] = {s: {} for s in a.servers}
     secs: dict[str, float] = {s: 0.0 for s in a.servers}
-    dirs = {s: make_workdir(root, s, mapping) for s in a.servers}
+    dirs = {s: make_workdir(root, s, mapping, media) for s in a.servers}
     # file by file, servers interleaved: the shared machine's load hits both alike
     for name in a.files:
         for k, s in enumerate(a.servers):

@@ -7,7 +7,9 @@ Writes a random gemma3 mmproj in llama.cpp's layout (tests/visionmodels.py, f16 
 convert_hf_to_gguf.py writes them) and the tiny gemma3 text model, then for three image
 shapes: image embeddings of both (max |d|), encode time (median of ``--reps`` after one
 warm-up; libmtmd: ``mtmd_encode_chunk``, jllama: preprocessing + the jitted encoder), and
-greedy tokens after the image (libmtmd: ``mtmd_helper_eval_chunks``), interleaved.
+greedy tokens after the image (libmtmd: ``mtmd_helper_eval_chunks``) and their speed
+(decode steps per second after the first token, second of two rounds: jllama's first
+compiles), interleaved.
 """
 
 from __future__ import annotations
@@ -76,16 +78,27 @@ def main() -> None:
             ours = vision.encode(img)
             ours_ms.append((time.perf_counter() - t0) * 1e3)
         diff = float(np.abs(ours - ref).max())
-        ref_toks = oracle.greedy(prompt, [img], a.tokens)
-        chs = multimodal.chunks(tok, vision, prompt, [img])
-        got = list(multimodal.generate(eng, chs, SamplingParams.greedy(), a.tokens,
-                                       {tok.vocab.eos_id}))
+        ref_tps, our_tps = [], []
+        for _ in range(2):  # the first round compiles jllama's decode step: the second counts
+            ref_toks = oracle.greedy(prompt, [img], a.tokens)
+            ref_tps.append(oracle.n_decoded / oracle.decode_s)
+            chs = multimodal.chunks(tok, vision, prompt, [img])
+            got, t_first = [], 0.0
+            for t in multimodal.generate(eng, chs, SamplingParams.greedy(), a.tokens,
+                                         {tok.vocab.eos_id}):
+                got.append(t)
+                if len(got) == 1:
+                    t_first = time.perf_counter()
+            # decode steps per second after the first token (the prompt's own logits): the
+            # same count libmtmd's loop makes, one llama_decode per token
+            our_tps.append((len(got) - 1) / max(time.perf_counter() - t_first, 1e-9))
         agree = next((i for i, (x, y) in enumerate(zip(got, ref_toks)) if x != y),
                      min(len(got), len(ref_toks)))
         print(f"image {shape[0]}x{shape[1]}: max|d| {diff:.3g}  encode ms jllama "
               f"{statistics.median(ours_ms[1:]):.1f} (first {ours_ms[0]:.0f}) | libmtmd "
               f"{statistics.median(ref_ms[1:]):.1f}  greedy tokens identical "
-              f"{agree}/{len(ref_toks)}{' (all)' if got == ref_toks else ''}")
+              f"{agree}/{len(ref_toks)}{' (all)' if got == ref_toks else ''}  "
+              f"tokens/s after the image jllama {our_tps[-1]:.1f} | libmtmd {ref_tps[-1]:.1f}")
     oracle.close()
 
 

@@ -104,6 +104,8 @@ class ServerConfig:
     kv_unified: bool = False  # every slot gets the whole ctx (-c) instead of ctx / parallel
     cache_prompt: bool = True  # requests reuse a slot's cached prefix unless they say not
     max_body: int = 16 * 1024 * 1024  # request bodies larger than this get 413
+    media_path: str | None = None  # llama-server's --media-path: file:// images come from here
+    allow_remote_media: bool = False  # fetch http(s) image URLs (llama-server always does)
 
 
 @dataclass

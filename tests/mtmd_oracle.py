@@ -87,6 +87,7 @@ class Mtmd:
         vocab = lc.llama_model_get_vocab(self.llm.model)
         n_vocab, eos = lc.llama_vocab_n_tokens(vocab), lc.llama_vocab_eos(vocab)
         out: list[int] = []
+        t0 = time.perf_counter()  # decoding after the prompt (self.decode_s: benchmarks)
         while len(out) < n:
             logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.llm.ctx, -1),
                                            shape=(n_vocab,))
@@ -97,4 +98,5 @@ class Mtmd:
             arr = (lc.llama_token * 1)(tok)
             if lc.llama_decode(self.llm.ctx, lc.llama_batch_get_one(arr, 1)) != 0:
                 raise RuntimeError("llama_decode failed")
+        self.decode_s, self.n_decoded = time.perf_counter() - t0, len(out)
         return out

@@ -166,6 +166,14 @@ def test_bad_input_errors(files, tmp_path, capsys):
         capsys, base + ["--mmproj", mm, "--image", str(tmp_path / "bad.png")])
     assert "cannot read image" in _one_error(
         capsys, base + ["--mmproj", mm, "--image", str(tmp_path / "missing.png")])
+    (tmp_path / "half.png").write_bytes((files / "img.png").read_bytes()[:300])
+    assert "not an image jllama can read" in _one_error(
+        capsys, base + ["--mmproj", mm, "--image", str(tmp_path / "half.png")])
+    import visionmodels as V
+
+    (tmp_path / "huge.png").write_bytes(V.png_header_only(9000, 9000))  # 81 Mpixel, no data
+    assert "too large" in _one_error(
+        capsys, base + ["--mmproj", mm, "--image", str(tmp_path / "huge.png")])
     assert "needs 'vision.mmproj'" in _one_error(capsys, base + ["--image", img])
     # two markers, one image
     assert "2 media markers" in _one_error(

@@ -10,6 +10,8 @@ projector's output width.
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import gguf
@@ -362,3 +364,11 @@ def write_idefics3_checkpoint(d: Path, cfg: dict, longest_edge: int = 64, seed: 
         "max_image_size": {"longest_edge": v["image_size"]}, "do_image_splitting": True}))
     save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
     return d
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose IHDR claims w x h pixels, with no pixel data (a decompression bomb's
+    header: refused before any decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

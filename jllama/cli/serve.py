@@ -65,7 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with a cls.output.weight head)")
     p.add_argument("-mm", "--mmproj", metavar="FNAME", default=None,
                    help="the model's vision projector GGUF: chat messages may then carry "
-                        "image_url parts (base64 data URLs)")
+                        "image_url parts (base64 data URLs; file:// under --media-path; "
+                        "http(s) with --allow-remote-media)")
+    p.add_argument("--media-path", metavar="PATH", default=None,
+                   help="llama-server's: a directory whose files requests may name as "
+                   "file://RELATIVE/PATH images (default: file:// URLs refused)")
+    p.add_argument("--allow-remote-media", action="store_true", default=None,
+                   help="fetch http(s) image URLs (at most 10 MB, 10 s each). llama-server "
+                   "always fetches them; jllama refuses them unless this is given")
     _add_llama_server_args(p)
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.set_defaults(func=run)
@@ -118,8 +125,8 @@ _REFUSED = [
     (("--chat-template", "--chat-template-file"), 1, "the chat template comes from the GGUF; "
      "overriding it is not built yet"),
     (("--chat-template-kwargs",), 1, "chat template kwargs are not built yet"),
-    (("-mmu", "--mmproj-url", "--media-path"), 1, "jllama serve does not download projectors "
-     "or read media paths; pass --mmproj FILE.gguf and send images as data URLs"),
+    (("-mmu", "--mmproj-url"), 1, "jllama serve does not download projectors; pass "
+     "--mmproj FILE.gguf"),
     (("--sleep-idle-seconds",), 1, "sleeping when idle is not built"),
     (("-cram", "--cache-ram"), 1, "the host-memory prompt cache is not built"),
     (("--no-cache-idle-slots", "--cache-idle-slots"), 0, "the host-memory prompt cache is not "
@@ -201,6 +208,7 @@ def _overrides(args) -> list[str]:
              "cache_type_k": "runtime.cache_type_k", "cache_type_v": "runtime.cache_type_v",
              "n_predict": "server.n_predict",
              "cors_origins": "server.cors_origins",
+             "media_path": "server.media_path",
              "temp": "generation.sampling.temperature", "top_k": "generation.sampling.top_k",
              "top_p": "generation.sampling.top_p", "min_p": "generation.sampling.min_p",
              "repeat_penalty": "generation.sampling.repeat_penalty",
@@ -215,7 +223,7 @@ def _overrides(args) -> list[str]:
         ov.append(f"server.parallel={args.parallel}")
     if args.seed is not None:  # llama-server's -1: a random seed per request
         ov.append(f"generation.sampling.seed={'null' if args.seed == -1 else args.seed}")
-    for flag in ("metrics", "props", "kv_unified"):
+    for flag in ("metrics", "props", "kv_unified", "allow_remote_media"):
         if getattr(args, flag, False):
             ov.append(f"server.{flag}=true")
     if args.slots is False:
@@ -305,7 +313,22 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           max_queue=s.max_queue, timeout=s.timeout, metrics=s.metrics,
                           slots=s.slots, props=s.props, cors_origins=s.cors_origins, n_predict=s.n_predict,
                           defaults=defaults, aliases=names, tags=tags or [],
-                          cache_prompt=s.cache_prompt, max_body=s.max_body)
+                          cache_prompt=s.cache_prompt, max_body=s.max_body,
+                          media_path=_media_dir(s.media_path),
+                          allow_remote_media=s.allow_remote_media)
+
+
+def _media_dir(path: str | None) -> str | None:
+    """llama-server's --media-path check: an existing directory (file:// paths join it)."""
+    if not path:
+        return None
+    import os
+
+    from jllama.errors import ConfigError
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--media-path {path}: not a directory")
+    return os.path.join(path, "")
 
 
 def _serve(app, hosts: str, port: int) -> None:

@@ -47,11 +47,13 @@ def check_pair(vision: Vision, n_embd_text: int, arch: str) -> None:
 
 
 def chunks(tokenizer, vision: Vision, prompt: str, images: list[np.ndarray],
-           add_special: bool = True, parse_special: bool = True) -> list:
-    """The prompt as a list of token lists and ImageChunks (images encoded here)."""
-    parts = prompt.split(MEDIA_MARKER)
+           add_special: bool = True, parse_special: bool = True,
+           marker: str = MEDIA_MARKER) -> list:
+    """The prompt as a list of token lists and ImageChunks (images encoded here); ``marker``
+    places the images (the server's is llama-server's per-process one)."""
+    parts = prompt.split(marker)
     if len(parts) - 1 != len(images):
-        raise ContextError(f"the prompt has {len(parts) - 1} media markers ({MEDIA_MARKER}) "
+        raise ContextError(f"the prompt has {len(parts) - 1} media markers ({marker}) "
                            f"for {len(images)} images")
     beg, end, bidir = _WRAP[vision.spec.projector]
     out: list = [[]]

@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
 from jllama.server import embeddings as emb
+from jllama.server import media
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
 from jllama.server import tools as tl
@@ -59,6 +60,9 @@ class ServerSettings:
     tags: list[str] = field(default_factory=list)
     cache_prompt: bool = True
     max_body: int = 16 * 1024 * 1024  # bytes; larger request bodies get 413
+    media_path: str | None = None  # llama-server's --media-path: file:// images read under it
+    allow_remote_media: bool = False  # jllama's --allow-remote-media: fetch http(s) images
+    media_marker: str = field(default_factory=media.media_marker)  # places images in prompts
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -190,28 +194,43 @@ def render_prompt(llm, messages: list[dict], tools: list[dict] | None) -> str:
 
 def image_prompt(state: ServerState, text: str, images: list[tuple[str, str]]) -> list:
     """The chat prompt with its images (image_url parts) as scheduler items: token ids and
-    ImageChunks (the images decoded and encoded here, off the event loop)."""
+    ImageChunks (the images read, decoded and encoded here, off the event loop)."""
+    need_vision(state, images[0][0])
+    st = state.settings
+    files = [(param, media.media_bytes(param, url, st.media_path, st.allow_remote_media))
+             for param, url in images]
+    tk = state.llm.tokenizer
+    add = not (tk.add_bos and tk.bos_id is not None and text.startswith(tk.piece_text(tk.bos_id)))
+    return media_items(state, text, files, add, "messages")
+
+
+def need_vision(state: ServerState, param: str) -> None:
+    if getattr(state.llm, "vision", None) is None:
+        raise ApiError(400, "image input is not supported: this model has no vision projector "
+                       "(start the server with --mmproj)", param=param,
+                       code="unsupported_content")
+
+
+def media_items(state: ServerState, text: str, files: list[tuple[str, bytes]], add: bool,
+                param: str) -> list:
+    """A prompt with ``<__media__>`` markers and one encoded image per marker -> scheduler
+    items (token ids and ImageChunks); ApiError(400) for an image that does not decode or a
+    marker count that does not match."""
     from jllama.engine import multimodal
     from jllama.errors import ImageError, JllamaError
     from jllama.models.clip_image import decode_image
 
-    llm = state.llm
-    if llm.vision is None:
-        raise ApiError(400, "this model has no vision projector: start the server with "
-                       "--mmproj to send images", param=images[0][0],
-                       code="unsupported_content")
     arrays = []
-    for param, url in images:
+    for p, data in files:
         try:
-            arrays.append(decode_image(oa.image_bytes(param, url), param))
+            arrays.append(decode_image(data, p))
         except ImageError as e:
-            raise ApiError(400, str(e), param=param, code="invalid_image") from None
-    tk = llm.tokenizer
-    add = not (tk.add_bos and tk.bos_id is not None and text.startswith(tk.piece_text(tk.bos_id)))
+            raise ApiError(400, str(e), param=p, code="invalid_image") from None
     try:
-        chs = multimodal.chunks(tk, llm.vision, text, arrays, add_special=add)
+        chs = multimodal.chunks(state.llm.tokenizer, state.llm.vision, text, arrays,
+                                add_special=add, marker=state.settings.media_marker)
     except JllamaError as e:
-        raise ApiError(400, str(e), param="messages", code="invalid_image") from None
+        raise ApiError(400, str(e), param=param, code="invalid_image") from None
     items: list = []
     for c in chs:
         if isinstance(c, list):
@@ -221,6 +240,12 @@ def image_prompt(state: ServerState, text: str, images: list[tuple[str, str]]) -
     return items
 
 
+def prompt_text(state: ServerState, items: list) -> str:
+    """The prompt's text for echo and the native ``prompt`` field: its token ids decoded (an
+    image's embeddings have no text)."""
+    return state.llm.tokenizer.decode([t for t in items if isinstance(t, int)])
+
+
 def prompt_length(items: list) -> int:
     return sum(1 if isinstance(t, int) else t.embd.shape[0] for t in items)
 
@@ -228,23 +253,28 @@ def prompt_length(items: list) -> int:
 def prompt_ids(state: ServerState, prompt) -> list[int]:
     """A completion prompt in llama-server's forms (tokenize_input_prompts): a string, token
     ids, a list mixing ids and strings (only a string that comes first gets BOS), or
-    {"prompt_string": ...} ("multimodal_data" is refused: images come through chat); a list
+    {"prompt_string": ..., "multimodal_data": [base64 images]} (token ids and ImageChunks); a list
     holding one prompt counts as that prompt. Runs off the event loop (pure Python)."""
     tk = state.llm.tokenizer
     n_vocab = state.llm.spec.n_vocab
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list, dict)):
         prompt = prompt[0]
     if isinstance(prompt, dict):
+        text = prompt.get("prompt_string")
+        if not isinstance(text, str):
+            raise oa.bad("prompt", "'prompt.prompt_string' must be a string", "invalid_type")
         if "multimodal_data" in prompt:
             if getattr(state.llm, "vision", None) is None:
                 raise oa.bad("prompt", "Multimodal data provided, but model does not support "
                              "multimodal requests.")
-            raise oa.bad("prompt", "multimodal_data in completion prompts is not built yet: "
-                         "send images as image_url parts of chat messages",
-                         "unsupported_parameter")
-        prompt = prompt.get("prompt_string")
-        if not isinstance(prompt, str):
-            raise oa.bad("prompt", "'prompt.prompt_string' must be a string", "invalid_type")
+            data = prompt["multimodal_data"]
+            if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+                raise oa.bad("prompt.multimodal_data", "'multimodal_data' must be a list of "
+                             "base64 strings", "invalid_type")
+            files = [(f"prompt.multimodal_data[{i}]", media.b64(f"prompt.multimodal_data[{i}]", d))
+                     for i, d in enumerate(data)]
+            return media_items(state, text, files, True, "prompt")
+        prompt = text
     if isinstance(prompt, str):
         return tk.encode(prompt, add_special=True, parse_special=True)
     if isinstance(prompt, list) and prompt and all(
@@ -553,6 +583,7 @@ class Handlers:
             "model_alias": st.settings.model_alias, "model_path": str(path),
             "modalities": {"vision": getattr(st.llm, "vision", None) is not None,
                            "video": False, "audio": False},
+            "media_marker": st.settings.media_marker,
             "endpoint_slots": st.settings.slots, "endpoint_props": st.settings.props,
             "endpoint_metrics": st.settings.metrics, "ui": False,
             "chat_template": getattr(tk, "chat_template", None) or "",
@@ -572,7 +603,16 @@ class Handlers:
         m = {"id": st.settings.model_alias, "aliases": st.settings.aliases or
              [st.settings.model_alias], "tags": st.settings.tags, "object": "model",
              "created": st.created, "owned_by": "llamacpp", "meta": meta}
-        return JSONResponse({"object": "list", "data": [m]})
+        # llama-server's get_res_models: an Ollama-style "models" entry beside the OAI list,
+        # whose capabilities say whether images are accepted (a projector is loaded)
+        caps = ["completion"] + (["multimodal"] if getattr(st.llm, "vision", None) else [])
+        ollama = {"name": st.settings.model_alias, "model": st.settings.model_alias,
+                  "modified_at": "", "size": "", "digest": "", "type": "model",
+                  "description": "", "tags": [""], "capabilities": caps, "parameters": "",
+                  "details": {"parent_model": "", "format": "gguf", "family": "",
+                              "families": [""], "parameter_size": "",
+                              "quantization_level": ""}}
+        return JSONResponse({"models": [ollama], "object": "list", "data": [m]})
 
     async def _lora_adapters(self, request: Request) -> Response:
         """llama-server's GET (the adapters and their default scales) and POST (new default
@@ -667,7 +707,7 @@ class Handlers:
                 raise oa.bad(name, f"'{name}' is not supported", "unsupported_parameter")
         echo = bool(body.get("echo", False))
         check_prompt(st, ids)
-        prefix = st.llm.tokenizer.decode(ids) if echo else ""
+        prefix = prompt_text(st, ids) if echo else ""
         if opts.n > 1:
             return await self._many(request, ids, opts, lambda: make_constraint(st, opts),
                                     prefix=prefix)
@@ -715,17 +755,12 @@ class Handlers:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _chat(self, request: Request) -> Response:
+    async def _chat_prompt(self, body: dict, tools, choice) -> tuple[list, str | None]:
+        """The chat request's prompt as scheduler items (token ids, and ImageChunks for its
+        image_url parts) and the tool a tool_choice forces (or None)."""
         st = self.state
-        body = self.with_defaults(await json_body(request))
-        opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True,
-                               tokenize=self.bias_tokens)
         images: list[tuple[str, str]] = []
-        messages = oa.parse_messages(body, images)
-        tools, choice = oa.parse_tools(body)
-        if tools and opts.grammar:
-            raise emb.server_error((400, "invalid_request_error"),
-                                   "Cannot use custom grammar constraints with tools.")
+        messages = oa.parse_messages(body, images, st.settings.media_marker)
         template = st.llm.tokenizer.chat_template or ""
         msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
         try:
@@ -738,6 +773,30 @@ class Handlers:
             ids = await run_in_threadpool(image_prompt, st, text + prefix, images)
         else:
             ids = await run_in_threadpool(tokenize_prompt, st, text + prefix)
+        return ids, forced
+
+    async def _chat_tokens(self, request: Request) -> Response:
+        """llama-server's /chat/completions/input_tokens: the prompt's length (images count
+        as their embeddings' tokens) without generating."""
+        body = await json_body(request)
+        tools, choice = oa.parse_tools(body)
+        ids, _ = await self._chat_prompt(body, tools, choice)
+        return JSONResponse({"input_tokens": prompt_length(ids)})
+
+    async def chat_tokens(self, request: Request) -> Response:
+        return await self._run(request, "/v1/chat/completions/input_tokens",
+                               self._generating(self._chat_tokens))
+
+    async def _chat(self, request: Request) -> Response:
+        st = self.state
+        body = self.with_defaults(await json_body(request))
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True,
+                               tokenize=self.bias_tokens)
+        tools, choice = oa.parse_tools(body)
+        if tools and opts.grammar:
+            raise emb.server_error((400, "invalid_request_error"),
+                                   "Cannot use custom grammar constraints with tools.")
+        ids, forced = await self._chat_prompt(body, tools, choice)
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         if opts.n > 1:
@@ -844,7 +903,7 @@ class Handlers:
                 first = await first_event(request, job)
                 text, done = await collect(request, job, first)
                 st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
-                res = self._native_final(job, st.llm.tokenizer.decode(ids), settings, text,
+                res = self._native_final(job, prompt_text(st, ids), settings, text,
                                          done, False)
                 out.append(pick({**res, "index": i}))
         finally:
@@ -889,10 +948,10 @@ class Handlers:
         except BaseException:
             job.req.cancel()
             raise
-        prompt_text = st.llm.tokenizer.decode(ids)
+        text0 = prompt_text(st, ids)
 
         def final(content: str, done: Event, stream: bool) -> dict:
-            return pick(self._native_final(job, prompt_text, settings, content, done, stream))
+            return pick(self._native_final(job, text0, settings, content, done, stream))
 
         if not opts.stream:
             try:
@@ -1086,6 +1145,8 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
     routes = []
     for path, fn, methods in (
         ("/v1/chat/completions", h.chat, ["POST"]), ("/chat/completions", h.chat, ["POST"]),
+        ("/v1/chat/completions/input_tokens", h.chat_tokens, ["POST"]),
+        ("/chat/completions/input_tokens", h.chat_tokens, ["POST"]),
         # llama-server: /completion and /completions are its own (non-OAI) handler
         ("/v1/completions", h.completions, ["POST"]),
         ("/completion", h.completion_native, ["POST"]),

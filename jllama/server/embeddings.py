@@ -84,6 +84,11 @@ class _Runner:
     # ------------------------------------------------------------------ prompts
     def tokenize_entry(self, p) -> list[int]:
         """tokenize_input_subprompt: a string (special tokens added and parsed) or token ids."""
+        if isinstance(p, dict) and ("multimodal_data" in p or isinstance(p.get("content"), list)):
+            raise server_error(_INVALID, "embeddings of prompts with images are not built yet "
+                               "(send text prompts)")
+        if isinstance(p, dict) and isinstance(p.get("prompt_string"), str):
+            p = p["prompt_string"]  # tokenize_input_subprompt's {"prompt_string": ...}
         if isinstance(p, str):
             return self.tokenizer.encode(p, add_special=True, parse_special=True)
         if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):

@@ -263,10 +263,11 @@ def parse_common(body: dict, n_vocab: int, chat: bool = False,
                       post_sampling_probs=_bool(body, "post_sampling_probs", False))
 
 
-def message_text(content: Any, param: str, images: list | None = None) -> str:
+def message_text(content: Any, param: str, images: list | None = None,
+                 marker: str = "") -> str:
     """Flatten OpenAI content (a string or a list of text parts) to one string. With
     ``images`` (a list to fill), ``image_url`` parts are accepted too: each adds its URL to
-    ``images`` and a media marker where it stood (llama-server's multimodal chat)."""
+    ``images`` and ``marker`` where it stood (llama-server's multimodal chat)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -281,10 +282,8 @@ def message_text(content: Any, param: str, images: list | None = None) -> str:
                 if not isinstance(url, str):
                     raise bad(f"{param}[{i}].image_url", "an image part needs "
                               "'image_url': {'url': ...}")
-                from jllama.engine.multimodal import MEDIA_MARKER
-
                 images.append((f"{param}[{i}].image_url", url))
-                parts.append(MEDIA_MARKER)
+                parts.append(marker)
                 continue
             if kind not in ("text", "input_text"):
                 raise bad(f"{param}[{i}]", "only text content parts are supported"
@@ -297,29 +296,12 @@ def message_text(content: Any, param: str, images: list | None = None) -> str:
     raise bad(param, "message content must be a string or a list of text parts", "invalid_type")
 
 
-def image_bytes(param: str, url: str) -> bytes:
-    """The bytes of an ``image_url``: base64 data URLs only (remote URLs are never fetched)."""
-    import base64
-    import binascii
-
-    if not url.startswith("data:"):
-        raise bad(param, "only base64 data URLs (data:image/...;base64,...) are accepted; "
-                  "remote and file URLs are not fetched", "unsupported_content")
-    head, sep, data = url.partition(",")
-    if not sep or not head.endswith(";base64"):
-        raise bad(param, "a data URL must be base64-encoded (data:<type>;base64,<data>)")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad(param, "the data URL is not valid base64") from None
-
-
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-def parse_messages(body: dict, images: list | None = None) -> list[dict]:
+def parse_messages(body: dict, images: list | None = None, marker: str = "") -> list[dict]:
     """The conversation; with ``images`` (a list to fill), image_url parts are collected
-    there in order and leave media markers in their message's text."""
+    there in order and leave ``marker`` (the server's media marker) in their message's text."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages", "'messages' must be a non-empty list", "invalid_type")
@@ -332,7 +314,8 @@ def parse_messages(body: dict, images: list | None = None) -> list[dict]:
             raise bad(f"messages[{i}].role", f"'role' must be one of {', '.join(ROLES)}, "
                       f"got {role!r}")
         msg = {"role": "system" if role == "developer" else role,
-               "content": message_text(m.get("content"), f"messages[{i}].content", images)}
+               "content": message_text(m.get("content"), f"messages[{i}].content", images,
+                                          marker)}
         if role == "assistant" and m.get("tool_calls"):
             tcs = m["tool_calls"]
             if not isinstance(tcs, list):
