@@ -9,7 +9,9 @@ a fetch that fails fails the tests that need the data. Those tests carry the ``d
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,21 @@ def gemma3_path() -> Path:
     from jllama.registry import fetch
 
     return fetch("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def experiment():
+    """``experiment("NAME")``: experiments/NAME.py as a module, for tests whose CI version runs
+    the same code as the long experiment (the sweep, the server soak)."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
+
+    def load(name: str):
+        key = f"jllama_experiment_{name}"
+        if key not in sys.modules:
+            spec = importlib.util.spec_from_file_location(key, root / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[key] = mod  # dataclasses in the module look themselves up here
+            spec.loader.exec_module(mod)
+        return sys.modules[key]
+
+    return load

@@ -11,32 +11,18 @@ grow past a bound after the first quarter. The kinds and checks live in the expe
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).resolve().parent
 N, CONC, SLOTS, CTX = 200, 32, 4, 1024
 
 
-def _soak_mod():
-    path = HERE.parent / "experiments" / "soak_server.py"
-    spec = importlib.util.spec_from_file_location("jllama_soak", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["jllama_soak"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_soak_mixed_requests(smollm2_path):
+def test_soak_mixed_requests(smollm2_path, experiment):
     from jllama.api import Llama
     from jllama.server.app import ServerSettings, ServerState, ServerThread
 
-    soak = _soak_mod()
+    soak = experiment("soak_server")
     llm = Llama(str(smollm2_path), ctx_size=CTX, n_slots=SLOTS)
     state = ServerState(llm, ServerSettings("smollm2", max_queue=N, timeout=600))
     with ServerThread(state) as s:

@@ -4,8 +4,6 @@ not run again), on a tiny random model with two points."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +12,10 @@ import pytest
 from jllama.errors import JllamaError
 from jllama.registry import sha256_of
 
-HERE = Path(__file__).resolve().parent
-
 
 @pytest.fixture(scope="module")
-def sweep_mod():
-    path = HERE.parent / "experiments" / "sweep.py"
-    spec = importlib.util.spec_from_file_location("jllama_sweep", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["jllama_sweep"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def sweep_mod(experiment):
+    return experiment("sweep")
 
 
 @pytest.fixture(scope="module")
