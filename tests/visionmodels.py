@@ -205,3 +205,87 @@ def write_llama_text_model(path: Path, seed: int = 5) -> Path:
     shape = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
     tensors = dense_tensors(seed, n_vocab=320, tied=False, embd_std=0.3, **shape)
     return write_gguf(path, "llama", dense_hparams(**shape), tensors)
+
+
+# ----------------------------------------------------------------------------- Qwen2-VL
+QWEN2VL_TEXT = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+QWEN2VL_SPECIALS = ("<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>")
+# M-RoPE sections of the tiny text model: (t, h, w) over head_dim / 2 = 16 rotated pairs
+QWEN2VL_SECTIONS = [4, 6, 6, 0]
+
+
+def qwen2vl_config(embed_dim: int = 64, depth: int = 3, num_heads: int = 4, patch: int = 14,
+                   mlp_ratio: int = 2) -> dict:
+    """A tiny Qwen2VLForConditionalGeneration config (HF's keys, as convert_hf_to_gguf.py
+    reads them)."""
+    t = QWEN2VL_TEXT
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "hidden_size": t["n_embd"], "intermediate_size": t["n_ff"],
+        "num_hidden_layers": t["n_layer"], "num_attention_heads": t["n_head"],
+        "num_key_value_heads": t["n_head_kv"], "vocab_size": 320, "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6, "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "mrope", "mrope_section": QWEN2VL_SECTIONS[:3]},
+        "vision_start_token_id": 300, "vision_end_token_id": 301, "image_token_id": 302,
+        "vision_config": {"depth": depth, "embed_dim": embed_dim, "hidden_size": t["n_embd"],
+                          "hidden_act": "quick_gelu", "mlp_ratio": mlp_ratio,
+                          "num_heads": num_heads, "in_channels": 3, "patch_size": patch,
+                          "spatial_merge_size": 2, "temporal_patch_size": 2},
+    }
+
+
+def qwen2vl_vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """The ``visual.*`` tensors of HF's Qwen2-VL vision tower (Conv3d patch embedding, fused
+    qkv, LayerNorms, quick-GELU MLP, the ln_q + 2-layer MLP patch merger), random."""
+    rng = np.random.default_rng(seed)
+    v = cfg["vision_config"]
+    d, p = v["embed_dim"], v["patch_size"]
+    ff, out, m = d * v["mlp_ratio"], v["hidden_size"], 4 * d
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"visual.patch_embed.proj.weight": w(d, 3, 2, p, p, s=0.06)}
+    for i in range(v["depth"]):
+        b = f"visual.blocks.{i}."
+        t[b + "norm1.weight"], t[b + "norm1.bias"] = norm(d), w(d, s=0.1)
+        t[b + "norm2.weight"], t[b + "norm2.bias"] = norm(d), w(d, s=0.1)
+        t[b + "attn.qkv.weight"], t[b + "attn.qkv.bias"] = w(3 * d, d, s=0.15), w(3 * d)
+        t[b + "attn.proj.weight"], t[b + "attn.proj.bias"] = w(d, d, s=0.15), w(d)
+        t[b + "mlp.fc1.weight"], t[b + "mlp.fc1.bias"] = w(ff, d, s=0.15), w(ff)
+        t[b + "mlp.fc2.weight"], t[b + "mlp.fc2.bias"] = w(d, ff, s=0.15), w(d)
+    t["visual.merger.ln_q.weight"], t["visual.merger.ln_q.bias"] = norm(d), w(d, s=0.1)
+    t["visual.merger.mlp.0.weight"], t["visual.merger.mlp.0.bias"] = w(m, m, s=0.1), w(m)
+    t["visual.merger.mlp.2.weight"], t["visual.merger.mlp.2.bias"] = w(out, m, s=0.1), w(out)
+    return t
+
+
+def write_qwen2vl_checkpoint(d: Path, cfg: dict | None = None, seed: int = 0) -> Path:
+    """A tiny Qwen2-VL vision tower in HF's layout, for convert_hf_to_gguf.py --mmproj."""
+    from safetensors.numpy import save_file
+
+    cfg = cfg or qwen2vl_config()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2,
+        "patch_size": cfg["vision_config"]["patch_size"], "temporal_patch_size": 2}))
+    save_file(qwen2vl_vision_tensors(cfg, seed), str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    return d
+
+
+def write_qwen2vl_text_model(path: Path, seed: int = 11, qtype=None) -> Path:
+    """A tiny ``qwen2vl`` text model (qwen2's block, q/k/v biases, M-RoPE sections) of width
+    128, with Qwen2-VL's vision markers as control tokens."""
+    tensors = dense_tensors(seed, n_vocab=320, qkv_bias=True, tied=False, embd_std=0.3,
+                            **QWEN2VL_TEXT)
+    hp = dense_hparams(**QWEN2VL_TEXT, **{"rope.freq_base": 1e6,
+                                          "rope.dimension_sections": QWEN2VL_SECTIONS})
+    return write_gguf(path, "qwen2vl", hp, tensors, specials=QWEN2VL_SPECIALS, qtype=qtype)
