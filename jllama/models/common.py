@@ -531,7 +531,7 @@ def gather_last(x: jax.Array, last_idx: jax.Array) -> jax.Array:
 
 def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
                     kv_len: int, last_idx: jax.Array | None, hidden: bool = False,
-                    bidir: bool = False):
+                    bidir: bool = False, rope_pos: jax.Array | None = None):
     """The part every decoder-only architecture shares after its embedding: the blocks over
     the per-layer caches, then final norm and output projection (tied or not).
 
@@ -541,12 +541,14 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     matmul is the largest in small models. With ``hidden`` (static) the result is the final
     norm's output instead ([B, T, E] or [B, E]): llama.cpp's embeddings of a decoder (t_embd).
     ``bidir`` (static): non-causal attention within the batch, passed to blocks that take it.
+    ``rope_pos``: the blocks' rope positions (M-RoPE's [B, T, 4]) instead of the cell indices.
 
     A stacked cache (``KVCache.stacked``) runs the blocks as ``scan_blocks`` does; per-layer
     caches run them one after the other (the unrolled program).
     """
     t = x.shape[1]
-    pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    pos = (pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :] if rope_pos is None
+           else rope_pos)
     kv_types = (cache.k_type, cache.v_type)
     extra = {"bidir": True} if bidir else {}  # only blocks that take it get it
     if cache.stacked:
