@@ -281,6 +281,53 @@ def write_qwen2vl_checkpoint(d: Path, cfg: dict | None = None, seed: int = 0) ->
     return d
 
 
+def write_qwen2vl_mmproj(path, dtype=np.float16, seed: int = 0,
+                         cfg: dict | None = None) -> None:
+    """The mmproj convert_hf_to_gguf.py --mmproj writes for ``write_qwen2vl_checkpoint``'s
+    tower (same keys, names, order and types: matrices and the two patch kernels in
+    ``dtype``, norms and biases f32; checked equal to the converter's file), without torch."""
+    cfg = cfg or qwen2vl_config()
+    v = cfg["vision_config"]
+    t = qwen2vl_vision_tensors(cfg, seed)
+    d = v["embed_dim"]
+    # feed_forward_length: the converter writes the text width there (2 * d here too)
+    g = _clip_writer(path, cfg["hidden_size"], 560, v["patch_size"], d, v["depth"],
+                     v["num_heads"])
+    g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    g.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    g.add_string("clip.projector_type", "qwen2vl_merger")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+
+    def mat(name, a):
+        g.add_tensor(name, a.astype(dtype))
+
+    for i in range(v["depth"]):
+        b, h = f"v.blk.{i}.", f"visual.blocks.{i}."
+        qkv_w, qkv_b = t[h + "attn.qkv.weight"], t[h + "attn.qkv.bias"]
+        g.add_tensor(b + "attn_out.bias", t[h + "attn.proj.bias"])
+        mat(b + "attn_out.weight", t[h + "attn.proj.weight"])
+        for j, x in enumerate("qkv"):
+            g.add_tensor(b + f"attn_{x}.bias", qkv_b[j * d:(j + 1) * d])
+        for j, x in enumerate("qkv"):
+            mat(b + f"attn_{x}.weight", qkv_w[j * d:(j + 1) * d])
+        g.add_tensor(b + "ffn_up.bias", t[h + "mlp.fc1.bias"])
+        mat(b + "ffn_up.weight", t[h + "mlp.fc1.weight"])
+        g.add_tensor(b + "ffn_down.bias", t[h + "mlp.fc2.bias"])
+        mat(b + "ffn_down.weight", t[h + "mlp.fc2.weight"])
+        for ln, src in (("ln1", "norm1"), ("ln2", "norm2")):
+            g.add_tensor(b + ln + ".bias", t[h + src + ".bias"])
+            g.add_tensor(b + ln + ".weight", t[h + src + ".weight"])
+    g.add_tensor("v.post_ln.bias", t["visual.merger.ln_q.bias"])
+    g.add_tensor("v.post_ln.weight", t["visual.merger.ln_q.weight"])
+    for j in (0, 2):
+        g.add_tensor(f"mm.{j}.bias", t[f"visual.merger.mlp.{j}.bias"])
+        mat(f"mm.{j}.weight", t[f"visual.merger.mlp.{j}.weight"])
+    k = t["visual.patch_embed.proj.weight"]
+    mat("v.patch_embd.weight", np.ascontiguousarray(k[:, :, 0]))
+    mat("v.patch_embd.weight.1", np.ascontiguousarray(k[:, :, 1]))
+    _finish(g)
+
+
 def write_qwen2vl_text_model(path: Path, seed: int = 11, qtype=None) -> Path:
     """A tiny ``qwen2vl`` text model (qwen2's block, q/k/v biases, M-RoPE sections) of width
     128, with Qwen2-VL's vision markers as control tokens."""
