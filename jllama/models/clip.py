@@ -46,12 +46,13 @@ from jllama.models.common import (
     mrope_angles,
     rms_norm,
     rope_rotate,
+    swiglu,
 )
 from jllama.quant.actquant import opaque
 from jllama.quant.qtensor import QTensor, from_gguf_bytes
 
-QWEN2VL = "qwen2vl_merger"
-PROJECTORS = ("gemma3", "mlp", QWEN2VL)
+QWEN2VL, QWEN25VL = "qwen2vl_merger", "qwen2.5vl_merger"
+PROJECTORS = ("gemma3", "mlp", QWEN2VL, QWEN25VL)
 _F16, _F32 = 1, 0
 
 
@@ -78,6 +79,8 @@ class VisionSpec:
     # patch_size * n_merge holding between min_pixels and max_pixels (0: fixed image_size)
     min_pixels: int = 0
     max_pixels: int = 0
+    norm: str = "layer"  # layer | rms (Qwen2.5-VL)
+    n_wa_pattern: int = 0  # Qwen2.5-VL: every n-th layer full attention, the others windowed
 
     @property
     def n_patches_side(self) -> int:
@@ -118,8 +121,8 @@ def spec_from_gguf(g: GGUFFile) -> VisionSpec:
         raise ModelError(f"{g.path}: both clip.use_gelu and clip.use_silu are set")
     ffn_op = ("gelu" if md.get("clip.use_gelu", False)
               else "silu" if md.get("clip.use_silu", False) else "gelu_quick")
-    if proj == QWEN2VL:
-        return _qwen2vl_spec(g, md, need)
+    if proj in (QWEN2VL, QWEN25VL):
+        return _qwen2vl_spec(g, md, need, proj)
     if proj == "gemma3":
         n_merge = int(md.get("clip.vision.projector.scale_factor", 4))  # clip.cpp's default
         if side % n_merge:
@@ -235,8 +238,10 @@ def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Arr
     return opaque(y * w) + b
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """Unmasked multi-head attention, q/k/v [N, H, D] -> [N, H * D]."""
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+               segments: jax.Array | None = None) -> jax.Array:
+    """Multi-head attention, q/k/v [N, H, D] -> [N, H * D]: unmasked, or with ``segments``
+    [N] each token seeing the run of tokens with its id (a block-diagonal mask)."""
     num = numerics.current()
     n, h, d = q.shape
     if (num.match_llamacpp and jax.default_backend() == "cpu" and num.cpu_kernels
@@ -245,8 +250,10 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Ar
         kc = k.transpose(1, 0, 2)[None].astype(jnp.float16)
         vc = v.transpose(1, 0, 2)[None].astype(jnp.float16)
         return cpu_attention.ggml_flash_attn(q[None], kc, vc, jnp.zeros(1, jnp.int32), n, scale,
-                                             bidir=True)[0]
+                                             bidir=True, segments=segments)[0]
     s = jnp.einsum("qhd,khd->hqk", q, k) * scale
+    if segments is not None:
+        s = jnp.where(segments[:, None] == segments[None, :], s, -jnp.inf)
     return jnp.einsum("hqk,khd->qhd", jax.nn.softmax(s, axis=-1), v).reshape(n, h * d)
 
 
@@ -402,15 +409,16 @@ def load_vision(path: str | os.PathLike) -> Vision:
     for name, ti in g.tensors.items():
         data, qtype = from_gguf_bytes(ti.data, ti.qtype, ti.shape)
         tensors[name] = QTensor(jax.device_put(np.asarray(data)), int(qtype), tuple(ti.shape))
-    enc = Qwen2VLEncoder if spec.projector == QWEN2VL else VisionEncoder
+    enc = Qwen2VLEncoder if spec.projector in (QWEN2VL, QWEN25VL) else VisionEncoder
     return Vision(spec, enc(spec, Weights(tensors, str(path))), str(path))
 
 
 # ----------------------------------------------------------------------------- Qwen2-VL
-def _qwen2vl_spec(g: GGUFFile, md: dict, need) -> VisionSpec:
+def _qwen2vl_spec(g: GGUFFile, md: dict, need, proj: str) -> VisionSpec:
     """Qwen2-VL's ViT (``qwen2vl_merger``, tools/mtmd/models/qwen2vl.cpp): no position
     embeddings but 2D rope, dynamic resolution between 8 and 4096 merged tokens (clip.cpp's
-    limits), bicubic resize, the 2x2 patch merger MLP."""
+    limits), bicubic resize, the 2x2 patch merger MLP. Qwen2.5-VL (``qwen2.5vl_merger``): RMS
+    norms, a gated MLP, window attention in all but every ``n_wa_pattern``-th layer."""
     for name in ("v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.2.weight"):
         if name not in g.tensors:
             raise ModelError(f"{g.path}: missing tensor '{name}'")
@@ -429,8 +437,11 @@ def _qwen2vl_spec(g: GGUFFile, md: dict, need) -> VisionSpec:
                          "(2D rope)")
     area = patch * patch * n_merge * n_merge
     n_layer = int(need("block_count"))
+    n_wa = int(md.get("clip.vision.n_wa_pattern", 0))
+    if proj == QWEN25VL and n_wa <= 0:  # clip.cpp requires it for 2.5
+        raise ModelError(f"{g.path}: missing clip.vision.n_wa_pattern")
     return VisionSpec(
-        projector=QWEN2VL, image_size=int(need("image_size")), patch_size=patch,
+        projector=proj, norm="rms" if proj == QWEN25VL else "layer", n_wa_pattern=n_wa, image_size=int(need("image_size")), patch_size=patch,
         n_embd=n_embd, n_ff=int(need("feed_forward_length")), n_layer=n_layer, n_head=n_head,
         eps=float(md.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
         n_embd_out=int(g.tensors["mm.2.weight"].shape[0]), n_merge=n_merge,
@@ -456,12 +467,37 @@ def qwen2vl_positions(ph: int, pw: int) -> np.ndarray:
     return out
 
 
+def qwen25vl_windows(ph: int, pw: int, patch: int,
+                     window_px: int = 112) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's window attention layout (clip.cpp; the window is 112 pixels, clip.cpp's
+    default, which it does not read from the file for this projector): ``inv`` [n/4], the
+    merge units (2x2 blocks) in window order (window by window in raster order, raster within
+    each), and ``seg`` [n], each patch's window in that order."""
+    mh, mw = ph // 2, pw // 2
+    g = window_px // patch // 2
+    inv, seg = [], []
+    w = 0
+    for y in range(0, mh, g):
+        for x in range(0, mw, g):
+            for dy in range(min(g, mh - y)):
+                for dx in range(min(g, mw - x)):
+                    inv.append((y + dy) * mw + x + dx)
+                    seg.extend([w] * 4)
+            w += 1
+    return np.asarray(inv, np.int32), np.asarray(seg, np.int32)
+
+
 class Qwen2VLEncoder(VisionEncoder):
     """Qwen2-VL's vision tower as libmtmd builds it: the Conv3d patch embedding as two
     convolutions of the same image summed (a still image is both temporal frames), patches
     regrouped by 2x2 block, pre-norm blocks with 2D rope (GGML_ROPE_TYPE_VISION: the first
     quarter of each head's pairs turns by the row, the second by the column), the post norm,
-    then each 2x2 block's 4 rows concatenated through mm.0, GELU, mm.2."""
+    then each 2x2 block's 4 rows concatenated through mm.0, GELU, mm.2.
+
+    Qwen2.5-VL's (``n_wa_pattern``): the merge units reordered window by window before the
+    blocks (their rope positions with them), each layer but every n_wa_pattern-th attending
+    within its window only, the output put back in raster order; RMS norms and a gated MLP
+    (SiLU(gate) * up)."""
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         s = self.spec
@@ -478,7 +514,14 @@ class Qwen2VLEncoder(VisionEncoder):
         if "v.pre_ln.weight" in self.w:
             x = self._norm(x, "v.pre_ln")
         hd = s.n_embd // s.n_head
-        pos = jnp.asarray(qwen2vl_positions(ph, pw))[None]
+        pos_np = qwen2vl_positions(ph, pw)
+        seg = None
+        if s.n_wa_pattern:
+            inv, seg_np = qwen25vl_windows(ph, pw, s.patch_size)
+            x = x.reshape(n // 4, 4 * s.n_embd)[jnp.asarray(inv)].reshape(n, s.n_embd)
+            pos_np = pos_np.reshape(n // 4, 4, 4)[inv].reshape(n, 4)
+            seg = jnp.asarray(seg_np)
+        pos = jnp.asarray(pos_np)[None]
         ang = mrope_angles(pos, 10000.0, hd // 2, (hd // 4,) * 4, vision=True,
                            n_pairs=hd // 2)
         scale = 1.0 / math.sqrt(hd)
@@ -491,14 +534,26 @@ class Qwen2VLEncoder(VisionEncoder):
             v = self._dense(h, b + "attn_v").reshape(n, s.n_head, hd)
             q = rope_rotate(q, ang, hd, neox=True)[0]
             k = rope_rotate(k, ang, hd, neox=True)[0]
-            x = self._dense(_attention(q, k, v, scale), b + "attn_out") + x
+            full = not s.n_wa_pattern or (i + 1) % s.n_wa_pattern == 0
+            a = _attention(q, k, v, scale, None if full else seg)
+            x = self._dense(a, b + "attn_out") + x
             h = self._norm(x, b + "ln2")
-            x = x + self._dense(act(self._dense(h, b + "ffn_up")), b + "ffn_down")
+            if b + "ffn_gate.weight" in self.w:  # ggml_swiglu_split(gate, up)
+                h = swiglu(self._dense(h, b + "ffn_gate"), self._dense(h, b + "ffn_up"))
+            else:
+                h = act(self._dense(h, b + "ffn_up"))
+            x = x + self._dense(h, b + "ffn_down")
         if "v.post_ln.weight" in self.w:
             x = self._norm(x, "v.post_ln")
         x = x.reshape(n // 4, 4 * s.n_embd)
-        return self._dense(gelu(self._dense(x, "mm.0")), "mm.2")
+        out = self._dense(gelu(self._dense(x, "mm.0")), "mm.2")
+        if s.n_wa_pattern:  # back to raster order: row u of the output is unit u's
+            out = out[jnp.asarray(np.argsort(inv))]
+        return out
 
     def _norm(self, x: jax.Array, name: str) -> jax.Array:
-        return _layer_norm(x, self._vec(name + ".weight"), self._vec(name + ".bias"),
-                           self.spec.eps)
+        bias = self._vec(name + ".bias") if name + ".bias" in self.w else None
+        if self.spec.norm == "rms":  # build_norm: ggml_rms_norm, times w, plus b
+            y = rms_norm(x, self._vec(name + ".weight"), self.spec.eps)
+            return y + bias if bias is not None else y
+        return _layer_norm(x, self._vec(name + ".weight"), bias, self.spec.eps)
