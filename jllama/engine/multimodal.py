@@ -23,12 +23,13 @@ import numpy as np
 from jllama.engine.engine import Engine
 from jllama.engine.sampling import SamplingParams
 from jllama.errors import ContextError, ModelError
-from jllama.models.clip import QWEN2VL, Vision
+from jllama.models.clip import QWEN2VL, QWEN25VL, Vision
 
 MEDIA_MARKER = "<__media__>"
 # projector -> (begin text, end text, non-causal image batch)
 _WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>", True), "mlp": ("", "", False),
-         QWEN2VL: ("<|vision_start|>", "<|vision_end|>", False)}
+         QWEN2VL: ("<|vision_start|>", "<|vision_end|>", False),
+         QWEN25VL: ("<|vision_start|>", "<|vision_end|>", False)}
 
 
 @dataclass
