@@ -1,10 +1,11 @@
-"""jllama's Qwen2-VL path (vision tower + qwen2vl_merger, qwen2vl text model with M-RoPE)
-against libmtmd (llama-cpp-python 0.3.36) in one run.
+"""jllama's Qwen2-VL / Qwen2.5-VL path (vision tower + qwen2vl_merger / qwen2.5vl_merger,
+qwen2vl text model with M-RoPE) against libmtmd (llama-cpp-python 0.3.36) in one run.
 
     PYTHONPATH=. python experiments/qwen2vl_vs_libmtmd.py [--dim 64 --depth 3 --heads 4
-        --reps 3 --tokens 16]
+        --reps 3 --tokens 16] [--qwen25]
 
-Writes a tiny random Qwen2VLForConditionalGeneration vision tower in HF's layout, converts it
+Writes a tiny random Qwen2VLForConditionalGeneration (``--qwen25``: Qwen2_5_VL, 4 layers,
+window attention in layers 0 and 2) vision tower in HF's layout, converts it
 with llama.cpp's own ``convert_hf_to_gguf.py --mmproj`` (f16 and f32), checks that
 tests/visionmodels.py's direct writer gives the same file (tensors and keys), writes the tiny
 Q8_0 qwen2vl text model, then per image shape: the token grid, image embeddings of both
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--qwen25", action="store_true")
     a = ap.parse_args()
 
     import convert_reference as R
@@ -62,12 +64,18 @@ def main() -> None:
     from jllama.tokenizer import Tokenizer
 
     d = Path(tempfile.mkdtemp())
-    cfg = V.qwen2vl_config(embed_dim=a.dim, depth=a.depth, num_heads=a.heads)
-    V.write_qwen2vl_checkpoint(d / "hf", cfg)
+    if a.qwen25:
+        cfg = V.qwen25vl_config()
+        V.write_qwen25vl_checkpoint(d / "hf", cfg)
+        write = V.write_qwen25vl_mmproj
+    else:
+        cfg = V.qwen2vl_config(embed_dim=a.dim, depth=a.depth, num_heads=a.heads)
+        V.write_qwen2vl_checkpoint(d / "hf", cfg)
+        write = V.write_qwen2vl_mmproj
     R.run_reference([(d / "hf", d / "mmproj-f16.gguf", "f16", "--mmproj"),
                      (d / "hf", d / "mmproj-f32.gguf", "f32", "--mmproj")])
     for kind, dt in (("f16", np.float16), ("f32", np.float32)):
-        V.write_qwen2vl_mmproj(d / f"direct-{kind}.gguf", dtype=dt, cfg=cfg)
+        write(d / f"direct-{kind}.gguf", dtype=dt, cfg=cfg)
         print(f"direct writer == convert_hf_to_gguf.py --mmproj ({kind}):",
               _same_file(d / f"direct-{kind}.gguf", d / f"mmproj-{kind}.gguf"))
     V.write_qwen2vl_text_model(d / "text.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
@@ -82,7 +90,9 @@ def main() -> None:
     for kind in ("f16", "f32"):
         oracle = Mtmd(d / "text.gguf", d / f"mmproj-{kind}.gguf", n_ctx=1024)
         vision = load_vision(d / f"mmproj-{kind}.gguf")
-        print(f"mmproj {kind}: d {a.dim}, {a.depth} layers, {a.heads} heads, patch 14")
+        s = vision.spec
+        print(f"mmproj {kind} {s.projector}: d {s.n_embd}, {s.n_layer} layers, {s.n_head} "
+              f"heads, patch 14, window pattern {s.n_wa_pattern}")
         for shape in [(56, 84), (150, 130), (224, 308), (97, 61)]:
             img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
             ours_ms, ref_ms = [], []
