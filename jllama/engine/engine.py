@@ -265,7 +265,8 @@ class Engine:
     def _put_pos_delta(self) -> None:
         d = np.asarray([self.pos_delta(s) for s in range(self.n_slots)], np.int32)
         # host values moved in (an eager .at[].set would compile programs per process)
-        self.cache = self.cache.with_pos_delta(jax.device_put(d))
+        dev = self.plan.replicate(d) if self.plan is not None else jax.device_put(d)
+        self.cache = self.cache.with_pos_delta(dev)
 
     def common_prefix(self, tokens: list[int] | np.ndarray, slot: int) -> int:
         held = self.tokens[slot]
