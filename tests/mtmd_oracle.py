@@ -74,8 +74,8 @@ class Mtmd:
         p = self.M.mtmd_get_output_embd(self.ctx)
         return np.ctypeslib.as_array(p, shape=(n * n_embd,)).reshape(n, n_embd).copy(), ms
 
-    def greedy(self, prompt: str, images: list[np.ndarray], n: int) -> list[int]:
-        """``mtmd_helper_eval_chunks`` then ``n`` greedy tokens (stopping at EOS)."""
+    def eval_chunks(self, prompt: str, images: list[np.ndarray]) -> np.ndarray:
+        """``mtmd_helper_eval_chunks`` into an empty context; the logits after the prompt."""
         lc, M = self.lc, self.M
         self.tokenize(prompt, images)
         lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
@@ -84,6 +84,15 @@ class Mtmd:
                                        self.llm.n_batch, True, ctypes.byref(n_past))
         if rc != 0:
             raise RuntimeError(f"mtmd_helper_eval_chunks returned {rc}")
+        self.n_past = n_past.value
+        n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.llm.model))
+        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.llm.ctx, -1),
+                                     shape=(n_vocab,)).copy()
+
+    def greedy(self, prompt: str, images: list[np.ndarray], n: int) -> list[int]:
+        """``mtmd_helper_eval_chunks`` then ``n`` greedy tokens (stopping at EOS)."""
+        lc = self.lc
+        self.eval_chunks(prompt, images)
         vocab = lc.llama_model_get_vocab(self.llm.model)
         n_vocab, eos = lc.llama_vocab_n_tokens(vocab), lc.llama_vocab_eos(vocab)
         out: list[int] = []

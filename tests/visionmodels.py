@@ -372,3 +372,247 @@ def png_header_only(w: int, h: int) -> bytes:
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+# ----------------------------------------------------------------------------- Qwen2-VL
+QWEN2VL_TEXT = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+QWEN2VL_SPECIALS = ("<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>")
+# M-RoPE sections of the tiny text model: (t, h, w) over head_dim / 2 = 16 rotated pairs
+QWEN2VL_SECTIONS = [4, 6, 6, 0]
+
+
+def qwen2vl_config(embed_dim: int = 64, depth: int = 3, num_heads: int = 4, patch: int = 14,
+                   mlp_ratio: int = 2) -> dict:
+    """A tiny Qwen2VLForConditionalGeneration config (HF's keys, as convert_hf_to_gguf.py
+    reads them)."""
+    t = QWEN2VL_TEXT
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "hidden_size": t["n_embd"], "intermediate_size": t["n_ff"],
+        "num_hidden_layers": t["n_layer"], "num_attention_heads": t["n_head"],
+        "num_key_value_heads": t["n_head_kv"], "vocab_size": 320, "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6, "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "mrope", "mrope_section": QWEN2VL_SECTIONS[:3]},
+        "vision_start_token_id": 300, "vision_end_token_id": 301, "image_token_id": 302,
+        "vision_config": {"depth": depth, "embed_dim": embed_dim, "hidden_size": t["n_embd"],
+                          "hidden_act": "quick_gelu", "mlp_ratio": mlp_ratio,
+                          "num_heads": num_heads, "in_channels": 3, "patch_size": patch,
+                          "spatial_merge_size": 2, "temporal_patch_size": 2},
+    }
+
+
+def qwen2vl_vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """The ``visual.*`` tensors of HF's Qwen2-VL vision tower (Conv3d patch embedding, fused
+    qkv, LayerNorms, quick-GELU MLP, the ln_q + 2-layer MLP patch merger), random."""
+    rng = np.random.default_rng(seed)
+    v = cfg["vision_config"]
+    d, p = v["embed_dim"], v["patch_size"]
+    ff, out, m = d * v["mlp_ratio"], v["hidden_size"], 4 * d
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"visual.patch_embed.proj.weight": w(d, 3, 2, p, p, s=0.06)}
+    for i in range(v["depth"]):
+        b = f"visual.blocks.{i}."
+        t[b + "norm1.weight"], t[b + "norm1.bias"] = norm(d), w(d, s=0.1)
+        t[b + "norm2.weight"], t[b + "norm2.bias"] = norm(d), w(d, s=0.1)
+        t[b + "attn.qkv.weight"], t[b + "attn.qkv.bias"] = w(3 * d, d, s=0.15), w(3 * d)
+        t[b + "attn.proj.weight"], t[b + "attn.proj.bias"] = w(d, d, s=0.15), w(d)
+        t[b + "mlp.fc1.weight"], t[b + "mlp.fc1.bias"] = w(ff, d, s=0.15), w(ff)
+        t[b + "mlp.fc2.weight"], t[b + "mlp.fc2.bias"] = w(d, ff, s=0.15), w(d)
+    t["visual.merger.ln_q.weight"], t["visual.merger.ln_q.bias"] = norm(d), w(d, s=0.1)
+    t["visual.merger.mlp.0.weight"], t["visual.merger.mlp.0.bias"] = w(m, m, s=0.1), w(m)
+    t["visual.merger.mlp.2.weight"], t["visual.merger.mlp.2.bias"] = w(out, m, s=0.1), w(out)
+    return t
+
+
+def write_qwen2vl_checkpoint(d: Path, cfg: dict | None = None, seed: int = 0) -> Path:
+    """A tiny Qwen2-VL vision tower in HF's layout, for convert_hf_to_gguf.py --mmproj."""
+    from safetensors.numpy import save_file
+
+    cfg = cfg or qwen2vl_config()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2,
+        "patch_size": cfg["vision_config"]["patch_size"], "temporal_patch_size": 2}))
+    save_file(qwen2vl_vision_tensors(cfg, seed), str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    return d
+
+
+def write_qwen2vl_mmproj(path, dtype=np.float16, seed: int = 0,
+                         cfg: dict | None = None) -> None:
+    """The mmproj convert_hf_to_gguf.py --mmproj writes for ``write_qwen2vl_checkpoint``'s
+    tower (same keys, names, order and types: matrices and the two patch kernels in
+    ``dtype``, norms and biases f32; checked equal to the converter's file), without torch."""
+    cfg = cfg or qwen2vl_config()
+    v = cfg["vision_config"]
+    t = qwen2vl_vision_tensors(cfg, seed)
+    d = v["embed_dim"]
+    # feed_forward_length: the converter writes the text width there (2 * d here too)
+    g = _clip_writer(path, cfg["hidden_size"], 560, v["patch_size"], d, v["depth"],
+                     v["num_heads"])
+    g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    g.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    g.add_string("clip.projector_type", "qwen2vl_merger")
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+
+    def mat(name, a):
+        g.add_tensor(name, a.astype(dtype))
+
+    for i in range(v["depth"]):
+        b, h = f"v.blk.{i}.", f"visual.blocks.{i}."
+        qkv_w, qkv_b = t[h + "attn.qkv.weight"], t[h + "attn.qkv.bias"]
+        g.add_tensor(b + "attn_out.bias", t[h + "attn.proj.bias"])
+        mat(b + "attn_out.weight", t[h + "attn.proj.weight"])
+        for j, x in enumerate("qkv"):
+            g.add_tensor(b + f"attn_{x}.bias", qkv_b[j * d:(j + 1) * d])
+        for j, x in enumerate("qkv"):
+            mat(b + f"attn_{x}.weight", qkv_w[j * d:(j + 1) * d])
+        g.add_tensor(b + "ffn_up.bias", t[h + "mlp.fc1.bias"])
+        mat(b + "ffn_up.weight", t[h + "mlp.fc1.weight"])
+        g.add_tensor(b + "ffn_down.bias", t[h + "mlp.fc2.bias"])
+        mat(b + "ffn_down.weight", t[h + "mlp.fc2.weight"])
+        for ln, src in (("ln1", "norm1"), ("ln2", "norm2")):
+            g.add_tensor(b + ln + ".bias", t[h + src + ".bias"])
+            g.add_tensor(b + ln + ".weight", t[h + src + ".weight"])
+    g.add_tensor("v.post_ln.bias", t["visual.merger.ln_q.bias"])
+    g.add_tensor("v.post_ln.weight", t["visual.merger.ln_q.weight"])
+    for j in (0, 2):
+        g.add_tensor(f"mm.{j}.bias", t[f"visual.merger.mlp.{j}.bias"])
+        mat(f"mm.{j}.weight", t[f"visual.merger.mlp.{j}.weight"])
+    k = t["visual.patch_embed.proj.weight"]
+    mat("v.patch_embd.weight", np.ascontiguousarray(k[:, :, 0]))
+    mat("v.patch_embd.weight.1", np.ascontiguousarray(k[:, :, 1]))
+    _finish(g)
+
+
+def write_qwen2vl_text_model(path: Path, seed: int = 11, qtype=None) -> Path:
+    """A tiny ``qwen2vl`` text model (qwen2's block, q/k/v biases, M-RoPE sections) of width
+    128, with Qwen2-VL's vision markers as control tokens."""
+    tensors = dense_tensors(seed, n_vocab=320, qkv_bias=True, tied=False, embd_std=0.3,
+                            **QWEN2VL_TEXT)
+    hp = dense_hparams(**QWEN2VL_TEXT, **{"rope.freq_base": 1e6,
+                                          "rope.dimension_sections": QWEN2VL_SECTIONS})
+    return write_gguf(path, "qwen2vl", hp, tensors, specials=QWEN2VL_SPECIALS, qtype=qtype)
+
+
+def qwen25vl_config(hidden: int = 64, depth: int = 4, num_heads: int = 4, ff: int = 96,
+                    fullatt: tuple[int, ...] = (1, 3)) -> dict:
+    """A tiny Qwen2_5_VLForConditionalGeneration config (window attention in the layers not
+    in ``fullatt``)."""
+    cfg = qwen2vl_config()
+    cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    cfg["model_type"] = "qwen2_5_vl"
+    cfg["vision_config"] = {
+        "depth": depth, "hidden_size": hidden, "intermediate_size": ff, "num_heads": num_heads,
+        "out_hidden_size": cfg["hidden_size"], "fullatt_block_indexes": list(fullatt),
+        "window_size": 112, "hidden_act": "silu", "in_chans": 3, "patch_size": 14,
+        "spatial_merge_size": 2, "temporal_patch_size": 2}
+    return cfg
+
+
+def qwen25vl_vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """HF's Qwen2.5-VL vision tower: RMS norms (weights only), fused qkv, gated SiLU MLP with
+    biases, the ln_q (RMS) + 2-layer MLP merger; random."""
+    rng = np.random.default_rng(seed)
+    v = cfg["vision_config"]
+    d, p, ff = v["hidden_size"], v["patch_size"], v["intermediate_size"]
+    out, m = v["out_hidden_size"], 4 * v["hidden_size"]
+
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"visual.patch_embed.proj.weight": w(d, 3, 2, p, p, s=0.06)}
+    for i in range(v["depth"]):
+        b = f"visual.blocks.{i}."
+        t[b + "norm1.weight"], t[b + "norm2.weight"] = norm(d), norm(d)
+        t[b + "attn.qkv.weight"], t[b + "attn.qkv.bias"] = w(3 * d, d, s=0.15), w(3 * d)
+        t[b + "attn.proj.weight"], t[b + "attn.proj.bias"] = w(d, d, s=0.15), w(d)
+        for name, shape in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
+            t[b + f"mlp.{name}.weight"], t[b + f"mlp.{name}.bias"] = w(*shape, s=0.15), w(shape[0])
+    t["visual.merger.ln_q.weight"] = norm(d)
+    t["visual.merger.mlp.0.weight"], t["visual.merger.mlp.0.bias"] = w(m, m, s=0.1), w(m)
+    t["visual.merger.mlp.2.weight"], t["visual.merger.mlp.2.bias"] = w(out, m, s=0.1), w(out)
+    return t
+
+
+def write_qwen25vl_checkpoint(d: Path, cfg: dict | None = None, seed: int = 0) -> Path:
+    from safetensors.numpy import save_file
+
+    cfg = cfg or qwen25vl_config()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2, "patch_size": 14,
+        "temporal_patch_size": 2}))
+    save_file(qwen25vl_vision_tensors(cfg, seed), str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    return d
+
+
+def write_qwen25vl_mmproj(path, dtype=np.float16, seed: int = 0,
+                          cfg: dict | None = None) -> None:
+    """The mmproj convert_hf_to_gguf.py --mmproj writes for ``write_qwen25vl_checkpoint``'s
+    tower (same keys, names, order and types; checked equal to the converter's file by
+    experiments/qwen2vl_vs_libmtmd.py), without torch."""
+    cfg = cfg or qwen25vl_config()
+    v = cfg["vision_config"]
+    t = qwen25vl_vision_tensors(cfg, seed)
+    d = v["hidden_size"]
+    g = gguf.GGUFWriter(str(path), "clip")
+    g.add_type("mmproj")
+    g.add_bool("clip.has_vision_encoder", True)
+    g.add_uint32("clip.vision.projection_dim", v["out_hidden_size"])
+    g.add_uint32("clip.vision.image_size", 560)
+    g.add_uint32("clip.vision.patch_size", v["patch_size"])
+    g.add_uint32("clip.vision.embedding_length", d)
+    g.add_uint32("clip.vision.feed_forward_length", v["intermediate_size"])
+    g.add_uint32("clip.vision.block_count", v["depth"])
+    g.add_uint32("clip.vision.attention.head_count", v["num_heads"])
+    g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    g.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    g.add_string("clip.projector_type", "qwen2.5vl_merger")
+    g.add_bool("clip.use_silu", True)
+    g.add_uint32("clip.vision.n_wa_pattern", v["fullatt_block_indexes"][0] + 1)
+    g.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+
+    def mat(name, a):
+        g.add_tensor(name, a.astype(dtype))
+
+    for i in range(v["depth"]):
+        b, h = f"v.blk.{i}.", f"visual.blocks.{i}."
+        qkv_w, qkv_b = t[h + "attn.qkv.weight"], t[h + "attn.qkv.bias"]
+        g.add_tensor(b + "attn_out.bias", t[h + "attn.proj.bias"])
+        mat(b + "attn_out.weight", t[h + "attn.proj.weight"])
+        for j, x in enumerate("qkv"):
+            g.add_tensor(b + f"attn_{x}.bias", qkv_b[j * d:(j + 1) * d])
+        for j, x in enumerate("qkv"):
+            mat(b + f"attn_{x}.weight", qkv_w[j * d:(j + 1) * d])
+        for ours, hf in (("ffn_down", "down_proj"), ("ffn_gate", "gate_proj"),
+                         ("ffn_up", "up_proj")):
+            g.add_tensor(b + ours + ".bias", t[h + f"mlp.{hf}.bias"])
+            mat(b + ours + ".weight", t[h + f"mlp.{hf}.weight"])
+        g.add_tensor(b + "ln1.weight", t[h + "norm1.weight"])
+        g.add_tensor(b + "ln2.weight", t[h + "norm2.weight"])
+    g.add_tensor("v.post_ln.weight", t["visual.merger.ln_q.weight"])
+    for j in (0, 2):
+        g.add_tensor(f"mm.{j}.bias", t[f"visual.merger.mlp.{j}.bias"])
+        mat(f"mm.{j}.weight", t[f"visual.merger.mlp.{j}.weight"])
+    k = t["visual.patch_embed.proj.weight"]
+    mat("v.patch_embd.weight", np.ascontiguousarray(k[:, :, 0]))
+    mat("v.patch_embd.weight.1", np.ascontiguousarray(k[:, :, 1]))
+    _finish(g)

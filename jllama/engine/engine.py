@@ -92,6 +92,10 @@ class Engine:
         self.numerics = num
         self.plan = plan
         self._make_cache = getattr(model, "make_cache", None)
+        # M-RoPE (qwen2vl): rope positions run behind the cells after an image; the cache holds
+        # each slot's offset, the host each slot's (cell after the image, offset) marks
+        self.mrope = bool(getattr(model, "uses_mrope", False))
+        self._delta_marks: list[list[tuple[int, int]]] = [[] for _ in range(int(n_slots))]
         self._model_type = type(model)
         # per-layer (rope base, dims, neox, scale) of cached keys, for context shift
         self._kv_rope = ([model.kv_rope(i) for i in range(spec.n_layer)]
@@ -123,12 +127,14 @@ class Engine:
                                  cache, rows)
             return logits[0], cache
 
-        def forward_embd(state, embd, pos0, cache, slot, last_idx, kv_len, bidir):
-            # input embeddings (an image's) instead of tokens, for one slot
+        def forward_embd(state, embd, pos0, cache, slot, last_idx, kv_len, bidir, mpos):
+            # input embeddings (an image's) instead of tokens, for one slot (``mpos``: their
+            # M-RoPE positions)
             rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0), cache)
+            extra = {} if mpos is None else {"mpos": mpos}
             with use_numerics(num):
                 logits, rows = nnx.merge(gd, state)(None, pos0, rows, kv_len, last_idx,
-                                                    embd=embd, bidir=bidir)
+                                                    embd=embd, bidir=bidir, **extra)
             cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, 0),
                                  cache, rows)
             return logits[0], cache
@@ -206,7 +212,7 @@ class Engine:
                        and getattr(self._model_type, "scans_layers", False))
             cache = KVCache.create(s.n_layer, batch, s.n_head_kv, self.max_len, s.head_dim,
                                    s.head_dim_v, num.cache_type_k, num.cache_type_v,
-                                   stacked=stacked)
+                                   stacked=stacked, pos_delta=self.mrope)
         return cache if self.plan is None else self.plan.shard_cache(cache)
 
     def kv_bucket(self, n: int) -> int:
@@ -226,6 +232,13 @@ class Engine:
         n_keep = max(0, min(int(n_keep), int(self.pos[slot])))
         self.pos[slot] = n_keep
         del self.tokens[slot][n_keep:]
+        if self.mrope:
+            marks = self._delta_marks[slot]
+            before = self.pos_delta(slot)
+            while marks and marks[-1][0] > n_keep:
+                marks.pop()
+            if self.pos_delta(slot) != before:
+                self._put_pos_delta()
         h = np.full(HISTORY, -1, np.int32)
         tail = self.tokens[slot][-HISTORY:]
         if tail:
@@ -238,6 +251,22 @@ class Engine:
         hist = np.array(self.history)
         hist[slot] = h
         self.history = jax.device_put(hist, may_alias=False)
+
+    def pos_delta(self, slot: int) -> int:
+        """How far a slot's next rope position is behind its next cell (M-RoPE, after
+        images); 0 for every other model."""
+        marks = self._delta_marks[slot]
+        return marks[-1][1] if marks else 0
+
+    def next_position(self, slot: int) -> int:
+        """The position the slot's next token takes (llama.cpp's n_past)."""
+        return int(self.pos[slot]) + self.pos_delta(slot)
+
+    def _put_pos_delta(self) -> None:
+        d = np.asarray([self.pos_delta(s) for s in range(self.n_slots)], np.int32)
+        # host values moved in (an eager .at[].set would compile programs per process)
+        dev = self.plan.replicate(d) if self.plan is not None else jax.device_put(d)
+        self.cache = self.cache.with_pos_delta(dev)
 
     def common_prefix(self, tokens: list[int] | np.ndarray, slot: int) -> int:
         held = self.tokens[slot]
@@ -296,12 +325,14 @@ class Engine:
         return jnp.concatenate(outs, axis=0) if all_logits else logits
 
     def prefill_embeddings(self, embd: np.ndarray, slot: int = 0, bidir: bool = False,
-                           placeholder: int = -1) -> jax.Array:
+                           placeholder: int = -1, positions: np.ndarray | None = None,
+                           n_pos: int | None = None) -> jax.Array:
         """Append input embeddings [n, n_embd] (an image's, from the mmproj) to a slot's
         sequence in one batch (``bidir``: attending to each other non-causally, which needs
         the whole image in one batch, as llama.cpp's); returns the logits [V] after the last.
         The slot's token list records ``placeholder`` for each, so no cached prompt prefix
-        extends past an image."""
+        extends past an image. M-RoPE models take the embeddings' ``positions`` [n, 4] and
+        the ``n_pos`` positions they use up (the text after them continues from there)."""
         embd = np.asarray(embd, np.float32)
         n = embd.shape[0]
         if embd.ndim != 2 or embd.shape[1] != self.spec.n_embd:
@@ -311,12 +342,24 @@ class Engine:
             raise ContextError(
                 f"an image of {n} tokens does not fit: {self.pos[slot]} already in context, "
                 f"context size {self.ctx_size} (raise runtime.ctx_size / --ctx-size)")
+        if self.mrope != (positions is not None):
+            raise ContextError("image positions are M-RoPE's: given exactly for an M-RoPE "
+                               "model")
+        mpos = None
+        if positions is not None:
+            mpos = np.asarray(positions, np.int32).reshape(1, n, 4)
         pos0 = self.pos[slot : slot + 1].copy()
         kv_len = self.kv_bucket(int(pos0[0]) + n)
         logits, self.cache = self._forward_embd(
             self.state, embd[None], pos0, self.cache, np.int32(slot),
-            np.asarray([n - 1], np.int32), kv_len=kv_len, bidir=bool(bidir))
-        self.pos[slot] += n
+            np.asarray([n - 1], np.int32), kv_len=kv_len, bidir=bool(bidir), mpos=mpos)
+        if positions is not None:
+            delta = self.pos_delta(slot) + int(n if n_pos is None else n_pos) - n
+            self.pos[slot] += n
+            self._delta_marks[slot].append((int(self.pos[slot]), delta))
+            self._put_pos_delta()
+        else:
+            self.pos[slot] += n
         self.tokens[slot].extend([placeholder] * n)
         return logits
 
@@ -429,13 +472,14 @@ class Engine:
 
     # ------------------------------------------------------------------ context shift
     def can_shift(self) -> bool:
-        return self._kv_rope is not None
+        # M-RoPE: llama.cpp refuses to shift positions of 4 per token (seq_add asserts)
+        return self._kv_rope is not None and not self.mrope
 
     def shift_context(self, slot: int, n_keep: int) -> int:
         """llama.cpp's context shift: keep the first ``n_keep`` tokens, drop half of the rest,
         slide the remainder down and re-rotate its keys by the distance moved. Returns the number
         of tokens dropped."""
-        if self._kv_rope is None:
+        if not self.can_shift():
             raise ContextError(f"context shift is not supported for the {self.spec.arch} cache")
         n_keep = max(0, min(int(n_keep), int(self.pos[slot]) - 2))
         n_discard = (int(self.pos[slot]) - n_keep) // 2

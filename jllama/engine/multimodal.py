@@ -8,6 +8,10 @@ several image chunks back to back (its tiles, then its overview), each decoded o
 ``mtmd_helper_eval_chunks``: text chunks as ordinary prompt batches, each image's embeddings
 in one batch, non-causally for the projectors libmtmd decodes so (Gemma 3). SmolVLM /
 Idefics3 images become several chunks (tiles and a global image between text markers).
+
+A text model with M-RoPE (qwen2vl) places an image of nx x ny tokens as libmtmd does: token
+i at (p0, p0 + i // nx, p0 + i % nx, 0) with p0 the next position, and the text after it
+from p0 + max(nx, ny) on (``image_positions``).
 """
 
 from __future__ import annotations
@@ -21,18 +25,44 @@ import numpy as np
 from jllama.engine.engine import Engine
 from jllama.engine.sampling import SamplingParams
 from jllama.errors import ContextError, ModelError
-from jllama.models.clip import Vision
+from jllama.models.clip import QWEN2VL, QWEN25VL, Vision
 
 MEDIA_MARKER = "<__media__>"
 # projector -> (begin text, end text, non-causal image batch)
 _WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>", True), "mlp": ("", "", False),
-         "idefics3": ("", "", False)}  # idefics3 wraps each tile itself: _idefics3_image
+         "idefics3": ("", "", False),  # idefics3 wraps each tile itself: _idefics3_image
+         QWEN2VL: ("<|vision_start|>", "<|vision_end|>", False),
+         QWEN25VL: ("<|vision_start|>", "<|vision_end|>", False)}
 
 
 @dataclass
 class ImageChunk:
     embd: np.ndarray  # [n_tokens, n_embd]
     bidir: bool
+    grid: tuple[int, int] = (0, 1)  # (nx, ny): tokens per row, rows (M-RoPE positions)
+
+
+def image_positions(p0: int, nx: int, ny: int) -> tuple[np.ndarray, int]:
+    """An image's M-RoPE positions [nx * ny, 4] from position p0 (libmtmd's
+    ``mtmd_image_tokens_get_decoder_pos``, in the order ``set_position_mrope_2d`` writes:
+    t, row, column, 0) and the positions it uses up, max(nx, ny)."""
+    i = np.arange(nx * ny)
+    pos = np.stack([np.full_like(i, p0), p0 + i // nx, p0 + i % nx, np.zeros_like(i)], -1)
+    return pos.astype(np.int32), max(nx, ny)
+
+
+def prefill_image(engine: Engine, chunk: ImageChunk, slot: int = 0):
+    """Decode an image chunk's embeddings into a slot (``mtmd_helper_decode_image_chunk``);
+    the logits after its last token."""
+    if not engine.mrope:
+        return engine.prefill_embeddings(chunk.embd, slot, bidir=chunk.bidir)
+    nx, ny = chunk.grid
+    if nx * ny != chunk.embd.shape[0]:
+        raise ContextError(f"an image grid of {nx}x{ny} does not hold its "
+                           f"{chunk.embd.shape[0]} embeddings")
+    pos, n_pos = image_positions(engine.next_position(slot), nx, ny)
+    return engine.prefill_embeddings(chunk.embd, slot, bidir=chunk.bidir, positions=pos,
+                                     n_pos=n_pos)
 
 
 def check_pair(vision: Vision, n_embd_text: int, arch: str) -> None:
@@ -69,7 +99,10 @@ def chunks(tokenizer, vision: Vision, prompt: str, images: list[np.ndarray],
         elif i < len(images):
             text(beg, True)
             for embd in vision.encode_chunks(images[i]):  # LLaVA-1.6: tiles, then overview
-                out.append(ImageChunk(embd, bidir))
+                nx, ny = vision.token_grid(*images[i].shape[:2])
+                if nx * ny != embd.shape[0]:  # fixed-size projectors: libmtmd's (n_tokens, 1)
+                    nx, ny = embd.shape[0], 1
+                out.append(ImageChunk(embd, bidir, (nx, ny)))
                 out.append([])
             text(end, True)
     v = tokenizer.vocab
@@ -141,7 +174,7 @@ def generate(engine: Engine, chs: list, params: SamplingParams | None = None,
         if isinstance(c, list):
             engine.prefill(c, slot)
         else:
-            engine.prefill_embeddings(c.embd, slot, bidir=c.bidir)
+            prefill_image(engine, c, slot)
     before = time.perf_counter() - t0
     first = True
     for tok in engine.generate(chs[-1], params, max_tokens, stop_ids, slot, append=True):

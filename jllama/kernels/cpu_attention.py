@@ -58,7 +58,8 @@ def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: 
                     kv_len: int, scale: float, window: int | None = None,
                     softcap: float | None = None, n_threads: int | None = None,
                     neq1: int | None = None, workers: int = 0, kv_pad: int = 0,
-                    bidir: bool = False, layer: jax.Array | int = 0) -> jax.Array:
+                    bidir: bool = False, layer: jax.Array | int = 0,
+                    segments: jax.Array | None = None) -> jax.Array:
     """ggml's ``flash_attn_ext`` (CPU) with jllama's layouts.
 
     q: [B, T, H, D] f32, the T new queries at absolute positions ``pos0[b] .. pos0[b] + T - 1``;
@@ -83,6 +84,8 @@ def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: 
     still counts back from its own position).
     ``layer`` (traced or static): with stacked caches [B, L, KVH, S, D] (a scanned decoder's),
     the layer read, in place.
+    ``segments`` [B, T] int32 (keys = the queries, pos0 0): query t sees exactly the keys of its
+    run of equal ids, ggml with a block-diagonal mask (Qwen2.5-VL's window attention).
     """
     if not available():
         raise RuntimeError("the C++ flash attention kernel is not available on this machine")
@@ -93,6 +96,8 @@ def ggml_flash_attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: 
     return jax.ffi.ffi_call(_TARGET[0], out, vmap_method="sequential")(
         q.astype(jnp.float32), k_cache.astype(jnp.float16), v_cache.astype(jnp.float16),
         jnp.asarray(pos0, jnp.int32).reshape(b), layer,
+        (jnp.zeros((0,), jnp.int32) if segments is None
+         else jnp.asarray(segments, jnp.int32).reshape(-1)),
         kv_len=np.int64(kv_len), scale=np.float32(scale), window=np.int64(window or 0),
         softcap=np.float32(softcap or 0.0),
         n_threads=np.int64(n_threads if n_threads else default_threads()),

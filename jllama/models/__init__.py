@@ -31,6 +31,7 @@ ARCHITECTURES: dict[str, str] = {
     "qwen3": "decoder",
     "qwen2moe": "decoder",
     "qwen3moe": "decoder",
+    "qwen2vl": "decoder",
     "gemma3": "gemma3",
     "deepseek2": "deepseek2",
 }

@@ -6,7 +6,9 @@ differ (sliding-window vs global, head sizes); or, for a decoder whose layers ru
 for k and v, which the loop updates in place under donation (a loop cannot index a tuple) and
 the kernels read at a traced layer (``LayerCache``). Batch stays the leading axis either way
 (the Engine's slot rows). Sequence lengths live on the host (the Engine owns them); the cache
-itself is only storage.
+itself is only storage, and for M-RoPE models (qwen2vl) the offset of each row's next rope
+position from its next cell (``pos_delta``: an image takes nx * ny cells but only max(nx, ny)
+positions, as llama.cpp's cells record positions apart from their index).
 """
 
 from __future__ import annotations
@@ -27,16 +29,21 @@ class KVCache:
     v: tuple[jax.Array, ...]
     k_type: str = "f32"  # static: f32 | f16 | bf16 | q8_0 | q4_0 (see kvquant.py)
     v_type: str = "f32"
+    pos_delta: jax.Array | None = None  # [B] int32 (M-RoPE): rope position minus cell index
 
     def tree_flatten(self):
-        return (self.k, self.v), (self.k_type, self.v_type)
+        return (self.k, self.v, self.pos_delta), (self.k_type, self.v_type)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        k, v, d = children
+        return cls(k, v, *aux, d)
 
     def replace(self, k, v) -> KVCache:
-        return KVCache(tuple(k), tuple(v), self.k_type, self.v_type)
+        return KVCache(tuple(k), tuple(v), self.k_type, self.v_type, self.pos_delta)
+
+    def with_pos_delta(self, d: jax.Array) -> KVCache:
+        return KVCache(self.k, self.v, self.k_type, self.v_type, d)
 
     @property
     def batch(self) -> int:
@@ -65,7 +72,8 @@ class KVCache:
     @classmethod
     def create(cls, n_layer: int, batch: int, n_kv_heads: int, max_len: int, head_dim_k: int,
                head_dim_v: int | None = None, dtype: str = "f32",
-               dtype_v: str | None = None, stacked: bool = False) -> KVCache:
+               dtype_v: str | None = None, stacked: bool = False,
+               pos_delta: bool = False) -> KVCache:
         dtype_v = dtype_v or dtype
         hv = head_dim_v or head_dim_k
         check_kv_type(dtype, head_dim_k)
@@ -79,11 +87,13 @@ class KVCache:
             return jax.device_put(np.zeros((batch, *lead, n_kv_heads, max_len, n),
                                            jnp.dtype(dt)))
 
+        delta = jax.device_put(np.zeros(batch, np.int32)) if pos_delta else None
         if stacked:
-            return cls((zeros(nk, dk, (n_layer,)),), (zeros(nv, dv, (n_layer,)),), dtype, dtype_v)
+            return cls((zeros(nk, dk, (n_layer,)),), (zeros(nv, dv, (n_layer,)),), dtype, dtype_v,
+                       delta)
         k = tuple(zeros(nk, dk) for _ in range(n_layer))
         v = tuple(zeros(nv, dv) for _ in range(n_layer))
-        return cls(k, v, dtype, dtype_v)
+        return cls(k, v, dtype, dtype_v, delta)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -50,11 +50,21 @@ from jllama.gguf.reader import GGUFFile, read_gguf
 from jllama.kernels import cpu_attention
 from jllama.kernels.dispatch import dequantize
 from jllama.models import clip_image
-from jllama.models.common import Weights, gelu, gelu_quick, linear, rms_norm
+from jllama.models.common import (
+    Weights,
+    gelu,
+    gelu_quick,
+    linear,
+    mrope_angles,
+    rms_norm,
+    rope_rotate,
+    swiglu,
+)
 from jllama.quant.actquant import opaque
 from jllama.quant.qtensor import QTensor, from_gguf_bytes
 
-PROJECTORS = ("gemma3", "mlp", "idefics3")
+QWEN2VL, QWEN25VL = "qwen2vl_merger", "qwen2.5vl_merger"
+PROJECTORS = ("gemma3", "mlp", "idefics3", QWEN2VL, QWEN25VL)
 _F16, _F32 = 1, 0
 
 
@@ -83,6 +93,12 @@ class VisionSpec:
     # LLaVA-1.6: candidate (width, height) resolutions (clip.vision.image_grid_pinpoints)
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     longest_edge: int = 0  # idefics3: the preprocessor's longest side before tiling
+    # dynamic resolution (Qwen2-VL): the image keeps its aspect, resized to multiples of
+    # patch_size * n_merge holding between min_pixels and max_pixels (0: fixed image_size)
+    min_pixels: int = 0
+    max_pixels: int = 0
+    norm: str = "layer"  # layer | rms (Qwen2.5-VL)
+    n_wa_pattern: int = 0  # Qwen2.5-VL: every n-th layer full attention, the others windowed
 
     @property
     def n_patches_side(self) -> int:
@@ -123,6 +139,8 @@ def spec_from_gguf(g: GGUFFile) -> VisionSpec:
         raise ModelError(f"{g.path}: both clip.use_gelu and clip.use_silu are set")
     ffn_op = ("gelu" if md.get("clip.use_gelu", False)
               else "silu" if md.get("clip.use_silu", False) else "gelu_quick")
+    if proj in (QWEN2VL, QWEN25VL):
+        return _qwen2vl_spec(g, md, need, proj)
     if proj == "gemma3":
         n_merge = int(md.get("clip.vision.projector.scale_factor", 4))  # clip.cpp's default
         if side % n_merge:
@@ -286,8 +304,10 @@ def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Arr
     return opaque(y * w) + b
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """Unmasked multi-head attention, q/k/v [N, H, D] -> [N, H * D]."""
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+               segments: jax.Array | None = None) -> jax.Array:
+    """Multi-head attention, q/k/v [N, H, D] -> [N, H * D]: unmasked, or with ``segments``
+    [N] each token seeing the run of tokens with its id (a block-diagonal mask)."""
     num = numerics.current()
     n, h, d = q.shape
     if (num.match_llamacpp and jax.default_backend() == "cpu" and num.cpu_kernels
@@ -296,8 +316,10 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Ar
         kc = k.transpose(1, 0, 2)[None].astype(jnp.float16)
         vc = v.transpose(1, 0, 2)[None].astype(jnp.float16)
         return cpu_attention.ggml_flash_attn(q[None], kc, vc, jnp.zeros(1, jnp.int32), n, scale,
-                                             bidir=True)[0]
+                                             bidir=True, segments=segments)[0]
     s = jnp.einsum("qhd,khd->hqk", q, k) * scale
+    if segments is not None:
+        s = jnp.where(segments[:, None] == segments[None, :], s, -jnp.inf)
     return jnp.einsum("hqk,khd->qhd", jax.nn.softmax(s, axis=-1), v).reshape(n, h * d)
 
 
@@ -327,22 +349,26 @@ class VisionEncoder(nnx.Module):
             return down, up
         return up, down
 
-    def __call__(self, pixels: jax.Array) -> jax.Array:
-        s = self.spec
-        p, side = s.patch_size, s.n_patches_side
-        # im2col rows [n_patches, C*p*p] in (c, ky, kx) order, patches in (py, px) order
-        img = pixels.transpose(2, 0, 1)  # planar, as clip.cpp feeds inp_raw
-        cols = img.reshape(3, side, p, side, p).transpose(1, 3, 0, 2, 4).reshape(side * side, -1)
-        kw = dequantize(self.w["v.patch_embd.weight"], jnp.float32).reshape(s.n_embd, -1)
+    def _conv_patches(self, cols: jax.Array, name: str) -> jax.Array:
+        """The patch embedding's stride-``patch_size`` convolution of im2col rows
+        [n_patches, C*p*p] -> [n_patches, n_embd]."""
+        kw = dequantize(self.w[name], jnp.float32).reshape(self.spec.n_embd, -1)
         # ggml_conv_2d: mul_mat(im2col, kernel) with im2col made in f16 (whatever the kernel's
         # type), so the kernel is rounded to f16 too (the f16 vec_dot type); the result
         # transposed to [n_patches, n_embd]
         if numerics.current().match_llamacpp:
             def f16(a):
                 return a.astype(jnp.float16).astype(jnp.float32)
-            x = mul_mat_f16(f16(kw), f16(cols)).T
-        else:
-            x = cols @ kw.T
+            return mul_mat_f16(f16(kw), f16(cols)).T
+        return cols @ kw.T
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        s = self.spec
+        p, side = s.patch_size, s.n_patches_side
+        # im2col rows [n_patches, C*p*p] in (c, ky, kx) order, patches in (py, px) order
+        img = pixels.transpose(2, 0, 1)  # planar, as clip.cpp feeds inp_raw
+        cols = img.reshape(3, side, p, side, p).transpose(1, 3, 0, 2, 4).reshape(side * side, -1)
+        x = self._conv_patches(cols, "v.patch_embd.weight")
         if "v.patch_embd.bias" in self.w:
             x = x + self._vec("v.patch_embd.bias")
         if "v.class_embd" in self.w:  # clip.cpp concatenates it after the patches
@@ -440,12 +466,32 @@ class Vision:
         default_factory=collections.OrderedDict, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """uint8 [H, W, 3] -> normalised f32 [image_size, image_size, 3] (libmtmd's fixed-size
-        preprocessor)."""
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the encoder sees an image of this size at: image_size square, or
+        (dynamic resolution) libmtmd's aspect-preserving multiple of patch_size * n_merge."""
         s = self.spec
-        img = clip_image.resize(image, s.image_size, s.image_size, s.resize_algo, s.resize_pad,
-                                s.pad_color)
+        if not s.max_pixels:
+            return s.image_size, s.image_size
+        w, h = clip_image.preserved_ratio_size(width, height, s.patch_size * s.n_merge,
+                                               s.min_pixels, s.max_pixels)
+        return h, w
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(nx, ny): the image's tokens per row and rows (libmtmd's M-RoPE grid); projectors
+        without one give (n_tokens, 1), as libmtmd does."""
+        s = self.spec
+        if not s.max_pixels:
+            return s.n_image_tokens, 1
+        h, w = self.input_size(height, width)
+        m = s.patch_size * s.n_merge
+        return w // m, h // m
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> normalised f32 [h, w, 3] at ``input_size`` (libmtmd's fixed-size
+        or dyn_size preprocessor)."""
+        s = self.spec
+        h, w = self.input_size(*image.shape[:2])
+        img = clip_image.resize(image, w, h, s.resize_algo, s.resize_pad, s.pad_color)
         return clip_image.normalize(img, s.mean, s.std)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
@@ -511,4 +557,151 @@ def load_vision(path: str | os.PathLike) -> Vision:
     for name, ti in g.tensors.items():
         data, qtype = from_gguf_bytes(ti.data, ti.qtype, ti.shape)
         tensors[name] = QTensor(jax.device_put(np.asarray(data)), int(qtype), tuple(ti.shape))
-    return Vision(spec, VisionEncoder(spec, Weights(tensors, str(path))), str(path))
+    enc = Qwen2VLEncoder if spec.projector in (QWEN2VL, QWEN25VL) else VisionEncoder
+    return Vision(spec, enc(spec, Weights(tensors, str(path))), str(path))
+
+
+# ----------------------------------------------------------------------------- Qwen2-VL
+def _qwen2vl_spec(g: GGUFFile, md: dict, need, proj: str) -> VisionSpec:
+    """Qwen2-VL's ViT (``qwen2vl_merger``, tools/mtmd/models/qwen2vl.cpp): no position
+    embeddings but 2D rope, dynamic resolution between 8 and 4096 merged tokens (clip.cpp's
+    limits), bicubic resize, the 2x2 patch merger MLP. Qwen2.5-VL (``qwen2.5vl_merger``): RMS
+    norms, a gated MLP, window attention in all but every ``n_wa_pattern``-th layer."""
+    for name in ("v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.2.weight"):
+        if name not in g.tensors:
+            raise ModelError(f"{g.path}: missing tensor '{name}'")
+    if "v.patch_embd.bias" in g.tensors or "v.class_embd" in g.tensors:
+        raise ModelError(f"{g.path}: a qwen2vl_merger mmproj has no patch bias or class "
+                         "embedding")
+    if md.get("clip.use_gelu", False) and md.get("clip.use_silu", False):
+        raise ModelError(f"{g.path}: both clip.use_gelu and clip.use_silu are set")
+    patch, n_embd, n_head = (int(need("patch_size")), int(need("embedding_length")),
+                             int(need("attention.head_count")))
+    n_merge = int(md.get("clip.vision.spatial_merge_size", 2))
+    if n_merge != 2:  # the graph merges 2x2 (its positions and reshapes are written for 2)
+        raise ModelError(f"{g.path}: spatial_merge_size {n_merge} is not supported (2 is)")
+    if n_embd % n_head or (n_embd // n_head) % 4:
+        raise ModelError(f"{g.path}: head size {n_embd}/{n_head} is not a multiple of 4 "
+                         "(2D rope)")
+    area = patch * patch * n_merge * n_merge
+    n_layer = int(need("block_count"))
+    n_wa = int(md.get("clip.vision.n_wa_pattern", 0))
+    if proj == QWEN25VL and n_wa <= 0:  # clip.cpp requires it for 2.5
+        raise ModelError(f"{g.path}: missing clip.vision.n_wa_pattern")
+    return VisionSpec(
+        projector=proj, norm="rms" if proj == QWEN25VL else "layer", n_wa_pattern=n_wa, image_size=int(need("image_size")), patch_size=patch,
+        n_embd=n_embd, n_ff=int(need("feed_forward_length")), n_layer=n_layer, n_head=n_head,
+        eps=float(md.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
+        n_embd_out=int(g.tensors["mm.2.weight"].shape[0]), n_merge=n_merge,
+        mean=tuple(float(v) for v in need("image_mean")),
+        std=tuple(float(v) for v in need("image_std")),
+        resize_algo="bicubic", resize_pad="ceil", n_layer_run=n_layer,
+        ffn_op=("gelu" if md.get("clip.use_gelu", False)
+                else "silu" if md.get("clip.use_silu", False) else "gelu_quick"),
+        min_pixels=8 * area, max_pixels=4096 * area)
+
+
+def qwen2vl_positions(ph: int, pw: int) -> np.ndarray:
+    """The encoder's rope positions [n_patches, 4] (row, col, row, col) in its token order:
+    2x2 blocks in raster order, the block's patches in raster order within (clip.cpp)."""
+    out = np.zeros((ph * pw, 4), np.int32)
+    i = 0
+    for y in range(0, ph, 2):
+        for x in range(0, pw, 2):
+            for dy in range(2):
+                for dx in range(2):
+                    out[i] = (y + dy, x + dx, y + dy, x + dx)
+                    i += 1
+    return out
+
+
+def qwen25vl_windows(ph: int, pw: int, patch: int,
+                     window_px: int = 112) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's window attention layout (clip.cpp; the window is 112 pixels, clip.cpp's
+    default, which it does not read from the file for this projector): ``inv`` [n/4], the
+    merge units (2x2 blocks) in window order (window by window in raster order, raster within
+    each), and ``seg`` [n], each patch's window in that order."""
+    mh, mw = ph // 2, pw // 2
+    g = window_px // patch // 2
+    inv, seg = [], []
+    w = 0
+    for y in range(0, mh, g):
+        for x in range(0, mw, g):
+            for dy in range(min(g, mh - y)):
+                for dx in range(min(g, mw - x)):
+                    inv.append((y + dy) * mw + x + dx)
+                    seg.extend([w] * 4)
+            w += 1
+    return np.asarray(inv, np.int32), np.asarray(seg, np.int32)
+
+
+class Qwen2VLEncoder(VisionEncoder):
+    """Qwen2-VL's vision tower as libmtmd builds it: the Conv3d patch embedding as two
+    convolutions of the same image summed (a still image is both temporal frames), patches
+    regrouped by 2x2 block, pre-norm blocks with 2D rope (GGML_ROPE_TYPE_VISION: the first
+    quarter of each head's pairs turns by the row, the second by the column), the post norm,
+    then each 2x2 block's 4 rows concatenated through mm.0, GELU, mm.2.
+
+    Qwen2.5-VL's (``n_wa_pattern``): the merge units reordered window by window before the
+    blocks (their rope positions with them), each layer but every n_wa_pattern-th attending
+    within its window only, the output put back in raster order; RMS norms and a gated MLP
+    (SiLU(gate) * up)."""
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        s = self.spec
+        p = s.patch_size
+        ph, pw = pixels.shape[0] // p, pixels.shape[1] // p
+        img = pixels.transpose(2, 0, 1)
+        cols = img.reshape(3, ph, p, pw, p).transpose(1, 3, 0, 2, 4).reshape(ph * pw, -1)
+        x = (self._conv_patches(cols, "v.patch_embd.weight")
+             + self._conv_patches(cols, "v.patch_embd.weight.1"))
+        # raster patches -> 2x2 blocks (clip.cpp's permute/cont/reshape sequence)
+        x = x.reshape(ph // 2, 2, pw // 2, 2, s.n_embd).transpose(0, 2, 1, 3, 4)
+        n = ph * pw
+        x = x.reshape(n, s.n_embd)
+        if "v.pre_ln.weight" in self.w:
+            x = self._norm(x, "v.pre_ln")
+        hd = s.n_embd // s.n_head
+        pos_np = qwen2vl_positions(ph, pw)
+        seg = None
+        if s.n_wa_pattern:
+            inv, seg_np = qwen25vl_windows(ph, pw, s.patch_size)
+            x = x.reshape(n // 4, 4 * s.n_embd)[jnp.asarray(inv)].reshape(n, s.n_embd)
+            pos_np = pos_np.reshape(n // 4, 4, 4)[inv].reshape(n, 4)
+            seg = jnp.asarray(seg_np)
+        pos = jnp.asarray(pos_np)[None]
+        ang = mrope_angles(pos, 10000.0, hd // 2, (hd // 4,) * 4, vision=True,
+                           n_pairs=hd // 2)
+        scale = 1.0 / math.sqrt(hd)
+        act = {"gelu": gelu, "gelu_quick": gelu_quick, "silu": ggml_f32.silu}[s.ffn_op]
+        for i in range(s.n_layer_run):
+            b = f"v.blk.{i}."
+            h = self._norm(x, b + "ln1")
+            q = self._dense(h, b + "attn_q").reshape(1, n, s.n_head, hd)
+            k = self._dense(h, b + "attn_k").reshape(1, n, s.n_head, hd)
+            v = self._dense(h, b + "attn_v").reshape(n, s.n_head, hd)
+            q = rope_rotate(q, ang, hd, neox=True)[0]
+            k = rope_rotate(k, ang, hd, neox=True)[0]
+            full = not s.n_wa_pattern or (i + 1) % s.n_wa_pattern == 0
+            a = _attention(q, k, v, scale, None if full else seg)
+            x = self._dense(a, b + "attn_out") + x
+            h = self._norm(x, b + "ln2")
+            if b + "ffn_gate.weight" in self.w:  # ggml_swiglu_split(gate, up)
+                h = swiglu(self._dense(h, b + "ffn_gate"), self._dense(h, b + "ffn_up"))
+            else:
+                h = act(self._dense(h, b + "ffn_up"))
+            x = x + self._dense(h, b + "ffn_down")
+        if "v.post_ln.weight" in self.w:
+            x = self._norm(x, "v.post_ln")
+        x = x.reshape(n // 4, 4 * s.n_embd)
+        out = self._dense(gelu(self._dense(x, "mm.0")), "mm.2")
+        if s.n_wa_pattern:  # back to raster order: row u of the output is unit u's
+            out = out[jnp.asarray(np.argsort(inv))]
+        return out
+
+    def _norm(self, x: jax.Array, name: str) -> jax.Array:
+        bias = self._vec(name + ".bias") if name + ".bias" in self.w else None
+        if self.spec.norm == "rms":  # build_norm: ggml_rms_norm, times w, plus b
+            y = rms_norm(x, self._vec(name + ".weight"), self.spec.eps)
+            return y + bias if bias is not None else y
+        return _layer_norm(x, self._vec(name + ".weight"), bias, self.spec.eps)

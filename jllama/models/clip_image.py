@@ -187,6 +187,33 @@ def llava_next_tiles(img: np.ndarray, size: int, candidates) -> list[np.ndarray]
     return tiles + [overview]
 
 
+def preserved_ratio_size(width: int, height: int, align: int, min_pixels: int,
+                         max_pixels: int) -> tuple[int, int]:
+    """``img_tool::calc_size_preserved_ratio`` (transformers' smart_resize as libmtmd computes
+    it, in f32): (width, height) rounded to multiples of ``align``, scaled down to at most
+    ``max_pixels`` or up to at least ``min_pixels`` keeping the aspect ratio."""
+    f32 = np.float32
+    fa = f32(align)
+
+    def by(x, how) -> int:  # x / align rounded as std::round (half away from zero) / ceil / floor
+        q = float(f32(x) / fa)
+        r = math.floor(q + 0.5) if how == "round" else (math.ceil(q) if how == "ceil"
+                                                         else math.floor(q))
+        return int(r) * align
+
+    w_bar = max(align, by(width, "round"))
+    h_bar = max(align, by(height, "round"))
+    if max_pixels > 0 and h_bar * w_bar > max_pixels:
+        beta = f32(np.sqrt(f32(height) * f32(width) / f32(max_pixels)))
+        h_bar = max(align, by(f32(height) / beta, "floor"))
+        w_bar = max(align, by(f32(width) / beta, "floor"))
+    elif min_pixels > 0 and h_bar * w_bar < min_pixels:
+        beta = f32(np.sqrt(f32(min_pixels) / (f32(height) * f32(width))))
+        h_bar = by(f32(height) * beta, "ceil")
+        w_bar = by(f32(width) * beta, "ceil")
+    return w_bar, h_bar
+
+
 MAX_PIXELS = 1 << 26  # refuse decompression bombs before decoding (64 Mpixel)
 
 

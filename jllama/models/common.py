@@ -256,21 +256,33 @@ def _mean_f32_two_sum_tree(sq: jax.Array) -> jax.Array:
 
 
 def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
-         scale: float = 1.0) -> jax.Array:
+         scale: float = 1.0, sections: tuple[int, ...] = ()) -> jax.Array:
     """Rotary embedding on the first ``dim`` features of each head.
 
     ``neox=False`` is llama.cpp's NORM mode (rotate adjacent pairs), used for the ``llama``
     arch on GGUF weights whose Q/K rows the converter already permuted; ``neox=True`` rotates
     the two halves (Gemma, Qwen).  x: [B, T, H, D], pos: [B, T].
+
+    ``sections`` (M-RoPE, llama.cpp's ``ggml_rope_multi`` in MROPE mode, Qwen2-VL's text
+    model): pos is [B, T, 4] (t, h, w, e) and pair i turns by the position of the section
+    holding ``i % sum(sections)``; the rotation is NEOX's.
     """
-    half = dim // 2
-    ggml = numerics.current().match_llamacpp
-    exact = ggml and _libm_cos_sin_ok()
-    if ggml:
+    if sections:
+        ang = mrope_angles(pos, base, dim, sections, scale)
+    elif numerics.current().match_llamacpp:
         ang = _ggml_rope_angles(pos, base, dim, scale)
     else:
+        half = dim // 2
         inv = base ** (-jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim)
         ang = (pos.astype(jnp.float32) * scale)[..., None] * inv  # [B, T, half]
+    return rope_rotate(x, ang, dim, neox or bool(sections))
+
+
+def rope_rotate(x: jax.Array, ang: jax.Array, dim: int, neox: bool) -> jax.Array:
+    """Rotate the first ``dim`` features of each head of x [B, T, H, D] by the angles
+    [B, T, dim/2] (pair i by ang[..., i]), as ggml's ``rotate_pairs``."""
+    half = dim // 2
+    exact = numerics.current().match_llamacpp and _libm_cos_sin_ok()
     if exact:
         cos, sin = cpu_ffi.cos_sin(ang)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -294,6 +306,31 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     else:
         out = jnp.stack([y1, y2], axis=-1).reshape(xr.shape)
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def mrope_angles(pos: jax.Array, base: float, dim: int, sections: tuple[int, ...],
+                 scale: float = 1.0, vision: bool = False, n_pairs: int = 0) -> jax.Array:
+    """M-RoPE angles [B, T, dim/2] from positions [B, T, 4] as ggml's ``ggml_mrope_cache_init``:
+    four thetas (one per section's position) each multiplied by ``base**(-2/dim)`` once per
+    pair, pair i taking the theta of the section ``i % sum(sections)`` falls in. ``vision``
+    (GGML_ROPE_TYPE_VISION, Qwen2-VL's encoder): each section's theta restarts from its
+    position where the section begins, so pair i turns by its offset within the section;
+    there ``dim`` (ggml's n_dims) is half the head and ``n_pairs`` (the head's) twice dim/2."""
+    bounds = np.cumsum([0, *sections])
+    total = int(bounds[-1])
+    half = dim // 2
+    n_pairs = n_pairs or half
+    if not numerics.current().match_llamacpp:
+        tabs = [pos[..., j].astype(jnp.float32)[..., None] * scale
+                * base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / dim) for j in range(4)]
+    else:
+        tabs = [_ggml_rope_angles(pos[..., j], base, dim, scale) for j in range(4)]
+    cols = []
+    for i in range(n_pairs):
+        sector = i % total
+        j = min(int(np.searchsorted(bounds, sector, side="right")) - 1, 3)
+        cols.append(tabs[j][..., sector - int(bounds[j]) if vision else i])
+    return jnp.stack(cols, axis=-1)
 
 
 def _libm_cos_sin_ok() -> bool:
@@ -494,7 +531,7 @@ def gather_last(x: jax.Array, last_idx: jax.Array) -> jax.Array:
 
 def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
                     kv_len: int, last_idx: jax.Array | None, hidden: bool = False,
-                    bidir: bool = False):
+                    bidir: bool = False, rope_pos: jax.Array | None = None):
     """The part every decoder-only architecture shares after its embedding: the blocks over
     the per-layer caches, then final norm and output projection (tied or not).
 
@@ -504,12 +541,14 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     matmul is the largest in small models. With ``hidden`` (static) the result is the final
     norm's output instead ([B, T, E] or [B, E]): llama.cpp's embeddings of a decoder (t_embd).
     ``bidir`` (static): non-causal attention within the batch, passed to blocks that take it.
+    ``rope_pos``: the blocks' rope positions (M-RoPE's [B, T, 4]) instead of the cell indices.
 
     A stacked cache (``KVCache.stacked``) runs the blocks as ``scan_blocks`` does; per-layer
     caches run them one after the other (the unrolled program).
     """
     t = x.shape[1]
-    pos = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    pos = (pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :] if rope_pos is None
+           else rope_pos)
     kv_types = (cache.k_type, cache.v_type)
     extra = {"bidir": True} if bidir else {}  # only blocks that take it get it
     if cache.stacked:

@@ -14,7 +14,14 @@ qwen3      NEOX   none         yes     SwiGLU
 qwen2moe   NEOX   required     no      experts (top-k not renormalised) + shared expert
                                        scaled by sigmoid(x · ffn_gate_inp_shexp)
 qwen3moe   NEOX   none         yes     experts (renormalised top-k)
+qwen2vl    MROPE  optional     no      SwiGLU
 ========== ====== ============ ======= ================================================
+
+MROPE (Qwen2-VL's text model) is NEOX's rotation with 4 positions per token (t, h, w, e),
+each owning a section of the rotated pairs (``{arch}.rope.dimension_sections``). A text token
+sits at (p, p, p, 0); an image's tokens at (p0, p0 + row, p0 + col, 0) with p0 the position
+after the text before it, and the text after the image continues from p0 + max(rows, cols),
+as libmtmd places them: positions then run behind the cache cells, by ``KVCache.pos_delta``.
 
 NORM rope rotates adjacent pairs (the converter permuted llama's Q/K rows so that this reproduces
 HF's rotate-half); NEOX rotates the two halves of each head (Qwen's rows are not permuted). The
@@ -28,6 +35,7 @@ ggml's, and ``tap`` records intermediates under llama.cpp's tensor names.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -54,6 +62,7 @@ from jllama.models.common import (
 )
 from jllama.models.moe import GATING_SOFTMAX, MoE, MoEConfig, moe_config
 from jllama.models.spec import ModelSpec
+from jllama.models.spec import spec_from_gguf as base_spec_from_gguf
 
 QKV_BIAS = ("optional", "required", "none")
 
@@ -77,6 +86,10 @@ class Variant:
     moe: Routing | None = None  # routed experts in the layers that have a router
     moe_required: bool = False  # every layer has experts (else dense unless expert_count > 0)
     shared_expert: bool = False  # always-on shared expert (with its sigmoid gate if present)
+    mrope: bool = False  # M-RoPE: positions [B, T, 4] over the spec's rope_sections
+    # llama.cpp 0c1e570's qwen2vl loader reads only the rope sections: its RMS-norm epsilon
+    # stays 0 whatever attention.layer_norm_rms_epsilon says (found comparing its norms)
+    rms_eps_read: bool = True
 
     def __post_init__(self):
         if self.qkv_bias not in QKV_BIAS:
@@ -91,6 +104,7 @@ VARIANTS: dict[str, Variant] = {
                         moe_required=True, shared_expert=True),
     "qwen3moe": Variant(neox=True, qkv_bias="none", qk_norm=True, moe=Routing(norm=True),
                         moe_required=True),
+    "qwen2vl": Variant(neox=True, qkv_bias="optional", mrope=True, rms_eps_read=False),
 }
 
 
@@ -137,10 +151,11 @@ class Block(nnx.Module):
         v = tap(f"Vcur-{il}", v.reshape(b, t, s.n_head_kv, s.head_dim_v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        sections = s.rope_sections if var.mrope else ()
         q = tap(f"Qcur-{il}", rope(q, pos, s.rope_base, s.rope_dim, neox=var.neox,
-                                   scale=s.rope_scale))
+                                   scale=s.rope_scale, sections=sections))
         k = tap(f"Kcur-{il}", rope(k, pos, s.rope_base, s.rope_dim, neox=var.neox,
-                                   scale=s.rope_scale))
+                                   scale=s.rope_scale, sections=sections))
         kc = write_cache(kc, k, pos0, kv_types[0])
         vc = write_cache(vc, v, pos0, kv_types[1])
         a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim),
@@ -167,6 +182,11 @@ class Decoder(nnx.Module):
         self.output = None if spec.tied_output else Linear(w("output.weight"),
                                                            optional_bias(w, "output.bias"))
 
+    @property
+    def uses_mrope(self) -> bool:
+        """Whether positions are M-RoPE's (the Engine then keeps ``KVCache.pos_delta``)."""
+        return self.variant.mrope
+
     def kv_rope(self, layer: int) -> tuple[float, int, bool, float]:
         """How layer ``layer``'s cached keys were rotated (for the Engine's context shift)."""
         s = self.spec
@@ -174,17 +194,33 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array | None, pos0: jax.Array, cache: KVCache, kv_len: int,
                  last_idx: jax.Array | None = None, hidden: bool = False,
-                 embd: jax.Array | None = None, bidir: bool = False):
+                 embd: jax.Array | None = None, bidir: bool = False,
+                 mpos: jax.Array | None = None):
         """tokens [B, T] at positions pos0[b]..; returns (logits, cache).
 
         With ``last_idx`` the logits are only computed at that index per sequence ([B, V]):
         generation needs one row, and the output matmul is the largest in small models.
         ``embd`` [B, T, n_embd]: input embeddings (an image's) instead of tokens.
+        ``mpos`` [B, T, 4] (M-RoPE): the tokens' rope positions (an image's); text tokens
+        otherwise sit at (p, p, p, 0) with p the cell index plus ``cache.pos_delta``.
         """
         if bidir:
             raise ValueError("non-causal batches are a gemma3 feature")
         x = self.tok_embd(tokens) if embd is None else embd.astype(jnp.float32)
-        return decoder_forward(self, x, pos0, cache, kv_len, last_idx, hidden)
+        rope_pos = None
+        if self.variant.mrope:
+            rope_pos = mpos if mpos is not None else _text_mrope_positions(
+                pos0, x.shape[1], cache.pos_delta)
+        return decoder_forward(self, x, pos0, cache, kv_len, last_idx, hidden,
+                               rope_pos=rope_pos)
+
+
+def _text_mrope_positions(pos0: jax.Array, t: int, delta: jax.Array | None) -> jax.Array:
+    """llama.cpp's 4 positions of text tokens: the first three the token's, the fourth 0."""
+    p = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    if delta is not None:
+        p = p + delta[:, None]
+    return jnp.stack([p, p, p, jnp.zeros_like(p)], axis=-1)
 
 
 def _has_experts(var: Variant, w: Weights, i: int, moe: MoEConfig | None) -> bool:
@@ -196,6 +232,14 @@ def _has_experts(var: Variant, w: Weights, i: int, moe: MoEConfig | None) -> boo
         raise ModelError(f"{w.path}: layer {i} has no router (blk.{i}.ffn_gate_inp.weight) "
                          f"though the file declares {moe.n_expert} experts")
     return True
+
+
+def spec_from_gguf(g) -> ModelSpec:
+    """The common spec, with the norm epsilon as the architecture's llama.cpp loader has it."""
+    spec = base_spec_from_gguf(g)
+    if not variant_of(spec.arch).rms_eps_read:
+        spec = dataclasses.replace(spec, norm_eps=0.0)
+    return spec
 
 
 def variant_of(arch: str) -> Variant:
@@ -210,6 +254,8 @@ def build(spec: ModelSpec, w: Weights, gguf) -> Decoder:
     """The decoder for ``spec.arch`` with its variant; expert routing from the table, expert
     counts from the file (``{arch}.expert_count``; llama without experts is dense)."""
     var = variant_of(spec.arch)
+    if var.mrope and not spec.rope_sections:
+        raise ModelError(f"{w.path}: missing metadata key '{spec.arch}.rope.dimension_sections'")
     moe = None
     n_expert = int(gguf.metadata.get(f"{spec.arch}.expert_count", 0) or 0)
     if var.moe is not None and (var.moe_required or n_expert > 0):

@@ -29,6 +29,8 @@ class ModelSpec:
     rope_scale: float  # linear position scaling factor (1.0 = none)
     norm_eps: float
     tied_output: bool
+    # M-RoPE (qwen2vl): rotated pairs per position section (t, h, w, e); () for plain rope
+    rope_sections: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -103,4 +105,16 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
         rope_scale=rope_scale,
         norm_eps=float(_get(g, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
         tied_output="output.weight" not in g.tensors,
+        rope_sections=_rope_sections(g, f"{a}.rope.dimension_sections"),
     )
+
+
+def _rope_sections(g: GGUFFile, key: str) -> tuple[int, ...]:
+    v = g.metadata.get(key)
+    if v is None:
+        return ()
+    v = [int(x) for x in (v if isinstance(v, list) else [v])]
+    if len(v) > 4 or any(x < 0 for x in v) or not any(v):
+        raise ModelError(f"{g.path}: metadata '{key}' = {v}: expected up to 4 section sizes, "
+                         "not all zero")
+    return tuple(v + [0] * (4 - len(v)))

@@ -191,6 +191,8 @@ def cache_spec(plan: Plan, shape: tuple[int, ...], kv_layout: bool) -> P:
     d = plan.mesh.shape["data"]
     m = plan.mesh.shape["model"]
     batch = mesh_axis("batch") if d > 1 and shape[0] % d == 0 else None
+    if len(shape) == 1:  # a value per row (KVCache.pos_delta)
+        return P(batch)
     heads = None
     if kv_layout and plan.attention_sharded and len(shape) > 1 and shape[1] % m == 0:
         heads = mesh_axis("kv_heads")

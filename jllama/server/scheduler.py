@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllama.engine.engine import PREFILL_CHUNK
+from jllama.engine.multimodal import prefill_image
 from jllama.engine.sampling import BatchSampling, SamplingParams, sample
 from jllama.server.metrics import Metrics
 
@@ -387,7 +388,7 @@ class Scheduler:
             self._prefill_turn = (b + 1) % n
             t0 = time.perf_counter()
             try:
-                logits = (self.engine.prefill_embeddings(image.embd, b, bidir=image.bidir)
+                logits = (prefill_image(self.engine, image, b)
                           if image is not None else self.engine.prefill(chunk, b))
             except Exception as e:  # e.g. ContextError
                 self._fail(b, 400, str(e))

@@ -87,6 +87,10 @@ struct Problem {
   int64_t window, n_split;
   bool tiled;
   bool bidir;  // llama.cpp with causal_attn off: every query sees the keys up to the last one
+  // Segments (a vision encoder's window attention, Qwen2.5-VL's block-diagonal mask): query t
+  // of row b sees exactly the keys of its run of equal segment ids, [seg_lo, seg_hi]; empty:
+  // the causal / window / bidir mask above.
+  std::vector<int64_t> seg_lo, seg_hi;  // [B * T]
 
   const uint16_t* krow(int64_t b, int64_t h, int64_t j) const {
     return k + ((b * KVHB + h / (H / KVH)) * S + j) * DK;
@@ -98,11 +102,21 @@ struct Problem {
     return q + ((b * T + t) * H + h) * DK;
   }
   float* orow(int64_t b, int64_t t, int64_t h) const { return out + ((b * T + t) * H + h) * DV; }
-  // ggml's mask: 0 where visible, -INF elsewhere (llama.cpp's causal + is_masked_swa).
-  bool visible(int64_t b, int64_t t, int64_t j) const {
+  // The keys [lo, hi] query t of row b sees: ggml's mask is 0 there, -INF elsewhere
+  // (llama.cpp's causal + is_masked_swa, or the segments).
+  void keys(int64_t b, int64_t t, int64_t* lo, int64_t* hi) const {
+    if (!seg_lo.empty()) {
+      *lo = seg_lo[b * T + t], *hi = seg_hi[b * T + t];
+      return;
+    }
     const int64_t p = pos0[b] + t;
-    const int64_t last = bidir ? pos0[b] + T - 1 : p;
-    return j <= last && (window <= 0 || p - j < window);
+    *lo = window > 0 ? p - window + 1 : 0;
+    *hi = bidir ? pos0[b] + T - 1 : p;
+  }
+  bool visible(int64_t b, int64_t t, int64_t j) const {
+    int64_t lo, hi;
+    keys(b, t, &lo, &hi);
+    return j >= lo && j <= hi;
   }
   // ggml divides scale by the softcap up front, then multiplies tanh by the softcap.
   float kq_scale() const { return softcap != 0.0f ? scale / softcap : scale; }
@@ -295,10 +309,9 @@ void tiled_rows(const Problem& P, const KVTiles& kv, int64_t b, int64_t h, int64
       float* kr = kq + r * kTileKV;
       if (P.softcap != 0.0f)
         for (int j = 0; j < kTileKV; ++j) kr[j] = tanhf(kr[j]) * P.softcap;
-      // The mask: keys [lo, pos] are visible (causal, sliding window), padding is not.
-      const int64_t pos = P.pos0[b] + t0 + r;
-      const int64_t lo = P.window > 0 ? pos - P.window + 1 : 0;
-      const int64_t hi = P.bidir ? P.pos0[b] + P.T - 1 : pos;
+      // The mask: keys [lo, hi] are visible (causal, sliding window, segment), padding is not.
+      int64_t lo, hi;
+      P.keys(b, t0 + r, &lo, &hi);
       const int64_t jlo = std::max<int64_t>(0, lo - ic), jhi = std::min<int64_t>(n, hi - ic + 1);
       for (int j = 0; j < kTileKV; ++j)
         if (j < jlo || j >= jhi) kr[j] = -INFINITY;
@@ -380,7 +393,7 @@ struct Work final : ChunkJob {
 ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                          ffi::Buffer<ffi::F16> k, ffi::Buffer<ffi::F16> v,
                          ffi::Buffer<ffi::S32> pos0, ffi::Buffer<ffi::S32> layer,
-                         ffi::ResultBuffer<ffi::F32> out,
+                         ffi::Buffer<ffi::S32> segments, ffi::ResultBuffer<ffi::F32> out,
                          int64_t kv_len, float scale, int64_t window, float softcap,
                          int64_t n_threads, int64_t neq1, int64_t workers, int64_t kv_pad,
                          int64_t bidir) {
@@ -416,6 +429,21 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   P.softcap = softcap;
   P.window = window;
   P.bidir = bidir != 0;
+  if (segments.element_count() > 0) {
+    if ((int64_t)segments.element_count() != P.B * P.T)
+      return ffi::Error::InvalidArgument("segments must be [B * T] or empty");
+    const int32_t* sg = segments.typed_data();
+    P.seg_lo.resize((size_t)(P.B * P.T));
+    P.seg_hi.resize((size_t)(P.B * P.T));
+    for (int64_t b = 0; b < P.B; ++b) {
+      for (int64_t t = 0; t < P.T;) {  // each run of equal ids sees itself (keys = queries)
+        int64_t e = t;
+        while (e + 1 < P.T && sg[b * P.T + e + 1] == sg[b * P.T + t]) ++e;
+        for (int64_t u = t; u <= e; ++u) P.seg_lo[b * P.T + u] = t, P.seg_hi[b * P.T + u] = e;
+        t = e + 1;
+      }
+    }
+  }
   const int64_t rows = neq1 > 0 ? neq1 : P.T;  // ggml's neq1 picks the path
   P.tiled = rows >= kTileQ;
   if (kv_pad > 0 && P.B == 1) {
@@ -476,6 +504,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttn, jllama::FlashAttnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
