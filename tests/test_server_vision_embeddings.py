@@ -103,10 +103,11 @@ def test_suite_properties(served):
                      {"type": "image_url", "image_url": {"url": "data:image/png;base64," + img}},
                      {"type": "text", "text": "\n"}]},
         {"prompt_string": "What is this: <__media__>\n", "multimodal_data": [img]},
-        "What is this: \n"]})
+        "What is this: \n", {"content": [{"type": "text", "text": "What is this: \n"}]}]})
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     assert data[0]["embedding"] == data[1]["embedding"] != data[2]["embedding"]
+    assert data[3]["embedding"] == data[2]["embedding"]  # text parts alone: the plain text
     # the image's tokens count in usage (4 per image for this projector + the text's)
     assert r.json()["usage"]["prompt_tokens"] > 3 * 4
     for bad in [{"prompt_string": "What is this: <__media__>\n", "multimodal_data": ["bm90IGFu"]},

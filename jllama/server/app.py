@@ -255,10 +255,14 @@ def embedding_media(state: ServerState, entry: dict) -> list:
         text = oa.message_text(content, "input.content", urls, state.settings.media_marker)
         if not urls:
             return state.llm.tokenizer.encode(text, add_special=True, parse_special=True)
+        need_vision(state, urls[0][0])
         st = state.settings
         files = [(param, media.media_bytes(param, url, st.media_path, st.allow_remote_media))
                  for param, url in urls]
         return media_items(state, text, files, True, "input")
+    if getattr(state.llm, "vision", None) is None:
+        raise emb.server_error((400, "invalid_request_error"), "Multimodal data provided, but "
+                               "model does not support multimodal requests.")
     text, data = entry.get("prompt_string"), entry.get("multimodal_data")
     if not isinstance(text, str):
         raise oa.bad("input", "'prompt_string' must be a string", "invalid_type")
@@ -711,9 +715,8 @@ class Handlers:
         """llama-server's handle_embeddings_impl: OAI (/v1/embeddings) or its own shape."""
         enc = self._encoder()
         body = await json_body(request)
-        mm = None
-        if getattr(self.state.llm, "vision", None) is not None and hasattr(enc, "run_items"):
-            mm = functools.partial(embedding_media, self.state)
+        mm = (functools.partial(embedding_media, self.state) if self.state.llm is not None
+              else None)
         seqs, oai, b64, norm = await run_in_threadpool(emb.parse_embeddings, enc, body, oai,
                                                        True, mm)
         outs = [await run_in_threadpool(

@@ -87,6 +87,7 @@ class _Runner:
         {"prompt_string", "multimodal_data"} and OpenAI {"content": [parts]} go to ``media``
         (the server's: token ids and image chunks), which a server without images lacks."""
         if isinstance(p, dict) and ("multimodal_data" in p or "content" in p):
+            # (an encoder server has no decoder to read images for: media is None there)
             if media is None:
                 raise server_error(_INVALID, "Multimodal data provided, but model does not "
                                    "support multimodal requests.")
