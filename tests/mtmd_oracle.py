@@ -14,15 +14,19 @@ FLASH_ATTN_ENABLED = 1  # llama_flash_attn_type; libmtmd's AUTO picks it on the 
 
 
 class Mtmd:
-    def __init__(self, text_gguf, mmproj, n_ctx: int = 256, threads: int = 2):
+    def __init__(self, text_gguf, mmproj, n_ctx: int = 256, threads: int = 2,
+                 pooling: int | None = None):
+        """``pooling`` (a llama_pooling_type): a context with embeddings on (``embed_last``)."""
         llama_cpp = llama_cpp_module()
         from llama_cpp import mtmd_cpp as M
 
         self.M, self.lc = M, llama_cpp
+        extra = {} if pooling is None else {"embedding": True, "pooling_type": pooling}
         # flash attention on as llama.cpp's default; f16 KV cache (its default)
         self.llm = llama_cpp.Llama(model_path=str(text_gguf), n_ctx=n_ctx, n_batch=n_ctx,
                                    n_ubatch=n_ctx, verbose=False, n_threads=threads, seed=0,
-                                   flash_attn=True)
+                                   flash_attn=True, **extra)
+        self.pooling = pooling
         cp = M.mtmd_context_params_default()
         cp.use_gpu, cp.n_threads, cp.print_timings, cp.warmup = False, threads, False, False
         cp.flash_attn_type = FLASH_ATTN_ENABLED
@@ -109,3 +113,24 @@ class Mtmd:
                 raise RuntimeError("llama_decode failed")
         self.decode_s, self.n_decoded = time.perf_counter() - t0, len(out)
         return out
+
+    def embed_last(self, prompt: str, images: list[np.ndarray]) -> np.ndarray:
+        """``mtmd_helper_eval_chunks`` with embeddings on, then what llama-server's
+        send_embedding reads after it: the last decode's pooled vector
+        (llama_get_embeddings_seq; [n_embd]) or, pooling none, that decode's rows
+        (llama_get_embeddings_ith; [n_last_text_tokens, n_embd]). Raw, not normalised."""
+        lc, M = self.lc, self.M
+        chs = self.tokenize(prompt, images)
+        lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
+        n_past = lc.llama_pos(0)
+        rc = M.mtmd_helper_eval_chunks(self.ctx, self.llm.ctx, self.chunks, 0, 0,
+                                       self.llm.n_batch, True, ctypes.byref(n_past))
+        if rc != 0:
+            raise RuntimeError(f"mtmd_helper_eval_chunks returned {rc}")
+        n_embd = lc.llama_model_n_embd(self.llm.model)
+        if self.pooling != lc.LLAMA_POOLING_TYPE_NONE:
+            p = lc.llama_get_embeddings_seq(self.llm.ctx, 0)
+            return np.ctypeslib.as_array(p, shape=(n_embd,)).copy()
+        rows = [np.ctypeslib.as_array(lc.llama_get_embeddings_ith(self.llm.ctx, i),
+                                      shape=(n_embd,)).copy() for i in range(len(chs[-1]))]
+        return np.stack(rows)

@@ -109,6 +109,14 @@ def test_bad_request_beside_good(served) -> None:
     r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2,
                                                    "temperature": 0}, timeout=120)
     assert r.status_code == 200, r.text
+    # images without a projector: llama-server's message; OpenAI text parts alone still work
+    r = httpx.post(url + "/embeddings", json={"content": [
+        {"prompt_string": "<__media__>", "multimodal_data": ["aGk="]}]}, timeout=120)
+    assert r.status_code == 400 and "does not support multimodal" in r.text, r.text
+    r = httpx.post(url + "/v1/embeddings", json={"input": [
+        {"content": [{"type": "text", "text": "ok"}]}, "ok"]}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["embedding"] == r.json()["data"][1]["embedding"]
 
 
 def test_gemma3_sliding_window_softcap(tmp_path: Path) -> None:

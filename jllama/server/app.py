@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import threading
@@ -238,6 +239,39 @@ def media_items(state: ServerState, text: str, files: list[tuple[str, bytes]], a
         else:
             items.append(c)
     return items
+
+
+def embedding_media(state: ServerState, entry: dict) -> list:
+    """An /embeddings entry with images -> token ids and ImageChunks, as llama-server's
+    handle_embeddings_impl reads it: {"prompt_string", "multimodal_data": [base64]}
+    (process_mtmd_prompt) or OpenAI {"content": [text and image_url parts]}
+    (tokenize_oai_content_array: the texts joined, each image a media marker; no image: the
+    text tokenized as is)."""
+    if "content" in entry:
+        urls: list[tuple[str, str]] = []
+        content = entry["content"]
+        if not isinstance(content, list):
+            raise emb.server_error((400, "invalid_request_error"), '"content" must be an array')
+        text = oa.message_text(content, "input.content", urls, state.settings.media_marker)
+        if not urls:
+            return state.llm.tokenizer.encode(text, add_special=True, parse_special=True)
+        need_vision(state, urls[0][0])
+        st = state.settings
+        files = [(param, media.media_bytes(param, url, st.media_path, st.allow_remote_media))
+                 for param, url in urls]
+        return media_items(state, text, files, True, "input")
+    if getattr(state.llm, "vision", None) is None:
+        raise emb.server_error((400, "invalid_request_error"), "Multimodal data provided, but "
+                               "model does not support multimodal requests.")
+    text, data = entry.get("prompt_string"), entry.get("multimodal_data")
+    if not isinstance(text, str):
+        raise oa.bad("input", "'prompt_string' must be a string", "invalid_type")
+    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+        raise oa.bad("input.multimodal_data", "'multimodal_data' must be a list of base64 "
+                     "strings", "invalid_type")
+    files = [(f"multimodal_data[{i}]", media.b64(f"multimodal_data[{i}]", d))
+             for i, d in enumerate(data)]
+    return media_items(state, text, files, True, "input")
 
 
 def prompt_text(state: ServerState, items: list) -> str:
@@ -681,8 +715,13 @@ class Handlers:
         """llama-server's handle_embeddings_impl: OAI (/v1/embeddings) or its own shape."""
         enc = self._encoder()
         body = await json_body(request)
-        seqs, oai, b64, norm = await run_in_threadpool(emb.parse_embeddings, enc, body, oai)
-        outs = [await run_in_threadpool(enc.run, ids) for ids in seqs]
+        mm = (functools.partial(embedding_media, self.state) if self.state.llm is not None
+              else None)
+        seqs, oai, b64, norm = await run_in_threadpool(emb.parse_embeddings, enc, body, oai,
+                                                       True, mm)
+        outs = [await run_in_threadpool(
+            enc.run if all(isinstance(t, int) for t in ids) else enc.run_items, ids)
+            for ids in seqs]
         return JSONResponse(emb.embeddings_response(enc, body, self.state.settings.model_alias,
                                                     seqs, outs, oai, b64, norm))
 

@@ -82,11 +82,16 @@ class _Runner:
         return out[:n] if self.pooling == "none" else out
 
     # ------------------------------------------------------------------ prompts
-    def tokenize_entry(self, p) -> list[int]:
-        """tokenize_input_subprompt: a string (special tokens added and parsed) or token ids."""
-        if isinstance(p, dict) and ("multimodal_data" in p or isinstance(p.get("content"), list)):
-            raise server_error(_INVALID, "embeddings of prompts with images are not built yet "
-                               "(send text prompts)")
+    def tokenize_entry(self, p, media=None) -> list:
+        """tokenize_input_subprompt: a string (special tokens added and parsed) or token ids;
+        {"prompt_string", "multimodal_data"} and OpenAI {"content": [parts]} go to ``media``
+        (the server's: token ids and image chunks), which a server without images lacks."""
+        if isinstance(p, dict) and ("multimodal_data" in p or "content" in p):
+            # (an encoder server has no decoder to read images for: media is None there)
+            if media is None:
+                raise server_error(_INVALID, "Multimodal data provided, but model does not "
+                                   "support multimodal requests.")
+            return media(p)
         if isinstance(p, dict) and isinstance(p.get("prompt_string"), str):
             p = p["prompt_string"]  # tokenize_input_subprompt's {"prompt_string": ...}
         if isinstance(p, str):
@@ -118,11 +123,12 @@ class _Runner:
             out.append(eos)
         return out
 
-    def check_length(self, ids: list[int]) -> None:
-        if len(ids) > self.n_ctx:
-            e = server_error(_EXCEED, f"input ({len(ids)} tokens) is larger than the max "
+    def check_length(self, ids: list) -> None:
+        n = n_items(ids)
+        if n > self.n_ctx:
+            e = server_error(_EXCEED, f"input ({n} tokens) is larger than the max "
                              f"context size ({self.n_ctx} tokens). skipping")
-            e.extra = {"n_prompt_tokens": len(ids), "n_ctx": self.n_ctx}
+            e.extra = {"n_prompt_tokens": n, "n_ctx": self.n_ctx}
             raise e
 
 
@@ -264,10 +270,105 @@ class DecoderRunner(_Runner):
         return run
 
 
+    def run_items(self, items: list) -> np.ndarray:
+        """The output of a prompt with images (token ids and ``multimodal.ImageChunk``s), as
+        llama-server computes it: the text runs and images decoded in turn into one fresh
+        cache (each image in its own batch, non-causally where libmtmd decodes it so), and
+        the output taken from the LAST batch only (send_embedding reads the embeddings of
+        the final llama_decode: llama_get_embeddings_seq pools that batch's tokens, i.e. the
+        text after the last image; pooling none gives that batch's rows)."""
+        if self.pooling == "rank":
+            raise server_error(_INVALID, "rank pooling of prompts with images is not supported")
+        runs: list = []
+        for t in items:
+            if isinstance(t, int):
+                if runs and isinstance(runs[-1], list):
+                    runs[-1].append(t)
+                else:
+                    runs.append([t])
+            else:
+                runs.append(t)
+        if not isinstance(runs[-1], list):
+            # llama-server would decode no text batch after the image and send no vector
+            raise server_error(_INVALID, "a prompt for embeddings must end with text after its "
+                               "last image")
+        total = sum(len(r) if isinstance(r, list) else r.embd.shape[0] for r in runs)
+        pads = [self.bucket(len(r)) if isinstance(r, list) else r.embd.shape[0] for r in runs]
+        cache_len = 1 << (max(16, total + pads[-1]) - 1).bit_length()
+        with self._lock:
+            cache = self._new_cache(cache_len)
+            pos = 0
+            for r, t in zip(runs, pads):
+                kv_len = min(cache_len, 1 << (max(256, pos + t) - 1).bit_length())
+                last = r is runs[-1]
+                if isinstance(r, list):
+                    x = np.zeros((1, t), np.int32)
+                    x[0, :len(r)] = r
+                    n, bidir, is_embd = len(r), False, False
+                else:
+                    x = np.asarray(r.embd, np.float32)[None]
+                    n, bidir, is_embd = t, bool(r.bidir), True
+                out, cache = self._step(x, np.asarray([pos], np.int32), cache, np.int32(n),
+                                        kv_len=kv_len, is_embd=is_embd, bidir=bidir,
+                                        pool_out=last)
+                pos += n
+            out = np.asarray(out, np.float32)
+        return out[:len(runs[-1])] if self.pooling == "none" else out
+
+    def _new_cache(self, length: int):
+        from jllama.models.cache import KVCache
+        from jllama.numerics import DEFAULT
+
+        num, spec = self.numerics or DEFAULT, self.spec
+        make = getattr(self.model, "make_cache", None)
+        if make is not None:
+            return make(1, length, num.cache_type_k)
+        return KVCache.create(spec.n_layer, 1, spec.n_head_kv, length, spec.head_dim,
+                              spec.head_dim_v, num.cache_type_k, num.cache_type_v)
+
+    def _step(self, x, pos0, cache, n, *, kv_len: int, is_embd: bool, bidir: bool,
+              pool_out: bool):
+        """One batch (token ids [1, T] or input embeddings [1, T, n_embd]) appended at pos0;
+        returns (the batch's pooled output, or None before the last batch; the cache)."""
+        key = (x.shape, kv_len, is_embd, bidir, pool_out)
+        f = self._jits.get(key)
+        if f is None:
+            import jax
+            from flax import nnx
+
+            from jllama.models.bert import pool
+            from jllama.numerics import DEFAULT
+            from jllama.numerics import use as use_numerics
+
+            gd, state = nnx.split(self.model)
+            num, spec, pooling = self.numerics or DEFAULT, self.spec, self.pooling
+
+            def step(state, x, pos0, cache, n):
+                with use_numerics(num):
+                    model = nnx.merge(gd, state)
+                    if is_embd:
+                        h, cache = model(None, pos0, cache, kv_len, None, hidden=True, embd=x,
+                                         bidir=bidir)
+                    else:
+                        h, cache = model(x, pos0, cache, kv_len, None, hidden=True)
+                    return (pool(spec, None, h[0], pooling, n) if pool_out else None), cache
+
+            jitted = jax.jit(step)
+            f = self._jits[key] = lambda *a: jitted(state, *a)
+        return f(x, pos0, cache, n)
+
+
 # ---------------------------------------------------------------------------- requests
-def parse_embeddings(enc: EncoderRunner, body: dict, oai: bool, embedding_on: bool = True):
-    """(list of token-id lists, response is OAI?, base64?, embd_normalize) for a request, or
-    llama-server's error for it."""
+def n_items(items: list) -> int:
+    """A prompt's length in tokens, an image chunk counting its embeddings."""
+    return sum(1 if isinstance(t, int) else t.embd.shape[0] for t in items)
+
+
+def parse_embeddings(enc: EncoderRunner, body: dict, oai: bool, embedding_on: bool = True,
+                     media=None):
+    """(list of prompts: token-id lists, or with images ids and image chunks; response is
+    OAI?, base64?, embd_normalize) for a request, or llama-server's error for it. ``media``:
+    a prompt-with-images entry -> its items (``tokenize_entry``)."""
     if not embedding_on:
         raise server_error(_NOT_SUPPORTED, "This server does not support embeddings. Start it "
                            "with `--embeddings`")
@@ -291,9 +392,9 @@ def parse_embeddings(enc: EncoderRunner, body: dict, oai: bool, embedding_on: bo
                                "float or base64")
     if isinstance(prompt, list) and not (prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        seqs = [enc.tokenize_entry(p) for p in prompt]
+        seqs = [enc.tokenize_entry(p, media) for p in prompt]
     else:
-        seqs = [enc.tokenize_entry(prompt)]
+        seqs = [enc.tokenize_entry(prompt, media)]
     if not seqs:
         raise server_error(_INVALID, '"input" must not be empty')
     for ids in seqs:
@@ -324,7 +425,7 @@ def embeddings_response(enc: EncoderRunner, body: dict, model: str, seqs: list[l
                          "object": "embedding", "encoding_format": "base64"})
         else:
             data.append({"embedding": vec, "index": i, "object": "embedding"})
-    n = sum(len(s) for s in seqs)
+    n = sum(n_items(s) for s in seqs)
     return {"model": body.get("model", model), "object": "list",
             "usage": {"prompt_tokens": n, "total_tokens": n}, "data": data}
 
