@@ -270,11 +270,11 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
                                  i > 0 ? &work->subs[size_t(i - 1)] : nullptr);
     if (*err) return ffi::Error::InvalidArgument(err);
     const Q8Call& c = work->subs[size_t(i)].call;
-    // Row kernels: ~64 KiB of weights per chunk and pass over 4 x rows, so that a prompt's
+    // Row kernels: ~64 KiB of weights per chunk and pass over 8 x rows, so that a prompt's
     // chunks stay as short as a decode step's (a 64-row call of a 256-row weight was 3 chunks,
     // which 2 threads split 2:1) and each chunk's weights stay in L1/L2 across its passes;
     // the GEMM: one tile of weight rows (times all x rows: plenty of work per claim).
-    const int64_t passes = (x.m + 3) / 4;
+    const int64_t passes = (x.m + 7) / 8;
     const int64_t rows =
         work->subs[size_t(i)].gemm
             ? int64_t(kGemmChunk)

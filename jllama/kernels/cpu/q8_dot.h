@@ -129,7 +129,16 @@ static inline void hsum_i32_rows(const __m256i* v, int32_t* out) {
   for (; m < MC; ++m) out[m] = hsum_i32(v[m]);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+
 // Q4_0/Q5_0/Q8_0 (Q8_0 activations): weight codes as u8 = code + OFF, the bias undoes OFF.
+// Without VNNI, Q8_0 (OFF 128: dpbusd's emulation takes two maddubs) uses ggml's sign trick
+// instead, |w| times sign(x, w) in one maddubs (pairs reach 2 * 128 * 127 < 2^15): the same
+// int32 lanes, no bias.
 template <typename D>
 struct Q8Signed {
   static constexpr int BS = 32, XB = 32;
@@ -137,6 +146,16 @@ struct Q8Signed {
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const float dw = f16_to_f32(b);
+    if constexpr (D::OFF == 128 && !kVnni) {
+      const __m256i w = load256(b + 2), aw = _mm256_sign_epi8(w, w);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i sx = _mm256_sign_epi8(load256(x[m].q + bi * 32), w);
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
+                                    st[m].acc);
+      }
+      return;
+    }
     const __m256i qw = D::codes(b);
     for (int m = 0; m < MC; ++m) {
       const __m256i p = dpbusd<(D::OFF < 128)>(load256(x[m].aux + bi * 8), qw,
@@ -161,6 +180,7 @@ struct Q8W5_0 : Q8Signed<Q8W5_0> {
 };
 struct Q8W8_0 : Q8Signed<Q8W8_0> {
   static constexpr int TS = 34, OFF = 128;
+  static constexpr bool kBias = kVnni;  // the sign trick (no VNNI) needs no bias
   static __m256i codes(const uint8_t* b) {
     return _mm256_xor_si256(load256(b + 2), _mm256_set1_epi8(char(0x80)));
   }
