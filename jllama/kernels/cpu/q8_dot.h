@@ -502,20 +502,45 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
 // D::unpack(b, j, pre, g, sg, sc): sub-block j's |points| (u8), sign bytes (+-1, for sign_epi8)
 // and int16 scales; one sub-block at a time, so the decoded block never leaves the registers.
 // pre = D::prep(b): what the type decodes once per block (its scales, where packed).
+// Many x rows (q8_rows_decoded, vec_dot.cc): decode(b, v) writes the unpacked block (per
+// sub-block g, sg, sc: kDecodedVecs vectors) once per weight row, and dot_decoded runs the same
+// steps on it for every pass over 8 x rows, instead of unpacking the grid again per pass.
 template <typename D>
 struct Q8Grid {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = true;
+  static constexpr int kDecodedVecs = 24;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    const float dw = f16_to_f32(b);
+    const __m256i pre = D::prep(b);
+    dot_with<MC, TILED>(
+        f16_to_f32(b),
+        [&](int j, __m256i& g, __m256i& sg, __m256i& sc) { D::unpack(b, j, pre, g, sg, sc); },
+        bi, x, st);
+  }
+  static float decode(const uint8_t* b, __m256i* v) {  // returns d_w
+    const __m256i pre = D::prep(b);
+    for (int j = 0; j < 8; ++j) D::unpack(b, j, pre, v[3 * j], v[3 * j + 1], v[3 * j + 2]);
+    return f16_to_f32(b);
+  }
+  template <int MC, bool TILED = false>
+  static void dot_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    dot_with<MC, TILED>(
+        dw,
+        [&](int j, __m256i& g, __m256i& sg, __m256i& sc) {
+          g = v[3 * j], sg = v[3 * j + 1], sc = v[3 * j + 2];
+        },
+        bi, x, st);
+  }
+  template <int MC, bool TILED, typename U>
+  __attribute__((always_inline)) static void dot_with(float dw, U unpack, int64_t bi,
+                                                      const Q8Row* x, Q8Acc* st) {
     __m256i sumi[MC];
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
-    const __m256i pre = D::prep(b);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m256i g, sg, sc;
-      D::unpack(b, j, pre, g, sg, sc);
+      unpack(j, g, sg, sc);
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = _mm256_sign_epi8(load256(x[m].q + bi * 256 + 32 * j), sg);
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, qy, sc));
