@@ -700,23 +700,34 @@ struct Q8IQ1 {
       sumi1[m] = 0;
     }
     const __m256i pre = D::prep(b);
+    // IQ1_S, 4+ x rows: sub-block j's delta * scale for its two 16-sums, then one madd per x
+    // row; fewer rows keep the scalar products (the vector's store and reload cost more there)
+    constexpr bool kVecDelta = D::kDeltaBsums && MC >= 4;
+    alignas(32) int16_t dls[16];
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m256i pts, sc, dsg;
       int32_t dl;
       D::unpack(b, j, pre, pts, sc, dsg, dl);
       const __m256i g = _mm256_sign_epi8(pts, pts);  // |point|
+      if constexpr (kVecDelta) dls[2 * j] = dls[2 * j + 1] = int16_t(dl);
       for (int m = 0; m < MC; ++m) {
         const __m256i q = load256(x[m].q + bi * 256 + 32 * j);
         // q8 times the point's sign (0 where the point is 0: its |g| is 0 too)
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, _mm256_sign_epi8(q, pts), sc));
-        if constexpr (D::kDeltaBsums) {
+        if constexpr (D::kDeltaBsums && !kVecDelta) {
           const int32_t* bs = x[m].aux + bi * 16 + 2 * j;
           sumi1[m] += (bs[0] + bs[1]) * dl;
-        } else {
+        } else if constexpr (!D::kDeltaBsums) {
           sumd[m] = _mm256_add_epi32(sumd[m], scaled_dot4(ones, _mm256_sign_epi8(q, dsg), sc));
         }
       }
+    }
+    if constexpr (kVecDelta) {
+      // sum_j (bs[2j] + bs[2j+1]) dl_j in one madd per x row (exact integers: any order)
+      const __m256i dlv = _mm256_load_si256((const __m256i*)dls);
+      for (int m = 0; m < MC; ++m)
+        sumi1[m] = hsum_i32(_mm256_madd_epi16(load256(x[m].pairs + bi * 16), dlv));
     }
     for (int m = 0; m < MC; ++m) {
       if constexpr (!D::kDeltaBsums) sumi1[m] = hsum_i32(sumd[m]);
