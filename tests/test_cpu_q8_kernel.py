@@ -204,6 +204,7 @@ def test_activation_quantizer_is_ggmls(fmt: str) -> None:
     x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 30, (m, 1))).astype(np.float32)
     x[0, :256] = 0.0  # all-zero blocks
     x[1] = np.round(x[1] * 4) / 4  # many exact ties of x * 127 / amax
+    x[2, [5, 9, 300, 301]] = [-100.0, 100.0, 50.0, -50.0]  # equal |x|: the first one's sign
     q, d, s = (None if a is None else np.asarray(a)
                for a in jax.jit(lambda v: cpu_ffi.quantize_q8(v, fmt))(jnp.asarray(x)))
     bs, size = (256, 292) if fmt == "q8_K" else (32, 36 if fmt == "q8_1" else 34)

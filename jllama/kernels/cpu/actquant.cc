@@ -88,6 +88,86 @@ void quantize_row_q8(const float* x, int64_t k, int fmt, int8_t* q, float* d, fl
     }
   }
 }
+#elif defined(__AVX2__)
+// The same steps 8 lanes at a time, as ggml's AVX2 quantize_row_q8_0/_1 (max |x| is exact in
+// any order; x * id, then round-to-nearest-even, is nearbyint in the default mode), and Q8_K's
+// reference loop (the first element of largest magnitude gives the sign, found by a scan for
+// |x| == amax). The scalar loops cost ~9 ns an element: more than a small prompt GEMM itself
+// (experiments/results/cpu_kernels.md).
+static inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// 32 int32 codes (four vectors, in element order) -> 32 int8 in element order.
+static inline __m256i pack_i8(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+  return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+void quantize_row_q8(const float* x, int64_t k, int fmt, int8_t* q, float* d, float* s) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  if (fmt == 2) {  // Q8_K
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const float* xb = x + b * 256;
+      __m256 vmax = _mm256_setzero_ps();
+      for (int j = 0; j < 256; j += 8)
+        vmax = _mm256_max_ps(vmax, _mm256_and_ps(abs_mask, _mm256_loadu_ps(xb + j)));
+      const float amax = hmax8(vmax);
+      int8_t* qb = q + b * 256;
+      if (amax == 0.0f) {
+        std::memset(qb, 0, 256);
+        d[b] = 0.0f;
+        continue;
+      }
+      float mx = 0.0f;
+      const __m256 va = _mm256_set1_ps(amax);
+      for (int j = 0; j < 256; j += 8) {
+        const int hit = _mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_and_ps(abs_mask, _mm256_loadu_ps(xb + j)), va, _CMP_EQ_OQ));
+        if (hit) {
+          mx = xb[j + __builtin_ctz(unsigned(hit))];
+          break;
+        }
+      }
+      const float iscale = -127.0f / mx;
+      const __m256 vs = _mm256_set1_ps(iscale), cap = _mm256_set1_ps(127.0f);
+      for (int j = 0; j < 256; j += 32) {
+        __m256i c[4];
+        for (int h = 0; h < 4; ++h)
+          c[h] = _mm256_cvtps_epi32(_mm256_min_ps(
+              _mm256_round_ps(_mm256_mul_ps(vs, _mm256_loadu_ps(xb + j + 8 * h)), kRound), cap));
+        _mm256_storeu_si256((__m256i*)(qb + j), pack_i8(c[0], c[1], c[2], c[3]));
+      }
+      d[b] = 1.0f / iscale;
+    }
+    return;
+  }
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const float* xb = x + b * 32;
+    __m256 v[4];
+    for (int h = 0; h < 4; ++h) v[h] = _mm256_loadu_ps(xb + 8 * h);
+    const __m256 m01 = _mm256_max_ps(_mm256_and_ps(abs_mask, v[0]), _mm256_and_ps(abs_mask, v[1]));
+    const __m256 m23 = _mm256_max_ps(_mm256_and_ps(abs_mask, v[2]), _mm256_and_ps(abs_mask, v[3]));
+    const float amax = hmax8(_mm256_max_ps(m01, m23));
+    const float dd = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    __m256i c[4];
+    for (int h = 0; h < 4; ++h) c[h] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[h], id), kRound));
+    _mm256_storeu_si256((__m256i*)(q + b * 32), pack_i8(c[0], c[1], c[2], c[3]));
+    d[b] = f16_round(dd);
+    if (fmt == 1) {
+      __m256i t = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+      __m128i r = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+      r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+      r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
+      s[b] = f16_round(dd * (float)_mm_cvtsi128_si32(r));
+    }
+  }
+}
 #else
 void quantize_row_q8(const float* x, int64_t k, int fmt, int8_t* q, float* d, float* s) {
   if (fmt == 2) {  // Q8_K

@@ -129,7 +129,16 @@ static inline void hsum_i32_rows(const __m256i* v, int32_t* out) {
   for (; m < MC; ++m) out[m] = hsum_i32(v[m]);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+
 // Q4_0/Q5_0/Q8_0 (Q8_0 activations): weight codes as u8 = code + OFF, the bias undoes OFF.
+// Without VNNI, Q8_0 (OFF 128: dpbusd's emulation takes two maddubs) uses ggml's sign trick
+// instead, |w| times sign(x, w) in one maddubs (pairs reach 2 * 128 * 127 < 2^15): the same
+// int32 lanes, no bias.
 template <typename D>
 struct Q8Signed {
   static constexpr int BS = 32, XB = 32;
@@ -137,6 +146,16 @@ struct Q8Signed {
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const float dw = f16_to_f32(b);
+    if constexpr (D::OFF == 128 && !kVnni) {
+      const __m256i w = load256(b + 2), aw = _mm256_sign_epi8(w, w);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i sx = _mm256_sign_epi8(load256(x[m].q + bi * 32), w);
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+        st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[m].d[bi]), _mm256_cvtepi32_ps(p),
+                                    st[m].acc);
+      }
+      return;
+    }
     const __m256i qw = D::codes(b);
     for (int m = 0; m < MC; ++m) {
       const __m256i p = dpbusd<(D::OFF < 128)>(load256(x[m].aux + bi * 8), qw,
@@ -161,6 +180,7 @@ struct Q8W5_0 : Q8Signed<Q8W5_0> {
 };
 struct Q8W8_0 : Q8Signed<Q8W8_0> {
   static constexpr int TS = 34, OFF = 128;
+  static constexpr bool kBias = kVnni;  // the sign trick (no VNNI) needs no bias
   static __m256i codes(const uint8_t* b) {
     return _mm256_xor_si256(load256(b + 2), _mm256_set1_epi8(char(0x80)));
   }
@@ -482,20 +502,45 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
 // D::unpack(b, j, pre, g, sg, sc): sub-block j's |points| (u8), sign bytes (+-1, for sign_epi8)
 // and int16 scales; one sub-block at a time, so the decoded block never leaves the registers.
 // pre = D::prep(b): what the type decodes once per block (its scales, where packed).
+// Many x rows (q8_rows_decoded, vec_dot.cc): decode(b, v) writes the unpacked block (per
+// sub-block g, sg, sc: kDecodedVecs vectors) once per weight row, and dot_decoded runs the same
+// steps on it for every pass over 8 x rows, instead of unpacking the grid again per pass.
 template <typename D>
 struct Q8Grid {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = true;
+  static constexpr int kDecodedVecs = 24;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    const float dw = f16_to_f32(b);
+    const __m256i pre = D::prep(b);
+    dot_with<MC, TILED>(
+        f16_to_f32(b),
+        [&](int j, __m256i& g, __m256i& sg, __m256i& sc) { D::unpack(b, j, pre, g, sg, sc); },
+        bi, x, st);
+  }
+  static float decode(const uint8_t* b, __m256i* v) {  // returns d_w
+    const __m256i pre = D::prep(b);
+    for (int j = 0; j < 8; ++j) D::unpack(b, j, pre, v[3 * j], v[3 * j + 1], v[3 * j + 2]);
+    return f16_to_f32(b);
+  }
+  template <int MC, bool TILED = false>
+  static void dot_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    dot_with<MC, TILED>(
+        dw,
+        [&](int j, __m256i& g, __m256i& sg, __m256i& sc) {
+          g = v[3 * j], sg = v[3 * j + 1], sc = v[3 * j + 2];
+        },
+        bi, x, st);
+  }
+  template <int MC, bool TILED, typename U>
+  __attribute__((always_inline)) static void dot_with(float dw, U unpack, int64_t bi,
+                                                      const Q8Row* x, Q8Acc* st) {
     __m256i sumi[MC];
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
-    const __m256i pre = D::prep(b);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m256i g, sg, sc;
-      D::unpack(b, j, pre, g, sg, sc);
+      unpack(j, g, sg, sc);
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = _mm256_sign_epi8(load256(x[m].q + bi * 256 + 32 * j), sg);
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, qy, sc));
@@ -655,23 +700,34 @@ struct Q8IQ1 {
       sumi1[m] = 0;
     }
     const __m256i pre = D::prep(b);
+    // IQ1_S, 4+ x rows: sub-block j's delta * scale for its two 16-sums, then one madd per x
+    // row; fewer rows keep the scalar products (the vector's store and reload cost more there)
+    constexpr bool kVecDelta = D::kDeltaBsums && MC >= 4;
+    alignas(32) int16_t dls[16];
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m256i pts, sc, dsg;
       int32_t dl;
       D::unpack(b, j, pre, pts, sc, dsg, dl);
       const __m256i g = _mm256_sign_epi8(pts, pts);  // |point|
+      if constexpr (kVecDelta) dls[2 * j] = dls[2 * j + 1] = int16_t(dl);
       for (int m = 0; m < MC; ++m) {
         const __m256i q = load256(x[m].q + bi * 256 + 32 * j);
         // q8 times the point's sign (0 where the point is 0: its |g| is 0 too)
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(g, _mm256_sign_epi8(q, pts), sc));
-        if constexpr (D::kDeltaBsums) {
+        if constexpr (D::kDeltaBsums && !kVecDelta) {
           const int32_t* bs = x[m].aux + bi * 16 + 2 * j;
           sumi1[m] += (bs[0] + bs[1]) * dl;
-        } else {
+        } else if constexpr (!D::kDeltaBsums) {
           sumd[m] = _mm256_add_epi32(sumd[m], scaled_dot4(ones, _mm256_sign_epi8(q, dsg), sc));
         }
       }
+    }
+    if constexpr (kVecDelta) {
+      // sum_j (bs[2j] + bs[2j+1]) dl_j in one madd per x row (exact integers: any order)
+      const __m256i dlv = _mm256_load_si256((const __m256i*)dls);
+      for (int m = 0; m < MC; ++m)
+        sumi1[m] = hsum_i32(_mm256_madd_epi16(load256(x[m].pairs + bi * 16), dlv));
     }
     for (int m = 0; m < MC; ++m) {
       if constexpr (!D::kDeltaBsums) sumi1[m] = hsum_i32(sumd[m]);

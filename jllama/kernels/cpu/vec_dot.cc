@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -395,12 +396,57 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
+// Passes of 8 x rows, then 4, 2, 1: on AVX2 (16 vector registers) the 8-row pass still keeps
+// its integer sums in registers and halves how often each weight block is decoded per x row;
+// 64-row prompts took 0-25 % less CPU time than with passes of 4 (Q6_K, Q2_K/Q3_K, IQ types
+// most: experiments/results/cpu_kernels.md). Each output's steps are the same in any pass.
 template <typename T, bool TILED>
 void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= c.m_total; m0 += 4) q8_rows_mc<T, 4, TILED>(c, m0, n0, n1);
+  for (; m0 + 8 <= c.m_total; m0 += 8) q8_rows_mc<T, 8, TILED>(c, m0, n0, n1);
+  if (m0 + 4 <= c.m_total) q8_rows_mc<T, 4, TILED>(c, m0, n0, n1), m0 += 4;
   if (m0 + 2 <= c.m_total) q8_rows_mc<T, 2, TILED>(c, m0, n0, n1), m0 += 2;
   if (m0 < c.m_total) q8_rows_mc<T, 1, TILED>(c, m0, n0, n1);
+}
+
+// Types with a decoded block form (Q8Grid: the IQ2/IQ3 grids, whose unpacking costs as much as
+// the dots): from kDecodedMinRows x rows each weight row is unpacked once into a thread-local
+// buffer and every pass over the x rows reads it (64 rows: 8 unpackings per row become one).
+// The same per-output steps as q8_rows_mc.
+template <typename T, typename = void>
+struct HasDecoded : std::false_type {};
+template <typename T>
+struct HasDecoded<T, std::void_t<decltype(T::kDecodedVecs)>> : std::true_type {};
+constexpr int64_t kDecodedMinRows = 16;
+
+template <typename T, int MC, bool TILED>
+void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float* dw, int64_t n) {
+  const int64_t nb = c.k / T::BS;
+  const Q8Row* x = c.rows.data() + m0;
+  Q8Acc st[MC];
+  for (int m = 0; m < MC; ++m) st[m] = Q8Acc();
+  for (int64_t bi = 0; bi < nb; ++bi)
+    T::template dot_decoded<MC, TILED>(v + bi * T::kDecodedVecs, dw[bi], bi, x, st);
+  for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<TILED>(st[m]);
+}
+
+template <typename T, bool TILED>
+void q8_rows_decoded(const Q8Call& c, int64_t n0, int64_t n1) {
+  const int64_t nb = c.k / T::BS;
+  thread_local std::vector<__m256i> v;
+  thread_local std::vector<float> dw;
+  v.resize(size_t(nb * T::kDecodedVecs));
+  dw.resize(size_t(nb));
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = c.w + n * c.row_bytes;
+    for (int64_t bi = 0; bi < nb; ++bi)
+      dw[size_t(bi)] = T::decode(row + bi * T::TS, v.data() + bi * T::kDecodedVecs);
+    int64_t m0 = 0;
+    for (; m0 + 8 <= c.m_total; m0 += 8) q8_decoded_pass<T, 8, TILED>(c, m0, v.data(), dw.data(), n);
+    if (m0 + 4 <= c.m_total) q8_decoded_pass<T, 4, TILED>(c, m0, v.data(), dw.data(), n), m0 += 4;
+    if (m0 + 2 <= c.m_total) q8_decoded_pass<T, 2, TILED>(c, m0, v.data(), dw.data(), n), m0 += 2;
+    if (m0 < c.m_total) q8_decoded_pass<T, 1, TILED>(c, m0, v.data(), dw.data(), n);
+  }
 }
 
 // A type whose single-row order differs from its multi-row one (IQ4_NL: ggml's vec_dot for
@@ -419,6 +465,10 @@ void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
   using One = typename OneRowOf<T>::type;
   if constexpr (!std::is_same_v<One, T>) {
     if (c.m_total == 1) return q8_rows_t<One, false>(c, n0, n1);
+  }
+  if constexpr (HasDecoded<T>::value) {
+    if (c.m_total >= kDecodedMinRows)
+      return c.tiled ? q8_rows_decoded<T, true>(c, n0, n1) : q8_rows_decoded<T, false>(c, n0, n1);
   }
   if constexpr (T::kTiled) {
     if (c.m_total >= kTiledMinRows && c.tiled) return q8_rows_t<T, true>(c, n0, n1);
