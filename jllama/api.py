@@ -163,7 +163,7 @@ class Llama:
 
             if not Path(mmproj).is_file():
                 raise ImageError(f"{mmproj}: mmproj file not found")
-            self.vision = load_vision(mmproj)
+            self.vision = load_vision(mmproj, self.numerics)
             multimodal.check_pair(self.vision, self.spec.n_embd, self.spec.arch)
         self.speculative = None
         if draft is not None:

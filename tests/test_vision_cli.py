@@ -144,6 +144,39 @@ def test_quantized_mmproj_bit_exact(files, tmp_path):
         assert np.array_equal(load_vision(mm).encode(img), ref), qt.name
 
 
+def test_mmproj_weights_load_as_the_text_models(files, tmp_path):
+    """The mmproj's matrices go through the text model's loader (``load_weights``: the layout
+    the backend's kernels read, Pallas planes on GPU/TPU). Seen on the CPU without the C++
+    kernels, where the loader repacks to int8 codes: the Q8_0 encoder then runs XLA's int8
+    path, not ggml's arithmetic, so libmtmd's embeddings are matched to a tolerance."""
+    import gguf
+    import visionmodels as V
+    from mtmd_oracle import Mtmd
+
+    from jllama.models.clip import load_vision
+    from jllama.numerics import Numerics, use
+
+    img = np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    mm = tmp_path / "q8.gguf"
+    V.write_mmproj(mm, block_type=gguf.GGMLQuantizationType.Q8_0, seed=11)
+    o = Mtmd(files / "text.gguf", mm)
+    try:
+        chunk = [c for c in o.tokenize("<__media__>", [img]) if isinstance(c, tuple)][0]
+        ref, _ = o.encode(chunk)
+    finally:
+        o.close()
+    num = Numerics(cpu_kernels=False)
+    vision = load_vision(mm, num)
+    w = vision.encoder.w["v.blk.0.attn_q.weight"]
+    assert w.layout == "i8" and w.qtype == gguf.GGMLQuantizationType.Q8_0
+    with use(num):
+        ours = vision.encode(img)
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"\nQ8_0 mmproj on XLA's int8 path: max |d| / max |ref| = {err:.2e}")
+    assert err < 1e-2
+
+
 def _one_error(capsys, args) -> str:
     assert main(args) == 1
     err = capsys.readouterr().err

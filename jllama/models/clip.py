@@ -49,7 +49,7 @@ from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile, read_gguf
 from jllama.kernels import cpu_attention
 from jllama.kernels.dispatch import dequantize
-from jllama.models import clip_image
+from jllama.models import clip_image, load_weights
 from jllama.models.common import (
     Weights,
     gelu,
@@ -60,8 +60,9 @@ from jllama.models.common import (
     rope_rotate,
     swiglu,
 )
+from jllama.numerics import DEFAULT, Numerics
 from jllama.quant.actquant import opaque
-from jllama.quant.qtensor import QTensor, from_gguf_bytes
+from jllama.quant.qtensor import QTensor
 
 QWEN2VL, QWEN25VL = "qwen2vl_merger", "qwen2.5vl_merger"
 PROJECTORS = ("gemma3", "mlp", "idefics3", QWEN2VL, QWEN25VL)
@@ -549,16 +550,16 @@ def _encode(encoder: VisionEncoder, pixels: jax.Array) -> jax.Array:
     return encoder(pixels)
 
 
-def load_vision(path: str | os.PathLike) -> Vision:
-    """Read an mmproj GGUF; raises ModelError for files that are not one jllama runs."""
+def load_vision(path: str | os.PathLike, numerics: Numerics = DEFAULT) -> Vision:
+    """Read an mmproj GGUF; raises ModelError for files that are not one jllama runs. Its
+    weights load as the text model's do (``load_weights``): each in the layout the backend's
+    quantized kernels read (GGUF blocks for the C++ int8 kernels, Pallas planes on GPU/TPU),
+    so the encoder's products go through the same kernels as the text model's."""
     g = read_gguf(path)
     spec = spec_from_gguf(g)
-    tensors = {}
-    for name, ti in g.tensors.items():
-        data, qtype = from_gguf_bytes(ti.data, ti.qtype, ti.shape)
-        tensors[name] = QTensor(jax.device_put(np.asarray(data)), int(qtype), tuple(ti.shape))
+    w = load_weights(g, repack=True, numerics=numerics)
     enc = Qwen2VLEncoder if spec.projector in (QWEN2VL, QWEN25VL) else VisionEncoder
-    return Vision(spec, enc(spec, Weights(tensors, str(path))), str(path))
+    return Vision(spec, enc(spec, w), str(path))
 
 
 # ----------------------------------------------------------------------------- Qwen2-VL
