@@ -22,6 +22,19 @@ TEXT = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=1, head_dim=64)
 SPECIALS = ("<end_of_turn>", "<start_of_turn>", "<start_of_image>", "<end_of_image>")
 
 
+
+def _randn(rng):
+    """``w(*shape, s=0.05)``: f32 draws of N(0, s²) from ``rng`` (every writer's weights)."""
+    def w(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    return w
+
+
+def f16(a):
+    return a.astype(np.float16)
+
+
 def vision_config(image_size: int = 64, patch_size: int = 8, n_embd: int = 64,
                   n_layer: int = 2, n_head: int = 4, tokens_per_image: int = 4) -> dict:
     return {
@@ -43,12 +56,10 @@ def vision_config(image_size: int = 64, patch_size: int = 8, n_embd: int = 64,
 
 def vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
+    w = _randn(rng)
     v = cfg["vision_config"]
     d, ff, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     n_pos = (v["image_size"] // p) ** 2
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
 
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
@@ -140,12 +151,7 @@ def write_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: int = 6
     """A gemma3 mmproj as convert_hf_to_gguf.py --mmproj writes it (f16 matrices, f32 norms,
     biases and embeddings, f16 input projection)."""
     rng = np.random.default_rng(seed)
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
-
-    def f16(a):
-        return a.astype(np.float16)
+    w = _randn(rng)
 
     def mat(name, a):  # the encoder's matrices: f16, or ``block_type`` (llama-quantize'd)
         if block_type is None:
@@ -177,12 +183,7 @@ def write_llava_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size: i
     writes one for LlavaForConditionalGeneration: CLIP with a class embedding and a
     pre-LayerNorm, quick-GELU, no post-LayerNorm, the two-layer MLP projector; f16 matrices."""
     rng = np.random.default_rng(seed)
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
-
-    def f16(a):
-        return a.astype(np.float16)
+    w = _randn(rng)
 
     g = _clip_writer(path, n_embd_out, image_size, patch, d, n_layer, n_head)
     g.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
@@ -218,12 +219,7 @@ def write_llava16_mmproj(path, n_embd_out: int = 128, seed: int = 1, image_size:
     ``feature_layers``: several (as granite's vision_feature_layer list): stacked features,
     mm.0 as wide as all of them."""
     rng = np.random.default_rng(seed)
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
-
-    def f16(a):
-        return a.astype(np.float16)
+    w = _randn(rng)
 
     layers = list(feature_layers or [n_hf_layer - 2 + 1])  # to_non_negative(-2)
     feature_layer = max(layers)
@@ -272,12 +268,7 @@ def write_idefics3_mmproj(path, n_embd_out: int = 128, seed: int = 0, image_size
     GELU, eps 1e-5, the embeddings forced to f32, f16 matrices, ``mm.model.fc`` (no bias) of
     width ``scale_factor``² x d, and the preprocessor's longest edge."""
     rng = np.random.default_rng(seed)
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
-
-    def f16(a):
-        return a.astype(np.float16)
+    w = _randn(rng)
 
     g = _clip_writer(path, n_embd_out, image_size, patch, d, n_layer, n_head)
     g.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
@@ -336,11 +327,9 @@ def write_idefics3_checkpoint(d: Path, cfg: dict, longest_edge: int = 64, seed: 
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
+    w = _randn(rng)
     v = cfg["vision_config"]
     dd, ff, p, sf = v["hidden_size"], v["intermediate_size"], v["patch_size"], cfg["scale_factor"]
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
 
     pre = "model.vision_model."
     t = {pre + "embeddings.patch_embedding.weight": w(dd, 3, p, p, s=0.1),
@@ -406,12 +395,10 @@ def qwen2vl_vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """The ``visual.*`` tensors of HF's Qwen2-VL vision tower (Conv3d patch embedding, fused
     qkv, LayerNorms, quick-GELU MLP, the ln_q + 2-layer MLP patch merger), random."""
     rng = np.random.default_rng(seed)
+    w = _randn(rng)
     v = cfg["vision_config"]
     d, p = v["embed_dim"], v["patch_size"]
     ff, out, m = d * v["mlp_ratio"], v["hidden_size"], 4 * d
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
 
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
@@ -524,12 +511,10 @@ def qwen25vl_vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """HF's Qwen2.5-VL vision tower: RMS norms (weights only), fused qkv, gated SiLU MLP with
     biases, the ln_q (RMS) + 2-layer MLP merger; random."""
     rng = np.random.default_rng(seed)
+    w = _randn(rng)
     v = cfg["vision_config"]
     d, p, ff = v["hidden_size"], v["patch_size"], v["intermediate_size"]
     out, m = v["out_hidden_size"], 4 * v["hidden_size"]
-
-    def w(*shape, s=0.05):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
 
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
