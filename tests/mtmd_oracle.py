@@ -78,16 +78,22 @@ class Mtmd:
         p = self.M.mtmd_get_output_embd(self.ctx)
         return np.ctypeslib.as_array(p, shape=(n * n_embd,)).reshape(n, n_embd).copy(), ms
 
-    def eval_chunks(self, prompt: str, images: list[np.ndarray]) -> np.ndarray:
-        """``mtmd_helper_eval_chunks`` into an empty context; the logits after the prompt."""
+    def _eval_fresh(self):
+        """``mtmd_helper_eval_chunks`` of the tokenized chunks into an emptied context."""
         lc, M = self.lc, self.M
-        self.tokenize(prompt, images)
         lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
         n_past = lc.llama_pos(0)
         rc = M.mtmd_helper_eval_chunks(self.ctx, self.llm.ctx, self.chunks, 0, 0,
                                        self.llm.n_batch, True, ctypes.byref(n_past))
         if rc != 0:
             raise RuntimeError(f"mtmd_helper_eval_chunks returned {rc}")
+        return n_past
+
+    def eval_chunks(self, prompt: str, images: list[np.ndarray]) -> np.ndarray:
+        """``mtmd_helper_eval_chunks`` into an empty context; the logits after the prompt."""
+        lc = self.lc
+        self.tokenize(prompt, images)
+        n_past = self._eval_fresh()
         self.n_past = n_past.value
         n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.llm.model))
         return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.llm.ctx, -1),
@@ -119,14 +125,9 @@ class Mtmd:
         send_embedding reads after it: the last decode's pooled vector
         (llama_get_embeddings_seq; [n_embd]) or, pooling none, that decode's rows
         (llama_get_embeddings_ith; [n_last_text_tokens, n_embd]). Raw, not normalised."""
-        lc, M = self.lc, self.M
+        lc = self.lc
         chs = self.tokenize(prompt, images)
-        lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
-        n_past = lc.llama_pos(0)
-        rc = M.mtmd_helper_eval_chunks(self.ctx, self.llm.ctx, self.chunks, 0, 0,
-                                       self.llm.n_batch, True, ctypes.byref(n_past))
-        if rc != 0:
-            raise RuntimeError(f"mtmd_helper_eval_chunks returned {rc}")
+        self._eval_fresh()
         n_embd = lc.llama_model_n_embd(self.llm.model)
         if self.pooling != lc.LLAMA_POOLING_TYPE_NONE:
             p = lc.llama_get_embeddings_seq(self.llm.ctx, 0)

@@ -122,12 +122,23 @@ def test_odd_shapes_embeddings_bit_exact(files, tmp_path):
         o.close()
 
 
+def _libmtmd_embeddings(text, mm, img) -> np.ndarray:
+    """libmtmd's embeddings of one image (``mtmd_encode_chunk``)."""
+    from mtmd_oracle import Mtmd
+
+    o = Mtmd(text, mm)
+    try:
+        chunk = [c for c in o.tokenize("<__media__>", [img]) if isinstance(c, tuple)][0]
+        return o.encode(chunk)[0]
+    finally:
+        o.close()
+
+
 def test_quantized_mmproj_bit_exact(files, tmp_path):
     """An mmproj whose encoder matrices are Q8_0 / Q4_0: they go through the text model's
     int8 kernels (ggml's Q8 activations), equal to libmtmd's."""
     import gguf
     import visionmodels as V
-    from mtmd_oracle import Mtmd
 
     from jllama.models.clip import load_vision
 
@@ -135,12 +146,7 @@ def test_quantized_mmproj_bit_exact(files, tmp_path):
     for qt in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
         mm = tmp_path / f"{qt.name}.gguf"
         V.write_mmproj(mm, block_type=qt, seed=11)
-        o = Mtmd(files / "text.gguf", mm)
-        try:
-            chunk = [c for c in o.tokenize("<__media__>", [img]) if isinstance(c, tuple)][0]
-            ref, _ = o.encode(chunk)
-        finally:
-            o.close()
+        ref = _libmtmd_embeddings(files / "text.gguf", mm, img)
         assert np.array_equal(load_vision(mm).encode(img), ref), qt.name
 
 
@@ -151,7 +157,6 @@ def test_mmproj_weights_load_as_the_text_models(files, tmp_path):
     path, not ggml's arithmetic, so libmtmd's embeddings are matched to a tolerance."""
     import gguf
     import visionmodels as V
-    from mtmd_oracle import Mtmd
 
     from jllama.models.clip import load_vision
     from jllama.numerics import Numerics, use
@@ -159,12 +164,7 @@ def test_mmproj_weights_load_as_the_text_models(files, tmp_path):
     img = np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8)
     mm = tmp_path / "q8.gguf"
     V.write_mmproj(mm, block_type=gguf.GGMLQuantizationType.Q8_0, seed=11)
-    o = Mtmd(files / "text.gguf", mm)
-    try:
-        chunk = [c for c in o.tokenize("<__media__>", [img]) if isinstance(c, tuple)][0]
-        ref, _ = o.encode(chunk)
-    finally:
-        o.close()
+    ref = _libmtmd_embeddings(files / "text.gguf", mm, img)
     num = Numerics(cpu_kernels=False)
     vision = load_vision(mm, num)
     w = vision.encoder.w["v.blk.0.attn_q.weight"]

@@ -82,17 +82,9 @@ def test_image_embeddings_bit_exact(pair, image):
 
 @pytest.fixture(scope="module")
 def engine(files):
-    from jllama.engine.engine import Engine
-    from jllama.gguf.reader import read_gguf
-    from jllama.models import build_model
-    from jllama.numerics import Numerics
-    from jllama.tokenizer import Tokenizer
+    import visionmodels as V
 
-    g = read_gguf(files / "text.gguf")
-    spec, model = build_model(g)
-    eng = Engine(spec, model, ctx_size=256,
-                 numerics=Numerics(cache_type_k="f16", cache_type_v="f16"))
-    return eng, Tokenizer.from_gguf(g)
+    return V.text_engine(files / "text.gguf")
 
 
 def test_chunks_and_greedy_tokens(pair16, engine):

@@ -54,18 +54,9 @@ def text_engine(tmp_path_factory):
     """One engine for both projectors (the same tiny llama text model, written once)."""
     import visionmodels as V
 
-    from jllama.engine.engine import Engine
-    from jllama.gguf.reader import read_gguf
-    from jllama.models import build_model
-    from jllama.numerics import Numerics
-    from jllama.tokenizer import Tokenizer
-
     path = V.write_llama_text_model(tmp_path_factory.mktemp("text") / "text.gguf")
-    g = read_gguf(path)
-    spec, model = build_model(g)
-    eng = Engine(spec, model, ctx_size=256,
-                 numerics=Numerics(cache_type_k="f16", cache_type_v="f16"))
-    return spec, eng, Tokenizer.from_gguf(g)
+    eng, tok = V.text_engine(path)
+    return eng.spec, eng, tok
 
 
 def _greedy_vs_libmtmd(text_engine, o, vision, img):

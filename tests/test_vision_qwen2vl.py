@@ -95,18 +95,11 @@ def test_large_image_grid(oracle, vision):
 
 @pytest.fixture(scope="module")
 def engine(files):
-    from jllama.engine.engine import Engine
-    from jllama.gguf.reader import read_gguf
-    from jllama.models import build_model
-    from jllama.numerics import Numerics
-    from jllama.tokenizer import Tokenizer
+    import visionmodels as V
 
-    g = read_gguf(files / "text.gguf")
-    spec, model = build_model(g)
-    eng = Engine(spec, model, ctx_size=256,
-                 numerics=Numerics(cache_type_k="f16", cache_type_v="f16"))
-    assert eng.mrope and spec.rope_sections == (4, 6, 6, 0)
-    return eng, Tokenizer.from_gguf(g)
+    eng, tok = V.text_engine(files / "text.gguf")
+    assert eng.mrope and eng.spec.rope_sections == (4, 6, 6, 0)
+    return eng, tok
 
 
 def test_text_logits_bit_exact(files, engine):

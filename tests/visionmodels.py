@@ -418,6 +418,15 @@ def qwen2vl_vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return t
 
 
+def _qwen_preprocessor(d: Path, patch: int) -> None:
+    """preprocessor_config.json of a Qwen2-VL / Qwen2.5-VL checkpoint (CLIP's mean and std)."""
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2, "patch_size": patch,
+        "temporal_patch_size": 2}))
+
+
 def write_qwen2vl_checkpoint(d: Path, cfg: dict | None = None, seed: int = 0) -> Path:
     """A tiny Qwen2-VL vision tower in HF's layout, for convert_hf_to_gguf.py --mmproj."""
     from safetensors.numpy import save_file
@@ -425,11 +434,7 @@ def write_qwen2vl_checkpoint(d: Path, cfg: dict | None = None, seed: int = 0) ->
     cfg = cfg or qwen2vl_config()
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / "preprocessor_config.json").write_text(json.dumps({
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2,
-        "patch_size": cfg["vision_config"]["patch_size"], "temporal_patch_size": 2}))
+    _qwen_preprocessor(d, cfg["vision_config"]["patch_size"])
     save_file(qwen2vl_vision_tensors(cfg, seed), str(d / "model.safetensors"),
               metadata={"format": "pt"})
     return d
@@ -539,11 +544,7 @@ def write_qwen25vl_checkpoint(d: Path, cfg: dict | None = None, seed: int = 0) -
     cfg = cfg or qwen25vl_config()
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / "preprocessor_config.json").write_text(json.dumps({
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2, "patch_size": 14,
-        "temporal_patch_size": 2}))
+    _qwen_preprocessor(d, 14)
     save_file(qwen25vl_vision_tensors(cfg, seed), str(d / "model.safetensors"),
               metadata={"format": "pt"})
     return d
@@ -601,3 +602,18 @@ def write_qwen25vl_mmproj(path, dtype=np.float16, seed: int = 0,
     mat("v.patch_embd.weight", np.ascontiguousarray(k[:, :, 0]))
     mat("v.patch_embd.weight.1", np.ascontiguousarray(k[:, :, 1]))
     _finish(g)
+
+
+def text_engine(path: Path, ctx: int = 256):
+    """(Engine, Tokenizer) on a tiny text model, with llama.cpp's default f16 KV cache."""
+    from jllama.engine.engine import Engine
+    from jllama.gguf.reader import read_gguf
+    from jllama.models import build_model
+    from jllama.numerics import Numerics
+    from jllama.tokenizer import Tokenizer
+
+    g = read_gguf(path)
+    spec, model = build_model(g)
+    eng = Engine(spec, model, ctx_size=ctx,
+                 numerics=Numerics(cache_type_k="f16", cache_type_v="f16"))
+    return eng, Tokenizer.from_gguf(g)

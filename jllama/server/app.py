@@ -266,12 +266,17 @@ def embedding_media(state: ServerState, entry: dict) -> list:
     text, data = entry.get("prompt_string"), entry.get("multimodal_data")
     if not isinstance(text, str):
         raise oa.bad("input", "'prompt_string' must be a string", "invalid_type")
+    return media_items(state, text, _b64_files(data, "input.multimodal_data",
+                                              "multimodal_data"), True, "input")
+
+
+def _b64_files(data, field: str, name: str) -> list[tuple[str, bytes]]:
+    """llama-server's ``multimodal_data``: a list of base64 strings, decoded and named for
+    error messages (``name[i]``)."""
     if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-        raise oa.bad("input.multimodal_data", "'multimodal_data' must be a list of base64 "
-                     "strings", "invalid_type")
-    files = [(f"multimodal_data[{i}]", media.b64(f"multimodal_data[{i}]", d))
-             for i, d in enumerate(data)]
-    return media_items(state, text, files, True, "input")
+        raise oa.bad(field, "'multimodal_data' must be a list of base64 strings",
+                     "invalid_type")
+    return [(f"{name}[{i}]", media.b64(f"{name}[{i}]", d)) for i, d in enumerate(data)]
 
 
 def prompt_text(state: ServerState, items: list) -> str:
@@ -301,12 +306,8 @@ def prompt_ids(state: ServerState, prompt) -> list[int]:
             if getattr(state.llm, "vision", None) is None:
                 raise oa.bad("prompt", "Multimodal data provided, but model does not support "
                              "multimodal requests.")
-            data = prompt["multimodal_data"]
-            if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-                raise oa.bad("prompt.multimodal_data", "'multimodal_data' must be a list of "
-                             "base64 strings", "invalid_type")
-            files = [(f"prompt.multimodal_data[{i}]", media.b64(f"prompt.multimodal_data[{i}]", d))
-                     for i, d in enumerate(data)]
+            files = _b64_files(prompt["multimodal_data"], "prompt.multimodal_data",
+                               "prompt.multimodal_data")
             return media_items(state, text, files, True, "prompt")
         prompt = text
     if isinstance(prompt, str):
