@@ -418,6 +418,18 @@ def qwen2vl_vision_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return t
 
 
+def _qwen_attention(g, mat, t: dict, b: str, h: str, d: int) -> None:
+    """A Qwen2-VL / 2.5-VL block's attention as the converter writes it: the fused qkv split
+    into q, k, v (biases f32, matrices through ``mat``)."""
+    qkv_w, qkv_b = t[h + "attn.qkv.weight"], t[h + "attn.qkv.bias"]
+    g.add_tensor(b + "attn_out.bias", t[h + "attn.proj.bias"])
+    mat(b + "attn_out.weight", t[h + "attn.proj.weight"])
+    for j, x in enumerate("qkv"):
+        g.add_tensor(b + f"attn_{x}.bias", qkv_b[j * d:(j + 1) * d])
+    for j, x in enumerate("qkv"):
+        mat(b + f"attn_{x}.weight", qkv_w[j * d:(j + 1) * d])
+
+
 def _qwen_preprocessor(d: Path, patch: int) -> None:
     """preprocessor_config.json of a Qwen2-VL / Qwen2.5-VL checkpoint (CLIP's mean and std)."""
     (d / "preprocessor_config.json").write_text(json.dumps({
@@ -462,13 +474,7 @@ def write_qwen2vl_mmproj(path, dtype=np.float16, seed: int = 0,
 
     for i in range(v["depth"]):
         b, h = f"v.blk.{i}.", f"visual.blocks.{i}."
-        qkv_w, qkv_b = t[h + "attn.qkv.weight"], t[h + "attn.qkv.bias"]
-        g.add_tensor(b + "attn_out.bias", t[h + "attn.proj.bias"])
-        mat(b + "attn_out.weight", t[h + "attn.proj.weight"])
-        for j, x in enumerate("qkv"):
-            g.add_tensor(b + f"attn_{x}.bias", qkv_b[j * d:(j + 1) * d])
-        for j, x in enumerate("qkv"):
-            mat(b + f"attn_{x}.weight", qkv_w[j * d:(j + 1) * d])
+        _qwen_attention(g, mat, t, b, h, d)
         g.add_tensor(b + "ffn_up.bias", t[h + "mlp.fc1.bias"])
         mat(b + "ffn_up.weight", t[h + "mlp.fc1.weight"])
         g.add_tensor(b + "ffn_down.bias", t[h + "mlp.fc2.bias"])
@@ -581,13 +587,7 @@ def write_qwen25vl_mmproj(path, dtype=np.float16, seed: int = 0,
 
     for i in range(v["depth"]):
         b, h = f"v.blk.{i}.", f"visual.blocks.{i}."
-        qkv_w, qkv_b = t[h + "attn.qkv.weight"], t[h + "attn.qkv.bias"]
-        g.add_tensor(b + "attn_out.bias", t[h + "attn.proj.bias"])
-        mat(b + "attn_out.weight", t[h + "attn.proj.weight"])
-        for j, x in enumerate("qkv"):
-            g.add_tensor(b + f"attn_{x}.bias", qkv_b[j * d:(j + 1) * d])
-        for j, x in enumerate("qkv"):
-            mat(b + f"attn_{x}.weight", qkv_w[j * d:(j + 1) * d])
+        _qwen_attention(g, mat, t, b, h, d)
         for ours, hf in (("ffn_down", "down_proj"), ("ffn_gate", "gate_proj"),
                          ("ffn_up", "up_proj")):
             g.add_tensor(b + ours + ".bias", t[h + f"mlp.{hf}.bias"])
