@@ -21,12 +21,9 @@ IMAGES = {"square": (64, 64), "wide-padded": (50, 70), "large-downscaled": (150,
 
 
 def _image(shape, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    h, w = shape
-    # smooth gradients plus noise: resampling weights then matter
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], -1)
-    return np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    from visionmodels import gradient_image
+
+    return gradient_image(shape, seed, noise=30)
 
 
 @pytest.fixture(scope="module")

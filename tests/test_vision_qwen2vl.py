@@ -26,11 +26,9 @@ SHAPES = [(56, 84), (40, 70), (90, 110)]
 
 
 def _image(shape, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    h, w = shape
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], -1)
-    return np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    from visionmodels import gradient_image
+
+    return gradient_image(shape, seed, noise=30)
 
 
 @pytest.fixture(scope="module")

@@ -617,3 +617,12 @@ def text_engine(path: Path, ctx: int = 256):
     eng = Engine(spec, model, ctx_size=ctx,
                  numerics=Numerics(cache_type_k="f16", cache_type_v="f16"))
     return eng, Tokenizer.from_gguf(g)
+
+
+def gradient_image(shape: tuple[int, int], seed: int = 0, noise: float = 30) -> np.ndarray:
+    """uint8 RGB [h, w, 3]: smooth gradients plus noise, so that resampling weights matter."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], -1)
+    return np.clip(base + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8)
