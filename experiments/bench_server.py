@@ -11,6 +11,14 @@ max_tokens, which makes token counts comparable. Everything is bounded: request 
 and a wall-clock limit (--time-limit).
 
     python experiments/bench_server.py [--parallel 4] [--tokens 48] [--clients 16]
+
+Side by side with llama-server (issue #18 item 6), one run, same model and flags for both
+(``-np N -c N*ctx``, llama-server's names, which ``jllama serve`` takes): for each N in
+``--streams`` a fresh server of each kind with N slots gets N concurrent streams of
+``--tokens`` tokens (after a warm-up round), and the table gives aggregate tokens/s, latency
+and time-to-first-token p50/p95, and jllama's ratio:
+
+    python experiments/bench_server.py --vs-llama-server [BIN] [--streams 4,16,64] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -81,6 +89,80 @@ async def scenario(url: str, jobs: list[tuple[str, int]], ban: dict) -> dict:
             "lat": [r["latency"] for r in res], "ttft": [r["ttft"] for r in res]}
 
 
+def start_server(cmd: list[str], url: str, limit: float) -> tuple[subprocess.Popen, float]:
+    """Start a server and wait for /health: (process, seconds to ready)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - t0 > limit:
+            proc.kill()
+            raise RuntimeError(f"{cmd[0]} did not start in {limit:.0f} s")
+        time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def compare(args) -> int:
+    """jllama serve and llama-server side by side at each stream count (module docstring)."""
+    from jllama.registry import resolve_model
+
+    model = str(resolve_model(args.model))
+    bin_ = args.vs_llama_server
+    streams = [int(x) for x in args.streams.split(",")]
+    rows = []
+    for n in streams:
+        for kind in ("llama-server", "jllama"):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            common = ["-m", model, "-np", str(n), "-c", str(n * args.ctx_size), "--host",
+                      "127.0.0.1", "--port", str(port), "-t", str(args.threads)]
+            cmd = ([bin_, *common] if kind == "llama-server" else
+                   [sys.executable, "-m", "jllama", "serve", *common, "--max-queue",
+                    str(max(64, n)), "--timeout", str(args.time_limit)])
+            proc, up = start_server(cmd, url, args.time_limit)
+            try:
+                tok = httpx.post(url + "/tokenize",
+                                 json={"content": "<|im_end|><|endoftext|>"}).json()
+                ban = {str(t): -100 for t in tok["tokens"]}
+                jobs = [(PROMPTS[i % 4], args.tokens) for i in range(n)]
+                asyncio.run(scenario(url, [(p, 8) for p, _ in jobs], ban))  # warm-up
+                r = asyncio.run(scenario(url, jobs, ban))
+            finally:
+                stop_server(proc)
+            ok = all(x["tokens"] == args.tokens for x in r["results"])
+            rows.append((n, kind, up, r, ok))
+            print(f"{kind:>12} {n:>3} streams: {r['tps']:7.1f} tok/s, latency p50 "
+                  f"{pct(r['lat'], 50):.2f} s, ttft p50 {pct(r['ttft'], 50):.2f} s "
+                  f"(ready in {up:.1f} s; every stream got its tokens: {ok})", flush=True)
+    print(f"\n{args.model}, {args.tokens} tokens per stream (EOS banned, greedy, no prompt "
+          f"cache), ctx {args.ctx_size} per slot, -t {args.threads}, {os.cpu_count()} CPUs\n")
+    print("| streams | server | tok/s | latency p50 / p95 s | TTFT p50 / p95 s | jllama / "
+          "llama-server tok/s |")
+    print("| ---: | --- | ---: | --- | --- | ---: |")
+    by = {(n, k): r for n, k, _, r, _ in rows}
+    for n, kind, _, r, _ in rows:
+        ratio = (f"{r['tps'] / by[(n, 'llama-server')]['tps']:.2f}" if kind == "jllama"
+                 else "")
+        print(f"| {n} | {kind} | {r['tps']:.1f} | {pct(r['lat'], 50):.2f} / "
+              f"{pct(r['lat'], 95):.2f} | {pct(r['ttft'], 50):.2f} / {pct(r['ttft'], 95):.2f} "
+              f"| {ratio} |")
+    return 0 if all(ok for *_, ok in rows) else 1
+
+
 def llamacpp_figures() -> str:
     p = REPO.parent / "shared" / "reference" / "llama-cpp-cpu.md"
     if not p.exists():
@@ -106,7 +188,16 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--singles", type=int, default=2, help="single-stream repetitions")
     ap.add_argument("--time-limit", type=float, default=900.0)
+    ap.add_argument("--vs-llama-server", nargs="?", metavar="BIN", const=str(
+        Path.home() / ".cache" / "llamacpp-0c1e570" / "bin" / "llama-server"),
+        help="side by side with this llama-server (default: the shared build's)")
+    ap.add_argument("--streams", default="4,16,64")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
+    if args.vs_llama_server:
+        if args.ctx_size == 512 and args.tokens == 48:
+            args.tokens = 64
+        return compare(args)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
