@@ -11,15 +11,13 @@ max |difference| of every vector for one and two images.
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vision_server_parity import LLAMA_SERVER, REPO, start  # noqa: E402
+from vision_server_parity import LLAMA_SERVER, start, tiny_files  # noqa: E402
 
 
 def requests(imgs: list[str]) -> list[tuple[str, str, dict]]:
@@ -50,19 +48,9 @@ def main() -> int:
     ap.add_argument("--pooling", nargs="+", default=["mean", "none"])
     ap.add_argument("--port", type=int, default=18694)
     a = ap.parse_args()
-    sys.path.insert(0, str(REPO / "tests"))
     import httpx
-    import visionmodels as V
-    from PIL import Image
 
-    d = Path(tempfile.mkdtemp())
-    V.write_text_model(d / "text.gguf")
-    V.write_mmproj(d / "mmproj.gguf")
-    rng = np.random.default_rng(1)
-    imgs = []
-    for i, shape in enumerate([(32, 32), (48, 80)]):
-        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(d / f"{i}.png")
-        imgs.append(base64.b64encode((d / f"{i}.png").read_bytes()).decode())
+    d, imgs = tiny_files()
     worst = 0.0
     for pooling in a.pooling:
         common = ["-m", str(d / "text.gguf"), "--mmproj", str(d / "mmproj.gguf"), "-c", "512",

@@ -48,13 +48,10 @@ def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"{cmd[0]} did not start: see {log}")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--port", type=int, default=18690)
-    a = ap.parse_args()
+def tiny_files() -> tuple[Path, list[str]]:
+    """A tiny gemma3 text model + mmproj (tests/visionmodels.py) in a temporary folder, and two
+    random PNG images as base64."""
     sys.path.insert(0, str(REPO / "tests"))
-    import httpx
     import visionmodels as V
     from PIL import Image
 
@@ -66,6 +63,17 @@ def main() -> int:
     for i, shape in enumerate([(32, 32), (48, 80)]):
         Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(d / f"{i}.png")
         imgs.append(base64.b64encode((d / f"{i}.png").read_bytes()).decode())
+    return d, imgs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--port", type=int, default=18690)
+    a = ap.parse_args()
+    import httpx
+
+    d, imgs = tiny_files()
     common = ["-m", str(d / "text.gguf"), "--mmproj", str(d / "mmproj.gguf"), "-c", "512",
               "-np", "1", "--host", "127.0.0.1"]
 
