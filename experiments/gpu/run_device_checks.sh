@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see the device tool's README): the Pallas tests
 # compiled for the GPU, the kernel micro-benchmark against the XLA path, and an end-to-end run
-# on a SmolLM2-shaped random model. The image brings JAX/Flax; `gguf` travels as a wheel in .whl.
+# on a SmolLM2-shaped random model, and the vision encoder with Pallas-layout weights against
+# libmtmd's embeddings. The image brings JAX/Flax; `gguf` travels as a wheel in .whl.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -14,3 +15,4 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py 2>&1 |
   | tee "$OUT/pytest_pallas.txt"
 timeout 200 python3 experiments/gpu/bench_pallas.py --reps 10 2>&1 | tee "$OUT/bench_pallas.txt"
 timeout 150 python3 experiments/gpu/e2e_gpu.py --types Q4_0,Q8_0 -r 2 2>&1 | tee "$OUT/e2e.txt"
+timeout 120 python3 experiments/gpu/vision_gpu.py 2>&1 | tee "$OUT/vision.txt"
