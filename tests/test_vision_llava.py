@@ -23,19 +23,26 @@ pytestmark = pytest.mark.oracle
 SHAPES = [(56, 56), (40, 70), (120, 90)]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def _llava(d, write_mmproj):
+    """The tiny llama text model with an mmproj from ``write_mmproj`` in ``d``: yields (d,
+    libmtmd on them, our Vision), closing libmtmd after the module."""
     import visionmodels as V
     from mtmd_oracle import Mtmd
 
     from jllama.models.clip import load_vision
 
-    d = tmp_path_factory.mktemp("llava")
     V.write_llama_text_model(d / "text.gguf")
-    V.write_llava_mmproj(d / "mmproj.gguf")
+    write_mmproj(d / "mmproj.gguf")
     o = Mtmd(d / "text.gguf", d / "mmproj.gguf")
     yield d, o, load_vision(d / "mmproj.gguf")
     o.close()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import visionmodels as V
+
+    yield from _llava(tmp_path_factory.mktemp("llava"), V.write_llava_mmproj)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -87,16 +94,8 @@ def test_llava_greedy_tokens(setup, text_engine):
 @pytest.fixture(scope="module")
 def setup16(tmp_path_factory):
     import visionmodels as V
-    from mtmd_oracle import Mtmd
 
-    from jllama.models.clip import load_vision
-
-    d = tmp_path_factory.mktemp("llava16")
-    V.write_llama_text_model(d / "text.gguf")
-    V.write_llava16_mmproj(d / "mmproj.gguf")
-    o = Mtmd(d / "text.gguf", d / "mmproj.gguf")
-    yield d, o, load_vision(d / "mmproj.gguf")
-    o.close()
+    yield from _llava(tmp_path_factory.mktemp("llava16"), V.write_llava16_mmproj)
 
 
 # (h, w) -> image chunks: a small image is the overview alone; larger ones take the pinpoint
