@@ -239,11 +239,14 @@ class Scheduler:
                     log.exception("scheduler turn failed")
                     self.error = e
                     failed += 1
+                    # mark the scheduler dead before answering: a client that saw its 500
+                    # must then see /health say 503, not race the loop's exit
+                    if failed >= MAX_FAILED_TURNS:
+                        self.dead = e
                     for b, a in enumerate(self.slots):
                         if a is not None:
                             self._fail(b, 500, f"internal error: {type(e).__name__}: {e}")
-                    if failed >= MAX_FAILED_TURNS:
-                        self.dead = e
+                    if self.dead is not None:
                         break
         except BaseException as e:  # noqa: BLE001 - e.g. MemoryError: nothing can go on
             self.dead = e
