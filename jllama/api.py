@@ -283,7 +283,10 @@ class Llama:
 
             toks = multimodal.generate(self.engine, chs, params, max_tokens, eog)
         else:
-            gen = (self.speculative.generate if self.speculative is not None
+            # speculative acceptance mirrors only top-k/top-p/min-p/temperature: requests using
+            # llama.cpp's further samplers decode step by step instead
+            gen = (self.speculative.generate
+                   if self.speculative is not None and not params.uses_extended()
                    else self.engine.generate)
             toks = gen(ids, params, max_tokens, eog)
         for tok in toks:

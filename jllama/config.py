@@ -69,6 +69,14 @@ class SamplingConfig:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # llama.cpp's further samplers (--typical, --top-nsigma, --xtc-*, --dynatemp-*, --min-keep)
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    min_keep: int = 0
 
 
 @dataclass
@@ -381,5 +389,8 @@ def sampling_params(s: SamplingConfig):
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
         repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n,
         frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
-        seed=s.seed, logit_bias=dict(s.logit_bias),
+        seed=s.seed, logit_bias=dict(s.logit_bias), typical_p=s.typical_p,
+        top_n_sigma=s.top_n_sigma, xtc_probability=s.xtc_probability,
+        xtc_threshold=s.xtc_threshold, dynatemp_range=s.dynatemp_range,
+        dynatemp_exponent=s.dynatemp_exponent, min_keep=s.min_keep,
     )

@@ -138,3 +138,23 @@ def test_runtime_and_perplexity_ranges(tmp_path):
 def test_config_that_is_a_directory(tmp_path):
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)
+
+
+def test_llama_cpp_sampler_flags_reach_sampling_params():
+    """generate/chat's --typical, --top-nsigma, --xtc-*, --dynatemp-*, --min-keep (common/
+    arg.cpp's names) go through generation.sampling to the engine's SamplingParams."""
+    import argparse
+
+    from jllama.cli.common import add_sampling_args, overrides_from_args
+    from jllama.config import load_config, sampling_params
+
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    args = p.parse_args(["--typical-p", "0.4", "--top-n-sigma", "2", "--xtc-probability", "0.3",
+                         "--xtc-threshold", "0.15", "--dynatemp-range", "0.2",
+                         "--dynatemp-exp", "0.5", "--min-keep", "3"])
+    sp = sampling_params(load_config(None, overrides_from_args(args)).generation.sampling)
+    assert (sp.typical_p, sp.top_n_sigma, sp.xtc_probability, sp.xtc_threshold,
+            sp.dynatemp_range, sp.dynatemp_exponent, sp.min_keep) == \
+        (0.4, 2.0, 0.3, 0.15, 0.2, 0.5, 3)
+    assert not sampling_params(load_config(None, []).generation.sampling).uses_extended()

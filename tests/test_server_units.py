@@ -234,6 +234,24 @@ def test_valid_fields_map_to_sampling_params():
     assert o.params.logit_bias[5] < -1e8 and o.params.logit_bias[6] == 3
 
 
+def test_llama_servers_further_sampler_fields():
+    """server-schema.cpp: typical_p, top_n_sigma, xtc_*, dynatemp_*, min_keep reach the
+    sampler; xtc's soft limits clamp to [0, 1] rather than refuse; mirostat and DRY (stateful
+    samplers not built) are refused by name instead of silently ignored."""
+    o = oa.parse_common({"typical_p": 0.7, "top_n_sigma": 1.5, "xtc_probability": 3,
+                         "xtc_threshold": -1, "dynatemp_range": 0.3, "dynatemp_exponent": 2,
+                         "min_keep": 4}, n_vocab=1000)
+    p = o.params
+    assert (p.typical_p, p.top_n_sigma, p.xtc_probability, p.xtc_threshold) == (0.7, 1.5, 1, 0)
+    assert (p.dynatemp_range, p.dynatemp_exponent, p.min_keep) == (0.3, 2.0, 4)
+    assert p.uses_extended() and not oa.parse_common({}, n_vocab=1000).params.uses_extended()
+    for name in ("mirostat", "dry_multiplier"):
+        with pytest.raises(oa.ApiError) as ei:
+            oa.parse_common({name: 2}, n_vocab=1000)
+        assert ei.value.status == 400 and ei.value.param == name
+    assert oa.parse_common({"mirostat": 0}, n_vocab=1000).params.typical_p == 1.0
+
+
 def test_logit_bias_in_llama_servers_forms():
     """llama-server's logit_bias (server-schema.cpp): an object or a list of [key, bias]
     pairs; a key is a token id or a text standing for each of its tokens (tokenized without
@@ -558,6 +576,16 @@ def test_serve_takes_llama_server_flags():
     assert st.model_alias == "code" and set(st.aliases) == {"tinyllama-2", "fim", "code"}
     assert st.metrics and not st.slots and st.n_predict == 64 and st.keys() == ["a", "b"]
     assert st.defaults["temperature"] == 0.8 and st.defaults["seed"] == 42
+    args = build_parser().parse_args(["serve", "-m", "m.gguf", "--typical", "0.5",
+                                      "--top-nsigma", "1", "--xtc-probability", "0.2",
+                                      "--xtc-threshold", "0.2", "--dynatemp-range", "0.1",
+                                      "--dynatemp-exp", "1.5", "--min-keep", "2"])
+    st = settings_from_config(load_config(None, _overrides(args)), "m", [])
+    assert {k: st.defaults[k] for k in ("typical_p", "top_n_sigma", "xtc_probability",
+                                        "xtc_threshold", "dynatemp_range",
+                                        "dynatemp_exponent", "min_keep")} == \
+        {"typical_p": 0.5, "top_n_sigma": 1.0, "xtc_probability": 0.2, "xtc_threshold": 0.2,
+         "dynatemp_range": 0.1, "dynatemp_exponent": 1.5, "min_keep": 2}
     args = build_parser().parse_args(["serve", "-m", "m.gguf", "-c", "512", "--kv-unified",
                                       "-np", "4", "-s", "-1"])
     cfg = load_config(None, _overrides(args))

@@ -92,6 +92,28 @@ def start_backend() -> str:
                           "/ --platform to one this machine has, e.g. cpu)") from None
 
 
+# llama.cpp's further samplers: flag dest -> generation.sampling key (common/arg.cpp's names)
+EXTENDED_SAMPLING = {"typical_p": "typical_p", "top_n_sigma": "top_n_sigma",
+                     "xtc_probability": "xtc_probability", "xtc_threshold": "xtc_threshold",
+                     "dynatemp_range": "dynatemp_range", "dynatemp_exp": "dynatemp_exponent",
+                     "min_keep": "min_keep"}
+
+
+def add_extended_sampling_args(g) -> None:
+    g.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=None,
+                   help="locally typical sampling p (1.0 = off)")
+    g.add_argument("--top-nsigma", "--top-n-sigma", dest="top_n_sigma", type=float,
+                   default=None, help="keep logits within n std of the top one (-1 = off)")
+    g.add_argument("--xtc-probability", type=float, default=None, help="XTC chance (0 = off)")
+    g.add_argument("--xtc-threshold", type=float, default=None, help="XTC threshold (0.1)")
+    g.add_argument("--dynatemp-range", type=float, default=None,
+                   help="dynamic temperature range (0 = off)")
+    g.add_argument("--dynatemp-exp", type=float, default=None,
+                   help="dynamic temperature exponent (1.0)")
+    g.add_argument("--min-keep", type=int, default=None,
+                   help="tokens each sampler must keep at least (0 = off)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (llama.cpp's defaults)")
     g.add_argument("-n", "--max-tokens", type=int, default=None, help="tokens to generate")
@@ -104,6 +126,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--presence-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    add_extended_sampling_args(g)
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     add_numerics_args(p, via_config=True)
     add_platform_args(p)
@@ -196,6 +219,7 @@ def overrides_from_args(args) -> list[str]:
         "coordinator": "distributed.coordinator", "num_processes": "distributed.num_processes",
         "process_id": "distributed.process_id",
     }
+    pairs.update({a: f"generation.sampling.{k}" for a, k in EXTENDED_SAMPLING.items()})
     for attr, key in pairs.items():
         v = getattr(args, attr, None)
         if v is not None:

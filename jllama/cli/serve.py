@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jllama.cli.common import add_numerics_args
+from jllama.cli.common import EXTENDED_SAMPLING, add_extended_sampling_args, add_numerics_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -147,8 +147,7 @@ _REFUSED = [
     (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
     (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
       "--override-kv", "--control-vector", "--keep", "--embd-normalize", "-sps",
-      "--slot-prompt-similarity", "--mirostat", "--dynatemp-range", "--xtc-probability",
-      "--dry-multiplier", "--typical", "--top-nsigma"), 1, "not built yet"),
+      "--slot-prompt-similarity", "--mirostat", "--dry-multiplier"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
       "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
     (("--backend_sampling", "-bs", "--backend-sampling"), 0, "sampling always runs on the "
@@ -170,6 +169,7 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--presence-penalty", type=float, default=None)
     g.add_argument("--frequency-penalty", type=float, default=None)
     g.add_argument("-s", "--seed", type=int, default=None, help="default seed (-1: random)")
+    add_extended_sampling_args(g)
     g.add_argument("-ctk", "--cache-type-k", default=None, help="KV cache type for K")
     g.add_argument("-ctv", "--cache-type-v", default=None, help="KV cache type for V")
     g.add_argument("-kvu", "--kv-unified", action="store_true",
@@ -214,7 +214,8 @@ def _overrides(args) -> list[str]:
              "repeat_penalty": "generation.sampling.repeat_penalty",
              "repeat_last_n": "generation.sampling.repeat_last_n",
              "presence_penalty": "generation.sampling.presence_penalty",
-             "frequency_penalty": "generation.sampling.frequency_penalty"}
+             "frequency_penalty": "generation.sampling.frequency_penalty",
+             **{a: f"generation.sampling.{k}" for a, k in EXTENDED_SAMPLING.items()}}
     for attr, key in pairs.items():
         v = getattr(args, attr, None)
         if v is not None:
@@ -304,7 +305,8 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
     defaults = {"temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
                 "min_p": sp.min_p, "repeat_penalty": sp.repeat_penalty,
                 "frequency_penalty": sp.frequency_penalty,
-                "presence_penalty": sp.presence_penalty}
+                "presence_penalty": sp.presence_penalty,
+                **{k: getattr(sp, k) for k in EXTENDED_SAMPLING.values()}}
     if sp.seed is not None:
         defaults["seed"] = sp.seed
     names = [a for a in alias.split(",") if a]

@@ -2,7 +2,11 @@
 
 Every knob is an array of shape [B], never a Python branch, so one jitted call samples a batch of
 requests with different settings (the server's slots). The chain follows llama.cpp's default
-order: logit bias → penalties → top-k → top-p → min-p → temperature → draw. Temperature <= 0 is
+order (common/common.h ``samplers``): logit bias → penalties → top-n-sigma → top-k → typical-p →
+top-p → min-p → XTC → temperature (with dynamic temperature) → draw. Each stage narrows a keep
+mask over candidates sorted by descending logit, which is how llama.cpp's stages see them (a
+stage that reorders, typical-p, only changes which are kept; the next re-sorts by logit). A row
+whose temperature is <= 0 and that uses none of the stages able to drop the top token is plain
 greedy.
 """
 
@@ -30,10 +34,24 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # llama.cpp's further samplers, off by default as in llama-server
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    min_keep: int = 0
 
     @classmethod
     def greedy(cls) -> SamplingParams:
         return cls(temperature=0.0)
+
+    def uses_extended(self) -> bool:
+        """Whether a sampler beyond top-k/top-p/min-p/temperature is on (paths that mirror
+        only that chain, such as speculative decoding's acceptance test, step aside)."""
+        return (self.typical_p < 1.0 or self.top_n_sigma > 0.0 or self.xtc_probability > 0.0
+                or self.dynatemp_range > 0.0 or self.min_keep > 1)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -48,10 +66,16 @@ class BatchSampling:
     repeat_penalty: jax.Array
     frequency_penalty: jax.Array
     presence_penalty: jax.Array
+    typical_p: jax.Array
+    top_n_sigma: jax.Array
+    xtc_probability: jax.Array
+    xtc_threshold: jax.Array
+    dynatemp_range: jax.Array
+    dynatemp_exponent: jax.Array
+    min_keep: jax.Array
 
     def tree_flatten(self):
-        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repeat_penalty,
-                self.frequency_penalty, self.presence_penalty), None
+        return tuple(getattr(self, n) for n, _ in _FIELDS), None
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -59,12 +83,17 @@ class BatchSampling:
 
     @classmethod
     def stack(cls, ps: list[SamplingParams]) -> BatchSampling:
-        def arr(name, dt):
-            return jnp.asarray(np.array([getattr(p, name) for p in ps], dtype=dt))
+        return cls(*(jnp.asarray(np.array([getattr(p, n) for p in ps], dtype=dt))
+                     for n, dt in _FIELDS))
 
-        return cls(arr("temperature", np.float32), arr("top_k", np.int32), arr("top_p", np.float32),
-                   arr("min_p", np.float32), arr("repeat_penalty", np.float32),
-                   arr("frequency_penalty", np.float32), arr("presence_penalty", np.float32))
+
+_FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+           ("min_p", np.float32), ("repeat_penalty", np.float32),
+           ("frequency_penalty", np.float32), ("presence_penalty", np.float32),
+           ("typical_p", np.float32), ("top_n_sigma", np.float32),
+           ("xtc_probability", np.float32), ("xtc_threshold", np.float32),
+           ("dynatemp_range", np.float32), ("dynatemp_exponent", np.float32),
+           ("min_keep", np.int32))
 
 
 def apply_penalties(logits: jax.Array, history: jax.Array, sp: BatchSampling) -> jax.Array:
@@ -88,22 +117,117 @@ def apply_penalties(logits: jax.Array, history: jax.Array, sp: BatchSampling) ->
 TOPK_CAP = 256  # rows whose top_k is in 1..TOPK_CAP only need a partial sort
 
 
-def _pick(vals: jax.Array, idx: jax.Array, sp: BatchSampling, key: jax.Array) -> jax.Array:
-    """Sample from candidates sorted by descending logit (vals, idx: [B, C])."""
+def _masked_softmax(vals: jax.Array, keep: jax.Array) -> jax.Array:
+    return jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
+
+
+def _first(cond: jax.Array, c: int) -> jax.Array:
+    """Index of the first True along the last axis, ``c - 1`` where there is none: [B, 1]."""
+    r = jnp.arange(c)[None, :]
+    return jnp.min(jnp.where(cond, r, c - 1), axis=-1, keepdims=True)
+
+
+def _typical(vals: jax.Array, keep: jax.Array, sp: BatchSampling) -> jax.Array:
+    """llama.cpp's locally typical sampling: candidates ordered by how far their surprise is
+    from the entropy, kept until their probability mass exceeds ``typical_p``."""
+    b, c = vals.shape
+    p = _masked_softmax(vals, keep)
+    logp = jnp.log(jnp.where(p > 0, p, 1.0))
+    ent = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1, keepdims=True)
+    shifted = jnp.where(keep, jnp.abs(-logp - ent), jnp.inf)
+    order = jnp.argsort(shifted, axis=-1, stable=True)
+    cum = jnp.cumsum(jnp.take_along_axis(p, order, axis=-1), axis=-1)
+    r = jnp.arange(c)[None, :]
+    mk = sp.min_keep[:, None]
+    stop = _first((cum > sp.typical_p[:, None]) & ((mk == 0) | (r >= mk - 1)), c)
+    kept_sorted = r <= stop
+    in_set = jnp.zeros_like(keep).at[jnp.arange(b)[:, None], order].set(kept_sorted)
+    return jnp.where((sp.typical_p < 1.0)[:, None], keep & in_set, keep)
+
+
+def _chain(vals: jax.Array, sp: BatchSampling, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Candidates sorted by descending logit (vals: [B, C]) through llama.cpp's chain from top-k
+    on. Returns the logits to draw from (-inf where dropped, already divided by the temperature)
+    and, per row, whether the temperature stage turned greedy (draw the best kept candidate)."""
     b, c = vals.shape
     rank = jnp.arange(c)[None, :]
+    mk = sp.min_keep[:, None]
     k = jnp.where(sp.top_k[:, None] > 0, sp.top_k[:, None], c)
     keep = rank < k
-    # top-p on the distribution of what top-k kept (llama.cpp renormalises at each step)
-    p = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
-    cum_before = jnp.cumsum(p, axis=-1) - p
-    keep = keep & ((cum_before < sp.top_p[:, None]) | (rank == 0))
-    p = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
-    keep = keep & ((p >= sp.min_p[:, None] * p[:, :1]) | (rank == 0))
-    t = jnp.maximum(sp.temperature, 1e-6)[:, None]
-    scaled = jnp.where(keep, vals / t, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(key, scaled)
+    keep = jax.lax.cond(jnp.any(sp.typical_p < 1.0), _typical, lambda v, kp, _: kp,
+                        vals, keep, sp)
+    # top-p on the distribution of what is kept (llama.cpp renormalises at each stage): keep up
+    # to the first candidate whose cumulative mass reaches p, and at least min_keep
+    p = _masked_softmax(vals, keep)
+    kc = jnp.cumsum(keep, axis=-1)  # 1-based index among the kept
+    cut = _first(keep & (jnp.cumsum(p, axis=-1) >= sp.top_p[:, None]) & (kc >= mk), c)
+    keep = jnp.where((sp.top_p < 1.0)[:, None], keep & (rank <= cut), keep)
+    # min-p as llama.cpp states it on logits: logit >= max + log(min_p), at least min_keep
+    top = jnp.max(jnp.where(keep, vals, -jnp.inf), axis=-1, keepdims=True)
+    kc = jnp.cumsum(keep, axis=-1)
+    floor = top + jnp.log(jnp.maximum(sp.min_p, 1e-30))[:, None]
+    keep = jnp.where((sp.min_p > 0.0)[:, None],
+                     keep & ((vals >= floor) | (kc <= jnp.maximum(mk, 1))), keep)
+    # XTC: with probability xtc_probability, drop every leading candidate at or above the
+    # threshold except the last of them
+    n_kept = jnp.sum(keep, axis=-1, keepdims=True)
+    p = _masked_softmax(vals, keep)
+    lead = jnp.cumprod(jnp.where(keep, p >= sp.xtc_threshold[:, None], True), axis=-1)
+    pos_last = jnp.maximum(jnp.sum(lead & keep, axis=-1, keepdims=True) - 1, 0)
+    chance = jax.vmap(lambda kk: jax.random.uniform(jax.random.fold_in(kk, 0x78746300)))(key)
+    xtc = ((sp.xtc_probability > 0.0) & (sp.xtc_threshold <= 0.5) & (n_kept[:, 0] >= 2)
+           & (chance <= sp.xtc_probability))[:, None]
+    xtc = xtc & (n_kept - pos_last >= mk) & (pos_last > 0)
+    keep = jnp.where(xtc, keep & (jnp.cumsum(keep, axis=-1) > pos_last), keep)
+    # temperature; with dynatemp_range > 0 it follows the normalised entropy of what is kept
+    n_kept = jnp.sum(keep, axis=-1)
+    p = _masked_softmax(vals, keep)
+    ent = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    norm = ent / jnp.log(jnp.maximum(n_kept, 2).astype(jnp.float32))
+    lo = jnp.maximum(0.0, sp.temperature - sp.dynatemp_range)
+    hi = sp.temperature + sp.dynatemp_range
+    dyn = lo + (hi - lo) * jnp.power(norm, sp.dynatemp_exponent)
+    use_dyn = sp.dynatemp_range > 0.0
+    t = jnp.where(use_dyn, jnp.where(n_kept <= 1, 1.0, dyn), sp.temperature)
+    greedy = t <= 0.0
+    scaled = jnp.where(keep, vals / jnp.where(greedy, 1.0, t)[:, None], -jnp.inf)
+    return scaled, greedy
+
+
+def _pick(vals: jax.Array, idx: jax.Array, sp: BatchSampling, key: jax.Array) -> jax.Array:
+    """Sample from candidates sorted by descending logit (vals, idx: [B, C])."""
+    scaled, greedy = _chain(vals, sp, key)
+    best = first_argmax(scaled)  # the first kept candidate: the highest logit among the kept
+    choice = jnp.where(greedy, best, jax.vmap(jax.random.categorical)(key, scaled))
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+
+
+def _top_n_sigma(logits: jax.Array, sp: BatchSampling) -> jax.Array:
+    """llama.cpp's top-n-sigma over the whole vocabulary: drop logits below max - n * std of the
+    finite ones."""
+    fin = logits != -jnp.inf
+    cnt = jnp.maximum(jnp.sum(fin, axis=-1, keepdims=True), 1)
+    mean = jnp.sum(jnp.where(fin, logits, 0.0), axis=-1, keepdims=True) / cnt
+    std = jnp.sqrt(jnp.sum(jnp.where(fin, (logits - mean) ** 2, 0.0), axis=-1, keepdims=True)
+                   / cnt)
+    mx = jnp.max(logits, axis=-1, keepdims=True)
+    on = (sp.top_n_sigma > 0.0)[:, None]
+    return jnp.where(on & (logits < mx - sp.top_n_sigma[:, None] * std), -jnp.inf, logits)
+
+
+def candidates(logits: jax.Array, sp: BatchSampling, key: jax.Array) -> jax.Array:
+    """What the draw sees: [B, V] logits after the whole chain from top-n-sigma on, -inf where a
+    stage dropped the token, divided by the (dynamic) temperature; a row whose temperature stage
+    turned greedy keeps only its best candidate, undivided (llama.cpp's ``temp <= 0``). The
+    inspectable form of ``sample``'s stages (logit bias and penalties already applied)."""
+    x = _top_n_sigma(logits.astype(jnp.float32), sp)
+    b, v = x.shape
+    neg, idx = jax.lax.sort_key_val(-x, jnp.broadcast_to(jnp.arange(v), (b, v)), dimension=-1)
+    scaled, greedy = _chain(-neg, sp, key)
+    best = first_argmax(scaled)
+    one = jnp.arange(v)[None, :] == best[:, None]
+    scaled = jnp.where(greedy[:, None], jnp.where(one, -neg, -jnp.inf), scaled)
+    return jnp.full((b, v), -jnp.inf).at[jnp.arange(b)[:, None], idx].set(scaled)
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -134,6 +258,11 @@ def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
     if history is not None:
         logits = apply_penalties(logits, history, sp)
     greedy_tok = first_argmax(logits)
+    # plain greedy: no stage that could drop the top token before the temperature's argmax
+    plain = ((sp.temperature <= 0) & (sp.dynatemp_range <= 0) & (sp.typical_p >= 1.0)
+             & (sp.xtc_probability <= 0))
+    logits = jax.lax.cond(jnp.any(sp.top_n_sigma > 0.0), _top_n_sigma, lambda x, _: x,
+                          logits, sp)
     b, v = logits.shape
     cap = min(TOPK_CAP, v)
 
@@ -147,8 +276,8 @@ def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
         return _pick(-neg, idx, sp, key).astype(jnp.int32)
 
     def sampled():
-        small = jnp.all((sp.top_k > 0) & (sp.top_k <= cap) | (sp.temperature <= 0))
+        small = jnp.all((sp.top_k > 0) & (sp.top_k <= cap) | plain)
         return jax.lax.cond(small, partial_sort, full_sort)
 
-    drawn = jax.lax.cond(jnp.all(sp.temperature <= 0), lambda: greedy_tok, sampled)
-    return jnp.where(sp.temperature <= 0, greedy_tok, drawn)
+    drawn = jax.lax.cond(jnp.all(plain), lambda: greedy_tok, sampled)
+    return jnp.where(plain, greedy_tok, drawn)

@@ -73,8 +73,10 @@ def probs(logits: np.ndarray, params: SamplingParams, history: Sequence[int] = (
           bias: np.ndarray | None = None) -> np.ndarray:
     """The distribution ``sampling.sample`` draws from for these logits: float64 [V].
 
-    Same chain as ``sampling._pick``: top-k, top-p on what top-k kept, min-p relative to the top
-    token, then temperature on the survivors. Temperature <= 0 is a one-hot argmax.
+    Same chain as ``sampling._chain`` without its further samplers (callers route requests that
+    use them elsewhere: ``SamplingParams.uses_extended``): top-k, top-p on what top-k kept,
+    min-p relative to the top token (on logits, as llama.cpp states it), then temperature on
+    the survivors. Temperature <= 0 is a one-hot argmax.
     """
     x = transformed_logits(logits, params, history, bias)
     v = x.shape[-1]
@@ -93,8 +95,8 @@ def probs(logits: np.ndarray, params: SamplingParams, history: Sequence[int] = (
     p = _softmax(vals)
     keep = (np.cumsum(p) - p < params.top_p)
     keep[0] = True
-    p = _softmax(np.where(keep, vals, -np.inf))
-    keep &= p >= np.float32(params.min_p) * p[0]
+    if params.min_p > 0:
+        keep &= vals >= vals[0] + np.float32(np.log(np.float32(params.min_p)))
     keep[0] = True
     t = max(float(params.temperature), 1e-6)
     scaled = np.where(keep, vals.astype(np.float64) / t, -np.inf)

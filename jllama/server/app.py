@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -601,9 +602,8 @@ class Handlers:
         from jllama.engine.sampling import SamplingParams
 
         d = st.settings.defaults
-        sp = SamplingParams(**{k: d[k] for k in ("temperature", "top_k", "top_p", "min_p",
-                                                  "repeat_penalty", "frequency_penalty",
-                                                  "presence_penalty", "seed") if k in d})
+        names = {f.name for f in dataclasses.fields(SamplingParams)} - {"logit_bias"}
+        sp = SamplingParams(**{k: v for k, v in d.items() if k in names})
         tk = st.tokenizer
         path = st.llm.path if st.llm is not None else st.encoder.path
 

@@ -18,10 +18,14 @@ def params_json(p: SamplingParams, n_predict: int | None, seed: int | None = Non
     n = -1 if n_predict is None else n_predict
     s = p.seed if p.seed is not None else seed
     return {"seed": DEFAULT_SEED if s is None or s < 0 else s,
-            "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-            "min_p": p.min_p, "repeat_last_n": p.repeat_last_n,
+            "temperature": p.temperature, "dynatemp_range": p.dynatemp_range,
+            "dynatemp_exponent": p.dynatemp_exponent, "top_k": p.top_k, "top_p": p.top_p,
+            "min_p": p.min_p, "top_n_sigma": p.top_n_sigma,
+            "xtc_probability": p.xtc_probability, "xtc_threshold": p.xtc_threshold,
+            "typical_p": p.typical_p, "repeat_last_n": p.repeat_last_n,
             "repeat_penalty": p.repeat_penalty, "presence_penalty": p.presence_penalty,
-            "frequency_penalty": p.frequency_penalty, "max_tokens": n, "n_predict": n}
+            "frequency_penalty": p.frequency_penalty, "min_keep": p.min_keep,
+            "max_tokens": n, "n_predict": n}
 
 
 def generation_settings(opts: oa.GenOptions, eog: frozenset[int], model: str) -> dict:

@@ -212,6 +212,22 @@ def _constraint_fields(body: dict, rf: dict | None) -> tuple[str | None, dict | 
     return grammar or None, schema
 
 
+def extended_sampling(body: dict) -> dict:
+    """llama-server's further sampler fields (server-schema.cpp): its soft limits clamp rather
+    than refuse, so these do too; unset fields keep SamplingParams' (llama.cpp's) defaults."""
+    out = {}
+    for name, lo, hi in (("typical_p", None, None), ("top_n_sigma", None, None),
+                         ("xtc_probability", 0.0, 1.0), ("xtc_threshold", 0.0, 1.0),
+                         ("dynatemp_range", None, None), ("dynatemp_exponent", None, None)):
+        v = _num(body, name, None)
+        if v is not None:
+            out[name] = min(max(v, lo if lo is not None else v), hi if hi is not None else v)
+    mk = _int(body, "min_keep", None)
+    if mk is not None:
+        out["min_keep"] = max(mk, 0)
+    return out
+
+
 def parse_common(body: dict, n_vocab: int, chat: bool = False,
                  tokenize=None) -> GenOptions:
     """``tokenize``: text -> token ids, for logit_bias keys given as text."""
@@ -250,10 +266,14 @@ def parse_common(body: dict, n_vocab: int, chat: bool = False,
         if rf["type"] == "text":
             rf = None
     grammar, schema = _constraint_fields(body, rf)
+    for name in ("mirostat", "dry_multiplier"):  # llama.cpp samplers with state: not built
+        if _num(body, name, 0.0):
+            raise bad(name, f"'{name}' is not supported by this server yet",
+                      "unsupported_parameter")
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=rp,
         frequency_penalty=fp, presence_penalty=pp, seed=seed,
-        logit_bias=_logit_bias(body, n_vocab, tokenize))
+        logit_bias=_logit_bias(body, n_vocab, tokenize), **extended_sampling(body))
     return GenOptions(max_tokens=max_tokens, params=params, stop=_stop(body), stream=stream,
                       include_usage=include_usage, response_format=rf,
                       cache_prompt=_bool(body, "cache_prompt", True), n=n,
