@@ -383,14 +383,12 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
 
 
 def sampling_params(s: SamplingConfig):
+    """The engine's SamplingParams: every field of it has a same-named key here (the config
+    adds only ``stop``, which the caller handles)."""
+    import dataclasses
+
     from jllama.engine.sampling import SamplingParams
 
-    return SamplingParams(
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-        repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n,
-        frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
-        seed=s.seed, logit_bias=dict(s.logit_bias), typical_p=s.typical_p,
-        top_n_sigma=s.top_n_sigma, xtc_probability=s.xtc_probability,
-        xtc_threshold=s.xtc_threshold, dynatemp_range=s.dynatemp_range,
-        dynatemp_exponent=s.dynatemp_exponent, min_keep=s.min_keep,
-    )
+    vals = {f.name: getattr(s, f.name) for f in dataclasses.fields(SamplingParams)}
+    vals["logit_bias"] = dict(s.logit_bias)
+    return SamplingParams(**vals)
