@@ -192,3 +192,18 @@ def test_model_without_fim_tokens_is_501(models):
     assert err["type"] == "not_supported_error"
     assert err["message"] == ("Infill is not supported by this model: prefix token is missing. "
                               "suffix token is missing. middle token is missing. ")
+
+
+def test_serve_flags_reach_the_settings():
+    """llama-server's -b and --spm-infill (the two server flags format_prompt_infill reads)."""
+    import argparse
+
+    from jllama.cli import serve
+    from jllama.config import load_config
+
+    p = argparse.ArgumentParser()
+    serve.register(p.add_subparsers())
+    for argv, want in ((["-b", "512", "--spm-infill"], (512, True)), ([], (2048, False))):
+        args = p.parse_args(["serve", "-m", "x.gguf", *argv])
+        st = serve.settings_from_config(load_config(None, serve._overrides(args)), "a", [])
+        assert (st.n_batch, st.spm_infill) == want
