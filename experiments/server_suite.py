@@ -49,7 +49,8 @@ DEFAULT_FILES = ["test_basic", "test_tokenize", "test_slot_save", "test_ctx_shif
 def model_map(root: Path) -> dict:
     """HF repo[/file] the suite asks for -> local GGUF (the same for both servers), or
     {"model": GGUF, "mmproj": GGUF} for a vision preset. The tiny 'stories' llamas become
-    SmolLM2-135M Q4_1 (tests that expect their exact text fail on both servers alike);
+    SmolLM2-135M Q4_1 (tests that expect their exact text fail on both servers alike), but the
+    infill one a tiny random llama with FIM tokens (tests/tinymodels.write_server_model);
     tinygemma3 (a tiny Gemma 3 + SigLIP trained on CIFAR-10) becomes a tiny RANDOM gemma3
     text model + gemma3 mmproj from tests/visionmodels.py: every request path works, but
     tests that expect the real model's words ("cat", "frog") fail on both servers."""
@@ -58,7 +59,6 @@ def model_map(root: Path) -> dict:
     smol = str(fetch("smollm2-135m-instruct", quiet=True))
     out: dict = {
         "ggml-org/test-model-stories260K": smol,
-        "ggml-org/test-model-stories260K-infill": smol,  # SmolLM2's vocab has FIM tokens
         "ggml-org/stories15M_MOE/stories15M_MOE-F16.gguf": smol,
         "ggml-org/models/tinyllamas/stories260K.gguf": smol,
     }
@@ -71,6 +71,14 @@ def model_map(root: Path) -> dict:
     visionmodels.write_text_model(text)
     visionmodels.write_mmproj(mmproj)
     out["ggml-org/tinygemma3-GGUF:Q8_0"] = {"model": str(text), "mmproj": str(mmproj)}
+    # SmolLM2 has no FIM prefix/suffix/middle tokens (both servers answer /infill with 501), so
+    # the infill preset gets a tiny random llama whose vocab has Qwen's FIM tokens: the
+    # request paths run, the stories model's exact words do not come out of either server
+    import tinymodels
+
+    fim = models / "tiny-fim.gguf"
+    tinymodels.write_server_model(fim)
+    out["ggml-org/test-model-stories260K-infill"] = str(fim)
     return out
 
 
@@ -255,6 +263,8 @@ def write_table(path: Path, files: list[str], results: dict[str, dict[str, tuple
         "Model mapping (both servers): every 'stories' llama the suite asks for -> "
         "SmolLM2-135M-Instruct Q4_1 (registry `smollm2-135m-instruct`); tests that compare "
         "against the stories models' exact text fail on both servers for that reason alone. "
+        "The infill preset (stories260K-infill) -> a tiny random llama with Qwen's FIM tokens "
+        "(tests/tinymodels.write_server_model; SmolLM2 has none). "
         "tinygemma3 -> a tiny random gemma3 text model + gemma3 mmproj (tests/visionmodels.py): "
         "tests that expect the real model's words ('cat', 'frog') fail on both servers. The "
         "suite's Hugging Face image URLs (and its two bad URLs) point at a loopback http server "

@@ -114,6 +114,8 @@ class ServerConfig:
     max_body: int = 16 * 1024 * 1024  # request bodies larger than this get 413
     media_path: str | None = None  # llama-server's --media-path: file:// images come from here
     allow_remote_media: bool = False  # fetch http(s) image URLs (llama-server always does)
+    n_batch: int = 2048  # llama-server's -b: /infill sizes its prefix/suffix/extra by it
+    spm_infill: bool = False  # llama-server's --spm-infill: suffix before prefix in /infill
 
 
 @dataclass

@@ -246,3 +246,28 @@ def write_lora(path: str | Path, arch: str, base: dict[str, np.ndarray], targets
     types = {"adapter.lora.alpha": (ValueType.FLOAT32, None)}
     jl_write(path, meta, specs, metadata_types=types)
     return Path(path)
+
+
+# ChatML, as SmolLM2/Qwen write it (enough for the server's chat-shaped endpoints)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+FIM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>",
+                "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|fim_repo|>",
+                "<|file_sep|>")
+
+
+def write_server_model(path: str | Path, fim: bool = True, seed: int = 5,
+                       fim_keys: dict[str, int] | None = None) -> Path:
+    """A tiny llama (F16) with a ChatML template for the server's API tests; ``fim``: its vocab
+    has Qwen's FIM tokens (found by their text, as llama.cpp finds them without metadata keys),
+    else only the chat specials; ``fim_keys``: tokenizer.ggml.fim_{pre,suf,...}_token_id
+    metadata ({"pre": id, ...})."""
+    import gguf
+
+    shp = dict(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, head_dim=16)
+    keys = {f".tokenizer.ggml.fim_{k}_token_id": v for k, v in (fim_keys or {}).items()}
+    return write_gguf(path, "llama", {**dense_hparams(**shp), ".tokenizer.chat_template": CHATML,
+                                      **keys},
+                      dense_tensors(seed, n_vocab=320, **shp),
+                      qtype=gguf.GGMLQuantizationType.F16,
+                      specials=FIM_SPECIALS if fim else FIM_SPECIALS[:3])

@@ -96,7 +96,7 @@ class _Refuse(argparse.Action):
 # what jllama does anyway (or it only tunes llama.cpp's own machinery), so nothing is lost
 _ACCEPTED = [
     (("-cb", "--cont-batching"), 0),  # jllama always batches continuously
-    (("-b", "--batch-size", "-ub", "--ubatch-size"), 1),  # prompts go in jllama's own chunks
+    (("-ub", "--ubatch-size"), 1),  # prompts go in jllama's own chunks
     (("-ngl", "--gpu-layers", "--n-gpu-layers"), 1),  # JAX places the whole model on its device
     (("--offline",), 0), (("-v", "--verbose", "--log-verbose"), 0),
     (("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"), "?"),
@@ -174,6 +174,12 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ctv", "--cache-type-v", default=None, help="KV cache type for V")
     g.add_argument("-kvu", "--kv-unified", action="store_true",
                    help="every slot gets the whole --ctx-size")
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=None,
+                   help="logical batch size: /infill fits its prefix and suffix in it "
+                   "(prompts are evaluated in jllama's own chunks whatever it is)")
+    g.add_argument("--spm-infill", action="store_true",
+                   help="/infill prompts in suffix/prefix/middle order (default "
+                   "prefix/suffix/middle)")
     g.add_argument("--metrics", action="store_true", help="serve /metrics (Prometheus)")
     g.add_argument("--slots", dest="slots", action="store_true", default=True,
                    help="serve GET /slots (default)")
@@ -206,7 +212,7 @@ def _overrides(args) -> list[str]:
              "max_queue": "server.max_queue", "timeout": "server.timeout",
              "platform": "runtime.platform", "threads": "runtime.threads",
              "cache_type_k": "runtime.cache_type_k", "cache_type_v": "runtime.cache_type_v",
-             "n_predict": "server.n_predict",
+             "n_predict": "server.n_predict", "batch_size": "server.n_batch",
              "cors_origins": "server.cors_origins",
              "media_path": "server.media_path",
              "temp": "generation.sampling.temperature", "top_k": "generation.sampling.top_k",
@@ -224,7 +230,7 @@ def _overrides(args) -> list[str]:
         ov.append(f"server.parallel={args.parallel}")
     if args.seed is not None:  # llama-server's -1: a random seed per request
         ov.append(f"generation.sampling.seed={'null' if args.seed == -1 else args.seed}")
-    for flag in ("metrics", "props", "kv_unified", "allow_remote_media"):
+    for flag in ("metrics", "props", "kv_unified", "allow_remote_media", "spm_infill"):
         if getattr(args, flag, False):
             ov.append(f"server.{flag}=true")
     if args.slots is False:
@@ -317,7 +323,8 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           defaults=defaults, aliases=names, tags=tags or [],
                           cache_prompt=s.cache_prompt, max_body=s.max_body,
                           media_path=_media_dir(s.media_path),
-                          allow_remote_media=s.allow_remote_media)
+                          allow_remote_media=s.allow_remote_media, n_batch=s.n_batch,
+                          spm_infill=s.spm_infill)
 
 
 def _media_dir(path: str | None) -> str | None:

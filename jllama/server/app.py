@@ -29,10 +29,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
+from jllama.server import anthropic as anth
 from jllama.server import embeddings as emb
+from jllama.server import infill as inf
 from jllama.server import media
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
+from jllama.server import responses as resp
 from jllama.server import tools as tl
 from jllama.server.gbnf import GrammarError
 from jllama.server.grammar import GrammarConstraint, JsonConstraint, compile_grammar
@@ -65,6 +68,8 @@ class ServerSettings:
     media_path: str | None = None  # llama-server's --media-path: file:// images read under it
     allow_remote_media: bool = False  # jllama's --allow-remote-media: fetch http(s) images
     media_marker: str = field(default_factory=media.media_marker)  # places images in prompts
+    n_batch: int = 2048  # llama-server's -b (its /infill layout depends on it)
+    spm_infill: bool = False  # llama-server's --spm-infill
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -208,8 +213,9 @@ def image_prompt(state: ServerState, text: str, images: list[tuple[str, str]]) -
 
 def need_vision(state: ServerState, param: str) -> None:
     if getattr(state.llm, "vision", None) is None:
-        raise ApiError(400, "image input is not supported: this model has no vision projector "
-                       "(start the server with --mmproj)", param=param,
+        # llama-server's words and status (a runtime_error in its chat parsing: 500)
+        raise ApiError(500, "image input is not supported - hint: if this is unexpected, you "
+                       "may need to provide the mmproj (--mmproj)", param=param,
                        code="unsupported_content")
 
 
@@ -795,12 +801,13 @@ class Handlers:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _chat_prompt(self, body: dict, tools, choice) -> tuple[list, str | None]:
+    async def _chat_prompt(self, body: dict, tools, choice,
+                           allow_empty: bool = False) -> tuple[list, str | None]:
         """The chat request's prompt as scheduler items (token ids, and ImageChunks for its
         image_url parts) and the tool a tool_choice forces (or None)."""
         st = self.state
         images: list[tuple[str, str]] = []
-        messages = oa.parse_messages(body, images, st.settings.media_marker)
+        messages = oa.parse_messages(body, images, st.settings.media_marker, allow_empty)
         template = st.llm.tokenizer.chat_template or ""
         msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
         try:
@@ -913,6 +920,162 @@ class Handlers:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    # -------------------------------------------- APIs llama-server answers from its chat path
+    async def messages(self, request: Request) -> Response:
+        return await self._run(request, "/v1/messages", self._generating(self._messages))
+
+    async def messages_tokens(self, request: Request) -> Response:
+        return await self._run(request, "/v1/messages/count_tokens",
+                               self._generating(self._messages_tokens))
+
+    async def responses(self, request: Request) -> Response:
+        return await self._run(request, "/v1/responses", self._generating(self._responses))
+
+    async def responses_tokens(self, request: Request) -> Response:
+        return await self._run(request, "/v1/responses/input_tokens",
+                               self._generating(self._responses_tokens))
+
+    async def _messages(self, request: Request) -> Response:
+        body = anth.to_chat(await json_body(request))
+        rid, model = oa.new_id("chatcmpl"), self.state.settings.model_alias
+        return await self._converted_chat(
+            request, body, lambda r: anth.message(rid, model, r), anth.Stream(rid, model),
+            allow_empty=True)
+
+    async def _messages_tokens(self, request: Request) -> Response:
+        body = anth.to_chat(await json_body(request))
+        tools, choice = oa.parse_tools(body)
+        ids, _ = await self._chat_prompt(body, tools, choice, allow_empty=True)
+        return JSONResponse({"input_tokens": prompt_length(ids)})
+
+    async def _responses(self, request: Request) -> Response:
+        body = resp.to_chat(await json_body(request))
+        model = self.state.settings.model_alias
+        return await self._converted_chat(request, body, lambda r: resp.response(model, r),
+                                          resp.Stream(model))
+
+    async def _responses_tokens(self, request: Request) -> Response:
+        body = resp.to_chat(await json_body(request))
+        tools, choice = oa.parse_tools(body)
+        ids, _ = await self._chat_prompt(body, tools, choice)
+        return JSONResponse({"input_tokens": prompt_length(ids),
+                             "object": "response.input_tokens"})
+
+    async def _converted_chat(self, request: Request, body: dict, final, stream,
+                              allow_empty: bool = False) -> Response:
+        """A chat request converted from another API (``body``, already in chat form) run as
+        /v1/chat/completions runs one, answered through ``final`` (a ChatOutcome -> the
+        response object) or, streamed, through ``stream``'s events (anthropic.Stream,
+        responses.Stream). With ``timings_per_token``, text events carry timings;
+        ``return_progress`` adds prompt-progress events."""
+        st = self.state
+        body = self.with_defaults(body)
+        opts = oa.parse_common(body, st.llm.spec.n_vocab, chat=True, tokenize=self.bias_tokens)
+        tools, choice = oa.parse_tools(body)
+        if tools and opts.grammar:
+            raise emb.server_error((400, "invalid_request_error"),
+                                   "Cannot use custom grammar constraints with tools.")
+        ids, forced = await self._chat_prompt(body, tools, choice, allow_empty)
+        check_prompt(st, ids)
+        tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
+        job = submit(st, ids, opts, make_constraint(st, opts, tool),
+                     progress=opts.stream and body.get("return_progress") is True)
+        try:
+            first = await first_event(request, job)
+        except BaseException:
+            job.req.cancel()
+            raise
+
+        def timings(done: Event | None = None) -> dict:
+            now = time.monotonic()
+            t_first = job.t_first or now
+            req = job.req
+            return nat.timings(req.cached_tokens, max(len(req.prompt_ids) - req.cached_tokens, 0),
+                               t_first - job.t0, done.completion_tokens if done is not None
+                               else req.completion_tokens, now - t_first)
+
+        def outcome(text: str, done: Event) -> oa.ChatOutcome:
+            content, calls = text, None
+            if forced is not None:
+                content, calls = None, [tl.make_call(forced, text)]
+            elif tools:
+                content, calls = tl.parse_tool_calls(text, tools)
+            return oa.ChatOutcome(content, calls or None, done.finish, job.req.stop_word,
+                                  done.prompt_tokens, done.cached_tokens,
+                                  done.completion_tokens, timings(done))
+
+        if not opts.stream:
+            try:
+                text, done = await collect(request, job, first)
+            finally:
+                job.req.cancel()
+            st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
+            return JSONResponse(final(outcome(text, done)))
+        per_token = body.get("timings_per_token") is True
+
+        async def events() -> AsyncIterator[str]:
+            ts = tl.ToolStream(tools) if tools and forced is None else None
+            texts: list[str] = []
+            try:
+                for e in stream.start(len(job.req.prompt_ids), job.req.cached_tokens):
+                    yield e
+                async for ev in self._stream_events(request, job, first):
+                    if ev.kind == "progress":
+                        for e in stream.progress({"total": ev.prompt_tokens,
+                                                  "cache": ev.cached_tokens,
+                                                  "processed": ev.processed,
+                                                  "time_ms": ev.seconds * 1e3}):
+                            yield e
+                        job.t_first = time.monotonic()
+                    elif ev.kind == "text":
+                        texts.append(ev.text)
+                        if forced is None:
+                            out = ts.feed(ev.text) if ts else ev.text
+                            for e in stream.text(out, timings() if per_token else None):
+                                yield e
+                    elif ev.kind == "done":
+                        r = outcome("".join(texts), ev)
+                        if ts is not None:
+                            rest, calls = ts.finish()
+                            for e in stream.text(rest):
+                                yield e
+                            r.calls = calls or None
+                        for e in stream.done(r):
+                            yield e
+                    else:
+                        yield stream.error(ApiError(ev.status, ev.message).body())
+                end = stream.end()
+                if end:
+                    yield end
+            finally:
+                job.req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def infill(self, request: Request) -> Response:
+        return await self._run(request, "/infill", self._generating(self._infill))
+
+    async def _infill(self, request: Request) -> Response:
+        """llama-server's /infill: the FIM prompt (infill.prompt_tokens) completed as
+        /completion completes a prompt of token ids, with its answer."""
+        st = self.state
+        tk = st.llm.tokenizer
+        missing = inf.unsupported(tk.vocab.fim)
+        if missing:
+            raise emb.server_error((501, "not_supported_error"), missing)
+        body = self.with_defaults(await json_body(request))
+        extra = inf.check(body)
+        prompt = body.get("prompt")
+        p_ids = tk.encode(prompt, add_special=False, parse_special=True) \
+            if isinstance(prompt, str) else []
+        n_predict = st.settings.n_predict if st.settings.n_predict is not None else -1
+        body["prompt"] = inf.prompt_tokens(tk, tk.vocab.fim, body["input_prefix"],
+                                           body["input_suffix"], extra, p_ids,
+                                           st.settings.n_batch, n_predict, st.ctx_size,
+                                           st.settings.spm_infill)
+        return await self._completion_native(request, body)
+
     @staticmethod
     def _native_final(job: Job, prompt_text: str, settings: dict, content: str, done: Event,
                       stream: bool) -> dict:
@@ -951,14 +1114,15 @@ class Handlers:
                 job.req.cancel()
         return JSONResponse(out)
 
-    async def _completion_native(self, request: Request) -> Response:
+    async def _completion_native(self, request: Request, body: dict | None = None) -> Response:
         """llama-server's own /completion and /completions (its non-OAI handler): ``prompt`` in
         its forms, ``n_predict`` (< 0: the server's -n), its response shape with ``timings``,
         ``stop_type``/``stopping_word`` and ``generation_settings``,
         ``completion_probabilities`` for ``n_probs``, and streams of partial results (with
         ``return_progress``: prompt_progress chunks first) without a [DONE]."""
         st = self.state
-        body = self.with_defaults(await json_body(request))
+        if body is None:  # else: a body already read and completed (/infill's)
+            body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab, tokenize=self.bias_tokens)
         if opts.n > 1:
             raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
@@ -1203,6 +1367,12 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/embeddings", h.embeddings, ["POST"]), ("/embedding", h.embeddings, ["POST"]),
         ("/rerank", h.rerank, ["POST"]), ("/reranking", h.rerank, ["POST"]),
         ("/v1/rerank", h.rerank, ["POST"]), ("/v1/reranking", h.rerank, ["POST"]),
+        ("/v1/messages", h.messages, ["POST"]),
+        ("/v1/messages/count_tokens", h.messages_tokens, ["POST"]),
+        ("/v1/responses", h.responses, ["POST"]), ("/responses", h.responses, ["POST"]),
+        ("/v1/responses/input_tokens", h.responses_tokens, ["POST"]),
+        ("/responses/input_tokens", h.responses_tokens, ["POST"]),
+        ("/infill", h.infill, ["POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
 

@@ -319,11 +319,13 @@ def message_text(content: Any, param: str, images: list | None = None,
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-def parse_messages(body: dict, images: list | None = None, marker: str = "") -> list[dict]:
+def parse_messages(body: dict, images: list | None = None, marker: str = "",
+                   allow_empty: bool = False) -> list[dict]:
     """The conversation; with ``images`` (a list to fill), image_url parts are collected
-    there in order and leave ``marker`` (the server's media marker) in their message's text."""
+    there in order and leave ``marker`` (the server's media marker) in their message's text.
+    ``allow_empty``: an empty conversation is fine (llama-server's Anthropic endpoint)."""
     msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
+    if not isinstance(msgs, list) or not (msgs or allow_empty):
         raise bad("messages", "'messages' must be a non-empty list", "invalid_type")
     out = []
     for i, m in enumerate(msgs):
@@ -393,6 +395,21 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, Any]:
 
 
 # ---------------------------------------------------------------------------- responses
+@dataclass
+class ChatOutcome:
+    """A finished chat generation, for the APIs that llama-server answers from its chat path
+    in their own shapes (Anthropic Messages, OpenAI Responses)."""
+
+    content: str | None
+    calls: list[dict] | None  # OpenAI tool calls (arguments as JSON text)
+    finish: str | None  # "stop" (end token or stop string), "length"
+    stop_word: str | None
+    n_prompt: int
+    cached: int
+    n_out: int
+    timings: dict | None = None  # llama-server's result_timings
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

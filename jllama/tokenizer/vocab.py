@@ -160,6 +160,8 @@ class Vocab:
     clean_spaces: bool = False
     ignore_merges: bool = False
     eog_ids: set[int] = field(default_factory=set)
+    # fill-in-the-middle tokens: pre/suf/mid/pad/rep/sep -> id (None: the vocab has none)
+    fim: dict[str, int | None] = field(default_factory=dict)
     special_cache: list[int] = field(default_factory=list)
     pieces: list[bytes | None] = field(default_factory=list)  # lazy token_to_piece(special)
 
@@ -296,6 +298,7 @@ def load_vocab(meta: dict[str, Any]) -> Vocab:
         v.strip_accents = bool(meta["tokenizer.ggml.normalizer.strip_accents"])
 
     _detect_specials(v, fim)
+    v.fim = fim
     v.special_cache = sorted(
         (i for i in range(n) if attrs[i] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)),
         key=lambda i: -len(tokens[i].encode("utf-8", "surrogateescape")),
