@@ -109,6 +109,29 @@ def test_preset_ini_and_child_command_line(tmp_path: Path) -> None:
                             flag=functools.partial(preset_flag, p)))
 
 
+def test_reload_rereads_the_preset(tmp_path: Path) -> None:
+    """GET /models?reload=1 as test_router_reload_models: a section removed from the INI is
+    gone, one kept stays, one added appears; a models dir change is seen too."""
+    import asyncio
+    import functools
+
+    from jllama.cli.serve import preset_flag
+    from jllama.server.router import Router, RouterConfig
+
+    ini = tmp_path / "p.ini"
+    ini.write_text("[model-reload-a]\nhf-repo = org/a\n\n[model-reload-b]\nhf-repo = org/b\n")
+    d = tmp_path / "dir"
+    d.mkdir()
+    r = Router(RouterConfig(models_dir=str(d), models_preset=str(ini),
+                            flag=functools.partial(preset_flag, _parser())))
+    assert list(r.models) == ["model-reload-a", "model-reload-b"]
+    ini.write_text("[model-reload-b]\nhf-repo = org/b\n\n[model-reload-c]\nhf-repo = org/c\n")
+    (d / "local.gguf").write_bytes(b"x")
+    asyncio.run(r.reload())
+    assert list(r.models) == ["local", "model-reload-b", "model-reload-c"]
+    assert r.models["local"].source == "models_dir" and r.models["model-reload-c"].source == "preset"
+
+
 def test_cli_router_flags_refusals(tmp_path: Path) -> None:
     from jllama.cli.main import main
 

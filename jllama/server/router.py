@@ -23,8 +23,10 @@ Sources: --models-dir as llama.cpp's common/preset.cpp scans it (``NAME.gguf`` f
 ``NAME/`` subfolders holding a model plus an optional ``mmproj*.gguf``); --models-preset INI
 files (``[*]`` for every model, ``[NAME]`` sections whose keys are serve's long or short flag
 names without dashes: ``model``, ``mmproj``, ``c``, ...; plus ``load-on-startup`` and
-``stop-timeout``). Precedence as llama-server: the router's own command line, then the model's
-section, then ``[*]``.
+``stop-timeout``; llama.cpp's LLAMA_ARG_* environment names as keys are not taken). Precedence
+as llama-server: the router's own command line, then the model's section, then ``[*]``. Not
+built: llama-server's Hugging Face cache as a source, downloads (POST/DELETE /models,
+/models/sse) and resumable streams (/v1/stream).
 """
 
 from __future__ import annotations
@@ -264,20 +266,24 @@ class Router:
                                   f"'{other.name}'")
         return m
 
-    def reload(self) -> None:
-        """GET /models?reload=1 (llama-server's load_models on a second call): models gone from
-        the sources or whose options changed are stopped, idle ones get their new options, new
-        ones are listed (not started)."""
+    async def reload(self) -> None:
+        """GET /models?reload=1 (llama-server's load_models on a second call): running models
+        gone from the sources or whose options changed are stopped (and waited for), models
+        gone are dropped, the others get their new options, new ones are listed (not
+        started)."""
         fresh = self._read_sources()
+        stale = [n for n, m in self.models.items()
+                 if m.running and (n not in fresh or fresh[n][1] != m.options)]
+        for name in stale:
+            self.unload(name)
+        while any(self.models[n].running for n in stale):
+            await self._wait_change()
         for name, m in list(self.models.items()):
-            if name not in fresh or fresh[name][1] != m.options:
-                if m.running:
-                    self.unload(name)
-                if name not in fresh:
-                    if not m.running:
-                        del self.models[name]
-                    continue
-            if not m.running:
+            if m.running:
+                continue
+            if name not in fresh:
+                del self.models[name]
+            else:
                 self.models[name] = self._model(name, fresh[name])
         for name, src in fresh.items():
             if name not in self.models:
@@ -336,7 +342,8 @@ class Router:
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         print(f"jllama serve (router): starting '{name}' on port {port}", file=sys.stderr)
         try:
-            proc = subprocess.Popen(m.args, env=env, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(m.args, env=env, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
         except OSError as e:
             raise ApiError(500, f"failed to spawn server instance: {e.strerror or e}") from None
         m.proc, m.port, m.status, m.exit_code = proc, port, "loading", 0
@@ -562,6 +569,17 @@ class Router:
         return {"data": data, "object": "list"}
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the router dies, however it dies (llama-server's
+    children watch their stdin for the same reason), so that no orphan keeps a model's memory.
+    Linux's prctl(PR_SET_PDEATHSIG); elsewhere the router's shutdown alone stops them."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def _probe(port: int) -> dict | None:
     """The child's /v1/models entry once its /health answers 200, else None."""
     try:
@@ -727,7 +745,7 @@ class RouterHandlers:
     async def models(self, request: Request) -> Response:
         async def fn(request):
             if request.query_params.get("reload"):
-                self.r.reload()
+                await self.r.reload()
             return JSONResponse(self.r.listing())
         return await self._run(request, fn)
 
