@@ -15,6 +15,9 @@ which cannot be downloaded here. For each server this script:
 * writes a wrapper "binary" that swaps ``--hf-repo/--hf-file`` for ``--model LOCAL.gguf`` through
   ONE mapping shared by both servers (``MODEL_MAP``), drops ``--offline``, and execs either
   llama-server or ``python -m jllama serve`` with the rest of the flags unchanged;
+* gives a server started with no model (test_router's ``ServerPreset.router()``, which
+  llama-server fills from its Hugging Face cache) ``--models-preset`` naming the cache ids the
+  suite asks for, each mapped to the same local GGUF as above (``ROUTER_MODELS``);
 * runs pytest file by file with ``--junitxml`` and reads the per-test outcomes back.
 
 The table in ``--out`` lists, per test, passed/failed/skipped for each server and the totals.

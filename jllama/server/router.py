@@ -625,6 +625,11 @@ class _Proxied(Response):
             await StreamingResponse(chunks(), status_code=resp.status, headers=headers)(
                 scope, receive, send)
         finally:
+            # shutdown, not just close: a reader thread may still be blocked in recv on this
+            # socket, which keeps it open (no FIN: the child would go on generating for nobody)
+            # until the child's next write
+            with contextlib.suppress(OSError, AttributeError):
+                self.conn.sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 self.conn.close()
             self.done()
