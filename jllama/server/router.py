@@ -675,7 +675,9 @@ class RouterHandlers:
     async def _forward(self, request: Request, name: str, body: bytes | None,
                        update_last_used: bool) -> Response:
         r = self.r
-        m = r.models[name]
+        m = r.models.get(name)
+        if m is None:  # dropped by a reload while the request waited
+            raise ApiError(500, f"model name={name} is not found")
         if not m.running:
             raise ApiError(400, f"model name={name} is not running")
         if update_last_used:
