@@ -232,6 +232,8 @@ class Router:
         # requests for a model that is not running: [name, n_waiters, loading] in arrival order
         self.queue: list[list] = []
         self._changed: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references
+        self._preexec = _die_with_parent()
         for name, opts in self._read_sources().items():
             self.models[name] = self._model(name, opts)
         startup = [m for m in self.models.values() if truthy(m.options.get("load-on-startup", ""))]
@@ -309,6 +311,11 @@ class Router:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     # ---------------------------------------------------------------- children
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
     def child_args(self, m: Model, port: int) -> list[str]:
         """preset options, then the router's own flags (they win: argparse keeps the last),
         then what the router decides: the address and the model's name."""
@@ -343,12 +350,12 @@ class Router:
         print(f"jllama serve (router): starting '{name}' on port {port}", file=sys.stderr)
         try:
             proc = subprocess.Popen(m.args, env=env, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=self._preexec)
         except OSError as e:
             raise ApiError(500, f"failed to spawn server instance: {e.strerror or e}") from None
         m.proc, m.port, m.status, m.exit_code = proc, port, "loading", 0
         m.loaded_info, m.stopping, m.last_used = {}, False, time.monotonic()
-        asyncio.get_running_loop().create_task(self._watch(m, proc))
+        self._spawn(self._watch(m, proc))
         self._notify()
 
     async def _watch(self, m: Model, proc: subprocess.Popen) -> None:
@@ -388,7 +395,7 @@ class Router:
                       file=sys.stderr)
                 proc.kill()
 
-        asyncio.get_running_loop().create_task(force())
+        self._spawn(force())
         self._notify()
 
     def unload(self, name: str) -> None:
@@ -569,15 +576,21 @@ class Router:
         return {"data": data, "object": "list"}
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the router dies, however it dies (llama-server's
-    children watch their stdin for the same reason), so that no orphan keeps a model's memory.
-    Linux's prctl(PR_SET_PDEATHSIG); elsewhere the router's shutdown alone stops them."""
-    if sys.platform.startswith("linux"):
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the child SIGTERMed when the router dies, however it dies
+    (llama-server's children watch their stdin for the same reason), so that no orphan keeps a
+    model's memory: Linux's prctl(PR_SET_PDEATHSIG). Resolved here in the parent: between fork
+    and exec the child must not import (another thread may hold the import lock). None
+    elsewhere: the router's shutdown alone stops the children."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
         import ctypes
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _probe(port: int) -> dict | None:
@@ -595,7 +608,7 @@ def _probe(port: int) -> dict | None:
             body = json.loads(r.read() or b"{}")
         finally:
             c.close()
-    except (OSError, http.client.HTTPException, ValueError):
+    except Exception:  # noqa: BLE001 - not up yet, whatever the reason: the watcher retries
         return None
     data = body.get("data") if isinstance(body, dict) else None
     return data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
