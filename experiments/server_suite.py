@@ -15,6 +15,9 @@ which cannot be downloaded here. For each server this script:
 * writes a wrapper "binary" that swaps ``--hf-repo/--hf-file`` for ``--model LOCAL.gguf`` through
   ONE mapping shared by both servers (``MODEL_MAP``), drops ``--offline``, and execs either
   llama-server or ``python -m jllama serve`` with the rest of the flags unchanged;
+* gives a server started with no model (test_router's ``ServerPreset.router()``, which
+  llama-server fills from its Hugging Face cache) ``--models-preset`` naming the cache ids the
+  suite asks for, each mapped to the same local GGUF as above (``ROUTER_MODELS``);
 * runs pytest file by file with ``--junitxml`` and reads the per-test outcomes back.
 
 The table in ``--out`` lists, per test, passed/failed/skipped for each server and the totals.
@@ -82,6 +85,26 @@ def model_map(root: Path) -> dict:
     return out
 
 
+# test_router starts a server with no model, so that it lists the models of its Hugging Face
+# cache (ids "repo:TAG"). Both servers get instead one --models-preset naming the same ids,
+# each a [section] with `model = LOCAL.gguf` from MODEL_MAP (the tinygemma3 text model alone:
+# the router tests only chat and tokenize)
+ROUTER_MODELS = {"ggml-org/tinygemma3-GGUF:Q8_0": "ggml-org/tinygemma3-GGUF:Q8_0",
+                 "ggml-org/test-model-stories260K:F32": "ggml-org/test-model-stories260K",
+                 "ggml-org/test-model-stories260K-infill:F32":
+                     "ggml-org/test-model-stories260K-infill"}
+
+
+def router_preset(root: Path, mapping: dict) -> Path:
+    path = root / "router-models.ini"
+    lines = ["version = 1", ""]
+    for rid, key in ROUTER_MODELS.items():
+        m = mapping[key]
+        lines += [f"[{rid}]", f"model = {m['model'] if isinstance(m, dict) else m}", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
 # the suite's remote images (test_vision_api.py, test_slot_save.py) and its two "bad URL"
 # cases, served from a loopback http server the harness starts: nothing leaves the machine
 HF_TEST_IMAGES = "https://huggingface.co/ggml-org/tinygemma3-GGUF/resolve/main/test/"
@@ -122,6 +145,7 @@ import os, sys
 MAP = {mapping}
 TARGET = {target}
 REMOTE = {remote}
+ROUTER = {router}
 args, repo, file, i = [], None, None, 1
 argv = sys.argv
 while i < len(argv):
@@ -146,11 +170,14 @@ if repo is not None:
         args = pre + args
     else:
         args = ["--model", m] + args
+elif not any(a in ("-m", "--model", "--models-dir", "--models-preset") for a in args):
+    args = ["--models-preset", ROUTER] + args  # router mode: the suite's cache ids, mapped
 os.execv(TARGET[0], TARGET + args)
 '''
 
 
-def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Path, Path]:
+def make_workdir(root: Path, server: str, mapping: dict, media: str,
+                 router: Path) -> tuple[Path, Path]:
     # the suite sits at tools/server/tests as in llama.cpp's tree: test_security's
     # --media-path ../../../tools then finds tools/mtmd/test-1.jpeg (llama.cpp's own file)
     top = root / server
@@ -176,6 +203,9 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Pa
     text = utils.read_text()
     assert "DEFAULT_HTTP_TIMEOUT = 60" in text, "the suite's utils changed: update the harness"
     utils.write_text(text.replace("DEFAULT_HTTP_TIMEOUT = 60", "DEFAULT_HTTP_TIMEOUT = 240"))
+    # the suite's TMP_DIR (LLAMA_CACHE below), which its download fixture would have created:
+    # test_router writes its preset INIs there
+    (work / "tmp").mkdir(exist_ok=True)
     (work / "wget.py").write_text("def download(*a, **k):\n"
                                   "    raise RuntimeError('server_suite: no downloads here')\n")
     if server == "llama-server":
@@ -186,7 +216,8 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Pa
         target, remote = [sys.executable, "-m", "jllama", "serve"], ["--allow-remote-media"]
     wrapper = work / f"bin-{server}"
     wrapper.write_text(WRAPPER.format(python=sys.executable, mapping=json.dumps(mapping),
-                                      target=json.dumps(target), remote=json.dumps(remote)))
+                                      target=json.dumps(target), remote=json.dumps(remote),
+                                      router=json.dumps(str(router))))
     wrapper.chmod(0o755)
     return work, wrapper
 
@@ -268,7 +299,9 @@ def write_table(path: Path, files: list[str], results: dict[str, dict[str, tuple
         "tinygemma3 -> a tiny random gemma3 text model + gemma3 mmproj (tests/visionmodels.py): "
         "tests that expect the real model's words ('cat', 'frog') fail on both servers. The "
         "suite's Hugging Face image URLs (and its two bad URLs) point at a loopback http server "
-        "the harness runs; jllama gets --allow-remote-media (llama-server fetches unasked).",
+        "the harness runs; jllama gets --allow-remote-media (llama-server fetches unasked). "
+        "A server started without a model (test_router) gets --models-preset naming the "
+        "suite's cache ids with these local files (ROUTER_MODELS).",
         "",
         "| server | passed | failed | error | skipped | wall s |",
         "|---|---|---|---|---|---|",
@@ -308,7 +341,8 @@ def main() -> int:
     media = media_server(root, a.port + 100)
     results: dict[str, dict[str, tuple[str, str]]] = {s: {} for s in a.servers}
     secs: dict[str, float] = {s: 0.0 for s in a.servers}
-    dirs = {s: make_workdir(root, s, mapping, media) for s in a.servers}
+    router = router_preset(root, mapping)
+    dirs = {s: make_workdir(root, s, mapping, media, router) for s in a.servers}
     # file by file, servers interleaved: the shared machine's load hits both alike
     for name in a.files:
         for k, s in enumerate(a.servers):

@@ -74,8 +74,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fetch http(s) image URLs (at most 10 MB, 10 s each). llama-server "
                    "always fetches them; jllama refuses them unless this is given")
     _add_llama_server_args(p)
+    r = p.add_argument_group("router mode (several models: no -m; one child jllama serve each)")
+    r.add_argument("--models-dir", default=None, metavar="PATH",
+                   help="directory of models for the router: NAME.gguf files, or NAME/ "
+                   "folders holding a model and an mmproj*.gguf")
+    r.add_argument("--models-preset", default=None, metavar="PATH",
+                   help="INI file of model presets for the router ([NAME] sections of "
+                   "serve's flag names without dashes: model = FILE, c = 4096, ...)")
+    r.add_argument("--models-max", type=int, default=4, metavar="N",
+                   help="models loaded at once; the least recently used idle one is "
+                   "stopped for another (default 4, 0 = no limit)")
+    r.add_argument("--models-autoload", dest="models_autoload", action="store_true",
+                   default=True, help="load a requested model on demand (default)")
+    r.add_argument("--no-models-autoload", dest="models_autoload", action="store_false",
+                   help="requests for a model that is not loaded get 400 (POST /models/load "
+                   "first)")
     p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _parser=p)
 
 
 class _Refuse(argparse.Action):
@@ -116,9 +131,6 @@ _REFUSED = [
     (("-nocb", "--no-cont-batching"), 0, "jllama always batches continuously"),
     (("--context-shift",), 0, "context shift is not built yet (a full context ends the request "
      "with finish_reason 'length')"),
-    (("--models-dir", "--models-preset", "--models-max"), 1, "router mode (several models) "
-     "is not built yet: serve one model with -m"),
-    (("--models-autoload", "--no-models-autoload"), 0, "router mode is not built yet"),
     (("--spec-type",), 1, "only draft-model (-md) and n-gram (--draft-ngram) drafting are built"),
     (("--grp-attn-n", "-gan", "--grp-attn-w", "-gaw"), 1, "group attention (self-extend) is not "
      "built"),
@@ -366,6 +378,97 @@ def _serve(app, hosts: str, port: int) -> None:
     uvicorn.Server(cfg).run(sockets=socks)
 
 
+# router flags a child must not inherit: the router sets them itself (address, name) or they
+# are the router's alone (its key, its sources), as llama-server's unset_reserved_args
+_ROUTER_ONLY = {"model", "host", "port", "api_key", "api_key_file", "alias", "tags", "models_dir",
+                "models_preset", "models_max", "models_autoload", "config"}
+
+
+def _n_values(act: argparse.Action, argv: list[str], i: int) -> int:
+    """How many of argv[i+1:] the option argv[i] takes, as argparse counts them."""
+    rest = argv[i + 1:]
+    if act.nargs == 0:
+        return 0
+    if act.nargs is None:
+        return 1
+    if isinstance(act.nargs, int):
+        return act.nargs
+    n = 0
+    while n < len(rest) and not (rest[n].startswith("-") and len(rest[n]) > 1
+                                 and not rest[n][1].isdigit()):
+        n += 1
+        if act.nargs == "?":
+            break
+    return n
+
+
+def child_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The router's serve flags less those a child must not get (_ROUTER_ONLY)."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        inline = tok.startswith("--") and "=" in tok
+        act = parser._option_string_actions.get(tok.split("=", 1)[0] if inline else tok)
+        if act is None:  # a key.path=value override
+            out.append(tok)
+            i += 1
+            continue
+        n = 0 if inline else _n_values(act, argv, i)
+        if act.dest not in _ROUTER_ONLY:
+            out += argv[i:i + 1 + n]
+        i += 1 + n
+    return out
+
+
+def preset_flag(parser: argparse.ArgumentParser, key: str) -> tuple[str, bool] | None:
+    """serve's flag for a preset key ('c', 'ctx-size', 'model'): (its long name, whether it
+    takes a value), or None when serve has no such flag."""
+    act = parser._option_string_actions.get(("-" if len(key) == 1 else "--") + key)
+    if act is None:
+        act = parser._option_string_actions.get("-" + key) or parser._option_string_actions.get(
+            "--" + key)
+    if act is None or not act.option_strings:
+        return None
+    long = max(act.option_strings, key=lambda o: (o.startswith("--"), len(o)))
+    return long.lstrip("-"), act.nargs != 0
+
+
+def _run_router(args) -> int:
+    """No -m and --models-dir/--models-preset: llama-server's router mode (server/router.py)."""
+    import functools
+    import sys
+
+    from jllama.config import load_config
+    from jllama.errors import ConfigError
+    from jllama.server.app import ServerSettings
+    from jllama.server.router import Router, RouterConfig, create_router_app
+
+    if args.config is not None:
+        raise ConfigError("router mode (--models-dir/--models-preset) takes no config file: "
+                          "give settings as flags, every model gets them")
+    if args.models_max < 0:
+        raise ConfigError(f"--models-max {args.models_max}: must be >= 0 (0 = no limit)")
+    cfg = load_config(None, [o for o in _overrides(args) if o.startswith("server.")])
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    if "serve" in argv:
+        argv = argv[argv.index("serve") + 1:]
+    parser = args._parser
+    settings = ServerSettings(model_alias="", api_keys=_api_keys(args, cfg),
+                              timeout=cfg.server.timeout, cors_origins=cfg.server.cors_origins,
+                              max_body=cfg.server.max_body)
+    router = Router(RouterConfig(models_dir=args.models_dir, models_preset=args.models_preset,
+                                 models_max=args.models_max, autoload=args.models_autoload,
+                                 base_args=child_args(parser, argv),
+                                 flag=functools.partial(preset_flag, parser),
+                                 settings=settings))
+    names = ", ".join(router.models) or "none"
+    print(f"jllama serve: router on http://{cfg.server.host}:{cfg.server.port} "
+          f"({len(router.models)} models: {names}; at most "
+          f"{args.models_max or 'any number'} loaded)", file=sys.stderr)
+    _serve(create_router_app(router), cfg.server.host, cfg.server.port)
+    return 0
+
+
 def run(args) -> int:
     import sys
 
@@ -373,6 +476,11 @@ def run(args) -> int:
     from jllama.errors import ConfigError
 
     _check_llama_server_args(args)
+    if args.models_dir is not None or args.models_preset is not None:
+        if args.model is not None:
+            raise ConfigError("--models-dir/--models-preset start the router (several "
+                              "models): give them without -m")
+        return _run_router(args)
     cfg = load_config(args.config, _overrides(args))
     s = cfg.server
     if args.alias is not None:  # not through YAML parsing: names may look like numbers
