@@ -106,6 +106,11 @@ class ServerConfig:
     max_body: int = 16 * 1024 * 1024  # request bodies larger than this get 413
     media_path: str | None = None  # llama-server's --media-path: file:// images come from here
     allow_remote_media: bool = False  # fetch http(s) image URLs (llama-server always does)
+    context_shift: bool = False  # llama-server's --context-shift (its default: off)
+    # llama-server's --swa-full: jllama's sliding-window caches always hold the whole context;
+    # the flag only allows the context shift llama-server allows with it
+    swa_full: bool = False
+    slot_save_path: str | None = None  # llama-server's --slot-save-path: POST /slots/{id}
 
 
 @dataclass
