@@ -473,7 +473,10 @@ def test_scheduler_full_context_is_length(monkeypatch):
         for max_tokens in (None, 1000):
             _, out, done, box = _run(sch, [5, 6, 7], max_tokens, seed=3)
             assert done.wait(30) and box["ev"].finish == "length"
-            assert box["ev"].completion_tokens == len(out) == 16 - 3 + 1
+            # llama-server's rule: it ends once prompt + generated tokens reach the context
+            # (its test_ctx_shift_disabled_short_prompt: 8 + 248 = 256)
+            assert box["ev"].completion_tokens == len(out) == 16 - 3
+            assert box["ev"].truncated
         t0 = time.monotonic()
         while sch.busy_slots() and time.monotonic() - t0 < 10:  # freed right after "done"
             time.sleep(0.01)
