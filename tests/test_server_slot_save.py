@@ -150,6 +150,7 @@ def test_save_restore_erase_flow(server):
     size = (server.dir / "slot1.bin").stat().st_size
     assert a["id_slot"] == 1 and a["filename"] == "slot1.bin"
     assert a["n_saved"] == 21 + 8 - 1 and a["n_written"] == size
+    assert r["tokens_cached"] == a["n_saved"]  # llama-server's: what the slot holds
     assert set(a["timings"]) == {"save_ms"}
 
     r1 = _complete(server, P2, 1)  # reuses the prefix it shares with what slot 1 holds

@@ -929,7 +929,8 @@ class Handlers:
                          n_prompt=done.prompt_tokens, n_gen=done.completion_tokens,
                          finish=done.finish, stop_word=job.req.stop_word,
                          settings=settings, probs=job.probs, timing=tm, stream=stream,
-                         id_slot=done.id_slot, truncated=done.truncated)
+                         id_slot=done.id_slot, truncated=done.truncated,
+                         tokens_cached=done.tokens_cached)
 
     async def _native_batch(self, request: Request, opts: oa.GenOptions, prompts: list,
                             settings: dict, pick) -> Response:

@@ -63,6 +63,7 @@ class Event:
     processed: int = 0  # "progress": prompt tokens evaluated so far (cached ones included)
     id_slot: int = -1  # "done": the slot that served the request
     truncated: bool = False  # "done": llama-server's truncated (the context filled up)
+    tokens_cached: int = 0  # "done": tokens the slot holds now (llama-server's tokens_cached)
     seconds: float = 0.0  # "progress": time spent on the prompt so far
 
 
@@ -626,7 +627,8 @@ class Scheduler:
                                         len(req.prompt_ids) + req.completion_tokens)
         req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
                        completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
-                       id_slot=b, truncated=req.truncated))
+                       id_slot=b, truncated=req.truncated,
+                       tokens_cached=int(self.engine.pos[b])))
         self._free(b)
 
     def _progress(self, a: _Active, processed: int) -> None:
