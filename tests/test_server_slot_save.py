@@ -106,9 +106,12 @@ def test_filenames_as_llama_server_validates_them(name, ok):
 
 
 def test_slot_ids_wrap_as_llama_server():
-    from jllama.server.slot_state import slot_index
+    """get_slot_by_id's ``id_slot % slots.size()``: a negative int becomes an unsigned 64-bit
+    number first (llama-server saves slot 1 for id -3 of 2 slots)."""
+    from jllama.server.scheduler import slot_index
 
-    assert [slot_index(i, 2) for i in (0, 1, 2, 5, -1, -3)] == [0, 1, 0, 1, None, None]
+    assert [slot_index(i, 2) for i in (0, 1, 2, 5, -2, -3)] == [0, 1, 0, 1, 0, 1]
+    assert [slot_index(-1, n) for n in (2, 3, 4)] == [1, 0, 3]
 
 
 # ------------------------------------------------------------------ over HTTP
@@ -181,7 +184,7 @@ def test_slot_action_errors(server):
     bad = "invalid_request_error"
     err(_action(server, 0, "fly", {"filename": "x"}), 400, bad, "Invalid action")
     err(_action(server, "abc", "save", {"filename": "x"}), 400, bad, "Invalid slot ID")
-    err(_action(server, -3, "save", {"filename": "x"}), 400, bad, "Invalid slot ID")
+    err(_action(server, " x1", "save", {"filename": "x"}), 400, bad, "Invalid slot ID")
     for name in ("../x", "a/b", ".."):
         err(_action(server, 0, "save", {"filename": name}), 400, bad, "Invalid filename")
     err(_action(server, 0, "restore", {"filename": "nothing.bin"}), 400, bad,

@@ -341,7 +341,7 @@ def check_prompt(state: ServerState, ids: list[int]) -> None:
     n = prompt_length(ids)
     if n >= state.ctx_size:  # llama-server's words (with or without context shift)
         raise ApiError(400, f"request ({n} tokens) exceeds the available context size "
-                       f"({state.ctx_size} tokens per slot, --ctx-size), try increasing it",
+                       f"({state.ctx_size} tokens), try increasing it",
                        param="messages", code="context_length_exceeded")
 
 

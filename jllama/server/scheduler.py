@@ -35,6 +35,12 @@ log = logging.getLogger("jllama.server")
 
 
 
+def slot_index(id_slot: int, n_slots: int) -> int:
+    """llama-server's get_slot_by_id: an id wraps around the slot count, a negative one as
+    the unsigned 64-bit number C++ turns it into (``int % size_t``)."""
+    return (id_slot % 2**64) % n_slots
+
+
 class QueueFull(Exception):
     pass
 
@@ -86,8 +92,8 @@ class GenRequest:
     # prompt_ids is unused and no cached prefix is reused)
     prompt_items: list | None = None
     return_progress: bool = False  # llama-server's return_progress: an event per prompt chunk
-    # llama-server's id_slot: the slot to run in (wrapping modulo the slot count, as its
-    # get_slot_by_id); the request waits while that slot is busy. -1: any free slot
+    # llama-server's id_slot: the slot to run in (wrapping around the slot count: slot_index);
+    # the request waits while that slot is busy. -1: any free slot
     id_slot: int = -1
     # llama-server's context shift (the server's --context-shift): tokens kept at the start
     # (-1: the whole prompt) and dropped per shift (0: half of what follows the kept ones)
@@ -364,8 +370,8 @@ class Scheduler:
             with self.cv:
                 # first in, first served, except that a request naming a busy slot waits
                 # for it (llama-server defers it) while the others go on
-                req = next((r for r in self.queue if r.cancelled or r.id_slot < 0
-                            or r.id_slot % self.n_slots in free), None)
+                req = next((r for r in self.queue if r.cancelled or r.id_slot == -1
+                            or slot_index(r.id_slot, self.n_slots) in free), None)
                 if req is None:
                     return
                 want = self.lora_scales_for(req)
@@ -381,8 +387,8 @@ class Scheduler:
             # prompt cache: the free slot sharing the longest prefix with this prompt (or the
             # slot the request names)
             best, keep = free[0], 0
-            if req.id_slot >= 0:
-                best = req.id_slot % self.n_slots
+            if req.id_slot != -1:
+                best = slot_index(req.id_slot, self.n_slots)
                 cands = [best]
             else:
                 cands = free

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllama.server.openai_schema import ApiError
+from jllama.server.scheduler import slot_index
 
 MAGIC = b"JLSLOT\x00\x01"
 FORMAT = 1
@@ -54,13 +55,6 @@ def valid_filename(name: str) -> bool:
     if name[0] == " " or name[-1] in " .":
         return False
     return ".." not in name and name != "."
-
-
-def slot_index(id_slot: int, n_slots: int) -> int | None:
-    """llama-server's get_slot_by_id: ids wrap around the slot count (C++'s ``%``, which keeps
-    a negative id's sign: those name no slot)."""
-    r = int(math.fmod(id_slot, n_slots))
-    return r if r >= 0 else None
 
 
 def _model_key(spec) -> dict:
@@ -160,8 +154,6 @@ async def post_slot_action(state, request) -> dict:
             raise _error(400, "Invalid filename")
     sch = state.scheduler
     b = slot_index(id_slot, sch.n_slots)
-    if b is None:
-        raise _error(400, "Invalid slot ID")
     eng = sch.engine
 
     def run(slot: int) -> dict:
