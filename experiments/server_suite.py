@@ -168,6 +168,9 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Pa
     text = utils.read_text()
     assert "DEFAULT_HTTP_TIMEOUT = 60" in text, "the suite's utils changed: update the harness"
     utils.write_text(text.replace("DEFAULT_HTTP_TIMEOUT = 60", "DEFAULT_HTTP_TIMEOUT = 240"))
+    # test_slot_save's multimodal preset saves slots to "./tmp" (a folder of llama.cpp's CI
+    # checkout): without it both servers refuse --slot-save-path and every such test fails
+    (work / "tmp").mkdir(exist_ok=True)
     (work / "wget.py").write_text("def download(*a, **k):\n"
                                   "    raise RuntimeError('server_suite: no downloads here')\n")
     if server == "llama-server":
