@@ -91,6 +91,15 @@ def test_restore_refuses_other_layouts_and_bad_files(llm, tmp_path):
             slot_state.restore(eng, 1, str(path))
     with pytest.raises(slot_state.SlotFileError):
         slot_state.restore(eng, 1, str(tmp_path / "missing.bin"))
+    # a slot holding an image's cells restores only where a projector is loaded (llama-server:
+    # "Cannot restore media tokens without an mmproj")
+    eng.reset()
+    eng.prefill([5, 6], 0)
+    eng.prefill_embeddings(np.zeros((2, SHP["n_embd"]), np.float32), 0)
+    slot_state.save(eng, 0, str(path))
+    with pytest.raises(slot_state.SlotFileError, match="without an mmproj"):
+        slot_state.restore(eng, 1, str(path), media=False)
+    assert slot_state.restore(eng, 1, str(path))[0] == 4 and eng.tokens[1] == [5, 6, -1, -1]
 
 
 @pytest.mark.parametrize("name,ok", [

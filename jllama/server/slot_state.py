@@ -78,9 +78,10 @@ def save(engine, slot: int, path: str) -> tuple[int, int]:
     return len(tokens), n
 
 
-def restore(engine, slot: int, path: str) -> tuple[int, int]:
+def restore(engine, slot: int, path: str, media: bool = True) -> tuple[int, int]:
     """Load a file written by ``save`` (for this model and cache layout) into the slot;
-    returns (tokens, bytes read). Raises SlotFileError when it cannot."""
+    returns (tokens, bytes read). Raises SlotFileError when it cannot; ``media``: whether the
+    server has a projector (llama-server restores an image's cells only then)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -115,6 +116,8 @@ def restore(engine, slot: int, path: str) -> tuple[int, int]:
     n_vocab = engine.spec.n_vocab
     if any(not (0 <= t < n_vocab or t == -1) for t in tokens):  # -1: an image's cells
         raise SlotFileError("Invalid tokens in slot save file")
+    if not media and -1 in tokens:
+        raise SlotFileError("Cannot restore media tokens without an mmproj")
     engine.import_slot(slot, tokens, [tuple(m) for m in header.get("marks", [])], rows)
     return n, len(data)
 
@@ -171,7 +174,7 @@ async def post_slot_action(state, request) -> dict:
             return {"id_slot": id_slot, "filename": filename, "n_saved": n, "n_written": size,
                     "timings": {"save_ms": (time.perf_counter() - t0) * 1e3}}
         try:
-            n, size = restore(eng, slot, path)
+            n, size = restore(eng, slot, path, getattr(state.llm, "vision", None) is not None)
         except SlotFileError as e:
             eng.rewind(slot, 0)  # llama-server clears the slot on a failed restore
             raise _error(400, f"Unable to restore slot: {e}") from None
