@@ -238,3 +238,54 @@ def test_action_on_a_busy_slot_waits_for_it(server):
     a = _action(server, 0, "save", {"filename": "busy.bin"})
     t.join(60)
     assert a.status_code == 200 and a.json()["n_saved"] == 21 + 30 - 1
+
+
+def test_prompt_cache_reuses_images_by_content(llm, tmp_path):
+    """llama-server's prompt cache with images (test_slot_save's image cases): a prompt that
+    repeats an image reuses its cells, even in a slot restored from a file; a different image
+    reuses only the text before it; counts include the image's cells (prompt_n)."""
+    from jllama.engine.multimodal import ImageChunk
+    from jllama.engine.sampling import SamplingParams
+    from jllama.server import slot_state
+    from jllama.server.scheduler import GenRequest, Scheduler
+
+    rng = np.random.default_rng(0)
+    cat, truck = (ImageChunk(rng.normal(0, 0.5, (5, SHP["n_embd"])).astype(np.float32), False)
+                  for _ in range(2))
+    sch = Scheduler(llm)
+    sch.start()
+
+    def run(items, slot):
+        done, box, text = threading.Event(), {}, []
+
+        def sink(ev):
+            if ev.kind == "text":
+                text.append(ev.text)
+            elif ev.kind in ("done", "error"):
+                box["ev"] = ev
+                done.set()
+
+        sch.submit(GenRequest([t for t in items if isinstance(t, int)], 6,
+                              SamplingParams.greedy(), sink=sink, prompt_items=list(items),
+                              id_slot=slot))
+        assert done.wait(120) and box["ev"].kind == "done", box
+        ev = box["ev"]
+        return ev.prompt_tokens, ev.cached_tokens, "".join(text)
+
+    try:
+        llm.engine.reset()
+        first = run([5, 6, cat, 7, 8], 0)
+        assert first[:2] == (9, 0)
+        assert run([5, 6, cat, 7, 8], 0) == (9, 8, first[2])
+        assert run([5, 6, truck, 7, 8], 0)[:2] == (9, 2)
+        run([5, 6, cat, 7, 8], 0)
+        fut = sch.on_slot(0, lambda b: slot_state.save(llm.engine, b, str(tmp_path / "i.bin")))
+        assert fut.result(60)[0] == 9 + 6 - 1
+        run([1, 2, 3], 1)
+        fut = sch.on_slot(1, lambda b: slot_state.restore(llm.engine, b, str(tmp_path / "i.bin")))
+        assert fut.result(60)[0] == 14
+        assert run([5, 6, cat, 7, 8], 1) == (9, 8, first[2])
+        # a prompt cut inside an image decodes the whole image again
+        assert run([5, 6, cat], 1)[:2] == (7, 2)
+    finally:
+        sch.stop()

@@ -14,6 +14,7 @@ request gives the same tokens whoever shares the batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -89,7 +90,7 @@ class GenRequest:
     post_sampling: bool = False  # probabilities after the sampling chain (post_sampling_probs)
     ignore_eos: bool = False  # end-of-generation tokens get a -inf bias (llama-server's rule)
     # a prompt with images: token ids and engine.multimodal.ImageChunks in order (then
-    # prompt_ids is unused and no cached prefix is reused)
+    # prompt_ids holds its text tokens only; the prompt cache matches its images by content)
     prompt_items: list | None = None
     return_progress: bool = False  # llama-server's return_progress: an event per prompt chunk
     # llama-server's id_slot: the slot to run in (wrapping around the slot count: slot_index);
@@ -107,6 +108,13 @@ class GenRequest:
     finish: str | None = None
     slot: int = -1  # the slot it ran in
     truncated: bool = False  # llama-server's: the context filled up (a shift, or the end)
+
+    @property
+    def n_prompt(self) -> int:
+        """Prompt tokens, an image's cells included (llama-server's prompt_n)."""
+        if self.prompt_items is None:
+            return len(self.prompt_ids)
+        return len(expand_items(self.prompt_items))
 
     def cancel(self) -> None:
         """Thread-safe: the scheduler drops the request (queued or running) at its next turn."""
@@ -392,29 +400,24 @@ class Scheduler:
                 cands = [best]
             else:
                 cands = free
-            if req.prompt_items is not None:
-                free.remove(best)
-                self.engine.rewind(best, 0)
-                from jllama.tokenizer import StreamDecoder
-
-                self.slots[best] = _Active(req, StreamDecoder(self.tok), list(req.prompt_items))
-                req.slot = best
-                self._set_row(best, req)
-                self.metrics.active = self.busy_slots()
-                continue
+            if req.prompt_items is not None:  # images: each cell's id names its image
+                ids = expand_items(req.prompt_items)
             if req.cache_prompt:
                 for b in cands:
                     n = self.engine.common_prefix(ids, b)
                     if n > keep:
                         best, keep = b, n
             keep = min(keep, len(ids) - 1)
+            todo: list = list(ids[keep:])
+            if req.prompt_items is not None:
+                keep, todo = _cut_items(req.prompt_items, keep)
             free.remove(best)
             self.engine.rewind(best, keep)
             req.cached_tokens = keep
             self.metrics.prompt_tokens_cached += keep
             from jllama.tokenizer import StreamDecoder
 
-            self.slots[best] = _Active(req, StreamDecoder(self.tok), list(ids[keep:]))
+            self.slots[best] = _Active(req, StreamDecoder(self.tok), todo)
             req.slot = best
             self._set_row(best, req)
             self.metrics.active = self.busy_slots()
@@ -456,7 +459,7 @@ class Scheduler:
             self._prefill_turn = (b + 1) % n
             t0 = time.perf_counter()
             try:
-                logits = (prefill_image(self.engine, image, b)
+                logits = (prefill_image(self.engine, image, b, image_id(image))
                           if image is not None else self.engine.prefill(chunk, b))
             except Exception as e:  # e.g. ContextError
                 self._fail(b, 400, str(e))
@@ -464,7 +467,7 @@ class Scheduler:
             self.metrics.prompt_tokens += size
             self.metrics.prompt_seconds += time.perf_counter() - t0
             if a.req.return_progress:
-                self._progress(a, len(a.req.prompt_ids) - len(a.todo))
+                self._progress(a, a.req.n_prompt - len(expand_items(a.todo)))
             if a.todo:
                 continue
             self.metrics.n_decode += 1
@@ -630,8 +633,8 @@ class Scheduler:
         self._emit(a, text, force=True)
         req.finish = reason
         self.metrics.n_tokens_max = max(self.metrics.n_tokens_max,
-                                        len(req.prompt_ids) + req.completion_tokens)
-        req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
+                                        req.n_prompt + req.completion_tokens)
+        req.sink(Event("done", finish=reason, prompt_tokens=req.n_prompt,
                        completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
                        id_slot=b, truncated=req.truncated,
                        tokens_cached=int(self.engine.pos[b])))
@@ -639,7 +642,7 @@ class Scheduler:
 
     def _progress(self, a: _Active, processed: int) -> None:
         req = a.req
-        req.sink(Event("progress", prompt_tokens=len(req.prompt_ids),
+        req.sink(Event("progress", prompt_tokens=req.n_prompt,
                        cached_tokens=req.cached_tokens, processed=max(processed,
                                                                       req.cached_tokens),
                        seconds=time.perf_counter() - a.t_prompt if processed else 0.0))
@@ -690,6 +693,43 @@ class Scheduler:
         self._sp = BatchSampling.stack(ps)
         self._bias = jnp.asarray(self._bias_np)
         self._dirty = False
+
+
+def image_id(chunk) -> int:
+    """The id a slot's token list records for each cell of an image: negative (no token has
+    it) and the same for the same embeddings, so the prompt cache reuses an image's cells for
+    the same image only (llama-server keys its images by content too)."""
+    key = getattr(chunk, "_cache_id", None)
+    if key is None:
+        h = hashlib.blake2b(np.ascontiguousarray(chunk.embd).tobytes(), digest_size=4)
+        key = -2 - (int.from_bytes(h.digest(), "little") & 0x3FFFFFFF)
+        chunk._cache_id = key
+    return key
+
+
+def expand_items(items: list) -> list[int]:
+    """A prompt's token ids with each image's cells as its ``image_id``."""
+    out: list[int] = []
+    for it in items:
+        if isinstance(it, int):
+            out.append(it)
+        else:
+            out += [image_id(it)] * it.embd.shape[0]
+    return out
+
+
+def _cut_items(items: list, keep: int) -> tuple[int, list]:
+    """The items left after ``keep`` reused cells, ``keep`` moved back to an image's start when
+    it falls inside one (an image is decoded whole: its cells attend to each other)."""
+    pos = 0
+    for i, it in enumerate(items):
+        n = 1 if isinstance(it, int) else it.embd.shape[0]
+        if pos + n > keep:
+            if isinstance(it, int):
+                return keep, list(items[i:])
+            return pos, list(items[i:])
+        pos += n
+    return pos, []
 
 
 def _shift_allowed(llm, swa_full: bool) -> bool:

@@ -114,9 +114,9 @@ def restore(engine, slot: int, path: str, media: bool = True) -> tuple[int, int]
     if n > engine.ctx_size:
         raise SlotFileError("Restored prompt does not fit in the slot context")
     n_vocab = engine.spec.n_vocab
-    if any(not (0 <= t < n_vocab or t == -1) for t in tokens):  # -1: an image's cells
+    if any(t >= n_vocab for t in tokens):  # negative ids: an image's cells
         raise SlotFileError("Invalid tokens in slot save file")
-    if not media and -1 in tokens:
+    if not media and any(t < 0 for t in tokens):
         raise SlotFileError("Cannot restore media tokens without an mmproj")
     engine.import_slot(slot, tokens, [tuple(m) for m in header.get("marks", [])], rows)
     return n, len(data)
