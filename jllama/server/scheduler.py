@@ -106,7 +106,6 @@ class GenRequest:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish: str | None = None
-    slot: int = -1  # the slot it ran in
     truncated: bool = False  # llama-server's: the context filled up (a shift, or the end)
 
     @property
@@ -418,7 +417,6 @@ class Scheduler:
             from jllama.tokenizer import StreamDecoder
 
             self.slots[best] = _Active(req, StreamDecoder(self.tok), todo)
-            req.slot = best
             self._set_row(best, req)
             self.metrics.active = self.busy_slots()
 
