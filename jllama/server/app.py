@@ -29,10 +29,9 @@ from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
 from jllama.server import embeddings as emb
-from jllama.server import media
+from jllama.server import media, slot_state
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
-from jllama.server import slot_state
 from jllama.server import tools as tl
 from jllama.server.gbnf import GrammarError
 from jllama.server.grammar import GrammarConstraint, JsonConstraint, compile_grammar
