@@ -204,7 +204,8 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str,
     assert "DEFAULT_HTTP_TIMEOUT = 60" in text, "the suite's utils changed: update the harness"
     utils.write_text(text.replace("DEFAULT_HTTP_TIMEOUT = 60", "DEFAULT_HTTP_TIMEOUT = 240"))
     # the suite's TMP_DIR (LLAMA_CACHE below), which its download fixture would have created:
-    # test_router writes its preset INIs there
+    # test_router writes its preset INIs there, test_slot_save's presets save slots to
+    # "./tmp" (without it both servers refuse --slot-save-path)
     (work / "tmp").mkdir(exist_ok=True)
     (work / "wget.py").write_text("def download(*a, **k):\n"
                                   "    raise RuntimeError('server_suite: no downloads here')\n")

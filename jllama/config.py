@@ -116,6 +116,11 @@ class ServerConfig:
     allow_remote_media: bool = False  # fetch http(s) image URLs (llama-server always does)
     n_batch: int = 2048  # llama-server's -b: /infill sizes its prefix/suffix/extra by it
     spm_infill: bool = False  # llama-server's --spm-infill: suffix before prefix in /infill
+    context_shift: bool = False  # llama-server's --context-shift (its default: off)
+    # llama-server's --swa-full: jllama's sliding-window caches always hold the whole context;
+    # the flag only allows the context shift llama-server allows with it
+    swa_full: bool = False
+    slot_save_path: str | None = None  # llama-server's --slot-save-path: POST /slots/{id}
 
 
 @dataclass

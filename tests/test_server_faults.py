@@ -192,10 +192,10 @@ def test_cors_and_switches(fake_llm):
         assert [s["id"] for s in slots] == [0, 1, 2, 3] and not slots[0]["is_processing"]
 
 
-@pytest.mark.parametrize("flag", [["--context-shift"], ["--models-dir", "d"],
+@pytest.mark.parametrize("flag", [["--cache-reuse", "256"], ["--models-dir", "d"],
                                   ["--hf-repo", "ggml-org/x"], ["-nocb"],
                                   ["--reasoning-format", "deepseek"],
-                                  ["--slot-save-path", "/tmp"]])
+                                  ["--sleep-idle-seconds", "5"]])
 def test_serve_refuses_unbuilt_llama_server_flags(flag, capsys):
     from jllama.cli.main import main
 

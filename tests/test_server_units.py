@@ -491,7 +491,10 @@ def test_scheduler_full_context_is_length(monkeypatch):
         for max_tokens in (None, 1000):
             _, out, done, box = _run(sch, [5, 6, 7], max_tokens, seed=3)
             assert done.wait(30) and box["ev"].finish == "length"
-            assert box["ev"].completion_tokens == len(out) == 16 - 3 + 1
+            # llama-server's rule: it ends once prompt + generated tokens reach the context
+            # (its test_ctx_shift_disabled_short_prompt: 8 + 248 = 256)
+            assert box["ev"].completion_tokens == len(out) == 16 - 3
+            assert box["ev"].truncated
         t0 = time.monotonic()
         while sch.busy_slots() and time.monotonic() - t0 < 10:  # freed right after "done"
             time.sleep(0.01)
@@ -591,6 +594,18 @@ def test_serve_takes_llama_server_flags():
     cfg = load_config(None, _overrides(args))
     _slot_ctx(cfg, args)
     assert cfg.runtime.ctx_size == 512 and cfg.generation.sampling.seed is None
+    # test_slot_save / test_ctx_shift presets: --slot-save-path (a directory, kept with a
+    # trailing separator as llama-server does), --context-shift, --swa-full; off by default
+    st = settings_from_config(load_config(None, _overrides(build_parser().parse_args(
+        ["serve", "-m", "m.gguf"]))), "m", [])
+    assert (st.context_shift, st.swa_full, st.slot_save_path) == (False, False, None)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        args = build_parser().parse_args(["serve", "-m", "m.gguf", "--slot-save-path", d,
+                                          "--context-shift", "--swa-full"])
+        st = settings_from_config(load_config(None, _overrides(args)), "m", [])
+        assert st.context_shift and st.swa_full and st.slot_save_path == d + "/"
 
 
 def test_completion_prompt_forms():

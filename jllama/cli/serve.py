@@ -119,7 +119,6 @@ _ACCEPTED = [
     (("--no-mmproj", "--no-mmproj-auto"), 0),  # jllama loads a projector only with --mmproj
     (("--threads-http",), 1), (("--no-perf", "--perf"), 0),
     (("-tb", "--threads-batch"), 1),  # one thread pool for prompts and decoding (-t)
-    (("--no-context-shift",), 0),  # jllama's default: a full context ends with "length"
     (("-no-kvu", "--no-kv-unified"), 0),  # llama-server's default: ctx-size / parallel per slot
     (("--repack", "--no-repack", "-nr", "--mmap", "--no-mmap", "--mlock"), 0),
 ]
@@ -129,8 +128,6 @@ _REFUSED = [
       "--docker-repo"), 1, "jllama serve does not download models; pass -m FILE.gguf or a "
      "registry name"),
     (("-nocb", "--no-cont-batching"), 0, "jllama always batches continuously"),
-    (("--context-shift",), 0, "context shift is not built yet (a full context ends the request "
-     "with finish_reason 'length')"),
     (("--spec-type",), 1, "only draft-model (-md) and n-gram (--draft-ngram) drafting are built"),
     (("--grp-attn-n", "-gan", "--grp-attn-w", "-gaw"), 1, "group attention (self-extend) is not "
      "built"),
@@ -148,8 +145,6 @@ _REFUSED = [
      "built-in tools and MCP servers are not built"),
     (("--ui-mcp-proxy", "--webui-mcp-proxy", "-ag", "--agent"), 0, "the web UI's proxy is not "
      "built"),
-    (("--slot-save-path",), 1, "slot save/restore is not built yet"),
-    (("--swa-full",), 0, "a full-size SWA cache is not built"),
     (("--ignore-eos",), 0, "a server-wide ignore_eos is not built (send it per request)"),
     (("--grammar", "--grammar-file", "-j", "--json-schema", "-jf", "--json-schema-file"), 1,
      "a server-wide grammar is not built (send 'grammar'/'json_schema' per request)"),
@@ -207,6 +202,16 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cors-origins", default=None,
                    help="allowed CORS origins, comma-separated (default *; 'localhost': "
                    "loopback origins only)")
+    g.add_argument("--context-shift", dest="context_shift", action="store_true", default=None,
+                   help="when a slot's context is full, drop half of what follows the request's "
+                   "n_keep tokens and go on generating (default: off; the request then ends)")
+    g.add_argument("--no-context-shift", dest="context_shift", action="store_false")
+    g.add_argument("--swa-full", action="store_true", default=None,
+                   help="accepted: jllama's sliding-window caches always hold the whole "
+                   "context; as with llama-server, it lets --context-shift work on them")
+    g.add_argument("--slot-save-path", default=None, metavar="PATH",
+                   help="directory for POST /slots/{id}?action=save|restore (jllama's own file "
+                   "format: llama.cpp's slot files do not load, nor ours in llama-server)")
     g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true", default=None)
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
     for flags, nargs in _ACCEPTED:
@@ -227,6 +232,7 @@ def _overrides(args) -> list[str]:
              "n_predict": "server.n_predict", "batch_size": "server.n_batch",
              "cors_origins": "server.cors_origins",
              "media_path": "server.media_path",
+             "slot_save_path": "server.slot_save_path",
              "temp": "generation.sampling.temperature", "top_k": "generation.sampling.top_k",
              "top_p": "generation.sampling.top_p", "min_p": "generation.sampling.min_p",
              "repeat_penalty": "generation.sampling.repeat_penalty",
@@ -242,7 +248,10 @@ def _overrides(args) -> list[str]:
         ov.append(f"server.parallel={args.parallel}")
     if args.seed is not None:  # llama-server's -1: a random seed per request
         ov.append(f"generation.sampling.seed={'null' if args.seed == -1 else args.seed}")
-    for flag in ("metrics", "props", "kv_unified", "allow_remote_media", "spm_infill"):
+    if args.context_shift is not None:
+        ov.append(f"server.context_shift={'true' if args.context_shift else 'false'}")
+    for flag in ("metrics", "props", "kv_unified", "allow_remote_media", "swa_full",
+                 "spm_infill"):
         if getattr(args, flag, False):
             ov.append(f"server.{flag}=true")
     if args.slots is False:
@@ -336,7 +345,22 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           cache_prompt=s.cache_prompt, max_body=s.max_body,
                           media_path=_media_dir(s.media_path),
                           allow_remote_media=s.allow_remote_media, n_batch=s.n_batch,
-                          spm_infill=s.spm_infill)
+                          spm_infill=s.spm_infill,
+                          context_shift=s.context_shift, swa_full=s.swa_full,
+                          slot_save_path=_slot_dir(s.slot_save_path))
+
+
+def _slot_dir(path: str | None) -> str | None:
+    """llama-server's --slot-save-path check: an existing directory."""
+    if not path:
+        return None
+    import os
+
+    from jllama.errors import ConfigError
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--slot-save-path {path}: not a directory")
+    return os.path.join(path, "")
 
 
 def _media_dir(path: str | None) -> str | None:

@@ -190,6 +190,24 @@ class Engine:
         self._first_sample = jit(first_sample, (), (), host=None)
         self._shift = self._build_shift() if self._kv_rope is not None else None
 
+        def export(cache, slot, length):
+            return [jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False)[..., :length, :]
+                    for a in _seq_leaves(cache)]
+
+        def import_(cache, slot, rows):
+            leaves, tree = jax.tree.flatten(cache)
+            it = iter(rows)
+            out = []
+            for a in leaves:
+                if a.ndim >= 4:
+                    r = next(it).astype(a.dtype)[None]
+                    a = jax.lax.dynamic_update_slice(a, r, (slot,) + (0,) * (a.ndim - 1))
+                out.append(a)
+            return jax.tree.unflatten(tree, out)
+
+        self._export = jax.jit(export, static_argnames="length")
+        self._import = jax.jit(import_, donate_argnums=0)
+
     # ------------------------------------------------------------------ cache / slots
     def update_params(self, model: nnx.Module) -> None:
         """Take the model's current parameter values (new LoRA scales, say). The structure must
@@ -470,20 +488,64 @@ class Engine:
             self.tokens[b].append(int(tokens[b]))
         return np.asarray(nxt), logits
 
+    # ------------------------------------------------------------------ slot state
+    def export_slot(self, slot: int) -> tuple[list[int], list[tuple[int, int]], list[np.ndarray]]:
+        """What a slot holds: its tokens, its M-RoPE marks and, per cache array, the slot's
+        rows for those tokens ([..., n, row], the cache's own dtype: quantized blocks as
+        stored). ``import_slot`` puts them back bit for bit."""
+        n = int(self.pos[slot])
+        rows = self._export(self.cache, np.int32(slot), length=self.kv_bucket(max(n, 1)))
+        return (list(self.tokens[slot]), list(self._delta_marks[slot]),
+                [np.asarray(r)[..., :n, :] for r in rows])
+
+    def slot_layout(self) -> list[tuple[tuple[int, ...], str]]:
+        """Per cache array: a slot's row shape without the sequence axis, and the dtype: what
+        ``export_slot``'s arrays must match to be imported."""
+        return [((*a.shape[1:-2], a.shape[-1]), str(a.dtype)) for a in _seq_leaves(self.cache)]
+
+    def import_slot(self, slot: int, tokens: list[int], marks: list[tuple[int, int]],
+                    rows: list[np.ndarray]) -> None:
+        """Replace a slot's contents with ``export_slot``'s output (of this model and cache
+        layout: checked by the caller against ``slot_layout``)."""
+        n = len(tokens)
+        if n > self.ctx_size:
+            raise ContextError(f"{n} tokens do not fit the context size {self.ctx_size}")
+        length = self.kv_bucket(max(n, 1))
+        padded = []
+        for r in rows:
+            buf = np.zeros((*r.shape[:-2], length, r.shape[-1]), r.dtype)
+            buf[..., :n, :] = r
+            padded.append(buf)
+        self.cache = self._import(self.cache, np.int32(slot), padded)
+        self.pos[slot] = n
+        self.tokens[slot] = [int(t) for t in tokens]
+        if self.mrope:
+            self._delta_marks[slot] = [(int(a), int(b)) for a, b in marks]
+            self._put_pos_delta()
+        self.rewind(slot, n)  # the penalty window from the restored tokens
+
     # ------------------------------------------------------------------ context shift
     def can_shift(self) -> bool:
         # M-RoPE: llama.cpp refuses to shift positions of 4 per token (seq_add asserts)
         return self._kv_rope is not None and not self.mrope
 
-    def shift_context(self, slot: int, n_keep: int) -> int:
-        """llama.cpp's context shift: keep the first ``n_keep`` tokens, drop half of the rest,
-        slide the remainder down and re-rotate its keys by the distance moved. Returns the number
-        of tokens dropped."""
+    def shift_context(self, slot: int, n_keep: int, n_discard: int | None = None) -> int:
+        """llama.cpp's context shift: keep the first ``n_keep`` tokens, drop the next
+        ``n_discard`` (default: half of the rest), slide the remainder down and re-rotate its
+        keys by the distance moved (llama.cpp's seq_rm + seq_add and K-shift). Returns the
+        number of tokens dropped."""
         if not self.can_shift():
             raise ContextError(f"context shift is not supported for the {self.spec.arch} cache")
-        n_keep = max(0, min(int(n_keep), int(self.pos[slot]) - 2))
-        n_discard = (int(self.pos[slot]) - n_keep) // 2
+        if n_discard is None:
+            n_keep = max(0, min(int(n_keep), int(self.pos[slot]) - 2))
+            n_discard = (int(self.pos[slot]) - n_keep) // 2
+        n_keep, n_discard = int(n_keep), int(n_discard)
+        if n_keep < 0 or n_keep + n_discard > int(self.pos[slot]):
+            raise ContextError(f"cannot discard {n_discard} tokens after {n_keep} of "
+                               f"{int(self.pos[slot])}")
         if n_discard <= 0:
+            if n_discard == 0 and n_keep < int(self.pos[slot]):
+                return 0  # llama-server may clamp to nothing dropped
             raise ContextError("context is full and nothing can be discarded")
         self.cache = self._shift(self.cache, jnp.int32(slot), jnp.int32(n_keep),
                                  jnp.int32(n_discard))
@@ -576,6 +638,12 @@ class Engine:
             nxt, _ = self.step(toks, active, sp, keys, steps, bias)
             tok = int(nxt[slot])
         tm.gen_s = time.perf_counter() - t1
+
+
+def _seq_leaves(cache) -> list[jax.Array]:
+    """The cache's K/V arrays ([B, ..., S, row]; not M-RoPE's per-slot offsets), in tree
+    order."""
+    return [a for a in jax.tree.leaves(cache) if a.ndim >= 4]
 
 
 def _bias_array(logit_bias: dict[int, float], n_vocab: int, n_slots: int) -> jax.Array:

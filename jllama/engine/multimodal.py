@@ -51,18 +51,20 @@ def image_positions(p0: int, nx: int, ny: int) -> tuple[np.ndarray, int]:
     return pos.astype(np.int32), max(nx, ny)
 
 
-def prefill_image(engine: Engine, chunk: ImageChunk, slot: int = 0):
+def prefill_image(engine: Engine, chunk: ImageChunk, slot: int = 0, placeholder: int = -1):
     """Decode an image chunk's embeddings into a slot (``mtmd_helper_decode_image_chunk``);
-    the logits after its last token."""
+    the logits after its last token. ``placeholder``: the (negative) id the slot's token list
+    records for each of its cells."""
     if not engine.mrope:
-        return engine.prefill_embeddings(chunk.embd, slot, bidir=chunk.bidir)
+        return engine.prefill_embeddings(chunk.embd, slot, bidir=chunk.bidir,
+                                         placeholder=placeholder)
     nx, ny = chunk.grid
     if nx * ny != chunk.embd.shape[0]:
         raise ContextError(f"an image grid of {nx}x{ny} does not hold its "
                            f"{chunk.embd.shape[0]} embeddings")
     pos, n_pos = image_positions(engine.next_position(slot), nx, ny)
     return engine.prefill_embeddings(chunk.embd, slot, bidir=chunk.bidir, positions=pos,
-                                     n_pos=n_pos)
+                                     n_pos=n_pos, placeholder=placeholder)
 
 
 def check_pair(vision: Vision, n_embd_text: int, arch: str) -> None:

@@ -32,7 +32,7 @@ from jllama.engine.sampling import SamplingParams
 from jllama.server import anthropic as anth
 from jllama.server import embeddings as emb
 from jllama.server import infill as inf
-from jllama.server import media
+from jllama.server import media, slot_state
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
 from jllama.server import responses as resp
@@ -67,6 +67,9 @@ class ServerSettings:
     max_body: int = 16 * 1024 * 1024  # bytes; larger request bodies get 413
     media_path: str | None = None  # llama-server's --media-path: file:// images read under it
     allow_remote_media: bool = False  # jllama's --allow-remote-media: fetch http(s) images
+    context_shift: bool = False  # llama-server's --context-shift
+    swa_full: bool = False  # llama-server's --swa-full (allows the shift on SWA models)
+    slot_save_path: str | None = None  # llama-server's --slot-save-path (ends with a '/')
     media_marker: str = field(default_factory=media.media_marker)  # places images in prompts
     n_batch: int = 2048  # llama-server's -b (its /infill layout depends on it)
     spm_infill: bool = False  # llama-server's --spm-infill
@@ -88,7 +91,9 @@ class ServerState:
         self.encoder = encoder
         self.settings = settings
         self.metrics = Metrics()
-        self.scheduler = (Scheduler(llm, max_queue=settings.max_queue, metrics=self.metrics)
+        self.scheduler = (Scheduler(llm, max_queue=settings.max_queue, metrics=self.metrics,
+                                    context_shift=settings.context_shift,
+                                    swa_full=settings.swa_full)
                           if llm is not None else None)
         self.created = oa.now()
         self.ctx_size = llm.engine.ctx_size if llm is not None else encoder.n_ctx
@@ -340,10 +345,9 @@ def check_prompt(state: ServerState, ids: list[int]) -> None:
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
     n = prompt_length(ids)
-    if n >= state.ctx_size:
-        raise ApiError(400, f"the prompt is {n} tokens but the context size is "
-                       f"{state.ctx_size} tokens per slot (--ctx-size); at most "
-                       f"{state.ctx_size - 1} prompt tokens leave room for one generated token",
+    if n >= state.ctx_size:  # llama-server's words (with or without context shift)
+        raise ApiError(400, f"request ({n} tokens) exceeds the available context size "
+                       f"({state.ctx_size} tokens), try increasing it",
                        param="messages", code="context_length_exceeded")
 
 
@@ -380,7 +384,8 @@ def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint,
     req = GenRequest(ids, opts.max_tokens, opts.params, opts.stop, sink, constraint,
                      opts.cache_prompt, lora=opts.lora, n_probs=opts.n_probs,
                      ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs,
-                     prompt_items=items, return_progress=progress)
+                     prompt_items=items, return_progress=progress, id_slot=opts.id_slot,
+                     n_keep=opts.n_keep, n_discard=opts.n_discard)
     try:
         state.scheduler.submit(req)
     except SchedulerDead as e:
@@ -568,12 +573,11 @@ class Handlers:
     async def _slots(self, request: Request) -> Response:
         """llama-server's GET /slots (its slot to_json with only_metrics)."""
         st = self.state
+        if request.method == "POST":  # llama-server's post_slots: not gated by --slots
+            return JSONResponse(await slot_state.post_slot_action(st, request))
         if not st.settings.slots:
             raise emb.server_error((501, "not_supported_error"), "This server does not support "
                                    "slots endpoint. Start it with `--slots`")
-        if request.method == "POST":
-            raise emb.server_error((501, "not_supported_error"), "This server does not support "
-                                   "slots action. Start it with `--slot-save-path`")
         sch = st.scheduler
         out = []
         for b in range(sch.n_slots if sch is not None else 1):
@@ -1086,7 +1090,9 @@ class Handlers:
         return nat.final(content, model=job.model, prompt=prompt_text,
                          n_prompt=done.prompt_tokens, n_gen=done.completion_tokens,
                          finish=done.finish, stop_word=job.req.stop_word,
-                         settings=settings, probs=job.probs, timing=tm, stream=stream)
+                         settings=settings, probs=job.probs, timing=tm, stream=stream,
+                         id_slot=done.id_slot, truncated=done.truncated,
+                         tokens_cached=done.tokens_cached)
 
     async def _native_batch(self, request: Request, opts: oa.GenOptions, prompts: list,
                             settings: dict, pick) -> Response:

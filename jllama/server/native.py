@@ -63,12 +63,14 @@ def timings(cached: int, n_prompt: int, prompt_s: float, n_gen: int, gen_s: floa
 
 def final(content: str, *, model: str, prompt: str, n_prompt: int, n_gen: int,
           finish: str | None, stop_word: str | None, settings: dict, probs: list | None,
-          timing: dict, stream: bool) -> dict:
-    d = {"index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": True,
+          timing: dict, stream: bool, id_slot: int = -1, truncated: bool = False,
+          tokens_cached: int | None = None) -> dict:
+    d = {"index": 0, "content": content, "tokens": [], "id_slot": id_slot, "stop": True,
          "model": model, "tokens_predicted": n_gen, "tokens_evaluated": n_prompt,
          "generation_settings": settings, "prompt": prompt, "has_new_line": "\n" in content,
-         "truncated": False, "stop_type": stop_type(finish, stop_word),
-         "stopping_word": stop_word or "", "tokens_cached": n_prompt + n_gen,
+         "truncated": truncated, "stop_type": stop_type(finish, stop_word),
+         "stopping_word": stop_word or "",
+         "tokens_cached": n_prompt + n_gen if tokens_cached is None else tokens_cached,
          "timings": timing}
     if not stream and probs:
         d["completion_probabilities"] = probs

@@ -153,6 +153,9 @@ class GenOptions:
     n_probs: int = 0  # top candidates reported per token (n_probs / logprobs / top_logprobs)
     post_sampling_probs: bool = False  # llama-server: probabilities after the sampling chain
     ignore_eos: bool = False
+    id_slot: int = -1  # llama-server's id_slot: the slot to run in (-1: any)
+    n_keep: int = 0  # llama-server's context shift: tokens kept (-1: the whole prompt)
+    n_discard: int = 0  # ... and dropped per shift (0: half of the rest)
 
 
 def lora_scales(value: Any, param: str = "lora") -> dict[int, float]:
@@ -280,7 +283,9 @@ def parse_common(body: dict, n_vocab: int, chat: bool = False,
                       lora=lora_scales(body["lora"]) if body.get("lora") else None,
                       grammar=grammar, json_schema=schema, n_probs=n_probs,
                       ignore_eos=_bool(body, "ignore_eos", False),
-                      post_sampling_probs=_bool(body, "post_sampling_probs", False))
+                      post_sampling_probs=_bool(body, "post_sampling_probs", False),
+                      id_slot=_int(body, "id_slot", -1), n_keep=_int(body, "n_keep", 0),
+                      n_discard=_int(body, "n_discard", 0))
 
 
 def message_text(content: Any, param: str, images: list | None = None,

@@ -14,11 +14,13 @@ request gives the same tokens whoever shares the batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import jax
@@ -32,6 +34,12 @@ from jllama.server.metrics import Metrics
 
 log = logging.getLogger("jllama.server")
 
+
+
+def slot_index(id_slot: int, n_slots: int) -> int:
+    """llama-server's get_slot_by_id: an id wraps around the slot count, a negative one as
+    the unsigned 64-bit number C++ turns it into (``int % size_t``)."""
+    return (id_slot % 2**64) % n_slots
 
 
 class QueueFull(Exception):
@@ -60,6 +68,9 @@ class Event:
     # llama-server's per-token probabilities of the text in this event (requests with n_probs)
     probs: list[dict] | None = None
     processed: int = 0  # "progress": prompt tokens evaluated so far (cached ones included)
+    id_slot: int = -1  # "done": the slot that served the request
+    truncated: bool = False  # "done": llama-server's truncated (the context filled up)
+    tokens_cached: int = 0  # "done": tokens the slot holds now (llama-server's tokens_cached)
     seconds: float = 0.0  # "progress": time spent on the prompt so far
 
 
@@ -79,15 +90,30 @@ class GenRequest:
     post_sampling: bool = False  # probabilities after the sampling chain (post_sampling_probs)
     ignore_eos: bool = False  # end-of-generation tokens get a -inf bias (llama-server's rule)
     # a prompt with images: token ids and engine.multimodal.ImageChunks in order (then
-    # prompt_ids is unused and no cached prefix is reused)
+    # prompt_ids holds its text tokens only; the prompt cache matches its images by content)
     prompt_items: list | None = None
     return_progress: bool = False  # llama-server's return_progress: an event per prompt chunk
+    # llama-server's id_slot: the slot to run in (wrapping around the slot count: slot_index);
+    # the request waits while that slot is busy. -1: any free slot
+    id_slot: int = -1
+    # llama-server's context shift (the server's --context-shift): tokens kept at the start
+    # (-1: the whole prompt) and dropped per shift (0: half of what follows the kept ones)
+    n_keep: int = 0
+    n_discard: int = 0
     cancelled: bool = False
     # filled by the scheduler
     stop_word: str | None = None  # the stop string that ended the text, if one did
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish: str | None = None
+    truncated: bool = False  # llama-server's: the context filled up (a shift, or the end)
+
+    @property
+    def n_prompt(self) -> int:
+        """Prompt tokens, an image's cells included (llama-server's prompt_n)."""
+        if self.prompt_items is None:
+            return len(self.prompt_ids)
+        return len(expand_items(self.prompt_items))
 
     def cancel(self) -> None:
         """Thread-safe: the scheduler drops the request (queued or running) at its next turn."""
@@ -115,7 +141,8 @@ class _Active:
 
 
 class Scheduler:
-    def __init__(self, llm, max_queue: int = 64, metrics: Metrics | None = None):
+    def __init__(self, llm, max_queue: int = 64, metrics: Metrics | None = None,
+                 context_shift: bool = False, swa_full: bool = False):
         self.llm = llm
         self.engine = llm.engine
         self.tok = llm.tokenizer
@@ -125,6 +152,12 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.metrics.slots_total = self.n_slots
         self.queue: deque[GenRequest] = deque()
+        # slot actions (save/restore/erase) waiting for their slot to be free
+        self._actions: list[tuple[int, Callable, Future]] = []
+        # llama-server's --context-shift, where the cache can shift (it turns the flag off
+        # otherwise, with a warning)
+        self.context_shift = bool(context_shift) and _shift_allowed(llm, swa_full)
+        self.add_bos = bool(getattr(self.tok, "add_bos", False))
         self.slots: list[_Active | None] = [None] * self.n_slots
         self._prefill_turn = 0  # the slot whose prompt goes first in the next _prefill
         self.cv = threading.Condition()
@@ -179,6 +212,19 @@ class Scheduler:
             self.metrics.queued = len(self.queue)
             self.cv.notify()
 
+    def on_slot(self, slot: int, fn: Callable[[int], object]) -> Future:
+        """Run ``fn(slot)`` on the scheduler thread (the engine's owner) once the slot holds no
+        request: llama-server defers a slot action on a busy slot until it is released. The
+        future gets fn's result or exception."""
+        if self.dead is not None:
+            raise SchedulerDead(f"the scheduler stopped: {type(self.dead).__name__}: "
+                                f"{self.dead}")
+        fut: Future = Future()
+        with self.cv:
+            self._actions.append((slot, fn, fut))
+            self.cv.notify()
+        return fut
+
     def lora_scales_for(self, req: GenRequest) -> tuple[float, ...]:
         """llama-server's construct_lora_list: the request's scales by id, 0 for adapters it
         does not name; the defaults when it names none."""
@@ -228,7 +274,8 @@ class Scheduler:
         try:
             while True:
                 with self.cv:
-                    while not self._stop and not self.queue and not any(self.slots):
+                    while (not self._stop and not self.queue and not any(self.slots)
+                           and not self._actions):
                         self.cv.wait(timeout=1.0)
                     if self._stop:
                         break
@@ -259,9 +306,13 @@ class Scheduler:
         with self.cv:
             while self.queue:
                 self.queue.popleft().sink(Event("error", status=503, message=reason))
+            for _, _, fut in self._actions:
+                fut.set_exception(SchedulerDead(reason))
+            self._actions.clear()
 
     def _iteration(self) -> None:
         self._drop_cancelled()
+        self._slot_actions()
         self._admit()
         if self._speculate():
             return
@@ -310,47 +361,62 @@ class Scheduler:
                 self._free(b)
                 self.metrics.cancelled += 1
 
+    def _slot_actions(self) -> None:
+        with self.cv:
+            ready = [x for x in self._actions if self.slots[x[0]] is None]
+            self._actions = [x for x in self._actions if self.slots[x[0]] is not None]
+        for slot, fn, fut in ready:
+            try:
+                fut.set_result(fn(slot))
+            except Exception as e:  # the action's own failure (a bad file): its answer
+                fut.set_exception(e)
+
     def _admit(self) -> None:
         free = [b for b, a in enumerate(self.slots) if a is None]
         while free:
             with self.cv:
-                if not self.queue:
+                # first in, first served, except that a request naming a busy slot waits
+                # for it (llama-server defers it) while the others go on
+                req = next((r for r in self.queue if r.cancelled or r.id_slot == -1
+                            or slot_index(r.id_slot, self.n_slots) in free), None)
+                if req is None:
                     return
-                req = self.queue[0]
                 want = self.lora_scales_for(req)
                 if want != self._lora_now and not req.cancelled:
                     if self.busy_slots():
                         return  # first in, first served: it waits for the batch to drain
                     self._switch_lora(want)
-                self.queue.popleft()
+                self.queue.remove(req)
                 self.metrics.queued = len(self.queue)
             if req.cancelled:
                 continue
             ids = req.prompt_ids
-            # prompt cache: the free slot sharing the longest prefix with this prompt
+            # prompt cache: the free slot sharing the longest prefix with this prompt (or the
+            # slot the request names)
             best, keep = free[0], 0
-            if req.prompt_items is not None:
-                free.remove(best)
-                self.engine.rewind(best, 0)
-                from jllama.tokenizer import StreamDecoder
-
-                self.slots[best] = _Active(req, StreamDecoder(self.tok), list(req.prompt_items))
-                self._set_row(best, req)
-                self.metrics.active = self.busy_slots()
-                continue
+            if req.id_slot != -1:
+                best = slot_index(req.id_slot, self.n_slots)
+                cands = [best]
+            else:
+                cands = free
+            if req.prompt_items is not None:  # images: each cell's id names its image
+                ids = expand_items(req.prompt_items)
             if req.cache_prompt:
-                for b in free:
+                for b in cands:
                     n = self.engine.common_prefix(ids, b)
                     if n > keep:
                         best, keep = b, n
             keep = min(keep, len(ids) - 1)
+            todo: list = list(ids[keep:])
+            if req.prompt_items is not None:
+                keep, todo = _cut_items(req.prompt_items, keep)
             free.remove(best)
             self.engine.rewind(best, keep)
             req.cached_tokens = keep
             self.metrics.prompt_tokens_cached += keep
             from jllama.tokenizer import StreamDecoder
 
-            self.slots[best] = _Active(req, StreamDecoder(self.tok), list(ids[keep:]))
+            self.slots[best] = _Active(req, StreamDecoder(self.tok), todo)
             self._set_row(best, req)
             self.metrics.active = self.busy_slots()
 
@@ -391,7 +457,7 @@ class Scheduler:
             self._prefill_turn = (b + 1) % n
             t0 = time.perf_counter()
             try:
-                logits = (prefill_image(self.engine, image, b)
+                logits = (prefill_image(self.engine, image, b, image_id(image))
                           if image is not None else self.engine.prefill(chunk, b))
             except Exception as e:  # e.g. ContextError
                 self._fail(b, 400, str(e))
@@ -399,7 +465,7 @@ class Scheduler:
             self.metrics.prompt_tokens += size
             self.metrics.prompt_seconds += time.perf_counter() - t0
             if a.req.return_progress:
-                self._progress(a, len(a.req.prompt_ids) - len(a.todo))
+                self._progress(a, a.req.n_prompt - len(expand_items(a.todo)))
             if a.todo:
                 continue
             self.metrics.n_decode += 1
@@ -420,9 +486,16 @@ class Scheduler:
         active = np.array([a is not None and not a.todo for a in self.slots])
         if not active.any():
             return
-        # a slot whose context is full ends before it would overflow
+        # a slot whose context is full shifts it (--context-shift) or ends before it would
+        # overflow (_accept ends it a token earlier, as llama-server does)
         for b in np.nonzero(active)[0]:
-            if self.engine.pos[b] + 1 > self.engine.ctx_size:
+            if self.context_shift and self.engine.pos[b] + 1 >= self.engine.ctx_size:
+                try:
+                    self._shift(b)
+                except Exception as e:  # noqa: BLE001 - e.g. nothing left to discard
+                    self._fail(b, 500, f"context shift failed: {e}")
+                    active[b] = False
+            elif self.engine.pos[b] + 1 > self.engine.ctx_size:
                 self._finish(b, "length")
                 active[b] = False
         if not active.any():
@@ -448,6 +521,26 @@ class Scheduler:
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
         self.metrics.n_decode += 1
         self.metrics.n_busy_slots += int(active.sum())
+
+    def _shift(self, b: int) -> None:
+        """llama-server's context shift (server-context.cpp pre_decode): keep n_keep tokens
+        (the request's; -1: its whole prompt; one more for a BOS the vocabulary adds; at most
+        n_ctx - 4), drop n_discard of the rest (the request's, else half), clamped to leave
+        one, and slide the others down."""
+        a = self.slots[b]
+        req = a.req
+        n_ctx = self.engine.ctx_size
+        n_keep = len(req.prompt_ids) if req.n_keep < 0 else req.n_keep
+        if self.add_bos:
+            n_keep += 1
+        n_keep = min(n_ctx - 4, n_keep)
+        n_left = int(self.engine.pos[b]) - n_keep
+        n_discard = req.n_discard if req.n_discard else n_left // 2
+        n_discard = max(0, min(n_discard, max(0, n_left - 1)))
+        log.warning("slot %d: context shift, n_keep = %d, n_left = %d, n_discard = %d", b,
+                    n_keep, n_left, n_discard)
+        self.engine.shift_context(b, n_keep, n_discard)
+        req.truncated = True
 
     # ------------------------------------------------------------------ per-token handling
     def _take(self, b: int, tok: int, row: Callable[[], np.ndarray]) -> None:
@@ -492,9 +585,15 @@ class Scheduler:
         elif a.pending:
             self._emit(a, a.pending)
             a.pending = ""
+        # llama-server's rule without context shift: the slot ends once the next token would
+        # fill its context (prompt.n_tokens() + 1 >= n_ctx)
+        full = (not self.context_shift and a.gen is None
+                and self.engine.pos[b] + 1 >= self.engine.ctx_size)
+        if full:
+            req.truncated = True
         if req.constraint is not None and req.constraint.done:
             self._finish(b, "stop")
-        elif req.max_tokens is not None and req.completion_tokens >= req.max_tokens:
+        elif full or (req.max_tokens is not None and req.completion_tokens >= req.max_tokens):
             self._finish(b, "length")
 
     def _probs(self, a: _Active, row: np.ndarray, tok: int) -> None:
@@ -532,14 +631,16 @@ class Scheduler:
         self._emit(a, text, force=True)
         req.finish = reason
         self.metrics.n_tokens_max = max(self.metrics.n_tokens_max,
-                                        len(req.prompt_ids) + req.completion_tokens)
-        req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
-                       completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens))
+                                        req.n_prompt + req.completion_tokens)
+        req.sink(Event("done", finish=reason, prompt_tokens=req.n_prompt,
+                       completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
+                       id_slot=b, truncated=req.truncated,
+                       tokens_cached=int(self.engine.pos[b])))
         self._free(b)
 
     def _progress(self, a: _Active, processed: int) -> None:
         req = a.req
-        req.sink(Event("progress", prompt_tokens=len(req.prompt_ids),
+        req.sink(Event("progress", prompt_tokens=req.n_prompt,
                        cached_tokens=req.cached_tokens, processed=max(processed,
                                                                       req.cached_tokens),
                        seconds=time.perf_counter() - a.t_prompt if processed else 0.0))
@@ -590,6 +691,61 @@ class Scheduler:
         self._sp = BatchSampling.stack(ps)
         self._bias = jnp.asarray(self._bias_np)
         self._dirty = False
+
+
+def image_id(chunk) -> int:
+    """The id a slot's token list records for each cell of an image: negative (no token has
+    it) and the same for the same embeddings, so the prompt cache reuses an image's cells for
+    the same image only (llama-server keys its images by content too)."""
+    key = getattr(chunk, "_cache_id", None)
+    if key is None:
+        h = hashlib.blake2b(np.ascontiguousarray(chunk.embd).tobytes(), digest_size=4)
+        key = -2 - (int.from_bytes(h.digest(), "little") & 0x3FFFFFFF)
+        chunk._cache_id = key
+    return key
+
+
+def expand_items(items: list) -> list[int]:
+    """A prompt's token ids with each image's cells as its ``image_id``."""
+    out: list[int] = []
+    for it in items:
+        if isinstance(it, int):
+            out.append(it)
+        else:
+            out += [image_id(it)] * it.embd.shape[0]
+    return out
+
+
+def _cut_items(items: list, keep: int) -> tuple[int, list]:
+    """The items left after ``keep`` reused cells, ``keep`` moved back to an image's start when
+    it falls inside one (an image is decoded whole: its cells attend to each other)."""
+    pos = 0
+    for i, it in enumerate(items):
+        n = 1 if isinstance(it, int) else it.embd.shape[0]
+        if pos + n > keep:
+            if isinstance(it, int):
+                return keep, list(items[i:])
+            return pos, list(items[i:])
+        pos += n
+    return pos, []
+
+
+def _shift_allowed(llm, swa_full: bool) -> bool:
+    """llama-server turns --context-shift off, with a warning, where its cache cannot shift:
+    with a projector loaded, for M-RoPE positions or caches without rope (llama_memory_can_shift),
+    and for sliding-window models unless --swa-full (its SWA cache is then as large as the
+    other one). jllama's sliding-window caches are full-size, so it could shift them; it
+    follows llama-server's rule."""
+    eng = llm.engine
+    why = None
+    if getattr(llm, "vision", None) is not None:
+        why = "ctx_shift is not supported by multimodal, it will be disabled"
+    elif not eng.can_shift() or (any(llm.spec.extra.get("swa_layers", ()))
+                                 and not swa_full):
+        why = "ctx_shift is not supported by this context, it will be disabled"
+    if why:
+        log.warning("%s", why)
+    return why is None
 
 
 def _first_token(logits, sp, keys, steps, history, bias):
