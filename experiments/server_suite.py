@@ -11,7 +11,9 @@ which cannot be downloaded here. For each server this script:
 
 * copies the suite into a scratch folder, with three harness-only changes: the session fixture
   that pre-downloads every preset model does nothing, ``wget`` (imported for downloads) is a
-  stub that refuses, and a server gets 240 s instead of 60 to start (jllama compiles first);
+  stub that refuses (the files the suite downloads, a LoRA adapter and a draft model, are put
+  where its ``download_file`` looks first, see ``downloads``), and a server gets 240 s instead
+  of 60 to start (jllama compiles first);
 * writes a wrapper "binary" that swaps ``--hf-repo/--hf-file`` for ``--model LOCAL.gguf`` through
   ONE mapping shared by both servers (``MODEL_MAP``), drops ``--offline``, and execs either
   llama-server or ``python -m jllama serve`` with the rest of the flags unchanged;
@@ -71,7 +73,34 @@ def model_map(root: Path) -> dict:
     visionmodels.write_text_model(text)
     visionmodels.write_mmproj(mmproj)
     out["ggml-org/tinygemma3-GGUF:Q8_0"] = {"model": str(text), "mmproj": str(mmproj)}
+    # bge-small / jina-reranker-v1-tiny: tiny RANDOM bert encoders as tests/test_arch_bert.py
+    # writes them (CLS pooling / the rank head), trained context 512 as the presets' n_ctx;
+    # tests that expect a real model's ranking or token counts fail on both servers
+    import test_arch_bert
+
+    bge, rerank = models / "bert-bge-small.gguf", models / "jina-reranker-tiny.gguf"
+    test_arch_bert._write(bge, 2, n_ctx=512)
+    test_arch_bert._write(rerank, 4, n_ctx=512)
+    out["ggml-org/models/bert-bge-small/ggml-model-f16.gguf"] = str(bge)
+    out["ggml-org/models/jina-reranker-v1-tiny-en/ggml-model-f16.gguf"] = str(rerank)
     return out
+
+
+def downloads(root: Path, smol: str) -> dict[str, Path]:
+    """The files the suite fetches with download_file (it skips a file already in ./tmp):
+    test_lora's adapter -> a random LoRA (rank 8 on every attn_q/attn_v) for SmolLM2 written
+    by tests/tinymodels.write_lora; test_speculative's draft model -> SmolLM2 itself (same
+    vocabulary as the mapped main model)."""
+    from jllama.gguf.reader import read_gguf
+
+    import tinymodels
+
+    lora = root / "models" / "smollm2-lora.gguf"
+    if not lora.exists():
+        base = read_gguf(smol).tensors
+        targets = [n for n in base if n.endswith((".attn_q.weight", ".attn_v.weight"))]
+        tinymodels.write_lora(lora, "llama", base, targets)
+    return {"moe_shakespeare15M.gguf": lora, "stories15M-q4_0.gguf": Path(smol)}
 
 
 # the suite's remote images (test_vision_api.py, test_slot_save.py) and its two "bad URL"
@@ -142,7 +171,8 @@ os.execv(TARGET[0], TARGET + args)
 '''
 
 
-def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Path, Path]:
+def make_workdir(root: Path, server: str, mapping: dict, media: str,
+                 files: dict[str, Path]) -> tuple[Path, Path]:
     # the suite sits at tools/server/tests as in llama.cpp's tree: test_security's
     # --media-path ../../../tools then finds tools/mtmd/test-1.jpeg (llama.cpp's own file)
     top = root / server
@@ -168,6 +198,9 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Pa
     text = utils.read_text()
     assert "DEFAULT_HTTP_TIMEOUT = 60" in text, "the suite's utils changed: update the harness"
     utils.write_text(text.replace("DEFAULT_HTTP_TIMEOUT = 60", "DEFAULT_HTTP_TIMEOUT = 240"))
+    (work / "tmp").mkdir(exist_ok=True)
+    for name, src in files.items():
+        (work / "tmp" / name).symlink_to(src)
     (work / "wget.py").write_text("def download(*a, **k):\n"
                                   "    raise RuntimeError('server_suite: no downloads here')\n")
     if server == "llama-server":
@@ -298,7 +331,8 @@ def main() -> int:
     media = media_server(root, a.port + 100)
     results: dict[str, dict[str, tuple[str, str]]] = {s: {} for s in a.servers}
     secs: dict[str, float] = {s: 0.0 for s in a.servers}
-    dirs = {s: make_workdir(root, s, mapping, media) for s in a.servers}
+    files = downloads(root, mapping["ggml-org/test-model-stories260K"])
+    dirs = {s: make_workdir(root, s, mapping, media, files) for s in a.servers}
     # file by file, servers interleaved: the shared machine's load hits both alike
     for name in a.files:
         for k, s in enumerate(a.servers):
