@@ -298,6 +298,7 @@ def _slot_ctx(cfg, args) -> None:
 def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] | None = None):
     """ServerSettings out of a loaded Config (the one place serve turns config into settings)."""
     from jllama.server.app import ServerSettings
+    from jllama.server.gcp import GcpParams
 
     s = cfg.server
     sp = cfg.generation.sampling
@@ -315,7 +316,7 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           defaults=defaults, aliases=names, tags=tags or [],
                           cache_prompt=s.cache_prompt, max_body=s.max_body,
                           media_path=_media_dir(s.media_path),
-                          allow_remote_media=s.allow_remote_media)
+                          allow_remote_media=s.allow_remote_media, gcp=GcpParams.from_env())
 
 
 def _media_dir(path: str | None) -> str | None:
@@ -378,6 +379,11 @@ def run(args) -> int:
         raise ConfigError(f"{cfg.source}: jllama serve runs in one process; 'distributed' is "
                           "for run/generate (a mesh over this host's devices: 'mesh')")
     _slot_ctx(cfg, args)
+    from jllama.server.gcp import GcpParams
+
+    gcp = GcpParams.from_env()
+    if gcp is not None:  # llama-server: AIP_HTTP_PORT overrides --port in Google Cloud mode
+        s.port = gcp.port
     tags = [t for t in (args.tags or "").split(",") if t]
     from jllama.cli.common import platform_origin, setup_platform, start_backend
 

@@ -37,6 +37,7 @@ from jllama.server.gbnf import GrammarError
 from jllama.server.grammar import GrammarConstraint, JsonConstraint, compile_grammar
 from jllama.server.json_schema import SchemaError, schema_to_grammar
 from jllama.server.metrics import Metrics
+from jllama.server.gcp import GcpParams, gcp_routes
 from jllama.server.openai_schema import ApiError
 from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler, SchedulerDead
 
@@ -64,6 +65,7 @@ class ServerSettings:
     media_path: str | None = None  # llama-server's --media-path: file:// images read under it
     allow_remote_media: bool = False  # jllama's --allow-remote-media: fetch http(s) images
     media_marker: str = field(default_factory=media.media_marker)  # places images in prompts
+    gcp: GcpParams | None = None  # Google Cloud's /predict (AIP_MODE=PREDICTION): gcp.py
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -1205,6 +1207,8 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/v1/rerank", h.rerank, ["POST"]), ("/v1/reranking", h.rerank, ["POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
+    if state.settings.gcp is not None:
+        routes += gcp_routes(routes, state.settings.gcp)
 
     async def not_found(request: Request, exc) -> Response:
         status = getattr(exc, "status_code", 404)

@@ -1,0 +1,58 @@
+"""llama-server behaviours that llama.cpp's own server suite checks, on a fake engine (seconds).
+
+* Google Cloud (Vertex AI) compat: AIP_MODE=PREDICTION, /predict with ``instances`` dispatched
+  by ``@requestFormat`` (tools/server/server-http.cpp, unit/test_compat_gcp.py).
+
+Expected values are llama-server's documented behaviour (its source's comments and the suite's
+assertions), not outputs of our own code.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_server_faults import _client, fake_llm  # noqa: F401 - the fixture
+
+from jllama.errors import ConfigError
+from jllama.server.gcp import GcpParams, request_format
+
+
+def test_gcp_aliases_and_env():
+    # server-http.cpp's own examples
+    assert request_format("/v1/chat/completions") == "chatCompletions"
+    assert request_format("/apply-template") == "applyTemplate"
+    assert request_format("/slots/{id_slot}") == "slots{idSlot}"  # stops at ':' only
+    assert GcpParams.from_env({}) is None
+    assert GcpParams.from_env({"AIP_MODE": "PREDICTION"}) == GcpParams("/predict", None, 8080)
+    p = GcpParams.from_env({"AIP_MODE": "PREDICTION", "AIP_PREDICT_ROUTE": "v1/go",
+                            "AIP_HEALTH_ROUTE": "/alive", "AIP_HTTP_PORT": "9000"})
+    assert p == GcpParams("/v1/go", "/alive", 9000)
+    with pytest.raises(ConfigError, match="AIP_HTTP_PORT"):
+        GcpParams.from_env({"AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": "x"})
+
+
+def test_gcp_predict_dispatches_instances(fake_llm):  # noqa: F811
+    gcp = GcpParams("/predict", "/alive", 8080)
+    _, client = _client(fake_llm, gcp=gcp, api_keys=["k"])
+    auth = {"Authorization": "Bearer k"}
+    # 'completions' is both /v1/completions (OAI) and /completions (llama-server's own):
+    # the first route registered wins, the OAI one
+    oai = {"@requestFormat": "completions", "max_tokens": 3, "stream": True, "prompt": [5, 6]}
+    with client:
+        r = client.post("/predict", headers=auth, json={"instances": [
+            oai, {**oai, "@requestFormat": "/completion"}, {"@requestFormat": "nope"}, 3,
+            {"max_tokens": 1}]})
+        assert r.status_code == 200
+        p = r.json()["predictions"]
+        assert len(p) == 5
+        assert p[0]["object"] == "text_completion"  # streaming is turned off
+        assert p[0]["usage"]["completion_tokens"] == 3
+        assert p[1]["tokens_predicted"] == 3 and "content" in p[1]
+        assert "no handler registered for @requestFormat: nope" in p[2]["error"]["message"]
+        assert p[3]["error"]["message"] == "each instance must be a JSON object"
+        assert "@requestFormat" in p[4]["error"]["message"]
+        # each instance goes through its route's own key check
+        r = client.post("/predict", json={"instances": [oai]})
+        assert r.json()["predictions"][0]["error"]["type"] == "authentication_error"
+        for body in ([], {"instances": {}}, {"instances": [{}] * 129}):
+            assert client.post("/predict", headers=auth, json=body).status_code == 400
+        assert client.get("/alive").status_code == 200
