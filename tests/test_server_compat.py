@@ -56,3 +56,24 @@ def test_gcp_predict_dispatches_instances(fake_llm):  # noqa: F811
         for body in ([], {"instances": {}}, {"instances": [{}] * 129}):
             assert client.post("/predict", headers=auth, json=body).status_code == 400
         assert client.get("/alive").status_code == 200
+
+
+def test_serve_spec_type():
+    """test_speculative's argv: --spec-type draft-simple with a draft model (-md) and
+    --spec-draft-n-min/max; other types are refused by name, draft-simple needs -md."""
+    from jllama.cli.main import build_parser
+    from jllama.cli.serve import _check_llama_server_args, _overrides
+    from jllama.config import load_config
+
+    base = ["serve", "-m", "m.gguf", "--parallel", "1"]
+    args = build_parser().parse_args(base + ["--model-draft", "d.gguf", "--spec-type",
+                                             "draft-simple", "--spec-draft-n-min", "4",
+                                             "--spec-draft-n-max", "8"])
+    _check_llama_server_args(args)
+    cfg = load_config(None, _overrides(args))
+    assert (cfg.draft.model, cfg.draft.n_min, cfg.draft.n) == ("d.gguf", 4, 8)
+    for extra, msg in ((["--spec-type", "draft-simple"], "needs a draft model"),
+                       (["--spec-type", "none,ngram-mod"], "--spec-type ngram-mod"),
+                       (["--spec-synth-rates", "0.5"], "synthetic")):
+        with pytest.raises(ConfigError, match=msg):
+            _check_llama_server_args(build_parser().parse_args(base + extra))

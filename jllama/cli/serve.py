@@ -119,7 +119,8 @@ _REFUSED = [
     (("--models-dir", "--models-preset", "--models-max"), 1, "router mode (several models) "
      "is not built yet: serve one model with -m"),
     (("--models-autoload", "--no-models-autoload"), 0, "router mode is not built yet"),
-    (("--spec-type",), 1, "only draft-model (-md) and n-gram (--draft-ngram) drafting are built"),
+    (("--spec-synth-len", "--spec-synth-rates"), 1, "synthetic draft acceptance "
+     "(benchmarking) is not built"),
     (("--grp-attn-n", "-gan", "--grp-attn-w", "-gaw"), 1, "group attention (self-extend) is not "
      "built"),
     (("--chat-template", "--chat-template-file"), 1, "the chat template comes from the GGUF; "
@@ -189,6 +190,9 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cors-origins", default=None,
                    help="allowed CORS origins, comma-separated (default *; 'localhost': "
                    "loopback origins only)")
+    g.add_argument("--spec-type", action="append", default=None,
+                   help="speculative types, comma-separated: draft-simple (a draft model, -md) "
+                   "or none; the others are not built")
     g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true", default=None)
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
     for flags, nargs in _ACCEPTED:
@@ -246,6 +250,13 @@ def _check_llama_server_args(args) -> None:
     if args.reasoning_format not in (None, "none", "auto"):
         raise ConfigError(f"jllama serve --reasoning-format {args.reasoning_format}: reasoning "
                           "parsing is not built yet (none and auto leave thoughts in the content)")
+    spec = [t.strip() for v in (args.spec_type or []) for t in v.split(",") if t.strip()]
+    other = [t for t in spec if t not in ("draft-simple", "none")]
+    if other:
+        raise ConfigError(f"jllama serve --spec-type {other[0]}: only draft-simple (a draft "
+                          "model, -md) and none are built (n-gram drafting: --draft-ngram)")
+    if "draft-simple" in spec and not args.model_draft:
+        raise ConfigError("jllama serve --spec-type draft-simple: needs a draft model (-md)")
     if args.ctx_size is not None and args.ctx_size < 0:
         raise ConfigError(f"jllama serve -c {args.ctx_size}: must be >= 0")
 
