@@ -1,7 +1,11 @@
 """llama-server behaviours that llama.cpp's own server suite checks, on a fake engine (seconds).
 
 * Google Cloud (Vertex AI) compat: AIP_MODE=PREDICTION, /predict with ``instances`` dispatched
-  by ``@requestFormat`` (tools/server/server-http.cpp, unit/test_compat_gcp.py).
+  by ``@requestFormat`` (tools/server/server-http.cpp, unit/test_compat_gcp.py);
+* /embeddings input forms (handle_embeddings_impl, tokenize_mixed; unit/test_embedding.py):
+  a list holding any token id is one prompt mixing ids and strings, and an OpenAI ``content``
+  list of text parts is its texts joined;
+* serve's --spec-type (unit/test_speculative.py's argv).
 
 Expected values are llama-server's documented behaviour (its source's comments and the suite's
 assertions), not outputs of our own code.
@@ -77,3 +81,28 @@ def test_serve_spec_type():
                        (["--spec-synth-rates", "0.5"], "synthetic")):
         with pytest.raises(ConfigError, match=msg):
             _check_llama_server_args(build_parser().parse_args(base + extra))
+
+
+def test_embedding_input_forms(tmp_path):
+    from test_arch_bert import _write
+
+    from jllama.server import embeddings as emb
+
+    enc = emb.EncoderRunner(_write(tmp_path / "e.gguf", 1))
+
+    def seqs(inp):
+        return emb.parse_embeddings(enc, {"input": inp}, True)[0]
+
+    def enc_(text, bos=True):
+        return enc.tokenizer.encode(text, add_special=bos, parse_special=True)
+
+    # tokenize_mixed: ids kept, a string gets BOS/EOS only where it comes first
+    assert seqs([12, 34, "fox", 56]) == [[12, 34] + enc_("fox", False) + [56]]
+    assert seqs(["fox", 7]) == [enc_("fox") + [7]]
+    assert seqs([[12, 34], [12, "dog", 34]]) == [[12, 34], [12] + enc_("dog", False) + [34]]
+    parts = {"content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "fox"}]}
+    assert seqs([parts, "hello fox"]) == [enc_("hello fox")] * 2
+    with pytest.raises(emb.ApiError, match="must be an array"):
+        seqs({"content": "x"})
+    with pytest.raises(emb.ApiError, match="Multimodal data provided"):
+        seqs({"content": [{"type": "image_url", "image_url": {"url": "data:,"}}]})
