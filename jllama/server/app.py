@@ -921,7 +921,8 @@ class Handlers:
         now = time.monotonic()
         t_first = job.t_first or now
         tm = nat.timings(done.cached_tokens, max(done.prompt_tokens - done.cached_tokens, 0),
-                         t_first - job.t0, done.completion_tokens, now - t_first)
+                         t_first - job.t0, done.completion_tokens, now - t_first,
+                         done.draft_n, done.draft_accepted)
         return nat.final(content, model=job.model, prompt=prompt_text,
                          n_prompt=done.prompt_tokens, n_gen=done.completion_tokens,
                          finish=done.finish, stop_word=job.req.stop_word,

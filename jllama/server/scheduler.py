@@ -61,6 +61,9 @@ class Event:
     probs: list[dict] | None = None
     processed: int = 0  # "progress": prompt tokens evaluated so far (cached ones included)
     seconds: float = 0.0  # "progress": time spent on the prompt so far
+    # "done" of a speculative request: tokens drafted and how many the target accepted
+    draft_n: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass
@@ -88,6 +91,8 @@ class GenRequest:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish: str | None = None
+    draft_n: int = 0  # speculative decoding: tokens drafted, and accepted by the target
+    draft_accepted: int = 0
 
     def cancel(self) -> None:
         """Thread-safe: the scheduler drops the request (queued or running) at its next turn."""
@@ -290,6 +295,8 @@ class Scheduler:
             self._fail(0, 400, str(e))
             return True
         tm = eng.timings
+        a.req.draft_n = tm.extra.get("draft_proposed", 0)
+        a.req.draft_accepted = tm.extra.get("draft_accepted", 0)
         if a.req.completion_tokens == 0:  # the first token: the prompt was evaluated
             self.metrics.prompt_tokens += tm.prompt_tokens - tm.extra.get("cached_tokens", 0)
             self.metrics.prompt_seconds += tm.prompt_s
@@ -534,7 +541,8 @@ class Scheduler:
         self.metrics.n_tokens_max = max(self.metrics.n_tokens_max,
                                         len(req.prompt_ids) + req.completion_tokens)
         req.sink(Event("done", finish=reason, prompt_tokens=len(req.prompt_ids),
-                       completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens))
+                       completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
+                       draft_n=req.draft_n, draft_accepted=req.draft_accepted))
         self._free(b)
 
     def _progress(self, a: _Active, processed: int) -> None:
