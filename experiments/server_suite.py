@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -224,10 +225,15 @@ def run_file(work: Path, wrapper: Path, name: str, port: int, timeout: float,
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
            "junit_family=xunit2", f"--junitxml={xml}", f"unit/{name}.py"] + (["-k", select] if select else [])
     t0 = time.monotonic()
+    # its own process group: on a timeout the server the test had started goes too (left
+    # running, it would answer the next file's tests on the same port)
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
-        subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                       timeout=timeout, check=False)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         print(f"  {name}: timed out after {timeout:.0f} s", file=sys.stderr)
     print(f"  {name}: {time.monotonic() - t0:.0f} s", file=sys.stderr)
     return xml
