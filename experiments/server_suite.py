@@ -297,7 +297,11 @@ def write_table(path: Path, files: list[str], results: dict[str, dict[str, tuple
         "tinygemma3 -> a tiny random gemma3 text model + gemma3 mmproj (tests/visionmodels.py): "
         "tests that expect the real model's words ('cat', 'frog') fail on both servers. The "
         "suite's Hugging Face image URLs (and its two bad URLs) point at a loopback http server "
-        "the harness runs; jllama gets --allow-remote-media (llama-server fetches unasked).",
+        "the harness runs; jllama gets --allow-remote-media (llama-server fetches unasked). "
+        "bge-small and jina-reranker-v1-tiny -> tiny random bert encoders (CLS pooling / rank "
+        "head, tests/test_arch_bert.py): tests that expect the real models' token counts or "
+        "ranking fail on both servers. test_lora's adapter -> a random LoRA for SmolLM2 "
+        "(tests/tinymodels.write_lora), test_speculative's draft model -> SmolLM2 itself.",
         "",
         "| server | passed | failed | error | skipped | wall s |",
         "|---|---|---|---|---|---|",
