@@ -5,7 +5,9 @@
 * /embeddings input forms (handle_embeddings_impl, tokenize_mixed; unit/test_embedding.py):
   a list holding any token id is one prompt mixing ids and strings, and an OpenAI ``content``
   list of text parts is its texts joined;
-* serve's --spec-type (unit/test_speculative.py's argv).
+* serve's --spec-type (unit/test_speculative.py's argv);
+* the request field ``verbose``: ``__verbose``, the answer in /completion's shape
+  (server-task.cpp; unit/test_chat_completion.py::test_verbose_debug).
 
 Expected values are llama-server's documented behaviour (its source's comments and the suite's
 assertions), not outputs of our own code.
@@ -106,3 +108,15 @@ def test_embedding_input_forms(tmp_path):
         seqs({"content": "x"})
     with pytest.raises(emb.ApiError, match="Multimodal data provided"):
         seqs({"content": [{"type": "image_url", "image_url": {"url": "data:,"}}]})
+
+
+def test_verbose_answer_carries_native_shape(fake_llm):  # noqa: F811
+    _, client = _client(fake_llm)
+    body = {"prompt": [5, 6], "max_tokens": 2, "temperature": 0}
+    with client:
+        plain = client.post("/v1/completions", json={**body, "verbose": False}).json()
+        r = client.post("/v1/completions", json={**body, "verbose": True}).json()
+    assert "__verbose" not in plain
+    v = r["__verbose"]
+    assert v["prompt"] == "<5><6>" and v["content"] == r["choices"][0]["text"]
+    assert v["tokens_predicted"] == 2 and "generation_settings" in v and "timings" in v

@@ -766,9 +766,9 @@ class Handlers:
             finally:
                 job.req.cancel()
             self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
-            return JSONResponse(oa.completion_response(job.rid, job.model, job.created,
-                                                       prefix + text, done.finish,
-                                                       usage_of(done), oa.logprobs_of(job.probs)))
+            out = oa.completion_response(job.rid, job.model, job.created, prefix + text,
+                                         done.finish, usage_of(done), oa.logprobs_of(job.probs))
+            return JSONResponse(self._verbose(body, out, job, opts, ids, text, done))
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -864,9 +864,9 @@ class Handlers:
                 content, calls = tl.parse_tool_calls(text, tools)
             if calls:
                 finish = "tool_calls" if finish == "stop" else finish
-            return JSONResponse(oa.chat_response(job.rid, job.model, job.created, content,
-                                                 calls or None, finish, usage_of(done),
-                                                 oa.logprobs_of(job.probs)))
+            out = oa.chat_response(job.rid, job.model, job.created, content, calls or None,
+                                   finish, usage_of(done), oa.logprobs_of(job.probs))
+            return JSONResponse(self._verbose(body, out, job, opts, ids, text, done))
 
         def chunk(delta: dict, finish: str | None = None, probs: list | None = None) -> str:
             return sse(oa.chat_chunk(job.rid, job.model, job.created, delta, finish,
@@ -914,6 +914,18 @@ class Handlers:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    def _verbose(self, body: dict, out: dict, job: Job, opts: oa.GenOptions, ids: list,
+                 text: str, done: Event) -> dict:
+        """llama-server's request field ``verbose``: a whole (non-streamed) OpenAI answer
+        carries ``__verbose``, the answer in its own /completion shape (the prompt as text,
+        generation_settings, timings). Streamed answers do not carry it here."""
+        if body.get("verbose") is True:
+            st = self.state
+            settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
+            out["__verbose"] = self._native_final(job, prompt_text(st, ids), settings, text,
+                                                  done, stream=False)
+        return out
 
     @staticmethod
     def _native_final(job: Job, prompt_text: str, settings: dict, content: str, done: Event,
