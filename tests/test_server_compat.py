@@ -4,7 +4,8 @@
   by ``@requestFormat`` (tools/server/server-http.cpp, unit/test_compat_gcp.py);
 * /embeddings input forms (handle_embeddings_impl, tokenize_mixed; unit/test_embedding.py):
   a list holding any token id is one prompt mixing ids and strings, and an OpenAI ``content``
-  list of text parts is its texts joined;
+  list of text parts is its texts joined; an encoder's input longer than the physical batch
+  (-ub) is refused with llama-server's message;
 * serve's --spec-type (unit/test_speculative.py's argv);
 * the request field ``verbose``: ``__verbose``, the answer in /completion's shape
   (server-task.cpp; unit/test_chat_completion.py::test_verbose_debug).
@@ -120,3 +121,20 @@ def test_verbose_answer_carries_native_shape(fake_llm):  # noqa: F811
     v = r["__verbose"]
     assert v["prompt"] == "<5><6>" and v["content"] == r["choices"][0]["text"]
     assert v["tokens_predicted"] == 2 and "generation_settings" in v and "timings" in v
+
+
+def test_encoder_input_over_ubatch(tmp_path):
+    from test_arch_bert import _write
+
+    from jllama.server import embeddings as emb
+
+    enc = emb.EncoderRunner(_write(tmp_path / "e.gguf", 1), n_ubatch=8)
+    text = "the quick brown fox jumps over the lazy dog"
+    n = len(enc.tokenizer.encode(text, add_special=True, parse_special=True))
+    assert n > 8
+    with pytest.raises(emb.ApiError) as e:
+        emb.parse_embeddings(enc, {"input": text}, True)
+    assert e.value.status == 500
+    assert e.value.message == (f"input ({n} tokens) is too large to process. increase the "
+                               "physical batch size (current batch size: 8)")
+    assert len(emb.parse_embeddings(enc, {"input": "fox"}, True)[0]) == 1

@@ -96,7 +96,6 @@ class _Refuse(argparse.Action):
 # what jllama does anyway (or it only tunes llama.cpp's own machinery), so nothing is lost
 _ACCEPTED = [
     (("-cb", "--cont-batching"), 0),  # jllama always batches continuously
-    (("-b", "--batch-size", "-ub", "--ubatch-size"), 1),  # prompts go in jllama's own chunks
     (("-ngl", "--gpu-layers", "--n-gpu-layers"), 1),  # JAX places the whole model on its device
     (("--offline",), 0), (("-v", "--verbose", "--log-verbose"), 0),
     (("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"), "?"),
@@ -193,6 +192,11 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spec-type", action="append", default=None,
                    help="speculative types, comma-separated: draft-simple (a draft model, -md) "
                    "or none; the others are not built")
+    # decoders: prompts go in jllama's own chunks; encoders: llama-server's input limit
+    g.add_argument("-b", "--batch-size", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("-ub", "--ubatch-size", type=int, default=None,
+                   help="an encoder's input limit in tokens, as llama-server's physical batch "
+                   "(default 512, at most -b)")
     g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true", default=None)
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
     for flags, nargs in _ACCEPTED:
@@ -408,7 +412,9 @@ def run(args) -> int:
         print(f"jllama serve: loading encoder {enc_path} ...", file=sys.stderr)
         # llama-server's context defaults to the model's training context (-c 0)
         encoder = EncoderRunner(enc_path, pooling="rank" if args.reranking else args.pooling,
-                                ctx_size=args.ctx_size or None)
+                                ctx_size=args.ctx_size or None,
+                                # llama_context: n_ubatch = min(n_batch, n_ubatch)
+                                n_ubatch=min(args.batch_size or 2048, args.ubatch_size or 512))
         from jllama.server.app import ServerState, create_app
 
         alias = s.model_alias or encoder.path.stem

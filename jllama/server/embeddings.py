@@ -58,6 +58,9 @@ class _Runner:
     n_ctx: int
     n_vocab: int
     rerank_template: str | None = None
+    # llama-server's physical batch (n_ubatch) for a model whose input cannot be split across
+    # batches (non-causal encoders): a longer input is refused; None: no such limit
+    n_ubatch: int | None = None
 
     def _init_run(self) -> None:
         self._lock = threading.Lock()
@@ -137,6 +140,10 @@ class _Runner:
 
     def check_length(self, ids: list) -> None:
         n = n_items(ids)
+        if self.n_ubatch is not None and n > self.n_ubatch:
+            raise server_error((500, "server_error"), f"input ({n} tokens) is too large to "
+                               "process. increase the physical batch size (current batch "
+                               f"size: {self.n_ubatch})")
         if n > self.n_ctx:
             e = server_error(_EXCEED, f"input ({n} tokens) is larger than the max "
                              f"context size ({self.n_ctx} tokens). skipping")
@@ -147,7 +154,8 @@ class _Runner:
 class EncoderRunner(_Runner):
     """A loaded encoder GGUF: tokenizer, weights, pooling, the context limit."""
 
-    def __init__(self, path, pooling: str | None = None, ctx_size: int | None = None):
+    def __init__(self, path, pooling: str | None = None, ctx_size: int | None = None,
+                 n_ubatch: int | None = None):
         from jllama.gguf.reader import read_gguf
         from jllama.models import bert, load_weights
         from jllama.tokenizer import Tokenizer
@@ -164,6 +172,7 @@ class EncoderRunner(_Runner):
         self.rerank_template = g.metadata.get("tokenizer.chat_template.rerank")
         # llama-server's slot context; learned positions cap it at the training context
         self.n_ctx = min(ctx_size or self.spec.n_ctx_train, self.spec.n_ctx_train)
+        self.n_ubatch = n_ubatch
         self.n_vocab = self.tokenizer.n_vocab
         self._init_run()
 
