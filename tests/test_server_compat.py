@@ -7,6 +7,8 @@
   list of text parts is its texts joined; an encoder's input longer than the physical batch
   (-ub) is refused with llama-server's message;
 * serve's --spec-type (unit/test_speculative.py's argv);
+* /cors-proxy answers 403 "feature_disabled" (llama-server without --ui-mcp-proxy;
+  unit/test_proxy.py::test_mcp_no_proxy);
 * the request field ``verbose``: ``__verbose``, the answer in /completion's shape
   (server-task.cpp; unit/test_chat_completion.py::test_verbose_debug).
 
@@ -138,3 +140,12 @@ def test_encoder_input_over_ubatch(tmp_path):
     assert e.value.message == (f"input ({n} tokens) is too large to process. increase the "
                                "physical batch size (current batch size: 8)")
     assert len(emb.parse_embeddings(enc, {"input": "fox"}, True)[0]) == 1
+
+
+def test_cors_proxy_is_off(fake_llm):  # noqa: F811
+    _, client = _client(fake_llm)
+    with client:
+        for r in (client.get("/cors-proxy?url=http://example.com"), client.post("/cors-proxy")):
+            assert r.status_code == 403
+            assert r.json()["error"]["message"] == "this feature is disabled"
+            assert r.json()["error"]["type"] == "feature_disabled"

@@ -497,6 +497,13 @@ class Handlers:
     async def rerank(self, request: Request) -> Response:
         return await self._run(request, "/rerank", self._rerank)
 
+    async def cors_proxy(self, request: Request) -> Response:
+        """llama-server's /cors-proxy (the web UI's MCP proxy, --ui-mcp-proxy) answers 403
+        while the proxy is off; jllama has no such proxy."""
+        async def off(request: Request) -> Response:
+            raise ApiError(403, "this feature is disabled", type_="feature_disabled")
+        return await self._run(request, "/cors-proxy", off)
+
     async def models(self, request: Request) -> Response:
         return await self._run(request, "/v1/models", self._models)
 
@@ -1218,6 +1225,7 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/embeddings", h.embeddings, ["POST"]), ("/embedding", h.embeddings, ["POST"]),
         ("/rerank", h.rerank, ["POST"]), ("/reranking", h.rerank, ["POST"]),
         ("/v1/rerank", h.rerank, ["POST"]), ("/v1/reranking", h.rerank, ["POST"]),
+        ("/cors-proxy", h.cors_proxy, ["GET", "POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
     if state.settings.gcp is not None:
