@@ -222,7 +222,8 @@ def run_file(work: Path, wrapper: Path, name: str, port: int, timeout: float,
     xml = work / f"junit-{name}.xml"
     env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(wrapper), "PORT": str(port),
            "PYTHONPATH": str(REPO), "LLAMA_CACHE": str(work / "tmp")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
+    # -v: one PASSED/FAILED line per test in the log, read back when a timeout leaves no xml
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o",
            "junit_family=xunit2", f"--junitxml={xml}", f"unit/{name}.py"] + (["-k", select] if select else [])
     t0 = time.monotonic()
     # its own process group: on a timeout the server the test had started goes too (left
@@ -239,10 +240,25 @@ def run_file(work: Path, wrapper: Path, name: str, port: int, timeout: float,
     return xml
 
 
+def log_outcomes(log: Path) -> dict[str, tuple[str, str]]:
+    """What ``outcomes`` reads from the junit xml, from pytest -v's log instead (a file that
+    timed out has no xml): the tests that finished before the timeout, without reasons."""
+    import re
+
+    out = {}
+    pat = re.compile(r"^unit/(test_\w+)\.py::(.+?) (PASSED|FAILED|ERROR|SKIPPED)( |$)")
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        m = pat.match(line)
+        if m:
+            out[f"{m[1]}::{m[2]}"] = (m[3].lower(), "")
+    return out
+
+
 def outcomes(xml: Path) -> dict[str, tuple[str, str]]:
     """test id -> (passed|failed|error|skipped, one-line reason)."""
     if not xml.exists():
-        return {}
+        return log_outcomes(xml.parent / xml.name.replace("junit-", "log-").replace(".xml",
+                                                                                  ".txt"))
     out = {}
     for tc in ET.parse(xml).getroot().iter("testcase"):
         tid = f"{tc.get('classname', '').split('.')[-1]}::{tc.get('name')}"
