@@ -293,7 +293,7 @@ def write_table(path: Path, files: list[str], results: dict[str, dict[str, tuple
             cells.append(st)
         why = next((results[s][t][1] for s in reversed(servers)
                     if results[s].get(t, ("", ""))[0] in ("failed", "error")), "")
-        rows.append(f"| `{t}` | " + " | ".join(cells) + f" | {why.replace('|', '/')} |")
+        rows.append(f"| `{t.replace('|', chr(92) + '|')}` | " + " | ".join(cells) + f" | {why.replace('|', '/')} |")
     both = sum(1 for t in ids if all(results[s].get(t, ("",))[0] == "passed" for s in servers))
     gap = [t for t in ids if results[servers[0]].get(t, ("",))[0] == "passed"
            and any(results[s].get(t, ("",))[0] != "passed" for s in servers[1:])]
