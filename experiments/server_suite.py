@@ -11,7 +11,9 @@ which cannot be downloaded here. For each server this script:
 
 * copies the suite into a scratch folder, with three harness-only changes: the session fixture
   that pre-downloads every preset model does nothing, ``wget`` (imported for downloads) is a
-  stub that refuses, and a server gets 240 s instead of 60 to start (jllama compiles first);
+  stub that refuses (the files the suite downloads, a LoRA adapter and a draft model, are put
+  where its ``download_file`` looks first, see ``downloads``), and a server gets 240 s instead
+  of 60 to start (jllama compiles first);
 * writes a wrapper "binary" that swaps ``--hf-repo/--hf-file`` for ``--model LOCAL.gguf`` through
   ONE mapping shared by both servers (``MODEL_MAP``), drops ``--offline``, and execs either
   llama-server or ``python -m jllama serve`` with the rest of the flags unchanged;
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -82,6 +85,16 @@ def model_map(root: Path) -> dict:
     fim = models / "tiny-fim.gguf"
     tinymodels.write_server_model(fim)
     out["ggml-org/test-model-stories260K-infill"] = str(fim)
+    # bge-small / jina-reranker-v1-tiny: tiny RANDOM bert encoders as tests/test_arch_bert.py
+    # writes them (CLS pooling / the rank head), trained context 512 as the presets' n_ctx;
+    # tests that expect a real model's ranking or token counts fail on both servers
+    import test_arch_bert
+
+    bge, rerank = models / "bert-bge-small.gguf", models / "jina-reranker-tiny.gguf"
+    test_arch_bert._write(bge, 2, n_ctx=512)
+    test_arch_bert._write(rerank, 4, n_ctx=512)
+    out["ggml-org/models/bert-bge-small/ggml-model-f16.gguf"] = str(bge)
+    out["ggml-org/models/jina-reranker-v1-tiny-en/ggml-model-f16.gguf"] = str(rerank)
     return out
 
 
@@ -103,6 +116,23 @@ def router_preset(root: Path, mapping: dict) -> Path:
         lines += [f"[{rid}]", f"model = {m['model'] if isinstance(m, dict) else m}", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+def downloads(root: Path, smol: str) -> dict[str, Path]:
+    """The files the suite fetches with download_file (it skips a file already in ./tmp):
+    test_lora's adapter -> a random LoRA (rank 8 on every attn_q/attn_v) for SmolLM2 written
+    by tests/tinymodels.write_lora; test_speculative's draft model -> SmolLM2 itself (same
+    vocabulary as the mapped main model)."""
+    import tinymodels
+
+    from jllama.gguf.reader import read_gguf
+
+    lora = root / "models" / "smollm2-lora.gguf"
+    if not lora.exists():
+        base = read_gguf(smol).tensors
+        targets = [n for n in base if n.endswith((".attn_q.weight", ".attn_v.weight"))]
+        tinymodels.write_lora(lora, "llama", base, targets)
+    return {"moe_shakespeare15M.gguf": lora, "stories15M-q4_0.gguf": Path(smol)}
 
 
 # the suite's remote images (test_vision_api.py, test_slot_save.py) and its two "bad URL"
@@ -177,7 +207,7 @@ os.execv(TARGET[0], TARGET + args)
 
 
 def make_workdir(root: Path, server: str, mapping: dict, media: str,
-                 router: Path) -> tuple[Path, Path]:
+                 router: Path, files: dict[str, Path]) -> tuple[Path, Path]:
     # the suite sits at tools/server/tests as in llama.cpp's tree: test_security's
     # --media-path ../../../tools then finds tools/mtmd/test-1.jpeg (llama.cpp's own file)
     top = root / server
@@ -207,6 +237,8 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str,
     # test_router writes its preset INIs there, test_slot_save's presets save slots to
     # "./tmp" (without it both servers refuse --slot-save-path)
     (work / "tmp").mkdir(exist_ok=True)
+    for name, src in files.items():
+        (work / "tmp" / name).symlink_to(src)
     (work / "wget.py").write_text("def download(*a, **k):\n"
                                   "    raise RuntimeError('server_suite: no downloads here')\n")
     if server == "llama-server":
@@ -224,26 +256,47 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str,
 
 
 def run_file(work: Path, wrapper: Path, name: str, port: int, timeout: float,
-             log) -> Path:
+             log, select: str | None = None) -> Path:
     xml = work / f"junit-{name}.xml"
     env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(wrapper), "PORT": str(port),
            "PYTHONPATH": str(REPO), "LLAMA_CACHE": str(work / "tmp")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
-           "junit_family=xunit2", f"--junitxml={xml}", f"unit/{name}.py"]
+    # -v: one PASSED/FAILED line per test in the log, read back when a timeout leaves no xml
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o",
+           "junit_family=xunit2", f"--junitxml={xml}", f"unit/{name}.py"] + (["-k", select] if select else [])
     t0 = time.monotonic()
+    # its own process group: on a timeout the server the test had started goes too (left
+    # running, it would answer the next file's tests on the same port)
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
-        subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                       timeout=timeout, check=False)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         print(f"  {name}: timed out after {timeout:.0f} s", file=sys.stderr)
     print(f"  {name}: {time.monotonic() - t0:.0f} s", file=sys.stderr)
     return xml
 
 
+def log_outcomes(log: Path) -> dict[str, tuple[str, str]]:
+    """What ``outcomes`` reads from the junit xml, from pytest -v's log instead (a file that
+    timed out has no xml): the tests that finished before the timeout, without reasons."""
+    import re
+
+    out = {}
+    pat = re.compile(r"^unit/(test_\w+)\.py::(.+?) (PASSED|FAILED|ERROR|SKIPPED)( |$)")
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        m = pat.match(line)
+        if m:
+            out[f"{m[1]}::{m[2]}"] = (m[3].lower(), "")
+    return out
+
+
 def outcomes(xml: Path) -> dict[str, tuple[str, str]]:
     """test id -> (passed|failed|error|skipped, one-line reason)."""
     if not xml.exists():
-        return {}
+        return log_outcomes(xml.parent / xml.name.replace("junit-", "log-").replace(".xml",
+                                                                                  ".txt"))
     out = {}
     for tc in ET.parse(xml).getroot().iter("testcase"):
         tid = f"{tc.get('classname', '').split('.')[-1]}::{tc.get('name')}"
@@ -278,7 +331,7 @@ def write_table(path: Path, files: list[str], results: dict[str, dict[str, tuple
             cells.append(st)
         why = next((results[s][t][1] for s in reversed(servers)
                     if results[s].get(t, ("", ""))[0] in ("failed", "error")), "")
-        rows.append(f"| `{t}` | " + " | ".join(cells) + f" | {why.replace('|', '/')} |")
+        rows.append(f"| `{t.replace('|', chr(92) + '|')}` | " + " | ".join(cells) + f" | {why.replace('|', '/')} |")
     both = sum(1 for t in ids if all(results[s].get(t, ("",))[0] == "passed" for s in servers))
     gap = [t for t in ids if results[servers[0]].get(t, ("",))[0] == "passed"
            and any(results[s].get(t, ("",))[0] != "passed" for s in servers[1:])]
@@ -302,7 +355,11 @@ def write_table(path: Path, files: list[str], results: dict[str, dict[str, tuple
         "suite's Hugging Face image URLs (and its two bad URLs) point at a loopback http server "
         "the harness runs; jllama gets --allow-remote-media (llama-server fetches unasked). "
         "A server started without a model (test_router) gets --models-preset naming the "
-        "suite's cache ids with these local files (ROUTER_MODELS).",
+        "suite's cache ids with these local files (ROUTER_MODELS). "
+        "bge-small and jina-reranker-v1-tiny -> tiny random bert encoders (CLS pooling / rank "
+        "head, tests/test_arch_bert.py): tests that expect the real models' token counts or "
+        "ranking fail on both servers. test_lora's adapter -> a random LoRA for SmolLM2 "
+        "(tests/tinymodels.write_lora), test_speculative's draft model -> SmolLM2 itself.",
         "",
         "| server | passed | failed | error | skipped | wall s |",
         "|---|---|---|---|---|---|",
@@ -328,8 +385,12 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/jllama-server-suite")
     ap.add_argument("--out", default=str(REPO / "experiments" / "results" / "server_suite.md"))
     ap.add_argument("--port", type=int, default=18480,
-                    help="first port (the machine is shared: keep clear of 8080)")
+                    help="first port (the machine is shared: keep clear of 8080); servers "
+                    "take PORT, PORT+10, the loopback media server PORT+100: runs side by "
+                    "side need ports 200 apart")
     ap.add_argument("--file-timeout", type=float, default=1800.0)
+    ap.add_argument("-k", dest="select", default=None,
+                    help="pytest -k expression: rerun only these tests (checking a fix)")
     a = ap.parse_args()
     for need in (SUITE, LLAMA_SERVER):
         if not need.exists():
@@ -343,7 +404,8 @@ def main() -> int:
     results: dict[str, dict[str, tuple[str, str]]] = {s: {} for s in a.servers}
     secs: dict[str, float] = {s: 0.0 for s in a.servers}
     router = router_preset(root, mapping)
-    dirs = {s: make_workdir(root, s, mapping, media, router) for s in a.servers}
+    files = downloads(root, mapping["ggml-org/test-model-stories260K"])
+    dirs = {s: make_workdir(root, s, mapping, media, router, files) for s in a.servers}
     # file by file, servers interleaved: the shared machine's load hits both alike
     for name in a.files:
         for k, s in enumerate(a.servers):
@@ -351,7 +413,8 @@ def main() -> int:
             print(f"{s}: {name}", file=sys.stderr)
             t0 = time.monotonic()
             with open(work / f"log-{name}.txt", "w") as log:
-                xml = run_file(work, wrapper, name, a.port + 10 * k, a.file_timeout, log)
+                xml = run_file(work, wrapper, name, a.port + 10 * k, a.file_timeout, log,
+                               a.select)
             secs[s] += time.monotonic() - t0
             results[s].update(outcomes(xml))
         write_table(Path(a.out), a.files, results, a.servers, secs,

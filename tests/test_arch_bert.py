@@ -39,8 +39,8 @@ def _vocab() -> tuple[list[str], list[int]]:
 
 def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
            xlmr: Path | None = None, qtype: gguf.GGMLQuantizationType | None = None,
-           rerank_template: str | None = None) -> Path:
-    """A tiny encoder; with ``xlmr`` (an XLM-R style UGM vocabulary file) its first 4000 tokens,
+           rerank_template: str | None = None, n_ctx: int = N_CTX) -> Path:
+    """A tiny encoder (``n_ctx``: its trained context, the position table's rows); with ``xlmr`` (an XLM-R style UGM vocabulary file) its first 4000 tokens,
     scores and charsmap stand in for the WordPiece vocabulary, as in XLM-RoBERTa rerankers.
     ``rerank_template``: the GGUF's ``rerank`` chat template (llama-server's /rerank prompt)."""
     rng = np.random.default_rng(seed)
@@ -51,7 +51,7 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
         types = [int(x) for x in src["tokenizer.ggml.token_type"][:4000]]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
-    w.add_uint32(f"{arch}.context_length", N_CTX)
+    w.add_uint32(f"{arch}.context_length", n_ctx)
     w.add_uint32(f"{arch}.embedding_length", N_EMBD)
     w.add_uint32(f"{arch}.feed_forward_length", N_FF)
     w.add_uint32(f"{arch}.block_count", N_LAYER)
@@ -98,7 +98,7 @@ def _write(path: Path, pooling: int, arch: str = "bert", seed: int = 0,
     t("token_embd.weight", len(tokens), N_EMBD)
     t("token_types.weight", 2 if xlmr is None else 1, N_EMBD)
     if arch == "bert":
-        t("position_embd.weight", N_CTX, N_EMBD)
+        t("position_embd.weight", n_ctx, N_EMBD)
     norm("token_embd_norm")
     for i in range(N_LAYER):
         p = f"blk.{i}."

@@ -317,10 +317,18 @@ def test_single_slot_server_with_ngram_draft(exact_llms, smollm2_path):
     with ServerThread(state, warmup=False) as s:
         r = httpx.post(s.url + "/v1/completions", timeout=120,
                        json={"prompt": ids, "max_tokens": 16, "temperature": 0})
+        # llama-server's /completion reports the request's drafting in its timings
+        # (unit/test_speculative.py reads draft_n and draft_n_accepted)
+        nat = httpx.post(s.url + "/completion", timeout=120,
+                         json={"prompt": ids, "n_predict": 16, "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == ref
     ex = llm.engine.timings.extra
     assert ex["draft_kind"] == "ngram" and ex["draft_accepted"] > 0
+    tm = nat.json()["timings"]
+    assert (tm["draft_n"], tm["draft_n_accepted"]) == (ex["draft_proposed"],
+                                                       ex["draft_accepted"])
+    assert nat.json()["content"] == ref
 
 
 def test_multi_slot_server_turns_speculative_off(tiny_pair, caplog):

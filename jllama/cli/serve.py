@@ -111,7 +111,6 @@ class _Refuse(argparse.Action):
 # what jllama does anyway (or it only tunes llama.cpp's own machinery), so nothing is lost
 _ACCEPTED = [
     (("-cb", "--cont-batching"), 0),  # jllama always batches continuously
-    (("-ub", "--ubatch-size"), 1),  # prompts go in jllama's own chunks
     (("-ngl", "--gpu-layers", "--n-gpu-layers"), 1),  # JAX places the whole model on its device
     (("--offline",), 0), (("-v", "--verbose", "--log-verbose"), 0),
     (("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"), "?"),
@@ -128,7 +127,8 @@ _REFUSED = [
       "--docker-repo"), 1, "jllama serve does not download models; pass -m FILE.gguf or a "
      "registry name"),
     (("-nocb", "--no-cont-batching"), 0, "jllama always batches continuously"),
-    (("--spec-type",), 1, "only draft-model (-md) and n-gram (--draft-ngram) drafting are built"),
+    (("--spec-synth-len", "--spec-synth-rates"), 1, "synthetic draft acceptance "
+     "(benchmarking) is not built"),
     (("--grp-attn-n", "-gan", "--grp-attn-w", "-gaw"), 1, "group attention (self-extend) is not "
      "built"),
     (("--chat-template", "--chat-template-file"), 1, "the chat template comes from the GGUF; "
@@ -212,6 +212,14 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slot-save-path", default=None, metavar="PATH",
                    help="directory for POST /slots/{id}?action=save|restore (jllama's own file "
                    "format: llama.cpp's slot files do not load, nor ours in llama-server)")
+    g.add_argument("--spec-type", action="append", default=None,
+                   help="speculative types, comma-separated: draft-simple (a draft model, -md) "
+                   "or none; the others are not built")
+    # decoders: prompts go in jllama's own chunks; encoders: llama-server's input limit (-b
+    # above is also /infill's layout batch)
+    g.add_argument("-ub", "--ubatch-size", type=int, default=None,
+                   help="an encoder's input limit in tokens, as llama-server's physical batch "
+                   "(default 512, at most -b)")
     g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true", default=None)
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
     for flags, nargs in _ACCEPTED:
@@ -274,6 +282,13 @@ def _check_llama_server_args(args) -> None:
     if args.reasoning_format not in (None, "none", "auto"):
         raise ConfigError(f"jllama serve --reasoning-format {args.reasoning_format}: reasoning "
                           "parsing is not built yet (none and auto leave thoughts in the content)")
+    spec = [t.strip() for v in (args.spec_type or []) for t in v.split(",") if t.strip()]
+    other = [t for t in spec if t not in ("draft-simple", "none")]
+    if other:
+        raise ConfigError(f"jllama serve --spec-type {other[0]}: only draft-simple (a draft "
+                          "model, -md) and none are built (n-gram drafting: --draft-ngram)")
+    if "draft-simple" in spec and not args.model_draft:
+        raise ConfigError("jllama serve --spec-type draft-simple: needs a draft model (-md)")
     if args.ctx_size is not None and args.ctx_size < 0:
         raise ConfigError(f"jllama serve -c {args.ctx_size}: must be >= 0")
 
@@ -326,6 +341,7 @@ def _slot_ctx(cfg, args) -> None:
 def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] | None = None):
     """ServerSettings out of a loaded Config (the one place serve turns config into settings)."""
     from jllama.server.app import ServerSettings
+    from jllama.server.gcp import GcpParams
 
     s = cfg.server
     sp = cfg.generation.sampling
@@ -347,7 +363,8 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           allow_remote_media=s.allow_remote_media, n_batch=s.n_batch,
                           spm_infill=s.spm_infill,
                           context_shift=s.context_shift, swa_full=s.swa_full,
-                          slot_save_path=_slot_dir(s.slot_save_path))
+                          slot_save_path=_slot_dir(s.slot_save_path),
+                          gcp=GcpParams.from_env())
 
 
 def _slot_dir(path: str | None) -> str | None:
@@ -519,6 +536,11 @@ def run(args) -> int:
         raise ConfigError(f"{cfg.source}: jllama serve runs in one process; 'distributed' is "
                           "for run/generate (a mesh over this host's devices: 'mesh')")
     _slot_ctx(cfg, args)
+    from jllama.server.gcp import GcpParams
+
+    gcp = GcpParams.from_env()
+    if gcp is not None:  # llama-server: AIP_HTTP_PORT overrides --port in Google Cloud mode
+        s.port = gcp.port
     tags = [t for t in (args.tags or "").split(",") if t]
     from jllama.cli.common import platform_origin, setup_platform, start_backend
 
@@ -532,7 +554,9 @@ def run(args) -> int:
         print(f"jllama serve: loading encoder {enc_path} ...", file=sys.stderr)
         # llama-server's context defaults to the model's training context (-c 0)
         encoder = EncoderRunner(enc_path, pooling="rank" if args.reranking else args.pooling,
-                                ctx_size=args.ctx_size or None)
+                                ctx_size=args.ctx_size or None,
+                                # llama_context: n_ubatch = min(n_batch, n_ubatch)
+                                n_ubatch=min(args.batch_size or 2048, args.ubatch_size or 512))
         from jllama.server.app import ServerState, create_app
 
         alias = s.model_alias or encoder.path.stem

@@ -38,6 +38,7 @@ from jllama.server import openai_schema as oa
 from jllama.server import responses as resp
 from jllama.server import tools as tl
 from jllama.server.gbnf import GrammarError
+from jllama.server.gcp import GcpParams, gcp_routes
 from jllama.server.grammar import GrammarConstraint, JsonConstraint, compile_grammar
 from jllama.server.json_schema import SchemaError, schema_to_grammar
 from jllama.server.metrics import Metrics
@@ -73,6 +74,7 @@ class ServerSettings:
     media_marker: str = field(default_factory=media.media_marker)  # places images in prompts
     n_batch: int = 2048  # llama-server's -b (its /infill layout depends on it)
     spm_infill: bool = False  # llama-server's --spm-infill
+    gcp: GcpParams | None = None  # Google Cloud's /predict (AIP_MODE=PREDICTION): gcp.py
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -507,6 +509,13 @@ class Handlers:
     async def rerank(self, request: Request) -> Response:
         return await self._run(request, "/rerank", self._rerank)
 
+    async def cors_proxy(self, request: Request) -> Response:
+        """llama-server's /cors-proxy (the web UI's MCP proxy, --ui-mcp-proxy) answers 403
+        while the proxy is off; jllama has no such proxy."""
+        async def off(request: Request) -> Response:
+            raise ApiError(403, "this feature is disabled", type_="feature_disabled")
+        return await self._run(request, "/cors-proxy", off)
+
     async def models(self, request: Request) -> Response:
         return await self._run(request, "/v1/models", self._models)
 
@@ -774,9 +783,9 @@ class Handlers:
             finally:
                 job.req.cancel()
             self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
-            return JSONResponse(oa.completion_response(job.rid, job.model, job.created,
-                                                       prefix + text, done.finish,
-                                                       usage_of(done), oa.logprobs_of(job.probs)))
+            out = oa.completion_response(job.rid, job.model, job.created, prefix + text,
+                                         done.finish, usage_of(done), oa.logprobs_of(job.probs))
+            return JSONResponse(self._verbose(body, out, job, opts, ids, text, done))
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -873,9 +882,9 @@ class Handlers:
                 content, calls = tl.parse_tool_calls(text, tools)
             if calls:
                 finish = "tool_calls" if finish == "stop" else finish
-            return JSONResponse(oa.chat_response(job.rid, job.model, job.created, content,
-                                                 calls or None, finish, usage_of(done),
-                                                 oa.logprobs_of(job.probs)))
+            out = oa.chat_response(job.rid, job.model, job.created, content, calls or None,
+                                   finish, usage_of(done), oa.logprobs_of(job.probs))
+            return JSONResponse(self._verbose(body, out, job, opts, ids, text, done))
 
         def chunk(delta: dict, finish: str | None = None, probs: list | None = None) -> str:
             return sse(oa.chat_chunk(job.rid, job.model, job.created, delta, finish,
@@ -1080,13 +1089,26 @@ class Handlers:
                                            st.settings.spm_infill)
         return await self._completion_native(request, body)
 
+    def _verbose(self, body: dict, out: dict, job: Job, opts: oa.GenOptions, ids: list,
+                 text: str, done: Event) -> dict:
+        """llama-server's request field ``verbose``: a whole (non-streamed) OpenAI answer
+        carries ``__verbose``, the answer in its own /completion shape (the prompt as text,
+        generation_settings, timings). Streamed answers do not carry it here."""
+        if body.get("verbose") is True:
+            st = self.state
+            settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
+            out["__verbose"] = self._native_final(job, prompt_text(st, ids), settings, text,
+                                                  done, stream=False)
+        return out
+
     @staticmethod
     def _native_final(job: Job, prompt_text: str, settings: dict, content: str, done: Event,
                       stream: bool) -> dict:
         now = time.monotonic()
         t_first = job.t_first or now
         tm = nat.timings(done.cached_tokens, max(done.prompt_tokens - done.cached_tokens, 0),
-                         t_first - job.t0, done.completion_tokens, now - t_first)
+                         t_first - job.t0, done.completion_tokens, now - t_first,
+                         done.draft_n, done.draft_accepted)
         return nat.final(content, model=job.model, prompt=prompt_text,
                          n_prompt=done.prompt_tokens, n_gen=done.completion_tokens,
                          finish=done.finish, stop_word=job.req.stop_word,
@@ -1379,8 +1401,11 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/v1/responses/input_tokens", h.responses_tokens, ["POST"]),
         ("/responses/input_tokens", h.responses_tokens, ["POST"]),
         ("/infill", h.infill, ["POST"]),
+        ("/cors-proxy", h.cors_proxy, ["GET", "POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
+    if state.settings.gcp is not None:
+        routes += gcp_routes(routes, state.settings.gcp)
 
     async def not_found(request: Request, exc) -> Response:
         status = getattr(exc, "status_code", 404)

@@ -58,6 +58,9 @@ class _Runner:
     n_ctx: int
     n_vocab: int
     rerank_template: str | None = None
+    # llama-server's physical batch (n_ubatch) for a model whose input cannot be split across
+    # batches (non-causal encoders): a longer input is refused; None: no such limit
+    n_ubatch: int | None = None
 
     def _init_run(self) -> None:
         self._lock = threading.Lock()
@@ -86,6 +89,11 @@ class _Runner:
         """tokenize_input_subprompt: a string (special tokens added and parsed) or token ids;
         {"prompt_string", "multimodal_data"} and OpenAI {"content": [parts]} go to ``media``
         (the server's: token ids and image chunks), which a server without images lacks."""
+        if isinstance(p, dict) and "content" in p and not _has_media(p["content"]):
+            # tokenize_oai_content_array without media: the text parts' texts, joined
+            return self.tokenizer.encode("".join(
+                c.get("text", "") if isinstance(c, dict) and isinstance(c.get("text"), str)
+                else "" for c in p["content"]), add_special=True, parse_special=True)
         if isinstance(p, dict) and ("multimodal_data" in p or "content" in p):
             # (an encoder server has no decoder to read images for: media is None there)
             if media is None:
@@ -96,10 +104,17 @@ class _Runner:
             p = p["prompt_string"]  # tokenize_input_subprompt's {"prompt_string": ...}
         if isinstance(p, str):
             return self.tokenizer.encode(p, add_special=True, parse_special=True)
-        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            if any(not 0 <= t < self.n_vocab for t in p):
-                raise server_error(_INVALID, f"token ids must be in 0..{self.n_vocab - 1}")
-            return list(p)
+        if isinstance(p, list) and all(_is_id(t) or isinstance(t, str) for t in p):
+            # token ids, strings mixed in (tokenize_mixed: only a first string gets BOS)
+            ids: list[int] = []
+            for i, t in enumerate(p):
+                if isinstance(t, str):
+                    ids += self.tokenizer.encode(t, add_special=i == 0, parse_special=True)
+                elif not 0 <= t < self.n_vocab:
+                    raise server_error(_INVALID, f"token ids must be in 0..{self.n_vocab - 1}")
+                else:
+                    ids.append(t)
+            return ids
         raise server_error(_INVALID, "each input must be a string or a list of token ids")
 
     def rerank_prompt(self, query: str, doc: str) -> list[int]:
@@ -125,6 +140,10 @@ class _Runner:
 
     def check_length(self, ids: list) -> None:
         n = n_items(ids)
+        if self.n_ubatch is not None and n > self.n_ubatch:
+            raise server_error((500, "server_error"), f"input ({n} tokens) is too large to "
+                               "process. increase the physical batch size (current batch "
+                               f"size: {self.n_ubatch})")
         if n > self.n_ctx:
             e = server_error(_EXCEED, f"input ({n} tokens) is larger than the max "
                              f"context size ({self.n_ctx} tokens). skipping")
@@ -135,7 +154,8 @@ class _Runner:
 class EncoderRunner(_Runner):
     """A loaded encoder GGUF: tokenizer, weights, pooling, the context limit."""
 
-    def __init__(self, path, pooling: str | None = None, ctx_size: int | None = None):
+    def __init__(self, path, pooling: str | None = None, ctx_size: int | None = None,
+                 n_ubatch: int | None = None):
         from jllama.gguf.reader import read_gguf
         from jllama.models import bert, load_weights
         from jllama.tokenizer import Tokenizer
@@ -152,6 +172,7 @@ class EncoderRunner(_Runner):
         self.rerank_template = g.metadata.get("tokenizer.chat_template.rerank")
         # llama-server's slot context; learned positions cap it at the training context
         self.n_ctx = min(ctx_size or self.spec.n_ctx_train, self.spec.n_ctx_train)
+        self.n_ubatch = n_ubatch
         self.n_vocab = self.tokenizer.n_vocab
         self._init_run()
 
@@ -364,6 +385,17 @@ def n_items(items: list) -> int:
     return sum(1 if isinstance(t, int) else t.embd.shape[0] for t in items)
 
 
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def _has_media(content) -> bool:
+    """Whether an OpenAI content list has parts other than text (images, audio, video)."""
+    if not isinstance(content, list):
+        raise server_error(_INVALID, '"content" must be an array')
+    return any(isinstance(c, dict) and c.get("type", "text") != "text" for c in content)
+
+
 def parse_embeddings(enc: EncoderRunner, body: dict, oai: bool, embedding_on: bool = True,
                      media=None):
     """(list of prompts: token-id lists, or with images ids and image chunks; response is
@@ -390,8 +422,8 @@ def parse_embeddings(enc: EncoderRunner, body: dict, oai: bool, embedding_on: bo
         elif fmt != "float":
             raise server_error(_INVALID, "The format to return the embeddings in. Can be either "
                                "float or base64")
-    if isinstance(prompt, list) and not (prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+    # json_is_array_and_contains_numbers: a list with any token id in it is ONE prompt
+    if isinstance(prompt, list) and not any(_is_id(t) for t in prompt):
         seqs = [enc.tokenize_entry(p, media) for p in prompt]
     else:
         seqs = [enc.tokenize_entry(prompt, media)]

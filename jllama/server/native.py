@@ -47,18 +47,23 @@ def stop_type(finish: str | None, stop_word: str | None) -> str:
     return {"stop": "eos", "length": "limit"}.get(finish or "", "none")
 
 
-def timings(cached: int, n_prompt: int, prompt_s: float, n_gen: int, gen_s: float) -> dict:
+def timings(cached: int, n_prompt: int, prompt_s: float, n_gen: int, gen_s: float,
+            draft_n: int = 0, draft_accepted: int = 0) -> dict:
     """``result_timings``: ``n_prompt`` tokens evaluated (``cached`` reused) in ``prompt_s``,
     ``n_gen`` generated in ``gen_s``. The first generated token comes from the prompt's logits,
-    so the generation rate is over the ``n_gen - 1`` decode steps after it (n_gen_steps)."""
+    so the generation rate is over the ``n_gen - 1`` decode steps after it (n_gen_steps).
+    ``draft_n``/``draft_n_accepted`` only when speculative decoding drafted tokens."""
     pm, gm = prompt_s * 1e3, gen_s * 1e3
     steps = max(n_gen - 1, 0)
-    return {"cache_n": cached, "prompt_n": n_prompt, "prompt_ms": pm,
-            "prompt_per_token_ms": pm / n_prompt if n_prompt else 0.0,
-            "prompt_per_second": 1e3 * n_prompt / pm if n_prompt and pm > 0 else 0.0,
-            "predicted_n": n_gen, "predicted_ms": gm,
-            "predicted_per_token_ms": gm / steps if steps and gm > 0 else 0.0,
-            "predicted_per_second": 1e3 * steps / gm if steps and gm > 0 else 0.0}
+    out = {"cache_n": cached, "prompt_n": n_prompt, "prompt_ms": pm,
+           "prompt_per_token_ms": pm / n_prompt if n_prompt else 0.0,
+           "prompt_per_second": 1e3 * n_prompt / pm if n_prompt and pm > 0 else 0.0,
+           "predicted_n": n_gen, "predicted_ms": gm,
+           "predicted_per_token_ms": gm / steps if steps and gm > 0 else 0.0,
+           "predicted_per_second": 1e3 * steps / gm if steps and gm > 0 else 0.0}
+    if draft_n > 0:
+        out.update(draft_n=draft_n, draft_n_accepted=draft_accepted)
+    return out
 
 
 def final(content: str, *, model: str, prompt: str, n_prompt: int, n_gen: int,

@@ -72,6 +72,9 @@ class Event:
     truncated: bool = False  # "done": llama-server's truncated (the context filled up)
     tokens_cached: int = 0  # "done": tokens the slot holds now (llama-server's tokens_cached)
     seconds: float = 0.0  # "progress": time spent on the prompt so far
+    # "done" of a speculative request: tokens drafted and how many the target accepted
+    draft_n: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass
@@ -107,6 +110,8 @@ class GenRequest:
     cached_tokens: int = 0
     finish: str | None = None
     truncated: bool = False  # llama-server's: the context filled up (a shift, or the end)
+    draft_n: int = 0  # speculative decoding: tokens drafted, and accepted by the target
+    draft_accepted: int = 0
 
     @property
     def n_prompt(self) -> int:
@@ -341,6 +346,8 @@ class Scheduler:
             self._fail(0, 400, str(e))
             return True
         tm = eng.timings
+        a.req.draft_n = tm.extra.get("draft_proposed", 0)
+        a.req.draft_accepted = tm.extra.get("draft_accepted", 0)
         if a.req.completion_tokens == 0:  # the first token: the prompt was evaluated
             self.metrics.prompt_tokens += tm.prompt_tokens - tm.extra.get("cached_tokens", 0)
             self.metrics.prompt_seconds += tm.prompt_s
@@ -635,7 +642,8 @@ class Scheduler:
         req.sink(Event("done", finish=reason, prompt_tokens=req.n_prompt,
                        completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
                        id_slot=b, truncated=req.truncated,
-                       tokens_cached=int(self.engine.pos[b])))
+                       tokens_cached=int(self.engine.pos[b]), draft_n=req.draft_n,
+                       draft_accepted=req.draft_accepted))
         self._free(b)
 
     def _progress(self, a: _Active, processed: int) -> None:
