@@ -238,3 +238,139 @@ def test_llamacpp_test_chat_cases(block, name, tools, think, rf, text, expect):
     assert got.reasoning.strip() == reasoning.strip()
     assert [(n, _norm_args(a), i) for n, a, i in got.calls] == \
         [(n, _norm_args(a), i) for n, a, i in calls]
+
+
+# ---------------------------------------------------------------------------- through the server
+class ScriptDecoder:
+    """Each generated token decodes to the next piece of SCRIPT (the fake engine's token ids
+    do not matter), so a request's reply is a chosen text."""
+
+    SCRIPT: list[str] = []
+
+    def __init__(self, tok):
+        self.i = 0
+
+    def feed(self, i):
+        piece = self.SCRIPT[self.i] if self.i < len(self.SCRIPT) else ""
+        self.i += 1
+        return piece
+
+    def flush(self):
+        return ""
+
+
+def _server(monkeypatch, template_name: str, **settings):
+    import types
+
+    from starlette.testclient import TestClient
+    from test_server_units import FakeEngine, FakeTok, V
+
+    import jllama.tokenizer as jt
+    from jllama.server.app import ServerSettings, ServerState, create_app
+
+    class ScriptTok(FakeTok):
+        chat_template = template(template_name)
+        add_bos, bos_id = False, None
+
+        def encode(self, text, add_special=True, parse_special=True):
+            return [5, 6, 7]
+
+        def apply_chat_template(self, messages, add_generation_prompt=True, tools=None,
+                                fallback_chatml=False, **extra):
+            return render_chat(self.chat_template, messages, add_generation_prompt, tools,
+                               **extra)
+
+    monkeypatch.setattr(jt, "StreamDecoder", ScriptDecoder, raising=False)
+    llm = types.SimpleNamespace(engine=FakeEngine(2, ctx_size=256), tokenizer=ScriptTok(),
+                                spec=types.SimpleNamespace(n_vocab=V, arch="fake"))
+    state = ServerState(llm, ServerSettings("fake", **settings))
+    return TestClient(create_app(state, warmup=False))
+
+
+def _pieces(text: str, n: int = 3) -> list[str]:
+    return [text[i:i + n] for i in range(0, len(text), n)]
+
+
+SERVED = [  # (data set: template, tools, reasoning format, enable_thinking; case index)
+    ("Qwen-QwQ-32B", True, "deepseek", True, 0), ("Qwen-QwQ-32B", True, "deepseek", True, 5),
+    ("Qwen-QwQ-32B", False, "none", True, 0), ("Qwen-Qwen3-0.6B", False, "deepseek", True, 1),
+    ("Qwen-Qwen3-0.6B", True, "deepseek", True, 0),
+    ("Qwen-Qwen2.5-7B-Instruct", True, "deepseek", True, 2),
+    ("mistralai-Mistral-Nemo-Instruct-2407", True, "deepseek", True, 1),
+    ("llama-cpp-deepseek-r1", True, "deepseek", True, 1),  # the parallel set
+    ("meta-llama-Llama-3.1-8B-Instruct", True, "deepseek", True, 1),
+    ("CohereForAI-c4ai-command-r7b-12-2024-tool_use", True, "deepseek", True, 1),
+]
+
+
+def _served_set(name, tools, rf, think, parallel=False):
+    return next(s for s in DATA["sets"] if (s["template"], s["tools"], s["reasoning_format"],
+                                            s["enable_thinking"], s["parallel_tool_calls"])
+                == (name, tools, rf, think, parallel))
+
+
+@pytest.mark.parametrize("name,tools,rf,think,k", SERVED,
+                         ids=[f"{n}-{'tools' if t else 'notools'}-{rf}-{k}"
+                              for n, t, rf, _, k in SERVED])
+def test_chat_completion_reasoning_and_tool_calls(monkeypatch, name, tools, rf, think, k):
+    """/v1/chat/completions answers as llama.cpp's parser splits the reply: message fields
+    whole, and streamed deltas that add up to the same message."""
+    parallel = name == "llama-cpp-deepseek-r1"
+    s = _served_set(name, tools, rf, think, parallel)
+    case = s["cases"][k]
+    ScriptDecoder.SCRIPT = _pieces(case["text"])
+    body = {"messages": USER, "max_tokens": len(ScriptDecoder.SCRIPT), "temperature": 0,
+            "reasoning_format": rf, "parallel_tool_calls": parallel}
+    if tools:
+        body["tools"] = [TOOL]
+    exp = case["expect"]
+    with _server(monkeypatch, name) as client:
+        msg = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert (msg["content"] or "") == exp["content"]
+        assert msg.get("reasoning_content", "") == exp["reasoning_content"]
+        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                 for c in msg.get("tool_calls", [])]
+        assert calls == [{"name": c["name"], "arguments": c["arguments"]}
+                         for c in exp["tool_calls"]]
+        for c, e in zip(msg.get("tool_calls", []), exp["tool_calls"]):
+            assert c["id"] == e["id"] if e["id"] else c["id"].startswith("call_")
+        r = client.post("/v1/chat/completions", json={**body, "stream": True})
+        chunks = [json.loads(ln[6:]) for ln in r.text.splitlines()
+                  if ln.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == exp["content"]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == exp["reasoning_content"]
+    streamed = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert [(tc["index"], tc["function"]["name"], tc["function"]["arguments"])
+            for tc in streamed] == [(i, c["name"], c["arguments"])
+                                    for i, c in enumerate(exp["tool_calls"])]
+    # the script ends at max_tokens: llama-server says tool_calls only for a reply that stopped
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+def test_reasoning_off_and_budget_zero(monkeypatch):
+    """enable_thinking false (per request, as llama-server reads chat_template_kwargs) renders
+    the template's closed thoughts and nothing is split; a reasoning budget of 0 on a template
+    whose prompt opens the thoughts closes them in the prompt."""
+    s = _served_set("Qwen-QwQ-32B", False, "deepseek", False)  # enable_thinking false
+    case = s["cases"][0]
+    ScriptDecoder.SCRIPT = _pieces(case["text"])
+    body = {"messages": USER, "max_tokens": len(ScriptDecoder.SCRIPT), "temperature": 0}
+    with _server(monkeypatch, "Qwen-QwQ-32B") as client:
+        off = client.post("/v1/chat/completions", json={
+            **body, "chat_template_kwargs": {"enable_thinking": False}}).json()
+        assert off["choices"][0]["message"]["content"] == case["expect"]["content"]
+        assert "reasoning_content" not in off["choices"][0]["message"]
+        bad = client.post("/v1/chat/completions", json={
+            **body, "chat_template_kwargs": {"enable_thinking": "false"}})
+        assert bad.status_code == 400 and "enable_thinking" in bad.json()["error"]["message"]
+        bad = client.post("/v1/chat/completions", json={**body, "reasoning_format": "qwen"})
+        assert bad.status_code == 400
+    with _server(monkeypatch, "Qwen-QwQ-32B", reasoning_budget=0) as client:
+        ScriptDecoder.SCRIPT = ["Answer"]
+        msg = client.post("/v1/chat/completions", json={**body, "max_tokens": 1}).json()[
+            "choices"][0]["message"]
+        assert msg["content"] == "Answer" and "reasoning_content" not in msg
+    with _server(monkeypatch, "Qwen-Qwen3-0.6B") as client:  # the model opens its thoughts
+        r = client.post("/v1/chat/completions", json={**body, "reasoning_budget_tokens": 0})
+        assert r.status_code == 400

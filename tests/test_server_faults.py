@@ -194,7 +194,9 @@ def test_cors_and_switches(fake_llm):
 
 @pytest.mark.parametrize("flag", [["--context-shift"], ["--models-dir", "d"],
                                   ["--hf-repo", "ggml-org/x"], ["-nocb"],
-                                  ["--reasoning-format", "deepseek"],
+                                  ["--reasoning-format", "qwen"],
+                                  ["--reasoning-budget", "512"],
+                                  ["--reasoning-budget-message", "stop"],
                                   ["--slot-save-path", "/tmp"]])
 def test_serve_refuses_unbuilt_llama_server_flags(flag, capsys):
     from jllama.cli.main import main

@@ -394,8 +394,10 @@ def logprobs_of(probs: list[dict] | None) -> dict | None:
 
 def chat_response(rid: str, model: str, created: int, content: str | None,
                   tool_calls: list[dict] | None, finish: str, use: dict,
-                  logprobs: dict | None = None) -> dict:
+                  logprobs: dict | None = None, reasoning: str | None = None) -> dict:
     msg: dict = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning:
+        msg["reasoning_content"] = reasoning  # llama-server's field for split-off thoughts
     if tool_calls:
         msg["tool_calls"] = tool_calls
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,

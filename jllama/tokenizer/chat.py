@@ -84,6 +84,11 @@ def _compile(template: str) -> Any:
         raise ChatTemplateError(f"chat template does not compile: {e}") from None
 
 
+def check_template(template: str) -> None:
+    """Raise ChatTemplateError when ``template`` does not compile."""
+    _compile(template)
+
+
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
                 tools: list | None = None, bos_token: str = "", eos_token: str = "",
                 **extra: Any) -> str:
