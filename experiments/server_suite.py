@@ -152,6 +152,8 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Pa
     shutil.copytree(SUITE, work)
     (top / "tools" / "mtmd").mkdir(parents=True)
     shutil.copy(LLAMACPP_SRC / "tools" / "mtmd" / "test-1.jpeg", top / "tools" / "mtmd")
+    # --chat-template-file ../../../models/templates/X.jinja (test_template, test_tool_call)
+    shutil.copytree(LLAMACPP_SRC / "models" / "templates", top / "models" / "templates")
     for f in (work / "unit").glob("test_*.py"):
         text = f.read_text()
         if HF_TEST_IMAGES in text:

@@ -806,27 +806,46 @@ class Handlers:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    async def _render_chat(self, body: dict, tools, choice,
+                           images: list) -> tuple[str, str, tl.ChatPlan]:
+        """The chat request's prompt text, what its generation prompt added, and its plan
+        (jllama/server/tools.py); ``images`` collects its image_url parts."""
+        st = self.state
+        ss = st.settings
+        messages = oa.parse_messages(body, images, ss.media_marker)
+        template = st.llm.tokenizer.chat_template or CHATML_TEMPLATE
+        plan = tl.plan_chat(body, messages, tools, choice, template, ss.reasoning_format,
+                            ss.reasoning, ss.reasoning_budget, ss.template_kwargs)
+        add_gen = body.get("add_generation_prompt", True) is not False
+        try:
+            text = await run_in_threadpool(render_prompt, st.llm, plan.messages,
+                                           plan.template_tools, plan.context, add_gen)
+            bare = await run_in_threadpool(render_prompt, st.llm, plan.messages,
+                                           plan.template_tools, plan.context, False)
+        except Exception as e:  # jinja raise_exception(...) or a template bug
+            raise ApiError(400, f"the chat template rejected the messages: {e}",
+                           param="messages", code="invalid_messages") from None
+        return text, cf.generation_prompt(text, bare), plan
+
+    async def _apply_template(self, request: Request) -> Response:
+        """llama-server's /apply-template: the chat prompt a request would get."""
+        body = await json_body(request)
+        tools, choice = oa.parse_tools(body)
+        text, gen, plan = await self._render_chat(body, tools, choice, [])
+        return JSONResponse({"prompt": text + plan.budget_suffix(gen)})
+
+    async def apply_template(self, request: Request) -> Response:
+        return await self._run(request, "/apply-template",
+                               self._generating(self._apply_template))
+
     async def _chat_prompt(self, body: dict, tools,
                            choice) -> tuple[list, str | None, tl.ChatReply]:
         """The chat request's prompt as scheduler items (token ids, and ImageChunks for its
         image_url parts), the tool a tool_choice forces (or None) and the reader of its reply
         (reasoning and tool calls in the template's format)."""
         st = self.state
-        ss = st.settings
         images: list[tuple[str, str]] = []
-        messages = oa.parse_messages(body, images, ss.media_marker)
-        template = st.llm.tokenizer.chat_template or CHATML_TEMPLATE
-        plan = tl.plan_chat(body, messages, tools, choice, template, ss.reasoning_format,
-                            ss.reasoning, ss.reasoning_budget, ss.template_kwargs)
-        try:
-            text = await run_in_threadpool(render_prompt, st.llm, plan.messages,
-                                           plan.template_tools, plan.context)
-            bare = await run_in_threadpool(render_prompt, st.llm, plan.messages,
-                                           plan.template_tools, plan.context, False)
-        except Exception as e:  # jinja raise_exception(...) or a template bug
-            raise ApiError(400, f"the chat template rejected the messages: {e}",
-                           param="messages", code="invalid_messages") from None
-        gen = cf.generation_prompt(text, bare)
+        text, gen, plan = await self._render_chat(body, tools, choice, images)
         suffix = plan.budget_suffix(gen)
         gen += suffix
         prefix, forced = tl.forced_prefix(choice, tools, plan.fmt, plan.thinking_open(gen))
@@ -1221,6 +1240,7 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/slots/{id_slot}", h.slots, ["POST"]),
         ("/v1/models", h.models, ["GET"]), ("/models", h.models, ["GET"]),
         ("/tokenize", h.tokenize, ["POST"]), ("/detokenize", h.detokenize, ["POST"]),
+        ("/apply-template", h.apply_template, ["POST"]),
         ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),
         ("/metrics", h.metrics, ["GET"]),
         ("/lora-adapters", h.lora_adapters, ["GET", "POST"]),
