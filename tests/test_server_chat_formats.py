@@ -374,3 +374,32 @@ def test_reasoning_off_and_budget_zero(monkeypatch):
     with _server(monkeypatch, "Qwen-Qwen3-0.6B") as client:  # the model opens its thoughts
         r = client.post("/v1/chat/completions", json={**body, "reasoning_budget_tokens": 0})
         assert r.status_code == 400
+
+
+# llama.cpp's tools/server/tests/unit/test_template.py::test_reasoning (its expected endings)
+TEMPLATE_REASONING = [
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "on", "<think>\n"),
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "auto", "<think>\n"),
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "off", "<think>\n</think>"),
+    ("Qwen-Qwen3-0.6B", "auto", "<|im_start|>assistant\n"),
+    ("Qwen-Qwen3-0.6B", "off", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    ("Qwen-QwQ-32B", "auto", "<|im_start|>assistant\n<think>\n"),
+    ("Qwen-QwQ-32B", "off", "<|im_start|>assistant\n<think>\n</think>"),
+    ("CohereForAI-c4ai-command-r7b-12-2024-tool_use", "auto",
+     "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"),
+    ("CohereForAI-c4ai-command-r7b-12-2024-tool_use", "off",
+     "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_THINKING|><|END_THINKING|>"),
+]
+
+
+@pytest.mark.parametrize("name,reasoning,end", TEMPLATE_REASONING)
+def test_apply_template_reasoning(monkeypatch, name, reasoning, end):
+    """/apply-template with --reasoning on/off/auto (serve's flags set these settings)."""
+    settings = {"reasoning": {"on": 1, "off": 0}.get(reasoning, -1),
+                "template_kwargs": ({"enable_thinking": reasoning == "on"}
+                                    if reasoning != "auto" else {})}
+    with _server(monkeypatch, name, **settings) as client:
+        for tools in (None, [], [TOOL]):
+            r = client.post("/apply-template", json={
+                "messages": [{"role": "user", "content": "What is today?"}], "tools": tools})
+            assert r.status_code == 200 and r.json()["prompt"].endswith(end), tools
