@@ -357,13 +357,14 @@ class ChatParser:
     gen_prompt: str = ""
     reasoning_format: str = "deepseek"
     tools: set[str] | None = None
-    _opening: bool = field(default=True, init=False, repr=False)
-    _last: Parsed | None = field(default=None, init=False, repr=False)
     parallel: bool = True  # the request's parallel_tool_calls (llama-server's default: the
     # template's supports_parallel_tool_calls, true for every family here that has several)
+    _opening: bool = field(default=True, init=False, repr=False)  # no thoughts before the rest
+    _last: Parsed | None = field(default=None, init=False, repr=False)  # the last partial parse
 
     def _split_reasoning(self, text: str, partial: bool) -> tuple[str, str]:
-        """(reasoning, rest)."""
+        """(reasoning, rest); sets ``_opening``."""
+        self._opening = True
         if self.fmt.think is None:
             return "", text
         start, end = self.fmt.think
@@ -380,6 +381,7 @@ class ChatParser:
             if t.startswith(start):
                 return "", t
             return "", "" if partial and start.startswith(t) else text
+        self._opening = False
         if forced:
             body = self.gen_prompt[g + len(start):] + text
             k = body.find(end)
@@ -391,6 +393,7 @@ class ChatParser:
             return (r if r.strip(_WS) else ""), body[k + len(end):]
         t = text.lstrip(_WS)
         if not t.startswith(start):
+            self._opening = True
             if partial and start.startswith(t):
                 return "", ""  # may become the tag
             return "", text
@@ -404,7 +407,6 @@ class ChatParser:
 
     def parse(self, text: str, partial: bool = False) -> Parsed:
         reasoning, rest = self._split_reasoning(text, partial)
-        self._opening = rest is text  # the rest opens the reply (no thoughts before it)
         out = Parsed(reasoning=reasoning)
         syntax = _SYNTAX.get(self.fmt.name)
         if self.fmt.name == "command-r7b" and not self.tools:
