@@ -403,3 +403,20 @@ def test_apply_template_reasoning(monkeypatch, name, reasoning, end):
             r = client.post("/apply-template", json={
                 "messages": [{"role": "user", "content": "What is today?"}], "tools": tools})
             assert r.status_code == 200 and r.json()["prompt"].endswith(end), tools
+
+
+def test_history_reasoning_content_reaches_the_template():
+    """An assistant turn's reasoning_content goes to the template as llama.cpp passes it
+    (common_chat_msgs_parse_oaicompat): Qwen3's template shows the last turn's thoughts."""
+    from jllama.server import openai_schema as oa
+
+    msgs = oa.parse_messages({"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "greet back"},
+        {"role": "user", "content": "Bye"}]})
+    assert msgs[1]["reasoning_content"] == "greet back"
+    prompt = render_chat(template("Qwen-Qwen3-0.6B"), msgs[:2], add_generation_prompt=False)
+    # common_chat_templates_apply's prompt for these two messages (experiments/
+    # chat_format_oracle.cpp, add_generation_prompt false)
+    assert prompt == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+                      "greet back\n</think>\n\nHello<|im_end|>\n")

@@ -316,6 +316,9 @@ def parse_messages(body: dict, images: list | None = None, marker: str = "") -> 
         msg = {"role": "system" if role == "developer" else role,
                "content": message_text(m.get("content"), f"messages[{i}].content", images,
                                           marker)}
+        rc = m.get("reasoning_content") if role == "assistant" else None
+        if isinstance(rc, str) and rc:  # earlier thoughts, for templates that show them
+            msg["reasoning_content"] = rc
         if role == "assistant" and m.get("tool_calls"):
             tcs = m["tool_calls"]
             if not isinstance(tcs, list):
