@@ -1,14 +1,17 @@
-"""Tool calling: tools into the prompt, the model's tool calls back out.
+"""Tool calling and chat replies: tools into the prompt, the reply's thoughts and calls back out.
 
-Templates that know about tools (Qwen, Hermes, Llama 3.x ...) get ``tools`` through the chat
-template. Templates that do not (SmolLM2's ChatML) would silently drop them, so, like
-llama.cpp's generic fallback, the tool list and the expected ``<tool_call>{json}</tool_call>``
-format are described in a system message instead.
-
-Parsing accepts the Hermes/Qwen form ``<tool_call>{"name": .., "arguments": {..}}</tool_call>``
-(several allowed, text around them becomes ``content``) and, as a fallback, a reply that is
+Templates that describe tools (Qwen, Hermes, Llama 3.x, Mistral, Functionary, DeepSeek R1,
+Command R7B ...) get ``tools`` through the chat template, and their replies are read in the
+template's own format (jllama/server/chat_formats.py). Templates that do not (SmolLM2's ChatML)
+would silently drop them (llama.cpp 0c1e570 does); jllama instead describes the tool list and
+the ``<tool_call>{json}</tool_call>`` format in a system message, and reads back the
+Hermes/Qwen form (several allowed, text around them becomes ``content``) or a reply that is
 nothing but JSON: ``{"name", "arguments"|"parameters"}``, a list of those, or
 ``{"tool_calls": [...]}``.
+
+``plan_chat`` turns a request's reasoning and template fields (reasoning_format,
+chat_template_kwargs, reasoning_effort, reasoning budget, parallel_tool_calls) into what to
+render; ``ChatReply`` turns the generated text into message fields and stream deltas.
 """
 
 from __future__ import annotations
