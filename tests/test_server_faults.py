@@ -206,6 +206,18 @@ def test_serve_refuses_unbuilt_llama_server_flags(flag, capsys):
     assert len(err.splitlines()) == 1 and flag[0] in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", [["--chat-template-file", "/nonexistent/t.jinja"],
+                                  ["--chat-template", "llama9"],
+                                  ["--chat-template", "{% if %}"],
+                                  ["--chat-template-kwargs", "[1]"], ["--reasoning", "maybe"]])
+def test_serve_rejects_bad_chat_flags(flag, capsys):
+    from jllama.cli.main import main
+
+    assert main(["serve", "-m", "smollm2-135m-instruct", *flag]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag[0] in err and "Traceback" not in err
+
+
 def test_native_completion_shape_and_progress(fake_llm):
     """llama-server's /completion: its own fields, n_predict, and (stream + return_progress)
     a prompt_progress chunk before the prompt and after each chunk of it (tools/server

@@ -380,6 +380,7 @@ def run(args) -> int:
     from jllama.errors import ConfigError
 
     _check_llama_server_args(args)
+    chat_fields, chat_template = _chat_flags(args)
     cfg = load_config(args.config, _overrides(args))
     s = cfg.server
     if args.alias is not None:  # not through YAML parsing: names may look like numbers
@@ -445,7 +446,10 @@ def run(args) -> int:
         except ValueError as e:
             raise ConfigError(f"{cfg.model}: {e}") from None
     settings = settings_from_config(cfg, alias, keys, tags)
-    _chat_flags(args, settings, llm)
+    for k, v in chat_fields.items():
+        setattr(settings, k, v)
+    if chat_template is not None:
+        llm.tokenizer.chat_template = chat_template
     state = ServerState(llm, settings, encoder=embedder)
     print(f"jllama serve: http://{s.host}:{s.port}/v1 (model '{alias}', "
           f"auth {'on' if keys else 'off'})", file=sys.stderr)
@@ -453,9 +457,9 @@ def run(args) -> int:
     return 0
 
 
-def _chat_flags(args, settings, llm) -> None:
-    """llama-server's chat template and reasoning flags onto the settings (and the template
-    override onto the model's tokenizer)."""
+def _chat_flags(args) -> tuple[dict, str | None]:
+    """llama-server's chat template and reasoning flags: (ServerSettings fields, the chat
+    template that replaces the GGUF's or None), checked before the model loads."""
     from jllama.errors import ConfigError
     from jllama.tokenizer.chat import CHATML_TEMPLATE
 
@@ -471,12 +475,11 @@ def _chat_flags(args, settings, llm) -> None:
         kwargs["enable_thinking"] = args.reasoning == "on"
     if args.reasoning_effort not in (None, "default"):
         kwargs["reasoning_effort"] = args.reasoning_effort
-    settings.template_kwargs = kwargs
-    settings.reasoning = {"on": 1, "off": 0}.get(args.reasoning, -1)
+    fields = {"template_kwargs": kwargs, "reasoning": {"on": 1, "off": 0}.get(args.reasoning, -1)}
     if args.reasoning_format is not None:
-        settings.reasoning_format = args.reasoning_format
+        fields["reasoning_format"] = args.reasoning_format
     if args.reasoning_budget is not None:
-        settings.reasoning_budget = args.reasoning_budget
+        fields["reasoning_budget"] = args.reasoning_budget
     template = None
     if args.chat_template_file is not None:
         try:
@@ -499,7 +502,7 @@ def _chat_flags(args, settings, llm) -> None:
             check_template(template)
         except ChatTemplateError as e:
             raise ConfigError(f"--chat-template: {e}") from None
-        llm.tokenizer.chat_template = template
+    return fields, template
 
 
 def _encoder_path(cfg, args):
