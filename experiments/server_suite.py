@@ -186,12 +186,14 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str) -> tuple[Pa
 
 
 def run_file(work: Path, wrapper: Path, name: str, port: int, timeout: float,
-             log) -> Path:
+             log, select: str | None = None) -> Path:
     xml = work / f"junit-{name}.xml"
     env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(wrapper), "PORT": str(port),
            "PYTHONPATH": str(REPO), "LLAMA_CACHE": str(work / "tmp")}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
            "junit_family=xunit2", f"--junitxml={xml}", f"unit/{name}.py"]
+    if select:
+        cmd += ["-k", select]
     t0 = time.monotonic()
     try:
         subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -288,6 +290,8 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=18480,
                     help="first port (the machine is shared: keep clear of 8080)")
     ap.add_argument("--file-timeout", type=float, default=1800.0)
+    ap.add_argument("-k", dest="select", default=None,
+                    help="pytest -k expression: only these tests of the files")
     a = ap.parse_args()
     for need in (SUITE, LLAMA_SERVER):
         if not need.exists():
@@ -308,7 +312,8 @@ def main() -> int:
             print(f"{s}: {name}", file=sys.stderr)
             t0 = time.monotonic()
             with open(work / f"log-{name}.txt", "w") as log:
-                xml = run_file(work, wrapper, name, a.port + 10 * k, a.file_timeout, log)
+                xml = run_file(work, wrapper, name, a.port + 10 * k, a.file_timeout, log,
+                               a.select)
             secs[s] += time.monotonic() - t0
             results[s].update(outcomes(xml))
         write_table(Path(a.out), a.files, results, a.servers, secs,
