@@ -217,6 +217,8 @@ def make_workdir(root: Path, server: str, mapping: dict, media: str,
     shutil.copytree(SUITE, work)
     (top / "tools" / "mtmd").mkdir(parents=True)
     shutil.copy(LLAMACPP_SRC / "tools" / "mtmd" / "test-1.jpeg", top / "tools" / "mtmd")
+    # --chat-template-file ../../../models/templates/X.jinja (test_template, test_tool_call)
+    shutil.copytree(LLAMACPP_SRC / "models" / "templates", top / "models" / "templates")
     for f in (work / "unit").glob("test_*.py"):
         text = f.read_text()
         if HF_TEST_IMAGES in text:
@@ -262,7 +264,9 @@ def run_file(work: Path, wrapper: Path, name: str, port: int, timeout: float,
            "PYTHONPATH": str(REPO), "LLAMA_CACHE": str(work / "tmp")}
     # -v: one PASSED/FAILED line per test in the log, read back when a timeout leaves no xml
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o",
-           "junit_family=xunit2", f"--junitxml={xml}", f"unit/{name}.py"] + (["-k", select] if select else [])
+           "junit_family=xunit2", f"--junitxml={xml}", f"unit/{name}.py"]
+    if select:
+        cmd += ["-k", select]
     t0 = time.monotonic()
     # its own process group: on a timeout the server the test had started goes too (left
     # running, it would answer the next file's tests on the same port)

@@ -194,9 +194,23 @@ def test_cors_and_switches(fake_llm):
 
 @pytest.mark.parametrize("flag", [["--cache-reuse", "256"], ["--models-dir", "d"],
                                   ["--hf-repo", "ggml-org/x"], ["-nocb"],
-                                  ["--reasoning-format", "deepseek"],
-                                  ["--sleep-idle-seconds", "5"]])
+                                  ["--reasoning-format", "qwen"],
+                                  ["--reasoning-budget", "512"],
+                                  ["--reasoning-budget-message", "stop"],
+                                  ["--sleep-idle-seconds", "5"], ["--mirostat", "2"]])
 def test_serve_refuses_unbuilt_llama_server_flags(flag, capsys):
+    from jllama.cli.main import main
+
+    assert main(["serve", "-m", "smollm2-135m-instruct", *flag]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag[0] in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", [["--chat-template-file", "/nonexistent/t.jinja"],
+                                  ["--chat-template", "llama9"],
+                                  ["--chat-template", "{% if %}"],
+                                  ["--chat-template-kwargs", "[1]"], ["--reasoning", "maybe"]])
+def test_serve_rejects_bad_chat_flags(flag, capsys):
     from jllama.cli.main import main
 
     assert main(["serve", "-m", "smollm2-135m-instruct", *flag]) == 1

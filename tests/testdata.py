@@ -196,6 +196,52 @@ def extra_vocab_dir() -> Path:
     return dest
 
 
+# llama.cpp's chat templates (models/templates in the same source package) that
+# tests/test_server_chat_formats.py replays llama.cpp's chat-format results for
+CHAT_TEMPLATES_IN_PACKAGE = "vendor/llama.cpp/models/templates"
+CHAT_TEMPLATE_SHA256 = {
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use": "cc60b553279347d83df761f5dc55b4b2fb66bc1fa9a33e219911c13c11552fac",
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": "7ce09d55d3690e06c70b5c07228cc7e8c99c43a23cdc027762be4011efcdea6c",
+    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": "7ce09d55d3690e06c70b5c07228cc7e8c99c43a23cdc027762be4011efcdea6c",
+    "Qwen-QwQ-32B": "5ed15374ce53e19a7798710736a2c9fe41c79f7385e8421a2080d6575a80ef1b",
+    "Qwen-Qwen2.5-7B-Instruct": "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f",
+    "Qwen-Qwen3-0.6B": "87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5",
+    "deepseek-ai-DeepSeek-R1-Distill-Llama-8B": "dd2675619a64a449cdcdd2b93e605a0a50764cee41e344f244752bc93643936c",
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": "bbe594884b44d740667ee65a70bc8d333a565eab3d63ea59f291ea73ada84ba6",
+    "fireworks-ai-llama-3-firefunction-v2": "fcb749f5c5d6bbc4240db4e86af5dfcefe9c7e85355235d0f304ab4319ba6b51",
+    "llama-cpp-deepseek-r1": "0d11fd8d7cf3f212733d73dfe09ead89a14a18816661dc30ea1fb3147428fba1",
+    "meetkai-functionary-medium-v3.1": "2fc9dbfaea552f864b4b8cdf9d17401e9a49cbda199498531f137eb0ec5ae1d8",
+    "meetkai-functionary-medium-v3.2": "5c7c96c27cfecf3418411d1ebd0d11d691ab6bd2155bb38dacc62250fe47c3c8",
+    "meta-llama-Llama-3.1-8B-Instruct": "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65",
+    "meta-llama-Llama-3.2-3B-Instruct": "5816fce10444e03c2e9ee1ef8a4a1ea61ae7e69e438613f3b17b69d0426223a4",
+    "meta-llama-Llama-3.3-70B-Instruct": "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65",
+    "mistralai-Mistral-Nemo-Instruct-2407": "e4676cb56dffea7782fd3e2b577cfaf1e123537e6ef49b3ec7caa6c095c62272",
+}  # fmt: skip
+
+
+@functools.cache
+def chat_templates_dir() -> Path:
+    """A folder holding ``NAME.jinja`` for each of ``CHAT_TEMPLATE_SHA256`` (shared folder
+    ``chat-templates/`` first, else the source package)."""
+    files = {f"{n}.jinja": h for n, h in CHAT_TEMPLATE_SHA256.items()}
+    shared = shared_dir() / "chat-templates"
+    if all((shared / f).is_file() for f in files):
+        for f, h in files.items():
+            _verified(shared / f, h, "JLLAMA_SHARED_DATA")
+        return shared
+    from jllama.errors import JllamaError
+    from jllama.registry import fetch_files
+
+    dest = cache_dir() / "chat-templates"
+    try:
+        fetch_files(VOCAB_PACKAGE, {f"{CHAT_TEMPLATES_IN_PACKAGE}/{f}": h
+                                    for f, h in files.items()}, dest, sdist=True)
+    except JllamaError as e:
+        raise DataError(f"llama.cpp's chat templates: not in {shared}, and fetching them from "
+                        f"the source package {VOCAB_PACKAGE} on PyPI failed: {e}") from e
+    return dest
+
+
 def vocab(name: str) -> Path:
     """``ggml-vocab-NAME.gguf``; its ``.inp``/``.out`` cases lie beside it."""
     return vocab_dir() / f"ggml-vocab-{name}.gguf"

@@ -131,9 +131,6 @@ _REFUSED = [
      "(benchmarking) is not built"),
     (("--grp-attn-n", "-gan", "--grp-attn-w", "-gaw"), 1, "group attention (self-extend) is not "
      "built"),
-    (("--chat-template", "--chat-template-file"), 1, "the chat template comes from the GGUF; "
-     "overriding it is not built yet"),
-    (("--chat-template-kwargs",), 1, "chat template kwargs are not built yet"),
     (("-mmu", "--mmproj-url"), 1, "jllama serve does not download projectors; pass "
      "--mmproj FILE.gguf"),
     (("--sleep-idle-seconds",), 1, "sleeping when idle is not built"),
@@ -148,8 +145,7 @@ _REFUSED = [
     (("--ignore-eos",), 0, "a server-wide ignore_eos is not built (send it per request)"),
     (("--grammar", "--grammar-file", "-j", "--json-schema", "-jf", "--json-schema-file"), 1,
      "a server-wide grammar is not built (send 'grammar'/'json_schema' per request)"),
-    (("-rea", "--reasoning", "--reasoning-budget", "--reasoning-effort"), 1,
-     "reasoning control is not built yet"),
+    (("--reasoning-budget-message",), 1, "only a reasoning budget of 0 (no message) is built"),
     (("--ssl-key-file", "--ssl-cert-file"), 1, "TLS is not built (put a proxy in front)"),
     (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
     (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
@@ -198,7 +194,22 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
                    help="accepted: llama.cpp's built-in templates render the same known "
                    "templates that jllama renders with Jinja")
     g.add_argument("--reasoning-format", default=None,
-                   help="none or auto (no reasoning parsing is built yet)")
+                   help="none: thoughts stay in message.content; deepseek (default), "
+                   "deepseek-legacy, auto: thoughts go to message.reasoning_content")
+    g.add_argument("-rea", "--reasoning", default=None,
+                   help="on, off or auto (default: thinking when the template has it)")
+    g.add_argument("--reasoning-budget", type=int, default=None,
+                   help="-1 (default): unlimited thoughts; 0: none (templates whose prompt "
+                   "opens the thoughts)")
+    g.add_argument("--reasoning-effort", default=None,
+                   help="reasoning_effort for the chat template ('default': the template's)")
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (or 'chatml') instead of the GGUF's")
+    g.add_argument("--chat-template-file", default=None,
+                   help="a file holding a Jinja chat template instead of the GGUF's")
+    g.add_argument("--chat-template-kwargs", default=None,
+                   help="JSON object of extra chat template variables, e.g. "
+                   "'{\"enable_thinking\": false}'")
     g.add_argument("--cors-origins", default=None,
                    help="allowed CORS origins, comma-separated (default *; 'localhost': "
                    "loopback origins only)")
@@ -279,9 +290,14 @@ def _check_llama_server_args(args) -> None:
     refused = getattr(args, "_refused", None)
     if refused:
         raise ConfigError(f"jllama serve {refused[0]}")
-    if args.reasoning_format not in (None, "none", "auto"):
-        raise ConfigError(f"jllama serve --reasoning-format {args.reasoning_format}: reasoning "
-                          "parsing is not built yet (none and auto leave thoughts in the content)")
+    if args.reasoning_format not in (None, "none", "auto", "deepseek", "deepseek-legacy"):
+        raise ConfigError(f"jllama serve --reasoning-format {args.reasoning_format}: one of none, "
+                          "deepseek, deepseek-legacy, auto")
+    if args.reasoning not in (None, "on", "off", "auto"):
+        raise ConfigError(f"jllama serve --reasoning {args.reasoning}: one of on, off, auto")
+    if args.reasoning_budget is not None and args.reasoning_budget not in (-1, 0):
+        raise ConfigError(f"jllama serve --reasoning-budget {args.reasoning_budget}: only -1 "
+                          "(unlimited) and 0 (no thoughts) are built")
     spec = [t.strip() for v in (args.spec_type or []) for t in v.split(",") if t.strip()]
     other = [t for t in spec if t not in ("draft-simple", "none")]
     if other:
@@ -522,6 +538,7 @@ def run(args) -> int:
             raise ConfigError("--models-dir/--models-preset start the router (several "
                               "models): give them without -m")
         return _run_router(args)
+    chat_fields, chat_template = _chat_flags(args)
     cfg = load_config(args.config, _overrides(args))
     s = cfg.server
     if args.alias is not None:  # not through YAML parsing: names may look like numbers
@@ -593,11 +610,64 @@ def run(args) -> int:
                                      "rank" if args.reranking else args.pooling, llm.numerics)
         except ValueError as e:
             raise ConfigError(f"{cfg.model}: {e}") from None
-    state = ServerState(llm, settings_from_config(cfg, alias, keys, tags), encoder=embedder)
+    settings = settings_from_config(cfg, alias, keys, tags)
+    for k, v in chat_fields.items():
+        setattr(settings, k, v)
+    if chat_template is not None:
+        llm.tokenizer.chat_template = chat_template
+    state = ServerState(llm, settings, encoder=embedder)
     print(f"jllama serve: http://{s.host}:{s.port}/v1 (model '{alias}', "
           f"auth {'on' if keys else 'off'})", file=sys.stderr)
     _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port)
     return 0
+
+
+def _chat_flags(args) -> tuple[dict, str | None]:
+    """llama-server's chat template and reasoning flags: (ServerSettings fields, the chat
+    template that replaces the GGUF's or None), checked before the model loads."""
+    from jllama.errors import ConfigError
+    from jllama.tokenizer.chat import CHATML_TEMPLATE
+
+    kwargs = {}
+    if args.chat_template_kwargs is not None:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--chat-template-kwargs: not JSON: {e}") from None
+        if not isinstance(kwargs, dict):
+            raise ConfigError("--chat-template-kwargs: must be a JSON object")
+    if args.reasoning in ("on", "off"):  # llama-server sets the kwarg as well
+        kwargs["enable_thinking"] = args.reasoning == "on"
+    if args.reasoning_effort not in (None, "default"):
+        kwargs["reasoning_effort"] = args.reasoning_effort
+    fields = {"template_kwargs": kwargs, "reasoning": {"on": 1, "off": 0}.get(args.reasoning, -1)}
+    if args.reasoning_format is not None:
+        fields["reasoning_format"] = args.reasoning_format
+    if args.reasoning_budget is not None:
+        fields["reasoning_budget"] = args.reasoning_budget
+    template = None
+    if args.chat_template_file is not None:
+        try:
+            template = open(args.chat_template_file, encoding="utf-8").read()
+        except OSError as e:
+            raise ConfigError(f"--chat-template-file {args.chat_template_file}: "
+                              f"{e.strerror or e}") from None
+    elif args.chat_template is not None:
+        if args.chat_template == "chatml":
+            template = CHATML_TEMPLATE
+        elif "{{" in args.chat_template or "{%" in args.chat_template:
+            template = args.chat_template
+        else:
+            raise ConfigError(f"--chat-template {args.chat_template}: jllama knows 'chatml' or "
+                              "a Jinja template text (or use --chat-template-file)")
+    if template is not None:
+        from jllama.tokenizer.chat import ChatTemplateError, check_template
+
+        try:
+            check_template(template)
+        except ChatTemplateError as e:
+            raise ConfigError(f"--chat-template: {e}") from None
+    return fields, template
 
 
 def _encoder_path(cfg, args):

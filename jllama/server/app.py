@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
 from jllama.server import anthropic as anth
+from jllama.server import chat_formats as cf
 from jllama.server import embeddings as emb
 from jllama.server import infill as inf
 from jllama.server import media, slot_state
@@ -44,6 +45,7 @@ from jllama.server.json_schema import SchemaError, schema_to_grammar
 from jllama.server.metrics import Metrics
 from jllama.server.openai_schema import ApiError
 from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler, SchedulerDead
+from jllama.tokenizer.chat import CHATML_TEMPLATE
 
 DISCONNECT_POLL_S = 0.5
 
@@ -75,6 +77,12 @@ class ServerSettings:
     n_batch: int = 2048  # llama-server's -b (its /infill layout depends on it)
     spm_infill: bool = False  # llama-server's --spm-infill
     gcp: GcpParams | None = None  # Google Cloud's /predict (AIP_MODE=PREDICTION): gcp.py
+    # llama-server's --reasoning-format, --reasoning (-1 auto, 0 off, 1 on), --reasoning-budget
+    # and --chat-template-kwargs (jllama/server/tools.py plan_chat)
+    reasoning_format: str = "deepseek"
+    reasoning: int = -1
+    reasoning_budget: int = -1
+    template_kwargs: dict = field(default_factory=dict)
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -201,9 +209,12 @@ def tokenize_prompt(state: ServerState, text: str) -> list[int]:
     return tk.encode(text, add_special=add, parse_special=True)
 
 
-def render_prompt(llm, messages: list[dict], tools: list[dict] | None) -> str:
-    """The GGUF's chat template applied to the conversation (with the generation prompt)."""
-    return llm.apply_chat_template(messages, tools=tools)
+def render_prompt(llm, messages: list[dict], tools: list[dict] | None,
+                  context: dict | None = None, generation_prompt: bool = True) -> str:
+    """The GGUF's chat template (ChatML without one, as llama-server) applied to the
+    conversation; ``context``: more template variables (enable_thinking, kwargs, dates)."""
+    return llm.tokenizer.apply_chat_template(messages, generation_prompt, tools,
+                                             fallback_chatml=True, **(context or {}))
 
 
 def image_prompt(state: ServerState, text: str, images: list[tuple[str, str]]) -> list:
@@ -814,33 +825,63 @@ class Handlers:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _chat_prompt(self, body: dict, tools, choice,
-                           allow_empty: bool = False) -> tuple[list, str | None]:
-        """The chat request's prompt as scheduler items (token ids, and ImageChunks for its
-        image_url parts) and the tool a tool_choice forces (or None)."""
+    async def _render_chat(self, body: dict, tools, choice,
+                           images: list, allow_empty: bool = False
+                           ) -> tuple[str, str, tl.ChatPlan]:
+        """The chat request's prompt text, what its generation prompt added, and its plan
+        (jllama/server/tools.py); ``images`` collects its image_url parts."""
         st = self.state
-        images: list[tuple[str, str]] = []
-        messages = oa.parse_messages(body, images, st.settings.media_marker, allow_empty)
-        template = st.llm.tokenizer.chat_template or ""
-        msgs, tmpl_tools = tl.prepare_messages(messages, tools, choice, template)
+        ss = st.settings
+        messages = oa.parse_messages(body, images, ss.media_marker, allow_empty)
+        template = st.llm.tokenizer.chat_template or CHATML_TEMPLATE
+        plan = tl.plan_chat(body, messages, tools, choice, template, ss.reasoning_format,
+                            ss.reasoning, ss.reasoning_budget, ss.template_kwargs)
+        add_gen = body.get("add_generation_prompt", True) is not False
         try:
-            text = await run_in_threadpool(render_prompt, st.llm, msgs, tmpl_tools)
+            text = await run_in_threadpool(render_prompt, st.llm, plan.messages,
+                                           plan.template_tools, plan.context, add_gen)
+            bare = await run_in_threadpool(render_prompt, st.llm, plan.messages,
+                                           plan.template_tools, plan.context, False)
         except Exception as e:  # jinja raise_exception(...) or a template bug
             raise ApiError(400, f"the chat template rejected the messages: {e}",
                            param="messages", code="invalid_messages") from None
-        prefix, forced = tl.forced_prefix(choice, tools)
+        return text, cf.generation_prompt(text, bare), plan
+
+    async def _apply_template(self, request: Request) -> Response:
+        """llama-server's /apply-template: the chat prompt a request would get."""
+        body = await json_body(request)
+        tools, choice = oa.parse_tools(body)
+        text, gen, plan = await self._render_chat(body, tools, choice, [])
+        return JSONResponse({"prompt": text + plan.budget_suffix(gen)})
+
+    async def apply_template(self, request: Request) -> Response:
+        return await self._run(request, "/apply-template",
+                               self._generating(self._apply_template))
+
+    async def _chat_prompt(self, body: dict, tools, choice, allow_empty: bool = False
+                           ) -> tuple[list, str | None, tl.ChatReply]:
+        """The chat request's prompt as scheduler items (token ids, and ImageChunks for its
+        image_url parts), the tool a tool_choice forces (or None) and the reader of its reply
+        (reasoning and tool calls in the template's format)."""
+        st = self.state
+        images: list[tuple[str, str]] = []
+        text, gen, plan = await self._render_chat(body, tools, choice, images, allow_empty)
+        suffix = plan.budget_suffix(gen)
+        gen += suffix
+        prefix, forced = tl.forced_prefix(choice, tools, plan.fmt, plan.thinking_open(gen))
+        text += suffix + prefix
         if images:
-            ids = await run_in_threadpool(image_prompt, st, text + prefix, images)
+            ids = await run_in_threadpool(image_prompt, st, text, images)
         else:
-            ids = await run_in_threadpool(tokenize_prompt, st, text + prefix)
-        return ids, forced
+            ids = await run_in_threadpool(tokenize_prompt, st, text)
+        return ids, forced, plan.reply(gen)
 
     async def _chat_tokens(self, request: Request) -> Response:
         """llama-server's /chat/completions/input_tokens: the prompt's length (images count
         as their embeddings' tokens) without generating."""
         body = await json_body(request)
         tools, choice = oa.parse_tools(body)
-        ids, _ = await self._chat_prompt(body, tools, choice)
+        ids, _, _ = await self._chat_prompt(body, tools, choice)
         return JSONResponse({"input_tokens": prompt_length(ids)})
 
     async def chat_tokens(self, request: Request) -> Response:
@@ -856,12 +897,12 @@ class Handlers:
         if tools and opts.grammar:
             raise emb.server_error((400, "invalid_request_error"),
                                    "Cannot use custom grammar constraints with tools.")
-        ids, forced = await self._chat_prompt(body, tools, choice)
+        ids, forced, reply = await self._chat_prompt(body, tools, choice)
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         if opts.n > 1:
             return await self._many(request, ids, opts, lambda: make_constraint(st, opts, tool),
-                                    chat=True, forced=forced, tools=tools)
+                                    chat=True, forced=forced, tools=tools, reply=reply)
         job = submit(st, ids, opts, make_constraint(st, opts, tool))
         job.rid, job.created = oa.new_id("chatcmpl"), oa.now()
         try:
@@ -875,15 +916,16 @@ class Handlers:
             finally:
                 job.req.cancel()
             self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
-            content, calls, finish = text, None, done.finish
+            reasoning, finish = None, done.finish
             if forced is not None:
                 content, calls = None, [tl.make_call(forced, text)]
-            elif tools:
-                content, calls = tl.parse_tool_calls(text, tools)
+            else:
+                content, reasoning, calls = reply.final(text)
             if calls:
                 finish = "tool_calls" if finish == "stop" else finish
             out = oa.chat_response(job.rid, job.model, job.created, content, calls or None,
-                                   finish, usage_of(done), oa.logprobs_of(job.probs))
+                                   finish, usage_of(done), oa.logprobs_of(job.probs),
+                                   reasoning)
             return JSONResponse(self._verbose(body, out, job, opts, ids, text, done))
 
         def chunk(delta: dict, finish: str | None = None, probs: list | None = None) -> str:
@@ -891,7 +933,6 @@ class Handlers:
                                      logprobs=oa.logprobs_of(probs)))
 
         async def events() -> AsyncIterator[str]:
-            ts = tl.ToolStream(tools) if tools and forced is None else None
             try:
                 # llama-server's first chunk: the role, content null
                 yield chunk({"role": "assistant", "content": None})
@@ -905,20 +946,20 @@ class Handlers:
                                                          {"arguments": ev.text}}]},
                                         probs=ev.probs)
                         else:
-                            out = ts.feed(ev.text) if ts else ev.text
-                            if out or ev.probs:
-                                yield chunk({"content": out}, probs=ev.probs)
+                            deltas = reply.feed(ev.text)
+                            for k, d in enumerate(deltas):
+                                yield chunk(d, probs=ev.probs if k == len(deltas) - 1 else None)
+                            if not deltas and ev.probs:
+                                yield chunk({"content": ""}, probs=ev.probs)
                     elif ev.kind == "done":
                         finish = ev.finish
                         if forced is not None and finish == "stop":
                             finish = "tool_calls"
-                        if ts is not None:
-                            rest, calls = ts.finish()
-                            if rest:
-                                yield chunk({"content": rest})
-                            if calls:
-                                yield chunk({"tool_calls": [{"index": i, **c}
-                                                            for i, c in enumerate(calls)]})
+                        if forced is None:
+                            deltas, called = reply.finish()
+                            for d in deltas:
+                                yield chunk(d)
+                            if called:
                                 finish = "tool_calls" if finish == "stop" else finish
                         yield chunk({}, finish)
                         if job.include_usage:
@@ -958,7 +999,7 @@ class Handlers:
     async def _messages_tokens(self, request: Request) -> Response:
         body = anth.to_chat(await json_body(request))
         tools, choice = oa.parse_tools(body)
-        ids, _ = await self._chat_prompt(body, tools, choice, allow_empty=True)
+        ids, _, _ = await self._chat_prompt(body, tools, choice, allow_empty=True)
         return JSONResponse({"input_tokens": prompt_length(ids)})
 
     async def _responses(self, request: Request) -> Response:
@@ -970,7 +1011,7 @@ class Handlers:
     async def _responses_tokens(self, request: Request) -> Response:
         body = resp.to_chat(await json_body(request))
         tools, choice = oa.parse_tools(body)
-        ids, _ = await self._chat_prompt(body, tools, choice)
+        ids, _, _ = await self._chat_prompt(body, tools, choice)
         return JSONResponse({"input_tokens": prompt_length(ids),
                              "object": "response.input_tokens"})
 
@@ -988,7 +1029,7 @@ class Handlers:
         if tools and opts.grammar:
             raise emb.server_error((400, "invalid_request_error"),
                                    "Cannot use custom grammar constraints with tools.")
-        ids, forced = await self._chat_prompt(body, tools, choice, allow_empty)
+        ids, forced, reply = await self._chat_prompt(body, tools, choice, allow_empty)
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         job = submit(st, ids, opts, make_constraint(st, opts, tool),
@@ -1008,11 +1049,12 @@ class Handlers:
                                else req.completion_tokens, now - t_first)
 
         def outcome(text: str, done: Event) -> oa.ChatOutcome:
-            content, calls = text, None
+            # the reply read as /v1/chat/completions reads it (the template's tool-call format;
+            # its reasoning is not carried into these APIs' answers)
             if forced is not None:
                 content, calls = None, [tl.make_call(forced, text)]
-            elif tools:
-                content, calls = tl.parse_tool_calls(text, tools)
+            else:
+                content, _, calls = reply.fresh().final(text)
             return oa.ChatOutcome(content, calls or None, done.finish, job.req.stop_word,
                                   done.prompt_tokens, done.cached_tokens,
                                   done.completion_tokens, timings(done))
@@ -1027,7 +1069,6 @@ class Handlers:
         per_token = body.get("timings_per_token") is True
 
         async def events() -> AsyncIterator[str]:
-            ts = tl.ToolStream(tools) if tools and forced is None else None
             texts: list[str] = []
             try:
                 for e in stream.start(len(job.req.prompt_ids), job.req.cached_tokens):
@@ -1043,16 +1084,17 @@ class Handlers:
                     elif ev.kind == "text":
                         texts.append(ev.text)
                         if forced is None:
-                            out = ts.feed(ev.text) if ts else ev.text
+                            out = "".join(d.get("content", "") for d in reply.feed(ev.text))
                             for e in stream.text(out, timings() if per_token else None):
                                 yield e
                     elif ev.kind == "done":
                         r = outcome("".join(texts), ev)
-                        if ts is not None:
-                            rest, calls = ts.finish()
-                            for e in stream.text(rest):
-                                yield e
-                            r.calls = calls or None
+                        if forced is None:
+                            deltas, _ = reply.finish()
+                            rest = "".join(d.get("content", "") for d in deltas)
+                            if rest:
+                                for e in stream.text(rest):
+                                    yield e
                         for e in stream.done(r):
                             yield e
                     else:
@@ -1215,7 +1257,7 @@ class Handlers:
 
     async def _many(self, request: Request, ids: list[int], opts: oa.GenOptions, make,
                     chat: bool = False, forced: str | None = None, tools: list | None = None,
-                    prefix: str = "") -> Response:
+                    prefix: str = "", reply: tl.ChatReply | None = None) -> Response:
         """``n`` > 1: n requests on the same prompt (llama-server's n_cmpl child tasks, which
         copy the parent's parameters), answered as one response whose choices are indexed
         0..n-1; streamed chunks of the choices interleave as they are generated."""
@@ -1237,14 +1279,14 @@ class Handlers:
         t0 = jobs[0].t0
 
         def finish_of(text: str, finish: str) -> tuple:
-            content, calls = text, None
+            content, calls, reasoning = text, None, None
             if forced is not None:
                 content, calls = None, [tl.make_call(forced, text)]
-            elif tools:
-                content, calls = tl.parse_tool_calls(text, tools)
+            elif reply is not None:
+                content, reasoning, calls = reply.fresh().final(text)
             if calls and finish == "stop":
                 finish = "tool_calls"
-            return content, calls or None, finish
+            return content, calls or None, finish, reasoning
 
         if not opts.stream:
             results = []
@@ -1261,8 +1303,9 @@ class Handlers:
             choices = []
             for i, (text, done, probs) in enumerate(results):
                 if chat:
-                    d = oa.chat_response(rid, model, created, *finish_of(text, done.finish), use,
-                                         oa.logprobs_of(probs))
+                    content, calls, finish, reasoning = finish_of(text, done.finish)
+                    d = oa.chat_response(rid, model, created, content, calls, finish, use,
+                                         oa.logprobs_of(probs), reasoning)
                 else:
                     d = oa.completion_response(rid, model, created, prefix + text, done.finish,
                                                use, oa.logprobs_of(probs), index=i)
@@ -1272,6 +1315,8 @@ class Handlers:
             return JSONResponse(d)
 
         merged: asyncio.Queue = asyncio.Queue()
+        # n > 1 streams of replies that need reading send each choice whole at its end
+        reasoning_split = reply is not None and reply.splits_reasoning
 
         async def pump(i: int, j: Job) -> None:
             try:
@@ -1307,15 +1352,17 @@ class Handlers:
                     i, ev = await merged.get()
                     if ev.kind == "text":
                         texts[i] += ev.text
-                        if not (chat and (forced is not None or tools)):
+                        if not (chat and (forced is not None or tools or reasoning_split)):
                             yield piece(i, ev.text, None, ev.probs)
                     elif ev.kind == "done":
                         left -= 1
                         n_out += ev.completion_tokens
                         finish = ev.finish
-                        if chat and (forced is not None or tools):
-                            content, calls, finish = finish_of(texts[i], finish)
+                        if chat and (forced is not None or tools or reasoning_split):
+                            content, calls, finish, reasoning = finish_of(texts[i], finish)
                             delta = {"content": content} if content else {}
+                            if reasoning:
+                                delta["reasoning_content"] = reasoning
                             if calls:
                                 delta["tool_calls"] = [{"index": k, **c}
                                                        for k, c in enumerate(calls)]
@@ -1387,6 +1434,7 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/slots/{id_slot}", h.slots, ["POST"]),
         ("/v1/models", h.models, ["GET"]), ("/models", h.models, ["GET"]),
         ("/tokenize", h.tokenize, ["POST"]), ("/detokenize", h.detokenize, ["POST"]),
+        ("/apply-template", h.apply_template, ["POST"]),
         ("/health", h.health, ["GET"]), ("/v1/health", h.health, ["GET"]),
         ("/metrics", h.metrics, ["GET"]),
         ("/lora-adapters", h.lora_adapters, ["GET", "POST"]),

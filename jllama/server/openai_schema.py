@@ -343,6 +343,9 @@ def parse_messages(body: dict, images: list | None = None, marker: str = "",
         msg = {"role": "system" if role == "developer" else role,
                "content": message_text(m.get("content"), f"messages[{i}].content", images,
                                           marker)}
+        rc = m.get("reasoning_content") if role == "assistant" else None
+        if isinstance(rc, str) and rc:  # earlier thoughts, for templates that show them
+            msg["reasoning_content"] = rc
         if role == "assistant" and m.get("tool_calls"):
             tcs = m["tool_calls"]
             if not isinstance(tcs, list):
@@ -436,8 +439,10 @@ def logprobs_of(probs: list[dict] | None) -> dict | None:
 
 def chat_response(rid: str, model: str, created: int, content: str | None,
                   tool_calls: list[dict] | None, finish: str, use: dict,
-                  logprobs: dict | None = None) -> dict:
+                  logprobs: dict | None = None, reasoning: str | None = None) -> dict:
     msg: dict = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning:
+        msg["reasoning_content"] = reasoning  # llama-server's field for split-off thoughts
     if tool_calls:
         msg["tool_calls"] = tool_calls
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,

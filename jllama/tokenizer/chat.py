@@ -35,12 +35,35 @@ def _raise_exception(message: str) -> None:
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # a filter's lazy result (``tools | map(attribute='function') | tojson``, llama.cpp's
+    # DeepSeek R1 template) is a list to llama.cpp's Jinja engine
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+                      sort_keys=sort_keys, default=list)
+
+
+def _safe(x: Any) -> Any:
+    # without autoescaping ``|safe`` must not make a Markup: Markup + str would HTML-escape
+    # the str (functionary v3.1's "'"|safe + description), which llama.cpp never does
+    return x
 
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
+
+
+def _lenient_undefined() -> type:
+    import jinja2
+
+    class LenientUndefined(jinja2.Undefined):
+        """An undefined value joins text as nothing, as in llama.cpp's Jinja engine
+        (firefunction v2's ``suffix + "\\n" + functions``)."""
+
+        def __add__(self, other: Any) -> Any:
+            return other
+
+        __radd__ = __add__
+
+    return LenientUndefined
 
 
 @lru_cache(maxsize=16)
@@ -49,14 +72,21 @@ def _compile(template: str) -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols"],
+                                        undefined=_lenient_undefined())
     env.filters["tojson"] = _tojson
+    env.filters["safe"] = _safe
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(template)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template does not compile: {e}") from None
+
+
+def check_template(template: str) -> None:
+    """Raise ChatTemplateError when ``template`` does not compile."""
+    _compile(template)
 
 
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
@@ -70,8 +100,10 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
     if not template:
         raise ChatTemplateError("the model has no chat template (tokenizer.chat_template)")
     compiled = _compile(template)
+    if tools is not None:  # no tools: undefined to the template, as llama.cpp renders it
+        extra["tools"] = tools
     try:
-        return compiled.render(messages=messages, tools=tools, bos_token=bos_token,
+        return compiled.render(messages=messages, bos_token=bos_token,
                                eos_token=eos_token, add_generation_prompt=add_generation_prompt,
                                **extra)
     except Exception as e:  # template bugs and raise_exception() are user-facing errors
