@@ -7,6 +7,7 @@ and the logits the draw then sees. The chain order is llama-server's default
 from __future__ import annotations
 
 import ctypes
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -75,18 +76,21 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_chain_matches_llamacpp(name):
     params = SamplingParams(**CASES[name])
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))  # not hash(): salted per process
     rows = [rng.standard_normal(V).astype(np.float32) * s for s in (1.0, 3.0, 6.0)]
     sp = BatchSampling.stack([params] * len(rows))
     keys = jax.random.split(jax.random.PRNGKey(0), len(rows))
     got = np.asarray(jax.jit(candidates)(jnp.asarray(np.stack(rows)), sp, keys))
+    sizes = []
     for r, logits in enumerate(rows):
         want = _llamacpp(logits, params)
         ours = {int(i): float(got[r, i]) for i in np.nonzero(np.isfinite(got[r]))[0]}
         assert set(ours) == set(want), (name, r, sorted(set(ours) ^ set(want))[:10])
         np.testing.assert_allclose([ours[i] for i in sorted(want)],
                                    [want[i] for i in sorted(want)], rtol=2e-6, atol=0)
-        assert 1 <= len(want) < V or name == "typical alone"
+        sizes.append(len(want))
+    # the combination really cuts (on a flat row XTC, say, may rightly leave everything)
+    assert min(sizes) >= 1 and min(sizes) < V, (name, sizes)
 
 
 @pytest.mark.parametrize("top_k", [40, 0])  # the partial-sort path and the full sort
