@@ -25,6 +25,20 @@ def llama_cpp_module():
     return llama_cpp_stock()
 
 
+def chatml(*turns: tuple[str, str]) -> str:
+    """A ChatML prompt written out by hand (role, content turns, then the assistant's opening):
+    what a server's chat template should render, fed to the oracle as text."""
+    return "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns) \
+        + "<|im_start|>assistant\n"
+
+
+def greedy_completion(llm, text: str, n: int) -> tuple[list[int], dict]:
+    """llama-cpp-python's greedy completion of ``text`` (special tokens parsed, no BOS): the
+    prompt's token ids and its completion."""
+    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+    return ids, llm.create_completion(ids, max_tokens=n, temperature=0.0, repeat_penalty=1.0)
+
+
 def llama_cpp_logits(path, tokens: list[int]):
     """llama.cpp's logits (float32 ``[len(tokens), n_vocab]``) for one prompt, one thread."""
     import numpy as np

@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from llamacpp_oracle import chatml, greedy_completion
 
 KEY = "sk-ant-test"
 SEED = 8  # a tiny model whose greedy text is not only newlines
 N = 8
 
-
-def chatml(*turns: tuple[str, str]) -> str:
-    return "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns) \
-        + "<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +37,7 @@ def ref(model):
 
 
 def greedy(ref, text: str, n: int = N) -> tuple[list[int], dict]:
-    ids = ref.tokenize(text.encode(), add_bos=False, special=True)
-    out = ref.create_completion(ids, max_tokens=n, temperature=0.0, repeat_penalty=1.0)
-    return ids, out
+    return greedy_completion(ref, text, n)
 
 
 @pytest.fixture(scope="module")
