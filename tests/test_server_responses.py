@@ -8,36 +8,14 @@ code has them (``server_chat_convert_responses_to_chatcmpl`` in server-chat.cpp,
 ``to_json_oaicompat_resp[_stream]`` in server-task.cpp), written out by hand below.
 """
 
+# ruff: noqa: F811 - pytest fixtures imported from chatml_server are parameters here
 from __future__ import annotations
 
 import json
 
 import pytest
-from llamacpp_oracle import chatml, greedy_completion
-
-SEED = 8  # a tiny model whose greedy text is not only newlines
-N = 8
-
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from tinymodels import write_server_model
-
-    return write_server_model(tmp_path_factory.mktemp("responses") / "tiny.gguf", seed=SEED)
-
-
-@pytest.fixture(scope="module")
-def ref(model):
-    from llamacpp_oracle import llama_cpp_module
-
-    llm = llama_cpp_module().Llama(str(model), n_ctx=256, verbose=False, n_threads=1)
-    yield llm
-    llm.close()
-
-
-def greedy(ref, text: str, n: int = N) -> tuple[list[int], dict]:
-    return greedy_completion(ref, text, n)
+from chatml_server import N, greedy, model, ref  # noqa: F401 - fixtures
+from llamacpp_oracle import chatml
 
 
 @pytest.fixture(scope="module")
