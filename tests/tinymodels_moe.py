@@ -130,9 +130,9 @@ def write_llama_moe(path: Path, quant: Q | None = None, seed: int = 0) -> Path:
     return _finish(wr, path)
 
 
-def write_qwen3moe(path: Path, quant: Q | None = None, seed: int = 1) -> Path:
+def write_qwen3moe(path: Path, quant: Q | None = None, seed: int = 1, n_layer: int = 2) -> Path:
     """qwen3moe: 2 layers, 8 experts, top-3, head_dim 32 != n_embd / n_head, Q/K norms."""
-    n_layer, n_embd, n_head, n_kv, hd, n_ff, n_exp = 2, 64, 4, 2, 32, 64, 8
+    n_embd, n_head, n_kv, hd, n_ff, n_exp = 64, 4, 2, 32, 64, 8
     wr = gguf.GGUFWriter(str(path), "qwen3moe")
     _common(wr, "qwen3moe", n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_kv,
             n_ff=n_ff * 3, base=1000000.0)

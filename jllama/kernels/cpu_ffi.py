@@ -234,15 +234,21 @@ def _tiled(tiled: bool | None) -> bool:
 
 
 def _weight_operands(raws: list, qtypes: list[int]) -> tuple[list, list[int], int]:
-    """(operands, qtypes, layers) of an int8 call: the raw rows as they are, or for weights
-    given as ``LayerStack``s (all of them, then) the layer index followed by every layer's
-    rows, weight by weight; the kernel reads the indexed layer's in place."""
+    """(operands, qtypes, layers) of an int8 call: the raw rows as they are (layers 0), or for
+    weights given as ``LayerStack``s (all of them, then) the index (layer, expert) followed by
+    every layer's rows, weight by weight; the kernel reads the indexed layer's in place, and of
+    stacked experts [n_expert, n, row_bytes] the indexed expert's rows."""
     if not any(isinstance(r, LayerStack) for r in raws):
-        return list(raws), list(qtypes), 1
+        return list(raws), list(qtypes), 0
     n = len(raws[0].parts)
     if not all(isinstance(r, LayerStack) and len(r.parts) == n for r in raws):
         raise ValueError("an int8 call's weights are all LayerStacks of one length, or none")
-    ops = [jnp.asarray(raws[0].index, jnp.int32).reshape(())]
+    experts = {id(r.expert) for r in raws if r.expert is not None}
+    if len(experts) > 1:
+        raise ValueError("an int8 call's stacked experts share one expert index")
+    ex = next((r.expert for r in raws if r.expert is not None), -1)
+    ops = [jnp.stack([jnp.asarray(raws[0].index, jnp.int32).reshape(()),
+                      jnp.asarray(ex, jnp.int32).reshape(())])]
     ops += [p.data for r in raws for p in r.parts]
     return ops, [t for r in raws for t in r.qtypes], n
 

@@ -596,18 +596,28 @@ def _is_qt(v) -> bool:
     return isinstance(v, QTensor)
 
 
+# float weights a loop body may take as stacked copies (per layer): routers and gate vectors of
+# MoE blocks (128 experts x 2048 x f32 = 1 MiB); stacking happens every step, so big float
+# weights (an F16 model's matrices) leave their block unscanned instead
+SMALL_FLOAT_BYTES = 2 << 20
+
+
 def _scan_signature(blk) -> tuple | None:
     """What must agree between layers for them to share one loop body: the graphdef, the
     state's structure, and per leaf its shape (dtype for arrays; layout and activation format
     for quantized weights, whose ggml types may differ). None where the block cannot be
     scanned: a weight the int8 CPU kernels do not take (they read a traced layer's weight in
-    place; anything else would copy it every step)."""
+    place; anything else would copy it every step), or a big float weight."""
     gd, st = nnx.split(blk)
     leaves, tdef = jax.tree.flatten(st, is_leaf=_is_qt)
     sig = []
     for v in leaves:
-        if isinstance(v, QTensor):
-            if not _in_place_ok(v):
+        if isinstance(v, QTensor) and v.is_float:
+            if v.layout != "gguf" or v.nbytes > SMALL_FLOAT_BYTES:
+                return None
+            sig.append(("f", v.shape, v.qtype))
+        elif isinstance(v, QTensor):
+            if not in_place_ok(v):
                 return None
             sig.append(("q", v.shape, v.layout, act_format(v.qtype)))
         else:
@@ -615,12 +625,13 @@ def _scan_signature(blk) -> tuple | None:
     return gd, tdef, tuple(sig)
 
 
-def _in_place_ok(qt: QTensor) -> bool:
+def in_place_ok(qt: QTensor) -> bool:
     """Whether every product with ``qt`` goes through the int8 kernels, which take a
-    ``LayerStack``: ggml's arithmetic for all row counts (prompt_matmul "int8")."""
+    ``LayerStack`` (of layers, of stacked experts): ggml's arithmetic for all row counts
+    (prompt_matmul "int8")."""
     num = numerics.current()
     return (num.match_llamacpp and num.prompt_matmul == "int8" and jax.default_backend() == "cpu"
-            and not qt.is_float and qt.layout == "gguf" and len(qt.shape) == 2
+            and not qt.is_float and qt.layout == "gguf" and len(qt.shape) in (2, 3)
             and xla_cpu.q8_on(qt.qtype) and act_format(qt.qtype) is not None)
 
 
@@ -708,7 +719,7 @@ def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Ar
             # weights in repeat-major order: layer a + r*p + j0 + jj is entry r*m + jj
             layers = [blocks[a + r * p + j] for r in range(k) for j in range(j0, j1)]
             gd, tdef, qcols, sm = _stack_layers(layers)
-            parts.append((j0, m, gd, tdef, qcols, len(sm) + len(qcols)))
+            parts.append((j0, m, gd, tdef, qcols, len(sm) + len(qcols[0])))
             small.append([s.reshape(k, m, *s.shape[1:]) for s in sm])
 
         def body(carry, xs, a=a, p=p, parts=parts):
@@ -739,24 +750,30 @@ def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Ar
 
 def _stack_layers(layers: list):
     """Alike blocks' state as loop inputs: per quantized leaf the tuple of every layer's
-    QTensor (a ``LayerStack`` reads it in place), the other leaves stacked along a new axis."""
+    QTensor (a ``LayerStack`` reads it in place), the other leaves (small float weights'
+    data among them) stacked along a new axis."""
     gd, tdef, per_layer = None, None, []
     for blk in layers:
         gd, st = nnx.split(blk)
         leaves, tdef = jax.tree.flatten(st, is_leaf=_is_qt)
         per_layer.append(leaves)
     cols = list(zip(*per_layer))  # per leaf: its value in each layer
-    qcols = {j: c for j, c in enumerate(cols) if isinstance(c[0], QTensor)}
-    small = [jnp.stack(c) for j, c in enumerate(cols) if j not in qcols]
-    return gd, tdef, qcols, small
+    qcols = {j: c for j, c in enumerate(cols) if isinstance(c[0], QTensor) and not c[0].is_float}
+    fmeta = {j: (c[0].qtype, c[0].shape, c[0].layout) for j, c in enumerate(cols)
+             if isinstance(c[0], QTensor) and c[0].is_float}
+    small = [jnp.stack([v.data for v in c] if j in fmeta else c) for j, c in enumerate(cols)
+             if j not in qcols]
+    return gd, tdef, (qcols, fmeta), small
 
 
-def _scanned_block(gd, tdef, qcols: dict, n: int, iw, sm, il, x, kf, vf, pos, pos0,
+def _scanned_block(gd, tdef, cols: tuple, n: int, iw, sm, il, x, kf, vf, pos, pos0,
                    kv_len: int, kv_types, extra: dict):
     """One block inside a loop: its quantized weights entry ``iw`` of their stacks, small
     leaves ``sm`` (already sliced), its cache layer ``il`` (both traced)."""
+    qcols, fmeta = cols
     it = iter(sm)
-    leaves = [LayerStack(tuple(qcols[j]), iw) if j in qcols else next(it) for j in range(n)]
+    leaves = [LayerStack(tuple(qcols[j]), iw) if j in qcols
+              else QTensor(next(it), *fmeta[j]) if j in fmeta else next(it) for j in range(n)]
     blk = nnx.merge(gd, jax.tree.unflatten(tdef, leaves))
     x, kc, vc = blk(x, pos, pos0, LayerCache(kf, il), LayerCache(vf, il), kv_len, kv_types,
                     **extra)

@@ -40,9 +40,10 @@ import jllama.models.ggml_f32 as ggml_f32
 from jllama import numerics
 from jllama.errors import ModelError
 from jllama.kernels.dispatch import dequantize
-from jllama.models.common import SwiGLU, Weights, linear, linear_many, swiglu, tap, tap_layer
+from jllama.models.common import (SwiGLU, Weights, in_place_ok, linear, linear_many, swiglu, tap,
+                                  tap_layer)
 from jllama.quant.actquant import opaque
-from jllama.quant.qtensor import QTensor
+from jllama.quant.qtensor import LayerStack, QTensor
 
 # llama.cpp's llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
@@ -72,13 +73,19 @@ class MoEConfig:
 _ggml = ggml_f32.rounding_on
 
 
-def _expert(qt: QTensor, e: jax.Array) -> QTensor:
-    """Expert ``e`` (traced index) of a stacked tensor as a 2-D QTensor, still in GGUF blocks:
-    only its rows are copied, and the 2-D quantized matmul kernels then read it directly."""
-    if qt.layout != "gguf":
-        raise ModelError(f"stacked expert tensor in layout '{qt.layout}' is not supported")
-    return QTensor(jax.lax.dynamic_index_in_dim(qt.data, e, 0, keepdims=False), qt.qtype,
-                   tuple(qt.shape[1:]))
+def _expert(w, e: jax.Array):
+    """Expert ``e`` (traced index) of a stacked tensor as a 2-D weight, still in GGUF blocks.
+    Where the int8 CPU kernels take it (and always in a scanned block, whose weights are
+    ``LayerStack``s) the kernel reads the expert's rows in place; otherwise only its rows are
+    copied, and the 2-D quantized matmul kernels then read them."""
+    if isinstance(w, LayerStack):
+        return LayerStack(w.parts, w.index, e)
+    if w.layout != "gguf":
+        raise ModelError(f"stacked expert tensor in layout '{w.layout}' is not supported")
+    if in_place_ok(w):
+        return LayerStack((w,), jnp.int32(0), e)
+    return QTensor(jax.lax.dynamic_index_in_dim(w.data, e, 0, keepdims=False), w.qtype,
+                   tuple(w.shape[1:]))
 
 
 def float_matmul(x: jax.Array, qt: QTensor, sgemm: bool = True) -> jax.Array:
@@ -245,7 +252,9 @@ class MoE(nnx.Module):
 
     def _tile(self, pairs: int) -> int:
         tile = int(min(128, max(8, 1 << max(0, (pairs // self.cfg.n_expert - 1).bit_length()))))
-        types = {int(p.get_value().qtype) for p in (self.gate, self.up, self.down)}
+        # every layer's types where the experts are a scanned block's LayerStacks
+        types = {int(t) for p in (self.gate, self.up, self.down)
+                 for t in getattr(p.get_value(), "qtypes", [p.get_value().qtype])}
         if numerics.current().match_llamacpp and types & _TILED_TYPES:
             tile = min(tile, _ROW_ORDER_TILE)
         if numerics.current().match_llamacpp and types & _ONE_ROW_TYPES:

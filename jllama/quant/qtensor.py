@@ -93,17 +93,22 @@ class LayerStack:
 
     Layers may differ in ggml type (Q4_K_M gives some layers Q6_K) but not in logical shape,
     layout or activation format; ``qtype`` is the first layer's, for decisions that are the
-    same for all (callers check that when they build one)."""
+    same for all (callers check that when they build one).
+
+    ``expert`` (an int32 scalar, or None): the parts are stacked experts [n_expert, n_out, n_in]
+    and the product is with that expert's rows, also read in place (models/moe.py); a single
+    layer's experts are a stack of one part at index 0."""
 
     parts: tuple[QTensor, ...]
     index: Any  # int32 scalar
+    expert: Any = None  # int32 scalar, or None
 
     def tree_flatten(self):
-        return (self.parts, self.index), None
+        return (self.parts, self.index, self.expert), None
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(tuple(children[0]), children[1])
+        return cls(tuple(children[0]), children[1], children[2])
 
     @property
     def qtype(self) -> int:
@@ -115,7 +120,9 @@ class LayerStack:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.parts[0].shape
+        """The logical shape of what a product reads: one layer's weight (one expert's)."""
+        shp = self.parts[0].shape
+        return shp[1:] if self.expert is not None else shp
 
     @property
     def layout(self) -> str:

@@ -135,6 +135,13 @@ ffi::Error CosSinImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> c,
 }
 
 #if defined(JLLAMA_Q8)
+// One weight's GGUF rows as a call reads them: a 2-D buffer, or one expert of a 3-D one.
+struct WView {
+  const uint8_t* data;
+  int64_t n;          // rows (outputs)
+  int64_t row_bytes;  // bytes per row
+};
+
 // Shared state of one q8 call over one or more weights that share the activations (q/k/v,
 // gate/up): their row chunks form one work list, so a decode step makes one kernel call (one
 // thread hand-off) per group instead of one per weight. Threading as in Work (threadpool.h).
@@ -214,13 +221,12 @@ void code_sums(const int8_t* q, int64_t n, int g, int32_t mul, O* out) {
 // Validates one weight against the activations and fills its sub-call; "" when fine. The
 // per-row integer side data depends on x and the kernel's kind only, so a weight that follows
 // one of the same kind (q/k/v, gate/up) shares its predecessor's instead of summing x again.
-const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float* y,
+const char* q8_prepare(Q8Sub& sub, const Q8In& x, const WView& w, float* y,
                        int64_t qtype, bool tiled, const Q8Sub* prev) {
-  const auto wd = w.dimensions();
-  if (x.q == nullptr || wd.size() != 2) return "need 2-D q, d, s and w";
+  if (x.q == nullptr || w.data == nullptr) return "need 2-D q, d, s and w";
   const Q8Kernel kern = pick_q8(qtype);
   if (kern.fn == nullptr) return "unsupported ggml type for q8";
-  const int64_t m = x.m, k = x.k, n = wd[0];
+  const int64_t m = x.m, k = x.k, n = w.n;
   if (k % kern.bs != 0) return "n_in not a block multiple";
   const int64_t nxb = k / kern.xb;
   if (x.d_rows != m || x.d_cols != nxb) return "d must be [m, k / block]";
@@ -231,8 +237,8 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float
   c.k = k;
   c.n_out = n;
   c.m_total = m;
-  c.row_bytes = wd[1];
-  c.w = w.typed_data();
+  c.row_bytes = w.row_bytes;
+  c.w = w.data;
   c.y = y;
   c.tiled = tiled;
   const int8_t* qp = x.q;
@@ -262,11 +268,11 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, ffi::Buffer<ffi::U8>& w, float
 }
 
 ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work, const Q8In& x,
-                     ffi::Buffer<ffi::U8>* const* ws, float* const* ys, const int64_t* qtypes,
+                     const WView* ws, float* const* ys, const int64_t* qtypes,
                      int nw, bool tiled) {
   work->subs.resize(size_t(nw));
   for (int i = 0; i < nw; ++i) {
-    const char* err = q8_prepare(work->subs[size_t(i)], x, *ws[i], ys[i], qtypes[i], tiled,
+    const char* err = q8_prepare(work->subs[size_t(i)], x, ws[i], ys[i], qtypes[i], tiled,
                                  i > 0 ? &work->subs[size_t(i - 1)] : nullptr);
     if (*err) return ffi::Error::InvalidArgument(err);
     const Q8Call& c = work->subs[size_t(i)].call;
@@ -288,13 +294,14 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
 }
 
 // The weights (RemainingArgs, u8 GGUF rows) and outputs (RemainingRets, f32) of a variadic
-// call, one qtype each. With ``layers`` > 1 (a scanned decoder's loop body) the arguments are
-// the layer index (s32 scalar) and then, per weight, that weight in each of the ``layers``
-// layers with a qtype each: the call reads the index's one in place (a dynamic slice of
-// stacked weights in XLA would copy it every step).
+// call, one qtype each. With ``layers`` = 0 the arguments are the weights, 2-D [n, row_bytes].
+// With ``layers`` >= 1 (a scanned decoder's loop body, or stacked experts) they are an index
+// (s32 [2]: layer, expert) and then, per weight, that weight in each of the ``layers`` layers
+// with a qtype each: the call reads the indexed layer's in place, and of a 3-D weight
+// [n_expert, n, row_bytes] the indexed expert's rows (a dynamic slice in XLA would copy them
+// every step).
 struct Weights {
-  std::vector<ffi::Buffer<ffi::U8>> wb;
-  std::vector<ffi::Buffer<ffi::U8>*> ws;
+  std::vector<WView> ws;
   std::vector<float*> ys;
   std::vector<int64_t> qt;
 };
@@ -303,27 +310,39 @@ ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                    ffi::Span<const int64_t> qtypes, int64_t layers, Weights& out) {
   const size_t nw = rets.size();
   const size_t nl = size_t(std::max<int64_t>(1, layers));
-  const size_t first = nl > 1 ? 1 : 0;
+  const size_t first = layers >= 1 ? 1 : 0;
   if (nw == 0 || args.size() != first + nw * nl || qtypes.size() != nw * nl)
     return ffi::Error::InvalidArgument("need one output per weight, one qtype per weight/layer");
   size_t il = 0;
-  if (nl > 1) {
+  int64_t ie = -1;
+  if (first) {
     auto idx = args.get<ffi::Buffer<ffi::S32>>(0);
-    if (idx.has_error() || idx->element_count() != 1)
+    if (idx.has_error() || idx->element_count() != 2)
       return ffi::Error::InvalidArgument("bad layer index");
     const int32_t v = idx->typed_data()[0];
     if (v < 0 || size_t(v) >= nl) return ffi::Error::InvalidArgument("layer out of range");
     il = size_t(v);
+    ie = idx->typed_data()[1];
   }
   for (size_t i = 0; i < nw; ++i) {
     auto w = args.get<ffi::Buffer<ffi::U8>>(first + i * nl + il);
     auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
     if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("bad weight or output");
-    out.wb.push_back(*w);
+    const auto wd = w->dimensions();
+    const uint8_t* base = w->typed_data();
+    WView v{};
+    if (wd.size() == 2) {
+      v = {base, wd[0], wd[1]};
+    } else if (wd.size() == 3 && first) {
+      if (ie < 0 || ie >= wd[0]) return ffi::Error::InvalidArgument("expert out of range");
+      v = {base + ie * wd[1] * wd[2], wd[1], wd[2]};
+    } else {
+      return ffi::Error::InvalidArgument("weights must be 2-D, or 3-D with an expert index");
+    }
+    out.ws.push_back(v);
     out.ys.push_back((*y)->typed_data());
     out.qt.push_back(qtypes[i * nl + il]);
   }
-  for (auto& w : out.wb) out.ws.push_back(&w);
   return ffi::Error::Success();
 }
 
