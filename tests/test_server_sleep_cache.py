@@ -210,3 +210,42 @@ def test_metrics_buckets_across_sleep(llm):
         assert c.post("/tokenize", json={"content": "a"}).status_code == 200
         assert not c.get("/props").json()["is_sleeping"]
         assert _metric(c.get("/metrics").text, "predicted_tokens_seconds") == 0
+
+
+def test_router_lists_a_sleeping_child(llm):
+    """Router mode: a child started with --sleep-idle-seconds is listed as "sleeping" while it
+    sleeps (llama-server's SERVER_MODEL_STATUS_SLEEPING) and "loaded" again once a request has
+    woken it. The child here is an in-process server on the tiny model."""
+    import asyncio
+
+    import httpx
+
+    from jllama.server.router import Model, Router, RouterConfig
+
+    class Proc:  # the child process as the watcher sees it: running
+        def poll(self):
+            return None
+
+    with _server(llm, sleep_idle_seconds=1) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        r = Router(RouterConfig(models_dir=None, models_preset=None))
+        m = Model("tiny", "models_dir", {}, status="loaded", port=s.port, proc=Proc(),
+                  args=["jllama", "serve", "--sleep-idle-seconds", "1"])
+        r.models["tiny"] = m
+
+        def value():
+            return r.listing()["data"][0]["status"]["value"]
+
+        async def watch_until(want: str) -> None:
+            task = asyncio.ensure_future(r._watch(m, m.proc))
+            try:
+                t0 = time.monotonic()
+                while value() != want and time.monotonic() - t0 < 20:
+                    await asyncio.sleep(0.1)
+            finally:
+                task.cancel()
+
+        asyncio.run(watch_until("sleeping"))
+        assert value() == "sleeping"
+        _complete(c, P_OTHER, n=2)  # wakes the child
+        asyncio.run(watch_until("loaded"))
+        assert value() == "loaded"

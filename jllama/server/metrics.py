@@ -56,6 +56,7 @@ class Metrics:
         # [tokens or steps, seconds] since the last /metrics scrape, which empties them
         self.prompt_bucket = [0, 0.0]
         self.predict_bucket = [0, 0.0]
+        self.as_of: float | None = None  # a snapshot's time (its gauges are as of then)
 
     def add_prompt(self, n_tokens: int, seconds: float) -> None:
         self.prompt_tokens += n_tokens
@@ -72,6 +73,7 @@ class Metrics:
         cached_metrics)."""
         with self.lock:
             out = copy.copy(self)
+            out.as_of = time.monotonic()
             out.lock = threading.Lock()
             out.requests = dict(self.requests)
             out.latency, out.ttft = copy.deepcopy(self.latency), copy.deepcopy(self.ttft)
@@ -116,7 +118,7 @@ class Metrics:
         """Tokens per second of decoding over the steps of the last TPS_WINDOW seconds (all
         slots together): what the decode steps ran at, not diluted by idle time, so that a
         snapshot taken on going to sleep reads as the scrape just before it."""
-        now = time.monotonic()
+        now = self.as_of if self.as_of is not None else time.monotonic()
         with self.lock:
             recent = [(n, s) for t, n, s in self._recent if t >= now - TPS_WINDOW]
         secs = sum(s for _, s in recent)

@@ -569,6 +569,8 @@ class Scheduler:
         cached prompts, computed with the old scales, are forgotten."""
         self.llm.set_lora_scales(list(scales))
         self._lora_now = scales
+        if self.prompt_cache is not None:  # its rows were computed with the old scales
+            self.prompt_cache.clear()
 
     def _prefill(self) -> None:
         """At most one engine chunk of prompt tokens per iteration (running streams wait for no
@@ -775,12 +777,14 @@ class Scheduler:
         req.finish = reason
         self.metrics.n_tokens_max = max(self.metrics.n_tokens_max,
                                         req.n_prompt + req.completion_tokens)
-        req.sink(Event("done", finish=reason, prompt_tokens=req.n_prompt,
-                       completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
-                       id_slot=b, truncated=req.truncated,
-                       tokens_cached=int(self.engine.pos[b]), draft_n=req.draft_n,
-                       draft_accepted=req.draft_accepted))
+        done = Event("done", finish=reason, prompt_tokens=req.n_prompt,
+                     completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
+                     id_slot=b, truncated=req.truncated,
+                     tokens_cached=int(self.engine.pos[b]), draft_n=req.draft_n,
+                     draft_accepted=req.draft_accepted)
+        # the slot is free (and counted so in /metrics and /slots) before the client hears
         self._free(b)
+        req.sink(done)
 
     def _progress(self, a: _Active, processed: int) -> None:
         req = a.req
