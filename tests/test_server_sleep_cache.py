@@ -249,3 +249,28 @@ def test_router_lists_a_sleeping_child(llm):
         _complete(c, P_OTHER, n=2)  # wakes the child
         asyncio.run(watch_until("loaded"))
         assert value() == "loaded"
+
+
+def test_serve_flags_reach_the_settings():
+    """llama-server's flag names and defaults (common/arg.cpp): --cache-ram 8192 and
+    --cache-idle-slots on unless told, --sleep-idle-seconds -1 (0 and < -1 refused)."""
+    from jllama.cli.main import build_parser
+    from jllama.cli.serve import _check_llama_server_args, _overrides, settings_from_config
+    from jllama.config import load_config
+    from jllama.errors import ConfigError
+
+    def settings(*flags):
+        args = build_parser().parse_args(["serve", "-m", "m.gguf", *flags])
+        _check_llama_server_args(args)
+        return settings_from_config(load_config(None, _overrides(args)), "m", [])
+
+    s = settings()
+    assert (s.cache_ram, s.cache_idle_slots, s.sleep_idle_seconds, s.kv_unified) == \
+        (8192, True, -1, False)
+    s = settings("-cram", "100", "--no-cache-idle-slots", "--sleep-idle-seconds", "3", "-kvu")
+    assert (s.cache_ram, s.cache_idle_slots, s.sleep_idle_seconds, s.kv_unified) == \
+        (100, False, 3, True)
+    assert settings("--cache-ram", "-1", "--cache-idle-slots").cache_ram == -1
+    for bad in ("0", "-2"):
+        with pytest.raises(ConfigError, match="cannot be 0 or less than -1"):
+            settings("--sleep-idle-seconds", bad)
