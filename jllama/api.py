@@ -101,9 +101,6 @@ class Llama:
         later without recompiling. ``mmproj``: the model's vision projector GGUF (llama.cpp's
         ``--mmproj``); prompts then take ``images`` (see ``stream``)."""
         from jllama.engine.engine import Engine
-        from jllama.gguf.reader import read_gguf
-        from jllama.models import build_model, load_weights
-        from jllama.registry import resolve_model
         from jllama.tokenizer import Tokenizer
 
         base = numerics if numerics is not None else Numerics.from_env()
@@ -112,41 +109,9 @@ class Llama:
         self.numerics = base.replace(**{k: v for k, v in given.items() if v is not None})
         if compile_cache:
             enable_compile_cache()
-        from jllama import checkpoint
-
         t0 = time.perf_counter()
-        self.quant = quant
-        self.lora = None  # models.lora.LoraSet when adapters are attached
-        if Path(model).is_dir():  # an Orbax checkpoint (``jllama convert``)
-            if quant:
-                raise checkpoint.CheckpointError(
-                    f"{model}: a checkpoint is already quantized; pass quant to "
-                    "`jllama convert --quant` instead")
-            if lora:
-                raise ConfigError(f"{model}: LoRA adapters apply to a GGUF model, not to a "
-                                  "checkpoint directory")
-            ck = checkpoint.restore(model, mesh, numerics=self.numerics)
-            self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
-            self.quant = ck.meta.get("quant")
-        else:
-            self.path = resolve_model(model)
-            self.gguf = read_gguf(self.path)
-            transform = None
-            if quant:
-                from jllama.quant.quantize import quantize_on_load
-
-                transform = quantize_on_load(self.gguf, quant)
-            weights = load_weights(self.gguf, transform, numerics=self.numerics)
-            self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics)
-            if lora:
-                from jllama.models import lora as lora_mod
-
-                self.lora = lora_mod.attach(
-                    self.model, weights, self.gguf,
-                    [(lora_mod.read_lora(p), s) for p, s in _lora_entries(lora)],
-                    numerics=self.numerics)
-            # the weights are in device buffers now: the file's pages need not stay resident
-            self.gguf.release_pages()
+        self._source = (model, quant, lora, mesh)
+        self._load_model(*self._source)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         plan = None
         if mesh is not None:
@@ -179,6 +144,71 @@ class Llama:
         self.load_s = time.perf_counter() - t0
         if verbose:
             print(f"loaded {self.path} in {self.load_s:.2f} s")
+
+    def _load_model(self, model, quant, lora, mesh) -> None:
+        """The weights (and LoRA adapters) from ``model``: at load, and again when
+        ``restore_memory`` undoes ``release_memory``."""
+        from jllama import checkpoint
+        from jllama.gguf.reader import read_gguf
+        from jllama.models import build_model, load_weights
+        from jllama.registry import resolve_model
+
+        self.quant = quant
+        self.lora = None  # models.lora.LoraSet when adapters are attached
+        if Path(model).is_dir():  # an Orbax checkpoint (``jllama convert``)
+            if quant:
+                raise checkpoint.CheckpointError(
+                    f"{model}: a checkpoint is already quantized; pass quant to "
+                    "`jllama convert --quant` instead")
+            if lora:
+                raise ConfigError(f"{model}: LoRA adapters apply to a GGUF model, not to a "
+                                  "checkpoint directory")
+            ck = checkpoint.restore(model, mesh, numerics=self.numerics)
+            self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
+            self.quant = ck.meta.get("quant")
+        else:
+            self.path = resolve_model(model)
+            self.gguf = read_gguf(self.path)
+            transform = None
+            if quant:
+                from jllama.quant.quantize import quantize_on_load
+
+                transform = quantize_on_load(self.gguf, quant)
+            weights = load_weights(self.gguf, transform, numerics=self.numerics)
+            self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics)
+            if lora:
+                from jllama.models import lora as lora_mod
+
+                self.lora = lora_mod.attach(
+                    self.model, weights, self.gguf,
+                    [(lora_mod.read_lora(p), s) for p, s in _lora_entries(lora)],
+                    numerics=self.numerics)
+            # the weights are in device buffers now: the file's pages need not stay resident
+            self.gguf.release_pages()
+
+    def release_memory(self, weights: bool = True) -> None:
+        """Let go of the KV cache and (``weights``) the weights: llama-server's sleeping
+        state (``--sleep-idle-seconds``). ``restore_memory`` loads them back from the same
+        file; the compiled programs are kept, so nothing compiles again."""
+        self._released_lora = list(self.lora.scales) if self.lora is not None else None
+        self.engine.release(weights=weights)
+        if weights:
+            self.model = None
+            self.lora = None
+        import gc
+
+        gc.collect()
+
+    def restore_memory(self) -> None:
+        if self.model is not None:  # only the cache went
+            self.engine.restore()
+            return
+        self._load_model(*self._source)
+        if self.lora is not None and self._released_lora is not None:
+            from jllama.models import lora as lora_mod
+
+            lora_mod.set_scales(self.lora, self._released_lora)
+        self.engine.restore(self.model)
 
     def set_lora_scales(self, scales: list[float]) -> None:
         """New user scales for the attached LoRA adapters (one per adapter, in order; 0 turns

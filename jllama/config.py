@@ -121,6 +121,12 @@ class ServerConfig:
     # the flag only allows the context shift llama-server allows with it
     swa_full: bool = False
     slot_save_path: str | None = None  # llama-server's --slot-save-path: POST /slots/{id}
+    # llama-server's --sleep-idle-seconds: let go of the model after this long idle (-1: never)
+    sleep_idle_seconds: int = -1
+    # llama-server's --cache-ram (MiB of host prompt cache; -1: no limit, 0: off) and
+    # --cache-idle-slots (idle slots go to that cache when a task starts)
+    cache_ram: int = 8192
+    cache_idle_slots: bool = True
 
 
 @dataclass

@@ -112,7 +112,7 @@ class _Refuse(argparse.Action):
 _ACCEPTED = [
     (("-cb", "--cont-batching"), 0),  # jllama always batches continuously
     (("-ngl", "--gpu-layers", "--n-gpu-layers"), 1),  # JAX places the whole model on its device
-    (("--offline",), 0), (("-v", "--verbose", "--log-verbose"), 0),
+    (("--offline",), 0),
     (("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"), "?"),
     (("--no-ui", "--no-webui"), 0),  # jllama serves no web UI
     (("--no-mmproj", "--no-mmproj-auto"), 0),  # jllama loads a projector only with --mmproj
@@ -133,10 +133,6 @@ _REFUSED = [
      "built"),
     (("-mmu", "--mmproj-url"), 1, "jllama serve does not download projectors; pass "
      "--mmproj FILE.gguf"),
-    (("--sleep-idle-seconds",), 1, "sleeping when idle is not built"),
-    (("-cram", "--cache-ram"), 1, "the host-memory prompt cache is not built"),
-    (("--no-cache-idle-slots", "--cache-idle-slots"), 0, "the host-memory prompt cache is not "
-     "built"),
     (("--cache-reuse",), 1, "KV-shift cache reuse is not built"),
     (("--tools", "--tools-runtime", "--mcp-servers-config", "--mcp-servers-json"), 1,
      "built-in tools and MCP servers are not built"),
@@ -231,6 +227,18 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ub", "--ubatch-size", type=int, default=None,
                    help="an encoder's input limit in tokens, as llama-server's physical batch "
                    "(default 512, at most -b)")
+    g.add_argument("--sleep-idle-seconds", type=int, default=None, metavar="SECONDS",
+                   help="after this many seconds with no task, let go of the model and its KV "
+                   "cache until the next request (default -1: never)")
+    g.add_argument("-cram", "--cache-ram", type=int, default=None, metavar="N",
+                   help="host-memory prompt cache size in MiB: a slot's KV is kept there when "
+                   "the slot gets another prompt (default 8192, -1: no limit, 0: off)")
+    g.add_argument("--cache-idle-slots", dest="cache_idle_slots", action="store_true",
+                   default=None, help="copy idle slots to the prompt cache when a task starts, "
+                   "and empty them with --kv-unified (default; needs --cache-ram)")
+    g.add_argument("--no-cache-idle-slots", dest="cache_idle_slots", action="store_false")
+    g.add_argument("-v", "--verbose", "--log-verbose", dest="verbose", action="store_true",
+                   help="the server's debug log on stderr")
     g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true", default=None)
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
     for flags, nargs in _ACCEPTED:
@@ -277,6 +285,11 @@ def _overrides(args) -> list[str]:
         ov.append("server.slots=false")
     if args.cache_prompt is not None:
         ov.append(f"server.cache_prompt={'true' if args.cache_prompt else 'false'}")
+    if args.cache_idle_slots is not None:
+        ov.append(f"server.cache_idle_slots={'true' if args.cache_idle_slots else 'false'}")
+    for attr in ("sleep_idle_seconds", "cache_ram"):
+        if getattr(args, attr) is not None:
+            ov.append(f"server.{attr}={getattr(args, attr)}")
     from jllama.cli.common import overrides_from_args
 
     return ov + [o for o in overrides_from_args(args)
@@ -293,6 +306,10 @@ def _check_llama_server_args(args) -> None:
     if args.reasoning_format not in (None, "none", "auto", "deepseek", "deepseek-legacy"):
         raise ConfigError(f"jllama serve --reasoning-format {args.reasoning_format}: one of none, "
                           "deepseek, deepseek-legacy, auto")
+    if args.sleep_idle_seconds is not None and (args.sleep_idle_seconds == 0
+                                                or args.sleep_idle_seconds < -1):
+        raise ConfigError(f"jllama serve --sleep-idle-seconds {args.sleep_idle_seconds}: "
+                          "invalid value: cannot be 0 or less than -1")
     if args.reasoning not in (None, "on", "off", "auto"):
         raise ConfigError(f"jllama serve --reasoning {args.reasoning}: one of on, off, auto")
     if args.reasoning_budget is not None and args.reasoning_budget not in (-1, 0):
@@ -380,6 +397,8 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           spm_infill=s.spm_infill,
                           context_shift=s.context_shift, swa_full=s.swa_full,
                           slot_save_path=_slot_dir(s.slot_save_path),
+                          sleep_idle_seconds=s.sleep_idle_seconds, cache_ram=s.cache_ram,
+                          cache_idle_slots=s.cache_idle_slots, kv_unified=s.kv_unified,
                           gcp=GcpParams.from_env())
 
 
@@ -533,6 +552,14 @@ def run(args) -> int:
     from jllama.errors import ConfigError
 
     _check_llama_server_args(args)
+    if args.verbose:
+        import logging
+
+        log = logging.getLogger("jllama.server")
+        log.setLevel(logging.DEBUG)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
     if args.models_dir is not None or args.models_preset is not None:
         if args.model is not None:
             raise ConfigError("--models-dir/--models-preset start the router (several "

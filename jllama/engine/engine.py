@@ -219,6 +219,31 @@ class Engine:
         self.state = self.plan.shard_state(state) if self.plan is not None else state
         self.reset()
 
+    def release(self, weights: bool = True) -> None:
+        """Let go of the KV cache (and the weights, unless ``weights`` is False): llama-server's
+        sleeping state. Every slot is emptied; the compiled programs stay, so ``restore``
+        (with the same model structure) runs them again without compiling."""
+        self.cache = None
+        if weights:
+            self.state = None
+        self._zero_bias = None
+        self.pos[:] = 0
+        self.tokens = [[] for _ in range(self.n_slots)]
+        self._delta_marks = [[] for _ in range(self.n_slots)]
+
+    def restore(self, model: nnx.Module | None = None) -> None:
+        """Undo ``release``: a fresh empty cache, and the parameters of ``model`` (built the
+        way the released one was) when the weights were let go."""
+        if model is not None:
+            gd, state = nnx.split(model)
+            if gd != self.graphdef:
+                raise ValueError("restore: the model's structure changed; build a new Engine")
+            self.state = self.plan.shard_state(state) if self.plan is not None else state
+        self.cache = self._new_cache(self.n_slots)
+        if self.mrope:
+            self._put_pos_delta()
+        self.reset()
+
     def _new_cache(self, batch: int) -> KVCache:
         s, num = self.spec, self.numerics
         if self._make_cache is not None:  # architectures with their own cache layout (MLA)

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hmac
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -44,10 +45,12 @@ from jllama.server.grammar import GrammarConstraint, JsonConstraint, compile_gra
 from jllama.server.json_schema import SchemaError, schema_to_grammar
 from jllama.server.metrics import Metrics
 from jllama.server.openai_schema import ApiError
+from jllama.server.prompt_cache import PromptCache
 from jllama.server.scheduler import Event, GenRequest, QueueFull, Scheduler, SchedulerDead
 from jllama.tokenizer.chat import CHATML_TEMPLATE
 
 DISCONNECT_POLL_S = 0.5
+log = logging.getLogger("jllama.server")
 
 
 @dataclass
@@ -83,6 +86,13 @@ class ServerSettings:
     reasoning: int = -1
     reasoning_budget: int = -1
     template_kwargs: dict = field(default_factory=dict)
+    # llama-server's --sleep-idle-seconds (-1: never sleep), --cache-ram in MiB (-1: no limit,
+    # 0: no host prompt cache; jllama serve's default is llama-server's 8192),
+    # --cache-idle-slots and --kv-unified (jllama/server/prompt_cache.py, scheduler.py)
+    sleep_idle_seconds: int = -1
+    cache_ram: int = 0
+    cache_idle_slots: bool = True
+    kv_unified: bool = False
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -101,13 +111,66 @@ class ServerState:
         self.encoder = encoder
         self.settings = settings
         self.metrics = Metrics()
-        self.scheduler = (Scheduler(llm, max_queue=settings.max_queue, metrics=self.metrics,
-                                    context_shift=settings.context_shift,
-                                    swa_full=settings.swa_full)
-                          if llm is not None else None)
+        self.scheduler = None
+        if llm is not None:
+            eng = llm.engine
+            cache = None
+            if settings.cache_ram != 0:  # llama-server's n_ctx: the whole context's tokens
+                cache = PromptCache(settings.cache_ram, eng.ctx_size *
+                                    (1 if settings.kv_unified else eng.n_slots))
+            idle = settings.cache_idle_slots
+            if idle and cache is None:
+                log.warning("--cache-idle-slots requires --cache-ram, disabling")
+                idle = False
+            elif idle:
+                log.debug("__TEST_TAG_CACHE_IDLE_SLOTS_ENABLED__")
+            self.scheduler = Scheduler(llm, max_queue=settings.max_queue, metrics=self.metrics,
+                                       context_shift=settings.context_shift,
+                                       swa_full=settings.swa_full, prompt_cache=cache,
+                                       cache_idle_slots=idle, kv_unified=settings.kv_unified,
+                                       sleep_idle_s=settings.sleep_idle_seconds)
+            # an embeddings runner on the same model keeps its weights through sleep
+            self.scheduler.release_weights = encoder is None
+            # first on going to sleep (before the model goes), last on waking up, as
+            # llama-server registers its cached responses before loading the model
+            self.scheduler.sleep_hooks.insert(0, self._on_sleep)
+        # what /metrics reports while sleeping (llama-server's cached_metrics), and whether a
+        # scrape then emptied its throughput buckets (the live ones are emptied on waking)
+        self.metrics_asleep: Metrics | None = None
+        self._scraped_asleep = False
         self.created = oa.now()
         self.ctx_size = llm.engine.ctx_size if llm is not None else encoder.n_ctx
         self.tokenizer = llm.tokenizer if llm is not None else encoder.tokenizer
+
+    @property
+    def sleeping(self) -> bool:
+        return self.scheduler is not None and self.scheduler.sleeping
+
+    def _on_sleep(self, sleeping: bool) -> None:
+        if sleeping:
+            self.metrics_asleep = self.metrics.snapshot()
+            self._scraped_asleep = False
+        else:
+            if self._scraped_asleep:
+                self.metrics.reset_bucket()
+            self.metrics_asleep = None
+
+    async def awake(self) -> None:
+        """llama-server's wait_until_no_sleep: a request that needs the model wakes the
+        server up and waits for it."""
+        if self.sleeping:
+            await run_in_threadpool(self.scheduler.wait_awake)
+
+    def scrape(self) -> str:
+        """/metrics' text; the throughput buckets start over after each scrape, those of the
+        sleep snapshot while sleeping."""
+        snap = self.metrics_asleep if self.sleeping else None
+        m = snap if snap is not None else self.metrics
+        text = m.render()
+        m.reset_bucket()
+        if snap is not None:
+            self._scraped_asleep = True
+        return text
 
     def warmup(self) -> None:
         """Compile prefill, first-token sampling and the batched step before the first request
@@ -482,15 +545,21 @@ class Handlers:
 
     # ------------------------------------------------------------------ plumbing
     async def _run(self, request: Request, endpoint: str, fn, auth: bool = True) -> Response:
+        # llama-server's status reads: they neither wake a sleeping server nor count as work
+        status_read = endpoint in ("/metrics", "/v1/models") or (
+            endpoint == "/props" and request.method == "GET")
         try:
             if auth:
                 check_auth(self.state, request)
+            if not status_read:
+                await self.state.awake()
             resp = await fn(request)
         except ApiError as e:
             resp = error_response(e)
         except ClientGone:
             resp = Response(status_code=499)
-        self.state.metrics.observe_request(endpoint, resp.status_code)
+        if not status_read:
+            self.state.metrics.observe_request(endpoint, resp.status_code)
         return resp
 
     async def chat(self, request: Request) -> Response:
@@ -582,7 +651,7 @@ class Handlers:
         if not self.state.settings.metrics:
             raise emb.server_error((501, "not_supported_error"), "This server does not support "
                                    "metrics endpoint. Start it with `--metrics`")
-        return PlainTextResponse(self.state.metrics.render(),
+        return PlainTextResponse(self.state.scrape(),
                                  media_type="text/plain; version=0.0.4",
                                  headers={"Process-Start-Time-Unix":
                                           str(int(self.state.metrics.started))})
@@ -654,7 +723,7 @@ class Handlers:
             "chat_template": getattr(tk, "chat_template", None) or "",
             "bos_token": piece(getattr(tk, "bos_id", None)),
             "eos_token": piece(getattr(tk, "eos_id", None)),
-            "build_info": "jllama", "is_sleeping": False})
+            "build_info": "jllama", "is_sleeping": st.sleeping})
 
     # ------------------------------------------------------------------ endpoints
     async def _models(self, request: Request) -> Response:

@@ -6,6 +6,7 @@ are atomic under the GIL, and the only multi-field update (histograms) takes a l
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -50,7 +51,36 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per decode step
+        self._recent: deque[tuple[float, int, float]] = deque()  # (time, tokens, s) per step
+        # llama-server's throughput buckets (server_metrics prompt_bucket / predict_bucket):
+        # [tokens or steps, seconds] since the last /metrics scrape, which empties them
+        self.prompt_bucket = [0, 0.0]
+        self.predict_bucket = [0, 0.0]
+        self.as_of: float | None = None  # a snapshot's time (its gauges are as of then)
+
+    def add_prompt(self, n_tokens: int, seconds: float) -> None:
+        self.prompt_tokens += n_tokens
+        self.prompt_seconds += seconds
+        self.prompt_bucket[0] += n_tokens
+        self.prompt_bucket[1] += seconds
+
+    def reset_bucket(self) -> None:
+        self.prompt_bucket = [0, 0.0]
+        self.predict_bucket = [0, 0.0]
+
+    def snapshot(self) -> Metrics:
+        """A frozen copy (what /metrics reports while the server sleeps, as llama-server's
+        cached_metrics)."""
+        with self.lock:
+            out = copy.copy(self)
+            out.as_of = time.monotonic()
+            out.lock = threading.Lock()
+            out.requests = dict(self.requests)
+            out.latency, out.ttft = copy.deepcopy(self.latency), copy.deepcopy(self.ttft)
+            out._recent = deque(self._recent)
+            out.prompt_bucket, out.predict_bucket = list(self.prompt_bucket), \
+                list(self.predict_bucket)
+        return out
 
     def forget_work(self) -> None:
         """Zero what the warmup request counted: llama-server's counters start after it."""
@@ -60,13 +90,16 @@ class Metrics:
             self.prompt_tokens_cached = self.n_decode = self.n_busy_slots = 0
             self.n_tokens_max = 0
             self._recent.clear()
+            self.reset_bucket()
 
     def observe_step(self, n_tokens: int, seconds: float) -> None:
         now = time.monotonic()
         self.decode_steps += 1
         self.decode_seconds += seconds
+        self.predict_bucket[0] += 1
+        self.predict_bucket[1] += seconds
         with self.lock:
-            self._recent.append((now, n_tokens))
+            self._recent.append((now, n_tokens, seconds))
             while self._recent and self._recent[0][0] < now - TPS_WINDOW:
                 self._recent.popleft()
 
@@ -82,13 +115,14 @@ class Metrics:
             self.ttft.observe(ttft)
 
     def tokens_per_second(self) -> float:
-        now = time.monotonic()
+        """Tokens per second of decoding over the steps of the last TPS_WINDOW seconds (all
+        slots together): what the decode steps ran at, not diluted by idle time, so that a
+        snapshot taken on going to sleep reads as the scrape just before it."""
+        now = self.as_of if self.as_of is not None else time.monotonic()
         with self.lock:
-            recent = [(t, n) for t, n in self._recent if t >= now - TPS_WINDOW]
-        if not recent:
-            return 0.0
-        span = max(now - recent[0][0], 1e-3)
-        return sum(n for _, n in recent) / span
+            recent = [(n, s) for t, n, s in self._recent if t >= now - TPS_WINDOW]
+        secs = sum(s for _, s in recent)
+        return sum(n for n, _ in recent) / secs if secs > 0 else 0.0
 
     def render(self) -> str:
         p = "jllama_"
@@ -109,14 +143,16 @@ class Metrics:
         metric("decode_steps_total", "counter", "Batched decode steps run.", self.decode_steps)
         metric("decode_seconds_total", "counter", "Seconds spent in batched decode steps.",
                float(self.decode_seconds))
-        metric("tokens_per_second", "gauge", f"Generated tokens per second over the last "
-               f"{TPS_WINDOW:g} s, all slots together.", float(self.tokens_per_second()))
+        metric("tokens_per_second", "gauge", f"Generated tokens per second of the decode steps "
+               f"of the last {TPS_WINDOW:g} s, all slots together.",
+               float(self.tokens_per_second()))
         metric("requests_processing", "gauge", "Requests holding a slot.", self.active)
         metric("requests_queued", "gauge", "Requests waiting for a slot.", self.queued)
         metric("slots_total", "gauge", "Slots (parallel sequences).", self.slots_total)
         metric("requests_cancelled_total", "counter", "Requests dropped because the client "
                "went away or timed out.", self.cancelled)
-        metric("requests_total", "counter", "HTTP requests answered, by endpoint and status.")
+        metric("requests_total", "counter", "HTTP requests answered, by endpoint and status "
+               "(the status reads /health, GET /props, /models and /metrics are not counted).")
         with self.lock:
             for (ep, st), n in sorted(self.requests.items()):
                 lines.append(f'{p}requests_total{{endpoint="{ep}",status="{st}"}} {n}')
@@ -134,7 +170,9 @@ class Metrics:
 
     def render_llamacpp(self) -> list[str]:
         """llama-server's own metrics under its names (server-task.cpp to_metrics), so its
-        dashboards read jllama unchanged. The rates are over the whole run, as its are."""
+        dashboards read jllama unchanged. The two throughput gauges are over the window since
+        the previous scrape, as its buckets are (the caller empties them after a scrape);
+        llama-server counts decode steps there, not tokens."""
         counters = [
             ("prompt_tokens_total", "Number of prompt tokens processed, excluding cached "
              "tokens", self.prompt_tokens),
@@ -159,9 +197,9 @@ class Metrics:
         ]
         gauges = [
             ("prompt_tokens_seconds", "Average prompt throughput in tokens/s",
-             self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0),
+             _rate(self.prompt_bucket)),
             ("predicted_tokens_seconds", "Average generation throughput in tokens/s",
-             self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0),
+             _rate(self.predict_bucket)),
             ("requests_processing", "Number of requests processing", self.active),
             ("requests_deferred", "Number of requests deferred", self.queued),
             ("n_busy_slots_per_decode", "Average number of busy slots per decode step",
@@ -174,3 +212,7 @@ class Metrics:
                         f"llamacpp:{name} {v!r}" if isinstance(v, float)
                         else f"llamacpp:{name} {v}"]
         return out
+
+
+def _rate(bucket: list) -> float:
+    return bucket[0] / bucket[1] if bucket[1] > 0 else 0.0

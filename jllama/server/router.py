@@ -57,6 +57,7 @@ from jllama.server.app import HttpRules, ServerSettings, check_auth, error_respo
 from jllama.server.openai_schema import ApiError
 
 CHILD_HOST = "127.0.0.1"
+SLEEP_PROBE_S = 0.5  # how often the router reads a loaded child's sleeping state
 STOP_TIMEOUT_S = 10  # llama-server's DEFAULT_STOP_TIMEOUT: SIGTERM, then SIGKILL after this
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")
 # llama-server's test hook (its suite sets it): 2 s more per load and per proxied request, so
@@ -180,6 +181,9 @@ class Model:
     req_count: int = 0
     stopping: bool = False
     loaded_info: dict = field(default_factory=dict)
+    # the child sleeps (--sleep-idle-seconds): listed as "sleeping", and still running; a
+    # request forwarded to it wakes it up
+    sleeping: bool = False
 
     @property
     def running(self) -> bool:
@@ -360,6 +364,7 @@ class Router:
 
     async def _watch(self, m: Model, proc: subprocess.Popen) -> None:
         """Loading -> loaded once the child answers /health; unloaded when it exits."""
+        next_sleep_probe = 0.0
         while True:
             rc = proc.poll()
             if rc is not None:
@@ -367,6 +372,7 @@ class Router:
                     if m.stopping and rc == -signal.SIGTERM:
                         rc = 0  # uvicorn re-raises the SIGTERM it shut down on: a clean stop
                     m.status, m.exit_code, m.proc, m.stopping = "unloaded", rc, None, False
+                    m.sleeping = False
                     m.loaded_info = {}
                     print(f"jllama serve (router): '{m.name}' exited with status {rc}",
                           file=sys.stderr)
@@ -377,6 +383,15 @@ class Router:
                 info = await asyncio.to_thread(_probe, m.port)
                 if info is not None and proc.poll() is None:
                     m.status, m.loaded_info = "loaded", info
+                    self._notify()
+            elif (m.proc is proc and m.status == "loaded" and "--sleep-idle-seconds" in m.args
+                  and time.monotonic() >= next_sleep_probe):
+                # llama-server's children report their sleeping state to the router; here the
+                # router reads it from the child's GET /props, which does not wake it
+                next_sleep_probe = time.monotonic() + SLEEP_PROBE_S
+                asleep = await asyncio.to_thread(_probe_sleeping, m.port)
+                if asleep is not None and asleep != m.sleeping and m.proc is proc:
+                    m.sleeping = asleep
                     self._notify()
             await asyncio.sleep(0.1 if m.status == "loading" else 0.25)
 
@@ -558,7 +573,8 @@ class Router:
         t = int(time.time())
         data = []
         for m in self.models.values():
-            status: dict = {"value": m.status, "args": m.args}
+            value = "sleeping" if m.status == "loaded" and m.sleeping else m.status
+            status: dict = {"value": value, "args": m.args}
             if m.source == "preset":
                 status["preset"] = "\n".join(f"{k} = {v}" for k, v in m.options.items())
             if m.failed:
@@ -591,6 +607,21 @@ def _die_with_parent() -> Callable[[], None] | None:
     except (OSError, AttributeError):
         return None
     return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _probe_sleeping(port: int) -> bool | None:
+    """The child's /props is_sleeping; None when it does not answer."""
+    try:
+        c = http.client.HTTPConnection(CHILD_HOST, port, timeout=5)
+        try:
+            c.request("GET", "/props")
+            r = c.getresponse()
+            body = json.loads(r.read() or b"{}")
+        finally:
+            c.close()
+    except Exception:  # noqa: BLE001 - busy or going away: the watcher asks again
+        return None
+    return bool(body.get("is_sleeping")) if isinstance(body, dict) else None
 
 
 def _probe(port: int) -> dict | None:

@@ -31,8 +31,12 @@ from jllama.engine.engine import PREFILL_CHUNK
 from jllama.engine.multimodal import prefill_image
 from jllama.engine.sampling import BatchSampling, SamplingParams, sample
 from jllama.server.metrics import Metrics
+from jllama.server.prompt_cache import PromptCache
 
 log = logging.getLogger("jllama.server")
+# llama-server's --slot-prompt-similarity default: a slot sharing no more than this share of a
+# prompt is not picked for it
+SLOT_SIMILARITY = 0.1
 
 
 
@@ -147,7 +151,9 @@ class _Active:
 
 class Scheduler:
     def __init__(self, llm, max_queue: int = 64, metrics: Metrics | None = None,
-                 context_shift: bool = False, swa_full: bool = False):
+                 context_shift: bool = False, swa_full: bool = False,
+                 prompt_cache: PromptCache | None = None, cache_idle_slots: bool = False,
+                 kv_unified: bool = False, sleep_idle_s: float = -1):
         self.llm = llm
         self.engine = llm.engine
         self.tok = llm.tokenizer
@@ -188,6 +194,20 @@ class Scheduler:
         lora = getattr(llm, "lora", None)
         self.lora_default: tuple[float, ...] = tuple(lora.scales) if lora is not None else ()
         self._lora_now = self.lora_default
+        # llama-server's --cache-ram (server_prompt_cache) and --cache-idle-slots: idle slots
+        # are copied to it when a task starts, and emptied as well with a unified KV cache
+        self.prompt_cache = prompt_cache
+        self.cache_idle_slots = bool(cache_idle_slots) and prompt_cache is not None
+        self.kv_unified = bool(kv_unified)
+        # llama-server's --sleep-idle-seconds (server_queue's sleeping state): after that long
+        # with no task the loop runs ``sleep_hooks(True)`` (first to last) and waits for
+        # ``wait_awake``, then runs ``sleep_hooks(False)`` (last to first)
+        self.sleep_idle_s = float(sleep_idle_s)
+        self.sleeping = False
+        self._wake_req = False
+        self._t_last_task = time.monotonic()
+        self.sleep_hooks: list[Callable[[bool], None]] = [self._sleep_memory]
+        self.release_weights = True
         self.speculative = getattr(llm, "speculative", None)
         if self.speculative is not None and self.n_slots > 1:
             log.warning("speculative decoding is off: it needs a single-slot server (parallel: 1)")
@@ -215,7 +235,8 @@ class Scheduler:
                                 f"(max_queue {self.max_queue})")
             self.queue.append(req)
             self.metrics.queued = len(self.queue)
-            self.cv.notify()
+            self._posted()
+            self.cv.notify_all()
 
     def on_slot(self, slot: int, fn: Callable[[int], object]) -> Future:
         """Run ``fn(slot)`` on the scheduler thread (the engine's owner) once the slot holds no
@@ -227,7 +248,8 @@ class Scheduler:
         fut: Future = Future()
         with self.cv:
             self._actions.append((slot, fn, fut))
-            self.cv.notify()
+            self._posted()
+            self.cv.notify_all()
         return fut
 
     def lora_scales_for(self, req: GenRequest) -> tuple[float, ...]:
@@ -245,6 +267,73 @@ class Scheduler:
     def wake(self) -> None:
         with self.cv:
             self.cv.notify()
+
+    def _posted(self) -> None:
+        """A task arrived (caller holds cv): the idle timer restarts, and a sleeping loop is
+        asked to wake up (HTTP handlers wait for it first; this covers any other caller)."""
+        self._t_last_task = time.monotonic()
+        if self.sleeping:
+            self._wake_req = True
+
+    def wait_awake(self, timeout: float | None = None) -> bool:
+        """llama-server's wait_until_no_sleep: if the loop sleeps, ask it to wake up and wait
+        until it has (the model is back). True once awake."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cv:
+            if not self.sleeping:
+                return True
+            self._wake_req = True
+            self.cv.notify_all()
+            while self.sleeping and self.dead is None and not self._stop:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.cv.wait(1.0 if left is None else min(left, 1.0))
+            return not self.sleeping
+
+    def _should_sleep(self) -> bool:
+        return (self.sleep_idle_s >= 0
+                and time.monotonic() - self._t_last_task >= self.sleep_idle_s)
+
+    def _sleep(self) -> None:
+        """The sleeping state (caller holds cv and found nothing to do)."""
+        log.info("entering sleeping state")
+        self.sleeping = True
+        self._wake_req = False
+        for hook in self.sleep_hooks:
+            hook(True)
+        while not self._stop and not self._wake_req:
+            self.cv.wait()
+        if self._stop:
+            return
+        log.info("exiting sleeping state")
+        for hook in reversed(self.sleep_hooks):
+            hook(False)
+        self.sleeping = False
+        self._wake_req = False
+        self._t_last_task = time.monotonic()
+        self.cv.notify_all()
+
+    def _sleep_memory(self, sleeping: bool) -> None:
+        """The model's memory goes on sleeping and comes back on waking (llama-server
+        destroys and reloads its context and model). The weights stay when another part of
+        the server shares them (an embeddings runner on the same model)."""
+        if sleeping:
+            if self.prompt_cache is not None:
+                self.prompt_cache.clear()
+            release = getattr(self.llm, "release_memory", None)
+            if release is not None:
+                release(weights=self.release_weights)
+            else:
+                self.engine.release(weights=False)
+            self._bias = None
+            self._dirty = True
+        else:
+            restore = getattr(self.llm, "restore_memory", None)
+            if restore is not None:
+                restore()
+            else:
+                self.engine.restore()
 
     def busy_slots(self) -> int:
         return sum(s is not None for s in self.slots)
@@ -281,11 +370,20 @@ class Scheduler:
                 with self.cv:
                     while (not self._stop and not self.queue and not any(self.slots)
                            and not self._actions):
-                        self.cv.wait(timeout=1.0)
+                        if self._should_sleep():
+                            self._sleep()
+                            continue
+                        wait = 1.0
+                        if self.sleep_idle_s >= 0:
+                            left = self.sleep_idle_s - (time.monotonic() - self._t_last_task)
+                            wait = min(wait, max(left, 0.01))
+                        self.cv.wait(timeout=wait)
                     if self._stop:
                         break
                 try:
                     self._iteration()
+                    # the time a turn takes is not idle time
+                    self._t_last_task = time.monotonic()
                     failed = 0
                 except Exception as e:  # the batch itself broke: fail what it was running
                     log.exception("scheduler turn failed")
@@ -349,8 +447,8 @@ class Scheduler:
         a.req.draft_n = tm.extra.get("draft_proposed", 0)
         a.req.draft_accepted = tm.extra.get("draft_accepted", 0)
         if a.req.completion_tokens == 0:  # the first token: the prompt was evaluated
-            self.metrics.prompt_tokens += tm.prompt_tokens - tm.extra.get("cached_tokens", 0)
-            self.metrics.prompt_seconds += tm.prompt_s
+            self.metrics.add_prompt(tm.prompt_tokens - tm.extra.get("cached_tokens", 0),
+                                    tm.prompt_s)
         if tok is None:
             self._finish(0, "length" if tm.extra.get("context_full") else "stop")
         else:
@@ -413,6 +511,8 @@ class Scheduler:
                     n = self.engine.common_prefix(ids, b)
                     if n > keep:
                         best, keep = b, n
+            if self.prompt_cache is not None and self._update_cache(req, ids, best):
+                keep = self.engine.common_prefix(ids, best) if req.cache_prompt else 0
             keep = min(keep, len(ids) - 1)
             todo: list = list(ids[keep:])
             if req.prompt_items is not None:
@@ -426,12 +526,51 @@ class Scheduler:
             self.slots[best] = _Active(req, StreamDecoder(self.tok), todo)
             self._set_row(best, req)
             self.metrics.active = self.busy_slots()
+            if self.cache_idle_slots:
+                self._cache_idle_slots()
+
+    def _update_cache(self, req: GenRequest, ids: list, slot: int) -> bool:
+        """llama-server's get_available_slot cache step: when the chosen slot was not picked
+        for sharing enough of the prompt (similarity <= SLOT_SIMILARITY; llama-server then
+        takes its least recently used slot) or would lose most of what it holds, its contents
+        go to the host cache and the cached entry best for this prompt comes back into it.
+        A slot named by id_slot is taken as it is. True when the slot's contents changed."""
+        held = self.engine.tokens[slot]
+        lcp = self.engine.common_prefix(ids, slot)
+        if held and lcp / max(len(ids), 1) > SLOT_SIMILARITY:
+            update = lcp / len(held) < 0.5
+        else:
+            update = req.id_slot == -1
+        if not update:
+            return False
+        log.debug("updating prompt cache")
+        pc = self.prompt_cache
+        pc.save(self.engine, slot)
+        if req.cache_prompt and not pc.load(self.engine, slot, [int(t) for t in ids]):
+            self.engine.rewind(slot, 0)
+        pc.update()
+        return True
+
+    def _cache_idle_slots(self) -> None:
+        """--cache-idle-slots: on a task's start every idle slot's contents go to the host
+        cache, and with a unified KV cache the slot is emptied (its cells are then free for
+        the busy ones; without one, emptying it would free nothing)."""
+        for b, a in enumerate(self.slots):
+            if a is not None:
+                continue
+            if self.prompt_cache.save(self.engine, b):
+                log.debug("slot %d: __TEST_TAG_CACHE_IDLE_SLOT__", b)
+                self.prompt_cache.update()
+            if self.kv_unified and self.engine.tokens[b]:
+                self.engine.rewind(b, 0)
 
     def _switch_lora(self, scales: tuple[float, ...]) -> None:
         """New adapter scales in the engine's state (no slot is busy): same programs, and the
         cached prompts, computed with the old scales, are forgotten."""
         self.llm.set_lora_scales(list(scales))
         self._lora_now = scales
+        if self.prompt_cache is not None:  # its rows were computed with the old scales
+            self.prompt_cache.clear()
 
     def _prefill(self) -> None:
         """At most one engine chunk of prompt tokens per iteration (running streams wait for no
@@ -469,8 +608,7 @@ class Scheduler:
             except Exception as e:  # e.g. ContextError
                 self._fail(b, 400, str(e))
                 continue
-            self.metrics.prompt_tokens += size
-            self.metrics.prompt_seconds += time.perf_counter() - t0
+            self.metrics.add_prompt(size, time.perf_counter() - t0)
             if a.req.return_progress:
                 self._progress(a, a.req.n_prompt - len(expand_items(a.todo)))
             if a.todo:
@@ -639,12 +777,14 @@ class Scheduler:
         req.finish = reason
         self.metrics.n_tokens_max = max(self.metrics.n_tokens_max,
                                         req.n_prompt + req.completion_tokens)
-        req.sink(Event("done", finish=reason, prompt_tokens=req.n_prompt,
-                       completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
-                       id_slot=b, truncated=req.truncated,
-                       tokens_cached=int(self.engine.pos[b]), draft_n=req.draft_n,
-                       draft_accepted=req.draft_accepted))
+        done = Event("done", finish=reason, prompt_tokens=req.n_prompt,
+                     completion_tokens=req.completion_tokens, cached_tokens=req.cached_tokens,
+                     id_slot=b, truncated=req.truncated,
+                     tokens_cached=int(self.engine.pos[b]), draft_n=req.draft_n,
+                     draft_accepted=req.draft_accepted)
+        # the slot is free (and counted so in /metrics and /slots) before the client hears
         self._free(b)
+        req.sink(done)
 
     def _progress(self, a: _Active, processed: int) -> None:
         req = a.req
