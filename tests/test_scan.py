@@ -249,13 +249,18 @@ def test_gemma3_pattern_scan_equals_unrolled(tmp_path):
 
 def _moe_models(tmp_path):
     """Tiny MoE files (tests/tinymodels_moe.py): qwen3moe Q4_0 (8 experts, top-3), qwen2moe
-    Q8_0 (a shared expert behind an F32 gate vector, F32 routers), Mixtral-style llama Q8_0."""
+    Q8_0 (a shared expert behind an F32 gate vector, F32 routers), Mixtral-style llama Q8_0,
+    deepseek2 Q8_0 (MLA with its latent cache, a leading dense layer, then MoE layers with
+    sigmoid routing and a selection bias): with the layer runs each scans as."""
     import tinymodels_moe as tm
 
     return {
-        "qwen3moe": tm.write_qwen3moe(tmp_path / "q3.gguf", quant=tm.Q.Q4_0, n_layer=3),
-        "qwen2moe": tm.write_qwen2moe(tmp_path / "q2.gguf", quant=tm.Q.Q8_0),
-        "llama": tm.write_llama_moe(tmp_path / "ll.gguf", quant=tm.Q.Q8_0),
+        "qwen3moe": (tm.write_qwen3moe(tmp_path / "q3.gguf", quant=tm.Q.Q4_0, n_layer=3),
+                     [(0, 3)]),
+        "qwen2moe": (tm.write_qwen2moe(tmp_path / "q2.gguf", quant=tm.Q.Q8_0), [(0, 2)]),
+        "llama": (tm.write_llama_moe(tmp_path / "ll.gguf", quant=tm.Q.Q8_0), [(0, 2)]),
+        "deepseek2": (tm.write_deepseek2(tmp_path / "ds.gguf", quant=tm.Q.Q8_0, n_layer=4),
+                      [(0, 1), (1, 4)]),
     }
 
 
@@ -263,8 +268,8 @@ def test_moe_layers_scan_and_equal_unrolled(tmp_path):
     """MoE blocks are scanned too: the int8 kernels read the chosen expert of the traced
     layer's stacked experts in place (routers and gate vectors, small F32 weights, are stacked
     per layer). Logits at 41 positions (the grouped, sorted-tile expert path) and 12 greedy
-    tokens (the gathered path) equal the unrolled program's bit for bit; test_arch_moe compares
-    the scanned default with llama.cpp."""
+    tokens (the gathered path) equal the unrolled program's bit for bit; test_arch_moe and
+    test_arch_deepseek2 compare the scanned default with llama.cpp."""
     from jllama.engine.sampling import SamplingParams
     from jllama.gguf.reader import read_gguf
     from jllama.models import build_model
@@ -272,12 +277,11 @@ def test_moe_layers_scan_and_equal_unrolled(tmp_path):
     from jllama.numerics import Numerics, use
 
     ids = np.random.default_rng(3).integers(0, 260, 41).tolist()
-    for name, path in _moe_models(tmp_path).items():
+    for name, (path, runs) in _moe_models(tmp_path).items():
         num = Numerics(scan_layers=True)
         _, m = build_model(read_gguf(path), numerics=num)
         with use(num):
-            n = len(m.blocks)
-            assert layer_runs(list(m.blocks)) == [(0, n)], name
+            assert layer_runs(list(m.blocks)) == runs, name
         out = {}
         for s in (True, False):
             eng = _engine(path, s)

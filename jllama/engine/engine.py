@@ -246,13 +246,13 @@ class Engine:
 
     def _new_cache(self, batch: int) -> KVCache:
         s, num = self.spec, self.numerics
+        # stacked (one array per half) where the model scans its layers: a loop cannot index a
+        # tuple of per-layer buffers
+        stacked = (num.scan_layers and self.plan is None
+                   and getattr(self._model_type, "scans_layers", False))
         if self._make_cache is not None:  # architectures with their own cache layout (MLA)
-            cache = self._make_cache(batch, self.max_len, num.cache_type_k)
+            cache = self._make_cache(batch, self.max_len, num.cache_type_k, stacked=stacked)
         else:
-            # stacked (one array per half) where the model scans its layers: a loop cannot
-            # index a tuple of per-layer buffers
-            stacked = (num.scan_layers and self.plan is None
-                       and getattr(self._model_type, "scans_layers", False))
             cache = KVCache.create(s.n_layer, batch, s.n_head_kv, self.max_len, s.head_dim,
                                    s.head_dim_v, num.cache_type_k, num.cache_type_v,
                                    stacked=stacked, pos_delta=self.mrope)

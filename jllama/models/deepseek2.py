@@ -31,7 +31,7 @@ import jllama.models.kvquant as kvquant
 from jllama import numerics
 from jllama.errors import ModelError
 from jllama.kernels.dispatch import dequantize
-from jllama.models.cache import KVCache
+from jllama.models.cache import KVCache, LayerCache
 from jllama.models.common import (
     Embedding,
     Linear,
@@ -198,8 +198,13 @@ class MLABlock(nnx.Module):
             v = kv_b[:, c.nope_dim :]
             k_b = QTensor(k, 0, tuple(k.shape))
             v_b = QTensor(v, 0, tuple(v.shape))
-        self.k_b = nnx.Param(k_b)  # [H, kv_lora, nope]
-        self.v_b = nnx.Param(v_b)  # [H, v, kv_lora]
+        # per-head weights kept as their raw blocks (plain arrays, the types static): _qdot
+        # dequantizes them whole, so a scan (common.scan_blocks) stacks and slices them like
+        # norms rather than handing them to the int8 kernels as LayerStacks
+        self.k_b = nnx.Param(k_b.data)  # [H, kv_lora, nope]
+        self.v_b = nnx.Param(v_b.data)  # [H, v, kv_lora]
+        self.k_b_type = (int(k_b.qtype), tuple(k_b.shape))
+        self.v_b_type = (int(v_b.qtype), tuple(v_b.shape))
         self.wo = Linear(w(p + "attn_output.weight", (spec.n_embd, h * c.v_dim)))
         self.ffn_norm = RMSNorm(w.vector(p + "ffn_norm.weight"), eps)
         self.ffn = SwiGLU(w, p) if i < c.n_dense_lead else MoE(w, p, moe, shared=True)
@@ -222,9 +227,11 @@ class MLABlock(nnx.Module):
         lat_c = write_cache(lat_c, lat, pos0, kv_types[0])
         pe_c = write_cache(pe_c, k_pe, pos0, kv_types[1])
 
-        q_abs = _qdot(q_nope, self.k_b.get_value(), "bthn,hrn->bthr")
-        lat_all = kvquant.dequantize(lat_c[:, 0, :kv_len], kv_types[0], c.kv_lora_rank)  # [B,S,R]
-        pe_all = kvquant.dequantize(pe_c[:, 0, :kv_len], kv_types[1], c.rope_dim)
+        q_abs = _qdot(q_nope, QTensor(self.k_b.get_value(), *self.k_b_type), "bthn,hrn->bthr")
+        lat_l = lat_c.get() if isinstance(lat_c, LayerCache) else lat_c  # a scan's layer
+        pe_l = pe_c.get() if isinstance(pe_c, LayerCache) else pe_c
+        lat_all = kvquant.dequantize(lat_l[:, 0, :kv_len], kv_types[0], c.kv_lora_rank)  # [B,S,R]
+        pe_all = kvquant.dequantize(pe_l[:, 0, :kv_len], kv_types[1], c.rope_dim)
         # ggml's CPU matmul against a half-precision cache converts the other operand to it
         q_abs, q_pe = _half_round(q_abs, kv_types[0]), _half_round(q_pe, kv_types[1])
         s = (jnp.einsum("bthr,bsr->bhts", q_abs, lat_all)
@@ -234,7 +241,7 @@ class MLABlock(nnx.Module):
         s = jnp.where(mask[:, None], s, -jnp.inf)
         p = _half_round(jax.nn.softmax(s, axis=-1), kv_types[0])
         o_lat = jnp.einsum("bhts,bsr->bthr", p, lat_all)
-        o = _qdot(o_lat, self.v_b.get_value(), "bthr,hvr->bthv")
+        o = _qdot(o_lat, QTensor(self.v_b.get_value(), *self.v_b_type), "bthr,hvr->bthv")
         x = x + self.wo(o.reshape(b, t, c.n_head * c.v_dim))
 
         x = x + self.ffn(self.ffn_norm(x))
@@ -242,6 +249,9 @@ class MLABlock(nnx.Module):
 
 
 class DeepSeek2(nnx.Module):
+    # runs its blocks as a scan over a stacked cache (common.scan_blocks) when the Engine's
+    # numerics ask for it: the leading dense layers, then the MoE layers, one loop each
+    scans_layers = True
     # llama.cpp's deepseek2 graph multiplies these by a plain ggml_mul_mat, not build_lora_mm:
     # LoRA adapters on them load there and are never applied (models/lora.py does the same)
     LORA_PLAIN = ("attn_q_a.weight", "attn_q_b.weight", "attn_q.weight", "attn_kv_a_mqa.weight",
@@ -255,17 +265,22 @@ class DeepSeek2(nnx.Module):
         self.out_norm = RMSNorm(w.vector("output_norm.weight"), spec.norm_eps)
         self.output = None if spec.tied_output else Linear(w("output.weight"))
 
-    def make_cache(self, batch: int, max_len: int, cache_type: str = "f32") -> KVCache:
+    def make_cache(self, batch: int, max_len: int, cache_type: str = "f32",
+                   stacked: bool = False) -> KVCache:
         """The MLA cache: ``k`` = normed latent [B, 1, S, kv_lora_rank], ``v`` = roped shared
         key [B, 1, S, rope_dim], one pair per layer (``kv_lora_rank + rope_dim`` values per
         token and layer), both parts stored as ``cache_type`` like llama.cpp's single MLA K
-        cache (a rope width that is not a multiple of the block size keeps its part in f32)."""
+        cache (a rope width that is not a multiple of the block size keeps its part in f32).
+        ``stacked``: one [B, L, 1, S, row] array per part, for the scanned layers."""
         c = self.c
         pe_type = cache_type if (cache_type in kvquant.FLOAT_KV or c.rope_dim % 32 == 0) else "f32"
         kvquant.check_kv_type(cache_type, c.kv_lora_rank)
         n = self.spec.n_layer
         nk, dk = kvquant.row_shape(cache_type, c.kv_lora_rank)
         nv, dv = kvquant.row_shape(pe_type, c.rope_dim)
+        if stacked:
+            return KVCache((jnp.zeros((batch, n, 1, max_len, nk), dk),),
+                           (jnp.zeros((batch, n, 1, max_len, nv), dv),), cache_type, pe_type)
         return KVCache(
             tuple(jnp.zeros((batch, 1, max_len, nk), dk) for _ in range(n)),
             tuple(jnp.zeros((batch, 1, max_len, nv), dv) for _ in range(n)),
