@@ -418,3 +418,27 @@ def test_cors_proxy():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_router_serves_tools_itself(tmp_path):
+    """In router mode /tools and /cors-proxy are the router's own (no model involved), behind
+    its API key."""
+    from starlette.testclient import TestClient
+
+    from jllama.cli.main import build_parser
+    from jllama.cli.serve import preset_flag
+    from jllama.server.app import ServerSettings
+    from jllama.server.router import Router, RouterConfig, create_router_app
+
+    sub = build_parser()._subparsers._group_actions[0].choices["serve"]
+    settings = ServerSettings("", api_keys=["k"], tools=ServerTools.setup("get_info", None,
+                                                                          None, None))
+    r = Router(RouterConfig(models_dir=str(tmp_path), models_preset=None, settings=settings,
+                            flag=lambda key: preset_flag(sub, key)))
+    with TestClient(create_router_app(r)) as c:
+        assert c.get("/tools").status_code == 401
+        auth = {"Authorization": "Bearer k"}
+        assert [t["tool"] for t in c.get("/tools", headers=auth).json()] == ["get_info"]
+        r = c.post("/tools", json={"tool": "get_info", "params": {}}, headers=auth)
+        assert r.status_code == 200 and r.json()["cwd"] == os.getcwd()
+        assert c.get("/cors-proxy?url=http://x/", headers=auth).status_code == 403
