@@ -110,10 +110,10 @@ class ServerTools:
         try:
             body = json.loads(await request.body())
         except ValueError as e:
-            raise ApiError(400, f"invalid JSON body: {e}") from None
+            return _failed(400, f"invalid JSON body: {e}")
         try:
             if not isinstance(body, dict) or not isinstance(body.get("tool"), str):
-                raise bt.ToolFailure("[json.exception.out_of_range.403] key 'tool' not found")
+                raise bt.BadArguments("[json.exception.out_of_range.403] key 'tool' not found")
             params = body.get("params")
             params = dict(params) if isinstance(params, dict) else {}
             stream = body.get("stream") is True
@@ -130,11 +130,22 @@ class ServerTools:
             if stream:
                 return StreamingResponse(_stream(tool, params), media_type="text/event-stream")
             result = await asyncio.to_thread(tool.invoke, params, None)
-        except bt.ToolNotFound as e:
-            raise ApiError(404, str(e), type_="invalid_request_error") from None
+        except bt.ToolNotFound:
+            # llama-server's HTTP layer answers every 404 with its generic body
+            return JSONResponse({"error": {"message": "File Not Found",
+                                           "type": "not_found_error", "code": 404}}, 404)
+        except bt.BadArguments as e:
+            return _failed(400, str(e))
         except bt.ToolFailure as e:
-            raise ApiError(500, str(e), type_="server_error") from None
+            return _failed(500, str(e))
         return Response(_dump(result), media_type="application/json")
+
+
+def _failed(status: int, message: str) -> Response:
+    """llama-server's /tools errors: its error object unwrapped (no "error" key)."""
+    return Response(_dump({"code": status, "message": message,
+                           "type": "invalid_request_error" if status < 500 else "server_error"}),
+                    status_code=status, media_type="application/json")
 
 
 def _dump(obj) -> str:

@@ -48,6 +48,10 @@ class ToolFailure(Exception):
     """The call could not run at all (llama-server's exception path: HTTP 500)."""
 
 
+class BadArguments(ToolFailure):
+    """Arguments of the wrong shape (llama-server's JSON exceptions: HTTP 400)."""
+
+
 class ToolNotFound(Exception):
     """Unknown tool, or stream asked of a tool that cannot stream (HTTP 404)."""
 
@@ -69,10 +73,10 @@ def _val(params: dict, key: str, default):
 def _req(params: dict, key: str, kind=str):
     """A required argument (llama-server's params.at(key).get<T>(): a 500 when absent)."""
     if key not in params:
-        raise ToolFailure(f"[json.exception.out_of_range.403] key '{key}' not found")
+        raise BadArguments(f"[json.exception.out_of_range.403] key '{key}' not found")
     v = params[key]
     if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise ToolFailure(f"[json.exception.type_error.302] type must be {kind.__name__}, but "
+        raise BadArguments(f"[json.exception.type_error.302] type must be {kind.__name__}, but "
                           f"is {type(v).__name__}")
     return v
 
@@ -871,14 +875,14 @@ class EditFile(Tool):
     def invoke(self, params, push=None):
         path = _req(params, "path")
         if "edits" not in params:
-            raise ToolFailure("[json.exception.out_of_range.403] key 'edits' not found")
+            raise BadArguments("[json.exception.out_of_range.403] key 'edits' not found")
         edits_in = params["edits"]
         if not isinstance(edits_in, list) or not edits_in:
             return {"error": "\"edits\" must be a non-empty array"}
         edits = []
         for e in edits_in:
             if not isinstance(e, dict):
-                raise ToolFailure("[json.exception.type_error.304] cannot use at() with "
+                raise BadArguments("[json.exception.type_error.304] cannot use at() with "
                                   f"{type(e).__name__}")
             old, new = _req(e, "old_text"), _req(e, "new_text")
             if not old:
