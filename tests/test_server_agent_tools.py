@@ -448,3 +448,16 @@ def test_router_serves_tools_itself(tmp_path):
         r = c.post("/tools", json={"tool": "get_info", "params": {}}, headers=auth)
         assert r.status_code == 200 and r.json()["cwd"] == os.getcwd()
         assert c.get("/cors-proxy?url=http://x/", headers=auth).status_code == 403
+
+
+def test_text_that_is_not_utf8(client, tmp_path):
+    """A file's bytes that are not UTF-8 survive an edit elsewhere in it; a lone surrogate in
+    the arguments is an error answer, not a crash."""
+    p = tmp_path / "b.txt"
+    p.write_bytes(b"caf\xe9\nend\n")
+    assert call(client, "edit_file", {"path": str(p), "edits": [
+        {"old_text": "end", "new_text": "fin"}]})["edits_applied"] == 1
+    assert p.read_bytes() == b"caf\xe9\nfin\n"
+    r = client.post("/tools", content=b'{"tool": "write_file", "params": {"path": "%s", '
+                    b'"content": "\\ud800"}}' % str(tmp_path / "s.txt").encode())
+    assert r.status_code == 500 and "surrogate" in r.json()["message"]

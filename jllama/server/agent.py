@@ -138,6 +138,8 @@ class ServerTools:
             return _failed(400, str(e))
         except bt.ToolFailure as e:
             return _failed(500, str(e))
+        except Exception as e:  # noqa: BLE001 - llama-server answers any other throw as a 500
+            return _failed(500, str(e) or "unknown error")
         return Response(_dump(result), media_type="application/json")
 
 
