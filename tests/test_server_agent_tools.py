@@ -329,14 +329,21 @@ def test_mcp_collisions_and_config_errors(tmp_path):
     assert ServerTools.setup(None, None, None, '{"mcpServers": {"a": {"args": []}}}') is None
 
 
-def test_cli_bad_config_is_one_line(tmp_path, capsys):
+def test_cli_bad_config_is_one_line(tmp_path, capsys, monkeypatch):
     from jllama.cli.main import main
 
-    for flags in (["--mcp-servers-json", "{bad"], ["--mcp-servers-config", "/nonexistent.json"],
-                  ["--tools", "read_file,nope"]):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no docker, podman or ssh to be found
+    for flags, msg in ((["--mcp-servers-json", "{bad"], "failed to parse MCP config JSON"),
+                       (["--mcp-servers-config", "/nonexistent.json"], "failed to open"),
+                       (["--tools", "read_file,nope"], 'unknown tool "nope"'),
+                       (["--tools", "all", "--tools-runtime", "docker:busybox"],
+                        "docker is not installed"),
+                       (["--agent", "--tools-runtime", "ssh:host"], "ssh is not installed"),
+                       (["--tools", "all", "--tools-runtime", "lxc:x"],
+                        "unknown tool runtime: lxc:x")):
         assert main(["serve", "--models-dir", str(tmp_path), *flags]) == 1
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert len(err.splitlines()) == 1 and msg in err and "Traceback" not in err, err
 
 
 def test_cli_flags_and_cors_default():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import sys
 import threading
 
 from starlette.requests import Request
@@ -78,7 +79,7 @@ class ServerTools:
             t = McpTool(d, mgr)
             if t.name in seen:  # a name already taken (a built-in or an earlier server's)
                 print(f"jllama serve: MCP tool \"{t.name}\" from server \"{d.server}\" collides "
-                      "with an existing tool, skipping", flush=True)
+                      "with an existing tool, skipping", file=sys.stderr)
                 continue
             seen.add(t.name)
             built.append(t)

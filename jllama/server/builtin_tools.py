@@ -12,6 +12,7 @@ argument) is a 500. Only what ``--tools`` names is served, and nothing at all wi
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import re
 import shutil
@@ -161,7 +162,7 @@ def run_subprocess(args: list[str], max_output: int, timeout_s: float, on_chunk=
     try:
         proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT if combine_stderr else subprocess.DEVNULL,
-                                cwd=cwd or None, start_new_session=False)
+                                cwd=cwd or None)
     except (OSError, ValueError):
         res.output = b"failed to spawn process" if raw else "failed to spawn process"
         return res
@@ -984,7 +985,7 @@ class SpawnedContainer:
             if cid or self.proc.poll() is not None:
                 break
             time.sleep(0.1)
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.remove(cidfile)
         if not cid:
             _kill(self.proc)
@@ -1001,20 +1002,12 @@ class SpawnedContainer:
     def close(self) -> None:
         # closing stdin ends the container's shell (its pid 1); --rm then removes it
         if self.proc is not None:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 self.proc.stdin.close()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 _kill(self.proc)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def make_runtime(spec: str):

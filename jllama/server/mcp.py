@@ -14,6 +14,7 @@ The config is Cursor's: ``{"mcpServers": {NAME: {"command", "args", "env", "cwd"
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -206,7 +207,7 @@ class StdioTransport:
         finally:
             if is_stdout:
                 self.running.clear()
-                with _quiet():
+                with contextlib.suppress(Exception):
                     self.replies.put_nowait(None)  # EOF to a waiting caller
 
     def _write(self, msg: dict) -> bool:
@@ -228,14 +229,14 @@ class StdioTransport:
         p = self.proc
         if p is None:
             return
-        with _quiet():
+        with contextlib.suppress(Exception):
             p.kill()
         for t in self.threads:
             t.join(2)
         for f in (p.stdin, p.stdout, p.stderr):
-            with _quiet():
+            with contextlib.suppress(Exception):
                 f.close()
-        with _quiet():
+        with contextlib.suppress(Exception):
             p.wait(2)
         self.proc = None
 
@@ -260,7 +261,7 @@ class StdioTransport:
             except queue.Empty:
                 continue
             if line is None:
-                with _quiet():
+                with contextlib.suppress(Exception):
                     self.replies.put_nowait(None)
                 break
             try:
@@ -325,14 +326,6 @@ class StdioTransport:
             if "result" in resp:
                 return result_to_response(resp["result"])
             return {"error": "invalid response from MCP server"}
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], Exception)
 
 
 class McpManager:
