@@ -134,10 +134,6 @@ _REFUSED = [
     (("-mmu", "--mmproj-url"), 1, "jllama serve does not download projectors; pass "
      "--mmproj FILE.gguf"),
     (("--cache-reuse",), 1, "KV-shift cache reuse is not built"),
-    (("--tools", "--tools-runtime", "--mcp-servers-config", "--mcp-servers-json"), 1,
-     "built-in tools and MCP servers are not built"),
-    (("--ui-mcp-proxy", "--webui-mcp-proxy", "-ag", "--agent"), 0, "the web UI's proxy is not "
-     "built"),
     (("--ignore-eos",), 0, "a server-wide ignore_eos is not built (send it per request)"),
     (("--grammar", "--grammar-file", "-j", "--json-schema", "-jf", "--json-schema-file"), 1,
      "a server-wide grammar is not built (send 'grammar'/'json_schema' per request)"),
@@ -209,6 +205,31 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cors-origins", default=None,
                    help="allowed CORS origins, comma-separated (default *; 'localhost': "
                    "loopback origins only)")
+    g.add_argument("--tools", default=None, metavar="TOOL1,TOOL2,...",
+                   help="experimental: built-in tools for AI agents at GET/POST /tools - do "
+                   "not enable in untrusted environments ('all', or some of: read_file, "
+                   "file_glob_search, grep_search, exec_shell_command, write_file, edit_file, "
+                   "get_info); --cors-origins then defaults to localhost")
+    g.add_argument("--tools-runtime", default=None, metavar="OPTION",
+                   help="where the tools run: none (default: this host), docker:IMAGE / "
+                   "podman:IMAGE (one container, removed at exit), docker-container:ID / "
+                   "podman-container:ID (an existing one), ssh:TARGET (key-based auth only)")
+    g.add_argument("--mcp-servers-config", default=None, metavar="PATH",
+                   help="experimental: JSON file of MCP servers (Cursor's 'mcpServers' format, "
+                   "stdio only) whose tools join /tools as SERVER_TOOL; --cors-origins then "
+                   "defaults to localhost")
+    g.add_argument("--mcp-servers-json", default=None, metavar="JSON",
+                   help="the same MCP server definitions given inline")
+    g.add_argument("--ui-mcp-proxy", "--webui-mcp-proxy", dest="ui_mcp_proxy",
+                   action="store_true", default=None,
+                   help="experimental: /cors-proxy?url=URL for the web UI to reach remote MCP "
+                   "servers - do not enable in untrusted environments")
+    g.add_argument("--no-ui-mcp-proxy", "--no-webui-mcp-proxy", dest="ui_mcp_proxy",
+                   action="store_false")
+    g.add_argument("-ag", "--agent", dest="agent", action="store_true", default=None,
+                   help="--tools all and --ui-mcp-proxy together (--cors-origins then defaults "
+                   "to localhost)")
+    g.add_argument("-no-ag", "--no-agent", dest="agent", action="store_false")
     g.add_argument("--context-shift", dest="context_shift", action="store_true", default=None,
                    help="when a slot's context is full, drop half of what follows the request's "
                    "n_keep tokens and go on generating (default: off; the request then ends)")
@@ -428,8 +449,10 @@ def _media_dir(path: str | None) -> str | None:
     return os.path.join(path, "")
 
 
-def _serve(app, hosts: str, port: int) -> None:
-    """uvicorn on every address of llama-server's comma-separated --host."""
+def _serve(app, hosts: str, port: int, tools=None) -> None:
+    """uvicorn on every address of llama-server's comma-separated --host; ``tools``
+    (agent.ServerTools) have their MCP calls cancelled as soon as the stop signal comes (else
+    uvicorn would wait for them to drain) and their child processes ended after."""
     import socket
 
     import uvicorn
@@ -451,13 +474,49 @@ def _serve(app, hosts: str, port: int) -> None:
         socks.append(sk)
     cfg = uvicorn.Config(app, log_level="info", http="h11", loop="asyncio",
                          timeout_graceful_shutdown=5)
-    uvicorn.Server(cfg).run(sockets=socks)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if tools is not None:
+                tools.shutdown()
+            super().handle_exit(sig, frame)
+    try:
+        Server(cfg).run(sockets=socks)
+    finally:
+        if tools is not None:
+            tools.close()
+
+
+def _agent_tools(args, cfg) -> dict:
+    """llama-server's --tools/--tools-runtime/--mcp-servers-*/--ui-mcp-proxy/--agent as
+    ServerSettings fields (MCP servers warmed up here, before the model loads, so a bad config
+    fails fast); with tools or MCP servers and no --cors-origins, CORS answers localhost
+    origins only."""
+    from jllama.errors import ConfigError
+    from jllama.server.agent import ServerTools
+
+    tools, proxy = args.tools, bool(args.ui_mcp_proxy)
+    if args.agent is not None:
+        tools, proxy = ("all", True) if args.agent else (None, False)
+    fields = {"ui_mcp_proxy": proxy}
+    if ((tools or args.mcp_servers_config or args.mcp_servers_json)
+            and args.cors_origins is None and cfg.server.cors_origins == "*"):
+        fields["cors_origins"] = "localhost"
+    try:
+        fields["tools"] = ServerTools.setup(tools, args.tools_runtime, args.mcp_servers_config,
+                                            args.mcp_servers_json)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return fields
 
 
 # router flags a child must not inherit: the router sets them itself (address, name) or they
 # are the router's alone (its key, its sources), as llama-server's unset_reserved_args
 _ROUTER_ONLY = {"model", "host", "port", "api_key", "api_key_file", "alias", "tags", "models_dir",
-                "models_preset", "models_max", "models_autoload", "config"}
+                "models_preset", "models_max", "models_autoload", "config",
+                # the router answers /tools and /cors-proxy itself: no MCP servers per child
+                "tools", "tools_runtime", "mcp_servers_config", "mcp_servers_json",
+                "ui_mcp_proxy", "agent"}
 
 
 def _n_values(act: argparse.Action, argv: list[str], i: int) -> int:
@@ -532,6 +591,7 @@ def _run_router(args) -> int:
     settings = ServerSettings(model_alias="", api_keys=_api_keys(args, cfg),
                               timeout=cfg.server.timeout, cors_origins=cfg.server.cors_origins,
                               max_body=cfg.server.max_body)
+    settings.__dict__.update(_agent_tools(args, cfg))
     router = Router(RouterConfig(models_dir=args.models_dir, models_preset=args.models_preset,
                                  models_max=args.models_max, autoload=args.models_autoload,
                                  base_args=child_args(parser, argv),
@@ -541,13 +601,11 @@ def _run_router(args) -> int:
     print(f"jllama serve: router on http://{cfg.server.host}:{cfg.server.port} "
           f"({len(router.models)} models: {names}; at most "
           f"{args.models_max or 'any number'} loaded)", file=sys.stderr)
-    _serve(create_router_app(router), cfg.server.host, cfg.server.port)
+    _serve(create_router_app(router), cfg.server.host, cfg.server.port, settings.tools)
     return 0
 
 
 def run(args) -> int:
-    import sys
-
     from jllama.config import load_config
     from jllama.errors import ConfigError
 
@@ -586,7 +644,19 @@ def run(args) -> int:
     if gcp is not None:  # llama-server: AIP_HTTP_PORT overrides --port in Google Cloud mode
         s.port = gcp.port
     tags = [t for t in (args.tags or "").split(",") if t]
+    agent_fields = _agent_tools(args, cfg)
+    try:
+        return _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fields)
+    finally:
+        if agent_fields["tools"] is not None:  # a model that failed to load leaves nothing
+            agent_fields["tools"].close()
+
+
+def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fields) -> int:
+    import sys
+
     from jllama.cli.common import platform_origin, setup_platform, start_backend
+    from jllama.errors import ConfigError
 
     enc_path = _encoder_path(cfg, args)
     setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
@@ -604,11 +674,13 @@ def run(args) -> int:
         from jllama.server.app import ServerState, create_app
 
         alias = s.model_alias or encoder.path.stem
-        state = ServerState(None, settings_from_config(cfg, alias, keys, tags), encoder=encoder)
+        settings = settings_from_config(cfg, alias, keys, tags)
+        settings.__dict__.update(agent_fields)
+        state = ServerState(None, settings, encoder=encoder)
         print(f"jllama serve: http://{s.host}:{s.port}/v1 (encoder '{alias}', pooling "
               f"{encoder.pooling}, context {encoder.n_ctx}: embeddings"
               f"{' and rerank' if encoder.pooling == 'rank' else ''})", file=sys.stderr)
-        _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port)
+        _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port, settings.tools)
         return 0
 
     from jllama.api import Llama
@@ -642,10 +714,11 @@ def run(args) -> int:
         setattr(settings, k, v)
     if chat_template is not None:
         llm.tokenizer.chat_template = chat_template
+    settings.__dict__.update(agent_fields)
     state = ServerState(llm, settings, encoder=embedder)
     print(f"jllama serve: http://{s.host}:{s.port}/v1 (model '{alias}', "
           f"auth {'on' if keys else 'off'})", file=sys.stderr)
-    _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port)
+    _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port, settings.tools)
     return 0
 
 

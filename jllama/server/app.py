@@ -30,11 +30,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
+from jllama.server import agent, media, slot_state
 from jllama.server import anthropic as anth
 from jllama.server import chat_formats as cf
+from jllama.server import cors_proxy as cp
 from jllama.server import embeddings as emb
 from jllama.server import infill as inf
-from jllama.server import media, slot_state
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
 from jllama.server import responses as resp
@@ -93,6 +94,10 @@ class ServerSettings:
     cache_ram: int = 0
     cache_idle_slots: bool = True
     kv_unified: bool = False
+    # llama-server's --tools / --mcp-servers-* (agent.ServerTools, None: /tools answers 403)
+    # and --ui-mcp-proxy (/cors-proxy)
+    tools: agent.ServerTools | None = None
+    ui_mcp_proxy: bool = False
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -590,11 +595,11 @@ class Handlers:
         return await self._run(request, "/rerank", self._rerank)
 
     async def cors_proxy(self, request: Request) -> Response:
-        """llama-server's /cors-proxy (the web UI's MCP proxy, --ui-mcp-proxy) answers 403
-        while the proxy is off; jllama has no such proxy."""
-        async def off(request: Request) -> Response:
-            raise ApiError(403, "this feature is disabled", type_="feature_disabled")
-        return await self._run(request, "/cors-proxy", off)
+        return await self._run(request, "/cors-proxy",
+                               cp.proxy_handler(self.state.settings.ui_mcp_proxy))
+
+    async def tools(self, request: Request) -> Response:
+        return await self._run(request, "/tools", agent.tools_handler(self.state.settings.tools))
 
     async def models(self, request: Request) -> Response:
         return await self._run(request, "/v1/models", self._models)
@@ -1519,6 +1524,7 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/responses/input_tokens", h.responses_tokens, ["POST"]),
         ("/infill", h.infill, ["POST"]),
         ("/cors-proxy", h.cors_proxy, ["GET", "POST"]),
+        ("/tools", h.tools, ["GET", "POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
     if state.settings.gcp is not None:

@@ -52,6 +52,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jllama.errors import ConfigError
+from jllama.server import agent
+from jllama.server import cors_proxy as cp
 from jllama.server import openai_schema as oa
 from jllama.server.app import HttpRules, ServerSettings, check_auth, error_response, json_body
 from jllama.server.openai_schema import ApiError
@@ -768,6 +770,13 @@ class RouterHandlers:
             return await self._proxy_get(request)
         return await self._run(request, fn)
 
+    async def tools(self, request: Request) -> Response:
+        # the router serves /tools and /cors-proxy itself, as llama-server's
+        return await self._run(request, agent.tools_handler(self.r.cfg.settings.tools))
+
+    async def cors_proxy(self, request: Request) -> Response:
+        return await self._run(request, cp.proxy_handler(self.r.cfg.settings.ui_mcp_proxy))
+
     async def proxy_get(self, request: Request) -> Response:
         return await self._run(request, self._proxy_get)
 
@@ -851,7 +860,9 @@ def create_router_app(router: Router) -> HttpRules:
               Route("/models/load", h.load, methods=["POST"]),
               Route("/models/unload", h.unload, methods=["POST"]),
               Route("/models", h.no_downloads, methods=["POST", "DELETE"]),
-              Route("/models/sse", h.no_downloads, methods=["GET"])]
+              Route("/models/sse", h.no_downloads, methods=["GET"]),
+              Route("/tools", h.tools, methods=["GET", "POST"]),
+              Route("/cors-proxy", h.cors_proxy, methods=["GET", "POST"])]
     routes += [Route(p, h.proxy_get, methods=["GET"]) for p in GET_PROXIED]
     routes += [Route(p, h.proxy_post, methods=["POST"]) for p in POST_PROXIED]
 
