@@ -607,6 +607,19 @@ def test_serve_takes_llama_server_flags():
                                         "dynatemp_exponent", "min_keep")} == \
         {"typical_p": 0.5, "top_n_sigma": 1.0, "xtc_probability": 0.2, "xtc_threshold": 0.2,
          "dynatemp_range": 0.1, "dynatemp_exponent": 1.5, "min_keep": 2}
+    args = build_parser().parse_args(["serve", "-m", "m.gguf", "--mirostat", "1",
+                                      "--mirostat-lr", "0.2", "--mirostat-ent", "3",
+                                      "--dry-multiplier", "0.5", "--dry-base", "2",
+                                      "--dry-allowed-length", "4", "--dry-penalty-last-n", "9",
+                                      "--dry-sequence-breaker", "::"])
+    assert getattr(args, "_refused", None) is None
+    st = settings_from_config(load_config(None, _overrides(args)), "m", [])
+    assert {k: st.defaults[k] for k in ("mirostat", "mirostat_eta", "mirostat_tau",
+                                        "dry_multiplier", "dry_base", "dry_allowed_length",
+                                        "dry_penalty_last_n", "dry_sequence_breakers")} == \
+        {"mirostat": 1, "mirostat_eta": 0.2, "mirostat_tau": 3.0, "dry_multiplier": 0.5,
+         "dry_base": 2.0, "dry_allowed_length": 4, "dry_penalty_last_n": 9,
+         "dry_sequence_breakers": ["::"]}
     args = build_parser().parse_args(["serve", "-m", "m.gguf", "-c", "512", "--kv-unified",
                                       "-np", "4", "-s", "-1"])
     cfg = load_config(None, _overrides(args))
