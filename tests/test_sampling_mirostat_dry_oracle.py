@@ -16,8 +16,14 @@ import testdata
 from llamacpp_oracle import llama_cpp_module
 
 from jllama.engine import dry
-from jllama.engine.sampling import (BatchSampling, SamplingParams, apply_penalties,
-                                    mirostat_candidates, mirostat_update, sample_state)
+from jllama.engine.sampling import (
+    BatchSampling,
+    SamplingParams,
+    apply_penalties,
+    mirostat_candidates,
+    mirostat_update,
+    sample_state,
+)
 
 V = 300
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from jllama.cli.common import (EXTENDED_SAMPLING, add_extended_sampling_args, add_numerics_args,
-                               dry_breakers_override)
+from jllama.cli.common import (
+    EXTENDED_SAMPLING,
+    add_extended_sampling_args,
+    add_numerics_args,
+    dry_breakers_override,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 DRY_BREAKERS = ("\n", ":", "\"", "*")  # common_params_sampling's default sequence breakers
 
 
