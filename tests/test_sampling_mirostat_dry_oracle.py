@@ -209,6 +209,12 @@ def test_dry_steps_match_llamacpp(name, spm_vocab):
             for j in want:
                 assert np.float32(0.0) - np.float32(ours[j]) == np.float32(-want[j]), (i, j)
             hits += bool(want)
+            # image cells (negative ids in a slot's tokens) are no tokens to the sampler, and
+            # the step's own token may come apart (``then``)
+            with_images = [-3] + tokens[:i // 2] + [-3, -3] + tokens[i // 2 : i]
+            np.testing.assert_array_equal(
+                dry.penalty_row(with_images, params, breakers, n_vocab, then=tokens[i : i + 1]),
+                row)
     finally:
         low.llama_sampler_free(smpl)
     assert hits > 3, hits  # the dialogue really repeats under this setting

@@ -66,13 +66,28 @@ def process_breakers(tok, breakers: tuple[str, ...]) -> Breakers:
     return out
 
 
+def _tail(tokens: Sequence[int], then: Sequence[int], n: int) -> list[int]:
+    """The last ``n`` token ids of ``tokens`` followed by ``then``, image cells (negative ids,
+    which llama-server's sampler never sees) left out; read from the end, so a long context
+    costs nothing."""
+    out: list[int] = []
+    for seq in (then, tokens):
+        for t in reversed(seq):
+            if t >= 0:
+                out.append(int(t))
+                if len(out) == n:
+                    return out[::-1]
+    return out[::-1]
+
+
 def penalties(tokens: Sequence[int], multiplier: float, base: float, allowed_length: int,
-              last_n: int, breakers: Breakers) -> dict[int, np.float32]:
+              last_n: int, breakers: Breakers, then: Sequence[int] = ()
+              ) -> dict[int, np.float32]:
     """token -> the amount DRY subtracts from its logit, given the request's tokens so far
-    (image cells, negative ids, are not tokens: llama-server skips them)."""
+    (``tokens`` and then ``then``: what its sampler accepted)."""
     if multiplier == 0.0 or base < 1.0 or last_n <= 0:
         return {}
-    last = [int(t) for t in tokens if t >= 0][-last_n:]
+    last = _tail(tokens, then, last_n)
     n = len(last)
     if n <= allowed_length:
         return {}
@@ -143,14 +158,14 @@ def penalties(tokens: Sequence[int], multiplier: float, base: float, allowed_len
 
 
 def penalty_row(tokens: Sequence[int], params, breakers: Breakers, n_vocab: int,
-                out: np.ndarray | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, then: Sequence[int] = ()) -> np.ndarray:
     """``penalties`` for a request's ``SamplingParams`` as a [n_vocab] float32 row (filled into
     ``out`` when given)."""
     row = np.zeros(n_vocab, np.float32) if out is None else out
     row[:] = 0.0
     for t, v in penalties(tokens, params.dry_multiplier, params.dry_base,
                           params.dry_allowed_length, params.dry_penalty_last_n,
-                          breakers).items():
+                          breakers, then).items():
         if t < n_vocab:
             row[t] = v
     return row

@@ -628,8 +628,8 @@ class Engine:
         def dry_rows(last: list[int]) -> jax.Array:
             if not use_dry:
                 return self.zero_rows()
-            penalty_row(self.tokens[slot] + last, params, dry_breakers or {},
-                            self.spec.n_vocab, out=dry_np[slot])
+            penalty_row(self.tokens[slot], params, dry_breakers or {}, self.spec.n_vocab,
+                        out=dry_np[slot], then=last)
             return jax.device_put(dry_np)
 
         toks, mu = self._first_sample(logits, np.int32(slot), sp, keys, self.history, bias,

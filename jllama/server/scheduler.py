@@ -713,9 +713,10 @@ class Scheduler:
         self._dry_np[:] = 0.0
         for b in users:
             p = self.slots[b].req.params
-            held = self.engine.tokens[b] + ([int(last[b])] if last is not None else [])
-            penalty_row(held, p, process_breakers(self.tok, tuple(p.dry_sequence_breakers)),
-                        self.n_vocab, out=self._dry_np[b])
+            penalty_row(self.engine.tokens[b], p,
+                        process_breakers(self.tok, tuple(p.dry_sequence_breakers)),
+                        self.n_vocab, out=self._dry_np[b],
+                        then=[int(last[b])] if last is not None else [])
         return jax.device_put(self._dry_np)
 
     def _ensure_batch(self) -> None:
