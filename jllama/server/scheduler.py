@@ -487,8 +487,9 @@ class Scheduler:
                 bias = jnp.asarray(self._bias_np[b : b + 1])
                 hist = self.engine.history[b : b + 1]
                 dry = self._dry_rows(None, [b])
+                dry = None if dry is None else jax.device_put(dry[b : b + 1])
                 toks, mu = self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
-                                       bias, None if dry is None else dry[b : b + 1])
+                                       bias, dry)
                 tok = int(toks[0])
                 self.engine.mu[b] = float(mu[0])  # a request's mirostat starts here
             except Exception as e:  # this request's first draw broke: it alone ends
@@ -522,7 +523,7 @@ class Scheduler:
         t0 = time.perf_counter()
         dry = self._dry_rows(toks, np.nonzero(active)[0])
         nxt, logits = self.engine.step(toks, active, self._sp, jnp.asarray(self._keys), steps,
-                                       self._bias, dry)
+                                       self._bias, None if dry is None else jax.device_put(dry))
         self.steps_run += 1
         host: list = []  # the step's logits on the host, fetched once if a request needs them
 
@@ -700,7 +701,7 @@ class Scheduler:
                     self._bias_np[b, t] = -np.inf
         self._keys[b] = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.slots[b].seed)))
 
-    def _dry_rows(self, last: np.ndarray | None, rows) -> jax.Array | None:
+    def _dry_rows(self, last: np.ndarray | None, rows) -> np.ndarray | None:
         """The DRY penalties of the slots in ``rows`` whose request uses DRY, from the tokens
         their sampler has accepted: what the slot holds (the prompt, the output so far) and
         ``last[b]``, the token this step feeds. None when no row uses DRY."""
@@ -717,7 +718,7 @@ class Scheduler:
                         process_breakers(self.tok, tuple(p.dry_sequence_breakers)),
                         self.n_vocab, out=self._dry_np[b],
                         then=[int(last[b])] if last is not None else [])
-        return jax.device_put(self._dry_np)
+        return self._dry_np
 
     def _ensure_batch(self) -> None:
         if not self._dirty:
