@@ -283,6 +283,7 @@ class Llama:
         the prompt's ``<__media__>`` markers (one per image in front when it has none)."""
         from jllama.tokenizer import StreamDecoder
 
+        params = params or SamplingParams()
         chs = None
         if images:
             from jllama.engine import multimodal
@@ -311,14 +312,15 @@ class Llama:
         if chs is not None:
             from jllama.engine import multimodal
 
-            toks = multimodal.generate(self.engine, chs, params, max_tokens, eog)
+            toks = multimodal.generate(self.engine, chs, params, max_tokens, eog,
+                                       dry_breakers=self._dry_breakers(params))
+        elif self.speculative is not None and not params.uses_extended():
+            toks = self.speculative.generate(ids, params, max_tokens, eog)
         else:
             # speculative acceptance mirrors only top-k/top-p/min-p/temperature: requests using
             # llama.cpp's further samplers decode step by step instead
-            gen = (self.speculative.generate
-                   if self.speculative is not None and not params.uses_extended()
-                   else self.engine.generate)
-            toks = gen(ids, params, max_tokens, eog)
+            toks = self.engine.generate(ids, params, max_tokens, eog,
+                                        dry_breakers=self._dry_breakers(params))
         for tok in toks:
             self._last_tokens.append(tok)
             pending += dec.feed(tok)
@@ -341,6 +343,14 @@ class Llama:
         t = self.engine.timings
         if t.gen_tokens < max_tokens and not t.extra.get("context_full"):
             self.finish_reason = "stop"  # an end-of-generation token; a full context is "length"
+
+    def _dry_breakers(self, params: SamplingParams) -> dict | None:
+        """DRY's restart sequences for this vocabulary, when the request uses DRY."""
+        if not params.uses_dry():
+            return None
+        from jllama.engine.dry import process_breakers
+
+        return process_breakers(self.tokenizer, tuple(params.dry_sequence_breakers))
 
     def complete(self, prompt: str | list[int], max_tokens: int = 128,
                  params: SamplingParams | None = None, stop: list[str] | None = None,

@@ -77,6 +77,16 @@ class SamplingConfig:
     dynatemp_range: float = 0.0
     dynatemp_exponent: float = 1.0
     min_keep: int = 0
+    # mirostat (--mirostat 1|2, --mirostat-ent tau, --mirostat-lr eta) and DRY (--dry-*)
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    # SamplingParams' default (sampling.DRY_BREAKERS; not imported here: that loads JAX)
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: ["\n", ":", "\"", "*"])
 
 
 @dataclass
@@ -349,6 +359,16 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if cfg.runtime.prompt_matmul not in ("int8", "f32"):
         raise ConfigError(f"{src}: 'runtime.prompt_matmul' must be int8 or f32, "
                           f"got {cfg.runtime.prompt_matmul!r}")
+    sm = cfg.generation.sampling
+    if sm.mirostat not in (0, 1, 2):
+        raise ConfigError(f"{src}: 'generation.sampling.mirostat' must be 0 (off), 1 or 2, "
+                          f"got {sm.mirostat}")
+    if sm.dry_penalty_last_n < 0 or sm.dry_allowed_length < 0:
+        raise ConfigError(f"{src}: 'generation.sampling.dry_penalty_last_n' and "
+                          "'dry_allowed_length' must be at least 0, got "
+                          f"{sm.dry_penalty_last_n} and {sm.dry_allowed_length}")
+    if sm.dry_base < 1.0:  # as llama.cpp's --dry-base: a base below 1 leaves the default
+        sm.dry_base = SamplingConfig.dry_base
     d = cfg.draft
     if d.kind not in (None, "model", "ngram"):
         raise ConfigError(f"{src}: 'draft.kind' must be model, ngram or null, got {d.kind!r}")
@@ -404,4 +424,5 @@ def sampling_params(s: SamplingConfig):
 
     vals = {f.name: getattr(s, f.name) for f in dataclasses.fields(SamplingParams)}
     vals["logit_bias"] = dict(s.logit_bias)
+    vals["dry_sequence_breakers"] = tuple(s.dry_sequence_breakers)
     return SamplingParams(**vals)

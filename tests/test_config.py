@@ -158,3 +158,36 @@ def test_llama_cpp_sampler_flags_reach_sampling_params():
             sp.dynatemp_range, sp.dynatemp_exponent, sp.min_keep) == \
         (0.4, 2.0, 0.3, 0.15, 0.2, 0.5, 3)
     assert not sampling_params(load_config(None, []).generation.sampling).uses_extended()
+
+
+def test_mirostat_and_dry_flags_reach_sampling_params():
+    """--mirostat/--mirostat-lr/--mirostat-ent and --dry-* (common/arg.cpp): a --dry-base
+    below 1 keeps the default, --dry-sequence-breaker replaces the default breakers (escapes
+    processed, "none" clears them); a mirostat other than 0-2 is one clear error."""
+    import argparse
+
+    from jllama.cli.common import add_sampling_args, overrides_from_args
+    from jllama.config import load_config, sampling_params
+    from jllama.errors import ConfigError
+
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+
+    def params(*flags):
+        return sampling_params(load_config(None, overrides_from_args(p.parse_args(flags)))
+                               .generation.sampling)
+
+    sp = params("--mirostat", "2", "--mirostat-lr", "0.3", "--mirostat-ent", "4")
+    assert (sp.mirostat, sp.mirostat_eta, sp.mirostat_tau) == (2, 0.3, 4.0)
+    assert sp.uses_extended() and not sp.uses_dry()
+    sp = params("--dry-multiplier", "0.8", "--dry-base", "0.5", "--dry-allowed-length", "3",
+                "--dry-penalty-last-n", "32", "--dry-sequence-breaker", "\\n",
+                "--dry-sequence-breaker", "a\\x41\\q")
+    assert (sp.dry_multiplier, sp.dry_base, sp.dry_allowed_length, sp.dry_penalty_last_n) == \
+        (0.8, 1.75, 3, 32)
+    assert sp.dry_sequence_breakers == ("\n", "aA\\q") and sp.uses_dry()
+    assert params("--dry-sequence-breaker", "none").dry_sequence_breakers == ()
+    assert params().dry_sequence_breakers == ("\n", ":", "\"", "*")
+    for bad in (["--mirostat", "3"], ["--dry-penalty-last-n", "-1"]):
+        with pytest.raises(ConfigError):
+            params(*bad)

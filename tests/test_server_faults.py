@@ -197,7 +197,7 @@ def test_cors_and_switches(fake_llm):
                                   ["--reasoning-format", "qwen"],
                                   ["--reasoning-budget", "512"],
                                   ["--reasoning-budget-message", "stop"],
-                                  ["--sleep-idle-seconds", "0"], ["--mirostat", "2"]])
+                                  ["--sleep-idle-seconds", "0"], ["--keep", "4"]])
 def test_serve_refuses_unbuilt_llama_server_flags(flag, capsys):
     from jllama.cli.main import main
 

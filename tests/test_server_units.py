@@ -235,9 +235,10 @@ def test_valid_fields_map_to_sampling_params():
 
 
 def test_llama_servers_further_sampler_fields():
-    """server-schema.cpp: typical_p, top_n_sigma, xtc_*, dynatemp_*, min_keep reach the
-    sampler; xtc's soft limits clamp to [0, 1] rather than refuse; mirostat and DRY (stateful
-    samplers not built) are refused by name instead of silently ignored."""
+    """server-schema.cpp: typical_p, top_n_sigma, xtc_*, dynatemp_*, min_keep, mirostat* and
+    dry_* reach the sampler; soft limits (xtc, mirostat) clamp rather than refuse, DRY's
+    lengths are hard limits, a dry_base below 1 takes the default and the breakers must be a
+    non-empty list of strings."""
     o = oa.parse_common({"typical_p": 0.7, "top_n_sigma": 1.5, "xtc_probability": 3,
                          "xtc_threshold": -1, "dynatemp_range": 0.3, "dynatemp_exponent": 2,
                          "min_keep": 4}, n_vocab=1000)
@@ -245,11 +246,27 @@ def test_llama_servers_further_sampler_fields():
     assert (p.typical_p, p.top_n_sigma, p.xtc_probability, p.xtc_threshold) == (0.7, 1.5, 1, 0)
     assert (p.dynatemp_range, p.dynatemp_exponent, p.min_keep) == (0.3, 2.0, 4)
     assert p.uses_extended() and not oa.parse_common({}, n_vocab=1000).params.uses_extended()
-    for name in ("mirostat", "dry_multiplier"):
+    p = oa.parse_common({"mirostat": 7, "mirostat_tau": 3, "mirostat_eta": 0.2},
+                        n_vocab=1000).params
+    assert (p.mirostat, p.mirostat_tau, p.mirostat_eta) == (2, 3.0, 0.2) and p.uses_extended()
+    assert oa.parse_common({"mirostat": -1}, n_vocab=1000).params.mirostat == 0
+    p = oa.parse_common({"dry_multiplier": 0.8, "dry_base": 0.5, "dry_allowed_length": 3,
+                         "dry_penalty_last_n": 128, "dry_sequence_breakers": ["\n", "::"]},
+                        n_vocab=1000).params
+    assert (p.dry_multiplier, p.dry_base, p.dry_allowed_length, p.dry_penalty_last_n) == \
+        (0.8, 1.75, 3, 128)
+    assert p.dry_sequence_breakers == ("\n", "::") and p.uses_dry() and p.uses_extended()
+    for body in ({"dry_allowed_length": -1}, {"dry_penalty_last_n": -1},
+                 {"dry_sequence_breakers": []}, {"dry_sequence_breakers": "\n"},
+                 {"dry_sequence_breakers": [1]}):
         with pytest.raises(oa.ApiError) as ei:
-            oa.parse_common({name: 2}, n_vocab=1000)
-        assert ei.value.status == 400 and ei.value.param == name
-    assert oa.parse_common({"mirostat": 0}, n_vocab=1000).params.typical_p == 1.0
+            oa.parse_common(body, n_vocab=1000)
+        assert ei.value.status == 400 and ei.value.param == next(iter(body))
+    # DRY only when on, and never under mirostat (its chain has no DRY)
+    assert not oa.parse_common({"dry_multiplier": 0.8, "mirostat": 1},
+                               n_vocab=1000).params.uses_dry()
+    assert not oa.parse_common({"dry_multiplier": 0.8, "dry_penalty_last_n": 0},
+                               n_vocab=1000).params.uses_dry()
 
 
 def test_logit_bias_in_llama_servers_forms():
@@ -329,6 +346,7 @@ class FakeEngine:
         self.pos = np.zeros(n_slots, np.int32)
         self.tokens = [[] for _ in range(n_slots)]
         self.history = jnp.full((n_slots, 8), -1, jnp.int32)
+        self.mu = np.zeros(n_slots, np.float32)  # mirostat state, as the Engine keeps it
         self.batch_sizes: list[int] = []
         self.cuts: list[list[int]] = [[] for _ in range(n_slots)]  # prefill lengths per slot
 
@@ -354,7 +372,7 @@ class FakeEngine:
         logits[3 + sum(self.tokens[slot]) % (V - 3)] = 10.0
         return jnp.asarray(logits)
 
-    def step(self, tokens, active, sp, keys, steps, bias=None):
+    def step(self, tokens, active, sp, keys, steps, bias=None, dry=None):
         self.batch_sizes.append(int(active.sum()))
         keys = np.asarray(keys)
         nxt = (tokens * 7 + steps + keys[:, 1].astype(np.int64)) % (V - 3) + 3
@@ -589,6 +607,19 @@ def test_serve_takes_llama_server_flags():
                                         "dynatemp_exponent", "min_keep")} == \
         {"typical_p": 0.5, "top_n_sigma": 1.0, "xtc_probability": 0.2, "xtc_threshold": 0.2,
          "dynatemp_range": 0.1, "dynatemp_exponent": 1.5, "min_keep": 2}
+    args = build_parser().parse_args(["serve", "-m", "m.gguf", "--mirostat", "1",
+                                      "--mirostat-lr", "0.2", "--mirostat-ent", "3",
+                                      "--dry-multiplier", "0.5", "--dry-base", "2",
+                                      "--dry-allowed-length", "4", "--dry-penalty-last-n", "9",
+                                      "--dry-sequence-breaker", "::"])
+    assert getattr(args, "_refused", None) is None
+    st = settings_from_config(load_config(None, _overrides(args)), "m", [])
+    assert {k: st.defaults[k] for k in ("mirostat", "mirostat_eta", "mirostat_tau",
+                                        "dry_multiplier", "dry_base", "dry_allowed_length",
+                                        "dry_penalty_last_n", "dry_sequence_breakers")} == \
+        {"mirostat": 1, "mirostat_eta": 0.2, "mirostat_tau": 3.0, "dry_multiplier": 0.5,
+         "dry_base": 2.0, "dry_allowed_length": 4, "dry_penalty_last_n": 9,
+         "dry_sequence_breakers": ["::"]}
     args = build_parser().parse_args(["serve", "-m", "m.gguf", "-c", "512", "--kv-unified",
                                       "-np", "4", "-s", "-1"])
     cfg = load_config(None, _overrides(args))

@@ -96,7 +96,55 @@ def start_backend() -> str:
 EXTENDED_SAMPLING = {"typical_p": "typical_p", "top_n_sigma": "top_n_sigma",
                      "xtc_probability": "xtc_probability", "xtc_threshold": "xtc_threshold",
                      "dynatemp_range": "dynatemp_range", "dynatemp_exp": "dynatemp_exponent",
-                     "min_keep": "min_keep"}
+                     "min_keep": "min_keep", "mirostat": "mirostat",
+                     "mirostat_lr": "mirostat_eta", "mirostat_ent": "mirostat_tau",
+                     "dry_multiplier": "dry_multiplier", "dry_base": "dry_base",
+                     "dry_allowed_length": "dry_allowed_length",
+                     "dry_penalty_last_n": "dry_penalty_last_n"}
+
+
+def dry_breakers_override(args) -> list[str]:
+    """--dry-sequence-breaker (repeatable; the first replaces the defaults, "none" clears
+    them, as common/arg.cpp does) as a config override."""
+    brk = getattr(args, "dry_sequence_breaker", None)
+    if brk is None:
+        return []
+    import json
+
+    out: list[str] = []
+    for b in brk:
+        if b == "none":
+            out = []
+        else:
+            out.append(process_escapes(b))
+    return [f"generation.sampling.dry_sequence_breakers={json.dumps(out)}"]
+
+
+_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("'"): b"'",
+            ord('"'): b'"', ord("\\"): b"\\"}
+
+
+def process_escapes(text: str) -> str:
+    """common's string_process_escapes: \\n, \\r, \\t, \\', \\", \\\\ and \\xHH; any other
+    backslash stays as written."""
+    src, out, i = text.encode(), bytearray(), 0
+    while i < len(src):
+        c = src[i]
+        if c == 0x5C and i + 1 < len(src):
+            i += 1
+            e = src[i]
+            if e in _ESCAPES:
+                out += _ESCAPES[e]
+            elif (e == ord("x") and i + 2 < len(src)
+                  and all(chr(h) in "0123456789abcdefABCDEF" for h in src[i + 1 : i + 3])):
+                out.append(int(src[i + 1 : i + 3], 16))
+                i += 2
+            else:
+                out += bytes((0x5C, e))
+        else:
+            out.append(c)
+        i += 1
+    return out.decode("utf-8", "replace")
 
 
 def add_extended_sampling_args(g) -> None:
@@ -112,6 +160,24 @@ def add_extended_sampling_args(g) -> None:
                    help="dynamic temperature exponent (1.0)")
     g.add_argument("--min-keep", type=int, default=None,
                    help="tokens each sampler must keep at least (0 = off)")
+    g.add_argument("--mirostat", type=int, default=None,
+                   help="Mirostat sampling (0 = off, 1 = Mirostat, 2 = Mirostat 2.0); top-k, "
+                        "top-p, typical-p and the penalties are then not used")
+    g.add_argument("--mirostat-lr", type=float, default=None,
+                   help="Mirostat learning rate, eta (0.1)")
+    g.add_argument("--mirostat-ent", type=float, default=None,
+                   help="Mirostat target entropy, tau (5.0)")
+    g.add_argument("--dry-multiplier", type=float, default=None,
+                   help="DRY sampling multiplier (0 = off)")
+    g.add_argument("--dry-base", type=float, default=None,
+                   help="DRY base value (1.75; below 1 keeps it)")
+    g.add_argument("--dry-allowed-length", type=int, default=None,
+                   help="DRY: repeats longer than this are penalised (2)")
+    g.add_argument("--dry-penalty-last-n", type=int, default=None,
+                   help="DRY: tokens scanned for repeats (64, 0 = off)")
+    g.add_argument("--dry-sequence-breaker", action="append", default=None,
+                   help="DRY sequence breaker (repeatable; replaces the defaults '\\n', ':', "
+                        "'\"', '*'; 'none' for none)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -224,6 +290,7 @@ def overrides_from_args(args) -> list[str]:
         v = getattr(args, attr, None)
         if v is not None:
             ov.append(f"{key}={v}")
+    ov += dry_breakers_override(args)
     if getattr(args, "flash_attn", None) is not None:
         ov.append(f"runtime.flash_attn={'false' if args.flash_attn == 'off' else 'true'}")
     if getattr(args, "prompt_matmul", None) is not None:

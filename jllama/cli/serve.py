@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from jllama.cli.common import EXTENDED_SAMPLING, add_extended_sampling_args, add_numerics_args
+from jllama.cli.common import (
+    EXTENDED_SAMPLING,
+    add_extended_sampling_args,
+    add_numerics_args,
+    dry_breakers_override,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -142,7 +147,7 @@ _REFUSED = [
     (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
     (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
       "--override-kv", "--control-vector", "--keep", "--embd-normalize", "-sps",
-      "--slot-prompt-similarity", "--mirostat", "--dry-multiplier"), 1, "not built yet"),
+      "--slot-prompt-similarity"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
       "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
     (("--backend_sampling", "-bs", "--backend-sampling"), 0, "sampling always runs on the "
@@ -292,6 +297,7 @@ def _overrides(args) -> list[str]:
         v = getattr(args, attr, None)
         if v is not None:
             ov.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
+    ov += dry_breakers_override(args)
     if args.parallel is not None and args.parallel != -1:  # -1: llama-server's "auto"
         ov.append(f"server.parallel={args.parallel}")
     if args.seed is not None:  # llama-server's -1: a random seed per request
@@ -403,7 +409,8 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                 "min_p": sp.min_p, "repeat_penalty": sp.repeat_penalty,
                 "frequency_penalty": sp.frequency_penalty,
                 "presence_penalty": sp.presence_penalty,
-                **{k: getattr(sp, k) for k in EXTENDED_SAMPLING.values()}}
+                **{k: getattr(sp, k) for k in EXTENDED_SAMPLING.values()},
+                "dry_sequence_breakers": list(sp.dry_sequence_breakers)}
     if sp.seed is not None:
         defaults["seed"] = sp.seed
     names = [a for a in alias.split(",") if a]

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jllama.engine.sampling import BatchSampling, SamplingParams, sample
+from jllama.engine.dry import penalty_row
+from jllama.engine.sampling import BatchSampling, SamplingParams, sample_state
 from jllama.errors import ConfigError, ContextError
 from jllama.models import kvquant
 from jllama.models.cache import KVCache
@@ -110,6 +111,9 @@ class Engine:
         self.tokens: list[list[int]] = [[] for _ in range(self.n_slots)]  # ...and which ones
         hist = np.full((self.n_slots, HISTORY), -1, np.int32)
         self.history = plan.replicate(hist) if plan is not None else jax.device_put(hist)
+        # each slot's mirostat state (llama.cpp keeps it in the request's sampler): set by the
+        # first token's draw, carried by every step after it
+        self.mu = np.zeros(self.n_slots, np.float32)
         self.timings = Timings()
         self._zero_bias: jax.Array | None = None
         gd = self.graphdef
@@ -142,15 +146,15 @@ class Engine:
         def forward_all(state, tokens, pos0, cache, kv_len):
             return run(state, tokens, pos0, cache, kv_len, None)
 
-        def decode_sample(state, tokens, pos0, cache, sp, keys, steps, history, bias, active,
-                          kv_len):
+        def decode_sample(state, tokens, pos0, cache, sp, keys, steps, history, bias, dry, mu,
+                          active, kv_len):
             logits, cache = run(state, tokens[:, None], pos0, cache, kv_len, jnp.zeros_like(pos0))
             # the token just fed joins the penalty window (shift left, append)
             history = jnp.where(active[:, None],
                                 jnp.concatenate([history[:, 1:], tokens[:, None]], axis=1),
                                 history)
-            nxt = _sample_rows(logits, sp, keys, steps, history, bias)
-            return nxt, logits, cache, history
+            nxt, mu = _sample_rows(logits, sp, keys, steps, history, bias, dry, mu)
+            return nxt, logits, cache, history, mu
 
         def forward_logprobs(state, tokens, targets, pos0, cache, kv_len):
             # log-probabilities of the given next tokens, reduced in-graph: the [B, T, V]
@@ -169,12 +173,13 @@ class Engine:
 
         n_slots = self.n_slots
 
-        def first_sample(logits, slot, sp, keys, history, bias):
+        def first_sample(logits, slot, sp, keys, history, bias, dry):
             # the first token of a generation: the prefill's row placed among the slots and
             # sampled in one executable (as eager ops, the placement compiled 4 small programs
             # in every process, on the time-to-first-token path)
             rows = jnp.zeros((n_slots, logits.shape[-1]), jnp.float32).at[slot].set(logits)
-            return _sample_rows(rows, sp, keys, jnp.zeros(n_slots, jnp.int32), history, bias)
+            return _sample_rows(rows, sp, keys, jnp.zeros(n_slots, jnp.int32), history, bias,
+                                dry)
 
         # host: which outputs the host reads (a plan keeps those replicated); None: the only one
         jit = plan.jit if plan is not None else _jit
@@ -185,9 +190,8 @@ class Engine:
         self._forward_logprobs = jit(forward_logprobs, kv, ("cache",), host=(0, 1))
         self._forward_reduce = jit(forward_reduce, ("kv_len", "lo", "n", "fn"), ("cache",),
                                    host=(0,))
-        self._decode_sample = jit(decode_sample, kv, ("cache", "history"), host=(0, 1, 3))
-        self._sample = jit(_sample_rows, (), (), host=None)
-        self._first_sample = jit(first_sample, (), (), host=None)
+        self._decode_sample = jit(decode_sample, kv, ("cache", "history"), host=(0, 1, 3, 4))
+        self._first_sample = jit(first_sample, (), (), host=(0, 1))
         self._shift = self._build_shift() if self._kv_rope is not None else None
 
         def export(cache, slot, length):
@@ -493,21 +497,30 @@ class Engine:
             outs.append(jax.tree.map(np.asarray, out))
         return jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *outs)
 
+    def zero_rows(self) -> jax.Array:
+        """[slots, vocab] zeros on the device (no logit bias, no DRY penalty), made once: not
+        a host copy every step."""
+        if self._zero_bias is None:
+            self._zero_bias = jax.device_put(
+                np.zeros((self.n_slots, self.spec.n_vocab), np.float32))
+        return self._zero_bias
+
     def step(self, tokens: np.ndarray, active: np.ndarray, sp: BatchSampling, keys: jax.Array,
-             steps: np.ndarray, bias: jax.Array | None = None) -> tuple[np.ndarray, jax.Array]:
+             steps: np.ndarray, bias: jax.Array | None = None,
+             dry: jax.Array | None = None) -> tuple[np.ndarray, jax.Array]:
         """One batched decode step over all slots: feed ``tokens[b]`` to each active slot and
-        sample its next token. Inactive slots compute but do not advance."""
+        sample its next token (``dry``: per-slot DRY penalties, ``dry.penalty_row``; the
+        slots' mirostat state moves in ``self.mu``). Inactive slots compute but do not
+        advance."""
         pos0 = self.pos.copy()
         need = int(pos0[active].max()) + 1 if active.any() else 1
-        if bias is None:
-            if self._zero_bias is None:  # once: not a [slots, vocab] host copy every step
-                self._zero_bias = jax.device_put(
-                    np.zeros((self.n_slots, self.spec.n_vocab), np.float32))
-            bias = self._zero_bias
-        nxt, logits, self.cache, self.history = self._decode_sample(
+        bias = self.zero_rows() if bias is None else bias
+        dry = self.zero_rows() if dry is None else dry
+        nxt, logits, self.cache, self.history, mu = self._decode_sample(
             self.state, np.asarray(tokens, np.int32), pos0, self.cache, sp, keys,
-            np.asarray(steps, np.int32), self.history, bias, np.asarray(active),
+            np.asarray(steps, np.int32), self.history, bias, dry, self.mu, np.asarray(active),
             kv_len=self.kv_bucket(need))
+        self.mu[active] = np.asarray(mu)[active]
         self.pos[active] += 1
         for b in np.nonzero(active)[0]:
             self.tokens[b].append(int(tokens[b]))
@@ -612,14 +625,15 @@ class Engine:
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
                  max_tokens: int = 128, stop_ids: set[int] | frozenset[int] = frozenset(),
                  slot: int = 0, on_full: str = "stop", n_keep: int = 0,
-                 append: bool = False) -> Iterator[int]:
+                 append: bool = False, dry_breakers: dict | None = None) -> Iterator[int]:
         """Yield generated token ids for one sequence.
 
         Stops on a stop id (not yielded) or ``max_tokens``. When the context fills up,
         ``on_full="stop"`` ends generation and ``"shift"`` applies a context shift keeping the
         first ``n_keep`` tokens. A prompt sharing a prefix with what the slot holds reuses it
         (``timings.extra["cached_tokens"]``). ``append``: the prompt continues what the slot
-        holds (after an image's embeddings) instead of replacing it.
+        holds (after an image's embeddings) instead of replacing it. ``dry_breakers``: the
+        request's DRY restart sequences (``dry.process_breakers``), when it uses DRY.
         """
         params = params or SamplingParams()
         t0 = time.perf_counter()
@@ -633,8 +647,20 @@ class Engine:
         seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(4), "little")
         keys = np.broadcast_to(np.asarray(jax.random.PRNGKey(seed)), (self.n_slots, 2))
         bias = _bias_array(params.logit_bias, self.spec.n_vocab, self.n_slots)
-        tok = int(np.asarray(self._first_sample(logits, np.int32(slot), sp, keys, self.history,
-                                                bias))[slot])
+        use_dry = params.uses_dry()
+        dry_np = np.zeros((self.n_slots, self.spec.n_vocab), np.float32) if use_dry else None
+
+        def dry_rows(last: list[int]) -> jax.Array:
+            if not use_dry:
+                return self.zero_rows()
+            penalty_row(self.tokens[slot], params, dry_breakers or {}, self.spec.n_vocab,
+                        out=dry_np[slot], then=last)
+            return jax.device_put(dry_np)
+
+        toks, mu = self._first_sample(logits, np.int32(slot), sp, keys, self.history, bias,
+                                      dry_rows([]))
+        tok = int(np.asarray(toks)[slot])
+        self.mu[slot] = np.asarray(mu)[slot]
         t1 = time.perf_counter()
         tm.prompt_s = t1 - t0
         tm.first_token_s = t1 - t0
@@ -660,7 +686,7 @@ class Engine:
             toks = np.zeros(self.n_slots, np.int32)
             toks[slot] = tok
             steps = np.full(self.n_slots, n, np.int32)
-            nxt, _ = self.step(toks, active, sp, keys, steps, bias)
+            nxt, _ = self.step(toks, active, sp, keys, steps, bias, dry_rows([tok]))
             tok = int(nxt[slot])
         tm.gen_s = time.perf_counter() - t1
 
@@ -679,9 +705,10 @@ def _bias_array(logit_bias: dict[int, float], n_vocab: int, n_slots: int) -> jax
     return jax.device_put(b)  # not jnp.asarray: that compiles a copy program per process
 
 
-def _sample_rows(logits, sp, keys, steps, history, bias):
+def _sample_rows(logits, sp, keys, steps, history, bias, dry=None, mu=None):
     """Per-row keys derived from (seed key, step) so a seeded request is reproducible whatever
-    else shares the batch."""
+    else shares the batch. Returns the tokens and the rows' next mirostat mu."""
     raw = jax.vmap(lambda k, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
-    return sample(logits[..., : bias.shape[-1]], sp, raw, history, bias)
+    return sample_state(logits[..., : bias.shape[-1]], sp, raw, history, bias,
+                        None if dry is None else dry[..., : bias.shape[-1]], mu)

@@ -162,7 +162,7 @@ def n_tokens(chs: list) -> int:
 
 def generate(engine: Engine, chs: list, params: SamplingParams | None = None,
              max_tokens: int = 128, stop_ids: frozenset[int] | set[int] = frozenset(),
-             slot: int = 0) -> Iterator[int]:
+             slot: int = 0, dry_breakers: dict | None = None) -> Iterator[int]:
     """Evaluate the chunks into an empty slot, then generate as ``Engine.generate``."""
     if not chs or not isinstance(chs[-1], list):
         raise ContextError("a prompt must end with text after its last image")
@@ -179,7 +179,8 @@ def generate(engine: Engine, chs: list, params: SamplingParams | None = None,
             prefill_image(engine, c, slot)
     before = time.perf_counter() - t0
     first = True
-    for tok in engine.generate(chs[-1], params, max_tokens, stop_ids, slot, append=True):
+    for tok in engine.generate(chs[-1], params, max_tokens, stop_ids, slot, append=True,
+                               dry_breakers=dry_breakers):
         if first:  # the timings count the whole prompt, images included
             _whole_prompt(engine, total, before)
             first = False

@@ -8,6 +8,12 @@ mask over candidates sorted by descending logit, which is how llama.cpp's stages
 stage that reorders, typical-p, only changes which are kept; the next re-sorts by logit). A row
 whose temperature is <= 0 and that uses none of the stages able to drop the top token is plain
 greedy.
+
+With ``mirostat`` set a row skips that chain, as common/sampling.cpp builds it: logit bias →
+temperature → mirostat (v1 or v2), whose truncation follows its state ``mu``, carried per request
+(``sample_state`` takes and returns it). DRY's penalty comes from the request's tokens and is
+computed on the host (jllama/engine/dry.py); it enters as a [B, V] row subtracted after the
+repetition penalties.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # common_params_sampling's default sequence breakers
 
 
 @dataclass
@@ -42,6 +50,17 @@ class SamplingParams:
     dynatemp_range: float = 0.0
     dynatemp_exponent: float = 1.0
     min_keep: int = 0
+    # mirostat (1 or 2) replaces the whole chain after the logit bias with temperature then
+    # mirostat (common/sampling.cpp); its state ``mu`` lives per request (Engine.mu)
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    # DRY: a penalty computed on the host from the request's tokens (jllama/engine/dry.py)
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
 
     @classmethod
     def greedy(cls) -> SamplingParams:
@@ -51,7 +70,17 @@ class SamplingParams:
         """Whether a sampler beyond top-k/top-p/min-p/temperature is on (paths that mirror
         only that chain, such as speculative decoding's acceptance test, step aside)."""
         return (self.typical_p < 1.0 or self.top_n_sigma > 0.0 or self.xtc_probability > 0.0
-                or self.dynatemp_range > 0.0 or self.min_keep > 1)
+                or self.dynatemp_range > 0.0 or self.min_keep > 1 or self.mirostat != 0
+                or self.uses_dry())
+
+    def uses_dry(self) -> bool:
+        """llama_sampler_init_dry's test: otherwise the sampler is an empty one."""
+        return (self.mirostat == 0 and self.dry_multiplier != 0.0 and self.dry_base >= 1.0
+                and self.dry_penalty_last_n > 0)
+
+    def initial_mu(self) -> float:
+        """Mirostat's state when a request starts (llama_sampler_init_mirostat*)."""
+        return float(np.float32(2.0) * np.float32(self.mirostat_tau))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -73,6 +102,9 @@ class BatchSampling:
     dynatemp_range: jax.Array
     dynatemp_exponent: jax.Array
     min_keep: jax.Array
+    mirostat: jax.Array
+    mirostat_tau: jax.Array
+    mirostat_eta: jax.Array
 
     def tree_flatten(self):
         return tuple(getattr(self, n) for n, _ in _FIELDS), None
@@ -93,7 +125,8 @@ _FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float3
            ("typical_p", np.float32), ("top_n_sigma", np.float32),
            ("xtc_probability", np.float32), ("xtc_threshold", np.float32),
            ("dynatemp_range", np.float32), ("dynatemp_exponent", np.float32),
-           ("min_keep", np.int32))
+           ("min_keep", np.int32), ("mirostat", np.int32), ("mirostat_tau", np.float32),
+           ("mirostat_eta", np.float32))
 
 
 def apply_penalties(logits: jax.Array, history: jax.Array, sp: BatchSampling) -> jax.Array:
@@ -244,23 +277,114 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
+MIROSTAT_M = 100  # the m common/sampling.cpp gives llama_sampler_init_mirostat
+
+
+def _sorted_desc(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits sorted descending, ties in token order (llama.cpp's sort keeps them there for
+    the cases that matter: the first maximum comes first), and the token ids."""
+    b, v = x.shape
+    neg, idx = jax.lax.sort((-x, jnp.broadcast_to(jnp.arange(v), (b, v))), dimension=-1,
+                            is_stable=True, num_keys=1)
+    return -neg, idx
+
+
+def _mirostat_sorted(vals: jax.Array, sp: BatchSampling, mu: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """llama.cpp's temperature (llama_sampler_init_temp) then mirostat's truncation over the
+    whole vocabulary sorted by descending logit (vals: [B, V]). Returns the kept mask and the
+    renormalised probabilities (0 where dropped)."""
+    b, v = vals.shape
+    rank = jnp.arange(v)[None, :]
+    t = sp.temperature[:, None]
+    # temp <= 0 keeps only the first maximum, at its logit
+    vals = jnp.where(t <= 0.0, jnp.where(rank == 0, vals, -jnp.inf),
+                     vals / jnp.where(t <= 0.0, 1.0, t))
+    p = _masked_softmax(vals, jnp.ones_like(vals, bool))
+    # v1: estimate the Zipf exponent s_hat from the m most probable tokens, then the k whose
+    # expected surprise is mu
+    i = jnp.arange(v - 1, dtype=jnp.float32)
+    ti = jnp.log((i + 2.0) / (i + 1.0))[None, :]
+    used = (jnp.arange(v - 1) < min(MIROSTAT_M - 1, v - 1))[None, :]
+    bi = jnp.log(p[:, :-1] / p[:, 1:])
+    s_hat = (jnp.sum(jnp.where(used, ti * bi, 0.0), axis=-1)
+             / jnp.sum(jnp.where(used, ti * ti, 0.0), axis=-1))
+    eps = s_hat - 1.0
+    kf = jnp.power((eps * jnp.power(2.0, mu)) / (1.0 - jnp.power(jnp.float32(v), -eps)),
+                   1.0 / s_hat)
+    # int(k) as x86 converts: out of range or NaN gives INT_MIN, so max(int(k), 1) is then 1
+    fits = jnp.isfinite(kf) & (kf < 2.0**31) & (kf > -(2.0**31))
+    k1 = jnp.maximum(jnp.where(fits, jnp.trunc(jnp.where(fits, kf, 0.0)), 1.0), 1.0)
+    keep1 = rank < k1[:, None]
+    # v2: drop from the first token whose surprise -log2(p) exceeds mu, keep at least one
+    over = -jnp.log2(p) > mu[:, None]
+    cut = jnp.min(jnp.where(over, rank, v), axis=-1, keepdims=True)
+    keep2 = rank < jnp.maximum(cut, 1)
+    keep = jnp.where((sp.mirostat == 1)[:, None], keep1, keep2)
+    return keep, _masked_softmax(vals, keep)
+
+
+def mirostat_update(p_tok: jax.Array, sp: BatchSampling, mu: jax.Array) -> jax.Array:
+    """mu after drawing a token of (renormalised) probability ``p_tok``: it moves by the
+    learning rate times the observed surprise's distance from the target."""
+    return mu - sp.mirostat_eta * (-jnp.log2(p_tok) - sp.mirostat_tau)
+
+
+def mirostat_candidates(logits: jax.Array, sp: BatchSampling, mu: jax.Array) -> jax.Array:
+    """Mirostat's draw distribution [B, V] (0 where truncated) for logits with the logit bias
+    applied: the inspectable form of ``sample_state``'s mirostat rows."""
+    vals, idx = _sorted_desc(logits.astype(jnp.float32))
+    _, p = _mirostat_sorted(vals, sp, mu)
+    b, v = vals.shape
+    return jnp.zeros((b, v), jnp.float32).at[jnp.arange(b)[:, None], idx].set(p)
+
+
+def _mirostat_draw(x: jax.Array, sp: BatchSampling, key: jax.Array, mu: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    vals, idx = _sorted_desc(x)
+    keep, p = _mirostat_sorted(vals, sp, mu)
+    choice = jax.vmap(jax.random.categorical)(key, jnp.where(keep, jnp.log(p), -jnp.inf))
+    p_tok = jnp.take_along_axis(p, choice[:, None], axis=-1)[:, 0]
+    tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return tok, mirostat_update(p_tok, sp, mu)
+
+
 def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
-           history: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
-    """Pick one token per row. logits [B, V] f32; key: one PRNG key per row [B, 2].
+           history: jax.Array | None = None, bias: jax.Array | None = None,
+           dry: jax.Array | None = None) -> jax.Array:
+    """``sample_state``'s tokens, for a request's first step (mirostat at its initial mu)."""
+    return sample_state(logits, sp, key, history, bias, dry)[0]
+
+
+def sample_state(logits: jax.Array, sp: BatchSampling, key: jax.Array,
+                 history: jax.Array | None = None, bias: jax.Array | None = None,
+                 dry: jax.Array | None = None, mu: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Pick one token per row and return it with each row's next mirostat mu (unchanged for
+    rows without mirostat). logits [B, V] f32; key: one PRNG key per row [B, 2]; ``dry``:
+    [B, V] DRY penalties (subtracted after the repetition penalties); ``mu``: [B] mirostat
+    state, None for a request's first step (2 * tau).
 
     A full sort of the vocabulary costs more than a small model's forward pass on CPU, so it is
-    only done when some row really needs it (top_k disabled or above ``TOPK_CAP``); an all-greedy
-    batch sorts nothing. The branches are exact, not approximations.
+    only done when some row really needs it (top_k disabled or above ``TOPK_CAP``, or
+    mirostat); an all-greedy batch sorts nothing. The branches are exact, not approximations.
     """
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias
+    if mu is None:
+        mu = 2.0 * sp.mirostat_tau
+    biased = logits
     if history is not None:
         logits = apply_penalties(logits, history, sp)
+    if dry is not None:
+        logits = logits - dry
     greedy_tok = first_argmax(logits)
+    miro = sp.mirostat > 0
     # plain greedy: no stage that could drop the top token before the temperature's argmax
+    # (mirostat rows are drawn apart, from the biased logits alone, as llama.cpp's chain does)
     plain = ((sp.temperature <= 0) & (sp.dynatemp_range <= 0) & (sp.typical_p >= 1.0)
-             & (sp.xtc_probability <= 0))
+             & (sp.xtc_probability <= 0)) | miro
     logits = jax.lax.cond(jnp.any(sp.top_n_sigma > 0.0), _top_n_sigma, lambda x, _: x,
                           logits, sp)
     b, v = logits.shape
@@ -280,4 +404,7 @@ def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
         return jax.lax.cond(small, partial_sort, full_sort)
 
     drawn = jax.lax.cond(jnp.all(plain), lambda: greedy_tok, sampled)
-    return jnp.where(plain, greedy_tok, drawn)
+    tok = jnp.where(plain, greedy_tok, drawn)
+    mtok, mmu = jax.lax.cond(jnp.any(miro), _mirostat_draw, lambda x, s_, k, m: (tok, m),
+                             biased, sp, key, mu)
+    return jnp.where(miro, mtok, tok), jnp.where(miro, mmu, mu).astype(jnp.float32)

@@ -24,7 +24,11 @@ def params_json(p: SamplingParams, n_predict: int | None, seed: int | None = Non
             "xtc_probability": p.xtc_probability, "xtc_threshold": p.xtc_threshold,
             "typical_p": p.typical_p, "repeat_last_n": p.repeat_last_n,
             "repeat_penalty": p.repeat_penalty, "presence_penalty": p.presence_penalty,
-            "frequency_penalty": p.frequency_penalty, "min_keep": p.min_keep,
+            "frequency_penalty": p.frequency_penalty, "dry_multiplier": p.dry_multiplier,
+            "dry_base": p.dry_base, "dry_allowed_length": p.dry_allowed_length,
+            "dry_penalty_last_n": p.dry_penalty_last_n, "mirostat": p.mirostat,
+            "mirostat_tau": p.mirostat_tau, "mirostat_eta": p.mirostat_eta,
+            "min_keep": p.min_keep,
             "max_tokens": n, "n_predict": n}
 
 
@@ -33,7 +37,10 @@ def generation_settings(opts: oa.GenOptions, eog: frozenset[int], model: str) ->
     if opts.ignore_eos:  # llama-server adds these (JSON has no -inf: null)
         bias.update({t: -math.inf for t in sorted(eog)})
     return {
-        **params_json(opts.params, opts.max_tokens), "ignore_eos": opts.ignore_eos,
+        **params_json(opts.params, opts.max_tokens),
+        # the full task_params::to_json has the breakers too (/props and /slots do not)
+        "dry_sequence_breakers": list(opts.params.dry_sequence_breakers),
+        "ignore_eos": opts.ignore_eos,
         "stream": opts.stream, "n_probs": opts.n_probs, "model": model,
         "stop": opts.stop, "grammar": opts.grammar or "",
         "logit_bias": [{"bias": None if math.isinf(v) else v,

@@ -228,6 +228,27 @@ def extended_sampling(body: dict) -> dict:
     mk = _int(body, "min_keep", None)
     if mk is not None:
         out["min_keep"] = max(mk, 0)
+    m = _int(body, "mirostat", None)
+    if m is not None:
+        out["mirostat"] = min(max(m, 0), 2)
+    for name in ("mirostat_tau", "mirostat_eta", "dry_multiplier"):
+        v = _num(body, name, None)
+        if v is not None:
+            out[name] = v
+    base = _num(body, "dry_base", None)
+    if base is not None:  # below 1 DRY would be off: llama-server takes the default instead
+        out["dry_base"] = base if base >= 1.0 else SamplingParams.dry_base
+    for name in ("dry_allowed_length", "dry_penalty_last_n"):  # hard limits: refused
+        v = _int(body, name, None, 0, 2**31 - 1)
+        if v is not None:
+            out[name] = v
+    if body.get("dry_sequence_breakers") is not None:
+        brk = body["dry_sequence_breakers"]
+        if (not isinstance(brk, list) or not brk
+                or not all(isinstance(x, str) for x in brk)):
+            raise bad("dry_sequence_breakers",
+                      "Error: dry_sequence_breakers must be a non-empty array of strings")
+        out["dry_sequence_breakers"] = tuple(brk)
     return out
 
 
@@ -269,10 +290,6 @@ def parse_common(body: dict, n_vocab: int, chat: bool = False,
         if rf["type"] == "text":
             rf = None
     grammar, schema = _constraint_fields(body, rf)
-    for name in ("mirostat", "dry_multiplier"):  # llama.cpp samplers with state: not built
-        if _num(body, name, 0.0):
-            raise bad(name, f"'{name}' is not supported by this server yet",
-                      "unsupported_parameter")
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=rp,
         frequency_penalty=fp, presence_penalty=pp, seed=seed,

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllama.engine.dry import penalty_row, process_breakers
 from jllama.engine.engine import PREFILL_CHUNK
 from jllama.engine.multimodal import prefill_image
-from jllama.engine.sampling import BatchSampling, SamplingParams, sample
+from jllama.engine.sampling import BatchSampling, SamplingParams, sample_state
 from jllama.server.metrics import Metrics
 from jllama.server.prompt_cache import PromptCache
 
@@ -181,6 +182,7 @@ class Scheduler:
         self._keys = np.zeros((self.n_slots, 2), np.uint32)
         self._bias_np = np.zeros((self.n_slots, self.n_vocab), np.float32)
         self._bias: jax.Array | None = None
+        self._dry_np: np.ndarray | None = None  # DRY penalty rows, filled per step when used
         self._first = jax.jit(_first_token)
         self._token_bytes: list[bytes] | None = None
         self._grammar_bytes: list[bytes] | None = None
@@ -426,10 +428,12 @@ class Scheduler:
         """Next token of a speculative request (it holds the only slot); False if there is none.
         Grammar-constrained requests take the usual path (they mask each step's logits), as do
         those asking for token probabilities or ignoring end of generation (per-step logits and
-        biases the speculative generator does not expose)."""
+        biases the speculative generator does not expose), and those using samplers its
+        acceptance test does not mirror (``SamplingParams.uses_extended``: mirostat, DRY,
+        typical-p, ...)."""
         a = self.slots[0] if self.speculative is not None else None
         if (a is None or a.req.constraint is not None or a.req.n_probs > 0 or a.req.ignore_eos
-                or a.req.prompt_items is not None):
+                or a.req.prompt_items is not None or a.req.params.uses_extended()):
             return False
         eng = self.engine
         if a.gen is None:
@@ -620,8 +624,12 @@ class Scheduler:
                 key = jnp.asarray(self._keys[b : b + 1])
                 bias = jnp.asarray(self._bias_np[b : b + 1])
                 hist = self.engine.history[b : b + 1]
-                tok = int(self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
-                                      bias)[0])
+                dry = self._dry_rows(None, [b])
+                dry = None if dry is None else jax.device_put(dry[b : b + 1])
+                toks, mu = self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
+                                       bias, dry)
+                tok = int(toks[0])
+                self.engine.mu[b] = float(mu[0])  # a request's mirostat starts here
             except Exception as e:  # this request's first draw broke: it alone ends
                 self._fail_request(b, a, e)
                 continue
@@ -651,8 +659,9 @@ class Scheduler:
         steps = np.array([a.req.completion_tokens if a is not None else 0 for a in self.slots],
                          np.int32)
         t0 = time.perf_counter()
+        dry = self._dry_rows(toks, np.nonzero(active)[0])
         nxt, logits = self.engine.step(toks, active, self._sp, jnp.asarray(self._keys), steps,
-                                       self._bias)
+                                       self._bias, None if dry is None else jax.device_put(dry))
         self.steps_run += 1
         host: list = []  # the step's logits on the host, fetched once if a request needs them
 
@@ -832,6 +841,25 @@ class Scheduler:
                     self._bias_np[b, t] = -np.inf
         self._keys[b] = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.slots[b].seed)))
 
+    def _dry_rows(self, last: np.ndarray | None, rows) -> np.ndarray | None:
+        """The DRY penalties of the slots in ``rows`` whose request uses DRY, from the tokens
+        their sampler has accepted: what the slot holds (the prompt, the output so far) and
+        ``last[b]``, the token this step feeds. None when no row uses DRY."""
+        users = [b for b in rows if self.slots[b] is not None
+                 and self.slots[b].req.params.uses_dry()]
+        if not users:
+            return None
+        if self._dry_np is None:
+            self._dry_np = np.zeros((self.n_slots, self.n_vocab), np.float32)
+        self._dry_np[:] = 0.0
+        for b in users:
+            p = self.slots[b].req.params
+            penalty_row(self.engine.tokens[b], p,
+                        process_breakers(self.tok, tuple(p.dry_sequence_breakers)),
+                        self.n_vocab, out=self._dry_np[b],
+                        then=[int(last[b])] if last is not None else [])
+        return self._dry_np
+
     def _ensure_batch(self) -> None:
         if not self._dirty:
             return
@@ -896,11 +924,12 @@ def _shift_allowed(llm, swa_full: bool) -> bool:
     return why is None
 
 
-def _first_token(logits, sp, keys, steps, history, bias):
-    """The engine's per-row sampling for the token after a prompt (step 0 of the request)."""
+def _first_token(logits, sp, keys, steps, history, bias, dry=None):
+    """The engine's per-row sampling for the token after a prompt (step 0 of the request):
+    the tokens and the rows' mirostat mu after them."""
     raw = jax.vmap(lambda k, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
-    return sample(logits[..., : bias.shape[-1]], sp, raw, history, bias)
+    return sample_state(logits[..., : bias.shape[-1]], sp, raw, history, bias, dry)
 
 
 def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:
