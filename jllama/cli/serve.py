@@ -112,7 +112,7 @@ class _Refuse(argparse.Action):
 _ACCEPTED = [
     (("-cb", "--cont-batching"), 0),  # jllama always batches continuously
     (("-ngl", "--gpu-layers", "--n-gpu-layers"), 1),  # JAX places the whole model on its device
-    (("--offline",), 0), (("-v", "--verbose", "--log-verbose"), 0),
+    (("--offline",), 0),
     (("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"), "?"),
     (("--no-ui", "--no-webui"), 0),  # jllama serves no web UI
     (("--no-mmproj", "--no-mmproj-auto"), 0),  # jllama loads a projector only with --mmproj
@@ -204,7 +204,8 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-effort", default=None,
                    help="reasoning_effort for the chat template ('default': the template's)")
     g.add_argument("--chat-template", default=None,
-                   help="a Jinja chat template (or 'chatml') instead of the GGUF's")
+                   help="a Jinja chat template, or the name of one of llama.cpp's built-in "
+                   "templates (chatml, llama3, gemma, command-r, ...), instead of the GGUF's")
     g.add_argument("--chat-template-file", default=None,
                    help="a file holding a Jinja chat template instead of the GGUF's")
     g.add_argument("--chat-template-kwargs", default=None,
@@ -231,6 +232,9 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ub", "--ubatch-size", type=int, default=None,
                    help="an encoder's input limit in tokens, as llama-server's physical batch "
                    "(default 512, at most -b)")
+    g.add_argument("-v", "--verbose", "--log-verbose", dest="verbose", action="store_true",
+                   help="llama-server's debug answers: every request's 'verbose' defaults to "
+                   "true (whole answers carry '__verbose')")
     g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true", default=None)
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
     for flags, nargs in _ACCEPTED:
@@ -613,6 +617,8 @@ def run(args) -> int:
     settings = settings_from_config(cfg, alias, keys, tags)
     for k, v in chat_fields.items():
         setattr(settings, k, v)
+    if args.verbose:  # llama-server: params.verbose = verbosity > 9, a request may override it
+        settings.defaults["verbose"] = True
     if chat_template is not None:
         llm.tokenizer.chat_template = chat_template
     state = ServerState(llm, settings, encoder=embedder)
@@ -627,6 +633,7 @@ def _chat_flags(args) -> tuple[dict, str | None]:
     template that replaces the GGUF's or None), checked before the model loads."""
     from jllama.errors import ConfigError
     from jllama.tokenizer.chat import CHATML_TEMPLATE
+    from jllama.tokenizer.chat_builtin import BUILTIN_TEMPLATES, is_builtin
 
     kwargs = {}
     if args.chat_template_kwargs is not None:
@@ -655,11 +662,14 @@ def _chat_flags(args) -> tuple[dict, str | None]:
     elif args.chat_template is not None:
         if args.chat_template == "chatml":
             template = CHATML_TEMPLATE
+        elif is_builtin(args.chat_template):  # rendered as llama.cpp's llama_chat_apply_template
+            template = args.chat_template
         elif "{{" in args.chat_template or "{%" in args.chat_template:
             template = args.chat_template
         else:
-            raise ConfigError(f"--chat-template {args.chat_template}: jllama knows 'chatml' or "
-                              "a Jinja template text (or use --chat-template-file)")
+            raise ConfigError(f"--chat-template {args.chat_template}: not one of llama.cpp's "
+                              f"built-in templates ({', '.join(BUILTIN_TEMPLATES)}) nor a Jinja "
+                              "template text (or use --chat-template-file)")
     if template is not None:
         from jllama.tokenizer.chat import ChatTemplateError, check_template
 
