@@ -148,6 +148,10 @@ def _by_role(parts: dict[str, Callable[[str], str]], gen: str) -> Callable[[Msgs
     return _simple(lambda r, c: parts[r](c) if r in parts else "", gen)
 
 
+def _trimmed(before: str, after: str) -> Callable[[str], str]:
+    return lambda c: before + _trim(c) + after
+
+
 def _minicpm(m: Msgs, add: bool) -> str:
     return "".join(f"<用户>{_trim(c)}<AI>" if r == "user" else _trim(c) for r, c in m)
 
@@ -337,8 +341,7 @@ _TEMPLATES: dict[str, Callable[[Msgs, bool], str]] = {
                           "<｜Assistant｜>"),
     "deepseek-ocr": lambda m, add: "".join(c for _, c in m),
     "command-r": _by_role(
-        {r: (lambda t: lambda c: f"<|START_OF_TURN_TOKEN|><|{t}_TOKEN|>{_trim(c)}"
-             "<|END_OF_TURN_TOKEN|>")(t)
+        {r: _trimmed(f"<|START_OF_TURN_TOKEN|><|{t}_TOKEN|>", "<|END_OF_TURN_TOKEN|>")
          for r, t in (("system", "SYSTEM"), ("user", "USER"), ("assistant", "CHATBOT"))},
         "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"),
     "llama3": _simple(lambda r, c: f"<|start_header_id|>{r}<|end_header_id|>\n\n{_trim(c)}"
@@ -351,7 +354,7 @@ _TEMPLATES: dict[str, Callable[[Msgs, bool], str]] = {
     "minicpm": _minicpm,
     "exaone3": _exaone(False),
     "exaone4": _exaone(True),
-    "exaone-moe": _by_role({r: (lambda r: lambda c: f"<|{r}|>\n{_trim(c)}<|endofturn|>\n")(r)
+    "exaone-moe": _by_role({r: _trimmed(f"<|{r}|>\n", "<|endofturn|>\n")
                             for r in ("system", "user", "assistant", "tool")},
                            "<|assistant|>\n"),
     "rwkv-world": _rwkv,
