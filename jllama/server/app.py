@@ -987,7 +987,7 @@ class Handlers:
                                 last = k == len(deltas) - 1
                                 yield chunk(d, probs=ev.probs if last else None,
                                             **(tm() if last else {}))
-                            if not deltas and (ev.probs or per_token):
+                            if not deltas and ev.probs:  # (llama-server: no chunk)
                                 yield chunk({"content": ""}, probs=ev.probs, **tm())
                     elif ev.kind == "done":
                         finish = ev.finish
