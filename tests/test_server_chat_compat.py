@@ -228,3 +228,23 @@ def test_apply_template_with_builtin_name(srv):
         "<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are a test.<|END_OF_TURN_TOKEN|>"
         "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi there<|END_OF_TURN_TOKEN|>"
         "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>")
+
+
+def test_resumable_stream(srv):
+    """llama-server's resumable streams on a single-model server (server-stream.cpp): a
+    streamed answer with X-Conversation-Id replays byte for byte from GET /v1/stream, from any
+    offset; DELETE stops and drops it (204, idempotent); then 404. Missing id: 400."""
+    conv = "conv-1::org/model"
+    qs = "conv_id=conv-1%3A%3Aorg%2Fmodel"
+    r = srv.http.post("/v1/chat/completions", headers={"X-Conversation-Id": conv}, json={
+        "messages": [{"role": "user", "content": "test"}], "max_tokens": 4, "stream": True})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    g = srv.http.get(f"/v1/stream?{qs}&from=0")
+    assert g.status_code == 200 and g.text == r.text
+    assert srv.http.get(f"/v1/stream?{qs}&from=6").text == r.text[6:]
+    assert srv.http.post("/v1/streams/lookup", json={"conversation_ids": ["conv-1"]}).json()[0][
+        "total_bytes"] == len(r.content)
+    assert srv.http.delete(f"/v1/stream?{qs}").status_code == 204
+    assert srv.http.delete(f"/v1/stream?{qs}").status_code == 204
+    assert srv.http.get(f"/v1/stream?{qs}&from=0").status_code == 404
+    assert srv.http.get("/v1/stream").status_code == 400

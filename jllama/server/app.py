@@ -33,7 +33,7 @@ from jllama.server import anthropic as anth
 from jllama.server import chat_formats as cf
 from jllama.server import embeddings as emb
 from jllama.server import infill as inf
-from jllama.server import media, slot_state
+from jllama.server import media, slot_state, streams
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
 from jllama.server import responses as resp
@@ -108,6 +108,7 @@ class ServerState:
         self.created = oa.now()
         self.ctx_size = llm.engine.ctx_size if llm is not None else encoder.n_ctx
         self.tokenizer = llm.tokenizer if llm is not None else encoder.tokenizer
+        self.streams = streams.Sessions()  # resumable answers (X-Conversation-Id)
 
     def warmup(self) -> None:
         """Compile prefill, first-token sampling and the batched step before the first request
@@ -518,12 +519,27 @@ class Handlers:
 
     def _generating(self, fn):
         if self.state.llm is not None:
-            return fn
+            async def resumable(request: Request) -> Response:
+                return streams.detach(self.state.streams, request, await fn(request))
+            return resumable
 
         async def refuse(request: Request) -> Response:
             raise emb.server_error((501, "not_supported_error"), "This server does not support "
                                    "completions. Start it without `--embeddings`")
         return refuse
+
+    async def stream_get(self, request: Request) -> Response:
+        return await self._run(request, "/v1/stream",
+                               lambda r: streams.get_route(self.state.streams, r))
+
+    async def stream_delete(self, request: Request) -> Response:
+        async def fn(request):
+            return streams.delete_route(self.state.streams, request)
+        return await self._run(request, "/v1/stream", fn)
+
+    async def streams_lookup(self, request: Request) -> Response:
+        return await self._run(request, "/v1/streams/lookup",
+                               lambda r: streams.lookup_route(self.state.streams, r))
 
     async def embeddings_oai(self, request: Request) -> Response:
         return await self._run(request, "/v1/embeddings", self._embeddings_oai)
@@ -1492,6 +1508,8 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/responses/input_tokens", h.responses_tokens, ["POST"]),
         ("/infill", h.infill, ["POST"]),
         ("/cors-proxy", h.cors_proxy, ["GET", "POST"]),
+        ("/v1/stream", h.stream_get, ["GET"]), ("/v1/stream", h.stream_delete, ["DELETE"]),
+        ("/v1/streams/lookup", h.streams_lookup, ["POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
     if state.settings.gcp is not None:

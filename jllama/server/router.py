@@ -54,6 +54,7 @@ from starlette.routing import Route
 
 from jllama.errors import ConfigError
 from jllama.server import openai_schema as oa
+from jllama.server import streams
 from jllama.server.app import HttpRules, ServerSettings, check_auth, error_response, json_body
 from jllama.server.openai_schema import ApiError
 from jllama.server.streams import CONV_HEADER, Sessions
@@ -754,8 +755,10 @@ class RouterHandlers:
             if r.fake_timing:  # after req_count++: the model counts as busy meanwhile
                 await asyncio.sleep(2)
             path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            # the router keeps the conversation's session: the child's answer stays bound to
+            # this connection, which a stop shuts
             headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP
-                       and k.lower() != "accept-encoding"}
+                       and k.lower() not in ("accept-encoding", CONV_HEADER)}
             conn, resp = await asyncio.to_thread(_open, m.port, request.method, path, headers,
                                                  body, r.cfg.settings.timeout)
         except BaseException as e:
@@ -830,51 +833,22 @@ class RouterHandlers:
         return await self._run(request, fn)
 
     # ------------------------------------------------------- resumable streams (streams.py)
-    def _conv_id(self, request: Request) -> str:
-        conv = request.query_params.get("conv_id", "")
-        if not conv:
-            raise ApiError(400, "Missing conversation id in path")
-        return conv
+    def _conv_loading(self, conv_id: str) -> bool:
+        name = self.r.streams.model_of(conv_id)
+        m = self.r.models.get(name) if name is not None else None
+        return m is not None and m.status == "loading"
 
     async def stream_get(self, request: Request) -> Response:
-        async def fn(request):
-            conv = self._conv_id(request)
-            sess = self.r.streams.get(conv)
-            if sess is None:
-                name = self.r.streams.model_of(conv)
-                m = self.r.models.get(name) if name is not None else None
-                if m is not None and m.status == "loading":
-                    raise ApiError(503, "Stream owner model is loading, retry later",
-                                   type_="unavailable_error")
-                raise ApiError(404, "Stream not found or expired")
-            frm = request.query_params.get("from", "")
-            try:
-                offset = int(frm) if frm else 0
-                if offset < 0:
-                    raise ValueError
-            except ValueError:
-                raise ApiError(400, "Invalid 'from' offset") from None
-            if offset < sess.dropped:
-                raise ApiError(400, "Stream offset lost, please restart")
-            return StreamingResponse(sess.read_from(offset), media_type="text/event-stream")
-        return await self._run(request, fn)
+        return await self._run(request, lambda r: streams.get_route(self.r.streams, r,
+                                                                     self._conv_loading))
 
     async def stream_delete(self, request: Request) -> Response:
         async def fn(request):
-            self.r.streams.stop(self._conv_id(request))
-            return Response(status_code=204)
+            return streams.delete_route(self.r.streams, request)
         return await self._run(request, fn)
 
     async def streams_lookup(self, request: Request) -> Response:
-        async def fn(request):
-            try:
-                body = json.loads(await request.body() or b"{}")
-            except ValueError as e:
-                raise ApiError(400, f"invalid body: {e}") from None
-            ids = body.get("conversation_ids") if isinstance(body, dict) else None
-            ids = [i for i in ids if isinstance(i, str) and i] if isinstance(ids, list) else []
-            return JSONResponse(self.r.streams.lookup(ids))
-        return await self._run(request, fn)
+        return await self._run(request, lambda r: streams.lookup_route(self.r.streams, r))
 
     async def models(self, request: Request) -> Response:
         async def fn(request):

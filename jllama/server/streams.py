@@ -8,10 +8,11 @@ replays the buffer from byte N and follows the live bytes until the answer ends;
 session; ``POST /v1/streams/lookup`` reports the sessions of the ids a client names. A finished
 session is kept STREAM_TTL_S seconds.
 
-jllama keeps these sessions in the router (``jllama serve --models-dir/--models-preset``), which
-sees every byte it forwards, and maps a conversation to its model from the moment the request
-arrives, so a stop during the model's load cancels the parked request (llama-server's
-conv_models map).
+A single-model ``jllama serve`` detaches its generating endpoints' streamed answers into
+sessions (``detach``); the router (``--models-dir/--models-preset``) keeps the sessions of what
+it forwards itself (its children get no X-Conversation-Id) and maps a conversation to its model
+from the moment the request arrives, so a stop during the model's load cancels the parked
+request (llama-server's conv_models map).
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Callable
+
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from jllama.server.openai_schema import ApiError
 
 STREAM_TTL_S = 300  # STREAM_SESSION_TTL_SECONDS
 STREAM_MAX_BYTES = 4 * 1024 * 1024  # STREAM_SESSION_MAX_BYTES
@@ -85,6 +91,7 @@ class Sessions:
     def __init__(self):
         self.sessions: dict[str, Session] = {}
         self.conv_models: dict[str, tuple[str, int]] = {}  # conv -> (model, ticket)
+        self.tasks: set = set()  # producers of detached answers (kept referenced)
         self._tickets = itertools.count(1)
 
     # conversation -> model (llama-server's conv_models)
@@ -144,3 +151,76 @@ class Sessions:
                                 "total_bytes": s.total, "started_at": s.started,
                                 "completed_at": int(s.completed or 0)})
         return out
+
+
+# ---------------------------------------------------------------------------- HTTP side
+def detach(sessions: Sessions, request, resp):
+    """A generating endpoint's streamed answer, when its request carries X-Conversation-Id:
+    a task of its own drains the answer into a new session (the generation then survives the
+    client's hang-up; cancelling the task ends the generation) and the client reads the session
+    live. Any other answer is returned as is."""
+    conv = request.headers.get(CONV_HEADER)
+    if not conv or not isinstance(resp, StreamingResponse) or resp.status_code != 200:
+        return resp
+    sess = sessions.create(conv)
+    body = resp.body_iterator
+
+    async def produce():
+        try:
+            async for part in body:
+                sess.append(part.encode() if isinstance(part, str) else bytes(part))
+        finally:
+            sess.finish()
+
+    task = asyncio.get_running_loop().create_task(produce())
+    sessions.tasks.add(task)
+    task.add_done_callback(sessions.tasks.discard)
+    sess.stop = task.cancel
+    headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-length"}
+    return StreamingResponse(sess.read_from(0), status_code=200, headers=headers)
+
+
+def _conv_id(request) -> str:
+    conv = request.query_params.get("conv_id", "")
+    if not conv:
+        raise ApiError(400, "Missing conversation id in path")
+    return conv
+
+
+async def get_route(sessions: Sessions, request, loading: Callable[[str], bool] | None = None):
+    """GET /v1/stream?conv_id=ID&from=N: the session's bytes from N on, live until it ends;
+    404 for none (503 while ``loading(ID)``: the router's model for it is loading)."""
+    conv = _conv_id(request)
+    sess = sessions.get(conv)
+    if sess is None:
+        if loading is not None and loading(conv):
+            raise ApiError(503, "Stream owner model is loading, retry later",
+                           type_="unavailable_error")
+        raise ApiError(404, "Stream not found or expired")
+    frm = request.query_params.get("from", "")
+    try:
+        offset = int(frm) if frm else 0
+        if offset < 0:
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, "Invalid 'from' offset") from None
+    if offset < sess.dropped:
+        raise ApiError(400, "Stream offset lost, please restart")
+    return StreamingResponse(sess.read_from(offset), media_type="text/event-stream")
+
+
+def delete_route(sessions: Sessions, request):
+    """DELETE /v1/stream?conv_id=ID: the explicit stop (idempotent, 204)."""
+    sessions.stop(_conv_id(request))
+    return Response(status_code=204)
+
+
+async def lookup_route(sessions: Sessions, request):
+    """POST /v1/streams/lookup {"conversation_ids": [...]}: those ids' sessions only."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError as e:
+        raise ApiError(400, f"invalid body: {e}") from None
+    ids = body.get("conversation_ids") if isinstance(body, dict) else None
+    ids = [i for i in ids if isinstance(i, str) and i] if isinstance(ids, list) else []
+    return JSONResponse(sessions.lookup(ids))
