@@ -248,7 +248,7 @@ def test_more_images_than_the_context(files, server):
     r = c.post("/v1/chat/completions", json={"max_tokens": 1, "messages": [
         {"role": "user", "content": parts}]})
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["type"] == "exceed_context_size_error"
     assert _chat(c, url).status_code == 200
 
 

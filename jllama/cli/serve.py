@@ -201,7 +201,8 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-effort", default=None,
                    help="reasoning_effort for the chat template ('default': the template's)")
     g.add_argument("--chat-template", default=None,
-                   help="a Jinja chat template (or 'chatml') instead of the GGUF's")
+                   help="a Jinja chat template, or the name of one of llama.cpp's built-in "
+                   "templates (chatml, llama3, gemma, command-r, ...), instead of the GGUF's")
     g.add_argument("--chat-template-file", default=None,
                    help="a file holding a Jinja chat template instead of the GGUF's")
     g.add_argument("--chat-template-kwargs", default=None,
@@ -264,7 +265,8 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
                    "and empty them with --kv-unified (default; needs --cache-ram)")
     g.add_argument("--no-cache-idle-slots", dest="cache_idle_slots", action="store_false")
     g.add_argument("-v", "--verbose", "--log-verbose", dest="verbose", action="store_true",
-                   help="the server's debug log on stderr")
+                   help="the server's debug log on stderr, and llama-server's debug answers: "
+                   "every request's 'verbose' defaults to true (whole answers carry '__verbose')")
     g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true", default=None)
     g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
     for flags, nargs in _ACCEPTED:
@@ -719,6 +721,8 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
     settings = settings_from_config(cfg, alias, keys, tags)
     for k, v in chat_fields.items():
         setattr(settings, k, v)
+    if args.verbose:  # llama-server: params.verbose = verbosity > 9, a request may override it
+        settings.defaults["verbose"] = True
     if chat_template is not None:
         llm.tokenizer.chat_template = chat_template
     settings.__dict__.update(agent_fields)
@@ -734,6 +738,7 @@ def _chat_flags(args) -> tuple[dict, str | None]:
     template that replaces the GGUF's or None), checked before the model loads."""
     from jllama.errors import ConfigError
     from jllama.tokenizer.chat import CHATML_TEMPLATE
+    from jllama.tokenizer.chat_builtin import BUILTIN_TEMPLATES, is_builtin
 
     kwargs = {}
     if args.chat_template_kwargs is not None:
@@ -762,11 +767,14 @@ def _chat_flags(args) -> tuple[dict, str | None]:
     elif args.chat_template is not None:
         if args.chat_template == "chatml":
             template = CHATML_TEMPLATE
+        elif is_builtin(args.chat_template):  # rendered as llama.cpp's llama_chat_apply_template
+            template = args.chat_template
         elif "{{" in args.chat_template or "{%" in args.chat_template:
             template = args.chat_template
         else:
-            raise ConfigError(f"--chat-template {args.chat_template}: jllama knows 'chatml' or "
-                              "a Jinja template text (or use --chat-template-file)")
+            raise ConfigError(f"--chat-template {args.chat_template}: not one of llama.cpp's "
+                              f"built-in templates ({', '.join(BUILTIN_TEMPLATES)}) nor a Jinja "
+                              "template text (or use --chat-template-file)")
     if template is not None:
         from jllama.tokenizer.chat import ChatTemplateError, check_template
 

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from jllama.engine.sampling import SamplingParams
-from jllama.server import agent, media, slot_state
+from jllama.server import agent, media, slot_state, streams
 from jllama.server import anthropic as anth
 from jllama.server import chat_formats as cf
 from jllama.server import cors_proxy as cp
@@ -146,6 +146,7 @@ class ServerState:
         self.created = oa.now()
         self.ctx_size = llm.engine.ctx_size if llm is not None else encoder.n_ctx
         self.tokenizer = llm.tokenizer if llm is not None else encoder.tokenizer
+        self.streams = streams.Sessions()  # resumable answers (X-Conversation-Id)
 
     @property
     def sleeping(self) -> bool:
@@ -426,10 +427,14 @@ def check_prompt(state: ServerState, ids: list[int]) -> None:
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
     n = prompt_length(ids)
-    if n >= state.ctx_size:  # llama-server's words (with or without context shift)
-        raise ApiError(400, f"request ({n} tokens) exceeds the available context size "
-                       f"({state.ctx_size} tokens), try increasing it",
-                       param="messages", code="context_length_exceeded")
+    if n >= state.ctx_size:
+        # llama-server's words and error (ERROR_TYPE_EXCEED_CONTEXT_SIZE: code 400, with the
+        # prompt's length and the slot's context), with or without context shift
+        e = emb.server_error((400, "exceed_context_size_error"),
+                             f"request ({n} tokens) exceeds the available context size "
+                             f"({state.ctx_size} tokens), try increasing it")
+        e.extra = {"n_prompt_tokens": n, "n_ctx": state.ctx_size}
+        raise e
 
 
 # ---------------------------------------------------------------------------- generation
@@ -507,6 +512,16 @@ async def collect(request: Request, job: Job, first: Event) -> tuple[str, Event]
     return "".join(parts), ev
 
 
+def job_timings(job: Job, done: Event | None = None) -> dict:
+    """llama-server's result_timings of a request so far (``done``: its last event)."""
+    now = time.monotonic()
+    t_first = job.t_first or now
+    req = job.req
+    return nat.timings(req.cached_tokens, max(len(req.prompt_ids) - req.cached_tokens, 0),
+                       t_first - job.t0, done.completion_tokens if done is not None
+                       else req.completion_tokens, now - t_first)
+
+
 def usage_of(ev: Event) -> dict:
     return oa.usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
 
@@ -578,12 +593,27 @@ class Handlers:
 
     def _generating(self, fn):
         if self.state.llm is not None:
-            return fn
+            async def resumable(request: Request) -> Response:
+                return streams.detach(self.state.streams, request, await fn(request))
+            return resumable
 
         async def refuse(request: Request) -> Response:
             raise emb.server_error((501, "not_supported_error"), "This server does not support "
                                    "completions. Start it without `--embeddings`")
         return refuse
+
+    async def stream_get(self, request: Request) -> Response:
+        return await self._run(request, "/v1/stream",
+                               lambda r: streams.get_route(self.state.streams, r))
+
+    async def stream_delete(self, request: Request) -> Response:
+        async def fn(request):
+            return streams.delete_route(self.state.streams, request)
+        return await self._run(request, "/v1/stream", fn)
+
+    async def streams_lookup(self, request: Request) -> Response:
+        return await self._run(request, "/v1/streams/lookup",
+                               lambda r: streams.lookup_route(self.state.streams, r))
 
     async def embeddings_oai(self, request: Request) -> Response:
         return await self._run(request, "/v1/embeddings", self._embeddings_oai)
@@ -908,9 +938,12 @@ class Handlers:
         ss = st.settings
         messages = oa.parse_messages(body, images, ss.media_marker, allow_empty)
         template = st.llm.tokenizer.chat_template or CHATML_TEMPLATE
+        add_gen = body.get("add_generation_prompt", True) is not False
+        cont = oa.continuation(body, messages)
+        if cont is not None:  # common_chat_templates_apply: the rest, its generation prompt,
+            messages, add_gen = messages[:-1], True  # then the final message's text
         plan = tl.plan_chat(body, messages, tools, choice, template, ss.reasoning_format,
                             ss.reasoning, ss.reasoning_budget, ss.template_kwargs)
-        add_gen = body.get("add_generation_prompt", True) is not False
         try:
             text = await run_in_threadpool(render_prompt, st.llm, plan.messages,
                                            plan.template_tools, plan.context, add_gen)
@@ -919,7 +952,10 @@ class Handlers:
         except Exception as e:  # jinja raise_exception(...) or a template bug
             raise ApiError(400, f"the chat template rejected the messages: {e}",
                            param="messages", code="invalid_messages") from None
-        return text, cf.generation_prompt(text, bare), plan
+        gen = cf.generation_prompt(text, bare)
+        if cont is not None:
+            text, gen = text + cont, gen + cont
+        return text, gen, plan
 
     async def _apply_template(self, request: Request) -> Response:
         """llama-server's /apply-template: the chat prompt a request would get."""
@@ -977,7 +1013,8 @@ class Handlers:
         if opts.n > 1:
             return await self._many(request, ids, opts, lambda: make_constraint(st, opts, tool),
                                     chat=True, forced=forced, tools=tools, reply=reply)
-        job = submit(st, ids, opts, make_constraint(st, opts, tool))
+        job = submit(st, ids, opts, make_constraint(st, opts, tool),
+                     progress=opts.stream and body.get("return_progress") is True)
         job.rid, job.created = oa.new_id("chatcmpl"), oa.now()
         try:
             first = await first_event(request, job)
@@ -1000,11 +1037,19 @@ class Handlers:
             out = oa.chat_response(job.rid, job.model, job.created, content, calls or None,
                                    finish, usage_of(done), oa.logprobs_of(job.probs),
                                    reasoning)
+            out["timings"] = job_timings(job, done)  # llama-server: a final result's stats
             return JSONResponse(self._verbose(body, out, job, opts, ids, text, done))
+        # llama-server: timings on every chunk group's last chunk with timings_per_token (and
+        # always on the final group's last chunk); progress chunks repeat the role delta
+        per_token = body.get("timings_per_token") is True
 
-        def chunk(delta: dict, finish: str | None = None, probs: list | None = None) -> str:
-            return sse(oa.chat_chunk(job.rid, job.model, job.created, delta, finish,
-                                     logprobs=oa.logprobs_of(probs)))
+        def chunk(delta: dict, finish: str | None = None, probs: list | None = None,
+                  **extra) -> str:
+            return sse({**oa.chat_chunk(job.rid, job.model, job.created, delta, finish,
+                                        logprobs=oa.logprobs_of(probs)), **extra})
+
+        def tm() -> dict:
+            return {"timings": job_timings(job)} if per_token else {}
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -1014,31 +1059,48 @@ class Handlers:
                     call = tl.make_call(forced, "")
                     yield chunk({"tool_calls": [{"index": 0, **call}]})
                 async for ev in self._stream_events(request, job, first):
-                    if ev.kind == "text":
+                    if ev.kind == "progress":
+                        yield chunk({"role": "assistant", "content": None}, **tm(),
+                                    prompt_progress={"total": ev.prompt_tokens,
+                                                     "cache": ev.cached_tokens,
+                                                     "processed": ev.processed,
+                                                     "time_ms": ev.seconds * 1e3})
+                        job.t_first = time.monotonic()  # prompt timings end at the last one
+                    elif ev.kind == "text":
                         if forced is not None:
                             yield chunk({"tool_calls": [{"index": 0, "function":
                                                          {"arguments": ev.text}}]},
-                                        probs=ev.probs)
+                                        probs=ev.probs, **tm())
                         else:
                             deltas = reply.feed(ev.text)
                             for k, d in enumerate(deltas):
-                                yield chunk(d, probs=ev.probs if k == len(deltas) - 1 else None)
-                            if not deltas and ev.probs:
-                                yield chunk({"content": ""}, probs=ev.probs)
+                                last = k == len(deltas) - 1
+                                yield chunk(d, probs=ev.probs if last else None,
+                                            **(tm() if last else {}))
+                            if not deltas and ev.probs:  # (llama-server: no chunk)
+                                yield chunk({"content": ""}, probs=ev.probs, **tm())
                     elif ev.kind == "done":
                         finish = ev.finish
                         if forced is not None and finish == "stop":
                             finish = "tool_calls"
+                        group: list[dict] = []
                         if forced is None:
                             deltas, called = reply.finish()
-                            for d in deltas:
-                                yield chunk(d)
+                            group += [oa.chat_chunk(job.rid, job.model, job.created, d)
+                                      for d in deltas]
                             if called:
                                 finish = "tool_calls" if finish == "stop" else finish
-                        yield chunk({}, finish)
+                        group.append(oa.chat_chunk(job.rid, job.model, job.created, {}, finish))
                         if job.include_usage:
-                            yield sse(oa.chat_chunk(job.rid, job.model, job.created, {},
-                                                    usage_=usage_of(ev), choices=False))
+                            group.append(oa.chat_chunk(job.rid, job.model, job.created, {},
+                                                       usage_=usage_of(ev), choices=False))
+                        group[-1]["timings"] = job_timings(job, ev)
+                        if body.get("verbose") is True:
+                            # streamed: the text already went out, as llama-server's
+                            group[0] = {**group[0], "__verbose": self._verbose(
+                                body, {}, job, opts, ids, "", ev)["__verbose"]}
+                        for d in group:
+                            yield sse(d)
                     else:
                         yield sse(ApiError(ev.status, ev.message).body())
                 yield "data: [DONE]\n\n"
@@ -1115,12 +1177,7 @@ class Handlers:
             raise
 
         def timings(done: Event | None = None) -> dict:
-            now = time.monotonic()
-            t_first = job.t_first or now
-            req = job.req
-            return nat.timings(req.cached_tokens, max(len(req.prompt_ids) - req.cached_tokens, 0),
-                               t_first - job.t0, done.completion_tokens if done is not None
-                               else req.completion_tokens, now - t_first)
+            return job_timings(job, done)
 
         def outcome(text: str, done: Event) -> oa.ChatOutcome:
             # the reply read as /v1/chat/completions reads it (the template's tool-call format;
@@ -1207,9 +1264,10 @@ class Handlers:
 
     def _verbose(self, body: dict, out: dict, job: Job, opts: oa.GenOptions, ids: list,
                  text: str, done: Event) -> dict:
-        """llama-server's request field ``verbose``: a whole (non-streamed) OpenAI answer
-        carries ``__verbose``, the answer in its own /completion shape (the prompt as text,
-        generation_settings, timings). Streamed answers do not carry it here."""
+        """llama-server's request field ``verbose`` (default: the server's --verbose): a whole
+        OpenAI answer carries ``__verbose``, the answer in its own /completion shape (the
+        prompt as text, generation_settings, timings); a streamed chat answer carries it on
+        its final chunk group's first chunk."""
         if body.get("verbose") is True:
             st = self.state
             settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
@@ -1525,6 +1583,8 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         ("/infill", h.infill, ["POST"]),
         ("/cors-proxy", h.cors_proxy, ["GET", "POST"]),
         ("/tools", h.tools, ["GET", "POST"]),
+        ("/v1/stream", h.stream_get, ["GET"]), ("/v1/stream", h.stream_delete, ["DELETE"]),
+        ("/v1/streams/lookup", h.streams_lookup, ["POST"]),
     ):
         routes.append(Route(path, fn, methods=methods))
     if state.settings.gcp is not None:

@@ -389,6 +389,39 @@ def parse_messages(body: dict, images: list | None = None, marker: str = "",
     return out
 
 
+def continuation(body: dict, messages: list[dict]) -> str | None:
+    """The text of the final assistant message that the reply continues, or None: llama-server's
+    ``continue_final_message`` (true, "content" or "reasoning_content"), or its prefill of a
+    conversation that ends with an assistant message (prefill_assistant, on by default). Its
+    text parts are joined by blank lines (common_chat_msg::render_content). Refuses what
+    llama-server refuses (oaicompat_chat_params_parse): two assistant messages at the end, a
+    continuation with add_generation_prompt, continuing a message with tool calls."""
+    cfm = body.get("continue_final_message")
+    explicit = cfm is True or cfm in ("content", "reasoning_content")
+    add_gen = body.get("add_generation_prompt", True) is not False
+    ends_assistant = bool(messages) and messages[-1]["role"] == "assistant"
+    if not explicit and ends_assistant:
+        if len(messages) >= 2 and messages[-2]["role"] == "assistant":
+            raise bad("messages", "Cannot have 2 or more assistant messages at the end of the "
+                      "list.")
+        add_gen = False
+    elif not explicit:
+        return None
+    if add_gen:
+        raise bad("continue_final_message", "Cannot set both add_generation_prompt and "
+                  "continue_final_message to true.")
+    if not ends_assistant:
+        return None  # llama.cpp renders the conversation without a generation prompt
+    if messages[-1].get("tool_calls"):
+        raise bad("messages", "Cannot continue an assistant message that contains tool calls.")
+    raw = body["messages"][-1].get("content")
+    if isinstance(raw, list):
+        return "\n\n".join(p["text"] for p in raw
+                            if isinstance(p, dict) and p.get("type") in ("text", "input_text")
+                            and isinstance(p.get("text"), str) and p["text"])
+    return raw if isinstance(raw, str) else ""
+
+
 def parse_tools(body: dict) -> tuple[list[dict] | None, Any]:
     tools = body.get("tools")
     choice = body.get("tool_choice")

@@ -26,7 +26,8 @@ names without dashes: ``model``, ``mmproj``, ``c``, ...; plus ``load-on-startup`
 ``stop-timeout``; llama.cpp's LLAMA_ARG_* environment names as keys are not taken). Precedence
 as llama-server: the router's own command line, then the model's section, then ``[*]``. Not
 built: llama-server's Hugging Face cache as a source, downloads (POST/DELETE /models,
-/models/sse) and resumable streams (/v1/stream).
+/models/sse). Resumable streams (X-Conversation-Id, /v1/stream) are kept here, in the router
+(jllama/server/streams.py).
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ from jllama.errors import ConfigError
 from jllama.server import agent
 from jllama.server import cors_proxy as cp
 from jllama.server import openai_schema as oa
+from jllama.server import streams
 from jllama.server.app import HttpRules, ServerSettings, check_auth, error_response, json_body
 from jllama.server.openai_schema import ApiError
+from jllama.server.streams import CONV_HEADER, Sessions
 
 CHILD_HOST = "127.0.0.1"
 SLEEP_PROBE_S = 0.5  # how often the router reads a loaded child's sleeping state
@@ -234,6 +237,7 @@ class Router:
     def __init__(self, cfg: RouterConfig):
         self.cfg = cfg
         self.fake_timing = bool(os.environ.get(FAKE_TIMING_ENV, "").strip())
+        self.streams = Sessions()  # resumable streams (X-Conversation-Id), jllama/server/streams
         self.models: dict[str, Model] = {}
         # requests for a model that is not running: [name, n_waiters, loading] in arrival order
         self.queue: list[list] = []
@@ -695,6 +699,7 @@ class RouterHandlers:
     def __init__(self, router: Router):
         self.r = router
         self.auth = _Auth(router.cfg.settings)
+        self._tasks: set[asyncio.Task] = set()  # session producers (kept referenced)
 
     async def _run(self, request: Request, fn, auth: bool = True) -> Response:
         try:
@@ -719,7 +724,48 @@ class RouterHandlers:
         return m.name
 
     async def _forward(self, request: Request, name: str, body: bytes | None,
-                       update_last_used: bool) -> Response:
+                       update_last_used: bool, conv_id: str | None = None) -> Response:
+        conn, resp, done = await self._open_child(request, name, body, update_last_used)
+        if conv_id is not None and resp.status == 200:
+            return self._session(conv_id, conn, resp, done)
+        return _Proxied(conn, resp, done)
+
+    def _session(self, conv_id: str, conn, resp, done: Callable[[], None]) -> Response:
+        """The child's stream copied into the conversation's session by a task of its own, so
+        it goes on when the client hangs up; the client reads the session live."""
+        sess = self.r.streams.create(conv_id)
+
+        def hang_up():  # unblocks the reader thread: the child sees the close and stops
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+        async def produce():
+            try:
+                while True:
+                    b = await asyncio.to_thread(resp.read1, 65536)
+                    if not b:
+                        break
+                    sess.append(b)
+            except (OSError, http.client.HTTPException, ValueError):
+                pass  # a stop (the socket shut) or the child gone: the session ends here
+            finally:
+                hang_up()
+                with contextlib.suppress(OSError):
+                    conn.close()
+                done()
+                sess.finish()
+
+        task = asyncio.get_running_loop().create_task(produce())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        sess.stop = hang_up
+        headers = {k: v for k, v in resp.getheaders() if k.lower() not in _HOP
+                   and not k.lower().startswith("access-control-")
+                   and k.lower() != "content-length"}
+        return StreamingResponse(sess.read_from(0), status_code=resp.status, headers=headers)
+
+    async def _open_child(self, request: Request, name: str, body: bytes | None,
+                          update_last_used: bool):
         r = self.r
         m = r.models.get(name)
         if m is None:  # dropped by a reload while the request waited
@@ -742,8 +788,10 @@ class RouterHandlers:
             if r.fake_timing:  # after req_count++: the model counts as busy meanwhile
                 await asyncio.sleep(2)
             path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            # the router keeps the conversation's session: the child's answer stays bound to
+            # this connection, which a stop shuts
             headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP
-                       and k.lower() != "accept-encoding"}
+                       and k.lower() not in ("accept-encoding", CONV_HEADER)}
             conn, resp = await asyncio.to_thread(_open, m.port, request.method, path, headers,
                                                  body, r.cfg.settings.timeout)
         except BaseException as e:
@@ -752,7 +800,7 @@ class RouterHandlers:
                 raise ApiError(500, f"model name={name}: the instance did not answer "
                                f"({e})") from None
             raise
-        return _Proxied(conn, resp, done)
+        return conn, resp, done
 
     # ---------------------------------------------------------------- routes
     async def health(self, request: Request) -> Response:
@@ -797,10 +845,50 @@ class RouterHandlers:
             autoload = self._autoload(request)
             name = self._validate(body.get("model") if isinstance(body, dict) else None,
                                   autoload)
+            # llama-server: a streamed request with X-Conversation-Id maps its conversation to
+            # the model before the load wait, so that a stop meanwhile cancels it; only a stop
+            # does (the client may drop during the load: the session must still fill)
+            conv = request.headers.get(CONV_HEADER) or None
+            if conv is not None and not (isinstance(body, dict) and body.get("stream") is True):
+                conv = None
+            ticket = self.r.streams.remember(conv, name) if conv is not None else 0
+            streams = self.r.streams
+
+            async def stopped() -> bool:
+                return not streams.alive(conv, ticket)
+
+            cancelled = ApiError(400, "request cancelled by a stop while the model was loading")
             if autoload:
-                await self.r.ensure_ready(name, request.is_disconnected)
-            return await self._forward(request, name, raw, update_last_used=True)
+                try:
+                    await self.r.ensure_ready(name, stopped if ticket else
+                                              request.is_disconnected)
+                except ApiError:
+                    if ticket and not streams.alive(conv, ticket):
+                        raise cancelled from None
+                    raise
+            if ticket and not streams.alive(conv, ticket):
+                raise cancelled
+            return await self._forward(request, name, raw, update_last_used=True,
+                                       conv_id=conv)
         return await self._run(request, fn)
+
+    # ------------------------------------------------------- resumable streams (streams.py)
+    def _conv_loading(self, conv_id: str) -> bool:
+        name = self.r.streams.model_of(conv_id)
+        m = self.r.models.get(name) if name is not None else None
+        return m is not None and m.status == "loading"
+
+    async def stream_get(self, request: Request) -> Response:
+        return await self._run(request, lambda r: streams.get_route(self.r.streams, r,
+                                                                     self._conv_loading))
+
+    async def stream_delete(self, request: Request) -> Response:
+        async def fn(request):
+            return streams.delete_route(self.r.streams, request)
+        return await self._run(request, fn)
+
+    async def streams_lookup(self, request: Request) -> Response:
+        return await self._run(request, lambda r: streams.lookup_route(self.r.streams, r))
 
     async def models(self, request: Request) -> Response:
         async def fn(request):
@@ -862,7 +950,10 @@ def create_router_app(router: Router) -> HttpRules:
               Route("/models", h.no_downloads, methods=["POST", "DELETE"]),
               Route("/models/sse", h.no_downloads, methods=["GET"]),
               Route("/tools", h.tools, methods=["GET", "POST"]),
-              Route("/cors-proxy", h.cors_proxy, methods=["GET", "POST"])]
+              Route("/cors-proxy", h.cors_proxy, methods=["GET", "POST"]),
+              Route("/v1/stream", h.stream_get, methods=["GET"]),
+              Route("/v1/stream", h.stream_delete, methods=["DELETE"]),
+              Route("/v1/streams/lookup", h.streams_lookup, methods=["POST"])]
     routes += [Route(p, h.proxy_get, methods=["GET"]) for p in GET_PROXIED]
     routes += [Route(p, h.proxy_post, methods=["POST"]) for p in POST_PROXIED]
 

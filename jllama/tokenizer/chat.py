@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from jllama.errors import JllamaError
+from jllama.tokenizer.chat_builtin import is_builtin, render_builtin
 
 # Used only when a caller explicitly asks for a fallback (a model without a template).
 CHATML_TEMPLATE = (
@@ -94,11 +95,15 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
                 **extra: Any) -> str:
     """Render ``messages`` with a model's chat template into the prompt string.
 
+    ``template``: Jinja source, or the name of one of llama.cpp's built-in templates
+    (chat_builtin.BUILTIN_TEMPLATES), rendered as llama_chat_apply_template renders it.
     Raises ``ChatTemplateError`` (a ``JllamaError``) when there is no template or it fails;
     pass ``CHATML_TEMPLATE`` explicitly to fall back to ChatML.
     """
     if not template:
         raise ChatTemplateError("the model has no chat template (tokenizer.chat_template)")
+    if is_builtin(template):  # a llama.cpp built-in name (--chat-template llama3, ...)
+        return render_builtin(template, messages, add_generation_prompt)
     compiled = _compile(template)
     if tools is not None:  # no tools: undefined to the template, as llama.cpp renders it
         extra["tools"] = tools
