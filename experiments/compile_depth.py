@@ -35,8 +35,11 @@ def main() -> int:
             num = Numerics(scan_layers=scan)
             spec, m = build_model(read_gguf(path), numerics=num)
             gd, st = nnx.split(m)
-            cache = KVCache.create(spec.n_layer, 1, spec.n_head_kv, a.ctx, spec.head_dim,
-                                   spec.head_dim_v, "f16", "f16", stacked=scan)
+            if hasattr(m, "make_cache"):  # MLA's latent cache
+                cache = m.make_cache(1, a.ctx, "f16", stacked=scan)
+            else:
+                cache = KVCache.create(spec.n_layer, 1, spec.n_head_kv, a.ctx, spec.head_dim,
+                                       spec.head_dim_v, "f16", "f16", stacked=scan)
 
             def step(st, tok, pos0, cache, gd=gd, num=num):
                 with use(num):
