@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from jllama.cli.common import (
     EXTENDED_SAMPLING,
