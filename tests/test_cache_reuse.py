@@ -10,9 +10,10 @@ random llama.
   test_ctx_shift.py, llama.cpp's shifted state is first moved into a fresh context with
   llama_state_seq_get_data/set_data so its cells sit in position order, as jllama keeps them
   (llama.cpp would put the new tokens into the freed cells and sum attention in another order).
-* The server: ``n_cache_reuse`` (request) / --cache-reuse (server) reuse the chunk, cache_n
-  counts the reused tokens as llama-server's n_prompt_cached does, and the greedy text is the
-  one llama.cpp produces after the same reuse.
+* The server: ``n_cache_reuse`` (request) / --cache-reuse (server) reuse the chunks, cache_n
+  counts the reused tokens as llama-server's n_prompt_cached does (llama-server 0c1e570 itself
+  reports 15, 21 and 5 for these three requests with --cache-ram 0), and the greedy text and
+  the first token's top probabilities are those llama.cpp gives after the same reuse.
 
 Expected values: llama.cpp's logits and tokens, and server-context.cpp's loop worked by hand.
 """
@@ -147,9 +148,12 @@ def test_server_reuses_chunks(model_path):
     from jllama.api import Llama
 
     llm = Llama(str(model_path), ctx_size=CTX, n_slots=1, compile_cache=False)
-    cached, new = _prompts(4)
+    cached, new = _prompts(27)  # (a prompt whose greedy answer is not one token repeated)
     moves, n_past = MOVES[5]
-    _, greedy = _oracle(model_path, cached, moves, n_past, new[n_past:], n_greedy=6)
+    logits, greedy = _oracle(model_path, cached, moves, n_past, new[n_past:], n_greedy=6)
+    z = logits[-1].astype(np.float64)
+    logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    top = np.argsort(-z, kind="stable")[:3]
     state, c = _server(llm, cache_reuse=8)
     with c:
         # the server's --cache-reuse 8 takes C1 only; cache_n as llama-server's n_prompt_cached
@@ -157,9 +161,13 @@ def test_server_reuses_chunks(model_path):
         assert _complete(c, new, n_predict=1)["timings"]["cache_n"] == MOVES[8][1]
         # the request's n_cache_reuse 5 overrides it: both chunks, and llama.cpp's tokens
         _complete(c, cached, n_predict=1)
-        r = _complete(c, new, n_predict=6, n_cache_reuse=5)
+        r = _complete(c, new, n_predict=6, n_cache_reuse=5, n_probs=3)
         assert r["timings"]["cache_n"] == n_past and r["timings"]["predicted_n"] == 6
         assert r["content"] == greedy
+        # the first token's distribution: llama.cpp's after the same reuse
+        first = r["completion_probabilities"][0]["top_logprobs"]
+        assert [e["id"] for e in first] == top.tolist()
+        np.testing.assert_allclose([e["logprob"] for e in first], logp[top], rtol=1e-5)
         # 0 turns it off: the common prefix only
         _complete(c, cached, n_predict=1)
         assert _complete(c, new, n_predict=1, n_cache_reuse=0)["timings"]["cache_n"] == 5

@@ -174,9 +174,8 @@ class Scheduler:
         self.context_shift = bool(context_shift) and _shift_allowed(llm, swa_full)
         # llama-server's --cache-reuse, off (with a warning) where its cache cannot shift;
         # a request's n_cache_reuse is ignored there too
-        self.can_reuse = getattr(llm, "vision", None) is None and self.engine.can_shift()
         self.cache_reuse = int(cache_reuse)
-        if self.cache_reuse and not self.can_reuse:
+        if self.cache_reuse > 0 and not self._can_reuse():
             log.warning("cache_reuse is not supported by this context, it will be disabled")
             self.cache_reuse = 0
         self.add_bos = bool(getattr(self.tok, "add_bos", False))
@@ -528,7 +527,8 @@ class Scheduler:
             if self.prompt_cache is not None and self._update_cache(req, ids, best):
                 keep = self.engine.common_prefix(ids, best) if req.cache_prompt else 0
             n_reuse = self.cache_reuse if req.n_cache_reuse is None else req.n_cache_reuse
-            if req.cache_prompt and n_reuse > 0 and self.can_reuse and req.prompt_items is None:
+            if (req.cache_prompt and n_reuse > 0 and req.prompt_items is None
+                    and self._can_reuse()):
                 keep = self.engine.reuse_chunks(best, ids, keep, n_reuse)
             keep = min(keep, len(ids) - 1)
             todo: list = list(ids[keep:])
@@ -545,6 +545,10 @@ class Scheduler:
             self.metrics.active = self.busy_slots()
             if self.cache_idle_slots:
                 self._cache_idle_slots()
+
+    def _can_reuse(self) -> bool:
+        """llama-server's cache reuse needs a cache that can shift and no projector."""
+        return getattr(self.llm, "vision", None) is None and self.engine.can_shift()
 
     def _update_cache(self, req: GenRequest, ids: list, slot: int) -> bool:
         """llama-server's get_available_slot cache step: when the chosen slot was not picked
