@@ -636,7 +636,6 @@ class Engine:
         re-rotated by their ``delta`` (llama.cpp's K-shift: rope of the dequantized keys by
         the position change, quantized back); cells with delta 0 are left as they are."""
         ropes = self._kv_rope
-        max_len = self.max_len
         head_dim = self.spec.head_dim
         num = self.numerics
 
