@@ -127,6 +127,9 @@ class ServerConfig:
     n_batch: int = 2048  # llama-server's -b: /infill sizes its prefix/suffix/extra by it
     spm_infill: bool = False  # llama-server's --spm-infill: suffix before prefix in /infill
     context_shift: bool = False  # llama-server's --context-shift (its default: off)
+    # llama-server's --cache-reuse: min chunk of a slot's cached tokens moved into place by KV
+    # shift past the common prefix (0: off; a request's n_cache_reuse overrides it)
+    cache_reuse: int = 0
     # llama-server's --swa-full: jllama's sliding-window caches always hold the whole context;
     # the flag only allows the context shift llama-server allows with it
     swa_full: bool = False

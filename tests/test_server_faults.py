@@ -192,7 +192,7 @@ def test_cors_and_switches(fake_llm):
         assert [s["id"] for s in slots] == [0, 1, 2, 3] and not slots[0]["is_processing"]
 
 
-@pytest.mark.parametrize("flag", [["--cache-reuse", "256"], ["--models-dir", "d"],
+@pytest.mark.parametrize("flag", [["--grp-attn-n", "4"], ["--models-dir", "d"],
                                   ["--hf-repo", "ggml-org/x"], ["-nocb"],
                                   ["--reasoning-format", "qwen"],
                                   ["--reasoning-budget", "512"],

@@ -139,7 +139,6 @@ _REFUSED = [
      "built"),
     (("-mmu", "--mmproj-url"), 1, "jllama serve does not download projectors; pass "
      "--mmproj FILE.gguf"),
-    (("--cache-reuse",), 1, "KV-shift cache reuse is not built"),
     (("--ignore-eos",), 0, "a server-wide ignore_eos is not built (send it per request)"),
     (("--grammar", "--grammar-file", "-j", "--json-schema", "-jf", "--json-schema-file"), 1,
      "a server-wide grammar is not built (send 'grammar'/'json_schema' per request)"),
@@ -241,6 +240,9 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
                    help="when a slot's context is full, drop half of what follows the request's "
                    "n_keep tokens and go on generating (default: off; the request then ends)")
     g.add_argument("--no-context-shift", dest="context_shift", action="store_false")
+    g.add_argument("--cache-reuse", dest="cache_reuse", type=int, default=None, metavar="N",
+                   help="min chunk size to attempt reusing from the cache via KV shifting, "
+                   "requires prompt caching (default: 0, off; a request's n_cache_reuse)")
     g.add_argument("--swa-full", action="store_true", default=None,
                    help="accepted: jllama's sliding-window caches always hold the whole "
                    "context; as with llama-server, it lets --context-shift work on them")
@@ -288,7 +290,7 @@ def _overrides(args) -> list[str]:
              "n_predict": "server.n_predict", "batch_size": "server.n_batch",
              "cors_origins": "server.cors_origins",
              "media_path": "server.media_path",
-             "slot_save_path": "server.slot_save_path",
+             "slot_save_path": "server.slot_save_path", "cache_reuse": "server.cache_reuse",
              "temp": "generation.sampling.temperature", "top_k": "generation.sampling.top_k",
              "top_p": "generation.sampling.top_p", "min_p": "generation.sampling.min_p",
              "repeat_penalty": "generation.sampling.repeat_penalty",
@@ -427,6 +429,7 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           allow_remote_media=s.allow_remote_media, n_batch=s.n_batch,
                           spm_infill=s.spm_infill,
                           context_shift=s.context_shift, swa_full=s.swa_full,
+                          cache_reuse=s.cache_reuse,
                           slot_save_path=_slot_dir(s.slot_save_path),
                           sleep_idle_seconds=s.sleep_idle_seconds, cache_ram=s.cache_ram,
                           cache_idle_slots=s.cache_idle_slots, kv_unified=s.kv_unified,

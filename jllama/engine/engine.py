@@ -192,7 +192,7 @@ class Engine:
                                    host=(0,))
         self._decode_sample = jit(decode_sample, kv, ("cache", "history"), host=(0, 1, 3, 4))
         self._first_sample = jit(first_sample, (), (), host=(0, 1))
-        self._shift = self._build_shift() if self._kv_rope is not None else None
+        self._move = self._build_move() if self._kv_rope is not None else None
 
         def export(cache, slot, length):
             return [jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False)[..., :length, :]
@@ -585,33 +585,72 @@ class Engine:
             if n_discard == 0 and n_keep < int(self.pos[slot]):
                 return 0  # llama-server may clamp to nothing dropped
             raise ContextError("context is full and nothing can be discarded")
-        self.cache = self._shift(self.cache, jnp.int32(slot), jnp.int32(n_keep),
-                                 jnp.int32(n_discard))
+        p = np.arange(self.max_len, dtype=np.int32)
+        src = np.where(p < n_keep, p, np.minimum(p + n_discard, self.max_len - 1))
+        self.cache = self._move(self.cache, np.int32(slot), src.astype(np.int32),
+                                np.where(p < n_keep, 0, -n_discard).astype(np.int32))
         toks = self.tokens[slot]
         self.tokens[slot] = toks[:n_keep] + toks[n_keep + n_discard :]
         self.pos[slot] -= n_discard
         return n_discard
 
-    def _build_shift(self):
+    def reuse_chunks(self, slot: int, tokens: list[int], n_past: int, n_min: int) -> int:
+        """llama-server's --cache-reuse (server-context.cpp, n_cache_reuse): past the ``n_past``
+        tokens the slot shares with ``tokens``, every run of at least ``n_min`` tokens of
+        ``tokens`` found further along in the slot's cache is moved into place (its keys
+        re-rotated by the distance moved: seq_rm + seq_add and the K-shift), skipping the
+        cached tokens between. The slot then holds the reused tokens only; returns their
+        number (the new n_past)."""
+        held = self.tokens[slot]
+        if n_min <= 0 or not self.can_shift():
+            self.rewind(slot, n_past)
+            return n_past
+        src = np.arange(self.max_len, dtype=np.int32)
+        delta = np.zeros(self.max_len, np.int32)
+        out = held[:n_past]
+        head_c = head_p = n_past
+        while head_c < len(held) and head_p < len(tokens):
+            n = 0
+            while (head_c + n < len(held) and head_p + n < len(tokens)
+                   and held[head_c + n] == int(tokens[head_p + n])):
+                n += 1
+            if n >= n_min:
+                # chunks only ever move down (head_p <= head_c) and never overlap, so each
+                # cell moves once and the moves can be done in one gather
+                src[head_p: head_p + n] = np.arange(head_c, head_c + n)
+                delta[head_p: head_p + n] = head_p - head_c
+                out += held[head_c: head_c + n]
+                head_c += n
+                head_p += n
+            else:
+                head_c += 1
+        if head_p > n_past:
+            self.cache = self._move(self.cache, np.int32(slot), src, delta)
+            self.tokens[slot] = out
+            self.pos[slot] = head_p
+        self.rewind(slot, head_p)  # and the penalty window from the slot's new tokens
+        return head_p
+
+    def _build_move(self):
+        """One slot's cells gathered from ``src`` (per position), the keys of those moved
+        re-rotated by their ``delta`` (llama.cpp's K-shift: rope of the dequantized keys by
+        the position change, quantized back); cells with delta 0 are left as they are."""
         ropes = self._kv_rope
-        max_len = self.max_len
         head_dim = self.spec.head_dim
         num = self.numerics
 
-        def shift(cache, slot, n_keep, n_discard):
+        def move(cache, slot, src, delta):
             with use_numerics(num):
-                return _shift(cache, slot, n_keep, n_discard)
+                return _move(cache, slot, src, delta)
 
-        def _shift(cache, slot, n_keep, n_discard):
-            p = jnp.arange(max_len)
-            src = jnp.where(p < n_keep, p, jnp.minimum(p + n_discard, max_len - 1))
-            moved = (p >= n_keep)[:, None, None]
+        def _move(cache, slot, src, delta):
+            moved = (delta != 0)[:, None, None]
             ks, vs = [], []
             for i, (kl, vl) in enumerate(zip(*cache.layers())):
                 base, dim, neox, scale = ropes[i]
                 krow = kvquant.dequantize(kl[slot][:, src], cache.k_type, head_dim)  # [KVH,S,D]
                 x = krow.transpose(1, 0, 2)[None]  # [1, S, KVH, D]
-                rot = rope(x, jnp.full((1, max_len), -n_discard), base, dim, neox, scale)[0]
+                rot = rope(x, delta[None], base, dim, neox, scale)[0]
                 krow = jnp.where(moved, rot, x[0]).transpose(1, 0, 2)
                 ks.append(kl.at[slot].set(kvquant.quantize(krow, cache.k_type).astype(kl.dtype)))
                 vs.append(vl.at[slot].set(vl[slot][:, src]))
@@ -619,7 +658,7 @@ class Engine:
                 return cache.replace((jnp.stack(ks, 1),), (jnp.stack(vs, 1),))
             return cache.replace(ks, vs)
 
-        return jax.jit(shift, donate_argnums=0)
+        return jax.jit(move, donate_argnums=0)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: list[int], params: SamplingParams | None = None,

@@ -75,6 +75,7 @@ class ServerSettings:
     media_path: str | None = None  # llama-server's --media-path: file:// images read under it
     allow_remote_media: bool = False  # jllama's --allow-remote-media: fetch http(s) images
     context_shift: bool = False  # llama-server's --context-shift
+    cache_reuse: int = 0  # llama-server's --cache-reuse (min chunk reused by KV shift; 0: off)
     swa_full: bool = False  # llama-server's --swa-full (allows the shift on SWA models)
     slot_save_path: str | None = None  # llama-server's --slot-save-path (ends with a '/')
     media_marker: str = field(default_factory=media.media_marker)  # places images in prompts
@@ -133,7 +134,8 @@ class ServerState:
                                        context_shift=settings.context_shift,
                                        swa_full=settings.swa_full, prompt_cache=cache,
                                        cache_idle_slots=idle, kv_unified=settings.kv_unified,
-                                       sleep_idle_s=settings.sleep_idle_seconds)
+                                       sleep_idle_s=settings.sleep_idle_seconds,
+                                       cache_reuse=settings.cache_reuse)
             # an embeddings runner on the same model keeps its weights through sleep
             self.scheduler.release_weights = encoder is None
             # first on going to sleep (before the model goes), last on waking up, as
@@ -471,7 +473,8 @@ def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint,
                      opts.cache_prompt, lora=opts.lora, n_probs=opts.n_probs,
                      ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs,
                      prompt_items=items, return_progress=progress, id_slot=opts.id_slot,
-                     n_keep=opts.n_keep, n_discard=opts.n_discard)
+                     n_keep=opts.n_keep, n_discard=opts.n_discard,
+                     n_cache_reuse=opts.n_cache_reuse)
     try:
         state.scheduler.submit(req)
     except SchedulerDead as e:

@@ -156,6 +156,7 @@ class GenOptions:
     id_slot: int = -1  # llama-server's id_slot: the slot to run in (-1: any)
     n_keep: int = 0  # llama-server's context shift: tokens kept (-1: the whole prompt)
     n_discard: int = 0  # ... and dropped per shift (0: half of the rest)
+    n_cache_reuse: int | None = None  # llama-server's (None: the server's --cache-reuse)
 
 
 def lora_scales(value: Any, param: str = "lora") -> dict[int, float]:
@@ -302,7 +303,8 @@ def parse_common(body: dict, n_vocab: int, chat: bool = False,
                       ignore_eos=_bool(body, "ignore_eos", False),
                       post_sampling_probs=_bool(body, "post_sampling_probs", False),
                       id_slot=_int(body, "id_slot", -1), n_keep=_int(body, "n_keep", 0),
-                      n_discard=_int(body, "n_discard", 0))
+                      n_discard=_int(body, "n_discard", 0),
+                      n_cache_reuse=_int(body, "n_cache_reuse", None, lo=0, hi=2**31 - 1))
 
 
 def message_text(content: Any, param: str, images: list | None = None,

@@ -108,6 +108,9 @@ class GenRequest:
     # (-1: the whole prompt) and dropped per shift (0: half of what follows the kept ones)
     n_keep: int = 0
     n_discard: int = 0
+    # llama-server's n_cache_reuse: min chunk of cached tokens moved into place by KV shift
+    # (None: the server's --cache-reuse; 0: off)
+    n_cache_reuse: int | None = None
     cancelled: bool = False
     # filled by the scheduler
     stop_word: str | None = None  # the stop string that ended the text, if one did
@@ -154,7 +157,7 @@ class Scheduler:
     def __init__(self, llm, max_queue: int = 64, metrics: Metrics | None = None,
                  context_shift: bool = False, swa_full: bool = False,
                  prompt_cache: PromptCache | None = None, cache_idle_slots: bool = False,
-                 kv_unified: bool = False, sleep_idle_s: float = -1):
+                 kv_unified: bool = False, sleep_idle_s: float = -1, cache_reuse: int = 0):
         self.llm = llm
         self.engine = llm.engine
         self.tok = llm.tokenizer
@@ -169,6 +172,12 @@ class Scheduler:
         # llama-server's --context-shift, where the cache can shift (it turns the flag off
         # otherwise, with a warning)
         self.context_shift = bool(context_shift) and _shift_allowed(llm, swa_full)
+        # llama-server's --cache-reuse, off (with a warning) where its cache cannot shift;
+        # a request's n_cache_reuse is ignored there too
+        self.cache_reuse = int(cache_reuse)
+        if self.cache_reuse > 0 and not self._can_reuse():
+            log.warning("cache_reuse is not supported by this context, it will be disabled")
+            self.cache_reuse = 0
         self.add_bos = bool(getattr(self.tok, "add_bos", False))
         self.slots: list[_Active | None] = [None] * self.n_slots
         self._prefill_turn = 0  # the slot whose prompt goes first in the next _prefill
@@ -517,6 +526,10 @@ class Scheduler:
                         best, keep = b, n
             if self.prompt_cache is not None and self._update_cache(req, ids, best):
                 keep = self.engine.common_prefix(ids, best) if req.cache_prompt else 0
+            n_reuse = self.cache_reuse if req.n_cache_reuse is None else req.n_cache_reuse
+            if (req.cache_prompt and n_reuse > 0 and req.prompt_items is None
+                    and self._can_reuse()):
+                keep = self.engine.reuse_chunks(best, ids, keep, n_reuse)
             keep = min(keep, len(ids) - 1)
             todo: list = list(ids[keep:])
             if req.prompt_items is not None:
@@ -532,6 +545,10 @@ class Scheduler:
             self.metrics.active = self.busy_slots()
             if self.cache_idle_slots:
                 self._cache_idle_slots()
+
+    def _can_reuse(self) -> bool:
+        """llama-server's cache reuse needs a cache that can shift and no projector."""
+        return getattr(self.llm, "vision", None) is None and self.engine.can_shift()
 
     def _update_cache(self, req: GenRequest, ids: list, slot: int) -> bool:
         """llama-server's get_available_slot cache step: when the chosen slot was not picked
