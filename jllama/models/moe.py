@@ -40,8 +40,16 @@ import jllama.models.ggml_f32 as ggml_f32
 from jllama import numerics
 from jllama.errors import ModelError
 from jllama.kernels.dispatch import dequantize
-from jllama.models.common import (SwiGLU, Weights, in_place_ok, linear, linear_many, swiglu, tap,
-                                  tap_layer)
+from jllama.models.common import (
+    SwiGLU,
+    Weights,
+    in_place_ok,
+    linear,
+    linear_many,
+    swiglu,
+    tap,
+    tap_layer,
+)
 from jllama.quant.actquant import opaque
 from jllama.quant.qtensor import LayerStack, QTensor
 

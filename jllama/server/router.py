@@ -53,10 +53,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jllama.errors import ConfigError
-from jllama.server import agent
+from jllama.server import agent, streams
 from jllama.server import cors_proxy as cp
 from jllama.server import openai_schema as oa
-from jllama.server import streams
 from jllama.server.app import HttpRules, ServerSettings, check_auth, error_response, json_body
 from jllama.server.openai_schema import ApiError
 from jllama.server.streams import CONV_HEADER, Sessions
