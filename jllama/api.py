@@ -86,7 +86,8 @@ class Llama:
                  cache_type_v: str | None = None, mesh: object | None = None,
                  draft: object | None = None, flash_attn: bool | None = None,
                  prompt_matmul: str | None = None, numerics: Numerics | None = None,
-                 lora: list | None = None, mmproj: str | os.PathLike[str] | None = None):
+                 lora: list | None = None, mmproj: str | os.PathLike[str] | None = None,
+                 kv_overrides: dict | None = None):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
@@ -99,7 +100,9 @@ class Llama:
         unmerged, in order: each a path (scale 1), a ``(path, scale)`` pair, a
         ``{"path", "scale"}`` mapping or a LoraConfig; ``set_lora_scales`` changes the scales
         later without recompiling. ``mmproj``: the model's vision projector GGUF (llama.cpp's
-        ``--mmproj``); prompts then take ``images`` (see ``stream``)."""
+        ``--mmproj``); prompts then take ``images`` (see ``stream``). ``kv_overrides``: GGUF
+        metadata key -> bool/int/float/str, applied before anything reads the file (llama.cpp's
+        ``--override-kv``, llama-cpp-python's ``kv_overrides``)."""
         from jllama.engine.engine import Engine
         from jllama.tokenizer import Tokenizer
 
@@ -110,7 +113,7 @@ class Llama:
         if compile_cache:
             enable_compile_cache()
         t0 = time.perf_counter()
-        self._source = (model, quant, lora, mesh)
+        self._source = (model, quant, lora, mesh, kv_overrides)
         self._load_model(*self._source)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         plan = None
@@ -145,10 +148,11 @@ class Llama:
         if verbose:
             print(f"loaded {self.path} in {self.load_s:.2f} s")
 
-    def _load_model(self, model, quant, lora, mesh) -> None:
+    def _load_model(self, model, quant, lora, mesh, kv_overrides) -> None:
         """The weights (and LoRA adapters) from ``model``: at load, and again when
         ``restore_memory`` undoes ``release_memory``."""
         from jllama import checkpoint
+        from jllama.gguf.overrides import apply_kv_overrides
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, load_weights
         from jllama.registry import resolve_model
@@ -163,12 +167,15 @@ class Llama:
             if lora:
                 raise ConfigError(f"{model}: LoRA adapters apply to a GGUF model, not to a "
                                   "checkpoint directory")
+            if kv_overrides:
+                raise ConfigError(f"{model}: metadata overrides apply to a GGUF model, not to a "
+                                  "checkpoint directory")
             ck = checkpoint.restore(model, mesh, numerics=self.numerics)
             self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
             self.quant = ck.meta.get("quant")
         else:
             self.path = resolve_model(model)
-            self.gguf = read_gguf(self.path)
+            self.gguf = apply_kv_overrides(read_gguf(self.path), kv_overrides)
             transform = None
             if quant:
                 from jllama.quant.quantize import quantize_on_load

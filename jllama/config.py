@@ -176,6 +176,8 @@ class Config:
     quant: dict[str, Any] | None = None  # quantize-on-load mix (see jllama.quant.mixes)
     # adapters in the order given (a relative path is relative to the config file when there)
     lora: list[LoraConfig] = field(default_factory=list)
+    # GGUF metadata overrides at load (llama.cpp's --override-kv): key -> bool/int/float/str
+    kv_overrides: dict[str, Any] | None = None
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -199,6 +199,31 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     add_draft_args(p)
     add_distributed_args(p)
     add_lora_args(p)
+    add_model_args(p)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's model-loading flags (common/arg.cpp) that change what a GGUF loads as."""
+    g = p.add_argument_group("model loading (llama.cpp's flags)")
+    g.add_argument("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=None,
+                   help="override a GGUF metadata key; TYPE int, float, bool or str (repeatable; "
+                   "comma-separated values too), e.g. tokenizer.ggml.add_bos_token=bool:false")
+
+
+def model_overrides_from_args(args) -> list[str]:
+    """Config overrides for add_model_args's flags."""
+    import json
+
+    ov = []
+    if getattr(args, "override_kv", None):
+        from jllama.gguf.overrides import parse_kv_overrides
+
+        kv = parse_kv_overrides(args.override_kv)
+        # a YAML flow mapping: JSON scalars, floats tagged (YAML 1.1 reads 1e-05 as a string)
+        items = (f"{json.dumps(k)}: {f'!!float {v!r}' if isinstance(v, float) else json.dumps(v)}"
+                 for k, v in kv.items())
+        ov.append(f"kv_overrides={{{', '.join(items)}}}")
+    return ov
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -291,6 +316,7 @@ def overrides_from_args(args) -> list[str]:
         if v is not None:
             ov.append(f"{key}={v}")
     ov += dry_breakers_override(args)
+    ov += model_overrides_from_args(args)
     if getattr(args, "flash_attn", None) is not None:
         ov.append(f"runtime.flash_attn={'false' if args.flash_attn == 'off' else 'true'}")
     if getattr(args, "prompt_matmul", None) is not None:
@@ -351,7 +377,7 @@ def load_llama(cfg: Config, verbose: bool = True):
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj)
+                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides)
     if verbose:
         import jax
 

@@ -54,9 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec-draft-n-min", dest="draft_min", type=int, default=None)
     p.add_argument("--spec-draft-p-min", dest="draft_min_p", type=float, default=None)
     p.add_argument("--spec-draft-model", dest="model_draft", default=None)
-    from jllama.cli.common import add_lora_args
+    from jllama.cli.common import add_lora_args, add_model_args
 
     add_lora_args(p)
+    add_model_args(p)
     p.add_argument("--lora-init-without-apply", action="store_true",
                    help="load the LoRA adapters with scale 0 (set them later: POST /lora-adapters)")
     p.add_argument("--embedding", "--embeddings", action="store_true",
@@ -146,7 +147,7 @@ _REFUSED = [
     (("--ssl-key-file", "--ssl-cert-file"), 1, "TLS is not built (put a proxy in front)"),
     (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
     (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
-      "--override-kv", "--control-vector", "--keep", "--embd-normalize", "-sps",
+      "--control-vector", "--keep", "--embd-normalize", "-sps",
       "--slot-prompt-similarity"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
       "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
@@ -323,7 +324,7 @@ def _overrides(args) -> list[str]:
 
     return ov + [o for o in overrides_from_args(args)
                  if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul", "lora=",
-                                  "vision.mmproj="))]
+                                  "vision.mmproj=", "kv_overrides="))]
 
 
 def _check_llama_server_args(args) -> None:
@@ -390,7 +391,9 @@ def _slot_ctx(cfg, args) -> None:
         from jllama.gguf.reader import read_gguf
         from jllama.registry import resolve_model
 
-        g = read_gguf(resolve_model(cfg.model))
+        from jllama.gguf.overrides import apply_kv_overrides
+
+        g = apply_kv_overrides(read_gguf(resolve_model(cfg.model)), cfg.kv_overrides)
         cfg.runtime.ctx_size = int(g.get(f"{g.architecture}.context_length", 2048))
         return
     per = total if cfg.server.kv_unified else total // cfg.server.parallel
@@ -704,7 +707,7 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj)
+                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides)
     if args.lora_init_without_apply and llm.lora is not None:
         llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem

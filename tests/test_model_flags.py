@@ -1,0 +1,104 @@
+"""llama.cpp's model-loading flags (--override-kv, the rope flags) against llama-cpp-python on a
+tiny random llama: every logit bit-identical with the same settings given to both programs."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from tinymodels import dense_hparams, dense_tensors, write_gguf
+
+Q = gguf.GGMLQuantizationType
+N_VOCAB = 320
+SHP = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+IDS = [int(t) for t in np.random.default_rng(0).integers(0, N_VOCAB, 40)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model_flags")
+    t = dense_tensors(11, n_vocab=N_VOCAB, tied=False, **SHP)
+    return write_gguf(d / "m.gguf", "llama", dense_hparams(**SHP), t, qtype=Q.Q8_0)
+
+
+def _oracle(path, **kw):
+    from llamacpp_oracle import llama_cpp_module
+
+    return llama_cpp_module().Llama(model_path=str(path), n_ctx=256, logits_all=True,
+                                    verbose=False, n_threads=2, seed=0, flash_attn=True, **kw)
+
+
+def _oracle_logits(o, ids):
+    o.reset()
+    o.eval(ids)
+    return np.array(o.scores[: len(ids)], np.float32)
+
+
+def _ours(path, **kw):
+    from jllama.api import Llama
+
+    return Llama(path, ctx_size=256, compile_cache=False, **kw)
+
+
+def _same(ours, ref):
+    rows = np.flatnonzero((ours != ref).any(-1))
+    assert rows.size == 0, f"{rows.size} rows differ, max|Δ| {np.abs(ours - ref).max():.3g}"
+
+
+KV = {"llama.rope.freq_base": 500.0, "tokenizer.ggml.add_bos_token": True,
+      "tokenizer.ggml.bos_token_id": 7}
+
+
+@pytest.mark.oracle
+def test_kv_overrides_equal_llamacpps(model):
+    """A float hparam and a tokenizer flag overridden: llama.cpp's logits and tokens."""
+    o = _oracle(model, kv_overrides=KV)
+    llm = _ours(model, kv_overrides=KV)
+    ref = _oracle_logits(o, IDS)
+    _same(llm.engine.logits(IDS), ref)
+    assert o.tokenize(b"hello world", add_bos=True) == llm.tokenize("hello world")
+    # the override does change the model (else this test could not fail)
+    plain = _oracle(model)
+    assert np.abs(_oracle_logits(plain, IDS) - ref).max() > 1e-3
+    assert plain.tokenize(b"hello world", add_bos=True) != o.tokenize(b"hello world", add_bos=True)
+
+
+def _greedy_text(o, prompt: str, n: int) -> str:
+    o.reset()
+    toks = []
+    for t in o.generate(o.tokenize(prompt.encode(), add_bos=False, special=True), top_k=1,
+                        temp=0.0, repeat_penalty=1.0):
+        toks.append(t)
+        if len(toks) == n:
+            break
+    # a random model's byte tokens are not all valid UTF-8: ours prints U+FFFD for those
+    return o.detokenize(toks).decode("utf-8", errors="replace")
+
+
+@pytest.mark.oracle
+def test_cli_override_kv_is_llamacpps_completion(model, capsys):
+    """``jllama generate --override-kv K=float:V,K2=int:N``: llama.cpp's greedy completion."""
+    from jllama.cli.main import main
+
+    ref = _greedy_text(_oracle(model, kv_overrides={"llama.rope.freq_base": 321.5}), "the fox", 10)
+    assert main(["generate", "-m", str(model), "-p", "the fox", "-n", "10", "--temp", "0",
+                 "-c", "256", "--override-kv",
+                 "llama.rope.freq_base=float:321.5,llama.context_length=int:512"]) == 0
+    assert capsys.readouterr().out == ref + "\n"
+
+
+@pytest.mark.parametrize("cmd", ["generate", "serve"])
+@pytest.mark.parametrize("flag,msg", [
+    (["--override-kv", "foo"], "malformed"),
+    (["--override-kv", "a=double:1"], "invalid type"),
+    (["--override-kv", "a=int:1.5"], "not an integer"),
+    (["--override-kv", "a=float:x"], "not a number"),
+    (["--override-kv", "a=bool:yes"], "invalid boolean"),
+])
+def test_bad_model_flags_are_one_line(model, capsys, cmd, flag, msg):
+    from jllama.cli.main import main
+
+    extra = ["-p", "x", "-n", "1"] if cmd == "generate" else ["--port", "0"]
+    assert main([cmd, "-m", str(model), *extra, *flag]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and msg in err[0], err
