@@ -59,6 +59,20 @@ def _mesh_config(mesh: object):
     return MeshConfig(**mesh) if isinstance(mesh, dict) else mesh
 
 
+def _rope_options(rope: object | None):
+    """A RopeOptions from a RopeOptions or a mapping of its fields."""
+    from jllama.models.spec import RopeOptions
+
+    if rope is None or isinstance(rope, RopeOptions):
+        return rope
+    if isinstance(rope, dict):
+        try:
+            return RopeOptions(**rope)
+        except TypeError as e:
+            raise ConfigError(f"rope options {rope!r}: {e}") from None
+    raise ConfigError(f"rope {rope!r}: expected a RopeOptions or a mapping of its fields")
+
+
 def _lora_entries(lora: list) -> list[tuple[str, float]]:
     """(path, scale) for each way ``Llama(lora=...)`` takes an adapter."""
     out = []
@@ -87,7 +101,7 @@ class Llama:
                  draft: object | None = None, flash_attn: bool | None = None,
                  prompt_matmul: str | None = None, numerics: Numerics | None = None,
                  lora: list | None = None, mmproj: str | os.PathLike[str] | None = None,
-                 kv_overrides: dict | None = None):
+                 kv_overrides: dict | None = None, rope: object | None = None):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
@@ -102,7 +116,10 @@ class Llama:
         later without recompiling. ``mmproj``: the model's vision projector GGUF (llama.cpp's
         ``--mmproj``); prompts then take ``images`` (see ``stream``). ``kv_overrides``: GGUF
         metadata key -> bool/int/float/str, applied before anything reads the file (llama.cpp's
-        ``--override-kv``, llama-cpp-python's ``kv_overrides``)."""
+        ``--override-kv``, llama-cpp-python's ``kv_overrides``). ``rope``: a RopeOptions or a
+        mapping of its fields (``scaling``, ``freq_base``, ``freq_scale``, ``yarn_orig_ctx``,
+        ``yarn_ext_factor``, ...): llama.cpp's rope context parameters (``--rope-freq-base``
+        ...) over the file's, 0 / -1 / None keeping the file's."""
         from jllama.engine.engine import Engine
         from jllama.tokenizer import Tokenizer
 
@@ -113,7 +130,7 @@ class Llama:
         if compile_cache:
             enable_compile_cache()
         t0 = time.perf_counter()
-        self._source = (model, quant, lora, mesh, kv_overrides)
+        self._source = (model, quant, lora, mesh, kv_overrides, _rope_options(rope))
         self._load_model(*self._source)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         plan = None
@@ -148,7 +165,7 @@ class Llama:
         if verbose:
             print(f"loaded {self.path} in {self.load_s:.2f} s")
 
-    def _load_model(self, model, quant, lora, mesh, kv_overrides) -> None:
+    def _load_model(self, model, quant, lora, mesh, kv_overrides, rope) -> None:
         """The weights (and LoRA adapters) from ``model``: at load, and again when
         ``restore_memory`` undoes ``release_memory``."""
         from jllama import checkpoint
@@ -167,9 +184,9 @@ class Llama:
             if lora:
                 raise ConfigError(f"{model}: LoRA adapters apply to a GGUF model, not to a "
                                   "checkpoint directory")
-            if kv_overrides:
-                raise ConfigError(f"{model}: metadata overrides apply to a GGUF model, not to a "
-                                  "checkpoint directory")
+            if kv_overrides or (rope is not None and not rope.is_default()):
+                raise ConfigError(f"{model}: metadata overrides and rope options apply to a "
+                                  "GGUF model, not to a checkpoint directory")
             ck = checkpoint.restore(model, mesh, numerics=self.numerics)
             self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
             self.quant = ck.meta.get("quant")
@@ -182,7 +199,8 @@ class Llama:
 
                 transform = quantize_on_load(self.gguf, quant)
             weights = load_weights(self.gguf, transform, numerics=self.numerics)
-            self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics)
+            self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics,
+                                                rope=rope)
             if lora:
                 from jllama.models import lora as lora_mod
 

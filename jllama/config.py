@@ -18,6 +18,7 @@ import yaml
 
 from jllama.engine.draft import DraftConfig
 from jllama.errors import ConfigError
+from jllama.models.spec import RopeOptions
 
 
 @dataclass
@@ -178,6 +179,9 @@ class Config:
     lora: list[LoraConfig] = field(default_factory=list)
     # GGUF metadata overrides at load (llama.cpp's --override-kv): key -> bool/int/float/str
     kv_overrides: dict[str, Any] | None = None
+    # llama.cpp's rope context parameters (--rope-scaling, --rope-freq-base, --yarn-*): 0 / -1 /
+    # null keep the model's value
+    rope: RopeOptions = field(default_factory=RopeOptions)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

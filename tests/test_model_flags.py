@@ -94,6 +94,11 @@ def test_cli_override_kv_is_llamacpps_completion(model, capsys):
     (["--override-kv", "a=int:1.5"], "not an integer"),
     (["--override-kv", "a=float:x"], "not a number"),
     (["--override-kv", "a=bool:yes"], "invalid boolean"),
+    (["--rope-scaling", "ntk"], "expected none, linear or yarn"),
+    (["--rope-scale", "0"], "expected a nonzero number"),
+    (["--rope-freq-base", "x"], "expected a number"),
+    (["--yarn-orig-ctx", "1.5"], "expected an integer"),
+    (["--yarn-beta-fast", ""], "expected a number"),
 ])
 def test_bad_model_flags_are_one_line(model, capsys, cmd, flag, msg):
     from jllama.cli.main import main
@@ -102,3 +107,57 @@ def test_bad_model_flags_are_one_line(model, capsys, cmd, flag, msg):
     assert main([cmd, "-m", str(model), *extra, *flag]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and msg in err[0], err
+
+
+# llama-cpp-python's rope_scaling_type: 0 none, 1 linear, 2 yarn
+ROPE_CASES = {
+    "base": (dict(freq_base=2500.0), dict(rope_freq_base=2500.0)),
+    "linear": (dict(scaling="linear", freq_scale=0.25),
+               dict(rope_scaling_type=1, rope_freq_scale=0.25)),
+    "none": (dict(scaling="none", freq_scale=0.25, freq_base=777.0),
+             dict(rope_scaling_type=0, rope_freq_scale=0.25, rope_freq_base=777.0)),
+    "yarn": (dict(scaling="yarn", freq_scale=0.125, yarn_orig_ctx=64),
+             dict(rope_scaling_type=2, rope_freq_scale=0.125, yarn_orig_ctx=64)),
+    "yarn_knobs": (dict(scaling="yarn", freq_scale=0.5, yarn_orig_ctx=32, yarn_ext_factor=0.7,
+                        yarn_beta_fast=16.0, yarn_beta_slow=2.0, freq_base=3000.0),
+                   dict(rope_scaling_type=2, rope_freq_scale=0.5, yarn_orig_ctx=32,
+                        yarn_ext_factor=0.7, yarn_beta_fast=16.0, yarn_beta_slow=2.0,
+                        rope_freq_base=3000.0)),
+}
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_rope_options_equal_llamacpps(model, case):
+    ours_kw, theirs_kw = ROPE_CASES[case]
+    o = _oracle(model, **theirs_kw)
+    ref = _oracle_logits(o, IDS)
+    _same(_ours(model, rope=ours_kw).engine.logits(IDS), ref)
+    assert np.abs(_oracle_logits(_oracle(model), IDS) - ref).max() > 1e-3
+
+
+@pytest.mark.oracle
+def test_cli_rope_flags_are_llamacpps_completion(model, capsys):
+    """``jllama generate --rope-scaling yarn --rope-scale 4 --yarn-orig-ctx 64
+    --rope-freq-base 5000``: llama.cpp's greedy completion with those context parameters."""
+    from jllama.cli.main import main
+
+    o = _oracle(model, rope_scaling_type=2, rope_freq_scale=0.25, yarn_orig_ctx=64,
+                rope_freq_base=5000.0)
+    ref = _greedy_text(o, "the fox", 10)
+    assert main(["generate", "-m", str(model), "-p", "the fox", "-n", "10", "--temp", "0",
+                 "-c", "256", "--rope-scaling", "yarn", "--rope-scale", "4", "--yarn-orig-ctx",
+                 "64", "--rope-freq-base", "5e3"]) == 0
+    assert capsys.readouterr().out == ref + "\n"
+
+
+def test_rope_config_section(model, tmp_path):
+    from jllama.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text(f"model: {model}\nrope:\n  scaling: yarn\n  freq_scale: 0.5\n  yarn_orig_ctx: 64\n"
+                 "kv_overrides:\n  llama.rope.freq_base: 500.0\n")
+    cfg = load_config(p, ["rope.yarn_beta_fast=!!float 1e1"])
+    assert (cfg.rope.scaling, cfg.rope.freq_scale, cfg.rope.yarn_orig_ctx,
+            cfg.rope.yarn_beta_fast) == ("yarn", 0.5, 64, 10.0)
+    assert cfg.kv_overrides == {"llama.rope.freq_base": 500.0}

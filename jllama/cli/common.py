@@ -208,6 +208,63 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=None,
                    help="override a GGUF metadata key; TYPE int, float, bool or str (repeatable; "
                    "comma-separated values too), e.g. tokenizer.ggml.add_bos_token=bool:false")
+    g.add_argument("--rope-scaling", metavar="{none,linear,yarn}", default=None,
+                   help="RoPE frequency scaling method (default: the model's, else linear)")
+    g.add_argument("--rope-scale", metavar="N", dest="rope_freq_scale", action=_RopeScale,
+                   default=None, help="RoPE context scaling factor: --rope-freq-scale 1/N")
+    g.add_argument("--rope-freq-base", metavar="N", default=None,
+                   help="RoPE base frequency (default: the model's)")
+    g.add_argument("--rope-freq-scale", metavar="N", default=None,
+                   help="RoPE frequency scaling factor, expands the context by 1/N")
+    g.add_argument("--yarn-orig-ctx", metavar="N", default=None,
+                   help="YaRN: the model's original context (default: the model's training one)")
+    for flag, what in (("ext-factor", "extrapolation mix factor (0: full interpolation)"),
+                       ("attn-factor", "attention magnitude scale"),
+                       ("beta-slow", "high correction dim or alpha"),
+                       ("beta-fast", "low correction dim or beta")):
+        g.add_argument(f"--yarn-{flag}", metavar="N", default=None,
+                       help=f"YaRN: {what} (default: the model's)")
+
+
+class _RopeScale(argparse.Action):
+    """--rope-scale N sets what --rope-freq-scale 1/N does (the later flag wins, as there)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, ("1/", values))
+
+
+_ROPE_FLAGS = {"rope_freq_base": ("--rope-freq-base", "freq_base", float),
+               "rope_freq_scale": ("--rope-freq-scale", "freq_scale", float),
+               "yarn_orig_ctx": ("--yarn-orig-ctx", "yarn_orig_ctx", int),
+               "yarn_ext_factor": ("--yarn-ext-factor", "yarn_ext_factor", float),
+               "yarn_attn_factor": ("--yarn-attn-factor", "yarn_attn_factor", float),
+               "yarn_beta_slow": ("--yarn-beta-slow", "yarn_beta_slow", float),
+               "yarn_beta_fast": ("--yarn-beta-fast", "yarn_beta_fast", float)}
+
+
+def _rope_overrides(args) -> list[str]:
+    ov = []
+    sc = getattr(args, "rope_scaling", None)
+    if sc is not None:
+        if sc not in ("none", "linear", "yarn"):
+            raise ConfigError(f"--rope-scaling {sc!r}: expected none, linear or yarn")
+        ov.append(f"rope.scaling={sc}")
+    for attr, (flag, key, kind) in _ROPE_FLAGS.items():
+        v = getattr(args, attr, None)
+        if v is None:
+            continue
+        inverse = isinstance(v, tuple)
+        if inverse:
+            flag, v = "--rope-scale", v[1]
+        try:
+            x = kind(v)
+            if inverse:
+                x = 1.0 / x
+        except (ValueError, ZeroDivisionError):
+            what = "an integer" if kind is int else "a nonzero number" if inverse else "a number"
+            raise ConfigError(f"{flag} {v!r}: expected {what}") from None
+        ov.append(f"rope.{key}={f'!!float {x!r}' if kind is float else x}")
+    return ov
 
 
 def model_overrides_from_args(args) -> list[str]:
@@ -223,7 +280,7 @@ def model_overrides_from_args(args) -> list[str]:
         items = (f"{json.dumps(k)}: {f'!!float {v!r}' if isinstance(v, float) else json.dumps(v)}"
                  for k, v in kv.items())
         ov.append(f"kv_overrides={{{', '.join(items)}}}")
-    return ov
+    return ov + _rope_overrides(args)
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -377,7 +434,7 @@ def load_llama(cfg: Config, verbose: bool = True):
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides)
+                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides, rope=cfg.rope)
     if verbose:
         import jax
 

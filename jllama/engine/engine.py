@@ -99,8 +99,9 @@ class Engine:
         self._delta_marks: list[list[tuple[int, int]]] = [[] for _ in range(int(n_slots))]
         self._model_type = type(model)
         # per-layer (rope base, dims, neox, scale) of cached keys, for context shift
+        # (YaRN-rotated keys are not shifted: the shift program rotates without YaRN's ramp)
         self._kv_rope = ([model.kv_rope(i) for i in range(spec.n_layer)]
-                         if hasattr(model, "kv_rope") else None)
+                         if hasattr(model, "kv_rope") and spec.rope_yarn is None else None)
         self.graphdef, self.state = nnx.split(model)
         if plan is not None:
             self.state = plan.shard_state(self.state)

@@ -153,9 +153,11 @@ class Block(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         sections = s.rope_sections if var.mrope else ()
         q = tap(f"Qcur-{il}", rope(q, pos, s.rope_base, s.rope_dim, neox=var.neox,
-                                   scale=s.rope_scale, sections=sections))
+                                   scale=s.rope_scale, sections=sections,
+                                   yarn=s.rope_yarn))
         k = tap(f"Kcur-{il}", rope(k, pos, s.rope_base, s.rope_dim, neox=var.neox,
-                                   scale=s.rope_scale, sections=sections))
+                                   scale=s.rope_scale, sections=sections,
+                                   yarn=s.rope_yarn))
         kc = write_cache(kc, k, pos0, kv_types[0])
         vc = write_cache(vc, v, pos0, kv_types[1])
         a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim),
