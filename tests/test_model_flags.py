@@ -10,7 +10,7 @@ from tinymodels import dense_hparams, dense_tensors, write_gguf
 
 Q = gguf.GGMLQuantizationType
 N_VOCAB = 320
-SHP = dict(n_layer=2, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
+SHP = dict(n_layer=3, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, head_dim=32)
 IDS = [int(t) for t in np.random.default_rng(0).integers(0, N_VOCAB, 40)]
 
 
@@ -99,6 +99,7 @@ def test_cli_override_kv_is_llamacpps_completion(model, capsys):
     (["--rope-freq-base", "x"], "expected a number"),
     (["--yarn-orig-ctx", "1.5"], "expected an integer"),
     (["--yarn-beta-fast", ""], "expected a number"),
+    (["--control-vector-scaled", "a.gguf:1:2"], "expected FNAME:SCALE"),
 ])
 def test_bad_model_flags_are_one_line(model, capsys, cmd, flag, msg):
     from jllama.cli.main import main
@@ -161,3 +162,106 @@ def test_rope_config_section(model, tmp_path):
     assert (cfg.rope.scaling, cfg.rope.freq_scale, cfg.rope.yarn_orig_ctx,
             cfg.rope.yarn_beta_fast) == ("yarn", 0.5, 64, 10.0)
     assert cfg.kv_overrides == {"llama.rope.freq_base": 500.0}
+
+
+def _write_cvec(path, layers: dict[int, np.ndarray]):
+    """A control vector GGUF as llama.cpp's cvector-generator writes it (F32 direction.N)."""
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_uint32("controlvector.layer_count", len(layers))
+    for il, v in layers.items():
+        w.add_tensor(f"direction.{il}", v.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def cvecs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cvec")
+    rng = np.random.default_rng(3)
+    a = {il: rng.standard_normal(SHP["n_embd"]).astype(np.float32) * 0.5 for il in (1, 2, 3)}
+    b = {2: rng.standard_normal(SHP["n_embd"]).astype(np.float32) * 0.5}
+    return dict(a=_write_cvec(d / "a.gguf", a), b=_write_cvec(d / "b.gguf", b), va=a, vb=b)
+
+
+CVEC_CASES = {"all": (-1, -1), "layer2": (2, 2), "from2": (2, -1)}
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", sorted(CVEC_CASES))
+def test_control_vectors_equal_llamacpps(model, cvecs, case):
+    """Two files (one scaled), in a layer range: llama.cpp's logits with the same vectors set by
+    llama_set_adapter_cvec (the buffer as common_control_vector_load sums it: layer il at row
+    il - 1, strength products in f32; direction.3 lies past the last layer that takes one)."""
+    import ctypes
+
+    import llama_cpp.llama_cpp as low
+
+    start, end = CVEC_CASES[case]
+    n = SHP["n_embd"]
+    buf = np.zeros((3, n), np.float32)
+    for il, v in cvecs["va"].items():
+        buf[il - 1] += v * np.float32(1.0)
+    for il, v in cvecs["vb"].items():
+        buf[il - 1] += v * np.float32(-0.7)
+    o = _oracle(model)
+    plain = _oracle_logits(o, IDS)
+    flat = np.ascontiguousarray(buf.reshape(-1))
+    ptr = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    assert low.llama_set_adapter_cvec(o._ctx.ctx, ptr, flat.size, n, start if start > 0 else 1,
+                                      end if end > 0 else SHP["n_layer"]) == 0
+    ref = _oracle_logits(o, IDS)
+    llm = _ours(model, control_vectors=[str(cvecs["a"]), (str(cvecs["b"]), -0.7)],
+                control_vector_layer_range=(start, end))
+    _same(llm.engine.logits(IDS), ref)
+    assert np.abs(plain - ref).max() > 1e-3
+
+
+def _oracle_with_cvec(model, cvecs, scale_b: float, start: int, end: int):
+    import ctypes
+
+    import llama_cpp.llama_cpp as low
+
+    n = SHP["n_embd"]
+    buf = np.zeros((3, n), np.float32)
+    for il, v in cvecs["va"].items():
+        buf[il - 1] += v * np.float32(1.0)
+    for il, v in cvecs["vb"].items():
+        buf[il - 1] += v * np.float32(scale_b)
+    o = _oracle(model)
+    o._jllama_cvec = flat = np.ascontiguousarray(buf.reshape(-1))
+    ptr = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    assert low.llama_set_adapter_cvec(o._ctx.ctx, ptr, flat.size, n, start, end) == 0
+    return o
+
+
+@pytest.mark.oracle
+def test_cli_control_vector_flags_are_llamacpps_completion(model, cvecs, capsys):
+    from jllama.cli.main import main
+
+    ref = _greedy_text(_oracle_with_cvec(model, cvecs, 2.5, 2, 3), "the fox", 10)
+    assert main(["generate", "-m", str(model), "-p", "the fox", "-n", "10", "--temp", "0",
+                 "-c", "256", "--control-vector", str(cvecs["a"]), "--control-vector-scaled",
+                 f"{cvecs['b']}:2.5", "--control-vector-layer-range", "2", "3"]) == 0
+    assert capsys.readouterr().out == ref + "\n"
+
+
+def test_bad_control_vectors_are_one_line(model, cvecs, capsys, tmp_path):
+    from jllama.cli.main import main
+
+    zero = _write_cvec(tmp_path / "zero.gguf", {0: np.ones(SHP["n_embd"], np.float32)})
+    wide = _write_cvec(tmp_path / "wide.gguf", {1: np.ones(64, np.float32)})
+    for extra, msg in ((["--control-vector-scaled", "x.gguf"], "expected FNAME:SCALE"),
+                       (["--control-vector-scaled", "x.gguf:y"], "expected FNAME:SCALE"),
+                       (["--control-vector-layer-range", "1", "x"], "two integers"),
+                       (["--control-vector", str(tmp_path / "none.gguf")], "none.gguf"),
+                       (["--control-vector", str(zero)], "zero"),
+                       (["--control-vector", str(wide)], "does not match")):
+        assert main(["generate", "-m", str(model), "-p", "x", "-n", "1", "-c", "256",
+                     *extra]) == 1
+        err = [ln for ln in capsys.readouterr().err.splitlines()
+               if ln.strip() and not ln.startswith("jllama: loading")]
+        assert len(err) == 1 and msg in err[0], err

@@ -224,6 +224,42 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                        ("beta-fast", "low correction dim or beta")):
         g.add_argument(f"--yarn-{flag}", metavar="N", default=None,
                        help=f"YaRN: {what} (default: the model's)")
+    g.add_argument("--control-vector", metavar="FNAME", action="append", default=None,
+                   help="add a control vector GGUF (repeatable; comma-separated values too)")
+    g.add_argument("--control-vector-scaled", metavar="FNAME:SCALE", action="append",
+                   default=None, help="add a control vector with a scale (FNAME:SCALE,... too)")
+    g.add_argument("--control-vector-layer-range", metavar=("START", "END"), nargs=2,
+                   default=None, help="layers the control vectors apply to (inclusive)")
+
+
+def _cvec_overrides(args) -> list[str]:
+    """--control-vector entries then --control-vector-scaled ones (argparse keeps the two flags
+    apart, so plain vectors come first; the sum does not depend on the order)."""
+    import json
+
+    out = []
+    for v in getattr(args, "control_vector", None) or []:
+        out += [{"path": f, "scale": 1.0} for f in v.split(",") if f]
+    for v in getattr(args, "control_vector_scaled", None) or []:
+        for item in (x for x in v.split(",") if x):
+            parts = item.split(":")
+            try:
+                if len(parts) != 2 or not parts[0]:
+                    raise ValueError
+                out.append({"path": parts[0], "scale": float(parts[1])})
+            except ValueError:
+                raise ConfigError(f"--control-vector-scaled {item!r}: expected FNAME:SCALE") \
+                    from None
+    ov = [f"control_vectors={json.dumps(out)}"] if out else []
+    rng = getattr(args, "control_vector_layer_range", None)
+    if rng is not None:
+        try:
+            a, b = (int(x) for x in rng)
+        except ValueError:
+            raise ConfigError(f"--control-vector-layer-range {' '.join(rng)}: expected two "
+                              "integers START END") from None
+        ov.append(f"control_vector_layer_range=[{a}, {b}]")
+    return ov
 
 
 class _RopeScale(argparse.Action):
@@ -280,7 +316,7 @@ def model_overrides_from_args(args) -> list[str]:
         items = (f"{json.dumps(k)}: {f'!!float {v!r}' if isinstance(v, float) else json.dumps(v)}"
                  for k, v in kv.items())
         ov.append(f"kv_overrides={{{', '.join(items)}}}")
-    return ov + _rope_overrides(args)
+    return ov + _rope_overrides(args) + _cvec_overrides(args)
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -434,7 +470,9 @@ def load_llama(cfg: Config, verbose: bool = True):
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides, rope=cfg.rope)
+                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides, rope=cfg.rope,
+                control_vectors=[(c.path, c.scale) for c in cfg.control_vectors],
+                control_vector_layer_range=tuple(cfg.control_vector_layer_range))
     if verbose:
         import jax
 

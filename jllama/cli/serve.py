@@ -146,7 +146,7 @@ _REFUSED = [
     (("--reasoning-budget-message",), 1, "only a reasoning budget of 0 (no message) is built"),
     (("--ssl-key-file", "--ssl-cert-file"), 1, "TLS is not built (put a proxy in front)"),
     (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
-    (("--control-vector", "--keep", "--embd-normalize", "-sps",
+    (("--keep", "--embd-normalize", "-sps",
       "--slot-prompt-similarity"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
       "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
@@ -323,7 +323,7 @@ def _overrides(args) -> list[str]:
 
     return ov + [o for o in overrides_from_args(args)
                  if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul", "lora=",
-                                  "vision.mmproj=", "kv_overrides=", "rope."))]
+                                  "vision.mmproj=", "kv_overrides=", "rope.", "control_vector"))]
 
 
 def _check_llama_server_args(args) -> None:
@@ -706,7 +706,9 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides, rope=cfg.rope)
+                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides, rope=cfg.rope,
+                control_vectors=[(c.path, c.scale) for c in cfg.control_vectors],
+                control_vector_layer_range=tuple(cfg.control_vector_layer_range))
     if args.lora_init_without_apply and llm.lora is not None:
         llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem

@@ -135,6 +135,7 @@ class Block(nnx.Module):
         else:
             self.q_norm = self.k_norm = nnx.data(None)
         self.ffn_norm = RMSNorm(w.vector(p + "ffn_norm.weight"), eps)
+        self.cvec = nnx.data(None)  # a control vector (models/cvec.py), added to the output
         if moe is not None:
             self.ffn = MoE(w, p, moe, shared=var.shared_expert)
         else:
@@ -164,7 +165,10 @@ class Block(nnx.Module):
                       k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
         x = tap(f"ffn_inp-{il}", x + tap(f"attn_out-{il}", self.wo(tap(f"kqv_out-{il}", a))))
         h = tap(f"ffn_norm-{il}", self.ffn_norm(x))
-        x = tap(f"l_out-{il}", x + self.ffn(h))
+        x = x + self.ffn(h)
+        if self.cvec is not None:
+            x = x + self.cvec.get_value()
+        x = tap(f"l_out-{il}", x)
         return x, kc, vc
 
 
