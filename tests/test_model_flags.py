@@ -265,3 +265,27 @@ def test_bad_control_vectors_are_one_line(model, cvecs, capsys, tmp_path):
         err = [ln for ln in capsys.readouterr().err.splitlines()
                if ln.strip() and not ln.startswith("jllama: loading")]
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_serve_takes_the_model_flags_as_llama_server(cvecs):
+    """llama-server's spelling of every flag reaches serve's config (no longer refused)."""
+    from jllama.cli.main import build_parser
+    from jllama.cli.serve import _overrides
+    from jllama.config import load_config
+
+    args = build_parser().parse_args([
+        "serve", "-m", "x.gguf", "--override-kv", "a.b=int:7,c=str:hi", "--override-kv",
+        "d=bool:true", "--rope-scaling", "yarn", "--rope-freq-scale", "0.5", "--rope-scale", "4",
+        "--rope-freq-base", "1e6", "--yarn-orig-ctx", "4096", "--yarn-ext-factor", "0.5",
+        "--yarn-attn-factor", "1.5", "--yarn-beta-slow", "2", "--yarn-beta-fast", "16",
+        "--control-vector", f"{cvecs['a']},{cvecs['b']}", "--control-vector-scaled",
+        f"{cvecs['b']}:-0.5", "--control-vector-layer-range", "1", "2"])
+    cfg = load_config(None, _overrides(args))
+    assert cfg.kv_overrides == {"a.b": 7, "c": "hi", "d": True}
+    r = cfg.rope
+    assert (r.scaling, r.freq_scale, r.freq_base, r.yarn_orig_ctx, r.yarn_ext_factor,
+            r.yarn_attn_factor, r.yarn_beta_slow, r.yarn_beta_fast) == (
+        "yarn", 0.25, 1e6, 4096, 0.5, 1.5, 2.0, 16.0)  # --rope-scale 4 given last
+    assert [(c.path, c.scale) for c in cfg.control_vectors] == [
+        (str(cvecs["a"]), 1.0), (str(cvecs["b"]), 1.0), (str(cvecs["b"]), -0.5)]
+    assert cfg.control_vector_layer_range == [1, 2]
