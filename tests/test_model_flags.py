@@ -128,6 +128,19 @@ ROPE_CASES = {
 
 
 @pytest.mark.oracle
+def test_yarn_gguf_loads_as_llamacpps(tmp_path):
+    """A GGUF whose own rope scaling is YaRN (factor 4, original context 64): llama.cpp's logits
+    with default context parameters, and with --rope-freq-base over it."""
+    t = dense_tensors(11, n_vocab=N_VOCAB, tied=False, **SHP)
+    h = dense_hparams(**SHP, **{"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+                                "rope.scaling.original_context_length": 64})
+    path = write_gguf(tmp_path / "yarn.gguf", "llama", h, t, qtype=Q.Q8_0)
+    _same(_ours(path).engine.logits(IDS), _oracle_logits(_oracle(path), IDS))
+    _same(_ours(path, rope={"freq_base": 4000.0}).engine.logits(IDS),
+          _oracle_logits(_oracle(path, rope_freq_base=4000.0), IDS))
+
+
+@pytest.mark.oracle
 @pytest.mark.parametrize("case", sorted(ROPE_CASES))
 def test_rope_options_equal_llamacpps(model, case):
     ours_kw, theirs_kw = ROPE_CASES[case]

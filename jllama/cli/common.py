@@ -319,6 +319,13 @@ def model_overrides_from_args(args) -> list[str]:
     return ov + _rope_overrides(args) + _cvec_overrides(args)
 
 
+def model_load_kwargs(cfg: Config) -> dict:
+    """Llama's keyword arguments for add_model_args's config keys."""
+    return dict(kv_overrides=cfg.kv_overrides, rope=cfg.rope,
+                control_vectors=[(c.path, c.scale) for c in cfg.control_vectors],
+                control_vector_layer_range=tuple(cfg.control_vector_layer_range))
+
+
 def add_lora_args(p: argparse.ArgumentParser) -> None:
     """llama.cpp's adapter flags (common/arg.cpp), applied unmerged in the order given."""
     g = p.add_argument_group("LoRA adapters")
@@ -470,9 +477,7 @@ def load_llama(cfg: Config, verbose: bool = True):
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides, rope=cfg.rope,
-                control_vectors=[(c.path, c.scale) for c in cfg.control_vectors],
-                control_vector_layer_range=tuple(cfg.control_vector_layer_range))
+                mmproj=cfg.vision.mmproj, **model_load_kwargs(cfg))
     if verbose:
         import jax
 

@@ -387,10 +387,9 @@ def _slot_ctx(cfg, args) -> None:
 
         if Path(str(cfg.model)).is_dir():
             raise ConfigError("-c 0 (the model's training context) needs a GGUF model")
+        from jllama.gguf.overrides import apply_kv_overrides
         from jllama.gguf.reader import read_gguf
         from jllama.registry import resolve_model
-
-        from jllama.gguf.overrides import apply_kv_overrides
 
         g = apply_kv_overrides(read_gguf(resolve_model(cfg.model)), cfg.kv_overrides)
         cfg.runtime.ctx_size = int(g.get(f"{g.architecture}.context_length", 2048))
@@ -666,7 +665,7 @@ def run(args) -> int:
 def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fields) -> int:
     import sys
 
-    from jllama.cli.common import platform_origin, setup_platform, start_backend
+    from jllama.cli.common import model_load_kwargs, platform_origin, setup_platform, start_backend
     from jllama.errors import ConfigError
 
     enc_path = _encoder_path(cfg, args)
@@ -706,9 +705,7 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj, kv_overrides=cfg.kv_overrides, rope=cfg.rope,
-                control_vectors=[(c.path, c.scale) for c in cfg.control_vectors],
-                control_vector_layer_range=tuple(cfg.control_vector_layer_range))
+                mmproj=cfg.vision.mmproj, **model_load_kwargs(cfg))
     if args.lora_init_without_apply and llm.lora is not None:
         llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem

@@ -146,6 +146,7 @@ class RopeOptions:
 
 
 _F32 = np.float32
+_OWN_ROPE = ("deepseek2", "bert", "nomic-bert", "jina-bert-v2", "clip")
 
 
 def _logf(x: float) -> float:
@@ -155,13 +156,18 @@ def _logf(x: float) -> float:
 def with_rope_options(spec: ModelSpec, g: GGUFFile, o: RopeOptions | None) -> ModelSpec:
     """``spec`` with the rope settings llama_context derives from ``o`` and the file's hparams
     (src/llama-context.cpp's constructor; llama-model.cpp's hparams defaults), all in f32."""
+    a = g.architecture
+    file_yarn = g.metadata.get(f"{a}.rope.scaling.type") == "yarn"
     if o is None or o.is_default():
-        return spec
+        # a YaRN GGUF needs llama_context's derivation even without options (deepseek2 has
+        # its own, models/deepseek2.py; encoders and M-RoPE keep what they had)
+        if not file_yarn or spec.arch in _OWN_ROPE or spec.rope_sections:
+            return spec
+        o = RopeOptions()
     if o.scaling not in (None, "none", "linear", "yarn"):
         raise ModelError(f"rope scaling {o.scaling!r}: expected none, linear or yarn")
-    if spec.arch in ("deepseek2", "bert", "nomic-bert") or spec.rope_sections:
+    if spec.arch in _OWN_ROPE or spec.rope_sections:
         raise ModelError(f"rope options are not built for the {spec.arch} architecture")
-    a = g.architecture
     meta = g.metadata
     stype = o.scaling or str(meta.get(f"{a}.rope.scaling.type", "linear") or "linear")
     factor = float(meta.get(f"{a}.rope.scaling.factor", meta.get(f"{a}.rope.scale_linear", 0.0))
