@@ -302,3 +302,25 @@ def test_serve_takes_the_model_flags_as_llama_server(cvecs):
     assert [(c.path, c.scale) for c in cfg.control_vectors] == [
         (str(cvecs["a"]), 1.0), (str(cvecs["b"]), 1.0), (str(cvecs["b"]), -0.5)]
     assert cfg.control_vector_layer_range == [1, 2]
+
+
+@pytest.mark.oracle
+def test_context_shift_under_yarn_is_llamacpps(model):
+    """A context shift with YaRN on: llama.cpp's K-shift rotates with the same YaRN parameters
+    (magnitude factor included); the logits after it are llama.cpp's bit for bit (oracle:
+    test_ctx_shift's llama_memory_seq_rm/seq_add procedure)."""
+    from test_ctx_shift import CTX, _oracle_after_shift
+
+    from jllama.api import Llama
+
+    kw = dict(scaling="yarn", freq_scale=0.25, yarn_orig_ctx=64)
+    eng = Llama(model, ctx_size=CTX, n_slots=1, compile_cache=False, rope=kw).engine
+    rng = np.random.default_rng(9)
+    prompt, after = rng.integers(3, 290, 40).tolist(), rng.integers(3, 290, 12).tolist()
+    eng.reset(0)
+    eng.prefill(prompt, 0)
+    assert eng.shift_context(0, 5, 17) == 17
+    ours = np.asarray(eng.prefill(after, 0, all_logits=True), np.float32)
+    ref = _oracle_after_shift(model, prompt, 5, 17, after, rope_scaling_type=2,
+                              rope_freq_scale=0.25, yarn_orig_ctx=64)
+    np.testing.assert_array_equal(ours, ref)

@@ -98,10 +98,9 @@ class Engine:
         self.mrope = bool(getattr(model, "uses_mrope", False))
         self._delta_marks: list[list[tuple[int, int]]] = [[] for _ in range(int(n_slots))]
         self._model_type = type(model)
-        # per-layer (rope base, dims, neox, scale) of cached keys, for context shift
-        # (YaRN-rotated keys are not shifted: the shift program rotates without YaRN's ramp)
+        # per-layer (rope base, dims, neox, scale[, yarn]) of cached keys, for context shift
         self._kv_rope = ([model.kv_rope(i) for i in range(spec.n_layer)]
-                         if hasattr(model, "kv_rope") and spec.rope_yarn is None else None)
+                         if hasattr(model, "kv_rope") else None)
         self.graphdef, self.state = nnx.split(model)
         if plan is not None:
             self.state = plan.shard_state(self.state)
@@ -609,11 +608,18 @@ class Engine:
             moved = (p >= n_keep)[:, None, None]
             ks, vs = [], []
             for i, (kl, vl) in enumerate(zip(*cache.layers())):
-                base, dim, neox, scale = ropes[i]
+                base, dim, neox, scale, *yarn = ropes[i]
                 krow = kvquant.dequantize(kl[slot][:, src], cache.k_type, head_dim)  # [KVH,S,D]
                 x = krow.transpose(1, 0, 2)[None]  # [1, S, KVH, D]
-                rot = rope(x, jnp.full((1, max_len), -n_discard), base, dim, neox, scale)[0]
-                krow = jnp.where(moved, rot, x[0]).transpose(1, 0, 2)
+                if yarn and yarn[0] is not None:
+                    # llama.cpp's K-shift is a rope with the context's YaRN parameters over
+                    # every cell (the kept ones by 0): its magnitude factor scales them all
+                    # once more
+                    d = jnp.where(p >= n_keep, -n_discard, 0)[None]
+                    krow = rope(x, d, base, dim, neox, scale, yarn=yarn[0])[0].transpose(1, 0, 2)
+                else:
+                    rot = rope(x, jnp.full((1, max_len), -n_discard), base, dim, neox, scale)[0]
+                    krow = jnp.where(moved, rot, x[0]).transpose(1, 0, 2)
                 ks.append(kl.at[slot].set(kvquant.quantize(krow, cache.k_type).astype(kl.dtype)))
                 vs.append(vl.at[slot].set(vl[slot][:, src]))
             if cache.stacked:

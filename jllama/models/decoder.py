@@ -193,10 +193,11 @@ class Decoder(nnx.Module):
         """Whether positions are M-RoPE's (the Engine then keeps ``KVCache.pos_delta``)."""
         return self.variant.mrope
 
-    def kv_rope(self, layer: int) -> tuple[float, int, bool, float]:
-        """How layer ``layer``'s cached keys were rotated (for the Engine's context shift)."""
+    def kv_rope(self, layer: int) -> tuple:
+        """How layer ``layer``'s cached keys were rotated (for the Engine's context shift):
+        (base, dims, neox, scale, yarn)."""
         s = self.spec
-        return (s.rope_base, s.rope_dim, self.variant.neox, s.rope_scale)
+        return (s.rope_base, s.rope_dim, self.variant.neox, s.rope_scale, s.rope_yarn)
 
     def __call__(self, tokens: jax.Array | None, pos0: jax.Array, cache: KVCache, kv_len: int,
                  last_idx: jax.Array | None = None, hidden: bool = False,
