@@ -324,3 +324,20 @@ def test_context_shift_under_yarn_is_llamacpps(model):
     ref = _oracle_after_shift(model, prompt, 5, 17, after, rope_scaling_type=2,
                               rope_freq_scale=0.25, yarn_orig_ctx=64)
     np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.oracle
+def test_gemma3_rope_options_reach_the_global_layers_only(tmp_path):
+    """gemma3: --rope-freq-base / --rope-freq-scale change the global layers (the sliding-window
+    ones keep their own base and no scaling, as llama.cpp's get_rope_freq_base/_scale); an F32
+    tiny gemma3 is within test_arch_gemma3's tolerance of llama.cpp (not bit-exact there)."""
+    shp = dict(n_layer=6, n_embd=128, n_ff=256, n_head=4, n_head_kv=1, head_dim=64)  # 5 global
+    t = dense_tensors(3, n_vocab=N_VOCAB, qk_norm=True, post_norms=True, tied=True,
+                      embd_std=0.05, **shp)
+    h = dense_hparams(**shp, **{"rope.freq_base": 1e6, "attention.sliding_window": 8})
+    path = write_gguf(tmp_path / "g.gguf", "gemma3", h, t)
+    ref = _oracle_logits(_oracle(path, rope_freq_base=3000.0, rope_freq_scale=0.5), IDS)
+    ours = _ours(path, rope={"freq_base": 3000.0, "freq_scale": 0.5}).engine.logits(IDS)
+    print(f"\ngemma3 rope options: max|Δlogit| {np.abs(ours - ref).max():.2g}")
+    assert np.abs(ours - ref).max() < 0.01
+    assert np.abs(_oracle_logits(_oracle(path), IDS) - ref).max() > 0.05
