@@ -59,6 +59,35 @@ def _mesh_config(mesh: object):
     return MeshConfig(**mesh) if isinstance(mesh, dict) else mesh
 
 
+def _rope_options(rope: object | None):
+    """A RopeOptions from a RopeOptions or a mapping of its fields."""
+    from jllama.models.spec import RopeOptions
+
+    if rope is None or isinstance(rope, RopeOptions):
+        return rope
+    if isinstance(rope, dict):
+        try:
+            return RopeOptions(**rope)
+        except TypeError as e:
+            raise ConfigError(f"rope options {rope!r}: {e}") from None
+    raise ConfigError(f"rope {rope!r}: expected a RopeOptions or a mapping of its fields")
+
+
+def _cvec_entries(entries: list) -> list[tuple[str, float]]:
+    """(path, strength) for each way ``Llama(control_vectors=...)`` takes a vector."""
+    out = []
+    for e in entries:
+        if isinstance(e, str | os.PathLike):
+            out.append((os.fspath(e), 1.0))
+        elif isinstance(e, dict) and "path" in e and set(e) <= {"path", "scale"}:
+            out.append((os.fspath(e["path"]), float(e.get("scale", 1.0))))
+        elif isinstance(e, tuple | list) and len(e) == 2:
+            out.append((os.fspath(e[0]), float(e[1])))
+        else:
+            raise ConfigError(f"control vector entry {e!r}: expected a path or (path, scale)")
+    return out
+
+
 def _lora_entries(lora: list) -> list[tuple[str, float]]:
     """(path, scale) for each way ``Llama(lora=...)`` takes an adapter."""
     out = []
@@ -86,7 +115,10 @@ class Llama:
                  cache_type_v: str | None = None, mesh: object | None = None,
                  draft: object | None = None, flash_attn: bool | None = None,
                  prompt_matmul: str | None = None, numerics: Numerics | None = None,
-                 lora: list | None = None, mmproj: str | os.PathLike[str] | None = None):
+                 lora: list | None = None, mmproj: str | os.PathLike[str] | None = None,
+                 kv_overrides: dict | None = None, rope: object | None = None,
+                 control_vectors: list | None = None,
+                 control_vector_layer_range: tuple[int, int] = (-1, -1)):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
@@ -99,7 +131,15 @@ class Llama:
         unmerged, in order: each a path (scale 1), a ``(path, scale)`` pair, a
         ``{"path", "scale"}`` mapping or a LoraConfig; ``set_lora_scales`` changes the scales
         later without recompiling. ``mmproj``: the model's vision projector GGUF (llama.cpp's
-        ``--mmproj``); prompts then take ``images`` (see ``stream``)."""
+        ``--mmproj``); prompts then take ``images`` (see ``stream``). ``kv_overrides``: GGUF
+        metadata key -> bool/int/float/str, applied before anything reads the file (llama.cpp's
+        ``--override-kv``, llama-cpp-python's ``kv_overrides``). ``rope``: a RopeOptions or a
+        mapping of its fields (``scaling``, ``freq_base``, ``freq_scale``, ``yarn_orig_ctx``,
+        ``yarn_ext_factor``, ...): llama.cpp's rope context parameters (``--rope-freq-base``
+        ...) over the file's, 0 / -1 / None keeping the file's. ``control_vectors``: control
+        vector GGUFs, each a path (strength 1) or a ``(path, strength)`` pair, added to the
+        layers' outputs in ``control_vector_layer_range`` (inclusive; <= 0: the first / last
+        layer), as llama.cpp's ``--control-vector[-scaled]`` / ``--control-vector-layer-range``."""
         from jllama.engine.engine import Engine
         from jllama.tokenizer import Tokenizer
 
@@ -110,7 +150,8 @@ class Llama:
         if compile_cache:
             enable_compile_cache()
         t0 = time.perf_counter()
-        self._source = (model, quant, lora, mesh)
+        cvec = (_cvec_entries(control_vectors or []), tuple(control_vector_layer_range))
+        self._source = (model, quant, lora, mesh, kv_overrides, _rope_options(rope), cvec)
         self._load_model(*self._source)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         plan = None
@@ -145,10 +186,11 @@ class Llama:
         if verbose:
             print(f"loaded {self.path} in {self.load_s:.2f} s")
 
-    def _load_model(self, model, quant, lora, mesh) -> None:
+    def _load_model(self, model, quant, lora, mesh, kv_overrides, rope, cvec) -> None:
         """The weights (and LoRA adapters) from ``model``: at load, and again when
         ``restore_memory`` undoes ``release_memory``."""
         from jllama import checkpoint
+        from jllama.gguf.overrides import apply_kv_overrides
         from jllama.gguf.reader import read_gguf
         from jllama.models import build_model, load_weights
         from jllama.registry import resolve_model
@@ -163,19 +205,23 @@ class Llama:
             if lora:
                 raise ConfigError(f"{model}: LoRA adapters apply to a GGUF model, not to a "
                                   "checkpoint directory")
+            if kv_overrides or (rope is not None and not rope.is_default()) or cvec[0]:
+                raise ConfigError(f"{model}: metadata overrides, rope options and control "
+                                  "vectors apply to a GGUF model, not to a checkpoint directory")
             ck = checkpoint.restore(model, mesh, numerics=self.numerics)
             self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
             self.quant = ck.meta.get("quant")
         else:
             self.path = resolve_model(model)
-            self.gguf = read_gguf(self.path)
+            self.gguf = apply_kv_overrides(read_gguf(self.path), kv_overrides)
             transform = None
             if quant:
                 from jllama.quant.quantize import quantize_on_load
 
                 transform = quantize_on_load(self.gguf, quant)
             weights = load_weights(self.gguf, transform, numerics=self.numerics)
-            self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics)
+            self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics,
+                                                rope=rope)
             if lora:
                 from jllama.models import lora as lora_mod
 
@@ -183,6 +229,11 @@ class Llama:
                     self.model, weights, self.gguf,
                     [(lora_mod.read_lora(p), s) for p, s in _lora_entries(lora)],
                     numerics=self.numerics)
+            if cvec[0]:
+                from jllama.models import cvec as cvec_mod
+
+                cvec_mod.attach(self.model, self.spec.n_embd,
+                                cvec_mod.load_control_vectors(cvec[0]), *cvec[1])
             # the weights are in device buffers now: the file's pages need not stay resident
             self.gguf.release_pages()
 

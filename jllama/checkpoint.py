@@ -331,7 +331,12 @@ def restore(directory: str | os.PathLike[str], mesh: Any = None, devices: list |
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / MARKER}: corrupt GGUF header copy ({e!r})") from None
     spec, graphdef, abstract = _abstract_model(g, numerics)
-    if json.loads(json.dumps(dataclasses.asdict(spec), default=_json_default)) != meta["spec"]:
+    # a field added later with its default (rope_yarn None) matches a checkpoint without it
+    def unset_dropped(d: dict) -> dict:
+        return {k: v for k, v in d.items() if not (k == "rope_yarn" and v is None)}
+
+    rebuilt = json.loads(json.dumps(dataclasses.asdict(spec), default=_json_default))
+    if unset_dropped(rebuilt) != unset_dropped(meta["spec"]):
         raise CheckpointError(f"{d}: the model spec rebuilt from the stored header differs from "
                               "the saved one (checkpoint written by another jllama version?)")
     if meta.get("backend") != jax.default_backend():

@@ -18,6 +18,7 @@ import yaml
 
 from jllama.engine.draft import DraftConfig
 from jllama.errors import ConfigError
+from jllama.models.spec import RopeOptions
 
 
 @dataclass
@@ -163,6 +164,15 @@ class LoraConfig:
 
 
 @dataclass
+class ControlVectorConfig:
+    """A control vector GGUF (llama.cpp's --control-vector / --control-vector-scaled
+    FNAME:SCALE): its direction.N tensors, times scale, added to layer N's output."""
+
+    path: str = ""  # required (checked in load_config)
+    scale: float = 1.0
+
+
+@dataclass
 class VisionConfig:
     """Images in (llama-mtmd-cli's --mmproj / --image): the vision projector GGUF of the model
     and the images of a generation job (relative paths: relative to the config file when
@@ -179,6 +189,15 @@ class Config:
     quant: dict[str, Any] | None = None  # quantize-on-load mix (see jllama.quant.mixes)
     # adapters in the order given (a relative path is relative to the config file when there)
     lora: list[LoraConfig] = field(default_factory=list)
+    # GGUF metadata overrides at load (llama.cpp's --override-kv): key -> bool/int/float/str
+    kv_overrides: dict[str, Any] | None = None
+    # llama.cpp's rope context parameters (--rope-scaling, --rope-freq-base, --yarn-*): 0 / -1 /
+    # null keep the model's value
+    rope: RopeOptions = field(default_factory=RopeOptions)
+    # control vectors, summed (relative paths: relative to the config file when there), and the
+    # layers they apply to (inclusive; <= 0: the first / last layer: --control-vector-layer-range)
+    control_vectors: list[ControlVectorConfig] = field(default_factory=list)
+    control_vector_layer_range: list[int] = field(default_factory=lambda: [-1, -1])
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -394,9 +413,13 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         cand = Path(path).parent / cfg.model
         if cand.exists():
             cfg.model = str(cand)
-    for i, lo in enumerate(cfg.lora):
+    if len(cfg.control_vector_layer_range) != 2:
+        raise ConfigError(f"{src}: 'control_vector_layer_range' must be [START, END]")
+    for i, lo in enumerate([*cfg.lora, *cfg.control_vectors]):
         if not lo.path:
-            raise ConfigError(f"{src}: 'lora[{i}].path' is empty")
+            sec = "lora" if i < len(cfg.lora) else "control_vectors"
+            j = i if i < len(cfg.lora) else i - len(cfg.lora)
+            raise ConfigError(f"{src}: '{sec}[{j}].path' is empty")
         if path is not None and not os.path.isabs(lo.path):
             cand = Path(path).parent / lo.path
             if cand.exists():

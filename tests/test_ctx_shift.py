@@ -64,13 +64,14 @@ def gemma3(tmp_path_factory):
     return _load(tmp_path_factory, "gemma3")
 
 
-def _oracle_after_shift(path, prompt, n_keep, n_discard, after):
+def _oracle_after_shift(path, prompt, n_keep, n_discard, after, **kw):
     """llama.cpp's logits for ``after`` once ``prompt``'s tokens n_keep .. n_keep+n_discard-1
-    were removed and the rest moved down (as llama-server's context shift does)."""
+    were removed and the rest moved down (as llama-server's context shift does); ``kw``: more
+    llama-cpp-python context arguments (rope_* ...)."""
     lc = llama_cpp_module()
     low = lc.llama_cpp
     o = lc.Llama(model_path=str(path), n_ctx=CTX, logits_all=True, verbose=False, n_threads=1,
-                 seed=0, flash_attn=True, swa_full=True)
+                 seed=0, flash_attn=True, swa_full=True, **kw)
     try:
         ctx = o._ctx.ctx
         mem = low.llama_get_memory(ctx)

@@ -199,6 +199,131 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     add_draft_args(p)
     add_distributed_args(p)
     add_lora_args(p)
+    add_model_args(p)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's model-loading flags (common/arg.cpp) that change what a GGUF loads as."""
+    g = p.add_argument_group("model loading (llama.cpp's flags)")
+    g.add_argument("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=None,
+                   help="override a GGUF metadata key; TYPE int, float, bool or str (repeatable; "
+                   "comma-separated values too), e.g. tokenizer.ggml.add_bos_token=bool:false")
+    g.add_argument("--rope-scaling", metavar="{none,linear,yarn}", default=None,
+                   help="RoPE frequency scaling method (default: the model's, else linear)")
+    g.add_argument("--rope-scale", metavar="N", dest="rope_freq_scale", action=_RopeScale,
+                   default=None, help="RoPE context scaling factor: --rope-freq-scale 1/N")
+    g.add_argument("--rope-freq-base", metavar="N", default=None,
+                   help="RoPE base frequency (default: the model's)")
+    g.add_argument("--rope-freq-scale", metavar="N", default=None,
+                   help="RoPE frequency scaling factor, expands the context by 1/N")
+    g.add_argument("--yarn-orig-ctx", metavar="N", default=None,
+                   help="YaRN: the model's original context (default: the model's training one)")
+    for flag, what in (("ext-factor", "extrapolation mix factor (0: full interpolation)"),
+                       ("attn-factor", "attention magnitude scale"),
+                       ("beta-slow", "high correction dim or alpha"),
+                       ("beta-fast", "low correction dim or beta")):
+        g.add_argument(f"--yarn-{flag}", metavar="N", default=None,
+                       help=f"YaRN: {what} (default: the model's)")
+    g.add_argument("--control-vector", metavar="FNAME", action="append", default=None,
+                   help="add a control vector GGUF (repeatable; comma-separated values too)")
+    g.add_argument("--control-vector-scaled", metavar="FNAME:SCALE", action="append",
+                   default=None, help="add a control vector with a scale (FNAME:SCALE,... too)")
+    g.add_argument("--control-vector-layer-range", metavar=("START", "END"), nargs=2,
+                   default=None, help="layers the control vectors apply to (inclusive)")
+
+
+def _cvec_overrides(args) -> list[str]:
+    """--control-vector entries then --control-vector-scaled ones (argparse keeps the two flags
+    apart, so plain vectors come first; the sum does not depend on the order)."""
+    import json
+
+    out = []
+    for v in getattr(args, "control_vector", None) or []:
+        out += [{"path": f, "scale": 1.0} for f in v.split(",") if f]
+    for v in getattr(args, "control_vector_scaled", None) or []:
+        for item in (x for x in v.split(",") if x):
+            parts = item.split(":")
+            try:
+                if len(parts) != 2 or not parts[0]:
+                    raise ValueError
+                out.append({"path": parts[0], "scale": float(parts[1])})
+            except ValueError:
+                raise ConfigError(f"--control-vector-scaled {item!r}: expected FNAME:SCALE") \
+                    from None
+    ov = [f"control_vectors={json.dumps(out)}"] if out else []
+    rng = getattr(args, "control_vector_layer_range", None)
+    if rng is not None:
+        try:
+            a, b = (int(x) for x in rng)
+        except ValueError:
+            raise ConfigError(f"--control-vector-layer-range {' '.join(rng)}: expected two "
+                              "integers START END") from None
+        ov.append(f"control_vector_layer_range=[{a}, {b}]")
+    return ov
+
+
+class _RopeScale(argparse.Action):
+    """--rope-scale N sets what --rope-freq-scale 1/N does (the later flag wins, as there)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, ("1/", values))
+
+
+_ROPE_FLAGS = {"rope_freq_base": ("--rope-freq-base", "freq_base", float),
+               "rope_freq_scale": ("--rope-freq-scale", "freq_scale", float),
+               "yarn_orig_ctx": ("--yarn-orig-ctx", "yarn_orig_ctx", int),
+               "yarn_ext_factor": ("--yarn-ext-factor", "yarn_ext_factor", float),
+               "yarn_attn_factor": ("--yarn-attn-factor", "yarn_attn_factor", float),
+               "yarn_beta_slow": ("--yarn-beta-slow", "yarn_beta_slow", float),
+               "yarn_beta_fast": ("--yarn-beta-fast", "yarn_beta_fast", float)}
+
+
+def _rope_overrides(args) -> list[str]:
+    ov = []
+    sc = getattr(args, "rope_scaling", None)
+    if sc is not None:
+        if sc not in ("none", "linear", "yarn"):
+            raise ConfigError(f"--rope-scaling {sc!r}: expected none, linear or yarn")
+        ov.append(f"rope.scaling={sc}")
+    for attr, (flag, key, kind) in _ROPE_FLAGS.items():
+        v = getattr(args, attr, None)
+        if v is None:
+            continue
+        inverse = isinstance(v, tuple)
+        if inverse:
+            flag, v = "--rope-scale", v[1]
+        try:
+            x = kind(v)
+            if inverse:
+                x = 1.0 / x
+        except (ValueError, ZeroDivisionError):
+            what = "an integer" if kind is int else "a nonzero number" if inverse else "a number"
+            raise ConfigError(f"{flag} {v!r}: expected {what}") from None
+        ov.append(f"rope.{key}={f'!!float {x!r}' if kind is float else x}")
+    return ov
+
+
+def model_overrides_from_args(args) -> list[str]:
+    """Config overrides for add_model_args's flags."""
+    import json
+
+    ov = []
+    if getattr(args, "override_kv", None):
+        from jllama.gguf.overrides import parse_kv_overrides
+
+        kv = parse_kv_overrides(args.override_kv)
+        # a YAML flow mapping: JSON scalars, floats tagged (YAML 1.1 reads 1e-05 as a string)
+        items = (f"{json.dumps(k)}: {f'!!float {v!r}' if isinstance(v, float) else json.dumps(v)}"
+                 for k, v in kv.items())
+        ov.append(f"kv_overrides={{{', '.join(items)}}}")
+    return ov + _rope_overrides(args) + _cvec_overrides(args)
+
+
+def model_load_kwargs(cfg: Config) -> dict:
+    """Llama's keyword arguments for add_model_args's config keys."""
+    return dict(kv_overrides=cfg.kv_overrides, rope=cfg.rope,
+                control_vectors=[(c.path, c.scale) for c in cfg.control_vectors],
+                control_vector_layer_range=tuple(cfg.control_vector_layer_range))
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -291,6 +416,7 @@ def overrides_from_args(args) -> list[str]:
         if v is not None:
             ov.append(f"{key}={v}")
     ov += dry_breakers_override(args)
+    ov += model_overrides_from_args(args)
     if getattr(args, "flash_attn", None) is not None:
         ov.append(f"runtime.flash_attn={'false' if args.flash_attn == 'off' else 'true'}")
     if getattr(args, "prompt_matmul", None) is not None:
@@ -351,7 +477,7 @@ def load_llama(cfg: Config, verbose: bool = True):
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj)
+                mmproj=cfg.vision.mmproj, **model_load_kwargs(cfg))
     if verbose:
         import jax
 

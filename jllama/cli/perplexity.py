@@ -15,7 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jllama.cli.common import add_lora_args, add_numerics_args, add_platform_args
+from jllama.cli.common import (
+    add_lora_args,
+    add_model_args,
+    add_numerics_args,
+    add_platform_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_platform_args(p)
     add_numerics_args(p, via_config=True)
     add_lora_args(p)
+    add_model_args(p)
     p.add_argument("overrides", nargs="*", default=[],
                    help="key.path=value config overrides, e.g. perplexity.chunks=10")
     p.set_defaults(func=run)
@@ -58,7 +64,8 @@ def _overrides(args) -> list[str]:
         v = getattr(args, attr)
         if v is not None:
             ov += [f"{k}={v}" for k in ((keys,) if isinstance(keys, str) else keys)]
-    return ov + [o for o in overrides_from_args(args) if o.startswith(("runtime.", "lora="))]
+    return ov + [o for o in overrides_from_args(args)
+                 if o.startswith(("runtime.", "lora=", "kv_overrides=", "rope.", "control_vector"))]
 
 
 def run(args) -> int:
@@ -80,7 +87,7 @@ def run(args) -> int:
 
 def run_job(cfg, kl_base: str | None = None, kl_compare: bool = False) -> int:
     """A perplexity job described by a run config (``jllama perplexity`` and ``jllama run``)."""
-    from jllama.cli.common import platform_origin, setup_platform, start_backend
+    from jllama.cli.common import model_load_kwargs, platform_origin, setup_platform, start_backend
 
     pp = cfg.perplexity
     setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
@@ -97,7 +104,7 @@ def run_job(cfg, kl_base: str | None = None, kl_compare: bool = False) -> int:
     llm = Llama(cfg.model, ctx_size=pp.ctx, cache_type=cfg.runtime.cache_type_k,
                 cache_type_v=cfg.runtime.cache_type_v, quant=cfg.quant,
                 compile_cache=cfg.runtime.compile_cache, flash_attn=cfg.runtime.flash_attn,
-                prompt_matmul=cfg.runtime.prompt_matmul, lora=cfg.lora)
+                prompt_matmul=cfg.runtime.prompt_matmul, lora=cfg.lora, **model_load_kwargs(cfg))
     if kl_base:
         from jllama.eval.kld import run_cli as kld_cli
 

@@ -11,11 +11,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a YAML config (model, runtime, generation or perplexity)")
     p.add_argument("config", help="path to a YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. generation.max_tokens=32")
-    from jllama.cli.common import add_distributed_args, add_draft_args, add_lora_args
+    from jllama.cli.common import (
+        add_distributed_args,
+        add_draft_args,
+        add_lora_args,
+        add_model_args,
+    )
 
     add_draft_args(p)
     add_distributed_args(p)
     add_lora_args(p)
+    add_model_args(p)
     p.set_defaults(func=run)
 
 

@@ -55,9 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec-draft-n-min", dest="draft_min", type=int, default=None)
     p.add_argument("--spec-draft-p-min", dest="draft_min_p", type=float, default=None)
     p.add_argument("--spec-draft-model", dest="model_draft", default=None)
-    from jllama.cli.common import add_lora_args
+    from jllama.cli.common import add_lora_args, add_model_args
 
     add_lora_args(p)
+    add_model_args(p)
     p.add_argument("--lora-init-without-apply", action="store_true",
                    help="load the LoRA adapters with scale 0 (set them later: POST /lora-adapters)")
     p.add_argument("--embedding", "--embeddings", action="store_true",
@@ -145,8 +146,7 @@ _REFUSED = [
     (("--reasoning-budget-message",), 1, "only a reasoning budget of 0 (no message) is built"),
     (("--ssl-key-file", "--ssl-cert-file"), 1, "TLS is not built (put a proxy in front)"),
     (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
-    (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
-      "--override-kv", "--control-vector", "--keep", "--embd-normalize", "-sps",
+    (("--keep", "--embd-normalize", "-sps",
       "--slot-prompt-similarity"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
       "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
@@ -326,7 +326,7 @@ def _overrides(args) -> list[str]:
 
     return ov + [o for o in overrides_from_args(args)
                  if o.startswith(("draft.", "runtime.flash_attn", "runtime.prompt_matmul", "lora=",
-                                  "vision.mmproj="))]
+                                  "vision.mmproj=", "kv_overrides=", "rope.", "control_vector"))]
 
 
 def _check_llama_server_args(args) -> None:
@@ -390,10 +390,11 @@ def _slot_ctx(cfg, args) -> None:
 
         if Path(str(cfg.model)).is_dir():
             raise ConfigError("-c 0 (the model's training context) needs a GGUF model")
+        from jllama.gguf.overrides import apply_kv_overrides
         from jllama.gguf.reader import read_gguf
         from jllama.registry import resolve_model
 
-        g = read_gguf(resolve_model(cfg.model))
+        g = apply_kv_overrides(read_gguf(resolve_model(cfg.model)), cfg.kv_overrides)
         cfg.runtime.ctx_size = int(g.get(f"{g.architecture}.context_length", 2048))
         return
     per = total if cfg.server.kv_unified else total // cfg.server.parallel
@@ -668,7 +669,7 @@ def run(args) -> int:
 def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fields) -> int:
     import sys
 
-    from jllama.cli.common import platform_origin, setup_platform, start_backend
+    from jllama.cli.common import model_load_kwargs, platform_origin, setup_platform, start_backend
     from jllama.errors import ConfigError
 
     enc_path = _encoder_path(cfg, args)
@@ -708,7 +709,7 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
                 prompt_matmul=cfg.runtime.prompt_matmul,
                 mesh=cfg.mesh if cfg.mesh.data * cfg.mesh.model > 1 else None,
                 draft=cfg.draft if cfg.draft.kind else None, lora=cfg.lora,
-                mmproj=cfg.vision.mmproj)
+                mmproj=cfg.vision.mmproj, **model_load_kwargs(cfg))
     if args.lora_init_without_apply and llm.lora is not None:
         llm.set_lora_scales([0.0] * len(llm.lora.files))
     alias = s.model_alias or llm.path.stem

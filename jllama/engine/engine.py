@@ -98,7 +98,7 @@ class Engine:
         self.mrope = bool(getattr(model, "uses_mrope", False))
         self._delta_marks: list[list[tuple[int, int]]] = [[] for _ in range(int(n_slots))]
         self._model_type = type(model)
-        # per-layer (rope base, dims, neox, scale) of cached keys, for context shift
+        # per-layer (rope base, dims, neox, scale[, yarn]) of cached keys, for context shift
         self._kv_rope = ([model.kv_rope(i) for i in range(spec.n_layer)]
                          if hasattr(model, "kv_rope") else None)
         self.graphdef, self.state = nnx.split(model)
@@ -647,11 +647,18 @@ class Engine:
             moved = (delta != 0)[:, None, None]
             ks, vs = [], []
             for i, (kl, vl) in enumerate(zip(*cache.layers())):
-                base, dim, neox, scale = ropes[i]
+                base, dim, neox, scale, *yarn = ropes[i]
                 krow = kvquant.dequantize(kl[slot][:, src], cache.k_type, head_dim)  # [KVH,S,D]
                 x = krow.transpose(1, 0, 2)[None]  # [1, S, KVH, D]
-                rot = rope(x, delta[None], base, dim, neox, scale)[0]
-                krow = jnp.where(moved, rot, x[0]).transpose(1, 0, 2)
+                if yarn and yarn[0] is not None:
+                    # llama.cpp's K-shift is a rope with the context's YaRN parameters over
+                    # every cell (the unmoved ones by 0): its magnitude factor scales them all
+                    # once more
+                    krow = rope(x, delta[None], base, dim, neox, scale,
+                                yarn=yarn[0])[0].transpose(1, 0, 2)
+                else:
+                    rot = rope(x, delta[None], base, dim, neox, scale)[0]
+                    krow = jnp.where(moved, rot, x[0]).transpose(1, 0, 2)
                 ks.append(kl.at[slot].set(kvquant.quantize(krow, cache.k_type).astype(kl.dtype)))
                 vs.append(vl.at[slot].set(vl[slot][:, src]))
             if cache.stacked:

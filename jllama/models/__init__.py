@@ -19,7 +19,7 @@ from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile
 from jllama.kernels.dispatch import prepare
 from jllama.models.common import Weights
-from jllama.models.spec import ModelSpec, spec_from_gguf
+from jllama.models.spec import ModelSpec, RopeOptions, spec_from_gguf, with_rope_options
 from jllama.numerics import DEFAULT, Numerics
 from jllama.numerics import use as use_numerics
 from jllama.quant.qtensor import QTensor, from_gguf_bytes
@@ -82,11 +82,13 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
 
 
 def build_model(g: GGUFFile, weights: Weights | None = None, spec: ModelSpec | None = None,
-                numerics: Numerics = DEFAULT):
+                numerics: Numerics = DEFAULT, rope: RopeOptions | None = None):
     """(spec, model) for a GGUF file; the model carries ``numerics`` as static data (an Engine
-    built on it compiles with them unless given others)."""
+    built on it compiles with them unless given others). ``rope``: llama.cpp's rope context
+    parameters over the file's (``--rope-freq-base`` ...)."""
     mod = arch_module(g.architecture or "?")
     spec = spec or (mod.spec_from_gguf(g) if hasattr(mod, "spec_from_gguf") else spec_from_gguf(g))
+    spec = with_rope_options(spec, g, rope)
     weights = weights if weights is not None else load_weights(g, numerics=numerics)
     model = mod.build(spec, weights, g)
     model.numerics = numerics

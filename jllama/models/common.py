@@ -256,7 +256,8 @@ def _mean_f32_two_sum_tree(sq: jax.Array) -> jax.Array:
 
 
 def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
-         scale: float = 1.0, sections: tuple[int, ...] = ()) -> jax.Array:
+         scale: float = 1.0, sections: tuple[int, ...] = (),
+         yarn: tuple[float, float, float, float] | None = None) -> jax.Array:
     """Rotary embedding on the first ``dim`` features of each head.
 
     ``neox=False`` is llama.cpp's NORM mode (rotate adjacent pairs), used for the ``llama``
@@ -267,6 +268,8 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     model): pos is [B, T, 4] (t, h, w, e) and pair i turns by the position of the section
     holding ``i % sum(sections)``; the rotation is NEOX's.
     """
+    if yarn is not None:
+        return _rope_yarn(x, pos, base, dim, neox, scale, yarn)
     if sections:
         ang = mrope_angles(pos, base, dim, sections, scale)
     elif numerics.current().match_llamacpp:
@@ -278,9 +281,33 @@ def rope(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool,
     return rope_rotate(x, ang, dim, neox or bool(sections))
 
 
-def rope_rotate(x: jax.Array, ang: jax.Array, dim: int, neox: bool) -> jax.Array:
+def _rope_yarn(x: jax.Array, pos: jax.Array, base: float, dim: int, neox: bool, scale: float,
+               yarn: tuple[float, float, float, float]) -> jax.Array:
+    """ggml's rope_yarn: pairs inside the ramp [low, high] mix the interpolated angle
+    (``scale * theta``) with the extrapolated one, and cos/sin carry the magnitude factor."""
+    ext, attn, low, high = yarn
+    if numerics.current().match_llamacpp:
+        extrap = _ggml_rope_angles(pos, base, dim, 1.0)
+    else:
+        extrap = pos.astype(jnp.float32)[..., None] * base ** (
+            -jnp.arange(0, dim // 2, dtype=jnp.float32) * 2.0 / dim)
+    interp = extrap * jnp.float32(scale)
+    mscale = np.float32(attn)
+    if ext != 0:
+        y = (np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(
+            max(0.001, high - low))
+        mix = jnp.asarray((np.float32(1) - np.clip(y, 0, 1)) * np.float32(ext))
+        interp = interp * (1 - mix) + extrap * mix
+        mscale = mscale * (np.float32(1) + np.float32(0.1) * np.float32(
+            np.log(np.float64(np.float32(1) / np.float32(scale)))))
+    return rope_rotate(x, interp, dim, neox, float(mscale))
+
+
+def rope_rotate(x: jax.Array, ang: jax.Array, dim: int, neox: bool,
+                mscale: float = 1.0) -> jax.Array:
     """Rotate the first ``dim`` features of each head of x [B, T, H, D] by the angles
-    [B, T, dim/2] (pair i by ang[..., i]), as ggml's ``rotate_pairs``."""
+    [B, T, dim/2] (pair i by ang[..., i]), as ggml's ``rotate_pairs``; ``mscale`` multiplies
+    cos and sin (YaRN's magnitude factor)."""
     half = dim // 2
     exact = numerics.current().match_llamacpp and _libm_cos_sin_ok()
     if exact:
@@ -289,6 +316,8 @@ def rope_rotate(x: jax.Array, ang: jax.Array, dim: int, neox: bool) -> jax.Array
     else:
         cos = jnp.cos(ang)[:, :, None, :]
         sin = jnp.sin(ang)[:, :, None, :]
+    if mscale != 1.0:
+        cos, sin = cos * jnp.float32(mscale), sin * jnp.float32(mscale)
     xr, rest = x[..., :dim], x[..., dim:]
     if neox:
         x1, x2 = xr[..., :half], xr[..., half:]

@@ -135,6 +135,7 @@ class Block(nnx.Module):
         else:
             self.q_norm = self.k_norm = nnx.data(None)
         self.ffn_norm = RMSNorm(w.vector(p + "ffn_norm.weight"), eps)
+        self.cvec = nnx.data(None)  # a control vector (models/cvec.py), added to the output
         if moe is not None:
             self.ffn = MoE(w, p, moe, shared=var.shared_expert)
         else:
@@ -153,16 +154,21 @@ class Block(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         sections = s.rope_sections if var.mrope else ()
         q = tap(f"Qcur-{il}", rope(q, pos, s.rope_base, s.rope_dim, neox=var.neox,
-                                   scale=s.rope_scale, sections=sections))
+                                   scale=s.rope_scale, sections=sections,
+                                   yarn=s.rope_yarn))
         k = tap(f"Kcur-{il}", rope(k, pos, s.rope_base, s.rope_dim, neox=var.neox,
-                                   scale=s.rope_scale, sections=sections))
+                                   scale=s.rope_scale, sections=sections,
+                                   yarn=s.rope_yarn))
         kc = write_cache(kc, k, pos0, kv_types[0])
         vc = write_cache(vc, v, pos0, kv_types[1])
         a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim),
                       k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
         x = tap(f"ffn_inp-{il}", x + tap(f"attn_out-{il}", self.wo(tap(f"kqv_out-{il}", a))))
         h = tap(f"ffn_norm-{il}", self.ffn_norm(x))
-        x = tap(f"l_out-{il}", x + self.ffn(h))
+        x = x + self.ffn(h)
+        if self.cvec is not None:
+            x = x + self.cvec.get_value()
+        x = tap(f"l_out-{il}", x)
         return x, kc, vc
 
 
@@ -187,10 +193,11 @@ class Decoder(nnx.Module):
         """Whether positions are M-RoPE's (the Engine then keeps ``KVCache.pos_delta``)."""
         return self.variant.mrope
 
-    def kv_rope(self, layer: int) -> tuple[float, int, bool, float]:
-        """How layer ``layer``'s cached keys were rotated (for the Engine's context shift)."""
+    def kv_rope(self, layer: int) -> tuple:
+        """How layer ``layer``'s cached keys were rotated (for the Engine's context shift):
+        (base, dims, neox, scale, yarn)."""
         s = self.spec
-        return (s.rope_base, s.rope_dim, self.variant.neox, s.rope_scale)
+        return (s.rope_base, s.rope_dim, self.variant.neox, s.rope_scale, s.rope_yarn)
 
     def __call__(self, tokens: jax.Array | None, pos0: jax.Array, cache: KVCache, kv_len: int,
                  last_idx: jax.Array | None = None, hidden: bool = False,

@@ -5,8 +5,12 @@ Keys follow llama.cpp's ``{arch}.*`` convention; anything optional has llama.cpp
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile
@@ -31,6 +35,9 @@ class ModelSpec:
     tied_output: bool
     # M-RoPE (qwen2vl): rotated pairs per position section (t, h, w, e); () for plain rope
     rope_sections: tuple[int, ...] = ()
+    # YaRN as ggml_rope_ext receives it: (ext_factor, attn_factor, corr_low, corr_high); None is
+    # plain rope (ext_factor 0, attn_factor 1), what every GGUF loads as without RopeOptions
+    rope_yarn: tuple[float, float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -118,3 +125,88 @@ def _rope_sections(g: GGUFFile, key: str) -> tuple[int, ...]:
         raise ModelError(f"{g.path}: metadata '{key}' = {v}: expected up to 4 section sizes, "
                          "not all zero")
     return tuple(v + [0] * (4 - len(v)))
+
+
+@dataclass
+class RopeOptions:
+    """llama.cpp's rope context parameters (--rope-scaling, --rope-freq-base, ...; llama_context_
+    params): 0 / -1 / None = the model's own value, as there."""
+
+    scaling: str | None = None  # none | linear | yarn
+    freq_base: float = 0.0
+    freq_scale: float = 0.0  # --rope-scale N is freq_scale 1/N
+    yarn_orig_ctx: int = 0
+    yarn_ext_factor: float = -1.0
+    yarn_attn_factor: float = -1.0
+    yarn_beta_fast: float = -1.0
+    yarn_beta_slow: float = -1.0
+
+    def is_default(self) -> bool:
+        return self == RopeOptions()
+
+
+_F32 = np.float32
+_OWN_ROPE = ("deepseek2", "bert", "nomic-bert", "jina-bert-v2", "clip")
+
+
+def _logf(x: float) -> float:
+    return float(_F32(math.log(float(_F32(x)))))
+
+
+def with_rope_options(spec: ModelSpec, g: GGUFFile, o: RopeOptions | None) -> ModelSpec:
+    """``spec`` with the rope settings llama_context derives from ``o`` and the file's hparams
+    (src/llama-context.cpp's constructor; llama-model.cpp's hparams defaults), all in f32."""
+    a = g.architecture
+    file_yarn = g.metadata.get(f"{a}.rope.scaling.type") == "yarn"
+    if o is None or o.is_default():
+        # a YaRN GGUF needs llama_context's derivation even without options (deepseek2 has
+        # its own, models/deepseek2.py; encoders and M-RoPE keep what they had)
+        if not file_yarn or spec.arch in _OWN_ROPE or spec.rope_sections:
+            return spec
+        o = RopeOptions()
+    if o.scaling not in (None, "none", "linear", "yarn"):
+        raise ModelError(f"rope scaling {o.scaling!r}: expected none, linear or yarn")
+    if spec.arch in _OWN_ROPE or spec.rope_sections:
+        raise ModelError(f"rope options are not built for the {spec.arch} architecture")
+    meta = g.metadata
+    stype = o.scaling or str(meta.get(f"{a}.rope.scaling.type", "linear") or "linear")
+    factor = float(meta.get(f"{a}.rope.scaling.factor", meta.get(f"{a}.rope.scale_linear", 0.0))
+                   or 0.0)
+    scale_train = float(_F32(1.0) / _F32(factor)) if factor else 1.0
+    base = float(_F32(o.freq_base)) if o.freq_base else spec.rope_base
+    freq_scale = float(_F32(o.freq_scale)) if o.freq_scale else scale_train
+    if stype == "none":
+        freq_scale = 1.0
+    ext = float(_F32(o.yarn_ext_factor)) if o.yarn_ext_factor >= 0 else (
+        1.0 if stype == "yarn" else 0.0)
+    attn = float(_F32(o.yarn_attn_factor)) if o.yarn_attn_factor >= 0 else 1.0
+    if ext != 0:
+        f = float(_F32(1.0) / _F32(freq_scale))
+        # get_mscale(factor, 1): this arch family has no yarn_log_multiplier
+        attn = float(_F32(1.0) if f <= 1.0 else _F32(0.1) * _F32(_logf(f)) + _F32(1.0))
+        attn = float(_F32(attn) * (_F32(1.0) / (_F32(1.0) + _F32(0.1) * _F32(_logf(f)))))
+    attn = float(_F32(attn) * _F32(meta.get(f"{a}.rope.scaling.attn_factor", 1.0) or 1.0))
+    yarn = None
+    if ext != 0 or attn != 1.0:
+        n_orig = o.yarn_orig_ctx or int(meta.get(f"{a}.rope.scaling.original_context_length", 0)
+                                        or 0) or spec.n_ctx_train
+        beta_fast = float(_F32(o.yarn_beta_fast)) if o.yarn_beta_fast >= 0 else 32.0
+        beta_slow = float(_F32(o.yarn_beta_slow)) if o.yarn_beta_slow >= 0 else 1.0
+        low, high = _yarn_corr_dims(spec.rope_dim, n_orig, base, beta_fast, beta_slow)
+        yarn = (ext, attn, low, high)
+        if spec.arch == "gemma3":
+            raise ModelError("YaRN rope scaling (or a YaRN attention factor) is not built for "
+                             "gemma3")
+    return dataclasses.replace(spec, rope_base=base, rope_scale=freq_scale, rope_yarn=yarn)
+
+
+def _yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
+                    beta_slow: float) -> tuple[float, float]:
+    """ggml_rope_yarn_corr_dims: the first and last rotated pair of YaRN's ramp, in f32."""
+    def corr_dim(n_rot: float) -> float:
+        num = _F32(n_dims) * _F32(_logf(float(_F32(n_ctx_orig) / (_F32(n_rot) * _F32(2)
+                                                                 * _F32(math.pi)))))
+        return float(num / (_F32(2) * _F32(_logf(base))))
+
+    return max(0.0, math.floor(corr_dim(beta_fast))), min(n_dims - 1.0,
+                                                          math.ceil(corr_dim(beta_slow)))
