@@ -118,6 +118,9 @@ class _Refuse(argparse.Action):
 # what jllama does anyway (or it only tunes llama.cpp's own machinery), so nothing is lost
 _ACCEPTED = [
     (("-cb", "--cont-batching"), 0),  # jllama always batches continuously
+    # llama.cpp's sampling on the backend device: jllama's sampler always runs in the jitted
+    # step on the model's device (the request field of the same name is read and ignored)
+    (("--backend_sampling", "-bs", "--backend-sampling"), 0),
     (("-ngl", "--gpu-layers", "--n-gpu-layers"), 1),  # JAX places the whole model on its device
     (("--offline",), 0),
     (("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"), "?"),
@@ -150,8 +153,6 @@ _REFUSED = [
       "--slot-prompt-similarity"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
       "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
-    (("--backend_sampling", "-bs", "--backend-sampling"), 0, "sampling always runs on the "
-     "device in jllama"),
 ]
 
 
