@@ -73,25 +73,11 @@ def _rope_options(rope: object | None):
     raise ConfigError(f"rope {rope!r}: expected a RopeOptions or a mapping of its fields")
 
 
-def _cvec_entries(entries: list) -> list[tuple[str, float]]:
-    """(path, strength) for each way ``Llama(control_vectors=...)`` takes a vector."""
+def _scaled_paths(entries: list, what: str) -> list[tuple[str, float]]:
+    """(path, scale) for each way ``Llama(lora=...)`` / ``Llama(control_vectors=...)`` takes
+    a file: a path, (path, scale), {'path': ..., 'scale': ...} or an object with both."""
     out = []
     for e in entries:
-        if isinstance(e, str | os.PathLike):
-            out.append((os.fspath(e), 1.0))
-        elif isinstance(e, dict) and "path" in e and set(e) <= {"path", "scale"}:
-            out.append((os.fspath(e["path"]), float(e.get("scale", 1.0))))
-        elif isinstance(e, tuple | list) and len(e) == 2:
-            out.append((os.fspath(e[0]), float(e[1])))
-        else:
-            raise ConfigError(f"control vector entry {e!r}: expected a path or (path, scale)")
-    return out
-
-
-def _lora_entries(lora: list) -> list[tuple[str, float]]:
-    """(path, scale) for each way ``Llama(lora=...)`` takes an adapter."""
-    out = []
-    for e in lora:
         if isinstance(e, str | os.PathLike):
             out.append((os.fspath(e), 1.0))
         elif isinstance(e, dict) and "path" in e and set(e) <= {"path", "scale"}:
@@ -101,7 +87,7 @@ def _lora_entries(lora: list) -> list[tuple[str, float]]:
         elif hasattr(e, "path") and hasattr(e, "scale"):
             out.append((os.fspath(e.path), float(e.scale)))
         else:
-            raise ConfigError(f"lora entry {e!r}: expected a path, (path, scale) or "
+            raise ConfigError(f"{what} entry {e!r}: expected a path, (path, scale) or "
                               "{'path': ..., 'scale': ...}")
     return out
 
@@ -150,7 +136,7 @@ class Llama:
         if compile_cache:
             enable_compile_cache()
         t0 = time.perf_counter()
-        cvec = (_cvec_entries(control_vectors or []), tuple(control_vector_layer_range))
+        cvec = (_scaled_paths(control_vectors or [], "control vector"), tuple(control_vector_layer_range))
         self._source = (model, quant, lora, mesh, kv_overrides, _rope_options(rope), cvec)
         self._load_model(*self._source)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
@@ -227,7 +213,7 @@ class Llama:
 
                 self.lora = lora_mod.attach(
                     self.model, weights, self.gguf,
-                    [(lora_mod.read_lora(p), s) for p, s in _lora_entries(lora)],
+                    [(lora_mod.read_lora(p), s) for p, s in _scaled_paths(lora, "lora")],
                     numerics=self.numerics)
             if cvec[0]:
                 from jllama.models import cvec as cvec_mod
