@@ -139,15 +139,11 @@ _REFUSED = [
     (("-mmu", "--mmproj-url"), 1, "jllama serve does not download projectors; pass "
      "--mmproj FILE.gguf"),
     (("--cache-reuse",), 1, "KV-shift cache reuse is not built"),
-    (("--ignore-eos",), 0, "a server-wide ignore_eos is not built (send it per request)"),
-    (("--grammar", "--grammar-file", "-j", "--json-schema", "-jf", "--json-schema-file"), 1,
-     "a server-wide grammar is not built (send 'grammar'/'json_schema' per request)"),
     (("--reasoning-budget-message",), 1, "only a reasoning budget of 0 (no message) is built"),
     (("--ssl-key-file", "--ssl-cert-file"), 1, "TLS is not built (put a proxy in front)"),
     (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
     (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
-      "--override-kv", "--control-vector", "--keep", "--embd-normalize", "-sps",
-      "--slot-prompt-similarity"), 1, "not built yet"),
+      "--override-kv", "--control-vector"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
       "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
     (("--backend_sampling", "-bs", "--backend-sampling"), 0, "sampling always runs on the "
@@ -180,6 +176,24 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spm-infill", action="store_true",
                    help="/infill prompts in suffix/prefix/middle order (default "
                    "prefix/suffix/middle)")
+    g.add_argument("--ignore-eos", action="store_true", default=None,
+                   help="requests ignore end-of-generation tokens unless they say otherwise")
+    g.add_argument("--keep", dest="n_keep", type=int, default=None,
+                   help="default n_keep: prompt tokens kept by the context shift (-1: all)")
+    g.add_argument("--embd-normalize", type=int, default=None,
+                   help="default embeddings normalisation (-1 none, 0 max absolute int16, "
+                   "1 taxicab, 2 euclidean (default), >2 p-norm)")
+    g.add_argument("-sps", "--slot-prompt-similarity", dest="slot_prompt_similarity",
+                   type=float, default=None,
+                   help="share of a prompt a free slot's cache must match for the slot to be "
+                   "picked for it (default 0.10, 0: disabled)")
+    g.add_argument("--grammar", default=None,
+                   help="GBNF grammar constraining requests that bring no grammar or schema")
+    g.add_argument("--grammar-file", default=None, help="a file holding that grammar")
+    g.add_argument("-j", "--json-schema", default=None,
+                   help="JSON schema constraining requests that bring no grammar or schema")
+    g.add_argument("-jf", "--json-schema-file", default=None,
+                   help="a file holding that JSON schema")
     g.add_argument("--metrics", action="store_true", help="serve /metrics (Prometheus)")
     g.add_argument("--slots", dest="slots", action="store_true", default=True,
                    help="serve GET /slots (default)")
@@ -288,6 +302,8 @@ def _overrides(args) -> list[str]:
              "cors_origins": "server.cors_origins",
              "media_path": "server.media_path",
              "slot_save_path": "server.slot_save_path",
+             "n_keep": "server.n_keep", "embd_normalize": "server.embd_normalize",
+             "slot_prompt_similarity": "server.slot_prompt_similarity",
              "temp": "generation.sampling.temperature", "top_k": "generation.sampling.top_k",
              "top_p": "generation.sampling.top_p", "min_p": "generation.sampling.min_p",
              "repeat_penalty": "generation.sampling.repeat_penalty",
@@ -307,7 +323,7 @@ def _overrides(args) -> list[str]:
     if args.context_shift is not None:
         ov.append(f"server.context_shift={'true' if args.context_shift else 'false'}")
     for flag in ("metrics", "props", "kv_unified", "allow_remote_media", "swa_full",
-                 "spm_infill"):
+                 "spm_infill", "ignore_eos"):
         if getattr(args, flag, False):
             ov.append(f"server.{flag}=true")
     if args.slots is False:
@@ -353,6 +369,54 @@ def _check_llama_server_args(args) -> None:
         raise ConfigError("jllama serve --spec-type draft-simple: needs a draft model (-md)")
     if args.ctx_size is not None and args.ctx_size < 0:
         raise ConfigError(f"jllama serve -c {args.ctx_size}: must be >= 0")
+
+
+def _constraint_flags(args, s) -> None:
+    """llama-server's --grammar/--grammar-file/-j/-jf into the config's server.grammar or
+    server.json_schema (text as given: a grammar spans lines, so not through YAML parsing)."""
+    from jllama.errors import ConfigError
+
+    given = [f for f, a in (("--grammar", "grammar"), ("--grammar-file", "grammar_file"),
+                            ("-j", "json_schema"), ("-jf", "json_schema_file"))
+             if getattr(args, a, None) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{given[0]} and {given[1]}: give one grammar or JSON schema")
+    for attr, key in (("grammar_file", "grammar"), ("json_schema_file", "json_schema")):
+        path = getattr(args, attr, None)
+        if path is not None:
+            try:
+                text = open(path, encoding="utf-8").read()
+            except OSError as e:
+                flag = "--grammar-file" if key == "grammar" else "--json-schema-file"
+                raise ConfigError(f"{flag} {path}: {e.strerror or e}") from None
+            setattr(s, key, text)
+    if args.grammar is not None:
+        s.grammar = args.grammar
+    if args.json_schema is not None:
+        s.json_schema = args.json_schema
+
+
+def server_grammar(s) -> str:
+    """The GBNF text of the config's server.grammar or server.json_schema (llama-server's
+    --grammar / -j: a schema is turned into a grammar once, at start-up), "" when neither."""
+    from jllama.errors import ConfigError
+
+    if s.grammar and s.json_schema:
+        raise ConfigError("server.grammar and server.json_schema: give one of them")
+    if not s.json_schema:
+        return s.grammar or ""
+    from jllama.server.json_schema import SchemaError, schema_to_grammar
+
+    try:
+        schema = json.loads(s.json_schema)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--json-schema: not JSON: {e}") from None
+    if isinstance(schema, dict) and not schema:  # as llama-server's requests: any object
+        schema = {"type": "object"}
+    try:
+        return schema_to_grammar(schema)
+    except SchemaError as e:
+        raise ConfigError(f"--json-schema: {e}") from None
 
 
 def _api_keys(args, cfg) -> list[str]:
@@ -415,6 +479,10 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                 "dry_sequence_breakers": list(sp.dry_sequence_breakers)}
     if sp.seed is not None:
         defaults["seed"] = sp.seed
+    if s.ignore_eos:  # llama-server's --ignore-eos, --keep: what a request leaves out
+        defaults["ignore_eos"] = True
+    if s.n_keep:
+        defaults["n_keep"] = s.n_keep
     names = [a for a in alias.split(",") if a]
     return ServerSettings(model_alias=names[0] if len(names) == 1 else sorted(names)[0],
                           api_keys=list(api_keys),
@@ -429,6 +497,8 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           slot_save_path=_slot_dir(s.slot_save_path),
                           sleep_idle_seconds=s.sleep_idle_seconds, cache_ram=s.cache_ram,
                           cache_idle_slots=s.cache_idle_slots, kv_unified=s.kv_unified,
+                          grammar=server_grammar(s), embd_normalize=s.embd_normalize,
+                          slot_prompt_similarity=s.slot_prompt_similarity,
                           gcp=GcpParams.from_env())
 
 
@@ -615,6 +685,8 @@ def _run_router(args) -> int:
 
 
 def run(args) -> int:
+    import sys
+
     from jllama.config import load_config
     from jllama.errors import ConfigError
 
@@ -637,6 +709,7 @@ def run(args) -> int:
     s = cfg.server
     if args.alias is not None:  # not through YAML parsing: names may look like numbers
         s.model_alias = args.alias
+    _constraint_flags(args, s)
     keys = _api_keys(args, cfg)
     if s.parallel < 1:
         raise ConfigError(f"{cfg.source}: 'server.parallel' must be at least 1, got {s.parallel}")

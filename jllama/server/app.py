@@ -98,6 +98,10 @@ class ServerSettings:
     # and --ui-mcp-proxy (/cors-proxy)
     tools: agent.ServerTools | None = None
     ui_mcp_proxy: bool = False
+    # llama-server's --grammar/-j (as GBNF): the constraint of requests that bring none
+    grammar: str = ""
+    slot_prompt_similarity: float = 0.1  # llama-server's -sps (scheduler.py _admit)
+    embd_normalize: int = 2  # llama-server's --embd-normalize: requests' default
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -133,7 +137,8 @@ class ServerState:
                                        context_shift=settings.context_shift,
                                        swa_full=settings.swa_full, prompt_cache=cache,
                                        cache_idle_slots=idle, kv_unified=settings.kv_unified,
-                                       sleep_idle_s=settings.sleep_idle_seconds)
+                                       sleep_idle_s=settings.sleep_idle_seconds,
+                                       slot_similarity=settings.slot_prompt_similarity)
             # an embeddings runner on the same model keeps its weights through sleep
             self.scheduler.release_weights = encoder is None
             # first on going to sleep (before the model goes), last on waking up, as
@@ -537,6 +542,8 @@ def make_constraint(state: ServerState, opts: oa.GenOptions,
         schema = tool["function"].get("parameters") or {"type": "object"}
         return JsonConstraint(sch.token_bytes(), sch.eog, root="object", schema=schema)
     text = opts.grammar
+    if not text and opts.json_schema is None:  # llama-server: the request's own wins
+        text = state.settings.grammar
     if opts.json_schema is not None:
         try:
             text = schema_to_grammar(opts.json_schema)
@@ -853,7 +860,8 @@ class Handlers:
         mm = (functools.partial(embedding_media, self.state) if self.state.llm is not None
               else None)
         seqs, oai, b64, norm = await run_in_threadpool(emb.parse_embeddings, enc, body, oai,
-                                                       True, mm)
+                                                       True, mm,
+                                                       self.state.settings.embd_normalize)
         outs = [await run_in_threadpool(
             enc.run if all(isinstance(t, int) for t in ids) else enc.run_items, ids)
             for ids in seqs]

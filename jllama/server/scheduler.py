@@ -154,8 +154,12 @@ class Scheduler:
     def __init__(self, llm, max_queue: int = 64, metrics: Metrics | None = None,
                  context_shift: bool = False, swa_full: bool = False,
                  prompt_cache: PromptCache | None = None, cache_idle_slots: bool = False,
-                 kv_unified: bool = False, sleep_idle_s: float = -1):
+                 kv_unified: bool = False, sleep_idle_s: float = -1,
+                 slot_similarity: float = SLOT_SIMILARITY):
         self.llm = llm
+        self.slot_similarity = slot_similarity  # llama-server's -sps (0: never by similarity)
+        # when each slot last finished a task (llama-server's t_last_used; -1: never)
+        self._last_used = [-1.0] * llm.engine.n_slots
         self.engine = llm.engine
         self.tok = llm.tokenizer
         self.n_slots = self.engine.n_slots
@@ -500,21 +504,27 @@ class Scheduler:
             if req.cancelled:
                 continue
             ids = req.prompt_ids
-            # prompt cache: the free slot sharing the longest prefix with this prompt (or the
-            # slot the request names)
-            best, keep = free[0], 0
+            # llama-server's get_available_slot: the slot the request names, else the free
+            # slot whose cached prefix is the largest share of this prompt, above -sps (0:
+            # similarity is not used), else the least recently used free one (of equals the
+            # last, as its '<=' picks)
+            keep = 0
             if req.id_slot != -1:
                 best = slot_index(req.id_slot, self.n_slots)
                 cands = [best]
             else:
                 cands = free
+                best = min(reversed(free), key=lambda b: self._last_used[b])
             if req.prompt_items is not None:  # images: each cell's id names its image
                 ids = expand_items(req.prompt_items)
-            if req.cache_prompt:
+            sim = self.slot_similarity
+            if req.cache_prompt and sim != 0:
                 for b in cands:
                     n = self.engine.common_prefix(ids, b)
-                    if n > keep:
+                    if n > keep and n / max(len(ids), 1) > sim:
                         best, keep = b, n
+            if req.cache_prompt:  # the chosen slot's prefix is reused whichever way it came
+                keep = self.engine.common_prefix(ids, best)
             if self.prompt_cache is not None and self._update_cache(req, ids, best):
                 keep = self.engine.common_prefix(ids, best) if req.cache_prompt else 0
             keep = min(keep, len(ids) - 1)
@@ -535,13 +545,14 @@ class Scheduler:
 
     def _update_cache(self, req: GenRequest, ids: list, slot: int) -> bool:
         """llama-server's get_available_slot cache step: when the chosen slot was not picked
-        for sharing enough of the prompt (similarity <= SLOT_SIMILARITY; llama-server then
+        for sharing enough of the prompt (similarity <= -sps; llama-server then
         takes its least recently used slot) or would lose most of what it holds, its contents
         go to the host cache and the cached entry best for this prompt comes back into it.
         A slot named by id_slot is taken as it is. True when the slot's contents changed."""
         held = self.engine.tokens[slot]
         lcp = self.engine.common_prefix(ids, slot)
-        if held and lcp / max(len(ids), 1) > SLOT_SIMILARITY:
+        sim = self.slot_similarity
+        if held and sim != 0 and lcp / max(len(ids), 1) > sim:
             update = lcp / len(held) < 0.5
         else:
             update = req.id_slot == -1
@@ -821,6 +832,8 @@ class Scheduler:
 
     def _free(self, b: int) -> None:
         a = self.slots[b]
+        if a is not None:
+            self._last_used[b] = time.monotonic()
         if a is not None and a.gen is not None:
             a.gen.close()  # leaves the slot's cache as plain decoding would
         self.slots[b] = None
