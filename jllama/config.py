@@ -149,6 +149,13 @@ class ServerConfig:
     # llama-server's -sps: a free slot is picked for a prompt when more than this share of the
     # prompt is its cached prefix (0: never by similarity, the first free slot)
     slot_prompt_similarity: float = 0.1
+    # llama-server's --api-prefix (every route under it, no trailing '/'), --path (static
+    # files from this directory at the prefix's '/') and --ssl-key-file/--ssl-cert-file (TLS
+    # when both are given)
+    api_prefix: str = ""
+    static_path: str | None = None
+    ssl_key_file: str | None = None
+    ssl_cert_file: str | None = None
 
 
 @dataclass

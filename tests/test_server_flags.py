@@ -194,3 +194,97 @@ def test_embd_normalize_default(tiny, llm):
                                    rtol=0, atol=0)
         got = c.post("/embedding", json={"content": "hello world", "embd_normalize": -1}).json()
         np.testing.assert_allclose(got[0]["embedding"][0], raw, rtol=0, atol=0)
+
+
+def test_api_prefix_and_static_path(llm, tmp_path):
+    from jllama.errors import ConfigError
+
+    (tmp_path / "index.html").write_text("<p>home</p>")
+    (tmp_path / "a.txt").write_text("file a")
+    with _serve(llm, _settings("--api-prefix", "/llama", "--path", str(tmp_path),
+                               "-cram", "0")) as s, \
+            httpx.Client(base_url=s.url, timeout=120) as c:
+        assert c.get("/llama/health").status_code == 200
+        assert c.get("/health").status_code == 404  # every route is under the prefix
+        r = c.post("/llama/completion", json={"prompt": "hi", "n_predict": 1})
+        assert r.status_code == 200 and r.json()["tokens_predicted"] == 1
+        assert c.get("/llama/v1/models").status_code == 200
+        assert c.get("/llama/").text == "<p>home</p>"  # a directory: its index.html
+        assert c.get("/llama/a.txt").text == "file a"
+        assert c.get("/llama/b.txt").status_code == 404
+        assert c.get("/a.txt").status_code == 404
+    with _serve(llm, _settings("--path", str(tmp_path), "-cram", "0")) as s, \
+            httpx.Client(base_url=s.url, timeout=120) as c:
+        assert c.get("/").text == "<p>home</p>" and c.get("/a.txt").text == "file a"
+        assert c.get("/health").status_code == 200
+    with pytest.raises(ConfigError, match="static assets path not found"):
+        _settings("--path", str(tmp_path / "nope"))
+
+
+def test_tls(llm, tmp_path):
+    import shutil
+    import socket
+    import ssl
+    import subprocess
+    import threading
+    import time
+
+    import uvicorn
+
+    from jllama.cli.serve import _overrides, uvicorn_config
+    from jllama.config import load_config
+    from jllama.errors import ConfigError
+    from jllama.server.app import ServerState, create_app
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a self-signed certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+
+    def cfg(*flags):
+        return load_config(None, _overrides(_args(*flags))).server
+
+    app = create_app(ServerState(llm, _settings("-cram", "0")), warmup=False)
+    # one of the two files alone: plain HTTP, as llama-server
+    assert uvicorn_config(app, cfg("--ssl-key-file", str(key))).ssl_keyfile is None
+    with pytest.raises(ConfigError, match="--ssl-cert-file"):
+        uvicorn_config(app, cfg("--ssl-key-file", str(key), "--ssl-cert-file",
+                                str(tmp_path / "nope.pem")))
+    conf = uvicorn_config(app, cfg("--ssl-key-file", str(key), "--ssl-cert-file", str(cert)),
+                          log_level="warning")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(conf)
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        while not server.started and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        ctx = ssl.create_default_context(cafile=str(cert))
+        r = httpx.get(f"https://127.0.0.1:{port}/health", verify=ctx, timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on a TLS port gets no answer
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+    finally:
+        server.should_exit = True
+        t.join(30)
+        sock.close()
+
+
+def test_router_mode():
+    """The router answers over TLS itself (its children get no TLS flags); a prefix or static
+    files in router mode are refused by name."""
+    from jllama.cli.serve import child_args, run
+    from jllama.errors import ConfigError
+
+    p = _args()._parser
+    argv = ["--ssl-key-file", "k.pem", "--ssl-cert-file", "c.pem", "-n", "3", "-sps", "0.3"]
+    assert child_args(p, argv) == ["-n", "3", "-sps", "0.3"]
+    args = _args("--api-prefix", "/x")
+    args.model, args.models_dir = None, "/nonexistent"
+    with pytest.raises(ConfigError, match="--api-prefix and --path are not built in router"):
+        run(args)

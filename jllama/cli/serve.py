@@ -140,8 +140,6 @@ _REFUSED = [
      "--mmproj FILE.gguf"),
     (("--cache-reuse",), 1, "KV-shift cache reuse is not built"),
     (("--reasoning-budget-message",), 1, "only a reasoning budget of 0 (no message) is built"),
-    (("--ssl-key-file", "--ssl-cert-file"), 1, "TLS is not built (put a proxy in front)"),
-    (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
     (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
       "--override-kv", "--control-vector"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
@@ -194,6 +192,14 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
                    help="JSON schema constraining requests that bring no grammar or schema")
     g.add_argument("-jf", "--json-schema-file", default=None,
                    help="a file holding that JSON schema")
+    g.add_argument("--api-prefix", default=None,
+                   help="prefix path the server serves from, without the trailing slash")
+    g.add_argument("--path", dest="static_path", default=None,
+                   help="directory whose files are served at the prefix's /")
+    g.add_argument("--ssl-key-file", default=None, help="PEM private key: HTTPS with "
+                   "--ssl-cert-file")
+    g.add_argument("--ssl-cert-file", default=None, help="PEM certificate: HTTPS with "
+                   "--ssl-key-file")
     g.add_argument("--metrics", action="store_true", help="serve /metrics (Prometheus)")
     g.add_argument("--slots", dest="slots", action="store_true", default=True,
                    help="serve GET /slots (default)")
@@ -303,6 +309,8 @@ def _overrides(args) -> list[str]:
              "media_path": "server.media_path",
              "slot_save_path": "server.slot_save_path",
              "n_keep": "server.n_keep", "embd_normalize": "server.embd_normalize",
+             "api_prefix": "server.api_prefix", "static_path": "server.static_path",
+             "ssl_key_file": "server.ssl_key_file", "ssl_cert_file": "server.ssl_cert_file",
              "slot_prompt_similarity": "server.slot_prompt_similarity",
              "temp": "generation.sampling.temperature", "top_k": "generation.sampling.top_k",
              "top_p": "generation.sampling.top_p", "min_p": "generation.sampling.min_p",
@@ -499,7 +507,44 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           cache_idle_slots=s.cache_idle_slots, kv_unified=s.kv_unified,
                           grammar=server_grammar(s), embd_normalize=s.embd_normalize,
                           slot_prompt_similarity=s.slot_prompt_similarity,
+                          api_prefix=s.api_prefix, static_path=_static_dir(s.static_path),
                           gcp=GcpParams.from_env())
+
+
+def _scheme(s) -> str:
+    return "https" if s.ssl_key_file and s.ssl_cert_file else "http"
+
+
+def _static_dir(path: str | None) -> str | None:
+    """llama-server's --path check: the directory must exist (else it does not start)."""
+    if not path:
+        return None
+    import os
+
+    from jllama.errors import ConfigError
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--path {path}: static assets path not found")
+    return path
+
+
+def uvicorn_config(app, s, log_level: str = "info"):
+    """uvicorn's settings for serve: TLS from llama-server's --ssl-key-file and
+    --ssl-cert-file when both are given (one alone: plain HTTP, as llama-server)."""
+    import uvicorn
+
+    tls = {}
+    if s.ssl_key_file and s.ssl_cert_file:
+        import os
+
+        from jllama.errors import ConfigError
+
+        for flag, p in (("--ssl-key-file", s.ssl_key_file), ("--ssl-cert-file", s.ssl_cert_file)):
+            if not os.path.isfile(p):
+                raise ConfigError(f"{flag} {p}: no such file")
+        tls = {"ssl_keyfile": s.ssl_key_file, "ssl_certfile": s.ssl_cert_file}
+    return uvicorn.Config(app, log_level=log_level, http="h11", loop="asyncio",
+                          timeout_graceful_shutdown=5, **tls)
 
 
 def _slot_dir(path: str | None) -> str | None:
@@ -528,7 +573,7 @@ def _media_dir(path: str | None) -> str | None:
     return os.path.join(path, "")
 
 
-def _serve(app, hosts: str, port: int, tools=None) -> None:
+def _serve(app, s, tools=None) -> None:
     """uvicorn on every address of llama-server's comma-separated --host; ``tools``
     (agent.ServerTools) have their MCP calls cancelled as soon as the stop signal comes (else
     uvicorn would wait for them to drain) and their child processes ended after."""
@@ -536,6 +581,8 @@ def _serve(app, hosts: str, port: int, tools=None) -> None:
 
     import uvicorn
 
+    hosts, port = s.host, s.port
+    cfg = uvicorn_config(app, s)  # before binding: a missing TLS file fails first
     socks = []
     for h in [h.strip() for h in hosts.split(",") if h.strip()]:
         fam = socket.AF_INET6 if ":" in h else socket.AF_INET
@@ -551,8 +598,6 @@ def _serve(app, hosts: str, port: int, tools=None) -> None:
             raise ConfigError(f"--host {h} --port {port}: cannot listen there: "
                               f"{e.strerror or e}") from None
         socks.append(sk)
-    cfg = uvicorn.Config(app, log_level="info", http="h11", loop="asyncio",
-                         timeout_graceful_shutdown=5)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -595,7 +640,9 @@ _ROUTER_ONLY = {"model", "host", "port", "api_key", "api_key_file", "alias", "ta
                 "models_preset", "models_max", "models_autoload", "config",
                 # the router answers /tools and /cors-proxy itself: no MCP servers per child
                 "tools", "tools_runtime", "mcp_servers_config", "mcp_servers_json",
-                "ui_mcp_proxy", "agent"}
+                "ui_mcp_proxy", "agent",
+                # the router answers over TLS itself and talks plain HTTP to its children
+                "ssl_key_file", "ssl_cert_file"}
 
 
 def _n_values(act: argparse.Action, argv: list[str], i: int) -> int:
@@ -660,6 +707,9 @@ def _run_router(args) -> int:
     if args.config is not None:
         raise ConfigError("router mode (--models-dir/--models-preset) takes no config file: "
                           "give settings as flags, every model gets them")
+    if args.api_prefix or args.static_path:
+        raise ConfigError("--api-prefix and --path are not built in router mode "
+                          "(--models-dir/--models-preset)")
     if args.models_max < 0:
         raise ConfigError(f"--models-max {args.models_max}: must be >= 0 (0 = no limit)")
     cfg = load_config(None, [o for o in _overrides(args) if o.startswith("server.")])
@@ -677,10 +727,10 @@ def _run_router(args) -> int:
                                  flag=functools.partial(preset_flag, parser),
                                  settings=settings))
     names = ", ".join(router.models) or "none"
-    print(f"jllama serve: router on http://{cfg.server.host}:{cfg.server.port} "
+    print(f"jllama serve: router on {_scheme(cfg.server)}://{cfg.server.host}:{cfg.server.port} "
           f"({len(router.models)} models: {names}; at most "
           f"{args.models_max or 'any number'} loaded)", file=sys.stderr)
-    _serve(create_router_app(router), cfg.server.host, cfg.server.port, settings.tools)
+    _serve(create_router_app(router), cfg.server, settings.tools)
     return 0
 
 
@@ -759,10 +809,10 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
         settings = settings_from_config(cfg, alias, keys, tags)
         settings.__dict__.update(agent_fields)
         state = ServerState(None, settings, encoder=encoder)
-        print(f"jllama serve: http://{s.host}:{s.port}/v1 (encoder '{alias}', pooling "
-              f"{encoder.pooling}, context {encoder.n_ctx}: embeddings"
+        print(f"jllama serve: {_scheme(s)}://{s.host}:{s.port}{s.api_prefix}/v1 (encoder "
+              f"'{alias}', pooling {encoder.pooling}, context {encoder.n_ctx}: embeddings"
               f"{' and rerank' if encoder.pooling == 'rank' else ''})", file=sys.stderr)
-        _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port, settings.tools)
+        _serve(create_app(state, warmup=not args.no_warmup), s, settings.tools)
         return 0
 
     from jllama.api import Llama
@@ -800,9 +850,9 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
         llm.tokenizer.chat_template = chat_template
     settings.__dict__.update(agent_fields)
     state = ServerState(llm, settings, encoder=embedder)
-    print(f"jllama serve: http://{s.host}:{s.port}/v1 (model '{alias}', "
+    print(f"jllama serve: {_scheme(s)}://{s.host}:{s.port}{s.api_prefix}/v1 (model '{alias}', "
           f"auth {'on' if keys else 'off'})", file=sys.stderr)
-    _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port, settings.tools)
+    _serve(create_app(state, warmup=not args.no_warmup), s, settings.tools)
     return 0
 
 

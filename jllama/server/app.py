@@ -102,6 +102,8 @@ class ServerSettings:
     grammar: str = ""
     slot_prompt_similarity: float = 0.1  # llama-server's -sps (scheduler.py _admit)
     embd_normalize: int = 2  # llama-server's --embd-normalize: requests' default
+    api_prefix: str = ""  # llama-server's --api-prefix: every route under it
+    static_path: str | None = None  # llama-server's --path: files from it at the prefix's /
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -1597,6 +1599,7 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         routes.append(Route(path, fn, methods=methods))
     if state.settings.gcp is not None:
         routes += gcp_routes(routes, state.settings.gcp)
+    routes = static_routes(routes, state.settings.api_prefix, state.settings.static_path)
 
     async def not_found(request: Request, exc) -> Response:
         status = getattr(exc, "status_code", 404)
@@ -1609,6 +1612,23 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
                     exception_handlers={404: not_found, 405: not_found})
     app.state.max_body = state.settings.max_body
     return HttpRules(app, state.settings)
+
+
+def static_routes(routes: list, prefix: str, static_path: str | None) -> list:
+    """llama-server's --api-prefix (every route registered under it) and --path (a mount
+    point at the prefix's '/' serving the directory's files, index.html for a directory). Its
+    HTTP library looks for a file before the routes; here the routes come first, so a file
+    named like an endpoint is not served."""
+    if prefix:
+        routes = [Route(prefix + r.path, r.endpoint,
+                        methods=[m for m in (r.methods or ()) if m != "HEAD"])
+                  for r in routes]
+    if static_path:
+        from starlette.routing import Mount
+        from starlette.staticfiles import StaticFiles
+
+        routes.append(Mount(prefix, app=StaticFiles(directory=static_path, html=True)))
+    return routes
 
 
 def _title(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
