@@ -139,7 +139,6 @@ _REFUSED = [
     (("-mmu", "--mmproj-url"), 1, "jllama serve does not download projectors; pass "
      "--mmproj FILE.gguf"),
     (("--cache-reuse",), 1, "KV-shift cache reuse is not built"),
-    (("--reasoning-budget-message",), 1, "only a reasoning budget of 0 (no message) is built"),
     (("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
       "--override-kv", "--control-vector"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
@@ -216,8 +215,10 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-rea", "--reasoning", default=None,
                    help="on, off or auto (default: thinking when the template has it)")
     g.add_argument("--reasoning-budget", type=int, default=None,
-                   help="-1 (default): unlimited thoughts; 0: none (templates whose prompt "
-                   "opens the thoughts)")
+                   help="-1 (default): unlimited thoughts; 0: none; N: the end of thinking is "
+                   "forced after N tokens of thoughts")
+    g.add_argument("--reasoning-budget-message", default=None,
+                   help="text forced before the end-of-thinking tag when the budget runs out")
     g.add_argument("--reasoning-effort", default=None,
                    help="reasoning_effort for the chat template ('default': the template's)")
     g.add_argument("--chat-template", default=None,
@@ -365,9 +366,9 @@ def _check_llama_server_args(args) -> None:
                           "invalid value: cannot be 0 or less than -1")
     if args.reasoning not in (None, "on", "off", "auto"):
         raise ConfigError(f"jllama serve --reasoning {args.reasoning}: one of on, off, auto")
-    if args.reasoning_budget is not None and args.reasoning_budget not in (-1, 0):
-        raise ConfigError(f"jllama serve --reasoning-budget {args.reasoning_budget}: only -1 "
-                          "(unlimited) and 0 (no thoughts) are built")
+    if args.reasoning_budget is not None and args.reasoning_budget < -1:
+        raise ConfigError(f"jllama serve --reasoning-budget {args.reasoning_budget}: invalid "
+                          "value (-1: unlimited, 0: no thoughts, N: at most N tokens)")
     spec = [t.strip() for v in (args.spec_type or []) for t in v.split(",") if t.strip()]
     other = [t for t in spec if t not in ("draft-simple", "none")]
     if other:
@@ -880,6 +881,8 @@ def _chat_flags(args) -> tuple[dict, str | None]:
         fields["reasoning_format"] = args.reasoning_format
     if args.reasoning_budget is not None:
         fields["reasoning_budget"] = args.reasoning_budget
+    if args.reasoning_budget_message is not None:
+        fields["reasoning_budget_message"] = args.reasoning_budget_message
     template = None
     if args.chat_template_file is not None:
         try:

@@ -38,6 +38,7 @@ from jllama.server import embeddings as emb
 from jllama.server import infill as inf
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
+from jllama.server import reasoning_budget as rb
 from jllama.server import responses as resp
 from jllama.server import tools as tl
 from jllama.server.gbnf import GrammarError
@@ -86,6 +87,7 @@ class ServerSettings:
     reasoning_format: str = "deepseek"
     reasoning: int = -1
     reasoning_budget: int = -1
+    reasoning_budget_message: str = ""  # llama-server's --reasoning-budget-message
     template_kwargs: dict = field(default_factory=dict)
     # llama-server's --sleep-idle-seconds (-1: never sleep), --cache-ram in MiB (-1: no limit,
     # 0: no host prompt cache; jllama serve's default is llama-server's 8192),
@@ -463,7 +465,7 @@ class Job:
 
 
 def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint,
-           progress: bool = False) -> Job:
+           progress: bool = False, budget=None) -> Job:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
@@ -478,7 +480,8 @@ def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint,
                      opts.cache_prompt, lora=opts.lora, n_probs=opts.n_probs,
                      ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs,
                      prompt_items=items, return_progress=progress, id_slot=opts.id_slot,
-                     n_keep=opts.n_keep, n_discard=opts.n_discard)
+                     n_keep=opts.n_keep, n_discard=opts.n_discard,
+                     reasoning_budget=budget() if budget is not None else None)
     try:
         state.scheduler.submit(req)
     except SchedulerDead as e:
@@ -953,7 +956,8 @@ class Handlers:
         if cont is not None:  # common_chat_templates_apply: the rest, its generation prompt,
             messages, add_gen = messages[:-1], True  # then the final message's text
         plan = tl.plan_chat(body, messages, tools, choice, template, ss.reasoning_format,
-                            ss.reasoning, ss.reasoning_budget, ss.template_kwargs)
+                            ss.reasoning, ss.reasoning_budget, ss.template_kwargs,
+                            ss.reasoning_budget_message)
         try:
             text = await run_in_threadpool(render_prompt, st.llm, plan.messages,
                                            plan.template_tools, plan.context, add_gen)
@@ -994,7 +998,13 @@ class Handlers:
             ids = await run_in_threadpool(image_prompt, st, text, images)
         else:
             ids = await run_in_threadpool(tokenize_prompt, st, text)
-        return ids, forced, plan.reply(gen)
+        reply = plan.reply(gen)
+        reply.budget = rb.budget_factory(
+            plan.fmt.think, plan.budget,
+            plan.budget_message, gen + prefix,
+            lambda s: st.llm.tokenizer.encode(s, add_special=False, parse_special=True),
+            st.scheduler.token_piece)
+        return ids, forced, reply
 
     async def _chat_tokens(self, request: Request) -> Response:
         """llama-server's /chat/completions/input_tokens: the prompt's length (images count
@@ -1024,7 +1034,8 @@ class Handlers:
             return await self._many(request, ids, opts, lambda: make_constraint(st, opts, tool),
                                     chat=True, forced=forced, tools=tools, reply=reply)
         job = submit(st, ids, opts, make_constraint(st, opts, tool),
-                     progress=opts.stream and body.get("return_progress") is True)
+                     progress=opts.stream and body.get("return_progress") is True,
+                     budget=reply.budget)
         job.rid, job.created = oa.new_id("chatcmpl"), oa.now()
         try:
             first = await first_event(request, job)
@@ -1179,7 +1190,8 @@ class Handlers:
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         job = submit(st, ids, opts, make_constraint(st, opts, tool),
-                     progress=opts.stream and body.get("return_progress") is True)
+                     progress=opts.stream and body.get("return_progress") is True,
+                     budget=reply.budget)
         try:
             first = await first_event(request, job)
         except BaseException:

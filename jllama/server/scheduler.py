@@ -108,6 +108,9 @@ class GenRequest:
     # (-1: the whole prompt) and dropped per shift (0: half of what follows the kept ones)
     n_keep: int = 0
     n_discard: int = 0
+    # llama-server's reasoning budget (reasoning_budget.ReasoningBudget): forces the end of
+    # the thoughts once they spent their tokens
+    reasoning_budget: object | None = None
     cancelled: bool = False
     # filled by the scheduler
     stop_word: str | None = None  # the stop string that ended the text, if one did
@@ -437,6 +440,7 @@ class Scheduler:
         typical-p, ...)."""
         a = self.slots[0] if self.speculative is not None else None
         if (a is None or a.req.constraint is not None or a.req.n_probs > 0 or a.req.ignore_eos
+                or a.req.reasoning_budget is not None
                 or a.req.prompt_items is not None or a.req.params.uses_extended()):
             return False
         eng = self.engine
@@ -715,7 +719,11 @@ class Scheduler:
         a = self.slots[b]
         p = a.req.params
         try:
-            if a.req.constraint is not None:
+            rb = a.req.reasoning_budget
+            forced = rb.forced() if rb is not None else None
+            if forced is not None:  # every other token is -inf for llama.cpp's budget sampler
+                tok = forced
+            elif a.req.constraint is not None:
                 tok = a.req.constraint.pick(tok, lambda: row() + self._bias_np[b],
                                             p.temperature, p.top_p, a.rng, p.top_k, p.min_p)
             if a.req.n_probs > 0:
@@ -733,6 +741,8 @@ class Scheduler:
         req.completion_tokens += 1
         self.metrics.generated_tokens += 1
         a.last = tok
+        if req.reasoning_budget is not None:
+            req.reasoning_budget.accept(tok)
         if req.constraint is not None:
             req.constraint.advance(tok)
         a.pending += a.decoder.feed(tok)
