@@ -201,6 +201,8 @@ class ServerState:
                          sink=lambda ev: done.set() if ev.kind != "text" else None)
         sch.submit(req)
         done.wait(600)
+        for b in range(sch.n_slots):  # as llama-server's warmup: no slot holds it or used it
+            sch.on_slot(b, sch.forget_slot).result(600)
         self.metrics.forget_work()
 
 

@@ -261,6 +261,11 @@ class Scheduler:
             self.cv.notify_all()
         return fut
 
+    def forget_slot(self, b: int) -> None:
+        """Slot ``b`` empty and never used (after the warmup; on the scheduler thread)."""
+        self.engine.rewind(b, 0)
+        self._last_used[b] = -1.0
+
     def lora_scales_for(self, req: GenRequest) -> tuple[float, ...]:
         """llama-server's construct_lora_list: the request's scales by id, 0 for adapters it
         does not name; the defaults when it names none."""
