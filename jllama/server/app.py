@@ -198,11 +198,10 @@ class ServerState:
         done = threading.Event()
         req = GenRequest(self.llm.tokenize("Hello", add_special=True), max_tokens=2,
                          params=SamplingParams(temperature=0.0), cache_prompt=False,
-                         sink=lambda ev: done.set() if ev.kind != "text" else None)
+                         sink=lambda ev: done.set() if ev.kind != "text" else None,
+                         warmup=True)
         sch.submit(req)
         done.wait(600)
-        for b in range(sch.n_slots):  # as llama-server's warmup: no slot holds it or used it
-            sch.on_slot(b, sch.forget_slot).result(600)
         self.metrics.forget_work()
 
 

@@ -111,6 +111,9 @@ class GenRequest:
     # llama-server's reasoning budget (reasoning_budget.ReasoningBudget): forces the end of
     # the thoughts once they spent their tokens
     reasoning_budget: object | None = None
+    # the server's warmup: its slot is left empty and unused (llama-server's warmup clears
+    # the memory and takes no slot), so the least-recently-used choice does not see it
+    warmup: bool = False
     cancelled: bool = False
     # filled by the scheduler
     stop_word: str | None = None  # the stop string that ended the text, if one did
@@ -260,11 +263,6 @@ class Scheduler:
             self._posted()
             self.cv.notify_all()
         return fut
-
-    def forget_slot(self, b: int) -> None:
-        """Slot ``b`` empty and never used (after the warmup; on the scheduler thread)."""
-        self.engine.rewind(b, 0)
-        self._last_used[b] = -1.0
 
     def lora_scales_for(self, req: GenRequest) -> tuple[float, ...]:
         """llama-server's construct_lora_list: the request's scales by id, 0 for adapters it
@@ -847,10 +845,12 @@ class Scheduler:
 
     def _free(self, b: int) -> None:
         a = self.slots[b]
-        if a is not None:
+        if a is not None and not a.req.warmup:
             self._last_used[b] = time.monotonic()
         if a is not None and a.gen is not None:
             a.gen.close()  # leaves the slot's cache as plain decoding would
+        if a is not None and a.req.warmup:
+            self.engine.rewind(b, 0)
         self.slots[b] = None
         self._set_row(b, None)
         self.metrics.active = self.busy_slots()
