@@ -141,6 +141,25 @@ class ServerConfig:
     # --cache-idle-slots (idle slots go to that cache when a task starts)
     cache_ram: int = 8192
     cache_idle_slots: bool = True
+    # llama-server's request defaults a request may override: --ignore-eos, --keep (n_keep),
+    # --embd-normalize (-1 none, 0 max-abs int16, 1 taxicab, 2 euclidean, >2 p-norm), and the
+    # constraint of requests that send no grammar/json_schema/response_format: --grammar
+    # (GBNF text) or -j (a JSON schema, as JSON text); --grammar-file/-jf read files into them
+    ignore_eos: bool = False
+    n_keep: int = 0
+    embd_normalize: int = 2
+    grammar: str | None = None
+    json_schema: str | None = None
+    # llama-server's -sps: a free slot is picked for a prompt when more than this share of the
+    # prompt is its cached prefix (0: never by similarity, the first free slot)
+    slot_prompt_similarity: float = 0.1
+    # llama-server's --api-prefix (every route under it, no trailing '/'), --path (static
+    # files from this directory at the prefix's '/') and --ssl-key-file/--ssl-cert-file (TLS
+    # when both are given)
+    api_prefix: str = ""
+    static_path: str | None = None
+    ssl_key_file: str | None = None
+    ssl_cert_file: str | None = None
 
 
 @dataclass

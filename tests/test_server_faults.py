@@ -195,9 +195,8 @@ def test_cors_and_switches(fake_llm):
 @pytest.mark.parametrize("flag", [["--grp-attn-n", "4"], ["--models-dir", "d"],
                                   ["--hf-repo", "ggml-org/x"], ["-nocb"],
                                   ["--reasoning-format", "qwen"],
-                                  ["--reasoning-budget", "512"],
-                                  ["--reasoning-budget-message", "stop"],
-                                  ["--sleep-idle-seconds", "0"], ["--keep", "4"]])
+                                  ["--reasoning-budget", "-2"],
+                                  ["--sleep-idle-seconds", "0"], ["-mmu", "http://x"]])
 def test_serve_refuses_unbuilt_llama_server_flags(flag, capsys):
     from jllama.cli.main import main
 

@@ -143,14 +143,6 @@ _REFUSED = [
      "built"),
     (("-mmu", "--mmproj-url"), 1, "jllama serve does not download projectors; pass "
      "--mmproj FILE.gguf"),
-    (("--ignore-eos",), 0, "a server-wide ignore_eos is not built (send it per request)"),
-    (("--grammar", "--grammar-file", "-j", "--json-schema", "-jf", "--json-schema-file"), 1,
-     "a server-wide grammar is not built (send 'grammar'/'json_schema' per request)"),
-    (("--reasoning-budget-message",), 1, "only a reasoning budget of 0 (no message) is built"),
-    (("--ssl-key-file", "--ssl-cert-file"), 1, "TLS is not built (put a proxy in front)"),
-    (("--api-prefix", "--path"), 1, "serving under a prefix or static files is not built"),
-    (("--keep", "--embd-normalize", "-sps",
-      "--slot-prompt-similarity"), 1, "not built yet"),
     (("-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu",
       "--rpc"), 1, "device placement is the JAX platform's (--platform) and config 'mesh'"),
 ]
@@ -181,6 +173,32 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spm-infill", action="store_true",
                    help="/infill prompts in suffix/prefix/middle order (default "
                    "prefix/suffix/middle)")
+    g.add_argument("--ignore-eos", action="store_true", default=None,
+                   help="requests ignore end-of-generation tokens unless they say otherwise")
+    g.add_argument("--keep", dest="n_keep", type=int, default=None,
+                   help="default n_keep: prompt tokens kept by the context shift (-1: all)")
+    g.add_argument("--embd-normalize", type=int, default=None,
+                   help="default embeddings normalisation (-1 none, 0 max absolute int16, "
+                   "1 taxicab, 2 euclidean (default), >2 p-norm)")
+    g.add_argument("-sps", "--slot-prompt-similarity", dest="slot_prompt_similarity",
+                   type=float, default=None,
+                   help="share of a prompt a free slot's cache must match for the slot to be "
+                   "picked for it (default 0.10, 0: disabled)")
+    g.add_argument("--grammar", default=None,
+                   help="GBNF grammar constraining requests that bring no grammar or schema")
+    g.add_argument("--grammar-file", default=None, help="a file holding that grammar")
+    g.add_argument("-j", "--json-schema", default=None,
+                   help="JSON schema constraining requests that bring no grammar or schema")
+    g.add_argument("-jf", "--json-schema-file", default=None,
+                   help="a file holding that JSON schema")
+    g.add_argument("--api-prefix", default=None,
+                   help="prefix path the server serves from, without the trailing slash")
+    g.add_argument("--path", dest="static_path", default=None,
+                   help="directory whose files are served at the prefix's /")
+    g.add_argument("--ssl-key-file", default=None, help="PEM private key: HTTPS with "
+                   "--ssl-cert-file")
+    g.add_argument("--ssl-cert-file", default=None, help="PEM certificate: HTTPS with "
+                   "--ssl-key-file")
     g.add_argument("--metrics", action="store_true", help="serve /metrics (Prometheus)")
     g.add_argument("--slots", dest="slots", action="store_true", default=True,
                    help="serve GET /slots (default)")
@@ -197,8 +215,10 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-rea", "--reasoning", default=None,
                    help="on, off or auto (default: thinking when the template has it)")
     g.add_argument("--reasoning-budget", type=int, default=None,
-                   help="-1 (default): unlimited thoughts; 0: none (templates whose prompt "
-                   "opens the thoughts)")
+                   help="-1 (default): unlimited thoughts; 0: none; N: the end of thinking is "
+                   "forced after N tokens of thoughts")
+    g.add_argument("--reasoning-budget-message", default=None,
+                   help="text forced before the end-of-thinking tag when the budget runs out")
     g.add_argument("--reasoning-effort", default=None,
                    help="reasoning_effort for the chat template ('default': the template's)")
     g.add_argument("--chat-template", default=None,
@@ -292,6 +312,10 @@ def _overrides(args) -> list[str]:
              "cors_origins": "server.cors_origins",
              "media_path": "server.media_path",
              "slot_save_path": "server.slot_save_path", "cache_reuse": "server.cache_reuse",
+             "n_keep": "server.n_keep", "embd_normalize": "server.embd_normalize",
+             "api_prefix": "server.api_prefix", "static_path": "server.static_path",
+             "ssl_key_file": "server.ssl_key_file", "ssl_cert_file": "server.ssl_cert_file",
+             "slot_prompt_similarity": "server.slot_prompt_similarity",
              "temp": "generation.sampling.temperature", "top_k": "generation.sampling.top_k",
              "top_p": "generation.sampling.top_p", "min_p": "generation.sampling.min_p",
              "repeat_penalty": "generation.sampling.repeat_penalty",
@@ -311,7 +335,7 @@ def _overrides(args) -> list[str]:
     if args.context_shift is not None:
         ov.append(f"server.context_shift={'true' if args.context_shift else 'false'}")
     for flag in ("metrics", "props", "kv_unified", "allow_remote_media", "swa_full",
-                 "spm_infill"):
+                 "spm_infill", "ignore_eos"):
         if getattr(args, flag, False):
             ov.append(f"server.{flag}=true")
     if args.slots is False:
@@ -345,9 +369,9 @@ def _check_llama_server_args(args) -> None:
                           "invalid value: cannot be 0 or less than -1")
     if args.reasoning not in (None, "on", "off", "auto"):
         raise ConfigError(f"jllama serve --reasoning {args.reasoning}: one of on, off, auto")
-    if args.reasoning_budget is not None and args.reasoning_budget not in (-1, 0):
-        raise ConfigError(f"jllama serve --reasoning-budget {args.reasoning_budget}: only -1 "
-                          "(unlimited) and 0 (no thoughts) are built")
+    if args.reasoning_budget is not None and args.reasoning_budget < -1:
+        raise ConfigError(f"jllama serve --reasoning-budget {args.reasoning_budget}: invalid "
+                          "value (-1: unlimited, 0: no thoughts, N: at most N tokens)")
     spec = [t.strip() for v in (args.spec_type or []) for t in v.split(",") if t.strip()]
     other = [t for t in spec if t not in ("draft-simple", "none")]
     if other:
@@ -357,6 +381,54 @@ def _check_llama_server_args(args) -> None:
         raise ConfigError("jllama serve --spec-type draft-simple: needs a draft model (-md)")
     if args.ctx_size is not None and args.ctx_size < 0:
         raise ConfigError(f"jllama serve -c {args.ctx_size}: must be >= 0")
+
+
+def _constraint_flags(args, s) -> None:
+    """llama-server's --grammar/--grammar-file/-j/-jf into the config's server.grammar or
+    server.json_schema (text as given: a grammar spans lines, so not through YAML parsing)."""
+    from jllama.errors import ConfigError
+
+    given = [f for f, a in (("--grammar", "grammar"), ("--grammar-file", "grammar_file"),
+                            ("-j", "json_schema"), ("-jf", "json_schema_file"))
+             if getattr(args, a, None) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{given[0]} and {given[1]}: give one grammar or JSON schema")
+    for attr, key in (("grammar_file", "grammar"), ("json_schema_file", "json_schema")):
+        path = getattr(args, attr, None)
+        if path is not None:
+            try:
+                text = open(path, encoding="utf-8").read()
+            except OSError as e:
+                flag = "--grammar-file" if key == "grammar" else "--json-schema-file"
+                raise ConfigError(f"{flag} {path}: {e.strerror or e}") from None
+            setattr(s, key, text)
+    if args.grammar is not None:
+        s.grammar = args.grammar
+    if args.json_schema is not None:
+        s.json_schema = args.json_schema
+
+
+def server_grammar(s) -> str:
+    """The GBNF text of the config's server.grammar or server.json_schema (llama-server's
+    --grammar / -j: a schema is turned into a grammar once, at start-up), "" when neither."""
+    from jllama.errors import ConfigError
+
+    if s.grammar and s.json_schema:
+        raise ConfigError("server.grammar and server.json_schema: give one of them")
+    if not s.json_schema:
+        return s.grammar or ""
+    from jllama.server.json_schema import SchemaError, schema_to_grammar
+
+    try:
+        schema = json.loads(s.json_schema)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--json-schema: not JSON: {e}") from None
+    if isinstance(schema, dict) and not schema:  # as llama-server's requests: any object
+        schema = {"type": "object"}
+    try:
+        return schema_to_grammar(schema)
+    except SchemaError as e:
+        raise ConfigError(f"--json-schema: {e}") from None
 
 
 def _api_keys(args, cfg) -> list[str]:
@@ -420,6 +492,10 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                 "dry_sequence_breakers": list(sp.dry_sequence_breakers)}
     if sp.seed is not None:
         defaults["seed"] = sp.seed
+    if s.ignore_eos:  # llama-server's --ignore-eos, --keep: what a request leaves out
+        defaults["ignore_eos"] = True
+    if s.n_keep:
+        defaults["n_keep"] = s.n_keep
     names = [a for a in alias.split(",") if a]
     return ServerSettings(model_alias=names[0] if len(names) == 1 else sorted(names)[0],
                           api_keys=list(api_keys),
@@ -435,7 +511,46 @@ def settings_from_config(cfg, alias: str, api_keys: list[str], tags: list[str] |
                           slot_save_path=_slot_dir(s.slot_save_path),
                           sleep_idle_seconds=s.sleep_idle_seconds, cache_ram=s.cache_ram,
                           cache_idle_slots=s.cache_idle_slots, kv_unified=s.kv_unified,
+                          grammar=server_grammar(s), embd_normalize=s.embd_normalize,
+                          slot_prompt_similarity=s.slot_prompt_similarity,
+                          api_prefix=s.api_prefix, static_path=_static_dir(s.static_path),
                           gcp=GcpParams.from_env())
+
+
+def _scheme(s) -> str:
+    return "https" if s.ssl_key_file and s.ssl_cert_file else "http"
+
+
+def _static_dir(path: str | None) -> str | None:
+    """llama-server's --path check: the directory must exist (else it does not start)."""
+    if not path:
+        return None
+    import os
+
+    from jllama.errors import ConfigError
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--path {path}: static assets path not found")
+    return path
+
+
+def uvicorn_config(app, s, log_level: str = "info"):
+    """uvicorn's settings for serve: TLS from llama-server's --ssl-key-file and
+    --ssl-cert-file when both are given (one alone: plain HTTP, as llama-server)."""
+    import uvicorn
+
+    tls = {}
+    if s.ssl_key_file and s.ssl_cert_file:
+        import os
+
+        from jllama.errors import ConfigError
+
+        for flag, p in (("--ssl-key-file", s.ssl_key_file), ("--ssl-cert-file", s.ssl_cert_file)):
+            if not os.path.isfile(p):
+                raise ConfigError(f"{flag} {p}: no such file")
+        tls = {"ssl_keyfile": s.ssl_key_file, "ssl_certfile": s.ssl_cert_file}
+    return uvicorn.Config(app, log_level=log_level, http="h11", loop="asyncio",
+                          timeout_graceful_shutdown=5, **tls)
 
 
 def _slot_dir(path: str | None) -> str | None:
@@ -464,7 +579,7 @@ def _media_dir(path: str | None) -> str | None:
     return os.path.join(path, "")
 
 
-def _serve(app, hosts: str, port: int, tools=None) -> None:
+def _serve(app, s, tools=None) -> None:
     """uvicorn on every address of llama-server's comma-separated --host; ``tools``
     (agent.ServerTools) have their MCP calls cancelled as soon as the stop signal comes (else
     uvicorn would wait for them to drain) and their child processes ended after."""
@@ -472,6 +587,8 @@ def _serve(app, hosts: str, port: int, tools=None) -> None:
 
     import uvicorn
 
+    hosts, port = s.host, s.port
+    cfg = uvicorn_config(app, s)  # before binding: a missing TLS file fails first
     socks = []
     for h in [h.strip() for h in hosts.split(",") if h.strip()]:
         fam = socket.AF_INET6 if ":" in h else socket.AF_INET
@@ -487,8 +604,6 @@ def _serve(app, hosts: str, port: int, tools=None) -> None:
             raise ConfigError(f"--host {h} --port {port}: cannot listen there: "
                               f"{e.strerror or e}") from None
         socks.append(sk)
-    cfg = uvicorn.Config(app, log_level="info", http="h11", loop="asyncio",
-                         timeout_graceful_shutdown=5)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -531,7 +646,9 @@ _ROUTER_ONLY = {"model", "host", "port", "api_key", "api_key_file", "alias", "ta
                 "models_preset", "models_max", "models_autoload", "config",
                 # the router answers /tools and /cors-proxy itself: no MCP servers per child
                 "tools", "tools_runtime", "mcp_servers_config", "mcp_servers_json",
-                "ui_mcp_proxy", "agent"}
+                "ui_mcp_proxy", "agent",
+                # the router answers over TLS itself and talks plain HTTP to its children
+                "ssl_key_file", "ssl_cert_file"}
 
 
 def _n_values(act: argparse.Action, argv: list[str], i: int) -> int:
@@ -586,7 +703,6 @@ def preset_flag(parser: argparse.ArgumentParser, key: str) -> tuple[str, bool] |
 def _run_router(args) -> int:
     """No -m and --models-dir/--models-preset: llama-server's router mode (server/router.py)."""
     import functools
-    import sys
 
     from jllama.config import load_config
     from jllama.errors import ConfigError
@@ -596,6 +712,9 @@ def _run_router(args) -> int:
     if args.config is not None:
         raise ConfigError("router mode (--models-dir/--models-preset) takes no config file: "
                           "give settings as flags, every model gets them")
+    if args.api_prefix or args.static_path:
+        raise ConfigError("--api-prefix and --path are not built in router mode "
+                          "(--models-dir/--models-preset)")
     if args.models_max < 0:
         raise ConfigError(f"--models-max {args.models_max}: must be >= 0 (0 = no limit)")
     cfg = load_config(None, [o for o in _overrides(args) if o.startswith("server.")])
@@ -613,14 +732,15 @@ def _run_router(args) -> int:
                                  flag=functools.partial(preset_flag, parser),
                                  settings=settings))
     names = ", ".join(router.models) or "none"
-    print(f"jllama serve: router on http://{cfg.server.host}:{cfg.server.port} "
+    print(f"jllama serve: router on {_scheme(cfg.server)}://{cfg.server.host}:{cfg.server.port} "
           f"({len(router.models)} models: {names}; at most "
           f"{args.models_max or 'any number'} loaded)", file=sys.stderr)
-    _serve(create_router_app(router), cfg.server.host, cfg.server.port, settings.tools)
+    _serve(create_router_app(router), cfg.server, settings.tools)
     return 0
 
 
 def run(args) -> int:
+
     from jllama.config import load_config
     from jllama.errors import ConfigError
 
@@ -643,6 +763,7 @@ def run(args) -> int:
     s = cfg.server
     if args.alias is not None:  # not through YAML parsing: names may look like numbers
         s.model_alias = args.alias
+    _constraint_flags(args, s)
     keys = _api_keys(args, cfg)
     if s.parallel < 1:
         raise ConfigError(f"{cfg.source}: 'server.parallel' must be at least 1, got {s.parallel}")
@@ -668,7 +789,6 @@ def run(args) -> int:
 
 
 def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fields) -> int:
-    import sys
 
     from jllama.cli.common import model_load_kwargs, platform_origin, setup_platform, start_backend
     from jllama.errors import ConfigError
@@ -692,10 +812,10 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
         settings = settings_from_config(cfg, alias, keys, tags)
         settings.__dict__.update(agent_fields)
         state = ServerState(None, settings, encoder=encoder)
-        print(f"jllama serve: http://{s.host}:{s.port}/v1 (encoder '{alias}', pooling "
-              f"{encoder.pooling}, context {encoder.n_ctx}: embeddings"
+        print(f"jllama serve: {_scheme(s)}://{s.host}:{s.port}{s.api_prefix}/v1 (encoder "
+              f"'{alias}', pooling {encoder.pooling}, context {encoder.n_ctx}: embeddings"
               f"{' and rerank' if encoder.pooling == 'rank' else ''})", file=sys.stderr)
-        _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port, settings.tools)
+        _serve(create_app(state, warmup=not args.no_warmup), s, settings.tools)
         return 0
 
     from jllama.api import Llama
@@ -733,9 +853,9 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
         llm.tokenizer.chat_template = chat_template
     settings.__dict__.update(agent_fields)
     state = ServerState(llm, settings, encoder=embedder)
-    print(f"jllama serve: http://{s.host}:{s.port}/v1 (model '{alias}', "
+    print(f"jllama serve: {_scheme(s)}://{s.host}:{s.port}{s.api_prefix}/v1 (model '{alias}', "
           f"auth {'on' if keys else 'off'})", file=sys.stderr)
-    _serve(create_app(state, warmup=not args.no_warmup), s.host, s.port, settings.tools)
+    _serve(create_app(state, warmup=not args.no_warmup), s, settings.tools)
     return 0
 
 
@@ -763,6 +883,8 @@ def _chat_flags(args) -> tuple[dict, str | None]:
         fields["reasoning_format"] = args.reasoning_format
     if args.reasoning_budget is not None:
         fields["reasoning_budget"] = args.reasoning_budget
+    if args.reasoning_budget_message is not None:
+        fields["reasoning_budget_message"] = args.reasoning_budget_message
     template = None
     if args.chat_template_file is not None:
         try:

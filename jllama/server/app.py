@@ -38,6 +38,7 @@ from jllama.server import embeddings as emb
 from jllama.server import infill as inf
 from jllama.server import native as nat
 from jllama.server import openai_schema as oa
+from jllama.server import reasoning_budget as rb
 from jllama.server import responses as resp
 from jllama.server import tools as tl
 from jllama.server.gbnf import GrammarError
@@ -87,6 +88,7 @@ class ServerSettings:
     reasoning_format: str = "deepseek"
     reasoning: int = -1
     reasoning_budget: int = -1
+    reasoning_budget_message: str = ""  # llama-server's --reasoning-budget-message
     template_kwargs: dict = field(default_factory=dict)
     # llama-server's --sleep-idle-seconds (-1: never sleep), --cache-ram in MiB (-1: no limit,
     # 0: no host prompt cache; jllama serve's default is llama-server's 8192),
@@ -99,6 +101,12 @@ class ServerSettings:
     # and --ui-mcp-proxy (/cors-proxy)
     tools: agent.ServerTools | None = None
     ui_mcp_proxy: bool = False
+    # llama-server's --grammar/-j (as GBNF): the constraint of requests that bring none
+    grammar: str = ""
+    slot_prompt_similarity: float = 0.1  # llama-server's -sps (scheduler.py _admit)
+    embd_normalize: int = 2  # llama-server's --embd-normalize: requests' default
+    api_prefix: str = ""  # llama-server's --api-prefix: every route under it
+    static_path: str | None = None  # llama-server's --path: files from it at the prefix's /
 
     def keys(self) -> list[str]:
         return [k for k in [self.api_key, *self.api_keys] if k]
@@ -135,7 +143,8 @@ class ServerState:
                                        swa_full=settings.swa_full, prompt_cache=cache,
                                        cache_idle_slots=idle, kv_unified=settings.kv_unified,
                                        sleep_idle_s=settings.sleep_idle_seconds,
-                                       cache_reuse=settings.cache_reuse)
+                                       cache_reuse=settings.cache_reuse,
+                                       slot_similarity=settings.slot_prompt_similarity)
             # an embeddings runner on the same model keeps its weights through sleep
             self.scheduler.release_weights = encoder is None
             # first on going to sleep (before the model goes), last on waking up, as
@@ -191,7 +200,8 @@ class ServerState:
         done = threading.Event()
         req = GenRequest(self.llm.tokenize("Hello", add_special=True), max_tokens=2,
                          params=SamplingParams(temperature=0.0), cache_prompt=False,
-                         sink=lambda ev: done.set() if ev.kind != "text" else None)
+                         sink=lambda ev: done.set() if ev.kind != "text" else None,
+                         warmup=True)
         sch.submit(req)
         done.wait(600)
         self.metrics.forget_work()
@@ -458,7 +468,7 @@ class Job:
 
 
 def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint,
-           progress: bool = False) -> Job:
+           progress: bool = False, budget=None) -> Job:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
@@ -474,7 +484,8 @@ def submit(state: ServerState, ids: list, opts: oa.GenOptions, constraint,
                      ignore_eos=opts.ignore_eos, post_sampling=opts.post_sampling_probs,
                      prompt_items=items, return_progress=progress, id_slot=opts.id_slot,
                      n_keep=opts.n_keep, n_discard=opts.n_discard,
-                     n_cache_reuse=opts.n_cache_reuse)
+                     n_cache_reuse=opts.n_cache_reuse,
+                     reasoning_budget=budget() if budget is not None else None)
     try:
         state.scheduler.submit(req)
     except SchedulerDead as e:
@@ -540,6 +551,8 @@ def make_constraint(state: ServerState, opts: oa.GenOptions,
         schema = tool["function"].get("parameters") or {"type": "object"}
         return JsonConstraint(sch.token_bytes(), sch.eog, root="object", schema=schema)
     text = opts.grammar
+    if not text and opts.json_schema is None:  # llama-server: the request's own wins
+        text = state.settings.grammar
     if opts.json_schema is not None:
         try:
             text = schema_to_grammar(opts.json_schema)
@@ -856,7 +869,8 @@ class Handlers:
         mm = (functools.partial(embedding_media, self.state) if self.state.llm is not None
               else None)
         seqs, oai, b64, norm = await run_in_threadpool(emb.parse_embeddings, enc, body, oai,
-                                                       True, mm)
+                                                       True, mm,
+                                                       self.state.settings.embd_normalize)
         outs = [await run_in_threadpool(
             enc.run if all(isinstance(t, int) for t in ids) else enc.run_items, ids)
             for ids in seqs]
@@ -946,7 +960,8 @@ class Handlers:
         if cont is not None:  # common_chat_templates_apply: the rest, its generation prompt,
             messages, add_gen = messages[:-1], True  # then the final message's text
         plan = tl.plan_chat(body, messages, tools, choice, template, ss.reasoning_format,
-                            ss.reasoning, ss.reasoning_budget, ss.template_kwargs)
+                            ss.reasoning, ss.reasoning_budget, ss.template_kwargs,
+                            ss.reasoning_budget_message)
         try:
             text = await run_in_threadpool(render_prompt, st.llm, plan.messages,
                                            plan.template_tools, plan.context, add_gen)
@@ -987,7 +1002,13 @@ class Handlers:
             ids = await run_in_threadpool(image_prompt, st, text, images)
         else:
             ids = await run_in_threadpool(tokenize_prompt, st, text)
-        return ids, forced, plan.reply(gen)
+        reply = plan.reply(gen)
+        reply.budget = rb.budget_factory(
+            plan.fmt.think, plan.budget,
+            plan.budget_message, gen + prefix,
+            lambda s: st.llm.tokenizer.encode(s, add_special=False, parse_special=True),
+            st.scheduler.token_piece)
+        return ids, forced, reply
 
     async def _chat_tokens(self, request: Request) -> Response:
         """llama-server's /chat/completions/input_tokens: the prompt's length (images count
@@ -1017,7 +1038,8 @@ class Handlers:
             return await self._many(request, ids, opts, lambda: make_constraint(st, opts, tool),
                                     chat=True, forced=forced, tools=tools, reply=reply)
         job = submit(st, ids, opts, make_constraint(st, opts, tool),
-                     progress=opts.stream and body.get("return_progress") is True)
+                     progress=opts.stream and body.get("return_progress") is True,
+                     budget=reply.budget)
         job.rid, job.created = oa.new_id("chatcmpl"), oa.now()
         try:
             first = await first_event(request, job)
@@ -1172,7 +1194,8 @@ class Handlers:
         check_prompt(st, ids)
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         job = submit(st, ids, opts, make_constraint(st, opts, tool),
-                     progress=opts.stream and body.get("return_progress") is True)
+                     progress=opts.stream and body.get("return_progress") is True,
+                     budget=reply.budget)
         try:
             first = await first_event(request, job)
         except BaseException:
@@ -1592,6 +1615,7 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
         routes.append(Route(path, fn, methods=methods))
     if state.settings.gcp is not None:
         routes += gcp_routes(routes, state.settings.gcp)
+    routes = static_routes(routes, state.settings.api_prefix, state.settings.static_path)
 
     async def not_found(request: Request, exc) -> Response:
         status = getattr(exc, "status_code", 404)
@@ -1604,6 +1628,23 @@ def create_app(state: ServerState, warmup: bool = True) -> HttpRules:
                     exception_handlers={404: not_found, 405: not_found})
     app.state.max_body = state.settings.max_body
     return HttpRules(app, state.settings)
+
+
+def static_routes(routes: list, prefix: str, static_path: str | None) -> list:
+    """llama-server's --api-prefix (every route registered under it) and --path (a mount
+    point at the prefix's '/' serving the directory's files, index.html for a directory). Its
+    HTTP library looks for a file before the routes; here the routes come first, so a file
+    named like an endpoint is not served."""
+    if prefix:
+        routes = [Route(prefix + r.path, r.endpoint,
+                        methods=[m for m in (r.methods or ()) if m != "HEAD"])
+                  for r in routes]
+    if static_path:
+        from starlette.routing import Mount
+        from starlette.staticfiles import StaticFiles
+
+        routes.append(Mount(prefix, app=StaticFiles(directory=static_path, html=True)))
+    return routes
 
 
 def _title(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

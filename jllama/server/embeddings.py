@@ -397,7 +397,7 @@ def _has_media(content) -> bool:
 
 
 def parse_embeddings(enc: EncoderRunner, body: dict, oai: bool, embedding_on: bool = True,
-                     media=None):
+                     media=None, default_norm: int = 2):
     """(list of prompts: token-id lists, or with images ids and image chunks; response is
     OAI?, base64?, embd_normalize) for a request, or llama-server's error for it. ``media``:
     a prompt-with-images entry -> its items (``tokenize_entry``)."""
@@ -433,7 +433,7 @@ def parse_embeddings(enc: EncoderRunner, body: dict, oai: bool, embedding_on: bo
         if not ids:
             raise server_error(_INVALID, "Input content cannot be empty")
         enc.check_length(ids)
-    norm = body.get("embd_normalize", 2)
+    norm = body.get("embd_normalize", default_norm)  # default: llama-server's --embd-normalize
     if not isinstance(norm, int) or isinstance(norm, bool):
         raise server_error(_INVALID, '"embd_normalize" must be an integer')
     return seqs, oai, use_b64, norm

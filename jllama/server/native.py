@@ -40,7 +40,7 @@ def generation_settings(opts: oa.GenOptions, eog: frozenset[int], model: str) ->
         **params_json(opts.params, opts.max_tokens),
         # the full task_params::to_json has the breakers too (/props and /slots do not)
         "dry_sequence_breakers": list(opts.params.dry_sequence_breakers),
-        "ignore_eos": opts.ignore_eos,
+        "ignore_eos": opts.ignore_eos, "n_keep": opts.n_keep,
         "stream": opts.stream, "n_probs": opts.n_probs, "model": model,
         "stop": opts.stop, "grammar": opts.grammar or "",
         "logit_bias": [{"bias": None if math.isinf(v) else v,

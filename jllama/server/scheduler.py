@@ -111,6 +111,12 @@ class GenRequest:
     # llama-server's n_cache_reuse: min chunk of cached tokens moved into place by KV shift
     # (None: the server's --cache-reuse; 0: off)
     n_cache_reuse: int | None = None
+    # llama-server's reasoning budget (reasoning_budget.ReasoningBudget): forces the end of
+    # the thoughts once they spent their tokens
+    reasoning_budget: object | None = None
+    # the server's warmup: its slot is left empty and unused (llama-server's warmup clears
+    # the memory and takes no slot), so the least-recently-used choice does not see it
+    warmup: bool = False
     cancelled: bool = False
     # filled by the scheduler
     stop_word: str | None = None  # the stop string that ended the text, if one did
@@ -157,8 +163,12 @@ class Scheduler:
     def __init__(self, llm, max_queue: int = 64, metrics: Metrics | None = None,
                  context_shift: bool = False, swa_full: bool = False,
                  prompt_cache: PromptCache | None = None, cache_idle_slots: bool = False,
-                 kv_unified: bool = False, sleep_idle_s: float = -1, cache_reuse: int = 0):
+                 kv_unified: bool = False, sleep_idle_s: float = -1, cache_reuse: int = 0,
+                 slot_similarity: float = SLOT_SIMILARITY):
         self.llm = llm
+        self.slot_similarity = slot_similarity  # llama-server's -sps (0: never by similarity)
+        # when each slot last finished a task (llama-server's t_last_used; -1: never)
+        self._last_used = [-1.0] * llm.engine.n_slots
         self.engine = llm.engine
         self.tok = llm.tokenizer
         self.n_slots = self.engine.n_slots
@@ -442,6 +452,7 @@ class Scheduler:
         typical-p, ...)."""
         a = self.slots[0] if self.speculative is not None else None
         if (a is None or a.req.constraint is not None or a.req.n_probs > 0 or a.req.ignore_eos
+                or a.req.reasoning_budget is not None
                 or a.req.prompt_items is not None or a.req.params.uses_extended()):
             return False
         eng = self.engine
@@ -509,21 +520,27 @@ class Scheduler:
             if req.cancelled:
                 continue
             ids = req.prompt_ids
-            # prompt cache: the free slot sharing the longest prefix with this prompt (or the
-            # slot the request names)
-            best, keep = free[0], 0
+            # llama-server's get_available_slot: the slot the request names, else the free
+            # slot whose cached prefix is the largest share of this prompt, above -sps (0:
+            # similarity is not used), else the least recently used free one (of equals the
+            # last, as its '<=' picks)
+            keep = 0
             if req.id_slot != -1:
                 best = slot_index(req.id_slot, self.n_slots)
                 cands = [best]
             else:
                 cands = free
+                best = min(reversed(free), key=lambda b: self._last_used[b])
             if req.prompt_items is not None:  # images: each cell's id names its image
                 ids = expand_items(req.prompt_items)
-            if req.cache_prompt:
+            sim = self.slot_similarity
+            if req.cache_prompt and sim != 0:
                 for b in cands:
                     n = self.engine.common_prefix(ids, b)
-                    if n > keep:
+                    if n > keep and n / max(len(ids), 1) > sim:
                         best, keep = b, n
+            if req.cache_prompt:  # the chosen slot's prefix is reused whichever way it came
+                keep = self.engine.common_prefix(ids, best)
             if self.prompt_cache is not None and self._update_cache(req, ids, best):
                 keep = self.engine.common_prefix(ids, best) if req.cache_prompt else 0
             n_reuse = self.cache_reuse if req.n_cache_reuse is None else req.n_cache_reuse
@@ -552,13 +569,14 @@ class Scheduler:
 
     def _update_cache(self, req: GenRequest, ids: list, slot: int) -> bool:
         """llama-server's get_available_slot cache step: when the chosen slot was not picked
-        for sharing enough of the prompt (similarity <= SLOT_SIMILARITY; llama-server then
+        for sharing enough of the prompt (similarity <= -sps; llama-server then
         takes its least recently used slot) or would lose most of what it holds, its contents
         go to the host cache and the cached entry best for this prompt comes back into it.
         A slot named by id_slot is taken as it is. True when the slot's contents changed."""
         held = self.engine.tokens[slot]
         lcp = self.engine.common_prefix(ids, slot)
-        if held and lcp / max(len(ids), 1) > SLOT_SIMILARITY:
+        sim = self.slot_similarity
+        if held and sim != 0 and lcp / max(len(ids), 1) > sim:
             update = lcp / len(held) < 0.5
         else:
             update = req.id_slot == -1
@@ -721,7 +739,11 @@ class Scheduler:
         a = self.slots[b]
         p = a.req.params
         try:
-            if a.req.constraint is not None:
+            rb = a.req.reasoning_budget
+            forced = rb.forced() if rb is not None else None
+            if forced is not None:  # every other token is -inf for llama.cpp's budget sampler
+                tok = forced
+            elif a.req.constraint is not None:
                 tok = a.req.constraint.pick(tok, lambda: row() + self._bias_np[b],
                                             p.temperature, p.top_p, a.rng, p.top_k, p.min_p)
             if a.req.n_probs > 0:
@@ -739,6 +761,8 @@ class Scheduler:
         req.completion_tokens += 1
         self.metrics.generated_tokens += 1
         a.last = tok
+        if req.reasoning_budget is not None:
+            req.reasoning_budget.accept(tok)
         if req.constraint is not None:
             req.constraint.advance(tok)
         a.pending += a.decoder.feed(tok)
@@ -838,8 +862,12 @@ class Scheduler:
 
     def _free(self, b: int) -> None:
         a = self.slots[b]
+        if a is not None and not a.req.warmup:
+            self._last_used[b] = time.monotonic()
         if a is not None and a.gen is not None:
             a.gen.close()  # leaves the slot's cache as plain decoding would
+        if a is not None and a.req.warmup:
+            self.engine.rewind(b, 0)
         self.slots[b] = None
         self._set_row(b, None)
         self.metrics.active = self.busy_slots()

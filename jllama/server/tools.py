@@ -235,6 +235,7 @@ class ChatReply:
     def __init__(self, parser: cf.ChatParser, tools: list[dict] | None, generic: bool):
         self.parser = parser
         self._args = (tools, generic)
+        self.budget = None  # a maker of the request's reasoning_budget.ReasoningBudget
         self.tools = tools if generic else None
         self.stream = ToolStream(tools) if generic and tools else None
         self.text = ""
@@ -318,26 +319,19 @@ class ChatPlan:
     tools: list[dict] | None
     parallel: bool
     budget: int  # reasoning budget in tokens, -1 unlimited
+    budget_message: str = ""  # llama-server's reasoning_budget_message (before the end tag)
 
     def budget_suffix(self, gen_prompt: str) -> str:
-        """Text that ends the thoughts at once (a budget of 0): llama.cpp's budget sampler
-        forces the end tag as soon as the thoughts open; when the generation prompt opened
-        them that is before the first generated token, so the prompt can carry it."""
-        if self.budget < 0 or self.fmt.think is None or self.reasoning_format == "none":
+        """Text that ends the thoughts at once (a budget of 0 and no message): llama.cpp's
+        budget sampler forces the end tag as soon as the thoughts open; when the generation
+        prompt opened them that is before the first generated token, so the prompt can carry
+        it. Every other budget runs as the request's reasoning_budget.ReasoningBudget."""
+        if (self.budget != 0 or self.budget_message or self.fmt.think is None
+                or self.reasoning_format == "none"):
             return ""
         start, end = self.fmt.think
         g = gen_prompt.rfind(start)
-        opened = g >= 0 and end not in gen_prompt[g:]
-        if self.budget == 0 and opened:
-            return end
-        if self.budget == 0 and (g >= 0 or not self.context.get("enable_thinking")):
-            return ""  # the thoughts are closed already
-        from jllama.server.openai_schema import bad
-
-        raise bad("reasoning_budget_tokens", f"a reasoning budget of {self.budget} tokens is not "
-                  "built: jllama ends thoughts only when the prompt opened them (budget 0 with a "
-                  "template that starts the reply inside its thinking tag)",
-                  "unsupported_parameter")
+        return end if g >= 0 and end not in gen_prompt[g:] else ""
 
     def reply(self, gen_prompt: str) -> ChatReply:
         names = {t["function"]["name"] for t in self.tools} if self.tools else None
@@ -354,7 +348,8 @@ class ChatPlan:
 
 def plan_chat(body: dict, messages: list[dict], tools: list[dict] | None, choice,
               template: str, reasoning_format: str = "deepseek", reasoning: int = -1,
-              budget: int = -1, kwargs: dict | None = None) -> ChatPlan:
+              budget: int = -1, kwargs: dict | None = None,
+              budget_message: str = "") -> ChatPlan:
     """``reasoning_format``/``reasoning``/``budget``/``kwargs``: the server's --reasoning-format,
     --reasoning (-1 auto, 0 off, 1 on), --reasoning-budget and --chat-template-kwargs."""
     import time
@@ -390,6 +385,10 @@ def plan_chat(body: dict, messages: list[dict], tools: list[dict] | None, choice
         raise bad("reasoning_budget_tokens", "'reasoning_budget_tokens' must be an integer >= -1")
     if b == -1:
         b = budget
+    msg = body.get("reasoning_budget_message", budget_message)
+    if not isinstance(msg, str):
+        raise bad("reasoning_budget_message", "'reasoning_budget_message' must be a string",
+                  "invalid_type")
     par = body.get("parallel_tool_calls")
     if par is not None and not isinstance(par, bool):
         raise bad("parallel_tool_calls", "'parallel_tool_calls' must be true or false",
@@ -402,4 +401,4 @@ def plan_chat(body: dict, messages: list[dict], tools: list[dict] | None, choice
     else:
         msgs, tmpl_tools = prepare_messages(messages, tools, choice, template)
     return ChatPlan(fmt, msgs, tmpl_tools, context, rf, tools,
-                    par if par is not None else fmt.name != "llama3", b)
+                    par if par is not None else fmt.name != "llama3", b, msg)
