@@ -204,3 +204,26 @@ def test_gathered_and_grouped_match_brute_force(n_tok):
                 ref[n] += float(wts[n, j]) * (np.asarray(w("ffn_down_exps.weight").data[k]) @ h)
         np.testing.assert_allclose(np.asarray(a), ref, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(b), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kquant_experts_bit_exact_with_llamacpp(tmp_path):
+    """Q4_K_M experts (Q4_K gate/up, Q6_K down) with 8 or more prompt rows per expert: from 8
+    rows ggml's ``mul_mat`` switches K-quants to its tiled order while ``mul_mat_id`` stays in
+    vec_dot's, so the grouped expert call (one int8 ``mul_mat_id`` per weight group) must keep
+    vec_dot's order for every expert's rows. Qwen3-30B-A3B's layout at width 256 (8 experts,
+    top 4: a 41-token prompt gives each expert ~20 rows), quantized as llama-quantize does."""
+    import test_synth
+
+    from jllama.convert import synth
+    from jllama.quant.mixes import mix_from_base
+    from jllama.quant.quantize import quantize_file
+
+    shape = synth.scaled(synth.SHAPES["qwen3-30b-a3b"], 1, tiny=True)
+    src = tmp_path / "f32.gguf"
+    synth.write(shape, src, test_synth._vocab(shape), seed=3)
+    path = tmp_path / "q4_k_m.gguf"
+    quantize_file(src, path, mix_from_base("q4_k_m"))
+    why = _exact_kernels_missing(path)
+    if why:
+        pytest.skip(why)
+    tm.compare(path, None, tol=0.0, cache="f16", flash_attn=True, n_greedy=8)

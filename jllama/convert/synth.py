@@ -114,11 +114,12 @@ def scaled(shape: Shape, layers: int | None = None, tiny: bool = False) -> Shape
 class PlannedTensor:
     name: str
     shape: tuple[int, ...]  # numpy order
-    kind: str  # "mat", "norm", "bias", "rope_freqs", "embd"
+    kind: str  # "mat", "router", "norm", "bias", "rope_freqs", "embd"
 
     @property
     def qtype(self) -> QType:
-        return QType.F16 if len(self.shape) >= 2 else QType.F32
+        # routers stay F32 in F16 files: convert_hf_to_gguf forces FFN_GATE_INP to F32
+        return QType.F16 if len(self.shape) >= 2 and self.kind != "router" else QType.F32
 
     @property
     def n_elements(self) -> int:
@@ -175,7 +176,7 @@ def plan(s: Shape) -> list[PlannedTensor]:
         e = s.extra
         if "n_expert" in e and i >= e.get("n_dense", 0):
             ne, ff = e["n_expert"], e["n_ff_exp"]
-            t += [PlannedTensor(p + "ffn_gate_inp.weight", (ne, s.n_embd), "mat"),
+            t += [PlannedTensor(p + "ffn_gate_inp.weight", (ne, s.n_embd), "router"),
                   PlannedTensor(p + "ffn_gate_exps.weight", (ne, ff, s.n_embd), "mat"),
                   PlannedTensor(p + "ffn_up_exps.weight", (ne, ff, s.n_embd), "mat"),
                   PlannedTensor(p + "ffn_down_exps.weight", (ne, s.n_embd, ff), "mat")]
@@ -288,7 +289,7 @@ def _tensor_data(t: PlannedTensor, s: Shape, seed: int) -> Callable[[], np.ndarr
             a = f.astype(np.float32)
         elif t.kind == "norm":
             a = (1.0 + 0.02 * rng.standard_normal(t.shape, dtype=np.float32))
-        elif t.kind == "bias":
+        elif t.kind in ("bias", "router"):
             a = 0.02 * rng.standard_normal(t.shape, dtype=np.float32)
         else:
             # drawn in slices of ~16M values straight into the F16 array: peak memory is the

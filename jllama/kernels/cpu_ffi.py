@@ -74,7 +74,8 @@ Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 18, 21, 34, 35, 39, 16
 # q8f: f32 x, quantized inside the call (decode); quantize_q8: the activation quantizer.
 _Q8_TARGETS = {"jllama_qmatvec_q8": "JllamaQMatVecQ8",
                "jllama_qmatvec_q8f": "JllamaQMatVecQ8F",
-               "jllama_quantize_q8": "JllamaQuantizeQ8"}
+               "jllama_quantize_q8": "JllamaQuantizeQ8",
+               "jllama_qmatmul_id": "JllamaQMatMulId"}
 _q8_registered = False
 _lib: ctypes.CDLL | None = None
 
@@ -319,6 +320,24 @@ def qmatvec_q8_fused(x2: jax.Array, raws: list, qtypes: list[int],
     ys = jax.ffi.ffi_call("jllama_qmatvec_q8f", outs, vmap_method="sequential")(
         x2.astype(jnp.float32), *ops, qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled),
         layers=np.int64(layers))
+    return list(ys)
+
+
+def qmatmul_id(x2: jax.Array, rows: jax.Array, counts: jax.Array, raws: list,
+               qtypes: list[int], tiled: bool | None = None) -> list[jax.Array] | None:
+    """ggml's ``mul_mat_id``: ``y[r] = x2[rows[r]] @ W[e].T`` for output rows grouped by expert
+    (``counts[e]`` rows for expert e, in expert order), stacked experts ``[n_expert, n, row_bytes]``
+    read in place (raw 3-D arrays, or ``LayerStack``s of them); x quantized once inside the call,
+    each expert's products in mul_mat_id's order (cpu/ffi_qmatvec.cc; ``tiled`` as in
+    ``qmatvec_q8``). One ``[len(rows), n]`` per weight; None where the int8 kernels are missing."""
+    if not all(q8_supported(t) for t in qtypes):
+        return None
+    p = rows.shape[0]
+    outs = tuple(jax.ShapeDtypeStruct((p, r.shape[-2]), jnp.float32) for r in raws)
+    ops, qtypes, layers = _weight_operands(raws, qtypes)
+    ys = jax.ffi.ffi_call("jllama_qmatmul_id", outs, vmap_method="sequential")(
+        x2.astype(jnp.float32), rows.astype(jnp.int32), counts.astype(jnp.int32), *ops,
+        qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled), layers=np.int64(layers))
     return list(ys)
 
 

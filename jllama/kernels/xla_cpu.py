@@ -184,6 +184,22 @@ def ffi_matvec_q8_multi(x: jax.Array, qts: list) -> list[jax.Array] | None:
     return [y.reshape(*lead, qt.shape[0]) for y, qt in zip(ys, qts)]
 
 
+def ffi_matmul_id(x: jax.Array, rows_: jax.Array, counts: jax.Array,
+                  qts: list) -> list[jax.Array] | None:
+    """ggml's ``mul_mat_id`` on the int8 kernels: the rows ``x[rows_]``, grouped by expert as
+    ``counts`` says, against stacked experts ``qts`` (3-D GGUF-block QTensors or ``LayerStack``s
+    of them, one activation format); None where the kernels or the format do not allow it."""
+    if len({act_format(qt.qtype) for qt in qts}) != 1 or act_format(qts[0].qtype) is None:
+        return None
+    if not all(q8_on(qt.qtype) and qt.layout == "gguf" and len(qt.shape) == 3 for qt in qts):
+        return None
+    n_in = x.shape[-1]
+    if n_in % (256 if act_format(qts[0].qtype) == "q8_K" else 32):
+        return None
+    return cpu_ffi.qmatmul_id(x.reshape(-1, n_in), rows_, counts, [_rows(qt) for qt in qts],
+                              [qt.qtype for qt in qts])
+
+
 def qmatmul(x: jax.Array, qt) -> jax.Array:
     """``x[..., n_in] @ W.T -> [..., n_out]`` in f32, W a 2-D quantized QTensor."""
     n_out, n_in = qt.shape

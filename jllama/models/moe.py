@@ -14,18 +14,18 @@ ordinary quantized ``linear`` (on CPU the int8 kernels: ggml's ``mul_mat_id`` qu
 activation row to the weight's vec_dot type and uses the same vec_dot as ``mul_mat``), ggml's
 SwiGLU, then the weighting multiply and the adds in slot order (no FMA contraction).
 
-Two expert formulations, picked at trace time from the static token count; both give every
-(token, slot) pair the same per-row products, so they agree bit for bit:
+On the int8 CPU kernels (ggml's arithmetic) the experts run as ggml's ``mul_mat_id``, one
+kernel call per weight group whatever the token count: the (token, slot) pairs sorted by
+expert, each token's row quantized once, every expert's rows read in place, each expert's
+products in the order ggml gives them (its tiled order for K-quant and IQ1-IQ3 experts with 8
+or more rows, decided per expert as ``ggml_compute_forward_mul_mat_id_tiled`` does; vec_dot's
+otherwise, never llamafile's). Elsewhere (float experts, other numerics) one of two
+formulations, picked at trace time from the static token count:
 
-* gathered (decode, few tokens): a scan over the (token, slot) pairs; each step slices the chosen
-  expert's blocks out of the stacked tensor and runs the 2-D quantized matmul kernels on them, so
-  a decode step reads k experts, never all of them;
-* grouped (prefill, when tokens × k ≥ n_expert): the (token, slot) pairs are sorted by expert and
-  each expert's run is padded to a multiple of a tile of C rows, so every tile belongs to one
-  expert; a ``lax.scan`` over the tiles runs that tile's C rows through the expert. The tile count
-  is static (``ceil(pairs / C) + n_expert`` bounds it), so this jits once per shape. K-quant
-  experts take tiles of at most 7 rows: from 8 rows the int8 kernel (like ggml's ``mul_mat``)
-  switches to the tiled GEMM's summation order, while ggml's ``mul_mat_id`` always uses vec_dot.
+* gathered (decode, few tokens): a scan over the (token, slot) pairs, each step one row through
+  the chosen expert, so a decode step reads k experts, never all of them;
+* grouped (prefill, when tokens × k ≥ n_expert): the pairs sorted by expert, each expert's run
+  padded to tiles of C rows, and a ``lax.scan`` over the tiles.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from flax import nnx
 import jllama.models.ggml_f32 as ggml_f32
 from jllama import numerics
 from jllama.errors import ModelError
+from jllama.kernels import xla_cpu
 from jllama.kernels.dispatch import dequantize
 from jllama.models.common import (
     SwiGLU,
@@ -55,14 +56,6 @@ from jllama.quant.qtensor import LayerStack, QTensor
 
 # llama.cpp's llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
-# ggml types whose int8 kernel takes the tiled GEMM order from 8 rows (Q2_K ... Q6_K,
-# IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, IQ4_XS: ggml-cpu's tiled/tiled.cpp
-# ggml_tiled_supported)
-_TILED_TYPES = frozenset({10, 11, 12, 13, 14, 18, 21, 16, 17, 22, 19, 29, 23})
-_ROW_ORDER_TILE = 7
-# IQ4_NL: ggml's mul_mat sums in llamafile's order from 2 rows (and so does its int8 kernel),
-# mul_mat_id in vec_dot's for any row count, which the kernel gives for one row only
-_ONE_ROW_TYPES = frozenset({20})
 # ggml_clamp of the weight sum before the renormalising divide: the smallest f16 normal
 _MIN_WEIGHT_SUM = 6.103515625e-5
 
@@ -94,6 +87,15 @@ def _expert(w, e: jax.Array):
         return LayerStack((w,), jnp.int32(0), e)
     return QTensor(jax.lax.dynamic_index_in_dim(w.data, e, 0, keepdims=False), w.qtype,
                    tuple(w.shape[1:]))
+
+
+def _stacked(w):
+    """A stacked expert tensor as the grouped int8 call takes it (all experts, read in place),
+    or None where that call does not apply (float or repacked experts, other numerics)."""
+    if isinstance(w, LayerStack):
+        ok = w.expert is None and all(in_place_ok(p) for p in w.parts)
+        return w if ok else None
+    return w if len(w.shape) == 3 and in_place_ok(w) else None
 
 
 def float_matmul(x: jax.Array, qt: QTensor, sgemm: bool = True) -> jax.Array:
@@ -199,10 +201,10 @@ class MoE(nnx.Module):
         ids, wts = route(logits, self.cfg, bias, lead)
         self._tap_expert_inputs(xf, ids, lead)
         n = xf.shape[0]
-        if n * self.cfg.n_used < self.cfg.n_expert:
-            ys = self._gathered(xf, ids)
-        else:
-            ys = self._grouped(xf, ids)
+        ys = self._mul_mat_id(xf, ids)
+        if ys is None:
+            few = n * self.cfg.n_used < self.cfg.n_expert
+            ys = self._gathered(xf, ids) if few else self._grouped(xf, ids)
         out = _tap("ffn_moe_out", combine(ys, wts), lead)
         if self.shared is not None:
             sh = _tap("ffn_shexp", self.shared(xf), lead)
@@ -258,16 +260,31 @@ class MoE(nnx.Module):
         _, ys = jax.lax.scan(body, None, jnp.arange(n * k))
         return ys.reshape(n, k, -1)
 
+    def _mul_mat_id(self, x: jax.Array, ids: jax.Array) -> jax.Array | None:
+        """ggml's ``mul_mat_id`` through the int8 kernel (kernels/cpu/ffi_qmatvec.cc): the pairs
+        sorted by expert, each token's row quantized once, every expert read in place and each
+        product in vec_dot's order; the per-expert tiles and their one kernel call each (~200 a
+        layer in a 512-token prompt) become two calls. None where the weights do not allow it."""
+        ws = [_stacked(p.get_value()) for p in (self.gate, self.up, self.down)]
+        if any(w is None for w in ws):
+            return None
+        n, k = ids.shape
+        pairs = n * k
+        flat_e = ids.reshape(-1)
+        order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)  # sorted position -> pair
+        counts = jnp.bincount(flat_e, length=self.cfg.n_expert).astype(jnp.int32)
+        gu = xla_cpu.ffi_matmul_id(x, order // k, counts, ws[:2])
+        if gu is None:
+            return None
+        h = swiglu(*gu)  # [pairs, n_ff], sorted
+        y = xla_cpu.ffi_matmul_id(h, jnp.arange(pairs, dtype=jnp.int32), counts, ws[2:])
+        if y is None:
+            return None
+        back = jnp.zeros(pairs, jnp.int32).at[order].set(jnp.arange(pairs, dtype=jnp.int32))
+        return y[0][back].reshape(n, k, -1)
+
     def _tile(self, pairs: int) -> int:
-        tile = int(min(128, max(8, 1 << max(0, (pairs // self.cfg.n_expert - 1).bit_length()))))
-        # every layer's types where the experts are a scanned block's LayerStacks
-        types = {int(t) for p in (self.gate, self.up, self.down)
-                 for t in getattr(p.get_value(), "qtypes", [p.get_value().qtype])}
-        if numerics.current().match_llamacpp and types & _TILED_TYPES:
-            tile = min(tile, _ROW_ORDER_TILE)
-        if numerics.current().match_llamacpp and types & _ONE_ROW_TYPES:
-            tile = 1
-        return tile
+        return int(min(128, max(8, 1 << max(0, (pairs // self.cfg.n_expert - 1).bit_length()))))
 
     def _grouped(self, x: jax.Array, ids: jax.Array) -> jax.Array:
         """The (token, slot) pairs sorted by expert, in tiles of one expert each; returns the

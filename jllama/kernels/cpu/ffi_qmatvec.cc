@@ -7,6 +7,7 @@
 //   JllamaQuantizeQ8                 ggml's activation quantizer (actquant.cc)
 //   JllamaQMatVecQ8                  quantized x (q, d, s) against any number of weights
 //   JllamaQMatVecQ8F                 f32 x quantized inside the call, any number of weights
+//   JllamaQMatMulId                  ggml's mul_mat_id: x rows routed to stacked experts
 //
 // The int8 handlers (q8.h) exist where the build machine has AVX2 + FMA + F16C.
 // They take ``tiled`` (ggml's GGML_CPU_TILED_MM, Numerics.ggml_tiled_mm) as an attribute,
@@ -158,6 +159,7 @@ struct Q8Work : ChunkJob {
   std::vector<int8_t> xq;  // activations quantized by the fused call (q8f), else unused
   std::vector<float> xd, xs;
   std::vector<std::array<int64_t, 3>> chunks;  // (sub, n0, n1)
+  std::vector<Q8Sub> masters;  // mul_mat_id: each weight's x side data, all rows
 
   void run() override {
     for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
@@ -222,7 +224,7 @@ void code_sums(const int8_t* q, int64_t n, int g, int32_t mul, O* out) {
 // per-row integer side data depends on x and the kernel's kind only, so a weight that follows
 // one of the same kind (q/k/v, gate/up) shares its predecessor's instead of summing x again.
 const char* q8_prepare(Q8Sub& sub, const Q8In& x, const WView& w, float* y,
-                       int64_t qtype, bool tiled, const Q8Sub* prev) {
+                       int64_t qtype, bool tiled, const Q8Sub* prev, bool allow_gemm = true) {
   if (x.q == nullptr || w.data == nullptr) return "need 2-D q, d, s and w";
   const Q8Kernel kern = pick_q8(qtype);
   if (kern.fn == nullptr) return "unsupported ggml type for q8";
@@ -232,7 +234,7 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, const WView& w, float* y,
   if (x.d_rows != m || x.d_cols != nxb) return "d must be [m, k / block]";
   if (kern.q8_1 && (x.s_rows != m || x.s_cols != nxb)) return "s must be [m, k / 32] for Q8_1";
   sub.kern = kern;
-  sub.gemm = use_gemm(kern, m, tiled);
+  sub.gemm = allow_gemm && use_gemm(kern, m, tiled);
   Q8Call& c = sub.call;
   c.k = k;
   c.n_out = n;
@@ -405,6 +407,126 @@ ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
   const Q8In in{work->xq.data(), work->xd.data(), work->xs.data(), m, k, m, nb, m, ns};
   return q8_launch(pool, work, in, wts.ws.data(), wts.ys.data(), qtypes, nw, tiled);
 }
+
+// ggml's mul_mat_id (ggml_compute_forward_mul_mat_id) for the routed experts of a prompt: the
+// x rows routed to each expert of stacked weights [n_expert, n, row_bytes] against that
+// expert's rows, read in place, all experts and weights in one work list (one thread hand-off
+// per weight group and layer, instead of a scan of per-expert tiles with one call each).
+// x [m, k] f32 is quantized once (a token's row serves all k of its experts); ``rows`` [P]
+// names the x row of each output row, grouped by expert as ``counts`` [n_expert] says (their
+// sum is P); one output [P, n] per weight. Each expert's products in the order mul_mat_id
+// gives them: its tiled order for an expert with kTiledMinRows rows or more where ``tiled``
+// (ggml_compute_forward_mul_mat_id_tiled decides per expert), else vec_dot's (never
+// llamafile's, which mul_mat takes for IQ4_NL from two rows).
+// RemainingArgs: the 3-D weights (``layers`` 0), or the index (s32 [2]: layer, unused) and
+// each weight in every layer, as ``weights``.
+ffi::Error QMatMulIdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> rows,
+                         ffi::Buffer<ffi::S32> counts, ffi::RemainingArgs args,
+                         ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes_all,
+                         bool tiled, int64_t layers) {
+  const size_t nw = rets.size();
+  const size_t nl = size_t(std::max<int64_t>(1, layers));
+  const size_t first = layers >= 1 ? 1 : 0;
+  if (nw == 0 || args.size() != first + nw * nl || qtypes_all.size() != nw * nl)
+    return ffi::Error::InvalidArgument("need one output per weight, one qtype per weight/layer");
+  size_t il = 0;
+  if (first) {
+    auto idx = args.get<ffi::Buffer<ffi::S32>>(0);
+    if (idx.has_error() || idx->element_count() != 2)
+      return ffi::Error::InvalidArgument("bad layer index");
+    const int32_t v = idx->typed_data()[0];
+    if (v < 0 || size_t(v) >= nl) return ffi::Error::InvalidArgument("layer out of range");
+    il = size_t(v);
+  }
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
+  const int64_t m = xd[0], k = xd[1], n_rows = int64_t(rows.element_count());
+  const int64_t n_exp = int64_t(counts.element_count());
+  const int32_t* rp = rows.typed_data();
+  const int32_t* cp = counts.typed_data();
+  int64_t total = 0;
+  for (int64_t e = 0; e < n_exp; ++e) {
+    if (cp[e] < 0) return ffi::Error::InvalidArgument("negative expert row count");
+    total += cp[e];
+  }
+  if (total != n_rows) return ffi::Error::InvalidArgument("expert row counts must sum to rows");
+  for (int64_t r = 0; r < n_rows; ++r)
+    if (rp[r] < 0 || rp[r] >= m) return ffi::Error::InvalidArgument("x row out of range");
+  std::vector<WView> ws(nw);
+  std::vector<float*> ys(nw);
+  std::vector<int64_t> qts(nw);
+  for (size_t i = 0; i < nw; ++i) {
+    auto w = args.get<ffi::Buffer<ffi::U8>>(first + i * nl + il);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("bad weight or output");
+    const auto wd = w->dimensions();
+    if (wd.size() != 3 || wd[0] != n_exp)
+      return ffi::Error::InvalidArgument("weights must be [n_expert, n, row_bytes]");
+    if (int64_t((*y)->element_count()) != n_rows * wd[1])
+      return ffi::Error::InvalidArgument("outputs must be [rows, n]");
+    ws[i] = {w->typed_data(), wd[1], wd[2]};
+    ys[i] = (*y)->typed_data();
+    qts[i] = qtypes_all[i * nl + il];
+  }
+  const Q8Kernel k0 = pick_q8(qts[0]);
+  if (k0.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type for q8");
+  for (size_t i = 1; i < nw; ++i) {
+    const Q8Kernel ki = pick_q8(qts[i]);
+    if (ki.fn == nullptr || ki.q8_1 != k0.q8_1 || ki.xb != k0.xb)
+      return ffi::Error::InvalidArgument("weights of one call must share the activation format");
+  }
+  if (n_rows == 0) return ffi::Error::Success();
+  const int fmt = k0.q8_1 ? kFmtQ8_1 : k0.xb == 256 ? kFmtQ8_K : kFmtQ8_0;
+  const int64_t bs = fmt == kFmtQ8_K ? 256 : 32;
+  if (k % bs != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
+  const int64_t nb = k / bs, ns = fmt == kFmtQ8_1 ? k / 32 : 0;
+  auto work = std::make_shared<Q8Work>();
+  work->xq.resize(size_t(m * k));
+  work->xd.resize(size_t(m * nb));
+  work->xs.resize(size_t(m * ns));
+  quantize_rows_q8(pool, x.typed_data(), m, k, fmt, work->xq.data(), work->xd.data(),
+                   work->xs.data());
+  const Q8In in{work->xq.data(), work->xd.data(), work->xs.data(), m, k, m, nb, m, ns};
+  // Per weight, the side data of all m x rows once (``masters``); each expert's sub-call then
+  // points at its rows' entries.
+  auto& masters = work->masters;
+  masters.resize(nw);
+  for (size_t i = 0; i < nw; ++i) {
+    const char* err = q8_prepare(masters[i], in, ws[i], nullptr, qts[i], tiled,
+                                 i > 0 ? &masters[i - 1] : nullptr, /*allow_gemm=*/false);
+    if (*err) return ffi::Error::InvalidArgument(err);
+  }
+  for (size_t i = 0; i < nw; ++i) {
+    const Q8Call& mc = masters[i].call;
+    int64_t start = 0;
+    for (int64_t e = 0; e < n_exp; start += cp[e], ++e) {
+      if (cp[e] == 0) continue;
+      Q8Sub sub;
+      sub.kern = masters[i].kern;
+      Q8Call& c = sub.call;
+      c.k = k;
+      c.n_out = ws[i].n;
+      c.m_total = cp[e];
+      c.row_bytes = ws[i].row_bytes;
+      c.w = ws[i].data + e * ws[i].n * ws[i].row_bytes;
+      c.y = ys[i] + start * ws[i].n;
+      c.tiled = tiled;
+      c.id = true;
+      c.rows.resize(size_t(cp[e]));
+      for (int64_t r = 0; r < cp[e]; ++r) c.rows[size_t(r)] = mc.rows[size_t(rp[start + r])];
+      const int64_t passes = (c.m_total + 7) / 8;
+      const int64_t chunk =
+          std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes * passes));
+      const int64_t si = int64_t(work->subs.size());
+      for (int64_t n0 = 0; n0 < c.n_out; n0 += chunk)
+        work->chunks.push_back({si, n0, std::min(c.n_out, n0 + chunk)});
+      work->subs.push_back(std::move(sub));
+    }
+  }
+  work->n_chunks = int64_t(work->chunks.size());
+  run_chunks(pool, work, helpers_for(pool, work->n_chunks));
+  return ffi::Error::Success();
+}
 #endif  // JLLAMA_Q8
 
 }  // namespace
@@ -465,6 +587,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8F, jllama::QMatVecQ8FImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("qtypes")
+                                  .Attr<bool>("tiled")
+                                  .Attr<int64_t>("layers"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatMulId, jllama::QMatMulIdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("qtypes")

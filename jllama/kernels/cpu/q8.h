@@ -66,6 +66,9 @@ struct Q8Call {
   float* y;
   std::vector<Q8Row> rows;
   bool tiled;  // ggml's tiled K-quant order from kTiledMinRows rows (GGML_CPU_TILED_MM)
+  // ggml's mul_mat_id: never llamafile's order (IQ4_NL: the single-row kernel, vec_dot's
+  // order, for every row count); the tiled order as mul_mat, per expert from kTiledMinRows
+  bool id = false;
 };
 
 // Weight rows [n0, n1) of a call.

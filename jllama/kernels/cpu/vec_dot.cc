@@ -464,7 +464,7 @@ template <typename T>
 void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
   using One = typename OneRowOf<T>::type;
   if constexpr (!std::is_same_v<One, T>) {
-    if (c.m_total == 1) return q8_rows_t<One, false>(c, n0, n1);
+    if (c.m_total == 1 || c.id) return q8_rows_t<One, false>(c, n0, n1);
   }
   if constexpr (HasDecoded<T>::value) {
     if (c.m_total >= kDecodedMinRows)
