@@ -349,6 +349,27 @@ def _mirostat_draw(x: jax.Array, sp: BatchSampling, key: jax.Array, mu: jax.Arra
     return tok, mirostat_update(p_tok, sp, mu)
 
 
+def _penalised(logits, sp, history, bias, dry):
+    """The logits with the logit bias, then also with the repetition penalties and DRY."""
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    biased = logits
+    if history is not None:
+        logits = apply_penalties(logits, history, sp)
+    if dry is not None:
+        logits = logits - dry
+    return biased, logits
+
+
+def chain_input(logits: jax.Array, sp: BatchSampling, history: jax.Array | None = None,
+                bias: jax.Array | None = None, dry: jax.Array | None = None) -> jax.Array:
+    """[B, V] logits after the stages before top-k (logit bias, penalties, DRY, top-n-sigma):
+    what the host's copy of the rest of llama.cpp's chain starts from (jllama/engine/dist.py)."""
+    _, x = _penalised(logits, sp, history, bias, dry)
+    return jax.lax.cond(jnp.any(sp.top_n_sigma > 0.0), _top_n_sigma, lambda y, _: y, x, sp)
+
+
 def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
            history: jax.Array | None = None, bias: jax.Array | None = None,
            dry: jax.Array | None = None) -> jax.Array:
@@ -369,16 +390,9 @@ def sample_state(logits: jax.Array, sp: BatchSampling, key: jax.Array,
     only done when some row really needs it (top_k disabled or above ``TOPK_CAP``, or
     mirostat); an all-greedy batch sorts nothing. The branches are exact, not approximations.
     """
-    logits = logits.astype(jnp.float32)
-    if bias is not None:
-        logits = logits + bias
     if mu is None:
         mu = 2.0 * sp.mirostat_tau
-    biased = logits
-    if history is not None:
-        logits = apply_penalties(logits, history, sp)
-    if dry is not None:
-        logits = logits - dry
+    biased, logits = _penalised(logits, sp, history, bias, dry)
     greedy_tok = first_argmax(logits)
     miro = sp.mirostat > 0
     # plain greedy: no stage that could drop the top token before the temperature's argmax

@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row, process_breakers
-from jllama.engine.engine import PREFILL_CHUNK
+from jllama.engine.engine import PREFILL_CHUNK, host_draws
 from jllama.engine.multimodal import prefill_image
-from jllama.engine.sampling import BatchSampling, SamplingParams, sample_state
+from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
 from jllama.server.metrics import Metrics
 from jllama.server.prompt_cache import PromptCache
 
@@ -151,11 +152,12 @@ class _Active:
         self.pending = ""  # decoded text held back (possible stop-string start)
         self.hold = max((len(s) for s in req.stop), default=0)
         self.probs: list[dict] = []  # token probabilities not yet sent with text
-        seed = req.params.seed
-        if seed is None:
-            seed = int.from_bytes(np.random.bytes(4), "little")
-        self.seed = int(seed) % (2**32)
+        self.seed = resolve_seed(req.params.seed)
         self.rng = np.random.default_rng(self.seed)  # host-side constrained draws
+        # llama.cpp's chain and dist draw with the request's generators (llama-server builds a
+        # request's samplers when it starts, so they run from its seed afresh)
+        self.sampler = (HostSampler(req.params, self.seed) if HostSampler.wanted(req.params)
+                        else None)
         self.t_prompt: float | None = None  # when its prompt's first chunk began (progress)
 
 
@@ -661,9 +663,10 @@ class Scheduler:
                 hist = self.engine.history[b : b + 1]
                 dry = self._dry_rows(None, [b])
                 dry = None if dry is None else jax.device_put(dry[b : b + 1])
-                toks, mu = self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
-                                       bias, dry)
-                tok = int(toks[0])
+                toks, mu, chain = self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32),
+                                              hist, bias, dry)
+                tok = int(host_draws(np.asarray(toks), chain,
+                                     {0: a.sampler} if a.sampler is not None else None)[0])
                 self.engine.mu[b] = float(mu[0])  # a request's mirostat starts here
             except Exception as e:  # this request's first draw broke: it alone ends
                 self._fail_request(b, a, e)
@@ -695,8 +698,11 @@ class Scheduler:
                          np.int32)
         t0 = time.perf_counter()
         dry = self._dry_rows(toks, np.nonzero(active)[0])
+        host = {int(b): self.slots[b].sampler for b in np.nonzero(active)[0]
+                if self.slots[b].sampler is not None}
         nxt, logits = self.engine.step(toks, active, self._sp, jnp.asarray(self._keys), steps,
-                                       self._bias, None if dry is None else jax.device_put(dry))
+                                       self._bias, None if dry is None else jax.device_put(dry),
+                                       host)
         self.steps_run += 1
         host: list = []  # the step's logits on the host, fetched once if a request needs them
 
@@ -971,10 +977,13 @@ def _shift_allowed(llm, swa_full: bool) -> bool:
 
 def _first_token(logits, sp, keys, steps, history, bias, dry=None):
     """The engine's per-row sampling for the token after a prompt (step 0 of the request):
-    the tokens and the rows' mirostat mu after them."""
+    the tokens, the rows' mirostat mu after them, and the rows the host's llama.cpp chain
+    starts from."""
     raw = jax.vmap(lambda k, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
-    return sample_state(logits[..., : bias.shape[-1]], sp, raw, history, bias, dry)
+    x = logits[..., : bias.shape[-1]]
+    toks, mu = sample_state(x, sp, raw, history, bias, dry)
+    return toks, mu, chain_input(x, sp, history, bias, dry)
 
 
 def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:

@@ -1,0 +1,279 @@
+"""llama.cpp's sampler chain from top-k on, and its seeded final draw, run on the host.
+
+With a fixed seed llama.cpp's sampled tokens are a function of its candidate list and of one
+``std::mt19937`` per sampler (src/llama-sampler.cpp): ``dist`` draws a
+``std::uniform_real_distribution<double>`` (libstdc++'s generate_canonical: two 32-bit words,
+``(w1 + w2 * 2^32) / 2^64``), turns the final candidates' logits into ``expf(logit - max)``,
+sums them in double in the candidates' ORDER and picks the first whose running sum reaches
+``sum * u``. The order is whatever the stages left: descending logit after top-k (or after a
+stage that sorts: top-p, XTC, dynamic temperature), token order when nothing sorted (top-k off
+and top-p off: min-p filters in place), typical-p's own order when it ran last among the
+sorting stages. Reproducing a draw therefore needs the final candidates in that order, which
+this module rebuilds with llama.cpp's stages on numpy float32 (their float sums sequential, as
+the C loops add), then draws with an MT19937 that lives as long as the request: llama-server
+builds a request's samplers when the request starts (common_sampler_init with its ``seed``), so
+each request starts its generator afresh; a seed of ``LLAMA_DEFAULT_SEED`` (0xFFFFFFFF, -1 in
+JSON) means a random one. XTC has its own generator, seeded the same way.
+
+The logit bias, the repetition penalties, DRY and top-n-sigma come before top-k and stay on the
+device (``sampling.chain_input``); the host starts from their [V] row. Ties between equal
+logits are ordered by token id here; llama.cpp's partial sort leaves their order unspecified
+(a draw can differ only when its target falls inside such a tie).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
+
+
+def resolve_seed(seed: int | None) -> int:
+    """A request's seed as llama.cpp's get_rng_seed takes it (uint32; unset / -1 / 0xFFFFFFFF:
+    a random one)."""
+    if seed is None or int(seed) % 2**32 == DEFAULT_SEED:
+        return int.from_bytes(os.urandom(4), "little")
+    return int(seed) % 2**32
+
+
+class MT19937:
+    """``std::mt19937`` seeded with one 32-bit value (init_genrand), as the C++ library runs it."""
+
+    def __init__(self, seed: int):
+        mt = [int(seed) & 0xFFFFFFFF]
+        for i in range(1, 624):
+            prev = mt[-1]
+            mt.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
+        self.mt = mt
+        self.i = 624
+
+    def _twist(self) -> None:
+        mt = self.mt
+        for k in range(624):
+            y = (mt[k] & 0x80000000) | (mt[(k + 1) % 624] & 0x7FFFFFFF)
+            mt[k] = mt[(k + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+        self.i = 0
+
+    def next_u32(self) -> int:
+        if self.i >= 624:
+            self._twist()
+        y = self.mt[self.i]
+        self.i += 1
+        y ^= y >> 11
+        y ^= (y << 7) & 0x9D2C5680
+        y ^= (y << 15) & 0xEFC60000
+        return y ^ (y >> 18)
+
+    def uniform_double(self) -> float:
+        """``std::uniform_real_distribution<double>(0, 1)``: two words, the first the low one."""
+        lo = self.next_u32()
+        hi = self.next_u32()
+        u = (float(lo) + float(hi) * 4294967296.0) / 18446744073709551616.0
+        return u if u < 1.0 else math.nextafter(1.0, 0.0)
+
+    def uniform_float(self) -> np.float32:
+        """``std::uniform_real_distribution<float>(0, 1)``: one word, rounded to float first."""
+        u = np.float32(self.next_u32()) / np.float32(4294967296.0)
+        return u if u < 1 else np.nextafter(np.float32(1), np.float32(0))
+
+
+_F = np.float32
+
+
+def _expf(x: np.ndarray) -> np.ndarray:
+    """expf over float32 values: the double exponential rounded once (correctly rounded
+    wherever glibc's expf is)."""
+    with np.errstate(under="ignore"):
+        return np.exp(x.astype(np.float64)).astype(_F)
+
+
+def _fsum(x: np.ndarray) -> np.float32:
+    """A float accumulator's sum, element after element (as the C loops add)."""
+    return np.cumsum(x, dtype=_F)[-1] if x.size else _F(0)
+
+
+@dataclass
+class Cands:
+    """llama_token_data_array: ids and logits in the stages' order, and its ``sorted`` flag."""
+
+    ids: np.ndarray
+    logit: np.ndarray
+    sorted: bool = False
+
+    def take(self, order: np.ndarray, sorted_: bool) -> Cands:
+        return Cands(self.ids[order], self.logit[order], sorted_)
+
+    def sort(self) -> Cands:
+        """Descending logit (ties by token id)."""
+        return self.take(np.lexsort((self.ids, -self.logit)), True)
+
+    def softmax(self) -> np.ndarray:
+        """llama_sampler_softmax_impl's probabilities in the current order (float: its sum runs
+        in that order)."""
+        mx = self.logit[0] if self.sorted else self.logit.max()
+        e = _expf(self.logit - mx)
+        return e / _fsum(e)
+
+
+def top_k(c: Cands, k: int) -> Cands:
+    if k <= 0:
+        return c
+    k = min(k, c.ids.size)
+    if c.sorted:
+        return Cands(c.ids[:k], c.logit[:k], True)
+    if k < c.ids.size:
+        part = np.argpartition(-c.logit, k - 1)[:k]
+        c = c.take(part, False)
+    return c.sort()
+
+
+def typical(c: Cands, p: float, min_keep: int) -> Cands:
+    if p >= 1.0:
+        return c
+    if not c.sorted:
+        c = c.sort()
+    prob = c.softmax()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.log(prob)
+        ent = _fsum(-prob * logp)
+        shifted = np.abs(-logp - ent)
+    order = np.argsort(shifted, kind="stable")
+    cum = np.cumsum(prob[order], dtype=_F)
+    i = np.arange(order.size)
+    hit = np.nonzero((cum > _F(p)) & ((min_keep == 0) | (i >= min_keep - 1)))[0]
+    last = int(hit[0]) + 1 if hit.size else order.size
+    return c.take(order[:last], False)
+
+
+def top_p(c: Cands, p: float, min_keep: int) -> Cands:
+    if p >= 1.0:
+        return c
+    prob = c.softmax()
+    if not c.sorted:
+        order = np.lexsort((c.ids, -c.logit))
+        c, prob = c.take(order, True), prob[order]
+    cum = np.cumsum(prob, dtype=_F)
+    i = np.arange(cum.size)
+    hit = np.nonzero((cum >= _F(p)) & (i + 1 >= min_keep))[0]
+    last = int(hit[0]) + 1 if hit.size else cum.size
+    return Cands(c.ids[:last], c.logit[:last], True)
+
+
+def min_p(c: Cands, p: float, min_keep: int) -> Cands:
+    if p <= 0.0 or not c.ids.size:
+        return c
+    logp = np.log(_F(p))
+    if not c.sorted:
+        keep = c.logit >= c.logit.max() + logp
+        n = int(keep.sum())
+        if n and n >= min_keep:
+            return c.take(np.nonzero(keep)[0], False)
+        c = c.sort()
+    floor = c.logit[0] + logp
+    i = np.arange(c.ids.size)
+    stop = np.nonzero((c.logit < floor) & (i >= min_keep) & (i >= 1))[0]
+    n = int(stop[0]) if stop.size else c.ids.size
+    return Cands(c.ids[:n], c.logit[:n], True)
+
+
+def xtc(c: Cands, prob: float, threshold: float, min_keep: int, rng: MT19937) -> Cands:
+    if prob <= 0.0 or threshold > 0.5 or c.ids.size < 2:
+        return c
+    if rng.uniform_float() > _F(prob):
+        return c
+    c = c.sort() if not c.sorted else c
+    p = c.softmax()
+    lead = np.nonzero(p < _F(threshold))[0]
+    pos_last = (int(lead[0]) if lead.size else p.size) - 1
+    pos_last = max(pos_last, 0)
+    if c.ids.size - pos_last >= min_keep and pos_last > 0:
+        return Cands(c.ids[pos_last:], c.logit[pos_last:], True)
+    return c
+
+
+def _temp(c: Cands, t: float) -> Cands:
+    if not c.ids.size:
+        return c
+    if t <= 0.0:
+        # the first maximum keeps its logit, every other candidate becomes -inf (none dropped)
+        best = int(np.argmax(c.logit))
+        lg = np.full_like(c.logit, -np.inf)
+        lg[best] = c.logit[best]
+        return Cands(c.ids, lg, c.sorted)
+    return Cands(c.ids, c.logit / _F(t), c.sorted)
+
+
+def temperature(c: Cands, temp: float, delta: float, exponent: float) -> Cands:
+    if delta <= 0.0:
+        return _temp(c, temp)
+    if c.ids.size <= 1:
+        return c
+    lo = max(_F(0.0), _F(temp) - _F(delta))
+    hi = _F(temp) + _F(delta)
+    max_ent = -np.log(_F(1.0) / _F(c.ids.size))
+    c = c.sort() if not c.sorted else c
+    p = c.softmax()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -_fsum(np.where(p > 0, p * np.log(np.where(p > 0, p, _F(1))), _F(0)))
+    norm = ent / max_ent
+    dyn = lo + (hi - lo) * np.power(norm, _F(exponent))
+    return _temp(c, float(dyn))
+
+
+def draw(c: Cands, rng: MT19937) -> int:
+    """llama_sampler_dist_apply: the index of the drawn candidate (-1 when there is none)."""
+    n = c.ids.size
+    if n == 0:
+        return -1
+    u = rng.uniform_double()  # drawn even for one candidate (the C code keeps it aligned)
+    if n == 1:
+        return 0
+    mx = c.logit[0] if c.sorted else c.logit.max()
+    run = np.cumsum(_expf(c.logit - mx).astype(np.float64))
+    hit = np.nonzero(run >= run[-1] * u)[0]
+    return int(hit[0]) if hit.size else n - 1
+
+
+class HostSampler:
+    """One request's llama.cpp chain from top-k to the dist draw, with its generators (dist's
+    and XTC's), which persist across the request's tokens."""
+
+    def __init__(self, params, seed: int | None = None):
+        self.params = params
+        s = resolve_seed(params.seed if seed is None else seed)
+        self.seed = s
+        self.rng = MT19937(s)
+        self.xtc_rng = MT19937(s)  # llama_sampler_init_xtc gets the same seed (its own copy)
+
+    @staticmethod
+    def wanted(params) -> bool:
+        """Whether a request's draw is random at all (mirostat keeps its own device path)."""
+        return params.mirostat == 0 and (params.temperature > 0.0 or params.dynatemp_range > 0.0
+                                         or params.xtc_probability > 0.0)
+
+    def chain(self, row: np.ndarray, allowed: np.ndarray | None = None) -> Cands:
+        """The candidates the draw sees for a [V] row of the chain's input (logit bias,
+        penalties, DRY, top-n-sigma applied), in llama.cpp's order; ``allowed``: a grammar's
+        token mask, applied first (llama.cpp's resampling after a rejected token)."""
+        p = self.params
+        row = np.asarray(row, _F)
+        if allowed is not None:
+            row = np.where(allowed[: row.size], row, _F(-np.inf))
+        c = Cands(np.arange(row.size), row, False)
+        c = top_k(c, int(p.top_k))
+        c = typical(c, p.typical_p, int(p.min_keep))
+        c = top_p(c, p.top_p, int(p.min_keep))
+        c = min_p(c, p.min_p, int(p.min_keep))
+        c = xtc(c, p.xtc_probability, p.xtc_threshold, int(p.min_keep), self.xtc_rng)
+        return temperature(c, p.temperature, p.dynatemp_range, p.dynatemp_exponent)
+
+    def sample(self, row: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        c = self.chain(row, allowed)
+        i = draw(c, self.rng)
+        if i < 0:
+            raise ValueError("no candidate left to sample")
+        return int(c.ids[i])
