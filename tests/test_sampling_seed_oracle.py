@@ -136,3 +136,98 @@ def test_generations_match_llamacpp(models):
         got = list(llm.engine.generate(ids, p, max_tokens=N_TOKENS, stop_ids={eos}))
         assert got == want, (seed, kw)
         assert len(want) >= 8
+
+
+def _final(low, ch, logits: np.ndarray) -> tuple[dict[int, float], bool, int]:
+    """llama.cpp's candidates after its chain and draw: id -> p, the ``sorted`` flag, the pick."""
+    n = logits.size
+    buf = np.zeros(n, np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+    buf["id"], buf["logit"] = np.arange(n), logits
+    ptr = buf.ctypes.data_as(ctypes.POINTER(low.llama_token_data))
+    ta = low.llama_token_data_array(ptr, n, -1, False)
+    low.llama_sampler_apply(ch, ctypes.byref(ta))
+    got = buf[: ta.size] if ta.data is not None else buf
+    offset = ctypes.addressof(ta.data.contents) - buf.ctypes.data  # XTC moves the start
+    got = buf[offset // buf.itemsize: offset // buf.itemsize + ta.size]
+    return ({int(i): float(p) for i, p in zip(got["id"], got["p"], strict=True)},
+            bool(ta.sorted), int(got["id"][ta.selected]))
+
+
+@pytest.mark.parametrize("name", ["defaults", "typical last (its own order)",
+                                  "xtc (own generator)",
+                                  "top-k off, top-p off (min-p keeps token order)"])
+def test_post_sampling_probs_match_llamacpp(name):
+    """What llama-server reports as post-sampling probabilities (the candidates and ``p`` its
+    dist sampler leaves, common_sampler_get_candidates) is what HostSampler.final_probs gives:
+    the same tokens with bit-equal probabilities, in descending probability."""
+    low = llama_cpp_module().llama_cpp
+    p = SamplingParams(**CASES[name])
+    rng = np.random.default_rng(5)
+    ch = _chain(low, p, 99)
+    ours = HostSampler(p, 99)
+    try:
+        for _ in range(20):
+            x = (rng.standard_normal(300) * 3).astype(np.float32)
+            want, _, pick = _final(low, ch, x)
+            assert ours.sample(x) == pick
+            ids, probs = ours.final_probs()
+            assert dict(zip(ids.tolist(), probs.tolist(), strict=True)) == want
+            assert np.all(np.diff(probs) <= 0)
+    finally:
+        low.llama_sampler_free(ch)
+
+
+def test_grammar_redraw_matches_llamacpp(tmp_path):
+    """A draw the grammar rejects is redrawn as common_sampler_sample does: the grammar masks
+    the same logits, then the whole chain runs again and dist draws again from its generator.
+    llama.cpp's grammar sampler on a byte vocabulary (tests/llamacpp_grammar.py) against
+    jllama's GrammarConstraint.pick with the request's HostSampler."""
+    from llamacpp_grammar import GrammarOracle
+
+    from jllama.server.grammar import GrammarConstraint, compile_grammar
+
+    gbnf = 'root ::= [0-9]+ ("." [0-9]+)? " " [a-z]+'
+    o = GrammarOracle(tmp_path)
+    low = o.low
+    n_vocab = low.llama_vocab_n_tokens(o.vocab)
+    # bytes 0..255 are tokens 0..255; merges and specials are -inf in every row, so a
+    # placeholder stands for their text
+    vocab = [bytes([b]) for b in range(256)] + [b"\xff\xff"] * (n_vocab - 256)
+    params = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=1.3,
+              top_k=0, top_p=0.9, min_p=0.0, seed=11)]
+    rng = np.random.default_rng(2)
+    redraws = 0
+    try:
+        for p in params:
+            ch = _chain(low, p, p.seed)
+            gr = low.llama_sampler_init_grammar(o.vocab, gbnf.encode(), b"root")
+            ours = HostSampler(p)
+            con = GrammarConstraint(vocab, frozenset({o.eos}), compile_grammar(gbnf))
+            try:
+                for _ in range(24):
+                    x = np.full(n_vocab, -np.inf, np.float32)
+                    x[:256] = rng.standard_normal(256).astype(np.float32) * 2
+                    x[ord("0"):ord("9") + 1] += 2.0  # digits and letters now and then
+                    x[ord("a"):ord("z") + 1] += 1.0
+                    x[o.eos] = 1.0
+                    _, _, tok = _final(low, ch, x)
+                    if not o._allowed(gr, tok):
+                        masked = x.copy()
+                        for t in range(n_vocab):
+                            if np.isfinite(masked[t]) and not o._allowed(gr, t):
+                                masked[t] = -np.inf
+                        _, _, tok = _final(low, ch, masked)
+                        redraws += 1
+                    got = con.pick(ours.sample(x), x, p.temperature, p.top_p, None, p.top_k,
+                                   p.min_p, ours)
+                    assert got == tok
+                    if tok == o.eos:
+                        break
+                    low.llama_sampler_accept(gr, tok)
+                    con.advance(tok)
+            finally:
+                low.llama_sampler_free(ch)
+                low.llama_sampler_free(gr)
+    finally:
+        o.close()
+    assert redraws >= 5  # the grammar really rejected draws

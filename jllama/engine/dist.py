@@ -23,6 +23,8 @@ logits are ordered by token id here; llama.cpp's partial sort leaves their order
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 from dataclasses import dataclass
@@ -84,9 +86,26 @@ class MT19937:
 _F = np.float32
 
 
+def _libm_expf():
+    try:
+        f = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6").expf
+    except (OSError, AttributeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return f
+
+
+_C_EXPF = _libm_expf()
+C_EXPF_MAX = 4096  # candidate lists up to this long go through the C library's own expf
+
+
 def _expf(x: np.ndarray) -> np.ndarray:
-    """expf over float32 values: the double exponential rounded once (correctly rounded
-    wherever glibc's expf is)."""
+    """expf over float32 values. The C library's expf itself for short lists (its last bit
+    is what llama.cpp's reported probabilities carry); longer ones, the double exponential
+    rounded once (equal but in a rare last bit, which moves a draw only if its target falls
+    within that bit of a boundary)."""
+    if _C_EXPF is not None and x.size <= C_EXPF_MAX:
+        return np.array([_C_EXPF(v) for v in x.tolist()], _F)
     with np.errstate(under="ignore"):
         return np.exp(x.astype(np.float64)).astype(_F)
 
@@ -224,18 +243,21 @@ def temperature(c: Cands, temp: float, delta: float, exponent: float) -> Cands:
     return _temp(c, float(dyn))
 
 
-def draw(c: Cands, rng: MT19937) -> int:
-    """llama_sampler_dist_apply: the index of the drawn candidate (-1 when there is none)."""
+def draw(c: Cands, rng: MT19937) -> tuple[int, np.ndarray]:
+    """llama_sampler_dist_apply: the index of the drawn candidate (-1 when there is none) and
+    the candidates' probabilities as it leaves them (float, normalised by the double sum)."""
     n = c.ids.size
     if n == 0:
-        return -1
+        return -1, np.zeros(0, _F)
     u = rng.uniform_double()  # drawn even for one candidate (the C code keeps it aligned)
     if n == 1:
-        return 0
+        return 0, np.ones(1, _F)
     mx = c.logit[0] if c.sorted else c.logit.max()
-    run = np.cumsum(_expf(c.logit - mx).astype(np.float64))
+    e = _expf(c.logit - mx).astype(np.float64)
+    run = np.cumsum(e)
     hit = np.nonzero(run >= run[-1] * u)[0]
-    return int(hit[0]) if hit.size else n - 1
+    p = (e / run[-1]).astype(_F)
+    return (int(hit[0]) if hit.size else n - 1), p
 
 
 class HostSampler:
@@ -248,6 +270,8 @@ class HostSampler:
         self.seed = s
         self.rng = MT19937(s)
         self.xtc_rng = MT19937(s)  # llama_sampler_init_xtc gets the same seed (its own copy)
+        self.last: tuple[Cands, np.ndarray] | None = None  # the last draw's candidates
+        self.row: np.ndarray | None = None  # ...and the chain input it came from
 
     @staticmethod
     def wanted(params) -> bool:
@@ -272,8 +296,20 @@ class HostSampler:
         return temperature(c, p.temperature, p.dynatemp_range, p.dynatemp_exponent)
 
     def sample(self, row: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        self.row = row  # kept for a grammar's redraw from the same logits
         c = self.chain(row, allowed)
-        i = draw(c, self.rng)
+        i, p = draw(c, self.rng)
         if i < 0:
             raise ValueError("no candidate left to sample")
+        self.last = (c, p)
         return int(c.ids[i])
+
+    def final_probs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last draw's candidates and probabilities as llama-server reports them
+        (post_sampling_probs: common_sampler_get_candidates sorts by probability what no stage
+        left sorted)."""
+        c, p = self.last
+        if c.sorted:
+            return c.ids, p
+        order = np.lexsort((c.ids, -p))
+        return c.ids[order], p[order]

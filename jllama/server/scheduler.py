@@ -751,9 +751,10 @@ class Scheduler:
                 tok = forced
             elif a.req.constraint is not None:
                 tok = a.req.constraint.pick(tok, lambda: row() + self._bias_np[b],
-                                            p.temperature, p.top_p, a.rng, p.top_k, p.min_p)
+                                            p.temperature, p.top_p, a.rng, p.top_k, p.min_p,
+                                            a.sampler)
             if a.req.n_probs > 0:
-                self._probs(a, row(), tok)
+                self._probs(a, row(), tok, forced is not None)
             self._accept(b, tok)
         except Exception as e:
             self._fail_request(b, a, e)
@@ -797,14 +798,18 @@ class Scheduler:
         elif full or (req.max_tokens is not None and req.completion_tokens >= req.max_tokens):
             self._finish(b, "length")
 
-    def _probs(self, a: _Active, row: np.ndarray, tok: int) -> None:
+    def _probs(self, a: _Active, row: np.ndarray, tok: int, forced: bool = False) -> None:
         """llama-server's probabilities for a generated token; an end-of-generation token is
         reported too (with empty text), as llama-server adds every sampled token."""
         row = row[: self.n_vocab]
         if a.req.post_sampling:
             b = self.slots.index(a)
+            # the request's own chain drew this token (not a forced one, not the speculative
+            # generator's)
+            final = (a.sampler.final_probs() if a.sampler is not None and not forced
+                     and a.gen is None and a.sampler.last is not None else None)
             a.probs.append(post_sampling_probs(row + self._bias_np[b], a.req.params, tok,
-                                               a.req.n_probs, self.token_piece))
+                                               a.req.n_probs, self.token_piece, final))
         else:
             a.probs.append(token_probs(row, tok, a.req.n_probs, self.token_piece))
 
@@ -1006,10 +1011,31 @@ def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:
     return out
 
 
-def post_sampling_probs(row: np.ndarray, p, tok: int, n: int, piece) -> dict:
+def post_sampling_probs(row: np.ndarray, p, tok: int, n: int, piece,
+                        final: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """llama-server's post_sampling_probs entry: the candidates left after the sampling chain
-    (logit bias, top-k, top-p, min-p, temperature; the penalties are not replayed here) with
-    the probabilities the final draw used; zero-probability tokens are not listed."""
+    with the probabilities the final draw used; zero-probability tokens are not listed.
+    ``final``: those candidates and probabilities as the request's llama.cpp chain left them
+    (``HostSampler.final_probs``: the whole chain, its order); without it (greedy and mirostat
+    requests) they are rebuilt here from logit bias, top-k, top-p, min-p and temperature (the
+    penalties are not replayed)."""
+    if final is not None:
+        order, probs = final
+    else:
+        order, probs = _plain_chain_probs(row, p)
+
+    def entry(t: int, pr: float) -> dict:
+        raw = piece(t)
+        return {"id": t, "token": _valid_utf8_prefix(raw), "bytes": list(raw), "prob": pr}
+
+    hit = np.nonzero(order == tok)[0]
+    out = entry(tok, float(probs[hit[0]]) if hit.size else 0.0)
+    out["top_probs"] = [entry(int(t), float(pr)) for t, pr in zip(order[:n], probs[:n],
+                                                                  strict=True) if pr > 0]
+    return out
+
+
+def _plain_chain_probs(row: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
     row = np.asarray(row, np.float32)
     order = np.argsort(-row, kind="stable")
     if p.top_k > 0:
@@ -1021,20 +1047,9 @@ def post_sampling_probs(row: np.ndarray, p, tok: int, n: int, piece) -> dict:
     keep[0] = True
     order, z = order[keep], z[keep]
     if p.temperature <= 0:
-        order, probs = order[:1], np.ones(1)
-    else:
-        probs = np.exp((z - z[0]) / p.temperature)
-        probs /= probs.sum()
-
-    def entry(t: int, pr: float) -> dict:
-        raw = piece(t)
-        return {"id": t, "token": _valid_utf8_prefix(raw), "bytes": list(raw), "prob": pr}
-
-    hit = np.nonzero(order == tok)[0]
-    out = entry(tok, float(probs[hit[0]]) if hit.size else 0.0)
-    out["top_probs"] = [entry(int(t), float(pr)) for t, pr in zip(order[:n], probs[:n],
-                                                                  strict=True) if pr > 0]
-    return out
+        return order[:1], np.ones(1)
+    probs = np.exp((z - z[0]) / p.temperature)
+    return order, probs / probs.sum()
 
 
 def _log(x: float) -> float:
