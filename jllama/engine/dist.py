@@ -96,7 +96,7 @@ def _libm_expf():
 
 
 _C_EXPF = _libm_expf()
-C_EXPF_MAX = 4096  # candidate lists up to this long go through the C library's own expf
+C_EXPF_MAX = 1024  # candidate lists up to this long go through the C library's own expf
 
 
 def _expf(x: np.ndarray) -> np.ndarray:
@@ -172,14 +172,23 @@ def top_p(c: Cands, p: float, min_keep: int) -> Cands:
     if p >= 1.0:
         return c
     prob = c.softmax()
-    if not c.sorted:
+    n = c.ids.size
+    if c.sorted:
+        order = np.arange(n)
+    else:
+        # as llama.cpp: the best 256 sorted first, the whole list only if they do not reach p
+        k = min(256, n)
+        order = np.argpartition(-c.logit, k - 1)[:k] if k < n else np.arange(n)
+        order = order[np.lexsort((c.ids[order], -c.logit[order]))]
+    while True:
+        cum = np.cumsum(prob[order], dtype=_F)
+        i = np.arange(cum.size)
+        hit = np.nonzero((cum >= _F(p)) & (i + 1 >= min_keep))[0]
+        if hit.size or order.size == n:
+            break
         order = np.lexsort((c.ids, -c.logit))
-        c, prob = c.take(order, True), prob[order]
-    cum = np.cumsum(prob, dtype=_F)
-    i = np.arange(cum.size)
-    hit = np.nonzero((cum >= _F(p)) & (i + 1 >= min_keep))[0]
-    last = int(hit[0]) + 1 if hit.size else cum.size
-    return Cands(c.ids[:last], c.logit[:last], True)
+    last = int(hit[0]) + 1 if hit.size else n
+    return c.take(order[:last], True)
 
 
 def min_p(c: Cands, p: float, min_keep: int) -> Cands:
