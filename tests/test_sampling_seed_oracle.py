@@ -231,3 +231,31 @@ def test_grammar_redraw_matches_llamacpp(tmp_path):
     finally:
         o.close()
     assert redraws >= 5  # the grammar really rejected draws
+
+
+@pytest.mark.parametrize("version,temp", [(1, 1.0), (2, 0.8), (2, 1.5), (1, 0.7)])
+def test_mirostat_draws_match_llamacpp(version, temp):
+    """Mirostat's chain (temperature, then mirostat with its own generator and its ``mu``
+    moving with each draw): the same tokens, candidates and probabilities as llama.cpp's."""
+    low = llama_cpp_module().llama_cpp
+    v, seed = 2000, 31
+    p = SamplingParams(temperature=temp, mirostat=version, mirostat_tau=4.0, mirostat_eta=0.2)
+    ch = low.llama_sampler_chain_init(low.llama_sampler_chain_default_params())
+    low.llama_sampler_chain_add(ch, low.llama_sampler_init_temp(temp))
+    low.llama_sampler_chain_add(ch, low.llama_sampler_init_mirostat(v, seed, 4.0, 0.2, 100)
+                                if version == 1 else
+                                low.llama_sampler_init_mirostat_v2(seed, 4.0, 0.2))
+    ours = HostSampler(p, seed)
+    rng = np.random.default_rng(version)
+    try:
+        picks = set()
+        for _ in range(40):
+            x = (rng.standard_normal(v) * 2.5).astype(np.float32)
+            want, _, pick = _final(low, ch, x)
+            assert ours.sample(x) == pick
+            ids, probs = ours.final_probs()
+            assert dict(zip(ids.tolist(), probs.tolist(), strict=True)) == want
+            picks.add(pick)
+    finally:
+        low.llama_sampler_free(ch)
+    assert len(picks) > 10

@@ -269,6 +269,69 @@ def draw(c: Cands, rng: MT19937) -> tuple[int, np.ndarray]:
     return (int(hit[0]) if hit.size else n - 1), p
 
 
+def discrete(p: np.ndarray, rng: MT19937) -> int:
+    """``std::discrete_distribution<int>`` over float weights (llama_sample_dist, mirostat's
+    draw): libstdc++ normalises by their double sum, takes the partial sums with the last set
+    to one, and finds the first at or above one canonical double; under two weights it returns
+    0 without drawing."""
+    if p.size < 2:
+        return 0
+    w = p.astype(np.float64)
+    cp = np.cumsum(w / np.cumsum(w)[-1])
+    cp[-1] = 1.0
+    u = rng.uniform_double()
+    return min(int(np.searchsorted(cp[:-1], u, side="left")), p.size - 1)
+
+
+def _int_k(k: np.float32) -> int:
+    """max(int(k), 1) as x86 converts a float: NaN or out of range gives INT_MIN."""
+    if not np.isfinite(k) or not -(2.0**31) < float(k) < 2.0**31:
+        return 1
+    return max(int(k), 1)
+
+
+class Mirostat:
+    """llama_sampler_mirostat(_v2) after llama_sampler_temp, on the logit-biased row: its
+    truncation follows ``mu``, which every draw moves; its own generator draws through
+    ``discrete``."""
+
+    def __init__(self, params, seed: int, n_vocab: int | None = None):
+        self.p = params
+        self.mu = _F(2.0) * _F(params.mirostat_tau)
+        self.rng = MT19937(seed)
+        self.n_vocab = n_vocab
+
+    def step(self, row: np.ndarray) -> tuple[Cands, np.ndarray, int]:
+        p = self.p
+        c = _temp(Cands(np.arange(row.size), np.asarray(row, _F), False), p.temperature)
+        c = c.sort()
+        with np.errstate(all="ignore"):
+            prob = c.softmax()
+            if p.mirostat == 1:
+                m = min(MIROSTAT_M - 1, c.ids.size - 1)
+                i = np.arange(m, dtype=_F)
+                t = np.log((i + _F(2)) / (i + _F(1)))
+                b = np.log(prob[:m] / prob[1 : m + 1])
+                s_hat = _fsum(t * b) / _fsum(t * t)
+                eps = s_hat - _F(1)
+                nv = _F(self.n_vocab or row.size)
+                k = np.power((eps * np.power(_F(2), self.mu)) / (_F(1) - np.power(nv, -eps)),
+                             _F(1) / s_hat)
+                n = min(_int_k(k), c.ids.size)
+            else:
+                over = np.nonzero(-np.log2(prob) > self.mu)[0]
+                n = max(int(over[0]) if over.size else c.ids.size, 1)
+            c = Cands(c.ids[:n], c.logit[:n], True)
+            prob = c.softmax()
+            idx = discrete(prob, self.rng)
+            surprise = -np.log2(prob[idx])
+            self.mu = _F(self.mu - _F(p.mirostat_eta) * (surprise - _F(p.mirostat_tau)))
+        return c, prob, idx
+
+
+MIROSTAT_M = 100  # the m common/sampling.cpp gives llama_sampler_init_mirostat
+
+
 class HostSampler:
     """One request's llama.cpp chain from top-k to the dist draw, with its generators (dist's
     and XTC's), which persist across the request's tokens."""
@@ -280,13 +343,16 @@ class HostSampler:
         self.rng = MT19937(s)
         self.xtc_rng = MT19937(s)  # llama_sampler_init_xtc gets the same seed (its own copy)
         self.last: tuple[Cands, np.ndarray] | None = None  # the last draw's candidates
+        # mirostat replaces the chain after the logit bias (common_sampler_init), with its own
+        # generator seeded the same way
+        self.mirostat = Mirostat(params, s) if params.mirostat else None
         self.row: np.ndarray | None = None  # ...and the chain input it came from
 
     @staticmethod
     def wanted(params) -> bool:
-        """Whether a request's draw is random at all (mirostat keeps its own device path)."""
-        return params.mirostat == 0 and (params.temperature > 0.0 or params.dynatemp_range > 0.0
-                                         or params.xtc_probability > 0.0)
+        """Whether a request's draw is random at all."""
+        return (params.mirostat != 0 or params.temperature > 0.0 or params.dynatemp_range > 0.0
+                or params.xtc_probability > 0.0)
 
     def chain(self, row: np.ndarray, allowed: np.ndarray | None = None) -> Cands:
         """The candidates the draw sees for a [V] row of the chain's input (logit bias,
@@ -305,7 +371,16 @@ class HostSampler:
         return temperature(c, p.temperature, p.dynatemp_range, p.dynatemp_exponent)
 
     def sample(self, row: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        """The next token from a [V] row of the chain's input (``sampling.chain_input``:
+        for mirostat the logit-biased row alone)."""
         self.row = row  # kept for a grammar's redraw from the same logits
+        if self.mirostat is not None:
+            x = np.asarray(row, _F)
+            if allowed is not None:
+                x = np.where(allowed[: x.size], x, _F(-np.inf))
+            c, p, i = self.mirostat.step(x)
+            self.last = (c, p)
+            return int(c.ids[i])
         c = self.chain(row, allowed)
         i, p = draw(c, self.rng)
         if i < 0:

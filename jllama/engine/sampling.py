@@ -365,9 +365,11 @@ def _penalised(logits, sp, history, bias, dry):
 def chain_input(logits: jax.Array, sp: BatchSampling, history: jax.Array | None = None,
                 bias: jax.Array | None = None, dry: jax.Array | None = None) -> jax.Array:
     """[B, V] logits after the stages before top-k (logit bias, penalties, DRY, top-n-sigma):
-    what the host's copy of the rest of llama.cpp's chain starts from (jllama/engine/dist.py)."""
-    _, x = _penalised(logits, sp, history, bias, dry)
-    return jax.lax.cond(jnp.any(sp.top_n_sigma > 0.0), _top_n_sigma, lambda y, _: y, x, sp)
+    what the host's copy of the rest of llama.cpp's chain starts from (jllama/engine/dist.py).
+    Mirostat rows get the logit-biased logits alone (its chain has no other stage before)."""
+    biased, x = _penalised(logits, sp, history, bias, dry)
+    x = jax.lax.cond(jnp.any(sp.top_n_sigma > 0.0), _top_n_sigma, lambda y, _: y, x, sp)
+    return jnp.where((sp.mirostat > 0)[:, None], biased, x)
 
 
 def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
