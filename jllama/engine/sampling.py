@@ -14,6 +14,11 @@ temperature → mirostat (v1 or v2), whose truncation follows its state ``mu``, 
 (``sample_state`` takes and returns it). DRY's penalty comes from the request's tokens and is
 computed on the host (jllama/engine/dry.py); it enters as a [B, V] row subtracted after the
 repetition penalties.
+
+The Engine and the server draw a random token on the host instead (jllama/engine/dist.py:
+llama.cpp's chain from top-k, its MT19937 generators, so a seed gives llama.cpp's tokens) from
+``chain_input``; the device's draw here serves greedy rows, the speculative decoder's acceptance
+test and the inspectable ``candidates``.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ that is decoding. A request that finishes frees its slot at once; a new one join
 step. The asyncio side never touches the engine: it submits a ``GenRequest`` and reads
 ``Event``s that the thread hands over through the event loop (``call_soon_threadsafe``).
 
-Per-request sampling lives in per-slot rows of ``BatchSampling``/bias/keys; a request's PRNG
-key comes from its seed and is folded with its own step count inside the engine, so a seeded
-request gives the same tokens whoever shares the batch.
+Per-request sampling lives in per-slot rows of ``BatchSampling``/bias/keys: the device applies
+the logit bias, penalties, DRY and top-n-sigma to every row; a request whose draw is random then
+takes its token from its own ``dist.HostSampler`` (llama.cpp's chain and generators, made when
+the request takes its slot from its seed, as llama-server makes a request's samplers), so a
+seeded request gives llama-server's tokens whoever shares the batch.
 """
 
 from __future__ import annotations
