@@ -3,10 +3,11 @@ POST /completion with a fixed seed at temperature > 0, one slot each (llama.cpp'
 then bit-identical to ours). The text, and with n_probs + post_sampling_probs the reported
 candidates and probabilities, must be identical.
 
-    PYTHONPATH=. python experiments/seeded_vs_llama_server.py
+    PYTHONPATH=. python experiments/seeded_vs_llama_server.py [CASE-SUBSTRING]
 """
 import os
 import subprocess
+import sys
 import time
 
 import httpx
@@ -30,6 +31,9 @@ CASES = {
     "grammar (redraws)": dict(seed=23, temperature=1.2,
                               grammar='root ::= [A-Z] [a-z]+ (" " [a-z]+)* "."'),
     "post_sampling_probs": dict(seed=29, temperature=1.0, n_probs=5, post_sampling_probs=True),
+    "mirostat 1 + post_sampling_probs": dict(seed=31, temperature=1.0, mirostat=1,
+                                             n_probs=3, post_sampling_probs=True),
+    "mirostat 2, tau 4": dict(seed=37, temperature=0.9, mirostat=2, mirostat_tau=4.0),
 }
 PROMPTS = ["<|im_start|>user\nTell me a story about a dragon.<|im_end|>\n<|im_start|>assistant\n",
            "The capital of France is"]
@@ -40,6 +44,8 @@ def run(url: str) -> dict:
     with httpx.Client(base_url=url, timeout=600) as c:
         for p in PROMPTS:
             for k, v in CASES.items():
+                if len(sys.argv) > 1 and sys.argv[1] not in k:
+                    continue
                 r = c.post("/completion", json={"prompt": p, "n_predict": 48,
                                                 "cache_prompt": False, **v}).json()
                 probs = [(e["id"], [(t["id"], t["prob"]) for t in e["top_probs"]])

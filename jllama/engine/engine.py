@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jllama.engine.dry import penalty_row
 from jllama.engine.dist import HostSampler, resolve_seed
+from jllama.engine.dry import penalty_row
 from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
 from jllama.errors import ConfigError, ContextError
 from jllama.models import kvquant
