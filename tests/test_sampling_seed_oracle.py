@@ -146,9 +146,8 @@ def _final(low, ch, logits: np.ndarray) -> tuple[dict[int, float], bool, int]:
     ptr = buf.ctypes.data_as(ctypes.POINTER(low.llama_token_data))
     ta = low.llama_token_data_array(ptr, n, -1, False)
     low.llama_sampler_apply(ch, ctypes.byref(ta))
-    got = buf[: ta.size] if ta.data is not None else buf
-    offset = ctypes.addressof(ta.data.contents) - buf.ctypes.data  # XTC moves the start
-    got = buf[offset // buf.itemsize: offset // buf.itemsize + ta.size]
+    start = (ctypes.addressof(ta.data.contents) - buf.ctypes.data) // buf.itemsize  # XTC moves it
+    got = buf[start: start + ta.size]
     return ({int(i): float(p) for i, p in zip(got["id"], got["p"], strict=True)},
             bool(ta.sorted), int(got["id"][ta.selected]))
 
