@@ -372,7 +372,7 @@ class FakeEngine:
         logits[3 + sum(self.tokens[slot]) % (V - 3)] = 10.0
         return jnp.asarray(logits)
 
-    def step(self, tokens, active, sp, keys, steps, bias=None, dry=None):
+    def step(self, tokens, active, sp, keys, steps, bias=None, dry=None, host=None):
         self.batch_sizes.append(int(active.sum()))
         keys = np.asarray(keys)
         nxt = (tokens * 7 + steps + keys[:, 1].astype(np.int64)) % (V - 3) + 3

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row
-from jllama.engine.sampling import BatchSampling, SamplingParams, sample_state
+from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
 from jllama.errors import ConfigError, ContextError
 from jllama.models import kvquant
 from jllama.models.cache import KVCache
@@ -154,7 +155,7 @@ class Engine:
                                 jnp.concatenate([history[:, 1:], tokens[:, None]], axis=1),
                                 history)
             nxt, mu = _sample_rows(logits, sp, keys, steps, history, bias, dry, mu)
-            return nxt, logits, cache, history, mu
+            return nxt, logits, cache, history, mu, _chain_rows(logits, sp, history, bias, dry)
 
         def forward_logprobs(state, tokens, targets, pos0, cache, kv_len):
             # log-probabilities of the given next tokens, reduced in-graph: the [B, T, V]
@@ -178,8 +179,9 @@ class Engine:
             # sampled in one executable (as eager ops, the placement compiled 4 small programs
             # in every process, on the time-to-first-token path)
             rows = jnp.zeros((n_slots, logits.shape[-1]), jnp.float32).at[slot].set(logits)
-            return _sample_rows(rows, sp, keys, jnp.zeros(n_slots, jnp.int32), history, bias,
-                                dry)
+            toks, mu = _sample_rows(rows, sp, keys, jnp.zeros(n_slots, jnp.int32), history,
+                                    bias, dry)
+            return toks, mu, _chain_rows(rows, sp, history, bias, dry)
 
         # host: which outputs the host reads (a plan keeps those replicated); None: the only one
         jit = plan.jit if plan is not None else _jit
@@ -190,8 +192,9 @@ class Engine:
         self._forward_logprobs = jit(forward_logprobs, kv, ("cache",), host=(0, 1))
         self._forward_reduce = jit(forward_reduce, ("kv_len", "lo", "n", "fn"), ("cache",),
                                    host=(0,))
-        self._decode_sample = jit(decode_sample, kv, ("cache", "history"), host=(0, 1, 3, 4))
-        self._first_sample = jit(first_sample, (), (), host=(0, 1))
+        self._decode_sample = jit(decode_sample, kv, ("cache", "history"),
+                                  host=(0, 1, 3, 4, 5))
+        self._first_sample = jit(first_sample, (), (), host=(0, 1, 2))
         self._move = self._build_move() if self._kv_rope is not None else None
 
         def export(cache, slot, length):
@@ -507,16 +510,18 @@ class Engine:
 
     def step(self, tokens: np.ndarray, active: np.ndarray, sp: BatchSampling, keys: jax.Array,
              steps: np.ndarray, bias: jax.Array | None = None,
-             dry: jax.Array | None = None) -> tuple[np.ndarray, jax.Array]:
+             dry: jax.Array | None = None,
+             host: dict[int, HostSampler] | None = None) -> tuple[np.ndarray, jax.Array]:
         """One batched decode step over all slots: feed ``tokens[b]`` to each active slot and
         sample its next token (``dry``: per-slot DRY penalties, ``dry.penalty_row``; the
-        slots' mirostat state moves in ``self.mu``). Inactive slots compute but do not
+        slots' mirostat state moves in ``self.mu``; ``host``: slots whose draw is llama.cpp's,
+        made on the host by the request's sampler). Inactive slots compute but do not
         advance."""
         pos0 = self.pos.copy()
         need = int(pos0[active].max()) + 1 if active.any() else 1
         bias = self.zero_rows() if bias is None else bias
         dry = self.zero_rows() if dry is None else dry
-        nxt, logits, self.cache, self.history, mu = self._decode_sample(
+        nxt, logits, self.cache, self.history, mu, chain = self._decode_sample(
             self.state, np.asarray(tokens, np.int32), pos0, self.cache, sp, keys,
             np.asarray(steps, np.int32), self.history, bias, dry, self.mu, np.asarray(active),
             kv_len=self.kv_bucket(need))
@@ -524,7 +529,7 @@ class Engine:
         self.pos[active] += 1
         for b in np.nonzero(active)[0]:
             self.tokens[b].append(int(tokens[b]))
-        return np.asarray(nxt), logits
+        return host_draws(np.asarray(nxt), chain, host, active), logits
 
     # ------------------------------------------------------------------ slot state
     def export_slot(self, slot: int) -> tuple[list[int], list[tuple[int, int]], list[np.ndarray]]:
@@ -690,8 +695,10 @@ class Engine:
             logits, cached = self.prefill_cached(prompt, slot)
         tm.extra["cached_tokens"] = cached
         sp = BatchSampling.stack([params] * self.n_slots)
-        seed = params.seed if params.seed is not None else int.from_bytes(np.random.bytes(4), "little")
+        seed = resolve_seed(params.seed)
         keys = np.broadcast_to(np.asarray(jax.random.PRNGKey(seed)), (self.n_slots, 2))
+        # llama.cpp's draw, from a generator that lives as long as this generation
+        host = {slot: HostSampler(params, seed)} if HostSampler.wanted(params) else None
         bias = _bias_array(params.logit_bias, self.spec.n_vocab, self.n_slots)
         use_dry = params.uses_dry()
         dry_np = np.zeros((self.n_slots, self.spec.n_vocab), np.float32) if use_dry else None
@@ -703,9 +710,9 @@ class Engine:
                         out=dry_np[slot], then=last)
             return jax.device_put(dry_np)
 
-        toks, mu = self._first_sample(logits, np.int32(slot), sp, keys, self.history, bias,
-                                      dry_rows([]))
-        tok = int(np.asarray(toks)[slot])
+        toks, mu, chain = self._first_sample(logits, np.int32(slot), sp, keys, self.history,
+                                             bias, dry_rows([]))
+        tok = int(host_draws(np.asarray(toks), chain, host)[slot])
         self.mu[slot] = np.asarray(mu)[slot]
         t1 = time.perf_counter()
         tm.prompt_s = t1 - t0
@@ -732,7 +739,7 @@ class Engine:
             toks = np.zeros(self.n_slots, np.int32)
             toks[slot] = tok
             steps = np.full(self.n_slots, n, np.int32)
-            nxt, _ = self.step(toks, active, sp, keys, steps, bias, dry_rows([tok]))
+            nxt, _ = self.step(toks, active, sp, keys, steps, bias, dry_rows([tok]), host)
             tok = int(nxt[slot])
         tm.gen_s = time.perf_counter() - t1
 
@@ -749,6 +756,26 @@ def _bias_array(logit_bias: dict[int, float], n_vocab: int, n_slots: int) -> jax
         if 0 <= int(k) < n_vocab:
             b[:, int(k)] = v
     return jax.device_put(b)  # not jnp.asarray: that compiles a copy program per process
+
+
+def _chain_rows(logits, sp, history, bias, dry=None):
+    """The rows the host's llama.cpp chain starts from (``sampling.chain_input``)."""
+    return chain_input(logits[..., : bias.shape[-1]], sp, history, bias,
+                       None if dry is None else dry[..., : bias.shape[-1]])
+
+
+def host_draws(nxt: np.ndarray, chain: jax.Array, host: dict[int, HostSampler] | None,
+               active: np.ndarray | None = None) -> np.ndarray:
+    """``nxt`` with the rows in ``host`` drawn by their request's llama.cpp sampler from
+    ``chain`` (the device's [B, V] chain input); the device's draw stays for the others."""
+    if not host:
+        return nxt
+    nxt = np.array(nxt)
+    rows = np.asarray(chain)
+    for b, smpl in host.items():
+        if active is None or active[b]:
+            nxt[b] = smpl.sample(rows[b])
+    return nxt
 
 
 def _sample_rows(logits, sp, keys, steps, history, bias, dry=None, mu=None):

@@ -14,6 +14,11 @@ temperature → mirostat (v1 or v2), whose truncation follows its state ``mu``, 
 (``sample_state`` takes and returns it). DRY's penalty comes from the request's tokens and is
 computed on the host (jllama/engine/dry.py); it enters as a [B, V] row subtracted after the
 repetition penalties.
+
+The Engine and the server draw a random token on the host instead (jllama/engine/dist.py:
+llama.cpp's chain from top-k, its MT19937 generators, so a seed gives llama.cpp's tokens) from
+``chain_input``; the device's draw here serves greedy rows, the speculative decoder's acceptance
+test and the inspectable ``candidates``.
 """
 
 from __future__ import annotations
@@ -349,6 +354,29 @@ def _mirostat_draw(x: jax.Array, sp: BatchSampling, key: jax.Array, mu: jax.Arra
     return tok, mirostat_update(p_tok, sp, mu)
 
 
+def _penalised(logits, sp, history, bias, dry):
+    """The logits with the logit bias, then also with the repetition penalties and DRY."""
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    biased = logits
+    if history is not None:
+        logits = apply_penalties(logits, history, sp)
+    if dry is not None:
+        logits = logits - dry
+    return biased, logits
+
+
+def chain_input(logits: jax.Array, sp: BatchSampling, history: jax.Array | None = None,
+                bias: jax.Array | None = None, dry: jax.Array | None = None) -> jax.Array:
+    """[B, V] logits after the stages before top-k (logit bias, penalties, DRY, top-n-sigma):
+    what the host's copy of the rest of llama.cpp's chain starts from (jllama/engine/dist.py).
+    Mirostat rows get the logit-biased logits alone (its chain has no other stage before)."""
+    biased, x = _penalised(logits, sp, history, bias, dry)
+    x = jax.lax.cond(jnp.any(sp.top_n_sigma > 0.0), _top_n_sigma, lambda y, _: y, x, sp)
+    return jnp.where((sp.mirostat > 0)[:, None], biased, x)
+
+
 def sample(logits: jax.Array, sp: BatchSampling, key: jax.Array,
            history: jax.Array | None = None, bias: jax.Array | None = None,
            dry: jax.Array | None = None) -> jax.Array:
@@ -369,16 +397,9 @@ def sample_state(logits: jax.Array, sp: BatchSampling, key: jax.Array,
     only done when some row really needs it (top_k disabled or above ``TOPK_CAP``, or
     mirostat); an all-greedy batch sorts nothing. The branches are exact, not approximations.
     """
-    logits = logits.astype(jnp.float32)
-    if bias is not None:
-        logits = logits + bias
     if mu is None:
         mu = 2.0 * sp.mirostat_tau
-    biased = logits
-    if history is not None:
-        logits = apply_penalties(logits, history, sp)
-    if dry is not None:
-        logits = logits - dry
+    biased, logits = _penalised(logits, sp, history, bias, dry)
     greedy_tok = first_argmax(logits)
     miro = sp.mirostat > 0
     # plain greedy: no stage that could drop the top token before the temperature's argmax

@@ -178,14 +178,19 @@ class JsonConstraint:
         return self._done(self.state)
 
     def pick(self, drawn: int, logits: Callable[[], np.ndarray] | np.ndarray, temperature: float,
-             top_p: float, rng: np.random.Generator, top_k: int = 0, min_p: float = 0.0) -> int:
+             top_p: float, rng: np.random.Generator, top_k: int = 0, min_p: float = 0.0,
+             sampler=None) -> int:
         """``drawn`` if it keeps the output valid, else a draw among the valid candidates.
         ``logits`` may be a callable: fetching them from the device is skipped when the draw
         is valid. The redraw runs llama.cpp's chain on the masked candidates, in its order
-        (common_sampler_sample resamples that way): top-k, top-p and min-p on the untempered
+        (common_sampler_sample resamples that way). With the request's ``sampler``
+        (dist.HostSampler, which drew ``drawn``) it is that whole chain and its generators on
+        the same chain input; without it top-k, top-p and min-p on the untempered
         distribution, then temperature."""
         if self.accepts(drawn) is not None:
             return drawn
+        if sampler is not None and sampler.row is not None:
+            return sampler.sample(sampler.row, self._allowed(sampler.row, top_k))
         if callable(logits):
             logits = logits()
         logits = np.asarray(logits, np.float32)[: len(self.tokens)]
@@ -211,6 +216,25 @@ class JsonConstraint:
         p = np.exp(z - z.max())
         p /= p.sum()
         return valid[int(rng.choice(len(valid), p=p))]
+
+
+    def _allowed(self, row: np.ndarray, top_k: int) -> np.ndarray:
+        """A mask of valid tokens holding at least the ``top_k`` best valid ones by logit (all
+        of them when top-k is off): top-k on the masked row then keeps what llama.cpp's
+        grammar-then-chain keeps, without testing every token of the vocabulary."""
+        n = min(len(self.tokens), row.shape[0])
+        mask = np.zeros(row.shape[0], bool)
+        want = top_k if top_k > 0 else n
+        found = 0
+        for t in np.argsort(-np.asarray(row[:n], np.float32), kind="stable"):
+            if self.accepts(int(t)) is not None:
+                mask[t] = True
+                found += 1
+                if found >= want:
+                    break
+        if not found:
+            raise ValueError("no token can continue the JSON output")
+        return mask
 
 
 def _stack_done(stack: tuple) -> bool:

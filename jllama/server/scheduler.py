@@ -7,9 +7,11 @@ that is decoding. A request that finishes frees its slot at once; a new one join
 step. The asyncio side never touches the engine: it submits a ``GenRequest`` and reads
 ``Event``s that the thread hands over through the event loop (``call_soon_threadsafe``).
 
-Per-request sampling lives in per-slot rows of ``BatchSampling``/bias/keys; a request's PRNG
-key comes from its seed and is folded with its own step count inside the engine, so a seeded
-request gives the same tokens whoever shares the batch.
+Per-request sampling lives in per-slot rows of ``BatchSampling``/bias/keys: the device applies
+the logit bias, penalties, DRY and top-n-sigma to every row; a request whose draw is random then
+takes its token from its own ``dist.HostSampler`` (llama.cpp's chain and generators, made when
+the request takes its slot from its seed, as llama-server makes a request's samplers), so a
+seeded request gives llama-server's tokens whoever shares the batch.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row, process_breakers
-from jllama.engine.engine import PREFILL_CHUNK
+from jllama.engine.engine import PREFILL_CHUNK, host_draws
 from jllama.engine.multimodal import prefill_image
-from jllama.engine.sampling import BatchSampling, SamplingParams, sample_state
+from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
 from jllama.server.metrics import Metrics
 from jllama.server.prompt_cache import PromptCache
 
@@ -151,11 +154,12 @@ class _Active:
         self.pending = ""  # decoded text held back (possible stop-string start)
         self.hold = max((len(s) for s in req.stop), default=0)
         self.probs: list[dict] = []  # token probabilities not yet sent with text
-        seed = req.params.seed
-        if seed is None:
-            seed = int.from_bytes(np.random.bytes(4), "little")
-        self.seed = int(seed) % (2**32)
+        self.seed = resolve_seed(req.params.seed)
         self.rng = np.random.default_rng(self.seed)  # host-side constrained draws
+        # llama.cpp's chain and dist draw with the request's generators (llama-server builds a
+        # request's samplers when it starts, so they run from its seed afresh)
+        self.sampler = (HostSampler(req.params, self.seed) if HostSampler.wanted(req.params)
+                        else None)
         self.t_prompt: float | None = None  # when its prompt's first chunk began (progress)
 
 
@@ -661,9 +665,10 @@ class Scheduler:
                 hist = self.engine.history[b : b + 1]
                 dry = self._dry_rows(None, [b])
                 dry = None if dry is None else jax.device_put(dry[b : b + 1])
-                toks, mu = self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32), hist,
-                                       bias, dry)
-                tok = int(toks[0])
+                toks, mu, chain = self._first(logits[None, :], sp1, key, jnp.zeros(1, jnp.int32),
+                                              hist, bias, dry)
+                tok = int(host_draws(np.asarray(toks), chain,
+                                     {0: a.sampler} if a.sampler is not None else None)[0])
                 self.engine.mu[b] = float(mu[0])  # a request's mirostat starts here
             except Exception as e:  # this request's first draw broke: it alone ends
                 self._fail_request(b, a, e)
@@ -695,8 +700,11 @@ class Scheduler:
                          np.int32)
         t0 = time.perf_counter()
         dry = self._dry_rows(toks, np.nonzero(active)[0])
+        host = {int(b): self.slots[b].sampler for b in np.nonzero(active)[0]
+                if self.slots[b].sampler is not None}
         nxt, logits = self.engine.step(toks, active, self._sp, jnp.asarray(self._keys), steps,
-                                       self._bias, None if dry is None else jax.device_put(dry))
+                                       self._bias, None if dry is None else jax.device_put(dry),
+                                       host)
         self.steps_run += 1
         host: list = []  # the step's logits on the host, fetched once if a request needs them
 
@@ -745,9 +753,10 @@ class Scheduler:
                 tok = forced
             elif a.req.constraint is not None:
                 tok = a.req.constraint.pick(tok, lambda: row() + self._bias_np[b],
-                                            p.temperature, p.top_p, a.rng, p.top_k, p.min_p)
+                                            p.temperature, p.top_p, a.rng, p.top_k, p.min_p,
+                                            a.sampler)
             if a.req.n_probs > 0:
-                self._probs(a, row(), tok)
+                self._probs(a, row(), tok, forced is not None)
             self._accept(b, tok)
         except Exception as e:
             self._fail_request(b, a, e)
@@ -791,14 +800,18 @@ class Scheduler:
         elif full or (req.max_tokens is not None and req.completion_tokens >= req.max_tokens):
             self._finish(b, "length")
 
-    def _probs(self, a: _Active, row: np.ndarray, tok: int) -> None:
+    def _probs(self, a: _Active, row: np.ndarray, tok: int, forced: bool = False) -> None:
         """llama-server's probabilities for a generated token; an end-of-generation token is
         reported too (with empty text), as llama-server adds every sampled token."""
         row = row[: self.n_vocab]
         if a.req.post_sampling:
             b = self.slots.index(a)
+            # the request's own chain drew this token (not a forced one, not the speculative
+            # generator's)
+            final = (a.sampler.final_probs() if a.sampler is not None and not forced
+                     and a.gen is None and a.sampler.last is not None else None)
             a.probs.append(post_sampling_probs(row + self._bias_np[b], a.req.params, tok,
-                                               a.req.n_probs, self.token_piece))
+                                               a.req.n_probs, self.token_piece, final))
         else:
             a.probs.append(token_probs(row, tok, a.req.n_probs, self.token_piece))
 
@@ -971,10 +984,13 @@ def _shift_allowed(llm, swa_full: bool) -> bool:
 
 def _first_token(logits, sp, keys, steps, history, bias, dry=None):
     """The engine's per-row sampling for the token after a prompt (step 0 of the request):
-    the tokens and the rows' mirostat mu after them."""
+    the tokens, the rows' mirostat mu after them, and the rows the host's llama.cpp chain
+    starts from."""
     raw = jax.vmap(lambda k, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
-    return sample_state(logits[..., : bias.shape[-1]], sp, raw, history, bias, dry)
+    x = logits[..., : bias.shape[-1]]
+    toks, mu = sample_state(x, sp, raw, history, bias, dry)
+    return toks, mu, chain_input(x, sp, history, bias, dry)
 
 
 def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:
@@ -997,10 +1013,31 @@ def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:
     return out
 
 
-def post_sampling_probs(row: np.ndarray, p, tok: int, n: int, piece) -> dict:
+def post_sampling_probs(row: np.ndarray, p, tok: int, n: int, piece,
+                        final: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """llama-server's post_sampling_probs entry: the candidates left after the sampling chain
-    (logit bias, top-k, top-p, min-p, temperature; the penalties are not replayed here) with
-    the probabilities the final draw used; zero-probability tokens are not listed."""
+    with the probabilities the final draw used; zero-probability tokens are not listed.
+    ``final``: those candidates and probabilities as the request's llama.cpp chain left them
+    (``HostSampler.final_probs``: the whole chain, its order); without it (greedy and mirostat
+    requests) they are rebuilt here from logit bias, top-k, top-p, min-p and temperature (the
+    penalties are not replayed)."""
+    if final is not None:
+        order, probs = final
+    else:
+        order, probs = _plain_chain_probs(row, p)
+
+    def entry(t: int, pr: float) -> dict:
+        raw = piece(t)
+        return {"id": t, "token": _valid_utf8_prefix(raw), "bytes": list(raw), "prob": pr}
+
+    hit = np.nonzero(order == tok)[0]
+    out = entry(tok, float(probs[hit[0]]) if hit.size else 0.0)
+    out["top_probs"] = [entry(int(t), float(pr)) for t, pr in zip(order[:n], probs[:n],
+                                                                  strict=True) if pr > 0]
+    return out
+
+
+def _plain_chain_probs(row: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
     row = np.asarray(row, np.float32)
     order = np.argsort(-row, kind="stable")
     if p.top_k > 0:
@@ -1012,20 +1049,9 @@ def post_sampling_probs(row: np.ndarray, p, tok: int, n: int, piece) -> dict:
     keep[0] = True
     order, z = order[keep], z[keep]
     if p.temperature <= 0:
-        order, probs = order[:1], np.ones(1)
-    else:
-        probs = np.exp((z - z[0]) / p.temperature)
-        probs /= probs.sum()
-
-    def entry(t: int, pr: float) -> dict:
-        raw = piece(t)
-        return {"id": t, "token": _valid_utf8_prefix(raw), "bytes": list(raw), "prob": pr}
-
-    hit = np.nonzero(order == tok)[0]
-    out = entry(tok, float(probs[hit[0]]) if hit.size else 0.0)
-    out["top_probs"] = [entry(int(t), float(pr)) for t, pr in zip(order[:n], probs[:n],
-                                                                  strict=True) if pr > 0]
-    return out
+        return order[:1], np.ones(1)
+    probs = np.exp((z - z[0]) / p.temperature)
+    return order, probs / probs.sum()
 
 
 def _log(x: float) -> float:
