@@ -90,6 +90,7 @@ class ServerSettings:
     reasoning_budget: int = -1
     reasoning_budget_message: str = ""  # llama-server's --reasoning-budget-message
     template_kwargs: dict = field(default_factory=dict)
+    jinja: bool = True  # llama-server's --jinja (default) / --no-jinja: built-in templates
     # llama-server's --sleep-idle-seconds (-1: never sleep), --cache-ram in MiB (-1: no limit,
     # 0: no host prompt cache; jllama serve's default is llama-server's 8192),
     # --cache-idle-slots and --kv-unified (jllama/server/prompt_cache.py, scheduler.py)
@@ -291,11 +292,23 @@ def tokenize_prompt(state: ServerState, text: str) -> list[int]:
 
 
 def render_prompt(llm, messages: list[dict], tools: list[dict] | None,
-                  context: dict | None = None, generation_prompt: bool = True) -> str:
+                  context: dict | None = None, generation_prompt: bool = True,
+                  jinja: bool = True) -> str:
     """The GGUF's chat template (ChatML without one, as llama-server) applied to the
-    conversation; ``context``: more template variables (enable_thinking, kwargs, dates)."""
+    conversation; ``context``: more template variables (enable_thinking, kwargs, dates).
+    ``jinja=False``: the built-in template llama.cpp picks for it (--no-jinja)."""
     return llm.tokenizer.apply_chat_template(messages, generation_prompt, tools,
-                                             fallback_chatml=True, **(context or {}))
+                                             fallback_chatml=True, jinja=jinja,
+                                             **(context or {}))
+
+
+def legacy_chat_checks(body: dict, tools) -> None:
+    """llama-server's refusals without Jinja (oaicompat_chat_params_parse, a 500)."""
+    if tools:
+        raise emb.server_error((500, "server_error"), "tools param requires --jinja flag")
+    choice = body.get("tool_choice")
+    if isinstance(choice, str) and choice != "auto":
+        raise emb.server_error((500, "server_error"), "tool_choice param requires --jinja flag")
 
 
 def image_prompt(state: ServerState, text: str, images: list[tuple[str, str]]) -> list:
@@ -917,6 +930,7 @@ class Handlers:
             self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
             out = oa.completion_response(job.rid, job.model, job.created, prefix + text,
                                          done.finish, usage_of(done), oa.logprobs_of(job.probs))
+            out["timings"] = job_timings(job, done)  # llama-server: a final result's stats
             return JSONResponse(self._verbose(body, out, job, opts, ids, text, done))
 
         async def events() -> AsyncIterator[str]:
@@ -929,14 +943,10 @@ class Handlers:
                         yield sse(oa.completion_response(job.rid, job.model, job.created,
                                                          ev.text, None, None,
                                                          oa.logprobs_of(ev.probs)))
-                    elif ev.kind == "done":
-                        yield sse(oa.completion_response(job.rid, job.model, job.created, "",
-                                                         ev.finish, None))
-                        if job.include_usage:
-                            d = oa.completion_response(job.rid, job.model, job.created, "",
-                                                       None, usage_of(ev))
-                            d["choices"] = []
-                            yield sse(d)
+                    elif ev.kind == "done":  # llama-server: usage and timings on it, always
+                        yield sse({**oa.completion_response(job.rid, job.model, job.created, "",
+                                                            ev.finish, usage_of(ev)),
+                                   "timings": job_timings(job, ev)})
                     else:
                         yield sse(ApiError(ev.status, ev.message).body())
                 yield "data: [DONE]\n\n"
@@ -957,16 +967,23 @@ class Handlers:
         template = st.llm.tokenizer.chat_template or CHATML_TEMPLATE
         add_gen = body.get("add_generation_prompt", True) is not False
         cont = oa.continuation(body, messages)
+        if not ss.jinja:  # llama.cpp's legacy path: a bare conversation, no tools, no thoughts
+            legacy_chat_checks(body, tools)
+            messages = oa.legacy_messages(body, ss.media_marker)
+            tools, choice, template = None, None, ""
+            if cont is not None:  # rendered whole, without a generation prompt
+                cont, add_gen = None, False
         if cont is not None:  # common_chat_templates_apply: the rest, its generation prompt,
             messages, add_gen = messages[:-1], True  # then the final message's text
         plan = tl.plan_chat(body, messages, tools, choice, template, ss.reasoning_format,
                             ss.reasoning, ss.reasoning_budget, ss.template_kwargs,
                             ss.reasoning_budget_message)
+        msgs, context = (plan.messages, plan.context) if ss.jinja else (messages, {})
         try:
-            text = await run_in_threadpool(render_prompt, st.llm, plan.messages,
-                                           plan.template_tools, plan.context, add_gen)
-            bare = await run_in_threadpool(render_prompt, st.llm, plan.messages,
-                                           plan.template_tools, plan.context, False)
+            text = await run_in_threadpool(render_prompt, st.llm, msgs, plan.template_tools,
+                                           context, add_gen, ss.jinja)
+            bare = await run_in_threadpool(render_prompt, st.llm, msgs, plan.template_tools,
+                                           context, False, ss.jinja)
         except Exception as e:  # jinja raise_exception(...) or a template bug
             raise ApiError(400, f"the chat template rejected the messages: {e}",
                            param="messages", code="invalid_messages") from None
@@ -1036,7 +1053,8 @@ class Handlers:
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         if opts.n > 1:
             return await self._many(request, ids, opts, lambda: make_constraint(st, opts, tool),
-                                    chat=True, forced=forced, tools=tools, reply=reply)
+                                    chat=True, forced=forced, tools=tools, reply=reply,
+                                    progress=opts.stream and body.get("return_progress") is True)
         job = submit(st, ids, opts, make_constraint(st, opts, tool),
                      progress=opts.stream and body.get("return_progress") is True,
                      budget=reply.budget)
@@ -1415,10 +1433,14 @@ class Handlers:
 
     async def _many(self, request: Request, ids: list[int], opts: oa.GenOptions, make,
                     chat: bool = False, forced: str | None = None, tools: list | None = None,
-                    prefix: str = "", reply: tl.ChatReply | None = None) -> Response:
+                    prefix: str = "", reply: tl.ChatReply | None = None,
+                    progress: bool = False) -> Response:
         """``n`` > 1: n requests on the same prompt (llama-server's n_cmpl child tasks, which
-        copy the parent's parameters), answered as one response whose choices are indexed
-        0..n-1; streamed chunks of the choices interleave as they are generated."""
+        copy the parent's parameters, and its reasoning budget as a state of their own),
+        answered as one response whose choices are indexed 0..n-1; streamed chunks of the
+        choices interleave as they are generated. As llama-server's: a whole response carries
+        the first choice's usage and timings; a stream ends each choice with its own (the
+        children copy the parent's prompt state, so its prompt figures are the first's)."""
         st = self.state
         sch = st.scheduler
         if opts.n > sch.n_slots:
@@ -1427,7 +1449,8 @@ class Handlers:
         jobs: list[Job] = []
         try:
             for c in constraints:
-                jobs.append(submit(st, ids, opts, c))
+                jobs.append(submit(st, ids, opts, c, progress=progress,
+                                   budget=reply.budget if reply is not None else None))
         except BaseException:
             for j in jobs:
                 j.req.cancel()
@@ -1456,8 +1479,7 @@ class Handlers:
                 for j in jobs:
                     j.req.cancel()
             st.metrics.observe_latency(time.monotonic() - t0, jobs[0].t_first - t0)
-            use = oa.usage(len(ids), sum(d.completion_tokens for _, d, _ in results),
-                           results[0][1].cached_tokens)
+            use = usage_of(results[0][1])
             choices = []
             for i, (text, done, probs) in enumerate(results):
                 if chat:
@@ -1470,6 +1492,7 @@ class Handlers:
                 d["choices"][0]["index"] = i
                 choices.append(d["choices"][0])
             d["choices"] = choices
+            d["timings"] = job_timings(jobs[0], results[0][1])
             return JSONResponse(d)
 
         merged: asyncio.Queue = asyncio.Queue()
@@ -1487,6 +1510,16 @@ class Handlers:
 
         tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
 
+        def stats(i: int, ev: Event) -> tuple[dict, dict]:
+            """Choice i's usage and timings: its generation after the first's prompt."""
+            p = jobs[0]
+            t_first = jobs[i].t_first or time.monotonic()
+            use = oa.usage(ev.prompt_tokens, ev.completion_tokens, p.req.cached_tokens)
+            return use, nat.timings(p.req.cached_tokens,
+                                    max(len(p.req.prompt_ids) - p.req.cached_tokens, 0),
+                                    (p.t_first or t_first) - p.t0, ev.completion_tokens,
+                                    time.monotonic() - t_first)
+
         def piece(i: int, text: str | None, finish: str | None, probs=None, delta=None) -> str:
             lp = oa.logprobs_of(probs)
             if chat:
@@ -1498,23 +1531,38 @@ class Handlers:
 
         async def events() -> AsyncIterator[str]:
             texts = [""] * len(jobs)
-            n_out = 0
+            # llama-server's role chunk opens a choice; with return_progress its progress chunks
+            # come first (the role repeated in each) and the role chunk with the first token
+            opened = [not progress] * len(jobs)
             try:
                 for i in range(len(jobs)):
-                    if chat:
+                    if chat and not progress:
                         yield piece(i, None, None, delta={"role": "assistant", "content": None})
                     elif prefix:
                         yield piece(i, prefix, None)
                 left = len(jobs)
                 while left:
                     i, ev = await merged.get()
-                    if ev.kind == "text":
+                    if ev.kind == "progress":
+                        jobs[i].t_first = time.monotonic()  # prompt timings end at the last one
+                        if chat:
+                            yield sse({**oa.chat_chunk(rid, model, created,
+                                                       {"role": "assistant", "content": None},
+                                                       index=i),
+                                       "prompt_progress": {"total": ev.prompt_tokens,
+                                                           "cache": ev.cached_tokens,
+                                                           "processed": ev.processed,
+                                                           "time_ms": ev.seconds * 1e3}})
+                    elif ev.kind == "text":
+                        if chat and not opened[i]:
+                            opened[i] = True
+                            yield piece(i, None, None, delta={"role": "assistant",
+                                                              "content": None})
                         texts[i] += ev.text
                         if not (chat and (forced is not None or tools or reasoning_split)):
                             yield piece(i, ev.text, None, ev.probs)
                     elif ev.kind == "done":
                         left -= 1
-                        n_out += ev.completion_tokens
                         finish = ev.finish
                         if chat and (forced is not None or tools or reasoning_split):
                             content, calls, finish, reasoning = finish_of(texts[i], finish)
@@ -1525,19 +1573,20 @@ class Handlers:
                                 delta["tool_calls"] = [{"index": k, **c}
                                                        for k, c in enumerate(calls)]
                             yield piece(i, None, None, delta=delta)
-                        yield piece(i, None, finish)
+                        use, tms = stats(i, ev)
+                        if not chat:  # llama-server: usage on each final chunk
+                            yield sse({**oa.completion_response(rid, model, created, "", finish,
+                                                                use, index=i), "timings": tms})
+                        elif opts.include_usage:
+                            yield piece(i, None, finish)
+                            yield sse({**oa.chat_chunk(rid, model, created, {}, usage_=use,
+                                                       choices=False), "timings": tms})
+                        else:
+                            yield sse({**oa.chat_chunk(rid, model, created, {}, finish,
+                                                       index=i), "timings": tms})
                     else:
                         left -= 1
                         yield sse(ApiError(ev.status, ev.message).body())
-                if opts.include_usage:
-                    use = oa.usage(len(ids), n_out, 0)
-                    if chat:
-                        yield sse(oa.chat_chunk(rid, model, created, {}, usage_=use,
-                                                choices=False))
-                    else:
-                        d = oa.completion_response(rid, model, created, "", None, use)
-                        d["choices"] = []
-                        yield sse(d)
                 yield "data: [DONE]\n\n"
             finally:
                 for j in jobs:

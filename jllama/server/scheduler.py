@@ -473,8 +473,11 @@ class Scheduler:
         if a.req.completion_tokens == 0:  # the first token: the prompt was evaluated
             self.metrics.add_prompt(tm.prompt_tokens - tm.extra.get("cached_tokens", 0),
                                     tm.prompt_s)
-        if tok is None:
-            self._finish(0, "length" if tm.extra.get("context_full") else "stop")
+        if tok is None and tm.extra.get("context_full"):
+            self._finish(0, "length")
+        elif tok is None:  # the generator keeps end-of-generation tokens to itself
+            self._count(a.req)
+            self._finish(0, "stop")
         else:
             self._accept(0, tok)
             self.metrics.observe_step(1, time.perf_counter() - t0)
@@ -755,11 +758,10 @@ class Scheduler:
     def _accept(self, b: int, tok: int) -> None:
         a = self.slots[b]
         req = a.req
+        self._count(req)
         if tok in self.eog:
             self._finish(b, "stop")
             return
-        req.completion_tokens += 1
-        self.metrics.generated_tokens += 1
         a.last = tok
         if req.reasoning_budget is not None:
             req.reasoning_budget.accept(tok)
@@ -786,10 +788,20 @@ class Scheduler:
                 and self.engine.pos[b] + 1 >= self.engine.ctx_size)
         if full:
             req.truncated = True
-        if req.constraint is not None and req.constraint.done:
+        if full or (req.max_tokens is not None and req.completion_tokens >= req.max_tokens):
+            self._finish(b, "length")  # llama-server checks its limits before the grammar
+        elif req.constraint is not None and req.constraint.done:
+            # llama.cpp's grammar now allows only an end-of-generation token: the one it
+            # samples there counts as generated
+            self._count(req)
             self._finish(b, "stop")
-        elif full or (req.max_tokens is not None and req.completion_tokens >= req.max_tokens):
-            self._finish(b, "length")
+
+    def _count(self, req: GenRequest) -> None:
+        """One more generated token. llama-server counts every token it samples (n_decoded:
+        tokens_predicted, timings.predicted_n, usage.completion_tokens, /metrics), the
+        end-of-generation token that stops a request included."""
+        req.completion_tokens += 1
+        self.metrics.generated_tokens += 1
 
     def _probs(self, a: _Active, row: np.ndarray, tok: int) -> None:
         """llama-server's probabilities for a generated token; an end-of-generation token is
