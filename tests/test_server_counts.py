@@ -91,6 +91,18 @@ def test_end_of_generation_token_is_counted(srv):
     assert r["stop_type"] == "limit" and r["tokens_predicted"] == 3
 
 
+def test_stream_chunks_carry_their_token_ids(srv, ref):
+    # llama-server's partial results: the sampled token's id in "tokens" (send_partial_response)
+    ids, want = greedy(ref, "hello")
+    ch = _chunks(srv.http.post("/completion", json={"prompt": "hello", "n_predict": N,
+                                                    "temperature": 0, "stream": True}))
+    parts = [c for c in ch if not c["stop"]]
+    assert all(c["tokens"] and all(isinstance(t, int) for t in c["tokens"]) for c in parts)
+    toks = [t for c in parts for t in c["tokens"]]
+    assert len(toks) == N == ch[-1]["tokens_predicted"]
+    assert ref.detokenize(toks).decode(errors="replace") == want["choices"][0]["text"]
+
+
 def test_n_choices_usage_and_timings(srv, ref):
     msgs = [{"role": "user", "content": "test"}]
     ids, want = greedy(ref, chatml(("user", "test")))

@@ -1416,7 +1416,7 @@ class Handlers:
                 async for ev in self._stream_events(request, job, first):
                     if ev.kind == "text":
                         yield sse(nat.partial(ev.text, len(ids), ev.completion_tokens,
-                                              ev.probs))
+                                              ev.probs, ev.tokens))
                     elif ev.kind == "progress":
                         yield sse(nat.progress(ev.prompt_tokens, ev.cached_tokens,
                                                ev.processed, ev.seconds))

@@ -72,6 +72,7 @@ class Event:
     message: str = ""
     # llama-server's per-token probabilities of the text in this event (requests with n_probs)
     probs: list[dict] | None = None
+    tokens: list[int] | None = None  # "text": the ids of the tokens behind it
     processed: int = 0  # "progress": prompt tokens evaluated so far (cached ones included)
     id_slot: int = -1  # "done": the slot that served the request
     truncated: bool = False  # "done": llama-server's truncated (the context filled up)
@@ -151,6 +152,7 @@ class _Active:
         self.pending = ""  # decoded text held back (possible stop-string start)
         self.hold = max((len(s) for s in req.stop), default=0)
         self.probs: list[dict] = []  # token probabilities not yet sent with text
+        self.toks: list[int] = []  # token ids not yet sent with text
         seed = req.params.seed
         if seed is None:
             seed = int.from_bytes(np.random.bytes(4), "little")
@@ -759,6 +761,7 @@ class Scheduler:
         a = self.slots[b]
         req = a.req
         self._count(req)
+        a.toks.append(tok)
         if tok in self.eog:
             self._finish(b, "stop")
             return
@@ -823,7 +826,8 @@ class Scheduler:
         probabilities for the next event, unless this is the last one."""
         if text or (force and a.probs):
             probs, a.probs = a.probs or None, []
-            a.req.sink(Event("text", text=text, probs=probs,
+            toks, a.toks = a.toks, []
+            a.req.sink(Event("text", text=text, probs=probs, tokens=toks,
                              completion_tokens=a.req.completion_tokens))
 
     def _finish(self, b: int, reason: str, flush: bool = True) -> None:
