@@ -128,6 +128,8 @@ def test_n_choices_usage_and_timings(srv, ref):
         assert mine[first]["choices"][0]["delta"] == {"role": "assistant", "content": None}
         progress = [c["prompt_progress"] for c in mine if "prompt_progress" in c]
         assert progress and progress[-1]["processed"] == progress[-1]["total"] == len(ids)
+        if i > 0:  # a child: one chunk, after its copy of the first's prompt
+            assert len(progress) == 1
     usage = [c for c in ch if not c["choices"]]
     assert len(usage) == 2  # one per choice, each right after its finish chunk
     for u in usage:

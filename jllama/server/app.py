@@ -1545,12 +1545,14 @@ class Handlers:
                     i, ev = await merged.get()
                     if ev.kind == "progress":
                         jobs[i].t_first = time.monotonic()  # prompt timings end at the last one
-                        if chat:
+                        # a child slot reports once, its prompt copied whole from the first's
+                        if chat and (i == 0 or ev.processed >= ev.prompt_tokens):
                             yield sse({**oa.chat_chunk(rid, model, created,
                                                        {"role": "assistant", "content": None},
                                                        index=i),
                                        "prompt_progress": {"total": ev.prompt_tokens,
-                                                           "cache": ev.cached_tokens,
+                                                           "cache": ev.cached_tokens if i == 0
+                                                           else jobs[0].req.cached_tokens,
                                                            "processed": ev.processed,
                                                            "time_ms": ev.seconds * 1e3}})
                     elif ev.kind == "text":
