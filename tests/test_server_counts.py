@@ -209,3 +209,13 @@ def test_no_jinja_refuses_unknown_template_at_start():
     _check_legacy_template("{{ '<start_of_turn>' }}")
     with pytest.raises(ConfigError, match="--no-jinja"):
         _check_legacy_template("{{ messages }}")
+
+
+def test_n_choices_are_child_tasks(srv):
+    # server_task::add_child: child k samples with seed + k and takes any free slot
+    body = {"prompt": "hello", "max_tokens": N, "temperature": 1.0, "top_k": 0, "seed": 42}
+    single = [srv.http.post("/v1/completions", json={**body, "seed": 42 + k}).json()
+              for k in range(2)]
+    two = srv.http.post("/v1/completions", json={**body, "n": 2, "id_slot": 1}).json()
+    assert [c["text"] for c in two["choices"]] == [r["choices"][0]["text"] for r in single]
+    assert single[0]["choices"][0]["text"] != single[1]["choices"][0]["text"]

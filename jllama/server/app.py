@@ -302,6 +302,17 @@ def render_prompt(llm, messages: list[dict], tools: list[dict] | None,
                                              **(context or {}))
 
 
+def child_options(opts: oa.GenOptions, k: int) -> oa.GenOptions:
+    """Choice k of an n > 1 request, as llama-server's child task k (server_task::add_child):
+    no slot of its own choosing, and a fixed seed moved on by k."""
+    if k == 0:
+        return opts
+    p = opts.params
+    if p.seed is not None and p.seed % 2**32 != 0xFFFFFFFF:  # LLAMA_DEFAULT_SEED: random
+        p = dataclasses.replace(p, seed=(p.seed + k) % 2**32)
+    return dataclasses.replace(opts, id_slot=-1, params=p)
+
+
 def legacy_chat_checks(body: dict, tools) -> None:
     """llama-server's refusals without Jinja (oaicompat_chat_params_parse, a 500)."""
     if tools:
@@ -1448,8 +1459,8 @@ class Handlers:
         constraints = [make() for _ in range(opts.n)]  # a bad grammar fails before any runs
         jobs: list[Job] = []
         try:
-            for c in constraints:
-                jobs.append(submit(st, ids, opts, c, progress=progress,
+            for k, c in enumerate(constraints):
+                jobs.append(submit(st, ids, child_options(opts, k), c, progress=progress,
                                    budget=reply.budget if reply is not None else None))
         except BaseException:
             for j in jobs:
