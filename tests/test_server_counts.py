@@ -219,3 +219,10 @@ def test_n_choices_are_child_tasks(srv):
     two = srv.http.post("/v1/completions", json={**body, "n": 2, "id_slot": 1}).json()
     assert [c["text"] for c in two["choices"]] == [r["choices"][0]["text"] for r in single]
     assert single[0]["choices"][0]["text"] != single[1]["choices"][0]["text"]
+    # /completion: a list of results, the first task's then its children's
+    nat = srv.http.post("/completion", json={"prompt": "hello", "n_predict": N,
+                                             "temperature": 1.0, "top_k": 0, "seed": 42,
+                                             "n": 2}).json()
+    assert [r["index"] for r in nat] == [0, 1]
+    assert [r["content"] for r in nat] == [r["choices"][0]["text"] for r in single]
+    assert all(r["tokens_predicted"] == N for r in nat)

@@ -1347,19 +1347,21 @@ class Handlers:
 
     async def _native_batch(self, request: Request, opts: oa.GenOptions, prompts: list,
                             settings: dict, pick) -> Response:
-        """Several prompts in one /completion request: one job each (they share the slots
-        like separate requests), answered as llama-server does, a list of results in prompt
-        order, each with its ``index``."""
+        """Several prompts in one /completion request, or ``n`` > 1 completions of each: one
+        job each (they share the slots like separate requests; choice k of a prompt as
+        llama-server's child task k), answered as llama-server does, a list of results in
+        prompt-then-choice order, each with its ``index``."""
         st = self.state
         all_ids = [await run_in_threadpool(prompt_ids, st, p) for p in prompts]
         for ids in all_ids:
             check_prompt(st, ids)
+        runs = [(ids, child_options(opts, k)) for ids in all_ids for k in range(opts.n)]
         jobs = []
         try:
-            for ids in all_ids:
-                jobs.append(submit(st, ids, opts, make_constraint(st, opts)))
+            for ids, o in runs:
+                jobs.append(submit(st, ids, o, make_constraint(st, o)))
             out = []
-            for i, (job, ids) in enumerate(zip(jobs, all_ids)):
+            for i, (job, (ids, _)) in enumerate(zip(jobs, runs)):
                 first = await first_event(request, job)
                 text, done = await collect(request, job, first)
                 st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
@@ -1381,9 +1383,12 @@ class Handlers:
         if body is None:  # else: a body already read and completed (/infill's)
             body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab, tokenize=self.bias_tokens)
-        if opts.n > 1:
-            raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
-                         "/v1/chat/completions", "unsupported_parameter")
+        if opts.n > 1 and opts.stream:
+            raise oa.bad("n", "'n' > 1 cannot be streamed on /completion (use /v1/completions)",
+                         "unsupported_parameter")
+        if opts.n > st.scheduler.n_slots:
+            raise oa.bad("n", f"'n' must be between 1 and {st.scheduler.n_slots} (the server's "
+                         "slots)")
         settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
         fields = body.get("response_fields")
         if fields is not None and not (isinstance(fields, list)
@@ -1400,6 +1405,8 @@ class Handlers:
                 raise oa.bad("prompt", "a batch of prompts cannot be streamed (send them as "
                              "separate requests)", "unsupported_parameter")
             return await self._native_batch(request, opts, prompt, settings, pick)
+        if opts.n > 1:
+            return await self._native_batch(request, opts, [prompt], settings, pick)
         ids = await run_in_threadpool(prompt_ids, st, prompt)
         check_prompt(st, ids)
         job = submit(st, ids, opts, make_constraint(st, opts),
