@@ -226,3 +226,8 @@ def test_n_choices_are_child_tasks(srv):
     assert [r["index"] for r in nat] == [0, 1]
     assert [r["content"] for r in nat] == [r["choices"][0]["text"] for r in single]
     assert all(r["tokens_predicted"] == N for r in nat)
+    assert [r["generation_settings"]["seed"] for r in nat] == [42, 43]
+    r = srv.http.post("/completion", json={"prompt": "hello", "n": 3})
+    assert r.status_code == 400  # n_cmpl's hard limit: the slot count, in llama-server's words
+    assert r.json()["error"]["message"] == "Field 'n': Value must be between 1 <= value <= 2, " \
+        "but got 3"

@@ -313,6 +313,11 @@ def child_options(opts: oa.GenOptions, k: int) -> oa.GenOptions:
     return dataclasses.replace(opts, id_slot=-1, params=p)
 
 
+def n_out_of_range(n: int, n_slots: int) -> ApiError:
+    """llama-server's words for n_cmpl past its hard limit (the slot count)."""
+    return oa.bad("n", f"Field 'n': Value must be between 1 <= value <= {n_slots}, but got {n}")
+
+
 def legacy_chat_checks(body: dict, tools) -> None:
     """llama-server's refusals without Jinja (oaicompat_chat_params_parse, a 500)."""
     if tools:
@@ -1361,12 +1366,14 @@ class Handlers:
             for ids, o in runs:
                 jobs.append(submit(st, ids, o, make_constraint(st, o)))
             out = []
-            for i, (job, (ids, _)) in enumerate(zip(jobs, runs)):
+            for i, (job, (ids, o)) in enumerate(zip(jobs, runs)):
                 first = await first_event(request, job)
                 text, done = await collect(request, job, first)
                 st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
-                res = self._native_final(job, prompt_text(st, ids), settings, text,
-                                         done, False)
+                mine = settings if o is opts else {  # a child's own settings (its seed)
+                    **settings, **nat.generation_settings(o, st.scheduler.eog,
+                                                          st.settings.model_alias)}
+                res = self._native_final(job, prompt_text(st, ids), mine, text, done, False)
                 out.append(pick({**res, "index": i}))
         finally:
             for job in jobs:
@@ -1387,8 +1394,7 @@ class Handlers:
             raise oa.bad("n", "'n' > 1 cannot be streamed on /completion (use /v1/completions)",
                          "unsupported_parameter")
         if opts.n > st.scheduler.n_slots:
-            raise oa.bad("n", f"'n' must be between 1 and {st.scheduler.n_slots} (the server's "
-                         "slots)")
+            raise n_out_of_range(opts.n, st.scheduler.n_slots)
         settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
         fields = body.get("response_fields")
         if fields is not None and not (isinstance(fields, list)
@@ -1462,7 +1468,7 @@ class Handlers:
         st = self.state
         sch = st.scheduler
         if opts.n > sch.n_slots:
-            raise oa.bad("n", f"'n' must be between 1 and {sch.n_slots} (the server's slots)")
+            raise n_out_of_range(opts.n, sch.n_slots)
         constraints = [make() for _ in range(opts.n)]  # a bad grammar fails before any runs
         jobs: list[Job] = []
         try:
