@@ -227,6 +227,15 @@ def test_n_choices_are_child_tasks(srv):
     assert [r["content"] for r in nat] == [r["choices"][0]["text"] for r in single]
     assert all(r["tokens_predicted"] == N for r in nat)
     assert [r["generation_settings"]["seed"] for r in nat] == [42, 43]
+    # streamed: the choices' partial results interleaved, each with its index
+    ch = _chunks(srv.http.post("/completion", json={"prompt": "hello", "n_predict": N,
+                                                    "temperature": 1.0, "top_k": 0, "seed": 42,
+                                                    "n": 2, "stream": True}))
+    for k in range(2):
+        mine = [c for c in ch if c["index"] == k]
+        assert "".join(c["content"] for c in mine) == nat[k]["content"]
+        assert [c["stop"] for c in mine][-1] and not any(c["stop"] for c in mine[:-1])
+        assert mine[-1]["tokens_predicted"] == N
     r = srv.http.post("/completion", json={"prompt": "hello", "n": 3})
     assert r.status_code == 400  # n_cmpl's hard limit: the slot count, in llama-server's words
     assert r.json()["error"]["message"] == "Field 'n': Value must be between 1 <= value <= 2, " \

@@ -1390,9 +1390,6 @@ class Handlers:
         if body is None:  # else: a body already read and completed (/infill's)
             body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab, tokenize=self.bias_tokens)
-        if opts.n > 1 and opts.stream:
-            raise oa.bad("n", "'n' > 1 cannot be streamed on /completion (use /v1/completions)",
-                         "unsupported_parameter")
         if opts.n > st.scheduler.n_slots:
             raise n_out_of_range(opts.n, st.scheduler.n_slots)
         settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
@@ -1411,10 +1408,13 @@ class Handlers:
                 raise oa.bad("prompt", "a batch of prompts cannot be streamed (send them as "
                              "separate requests)", "unsupported_parameter")
             return await self._native_batch(request, opts, prompt, settings, pick)
-        if opts.n > 1:
+        if opts.n > 1 and not opts.stream:
             return await self._native_batch(request, opts, [prompt], settings, pick)
         ids = await run_in_threadpool(prompt_ids, st, prompt)
         check_prompt(st, ids)
+        if opts.n > 1:
+            return await self._native_stream_many(request, opts, ids, settings, pick,
+                                                  body.get("return_progress") is True)
         job = submit(st, ids, opts, make_constraint(st, opts),
                      progress=opts.stream and body.get("return_progress") is True)
         try:
@@ -1451,6 +1451,68 @@ class Handlers:
                         yield sse(ApiError(ev.status, ev.message).body())
             finally:
                 job.req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _native_stream_many(self, request: Request, opts: oa.GenOptions, ids: list,
+                                  settings: dict, pick, progress: bool) -> Response:
+        """``n`` > 1 streamed on /completion: the choices' partial results interleaved as they
+        are generated, each with its ``index`` (choice k: llama-server's child task k)."""
+        st = self.state
+        runs = [child_options(opts, k) for k in range(opts.n)]
+        jobs: list[Job] = []
+        try:
+            for o in runs:
+                jobs.append(submit(st, ids, o, make_constraint(st, o), progress=progress))
+        except BaseException:
+            for j in jobs:
+                j.req.cancel()
+            raise
+        text0 = prompt_text(st, ids)
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, j: Job) -> None:
+            try:
+                async for ev in self._stream_events(request, j, await first_event(request, j)):
+                    await merged.put((i, ev))
+            except ApiError as e:
+                await merged.put((i, Event("error", status=e.status, message=e.message)))
+            except ClientGone:
+                await merged.put((i, Event("error", status=499, message="client gone")))
+
+        tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                left = len(jobs)
+                while left:
+                    i, ev = await merged.get()
+                    if ev.kind == "text":
+                        d = nat.partial(ev.text, len(ids), ev.completion_tokens, ev.probs,
+                                        ev.tokens)
+                    elif ev.kind == "progress":
+                        jobs[i].t_first = time.monotonic()
+                        d = nat.progress(ev.prompt_tokens, ev.cached_tokens, ev.processed,
+                                         ev.seconds)
+                    elif ev.kind == "done":
+                        left -= 1
+                        mine = settings if i == 0 else {**settings, **nat.generation_settings(
+                            runs[i], st.scheduler.eog, st.settings.model_alias)}
+                        d = {**self._native_final(jobs[i], text0, mine, "", ev, True),
+                             "index": i}
+                        yield sse(pick(d))
+                        continue
+                    else:
+                        left -= 1
+                        yield sse(ApiError(ev.status, ev.message).body())
+                        continue
+                    yield sse({**d, "index": i})
+            finally:
+                for j in jobs:
+                    j.req.cancel()
+                for t in tasks:
+                    t.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
