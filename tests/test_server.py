@@ -246,7 +246,9 @@ def test_completions_stream_and_not(server, client, validate):
                                             max_tokens=12, stream=True,
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
-    validate(chunks[-2].model_dump(exclude_unset=True), "CreateCompletionResponse")
+    # llama-server's last chunk: the finish reason with usage and timings on it
+    validate(chunks[-1].model_dump(exclude_unset=True), "CreateCompletionResponse")
+    assert chunks[-1].choices[0].finish_reason == "length"
     assert chunks[-1].usage.completion_tokens == 12
     by_ids = client.completions.create(model="smollm2", prompt=ids, temperature=0, max_tokens=12)
     assert by_ids.choices[0].text == r.choices[0].text

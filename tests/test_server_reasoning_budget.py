@@ -6,7 +6,11 @@ reasoning_budget_tokens): jllama/server/reasoning_budget.py.
   common_utf8_is_complete cases;
 * over HTTP on a tiny random llama with QwQ's template (its generation prompt opens the
   thoughts): the thoughts are llama.cpp's own greedy first N tokens (llama-cpp-python on the
-  same prompt) followed by the forced message, then the reply goes on after the end tag.
+  same prompt) followed by the forced message, then the reply goes on after the end tag;
+* with ``n`` > 1 each choice runs its own budget (llama-server's child tasks copy the
+  parent's sampling parameters, its budget sampler included): every choice is the reply of
+  a request with n = 1 (checked against llama-server 0c1e570 on this model:
+  experiments/results/server_suite.md).
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def models(tiny):
     from jllama.api import Llama
 
     o = llama_cpp_module().Llama(model_path=str(tiny), n_ctx=256, verbose=False, n_threads=1)
-    llm = Llama(str(tiny), ctx_size=256, n_slots=1, compile_cache=False)
+    llm = Llama(str(tiny), ctx_size=512, n_slots=2, compile_cache=False)  # 2 x 256
     llm.tokenizer.chat_template = template("Qwen-QwQ-32B")
     yield o, llm
     o.close()
@@ -174,3 +178,22 @@ def test_budget_over_http(models, budget, message):
     assert msg["content"]  # the reply goes on after the thoughts
     # reasoning_format none: the whole text as generated, the forced tokens in it
     assert raw["choices"][0]["message"]["content"].startswith("<think>\n" + want)
+
+
+def test_budget_per_choice(models):
+    from jllama.server.app import ServerSettings, ServerState, ServerThread
+
+    o, llm = models
+    llm.engine.reset()
+    bias = {o.tokenize(ch.encode(), add_bos=False, special=False)[0]: 50.0 for ch in "abcdefg "}
+    st = ServerSettings("tiny", timeout=120, reasoning_budget=3)
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+            "max_tokens": 30, "logit_bias": {str(k): v for k, v in bias.items()}}
+    with ServerThread(ServerState(llm, st), warmup=False) as s, \
+            httpx.Client(base_url=s.url, timeout=120) as c:
+        for extra in ({}, {"reasoning_budget_tokens": 5, "reasoning_budget_message": "Enough."}):
+            one = c.post("/v1/chat/completions", json={**body, **extra}).json()
+            msg = one["choices"][0]["message"]
+            assert msg.get("reasoning_content") and msg["content"]
+            two = c.post("/v1/chat/completions", json={**body, **extra, "n": 2}).json()
+            assert [ch["message"] for ch in two["choices"]] == [msg, msg]

@@ -321,9 +321,14 @@ def test_single_slot_server_with_ngram_draft(exact_llms, smollm2_path):
         # (unit/test_speculative.py reads draft_n and draft_n_accepted)
         nat = httpx.post(s.url + "/completion", timeout=120,
                          json={"prompt": ids, "n_predict": 16, "temperature": 0})
+        ex = dict(llm.engine.timings.extra)
+        # the end-of-generation token that stops it is counted, as llama-server counts it
+        eos = httpx.post(s.url + "/completion", timeout=120,
+                         json={"prompt": ids, "n_predict": 16, "temperature": 0,
+                               "logit_bias": [[llm.tokenizer.eos_id, 100.0]]}).json()
+    assert (eos["content"], eos["stop_type"], eos["tokens_predicted"]) == ("", "eos", 1)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == ref
-    ex = llm.engine.timings.extra
     assert ex["draft_kind"] == "ngram" and ex["draft_accepted"] > 0
     tm = nat.json()["timings"]
     assert (tm["draft_n"], tm["draft_n_accepted"]) == (ex["draft_proposed"],

@@ -205,10 +205,10 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-slots", dest="slots", action="store_false")
     g.add_argument("--props", action="store_true", help="allow POST /props")
     g.add_argument("--jinja", dest="jinja", action="store_true", default=True,
-                   help="the GGUF's chat template through a Jinja renderer (always)")
+                   help="the chat template through a Jinja renderer (default)")
     g.add_argument("--no-jinja", dest="jinja", action="store_false",
-                   help="accepted: llama.cpp's built-in templates render the same known "
-                   "templates that jllama renders with Jinja")
+                   help="llama.cpp's built-in template that the chat template's text selects "
+                   "instead (no tools, no thoughts); an unknown template is refused")
     g.add_argument("--reasoning-format", default=None,
                    help="none: thoughts stay in message.content; deepseek (default), "
                    "deepseek-legacy, auto: thoughts go to message.reasoning_content")
@@ -851,6 +851,8 @@ def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fiel
         settings.defaults["verbose"] = True
     if chat_template is not None:
         llm.tokenizer.chat_template = chat_template
+    if not args.jinja:
+        _check_legacy_template(llm.tokenizer.chat_template)
     settings.__dict__.update(agent_fields)
     state = ServerState(llm, settings, encoder=embedder)
     print(f"jllama serve: {_scheme(s)}://{s.host}:{s.port}{s.api_prefix}/v1 (model '{alias}', "
@@ -878,7 +880,8 @@ def _chat_flags(args) -> tuple[dict, str | None]:
         kwargs["enable_thinking"] = args.reasoning == "on"
     if args.reasoning_effort not in (None, "default"):
         kwargs["reasoning_effort"] = args.reasoning_effort
-    fields = {"template_kwargs": kwargs, "reasoning": {"on": 1, "off": 0}.get(args.reasoning, -1)}
+    fields = {"template_kwargs": kwargs, "reasoning": {"on": 1, "off": 0}.get(args.reasoning, -1),
+              "jinja": args.jinja}
     if args.reasoning_format is not None:
         fields["reasoning_format"] = args.reasoning_format
     if args.reasoning_budget is not None:
@@ -911,6 +914,19 @@ def _chat_flags(args) -> tuple[dict, str | None]:
         except ChatTemplateError as e:
             raise ConfigError(f"--chat-template: {e}") from None
     return fields, template
+
+
+def _check_legacy_template(template: str | None) -> None:
+    """--no-jinja: llama-server starts only when a built-in template renders the chat
+    template (its example conversation at load time)."""
+    from jllama.errors import ConfigError
+    from jllama.tokenizer.chat import CHATML_TEMPLATE
+    from jllama.tokenizer.chat_builtin import detect
+
+    if detect(template or CHATML_TEMPLATE) is None:
+        raise ConfigError("--no-jinja: the chat template is not one llama.cpp's built-in "
+                          "templates know (this custom template is not supported, try using "
+                          "--jinja, or --chat-template NAME)")
 
 
 def _encoder_path(cfg, args):

@@ -90,6 +90,7 @@ class ServerSettings:
     reasoning_budget: int = -1
     reasoning_budget_message: str = ""  # llama-server's --reasoning-budget-message
     template_kwargs: dict = field(default_factory=dict)
+    jinja: bool = True  # llama-server's --jinja (default) / --no-jinja: built-in templates
     # llama-server's --sleep-idle-seconds (-1: never sleep), --cache-ram in MiB (-1: no limit,
     # 0: no host prompt cache; jllama serve's default is llama-server's 8192),
     # --cache-idle-slots and --kv-unified (jllama/server/prompt_cache.py, scheduler.py)
@@ -291,11 +292,39 @@ def tokenize_prompt(state: ServerState, text: str) -> list[int]:
 
 
 def render_prompt(llm, messages: list[dict], tools: list[dict] | None,
-                  context: dict | None = None, generation_prompt: bool = True) -> str:
+                  context: dict | None = None, generation_prompt: bool = True,
+                  jinja: bool = True) -> str:
     """The GGUF's chat template (ChatML without one, as llama-server) applied to the
-    conversation; ``context``: more template variables (enable_thinking, kwargs, dates)."""
+    conversation; ``context``: more template variables (enable_thinking, kwargs, dates).
+    ``jinja=False``: the built-in template llama.cpp picks for it (--no-jinja)."""
     return llm.tokenizer.apply_chat_template(messages, generation_prompt, tools,
-                                             fallback_chatml=True, **(context or {}))
+                                             fallback_chatml=True, jinja=jinja,
+                                             **(context or {}))
+
+
+def child_options(opts: oa.GenOptions, k: int) -> oa.GenOptions:
+    """Choice k of an n > 1 request, as llama-server's child task k (server_task::add_child):
+    no slot of its own choosing, and a fixed seed moved on by k."""
+    if k == 0:
+        return opts
+    p = opts.params
+    if p.seed is not None and p.seed % 2**32 != 0xFFFFFFFF:  # LLAMA_DEFAULT_SEED: random
+        p = dataclasses.replace(p, seed=(p.seed + k) % 2**32)
+    return dataclasses.replace(opts, id_slot=-1, params=p)
+
+
+def n_out_of_range(n: int, n_slots: int) -> ApiError:
+    """llama-server's words for n_cmpl past its hard limit (the slot count)."""
+    return oa.bad("n", f"Field 'n': Value must be between 1 <= value <= {n_slots}, but got {n}")
+
+
+def legacy_chat_checks(body: dict, tools) -> None:
+    """llama-server's refusals without Jinja (oaicompat_chat_params_parse, a 500)."""
+    if tools:
+        raise emb.server_error((500, "server_error"), "tools param requires --jinja flag")
+    choice = body.get("tool_choice")
+    if isinstance(choice, str) and choice != "auto":
+        raise emb.server_error((500, "server_error"), "tool_choice param requires --jinja flag")
 
 
 def image_prompt(state: ServerState, text: str, images: list[tuple[str, str]]) -> list:
@@ -917,6 +946,7 @@ class Handlers:
             self.state.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
             out = oa.completion_response(job.rid, job.model, job.created, prefix + text,
                                          done.finish, usage_of(done), oa.logprobs_of(job.probs))
+            out["timings"] = job_timings(job, done)  # llama-server: a final result's stats
             return JSONResponse(self._verbose(body, out, job, opts, ids, text, done))
 
         async def events() -> AsyncIterator[str]:
@@ -929,14 +959,10 @@ class Handlers:
                         yield sse(oa.completion_response(job.rid, job.model, job.created,
                                                          ev.text, None, None,
                                                          oa.logprobs_of(ev.probs)))
-                    elif ev.kind == "done":
-                        yield sse(oa.completion_response(job.rid, job.model, job.created, "",
-                                                         ev.finish, None))
-                        if job.include_usage:
-                            d = oa.completion_response(job.rid, job.model, job.created, "",
-                                                       None, usage_of(ev))
-                            d["choices"] = []
-                            yield sse(d)
+                    elif ev.kind == "done":  # llama-server: usage and timings on it, always
+                        yield sse({**oa.completion_response(job.rid, job.model, job.created, "",
+                                                            ev.finish, usage_of(ev)),
+                                   "timings": job_timings(job, ev)})
                     else:
                         yield sse(ApiError(ev.status, ev.message).body())
                 yield "data: [DONE]\n\n"
@@ -957,16 +983,23 @@ class Handlers:
         template = st.llm.tokenizer.chat_template or CHATML_TEMPLATE
         add_gen = body.get("add_generation_prompt", True) is not False
         cont = oa.continuation(body, messages)
+        if not ss.jinja:  # llama.cpp's legacy path: a bare conversation, no tools, no thoughts
+            legacy_chat_checks(body, tools)
+            messages = oa.legacy_messages(body, ss.media_marker)
+            tools, choice, template = None, None, ""
+            if cont is not None:  # rendered whole, without a generation prompt
+                cont, add_gen = None, False
         if cont is not None:  # common_chat_templates_apply: the rest, its generation prompt,
             messages, add_gen = messages[:-1], True  # then the final message's text
         plan = tl.plan_chat(body, messages, tools, choice, template, ss.reasoning_format,
                             ss.reasoning, ss.reasoning_budget, ss.template_kwargs,
                             ss.reasoning_budget_message)
+        msgs, context = (plan.messages, plan.context) if ss.jinja else (messages, {})
         try:
-            text = await run_in_threadpool(render_prompt, st.llm, plan.messages,
-                                           plan.template_tools, plan.context, add_gen)
-            bare = await run_in_threadpool(render_prompt, st.llm, plan.messages,
-                                           plan.template_tools, plan.context, False)
+            text = await run_in_threadpool(render_prompt, st.llm, msgs, plan.template_tools,
+                                           context, add_gen, ss.jinja)
+            bare = await run_in_threadpool(render_prompt, st.llm, msgs, plan.template_tools,
+                                           context, False, ss.jinja)
         except Exception as e:  # jinja raise_exception(...) or a template bug
             raise ApiError(400, f"the chat template rejected the messages: {e}",
                            param="messages", code="invalid_messages") from None
@@ -1036,7 +1069,8 @@ class Handlers:
         tool = next((t for t in tools or [] if t["function"]["name"] == forced), None)
         if opts.n > 1:
             return await self._many(request, ids, opts, lambda: make_constraint(st, opts, tool),
-                                    chat=True, forced=forced, tools=tools, reply=reply)
+                                    chat=True, forced=forced, tools=tools, reply=reply,
+                                    progress=opts.stream and body.get("return_progress") is True)
         job = submit(st, ids, opts, make_constraint(st, opts, tool),
                      progress=opts.stream and body.get("return_progress") is True,
                      budget=reply.budget)
@@ -1318,24 +1352,28 @@ class Handlers:
 
     async def _native_batch(self, request: Request, opts: oa.GenOptions, prompts: list,
                             settings: dict, pick) -> Response:
-        """Several prompts in one /completion request: one job each (they share the slots
-        like separate requests), answered as llama-server does, a list of results in prompt
-        order, each with its ``index``."""
+        """Several prompts in one /completion request, or ``n`` > 1 completions of each: one
+        job each (they share the slots like separate requests; choice k of a prompt as
+        llama-server's child task k), answered as llama-server does, a list of results in
+        prompt-then-choice order, each with its ``index``."""
         st = self.state
         all_ids = [await run_in_threadpool(prompt_ids, st, p) for p in prompts]
         for ids in all_ids:
             check_prompt(st, ids)
+        runs = [(ids, child_options(opts, k)) for ids in all_ids for k in range(opts.n)]
         jobs = []
         try:
-            for ids in all_ids:
-                jobs.append(submit(st, ids, opts, make_constraint(st, opts)))
+            for ids, o in runs:
+                jobs.append(submit(st, ids, o, make_constraint(st, o)))
             out = []
-            for i, (job, ids) in enumerate(zip(jobs, all_ids)):
+            for i, (job, (ids, o)) in enumerate(zip(jobs, runs)):
                 first = await first_event(request, job)
                 text, done = await collect(request, job, first)
                 st.metrics.observe_latency(time.monotonic() - job.t0, job.t_first - job.t0)
-                res = self._native_final(job, prompt_text(st, ids), settings, text,
-                                         done, False)
+                mine = settings if o is opts else {  # a child's own settings (its seed)
+                    **settings, **nat.generation_settings(o, st.scheduler.eog,
+                                                          st.settings.model_alias)}
+                res = self._native_final(job, prompt_text(st, ids), mine, text, done, False)
                 out.append(pick({**res, "index": i}))
         finally:
             for job in jobs:
@@ -1352,9 +1390,8 @@ class Handlers:
         if body is None:  # else: a body already read and completed (/infill's)
             body = self.with_defaults(await json_body(request))
         opts = oa.parse_common(body, st.llm.spec.n_vocab, tokenize=self.bias_tokens)
-        if opts.n > 1:
-            raise oa.bad("n", "'n' > 1 is only supported on /v1/completions and "
-                         "/v1/chat/completions", "unsupported_parameter")
+        if opts.n > st.scheduler.n_slots:
+            raise n_out_of_range(opts.n, st.scheduler.n_slots)
         settings = nat.generation_settings(opts, st.scheduler.eog, st.settings.model_alias)
         fields = body.get("response_fields")
         if fields is not None and not (isinstance(fields, list)
@@ -1371,8 +1408,13 @@ class Handlers:
                 raise oa.bad("prompt", "a batch of prompts cannot be streamed (send them as "
                              "separate requests)", "unsupported_parameter")
             return await self._native_batch(request, opts, prompt, settings, pick)
+        if opts.n > 1 and not opts.stream:
+            return await self._native_batch(request, opts, [prompt], settings, pick)
         ids = await run_in_threadpool(prompt_ids, st, prompt)
         check_prompt(st, ids)
+        if opts.n > 1:
+            return await self._native_stream_many(request, opts, ids, settings, pick,
+                                                  body.get("return_progress") is True)
         job = submit(st, ids, opts, make_constraint(st, opts),
                      progress=opts.stream and body.get("return_progress") is True)
         try:
@@ -1398,7 +1440,7 @@ class Handlers:
                 async for ev in self._stream_events(request, job, first):
                     if ev.kind == "text":
                         yield sse(nat.partial(ev.text, len(ids), ev.completion_tokens,
-                                              ev.probs))
+                                              ev.probs, ev.tokens))
                     elif ev.kind == "progress":
                         yield sse(nat.progress(ev.prompt_tokens, ev.cached_tokens,
                                                ev.processed, ev.seconds))
@@ -1413,21 +1455,88 @@ class Handlers:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    async def _native_stream_many(self, request: Request, opts: oa.GenOptions, ids: list,
+                                  settings: dict, pick, progress: bool) -> Response:
+        """``n`` > 1 streamed on /completion: the choices' partial results interleaved as they
+        are generated, each with its ``index`` (choice k: llama-server's child task k)."""
+        st = self.state
+        runs = [child_options(opts, k) for k in range(opts.n)]
+        jobs: list[Job] = []
+        try:
+            for o in runs:
+                jobs.append(submit(st, ids, o, make_constraint(st, o), progress=progress))
+        except BaseException:
+            for j in jobs:
+                j.req.cancel()
+            raise
+        text0 = prompt_text(st, ids)
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, j: Job) -> None:
+            try:
+                async for ev in self._stream_events(request, j, await first_event(request, j)):
+                    await merged.put((i, ev))
+            except ApiError as e:
+                await merged.put((i, Event("error", status=e.status, message=e.message)))
+            except ClientGone:
+                await merged.put((i, Event("error", status=499, message="client gone")))
+
+        tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                left = len(jobs)
+                while left:
+                    i, ev = await merged.get()
+                    if ev.kind == "text":
+                        d = nat.partial(ev.text, len(ids), ev.completion_tokens, ev.probs,
+                                        ev.tokens)
+                    elif ev.kind == "progress":
+                        jobs[i].t_first = time.monotonic()
+                        d = nat.progress(ev.prompt_tokens, ev.cached_tokens, ev.processed,
+                                         ev.seconds)
+                    elif ev.kind == "done":
+                        left -= 1
+                        mine = settings if i == 0 else {**settings, **nat.generation_settings(
+                            runs[i], st.scheduler.eog, st.settings.model_alias)}
+                        d = {**self._native_final(jobs[i], text0, mine, "", ev, True),
+                             "index": i}
+                        yield sse(pick(d))
+                        continue
+                    else:
+                        left -= 1
+                        yield sse(ApiError(ev.status, ev.message).body())
+                        continue
+                    yield sse({**d, "index": i})
+            finally:
+                for j in jobs:
+                    j.req.cancel()
+                for t in tasks:
+                    t.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
     async def _many(self, request: Request, ids: list[int], opts: oa.GenOptions, make,
                     chat: bool = False, forced: str | None = None, tools: list | None = None,
-                    prefix: str = "", reply: tl.ChatReply | None = None) -> Response:
+                    prefix: str = "", reply: tl.ChatReply | None = None,
+                    progress: bool = False) -> Response:
         """``n`` > 1: n requests on the same prompt (llama-server's n_cmpl child tasks, which
-        copy the parent's parameters), answered as one response whose choices are indexed
-        0..n-1; streamed chunks of the choices interleave as they are generated."""
+        copy the parent's parameters, and its reasoning budget as a state of their own),
+        answered as one response whose choices are indexed 0..n-1; streamed chunks of the
+        choices interleave as they are generated. As llama-server's: a whole response carries
+        the first choice's usage and timings; a stream ends each choice with its own (the
+        children copy the parent's prompt state, so its prompt figures are the first's)."""
         st = self.state
         sch = st.scheduler
         if opts.n > sch.n_slots:
-            raise oa.bad("n", f"'n' must be between 1 and {sch.n_slots} (the server's slots)")
+            raise n_out_of_range(opts.n, sch.n_slots)
         constraints = [make() for _ in range(opts.n)]  # a bad grammar fails before any runs
         jobs: list[Job] = []
         try:
-            for c in constraints:
-                jobs.append(submit(st, ids, opts, c))
+            for k, c in enumerate(constraints):
+                jobs.append(submit(st, ids, child_options(opts, k), c, progress=progress,
+                                   budget=reply.budget if reply is not None else None))
         except BaseException:
             for j in jobs:
                 j.req.cancel()
@@ -1456,8 +1565,7 @@ class Handlers:
                 for j in jobs:
                     j.req.cancel()
             st.metrics.observe_latency(time.monotonic() - t0, jobs[0].t_first - t0)
-            use = oa.usage(len(ids), sum(d.completion_tokens for _, d, _ in results),
-                           results[0][1].cached_tokens)
+            use = usage_of(results[0][1])
             choices = []
             for i, (text, done, probs) in enumerate(results):
                 if chat:
@@ -1470,6 +1578,7 @@ class Handlers:
                 d["choices"][0]["index"] = i
                 choices.append(d["choices"][0])
             d["choices"] = choices
+            d["timings"] = job_timings(jobs[0], results[0][1])
             return JSONResponse(d)
 
         merged: asyncio.Queue = asyncio.Queue()
@@ -1487,6 +1596,16 @@ class Handlers:
 
         tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
 
+        def stats(i: int, ev: Event) -> tuple[dict, dict]:
+            """Choice i's usage and timings: its generation after the first's prompt."""
+            p = jobs[0]
+            t_first = jobs[i].t_first or time.monotonic()
+            use = oa.usage(ev.prompt_tokens, ev.completion_tokens, p.req.cached_tokens)
+            return use, nat.timings(p.req.cached_tokens,
+                                    max(len(p.req.prompt_ids) - p.req.cached_tokens, 0),
+                                    (p.t_first or t_first) - p.t0, ev.completion_tokens,
+                                    time.monotonic() - t_first)
+
         def piece(i: int, text: str | None, finish: str | None, probs=None, delta=None) -> str:
             lp = oa.logprobs_of(probs)
             if chat:
@@ -1498,23 +1617,40 @@ class Handlers:
 
         async def events() -> AsyncIterator[str]:
             texts = [""] * len(jobs)
-            n_out = 0
+            # llama-server's role chunk opens a choice; with return_progress its progress chunks
+            # come first (the role repeated in each) and the role chunk with the first token
+            opened = [not progress] * len(jobs)
             try:
                 for i in range(len(jobs)):
-                    if chat:
+                    if chat and not progress:
                         yield piece(i, None, None, delta={"role": "assistant", "content": None})
                     elif prefix:
                         yield piece(i, prefix, None)
                 left = len(jobs)
                 while left:
                     i, ev = await merged.get()
-                    if ev.kind == "text":
+                    if ev.kind == "progress":
+                        jobs[i].t_first = time.monotonic()  # prompt timings end at the last one
+                        # a child slot reports once, its prompt copied whole from the first's
+                        if chat and (i == 0 or ev.processed >= ev.prompt_tokens):
+                            yield sse({**oa.chat_chunk(rid, model, created,
+                                                       {"role": "assistant", "content": None},
+                                                       index=i),
+                                       "prompt_progress": {"total": ev.prompt_tokens,
+                                                           "cache": ev.cached_tokens if i == 0
+                                                           else jobs[0].req.cached_tokens,
+                                                           "processed": ev.processed,
+                                                           "time_ms": ev.seconds * 1e3}})
+                    elif ev.kind == "text":
+                        if chat and not opened[i]:
+                            opened[i] = True
+                            yield piece(i, None, None, delta={"role": "assistant",
+                                                              "content": None})
                         texts[i] += ev.text
                         if not (chat and (forced is not None or tools or reasoning_split)):
                             yield piece(i, ev.text, None, ev.probs)
                     elif ev.kind == "done":
                         left -= 1
-                        n_out += ev.completion_tokens
                         finish = ev.finish
                         if chat and (forced is not None or tools or reasoning_split):
                             content, calls, finish, reasoning = finish_of(texts[i], finish)
@@ -1525,19 +1661,20 @@ class Handlers:
                                 delta["tool_calls"] = [{"index": k, **c}
                                                        for k, c in enumerate(calls)]
                             yield piece(i, None, None, delta=delta)
-                        yield piece(i, None, finish)
+                        use, tms = stats(i, ev)
+                        if not chat:  # llama-server: usage on each final chunk
+                            yield sse({**oa.completion_response(rid, model, created, "", finish,
+                                                                use, index=i), "timings": tms})
+                        elif opts.include_usage:
+                            yield piece(i, None, finish)
+                            yield sse({**oa.chat_chunk(rid, model, created, {}, usage_=use,
+                                                       choices=False), "timings": tms})
+                        else:
+                            yield sse({**oa.chat_chunk(rid, model, created, {}, finish,
+                                                       index=i), "timings": tms})
                     else:
                         left -= 1
                         yield sse(ApiError(ev.status, ev.message).body())
-                if opts.include_usage:
-                    use = oa.usage(len(ids), n_out, 0)
-                    if chat:
-                        yield sse(oa.chat_chunk(rid, model, created, {}, usage_=use,
-                                                choices=False))
-                    else:
-                        d = oa.completion_response(rid, model, created, "", None, use)
-                        d["choices"] = []
-                        yield sse(d)
                 yield "data: [DONE]\n\n"
             finally:
                 for j in jobs:

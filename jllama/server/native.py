@@ -89,8 +89,10 @@ def final(content: str, *, model: str, prompt: str, n_prompt: int, n_gen: int,
     return d
 
 
-def partial(content: str, n_prompt: int, n_gen: int, probs: list | None) -> dict:
-    d = {"index": 0, "content": content, "tokens": [], "stop": False, "id_slot": -1,
+def partial(content: str, n_prompt: int, n_gen: int, probs: list | None,
+            tokens: list[int] | None = None) -> dict:
+    """A streamed chunk: its text and the ids of the tokens behind it."""
+    d = {"index": 0, "content": content, "tokens": tokens or [], "stop": False, "id_slot": -1,
          "tokens_predicted": n_gen, "tokens_evaluated": n_prompt}
     if probs:
         d["completion_probabilities"] = probs

@@ -424,6 +424,21 @@ def continuation(body: dict, messages: list[dict]) -> str | None:
     return raw if isinstance(raw, str) else ""
 
 
+def legacy_messages(body: dict, marker: str = "") -> list[dict]:
+    """The conversation (already checked by ``parse_messages``) as llama.cpp's chat path
+    without Jinja reads it (common_chat_templates_apply_legacy): each message's role as sent
+    and its content, a content array as text parts (an image part: the media marker), which
+    the built-in templates join by newlines."""
+    out = []
+    for m in body["messages"]:
+        c = m.get("content")
+        if isinstance(c, list):
+            c = [{"type": "text", "text": p["text"]} if p.get("type") in ("text", "input_text")
+                 else {"type": "media_marker", "text": marker} for p in c]
+        out.append({"role": m["role"], "content": c if c is not None else ""})
+    return out
+
+
 def parse_tools(body: dict) -> tuple[list[dict] | None, Any]:
     tools = body.get("tools")
     choice = body.get("tool_choice")

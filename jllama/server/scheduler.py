@@ -75,6 +75,7 @@ class Event:
     message: str = ""
     # llama-server's per-token probabilities of the text in this event (requests with n_probs)
     probs: list[dict] | None = None
+    tokens: list[int] | None = None  # "text": the ids of the tokens behind it
     processed: int = 0  # "progress": prompt tokens evaluated so far (cached ones included)
     id_slot: int = -1  # "done": the slot that served the request
     truncated: bool = False  # "done": llama-server's truncated (the context filled up)
@@ -155,6 +156,7 @@ class _Active:
         self.hold = max((len(s) for s in req.stop), default=0)
         self.probs: list[dict] = []  # token probabilities not yet sent with text
         self.seed = resolve_seed(req.params.seed)
+        self.toks: list[int] = []  # token ids not yet sent with text
         self.rng = np.random.default_rng(self.seed)  # host-side constrained draws
         # llama.cpp's chain and dist draw with the request's generators (llama-server builds a
         # request's samplers when it starts, so they run from its seed afresh)
@@ -477,8 +479,11 @@ class Scheduler:
         if a.req.completion_tokens == 0:  # the first token: the prompt was evaluated
             self.metrics.add_prompt(tm.prompt_tokens - tm.extra.get("cached_tokens", 0),
                                     tm.prompt_s)
-        if tok is None:
-            self._finish(0, "length" if tm.extra.get("context_full") else "stop")
+        if tok is None and tm.extra.get("context_full"):
+            self._finish(0, "length")
+        elif tok is None:  # the generator keeps end-of-generation tokens to itself
+            self._count(a.req)
+            self._finish(0, "stop")
         else:
             self._accept(0, tok)
             self.metrics.observe_step(1, time.perf_counter() - t0)
@@ -764,11 +769,11 @@ class Scheduler:
     def _accept(self, b: int, tok: int) -> None:
         a = self.slots[b]
         req = a.req
+        self._count(req)
+        a.toks.append(tok)
         if tok in self.eog:
             self._finish(b, "stop")
             return
-        req.completion_tokens += 1
-        self.metrics.generated_tokens += 1
         a.last = tok
         if req.reasoning_budget is not None:
             req.reasoning_budget.accept(tok)
@@ -795,10 +800,20 @@ class Scheduler:
                 and self.engine.pos[b] + 1 >= self.engine.ctx_size)
         if full:
             req.truncated = True
-        if req.constraint is not None and req.constraint.done:
+        if full or (req.max_tokens is not None and req.completion_tokens >= req.max_tokens):
+            self._finish(b, "length")  # llama-server checks its limits before the grammar
+        elif req.constraint is not None and req.constraint.done:
+            # llama.cpp's grammar now allows only an end-of-generation token: the one it
+            # samples there counts as generated
+            self._count(req)
             self._finish(b, "stop")
-        elif full or (req.max_tokens is not None and req.completion_tokens >= req.max_tokens):
-            self._finish(b, "length")
+
+    def _count(self, req: GenRequest) -> None:
+        """One more generated token. llama-server counts every token it samples (n_decoded:
+        tokens_predicted, timings.predicted_n, usage.completion_tokens, /metrics), the
+        end-of-generation token that stops a request included."""
+        req.completion_tokens += 1
+        self.metrics.generated_tokens += 1
 
     def _probs(self, a: _Active, row: np.ndarray, tok: int, forced: bool = False) -> None:
         """llama-server's probabilities for a generated token; an end-of-generation token is
@@ -824,7 +839,8 @@ class Scheduler:
         probabilities for the next event, unless this is the last one."""
         if text or (force and a.probs):
             probs, a.probs = a.probs or None, []
-            a.req.sink(Event("text", text=text, probs=probs,
+            toks, a.toks = a.toks, []
+            a.req.sink(Event("text", text=text, probs=probs, tokens=toks,
                              completion_tokens=a.req.completion_tokens))
 
     def _finish(self, b: int, reason: str, flush: bool = True) -> None:

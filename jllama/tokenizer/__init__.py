@@ -93,10 +93,11 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list | None = None, fallback_chatml: bool = False,
-                            **extra: Any) -> str:
+                            jinja: bool = True, **extra: Any) -> str:
         """Render ``messages`` with the model's template (bos/eos texts filled in).
 
         Without a template this raises, unless ``fallback_chatml`` (llama-server's default).
+        ``jinja=False``: llama.cpp's built-in renderer that the template's source selects.
         """
         from jllama.tokenizer.chat import CHATML_TEMPLATE, render_chat
 
@@ -104,7 +105,8 @@ class Tokenizer:
         return render_chat(
             tmpl, messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.piece_text(self.bos_id) if self.bos_id is not None else "",
-            eos_token=self.piece_text(self.eos_id) if self.eos_id is not None else "", **extra)
+            eos_token=self.piece_text(self.eos_id) if self.eos_id is not None else "",
+            jinja=jinja, **extra)
 
     # ------------------------------------------------------------------ encode
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from jllama.errors import JllamaError
-from jllama.tokenizer.chat_builtin import is_builtin, render_builtin
+from jllama.tokenizer.chat_builtin import detect, is_builtin, render_builtin
 
 # Used only when a caller explicitly asks for a fallback (a model without a template).
 CHATML_TEMPLATE = (
@@ -92,16 +92,23 @@ def check_template(template: str) -> None:
 
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
                 tools: list | None = None, bos_token: str = "", eos_token: str = "",
-                **extra: Any) -> str:
+                jinja: bool = True, **extra: Any) -> str:
     """Render ``messages`` with a model's chat template into the prompt string.
 
     ``template``: Jinja source, or the name of one of llama.cpp's built-in templates
     (chat_builtin.BUILTIN_TEMPLATES), rendered as llama_chat_apply_template renders it.
+    ``jinja=False`` (llama.cpp's --no-jinja): the built-in template llama.cpp detects from
+    the source renders it (chat_builtin.detect), as llama_chat_apply_template does.
     Raises ``ChatTemplateError`` (a ``JllamaError``) when there is no template or it fails;
     pass ``CHATML_TEMPLATE`` explicitly to fall back to ChatML.
     """
     if not template:
         raise ChatTemplateError("the model has no chat template (tokenizer.chat_template)")
+    if not jinja:
+        name = detect(template)
+        if name is None:  # llama.cpp's words (common_chat_templates_apply_legacy)
+            raise ChatTemplateError("this custom template is not supported, try using --jinja")
+        return render_builtin(name, messages, add_generation_prompt)
     if is_builtin(template):  # a llama.cpp built-in name (--chat-template llama3, ...)
         return render_builtin(template, messages, add_generation_prompt)
     compiled = _compile(template)

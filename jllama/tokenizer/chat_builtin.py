@@ -392,6 +392,108 @@ _TEMPLATES: dict[str, Callable[[Msgs, bool], str]] = {
 BUILTIN_TEMPLATES: tuple[str, ...] = tuple(sorted(_TEMPLATES))
 
 
+def _dots1(m: Msgs, add: bool) -> str:
+    tags = {"system": ("<|system|>", "<|endofsystem|>"),
+            "user": ("<|userprompt|>", "<|endofuserprompt|>")}
+    out = [f"{a}{c}{b}" for a, b, c in
+           ((*tags.get(r, ("<|response|>", "<|endofresponse|>")), c) for r, c in m)]
+    return "".join(out) + ("<|response|>" if add else "")
+
+
+# found by detect() only: llama.cpp has no name for it
+_DETECTED_ONLY: dict[str, Callable[[Msgs, bool], str]] = {"dots1": _dots1}
+
+
+def detect(template: str) -> str | None:
+    """The built-in template llama.cpp renders a chat template's source with when Jinja is off
+    (llm_chat_detect_template: a built-in name as is, else the first family whose marker
+    strings the source holds, in llama.cpp's order); None for one it does not know."""
+    if template in _TEMPLATES:
+        return template
+
+    def has(*needles: str) -> bool:
+        return all(n in template for n in needles)
+
+    if has("<|im_start|>"):
+        return "phi4" if has("<|im_sep|>") else "smolvlm" if has("<end_of_utterance>") \
+            else "chatml"
+    if template.startswith("mistral") or has("[INST]"):
+        if has("[SYSTEM_PROMPT]"):
+            return "mistral-v7"
+        if has("' [INST] ' + system_message") or has("[AVAILABLE_TOOLS]"):
+            return "mistral-v1" if has(" [INST]") else "mistral-v3-tekken" \
+                if has('"[INST]"') else "mistral-v3"
+        if has("content.strip()"):
+            return "llama2-sys-strip"
+        if has("bos_token + '[INST]"):
+            return "llama2-sys-bos"
+        return "llama2-sys" if has("<<SYS>>") else "llama2"
+    if has("<|assistant|>", "<|end|>"):
+        return "phi3"
+    if has("[gMASK]<sop>"):
+        return "chatglm4"
+    if has("<|assistant|>", "<|user|>"):
+        if has("<|tool_declare|>"):
+            return "exaone-moe"
+        return "falcon3" if has("</s>") else "glmedge"
+    if has("<|{{ item['role'] }}|>", "<|begin_of_image|>"):
+        return "glmedge"
+    for needles, name in _FAMILIES:
+        if has(*needles):
+            return name
+    if has("<|start_of_role|>"):
+        if has("<tool_call>") or has("<tools>"):
+            return "granite-4.0" if has("g4_default_system_message") else "granite-4.1"
+        return "granite"
+    for needles, name in _LATE_FAMILIES:
+        if has(*needles):
+            return name
+    return None
+
+
+# llm_chat_detect_template's plain marker tests, in its order (before and after granite)
+_FAMILIES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("<|user|>", "<|endoftext|>"), "zephyr"),
+    (("bos_token + message['role']",), "monarch"),
+    (("<start_of_turn>",), "gemma"),
+    (("'\\n\\nAssistant: ' + eos_token",), "orion"),
+    (("GPT4 Correct ",), "openchat"),
+    (("USER: ", "ASSISTANT: ", "SYSTEM: "), "vicuna-orca"),
+    (("USER: ", "ASSISTANT: "), "vicuna"),
+    (("### Instruction:", "<|EOT|>"), "deepseek"),
+    (("<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>"), "command-r"),
+    (("<|start_header_id|>", "<|end_header_id|>"), "llama3"),
+    (("[gMASK]sop",), "chatglm3"),
+    (("<用户>",), "minicpm"),
+    (("'Assistant: ' + message['content'] + eos_token",), "deepseek2"),
+    (("<｜Assistant｜>", "<｜User｜>", "<｜end▁of▁sentence｜>"), "deepseek3"),
+    (("[|system|]", "[|assistant|]", "[|endofturn|]", "[|tool|]"), "exaone4"),
+    (("[|system|]", "[|assistant|]", "[|endofturn|]"), "exaone3"),
+    (("rwkv-world",), "rwkv-world"),
+    (("{{- 'User: ' + message['content']|trim + '\\n\\n' -}}",), "rwkv-world"),
+)
+_LATE_FAMILIES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("message['role'] + additional_special_tokens[0] + message['content'] + "
+      "additional_special_tokens[1]",), "gigachat"),
+    (("<|role_start|>",), "megrez"),
+    ((" Ассистент:",), "yandex"),
+    (("<role>ASSISTANT</role>", "'HUMAN'"), "bailing"),
+    (("<role>ASSISTANT</role>", '"HUMAN"', "<think>"), "bailing-think"),
+    (("<role>ASSISTANT</role>", "<role>HUMAN</role>", "<|role_end|>"), "bailing2"),
+    (("<|header_start|>", "<|header_end|>"), "llama4"),
+    (("<|endofuserprompt|>",), "dots1"),
+    (("<|extra_0|>", "<|extra_4|>"), "hunyuan-moe"),
+    (("<|start|>", "<|channel|>"), "gpt-oss"),
+    (("<｜hy_Assistant｜>", "<｜hy_begin▁of▁sentence｜>"), "hunyuan-vl"),
+    (("<｜hy_Assistant｜>", "<｜hy_place▁holder▁no▁3｜>"), "hunyuan-dense"),
+    (("<|im_assistant|>assistant<|im_middle|>",), "kimi-k2"),
+    (("<seed:bos>",), "seed_oss"),
+    (("'Assistant: '  + message['content'] + '<|separator|>",), "grok-2"),
+    (("[unused9]系统：[unused10]",), "pangu-embedded"),
+    (("<|begin|>", "<|end|>", "<|content|>"), "solar-open"),
+)
+
+
 def is_builtin(name: str | None) -> bool:
     return name in _TEMPLATES
 
@@ -399,5 +501,17 @@ def is_builtin(name: str | None) -> bool:
 def render_builtin(name: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """``messages`` (role and string content) rendered by llama.cpp's built-in template
     ``name`` (one of BUILTIN_TEMPLATES), as llama_chat_apply_template renders them."""
-    msgs = [(m.get("role") or "", m.get("content") or "") for m in messages]
-    return _TEMPLATES[name](msgs, add_generation_prompt)
+    msgs = [(m.get("role") or "", _text(m.get("content"))) for m in messages]
+    return {**_TEMPLATES, **_DETECTED_ONLY}[name](msgs, add_generation_prompt)
+
+
+def _text(content) -> str:
+    """A message's text as llama.cpp's legacy template path sees it: a content array's text
+    parts joined by newlines (other parts left out)."""
+    if not isinstance(content, list):
+        return content or ""
+    out = ""
+    for part in content:
+        if isinstance(part, dict) and part.get("type") in ("text", "media_marker"):
+            out += ("\n" if out else "") + str(part.get("text") or "")
+    return out
