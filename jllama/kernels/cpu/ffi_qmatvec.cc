@@ -280,11 +280,15 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
     // chunks stay as short as a decode step's (a 64-row call of a 256-row weight was 3 chunks,
     // which 2 threads split 2:1) and each chunk's weights stay in L1/L2 across its passes;
     // the GEMM: one tile of weight rows (times all x rows: plenty of work per claim).
+    // In the tiled order the row kernels pass over one K slab at a time (vec_dot.cc
+    // q8_rows_slabs): what stays in cache across passes is the chunk's slab of each row.
     const int64_t passes = (x.m + 7) / 8;
+    const Q8Sub& sub = work->subs[size_t(i)];
+    const bool slabs = sub.kern.tiled && tiled && x.m >= kTiledMinRows && c.k > kTiledSlabK;
+    const int64_t pass_bytes = slabs ? c.row_bytes * kTiledSlabK / c.k : c.row_bytes;
     const int64_t rows =
-        work->subs[size_t(i)].gemm
-            ? int64_t(kGemmChunk)
-            : std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes * passes));
+        sub.gemm ? int64_t(kGemmChunk)
+                 : std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, pass_bytes * passes));
     for (int64_t n0 = 0; n0 < c.n_out; n0 += rows)
       work->chunks.push_back({i, n0, std::min(c.n_out, n0 + rows)});
   }

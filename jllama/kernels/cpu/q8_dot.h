@@ -129,6 +129,19 @@ static inline void hsum_i32_rows(const __m256i* v, int32_t* out) {
   for (; m < MC; ++m) out[m] = hsum_i32(v[m]);
 }
 
+// The lane sums of 8 int32x8 vectors as one vector (lane m: v[m]), and of 8 int32x4 ones.
+static inline __m256i hsum_i32_8rows(const __m256i* v) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
+                          _mm256_permute2x128_si256(a, b, 0x31));
+}
+static inline __m256i hsum_i32x4_8rows(const __m128i* v) {
+  const __m128i a = _mm_hadd_epi32(_mm_hadd_epi32(v[0], v[1]), _mm_hadd_epi32(v[2], v[3]));
+  const __m128i b = _mm_hadd_epi32(_mm_hadd_epi32(v[4], v[5]), _mm_hadd_epi32(v[6], v[7]));
+  return _mm256_set_m128i(b, a);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
 constexpr bool kVnni = true;
 #else
@@ -259,13 +272,24 @@ struct Q8KMin {
   static constexpr int BS = 256, XB = 256;
   static constexpr bool kBias = false, kBsums = true, kTiled = true;
   static constexpr int OFF = 0;
-  template <int MC, bool TILED = false>
-  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+  // The tiled order for 8 x rows at once, lane m of the vectors x row m (dx: their d_x, acc:
+  // their running sums): each lane takes the scalar form's steps (fnmadd is fma(-a, b, c)).
+  static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
+    __m256i sumi[8];
+    __m128i pm[8];
+    sums<8>(b, bi, x, sumi, pm);
+    const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
+    const __m256 s2 = _mm256_cvtepi32_ps(hsum_i32x4_8rows(pm));
+    const __m256 r = _mm256_fnmadd_ps(_mm256_set1_ps(f16_to_f32(b + 2)), s2,
+                                      _mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b))));
+    acc = _mm256_fmadd_ps(r, dx, acc);
+  }
+  template <int MC>
+  __attribute__((always_inline)) static void sums(const uint8_t* b, int64_t bi, const Q8Row* x,
+                                                  __m256i* sumi, __m128i* pm) {
     const __m128i sm = k_scales_mins(b + 4);
     const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
     const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
-    const float dw = f16_to_f32(b), dminw = f16_to_f32(b + 2);
-    __m256i sumi[MC];
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g) {
@@ -276,12 +300,19 @@ struct Q8KMin {
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
       }
     }
-    __m128i pm[MC];  // lane i: mn[2i] (bs[4i] + bs[4i+1]) + mn[2i+1] (bs[4i+2] + bs[4i+3])
+    // lane i: mn[2i] (bs[4i] + bs[4i+1]) + mn[2i+1] (bs[4i+2] + bs[4i+3])
     for (int m = 0; m < MC; ++m) {
       const __m256i bs = load256(x[m].pairs + bi * 16);  // int16 16-sums; their pair sums fit
       const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
       pm[m] = _mm_madd_epi16(mn16, b32);
     }
+  }
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16_to_f32(b), dminw = f16_to_f32(b + 2);
+    __m256i sumi[MC];
+    __m128i pm[MC];
+    sums<MC>(b, bi, x, sumi, pm);
     if constexpr (TILED) {
       int32_t s1[MC];
       hsum_i32_rows<MC>(sumi, s1);
@@ -351,11 +382,16 @@ struct Q8W6_K {
         _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
     return _mm256_or_si256(lo, hi);
   }
-  template <int MC, bool TILED = false>
-  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+  static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
+    __m256i sumi[8];
+    sums<8>(b, bi, x, sumi);
+    const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b + 208))), dx, acc);
+  }
+  template <int MC>
+  __attribute__((always_inline)) static void sums(const uint8_t* b, int64_t bi, const Q8Row* x,
+                                                  __m256i* sumi) {
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    const float dw = f16_to_f32(b + 208);
-    __m256i sumi[MC];
     const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)scales));
     for (int m = 0; m < MC; ++m) {
       // lane l: bs[2l] sc[2l] + bs[2l+1] sc[2l+1] (int16 bsums)
@@ -374,6 +410,12 @@ struct Q8W6_K {
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
       }
     }
+  }
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16_to_f32(b + 208);
+    __m256i sumi[MC];
+    sums<MC>(b, bi, x, sumi);
     if constexpr (TILED) {
       int32_t s1[MC];
       hsum_i32_rows<MC>(sumi, s1);
@@ -942,10 +984,21 @@ template <typename D>
 struct Q8K16 {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kTiled = true;
+  static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
+    __m256i sumi[8];
+    sums<8>(b, bi, x, sumi);
+    D::tiled8_block(b, bi, x, sumi, dx, acc);
+  }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    const __m256i all = D::scales16(b);
     __m256i sumi[MC];
+    sums<MC>(b, bi, x, sumi);
+    D::template finish_block<MC, TILED>(b, bi, x, st, sumi);
+  }
+  template <int MC>
+  __attribute__((always_inline)) static void sums(const uint8_t* b, int64_t bi, const Q8Row* x,
+                                                  __m256i* sumi) {
+    const __m256i all = D::scales16(b);
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
@@ -959,7 +1012,6 @@ struct Q8K16 {
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(p, scv));
       }
     }
-    D::template finish_block<MC, TILED>(b, bi, x, st, sumi);
   }
   template <bool TILED = false>
   static float finish(const Q8Acc& a) {
@@ -981,6 +1033,17 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
   }
   // Codes 0..3, unsigned: no high part.
   static void chunk(const uint8_t* b, int c, __m256i& qw, __m256i&) { qw = k16_low2(b + 16, c); }
+  static void tiled8_block(const uint8_t* b, int64_t bi, const Q8Row* x, const __m256i* sumi,
+                           __m256 dx, __m256& acc) {
+    const __m256i mn = mins16(b);
+    __m256i prod[8];
+    for (int m = 0; m < 8; ++m) prod[m] = _mm256_madd_epi16(mn, load256(x[m].pairs + bi * 16));
+    const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
+    const __m256 s2 = _mm256_cvtepi32_ps(hsum_i32_8rows(prod));
+    const __m256 r = _mm256_fnmadd_ps(_mm256_set1_ps(f16_to_f32(b + 82)), s2,
+                                      _mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b + 80))));
+    acc = _mm256_fmadd_ps(r, dx, acc);
+  }
   template <int MC, bool TILED>
   static void finish_block(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st,
                            const __m256i* sumi) {
@@ -1022,6 +1085,11 @@ struct Q8W3_K : Q8K16<Q8W3_K> {
     const __m256i hb = _mm256_and_si256(load256(b), _mm256_set1_epi8(char(1 << c)));
     qh = _mm256_and_si256(_mm256_cmpeq_epi8(hb, _mm256_setzero_si256()), _mm256_set1_epi8(4));
     qw = k16_low2(b + 32, c);
+  }
+  static void tiled8_block(const uint8_t* b, int64_t, const Q8Row*, const __m256i* sumi,
+                           __m256 dx, __m256& acc) {
+    const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b + 108))), dx, acc);
   }
   template <int MC, bool TILED>
   static void finish_block(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st,

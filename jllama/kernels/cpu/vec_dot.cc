@@ -409,6 +409,71 @@ void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
   if (m0 < c.m_total) q8_rows_mc<T, 1, TILED>(c, m0, n0, n1);
 }
 
+// The tiled order (TILED) carries one f32 per output from block to block and nothing else, so
+// its K range can be cut into slabs of kTiledSlabK values, the running sums parked in y between
+// slabs: every output still takes its blocks' steps in order, the same bits. Per slab, each
+// pass over 8 x rows reads 8 x slab rows (16 KiB of codes at 2048 values) from L1 against all
+// the chunk's weight rows; unslabbed, a 2048x8192 weight's 8 x rows (64 KiB) did not fit L1,
+// and all 64 rows (512 KiB) not L2, so the codes streamed from L3 for every weight row.
+//
+// Types with ``tiled8`` (the K-quants) take a pass of 8 x rows as one vector per output row,
+// lane m x row m, as ggml's AVX2 tiled kernel does: the per-block epilogue (hsums, int ->
+// f32, two FMAs) once per 8 x rows instead of once per x row, the same steps in each lane.
+template <typename T, typename = void>
+struct HasTiled8 : std::false_type {};
+template <typename T>
+struct HasTiled8<T, std::void_t<decltype(&T::tiled8)>> : std::true_type {};
+
+template <typename T, int MC>
+void q8_slab_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
+  const int64_t pf = m0 == 0 ? prefetch_rows() : 0;  // later passes find the slab in cache
+  const Q8Row* x = c.rows.data() + m0;
+  if constexpr (MC == 8 && HasTiled8<T>::value) {
+    constexpr int64_t kSlabBlocks = std::max<int64_t>(1, kTiledSlabK / T::BS);
+    alignas(32) float dx[kSlabBlocks][8];  // the 8 rows' d_x, block by block
+    for (int64_t bi = b0; bi < b1; ++bi)
+      for (int m = 0; m < 8; ++m) dx[bi - b0][m] = x[m].d[bi];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = c.w + n * c.row_bytes;
+      if (pf > 0 && n + pf < n1)
+        prefetch_row(row + pf * c.row_bytes + b0 * T::TS, (b1 - b0) * T::TS);
+      alignas(32) float ys[8] = {};
+      if (b0 > 0)
+        for (int m = 0; m < 8; ++m) ys[m] = c.y[(m0 + m) * c.n_out + n];
+      __m256 acc = _mm256_load_ps(ys);
+      for (int64_t bi = b0; bi < b1; ++bi)
+        T::tiled8(row + bi * T::TS, bi, x, _mm256_load_ps(dx[bi - b0]), acc);
+      _mm256_store_ps(ys, acc);
+      for (int m = 0; m < 8; ++m) c.y[(m0 + m) * c.n_out + n] = ys[m];
+    }
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = c.w + n * c.row_bytes;
+    if (pf > 0 && n + pf < n1) prefetch_row(row + pf * c.row_bytes + b0 * T::TS, (b1 - b0) * T::TS);
+    Q8Acc st[MC];
+    for (int m = 0; m < MC; ++m) {
+      st[m] = Q8Acc();
+      if (b0 > 0) st[m].summs = c.y[(m0 + m) * c.n_out + n];
+    }
+    for (int64_t bi = b0; bi < b1; ++bi) T::template dot<MC, true>(row + bi * T::TS, bi, x, st);
+    for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<true>(st[m]);
+  }
+}
+
+template <typename T>
+void q8_rows_slabs(const Q8Call& c, int64_t n0, int64_t n1) {
+  const int64_t nb = c.k / T::BS, sb = std::max<int64_t>(1, kTiledSlabK / T::BS);
+  for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+    const int64_t b1 = std::min(nb, b0 + sb);
+    int64_t m0 = 0;
+    for (; m0 + 8 <= c.m_total; m0 += 8) q8_slab_mc<T, 8>(c, m0, n0, n1, b0, b1);
+    if (m0 + 4 <= c.m_total) q8_slab_mc<T, 4>(c, m0, n0, n1, b0, b1), m0 += 4;
+    if (m0 + 2 <= c.m_total) q8_slab_mc<T, 2>(c, m0, n0, n1, b0, b1), m0 += 2;
+    if (m0 < c.m_total) q8_slab_mc<T, 1>(c, m0, n0, n1, b0, b1);
+  }
+}
+
 // Types with a decoded block form (Q8Grid: the IQ2/IQ3 grids, whose unpacking costs as much as
 // the dots): from kDecodedMinRows x rows each weight row is unpacked once into a thread-local
 // buffer and every pass over the x rows reads it (64 rows: 8 unpackings per row become one).
@@ -471,7 +536,7 @@ void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
       return c.tiled ? q8_rows_decoded<T, true>(c, n0, n1) : q8_rows_decoded<T, false>(c, n0, n1);
   }
   if constexpr (T::kTiled) {
-    if (c.m_total >= kTiledMinRows && c.tiled) return q8_rows_t<T, true>(c, n0, n1);
+    if (c.m_total >= kTiledMinRows && c.tiled) return q8_rows_slabs<T>(c, n0, n1);
   }
   q8_rows_t<T, false>(c, n0, n1);
 }
