@@ -574,6 +574,21 @@ struct Q8Grid {
         },
         bi, x, st);
   }
+  // The tiled order for 8 x rows in one vector (lane m: x row m, dx their d_x), as Q8KMin's.
+  static void tiled8_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, __m256 dx,
+                             __m256& acc) {
+    __m256i sumi[8];
+    for (int m = 0; m < 8; ++m) sumi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j)
+      for (int m = 0; m < 8; ++m) {
+        const __m256i qy = _mm256_sign_epi8(load256(x[m].q + bi * 256 + 32 * j), v[3 * j + 1]);
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(v[3 * j], qy, v[3 * j + 2]));
+      }
+    const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum_i32_8rows(sumi)),
+                                   _mm256_set1_ps(dw * D::kFinal));
+    acc = _mm256_fmadd_ps(r, dx, acc);
+  }
   template <int MC, bool TILED, typename U>
   __attribute__((always_inline)) static void dot_with(float dw, U unpack, int64_t bi,
                                                       const Q8Row* x, Q8Acc* st) {
@@ -727,10 +742,43 @@ struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
 // D::unpack(b, j, pre, pts, sc, dsg, dl): sub-block j's grid points (int8 -1/0/1), int16 scales
 // and its delta: IQ1_M as sign bytes (+-1 per 8 values), IQ1_S as the signed scale dl; pre =
 // D::prep(b), the block's scales decoded once.
+struct IQ1Final {  // the decoded IQ1 codes are 8 g + delta: eighths
+  static constexpr float kFinal = 0.125f;
+};
 template <typename D>
 struct Q8IQ1 {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = D::kDeltaBsums, kTiled = true;
+  // Many x rows, tiled order only (q8_rows_decoded): each sub-block decoded once per weight row
+  // as Q8Grid's (|w|, sign bytes of w, scales) with w = 8 g + delta (-9..9, never 0), so one
+  // dot per x row gives 8 * (grid sum) + (delta sum), the tiled order's s1, instead of the
+  // grid dot plus a delta dot or delta products, and with Q8Grid's steps after it (d0 = d_w / 8).
+  // (The vec_dot order keeps the two sums apart, so it has no decoded form.)
+  static constexpr int kDecodedVecs = 24;
+  static constexpr bool kDecodedTiledOnly = true;
+  static float decode(const uint8_t* b, __m256i* v) {
+    const __m256i pre = D::prep(b);
+    for (int j = 0; j < 8; ++j) {
+      __m256i pts, sc, dsg;
+      int32_t dl = 0;
+      D::unpack(b, j, pre, pts, sc, dsg, dl);
+      if constexpr (D::kDeltaBsums) dsg = _mm256_set1_epi8(dl < 0 ? -1 : 1);
+      const __m256i w = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), pts), dsg);
+      v[3 * j] = _mm256_sign_epi8(w, w);
+      v[3 * j + 1] = w;
+      v[3 * j + 2] = sc;
+    }
+    return D::scale(b);
+  }
+  template <int MC, bool TILED>
+  static void dot_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    static_assert(TILED, "IQ1's decoded form is the tiled order's");
+    Q8Grid<IQ1Final>::dot_decoded<MC, true>(v, dw, bi, x, st);
+  }
+  static void tiled8_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, __m256 dx,
+                             __m256& acc) {
+    Q8Grid<IQ1Final>::tiled8_decoded(v, dw, bi, x, dx, acc);
+  }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const float dw = D::scale(b);

@@ -483,11 +483,28 @@ struct HasDecoded : std::false_type {};
 template <typename T>
 struct HasDecoded<T, std::void_t<decltype(T::kDecodedVecs)>> : std::true_type {};
 constexpr int64_t kDecodedMinRows = 16;
+template <typename T, typename = void>
+struct DecodedTiledOnly : std::false_type {};  // IQ1: a decoded form for the tiled order only
+template <typename T>
+struct DecodedTiledOnly<T, std::void_t<decltype(T::kDecodedTiledOnly)>> : std::true_type {};
 
+// dx8: TILED, for 8-row passes, the pass's d_x per block as 8 floats (m0 / 8 * nb blocks in).
 template <typename T, int MC, bool TILED>
-void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float* dw, int64_t n) {
+void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float* dw, int64_t n,
+                     const float* dx8) {
   const int64_t nb = c.k / T::BS;
   const Q8Row* x = c.rows.data() + m0;
+  if constexpr (TILED && MC == 8) {  // one vector for the 8 outputs (as q8_slab_mc)
+    __m256 acc = _mm256_setzero_ps();
+    const float* dx = dx8 + (m0 / 8) * nb * 8;
+    for (int64_t bi = 0; bi < nb; ++bi)
+      T::tiled8_decoded(v + bi * T::kDecodedVecs, dw[bi], bi, x, _mm256_loadu_ps(dx + bi * 8),
+                        acc);
+    alignas(32) float ys[8];
+    _mm256_store_ps(ys, acc);
+    for (int m = 0; m < 8; ++m) c.y[(m0 + m) * c.n_out + n] = ys[m];
+    return;
+  }
   Q8Acc st[MC];
   for (int m = 0; m < MC; ++m) st[m] = Q8Acc();
   for (int64_t bi = 0; bi < nb; ++bi)
@@ -499,18 +516,27 @@ template <typename T, bool TILED>
 void q8_rows_decoded(const Q8Call& c, int64_t n0, int64_t n1) {
   const int64_t nb = c.k / T::BS;
   thread_local std::vector<__m256i> v;
-  thread_local std::vector<float> dw;
+  thread_local std::vector<float> dw, dx8;
   v.resize(size_t(nb * T::kDecodedVecs));
   dw.resize(size_t(nb));
+  const int64_t passes8 = c.m_total / 8;
+  if constexpr (TILED) {  // [pass][block][8 rows]
+    dx8.resize(size_t(passes8 * nb * 8));
+    for (int64_t p = 0; p < passes8; ++p)
+      for (int64_t bi = 0; bi < nb; ++bi)
+        for (int m = 0; m < 8; ++m) dx8[size_t((p * nb + bi) * 8 + m)] = c.rows[size_t(8 * p + m)].d[bi];
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = c.w + n * c.row_bytes;
     for (int64_t bi = 0; bi < nb; ++bi)
       dw[size_t(bi)] = T::decode(row + bi * T::TS, v.data() + bi * T::kDecodedVecs);
+    const __m256i* vd = v.data();
+    const float *w = dw.data(), *d8 = dx8.data();
     int64_t m0 = 0;
-    for (; m0 + 8 <= c.m_total; m0 += 8) q8_decoded_pass<T, 8, TILED>(c, m0, v.data(), dw.data(), n);
-    if (m0 + 4 <= c.m_total) q8_decoded_pass<T, 4, TILED>(c, m0, v.data(), dw.data(), n), m0 += 4;
-    if (m0 + 2 <= c.m_total) q8_decoded_pass<T, 2, TILED>(c, m0, v.data(), dw.data(), n), m0 += 2;
-    if (m0 < c.m_total) q8_decoded_pass<T, 1, TILED>(c, m0, v.data(), dw.data(), n);
+    for (; m0 + 8 <= c.m_total; m0 += 8) q8_decoded_pass<T, 8, TILED>(c, m0, vd, w, n, d8);
+    if (m0 + 4 <= c.m_total) q8_decoded_pass<T, 4, TILED>(c, m0, vd, w, n, d8), m0 += 4;
+    if (m0 + 2 <= c.m_total) q8_decoded_pass<T, 2, TILED>(c, m0, vd, w, n, d8), m0 += 2;
+    if (m0 < c.m_total) q8_decoded_pass<T, 1, TILED>(c, m0, vd, w, n, d8);
   }
 }
 
@@ -532,8 +558,10 @@ void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
     if (c.m_total == 1) return q8_rows_t<One, false>(c, n0, n1);
   }
   if constexpr (HasDecoded<T>::value) {
-    if (c.m_total >= kDecodedMinRows)
-      return c.tiled ? q8_rows_decoded<T, true>(c, n0, n1) : q8_rows_decoded<T, false>(c, n0, n1);
+    if (c.m_total >= kDecodedMinRows) {
+      if (c.tiled) return q8_rows_decoded<T, true>(c, n0, n1);
+      if constexpr (!DecodedTiledOnly<T>::value) return q8_rows_decoded<T, false>(c, n0, n1);
+    }
   }
   if constexpr (T::kTiled) {
     if (c.m_total >= kTiledMinRows && c.tiled) return q8_rows_slabs<T>(c, n0, n1);
