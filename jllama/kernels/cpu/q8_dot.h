@@ -360,9 +360,10 @@ struct Q8W5_K : Q8KMin<Q8W5_K> {
   static __m256i group(const uint8_t* b, int g) {  // plus bit g of qh[l] as 16
     const __m256i q = load256(b + 48 + 32 * (g >> 1));
     const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (g & 1)), _mm256_set1_epi8(15));
-    const __m256i h = _mm256_and_si256(load256(b + 16), _mm256_set1_epi8(char(1 << g)));
-    const __m256i hi = _mm256_slli_epi16(_mm256_srli_epi16(h, g), 4);
-    return _mm256_or_si256(lo, hi);
+    // bit g to bit 4 in one 16-bit shift (the high byte's bit g lands on its own bit 4 too)
+    const __m256i qh = load256(b + 16);
+    const __m256i h = g <= 4 ? _mm256_slli_epi16(qh, 4 - g) : _mm256_srli_epi16(qh, g - 4);
+    return _mm256_or_si256(lo, _mm256_and_si256(h, _mm256_set1_epi8(16)));
   }
 };
 
@@ -1121,7 +1122,35 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
 
 struct Q8W3_K : Q8K16<Q8W3_K> {
   static constexpr int TS = 110;
-  static constexpr bool kHigh = true, kBsums = false;
+  static constexpr bool kHigh = true, kBsums = true;  // bsums: tiled8's bias term
+  // The tiled order for 8 x rows (Q8K16::tiled8's role): only s1, the block's total, enters it,
+  // so the codes are taken unsigned, low2 | hbit << 2 = code + 4 (0..7, one maddubs per x row
+  // instead of two and a subtraction, as ggml's tiled kernel with its BIAS 4), and 4 * sum_g
+  // sc[g] bs[g] (x's 16-sums) taken off once per block: the same exact s1.
+  static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
+    const __m256i all = scales16(b);
+    const __m256i hm = load256(b);
+    __m256i sumi[8];
+    for (int m = 0; m < 8; ++m) sumi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m256i scv = k16_pair_scales(all, c);
+      // bit c of each hmask byte to bit 2 (16-bit shifts: the high byte's bit c lands on its
+      // own bit 2 too)
+      const __m256i hb = c <= 2 ? _mm256_slli_epi16(hm, 2 - c) : _mm256_srli_epi16(hm, c - 2);
+      const __m256i code = _mm256_or_si256(k16_low2(b + 32, c),
+                                           _mm256_and_si256(hb, _mm256_set1_epi8(4)));
+      for (int m = 0; m < 8; ++m) {
+        const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
+        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(_mm256_maddubs_epi16(code, qy), scv));
+      }
+    }
+    for (int m = 0; m < 8; ++m) {
+      const __m256i t = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), all);
+      sumi[m] = _mm256_sub_epi32(sumi[m], _mm256_slli_epi32(t, 2));
+    }
+    tiled8_block(b, bi, x, sumi, dx, acc);
+  }
   static __m256i scales16(const uint8_t* b) {
     uint32_t w[4];
     Q3_K::scale_words(b + 96, w);
