@@ -129,17 +129,12 @@ static inline void hsum_i32_rows(const __m256i* v, int32_t* out) {
   for (; m < MC; ++m) out[m] = hsum_i32(v[m]);
 }
 
-// The lane sums of 8 int32x8 vectors as one vector (lane m: v[m]), and of 8 int32x4 ones.
+// The lane sums of 8 int32x8 vectors as one vector (lane m: v[m]).
 static inline __m256i hsum_i32_8rows(const __m256i* v) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
   const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
                           _mm256_permute2x128_si256(a, b, 0x31));
-}
-static inline __m256i hsum_i32x4_8rows(const __m128i* v) {
-  const __m128i a = _mm_hadd_epi32(_mm_hadd_epi32(v[0], v[1]), _mm_hadd_epi32(v[2], v[3]));
-  const __m128i b = _mm_hadd_epi32(_mm_hadd_epi32(v[4], v[5]), _mm_hadd_epi32(v[6], v[7]));
-  return _mm256_set_m128i(b, a);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
@@ -274,22 +269,25 @@ struct Q8KMin {
   static constexpr int OFF = 0;
   // The tiled order for 8 x rows at once, lane m of the vectors x row m (dx: their d_x, acc:
   // their running sums): each lane takes the scalar form's steps (fnmadd is fma(-a, b, c)).
+  // The mins: lane l of a row = mn[l] (bs[2l] + bs[2l+1]), one 256-bit madd per x row.
   static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
-    __m256i sumi[8];
-    __m128i pm[8];
-    sums<8>(b, bi, x, sumi, pm);
+    __m256i sumi[8], pm[8];
+    const __m128i sm = sums<8>(b, bi, x, sumi);
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+    const __m256i mn2 = _mm256_set_m128i(_mm_unpackhi_epi16(mn16, mn16), _mm_unpacklo_epi16(mn16, mn16));
+    for (int m = 0; m < 8; ++m) pm[m] = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), mn2);
     const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
-    const __m256 s2 = _mm256_cvtepi32_ps(hsum_i32x4_8rows(pm));
+    const __m256 s2 = _mm256_cvtepi32_ps(hsum_i32_8rows(pm));
     const __m256 r = _mm256_fnmadd_ps(_mm256_set1_ps(f16_to_f32(b + 2)), s2,
                                       _mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b))));
     acc = _mm256_fmadd_ps(r, dx, acc);
   }
+  // The groups' scaled dots; returns the block's scales and mins (k_scales_mins).
   template <int MC>
-  __attribute__((always_inline)) static void sums(const uint8_t* b, int64_t bi, const Q8Row* x,
-                                                  __m256i* sumi, __m128i* pm) {
+  __attribute__((always_inline)) static __m128i sums(const uint8_t* b, int64_t bi,
+                                                     const Q8Row* x, __m256i* sumi) {
     const __m128i sm = k_scales_mins(b + 4);
     const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
-    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g) {
@@ -300,19 +298,20 @@ struct Q8KMin {
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
       }
     }
-    // lane i: mn[2i] (bs[4i] + bs[4i+1]) + mn[2i+1] (bs[4i+2] + bs[4i+3])
-    for (int m = 0; m < MC; ++m) {
-      const __m256i bs = load256(x[m].pairs + bi * 16);  // int16 16-sums; their pair sums fit
-      const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-      pm[m] = _mm_madd_epi16(mn16, b32);
-    }
+    return sm;
   }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const float dw = f16_to_f32(b), dminw = f16_to_f32(b + 2);
     __m256i sumi[MC];
     __m128i pm[MC];
-    sums<MC>(b, bi, x, sumi, pm);
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sums<MC>(b, bi, x, sumi), 8));
+    // lane i: mn[2i] (bs[4i] + bs[4i+1]) + mn[2i+1] (bs[4i+2] + bs[4i+3])
+    for (int m = 0; m < MC; ++m) {
+      const __m256i bs = load256(x[m].pairs + bi * 16);  // int16 16-sums; their pair sums fit
+      const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+      pm[m] = _mm_madd_epi16(mn16, b32);
+    }
     if constexpr (TILED) {
       int32_t s1[MC];
       hsum_i32_rows<MC>(sumi, s1);
