@@ -118,10 +118,11 @@ def test_q8_kernel_long_rows_bit_exact_vs_ggml(qtype: QType) -> None:
     """Rows longer than the row kernels' K slab (2048 values, one slab's running sums parked in
     the output between slabs): 2560 = one full slab and a 2-block one; 8192 also has a row
     stride (8 KiB) that maps every x row to the same L1 sets. 8 / 17 / 64 rows: 8-row passes
-    (one vector per output row) with 1-row and 8-row tails; the IQ types from 16 rows: each
-    weight row decoded once (IQ1: as 8 g + delta)."""
+    (one vector per output row) with 1-row and 8-row tails; 150: blocks of 64 x rows and a
+    ragged one; the IQ types from 16 rows: each weight row decoded once (IQ1: as 8 g +
+    delta)."""
     require_q8()
-    for k, n, ms in ((2560, 37, (8, 17, 64)), (8192, 19, (64,))):
+    for k, n, ms in ((2560, 37, (8, 17, 64, 150)), (8192, 19, (64,))):
         raw = random_blocks(qtype, n, k, seed=int(qtype) + k)
         for m in ms:
             x = activations(m, k, seed=m + k)

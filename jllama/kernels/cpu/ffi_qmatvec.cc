@@ -296,11 +296,14 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
     // q8_rows_slabs): what stays in cache across passes is the chunk's slab of each row.
     const int64_t passes = (x.m + 7) / 8;
     const Q8Sub& sub = work->subs[size_t(i)];
-    const bool slabs = sub.kern.tiled && tiled && x.m >= kTiledMinRows && c.k > kTiledSlabK;
-    const int64_t pass_bytes = slabs ? c.row_bytes * kTiledSlabK / c.k : c.row_bytes;
-    // There every chunk reads all of x once per slab (64 rows of 8192: 512 KiB, more than L2),
-    // so its chunks are longer: up to 256 KiB of slab weights (64-row Q2_K/Q3_K/Q4_K 2048x8192:
-    // 2-15 % less time than 64 KiB), but at least 32 chunks to share between threads.
+    const bool slabs = !sub.gemm && sub.kern.tiled && tiled && x.m >= kTiledMinRows &&
+                       (c.k > kTiledSlabK || x.m > kTiledMBlock);
+    const int64_t pass_bytes =
+        slabs ? c.row_bytes * std::min(c.k, kTiledSlabK) / c.k : c.row_bytes;
+    // There every chunk reads all of x once per slab (64 rows of 8192: 512 KiB, more than L2;
+    // 512 rows of 2048: 1 MiB, in blocks of 64 rows), so its chunks are longer: up to 256 KiB
+    // of slab weights (64-row Q2_K/Q3_K/Q4_K 2048x8192: 2-15 % less time than 64 KiB), but at
+    // least 32 chunks to share between threads.
     const int64_t rows =
         sub.gemm ? int64_t(kGemmChunk)
         : slabs  ? std::max<int64_t>(1, std::min((256 << 10) / std::max<int64_t>(1, pass_bytes),

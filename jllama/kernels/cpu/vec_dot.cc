@@ -461,16 +461,22 @@ void q8_slab_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1, int64_t b0,
   }
 }
 
+// Long prompts: x rows in blocks of kTiledMBlock, so that one slab of a block's rows (128 KiB)
+// stays in L2 while the chunk's weight rows pass over it (512 rows of 2048: 1 MiB, which
+// streamed from L3 for every weight row).
 template <typename T>
 void q8_rows_slabs(const Q8Call& c, int64_t n0, int64_t n1) {
   const int64_t nb = c.k / T::BS, sb = std::max<int64_t>(1, kTiledSlabK / T::BS);
-  for (int64_t b0 = 0; b0 < nb; b0 += sb) {
-    const int64_t b1 = std::min(nb, b0 + sb);
-    int64_t m0 = 0;
-    for (; m0 + 8 <= c.m_total; m0 += 8) q8_slab_mc<T, 8>(c, m0, n0, n1, b0, b1);
-    if (m0 + 4 <= c.m_total) q8_slab_mc<T, 4>(c, m0, n0, n1, b0, b1), m0 += 4;
-    if (m0 + 2 <= c.m_total) q8_slab_mc<T, 2>(c, m0, n0, n1, b0, b1), m0 += 2;
-    if (m0 < c.m_total) q8_slab_mc<T, 1>(c, m0, n0, n1, b0, b1);
+  for (int64_t mb = 0; mb < c.m_total; mb += kTiledMBlock) {
+    const int64_t me = std::min(c.m_total, mb + kTiledMBlock);
+    for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+      const int64_t b1 = std::min(nb, b0 + sb);
+      int64_t m0 = mb;
+      for (; m0 + 8 <= me; m0 += 8) q8_slab_mc<T, 8>(c, m0, n0, n1, b0, b1);
+      if (m0 + 4 <= me) q8_slab_mc<T, 4>(c, m0, n0, n1, b0, b1), m0 += 4;
+      if (m0 + 2 <= me) q8_slab_mc<T, 2>(c, m0, n0, n1, b0, b1), m0 += 2;
+      if (m0 < me) q8_slab_mc<T, 1>(c, m0, n0, n1, b0, b1);
+    }
   }
 }
 
