@@ -494,37 +494,61 @@ struct DecodedTiledOnly : std::false_type {};  // IQ1: a decoded form for the ti
 template <typename T>
 struct DecodedTiledOnly<T, std::void_t<decltype(T::kDecodedTiledOnly)>> : std::true_type {};
 
-// dx8: TILED, for 8-row passes, the pass's d_x per block as 8 floats (m0 / 8 * nb blocks in).
+// Weight row n's decoded blocks [b0, b1) (v, dw: from block b0) against x rows m0..m0+MC-1.
+// TILED: the running sums start from y where b0 > 0 (K slabs, as q8_slab_mc); dx8, for 8-row
+// passes, the pass's d_x per block as 8 floats (m0 / 8 * nb blocks in).
 template <typename T, int MC, bool TILED>
 void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float* dw, int64_t n,
-                     const float* dx8) {
+                     const float* dx8, int64_t b0, int64_t b1) {
   const int64_t nb = c.k / T::BS;
   const Q8Row* x = c.rows.data() + m0;
+  float* y = c.y + m0 * c.n_out + n;
   if constexpr (TILED && MC == 8) {  // one vector for the 8 outputs (as q8_slab_mc)
-    __m256 acc = _mm256_setzero_ps();
+    alignas(32) float ys[8] = {};
+    if (b0 > 0)
+      for (int m = 0; m < 8; ++m) ys[m] = y[m * c.n_out];
+    __m256 acc = _mm256_load_ps(ys);
     const float* dx = dx8 + (m0 / 8) * nb * 8;
-    for (int64_t bi = 0; bi < nb; ++bi)
-      T::tiled8_decoded(v + bi * T::kDecodedVecs, dw[bi], bi, x, _mm256_loadu_ps(dx + bi * 8),
-                        acc);
-    alignas(32) float ys[8];
+    for (int64_t bi = b0; bi < b1; ++bi)
+      T::tiled8_decoded(v + (bi - b0) * T::kDecodedVecs, dw[bi - b0], bi, x,
+                        _mm256_loadu_ps(dx + bi * 8), acc);
     _mm256_store_ps(ys, acc);
-    for (int m = 0; m < 8; ++m) c.y[(m0 + m) * c.n_out + n] = ys[m];
+    for (int m = 0; m < 8; ++m) y[m * c.n_out] = ys[m];
     return;
   }
   Q8Acc st[MC];
-  for (int m = 0; m < MC; ++m) st[m] = Q8Acc();
-  for (int64_t bi = 0; bi < nb; ++bi)
-    T::template dot_decoded<MC, TILED>(v + bi * T::kDecodedVecs, dw[bi], bi, x, st);
-  for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<TILED>(st[m]);
+  for (int m = 0; m < MC; ++m) {
+    st[m] = Q8Acc();
+    if (TILED && b0 > 0) st[m].summs = y[m * c.n_out];
+  }
+  for (int64_t bi = b0; bi < b1; ++bi)
+    T::template dot_decoded<MC, TILED>(v + (bi - b0) * T::kDecodedVecs, dw[bi - b0], bi, x, st);
+  for (int m = 0; m < MC; ++m) y[m * c.n_out] = T::template finish<TILED>(st[m]);
 }
 
+// Rows [m0, me) against row n's decoded blocks [b0, b1): passes of 8, then 4, 2, 1.
+template <typename T, bool TILED>
+void q8_decoded_passes(const Q8Call& c, int64_t m0, int64_t me, const __m256i* v, const float* dw,
+                       int64_t n, const float* dx8, int64_t b0, int64_t b1) {
+  for (; m0 + 8 <= me; m0 += 8) q8_decoded_pass<T, 8, TILED>(c, m0, v, dw, n, dx8, b0, b1);
+  if (m0 + 4 <= me) q8_decoded_pass<T, 4, TILED>(c, m0, v, dw, n, dx8, b0, b1), m0 += 4;
+  if (m0 + 2 <= me) q8_decoded_pass<T, 2, TILED>(c, m0, v, dw, n, dx8, b0, b1), m0 += 2;
+  if (m0 < me) q8_decoded_pass<T, 1, TILED>(c, m0, v, dw, n, dx8, b0, b1);
+}
+
+// TILED: as q8_rows_slabs, x rows in blocks of kTiledMBlock and K in slabs, each weight row's
+// slab decoded once per block of x rows (512 rows: 8 decodings instead of 64 unpackings per
+// pass, and the block's x slab stays in L2); the vec_dot order (no slabs: its state is 8 f32
+// lanes) decodes each row once for all x rows.
 template <typename T, bool TILED>
 void q8_rows_decoded(const Q8Call& c, int64_t n0, int64_t n1) {
   const int64_t nb = c.k / T::BS;
+  const int64_t sb = TILED ? std::max<int64_t>(1, kTiledSlabK / T::BS) : nb;
+  const int64_t mblock = TILED ? kTiledMBlock : c.m_total;
   thread_local std::vector<__m256i> v;
   thread_local std::vector<float> dw, dx8;
-  v.resize(size_t(nb * T::kDecodedVecs));
-  dw.resize(size_t(nb));
+  v.resize(size_t(std::min(nb, sb) * T::kDecodedVecs));
+  dw.resize(size_t(std::min(nb, sb)));
   const int64_t passes8 = c.m_total / 8;
   if constexpr (TILED) {  // [pass][block][8 rows]
     dx8.resize(size_t(passes8 * nb * 8));
@@ -532,17 +556,17 @@ void q8_rows_decoded(const Q8Call& c, int64_t n0, int64_t n1) {
       for (int64_t bi = 0; bi < nb; ++bi)
         for (int m = 0; m < 8; ++m) dx8[size_t((p * nb + bi) * 8 + m)] = c.rows[size_t(8 * p + m)].d[bi];
   }
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = c.w + n * c.row_bytes;
-    for (int64_t bi = 0; bi < nb; ++bi)
-      dw[size_t(bi)] = T::decode(row + bi * T::TS, v.data() + bi * T::kDecodedVecs);
-    const __m256i* vd = v.data();
-    const float *w = dw.data(), *d8 = dx8.data();
-    int64_t m0 = 0;
-    for (; m0 + 8 <= c.m_total; m0 += 8) q8_decoded_pass<T, 8, TILED>(c, m0, vd, w, n, d8);
-    if (m0 + 4 <= c.m_total) q8_decoded_pass<T, 4, TILED>(c, m0, vd, w, n, d8), m0 += 4;
-    if (m0 + 2 <= c.m_total) q8_decoded_pass<T, 2, TILED>(c, m0, vd, w, n, d8), m0 += 2;
-    if (m0 < c.m_total) q8_decoded_pass<T, 1, TILED>(c, m0, vd, w, n, d8);
+  for (int64_t mb = 0; mb < c.m_total; mb += mblock) {
+    const int64_t me = std::min(c.m_total, mb + mblock);
+    for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+      const int64_t b1 = std::min(nb, b0 + sb);
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* row = c.w + n * c.row_bytes;
+        for (int64_t bi = b0; bi < b1; ++bi)
+          dw[size_t(bi - b0)] = T::decode(row + bi * T::TS, v.data() + (bi - b0) * T::kDecodedVecs);
+        q8_decoded_passes<T, TILED>(c, mb, me, v.data(), dw.data(), n, dx8.data(), b0, b1);
+      }
+    }
   }
 }
 
