@@ -264,8 +264,9 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, const WView& w, float* y,
   sub.pairs.resize(size_t(m * np));
   if (np > 0) code_sums(qp, m * k, pg, 1, sub.pairs.data());  // |sum| <= 32 * 127: an int16
   // x rows a multiple of 4 KiB apart (k = 4096, 8192, ...) put a pass's 8 rows in the same L1
-  // sets (their addresses agree in bits 6-11): a copy 64 bytes apart per row. 64-row Q4_K
-  // 2048x8192 product: ~10 % less time (experiments/results/cpu_kernels.md).
+  // sets (their addresses agree in bits 6-11): a copy 64 bytes apart per row. (64-row Q4_K
+  // products with k = 7936 or 8448 took ~10 % less time per MAC than with k = 8192 unpadded:
+  // experiments/results/cpu_kernels.md.)
   int64_t stride = k;
   if (!sub.gemm && m >= kTiledMinRows && k % 4096 == 0) {
     stride = k + 64;
