@@ -1,7 +1,7 @@
 """Prompt-sized int8 GEMMs, jllama's C++ kernel against ggml's own ``mul_mat``, side by side.
 
     python experiments/bench_gemm_vs_ggml.py [--rows 512] [--threads 2] [--reps 5]
-        [--model gemma3|smollm2|q2q3|iq12|decode|all]
+        [--model gemma3|smollm2|q2q3|kquant|iq12|decode|all]
 
 Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
 activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
@@ -39,6 +39,9 @@ MODELS = {
     # the same 1B shapes in the IQ2 / IQ1 types (llama-quantize's IQ2_*/IQ1_* file types)
     "iq12": [("IQ2_XXS", 8192, 2048, 2), ("IQ2_XS", 8192, 2048, 2), ("IQ2_S", 8192, 2048, 2),
              ("IQ1_S", 8192, 2048, 2), ("IQ1_M", 8192, 2048, 2)],
+    # every K-quant on a 1B llama's ffn shapes, up (8192x2048) and down (2048x8192)
+    "kquant": [(t, n, k, 1) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+               for n, k in ((8192, 2048), (2048, 8192))],
     # every low-bit int8 kernel on one 1B ffn shape (run with --rows 1: decode, per byte)
     "decode": [(t, 8192, 2048, 1) for t in ("Q2_K", "Q3_K", "Q4_K", "IQ1_S", "IQ1_M", "IQ2_XXS",
                                              "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL",
@@ -46,7 +49,7 @@ MODELS = {
 }  # fmt: skip
 
 
-def best_of(fns, reps: int) -> list[float]:
+def best_of(fns, reps: int, clock=time.perf_counter) -> list[float]:
     """The best time of each function, their runs interleaved (the machine's load then weighs
     on both alike)."""
     for fn in fns:
@@ -54,9 +57,9 @@ def best_of(fns, reps: int) -> list[float]:
     best = [float("inf")] * len(fns)
     for _ in range(reps):
         for i, fn in enumerate(fns):
-            t = time.perf_counter()
+            t = clock()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t)
+            best[i] = min(best[i], clock() - t)
     return best
 
 
@@ -93,6 +96,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--model", default="all", choices=["all", *MODELS])
     ap.add_argument("--types", default="", help="comma-separated weight types to keep (all)")
+    # On a shared machine the process's CPU time leaves out the time other processes hold the
+    # core (with one thread both engines compute on one thread of this process).
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall: perf_counter; cpu: process CPU time (use with --threads 1)")
     a = ap.parse_args()
     os.environ.setdefault("JLLAMA_CPU_KERNEL_THREADS", str(a.threads))
 
@@ -106,6 +113,7 @@ def main() -> None:
 
     assert cpu_ffi.available(), "C++ kernels not built"
     rng = np.random.default_rng(0)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     for name in MODELS if a.model == "all" else [a.model]:
         tot_g = tot_j = 0.0
         print(f"{name}: {a.rows} rows, {a.threads} threads")
@@ -123,7 +131,7 @@ def main() -> None:
             xj, rj = jnp.asarray(x), jnp.asarray(raw)
             run, result, free = ggml_timer(raw, qt, x, a.threads)
             t_j, t_g = best_of([lambda xj=xj, rj=rj: ours(xj, rj).block_until_ready(), run],
-                               a.reps)
+                               a.reps, clock)
             same = np.array_equal(result(), np.asarray(ours(xj, rj)))
             free()
             tot_g, tot_j = tot_g + uses * t_g, tot_j + uses * t_j

@@ -111,6 +111,27 @@ def test_q8_kernel_bit_exact_vs_ggml(qtype: QType) -> None:
         )
 
 
+@pytest.mark.parametrize("qtype", sorted(K_TILED) + [QType.IQ1_S, QType.IQ1_M, QType.IQ2_S,
+                                                     QType.IQ3_S, QType.IQ4_XS],
+                         ids=lambda t: t.name)
+def test_q8_kernel_long_rows_bit_exact_vs_ggml(qtype: QType) -> None:
+    """Rows longer than the row kernels' K slab (2048 values, one slab's running sums parked in
+    the output between slabs): 2560 = one full slab and a 2-block one; 8192 also has a row
+    stride (8 KiB) that maps every x row to the same L1 sets. 8 / 17 / 64 rows: 8-row passes
+    (one vector per output row) with 1-row and 8-row tails; 150: blocks of 64 x rows and a
+    ragged one; the IQ types from 16 rows: each weight row decoded once (IQ1: as 8 g +
+    delta)."""
+    require_q8()
+    for k, n, ms in ((2560, 37, (8, 17, 64, 150)), (8192, 19, (64,))):
+        raw = random_blocks(qtype, n, k, seed=int(qtype) + k)
+        for m in ms:
+            x = activations(m, k, seed=m + k)
+            ref = ggml_mul_mat(raw, qtype, x, n_threads=1)
+            got = ours(raw, qtype, x)
+            bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
+            assert bad.size == 0, f"{qtype.name} k={k} m={m}: {bad.size} of {ref.size} differ"
+
+
 @pytest.mark.parametrize("qtypes", [(QType.Q4_1, QType.Q4_1, QType.Q4_1),
                                     (QType.Q5_0, QType.Q5_0, QType.Q8_0),
                                     (QType.Q4_K, QType.Q6_K),

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -152,6 +153,7 @@ struct Q8Sub {
   bool gemm = false;
   std::vector<int32_t> aux;
   std::vector<int16_t> pairs;
+  std::vector<int8_t> xpad;  // x codes at a padded row stride (q8_prepare)
 };
 
 struct Q8Work : ChunkJob {
@@ -263,8 +265,19 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, const WView& w, float* y,
   const int64_t np = pg ? k / pg : 0;
   sub.pairs.resize(size_t(m * np));
   if (np > 0) code_sums(qp, m * k, pg, 1, sub.pairs.data());  // |sum| <= 32 * 127: an int16
+  // x rows a multiple of 4 KiB apart (k = 4096, 8192, ...) put a pass's 8 rows in the same L1
+  // sets (their addresses agree in bits 6-11): a copy 64 bytes apart per row. (64-row Q4_K
+  // products with k = 7936 or 8448 took ~10 % less time per MAC than with k = 8192 unpadded:
+  // experiments/results/cpu_kernels.md.)
+  int64_t stride = k;
+  if (!sub.gemm && m >= kTiledMinRows && k % 4096 == 0) {
+    stride = k + 64;
+    sub.xpad.resize(size_t(m * stride));
+    for (int64_t r = 0; r < m; ++r) std::memcpy(sub.xpad.data() + r * stride, qp + r * k, size_t(k));
+    qp = sub.xpad.data();
+  }
   for (int64_t r = 0; r < m; ++r)
-    c.rows[size_t(r)] = {qp + r * k, x.d + r * nxb, kern.q8_1 ? x.s + r * nxb : nullptr,
+    c.rows[size_t(r)] = {qp + r * stride, x.d + r * nxb, kern.q8_1 ? x.s + r * nxb : nullptr,
                          sub.aux.data() + r * per, sub.pairs.data() + r * np};
   return "";
 }
@@ -282,11 +295,23 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
     // chunks stay as short as a decode step's (a 64-row call of a 256-row weight was 3 chunks,
     // which 2 threads split 2:1) and each chunk's weights stay in L1/L2 across its passes;
     // the GEMM: one tile of weight rows (times all x rows: plenty of work per claim).
+    // In the tiled order the row kernels pass over one K slab at a time (vec_dot.cc
+    // q8_rows_slabs): what stays in cache across passes is the chunk's slab of each row.
     const int64_t passes = (x.m + 7) / 8;
+    const Q8Sub& sub = work->subs[size_t(i)];
+    const bool slabs = !sub.gemm && sub.kern.tiled && tiled && x.m >= kTiledMinRows &&
+                       (c.k > kTiledSlabK || x.m > kTiledMBlock);
+    const int64_t pass_bytes =
+        slabs ? c.row_bytes * std::min(c.k, kTiledSlabK) / c.k : c.row_bytes;
+    // There every chunk reads all of x once per slab (64 rows of 8192: 512 KiB, more than L2;
+    // 512 rows of 2048: 1 MiB, in blocks of 64 rows), so its chunks are longer: up to 256 KiB
+    // of slab weights (64-row Q2_K/Q3_K/Q4_K 2048x8192: 2-15 % less time than 64 KiB), but at
+    // least 32 chunks to share between threads.
     const int64_t rows =
-        work->subs[size_t(i)].gemm
-            ? int64_t(kGemmChunk)
-            : std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes * passes));
+        sub.gemm ? int64_t(kGemmChunk)
+        : slabs  ? std::max<int64_t>(1, std::min((256 << 10) / std::max<int64_t>(1, pass_bytes),
+                                                 (c.n_out + 31) / 32))
+                 : std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, pass_bytes * passes));
     for (int64_t n0 = 0; n0 < c.n_out; n0 += rows)
       work->chunks.push_back({i, n0, std::min(c.n_out, n0 + rows)});
   }

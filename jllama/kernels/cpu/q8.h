@@ -58,6 +58,10 @@ struct Q8Row {
 };
 
 constexpr int64_t kTiledMinRows = 8;  // ggml_tiled_min_batch
+// The row kernels' K slab in the tiled order (vec_dot.cc q8_rows_slabs): 8 x rows' codes of
+// one slab fill half of a 32 KiB L1.
+constexpr int64_t kTiledSlabK = 2048;
+constexpr int64_t kTiledMBlock = 64;  // x rows per block there (a multiple of 8)
 
 // One weight against all x rows.
 struct Q8Call {

@@ -129,6 +129,14 @@ static inline void hsum_i32_rows(const __m256i* v, int32_t* out) {
   for (; m < MC; ++m) out[m] = hsum_i32(v[m]);
 }
 
+// The lane sums of 8 int32x8 vectors as one vector (lane m: v[m]).
+static inline __m256i hsum_i32_8rows(const __m256i* v) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
+                          _mm256_permute2x128_si256(a, b, 0x31));
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
 constexpr bool kVnni = true;
 #else
@@ -259,13 +267,27 @@ struct Q8KMin {
   static constexpr int BS = 256, XB = 256;
   static constexpr bool kBias = false, kBsums = true, kTiled = true;
   static constexpr int OFF = 0;
-  template <int MC, bool TILED = false>
-  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+  // The tiled order for 8 x rows at once, lane m of the vectors x row m (dx: their d_x, acc:
+  // their running sums): each lane takes the scalar form's steps (fnmadd is fma(-a, b, c)).
+  // The mins: lane l of a row = mn[l] (bs[2l] + bs[2l+1]), one 256-bit madd per x row.
+  static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
+    __m256i sumi[8], pm[8];
+    const __m128i sm = sums<8>(b, bi, x, sumi);
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+    const __m256i mn2 = _mm256_set_m128i(_mm_unpackhi_epi16(mn16, mn16), _mm_unpacklo_epi16(mn16, mn16));
+    for (int m = 0; m < 8; ++m) pm[m] = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), mn2);
+    const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
+    const __m256 s2 = _mm256_cvtepi32_ps(hsum_i32_8rows(pm));
+    const __m256 r = _mm256_fnmadd_ps(_mm256_set1_ps(f16_to_f32(b + 2)), s2,
+                                      _mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b))));
+    acc = _mm256_fmadd_ps(r, dx, acc);
+  }
+  // The groups' scaled dots; returns the block's scales and mins (k_scales_mins).
+  template <int MC>
+  __attribute__((always_inline)) static __m128i sums(const uint8_t* b, int64_t bi,
+                                                     const Q8Row* x, __m256i* sumi) {
     const __m128i sm = k_scales_mins(b + 4);
     const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
-    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
-    const float dw = f16_to_f32(b), dminw = f16_to_f32(b + 2);
-    __m256i sumi[MC];
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g) {
@@ -276,7 +298,15 @@ struct Q8KMin {
         sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
       }
     }
-    __m128i pm[MC];  // lane i: mn[2i] (bs[4i] + bs[4i+1]) + mn[2i+1] (bs[4i+2] + bs[4i+3])
+    return sm;
+  }
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16_to_f32(b), dminw = f16_to_f32(b + 2);
+    __m256i sumi[MC];
+    __m128i pm[MC];
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sums<MC>(b, bi, x, sumi), 8));
+    // lane i: mn[2i] (bs[4i] + bs[4i+1]) + mn[2i+1] (bs[4i+2] + bs[4i+3])
     for (int m = 0; m < MC; ++m) {
       const __m256i bs = load256(x[m].pairs + bi * 16);  // int16 16-sums; their pair sums fit
       const __m128i b32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
@@ -329,9 +359,10 @@ struct Q8W5_K : Q8KMin<Q8W5_K> {
   static __m256i group(const uint8_t* b, int g) {  // plus bit g of qh[l] as 16
     const __m256i q = load256(b + 48 + 32 * (g >> 1));
     const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (g & 1)), _mm256_set1_epi8(15));
-    const __m256i h = _mm256_and_si256(load256(b + 16), _mm256_set1_epi8(char(1 << g)));
-    const __m256i hi = _mm256_slli_epi16(_mm256_srli_epi16(h, g), 4);
-    return _mm256_or_si256(lo, hi);
+    // bit g to bit 4 in one 16-bit shift (the high byte's bit g lands on its own bit 4 too)
+    const __m256i qh = load256(b + 16);
+    const __m256i h = g <= 4 ? _mm256_slli_epi16(qh, 4 - g) : _mm256_srli_epi16(qh, g - 4);
+    return _mm256_or_si256(lo, _mm256_and_si256(h, _mm256_set1_epi8(16)));
   }
 };
 
@@ -351,11 +382,16 @@ struct Q8W6_K {
         _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(3)), 4);
     return _mm256_or_si256(lo, hi);
   }
-  template <int MC, bool TILED = false>
-  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+  static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
+    __m256i sumi[8];
+    sums<8>(b, bi, x, sumi);
+    const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b + 208))), dx, acc);
+  }
+  template <int MC>
+  __attribute__((always_inline)) static void sums(const uint8_t* b, int64_t bi, const Q8Row* x,
+                                                  __m256i* sumi) {
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    const float dw = f16_to_f32(b + 208);
-    __m256i sumi[MC];
     const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)scales));
     for (int m = 0; m < MC; ++m) {
       // lane l: bs[2l] sc[2l] + bs[2l+1] sc[2l+1] (int16 bsums)
@@ -374,6 +410,12 @@ struct Q8W6_K {
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
       }
     }
+  }
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16_to_f32(b + 208);
+    __m256i sumi[MC];
+    sums<MC>(b, bi, x, sumi);
     if constexpr (TILED) {
       int32_t s1[MC];
       hsum_i32_rows<MC>(sumi, s1);
@@ -532,6 +574,21 @@ struct Q8Grid {
         },
         bi, x, st);
   }
+  // The tiled order for 8 x rows in one vector (lane m: x row m, dx their d_x), as Q8KMin's.
+  static void tiled8_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, __m256 dx,
+                             __m256& acc) {
+    __m256i sumi[8];
+    for (int m = 0; m < 8; ++m) sumi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j)
+      for (int m = 0; m < 8; ++m) {
+        const __m256i qy = _mm256_sign_epi8(load256(x[m].q + bi * 256 + 32 * j), v[3 * j + 1]);
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(v[3 * j], qy, v[3 * j + 2]));
+      }
+    const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum_i32_8rows(sumi)),
+                                   _mm256_set1_ps(dw * D::kFinal));
+    acc = _mm256_fmadd_ps(r, dx, acc);
+  }
   template <int MC, bool TILED, typename U>
   __attribute__((always_inline)) static void dot_with(float dw, U unpack, int64_t bi,
                                                       const Q8Row* x, Q8Acc* st) {
@@ -685,10 +742,43 @@ struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
 // D::unpack(b, j, pre, pts, sc, dsg, dl): sub-block j's grid points (int8 -1/0/1), int16 scales
 // and its delta: IQ1_M as sign bytes (+-1 per 8 values), IQ1_S as the signed scale dl; pre =
 // D::prep(b), the block's scales decoded once.
+struct IQ1Final {  // the decoded IQ1 codes are 8 g + delta: eighths
+  static constexpr float kFinal = 0.125f;
+};
 template <typename D>
 struct Q8IQ1 {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = D::kDeltaBsums, kTiled = true;
+  // Many x rows, tiled order only (q8_rows_decoded): each sub-block decoded once per weight row
+  // as Q8Grid's (|w|, sign bytes of w, scales) with w = 8 g + delta (-9..9, never 0), so one
+  // dot per x row gives 8 * (grid sum) + (delta sum), the tiled order's s1, instead of the
+  // grid dot plus a delta dot or delta products, and with Q8Grid's steps after it (d0 = d_w / 8).
+  // (The vec_dot order keeps the two sums apart, so it has no decoded form.)
+  static constexpr int kDecodedVecs = 24;
+  static constexpr bool kDecodedTiledOnly = true;
+  static float decode(const uint8_t* b, __m256i* v) {
+    const __m256i pre = D::prep(b);
+    for (int j = 0; j < 8; ++j) {
+      __m256i pts, sc, dsg;
+      int32_t dl = 0;
+      D::unpack(b, j, pre, pts, sc, dsg, dl);
+      if constexpr (D::kDeltaBsums) dsg = _mm256_set1_epi8(dl < 0 ? -1 : 1);
+      const __m256i w = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), pts), dsg);
+      v[3 * j] = _mm256_sign_epi8(w, w);
+      v[3 * j + 1] = w;
+      v[3 * j + 2] = sc;
+    }
+    return D::scale(b);
+  }
+  template <int MC, bool TILED>
+  static void dot_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    static_assert(TILED, "IQ1's decoded form is the tiled order's");
+    Q8Grid<IQ1Final>::dot_decoded<MC, true>(v, dw, bi, x, st);
+  }
+  static void tiled8_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, __m256 dx,
+                             __m256& acc) {
+    Q8Grid<IQ1Final>::tiled8_decoded(v, dw, bi, x, dx, acc);
+  }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const float dw = D::scale(b);
@@ -942,10 +1032,21 @@ template <typename D>
 struct Q8K16 {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kTiled = true;
+  static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
+    __m256i sumi[8];
+    sums<8>(b, bi, x, sumi);
+    D::tiled8_block(b, bi, x, sumi, dx, acc);
+  }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
-    const __m256i all = D::scales16(b);
     __m256i sumi[MC];
+    sums<MC>(b, bi, x, sumi);
+    D::template finish_block<MC, TILED>(b, bi, x, st, sumi);
+  }
+  template <int MC>
+  __attribute__((always_inline)) static void sums(const uint8_t* b, int64_t bi, const Q8Row* x,
+                                                  __m256i* sumi) {
+    const __m256i all = D::scales16(b);
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
@@ -959,7 +1060,6 @@ struct Q8K16 {
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(p, scv));
       }
     }
-    D::template finish_block<MC, TILED>(b, bi, x, st, sumi);
   }
   template <bool TILED = false>
   static float finish(const Q8Acc& a) {
@@ -981,6 +1081,17 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
   }
   // Codes 0..3, unsigned: no high part.
   static void chunk(const uint8_t* b, int c, __m256i& qw, __m256i&) { qw = k16_low2(b + 16, c); }
+  static void tiled8_block(const uint8_t* b, int64_t bi, const Q8Row* x, const __m256i* sumi,
+                           __m256 dx, __m256& acc) {
+    const __m256i mn = mins16(b);
+    __m256i prod[8];
+    for (int m = 0; m < 8; ++m) prod[m] = _mm256_madd_epi16(mn, load256(x[m].pairs + bi * 16));
+    const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
+    const __m256 s2 = _mm256_cvtepi32_ps(hsum_i32_8rows(prod));
+    const __m256 r = _mm256_fnmadd_ps(_mm256_set1_ps(f16_to_f32(b + 82)), s2,
+                                      _mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b + 80))));
+    acc = _mm256_fmadd_ps(r, dx, acc);
+  }
   template <int MC, bool TILED>
   static void finish_block(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st,
                            const __m256i* sumi) {
@@ -1010,7 +1121,35 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
 
 struct Q8W3_K : Q8K16<Q8W3_K> {
   static constexpr int TS = 110;
-  static constexpr bool kHigh = true, kBsums = false;
+  static constexpr bool kHigh = true, kBsums = true;  // bsums: tiled8's bias term
+  // The tiled order for 8 x rows (Q8K16::tiled8's role): only s1, the block's total, enters it,
+  // so the codes are taken unsigned, low2 | hbit << 2 = code + 4 (0..7, one maddubs per x row
+  // instead of two and a subtraction, as ggml's tiled kernel with its BIAS 4), and 4 * sum_g
+  // sc[g] bs[g] (x's 16-sums) taken off once per block: the same exact s1.
+  static void tiled8(const uint8_t* b, int64_t bi, const Q8Row* x, __m256 dx, __m256& acc) {
+    const __m256i all = scales16(b);
+    const __m256i hm = load256(b);
+    __m256i sumi[8];
+    for (int m = 0; m < 8; ++m) sumi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m256i scv = k16_pair_scales(all, c);
+      // bit c of each hmask byte to bit 2 (16-bit shifts: the high byte's bit c lands on its
+      // own bit 2 too)
+      const __m256i hb = c <= 2 ? _mm256_slli_epi16(hm, 2 - c) : _mm256_srli_epi16(hm, c - 2);
+      const __m256i code = _mm256_or_si256(k16_low2(b + 32, c),
+                                           _mm256_and_si256(hb, _mm256_set1_epi8(4)));
+      for (int m = 0; m < 8; ++m) {
+        const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
+        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(_mm256_maddubs_epi16(code, qy), scv));
+      }
+    }
+    for (int m = 0; m < 8; ++m) {
+      const __m256i t = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), all);
+      sumi[m] = _mm256_sub_epi32(sumi[m], _mm256_slli_epi32(t, 2));
+    }
+    tiled8_block(b, bi, x, sumi, dx, acc);
+  }
   static __m256i scales16(const uint8_t* b) {
     uint32_t w[4];
     Q3_K::scale_words(b + 96, w);
@@ -1022,6 +1161,11 @@ struct Q8W3_K : Q8K16<Q8W3_K> {
     const __m256i hb = _mm256_and_si256(load256(b), _mm256_set1_epi8(char(1 << c)));
     qh = _mm256_and_si256(_mm256_cmpeq_epi8(hb, _mm256_setzero_si256()), _mm256_set1_epi8(4));
     qw = k16_low2(b + 32, c);
+  }
+  static void tiled8_block(const uint8_t* b, int64_t, const Q8Row*, const __m256i* sumi,
+                           __m256 dx, __m256& acc) {
+    const __m256 s1 = _mm256_cvtepi32_ps(hsum_i32_8rows(sumi));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(s1, _mm256_set1_ps(f16_to_f32(b + 108))), dx, acc);
   }
   template <int MC, bool TILED>
   static void finish_block(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st,

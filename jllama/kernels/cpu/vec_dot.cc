@@ -409,6 +409,77 @@ void q8_rows_t(const Q8Call& c, int64_t n0, int64_t n1) {
   if (m0 < c.m_total) q8_rows_mc<T, 1, TILED>(c, m0, n0, n1);
 }
 
+// The tiled order (TILED) carries one f32 per output from block to block and nothing else, so
+// its K range can be cut into slabs of kTiledSlabK values, the running sums parked in y between
+// slabs: every output still takes its blocks' steps in order, the same bits. Per slab, each
+// pass over 8 x rows reads 8 x slab rows (16 KiB of codes at 2048 values) from L1 against all
+// the chunk's weight rows; unslabbed, a 2048x8192 weight's 8 x rows (64 KiB) did not fit L1,
+// and all 64 rows (512 KiB) not L2, so the codes streamed from L3 for every weight row.
+//
+// Types with ``tiled8`` (the K-quants) take a pass of 8 x rows as one vector per output row,
+// lane m x row m, as ggml's AVX2 tiled kernel does: the per-block epilogue (hsums, int ->
+// f32, two FMAs) once per 8 x rows instead of once per x row, the same steps in each lane.
+template <typename T, typename = void>
+struct HasTiled8 : std::false_type {};
+template <typename T>
+struct HasTiled8<T, std::void_t<decltype(&T::tiled8)>> : std::true_type {};
+
+template <typename T, int MC>
+void q8_slab_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
+  const int64_t pf = m0 == 0 ? prefetch_rows() : 0;  // later passes find the slab in cache
+  const Q8Row* x = c.rows.data() + m0;
+  if constexpr (MC == 8 && HasTiled8<T>::value) {
+    constexpr int64_t kSlabBlocks = std::max<int64_t>(1, kTiledSlabK / T::BS);
+    alignas(32) float dx[kSlabBlocks][8];  // the 8 rows' d_x, block by block
+    for (int64_t bi = b0; bi < b1; ++bi)
+      for (int m = 0; m < 8; ++m) dx[bi - b0][m] = x[m].d[bi];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = c.w + n * c.row_bytes;
+      if (pf > 0 && n + pf < n1)
+        prefetch_row(row + pf * c.row_bytes + b0 * T::TS, (b1 - b0) * T::TS);
+      alignas(32) float ys[8] = {};
+      if (b0 > 0)
+        for (int m = 0; m < 8; ++m) ys[m] = c.y[(m0 + m) * c.n_out + n];
+      __m256 acc = _mm256_load_ps(ys);
+      for (int64_t bi = b0; bi < b1; ++bi)
+        T::tiled8(row + bi * T::TS, bi, x, _mm256_load_ps(dx[bi - b0]), acc);
+      _mm256_store_ps(ys, acc);
+      for (int m = 0; m < 8; ++m) c.y[(m0 + m) * c.n_out + n] = ys[m];
+    }
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = c.w + n * c.row_bytes;
+    if (pf > 0 && n + pf < n1) prefetch_row(row + pf * c.row_bytes + b0 * T::TS, (b1 - b0) * T::TS);
+    Q8Acc st[MC];
+    for (int m = 0; m < MC; ++m) {
+      st[m] = Q8Acc();
+      if (b0 > 0) st[m].summs = c.y[(m0 + m) * c.n_out + n];
+    }
+    for (int64_t bi = b0; bi < b1; ++bi) T::template dot<MC, true>(row + bi * T::TS, bi, x, st);
+    for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<true>(st[m]);
+  }
+}
+
+// Long prompts: x rows in blocks of kTiledMBlock, so that one slab of a block's rows (128 KiB)
+// stays in L2 while the chunk's weight rows pass over it (512 rows of 2048: 1 MiB, which
+// streamed from L3 for every weight row).
+template <typename T>
+void q8_rows_slabs(const Q8Call& c, int64_t n0, int64_t n1) {
+  const int64_t nb = c.k / T::BS, sb = std::max<int64_t>(1, kTiledSlabK / T::BS);
+  for (int64_t mb = 0; mb < c.m_total; mb += kTiledMBlock) {
+    const int64_t me = std::min(c.m_total, mb + kTiledMBlock);
+    for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+      const int64_t b1 = std::min(nb, b0 + sb);
+      int64_t m0 = mb;
+      for (; m0 + 8 <= me; m0 += 8) q8_slab_mc<T, 8>(c, m0, n0, n1, b0, b1);
+      if (m0 + 4 <= me) q8_slab_mc<T, 4>(c, m0, n0, n1, b0, b1), m0 += 4;
+      if (m0 + 2 <= me) q8_slab_mc<T, 2>(c, m0, n0, n1, b0, b1), m0 += 2;
+      if (m0 < me) q8_slab_mc<T, 1>(c, m0, n0, n1, b0, b1);
+    }
+  }
+}
+
 // Types with a decoded block form (Q8Grid: the IQ2/IQ3 grids, whose unpacking costs as much as
 // the dots): from kDecodedMinRows x rows each weight row is unpacked once into a thread-local
 // buffer and every pass over the x rows reads it (64 rows: 8 unpackings per row become one).
@@ -418,34 +489,84 @@ struct HasDecoded : std::false_type {};
 template <typename T>
 struct HasDecoded<T, std::void_t<decltype(T::kDecodedVecs)>> : std::true_type {};
 constexpr int64_t kDecodedMinRows = 16;
+template <typename T, typename = void>
+struct DecodedTiledOnly : std::false_type {};  // IQ1: a decoded form for the tiled order only
+template <typename T>
+struct DecodedTiledOnly<T, std::void_t<decltype(T::kDecodedTiledOnly)>> : std::true_type {};
 
+// Weight row n's decoded blocks [b0, b1) (v, dw: from block b0) against x rows m0..m0+MC-1.
+// TILED: the running sums start from y where b0 > 0 (K slabs, as q8_slab_mc); dx8, for 8-row
+// passes, the pass's d_x per block as 8 floats (m0 / 8 * nb blocks in).
 template <typename T, int MC, bool TILED>
-void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float* dw, int64_t n) {
+void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float* dw, int64_t n,
+                     const float* dx8, int64_t b0, int64_t b1) {
   const int64_t nb = c.k / T::BS;
   const Q8Row* x = c.rows.data() + m0;
+  float* y = c.y + m0 * c.n_out + n;
+  if constexpr (TILED && MC == 8) {  // one vector for the 8 outputs (as q8_slab_mc)
+    alignas(32) float ys[8] = {};
+    if (b0 > 0)
+      for (int m = 0; m < 8; ++m) ys[m] = y[m * c.n_out];
+    __m256 acc = _mm256_load_ps(ys);
+    const float* dx = dx8 + (m0 / 8) * nb * 8;
+    for (int64_t bi = b0; bi < b1; ++bi)
+      T::tiled8_decoded(v + (bi - b0) * T::kDecodedVecs, dw[bi - b0], bi, x,
+                        _mm256_loadu_ps(dx + bi * 8), acc);
+    _mm256_store_ps(ys, acc);
+    for (int m = 0; m < 8; ++m) y[m * c.n_out] = ys[m];
+    return;
+  }
   Q8Acc st[MC];
-  for (int m = 0; m < MC; ++m) st[m] = Q8Acc();
-  for (int64_t bi = 0; bi < nb; ++bi)
-    T::template dot_decoded<MC, TILED>(v + bi * T::kDecodedVecs, dw[bi], bi, x, st);
-  for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<TILED>(st[m]);
+  for (int m = 0; m < MC; ++m) {
+    st[m] = Q8Acc();
+    if (TILED && b0 > 0) st[m].summs = y[m * c.n_out];
+  }
+  for (int64_t bi = b0; bi < b1; ++bi)
+    T::template dot_decoded<MC, TILED>(v + (bi - b0) * T::kDecodedVecs, dw[bi - b0], bi, x, st);
+  for (int m = 0; m < MC; ++m) y[m * c.n_out] = T::template finish<TILED>(st[m]);
 }
 
+// Rows [m0, me) against row n's decoded blocks [b0, b1): passes of 8, then 4, 2, 1.
+template <typename T, bool TILED>
+void q8_decoded_passes(const Q8Call& c, int64_t m0, int64_t me, const __m256i* v, const float* dw,
+                       int64_t n, const float* dx8, int64_t b0, int64_t b1) {
+  for (; m0 + 8 <= me; m0 += 8) q8_decoded_pass<T, 8, TILED>(c, m0, v, dw, n, dx8, b0, b1);
+  if (m0 + 4 <= me) q8_decoded_pass<T, 4, TILED>(c, m0, v, dw, n, dx8, b0, b1), m0 += 4;
+  if (m0 + 2 <= me) q8_decoded_pass<T, 2, TILED>(c, m0, v, dw, n, dx8, b0, b1), m0 += 2;
+  if (m0 < me) q8_decoded_pass<T, 1, TILED>(c, m0, v, dw, n, dx8, b0, b1);
+}
+
+// TILED: as q8_rows_slabs, x rows in blocks of kTiledMBlock and K in slabs, each weight row's
+// slab decoded once per block of x rows (512 rows: 8 decodings instead of 64 unpackings per
+// pass, and the block's x slab stays in L2); the vec_dot order (no slabs: its state is 8 f32
+// lanes) decodes each row once for all x rows.
 template <typename T, bool TILED>
 void q8_rows_decoded(const Q8Call& c, int64_t n0, int64_t n1) {
   const int64_t nb = c.k / T::BS;
+  const int64_t sb = TILED ? std::max<int64_t>(1, kTiledSlabK / T::BS) : nb;
+  const int64_t mblock = TILED ? kTiledMBlock : c.m_total;
   thread_local std::vector<__m256i> v;
-  thread_local std::vector<float> dw;
-  v.resize(size_t(nb * T::kDecodedVecs));
-  dw.resize(size_t(nb));
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = c.w + n * c.row_bytes;
-    for (int64_t bi = 0; bi < nb; ++bi)
-      dw[size_t(bi)] = T::decode(row + bi * T::TS, v.data() + bi * T::kDecodedVecs);
-    int64_t m0 = 0;
-    for (; m0 + 8 <= c.m_total; m0 += 8) q8_decoded_pass<T, 8, TILED>(c, m0, v.data(), dw.data(), n);
-    if (m0 + 4 <= c.m_total) q8_decoded_pass<T, 4, TILED>(c, m0, v.data(), dw.data(), n), m0 += 4;
-    if (m0 + 2 <= c.m_total) q8_decoded_pass<T, 2, TILED>(c, m0, v.data(), dw.data(), n), m0 += 2;
-    if (m0 < c.m_total) q8_decoded_pass<T, 1, TILED>(c, m0, v.data(), dw.data(), n);
+  thread_local std::vector<float> dw, dx8;
+  v.resize(size_t(std::min(nb, sb) * T::kDecodedVecs));
+  dw.resize(size_t(std::min(nb, sb)));
+  const int64_t passes8 = c.m_total / 8;
+  if constexpr (TILED) {  // [pass][block][8 rows]
+    dx8.resize(size_t(passes8 * nb * 8));
+    for (int64_t p = 0; p < passes8; ++p)
+      for (int64_t bi = 0; bi < nb; ++bi)
+        for (int m = 0; m < 8; ++m) dx8[size_t((p * nb + bi) * 8 + m)] = c.rows[size_t(8 * p + m)].d[bi];
+  }
+  for (int64_t mb = 0; mb < c.m_total; mb += mblock) {
+    const int64_t me = std::min(c.m_total, mb + mblock);
+    for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+      const int64_t b1 = std::min(nb, b0 + sb);
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* row = c.w + n * c.row_bytes;
+        for (int64_t bi = b0; bi < b1; ++bi)
+          dw[size_t(bi - b0)] = T::decode(row + bi * T::TS, v.data() + (bi - b0) * T::kDecodedVecs);
+        q8_decoded_passes<T, TILED>(c, mb, me, v.data(), dw.data(), n, dx8.data(), b0, b1);
+      }
+    }
   }
 }
 
@@ -467,11 +588,13 @@ void q8_rows(const Q8Call& c, int64_t n0, int64_t n1) {
     if (c.m_total == 1 || c.id) return q8_rows_t<One, false>(c, n0, n1);
   }
   if constexpr (HasDecoded<T>::value) {
-    if (c.m_total >= kDecodedMinRows)
-      return c.tiled ? q8_rows_decoded<T, true>(c, n0, n1) : q8_rows_decoded<T, false>(c, n0, n1);
+    if (c.m_total >= kDecodedMinRows) {
+      if (c.tiled) return q8_rows_decoded<T, true>(c, n0, n1);
+      if constexpr (!DecodedTiledOnly<T>::value) return q8_rows_decoded<T, false>(c, n0, n1);
+    }
   }
   if constexpr (T::kTiled) {
-    if (c.m_total >= kTiledMinRows && c.tiled) return q8_rows_t<T, true>(c, n0, n1);
+    if (c.m_total >= kTiledMinRows && c.tiled) return q8_rows_slabs<T>(c, n0, n1);
   }
   q8_rows_t<T, false>(c, n0, n1);
 }
