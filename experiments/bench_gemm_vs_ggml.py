@@ -42,6 +42,9 @@ MODELS = {
     # every K-quant on a 1B llama's ffn shapes, up (8192x2048) and down (2048x8192)
     "kquant": [(t, n, k, 1) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
                for n, k in ((8192, 2048), (2048, 8192))],
+    # one expert of Qwen3-30B-A3B (768 x 2048 gate/up, 2048 x 768 down; Q4_K_M: Q4_K, down Q6_K
+    # or Q4_K); a 512-token prompt gives each of its 128 experts ~32 rows (--rows 32)
+    "moe": [("Q4_K", 768, 2048, 2), ("Q6_K", 2048, 768, 1), ("Q4_K", 2048, 768, 1)],
     # every low-bit int8 kernel on one 1B ffn shape (run with --rows 1: decode, per byte)
     "decode": [(t, 8192, 2048, 1) for t in ("Q2_K", "Q3_K", "Q4_K", "IQ1_S", "IQ1_M", "IQ2_XXS",
                                              "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL",
