@@ -142,6 +142,7 @@ struct WView {
   const uint8_t* data;
   int64_t n;          // rows (outputs)
   int64_t row_bytes;  // bytes per row
+  int64_t n_expert = 0;  // > 0: all experts of a stack [n_expert, n, row_bytes] (mul_mat_id)
 };
 
 // Shared state of one q8 call over one or more weights that share the activations (q/k/v,
@@ -334,7 +335,8 @@ struct Weights {
 };
 
 ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
-                   ffi::Span<const int64_t> qtypes, int64_t layers, Weights& out) {
+                   ffi::Span<const int64_t> qtypes, int64_t layers, Weights& out,
+                   bool all_experts = false) {
   const size_t nw = rets.size();
   const size_t nl = size_t(std::max<int64_t>(1, layers));
   const size_t first = layers >= 1 ? 1 : 0;
@@ -358,8 +360,10 @@ ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
     const auto wd = w->dimensions();
     const uint8_t* base = w->typed_data();
     WView v{};
-    if (wd.size() == 2) {
+    if (wd.size() == 2 && !all_experts) {
       v = {base, wd[0], wd[1]};
+    } else if (wd.size() == 3 && all_experts) {
+      v = {base, wd[1], wd[2], wd[0]};
     } else if (wd.size() == 3 && first) {
       if (ie < 0 || ie >= wd[0]) return ffi::Error::InvalidArgument("expert out of range");
       v = {base + ie * wd[1] * wd[2], wd[1], wd[2]};
@@ -400,8 +404,38 @@ ffi::Error QuantizeQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// f32 x [m, k] in the activation format all of ``qtypes`` share (ggml's vec_dot type), into
+// ``work``'s buffers; ``pool``: split over threads (prompts), null: one row after another on
+// the calling thread (decode: a few rows, no hand-off). The same quantize_row_q8, same bits.
+ffi::Error quantize_x(ffi::ThreadPool* pool, const float* x, int64_t m, int64_t k,
+                      const int64_t* qtypes, int nw, Q8Work& work, Q8In& in) {
+  const Q8Kernel k0 = pick_q8(qtypes[0]);
+  if (k0.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type for q8");
+  for (int i = 1; i < nw; ++i) {
+    const Q8Kernel ki = pick_q8(qtypes[i]);
+    if (ki.fn == nullptr || ki.q8_1 != k0.q8_1 || ki.xb != k0.xb)
+      return ffi::Error::InvalidArgument("weights of one call must share the activation format");
+  }
+  const int fmt = k0.q8_1 ? kFmtQ8_1 : k0.xb == 256 ? kFmtQ8_K : kFmtQ8_0;
+  const int64_t bs = fmt == kFmtQ8_K ? 256 : 32;
+  if (k % bs != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
+  const int64_t nb = k / bs, ns = fmt == kFmtQ8_1 ? k / 32 : 0;
+  work.xq.resize(size_t(m * k));
+  work.xd.resize(size_t(m * nb));
+  work.xs.resize(size_t(m * ns));
+  if (pool != nullptr) {
+    quantize_rows_q8(*pool, x, m, k, fmt, work.xq.data(), work.xd.data(), work.xs.data());
+  } else {
+    for (int64_t r = 0; r < m; ++r)
+      quantize_row_q8(x + r * k, k, fmt, work.xq.data() + r * k, work.xd.data() + r * nb,
+                      work.xs.data() + r * ns);
+  }
+  in = {work.xq.data(), work.xd.data(), work.xs.data(), m, k, m, nb, m, ns};
+  return ffi::Error::Success();
+}
+
 // Decode: quantization and product in one call (f32 x in), one thunk and one set of XLA
-// buffers fewer per weight group; the same quantize_row_q8, so the same bits.
+// buffers fewer per weight group.
 ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
                           ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes_all, bool tiled,
                           int64_t layers) {
@@ -411,25 +445,11 @@ ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
   const int nw = int(wts.ws.size());
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
-  const Q8Kernel k0 = pick_q8(qtypes[0]);
-  if (k0.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type for q8");
-  const int fmt = k0.q8_1 ? kFmtQ8_1 : k0.xb == 256 ? kFmtQ8_K : kFmtQ8_0;
-  for (int i = 1; i < nw; ++i) {
-    const Q8Kernel ki = pick_q8(qtypes[i]);
-    if (ki.fn == nullptr || ki.q8_1 != k0.q8_1 || ki.xb != k0.xb)
-      return ffi::Error::InvalidArgument("weights of one call must share the activation format");
-  }
-  const int64_t m = xd[0], k = xd[1], bs = fmt == kFmtQ8_K ? 256 : 32;
-  if (k % bs != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
-  const int64_t nb = k / bs, ns = fmt == kFmtQ8_1 ? k / 32 : 0;
   auto work = std::make_shared<Q8Work>();
-  work->xq.resize(size_t(m * k));
-  work->xd.resize(size_t(m * nb));
-  work->xs.resize(size_t(m * ns));
-  for (int64_t r = 0; r < m; ++r)
-    quantize_row_q8(x.typed_data() + r * k, k, fmt, work->xq.data() + r * k,
-                    work->xd.data() + r * nb, work->xs.data() + r * ns);
-  const Q8In in{work->xq.data(), work->xd.data(), work->xs.data(), m, k, m, nb, m, ns};
+  Q8In in{};
+  if (ffi::Error err = quantize_x(nullptr, x.typed_data(), xd[0], xd[1], qtypes, nw, *work, in);
+      err.failure())
+    return err;
   return q8_launch(pool, work, in, wts.ws.data(), wts.ys.data(), qtypes, nw, tiled);
 }
 
@@ -449,23 +469,16 @@ ffi::Error QMatMulIdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
                          ffi::Buffer<ffi::S32> counts, ffi::RemainingArgs args,
                          ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes_all,
                          bool tiled, int64_t layers) {
-  const size_t nw = rets.size();
-  const size_t nl = size_t(std::max<int64_t>(1, layers));
-  const size_t first = layers >= 1 ? 1 : 0;
-  if (nw == 0 || args.size() != first + nw * nl || qtypes_all.size() != nw * nl)
-    return ffi::Error::InvalidArgument("need one output per weight, one qtype per weight/layer");
-  size_t il = 0;
-  if (first) {
-    auto idx = args.get<ffi::Buffer<ffi::S32>>(0);
-    if (idx.has_error() || idx->element_count() != 2)
-      return ffi::Error::InvalidArgument("bad layer index");
-    const int32_t v = idx->typed_data()[0];
-    if (v < 0 || size_t(v) >= nl) return ffi::Error::InvalidArgument("layer out of range");
-    il = size_t(v);
-  }
+  Weights wts;
+  if (ffi::Error err = weights(args, rets, qtypes_all, layers, wts, /*all_experts=*/true);
+      err.failure())
+    return err;
+  const size_t nw = wts.ws.size();
+  const std::vector<WView>& ws = wts.ws;
+  const int64_t* qts = wts.qt.data();
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
-  const int64_t m = xd[0], k = xd[1], n_rows = int64_t(rows.element_count());
+  const int64_t m = xd[0], n_rows = int64_t(rows.element_count());
   const int64_t n_exp = int64_t(counts.element_count());
   const int32_t* rp = rows.typed_data();
   const int32_t* cp = counts.typed_data();
@@ -477,41 +490,21 @@ ffi::Error QMatMulIdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   if (total != n_rows) return ffi::Error::InvalidArgument("expert row counts must sum to rows");
   for (int64_t r = 0; r < n_rows; ++r)
     if (rp[r] < 0 || rp[r] >= m) return ffi::Error::InvalidArgument("x row out of range");
-  std::vector<WView> ws(nw);
-  std::vector<float*> ys(nw);
-  std::vector<int64_t> qts(nw);
   for (size_t i = 0; i < nw; ++i) {
-    auto w = args.get<ffi::Buffer<ffi::U8>>(first + i * nl + il);
-    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
-    if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("bad weight or output");
-    const auto wd = w->dimensions();
-    if (wd.size() != 3 || wd[0] != n_exp)
+    if (ws[i].n_expert != n_exp)
       return ffi::Error::InvalidArgument("weights must be [n_expert, n, row_bytes]");
-    if (int64_t((*y)->element_count()) != n_rows * wd[1])
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (int64_t((*y)->element_count()) != n_rows * ws[i].n)
       return ffi::Error::InvalidArgument("outputs must be [rows, n]");
-    ws[i] = {w->typed_data(), wd[1], wd[2]};
-    ys[i] = (*y)->typed_data();
-    qts[i] = qtypes_all[i * nl + il];
   }
-  const Q8Kernel k0 = pick_q8(qts[0]);
-  if (k0.fn == nullptr) return ffi::Error::InvalidArgument("unsupported ggml type for q8");
-  for (size_t i = 1; i < nw; ++i) {
-    const Q8Kernel ki = pick_q8(qts[i]);
-    if (ki.fn == nullptr || ki.q8_1 != k0.q8_1 || ki.xb != k0.xb)
-      return ffi::Error::InvalidArgument("weights of one call must share the activation format");
-  }
-  if (n_rows == 0) return ffi::Error::Success();
-  const int fmt = k0.q8_1 ? kFmtQ8_1 : k0.xb == 256 ? kFmtQ8_K : kFmtQ8_0;
-  const int64_t bs = fmt == kFmtQ8_K ? 256 : 32;
-  if (k % bs != 0) return ffi::Error::InvalidArgument("n_in not a block multiple");
-  const int64_t nb = k / bs, ns = fmt == kFmtQ8_1 ? k / 32 : 0;
   auto work = std::make_shared<Q8Work>();
-  work->xq.resize(size_t(m * k));
-  work->xd.resize(size_t(m * nb));
-  work->xs.resize(size_t(m * ns));
-  quantize_rows_q8(pool, x.typed_data(), m, k, fmt, work->xq.data(), work->xd.data(),
-                   work->xs.data());
-  const Q8In in{work->xq.data(), work->xd.data(), work->xs.data(), m, k, m, nb, m, ns};
+  Q8In in{};
+  if (ffi::Error err = quantize_x(&pool, x.typed_data(), m, xd[1], qts, int(nw), *work, in);
+      err.failure())
+    return err;
+  if (n_rows == 0) return ffi::Error::Success();
+  const int64_t k = xd[1];
+  const std::vector<float*>& ys = wts.ys;
   // Per weight, the side data of all m x rows once (``masters``); each expert's sub-call then
   // points at its rows' entries.
   auto& masters = work->masters;
