@@ -1470,18 +1470,7 @@ class Handlers:
                 j.req.cancel()
             raise
         text0 = prompt_text(st, ids)
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, j: Job) -> None:
-            try:
-                async for ev in self._stream_events(request, j, await first_event(request, j)):
-                    await merged.put((i, ev))
-            except ApiError as e:
-                await merged.put((i, Event("error", status=e.status, message=e.message)))
-            except ClientGone:
-                await merged.put((i, Event("error", status=499, message="client gone")))
-
-        tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
+        merged, tasks = self._merged_streams(request, jobs)
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -1581,20 +1570,9 @@ class Handlers:
             d["timings"] = job_timings(jobs[0], results[0][1])
             return JSONResponse(d)
 
-        merged: asyncio.Queue = asyncio.Queue()
+        merged, tasks = self._merged_streams(request, jobs)
         # n > 1 streams of replies that need reading send each choice whole at its end
         reasoning_split = reply is not None and reply.splits_reasoning
-
-        async def pump(i: int, j: Job) -> None:
-            try:
-                async for ev in self._stream_events(request, j, await first_event(request, j)):
-                    await merged.put((i, ev))
-            except ApiError as e:
-                await merged.put((i, Event("error", status=e.status, message=e.message)))
-            except ClientGone:
-                await merged.put((i, Event("error", status=499, message="client gone")))
-
-        tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
 
         def stats(i: int, ev: Event) -> tuple[dict, dict]:
             """Choice i's usage and timings: its generation after the first's prompt."""
@@ -1684,6 +1662,22 @@ class Handlers:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    def _merged_streams(self, request: Request, jobs: list[Job]):
+        """The events of n > 1 streamed choices on one queue as ``(choice, event)``, each
+        choice's failure an error event of its own; returns (queue, pump tasks)."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, j: Job) -> None:
+            try:
+                async for ev in self._stream_events(request, j, await first_event(request, j)):
+                    await merged.put((i, ev))
+            except ApiError as e:
+                await merged.put((i, Event("error", status=e.status, message=e.message)))
+            except ClientGone:
+                await merged.put((i, Event("error", status=499, message="client gone")))
+
+        return merged, [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
 
     async def _stream_events(self, request: Request, job: Job,
                              first: Event) -> AsyncIterator[Event]:
