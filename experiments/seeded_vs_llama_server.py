@@ -8,9 +8,9 @@ candidates and probabilities, must be identical.
 import os
 import subprocess
 import sys
-import time
 
 import httpx
+from mirostat_dry_vs_llama_server import wait_health
 
 from jllama import registry
 from jllama.api import Llama
@@ -54,23 +54,12 @@ def run(url: str) -> dict:
     return out
 
 
-def wait_health(url: str) -> None:
-    for _ in range(400):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("llama-server did not start")
-
-
 def main() -> None:
     path = registry.fetch("smollm2-135m-instruct", quiet=True)
     proc = subprocess.Popen([BIN, "-m", str(path), "--port", "18937", "-c", "512", "-np", "1",
                              "-t", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_health("http://127.0.0.1:18937")
+        wait_health("http://127.0.0.1:18937", tries=400)
         ref = run("http://127.0.0.1:18937")
     finally:
         proc.terminate()
