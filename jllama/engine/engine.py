@@ -40,6 +40,10 @@ PREFILL_BUCKETS = (7, 16, 63, 128, 256, 512)
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]
 KV_MIN_BUCKET = 256
 HISTORY = 64  # penalty window (llama.cpp's default repeat_last_n)
+# Most decode steps one dispatch runs (``Engine.decode_chunk``); generate() starts a stream with
+# shorter chunks (``_CHUNKS``) so the first tokens still arrive one dispatch apart.
+DECODE_CHUNK = 16
+_CHUNKS = (2, 4, 8, DECODE_CHUNK)
 
 
 def _jit(fn, static: tuple[str, ...], donate: tuple[str, ...], host=None):
@@ -117,6 +121,8 @@ class Engine:
         self.mu = np.zeros(self.n_slots, np.float32)
         self.timings = Timings()
         self._zero_bias: jax.Array | None = None
+        # generate() runs device-drawn decoding in chunks (decode_chunk) rather than step by step
+        self.loop_decode = True
         gd = self.graphdef
 
         def run(state, *args):
@@ -157,6 +163,38 @@ class Engine:
             nxt, mu = _sample_rows(logits, sp, keys, steps, history, bias, dry, mu)
             return nxt, logits, cache, history, mu, _chain_rows(logits, sp, history, bias, dry)
 
+        def decode_loop(state, tokens, pos0, cache, sp, keys, steps, history, bias, dry, mu,
+                        active, left, stops, limit, kv_len, chunk):
+            # up to ``limit`` (<= chunk) decode steps in one dispatch, each the body of
+            # decode_sample: a slot leaves the loop on a stop id (not fed back), when ``left``
+            # (tokens it may still emit) reaches 0, or at ``limit``; the loop ends when no slot
+            # is left. out[i, b]: the token slot b drew at step i, -1 once it had left.
+            out = jnp.full((chunk, tokens.shape[0]), -1, jnp.int32)
+
+            def cond(c):
+                return (c[0] < limit) & jnp.any(c[6])
+
+            def body(c):
+                i, tok, pos, cache, history, mu, active, left, steps, out = c
+                logits, cache = run(state, tok[:, None], pos, cache, kv_len, jnp.zeros_like(pos))
+                history = jnp.where(active[:, None],
+                                    jnp.concatenate([history[:, 1:], tok[:, None]], axis=1),
+                                    history)
+                nxt, mu2 = _sample_rows(logits, sp, keys, steps, history, bias, dry, mu)
+                mu = jnp.where(active, mu2, mu)
+                pos = pos + active
+                steps = steps + active
+                out = out.at[i].set(jnp.where(active, nxt, -1))
+                emitted = active & ~jnp.any(nxt[:, None] == stops, axis=1)
+                left = left - emitted
+                tok = jnp.where(emitted, nxt, tok)
+                return (i + 1, tok, pos, cache, history, mu, emitted & (left > 0), left, steps,
+                        out)
+
+            c = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, pos0, cache, history, mu,
+                                                active, left, steps, out))
+            return c[9], c[3], c[4], c[5], c[2]
+
         def forward_logprobs(state, tokens, targets, pos0, cache, kv_len):
             # log-probabilities of the given next tokens, reduced in-graph: the [B, T, V]
             # logits of a perplexity batch never leave the device (or get materialised twice)
@@ -195,6 +233,8 @@ class Engine:
         self._decode_sample = jit(decode_sample, kv, ("cache", "history"),
                                   host=(0, 1, 3, 4, 5))
         self._first_sample = jit(first_sample, (), (), host=(0, 1, 2))
+        self._decode_loop = jit(decode_loop, ("kv_len", "chunk"), ("cache", "history"),
+                                host=(0, 3, 4))
         self._move = self._build_move() if self._kv_rope is not None else None
 
         def export(cache, slot, length):
@@ -531,6 +571,39 @@ class Engine:
             self.tokens[b].append(int(tokens[b]))
         return host_draws(np.asarray(nxt), chain, host, active), logits
 
+    def decode_chunk(self, tokens: np.ndarray, active: np.ndarray, sp: BatchSampling,
+                     keys: jax.Array, steps: np.ndarray, left: np.ndarray, stop_ids,
+                     limit: int, bias: jax.Array | None = None,
+                     dry: jax.Array | None = None) -> np.ndarray:
+        """Up to ``limit`` decode steps for the active slots in one dispatch, on the device
+        (step() ``limit`` times, without a host round trip per token). Each active slot feeds
+        ``tokens[b]`` and then each token it draws, until it draws a stop id (``stop_ids``,
+        not fed), has drawn ``left[b]`` tokens, or ``limit`` steps ran. Returns [limit, B]:
+        the token slot b drew at each step, -1 after it left. Device draws only: a request
+        whose draw is llama.cpp's (``HostSampler``) or whose penalties are computed on the host
+        (DRY) steps token by token. The caller keeps ``pos + limit <= ctx_size``."""
+        limit = max(1, min(int(limit), DECODE_CHUNK))
+        pos0 = self.pos.copy()
+        need = int(pos0[active].max()) + limit if active.any() else 1
+        ids = sorted({int(t) for t in stop_ids})
+        stops = np.full((self.n_slots, -(-max(len(ids), 1) // 16) * 16), -1, np.int32)
+        stops[:, : len(ids)] = ids
+        bias = self.zero_rows() if bias is None else bias
+        dry = self.zero_rows() if dry is None else dry
+        out, self.cache, self.history, mu, pos = self._decode_loop(
+            self.state, np.asarray(tokens, np.int32), pos0, self.cache, sp, keys,
+            np.asarray(steps, np.int32), self.history, bias, dry, self.mu, np.asarray(active),
+            np.asarray(left, np.int32), stops, np.int32(limit), kv_len=self.kv_bucket(need),
+            chunk=DECODE_CHUNK)
+        out = np.asarray(out)[:limit]
+        self.mu[active] = np.asarray(mu)[active]
+        pos = np.asarray(pos)
+        for b in np.nonzero(active)[0]:
+            fed = int(pos[b] - pos0[b])
+            self.tokens[b] += ([int(tokens[b])] + [int(t) for t in out[:, b]])[:fed]
+            self.pos[b] = pos[b]
+        return out
+
     # ------------------------------------------------------------------ slot state
     def export_slot(self, slot: int) -> tuple[list[int], list[tuple[int, int]], list[np.ndarray]]:
         """What a slot holds: its tokens, its M-RoPE marks and, per cache array, the slot's
@@ -721,6 +794,10 @@ class Engine:
         active[slot] = True
         n = 0
         tm.extra["shifts"] = 0
+        # device draws with no host-side penalties: several steps per dispatch
+        on_device = host is None and not use_dry and self.loop_decode
+        drawn: list[int] = []  # drawn (and all but the last fed) by the last chunk, not yielded
+        chunks = 0
         while True:
             if tok in stop_ids:
                 break
@@ -730,6 +807,9 @@ class Engine:
             tm.gen_s = time.perf_counter() - t1
             if n >= max_tokens:
                 break
+            if drawn:
+                tok = drawn.pop(0)
+                continue
             if self.pos[slot] + 1 > self.ctx_size:
                 if on_full != "shift":
                     tm.extra["context_full"] = True
@@ -739,6 +819,17 @@ class Engine:
             toks = np.zeros(self.n_slots, np.int32)
             toks[slot] = tok
             steps = np.full(self.n_slots, n, np.int32)
+            if on_device:
+                limit = min(_CHUNKS[min(chunks, len(_CHUNKS) - 1)], max_tokens - n,
+                            self.ctx_size - int(self.pos[slot]))
+                chunks += 1
+                left = np.zeros(self.n_slots, np.int32)
+                left[slot] = max_tokens - n
+                out = self.decode_chunk(toks, active, sp, keys, steps, left, stop_ids, limit,
+                                        bias)
+                drawn = [int(t) for t in out[:, slot] if t >= 0]
+                tok = drawn.pop(0)
+                continue
             nxt, _ = self.step(toks, active, sp, keys, steps, bias, dry_rows([tok]), host)
             tok = int(nxt[slot])
         tm.gen_s = time.perf_counter() - t1

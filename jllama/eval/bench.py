@@ -125,6 +125,7 @@ def jllama_pp(llm, n: int) -> Callable[[], None]:
 
 
 def jllama_tg(llm, n: int) -> Callable[[], None]:
+    from jllama.engine.engine import DECODE_CHUNK
     from jllama.engine.sampling import BatchSampling, SamplingParams
 
     eng = llm.engine
@@ -141,6 +142,16 @@ def jllama_tg(llm, n: int) -> Callable[[], None]:
         tok = np.zeros(eng.n_slots, np.int32)
         tok[0] = random_tokens(1, llm.spec.n_vocab)[0]
         steps = np.zeros(eng.n_slots, np.int32)
+        if eng.loop_decode:  # as generate() decodes: DECODE_CHUNK tokens per dispatch
+            done = 0
+            while done < n:
+                k = min(DECODE_CHUNK, n - done)
+                left = np.zeros(eng.n_slots, np.int32)
+                left[0] = k + 1  # the chunk's last token is fed too, as the next one's input
+                out = eng.decode_chunk(tok, active, sp, keys, steps, left, (), k, bias)
+                tok = np.maximum(out[-1], 0)  # other slots' -1: any valid id
+                done += k
+            return
         for _ in range(n):
             nxt, _ = eng.step(tok, active, sp, keys, steps, bias)
             tok = nxt
