@@ -141,3 +141,27 @@ def test_two_slots_leave_at_their_own_step(model):
     # fed: the first token and every drawn one but the last (budget spent, or a stop id), so
     # as many as were drawn
     assert eng.pos.tolist() == [len(PROMPT) + f0, 4 + f1]
+
+
+@pytest.mark.parametrize("p_min", [0.0, 0.5])
+def test_draft_model_proposes_the_same_on_device(model, engines, p_min):
+    """A greedy draft model's proposals (llama.cpp's p_min rule: stop drafting when the top-10
+    softmax's best is below it) from one dispatch equal the token-by-token ones."""
+    from types import SimpleNamespace
+
+    from jllama.engine.speculative import ModelDraft
+
+    spec, _ = model
+    # a repeated prompt: the model is sure how it goes on (a full proposal at p_min 0.5)
+    seqs = [PROMPT, PROMPT * 3, [1, 22, 333, 4444, 555, 66, 7] * 2]
+    got = {}
+    for loop in (False, True):
+        eng = engines[loop]
+        eng.reset()
+        d = ModelDraft(SimpleNamespace(engine=eng), p_min)
+        got[loop] = [d.propose(s, 10, SamplingParams.greedy(), None, None, spec.n_vocab)[0]
+                     for s in seqs]
+    assert got[True] == got[False]
+    assert any(len(x) == 10 for x in got[True])
+    if p_min:
+        assert any(len(x) < 10 for x in got[True])  # the rule cut some proposal short

@@ -164,11 +164,13 @@ class Engine:
             return nxt, logits, cache, history, mu, _chain_rows(logits, sp, history, bias, dry)
 
         def decode_loop(state, tokens, pos0, cache, sp, keys, steps, history, bias, dry, mu,
-                        active, left, stops, limit, kv_len, chunk):
+                        active, left, stops, limit, p_min, kv_len, chunk):
             # up to ``limit`` (<= chunk) decode steps in one dispatch, each the body of
             # decode_sample: a slot leaves the loop on a stop id (not fed back), when ``left``
-            # (tokens it may still emit) reaches 0, or at ``limit``; the loop ends when no slot
-            # is left. out[i, b]: the token slot b drew at step i, -1 once it had left.
+            # (tokens it may still emit) reaches 0, at ``limit``, or (a draft model's rule,
+            # p_min > 0) when the top-10 candidates' largest softmax probability is below
+            # p_min, drawing nothing; the loop ends when no slot is left. out[i, b]: the token
+            # slot b drew at step i, -1 once it had left.
             out = jnp.full((chunk, tokens.shape[0]), -1, jnp.int32)
 
             def cond(c):
@@ -184,8 +186,15 @@ class Engine:
                 mu = jnp.where(active, mu2, mu)
                 pos = pos + active
                 steps = steps + active
-                out = out.at[i].set(jnp.where(active, nxt, -1))
-                emitted = active & ~jnp.any(nxt[:, None] == stops, axis=1)
+                def confident():
+                    top = jax.lax.top_k(logits[..., : bias.shape[-1]].astype(jnp.float32),
+                                        10)[0]
+                    return jax.nn.softmax(top, axis=-1)[:, 0] >= p_min
+
+                drew = active & jax.lax.cond(p_min > 0, confident,
+                                             lambda: jnp.ones_like(active))
+                out = out.at[i].set(jnp.where(drew, nxt, -1))
+                emitted = drew & ~jnp.any(nxt[:, None] == stops, axis=1)
                 left = left - emitted
                 tok = jnp.where(emitted, nxt, tok)
                 return (i + 1, tok, pos, cache, history, mu, emitted & (left > 0), left, steps,
@@ -574,14 +583,16 @@ class Engine:
     def decode_chunk(self, tokens: np.ndarray, active: np.ndarray, sp: BatchSampling,
                      keys: jax.Array, steps: np.ndarray, left: np.ndarray, stop_ids,
                      limit: int, bias: jax.Array | None = None,
-                     dry: jax.Array | None = None) -> np.ndarray:
+                     dry: jax.Array | None = None, p_min: float = 0.0) -> np.ndarray:
         """Up to ``limit`` decode steps for the active slots in one dispatch, on the device
         (step() ``limit`` times, without a host round trip per token). Each active slot feeds
         ``tokens[b]`` and then each token it draws, until it draws a stop id (``stop_ids``,
         not fed), has drawn ``left[b]`` tokens, or ``limit`` steps ran. Returns [limit, B]:
         the token slot b drew at each step, -1 after it left. Device draws only: a request
         whose draw is llama.cpp's (``HostSampler``) or whose penalties are computed on the host
-        (DRY) steps token by token. The caller keeps ``pos + limit <= ctx_size``."""
+        (DRY) steps token by token. ``p_min`` > 0: a slot also leaves, drawing nothing, once
+        its top-10 candidates' largest probability is below it (a draft model's confidence
+        rule). The caller keeps ``pos + limit <= ctx_size``."""
         limit = max(1, min(int(limit), DECODE_CHUNK))
         pos0 = self.pos.copy()
         need = int(pos0[active].max()) + limit if active.any() else 1
@@ -593,7 +604,8 @@ class Engine:
         out, self.cache, self.history, mu, pos = self._decode_loop(
             self.state, np.asarray(tokens, np.int32), pos0, self.cache, sp, keys,
             np.asarray(steps, np.int32), self.history, bias, dry, self.mu, np.asarray(active),
-            np.asarray(left, np.int32), stops, np.int32(limit), kv_len=self.kv_bucket(need),
+            np.asarray(left, np.int32), stops, np.int32(limit), np.float32(p_min),
+            kv_len=self.kv_bucket(need),
             chunk=DECODE_CHUNK)
         out = np.asarray(out)[:limit]
         self.mu[active] = np.asarray(mu)[active]

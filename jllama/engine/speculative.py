@@ -251,10 +251,14 @@ class ModelDraft:
         self.llm = llm
         self.p_min = p_min
         self.dec = _Decoder(llm.engine)
+        self._bias: jnp.ndarray | None = None
 
     def propose(self, seq: list[int], n: int, params: SamplingParams, rng: np.random.Generator,
                 bias: np.ndarray | None, n_vocab: int) -> tuple[list[int], list | None]:
         greedy = params.temperature <= 0
+        eng = self.dec.engine
+        if greedy and eng.loop_decode and len(seq) - 1 + n <= eng.ctx_size:
+            return self._propose_on_device(seq, n, n_vocab), None
         logits = self.dec.feed(seq)
         toks: list[int] = []
         qs: list[np.ndarray] = []
@@ -275,6 +279,39 @@ class ModelDraft:
             if len(toks) < n:
                 logits = self.dec.step(0, x)
         return toks, (None if greedy else qs)
+
+
+    def _propose_on_device(self, seq: list[int], n: int, n_vocab: int) -> list[int]:
+        """The greedy drafts in one dispatch (``Engine.decode_chunk`` with the p_min rule): the
+        slot is made to hold all of ``seq`` but its last token, which the loop feeds first."""
+        eng, dec = self.dec.engine, self.dec
+        keep = min(eng.common_prefix(seq, 0), len(seq) - 1)
+        eng.rewind(0, keep)
+        new = seq[keep:-1]
+        if len(new) > FEED_STEPS:
+            eng.prefill(new, 0)
+        else:
+            for t in new:
+                dec.step(0, t)
+        ns = eng.n_slots
+        toks = np.zeros(ns, np.int32)
+        toks[0] = seq[-1]
+        active = np.zeros(ns, bool)
+        active[0] = True
+        left = np.zeros(ns, np.int32)
+        left[0] = n
+        # argmax over the target's ids only (the host path's _fit): the bias's width decides
+        width = min(n_vocab, eng.spec.n_vocab)
+        if self._bias is None or self._bias.shape[-1] != width:
+            self._bias = jnp.zeros((ns, width), jnp.float32)
+        out = eng.decode_chunk(toks, active, dec.sp, dec.keys, dec.steps, left, (), n,
+                               self._bias, p_min=self.p_min)
+        drafts = []
+        for t in out[:, 0]:
+            if t < 0:
+                break
+            drafts.append(int(t))
+        return drafts
 
 
 def _fit(logits: np.ndarray, n: int) -> np.ndarray:
