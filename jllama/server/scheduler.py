@@ -31,7 +31,7 @@ import numpy as np
 
 from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row, process_breakers
-from jllama.engine.engine import PREFILL_CHUNK, host_draws
+from jllama.engine.engine import DECODE_CHUNK, PREFILL_CHUNK, host_draws
 from jllama.engine.multimodal import prefill_image
 from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
 from jllama.server.metrics import Metrics
@@ -235,6 +235,9 @@ class Scheduler:
         self._t_last_task = time.monotonic()
         self.sleep_hooks: list[Callable[[bool], None]] = [self._sleep_memory]
         self.release_weights = True
+        # most decode steps one turn runs on the device when every running request draws
+        # there (Engine.decode_chunk); 1: a step per turn
+        self.decode_chunk = DECODE_CHUNK
         self.speculative = getattr(llm, "speculative", None)
         if self.speculative is not None and self.n_slots > 1:
             log.warning("speculative decoding is off: it needs a single-slot server (parallel: 1)")
@@ -703,6 +706,9 @@ class Scheduler:
                         np.int32)
         steps = np.array([a.req.completion_tokens if a is not None else 0 for a in self.slots],
                          np.int32)
+        if self._chunk_len(active) > 1:
+            self._decode_chunk(active, toks, steps)
+            return
         t0 = time.perf_counter()
         dry = self._dry_rows(toks, np.nonzero(active)[0])
         host = {int(b): self.slots[b].sampler for b in np.nonzero(active)[0]
@@ -723,6 +729,68 @@ class Scheduler:
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
         self.metrics.n_decode += 1
         self.metrics.n_busy_slots += int(active.sum())
+
+    def _chunk_len(self, active: np.ndarray) -> int:
+        """How many steps this turn may run in one dispatch: 1 unless every running request
+        draws on the device with nothing decided on the host per token (grammar, llama.cpp's
+        seeded chain, DRY, probabilities, a reasoning budget, speculative decoding) and
+        nobody waits (a queued request or a prompt still being read joins at the next turn, so
+        chunks never delay them), and no slot's context fills (shift or stop) inside it."""
+        if (not getattr(self.engine, "loop_decode", False) or self.decode_chunk <= 1 or self.queue
+                or any(a is not None and a.todo for a in self.slots)):
+            return 1
+        room = []
+        for b in np.nonzero(active)[0]:
+            a = self.slots[b]
+            req = a.req
+            if (a.sampler is not None or a.gen is not None or req.constraint is not None
+                    or req.n_probs > 0 or req.reasoning_budget is not None
+                    or req.params.uses_dry() or req.cancelled):
+                return 1
+            room.append(self.engine.ctx_size - 1 - int(self.engine.pos[b]))
+        return max(1, min([self.decode_chunk, *room]))
+
+    def _decode_chunk(self, active: np.ndarray, toks: np.ndarray, steps: np.ndarray) -> None:
+        """Up to ``_chunk_len`` steps in one dispatch, then each step's tokens handled as the
+        per-step path would, the engine showing each slot as it was after that step (a request
+        that ends on the host, e.g. at a stop string, leaves its slot exactly there; the
+        device's extra steps for it are past its length and never read)."""
+        eng = self.engine
+        n = self._chunk_len(active)
+        act = [int(b) for b in np.nonzero(active)[0]]
+        owner = {b: self.slots[b] for b in act}
+        left = np.zeros(self.n_slots, np.int32)
+        for b in act:
+            req = owner[b].req
+            left[b] = (max(1, req.max_tokens - req.completion_tokens)
+                       if req.max_tokens is not None else n)
+        pos0 = eng.pos.copy()
+        len0 = {b: len(eng.tokens[b]) for b in act}
+        t0 = time.perf_counter()
+        out = eng.decode_chunk(toks, active, self._sp, jnp.asarray(self._keys), steps, left,
+                               self.eog, n, self._bias)
+        dt = time.perf_counter() - t0
+        pos1 = eng.pos.copy()
+        held = {b: list(eng.tokens[b]) for b in act}
+        ran = int((out >= 0).any(axis=1).sum())
+
+        def no_row() -> np.ndarray:  # _chunk_len admits no request that reads logits
+            raise RuntimeError("logits are not kept by chunked decoding")
+
+        for i in range(ran):
+            alive = [b for b in act if out[i, b] >= 0 and self.slots[b] is owner[b]]
+            for b in alive:
+                eng.pos[b] = pos0[b] + i + 1
+                eng.tokens[b] = held[b][: len0[b] + i + 1]
+                self._take(b, int(out[i, b]), no_row)
+            self.steps_run += 1
+            self.metrics.observe_step(len(alive), dt / max(ran, 1))
+            self.metrics.n_decode += 1
+            self.metrics.n_busy_slots += len(alive)
+        for b in act:  # still running: the engine as the chunk left it
+            if self.slots[b] is owner[b]:
+                eng.pos[b] = pos1[b]
+                eng.tokens[b] = held[b]
 
     def _shift(self, b: int) -> None:
         """llama-server's context shift (server-context.cpp pre_decode): keep n_keep tokens
