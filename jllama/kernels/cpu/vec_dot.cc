@@ -380,6 +380,13 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, in
 #pragma GCC push_options
 #pragma GCC optimize("no-associative-math", "fp-contract=off")
 
+// Types whose vec_dot keeps two accumulators (MXFP4, IQ4_NL's one-row form) take block pairs
+// through ``dot2``: no per-block state to carry between calls.
+template <typename T, typename = void>
+struct HasDot2 : std::false_type {};
+template <typename T>
+struct HasDot2<T, std::void_t<decltype(T::kPairs)>> : std::bool_constant<T::kPairs> {};
+
 template <typename T, int MC, bool TILED>
 void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t nb = c.k / T::BS, pf = prefetch_rows();
@@ -391,7 +398,10 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
     }
     Q8Acc st[MC];
     for (int m = 0; m < MC; ++m) st[m] = Q8Acc();  // all zero
-    for (int64_t bi = 0; bi < nb; ++bi) T::template dot<MC, TILED>(row + bi * T::TS, bi, x, st);
+    int64_t bi = 0;
+    if constexpr (HasDot2<T>::value)
+      for (; bi + 2 <= nb; bi += 2) T::template dot2<MC>(row + bi * T::TS, bi, x, st);
+    for (; bi < nb; ++bi) T::template dot<MC, TILED>(row + bi * T::TS, bi, x, st);
     for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<TILED>(st[m]);
   }
 }
