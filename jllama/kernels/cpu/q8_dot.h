@@ -552,14 +552,14 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
     // low half: bytes 32..47; high half: the qh bytes in every dword (dword 4 + n takes trit n)
     const __m256i c0 = _mm256_set_m128i(_mm_set1_epi32(int(h)), _mm_loadu_si128((const __m128i*)(b + 32)));
     const __m256i c1 = _mm256_add_epi8(c0, _mm256_add_epi8(c0, c0));
-    const __m256i c2 = times9(c0);
-    const __m256i t0 = trits(c0), t1 = trits(c1), t2 = trits(c2), t3 = trits(times9(c1));
-    const __m256i t4 = trits(times9(c2));
-    qw[5] = _mm256_permute2x128_si256(t0, t1, 0x20);
-    qw[6] = _mm256_permute2x128_si256(t2, t3, 0x20);
-    const __m256i h01 = _mm256_blend_epi32(t0, t1, 0x20);  // dword 5 from t1
-    const __m256i h23 = _mm256_blend_epi32(t2, t3, 0x80);  // dword 7 from t3
-    qw[7] = _mm256_blend_epi32(t4, _mm256_blend_epi32(h01, h23, 0xc0), 0xf0);
+    const __m256i c2 = times9(c0), c3 = times9(c1), c4 = times9(c2);
+    // the products gathered into three vectors first (trits works byte by byte), so three
+    // trit extractions instead of five
+    const __m256i h01 = _mm256_blend_epi32(c0, c1, 0x20);  // dword 5 from c1
+    const __m256i h23 = _mm256_blend_epi32(c2, c3, 0x80);  // dword 7 from c3
+    qw[5] = trits(_mm256_permute2x128_si256(c0, c1, 0x20));
+    qw[6] = trits(_mm256_permute2x128_si256(c2, c3, 0x20));
+    qw[7] = trits(_mm256_blend_epi32(c4, _mm256_blend_epi32(h01, h23, 0xc0), 0xf0));
   }
 };
 
