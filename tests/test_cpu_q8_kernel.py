@@ -313,7 +313,10 @@ def test_q8_kernel_ternary_mxfp4_iq3_bit_exact_vs_ggml(qtype: QType) -> None:
     raw = random_blocks(qtype, n, k, seed=int(qtype))  # MXFP4: exponents of real weights
     if qtype == QType.MXFP4:  # and some tiny ones: f32 denormal scales, which ggml keeps
         raw[:5].reshape(5, k // 32, 17)[:, :, 0] = np.array([0, 1, 2, 5, 9])[:, None]
-    for m in (1, 2, 3, 7, 8, 17, 64):
+    # 150 (vec_dot-order types, ggml's vec_dot for every row count): the row kernels take x
+    # rows in blocks of 64, then a ragged block of 22 (16 + 4 + 2)
+    vec_dot_only = qtype in (QType.TQ1_0, QType.TQ2_0, QType.MXFP4)
+    for m in (1, 2, 3, 7, 8, 17, 64) + ((150,) if vec_dot_only else ()):
         x = activations(m, k, seed=m)
         ref = ggml_mul_mat(raw, qtype, x, n_threads=1)
         got = ours(raw, qtype, x)

@@ -298,7 +298,9 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
     // the GEMM: one tile of weight rows (times all x rows: plenty of work per claim).
     // In the tiled order the row kernels pass over one K slab at a time (vec_dot.cc
     // q8_rows_slabs): what stays in cache across passes is the chunk's slab of each row.
-    const int64_t passes = (x.m + 7) / 8;
+    // (the row kernels take x rows in blocks of kTiledMBlock: a chunk's weights are re-read
+    // per block, so they are sized against one block's passes)
+    const int64_t passes = (std::min(x.m, kTiledMBlock) + 7) / 8;
     const Q8Sub& sub = work->subs[size_t(i)];
     const bool slabs = !sub.gemm && sub.kern.tiled && tiled && x.m >= kTiledMinRows &&
                        (c.k > kTiledSlabK || x.m > kTiledMBlock);
@@ -532,7 +534,7 @@ ffi::Error QMatMulIdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       c.id = true;
       c.rows.resize(size_t(cp[e]));
       for (int64_t r = 0; r < cp[e]; ++r) c.rows[size_t(r)] = mc.rows[size_t(rp[start + r])];
-      const int64_t passes = (c.m_total + 7) / 8;
+      const int64_t passes = (std::min(c.m_total, kTiledMBlock) + 7) / 8;  // as q8_launch
       const int64_t chunk =
           std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, c.row_bytes * passes));
       const int64_t si = int64_t(work->subs.size());

@@ -495,10 +495,16 @@ struct Q8Ternary {
     __m256i qw[8];
     D::codes(b, qw);
     const float dw = f16_to_f32(b + D::TS - 2);
-    for (int m = 0; m < MC; ++m) {  // lane l: -(bs[2l] + bs[2l+1]) (int16 bsums)
-      __m256i sumi = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), _mm256_set1_epi16(-1));
-      for (int c = 0; c < 8; ++c)
-        sumi = dpbusd<true>(sumi, qw[c], load256(x[m].q + bi * 256 + 32 * c));
+    for (int m = 0; m < MC; ++m) {
+      // int16 pair sums over all 8 chunks, minus the 16-sums (|total| <= 8 * 2 * 2 * 128 + 16
+      // * 128 < 2^15), then one madd: lane l = sum - bs[2l] - bs[2l+1], the same int32 lanes
+      // as a madd per chunk (8 madds and int32 adds fewer per block and x row)
+      const int8_t* qy = x[m].q + bi * 256;
+      __m256i p = _mm256_maddubs_epi16(qw[0], load256(qy));
+      for (int c = 1; c < 8; ++c)
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(qw[c], load256(qy + 32 * c)));
+      p = _mm256_sub_epi16(p, load256(x[m].pairs + bi * 16));
+      const __m256i sumi = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
       st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw), _mm256_cvtepi32_ps(sumi),
                                   st[m].acc);
     }
@@ -518,20 +524,42 @@ struct Q8WTQ2_0 : Q8Ternary<Q8WTQ2_0> {
 
 struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
   static constexpr int TS = 54;
-  // Trit n of byte q: ((uint8)(q * 3^n) * 3) >> 8 (ggml's AVX2 avg steps give the same).
-  static inline uint8_t trit(uint8_t q, int n) {
-    static constexpr uint8_t pow3[5] = {1, 3, 9, 27, 81};
-    return uint8_t((unsigned(uint8_t(q * pow3[n])) * 3) >> 8);
+  // Byte q times 9 mod 256 in every byte (a 16-bit shift, masked so no bit crosses bytes).
+  static inline __m256i times9(__m256i q) {
+    return _mm256_add_epi8(
+        _mm256_and_si256(_mm256_slli_epi16(q, 3), _mm256_set1_epi8(char(0xf8))), q);
   }
+  // Trit of every byte q' = u8(q * 3^n): (3 q') >> 8 = (a + (a + 1) / 2 + 1) / 2 >> 6 with a =
+  // max(q' - 1, 0), in two byte averages (checked for all 256 values).
+  static inline __m256i trits(__m256i q) {
+    const __m256i a = _mm256_subs_epu8(q, _mm256_set1_epi8(1));
+    const __m256i c = _mm256_avg_epu8(a, _mm256_avg_epu8(a, _mm256_setzero_si256()));
+    return _mm256_and_si256(_mm256_srli_epi16(c, 6), _mm256_set1_epi8(3));
+  }
+  // Chunks 0-4: trit n of bytes 0..31; chunks 5-7: trits 0-4 of bytes 32..47 (16 values each),
+  // then trits 0-3 of the 4 qh bytes (16 values), as ggml's layout.
   static void codes(const uint8_t* b, __m256i* qw) {
-    alignas(32) uint8_t c[256];
-    for (int n = 0; n < 5; ++n)
-      for (int j = 0; j < 32; ++j) c[32 * n + j] = trit(b[j], n);
-    for (int n = 0; n < 5; ++n)
-      for (int j = 0; j < 16; ++j) c[160 + 16 * n + j] = trit(b[32 + j], n);
-    for (int n = 0; n < 4; ++n)
-      for (int j = 0; j < 4; ++j) c[240 + 4 * n + j] = trit(b[48 + j], n);
-    for (int k = 0; k < 8; ++k) qw[k] = _mm256_load_si256((const __m256i*)(c + 32 * k));
+    const __m256i a0 = load256(b);
+    const __m256i a1 = _mm256_add_epi8(a0, _mm256_add_epi8(a0, a0));
+    const __m256i a2 = times9(a0);
+    qw[0] = trits(a0);
+    qw[1] = trits(a1);
+    qw[2] = trits(a2);
+    qw[3] = trits(times9(a1));
+    qw[4] = trits(times9(a2));
+    uint32_t h;
+    std::memcpy(&h, b + 48, 4);
+    // low half: bytes 32..47; high half: the qh bytes in every dword (dword 4 + n takes trit n)
+    const __m256i c0 = _mm256_set_m128i(_mm_set1_epi32(int(h)), _mm_loadu_si128((const __m128i*)(b + 32)));
+    const __m256i c1 = _mm256_add_epi8(c0, _mm256_add_epi8(c0, c0));
+    const __m256i c2 = times9(c0), c3 = times9(c1), c4 = times9(c2);
+    // the products gathered into three vectors first (trits works byte by byte), so three
+    // trit extractions instead of five
+    const __m256i h01 = _mm256_blend_epi32(c0, c1, 0x20);  // dword 5 from c1
+    const __m256i h23 = _mm256_blend_epi32(c2, c3, 0x80);  // dword 7 from c3
+    qw[5] = trits(_mm256_permute2x128_si256(c0, c1, 0x20));
+    qw[6] = trits(_mm256_permute2x128_si256(c2, c3, 0x20));
+    qw[7] = trits(_mm256_blend_epi32(c4, _mm256_blend_epi32(h01, h23, 0xc0), 0xf0));
   }
 };
 
@@ -646,8 +674,15 @@ struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
   static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
   static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
     const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 74, *scales = b + 106;
-    int idx[8];
-    for (int k = 0; k < 8; ++k) idx[k] = qs[8 * j + k] | (((qh[j] >> k) & 1) << 8);
+    // The 8 grid indices qs[8j + k] | (bit k of qh[j]) << 8 in 16-bit lanes (bit k moved to bit
+    // 8 by a multiply by 2^(8-k)): a few vector steps instead of ~5 scalar ones per index,
+    // which had made the one-row loop front-end bound.
+    const __m128i hi = _mm_and_si128(
+        _mm_mullo_epi16(_mm_set1_epi16(qh[j]), _mm_setr_epi16(256, 128, 64, 32, 16, 8, 4, 2)),
+        _mm_set1_epi16(0x100));
+    alignas(16) uint16_t idx[8];
+    _mm_store_si128((__m128i*)idx,
+                    _mm_or_si128(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(qs + 8 * j))), hi));
     g = grid8(g_iq3s_grid, idx);
     uint32_t bits;
     std::memcpy(&bits, signs + 4 * j, 4);
@@ -934,7 +969,7 @@ struct Q8WIQ1_M : Q8IQ1<Q8WIQ1_M> {
 template <typename D, bool PAIRS>
 struct Q8Lut0 {
   static constexpr int BS = 32, XB = 32, OFF = 0;
-  static constexpr bool kBias = false, kBsums = false, kTiled = false;
+  static constexpr bool kBias = false, kBsums = false, kTiled = false, kPairs = PAIRS;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const __m256i kv = _mm256_shuffle_epi8(D::table(), nibbles32(b + D::QS));
@@ -958,6 +993,26 @@ struct Q8Lut0 {
       }
     }
   }
+  // PAIRS: blocks bi (even) and bi + 1 at once, straight into the two accumulators (the row
+  // loop takes pairs this way and leaves only an unpaired last block to dot's pend).
+  template <int MC>
+  static void dot2(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const __m256i kv0 = _mm256_shuffle_epi8(D::table(), nibbles32(b + D::QS));
+    const __m256i kv1 = _mm256_shuffle_epi8(D::table(), nibbles32(b + D::TS + D::QS));
+    const __m256i ak0 = _mm256_sign_epi8(kv0, kv0), ak1 = _mm256_sign_epi8(kv1, kv1);
+    const float dw0 = D::scale(b), dw1 = D::scale(b + D::TS);
+    for (int m = 0; m < MC; ++m) {
+      const int8_t* qy = x[m].q + bi * 32;
+      const __m256i p0 =
+          dpbusd<true>(_mm256_setzero_si256(), ak0, _mm256_sign_epi8(load256(qy), kv0));
+      const __m256i p1 =
+          dpbusd<true>(_mm256_setzero_si256(), ak1, _mm256_sign_epi8(load256(qy + 32), kv1));
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi] * dw0), _mm256_cvtepi32_ps(p0),
+                                  st[m].acc);
+      st[m].acc2 = _mm256_fmadd_ps(_mm256_set1_ps(x[m].d[bi + 1] * dw1), _mm256_cvtepi32_ps(p1),
+                                   st[m].acc2);
+    }
+  }
   template <bool TILED = false>
   static float finish(const Q8Acc& a) {
     if constexpr (!PAIRS) return hsum8(a.acc);
@@ -967,17 +1022,25 @@ struct Q8Lut0 {
   }
 };
 
+// e8m0 / 2 as f32 bits for every exponent byte, built at compile time: MXFP4's scale as one
+// load per block instead of a compare and select (ggml-cpu's own form is a table, too).
+struct E8M0Half {
+  uint32_t bits[256];
+  constexpr E8M0Half() : bits() {
+    for (int e = 0; e < 256; ++e) bits[e] = e < 2 ? 0x00200000u << e : uint32_t(e - 1) << 23;
+  }
+};
+inline constexpr E8M0Half kE8M0Half{};
+
 struct MXFP4Codes {
   static constexpr int TS = 17, QS = 1;
   static __m256i table() {
     return _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3,
                             4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
   }
-  static float scale(const uint8_t* b) {  // e8m0 / 2
-    const uint8_t e = b[0];
-    const uint32_t bits = e < 2 ? 0x00200000u << e : uint32_t(e - 1) << 23;
+  static float scale(const uint8_t* b) {
     float f;
-    std::memcpy(&f, &bits, 4);
+    std::memcpy(&f, &kE8M0Half.bits[b[0]], 4);
     return f;
   }
 };
@@ -1022,6 +1085,20 @@ static inline __m256i k16_pair_scales(__m256i all, int c) {
   return _mm256_shuffle_epi8(_mm256_set_m128i(half, half), shuf);
 }
 
+// The same from the block's 16 scale bytes in both 128-bit halves (bytes16), in one shuffle:
+// SHIFT 0 puts the byte in each int16's low byte, zero-extended (unsigned scales); SHIFT 8 in
+// its high byte, the lane then 256 times the signed scale, and the block's int32 sums come out
+// 256 times too (exact: |sum| < 2^31 for Q3_K) until one arithmetic shift by 8 per block.
+// Saves the widening and the two half broadcasts per block that k16_pair_scales needs.
+template <int SHIFT>
+static inline __m256i k16_byte_scales(__m256i bytes16, int c) {
+  const auto lane = [](int g) {
+    return SHIFT == 0 ? int16_t(0x8000 | g) : int16_t((g << 8) | 0x80);
+  };
+  return _mm256_shuffle_epi8(bytes16, _mm256_set_m128i(_mm_set1_epi16(lane(2 * c + 1)),
+                                                       _mm_set1_epi16(lane(2 * c))));
+}
+
 // The 2-bit codes of chunk c: bits 2(c%4).. of qs[32 (c/4) + l].
 static inline __m256i k16_low2(const uint8_t* qs, int c) {
   const __m256i q = load256(qs + 32 * (c >> 2));
@@ -1046,11 +1123,11 @@ struct Q8K16 {
   template <int MC>
   __attribute__((always_inline)) static void sums(const uint8_t* b, int64_t bi, const Q8Row* x,
                                                   __m256i* sumi) {
-    const __m256i all = D::scales16(b);
+    const __m256i sb = D::scale_bytes(b);
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
-      const __m256i scv = k16_pair_scales(all, c);
+      const __m256i scv = k16_byte_scales<D::kScaleShift>(sb, c);
       __m256i qw, qh;
       D::chunk(b, c, qw, qh);
       for (int m = 0; m < MC; ++m) {
@@ -1060,6 +1137,8 @@ struct Q8K16 {
         sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(p, scv));
       }
     }
+    if constexpr (D::kScaleShift != 0)
+      for (int m = 0; m < MC; ++m) sumi[m] = _mm256_srai_epi32(sumi[m], D::kScaleShift);
   }
   template <bool TILED = false>
   static float finish(const Q8Acc& a) {
@@ -1071,9 +1150,10 @@ struct Q8K16 {
 struct Q8W2_K : Q8K16<Q8W2_K> {
   static constexpr int TS = 84;
   static constexpr bool kHigh = false, kBsums = true;
-  static __m256i scales16(const uint8_t* b) {
+  static constexpr int kScaleShift = 0;  // scales 0..15: zero-extended
+  static __m256i scale_bytes(const uint8_t* b) {
     const __m128i sc = _mm_and_si128(_mm_loadu_si128((const __m128i*)b), _mm_set1_epi8(15));
-    return _mm256_cvtepu8_epi16(sc);
+    return _mm256_broadcastsi128_si256(sc);
   }
   static __m256i mins16(const uint8_t* b) {
     const __m128i v = _mm_loadu_si128((const __m128i*)b);
@@ -1111,8 +1191,9 @@ struct Q8W2_K : Q8K16<Q8W2_K> {
     }
     for (int m = 0; m < MC; ++m) {
       const float dx = x[m].d[bi];
-      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(-dx * dminw), _mm256_cvtepi32_ps(prod[m]),
-                                  st[m].acc);
+      // fnmadd(dx * dminw, ...) = fma(-dx * dminw, ...): negation is exact, no sign flip needed
+      st[m].acc = _mm256_fnmadd_ps(_mm256_set1_ps(dx * dminw), _mm256_cvtepi32_ps(prod[m]),
+                                   st[m].acc);
       st[m].acc =
           _mm256_fmadd_ps(_mm256_set1_ps(dx * dw), _mm256_cvtepi32_ps(sumi[m]), st[m].acc);
     }
@@ -1150,16 +1231,23 @@ struct Q8W3_K : Q8K16<Q8W3_K> {
     }
     tiled8_block(b, bi, x, sumi, dx, acc);
   }
-  static __m256i scales16(const uint8_t* b) {
+  static constexpr int kScaleShift = 8;  // signed scales -32..31: 256 s per lane
+  static __m128i scale_bytes128(const uint8_t* b) {
     uint32_t w[4];
     Q3_K::scale_words(b + 96, w);
     const __m128i v = _mm_set_epi32(int(w[3]), int(w[2]), int(w[1]), int(w[0]));
-    return _mm256_cvtepi8_epi16(_mm_sub_epi8(v, _mm_set1_epi8(32)));
+    return _mm_sub_epi8(v, _mm_set1_epi8(32));
   }
-  // Codes low2 - qh, -4..3: qh = 4 where bit c of hmask[l] is clear, as ggml's q3h.
+  static __m256i scale_bytes(const uint8_t* b) {
+    return _mm256_broadcastsi128_si256(scale_bytes128(b));
+  }
+  static __m256i scales16(const uint8_t* b) { return _mm256_cvtepi8_epi16(scale_bytes128(b)); }
+  // Codes low2 - qh, -4..3: qh = 4 where bit c of hmask[l] is clear, as ggml's q3h: bit c moved
+  // to bit 2 by one 16-bit shift (the high byte's bit c lands on its own bit 2 too), then andnot.
   static void chunk(const uint8_t* b, int c, __m256i& qw, __m256i& qh) {
-    const __m256i hb = _mm256_and_si256(load256(b), _mm256_set1_epi8(char(1 << c)));
-    qh = _mm256_and_si256(_mm256_cmpeq_epi8(hb, _mm256_setzero_si256()), _mm256_set1_epi8(4));
+    const __m256i hm = load256(b);
+    const __m256i hb = c <= 2 ? _mm256_slli_epi16(hm, 2 - c) : _mm256_srli_epi16(hm, c - 2);
+    qh = _mm256_andnot_si256(hb, _mm256_set1_epi8(4));
     qw = k16_low2(b + 32, c);
   }
   static void tiled8_block(const uint8_t* b, int64_t, const Q8Row*, const __m256i* sumi,
