@@ -170,48 +170,48 @@ def test_draft_model_proposes_the_same_on_device(model, engines, p_min):
 # ---------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    import gguf
-    from tinymodels import dense_hparams, dense_tensors, write_gguf
+    from tinymodels import write_tiny_llama
 
     from jllama.api import Llama
 
-    shp = dict(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, head_dim=16)
-    path = write_gguf(tmp_path_factory.mktemp("chunks") / "llama.gguf", "llama",
-                      dense_hparams(**shp), dense_tensors(5, n_vocab=300, **shp),
-                      qtype=gguf.GGMLQuantizationType.Q8_0)
+    path = write_tiny_llama(tmp_path_factory.mktemp("chunks") / "llama.gguf", 5, n_layer=2,
+                            n_embd=64, n_ff=128, n_head=4, n_head_kv=2, head_dim=16)
     return Llama(str(path), ctx_size=64, n_slots=2, compile_cache=False)
 
 
-def _serve(llm, chunk: int, requests: list[dict]) -> tuple[list[dict], int]:
-    """The requests' /completion answers (sent two at a time, as two clients would) and how
-    many chunked dispatches the scheduler made."""
+def _serve(llm, chunk: int, groups: list[list[dict]]) -> tuple[list[dict], int]:
+    """The /completion answers of each group's requests, a group's sent at once (two clients,
+    each on its own slot), and how many chunked dispatches the scheduler made. The slots start
+    empty."""
     import threading
 
     from starlette.testclient import TestClient
 
     from jllama.server.app import ServerSettings, ServerState, create_app
 
+    llm.engine.reset()
     state = ServerState(llm, ServerSettings("tiny", timeout=120))
     state.scheduler.decode_chunk = chunk
     calls = []
     eng = llm.engine
     orig = eng.decode_chunk
     eng.decode_chunk = lambda *a, **k: calls.append(1) or orig(*a, **k)
-    out: list[dict | None] = [None] * len(requests)
+    out: list[dict] = []
     try:
         with TestClient(create_app(state, warmup=False)) as c:
-            def send(i):
-                r = c.post("/completion", json={"temperature": 0.0, **requests[i]})
+            def send(req, box):
+                r = c.post("/completion", json={"temperature": 0.0, **req})
                 assert r.status_code == 200, r.text
-                out[i] = r.json()
+                box.append(r.json())
 
-            for i in range(0, len(requests), 2):
-                ts = [threading.Thread(target=send, args=(j,))
-                      for j in range(i, min(i + 2, len(requests)))]
+            for group in groups:
+                boxes = [[] for _ in group]
+                ts = [threading.Thread(target=send, args=(q, b)) for q, b in zip(group, boxes)]
                 for t in ts:
                     t.start()
                 for t in ts:
                     t.join(120)
+                out += [b[0] for b in boxes]
     finally:
         del eng.decode_chunk
     return out, len(calls)
@@ -222,20 +222,19 @@ def test_server_chunks_answer_as_steps(tiny_llm):
     a stop string met inside a chunk give the per-step server's answers, and the prompt cache
     finds what the per-step server left in the slot."""
     keys = ("content", "stop_type", "stopping_word", "truncated", "tokens_cached")
-    base = [dict(prompt=[5, 6, 7], n_predict=23, id_slot=0),
-            dict(prompt=list(range(30, 45)), n_predict=-1, id_slot=1),  # to the context's end
-            dict(prompt=[9, 8, 7, 6], n_predict=40, id_slot=0)]
-    text = _serve(tiny_llm, 1, base[2:])[0][0]["content"]
+    long = dict(prompt=[9, 8, 7, 6], n_predict=40, id_slot=0)
+    text = _serve(tiny_llm, 1, [[long]])[0][0]["content"]
     stop = text[len(text) // 2: len(text) // 2 + 3]
-    more = [dict(prompt=[9, 8, 7, 6], n_predict=40, stop=[stop], id_slot=0),
-            dict(prompt=[5, 6, 7], n_predict=17, id_slot=1),
-            dict(prompt=[9, 8, 7, 6, 1], n_predict=4, id_slot=0, cache_prompt=True)]
-    ref, n1 = _serve(tiny_llm, 1, base + more)
+    groups = [[dict(prompt=[5, 6, 7], n_predict=23, id_slot=0),
+               dict(prompt=list(range(30, 45)), n_predict=-1, id_slot=1)],  # to the end
+              [dict(long, stop=[stop]), dict(prompt=[5, 6, 7], n_predict=17, id_slot=1)],
+              [dict(prompt=[9, 8, 7, 6, 1], n_predict=4, id_slot=0)]]  # after the stop
+    ref, n1 = _serve(tiny_llm, 1, groups)
     assert n1 == 0
-    got, n16 = _serve(tiny_llm, 16, base + more)
+    got, n16 = _serve(tiny_llm, 16, groups)
     assert n16 > 0
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         assert {k: r.get(k) for k in keys} == {k: g.get(k) for k in keys}
         assert r["timings"]["predicted_n"] == g["timings"]["predicted_n"]
         assert r["timings"]["cache_n"] == g["timings"]["cache_n"]
-    assert ref[3]["stop_type"] == "word" and ref[1]["truncated"]
+    assert ref[2]["stop_type"] == "word" and ref[1]["truncated"] and ref[4]["timings"]["cache_n"]

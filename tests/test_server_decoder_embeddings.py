@@ -29,17 +29,14 @@ TEXTS = ["hello world, the quick brown fox", "hi",
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import gguf
-    from tinymodels import dense_hparams, dense_tensors, write_gguf
+    from tinymodels import write_tiny_llama
 
     from jllama.api import Llama
     from jllama.server.app import ServerSettings, ServerState, ServerThread
     from jllama.server.embeddings import DecoderRunner
 
-    shp = dict(n_layer=2, n_embd=64, n_ff=96, n_head=2, n_head_kv=1, head_dim=32)
-    path = write_gguf(tmp_path_factory.mktemp("dembed") / "dec.gguf", "llama",
-                      dense_hparams(**shp), dense_tensors(0, n_vocab=300, **shp),
-                      qtype=gguf.GGMLQuantizationType.Q8_0)
+    path = write_tiny_llama(tmp_path_factory.mktemp("dembed") / "dec.gguf", 0, n_layer=2,
+                            n_embd=64, n_ff=96, n_head=2, n_head_kv=1, head_dim=32)
     llm = Llama(str(path), ctx_size=N_CTX)
     servers = {}
     for pooling in ("mean", "last", None):  # None: the GGUF has no pooling_type -> none

@@ -207,6 +207,15 @@ def dense_hparams(n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: 
     return h
 
 
+def write_tiny_llama(path: str | Path, seed: int, n_vocab: int = 300, **shape) -> Path:
+    """A Q8_0 llama of ``shape`` (dense_tensors' arguments) with the test vocabulary."""
+    import gguf
+
+    return write_gguf(path, "llama", dense_hparams(**shape),
+                      dense_tensors(seed, n_vocab=n_vocab, **shape),
+                      qtype=gguf.GGMLQuantizationType.Q8_0)
+
+
 def write_lora(path: str | Path, arch: str, base: dict[str, np.ndarray], targets: list[str],
                rank: int = 8, alpha: float = 16.0, seed: int = 0, std: float = 0.1,
                qtype: Q = Q.F32) -> Path:
