@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tinymodels import write_server_model
 
 from jllama.api import Llama
 from jllama.engine import aot
 from jllama.engine.sampling import SamplingParams
-from tinymodels import write_server_model
 
 PROMPT = "hello world"
 
