@@ -39,13 +39,17 @@ class Completion:
         return len(self.tokens) / self.gen_s if self.gen_s else 0.0
 
 
+def compile_cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    from jllama.registry import cache_dir
+
+    return Path(path or os.environ.get("JLLAMA_XLA_CACHE") or cache_dir() / "xla")
+
+
 def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> None:
     """Persist XLA executables across processes so the second run starts warm."""
     import jax
 
-    from jllama.registry import cache_dir
-
-    d = Path(path or os.environ.get("JLLAMA_XLA_CACHE") or cache_dir() / "xla")
+    d = compile_cache_dir(path)
     d.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(d))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -104,7 +108,8 @@ class Llama:
                  lora: list | None = None, mmproj: str | os.PathLike[str] | None = None,
                  kv_overrides: dict | None = None, rope: object | None = None,
                  control_vectors: list | None = None,
-                 control_vector_layer_range: tuple[int, int] = (-1, -1)):
+                 control_vector_layer_range: tuple[int, int] = (-1, -1),
+                 aot_cache: bool | None = None):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
@@ -125,7 +130,12 @@ class Llama:
         ...) over the file's, 0 / -1 / None keeping the file's. ``control_vectors``: control
         vector GGUFs, each a path (strength 1) or a ``(path, strength)`` pair, added to the
         layers' outputs in ``control_vector_layer_range`` (inclusive; <= 0: the first / last
-        layer), as llama.cpp's ``--control-vector[-scaled]`` / ``--control-vector-layer-range``."""
+        layer), as llama.cpp's ``--control-vector[-scaled]`` / ``--control-vector-layer-range``.
+        ``aot_cache`` (default: env ``JLLAMA_AOT_CACHE=1``; needs ``compile_cache``): keep the
+        generation programs ready-compiled next to the compile cache, keyed by the model file
+        and these options, so a warm start skips tracing too (jllama/engine/aot.py; for a
+        model loaded plainly: no quant, LoRA, overrides, rope options, control vectors or
+        mesh)."""
         from jllama.engine.engine import Engine
         from jllama.tokenizer import Tokenizer
 
@@ -145,8 +155,21 @@ class Llama:
             from jllama.parallel import plan_engine
 
             plan = plan_engine(self.spec, n_slots, _mesh_config(mesh))
+        if aot_cache is None:
+            aot_cache = os.environ.get("JLLAMA_AOT_CACHE", "") == "1"
+        plain = not (quant or lora or mesh is not None or kv_overrides or cvec[0]
+                     or (self._source[5] is not None and not self._source[5].is_default())
+                     or self.path.is_dir())
+        aot = None
+        if aot_cache and compile_cache and plain:
+            from jllama.engine import aot as aot_mod
+
+            aot = aot_mod.AotCache(
+                compile_cache_dir() / "aot",
+                repr(("llama", aot_mod.file_digest(self.path, self.gguf.data_offset),
+                      self.numerics)))
         self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
-                             plan=plan)
+                             plan=plan, aot=aot)
         self.vision = None
         if mmproj is not None:
             from jllama.engine import multimodal

@@ -81,12 +81,14 @@ class Timings:
 
 class Engine:
     def __init__(self, spec: ModelSpec, model: nnx.Module, ctx_size: int = 2048, n_slots: int = 1,
-                 numerics: Numerics | None = None, plan=None):
+                 numerics: Numerics | None = None, plan=None, aot=None):
         """``numerics``: how the model computes, default the one it was loaded with (a load-time
         field, ``cpu_kernels``, must match: it decided the weights' layout). It is static data
         of every program this Engine compiles. ``plan``: a sharding plan (``jllama.parallel``)
         that places weights and caches and constrains the outputs read on the host; None runs
-        on the default device."""
+        on the default device. ``aot``: an ``aot.AotCache`` for this model (its key covers the
+        model file and how it was loaded): the programs of a generation (prompt, first sample,
+        decode step) then come ready-compiled from it in a warm process, untraced."""
         self.spec = spec
         self.ctx_size = int(ctx_size)
         self.n_slots = int(n_slots)
@@ -230,6 +232,10 @@ class Engine:
                                     bias, dry)
             return toks, mu, _chain_rows(rows, sp, history, bias, dry)
 
+        if aot is not None and plan is None:
+            # programs of the ahead-of-time cache are named apart (see engine/aot.py)
+            for f in (forward_slot, first_sample, decode_sample):
+                f.__name__ = f.__qualname__ = f"aot_{f.__name__}"
         # host: which outputs the host reads (a plan keeps those replicated); None: the only one
         jit = plan.jit if plan is not None else _jit
         kv = ("kv_len",)
@@ -245,6 +251,13 @@ class Engine:
         self._decode_loop = jit(decode_loop, ("kv_len", "chunk"), ("cache", "history"),
                                 host=(0, 3, 4))
         self._move = self._build_move() if self._kv_rope is not None else None
+        if aot is not None and plan is None:
+            # what the closures above hold that no argument shows
+            mine = aot.extend(repr((num, self.n_slots, self.ctx_size, self.max_len,
+                                    self._model_type.__qualname__)))
+            self._forward_slot = mine.wrap("forward_slot", self._forward_slot, kv)
+            self._first_sample = mine.wrap("first_sample", self._first_sample)
+            self._decode_sample = mine.wrap("decode_sample", self._decode_sample, kv)
 
         def export(cache, slot, length):
             return [jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False)[..., :length, :]

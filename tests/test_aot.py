@@ -1,0 +1,99 @@
+"""The ahead-of-time executable cache (jllama/engine/aot.py): a warm start takes its programs
+from disk, computes what the traced programs compute, and never uses an entry whose key does
+not match or that it cannot read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tinymodels import write_server_model
+
+from jllama.api import Llama
+from jllama.engine import aot
+from jllama.engine.sampling import SamplingParams
+
+PROMPT = "hello world"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_server_model(tmp_path_factory.mktemp("aot") / "tiny.gguf")
+
+
+@pytest.fixture
+def cache(tmp_path_factory, monkeypatch) -> Path:
+    """The compile cache directory, shared by this file's tests (XLA's entries keep the
+    compiles short), with no ahead-of-time entries at the start of each."""
+    import shutil
+
+    d = tmp_path_factory.getbasetemp() / "aot-xla"
+    shutil.rmtree(d / "aot", ignore_errors=True)
+    monkeypatch.setenv("JLLAMA_XLA_CACHE", str(d))
+    return d
+
+
+def _run(path: Path, ctx: int = 64, **kw) -> list[int]:
+    llm = Llama(path, ctx_size=ctx, **kw)
+    return list(llm.engine.generate(llm.tokenize(PROMPT), SamplingParams.greedy(), 6))
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[bool]:
+    """Records each disk lookup: True where an entry was used."""
+    seen: list[bool] = []
+    real = aot.AotCache.load
+
+    def spy(self, key):
+        try:
+            out = real(self, key)
+        except Exception:
+            seen.append(False)
+            raise
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(aot.AotCache, "load", spy)
+    return seen
+
+
+def test_warm_start_takes_entries_and_same_tokens(model, cache, loads):
+    tmp_path = cache
+    plain = _run(model, aot_cache=False)
+    assert loads == []  # off: never consulted
+    cold = _run(model, aot_cache=True)
+    entries = sorted(p.name for p in (tmp_path / "aot").iterdir())
+    assert len(entries) == 3  # prompt, first sample, decode step
+    assert loads == [False] * 3
+    loads.clear()
+    warm = _run(model, aot_cache=True)
+    assert loads == [True] * 3
+    assert sorted(p.name for p in (tmp_path / "aot").iterdir()) == entries
+    assert cold == plain and warm == plain
+
+
+def test_other_key_or_damaged_entry_not_used(model, cache, loads):
+    tmp_path = cache
+    ref = _run(model, aot_cache=True)
+    loads.clear()
+    # another context size (the same shapes here): another engine key, so other entries
+    assert _run(model, ctx=128, aot_cache=True) == ref
+    assert loads == [False] * 3
+    assert len(list((tmp_path / "aot").iterdir())) == 6
+    # damaged entries: read, rejected, compiled again
+    for p in (tmp_path / "aot").iterdir():
+        p.write_bytes(b"not a pickle")
+    loads.clear()
+    assert _run(model, aot_cache=True) == ref
+    assert loads == [False] * 3
+
+
+def test_entry_for_another_key_text_is_refused(tmp_path):
+    c = aot.AotCache(tmp_path, "base")
+    import pickle
+
+    c.dir.mkdir(exist_ok=True)
+    # a file at this key's name whose recorded key differs (a hash collision): not used
+    c._path("k").write_bytes(pickle.dumps((aot.FORMAT, "other key", b"", None, None)))
+    assert c.load("k") is None
+    assert c.load("absent") is None
