@@ -88,7 +88,7 @@ class Engine:
         that places weights and caches and constrains the outputs read on the host; None runs
         on the default device. ``aot``: an ``aot.AotCache`` for this model (its key covers the
         model file and how it was loaded): the programs of a generation (prompt, first sample,
-        decode step) then come ready-compiled from it in a warm process, untraced."""
+        decode step and loop) then come ready-compiled from it in a warm process, untraced."""
         self.spec = spec
         self.ctx_size = int(ctx_size)
         self.n_slots = int(n_slots)
@@ -234,7 +234,7 @@ class Engine:
 
         if aot is not None and plan is None:
             # programs of the ahead-of-time cache are named apart (see engine/aot.py)
-            for f in (forward_slot, first_sample, decode_sample):
+            for f in (forward_slot, first_sample, decode_sample, decode_loop):
                 f.__name__ = f.__qualname__ = f"aot_{f.__name__}"
         # host: which outputs the host reads (a plan keeps those replicated); None: the only one
         jit = plan.jit if plan is not None else _jit
@@ -258,6 +258,7 @@ class Engine:
             self._forward_slot = mine.wrap("forward_slot", self._forward_slot, kv)
             self._first_sample = mine.wrap("first_sample", self._first_sample)
             self._decode_sample = mine.wrap("decode_sample", self._decode_sample, kv)
+            self._decode_loop = mine.wrap("decode_loop", self._decode_loop, ("kv_len", "chunk"))
 
         def export(cache, slot, length):
             return [jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False)[..., :length, :]
