@@ -135,7 +135,9 @@ def test_q8_kernel_long_rows_bit_exact_vs_ggml(qtype: QType) -> None:
 @pytest.mark.parametrize("qtypes", [(QType.Q4_1, QType.Q4_1, QType.Q4_1),
                                     (QType.Q5_0, QType.Q5_0, QType.Q8_0),
                                     (QType.Q4_K, QType.Q6_K),
-                                    (QType.Q3_K, QType.Q2_K, QType.Q3_K)],
+                                    (QType.Q3_K, QType.Q2_K, QType.Q3_K),
+                                    # 40 rows: the weights share one x + 128 copy per thread
+                                    (QType.IQ3_S, QType.IQ2_XS, QType.IQ3_S)],
                          ids=lambda ts: "-".join(t.name for t in ts))
 def test_q8_multi_weight_call_bit_exact_vs_ggml(qtypes) -> None:
     """One kernel call over q/k/v (or gate/up) weights: each output is ggml's own product."""
