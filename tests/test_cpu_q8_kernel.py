@@ -135,7 +135,9 @@ def test_q8_kernel_long_rows_bit_exact_vs_ggml(qtype: QType) -> None:
 @pytest.mark.parametrize("qtypes", [(QType.Q4_1, QType.Q4_1, QType.Q4_1),
                                     (QType.Q5_0, QType.Q5_0, QType.Q8_0),
                                     (QType.Q4_K, QType.Q6_K),
-                                    (QType.Q3_K, QType.Q2_K, QType.Q3_K)],
+                                    (QType.Q3_K, QType.Q2_K, QType.Q3_K),
+                                    # 40 rows: the weights share one x + 128 copy per thread
+                                    (QType.IQ3_S, QType.IQ2_XS, QType.IQ3_S)],
                          ids=lambda ts: "-".join(t.name for t in ts))
 def test_q8_multi_weight_call_bit_exact_vs_ggml(qtypes) -> None:
     """One kernel call over q/k/v (or gate/up) weights: each output is ggml's own product."""
@@ -254,18 +256,26 @@ import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from jllama import numerics
-from test_cpu_q8_kernel import _tiled_switch_case, ggml_mul_mat, ours
-raw, qtype, x = _tiled_switch_case()
-ref = ggml_mul_mat(raw, qtype, x, n_threads=2)
-with numerics.use(numerics.Numerics.from_env()):  # GGML_CPU_TILED_MM=0: ggml_tiled_mm=False
-    got = ours(raw, qtype, x)
-print(int(np.count_nonzero(got.view(np.uint32) != ref.view(np.uint32))),
-      hashlib.sha256(ref.tobytes()).hexdigest())
+from test_cpu_q8_kernel import _TILED_OFF_GRID_TYPES, _tiled_switch_case, ggml_mul_mat, ours
+n_bad = 0
+for grid_type in (None,) + _TILED_OFF_GRID_TYPES:
+    raw, qtype, x = _tiled_switch_case(grid_type)
+    ref = ggml_mul_mat(raw, qtype, x, n_threads=2)
+    with numerics.use(numerics.Numerics.from_env()):  # GGML_CPU_TILED_MM=0: ggml_tiled_mm=False
+        got = ours(raw, qtype, x)
+    n_bad += int(np.count_nonzero(got.view(np.uint32) != ref.view(np.uint32)))
+    if grid_type is None:
+        ref_hash = hashlib.sha256(ref.tobytes()).hexdigest()
+print(n_bad, ref_hash)
 """
 
+# The IQ grid types' vec_dot-order kernels from 16 rows (each weight row decoded once; the
+# decoded form is shared with the tiled order's act-bias passes), checked in the child too.
+_TILED_OFF_GRID_TYPES = (QType.IQ3_S, QType.IQ2_XS)
 
-def _tiled_switch_case():
-    qtype, k, n, m = QType.Q4_K, 512, 48, 40
+
+def _tiled_switch_case(qtype=None):
+    qtype, k, n, m = qtype or QType.Q4_K, 512, 48, 40
     return random_blocks(qtype, n, k, seed=5), qtype, activations(m, k, seed=6)
 
 

@@ -253,8 +253,11 @@ const char* q8_prepare(Q8Sub& sub, const Q8In& x, const WView& w, float* y,
       prev->kern.pair_group == kern.pair_group && prev->kern.q8_1 == kern.q8_1 &&
       prev->kern.xb == kern.xb) {
     c.rows = prev->call.rows;  // the same x pointers and side data
+    c.x_serial = prev->call.x_serial;
     return "";
   }
+  static std::atomic<uint64_t> x_serials{0};
+  c.x_serial = ++x_serials;
   // Per-row integer side data: bias (-OFF * sum of 4 codes) or 16-element sums (the row
   // kernels' K-quant mins), and for the K-quant GEMM the group sums as int16 instead.
   const bool k_gemm = sub.gemm && kern.pair_group != 0;

@@ -73,6 +73,10 @@ struct Q8Call {
   // ggml's mul_mat_id: never llamafile's order (IQ4_NL: the single-row kernel, vec_dot's
   // order, for every row count); the tiled order as mul_mat, per expert from kTiledMinRows
   bool id = false;
+  // Which x this is (new per prepared x, shared by the weights of a fused call that share
+  // their x rows): a thread's biased copy of a small x serves all its chunks of the call
+  // (vec_dot.cc q8_rows_decoded). 0: none.
+  uint64_t x_serial = 0;
 };
 
 // Weight rows [n0, n1) of a call.

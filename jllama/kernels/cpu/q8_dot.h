@@ -575,11 +575,13 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
 // Many x rows (q8_rows_decoded, vec_dot.cc): decode(b, v) writes the unpacked block (per
 // sub-block g, sg, sc: kDecodedVecs vectors) once per weight row, and dot_decoded runs the same
 // steps on it for every pass over 8 x rows, instead of unpacking the grid again per pass.
-template <typename D>
+// ACT_BIAS: the tiled 8-row passes in ggml's act-bias form (|w| <= 64; see tiled8_decoded).
+template <typename D, bool ACT_BIAS = true>
 struct Q8Grid {
   static constexpr int BS = 256, XB = 256, OFF = 0;
   static constexpr bool kBias = false, kBsums = false, kTiled = true;
-  static constexpr int kDecodedVecs = 24;
+  static constexpr bool kActBias = ACT_BIAS;
+  static constexpr int kDecodedVecs = 25;
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
     const __m256i pre = D::prep(b);
@@ -588,10 +590,29 @@ struct Q8Grid {
         [&](int j, __m256i& g, __m256i& sg, __m256i& sc) { D::unpack(b, j, pre, g, sg, sc); },
         bi, x, st);
   }
+  // Per sub-block |w|, w (int8, never 0: it signs q8 as the sign bytes would) and the scales,
+  // then act_bias_corr's vector.
   static float decode(const uint8_t* b, __m256i* v) {  // returns d_w
     const __m256i pre = D::prep(b);
-    for (int j = 0; j < 8; ++j) D::unpack(b, j, pre, v[3 * j], v[3 * j + 1], v[3 * j + 2]);
+    for (int j = 0; j < 8; ++j) {
+      __m256i sg;
+      D::unpack(b, j, pre, v[3 * j], sg, v[3 * j + 2]);
+      v[3 * j + 1] = _mm256_sign_epi8(v[3 * j], sg);
+    }
+    if constexpr (ACT_BIAS) act_bias_corr(v);
     return f16_to_f32(b);
+  }
+  // The tiled 8-row form (ggml's act-bias MAC, tiled-kernel.cpp): x + 128 (unsigned, a copy
+  // made once per block of x rows) against the signed w in one maddubs (|pair| <= 2 * 255 * 43
+  // < 2^15: the grids' largest point is 43) instead of sign(x, w) and |w|: one op less per x
+  // row and sub-block. The biased dot is the exact one plus 128 * sum_j sum(sc_j * w_j),
+  // subtracted from the block's int32 total (exact: only that total enters the f32 steps).
+  // v[24]: that correction in every lane.
+  static void act_bias_corr(__m256i* v) {
+    __m256i t = _mm256_setzero_si256();
+    for (int j = 0; j < 8; ++j)
+      t = _mm256_add_epi32(t, scaled_dot4(_mm256_set1_epi8(1), v[3 * j + 1], v[3 * j + 2]));
+    v[24] = _mm256_slli_epi32(_mm256_set1_epi32(hsum_i32(t)), 7);
   }
   template <int MC, bool TILED = false>
   static void dot_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, Q8Acc* st) {
@@ -603,18 +624,23 @@ struct Q8Grid {
         bi, x, st);
   }
   // The tiled order for 8 x rows in one vector (lane m: x row m, dx their d_x), as Q8KMin's.
-  static void tiled8_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, __m256 dx,
-                             __m256& acc) {
+  // xb: the 8 rows' codes + 128 as uint8 (ACT_BIAS; else the int8 codes), this block's at
+  // xb[m] + 256 * bi.
+  static void tiled8_decoded(const __m256i* v, float dw, int64_t bi, const uint8_t* const* xb,
+                             __m256 dx, __m256& acc) {
     __m256i sumi[8];
     for (int m = 0; m < 8; ++m) sumi[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j)
       for (int m = 0; m < 8; ++m) {
-        const __m256i qy = _mm256_sign_epi8(load256(x[m].q + bi * 256 + 32 * j), v[3 * j + 1]);
-        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(v[3 * j], qy, v[3 * j + 2]));
+        const __m256i q = load256(xb[m] + bi * 256 + 32 * j);
+        sumi[m] = _mm256_add_epi32(
+            sumi[m], ACT_BIAS ? scaled_dot4(q, v[3 * j + 1], v[3 * j + 2])
+                              : scaled_dot4(v[3 * j], _mm256_sign_epi8(q, v[3 * j + 1]), v[3 * j + 2]));
       }
-    const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum_i32_8rows(sumi)),
-                                   _mm256_set1_ps(dw * D::kFinal));
+    __m256i s1 = hsum_i32_8rows(sumi);
+    if constexpr (ACT_BIAS) s1 = _mm256_sub_epi32(s1, v[24]);
+    const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(dw * D::kFinal));
     acc = _mm256_fmadd_ps(r, dx, acc);
   }
   template <int MC, bool TILED, typename U>
@@ -671,23 +697,32 @@ struct Q8WIQ3_XXS : Q8Grid<Q8WIQ3_XXS> {
 struct Q8WIQ3_S : Q8Grid<Q8WIQ3_S> {
   static constexpr int TS = 110;
   static constexpr float kFinal = 1.0f;
-  static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
-  static void unpack(const uint8_t* b, int j, __m256i, __m256i& g, __m256i& sg, __m256i& sc) {
-    const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 74, *scales = b + 106;
-    // The 8 grid indices qs[8j + k] | (bit k of qh[j]) << 8 in 16-bit lanes (bit k moved to bit
-    // 8 by a multiply by 2^(8-k)): a few vector steps instead of ~5 scalar ones per index,
-    // which had made the one-row loop front-end bound.
-    const __m128i hi = _mm_and_si128(
-        _mm_mullo_epi16(_mm_set1_epi16(qh[j]), _mm_setr_epi16(256, 128, 64, 32, 16, 8, 4, 2)),
-        _mm_set1_epi16(0x100));
-    alignas(16) uint16_t idx[8];
-    _mm_store_si128((__m128i*)idx,
-                    _mm_or_si128(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(qs + 8 * j))), hi));
-    g = grid8(g_iq3s_grid, idx);
+  // The 8 odd scales 2 s + 1 as int16, in both halves (half_scales picks sub-block j's).
+  static __m256i prep(const uint8_t* b) {
+    int32_t raw;
+    std::memcpy(&raw, b + 106, 4);
+    const __m128i s4 = _mm_cvtsi32_si128(raw);
+    const __m128i m4 = _mm_set1_epi8(15);
+    const __m128i s8 = _mm_unpacklo_epi8(_mm_and_si128(s4, m4), _mm_and_si128(_mm_srli_epi16(s4, 4), m4));
+    return odd_scales16(_mm_unpacklo_epi64(s8, s8));
+  }
+  static void unpack(const uint8_t* b, int j, __m256i pre, __m256i& g, __m256i& sg, __m256i& sc) {
+    const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 74;
+    // The 8 grid indices qs[8j + k] | (bit k of qh[j]) << 8 in 32-bit lanes (bit k moved to bit
+    // 8 by a shift by 8 - k), as ggml's. (One vpgatherdd instead of the 8 loads: 0.97-0.98 of
+    // ggml at one row against 1.00 here.)
+    const __m256i hi = _mm256_and_si256(
+        _mm256_sllv_epi32(_mm256_set1_epi32(qh[j]), _mm256_setr_epi32(8, 7, 6, 5, 4, 3, 2, 1)),
+        _mm256_set1_epi32(0x100));
+    const __m256i idx = _mm256_or_si256(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qs + 8 * j))), hi);
+    alignas(32) uint32_t ix[8];
+    _mm256_store_si256((__m256i*)ix, idx);
+    g = grid8(g_iq3s_grid, ix);
     uint32_t bits;
     std::memcpy(&bits, signs + 4 * j, 4);
     sg = bit_signs32(bits);
-    sc = _mm256_set1_epi16(int16_t(2 * ((scales[j >> 1] >> (4 * (j & 1))) & 15) + 1));
+    sc = half_scales(pre, j);
   }
 };
 
@@ -752,7 +787,9 @@ struct Q8WIQ2_S : Q8Grid<Q8WIQ2_S> {
 // value's sign (ggml's mul_add_epi8), times the 6-bit scale - 32 (signed int16 lanes:
 // exact, |pair sum| <= 2 * 127 * 127); no final factor. The tiled GEMM (ggml's tiled.cpp, no
 // min) takes it from 8 rows like the IQ2/IQ3 types.
-struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS> {
+// Its |w| up to 127 would overflow the act-bias pairs: the tiled passes keep the sign form
+// (ggml's tiled kernel too).
+struct Q8WIQ4_XS : Q8Grid<Q8WIQ4_XS, false> {
   static constexpr int TS = 136;
   static constexpr float kFinal = 1.0f;
   static __m256i prep(const uint8_t*) { return _mm256_setzero_si256(); }
@@ -789,8 +826,8 @@ struct Q8IQ1 {
   // dot per x row gives 8 * (grid sum) + (delta sum), the tiled order's s1, instead of the
   // grid dot plus a delta dot or delta products, and with Q8Grid's steps after it (d0 = d_w / 8).
   // (The vec_dot order keeps the two sums apart, so it has no decoded form.)
-  static constexpr int kDecodedVecs = 24;
-  static constexpr bool kDecodedTiledOnly = true;
+  static constexpr int kDecodedVecs = 25;
+  static constexpr bool kDecodedTiledOnly = true, kActBias = true;  // |w| <= 9
   static float decode(const uint8_t* b, __m256i* v) {
     const __m256i pre = D::prep(b);
     for (int j = 0; j < 8; ++j) {
@@ -803,6 +840,7 @@ struct Q8IQ1 {
       v[3 * j + 1] = w;
       v[3 * j + 2] = sc;
     }
+    Q8Grid<IQ1Final>::act_bias_corr(v);
     return D::scale(b);
   }
   template <int MC, bool TILED>
@@ -810,9 +848,9 @@ struct Q8IQ1 {
     static_assert(TILED, "IQ1's decoded form is the tiled order's");
     Q8Grid<IQ1Final>::dot_decoded<MC, true>(v, dw, bi, x, st);
   }
-  static void tiled8_decoded(const __m256i* v, float dw, int64_t bi, const Q8Row* x, __m256 dx,
-                             __m256& acc) {
-    Q8Grid<IQ1Final>::tiled8_decoded(v, dw, bi, x, dx, acc);
+  static void tiled8_decoded(const __m256i* v, float dw, int64_t bi, const uint8_t* const* xb,
+                             __m256 dx, __m256& acc) {
+    Q8Grid<IQ1Final>::tiled8_decoded(v, dw, bi, xb, dx, acc);
   }
   template <int MC, bool TILED = false>
   static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {

@@ -514,9 +514,11 @@ struct DecodedTiledOnly<T, std::void_t<decltype(T::kDecodedTiledOnly)>> : std::t
 // Weight row n's decoded blocks [b0, b1) (v, dw: from block b0) against x rows m0..m0+MC-1.
 // TILED: the running sums start from y where b0 > 0 (K slabs, as q8_slab_mc); dx8, for 8-row
 // passes, the pass's d_x per block as 8 floats (m0 / 8 * nb blocks in).
+// xb: rows m0.. as codes + 128 (act-bias, Q8Grid::tiled8_decoded), for 8-row TILED passes,
+// from block b0 on.
 template <typename T, int MC, bool TILED>
 void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float* dw, int64_t n,
-                     const float* dx8, int64_t b0, int64_t b1) {
+                     const float* dx8, int64_t b0, int64_t b1, const uint8_t* const* xb) {
   const int64_t nb = c.k / T::BS;
   const Q8Row* x = c.rows.data() + m0;
   float* y = c.y + m0 * c.n_out + n;
@@ -527,7 +529,7 @@ void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float*
     __m256 acc = _mm256_load_ps(ys);
     const float* dx = dx8 + (m0 / 8) * nb * 8;
     for (int64_t bi = b0; bi < b1; ++bi)
-      T::tiled8_decoded(v + (bi - b0) * T::kDecodedVecs, dw[bi - b0], bi, x,
+      T::tiled8_decoded(v + (bi - b0) * T::kDecodedVecs, dw[bi - b0], bi - b0, xb,
                         _mm256_loadu_ps(dx + bi * 8), acc);
     _mm256_store_ps(ys, acc);
     for (int m = 0; m < 8; ++m) y[m * c.n_out] = ys[m];
@@ -543,14 +545,18 @@ void q8_decoded_pass(const Q8Call& c, int64_t m0, const __m256i* v, const float*
   for (int m = 0; m < MC; ++m) y[m * c.n_out] = T::template finish<TILED>(st[m]);
 }
 
-// Rows [m0, me) against row n's decoded blocks [b0, b1): passes of 8, then 4, 2, 1.
+// Rows [m0, me) against row n's decoded blocks [b0, b1): passes of 8, then 4, 2, 1. xb: rows
+// m0.. biased (xb[m - m0]).
 template <typename T, bool TILED>
 void q8_decoded_passes(const Q8Call& c, int64_t m0, int64_t me, const __m256i* v, const float* dw,
-                       int64_t n, const float* dx8, int64_t b0, int64_t b1) {
-  for (; m0 + 8 <= me; m0 += 8) q8_decoded_pass<T, 8, TILED>(c, m0, v, dw, n, dx8, b0, b1);
-  if (m0 + 4 <= me) q8_decoded_pass<T, 4, TILED>(c, m0, v, dw, n, dx8, b0, b1), m0 += 4;
-  if (m0 + 2 <= me) q8_decoded_pass<T, 2, TILED>(c, m0, v, dw, n, dx8, b0, b1), m0 += 2;
-  if (m0 < me) q8_decoded_pass<T, 1, TILED>(c, m0, v, dw, n, dx8, b0, b1);
+                       int64_t n, const float* dx8, int64_t b0, int64_t b1,
+                       const uint8_t* const* xb) {
+  const int64_t mb = m0;
+  for (; m0 + 8 <= me; m0 += 8)
+    q8_decoded_pass<T, 8, TILED>(c, m0, v, dw, n, dx8, b0, b1, xb + (m0 - mb));
+  if (m0 + 4 <= me) q8_decoded_pass<T, 4, TILED>(c, m0, v, dw, n, dx8, b0, b1, xb), m0 += 4;
+  if (m0 + 2 <= me) q8_decoded_pass<T, 2, TILED>(c, m0, v, dw, n, dx8, b0, b1, xb), m0 += 2;
+  if (m0 < me) q8_decoded_pass<T, 1, TILED>(c, m0, v, dw, n, dx8, b0, b1, xb);
 }
 
 // TILED: as q8_rows_slabs, x rows in blocks of kTiledMBlock and K in slabs, each weight row's
@@ -573,15 +579,46 @@ void q8_rows_decoded(const Q8Call& c, int64_t n0, int64_t n1) {
       for (int64_t bi = 0; bi < nb; ++bi)
         for (int m = 0; m < 8; ++m) dx8[size_t((p * nb + bi) * 8 + m)] = c.rows[size_t(8 * p + m)].d[bi];
   }
+  // The 8-row passes' x slab as codes + 128 (TILED): [row in block][slab block][256], made
+  // once per block of x rows and slab, for all the chunk's weight rows; where that is all of x
+  // (<= 64 rows, K in one slab), once per thread and call (64 rows: chunks of ~9 weight rows,
+  // a 128 KiB copy each had cost ~5 %).
+  thread_local std::vector<uint8_t> xbuf;
+  thread_local uint64_t xbuf_serial = 0;
+  const bool whole = c.m_total <= mblock && nb <= sb && c.x_serial != 0;
+  const bool have = whole && xbuf_serial == c.x_serial;
+  xbuf_serial = whole ? c.x_serial : 0;
+  std::vector<const uint8_t*> xb;
+  if constexpr (TILED) {
+    if constexpr (T::kActBias) xbuf.resize(size_t(mblock * std::min(nb, sb) * 256));
+    xb.resize(size_t(mblock));
+  }
   for (int64_t mb = 0; mb < c.m_total; mb += mblock) {
     const int64_t me = std::min(c.m_total, mb + mblock);
+    const int64_t m8 = mb + (me - mb) / 8 * 8;  // the 8-row passes' rows
     for (int64_t b0 = 0; b0 < nb; b0 += sb) {
       const int64_t b1 = std::min(nb, b0 + sb);
+      if constexpr (TILED && !T::kActBias) {
+        for (int64_t m = mb; m < m8; ++m)
+          xb[size_t(m - mb)] = (const uint8_t*)(c.rows[size_t(m)].q + b0 * 256);
+      } else if constexpr (TILED) {
+        const int64_t len = (b1 - b0) * 256;
+        for (int64_t m = mb; m < m8; ++m) {
+          uint8_t* dst = xbuf.data() + (m - mb) * len;
+          const int8_t* src = c.rows[size_t(m)].q + b0 * 256;
+          xb[size_t(m - mb)] = dst;  // block bi at (bi - b0) * 256
+          if (have) continue;
+          for (int64_t i = 0; i < len; i += 32)
+            _mm256_storeu_si256((__m256i*)(dst + i),
+                                _mm256_xor_si256(load256(src + i), _mm256_set1_epi8(char(0x80))));
+        }
+      }
       for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* row = c.w + n * c.row_bytes;
         for (int64_t bi = b0; bi < b1; ++bi)
           dw[size_t(bi - b0)] = T::decode(row + bi * T::TS, v.data() + (bi - b0) * T::kDecodedVecs);
-        q8_decoded_passes<T, TILED>(c, mb, me, v.data(), dw.data(), n, dx8.data(), b0, b1);
+        q8_decoded_passes<T, TILED>(c, mb, me, v.data(), dw.data(), n, dx8.data(), b0, b1,
+                                    xb.data());
       }
     }
   }
