@@ -46,3 +46,35 @@ def test_llama_load_leaves_file_unmapped(smollm2_path):
     llm = Llama(str(smollm2_path), ctx_size=64, compile_cache=False)
     assert _mapped_rss_kib(str(smollm2_path)) < 4096
     assert llm.tokenize("Hello")  # the tokenizer was built from the parsed header
+
+
+def test_misaligned_data_section_copied_once(tmp_path):
+    """GGUF aligns tensors to 32 bytes; where the data section sits at 32 mod 64, XLA cannot
+    adopt the mapping's views. load_weights copies them itself, so the file's pages do not stay
+    resident beside the copy after a forward pass (they did: 2x a model's bytes), and the
+    logits are the aligned file's."""
+    from tinymodels import dense_hparams, dense_tensors, write_gguf
+
+    from jllama.api import Llama
+
+    shp = dict(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, head_dim=64)
+    tensors = dense_tensors(3, n_vocab=262144, **shp)  # big tensors: device_put copies them late
+    files = {}
+    for pad in range(0, 64, 4):  # header lengths until one file of each alignment
+        import gguf
+
+        p = write_gguf(tmp_path / f"m{pad}.gguf", "llama",
+                       dense_hparams(**shp, pad_key="x" * pad), tensors,
+                       qtype=gguf.GGMLQuantizationType.Q8_0)
+        files.setdefault(read_gguf(p).data_offset % 64, p)
+        if len(files) == 2:
+            break
+    assert set(files) == {0, 32}
+    logits = {}
+    for mod, p in files.items():
+        llm = Llama(str(p), ctx_size=64, compile_cache=False)
+        logits[mod] = np.asarray(llm.engine.logits([1, 2, 3, 4, 5]))
+        if mod:  # copied at load: its pages were dropped and are not read again (an aligned
+            # file's weights are read in place, as llama.cpp's mmap: resident as used)
+            assert _mapped_rss_kib(str(p)) * 1024 < read_gguf(p).file_size // 8
+    np.testing.assert_array_equal(logits[0], logits[32])

@@ -62,6 +62,7 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
     while the model is loaded, as with llama.cpp's default mmap).
     """
     out: dict[str, QTensor] = {}
+    copied = 0  # bytes of the mapping read into copies since its pages were last dropped
     for name, ti in g.tensors.items():
         raw, qtype = ti.data, ti.qtype
         if transform is not None:
@@ -76,9 +77,35 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
             # file mapping (read-only, as llama.cpp's mmap: no second resident copy, clean pages
             # the kernel can drop), repacked arrays are adopted rather than copied. jnp.asarray
             # would copy, through a compiled copy program per dtype.
-            qt = QTensor(jax.device_put(qt.data), qt.qtype, qt.shape, qt.layout)
+            host = _adoptable(qt.data)
+            if host is not qt.data:
+                copied += host.nbytes
+                if copied >= _RELEASE_EVERY:  # peak RSS: not the whole file and its copy
+                    g.release_pages()
+                    copied = 0
+            qt = QTensor(jax.device_put(host), qt.qtype, qt.shape, qt.layout)
         out[name] = qt
     return Weights(out, g.path)
+
+
+# XLA:CPU adopts a host buffer only at this alignment; GGUF aligns tensors to 32 bytes, so in
+# about half of real files (data section at 32 mod 64) every tensor is misaligned
+_ADOPT_ALIGN = 64
+_RELEASE_EVERY = 256 << 20
+
+
+def _adoptable(a: np.ndarray) -> np.ndarray:
+    """``a``, or a copy of it at an address XLA can adopt. ``device_put`` would copy a
+    misaligned mapping view anyway, but lazily, reading the file's pages at first use, so that
+    copy and the file's pages both stayed resident (2x a model's bytes); copied here, the pages
+    are read during load and dropped with the others (``GGUFFile.release_pages``)."""
+    if a.ctypes.data % _ADOPT_ALIGN == 0:
+        return a
+    buf = np.empty(a.nbytes + _ADOPT_ALIGN, np.uint8)
+    off = -buf.ctypes.data % _ADOPT_ALIGN
+    out = buf[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def build_model(g: GGUFFile, weights: Weights | None = None, spec: ModelSpec | None = None,
