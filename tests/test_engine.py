@@ -95,6 +95,22 @@ def test_stop_when_full_by_default(model):
     assert len(out) == 32 - 20 + 1 - 1 or eng.timings.extra.get("context_full")
 
 
+def test_padded_last_chunk_fits_the_cache_room(model):
+    """The worst padding: a 257-token chunk runs as a 512-row bucket ending 255 rows past its
+    last token, here right at the end of the context. The cache keeps only that much room
+    (ctx rounded to 256, + 256 rows); too little and the write would be clamped into the
+    wrong rows: the logits must equal those of an engine with a far larger cache."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(100, 40000, 768).tolist()
+    small = _engine(model, ctx_size=768)
+    assert small.max_len == 1024
+    big = _engine(model, ctx_size=2048)
+    got = [np.asarray(e.prefill(ids[:511], 0)) for e in (small, big)]
+    got += [np.asarray(e.prefill(ids[511:], 0)) for e in (small, big)]
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_array_equal(got[2], got[3])
+
+
 @pytest.mark.parametrize("kind,max_kld", [("f16", 0.01), ("q8_0", 0.02), ("q4_0", 0.5)])
 def test_kv_cache_types(model, kind, max_kld):
     from jllama.models.kvquant import bytes_per_token

@@ -39,6 +39,10 @@ PREFILL_BUCKETS = (7, 16, 63, 128, 256, 512)
 # places: a GEMM's rounding depends on its shape, so other cuts could change a near-tie.
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]
 KV_MIN_BUCKET = 256
+# Rows a padded prompt chunk can write past its real tokens: a chunk of m tokens runs as its
+# bucket (``_bucket(m)``), so at most the largest gap between a bucket and the one below it
+# (512 - 257 = 255), rounded up to a multiple of 64 rows.
+KV_ROOM = -(-max(b - a - 1 for a, b in zip((0,) + PREFILL_BUCKETS, PREFILL_BUCKETS)) // 64) * 64
 HISTORY = 64  # penalty window (llama.cpp's default repeat_last_n)
 # Most decode steps one dispatch runs (``Engine.decode_chunk``); generate() starts a stream with
 # shorter chunks (``_CHUNKS``) so the first tokens still arrive one dispatch apart.
@@ -111,8 +115,9 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
         if plan is not None:
             self.state = plan.shard_state(self.state)
-        # room for the padded tail of the last prompt chunk
-        self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + PREFILL_CHUNK
+        # room for the padded tail of the last prompt chunk (KV_ROOM rows, not a whole chunk:
+        # the cache is the largest allocation after the weights, 128 KiB a row at 8B)
+        self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + KV_ROOM
         self.cache = self._new_cache(self.n_slots)
         self.pos = np.zeros(self.n_slots, np.int32)  # tokens held per slot
         self.tokens: list[list[int]] = [[] for _ in range(self.n_slots)]  # ...and which ones
