@@ -706,8 +706,9 @@ class Scheduler:
                         np.int32)
         steps = np.array([a.req.completion_tokens if a is not None else 0 for a in self.slots],
                          np.int32)
-        if self._chunk_len(active) > 1:
-            self._decode_chunk(active, toks, steps)
+        n = self._chunk_len(active)
+        if n > 1:
+            self._decode_chunk(active, toks, steps, n)
             return
         t0 = time.perf_counter()
         dry = self._dry_rows(toks, np.nonzero(active)[0])
@@ -750,13 +751,13 @@ class Scheduler:
             room.append(self.engine.ctx_size - 1 - int(self.engine.pos[b]))
         return max(1, min([self.decode_chunk, *room]))
 
-    def _decode_chunk(self, active: np.ndarray, toks: np.ndarray, steps: np.ndarray) -> None:
-        """Up to ``_chunk_len`` steps in one dispatch, then each step's tokens handled as the
+    def _decode_chunk(self, active: np.ndarray, toks: np.ndarray, steps: np.ndarray,
+                      n: int) -> None:
+        """Up to ``n`` (``_chunk_len``) steps in one dispatch, then each step's tokens handled as the
         per-step path would, the engine showing each slot as it was after that step (a request
         that ends on the host, e.g. at a stop string, leaves its slot exactly there; the
         device's extra steps for it are past its length and never read)."""
         eng = self.engine
-        n = self._chunk_len(active)
         act = [int(b) for b in np.nonzero(active)[0]]
         owner = {b: self.slots[b] for b in act}
         left = np.zeros(self.n_slots, np.int32)
