@@ -1,0 +1,218 @@
+"""Partial offload, llama.cpp's ``-ngl`` (jllama/models/offload.py).
+
+On this CPU-only CI the flag is ignored, as by llama.cpp's CPU build; ``JLLAMA_OFFLOAD_ON_CPU=1``
+makes the split on the CPU device (host layers in its host memory kind, copied to device memory
+in the loop body), so the streaming code path runs for real: its logits must be the default's,
+bit for bit, for every split. The fit check is tested against a fake device memory limit.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from tinymodels import write_tiny_llama
+
+N_LAYER = 3
+SHAPE = dict(n_layer=N_LAYER, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, head_dim=16)
+PROMPT = [1, 5, 9, 33, 2, 71, 100, 7, 250, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("ngl") / "tiny.gguf", seed=4, **SHAPE)
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    monkeypatch.setenv("JLLAMA_OFFLOAD_ON_CPU", "1")
+
+
+def _run(llm) -> tuple[np.ndarray, list[int]]:
+    """Logits at every prompt position, then 6 greedy tokens (decode steps)."""
+    from jllama.engine.sampling import SamplingParams
+
+    lg = np.asarray(llm.logits(PROMPT))
+    llm.engine.reset()
+    toks = list(llm.engine.generate(PROMPT, SamplingParams.greedy(), 6))
+    return lg, toks
+
+
+def test_parse_values_as_llamacpp():
+    from jllama.errors import ConfigError
+    from jllama.models.offload import ALL, AUTO, parse_n_gpu_layers
+
+    assert parse_n_gpu_layers(None) == AUTO
+    assert parse_n_gpu_layers("auto") == AUTO and parse_n_gpu_layers(-1) == AUTO
+    assert parse_n_gpu_layers("all") == ALL and parse_n_gpu_layers(-7) == ALL
+    assert parse_n_gpu_layers("12") == 12 and parse_n_gpu_layers(0) == 0
+    for bad in ("many", True, "1.5"):
+        with pytest.raises(ConfigError):
+            parse_n_gpu_layers(bad)
+
+
+def test_split_counts_the_output_layer_last():
+    """llama.cpp: of n_layer + 1 layers the last N are offloaded (i_gpu_start = n_layer + 1 -
+    N); -ngl 1 is the output layer alone."""
+    from jllama.models.offload import Split
+
+    got = [(Split(4, n).n_host, Split(4, n).output_on_host) for n in range(6)]
+    assert got == [(4, True), (4, False), (3, False), (2, False), (1, False), (0, False)]
+
+
+def test_ignored_on_cpu_backend(tiny, monkeypatch):
+    from jllama.api import Llama
+
+    monkeypatch.delenv("JLLAMA_OFFLOAD_ON_CPU", raising=False)
+    llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=1)
+    assert llm.offload is None and not hasattr(llm.model, "host_layers")
+
+
+@pytest.mark.parametrize("ngl", [0, 1, N_LAYER - 1, N_LAYER, "all", N_LAYER + 1])
+def test_streamed_layers_give_the_same_bits(tiny, on_cpu, ngl):
+    """Every split (all layers and the output layer streamed, some, none) gives the default's
+    logits and tokens, bit for bit."""
+    from jllama.api import Llama
+
+    base = _run(Llama(str(tiny), ctx_size=64, compile_cache=False))
+    llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=ngl)
+    n_gpu = N_LAYER + 1 if ngl == "all" else ngl
+    n_host = min(N_LAYER, N_LAYER + 1 - n_gpu)
+    if n_host == 0 and n_gpu > 0:
+        assert llm.offload is None
+    else:
+        assert llm.offload.n_host == n_host
+        assert llm.model.host_layers.output_on_host == (n_gpu == 0)
+        assert len(llm.model.blocks) == N_LAYER - n_host
+        leaf = llm.model.host_layers.groups[0].blocks[0].attn_norm.weight.get_value()
+        assert leaf.shape[0] == n_host  # stacked over the host layers
+    got = _run(llm)
+    np.testing.assert_array_equal(got[0], base[0])
+    assert got[1] == base[1]
+
+
+def test_host_layers_sit_in_host_memory(tiny, on_cpu):
+    import jax
+
+    from jllama.api import Llama
+
+    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+    llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=1)
+    w = llm.model.host_layers.groups[0].blocks[0].wq.weight.get_value().data
+    if "pinned_host" in kinds:
+        assert w.sharding.memory_kind == "pinned_host"
+    dev = llm.model.blocks if len(llm.model.blocks) else None
+    assert dev is not None or llm.offload.n_host == N_LAYER
+
+
+def _decode_hlo(llm) -> str:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jllama.numerics import use
+
+    gd, st = nnx.split(llm.model)
+    num = llm.numerics
+
+    def step(st, tok, pos0, cache):
+        with use(num):
+            return nnx.merge(gd, st)(tok, pos0, cache, 64, jnp.zeros_like(pos0))
+
+    return jax.jit(step, donate_argnums=3).lower(
+        st, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32), llm.engine.cache
+    ).compile().as_text()
+
+
+def test_one_loop_per_part_whatever_the_depth(tmp_path, on_cpu):
+    """Half the layers streamed: the decode step holds one loop for the host part and one for
+    the device part, with the same instructions for 4 and 8 layers."""
+    from jllama.api import Llama
+
+    counts = []
+    for n in (4, 8):
+        path = write_tiny_llama(tmp_path / f"d{n}.gguf", seed=2, **dict(SHAPE, n_layer=n))
+        llm = Llama(str(path), ctx_size=64, compile_cache=False, n_gpu_layers=n // 2 + 1)
+        assert llm.offload.n_host == n // 2
+        txt = _decode_hlo(llm)
+        assert txt.count(" while(") == 2
+        counts.append((txt.count("custom-call("), txt.count(" fusion(")))
+    assert counts[0] == counts[1]
+
+
+def _sizes(path):
+    """Bytes per part, read from the file's tensor table here (the rule the README states:
+    the device holds the token embedding, the KV cache, its layers' and the output layer's
+    weights, and two streamed layers)."""
+    from jllama.gguf.reader import read_gguf
+
+    g = read_gguf(path)
+    layer = [0] * N_LAYER
+    out = embd = 0
+    for name, ti in g.tensors.items():
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m:
+            layer[int(m.group(1))] += ti.data.nbytes
+        elif name.startswith("output"):
+            out += ti.data.nbytes
+        else:
+            embd += ti.data.nbytes
+    # f16 K and V: n_layer x ctx x kv heads x head_dim x 2 bytes, each
+    kv = 2 * N_LAYER * 64 * SHAPE["n_head_kv"] * SHAPE["head_dim"] * 2
+    return layer, out, embd, kv
+
+
+def test_fit_error_names_the_largest_split_that_fits(tiny, on_cpu, monkeypatch):
+    from jllama.api import Llama
+    from jllama.models import offload
+
+    layer, out, embd, kv = _sizes(tiny)
+    # room for -ngl 2 (the output layer, layer 2, layer 0..1 streamed) and not for -ngl 3
+    need2 = embd + kv + out + layer[2] + 2 * max(layer[:2])
+    need3 = embd + kv + out + layer[1] + layer[2] + 2 * layer[0]
+    assert need3 > need2
+    limit = offload.MARGIN_BYTES + need2
+    monkeypatch.setattr(offload, "device_memory_limit", lambda device=None: limit)
+    with pytest.raises(offload.OffloadError, match=r"-ngl 3 needs .* at most -ngl 2 fits"):
+        Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=3)
+    llm = Llama(str(tiny), ctx_size=64, compile_cache=False)  # auto: the most that fit
+    assert llm.offload.n_gpu == 2
+    monkeypatch.setattr(offload, "device_memory_limit", lambda device=None: 1 << 20)
+    with pytest.raises(offload.OffloadError, match="not even -ngl 0 fits"):
+        Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers="auto")
+
+
+def test_cli_flag_and_fit_error_line(tiny, on_cpu, monkeypatch, capsys):
+    from jllama.cli.main import main
+    from jllama.models import offload
+
+    monkeypatch.setattr(offload, "device_memory_limit", lambda device=None: 1 << 20)
+    for flag in ("-ngl", "--gpu-layers", "--n-gpu-layers"):
+        assert main(["generate", "-m", str(tiny), "-p", "hi", "-n", "1", flag, "2"]) == 1
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert len(err) == 1 and "-ngl 2 needs" in err[0], err
+    assert main(["generate", "-m", str(tiny), "-p", "hi", "-n", "1", "-ngl", "lots"]) == 1
+    assert "expected a number of layers" in capsys.readouterr().err
+
+
+def test_cli_on_cpu_warns_and_runs(tiny, monkeypatch, capsys):
+    from jllama.cli.main import main
+
+    monkeypatch.delenv("JLLAMA_OFFLOAD_ON_CPU", raising=False)
+    assert main(["generate", "-m", str(tiny), "-p", "hi", "-n", "2", "--temp", "0",
+                 "-ngl", "99"]) == 0
+    assert "--gpu-layers option will be ignored" in capsys.readouterr().err
+
+
+def test_config_key(tmp_path):
+    from jllama.config import load_config
+    from jllama.errors import ConfigError
+
+    y = tmp_path / "run.yaml"
+    y.write_text("model: x.gguf\nruntime:\n  n_gpu_layers: 12\n")
+    assert load_config(y).runtime.n_gpu_layers == 12
+    assert load_config(None).runtime.n_gpu_layers == "auto"
+    assert load_config(None, ["runtime.n_gpu_layers=all"]).runtime.n_gpu_layers == "all"
+    with pytest.raises(ConfigError, match="n_gpu_layers"):
+        load_config(None, ["runtime.n_gpu_layers=lots"])
