@@ -29,14 +29,19 @@ def on_cpu(monkeypatch):
     monkeypatch.setenv("JLLAMA_OFFLOAD_ON_CPU", "1")
 
 
-def _run(llm) -> tuple[np.ndarray, list[int]]:
-    """Logits at every prompt position, then 6 greedy tokens (decode steps)."""
-    from jllama.engine.sampling import SamplingParams
+def _run(llm) -> list[np.ndarray]:
+    """Logits after a 10-token prompt step, then after 3 one-token steps fed the argmax."""
+    out = [np.asarray(llm.engine.prefill(PROMPT))]
+    for _ in range(3):
+        out.append(np.asarray(llm.engine.prefill([int(np.argmax(out[-1]))])))
+    return out
 
-    lg = np.asarray(llm.logits(PROMPT))
-    llm.engine.reset()
-    toks = list(llm.engine.generate(PROMPT, SamplingParams.greedy(), 6))
-    return lg, toks
+
+@pytest.fixture(scope="module")
+def baseline(tiny):
+    from jllama.api import Llama
+
+    return _run(Llama(str(tiny), ctx_size=64, compile_cache=False))
 
 
 def test_parse_values_as_llamacpp():
@@ -69,41 +74,45 @@ def test_ignored_on_cpu_backend(tiny, monkeypatch):
     assert llm.offload is None and not hasattr(llm.model, "host_layers")
 
 
-@pytest.mark.parametrize("ngl", [0, 1, N_LAYER - 1, N_LAYER, "all", N_LAYER + 1])
-def test_streamed_layers_give_the_same_bits(tiny, on_cpu, ngl):
-    """Every split (all layers and the output layer streamed, some, none) gives the default's
-    logits and tokens, bit for bit."""
+@pytest.mark.parametrize("ngl", [0, 1, N_LAYER - 1, N_LAYER])
+def test_streamed_layers_give_the_same_bits(tiny, on_cpu, baseline, ngl):
+    """Every split (all layers and the output layer streamed, all layers, some, one) gives the
+    default's logits, bit for bit, for a prompt step and one-token steps."""
     from jllama.api import Llama
 
-    base = _run(Llama(str(tiny), ctx_size=64, compile_cache=False))
     llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=ngl)
-    n_gpu = N_LAYER + 1 if ngl == "all" else ngl
-    n_host = min(N_LAYER, N_LAYER + 1 - n_gpu)
-    if n_host == 0 and n_gpu > 0:
-        assert llm.offload is None
-    else:
-        assert llm.offload.n_host == n_host
-        assert llm.model.host_layers.output_on_host == (n_gpu == 0)
-        assert len(llm.model.blocks) == N_LAYER - n_host
-        leaf = llm.model.host_layers.groups[0].blocks[0].attn_norm.weight.get_value()
-        assert leaf.shape[0] == n_host  # stacked over the host layers
+    n_host = min(N_LAYER, N_LAYER + 1 - ngl)
+    assert llm.offload.n_host == n_host
+    assert llm.model.host_layers.output_on_host == (ngl == 0)
+    assert len(llm.model.blocks) == N_LAYER - n_host
+    leaf = llm.model.host_layers.groups[0].blocks[0].attn_norm.weight.get_value()
+    assert leaf.shape[0] == n_host  # stacked over the host layers
     got = _run(llm)
-    np.testing.assert_array_equal(got[0], base[0])
-    assert got[1] == base[1]
+    for a, b in zip(got, baseline, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("ngl", ["all", N_LAYER + 1, 1000, -2])
+def test_all_layers_is_no_split(tiny, on_cpu, ngl):
+    from jllama.api import Llama
+
+    llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=ngl)
+    assert llm.offload is None and not hasattr(llm.model, "host_layers")
 
 
 def test_host_layers_sit_in_host_memory(tiny, on_cpu):
+    """The CPU client has a pinned host memory kind (so CI runs the real copies); the streamed
+    layers' weights are there, the device layers' in device memory."""
     import jax
 
     from jllama.api import Llama
 
-    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-    llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=1)
+    assert "pinned_host" in {m.kind for m in jax.devices()[0].addressable_memories()}
+    llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=2)
     w = llm.model.host_layers.groups[0].blocks[0].wq.weight.get_value().data
-    if "pinned_host" in kinds:
-        assert w.sharding.memory_kind == "pinned_host"
-    dev = llm.model.blocks if len(llm.model.blocks) else None
-    assert dev is not None or llm.offload.n_host == N_LAYER
+    assert w.sharding.memory_kind == "pinned_host" and w.shape[0] == N_LAYER - 1
+    d = llm.model.blocks[0].wq.weight.get_value().data
+    assert d.sharding.memory_kind == "device"
 
 
 def _decode_hlo(llm) -> str:
@@ -144,7 +153,7 @@ def test_one_loop_per_part_whatever_the_depth(tmp_path, on_cpu):
 def _sizes(path):
     """Bytes per part, read from the file's tensor table here (the rule the README states:
     the device holds the token embedding, the KV cache, its layers' and the output layer's
-    weights, and two streamed layers)."""
+    weights, and the largest streamed layer)."""
     from jllama.gguf.reader import read_gguf
 
     g = read_gguf(path)
@@ -169,8 +178,8 @@ def test_fit_error_names_the_largest_split_that_fits(tiny, on_cpu, monkeypatch):
 
     layer, out, embd, kv = _sizes(tiny)
     # room for -ngl 2 (the output layer, layer 2, layer 0..1 streamed) and not for -ngl 3
-    need2 = embd + kv + out + layer[2] + 2 * max(layer[:2])
-    need3 = embd + kv + out + layer[1] + layer[2] + 2 * layer[0]
+    need2 = embd + kv + out + layer[2] + max(layer[:2])
+    need3 = embd + kv + out + layer[1] + layer[2] + layer[0]
     assert need3 > need2
     limit = offload.MARGIN_BYTES + need2
     monkeypatch.setattr(offload, "device_memory_limit", lambda device=None: limit)
@@ -192,17 +201,31 @@ def test_cli_flag_and_fit_error_line(tiny, on_cpu, monkeypatch, capsys):
         assert main(["generate", "-m", str(tiny), "-p", "hi", "-n", "1", flag, "2"]) == 1
         err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
         assert len(err) == 1 and "-ngl 2 needs" in err[0], err
-    assert main(["generate", "-m", str(tiny), "-p", "hi", "-n", "1", "-ngl", "lots"]) == 1
-    assert "expected a number of layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a usage error: one line, exit code 1
+        main(["generate", "-m", str(tiny), "-p", "hi", "-n", "1", "-ngl", "lots"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'lots': expected a number of layers" in err[0]
 
 
 def test_cli_on_cpu_warns_and_runs(tiny, monkeypatch, capsys):
     from jllama.cli.main import main
 
     monkeypatch.delenv("JLLAMA_OFFLOAD_ON_CPU", raising=False)
-    assert main(["generate", "-m", str(tiny), "-p", "hi", "-n", "2", "--temp", "0",
+    assert main(["generate", "-m", str(tiny), "-p", "hi", "-n", "1", "--temp", "0",
                  "-ngl", "99"]) == 0
     assert "--gpu-layers option will be ignored" in capsys.readouterr().err
+
+
+def test_serve_flag():
+    """llama-server's -ngl was accepted and ignored before; now it is the setting."""
+    from jllama.cli.main import build_parser
+    from jllama.cli.serve import _overrides
+    from jllama.config import load_config
+
+    for v, want in (("0", 0), ("all", "all"), ("auto", "auto"), ("33", 33)):
+        args = build_parser().parse_args(["serve", "-m", "m.gguf", "-ngl", v])
+        assert load_config(None, _overrides(args)).runtime.n_gpu_layers == want
 
 
 def test_config_key(tmp_path):

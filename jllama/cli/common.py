@@ -368,17 +368,17 @@ def add_platform_args(p: argparse.ArgumentParser) -> None:
                    "Ignored on a CPU backend, as by llama.cpp's CPU build")
 
 
-def _ngl_arg(value: str) -> str:
-    """-ngl's value as llama.cpp parses it (a number, auto, all), kept as text for the
-    config (a bad one: argparse's usage line, exit code 2)."""
+def _ngl_arg(value: str) -> int | str:
+    """-ngl's value as llama.cpp parses it: a number, auto or all (a bad one: argparse's
+    usage line, exit code 1)."""
     v = value.strip().lower()
-    if v not in ("auto", "all"):
-        try:
-            int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{value!r}: expected a number of layers, 'auto' or 'all'") from None
-    return v
+    if v in ("auto", "all"):
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected a number of layers, 'auto' or 'all'") from None
 
 
 def n_gpu_layers_value(v: int | str | None) -> int | str | None:

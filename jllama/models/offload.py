@@ -134,8 +134,10 @@ class Footprint:
         b = self.embd + self.kv + sum(self.layer[s.n_host:])
         if not s.output_on_host:
             b += self.output
-        if s.n_host:  # a streamed layer in device memory, and the next one arriving
-            b += 2 * max(self.layer[:s.n_host])
+        if s.n_host:
+            # the streamed layer in device memory (XLA may also bring the next one early:
+            # the margin is for that and the activations)
+            b += max(self.layer[:s.n_host])
         if s.output_on_host:
             b += self.output
         return b
