@@ -166,7 +166,7 @@ class Llama:
             aot_cache = os.environ.get("JLLAMA_AOT_CACHE", "") == "1"
         plain = not (quant or lora or mesh is not None or kv_overrides or cvec[0]
                      or (self._source[5] is not None and not self._source[5].is_default())
-                     or self.path.is_dir())
+                     or self.path.is_dir() or self.offload is not None)
         aot = None
         if aot_cache and compile_cache and plain:
             from jllama.engine import aot as aot_mod

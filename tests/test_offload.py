@@ -30,10 +30,13 @@ def on_cpu(monkeypatch):
 
 
 def _run(llm) -> list[np.ndarray]:
-    """Logits after a 10-token prompt step, then after 3 one-token steps fed the argmax."""
+    """Logits after a 10-token prompt step, then after 3 one-token steps fed the argmax, then
+    the prompt again (on the cache the steps gave back)."""
     out = [np.asarray(llm.engine.prefill(PROMPT))]
     for _ in range(3):
         out.append(np.asarray(llm.engine.prefill([int(np.argmax(out[-1]))])))
+    llm.engine.reset(0)
+    out.append(np.asarray(llm.engine.prefill(PROMPT)))
     return out
 
 
@@ -41,7 +44,8 @@ def _run(llm) -> list[np.ndarray]:
 def baseline(tiny):
     from jllama.api import Llama
 
-    return _run(Llama(str(tiny), ctx_size=64, compile_cache=False))
+    llm = Llama(str(tiny), ctx_size=64, compile_cache=False)
+    return _run(llm), llm.engine._forward_slot._cache_size()
 
 
 def test_parse_values_as_llamacpp():
@@ -77,7 +81,9 @@ def test_ignored_on_cpu_backend(tiny, monkeypatch):
 @pytest.mark.parametrize("ngl", [0, 1, N_LAYER - 1, N_LAYER])
 def test_streamed_layers_give_the_same_bits(tiny, on_cpu, baseline, ngl):
     """Every split (all layers and the output layer streamed, all layers, some, one) gives the
-    default's logits, bit for bit, for a prompt step and one-token steps."""
+    default's logits, bit for bit, for a prompt step and one-token steps; and it compiles no
+    more programs (host weights are committed arrays, which once made a fed-back cache select
+    a second program)."""
     from jllama.api import Llama
 
     llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=ngl)
@@ -88,8 +94,9 @@ def test_streamed_layers_give_the_same_bits(tiny, on_cpu, baseline, ngl):
     leaf = llm.model.host_layers.groups[0].blocks[0].attn_norm.weight.get_value()
     assert leaf.shape[0] == n_host  # stacked over the host layers
     got = _run(llm)
-    for a, b in zip(got, baseline, strict=True):
+    for a, b in zip(got, baseline[0], strict=True):
         np.testing.assert_array_equal(a, b)
+    assert llm.engine._forward_slot.jitted._cache_size() == baseline[1]
 
 
 @pytest.mark.parametrize("ngl", ["all", N_LAYER + 1, 1000, -2])

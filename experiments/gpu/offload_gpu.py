@@ -77,7 +77,6 @@ def main() -> None:
     ap.add_argument("-r", type=int, default=2)
     ap.add_argument("--mem-fraction", type=float, default=None,
                     help="also run a big model under this XLA_PYTHON_CLIENT_MEM_FRACTION")
-    ap.add_argument("--big-layers", type=int, default=40)
     ap.add_argument("--big-embd", type=int, default=2048)
     ap.add_argument("--big-ff", type=int, default=8192)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -103,8 +102,18 @@ def main() -> None:
             for ngl in (args.layers // 2 + 1, 1, 0):
                 run_split(path, ngl, args.p, args.n, args.r, ref)
         if args.mem_fraction:
-            big = write_model(Path(d) / "big.gguf", args.types.split(",")[0], args.big_layers,
-                              args.big_embd, args.big_ff, 16, 4, args.vocab)
+            from jllama.models.offload import device_memory_limit
+
+            # the child's device: this one's limit (JAX's default 75 % of the memory) scaled
+            # to the fraction; the model is made about twice that
+            child_limit = device_memory_limit() / 0.75 * args.mem_fraction
+            per_layer = (2 * args.big_embd * args.big_embd + 2 * args.big_embd * 512
+                         + 3 * args.big_embd * args.big_ff) * 34 / 32  # Q8_0, 4 of 16 kv heads
+            n_big = max(4, int(2 * child_limit / per_layer))
+            print(f"\nbig model: {n_big} layers, ~{n_big * per_layer / 2**30:.1f} GiB, child "
+                  f"limit ~{child_limit / 2**30:.1f} GiB", flush=True)
+            big = write_model(Path(d) / "big.gguf", "Q8_0", n_big, args.big_embd, args.big_ff,
+                              16, 4, args.vocab)
             env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=str(args.mem_fraction))
             subprocess.run([sys.executable, __file__, "--child", str(big)], env=env,
                            timeout=240, check=False)

@@ -106,8 +106,9 @@ class Split:
 
 
 def device_memory_limit(device=None) -> int | None:
-    """The bytes the allocator may use on ``device`` (None where the backend does not say,
-    as on the CPU)."""
+    """The bytes the allocator may still use on ``device``: its limit less what is in use
+    (another model loaded in this process); None where the backend does not say, as on the
+    CPU."""
     d = device if device is not None else jax.devices()[0]
     try:
         stats = d.memory_stats()
@@ -116,7 +117,7 @@ def device_memory_limit(device=None) -> int | None:
     if not stats:
         return None
     v = stats.get("bytes_limit")
-    return int(v) if v else None
+    return int(v) - int(stats.get("bytes_in_use", 0)) if v else None
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def choose(n_gpu_layers: int, fp: Footprint, limit: int | None) -> Split:
         raise OffloadError(
             f"-ngl {want} needs {_mib(need)} of device memory (weights "
             f"{_mib(need - fp.kv)}, KV cache {_mib(fp.kv)}) plus a {_mib(MARGIN_BYTES)} margin, "
-            f"but the device has {_mib(limit)}: "
+            f"but the device has {_mib(limit)} free: "
             + (f"at most -ngl {best} fits" if best is not None else _no_fit_msg(fp, limit)))
     return Split(n_layer, want)
 
@@ -199,7 +200,8 @@ def choose(n_gpu_layers: int, fp: Footprint, limit: int | None) -> Split:
 def _no_fit_msg(fp: Footprint, limit: int) -> str:
     return (f"not even -ngl 0 fits: the token embedding ({_mib(fp.embd)}), the KV cache "
             f"({_mib(fp.kv)}) and one streamed layer need {_mib(fp.device_bytes(0))} plus a "
-            f"{_mib(MARGIN_BYTES)} margin, the device has {_mib(limit)} (lower --ctx-size)")
+            f"{_mib(MARGIN_BYTES)} margin, the device has {_mib(limit)} free (lower "
+            "--ctx-size)")
 
 
 def host_tensor(split: Split):
