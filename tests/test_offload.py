@@ -29,11 +29,11 @@ def on_cpu(monkeypatch):
     monkeypatch.setenv("JLLAMA_OFFLOAD_ON_CPU", "1")
 
 
-def _run(llm) -> list[np.ndarray]:
+def _run(llm, steps: int = 3) -> list[np.ndarray]:
     """Logits after a 10-token prompt step, then after 3 one-token steps fed the argmax, then
     the prompt again (on the cache the steps gave back)."""
     out = [np.asarray(llm.engine.prefill(PROMPT))]
-    for _ in range(3):
+    for _ in range(steps):
         out.append(np.asarray(llm.engine.prefill([int(np.argmax(out[-1]))])))
     llm.engine.reset(0)
     out.append(np.asarray(llm.engine.prefill(PROMPT)))
@@ -246,3 +246,46 @@ def test_config_key(tmp_path):
     assert load_config(None, ["runtime.n_gpu_layers=all"]).runtime.n_gpu_layers == "all"
     with pytest.raises(ConfigError, match="n_gpu_layers"):
         load_config(None, ["runtime.n_gpu_layers=lots"])
+
+
+def _gemma3(path, n_layer: int):
+    """A tiny Q8_0 gemma3 with a sliding window of 8: layer 5 global (pattern 6)."""
+    import gguf
+    from tinymodels import dense_hparams, dense_tensors, write_gguf
+
+    shp = dict(n_embd=128, n_ff=256, n_head=4, n_head_kv=1, head_dim=64, n_layer=n_layer)
+    t = dense_tensors(3, n_vocab=320, qk_norm=True, post_norms=True, tied=True, embd_std=0.05,
+                      **shp)
+    hp = dense_hparams(**shp, **{"rope.freq_base": 1e6, "attention.sliding_window": 8})
+    return write_gguf(path, "gemma3", hp, t, qtype=gguf.GGMLQuantizationType.Q8_0)
+
+
+def test_gemma3_pattern_streamed_same_bits(tmp_path, on_cpu):
+    """Gemma 3's sliding/global layers, 7 of 8 streamed: five local layers (one loop), the
+    global one, one more local one; the same bits as the default, and the context shift's
+    rope of a streamed layer is its own kind's."""
+    from jllama.api import Llama
+
+    path = _gemma3(tmp_path / "g.gguf", 8)
+    full = Llama(str(path), ctx_size=64, compile_cache=False)
+    base = _run(full, steps=0)  # prompt steps only: a gemma3 program compiles slowly
+    llm = Llama(str(path), ctx_size=64, compile_cache=False, n_gpu_layers=2)
+    assert llm.offload.n_host == 7
+    assert [(g.start, g.period, g.repeats) for g in llm.model.host_layers.groups] == \
+        [(0, 1, 5), (5, 1, 1), (6, 1, 1)]
+    for a, b in zip(_run(llm, steps=0), base, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [llm.model.kv_rope(i) for i in range(8)] == [full.model.kv_rope(i) for i in range(8)]
+
+
+def test_unrolled_program_streams_too(tiny, on_cpu, baseline):
+    """Per-layer caches (JLLAMA_NO_SCAN's unrolled program): the host layers run one by one,
+    the same bits."""
+    from jllama.api import Llama
+    from jllama.numerics import Numerics
+
+    llm = Llama(str(tiny), ctx_size=64, compile_cache=False, n_gpu_layers=2,
+                numerics=Numerics(scan_layers=False))
+    assert llm.offload.n_host == 2 and not llm.engine.cache.stacked
+    for a, b in zip(_run(llm), baseline[0], strict=True):
+        np.testing.assert_array_equal(a, b)
