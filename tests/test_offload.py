@@ -289,3 +289,20 @@ def test_unrolled_program_streams_too(tiny, on_cpu, baseline):
     assert llm.offload.n_host == 2 and not llm.engine.cache.stacked
     for a, b in zip(_run(llm), baseline[0], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
+def test_moe_and_mla_layers_streamed_same_bits(tmp_path, on_cpu, arch):
+    """Routed experts (stacked per layer, then per host group) and deepseek2's latent cache:
+    every layer streamed but the output layer, the prompt's logits the default's."""
+    import tinymodels_moe as tm
+
+    from jllama.api import Llama
+
+    write = tm.write_qwen3moe if arch == "qwen3moe" else tm.write_deepseek2
+    path = write(tmp_path / f"{arch}.gguf", quant=tm.Q.Q8_0)
+    base = _run(Llama(str(path), ctx_size=64, compile_cache=False), steps=0)
+    llm = Llama(str(path), ctx_size=64, compile_cache=False, n_gpu_layers=1)
+    assert llm.offload.n_host == llm.spec.n_layer and len(llm.model.blocks) == 0
+    for a, b in zip(_run(llm, steps=0), base, strict=True):
+        np.testing.assert_array_equal(a, b)
