@@ -120,6 +120,13 @@ def test_host_layers_sit_in_host_memory(tiny, on_cpu):
     assert w.sharding.memory_kind == "pinned_host" and w.shape[0] == N_LAYER - 1
     d = llm.model.blocks[0].wq.weight.get_value().data
     assert d.sharding.memory_kind == "device"
+    # llama-server's sleep: the weights let go and loaded again, split the same way
+    before = np.asarray(llm.engine.prefill(PROMPT))
+    llm.release_memory()
+    llm.restore_memory()
+    w = llm.model.host_layers.groups[0].blocks[0].wq.weight.get_value().data
+    assert w.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(np.asarray(llm.engine.prefill(PROMPT)), before)
 
 
 def _decode_hlo(llm) -> str:
