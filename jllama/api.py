@@ -109,7 +109,7 @@ class Llama:
                  kv_overrides: dict | None = None, rope: object | None = None,
                  control_vectors: list | None = None,
                  control_vector_layer_range: tuple[int, int] = (-1, -1),
-                 aot_cache: bool | None = None):
+                 aot_cache: bool | None = None, n_gpu_layers: int | str | None = None):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
@@ -135,7 +135,12 @@ class Llama:
         generation programs ready-compiled next to the compile cache, keyed by the model file
         and these options, so a warm start skips tracing too (jllama/engine/aot.py; for a
         model loaded plainly: no quant, LoRA, overrides, rope options, control vectors or
-        mesh)."""
+        mesh). ``n_gpu_layers``: llama.cpp's ``-ngl`` (llama-cpp-python's ``n_gpu_layers``): of
+        the n_layer + 1 layers (the output layer last) the last N keep their weights on the
+        accelerator, the others stream from host memory each step; -1 or "auto" (the default,
+        None) as many as fit the device, "all" or <= -2 every layer; a split that does not fit
+        raises ``OffloadError`` naming the largest that does. Ignored on a CPU backend
+        (jllama/models/offload.py)."""
         from jllama.engine.engine import Engine
         from jllama.tokenizer import Tokenizer
 
@@ -148,6 +153,8 @@ class Llama:
         t0 = time.perf_counter()
         cvec = (_scaled_paths(control_vectors or [], "control vector"), tuple(control_vector_layer_range))
         self._source = (model, quant, lora, mesh, kv_overrides, _rope_options(rope), cvec)
+        self._offload_args = (n_gpu_layers, n_slots, ctx_size)
+        self.offload = None  # models.offload.Split when some layers are in host memory
         self._load_model(*self._source)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         plan = None
@@ -159,7 +166,7 @@ class Llama:
             aot_cache = os.environ.get("JLLAMA_AOT_CACHE", "") == "1"
         plain = not (quant or lora or mesh is not None or kv_overrides or cvec[0]
                      or (self._source[5] is not None and not self._source[5].is_default())
-                     or self.path.is_dir())
+                     or self.path.is_dir() or self.offload is not None)
         aot = None
         if aot_cache and compile_cache and plain:
             from jllama.engine import aot as aot_mod
@@ -217,6 +224,10 @@ class Llama:
             if kv_overrides or (rope is not None and not rope.is_default()) or cvec[0]:
                 raise ConfigError(f"{model}: metadata overrides, rope options and control "
                                   "vectors apply to a GGUF model, not to a checkpoint directory")
+            split = self._plan_offload(None, mesh)
+            if split is not None:
+                raise ConfigError(f"{model}: partial offload (n_gpu_layers) loads a GGUF model, "
+                                  "not a checkpoint directory")
             ck = checkpoint.restore(model, mesh, numerics=self.numerics)
             self.path, self.gguf, self.spec, self.model = Path(model), ck.gguf, ck.spec, ck.model
             self.quant = ck.meta.get("quant")
@@ -228,7 +239,14 @@ class Llama:
                 from jllama.quant.quantize import quantize_on_load
 
                 transform = quantize_on_load(self.gguf, quant)
-            weights = load_weights(self.gguf, transform, numerics=self.numerics)
+            split = self._plan_offload(self.gguf, mesh)
+            on_host = None
+            if split is not None:
+                from jllama.models.offload import host_tensor
+
+                on_host = host_tensor(split)
+            weights = load_weights(self.gguf, transform, numerics=self.numerics,
+                                   on_host=on_host)
             self.spec, self.model = build_model(self.gguf, weights, numerics=self.numerics,
                                                 rope=rope)
             if lora:
@@ -243,8 +261,39 @@ class Llama:
 
                 cvec_mod.attach(self.model, self.spec.n_embd,
                                 cvec_mod.load_control_vectors(cvec[0]), *cvec[1])
+            if split is not None:
+                from jllama.models.offload import apply_split
+
+                apply_split(self.model, split)
+            self.offload = split
             # the weights are in device buffers now: the file's pages need not stay resident
             self.gguf.release_pages()
+
+    def _plan_offload(self, g, mesh):
+        """The -ngl split for GGUF ``g`` (None: every layer on the device, or a CPU backend,
+        where the flag is ignored). ``g`` None: only whether a split was asked for."""
+        from jllama.models import offload
+
+        n_gpu_layers, n_slots, ctx_size = self._offload_args
+        ngl = offload.parse_n_gpu_layers(n_gpu_layers)
+        if not offload.offload_enabled():
+            return None
+        if g is None:
+            return None if ngl in (offload.AUTO, offload.ALL) else offload.Split(0, 0)
+        from jllama.models import arch_module
+        from jllama.models.spec import spec_from_gguf
+
+        mod = arch_module(g.architecture or "?")
+        spec = mod.spec_from_gguf(g) if hasattr(mod, "spec_from_gguf") else spec_from_gguf(g)
+        fp = offload.footprint(g, n_slots, ctx_size, self.numerics.cache_type_k,
+                               self.numerics.cache_type_v, spec)
+        split = offload.choose(ngl, fp, offload.device_memory_limit())
+        if split.full:
+            return None
+        if mesh is not None:
+            raise ConfigError("partial offload (n_gpu_layers below the layer count) and a "
+                              "device mesh do not go together: one or the other")
+        return split
 
     def release_memory(self, weights: bool = True) -> None:
         """Let go of the KV cache and (``weights``) the weights: llama-server's sleeping

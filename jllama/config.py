@@ -40,6 +40,11 @@ class RuntimeConfig:
     # "f32" = dequantized tiles + XLA's f32 GEMM (the path for CPUs without the int8 GEMM):
     # llama.cpp's activation rounding kept, perplexity within its rounding noise, not exact
     prompt_matmul: str = "int8"
+    # llama.cpp's -ngl / --gpu-layers / --n-gpu-layers: how many of the n_layer + 1 layers
+    # (the output layer counts, and is the last) hold their weights on the accelerator, the
+    # others streamed from host memory: a number, "auto" (llama.cpp's default: as many as fit
+    # the device) or "all". Ignored on a CPU backend, as by llama.cpp's CPU build
+    n_gpu_layers: int | str = "auto"
 
 
 @dataclass
@@ -385,6 +390,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
         raise ConfigError(f"{src}: 'runtime.threads' must be at least 1 (or null: all cores), "
                           f"got {cfg.runtime.threads}")
+    ngl = cfg.runtime.n_gpu_layers
+    if isinstance(ngl, str) and ngl.strip().lower() not in ("auto", "all"):
+        raise ConfigError(f"{src}: 'runtime.n_gpu_layers' must be a number of layers, 'auto' or "
+                          f"'all', got {ngl!r}")
     if cfg.runtime.platform is not None and not cfg.runtime.platform.strip():
         raise ConfigError(f"{src}: 'runtime.platform' must be cpu, gpu, tpu or auto (or null), "
                           "got an empty string")

@@ -16,3 +16,6 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py 2>&1 |
 timeout 200 python3 experiments/gpu/bench_pallas.py --reps 10 2>&1 | tee "$OUT/bench_pallas.txt"
 timeout 150 python3 experiments/gpu/e2e_gpu.py --types Q4_0,Q8_0 -r 2 2>&1 | tee "$OUT/e2e.txt"
 timeout 120 python3 experiments/gpu/vision_gpu.py 2>&1 | tee "$OUT/vision.txt"
+# partial offload (-ngl): speed and logits per split, and a model twice the allowed device memory
+timeout 240 python3 experiments/gpu/offload_gpu.py -p 128 -n 32 -r 1 --mem-fraction 0.02 2>&1 \
+  | tee "$OUT/offload.txt"

@@ -25,10 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from jllama.cli.common import setup_platform, start_backend
+    from jllama.cli.common import (
+        n_gpu_layers_value,
+        setup_platform,
+        start_backend,
+        warn_ngl_ignored,
+    )
 
     setup_platform(args.platform, args.threads, "--platform")
     start_backend()
+    warn_ngl_ignored(args.n_gpu_layers)
     import jax
 
     from jllama.api import Llama
@@ -46,7 +52,8 @@ def run(args) -> int:
     tgs = [n for n in (args.n_gen or [128]) if n > 0]
     ctx = args.ctx_size or max([*pps, *tgs, 256]) + 16
     llm = Llama(args.model, ctx_size=ctx, flash_attn=args.flash_attn != "off",
-                prompt_matmul=args.prompt_matmul)
+                prompt_matmul=args.prompt_matmul,
+                n_gpu_layers=n_gpu_layers_value(args.n_gpu_layers))
     size = sum(t.nbytes for t in llm.gguf.tensors.values()) / 2**20
     params = count_params(llm.gguf) / 1e6
     name = model_type(llm.gguf, llm.spec.arch)

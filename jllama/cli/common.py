@@ -323,7 +323,8 @@ def model_load_kwargs(cfg: Config) -> dict:
     """Llama's keyword arguments for add_model_args's config keys."""
     return dict(kv_overrides=cfg.kv_overrides, rope=cfg.rope,
                 control_vectors=[(c.path, c.scale) for c in cfg.control_vectors],
-                control_vector_layer_range=tuple(cfg.control_vector_layer_range))
+                control_vector_layer_range=tuple(cfg.control_vector_layer_range),
+                n_gpu_layers=n_gpu_layers_value(cfg.runtime.n_gpu_layers))
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -360,6 +361,44 @@ def add_platform_args(p: argparse.ArgumentParser) -> None:
                    "given here it wins over JAX_PLATFORMS)")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="CPU threads, as llama.cpp's -t (default: all cores)")
+    p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", metavar="N",
+                   type=_ngl_arg, default=None,
+                   help="max. number of layers to store in VRAM, either an exact number, "
+                   "'auto', or 'all' (default: auto); the rest stream from host memory. "
+                   "Ignored on a CPU backend, as by llama.cpp's CPU build")
+
+
+def _ngl_arg(value: str) -> int | str:
+    """-ngl's value as llama.cpp parses it: a number, auto or all (a bad one: argparse's
+    usage line, exit code 1)."""
+    v = value.strip().lower()
+    if v in ("auto", "all"):
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected a number of layers, 'auto' or 'all'") from None
+
+
+def n_gpu_layers_value(v: int | str | None) -> int | str | None:
+    """A config / flag value as Llama's ``n_gpu_layers`` (numbers as int)."""
+    if isinstance(v, str) and v not in ("auto", "all"):
+        return int(v)
+    return v
+
+
+def warn_ngl_ignored(value: int | str | None) -> None:
+    """llama.cpp's CPU build accepts -ngl and says it ignores it; so does a CPU backend here.
+    Call after the backend started."""
+    import jax
+
+    if value is None or value == "auto" or jax.default_backend() != "cpu":
+        return
+    if os.environ.get("JLLAMA_OFFLOAD_ON_CPU", "") == "1":
+        return
+    print("jllama: warning: no accelerator backend, --gpu-layers option will be ignored "
+          "(--platform gpu|tpu picks one)", file=sys.stderr)
 
 
 def add_numerics_args(p: argparse.ArgumentParser, via_config: bool = False) -> None:
@@ -405,6 +444,7 @@ def overrides_from_args(args) -> list[str]:
         "presence_penalty": "generation.sampling.presence_penalty",
         "seed": "generation.sampling.seed", "ctx_size": "runtime.ctx_size",
         "platform": "runtime.platform", "threads": "runtime.threads",
+        "n_gpu_layers": "runtime.n_gpu_layers",
         "model_draft": "draft.model", "draft_n": "draft.n",
         "draft_min": "draft.n_min", "draft_min_p": "draft.p_min",
         "coordinator": "distributed.coordinator", "num_processes": "distributed.num_processes",
@@ -466,6 +506,8 @@ def load_llama(cfg: Config, verbose: bool = True):
         initialize(cfg.distributed)
     start_backend()
     verbose = verbose and is_main_process(cfg)
+    if verbose:
+        warn_ngl_ignored(cfg.runtime.n_gpu_layers)
     from jllama.api import Llama
 
     if verbose:
@@ -484,6 +526,8 @@ def load_llama(cfg: Config, verbose: bool = True):
         print(f"jllama: {llm.spec.arch}, {llm.spec.n_layer} layers, n_embd {llm.spec.n_embd}, "
               f"vocab {llm.spec.n_vocab}; loaded in {llm.load_s:.2f} s on "
               f"{jax.default_backend()}", file=sys.stderr)
+        if llm.offload is not None:
+            print(f"jllama: {llm.offload.describe()}", file=sys.stderr)
     return llm
 
 

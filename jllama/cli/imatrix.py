@@ -52,10 +52,16 @@ def run(args) -> int:
 
 
 def _collect(args, im) -> None:
-    from jllama.cli.common import setup_platform, start_backend
+    from jllama.cli.common import (
+        n_gpu_layers_value,
+        setup_platform,
+        start_backend,
+        warn_ngl_ignored,
+    )
 
     setup_platform(args.platform, args.threads, "--platform")
     start_backend()
+    warn_ngl_ignored(args.n_gpu_layers)
     from jllama.api import Llama
     from jllama.eval.imatrix import compute_imatrix
     from jllama.eval.perplexity import read_text
@@ -64,7 +70,8 @@ def _collect(args, im) -> None:
 
     num = Numerics.from_env(taps=True)
     llm = Llama(args.model, ctx_size=args.ctx_size, numerics=num,
-                flash_attn=args.flash_attn != "off", prompt_matmul=args.prompt_matmul)
+                flash_attn=args.flash_attn != "off", prompt_matmul=args.prompt_matmul,
+                n_gpu_layers=n_gpu_layers_value(args.n_gpu_layers))
     tokens = llm.tokenize(read_text(args.file), add_special=True)
     tk = llm.tokenizer
     shapes = {n: t.shape for n, t in llm.gguf.tensors.items()}

@@ -87,7 +87,13 @@ def run(args) -> int:
 
 def run_job(cfg, kl_base: str | None = None, kl_compare: bool = False) -> int:
     """A perplexity job described by a run config (``jllama perplexity`` and ``jllama run``)."""
-    from jllama.cli.common import model_load_kwargs, platform_origin, setup_platform, start_backend
+    from jllama.cli.common import (
+        model_load_kwargs,
+        platform_origin,
+        setup_platform,
+        start_backend,
+        warn_ngl_ignored,
+    )
 
     pp = cfg.perplexity
     setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
@@ -99,6 +105,7 @@ def run_job(cfg, kl_base: str | None = None, kl_compare: bool = False) -> int:
 
         read_header(kl_base)
     start_backend()
+    warn_ngl_ignored(cfg.runtime.n_gpu_layers)
     from jllama.api import Llama
 
     llm = Llama(cfg.model, ctx_size=pp.ctx, cache_type=cfg.runtime.cache_type_k,

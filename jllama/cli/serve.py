@@ -121,7 +121,6 @@ _ACCEPTED = [
     # llama.cpp's sampling on the backend device: jllama's sampler always runs in the jitted
     # step on the model's device (the request field of the same name is read and ignored)
     (("--backend_sampling", "-bs", "--backend-sampling"), 0),
-    (("-ngl", "--gpu-layers", "--n-gpu-layers"), 1),  # JAX places the whole model on its device
     (("--offline",), 0),
     (("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"), "?"),
     (("--no-ui", "--no-webui"), 0),  # jllama serves no web UI
@@ -307,6 +306,7 @@ def _overrides(args) -> list[str]:
     pairs = {"model": "model", "host": "server.host", "port": "server.port",
              "max_queue": "server.max_queue", "timeout": "server.timeout",
              "platform": "runtime.platform", "threads": "runtime.threads",
+             "n_gpu_layers": "runtime.n_gpu_layers",
              "cache_type_k": "runtime.cache_type_k", "cache_type_v": "runtime.cache_type_v",
              "n_predict": "server.n_predict", "batch_size": "server.n_batch",
              "cors_origins": "server.cors_origins",
@@ -790,12 +790,19 @@ def run(args) -> int:
 
 def _run_single(args, cfg, s, keys, tags, chat_fields, chat_template, agent_fields) -> int:
 
-    from jllama.cli.common import model_load_kwargs, platform_origin, setup_platform, start_backend
+    from jllama.cli.common import (
+        model_load_kwargs,
+        platform_origin,
+        setup_platform,
+        start_backend,
+        warn_ngl_ignored,
+    )
     from jllama.errors import ConfigError
 
     enc_path = _encoder_path(cfg, args)
     setup_platform(cfg.runtime.platform, cfg.runtime.threads, platform_origin(cfg))
     start_backend()
+    warn_ngl_ignored(cfg.runtime.n_gpu_layers)
 
     if enc_path is not None:
         from jllama.server.embeddings import EncoderRunner

@@ -56,6 +56,29 @@ def _jit(fn, static: tuple[str, ...], donate: tuple[str, ...], host=None):
     return jax.jit(fn, static_argnames=static or None, donate_argnames=donate or None)
 
 
+def _committed_jit(fn, static: tuple[str, ...], donate: tuple[str, ...], host=None):
+    """``_jit`` for a model with weights in host memory (a partial offload, models/offload.py):
+    those arrays are committed to their device, which commits every output of a step, so an
+    input the engine made itself (the first cache, a history row) would select another program
+    than the same input fed back from a step (XLA compiled each step twice). Every array
+    argument is committed here first (no copy for one already on the device)."""
+    jf = _jit(fn, static, donate, host)
+    dev = jax.devices()[0]
+
+    def put(a):
+        if isinstance(a, jax.Array) and a.committed:  # the weights among them
+            return a
+        return jax.device_put(a, dev) if isinstance(a, (jax.Array, np.ndarray)) else a
+
+    def call(*args, **kwargs):
+        args = jax.tree.map(put, args)
+        kwargs = {k: v if k in static else jax.tree.map(put, v) for k, v in kwargs.items()}
+        return jf(*args, **kwargs)
+
+    call.jitted = jf
+    return call
+
+
 def _bucket(n: int, buckets=PREFILL_BUCKETS) -> int:
     for b in buckets:
         if n <= b:
@@ -242,7 +265,8 @@ class Engine:
             for f in (forward_slot, first_sample, decode_sample, decode_loop):
                 f.__name__ = f.__qualname__ = f"aot_{f.__name__}"
         # host: which outputs the host reads (a plan keeps those replicated); None: the only one
-        jit = plan.jit if plan is not None else _jit
+        jit = (plan.jit if plan is not None
+               else _committed_jit if getattr(model, "host_layers", None) is not None else _jit)
         kv = ("kv_len",)
         self._forward_slot = jit(forward_slot, kv, ("cache",), host=(0,))
         self._forward_all = jit(forward_all, kv, ("cache",), host=(0,))

@@ -51,7 +51,8 @@ def arch_module(arch: str):
 
 
 def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple], tuple] | None = None,
-                 repack: bool = True, numerics: Numerics = DEFAULT) -> Weights:
+                 repack: bool = True, numerics: Numerics = DEFAULT,
+                 on_host: Callable[[str], bool] | None = None) -> Weights:
     """Every tensor as a QTensor on the default device, still quantized.
 
     ``transform(name, raw, qtype, shape) -> (raw, qtype)`` may requantize on load. With
@@ -60,6 +61,9 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
     bytes (the backend's fast layout), so no second full copy is ever resident. Tensors left in
     GGUF layout are device buffers over the mapping itself on CPU (the file must not change
     while the model is loaded, as with llama.cpp's default mmap).
+
+    ``on_host(name)``: tensors that stay host (numpy) arrays, never put on the device: the
+    layers a partial offload streams (models/offload.py stacks them into host memory).
     """
     out: dict[str, QTensor] = {}
     copied = 0  # bytes of the mapping read into copies since its pages were last dropped
@@ -72,7 +76,10 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
         if repack:
             with use_numerics(numerics):
                 qt = prepare(qt)
-        if isinstance(qt.data, np.ndarray):
+        if on_host is not None and on_host(name):
+            # a repacking done on the device comes back; nothing of it stays there
+            qt = QTensor(jax.tree.map(np.asarray, qt.data), qt.qtype, qt.shape, qt.layout)
+        elif isinstance(qt.data, np.ndarray):
             # zero-copy where the host layout allows: weights still in GGUF blocks stay in the
             # file mapping (read-only, as llama.cpp's mmap: no second resident copy, clean pages
             # the kernel can drop), repacked arrays are adopted rather than copied. jnp.asarray

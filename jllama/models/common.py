@@ -580,24 +580,44 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
            else rope_pos)
     kv_types = (cache.k_type, cache.v_type)
     extra = {"bidir": True} if bidir else {}  # only blocks that take it get it
+    # partial offload (-ngl): the first layers' weights are in host memory (models/offload.py)
+    host = getattr(model, "host_layers", None)
+    first = host.n if host is not None else 0
     if cache.stacked:
-        x, kf, vf = scan_blocks(list(model.blocks), x, pos, pos0, cache.k[0], cache.v[0],
-                                kv_len, kv_types, extra)
+        kf, vf = cache.k[0], cache.v[0]
+        if host is not None:
+            x, kf, vf = host(x, pos, pos0, kf, vf, kv_len, kv_types, extra)
+        x, kf, vf = scan_blocks(list(model.blocks), x, pos, pos0, kf, vf, kv_len, kv_types,
+                                extra, first=first)
         new_cache = cache.replace((kf,), (vf,))
     else:
         ks, vs = list(cache.k), list(cache.v)
+        if host is not None:
+            x, ks, vs = host(x, pos, pos0, ks, vs, kv_len, kv_types, extra, stacked=False)
         run = _block_runner(bidir)
-        for i, blk in enumerate(model.blocks):
+        for i, blk in enumerate(model.blocks, start=first):
             x, ks[i], vs[i] = _run_block(run, blk, i, x, pos, pos0, ks[i], vs[i], kv_len,
                                          kv_types, extra)
         new_cache = cache.replace(ks, vs)
     if last_idx is not None:
         x = gather_last(x, last_idx)
+    output = model.output
+    if host is not None and output is not None:  # -ngl 0: the output layer streams too
+        output = host.fetch_output(output)
     x = tap("result_norm", model.out_norm(x))
     if hidden:
         return x, new_cache
-    logits = model.tok_embd.attend(x) if model.output is None else model.output(x)
+    logits = model.tok_embd.attend(x) if output is None else output(x)
     return logits, new_cache
+
+
+def block_of(model: nnx.Module, layer: int):
+    """The block of decoder layer ``layer`` (its static attributes): under a partial offload
+    the first layers are ``model.host_layers`` (models/offload.py), the rest ``model.blocks``."""
+    host = getattr(model, "host_layers", None)
+    if host is None:
+        return model.blocks[layer]
+    return host.template(layer) if layer < host.n else model.blocks[layer - host.n]
 
 
 def _block_runner(bidir: bool = False):
@@ -685,14 +705,16 @@ def _runs(sigs: list) -> list[tuple[int, int]]:
 MAX_PERIOD = 8
 
 
-def layer_plan(blocks: list) -> list[tuple[int, int, int]]:
+def layer_plan(blocks: list, signature=None) -> list[tuple[int, int, int]]:
     """How ``scan_blocks`` loops over the layers: groups (a, p, k), layers [a, a + p*k) being a
     pattern of p layers repeated k times (layer a + r*p + j alike layer a + j). The loop runs
     over the k repeats; inside it the pattern's runs of alike layers (``layer_runs`` of the
     first repeat) each run as one block or an inner loop. So a model whose layer kinds repeat
     (Gemma 3: five sliding-window layers, one global) holds one copy of each kind's block
-    whatever its depth, and a uniform stack is (0, 1, n). Unscannable layers are (i, 1, 1)."""
-    sigs = [_scan_signature(b) for b in blocks]
+    whatever its depth, and a uniform stack is (0, 1, n). Unscannable layers are (i, 1, 1).
+    ``signature``: what must agree between alike layers (default ``_scan_signature``; the
+    host layers of a partial offload stack every weight, models/offload.py)."""
+    sigs = [(signature or _scan_signature)(b) for b in blocks]
     n = len(sigs)
     plan: list[tuple[int, int, int]] = []
     i = 0
@@ -717,7 +739,7 @@ def _has_lora(blk) -> bool:
 
 
 def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Array,
-                kv_len: int, kv_types, extra: dict | None = None):
+                kv_len: int, kv_types, extra: dict | None = None, first: int = 0):
     """The blocks over a stacked cache (k and v [B, L, KVH, S, row]): each group of
     ``layer_plan`` as one ``lax.scan`` over its repeats (an inner scan for a run of alike
     layers inside the repeated pattern), so the program holds one copy of each kind of block,
@@ -726,7 +748,8 @@ def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Ar
     by the int8 kernels at the traced index), small per-layer arrays (norms, biases) are sliced
     from their stack, and the cache is a ``LayerCache`` written in place. The block code is the
     same as unrolled and computes the same bits. With numerics taps (named per layer) or LoRA
-    adapters every layer runs on its own."""
+    adapters every layer runs on its own. ``first``: the cache layer of ``blocks[0]`` (the
+    layers before it were run from host memory, models/offload.py)."""
     num = numerics.current()
     if num.scan_layers and not num.taps and not any(_has_lora(b) for b in blocks):
         plan = layer_plan(blocks)
@@ -736,8 +759,9 @@ def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Ar
     run = _block_runner(bool(extra))
     for a, p, k in plan:
         if p == 1 and k == 1:
-            x, kc, vc = _run_block(run, blocks[a], a, x, pos, pos0, LayerCache(kf, a),
-                                   LayerCache(vf, a), kv_len, kv_types, extra)
+            x, kc, vc = _run_block(run, blocks[a], first + a, x, pos, pos0,
+                                   LayerCache(kf, first + a), LayerCache(vf, first + a),
+                                   kv_len, kv_types, extra)
             kf, vf = kc.full, vc.full
             continue
         # the pattern's runs [j0, j1): alike layers inside one repeat (one inner loop body)
@@ -757,21 +781,23 @@ def scan_blocks(blocks: list, x: jax.Array, pos, pos0, kf: jax.Array, vf: jax.Ar
             for (j0, m, gd, tdef, qcols, n), sm in zip(parts, sm_r):
                 if m == 1:
                     x, kf, vf = _scanned_block(gd, tdef, qcols, n, r, [s[0] for s in sm],
-                                               a + r * p + j0, x, kf, vf, pos, pos0, kv_len,
+                                               first + a + r * p + j0, x, kf, vf, pos, pos0,
+                                               kv_len,
                                                kv_types, extra)
                     continue
 
                 def inner_body(c, ys, gd=gd, tdef=tdef, qcols=qcols, n=n, m=m, j0=j0):
                     jj, sm_j = ys
                     return _scanned_block(gd, tdef, qcols, n, r * m + jj, sm_j,
-                                          a + r * p + j0 + jj, *c, pos, pos0, kv_len,
+                                          first + a + r * p + j0 + jj, *c, pos, pos0,
+                                          kv_len,
                                           kv_types, extra), None
 
                 (x, kf, vf), _ = jax.lax.scan(inner_body, (x, kf, vf),
                                               (jnp.arange(m, dtype=jnp.int32), sm))
             return (x, kf, vf), None
 
-        with jax.named_scope(f"blk{a}-{a + p * k - 1}"):
+        with jax.named_scope(f"blk{first + a}-{first + a + p * k - 1}"):
             (x, kf, vf), _ = jax.lax.scan(body, (x, kf, vf),
                                           (jnp.arange(k, dtype=jnp.int32), small))
     return x, kf, vf

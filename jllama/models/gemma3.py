@@ -144,7 +144,7 @@ class Gemma3(nnx.Module):
 
     def kv_rope(self, layer: int) -> tuple[float, int, bool, float]:
         """How layer ``layer``'s cached keys were rotated (for context shift): NEOX."""
-        blk = self.blocks[layer]
+        blk = common.block_of(self, layer)
         return (blk.rope_base, self.spec.rope_dim, True, blk.rope_scale)
 
     def __call__(self, tokens: jax.Array | None, pos0: jax.Array, cache: KVCache, kv_len: int,
