@@ -2,15 +2,18 @@
 
 qmatmul: for each supported ggml type and SmolLM2-135M / Gemma-3-270M weight shape, the Pallas
 kernel on ``prepare_pallas`` planes vs ``reference_qmatmul`` (dequantize the GGUF blocks in XLA,
-then an f32 dot), for a decode matvec (1 row) and a prefill GEMM (``--rows``). Printed: best
-time, GB/s of the weight's GGUF bytes (what one pass must read; the bandwidth roofline for
-decode), GFLOP/s, and the speed-up over XLA.
+then an f32 dot), for decode row counts (1, 4, 16) and a prefill GEMM (``--rows``). Printed:
+best time, GB/s of the weight's GGUF bytes (what one pass must read; the bandwidth roofline for
+decode) and that as a percentage of the card's HBM bandwidth (``--hbm-gbs``, else looked up from
+the device kind), GFLOP/s, and the speed-up over XLA (> 1: Pallas faster). The planes' bytes
+over the GGUF bytes (padding of n_out to 128 and n_in to the chunk) are printed per shape.
 
 decode attention: Pallas flash-decoding vs the XLA masked softmax over the whole cache, at a few
 (batch, cache length, filled fraction) points; GB/s counts only the K/V bytes below the lengths.
 
     python experiments/gpu/bench_pallas.py                  # on the GPU machine
     python experiments/gpu/bench_pallas.py --interpret --small   # CPU smoke test (slow, tiny)
+    python experiments/gpu/bench_pallas.py --types Q5_0,IQ4_XS --rows 1,16 --skip-attention
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from jllama.kernels import pallas_attention as pa
 from jllama.kernels import pallas_qmatmul as pq
 from jllama.kernels.dispatch import reference_qmatmul
 from jllama.quant.qtensor import QTensor
+from jllama.quant.testing import random_blocks
 
 # (label, n_out, n_in): SmolLM2-135M (dim 576, ffn 1536, vocab 49152), Gemma-3-270M (dim 640,
 # ffn 2048, 4 x 256 query heads, vocab 262144).
@@ -41,9 +45,13 @@ SHAPES = [
     ("gemma3.output", 262144, 640),
 ]
 SMALL_SHAPES = [("small.a", 200, 256), ("small.b", 72, 768)]
-TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
-              "Q6_K": [208]}  # fmt: skip
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4", "Q2_K", "Q3_K", "Q4_K",
+         "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0"]  # fmt: skip
+# Peak HBM bandwidth (GB/s, vendor figures) by a prefix of jax's device_kind.
+HBM_GBS = [("NVIDIA H200", 4800), ("NVIDIA H100 NVL", 3900), ("NVIDIA H100 PCIe", 2000),
+           ("NVIDIA H100", 3350), ("NVIDIA A100-SXM4-80GB", 2039), ("NVIDIA A100", 1555),
+           ("NVIDIA L4", 300), ("TPU v4", 1200), ("TPU v5 lite", 819), ("TPU v5", 2765),
+           ("TPU v6 lite", 1640)]  # fmt: skip
 
 # (label, batch, n_heads, n_kv_heads, head_dim, max_len, filled fraction)
 ATTN = [
@@ -67,33 +75,38 @@ def best_time(f, *args, reps: int) -> float:
     return statistics.median(ts[: max(1, len(ts) // 2)])
 
 
-def random_weight(name: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
-    info = qtype_info(name)
-    nb = n_in // info.block_size
-    raw = rng.integers(0, 256, (n_out, nb, info.type_size), dtype=np.uint8)
-    for off in F16_FIELDS[name]:
-        f = rng.uniform(-0.01, 0.01, (n_out, nb)).astype(np.float16)
-        raw[..., off : off + 2] = f[..., None].view(np.uint8).reshape(n_out, nb, 2)
-    return raw.reshape(n_out, nb * info.type_size)
+def hbm_gbs(args: argparse.Namespace) -> float | None:
+    if args.hbm_gbs:
+        return args.hbm_gbs
+    kind = jax.devices()[0].device_kind
+    return next((g for prefix, g in HBM_GBS if kind.startswith(prefix)), None)
 
 
 def bench_qmatmul(args: argparse.Namespace) -> None:
-    rng = np.random.default_rng(0)
     shapes = SMALL_SHAPES if args.small else SHAPES
-    rows = [1, args.rows] if not args.small else [1, 3]
-    print(f"{'type':5} {'shape':18} {'n_out x n_in':>14} {'m':>4} | {'pallas ms':>9} "
-          f"{'GB/s':>7} {'GFLOP/s':>8} | {'xla ms':>8} {'GB/s':>7} | {'speedup':>7}")  # fmt: skip
+    if args.shapes:
+        shapes = [s for s in shapes if s[0] in args.shapes.split(",")]
+    rows = [int(r) for r in args.rows.split(",")] if not args.small else [1, 4, 16]
+    peak = hbm_gbs(args)
+    print(f"device {jax.devices()[0].device_kind}: HBM peak "
+          f"{f'{peak:.0f} GB/s' if peak else 'unknown (pass --hbm-gbs)'}")  # fmt: skip
+    print(f"{'type':6} {'shape':18} {'n_out x n_in':>14} {'m':>4} | {'pallas ms':>9} "
+          f"{'GB/s':>7} {'%HBM':>5} {'GFLOP/s':>8} | {'xla ms':>8} {'GB/s':>7} | "
+          f"{'speedup':>7}")  # fmt: skip
     for tname in args.types.split(","):
         qtype = int(QType[tname])
         info = qtype_info(qtype)
         for label, n_out, n_in in shapes:
             if n_in % info.block_size:
                 continue  # llama.cpp never stores such a tensor in this type
-            raw = random_weight(tname, n_out, n_in, rng)
+            raw = random_blocks(QType(qtype), n_out, n_in, seed=n_out + n_in)
             gguf_qt = QTensor(jnp.asarray(raw), qtype, (n_out, n_in))
             pal_qt = pq.prepare_pallas(gguf_qt)
             gbytes = raw.nbytes / 1e9
+            pbytes = sum(int(p.nbytes) for p in pal_qt.data) / 1e9
+            print(f"{tname:6} {label:18} planes/GGUF bytes {pbytes / gbytes:.3f}", flush=True)
             for m in rows:
+                rng = np.random.default_rng(m)
                 x = jnp.asarray(rng.standard_normal((m, n_in)).astype(np.float32))
                 f_pal = jax.jit(lambda x, w: pq.pallas_qmatmul(x, w, interpret=args.interpret))
                 f_xla = jax.jit(reference_qmatmul)
@@ -106,9 +119,10 @@ def bench_qmatmul(args: argparse.Namespace) -> None:
                     tol = 1e-4 if jax.default_backend() == "cpu" else 2e-3
                     assert err <= tol * scale, (tname, label, m, err, scale)
                 flops = 2.0 * m * n_out * n_in / 1e9
-                print(f"{tname:5} {label:18} {n_out:>6} x {n_in:<5} {m:>4} | {tp * 1e3:9.3f} "
-                      f"{gbytes / tp:7.1f} {flops / tp:8.1f} | {tx * 1e3:8.3f} {gbytes / tx:7.1f} "
-                      f"| {tx / tp:6.2f}x", flush=True)  # fmt: skip
+                pct = f"{100 * gbytes / tp / peak:5.1f}" if peak else "    -"
+                print(f"{tname:6} {label:18} {n_out:>6} x {n_in:<5} {m:>4} | {tp * 1e3:9.3f} "
+                      f"{gbytes / tp:7.1f} {pct} {flops / tp:8.1f} | {tx * 1e3:8.3f} "
+                      f"{gbytes / tx:7.1f} | {tx / tp:6.2f}x", flush=True)  # fmt: skip
 
 
 def xla_decode_attention(q, k, v, lengths, scale):
@@ -153,7 +167,18 @@ def bench_attention(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default=",".join(TYPES))
-    ap.add_argument("--rows", type=int, default=64, help="batch rows of the GEMM case")
+    ap.add_argument(
+        "--rows",
+        default="1,4,16,64,512",
+        help="activation row counts (decode: up to 16; prefill above)",
+    )
+    ap.add_argument("--shapes", default="", help="comma-separated shape labels (default: all)")
+    ap.add_argument(
+        "--hbm-gbs",
+        type=float,
+        default=None,
+        help="the card's HBM bandwidth (default: looked up from the device kind)",
+    )
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--cache-dtype", default="f16", choices=["f32", "f16", "bf16"])
     ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")

@@ -6,7 +6,9 @@ for the fast paths and the fallback for any type without one.
 ``xla_cpu`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): C++ decode+dot kernels through the
 FFI on GGUF blocks, or without the C++ kernels a pure-XLA tile-at-a-time dequantize + f32 dot on
 weights repacked at load (layout ``"i8"``, ``cpu_repack``).
-``pallas_qmatmul`` (GPU/TPU): reads its load-time planes (layout ``"pallas"``) or GGUF blocks.
+``pallas_qmatmul`` (GPU/TPU; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K,
+Q6_K, IQ4_XS, TQ1_0, TQ2_0): reads its load-time planes (layout ``"pallas"``, same bits per
+weight) or GGUF blocks. Other types (the IQ2/IQ3/IQ1 grid types) dequantize + dot there.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Pallas quantized matmul (GPU via Triton, TPU via Mosaic): ``x @ W.T`` reading 4-8 bit blocks.
+"""Pallas quantized matmul (GPU via Triton, TPU via Mosaic): ``x @ W.T`` reading 1.6-8 bit blocks.
+
+Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4 (32-element blocks), Q2_K, Q3_K, Q4_K, Q5_K,
+Q6_K, IQ4_XS, TQ1_0, TQ2_0 (256). Not (yet): the lattice-grid IQ2_*/IQ3_*/IQ1_* types.
 
 Why a load-time repack (``prepare_pallas``) instead of reading raw GGUF rows: GGUF interleaves
 f16 scales and codes in 18-210 byte blocks, so one block of a row is not a rectangular tile, and
@@ -7,12 +10,18 @@ same bytes (same bits per weight, scales still f16 / packed 6-bit) but splits th
 
 - every plane is k-major, ``[rows_along_n_in, n_out_padded]``: n_out is the lane (last) axis, so a
   weight tile is ``[k_rows, bn]`` and ``x_tile @ w_tile`` is a plain (M, K) x (K, N) dot;
-- n_in is walked in chunks (256 elements for K-quants, 64 for Q4_0/Q4_1/Q8_0); 4-bit codes are
+- n_in is walked in chunks (256 elements for 256-blocks, 64 for 32-blocks); 4-bit codes are
   re-nibbled per chunk: byte ``r`` holds element ``r`` in its low nibble and element
   ``chunk / 2 + r`` in its high nibble, so each 32-group is 32 whole rows of one nibble half:
   no interleave/concat in the kernel;
-- Q4_K/Q5_K 6-bit scales, Q5_K high bits and Q6_K high bits / int8 scales stay in their ggml
-  packing and are unpacked in the kernel with integer shifts and masks;
+- everything else stays in its ggml packing and is unpacked in the kernel with integer shifts
+  and masks: Q4_K/Q5_K 6-bit scales, Q5_K/Q6_K high bits, Q6_K int8 scales, Q5_0/Q5_1's 32-bit
+  qh word (one int32 row per block, its bit ``l`` shifted out for row ``l``), the 2-bit planes of
+  Q2_K/Q3_K/TQ2_0 and Q3_K's hmask (byte ``l`` of a 32-byte run holds element ``l``, ``32 + l``,
+  ..: already k-major), Q2_K/Q3_K/IQ4_XS scales, TQ1_0's base-3 bytes (ggml's multiply-by-3^n
+  trit extraction), MXFP4's E8M0 exponent byte (the scale built from its bits);
+- IQ4_NL/IQ4_XS/MXFP4 values come from a 16-entry int8 table, which the kernel reads as four
+  int32 constants: two selects pick the word, two shifts the sign-extended byte (no gather);
 - n_out is padded to a multiple of 128 and n_in to a multiple of the chunk (zero scales and
   codes).
 
@@ -40,6 +49,7 @@ from jax.experimental import pallas as pl
 
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
+from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, mxfp4_values
 from jllama.quant.qtensor import QTensor
 
 K_CHUNK = 256  # K-quants: elements of n_in per loop step, one superblock (eight 32-groups)
@@ -49,15 +59,37 @@ LEGACY_CHUNK = 64
 LANE = 128  # n_out padding / tile unit
 LAYOUT = "pallas"
 
-_LEGACY = {int(QType.Q4_0), int(QType.Q4_1), int(QType.Q8_0)}
-_SUPPORTED = {
-    int(QType.Q4_0),
-    int(QType.Q4_1),
-    int(QType.Q8_0),
-    int(QType.Q4_K),
-    int(QType.Q5_K),
-    int(QType.Q6_K),
+# 32-element block types: chunks of 64 (see LEGACY_CHUNK)
+_LEGACY = {int(t) for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+                            QType.IQ4_NL, QType.MXFP4)}  # fmt: skip
+_SUPPORTED = _LEGACY | {
+    int(t)
+    for t in (
+        QType.Q2_K,
+        QType.Q3_K,
+        QType.Q4_K,
+        QType.Q5_K,
+        QType.Q6_K,
+        QType.IQ4_XS,
+        QType.TQ1_0,
+        QType.TQ2_0,
+    )
 }
+
+
+def _packed_lut(values: tuple[int, ...]) -> tuple[int, ...]:
+    """A 16-entry int8 table as four int32 words, entry ``4 i + k`` in byte ``k`` of word ``i``
+    (the kernel looks codes up with two selects and two shifts: no gather)."""
+    words = []
+    for i in range(4):
+        u = sum((values[4 * i + k] & 255) << (8 * k) for k in range(4))
+        words.append(u - (1 << 32) if u >= 1 << 31 else u)
+    return tuple(words)
+
+
+_LUT_WORDS = {int(QType.IQ4_NL): _packed_lut(KVALUES_IQ4NL),
+              int(QType.IQ4_XS): _packed_lut(KVALUES_IQ4NL),
+              int(QType.MXFP4): _packed_lut(KVALUES_MXFP4)}  # fmt: skip
 
 
 def supported(qtype: int) -> bool:
@@ -82,6 +114,16 @@ def _f16(xp: ModuleType, b: object) -> object:
         return np.ascontiguousarray(b).view(np.float16)[..., 0]
     u = b[..., 0].astype(jnp.uint16) | (b[..., 1].astype(jnp.uint16) << 8)
     return jax.lax.bitcast_convert_type(u, jnp.float16)
+
+
+def _i32(xp: ModuleType, b: object) -> object:
+    """Four little-endian bytes on the last axis -> int32 (the same 32 bits)."""
+    if xp is np:
+        return np.ascontiguousarray(b).view(np.int32)[..., 0]
+    u = b[..., 0].astype(jnp.uint32)
+    for k in range(1, 4):
+        u = u | (b[..., k].astype(jnp.uint32) << (8 * k))
+    return jax.lax.bitcast_convert_type(u, jnp.int32)
 
 
 def _nib_natural(xp: ModuleType, qs: object, pairs_of: int) -> object:
@@ -140,10 +182,52 @@ def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> t
             per_block(_f16(xp, b[..., 0:2]), gpc),
             per_block(_f16(xp, b[..., 2:4]), gpc),
         )
+    if qtype in (QType.Q5_0, QType.Q5_1):  # low nibbles as Q4_0/Q4_1, qh as ggml's int32 word
+        o = 2 if qtype == QType.Q5_0 else 4
+        head = (per_block(_f16(xp, b[..., 0:2]), gpc),)
+        if qtype == QType.Q5_1:
+            head += (per_block(_f16(xp, b[..., 2:4]), gpc),)
+        qh = per_block(_i32(xp, b[..., o : o + 4]), gpc)
+        return (codes4(_nib_natural(xp, b[..., o + 4 :], 16)), *head, qh)
+    if qtype == QType.IQ4_NL:
+        return codes4(_nib_natural(xp, b[..., 2:], 16)), per_block(_f16(xp, b[..., 0:2]), gpc)
+    if qtype == QType.MXFP4:  # E8M0 exponent byte kept as is
+        return codes4(_nib_natural(xp, b[..., 1:], 16)), per_block(b[..., 0], gpc)
     if qtype == QType.Q8_0:
         qs = b[..., 2:].reshape(n_out, n_in)
         qs = qs.view(np.int8) if xp is np else jax.lax.bitcast_convert_type(qs, jnp.int8)
         return _plane(xp, qs, n_pad, k_pad), per_block(_f16(xp, b[..., 0:2]), gpc)
+    # K-quant bit planes (Q2_K, Q3_K, TQ2_0 codes, Q3_K's hmask) keep ggml's byte order: byte l
+    # of a 32-byte run holds 2-bit (1-bit) fields of elements l, 32 + l, ..: k-major rows already.
+    if qtype == QType.Q2_K:  # scales 16 | qs 64 | d | dmin
+        return (
+            per_block(b[..., 16:80], 64),
+            per_block(b[..., 0:16], 16),
+            per_block(_f16(xp, b[..., 80:82]), 1),
+            per_block(_f16(xp, b[..., 82:84]), 1),
+        )
+    if qtype == QType.Q3_K:  # hmask 32 | qs 64 | scales 12 | d
+        return (
+            per_block(b[..., 0:32], 32),
+            per_block(b[..., 32:96], 64),
+            per_block(b[..., 96:108], 12),
+            per_block(_f16(xp, b[..., 108:110]), 1),
+        )
+    if qtype == QType.IQ4_XS:  # d | scales_h 2 | scales_l 4 | qs 128 (16-byte runs per 32)
+        return (
+            codes4(_nib_natural(xp, b[..., 8:], 16)),
+            per_block(_f16(xp, b[..., 0:2]), 1),
+            per_block(b[..., 2:4], 2),
+            per_block(b[..., 4:8], 4),
+        )
+    if qtype == QType.TQ2_0:  # qs 64 | d
+        return per_block(b[..., 0:64], 64), per_block(_f16(xp, b[..., 64:66]), 1)
+    if qtype == QType.TQ1_0:  # qs 48 (five trits a byte) | qh 4 (four trits a byte) | d
+        return (
+            per_block(b[..., 0:48], 48),
+            per_block(b[..., 48:52], 4),
+            per_block(_f16(xp, b[..., 52:54]), 1),
+        )
     d, dmin = per_block(_f16(xp, b[..., 0:2]), 1), None
     if qtype in (QType.Q4_K, QType.Q5_K):
         dmin = per_block(_f16(xp, b[..., 2:4]), 1)
@@ -195,8 +279,69 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
             nch, chunk, n_pad
         )
 
+    def crumbs(qs: jax.Array) -> jax.Array:  # ggml 2-bit planes [nch*64, N] -> [nch, 256, N]
+        q = qs.astype(jnp.int32).reshape(nch, 2, 1, 32, n_pad)
+        return ((q >> (2 * jnp.arange(4)).reshape(1, 1, 4, 1, 1)) & 3).reshape(nch, chunk, n_pad)
+
+    def lut(q: jax.Array, values: tuple[int, ...]) -> jax.Array:
+        return jnp.asarray(np.array(values, np.float32))[q]
+
+    def high_bits(qh: jax.Array) -> jax.Array:  # int32 words [nch*gpc, N] -> [nch, chunk, N]
+        b = (qh.reshape(nch, gpc, 1, n_pad) >> jnp.arange(32).reshape(1, 1, 32, 1)) & 1
+        return b.reshape(nch, chunk, n_pad)
+
     if qtype == QType.Q4_0:
         w = rep(planes[1], gpc) * (nibbles(p0) - 8).astype(f32)
+    elif qtype == QType.Q5_0:
+        q = nibbles(p0) | (high_bits(planes[2]) << 4)
+        w = rep(planes[1], gpc) * (q - 16).astype(f32)
+    elif qtype == QType.Q5_1:
+        q = nibbles(p0) | (high_bits(planes[3]) << 4)
+        w = rep(planes[1], gpc) * q.astype(f32) + rep(planes[2], gpc)
+    elif qtype == QType.IQ4_NL:
+        w = rep(planes[1], gpc) * lut(nibbles(p0), KVALUES_IQ4NL)
+    elif qtype == QType.MXFP4:
+        e = planes[1].astype(jnp.int32).reshape(nch, gpc, 1, n_pad)
+        e = jnp.broadcast_to(e, (nch, gpc, 32, n_pad)).reshape(nch, chunk, n_pad)
+        w = mxfp4_values(jnp, nibbles(p0), e)
+    elif qtype == QType.Q2_K:
+        _, sc, d, dmin = planes
+        sc = sc.astype(jnp.int32).reshape(nch, 16, n_pad)
+        dl = d.astype(f32).reshape(nch, 1, n_pad) * (sc & 15).astype(f32)
+        ml = dmin.astype(f32).reshape(nch, 1, n_pad) * (sc >> 4).astype(f32)
+        w = rep(dl.reshape(-1, n_pad), 16) * crumbs(p0).astype(f32) - rep(ml.reshape(-1, n_pad), 16)
+    elif qtype == QType.Q3_K:
+        _, qs, sc, d = planes
+        hm = p0.astype(jnp.int32).reshape(nch, 1, 32, n_pad)
+        hm = ((hm >> jnp.arange(8).reshape(1, 8, 1, 1)) & 1).reshape(nch, chunk, n_pad)
+        q = crumbs(qs) - ((hm ^ 1) << 2)
+        s = sc.astype(jnp.int32).reshape(nch, 12, n_pad)
+        lo = jnp.concatenate([s[:, 0:8] & 15, s[:, 0:8] >> 4], axis=1)
+        hi = (s[:, None, 8:12] >> (2 * jnp.arange(4)).reshape(1, 4, 1, 1)) & 3
+        scale = (lo | (hi.reshape(nch, 16, n_pad) << 4)) - 32
+        dl = d.astype(f32).reshape(nch, 1, n_pad) * scale.astype(f32)
+        w = rep(dl.reshape(-1, n_pad), 16) * q.astype(f32)
+    elif qtype == QType.IQ4_XS:
+        _, d, sh, sl = planes
+        sh = sh.astype(jnp.int32).reshape(nch, 2, 1, n_pad)
+        shw = sh[:, 0] | (sh[:, 1] << 8)
+        hi = (shw >> (2 * jnp.arange(8)).reshape(1, 8, 1)) & 3
+        sl = sl.astype(jnp.int32).reshape(nch, 4, 1, n_pad)
+        lo = jnp.concatenate([sl & 15, sl >> 4], axis=2).reshape(nch, 8, n_pad)
+        dl = d.astype(f32).reshape(nch, 1, n_pad) * ((lo | (hi << 4)) - 32).astype(f32)
+        w = rep(dl.reshape(-1, n_pad), 8) * lut(nibbles(p0), KVALUES_IQ4NL)
+    elif qtype == QType.TQ2_0:
+        w = (crumbs(p0) - 1).astype(f32) * rep(planes[1], 1)
+    elif qtype == QType.TQ1_0:
+        qa = p0.astype(jnp.int32).reshape(nch, 1, 48, n_pad)
+        qb = planes[1].astype(jnp.int32).reshape(nch, 1, 4, n_pad)
+        p5 = jnp.array([1, 3, 9, 27, 81], jnp.int32).reshape(1, 5, 1, 1)
+
+        def trits(q: jax.Array, k: int) -> jax.Array:
+            return ((((q * p5[:, :k]) & 255) * 3) >> 8).reshape(nch, -1, n_pad)
+
+        q = jnp.concatenate([trits(qa[:, :, :32], 5), trits(qa[:, :, 32:], 5), trits(qb, 4)], 1)
+        w = (q - 1).astype(f32) * rep(planes[2], 1)
     elif qtype == QType.Q4_1:
         w = rep(planes[1], gpc) * nibbles(p0).astype(f32) + rep(planes[2], gpc)
     elif qtype == QType.Q8_0:
@@ -263,7 +408,129 @@ def _unpack_group_fns(qtype: int):
         p = qs_ref[pl.ds(_at(c, chunk // 2) + 32 * j + off, rows), :].astype(jnp.int32)
         return p & 15, p >> 4
 
-    if qtype in (QType.Q4_0, QType.Q4_1):
+    def rows_of(ref, c, per_chunk: int, off: int, n: int) -> jax.Array:
+        """Rows ``off .. off + n`` of chunk ``c`` of a plane with ``per_chunk`` rows a chunk."""
+        return ref[pl.ds(_at(c, per_chunk) + off, n), :].astype(jnp.int32)
+
+    def lut(q: jax.Array) -> jax.Array:
+        """``table[q]`` for 4-bit codes: bit 3 and 2 pick the int32 word (two selects), bits 1-0
+        the byte, moved to the top and sign-extended back (no gather, which Triton lacks)."""
+        w0, w1, w2, w3 = _LUT_WORDS[qtype]
+        b2 = (q & 4) != 0
+        word = jnp.where((q & 8) != 0, jnp.where(b2, w3, w2), jnp.where(b2, w1, w0))
+        return (word << (24 - ((q & 3) << 3))) >> 24
+
+    def bit_rows(word: jax.Array, n: int = 32) -> jax.Array:
+        """``[1, bn]`` int32 words -> ``[n, bn]``: row ``l`` holds bit ``l``."""
+        sh = jax.lax.broadcasted_iota(jnp.int32, (n, word.shape[-1]), 0)
+        return (word >> sh) & 1
+
+    if qtype in (QType.Q5_0, QType.Q5_1, QType.IQ4_NL, QType.MXFP4):
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref = refs[0], refs[1]
+            for j in range(half):
+                for g, q in zip((j, j + half), nib_pair(qs_ref, c, j), strict=True):
+                    blk = c * gpc + g
+                    if qtype == QType.MXFP4:  # 2^(e-128) from the exponent bits (as ggml)
+                        e = row(d_ref, blk).astype(jnp.int32)
+                        bits = jnp.where(e < 2, jnp.int32(0x00200000) << e, (e - 1) << 23)
+                        w = jax.lax.bitcast_convert_type(bits, f32) * lut(q).astype(f32)
+                    elif qtype == QType.IQ4_NL:
+                        w = row(d_ref, blk).astype(f32) * lut(q).astype(f32)
+                    else:
+                        q = q | (bit_rows(row(refs[-1], blk)) << 4)
+                        d = row(d_ref, blk).astype(f32)
+                        if qtype == QType.Q5_0:
+                            w = d * (q - 16).astype(f32)
+                        else:
+                            w = d * q.astype(f32) + row(refs[2], blk).astype(f32)
+                    acc = fold(acc, c, 32 * g, 32, w)
+            return acc
+
+    elif qtype in (QType.Q2_K, QType.Q3_K):
+
+        def body(refs, c, acc, fold):
+            if qtype == QType.Q2_K:
+                qs_ref, sc_ref, d_ref, dmin_ref = refs
+                dmin = row(dmin_ref, c).astype(f32)
+            else:
+                hm_ref, qs_ref, sc_ref, d_ref = refs
+                s = [row(sc_ref, c * 12 + i).astype(jnp.int32) for i in range(12)]
+            d = row(d_ref, c).astype(f32)
+            for t in range(2):  # 16-element sub-groups: each has its own scale
+                if qtype == QType.Q3_K:
+                    hm = rows_of(hm_ref, c, 32, 16 * t, 16)
+                for h in range(2):
+                    p = rows_of(qs_ref, c, 64, 32 * h + 16 * t, 16)
+                    for sh in range(4):
+                        q = (p >> (2 * sh)) & 3
+                        g = 4 * h + sh  # 32-group
+                        k = 2 * g + t  # 16-group: its scale
+                        if qtype == QType.Q2_K:
+                            sc = row(sc_ref, c * 16 + k).astype(jnp.int32)
+                            w = (d * (sc & 15).astype(f32)) * q.astype(f32) - dmin * (
+                                sc >> 4
+                            ).astype(f32)
+                        else:
+                            q = q - ((((hm >> g) & 1) ^ 1) << 2)
+                            lo = s[k] & 15 if k < 8 else s[k - 8] >> 4
+                            hi = (s[8 + k % 4] >> (2 * (k // 4))) & 3
+                            w = (d * ((lo | (hi << 4)) - 32).astype(f32)) * q.astype(f32)
+                        acc = fold(acc, c, 32 * g + 16 * t, 16, w)
+            return acc
+
+    elif qtype == QType.IQ4_XS:
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref, sh_ref, sl_ref = refs
+            d = row(d_ref, c).astype(f32)
+            sh = row(sh_ref, c * 2).astype(jnp.int32) | (
+                row(sh_ref, c * 2 + 1).astype(jnp.int32) << 8
+            )
+            sl = [row(sl_ref, c * 4 + i).astype(jnp.int32) for i in range(4)]
+            for j in range(4):
+                for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
+                    ls = ((sl[g // 2] >> (4 * (g % 2))) & 15) | (((sh >> (2 * g)) & 3) << 4)
+                    w = (d * (ls - 32).astype(f32)) * lut(q).astype(f32)
+                    acc = fold(acc, c, 32 * g, 32, w)
+            return acc
+
+    elif qtype == QType.TQ2_0:
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref = refs
+            d = row(d_ref, c).astype(f32)
+            for h in range(2):
+                p = rows_of(qs_ref, c, 64, 32 * h, 32)
+                for sh in range(4):
+                    w = (((p >> (2 * sh)) & 3) - 1).astype(f32) * d
+                    acc = fold(acc, c, 128 * h + 32 * sh, 32, w)
+            return acc
+
+    elif qtype == QType.TQ1_0:
+
+        def trit(q: jax.Array, n: int) -> jax.Array:  # ggml: ((uint8)(q * 3^n) * 3) >> 8
+            return (((q * 3**n) & 255) * 3) >> 8
+
+        def body(refs, c, acc, fold):
+            qa_ref, qb_ref, d_ref = refs
+            d = row(d_ref, c).astype(f32)
+            for off, rows, base in ((0, 32, 0), (32, 16, 160)):  # five trits a byte
+                p = rows_of(qa_ref, c, 48, off, rows)
+                for n in range(5):
+                    w = (trit(p, n) - 1).astype(f32) * d
+                    acc = fold(acc, c, base + rows * n, rows, w)
+            # qh: four trits in each of 4 bytes, element 240 + 4 n + l: single rows (a 4-row
+            # tile is below Triton's dot minimum; 16 rows would need an in-kernel interleave).
+            for ln in range(4):
+                p = row(qb_ref, c * 4 + ln).astype(jnp.int32)
+                for n in range(4):
+                    w = (trit(p, n) - 1).astype(f32) * d
+                    acc = fold(acc, c, 240 + 4 * n + ln, 1, w)
+            return acc
+
+    elif qtype in (QType.Q4_0, QType.Q4_1):
 
         def body(refs, c, acc, fold):
             qs_ref, d_ref = refs[0], refs[1]
@@ -448,6 +715,8 @@ def matmul_planes(
 
         def fold(x_ref, acc, c, start, size, w):
             xs = x_ref[:, pl.ds(_at(c, chunk) + start, size)]
+            if size == 1:  # an outer product (TQ1_0's last 16 elements)
+                return acc + xs * w
             return acc + jnp.dot(xs, w, precision=hp, preferred_element_type=jnp.float32)
 
         def init():
