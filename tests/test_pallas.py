@@ -25,6 +25,10 @@ OLD_TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q
 # added later: plain bit fields, 16-entry value tables, ternary
 NEW_TYPES = [QType.Q5_0, QType.Q5_1, QType.Q3_K, QType.Q2_K, QType.IQ4_NL, QType.IQ4_XS,
              QType.MXFP4, QType.TQ2_0, QType.TQ1_0]  # fmt: skip
+# lattice-grid types (decoded at load time to 4-bit codes)
+GRID_TYPES = [QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S, QType.IQ1_S,
+              QType.IQ1_M]  # fmt: skip
+NEW_TYPES += GRID_TYPES
 TYPES = OLD_TYPES + NEW_TYPES
 # gguf-py has quantize_blocks for these (32-blocks; and TQ1_0/TQ2_0 with 256-blocks)
 QUANTIZABLE = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.MXFP4]
@@ -56,7 +60,7 @@ def check_matmul(x: np.ndarray, raw: np.ndarray, qtype: QType, got) -> None:
 
 def test_supported():
     assert all(pq.supported(int(t)) for t in TYPES)
-    assert not pq.supported(int(QType.IQ2_XXS))
+    assert not pq.supported(int(QType.Q8_K))  # an activation type, never a weight
     assert not pq.supported(int(QType.F32))
 
 
@@ -130,9 +134,9 @@ def test_qmatmul_quantized_weights_odd_n_in(qtype, n_in):
 
 
 def test_qmatmul_refuses_unsupported():
-    raw = np.zeros((4, 66), np.uint8)  # IQ2_XXS: 66 bytes per 256
+    raw = np.zeros((4, 292), np.uint8)  # Q8_K: 292 bytes per 256
     with pytest.raises(QuantError):
-        qt = QTensor(jnp.asarray(raw), int(QType.IQ2_XXS), (4, 256))
+        qt = QTensor(jnp.asarray(raw), int(QType.Q8_K), (4, 256))
         pq.pallas_qmatmul(jnp.zeros((1, 256)), qt)
     with pytest.raises(QuantError):
         qt = QTensor(jnp.asarray(random_blocks(QType.Q8_0, 4, 64, 0)), int(QType.Q8_0), (4, 64))

@@ -46,7 +46,8 @@ SHAPES = [
 ]
 SMALL_SHAPES = [("small.a", 200, 256), ("small.b", 72, 768)]
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4", "Q2_K", "Q3_K", "Q4_K",
-         "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0"]  # fmt: skip
+         "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+         "IQ3_S", "IQ1_S", "IQ1_M"]  # fmt: skip
 # Peak HBM bandwidth (GB/s, vendor figures) by a prefix of jax's device_kind.
 HBM_GBS = [("NVIDIA H200", 4800), ("NVIDIA H100 NVL", 3900), ("NVIDIA H100 PCIe", 2000),
            ("NVIDIA H100", 3350), ("NVIDIA A100-SXM4-80GB", 2039), ("NVIDIA A100", 1555),

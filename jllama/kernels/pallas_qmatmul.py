@@ -1,7 +1,11 @@
 """Pallas quantized matmul (GPU via Triton, TPU via Mosaic): ``x @ W.T`` reading 1.6-8 bit blocks.
 
 Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4 (32-element blocks), Q2_K, Q3_K, Q4_K, Q5_K,
-Q6_K, IQ4_XS, TQ1_0, TQ2_0 (256). Not (yet): the lattice-grid IQ2_*/IQ3_*/IQ1_* types.
+Q6_K, IQ4_XS, TQ1_0, TQ2_0 (256), all at the GGUF's bits per weight; and the lattice-grid types
+IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M at about 4.3-4.6 bits per weight (their
+256-2048-entry grids would need an in-kernel gather, which Triton lacks: at load time every
+element's grid value, sign and IQ1 delta become one 4-bit code into a 16-entry signed table,
+``lut_values``; d and the small scale fields are kept, one byte each).
 
 Why a load-time repack (``prepare_pallas``) instead of reading raw GGUF rows: GGUF interleaves
 f16 scales and codes in 18-210 byte blocks, so one block of a row is not a rectangular tile, and
@@ -49,7 +53,8 @@ from jax.experimental import pallas as pl
 
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
-from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, mxfp4_values
+from jllama.quant import iqgrids as grids
+from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, iq_grid, mxfp4_values
 from jllama.quant.qtensor import QTensor
 
 K_CHUNK = 256  # K-quants: elements of n_in per loop step, one superblock (eight 32-groups)
@@ -62,19 +67,14 @@ LAYOUT = "pallas"
 # 32-element block types: chunks of 64 (see LEGACY_CHUNK)
 _LEGACY = {int(t) for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
                             QType.IQ4_NL, QType.MXFP4)}  # fmt: skip
-_SUPPORTED = _LEGACY | {
-    int(t)
-    for t in (
-        QType.Q2_K,
-        QType.Q3_K,
-        QType.Q4_K,
-        QType.Q5_K,
-        QType.Q6_K,
-        QType.IQ4_XS,
-        QType.TQ1_0,
-        QType.TQ2_0,
-    )
-}
+# Lattice-grid types: decoded at load time to 4-bit codes into a 16-entry signed table (see
+# ``_grid_fields``), plus their own scale fields: more bytes than the GGUF, no grid in the kernel.
+_GRID = {int(t) for t in (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S,
+                          QType.IQ1_S, QType.IQ1_M)}  # fmt: skip
+_IQ1 = {int(QType.IQ1_S), int(QType.IQ1_M)}
+_K256 = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS, QType.TQ1_0,
+         QType.TQ2_0)  # fmt: skip
+_SUPPORTED = _LEGACY | _GRID | {int(t) for t in _K256}
 
 
 def _packed_lut(values: tuple[int, ...]) -> tuple[int, ...]:
@@ -87,9 +87,32 @@ def _packed_lut(values: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(words)
 
 
-_LUT_WORDS = {int(QType.IQ4_NL): _packed_lut(KVALUES_IQ4NL),
-              int(QType.IQ4_XS): _packed_lut(KVALUES_IQ4NL),
-              int(QType.MXFP4): _packed_lut(KVALUES_MXFP4)}  # fmt: skip
+@functools.cache
+def _grid_levels(qtype: int) -> np.ndarray:
+    """The distinct magnitudes of an IQ2/IQ3 grid (3 or 8 of them), from gguf-py's tables."""
+    name = qtype_info(qtype).name
+    g = iq_grid(name) if name.startswith("IQ3") else grids.grid(name)
+    levels = np.unique(np.asarray(g, np.int32))
+    assert len(levels) <= 8 and levels.max() < 128, (name, levels)
+    return levels
+
+
+@functools.cache
+def lut_values(qtype: int) -> tuple[int, ...]:
+    """The 16-entry int8 value table the kernel looks 4-bit codes up in. Grid types: code
+    ``level | sign << 3`` -> +-grid level; IQ1_S/IQ1_M: code ``(g + 1) + 3 * (delta < 0)`` ->
+    ``8 * (g + delta)`` (g in {-1, 0, 1}, delta +-1/8: the kernel scales it by 1/8, exactly)."""
+    qtype = int(qtype)
+    if qtype in (QType.IQ4_NL, QType.IQ4_XS):
+        return KVALUES_IQ4NL
+    if qtype == QType.MXFP4:
+        return KVALUES_MXFP4
+    if qtype in _IQ1:
+        v = [8 * g + (-1 if neg else 1) for neg in (0, 1) for g in (-1, 0, 1)]
+        return tuple(v + [0] * 10)
+    lv = [int(x) for x in _grid_levels(qtype)]
+    pad = [0] * (8 - len(lv))
+    return tuple(lv + pad + [-x for x in lv] + pad)
 
 
 def supported(qtype: int) -> bool:
@@ -152,6 +175,101 @@ def _plane(xp: ModuleType, a: object, n_pad: int, rows_pad: int) -> object:
     return xp.ascontiguousarray(a.T) if xp is np else a.T
 
 
+# Scale-field rows per 256 of each grid type's plane (one byte each: 4-bit or 3-bit scales
+# widened, or IQ2_XS/IQ2_S/IQ3_S's nibble bytes as stored).
+_GRID_SCALE_ROWS = {int(QType.IQ2_XXS): 8, int(QType.IQ2_XS): 8, int(QType.IQ2_S): 8,
+                    int(QType.IQ3_XXS): 8, int(QType.IQ3_S): 4, int(QType.IQ1_S): 8,
+                    int(QType.IQ1_M): 16}  # fmt: skip
+# Grid types with a scale per 16 elements (else per 32)
+_GRID_PER16 = {int(QType.IQ2_XS), int(QType.IQ2_S), int(QType.IQ1_M)}
+
+
+def _grid_fields(xp: ModuleType, bb: object, qtype: int) -> tuple:
+    """Grid-type blocks ``uint8 [M, type_size]`` -> (natural-order 4-bit codes ``[M, 256]`` into
+    ``lut_values(qtype)``, f16 ``d [M]``, scale bytes ``[M, _GRID_SCALE_ROWS]``): the grid
+    lookup and the sign / delta bits are resolved here, once, at load time (formats.py decodes
+    the same fields to floats)."""
+    m = bb.shape[0]
+    u32, i32 = xp.uint32, xp.int32
+
+    def ar(n: int, step: int = 1) -> object:
+        return xp.arange(0, n * step, step, dtype=u32)
+
+    def words(lo: int, hi: int, width: int) -> object:
+        v = bb[:, lo:hi].reshape(m, -1, width).astype(u32)
+        out = v[..., 0]
+        for k in range(1, width):
+            out = out | (v[..., k] << u32(8 * k))
+        return out
+
+    def bits(a: object, n: int) -> object:  # [...] -> [..., n]: bit j at j
+        return (a.astype(u32)[..., None] >> ar(n)) & u32(1)
+
+    def ksign_bits(idx: object) -> object:
+        return bits(xp.asarray(grids.ksigns())[idx.astype(i32)], 8)
+
+    def level_codes(g: object, neg: object) -> object:
+        lv = _grid_levels(qtype)
+        inv = np.zeros(256, np.int32)
+        inv[lv] = np.arange(len(lv))
+        return xp.asarray(inv)[g.astype(i32)] | (neg.astype(i32) << 3)
+
+    def table(name: str) -> object:
+        return xp.asarray(grids.grid(name).astype(np.int32))
+
+    d = _f16(xp, bb[:, 0:2])
+    if qtype == QType.IQ2_XXS:
+        w = words(2, 66, 4).reshape(m, 8, 2)
+        idx = bb[:, 2:66].reshape(m, 8, 8)[:, :, 0:4].astype(i32)
+        sidx = (w[..., 1][..., None] >> ar(4, 7)) & u32(127)
+        codes = level_codes(table("IQ2_XXS")[idx], ksign_bits(sidx))
+        sc = w[..., 1] >> u32(28)
+    elif qtype == QType.IQ2_XS:
+        q = words(2, 66, 2).reshape(m, 8, 4)
+        codes = level_codes(table("IQ2_XS")[(q & u32(511)).astype(i32)], ksign_bits(q >> u32(9)))
+        sc = bb[:, 66:74]
+    elif qtype == QType.IQ2_S:
+        qs = bb[:, 2:34].reshape(m, 8, 4).astype(i32)
+        qh = bb[:, 66:74].astype(i32)
+        idx = qs | ((qh[:, :, None] << (8 - 2 * xp.arange(4, dtype=i32))) & 0x300)
+        codes = level_codes(table("IQ2_S")[idx], bits(bb[:, 34:66].reshape(m, 8, 4), 8))
+        sc = bb[:, 74:82]
+    elif qtype == QType.IQ3_XXS:
+        g = xp.asarray(iq_grid("IQ3_XXS"))[bb[:, 2:66].astype(i32)].reshape(m, 8, 32)
+        aux = words(66, 98, 4)  # [m, 8]
+        b7 = bits((aux[..., None] >> ar(4, 7)) & u32(127), 7)  # [m, 8, 4, 7]
+        par = b7.sum(axis=-1, keepdims=True).astype(u32) & u32(1)  # 8th sign: even parity
+        codes = level_codes(g, xp.concatenate([b7, par], axis=-1).reshape(m, 8, 32))
+        sc = aux >> u32(28)
+    elif qtype == QType.IQ3_S:
+        qh = bits(bb[:, 66:74], 8).reshape(m, 64).astype(i32)
+        idx = bb[:, 2:66].astype(i32) | (qh << 8)
+        g = xp.asarray(iq_grid("IQ3_S"))[idx].reshape(m, 8, 32)
+        codes = level_codes(g, bits(bb[:, 74:106], 8).reshape(m, 8, 32))
+        sc = bb[:, 106:110]
+    elif qtype == QType.IQ1_S:
+        qs = bb[:, 2:34].reshape(m, 8, 4).astype(i32)
+        qh = words(34, 50, 2).astype(i32)  # [m, 8]
+        idx = qs | (((qh[:, :, None] >> (3 * xp.arange(4, dtype=i32))) & 7) << 8)
+        dneg = ((qh & 0x8000) != 0).astype(i32)[:, :, None, None]
+        codes = (table("IQ1_S")[idx] + 1) + 3 * dneg
+        sc = (qh >> 12) & 7
+    elif qtype == QType.IQ1_M:
+        scw = words(48, 56, 2).astype(i32)  # [m, 4]; d's f16 bits in their top nibbles
+        u = (scw[:, 0] >> 12) | ((scw[:, 1] >> 8) & 0xF0) | ((scw[:, 2] >> 4) & 0xF00)
+        u = (u | (scw[:, 3] & 0xF000)).astype(xp.uint16)
+        d = u.view(np.float16) if xp is np else jax.lax.bitcast_convert_type(u, jnp.float16)
+        sc = ((scw[:, :, None] >> (3 * xp.arange(4, dtype=i32))) & 7).reshape(m, 16)
+        qs = bb[:, 0:32].reshape(m, 16, 2).astype(i32)
+        qh = bb[:, 32:48].astype(i32)
+        idx = qs | xp.stack([(qh << 8) & 0x700, (qh << 4) & 0x700], axis=-1)
+        dneg = (xp.stack([qh & 8, qh & 0x80], axis=-1) != 0).astype(i32)
+        codes = (table("IQ1_M")[idx] + 1) + 3 * dneg[..., None]
+    else:
+        raise QuantError(f"not a grid type: {qtype_info(qtype).name}")
+    return codes.reshape(m, 256), d, sc.astype(xp.uint8)
+
+
 def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> tuple:
     """Raw GGUF rows ``uint8 [n_out, row_bytes]`` -> the kernel's planes (see module doc)."""
     qtype = int(qtype)
@@ -199,6 +317,10 @@ def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> t
         return _plane(xp, qs, n_pad, k_pad), per_block(_f16(xp, b[..., 0:2]), gpc)
     # K-quant bit planes (Q2_K, Q3_K, TQ2_0 codes, Q3_K's hmask) keep ggml's byte order: byte l
     # of a 32-byte run holds 2-bit (1-bit) fields of elements l, 32 + l, ..: k-major rows already.
+    if qtype in _GRID:
+        codes, d, sc = _grid_fields(xp, b.reshape(n_out * nb, info.type_size), qtype)
+        k = _GRID_SCALE_ROWS[qtype]
+        return codes4(codes.reshape(n_out, n_in)), per_block(d, 1), per_block(sc, k)
     if qtype == QType.Q2_K:  # scales 16 | qs 64 | d | dmin
         return (
             per_block(b[..., 16:80], 64),
@@ -332,6 +454,21 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
         w = rep(dl.reshape(-1, n_pad), 8) * lut(nibbles(p0), KVALUES_IQ4NL)
     elif qtype == QType.TQ2_0:
         w = (crumbs(p0) - 1).astype(f32) * rep(planes[1], 1)
+    elif qtype in _GRID:
+        d = planes[1].astype(f32).reshape(nch, 1, n_pad)
+        s = planes[2].astype(jnp.int32).reshape(nch, _GRID_SCALE_ROWS[qtype], n_pad)
+        if qtype in (QType.IQ2_XS, QType.IQ2_S, QType.IQ3_S):  # two nibbles a byte
+            s = jnp.stack([s & 15, s >> 4], axis=2).reshape(nch, -1, n_pad)
+        if qtype in (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S):
+            db = (d * (s.astype(f32) + 0.5)) * 0.25
+        elif qtype == QType.IQ3_XXS:
+            db = (d * (s.astype(f32) + 0.5)) * 0.5
+        else:  # IQ3_S, IQ1_S, IQ1_M
+            db = d * (2 * s + 1).astype(f32)
+        v = lut(nibbles(p0), lut_values(qtype))
+        if qtype in _IQ1:
+            v = v * 0.125
+        w = rep(db.reshape(-1, n_pad), db.shape[1]) * v
     elif qtype == QType.TQ1_0:
         qa = p0.astype(jnp.int32).reshape(nch, 1, 48, n_pad)
         qb = planes[1].astype(jnp.int32).reshape(nch, 1, 4, n_pad)
@@ -415,7 +552,7 @@ def _unpack_group_fns(qtype: int):
     def lut(q: jax.Array) -> jax.Array:
         """``table[q]`` for 4-bit codes: bit 3 and 2 pick the int32 word (two selects), bits 1-0
         the byte, moved to the top and sign-extended back (no gather, which Triton lacks)."""
-        w0, w1, w2, w3 = _LUT_WORDS[qtype]
+        w0, w1, w2, w3 = _packed_lut(lut_values(qtype))
         b2 = (q & 4) != 0
         word = jnp.where((q & 8) != 0, jnp.where(b2, w3, w2), jnp.where(b2, w1, w0))
         return (word << (24 - ((q & 3) << 3))) >> 24
@@ -494,6 +631,36 @@ def _unpack_group_fns(qtype: int):
                     ls = ((sl[g // 2] >> (4 * (g % 2))) & 15) | (((sh >> (2 * g)) & 3) << 4)
                     w = (d * (ls - 32).astype(f32)) * lut(q).astype(f32)
                     acc = fold(acc, c, 32 * g, 32, w)
+            return acc
+
+    elif qtype in _GRID:
+        k_rows = _GRID_SCALE_ROWS[qtype]
+        per16 = qtype in _GRID_PER16
+        size = 16 if per16 else 32
+
+        def scale(d, sc, g: int, t: int) -> jax.Array:  # group g (32), half t: ggml's db
+            if qtype == QType.IQ2_XXS:
+                return (d * (sc[g].astype(f32) + 0.5)) * 0.25
+            if qtype in (QType.IQ2_XS, QType.IQ2_S):
+                return (d * (((sc[g] >> (4 * t)) & 15).astype(f32) + 0.5)) * 0.25
+            if qtype == QType.IQ3_XXS:
+                return (d * (sc[g].astype(f32) + 0.5)) * 0.5
+            if qtype == QType.IQ3_S:
+                return d * (2 * ((sc[g // 2] >> (4 * (g % 2))) & 15) + 1).astype(f32)
+            return d * (2 * sc[2 * g + t if per16 else g] + 1).astype(f32)  # IQ1_S, IQ1_M
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref, sc_ref = refs
+            d = row(d_ref, c).astype(f32)
+            sc = [row(sc_ref, c * k_rows + i).astype(jnp.int32) for i in range(k_rows)]
+            for j in range(4):
+                for t in range(32 // size):
+                    pair = nib_pair(qs_ref, c, j, rows=size, off=size * t)
+                    for g, q in zip((j, j + 4), pair, strict=True):
+                        v = lut(q).astype(f32)
+                        if qtype in _IQ1:
+                            v = v * 0.125  # 8 (g + delta) -> g + delta, exactly
+                        acc = fold(acc, c, 32 * g + size * t, size, scale(d, sc, g, t) * v)
             return acc
 
     elif qtype == QType.TQ2_0:
