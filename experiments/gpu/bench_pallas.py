@@ -91,8 +91,10 @@ def bench_qmatmul(args: argparse.Namespace) -> None:
     peak = hbm_gbs(args)
     print(f"device {jax.devices()[0].device_kind}: HBM peak "
           f"{f'{peak:.0f} GB/s' if peak else 'unknown (pass --hbm-gbs)'}")  # fmt: skip
+    # GB/s and %HBM count the GGUF bytes; pl%HBM the planes' bytes the kernel reads (more for
+    # the grid types, decoded at load to 4-bit codes; padding for small shapes)
     print(f"{'type':6} {'shape':18} {'n_out x n_in':>14} {'m':>4} | {'pallas ms':>9} "
-          f"{'GB/s':>7} {'%HBM':>5} {'GFLOP/s':>8} | {'xla ms':>8} {'GB/s':>7} | "
+          f"{'GB/s':>7} {'%HBM':>5} {'pl%HBM':>6} {'GFLOP/s':>8} | {'xla ms':>8} {'GB/s':>7} | "
           f"{'speedup':>7}")  # fmt: skip
     for tname in args.types.split(","):
         qtype = int(QType[tname])
@@ -121,9 +123,63 @@ def bench_qmatmul(args: argparse.Namespace) -> None:
                     assert err <= tol * scale, (tname, label, m, err, scale)
                 flops = 2.0 * m * n_out * n_in / 1e9
                 pct = f"{100 * gbytes / tp / peak:5.1f}" if peak else "    -"
+                ppct = f"{100 * pbytes / tp / peak:6.1f}" if peak else "     -"
                 print(f"{tname:6} {label:18} {n_out:>6} x {n_in:<5} {m:>4} | {tp * 1e3:9.3f} "
-                      f"{gbytes / tp:7.1f} {pct} {flops / tp:8.1f} | {tx * 1e3:8.3f} "
+                      f"{gbytes / tp:7.1f} {pct} {ppct} {flops / tp:8.1f} | {tx * 1e3:8.3f} "
                       f"{gbytes / tx:7.1f} | {tx / tp:6.2f}x", flush=True)  # fmt: skip
+
+
+# Ops that move or describe data rather than compute on it (not counted by ``kernel_ops``).
+_NOT_ALU = {"get", "swap", "multiple_of", "broadcast_in_dim", "reshape", "squeeze", "scan",
+            "pjit", "iota", "bitcast_convert_type"}  # fmt: skip
+
+
+def kernel_ops(tname: str, m: int, n_in: int = 4096) -> tuple[float, dict[str, float]]:
+    """Vector element-operations per weight in the kernel's loop body (from its jaxpr, as traced
+    for Triton), and the same split by primitive. A static proxy for the ALU work per weight
+    that decode must fit under the bandwidth roofline; no GPU needed. ``jit`` is jnp.where (a
+    select), ``i2f`` an int -> float convert."""
+    qtype = int(QType[tname])
+    shape = (256, n_in)
+    planes = tuple(
+        jnp.asarray(p) for p in pq.repack(np, random_blocks(QType(qtype), *shape, 0), qtype, shape)
+    )
+
+    def f(x, planes):
+        return pq.matmul_planes(x, planes, qtype, shape, k_splits=1, backend="cuda")
+
+    jx = jax.make_jaxpr(f)(jnp.ones((m, n_in), jnp.float32), planes)
+    call = next(e for e in jx.jaxpr.eqns if e.primitive.name == "pallas_call")
+    loop = next(e for e in call.params["jaxpr"].eqns if e.primitive.name == "scan")
+    body = loop.params["jaxpr"].jaxpr
+    by: dict[str, float] = {}
+    for e in body.eqns:
+        name = e.primitive.name
+        if name in _NOT_ALU or not e.outvars or not getattr(e.outvars[0].aval, "shape", ()):
+            continue
+        src = e.invars[0].aval if name.startswith("reduce") or name == "dot_general" else None
+        size = int(np.prod(src.shape if src is not None else e.outvars[0].aval.shape))
+        if name == "dot_general":  # m x k x n multiply-adds
+            size = int(np.prod(e.invars[0].aval.shape)) * e.invars[1].aval.shape[-1]
+        if name == "convert_element_type" and jnp.issubdtype(e.params["new_dtype"], jnp.floating):
+            # int -> f32 converts: a quarter or an eighth of the FMA rate on NVIDIA GPUs
+            name = "i2f" if jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer) else "f2f"
+        by[name] = by.get(name, 0) + size
+    weights = pq.chunk_of(qtype) * call.params["out_avals"][0].shape[-1]
+    by = {k: v / weights for k, v in sorted(by.items(), key=lambda kv: -kv[1])}
+    return sum(by.values()), by
+
+
+def report_ops(args: argparse.Namespace) -> None:
+    rows = [int(r) for r in args.rows.split(",") if int(r) <= 16]
+    print(f"{'type':8} {'B/weight':>8} " + " ".join(f"{f'ops/w m={m}':>11}" for m in rows)
+          + "   (m=1: top primitives per weight)")  # fmt: skip
+    for tname in args.types.split(","):
+        info = qtype_info(int(QType[tname]))
+        res = [kernel_ops(tname, m) for m in rows]
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(res[0][1].items())[:5])
+        print(f"{tname:8} {info.type_size / info.block_size:8.4f} "
+              + " ".join(f"{r[0]:11.1f}" for r in res) + f"   {top}", flush=True)  # fmt: skip
 
 
 def xla_decode_attention(q, k, v, lengths, scale):
@@ -187,10 +243,18 @@ def main() -> None:
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip comparing the outputs of the two paths")  # fmt: skip
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="only print the kernel's vector ops per weight (traced, runs anywhere)",
+    )
     args = ap.parse_args()
     if args.small:
         args.reps = min(args.reps, 2)
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+    if args.count_ops:
+        report_ops(args)
+        return
     bench_qmatmul(args)
     if not args.skip_attention:
         bench_attention(args)

@@ -78,11 +78,11 @@ _SUPPORTED = _LEGACY | _GRID | {int(t) for t in _K256}
 
 
 def _packed_lut(values: tuple[int, ...]) -> tuple[int, ...]:
-    """A 16-entry int8 table as four int32 words, entry ``4 i + k`` in byte ``k`` of word ``i``
-    (the kernel looks codes up with two selects and two shifts: no gather)."""
+    """A 16-entry int8 table, biased by +128, as four int32 words: entry ``4 i + k`` in byte
+    ``k`` of word ``i`` (the kernel looks codes up with selects and a shift: no gather)."""
     words = []
     for i in range(4):
-        u = sum((values[4 * i + k] & 255) << (8 * k) for k in range(4))
+        u = sum((values[4 * i + k] + 128) << (8 * k) for k in range(4))
         words.append(u - (1 << 32) if u >= 1 << 31 else u)
     return tuple(words)
 
@@ -549,13 +549,19 @@ def _unpack_group_fns(qtype: int):
         """Rows ``off .. off + n`` of chunk ``c`` of a plane with ``per_chunk`` rows a chunk."""
         return ref[pl.ds(_at(c, per_chunk) + off, n), :].astype(jnp.int32)
 
+    def fl(q: jax.Array, sub: int = 0) -> jax.Array:
+        """f32 ``q - sub`` for int32 ``0 <= q < 2^22``, exactly, without an int->float convert
+        (16 a clock per SM on Hopper, an eighth of the FMA rate: one a weight would cap decode
+        below the HBM roofline): ``q`` OR-ed into the mantissa of 2^23, then one f32 subtract."""
+        return jax.lax.bitcast_convert_type(q | 0x4B000000, f32) - (8388608.0 + sub)
+
     def lut(q: jax.Array) -> jax.Array:
-        """``table[q]`` for 4-bit codes: bit 3 and 2 pick the int32 word (two selects), bits 1-0
-        the byte, moved to the top and sign-extended back (no gather, which Triton lacks)."""
+        """f32 ``table[q]`` for 4-bit codes: bits 3 and 2 pick the int32 word (three selects),
+        bits 1-0 the biased byte (a shift and a mask): no gather, which Triton lacks."""
         w0, w1, w2, w3 = _packed_lut(lut_values(qtype))
         b2 = (q & 4) != 0
         word = jnp.where((q & 8) != 0, jnp.where(b2, w3, w2), jnp.where(b2, w1, w0))
-        return (word << (24 - ((q & 3) << 3))) >> 24
+        return fl((word >> ((q & 3) << 3)) & 255, 128)
 
     def bit_rows(word: jax.Array, n: int = 32) -> jax.Array:
         """``[1, bn]`` int32 words -> ``[n, bn]``: row ``l`` holds bit ``l``."""
@@ -572,16 +578,16 @@ def _unpack_group_fns(qtype: int):
                     if qtype == QType.MXFP4:  # 2^(e-128) from the exponent bits (as ggml)
                         e = row(d_ref, blk).astype(jnp.int32)
                         bits = jnp.where(e < 2, jnp.int32(0x00200000) << e, (e - 1) << 23)
-                        w = jax.lax.bitcast_convert_type(bits, f32) * lut(q).astype(f32)
+                        w = jax.lax.bitcast_convert_type(bits, f32) * lut(q)
                     elif qtype == QType.IQ4_NL:
-                        w = row(d_ref, blk).astype(f32) * lut(q).astype(f32)
+                        w = row(d_ref, blk).astype(f32) * lut(q)
                     else:
                         q = q | (bit_rows(row(refs[-1], blk)) << 4)
                         d = row(d_ref, blk).astype(f32)
                         if qtype == QType.Q5_0:
-                            w = d * (q - 16).astype(f32)
+                            w = d * fl(q, 16)
                         else:
-                            w = d * q.astype(f32) + row(refs[2], blk).astype(f32)
+                            w = d * fl(q) + row(refs[2], blk).astype(f32)
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -606,14 +612,12 @@ def _unpack_group_fns(qtype: int):
                         k = 2 * g + t  # 16-group: its scale
                         if qtype == QType.Q2_K:
                             sc = row(sc_ref, c * 16 + k).astype(jnp.int32)
-                            w = (d * (sc & 15).astype(f32)) * q.astype(f32) - dmin * (
-                                sc >> 4
-                            ).astype(f32)
+                            w = (d * (sc & 15).astype(f32)) * fl(q) - dmin * (sc >> 4).astype(f32)
                         else:
-                            q = q - ((((hm >> g) & 1) ^ 1) << 2)
+                            q = q | (((hm >> g) & 1) << 2)  # ql - 4 (1 - hbit), plus 4
                             lo = s[k] & 15 if k < 8 else s[k - 8] >> 4
                             hi = (s[8 + k % 4] >> (2 * (k // 4))) & 3
-                            w = (d * ((lo | (hi << 4)) - 32).astype(f32)) * q.astype(f32)
+                            w = (d * ((lo | (hi << 4)) - 32).astype(f32)) * fl(q, 4)
                         acc = fold(acc, c, 32 * g + 16 * t, 16, w)
             return acc
 
@@ -629,7 +633,7 @@ def _unpack_group_fns(qtype: int):
             for j in range(4):
                 for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
                     ls = ((sl[g // 2] >> (4 * (g % 2))) & 15) | (((sh >> (2 * g)) & 3) << 4)
-                    w = (d * (ls - 32).astype(f32)) * lut(q).astype(f32)
+                    w = (d * (ls - 32).astype(f32)) * lut(q)
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -657,7 +661,7 @@ def _unpack_group_fns(qtype: int):
                 for t in range(32 // size):
                     pair = nib_pair(qs_ref, c, j, rows=size, off=size * t)
                     for g, q in zip((j, j + 4), pair, strict=True):
-                        v = lut(q).astype(f32)
+                        v = lut(q)
                         if qtype in _IQ1:
                             v = v * 0.125  # 8 (g + delta) -> g + delta, exactly
                         acc = fold(acc, c, 32 * g + size * t, size, scale(d, sc, g, t) * v)
@@ -671,7 +675,7 @@ def _unpack_group_fns(qtype: int):
             for h in range(2):
                 p = rows_of(qs_ref, c, 64, 32 * h, 32)
                 for sh in range(4):
-                    w = (((p >> (2 * sh)) & 3) - 1).astype(f32) * d
+                    w = fl((p >> (2 * sh)) & 3, 1) * d
                     acc = fold(acc, c, 128 * h + 32 * sh, 32, w)
             return acc
 
@@ -686,14 +690,14 @@ def _unpack_group_fns(qtype: int):
             for off, rows, base in ((0, 32, 0), (32, 16, 160)):  # five trits a byte
                 p = rows_of(qa_ref, c, 48, off, rows)
                 for n in range(5):
-                    w = (trit(p, n) - 1).astype(f32) * d
+                    w = fl(trit(p, n), 1) * d
                     acc = fold(acc, c, base + rows * n, rows, w)
             # qh: four trits in each of 4 bytes, element 240 + 4 n + l: single rows (a 4-row
             # tile is below Triton's dot minimum; 16 rows would need an in-kernel interleave).
             for ln in range(4):
                 p = row(qb_ref, c * 4 + ln).astype(jnp.int32)
                 for n in range(4):
-                    w = (trit(p, n) - 1).astype(f32) * d
+                    w = fl(trit(p, n), 1) * d
                     acc = fold(acc, c, 240 + 4 * n + ln, 1, w)
             return acc
 
@@ -705,9 +709,9 @@ def _unpack_group_fns(qtype: int):
                 for g, q in zip((j, j + half), nib_pair(qs_ref, c, j), strict=True):
                     d = row(d_ref, c * gpc + g).astype(f32)
                     if qtype == QType.Q4_0:
-                        w = d * (q - 8).astype(f32)
+                        w = d * fl(q, 8)
                     else:
-                        w = d * q.astype(f32) + row(refs[2], c * gpc + g).astype(f32)
+                        w = d * fl(q) + row(refs[2], c * gpc + g).astype(f32)
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -716,7 +720,7 @@ def _unpack_group_fns(qtype: int):
         def body(refs, c, acc, fold):
             qs_ref, d_ref = refs
             for g in range(gpc):
-                q = qs_ref[pl.ds(_at(c, chunk) + 32 * g, 32), :].astype(f32)
+                q = fl(qs_ref[pl.ds(_at(c, chunk) + 32 * g, 32), :].astype(jnp.int32) + 128, 128)
                 w = row(d_ref, c * gpc + g).astype(f32) * q
                 acc = fold(acc, c, 32 * g, 32, w)
             return acc
@@ -740,7 +744,7 @@ def _unpack_group_fns(qtype: int):
                         mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4)
                     if qh is not None:
                         q = q | (((qh >> g) & 1) << 4)
-                    w = (d * sc.astype(f32)) * q.astype(f32) - dmin * mn.astype(f32)
+                    w = (d * sc.astype(f32)) * fl(q) - dmin * mn.astype(f32)
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -757,7 +761,7 @@ def _unpack_group_fns(qtype: int):
                         qh = qh_ref[pl.ds(_at(c, 64) + 32 * h + 16 * t, 16), :].astype(jnp.int32)
                         q = q4 | (((qh >> (2 * i)) & 3) << 4)
                         scale = d * row(sc_ref, c * 16 + 2 * g + t).astype(f32)
-                        w = scale * (q - 32).astype(f32)
+                        w = scale * fl(q, 32)
                         acc = fold(acc, c, 32 * g + 16 * t, 16, w)
             return acc
 
