@@ -116,6 +116,27 @@ def test_qmatmul_matches_gguf_reference(qtype, case):
     check_matmul(x, raw, qtype, got)
 
 
+@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.IQ4_XS], ids=lambda q: q.name)
+def test_qmatmul_multiply_reduce_up_to_16_rows(qtype):
+    """``vector_rows=16``: 8 and 16 rows through the multiply-reduce path (the knob the GPU
+    benchmark uses to compare it with the dot), and it lowers for both devices."""
+    shape = (130, 512)
+    raw = random_blocks(qtype, *shape, seed=9)
+    planes = tuple(jnp.asarray(p) for p in pq.repack(np, raw, qtype, shape))
+    for m in (8, 16):
+        x = np.random.default_rng(m).standard_normal((m, shape[1])).astype(np.float32)
+        got = pq.matmul_planes(jnp.asarray(x), planes, qtype, shape, interpret=INTERPRET,
+                               vector_rows=16)  # fmt: skip
+        check_matmul(x, raw, qtype, got)
+    for platform in ("cuda", "tpu"):
+
+        def f(x, planes, platform=platform):
+            return pq.matmul_planes(x, planes, qtype, shape, backend=platform, vector_rows=16)
+
+        text = lower_for(platform, f, jax.ShapeDtypeStruct((16, shape[1]), jnp.float32), planes)
+        assert ("triton" if platform == "cuda" else "tpu_custom_call") in text
+
+
 @pytest.mark.parametrize(
     "qtype,n_in",
     [(t, n) for t in QUANTIZABLE for n in (576, 96)] + [(QType.TQ1_0, 768), (QType.TQ2_0, 768)],

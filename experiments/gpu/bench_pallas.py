@@ -111,7 +111,11 @@ def bench_qmatmul(args: argparse.Namespace) -> None:
             for m in rows:
                 rng = np.random.default_rng(m)
                 x = jnp.asarray(rng.standard_normal((m, n_in)).astype(np.float32))
-                f_pal = jax.jit(lambda x, w: pq.pallas_qmatmul(x, w, interpret=args.interpret))
+                f_pal = jax.jit(
+                    lambda x, w: pq.pallas_qmatmul(
+                        x, w, interpret=args.interpret, vector_rows=args.vector_rows
+                    )
+                )
                 f_xla = jax.jit(reference_qmatmul)
                 tp = best_time(f_pal, x, pal_qt, reps=args.reps)
                 tx = best_time(f_xla, x, gguf_qt, reps=args.reps)
@@ -243,6 +247,9 @@ def main() -> None:
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip comparing the outputs of the two paths")  # fmt: skip
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--vector-rows", type=int, default=4,
+                    help="rows up to which the kernel multiplies and reduces instead of a dot "
+                    "(max 16; 16 to compare the two at 5-16 rows)")  # fmt: skip
     ap.add_argument(
         "--count-ops",
         action="store_true",

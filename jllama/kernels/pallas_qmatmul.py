@@ -842,11 +842,14 @@ def matmul_planes(
     interpret: bool = False,
     k_splits: int | None = None,
     backend: str | None = None,
+    vector_rows: int = _VECTOR_ROWS,
 ) -> jax.Array:
     """``x[..., n_in] @ W.T`` with W given as the kernel's planes; returns f32 ``[..., n_out]``.
 
     ``k_splits``: how many programs share n_in (default: enough for a GPU to be busy; always 1
     on TPU).
+    ``vector_rows``: up to this many rows take the multiply-reduce path instead of the dot
+    (a knob for measuring the two at 5-16 rows on a device; at most 16).
     ``backend``: the platform to lower for (default: JAX's default backend), e.g. to export a
     GPU kernel from a CPU host.
     """
@@ -859,7 +862,7 @@ def matmul_planes(
     chunk = chunk_of(qtype)
     k_pad = _round_up(n_in, chunk)
     n_pad = planes[0].shape[-1]
-    vector = m <= _VECTOR_ROWS
+    vector = m <= min(vector_rows, 16)
     bm = _next_pow2(m) if vector else _row_tile(m)
     bn = _col_tile(n_pad, bm)
     m_pad = _round_up(max(m, 1), bm)
@@ -932,6 +935,7 @@ def pallas_qmatmul(
     *,
     k_splits: int | None = None,
     backend: str | None = None,
+    vector_rows: int = _VECTOR_ROWS,
 ) -> jax.Array:
     """``x[..., n_in] @ W.T -> [..., n_out]`` (f32) for a 2-D QTensor W in layout ``"pallas"``
     (from ``prepare_pallas``) or raw ``"gguf"`` (repacked in-graph on each call)."""
@@ -944,5 +948,6 @@ def pallas_qmatmul(
     else:
         raise QuantError(f"Pallas qmatmul cannot read layout {qt.layout!r}")
     return matmul_planes(
-        x, planes, qt.qtype, qt.shape, interpret=interpret, k_splits=k_splits, backend=backend
-    )
+        x, planes, qt.qtype, qt.shape, interpret=interpret, k_splits=k_splits, backend=backend,
+        vector_rows=vector_rows,
+    )  # fmt: skip
