@@ -530,8 +530,10 @@ def _at(c, rows_per_chunk: int):
 
 def _unpack_group_fns(qtype: int):
     """Per-type chunk body ``body(refs, c, acc, fold) -> acc`` for chunk ``c``: it dequantizes
-    each group to an f32 ``[size, bn]`` tile ``w`` and folds it into the accumulator with
-    ``fold(acc, c, start, size, w)`` (a dot, or the multiply-reduce of the matvec path)."""
+    each group to ``(q, s, b)``: f32 codes ``[size, bn]``, the group's scale ``[1, bn]`` and
+    min (``[1, bn]`` or None), the weights being ``s * q + b``, and folds them into the
+    accumulator with ``fold(acc, c, start, size, (q, s, b))`` (a dot, or the multiply-reduce of
+    the matvec path)."""
     f32 = jnp.float32
     chunk = chunk_of(qtype)
     gpc = chunk // 32  # 32-groups per chunk
@@ -556,11 +558,10 @@ def _unpack_group_fns(qtype: int):
         return jax.lax.bitcast_convert_type(q | 0x4B000000, f32) - (8388608.0 + sub)
 
     def lut(q: jax.Array) -> jax.Array:
-        """f32 ``table[q]`` for 4-bit codes: bits 3 and 2 pick the int32 word (three selects),
-        bits 1-0 the biased byte (a shift and a mask): no gather, which Triton lacks."""
+        """f32 ``table[q]`` for 4-bit codes: ``q >> 2`` picks the int32 word (three compares and
+        selects), bits 1-0 the biased byte (a shift and a mask): no gather, which Triton lacks."""
         w0, w1, w2, w3 = _packed_lut(lut_values(qtype))
-        b2 = (q & 4) != 0
-        word = jnp.where((q & 8) != 0, jnp.where(b2, w3, w2), jnp.where(b2, w1, w0))
+        word = jnp.where(q >= 8, jnp.where(q >= 12, w3, w2), jnp.where(q >= 4, w1, w0))
         return fl((word >> ((q & 3) << 3)) & 255, 128)
 
     def bit_rows(word: jax.Array, n: int = 32) -> jax.Array:
@@ -578,16 +579,16 @@ def _unpack_group_fns(qtype: int):
                     if qtype == QType.MXFP4:  # 2^(e-128) from the exponent bits (as ggml)
                         e = row(d_ref, blk).astype(jnp.int32)
                         bits = jnp.where(e < 2, jnp.int32(0x00200000) << e, (e - 1) << 23)
-                        w = jax.lax.bitcast_convert_type(bits, f32) * lut(q)
+                        w = (lut(q), jax.lax.bitcast_convert_type(bits, f32), None)
                     elif qtype == QType.IQ4_NL:
-                        w = row(d_ref, blk).astype(f32) * lut(q)
+                        w = (lut(q), row(d_ref, blk).astype(f32), None)
                     else:
                         q = q | (bit_rows(row(refs[-1], blk)) << 4)
                         d = row(d_ref, blk).astype(f32)
                         if qtype == QType.Q5_0:
-                            w = d * fl(q, 16)
+                            w = (fl(q, 16), d, None)
                         else:
-                            w = d * fl(q) + row(refs[2], blk).astype(f32)
+                            w = (fl(q), d, row(refs[2], blk).astype(f32))
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -612,12 +613,12 @@ def _unpack_group_fns(qtype: int):
                         k = 2 * g + t  # 16-group: its scale
                         if qtype == QType.Q2_K:
                             sc = row(sc_ref, c * 16 + k).astype(jnp.int32)
-                            w = (d * (sc & 15).astype(f32)) * fl(q) - dmin * (sc >> 4).astype(f32)
+                            w = (fl(q), d * (sc & 15).astype(f32), -(dmin * (sc >> 4).astype(f32)))
                         else:
                             q = q | (((hm >> g) & 1) << 2)  # ql - 4 (1 - hbit), plus 4
                             lo = s[k] & 15 if k < 8 else s[k - 8] >> 4
                             hi = (s[8 + k % 4] >> (2 * (k // 4))) & 3
-                            w = (d * ((lo | (hi << 4)) - 32).astype(f32)) * fl(q, 4)
+                            w = (fl(q, 4), d * ((lo | (hi << 4)) - 32).astype(f32), None)
                         acc = fold(acc, c, 32 * g + 16 * t, 16, w)
             return acc
 
@@ -633,7 +634,7 @@ def _unpack_group_fns(qtype: int):
             for j in range(4):
                 for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
                     ls = ((sl[g // 2] >> (4 * (g % 2))) & 15) | (((sh >> (2 * g)) & 3) << 4)
-                    w = (d * (ls - 32).astype(f32)) * lut(q)
+                    w = (lut(q), d * (ls - 32).astype(f32), None)
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -661,10 +662,10 @@ def _unpack_group_fns(qtype: int):
                 for t in range(32 // size):
                     pair = nib_pair(qs_ref, c, j, rows=size, off=size * t)
                     for g, q in zip((j, j + 4), pair, strict=True):
-                        v = lut(q)
-                        if qtype in _IQ1:
-                            v = v * 0.125  # 8 (g + delta) -> g + delta, exactly
-                        acc = fold(acc, c, 32 * g + size * t, size, scale(d, sc, g, t) * v)
+                        db = scale(d, sc, g, t)
+                        if qtype in _IQ1:  # codes are 8 (g + delta): (db / 8) * 8 (g + delta)
+                            db = db * 0.125  # rounds as db * (g + delta) does (both exact / 8)
+                        acc = fold(acc, c, 32 * g + size * t, size, (lut(q), db, None))
             return acc
 
     elif qtype == QType.TQ2_0:
@@ -675,7 +676,7 @@ def _unpack_group_fns(qtype: int):
             for h in range(2):
                 p = rows_of(qs_ref, c, 64, 32 * h, 32)
                 for sh in range(4):
-                    w = fl((p >> (2 * sh)) & 3, 1) * d
+                    w = (fl((p >> (2 * sh)) & 3, 1), d, None)
                     acc = fold(acc, c, 128 * h + 32 * sh, 32, w)
             return acc
 
@@ -690,14 +691,14 @@ def _unpack_group_fns(qtype: int):
             for off, rows, base in ((0, 32, 0), (32, 16, 160)):  # five trits a byte
                 p = rows_of(qa_ref, c, 48, off, rows)
                 for n in range(5):
-                    w = fl(trit(p, n), 1) * d
+                    w = (fl(trit(p, n), 1), d, None)
                     acc = fold(acc, c, base + rows * n, rows, w)
             # qh: four trits in each of 4 bytes, element 240 + 4 n + l: single rows (a 4-row
             # tile is below Triton's dot minimum; 16 rows would need an in-kernel interleave).
             for ln in range(4):
                 p = row(qb_ref, c * 4 + ln).astype(jnp.int32)
                 for n in range(4):
-                    w = fl(trit(p, n), 1) * d
+                    w = (fl(trit(p, n), 1), d, None)
                     acc = fold(acc, c, 240 + 4 * n + ln, 1, w)
             return acc
 
@@ -709,9 +710,9 @@ def _unpack_group_fns(qtype: int):
                 for g, q in zip((j, j + half), nib_pair(qs_ref, c, j), strict=True):
                     d = row(d_ref, c * gpc + g).astype(f32)
                     if qtype == QType.Q4_0:
-                        w = d * fl(q, 8)
+                        w = (fl(q, 8), d, None)
                     else:
-                        w = d * fl(q) + row(refs[2], c * gpc + g).astype(f32)
+                        w = (fl(q), d, row(refs[2], c * gpc + g).astype(f32))
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -721,7 +722,7 @@ def _unpack_group_fns(qtype: int):
             qs_ref, d_ref = refs
             for g in range(gpc):
                 q = fl(qs_ref[pl.ds(_at(c, chunk) + 32 * g, 32), :].astype(jnp.int32) + 128, 128)
-                w = row(d_ref, c * gpc + g).astype(f32) * q
+                w = (q, row(d_ref, c * gpc + g).astype(f32), None)
                 acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -744,7 +745,7 @@ def _unpack_group_fns(qtype: int):
                         mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4)
                     if qh is not None:
                         q = q | (((qh >> g) & 1) << 4)
-                    w = (d * sc.astype(f32)) * fl(q) - dmin * mn.astype(f32)
+                    w = (fl(q), d * sc.astype(f32), -(dmin * mn.astype(f32)))
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -761,7 +762,7 @@ def _unpack_group_fns(qtype: int):
                         qh = qh_ref[pl.ds(_at(c, 64) + 32 * h + 16 * t, 16), :].astype(jnp.int32)
                         q = q4 | (((qh >> (2 * i)) & 3) << 4)
                         scale = d * row(sc_ref, c * 16 + 2 * g + t).astype(f32)
-                        w = scale * fl(q, 32)
+                        w = (fl(q, 32), scale, None)
                         acc = fold(acc, c, 32 * g + 16 * t, 16, w)
             return acc
 
@@ -876,9 +877,18 @@ def matmul_planes(
     if vector:
         # x is passed transposed ([n_in, m]): a group's x values are a column that broadcasts
         # over the tile's bn lanes; each batch row keeps its own [1, bn] accumulator.
+        # The group's scale (and min) are applied after the reduction: a [1, bn] multiply per
+        # group instead of one per weight (the decode kernel is ALU-bound otherwise).
         def fold(x_ref, acc, c, start, size, w):
-            cols = (x_ref[pl.ds(_at(c, chunk) + start, size), pl.ds(r, 1)] for r in range(bm))
-            return tuple(a + jnp.sum(xc * w, axis=0, keepdims=True) for a, xc in zip(acc, cols))
+            q, s, b = w
+            out = []
+            for r, a in enumerate(acc):
+                xc = x_ref[pl.ds(_at(c, chunk) + start, size), pl.ds(r, 1)]
+                a = a + s * jnp.sum(xc * q, axis=0, keepdims=True)
+                if b is not None:
+                    a = a + b * jnp.sum(xc, axis=0, keepdims=True)
+                out.append(a)
+            return tuple(out)
 
         def init():
             return tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(bm))
@@ -888,6 +898,8 @@ def matmul_planes(
     else:
 
         def fold(x_ref, acc, c, start, size, w):
+            q, s, b = w
+            w = s * q if b is None else s * q + b
             xs = x_ref[:, pl.ds(_at(c, chunk) + start, size)]
             if size == 1:  # an outer product (TQ1_0's last 16 elements)
                 return acc + xs * w
