@@ -30,10 +30,11 @@ same bytes (same bits per weight, scales still f16 / packed 6-bit) but splits th
   codes).
 
 The kernel: grid over (batch-row tiles, n_out tiles, n_in splits); in each program a
-``fori_loop`` over its chunks of n_in, and per 32 (Q6_K: 16) element group: unpack
-codes to f32, apply that group's scale (a ``[1, bn]`` row broadcast), then fold the tile into an
-f32 accumulator: an f32 dot with the matching slice of x, or, for <= 4 batch rows (decode), a
-multiply by the x column and a sum over rows (no 16-row dot padding). A program's share of n_in
+``fori_loop`` over its chunks of n_in, and per 32 (16 where scales are per 16) element group:
+unpack codes to f32 (no int -> float convert: see ``fl``), then fold the tile into an f32
+accumulator: apply the group's scale and min (``[1, bn]`` rows) and an f32 dot with the matching
+slice of x, or, for <= 4 batch rows (decode), a multiply by the x column and a sum over rows
+(no 16-row dot padding), the scale and min applied to the sums. A program's share of n_in
 is one block: on Triton a block is just a pointer (only the slices we index are loaded), on TPU
 one DMA per tile into VMEM. Small decode matmuls split n_in over programs (split-K) so a GPU has
 enough programs; partial sums are added outside the kernel.
