@@ -21,8 +21,17 @@ from jllama.kernels import pallas_qmatmul as pq
 from jllama.quant.qtensor import QTensor
 from jllama.quant.testing import random_blocks
 
-TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
-QUANTIZABLE = [QType.Q4_0, QType.Q4_1, QType.Q8_0]  # gguf-py has quantize_blocks for these
+OLD_TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
+# added later: plain bit fields, 16-entry value tables, ternary
+NEW_TYPES = [QType.Q5_0, QType.Q5_1, QType.Q3_K, QType.Q2_K, QType.IQ4_NL, QType.IQ4_XS,
+             QType.MXFP4, QType.TQ2_0, QType.TQ1_0]  # fmt: skip
+# lattice-grid types (decoded at load time to 4-bit codes)
+GRID_TYPES = [QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S, QType.IQ1_S,
+              QType.IQ1_M]  # fmt: skip
+NEW_TYPES += GRID_TYPES
+TYPES = OLD_TYPES + NEW_TYPES
+# gguf-py has quantize_blocks for these (32-blocks; and TQ1_0/TQ2_0 with 256-blocks)
+QUANTIZABLE = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.MXFP4]
 
 # Where a device exists, the same tests run the compiled kernels.
 BACKEND = jax.default_backend()
@@ -51,7 +60,7 @@ def check_matmul(x: np.ndarray, raw: np.ndarray, qtype: QType, got) -> None:
 
 def test_supported():
     assert all(pq.supported(int(t)) for t in TYPES)
-    assert not pq.supported(int(QType.Q5_0))
+    assert not pq.supported(int(QType.Q8_K))  # an activation type, never a weight
     assert not pq.supported(int(QType.F32))
 
 
@@ -71,13 +80,14 @@ def test_planes_roundtrip_gguf_dequantize(qtype):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def test_take_rows_planes_matches_gguf_rows():
+@pytest.mark.parametrize("qtype", [QType.Q6_K, *NEW_TYPES], ids=lambda q: q.name)
+def test_take_rows_planes_matches_gguf_rows(qtype):
     shape = (300, 512)
-    raw = random_blocks(QType.Q6_K, *shape, seed=4)
-    planes = tuple(jnp.asarray(p) for p in pq.repack(np, raw, QType.Q6_K, shape))
+    raw = random_blocks(qtype, *shape, seed=4)
+    planes = tuple(jnp.asarray(p) for p in pq.repack(np, raw, qtype, shape))
     ids = np.array([[0, 299], [137, 137]])
-    got = pq.take_rows_planes(planes, QType.Q6_K, shape, jnp.asarray(ids))
-    want = gguf.quants.dequantize(raw[ids.reshape(-1)], QType.Q6_K).reshape(2, 2, 512)
+    got = pq.take_rows_planes(planes, qtype, shape, jnp.asarray(ids))
+    want = gguf.quants.dequantize(raw[ids.reshape(-1)], qtype).reshape(2, 2, 512)
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -86,8 +96,16 @@ def test_take_rows_planes_matches_gguf_rows():
 CASES = [(200, 256, 1, None), (130, 768, 3, 3), (72, 2816, 17, None)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-s{c[3]}")
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+# The added types at the decode row counts (1, 4: the multiply-reduce path; 16: one dot tile),
+# split-K forced at 4 rows.
+NEW_CASES = [(200, 512, 1, None), (130, 768, 4, 3), (72, 512, 16, None)]
+
+
+@pytest.mark.parametrize(
+    "qtype,case",
+    [(t, c) for t in OLD_TYPES for c in CASES] + [(t, c) for t in NEW_TYPES for c in NEW_CASES],
+    ids=lambda v: v.name if isinstance(v, QType) else f"{v[0]}x{v[1]}-m{v[2]}-s{v[3]}",
+)
 def test_qmatmul_matches_gguf_reference(qtype, case):
     n_out, n_in, m, k_splits = case
     raw = random_blocks(qtype, n_out, n_in, seed=n_in + m)
@@ -98,8 +116,32 @@ def test_qmatmul_matches_gguf_reference(qtype, case):
     check_matmul(x, raw, qtype, got)
 
 
-@pytest.mark.parametrize("n_in", [576, 96])
-@pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.IQ4_XS], ids=lambda q: q.name)
+def test_qmatmul_multiply_reduce_up_to_16_rows(qtype):
+    """``vector_rows=16``: 8 and 16 rows through the multiply-reduce path (the knob the GPU
+    benchmark uses to compare it with the dot), and it lowers for both devices."""
+    shape = (130, 512)
+    raw = random_blocks(qtype, *shape, seed=9)
+    planes = tuple(jnp.asarray(p) for p in pq.repack(np, raw, qtype, shape))
+    for m in (8, 16):
+        x = np.random.default_rng(m).standard_normal((m, shape[1])).astype(np.float32)
+        got = pq.matmul_planes(jnp.asarray(x), planes, qtype, shape, interpret=INTERPRET,
+                               vector_rows=16)  # fmt: skip
+        check_matmul(x, raw, qtype, got)
+    for platform in ("cuda", "tpu"):
+
+        def f(x, planes, platform=platform):
+            return pq.matmul_planes(x, planes, qtype, shape, backend=platform, vector_rows=16)
+
+        text = lower_for(platform, f, jax.ShapeDtypeStruct((16, shape[1]), jnp.float32), planes)
+        assert ("triton" if platform == "cuda" else "tpu_custom_call") in text
+
+
+@pytest.mark.parametrize(
+    "qtype,n_in",
+    [(t, n) for t in QUANTIZABLE for n in (576, 96)] + [(QType.TQ1_0, 768), (QType.TQ2_0, 768)],
+    ids=lambda v: v.name if isinstance(v, QType) else str(v),
+)
 def test_qmatmul_quantized_weights_odd_n_in(qtype, n_in):
     """gguf-py-quantized weights, n_in = 576 (SmolLM2's width: 9 chunks of 64) and 96 (padded
     to 128), raw GGUF layout (repacked in-graph) and leading batch axes on x."""
@@ -113,9 +155,10 @@ def test_qmatmul_quantized_weights_odd_n_in(qtype, n_in):
 
 
 def test_qmatmul_refuses_unsupported():
-    raw = np.zeros((4, 22), np.uint8)  # Q5_0: 22 bytes per 32
+    raw = np.zeros((4, 292), np.uint8)  # Q8_K: 292 bytes per 256
     with pytest.raises(QuantError):
-        pq.pallas_qmatmul(jnp.zeros((1, 32)), QTensor(jnp.asarray(raw), int(QType.Q5_0), (4, 32)))
+        qt = QTensor(jnp.asarray(raw), int(QType.Q8_K), (4, 256))
+        pq.pallas_qmatmul(jnp.zeros((1, 256)), qt)
     with pytest.raises(QuantError):
         qt = QTensor(jnp.asarray(random_blocks(QType.Q8_0, 4, 64, 0)), int(QType.Q8_0), (4, 64))
         pq.pallas_qmatmul(jnp.zeros((1, 32)), qt)

@@ -11,9 +11,12 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi -L | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
   2>&1 | tee -a "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py 2>&1 | tail -25 \
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py 2>&1 | tail -25 \
   | tee "$OUT/pytest_pallas.txt"
-timeout 200 python3 experiments/gpu/bench_pallas.py --reps 10 2>&1 | tee "$OUT/bench_pallas.txt"
+# every Pallas type at decode (1, 16 rows) and one prefill size, on two Gemma-3 shapes (a
+# 2.6 MB ffn matrix and the 335 MB-at-Q8_0 output matrix): %HBM per type and rows
+timeout 240 python3 experiments/gpu/bench_pallas.py --reps 10 --rows 1,16,512 \
+  --shapes gemma3.ffn_up,gemma3.output 2>&1 | tee "$OUT/bench_pallas.txt"
 timeout 150 python3 experiments/gpu/e2e_gpu.py --types Q4_0,Q8_0 -r 2 2>&1 | tee "$OUT/e2e.txt"
 timeout 120 python3 experiments/gpu/vision_gpu.py 2>&1 | tee "$OUT/vision.txt"
 # partial offload (-ngl): speed and logits per split, and a model twice the allowed device memory

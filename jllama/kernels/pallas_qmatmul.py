@@ -1,4 +1,11 @@
-"""Pallas quantized matmul (GPU via Triton, TPU via Mosaic): ``x @ W.T`` reading 4-8 bit blocks.
+"""Pallas quantized matmul (GPU via Triton, TPU via Mosaic): ``x @ W.T`` reading 1.6-8 bit blocks.
+
+Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4 (32-element blocks), Q2_K, Q3_K, Q4_K, Q5_K,
+Q6_K, IQ4_XS, TQ1_0, TQ2_0 (256), all at the GGUF's bits per weight; and the lattice-grid types
+IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M at about 4.3-4.6 bits per weight (their
+256-2048-entry grids would need an in-kernel gather, which Triton lacks: at load time every
+element's grid value, sign and IQ1 delta become one 4-bit code into a 16-entry signed table,
+``lut_values``; d and the small scale fields are kept, one byte each).
 
 Why a load-time repack (``prepare_pallas``) instead of reading raw GGUF rows: GGUF interleaves
 f16 scales and codes in 18-210 byte blocks, so one block of a row is not a rectangular tile, and
@@ -7,20 +14,27 @@ same bytes (same bits per weight, scales still f16 / packed 6-bit) but splits th
 
 - every plane is k-major, ``[rows_along_n_in, n_out_padded]``: n_out is the lane (last) axis, so a
   weight tile is ``[k_rows, bn]`` and ``x_tile @ w_tile`` is a plain (M, K) x (K, N) dot;
-- n_in is walked in chunks (256 elements for K-quants, 64 for Q4_0/Q4_1/Q8_0); 4-bit codes are
+- n_in is walked in chunks (256 elements for 256-blocks, 64 for 32-blocks); 4-bit codes are
   re-nibbled per chunk: byte ``r`` holds element ``r`` in its low nibble and element
   ``chunk / 2 + r`` in its high nibble, so each 32-group is 32 whole rows of one nibble half:
   no interleave/concat in the kernel;
-- Q4_K/Q5_K 6-bit scales, Q5_K high bits and Q6_K high bits / int8 scales stay in their ggml
-  packing and are unpacked in the kernel with integer shifts and masks;
+- everything else stays in its ggml packing and is unpacked in the kernel with integer shifts
+  and masks: Q4_K/Q5_K 6-bit scales, Q5_K/Q6_K high bits, Q6_K int8 scales, Q5_0/Q5_1's 32-bit
+  qh word (one int32 row per block, its bit ``l`` shifted out for row ``l``), the 2-bit planes of
+  Q2_K/Q3_K/TQ2_0 and Q3_K's hmask (byte ``l`` of a 32-byte run holds element ``l``, ``32 + l``,
+  ..: already k-major), Q2_K/Q3_K/IQ4_XS scales, TQ1_0's base-3 bytes (ggml's multiply-by-3^n
+  trit extraction), MXFP4's E8M0 exponent byte (the scale built from its bits);
+- IQ4_NL/IQ4_XS/MXFP4 values come from a 16-entry int8 table, which the kernel reads as four
+  int32 constants: two selects pick the word, two shifts the sign-extended byte (no gather);
 - n_out is padded to a multiple of 128 and n_in to a multiple of the chunk (zero scales and
   codes).
 
 The kernel: grid over (batch-row tiles, n_out tiles, n_in splits); in each program a
-``fori_loop`` over its chunks of n_in, and per 32 (Q6_K: 16) element group: unpack
-codes to f32, apply that group's scale (a ``[1, bn]`` row broadcast), then fold the tile into an
-f32 accumulator: an f32 dot with the matching slice of x, or, for <= 4 batch rows (decode), a
-multiply by the x column and a sum over rows (no 16-row dot padding). A program's share of n_in
+``fori_loop`` over its chunks of n_in, and per 32 (16 where scales are per 16) element group:
+unpack codes to f32 (no int -> float convert: see ``fl``), then fold the tile into an f32
+accumulator: apply the group's scale and min (``[1, bn]`` rows) and an f32 dot with the matching
+slice of x, or, for <= 4 batch rows (decode), a multiply by the x column and a sum over rows
+(no 16-row dot padding), the scale and min applied to the sums. A program's share of n_in
 is one block: on Triton a block is just a pointer (only the slices we index are loaded), on TPU
 one DMA per tile into VMEM. Small decode matmuls split n_in over programs (split-K) so a GPU has
 enough programs; partial sums are added outside the kernel.
@@ -40,6 +54,8 @@ from jax.experimental import pallas as pl
 
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
+from jllama.quant import iqgrids as grids
+from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, iq_grid, mxfp4_values
 from jllama.quant.qtensor import QTensor
 
 K_CHUNK = 256  # K-quants: elements of n_in per loop step, one superblock (eight 32-groups)
@@ -49,15 +65,55 @@ LEGACY_CHUNK = 64
 LANE = 128  # n_out padding / tile unit
 LAYOUT = "pallas"
 
-_LEGACY = {int(QType.Q4_0), int(QType.Q4_1), int(QType.Q8_0)}
-_SUPPORTED = {
-    int(QType.Q4_0),
-    int(QType.Q4_1),
-    int(QType.Q8_0),
-    int(QType.Q4_K),
-    int(QType.Q5_K),
-    int(QType.Q6_K),
-}
+# 32-element block types: chunks of 64 (see LEGACY_CHUNK)
+_LEGACY = {int(t) for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+                            QType.IQ4_NL, QType.MXFP4)}  # fmt: skip
+# Lattice-grid types: decoded at load time to 4-bit codes into a 16-entry signed table (see
+# ``_grid_fields``), plus their own scale fields: more bytes than the GGUF, no grid in the kernel.
+_GRID = {int(t) for t in (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S,
+                          QType.IQ1_S, QType.IQ1_M)}  # fmt: skip
+_IQ1 = {int(QType.IQ1_S), int(QType.IQ1_M)}
+_K256 = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS, QType.TQ1_0,
+         QType.TQ2_0)  # fmt: skip
+_SUPPORTED = _LEGACY | _GRID | {int(t) for t in _K256}
+
+
+def _packed_lut(values: tuple[int, ...]) -> tuple[int, ...]:
+    """A 16-entry int8 table, biased by +128, as four int32 words: entry ``4 i + k`` in byte
+    ``k`` of word ``i`` (the kernel looks codes up with selects and a shift: no gather)."""
+    words = []
+    for i in range(4):
+        u = sum((values[4 * i + k] + 128) << (8 * k) for k in range(4))
+        words.append(u - (1 << 32) if u >= 1 << 31 else u)
+    return tuple(words)
+
+
+@functools.cache
+def _grid_levels(qtype: int) -> np.ndarray:
+    """The distinct magnitudes of an IQ2/IQ3 grid (3 or 8 of them), from gguf-py's tables."""
+    name = qtype_info(qtype).name
+    g = iq_grid(name) if name.startswith("IQ3") else grids.grid(name)
+    levels = np.unique(np.asarray(g, np.int32))
+    assert len(levels) <= 8 and levels.max() < 128, (name, levels)
+    return levels
+
+
+@functools.cache
+def lut_values(qtype: int) -> tuple[int, ...]:
+    """The 16-entry int8 value table the kernel looks 4-bit codes up in. Grid types: code
+    ``level | sign << 3`` -> +-grid level; IQ1_S/IQ1_M: code ``(g + 1) + 3 * (delta < 0)`` ->
+    ``8 * (g + delta)`` (g in {-1, 0, 1}, delta +-1/8: the kernel scales it by 1/8, exactly)."""
+    qtype = int(qtype)
+    if qtype in (QType.IQ4_NL, QType.IQ4_XS):
+        return KVALUES_IQ4NL
+    if qtype == QType.MXFP4:
+        return KVALUES_MXFP4
+    if qtype in _IQ1:
+        v = [8 * g + (-1 if neg else 1) for neg in (0, 1) for g in (-1, 0, 1)]
+        return tuple(v + [0] * 10)
+    lv = [int(x) for x in _grid_levels(qtype)]
+    pad = [0] * (8 - len(lv))
+    return tuple(lv + pad + [-x for x in lv] + pad)
 
 
 def supported(qtype: int) -> bool:
@@ -84,6 +140,16 @@ def _f16(xp: ModuleType, b: object) -> object:
     return jax.lax.bitcast_convert_type(u, jnp.float16)
 
 
+def _i32(xp: ModuleType, b: object) -> object:
+    """Four little-endian bytes on the last axis -> int32 (the same 32 bits)."""
+    if xp is np:
+        return np.ascontiguousarray(b).view(np.int32)[..., 0]
+    u = b[..., 0].astype(jnp.uint32)
+    for k in range(1, 4):
+        u = u | (b[..., k].astype(jnp.uint32) << (8 * k))
+    return jax.lax.bitcast_convert_type(u, jnp.int32)
+
+
 def _nib_natural(xp: ModuleType, qs: object, pairs_of: int) -> object:
     """4-bit codes in natural element order from ggml nibble bytes ``[..., nb, nbytes]``.
 
@@ -108,6 +174,101 @@ def _plane(xp: ModuleType, a: object, n_pad: int, rows_pad: int) -> object:
     n, r = a.shape
     a = xp.pad(a, ((0, n_pad - n), (0, rows_pad - r)))
     return xp.ascontiguousarray(a.T) if xp is np else a.T
+
+
+# Scale-field rows per 256 of each grid type's plane (one byte each: 4-bit or 3-bit scales
+# widened, or IQ2_XS/IQ2_S/IQ3_S's nibble bytes as stored).
+_GRID_SCALE_ROWS = {int(QType.IQ2_XXS): 8, int(QType.IQ2_XS): 8, int(QType.IQ2_S): 8,
+                    int(QType.IQ3_XXS): 8, int(QType.IQ3_S): 4, int(QType.IQ1_S): 8,
+                    int(QType.IQ1_M): 16}  # fmt: skip
+# Grid types with a scale per 16 elements (else per 32)
+_GRID_PER16 = {int(QType.IQ2_XS), int(QType.IQ2_S), int(QType.IQ1_M)}
+
+
+def _grid_fields(xp: ModuleType, bb: object, qtype: int) -> tuple:
+    """Grid-type blocks ``uint8 [M, type_size]`` -> (natural-order 4-bit codes ``[M, 256]`` into
+    ``lut_values(qtype)``, f16 ``d [M]``, scale bytes ``[M, _GRID_SCALE_ROWS]``): the grid
+    lookup and the sign / delta bits are resolved here, once, at load time (formats.py decodes
+    the same fields to floats)."""
+    m = bb.shape[0]
+    u32, i32 = xp.uint32, xp.int32
+
+    def ar(n: int, step: int = 1) -> object:
+        return xp.arange(0, n * step, step, dtype=u32)
+
+    def words(lo: int, hi: int, width: int) -> object:
+        v = bb[:, lo:hi].reshape(m, -1, width).astype(u32)
+        out = v[..., 0]
+        for k in range(1, width):
+            out = out | (v[..., k] << u32(8 * k))
+        return out
+
+    def bits(a: object, n: int) -> object:  # [...] -> [..., n]: bit j at j
+        return (a.astype(u32)[..., None] >> ar(n)) & u32(1)
+
+    def ksign_bits(idx: object) -> object:
+        return bits(xp.asarray(grids.ksigns())[idx.astype(i32)], 8)
+
+    def level_codes(g: object, neg: object) -> object:
+        lv = _grid_levels(qtype)
+        inv = np.zeros(256, np.int32)
+        inv[lv] = np.arange(len(lv))
+        return xp.asarray(inv)[g.astype(i32)] | (neg.astype(i32) << 3)
+
+    def table(name: str) -> object:
+        return xp.asarray(grids.grid(name).astype(np.int32))
+
+    d = _f16(xp, bb[:, 0:2])
+    if qtype == QType.IQ2_XXS:
+        w = words(2, 66, 4).reshape(m, 8, 2)
+        idx = bb[:, 2:66].reshape(m, 8, 8)[:, :, 0:4].astype(i32)
+        sidx = (w[..., 1][..., None] >> ar(4, 7)) & u32(127)
+        codes = level_codes(table("IQ2_XXS")[idx], ksign_bits(sidx))
+        sc = w[..., 1] >> u32(28)
+    elif qtype == QType.IQ2_XS:
+        q = words(2, 66, 2).reshape(m, 8, 4)
+        codes = level_codes(table("IQ2_XS")[(q & u32(511)).astype(i32)], ksign_bits(q >> u32(9)))
+        sc = bb[:, 66:74]
+    elif qtype == QType.IQ2_S:
+        qs = bb[:, 2:34].reshape(m, 8, 4).astype(i32)
+        qh = bb[:, 66:74].astype(i32)
+        idx = qs | ((qh[:, :, None] << (8 - 2 * xp.arange(4, dtype=i32))) & 0x300)
+        codes = level_codes(table("IQ2_S")[idx], bits(bb[:, 34:66].reshape(m, 8, 4), 8))
+        sc = bb[:, 74:82]
+    elif qtype == QType.IQ3_XXS:
+        g = xp.asarray(iq_grid("IQ3_XXS"))[bb[:, 2:66].astype(i32)].reshape(m, 8, 32)
+        aux = words(66, 98, 4)  # [m, 8]
+        b7 = bits((aux[..., None] >> ar(4, 7)) & u32(127), 7)  # [m, 8, 4, 7]
+        par = b7.sum(axis=-1, keepdims=True).astype(u32) & u32(1)  # 8th sign: even parity
+        codes = level_codes(g, xp.concatenate([b7, par], axis=-1).reshape(m, 8, 32))
+        sc = aux >> u32(28)
+    elif qtype == QType.IQ3_S:
+        qh = bits(bb[:, 66:74], 8).reshape(m, 64).astype(i32)
+        idx = bb[:, 2:66].astype(i32) | (qh << 8)
+        g = xp.asarray(iq_grid("IQ3_S"))[idx].reshape(m, 8, 32)
+        codes = level_codes(g, bits(bb[:, 74:106], 8).reshape(m, 8, 32))
+        sc = bb[:, 106:110]
+    elif qtype == QType.IQ1_S:
+        qs = bb[:, 2:34].reshape(m, 8, 4).astype(i32)
+        qh = words(34, 50, 2).astype(i32)  # [m, 8]
+        idx = qs | (((qh[:, :, None] >> (3 * xp.arange(4, dtype=i32))) & 7) << 8)
+        dneg = ((qh & 0x8000) != 0).astype(i32)[:, :, None, None]
+        codes = (table("IQ1_S")[idx] + 1) + 3 * dneg
+        sc = (qh >> 12) & 7
+    elif qtype == QType.IQ1_M:
+        scw = words(48, 56, 2).astype(i32)  # [m, 4]; d's f16 bits in their top nibbles
+        u = (scw[:, 0] >> 12) | ((scw[:, 1] >> 8) & 0xF0) | ((scw[:, 2] >> 4) & 0xF00)
+        u = (u | (scw[:, 3] & 0xF000)).astype(xp.uint16)
+        d = u.view(np.float16) if xp is np else jax.lax.bitcast_convert_type(u, jnp.float16)
+        sc = ((scw[:, :, None] >> (3 * xp.arange(4, dtype=i32))) & 7).reshape(m, 16)
+        qs = bb[:, 0:32].reshape(m, 16, 2).astype(i32)
+        qh = bb[:, 32:48].astype(i32)
+        idx = qs | xp.stack([(qh << 8) & 0x700, (qh << 4) & 0x700], axis=-1)
+        dneg = (xp.stack([qh & 8, qh & 0x80], axis=-1) != 0).astype(i32)
+        codes = (table("IQ1_M")[idx] + 1) + 3 * dneg[..., None]
+    else:
+        raise QuantError(f"not a grid type: {qtype_info(qtype).name}")
+    return codes.reshape(m, 256), d, sc.astype(xp.uint8)
 
 
 def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> tuple:
@@ -140,10 +301,56 @@ def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> t
             per_block(_f16(xp, b[..., 0:2]), gpc),
             per_block(_f16(xp, b[..., 2:4]), gpc),
         )
+    if qtype in (QType.Q5_0, QType.Q5_1):  # low nibbles as Q4_0/Q4_1, qh as ggml's int32 word
+        o = 2 if qtype == QType.Q5_0 else 4
+        head = (per_block(_f16(xp, b[..., 0:2]), gpc),)
+        if qtype == QType.Q5_1:
+            head += (per_block(_f16(xp, b[..., 2:4]), gpc),)
+        qh = per_block(_i32(xp, b[..., o : o + 4]), gpc)
+        return (codes4(_nib_natural(xp, b[..., o + 4 :], 16)), *head, qh)
+    if qtype == QType.IQ4_NL:
+        return codes4(_nib_natural(xp, b[..., 2:], 16)), per_block(_f16(xp, b[..., 0:2]), gpc)
+    if qtype == QType.MXFP4:  # E8M0 exponent byte kept as is
+        return codes4(_nib_natural(xp, b[..., 1:], 16)), per_block(b[..., 0], gpc)
     if qtype == QType.Q8_0:
         qs = b[..., 2:].reshape(n_out, n_in)
         qs = qs.view(np.int8) if xp is np else jax.lax.bitcast_convert_type(qs, jnp.int8)
         return _plane(xp, qs, n_pad, k_pad), per_block(_f16(xp, b[..., 0:2]), gpc)
+    # K-quant bit planes (Q2_K, Q3_K, TQ2_0 codes, Q3_K's hmask) keep ggml's byte order: byte l
+    # of a 32-byte run holds 2-bit (1-bit) fields of elements l, 32 + l, ..: k-major rows already.
+    if qtype in _GRID:
+        codes, d, sc = _grid_fields(xp, b.reshape(n_out * nb, info.type_size), qtype)
+        k = _GRID_SCALE_ROWS[qtype]
+        return codes4(codes.reshape(n_out, n_in)), per_block(d, 1), per_block(sc, k)
+    if qtype == QType.Q2_K:  # scales 16 | qs 64 | d | dmin
+        return (
+            per_block(b[..., 16:80], 64),
+            per_block(b[..., 0:16], 16),
+            per_block(_f16(xp, b[..., 80:82]), 1),
+            per_block(_f16(xp, b[..., 82:84]), 1),
+        )
+    if qtype == QType.Q3_K:  # hmask 32 | qs 64 | scales 12 | d
+        return (
+            per_block(b[..., 0:32], 32),
+            per_block(b[..., 32:96], 64),
+            per_block(b[..., 96:108], 12),
+            per_block(_f16(xp, b[..., 108:110]), 1),
+        )
+    if qtype == QType.IQ4_XS:  # d | scales_h 2 | scales_l 4 | qs 128 (16-byte runs per 32)
+        return (
+            codes4(_nib_natural(xp, b[..., 8:], 16)),
+            per_block(_f16(xp, b[..., 0:2]), 1),
+            per_block(b[..., 2:4], 2),
+            per_block(b[..., 4:8], 4),
+        )
+    if qtype == QType.TQ2_0:  # qs 64 | d
+        return per_block(b[..., 0:64], 64), per_block(_f16(xp, b[..., 64:66]), 1)
+    if qtype == QType.TQ1_0:  # qs 48 (five trits a byte) | qh 4 (four trits a byte) | d
+        return (
+            per_block(b[..., 0:48], 48),
+            per_block(b[..., 48:52], 4),
+            per_block(_f16(xp, b[..., 52:54]), 1),
+        )
     d, dmin = per_block(_f16(xp, b[..., 0:2]), 1), None
     if qtype in (QType.Q4_K, QType.Q5_K):
         dmin = per_block(_f16(xp, b[..., 2:4]), 1)
@@ -195,8 +402,84 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
             nch, chunk, n_pad
         )
 
+    def crumbs(qs: jax.Array) -> jax.Array:  # ggml 2-bit planes [nch*64, N] -> [nch, 256, N]
+        q = qs.astype(jnp.int32).reshape(nch, 2, 1, 32, n_pad)
+        return ((q >> (2 * jnp.arange(4)).reshape(1, 1, 4, 1, 1)) & 3).reshape(nch, chunk, n_pad)
+
+    def lut(q: jax.Array, values: tuple[int, ...]) -> jax.Array:
+        return jnp.asarray(np.array(values, np.float32))[q]
+
+    def high_bits(qh: jax.Array) -> jax.Array:  # int32 words [nch*gpc, N] -> [nch, chunk, N]
+        b = (qh.reshape(nch, gpc, 1, n_pad) >> jnp.arange(32).reshape(1, 1, 32, 1)) & 1
+        return b.reshape(nch, chunk, n_pad)
+
     if qtype == QType.Q4_0:
         w = rep(planes[1], gpc) * (nibbles(p0) - 8).astype(f32)
+    elif qtype == QType.Q5_0:
+        q = nibbles(p0) | (high_bits(planes[2]) << 4)
+        w = rep(planes[1], gpc) * (q - 16).astype(f32)
+    elif qtype == QType.Q5_1:
+        q = nibbles(p0) | (high_bits(planes[3]) << 4)
+        w = rep(planes[1], gpc) * q.astype(f32) + rep(planes[2], gpc)
+    elif qtype == QType.IQ4_NL:
+        w = rep(planes[1], gpc) * lut(nibbles(p0), KVALUES_IQ4NL)
+    elif qtype == QType.MXFP4:
+        e = planes[1].astype(jnp.int32).reshape(nch, gpc, 1, n_pad)
+        e = jnp.broadcast_to(e, (nch, gpc, 32, n_pad)).reshape(nch, chunk, n_pad)
+        w = mxfp4_values(jnp, nibbles(p0), e)
+    elif qtype == QType.Q2_K:
+        _, sc, d, dmin = planes
+        sc = sc.astype(jnp.int32).reshape(nch, 16, n_pad)
+        dl = d.astype(f32).reshape(nch, 1, n_pad) * (sc & 15).astype(f32)
+        ml = dmin.astype(f32).reshape(nch, 1, n_pad) * (sc >> 4).astype(f32)
+        w = rep(dl.reshape(-1, n_pad), 16) * crumbs(p0).astype(f32) - rep(ml.reshape(-1, n_pad), 16)
+    elif qtype == QType.Q3_K:
+        _, qs, sc, d = planes
+        hm = p0.astype(jnp.int32).reshape(nch, 1, 32, n_pad)
+        hm = ((hm >> jnp.arange(8).reshape(1, 8, 1, 1)) & 1).reshape(nch, chunk, n_pad)
+        q = crumbs(qs) - ((hm ^ 1) << 2)
+        s = sc.astype(jnp.int32).reshape(nch, 12, n_pad)
+        lo = jnp.concatenate([s[:, 0:8] & 15, s[:, 0:8] >> 4], axis=1)
+        hi = (s[:, None, 8:12] >> (2 * jnp.arange(4)).reshape(1, 4, 1, 1)) & 3
+        scale = (lo | (hi.reshape(nch, 16, n_pad) << 4)) - 32
+        dl = d.astype(f32).reshape(nch, 1, n_pad) * scale.astype(f32)
+        w = rep(dl.reshape(-1, n_pad), 16) * q.astype(f32)
+    elif qtype == QType.IQ4_XS:
+        _, d, sh, sl = planes
+        sh = sh.astype(jnp.int32).reshape(nch, 2, 1, n_pad)
+        shw = sh[:, 0] | (sh[:, 1] << 8)
+        hi = (shw >> (2 * jnp.arange(8)).reshape(1, 8, 1)) & 3
+        sl = sl.astype(jnp.int32).reshape(nch, 4, 1, n_pad)
+        lo = jnp.concatenate([sl & 15, sl >> 4], axis=2).reshape(nch, 8, n_pad)
+        dl = d.astype(f32).reshape(nch, 1, n_pad) * ((lo | (hi << 4)) - 32).astype(f32)
+        w = rep(dl.reshape(-1, n_pad), 8) * lut(nibbles(p0), KVALUES_IQ4NL)
+    elif qtype == QType.TQ2_0:
+        w = (crumbs(p0) - 1).astype(f32) * rep(planes[1], 1)
+    elif qtype in _GRID:
+        d = planes[1].astype(f32).reshape(nch, 1, n_pad)
+        s = planes[2].astype(jnp.int32).reshape(nch, _GRID_SCALE_ROWS[qtype], n_pad)
+        if qtype in (QType.IQ2_XS, QType.IQ2_S, QType.IQ3_S):  # two nibbles a byte
+            s = jnp.stack([s & 15, s >> 4], axis=2).reshape(nch, -1, n_pad)
+        if qtype in (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S):
+            db = (d * (s.astype(f32) + 0.5)) * 0.25
+        elif qtype == QType.IQ3_XXS:
+            db = (d * (s.astype(f32) + 0.5)) * 0.5
+        else:  # IQ3_S, IQ1_S, IQ1_M
+            db = d * (2 * s + 1).astype(f32)
+        v = lut(nibbles(p0), lut_values(qtype))
+        if qtype in _IQ1:
+            v = v * 0.125
+        w = rep(db.reshape(-1, n_pad), db.shape[1]) * v
+    elif qtype == QType.TQ1_0:
+        qa = p0.astype(jnp.int32).reshape(nch, 1, 48, n_pad)
+        qb = planes[1].astype(jnp.int32).reshape(nch, 1, 4, n_pad)
+        p5 = jnp.array([1, 3, 9, 27, 81], jnp.int32).reshape(1, 5, 1, 1)
+
+        def trits(q: jax.Array, k: int) -> jax.Array:
+            return ((((q * p5[:, :k]) & 255) * 3) >> 8).reshape(nch, -1, n_pad)
+
+        q = jnp.concatenate([trits(qa[:, :, :32], 5), trits(qa[:, :, 32:], 5), trits(qb, 4)], 1)
+        w = (q - 1).astype(f32) * rep(planes[2], 1)
     elif qtype == QType.Q4_1:
         w = rep(planes[1], gpc) * nibbles(p0).astype(f32) + rep(planes[2], gpc)
     elif qtype == QType.Q8_0:
@@ -248,8 +531,10 @@ def _at(c, rows_per_chunk: int):
 
 def _unpack_group_fns(qtype: int):
     """Per-type chunk body ``body(refs, c, acc, fold) -> acc`` for chunk ``c``: it dequantizes
-    each group to an f32 ``[size, bn]`` tile ``w`` and folds it into the accumulator with
-    ``fold(acc, c, start, size, w)`` (a dot, or the multiply-reduce of the matvec path)."""
+    each group to ``(q, s, b)``: f32 codes ``[size, bn]``, the group's scale ``[1, bn]`` and
+    min (``[1, bn]`` or None), the weights being ``s * q + b``, and folds them into the
+    accumulator with ``fold(acc, c, start, size, (q, s, b))`` (a dot, or the multiply-reduce of
+    the matvec path)."""
     f32 = jnp.float32
     chunk = chunk_of(qtype)
     gpc = chunk // 32  # 32-groups per chunk
@@ -263,7 +548,162 @@ def _unpack_group_fns(qtype: int):
         p = qs_ref[pl.ds(_at(c, chunk // 2) + 32 * j + off, rows), :].astype(jnp.int32)
         return p & 15, p >> 4
 
-    if qtype in (QType.Q4_0, QType.Q4_1):
+    def rows_of(ref, c, per_chunk: int, off: int, n: int) -> jax.Array:
+        """Rows ``off .. off + n`` of chunk ``c`` of a plane with ``per_chunk`` rows a chunk."""
+        return ref[pl.ds(_at(c, per_chunk) + off, n), :].astype(jnp.int32)
+
+    def fl(q: jax.Array, sub: int = 0) -> jax.Array:
+        """f32 ``q - sub`` for int32 ``0 <= q < 2^22``, exactly, without an int->float convert
+        (16 a clock per SM on Hopper, an eighth of the FMA rate: one a weight would cap decode
+        below the HBM roofline): ``q`` OR-ed into the mantissa of 2^23, then one f32 subtract."""
+        return jax.lax.bitcast_convert_type(q | 0x4B000000, f32) - (8388608.0 + sub)
+
+    def lut(q: jax.Array) -> jax.Array:
+        """f32 ``table[q]`` for 4-bit codes: ``q >> 2`` picks the int32 word (three compares and
+        selects), bits 1-0 the biased byte (a shift and a mask): no gather, which Triton lacks."""
+        w0, w1, w2, w3 = _packed_lut(lut_values(qtype))
+        word = jnp.where(q >= 8, jnp.where(q >= 12, w3, w2), jnp.where(q >= 4, w1, w0))
+        return fl((word >> ((q & 3) << 3)) & 255, 128)
+
+    def bit_rows(word: jax.Array, n: int = 32) -> jax.Array:
+        """``[1, bn]`` int32 words -> ``[n, bn]``: row ``l`` holds bit ``l``."""
+        sh = jax.lax.broadcasted_iota(jnp.int32, (n, word.shape[-1]), 0)
+        return (word >> sh) & 1
+
+    if qtype in (QType.Q5_0, QType.Q5_1, QType.IQ4_NL, QType.MXFP4):
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref = refs[0], refs[1]
+            for j in range(half):
+                for g, q in zip((j, j + half), nib_pair(qs_ref, c, j), strict=True):
+                    blk = c * gpc + g
+                    if qtype == QType.MXFP4:  # 2^(e-128) from the exponent bits (as ggml)
+                        e = row(d_ref, blk).astype(jnp.int32)
+                        bits = jnp.where(e < 2, jnp.int32(0x00200000) << e, (e - 1) << 23)
+                        w = (lut(q), jax.lax.bitcast_convert_type(bits, f32), None)
+                    elif qtype == QType.IQ4_NL:
+                        w = (lut(q), row(d_ref, blk).astype(f32), None)
+                    else:
+                        q = q | (bit_rows(row(refs[-1], blk)) << 4)
+                        d = row(d_ref, blk).astype(f32)
+                        if qtype == QType.Q5_0:
+                            w = (fl(q, 16), d, None)
+                        else:
+                            w = (fl(q), d, row(refs[2], blk).astype(f32))
+                    acc = fold(acc, c, 32 * g, 32, w)
+            return acc
+
+    elif qtype in (QType.Q2_K, QType.Q3_K):
+
+        def body(refs, c, acc, fold):
+            if qtype == QType.Q2_K:
+                qs_ref, sc_ref, d_ref, dmin_ref = refs
+                dmin = row(dmin_ref, c).astype(f32)
+            else:
+                hm_ref, qs_ref, sc_ref, d_ref = refs
+                s = [row(sc_ref, c * 12 + i).astype(jnp.int32) for i in range(12)]
+            d = row(d_ref, c).astype(f32)
+            for t in range(2):  # 16-element sub-groups: each has its own scale
+                if qtype == QType.Q3_K:
+                    hm = rows_of(hm_ref, c, 32, 16 * t, 16)
+                for h in range(2):
+                    p = rows_of(qs_ref, c, 64, 32 * h + 16 * t, 16)
+                    for sh in range(4):
+                        q = (p >> (2 * sh)) & 3
+                        g = 4 * h + sh  # 32-group
+                        k = 2 * g + t  # 16-group: its scale
+                        if qtype == QType.Q2_K:
+                            sc = row(sc_ref, c * 16 + k).astype(jnp.int32)
+                            w = (fl(q), d * (sc & 15).astype(f32), -(dmin * (sc >> 4).astype(f32)))
+                        else:
+                            q = q | (((hm >> g) & 1) << 2)  # ql - 4 (1 - hbit), plus 4
+                            lo = s[k] & 15 if k < 8 else s[k - 8] >> 4
+                            hi = (s[8 + k % 4] >> (2 * (k // 4))) & 3
+                            w = (fl(q, 4), d * ((lo | (hi << 4)) - 32).astype(f32), None)
+                        acc = fold(acc, c, 32 * g + 16 * t, 16, w)
+            return acc
+
+    elif qtype == QType.IQ4_XS:
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref, sh_ref, sl_ref = refs
+            d = row(d_ref, c).astype(f32)
+            sh = row(sh_ref, c * 2).astype(jnp.int32) | (
+                row(sh_ref, c * 2 + 1).astype(jnp.int32) << 8
+            )
+            sl = [row(sl_ref, c * 4 + i).astype(jnp.int32) for i in range(4)]
+            for j in range(4):
+                for g, q in zip((j, j + 4), nib_pair(qs_ref, c, j), strict=True):
+                    ls = ((sl[g // 2] >> (4 * (g % 2))) & 15) | (((sh >> (2 * g)) & 3) << 4)
+                    w = (lut(q), d * (ls - 32).astype(f32), None)
+                    acc = fold(acc, c, 32 * g, 32, w)
+            return acc
+
+    elif qtype in _GRID:
+        k_rows = _GRID_SCALE_ROWS[qtype]
+        per16 = qtype in _GRID_PER16
+        size = 16 if per16 else 32
+
+        def scale(d, sc, g: int, t: int) -> jax.Array:  # group g (32), half t: ggml's db
+            if qtype == QType.IQ2_XXS:
+                return (d * (sc[g].astype(f32) + 0.5)) * 0.25
+            if qtype in (QType.IQ2_XS, QType.IQ2_S):
+                return (d * (((sc[g] >> (4 * t)) & 15).astype(f32) + 0.5)) * 0.25
+            if qtype == QType.IQ3_XXS:
+                return (d * (sc[g].astype(f32) + 0.5)) * 0.5
+            if qtype == QType.IQ3_S:
+                return d * (2 * ((sc[g // 2] >> (4 * (g % 2))) & 15) + 1).astype(f32)
+            return d * (2 * sc[2 * g + t if per16 else g] + 1).astype(f32)  # IQ1_S, IQ1_M
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref, sc_ref = refs
+            d = row(d_ref, c).astype(f32)
+            sc = [row(sc_ref, c * k_rows + i).astype(jnp.int32) for i in range(k_rows)]
+            for j in range(4):
+                for t in range(32 // size):
+                    pair = nib_pair(qs_ref, c, j, rows=size, off=size * t)
+                    for g, q in zip((j, j + 4), pair, strict=True):
+                        db = scale(d, sc, g, t)
+                        if qtype in _IQ1:  # codes are 8 (g + delta): (db / 8) * 8 (g + delta)
+                            db = db * 0.125  # rounds as db * (g + delta) does (both exact / 8)
+                        acc = fold(acc, c, 32 * g + size * t, size, (lut(q), db, None))
+            return acc
+
+    elif qtype == QType.TQ2_0:
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref = refs
+            d = row(d_ref, c).astype(f32)
+            for h in range(2):
+                p = rows_of(qs_ref, c, 64, 32 * h, 32)
+                for sh in range(4):
+                    w = (fl((p >> (2 * sh)) & 3, 1), d, None)
+                    acc = fold(acc, c, 128 * h + 32 * sh, 32, w)
+            return acc
+
+    elif qtype == QType.TQ1_0:
+
+        def trit(q: jax.Array, n: int) -> jax.Array:  # ggml: ((uint8)(q * 3^n) * 3) >> 8
+            return (((q * 3**n) & 255) * 3) >> 8
+
+        def body(refs, c, acc, fold):
+            qa_ref, qb_ref, d_ref = refs
+            d = row(d_ref, c).astype(f32)
+            for off, rows, base in ((0, 32, 0), (32, 16, 160)):  # five trits a byte
+                p = rows_of(qa_ref, c, 48, off, rows)
+                for n in range(5):
+                    w = (fl(trit(p, n), 1), d, None)
+                    acc = fold(acc, c, base + rows * n, rows, w)
+            # qh: four trits in each of 4 bytes, element 240 + 4 n + l: single rows (a 4-row
+            # tile is below Triton's dot minimum; 16 rows would need an in-kernel interleave).
+            for ln in range(4):
+                p = row(qb_ref, c * 4 + ln).astype(jnp.int32)
+                for n in range(4):
+                    w = (fl(trit(p, n), 1), d, None)
+                    acc = fold(acc, c, 240 + 4 * n + ln, 1, w)
+            return acc
+
+    elif qtype in (QType.Q4_0, QType.Q4_1):
 
         def body(refs, c, acc, fold):
             qs_ref, d_ref = refs[0], refs[1]
@@ -271,9 +711,9 @@ def _unpack_group_fns(qtype: int):
                 for g, q in zip((j, j + half), nib_pair(qs_ref, c, j), strict=True):
                     d = row(d_ref, c * gpc + g).astype(f32)
                     if qtype == QType.Q4_0:
-                        w = d * (q - 8).astype(f32)
+                        w = (fl(q, 8), d, None)
                     else:
-                        w = d * q.astype(f32) + row(refs[2], c * gpc + g).astype(f32)
+                        w = (fl(q), d, row(refs[2], c * gpc + g).astype(f32))
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -282,8 +722,8 @@ def _unpack_group_fns(qtype: int):
         def body(refs, c, acc, fold):
             qs_ref, d_ref = refs
             for g in range(gpc):
-                q = qs_ref[pl.ds(_at(c, chunk) + 32 * g, 32), :].astype(f32)
-                w = row(d_ref, c * gpc + g).astype(f32) * q
+                q = fl(qs_ref[pl.ds(_at(c, chunk) + 32 * g, 32), :].astype(jnp.int32) + 128, 128)
+                w = (q, row(d_ref, c * gpc + g).astype(f32), None)
                 acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -306,7 +746,7 @@ def _unpack_group_fns(qtype: int):
                         mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4)
                     if qh is not None:
                         q = q | (((qh >> g) & 1) << 4)
-                    w = (d * sc.astype(f32)) * q.astype(f32) - dmin * mn.astype(f32)
+                    w = (fl(q), d * sc.astype(f32), -(dmin * mn.astype(f32)))
                     acc = fold(acc, c, 32 * g, 32, w)
             return acc
 
@@ -323,7 +763,7 @@ def _unpack_group_fns(qtype: int):
                         qh = qh_ref[pl.ds(_at(c, 64) + 32 * h + 16 * t, 16), :].astype(jnp.int32)
                         q = q4 | (((qh >> (2 * i)) & 3) << 4)
                         scale = d * row(sc_ref, c * 16 + 2 * g + t).astype(f32)
-                        w = scale * (q - 32).astype(f32)
+                        w = (fl(q, 32), scale, None)
                         acc = fold(acc, c, 32 * g + 16 * t, 16, w)
             return acc
 
@@ -404,11 +844,14 @@ def matmul_planes(
     interpret: bool = False,
     k_splits: int | None = None,
     backend: str | None = None,
+    vector_rows: int = _VECTOR_ROWS,
 ) -> jax.Array:
     """``x[..., n_in] @ W.T`` with W given as the kernel's planes; returns f32 ``[..., n_out]``.
 
     ``k_splits``: how many programs share n_in (default: enough for a GPU to be busy; always 1
     on TPU).
+    ``vector_rows``: up to this many rows take the multiply-reduce path instead of the dot
+    (a knob for measuring the two at 5-16 rows on a device; at most 16).
     ``backend``: the platform to lower for (default: JAX's default backend), e.g. to export a
     GPU kernel from a CPU host.
     """
@@ -421,7 +864,7 @@ def matmul_planes(
     chunk = chunk_of(qtype)
     k_pad = _round_up(n_in, chunk)
     n_pad = planes[0].shape[-1]
-    vector = m <= _VECTOR_ROWS
+    vector = m <= min(vector_rows, 16)
     bm = _next_pow2(m) if vector else _row_tile(m)
     bn = _col_tile(n_pad, bm)
     m_pad = _round_up(max(m, 1), bm)
@@ -435,9 +878,18 @@ def matmul_planes(
     if vector:
         # x is passed transposed ([n_in, m]): a group's x values are a column that broadcasts
         # over the tile's bn lanes; each batch row keeps its own [1, bn] accumulator.
+        # The group's scale (and min) are applied after the reduction: a [1, bn] multiply per
+        # group instead of one per weight (the decode kernel is ALU-bound otherwise).
         def fold(x_ref, acc, c, start, size, w):
-            cols = (x_ref[pl.ds(_at(c, chunk) + start, size), pl.ds(r, 1)] for r in range(bm))
-            return tuple(a + jnp.sum(xc * w, axis=0, keepdims=True) for a, xc in zip(acc, cols))
+            q, s, b = w
+            out = []
+            for r, a in enumerate(acc):
+                xc = x_ref[pl.ds(_at(c, chunk) + start, size), pl.ds(r, 1)]
+                a = a + s * jnp.sum(xc * q, axis=0, keepdims=True)
+                if b is not None:
+                    a = a + b * jnp.sum(xc, axis=0, keepdims=True)
+                out.append(a)
+            return tuple(out)
 
         def init():
             return tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(bm))
@@ -447,7 +899,11 @@ def matmul_planes(
     else:
 
         def fold(x_ref, acc, c, start, size, w):
+            q, s, b = w
+            w = s * q if b is None else s * q + b
             xs = x_ref[:, pl.ds(_at(c, chunk) + start, size)]
+            if size == 1:  # an outer product (TQ1_0's last 16 elements)
+                return acc + xs * w
             return acc + jnp.dot(xs, w, precision=hp, preferred_element_type=jnp.float32)
 
         def init():
@@ -492,6 +948,7 @@ def pallas_qmatmul(
     *,
     k_splits: int | None = None,
     backend: str | None = None,
+    vector_rows: int = _VECTOR_ROWS,
 ) -> jax.Array:
     """``x[..., n_in] @ W.T -> [..., n_out]`` (f32) for a 2-D QTensor W in layout ``"pallas"``
     (from ``prepare_pallas``) or raw ``"gguf"`` (repacked in-graph on each call)."""
@@ -504,5 +961,6 @@ def pallas_qmatmul(
     else:
         raise QuantError(f"Pallas qmatmul cannot read layout {qt.layout!r}")
     return matmul_planes(
-        x, planes, qt.qtype, qt.shape, interpret=interpret, k_splits=k_splits, backend=backend
-    )
+        x, planes, qt.qtype, qt.shape, interpret=interpret, k_splits=k_splits, backend=backend,
+        vector_rows=vector_rows,
+    )  # fmt: skip

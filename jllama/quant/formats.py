@@ -233,15 +233,21 @@ def e8m0_to_f32_half(xp: Xp, e):
 
 
 def _deq_mxfp4(xp: Xp, b):
-    # kvalue * 2^(e-128) is exact, but e < 2 makes ggml's scale an f32 denormal, and XLA:CPU
-    # flushes denormals (inputs and results). So the product is built on the bits: kvalue's
-    # exponent moved by e-128, shifted into a denormal below 2^-126, infinity above the range.
+    q = _nibbles(xp, b[:, 1:17]).astype(xp.int32)
+    return mxfp4_values(xp, q, b[:, 0].astype(xp.int32)[:, None])
+
+
+def mxfp4_values(xp: Xp, q, e):
+    """f32 ``kvalue[q] * 2^(e-128)`` for int32 codes ``q`` and E8M0 exponents ``e``
+    (broadcastable), bit-exact with ggml/gguf-py.
+
+    The product is exact, but e < 2 makes ggml's scale an f32 denormal, and XLA:CPU flushes
+    denormals (inputs and results). So it is built on the bits: kvalue's exponent moved by
+    e-128, shifted into a denormal below 2^-126, infinity above the range."""
     kv = np.array(KVALUES_MXFP4, np.float32)
     kbits = kv.view(np.uint32)
     kexp = ((kbits >> 23) & 0xFF).astype(np.int32)
     kmant = np.where(kv != 0, (kbits & 0x7FFFFF) | 0x800000, 0).astype(np.int32)
-    q = _nibbles(xp, b[:, 1:17]).astype(xp.int32)
-    e = b[:, 0].astype(xp.int32)[:, None]
     ex = xp.asarray(kexp)[q] + e - 128
     mant = xp.asarray(kmant)[q]
     sign = xp.asarray((kbits & 0x80000000).astype(np.uint32))[q]
