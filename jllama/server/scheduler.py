@@ -34,6 +34,7 @@ from jllama.engine.dry import penalty_row, process_breakers
 from jllama.engine.engine import DECODE_CHUNK, PREFILL_CHUNK, host_draws
 from jllama.engine.multimodal import prefill_image
 from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
+from jllama.errors import ContextError
 from jllama.server.metrics import Metrics
 from jllama.server.prompt_cache import PromptCache
 
@@ -698,6 +699,15 @@ class Scheduler:
                     active[b] = False
             elif self.engine.pos[b] + 1 > self.engine.ctx_size:
                 self._finish(b, "length")
+                active[b] = False
+        # the paged KV cache: each slot's next page now, so a full pool fails that request
+        # alone (a no-op for the dense cache; stand-in engines have no pool)
+        reserve = getattr(self.engine, "reserve", None)
+        for b in np.nonzero(active)[0] if reserve is not None else ():
+            try:
+                reserve(int(b), int(self.engine.pos[b]) + 1)
+            except ContextError as e:
+                self._fail(b, 503, str(e))
                 active[b] = False
         if not active.any():
             return
