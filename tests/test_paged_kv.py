@@ -21,7 +21,7 @@ import pytest
 from tinymodels import dense_hparams, dense_tensors, write_gguf, write_tiny_llama
 
 from jllama.engine.sampling import BatchSampling, SamplingParams
-from jllama.errors import ConfigError, ContextError
+from jllama.errors import ConfigError, PagePoolError
 
 LLAMA = dict(n_layer=3, n_embd=64, n_ff=128, n_head=8, n_head_kv=2, head_dim=16)  # GQA 4:1
 GEMMA = dict(n_layer=7, n_embd=64, n_ff=128, n_head=4, n_head_kv=1, head_dim=32)
@@ -167,8 +167,10 @@ def test_pages_follow_tokens_and_exhaust(llama):
     eng.prefill(list(range(1, 30)), slot=0)  # 29 tokens: 2 pages
     assert len(eng.pages.owned[0]) == 2 and len(eng.pages.free) == 2
     eng.prefill(list(range(1, 20)), slot=1)  # 19 tokens: 2 pages
-    with pytest.raises(ContextError, match="KV page pool exhausted"):
+    with pytest.raises(PagePoolError, match="KV page pool exhausted"):
         eng.prefill(list(range(1, 10)), slot=0)  # a third page for slot 0: none left
+    # refused before any work: the slot is as it was (a server may free pages and retry)
+    assert eng.pos[0] == 29 and len(eng.tokens[0]) == 29 and len(eng.pages.owned[0]) == 2
     eng.rewind(1, 5)  # slot 1 shrinks to one page
     assert len(eng.pages.owned[1]) == 1 and len(eng.pages.free) == 1
     eng.reset(0)
@@ -200,3 +202,52 @@ def test_config_errors(llama):
         _engine(llama, paged=True, page_size=12)
     eng = _engine(llama)  # the CPU default: dense
     assert not eng.cache.paged and eng.pages is None
+
+
+def test_scheduler_frees_idle_slots_when_the_pool_is_full(monkeypatch):
+    """A full pool first empties idle slots' prompt caches (their pages back), then the request
+    goes on; only when nothing idle holds pages does that one request fail (the server's side,
+    with a stand-in engine whose "pool" holds 40 tokens over all slots)."""
+    from test_server_units import FakeDecoder, FakeEngine, FakeTok, V, _run
+
+    import jllama.tokenizer as jt
+    from jllama.server.scheduler import Scheduler
+
+    class PoolEngine(FakeEngine):
+        CAP = 40
+        refused = 0
+
+        def _check(self, slot, n):
+            if int(self.pos.sum()) - int(self.pos[slot]) + n > self.CAP:
+                self.refused += 1
+                raise PagePoolError("KV page pool exhausted (stand-in)")
+
+        def reserve(self, slot, n):
+            self._check(slot, n)
+
+        def prefill(self, toks, slot):
+            self._check(slot, int(self.pos[slot]) + len(toks))
+            return super().prefill(toks, slot)
+
+    import types
+
+    monkeypatch.setattr(jt, "StreamDecoder", FakeDecoder, raising=False)
+    eng = PoolEngine(2, ctx_size=64)
+    llm = types.SimpleNamespace(engine=eng, tokenizer=FakeTok(),
+                                spec=types.SimpleNamespace(n_vocab=V))
+    sch = Scheduler(llm, max_queue=4)
+    sch.start()
+    try:
+        _, _, done, box = _run(sch, list(range(5, 35)), 5, seed=1)  # 30 + 5 tokens, then idle
+        assert done.wait(30) and box["ev"].kind != "error"
+        held = [int(p) for p in eng.pos]
+        assert sorted(held) == [0, 34]  # the last token drawn is not fed
+        _, out, done, box = _run(sch, [40 + i for i in range(20)], 4, seed=2)  # 20 + 4 more
+        assert done.wait(30) and box["ev"].kind != "error", box["ev"]
+        assert len(out) == 4
+        assert sorted(int(p) for p in eng.pos) == [0, 23]  # the idle slot gave its pages
+        assert eng.refused == 1  # (it went to the other slot: refused once, then it fitted)
+        _, _, done, box = _run(sch, list(range(5, 50)), 2, seed=3)  # 45 tokens: never fits
+        assert done.wait(30) and box["ev"].kind == "error"
+    finally:
+        sch.stop()

@@ -267,7 +267,7 @@ class Engine:
         if aot is not None and plan is None:
             # what the closures above hold that no argument shows
             mine = aot.extend(repr((num, self.n_slots, self.ctx_size, self.max_len,
-                                    self._model_type.__qualname__)))
+                                    self._model_type.__qualname__, self._paged)))
             self._forward_slot = mine.wrap("forward_slot", self._forward_slot, kv)
             self._first_sample = mine.wrap("first_sample", self._first_sample)
             self._decode_sample = mine.wrap("decode_sample", self._decode_sample, kv)
@@ -501,6 +501,7 @@ class Engine:
                 f"prompt of {n} tokens does not fit: {self.pos[slot]} already in context, "
                 f"context size {self.ctx_size} (raise runtime.ctx_size / --ctx-size)"
             )
+        self._need_pages(slot, int(self.pos[slot]) + n)  # all of them first: fail before work
         logits = None
         outs = []
         i = 0

@@ -5,14 +5,15 @@ table (``[slots, max_pages]``, the device copy in ``PagedKVCache.block_table``) 
 padded with page 0, the scratch page no slot owns. Pages are taken as a slot's sequence grows
 (before the step that writes them) and given back when it shrinks (rewind, reset), so the
 pool's occupancy follows the live tokens. A pool too small for what is asked raises one
-``ContextError`` saying so, before any device work.
+``PagePoolError`` (a ContextError) saying so, before any device work and before the slot
+changes (a caller may free pages elsewhere and try again).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jllama.errors import ContextError
+from jllama.errors import ContextError, PagePoolError
 
 
 class PageAllocator:
@@ -40,7 +41,7 @@ class PageAllocator:
         if short <= 0:
             return
         if short > len(self.free):
-            raise ContextError(
+            raise PagePoolError(
                 f"KV page pool exhausted: slot {slot} needs {short} more page(s) of "
                 f"{self.page_size} tokens, {len(self.free)} free of {self.n_pages - 1} "
                 f"(raise the pool size, kv_pages, or serve fewer/shorter sequences)")

@@ -39,6 +39,13 @@ causal horizon needs, one page per step, the page number read from the block tab
   needed range, so steps past it repeat the previous page and the pipeline issues no DMA) and
   ``pl.when`` skips their compute, as pallas_attention's pipelined decode kernel does.
 
+Costs to know (not measured: no device was lent to this work): a head size that is not a power
+of two pads the whole pool on every call (as pallas_attention pads its cache), so such models
+want their pool stored padded; decode rows waste ``block_q - 1`` query rows each (the default
+``block_q`` is the fewest tokens whose rows fill Triton's 16-row minimum, 4 for GQA 4:1); the
+pipelined grid walks the table's whole width per block, skipping steps past the needed pages
+(no DMA, no compute, but a grid step each), so TPU wants pages of 64+ tokens.
+
 ``ragged_paged_attention_xla`` is the reference (gather the pages, mask, softmax): what the
 kernels are tested against, and what runs where no kernel fits. The CPU keeps its dense cache
 and the exact C++ attention (llama.cpp's bits); paging is for the accelerators.
