@@ -200,6 +200,8 @@ def test_export_import_slot_round_trip(llama):
 def test_config_errors(llama):
     with pytest.raises(ConfigError, match="power of two"):
         _engine(llama, paged=True, page_size=12)
+    with pytest.raises(ConfigError, match="below the kernel's 16"):
+        _engine(llama, paged=True, page_size=8, paged_impl="pallas")
     eng = _engine(llama)  # the CPU default: dense
     assert not eng.cache.paged and eng.pages is None
 

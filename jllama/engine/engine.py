@@ -336,9 +336,10 @@ class Engine:
 
     def _paged_config(self, paged: bool | None, page_size: int, kv_pages: int | None,
                       impl: str | None) -> dict | None:
-        """The paged cache's settings, or None for the dense cache. Not (yet) for
-        architectures with their own cache layout (DeepSeek2's latent cache) nor over a
-        sharding plan: asked for there, a ConfigError; by default, the dense cache."""
+        """The paged cache's settings, or None for the dense cache. Not (yet) for an
+        architecture whose own cache layout has no paged form (``make_cache`` without the
+        model's ``paged_cache``; DeepSeek2's latent cache has one) nor over a sharding plan:
+        asked for there, a ConfigError; by default, the dense cache."""
         on_cpu = jax.default_backend() == "cpu"
         own = self._make_cache is not None and not getattr(self._model_type, "paged_cache",
                                                             False)
@@ -354,6 +355,8 @@ class Engine:
         if page_size < 1 or page_size & (page_size - 1):
             raise ConfigError(f"KV page size must be a power of two, got {page_size}")
         impl = impl or ("xla" if on_cpu else "pallas")
+        if impl == "pallas" and page_size < 16:  # a page is one tile of the kernel's dots
+            raise ConfigError(f"KV page size {page_size} is below the kernel's 16")
         max_pages = -(-self.max_len // page_size)
         n_pages = int(kv_pages) if kv_pages is not None else self.n_slots * max_pages + 1
         if n_pages < 2:
