@@ -109,7 +109,8 @@ class Llama:
                  kv_overrides: dict | None = None, rope: object | None = None,
                  control_vectors: list | None = None,
                  control_vector_layer_range: tuple[int, int] = (-1, -1),
-                 aot_cache: bool | None = None, n_gpu_layers: int | str | None = None):
+                 aot_cache: bool | None = None, n_gpu_layers: int | str | None = None,
+                 kv_paged: bool | None = None, kv_pages: int | None = None):
         """``model``: a GGUF path, a registry name, or a ``jllama convert --to-orbax`` checkpoint
         directory. ``mesh``: a MeshConfig / ``{"data": d, "model": m}`` to shard weights and
         cache over (jllama.parallel). ``draft``: a DraftConfig / dict turning on speculative
@@ -131,7 +132,9 @@ class Llama:
         vector GGUFs, each a path (strength 1) or a ``(path, strength)`` pair, added to the
         layers' outputs in ``control_vector_layer_range`` (inclusive; <= 0: the first / last
         layer), as llama.cpp's ``--control-vector[-scaled]`` / ``--control-vector-layer-range``.
-        ``aot_cache`` (default: env ``JLLAMA_AOT_CACHE=1``; needs ``compile_cache``): keep the
+        ``kv_paged``: the slots' KV cache as a page pool of ``kv_pages`` 16-token pages (None:
+        off by default, opt-in until run on a device; see Engine). ``aot_cache`` (default: env
+        ``JLLAMA_AOT_CACHE=1``; needs ``compile_cache``): keep the
         generation programs ready-compiled next to the compile cache, keyed by the model file
         and these options, so a warm start skips tracing too (jllama/engine/aot.py; for a
         model loaded plainly: no quant, LoRA, overrides, rope options, control vectors or
@@ -176,7 +179,7 @@ class Llama:
                 repr(("llama", aot_mod.file_digest(self.path, self.gguf.data_offset),
                       self.numerics)))
         self.engine = Engine(self.spec, self.model, ctx_size=ctx_size, n_slots=n_slots,
-                             plan=plan, aot=aot)
+                             plan=plan, aot=aot, paged=kv_paged, kv_pages=kv_pages)
         self.vision = None
         if mmproj is not None:
             from jllama.engine import multimodal

@@ -32,5 +32,10 @@ class ContextError(JllamaError):
     """A prompt or generation does not fit the context window."""
 
 
+class PagePoolError(ContextError):
+    """The paged KV cache's page pool has no free page for what a slot needs (engine/pages.py):
+    a server can free idle slots' pages and try again."""
+
+
 class ImageError(JllamaError):
     """An image cannot be read (missing, unsupported format, too large) or does not fit."""

@@ -7,6 +7,12 @@ warm-up: prompt chunks are padded to a few lengths (``PREFILL_BUCKETS``) and att
 cache up to a power-of-two bucket of the live length.
 
 Slots: the cache has ``n_slots`` rows; each holds one sequence with its own length on the host.
+
+Paged KV cache (``paged``, default on GPU/TPU): the slots' rows become block tables over one page
+pool (models/cache.py ``PagedKVCache``, kernels/ragged_paged_attention.py), pages taken from a
+host free list (engine/pages.py) before each step writes them and given back when a slot
+rewinds or resets, so cache memory follows the live tokens (``kv_pages`` sizes the pool) rather
+than slots x context. The CPU keeps the dense cache and its exact C++ attention by default.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from flax import nnx
 
 from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row
+from jllama.engine.pages import PageAllocator
 from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
 from jllama.errors import ConfigError, ContextError
 from jllama.models import kvquant
-from jllama.models.cache import KVCache
+from jllama.models.cache import KVCache, PagedKVCache
 from jllama.models.common import rope
 from jllama.models.spec import ModelSpec
 from jllama.numerics import DEFAULT, Numerics
@@ -108,14 +115,23 @@ class Timings:
 
 class Engine:
     def __init__(self, spec: ModelSpec, model: nnx.Module, ctx_size: int = 2048, n_slots: int = 1,
-                 numerics: Numerics | None = None, plan=None, aot=None):
+                 numerics: Numerics | None = None, plan=None, aot=None,
+                 paged: bool | None = None, page_size: int = 16, kv_pages: int | None = None,
+                 paged_impl: str | None = None):
         """``numerics``: how the model computes, default the one it was loaded with (a load-time
         field, ``cpu_kernels``, must match: it decided the weights' layout). It is static data
         of every program this Engine compiles. ``plan``: a sharding plan (``jllama.parallel``)
         that places weights and caches and constrains the outputs read on the host; None runs
         on the default device. ``aot``: an ``aot.AotCache`` for this model (its key covers the
         model file and how it was loaded): the programs of a generation (prompt, first sample,
-        decode step and loop) then come ready-compiled from it in a warm process, untraced."""
+        decode step and loop) then come ready-compiled from it in a warm process, untraced.
+
+        ``paged``: keep the slots' KV in a page pool (None: off, the dense cache: the paged
+        path and its Pallas kernel have run in interpret mode and lowering only, never on a
+        GPU/TPU, so they are opt-in until a device run has measured them); ``page_size`` tokens a page, ``kv_pages`` pages in the pool
+        (default: every slot's whole context, plus the scratch page); ``paged_impl``: "pallas"
+        (default off the CPU), "interpret" or "xla" (the CPU's default: the dense attention
+        over gathered pages)."""
         self.spec = spec
         self.ctx_size = int(ctx_size)
         self.n_slots = int(n_slots)
@@ -141,7 +157,10 @@ class Engine:
         # room for the padded tail of the last prompt chunk (KV_ROOM rows, not a whole chunk:
         # the cache is the largest allocation after the weights, 128 KiB a row at 8B)
         self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + KV_ROOM
-        self.cache = self._new_cache(self.n_slots)
+        self.pages: PageAllocator | None = None
+        self._split = getattr(model, "host_layers", None) is not None  # -ngl (models/offload)
+        self._paged = self._paged_config(paged, int(page_size), kv_pages, paged_impl)
+        self.cache = self._new_cache(self.n_slots, slots=True)
         self.pos = np.zeros(self.n_slots, np.int32)  # tokens held per slot
         self.tokens: list[list[int]] = [[] for _ in range(self.n_slots)]  # ...and which ones
         hist = np.full((self.n_slots, HISTORY), -1, np.int32)
@@ -162,23 +181,19 @@ class Engine:
 
         def forward_slot(state, tokens, pos0, cache, slot, last_idx, kv_len):
             # run one sequence (B=1) against its own rows of the batched cache, write them back
-            rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0), cache)
+            rows = cache.slot_rows(slot)
             logits, rows = run(state, tokens, pos0, rows, kv_len, last_idx)
-            cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, 0),
-                                 cache, rows)
-            return logits[0], cache
+            return logits[0], cache.put_slot_rows(slot, rows)
 
         def forward_embd(state, embd, pos0, cache, slot, last_idx, kv_len, bidir, mpos):
             # input embeddings (an image's) instead of tokens, for one slot (``mpos``: their
             # M-RoPE positions)
-            rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0), cache)
+            rows = cache.slot_rows(slot)
             extra = {} if mpos is None else {"mpos": mpos}
             with use_numerics(num):
                 logits, rows = nnx.merge(gd, state)(None, pos0, rows, kv_len, last_idx,
                                                     embd=embd, bidir=bidir, **extra)
-            cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, 0),
-                                 cache, rows)
-            return logits[0], cache
+            return logits[0], cache.put_slot_rows(slot, rows)
 
         def forward_all(state, tokens, pos0, cache, kv_len):
             return run(state, tokens, pos0, cache, kv_len, None)
@@ -283,17 +298,24 @@ class Engine:
         if aot is not None and plan is None:
             # what the closures above hold that no argument shows
             mine = aot.extend(repr((num, self.n_slots, self.ctx_size, self.max_len,
-                                    self._model_type.__qualname__)))
+                                    self._model_type.__qualname__, self._paged)))
             self._forward_slot = mine.wrap("forward_slot", self._forward_slot, kv)
             self._first_sample = mine.wrap("first_sample", self._first_sample)
             self._decode_sample = mine.wrap("decode_sample", self._decode_sample, kv)
             self._decode_loop = mine.wrap("decode_loop", self._decode_loop, ("kv_len", "chunk"))
 
         def export(cache, slot, length):
+            if cache.paged:  # the slot's pages in order: the dense stacked cache's rows
+                return [_slot_pages(a, cache.block_table[slot], length) for a in (*cache.k,
+                                                                                  *cache.v)]
             return [jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False)[..., :length, :]
                     for a in _seq_leaves(cache)]
 
         def import_(cache, slot, rows):
+            if cache.paged:
+                pools = [_put_slot_pages(a, cache.block_table[slot], r)
+                         for a, r in zip((*cache.k, *cache.v), rows, strict=True)]
+                return cache.replace(pools[:1], pools[1:])
             leaves, tree = jax.tree.flatten(cache)
             it = iter(rows)
             out = []
@@ -338,13 +360,82 @@ class Engine:
             if gd != self.graphdef:
                 raise ValueError("restore: the model's structure changed; build a new Engine")
             self.state = self.plan.shard_state(state) if self.plan is not None else state
-        self.cache = self._new_cache(self.n_slots)
+        self.cache = self._new_cache(self.n_slots, slots=True)
         if self.mrope:
             self._put_pos_delta()
         self.reset()
 
-    def _new_cache(self, batch: int) -> KVCache:
+    def _paged_config(self, paged: bool | None, page_size: int, kv_pages: int | None,
+                      impl: str | None) -> dict | None:
+        """The paged cache's settings, or None for the dense cache. Not (yet) for an
+        architecture whose own cache layout has no paged form (``make_cache`` without the
+        model's ``paged_cache``; DeepSeek2's latent cache has one) nor over a sharding plan:
+        asked for there, a ConfigError; by default, the dense cache."""
+        on_cpu = jax.default_backend() == "cpu"
+        own = self._make_cache is not None and not getattr(self._model_type, "paged_cache",
+                                                            False)
+        if not paged:
+            return None
+        if self._split:
+            raise ConfigError("the paged KV cache does not support partial offload "
+                              "(--n-gpu-layers) yet")
+        if own:
+            raise ConfigError(f"the paged KV cache does not support the {self.spec.arch} "
+                              f"cache layout yet")
+        if self.plan is not None:
+            raise ConfigError("the paged KV cache does not support a sharding plan yet")
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ConfigError(f"KV page size must be a power of two, got {page_size}")
+        impl = impl or ("xla" if on_cpu else "pallas")
+        if impl == "pallas" and page_size < 16:  # a page is one tile of the kernel's dots
+            raise ConfigError(f"KV page size {page_size} is below the kernel's 16")
+        max_pages = -(-self.max_len // page_size)
+        n_pages = int(kv_pages) if kv_pages is not None else self.n_slots * max_pages + 1
+        if n_pages < 2:
+            raise ConfigError(f"a KV page pool needs at least 2 pages, got {n_pages}")
+        return {"page_size": page_size, "n_pages": n_pages, "impl": impl,
+                "max_pages": max_pages}
+
+    @property
+    def paged(self) -> bool:
+        return self._paged is not None
+
+    def _need_pages(self, slot: int, n_tokens: int) -> None:
+        """Pages for a slot's positions below ``n_tokens`` before a step writes them."""
+        if self.pages is not None:
+            self.pages.ensure(slot, n_tokens)
+
+    def reserve(self, slot: int, n_tokens: int) -> None:
+        """Make sure a slot can hold ``n_tokens`` (the paged cache: take its pages now, or
+        raise ContextError if the pool cannot give them); a no-op for the dense cache. The
+        server calls it per slot before a batched step, so a full pool fails one request, not
+        the batch."""
+        self._need_pages(slot, n_tokens)
+
+    def _sync_table(self) -> None:
+        """The host's block table into the cache, when it changed (before each step)."""
+        pg = self.pages
+        if pg is not None and pg.dirty and self.cache is not None:
+            self.cache = self.cache.with_table(jax.device_put(pg.table))
+            pg.dirty = False
+
+    def _new_cache(self, batch: int, slots: bool = False) -> KVCache:
+        """A cache of ``batch`` rows; ``slots``: the Engine's own (paged where configured,
+        with a fresh page allocator; the scoring paths' own caches stay dense)."""
         s, num = self.spec, self.numerics
+        if slots and self._paged is not None:
+            cfg = self._paged
+            self.pages = PageAllocator(batch, cfg["max_pages"], cfg["n_pages"],
+                                       cfg["page_size"])
+            kw = {k: cfg[k] for k in ("page_size", "n_pages", "impl")}
+            if self._make_cache is not None:
+                return self._make_cache(batch, self.max_len, num.cache_type_k, stacked=True,
+                                        paged=kw)
+            return PagedKVCache.create(s.n_layer, batch, s.n_head_kv, self.max_len,
+                                       s.head_dim, s.head_dim_v, num.cache_type_k,
+                                       num.cache_type_v, page_size=cfg["page_size"],
+                                       n_pages=cfg["n_pages"], impl=cfg["impl"],
+                                       pos_delta=self.mrope)
         # stacked (one array per half) where the model scans its layers: a loop cannot index a
         # tuple of per-layer buffers
         stacked = (num.scan_layers and self.plan is None
@@ -373,6 +464,8 @@ class Engine:
         overwrite them."""
         n_keep = max(0, min(int(n_keep), int(self.pos[slot])))
         self.pos[slot] = n_keep
+        if self.pages is not None:
+            self.pages.trim(slot, n_keep)
         del self.tokens[slot][n_keep:]
         if self.mrope:
             marks = self._delta_marks[slot]
@@ -443,6 +536,7 @@ class Engine:
                 f"prompt of {n} tokens does not fit: {self.pos[slot]} already in context, "
                 f"context size {self.ctx_size} (raise runtime.ctx_size / --ctx-size)"
             )
+        self._need_pages(slot, int(self.pos[slot]) + n)  # all of them first: fail before work
         logits = None
         outs = []
         i = 0
@@ -456,6 +550,8 @@ class Engine:
             kv_len = self.kv_bucket(int(pos0[0]) + t)
             # numpy arguments: jit transfers them itself, where jnp.asarray compiles a copy
             last = None if all_logits else np.asarray([m - 1], np.int32)
+            self._need_pages(slot, int(pos0[0]) + m)
+            self._sync_table()
             logits, self.cache = self._forward_slot(
                 self.state, buf, pos0, self.cache, np.int32(slot), last, kv_len=kv_len)
             if all_logits:
@@ -492,6 +588,8 @@ class Engine:
             mpos = np.asarray(positions, np.int32).reshape(1, n, 4)
         pos0 = self.pos[slot : slot + 1].copy()
         kv_len = self.kv_bucket(int(pos0[0]) + n)
+        self._need_pages(slot, int(pos0[0]) + n)
+        self._sync_table()
         logits, self.cache = self._forward_embd(
             self.state, embd[None], pos0, self.cache, np.int32(slot),
             np.asarray([n - 1], np.int32), kv_len=kv_len, bidir=bool(bidir), mpos=mpos)
@@ -613,6 +711,9 @@ class Engine:
         need = int(pos0[active].max()) + 1 if active.any() else 1
         bias = self.zero_rows() if bias is None else bias
         dry = self.zero_rows() if dry is None else dry
+        for b in np.nonzero(active)[0]:
+            self._need_pages(int(b), int(pos0[b]) + 1)
+        self._sync_table()
         nxt, logits, self.cache, self.history, mu, chain = self._decode_sample(
             self.state, np.asarray(tokens, np.int32), pos0, self.cache, sp, keys,
             np.asarray(steps, np.int32), self.history, bias, dry, self.mu, np.asarray(active),
@@ -644,6 +745,14 @@ class Engine:
         stops[:, : len(ids)] = ids
         bias = self.zero_rows() if bias is None else bias
         dry = self.zero_rows() if dry is None else dry
+        try:  # room for every step; what goes unused is trimmed after
+            for b in np.nonzero(active)[0]:
+                self._need_pages(int(b), min(int(pos0[b]) + limit, self.max_len))
+        except ContextError:  # a pool nearly full: one step, if each slot has its next page
+            limit = 1
+            for b in np.nonzero(active)[0]:
+                self._need_pages(int(b), int(pos0[b]) + 1)
+        self._sync_table()
         out, self.cache, self.history, mu, pos = self._decode_loop(
             self.state, np.asarray(tokens, np.int32), pos0, self.cache, sp, keys,
             np.asarray(steps, np.int32), self.history, bias, dry, self.mu, np.asarray(active),
@@ -657,6 +766,8 @@ class Engine:
             fed = int(pos[b] - pos0[b])
             self.tokens[b] += ([int(tokens[b])] + [int(t) for t in out[:, b]])[:fed]
             self.pos[b] = pos[b]
+            if self.pages is not None:
+                self.pages.trim(int(b), int(pos[b]))
         return out
 
     # ------------------------------------------------------------------ slot state
@@ -665,6 +776,7 @@ class Engine:
         rows for those tokens ([..., n, row], the cache's own dtype: quantized blocks as
         stored). ``import_slot`` puts them back bit for bit."""
         n = int(self.pos[slot])
+        self._sync_table()
         rows = self._export(self.cache, np.int32(slot), length=self.kv_bucket(max(n, 1)))
         return (list(self.tokens[slot]), list(self._delta_marks[slot]),
                 [np.asarray(r)[..., :n, :] for r in rows])
@@ -672,6 +784,9 @@ class Engine:
     def slot_layout(self) -> list[tuple[tuple[int, ...], str]]:
         """Per cache array: a slot's row shape without the sequence axis, and the dtype: what
         ``export_slot``'s arrays must match to be imported."""
+        if self.cache is not None and self.cache.paged:  # as the dense stacked cache's rows
+            return [((a.shape[0], a.shape[1], a.shape[-1]), str(a.dtype))
+                    for a in (*self.cache.k, *self.cache.v)]
         return [((*a.shape[1:-2], a.shape[-1]), str(a.dtype)) for a in _seq_leaves(self.cache)]
 
     def import_slot(self, slot: int, tokens: list[int], marks: list[tuple[int, int]],
@@ -687,6 +802,10 @@ class Engine:
             buf = np.zeros((*r.shape[:-2], length, r.shape[-1]), r.dtype)
             buf[..., :n, :] = r
             padded.append(buf)
+        if self.pages is not None:
+            self.rewind(slot, 0)
+            self._need_pages(slot, n)
+            self._sync_table()
         self.cache = self._import(self.cache, np.int32(slot), padded)
         self.pos[slot] = n
         self.tokens[slot] = [int(t) for t in tokens]
@@ -697,8 +816,9 @@ class Engine:
 
     # ------------------------------------------------------------------ context shift
     def can_shift(self) -> bool:
-        # M-RoPE: llama.cpp refuses to shift positions of 4 per token (seq_add asserts)
-        return self._kv_rope is not None and not self.mrope
+        # M-RoPE: llama.cpp refuses to shift positions of 4 per token (seq_add asserts); the
+        # paged cache has no move program yet
+        return self._kv_rope is not None and not self.mrope and not self.paged
 
     def shift_context(self, slot: int, n_keep: int, n_discard: int | None = None) -> int:
         """llama.cpp's context shift: keep the first ``n_keep`` tokens, drop the next
@@ -888,6 +1008,26 @@ class Engine:
             nxt, _ = self.step(toks, active, sp, keys, steps, bias, dry_rows([tok]), host)
             tok = int(nxt[slot])
         tm.gen_s = time.perf_counter() - t1
+
+
+def _slot_pages(pool: jax.Array, table_row: jax.Array, length: int) -> jax.Array:
+    """A slot's first ``length`` positions of a pool [L, KVH, P, ps, row] in order:
+    [L, KVH, length, row]."""
+    ps = pool.shape[3]
+    n = -(-length // ps)
+    x = pool[:, :, table_row[:n]]  # [L, KVH, n, ps, row]
+    return x.reshape(*x.shape[:2], n * ps, x.shape[-1])[:, :, :length]
+
+
+def _put_slot_pages(pool: jax.Array, table_row: jax.Array, rows: jax.Array) -> jax.Array:
+    """``_slot_pages`` inverted: rows [L, KVH, length, row] into the slot's pages (columns
+    past its pages point at the scratch page)."""
+    ps = pool.shape[3]
+    length = rows.shape[2]
+    n = -(-length // ps)
+    rows = jnp.pad(rows, ((0, 0), (0, 0), (0, n * ps - length), (0, 0)))
+    rows = rows.reshape(*rows.shape[:2], n, ps, rows.shape[-1]).astype(pool.dtype)
+    return pool.at[:, :, table_row[:n]].set(rows)
 
 
 def _seq_leaves(cache) -> list[jax.Array]:

@@ -222,6 +222,8 @@ def verify_forward(eng: Engine, slot: int, tokens: list[int]) -> np.ndarray:
     buf = np.zeros((1, t), np.int32)
     buf[0, :n] = tokens
     pos0 = eng.pos[slot : slot + 1].copy()
+    eng._need_pages(slot, int(pos0[0]) + n)
+    eng._sync_table()
     logits, eng.cache = eng._forward_slot(
         eng.state, jnp.asarray(buf), jnp.asarray(pos0), eng.cache, jnp.int32(slot), None,
         kv_len=eng.kv_bucket(int(pos0[0]) + t))

@@ -21,7 +21,8 @@ from jllama import numerics
 from jllama.errors import ModelError
 from jllama.kernels import cpu_attention, cpu_ffi, xla_cpu
 from jllama.kernels.dispatch import dequantize, qmatmul, take_rows
-from jllama.models.cache import LayerCache
+from jllama.kernels.ragged_paged_attention import ragged_paged_attention
+from jllama.models.cache import LayerCache, PagedPool
 from jllama.quant.actquant import act_format, opaque, q8_1_correction, quantize_activations_ex
 from jllama.quant.qtensor import LayerStack, QTensor
 
@@ -482,6 +483,8 @@ def write_cache(cache, new: jax.Array, pos0: jax.Array, kind: str = "f32"):
     layer of a stacked cache, returned as one) at positions pos0[b]..+T, stored as ``kind`` (a
     float type or a ggml block type, see models/kvquant.py)."""
     new = kvquant.quantize(new, kind)
+    if isinstance(cache, LayerCache) and isinstance(cache.full, PagedPool):
+        return LayerCache(_write_pages(cache.full, cache.index, new, pos0), cache.index)
     if isinstance(cache, LayerCache):
         def one_layer(c, n, p):
             n = n.transpose(1, 0, 2).astype(c.dtype)[None]
@@ -495,6 +498,46 @@ def write_cache(cache, new: jax.Array, pos0: jax.Array, kind: str = "f32"):
     return jax.vmap(one)(cache, new, pos0)
 
 
+def _write_pages(pool: PagedPool, layer, new: jax.Array, pos0: jax.Array) -> PagedPool:
+    """Row b's new [T, KVH, row] at positions pos0[b].. into layer ``layer`` of the pool,
+    through the block table; positions past the table's width go to the scratch page 0."""
+    b, t = new.shape[:2]
+    ps, mp = pool.page_size, pool.table.shape[1]
+    p = (pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]).reshape(-1)  # [B*T]
+    col = p // ps
+    row = jnp.repeat(jnp.arange(b, dtype=jnp.int32), t)
+    page = jnp.where(col < mp, pool.table[row, jnp.minimum(col, mp - 1)], 0)
+    vals = new.reshape(b * t, *new.shape[2:]).astype(pool.pages.dtype)  # [B*T, KVH, row]
+    pages = pool.pages.at[layer, :, page, p % ps, :].set(vals)
+    return PagedPool(pages, pool.table, pool.impl)
+
+
+def _paged_attention(q, kp: PagedPool, vp: PagedPool, layer, pos0, kv_len: int, scale: float,
+                     window, softcap, k_type: str, v_type: str, head_dim_v, bidir: bool):
+    """``attention`` over a paged cache. "xla": the pages gathered into the dense layout, then
+    the dense attention (the same math and bits as a dense cache); else the ragged paged kernel,
+    rows as sequences of T queries each ending at position pos0 + T - 1."""
+    b, t, h, d = q.shape
+    quantized = k_type not in ("f32", *_HALF) or v_type not in ("f32", *_HALF)
+    if kp.impl == "xla" or quantized or bidir:
+        # on the CPU the table's whole width: the dense cache's length, which sets the exact
+        # C++ attention's chunking (n_kv), so the bits are the dense cache's
+        n = (kp.table.shape[1] if jax.default_backend() == "cpu"
+             else -(-kv_len // kp.page_size))
+
+        def dense(pool: PagedPool):
+            return pool.dense(layer, n)
+
+        return attention(q, dense(kp), dense(vp), pos0, kv_len, scale, window, softcap,
+                         k_type=k_type, v_type=v_type, head_dim_v=head_dim_v, bidir=bidir)
+    cu = jnp.arange(b + 1, dtype=jnp.int32) * t
+    o = ragged_paged_attention(
+        q.reshape(b * t, h, d), kp.pages, vp.pages, layer, pos0 + t, kp.table, cu, jnp.int32(b),
+        scale=scale, window=window, softcap=softcap or None,
+        interpret=kp.impl == "interpret")
+    return o.astype(jnp.float32).reshape(b, t, -1)
+
+
 def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
               kv_len: int, scale: float, window: int | None = None,
               softcap: float | None = None, k_type: str = "f32", v_type: str = "f32",
@@ -505,6 +548,9 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
     q: [B, T, H, D]; caches [B, KVH, S, D] already hold this call's keys/values.
     Returns [B, T, H * Dv].
     """
+    if isinstance(k_cache, LayerCache) and isinstance(k_cache.full, PagedPool):
+        return _paged_attention(q, k_cache.full, v_cache.full, k_cache.index, pos0, kv_len,
+                                scale, window, softcap, k_type, v_type, head_dim_v, bidir)
     num = numerics.current()
     exact = num.match_llamacpp
     if exact and num.flash_attn and k_type == "f16" and v_type == "f16":
@@ -583,7 +629,13 @@ def decoder_forward(model: nnx.Module, x: jax.Array, pos0: jax.Array, cache,
     # partial offload (-ngl): the first layers' weights are in host memory (models/offload.py)
     host = getattr(model, "host_layers", None)
     first = host.n if host is not None else 0
-    if cache.stacked:
+    if cache.paged:  # the page pools through the same layer loop, block table alongside
+        # (the engine refuses a paged cache for a split model: Engine._paged_config)
+        kp, vp = cache.pools()
+        x, kp, vp = scan_blocks(list(model.blocks), x, pos, pos0, kp, vp, kv_len, kv_types,
+                                extra)
+        new_cache = cache.replace((kp.pages,), (vp.pages,))
+    elif cache.stacked:
         kf, vf = cache.k[0], cache.v[0]
         if host is not None:
             x, kf, vf = host(x, pos, pos0, kf, vf, kv_len, kv_types, extra)

@@ -31,7 +31,7 @@ import jllama.models.kvquant as kvquant
 from jllama import numerics
 from jllama.errors import ModelError
 from jllama.kernels.dispatch import dequantize
-from jllama.models.cache import KVCache, LayerCache
+from jllama.models.cache import KVCache, LayerCache, PagedKVCache
 from jllama.models.common import (
     Embedding,
     Linear,
@@ -265,19 +265,28 @@ class DeepSeek2(nnx.Module):
         self.out_norm = RMSNorm(w.vector("output_norm.weight"), spec.norm_eps)
         self.output = None if spec.tied_output else Linear(w("output.weight"))
 
+    # the latent cache also comes as pages (make_cache's ``paged``): one latent "head"
+    paged_cache = True
+
     def make_cache(self, batch: int, max_len: int, cache_type: str = "f32",
-                   stacked: bool = False) -> KVCache:
+                   stacked: bool = False, paged: dict | None = None) -> KVCache:
         """The MLA cache: ``k`` = normed latent [B, 1, S, kv_lora_rank], ``v`` = roped shared
         key [B, 1, S, rope_dim], one pair per layer (``kv_lora_rank + rope_dim`` values per
         token and layer), both parts stored as ``cache_type`` like llama.cpp's single MLA K
         cache (a rope width that is not a multiple of the block size keeps its part in f32).
-        ``stacked``: one [B, L, 1, S, row] array per part, for the scanned layers."""
+        ``stacked``: one [B, L, 1, S, row] array per part, for the scanned layers. ``paged``
+        (``PagedKVCache.create``'s page_size, n_pages, impl): both parts as page pools
+        [L, 1, n_pages, page_size, row] under one block table; the blocks read a layer
+        through ``LayerCache.get`` (the pages gathered), the absorbed attention as before."""
         c = self.c
         pe_type = cache_type if (cache_type in kvquant.FLOAT_KV or c.rope_dim % 32 == 0) else "f32"
         kvquant.check_kv_type(cache_type, c.kv_lora_rank)
         n = self.spec.n_layer
         nk, dk = kvquant.row_shape(cache_type, c.kv_lora_rank)
         nv, dv = kvquant.row_shape(pe_type, c.rope_dim)
+        if paged is not None:
+            return PagedKVCache.create(n, batch, 1, max_len, c.kv_lora_rank, c.rope_dim,
+                                       cache_type, pe_type, **paged)
         if stacked:
             return KVCache((jnp.zeros((batch, n, 1, max_len, nk), dk),),
                            (jnp.zeros((batch, n, 1, max_len, nv), dv),), cache_type, pe_type)

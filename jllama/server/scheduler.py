@@ -34,6 +34,7 @@ from jllama.engine.dry import penalty_row, process_breakers
 from jllama.engine.engine import DECODE_CHUNK, PREFILL_CHUNK, host_draws
 from jllama.engine.multimodal import prefill_image
 from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
+from jllama.errors import ContextError, PagePoolError
 from jllama.server.metrics import Metrics
 from jllama.server.prompt_cache import PromptCache
 
@@ -654,8 +655,14 @@ class Scheduler:
             self._prefill_turn = (b + 1) % n
             t0 = time.perf_counter()
             try:
-                logits = (prefill_image(self.engine, image, b, image_id(image))
-                          if image is not None else self.engine.prefill(chunk, b))
+                try:
+                    logits = (prefill_image(self.engine, image, b, image_id(image))
+                              if image is not None else self.engine.prefill(chunk, b))
+                except PagePoolError:
+                    if not self._reclaim_idle_pages():
+                        raise
+                    logits = (prefill_image(self.engine, image, b, image_id(image))
+                              if image is not None else self.engine.prefill(chunk, b))
             except Exception as e:  # e.g. ContextError
                 self._fail(b, 400, str(e))
                 continue
@@ -699,6 +706,20 @@ class Scheduler:
             elif self.engine.pos[b] + 1 > self.engine.ctx_size:
                 self._finish(b, "length")
                 active[b] = False
+        # the paged KV cache: each slot's next page now, so a full pool fails that request
+        # alone (a no-op for the dense cache; stand-in engines have no pool)
+        reserve = getattr(self.engine, "reserve", None)
+        for b in np.nonzero(active)[0] if reserve is not None else ():
+            try:
+                try:
+                    reserve(int(b), int(self.engine.pos[b]) + 1)
+                except PagePoolError:
+                    if not self._reclaim_idle_pages():
+                        raise
+                    reserve(int(b), int(self.engine.pos[b]) + 1)
+            except ContextError as e:
+                self._fail(b, 503, str(e))
+                active[b] = False
         if not active.any():
             return
         self._ensure_batch()
@@ -730,6 +751,16 @@ class Scheduler:
         self.metrics.observe_step(int(active.sum()), time.perf_counter() - t0)
         self.metrics.n_decode += 1
         self.metrics.n_busy_slots += int(active.sum())
+
+    def _reclaim_idle_pages(self) -> bool:
+        """The paged KV cache is full: empty the idle slots that still hold a finished
+        request's tokens (their prompt cache), giving their pages back. Whether any were."""
+        freed = False
+        for i, a in enumerate(self.slots):
+            if a is None and int(self.engine.pos[i]) > 0:
+                self.engine.rewind(i, 0)
+                freed = True
+        return freed
 
     def _chunk_len(self, active: np.ndarray) -> int:
         """How many steps this turn may run in one dispatch: 1 unless every running request
