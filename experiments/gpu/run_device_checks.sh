@@ -13,6 +13,9 @@ python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__versi
   2>&1 | tee -a "$OUT/gpu.txt"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py 2>&1 | tail -25 \
   | tee "$OUT/pytest_pallas.txt"
+# ragged paged attention compiled for the GPU ("loop" variant) against the float64 reference
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ragged_paged_attention.py 2>&1 \
+  | tail -15 | tee "$OUT/pytest_ragged.txt"
 # every Pallas type at decode (1, 16 rows) and one prefill size, on two Gemma-3 shapes (a
 # 2.6 MB ffn matrix and the 335 MB-at-Q8_0 output matrix): %HBM per type and rows
 timeout 240 python3 experiments/gpu/bench_pallas.py --reps 10 --rows 1,16,512 \
