@@ -1,5 +1,6 @@
-// Prompt GEMM (many x rows) of the int8 kernels, with the row kernels' f32 steps (q8.h), on
-// AVX-512 VNNI with the weight transposed into lanes: a tile of 16 weight rows is decoded once
+// Prompt GEMM (many x rows) of the int8 kernels, with the row kernels' f32 steps (q8.h). On
+// AVX2 machines without AVX-512 VNNI only Q4_0/Q5_0/Q8_0 have one (``lane_gemm`` below, the
+// same idea 8 outputs wide). On AVX-512 VNNI, with the weight transposed into lanes: a tile of 16 weight rows is decoded once
 // into codes[k / 4][16][4] (u8), so one 512-bit dpbusd against 4 broadcast x codes gives, for
 // 16 outputs at once, the 4-element int32 lane that ggml's 256-bit dot forms in its lane
 // l = (k / 4) % 8. Each ggml lane of each output then keeps its own f32 register lane, and
