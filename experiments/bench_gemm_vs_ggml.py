@@ -1,7 +1,7 @@
 """Prompt-sized int8 GEMMs, jllama's C++ kernel against ggml's own ``mul_mat``, side by side.
 
     python experiments/bench_gemm_vs_ggml.py [--rows 512] [--threads 2] [--reps 5]
-        [--model gemma3|smollm2|q2q3|kquant|iq12|decode|ternary|all]
+        [--model gemma3|smollm2|q2q3|kquant|iq12|moe|legacy|decode|ternary|all]
 
 Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
 activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
@@ -49,6 +49,10 @@ MODELS = {
     "decode": [(t, 8192, 2048, 1) for t in ("Q2_K", "Q3_K", "Q4_K", "IQ1_S", "IQ1_M", "IQ2_XXS",
                                              "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL",
                                              "IQ4_XS")],
+    # a 1B llama's layer (q/o 2048x2048, k/v 512x2048, gate/up 8192x2048, down 2048x8192) in
+    # Q4_0 and Q8_0, which ggml multiplies with llamafile's tinyBLAS (repack off)
+    "legacy": [(t, n, k, u) for t in ("Q4_0", "Q8_0")
+               for n, k, u in ((2048, 2048, 2), (512, 2048, 2), (8192, 2048, 2), (2048, 8192, 1))],
     # the rest of the int8 kernels without a tiled GEMM in ggml (ternary, MXFP4), same shape
     "ternary": [(t, 8192, 2048, 1) for t in ("TQ1_0", "TQ2_0", "MXFP4")],
 }  # fmt: skip

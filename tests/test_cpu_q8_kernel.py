@@ -132,6 +132,25 @@ def test_q8_kernel_long_rows_bit_exact_vs_ggml(qtype: QType) -> None:
             assert bad.size == 0, f"{qtype.name} k={k} m={m}: {bad.size} of {ref.size} differ"
 
 
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q5_0, QType.Q8_0], ids=lambda t: t.name)
+def test_q8_legacy_gemm_bit_exact_vs_ggml(qtype: QType) -> None:
+    """Q4_0/Q5_0/Q8_0 on long rows and at prompt sizes: the prompt GEMM (AVX2: transposed tiles
+    of 8 weight rows from 64 x rows, gemm.cc ``lane_gemm``; AVX-512 VNNI: tiles of 16 from 16)
+    and the row kernels below it, against llamafile's tinyBLAS. 2560 and 8192 values: one or
+    more K slabs of 2048 (each output's 8 f32 lanes parked between slabs); 37 / 19 weight rows:
+    ragged last tiles; 17 / 63 / 64 rows: either side of the first GEMM row counts; 150: blocks
+    of 64 x rows and a ragged one, 2 threads (rows split by chunk)."""
+    require_q8()
+    for k, n, ms in ((2560, 37, (17, 63, 64, 150)), (8192, 19, (64,))):
+        raw = random_blocks(qtype, n, k, seed=int(qtype) + k)
+        for m in ms:
+            x = activations(m, k, seed=m + k)
+            ref = ggml_mul_mat(raw, qtype, x, n_threads=2 if m == 150 else 1)
+            got = ours(raw, qtype, x)
+            bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
+            assert bad.size == 0, f"{qtype.name} k={k} m={m}: {bad.size} of {ref.size} differ"
+
+
 @pytest.mark.parametrize("qtypes", [(QType.Q4_1, QType.Q4_1, QType.Q4_1),
                                     (QType.Q5_0, QType.Q5_0, QType.Q8_0),
                                     (QType.Q4_K, QType.Q6_K),

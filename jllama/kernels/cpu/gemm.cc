@@ -1,5 +1,6 @@
-// Prompt GEMM (many x rows) of the int8 kernels, with the row kernels' f32 steps (q8.h), on
-// AVX-512 VNNI with the weight transposed into lanes: a tile of 16 weight rows is decoded once
+// Prompt GEMM (many x rows) of the int8 kernels, with the row kernels' f32 steps (q8.h). On
+// AVX2 machines without AVX-512 VNNI only Q4_0/Q5_0/Q8_0 have one (``lane_gemm`` below, the
+// same idea 8 outputs wide). On AVX-512 VNNI, with the weight transposed into lanes: a tile of 16 weight rows is decoded once
 // into codes[k / 4][16][4] (u8), so one 512-bit dpbusd against 4 broadcast x codes gives, for
 // 16 outputs at once, the 4-element int32 lane that ggml's 256-bit dot forms in its lane
 // l = (k / 4) % 8. Each ggml lane of each output then keeps its own f32 register lane, and
@@ -263,6 +264,183 @@ constexpr Q8Gemm gemm_of() {
 #pragma GCC pop_options
 #endif  // JLLAMA_Q8_GEMM
 
+
+#if !defined(JLLAMA_Q8_GEMM)
+// AVX2 (no AVX-512): the 32-block types with a signed code (Q4_0, Q5_0, Q8_0; ggml's vec_dot
+// and llamafile's tinyBLAS_Q0_AVX give them the same f32 steps) as a transposed-tile GEMM, the
+// same idea as above 8 outputs wide: a tile of 8 weight rows is decoded once into
+// codes[block][l][8 rows][4 codes], so one maddubs against 4 broadcast x codes gives, for 8
+// outputs at once, the int32 lane l of ggml's per-block dot. Each output's lane l keeps its
+// own f32 register lane (acc[l], 8 registers for 8 outputs of one x row), every fma / cvt is
+// ggml's per output in ggml's block order, and hsum_float_8 becomes vertical adds in its
+// order. What the row kernels (vec_dot.cc) paid per x row and block and this does not: the
+// scale d_w * d_x as a scalar product and its broadcast (here one vmulps for 8 outputs) and
+// the weight block's unpacking (here once per tile, slab and block of x rows); the integer
+// and f32 work per 32 products is the same (maddubs, madd, bias or sign, cvt, fma).
+// x rows come in blocks of kLaneMBlock and K in slabs of kLaneSlabK values (the running
+// lanes parked between slabs, 8 floats per output lane: the same steps in the same order),
+// so that a tile's slab (8 KiB of codes per 1024 values) stays in L1 and a block's x slab in
+// L2 while the block's rows pass over it.
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math", "fp-contract=off")
+
+constexpr int kLNR = 8;                // weight rows per tile (one int32 / f32 lane each)
+constexpr int64_t kLaneSlabK = 2048;   // values per K slab
+constexpr int64_t kLaneMBlock = 64;    // x rows per block
+
+// From how many x rows the tiles beat the row kernels (one thread, 2048x2048, CPU time: at 16
+// and 32 rows the tile decoding cost more than it saved, at 64 it was 2-4 % faster, at 512
+// ~10 %, and on 2048x8192 Q4_0 at 512 rows 1.7x; experiments/results/cpu_kernels.md).
+// JLLAMA_Q8_GEMM_MIN_ROWS=N overrides it (0: off), for measurements.
+inline int64_t gemm_min_rows(bool k_quant) {
+  static const int64_t env_v = [] {
+    const char* env = std::getenv("JLLAMA_Q8_GEMM_MIN_ROWS");
+    return env ? int64_t(std::atoi(env)) : int64_t(-1);
+  }();
+  return env_v >= 0 ? env_v : k_quant ? 0 : 64;
+}
+
+// The transpose of 8 rows of 8 int32 (v[r][l] -> v[l][r]), in place.
+inline void transpose8(__m256i* v) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3
+    const __m256i* a = t + 4 * h;
+    u[4 * h + 0] = _mm256_unpacklo_epi64(a[0], a[2]);  // lanes 0 | 4
+    u[4 * h + 1] = _mm256_unpackhi_epi64(a[0], a[2]);  // 1 | 5
+    u[4 * h + 2] = _mm256_unpacklo_epi64(a[1], a[3]);  // 2 | 6
+    u[4 * h + 3] = _mm256_unpackhi_epi64(a[1], a[3]);  // 3 | 7
+  }
+  for (int l = 0; l < 4; ++l) {
+    v[l] = _mm256_permute2x128_si256(u[l], u[4 + l], 0x20);
+    v[l + 4] = _mm256_permute2x128_si256(u[l], u[4 + l], 0x31);
+  }
+}
+
+// Q8_0's codes + 128 would overflow maddubs' int16 pairs: it takes the sign form, VNNI or not.
+template <typename T>
+constexpr bool kLaneSign = T::OFF >= 128;
+
+// A tile's slab, decoded (thread-local, reused): per block 8 code vectors (lane l: 4 codes of
+// each of the 8 rows), and for the sign form (Q8_0 without VNNI) their absolute values next.
+struct LaneTile {
+  std::vector<__m256i> codes;
+  std::vector<__m256> dw;
+  std::vector<__m256> park;  // [x rows of the block][8]: the lanes between K slabs
+};
+
+// Weight rows [n0, n0 + nr), blocks [b0, b1) into t; rows past nr are zero (scale 0).
+template <typename T>
+void lane_decode(const Q8Call& c, int64_t n0, int nr, int64_t b0, int64_t b1, LaneTile& t) {
+  constexpr int V = kLaneSign<T> ? 16 : 8;
+  const int64_t nbs = b1 - b0;
+  t.codes.resize(size_t(nbs * V));
+  t.dw.resize(size_t(nbs));
+  const uint8_t* rows[kLNR];
+  for (int r = 0; r < kLNR; ++r) rows[r] = c.w + (n0 + std::min(r, nr - 1)) * c.row_bytes;
+  for (int64_t bi = b0; bi < b1; ++bi) {
+    __m256i v[8];
+    alignas(16) uint16_t h[8];
+    for (int r = 0; r < kLNR; ++r) {
+      const uint8_t* b = rows[r] + bi * T::TS;
+      if (r >= nr) {
+        v[r] = _mm256_setzero_si256();
+        h[r] = 0;
+        continue;
+      }
+      v[r] = kLaneSign<T> ? load256(b + 2) : T::codes(b);
+      std::memcpy(&h[r], b, 2);
+    }
+    transpose8(v);
+    __m256i* out = &t.codes[size_t((bi - b0) * V)];
+    for (int l = 0; l < 8; ++l) {
+      _mm256_store_si256(out + l, v[l]);
+      if constexpr (kLaneSign<T>) _mm256_store_si256(out + 8 + l, _mm256_sign_epi8(v[l], v[l]));
+    }
+    t.dw[size_t(bi - b0)] = _mm256_cvtph_ps(_mm_load_si128((const __m128i*)h));
+  }
+}
+
+// x rows [m0, m1) against the tile's slab [b0, b1) (the first slab: b0 == 0, the last: b1 ==
+// nb), 8 outputs per x row into y at column n0 (nr of them).
+template <typename T>
+void lane_rows(const Q8Call& c, LaneTile& t, int64_t m0, int64_t m1, int64_t b0, int64_t b1,
+               int64_t n0, int nr) {
+  constexpr int V = kLaneSign<T> ? 16 : 8;
+  const int64_t nb = c.k / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t m = m0; m < m1; ++m) {
+    const Q8Row& x = c.rows[size_t(m)];
+    __m256* park = &t.park[size_t((m - m0) * 8)];
+    __m256 acc[8];
+    for (int l = 0; l < 8; ++l) acc[l] = b0 == 0 ? _mm256_setzero_ps() : park[l];
+    const __m256i* w = t.codes.data();
+    const __m256* dw = t.dw.data();
+    const int8_t* q = x.q + b0 * 32;
+    const int32_t* ax = kLaneSign<T> ? nullptr : x.aux + b0 * 8;
+    const float* dx = x.d + b0;
+    for (int64_t bi = b0; bi < b1; ++bi, w += V, q += 32, ++dw, ++dx) {
+      const __m256 sc = _mm256_mul_ps(*dw, _mm256_broadcast_ss(dx));
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l) {
+        int32_t q4;
+        std::memcpy(&q4, q + 4 * l, 4);
+        const __m256i xb = _mm256_set1_epi32(q4);
+        __m256i p;
+        if constexpr (!kLaneSign<T>) {  // codes + OFF (< 128), the x side's -OFF * sum of 4
+          p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w[l], xb), ones),
+                               _mm256_set1_epi32(ax[l]));
+        } else {  // ggml's sign trick: |w| times sign(x, w)
+          p = _mm256_madd_epi16(_mm256_maddubs_epi16(w[8 + l], _mm256_sign_epi8(xb, w[l])), ones);
+        }
+        acc[l] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[l]);
+      }
+      if constexpr (!kLaneSign<T>) ax += 8;
+    }
+    if (b1 < nb) {
+      for (int l = 0; l < 8; ++l) park[l] = acc[l];
+      continue;
+    }
+    // hsum_float_8 per output: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[4], acc[0]), _mm256_add_ps(acc[6], acc[2]));
+    const __m256 b = _mm256_add_ps(_mm256_add_ps(acc[5], acc[1]), _mm256_add_ps(acc[7], acc[3]));
+    const __m256 r = _mm256_add_ps(a, b);
+    float* y = c.y + m * c.n_out + n0;
+    if (nr == kLNR) {
+      _mm256_storeu_ps(y, r);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, r);
+      for (int i = 0; i < nr; ++i) y[i] = tmp[i];
+    }
+  }
+}
+
+// All x rows against weight rows [n0, n1): blocks of x rows, K slabs, tiles of 8 rows.
+template <typename T>
+void lane_gemm(const Q8Call& c, int64_t n0, int64_t n1) {
+  static thread_local LaneTile tile;
+  const int64_t nb = c.k / 32, sb = kLaneSlabK / 32;
+  tile.park.resize(size_t(kLaneMBlock * 8));
+  for (int64_t mb = 0; mb < c.m_total; mb += kLaneMBlock) {
+    const int64_t me = std::min(c.m_total, mb + kLaneMBlock);
+    for (int64_t t0 = n0; t0 < n1; t0 += kLNR) {
+      const int nr = int(std::min<int64_t>(kLNR, n1 - t0));
+      for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+        const int64_t b1 = std::min(nb, b0 + sb);
+        lane_decode<T>(c, t0, nr, b0, b1, tile);
+        lane_rows<T>(c, tile, mb, me, b0, b1, t0, nr);
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+#endif  // !JLLAMA_Q8_GEMM
+
 }  // namespace
 
 Q8Gemm q8_gemm_for(int64_t qtype) {
@@ -278,13 +456,20 @@ Q8Gemm q8_gemm_for(int64_t qtype) {
     case kQ6_K: return gemm_of<GQ6K, Q8W6_K>();
     default: break;
   }
+#else
+  switch (qtype) {
+    case kQ4_0: return {lane_gemm<Q8W4_0>, 0};
+    case kQ5_0: return {lane_gemm<Q8W5_0>, 0};
+    case kQ8_0: return {lane_gemm<Q8W8_0>, 0};
+    default: break;
+  }
 #endif
   (void)qtype;
   return {nullptr, 0};
 }
 
 bool use_gemm(const Q8Kernel& kern, int64_t m, bool tiled) {
-#if defined(JLLAMA_Q8_GEMM)
+#if defined(JLLAMA_Q8)
   const int64_t lo = gemm_min_rows(kern.tiled);
   if (kern.gemm == nullptr || lo <= 0 || m < lo) return false;
   return !kern.tiled || (m >= kTiledMinRows && tiled);

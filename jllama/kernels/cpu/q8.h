@@ -33,7 +33,7 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define JLLAMA_Q8 1
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define JLLAMA_Q8_GEMM 1  // the prompt GEMM (gemm.cc)
+#define JLLAMA_Q8_GEMM 1  // the prompt GEMM (gemm.cc); without it AVX2's, Q4_0/Q5_0/Q8_0 only
 #endif
 #endif
 
