@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jllama.engine import heap
 from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row
 from jllama.engine.pages import PageAllocator
@@ -158,6 +159,7 @@ class Engine:
         # the cache is the largest allocation after the weights, 128 KiB a row at 8B)
         self.max_len = -(-self.ctx_size // KV_MIN_BUCKET) * KV_MIN_BUCKET + KV_ROOM
         self.pages: PageAllocator | None = None
+        heap.install()
         self._split = getattr(model, "host_layers", None) is not None  # -ngl (models/offload)
         self._paged = self._paged_config(paged, int(page_size), kv_pages, paged_impl)
         self.cache = self._new_cache(self.n_slots, slots=True)
@@ -560,6 +562,7 @@ class Engine:
             i += m
         self.tokens[slot].extend(int(t) for t in toks)
         self.rewind(slot, int(self.pos[slot]))  # refresh the penalty window
+        heap.trim_after_compile()
         return jnp.concatenate(outs, axis=0) if all_logits else logits
 
     def prefill_embeddings(self, embd: np.ndarray, slot: int = 0, bidir: bool = False,
@@ -722,6 +725,7 @@ class Engine:
         self.pos[active] += 1
         for b in np.nonzero(active)[0]:
             self.tokens[b].append(int(tokens[b]))
+        heap.trim_after_compile()
         return host_draws(np.asarray(nxt), chain, host, active), logits
 
     def decode_chunk(self, tokens: np.ndarray, active: np.ndarray, sp: BatchSampling,
@@ -768,6 +772,7 @@ class Engine:
             self.pos[b] = pos[b]
             if self.pages is not None:
                 self.pages.trim(int(b), int(pos[b]))
+        heap.trim_after_compile()
         return out
 
     # ------------------------------------------------------------------ slot state
