@@ -22,6 +22,16 @@ import numpy as np
 from jllama.models.kvquant import check_kv_type, row_shape
 
 
+def _row_shapes(dtype: str, dtype_v: str | None, head_dim_k: int, head_dim_v: int | None):
+    """The V type (default: K's) and the (elements, dtype) of a K row and a V row, both types
+    checked against their head sizes: shared by the dense and the paged cache."""
+    dtype_v = dtype_v or dtype
+    hv = head_dim_v or head_dim_k
+    check_kv_type(dtype, head_dim_k)
+    check_kv_type(dtype_v, hv)
+    return dtype_v, row_shape(dtype, head_dim_k), row_shape(dtype_v, hv)
+
+
 @jax.tree_util.register_pytree_node_class
 @dataclass
 class KVCache:
@@ -85,12 +95,7 @@ class KVCache:
                head_dim_v: int | None = None, dtype: str = "f32",
                dtype_v: str | None = None, stacked: bool = False,
                pos_delta: bool = False) -> KVCache:
-        dtype_v = dtype_v or dtype
-        hv = head_dim_v or head_dim_k
-        check_kv_type(dtype, head_dim_k)
-        check_kv_type(dtype_v, hv)
-        nk, dk = row_shape(dtype, head_dim_k)
-        nv, dv = row_shape(dtype_v, hv)
+        dtype_v, (nk, dk), (nv, dv) = _row_shapes(dtype, dtype_v, head_dim_k, head_dim_v)
         # Host zeros moved in, not jnp.zeros: one eager device program per layer and cache
         # half would be compiled on every warm start, on the time-to-first-token path; the
         # buffers are still XLA's own (donation works).
@@ -263,12 +268,7 @@ class PagedKVCache:
         plus the scratch page 0) and an all-scratch table."""
         if impl not in PAGED_IMPLS:
             raise ValueError(f"paged attention impl {impl!r}: expected one of {PAGED_IMPLS}")
-        dtype_v = dtype_v or dtype
-        hv = head_dim_v or head_dim_k
-        check_kv_type(dtype, head_dim_k)
-        check_kv_type(dtype_v, hv)
-        nk, dk = row_shape(dtype, head_dim_k)
-        nv, dv = row_shape(dtype_v, hv)
+        dtype_v, (nk, dk), (nv, dv) = _row_shapes(dtype, dtype_v, head_dim_k, head_dim_v)
         max_pages = -(-max_len // page_size)
         if n_pages is None:
             n_pages = batch * max_pages + 1
