@@ -45,6 +45,12 @@ class RuntimeConfig:
     # others streamed from host memory: a number, "auto" (llama.cpp's default: as many as fit
     # the device) or "all". Ignored on a CPU backend, as by llama.cpp's CPU build
     n_gpu_layers: int | str = "auto"
+    # the slots' KV cache as a pool of 16-token pages (a block table per sequence, ragged paged
+    # attention off the CPU): memory follows the live tokens, not slots x ctx_size. Off by
+    # default until a device run has measured it; kv_pages sizes the pool (null: every slot's
+    # full context, as the dense cache)
+    kv_paged: bool = False
+    kv_pages: int | None = None
 
 
 @dataclass
@@ -394,6 +400,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if isinstance(ngl, str) and ngl.strip().lower() not in ("auto", "all"):
         raise ConfigError(f"{src}: 'runtime.n_gpu_layers' must be a number of layers, 'auto' or "
                           f"'all', got {ngl!r}")
+    if cfg.runtime.kv_pages is not None and cfg.runtime.kv_pages < 2:
+        raise ConfigError(f"{src}: 'runtime.kv_pages' must be at least 2 (page 0 is scratch), "
+                          f"got {cfg.runtime.kv_pages}")
     if cfg.runtime.platform is not None and not cfg.runtime.platform.strip():
         raise ConfigError(f"{src}: 'runtime.platform' must be cpu, gpu, tpu or auto (or null), "
                           "got an empty string")

@@ -253,3 +253,31 @@ def test_scheduler_frees_idle_slots_when_the_pool_is_full(monkeypatch):
         assert done.wait(30) and box["ev"].kind == "error"
     finally:
         sch.stop()
+
+
+def test_cli_and_config_flags(tmp_path, capsys):
+    """``--kv-paged`` / ``--kv-pages`` (run, serve, bench) and ``runtime.kv_paged`` /
+    ``runtime.kv_pages`` reach the engine: the same greedy text as the dense cache, and a pool
+    too small for the run fails with one line and exit code 1."""
+    from jllama.cli.main import build_parser, main
+    from jllama.cli.serve import _overrides
+    from jllama.config import load_config
+
+    tiny = write_tiny_llama(tmp_path / "t.gguf", 11, **LLAMA)
+    base = ["generate", "-m", str(tiny), "-p", "hello", "-n", "6", "--temp", "0", "-c", "64"]
+    assert main(base) == 0
+    dense = capsys.readouterr().out
+    assert main([*base, "--kv-paged"]) == 0
+    assert capsys.readouterr().out == dense
+    # 2 pages: page 0 is scratch, one page of 16 tokens for the prompt and 40 more tokens
+    assert main([*base[:5], "-n", "40", "--temp", "0", "--kv-paged", "--kv-pages", "2"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and "KV page pool exhausted" in err[0], err
+    args = build_parser().parse_args(["serve", "-m", "m.gguf", "--kv-paged", "--kv-pages", "9"])
+    rt = load_config(None, _overrides(args)).runtime
+    assert rt.kv_paged is True and rt.kv_pages == 9
+    args = build_parser().parse_args(["bench", "-m", "m.gguf", "--kv-paged"])
+    assert args.kv_paged is True
+    assert load_config(None).runtime.kv_paged is False
+    with pytest.raises(ConfigError, match="'runtime.kv_pages' must be at least 2"):
+        load_config(None, ["runtime.kv_pages=1"])

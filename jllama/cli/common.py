@@ -196,6 +196,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     add_numerics_args(p, via_config=True)
     add_platform_args(p)
+    add_kv_paged_args(p)
     add_draft_args(p)
     add_distributed_args(p)
     add_lora_args(p)
@@ -324,7 +325,8 @@ def model_load_kwargs(cfg: Config) -> dict:
     return dict(kv_overrides=cfg.kv_overrides, rope=cfg.rope,
                 control_vectors=[(c.path, c.scale) for c in cfg.control_vectors],
                 control_vector_layer_range=tuple(cfg.control_vector_layer_range),
-                n_gpu_layers=n_gpu_layers_value(cfg.runtime.n_gpu_layers))
+                n_gpu_layers=n_gpu_layers_value(cfg.runtime.n_gpu_layers),
+                kv_paged=cfg.runtime.kv_paged, kv_pages=cfg.runtime.kv_pages)
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -366,6 +368,16 @@ def add_platform_args(p: argparse.ArgumentParser) -> None:
                    help="max. number of layers to store in VRAM, either an exact number, "
                    "'auto', or 'all' (default: auto); the rest stream from host memory. "
                    "Ignored on a CPU backend, as by llama.cpp's CPU build")
+
+
+def add_kv_paged_args(p: argparse.ArgumentParser) -> None:
+    """The paged KV cache (jllama's own: llama.cpp has no paged cache) for run, serve, bench."""
+    p.add_argument("--kv-paged", action="store_true", default=None,
+                   help="KV cache as a pool of 16-token pages (memory follows the live tokens; "
+                   "ragged paged attention on GPU/TPU). Off by default: not yet measured on "
+                   "a device")
+    p.add_argument("--kv-pages", type=int, default=None, metavar="N",
+                   help="pages in the --kv-paged pool (default: every slot's full context)")
 
 
 def _ngl_arg(value: str) -> int | str:
@@ -445,6 +457,7 @@ def overrides_from_args(args) -> list[str]:
         "seed": "generation.sampling.seed", "ctx_size": "runtime.ctx_size",
         "platform": "runtime.platform", "threads": "runtime.threads",
         "n_gpu_layers": "runtime.n_gpu_layers",
+        "kv_paged": "runtime.kv_paged", "kv_pages": "runtime.kv_pages",
         "model_draft": "draft.model", "draft_n": "draft.n",
         "draft_min": "draft.n_min", "draft_min_p": "draft.p_min",
         "coordinator": "distributed.coordinator", "num_processes": "distributed.num_processes",

@@ -43,9 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-a", "--alias", default=None,
                    help="model name(s) for the API, comma-separated (/v1/models)")
     p.add_argument("--tags", default=None, help="model tags, comma-separated (informational)")
-    from jllama.cli.common import add_platform_args
+    from jllama.cli.common import add_kv_paged_args, add_platform_args
 
     add_platform_args(p)
+    add_kv_paged_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
     p.add_argument("--warmup", dest="no_warmup", action="store_false")
     from jllama.cli.common import add_draft_args
@@ -307,6 +308,7 @@ def _overrides(args) -> list[str]:
              "max_queue": "server.max_queue", "timeout": "server.timeout",
              "platform": "runtime.platform", "threads": "runtime.threads",
              "n_gpu_layers": "runtime.n_gpu_layers",
+             "kv_paged": "runtime.kv_paged", "kv_pages": "runtime.kv_pages",
              "cache_type_k": "runtime.cache_type_k", "cache_type_v": "runtime.cache_type_v",
              "n_predict": "server.n_predict", "batch_size": "server.n_batch",
              "cors_origins": "server.cors_origins",
