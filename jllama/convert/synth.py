@@ -12,6 +12,12 @@ tensor can be regenerated alone), stored F16 like a converter's ``--outtype f16`
 F32). They are produced one tensor at a time inside ``write_gguf``, so writing an 8B model holds
 one tensor (at most the embedding) in memory, never the model.
 
+``write_random_blocks`` writes a quantized file directly instead (an 8B Q4_K_M in seconds, where
+quantizing the F16 file takes minutes to an hour): the header ``jllama quantize`` would write for
+the F16 file under a mix, with random codes and small finite scales in the quantized tensors
+(``jllama.quant.randblocks``). Its values are random: for speed and memory benchmarks only, the
+text such a model writes is meaningless.
+
 ``layers`` and ``tiny`` scale a shape down for tests: fewer blocks; width 256 with 4 heads
 (n_ff 512, 8 experts), keeping the head size, the vocabulary and every architectural feature.
 """
