@@ -9,6 +9,8 @@ llama.cpp's llama_model_quantize.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import testdata
 
@@ -209,14 +211,18 @@ def test_random_blocks_cover_the_mixes():
 
 
 # smollm2-135m at full width: rows of 576 and 1536 are no multiple of 256, so K-quant mixes
-# fall back to 32-blocks (Q5_0, Q8_0, ...) as llama-quantize does
-RANDOM = [("llama-3.2-1b", True, "q4_k_m"), ("gemma-3-1b", True, "q4_k_m"),
-          ("llama-3.2-1b", True, "q4_0"), ("llama-3.2-1b", True, "q8_0"),
+# fall back to 32-blocks (Q5_0, Q8_0, ...) as llama-quantize does. NAME:starcoder takes
+# StarCoder's 49152-token vocabulary: quantizing a 128256- or 262144-row embedding in the
+# reference path would take most of the test's time and decides nothing a smaller one does not
+RANDOM = [("llama-3.2-1b:starcoder", True, "q4_k_m"), ("gemma-3-270m:starcoder", True, "q4_k_m"),
+          ("smollm2-135m", True, "q4_0"), ("smollm2-135m", True, "q8_0"),
           ("smollm2-135m", False, "q4_k_m"), ("smollm2-135m", False, "q4_1")]
 
 
 def _shape(name, tiny, layers=2):
-    return synth.scaled(synth.SHAPES[name], layers, tiny=tiny)
+    name, _, vocab = name.partition(":")
+    s = synth.scaled(synth.SHAPES[name], layers, tiny=tiny)
+    return replace(s, vocab=vocab, n_vocab=49152) if vocab else s
 
 
 @pytest.mark.parametrize("name,tiny,ftype", RANDOM)
@@ -238,7 +244,7 @@ def test_random_blocks_header_is_quantizes(tmp_path, name, tiny, ftype):
     assert size == (tmp_path / "q.gguf").stat().st_size
     with open(tmp_path / "q.gguf", "rb") as fq, open(tmp_path / "r.gguf", "rb") as fr:
         assert fq.read(q.data_offset) == fr.read(r.data_offset)
-    if name == "smollm2-135m" and ftype == "q4_k_m":
+    if name == "smollm2-135m" and not tiny and ftype == "q4_k_m":
         assert {"Q5_0", "Q8_0"} <= {t.type_name for t in r.tensors.values()}  # fallbacks
 
 
@@ -269,6 +275,10 @@ def _finite_logits_both(path, text="The capital of France is"):
     ref = llama_cpp_logits(path, ids)
     assert ours.shape[-1] == ref.shape[-1]
     assert np.isfinite(ours).all() and np.isfinite(ref).all()
+    # the same model in both engines (a block misread by one would give other logits); not
+    # bit-identical with these settings (llama.cpp on one thread, jllama's defaults)
+    rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+    assert rel < 0.05, rel
     return ours, ref
 
 
