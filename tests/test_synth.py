@@ -291,6 +291,19 @@ def test_random_blocks_run_in_jllama_and_llama_cpp(tmp_path):
 
 
 @pytest.mark.oracle
+@pytest.mark.slow  # a few seconds of compiling per file type
+@pytest.mark.parametrize("ftype", ["q2_k", "q3_k_m", "q5_k_m", "q6_k", "q5_1", "iq4_xs",
+                                   "iq2_xxs", "iq1_m", "tq1_0", "bf16"])
+def test_random_blocks_of_other_file_types_run(tmp_path, ftype):
+    """Any 'jllama quantize' file type (IQ types without an importance matrix too): every tensor
+    type its mix picks has a random-block layout both engines read the same way."""
+    s = _shape("smollm2-135m", True, 1)
+    p = tmp_path / "r.gguf"
+    synth.write_random_blocks(s, p, _vocab(s), ftype, seed=1)
+    _finite_logits_both(p)
+
+
+@pytest.mark.oracle
 @pytest.mark.slow  # a gemma3 model compiles its own programs
 def test_gemma_with_a_padded_llama_vocabulary(tmp_path):
     """The GPU machine has no registry: gemma shapes must work with a llama.cpp test vocabulary
