@@ -362,17 +362,18 @@ def _random_block_data(t: PlannedTensor, qtype: int, seed: int, pool) -> Callabl
 
 
 def _float_data(t: PlannedTensor, qtype: int, s: Shape, seed: int) -> Callable[[], np.ndarray]:
+    """``write``'s values of ``t`` in float type ``qtype`` (a mix may move F16 to F32 or BF16)."""
     make = _tensor_data(t, s, seed)
     if qtype == int(t.qtype):
         return make
-    if qtype not in (int(QType.F32), int(QType.BF16)):
-        raise JllamaError(f"{t.name}: cannot write random {qtype_info(qtype).name} values")
 
     def convert() -> np.ndarray:
         a = make().view(np.float16 if t.qtype == QType.F16 else np.float32).astype(np.float32)
         if qtype == int(QType.F32):
             return a.view(np.uint8)
-        return (a.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)  # BF16: top half
+        if qtype == int(QType.F16):
+            return a.astype(np.float16).view(np.uint8)
+        return (a.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)  # BF16, truncated
 
     return convert
 
@@ -406,11 +407,10 @@ def write_random_blocks(shape: Shape, path: str | os.PathLike[str],
     from concurrent.futures import ThreadPoolExecutor
 
     from jllama.quant.quantize import output_metadata
+    from jllama.quant.randblocks import RANDOM_BLOCK_TYPES
 
     md, types = _metadata(shape, vocab)
     spec, qtypes = random_block_types(shape, ftype, md)
-    from jllama.quant.randblocks import RANDOM_BLOCK_TYPES
-
     floats = (QType.F32, QType.F16, QType.BF16)
     missing = sorted({t.name for t in qtypes.values()
                       if t not in floats and t not in RANDOM_BLOCK_TYPES})
