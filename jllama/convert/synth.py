@@ -12,6 +12,12 @@ tensor can be regenerated alone), stored F16 like a converter's ``--outtype f16`
 F32). They are produced one tensor at a time inside ``write_gguf``, so writing an 8B model holds
 one tensor (at most the embedding) in memory, never the model.
 
+``write_random_blocks`` writes a quantized file directly instead (an 8B Q4_K_M in seconds, where
+quantizing the F16 file takes minutes to an hour): the header ``jllama quantize`` would write for
+the F16 file under a mix, with random codes and small finite scales in the quantized tensors
+(``jllama.quant.randblocks``). Its values are random: for speed and memory benchmarks only, the
+text such a model writes is meaningless.
+
 ``layers`` and ``tiny`` scale a shape down for tests: fewer blocks; width 256 with 4 heads
 (n_ff 512, 8 experts), keeping the head size, the vocabulary and every architectural feature.
 """
@@ -27,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from jllama.errors import JllamaError
-from jllama.gguf.constants import QType, ValueType
+from jllama.gguf.constants import QType, ValueType, qtype_info
 from jllama.gguf.reader import read_gguf
 from jllama.gguf.writer import TensorSpec, write_gguf
 
@@ -56,6 +62,10 @@ class Shape:
 _LLAMA3_ROPE = {"factor": 32.0, "low": 1.0, "high": 4.0, "orig": 8192}
 
 SHAPES: dict[str, Shape] = {
+    # SmolLM2's own tokenizer is not among llama.cpp's test vocabularies (the GPU machine has
+    # only those); StarCoder's has exactly SmolLM2's 49152 tokens
+    "smollm2-135m": Shape("llama", "starcoder", 49152, 576, 30, 9, 3, 64, 1536, True,
+                          100000.0, 1e-5, 8192, 0.135),
     "llama-3.2-1b": Shape("llama", "llama-bpe", 128256, 2048, 16, 32, 8, 64, 8192, True,
                           500000.0, 1e-5, 131072, 1.24, {"rope3": _LLAMA3_ROPE}),
     "llama-3.2-3b": Shape("llama", "llama-bpe", 128256, 3072, 28, 24, 8, 128, 8192, True,
@@ -69,6 +79,8 @@ SHAPES: dict[str, Shape] = {
                         1e6, 1e-6, 32768, 7.62),
     "qwen3-4b": Shape("qwen3", "qwen2", 151936, 2560, 36, 32, 8, 128, 9728, True,
                       1e6, 1e-6, 40960, 4.02),
+    "gemma-3-270m": Shape("gemma3", "registry:gemma3-270m", 262144, 640, 18, 4, 1, 256, 2048,
+                          True, 1e6, 1e-6, 32768, 0.27, {"swa": 512}),
     "gemma-3-1b": Shape("gemma3", "registry:gemma3-270m", 262144, 1152, 26, 4, 1, 256, 6912,
                         True, 1e6, 1e-6, 32768, 1.0, {"swa": 512}),
     "gemma-3-4b": Shape("gemma3", "registry:gemma3-270m", 262208, 2560, 34, 8, 4, 256, 10240,
@@ -306,16 +318,116 @@ def _tensor_data(t: PlannedTensor, s: Shape, seed: int) -> Callable[[], np.ndarr
     return make
 
 
-def write(shape: Shape, path: str | os.PathLike[str], vocab: str | os.PathLike[str],
-          seed: int = 0, on_tensor: Callable[[TensorSpec], None] | None = None) -> int:
-    """Write ``shape`` as an F16 GGUF at ``path`` (tokenizer from GGUF ``vocab``); its size."""
+def _metadata(shape: Shape, vocab: str | os.PathLike[str]):
     md, types = hparams(shape)
     vmd, vtypes = vocab_metadata(vocab, shape.n_vocab)
     md.update(vmd)
     types.update(vtypes)
+    return md, types
+
+
+def write(shape: Shape, path: str | os.PathLike[str], vocab: str | os.PathLike[str],
+          seed: int = 0, on_tensor: Callable[[TensorSpec], None] | None = None) -> int:
+    """Write ``shape`` as an F16 GGUF at ``path`` (tokenizer from GGUF ``vocab``); its size."""
+    md, types = _metadata(shape, vocab)
     specs = [TensorSpec(t.name, t.shape, int(t.qtype), _tensor_data(t, shape, seed))
              for t in plan(shape)]
     return write_gguf(path, md, specs, types, on_tensor=on_tensor)
+
+
+# bytes of random blocks drawn by one task: fixed (not per core) so a seed gives the same file
+# on every machine; small enough to spread an 8B model's matrices over 16 cores
+_CHUNK = 16 << 20
+
+
+def _random_block_data(t: PlannedTensor, qtype: int, seed: int, pool) -> Callable[[], np.ndarray]:
+    from jllama.quant.randblocks import random_blocks
+
+    info = qtype_info(qtype)
+    n_blocks = t.n_elements // info.block_size
+    per = max(1, _CHUNK // info.type_size)
+
+    def make() -> np.ndarray:
+        out = np.empty((n_blocks, info.type_size), np.uint8)
+        key = zlib.crc32(t.name.encode())
+
+        def fill(i: int) -> None:
+            rng = np.random.default_rng([seed, key, i])
+            out[i * per:(i + 1) * per] = random_blocks(qtype, min(per, n_blocks - i * per), rng)
+
+        list(pool.map(fill, range((n_blocks + per - 1) // per)))
+        return out.reshape(-1)
+
+    return make
+
+
+def _float_data(t: PlannedTensor, qtype: int, s: Shape, seed: int) -> Callable[[], np.ndarray]:
+    """``write``'s values of ``t`` in float type ``qtype`` (a mix may move F16 to F32 or BF16)."""
+    make = _tensor_data(t, s, seed)
+    if qtype == int(t.qtype):
+        return make
+
+    def convert() -> np.ndarray:
+        a = make().view(np.float16 if t.qtype == QType.F16 else np.float32).astype(np.float32)
+        if qtype == int(QType.F32):
+            return a.view(np.uint8)
+        if qtype == int(QType.F16):
+            return a.astype(np.float16).view(np.uint8)
+        return (a.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)  # BF16, truncated
+
+    return convert
+
+
+def random_block_types(shape: Shape, ftype: str, md: dict[str, Any] | None = None
+                       ) -> tuple[Any, dict[str, QType]]:
+    """The MixSpec of file type ``ftype`` and the type ``jllama quantize`` gives each tensor of
+    ``shape``'s F16 file under it (in the order it writes them)."""
+    from jllama.quant.mixes import mix_from_base, plan_from_tensors
+
+    spec = mix_from_base(ftype)
+    if md is None:
+        md = hparams(shape)[0]
+    p = plan_from_tensors({t.name: (t.shape, int(t.qtype)) for t in plan(shape)}, md, spec)
+    return spec, dict(p.types)
+
+
+def write_random_blocks(shape: Shape, path: str | os.PathLike[str],
+                        vocab: str | os.PathLike[str], ftype: str, seed: int = 0,
+                        on_tensor: Callable[[TensorSpec], None] | None = None,
+                        threads: int | None = None) -> int:
+    """Write ``shape`` straight in file type ``ftype`` (a ``jllama quantize`` mix name such as
+    q4_k_m, or a tensor type for all, e.g. q6_k) with random quantized blocks; its size.
+
+    The header (metadata, tensor order and types) is the one ``jllama quantize`` writes for the
+    F16 file of ``write``; quantized tensors hold random codes with small finite scales
+    (``jllama.quant.randblocks``), float tensors ``write``'s values. For speed and memory
+    benchmarks only: the model's output is meaningless. No importance matrix is needed (the
+    types are those chosen without one). Tensors are drawn on ``threads`` threads (default: one
+    per core) one at a time, so memory holds the largest tensor, not the model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jllama.quant.quantize import output_metadata
+    from jllama.quant.randblocks import RANDOM_BLOCK_TYPES
+
+    md, types = _metadata(shape, vocab)
+    spec, qtypes = random_block_types(shape, ftype, md)
+    floats = (QType.F32, QType.F16, QType.BF16)
+    missing = sorted({t.name for t in qtypes.values()
+                      if t not in floats and t not in RANDOM_BLOCK_TYPES})
+    if missing:
+        raise JllamaError(f"{ftype}: no random-block layout for {', '.join(missing)}")
+    planned = {t.name: t for t in plan(shape)}
+    md, types = output_metadata(md, types, spec.ftype_id)
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+        specs = []
+        for name, qt in qtypes.items():
+            t = planned[name]
+            if qt in floats:
+                data = _float_data(t, int(qt), shape, seed)
+            else:
+                data = _random_block_data(t, int(qt), seed, pool)
+            specs.append(TensorSpec(name, t.shape, int(qt), data))
+        return write_gguf(path, md, specs, types, on_tensor=on_tensor)
 
 
 def find_vocab(shape: Shape, vocab: str | os.PathLike[str] | None = None) -> str:
