@@ -66,5 +66,5 @@ if [ ! -s "$tarball" ] || [ ! -s "$WHL/vocab/ggml-vocab-starcoder.gguf" ]; then
   tar czf "$tarball" -C "$work" llama.cpp-0c1e570
 fi
 du -sh "$tarball" "$WHL/vocab"
-echo "wheels: $(ls "$WHL"/*.whl | wc -l)"
+echo "wheels: $(find "$WHL" -maxdepth 1 -name '*.whl' | wc -l)"
 du -sh "$WHL"
