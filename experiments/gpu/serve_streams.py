@@ -247,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                                          "127.0.0.1", "--port", str(port), "-np", str(n_slots),
                                          "-c", str(ctx), *shlex.split(args.llama_server_args)],
                         port))
-    for name, cmd, port in servers:
-        rows += bench_server(name, cmd, port, args, os.path.join(log_dir, f"{stem}_{name}.log"),
-                             deadline)
+    try:
+        for name, cmd, port in servers:
+            rows += bench_server(name, cmd, port, args,
+                                 os.path.join(log_dir, f"{stem}_{name}.log"), deadline)
+    except KeyboardInterrupt:  # SIGINT from the device script's `timeout`: keep what finished
+        print("serve_streams: interrupted, writing the levels that finished", flush=True)
     head = (f"## serve_streams: {os.path.basename(args.model)}\n\n"
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {args.max_tokens} tokens per request "
             f"(ignore_eos, temperature 0), prompt {len(PROMPT)} chars, {n_slots} slots x "
