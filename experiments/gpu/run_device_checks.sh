@@ -4,15 +4,19 @@
 # leaving the rest for pip, teardown and the copy back). Phases run in order of value, each
 # under `timeout` and only if the time left allows its minimum; every result goes to $OUT, and
 # $OUT/phases.md says what ran, for how long and with which exit status.
-#   background: llama.cpp 0c1e570 built with CUDA (build_llamacpp_cuda.sh, 12 cores, niced)
-#   1 pallas    tests/test_pallas.py compiled for the GPU (not the CPU-host lowering tests)
-#   2 ragged    tests/test_ragged_paged_attention.py, the GPU ("loop") variant
-#   3 kbench    bench_pallas.py: main types at decode/prefill rows on two Gemma-3 matrices
-#   4 models    bench_models.py: pp512/tg128 of SmolLM2, Gemma 3, 1B/8B synthetic files
-#   5 serve     serve_streams.py on the SmolLM2-shaped file at 1/8/64 streams (+ llama-server)
-#   6 lbench    llama-bench (CUDA) on the same files, once the build is done
-#   7 serve1b   serve_streams.py on the 1B file
-#   8 e2e, 9 vision, 10 offload: the earlier end-to-end, vision and partial-offload checks
+# Phase (max s, min s to start), in order; the planned total is ~420 s of the 450:
+#   setup       llama.cpp 0c1e570's CUDA build starts in the background (12 cores, niced:
+#               build_llamacpp_cuda.sh); offline wheels; nvidia-smi and versions     ~15
+#   pallas      tests/test_pallas.py compiled for the GPU, matmul vs gguf-py first  (100, 30)
+#   ragged      tests/test_ragged_paged_attention.py, the GPU ("loop") variant       (30, 15)
+#   kbench      bench_pallas.py: 5 types at 1/16/512 rows on two Gemma-3 matrices    (35, 20)
+#   models      bench_models.py: pp512/tg128, SmolLM2, Gemma 3, 1B/8B synthetic     (110, 40)
+#   serve       serve_streams.py: jllama serve, SmolLM2-shaped file, 1/8/64 streams  (80, 30)
+#   (waits for the build while more than 60 s are left)
+#   lbench      llama-bench (CUDA) -p 512 -n 128 on the same files, if built         (60, 25)
+#   serve_llama llama-server at 1/8/64 streams on the same file, if built            (40, 20)
+#   serve1b     serve_streams.py on the 1B file (+ llama-server if built)            (75, 30)
+#   e2e (60, 25), vision (40, 20), offload (60, 25): the earlier checks, if time is left
 # Dry run on a CPU (no GPU phases' numbers mean anything, it checks the plumbing):
 #   OUT=/tmp/out BUDGET_S=400 PHASE_CAP_S=30 DRY=1 bash experiments/gpu/run_device_checks.sh
 # (DRY: no llama.cpp build unless DRY_BUILD=1; PHASE_CAP_S: at most that many seconds a phase)
@@ -91,7 +95,7 @@ PYTEST=("$PY" -m pytest -p no:cacheprovider -v -rfE)
 # attention variant (interpret mode on a GPU); pytest runs them in the order named, so the
 # matmul against gguf-py and the attention come first if the time runs out
 P=tests/test_pallas.py
-phase pallas 120 30 "$OUT/pytest_pallas.txt" "${PYTEST[@]}" -k "not lowers and not pipelined" \
+phase pallas 100 30 "$OUT/pytest_pallas.txt" "${PYTEST[@]}" -k "not lowers and not pipelined" \
   "$P::test_qmatmul_matches_gguf_reference" "$P::test_decode_attention_matches_softmax" \
   "$P::test_qmatmul_quantized_weights_odd_n_in" "$P::test_qmatmul_real_model_weights" \
   "$P::test_qmatmul_multiply_reduce_up_to_16_rows" \
@@ -99,12 +103,12 @@ phase pallas 120 30 "$OUT/pytest_pallas.txt" "${PYTEST[@]}" -k "not lowers and n
   "$P::test_planes_roundtrip_gguf_dequantize" "$P::test_supported" \
   "$P::test_qmatmul_refuses_unsupported"
 tail -4 "$OUT/pytest_pallas.txt"
-phase ragged 45 15 "$OUT/pytest_ragged.txt" "${PYTEST[@]}" \
+phase ragged 30 15 "$OUT/pytest_ragged.txt" "${PYTEST[@]}" \
   tests/test_ragged_paged_attention.py -k "not lowers and not pipelined"
 tail -3 "$OUT/pytest_ragged.txt"
 # the types that matter most at decode (1, 16 rows) and one prefill size, on a 2.6 MB ffn
 # matrix and the 335 MB-at-Q8_0 output matrix: %HBM per type and rows
-phase kbench 45 20 "$OUT/bench_pallas.txt" "$PY" experiments/gpu/bench_pallas.py --reps 5 \
+phase kbench 35 20 "$OUT/bench_pallas.txt" "$PY" experiments/gpu/bench_pallas.py --reps 5 \
   --rows 1,16,512 --types Q4_0,Q4_K,Q6_K,Q8_0,IQ4_XS --shapes gemma3.ffn_up,gemma3.output
 tail -3 "$OUT/bench_pallas.txt"
 
@@ -112,7 +116,7 @@ tail -3 "$OUT/bench_pallas.txt"
 mkdir -p "$MODELS"
 lb=(); llama_built && lb=(--llama-bench "$LLAMA_BIN/llama-bench")
 if [ -f experiments/gpu/bench_models.py ]; then
-  t=$(left); [ "$t" -gt 140 ] && t=140
+  t=$(( $(left) - 10 )); [ "$t" -gt 95 ] && t=95
   phase models $((t + 15)) 40 "$OUT/models.txt" "$PY" experiments/gpu/bench_models.py \
     --vocab-dir .whl/vocab --workdir "$MODELS" --out "$OUT/models.md" --time-budget "$t" \
     "${lb[@]}"
@@ -131,37 +135,37 @@ if [ -z "$small" ]; then
     >"$OUT/synth_fallback.txt" 2>&1 || small=""
 fi
 ls -la "$MODELS" >"$OUT/models_files.txt" 2>&1
-ls_arg=(); llama_built && ls_arg=(--llama-server "$LLAMA_BIN/llama-server")
 SERVE_N=${SERVE_N:-128}
 if [ -n "$small" ]; then
-  phase serve 90 30 "$OUT/serve_small.txt" "$PY" experiments/gpu/serve_streams.py "$small" \
-    --streams 1,8,64 -n "$SERVE_N" --time-budget 80 "${ls_arg[@]}" --out "$OUT/serve_small.md"
-  tail -8 "$OUT/serve_small.txt"
+  phase serve 80 30 "$OUT/serve_small.txt" "$PY" experiments/gpu/serve_streams.py "$small" \
+    --streams 1,8,64 -n "$SERVE_N" --time-budget 70 --out "$OUT/serve_small.md"
+  tail -6 "$OUT/serve_small.txt"
 fi
-# llama-bench on the same files, if bench_models did not already run it: waits for the build
-# while more than 60 s would be left after it
-if [ ${#lb[@]} -eq 0 ] && [ -n "$BUILD_PID" ]; then
+# llama-bench on the same files (unless bench_models already ran it), then llama-server at the
+# same streams: waits for the build while more than 60 s are left
+if [ -n "$BUILD_PID" ]; then
   while ! llama_built && kill -0 "$BUILD_PID" 2>/dev/null && [ "$(left)" -gt 60 ]; do sleep 5; done
-  if llama_built; then
+fi
+if llama_built; then
+  if [ ${#lb[@]} -eq 0 ]; then
     mapfile -t files < <(find "$MODELS" -maxdepth 1 -name '*.gguf' | sort)
     margs=(); for f in "${files[@]}"; do margs+=(-m "$f"); done
-    [ ${#margs[@]} -gt 0 ] && phase lbench 90 25 "$OUT/llama_bench.txt" "$LLAMA_BIN/llama-bench" \
+    [ ${#margs[@]} -gt 0 ] && phase lbench 60 25 "$OUT/llama_bench.txt" "$LLAMA_BIN/llama-bench" \
       "${margs[@]}" -p 512 -n 128 -ngl 99 -r 2 -o md
     grep '^|' "$OUT/llama_bench.txt"
-    [ ${#ls_arg[@]} -eq 0 ] && [ -n "$small" ] && phase serve_llama 60 25 \
-      "$OUT/serve_small_llama.txt" "$PY" experiments/gpu/serve_streams.py "$small" \
-      --streams 1,8,64 -n "$SERVE_N" --no-jllama --time-budget 50 \
-      --llama-server "$LLAMA_BIN/llama-server" --out "$OUT/serve_small_llama.md"
-  else
-    echo "== lbench: skipped, llama.cpp not built: $(tail -1 "$OUT/llamacpp_build.txt")"
   fi
+  [ -n "$small" ] && phase serve_llama 40 20 "$OUT/serve_small_llama.txt" "$PY" \
+    experiments/gpu/serve_streams.py "$small" --streams 1,8,64 -n "$SERVE_N" --no-jllama \
+    --time-budget 35 --llama-server "$LLAMA_BIN/llama-server" --out "$OUT/serve_small_llama.md"
+else
+  echo "== lbench: skipped, llama.cpp not built: $(tail -1 "$OUT/llamacpp_build.txt" 2>/dev/null)"
 fi
 stop_build
 if [ -n "$big" ]; then
   ls_arg=(); llama_built && ls_arg=(--llama-server "$LLAMA_BIN/llama-server")
   phase serve1b 75 30 "$OUT/serve_1b.txt" "$PY" experiments/gpu/serve_streams.py "$big" \
     --streams 1,8,64 -n "$SERVE_N" --time-budget 65 "${ls_arg[@]}" --out "$OUT/serve_1b.md"
-  tail -8 "$OUT/serve_1b.txt"
+  tail -6 "$OUT/serve_1b.txt"
 fi
 
 # --- 8-10: earlier checks, with what is left
