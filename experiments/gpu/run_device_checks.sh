@@ -19,17 +19,20 @@
 #   e2e (60, 25), vision (40, 20), offload (60, 25): the earlier checks, if time is left
 # Dry run on a CPU (no GPU phases' numbers mean anything, it checks the plumbing):
 #   OUT=/tmp/out BUDGET_S=400 PHASE_CAP_S=30 DRY=1 bash experiments/gpu/run_device_checks.sh
-# (DRY: no llama.cpp build unless DRY_BUILD=1; PHASE_CAP_S: at most that many seconds a phase)
+# (DRY: no llama.cpp build unless DRY_BUILD=1; PHASE_CAP_S: at most that many seconds a phase;
+# SKIP="pallas ragged ...": phases left out, e.g. for a second call on a still-warm machine;
+# SERVE_N, STREAMS: serve_streams' tokens per request and levels; BENCH_MODELS: its script)
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-450}
+LAST_RC=""
 T0=$SECONDS
 RESERVE=8  # seconds kept for the summary and stopping the build
 MODELS=${MODELS_DIR:-/tmp/models}
 LLAMA_BIN=$PWD/build-llamacpp-cuda/bin
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JLLAMA_CACHE=/tmp/jllama-cache
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 left() { echo $(( BUDGET_S - (SECONDS - T0) - RESERVE )); }
 printf '| phase | allowed s | used s | rc |\n|---|---:|---:|---:|\n' >"$OUT/phases.md"
@@ -38,16 +41,19 @@ printf '| phase | allowed s | used s | rc |\n|---|---:|---:|---:|\n' >"$OUT/phas
 # summary of what ran.
 phase() {
   local name=$1 max=$2 min=$3 log=$4; shift 4
+  case " ${SKIP:-} " in *" $name "*)
+    LAST_RC=skipped; echo "== $name: skipped (SKIP)"; echo "| $name | SKIP | 0 | - |" >>"$OUT/phases.md"; return 0;; esac
   local t; t=$(left); [ "$t" -gt "$max" ] && t=$max
   [ -n "${PHASE_CAP_S:-}" ] && [ "$t" -gt "$PHASE_CAP_S" ] && t=$PHASE_CAP_S  # dry runs
   if [ "$t" -lt "$min" ]; then
-    echo "== $name: skipped ($(left)s left, needs $min)"
+    LAST_RC=skipped; echo "== $name: skipped ($(left)s left, needs $min)"
     echo "| $name | skipped | 0 | - |" >>"$OUT/phases.md"; return 0
   fi
   echo "== $name (up to ${t}s, $(( SECONDS - T0 ))s in)"
   local s=$SECONDS
   timeout -s INT -k 10 "$t" "$@" >"$log" 2>&1
   local rc=$?
+  LAST_RC=$rc
   echo "| $name | $t | $(( SECONDS - s )) | $rc |" >>"$OUT/phases.md"
   return 0
 }
@@ -102,27 +108,30 @@ phase pallas 100 30 "$OUT/pytest_pallas.txt" "${PYTEST[@]}" -k "not lowers and n
   "$P::test_decode_attention_empty_sequence_is_zero" "$P::test_take_rows_planes_matches_gguf_rows" \
   "$P::test_planes_roundtrip_gguf_dequantize" "$P::test_supported" \
   "$P::test_qmatmul_refuses_unsupported"
-tail -4 "$OUT/pytest_pallas.txt"
+tail -4 "$OUT/pytest_pallas.txt" 2>/dev/null
 phase ragged 30 15 "$OUT/pytest_ragged.txt" "${PYTEST[@]}" \
   tests/test_ragged_paged_attention.py -k "not lowers and not pipelined"
-tail -3 "$OUT/pytest_ragged.txt"
+tail -3 "$OUT/pytest_ragged.txt" 2>/dev/null
 # the types that matter most at decode (1, 16 rows) and one prefill size, on a 2.6 MB ffn
 # matrix and the 335 MB-at-Q8_0 output matrix: %HBM per type and rows
 phase kbench 35 20 "$OUT/bench_pallas.txt" "$PY" experiments/gpu/bench_pallas.py --reps 5 \
   --rows 1,16,512 --types Q4_0,Q4_K,Q6_K,Q8_0,IQ4_XS --shapes gemma3.ffn_up,gemma3.output
-tail -3 "$OUT/bench_pallas.txt"
+tail -3 "$OUT/bench_pallas.txt" 2>/dev/null
 
 # --- 4-7: models, server, llama.cpp on the same files
 mkdir -p "$MODELS"
 lb=(); llama_built && lb=(--llama-bench "$LLAMA_BIN/llama-bench")
-if [ -f experiments/gpu/bench_models.py ]; then
+lb_done=""
+BENCH_MODELS=${BENCH_MODELS:-experiments/gpu/bench_models.py}
+if [ -f "$BENCH_MODELS" ]; then
   t=$(( $(left) - 10 )); [ "$t" -gt 95 ] && t=95
-  phase models $((t + 15)) 40 "$OUT/models.txt" "$PY" experiments/gpu/bench_models.py \
+  phase models $((t + 15)) 40 "$OUT/models.txt" "$PY" "$BENCH_MODELS" \
     --vocab-dir .whl/vocab --workdir "$MODELS" --out "$OUT/models.md" --time-budget "$t" \
     "${lb[@]}"
-  tail -20 "$OUT/models.txt"
+  [ ${#lb[@]} -gt 0 ] && [ "$LAST_RC" = 0 ] && lb_done=1
+  tail -20 "$OUT/models.txt" 2>/dev/null
 else
-  echo "== models: skipped, no experiments/gpu/bench_models.py in this tree"
+  echo "== models: skipped, no $BENCH_MODELS in this tree"
 fi
 # the files serve_streams uses: bench_models' SmolLM2-shaped and 1B ones, else a 4-block
 # 1B-shaped F16 file written here (seconds)
@@ -135,11 +144,11 @@ if [ -z "$small" ]; then
     >"$OUT/synth_fallback.txt" 2>&1 || small=""
 fi
 ls -la "$MODELS" >"$OUT/models_files.txt" 2>&1
-SERVE_N=${SERVE_N:-128}
+SERVE_N=${SERVE_N:-128} STREAMS=${STREAMS:-1,8,64}
 if [ -n "$small" ]; then
   phase serve 80 30 "$OUT/serve_small.txt" "$PY" experiments/gpu/serve_streams.py "$small" \
-    --streams 1,8,64 -n "$SERVE_N" --time-budget 70 --out "$OUT/serve_small.md"
-  tail -6 "$OUT/serve_small.txt"
+    --streams "$STREAMS" -n "$SERVE_N" --time-budget 70 --out "$OUT/serve_small.md"
+  tail -6 "$OUT/serve_small.txt" 2>/dev/null
 fi
 # llama-bench on the same files (unless bench_models already ran it), then llama-server at the
 # same streams: waits for the build while more than 60 s are left
@@ -147,15 +156,15 @@ if [ -n "$BUILD_PID" ]; then
   while ! llama_built && kill -0 "$BUILD_PID" 2>/dev/null && [ "$(left)" -gt 60 ]; do sleep 5; done
 fi
 if llama_built; then
-  if [ ${#lb[@]} -eq 0 ]; then
+  if [ -z "$lb_done" ]; then
     mapfile -t files < <(find "$MODELS" -maxdepth 1 -name '*.gguf' | sort)
     margs=(); for f in "${files[@]}"; do margs+=(-m "$f"); done
     [ ${#margs[@]} -gt 0 ] && phase lbench 60 25 "$OUT/llama_bench.txt" "$LLAMA_BIN/llama-bench" \
       "${margs[@]}" -p 512 -n 128 -ngl 99 -r 2 -o md
-    grep '^|' "$OUT/llama_bench.txt"
+    grep '^|' "$OUT/llama_bench.txt" 2>/dev/null
   fi
   [ -n "$small" ] && phase serve_llama 40 20 "$OUT/serve_small_llama.txt" "$PY" \
-    experiments/gpu/serve_streams.py "$small" --streams 1,8,64 -n "$SERVE_N" --no-jllama \
+    experiments/gpu/serve_streams.py "$small" --streams "$STREAMS" -n "$SERVE_N" --no-jllama \
     --time-budget 35 --llama-server "$LLAMA_BIN/llama-server" --out "$OUT/serve_small_llama.md"
 else
   echo "== lbench: skipped, llama.cpp not built: $(tail -1 "$OUT/llamacpp_build.txt" 2>/dev/null)"
@@ -164,8 +173,8 @@ stop_build
 if [ -n "$big" ]; then
   ls_arg=(); llama_built && ls_arg=(--llama-server "$LLAMA_BIN/llama-server")
   phase serve1b 75 30 "$OUT/serve_1b.txt" "$PY" experiments/gpu/serve_streams.py "$big" \
-    --streams 1,8,64 -n "$SERVE_N" --time-budget 65 "${ls_arg[@]}" --out "$OUT/serve_1b.md"
-  tail -6 "$OUT/serve_1b.txt"
+    --streams "$STREAMS" -n "$SERVE_N" --time-budget 65 "${ls_arg[@]}" --out "$OUT/serve_1b.md"
+  tail -6 "$OUT/serve_1b.txt" 2>/dev/null
 fi
 
 # --- 8-10: earlier checks, with what is left

@@ -166,8 +166,8 @@ def table(rows: list[dict]) -> str:
 
 
 def bench_server(name: str, cmd: list[str], port: int, args, log_path: str,
-                 deadline: float) -> list[dict]:
-    rows: list[dict] = []
+                 deadline: float, rows: list[dict]) -> None:
+    """Appends one row per level to ``rows`` as it goes (an interrupt keeps those)."""
     print(f"[{name}] starting: {shlex.join(cmd)}", flush=True)
     log = open(log_path, "w")
     t0 = time.time()
@@ -176,8 +176,9 @@ def bench_server(name: str, cmd: list[str], port: int, args, log_path: str,
         if not wait_ready(port, proc, min(args.startup_timeout, max(deadline - time.time(), 1))):
             print(f"[{name}] not ready after {time.time() - t0:.0f}s (exit {proc.poll()}); "
                   f"log: {log_path}", flush=True)
-            return [{"server": name, "streams": s, "ok": 0, "errors": s,
-                     "first_error": "server did not start"} for s in args.streams]
+            rows += [{"server": name, "streams": s, "ok": 0, "errors": s,
+                      "first_error": "server did not start"} for s in args.streams]
+            return
         print(f"[{name}] ready in {time.time() - t0:.1f}s", flush=True)
         for s in args.streams:
             if time.time() > deadline:
@@ -191,12 +192,11 @@ def bench_server(name: str, cmd: list[str], port: int, args, log_path: str,
     finally:
         proc.terminate()
         try:
-            proc.wait(15)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                         port))
     try:
         for name, cmd, port in servers:
-            rows += bench_server(name, cmd, port, args,
-                                 os.path.join(log_dir, f"{stem}_{name}.log"), deadline)
+            bench_server(name, cmd, port, args, os.path.join(log_dir, f"{stem}_{name}.log"),
+                         deadline, rows)
     except KeyboardInterrupt:  # SIGINT from the device script's `timeout`: keep what finished
         print("serve_streams: interrupted, writing the levels that finished", flush=True)
     head = (f"## serve_streams: {os.path.basename(args.model)}\n\n"
