@@ -27,6 +27,11 @@ cd "$(dirname "$0")/../.." || exit 1
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-450}
 LAST_RC=""
+# jllama's commands run on the CPU unless told (--platform or JAX_PLATFORMS): the model and
+# server phases get the GPU first with the CPU beside it; the tests and scripts choose for
+# themselves (some need the CPU backend too)
+GPUENV=(env "JAX_PLATFORMS=cuda,cpu")
+[ -n "${DRY:-}" ] && GPUENV=(env)
 T0=$SECONDS
 RESERVE=8  # seconds kept for the summary and stopping the build
 MODELS=${MODELS_DIR:-/tmp/models}
@@ -42,7 +47,8 @@ printf '| phase | allowed s | used s | rc |\n|---|---:|---:|---:|\n' >"$OUT/phas
 phase() {
   local name=$1 max=$2 min=$3 log=$4; shift 4
   case " ${SKIP:-} " in *" $name "*)
-    LAST_RC=skipped; echo "== $name: skipped (SKIP)"; echo "| $name | SKIP | 0 | - |" >>"$OUT/phases.md"; return 0;; esac
+    LAST_RC=skipped; echo "== $name: skipped (SKIP)"
+    echo "| $name | SKIP | 0 | - |" >>"$OUT/phases.md"; return 0;; esac
   local t; t=$(left); [ "$t" -gt "$max" ] && t=$max
   [ -n "${PHASE_CAP_S:-}" ] && [ "$t" -gt "$PHASE_CAP_S" ] && t=$PHASE_CAP_S  # dry runs
   if [ "$t" -lt "$min" ]; then
@@ -89,7 +95,8 @@ trap stop_build EXIT
 trap 'exit 143' TERM INT
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   nproc; free -g | head -2; "$PY" --version; command -v nvcc cmake g++ ninja
-  "$PY" -c "import jax, jaxlib, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, jax.devices())"
+  "$PY" -c "import jax, jaxlib, flax; print('jax', jax.__version__, 'jaxlib', \
+jaxlib.__version__, 'flax', flax.__version__, jax.devices())"
 } >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 case "$(cat "$OUT/gpu.txt")" in *CudaDevice*|*GpuDevice*) ;; *)
@@ -125,7 +132,7 @@ lb_done=""
 BENCH_MODELS=${BENCH_MODELS:-experiments/gpu/bench_models.py}
 if [ -f "$BENCH_MODELS" ]; then
   t=$(( $(left) - 10 )); [ "$t" -gt 95 ] && t=95
-  phase models $((t + 15)) 40 "$OUT/models.txt" "$PY" "$BENCH_MODELS" \
+  phase models $((t + 15)) 40 "$OUT/models.txt" "${GPUENV[@]}" "$PY" "$BENCH_MODELS" \
     --vocab-dir .whl/vocab --workdir "$MODELS" --out "$OUT/models.md" --time-budget "$t" \
     "${lb[@]}"
   [ ${#lb[@]} -gt 0 ] && [ "$LAST_RC" = 0 ] && lb_done=1
@@ -140,13 +147,15 @@ small=$(pick 'smollm2*q4*.gguf'); [ -n "$small" ] || small=$(pick 'smollm2*.gguf
 big=$(pick 'llama-3.2-1b*q4*.gguf'); [ -n "$big" ] || big=$(pick 'llama-3.2-1b*.gguf')
 if [ -z "$small" ]; then
   small=$MODELS/fallback-1b-4blocks.gguf
-  timeout 90 "$PY" -m jllama synth llama-3.2-1b "$small" --layers 4 --vocab .whl/vocab \
+  timeout 90 "${GPUENV[@]}" "$PY" -m jllama synth llama-3.2-1b "$small" --layers 4 \
+    --vocab .whl/vocab \
     >"$OUT/synth_fallback.txt" 2>&1 || small=""
 fi
 ls -la "$MODELS" >"$OUT/models_files.txt" 2>&1
 SERVE_N=${SERVE_N:-128} STREAMS=${STREAMS:-1,8,64}
 if [ -n "$small" ]; then
-  phase serve 80 30 "$OUT/serve_small.txt" "$PY" experiments/gpu/serve_streams.py "$small" \
+  phase serve 80 30 "$OUT/serve_small.txt" "${GPUENV[@]}" "$PY" experiments/gpu/serve_streams.py \
+    "$small" \
     --streams "$STREAMS" -n "$SERVE_N" --time-budget 70 --out "$OUT/serve_small.md"
   tail -6 "$OUT/serve_small.txt" 2>/dev/null
 fi
@@ -172,7 +181,8 @@ fi
 stop_build
 if [ -n "$big" ]; then
   ls_arg=(); llama_built && ls_arg=(--llama-server "$LLAMA_BIN/llama-server")
-  phase serve1b 75 30 "$OUT/serve_1b.txt" "$PY" experiments/gpu/serve_streams.py "$big" \
+  phase serve1b 75 30 "$OUT/serve_1b.txt" "${GPUENV[@]}" "$PY" experiments/gpu/serve_streams.py \
+    "$big" \
     --streams "$STREAMS" -n "$SERVE_N" --time-budget 65 "${ls_arg[@]}" --out "$OUT/serve_1b.md"
   tail -6 "$OUT/serve_1b.txt" 2>/dev/null
 fi

@@ -9,7 +9,7 @@ t/s (median over streams of (tokens - 1) / (last token - first token)), time to 
 batch shape are not counted. Standard library only (threads + http.client): it runs on a bare
 device image.
 
-  python experiments/gpu/serve_streams.py MODEL.gguf --streams 1,8,64 -n 128 \
+  python experiments/gpu/serve_streams.py MODEL.gguf --platform gpu --streams 1,8,64 -n 128 \
       [--llama-server build-llamacpp-cuda/bin/llama-server] --out serve.md
 
 CPU smoke test (tiny model, a few minutes on 2 cores):
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-server", metavar="PATH", help="also measure llama.cpp's server")
     ap.add_argument("--llama-server-args", default="-ngl 99",
                     help="extra llama-server flags (default '-ngl 99')")
+    ap.add_argument("--platform", default=None,
+                    help="jllama serve's --platform (its default: JAX_PLATFORMS, else cpu)")
     ap.add_argument("--jllama-args", default="", help="extra `jllama serve` flags")
     ap.add_argument("--no-jllama", action="store_true", help="only llama-server")
     ap.add_argument("--startup-timeout", type=float, default=240, help="seconds (default 240)")
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(("jllama", [sys.executable, "-m", "jllama", "serve", "-m", args.model,
                                    "--host", "127.0.0.1", "--port", str(port), "-np",
                                    str(n_slots), "-c", str(ctx),
+                                   *(["--platform", args.platform] if args.platform else []),
                                    *shlex.split(args.jllama_args)], port))
     if args.llama_server:
         port = free_port()
