@@ -2,8 +2,8 @@
 # Run HERE (with network) before the device call: fills .whl/ (untracked, not ignored, so the
 # device tool copies it with the tree) with what a bare JAX+CUDA image may lack, because the
 # device machine has no network:
-#   .whl/*.whl                  jllama's pure-Python runtime deps and theirs (jax, jaxlib, flax,
-#                               numpy and ml_dtypes come with the image); MarkupSafe and PyYAML
+#   .whl/*.whl                  jllama's pure-Python runtime deps and theirs, and pytest (jax,
+#                               jaxlib, flax, numpy, ml_dtypes come with the image); MarkupSafe, PyYAML
 #                               have compiled wheels only, so one per CPython 3.10-3.13
 #   .whl/requirements.txt       the names run_device_checks.sh installs (pip picks the wheel
 #                               matching the device's Python from .whl)
@@ -22,7 +22,8 @@ mkdir -p "$WHL/vocab"
 
 # pure-Python wheels (py3-none-any); --python-version 3.10 keeps them valid on older images
 pure=(gguf jinja2 tqdm starlette uvicorn h11 anyio sniffio idna click typing_extensions
-      requests urllib3 certifi charset_normalizer)
+      requests urllib3 certifi charset_normalizer
+      pytest pluggy iniconfig packaging pygments exceptiongroup tomli)  # the device's tests
 # compiled ones: no pure wheel exists (MarkupSafe has a C speedup, PyYAML libyaml bindings)
 compiled=(markupsafe pyyaml)
 # (--implementation py --abi none --platform any: only py3-none-any tags match, so
