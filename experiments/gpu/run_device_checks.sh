@@ -50,7 +50,10 @@ phase() {
     LAST_RC=skipped; echo "== $name: skipped (SKIP)"
     echo "| $name | SKIP | 0 | - |" >>"$OUT/phases.md"; return 0;; esac
   local t; t=$(left); [ "$t" -gt "$max" ] && t=$max
-  [ -n "${PHASE_CAP_S:-}" ] && [ "$t" -gt "$PHASE_CAP_S" ] && t=$PHASE_CAP_S  # dry runs
+  if [ -n "${PHASE_CAP_S:-}" ]; then  # dry runs: at most the cap, but at least the minimum
+    local cap=$PHASE_CAP_S; [ "$cap" -lt "$min" ] && cap=$min
+    [ "$t" -gt "$cap" ] && t=$cap
+  fi
   if [ "$t" -lt "$min" ]; then
     LAST_RC=skipped; echo "== $name: skipped ($(left)s left, needs $min)"
     echo "| $name | skipped | 0 | - |" >>"$OUT/phases.md"; return 0
