@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.time() + args.time_budget if args.time_budget > 0 else float("inf")
     n_slots = max(args.streams)
     ctx = n_slots * args.slot_ctx
-    log_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else "."
+    # server logs next to --out (on the device: $OUT, so they come back), else in /tmp
+    log_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else tempfile.gettempdir()
     stem = os.path.splitext(os.path.basename(args.out))[0] if args.out else "serve_streams"
     rows: list[dict] = []
     servers = []
