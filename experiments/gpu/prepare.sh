@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run HERE (with network) before the device call: fills .whl/ (untracked, not ignored, so the
-# device tool copies it with the tree) with what a bare JAX+CUDA image may lack, because the
+# Run HERE (with network) before the device call: fills .whl/ (git-ignored; the device call
+# carries it, 21 MiB of the 64 MiB allowed) with what a bare JAX+CUDA image may lack, because the
 # device machine has no network:
 #   .whl/*.whl                  jllama's pure-Python runtime deps and theirs, and pytest (jax,
 #                               jaxlib, flax, numpy, ml_dtypes come with the image); MarkupSafe, PyYAML
