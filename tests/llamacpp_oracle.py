@@ -89,12 +89,14 @@ _BASE_FNS = {
 
 
 def llama_cpp_logits_and_greedy(path, tokens: list[int], n_greedy: int = 16):
-    """llama.cpp's logits at every position of ``tokens`` (flash attention on, two threads, as
-    the tiny-model tests run jllama) and its ``n_greedy`` greedy tokens after them."""
+    """llama.cpp's logits at every position of ``tokens`` (flash attention on, as the
+    tiny-model tests run jllama) and its ``n_greedy`` greedy tokens after them."""
     import numpy as np
 
+    # one thread: below 512 keys no ggml op's bits depend on the thread count, and two threads
+    # spin at every op's barrier while the other pytest worker holds a core (2-4x slower)
     llm = llama_cpp_module().Llama(str(path), n_ctx=64, logits_all=True, verbose=False,
-                                   n_threads=2, seed=0, flash_attn=True)
+                                   n_threads=1, seed=0, flash_attn=True)
     try:
         llm.eval(tokens)
         ref = np.array(llm.scores[: len(tokens)], dtype=np.float32)

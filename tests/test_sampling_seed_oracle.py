@@ -107,7 +107,7 @@ def models(smollm2_path):
     from jllama.api import Llama
 
     oracle = llama_cpp_module().Llama(model_path=str(smollm2_path), n_ctx=256, verbose=False,
-                                      n_threads=2, seed=1, flash_attn=True)
+                                      n_threads=1, seed=1, flash_attn=True)  # < 512 keys
     yield oracle, Llama(smollm2_path, ctx_size=256)
     oracle.close()
 

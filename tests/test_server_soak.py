@@ -1,6 +1,6 @@
 """A short soak of the real server (issue #18 item 5; the long one: experiments/soak_server.py).
 
-SmolLM2 behind ``jllama serve``'s app, 4 slots, 200 mixed requests at 32 concurrent: chats
+SmolLM2 behind ``jllama serve``'s app, 4 slots, 120 mixed requests at 32 concurrent: chats
 (plain, streamed, JSON-schema constrained, with tools), streams the client cancels after one
 chunk while they ask for the whole context, over-long prompts and bodies that are not JSON.
 Every request must end in exactly one outcome of its kind, response ids never repeat, the
@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-N, CONC, SLOTS, CTX = 200, 32, 4, 1024
+N, CONC, SLOTS, CTX = 120, 32, 4, 1024
 
 
 def test_soak_mixed_requests(smollm2_path, experiment):

@@ -122,7 +122,7 @@ def test_tiny_model_runs_in_llama_cpp_and_jllama(tiny, name):
     from jllama.engine.sampling import SamplingParams
 
     path = tiny(name)
-    ref = llama_cpp_module().Llama(model_path=str(path), n_ctx=64, verbose=False, n_threads=2)
+    ref = llama_cpp_module().Llama(model_path=str(path), n_ctx=64, verbose=False, n_threads=1)
     ids = ref.tokenize(b"The capital of France is")
     want = []
     for tok in ref.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):

@@ -302,8 +302,10 @@ def oracle(path: Path, n_ctx: int = 256, cache: str = "f32", flash_attn: bool = 
     from llamacpp_oracle import llama_cpp_module
 
     llama_cpp = llama_cpp_module()
+    # one thread: below 512 keys no ggml op's bits depend on the thread count, and two threads
+    # spin at every op's barrier while the other pytest worker holds a core (2-4x slower)
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                           n_threads=2, seed=0, type_k=KV_TYPES[cache], type_v=KV_TYPES[cache],
+                           n_threads=1 if n_ctx < 512 else 2, seed=0, type_k=KV_TYPES[cache], type_v=KV_TYPES[cache],
                            flash_attn=flash_attn)
 
 
