@@ -263,4 +263,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the device script's phase timeout (SIGINT): rows are in --out
+        print("bench_models: interrupted; the rows measured so far are in --out", file=sys.stderr)
+        sys.exit(130)
