@@ -72,7 +72,9 @@ def _flat_state(state: Any) -> list[tuple[str, Any]]:
 
     items = jax.tree_util.tree_flatten_with_path(
         state, is_leaf=lambda x: isinstance(x, QTensor))[0]
-    return [(".".join(path_names(p)), leaf) for p, leaf in items]
+    # stored in their usual shapes: a file-offset tensor (quant/qtensor.py) is a load detail
+    return [(".".join(path_names(p)), leaf.natural() if isinstance(leaf, QTensor) else leaf)
+            for p, leaf in items]
 
 
 def _dtype_name(a: Any) -> str:

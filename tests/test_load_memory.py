@@ -48,17 +48,28 @@ def test_llama_load_leaves_file_unmapped(smollm2_path):
     assert llm.tokenize("Hello")  # the tokenizer was built from the parsed header
 
 
-def test_misaligned_data_section_copied_once(tmp_path):
+def _qtensors(llm) -> list:
+    import jax
+
+    from jllama.quant.qtensor import QTensor
+
+    return [v for v in jax.tree_util.tree_leaves(llm.engine.state,
+                                                 is_leaf=lambda x: isinstance(x, QTensor))
+            if isinstance(v, QTensor) and not v.is_float]
+
+
+def test_misaligned_data_section_read_in_place(tmp_path):
     """GGUF aligns tensors to 32 bytes; where the data section sits at 32 mod 64, XLA cannot
-    adopt the mapping's views. load_weights copies them itself, so the file's pages do not stay
-    resident beside the copy after a forward pass (they did: 2x a model's bytes), and the
-    logits are the aligned file's."""
-    from tinymodels import dense_hparams, dense_tensors, write_gguf
+    adopt the mapping's views as they are (it needs 64). The quantized weights are then adopted
+    from the 64-aligned address 32 bytes before each (an offset QTensor, quant/qtensor.py) and
+    read in place like an aligned file's: no copy (it was 2x a model's bytes resident, then a
+    copy at load), the file's pages resident as used, the aligned file's logits."""
+    from tinymodels import dense_hparams, dense_tensors, mapped_ranges, write_gguf
 
     from jllama.api import Llama
 
     shp = dict(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, head_dim=64)
-    tensors = dense_tensors(3, n_vocab=262144, **shp)  # big tensors: device_put copies them late
+    tensors = dense_tensors(3, n_vocab=262144, **shp)  # big tensors: a copy would show
     files = {}
     for pad in range(0, 64, 4):  # header lengths until one file of each alignment
         import gguf
@@ -74,7 +85,12 @@ def test_misaligned_data_section_copied_once(tmp_path):
     for mod, p in files.items():
         llm = Llama(str(p), ctx_size=64, compile_cache=False)
         logits[mod] = np.asarray(llm.engine.logits([1, 2, 3, 4, 5]))
-        if mod:  # copied at load: its pages were dropped and are not read again (an aligned
-            # file's weights are read in place, as llama.cpp's mmap: resident as used)
-            assert _mapped_rss_kib(str(p)) * 1024 < read_gguf(p).file_size // 8
+        qts = _qtensors(llm)
+        assert qts and all(qt.offset == mod for qt in qts)
+        ranges = mapped_ranges(str(p))
+        for qt in qts:  # every quantized weight's buffer lies in a mapping of the file
+            ptr = qt.data.unsafe_buffer_pointer()
+            assert any(a <= ptr and ptr + qt.data.nbytes <= b for a, b in ranges)
+        assert _mapped_rss_kib(str(p)) * 1024 > read_gguf(p).file_size // 2  # read there
+        del llm
     np.testing.assert_array_equal(logits[0], logits[32])

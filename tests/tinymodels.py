@@ -280,3 +280,37 @@ def write_server_model(path: str | Path, fim: bool = True, seed: int = 5,
                       dense_tensors(seed, n_vocab=320, **shp),
                       qtype=gguf.GGMLQuantizationType.F16,
                       specials=FIM_SPECIALS if fim else FIM_SPECIALS[:3])
+
+
+def realigned(src: str | Path, dst: str | Path, mod: int = 32) -> Path:
+    """A copy of a GGUF file whose data section starts at ``mod`` mod 64 (GGUF aligns it to
+    32 only, so real files come both ways): the same metadata, tensors and bytes, plus a
+    padding key whose length moves the header. llama.cpp and jllama both ignore the key."""
+    from jllama.gguf.reader import read_gguf
+    from jllama.gguf.writer import TensorSpec, write_gguf
+
+    g = read_gguf(src)
+    specs = [TensorSpec(t.name, tuple(t.shape), int(t.qtype), lambda t=t: np.asarray(t.data))
+             for t in g.tensors.values()]
+    for pad in range(64):
+        meta = {**g.metadata, "jllama.test.pad": "x" * pad}
+        write_gguf(dst, meta, specs, g.metadata_types)
+        if read_gguf(dst).data_offset % 64 == mod:
+            return Path(dst)
+    raise AssertionError(f"no padding puts {src}'s data section at {mod} mod 64")
+
+
+def mapped_ranges(path: str | Path) -> list[tuple[int, int]]:
+    """[start, end) addresses of this process's mappings of ``path`` (/proc/self/maps): where a
+    weight read in place from the file must lie."""
+    import os
+
+    path = os.path.realpath(path)
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            head = line.split()
+            if len(head) >= 6 and head[5] == path:
+                a, b = head[0].split("-")
+                out.append((int(a, 16), int(b, 16)))
+    return out

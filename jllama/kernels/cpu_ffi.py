@@ -33,7 +33,7 @@ import numpy as np
 from jllama import numerics
 from jllama.quant.formats import iq_grid
 from jllama.quant.iqgrids import grid as iq8_grid
-from jllama.quant.qtensor import LayerStack
+from jllama.quant.qtensor import LayerStack, QTensor, gguf_data_shape
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +234,32 @@ def _tiled(tiled: bool | None) -> bool:
     return numerics.current().ggml_tiled_mm if tiled is None else bool(tiled)
 
 
-def _weight_operands(raws: list, qtypes: list[int]) -> tuple[list, list[int], int]:
-    """(operands, qtypes, layers) of an int8 call: the raw rows as they are (layers 0), or for
-    weights given as ``LayerStack``s (all of them, then) the index (layer, expert) followed by
-    every layer's rows, weight by weight; the kernel reads the indexed layer's in place, and of
-    stacked experts [n_expert, n, row_bytes] the indexed expert's rows."""
+def _weight_meta(w) -> list[int]:
+    """(byte offset, experts or 0, rows, row bytes) of one weight operand: a raw GGUF-row
+    array [n, row_bytes] / [n_expert, n, row_bytes], or a QTensor in layout "gguf" (whose flat
+    ``data`` may start ``offset`` bytes before the tensor: QTensor's module doc)."""
+    if isinstance(w, QTensor):
+        off, shape = w.offset, gguf_data_shape(w.qtype, w.shape)
+    else:
+        off, shape = 0, tuple(w.shape)
+    if len(shape) == 2:
+        return [int(off), 0, int(shape[0]), int(shape[1])]
+    if len(shape) == 3:
+        return [int(off), int(shape[0]), int(shape[1]), int(shape[2])]
+    raise ValueError(f"an int8 call's weights are 2-D or 3-D, not {shape}")
+
+
+def _weight_operands(raws: list, qtypes: list[int]) -> tuple[list, list[int], int, list[int]]:
+    """(operands, qtypes, layers, meta) of an int8 call: the weights as they are (layers 0),
+    or for weights given as ``LayerStack``s (all of them, then) the index (layer, expert)
+    followed by every layer's rows, weight by weight; the kernel reads the indexed layer's in
+    place, and of stacked experts [n_expert, n, row_bytes] the indexed expert's rows. A weight
+    is a raw GGUF-row array or a QTensor; ``meta`` has ``_weight_meta``'s four numbers per
+    weight operand."""
     if not any(isinstance(r, LayerStack) for r in raws):
-        return list(raws), list(qtypes), 0
+        ws = list(raws)
+        return ([w.data if isinstance(w, QTensor) else w for w in ws], list(qtypes), 0,
+                [v for w in ws for v in _weight_meta(w)])
     n = len(raws[0].parts)
     if not all(isinstance(r, LayerStack) and len(r.parts) == n for r in raws):
         raise ValueError("an int8 call's weights are all LayerStacks of one length, or none")
@@ -250,8 +269,9 @@ def _weight_operands(raws: list, qtypes: list[int]) -> tuple[list, list[int], in
     ex = next((r.expert for r in raws if r.expert is not None), -1)
     ops = [jnp.stack([jnp.asarray(raws[0].index, jnp.int32).reshape(()),
                       jnp.asarray(ex, jnp.int32).reshape(())])]
-    ops += [p.data for r in raws for p in r.parts]
-    return ops, [t for r in raws for t in r.qtypes], n
+    parts = [p for r in raws for p in r.parts]
+    ops += [p.data for p in parts]
+    return ops, [t for r in raws for t in r.qtypes], n, [v for p in parts for v in _weight_meta(p)]
 
 
 def _q8_call(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list, qtypes: list[int],
@@ -260,10 +280,11 @@ def _q8_call(q: jax.Array, d: jax.Array, s: jax.Array | None, raws: list, qtypes
     if s is None:
         s = jnp.zeros((m, 0), jnp.float32)
     outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
-    ops, qtypes, layers = _weight_operands(raws, qtypes)
+    ops, qtypes, layers, meta = _weight_operands(raws, qtypes)
     ys = jax.ffi.ffi_call("jllama_qmatvec_q8", outs, vmap_method="sequential")(
         q.astype(jnp.int8), d.astype(jnp.float32), s.astype(jnp.float32), *ops,
-        qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled), layers=np.int64(layers))
+        qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled), layers=np.int64(layers),
+        wmeta=np.asarray(meta, np.int64))
     return list(ys)
 
 
@@ -316,10 +337,10 @@ def qmatvec_q8_fused(x2: jax.Array, raws: list, qtypes: list[int],
         return None
     m = x2.shape[0]
     outs = tuple(jax.ShapeDtypeStruct((m, r.shape[0]), jnp.float32) for r in raws)
-    ops, qtypes, layers = _weight_operands(raws, qtypes)
+    ops, qtypes, layers, meta = _weight_operands(raws, qtypes)
     ys = jax.ffi.ffi_call("jllama_qmatvec_q8f", outs, vmap_method="sequential")(
         x2.astype(jnp.float32), *ops, qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled),
-        layers=np.int64(layers))
+        layers=np.int64(layers), wmeta=np.asarray(meta, np.int64))
     return list(ys)
 
 
@@ -334,10 +355,11 @@ def qmatmul_id(x2: jax.Array, rows: jax.Array, counts: jax.Array, raws: list,
         return None
     p = rows.shape[0]
     outs = tuple(jax.ShapeDtypeStruct((p, r.shape[-2]), jnp.float32) for r in raws)
-    ops, qtypes, layers = _weight_operands(raws, qtypes)
+    ops, qtypes, layers, meta = _weight_operands(raws, qtypes)
     ys = jax.ffi.ffi_call("jllama_qmatmul_id", outs, vmap_method="sequential")(
         x2.astype(jnp.float32), rows.astype(jnp.int32), counts.astype(jnp.int32), *ops,
-        qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled), layers=np.int64(layers))
+        qtypes=np.asarray(qtypes, np.int64), tiled=_tiled(tiled), layers=np.int64(layers),
+        wmeta=np.asarray(meta, np.int64))
     return list(ys)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from jllama.kernels import cpu_repack, pallas_qmatmul, xla_cpu
 from jllama.quant.formats import dequantize_jax
-from jllama.quant.qtensor import QTensor
+from jllama.quant.qtensor import QTensor, gguf_data_shape
 
 Kernel = Callable[[jax.Array, QTensor], jax.Array]
 
@@ -76,6 +76,7 @@ def prepare(qt: QTensor, backend: str | None = None) -> QTensor:
     Pallas kernel's ``"pallas"`` planes. Anything else is returned unchanged.
     """
     backend = backend or jax.default_backend()
+    qt = qt.natural()
     if backend != "cpu":
         return pallas_qmatmul.prepare_pallas(qt)
     return qt if xla_cpu.ffi_on() else repack_i8(qt)
@@ -83,6 +84,7 @@ def prepare(qt: QTensor, backend: str | None = None) -> QTensor:
 
 def repack_i8(qt: QTensor) -> QTensor:
     """Layout ``"i8"`` (int8 codes + f32 scales/mins) for a 2-D weight of a supported type."""
+    qt = qt.natural()
     if (qt.layout != "gguf" or qt.is_float or len(qt.shape) != 2
             or not cpu_repack.supported(qt.qtype)):
         return qt
@@ -100,6 +102,7 @@ def _dequantize_i8(data: tuple, qtype: int) -> jax.Array:
 def dequantize(qt: QTensor, dtype=jnp.float32) -> jax.Array:
     """The whole tensor in ``dtype``, any layout. For reference paths and small tensors (norms,
     biases); hot matmuls go through ``qmatmul``."""
+    qt = qt.natural()
     if qt.layout == "i8":
         return _dequantize_i8(qt.data, qt.qtype).astype(dtype)
     if qt.layout == "pallas":
@@ -117,6 +120,11 @@ def take_rows(qt: QTensor, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
     if qt.layout == "pallas":  # k-major planes: gather the columns holding those rows
         return pallas_qmatmul.take_rows_planes(tuple(qt.data), qt.qtype, qt.shape,
                                                ids).astype(dtype)
+    if qt.offset:  # flat bytes from the file mapping: gather each row's bytes in place
+        rb = gguf_data_shape(qt.qtype, qt.shape)[-1]
+        idx = qt.offset + ids.astype(jnp.int32)[..., None] * rb + jnp.arange(rb, dtype=jnp.int32)
+        return dequantize_jax(jnp.take(qt.data, idx, axis=0), qt.qtype,
+                              qt.shape[-1]).astype(dtype)
     rows = jnp.take(qt.data, ids, axis=0)
     if qt.is_float:
         return rows.astype(dtype)

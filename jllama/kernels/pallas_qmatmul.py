@@ -954,6 +954,7 @@ def pallas_qmatmul(
     (from ``prepare_pallas``) or raw ``"gguf"`` (repacked in-graph on each call)."""
     if len(qt.shape) != 2 or not supported(qt.qtype):
         raise QuantError(f"Pallas qmatmul needs a 2-D {sorted(_SUPPORTED)} weight, got {qt}")
+    qt = qt.natural()
     if qt.layout == LAYOUT:
         planes = tuple(qt.data)
     elif qt.layout == "gguf":

@@ -26,7 +26,6 @@ from jllama import numerics
 from jllama.kernels import cpu_ffi, cpu_repack
 from jllama.kernels.cpu_repack import Repacked
 from jllama.quant.actquant import act_format, quantize_activations_q8
-from jllama.quant.qtensor import LayerStack
 
 # Elements per tile: ~2 MiB of f32 for matvec (bandwidth-bound: big tiles amortise the per-step
 # cost), ~0.5 MiB for GEMM (compute-bound: the tile must stay in L2 while all x rows stream).
@@ -104,7 +103,8 @@ def ffi_matvec_xs(x: jax.Array, qt, xs: jax.Array) -> jax.Array:
     """The C++ matvec given per-32 block sums ``xs[..., n_in / 32]`` for the weight mins."""
     n_out, n_in = qt.shape
     lead = x.shape[:-1]
-    y = cpu_ffi.qmatvec_xs(x.reshape(-1, n_in), xs.reshape(-1, n_in // 32), qt.data, qt.qtype)
+    y = cpu_ffi.qmatvec_xs(x.reshape(-1, n_in), xs.reshape(-1, n_in // 32), qt.natural().data,
+                           qt.qtype)
     return y.reshape(*lead, n_out)
 
 
@@ -119,9 +119,9 @@ def _quantize_q8(x: jax.Array, qtype: int):
 
 
 def _rows(qt):
-    """What the int8 calls take for a weight: its GGUF rows, or a ``LayerStack`` as it is (the
-    kernel picks the layer)."""
-    return qt if isinstance(qt, LayerStack) else qt.data
+    """What the int8 calls take for a weight: the QTensor (GGUF rows, read in place at its
+    byte offset), or a ``LayerStack`` as it is (the kernel picks the layer)."""
+    return qt
 
 
 def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
@@ -202,6 +202,7 @@ def ffi_matmul_id(x: jax.Array, rows_: jax.Array, counts: jax.Array,
 
 def qmatmul(x: jax.Array, qt) -> jax.Array:
     """``x[..., n_in] @ W.T -> [..., n_out]`` in f32, W a 2-D quantized QTensor."""
+    qt = qt.natural()  # the f32 paths take GGUF rows in their usual shape
     n_out, n_in = qt.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in).astype(jnp.float32)

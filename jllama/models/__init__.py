@@ -18,7 +18,7 @@ import numpy as np
 from jllama.errors import ModelError
 from jllama.gguf.reader import GGUFFile
 from jllama.kernels.dispatch import prepare
-from jllama.models.common import Weights
+from jllama.models.common import Weights, in_place_ok
 from jllama.models.spec import ModelSpec, RopeOptions, spec_from_gguf, with_rope_options
 from jllama.numerics import DEFAULT, Numerics
 from jllama.numerics import use as use_numerics
@@ -84,6 +84,10 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
             # file mapping (read-only, as llama.cpp's mmap: no second resident copy, clean pages
             # the kernel can drop), repacked arrays are adopted rather than copied. jnp.asarray
             # would copy, through a compiled copy program per dtype.
+            flat = _in_place_view(g, qt, numerics)
+            if flat is not None:
+                out[name] = flat
+                continue
             host = _adoptable(qt.data)
             if host is not qt.data:
                 copied += host.nbytes
@@ -99,6 +103,30 @@ def load_weights(g: GGUFFile, transform: Callable[[str, np.ndarray, int, tuple],
 # about half of real files (data section at 32 mod 64) every tensor is misaligned
 _ADOPT_ALIGN = 64
 _RELEASE_EVERY = 256 << 20
+
+
+def _in_place_view(g: GGUFFile, qt: QTensor, numerics: Numerics) -> QTensor | None:
+    """A misaligned weight still in the file mapping as an offset QTensor (quant/qtensor.py):
+    its flat bytes from the 64-aligned address before it, which XLA adopts, for the weights
+    whose hot products are the int8 kernels that take the offset (``in_place_ok``); None where
+    the tensor is aligned (adopted as it is) or goes elsewhere (copied by ``_adoptable``)."""
+    a, mm = qt.data, g.mapping
+    off = a.ctypes.data % _ADOPT_ALIGN
+    if (off == 0 or mm is None or jax.default_backend() != "cpu" or qt.layout != "gguf"
+            or a.nbytes + off >= _MAX_FLAT):
+        return None
+    with use_numerics(numerics):
+        if not in_place_ok(qt):
+            return None
+    start = a.ctypes.data - mm.ctypes.data - off
+    if start < 0 or start + off + a.nbytes > mm.nbytes:  # not a view of this mapping
+        return None
+    flat = np.asarray(mm[start : start + off + a.nbytes])
+    return QTensor(jax.device_put(flat), qt.qtype, qt.shape, qt.layout, off)
+
+
+# an offset tensor's embedding lookup indexes its flat bytes with int32
+_MAX_FLAT = 1 << 31
 
 
 def _adoptable(a: np.ndarray) -> np.ndarray:

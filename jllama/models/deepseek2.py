@@ -188,8 +188,9 @@ class MLABlock(nnx.Module):
                                                           spec.n_embd)))
         self.kv_a_norm = RMSNorm(w.vector(p + "attn_kv_a_norm.weight", c.kv_lora_rank), eps)
         if p + "attn_k_b.weight" in w:
-            k_b = w(p + "attn_k_b.weight", (h, c.kv_lora_rank, c.nope_dim))
-            v_b = w(p + "attn_v_b.weight", (h, c.v_dim, c.kv_lora_rank))
+            # natural(): plain arrays below, whatever the file's alignment (small: a copy)
+            k_b = w(p + "attn_k_b.weight", (h, c.kv_lora_rank, c.nope_dim)).natural()
+            v_b = w(p + "attn_v_b.weight", (h, c.v_dim, c.kv_lora_rank)).natural()
         else:  # unsplit [h * (nope + v), kv_lora]: split per head, k part transposed
             kv_b = dequantize(w(p + "attn_kv_b.weight",
                                 (h * (c.nope_dim + c.v_dim), c.kv_lora_rank)))

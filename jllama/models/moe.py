@@ -85,6 +85,7 @@ def _expert(w, e: jax.Array):
         raise ModelError(f"stacked expert tensor in layout '{w.layout}' is not supported")
     if in_place_ok(w):
         return LayerStack((w,), jnp.int32(0), e)
+    w = w.natural()
     return QTensor(jax.lax.dynamic_index_in_dim(w.data, e, 0, keepdims=False), w.qtype,
                    tuple(w.shape[1:]))
 

@@ -85,6 +85,7 @@ def shard_state(state: Any, plan: rules.Plan, strict: bool = False) -> Any:
     def put(leaf):
         sp = next(specs)
         if isinstance(leaf, QTensor):
+            leaf = leaf.natural()  # shards split rows: no offset bytes in front
             leaves, tree = jax.tree_util.tree_flatten(leaf.data)
             placed = [place(a, NamedSharding(mesh, s)) for a, s in zip(leaves, sp, strict=True)]
             return QTensor(jax.tree_util.tree_unflatten(tree, placed), leaf.qtype, leaf.shape,

@@ -131,7 +131,7 @@ def q8_1_correction(s_err: jax.Array, qt) -> jax.Array | None:
     if qt.layout != "gguf" or len(qt.shape) != 2:
         return None
     n_out, n_in = qt.shape
-    blocks = qt.data.reshape(n_out, n_in // 32, -1)
+    blocks = qt.natural().data.reshape(n_out, n_in // 32, -1)
     m16 = blocks[:, :, 2].astype(jnp.uint16) | (blocks[:, :, 3].astype(jnp.uint16) << 8)
     m = jax.lax.bitcast_convert_type(m16, jnp.float16).astype(jnp.float32)
     return jnp.einsum("...b,nb->...n", s_err, m)

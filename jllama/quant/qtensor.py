@@ -14,6 +14,14 @@ load-time repacking that XLA:CPU dequantizes fast without the C++ kernels (see
 ``kernels/cpu_repack.py``); ``"pallas"`` is the Pallas kernel's k-major planes
 (``kernels/pallas_qmatmul.py``). ``kernels.dispatch.prepare`` puts a weight in its backend's
 layout once at load; the dispatch functions accept every layout.
+
+``offset`` (static; layout ``"gguf"`` only): nonzero for GGUF blocks used in place from a file
+mapping where they start off XLA:CPU's 64-byte buffer alignment (GGUF aligns tensors to 32
+bytes, so in about half of real files every tensor does). ``data`` is then the flat ``uint8``
+bytes from the aligned address ``offset`` bytes before the tensor's first byte to its last, so
+XLA adopts the mapping instead of copying it; the int8 CPU kernels take the offset, and
+``natural()`` gives the usual shape (an in-graph slice, i.e. a copy, for other paths). A
+consumer that ignores the offset fails on the shape instead of reading wrong bytes.
 """
 
 from __future__ import annotations
@@ -41,9 +49,10 @@ class QTensor:
     qtype: int  # static
     shape: tuple[int, ...]  # static, logical (numpy order)
     layout: str = "gguf"  # static
+    offset: int = 0  # static: bytes of ``data`` before the tensor's first (see the module doc)
 
     def tree_flatten(self):
-        return (self.data,), (self.qtype, self.shape, self.layout)
+        return (self.data,), (self.qtype, self.shape, self.layout, self.offset)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -59,7 +68,25 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.size * a.dtype.itemsize) for a in jax.tree_util.tree_leaves(self.data))
+        """The tensor's bytes (an offset tensor's leading bytes not counted)."""
+        n = sum(int(a.size * a.dtype.itemsize) for a in jax.tree_util.tree_leaves(self.data))
+        return n - self.offset
+
+    def natural(self) -> QTensor:
+        """This tensor with ``data`` in its layout's usual shape: itself where ``offset`` is 0,
+        else a view of the bytes (numpy) or a slice of them (jax: a copy)."""
+        if not self.offset:
+            return self
+        shape = gguf_data_shape(self.qtype, self.shape)
+        n = int(np.prod(shape))
+        return QTensor(self.data[self.offset : self.offset + n].reshape(shape), self.qtype,
+                       self.shape, self.layout)
+
+
+def gguf_data_shape(qtype: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a quantized tensor's ``data`` in layout ``"gguf"``: its rows of blocks."""
+    info = qtype_info(int(qtype))
+    return (*shape[:-1], shape[-1] // info.block_size * info.type_size)
 
 
 def from_gguf_bytes(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:

@@ -327,12 +327,15 @@ ffi::Error q8_launch(ffi::ThreadPool& pool, const std::shared_ptr<Q8Work>& work,
 }
 
 // The weights (RemainingArgs, u8 GGUF rows) and outputs (RemainingRets, f32) of a variadic
-// call, one qtype each. With ``layers`` = 0 the arguments are the weights, 2-D [n, row_bytes].
-// With ``layers`` >= 1 (a scanned decoder's loop body, or stacked experts) they are an index
-// (s32 [2]: layer, expert) and then, per weight, that weight in each of the ``layers`` layers
-// with a qtype each: the call reads the indexed layer's in place, and of a 3-D weight
-// [n_expert, n, row_bytes] the indexed expert's rows (a dynamic slice in XLA would copy them
-// every step).
+// call, one qtype each. With ``layers`` = 0 the arguments are the weights. With ``layers`` >= 1
+// (a scanned decoder's loop body, or stacked experts) they are an index (s32 [2]: layer,
+// expert) and then, per weight, that weight in each of the ``layers`` layers with a qtype each:
+// the call reads the indexed layer's in place, and of a 3-D weight [n_expert, n, row_bytes]
+// the indexed expert's rows (a dynamic slice in XLA would copy them every step).
+// ``wmeta``: four numbers per weight argument: the byte offset of the weight in its buffer
+// (nonzero for GGUF blocks mapped from a file where they start off XLA's 64-byte alignment:
+// the buffer then starts that many bytes earlier, flat), experts (0 for a 2-D weight), rows,
+// row bytes.
 struct Weights {
   std::vector<WView> ws;
   std::vector<float*> ys;
@@ -340,13 +343,15 @@ struct Weights {
 };
 
 ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
-                   ffi::Span<const int64_t> qtypes, int64_t layers, Weights& out,
-                   bool all_experts = false) {
+                   ffi::Span<const int64_t> qtypes, int64_t layers,
+                   ffi::Span<const int64_t> wmeta, Weights& out, bool all_experts = false) {
   const size_t nw = rets.size();
   const size_t nl = size_t(std::max<int64_t>(1, layers));
   const size_t first = layers >= 1 ? 1 : 0;
   if (nw == 0 || args.size() != first + nw * nl || qtypes.size() != nw * nl)
     return ffi::Error::InvalidArgument("need one output per weight, one qtype per weight/layer");
+  if (wmeta.size() != 4 * nw * nl)
+    return ffi::Error::InvalidArgument("need four wmeta numbers per weight/layer");
   size_t il = 0;
   int64_t ie = -1;
   if (first) {
@@ -359,25 +364,30 @@ ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
     ie = idx->typed_data()[1];
   }
   for (size_t i = 0; i < nw; ++i) {
-    auto w = args.get<ffi::Buffer<ffi::U8>>(first + i * nl + il);
+    const size_t j = i * nl + il;
+    auto w = args.get<ffi::Buffer<ffi::U8>>(first + j);
     auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
     if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("bad weight or output");
-    const auto wd = w->dimensions();
-    const uint8_t* base = w->typed_data();
+    const int64_t off = wmeta[4 * j], ne = wmeta[4 * j + 1], n = wmeta[4 * j + 2],
+                  rb = wmeta[4 * j + 3];
+    if (off < 0 || ne < 0 || n < 0 || rb <= 0 ||
+        int64_t(w->element_count()) != off + std::max<int64_t>(ne, 1) * n * rb)
+      return ffi::Error::InvalidArgument("weight buffer size does not match its wmeta");
+    const uint8_t* base = w->typed_data() + off;
     WView v{};
-    if (wd.size() == 2 && !all_experts) {
-      v = {base, wd[0], wd[1]};
-    } else if (wd.size() == 3 && all_experts) {
-      v = {base, wd[1], wd[2], wd[0]};
-    } else if (wd.size() == 3 && first) {
-      if (ie < 0 || ie >= wd[0]) return ffi::Error::InvalidArgument("expert out of range");
-      v = {base + ie * wd[1] * wd[2], wd[1], wd[2]};
+    if (ne == 0 && !all_experts) {
+      v = {base, n, rb};
+    } else if (ne > 0 && all_experts) {
+      v = {base, n, rb, ne};
+    } else if (ne > 0 && first) {
+      if (ie < 0 || ie >= ne) return ffi::Error::InvalidArgument("expert out of range");
+      v = {base + ie * n * rb, n, rb};
     } else {
       return ffi::Error::InvalidArgument("weights must be 2-D, or 3-D with an expert index");
     }
     out.ws.push_back(v);
     out.ys.push_back((*y)->typed_data());
-    out.qt.push_back(qtypes[i * nl + il]);
+    out.qt.push_back(qtypes[j]);
   }
   return ffi::Error::Success();
 }
@@ -387,9 +397,9 @@ ffi::Error weights(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
 ffi::Error QMatVecQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> d,
                          ffi::Buffer<ffi::F32> s, ffi::RemainingArgs args,
                          ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes, bool tiled,
-                         int64_t layers) {
+                         int64_t layers, ffi::Span<const int64_t> wmeta) {
   Weights wts;
-  if (ffi::Error err = weights(args, rets, qtypes, layers, wts); err.failure()) return err;
+  if (ffi::Error err = weights(args, rets, qtypes, layers, wmeta, wts); err.failure()) return err;
   return q8_launch(pool, std::make_shared<Q8Work>(), q8_in(q, d, s), wts.ws.data(),
                    wts.ys.data(), wts.qt.data(), int(wts.ws.size()), tiled);
 }
@@ -443,9 +453,9 @@ ffi::Error quantize_x(ffi::ThreadPool* pool, const float* x, int64_t m, int64_t 
 // buffers fewer per weight group.
 ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
                           ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes_all, bool tiled,
-                          int64_t layers) {
+                          int64_t layers, ffi::Span<const int64_t> wmeta) {
   Weights wts;
-  if (ffi::Error err = weights(args, rets, qtypes_all, layers, wts); err.failure()) return err;
+  if (ffi::Error err = weights(args, rets, qtypes_all, layers, wmeta, wts); err.failure()) return err;
   const int64_t* qtypes = wts.qt.data();
   const int nw = int(wts.ws.size());
   const auto xd = x.dimensions();
@@ -473,9 +483,9 @@ ffi::Error QMatVecQ8FImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
 ffi::Error QMatMulIdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> rows,
                          ffi::Buffer<ffi::S32> counts, ffi::RemainingArgs args,
                          ffi::RemainingRets rets, ffi::Span<const int64_t> qtypes_all,
-                         bool tiled, int64_t layers) {
+                         bool tiled, int64_t layers, ffi::Span<const int64_t> wmeta) {
   Weights wts;
-  if (ffi::Error err = weights(args, rets, qtypes_all, layers, wts, /*all_experts=*/true);
+  if (ffi::Error err = weights(args, rets, qtypes_all, layers, wmeta, wts, /*all_experts=*/true);
       err.failure())
     return err;
   const size_t nw = wts.ws.size();
@@ -604,7 +614,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8, jllama::QMatVecQ8Impl,
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("qtypes")
                                   .Attr<bool>("tiled")
-                                  .Attr<int64_t>("layers"));
+                                  .Attr<int64_t>("layers")
+                                  .Attr<ffi::Span<const int64_t>>("wmeta"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8F, jllama::QMatVecQ8FImpl,
                               ffi::Ffi::Bind()
@@ -614,7 +625,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatVecQ8F, jllama::QMatVecQ8FImpl,
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("qtypes")
                                   .Attr<bool>("tiled")
-                                  .Attr<int64_t>("layers"));
+                                  .Attr<int64_t>("layers")
+                                  .Attr<ffi::Span<const int64_t>>("wmeta"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatMulId, jllama::QMatMulIdImpl,
                               ffi::Ffi::Bind()
@@ -626,5 +638,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaQMatMulId, jllama::QMatMulIdImpl,
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("qtypes")
                                   .Attr<bool>("tiled")
-                                  .Attr<int64_t>("layers"));
+                                  .Attr<int64_t>("layers")
+                                  .Attr<ffi::Span<const int64_t>>("wmeta"));
 #endif
