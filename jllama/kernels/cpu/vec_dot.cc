@@ -323,7 +323,7 @@ __attribute__((always_inline)) inline void prefetch_row(const uint8_t* p, int64_
 // ahead, one prefetch per line spread along the current row's blocks (0: the whole-row burst
 // of prefetch_rows() instead). On the Zen 1 VM the burst (34 prefetches per Q8_0 row of 2048
 // values, 8 rows ahead) cost ~15 % of a one-row Q8_0 product's time, below the hardware
-// prefetcher alone; spread, 1 row ahead, was fastest at 2048 and 8192 values
+// prefetcher alone; spread, 1 row ahead, was fastest at 2048 and 8192 values (Q8_0 and Q4_0)
 // (experiments/results/cpu_kernels.md; env JLLAMA_CPU_PREFETCH_SPREAD, for measurements).
 inline int64_t prefetch_spread_rows() {
   static const int64_t v = [] {
@@ -418,12 +418,16 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
     int64_t bi = 0;
     if constexpr (HasDot2<T>::value)
       for (; bi + 2 <= nb; bi += 2) T::template dot2<MC>(row + bi * T::TS, bi, x, st);
-    if (ahead > 0 && n + ahead < n1) {  // each line of row n + ahead, along with the blocks
+    if (ahead > 0 && n + ahead < n1) {
+      // Every line of row n + ahead, along with the blocks: blocks under 64 bytes in groups
+      // of kPer (at most 64 bytes a group, so no line is skipped), larger ones line by line.
+      constexpr int64_t kPer = T::TS < 64 ? 64 / T::TS : 1;
+      constexpr int kLines = T::TS < 64 ? 1 : (T::TS + 63) / 64;
       const uint8_t* p = row + ahead * c.row_bytes;
-      const uint8_t* line = p;
-      for (; bi < nb; ++bi) {
-        for (; line < p + (bi + 1) * T::TS; line += 64) __builtin_prefetch(line, 0, 3);
-        T::template dot<MC, TILED>(row + bi * T::TS, bi, x, st);
+      for (; bi + kPer <= nb; bi += kPer) {
+        for (int l = 0; l < kLines; ++l) __builtin_prefetch(p + bi * T::TS + 64 * l, 0, 3);
+        for (int64_t j = 0; j < kPer; ++j)
+          T::template dot<MC, TILED>(row + (bi + j) * T::TS, bi + j, x, st);
       }
     }
     for (; bi < nb; ++bi) T::template dot<MC, TILED>(row + bi * T::TS, bi, x, st);
