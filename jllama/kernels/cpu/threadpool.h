@@ -3,7 +3,7 @@
 //
 // Speed knobs read from the environment, here and in the kernels (JLLAMA_CPU_KERNEL_THREADS,
 // JLLAMA_CPU_SPIN_US, JLLAMA_CPU_PREFETCH_ROWS, JLLAMA_CPU_PREFETCH_NTA,
-// JLLAMA_Q8_GEMM_MIN_ROWS), change how fast a result comes and never a bit of it: threads and
+// JLLAMA_CPU_PREFETCH_SPREAD, JLLAMA_Q8_GEMM_MIN_ROWS), change how fast a result comes and never a bit of it: threads and
 // chunks only split whole output elements, prefetches only move data earlier, and the GEMM and
 // the row kernels follow the same f32 steps. Whatever changes results is a field of the Python
 // side's Numerics, passed to the kernels as an FFI attribute.

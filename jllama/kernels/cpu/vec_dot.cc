@@ -319,6 +319,20 @@ __attribute__((always_inline)) inline void prefetch_row(const uint8_t* p, int64_
   }
 }
 
+// The int8 row kernels' prefetch (q8_rows_mc): each cache line of the weight row ``v`` rows
+// ahead, one prefetch per line spread along the current row's blocks (0: the whole-row burst
+// of prefetch_rows() instead). On the Zen 1 VM the burst (34 prefetches per Q8_0 row of 2048
+// values, 8 rows ahead) cost ~15 % of a one-row Q8_0 product's time, below the hardware
+// prefetcher alone; spread, 1 row ahead, was fastest at 2048 and 8192 values (Q8_0 and Q4_0)
+// (experiments/results/cpu_kernels.md; env JLLAMA_CPU_PREFETCH_SPREAD, for measurements).
+inline int64_t prefetch_spread_rows() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("JLLAMA_CPU_PREFETCH_SPREAD");
+    return env ? std::max(0, std::atoi(env)) : 1;
+  }();
+  return v;
+}
+
 // y[m0 + m, n] for n in [n0, n1), m < MC: each block is decoded once and used for MC rows of x.
 template <typename T, int MC>
 void rows_mc(const float* x, const float* xsum, int64_t k, const uint8_t* w, int64_t row_bytes,
@@ -389,8 +403,11 @@ struct HasDot2<T, std::void_t<decltype(T::kPairs)>> : std::bool_constant<T::kPai
 
 template <typename T, int MC, bool TILED>
 void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t nb = c.k / T::BS, pf = prefetch_rows();
+  const int64_t nb = c.k / T::BS;
   const Q8Row* x = c.rows.data() + m0;
+  // Only the first pass streams the chunk from memory; later passes find it in cache.
+  const int64_t ahead = m0 == 0 && !HasDot2<T>::value ? prefetch_spread_rows() : 0;
+  const int64_t pf = m0 == 0 && ahead == 0 ? prefetch_rows() : 0;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = c.w + n * c.row_bytes;
     if (pf > 0 && n + pf < n1) {
@@ -401,6 +418,18 @@ void q8_rows_mc(const Q8Call& c, int64_t m0, int64_t n0, int64_t n1) {
     int64_t bi = 0;
     if constexpr (HasDot2<T>::value)
       for (; bi + 2 <= nb; bi += 2) T::template dot2<MC>(row + bi * T::TS, bi, x, st);
+    if (ahead > 0 && n + ahead < n1) {
+      // Every line of row n + ahead, along with the blocks: blocks under 64 bytes in groups
+      // of kPer (at most 64 bytes a group, so no line is skipped), larger ones line by line.
+      constexpr int64_t kPer = T::TS < 64 ? 64 / T::TS : 1;
+      constexpr int kLines = T::TS < 64 ? 1 : (T::TS + 63) / 64;
+      const uint8_t* p = row + ahead * c.row_bytes;
+      for (; bi + kPer <= nb; bi += kPer) {
+        for (int l = 0; l < kLines; ++l) __builtin_prefetch(p + bi * T::TS + 64 * l, 0, 3);
+        for (int64_t j = 0; j < kPer; ++j)
+          T::template dot<MC, TILED>(row + (bi + j) * T::TS, bi + j, x, st);
+      }
+    }
     for (; bi < nb; ++bi) T::template dot<MC, TILED>(row + bi * T::TS, bi, x, st);
     for (int m = 0; m < MC; ++m) c.y[(m0 + m) * c.n_out + n] = T::template finish<TILED>(st[m]);
   }
