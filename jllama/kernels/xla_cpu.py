@@ -118,12 +118,6 @@ def _quantize_q8(x: jax.Array, qtype: int):
     return cpu_ffi.quantize_q8(x.reshape(-1, n_in), fmt)
 
 
-def _rows(qt):
-    """What the int8 calls take for a weight: the QTensor (GGUF rows, read in place at its
-    byte offset), or a ``LayerStack`` as it is (the kernel picks the layer)."""
-    return qt
-
-
 def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
     """Quantization and product in one kernel call for a few rows: a decode step has ~120
     separate quantize calls otherwise. Prompts keep the separate, multi-threaded quantizer."""
@@ -132,7 +126,7 @@ def _fused(x: jax.Array, qts: list) -> list[jax.Array] | None:
     if rows(x) > numerics.current().fused_quant_rows or fmt is None or n_in % (256 if fmt == "q8_K" else 32):
         return None
     lead = x.shape[:-1]
-    ys = cpu_ffi.qmatvec_q8_fused(x.reshape(-1, n_in), [_rows(qt) for qt in qts],
+    ys = cpu_ffi.qmatvec_q8_fused(x.reshape(-1, n_in), list(qts),
                                   [qt.qtype for qt in qts])
     return None if ys is None else [y.reshape(*lead, qt.shape[0]) for y, qt in zip(ys, qts)]
 
@@ -153,7 +147,7 @@ def ffi_matvec_q8(x: jax.Array, qt) -> jax.Array | None:
     lead = x.shape[:-1]
     y = cpu_ffi.qmatvec_q8(
         q.reshape(-1, n_in), d.reshape(-1, d.shape[-1]),
-        None if s is None else s.reshape(-1, s.shape[-1]), _rows(qt), qt.qtype,
+        None if s is None else s.reshape(-1, s.shape[-1]), qt, qt.qtype,
     )
     return y.reshape(*lead, n_out)
 
@@ -176,7 +170,7 @@ def ffi_matvec_q8_multi(x: jax.Array, qts: list) -> list[jax.Array] | None:
     lead = x.shape[:-1]
     ys = cpu_ffi.qmatvec_q8_multi(
         q.reshape(-1, n_in), d.reshape(-1, d.shape[-1]),
-        None if s is None else s.reshape(-1, s.shape[-1]), [_rows(qt) for qt in qts],
+        None if s is None else s.reshape(-1, s.shape[-1]), list(qts),
         [qt.qtype for qt in qts],
     )
     if ys is None:
@@ -196,7 +190,7 @@ def ffi_matmul_id(x: jax.Array, rows_: jax.Array, counts: jax.Array,
     n_in = x.shape[-1]
     if n_in % (256 if act_format(qts[0].qtype) == "q8_K" else 32):
         return None
-    return cpu_ffi.qmatmul_id(x.reshape(-1, n_in), rows_, counts, [_rows(qt) for qt in qts],
+    return cpu_ffi.qmatmul_id(x.reshape(-1, n_in), rows_, counts, list(qts),
                               [qt.qtype for qt in qts])
 
 

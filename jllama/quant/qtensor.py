@@ -104,9 +104,7 @@ def from_gguf_bytes(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> tupl
                 int(QType.F64): np.float64,
             }[qtype]
         return raw.view(dt).reshape(shape), qtype
-    info = qtype_info(qtype)
-    row = shape[-1]
-    return raw.reshape(*shape[:-1], row // info.block_size * info.type_size), qtype
+    return raw.reshape(gguf_data_shape(qtype, shape)), qtype
 
 
 @jax.tree_util.register_pytree_node_class
