@@ -1,7 +1,7 @@
 """Prompt-sized int8 GEMMs, jllama's C++ kernel against ggml's own ``mul_mat``, side by side.
 
     python experiments/bench_gemm_vs_ggml.py [--rows 512] [--threads 2] [--reps 5]
-        [--model gemma3|smollm2|q2q3|kquant|iq12|moe|legacy|decode|ternary|all]
+        [--model gemma3|smollm2|q2q3|kquant|qwen3_4b|iq12|moe|legacy|decode|ternary|all]
 
 Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
 activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
@@ -53,6 +53,12 @@ MODELS = {
     # Q4_0 and Q8_0, which ggml multiplies with llamafile's tinyBLAS (repack off)
     "legacy": [(t, n, k, u) for t in ("Q4_0", "Q8_0")
                for n, k, u in ((2048, 2048, 2), (512, 2048, 2), (8192, 2048, 2), (2048, 8192, 1))],
+    # a Qwen3-4B layer in llama.cpp's Q4_K_M mix (2560 wide, 9728 ffn, 32/8 heads of 128):
+    # attn_v and half the layers' ffn_down in Q6_K, the rest Q4_K
+    "qwen3_4b": [("Q4_K", 4096, 2560, 1), ("Q4_K", 1024, 2560, 1.5), ("Q6_K", 1024, 2560, 0.5),
+                 ("Q4_K", 2560, 4096, 1), ("Q4_K", 9728, 2560, 2), ("Q6_K", 2560, 9728, 0.5),
+                 ("Q4_K", 2560, 9728, 0.5)],
+    "qwen3_4b_kv": [("Q4_K", 1024, 2560, 1)],
     # the rest of the int8 kernels without a tiled GEMM in ggml (ternary, MXFP4), same shape
     "ternary": [(t, 8192, 2048, 1) for t in ("TQ1_0", "TQ2_0", "MXFP4")],
 }  # fmt: skip

@@ -230,8 +230,7 @@ struct Q8W5_1 : Q8Min<Q8W5_1> {
 // Lane l: sc * (dot of bytes 4l..4l+3), u8 weights (< 128) times s8 codes (|q| <= 127): the
 // same int32 lanes as dpbusd followed by mullo by sc, in two uops instead of three (maddubs
 // pairs reach 2 * 127 * 127 < 2^15, no saturation); sc16 holds lane l's scale in both int16
-// halves. Q4_K/Q5_K and the IQ1/IQ2/IQ3 grids: for Q6_K it was no faster than dpbusd + mullo
-// (experiments/results/cpu_kernels.md), which Q6_K keeps.
+// halves. Q4_K/Q5_K/Q6_K and the IQ1/IQ2/IQ3 grids.
 static inline __m256i scaled_dot4(__m256i qw, __m256i qy, __m256i sc16) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qy), sc16);
 }
@@ -289,6 +288,22 @@ struct Q8KMin {
     const __m128i sm = k_scales_mins(b + 4);
     const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
     for (int m = 0; m < MC; ++m) sumi[m] = _mm256_setzero_si256();
+    if constexpr (MC >= 8) {
+      // A pass of 8 x rows: a rolled loop over pairs of groups. Fully unrolled, GCC hoisted
+      // the 8 groups' codes and scales out of the x-row loop and spilled them and the sums
+      // to the stack (16 ymm registers); this way the 8 sums, two groups and their scales
+      // stay in registers.
+#pragma GCC unroll 1
+      for (int c = 0; c < 4; ++c) {
+        const __m256i qa = D::group(b, 2 * c), qb = D::group(b, 2 * c + 1);
+        const __m256i sa = half_scales(sc16, 2 * c), sb = half_scales(sc16, 2 * c + 1);
+        for (int m = 0; m < MC; ++m)
+          sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qa, load256(x[m].q + bi * 256 + c * 64), sa));
+        for (int m = 0; m < MC; ++m)
+          sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qb, load256(x[m].q + bi * 256 + c * 64 + 32), sb));
+      }
+      return sm;
+    }
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g) {
       const __m256i qw = D::group(b, g);
@@ -398,16 +413,30 @@ struct Q8W6_K {
       const __m256i t = _mm256_madd_epi16(load256(x[m].pairs + bi * 16), sc16);
       sumi[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(t, 5));
     }
+    if constexpr (MC >= 8) {
+      // 8 x rows: rolled, as Q8KMin::sums (unrolled, GCC spilled the sums to the stack)
+#pragma GCC unroll 1
+      for (int c = 0; c < 8; ++c) {
+        const __m256i qw = chunk(b, c);
+        const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(scales[2 * c + 1]),
+                                             _mm_set1_epi16(scales[2 * c]));
+        for (int m = 0; m < MC; ++m)
+          sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, load256(x[m].q + bi * 256 + c * 32), scv));
+      }
+      return;
+    }
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
       const __m256i qw = chunk(b, c);
-      const __m256i scv = _mm256_setr_epi32(scales[2 * c], scales[2 * c], scales[2 * c],
-                                            scales[2 * c], scales[2 * c + 1], scales[2 * c + 1],
-                                            scales[2 * c + 1], scales[2 * c + 1]);
+      // int16 sc[2c] in the low 128 bits, sc[2c+1] in the high ones: codes < 64, so the
+      // maddubs pairs (<= 2 * 63 * 127) fit int16 and scaled_dot4 gives dpbusd's lanes times
+      // the scale exactly, without mullo (4 cycles per ymm on Zen 1: Q6_K at 512 rows ran at
+      // 0.56x of ggml there; experiments/results/cpu_kernels.md)
+      const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(scales[2 * c + 1]),
+                                           _mm_set1_epi16(scales[2 * c]));
       for (int m = 0; m < MC; ++m) {
         const __m256i qy = load256(x[m].q + bi * 256 + c * 32);
-        const __m256i p = dpbusd<true>(_mm256_setzero_si256(), qw, qy);  // codes < 64
-        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(p, scv));
+        sumi[m] = _mm256_add_epi32(sumi[m], scaled_dot4(qw, qy, scv));
       }
     }
   }
