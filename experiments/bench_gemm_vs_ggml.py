@@ -58,7 +58,6 @@ MODELS = {
     "qwen3_4b": [("Q4_K", 4096, 2560, 1), ("Q4_K", 1024, 2560, 1.5), ("Q6_K", 1024, 2560, 0.5),
                  ("Q4_K", 2560, 4096, 1), ("Q4_K", 9728, 2560, 2), ("Q6_K", 2560, 9728, 0.5),
                  ("Q4_K", 2560, 9728, 0.5)],
-    "qwen3_4b_kv": [("Q4_K", 1024, 2560, 1)],
     # the rest of the int8 kernels without a tiled GEMM in ggml (ternary, MXFP4), same shape
     "ternary": [(t, 8192, 2048, 1) for t in ("TQ1_0", "TQ2_0", "MXFP4")],
 }  # fmt: skip
