@@ -155,6 +155,8 @@ def main() -> None:
                   f" {gb / t_g:5.2f} GB/s)  jllama {t_j * 1e3:7.2f} ms ({gmac / t_j:5.1f},"
                   f" {gb / t_j:5.2f} GB/s)  ratio {t_g / t_j:4.2f}"
                   f"{'' if same else '  RESULTS DIFFER'}")
+        if tot_j == 0:  # --types kept none of this model's shapes
+            continue
         print(f"  per layer: ggml {tot_g * 1e3:.1f} ms, jllama {tot_j * 1e3:.1f} ms, "
               f"ratio {tot_g / tot_j:.2f}")
 

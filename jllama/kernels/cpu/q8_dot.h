@@ -945,29 +945,38 @@ struct Q8IQ1 {
   }
 };
 
+// BMI2's pdep is one fast instruction on Intel (Haswell on) and Zen 3 on, but microcode on Zen 1
+// / Zen 2 (tens of cycles per call: IQ1_S / IQ1_M prompt GEMMs ran at 0.67x of ggml on a Zen 1,
+// experiments/results/cpu_kernels.md), where shifts and masks are much cheaper.
+#if defined(__BMI2__) && !defined(__znver1__) && !defined(__znver2__)
+#define JLLAMA_FAST_PDEP 1
+#endif
+
 // Four IQ1 grid points: index k = q[k] | (3 high bits << 8), the high bits given as ``hi`` (at
-// bits 8-10 of 16-bit field k); BMI2's pdep spreads the 4 low bytes into the fields.
+// bits 8-10 of 16-bit field k); the 4 low bytes spread into the fields.
 static inline __m256i iq1_grid4(const uint8_t* q, uint64_t hi) {
-#if defined(__BMI2__)
   uint32_t lo;
   std::memcpy(&lo, q, 4);
+#if defined(JLLAMA_FAST_PDEP)
   const uint64_t idx = _pdep_u64(lo, 0x00ff00ff00ff00ffULL) | hi;
 #else
-  const uint64_t idx = (uint64_t(q[0]) | uint64_t(q[1]) << 16 | uint64_t(q[2]) << 32 |
-                        uint64_t(q[3]) << 48) | hi;
+  uint64_t x = lo;
+  x = (x | x << 16) & 0x0000ffff0000ffffULL;
+  const uint64_t idx = ((x | x << 8) & 0x00ff00ff00ff00ffULL) | hi;
 #endif
   return grid4(g_iq1s_grid, int(idx & 0xffff), int((idx >> 16) & 0xffff),
                int((idx >> 32) & 0xffff), int(idx >> 48));
 }
 
-// 12 bits, 3 per field, to bits 8-10 of four 16-bit fields (``mask``: where they go).
-static inline uint64_t spread_bits(uint64_t bits, uint64_t mask) {
-#if defined(__BMI2__)
-  return _pdep_u64(bits, mask);
+// Four W-bit fields (field k at bits W k of ``bits``) to bits 8.. of four 16-bit fields.
+template <int W>
+static inline uint64_t spread_fields(uint64_t bits) {
+  constexpr uint64_t f = ((uint64_t(1) << W) - 1) << 8;
+#if defined(JLLAMA_FAST_PDEP)
+  return _pdep_u64(bits, f | f << 16 | f << 32 | f << 48);
 #else
-  uint64_t r = 0;
-  for (uint64_t m = mask; m; m &= m - 1, bits >>= 1) r |= (bits & 1) ? (m & -m) : 0;
-  return r;
+  return (bits << 8 & f) | (bits << (24 - W) & f << 16) | (bits << (40 - 2 * W) & f << 32) |
+         (bits << (56 - 3 * W) & f << 48);
 #endif
 }
 
@@ -985,7 +994,7 @@ struct Q8WIQ1_S : Q8IQ1<Q8WIQ1_S> {
     const uint8_t* q = b + 2 + 4 * j;
     uint16_t h;
     std::memcpy(&h, b + 34 + 2 * j, 2);
-    pts = iq1_grid4(q, spread_bits(h, 0x0700070007000700ULL));  // bits 3k..3k+2 of h
+    pts = iq1_grid4(q, spread_fields<3>(h));  // bits 3k..3k+2 of h
     sc = half_scales(pre, j);
     const int ls = 2 * ((h >> 12) & 7) + 1;
     dl = h & 0x8000 ? -ls : ls;
@@ -1018,7 +1027,7 @@ struct Q8WIQ1_M : Q8IQ1<Q8WIQ1_M> {
     const uint8_t *q = b + 4 * j, *h = b + 32 + 2 * j;
     uint16_t hh;
     std::memcpy(&hh, h, 2);
-    pts = iq1_grid4(q, spread_bits(hh & 0x7777u, 0x0f000f000f000f00ULL));  // nibble k, 3 bits
+    pts = iq1_grid4(q, spread_fields<4>(hh & 0x7777u));  // nibble k, 3 bits
     sc = half_scales(pre, 4 * (j & 1) + (j >> 1));
     // the delta signs of the 4 groups of 8: bits 3 and 7 of h[0], h[1], one per 64-bit lane
     const __m256i sel = _mm256_setr_epi64x(0x08, 0x80, 0x800, 0x8000);
