@@ -133,8 +133,8 @@ class Llama:
         layers' outputs in ``control_vector_layer_range`` (inclusive; <= 0: the first / last
         layer), as llama.cpp's ``--control-vector[-scaled]`` / ``--control-vector-layer-range``.
         ``kv_paged``: the slots' KV cache as a page pool of ``kv_pages`` 16-token pages (None:
-        off by default, opt-in until run on a device; see Engine). ``aot_cache`` (default: env
-        ``JLLAMA_AOT_CACHE=1``; needs ``compile_cache``): keep the
+        off by default, opt-in until run on a device; see Engine). ``aot_cache`` (default on; env
+        ``JLLAMA_AOT_CACHE=0`` turns it off; needs ``compile_cache``): keep the
         generation programs ready-compiled next to the compile cache, keyed by the model file
         and these options, so a warm start skips tracing too (jllama/engine/aot.py; for a
         model loaded plainly: no quant, LoRA, overrides, rope options, control vectors or
@@ -165,8 +165,8 @@ class Llama:
             from jllama.parallel import plan_engine
 
             plan = plan_engine(self.spec, n_slots, _mesh_config(mesh))
-        if aot_cache is None:
-            aot_cache = os.environ.get("JLLAMA_AOT_CACHE", "") == "1"
+        if aot_cache is None:  # on unless JLLAMA_AOT_CACHE=0 (the test suite's setting)
+            aot_cache = os.environ.get("JLLAMA_AOT_CACHE", "1") != "0"
         plain = not (quant or lora or mesh is not None or kv_overrides or cvec[0]
                      or (self._source[5] is not None and not self._source[5].is_default())
                      or self.path.is_dir() or self.offload is not None)

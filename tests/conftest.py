@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests monkeypatch kernels and switches, which the ahead-of-time executable cache (on by
+# default, jllama/engine/aot.py) cannot see in its key: off for the suite and the processes it
+# starts, unless a test asks for it (tests/test_aot.py).
+os.environ.setdefault("JLLAMA_AOT_CACHE", "0")
+
 
 def pytest_configure(config) -> None:
     """Every test that loads the llama.cpp oracle gets its stock CPU kernels (see

@@ -97,3 +97,18 @@ def test_entry_for_another_key_text_is_refused(tmp_path):
     c._path("k").write_bytes(pickle.dumps((aot.FORMAT, "other key", b"", None, None)))
     assert c.load("k") is None
     assert c.load("absent") is None
+
+
+def test_on_by_default_off_by_env(model, cache, monkeypatch):
+    """Users get the cache without asking (the suite runs with JLLAMA_AOT_CACHE=0)."""
+    monkeypatch.delenv("JLLAMA_AOT_CACHE", raising=False)
+    llm = Llama(model, ctx_size=64)
+    list(llm.engine.generate(llm.tokenize(PROMPT), SamplingParams.greedy(), 2))
+    assert (cache / "aot").is_dir() and any((cache / "aot").iterdir())
+    import shutil
+
+    shutil.rmtree(cache / "aot")
+    monkeypatch.setenv("JLLAMA_AOT_CACHE", "0")
+    llm = Llama(model, ctx_size=64)
+    list(llm.engine.generate(llm.tokenize(PROMPT), SamplingParams.greedy(), 2))
+    assert not (cache / "aot").exists()
