@@ -351,8 +351,7 @@ class HostSampler:
     @staticmethod
     def wanted(params) -> bool:
         """Whether a request's draw is random at all."""
-        return (params.mirostat != 0 or params.temperature > 0.0 or params.dynatemp_range > 0.0
-                or params.xtc_probability > 0.0)
+        return params.is_random()
 
     def chain(self, row: np.ndarray, allowed: np.ndarray | None = None) -> Cands:
         """The candidates the draw sees for a [V] row of the chain's input (logit bias,

@@ -947,7 +947,7 @@ class Engine:
         else:
             logits, cached = self.prefill_cached(prompt, slot)
         tm.extra["cached_tokens"] = cached
-        sp = BatchSampling.stack([params] * self.n_slots)
+        sp = BatchSampling.stack([params] * self.n_slots, host_draws=True)
         seed = resolve_seed(params.seed)
         keys = np.broadcast_to(np.asarray(jax.random.PRNGKey(seed)), (self.n_slots, 2))
         # llama.cpp's draw, from a generator that lives as long as this generation
@@ -1050,7 +1050,10 @@ def _bias_array(logit_bias: dict[int, float], n_vocab: int, n_slots: int) -> jax
 
 
 def _chain_rows(logits, sp, history, bias, dry=None):
-    """The rows the host's llama.cpp chain starts from (``sampling.chain_input``)."""
+    """The rows the host's llama.cpp chain starts from (``sampling.chain_input``); [B, 0] when
+    no row is drawn on the host (``BatchSampling.host_chain``)."""
+    if not sp.host_chain:
+        return jnp.zeros((logits.shape[0], 0), jnp.float32)
     return chain_input(logits[..., : bias.shape[-1]], sp, history, bias,
                        None if dry is None else dry[..., : bias.shape[-1]])
 
@@ -1063,6 +1066,8 @@ def host_draws(nxt: np.ndarray, chain: jax.Array, host: dict[int, HostSampler] |
         return nxt
     nxt = np.array(nxt)
     rows = np.asarray(chain)
+    if rows.shape[-1] == 0:
+        raise RuntimeError("host draws need BatchSampling.stack(..., host_draws=True)")
     for b, smpl in host.items():
         if active is None or active[b]:
             nxt[b] = smpl.sample(rows[b])

@@ -83,6 +83,17 @@ class SamplingParams:
         return (self.mirostat == 0 and self.dry_multiplier != 0.0 and self.dry_base >= 1.0
                 and self.dry_penalty_last_n > 0)
 
+    def is_random(self) -> bool:
+        """Whether the draw is random at all (the Engine and the server then draw it on the
+        host with llama.cpp's generators: jllama/engine/dist.py)."""
+        return (self.mirostat != 0 or self.temperature > 0.0 or self.dynatemp_range > 0.0
+                or self.xtc_probability > 0.0)
+
+    def is_plain_greedy(self) -> bool:
+        """The argmax of the penalised logits: no stage that could drop the top token."""
+        return (self.mirostat == 0 and self.temperature <= 0.0 and self.dynatemp_range <= 0.0
+                and self.typical_p >= 1.0 and self.xtc_probability <= 0.0)
+
     def initial_mu(self) -> float:
         """Mirostat's state when a request starts (llama_sampler_init_mirostat*)."""
         return float(np.float32(2.0) * np.float32(self.mirostat_tau))
@@ -91,7 +102,13 @@ class SamplingParams:
 @jax.tree_util.register_pytree_node_class
 @dataclass
 class BatchSampling:
-    """SamplingParams of B sequences stacked into arrays (a pytree)."""
+    """SamplingParams of B sequences stacked into arrays (a pytree).
+
+    Two flags travel as the pytree's static part, so each jitted program is built for what its
+    batch needs: ``device_draws``, whether some row is drawn by the device's chain or mirostat
+    (else every row takes the argmax of its penalised logits; the full chain is most of a
+    sampling program's XLA compile, ~6 s of a cold SmolLM2 start); ``host_chain``, whether the
+    host draws some row and so needs ``chain_input``'s rows."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -110,18 +127,26 @@ class BatchSampling:
     mirostat: jax.Array
     mirostat_tau: jax.Array
     mirostat_eta: jax.Array
+    device_draws: bool = True
+    host_chain: bool = False
 
     def tree_flatten(self):
-        return tuple(getattr(self, n) for n, _ in _FIELDS), None
+        return (tuple(getattr(self, n) for n, _ in _FIELDS),
+                (self.device_draws, self.host_chain))
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children)
+        return cls(*children, *aux)
 
     @classmethod
-    def stack(cls, ps: list[SamplingParams]) -> BatchSampling:
+    def stack(cls, ps: list[SamplingParams], host_draws: bool = False) -> BatchSampling:
+        """``host_draws``: the caller draws every random row on the host (``is_random``; the
+        Engine's and the server's policy), so the device only needs their chain input."""
+        on_device = [p for p in ps if not (host_draws and p.is_random())]
         return cls(*(jnp.asarray(np.array([getattr(p, n) for p in ps], dtype=dt))
-                     for n, dt in _FIELDS))
+                     for n, dt in _FIELDS),
+                   device_draws=any(not p.is_plain_greedy() for p in on_device),
+                   host_chain=host_draws and any(p.is_random() for p in ps))
 
 
 _FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
@@ -401,6 +426,8 @@ def sample_state(logits: jax.Array, sp: BatchSampling, key: jax.Array,
         mu = 2.0 * sp.mirostat_tau
     biased, logits = _penalised(logits, sp, history, bias, dry)
     greedy_tok = first_argmax(logits)
+    if not sp.device_draws:  # every row plain greedy, or drawn on the host (token unused)
+        return greedy_tok, jnp.asarray(mu, jnp.float32)
     miro = sp.mirostat > 0
     # plain greedy: no stage that could drop the top token before the temperature's argmax
     # (mirostat rows are drawn apart, from the biased logits alone, as llama.cpp's chain does)

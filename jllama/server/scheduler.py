@@ -674,7 +674,7 @@ class Scheduler:
             self.metrics.n_decode += 1
             try:
                 self._ensure_batch()
-                sp1 = BatchSampling.stack([a.req.params])
+                sp1 = BatchSampling.stack([a.req.params], host_draws=True)
                 key = jnp.asarray(self._keys[b : b + 1])
                 bias = jnp.asarray(self._bias_np[b : b + 1])
                 hist = self.engine.history[b : b + 1]
@@ -1038,7 +1038,7 @@ class Scheduler:
         if not self._dirty:
             return
         ps = [a.req.params if a is not None else self._greedy for a in self.slots]
-        self._sp = BatchSampling.stack(ps)
+        self._sp = BatchSampling.stack(ps, host_draws=True)
         self._bias = jnp.asarray(self._bias_np)
         self._dirty = False
 
@@ -1106,6 +1106,8 @@ def _first_token(logits, sp, keys, steps, history, bias, dry=None):
         jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
     x = logits[..., : bias.shape[-1]]
     toks, mu = sample_state(x, sp, raw, history, bias, dry)
+    if not sp.host_chain:  # no row drawn on the host (BatchSampling.host_chain)
+        return toks, mu, jnp.zeros((x.shape[0], 0), jnp.float32)
     return toks, mu, chain_input(x, sp, history, bias, dry)
 
 
