@@ -112,3 +112,30 @@ def test_on_by_default_off_by_env(model, cache, monkeypatch):
     llm = Llama(model, ctx_size=64)
     list(llm.engine.generate(llm.tokenize(PROMPT), SamplingParams.greedy(), 2))
     assert not (cache / "aot").exists()
+
+
+def test_entry_from_a_jax_cache_hit_runs_in_a_later_process(model, tmp_path):
+    """An entry written when this cache missed but jax's persistent cache hit (a new jllama
+    over an old compile cache) must run in the next process: XLA:CPU executables deserialized
+    from jax's cache serialized into entries whose functions were missing ("Function ... not
+    found" at the first result)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom jllama.api import Llama\nfrom jllama.engine.sampling import "
+            "SamplingParams\nllm = Llama(sys.argv[1], ctx_size=64)\n"
+            "print(list(llm.engine.generate(llm.tokenize('hello world'), "
+            "SamplingParams.greedy(), 6)))\n")
+    outs = []
+    # JLLAMA_* variables are part of this cache's key, not of jax's: the first run fills both,
+    # the second misses here and hits there, the third loads what the second wrote
+    for salt in ("1", "2", "2"):
+        env = dict(os.environ, JLLAMA_XLA_CACHE=str(tmp_path), JLLAMA_AOT_CACHE="1",
+                   JLLAMA_TEST_AOT_SALT=salt)
+        r = subprocess.run([sys.executable, "-c", code, str(model)], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(r.stdout.strip().splitlines()[-1])
+    assert len(list((tmp_path / "aot").iterdir())) == 6
+    assert outs[0] == outs[1] == outs[2]

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src import config as jax_config
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ def _simple(v: Any) -> bool:
 def environment_key() -> str:
     """The process's side of the key: versions, device, CPU, environment."""
     import jaxlib
-    from jax._src import config as jax_config
 
     dev = jax.devices()[0]
     env = sorted((k, v) for k, v in os.environ.items()
@@ -96,12 +96,23 @@ def file_digest(path: str | os.PathLike[str], header_bytes: int) -> str:
 
 
 def _aval(x: Any) -> tuple:
-    if isinstance(x, jax.Array):
-        return (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))
+    """(shape, dtype, weak type) of a leaf. Every call of a wrapped function takes this of all
+    its leaves (a model's state: hundreds), so jax arrays take the attribute fast path: with
+    ``str(dtype)`` and an ABC ``isinstance`` it cost ~7 ms a call, as much as a SmolLM2 decode
+    step (experiments/results/ttft.md)."""
+    try:
+        return (x.shape, x.dtype, x.weak_type)  # jax.Array
+    except AttributeError:
+        pass
     if isinstance(x, bool | int | float):
         return ((), type(x).__name__, True)  # Python scalars trace weakly typed
     a = np.asarray(x)
-    return (tuple(a.shape), str(a.dtype), False)
+    return (tuple(a.shape), a.dtype, False)
+
+
+def _aval_text(sig: tuple) -> str:
+    """The avals as the key's text (dtype names, not objects)."""
+    return repr(tuple((tuple(s), str(d), bool(w)) for s, d, w in sig))
 
 
 class AotCache:
@@ -175,7 +186,7 @@ class AotFunction:
             c = self._mem[sig]
             return self.jitted(*args, **kwargs) if c is None else c(*args, **dyn)
         key = "\n".join((self.cache.base, environment_key(), self.name, repr(st), str(tree),
-                         repr(sig[2])))
+                         _aval_text(sig[2])))
         compiled = None
         try:
             compiled = self.cache.load(key)
@@ -191,7 +202,12 @@ class AotFunction:
             self._mem[sig] = compiled
             return out
         try:
-            compiled = self.jitted.lower(*args, **kwargs).compile()
+            # compiled afresh, never taken from jax's persistent cache: an executable that XLA:CPU
+            # deserialized from there serializes into an entry whose functions are missing when
+            # a later process runs it ("Function ... not found": seen after an upgrade, when this
+            # cache missed and jax's hit)
+            with jax_config.enable_compilation_cache(False):
+                compiled = self.jitted.lower(*args, **kwargs).compile()
         except Exception as e:
             log.debug("aot cache: %s cannot be compiled ahead (%s)", self.name, e)
             self._mem[sig] = None
