@@ -139,3 +139,19 @@ def test_entry_from_a_jax_cache_hit_runs_in_a_later_process(model, tmp_path):
         outs.append(r.stdout.strip().splitlines()[-1])
     assert len(list((tmp_path / "aot").iterdir())) == 6
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_state_changed_in_place_is_looked_up_again(tmp_path):
+    """The signature of a large argument is remembered by identity; a leaf replaced in place
+    by one of another shape must not reach the old executable."""
+    import jax
+    import jax.numpy as jnp
+
+    cache = aot.AotCache(tmp_path, "base")
+    f = cache.wrap("f", jax.jit(lambda s, x: sum(jnp.sum(v) for v in s.values()) + x))
+    state = {f"w{i}": jnp.ones((2,)) for i in range(20)}  # > 16 leaves: remembered
+    assert float(f(state, 1.0)) == 41.0
+    state["w0"] = jnp.ones((3,))
+    assert float(f(state, 1.0)) == 42.0
+    state["w0"] = jnp.ones((2,), jnp.int32)
+    assert float(f(state, 1.0)) == 41.0
