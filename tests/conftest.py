@@ -38,21 +38,22 @@ def pytest_configure(config) -> None:
 DATA_FIXTURES = ("wiki_test_path", "vocab_dir", "extra_vocab_dir", "openai_spec_path")
 
 
-# The files that take longest on a 2-core machine, longest first (measured on 2026-12-07:
-# experiments/results/test_suite.md). scripts/test.sh gives whole files to two pytest-xdist
-# workers (``--dist loadfile``) in collection order (``--no-loadscope-reorder``; xdist's own
-# order, most tests first, ran the minutes-long files with few tests, such as the sharding ones,
-# last, one worker alone): starting the long files first lets the short ones fill in the end.
-# The order only schedules; a file missing here runs after these, in the usual order.
+# The files that take longest on a 2-core machine, longest first: the first ten as measured on
+# 2026-12-07, the others ranked by an older full run (experiments/results/test_suite.md).
+# scripts/test.sh gives whole files to two pytest-xdist workers (``--dist loadfile``) in
+# collection order (``--no-loadscope-reorder``; xdist's own order, most tests first, sent the
+# minutes-long files with one or two tests, such as the sharding ones, out last, to run alone on
+# one worker): starting the long files first lets the short ones fill in the end. The order
+# only schedules; a file missing here runs after these, in the usual order.
 LONG_FILES = (
-    "test_quantize.py", "test_pallas.py", "test_synth.py", "test_scan_gemma3_moe.py",
-    "test_sampling_seed_oracle.py", "test_sharding_smollm2.py", "test_cpu_q8_kernel.py",
-    "test_arch_gemma3.py", "test_arch_moe.py", "test_tokenizer.py", "test_server_soak.py",
-    "test_lora.py", "test_scan.py", "test_sharding.py", "test_llama_oracle.py", "test_offload.py",
-    "test_arch_moe_f32_cache.py", "test_ggml_f32.py", "test_server.py", "test_iq_models.py",
-    "test_model_flags.py", "test_speculative.py", "test_server_slot_save.py",
-    "test_sharding_moe.py", "test_mixes.py", "test_engine.py", "test_distributed.py",
-    "test_checkpoint.py", "test_vision_llava.py",
+    "test_scan_gemma3_moe.py", "test_sharding_smollm2.py", "test_arch_moe.py", "test_scan.py",
+    "test_quantize.py", "test_pallas.py", "test_sharding.py", "test_arch_moe_f32_cache.py",
+    "test_synth.py", "test_sharding_moe.py", "test_distributed.py", "test_sampling_seed_oracle.py",
+    "test_arch_gemma3.py", "test_tokenizer.py", "test_server_soak.py", "test_lora.py",
+    "test_llama_oracle.py", "test_offload.py", "test_ggml_f32.py", "test_server.py",
+    "test_iq_models.py", "test_model_flags.py", "test_speculative.py", "test_cpu_q8_kernel.py",
+    "test_server_slot_save.py", "test_mixes.py", "test_engine.py", "test_checkpoint.py",
+    "test_vision_llava.py",
 )
 
 
