@@ -10,6 +10,8 @@ export JLLAMA_SHARED_DATA="${JLLAMA_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
 ruff check .
 # One pytest worker per core, at most 4 (each holds a JAX runtime and the oracle: ~5 GB at
 # peak); whole files per worker, so module fixtures (tiny models, servers) are built once.
-# Arguments after ours win (e.g. `-n 0` for one process).
+# Files go out in collection order, where tests/conftest.py puts the longest first (LONG_FILES),
+# not in xdist's default order (most tests first), which left a minutes-long file with few tests
+# to run alone at the end. Arguments after ours win (e.g. `-n 0` for one process).
 n=$(nproc 2>/dev/null || echo 1); [ "$n" -gt 4 ] && n=4
-exec python -m pytest -q -n "$n" --dist loadfile "$@"
+exec python -m pytest -q -n "$n" --dist loadfile --no-loadscope-reorder "$@"

@@ -43,10 +43,33 @@ def pytest_configure(config) -> None:
 DATA_FIXTURES = ("wiki_test_path", "vocab_dir", "extra_vocab_dir", "openai_spec_path")
 
 
+# The files that take longest on a 2-core machine, longest first: the first ten as measured on
+# 2026-12-07, the others ranked by an older full run (experiments/results/test_suite.md).
+# scripts/test.sh gives whole files to two pytest-xdist workers (``--dist loadfile``) in
+# collection order (``--no-loadscope-reorder``; xdist's own order, most tests first, sent the
+# minutes-long files with one or two tests, such as the sharding ones, out last, to run alone on
+# one worker): starting the long files first lets the short ones fill in the end. The order
+# only schedules; a file missing here runs after these, in the usual order.
+LONG_FILES = (
+    "test_scan_gemma3_moe.py", "test_sharding_smollm2.py", "test_arch_moe.py", "test_scan.py",
+    "test_quantize.py", "test_pallas.py", "test_sharding.py", "test_arch_moe_f32_cache.py",
+    "test_synth.py", "test_sharding_moe.py", "test_distributed.py", "test_sampling_seed_oracle.py",
+    "test_arch_gemma3.py", "test_tokenizer.py", "test_server_soak.py", "test_lora.py",
+    "test_llama_oracle.py", "test_offload.py", "test_ggml_f32.py", "test_server.py",
+    "test_iq_models.py", "test_model_flags.py", "test_speculative.py", "test_cpu_q8_kernel.py",
+    "test_server_slot_save.py", "test_mixes.py", "test_engine.py", "test_checkpoint.py",
+    "test_vision_llava.py",
+)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping of tests by fixture parameters
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if any(f in getattr(item, "fixturenames", ()) for f in DATA_FIXTURES):
             item.add_marker(pytest.mark.data)
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    # stable: the order within each file (and of the files not listed) stays pytest's
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
 
 
 def _data(get) -> Path:

@@ -2,9 +2,10 @@
 
 The reference is the GGUF-loaded engine itself: a checkpoint must give back every parameter
 leaf bit for bit (same tree, dtypes, layouts) and therefore identical logits. Restoring into a
-mesh runs in a subprocess with 4 simulated CPU devices (this file is also that worker, as in
-test_sharding.py): the arrays must arrive in the shardings ``plan_engine`` plans for a
-GGUF-loaded engine, and logits match the single-device ones within test_sharding's tolerance.
+mesh runs in a subprocess with 4 simulated CPU devices (this file is also that worker, as
+sharding_worker.py is the mesh tests'): the arrays must arrive in the shardings ``plan_engine``
+plans for a GGUF-loaded engine, and logits match the single-device ones within
+sharding_worker.py's tolerance.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def _worker_mesh(gguf_path: str, ck_dir: str) -> dict:
     from jllama.numerics import Numerics
     from jllama.quant.qtensor import QTensor
 
-    num = Numerics(match_llamacpp=False)  # exact f32 activations, as test_sharding.py explains
+    num = Numerics(match_llamacpp=False)  # exact f32 activations, as sharding_worker.py explains
     ref_llm = Llama(gguf_path, ctx_size=128, n_slots=2, cache_type="f32", compile_cache=False,
                     numerics=num)
     save(ref_llm, ck_dir)

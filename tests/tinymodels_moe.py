@@ -277,6 +277,20 @@ def write_qwen2moe(path: Path, quant: Q | None = None, seed: int = 3) -> Path:
     return _finish(wr, path)
 
 
+def write_test_models(d: Path) -> dict[str, Path]:
+    """The tiny MoE files test_arch_moe.py and test_arch_moe_f32_cache.py compare with
+    llama.cpp, by name."""
+    return {
+        "llama_f32": write_llama_moe(d / "llama_moe_f32.gguf"),
+        "llama_q8_0": write_llama_moe(d / "llama_moe_q8_0.gguf", quant=Q.Q8_0),
+        "qwen3moe_f32": write_qwen3moe(d / "qwen3moe_f32.gguf"),
+        "qwen3moe_q4_0": write_qwen3moe(d / "qwen3moe_q4_0.gguf", quant=Q.Q4_0),
+        "qwen3moe_iq4_nl": write_qwen3moe(d / "qwen3moe_iq4_nl.gguf", quant=Q.IQ4_NL),
+        "qwen2moe_f32": write_qwen2moe(d / "qwen2moe_f32.gguf"),
+        "qwen2moe_q8_0": write_qwen2moe(d / "qwen2moe_q8_0.gguf", quant=Q.Q8_0),
+    }
+
+
 def _finish(wr: gguf.GGUFWriter, path: Path) -> Path:
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
