@@ -123,10 +123,14 @@ def test_entry_from_a_jax_cache_hit_runs_in_a_later_process(model, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom jllama.api import Llama\nfrom jllama.engine.sampling import "
-            "SamplingParams\nllm = Llama(sys.argv[1], ctx_size=64)\n"
+    # prints the tokens and how many entries were used (a fresh process has registered no
+    # kernel yet: an entry must bring what it needs, not fall back to compiling)
+    code = ("import sys\nfrom jllama.api import Llama\nfrom jllama.engine import aot\n"
+            "from jllama.engine.sampling import SamplingParams\nused = []\nreal = "
+            "aot.AotCache.load\naot.AotCache.load = lambda s, k: used.append(real(s, k)) or "
+            "used[-1]\nllm = Llama(sys.argv[1], ctx_size=64)\n"
             "print(list(llm.engine.generate(llm.tokenize('hello world'), "
-            "SamplingParams.greedy(), 6)))\n")
+            "SamplingParams.greedy(), 6)), sum(u is not None for u in used))\n")
     outs = []
     # JLLAMA_* variables are part of this cache's key, not of jax's: the first run fills both,
     # the second misses here and hits there, the third loads what the second wrote
@@ -138,7 +142,9 @@ def test_entry_from_a_jax_cache_hit_runs_in_a_later_process(model, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(r.stdout.strip().splitlines()[-1])
     assert len(list((tmp_path / "aot").iterdir())) == 6
-    assert outs[0] == outs[1] == outs[2]
+    toks = [o.rsplit(" ", 1) for o in outs]
+    assert toks[0][0] == toks[1][0] == toks[2][0]
+    assert [t[1] for t in toks] == ["0", "0", "3"]  # the third process ran all three entries
 
 
 def test_state_changed_in_place_is_looked_up_again(tmp_path):

@@ -35,7 +35,19 @@ import jax
 import numpy as np
 from jax._src import config as jax_config
 
+from jllama.kernels import cpu_attention, cpu_ffi, cpu_ggml_f32
+
 log = logging.getLogger(__name__)
+
+
+def _register_kernels() -> None:
+    """Register the C++ kernels' FFI targets, as tracing a model does: a loaded entry skips the
+    trace, and XLA refuses to deserialize a program whose custom calls have no handler ("No FFI
+    handler registered for jllama_flash_attn")."""
+    if jax.default_backend() == "cpu":
+        cpu_ffi.available()
+        cpu_attention.available()
+        cpu_ggml_f32.available()
 
 FORMAT = 1  # bump when an entry's layout changes
 
@@ -145,6 +157,7 @@ class AotCache:
             return None
         ident = (hashlib.sha256(payload).hexdigest(), in_tree, out_tree)
         if ident not in _LOADED:
+            _register_kernels()
             _LOADED[ident] = serialize_executable.deserialize_and_load(payload, in_tree,
                                                                        out_tree)
         return _LOADED[ident]
