@@ -208,7 +208,7 @@ class Engine:
                                 jnp.concatenate([history[:, 1:], tokens[:, None]], axis=1),
                                 history)
             nxt, mu = _sample_rows(logits, sp, keys, steps, history, bias, dry, mu)
-            return nxt, logits, cache, history, mu, _chain_rows(logits, sp, history, bias, dry)
+            return nxt, logits, cache, history, mu, chain_rows(logits, sp, history, bias, dry)
 
         def decode_loop(state, tokens, pos0, cache, sp, keys, steps, history, bias, dry, mu,
                         active, left, stops, limit, p_min, kv_len, chunk):
@@ -275,7 +275,7 @@ class Engine:
             rows = jnp.zeros((n_slots, logits.shape[-1]), jnp.float32).at[slot].set(logits)
             toks, mu = _sample_rows(rows, sp, keys, jnp.zeros(n_slots, jnp.int32), history,
                                     bias, dry)
-            return toks, mu, _chain_rows(rows, sp, history, bias, dry)
+            return toks, mu, chain_rows(rows, sp, history, bias, dry)
 
         if aot is not None and plan is None:
             # programs of the ahead-of-time cache are named apart (see engine/aot.py)
@@ -1049,7 +1049,7 @@ def _bias_array(logit_bias: dict[int, float], n_vocab: int, n_slots: int) -> jax
     return jax.device_put(b)  # not jnp.asarray: that compiles a copy program per process
 
 
-def _chain_rows(logits, sp, history, bias, dry=None):
+def chain_rows(logits, sp, history, bias, dry=None):
     """The rows the host's llama.cpp chain starts from (``sampling.chain_input``); [B, 0] when
     no row is drawn on the host (``BatchSampling.host_chain``)."""
     if not sp.host_chain:

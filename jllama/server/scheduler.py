@@ -31,9 +31,9 @@ import numpy as np
 
 from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row, process_breakers
-from jllama.engine.engine import DECODE_CHUNK, PREFILL_CHUNK, host_draws
+from jllama.engine.engine import DECODE_CHUNK, PREFILL_CHUNK, chain_rows, host_draws
 from jllama.engine.multimodal import prefill_image
-from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
+from jllama.engine.sampling import BatchSampling, SamplingParams, sample_state
 from jllama.errors import ContextError, PagePoolError
 from jllama.server.metrics import Metrics
 from jllama.server.prompt_cache import PromptCache
@@ -1106,9 +1106,7 @@ def _first_token(logits, sp, keys, steps, history, bias, dry=None):
         jax.random.fold_in(jax.random.wrap_key_data(k), s)))(keys.astype(jnp.uint32), steps)
     x = logits[..., : bias.shape[-1]]
     toks, mu = sample_state(x, sp, raw, history, bias, dry)
-    if not sp.host_chain:  # no row drawn on the host (BatchSampling.host_chain)
-        return toks, mu, jnp.zeros((x.shape[0], 0), jnp.float32)
-    return toks, mu, chain_input(x, sp, history, bias, dry)
+    return toks, mu, chain_rows(x, sp, history, bias, dry)
 
 
 def token_probs(row: np.ndarray, tok: int, n: int, piece) -> dict:
