@@ -13,6 +13,7 @@ from jllama.engine.sampling import (
     apply_penalties,
     first_argmax,
     sample,
+    seed_key,
 )
 
 
@@ -105,3 +106,23 @@ def test_first_argmax_is_numpys_argmax(rows: int) -> None:
     got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
     assert got.dtype == np.int32
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42, 2**31 - 1, 2**31, 2**32 - 1])
+def test_seed_key_is_jax_prngkey(seed):
+    """The host-built key must be the one ``jax.random.PRNGKey`` makes, or seeded device draws
+    would change with the way the key was built."""
+    want = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)))
+    np.testing.assert_array_equal(seed_key(seed), want)
+    assert seed_key(seed).dtype == want.dtype
+
+
+def test_stack_makes_no_program(caplog):
+    """Stacking a batch's parameters is a transfer, not a compiled copy per dtype (each compile
+    cost a warm start ~60 ms)."""
+    jax.clear_caches()
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        BatchSampling.stack([SamplingParams.greedy(), SamplingParams(temperature=0.5)])
+        jnp.asarray(np.zeros(3, np.float32) + 1)  # a copy program: shows the log is seen
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert len(compiles) == 1 and "stage" in compiles[0], compiles

@@ -30,7 +30,13 @@ from jllama.engine import heap
 from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row
 from jllama.engine.pages import PageAllocator
-from jllama.engine.sampling import BatchSampling, SamplingParams, chain_input, sample_state
+from jllama.engine.sampling import (
+    BatchSampling,
+    SamplingParams,
+    chain_input,
+    sample_state,
+    seed_key,
+)
 from jllama.errors import ConfigError, ContextError
 from jllama.models import kvquant
 from jllama.models.cache import KVCache, PagedKVCache
@@ -949,7 +955,7 @@ class Engine:
         tm.extra["cached_tokens"] = cached
         sp = BatchSampling.stack([params] * self.n_slots, host_draws=True)
         seed = resolve_seed(params.seed)
-        keys = np.broadcast_to(np.asarray(jax.random.PRNGKey(seed)), (self.n_slots, 2))
+        keys = np.broadcast_to(seed_key(seed), (self.n_slots, 2))
         # llama.cpp's draw, from a generator that lives as long as this generation
         host = {slot: HostSampler(params, seed)} if HostSampler.wanted(params) else None
         bias = _bias_array(params.logit_bias, self.spec.n_vocab, self.n_slots)

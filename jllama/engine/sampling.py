@@ -143,8 +143,10 @@ class BatchSampling:
         """``host_draws``: the caller draws every random row on the host (``is_random``; the
         Engine's and the server's policy), so the device only needs their chain input."""
         on_device = [p for p in ps if not (host_draws and p.is_random())]
-        return cls(*(jnp.asarray(np.array([getattr(p, n) for p in ps], dtype=dt))
-                     for n, dt in _FIELDS),
+        # one device_put of numpy arrays: jnp.asarray compiles a copy program per dtype in
+        # every new process (~60 ms each of a warm start's first token)
+        return cls(*jax.device_put([np.array([getattr(p, n) for p in ps], dtype=dt)
+                                    for n, dt in _FIELDS]),
                    device_draws=any(not p.is_plain_greedy() for p in on_device),
                    host_chain=host_draws and any(p.is_random() for p in ps))
 
@@ -157,6 +159,13 @@ _FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float3
            ("dynatemp_range", np.float32), ("dynatemp_exponent", np.float32),
            ("min_keep", np.int32), ("mirostat", np.int32), ("mirostat_tau", np.float32),
            ("mirostat_eta", np.float32))
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """``jax.random.PRNGKey(seed)``'s data for a request's uint32 seed, built on the host:
+    threefry's key is (high word, low word), and ``PRNGKey`` compiles a program per process
+    (a tenth of a warm start's first token)."""
+    return np.array([0, int(seed) % 2**32], np.uint32)
 
 
 def apply_penalties(logits: jax.Array, history: jax.Array, sp: BatchSampling) -> jax.Array:

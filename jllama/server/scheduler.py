@@ -33,7 +33,7 @@ from jllama.engine.dist import HostSampler, resolve_seed
 from jllama.engine.dry import penalty_row, process_breakers
 from jllama.engine.engine import DECODE_CHUNK, PREFILL_CHUNK, chain_rows, host_draws
 from jllama.engine.multimodal import prefill_image
-from jllama.engine.sampling import BatchSampling, SamplingParams, sample_state
+from jllama.engine.sampling import BatchSampling, SamplingParams, sample_state, seed_key
 from jllama.errors import ContextError, PagePoolError
 from jllama.server.metrics import Metrics
 from jllama.server.prompt_cache import PromptCache
@@ -1013,7 +1013,7 @@ class Scheduler:
             for t in self.eog:
                 if t < self.n_vocab:
                     self._bias_np[b, t] = -np.inf
-        self._keys[b] = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.slots[b].seed)))
+        self._keys[b] = seed_key(self.slots[b].seed)
 
     def _dry_rows(self, last: np.ndarray | None, rows) -> np.ndarray | None:
         """The DRY penalties of the slots in ``rows`` whose request uses DRY, from the tokens
