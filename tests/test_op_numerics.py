@@ -122,3 +122,34 @@ def test_rope_cos_sin_are_the_c_librarys():
     np.testing.assert_array_equal(np.asarray(s), [libm.sinf(float(v)) for v in x])
     f64 = np.cos(x.astype(np.float64)).astype(np.float32)
     assert (f64 != np.asarray(c)).any()  # the distinction this test is about
+
+
+def test_rope_angles_are_ggmls_serial_products():
+    """The rope cache's angles (kernels/cpu/ggml_f32.cc) are ggml's loop, theta = pos then
+    theta *= theta_scale per pair with every product rounded to f32 (a numpy f32 loop states
+    it), and the XLA chain (no C++ kernels) computes the same bits."""
+    import jax
+    import numpy as np
+
+    from jllama import numerics
+    from jllama.kernels import cpu_ggml_f32
+    from jllama.models import ggml_f32
+
+    assert cpu_ggml_f32.available()
+    pos = np.array([[0, 1, 7, 500, 4095, 131071], [3, 2, 1, 0, 65535, 9]], np.int32)
+    for base, dim in ((10000.0, 64), (1e6, 256), (500000.0, 128)):
+        s = np.float32(base ** (-2.0 / dim))
+        want = np.empty((*pos.shape, dim // 2), np.float32)
+        th = pos.astype(np.float32)
+        for i in range(dim // 2):
+            want[..., i] = th
+            th = th * s  # numpy f32 * f32: one rounding, as ggml's float
+        fn = jax.jit(lambda p, s=s, d=dim: ggml_f32.rope_angles(p, s, d // 2))
+        with numerics.use(numerics.Numerics()):
+            got = np.asarray(fn(pos))
+            assert "jllama_rope_angles" in fn.lower(pos).as_text()
+        np.testing.assert_array_equal(got, want)
+        with numerics.use(numerics.Numerics(cpu_kernels=False)):
+            fx = jax.jit(lambda p, s=s, d=dim: ggml_f32.rope_angles(p, s, d // 2))
+            assert "jllama_rope_angles" not in fx.lower(pos).as_text()
+            np.testing.assert_array_equal(np.asarray(fx(pos)), want)

@@ -463,13 +463,7 @@ def _ggml_rope_angles(pos: jax.Array, base: float, dim: int, scale: float) -> ja
     position and is multiplied by ``powf(base, -2/dim)`` once per pair, in f32. Against
     ``pos * base**(-2i/dim)`` the angles drift by a few f32 ulps (~1e-4 rad at position 500),
     which moved Q/K by ~1e-4 relative, the largest difference in layer 0."""
-    theta_scale = opaque(jnp.float32(np.float32(float(base) ** (-2.0 / dim))))
-    th = pos.astype(jnp.float32)
-    cols = []
-    for _ in range(dim // 2):
-        cols.append(th)
-        th = th * theta_scale
-    ang = jnp.stack(cols, axis=-1)
+    ang = ggml_f32.rope_angles(pos, np.float32(float(base) ** (-2.0 / dim)), dim // 2)
     return ang * jnp.float32(scale) if scale != 1.0 else ang
 
 

@@ -93,6 +93,22 @@ def _kernels() -> bool:
             and cpu_ggml_f32.available())
 
 
+def rope_angles(pos: jax.Array, theta_scale: float, pairs: int) -> jax.Array:
+    """ggml's rope cache angles [..., pairs]: theta starts at the position and is multiplied by
+    ``theta_scale`` once per pair, each product rounded to f32. The C++ kernel on the CPU: in
+    XLA the serial chain becomes one fusion per pair, each repeating the chain before it (at
+    head dim 256, 128 fusions per rope: most of a Gemma 3 program's code and its load)."""
+    if _kernels():
+        return cpu_ggml_f32.rope_angles(pos, theta_scale, pairs)
+    scale = opaque(jnp.float32(theta_scale))
+    th = pos.astype(jnp.float32)
+    cols = []
+    for _ in range(pairs):
+        cols.append(th)
+        th = th * scale
+    return jnp.stack(cols, axis=-1)
+
+
 def expf_libm(x: jax.Array) -> jax.Array:
     """The C library's expf (kernels/cpu/ggml_f32.cc) on the CPU with the C++ kernels; elsewhere
     exp in f64 rounded to f32 (glibc's expf differs from that on ~1 in 2000 floats)."""

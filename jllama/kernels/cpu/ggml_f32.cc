@@ -11,6 +11,10 @@
 //   ggml_vec_dot_f32 (four lane-wide FMA accumulators over steps of 4 * lanes, folded 0+2, 1+3,
 //   0+1, the horizontal sum of the ISA, then the leftover products added one by one). The
 //   FMA chains are serial per output; in XLA they cost an f64 emulation per step.
+// * JllamaRopeAngles: ggml's rope cache angles, theta = position, then theta *= theta_scale once
+//   per pair, in f32. In XLA the serial chain became one fusion per pair, each repeating the
+//   chain up to it (128 per rope at head dim 256): most of a Gemma 3 program's code, its
+//   compile and its load (experiments/results/ttft.md).
 //
 // Part of the kernel library cpu_ffi.py builds, with -ffp-contract=off: every FMA is an
 // explicit fmaf (one rounding), every other product is rounded before its add. Registered by
@@ -146,6 +150,27 @@ static ffi::Error F32MulMatImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w
   return ffi::Error::Success();
 }
 
+// pos [n] -> angles [n, pairs]: row r is pos[r], pos[r] * s, (pos[r] * s) * s, ... each product
+// rounded to f32 (this file is built without contraction or reassociation).
+static ffi::Error RopeAnglesImpl(ffi::Buffer<ffi::F32> pos, ffi::ResultBuffer<ffi::F32> ang,
+                                 float theta_scale) {
+  const size_t n = pos.element_count();
+  if (n == 0) return ffi::Error::Success();
+  const size_t pairs = ang->element_count() / n;
+  if (pairs * n != ang->element_count())
+    return ffi::Error::InvalidArgument("rope angles: output must be [n, pairs]");
+  const float* p = pos.typed_data();
+  float* out = ang->typed_data();
+  for (size_t r = 0; r < n; ++r) {
+    float th = p[r];
+    for (size_t i = 0; i < pairs; ++i) {
+      out[r * pairs + i] = th;
+      th = th * theta_scale;
+    }
+  }
+  return ffi::Error::Success();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaExpf, ExpfImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -158,3 +183,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaF32MulMat, F32MulMatImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("lanes")
                                   .Attr<int64_t>("sgemm"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaRopeAngles, RopeAnglesImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("theta_scale"));
