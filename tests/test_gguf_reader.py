@@ -132,3 +132,26 @@ def test_cli_one_line_error(tmp_path, capsys):
     assert main(["inspect", str(p)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad magic" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("items", [
+    ["", "a", "é", "日本", "", "<0x0A>", "Ġthe", "▁x"],
+    [b"\xe2\x82", b"ok", b"\xff\xfe", b"a\xc3", b"\xc3\xa9", b""],  # invalid UTF-8 kept
+    ["x\x00y", "z", "\x00", ""],  # NUL inside a string: the one-by-one path
+])
+def test_string_arrays_read_as_gguf_py_stores_them(tmp_path, items):
+    """Every string of an array is its bytes decoded on its own (invalid bytes kept as
+    surrogates), whatever its neighbours: the reader decodes the array in one go."""
+    w = gguf.GGUFWriter(str(tmp_path / "s.gguf"), "llama")
+    w.add_array("tokenizer.ggml.tokens", items)
+    w.add_string("general.name", "after")  # the cursor lands after the array
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref = gguf.GGUFReader(str(tmp_path / "s.gguf")).fields["tokenizer.ggml.tokens"]
+    want = [bytes(ref.parts[i]).decode("utf-8", errors="surrogateescape") for i in ref.data]
+    g = read_gguf(tmp_path / "s.gguf")
+    assert g.metadata["tokenizer.ggml.tokens"] == want
+    assert len(want) == len(items)
+    assert g.metadata["general.name"] == "after"

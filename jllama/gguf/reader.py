@@ -144,9 +144,11 @@ class _Cursor:
 
     def strings(self, count: int, what: str) -> list[str]:
         """A string array without per-element bookkeeping: vocabularies hold 50k-260k entries
-        and the generic path cost half a second of every start-up. Bounds are still checked."""
-        buf, pos, size, out = self.buf, self.pos, self.size, []
-        unpack, append = struct.Struct("<Q").unpack_from, out.append
+        and the generic path cost half a second of every start-up. One pass finds (and bounds
+        checks) where the strings are; then their bytes, NUL-separated, are decoded at once."""
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = struct.Struct("<Q").unpack_from
+        starts, lens = [0] * count, [0] * count
         for i in range(count):
             if pos + 8 > size:
                 self.pos = pos
@@ -156,14 +158,23 @@ class _Cursor:
             if pos + n > size:
                 self.pos = pos
                 self.need(n, f"{what}[{i}]")
-            raw = bytes(buf[pos : pos + n])
+            starts[i], lens[i] = pos, n
             pos += n
-            try:
-                append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                append(raw.decode("utf-8", errors="surrogateescape"))
-        self.pos = pos
-        return out
+        lo, self.pos = self.pos, pos
+        if count == 0:
+            return []
+        region = np.frombuffer(buf, np.uint8, count=pos - lo, offset=lo).copy()
+        st = np.asarray(starts, np.int64) - lo
+        keep = np.ones(region.size, bool)
+        keep[(st[:, None] - 8 + np.arange(8)).ravel()] = False  # the length fields
+        region[st[1:] - 1] = 0  # each length's last byte becomes the separator before its string
+        keep[st[1:] - 1] = True
+        out = region[keep].tobytes().decode("utf-8", errors="surrogateescape").split("\x00")
+        if len(out) == count:
+            return out
+        # a string holds NUL itself: decode one by one (llama.cpp keeps invalid UTF-8 too)
+        return [bytes(buf[a:a + n]).decode("utf-8", errors="surrogateescape")
+                for a, n in zip(starts, lens)]
 
     def value(self, vtype: int, what: str) -> tuple[Any, ValueType, ValueType | None]:
         try:
