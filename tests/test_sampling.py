@@ -87,8 +87,11 @@ def test_seed_reproducible():
     rng = np.random.default_rng(2)
     logits = jnp.asarray(rng.standard_normal((1, 1000)), jnp.float32)
     sp = BatchSampling.stack([SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)])
-    a = [int(sample(logits, sp, _keys(1, s))[0]) for s in range(20)]
-    b = [int(sample(logits, sp, _keys(1, s))[0]) for s in range(20)]
+    # jitted, as the engine runs it: run eagerly, each call compiled its lax.conds anew (40
+    # calls, ~120 compiles, ~45 s of a 2-core CI run)
+    draw = jax.jit(sample)
+    a = [int(draw(logits, sp, _keys(1, s))[0]) for s in range(20)]
+    b = [int(draw(logits, sp, _keys(1, s))[0]) for s in range(20)]
     assert a == b and len(set(a)) > 3
 
 
