@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from jllama.errors import ModelError
 
 # llama_token_attr bits
@@ -202,7 +204,11 @@ def _attrs_from(meta: dict[str, Any], n: int) -> list[int]:
     types = meta.get("tokenizer.ggml.token_type")
     if types is None:
         return [ATTR_NORMAL] * n
-    return [_TYPE_TO_ATTR.get(int(t), ATTR_UNDEFINED) for t in types[:n]]
+    # vectorised: 262k-token vocabularies (Gemma 3) spent ~0.1 s of every start here
+    t = np.asarray(types[:n], dtype=np.int64)
+    lut = np.array([_TYPE_TO_ATTR[i] for i in range(len(_TYPE_TO_ATTR))], np.int64)
+    known = (t >= 0) & (t < len(lut))
+    return np.where(known, lut[np.where(known, t, 0)], ATTR_UNDEFINED).tolist()
 
 
 def load_vocab(meta: dict[str, Any]) -> Vocab:
@@ -319,10 +325,10 @@ def load_vocab(meta: dict[str, Any]) -> Vocab:
 
     _detect_specials(v, fim)
     v.fim = fim
-    v.special_cache = sorted(
-        (i for i in range(n) if attrs[i] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)),
-        key=lambda i: -len(tokens[i].encode("utf-8", "surrogateescape")),
-    )
+    special = np.flatnonzero(np.asarray(attrs, np.int64)
+                             & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN))
+    v.special_cache = sorted(special.tolist(),
+                             key=lambda i: -len(tokens[i].encode("utf-8", "surrogateescape")))
     v.pieces = [None] * n
     name = str(meta.get("general.name", "")).lower()
     if "phi-3" in name or "phi3" in name:
