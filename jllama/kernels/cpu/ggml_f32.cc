@@ -14,7 +14,7 @@
 // * JllamaRopeAngles: ggml's rope cache angles, theta = position, then theta *= theta_scale once
 //   per pair, in f32. In XLA the serial chain became one fusion per pair, each repeating the
 //   chain up to it (128 per rope at head dim 256): most of a Gemma 3 program's code, its
-//   compile and its load (experiments/results/ttft.md).
+//   compile and its load (experiments/results/scale.md, "Gemma 3's programs").
 //
 // Part of the kernel library cpu_ffi.py builds, with -ffp-contract=off: every FMA is an
 // explicit fmaf (one rounding), every other product is rounded before its add. Registered by
