@@ -221,7 +221,10 @@ def ttft(args: argparse.Namespace) -> int:
 
 
 def plot(args: argparse.Namespace) -> int:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # not a dependency of jllama: only these plots use it
+        raise SystemExit("scale_sweep.py plot: needs matplotlib (pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -229,6 +232,11 @@ def plot(args: argparse.Namespace) -> int:
     rows = list(csv.DictReader(open(args.csv)))
     if not rows:
         raise SystemExit(f"{args.csv}: no rows")
+    # One machine per plot (its speed is not comparable across CPUs): the newest row's, or --cpu.
+    cpu = args.cpu or rows[-1]["cpu"]
+    rows = [r for r in rows if r["cpu"] == cpu]
+    if not rows:
+        raise SystemExit(f"{args.csv}: no rows for cpu {cpu!r}")
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     style = {("jllama", "default"): ("o-", "jllama"),
              ("llama.cpp", "repack"): ("s--", "llama-bench (repack on)"),
@@ -265,8 +273,9 @@ def plot(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     ttft = Path(args.csv).with_name(Path(args.csv).stem + "_ttft.csv")
     if ttft.exists():
-        rows = list(csv.DictReader(open(ttft)))
+        rows = [r for r in csv.DictReader(open(ttft)) if r["cpu"] == cpu]
         fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.set_title(cpu, fontsize=9)
         for engine in sorted({r["engine"] for r in rows}):
             for key, mark in (("cold_s", "o-"), ("warm_s", "s--")):
                 rs = sorted((int(r["layers"]), float(r[key])) for r in rows
@@ -300,6 +309,7 @@ def main() -> int:
     t.add_argument("--csv", default=str(RESULTS / "scale.csv"))
     q = sub.add_parser("plot")
     q.add_argument("--csv", default=str(RESULTS / "scale.csv"))
+    q.add_argument("--cpu", help="the csv's cpu column to plot (default: the newest row's)")
     args = ap.parse_args()
     return {"run": run, "ttft": ttft, "plot": plot}[args.cmd](args)
 
