@@ -74,3 +74,54 @@ def test_cache_holds_the_latent_only(models, cache_type, bytes_per):
         ids = tm.prompt_ids(spec.n_vocab)[:8]
         want = tm.oracle_greedy(tm.oracle(models["v3_f32"]), ids, 16)
         assert list(eng.generate(ids, SamplingParams.greedy(), max_tokens=16, slot=1)) == want
+
+
+@pytest.mark.parametrize("qtype_name,k", [("Q5_0", 128), ("Q8_0", 128), ("Q4_K", 512),
+                                          ("Q6_K", 256)])
+def test_per_head_products_are_ggmls_batched_mul_mat(qtype_name, k):
+    """MLA's ``attn_k_b`` / ``attn_v_b`` products [H, out, in] per head: bit-identical to ggml's
+    3-D ``mul_mat`` (batched over heads, as llama.cpp's deepseek2 graph calls it), for one
+    decode row, a few rows (vec_dot; tinyBLAS for the 32-blocks) and from 8 rows per head (the
+    tiled K-quant GEMM), with the heads' rows interleaved as the model holds them [B, T, H, in]."""
+    import ctypes
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from llamacpp_oracle import GgmlInitParams, ggml_fill, ggml_libs
+
+    from jllama.gguf.constants import QType
+    from jllama.models import deepseek2
+    from jllama.quant.qtensor import QTensor
+    from jllama.quant.testing import random_blocks
+
+    qtype = QType[qtype_name]
+    h, n = 4, 48
+    raw = random_blocks(qtype, h * n, k, seed=k).reshape(h, n, -1)
+    qt = QTensor(jnp.asarray(raw), int(qtype), (h, n, k))
+    base, cpu = ggml_libs()
+    fn = jax.jit(lambda x, w: deepseek2._per_head_int8(x, QTensor(w, int(qtype), (h, n, k))))
+    assert deepseek2._per_head_int8(jnp.zeros((1, 1, h, k)), qt) is not None  # the int8 path
+    for b, t in ((1, 1), (2, 3), (1, 9), (2, 8)):
+        rng = np.random.default_rng(b * 100 + t)
+        x = rng.standard_normal((b, t, h, k)).astype(np.float32)
+        x[..., ::37] *= 8.0  # a few outliers per row, as in a hidden state
+        rows = np.ascontiguousarray(np.transpose(x.reshape(b * t, h, k), (1, 0, 2)))  # [H, M, k]
+        ctx = base.ggml_init(GgmlInitParams(64 << 20, None, False))
+        try:
+            w = base.ggml_new_tensor_3d(ctx, int(qtype), k, n, h)
+            ggml_fill(base, w, raw)
+            a = base.ggml_new_tensor_3d(ctx, 0, k, b * t, h)
+            ggml_fill(base, a, rows)
+            y = base.ggml_mul_mat(ctx, w, a)  # ne [n, M, H]
+            graph = base.ggml_new_graph(ctx)
+            base.ggml_build_forward_expand(graph, y)
+            assert cpu.ggml_graph_compute_with_ctx(ctx, graph, 1) == 0
+            ref = np.empty((h, b * t, n), np.float32)
+            ctypes.memmove(ref.ctypes.data, base.ggml_get_data(y), ref.nbytes)
+        finally:
+            base.ggml_free(ctx)
+        want = np.transpose(ref, (1, 0, 2)).reshape(b, t, h, n)
+        got = np.asarray(fn(jnp.asarray(x), qt.data))
+        bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
+        assert bad.size == 0, f"{qtype_name} b={b} t={t}: {bad.size} of {want.size} differ"

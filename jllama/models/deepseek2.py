@@ -30,6 +30,8 @@ from flax import nnx
 import jllama.models.kvquant as kvquant
 from jllama import numerics
 from jllama.errors import ModelError
+from jllama.gguf.constants import QType
+from jllama.kernels import xla_cpu
 from jllama.kernels.dispatch import dequantize
 from jllama.models.cache import KVCache, LayerCache, PagedKVCache
 from jllama.models.common import (
@@ -39,6 +41,7 @@ from jllama.models.common import (
     SwiGLU,
     Weights,
     decoder_forward,
+    in_place_ok,
     write_cache,
 )
 from jllama.models.moe import MoE, MoEConfig, moe_config
@@ -157,10 +160,38 @@ def rope_yarn(x: jax.Array, pos: jax.Array, c: MLAConfig) -> jax.Array:
 
 
 def _qdot(x: jax.Array, qt: QTensor, eq: str) -> jax.Array:
-    """einsum with a (possibly quantized) per-head weight, activations rounded like ggml's."""
+    """``x [B, T, H, in] · W[h] [out, in]`` per head h (``eq`` spells it out) with a (possibly
+    quantized) per-head weight: ggml's batched ``mul_mat`` on the int8 kernels where they take
+    the weight, else an einsum with activations rounded like ggml's."""
+    y = _per_head_int8(x, qt)
+    if y is not None:
+        return y
     if numerics.current().match_llamacpp and not qt.is_float:
         x = quantize_activations(x, qt.qtype)
     return jnp.einsum(eq, x, dequantize(qt, jnp.float32))
+
+
+def _per_head_int8(x: jax.Array, qt: QTensor) -> jax.Array | None:
+    """ggml multiplies ``attn_k_b`` / ``attn_v_b`` [H, out, in] with one ``mul_mat`` batched over
+    heads: per head its T rows, each row quantized to the weight's vec_dot type, each product
+    vec_dot's (or from 8 rows the tiled K-quant GEMM's, and tinyBLAS's for Q4_0/Q5_0/Q8_0, which
+    accumulates as vec_dot does). The grouped ``mul_mat_id`` call with the heads as experts
+    computes exactly that, reading the blocks in place; the einsum it replaces dequantized both
+    weights every step (most of a DeepSeek-V2-Lite decode step's time in XLA). IQ4_NL stays on
+    the einsum: from 2 rows ggml's ``mul_mat`` takes tinyBLAS's order for it, which
+    ``mul_mat_id`` never does. None where the int8 kernels do not apply."""
+    if qt.is_float or len(qt.shape) != 3 or int(qt.qtype) == int(QType.IQ4_NL) \
+            or not in_place_ok(qt):
+        return None
+    b, t, h, k = x.shape
+    n = b * t
+    # expert-major (head-major) order of the rows of x.reshape(n * h, k): row i * h + head
+    rows = jnp.arange(n * h, dtype=jnp.int32).reshape(n, h).T.reshape(-1)
+    counts = jnp.full((h,), n, jnp.int32)
+    ys = xla_cpu.ffi_matmul_id(x.reshape(n * h, k).astype(jnp.float32), rows, counts, [qt])
+    if ys is None:
+        return None
+    return jnp.swapaxes(ys[0].reshape(h, n, -1), 0, 1).reshape(b, t, h, -1)
 
 
 def _half_round(x: jax.Array, cache_type: str) -> jax.Array:
