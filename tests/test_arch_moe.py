@@ -91,13 +91,22 @@ def test_moe_layer_reproduces_llamacpp_on_its_input(models, name):
         ids = tm.prompt_ids(spec.n_vocab)[:n_tok]
         ref = llamacpp_tensors(str(path), ids, flash_attn=True, n_ubatch=512,
                                keep=lambda k: k.startswith(("ffn_norm", "ffn_moe", "ffn_shexp")))
+        hs = [jnp.asarray(ref[f"ffn_norm-{il}"].reshape(n_tok, -1)) for il in range(spec.n_layer)]
+
+        def ffns(hs):
+            # every layer's MoE in one program (one compile instead of one per layer): each
+            # layer's taps carry the index set while it is traced, as decoder_forward sets it
+            out = []
+            for il, h in enumerate(hs):
+                common._TAP_LAYER = il
+                out.append(model.blocks[il].ffn(h))
+            return out
+
+        common.TAP_SINK.clear()
+        with use(num):
+            jax.block_until_ready(jax.jit(ffns)(hs))
+        ours = dict(common.TAP_SINK)
         for il in range(spec.n_layer):
-            h = jnp.asarray(ref[f"ffn_norm-{il}"].reshape(n_tok, -1))
-            common.TAP_SINK.clear()
-            common._TAP_LAYER = il
-            with use(num):
-                jax.jit(lambda x, blk=model.blocks[il]: blk.ffn(x))(h).block_until_ready()
-            ours = dict(common.TAP_SINK)
             checked = []
             for key in [f"{k}-{il}" for k in ROUTING if f"{k}-{il}" in ref]:
                 np.testing.assert_array_equal(ours[key].reshape(-1), ref[key].reshape(-1),
