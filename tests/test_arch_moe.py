@@ -91,13 +91,22 @@ def test_moe_layer_reproduces_llamacpp_on_its_input(models, name):
         ids = tm.prompt_ids(spec.n_vocab)[:n_tok]
         ref = llamacpp_tensors(str(path), ids, flash_attn=True, n_ubatch=512,
                                keep=lambda k: k.startswith(("ffn_norm", "ffn_moe", "ffn_shexp")))
+        hs = [jnp.asarray(ref[f"ffn_norm-{il}"].reshape(n_tok, -1)) for il in range(spec.n_layer)]
+
+        def ffns(hs):
+            # every layer's MoE in one program (one compile instead of one per layer): each
+            # layer's taps carry the index set while it is traced, as decoder_forward sets it
+            out = []
+            for il, h in enumerate(hs):
+                common._TAP_LAYER = il
+                out.append(model.blocks[il].ffn(h))
+            return out
+
+        common.TAP_SINK.clear()
+        with use(num):
+            jax.block_until_ready(jax.jit(ffns)(hs))
+        ours = dict(common.TAP_SINK)
         for il in range(spec.n_layer):
-            h = jnp.asarray(ref[f"ffn_norm-{il}"].reshape(n_tok, -1))
-            common.TAP_SINK.clear()
-            common._TAP_LAYER = il
-            with use(num):
-                jax.jit(lambda x, blk=model.blocks[il]: blk.ffn(x))(h).block_until_ready()
-            ours = dict(common.TAP_SINK)
             checked = []
             for key in [f"{k}-{il}" for k in ROUTING if f"{k}-{il}" in ref]:
                 np.testing.assert_array_equal(ours[key].reshape(-1), ref[key].reshape(-1),
@@ -166,20 +175,28 @@ def test_gathered_and_grouped_match_brute_force(n_tok):
     x = jnp.asarray(rng.standard_normal((n_tok, d)), jnp.float32)
     for gating in (moe.GATING_SOFTMAX, moe.GATING_SIGMOID, moe.GATING_SOFTMAX_WEIGHT):
         m = moe.MoE(w, "", moe.MoEConfig(e, 2, gating, norm_weights=True, scale=2.5))
-        logits = x @ w("ffn_gate_inp.weight").data.T
-        ids, wts = moe.route(logits, m.cfg, w("exp_probs_b.bias").data)
-        ya, yb = m._gathered(x, ids), m._grouped(x, ids)
+
+        def run(x, m=m):
+            logits = x @ w("ffn_gate_inp.weight").data.T
+            ids, wts = moe.route(logits, m.cfg, w("exp_probs_b.bias").data)
+            ya, yb = m._gathered(x, ids), m._grouped(x, ids)
+            return ids, wts, ya, yb, moe.combine(ya, wts), moe.combine(yb, wts)
+
+        # under one jit, as the model runs them (eagerly each lax.scan compiled anew per call)
+        ids, wts, ya, yb, a, b = jax.jit(run)(x)
         np.testing.assert_array_equal(np.asarray(ya), np.asarray(yb))  # same per-row products
-        a, b = moe.combine(ya, wts), moe.combine(yb, wts)
         # brute force: every expert densely, weights scattered
         ref = np.zeros((n_tok, d), np.float32)
+        # host copies once (the same values; indexing the device arrays was a dispatch each)
+        wg, wu, wd = (np.asarray(w(f"ffn_{p}_exps.weight").data) for p in ("gate", "up", "down"))
+        xn, ids, wts = np.asarray(x), np.asarray(ids), np.asarray(wts)
         for n in range(n_tok):
             for j in range(2):
                 k = int(ids[n, j])
-                g = np.asarray(w("ffn_gate_exps.weight").data[k]) @ np.asarray(x[n])
-                u = np.asarray(w("ffn_up_exps.weight").data[k]) @ np.asarray(x[n])
+                g = wg[k] @ xn[n]
+                u = wu[k] @ xn[n]
                 h = np.asarray(jax.nn.silu(g)) * u
-                ref[n] += float(wts[n, j]) * (np.asarray(w("ffn_down_exps.weight").data[k]) @ h)
+                ref[n] += float(wts[n, j]) * (wd[k] @ h)
         np.testing.assert_allclose(np.asarray(a), ref, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(b), ref, rtol=1e-4, atol=1e-4)
 

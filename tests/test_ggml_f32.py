@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,6 +63,14 @@ def _mul_mat(w: np.ndarray, x: np.ndarray) -> np.ndarray:
         base.ggml_free(ctx)
 
 
+def jitted(f, *arrays: np.ndarray) -> np.ndarray:
+    """``f`` on the arrays under jit, as the models run it (XLA's rewrites happen only when
+    compiled), traced here: a fresh function, so no trace made under other numerics is reused
+    (``numerics.use`` is not part of jit's cache key). Eagerly, each of the f64 steps, the
+    unrolled FMA chain included, was a compile of its own (~3 s a test)."""
+    return np.asarray(jax.jit(lambda *a: f(*a))(*(jnp.asarray(a) for a in arrays)))
+
+
 # (tokens, outputs, k): decode rows and prompts, routers of 4/6/8/60/128 experts, a 1-row gate,
 # k off the SIMD step (leftover products)
 MATMULS = [(1, 8, 64), (2, 8, 64), (41, 4, 64), (5, 6, 64), (3, 1, 64), (1, 1, 64),
@@ -79,7 +88,7 @@ def test_f32_mul_mat_is_ggmls(n, m, k, kernels):
     x = rng.standard_normal((n, k)).astype(np.float32)
     w = (rng.standard_normal((m, k)) / 8).astype(np.float32)
     with use(Numerics(cpu_kernels=kernels)):
-        ours = np.asarray(ggml_f32.mul_mat(jnp.asarray(x), jnp.asarray(w)))
+        ours = jitted(ggml_f32.mul_mat, x, w)
     np.testing.assert_array_equal(ours, _mul_mat(w, x))
 
 
@@ -88,7 +97,7 @@ def test_soft_max_is_ggmls(shape):
     from jllama.models import ggml_f32
 
     x = (np.random.default_rng(sum(shape)).standard_normal(shape) * 3).astype(np.float32)
-    ours = np.asarray(ggml_f32.soft_max(jnp.asarray(x)))
+    ours = jitted(ggml_f32.soft_max, x)
     np.testing.assert_array_equal(ours, _ggml_op("ggml_soft_max", x))
 
 
@@ -101,17 +110,15 @@ def test_silu_swiglu_sigmoid_are_ggmls(shape):
     rng = np.random.default_rng(sum(shape))
     x = (rng.standard_normal(shape) * 4).astype(np.float32)
     g = rng.standard_normal(shape).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(ggml_f32.silu(jnp.asarray(x))),
-                                  _ggml_op("ggml_silu", x))
-    np.testing.assert_array_equal(np.asarray(common.swiglu(jnp.asarray(x), jnp.asarray(g))),
+    np.testing.assert_array_equal(jitted(ggml_f32.silu, x), _ggml_op("ggml_silu", x))
+    np.testing.assert_array_equal(jitted(common.swiglu, x, g),
                                   _ggml_op("ggml_swiglu_split", x, g))
-    np.testing.assert_array_equal(np.asarray(ggml_f32.sigmoid(jnp.asarray(x))),
-                                  _ggml_op("ggml_sigmoid", x))
+    np.testing.assert_array_equal(jitted(ggml_f32.sigmoid, x), _ggml_op("ggml_sigmoid", x))
 
 
 def test_sum_rows_is_ggmls():
     from jllama.models import ggml_f32
 
     x = np.random.default_rng(0).random((200, 8)).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(ggml_f32.sum_rows(jnp.asarray(x)))[:, None],
+    np.testing.assert_array_equal(jitted(ggml_f32.sum_rows, x)[:, None],
                                   _ggml_op("ggml_sum_rows", x))

@@ -8,6 +8,8 @@ random floats (what real files hold). Shapes are odd on purpose: n_out not a mul
 
 from __future__ import annotations
 
+import functools
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,14 @@ def quantized_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.nda
     return gguf.quants.quantize(w, qtype)
 
 
+def qmatmul(x: np.ndarray, qt: QTensor, **kw) -> jax.Array:
+    """``pallas_qmatmul`` under one jit, as the model runs it. Eagerly, each jnp step around the
+    kernel (padding, the in-graph repack of a raw GGUF weight, the split-K sum) was a compile of
+    its own: most of this file's ~1100 compiles."""
+    return jax.jit(functools.partial(pq.pallas_qmatmul, interpret=INTERPRET, **kw))(
+        jnp.asarray(x), qt)
+
+
 def check_matmul(x: np.ndarray, raw: np.ndarray, qtype: QType, got) -> None:
     """|got - x @ W.T| within f32 rounding of the |x| @ |W| magnitude (W from gguf-py)."""
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
@@ -71,9 +81,11 @@ def test_planes_roundtrip_gguf_dequantize(qtype):
     shape = (130, 768)
     raw = random_blocks(qtype, *shape, seed=1)
     planes = pq.repack(np, raw, qtype, shape)
-    got = pq.dequantize_planes(tuple(jnp.asarray(p) for p in planes), qtype, shape)
+    # jitted (as the model runs them): eagerly each jnp step was a compile of its own
+    got = jax.jit(pq.dequantize_planes, static_argnums=(1, 2))(
+        tuple(jnp.asarray(p) for p in planes), qtype, shape)
     np.testing.assert_array_equal(np.asarray(got), gguf.quants.dequantize(raw, qtype))
-    jplanes = pq.repack(jnp, jnp.asarray(raw), qtype, shape)
+    jplanes = jax.jit(lambda r: pq.repack(jnp, r, qtype, shape))(jnp.asarray(raw))
     assert len(jplanes) == len(planes)
     for a, b in zip(planes, jplanes, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -86,7 +98,8 @@ def test_take_rows_planes_matches_gguf_rows(qtype):
     raw = random_blocks(qtype, *shape, seed=4)
     planes = tuple(jnp.asarray(p) for p in pq.repack(np, raw, qtype, shape))
     ids = np.array([[0, 299], [137, 137]])
-    got = pq.take_rows_planes(planes, qtype, shape, jnp.asarray(ids))
+    got = jax.jit(pq.take_rows_planes, static_argnums=(1, 2))(planes, qtype, shape,
+                                                              jnp.asarray(ids))
     want = gguf.quants.dequantize(raw[ids.reshape(-1)], qtype).reshape(2, 2, 512)
     np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -116,7 +129,7 @@ def test_qmatmul_matches_gguf_reference(qtype, case):
     qt = pq.prepare_pallas(QTensor(jnp.asarray(raw), int(qtype), (n_out, n_in)))
     assert qt.layout == pq.LAYOUT
     x = np.random.default_rng(m).standard_normal((m, n_in)).astype(np.float32)
-    got = pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=INTERPRET, k_splits=k_splits)
+    got = qmatmul(x, qt, k_splits=k_splits)
     check_matmul(x, raw, qtype, got)
 
 
@@ -129,8 +142,8 @@ def test_qmatmul_multiply_reduce_up_to_16_rows(qtype):
     planes = tuple(jnp.asarray(p) for p in pq.repack(np, raw, qtype, shape))
     for m in (8, 16):
         x = np.random.default_rng(m).standard_normal((m, shape[1])).astype(np.float32)
-        got = pq.matmul_planes(jnp.asarray(x), planes, qtype, shape, interpret=INTERPRET,
-                               vector_rows=16)  # fmt: skip
+        got = jax.jit(lambda x, planes: pq.matmul_planes(
+            x, planes, qtype, shape, interpret=INTERPRET, vector_rows=16))(jnp.asarray(x), planes)
         check_matmul(x, raw, qtype, got)
     for platform in ("cuda", "tpu"):
 
@@ -153,7 +166,7 @@ def test_qmatmul_quantized_weights_odd_n_in(qtype, n_in):
     raw = quantized_blocks(qtype, n_out, n_in, seed=5)
     qt = QTensor(jnp.asarray(raw), int(qtype), (n_out, n_in))
     x = np.random.default_rng(6).standard_normal((2, 3, n_in)).astype(np.float32)
-    got = pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=INTERPRET)
+    got = qmatmul(x, qt)
     assert got.shape == (2, 3, n_out)
     check_matmul(x.reshape(6, n_in), raw, qtype, np.asarray(got).reshape(6, n_out))
 
@@ -307,4 +320,4 @@ def test_qmatmul_real_model_weights(model, tensor, request):
     shape = (96, info.shape[1])
     qt = pq.prepare_pallas(QTensor(jnp.asarray(raw), int(qtype), shape))
     x = np.random.default_rng(7).standard_normal((2, shape[1])).astype(np.float32)
-    check_matmul(x, raw, qtype, pq.pallas_qmatmul(jnp.asarray(x), qt, interpret=INTERPRET))
+    check_matmul(x, raw, qtype, qmatmul(x, qt))

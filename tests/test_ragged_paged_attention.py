@@ -5,6 +5,8 @@ whose pages are scattered through the pool in random order."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,7 +109,9 @@ def run(case, impl, poison=False, dtype=np.float32):
             jnp.asarray(table), jnp.asarray(cu), jnp.int32(len(q_lens)))
     scale = d**-0.5
     if impl == "xla":
-        got = rpa.ragged_paged_attention_xla(*args, scale=scale, window=window, softcap=softcap)
+        # under jit, as the model runs it (eagerly each of its steps compiled alone)
+        got = jax.jit(functools.partial(rpa.ragged_paged_attention_xla, scale=scale,
+                                        window=window, softcap=softcap))(*args)
     else:
         got = rpa.ragged_paged_attention(*args, scale=scale, window=window, softcap=softcap,
                                          variant=impl, interpret=interpret(impl))
