@@ -176,12 +176,11 @@ def _per_head_int8(x: jax.Array, qt: QTensor) -> jax.Array | None:
     heads: per head its T rows, each row quantized to the weight's vec_dot type, each product
     vec_dot's (or from 8 rows the tiled K-quant GEMM's, and tinyBLAS's for Q4_0/Q5_0/Q8_0, which
     accumulates as vec_dot does). The grouped ``mul_mat_id`` call with the heads as experts
-    computes exactly that, reading the blocks in place; the einsum it replaces dequantized both
-    weights every step (most of a DeepSeek-V2-Lite decode step's time in XLA). IQ4_NL stays on
+    computes exactly that, reading the blocks in place, where the einsum dequantizes both weights
+    in every step (experiments/results/scale.md, DeepSeek-V2-Lite). IQ4_NL stays on
     the einsum: from 2 rows ggml's ``mul_mat`` takes tinyBLAS's order for it, which
     ``mul_mat_id`` never does. None where the int8 kernels do not apply."""
-    if qt.is_float or len(qt.shape) != 3 or int(qt.qtype) == int(QType.IQ4_NL) \
-            or not in_place_ok(qt):
+    if len(qt.shape) != 3 or int(qt.qtype) == int(QType.IQ4_NL) or not in_place_ok(qt):
         return None
     b, t, h, k = x.shape
     n = b * t
