@@ -154,3 +154,29 @@ def ggml_quantize(x, qtype: int, imatrix=None):
         None if qw is None else qw.ctypes.data,
     )  # fmt: skip
     return out
+
+
+class _TypeTraits(ctypes.Structure):  # ggml.h's ggml_type_traits, up to the fields read here
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]  # fmt: skip
+
+
+def ggml_to_float(raw, qtype: int, row: int):
+    """ggml's own ``type_traits[type].to_float`` (dequantize_row_*) on raw GGUF rows
+    ``[..., row_bytes]`` -> float32 ``[..., row]``."""
+    import numpy as np
+
+    from jllama.gguf.constants import qtype_info
+
+    base, _ = ggml_libs()
+    base.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    base.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    tr = base.ggml_get_type_traits(int(qtype)).contents
+    assert tr.type_name.decode().upper() == qtype_info(int(qtype)).name
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(tr.to_float)
+    raw = np.ascontiguousarray(raw)
+    out = np.zeros((*raw.shape[:-1], row), np.float32)
+    to_float(raw.ctypes.data, out.ctypes.data, out.size)
+    return out

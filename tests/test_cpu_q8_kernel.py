@@ -328,7 +328,8 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
 
 
 NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS,
-             QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M, QType.IQ4_NL, QType.IQ4_XS]
+             QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M, QType.IQ4_NL, QType.IQ4_XS,
+             QType.Q1_0, QType.Q2_0]
 
 
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
@@ -344,7 +345,7 @@ def test_q8_kernel_ternary_mxfp4_iq3_bit_exact_vs_ggml(qtype: QType) -> None:
         raw[:5].reshape(5, k // 32, 17)[:, :, 0] = np.array([0, 1, 2, 5, 9])[:, None]
     # 150 (vec_dot-order types, ggml's vec_dot for every row count): the row kernels take x
     # rows in blocks of 64, then a ragged block of 22 (16 + 4 + 2)
-    vec_dot_only = qtype in (QType.TQ1_0, QType.TQ2_0, QType.MXFP4)
+    vec_dot_only = qtype in (QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.Q1_0, QType.Q2_0)
     for m in (1, 2, 3, 7, 8, 17, 64) + ((150,) if vec_dot_only else ()):
         x = activations(m, k, seed=m)
         ref = ggml_mul_mat(raw, qtype, x, n_threads=1)

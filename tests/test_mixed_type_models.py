@@ -5,7 +5,8 @@ Two tiny random llamas, their tensors spread over the types under test:
 - ``ternary_iq3``: TQ1_0, TQ2_0, MXFP4, IQ3_XXS and IQ3_S (IQ3_XXS only on output.weight:
   llama-quantize wants an importance matrix for it anywhere else);
 - ``iq4``: IQ4_NL and IQ4_XS (q/k/v of block 0 all IQ4_NL: one grouped int8 call; block 1
-  mixed, so each weight takes its own activation format).
+  mixed, so each weight takes its own activation format);
+- ``q1_q2``: Q1_0 and Q2_0, ggml 0c1e570's 1- and 2-bit types.
 
 Our ``quantize_file`` writes the same file as llama.cpp's ``llama_model_quantize``, and jllama
 runs it against llama.cpp with stock kernels (no repacked layouts, see llamacpp_oracle). The
@@ -69,7 +70,25 @@ IQ4 = [
     ("blk\\.1\\.ffn_up", "IQ4_NL"),
     ("blk\\.1\\.ffn_down", "IQ4_XS"),
 ]
-MIXES = {"ternary_iq3": TERNARY_IQ3, "iq4": IQ4}
+# ggml 0c1e570's 1- and 2-bit Q8_0-activation types (no llamafile or tiled path: vec_dot for
+# every row count; Q1_0's AVX2 form, Q2_0's scalar C)
+Q1_Q2 = [
+    ("^token_embd", "Q2_0"),  # the row lookup
+    ("^output", "Q1_0"),
+    ("blk\\.0\\.attn_(q|k|v)", "Q1_0"),
+    ("blk\\.0\\.attn_output", "Q2_0"),
+    ("blk\\.0\\.ffn_gate", "Q2_0"),
+    ("blk\\.0\\.ffn_up", "Q1_0"),
+    ("blk\\.0\\.ffn_down", "Q2_0"),
+    ("blk\\.1\\.attn_q", "Q2_0"),
+    ("blk\\.1\\.attn_k", "Q1_0"),
+    ("blk\\.1\\.attn_v", "Q2_0"),
+    ("blk\\.1\\.attn_output", "Q1_0"),
+    ("blk\\.1\\.ffn_gate", "Q1_0"),
+    ("blk\\.1\\.ffn_up", "Q2_0"),
+    ("blk\\.1\\.ffn_down", "Q1_0"),
+]
+MIXES = {"ternary_iq3": TERNARY_IQ3, "iq4": IQ4, "q1_q2": Q1_Q2}
 TOKENS = [1, 300, 301, 17, 302, 303, 42, 304, 305, 306, 20, 307]
 
 

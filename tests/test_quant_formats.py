@@ -6,6 +6,7 @@ import gguf.quants
 import jax
 import numpy as np
 import pytest
+from llamacpp_oracle import ggml_to_float
 
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
@@ -50,33 +51,9 @@ def test_dequantize_bit_exact_vs_gguf_py(name: str) -> None:
     _assert_bit_equal(got_jax, ref)
 
 
-def _ggml_to_float(raw: np.ndarray, qtype: int, row: int) -> np.ndarray:
-    """ggml's own ``type_traits[type].to_float`` (dequantize_row_*) on raw rows."""
-    import ctypes
-
-    from tests.llamacpp_oracle import ggml_libs
-
-    base, _ = ggml_libs()
-
-    class Traits(ctypes.Structure):
-        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                    ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                    ("from_float_ref", ctypes.c_void_p)]  # fmt: skip
-
-    base.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    base.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
-    tr = base.ggml_get_type_traits(qtype).contents
-    assert tr.type_name.decode().upper() == qtype_info(qtype).name
-    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(tr.to_float)
-    raw = np.ascontiguousarray(raw)
-    out = np.zeros((*raw.shape[:-1], row), np.float32)
-    to_float(raw.ctypes.data, out.ctypes.data, out.size)
-    return out
-
-
 @pytest.mark.parametrize(
-    "name", ["TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
+    "name", ["TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS",
+             "IQ2_S", "IQ1_S", "IQ1_M"]
 )
 def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
     """Random blocks (every code, finite scales) decoded by ggml's C ``dequantize_row_*``."""
@@ -90,7 +67,7 @@ def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
         data = random_blocks(QType[name], 6, row, seed=3)
     if name == "MXFP4":  # exponents whose scale is an f32 denormal, or whose products overflow
         data[0, 0 : 17 * 6 : 17] = [0, 1, 2, 3, 254, 255]
-    ref = _ggml_to_float(data, qt, row)
+    ref = ggml_to_float(data, qt, row)
     with np.errstate(all="ignore"):
         got_np = dequantize_np(data, qt, row)
     got_jax = np.asarray(jax.jit(dequantize_jax, static_argnums=(1, 2))(data, qt, row))
@@ -174,7 +151,7 @@ def _hard_rows(n: int = 1024) -> np.ndarray:
 QUANT_TYPES = [
     "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q8_K",
-    "TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S",
+    "TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "IQ3_XXS", "IQ3_S",
 ]  # fmt: skip
 
 
@@ -204,9 +181,9 @@ def test_quantize_bytes_equal_ggml(name: str) -> None:
     _compare_with_ggml(_hard_rows(), name)
 
 
-@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S"])
+@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "IQ3_XXS", "IQ3_S"])
 def test_quantize_with_imatrix_bytes_equal_ggml(name: str) -> None:
-    """With an importance matrix (IQ3 weighs by it; TQ/MXFP4 ignore it, as ggml does)."""
+    """With an importance matrix (IQ3 weighs by it; TQ/Q1_0/Q2_0/MXFP4 ignore it, as ggml does)."""
     rng = np.random.default_rng(11)
     x = _hard_rows()
     imatrix = (rng.gamma(0.5, 2.0, x.shape[1]) * np.repeat([1.0, 0.0, 50.0, 1e-3], 256))

@@ -221,6 +221,19 @@ def _deq_tq2_0(xp: Xp, b):
     return (q - 1).astype(xp.float32) * d
 
 
+def _deq_q1_0(xp: Xp, b):
+    # 128 sign bits (bit j of the little-endian qs[16]: +d if set, else -d), f16 d first
+    return (2 * _bits(xp, b[:, 2:18], 128).astype(xp.int32) - 1).astype(xp.float32) * _f16(xp, b, 0)
+
+
+def _deq_q2_0(xp: Xp, b):
+    # 64 two-bit codes, four per byte from the low bits up (not K-quant planes); code - 1 in
+    # {-1, 0, 1, 2} times d, f16 d first
+    sh = xp.arange(0, 8, 2, dtype=xp.uint8)
+    q = ((b[:, 2:18, None] >> sh) & 3).reshape(b.shape[0], 64).astype(xp.int32)
+    return (q - 1).astype(xp.float32) * _f16(xp, b, 0)
+
+
 # e2m1 values, doubled (ggml's kvalues_mxfp4): the block's E8M0 exponent is read as half its value.
 KVALUES_MXFP4 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
@@ -333,6 +346,8 @@ DEQUANTIZERS: dict[int, Callable[[Xp, Any], Any]] = {
     int(QType.Q8_K): _deq_q8_k,
     int(QType.TQ1_0): _deq_tq1_0,
     int(QType.TQ2_0): _deq_tq2_0,
+    int(QType.Q1_0): _deq_q1_0,
+    int(QType.Q2_0): _deq_q2_0,
     int(QType.MXFP4): _deq_mxfp4,
     int(QType.IQ3_XXS): _deq_iq3_xxs,
     int(QType.IQ3_S): _deq_iq3_s,

@@ -56,6 +56,8 @@ FTYPES: dict[str, tuple[int, QType]] = {
     "TQ1_0": (36, T.TQ1_0),
     "TQ2_0": (37, T.TQ2_0),
     "MXFP4_MOE": (38, T.MXFP4),
+    "Q1_0": (40, T.Q1_0),
+    "Q2_0": (41, T.Q2_0),
 }
 FTYPE_BY_ID = {v[0]: k for k, v in FTYPES.items()}
 
@@ -64,7 +66,7 @@ WRITABLE_TYPES = (
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
     T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
     T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M, T.IQ3_XXS, T.IQ3_S,
-    T.TQ1_0, T.TQ2_0, T.MXFP4,
+    T.TQ1_0, T.TQ2_0, T.MXFP4, T.Q1_0, T.Q2_0,
 )  # fmt: skip
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
@@ -364,7 +366,7 @@ def _mix_rule(  # noqa: C901, PLR0912, PLR0915
             return T.Q2_K
         if ft in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
             return T.IQ3_S
-        if ft in ("TQ1_0", "TQ2_0"):
+        if ft in ("TQ1_0", "TQ2_0", "Q2_0"):
             return T.Q4_K
         return t
     if ft in _IQ_LOW:
@@ -491,7 +493,7 @@ _FALLBACK = {
     T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
     T.IQ4_XS: T.IQ4_NL, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL,
     T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL,
-    T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
+    T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0, T.Q2_0: T.Q4_0,  # Q1_0 has none: llama.cpp refuses
 }  # fmt: skip
 
 

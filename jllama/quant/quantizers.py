@@ -147,6 +147,27 @@ def _q8_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_fp16_bytes(d).reshape(-1, 2), q], axis=1)
 
 
+def _q1_0(x: np.ndarray) -> np.ndarray:
+    # d = mean |x| (an f32 sum in order, then / 128: exact), a bit per value for x >= 0
+    d = _seqsum(np.abs(x)) / F32(128)
+    qs = np.packbits(x.reshape(-1, 16, 8) >= 0, axis=-1, bitorder="little")[..., 0]
+    return np.concatenate([_fp16_bytes(d).reshape(-1, 2), qs], axis=1)
+
+
+def _q2_0(x: np.ndarray) -> np.ndarray:
+    # d = max |x|, codes clamp(roundf(x / d) + 1, 0, 3) with ggml's float -> int conversion
+    # (x86's INT_MIN for NaN and out-of-range values: d subnormal makes 1/d infinite)
+    d = np.abs(x).max(axis=1)
+    with np.errstate(divide="ignore"):  # ggml: d > 0 ? 1/d : 0 (so NaN gives 0, not NaN)
+        idv = np.where(d > 0, F32(1) / np.where(d > 0, d, F32(1)), F32(0)).astype(F32)
+    r = _roundf(x * idv[:, None])
+    with np.errstate(invalid="ignore"):
+        q = np.where(np.abs(r) < F32(2**31), r, F32(-(2**31))).astype(np.int64) + 1
+    q = np.clip(q, 0, 3).astype(np.uint8).reshape(-1, 16, 4)
+    qs = q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
+    return np.concatenate([_fp16_bytes(d).reshape(-1, 2), qs], axis=1)
+
+
 # ----------------------------------------------------------------------------- K-quant helpers
 
 
@@ -685,6 +706,8 @@ QUANTIZERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     int(QType.Q8_K): _q8_k,
     int(QType.TQ1_0): _tq1_0,
     int(QType.TQ2_0): _tq2_0,
+    int(QType.Q1_0): _q1_0,
+    int(QType.Q2_0): _q2_0,
     int(QType.MXFP4): _mxfp4,
     int(QType.IQ3_XXS): quantize_iq3_xxs,
     int(QType.IQ3_S): quantize_iq3_s,
@@ -927,10 +950,13 @@ QUANTIZERS.update({
     int(QType.IQ2_S): iq2.quantize_iq2_s_rows,
     int(QType.IQ1_M): iq2.quantize_iq1_m_rows,
 })  # fmt: skip
-# ggml ignores the weights for the ternary types and MXFP4; IQ3 has its own weighted search.
+# ggml ignores the weights for the ternary types, Q1_0, Q2_0 and MXFP4; IQ3 has its own
+# weighted search.
 WEIGHTED_QUANTIZERS[int(QType.TQ1_0)] = _blockwise(_tq1_0, 256)
 WEIGHTED_QUANTIZERS[int(QType.TQ2_0)] = _blockwise(_tq2_0, 256)
 WEIGHTED_QUANTIZERS[int(QType.MXFP4)] = _blockwise(_mxfp4, 32)
+WEIGHTED_QUANTIZERS[int(QType.Q1_0)] = _blockwise(_q1_0, 128)
+WEIGHTED_QUANTIZERS[int(QType.Q2_0)] = _blockwise(_q2_0, 64)
 WEIGHTED_QUANTIZERS[int(QType.IQ3_XXS)] = _iq3_weighted(quantize_iq3_xxs)
 WEIGHTED_QUANTIZERS[int(QType.IQ3_S)] = _iq3_weighted(quantize_iq3_s)
 

@@ -60,6 +60,8 @@ def _fields(t: QType, dk: int = 0) -> list[tuple[int, int, int, int]]:
         return [_f16(52, -6 + dk)]
     if t == T.TQ2_0:  # qs[64], d
         return [_f16(64, -6 + dk)]
+    if t in (T.Q1_0, T.Q2_0):  # d, qs[16]: values +-d / (-1, 0, 1, 2) * d
+        return [_f16(0, -6 + dk)]
     if t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS):  # d first
         return [_f16(0, -12 + dk)]
     if t == T.IQ3_S:

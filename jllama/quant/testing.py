@@ -28,6 +28,8 @@ F16_FIELDS = {
     QType.IQ4_XS: [0],
     QType.TQ1_0: [52],
     QType.TQ2_0: [64],
+    QType.Q1_0: [0],
+    QType.Q2_0: [0],
     QType.MXFP4: [],  # its scale is an E8M0 exponent: see E8M0_FIELDS
     QType.IQ3_XXS: [0],
     QType.IQ3_S: [0],

@@ -592,6 +592,90 @@ struct Q8WTQ1_0 : Q8Ternary<Q8WTQ1_0> {
   }
 };
 
+// Q1_0 (Q8_0 activations): 128 sign bits (+d where set, -d where clear) and an f16 d per
+// block, four q8 blocks against it. ggml's AVX2 vec_dot: lane l of q8 block j = the dot of
+// its sign-applied codes 4l..4l+3; blk = d_x0 * lane, then blk = fma(d_xj, lane, blk) for
+// j = 1..3, acc = fma(d_w, blk, acc) per weight block; the hsum at the end. Every row count
+// takes vec_dot (no llamafile or tiled path for Q1_0 in ggml-cpu).
+struct Q8WQ1_0 {
+  static constexpr int BS = 128, XB = 32, TS = 18, OFF = 0;
+  static constexpr bool kBias = false, kBsums = false, kTiled = false;
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16_to_f32(b);
+    __m256i sg[4];
+    for (int j = 0; j < 4; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, b + 2 + 4 * j, 4);
+      sg[j] = bit_signs32(~bits);  // -1 where the bit is clear
+    }
+    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+    for (int m = 0; m < MC; ++m) {
+      const int8_t* qy = x[m].q + bi * 128;
+      const float* dx = x[m].d + bi * 4;
+      __m256 blk = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        const __m256i p = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(one8, _mm256_sign_epi8(load256(qy + 32 * j), sg[j])), one16);
+        const __m256 v = _mm256_cvtepi32_ps(p);
+        blk = j == 0 ? _mm256_mul_ps(_mm256_set1_ps(dx[0]), v)
+                     : _mm256_fmadd_ps(_mm256_set1_ps(dx[j]), v, blk);
+      }
+      st[m].acc = _mm256_fmadd_ps(_mm256_set1_ps(dw), blk, st[m].acc);
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) { return hsum8(a.acc); }
+};
+
+// Q2_0 (Q8_0 activations): 64 two-bit codes c (value (c - 1) d, four per byte from the low
+// bits up) and an f16 d per block, two q8 blocks against it. ggml-cpu has no x86 SIMD form:
+// its scalar vec_dot, as the oracle build compiles it, every product rounded before its add
+// (the FMA form differed from ggml in 19 of 37 outputs): per q8 block j an exact int s_j,
+// sumi += d_xj * s_j from 0, then per weight block sumf += d_w * sumi; no lanes, no hsum.
+struct Q8WQ2_0 {
+  static constexpr int BS = 64, XB = 32, TS = 18, OFF = 0;
+  static constexpr bool kBias = false, kBsums = false, kTiled = false;
+  // Codes of 32 values (8 bytes) in value order, one per byte.
+  static inline __m256i codes32(const uint8_t* q) {
+    uint64_t v;
+    std::memcpy(&v, q, 8);
+    const __m256i rep = _mm256_shuffle_epi8(  // byte i / 4 into byte i of each 128-bit half
+        _mm256_set1_epi64x(int64_t(v)),
+        _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+                         4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7));
+    const __m256i pos = _mm256_set1_epi32(0x03020100);  // byte i: i % 4
+    __m256i c = _mm256_setzero_si256();
+    for (int s = 0; s < 4; ++s) {  // 16-bit shifts: the mask keeps each byte's own bits
+      const __m256i v2 = _mm256_and_si256(_mm256_srli_epi16(rep, 2 * s), _mm256_set1_epi8(3));
+      c = _mm256_or_si256(c, _mm256_and_si256(_mm256_cmpeq_epi8(pos, _mm256_set1_epi8(char(s))), v2));
+    }
+    return c;
+  }
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const float dw = f16_to_f32(b);
+    const __m256i c0 = codes32(b + 2), c1 = codes32(b + 10);
+    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+    for (int m = 0; m < MC; ++m) {
+      const int8_t* qy = x[m].q + bi * 64;
+      const float* dx = x[m].d + bi * 2;
+      float sumi = 0.0f;
+      for (int j = 0; j < 2; ++j) {
+        const __m256i y = load256(qy + 32 * j);
+        // sum (c - 1) y = sum c y - sum y, in int16 pairs (|each| <= 2 * 3 * 127), exact
+        const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(j ? c1 : c0, y),
+                                             _mm256_maddubs_epi16(one8, y));
+        const int32_t s = hsum_i32(_mm256_madd_epi16(p16, one16));
+        sumi = sumi + dx[j] * float(s);
+      }
+      st[m].summs = st[m].summs + dw * sumi;
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) { return a.summs; }
+};
+
 // IQ2, IQ3: per 32 values 8 grid points (unsigned, < 64) against the sign-applied q8; lane l
 // of sub-block j times its odd scale (int16 per lane: IQ2_XS/IQ2_S scale each 16 values, lanes
 // 0-3 and 4-7), summed over j; acc = fma(d_w * d_x, lane, acc). The final hsum is times kFinal

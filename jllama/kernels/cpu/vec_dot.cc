@@ -762,6 +762,8 @@ Q8Kernel pick_q8(int64_t qtype) {
     case kQ3_K: return make_q8<Q8W3_K>(qtype);
     case kTQ1_0: return make_q8<Q8WTQ1_0>(qtype);
     case kTQ2_0: return make_q8<Q8WTQ2_0>(qtype);
+    case kQ1_0: return make_q8<Q8WQ1_0>(qtype);
+    case kQ2_0: return make_q8<Q8WQ2_0>(qtype);
     case kMXFP4: return make_q8_denormals<Q8WMXFP4>(qtype);
     case kIQ3_XXS: return make_q8<Q8WIQ3_XXS>(qtype);
     case kIQ3_S: return make_q8<Q8WIQ3_S>(qtype);
