@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from llamacpp_oracle import ggml_to_float
 
 from jllama.errors import QuantError
-from jllama.gguf.constants import QType
+from jllama.gguf.constants import QType, qtype_info
 from jllama.kernels import pallas_attention as pa
 from jllama.kernels import pallas_qmatmul as pq
 from jllama.quant.qtensor import QTensor
@@ -26,7 +27,8 @@ from jllama.quant.testing import random_blocks
 OLD_TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 # added later: plain bit fields, 16-entry value tables, ternary
 NEW_TYPES = [QType.Q5_0, QType.Q5_1, QType.Q3_K, QType.Q2_K, QType.IQ4_NL, QType.IQ4_XS,
-             QType.MXFP4, QType.TQ2_0, QType.TQ1_0]  # fmt: skip
+             QType.MXFP4, QType.TQ2_0, QType.TQ1_0,
+             QType.Q1_0, QType.Q2_0]  # fmt: skip  (these two as Q4_0 blocks of their values)
 # lattice-grid types (decoded at load time to 4-bit codes)
 GRID_TYPES = [QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S, QType.IQ1_S,
               QType.IQ1_M]  # fmt: skip
@@ -50,6 +52,15 @@ def quantized_blocks(qtype: QType, rows: int, row_len: int, seed: int) -> np.nda
     return gguf.quants.quantize(w, qtype)
 
 
+def ref_dequantize(raw: np.ndarray, qtype: QType) -> np.ndarray:
+    """gguf-py's decoder (not ours), or ggml's own for types newer than this gguf-py."""
+    try:
+        return gguf.quants.dequantize(raw, qtype)
+    except (ValueError, NotImplementedError):
+        info = qtype_info(int(qtype))
+        return ggml_to_float(raw, int(qtype), raw.shape[-1] // info.type_size * info.block_size)
+
+
 def qmatmul(x: np.ndarray, qt: QTensor, **kw) -> jax.Array:
     """``pallas_qmatmul`` under one jit, as the model runs it. Eagerly, each jnp step around the
     kernel (padding, the in-graph repack of a raw GGUF weight, the split-K sum) was a compile of
@@ -60,7 +71,7 @@ def qmatmul(x: np.ndarray, qt: QTensor, **kw) -> jax.Array:
 
 def check_matmul(x: np.ndarray, raw: np.ndarray, qtype: QType, got) -> None:
     """|got - x @ W.T| within f32 rounding of the |x| @ |W| magnitude (W from gguf-py)."""
-    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+    w = ref_dequantize(raw, qtype).astype(np.float64)
     x64 = x.astype(np.float64)
     want, scale = x64 @ w.T, np.abs(x64) @ np.abs(w).T
     got = np.asarray(got, np.float64)
@@ -84,7 +95,7 @@ def test_planes_roundtrip_gguf_dequantize(qtype):
     # jitted (as the model runs them): eagerly each jnp step was a compile of its own
     got = jax.jit(pq.dequantize_planes, static_argnums=(1, 2))(
         tuple(jnp.asarray(p) for p in planes), qtype, shape)
-    np.testing.assert_array_equal(np.asarray(got), gguf.quants.dequantize(raw, qtype))
+    np.testing.assert_array_equal(np.asarray(got), ref_dequantize(raw, qtype))
     jplanes = jax.jit(lambda r: pq.repack(jnp, r, qtype, shape))(jnp.asarray(raw))
     assert len(jplanes) == len(planes)
     for a, b in zip(planes, jplanes, strict=True):
@@ -100,7 +111,7 @@ def test_take_rows_planes_matches_gguf_rows(qtype):
     ids = np.array([[0, 299], [137, 137]])
     got = jax.jit(pq.take_rows_planes, static_argnums=(1, 2))(planes, qtype, shape,
                                                               jnp.asarray(ids))
-    want = gguf.quants.dequantize(raw[ids.reshape(-1)], qtype).reshape(2, 2, 512)
+    want = ref_dequantize(raw[ids.reshape(-1)], qtype).reshape(2, 2, 512)
     np.testing.assert_array_equal(np.asarray(got), want)
 
 

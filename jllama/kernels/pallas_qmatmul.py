@@ -5,7 +5,9 @@ Q6_K, IQ4_XS, TQ1_0, TQ2_0 (256), all at the GGUF's bits per weight; and the lat
 IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M at about 4.3-4.6 bits per weight (their
 256-2048-entry grids would need an in-kernel gather, which Triton lacks: at load time every
 element's grid value, sign and IQ1 delta become one 4-bit code into a 16-entry signed table,
-``lut_values``; d and the small scale fields are kept, one byte each).
+``lut_values``; d and the small scale fields are kept, one byte each); and Q1_0 / Q2_0 as
+Q4_0 blocks holding exactly their values (``_as_q4_0``: 4.5 bits per weight instead of 1.125 /
+2.25, the Q4_0 kernel unchanged).
 
 Why a load-time repack (``prepare_pallas``) instead of reading raw GGUF rows: GGUF interleaves
 f16 scales and codes in 18-210 byte blocks, so one block of a row is not a rectangular tile, and
@@ -75,7 +77,9 @@ _GRID = {int(t) for t in (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XX
 _IQ1 = {int(QType.IQ1_S), int(QType.IQ1_M)}
 _K256 = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS, QType.TQ1_0,
          QType.TQ2_0)  # fmt: skip
-_SUPPORTED = _LEGACY | _GRID | {int(t) for t in _K256}
+# Transcoded at load to Q4_0 blocks of the same values (``_as_q4_0``)
+_AS_Q4_0 = {int(QType.Q1_0), int(QType.Q2_0)}
+_SUPPORTED = _LEGACY | _GRID | {int(t) for t in _K256} | _AS_Q4_0
 
 
 def _packed_lut(values: tuple[int, ...]) -> tuple[int, ...]:
@@ -122,7 +126,31 @@ def supported(qtype: int) -> bool:
 
 def chunk_of(qtype: int) -> int:
     """Elements of n_in per loop step (and the unit n_in is padded to)."""
-    return LEGACY_CHUNK if int(qtype) in _LEGACY else K_CHUNK
+    return LEGACY_CHUNK if _kernel_qtype(qtype) in _LEGACY else K_CHUNK
+
+
+def _kernel_qtype(qtype: int) -> int:
+    """The type whose planes and kernel a weight of ``qtype`` uses."""
+    return int(QType.Q4_0) if int(qtype) in _AS_Q4_0 else int(qtype)
+
+
+def _as_q4_0(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> object:
+    """Q1_0 / Q2_0 rows ``uint8 [n_out, row_bytes]`` -> Q4_0 rows of exactly the same values:
+    Q4_0 decodes (code - 8) d, so Q1_0's +-d is code 8 +- 1 and Q2_0's (c - 1) d is c + 7, each
+    32-block with its block's f16 d bytes unchanged."""
+    n_out, n_in = shape
+    info = qtype_info(qtype)
+    b = raw.reshape(n_out, n_in // info.block_size, info.type_size)
+    u8 = xp.uint8
+    if int(qtype) == QType.Q1_0:  # bit j of qs[16] (little-endian) is element j
+        bits = (b[..., 2:, None] >> xp.arange(8, dtype=u8)) & u8(1)
+        codes = u8(7) + u8(2) * bits.reshape(n_out, -1, 4, 32)
+    else:  # Q2_0: four 2-bit codes a byte, from the low bits up
+        c = (b[..., 2:, None] >> xp.arange(0, 8, 2, dtype=u8)) & u8(3)
+        codes = u8(7) + c.reshape(n_out, -1, 2, 32)
+    qs = codes[..., :16] | (codes[..., 16:] << u8(4))  # Q4_0: j low, j + 16 high nibble
+    d = xp.broadcast_to(b[..., None, 0:2], (*codes.shape[:3], 2))
+    return xp.concatenate([d, qs], axis=-1).reshape(n_out, n_in // 32 * 18)
 
 
 # ----------------------------------------------------------------------------- load-time repack
@@ -276,6 +304,8 @@ def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> t
     qtype = int(qtype)
     if not supported(qtype):
         raise QuantError(f"Pallas qmatmul does not support {qtype_info(qtype).name}")
+    if qtype in _AS_Q4_0:
+        raw, qtype = _as_q4_0(xp, raw, qtype, shape), int(QType.Q4_0)
     n_out, n_in = shape
     info = qtype_info(qtype)
     nb = n_in // info.block_size
@@ -382,7 +412,7 @@ def prepare_pallas(qt: QTensor) -> QTensor:
 def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.Array:
     """f32 ``[n_out, n_in]`` from the planes, in plain jnp (the non-kernel path for this layout:
     embedding rows, reference checks)."""
-    qtype = int(qtype)
+    qtype = _kernel_qtype(qtype)
     n_out, n_in = shape
     p0 = planes[0]
     n_pad = p0.shape[-1]
@@ -855,6 +885,7 @@ def matmul_planes(
     ``backend``: the platform to lower for (default: JAX's default backend), e.g. to export a
     GPU kernel from a CPU host.
     """
+    qtype = _kernel_qtype(qtype)
     n_out, n_in = shape
     lead = x.shape[:-1]
     if x.shape[-1] != n_in:
