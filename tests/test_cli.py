@@ -373,3 +373,26 @@ def test_bench_names_model_by_counted_parameters(tiny):
     assert ftype_desc(g) == "Q4_K - Medium"
     del g.metadata["general.file_type"]
     assert ftype_desc(g) == "F16 (guessed)"
+
+
+@pytest.mark.parametrize("argv", [["generate", "-p", "hi"], ["chat"], ["serve"],
+                                  ["perplexity", "-f", "x.txt"], ["bench"]])
+def test_cache_type_flags_like_llama_cpp(argv):
+    """-ctk / -ctv (llama-cli, llama-server, llama-perplexity, llama-bench) on every command
+    that runs a model, each type llama.cpp's --cache-type-k accepts reaching the config."""
+    from jllama.cli.common import KV_CACHE_TYPES, overrides_from_args
+    from jllama.cli.main import build_parser
+    from jllama.models.kvquant import KV_TYPES
+
+    assert KV_CACHE_TYPES.split(", ") == list(KV_TYPES)
+    args = build_parser().parse_args([*argv, "-ctk", "q5_1", "--cache-type-v", "iq4_nl"])
+    assert (args.cache_type_k, args.cache_type_v) == ("q5_1", "iq4_nl")
+    if argv[0] in ("generate", "chat", "perplexity"):
+        ov = overrides_from_args(args)
+        assert "runtime.cache_type_k=q5_1" in ov and "runtime.cache_type_v=iq4_nl" in ov
+
+
+def test_unknown_cache_type_is_one_line(tiny):
+    r = _cli("generate", "-m", str(tiny), "-p", "hi", "-n", "1", "-ctk", "q9_9")
+    assert r.returncode == 1
+    assert "unknown KV cache type 'q9_9'" in _one_error_line(r.stderr, "generate")

@@ -111,7 +111,9 @@ def test_padded_last_chunk_fits_the_cache_room(model):
     np.testing.assert_array_equal(got[2], got[3])
 
 
-@pytest.mark.parametrize("kind,max_kld", [("f16", 0.01), ("q8_0", 0.02), ("q4_0", 0.5)])
+@pytest.mark.parametrize("kind,max_kld", [("f16", 0.01), ("q8_0", 0.02), ("q4_0", 0.5),
+                                           ("q4_1", 0.3), ("iq4_nl", 0.3), ("q5_0", 0.1),
+                                           ("q5_1", 0.1)])
 def test_kv_cache_types(model, kind, max_kld):
     from jllama.models.kvquant import bytes_per_token
 
@@ -129,5 +131,7 @@ def test_kv_cache_types(model, kind, max_kld):
     assert kld < max_kld
     # formula: q8_0 stores 34 bytes per 32 values, f16 2 bytes per value
     expected = {"f16": 2 * spec.head_dim, "q8_0": spec.head_dim // 32 * 34,
-                "q4_0": spec.head_dim // 32 * 18}[kind]
+                "q4_0": spec.head_dim // 32 * 18, "q4_1": spec.head_dim // 32 * 20,
+                "iq4_nl": spec.head_dim // 32 * 18, "q5_0": spec.head_dim // 32 * 22,
+                "q5_1": spec.head_dim // 32 * 24}[kind]
     assert per_tok == 2 * spec.n_layer * spec.n_head_kv * expected

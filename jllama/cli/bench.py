@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
-from jllama.cli.common import add_kv_paged_args, add_numerics_args, add_platform_args
+from jllama.cli.common import (
+    add_cache_type_args,
+    add_kv_paged_args,
+    add_numerics_args,
+    add_platform_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     p.add_argument("--json", action="store_true")
     add_platform_args(p)
+    add_cache_type_args(p)
     add_kv_paged_args(p)
     add_numerics_args(p)
     p.set_defaults(func=run)
@@ -55,7 +61,9 @@ def run(args) -> int:
     llm = Llama(args.model, ctx_size=ctx, flash_attn=args.flash_attn != "off",
                 prompt_matmul=args.prompt_matmul,
                 n_gpu_layers=n_gpu_layers_value(args.n_gpu_layers),
-                kv_paged=args.kv_paged, kv_pages=args.kv_pages)
+                kv_paged=args.kv_paged, kv_pages=args.kv_pages,
+                **{k: v for k, v in (("cache_type", args.cache_type_k),
+                                     ("cache_type_v", args.cache_type_v)) if v is not None})
     size = sum(t.nbytes for t in llm.gguf.tensors.values()) / 2**20
     params = count_params(llm.gguf) / 1e6
     name = model_type(llm.gguf, llm.spec.arch)

@@ -196,6 +196,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None)
     add_numerics_args(p, via_config=True)
     add_platform_args(p)
+    add_cache_type_args(p)
     add_kv_paged_args(p)
     add_draft_args(p)
     add_distributed_args(p)
@@ -370,6 +371,16 @@ def add_platform_args(p: argparse.ArgumentParser) -> None:
                    "Ignored on a CPU backend, as by llama.cpp's CPU build")
 
 
+KV_CACHE_TYPES = "f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1"  # models/kvquant.py
+
+
+def add_cache_type_args(p) -> None:
+    """llama.cpp's -ctk / -ctv (a parser or an argument group)."""
+    for short, name, which in (("-ctk", "--cache-type-k", "K"), ("-ctv", "--cache-type-v", "V")):
+        p.add_argument(short, name, default=None, metavar="TYPE",
+                       help=f"KV cache type for {which}: {KV_CACHE_TYPES} (default f16)")
+
+
 def add_kv_paged_args(p: argparse.ArgumentParser) -> None:
     """The paged KV cache (jllama's own: llama.cpp has no paged cache) for run, serve, bench."""
     p.add_argument("--kv-paged", action="store_true", default=None,
@@ -458,6 +469,7 @@ def overrides_from_args(args) -> list[str]:
         "platform": "runtime.platform", "threads": "runtime.threads",
         "n_gpu_layers": "runtime.n_gpu_layers",
         "kv_paged": "runtime.kv_paged", "kv_pages": "runtime.kv_pages",
+        "cache_type_k": "runtime.cache_type_k", "cache_type_v": "runtime.cache_type_v",
         "model_draft": "draft.model", "draft_n": "draft.n",
         "draft_min": "draft.n_min", "draft_min_p": "draft.p_min",
         "coordinator": "distributed.coordinator", "num_processes": "distributed.num_processes",

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from jllama.cli.common import (
+    add_cache_type_args,
     add_lora_args,
     add_model_args,
     add_numerics_args,
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-b", "--batch", type=int, default=None,
                    help="chunks per compiled batch (default 2)")
     p.add_argument("--cache-type", default=None,
-                   help="KV cache type, K and V (f32 f16 bf16 q8_0 q4_0; default f16)")
+                   help="KV cache type, K and V (one of -ctk's; default f16)")
+    add_cache_type_args(p)
     p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                    help="alone: save the base log-probs to FILE; with --kl-divergence: read them")
     p.add_argument("--kl-divergence", action="store_true",

@@ -12,6 +12,7 @@ import sys
 
 from jllama.cli.common import (
     EXTENDED_SAMPLING,
+    add_cache_type_args,
     add_extended_sampling_args,
     add_numerics_args,
     dry_breakers_override,
@@ -163,8 +164,7 @@ def _add_llama_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, default=None)
     g.add_argument("-s", "--seed", type=int, default=None, help="default seed (-1: random)")
     add_extended_sampling_args(g)
-    g.add_argument("-ctk", "--cache-type-k", default=None, help="KV cache type for K")
-    g.add_argument("-ctv", "--cache-type-v", default=None, help="KV cache type for V")
+    add_cache_type_args(g)
     g.add_argument("-kvu", "--kv-unified", action="store_true",
                    help="every slot gets the whole --ctx-size")
     g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=None,
