@@ -258,7 +258,7 @@ def test_run_config_quant_on_load_matches_llama_cpp(tiny, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M", "Q2_K"])
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M", "Q2_K", "Q1_0", "Q2_0"])
 def test_gemma3_requantized_file_identical_to_llama_cpp(gemma3_path, tmp_path, ftype) -> None:
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
     quantize_file(gemma3_path, ours, mix_from_base(ftype), allow_requantize=True)
