@@ -111,9 +111,10 @@ def test_padded_last_chunk_fits_the_cache_room(model):
     np.testing.assert_array_equal(got[2], got[3])
 
 
+# q4_1 and q5_0 share these paths (their bytes: tests/test_kvquant.py); measured KLD there
+# 0.113 / 0.034 (2026-12-08)
 @pytest.mark.parametrize("kind,max_kld", [("f16", 0.01), ("q8_0", 0.02), ("q4_0", 0.5),
-                                           ("q4_1", 0.3), ("iq4_nl", 0.3), ("q5_0", 0.1),
-                                           ("q5_1", 0.1)])
+                                           ("iq4_nl", 0.3), ("q5_1", 0.1)])
 def test_kv_cache_types(model, kind, max_kld):
     from jllama.models.kvquant import bytes_per_token
 
