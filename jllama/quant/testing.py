@@ -29,6 +29,7 @@ F16_FIELDS = {
     QType.TQ1_0: [52],
     QType.TQ2_0: [64],
     QType.MXFP4: [],  # its scale is an E8M0 exponent: see E8M0_FIELDS
+    QType.NVFP4: [],  # UE4M3 scale bytes: every byte is a finite scale (2^-10..240, or 0)
     QType.IQ3_XXS: [0],
     QType.IQ3_S: [0],
     QType.IQ2_XXS: [0],
