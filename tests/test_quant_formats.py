@@ -75,11 +75,13 @@ def _ggml_to_float(raw: np.ndarray, qtype: int, row: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S",
-     "IQ1_S", "IQ1_M"],  # fmt: skip
-)
+GGML_DEQUANT_TYPES = [
+    "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "IQ3_XXS", "IQ3_S",
+    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", GGML_DEQUANT_TYPES)
 def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
     """Random blocks (every code, finite scales) decoded by ggml's C ``dequantize_row_*``."""
     from jllama.quant.testing import random_blocks
@@ -234,7 +236,8 @@ def test_nvfp4_scale_rounding_equal_ggml() -> None:
     amax[n_sub // 2 :: 3] = np.nextafter(amax[n_sub // 2 :: 3], np.float32(np.inf))
     amax[n_sub // 2 + 1 :: 3] = np.nextafter(amax[n_sub // 2 + 1 :: 3], np.float32(0))
     x = rng.uniform(-1, 1, (n_sub, 16)).astype(np.float32) * amax[:, None]
-    x[np.arange(n_sub), rng.integers(0, 16, n_sub)] = amax * np.where(rng.random(n_sub) < 0.5, 1, -1)
+    sign = np.where(rng.random(n_sub) < 0.5, 1, -1)
+    x[np.arange(n_sub), rng.integers(0, 16, n_sub)] = amax * sign
     _compare_with_ggml(x.reshape(64, -1), "NVFP4")
 
 
