@@ -1,7 +1,7 @@
 """Prompt-sized int8 GEMMs, jllama's C++ kernel against ggml's own ``mul_mat``, side by side.
 
     python experiments/bench_gemm_vs_ggml.py [--rows 512] [--threads 2] [--reps 5]
-        [--model gemma3|smollm2|q2q3|kquant|qwen3_4b|iq12|moe|legacy|decode|ternary|all]
+        [--model gemma3|smollm2|q2q3|kquant|qwen3_4b|iq12|moe|legacy|decode|ternary|fp4|all]
 
 Each line is one weight shape of a real model (type, n_out x n_in) multiplied by ``--rows``
 activation rows: ggml's time is a prebuilt one-op graph computed with ``--threads`` threads
@@ -60,6 +60,8 @@ MODELS = {
                  ("Q4_K", 2560, 9728, 0.5)],
     # the rest of the int8 kernels without a tiled GEMM in ggml (ternary, MXFP4), same shape
     "ternary": [(t, 8192, 2048, 1) for t in ("TQ1_0", "TQ2_0", "MXFP4")],
+    # the two FP4 types (ggml's vec_dot at every row count), same shape
+    "fp4": [(t, 8192, 2048, 1) for t in ("MXFP4", "NVFP4")],
 }  # fmt: skip
 
 

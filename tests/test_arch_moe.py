@@ -31,7 +31,8 @@ pytestmark = pytest.mark.oracle
 
 # qwen3moe_iq4_nl: ggml's mul_mat_id sums IQ4_NL in vec_dot's order for every row count, its
 # mul_mat in llamafile's from 2 rows (the experts then run one row at a time, moe.py)
-QUANTIZED = ["llama_q8_0", "qwen3moe_q4_0", "qwen2moe_q8_0", "qwen3moe_iq4_nl"]
+# qwen3moe_nvfp4: ggml's vec_dot for NVFP4 in mul_mat and mul_mat_id alike
+QUANTIZED = ["llama_q8_0", "qwen3moe_q4_0", "qwen2moe_q8_0", "qwen3moe_iq4_nl", "qwen3moe_nvfp4"]
 
 
 def _exact_kernels_missing(path) -> str | None:

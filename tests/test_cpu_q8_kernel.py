@@ -327,15 +327,16 @@ def test_q8_kernel_follows_ggml_tiled_switch() -> None:
         np.testing.assert_array_equal(ours(raw, qtype, x).view(np.uint32), tiled.view(np.uint32))
 
 
-NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS,
-             QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M, QType.IQ4_NL, QType.IQ4_XS,
-             QType.Q1_0, QType.Q2_0]
+NEW_TYPES = [QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.NVFP4, QType.IQ3_XXS, QType.IQ3_S,
+             QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M, QType.IQ4_NL,
+             QType.IQ4_XS, QType.Q1_0, QType.Q2_0]
 
 
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
 def test_q8_kernel_ternary_mxfp4_iq3_bit_exact_vs_ggml(qtype: QType) -> None:
-    """ggml's AVX2 vec_dot for TQ1_0/TQ2_0/IQ1/IQ2/IQ3/IQ4_XS (Q8_K) and MXFP4/IQ4_NL (Q8_0, an
-    odd block count: their scalar tail), from 8 rows its tiled GEMM for the IQ1/IQ2/IQ3/IQ4_XS
+    """ggml's AVX2 vec_dot for TQ1_0/TQ2_0/IQ1/IQ2/IQ3/IQ4_XS (Q8_K), MXFP4/IQ4_NL (Q8_0, an
+    odd block count: their scalar tail) and NVFP4 (Q8_0, two q8 blocks per block; every UE4M3
+    scale byte, 0 and NaN's 0x7F included), from 8 rows its tiled GEMM for the IQ1/IQ2/IQ3/IQ4_XS
     types, and from 2 rows llamafile's tinyBLAS for IQ4_NL (one accumulator, not vec_dot's two)."""
     require_q8()
     k = 544 if qtype in (QType.MXFP4, QType.IQ4_NL) else 768
@@ -345,7 +346,8 @@ def test_q8_kernel_ternary_mxfp4_iq3_bit_exact_vs_ggml(qtype: QType) -> None:
         raw[:5].reshape(5, k // 32, 17)[:, :, 0] = np.array([0, 1, 2, 5, 9])[:, None]
     # 150 (vec_dot-order types, ggml's vec_dot for every row count): the row kernels take x
     # rows in blocks of 64, then a ragged block of 22 (16 + 4 + 2)
-    vec_dot_only = qtype in (QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.Q1_0, QType.Q2_0)
+    vec_dot_only = qtype in (QType.TQ1_0, QType.TQ2_0, QType.MXFP4, QType.NVFP4, QType.Q1_0,
+                             QType.Q2_0)
     ms = (1, 2, 3, 7, 8, 17, 64) + ((150,) if vec_dot_only else ())
     if qtype in (QType.Q1_0, QType.Q2_0):  # vec_dot only, the same row passes as MXFP4's:
         ms = (1, 7, 150)  # one row, 4 + 2 + 1, and 64 + 64 + 16 + 4 + 2 (compiles dominate)

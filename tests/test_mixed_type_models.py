@@ -6,6 +6,8 @@ Two tiny random llamas, their tensors spread over the types under test:
   llama-quantize wants an importance matrix for it anywhere else);
 - ``iq4``: IQ4_NL and IQ4_XS (q/k/v of block 0 all IQ4_NL: one grouped int8 call; block 1
   mixed, so each weight takes its own activation format);
+- ``nvfp4``: NVFP4 everywhere in block 0, the embedding and the output, beside MXFP4, Q8_0
+  and Q4_0 in block 1 (ggml's vec_dot for NVFP4 at every row count);
 - ``q1_q2``: Q1_0 and Q2_0, ggml 0c1e570's 1- and 2-bit types.
 
 Our ``quantize_file`` writes the same file as llama.cpp's ``llama_model_quantize``, and jllama
@@ -70,6 +72,16 @@ IQ4 = [
     ("blk\\.1\\.ffn_up", "IQ4_NL"),
     ("blk\\.1\\.ffn_down", "IQ4_XS"),
 ]
+NVFP4 = [
+    ("^token_embd", "NVFP4"),  # the row lookup
+    ("^output", "NVFP4"),
+    ("blk\\.0\\.", "NVFP4"),  # q/k/v (and gate/up) in one int8 call each
+    ("blk\\.1\\.attn_(q|output)", "NVFP4"),
+    ("blk\\.1\\.attn_k", "MXFP4"),
+    ("blk\\.1\\.attn_v", "Q8_0"),
+    ("blk\\.1\\.ffn_(gate|down)", "NVFP4"),
+    ("blk\\.1\\.ffn_up", "Q4_0"),
+]
 # ggml 0c1e570's 1- and 2-bit Q8_0-activation types (no llamafile or tiled path: vec_dot for
 # every row count; Q1_0's AVX2 form, Q2_0's scalar C)
 Q1_Q2 = [
@@ -88,7 +100,7 @@ Q1_Q2 = [
     ("blk\\.1\\.ffn_up", "Q2_0"),
     ("blk\\.1\\.ffn_down", "Q1_0"),
 ]
-MIXES = {"ternary_iq3": TERNARY_IQ3, "iq4": IQ4, "q1_q2": Q1_Q2}
+MIXES = {"ternary_iq3": TERNARY_IQ3, "iq4": IQ4, "nvfp4": NVFP4, "q1_q2": Q1_Q2}
 TOKENS = [1, 300, 301, 17, 302, 303, 42, 304, 305, 306, 20, 307]
 
 

@@ -155,7 +155,7 @@ def test_imatrix_requirement_like_llama_quantize(model, ftype: str, needs: bool)
             llama_cpp_quantize(model, model.with_suffix(".q"), ftype)
 
 
-@pytest.mark.parametrize("ftype", sorted(set(FTYPES) - set(NEW_FTYPES) - {"F32"}))
+@pytest.mark.parametrize("ftype", sorted(set(FTYPES) - set(NEW_FTYPES) - {"F32", "NVFP4"}))
 def test_older_ftypes_with_imatrix_match_llama_cpp(model, ftype: str) -> None:
     """With an imatrix llama.cpp's rules change for some older file types too (Q4_0/Q5_0
     ffn_down, IQ4_NL/IQ4_XS ffn_down)."""

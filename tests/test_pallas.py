@@ -27,7 +27,7 @@ from jllama.quant.testing import random_blocks
 OLD_TYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 # added later: plain bit fields, 16-entry value tables, ternary
 NEW_TYPES = [QType.Q5_0, QType.Q5_1, QType.Q3_K, QType.Q2_K, QType.IQ4_NL, QType.IQ4_XS,
-             QType.MXFP4, QType.TQ2_0, QType.TQ1_0,
+             QType.MXFP4, QType.NVFP4, QType.TQ2_0, QType.TQ1_0,
              QType.Q1_0, QType.Q2_0]  # fmt: skip  (these two as Q4_0 blocks of their values)
 # lattice-grid types (decoded at load time to 4-bit codes)
 GRID_TYPES = [QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S, QType.IQ1_S,

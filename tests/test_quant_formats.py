@@ -17,7 +17,7 @@ GGUF_PY_TYPES = [
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
     "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
-    "TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S",
+    "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "IQ3_XXS", "IQ3_S",
 ]  # fmt: skip
 
 
@@ -51,10 +51,13 @@ def test_dequantize_bit_exact_vs_gguf_py(name: str) -> None:
     _assert_bit_equal(got_jax, ref)
 
 
-@pytest.mark.parametrize(
-    "name", ["TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS",
-             "IQ2_S", "IQ1_S", "IQ1_M"]
-)
+GGML_DEQUANT_TYPES = [
+    "TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "NVFP4", "IQ3_XXS", "IQ3_S",
+    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", GGML_DEQUANT_TYPES)
 def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
     """Random blocks (every code, finite scales) decoded by ggml's C ``dequantize_row_*``."""
     from jllama.quant.testing import random_blocks
@@ -67,6 +70,9 @@ def test_dequantize_bit_exact_vs_ggml(name: str) -> None:
         data = random_blocks(QType[name], 6, row, seed=3)
     if name == "MXFP4":  # exponents whose scale is an f32 denormal, or whose products overflow
         data[0, 0 : 17 * 6 : 17] = [0, 1, 2, 3, 254, 255]
+    if name == "NVFP4":  # zero, NaN (0x7F), subnormal, largest scales, top bit set
+        data[0, :36] = [0x00, 0x7F, 0x01, 0x07] + list(range(32))
+        data[0, 36:72] = [0x7E, 0xFF, 0x80, 0x87] + list(range(255, 223, -1))
     ref = ggml_to_float(data, qt, row)
     with np.errstate(all="ignore"):
         got_np = dequantize_np(data, qt, row)
@@ -151,7 +157,7 @@ def _hard_rows(n: int = 1024) -> np.ndarray:
 QUANT_TYPES = [
     "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q8_K",
-    "TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "IQ3_XXS", "IQ3_S",
+    "TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "NVFP4", "IQ3_XXS", "IQ3_S",
 ]  # fmt: skip
 
 
@@ -181,13 +187,36 @@ def test_quantize_bytes_equal_ggml(name: str) -> None:
     _compare_with_ggml(_hard_rows(), name)
 
 
-@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "IQ3_XXS", "IQ3_S"])
+@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4", "NVFP4", "IQ3_XXS",
+                                  "IQ3_S"])
 def test_quantize_with_imatrix_bytes_equal_ggml(name: str) -> None:
-    """With an importance matrix (IQ3 weighs by it; TQ/Q1_0/Q2_0/MXFP4 ignore it, as ggml does)."""
+    """With an importance matrix (IQ3 weighs by it; TQ/Q1_0/Q2_0/MXFP4/NVFP4 ignore it, as ggml
+    does)."""
     rng = np.random.default_rng(11)
     x = _hard_rows()
     imatrix = (rng.gamma(0.5, 2.0, x.shape[1]) * np.repeat([1.0, 0.0, 50.0, 1e-3], 256))
     _compare_with_ggml(x, name, imatrix.astype(np.float32))
+
+
+def test_nvfp4_scale_rounding_equal_ggml() -> None:
+    """NVFP4's UE4M3 scale (ggml_fp32_to_ue4m3 of amax / 6) over every binade it covers and
+    beyond: subnormal codes and their rounding, the round-up carry into the next exponent,
+    the saturation at 448 and from 2^8 up, amax at the exact rounding points and a neighbour
+    of each; each 16-value sub-block its own amax."""
+    rng = np.random.default_rng(5)
+    n_sub = 4096
+    amax = np.concatenate([
+        np.exp2(rng.uniform(-16, 12, n_sub // 2)),
+        # 6 * (a UE4M3 midpoint or a subnormal step's half), and the f32 neighbours
+        6 * np.exp2(rng.integers(-12, 10, n_sub // 4)) * (1 + (2 * rng.integers(0, 8, n_sub // 4) + 1) / 16),
+        6 * (rng.integers(0, 16, n_sub // 4) + 0.5) / 512,
+    ]).astype(np.float32)  # fmt: skip
+    amax[n_sub // 2 :: 3] = np.nextafter(amax[n_sub // 2 :: 3], np.float32(np.inf))
+    amax[n_sub // 2 + 1 :: 3] = np.nextafter(amax[n_sub // 2 + 1 :: 3], np.float32(0))
+    x = rng.uniform(-1, 1, (n_sub, 16)).astype(np.float32) * amax[:, None]
+    sign = np.where(rng.random(n_sub) < 0.5, 1, -1)
+    x[np.arange(n_sub), rng.integers(0, 16, n_sub)] = amax * sign
+    _compare_with_ggml(x.reshape(64, -1), "NVFP4")
 
 
 def test_quantize_real_weights_equal_ggml(smollm2_path) -> None:

@@ -13,7 +13,7 @@ from llamacpp_oracle import llama_cpp_logits
 from jllama.errors import JllamaError, QuantError
 from jllama.gguf.constants import QType
 from jllama.gguf.reader import read_gguf
-from jllama.quant.mixes import FTYPES, mix_from_base, mix_from_dict
+from jllama.quant.mixes import FTYPES, MixSpec, mix_from_base, mix_from_dict
 from jllama.quant.quantize import quantize_file, quantize_tensor
 from jllama.quant.testing import llama_cpp_quantize, tiny_llama
 
@@ -87,7 +87,7 @@ _FILE_DEFAULT = {"Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0", "
     "ftype",
     [
         f if f in _FILE_DEFAULT else pytest.param(f, marks=pytest.mark.slow)
-        for f in sorted(set(FTYPES) - {"F32"} - _LATTICE_MAPS_ONLY)
+        for f in sorted(set(FTYPES) - {"F32", "NVFP4"} - _LATTICE_MAPS_ONLY)
     ],
 )
 def test_tiny_model_file_identical_to_llama_cpp(tiny, tmp_path, ftype) -> None:
@@ -109,6 +109,51 @@ def test_tiny_model_file_identical_to_llama_cpp(tiny, tmp_path, ftype) -> None:
         tiny, ref, ftype, allow_requantize=False, imatrix=qi and qi.weights, kv_overrides=kv
     )
     _assert_same_file(ours, ref)
+
+
+def test_nvfp4_file_is_llama_cpps_but_for_its_file_type(tiny, tmp_path) -> None:
+    """The bare type nvfp4 (every quantizable tensor NVFP4) writes llama.cpp's file for
+    ``--pure --tensor-type .=nvfp4 Q8_0``, byte for byte except general.file_type: 39
+    (LLAMA_FTYPE_MOSTLY_NVFP4, which llama.cpp's loader names) where llama.cpp must record its
+    base type, its quantize refusing file type 39 itself (test below)."""
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    rep = quantize_file(tiny, ours, mix_from_base("nvfp4"))
+    assert rep.ftype == "NVFP4"
+    g = read_gguf(ours)
+    assert {t.type_name for t in g.tensors.values()} == {"NVFP4", "F32"}
+    assert g.tensors["token_embd.weight"].type_name == "NVFP4"
+    assert g.tensors["output.weight"].type_name == "NVFP4"
+    llama_cpp_quantize(tiny, ref, "Q8_0", allow_requantize=False, pure=True,
+                       overrides=[(".", QType.NVFP4)])  # fmt: skip
+    raw = bytearray(ref.read_bytes())
+    key = b"general.file_type"
+    at = raw.index(key) + len(key)  # then the value type (UINT32 = 4) and the value
+    assert raw[at : at + 8] == (4).to_bytes(4, "little") + (7).to_bytes(4, "little")
+    raw[at + 4 : at + 8] = (39).to_bytes(4, "little")
+    assert ours.read_bytes() == bytes(raw)
+
+
+def test_nvfp4_refusals_like_llama_cpp(tmp_path) -> None:
+    """llama.cpp has no NVFP4 mix (file type 39 is refused) and no fallback type for NVFP4:
+    a row that is no multiple of 64 stops the quantization. Both refuse where we do."""
+    src = tmp_path / "ff96.gguf"
+    tiny_llama(src, n_layer=2, n_ff=96)  # ffn_down rows of 96: 32-blocks fit, 64-blocks not
+    with pytest.raises(QuantError, match="no NVFP4 mix"):
+        quantize_file(src, tmp_path / "a.gguf", MixSpec(ftype="NVFP4"))
+    with pytest.raises(RuntimeError):
+        llama_cpp_quantize(src, tmp_path / "ra.gguf", "NVFP4")
+    mix = mix_from_dict({"base": "q8_0", "rules": [{"match": "ffn_down", "type": "nvfp4"}]})
+    with pytest.raises(QuantError, match="no fallback type for NVFP4 with rows of 96"):
+        quantize_file(src, tmp_path / "b.gguf", mix)
+    with pytest.raises(RuntimeError):
+        llama_cpp_quantize(src, tmp_path / "rb.gguf", "Q8_0", overrides=[("ffn_down", QType.NVFP4)])
+    assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "b.gguf").exists()
+    # where the rows fit, the same rule gives llama.cpp's file
+    ok = mix_from_dict({"base": "q8_0", "rules": [{"match": "attn_(q|v)", "type": "nvfp4"}]})
+    quantize_file(src, tmp_path / "c.gguf", ok)
+    llama_cpp_quantize(src, tmp_path / "rc.gguf", "Q8_0", overrides=[("attn_(q|v)", QType.NVFP4)])
+    assert read_gguf(tmp_path / "c.gguf").tensors["blk.1.attn_v.weight"].type_name == "NVFP4"
+    _assert_same_file(tmp_path / "c.gguf", tmp_path / "rc.gguf")
 
 
 def test_llama_cpp_runs_our_files(tiny, tmp_path) -> None:
@@ -214,8 +259,9 @@ _PURE_FTYPE = {
     "F16": "F16", "BF16": "BF16", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0",
     "Q5_1": "Q5_1", "Q8_0": "Q8_0", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M",
     "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS",
+    "NVFP4": "NVFP4",
 }  # fmt: skip
-_DEFAULT_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
+_DEFAULT_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "NVFP4")
 
 
 @pytest.mark.parametrize(

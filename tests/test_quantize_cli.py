@@ -130,3 +130,24 @@ def test_low_bit_types_without_imatrix_are_refused_like_llama_quantize(
     assert not out.exists()
     with pytest.raises(RuntimeError):  # llama.cpp refuses the same request
         llama_cpp_quantize(tiny, tmp_path / "ref.gguf", ftype)
+
+
+def test_nvfp4_bare_type_and_tensor_type(tiny, tmp_path, capsys) -> None:
+    """``nvfp4``: every quantizable tensor NVFP4, file type 39; ``--tensor-type R=nvfp4``
+    beside a mix; rows that are no multiple of 64 stop it with one line (llama.cpp throws)."""
+    out = tmp_path / "nv.gguf"
+    assert main(["quantize", str(tiny), str(out), "nvfp4", "--quiet"]) == 0
+    assert set(_types(out).values()) == {"NVFP4", "F32"}
+    assert read_gguf(out).metadata["general.file_type"] == 39  # LLAMA_FTYPE_MOSTLY_NVFP4
+    out2 = tmp_path / "mix.gguf"
+    args = ["quantize", str(tiny), str(out2), "q8_0", "--tensor-type", "ffn_up=nvfp4", "--quiet"]
+    assert main(args) == 0
+    t = _types(out2)
+    assert t["blk.1.ffn_up.weight"] == "NVFP4" and t["blk.1.ffn_down.weight"] == "Q8_0"
+    odd = tmp_path / "ff96.gguf"
+    tiny_llama(odd, n_layer=1, n_ff=96)
+    capsys.readouterr()
+    assert main(["quantize", str(odd), str(tmp_path / "x.gguf"), "nvfp4", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no fallback type for NVFP4 with rows of 96" in err
+    assert not (tmp_path / "x.gguf").exists()

@@ -70,9 +70,10 @@ class _Tensors:
 
 
 def _quantize(a: np.ndarray, quant: Q) -> np.ndarray:
-    """Raw GGUF rows of ``a``: gguf-py's quantizer, or jllama's where gguf-py has none (IQ4_NL;
-    byte-identical to ggml's, tests/test_quant_iq.py). Both engines read the same file."""
-    if quant == Q.IQ4_NL:
+    """Raw GGUF rows of ``a``: gguf-py's quantizer, or jllama's where gguf-py has none (IQ4_NL,
+    NVFP4; byte-identical to ggml's, tests/test_quant_iq.py, test_quant_formats.py). Both
+    engines read the same file."""
+    if quant in (Q.IQ4_NL, Q.NVFP4):
         from jllama.quant.quantizers import quantize_np
 
         return quantize_np(np.ascontiguousarray(a, np.float32), int(quant))
@@ -286,6 +287,7 @@ def write_test_models(d: Path) -> dict[str, Path]:
         "qwen3moe_f32": write_qwen3moe(d / "qwen3moe_f32.gguf"),
         "qwen3moe_q4_0": write_qwen3moe(d / "qwen3moe_q4_0.gguf", quant=Q.Q4_0),
         "qwen3moe_iq4_nl": write_qwen3moe(d / "qwen3moe_iq4_nl.gguf", quant=Q.IQ4_NL),
+        "qwen3moe_nvfp4": write_qwen3moe(d / "qwen3moe_nvfp4.gguf", quant=Q.NVFP4),
         "qwen2moe_f32": write_qwen2moe(d / "qwen2moe_f32.gguf"),
         "qwen2moe_q8_0": write_qwen2moe(d / "qwen2moe_q8_0.gguf", quant=Q.Q8_0),
     }

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "q4_1, q5_0, q5_1, q8_0, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, "
         "q5_k_m, q6_k, iq4_nl, iq4_xs, iq2_xxs, iq2_xs, iq2_s, iq2_m, iq1_s, iq1_m, iq3_xxs, "
         "iq3_xs, iq3_s, iq3_m, tq1_0, tq2_0, mxfp4_moe (most of the 1-3 bit ones need an "
-        "importance matrix, as in llama-quantize); or a bare type (q3_k, q4_k, q5_k, mxfp4) "
+        "importance matrix, as in llama-quantize); or a bare type (q3_k, q4_k, q5_k, mxfp4, nvfp4) "
         "for that type everywhere (--pure).",
     )
     p.add_argument("input", help="input .gguf file or a named model")

@@ -66,10 +66,10 @@ _TARGETS = {"jllama_qmatvec": "JllamaQMatVec", "jllama_qmatvec_xs": "JllamaQMatV
             "jllama_dequant": "JllamaDequant", "jllama_cos_sin": "JllamaCosSin"}
 # The int8-activation kernels (ggml's vec_dot, bit-exact) exist where the build machine has
 # AVX2 + FMA + F16C (VNNI, where present, only speeds up their integer dots).
-# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K, IQ3_XXS IQ3_S TQ1_0 TQ2_0 MXFP4,
+# Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K, IQ3_XXS IQ3_S TQ1_0 TQ2_0 MXFP4 NVFP4,
 # IQ2_XXS IQ2_XS IQ2_S IQ1_S IQ1_M, IQ4_NL IQ4_XS, Q1_0 Q2_0
-Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 18, 21, 34, 35, 39, 16, 17, 22, 19, 29,
-                       20, 23, 41, 42})
+Q8_QTYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 18, 21, 34, 35, 39, 40, 16, 17, 22, 19,
+                       29, 20, 23, 41, 42})
 # q8: quantized x (q, d, s), any number of weights sharing it (q/k/v, gate/up: one call);
 # q8f: f32 x, quantized inside the call (decode); quantize_q8: the activation quantizer.
 _Q8_TARGETS = {"jllama_qmatvec_q8": "JllamaQMatVecQ8",

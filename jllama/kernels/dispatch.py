@@ -6,7 +6,7 @@ for the fast paths and the fallback for any type without one.
 ``xla_cpu`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): C++ decode+dot kernels through the
 FFI on GGUF blocks, or without the C++ kernels a pure-XLA tile-at-a-time dequantize + f32 dot on
 weights repacked at load (layout ``"i8"``, ``cpu_repack``).
-``pallas_qmatmul`` (GPU/TPU; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K,
+``pallas_qmatmul`` (GPU/TPU; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4, NVFP4, Q2_K, Q3_K, Q4_K, Q5_K,
 Q6_K, IQ4_XS, TQ1_0, TQ2_0 at the GGUF's bits per weight; IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
 IQ3_S, IQ1_S, IQ1_M decoded at load to 4-bit codes, ~4.3-4.6 bits per weight; Q1_0, Q2_0 as
 Q4_0 blocks of their values): reads its load-time planes (layout ``"pallas"``) or GGUF blocks.

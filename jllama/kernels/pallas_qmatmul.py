@@ -1,6 +1,6 @@
 """Pallas quantized matmul (GPU via Triton, TPU via Mosaic): ``x @ W.T`` reading 1.6-8 bit blocks.
 
-Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4 (32-element blocks), Q2_K, Q3_K, Q4_K, Q5_K,
+Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4 (32-element blocks), NVFP4 (64), Q2_K, Q3_K, Q4_K, Q5_K,
 Q6_K, IQ4_XS, TQ1_0, TQ2_0 (256), all at the GGUF's bits per weight; and the lattice-grid types
 IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M at about 4.3-4.6 bits per weight (their
 256-2048-entry grids would need an in-kernel gather, which Triton lacks: at load time every
@@ -25,8 +25,9 @@ same bytes (same bits per weight, scales still f16 / packed 6-bit) but splits th
   qh word (one int32 row per block, its bit ``l`` shifted out for row ``l``), the 2-bit planes of
   Q2_K/Q3_K/TQ2_0 and Q3_K's hmask (byte ``l`` of a 32-byte run holds element ``l``, ``32 + l``,
   ..: already k-major), Q2_K/Q3_K/IQ4_XS scales, TQ1_0's base-3 bytes (ggml's multiply-by-3^n
-  trit extraction), MXFP4's E8M0 exponent byte (the scale built from its bits);
-- IQ4_NL/IQ4_XS/MXFP4 values come from a 16-entry int8 table, which the kernel reads as four
+  trit extraction), MXFP4's E8M0 exponent byte and NVFP4's four UE4M3 bytes (the scales built
+  from their bits);
+- IQ4_NL/IQ4_XS/MXFP4/NVFP4 values come from a 16-entry int8 table, which the kernel reads as four
   int32 constants: two selects pick the word, two shifts the sign-extended byte (no gather);
 - n_out is padded to a multiple of 128 and n_in to a multiple of the chunk (zero scales and
   codes).
@@ -57,7 +58,7 @@ from jax.experimental import pallas as pl
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
 from jllama.quant import iqgrids as grids
-from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, iq_grid, mxfp4_values
+from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, UE4M3_HALF, iq_grid, mxfp4_values
 from jllama.quant.qtensor import QTensor
 
 K_CHUNK = 256  # K-quants: elements of n_in per loop step, one superblock (eight 32-groups)
@@ -69,7 +70,7 @@ LAYOUT = "pallas"
 
 # 32-element block types: chunks of 64 (see LEGACY_CHUNK)
 _LEGACY = {int(t) for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-                            QType.IQ4_NL, QType.MXFP4)}  # fmt: skip
+                            QType.IQ4_NL, QType.MXFP4, QType.NVFP4)}  # fmt: skip
 # Lattice-grid types: decoded at load time to 4-bit codes into a 16-entry signed table (see
 # ``_grid_fields``), plus their own scale fields: more bytes than the GGUF, no grid in the kernel.
 _GRID = {int(t) for t in (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S,
@@ -110,7 +111,7 @@ def lut_values(qtype: int) -> tuple[int, ...]:
     qtype = int(qtype)
     if qtype in (QType.IQ4_NL, QType.IQ4_XS):
         return KVALUES_IQ4NL
-    if qtype == QType.MXFP4:
+    if qtype in (QType.MXFP4, QType.NVFP4):
         return KVALUES_MXFP4
     if qtype in _IQ1:
         v = [8 * g + (-1 if neg else 1) for neg in (0, 1) for g in (-1, 0, 1)]
@@ -342,6 +343,8 @@ def repack(xp: ModuleType, raw: object, qtype: int, shape: tuple[int, int]) -> t
         return codes4(_nib_natural(xp, b[..., 2:], 16)), per_block(_f16(xp, b[..., 0:2]), gpc)
     if qtype == QType.MXFP4:  # E8M0 exponent byte kept as is
         return codes4(_nib_natural(xp, b[..., 1:], 16)), per_block(b[..., 0], gpc)
+    if qtype == QType.NVFP4:  # 16-value sub-blocks of 8 bytes; the UE4M3 bytes kept as is
+        return codes4(_nib_natural(xp, b[..., 4:], 8)), per_block(b[..., 0:4], 4)
     if qtype == QType.Q8_0:
         qs = b[..., 2:].reshape(n_out, n_in)
         qs = qs.view(np.int8) if xp is np else jax.lax.bitcast_convert_type(qs, jnp.int8)
@@ -457,6 +460,9 @@ def dequantize_planes(planes: tuple, qtype: int, shape: tuple[int, int]) -> jax.
         e = planes[1].astype(jnp.int32).reshape(nch, gpc, 1, n_pad)
         e = jnp.broadcast_to(e, (nch, gpc, 32, n_pad)).reshape(nch, chunk, n_pad)
         w = mxfp4_values(jnp, nibbles(p0), e)
+    elif qtype == QType.NVFP4:
+        d = jnp.asarray(UE4M3_HALF)[planes[1].astype(jnp.int32)]
+        w = rep(d, 4) * lut(nibbles(p0), KVALUES_MXFP4)
     elif qtype == QType.Q2_K:
         _, sc, d, dmin = planes
         sc = sc.astype(jnp.int32).reshape(nch, 16, n_pad)
@@ -621,6 +627,25 @@ def _unpack_group_fns(qtype: int):
                         else:
                             w = (fl(q), d, row(refs[2], blk).astype(f32))
                     acc = fold(acc, c, 32 * g, 32, w)
+            return acc
+
+    elif qtype == QType.NVFP4:
+
+        def ue4m3_half(b: jax.Array) -> jax.Array:
+            """ggml_ue4m3_to_fp32 from the bits (exact): normal (1 + m/8) 2^(e-8), subnormal
+            m 2^-10, 0x7F (NaN) 0; bit 7 ignored (0xFF is 240)."""
+            e, m = (b >> 3) & 15, b & 7
+            normal = jax.lax.bitcast_convert_type(((e + 119) << 23) | (m << 20), f32)
+            v = jnp.where(e == 0, fl(m) * (2.0**-10), normal)
+            return jnp.where(b == 0x7F, 0.0, v)
+
+        def body(refs, c, acc, fold):
+            qs_ref, d_ref = refs
+            for t in range(2):  # chunk rows 16t..: sub-block t (low nibbles), 2 + t (high)
+                for sb, q in zip((t, 2 + t), nib_pair(qs_ref, c, 0, rows=16, off=16 * t),
+                                 strict=True):  # fmt: skip
+                    d = ue4m3_half(row(d_ref, c * 4 + sb).astype(jnp.int32))
+                    acc = fold(acc, c, 16 * sb, 16, (lut(q), d, None))
             return acc
 
     elif qtype in (QType.Q2_K, QType.Q3_K):

@@ -18,8 +18,9 @@ from jllama.gguf.constants import QType
 _Q8_0 = {QType.Q4_0, QType.Q5_0, QType.Q8_0, QType.IQ4_NL}
 _Q8_1 = {QType.Q4_1, QType.Q5_1}
 _Q8_K = {QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS}
-# ggml-cpu's type_traits_cpu[...].vec_dot_type of the ternary, MXFP4, Q1_0/Q2_0 and IQ3 types
-_Q8_0 |= {QType.MXFP4, QType.Q1_0, QType.Q2_0}
+# ggml-cpu's type_traits_cpu[...].vec_dot_type of the ternary, MXFP4, NVFP4, Q1_0/Q2_0 and IQ3
+# types
+_Q8_0 |= {QType.MXFP4, QType.NVFP4, QType.Q1_0, QType.Q2_0}
 _Q8_K |= {QType.TQ1_0, QType.TQ2_0, QType.IQ3_XXS, QType.IQ3_S}
 _Q8_K |= {QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M}
 

@@ -270,6 +270,30 @@ def mxfp4_values(xp: Xp, q, e):
     return _bitcast(xp, sign | mag.astype(xp.uint32), xp.float32)
 
 
+def _ue4m3_half_table() -> np.ndarray:
+    """ggml_ue4m3_to_fp32 for every byte: the UE4M3 value (4 exponent bits, bias 7, 3 mantissa
+    bits; exponent 0 subnormal) halved, as the doubled e2m1 values want. 0x00 and 0x7F (NaN)
+    read as 0; the top bit is otherwise ignored (0x80 | b reads as b, but 0xFF as 240)."""
+    b = np.arange(256)
+    e, m = (b >> 3) & 0xF, (b & 7).astype(np.float64)
+    v = np.where(e == 0, m * 2.0**-9, (1 + m / 8) * 2.0 ** (e - 7)) * 0.5
+    return np.where((b == 0) | (b == 0x7F), 0.0, v).astype(np.float32)  # exact in f32
+
+
+UE4M3_HALF = _ue4m3_half_table()
+
+
+def _deq_nvfp4(xp: Xp, b):
+    # d[4] (UE4M3, one per 16 values), qs[32]: sub-block s in bytes 8s..8s+7, low nibbles its
+    # values 0..7, high nibbles 8..15. Every product kvalue * d is exact in f32 (no denormals).
+    n = b.shape[0]
+    d = xp.asarray(UE4M3_HALF)[b[:, 0:4].astype(xp.int32)]
+    qs = b[:, 4:36].reshape(n, 4, 8)
+    q = xp.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(xp.int32)
+    kv = xp.asarray(np.array(KVALUES_MXFP4, np.float32))
+    return (kv[q] * d[:, :, None]).reshape(n, 64)
+
+
 def iq_grid(name: str) -> np.ndarray:
     """An IQ type's grid (``[n_points, points]`` f32 small integers), from gguf-py's tables."""
     return _IQ_GRIDS[name]()
@@ -349,6 +373,7 @@ DEQUANTIZERS: dict[int, Callable[[Xp, Any], Any]] = {
     int(QType.Q1_0): _deq_q1_0,
     int(QType.Q2_0): _deq_q2_0,
     int(QType.MXFP4): _deq_mxfp4,
+    int(QType.NVFP4): _deq_nvfp4,
     int(QType.IQ3_XXS): _deq_iq3_xxs,
     int(QType.IQ3_S): _deq_iq3_s,
 }

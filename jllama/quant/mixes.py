@@ -56,6 +56,9 @@ FTYPES: dict[str, tuple[int, QType]] = {
     "TQ1_0": (36, T.TQ1_0),
     "TQ2_0": (37, T.TQ2_0),
     "MXFP4_MOE": (38, T.MXFP4),
+    # llama.cpp names file type 39 but has no rules for it (llama_model_quantize refuses it):
+    # jllama writes it only as the bare type, every quantizable tensor NVFP4 (see mix_from_base)
+    "NVFP4": (39, T.NVFP4),
     "Q1_0": (40, T.Q1_0),
     "Q2_0": (41, T.Q2_0),
 }
@@ -66,13 +69,16 @@ WRITABLE_TYPES = (
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
     T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
     T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M, T.IQ3_XXS, T.IQ3_S,
-    T.TQ1_0, T.TQ2_0, T.MXFP4, T.Q1_0, T.Q2_0,
+    T.TQ1_0, T.TQ2_0, T.MXFP4, T.NVFP4, T.Q1_0, T.Q2_0,
 )  # fmt: skip
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
 # A bare K-type as a mix base means "every quantizable tensor in this type" (llama-quantize's
 # FTYPE --pure); this is the file type recorded for it.
 _PURE_BASE_FTYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.MXFP4: "MXFP4_MOE"}
+# File types that exist only as the bare type (pure): llama.cpp 0c1e570 has no
+# llama_tensor_get_type rules for them (llama_ftype_get_default_type: "invalid output file type")
+_PURE_ONLY = ("NVFP4",)
 
 
 class QuantWarning(UserWarning):
@@ -142,6 +148,8 @@ def _compile(pattern: str) -> str:
 def mix_from_base(base: str) -> MixSpec:
     """A mix from a file type name, or from a bare tensor type (then applied to all, --pure)."""
     key = str(base).upper()
+    if key in _PURE_ONLY:  # the bare type: its file type has no mix rules of its own
+        return MixSpec(ftype=key, pure=True)
     if key in FTYPES:
         return MixSpec(ftype=key)
     try:
@@ -549,6 +557,11 @@ def plan_from_tensors(
     tensors: dict[str, tuple[tuple[int, ...], int]], metadata: dict[str, Any], spec: MixSpec
 ) -> Plan:
     """name -> (shape in numpy order, current type id) -> chosen type per tensor."""
+    if spec.ftype in _PURE_ONLY and not spec.pure:
+        raise QuantError(
+            f"llama.cpp has no {spec.ftype} mix (its quantize refuses that file type): give the "
+            f"type for all tensors (--pure), or --tensor-type REGEX={spec.ftype.lower()}"
+        )
     m = ModelInfo.from_metadata(metadata)
     names = llama_order(list(tensors))
     st = _State(n_ffn=m.n_layer)

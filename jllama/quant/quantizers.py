@@ -17,7 +17,7 @@ import numpy as np
 from jllama.errors import QuantError
 from jllama.gguf.constants import QType, qtype_info
 from jllama.quant import iq2
-from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, e8m0_to_f32_half
+from jllama.quant.formats import KVALUES_IQ4NL, KVALUES_MXFP4, UE4M3_HALF, e8m0_to_f32_half
 from jllama.quant.iq3 import quantize_iq3_s, quantize_iq3_xxs
 
 F32 = np.float32
@@ -654,12 +654,43 @@ def _mxfp4(x: np.ndarray) -> np.ndarray:
     # (uint8)(float) of ggml: a C conversion through int (wraps below 2^-125)
     e = np.where(amax > 0, (_c_trunc_int(lg - F32(2) + F32(127)) & 0xFF), 0).astype(np.uint8)
     d = e8m0_to_f32_half(np, e)
+    q = _fp4_codes(x, d)
+    return np.concatenate([e[:, None], _pack_nibbles32(q)], axis=1)
+
+
+def _fp4_codes(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """best_index_mxfp4 of every x (``[..., n]``) against its scale d (``[...]``)."""
     # Only the 8 values of x's sign can be nearest (and +0 at index 0 wins the tie with the
     # zero at 8): the errors of those equal ggml's exactly, negation being exact.
-    err = np.abs(_MXFP4F[:8] * d[:, None, None] - np.abs(x)[:, :, None])
+    err = np.abs(_MXFP4F[:8] * d[..., None, None] - np.abs(x)[..., None])
     j = np.argmin(err, axis=-1)  # the first of equal errors, as ggml
-    q = np.where((x < 0) & (j > 0), j + 8, j).astype(np.uint8)
-    return np.concatenate([e[:, None], _pack_nibbles32(q)], axis=1)
+    return np.where((x < 0) & (j > 0), j + 8, j).astype(np.uint8)
+
+
+def fp32_to_ue4m3(x: np.ndarray) -> np.ndarray:
+    """ggml_fp32_to_ue4m3 (f32 in): the exponent and top 3 mantissa bits, rounded up on the 4th
+    bit alone; saturating at 0x7E (448) from 2^8 up; below 2^-6 a subnormal code 1..7 from
+    (int)(x * 512 + 0.5) in f32; 0 for x <= 0 or NaN."""
+    x = np.minimum(np.asarray(x, F32), F32(448))
+    bits = x.view(np.uint32)
+    e = ((bits >> 23) & 0xFF).astype(np.int32) - 127 + 7
+    m = ((bits >> 20) & 7).astype(np.int32) + ((bits >> 19) & 1).astype(np.int32)
+    e, m = np.where(m > 7, e + 1, e), np.where(m > 7, 0, m)
+    sub = _c_trunc_int(x * F32(512) + F32(0.5))  # x <= 448: in range (NaN masked below)
+    out = np.where(e >= 15, 0x7E, (np.clip(e, 0, 15) << 3) | m)
+    # the subnormal test is on the exponent before the mantissa's carry (ggml tests it first)
+    e0 = ((bits >> 23) & 0xFF).astype(np.int32) - 120
+    out = np.where(e0 <= 0, np.where(sub < 1, 0, np.minimum(sub, 7)), out)
+    return np.where(x > 0, out, 0).astype(np.uint8)
+
+
+def _nvfp4(x: np.ndarray) -> np.ndarray:
+    B = x.shape[0]
+    xs = x.reshape(B, 4, 16)
+    ue = fp32_to_ue4m3(np.abs(xs).max(axis=-1) / F32(6))
+    q = _fp4_codes(xs, UE4M3_HALF[ue])
+    qs = (q[..., :8] | (q[..., 8:] << 4)).astype(np.uint8)
+    return np.concatenate([ue, qs.reshape(B, 32)], axis=1)
 
 
 def _row_chunks(rows: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -709,6 +740,7 @@ QUANTIZERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     int(QType.Q1_0): _q1_0,
     int(QType.Q2_0): _q2_0,
     int(QType.MXFP4): _mxfp4,
+    int(QType.NVFP4): _nvfp4,
     int(QType.IQ3_XXS): quantize_iq3_xxs,
     int(QType.IQ3_S): quantize_iq3_s,
 }
@@ -950,11 +982,12 @@ QUANTIZERS.update({
     int(QType.IQ2_S): iq2.quantize_iq2_s_rows,
     int(QType.IQ1_M): iq2.quantize_iq1_m_rows,
 })  # fmt: skip
-# ggml ignores the weights for the ternary types, Q1_0, Q2_0 and MXFP4; IQ3 has its own
+# ggml ignores the weights for the ternary types, Q1_0, Q2_0, MXFP4 and NVFP4; IQ3 has its own
 # weighted search.
 WEIGHTED_QUANTIZERS[int(QType.TQ1_0)] = _blockwise(_tq1_0, 256)
 WEIGHTED_QUANTIZERS[int(QType.TQ2_0)] = _blockwise(_tq2_0, 256)
 WEIGHTED_QUANTIZERS[int(QType.MXFP4)] = _blockwise(_mxfp4, 32)
+WEIGHTED_QUANTIZERS[int(QType.NVFP4)] = _blockwise(_nvfp4, 64)
 WEIGHTED_QUANTIZERS[int(QType.Q1_0)] = _blockwise(_q1_0, 128)
 WEIGHTED_QUANTIZERS[int(QType.Q2_0)] = _blockwise(_q2_0, 64)
 WEIGHTED_QUANTIZERS[int(QType.IQ3_XXS)] = _iq3_weighted(quantize_iq3_xxs)

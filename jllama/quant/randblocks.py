@@ -76,6 +76,8 @@ def _fields(t: QType, dk: int = 0) -> list[tuple[int, int, int, int]]:
         return [(54, 2, 0x0FFF, (e >> 2) << 12), (52, 2, 0x3FFF, (e & 3) << 14)]
     if t == T.MXFP4:  # e (E8M0), qs[16]: values kvalue * 2^(e-128); e fixed
         return [(0, 1, 0x00, 120 + dk)]
+    if t == T.NVFP4:  # d[4] (UE4M3: exponent bits 6..3, bias 7, halved), qs[32]
+        return [(i, 1, 0x07, (1 + dk) << 3) for i in range(4)]
     return []
 
 

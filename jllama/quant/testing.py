@@ -31,6 +31,7 @@ F16_FIELDS = {
     QType.Q1_0: [0],
     QType.Q2_0: [0],
     QType.MXFP4: [],  # its scale is an E8M0 exponent: see E8M0_FIELDS
+    QType.NVFP4: [],  # UE4M3 scale bytes: every byte is a finite scale (2^-10..240, or 0)
     QType.IQ3_XXS: [0],
     QType.IQ3_S: [0],
     QType.IQ2_XXS: [0],

@@ -15,7 +15,7 @@ namespace jllama {
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10, kQ3_K = 11,
                   kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23;
 constexpr int64_t kIQ3_XXS = 18, kIQ3_S = 21, kTQ1_0 = 34, kTQ2_0 = 35, kMXFP4 = 39;
-constexpr int64_t kQ1_0 = 41, kQ2_0 = 42;
+constexpr int64_t kNVFP4 = 40, kQ1_0 = 41, kQ2_0 = 42;
 constexpr int64_t kIQ2_XXS = 16, kIQ2_XS = 17, kIQ2_S = 22, kIQ1_S = 19, kIQ1_M = 29;
 
 // The IQ4 non-linear code book (ggml's kvalues_iq4nl).

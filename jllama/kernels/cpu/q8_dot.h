@@ -1215,6 +1215,62 @@ struct Q8WMXFP4 : Q8Lut0<MXFP4Codes, true> {
   static constexpr int TS = MXFP4Codes::TS;
 };
 
+// NVFP4 (Q8_0 activations, two q8 blocks per 64-value block): four 16-value sub-blocks, each
+// with its UE4M3 scale; sub-block s in qs bytes 8s..8s+7, its values 0..7 the low nibbles and
+// 8..15 the high ones. ggml's AVX2 vec_dot (arch/x86/quants.c, every row count: no llamafile,
+// repack or tiled path takes NVFP4): per block, sub-blocks 0|1 against q8 block 2bi and 2|3
+// against 2bi + 1 as int32 lanes (lanes 0-3 the first sub-block, 4-7 the second), then
+// acc = fma([s0 x4 | s1 x4], p01, acc), acc = fma([s2 x4 | s3 x4], p23, acc) with
+// s = d_w(UE4M3) * d_x; one accumulator, hsum. No scale or product is an f32 denormal
+// (UE4M3 / 2 >= 2^-10, f16 d_x >= 2^-24).
+struct UE4M3Half {  // ggml_ue4m3_to_fp32 (the value halved) for every byte, as ggml's table
+  float v[256];
+  constexpr UE4M3Half() : v() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 0xF, m = b & 7;
+      float f = e == 0 ? float(m) : float(8 + m);  // times 2^-10, or 2^(e-11): exact steps
+      for (int i = 0; i < (e == 0 ? 10 : 11); ++i) f *= 0.5f;
+      for (int i = 0; i < (e == 0 ? 0 : e); ++i) f *= 2.0f;
+      v[b] = (b == 0 || b == 0x7F) ? 0.0f : f;
+    }
+  }
+};
+inline constexpr UE4M3Half kUE4M3Half{};
+
+struct Q8WNVFP4 {
+  static constexpr int BS = 64, XB = 32, OFF = 0, TS = 36;
+  static constexpr bool kBias = false, kBsums = false, kTiled = false;
+  // The 32 e2m1 values (doubled) of two sub-blocks from their 16 bytes, in element order.
+  static inline __m256i values(const uint8_t* qs) {
+    const __m128i t = _mm_loadu_si128((const __m128i*)qs);
+    const __m128i m4 = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(t, m4), hi = _mm_and_si128(_mm_srli_epi16(t, 4), m4);
+    const __m256i q = _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
+    return _mm256_shuffle_epi8(MXFP4Codes::table(), q);
+  }
+  template <int MC, bool TILED = false>
+  static void dot(const uint8_t* b, int64_t bi, const Q8Row* x, Q8Acc* st) {
+    const __m256i kv01 = values(b + 4), kv23 = values(b + 20);
+    const __m256i ak01 = _mm256_sign_epi8(kv01, kv01), ak23 = _mm256_sign_epi8(kv23, kv23);
+    const float w0 = kUE4M3Half.v[b[0]], w1 = kUE4M3Half.v[b[1]];
+    const float w2 = kUE4M3Half.v[b[2]], w3 = kUE4M3Half.v[b[3]];
+    for (int m = 0; m < MC; ++m) {
+      const int8_t* qy = x[m].q + bi * 64;
+      const __m256i p01 =
+          dpbusd<true>(_mm256_setzero_si256(), ak01, _mm256_sign_epi8(load256(qy), kv01));
+      const __m256i p23 =
+          dpbusd<true>(_mm256_setzero_si256(), ak23, _mm256_sign_epi8(load256(qy + 32), kv23));
+      const float dy0 = x[m].d[2 * bi], dy1 = x[m].d[2 * bi + 1];
+      const __m256 s01 = _mm256_set_m128(_mm_set1_ps(w1 * dy0), _mm_set1_ps(w0 * dy0));
+      const __m256 s23 = _mm256_set_m128(_mm_set1_ps(w3 * dy1), _mm_set1_ps(w2 * dy1));
+      st[m].acc = _mm256_fmadd_ps(s01, _mm256_cvtepi32_ps(p01), st[m].acc);
+      st[m].acc = _mm256_fmadd_ps(s23, _mm256_cvtepi32_ps(p23), st[m].acc);
+    }
+  }
+  template <bool TILED = false>
+  static float finish(const Q8Acc& a) { return hsum8(a.acc); }
+};
+
 // IQ4_NL: llamafile's order from 2 x rows; ``OneRow``, ggml's vec_dot for a single x row (the
 // row kernels pick it by the call's row count, vec_dot.cc).
 struct Q8WIQ4_NL1 : Q8Lut0<IQ4NLCodes, true> {

@@ -765,6 +765,7 @@ Q8Kernel pick_q8(int64_t qtype) {
     case kQ1_0: return make_q8<Q8WQ1_0>(qtype);
     case kQ2_0: return make_q8<Q8WQ2_0>(qtype);
     case kMXFP4: return make_q8_denormals<Q8WMXFP4>(qtype);
+    case kNVFP4: return make_q8<Q8WNVFP4>(qtype);
     case kIQ3_XXS: return make_q8<Q8WIQ3_XXS>(qtype);
     case kIQ3_S: return make_q8<Q8WIQ3_S>(qtype);
     case kIQ2_XXS: return make_q8<Q8WIQ2_XXS>(qtype);
