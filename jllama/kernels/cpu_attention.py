@@ -23,6 +23,8 @@ from jllama.kernels import cpu_ffi
 log = logging.getLogger(__name__)
 
 _TARGET = ("jllama_flash_attn", "JllamaFlashAttn")
+# K and/or V cache quantized (ggml's one_chunk only): built where the int8 kernels are
+_TARGET_Q = ("jllama_flash_attn_q", "JllamaFlashAttnQ")
 FA_TILE_Q = 64  # ggml's GGML_FA_TILE_Q: this many query rows or more take the tiled path
 SPLIT_KV_MIN = 512  # one query row over this many keys: ggml splits the keys across threads
 
@@ -38,10 +40,53 @@ def available() -> bool:
     try:
         jax.ffi.register_ffi_target(_TARGET[0], jax.ffi.pycapsule(getattr(lib, _TARGET[1])),
                                     "cpu")
+        if hasattr(lib, _TARGET_Q[1]):
+            jax.ffi.register_ffi_target(_TARGET_Q[0],
+                                        jax.ffi.pycapsule(getattr(lib, _TARGET_Q[1])), "cpu")
     except Exception as e:  # any failure means "use the XLA attention", never a crash
         log.warning("jllama: C++ flash attention unavailable (%s)", e)
         return False
     return True
+
+
+# ggml type ids of the cache types the quantized-cache kernel reads
+QUANT_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
+                     "iq4_nl": 20}
+
+
+def quantized_available() -> bool:
+    """The quantized-cache flash attention (ggml's one_chunk with a quantized K and/or V)."""
+    return available() and hasattr(cpu_ffi.library(), _TARGET_Q[1])
+
+
+def ggml_flash_attn_q(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Array,
+                      kv_len: int, scale: float, k_type: str, v_type: str, head_dim_v: int,
+                      window: int | None = None, softcap: float | None = None,
+                      bidir: bool = False, layer: jax.Array | int = 0) -> jax.Array:
+    """``ggml_flash_attn`` for a cache with a quantized K and/or V (llama.cpp's -ctk / -ctv
+    q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1; the other f16): caches [B, (L,) KVH, S, row] as
+    models/kvquant.py stores them (uint8 block rows, or f16). ggml runs one_chunk for every row
+    count with such a cache, so there is no neq1 / thread-count dependence. Returns
+    [B, T, H * Dv] f32."""
+    if not quantized_available():
+        raise RuntimeError("the C++ quantized-cache flash attention is not available here")
+    b, t, h, _ = q.shape
+
+    def as_bytes(c: jax.Array) -> jax.Array:
+        if c.dtype == jnp.uint8:
+            return c
+        u8 = jax.lax.bitcast_convert_type(c.astype(jnp.float16), jnp.uint8)  # [..., D, 2]
+        return u8.reshape(*c.shape[:-1], c.shape[-1] * 2)
+
+    out = jax.ShapeDtypeStruct((b, t, h * head_dim_v), jnp.float32)
+    return jax.ffi.ffi_call(_TARGET_Q[0], out, vmap_method="sequential")(
+        q.astype(jnp.float32), as_bytes(k_cache), as_bytes(v_cache),
+        jnp.asarray(pos0, jnp.int32).reshape(b), jnp.asarray(layer, jnp.int32).reshape(()),
+        kv_len=np.int64(kv_len), scale=np.float32(scale), window=np.int64(window or 0),
+        softcap=np.float32(softcap or 0.0), bidir=np.int64(bool(bidir)),
+        k_type=np.int64(QUANT_CACHE_TYPES[k_type]), v_type=np.int64(QUANT_CACHE_TYPES[v_type]),
+        dv=np.int64(head_dim_v),
+    )
 
 
 @functools.cache

@@ -47,6 +47,11 @@
 
 #include "f16.h"
 #include "threadpool.h"
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "actquant.h"  // ggml's Q8_0 / Q8_1 quantizers for Q against a quantized K
+#include "blocks.h"    // the V row decoders (ggml's to_float)
+#include "q8_dot.h"    // the K dots (ggml's vec_dot, one row)
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -517,5 +522,218 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttn, jllama::FlashAttnImpl,
                                   .Attr<int64_t>("workers")
                                   .Attr<int64_t>("kv_pad")
                                   .Attr<int64_t>("bidir"));
+
+
+// ------------------------------------------------------------------ quantized K and/or V
+// ggml_compute_forward_flash_attn_ext_f16_one_chunk with a quantized K or V cache (llama.cpp's
+// -ctk / -ctv q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1; the other side f16 or quantized). ggml takes
+// one_chunk for every row count then (its tiled and split-KV paths need f16/f32 K and V of one
+// type), so that is the only order here: per query row, Q converted to K's vec_dot type (f16, or
+// ggml's Q8_0 / Q8_1 quantizer), per visible key s = vec_dot(K row, Q) (the int8 kernels' block
+// dot for one row), s * scale (softcap: tanh), the online softmax with libm expf, and V
+// accumulated as ggml does: an f16 V into an f16 VKQ (scale_f16 / mad_f16), a quantized V
+// decoded to f32 (its to_float) into an f32 VKQ (vec_scale_f32 / vec_mad_f32, FMAs), S = S*ms +
+// vs contracted, finally VKQ * (1 / S).
+#if defined(JLLAMA_Q8)
+namespace jllama {
+namespace {
+
+constexpr int64_t kF16 = 1;  // ggml's GGML_TYPE_F16
+
+struct QProblem {
+  const float* q;      // [B, T, H, DK]
+  const uint8_t* k;    // [B, KVH, S, KR] (KR bytes a row), or one layer of [B, L, KVH, S, KR]
+  const uint8_t* v;    // likewise, VR bytes a row
+  const int32_t* pos0; // [B]
+  float* out;          // [B, T, H * DV]
+  int64_t B, T, H, KVH, S, DK, DV, KR, VR, KVHB, kv_len, window, k_type, v_type;
+  float scale, softcap;
+  bool bidir;
+  const uint8_t* krow(int64_t b, int64_t h, int64_t j) const {
+    return k + ((b * KVHB + h / (H / KVH)) * S + j) * KR;
+  }
+  const uint8_t* vrow(int64_t b, int64_t h, int64_t j) const {
+    return v + ((b * KVHB + h / (H / KVH)) * S + j) * VR;
+  }
+};
+
+template <typename T, typename = void>
+struct Paired : std::false_type {};
+template <typename T>
+struct Paired<T, std::void_t<decltype(T::kPairs)>> : std::bool_constant<T::kPairs> {};
+
+// vec_dot of one K row against the quantized query, as q8_rows_mc computes one output.
+template <typename KT>
+float kdot(const uint8_t* row, int64_t nb, const Q8Row& x) {
+  Q8Acc st = Q8Acc();
+  int64_t bi = 0;
+  if constexpr (Paired<KT>::value)
+    for (; bi + 2 <= nb; bi += 2) KT::template dot2<1>(row + bi * KT::TS, bi, &x, &st);
+  for (; bi < nb; ++bi) KT::template dot<1, false>(row + bi * KT::TS, bi, &x, &st);
+  return KT::template finish<false>(st);
+}
+
+template <typename VT>
+void decode_row(const uint8_t* r, float* out, int64_t n) {
+  for (int64_t i = 0; i < n / VT::BS; ++i) VT::decode(r + i * VT::TS, out + i * VT::BS);
+}
+using DecodeFn = void (*)(const uint8_t*, float*, int64_t);
+
+DecodeFn v_decoder(int64_t t) {
+  switch (t) {
+    case kQ8_0: return decode_row<Q8_0>;
+    case kQ4_0: return decode_row<Q4_0>;
+    case kQ4_1: return decode_row<Q4_1>;
+    case kQ5_0: return decode_row<Q5_0>;
+    case kQ5_1: return decode_row<Q5_1>;
+    case kIQ4_NL: return decode_row<IQ4_NL>;
+    default: return nullptr;
+  }
+}
+
+// One query row. KT: a q8_dot.h type, or void for an f16 K (ggml_vec_dot_f16, Q in f16).
+template <typename KT>
+void qkv_row(const QProblem& P, int64_t b, int64_t t, int64_t h, DecodeFn vdec) {
+  const int DK = (int)P.DK, DV = (int)P.DV;
+  const float* pq = P.q + ((b * P.T + t) * P.H + h) * P.DK;
+  std::vector<uint16_t> qh, vkq16;
+  std::vector<int8_t> qq;
+  std::vector<float> qd, qs, vkq, v32;
+  std::vector<int32_t> aux;
+  Q8Row x{};
+  if constexpr (std::is_void_v<KT>) {
+    qh.resize(DK);
+    for (int d = 0; d < DK; ++d) qh[d] = f32_to_fp16(pq[d]);
+  } else {
+    qq.resize(DK), qd.resize(DK / 32), qs.resize(DK / 32);
+    constexpr bool q8_1 = std::is_same_v<KT, Q8W4_1> || std::is_same_v<KT, Q8W5_1>;
+    quantize_row_q8(pq, DK, q8_1 ? kFmtQ8_1 : kFmtQ8_0, qq.data(), qd.data(), qs.data());
+    if constexpr (KT::kBias) {  // the dpbusd start values: -OFF * (each 4 codes' sum)
+      aux.resize(DK / 4);
+      for (int i = 0; i < DK / 4; ++i)
+        aux[i] = -KT::OFF * (qq[4 * i] + qq[4 * i + 1] + qq[4 * i + 2] + qq[4 * i + 3]);
+    }
+    x.q = qq.data(), x.d = qd.data(), x.s = qs.data(), x.aux = aux.data();
+  }
+  const bool vf16 = P.v_type == kF16;
+  if (vf16) vkq16.assign(DV, 0);
+  else vkq.assign(DV, 0.0f), v32.resize(DV);
+  const float sc = P.softcap != 0.0f ? P.scale / P.softcap : P.scale;
+  const int64_t p = P.pos0[b] + t;
+  const int64_t lo = P.window > 0 ? p - P.window + 1 : 0;
+  const int64_t hi = std::min<int64_t>(P.bidir ? P.pos0[b] + P.T - 1 : p, P.kv_len - 1);
+  float S = 0.0f, M = -INFINITY;
+  for (int64_t j = std::max<int64_t>(lo, 0); j <= hi; ++j) {
+    float s;
+    if constexpr (std::is_void_v<KT>) {
+      s = dot_f16(DK, reinterpret_cast<const uint16_t*>(P.krow(b, h, j)), qh.data());
+    } else {
+      s = kdot<KT>(P.krow(b, h, j), DK / KT::BS, x);
+    }
+    s = s * sc;
+    if (P.softcap != 0.0f) s = P.softcap * tanhf(s);
+    float ms = 1.0f, vs = 1.0f;
+    if (s > M) {
+      const float mold = M;
+      M = s;
+      ms = expf(mold - M);
+      if (vf16) scale_f16(DV, vkq16.data(), ms);
+      else scale_f32(DV, vkq.data(), ms);
+    } else {
+      vs = expf(s - M);
+    }
+    if (vf16) {
+      mad_f16(DV, vkq16.data(), reinterpret_cast<const uint16_t*>(P.vrow(b, h, j)), vs);
+    } else {
+      vdec(P.vrow(b, h, j), v32.data(), DV);
+      for (int d = 0; d < DV; ++d) vkq[d] = std::fmaf(v32[d], vs, vkq[d]);  // ggml_vec_mad_f32
+    }
+    S = std::fmaf(S, ms, vs);
+  }
+  const float sinv = S == 0.0f ? 0.0f : 1.0f / S;
+  float* o = P.out + ((b * P.T + t) * P.H + h) * P.DV;
+  for (int d = 0; d < DV; ++d) o[d] = (vf16 ? fp16_to_f32(vkq16[d]) : vkq[d]) * sinv;
+}
+
+using RowFn = void (*)(const QProblem&, int64_t, int64_t, int64_t, DecodeFn);
+
+RowFn k_row_fn(int64_t t) {
+  switch (t) {
+    case kF16: return qkv_row<void>;
+    case kQ8_0: return qkv_row<Q8W8_0>;
+    case kQ4_0: return qkv_row<Q8W4_0>;
+    case kQ4_1: return qkv_row<Q8W4_1>;
+    case kQ5_0: return qkv_row<Q8W5_0>;
+    case kQ5_1: return qkv_row<Q8W5_1>;
+    case kIQ4_NL: return qkv_row<Q8WIQ4_NL1>;
+    default: return nullptr;
+  }
+}
+
+ffi::Error FlashAttnQImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                          ffi::Buffer<ffi::U8> k, ffi::Buffer<ffi::U8> v,
+                          ffi::Buffer<ffi::S32> pos0, ffi::Buffer<ffi::S32> layer,
+                          ffi::ResultBuffer<ffi::F32> out, int64_t kv_len, float scale,
+                          int64_t window, float softcap, int64_t bidir, int64_t k_type,
+                          int64_t v_type, int64_t dv) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  const bool stacked = kd.size() == 5;
+  if (qd.size() != 4 || kd.size() != vd.size() || (kd.size() != 4 && !stacked))
+    return ffi::Error::InvalidArgument("q must be 4-D, k and v both 4-D or both 5-D");
+  const int64_t L = stacked ? kd[1] : 1;
+  const int64_t il = stacked ? (int64_t)layer.typed_data()[0] : 0;
+  if (stacked && (vd[1] != L || il < 0 || il >= L))
+    return ffi::Error::InvalidArgument("layer out of range");
+  const size_t o = stacked ? 1 : 0;
+  QProblem P{};
+  P.B = qd[0], P.T = qd[1], P.H = qd[2], P.DK = qd[3], P.DV = dv;
+  P.KVH = kd[1 + o], P.S = kd[2 + o], P.KR = kd[3 + o], P.VR = vd[3 + o];
+  P.KVHB = L * P.KVH;
+  const RowFn row = k_row_fn(k_type);
+  const DecodeFn vdec = v_type == kF16 ? nullptr : v_decoder(v_type);
+  if (row == nullptr || (v_type != kF16 && vdec == nullptr))
+    return ffi::Error::InvalidArgument("unsupported K or V cache type");
+  if (kd[0] != P.B || vd[0] != P.B || vd[1 + o] != P.KVH || vd[2 + o] != P.S)
+    return ffi::Error::InvalidArgument("k/v shapes do not match q");
+  if (P.KVH <= 0 || P.H % P.KVH != 0) return ffi::Error::InvalidArgument("H % KVH != 0");
+  if (P.DK % 32 != 0 || P.DV % 32 != 0) return ffi::Error::InvalidArgument("head dims % 32");
+  if (kv_len < 0 || kv_len > P.S) return ffi::Error::InvalidArgument("kv_len out of range");
+  if ((int64_t)pos0.element_count() != P.B) return ffi::Error::InvalidArgument("pos0 must be [B]");
+  P.q = q.typed_data();
+  P.k = k.typed_data() + il * P.KVH * P.S * P.KR;
+  P.v = v.typed_data() + il * P.KVH * P.S * P.VR;
+  P.pos0 = pos0.typed_data();
+  P.out = out->typed_data();
+  P.kv_len = kv_len, P.scale = scale, P.softcap = softcap, P.window = window;
+  P.bidir = bidir != 0, P.k_type = k_type, P.v_type = v_type;
+  // Rows are independent (each its own online softmax); one thread: results never depend on it
+  (void)pool;
+  for (int64_t b = 0; b < P.B; ++b)
+    for (int64_t t = 0; t < P.T; ++t)
+      for (int64_t h = 0; h < P.H; ++h) row(P, b, t, h, vdec);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jllama
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JllamaFlashAttnQ, jllama::FlashAttnQImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kv_len")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("bidir")
+                                  .Attr<int64_t>("k_type")
+                                  .Attr<int64_t>("v_type")
+                                  .Attr<int64_t>("dv"));
+#endif  // JLLAMA_Q8
 
 #endif  // JLLAMA_FA
