@@ -110,6 +110,10 @@ class MixSpec:
     overrides: list[tuple[str, QType]] = field(default_factory=list)
     # An importance matrix is given: llama.cpp's rules differ with one (qs.has_imatrix).
     has_imatrix: bool = False
+    # llama-quantize's --leave-output-tensor (false: output.weight keeps its type) and COPY
+    # (only_copy: no tensor is quantized, the file type stays the input's)
+    quantize_output_tensor: bool = True
+    only_copy: bool = False
 
     @property
     def ftype_id(self) -> int:
@@ -563,7 +567,11 @@ def plan_from_tensors(
         shape, cur = tensors[n]
         ncols = shape[-1] if shape else 1
         c = _category(n)
-        allowed[n] = allows_quantization(n, shape)
+        allowed[n] = (
+            not spec.only_copy
+            and (spec.quantize_output_tensor or n != "output.weight")
+            and allows_quantization(n, shape)
+        )
         if not allowed[n]:
             out[n] = QType(cur)
             continue
