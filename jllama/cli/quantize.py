@@ -11,6 +11,7 @@ CPUs this process may use. jllama's own additions: ``--config MIX.yaml`` (a YAML
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -370,6 +371,10 @@ def run(args) -> int:
     kv = [parse_kv_override(t) for t in args.override_kv]  # one each, as llama-quantize
     max_buf = _max_buffer(args.max_buffer_size)
     src = resolve_model(inp)
+    if out is not None and os.path.exists(out) and os.path.samefile(src, out):
+        from jllama.errors import QuantError  # before any output, as llama-quantize
+
+        raise QuantError(f"input and output files are the same: '{inp}'")
     imatrix = load_imatrix_arg(args)
     label = "COPY" if spec.only_copy else name or spec.ftype
     if not args.quiet:

@@ -548,11 +548,16 @@ class Plan:
 
 
 def plan_from_tensors(
-    tensors: dict[str, tuple[tuple[int, ...], int]], metadata: dict[str, Any], spec: MixSpec
+    tensors: dict[str, tuple[tuple[int, ...], int]],
+    metadata: dict[str, Any],
+    spec: MixSpec,
+    keep_order: bool = False,
 ) -> Plan:
-    """name -> (shape in numpy order, current type id) -> chosen type per tensor."""
+    """name -> (shape in numpy order, current type id) -> chosen type per tensor.
+    ``keep_order``: walk the tensors in the dict's order (llama-quantize's --keep-split walks
+    them in file order; its per-layer counters follow the walk), not llama.cpp's name order."""
     m = ModelInfo.from_metadata(metadata)
-    names = llama_order(list(tensors))
+    names = list(tensors) if keep_order else llama_order(list(tensors))
     st = _State(n_ffn=m.n_layer)
     for n in names:
         c = _category(n)

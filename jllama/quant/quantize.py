@@ -347,10 +347,13 @@ def quantize_file(
     model_md = apply_kv_overrides(src, hp).metadata if hp else src.metadata
     names = llama_order(list(src.tensors))
     renamed, n_block = prune_names(names, list(prune_layers or []))
+    if keep_split:  # llama-quantize then walks and writes the tensors in the input's order
+        renamed = dict(sorted(renamed.items(), key=lambda kv: src.tensors[kv[1]].offset))
     plan: Plan = plan_from_tensors(
         {n: (src.tensors[o].shape, src.tensors[o].qtype) for n, o in renamed.items()},
         model_md,
         spec,
+        keep_order=keep_split,
     )
     will_require_imatrix = False
     if dry_run:
