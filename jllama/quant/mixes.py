@@ -68,8 +68,9 @@ WRITABLE_TYPES = (
 )  # fmt: skip
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
-# A bare K-type as a mix base means "every quantizable tensor in this type" (llama-quantize's
-# FTYPE --pure); this is the file type recorded for it.
+# A bare K-type as a mix base (YAML mixes, the Python API) means "every quantizable tensor in
+# this type" (llama-quantize's FTYPE --pure); this is the file type recorded for it. On
+# `jllama quantize`'s command line Q3_K/Q4_K/Q5_K are llama-quantize's aliases of the _M mixes.
 _PURE_BASE_FTYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.MXFP4: "MXFP4_MOE"}
 
 
