@@ -3,6 +3,11 @@
     python experiments/bench_quantize.py IN.gguf --types Q8_0 Q4_K_M IQ4_XS --threads 1 2 \
         --imatrix im.gguf --imatrix-types IQ4_XS [--llama-quantize PATH] [--repeat 1]
 
+    python experiments/bench_quantize.py --tensor 2048x2048 --types Q4_K Q6_K IQ4_XS Q8_0
+
+The second form times quantize_tensor in-process on one random F32 tensor, 1 vs 2 threads
+interleaved (median of --repeat), to see the thread pool's gain without process start-up.
+
 Runs are interleaved (for each type and thread count: llama-quantize, then jllama), each a fresh
 process; wall and CPU seconds (the child's user+sys) are printed as a Markdown table, and each
 pair of outputs is compared byte for byte. The command lines are printed as run.
@@ -36,9 +41,44 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
     return wall, cpu
 
 
+def bench_tensor(args) -> None:
+    import statistics
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from jllama.gguf.constants import QType
+    from jllama.quant.quantize import quantize_tensor
+
+    rows, cols = (int(v) for v in args.tensor.split("x"))
+    x = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    qw = np.random.default_rng(1).lognormal(0, 1, cols).astype(np.float32)
+    print("| type | imatrix | 1 thread wall s | 2 threads wall s | speedup | "
+          "2 threads: cpu s / wall s |")
+    print("|---|---|---|---|---|---|")
+    for name in args.types:
+        t = QType[name]
+        im = qw if name in args.imatrix_types else None
+        times: dict[int, list[float]] = {1: [], 2: []}
+        busy: list[float] = []
+        outs = {}
+        for _ in range(args.repeat):
+            for n in args.threads:
+                t0, c0 = time.perf_counter(), time.process_time()
+                outs[n] = quantize_tensor(x, QType.F32, t, x.shape, im, nthread=n)
+                times[n].append(time.perf_counter() - t0)
+                if n == 2:  # ~2 when both threads ran, ~1 when the GIL or a busy CPU held one
+                    busy.append((time.process_time() - c0) / times[n][-1])
+        assert all(np.array_equal(outs[1], o) for o in outs.values())
+        a, b = statistics.median(times[1]), statistics.median(times[2])
+        print(f"| {name} | {'yes' if im is not None else 'no'} | {a:.2f} | {b:.2f} | "
+              f"{a / b:.2f}x | {statistics.median(busy):.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("input")
+    ap.add_argument("input", nargs="?")
+    ap.add_argument("--tensor", metavar="ROWSxCOLS", help="time quantize_tensor on one tensor")
     ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_K_M"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--imatrix", help="imatrix file given to both for --imatrix-types")
@@ -46,6 +86,8 @@ def main() -> None:
     ap.add_argument("--llama-quantize", default=str(LLAMA_QUANTIZE))
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
+    if args.tensor:
+        return bench_tensor(args)
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     jllama = [sys.executable, "-m", "jllama.cli.main", "quantize", "--quiet"]
