@@ -339,9 +339,3 @@ def test_bad_command_lines_are_one_line_errors(tiny, tmp_path, capsys, args, nee
     assert main(["quantize", *argv]) == 1
     _one_line_error(capsys, *needles)
     assert not out.exists()
-
-
-def test_llama_quantize_refuses_what_we_refuse(oracle, tiny, tmp_path) -> None:
-    """The same input and output file, and a missing imatrix, fail in llama.cpp too."""
-    with pytest.raises(RuntimeError):
-        llama_cpp_quantize(tiny, tmp_path / "r.gguf", "IQ2_XS")
