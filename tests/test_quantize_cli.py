@@ -339,3 +339,22 @@ def test_bad_command_lines_are_one_line_errors(tiny, tmp_path, capsys, args, nee
     assert main(["quantize", *argv]) == 1
     _one_line_error(capsys, *needles)
     assert not out.exists()
+
+
+def test_split_input_is_refused(tiny, tmp_path, capsys) -> None:
+    """jllama reads single GGUF files: the first shard of a split model is refused, not
+    quantized alone (llama-quantize would read every shard)."""
+    from jllama.gguf.constants import ValueType
+    from jllama.gguf.writer import TensorSpec, write_gguf
+
+    g = read_gguf(tiny)
+    md = dict(g.metadata, **{"split.no": 0, "split.count": 2, "split.tensors.count": 39})
+    types = dict(g.metadata_types)
+    types.update({k: (ValueType.UINT16, None) for k in ("split.no", "split.count")})
+    specs = [TensorSpec(n, t.shape, t.qtype, lambda t=t: t.data) for n, t in g.tensors.items()]
+    shard = tmp_path / "m-00001-of-00002.gguf"
+    write_gguf(shard, md, specs, types)
+    out = tmp_path / "o.gguf"
+    assert main(["quantize", "--keep-split", str(shard), str(out), "q8_0", "--quiet"]) == 1
+    _one_line_error(capsys, "shard 1 of a 2-file split model", "llama-gguf-split --merge")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [shard.name]
