@@ -5,7 +5,10 @@ The tensor -> type map comes from ``mixes``; each tensor is decoded to float32 a
 the reference quantizers in ``quantizers``, streamed into the atomic GGUF writer one tensor at a
 time, in llama.cpp's tensor order and with its metadata changes (``general.file_type``,
 ``general.quantization_version``, no split keys). Tensors whose type does not change are copied
-byte for byte.
+byte for byte. A tensor's rows are quantized in chunks on a thread pool (numpy releases the GIL
+in its loops); every row is encoded on its own, so the bytes do not depend on the thread count.
+llama-quantize's other parameters are here too: kv overrides, pruned layers, --dry-run,
+--keep-split on a single file, --leave-output-tensor and COPY (MixSpec), the buffer bound.
 """
 
 from __future__ import annotations
