@@ -87,9 +87,9 @@ class _TensorTypes(argparse.Action):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from jllama.quant.mixes import FTYPES
-
-    known = ", ".join(n for n in QUANT_OPTIONS if _ALIASES.get(n, n) in FTYPES)
+    # llama-quantize's names, with no import here (jllama --help stays fast); one jllama cannot
+    # write yet fails at run time with one line
+    known = ", ".join(QUANT_OPTIONS)
     p = sub.add_parser(
         "quantize",
         help="quantize a GGUF model (llama-quantize's command line, mixes, imatrix, threads)",
