@@ -437,8 +437,8 @@ def run(args) -> int:
             f"{len(rep.fallbacks)} of {len(rep.tensors)} tensors required a fallback type "
             "(rows not a multiple of 256)"
         )
-    print(f"model size: {_mib(rep.bytes_before)} ({rep.bpw_before:.2f} BPW)")
-    print(f"quant size: {_mib(rep.bytes_after)} ({rep.bpw_after:.2f} BPW)")
-    if not args.dry_run:
+    if not args.dry_run:  # --dry-run printed llama.cpp's size lines above
+        print(f"model size: {_mib(rep.bytes_before)} ({rep.bpw_before:.2f} BPW)")
+        print(f"quant size: {_mib(rep.bytes_after)} ({rep.bpw_after:.2f} BPW)")
         print(f"wrote {rep.out_path} ({rep.file_size:,} bytes)")
     return 0
