@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "any 'jllama quantize' type (q4_1, q4_k_m, q5_k_s, q6_k, ...)")
     p.add_argument("--random-blocks", action="store_true",
                    help="write the quantized file directly with random codes and small scales "
-                   "(seconds, not minutes): tensor types as 'jllama quantize --type' would "
+                   "(seconds, not minutes): tensor types as 'jllama quantize IN OUT TYPE' would "
                    "choose; values random, for speed/memory benchmarks only (meaningless text)")
     p.add_argument("--layers", type=int, help="number of blocks (default: the model's)")
     p.add_argument("--tiny", action="store_true",

@@ -73,8 +73,9 @@ WRITABLE_TYPES = (
 )  # fmt: skip
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
-# A bare K-type as a mix base means "every quantizable tensor in this type" (llama-quantize's
-# FTYPE --pure); this is the file type recorded for it.
+# A bare K-type as a mix base (YAML mixes, the Python API) means "every quantizable tensor in
+# this type" (llama-quantize's FTYPE --pure); this is the file type recorded for it. On
+# `jllama quantize`'s command line Q3_K/Q4_K/Q5_K are llama-quantize's aliases of the _M mixes.
 _PURE_BASE_FTYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.MXFP4: "MXFP4_MOE"}
 # File types that exist only as the bare type (pure): llama.cpp 0c1e570 has no
 # llama_tensor_get_type rules for them (llama_ftype_get_default_type: "invalid output file type")
@@ -118,6 +119,10 @@ class MixSpec:
     overrides: list[tuple[str, QType]] = field(default_factory=list)
     # An importance matrix is given: llama.cpp's rules differ with one (qs.has_imatrix).
     has_imatrix: bool = False
+    # llama-quantize's --leave-output-tensor (false: output.weight keeps its type) and COPY
+    # (only_copy: no tensor is quantized, the file type stays the input's)
+    quantize_output_tensor: bool = True
+    only_copy: bool = False
 
     @property
     def ftype_id(self) -> int:
@@ -554,16 +559,21 @@ class Plan:
 
 
 def plan_from_tensors(
-    tensors: dict[str, tuple[tuple[int, ...], int]], metadata: dict[str, Any], spec: MixSpec
+    tensors: dict[str, tuple[tuple[int, ...], int]],
+    metadata: dict[str, Any],
+    spec: MixSpec,
+    keep_order: bool = False,
 ) -> Plan:
-    """name -> (shape in numpy order, current type id) -> chosen type per tensor."""
+    """name -> (shape in numpy order, current type id) -> chosen type per tensor.
+    ``keep_order``: walk the tensors in the dict's order (llama-quantize's --keep-split walks
+    them in file order; its per-layer counters follow the walk), not llama.cpp's name order."""
     if spec.ftype in _PURE_ONLY and not spec.pure:
         raise QuantError(
             f"llama.cpp has no {spec.ftype} mix (its quantize refuses that file type): give the "
             f"type for all tensors (--pure), or --tensor-type REGEX={spec.ftype.lower()}"
         )
     m = ModelInfo.from_metadata(metadata)
-    names = llama_order(list(tensors))
+    names = list(tensors) if keep_order else llama_order(list(tensors))
     st = _State(n_ffn=m.n_layer)
     for n in names:
         c = _category(n)
@@ -578,7 +588,11 @@ def plan_from_tensors(
         shape, cur = tensors[n]
         ncols = shape[-1] if shape else 1
         c = _category(n)
-        allowed[n] = allows_quantization(n, shape)
+        allowed[n] = (
+            not spec.only_copy
+            and (spec.quantize_output_tensor or n != "output.weight")
+            and allows_quantization(n, shape)
+        )
         if not allowed[n]:
             out[n] = QType(cur)
             continue

@@ -173,11 +173,19 @@ def llama_cpp_quantize(
     overrides: list[tuple[str, QType]] | None = None,
     imatrix: dict[str, np.ndarray] | None = None,
     kv_overrides: list[tuple[str, Any]] | None = None,
+    nthread: int = 1,
+    quantize_output_tensor: bool = True,
+    only_copy: bool = False,
+    keep_split: bool = False,
+    dry_run: bool = False,
+    prune_layers: list[int] | None = None,
+    max_buf_size: int | None = None,
 ) -> None:
     """The oracle: llama.cpp's own ``llama_model_quantize`` (llama-cpp-python), same knobs.
 
     ``imatrix``: name -> column weights (what llama-quantize's load_imatrix hands over);
-    ``kv_overrides``: (key, str or int) pairs, as llama-quantize adds ``quantize.imatrix.*``."""
+    ``kv_overrides``: (key, bool/int/float/str) pairs, as llama-quantize's --override-kv (and
+    its ``quantize.imatrix.*`` keys). ``ftype`` 'COPY' sets only_copy (as llama-quantize)."""
     import ctypes
 
     import llama_cpp
@@ -185,10 +193,22 @@ def llama_cpp_quantize(
     from jllama.quant.mixes import FTYPES
 
     p = llama_cpp.llama_model_quantize_default_params()
+    if ftype.upper() == "COPY":
+        ftype, only_copy = "F32", True
     p.ftype = FTYPES[ftype.upper()][0]
     p.allow_requantize = allow_requantize
     p.pure = pure
-    p.nthread = 1
+    p.nthread = nthread
+    p.quantize_output_tensor = quantize_output_tensor
+    p.only_copy = only_copy
+    p.keep_split = keep_split
+    p.dry_run = dry_run
+    if max_buf_size is not None:
+        p.max_buf_size = max_buf_size
+    keep_prune = None
+    if prune_layers:
+        keep_prune = (ctypes.c_int32 * (len(prune_layers) + 1))(*prune_layers, -1)
+        p.prune_layers = ctypes.cast(keep_prune, type(p.prune_layers))
     if token_embedding_type is not None:
         p.token_embedding_type = int(token_embedding_type)
     if output_tensor_type is not None:
@@ -226,11 +246,17 @@ def llama_cpp_quantize(
             if isinstance(val, str):
                 o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
                 o.value.val_str = val.encode()[:127]
+            elif isinstance(val, bool):
+                o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
+                o.value.val_bool = val
+            elif isinstance(val, float):
+                o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+                o.value.val_f64 = val
             else:
                 o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
                 o.value.val_i64 = int(val)
         p.kv_overrides = ctypes.cast(keep_kv, type(p.kv_overrides))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
-    del keep, keep_im, keep_kv
+    del keep, keep_im, keep_kv, keep_prune
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({ftype}) failed with {rc}")
