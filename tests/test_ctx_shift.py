@@ -183,3 +183,30 @@ def test_sliding_window_shifts_only_with_swa_full(gemma3):
     assert not Scheduler(llm, context_shift=True).context_shift
     # (the shift itself on this cache: test_shift_matches_llamacpp[gemma3-*])
     assert Scheduler(llm, context_shift=True, swa_full=True).context_shift
+
+
+@pytest.fixture(scope="module")
+def gemma3_q8(tmp_path_factory):
+    from jllama.api import Llama
+
+    path = _write(tmp_path_factory.mktemp("gemma3q"), "gemma3")
+    return path, Llama(str(path), ctx_size=CTX, n_slots=2, compile_cache=False,
+                       cache_type="q8_0", cache_type_v="q8_0")
+
+
+@pytest.mark.parametrize("n_keep,n_discard", [(5, 17), (0, 30)])
+def test_shift_of_a_rotated_quantized_cache_matches_llamacpp(gemma3_q8, n_keep, n_discard):
+    """A q8_0 K and V with head size 64: llama.cpp rotates Q/K/V by a Hadamard transform
+    (models/common.kv_rotation), and its K-shift dequantizes, rotates back, ropes every cell,
+    rotates forward and quantizes again: the logits after the shift bit for bit."""
+    path, llm = gemma3_q8
+    eng = llm.engine
+    rng = np.random.default_rng(n_keep + n_discard + 1)
+    prompt = rng.integers(3, 310, 40).tolist()
+    after = rng.integers(3, 310, 12).tolist()
+    eng.reset(1)
+    eng.prefill(prompt, 1)
+    assert eng.shift_context(1, n_keep, n_discard) == n_discard
+    ours = np.asarray(eng.prefill(after, 1, all_logits=True), np.float32)
+    ref = _oracle_after_shift(path, prompt, n_keep, n_discard, after, type_k=8, type_v=8)
+    np.testing.assert_array_equal(ours, ref)

@@ -111,10 +111,11 @@ def test_padded_last_chunk_fits_the_cache_room(model):
     np.testing.assert_array_equal(got[2], got[3])
 
 
-# q4_1 and q5_0 share these paths (their bytes: tests/test_kvquant.py); measured KLD there
-# 0.113 / 0.034 (2026-12-08)
-@pytest.mark.parametrize("kind,max_kld", [("f16", 0.01), ("q8_0", 0.02), ("q4_0", 0.5),
-                                           ("iq4_nl", 0.3), ("q5_1", 0.1)])
+# q4_1 and q5_0 share these paths (their bytes: tests/test_kvquant.py). Measured 2026-12-08
+# with llama.cpp's Hadamard rotation of quantized caches (models/common.kv_rotation): q4_0
+# 0.052, iq4_nl 0.036, q5_1 0.011 (without it 0.142, 0.108, 0.025: the bounds need it)
+@pytest.mark.parametrize("kind,max_kld", [("f16", 0.01), ("q8_0", 0.02), ("q4_0", 0.1),
+                                           ("iq4_nl", 0.08), ("q5_1", 0.02)])
 def test_kv_cache_types(model, kind, max_kld):
     from jllama.models.kvquant import bytes_per_token
 

@@ -125,3 +125,40 @@ def test_flash_attn_setting_matches_llamacpps(smollm2_path, fa):
     else:
         assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
         assert np.abs(ours - theirs).max() < 1.5
+
+
+# ggml type ids of llama.cpp's --cache-type-k/-v values
+_GGML_KV = {"f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "iq4_nl": 20}
+
+
+@pytest.mark.parametrize("model,ctk,ctv", [("smollm2", "q8_0", "q8_0"),
+                                           ("smollm2", "q4_1", "iq4_nl"),
+                                           ("gemma3", "q5_0", "f16"),
+                                           ("gemma3", "f16", "q5_1")])
+def test_quantized_kv_cache_matches_llamacpps(request, model, ctk, ctv):
+    """llama.cpp with -fa -ctk/-ctv (a quantized cache needs flash attention there): every
+    logit of a prompt and 12 greedy tokens bit for bit (prompt rows and decode steps both take
+    ggml's one_chunk path over the quantized blocks)."""
+    from jllama.api import Llama
+    from jllama.engine.sampling import SamplingParams
+
+    llama_cpp = llama_cpp_module()
+    path = request.getfixturevalue(f"{model}_path")
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False,
+                          n_threads=2, flash_attn=True, type_k=_GGML_KV[ctk],
+                          type_v=_GGML_KV[ctv])
+    ids = ref.tokenize(b"The capital of France is Paris, and the capital of Germany is",
+                       add_bos=True, special=True)
+    ref.eval(ids)
+    theirs = np.array(ref.scores[: len(ids)], np.float32)
+    greedy = []
+    for _ in range(12):
+        tok = int(np.argmax(ref.scores[ref.n_tokens - 1]))
+        greedy.append(tok)
+        ref.eval([tok])
+    llm = Llama(path, ctx_size=256, flash_attn=True, cache_type=ctk, cache_type_v=ctv)
+    ours = llm.engine.logits(ids)
+    rows = np.flatnonzero((ours != theirs).any(-1))
+    assert rows.size == 0, (f"{ctk}/{ctv}: positions {rows[:5]} differ, "
+                            f"max|Δ| {np.abs(ours - theirs).max():.3g}")
+    assert list(llm.engine.generate(ids, SamplingParams.greedy(), max_tokens=12)) == greedy

@@ -40,7 +40,7 @@ from jllama.engine.sampling import (
 from jllama.errors import ConfigError, ContextError
 from jllama.models import kvquant
 from jllama.models.cache import KVCache, PagedKVCache
-from jllama.models.common import rope
+from jllama.models.common import fwht, kv_rotation, rope
 from jllama.models.spec import ModelSpec
 from jllama.numerics import DEFAULT, Numerics
 from jllama.numerics import use as use_numerics
@@ -902,6 +902,9 @@ class Engine:
         ropes = self._kv_rope
         head_dim = self.spec.head_dim
         num = self.numerics
+        # a rotated quantized K (models/common.kv_rotation): llama.cpp's shift rotates the
+        # dequantized keys back, ropes every cell (unmoved ones by 0), rotates forward again
+        rk = kv_rotation((self.cache.k_type, "f32"), head_dim, head_dim)[0]
 
         def move(cache, slot, src, delta):
             with use_numerics(num):
@@ -914,7 +917,11 @@ class Engine:
                 base, dim, neox, scale, *yarn = ropes[i]
                 krow = kvquant.dequantize(kl[slot][:, src], cache.k_type, head_dim)  # [KVH,S,D]
                 x = krow.transpose(1, 0, 2)[None]  # [1, S, KVH, D]
-                if yarn and yarn[0] is not None:
+                if rk:
+                    x = fwht(x, rk)
+                    krow = fwht(rope(x, delta[None], base, dim, neox, scale,
+                                     yarn=yarn[0] if yarn else None)[0], rk).transpose(1, 0, 2)
+                elif yarn and yarn[0] is not None:
                     # llama.cpp's K-shift is a rope with the context's YaRN parameters over
                     # every cell (the unmoved ones by 0): its magnitude factor scales them all
                     # once more

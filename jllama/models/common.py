@@ -472,6 +472,41 @@ FA_TILE_Q = 64
 _HALF = {"f16": jnp.float16, "bf16": jnp.bfloat16}
 
 
+def fwht(x: jax.Array, n: int) -> jax.Array:
+    """ggml-cpu's fast Walsh-Hadamard transform (ggml_compute_forward_fwht: a mul_mat by
+    llama.cpp's orthonormal Hadamard matrix, hinted) on each run of ``n`` values of the last
+    axis: times 1 / sqrtf(n), then the butterflies u + v, u - v for spans 1, 2, 4, ... n / 2
+    in that order (elementwise, so the same bits at any SIMD width)."""
+    shape = x.shape
+    y = x.astype(jnp.float32) * (np.float32(1.0) / np.sqrt(np.float32(n)))
+    y = y.reshape(-1, n)
+    span = 1
+    while span < n:
+        z = y.reshape(-1, n // (2 * span), 2, span)
+        u, v = z[:, :, 0], z[:, :, 1]
+        y = jnp.stack([u + v, u - v], axis=2).reshape(-1, n)
+        span *= 2
+    return y.reshape(shape)
+
+
+def kv_rotation(kv_types: tuple[str, str], head_dim: int, head_dim_v: int) -> tuple[int, int]:
+    """llama.cpp's attention rotation for a quantized KV cache (llama_kv_cache: attn_rot_k /
+    attn_rot_v, off with LLAMA_ATTN_ROT_DISABLE=1): with a quantized K, Q and K pass through a
+    Hadamard transform of the largest power-of-two size >= 64 that divides the head size; with
+    a quantized V, V and the attention output through one of size 64; both only where the head
+    size is a multiple of 64. Returns those sizes (0: no rotation). Outliers spread over a
+    block quantize better; H is orthonormal and its own inverse, so the scores are unchanged up
+    to rounding."""
+    rk = rv = 0
+    if kv_types[0] in kvquant.QUANT_KV and head_dim % 64 == 0:
+        rk = 64
+        while head_dim % (rk * 2) == 0:
+            rk *= 2
+    if kv_types[1] in kvquant.QUANT_KV and head_dim_v % 64 == 0:
+        rv = 64
+    return rk, rv
+
+
 def write_cache(cache, new: jax.Array, pos0: jax.Array, kind: str = "f32"):
     """Put ``new`` [B, T, KVH, D] into ``cache`` [B, KVH, S, row] (or a ``LayerCache``, the
     layer of a stacked cache, returned as one) at positions pos0[b]..+T, stored as ``kind`` (a
@@ -559,6 +594,19 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos0: jax.Ar
                     kv_pad=256, bidir=bidir, layer=k_cache.index)
             return cpu_attention.ggml_flash_attn(q, k_cache, v_cache, pos0, kv_len, scale,
                                                  window, softcap, kv_pad=256, bidir=bidir)
+    quant_types = cpu_attention.QUANT_CACHE_TYPES
+    if (exact and num.flash_attn and k_type in quant_types and v_type in quant_types
+            and jax.default_backend() == "cpu" and num.cpu_kernels
+            and cpu_attention.quantized_available()):
+        # a quantized K and/or V (the other f16): ggml's flash attention over those blocks
+        # (its one_chunk path, Q quantized to K's vec_dot type), bit for bit
+        dv = head_dim_v or q.shape[-1]
+        if isinstance(k_cache, LayerCache):
+            return cpu_attention.ggml_flash_attn_q(
+                q, k_cache.full, v_cache.full, pos0, kv_len, scale, k_type, v_type, dv,
+                window, softcap, bidir=bidir, layer=k_cache.index)
+        return cpu_attention.ggml_flash_attn_q(q, k_cache, v_cache, pos0, kv_len, scale,
+                                               k_type, v_type, dv, window, softcap, bidir=bidir)
     if isinstance(k_cache, LayerCache):
         k_cache, v_cache = k_cache.get(), v_cache.get()
     b, t, h, d = q.shape

@@ -53,6 +53,8 @@ from jllama.models.common import (
     Weights,
     attention,
     decoder_forward,
+    fwht,
+    kv_rotation,
     linear_group,
     optional_bias,
     rope,
@@ -159,10 +161,17 @@ class Block(nnx.Module):
         k = tap(f"Kcur-{il}", rope(k, pos, s.rope_base, s.rope_dim, neox=var.neox,
                                    scale=s.rope_scale, sections=sections,
                                    yarn=s.rope_yarn))
+        rk, rv = kv_rotation(kv_types, s.head_dim, s.head_dim_v)  # quantized caches
+        if rk:
+            q, k = fwht(q, rk), fwht(k, rk)
+        if rv:
+            v = fwht(v, rv)
         kc = write_cache(kc, k, pos0, kv_types[0])
         vc = write_cache(vc, v, pos0, kv_types[1])
         a = attention(q, kc, vc, pos0, kv_len, 1.0 / math.sqrt(s.head_dim),
                       k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v)
+        if rv:
+            a = fwht(a, rv)
         x = tap(f"ffn_inp-{il}", x + tap(f"attn_out-{il}", self.wo(tap(f"kqv_out-{il}", a))))
         h = tap(f"ffn_norm-{il}", self.ffn_norm(x))
         x = x + self.ffn(h)

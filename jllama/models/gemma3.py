@@ -116,11 +116,18 @@ class Block(nnx.Module):
         k = rope(k, pos, self.rope_base, s.rope_dim, neox=True, scale=self.rope_scale)
         # llama.cpp scales Q itself and calls attention with scale 1 (same rounding order)
         q = q * s.extra["q_scale"]
+        rk, rv = common.kv_rotation(kv_types, s.head_dim, s.head_dim_v)  # quantized caches
+        if rk:
+            q, k = common.fwht(q, rk), common.fwht(k, rk)
+        if rv:
+            v = common.fwht(v, rv)
         kc = write_cache(kc, k, pos0, kv_types[0])
         vc = write_cache(vc, v, pos0, kv_types[1])
         a = attention(q, kc, vc, pos0, kv_len, 1.0, window=self.window,
                       k_type=kv_types[0], v_type=kv_types[1], head_dim_v=s.head_dim_v,
                       bidir=bidir)
+        if rv:
+            a = common.fwht(a, rv)
         x = x + self.post_attn_norm(self.wo(a))
         h = self.ffn_norm(x)
         g, u = common.linear_group(h, [self.gate, self.up])
