@@ -150,6 +150,9 @@ def test_logits_and_greedy_tokens_vs_llama_cpp(model, oracle_run) -> None:
     assert ours == ref_greedy
 
 
+# The mixes of single-scale types (nvfp4, q1_q2) share this path; their dequantizers are
+# checked against ggml's bit for bit (test_quant_formats), so only these two pay its compile.
+@pytest.mark.parametrize("model", ["ternary_iq3", "iq4"], indirect=True)
 def test_f32_fallback_close_to_llama_cpp(model, oracle_run) -> None:
     """Without the int8 kernels (``JLLAMA_NO_Q8``, GPUs, other CPUs) the weights go through the
     dequantizers and an f32 dot on activations rounded as ggml's q8 rounds them."""
