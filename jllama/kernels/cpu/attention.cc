@@ -395,6 +395,22 @@ struct Work final : ChunkJob {
   }
 };
 
+// A cache is [B, KVH, S, row] or, stacked (every layer of a scanned decoder in one buffer),
+// [B, L, KVH, S, row], read in place at layer ``layer`` (slicing it in XLA would copy the
+// layer's cache every step). Sets L, the layer and the dimension offset; null or the error.
+template <typename Dims>
+const char* cache_layout(const Dims& qd, const Dims& kd, const Dims& vd, const int32_t* layer,
+                         int64_t* L, int64_t* il, size_t* o) {
+  const bool stacked = kd.size() == 5;
+  if (qd.size() != 4 || kd.size() != vd.size() || (kd.size() != 4 && !stacked))
+    return "q must be 4-D, k and v both 4-D or both 5-D";
+  *L = stacked ? kd[1] : 1;
+  *il = stacked ? (int64_t)layer[0] : 0;
+  if (stacked && (vd[1] != *L || *il < 0 || *il >= *L)) return "layer out of range";
+  *o = stacked ? 1 : 0;
+  return nullptr;
+}
+
 ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                          ffi::Buffer<ffi::F16> k, ffi::Buffer<ffi::F16> v,
                          ffi::Buffer<ffi::S32> pos0, ffi::Buffer<ffi::S32> layer,
@@ -403,16 +419,10 @@ ffi::Error FlashAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                          int64_t n_threads, int64_t neq1, int64_t workers, int64_t kv_pad,
                          int64_t bidir) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  // A stacked cache [B, L, KVH, S, D] (every layer of a scanned decoder in one buffer) is read
-  // in place at layer ``layer``: slicing it in XLA would copy the layer's cache every step.
-  const bool stacked = kd.size() == 5;
-  if (qd.size() != 4 || kd.size() != vd.size() || (kd.size() != 4 && !stacked))
-    return ffi::Error::InvalidArgument("q must be 4-D, k and v both 4-D or both 5-D");
-  const int64_t L = stacked ? kd[1] : 1;
-  const int64_t il = stacked ? (int64_t)layer.typed_data()[0] : 0;
-  if (stacked && (vd[1] != L || il < 0 || il >= L))
-    return ffi::Error::InvalidArgument("layer out of range");
-  const size_t o = stacked ? 1 : 0;
+  int64_t L, il;
+  size_t o;
+  if (const char* err = cache_layout(qd, kd, vd, layer.typed_data(), &L, &il, &o))
+    return ffi::Error::InvalidArgument(err);
   auto w = std::make_shared<Work>();
   Problem& P = w->P;
   P.B = qd[0], P.T = qd[1], P.H = qd[2], P.DK = qd[3];
@@ -670,6 +680,21 @@ RowFn k_row_fn(int64_t t) {
   }
 }
 
+struct QWork final : ChunkJob {
+  QProblem P{};
+  RowFn row = nullptr;
+  DecodeFn vdec = nullptr;
+  int64_t rows_per_chunk = 1;
+  void run() override {
+    const int64_t rows = P.B * P.T * P.H;
+    for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
+      for (int64_t r = c * rows_per_chunk; r < std::min(rows, (c + 1) * rows_per_chunk); ++r)
+        row(P, r / (P.T * P.H), r / P.H % P.T, r % P.H, vdec);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
 ffi::Error FlashAttnQImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                           ffi::Buffer<ffi::U8> k, ffi::Buffer<ffi::U8> v,
                           ffi::Buffer<ffi::S32> pos0, ffi::Buffer<ffi::S32> layer,
@@ -677,15 +702,12 @@ ffi::Error FlashAttnQImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                           int64_t window, float softcap, int64_t bidir, int64_t k_type,
                           int64_t v_type, int64_t dv) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  const bool stacked = kd.size() == 5;
-  if (qd.size() != 4 || kd.size() != vd.size() || (kd.size() != 4 && !stacked))
-    return ffi::Error::InvalidArgument("q must be 4-D, k and v both 4-D or both 5-D");
-  const int64_t L = stacked ? kd[1] : 1;
-  const int64_t il = stacked ? (int64_t)layer.typed_data()[0] : 0;
-  if (stacked && (vd[1] != L || il < 0 || il >= L))
-    return ffi::Error::InvalidArgument("layer out of range");
-  const size_t o = stacked ? 1 : 0;
-  QProblem P{};
+  int64_t L, il;
+  size_t o;
+  if (const char* err = cache_layout(qd, kd, vd, layer.typed_data(), &L, &il, &o))
+    return ffi::Error::InvalidArgument(err);
+  auto w = std::make_shared<QWork>();
+  QProblem& P = w->P;
   P.B = qd[0], P.T = qd[1], P.H = qd[2], P.DK = qd[3], P.DV = dv;
   P.KVH = kd[1 + o], P.S = kd[2 + o], P.KR = kd[3 + o], P.VR = vd[3 + o];
   P.KVHB = L * P.KVH;
@@ -706,11 +728,20 @@ ffi::Error FlashAttnQImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   P.out = out->typed_data();
   P.kv_len = kv_len, P.scale = scale, P.softcap = softcap, P.window = window;
   P.bidir = bidir != 0, P.k_type = k_type, P.v_type = v_type;
-  // Rows are independent (each its own online softmax); one thread: results never depend on it
-  (void)pool;
+  // Rows are independent (each its own online softmax), so threads never change the result;
+  // a short decode step stays on the caller's thread (waking a helper cost more, as for f16)
+  w->row = row, w->vdec = vdec;
+  const int64_t rows = P.B * P.T * P.H;
+  if (rows == 0) return ffi::Error::Success();
+  w->rows_per_chunk = std::max<int64_t>(1, std::min<int64_t>(16, rows / 8));
+  w->n_chunks = (rows + w->rows_per_chunk - 1) / w->rows_per_chunk;
+  int64_t visible = 0;
   for (int64_t b = 0; b < P.B; ++b)
-    for (int64_t t = 0; t < P.T; ++t)
-      for (int64_t h = 0; h < P.H; ++h) row(P, b, t, h, vdec);
+    visible = std::max<int64_t>(visible, std::min<int64_t>(kv_len, (int64_t)P.pos0[b] + P.T));
+  const bool small = rows * visible * (P.DK + P.DV) < kMinThreadedWork;
+  const int64_t helpers = small ? 0 : std::min<int64_t>((int64_t)pool.num_threads(),
+                                                         w->n_chunks - 1);
+  run_chunks(pool, w, helpers, /*spin=*/false);
   return ffi::Error::Success();
 }
 
