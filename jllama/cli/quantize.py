@@ -24,8 +24,6 @@ QUANT_OPTIONS = (
     "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32", "COPY",
 )  # fmt: skip
 _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "COPY": "F32"}
-# llama.h ids of the file types llama-quantize knows and jllama's FTYPES may not (yet)
-_LLAMA_FTYPE_IDS = {"Q1_0": 40, "Q2_0": 41}
 # jllama's own: types llama.cpp runs but its quantize has no option for, each as the bare type
 # (every quantizable tensor in it; llama.cpp writes them only through --tensor-type)
 _JLLAMA_ONLY = ("NVFP4",)
@@ -49,7 +47,7 @@ def _ftype_id(name: str) -> int:
     from jllama.quant.mixes import FTYPES
 
     mix = _ALIASES.get(name, name)
-    return FTYPES[mix][0] if mix in FTYPES else _LLAMA_FTYPE_IDS[mix]
+    return FTYPES[mix][0]
 
 
 def try_parse_ftype(text: str) -> str | None:
@@ -68,19 +66,13 @@ def try_parse_ftype(text: str) -> str | None:
 
 def _spec_for(name: str):
     """The MixSpec of a QUANT_OPTIONS name (the aliases are the _M mixes)."""
-    from jllama.errors import QuantError
-    from jllama.quant.mixes import FTYPES, MixSpec
+    from jllama.quant.mixes import MixSpec, mix_from_base
 
     if name == "COPY":
         return MixSpec(ftype="F32", only_copy=True)
     if name in _JLLAMA_ONLY:
-        from jllama.quant.mixes import mix_from_base
-
         return mix_from_base(name)
-    mix = _ALIASES.get(name, name)
-    if mix not in FTYPES:
-        raise QuantError(f"file type {name} is llama-quantize's but jllama cannot write it yet")
-    return MixSpec(ftype=mix)
+    return MixSpec(ftype=_ALIASES.get(name, name))
 
 
 class _TensorTypes(argparse.Action):
